@@ -1,0 +1,91 @@
+"""Detector API (DESIGN §3.3): post-hoc ID scores computed from cached `FeatureBank`s.
+
+A detector is a small class with a registered `name`, hyper-parameters as constructor keywords, an optional
+tuning `grid`, the ID split it is fitted on (`fit_split`), `fit(bank)` and `score(bank) -> [N]`, higher = more ID.
+Subclassing with a `name` registers it; `build_detector(name, **hparams)` is the only constructor callers use.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ood.errors import ConfigError, OODError
+from ood.evaluation.bank import FeatureBank
+
+_REGISTRY: dict[str, type[Detector]] = {}
+
+
+class DetectorNotApplicable(OODError):
+    """The detector cannot run on this model or benchmark (e.g. ViM with dim >= D); the run skips it and says why."""
+
+
+class Detector:
+    """Base class. Subclasses set `name` and implement `score` (and `fit` when they need ID statistics)."""
+
+    name: ClassVar[str]
+    fit_split: ClassVar[Literal["train", "val"]] = "train"
+    #: hyper-parameter name -> values searched on ID-val vs val-OOD (OpenOOD's grid where one exists)
+    grid: ClassVar[dict[str, Sequence[Any]]] = {}
+    #: True for detectors that need the network and the inputs (input perturbation), not just the cache
+    needs_model: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name is not None:
+            if name in _REGISTRY:
+                raise RuntimeError(f"detector name {name!r} registered twice")
+            _REGISTRY[name] = cls
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The constructor keywords with their current values."""
+        return {k: getattr(self, k) for k in _hparam_names(type(self))}
+
+    def fit(self, bank: FeatureBank) -> Detector:
+        """Collect ID statistics from `bank` (the split named by `fit_split`); default: nothing to fit."""
+        return self
+
+    def score(self, bank: FeatureBank) -> torch.Tensor:
+        """ID score per row of `bank`, higher = more in-distribution."""
+        raise NotImplementedError
+
+    def score_inputs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """ID score from the model and a batch of inputs; only for `needs_model` detectors."""
+        raise NotImplementedError(f"{self.name} scores from cached features, not from inputs")
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
+        return f"{type(self).__name__}({args})"
+
+
+def _hparam_names(cls: type[Detector]) -> list[str]:
+    """Keyword hyper-parameters of a detector's constructor (none for detectors without `__init__`)."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def available_detectors() -> list[str]:
+    """Registered detector names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def detector_class(name: str) -> type[Detector]:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown detector {name!r}; available: {', '.join(available_detectors())}")
+    return _REGISTRY[name]
+
+
+def build_detector(name: str, **hparams: Any) -> Detector:
+    """Construct the detector `name`; unknown names or hyper-parameters raise `ConfigError` listing the choices."""
+    cls = detector_class(name)
+    accepted = _hparam_names(cls)
+    unknown = sorted(set(hparams) - set(accepted))
+    if unknown:
+        raise ConfigError(f"detector {name!r} has no hyper-parameter {unknown}; accepted: {accepted or 'none'}")
+    return cls(**hparams)

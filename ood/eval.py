@@ -1,0 +1,19 @@
+"""`ood-eval ckpt_path=PATH`: evaluate a checkpoint with the method's score and every detector (no training)."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from ood import CONFIG_DIR
+from ood.train import friendly_errors, run
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The one nearest-neighbour and k-means wrapper, on faiss: a GPU index when CUDA is present, exact CPU otherwise.
+
+Every nearest-neighbour user (KNN detector, GROOD's gradient bank, cluster k-means, OAL's boundary sampling,
+heatmap prototypes) goes through here, so device handling and index choice live in one place.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import faiss
+import numpy as np
+import torch
+
+Metric = Literal["l2", "ip"]
+IndexKind = Literal["exact", "ivf"]
+
+
+def _np32(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+
+
+def gpu_available() -> bool:
+    """True when both torch sees CUDA and the installed faiss is a GPU build."""
+    return torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+class KNNIndex:
+    """Exact (`IndexFlat`) or IVF-Flat nearest-neighbour index.
+
+    `metric="l2"` returns squared Euclidean distances, `"ip"` inner products (largest first).
+    `kind="ivf"` is for ImageNet-scale banks: `nlist` cells (default 4*sqrt(N)), `nprobe` searched.
+    `device="cuda"` (or None with CUDA present) moves the index to the GPU when faiss supports it.
+    """
+
+    def __init__(
+        self,
+        metric: Metric = "l2",
+        kind: IndexKind = "exact",
+        nlist: int | None = None,
+        nprobe: int = 8,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if metric not in ("l2", "ip"):
+            raise ValueError(f"metric must be 'l2' or 'ip', got {metric!r}")
+        if kind not in ("exact", "ivf"):
+            raise ValueError(f"kind must be 'exact' or 'ivf', got {kind!r}")
+        self.metric, self.kind, self.nlist, self.nprobe = metric, kind, nlist, nprobe
+        want_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+        self.use_gpu = want_gpu and gpu_available()
+        self._index: faiss.Index | None = None
+        self.ntotal = 0
+
+    def add(self, x: torch.Tensor) -> KNNIndex:
+        """Build the index over the rows of `x` [N, D] (replaces any previous content)."""
+        data = _np32(x)
+        n, d = data.shape
+        flat = faiss.IndexFlatL2(d) if self.metric == "l2" else faiss.IndexFlatIP(d)
+        if self.kind == "ivf":
+            nlist = self.nlist or max(1, int(4 * math.sqrt(n)))
+            faiss_metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+            index: faiss.Index = faiss.IndexIVFFlat(flat, d, nlist, faiss_metric)
+            index.nprobe = min(self.nprobe, nlist)
+            self._quantizer = flat  # keep the quantizer alive while the index lives
+        else:
+            index = flat
+        if self.use_gpu:
+            self._resources = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._resources, 0, index)
+        if self.kind == "ivf":
+            index.train(data)
+        index.add(data)
+        self._index, self.ntotal = index, n
+        return self
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distances [M, k], indices [M, k]) of the `k` nearest bank rows, nearest first, on the queries' device."""
+        if self._index is None:
+            raise RuntimeError("KNNIndex.search called before add()")
+        if not 1 <= k <= self.ntotal:
+            raise ValueError(f"k={k} must be between 1 and the bank size {self.ntotal}")
+        dist, idx = self._index.search(_np32(queries), k)
+        return torch.from_numpy(dist).to(queries.device), torch.from_numpy(idx).to(queries.device)
+
+
+def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007): k initial centres drawn from the rows of `x`."""
+    n = x.shape[0]
+    centres = [x[int(torch.randint(n, (1,), generator=generator))]]
+    d2 = ((x - centres[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        total = d2.sum()
+        probs = d2 / total if total > 0 else torch.full_like(d2, 1.0 / n)
+        centres.append(x[int(torch.multinomial(probs, 1, generator=generator))])
+        d2 = torch.minimum(d2, ((x - centres[-1]) ** 2).sum(1))
+    return torch.stack(centres)
+
+
+def kmeans(
+    x: torch.Tensor, k: int, n_init: int = 10, max_iter: int = 100, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Lloyd's k-means on faiss with k-means++ seeding and `n_init` restarts; keeps the lowest inertia.
+
+    Returns (centres [k, D], assignment [N], inertia = sum of squared distances to the assigned centre).
+    """
+    if not 1 <= k <= x.shape[0]:
+        raise ValueError(f"k={k} must be between 1 and the number of points {x.shape[0]}")
+    data = x.detach().to("cpu", torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    best: tuple[torch.Tensor, torch.Tensor, float] | None = None
+    for restart in range(n_init):
+        init = kmeans_plusplus(data, k, gen)
+        km = faiss.Kmeans(data.shape[1], k, niter=max_iter, seed=seed + restart, gpu=gpu_available())
+        km.train(_np32(data), init_centroids=_np32(init))
+        centres = torch.from_numpy(km.centroids.copy())
+        dist, assign = KNNIndex("l2", device="cpu").add(centres).search(data, 1)
+        inertia = float(dist.sum())
+        if best is None or inertia < best[2]:
+            best = (centres, assign[:, 0], inertia)
+    assert best is not None
+    return best[0].to(x.device), best[1].to(x.device), best[2]

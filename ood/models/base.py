@@ -1,0 +1,89 @@
+"""The one backbone interface every method and detector relies on.
+
+A backbone is an ordered chain of named stages, a pooling step to the penultimate feature `h` (D dims) and a
+final linear layer `fc` (W: [C, D], b: [C]). From that structure it offers, for every architecture alike:
+logits, penultimate features, the output of any named stage, and "run the network from stage `l` onward"
+(`forward_from`), which GROOD's mix-up and similar layer-level methods need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ood.errors import ConfigError
+
+
+class BackboneOutput(NamedTuple):
+    """Logits [N, C], penultimate features [N, D], and requested stage outputs by name."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    layers: dict[str, torch.Tensor]
+
+
+class Backbone(nn.Module):
+    """Base class: subclasses fill `stages` (ordered, named), `pool` and `fc`.
+
+    Stage names are the public layer names (`layer_names`); the stem, including its activation, is one stage,
+    so `forward_from(name, stage_output)` reproduces the network exactly.
+    """
+
+    stages: nn.ModuleDict
+    pool: nn.Module
+    fc: nn.Linear
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(self.stages.keys())
+
+    @property
+    def num_classes(self) -> int:
+        return self.fc.out_features
+
+    @property
+    def feature_dim(self) -> int:
+        return self.fc.in_features
+
+    def _check_layer(self, name: str) -> None:
+        if name not in self.stages:
+            raise ConfigError(f"unknown layer {name!r} for {type(self).__name__}; choices: {list(self.layer_names)}")
+
+    def features(self, x: torch.Tensor, layers: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Penultimate features of `x` and the outputs of the requested stages."""
+        for name in layers:
+            self._check_layer(name)
+        wanted = set(layers)
+        kept: dict[str, torch.Tensor] = {}
+        for name, stage in self.stages.items():
+            x = stage(x)
+            if name in wanted:
+                kept[name] = x
+        return self.pool(x), kept
+
+    def forward_from(self, layer: str, z: torch.Tensor) -> torch.Tensor:
+        """Penultimate features computed from `z`, the output of stage `layer` (the stages after it run)."""
+        self._check_layer(layer)
+        names = self.layer_names
+        for name in names[names.index(layer) + 1 :]:
+            z = self.stages[name](z)
+        return self.pool(z)
+
+    def run(self, x: torch.Tensor, layers: Sequence[str] = ()) -> BackboneOutput:
+        """Logits, features and requested stage outputs from one pass."""
+        h, kept = self.features(x, layers)
+        return BackboneOutput(self.fc(h), h, kept)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits."""
+        return self.fc(self.features(x)[0])
+
+
+class GlobalPool(nn.Sequential):
+    """Global average pooling followed by flattening: [N, D, H, W] -> [N, D]."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))

@@ -1,0 +1,170 @@
+"""`ood-report PATH [PATH ...]`: the comparison table over runs and sweeps.
+
+Reads every `results.jsonl` below the given folders, groups rows by configuration (method, detector, backbone,
+ID dataset, and every method or detector hyper-parameter that varies between the runs), and reports per OOD
+set and per near/far group the mean ± std over seeds. Near/far means are taken per run first (unweighted over
+the group's sets, as OpenOOD), then averaged over seeds. Writes `report.md` and `report.csv` next to the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ood.errors import OODError
+
+BASE_KEYS = ("method", "detector", "backbone", "id_dataset")
+SHOWN = ("auroc", "fpr95")
+
+
+def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """All result rows under `paths` (files or folders searched recursively), each tagged with its run folder."""
+    rows = []
+    for path in map(Path, paths):
+        files = [path] if path.is_file() else sorted(path.rglob("results.jsonl"))
+        if not path.exists():
+            raise OODError(f"no such file or folder: {path}")
+        for file in files:
+            for line in file.read_text().splitlines():
+                if line.strip():
+                    rows.append({**json.loads(line), "_run": str(file.parent)})
+    if not rows:
+        raise OODError(f"no results.jsonl found under {', '.join(map(str, paths))}")
+    return rows
+
+
+def _flat_params(row: Mapping[str, Any]) -> dict[str, str]:
+    out = {}
+    for prefix, key in (("method", "method_params"), ("detector", "detector_params")):
+        for name, value in (row.get(key) or {}).items():
+            out[f"{prefix}.{name}"] = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return out
+
+
+def varying_params(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Hyper-parameter columns whose value differs between rows of the same method and detector."""
+    seen: dict[tuple[str, str, str], set[str]] = {}
+    for row in rows:
+        for key, value in _flat_params(row).items():
+            seen.setdefault((row["method"], row["detector"], key), set()).add(value)
+    return sorted({key for (_, _, key), values in seen.items() if len(values) > 1})
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """(config columns, metric columns, table rows); metric cells are (mean, std, n) over seeds."""
+    params = varying_params(rows)
+    config_cols = [*BASE_KEYS, *params]
+    sets: dict[str, str] = {}
+    for row in rows:
+        sets.setdefault(row["ood_dataset"], row["ood_group"])
+    ordered = [s for g in ("near", "far") for s in sets if sets[s] == g]
+    groups = [g for g in ("near", "far") if g in sets.values()]
+    metric_cols = [f"{s}/{m}" for s in ordered for m in SHOWN] + [f"{g}/{m}" for g in groups for m in SHOWN]
+
+    configs: dict[tuple[str, ...], dict[str, dict[str, dict[str, float]]]] = {}
+    for row in rows:
+        flat = {**{k: str(row.get(k)) for k in BASE_KEYS}, **_flat_params(row)}
+        key = tuple(flat.get(c, "") for c in config_cols)
+        configs.setdefault(key, {}).setdefault(row["_run"], {})[row["ood_dataset"]] = {m: row[m] for m in SHOWN}
+
+    table = []
+    for key, runs in configs.items():
+        cells: dict[str, list[float]] = {}
+        for per_set in runs.values():
+            for s, values in per_set.items():
+                for m in SHOWN:
+                    cells.setdefault(f"{s}/{m}", []).append(values[m])
+            for g in groups:
+                members = [per_set[s] for s in ordered if sets[s] == g and s in per_set]
+                for m in SHOWN:
+                    if members:
+                        cells.setdefault(f"{g}/{m}", []).append(statistics.fmean(v[m] for v in members))
+        entry: dict[str, Any] = dict(zip(config_cols, key))
+        entry["seeds"] = len(runs)
+        for col in metric_cols:
+            if col in cells:
+                entry[col] = (*_mean_std(cells[col]), len(cells[col]))
+        table.append(entry)
+    table.sort(key=lambda e: tuple(str(e[c]) for c in config_cols))
+    return config_cols, metric_cols, table
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, tuple):
+        mean, std, n = value
+        return f"{100 * mean:.2f}" if n == 1 else f"{100 * mean:.2f} ± {100 * std:.2f}"
+    return str(value)
+
+
+def to_markdown(config_cols: Sequence[str], metric_cols: Sequence[str], table: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table (metrics in %, mean ± std over seeds)."""
+    cols = [*config_cols, "seeds", *metric_cols]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(entry.get(c, "")) for c in cols) + " |" for entry in table]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, config_cols: Sequence[str], metric_cols: Sequence[str], table: Sequence[Mapping[str, Any]]) -> None:
+    """CSV with `<col>_mean` and `<col>_std` per metric, values in [0, 1]."""
+    header = [*config_cols, "seeds"] + [f"{c}_{s}" for c in metric_cols for s in ("mean", "std")]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for entry in table:
+            metrics = [v for c in metric_cols for v in (entry[c][:2] if c in entry else ("", ""))]
+            writer.writerow([entry[c] for c in config_cols] + [entry["seeds"], *metrics])
+
+
+def print_run_table(rows: Sequence[Mapping[str, Any]]) -> None:
+    """Console table of one run: detector x OOD set (AUROC / FPR95 in %), near and far means."""
+    from rich.console import Console
+    from rich.table import Table
+
+    _, metric_cols, table = aggregate([{**r, "_run": "run"} for r in rows])
+    title = f"{rows[0]['method']} on {rows[0]['id_dataset']} (ID acc {100 * rows[0]['id_acc']:.2f}%): AUROC / FPR95 in %"
+    out = Table(title=title)
+    out.add_column("detector")
+    names = list(dict.fromkeys(c.split("/")[0] for c in metric_cols))
+    for name in names:
+        out.add_column(name, justify="right")
+    for entry in table:
+        out.add_row(
+            entry["detector"],
+            *(f"{_cell(entry[f'{n}/auroc'])} / {_cell(entry[f'{n}/fpr95'])}" for n in names),
+        )
+    Console(width=200).print(out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ood-report", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", help="run or multirun folders (searched for results.jsonl)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for report.md/report.csv (default: first path)")
+    args = parser.parse_args(argv)
+    try:
+        rows = load_rows(args.paths)
+    except OODError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    config_cols, metric_cols, table = aggregate(rows)
+    markdown = to_markdown(config_cols, metric_cols, table)
+    print(markdown)
+    first = Path(args.paths[0])
+    out = args.out or (first if first.is_dir() else first.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(markdown)
+    write_csv(out / "report.csv", config_cols, metric_cols, table)
+    print(f"wrote {out / 'report.md'} and {out / 'report.csv'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

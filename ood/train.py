@@ -1,0 +1,122 @@
+"""`ood-train`: train a method on a benchmark, then evaluate it with its own score and every detector."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ood import CONFIG_DIR
+from ood.errors import CheckpointError, OODError
+from ood.evaluation.callback import OODEvaluation
+from ood.utils import get_logger, instantiate
+
+log = get_logger(__name__)
+
+
+def _choices() -> dict[str, Any]:
+    """Hydra's selected config-group options (method, data, backbone, ...), empty outside a Hydra run."""
+    if not HydraConfig.initialized():
+        return {}
+    return dict(HydraConfig.get().runtime.choices)
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer, OODEvaluation]:
+    """Instantiate datamodule, backbone, method, callbacks, loggers and trainer from the composed config."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    benchmark = datamodule.benchmark
+    backbone = instantiate(cfg.backbone, num_classes=benchmark.num_classes, in_channels=benchmark.in_channels)
+    method = instantiate(cfg.method, backbone=backbone)
+    choices = _choices()
+    evaluation = instantiate(
+        cfg.evaluation,
+        info={"backbone": choices.get("backbone", cfg.backbone._target_.rsplit(".", 1)[-1]), "seed": cfg.seed},
+    )
+    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
+    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values()]
+    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, evaluation], logger=loggers or False)
+    return method, datamodule, trainer, evaluation
+
+
+def load_weights(method: L.LightningModule, path: str | Path) -> None:
+    """Load a checkpoint's `state_dict` strictly; every failure names the file and says why."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state = checkpoint["state_dict"]
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
+    result = method.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the configured model (pass the data=/backbone= it was trained with): "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def run(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Train (unless `train=false`) and evaluate; returns the result rows also written to `results.jsonl`."""
+    method, datamodule, trainer, evaluation = build(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    try:
+        if cfg.train:
+            trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        elif cfg.get("ckpt_path"):
+            load_weights(method, cfg.ckpt_path)
+        if cfg.evaluate:
+            trainer.test(method, datamodule=datamodule, verbose=False)
+    finally:
+        _finish_wandb()
+    if trainer.is_global_zero and evaluation.rows:
+        from ood.report import print_run_table
+
+        print_run_table(evaluation.rows)
+    return evaluation.rows
+
+
+def _finish_wandb() -> None:
+    """One wandb run per job, even in multirun or after an error."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def friendly_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Turn `OODError`s (user mistakes, missing data, NaNs) into a one-line message and exit code 1."""
+
+    @wraps(task)
+    def wrapper(cfg: DictConfig) -> Any:
+        try:
+            return task(cfg)
+        except OODError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+
+    return wrapper
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Small shared helpers: the one `instantiate`, rank-aware logging, finiteness checks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from ood.errors import NonFiniteError
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """Build an object from a `_target_` config node: the single entry point for dependency injection.
+
+    `kwargs` are runtime objects (a backbone, callbacks) that the config cannot hold.
+    """
+    from hydra.utils import instantiate as hydra_instantiate
+
+    return hydra_instantiate(node, _convert_="partial", **kwargs)
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A logger whose records are emitted on global rank zero only (DDP ranks stay quiet)."""
+    logger = logging.getLogger(name)
+    if getattr(logger, "_ood_rank_zero", False):
+        return logger
+    logger._ood_rank_zero = True  # type: ignore[attr-defined]
+    for level in ("debug", "info", "warning", "error", "exception", "fatal", "critical"):
+        setattr(logger, level, rank_zero_only(getattr(logger, level)))
+    return logger
+
+
+def check_finite(values: torch.Tensor, what: str) -> None:
+    """Raise `NonFiniteError` naming `what` when `values` holds NaN or +-inf."""
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        n_bad = int(bad.sum())
+        raise NonFiniteError(f"{what}: {n_bad} of {values.numel()} values are NaN or infinite")
