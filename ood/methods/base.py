@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from torch import nn
 
+from ood.data.benchmark import EvalSplit
 from ood.errors import NonFiniteError
 from ood.evaluation.bank import FeatureBank
 from ood.models.base import Backbone
@@ -87,6 +88,10 @@ class OODMethod(LightningModule):
         """Per-sample tensors to cache for one evaluation batch: `logits`, `features` and `cache_layers`."""
         out = self.backbone.run(x, self.cache_layers)
         return {"logits": out.logits, "features": out.features, **out.layers}
+
+    def eval_split(self, dataloader_idx: int) -> EvalSplit:
+        """The evaluation split (name, role, group) of test loader `dataloader_idx`."""
+        return self.trainer.datamodule.eval_splits[dataloader_idx]
 
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         x, y, index = batch

@@ -1,0 +1,41 @@
+"""Compose-API helpers shared by the tests (no subprocess): build a config as `ood-train` would and run it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from ood import CONFIG_DIR
+
+# A quick digits run: few epochs, no checkpoint/progress clutter, CSV logger into the run folder.
+FAST = ["trainer.max_epochs=4", "trainer.enable_progress_bar=false"]
+
+
+def compose_config(output_dir: Path, overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """Compose `conf/<config_name>.yaml` with `overrides`, Hydra runtime set, outputs under `output_dir`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+def run_config(output_dir: Path, overrides: Sequence[str] = (), config_name: str = "train") -> list[dict[str, Any]]:
+    """Compose and run (`ood.train.run`); returns the result rows."""
+    from ood.train import run
+
+    return run(compose_config(output_dir, overrides, config_name))
+
+
+def rows_by(rows: Sequence[dict[str, Any]], detector: str) -> dict[str, dict[str, Any]]:
+    """Rows of one detector keyed by OOD set name."""
+    return {r["ood_dataset"]: r for r in rows if r["detector"] == detector}
