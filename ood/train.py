@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ood import CONFIG_DIR
-from ood.errors import CheckpointError, OODError
+from ood.errors import CheckpointError, ConfigError, OODError
 from ood.evaluation.callback import OODEvaluation
 from ood.utils import get_logger, instantiate
 
@@ -58,16 +58,37 @@ def load_weights(method: L.LightningModule, path: str | Path) -> None:
         state = checkpoint["state_dict"]
     except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
         raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
-    result = method.load_state_dict(state, strict=False)
+    hint = "pass the data=/backbone= it was trained with"
+    try:
+        result = method.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise CheckpointError(f"checkpoint {path} does not fit the configured model ({hint}): {first}") from None
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
-            f"checkpoint {path} does not fit the configured model (pass the data=/backbone= it was trained with): "
+            f"checkpoint {path} does not fit the configured model ({hint}): "
             f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def check_launch(cfg: DictConfig) -> None:
+    """Refuse Hydra multirun with the subprocess DDP launcher: it re-executes the whole sweep per rank."""
+    from hydra.types import RunMode
+
+    strategy = cfg.trainer.get("strategy")
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN and strategy == "ddp":
+        raise ConfigError(
+            "trainer=ddp (subprocess launcher) cannot run inside a Hydra multirun: each rank would re-launch the "
+            "sweep. Sweep with one device per job, use trainer=ddp_cpu-style spawn (strategy.start_method=spawn), "
+            "or pre-launch ranks with torchrun/SLURM (see README)."
         )
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     """Train (unless `train=false`) and evaluate; returns the result rows also written to `results.jsonl`."""
+    check_launch(cfg)
+    if not cfg.train and not cfg.get("ckpt_path"):
+        raise ConfigError("evaluation without training needs a checkpoint: add ckpt_path=PATH/checkpoints/last.ckpt")
     method, datamodule, trainer, evaluation = build(cfg)
     output_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
@@ -82,11 +103,15 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             trainer.test(method, datamodule=datamodule, verbose=False)
     finally:
         _finish_wandb()
-    if trainer.is_global_zero and evaluation.rows:
-        from ood.report import print_run_table
+    results = output_dir / "results.jsonl"
+    if not (cfg.evaluate and trainer.is_global_zero and results.is_file()):
+        return evaluation.rows
+    # read back from the file: with spawned DDP ranks the rows were computed in the child processes
+    from ood.report import load_rows, print_run_table
 
-        print_run_table(evaluation.rows)
-    return evaluation.rows
+    rows = [{k: v for k, v in row.items() if k != "_run"} for row in load_rows([results])]
+    print_run_table(rows)
+    return rows
 
 
 def _finish_wandb() -> None:

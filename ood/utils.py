@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from ood.errors import NonFiniteError
+from ood.errors import NonFiniteError, OODError
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
@@ -16,9 +16,19 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
 
     `kwargs` are runtime objects (a backbone, callbacks) that the config cannot hold.
     """
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
-    return hydra_instantiate(node, _convert_="partial", **kwargs)
+    try:
+        return hydra_instantiate(node, _convert_="partial", **kwargs)
+    except InstantiationException as err:
+        # surface our own user-facing errors (unknown names, missing data) instead of Hydra's wrapper
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, OODError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -19,7 +19,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 
 from ood.data.benchmark import EvalSplit, OODDataModule
-from ood.detectors.base import Detector
+from ood.detectors.base import Detector, detector_class
 from ood.evaluation.bank import FeatureBank
 from ood.evaluation.collector import SplitCollector
 from ood.evaluation.scoring import METRICS, Scorer, detector_scorers, evaluate, group_means
@@ -51,6 +51,8 @@ class OODEvaluation(Callback):
         save_scores: bool = True,
     ) -> None:
         self.detectors = list(detectors)
+        for name in self.detectors:
+            detector_class(name)  # unknown names fail now, listing the choices, not after training
         self.params = {k: dict(v) for k, v in (params or {}).items()}
         self.tune = tune
         self.output_dir = Path(output_dir) if output_dir else None

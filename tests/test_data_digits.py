@@ -1,0 +1,58 @@
+"""The embedded digits benchmark: fixed seeded splits, disjoint, the DESIGN §5 OOD sets and groups."""
+
+from __future__ import annotations
+
+import torch
+
+from ood.data import DigitsBenchmark, OODDataModule
+
+
+def test_splits_are_seeded_stratified_and_disjoint() -> None:
+    a, b = DigitsBenchmark(seed=0), DigitsBenchmark(seed=0)
+    assert torch.equal(a.train(augment=False).images, b.train(augment=False).images)
+    splits = a._id_splits
+    sizes = {k: len(v[1]) for k, v in splits.items()}
+    assert sizes == {"train": 650, "val": 162, "test": 271}
+    rows = {k: {tuple(x.flatten().tolist()) for x in v[0]} for k, v in splits.items()}
+    assert not rows["train"] & rows["test"] and not rows["val"] & rows["test"]
+    assert set(splits["train"][1].tolist()) == set(range(6))
+    assert not torch.equal(DigitsBenchmark(seed=1)._id_splits["test"][0], splits["test"][0])
+
+
+def test_ood_sets_and_groups() -> None:
+    bench = DigitsBenchmark()
+    sets = {s.name: (s.group, len(s.dataset)) for s in bench.ood_test()}
+    assert sets == {
+        "digits_6_9": ("near", 714),
+        "flower_patches": ("far", 500),
+        "gaussian_noise": ("far", 500),
+        "uniform_noise": ("far", 500),
+    }
+    assert all(y == -1 for s in bench.ood_test() for y in s.dataset.labels.tolist())
+
+
+def test_normalised_with_train_statistics_and_resized() -> None:
+    bench = DigitsBenchmark(image_size=20)
+    train = bench.train(augment=False).images
+    assert train.shape[1:] == (1, 20, 20)
+    assert abs(float(train.mean())) < 1e-5 and abs(float(train.std()) - 1) < 1e-3
+
+
+def test_validation_ood_and_outliers_come_from_another_photo() -> None:
+    bench = DigitsBenchmark(n_val_ood=50, n_outliers=60)
+    flower = next(s for s in bench.ood_test() if s.name == "flower_patches").dataset.images
+    val_ood, outliers = bench.ood_val().images, bench.outliers().images
+    assert len(val_ood) == 50 and len(outliers) == 60
+    test_rows = {tuple(x.flatten().tolist()) for x in flower}
+    assert not any(tuple(x.flatten().tolist()) in test_rows for x in torch.cat([val_ood, outliers]))
+
+
+def test_eval_loaders_carry_indices_in_split_order() -> None:
+    dm = OODDataModule(DigitsBenchmark(), eval_batch_size=1000)
+    names = [s.name for s in dm.eval_splits]
+    assert names == ["train", "val", "test", "val_ood", "digits_6_9", "flower_patches", "gaussian_noise", "uniform_noise"]
+    loaders = dm.test_dataloader()
+    x, y, index = next(iter(loaders[2]))
+    assert index.tolist() == list(range(271))
+    x2, _, _ = next(iter(loaders[0]))
+    assert torch.equal(x2, next(iter(dm.test_dataloader()[0]))[0]), "the fit split must not be augmented"

@@ -1,0 +1,93 @@
+"""Bad input gets a clear message naming the thing at fault, never a bare traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import FAST, compose_config, run_config
+from hydra.errors import MissingConfigException
+
+from ood.data import DigitsBenchmark
+from ood.detectors import build_detector
+from ood.errors import CheckpointError, ConfigError, NonFiniteError
+from ood.evaluation.scoring import Scorer, evaluate
+from ood.methods import CrossEntropy
+from ood.models import SmallCNN
+
+
+@pytest.mark.parametrize("group", ["method", "data", "backbone", "trainer", "logger"])
+def test_unknown_group_option_lists_choices(tmp_path: Path, group: str) -> None:
+    with pytest.raises(MissingConfigException) as err:
+        compose_config(tmp_path, [f"{group}=no_such_option"])
+    assert "Available options" in str(err.value)
+
+
+def test_cli_error_has_no_traceback() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ood.train", "method=no_such_method"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode != 0
+    assert "Available options in 'method'" in proc.stderr and "ce" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_detector_fails_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="available: .*msp"):
+        run_config(tmp_path, [*FAST, "detectors.names=[msp,no_such_detector]"])
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_detector_hyperparameter_lists_accepted() -> None:
+    with pytest.raises(ConfigError, match="accepted: \\['temperature'\\]"):
+        build_detector("energy", t=2.0)
+
+
+def test_missing_checkpoint_names_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.ckpt"
+    with pytest.raises(CheckpointError, match=f"not found: {missing}"):
+        run_config(tmp_path / "run", [f"ckpt_path={missing}"], config_name="eval")
+
+
+def test_corrupt_checkpoint_names_file(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match=f"could not read checkpoint {corrupt}"):
+        run_config(tmp_path / "run", [f"ckpt_path={corrupt}"], config_name="eval")
+
+
+def test_mismatched_checkpoint_names_file(tmp_path: Path) -> None:
+    other = CrossEntropy(SmallCNN(6, width=8), optimizer=torch.optim.SGD)
+    path = tmp_path / "small.ckpt"
+    torch.save({"state_dict": other.state_dict()}, path)
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} does not fit"):
+        run_config(tmp_path / "run", [f"ckpt_path={path}"], config_name="eval")
+
+
+def test_nan_loss_stops_with_step() -> None:
+    method = CrossEntropy(SmallCNN(6), optimizer=torch.optim.SGD)
+    x = torch.full((4, 1, 16, 16), float("nan"))
+    with pytest.raises(NonFiniteError, match="ce: training loss is nan at step 0"):
+        method.training_step((x, torch.zeros(4, dtype=torch.long), torch.arange(4)), 0)
+
+
+def test_nan_score_names_detector_and_dataset() -> None:
+    from ood.data.benchmark import EvalSplit
+
+    splits = [EvalSplit("test", "id_test"), EvalSplit("svhn", "ood", "far")]
+    bad = Scorer("energy", lambda split: torch.tensor([1.0, float("nan")]) if split == "svhn" else torch.ones(2))
+    with pytest.raises(NonFiniteError, match="detector energy on svhn"):
+        evaluate([bad], splits, id_acc=1.0, info={})
+
+
+def test_unknown_layer_lists_choices() -> None:
+    with pytest.raises(ConfigError, match="choices: \\['block1', 'block2', 'block3'\\]"):
+        SmallCNN(6).forward_from("layer9", torch.zeros(1, 1, 16, 16))
+
+
+def test_bad_split_fractions() -> None:
+    with pytest.raises(ValueError, match="summing to 1"):
+        DigitsBenchmark(split=(0.5, 0.2, 0.2))

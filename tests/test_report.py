@@ -1,0 +1,67 @@
+"""`ood-report`: grouping, mean ± std over seeds, near/far means per run, varying hyper-parameter columns."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from ood.report import aggregate, load_rows, main, to_markdown
+
+
+def _row(seed: int, ood: str, group: str, auroc: float, **method_params: object) -> dict:
+    return {
+        "method": "cluster", "detector": "cluster", "backbone": "small_cnn", "id_dataset": "digits",
+        "ood_dataset": ood, "ood_group": group, "seed": seed, "auroc": auroc, "fpr95": 1 - auroc,
+        "aupr_in": 0.5, "aupr_out": 0.5, "fpr95_oodpos": 0.5, "id_acc": 0.9, "n_id": 10, "n_ood": 10,
+        "method_params": dict(method_params), "detector_params": {},
+    }
+
+
+def _write(folder: Path, rows: list[dict]) -> None:
+    folder.mkdir(parents=True)
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_mean_std_over_seeds_and_group_means(tmp_path: Path) -> None:
+    values = {0: (0.9, 0.6, 0.8), 1: (0.7, 0.4, 1.0)}  # near, far1, far2 per seed
+    for seed, (near, far1, far2) in values.items():
+        _write(tmp_path / str(seed), [
+            _row(seed, "near_set", "near", near, distance="cosine"),
+            _row(seed, "far_a", "far", far1, distance="cosine"),
+            _row(seed, "far_b", "far", far2, distance="cosine"),
+        ])
+    config_cols, metric_cols, table = aggregate(load_rows([tmp_path]))
+    assert config_cols == ["method", "detector", "backbone", "id_dataset"]  # nothing varies
+    assert metric_cols[:2] == ["near_set/auroc", "near_set/fpr95"] and "far/auroc" in metric_cols
+    (entry,) = table
+    assert entry["seeds"] == 2
+    assert entry["near_set/auroc"][:2] == pytest.approx((0.8, statistics.stdev([0.9, 0.7])))
+    far_per_seed = [(0.6 + 0.8) / 2, (0.4 + 1.0) / 2]
+    assert entry["far/auroc"][:2] == pytest.approx((statistics.fmean(far_per_seed), statistics.stdev(far_per_seed)))
+    assert "80.00 ± 14.14" in to_markdown(config_cols, metric_cols, table)
+
+
+def test_varying_hyperparameters_become_columns(tmp_path: Path) -> None:
+    for i, distance in enumerate(["cosine", "euclidean"]):
+        _write(tmp_path / str(i), [_row(0, "s", "near", 0.5 + i / 10, distance=distance, k=6)])
+    config_cols, _, table = aggregate(load_rows([tmp_path]))
+    assert "method.distance" in config_cols and "method.k" not in config_cols
+    assert {e["method.distance"]: e["s/auroc"][0] for e in table} == {"cosine": 0.5, "euclidean": 0.6}
+
+
+def test_cli_writes_markdown_and_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write(tmp_path / "run", [_row(0, "s", "near", 0.75)])
+    main([str(tmp_path)])
+    assert "| 75.00 |" in capsys.readouterr().out
+    assert (tmp_path / "report.md").is_file()
+    header, line = (tmp_path / "report.csv").read_text().splitlines()
+    assert "s/auroc_mean" in header and "0.75" in line
+
+
+def test_no_results_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([str(tmp_path)])
+    assert "no results.jsonl found under" in capsys.readouterr().err
