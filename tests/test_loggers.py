@@ -36,6 +36,7 @@ def test_wandb_offline_one_run_per_job(tmp_path: Path, monkeypatch: pytest.Monke
         assert wandb.run is None, "wandb.finish() must close each job's run"
         (run_dir,) = (tmp_path / job / "wandb").glob("offline-run-*")
         assert list(run_dir.glob("*.wandb"))
+        assert list(run_dir.rglob("test/results*.table.json")), "the results table is logged for the dashboard"
 
 
 def test_tensorboard_logger(tmp_path: Path) -> None:

@@ -126,6 +126,8 @@ class OODEvaluation(Callback):
         }
         self.rows, scores = evaluate(scorers, splits, id_acc, info)
         self._log(trainer, id_acc)
+        if trainer.is_global_zero:
+            self._log_wandb(trainer, scores)
         if trainer.is_global_zero and self.output_dir is not None:
             self._write(scores)
 
@@ -150,6 +152,24 @@ class OODEvaluation(Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
                 logger.save()
+
+    def _log_wandb(self, trainer: Trainer, scores: dict[str, dict[str, torch.Tensor]]) -> None:
+        """wandb dashboards: the results as a table, and per detector one score histogram per split with shared
+        bin edges (so ID and OOD are comparable)."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if not isinstance(logger, WandbLogger):
+                continue
+            import wandb
+
+            columns = [k for k in self.rows[0] if k not in ("detector_params", "method_params")] if self.rows else []
+            payload: dict[str, Any] = {"test/results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in self.rows])}
+            for detector, per_split in scores.items():
+                edges = np.histogram_bin_edges(torch.cat(list(per_split.values())).numpy(), bins=64)
+                for split, values in per_split.items():
+                    payload[f"test/{detector}/{split}/scores"] = wandb.Histogram(np_histogram=np.histogram(values.numpy(), bins=edges))
+            logger.experiment.log(payload)
 
     def _write(self, scores: dict[str, dict[str, torch.Tensor]]) -> None:
         assert self.output_dir is not None

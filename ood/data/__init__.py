@@ -1,0 +1,21 @@
+"""Datasets and the benchmark DataModule."""
+
+from ood.data.benchmark import Benchmark, EvalSplit, Indexed, OODDataModule, OODSet
+from ood.data.cifar import CIFAR10Benchmark, CIFAR100Benchmark, CIFARBenchmark
+from ood.data.digits import DigitsBenchmark
+from ood.data.imglist import ImageList
+from ood.data.npy import NpyImages
+
+__all__ = [
+    "Benchmark",
+    "CIFAR100Benchmark",
+    "CIFAR10Benchmark",
+    "CIFARBenchmark",
+    "DigitsBenchmark",
+    "EvalSplit",
+    "ImageList",
+    "Indexed",
+    "NpyImages",
+    "OODDataModule",
+    "OODSet",
+]

@@ -1,0 +1,143 @@
+"""The embedded `digits` benchmark (DESIGN §5): scikit-learn's bundled 8x8 handwritten digits, fully offline.
+
+- ID: digits 0-5, stratified train/val/test split with a fixed seed.
+- near-OOD `digits_6_9`: every image of digits 6-9.
+- far-OOD `flower_patches` (grey patches cut from the bundled photo `flower.jpg`), `gaussian_noise` (ID-train
+  pixel mean and std), `uniform_noise`.
+- validation OOD `val_ood` and outlier exposure: patches of the other bundled photo, `china.jpg`, cut with
+  different seeds, so no test-OOD image is seen in training or tuning. Outliers are built on first use.
+Every image, ID or OOD, is made at the digits' native 8x8 resolution and then upsampled (bilinear) to
+`image_size` by the same code, so OOD sets differ in content, never in resolution artefacts: pixel noise drawn
+directly at 16x16 is high-frequency texture no digit has, and a ReLU CNN is over-confident on it (MSP AUROC
+0.00 in our probe vs 0.98 for the same noise drawn at 8x8). All images are normalised with ID-train statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ood.data.benchmark import Benchmark, OODSet
+from ood.data.datasets import RandomShift, TensorImages
+
+NATIVE = 8  # side of scikit-learn's digits
+
+
+def grey_patches(photo: str, n: int, seed: int, size: int = NATIVE) -> torch.Tensor:
+    """`n` random square grey patches (side 8 to 48 px) of a bundled scikit-learn photo, resized, in [0, 1]."""
+    from sklearn.datasets import load_sample_image
+
+    image = torch.from_numpy(load_sample_image(photo).astype(np.float32) / 255.0).mean(-1)  # [H, W]
+    gen = torch.Generator().manual_seed(seed)
+    h, w = image.shape
+    sides = torch.randint(8, 49, (n,), generator=gen)
+    patches = []
+    for side in sides.tolist():
+        top = int(torch.randint(0, h - side + 1, (1,), generator=gen))
+        left = int(torch.randint(0, w - side + 1, (1,), generator=gen))
+        crop = image[top : top + side, left : left + side][None, None]
+        patches.append(F.interpolate(crop, size=(size, size), mode="area")[0])
+    return torch.stack(patches)
+
+
+class DigitsBenchmark(Benchmark):
+    """Offline 6-class digits benchmark with near/far OOD, validation OOD and outliers (see module doc)."""
+
+    name = "digits"
+    in_channels = 1
+
+    def __init__(
+        self,
+        image_size: int = 16,
+        id_classes: Sequence[int] = (0, 1, 2, 3, 4, 5),
+        split: Sequence[float] = (0.6, 0.15, 0.25),
+        n_far: int = 500,
+        n_val_ood: int = 300,
+        n_outliers: int = 2000,
+        augment: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if abs(sum(split) - 1.0) > 1e-6 or len(split) != 3:
+            raise ValueError(f"split must be three fractions summing to 1, got {list(split)}")
+        self.image_size = image_size
+        self.id_classes = tuple(id_classes)
+        self.num_classes = len(self.id_classes)
+        self.split = tuple(split)
+        self.n_far, self.n_val_ood, self.n_outliers = n_far, n_val_ood, n_outliers
+        self.augment = augment
+        self.seed = seed
+
+    def _resize(self, images: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(images, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+
+    @cached_property
+    def _digits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        images = torch.from_numpy(data.images.astype(np.float32) / 16.0)[:, None]
+        return self._resize(images), torch.from_numpy(data.target).long()
+
+    @cached_property
+    def _id_splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        images, targets = self._digits
+        gen = torch.Generator().manual_seed(self.seed)
+        parts: dict[str, list[torch.Tensor]] = {"train": [], "val": [], "test": []}
+        for cls in self.id_classes:
+            idx = torch.nonzero(targets == cls)[:, 0]
+            idx = idx[torch.randperm(len(idx), generator=gen)]
+            n_train, n_val = round(self.split[0] * len(idx)), round(self.split[1] * len(idx))
+            parts["train"].append(idx[:n_train])
+            parts["val"].append(idx[n_train : n_train + n_val])
+            parts["test"].append(idx[n_train + n_val :])
+        label_of = {c: i for i, c in enumerate(self.id_classes)}
+        out = {}
+        for name, chunks in parts.items():
+            idx = torch.cat(chunks).sort().values
+            out[name] = (images[idx], torch.tensor([label_of[int(t)] for t in targets[idx]]))
+        return out
+
+    @cached_property
+    def _stats(self) -> tuple[float, float]:
+        train = self._id_splits["train"][0]
+        return float(train.mean()), float(train.std())
+
+    def _dataset(self, raw: torch.Tensor, labels: torch.Tensor | None = None, augment: bool = False) -> TensorImages:
+        mean, std = self._stats
+        return TensorImages((raw - mean) / std, labels, RandomShift(1) if augment else None)
+
+    def train(self, augment: bool = True) -> Dataset:
+        return self._dataset(*self._id_splits["train"], augment=augment and self.augment)
+
+    def val(self) -> Dataset:
+        return self._dataset(*self._id_splits["val"])
+
+    def test(self) -> Dataset:
+        return self._dataset(*self._id_splits["test"])
+
+    def ood_test(self) -> list[OODSet]:
+        images, targets = self._digits
+        near = torch.isin(targets, torch.tensor(self.id_classes), invert=True)
+        mean, std = self._stats
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        shape = (self.n_far, 1, NATIVE, NATIVE)
+        gaussian = (torch.randn(shape, generator=gen) * std + mean).clamp(0, 1)
+        uniform = torch.rand(shape, generator=gen)
+        flower = grey_patches("flower.jpg", self.n_far, seed=self.seed + 2)
+        return [
+            OODSet("digits_6_9", "near", self._dataset(images[near])),
+            OODSet("flower_patches", "far", self._dataset(self._resize(flower))),
+            OODSet("gaussian_noise", "far", self._dataset(self._resize(gaussian))),
+            OODSet("uniform_noise", "far", self._dataset(self._resize(uniform))),
+        ]
+
+    def ood_val(self) -> Dataset:
+        return self._dataset(self._resize(grey_patches("china.jpg", self.n_val_ood, seed=self.seed + 3)))
+
+    def outliers(self) -> Dataset:
+        return self._dataset(self._resize(grey_patches("china.jpg", self.n_outliers, seed=self.seed + 4)))
