@@ -86,7 +86,8 @@ class OODEvaluation(Callback):
         for i, split in enumerate(splits):
             if i not in self._collectors:
                 raise RuntimeError(f"evaluation split {split.name!r} produced no batches")
-            data = self._collectors[i].compute()
+            # torchmetrics squeezes one-element results to 0-d: restore the per-sample axis
+            data = {k: v.reshape(-1) if k in ("index", "labels") else v for k, v in self._collectors[i].compute().items()}
             labels = data.pop("labels")
             banks[split.name] = FeatureBank(
                 logits=data.pop("logits"),
@@ -106,11 +107,10 @@ class OODEvaluation(Callback):
         assert isinstance(datamodule, OODDataModule), "OODEvaluation needs an OODDataModule"
         splits = datamodule.eval_splits
         banks = self._banks(splits, pl_module)
+        pl_module.setup_ood(banks)
         test_bank = banks["test"]
         assert test_bank.labels is not None
         id_acc = float((pl_module.predict(test_bank) == test_bank.labels).double().mean())
-
-        pl_module.setup_ood(banks)
         scorers: list[Scorer] = []
         if type(pl_module).ood_score is not OODMethod.ood_score:
             scorers.append(Scorer(pl_module.name, lambda split: pl_module.ood_score(banks[split])))

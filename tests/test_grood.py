@@ -1,0 +1,348 @@
+"""GROOD (`method=grood`): closed-form gradient, prototypes, mix-up, bank, DDP-exact sums, digits end to end."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import FAST, rows_by, run_config
+from torch.utils.data import DistributedSampler
+
+from ood.data.benchmark import EvalSplit
+from ood.detectors.mahalanobis import class_means
+from ood.evaluation.bank import FeatureBank
+from ood.methods.ce import CrossEntropy
+from ood.methods.grood import GROOD, FitSplitStats, ncp_gradient
+from ood.models import ResNet18_32x32, SmallCNN, WideResNet
+
+C, B = 3, 8  # classes and evaluation batch size of the hand-built runs
+
+
+def _model(**kwargs: object) -> GROOD:
+    torch.manual_seed(0)
+    model = GROOD(
+        SmallCNN(num_classes=C, width=4, feature_dim=8), optimizer=partial(torch.optim.SGD, lr=0.1), **kwargs
+    )
+    return model.eval()
+
+
+def _evaluate(
+    model: GROOD, splits: Mapping[str, tuple[str, torch.Tensor, torch.Tensor]]
+) -> dict[str, FeatureBank]:
+    """Drive `test_step` over `splits` (name -> (role, x, y)) in batches of B as the callback does; run setup."""
+    roles = [EvalSplit(name, role) for name, (role, _, _) in splits.items()]
+    model._trainer = SimpleNamespace(  # what test_step reads from the trainer
+        datamodule=SimpleNamespace(eval_splits=roles),
+        test_dataloaders=[SimpleNamespace(batch_size=B)] * len(roles),
+    )
+    model.on_test_epoch_start()
+    banks = {}
+    with torch.no_grad():
+        for i, (name, (role, x, y)) in enumerate(splits.items()):
+            outs = [
+                model.test_step((xb, yb, ib), j, i)
+                for j, (xb, yb, ib) in enumerate(zip(x.split(B), y.split(B), torch.arange(len(x)).split(B)))
+            ]
+            cat = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+            labels = cat["labels"] if role != "ood_val" else None
+            banks[name] = FeatureBank(cat["logits"], cat["features"], labels, index=cat["index"])
+        model.setup_ood(banks)
+    return banks
+
+
+def _data(n: int = 30, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 16, 16, generator=gen), torch.arange(n) % C
+
+
+# ----- closed-form gradient ----------------------------------------------------------------------------------
+def test_closed_form_gradient_equals_autograd_and_finite_differences() -> None:
+    gen = torch.Generator().manual_seed(0)
+    h, protos = (
+        torch.randn(6, 5, generator=gen, dtype=torch.float64),
+        torch.randn(C + 1, 5, generator=gen, dtype=torch.float64),
+    )
+    closed = ncp_gradient(h, protos)
+
+    def loss(p_ood: torch.Tensor, i: int, y_hat: int) -> torch.Tensor:
+        s = -(h[i] - torch.cat([protos[:-1], p_ood[None]])).norm(dim=1)
+        return F.cross_entropy(s[None], torch.tensor([y_hat]))
+
+    for y_hat in range(C):
+        for i in range(len(h)):
+            p = protos[-1].clone().requires_grad_(True)
+            (auto,) = torch.autograd.grad(loss(p, i, y_hat), p)
+            torch.testing.assert_close(closed[i], auto, atol=1e-6, rtol=0)
+            eps = 1e-6
+            fd = torch.stack(
+                [
+                    (loss(protos[-1] + eps * e, i, y_hat) - loss(protos[-1] - eps * e, i, y_hat)) / (2 * eps)
+                    for e in torch.eye(5, dtype=torch.float64)
+                ]
+            )
+            torch.testing.assert_close(closed[i], fd, atol=1e-6, rtol=0)
+
+
+def test_gradient_norm_is_q_ood_and_direction_is_unit_h_minus_p_ood() -> None:
+    gen = torch.Generator().manual_seed(1)
+    h, protos = (
+        torch.randn(20, 7, generator=gen, dtype=torch.float64),
+        torch.randn(C + 1, 7, generator=gen, dtype=torch.float64),
+    )
+    grads = ncp_gradient(h, protos)
+    dist = ((h[:, None, :] - protos[None]) ** 2).sum(2).sqrt()
+    q_ood = torch.softmax(-dist, 1)[:, -1]
+    torch.testing.assert_close(grads.norm(dim=1), q_ood, atol=1e-12, rtol=0)
+    assert ((q_ood > 0) & (q_ood < 1)).all()
+    diff = h - protos[-1]
+    torch.testing.assert_close(grads / grads.norm(dim=1, keepdim=True), diff / diff.norm(dim=1, keepdim=True))
+
+
+# ----- backbone and prototypes -------------------------------------------------------------------------------
+def test_forward_from_reproduces_features_at_every_stage() -> None:
+    net = _model().backbone
+    x, _ = _data(5)
+    with torch.no_grad():
+        h, layers = net.features(x, net.layer_names)
+        for name in net.layer_names:
+            torch.testing.assert_close(net.forward_from(name, layers[name]), h, atol=0, rtol=0)
+
+
+def test_state_dict_equals_ce_and_default_mix_layer_is_first_stage() -> None:
+    model = _model()
+    ce = CrossEntropy(
+        SmallCNN(num_classes=C, width=4, feature_dim=8), optimizer=partial(torch.optim.SGD, lr=0.1)
+    )
+    assert model.state_dict().keys() == ce.state_dict().keys()
+    assert model.mix_layer == "block1"
+    assert {
+        "ood_proto_source",
+        "mix_layer",
+        "mix_lambda",
+        "n_proto",
+        "k",
+        "correct_only",
+        "score",
+        "index",
+    } <= set(model.hparams)
+
+
+def test_prototypes_are_class_means_and_prediction_is_nearest_prototype() -> None:
+    model = _model()
+    x, y = _data(30)
+    banks = _evaluate(model, {"train": ("fit", x, y), "test": ("id_test", x[:10], y[:10])})
+    with torch.no_grad():
+        h, layers = model.backbone.features(x, ["block1"])
+    summary = model.fit_summary()
+    torch.testing.assert_close(summary.class_prototypes, class_means(h, y, C).float())
+    early = torch.stack([layers["block1"][y == c].mean(0) for c in range(C)])
+    torch.testing.assert_close(summary.early_prototypes, early)
+    torch.testing.assert_close(model.prototypes[:C], summary.class_prototypes)
+    expected = ((h[:10, None, :] - summary.class_prototypes[None]) ** 2).sum(2).argmin(1)
+    assert torch.equal(model.predict(banks["test"]), expected)
+
+
+def test_mixup_at_lambda_one_gives_mean_feature_of_the_kept_whole_batches() -> None:
+    model = _model(mix_lambda=1.0, n_proto=10)  # 10 rounded up to whole batches of 8 -> the first 16 images
+    x, y = _data(30)
+    _evaluate(model, {"train": ("fit", x, y)})
+    with torch.no_grad():
+        h = model.backbone.features(x[:16])[0]
+    torch.testing.assert_close(model.prototypes[-1], h.mean(0), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "make", [partial(ResNet18_32x32, C), partial(WideResNet, C, depth=10, widen_factor=1)]
+)
+def test_mixup_on_cifar_backbones_uses_the_stage_after_the_stem(make: partial) -> None:
+    torch.manual_seed(0)
+    model = GROOD(make(), optimizer=partial(torch.optim.SGD, lr=0.1), mix_lambda=1.0, n_proto=3).eval()
+    assert model.mix_layer == model.backbone.layer_names[1] != "stem"
+    x = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    _evaluate(model, {"train": ("fit", x, torch.arange(12) % C)})
+    with torch.no_grad():
+        h = model.backbone.features(x[:8])[0]
+    torch.testing.assert_close(model.prototypes[-1], h.mean(0), atol=1e-5, rtol=0)
+
+
+def test_mixup_uses_second_most_likely_class_prototype() -> None:
+    model = _model(mix_lambda=0.5, n_proto=8)
+    x, y = _data(30)
+    banks = _evaluate(model, {"train": ("fit", x, y)})
+    summary = model.fit_summary()
+    with torch.no_grad():
+        z = model.backbone.features(x[:8], ["block1"])[1]["block1"]
+        second = banks["train"].logits[:8].topk(2, dim=1).indices[:, 1]
+        h = model.backbone.forward_from("block1", 0.5 * z + 0.5 * summary.early_prototypes[second])
+    torch.testing.assert_close(model.prototypes[-1], h.mean(0), atol=1e-6, rtol=0)
+
+
+def test_other_prototype_sources() -> None:
+    x, y = _data(30)
+    mean = _model(ood_proto_source="proto_mean")
+    _evaluate(mean, {"train": ("fit", x, y)})
+    torch.testing.assert_close(mean.prototypes[-1], mean.prototypes[:C].mean(0))
+
+    noise = _model(
+        ood_proto_source="uniform_noise", n_proto=150
+    )  # 2 batches of 100 noise images, 10 kept of each
+    _evaluate(noise, {"train": ("fit", x, y)})
+    with torch.no_grad():
+        feats = noise._noise_features((1, 16, 16))
+    assert feats.shape == (20, 8)
+    torch.testing.assert_close(noise.prototypes[-1], feats.mean(0))
+
+
+class _Recording(dict):
+    """A dict of banks that records which splits were read."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> FeatureBank:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def test_val_ood_prototype_reads_only_the_val_ood_split() -> None:
+    model = _model(ood_proto_source="val_ood", n_proto=5)
+    x, y = _data(30)
+    x_ood = _data(20, seed=7)[0] * 3
+    banks = _evaluate(model, {"train": ("fit", x, y), "val_ood": ("ood_val", x_ood, torch.full((20,), -1))})
+    recording = _Recording(banks)
+    p_ood = model.ood_prototype(recording, model.fit_summary())
+    assert recording.read == {"val_ood"}
+    with torch.no_grad():
+        expected = model.backbone.features(x_ood[:8])[0].mean(0)  # 5 rounded up to one batch of 8
+    torch.testing.assert_close(p_ood.float(), expected, atol=1e-6, rtol=0)
+
+
+# ----- bank and score ----------------------------------------------------------------------------------------
+def _train_with_mixed_correctness(model: GROOD) -> tuple[dict[str, FeatureBank], torch.Tensor]:
+    """A train split labelled with the model's own prediction on even rows and a wrong class on odd rows."""
+    x, _ = _data(30)
+    with torch.no_grad():
+        pred = model.backbone(x).argmax(1)
+    rows = torch.arange(30)
+    y = torch.where(rows % 2 == 0, pred, (pred + 1 + (rows // 2) % 2) % C)
+    return _evaluate(model, {"train": ("fit", x, y), "test": ("id_test", x, y)}), y == pred
+
+
+@pytest.mark.parametrize("correct_only", [True, False])
+def test_bank_holds_correct_samples_and_members_score_exactly_zero(correct_only: bool) -> None:
+    model = _model(correct_only=correct_only)
+    banks, correct = _train_with_mixed_correctness(model)
+    assert model.bank_index is not None
+    assert model.bank_index.ntotal == (int(correct.sum()) if correct_only else 30)
+    scores = model.ood_score(banks["test"])
+    assert (scores <= 0).all()
+    members = correct if correct_only else torch.ones(30, dtype=torch.bool)
+    assert torch.equal(scores[members], torch.zeros(int(members.sum())))
+    if correct_only:
+        assert (scores[~correct] < 0).all()
+
+
+def test_kth_neighbour_and_grad_norm_scores() -> None:
+    model = _model(k=3)
+    banks, correct = _train_with_mixed_correctness(model)
+    grads = model.gradients(banks["test"])
+    bank = grads[correct]
+    d2 = torch.cdist(grads.double(), bank.double()) ** 2
+    torch.testing.assert_close(
+        model.ood_score(banks["test"]).double(), -d2.sort(1).values[:, 2], atol=1e-5, rtol=0
+    )
+    norm = _model(score="grad_norm")
+    banks, _ = _train_with_mixed_correctness(norm)
+    torch.testing.assert_close(norm.ood_score(banks["test"]), -norm.gradients(banks["test"]).abs().sum(1))
+    assert norm.bank_index is None
+
+
+def test_ivf_as_released_with_all_cells_probed_equals_exact_on_the_kept_bank() -> None:
+    x, y = _data(40)
+    exact = _model(correct_only=False)
+    ivf = _model(correct_only=False, index="ivf_as_released", nprobe=1000)
+    for model in (exact, ivf):
+        banks = _evaluate(model, {"train": ("fit", x, y)})
+    # 5 batches of 8: T = int(0.8 * 5) = 4, so the released code drops the gradients of rows 32..39
+    assert ivf.bank_index.ntotal == 32
+    grads = ivf.gradients(banks["train"])
+    d2 = torch.cdist(grads.double(), grads[:32].double()) ** 2
+    torch.testing.assert_close(ivf.ood_score(banks["train"]).double(), -d2.min(1).values, atol=1e-5, rtol=0)
+    assert torch.equal(exact.ood_score(banks["train"]), torch.zeros(40))
+
+
+# ----- DDP: padded duplicates do not enter the prototypes ----------------------------------------------------
+def test_fit_stats_with_ddp_padding_equal_single_process() -> None:
+    n, world = (
+        21,
+        4,
+    )  # 21 samples on 4 ranks: 3 padded duplicates (indices 0, 1, 2), each a rank's last sample
+    gen = torch.Generator().manual_seed(3)
+    maps, feats = torch.randn(n, 2, 3, 3, generator=gen), torch.randn(n, 5, generator=gen)
+    logits, labels = torch.randn(n, C, generator=gen), torch.arange(n) % C
+
+    def run(indices: list[int], batch: int) -> FitSplitStats:
+        stats = None
+        for chunk in torch.tensor(indices).split(batch):
+            if stats is None:
+                stats = FitSplitStats(
+                    C, torch.zeros(len(chunk), 1, 4, 4), maps[chunk], feats[chunk], 5, batch
+                )
+            stats.update(chunk, labels[chunk], maps[chunk], feats[chunk], logits[chunk])
+        assert stats is not None
+        return stats
+
+    single = run(list(range(n)), 2).summary()
+    ranks = [
+        run(list(DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False)), 2)
+        for r in range(world)
+    ]
+    merged = ranks[0]
+    for other in ranks:
+        other.finish()
+    for other in ranks[1:]:
+        merged.sums.merge_state(other.sums)
+        merged.tail.merge_state(other.tail)
+        merged.kept.merge_state(other.kept)
+    ddp = merged.summary()
+    assert torch.equal(ddp.counts, single.counts)
+    torch.testing.assert_close(ddp.early_prototypes, single.early_prototypes)
+    torch.testing.assert_close(ddp.class_prototypes, single.class_prototypes)
+    assert torch.equal(ddp.kept_maps, single.kept_maps) and torch.equal(ddp.kept_maps, maps[:6])
+    assert torch.equal(ddp.kept_logits, logits[:6])
+
+
+# ----- end to end on digits ----------------------------------------------------------------------------------
+DETECTORS = "detectors.names=[msp,knn,mahalanobis]"
+
+
+@pytest.mark.slow
+def test_digits_run_and_eval_from_checkpoint(tmp_path: Path) -> None:
+    rows = run_config(tmp_path / "train", ["method=grood", *FAST, DETECTORS, "seed=0"])
+    grood = rows_by(rows, "grood")
+    assert set(grood) == {"digits_6_9", "flower_patches", "gaussian_noise", "uniform_noise"}
+    assert sum(r["auroc"] for r in grood.values()) / 4 >= 0.8
+    assert grood["digits_6_9"]["auroc"] >= 0.9
+    assert all(
+        r["method"] == "grood" and r["method_params"]["ood_proto_source"] == "synthetic_mixup" for r in rows
+    )
+
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    again = run_config(
+        tmp_path / "eval", ["method=grood", f"ckpt_path={ckpt}", DETECTORS, "seed=0"], config_name="eval"
+    )
+    assert [(r["ood_dataset"], r["auroc"], r["fpr95"]) for r in again if r["detector"] == "grood"] == [
+        (r["ood_dataset"], r["auroc"], r["fpr95"]) for r in rows if r["detector"] == "grood"
+    ]
+    val_ood = run_config(
+        tmp_path / "val_ood",
+        ["method=grood", "method.ood_proto_source=val_ood", f"ckpt_path={ckpt}", "detectors=none", "seed=0"],
+        config_name="eval",
+    )
+    assert sum(r["auroc"] for r in rows_by(val_ood, "grood").values()) / 4 >= 0.8
