@@ -36,5 +36,13 @@ format: install ## ruff format + import sorting
 bench: install ## speed benchmarks (benchmarks/): metrics, detectors, one pass vs many
 	$(PY) -m benchmarks.run
 
+reproduce-cifar10: install ## OpenOOD v1.5 CE baseline on CIFAR-10: ResNet-18, 100 epochs, seeds 0,1,2 (SEEDS=...), one GPU, then the table beside the leaderboard (extra overrides: ARGS="paths.data_dir=...")
+	$(VENV)/bin/ood-train -m experiment=cifar10_ce seed=$(SEEDS) hydra.sweep.dir=logs/reproduce/cifar10 $(ARGS)
+	$(VENV)/bin/ood-report logs/reproduce/cifar10
+
+reproduce-cifar100: install ## the same on CIFAR-100 (`make -n reproduce-cifar100` shows the commands)
+	$(VENV)/bin/ood-train -m experiment=cifar100_ce seed=$(SEEDS) hydra.sweep.dir=logs/reproduce/cifar100 $(ARGS)
+	$(VENV)/bin/ood-report logs/reproduce/cifar100
+
 clean: ## remove run outputs (not the venv)
 	rm -rf logs outputs multirun .pytest_cache

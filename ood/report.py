@@ -4,6 +4,10 @@ Reads every `results.jsonl` below the given folders, groups rows by configuratio
 ID dataset, and every method or detector hyper-parameter that varies between the runs), and reports per OOD
 set and per near/far group the mean ± std over seeds. Near/far means are taken per run first (unweighted over
 the group's sets, as OpenOOD), then averaged over seeds. Writes `report.md` and `report.csv` next to the runs.
+
+Published reference numbers (`conf/reference/<id_dataset>.yaml`, e.g. the OpenOOD v1.5 leaderboard AUROC for
+CIFAR-10/100) are added as `ref:near/auroc` and `ref:far/auroc` columns for the rows with the same ID dataset,
+backbone, method and detector; `--reference FILE` picks other files, `--no-reference` leaves them out.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ood import CONFIG_DIR
 from ood.errors import OODError
 
 BASE_KEYS = ("method", "detector", "backbone", "id_dataset")
 SHOWN = ("auroc", "fpr95")
+REFERENCE_DIR = CONFIG_DIR / "reference"
+REFERENCE_COLS = ("ref:near/auroc", "ref:far/auroc")
 
 
 def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
@@ -125,6 +132,49 @@ def write_csv(path: Path, config_cols: Sequence[str], metric_cols: Sequence[str]
             writer.writerow([entry[c] for c in config_cols] + [entry["seeds"], *metrics])
 
 
+def load_reference(path: str | Path) -> dict[str, Any]:
+    """A reference file: `source`, `id_dataset`, `backbone`, `auroc: {method: {detector: {near|far: [mean(, std)]}}}` (%)."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise OODError(f"no such reference file: {path}")
+    reference = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    assert isinstance(reference, dict)
+    missing = {"source", "id_dataset", "backbone", "auroc"} - set(reference)
+    if missing:
+        raise OODError(f"reference file {path} lacks {sorted(missing)}")
+    return reference
+
+
+def default_references(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The `conf/reference/<id_dataset>.yaml` files of the ID datasets in `rows` that have one."""
+    names = sorted({str(row["id_dataset"]) for row in rows})
+    return [load_reference(REFERENCE_DIR / f"{n}.yaml") for n in names if (REFERENCE_DIR / f"{n}.yaml").is_file()]
+
+
+def add_reference(
+    metric_cols: Sequence[str], table: Sequence[dict[str, Any]], references: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """Add the published near/far AUROC (as (mean, std, runs) in [0, 1]) to matching table entries, in place.
+
+    An entry matches a reference on `id_dataset`, `backbone`, `method` and `detector`. Returns the metric columns
+    with `REFERENCE_COLS` appended when any entry matched, else unchanged.
+    """
+    matched = False
+    for entry in table:
+        for ref in references:
+            if (str(ref["id_dataset"]), str(ref["backbone"])) != (entry["id_dataset"], entry["backbone"]):
+                continue
+            groups = (ref["auroc"].get(entry["method"]) or {}).get(entry["detector"]) or {}
+            for group, col in zip(("near", "far"), REFERENCE_COLS):
+                if group in groups:
+                    values = [float(v) / 100 for v in groups[group]]
+                    entry[col] = (values[0], values[1] if len(values) > 1 else 0.0, 3 if len(values) > 1 else 1)
+                    matched = True
+    return [*metric_cols, *REFERENCE_COLS] if matched else list(metric_cols)
+
+
 def print_run_table(rows: Sequence[Mapping[str, Any]]) -> None:
     """Console table of one run: detector x OOD set (AUROC / FPR95 in %), near and far means."""
     from rich.console import Console
@@ -149,13 +199,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ood-report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="run or multirun folders (searched for results.jsonl)")
     parser.add_argument("--out", type=Path, default=None, help="folder for report.md/report.csv (default: first path)")
+    parser.add_argument(
+        "--reference",
+        action="append",
+        type=Path,
+        default=None,
+        help="reference-number file(s) (default: conf/reference/<id_dataset>.yaml when it exists)",
+    )
+    parser.add_argument("--no-reference", action="store_true", help="no published reference columns")
     args = parser.parse_args(argv)
     try:
         rows = load_rows(args.paths)
+        if args.no_reference:
+            references = []
+        elif args.reference:
+            references = [load_reference(p) for p in args.reference]
+        else:
+            references = default_references(rows)
     except OODError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     config_cols, metric_cols, table = aggregate(rows)
+    metric_cols = add_reference(metric_cols, table, references)
     markdown = to_markdown(config_cols, metric_cols, table)
     print(markdown)
     first = Path(args.paths[0])
@@ -163,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(markdown)
     write_csv(out / "report.csv", config_cols, metric_cols, table)
+    for ref in references:
+        print(f"reference numbers ({ref['id_dataset']}, {ref['backbone']}): {ref['source']}", file=sys.stderr)
     print(f"wrote {out / 'report.md'} and {out / 'report.csv'}", file=sys.stderr)
 
 

@@ -57,8 +57,8 @@ class Benchmark(ABC):
     num_classes: int
     in_channels: int
 
-    def prepare(self) -> None:  # noqa: B027 - optional hook
-        """Download or check files (called once, on global rank zero)."""
+    def prepare(self, download: bool = False) -> None:  # noqa: B027 - optional hook
+        """Check files, downloading what is missing when `download` (called once, on global rank zero)."""
 
     @abstractmethod
     def train(self, augment: bool = True) -> Dataset:
@@ -96,6 +96,7 @@ class OODDataModule(LightningDataModule):
         outlier_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        download: bool = False,
     ) -> None:
         super().__init__()
         self.benchmark = benchmark
@@ -104,6 +105,7 @@ class OODDataModule(LightningDataModule):
         self.outlier_batch_size = outlier_batch_size or 2 * batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.download = download
         self._eval: list[tuple[EvalSplit, Dataset]] | None = None
 
     @property
@@ -115,21 +117,23 @@ class OODDataModule(LightningDataModule):
         return self.benchmark.num_classes
 
     def prepare_data(self) -> None:
-        self.benchmark.prepare()
+        self.benchmark.prepare(download=self.download)
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, train: bool = False) -> DataLoader:
+        """Training loaders drop the last partial batch and keep their workers; evaluation loaders (about a dozen,
+        each used once per evaluation) do neither."""
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
-            drop_last=drop_last,
+            drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=train and self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(Indexed(self.benchmark.train(augment=True)), self.batch_size, shuffle=True, drop_last=True)
+        return self._loader(Indexed(self.benchmark.train(augment=True)), self.batch_size, shuffle=True, train=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(Indexed(self.benchmark.val()), self.eval_batch_size, shuffle=False)
@@ -139,7 +143,7 @@ class OODDataModule(LightningDataModule):
         outliers = self.benchmark.outliers()
         if outliers is None:
             return None
-        return self._loader(Indexed(outliers), self.outlier_batch_size, shuffle=True, drop_last=True)
+        return self._loader(Indexed(outliers), self.outlier_batch_size, shuffle=True, train=True)
 
     def _eval_sets(self) -> list[tuple[EvalSplit, Dataset]]:
         if self._eval is None:

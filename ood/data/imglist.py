@@ -1,0 +1,78 @@
+"""OpenOOD image lists, read as-is: `benchmark_imglist/<id>/<list>.txt` with lines `<path> <label>`.
+
+Paths are relative to the image root (`images_classic/` for the CIFAR benchmarks); OOD lines carry label -1.
+Using OpenOOD's exact lists is what makes numbers comparable with its leaderboard. Images are opened with PIL
+and converted to RGB (grey MNIST becomes 3 identical channels), as OpenOOD's `ImglistDataset` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ood.errors import DataNotFoundError, OODError
+
+
+def read_imglist(path: str | Path) -> list[tuple[str, int]]:
+    """`(relative path, label)` per non-empty line of an OpenOOD list file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataNotFoundError(f"image list not found: {path}")
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        name, _, label = line.strip().partition(" ")
+        try:
+            entries.append((name, int(label)))
+        except ValueError:
+            raise OODError(f"{path}:{number}: expected '<path> <integer label>', got {line!r}") from None
+    return entries
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image file as RGB; a missing file is a `DataNotFoundError` naming it."""
+    if not path.is_file():
+        raise DataNotFoundError(f"image not found: {path}")
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+class ImageList(Dataset):
+    """The images of one OpenOOD list under `root`, as `(transform(image), label)`.
+
+    Args:
+        list_file: the `.txt` list.
+        root: the folder the listed paths are relative to (OpenOOD's `images_classic/`).
+        transform: PIL image -> tensor.
+        label: when given, every item gets this label (-1 for OOD sets, whatever the file says).
+    """
+
+    def __init__(
+        self,
+        list_file: str | Path,
+        root: str | Path,
+        transform: Callable[[Image.Image], Any],
+        label: int | None = None,
+    ) -> None:
+        self.list_file = Path(list_file)
+        self.root = Path(root)
+        self.entries = read_imglist(self.list_file)
+        self.transform = transform
+        self.label = label
+
+    @property
+    def targets(self) -> list[int]:
+        """Labels of every item, in order (without reading images)."""
+        return [label if self.label is None else self.label for _, label in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        name, label = self.entries[i]
+        return self.transform(load_rgb(self.root / name)), (label if self.label is None else self.label)

@@ -1,0 +1,42 @@
+"""Images stored in one `.npy` array, e.g. Hendrycks' 300K random images for outlier exposure.
+
+`300K_random_images.npy` (https://people.eecs.berkeley.edu/~hendrycks/300K_random_images.npy, used by the
+OE and Energy code bases) is a uint8 array [300000, 32, 32, 3]. It is memory-mapped, so only the items a batch
+needs are read. Grey arrays [N, H, W] or [N, H, W, 1] become 3-channel RGB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ood.errors import DataNotFoundError, OODError
+
+
+class NpyImages(Dataset):
+    """Items `(transform(RGB image), label)` from a uint8 array [N, H, W(, C)] in a `.npy` file; label -1."""
+
+    def __init__(self, path: str | Path, transform: Callable[[Image.Image], Any], label: int = -1) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataNotFoundError(f"image array not found: {self.path}")
+        self.images = np.load(self.path, mmap_mode="r")
+        shape = self.images.shape
+        if self.images.dtype != np.uint8 or not (len(shape) == 3 or (len(shape) == 4 and shape[-1] in (1, 3))):
+            raise OODError(f"{self.path}: expected uint8 images [N, H, W] or [N, H, W, 1|3], got {self.images.dtype} {shape}")
+        self.transform = transform
+        self.label = label
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        array = np.asarray(self.images[i])
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        return self.transform(Image.fromarray(array).convert("RGB")), self.label

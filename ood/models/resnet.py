@@ -1,0 +1,69 @@
+"""ResNets: OpenOOD's CIFAR ResNet-18 (`resnet18_32x32`) and torchvision's ResNet-50 (`resnet50`, 224 px).
+
+`ResNet18_32x32` is OpenOOD v1.5's `openood/networks/resnet18_32x32.py`: a 3x3 stride-1 stem conv + BN + ReLU
+(no max-pool), four stages of two basic blocks (64, 128, 256, 512 channels; stride 1, 2, 2, 2), global average
+pooling, a linear head: 11,173,962 parameters for 10 classes. Its basic block (conv-BN-ReLU-conv-BN + shortcut,
+1x1 conv + BN when the shape changes, ReLU) is exactly torchvision's `BasicBlock`, which is reused here. Weights
+keep PyTorch's default initialisation, as OpenOOD's do.
+
+`ResNet50` is torchvision's `resnet50(weights=None)` (no download; load weights with `ckpt_path`), regrouped into
+stages; parameter-for-parameter the same network (25,557,032 parameters for 1000 classes). Its max-pool opens the
+`layer1` stage so that `stem` ends with its ReLU.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models import resnet50
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from ood.models.base import Backbone, GlobalPool
+
+
+def resnet_stage(block: type[BasicBlock | Bottleneck], in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    """`blocks` torchvision residual blocks; the first changes stride/width through a 1x1 conv + BN shortcut."""
+    out_planes = planes * block.expansion
+    downsample = None
+    if stride != 1 or in_planes != out_planes:
+        downsample = nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes))
+    layers = [block(in_planes, planes, stride, downsample)]
+    layers += [block(out_planes, planes) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+class ResNet18_32x32(Backbone):  # noqa: N801 - OpenOOD's name
+    """OpenOOD's CIFAR ResNet-18. Layer names: `stem` (conv+BN+ReLU), `layer1`..`layer4`; 512-d features."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+        stages: dict[str, nn.Module] = {
+            "stem": nn.Sequential(nn.Conv2d(in_channels, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU()),
+        }
+        in_planes = 64
+        for i, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
+            stages[f"layer{i}"] = resnet_stage(BasicBlock, in_planes, planes, 2, stride)
+            in_planes = planes
+        self.stages = nn.ModuleDict(stages)
+        self.pool = GlobalPool()
+        self.fc = nn.Linear(512, num_classes)
+
+
+class ResNet50(Backbone):
+    """torchvision's ResNet-50 (random init). Layer names: `stem` (conv+BN+ReLU), `layer1`..`layer4`; 2048-d features."""
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3) -> None:
+        super().__init__()
+        net = resnet50(weights=None, num_classes=num_classes)
+        if in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.stages = nn.ModuleDict(
+            {
+                "stem": nn.Sequential(net.conv1, net.bn1, net.relu),
+                "layer1": nn.Sequential(net.maxpool, net.layer1),
+                "layer2": net.layer2,
+                "layer3": net.layer3,
+                "layer4": net.layer4,
+            }
+        )
+        self.pool = GlobalPool()
+        self.fc = net.fc

@@ -1,0 +1,79 @@
+"""Wide ResNet (`wrn40_2`): the WRN-40-2 of the OE, Energy and OpenOOD code bases (dropout 0.3 in the configs).
+
+Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016, arXiv:1605.07146; the implementation followed is
+OpenOOD's `openood/networks/wrn.py` (= hendrycks/outlier-exposure `CIFAR/models/wrn.py`): pre-activation basic
+blocks (BN-ReLU-conv3x3-BN-ReLU-[dropout]-conv3x3), the shortcut taking the activated input through a 1x1 conv when
+the width changes, widths 16, 16k, 32k, 64k, a final BN-ReLU and global average pooling (= their `avg_pool2d(8)` at
+32 px). He-normal conv init (fan-out), BN 1/0, zero head bias. WRN-40-2: 2,243,546 parameters for 10 classes.
+
+Layer names: `stem` (the first conv; a pre-activation net has no ReLU there), `block1`..`block3`; the final BN-ReLU
+closes `block3`, so `block3` is the last feature map and its pooled output is the 64k-d penultimate feature.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ood.models.base import Backbone, GlobalPool
+
+
+class WideBasic(nn.Module):
+    """Pre-activation basic block with optional dropout between the two convs."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int, dropout: float) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, padding=1, bias=False)
+        self.dropout = dropout
+        self.shortcut = (
+            nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False) if in_planes != out_planes or stride != 1 else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = F.relu(self.bn1(x))
+        out = F.relu(self.bn2(self.conv1(act)))
+        if self.dropout > 0:
+            out = F.dropout(out, p=self.dropout, training=self.training)
+        out = self.conv2(out)
+        return out + (x if self.shortcut is None else self.shortcut(act))
+
+
+def he_init(module: nn.Module) -> None:
+    """OE/OpenOOD initialisation: conv N(0, sqrt(2 / (k*k*out_channels))), BN weight 1 bias 0, linear bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+        elif isinstance(m, nn.BatchNorm2d):
+            m.weight.data.fill_(1)
+            m.bias.data.zero_()
+        elif isinstance(m, nn.Linear):
+            m.bias.data.zero_()
+
+
+class WideResNet(Backbone):
+    """WRN-`depth`-`widen_factor` for 32x32 inputs (see the module docstring)."""
+
+    def __init__(
+        self, num_classes: int, in_channels: int = 3, depth: int = 40, widen_factor: int = 2, dropout: float = 0.3
+    ) -> None:
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        stages: dict[str, nn.Module] = {"stem": nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)}
+        for i, stride in enumerate((1, 2, 2), start=1):
+            blocks = [WideBasic(widths[i - 1] if j == 0 else widths[i], widths[i], stride if j == 0 else 1, dropout) for j in range(n)]
+            stages[f"block{i}"] = nn.Sequential(*blocks)
+        stages["block3"].append(nn.BatchNorm2d(widths[3]))
+        stages["block3"].append(nn.ReLU())
+        self.stages = nn.ModuleDict(stages)
+        self.pool = GlobalPool()
+        self.fc = nn.Linear(widths[3], num_classes)
+        he_init(self)

@@ -1,0 +1,107 @@
+"""CIFAR / ImageNet backbones: known parameter counts, stage shapes, exact `forward_from`, `fc` last."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import compose_config
+from torch import nn
+from torchvision.models import resnet50
+
+from ood.models import Backbone, DenseNet, ResNet18_32x32, ResNet50, WideResNet
+from ood.utils import instantiate
+
+# Small members of each family keep the forward passes cheap on CPU (the full configs are built in
+# tests/test_configs.py and counted below): name -> constructor, input side, stage output shapes (C, H, W), feature dim.
+SHAPES = {
+    "resnet18_32x32": (lambda: ResNet18_32x32(10), 32, {"stem": (64, 32, 32), "layer1": (64, 32, 32),
+                       "layer2": (128, 16, 16), "layer3": (256, 8, 8), "layer4": (512, 4, 4)}, 512),
+    "wrn16_2": (lambda: WideResNet(10, depth=16, widen_factor=2), 32,
+                {"stem": (16, 32, 32), "block1": (32, 32, 32), "block2": (64, 16, 16), "block3": (128, 8, 8)}, 128),
+    "densenet22": (lambda: DenseNet(10, depth=22, growth=12), 32,
+                   {"stem": (24, 32, 32), "block1": (30, 16, 16), "block2": (33, 8, 8), "block3": (69, 8, 8)}, 69),
+    "resnet50": (lambda: ResNet50(10), 32, {"stem": (64, 16, 16), "layer1": (256, 8, 8), "layer2": (512, 4, 4),
+                 "layer3": (1024, 2, 2), "layer4": (2048, 1, 1)}, 2048),
+}
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def built(request: pytest.FixtureRequest) -> tuple[str, Backbone]:
+    torch.manual_seed(0)
+    return request.param, SHAPES[request.param][0]().eval()
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: ResNet18_32x32(10), 11_173_962),  # OpenOOD ResNet18_32x32, 10 classes
+        (lambda: ResNet18_32x32(100), 11_220_132),
+        (lambda: WideResNet(10, depth=40, widen_factor=2), 2_243_546),  # WRN-40-2 (OE / Energy)
+        (lambda: WideResNet(100, depth=40, widen_factor=2), 2_255_156),
+        (lambda: DenseNet(10, depth=100, growth=12), 769_162),  # DenseNet-BC-100, k=12 ("0.8M")
+        (lambda: ResNet50(1000), 25_557_032),  # torchvision resnet50
+    ],
+)
+def test_parameter_counts(make: type, expected: int) -> None:
+    assert n_params(make()) == expected
+
+
+def test_stage_shapes_and_features(built: tuple[str, Backbone]) -> None:
+    name, backbone = built
+    _, side, shapes, dim = SHAPES[name]
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        out = backbone.run(x, backbone.layer_names)
+    assert backbone.layer_names == tuple(shapes)
+    assert {k: tuple(v.shape[1:]) for k, v in out.layers.items()} == shapes
+    assert backbone.feature_dim == dim and out.features.shape == (2, dim)
+    assert torch.equal(out.features, out.layers[backbone.layer_names[-1]].mean((2, 3)))
+    assert torch.equal(backbone.fc(out.features), out.logits)
+    assert torch.equal(backbone(x), out.logits)
+
+
+def test_forward_from_every_stage_is_exact(built: tuple[str, Backbone]) -> None:
+    name, backbone = built
+    side = SHAPES[name][1]
+    x = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        out = backbone.run(x, backbone.layer_names)
+        for layer in backbone.layer_names:
+            assert torch.equal(backbone.forward_from(layer, out.layers[layer]), out.features), layer
+
+
+def test_fc_is_the_last_layer_and_all_parameters_are_in_stages_pool_fc(built: tuple[str, Backbone]) -> None:
+    _, backbone = built
+    children = list(backbone.named_children())
+    assert [n for n, _ in children] == ["stages", "pool", "fc"]
+    assert isinstance(backbone.fc, nn.Linear) and backbone.num_classes == 10
+    assert n_params(backbone) == sum(n_params(m) for _, m in children)
+
+
+def test_resnet50_is_torchvision_resnet50() -> None:
+    torch.manual_seed(0)
+    ours, reference = ResNet50(num_classes=7).eval(), resnet50(weights=None, num_classes=7).eval()
+    with torch.no_grad():
+        for mine, theirs in zip(ours.state_dict().values(), reference.state_dict().values(), strict=True):
+            theirs.copy_(mine)
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.equal(ours(x), reference(x))
+
+
+def test_wrn_dropout_is_active_in_training_only(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, ["backbone=wrn40_2"])
+    assert (cfg.backbone.depth, cfg.backbone.widen_factor, cfg.backbone.dropout) == (40, 2, 0.3)
+    torch.manual_seed(0)
+    net = instantiate(cfg.backbone, num_classes=10, in_channels=3, depth=10)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        net.train()
+        assert not torch.equal(net(x), net(x))
+        net.eval()
+        assert torch.equal(net(x), net(x))

@@ -1,0 +1,319 @@
+"""CIFAR-10/100 under the OpenOOD v1.5 protocol, on fabricated data in OpenOOD's exact on-disk layout.
+
+No network: OpenOOD's tree is fabricated (`make_openood_tree`: `images_classic/<set>/<i>.png` plus
+`benchmark_imglist/<cifar10|cifar100>/<list>.txt` with lines `<path relative to images_classic> <label>`, -1 for
+OOD, as OpenOOD's download script leaves them; MNIST is grey, Textures and Places365 are larger than 32x32), and
+torchvision's dataset classes are replaced by in-memory fakes with the same constructor signatures.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from helpers import compose_config, run_config
+from PIL import Image
+
+from ood.data import CIFAR10Benchmark, CIFAR100Benchmark, NpyImages, OODDataModule
+from ood.data.cifar import stratified_split
+from ood.errors import DataNotFoundError
+
+# image set (a folder of images_classic/) -> (number of images, PIL mode, side)
+SETS = {
+    "cifar10_train": (20, "RGB", 32),
+    "cifar10_test": (20, "RGB", 32),
+    "cifar100_train": (20, "RGB", 32),
+    "cifar100_test": (20, "RGB", 32),
+    "tin_val": (8, "RGB", 64),
+    "tin_test": (8, "RGB", 64),
+    "tin597": (6, "RGB", 64),
+    "mnist": (8, "L", 28),
+    "svhn": (8, "RGB", 32),
+    "texture": (8, "RGB", 48),
+    "places365": (8, "RGB", 40),
+}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+#: ID test images that OpenOOD's val_<id> list takes (the rest are test_<id>)
+N_VAL = 10
+
+
+def _images(root: Path, name: str, seed: int) -> list[str]:
+    n, mode, side = SETS[name]
+    rng = np.random.default_rng(seed)
+    folder = root / "images_classic" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        shape = (side, side) if mode == "L" else (side, side, 3)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"{i}.png")
+        paths.append(f"{name}/{i}.png")
+    return paths
+
+
+def _write(path: Path, entries: list[tuple[str, int]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{p} {label}\n" for p, label in entries))
+
+
+def make_openood_tree(root: Path) -> Path:
+    """Write the tree under `root` and return it (the `paths.data_dir` to use)."""
+    images = {name: _images(root, name, seed) for seed, name in enumerate(SETS)}
+    for id_name, near in (("cifar10", "cifar100"), ("cifar100", "cifar10")):
+        c = NUM_CLASSES[id_name]
+        lists = root / "benchmark_imglist" / id_name
+        test = images[f"{id_name}_test"]
+        _write(lists / f"train_{id_name}.txt", [(p, i % c) for i, p in enumerate(images[f"{id_name}_train"])])
+        _write(lists / f"val_{id_name}.txt", [(p, i % c) for i, p in enumerate(test[:N_VAL])])
+        _write(lists / f"test_{id_name}.txt", [(p, i % c) for i, p in enumerate(test[N_VAL:])])
+        _write(lists / f"test_{near}.txt", [(p, -1) for p in images[f"{near}_test"]])
+        _write(lists / "val_tin.txt", [(p, -1) for p in images["tin_val"]])
+        _write(lists / "test_tin.txt", [(p, -1) for p in images["tin_test"]])
+        _write(lists / "train_tin597.txt", [(p, -1) for p in images["tin597"]])
+        for far in ("mnist", "svhn", "texture", "places365"):
+            _write(lists / f"test_{far}.txt", [(p, -1) for p in images[far]])
+    return root
+
+
+NEAR_FAR = {
+    "cifar10": {"cifar100": "near", "tin": "near", "mnist": "far", "svhn": "far", "texture": "far", "places365": "far"},
+    "cifar100": {"cifar10": "near", "tin": "near", "mnist": "far", "svhn": "far", "texture": "far", "places365": "far"},
+}
+MEAN10 = torch.tensor(CIFAR10Benchmark.mean)[:, None, None]
+STD10 = torch.tensor(CIFAR10Benchmark.std)[:, None, None]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_openood_tree(tmp_path_factory.mktemp("openood"))
+
+
+def normalised(image: Image.Image) -> torch.Tensor:
+    """Reference preprocessing for an image that is already 32x32: RGB, [0, 1], CIFAR-10 normalisation."""
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - MEAN10) / STD10
+
+
+# ----- OpenOOD layout ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [CIFAR10Benchmark, CIFAR100Benchmark])
+def test_openood_lists_are_read_as_is(tree: Path, cls: type) -> None:
+    bench = cls(tree)
+    bench.prepare()
+    assert bench.resolved_source == "openood"
+    n_test = SETS[f"{bench.name}_test"][0]
+    assert (len(bench.train()), len(bench.val()), len(bench.test())) == (SETS[f"{bench.name}_train"][0], N_VAL, n_test - N_VAL)
+    assert {s.name: s.group for s in bench.ood_test()} == NEAR_FAR[bench.name]
+    sizes = {s.name: len(s.dataset) for s in bench.ood_test()}
+    assert sizes == {n: SETS["tin_test" if n == "tin" else (f"{n}_test" if n.startswith("cifar") else n)][0] for n in sizes}
+    assert len(bench.ood_val()) == SETS["tin_val"][0]
+    assert [bench.train(augment=False)[i][1] for i in range(12)] == [i % bench.num_classes for i in range(12)]
+    assert all(bench.ood_test()[k].dataset[0][1] == -1 for k in range(6)) and bench.ood_val()[0][1] == -1
+
+
+def test_test_preprocessing_matches_openood(tree: Path) -> None:
+    """RGB, resize 32 + centre crop 32, CIFAR-10 normalisation; grey becomes 3 equal channels; big images shrink."""
+    bench = CIFAR10Benchmark(tree)
+    sets = {s.name: s.dataset for s in bench.ood_test()}
+    x, _ = bench.test()[0]
+    assert torch.allclose(x, normalised(Image.open(tree / "images_classic/cifar10_test" / f"{N_VAL}.png")), atol=1e-6)
+    grey, _ = sets["mnist"][0]
+    raw = grey * STD10 + MEAN10
+    assert grey.shape == (3, 32, 32) and torch.allclose(raw[0], raw[1], atol=1e-6) and torch.allclose(raw[1], raw[2], atol=1e-6)
+    texture = Image.open(tree / "images_classic/texture/0.png").convert("RGB").resize((32, 32), Image.BILINEAR)
+    assert torch.allclose(sets["texture"][0][0], normalised(texture), atol=1e-6)
+    assert sets["places365"][0][0].shape == (3, 32, 32)
+
+
+def test_train_augmentation_is_a_flip_and_padded_crop(tree: Path) -> None:
+    bench = CIFAR10Benchmark(tree)
+    image = Image.open(tree / "images_classic/cifar10_train/3.png")
+    raw = normalised(image) * STD10 + MEAN10
+    padded = torch.nn.functional.pad(raw, (4, 4, 4, 4))
+    candidates = [
+        (v[:, i : i + 32, j : j + 32] - MEAN10) / STD10 for v in (padded, padded.flip(-1)) for i in range(9) for j in range(9)
+    ]
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        x, _ = bench.train(augment=True)[3]
+        matches = [k for k, c in enumerate(candidates) if torch.allclose(x, c, atol=1e-5)]
+        assert matches, "augmented image is not a flipped/shifted crop of the original"
+        seen.add(matches[0])
+    assert len(seen) > 1
+    assert torch.equal(bench.train(augment=False)[3][0], bench.eval_transform()(image))
+    still = CIFAR10Benchmark(tree, crop_padding=0, hflip=False)
+    assert torch.equal(still.train(augment=True)[3][0], bench.train(augment=False)[3][0])
+
+
+def test_outliers_tin597_and_300k_npy(tree: Path, tmp_path: Path) -> None:
+    tin597 = CIFAR10Benchmark(tree, augment=False).outliers()
+    assert len(tin597) == SETS["tin597"][0] and tin597[0][1] == -1
+    rgb = np.random.default_rng(0).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)
+    np.save(tmp_path / "300K_random_images.npy", rgb)
+    outliers = CIFAR10Benchmark(tmp_path, augment=False, outliers="random300k").outliers()
+    assert isinstance(outliers, NpyImages) and len(outliers) == 7
+    x, label = outliers[5]
+    assert label == -1 and torch.allclose(x, normalised(Image.fromarray(rgb[5])), atol=1e-6)
+    grey = rgb[..., 0]
+    np.save(tmp_path / "grey.npy", grey)
+    x, _ = NpyImages(tmp_path / "grey.npy", CIFAR10Benchmark(tmp_path).eval_transform())[2]
+    assert torch.allclose(x, normalised(Image.fromarray(grey[2]).convert("RGB")), atol=1e-6)
+    assert CIFAR10Benchmark(tree, outliers="none").outliers() is None
+    with pytest.raises(DataNotFoundError, match="300K_random_images.npy"):
+        CIFAR10Benchmark(tree, outliers="random300k").outliers()
+
+
+# ----- missing data -----------------------------------------------------------------------------------------------
+def test_missing_data_says_where_and_how(tmp_path: Path) -> None:
+    bench = CIFAR10Benchmark(tmp_path / "empty")
+    with pytest.raises(DataNotFoundError) as err:
+        bench.prepare()
+    message = str(err.value)
+    assert str(tmp_path / "empty" / "benchmark_imglist" / "cifar10") in message
+    assert str(tmp_path / "empty" / "torchvision" / "cifar10") in message
+    assert "scripts/download/download.py" in message and "data.download=true" in message
+
+
+def test_incomplete_openood_tree_names_the_missing_lists(tree: Path, tmp_path: Path) -> None:
+    partial = tmp_path / "partial"
+    shutil.copytree(tree / "benchmark_imglist", partial / "benchmark_imglist")
+    (partial / "benchmark_imglist/cifar100/test_svhn.txt").unlink()
+    with pytest.raises(DataNotFoundError) as err:
+        CIFAR100Benchmark(partial).prepare()
+    assert str(partial / "benchmark_imglist/cifar100/test_svhn.txt") in str(err.value)
+    assert str(partial / "images_classic") in str(err.value)
+
+
+def test_missing_data_stops_the_run_before_training(tmp_path: Path) -> None:
+    with pytest.raises(DataNotFoundError, match="no data found"):
+        run_config(tmp_path / "run", ["data=cifar10", f"paths.data_dir={tmp_path / 'nothing'}", "backbone=resnet18_32x32",
+                                      "trainer.enable_progress_bar=false"])
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ----- torchvision source (fakes, no network) ---------------------------------------------------------------------
+class FakeVision:
+    """Stands in for a torchvision dataset class: records the constructor call, serves random PIL images."""
+
+    calls: list[tuple[str, str, dict[str, Any]]] = []
+    n = 30
+    missing: set[str] = set()
+
+    def __init__(self, root: str, **kwargs: Any) -> None:
+        name = type(self).__name__
+        FakeVision.calls.append((name, root, kwargs))
+        if name in FakeVision.missing and not kwargs.get("download"):
+            raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+        rng = np.random.default_rng(len(FakeVision.calls))
+        grey = name == "MNIST"
+        self.images = rng.integers(0, 256, (self.n, 28, 28) if grey else (self.n, 40, 40, 3), dtype=np.uint8)
+        self.targets = [i % 10 for i in range(self.n)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[i]), self.targets[i]
+
+
+@pytest.fixture
+def fake_torchvision(monkeypatch: pytest.MonkeyPatch) -> type[FakeVision]:
+    FakeVision.calls = []
+    FakeVision.missing = set()
+    for name in ("CIFAR10", "CIFAR100", "MNIST", "SVHN", "DTD", "Places365"):
+        monkeypatch.setattr(torchvision.datasets, name, type(name, (FakeVision,), {}))
+    return FakeVision
+
+
+def test_torchvision_source_downloads_and_builds_the_protocol(
+    tmp_path: Path, fake_torchvision: type[FakeVision], caplog: pytest.LogCaptureFixture
+) -> None:
+    bench = CIFAR10Benchmark(tmp_path, val_size=10)
+    assert bench.resolved_source == "torchvision"
+    with caplog.at_level(logging.WARNING):
+        OODDataModule(bench, download=True).prepare_data()
+    downloads = {(name, Path(root).name, kw.get("split", kw.get("train"))) for name, root, kw in fake_torchvision.calls}
+    assert all(kw["download"] for _, _, kw in fake_torchvision.calls)
+    assert downloads == {
+        ("CIFAR10", "cifar10", True), ("CIFAR10", "cifar10", False), ("CIFAR100", "cifar100", False),
+        ("MNIST", "mnist", False), ("SVHN", "svhn", "test"), ("DTD", "texture", "train"), ("DTD", "texture", "val"),
+        ("DTD", "texture", "test"), ("Places365", "places365", "val"),
+    }
+    assert all(Path(root).parent == tmp_path / "torchvision" for _, root, _ in fake_torchvision.calls)
+    assert "TinyImageNet not found" in caplog.text
+    fake_torchvision.calls = []
+    ood = bench.ood_test()
+    assert not any(kw["download"] for _, _, kw in fake_torchvision.calls)
+    assert {s.name: s.group for s in ood} == {k: v for k, v in NEAR_FAR["cifar10"].items() if k != "tin"}
+    assert len(next(s for s in ood if s.name == "texture").dataset) == 3 * FakeVision.n
+    assert bench.ood_val() is None
+    mnist = next(s for s in ood if s.name == "mnist").dataset
+    x, label = mnist[0]
+    raw = x * STD10 + MEAN10
+    assert label == -1 and x.shape == (3, 32, 32) and torch.allclose(raw[0], raw[2], atol=1e-6)
+    val, test = bench.val(), bench.test()
+    assert (len(val), len(test)) == (10, FakeVision.n - 10)
+    assert sorted(val.indices + test.indices) == list(range(FakeVision.n))
+    assert sorted(val[i][1] for i in range(10)) == list(range(10))
+
+
+def test_torchvision_source_takes_tin_from_openood_files(tree: Path, tmp_path: Path, fake_torchvision: type[FakeVision]) -> None:
+    data = tmp_path / "mixed"
+    shutil.copytree(tree, data)
+    (data / "benchmark_imglist/cifar100/train_cifar100.txt").unlink()
+    bench = CIFAR100Benchmark(data)
+    assert bench.resolved_source == "torchvision"
+    bench.prepare(download=True)
+    assert {s.name: s.group for s in bench.ood_test()} == NEAR_FAR["cifar100"]
+    assert len(bench.ood_val()) == SETS["tin_val"][0]
+
+
+def test_torchvision_missing_without_download_names_the_dataset(tmp_path: Path, fake_torchvision: type[FakeVision]) -> None:
+    fake_torchvision.missing = {"SVHN"}
+    with pytest.raises(DataNotFoundError) as err:
+        CIFAR10Benchmark(tmp_path, source="torchvision").prepare()
+    assert "'svhn'" in str(err.value) and str(tmp_path / "torchvision" / "svhn") in str(err.value)
+    assert "data.download=true" in str(err.value)
+
+
+def test_stratified_split_is_seeded_and_balanced() -> None:
+    targets = [i % 4 for i in range(40)]
+    val, test = stratified_split(targets, 8, seed=0)
+    assert stratified_split(targets, 8, seed=0) == (val, test) and stratified_split(targets, 8, seed=1) != (val, test)
+    assert sorted(targets[i] for i in val) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert sorted(val + test) == list(range(40))
+
+
+# ----- configs and end to end -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_experiment_is_the_openood_recipe(tmp_path: Path, name: str) -> None:
+    cfg = compose_config(tmp_path, [f"experiment={name}_ce"])
+    assert cfg.data.benchmark._target_ == f"ood.data.CIFAR{name[5:]}Benchmark"
+    assert cfg.backbone._target_ == "ood.models.ResNet18_32x32" and cfg.trainer.accelerator == "gpu"
+    opt = cfg.method.optimizer
+    assert (opt.lr, opt.momentum, opt.weight_decay, opt.nesterov) == (0.1, 0.9, 5e-4, True)
+    assert (cfg.trainer.max_epochs, cfg.method.scheduler.T_max, cfg.data.batch_size) == (100, 100, 128)
+
+
+E2E = [
+    "backbone=resnet18_32x32", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "data.num_workers=0",
+    "data.pin_memory=false", "data.batch_size=16", "data.eval_batch_size=64", "detectors.names=[msp,knn]",
+    "+trainer.num_sanity_val_steps=0", "+trainer.limit_val_batches=0",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_one_epoch_reports_exactly_the_openood_sets(tree: Path, tmp_path: Path, name: str) -> None:
+    rows = run_config(tmp_path, [f"data={name}", f"paths.data_dir={tree}", *E2E])
+    assert {r["detector"] for r in rows} == {"msp", "knn"}
+    for detector in ("msp", "knn"):
+        assert {r["ood_dataset"]: r["ood_group"] for r in rows if r["detector"] == detector} == NEAR_FAR[name]
+    assert {(r["id_dataset"], r["backbone"], r["n_id"]) for r in rows} == {(name, "resnet18_32x32", SETS[f"{name}_test"][0] - N_VAL)}
+    assert {r["ood_dataset"]: r["n_ood"] for r in rows}["mnist"] == SETS["mnist"][0]
+    assert (tmp_path / "results.jsonl").is_file()

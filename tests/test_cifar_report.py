@@ -1,0 +1,82 @@
+"""`make reproduce-cifar*` and the OpenOOD leaderboard reference columns of `ood-report`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ood import PROJECT_ROOT
+from ood.report import (
+    REFERENCE_COLS,
+    REFERENCE_DIR,
+    add_reference,
+    aggregate,
+    load_reference,
+    main,
+    to_markdown,
+)
+
+
+def _rows(id_dataset: str, detector: str, seed: int, near: float, far: float, backbone: str = "resnet18_32x32") -> list[dict]:
+    base = {"method": "ce", "detector": detector, "backbone": backbone, "id_dataset": id_dataset, "seed": seed,
+            "fpr95": 0.5, "_run": f"run{seed}"}
+    return [{**base, "ood_dataset": "tin", "ood_group": "near", "auroc": near},
+            {**base, "ood_dataset": "svhn", "ood_group": "far", "auroc": far}]
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_reference_files_hold_the_leaderboard(name: str) -> None:
+    ref = load_reference(REFERENCE_DIR / f"{name}.yaml")
+    assert ref["id_dataset"] == name and ref["backbone"] == "resnet18_32x32"
+    assert "zjysteven/OpenOOD" in ref["source"]
+    expected = {"cifar10": ([88.03, 0.25], [90.73, 0.43], [94.82, 0.21]), "cifar100": ([80.27, 0.11], [77.76, 0.44], [88.30, 0.10])}
+    assert (ref["auroc"]["ce"]["msp"]["near"], ref["auroc"]["ce"]["msp"]["far"], ref["auroc"]["oe"]["msp"]["near"]) == expected[name]
+    assert len(ref["auroc"]["ce"]) == 19 and ref["auroc"]["ce"]["fdbd"]["near"] == [{"cifar10": 90.42, "cifar100": 81.26}[name]]
+
+
+def test_reference_columns_only_for_matching_rows() -> None:
+    rows = _rows("cifar10", "knn", 0, 0.9, 0.92) + _rows("cifar10", "knn", 1, 0.8, 0.94) + _rows("cifar10", "new_det", 0, 0.7, 0.7)
+    rows += _rows("cifar10", "msp", 0, 0.6, 0.6, backbone="wrn40_2")
+    config_cols, metric_cols, table = aggregate(rows)
+    cols = add_reference(metric_cols, table, [load_reference(REFERENCE_DIR / "cifar10.yaml")])
+    assert cols == [*metric_cols, *REFERENCE_COLS]
+    by = {(e["detector"], e["backbone"]): e for e in table}
+    knn = by[("knn", "resnet18_32x32")]
+    assert knn["ref:near/auroc"] == pytest.approx((0.9064, 0.0020, 3)) and knn["ref:far/auroc"] == pytest.approx((0.9296, 0.0014, 3))
+    assert knn["near/auroc"][:2] == pytest.approx((0.85, 0.0707107), rel=1e-5)
+    assert "ref:near/auroc" not in by[("new_det", "resnet18_32x32")] and "ref:near/auroc" not in by[("msp", "wrn40_2")]
+    line = next(x for x in to_markdown(config_cols, cols, table).splitlines() if "| knn | resnet18_32x32" in x)
+    assert line.endswith("| 90.64 ± 0.20 | 92.96 ± 0.14 |")
+
+
+def test_no_reference_keeps_the_table_unchanged() -> None:
+    rows = _rows("digits", "msp", 0, 0.9, 0.8)
+    _, metric_cols, table = aggregate(rows)
+    assert add_reference(metric_cols, table, [load_reference(REFERENCE_DIR / "cifar10.yaml")]) == metric_cols
+
+
+def test_report_cli_prints_the_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "sweep" / "0"
+    run.mkdir(parents=True)
+    rows = [{k: v for k, v in r.items() if k != "_run"} for r in _rows("cifar100", "energy", 0, 0.8, 0.78)]
+    run.joinpath("results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main([str(tmp_path / "sweep")])
+    out = capsys.readouterr()
+    assert "| ref:near/auroc | ref:far/auroc |" in out.out and "| 80.91 ± 0.08 | 79.77 ± 0.61 |" in out.out
+    assert "results/cifar100.csv" in out.err
+    main([str(tmp_path / "sweep"), "--no-reference", "--out", str(tmp_path / "plain")])
+    assert "ref:" not in (tmp_path / "plain" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_make_reproduce_runs_the_seed_sweep_then_the_report(name: str) -> None:
+    out = subprocess.run(
+        ["make", "-n", f"reproduce-{name}", "VENV=.venv", "ARGS=paths.data_dir=/data"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
+    ).stdout.splitlines()
+    sweep = f"logs/reproduce/{name}"
+    train = f".venv/bin/ood-train -m experiment={name}_ce seed=0,1,2 hydra.sweep.dir={sweep} paths.data_dir=/data"
+    assert out[-2:] == [train, f".venv/bin/ood-report {sweep}"]
