@@ -6,13 +6,19 @@ import hydra
 from omegaconf import DictConfig
 
 from ood import CONFIG_DIR
-from ood.train import friendly_errors, run
+from ood.train import friendly_errors, require_config_dir, run
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 @friendly_errors
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     run(cfg)
+
+
+def main() -> None:
+    """`ood-eval` entry point."""
+    require_config_dir()
+    _main()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,26 @@ def gpu_available() -> bool:
     return torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def _gpu_id(device: str | torch.device | None) -> int | None:
+    """The CUDA device faiss should use for `device` (None: CPU). Each DDP rank keeps its index on its own GPU."""
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type != "cuda" or not gpu_available():
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _on_device(index: faiss.Index, gpu_id: int | None) -> faiss.Index:
+    """`index` moved to GPU `gpu_id` (None: left on the CPU); the GPU resources live as long as the index."""
+    if gpu_id is None:
+        return index
+    resources = faiss.StandardGpuResources()
+    gpu_index = faiss.index_cpu_to_gpu(resources, gpu_id, index)
+    gpu_index.referenced_objects = [resources]
+    return gpu_index
+
+
 class KNNIndex:
     """Exact (`IndexFlat`) or IVF-Flat nearest-neighbour index.
 
@@ -47,8 +67,7 @@ class KNNIndex:
         if kind not in ("exact", "ivf"):
             raise ValueError(f"kind must be 'exact' or 'ivf', got {kind!r}")
         self.metric, self.kind, self.nlist, self.nprobe = metric, kind, nlist, nprobe
-        want_gpu = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
-        self.use_gpu = want_gpu and gpu_available()
+        self.gpu_id = _gpu_id(device)
         self._index: faiss.Index | None = None
         self.ntotal = 0
 
@@ -65,9 +84,7 @@ class KNNIndex:
             self._quantizer = flat  # keep the quantizer alive while the index lives
         else:
             index = flat
-        if self.use_gpu:
-            self._resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._resources, 0, index)
+        index = _on_device(index, self.gpu_id)
         if self.kind == "ivf":
             index.train(data)
         index.add(data)
@@ -100,20 +117,25 @@ def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torc
 def kmeans(
     x: torch.Tensor, k: int, n_init: int = 10, max_iter: int = 100, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Lloyd's k-means on faiss with k-means++ seeding and `n_init` restarts; keeps the lowest inertia.
+    """Lloyd's k-means on faiss over all rows of `x` (no subsampling), k-means++ seeding, `n_init` restarts;
+    keeps the lowest inertia. Runs on the GPU of `x` when faiss has GPU support.
 
     Returns (centres [k, D], assignment [N], inertia = sum of squared distances to the assigned centre).
     """
-    if not 1 <= k <= x.shape[0]:
-        raise ValueError(f"k={k} must be between 1 and the number of points {x.shape[0]}")
+    n, d = x.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be between 1 and the number of points {n}")
     data = x.detach().to("cpu", torch.float32)
     gen = torch.Generator().manual_seed(seed)
     best: tuple[torch.Tensor, torch.Tensor, float] | None = None
     for restart in range(n_init):
-        init = kmeans_plusplus(data, k, gen)
-        km = faiss.Kmeans(data.shape[1], k, niter=max_iter, seed=seed + restart, gpu=gpu_available())
-        km.train(_np32(data), init_centroids=_np32(init))
-        centres = torch.from_numpy(km.centroids.copy())
+        clus = faiss.Clustering(d, k)
+        clus.niter = max_iter
+        clus.seed = seed + restart
+        clus.max_points_per_centroid = n  # faiss would otherwise train on a random subsample of 256 k points
+        faiss.copy_array_to_vector(_np32(kmeans_plusplus(data, k, gen)).ravel(), clus.centroids)
+        clus.train(_np32(data), _on_device(faiss.IndexFlatL2(d), _gpu_id(x.device)))
+        centres = torch.from_numpy(faiss.vector_float_to_array(clus.centroids).reshape(k, d).copy())
         dist, assign = KNNIndex("l2", device="cpu").add(centres).search(data, 1)
         inertia = float(dist.sum())
         if best is None or inertia < best[2]:

@@ -46,11 +46,27 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def _tuned_keys(row: Mapping[str, Any]) -> set[str]:
+    """Detector hyper-parameters chosen by tuning in this row: results of the run, not part of its configuration
+    (seeds that tuned k differently are still the same configuration)."""
+    if not row.get("tuned"):
+        return set()
+    from ood.detectors import detector_class
+    from ood.errors import ConfigError
+
+    try:
+        return set(detector_class(str(row["detector"])).grid)
+    except ConfigError:
+        return set()
+
+
 def _flat_params(row: Mapping[str, Any]) -> dict[str, str]:
     out = {}
+    skip = {"detector_params": _tuned_keys(row), "method_params": set()}
     for prefix, key in (("method", "method_params"), ("detector", "detector_params")):
         for name, value in (row.get(key) or {}).items():
-            out[f"{prefix}.{name}"] = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+            if name not in skip[key]:
+                out[f"{prefix}.{name}"] = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
     return out
 
 

@@ -137,10 +137,27 @@ def friendly_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig],
     return wrapper
 
 
+def require_config_dir() -> None:
+    """The configs live in the repository's top-level `conf/`: say so instead of Hydra's generic error."""
+    if not CONFIG_DIR.is_dir():
+        print(
+            f"error: config folder {CONFIG_DIR} not found; install ood from a checkout with `pip install -e .` "
+            "(the configs live in the repository's conf/, next to the package)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 @friendly_errors
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     run(cfg)
+
+
+def main() -> None:
+    """`ood-train` entry point."""
+    require_config_dir()
+    _main()
 
 
 if __name__ == "__main__":

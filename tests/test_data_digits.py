@@ -56,3 +56,18 @@ def test_eval_loaders_carry_indices_in_split_order() -> None:
     assert index.tolist() == list(range(271))
     x2, _, _ = next(iter(loaders[0]))
     assert torch.equal(x2, next(iter(dm.test_dataloader()[0]))[0]), "the fit split must not be augmented"
+
+
+def test_augmentation_pads_with_the_normalised_background() -> None:
+    bench = DigitsBenchmark()
+    mean, std = bench._stats
+    background = -mean / std
+    plain, augmented = bench.train(augment=False), bench.train(augment=True)
+    torch.manual_seed(0)
+    shifted = 0
+    for i in range(30):
+        x, original = augmented[i][0], plain[i][0]
+        shifted += int(not torch.equal(x, original))
+        # every pixel is either a pixel of the image or the black background (zero padding would add grey)
+        assert bool((torch.isclose(x, torch.tensor(background)) | torch.isin(x, original)).all())
+    assert shifted > 10

@@ -65,3 +65,22 @@ def test_no_results_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
     assert "no results.jsonl found under" in capsys.readouterr().err
+
+
+def test_tuned_values_do_not_split_seeds(tmp_path: Path) -> None:
+    """knn tuned to k=50, 100, 50 on three seeds is still one configuration with three seeds."""
+    for seed, k in enumerate([50, 100, 50]):
+        row = {**_row(seed, "s", "near", 0.8 + seed / 100), "detector": "knn", "detector_params": {"k": k}, "tuned": True}
+        _write(tmp_path / str(seed), [row])
+    config_cols, _, table = aggregate(load_rows([tmp_path]))
+    assert "detector.k" not in config_cols
+    (entry,) = table
+    assert entry["seeds"] == 3 and entry["s/auroc"][0] == pytest.approx(0.81)
+
+
+def test_fixed_detector_values_stay_columns(tmp_path: Path) -> None:
+    for i, k in enumerate([10, 20]):
+        row = {**_row(0, "s", "near", 0.8), "detector": "knn", "detector_params": {"k": k}, "tuned": False}
+        _write(tmp_path / str(i), [row])
+    config_cols, _, table = aggregate(load_rows([tmp_path]))
+    assert "detector.k" in config_cols and len(table) == 2

@@ -32,14 +32,16 @@ class TensorImages(Dataset):
 
 
 class RandomShift:
-    """Shift an image by up to `pixels` in each direction (zero padding): digits-sized augmentation."""
+    """Shift an image by up to `pixels` in each direction, padding with `fill` (the background value of the
+    normalised images): digits-sized augmentation."""
 
-    def __init__(self, pixels: int = 1) -> None:
+    def __init__(self, pixels: int = 1, fill: float = 0.0) -> None:
         self.pixels = pixels
+        self.fill = fill
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         p = self.pixels
         dy, dx = (int(v) for v in torch.randint(-p, p + 1, (2,)))
-        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        padded = torch.nn.functional.pad(x, (p, p, p, p), value=self.fill)
         h, w = x.shape[-2:]
         return padded[..., p + dy : p + dy + h, p + dx : p + dx + w]

@@ -109,7 +109,8 @@ class DigitsBenchmark(Benchmark):
 
     def _dataset(self, raw: torch.Tensor, labels: torch.Tensor | None = None, augment: bool = False) -> TensorImages:
         mean, std = self._stats
-        return TensorImages((raw - mean) / std, labels, RandomShift(1) if augment else None)
+        shift = RandomShift(1, fill=-mean / std) if augment else None  # pad with the normalised black background
+        return TensorImages((raw - mean) / std, labels, shift)
 
     def train(self, augment: bool = True) -> Dataset:
         return self._dataset(*self._id_splits["train"], augment=augment and self.augment)

@@ -81,13 +81,17 @@ class OODEvaluation(Callback):
         self._collectors[dataloader_idx].update(**outputs)
 
     def _banks(self, splits: Sequence[EvalSplit], pl_module: OODMethod) -> dict[str, FeatureBank]:
-        weight, bias = pl_module.backbone.fc.weight.detach(), pl_module.backbone.fc.bias.detach()
+        # banks are float32 whatever the trainer precision (bf16/fp16 autocast outputs would break float64 detectors)
+        weight, bias = pl_module.backbone.fc.weight.detach().float(), pl_module.backbone.fc.bias.detach().float()
         banks = {}
         for i, split in enumerate(splits):
             if i not in self._collectors:
                 raise RuntimeError(f"evaluation split {split.name!r} produced no batches")
             # torchmetrics squeezes one-element results to 0-d: restore the per-sample axis
-            data = {k: v.reshape(-1) if k in ("index", "labels") else v for k, v in self._collectors[i].compute().items()}
+            data = {
+                k: v.reshape(-1) if k in ("index", "labels") else v.float() if v.is_floating_point() else v
+                for k, v in self._collectors[i].compute().items()
+            }
             labels = data.pop("labels")
             banks[split.name] = FeatureBank(
                 logits=data.pop("logits"),
@@ -133,11 +137,12 @@ class OODEvaluation(Callback):
 
     @staticmethod
     def _model_scores(det: Detector, pl_module: LightningModule, loader: torch.utils.data.DataLoader) -> torch.Tensor:
-        """Scores of an input-perturbing detector (an extra pass for it alone, with gradients enabled)."""
+        """Scores of an input-perturbing detector (an extra pass for it alone, with gradients enabled); the detector
+        sees the method's own logits (`pl_module(x)`), e.g. a contrastive method's linear probe."""
         chunks = []
         with torch.inference_mode(False), torch.enable_grad():
             for x, _, _ in loader:
-                chunks.append(det.score_inputs(pl_module.backbone, x.to(pl_module.device)).detach())
+                chunks.append(det.score_inputs(pl_module, x.to(pl_module.device)).detach())
         return torch.cat(chunks)
 
     def _log(self, trainer: Trainer, id_acc: float) -> None:

@@ -73,7 +73,7 @@ class OODMethod(LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         x, y, _ = batch
-        logits = self.backbone(x)
+        logits = self(x)
         self.log("val/loss", F.cross_entropy(logits, y), prog_bar=False)
         self.log("val/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
 

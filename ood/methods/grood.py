@@ -147,7 +147,7 @@ class FitSummary:
 class FitSplitStats:
     """Accumulates, batch by batch, the fit split's class sums and the first `n_keep` samples' early maps.
 
-    `n_keep` = `n_proto` rounded up to whole batches of the loader's batch size B (the released code's "whole
+    `n_keep` = `n_proto` rounded up to whole batches of the training batch size B (the released code's "whole
     batches" rule; on the unshuffled fit loader these are dataset indices 0..n_keep-1 on any number of ranks). Each rank's last
     sample, the only one that can be a DDP padding duplicate, is held back and added after the sync only when
     its index was not summed on another rank.
@@ -289,7 +289,9 @@ class GROOD(CrossEntropy):
         out = self.backbone.run(x, (self.mix_layer,))
         early = out.layers[self.mix_layer]
         if self._stats is None:
-            batch_size = self.trainer.test_dataloaders[dataloader_idx].batch_size or x.shape[0]
+            # "whole batches" are training batches (the released code mixes on the training loader), so results
+            # do not depend on the evaluation batch size
+            batch_size = self.trainer.datamodule.batch_size
             self._stats = FitSplitStats(
                 self.backbone.num_classes, x, early, out.features, self.n_proto, batch_size
             )
@@ -355,7 +357,7 @@ class GROOD(CrossEntropy):
 
     def _build_index(self, train: FeatureBank, batch_size: int) -> KNNIndex:
         assert train.labels is not None and self.prototypes is not None
-        grads = ncp_gradient(train.features, self.prototypes)
+        grads = ncp_gradient(train.features, self.prototypes.to(train.features))
         keep = (
             train.predictions == train.labels
             if self.correct_only

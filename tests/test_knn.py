@@ -1,0 +1,63 @@
+"""`ood.knn`: the faiss wrapper equals brute force; k-means uses every point and k-means++ seeding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ood.knn import KNNIndex, _gpu_id, kmeans, kmeans_plusplus
+
+
+def test_exact_l2_equals_brute_force() -> None:
+    gen = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(700, 16, generator=gen), torch.randn(90, 16, generator=gen)
+    dist, idx = KNNIndex("l2").add(bank).search(queries, 5)
+    ref = torch.cdist(queries.double(), bank.double()).pow(2).topk(5, largest=False)
+    assert torch.equal(idx, ref.indices)
+    assert torch.allclose(dist.double(), ref.values, atol=1e-4)
+
+
+def test_inner_product_returns_largest_first() -> None:
+    bank = torch.eye(4)
+    dist, idx = KNNIndex("ip").add(bank).search(torch.tensor([[0.1, 0.7, 0.2, 0.0]]), 2)
+    assert idx.tolist() == [[1, 2]] and dist[0].tolist() == pytest.approx([0.7, 0.2])
+
+
+def test_ivf_probing_every_cell_is_exact() -> None:
+    gen = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(2000, 8, generator=gen), torch.randn(40, 8, generator=gen)
+    exact = KNNIndex("l2").add(bank).search(queries, 3)[1]
+    ivf = KNNIndex("l2", kind="ivf", nlist=16, nprobe=16).add(bank).search(queries, 3)[1]
+    assert torch.equal(exact, ivf)
+
+
+def test_bad_k_is_a_clear_error() -> None:
+    index = KNNIndex().add(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="between 1 and the bank size 3"):
+        index.search(torch.zeros(1, 2), 4)
+
+
+def test_cpu_tensors_use_the_cpu_index() -> None:
+    assert _gpu_id("cpu") is None
+
+
+def test_kmeans_recovers_blob_means_using_all_points() -> None:
+    gen = torch.Generator().manual_seed(2)
+    centres = torch.tensor([[10.0, 0.0], [-10.0, 0.0], [0.0, 10.0]])
+    labels = torch.arange(3).repeat_interleave(torch.tensor([3000, 1000, 500]))
+    x = centres[labels] + torch.randn(len(labels), 2, generator=gen)
+    found, assign, inertia = kmeans(x, 3, n_init=2, seed=0)
+    # every point is assigned to its blob, and each centre is the exact mean of its points (no subsampling:
+    # faiss alone would train on 256 * k = 768 of the 4 500 points)
+    for c in range(3):
+        members = x[assign == assign[labels == c][0]]
+        assert len(members) == int((labels == c).sum())
+        assert torch.allclose(found[assign[labels == c][0]], members.mean(0), atol=1e-4)
+    assert inertia == pytest.approx(float(((x - found[assign]) ** 2).sum()), rel=1e-5)
+
+
+def test_kmeans_plusplus_picks_distinct_far_points() -> None:
+    x = torch.tensor([[0.0, 0.0], [0.0, 0.1], [100.0, 0.0], [0.0, 100.0]])
+    seeds = kmeans_plusplus(x, 3, torch.Generator().manual_seed(0))
+    assert len({tuple(r.tolist()) for r in seeds}) == 3
+    assert {(100.0, 0.0), (0.0, 100.0)} <= {tuple(r.tolist()) for r in seeds}
