@@ -47,15 +47,19 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
 
 
 def load_weights(method: L.LightningModule, path: str | Path) -> None:
-    """Load a checkpoint's `state_dict` strictly; every failure names the file and says why."""
+    """Load a Lightning checkpoint's `state_dict` (or a bare OpenOOD ResNet18_32x32 state dict) strictly; every
+    failure names the file and says why."""
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    from ood.models.openood import from_openood, is_openood_state_dict
+
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        state = checkpoint["state_dict"]
+        # a Lightning checkpoint, or a bare OpenOOD state dict (their released CIFAR ResNet-18 checkpoints)
+        state = from_openood(checkpoint) if is_openood_state_dict(checkpoint) else checkpoint["state_dict"]
     except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
         raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
     hint = "pass the data=/backbone= it was trained with"
