@@ -4,7 +4,13 @@
 import importlib
 import pkgutil
 
-from ood.detectors.base import Detector, DetectorNotApplicable, available_detectors, build_detector, detector_class
+from ood.detectors.base import (
+    Detector,
+    DetectorNotApplicable,
+    available_detectors,
+    build_detector,
+    detector_class,
+)
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

@@ -33,6 +33,8 @@ class Detector:
     grid: ClassVar[dict[str, Sequence[Any]]] = {}
     #: True for detectors that need the network and the inputs (input perturbation), not just the cache
     needs_model: ClassVar[bool] = False
+    #: hyper-parameters that only change `score`, not `fit`: tuning fits once per setting of the others
+    score_params: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -54,6 +56,22 @@ class Detector:
     def score(self, bank: FeatureBank) -> torch.Tensor:
         """ID score per row of `bank`, higher = more in-distribution."""
         raise NotImplementedError
+
+    def set_params(self, **params: Any) -> Detector:
+        """Change score-only hyper-parameters (`score_params`) of a fitted detector in place."""
+        refit = sorted(set(params) - self.score_params)
+        if refit:
+            raise ValueError(f"{self.name}: {refit} change the fit; build a new detector instead")
+        for key, value in params.items():
+            setattr(self, key, value)
+        return self
+
+    def score_grid(self, bank: FeatureBank, points: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
+        """Scores of `bank` at each setting of `score_params` in `points`; leaves the last one set.
+
+        Detectors override this to share work across the points (kNN searches once at the largest k).
+        """
+        return [self.set_params(**point).score(bank) for point in points]
 
     def score_inputs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """ID score from the model and a batch of inputs; only for `needs_model` detectors."""

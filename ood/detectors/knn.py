@@ -1,18 +1,32 @@
-"""Deep nearest neighbours, Sun et al., ICML 2022 (arXiv 2204.06507).
+"""Nearest-neighbour detectors on L2-normalised penultimate features (exact faiss search through `ood.knn`;
+`index="ivf"` for ImageNet-scale banks).
 
-score(h) = -|| h_hat - h_hat_(K) ||^2 with h_hat = h / ||h||, h_hat_(K) the K-th nearest L2-normalised
-ID-train feature (exact faiss search through `ood.knn`). OpenOOD negates the (non-squared) distance;
-squaring is monotone, so AUROC/FPR are identical.
+- Deep nearest neighbours (KNN), Sun et al., ICML 2022 (arXiv 2204.06507):
+  score(h) = -|| h_hat - h_hat_(K) ||^2, h_hat = h / ||h||, h_hat_(K) the K-th nearest normalised ID-train
+  feature. OpenOOD negates the (non-squared) distance; squaring is monotone, so AUROC/FPR are identical.
+  Tuning searches once at the largest K of the grid and reads every K from that one result.
+- NNGuide, Park et al., "Nearest Neighbor Guidance for Out-of-Distribution Detection", ICCV 2023
+  (arXiv 2309.14888), OpenOOD's `nnguide`: guide bank g_j = h_hat_j * LSE(f_j) over the first `alpha` fraction
+  of the train bank; score(x) = LSE(f(x)) * mean of the top-K inner products <h_hat(x), g_j>.
+  Deviation: K is clipped to the guide-bank size (on small benchmarks alpha * N_train < K).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ood.detectors.base import Detector
+from ood.detectors.logits import energy_score
 from ood.evaluation.bank import FeatureBank
 from ood.knn import IndexKind, KNNIndex
+
+
+def _normalised(bank: FeatureBank) -> torch.Tensor:
+    return F.normalize(bank.features.float(), dim=1)
 
 
 class KNN(Detector):
@@ -20,16 +34,51 @@ class KNN(Detector):
 
     name = "knn"
     grid = {"k": [50, 100, 200, 500, 1000]}
+    score_params = frozenset({"k"})
 
     def __init__(self, k: int = 50, index: IndexKind = "exact") -> None:
         self.k = k
         self.index = index
 
     def fit(self, bank: FeatureBank) -> KNN:
-        self.index_ = KNNIndex("l2", kind=self.index, device=bank.features.device).add(F.normalize(bank.features.float(), dim=1))
+        self.index_ = KNNIndex("l2", kind=self.index, device=bank.features.device).add(_normalised(bank))
+        return self
+
+    def _distances(self, bank: FeatureBank, k: int) -> torch.Tensor:
+        dist, _ = self.index_.search(_normalised(bank), min(k, self.index_.ntotal))
+        return dist.double()
+
+    def score(self, bank: FeatureBank) -> torch.Tensor:
+        return -self._distances(bank, self.k)[:, -1]
+
+    def score_grid(self, bank: FeatureBank, points: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
+        """One search at the largest k; column k-1 (clipped to the bank size) is the score at k."""
+        dist = self._distances(bank, max(p.get("k", self.k) for p in points))
+        scores = []
+        for point in points:
+            self.set_params(**point)
+            scores.append(-dist[:, min(self.k, dist.shape[1]) - 1])
+        return scores
+
+
+class NNGuide(Detector):
+    """LSE(f) x mean top-K inner product with the confidence-weighted guide bank."""
+
+    name = "nnguide"
+    grid = {"k": [100], "alpha": [0.01]}
+
+    def __init__(self, k: int = 100, alpha: float = 0.01, index: IndexKind = "exact") -> None:
+        self.k = k
+        self.alpha = alpha
+        self.index = index
+
+    def fit(self, bank: FeatureBank) -> NNGuide:
+        n = max(1, round(self.alpha * len(bank)))
+        head = bank.subset(torch.arange(n, device=bank.features.device))
+        guides = _normalised(head) * energy_score(head.logits).float()[:, None]
+        self.index_ = KNNIndex("ip", kind=self.index, device=bank.features.device).add(guides)
         return self
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
-        k = min(self.k, self.index_.ntotal)
-        dist, _ = self.index_.search(F.normalize(bank.features.float(), dim=1), k)
-        return -dist[:, -1].double()
+        sims, _ = self.index_.search(_normalised(bank), min(self.k, self.index_.ntotal))
+        return energy_score(bank.logits) * sims.double().mean(1)

@@ -1,13 +1,23 @@
-"""Output-space detectors: functions of the logits alone.
+"""Output-space detectors: functions of the logits alone (nothing to fit).
 
 - MSP, Hendrycks & Gimpel, ICLR 2017 (arXiv 1610.02136): max softmax probability, computed as the max
   log-softmax in float64 so that saturated softmax values (margin > ~17 nats in float32) do not tie.
   Monotone in MSP, hence identical AUROC/FPR to OpenOOD's `msp` without its float32 ties.
 - MaxLogit (MLS), Hendrycks et al., ICML 2022 (arXiv 1911.11132): max_c f_c.
 - Energy (EBO), Liu et al., NeurIPS 2020 (arXiv 2010.03759): T * logsumexp(f / T) (= -energy).
+- Entropy: -H(p) = sum_c p_c log p_c, the negative predictive entropy; a classic uncertainty baseline (used as
+  an OOD score e.g. by Hendrycks et al., Deep Anomaly Detection with Outlier Exposure, ICLR 2019,
+  arXiv 1812.04606; pytorch-ood's `Entropy`). Not in OpenOOD; no hyper-parameters.
+- GEN, Liu, Lochman & Zach, "GEN: Pushing the Limits of Softmax-Based Out-of-Distribution Detection",
+  CVPR 2023 (no arXiv version; code github.com/XixiLiu95/GEN): -sum over the top-M probabilities of
+  p^gamma (1 - p)^gamma. As OpenOOD's `gen` postprocessor; M larger than C uses all C classes. Tuning sorts
+  the probabilities once for the whole (gamma, M) grid.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -18,6 +28,13 @@ from ood.evaluation.bank import FeatureBank
 def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """T * logsumexp(f / T) in float64: the negative free energy, an ID score."""
     return temperature * torch.logsumexp(logits.double() / temperature, dim=1)
+
+
+def head_logits(features: torch.Tensor, bank: FeatureBank, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits W h + b (float64) of modified features `h` through the bank's final layer (or `weight`, e.g. masked)."""
+    w, b = bank.head()
+    w = w if weight is None else weight
+    return features.double() @ w.double().T + b.double()
 
 
 class MSP(Detector):
@@ -43,9 +60,45 @@ class Energy(Detector):
 
     name = "energy"
     grid = {"temperature": [1.0]}
+    score_params = frozenset({"temperature"})
 
     def __init__(self, temperature: float = 1.0) -> None:
         self.temperature = temperature
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
         return energy_score(bank.logits, self.temperature)
+
+
+class Entropy(Detector):
+    """sum_c p_c log p_c (negative entropy of the softmax)."""
+
+    name = "entropy"
+
+    def score(self, bank: FeatureBank) -> torch.Tensor:
+        logp = torch.log_softmax(bank.logits.double(), dim=1)
+        return (logp.exp() * logp).sum(1)
+
+
+class GEN(Detector):
+    """-sum_{top-M} p^gamma (1 - p)^gamma (generalised entropy of the largest M probabilities)."""
+
+    name = "gen"
+    grid = {"gamma": [0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0], "M": [10, 50, 100, 200, 500, 1000]}
+    score_params = frozenset({"gamma", "M"})
+
+    def __init__(self, gamma: float = 0.1, M: int = 100) -> None:  # noqa: N803 - the paper's name
+        self.gamma = gamma
+        self.M = M
+
+    def score(self, bank: FeatureBank) -> torch.Tensor:
+        return self.score_grid(bank, [{}])[0]
+
+    def score_grid(self, bank: FeatureBank, points: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
+        """One softmax and one descending sort shared by every (gamma, M) point."""
+        p = torch.softmax(bank.logits.double(), dim=1).sort(dim=1, descending=True).values
+        scores = []
+        for point in points:
+            self.set_params(**point)
+            top = p[:, : self.M]
+            scores.append(-(top**self.gamma * (1 - top) ** self.gamma).sum(1))
+        return scores

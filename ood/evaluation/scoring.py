@@ -43,32 +43,93 @@ def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
+#: scores of a `needs_model` detector on one split, computed from the network and that split's inputs
+ModelScoreFn = Callable[[Detector, str], torch.Tensor]
+
+
+def _split_scores(det: Detector, split: str, banks: Mapping[str, FeatureBank], model_scores: ModelScoreFn | None) -> torch.Tensor:
+    """ID scores of `det` on `split`: from the cache, or through the model for input-perturbing detectors."""
+    if det.needs_model:
+        assert model_scores is not None
+        return model_scores(det, split)
+    return det.score(banks[split])
+
+
+def _val_scores(
+    det: Detector,
+    points: Sequence[dict[str, Any]],
+    banks: Mapping[str, FeatureBank],
+    model_scores: ModelScoreFn | None,
+) -> list[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]:
+    """(point, val scores, val_ood scores) for grid points that share the fit of `det` (differ in `score_params`).
+
+    Cached detectors score all points at once (`score_grid`, e.g. one kNN search at the largest k); points
+    that are not applicable (ViM's dim >= D) are dropped.
+    """
+    settings = [{k: v for k, v in point.items() if k in det.score_params} for point in points]
+    if not det.needs_model:
+        try:
+            val, ood = det.score_grid(banks["val"], settings), det.score_grid(banks["val_ood"], settings)
+            return list(zip(points, val, ood))
+        except DetectorNotApplicable:
+            pass  # score the points one by one below, dropping the inapplicable ones
+    out = []
+    for point, setting in zip(points, settings):
+        try:
+            det.set_params(**setting)
+            out.append((point, _split_scores(det, "val", banks, model_scores), _split_scores(det, "val_ood", banks, model_scores)))
+        except DetectorNotApplicable as err:
+            log.info("%s: grid point %s not applicable: %s", det.name, point, err)
+    return out
+
+
 def fit_detector(
     name: str,
     params: Mapping[str, Any],
     banks: Mapping[str, FeatureBank],
     tune: bool,
+    model_scores: ModelScoreFn | None = None,
 ) -> tuple[Detector, bool]:
     """Build detector `name`, choose its grid point on val vs val_ood (when `tune`), fit it on its split.
 
-    Fixed `params` are never tuned; returns the fitted detector and whether a search happened.
+    Fixed `params` are never tuned. Grid points that differ only in `score_params` share one fit. Detectors
+    that need the model are tuned through `model_scores(detector, split)` on `val` and `val_ood` (the extra
+    passes ODIN needs). Returns the fitted detector (set to the chosen point) and whether a search happened.
+    Raises `DetectorNotApplicable` when no configuration applies (or the model is needed but not given).
     """
     cls = detector_class(name)
+    if cls.needs_model and model_scores is None:
+        raise DetectorNotApplicable("it needs the model and the inputs, and none were given")
     free = {k: v for k, v in cls.grid.items() if k not in params}
     points = grid_points(free)
     can_tune = tune and len(points) > 1 and "val" in banks and "val_ood" in banks
     fit_bank = banks[cls.fit_split]
     if not can_tune:
         return build_detector(name, **params).fit(fit_bank), False
-    best: tuple[float, dict[str, Any]] | None = None
+    groups: dict[tuple[tuple[str, Any], ...], list[dict[str, Any]]] = {}
     for point in points:
-        det = build_detector(name, **params, **point).fit(fit_bank)
-        auroc = ood_metrics(det.score(banks["val"]), det.score(banks["val_ood"]), name=f"{name}{point} on val")["auroc"]
-        if best is None or auroc > best[0]:
-            best = (auroc, point)
-    assert best is not None
-    log.info("%s: chose %s (val AUROC %.4f over %d grid points)", name, best[1], best[0], len(points))
-    return build_detector(name, **params, **best[1]).fit(fit_bank), True
+        groups.setdefault(tuple((k, v) for k, v in point.items() if k not in cls.score_params), []).append(point)
+    best: tuple[float, dict[str, Any], Detector] | None = None
+    reason: DetectorNotApplicable | None = None
+    for group in groups.values():
+        det = None
+        while group and det is None:
+            try:
+                det = build_detector(name, **params, **group[0]).fit(fit_bank)
+            except DetectorNotApplicable as err:
+                reason, group = err, group[1:]
+        if det is None:
+            continue
+        for point, val, val_ood in _val_scores(det, group, banks, model_scores):
+            auroc = ood_metrics(val, val_ood, name=f"{name}{point} on val")["auroc"]
+            if best is None or auroc > best[0]:
+                best = (auroc, point, det)
+    if best is None:
+        raise DetectorNotApplicable(f"no grid point of {dict(free)} applies: {reason}")
+    auroc, point, det = best
+    det.set_params(**{k: v for k, v in point.items() if k in cls.score_params})
+    log.info("%s: chose %s (val AUROC %.4f over %d grid points)", name, point, auroc, len(points))
+    return det, True
 
 
 def detector_scorers(
@@ -76,23 +137,20 @@ def detector_scorers(
     params: Mapping[str, Mapping[str, Any]],
     banks: Mapping[str, FeatureBank],
     tune: bool,
-    model_scores: Callable[[Detector, str], torch.Tensor] | None = None,
+    model_scores: ModelScoreFn | None = None,
 ) -> list[Scorer]:
-    """Fit every named detector; detectors that need the model score through `model_scores(detector, split)`."""
+    """Fit every named detector; detectors that need the model score (and tune) through `model_scores`.
+
+    Structurally inapplicable detectors are skipped with a warning that says why.
+    """
     scorers = []
     for name in tqdm(names, desc="fitting detectors", leave=False):
         try:
-            det, tuned = fit_detector(name, params.get(name, {}), banks, tune)
+            det, tuned = fit_detector(name, params.get(name, {}), banks, tune, model_scores)
         except DetectorNotApplicable as err:
             log.warning("skipping detector %s: %s", name, err)
             continue
-        if det.needs_model:
-            if model_scores is None:
-                log.warning("skipping detector %s: it needs the model and inputs", name)
-                continue
-            fn: ScoreFn = lambda split, d=det: model_scores(d, split)  # noqa: E731
-        else:
-            fn = lambda split, d=det: d.score(banks[split])  # noqa: E731
+        fn: ScoreFn = lambda split, d=det: _split_scores(d, split, banks, model_scores)  # noqa: E731
         scorers.append(Scorer(name, fn, det.hparams, tuned))
     return scorers
 

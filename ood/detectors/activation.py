@@ -1,0 +1,109 @@
+"""Activation-shaping detectors: modify the pooled penultimate vector h (or the head), then score the energy
+LSE(W h' + b). All act on the pooled vector, as OpenOOD v1.5 does, so they run from the cached features.
+
+- ReAct, Sun, Guo & Li, NeurIPS 2021 (arXiv 2111.12797): h' = min(h, t), t the `percentile`-th percentile
+  (0-100, linear interpolation as `np.percentile`) of all ID-val activations (OpenOOD fits t on ID-val).
+- ASH-B, Djurisic et al., "Extremely Simple Activation Shaping for Out-of-Distribution Detection", ICLR 2023
+  (arXiv 2209.09858): keep the top k = D - round(D p / 100) entries of h, set them to sum(h) / k, zero the rest.
+  Deviation from the paper (as OpenOOD): applied to the pooled vector, not to the feature maps.
+- DICE, Sun & Li, "DICE: Leveraging Sparsification for Out-of-Distribution Detection", ECCV 2022
+  (arXiv 2111.09805): keep the weights w_cd whose contribution mean_train(h_d) * w_cd exceeds the p-th
+  percentile of all C x D contributions; score LSE((W * M) h + b).
+- SCALE, Xu et al., "Scaling for Training Time and Post-hoc Out-of-Distribution Detection Enhancement",
+  ICLR 2024 (arXiv 2310.00227): h' = h * exp(sum(h) / sum(top-k h)), k as ASH.
+ASH and SCALE need nothing fitted; ReAct fits t on ID-val, DICE its mask on train (OpenOOD's choices).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ood.detectors.base import Detector
+from ood.detectors.logits import energy_score, head_logits
+from ood.evaluation.bank import FeatureBank
+
+
+def percentile(values: torch.Tensor, q: float) -> float:
+    """The q-th percentile (0-100) of all entries, linear interpolation (`np.percentile`), any size."""
+    return float(np.percentile(values.detach().to("cpu", torch.float64).numpy().reshape(-1), q))
+
+
+def kept_count(dim: int, p: float) -> int:
+    """ASH/SCALE's k = D - round(D p / 100), at least 1."""
+    return max(1, dim - int(np.round(dim * p / 100.0)))
+
+
+class ReAct(Detector):
+    """LSE(W min(h, t) + b), t a percentile of the ID-val activations."""
+
+    name = "react"
+    fit_split = "val"
+    grid = {"percentile": [85, 90, 95, 99]}
+
+    def __init__(self, percentile: float = 90) -> None:
+        self.percentile = percentile
+
+    def fit(self, bank: FeatureBank) -> ReAct:
+        self.threshold_ = percentile(bank.features, self.percentile)
+        return self
+
+    def score(self, bank: FeatureBank) -> torch.Tensor:
+        return energy_score(head_logits(bank.features.clamp(max=self.threshold_), bank))
+
+
+class ASH(Detector):
+    """LSE(W a + b), a = ASH-B of h: top-k entries set to sum(h)/k, the rest zeroed."""
+
+    name = "ash"
+    grid = {"percentile": [65, 70, 75, 80, 85, 90, 95]}
+    score_params = frozenset({"percentile"})
+
+    def __init__(self, percentile: float = 90) -> None:
+        self.percentile = percentile
+
+    def score(self, bank: FeatureBank) -> torch.Tensor:
+        h = bank.features.double()
+        k = kept_count(h.shape[1], self.percentile)
+        _, idx = h.topk(k, dim=1)
+        shaped = torch.zeros_like(h).scatter_(1, idx, (h.sum(1, keepdim=True) / k).expand(-1, k))
+        return energy_score(head_logits(shaped, bank))
+
+
+class DICE(Detector):
+    """LSE((W * M) h + b), M keeping the weights whose mean train contribution exceeds its p-th percentile."""
+
+    name = "dice"
+    grid = {"p": [90]}
+
+    def __init__(self, p: float = 90) -> None:
+        self.p = p
+
+    def fit(self, bank: FeatureBank) -> DICE:
+        w, _ = bank.head()
+        contrib = bank.features.double().mean(0)[None, :] * w.double()
+        self.mask_ = contrib > percentile(contrib, self.p)
+        return self
+
+    def score(self, bank: FeatureBank) -> torch.Tensor:
+        w, _ = bank.head()
+        return energy_score(head_logits(bank.features, bank, weight=w * self.mask_.to(w.device)))
+
+
+class Scale(Detector):
+    """LSE(W h e^r + b), r = sum(h) / sum(top-k h)."""
+
+    name = "scale"
+    grid = {"percentile": [65, 70, 75, 80, 85, 90, 95]}
+    score_params = frozenset({"percentile"})
+
+    def __init__(self, percentile: float = 85) -> None:
+        self.percentile = percentile
+
+    def score(self, bank: FeatureBank) -> torch.Tensor:
+        h = bank.features.double()
+        top = h.topk(kept_count(h.shape[1], self.percentile), dim=1).values
+        total = top.sum(1)
+        # an all-zero h is unchanged by any scale: r = 0 there instead of 0/0
+        r = torch.where(total != 0, h.sum(1) / torch.where(total != 0, total, 1.0), 0.0)
+        return energy_score(head_logits(h * r.exp()[:, None], bank))

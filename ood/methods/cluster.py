@@ -1,0 +1,356 @@
+"""Cluster-based OOD detection in the embedding space (`method=cluster`), after Sinhamahapatra, Koner, Roscher and
+Günnemann, "Is it all a cluster game? Exploring Out-of-Distribution Detection based on Clustering in the Embedding
+Space", SafeAI workshop @ AAAI 2022 (CEUR-WS Vol-3087), arXiv 2203.08549. Spec: `shared/methods/cluster.md`.
+
+An empirical study turned into one configurable method, so every factor the paper compares can be swept:
+- `objective`: `ce` (cross-entropy), `supcon` (supervised contrastive, two views, projection head, temperature),
+  `simclr` (the same without labels); losses, head and tensor augmentation in `ood/methods/contrastive.py`.
+- embedding z: the penultimate encoder output (before any projection head); L2-normalised for the contrastive
+  objectives, raw for CE. It is what the feature cache holds, so every post-hoc detector sees it too.
+- `clusters`: `class_mean` (one centre per class, mean train embedding) or `kmeans` (`k` centres, faiss Lloyd
+  through `ood.knn.kmeans`, k-means++ seeding, `n_init` restarts, lowest inertia kept).
+- `distance` d(z, c): squared Euclidean; cosine (1 - cos); squared Mahalanobis with the pseudo-inverse of a
+  `shared` (cluster-centred) or `per_cluster` covariance.
+- a test sample (ID or OOD) belongs to its nearest centre, never to its label's centre.
+- `threshold`: `global`: s = -min_k d(z, c_k) (Euclidean, Mahalanobis), s = max_k cos(z, c_k) (cosine);
+  `per_cluster`: s = -F_c(d(z, c)) with c the nearest centre and F_c the piecewise-linear CDF of the ID-train
+  distances of cluster c's members to c (the inverse of numpy's linear-interpolation percentile, so
+  F_c(t_c(p)) = p / 100); beyond the training range F_c continues linearly with its mean slope
+  1 / (d_max - d_min), so far samples keep their order. A global threshold on s reproduces the paper's
+  per-cluster percentile sweep "OOD if d >= t_c(p)" (on a finer grid). This rank form is our convention.
+- diagnostics on the ID-train embeddings (logged as `test/cluster/*`, written to `cluster_stats.json`):
+  per-cluster global separation GS_c = (min_{c' != c} P(c, c') - P(c, c)) / max(min_{c' != c} P(c, c'), P(c, c)),
+  P the mean pairwise Euclidean distance between members (self-pairs excluded); k-means purity (majority-label
+  share); silhouette (scikit-learn, Euclidean). On at most `stats_samples` random train rows.
+
+Training (`objective` != ce): contrastive stage, then a linear probe. The last `probe_epochs` epochs freeze the
+encoder (eval-mode batch norm, no gradients) and train only the backbone's `fc` with cross-entropy on z (Adam,
+`probe_lr`), so the checkpoint holds the probe and `id_acc` is the probe accuracy. Two optimisers, manual
+optimisation: the configured optimiser/scheduler (stepped per epoch during the contrastive stage only) for encoder
+and head, Adam for the probe. Under DDP some parameters get no gradient in a step (`fc` while contrastive, encoder
+and head while probing): run contrastive objectives with `trainer.strategy=ddp_find_unused_parameters_true`.
+
+Deviations and gaps (no official code exists; OODformer https://github.com/rajatkoner08/oodformer is the closest):
+- recipes scaled to CPU: one optimiser config for all objectives (`conf/method/cluster.yaml`: Adam 3e-3 instead
+  of SGD 0.8 / 0.5, which stays on the contrastive loss's initial plateau for several epochs at our budgets), no
+  warm-up, short schedules, batch 64; the cosine schedule spans all epochs, so the contrastive stage ends above
+  zero learning rate.
+- the projection head is 2-layer with `head_hidden` (default = feature dim) and `head_dim` outputs.
+- the probe sees the loader's (single-view) training augmentation and trains for a few epochs only.
+- not implemented: OODformer's `id_assignment=gt` (scoring ID samples against their true class centre,
+  optimistic), `cov_inverse=inv`, the SSD standardised variant, PCA before k-means, MSP-as-distance (MSP is
+  a detector of its own here).
+- input-perturbation detectors (`odin`) run `backbone` directly, i.e. the probe on the un-normalised features,
+  for contrastive objectives; cache-based detectors see the normalised z and the probe logits.
+- per-cluster pseudo-inverse covariances of clusters with fewer members than dimensions ignore the directions
+  outside the members' span (a warning says so); prefer `covariance=shared` for small clusters.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from ood.detectors.mahalanobis import class_means, mahalanobis_sq, shared_precision
+from ood.errors import ConfigError
+from ood.evaluation.bank import FeatureBank
+from ood.knn import kmeans
+from ood.methods.base import Batch, OODMethod, OptimizerFactory, SchedulerFactory
+from ood.methods.contrastive import ProjectionHead, TensorAugment, supcon_loss
+from ood.models.base import Backbone
+from ood.utils import get_logger
+
+log = get_logger(__name__)
+
+Objective = Literal["ce", "supcon", "simclr"]
+Distance = Literal["euclidean", "cosine", "mahalanobis"]
+CHOICES = {
+    "objective": ("ce", "supcon", "simclr"),
+    "clusters": ("class_mean", "kmeans"),
+    "distance": ("euclidean", "cosine", "mahalanobis"),
+    "threshold": ("global", "per_cluster"),
+    "covariance": ("shared", "per_cluster"),
+}
+DEFAULT_TEMPERATURE = {"supcon": 0.1, "simclr": 0.5}
+
+
+# ----- clusters, distances, scores (pure functions of tensors) ------------------------------------------------
+def cluster_precisions(z: torch.Tensor, assign: torch.Tensor, centres: torch.Tensor, covariance: str) -> torch.Tensor:
+    """Pseudo-inverse covariance: [D, D] shared (cluster-centred) or [K, D, D] one per cluster (float64)."""
+    if covariance == "shared":
+        return shared_precision(z, assign, centres)
+    out = []
+    for c in range(centres.shape[0]):
+        centred = z[assign == c].double() - centres[c]
+        if centred.shape[0] <= z.shape[1]:
+            log.warning("cluster %d has %d members for %d dims: its pinv covariance is rank-deficient", c, centred.shape[0], z.shape[1])
+        out.append(torch.linalg.pinv(centred.T @ centred / max(centred.shape[0], 1), hermitian=True))
+    return torch.stack(out)
+
+
+def cluster_distances(
+    z: torch.Tensor, centres: torch.Tensor, distance: str, precision: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[N, K] distances of each row of `z` to each centre (float64): squared Euclidean, 1 - cos, squared Mahalanobis.
+
+    `precision` ([D, D] shared or [K, D, D] per centre) is required for `mahalanobis`.
+    """
+    z, centres = z.double(), centres.double()
+    if distance == "euclidean":
+        return torch.cdist(z, centres).square()
+    if distance == "cosine":
+        return 1 - F.normalize(z, dim=1) @ F.normalize(centres, dim=1).T
+    if distance == "mahalanobis":
+        assert precision is not None, "mahalanobis needs a precision matrix"
+        if precision.dim() == 2:
+            return mahalanobis_sq(z, centres, precision.double())
+        return torch.stack([(((z - mu) @ p) * (z - mu)).sum(1) for mu, p in zip(centres, precision.double())], 1)
+    raise ConfigError(f"unknown distance {distance!r}; choices: {list(CHOICES['distance'])}")
+
+
+def percentile_cdf(sorted_d: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """F(t): the inverse of the linear-interpolation percentile of `sorted_d` (ascending, >= 2 distinct values).
+
+    F(d_(i)) = i / (n - 1) at the order statistics, linear between them, and continued linearly with the mean
+    slope 1 / (d_max - d_min) outside [d_min, d_max].
+    """
+    n = sorted_d.shape[0]
+    lo, hi = sorted_d[0], sorted_d[-1]
+    if n < 2 or not bool(hi > lo):
+        raise ConfigError("per_cluster threshold: a cluster needs at least two distinct train distances; lower method.k")
+    i = (torch.searchsorted(sorted_d, t, right=True) - 1).clamp(0, n - 2)
+    left, right = sorted_d[i], sorted_d[i + 1]
+    inside = (i + (t - left) / (right - left).clamp_min(torch.finfo(t.dtype).tiny)) / (n - 1)
+    slope = 1 / (hi - lo)
+    return torch.where(t < lo, (t - lo) * slope, torch.where(t >= hi, 1 + (t - hi) * slope, inside))
+
+
+def global_separation(z: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
+    """[K] GS_c (spec §3) from mean pairwise Euclidean distances P; NaN for clusters with < 2 members."""
+    dist = torch.cdist(z.double(), z.double())
+    onehot = F.one_hot(assign, k).double()
+    sums = onehot.T @ dist @ onehot
+    counts = onehot.sum(0)
+    pairs = counts[:, None] * counts[None, :] - torch.diag(counts)  # self-pairs excluded on the diagonal
+    p = sums / pairs
+    within = torch.diag(p)
+    off = torch.eye(k, dtype=torch.bool, device=z.device) | p.isnan()  # empty clusters have no distances
+    between = p.masked_fill(off, float("inf")).min(1).values
+    return (between - within) / torch.maximum(between, within)
+
+
+def purity(assign: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(overall purity, [K] per-cluster majority-label share, [K] majority label) of a clustering."""
+    table = torch.zeros(k, int(labels.max()) + 1, dtype=torch.long, device=assign.device)
+    table.index_put_((assign, labels), torch.ones_like(assign), accumulate=True)
+    majority, label = table.max(1)
+    share = majority.double() / table.sum(1).clamp_min(1)
+    return float(majority.sum()) / float(assign.numel()), share, label
+
+
+# ----- the method ---------------------------------------------------------------------------------------------
+class ClusterMethod(OODMethod):
+    """CE / SupCon / SimCLR training, then OOD scores from the nearest cluster centre (see the module docstring).
+
+    Args:
+        objective: `ce`, `supcon` or `simclr`.
+        clusters: `class_mean` or `kmeans`; `k` centres for k-means (None = number of classes).
+        distance: `euclidean`, `cosine` or `mahalanobis` (`covariance`: `shared` or `per_cluster`).
+        threshold: `global` or `per_cluster`.
+        temperature: contrastive temperature (None: 0.1 for supcon, 0.5 for simclr).
+        head_hidden, head_dim: projection head sizes (hidden None = feature dim).
+        augment: two-view augmentation preset (`auto`, `digits`, `natural`, `none`).
+        probe_epochs, probe_lr: the linear-probe stage of the contrastive objectives.
+        n_init, kmeans_seed: k-means restarts and seed.
+        stats_samples: train rows used for GS and silhouette (a seeded subsample when larger).
+    """
+
+    name = "cluster"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        objective: Objective = "ce",
+        clusters: Literal["class_mean", "kmeans"] = "class_mean",
+        k: int | None = None,
+        distance: Distance = "cosine",
+        threshold: Literal["global", "per_cluster"] = "global",
+        covariance: Literal["shared", "per_cluster"] = "shared",
+        temperature: float | None = None,
+        head_hidden: int | None = None,
+        head_dim: int = 32,
+        augment: str = "auto",
+        probe_epochs: int = 5,
+        probe_lr: float = 0.1,
+        n_init: int = 20,
+        kmeans_seed: int = 0,
+        stats_samples: int = 2000,
+    ) -> None:
+        super().__init__(backbone, optimizer, scheduler)
+        for key, value in (("objective", objective), ("clusters", clusters), ("distance", distance),
+                           ("threshold", threshold), ("covariance", covariance)):
+            if value not in CHOICES[key]:
+                raise ConfigError(f"method.{key}={value!r} is unknown; choices: {list(CHOICES[key])}")
+        self.contrastive = objective != "ce"
+        self.automatic_optimization = not self.contrastive
+        if self.contrastive:
+            dim = backbone.feature_dim
+            self.head = ProjectionHead(dim, head_hidden or dim, head_dim)
+            self.temperature = temperature if temperature is not None else DEFAULT_TEMPERATURE[objective]
+            self._augment_preset = augment
+        self._fit: dict[str, Any] = {}
+        #: the diagnostics of the last `setup_ood` (GS, silhouette, sizes, k-means purity)
+        self.cluster_stats: dict[str, Any] = {}
+
+    # ----- embedding and training -----------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding z: penultimate features, L2-normalised for the contrastive objectives."""
+        h = self.backbone.features(x)[0]
+        return F.normalize(h, dim=1) if self.contrastive else h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the classifier on z (the linear probe for the contrastive objectives)."""
+        return self.backbone.fc(self.embed(x))
+
+    def eval_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h, layers = self.backbone.features(x, self.cache_layers)
+        z = F.normalize(h, dim=1) if self.contrastive else h
+        return {"logits": self.backbone.fc(z), "features": z, **layers}
+
+    @property
+    def probing(self) -> bool:
+        """True in the linear-probe stage (the last `probe_epochs` epochs of a contrastive run)."""
+        return self.contrastive and self.current_epoch >= self.trainer.max_epochs - self.hparams.probe_epochs
+
+    def on_fit_start(self) -> None:
+        if self.contrastive and not (self.trainer.max_epochs or 0) > self.hparams.probe_epochs > 0:
+            raise ConfigError(
+                f"objective={self.hparams.objective} needs 0 < method.probe_epochs ({self.hparams.probe_epochs}) "
+                f"< trainer.max_epochs ({self.trainer.max_epochs})"
+            )
+
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        x, y, _ = batch
+        if not self.contrastive:
+            return F.cross_entropy(self.backbone(x), y)
+        if self.probing:
+            self.backbone.eval()  # frozen encoder: batch-norm statistics stay as the contrastive stage left them
+            with torch.no_grad():
+                z = self.embed(x)
+            return F.cross_entropy(self.backbone.fc(z), y)
+        augment = TensorAugment.preset(self._augment_preset, x.shape[1])
+        views = torch.cat([augment(x), augment(x)])
+        p = F.normalize(self.head(self.backbone.features(views)[0]), dim=1)
+        ids = y if self.hparams.objective == "supcon" else torch.arange(x.shape[0], device=x.device)
+        loss = supcon_loss(p, ids.repeat(2), self.temperature)
+        self.log("train/contrastive_loss", loss)
+        return loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if not self.automatic_optimization:
+            optimizer = self.optimizers()[1 if self.probing else 0]
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        if not self.automatic_optimization and not self.probing and self.scheduler_factory is not None:
+            self.lr_schedulers().step()
+
+    def configure_optimizers(self) -> Any:
+        if not self.contrastive:
+            return super().configure_optimizers()
+        probe = set(self.backbone.fc.parameters())
+        encoder = self.optimizer_factory([p for p in self.parameters() if p not in probe])
+        optimizers = [encoder, torch.optim.Adam(self.backbone.fc.parameters(), lr=self.hparams.probe_lr)]
+        if self.scheduler_factory is None:
+            return optimizers
+        return optimizers, [self.scheduler_factory(encoder)]
+
+    # ----- clusters and scores --------------------------------------------------------------------------------
+    def setup_ood(self, banks: Mapping[str, FeatureBank]) -> None:
+        """Fit centres (and covariances, per-cluster CDFs) on the ID-train embeddings; log the diagnostics."""
+        train = banks["train"]
+        assert train.labels is not None, "cluster needs labelled ID-train features"
+        z, labels = train.features.double(), train.labels
+        hp = self.hparams
+        if hp.clusters == "class_mean":
+            k = train.logits.shape[1]
+            assign = labels
+            centres = class_means(z, labels, k)
+        else:
+            k = hp.k or train.logits.shape[1]
+            centres, assign, _ = kmeans(z.float(), k, n_init=hp.n_init, seed=hp.kmeans_seed)
+            centres = centres.double()
+        precision = cluster_precisions(z, assign, centres, hp.covariance) if hp.distance == "mahalanobis" else None
+        own = cluster_distances(z, centres, hp.distance, precision).gather(1, assign[:, None])[:, 0]
+        self._fit = {
+            "centres": centres,
+            "precision": precision,
+            "sorted": [own[assign == c].sort().values for c in range(k)],
+        }
+        self.cluster_stats = cluster_statistics(z, labels, assign, k, hp.clusters == "kmeans", hp.stats_samples, hp.kmeans_seed)
+        self._report(self.cluster_stats)
+
+    def ood_score(self, bank: FeatureBank) -> torch.Tensor:
+        if not self._fit:
+            raise RuntimeError("cluster: ood_score called before setup_ood")
+        dist = cluster_distances(bank.features, self._fit["centres"].to(bank.features.device), self.hparams.distance,
+                                 None if self._fit["precision"] is None else self._fit["precision"].to(bank.features.device))
+        d, nearest = dist.min(1)
+        if self.hparams.threshold == "global":
+            return 1 - d if self.hparams.distance == "cosine" else -d
+        score = torch.empty_like(d)
+        for c, sorted_d in enumerate(self._fit["sorted"]):
+            rows = nearest == c
+            score[rows] = -percentile_cdf(sorted_d.to(d.device), d[rows])
+        return score
+
+    def _report(self, stats: dict[str, Any]) -> None:
+        """Log the cluster diagnostics as `test/cluster/*` and write `cluster_stats.json` (global rank zero)."""
+        if self._trainer is None or not self.trainer.is_global_zero:
+            return
+        scalars = {f"test/{self.name}/{key}": value for key, value in stats.items() if isinstance(value, float)}
+        for logger in self.trainer.loggers:
+            logger.log_metrics(scalars, step=self.trainer.global_step)
+        out = Path(self.trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        info = {key: self.hparams[key] for key in ("objective", "clusters", "k", "distance", "threshold", "covariance")}
+        (out / "cluster_stats.json").write_text(json.dumps({**info, **stats}, indent=2))
+        log.info("cluster stats: %s", {k: round(v, 4) for k, v in scalars.items()})
+
+
+def cluster_statistics(
+    z: torch.Tensor, labels: torch.Tensor, assign: torch.Tensor, k: int, with_purity: bool, max_samples: int, seed: int
+) -> dict[str, Any]:
+    """GS per cluster (+ mean/min), silhouette, sizes and, for k-means, purity, on <= `max_samples` rows."""
+    from sklearn.metrics import silhouette_score
+
+    if z.shape[0] > max_samples:
+        rows = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(seed))[:max_samples].to(z.device)
+        z_s, a_s = z[rows], assign[rows]
+    else:
+        z_s, a_s = z, assign
+    gs = global_separation(z_s, a_s, k)
+    valid = gs[~gs.isnan()]
+    stats: dict[str, Any] = {
+        "gs_mean": float(valid.mean()) if valid.numel() else float("nan"),
+        "gs_min": float(valid.min()) if valid.numel() else float("nan"),
+        "gs": [None if v != v else v for v in gs.tolist()],
+        "sizes": torch.bincount(assign, minlength=k).tolist(),
+    }
+    if len(a_s.unique()) > 1:
+        stats["silhouette"] = float(silhouette_score(z_s.cpu().numpy(), a_s.cpu().numpy(), metric="euclidean"))
+    if with_purity:
+        overall, share, label = purity(assign, labels, k)
+        stats.update(purity=overall, cluster_purity=share.tolist(), majority_label=label.tolist())
+    return stats

@@ -1,0 +1,227 @@
+"""`method=cluster` ("Is it all a cluster game?"): losses, clusters, distances, per-cluster thresholds, GS (spec §8)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import rows_by, run_config
+from sklearn.metrics import roc_curve
+
+from ood.evaluation.bank import FeatureBank
+from ood.methods.cluster import (
+    ClusterMethod,
+    cluster_distances,
+    cluster_precisions,
+    global_separation,
+    percentile_cdf,
+)
+from ood.methods.contrastive import TensorAugment, supcon_loss
+from ood.models.small_cnn import SmallCNN
+
+
+def _method(**kwargs: object) -> ClusterMethod:
+    return ClusterMethod(SmallCNN(num_classes=3, feature_dim=8), optimizer=torch.optim.SGD, **kwargs)
+
+
+def _bank(features: torch.Tensor, labels: torch.Tensor | None = None, num_classes: int = 3) -> FeatureBank:
+    return FeatureBank(logits=torch.zeros(len(features), num_classes), features=features, labels=labels)
+
+
+def _blobs(n: int = 40, dim: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three well-separated Gaussian blobs (labels 0, 1, 2)."""
+    gen = torch.Generator().manual_seed(seed)
+    angles = torch.arange(3, dtype=torch.float64) * 2 * math.pi / 3
+    centres = torch.zeros(3, dim, dtype=torch.float64)
+    centres[:, 0], centres[:, 1] = 10 * angles.cos(), 10 * angles.sin()
+    labels = torch.arange(3).repeat_interleave(n)
+    return centres[labels] + torch.randn(3 * n, dim, generator=gen, dtype=torch.float64), labels
+
+
+# ----- contrastive losses ---------------------------------------------------------------------------------------
+def test_supcon_two_pairs_hand_value() -> None:
+    """z = [a, a, b, b], a ⟂ b, T = 1: every anchor has one positive (s = 1) and denominator e + 2."""
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    z = torch.stack([a, a, b, b]).double()
+    loss = supcon_loss(z, torch.tensor([0, 0, 1, 1]), temperature=1.0)
+    assert float(loss) == pytest.approx(math.log(math.e + 2) - 1, abs=1e-12)
+
+
+def test_supcon_several_positives_hand_value() -> None:
+    """z = [a, a, a, b], labels [0, 0, 0, 1], T = 0.5: anchors 0-2 have two positives at s/T = 2; anchor 3 none."""
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    z = torch.stack([a, a, a, b]).double()
+    loss = supcon_loss(z, torch.tensor([0, 0, 0, 1]), temperature=0.5)
+    assert float(loss) == pytest.approx(math.log(2 * math.e**2 + 1) - 2, abs=1e-12)
+
+
+def test_supcon_with_unique_labels_is_simclr() -> None:
+    """Every sample its own class: SupCon equals NT-Xent written as cross-entropy over the other 2N - 1 views."""
+    n, temperature = 6, 0.5
+    z = F.normalize(torch.randn(2 * n, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64), dim=1)
+    logits = (z @ z.T / temperature).fill_diagonal_(float("-inf"))
+    target = (torch.arange(2 * n) + n) % (2 * n)
+    expected = F.cross_entropy(logits, target)
+    assert float(supcon_loss(z, torch.arange(n).repeat(2), temperature)) == pytest.approx(float(expected), abs=1e-12)
+
+
+def test_contrastive_embedding_has_unit_norm_and_matches_the_probe() -> None:
+    method = _method(objective="supcon").eval()
+    x = torch.randn(5, 1, 16, 16)
+    out = method.eval_outputs(x)
+    assert torch.allclose(out["features"].norm(dim=1), torch.ones(5), atol=1e-6)
+    w, b = method.backbone.fc.weight, method.backbone.fc.bias
+    assert torch.allclose(out["logits"], out["features"] @ w.T + b, atol=1e-6)
+    assert torch.allclose(method(x), out["logits"], atol=1e-6)
+
+
+def test_augmentation_is_identity_when_off() -> None:
+    """All knobs at zero give the input back (identity affine grid); `auto` on grey images is the no-flip digits preset."""
+    x = torch.randn(4, 1, 16, 16)
+    assert torch.allclose(TensorAugment()(x), x, atol=1e-5)
+    assert TensorAugment.preset("auto", channels=1) == TensorAugment.preset("digits", channels=1)
+    assert not TensorAugment.preset("digits", channels=1).flip
+
+
+# ----- clusters and distances ---------------------------------------------------------------------------------
+def test_class_mean_centres_are_per_class_means() -> None:
+    z, y = _blobs()
+    method = _method(clusters="class_mean", distance="euclidean")
+    method.setup_ood({"train": _bank(z, y)})
+    expected = torch.stack([z[y == c].mean(0) for c in range(3)])
+    assert torch.allclose(method._fit["centres"], expected, atol=1e-12)
+
+
+def test_kmeans_on_separated_blobs_has_purity_one() -> None:
+    z, y = _blobs()
+    method = _method(clusters="kmeans", k=3, n_init=3, distance="euclidean")
+    method.setup_ood({"train": _bank(z, y)})
+    assert method.cluster_stats["purity"] == 1.0
+    assert sorted(method.cluster_stats["sizes"]) == [40, 40, 40]
+    assert method.cluster_stats["gs_min"] > 0.5 and method.cluster_stats["silhouette"] > 0.5
+
+
+def test_a_centre_scores_zero_under_euclidean() -> None:
+    z, y = _blobs()
+    method = _method(distance="euclidean")
+    method.setup_ood({"train": _bank(z, y)})
+    centres = method._fit["centres"]
+    assert torch.equal(method.ood_score(_bank(centres)), torch.zeros(3, dtype=torch.float64))
+    assert bool((method.ood_score(_bank(z)) < 0).all())
+
+
+def test_cosine_score_is_invariant_to_positive_scaling() -> None:
+    z, y = _blobs()
+    method = _method(distance="cosine")
+    method.setup_ood({"train": _bank(z, y)})
+    queries = torch.randn(20, 8, dtype=torch.float64)
+    assert torch.allclose(method.ood_score(_bank(queries)), method.ood_score(_bank(3.7 * queries)), atol=1e-12)
+    assert float(method.ood_score(_bank(method._fit["centres"])).min()) == pytest.approx(1.0)
+
+
+def test_mahalanobis_with_identity_is_squared_euclidean() -> None:
+    z, centres = torch.randn(30, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    brute = ((z[:, None, :] - centres[None]) ** 2).sum(-1)
+    assert torch.allclose(cluster_distances(z, centres, "mahalanobis", torch.eye(4)), brute, atol=1e-10)
+    per_centre = torch.eye(4, dtype=torch.float64).expand(5, 4, 4)
+    assert torch.allclose(cluster_distances(z, centres, "mahalanobis", per_centre), brute, atol=1e-10)
+    assert torch.allclose(cluster_distances(z, centres, "euclidean"), brute, atol=1e-10)
+
+
+@pytest.mark.parametrize("covariance", ["shared", "per_cluster"])
+def test_pinv_of_rank_deficient_covariance_gives_finite_scores(covariance: str) -> None:
+    """Train features span 2 of 5 dims: the pseudo-inverse keeps every score finite, also off the span."""
+    z2, y = _blobs(dim=2)
+    z = torch.cat([z2, torch.zeros(len(z2), 3, dtype=torch.float64)], 1)
+    method = _method(distance="mahalanobis", covariance=covariance)
+    method.setup_ood({"train": _bank(z, y)})
+    assert method._fit["precision"].shape[-1] == 5
+    scores = method.ood_score(_bank(torch.randn(50, 5, dtype=torch.float64)))
+    assert bool(torch.isfinite(scores).all())
+
+
+def test_per_cluster_precision_is_the_pinv_of_each_cluster_covariance() -> None:
+    z, y = _blobs(n=30, dim=3)
+    means = torch.stack([z[y == c].mean(0) for c in range(3)])
+    precision = cluster_precisions(z, y, means, "per_cluster")
+    for c in range(3):
+        cov = np.cov(z[y == c].numpy().T, bias=True)
+        assert np.allclose(precision[c].numpy(), np.linalg.inv(cov), atol=1e-8)
+
+
+# ----- per-cluster thresholds ---------------------------------------------------------------------------------
+def test_percentile_cdf_inverts_numpy_percentile() -> None:
+    d = torch.rand(37, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 5
+    sorted_d = d.sort().values
+    p = np.arange(101)
+    t = torch.from_numpy(np.percentile(d.numpy(), p))
+    assert torch.allclose(percentile_cdf(sorted_d, t), torch.from_numpy(p / 100), atol=1e-12)
+    far = percentile_cdf(sorted_d, torch.tensor([-1.0, 6.0, 9.0], dtype=torch.float64))
+    assert bool(far[0] < 0) and bool(1 < far[1] < far[2])
+
+
+def test_per_cluster_percentile_sweep_lies_on_the_roc_of_the_score() -> None:
+    """Brute force: OOD iff d >= t_c(p) for p = 0..100; every (FPR, TPR) point is a vertex of the score's ROC."""
+    z, y = _blobs(n=30, dim=2)
+    method = _method(distance="euclidean", threshold="per_cluster")
+    method.setup_ood({"train": _bank(z, y)})
+    gen = torch.Generator().manual_seed(3)
+    id_test, _ = _blobs(n=20, dim=2, seed=4)
+    ood = torch.randn(60, 2, generator=gen, dtype=torch.float64) * 6 + 5
+    queries = torch.cat([id_test, ood])
+    is_id = np.r_[np.ones(len(id_test)), np.zeros(len(ood))]
+
+    centres = z.numpy().reshape(3, 30, 2).mean(1)
+    own = ((z.numpy() - centres[y.numpy()]) ** 2).sum(1)
+    dist = ((queries.numpy()[:, None] - centres[None]) ** 2).sum(-1)
+    nearest, d = dist.argmin(1), dist.min(1)
+    fpr, tpr, _ = roc_curve(is_id, method.ood_score(_bank(queries)).numpy(), drop_intermediate=False)
+    vertices = {(round(a, 12), round(b, 12)) for a, b in zip(fpr, tpr)}
+    for p in range(101):
+        t = np.array([np.percentile(own[y.numpy() == c], p) for c in range(3)])
+        accepted = d < t[nearest]
+        point = (round(accepted[is_id == 0].mean(), 12), round(accepted[is_id == 1].mean(), 12))
+        assert point in vertices, f"p={p}: {point} is not on the ROC"
+
+
+# ----- diagnostics ----------------------------------------------------------------------------------------------
+def test_global_separation_hand_value() -> None:
+    """A = {0, 1}, B = {3, 5} on a line: P(A,A) = 1, P(B,B) = 2, P(A,B) = 3.5 -> GS = [5/7, 3/7]."""
+    z = torch.tensor([[0.0], [1.0], [3.0], [5.0]])
+    gs = global_separation(z, torch.tensor([0, 0, 1, 1]), 2)
+    assert torch.allclose(gs, torch.tensor([5 / 7, 3 / 7], dtype=torch.float64), atol=1e-12)
+    random = global_separation(torch.randn(50, 3), torch.randint(0, 4, (50,)), 4)
+    assert bool((random.abs() <= 1).all())
+
+
+# ----- end to end on digits -------------------------------------------------------------------------------------
+DIGITS = ["trainer.enable_progress_bar=false", "detectors=none", "method=cluster", "seed=0", "backbone.width=16"]
+SHORT = ["trainer.max_epochs=5", "method.probe_epochs=2"]  # 3 contrastive epochs, then 2 probe epochs
+CASES = {  # objective: (overrides, near AUROC floor, far mean AUROC floor); measured 0.90/0.97, 0.94/1.0, 0.89/1.0
+    "ce": (["method.objective=ce", "trainer.max_epochs=4", "method.distance=cosine"], 0.85, 0.9),
+    "supcon": (["method.objective=supcon", *SHORT, "method.distance=euclidean", "method.threshold=per_cluster"], 0.85, 0.95),
+    "simclr": (["method.objective=simclr", *SHORT, "method.clusters=kmeans", "method.k=12", "method.distance=mahalanobis"], 0.8, 0.95),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", list(CASES))
+def test_digits_run_per_objective(tmp_path: Path, objective: str) -> None:
+    overrides, near_floor, far_floor = CASES[objective]
+    rows = rows_by(run_config(tmp_path, [*DIGITS, *overrides]), "cluster")
+    assert rows["digits_6_9"]["auroc"] >= near_floor
+    far = [r["auroc"] for name, r in rows.items() if r["ood_group"] == "far"]
+    assert sum(far) / len(far) >= far_floor
+    assert rows["digits_6_9"]["method_params"]["objective"] == objective
+    stats = json.loads((tmp_path / "cluster_stats.json").read_text())
+    assert -1 <= stats["gs_mean"] <= 1 and ("purity" in stats) == (objective == "simclr")
+    if objective == "supcon":  # the checkpoint (encoder, head, probe) reloads strictly and evaluates the same
+        again = rows_by(run_config(tmp_path / "eval", [*DIGITS, *overrides, "train=false",
+                                                       f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"]), "cluster")
+        assert again["digits_6_9"]["auroc"] == rows["digits_6_9"]["auroc"]
+        assert again["digits_6_9"]["id_acc"] == rows["digits_6_9"]["id_acc"]

@@ -1,0 +1,330 @@
+"""Detector zoo: contract tests enrolled over `available_detectors()`, and one known answer per detector."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from ood import CONFIG_DIR
+from ood.detectors import DetectorNotApplicable, available_detectors, build_detector, detector_class
+from ood.detectors.base import Detector
+from ood.detectors.tempscale import fit_temperature
+from ood.evaluation.bank import FeatureBank
+from ood.evaluation.metrics import ood_metrics
+from ood.evaluation.scoring import grid_points
+
+C, D = 4, 16
+#: hyper-parameters the synthetic contract tests need (ViM's default dim=256 is larger than D)
+SYNTHETIC_PARAMS: dict[str, dict[str, Any]] = {"vim": {"dim": 8}}
+
+
+def _bank(features: torch.Tensor, labels: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor) -> FeatureBank:
+    return FeatureBank(logits=features @ weight.T + bias, features=features, labels=labels, weight=weight, bias=bias)
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> dict[str, FeatureBank]:
+    """ReLU-like features: ID rows are one strong class block plus noise, OOD rows weak and unstructured."""
+    gen = torch.Generator().manual_seed(0)
+    block = torch.zeros(C, D)
+    for c in range(C):
+        block[c, c * (D // C) : (c + 1) * (D // C)] = 3.0
+    weight, bias = block / 3.0, torch.zeros(C)
+
+    def id_split(n: int) -> FeatureBank:
+        y = torch.arange(n) % C
+        h = (block[y] + 0.5 * torch.randn(n, D, generator=gen)).clamp_min(0)
+        return _bank(h, y, weight, bias)
+
+    def ood_split(n: int) -> FeatureBank:
+        h = (0.3 + 0.6 * torch.randn(n, D, generator=gen)).clamp_min(0)
+        return _bank(h, None, weight, bias)
+
+    return {"train": id_split(400), "val": id_split(120), "val_ood": ood_split(120), "test": id_split(200), "ood": ood_split(200)}
+
+
+def _fitted(name: str, banks: dict[str, FeatureBank], **hparams: Any) -> Detector:
+    params = {**SYNTHETIC_PARAMS.get(name, {}), **hparams}
+    return build_detector(name, **params).fit(banks[detector_class(name).fit_split])
+
+
+def _scores(det: Detector, bank: FeatureBank) -> torch.Tensor:
+    """Cached score, or for input detectors the score with the linear head as the model and h as the input."""
+    if not det.needs_model:
+        return det.score(bank)
+    w, b = bank.head()
+    head = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(w)
+        head.bias.copy_(b)
+    return det.score_inputs(head, bank.features)
+
+
+# ----- contract, every registered detector -----------------------------------------------------------------------
+@pytest.mark.parametrize("name", available_detectors())
+def test_separates_synthetic_id_from_ood(name: str, synthetic: dict[str, FeatureBank]) -> None:
+    """Higher = more ID: a sign flip or a constant score fails (AUROC well above 0.5), scores are float64 [N]."""
+    det = _fitted(name, synthetic)
+    id_s, ood_s = _scores(det, synthetic["test"]), _scores(det, synthetic["ood"])
+    assert id_s.shape == (200,) and id_s.dtype == torch.float64
+    assert bool(torch.isfinite(id_s).all() and torch.isfinite(ood_s).all())
+    assert ood_metrics(id_s, ood_s)["auroc"] > 0.9, name
+
+
+@pytest.mark.parametrize("name", available_detectors())
+def test_declared_hyperparameters_are_consistent(name: str) -> None:
+    """Grid and score-only keys are constructor hyper-parameters, and every default lies on the grid."""
+    cls = detector_class(name)
+    det = build_detector(name)
+    assert set(cls.grid) <= set(det.hparams) and cls.score_params <= set(det.hparams)
+    for key, values in cls.grid.items():
+        assert det.hparams[key] in values, f"{name}.{key} default {det.hparams[key]} not on its grid {values}"
+    assert cls.fit_split in ("train", "val")
+
+
+@pytest.mark.parametrize("name", [n for n in available_detectors() if detector_class(n).score_params])
+def test_score_grid_equals_fresh_detectors(name: str, synthetic: dict[str, FeatureBank]) -> None:
+    """The shared-work path used by tuning (one fit, `score_grid`) equals fitting each grid point afresh."""
+    cls = detector_class(name)
+    grid = {k: v for k, v in cls.grid.items() if k in cls.score_params}
+    if name == "vim":
+        grid = {"dim": [4, 8, 12]}
+    points = grid_points(grid)
+    det = _fitted(name, synthetic, **points[0])
+    bank = synthetic["val"]
+    if det.needs_model:
+        shared = [_scores(det.set_params(**p), bank) for p in points]
+    else:
+        shared = det.score_grid(bank, points)
+    for point, got in zip(points, shared):
+        torch.testing.assert_close(got, _scores(_fitted(name, synthetic, **point), bank), msg=f"{name} {point}")
+
+
+def test_conf_groups_list_the_registry() -> None:
+    """`all` lists every registered detector, `fast` every one that does not need the model, `none` none."""
+    load = lambda group: yaml.safe_load((Path(CONFIG_DIR) / "detectors" / f"{group}.yaml").read_text())  # noqa: E731
+    registered = set(available_detectors())
+    assert set(load("all")["names"]) == registered
+    assert set(load("fast")["names"]) == {n for n in registered if not detector_class(n).needs_model}
+    assert load("none")["names"] == []
+    for group in ("all", "fast", "none"):
+        assert set(load(group)) == {"names", "params", "tune"}
+
+
+def test_vim_with_dim_at_least_feature_dim_is_not_applicable(synthetic: dict[str, FeatureBank]) -> None:
+    with pytest.raises(DetectorNotApplicable, match="dim < feature dim D=16"):
+        build_detector("vim", dim=16).fit(synthetic["train"])
+
+
+# ----- known answers ---------------------------------------------------------------------------------------------
+def _logit_bank(logits: list[list[float]]) -> FeatureBank:
+    z = torch.tensor(logits, dtype=torch.float64)
+    return FeatureBank(logits=z, features=torch.zeros(len(z), 1))
+
+
+def test_msp_maxlogit_entropy_known_logits() -> None:
+    bank = _logit_bank([[0.0, math.log(3.0)], [1.0, 1.0]])
+    torch.testing.assert_close(build_detector("msp").score(bank), torch.tensor([math.log(0.75), math.log(0.5)], dtype=torch.float64))
+    torch.testing.assert_close(build_detector("maxlogit").score(bank), torch.tensor([math.log(3.0), 1.0], dtype=torch.float64))
+    expected = [0.25 * math.log(0.25) + 0.75 * math.log(0.75), math.log(0.5)]
+    torch.testing.assert_close(build_detector("entropy").score(bank), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_energy_known_logits() -> None:
+    bank = _logit_bank([[0.0, 0.0], [2.0, 2.0]])
+    torch.testing.assert_close(build_detector("energy").score(bank), torch.tensor([math.log(2), 2 + math.log(2)], dtype=torch.float64))
+    torch.testing.assert_close(
+        build_detector("energy", temperature=2.0).score(bank), torch.tensor([2 * math.log(2), 2 * (1 + math.log(2))], dtype=torch.float64)
+    )
+
+
+def test_gen_known_logits() -> None:
+    bank = _logit_bank([[0.0, 0.0], [0.0, math.log(3.0)]])
+    # p = (1/2, 1/2): -(2 * (1/4)); p = (1/4, 3/4) with gamma 1: -2 * 3/16; M=1 keeps only 3/4
+    torch.testing.assert_close(build_detector("gen", gamma=1.0).score(bank), torch.tensor([-0.5, -0.375], dtype=torch.float64))
+    torch.testing.assert_close(build_detector("gen", gamma=1.0, M=1).score(bank)[1], torch.tensor(-0.1875, dtype=torch.float64))
+
+
+def test_tempscale_fits_the_nll_optimum() -> None:
+    """Logits (2, 0) with 3 of 4 labels 0: the NLL is minimal where sigmoid(2/T) = 3/4, T = 2 / ln 3."""
+    logits, labels = torch.tensor([[2.0, 0.0]] * 4), torch.tensor([0, 0, 0, 1])
+    assert fit_temperature(logits, labels, lr=1.0, max_iter=100) == pytest.approx(2 / math.log(3), rel=1e-5)
+    # OpenOOD's settings (lr 0.01, 50 iterations) move from 1.5 towards the optimum without reaching it
+    det = build_detector("tempscale").fit(FeatureBank(logits=logits, features=torch.zeros(4, 1), labels=labels))
+    assert 1.5 < det.temperature_ < 2 / math.log(3)
+    torch.testing.assert_close(det.score(_logit_bank([[2.0, 0.0]])), torch.log_softmax(torch.tensor([[2.0, 0.0]], dtype=torch.float64) / det.temperature_, 1)[:, 0])
+
+
+def test_klm_template_scores_zero() -> None:
+    """Templates are the mean softmax per predicted class; a sample equal to a template has KL 0."""
+    val = _logit_bank([[2.0, 0.0], [4.0, 0.0], [0.0, 1.0]])
+    det = build_detector("klm").fit(val)
+    p = torch.softmax(val.logits, 1)
+    t0, t1 = (p[0] + p[1]) / 2, p[2]
+    q = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    expected = -min(float((q * (q / t0).log()).sum()), float((q * (q / t1).log()).sum()))
+    scores = det.score(_logit_bank([[0.0, 1.0], [0.0, 0.0]]))
+    assert float(scores[0]) == pytest.approx(0.0, abs=1e-12)
+    assert float(scores[1]) == pytest.approx(expected, rel=1e-12)
+
+
+def _identity_cov_train() -> FeatureBank:
+    """Two classes centred at (0, 0) and (10, 0), each at +-sqrt(2) along both axes: class-centred covariance I."""
+    a = math.sqrt(2.0)
+    offsets = torch.tensor([[a, 0.0], [-a, 0.0], [0.0, a], [0.0, -a]], dtype=torch.float64)
+    means = torch.tensor([[0.0, 0.0], [10.0, 0.0]], dtype=torch.float64)
+    h = torch.cat([means[0] + offsets, means[1] + offsets])
+    w = torch.tensor([[-1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    return _bank(h, torch.tensor([0] * 4 + [1] * 4), w, torch.tensor([5.0, -5.0], dtype=torch.float64))
+
+
+def test_mahalanobis_with_identity_covariance_is_squared_euclidean() -> None:
+    train = _identity_cov_train()
+    det = build_detector("mahalanobis").fit(train)
+    query = _bank(torch.tensor([[1.0, 2.0], [7.0, -1.0]], dtype=torch.float64), None, train.weight, train.bias)
+    torch.testing.assert_close(det.score(query), torch.tensor([-5.0, -10.0], dtype=torch.float64))
+
+
+def test_rmds_subtracts_the_background_distance() -> None:
+    """MD_0 uses the train mean (5, 0) and whole-train covariance diag(26, 1): score = max_c -MD_c + MD_0."""
+    train = _identity_cov_train()
+    det = build_detector("rmds").fit(train)
+    query = _bank(torch.tensor([[1.0, 2.0], [7.0, -1.0]], dtype=torch.float64), None, train.weight, train.bias)
+    md0 = torch.tensor([16 / 26 + 4, 4 / 26 + 1], dtype=torch.float64)
+    torch.testing.assert_close(det.score(query), md0 - torch.tensor([5.0, 10.0], dtype=torch.float64))
+
+
+def test_knn_kth_distance_on_the_unit_circle() -> None:
+    """Normalised train points at angles 0, 90, 180 degrees; query at 0 degrees: squared chords 0, 2, 4."""
+    h = torch.tensor([[3.0, 0.0], [0.0, 2.0], [-5.0, 0.0]])
+    train = _bank(h, torch.tensor([0, 1, 0]), torch.eye(2), torch.zeros(2))
+    query = _bank(torch.tensor([[7.0, 0.0]]), None, torch.eye(2), torch.zeros(2))
+    for k, expected in [(1, 0.0), (2, 2.0), (3, 4.0)]:
+        assert float(build_detector("knn", k=k).fit(train).score(query)[0]) == pytest.approx(-expected, abs=1e-6)
+    # k larger than the bank reads the farthest neighbour
+    assert float(build_detector("knn", k=50).fit(train).score(query)[0]) == pytest.approx(-4.0, abs=1e-6)
+
+
+def test_nnguide_known_guides() -> None:
+    """alpha=1, k=1: LSE(f) * max_j <h_hat, h_hat_j * LSE(f_j)>."""
+    w, b = torch.eye(2), torch.zeros(2)
+    train = _bank(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]), w, b)
+    query = _bank(torch.tensor([[3.0, 3.0]]), None, w, b)
+    lse = lambda *z: math.log(sum(math.exp(v) for v in z))  # noqa: E731
+    guides = [lse(2, 0), lse(0, 1)]
+    expected = lse(3, 3) * max(g / math.sqrt(2) for g in guides)
+    score = build_detector("nnguide", k=1, alpha=1.0).fit(train).score(query)
+    assert float(score[0]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_vim_residual_along_the_least_variant_axis() -> None:
+    """b = 0 so u = 0; train variance 9, 4, 1 along the axes: with dim=2 the residual is |h_3|."""
+    h = torch.tensor([[3.0, 0, 0], [-3.0, 0, 0], [0, 2.0, 0], [0, -2.0, 0], [0, 0, 1.0], [0, 0, -1.0]])
+    w = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    train = _bank(h, torch.tensor([0, 0, 1, 1, 0, 1]), w, torch.zeros(2))
+    det = build_detector("vim", dim=2).fit(train)
+    max_logit_mean = (3 + 0 + 2 + 0 + 0 + 0) / 6
+    alpha = max_logit_mean / (2 / 6)
+    query = _bank(torch.tensor([[1.0, 2.0, 0.5]]), None, w, torch.zeros(2))
+    expected = math.log(math.exp(1) + math.exp(2)) - alpha * 0.5
+    assert float(det.score(query)[0]) == pytest.approx(expected, rel=1e-9)
+
+
+def _shaping_bank() -> FeatureBank:
+    return _bank(torch.tensor([[4.0, 3.0, 2.0, 1.0]]), torch.tensor([0]), torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 1.0, 1.0]]), torch.tensor([0.0, 1.0]))
+
+
+def _lse(logits: list[float]) -> float:
+    return float(torch.logsumexp(torch.tensor(logits, dtype=torch.float64), 0))
+
+
+def test_react_clip_that_changes_nothing_equals_energy(synthetic: dict[str, FeatureBank]) -> None:
+    det = build_detector("react", percentile=100).fit(synthetic["test"])  # t = max activation of the bank itself
+    torch.testing.assert_close(det.score(synthetic["test"]), build_detector("energy").score(synthetic["test"]))
+    bank = _shaping_bank()
+    det = build_detector("react", percentile=50).fit(bank)  # t = median of (4, 3, 2, 1) = 2.5 -> h' = (2.5, 2.5, 2, 1)
+    assert det.threshold_ == 2.5
+    assert float(det.score(bank)[0]) == pytest.approx(_lse([2.5, 6.5]))
+
+
+def test_ash_b_known_vector() -> None:
+    """p=50 on D=4 keeps k=2 entries, both set to sum(h)/k = 5: a = (5, 5, 0, 0)."""
+    assert float(build_detector("ash", percentile=50).score(_shaping_bank())[0]) == pytest.approx(_lse([5.0, 6.0]))
+
+
+def test_scale_known_vector() -> None:
+    """p=50 on D=4: k=2, r = 10 / 7, h' = h e^r."""
+    s = math.exp(10 / 7)
+    assert float(build_detector("scale", percentile=50).score(_shaping_bank())[0]) == pytest.approx(_lse([4 * s, 6 * s + 1]))
+
+
+def test_dice_masks_small_contributions() -> None:
+    """Contributions mean(h) * w = [[4,0,0,0],[0,3,2,1]]; their 60th percentile is 1.2, keeping 4, 3, 2."""
+    bank = _shaping_bank()
+    det = build_detector("dice", p=60).fit(bank)
+    assert det.mask_.tolist() == [[True, False, False, False], [False, True, True, False]]
+    assert float(det.score(bank)[0]) == pytest.approx(_lse([4.0, 6.0]))
+
+
+def test_she_inner_product_with_correct_class_means() -> None:
+    w = torch.eye(2)
+    train = _bank(torch.tensor([[2.0, 0.0], [4.0, 0.0], [0.0, 3.0], [5.0, 1.0]]), torch.tensor([0, 0, 1, 1]), w, torch.zeros(2))
+    det = build_detector("she").fit(train)  # the last row is misclassified (predicted 0) and left out
+    torch.testing.assert_close(det.patterns_, torch.tensor([[3.0, 0.0], [0.0, 3.0]], dtype=torch.float64))
+    query = _bank(torch.tensor([[1.0, 2.0], [2.0, 1.0]]), None, w, torch.zeros(2))
+    torch.testing.assert_close(det.score(query), torch.tensor([6.0, 6.0], dtype=torch.float64))
+
+
+def test_gradnorm_closed_form_equals_autograd(synthetic: dict[str, FeatureBank]) -> None:
+    """L1 norm of d/dW sum_c -log softmax(W h + b)_c, by autograd per sample, equals the closed form."""
+    ood = synthetic["ood"].subset(torch.arange(5))
+    w, b = (t.double() for t in ood.head())
+    bank = _bank(ood.features.double(), None, w, b)
+    expected = []
+    for h in bank.features.double():
+        weight = w.clone().requires_grad_(True)
+        loss = -torch.log_softmax(weight @ h + b, 0).sum()
+        (grad,) = torch.autograd.grad(loss, weight)
+        expected.append(grad.abs().sum())
+    torch.testing.assert_close(build_detector("gradnorm").score(bank), torch.stack(expected))
+
+
+def test_fdbd_and_nci_two_classes() -> None:
+    """C=2: one boundary at |f_0 - f_1| / ||w_0 - w_1||; train mean (1, 1)."""
+    w, b = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.zeros(2)
+    train = _bank(torch.tensor([[0.0, 0.0], [2.0, 2.0]]), torch.tensor([0, 1]), w, b)
+    query = _bank(torch.tensor([[4.0, 1.0]]), None, w, b)
+    boundary = 3.0 / math.sqrt(2.0)
+    assert float(build_detector("fdbd").fit(train).score(query)[0]) == pytest.approx(boundary / 3.0)
+    assert float(build_detector("fdbd", distance_as_normalizer=False).fit(train).score(query)[0]) == pytest.approx(boundary / math.sqrt(17))
+    # NCI: <w_0, (3, 0)> / 3 + alpha * 5
+    assert float(build_detector("nci", alpha=0.1).fit(train).score(query)[0]) == pytest.approx(1.0 + 0.5)
+
+
+def test_odin_without_noise_is_temperature_msp_and_noise_raises_confidence(synthetic: dict[str, FeatureBank]) -> None:
+    bank = synthetic["ood"].subset(torch.arange(20))
+    plain = _scores(build_detector("odin", temperature=10, noise=0.0), bank)
+    torch.testing.assert_close(plain, torch.log_softmax(bank.logits.double() / 10, 1).max(1).values, rtol=1e-6, atol=1e-6)
+    nudged = _scores(build_detector("odin", temperature=10, noise=0.01), bank)
+    assert bool((nudged > plain).all())
+
+
+def test_odin_step_is_noise_over_input_std_against_the_gradient_sign() -> None:
+    """Linear model f = W x: the perturbed input is x - noise * sign(grad) / std, checked against autograd."""
+    w = torch.tensor([[1.0, -2.0], [0.5, 1.0]])
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(w)
+    x = torch.tensor([[1.0, 0.3]], requires_grad=True)
+    F.cross_entropy(model(x) / 5.0, model(x).argmax(1)).backward()
+    x_tilde = x.detach() - 0.1 * torch.sign(x.grad) / 0.5
+    expected = torch.log_softmax((x_tilde @ w.T).double() / 5.0, 1).max(1).values
+    got = build_detector("odin", temperature=5.0, noise=0.1, input_std=0.5).score_inputs(model, x.detach())
+    torch.testing.assert_close(got, expected)
