@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -73,9 +74,11 @@ def test_report_cli_prints_the_reference(tmp_path: Path, capsys: pytest.CaptureF
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_make_reproduce_runs_the_seed_sweep_then_the_report(name: str) -> None:
+    # under `make test` the parent make's variables would turn this into a sub-make with directory banners
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
     out = subprocess.run(
-        ["make", "-n", f"reproduce-{name}", "VENV=.venv", "ARGS=paths.data_dir=/data"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
+        ["make", "--no-print-directory", "-n", f"reproduce-{name}", "VENV=.venv", "ARGS=paths.data_dir=/data"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, check=True, env=env,
     ).stdout.splitlines()
     sweep = f"logs/reproduce/{name}"
     train = f".venv/bin/ood-train -m experiment={name}_ce seed=0,1,2 hydra.sweep.dir={sweep} paths.data_dir=/data"

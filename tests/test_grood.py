@@ -37,8 +37,7 @@ def _evaluate(
     """Drive `test_step` over `splits` (name -> (role, x, y)) in batches of B as the callback does; run setup."""
     roles = [EvalSplit(name, role) for name, (role, _, _) in splits.items()]
     model._trainer = SimpleNamespace(  # what test_step reads from the trainer
-        datamodule=SimpleNamespace(eval_splits=roles),
-        test_dataloaders=[SimpleNamespace(batch_size=B)] * len(roles),
+        datamodule=SimpleNamespace(eval_splits=roles, batch_size=B),
     )
     model.on_test_epoch_start()
     banks = {}

@@ -106,3 +106,20 @@ def test_scorers_record_the_chosen_hyperparameters(banks: dict[str, FeatureBank]
     fitted = build_detector("knn", k=scorers["knn"].hparams["k"]).fit(banks["train"])
     torch.testing.assert_close(scorers["knn"].score("val"), fitted.score(banks["val"]))
 
+
+
+def test_data_facts_reach_only_detectors_that_take_them() -> None:
+    from ood.evaluation.scoring import with_data_facts
+
+    params = with_data_facts(["odin", "msp", "knn"], {"knn": {"k": 5}}, {"input_std": (0.25,)})
+    assert params == {"odin": {"input_std": (0.25,)}, "msp": {}, "knn": {"k": 5}}
+    explicit = with_data_facts(["odin"], {"odin": {"input_std": 1.0}}, {"input_std": (0.25,)})
+    assert explicit == {"odin": {"input_std": 1.0}}
+
+
+def test_benchmarks_expose_their_normalisation_std() -> None:
+    from ood.data import CIFAR10Benchmark, DigitsBenchmark
+
+    digits = DigitsBenchmark()
+    assert digits.input_std == (digits._stats[1],)
+    assert CIFAR10Benchmark("/nonexistent").input_std == CIFAR10Benchmark.std

@@ -57,6 +57,12 @@ class Benchmark(ABC):
     num_classes: int
     in_channels: int
 
+    @property
+    def input_std(self) -> tuple[float, ...]:
+        """Per-channel std of the input normalisation (inputs are (pixel - mean) / std, pixels in [0, 1]); input
+        perturbations given in pixel units (ODIN) are divided by it."""
+        return (1.0,) * self.in_channels
+
     def prepare(self, download: bool = False) -> None:  # noqa: B027 - optional hook
         """Check files, downloading what is missing when `download` (called once, on global rank zero)."""
 

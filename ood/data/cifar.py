@@ -165,6 +165,10 @@ class CIFARBenchmark(Benchmark):
             return self.source
         return "openood" if self.list_file(f"train_{self.name}").is_file() else "torchvision"
 
+    @property
+    def input_std(self) -> tuple[float, ...]:
+        return self.std
+
     def _openood_required(self) -> list[str]:
         return [f"train_{self.name}", f"test_{self.name}", "val_tin", f"test_{self.near_id}", "test_tin"] + [
             f"test_{s}" for s in FAR

@@ -107,6 +107,10 @@ class DigitsBenchmark(Benchmark):
         train = self._id_splits["train"][0]
         return float(train.mean()), float(train.std())
 
+    @property
+    def input_std(self) -> tuple[float, ...]:
+        return (self._stats[1],)
+
     def _dataset(self, raw: torch.Tensor, labels: torch.Tensor | None = None, augment: bool = False) -> TensorImages:
         mean, std = self._stats
         shift = RandomShift(1, fill=-mean / std) if augment else None  # pad with the normalised black background

@@ -47,7 +47,7 @@ class Detector:
     @property
     def hparams(self) -> dict[str, Any]:
         """The constructor keywords with their current values."""
-        return {k: getattr(self, k) for k in _hparam_names(type(self))}
+        return {k: getattr(self, k) for k in hparam_names(type(self))}
 
     def fit(self, bank: FeatureBank) -> Detector:
         """Collect ID statistics from `bank` (the split named by `fit_split`); default: nothing to fit."""
@@ -82,7 +82,7 @@ class Detector:
         return f"{type(self).__name__}({args})"
 
 
-def _hparam_names(cls: type[Detector]) -> list[str]:
+def hparam_names(cls: type[Detector]) -> list[str]:
     """Keyword hyper-parameters of a detector's constructor (none for detectors without `__init__`)."""
     params = inspect.signature(cls.__init__).parameters.values()
     return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
@@ -102,7 +102,7 @@ def detector_class(name: str) -> type[Detector]:
 def build_detector(name: str, **hparams: Any) -> Detector:
     """Construct the detector `name`; unknown names or hyper-parameters raise `ConfigError` listing the choices."""
     cls = detector_class(name)
-    accepted = _hparam_names(cls)
+    accepted = hparam_names(cls)
     unknown = sorted(set(hparams) - set(accepted))
     if unknown:
         raise ConfigError(f"detector {name!r} has no hyper-parameter {unknown}; accepted: {accepted or 'none'}")

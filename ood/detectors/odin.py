@@ -3,8 +3,8 @@ Networks", ICLR 2018 (arXiv 1706.02690), as OpenOOD's `odin` postprocessor.
 
 score(x) = max_c log softmax(f(x_tilde) / T)_c, with the input perturbation
 x_tilde = x - noise * sign(grad_x CE(f(x) / T, yhat)) / sigma_ch, yhat = argmax f(x), sigma_ch the per-channel
-std of the input normalisation (the perturbation is `noise` in [0, 1] pixel units; `input_std`, default 1,
-means the step is taken directly in normalised-input space). sign(0) counts as +1 as in OpenOOD (`ge(grad, 0)`).
+std of the input normalisation (the perturbation is `noise` in [0, 1] pixel units). The evaluation sets
+`input_std` from the benchmark (`Benchmark.input_std`) unless it is given; 1 takes the step in normalised units. sign(0) counts as +1 as in OpenOOD (`ge(grad, 0)`).
 The only detector that needs the network: two forward passes and one backward pass per input and grid point,
 through `score_inputs` (the evaluation runs it over the split loaders with gradients enabled).
 Deviations: max log-softmax in float64 instead of max softmax (monotone, no ties); the input gradient is

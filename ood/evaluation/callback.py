@@ -22,7 +22,7 @@ from ood.data.benchmark import EvalSplit, OODDataModule
 from ood.detectors.base import Detector, detector_class
 from ood.evaluation.bank import FeatureBank
 from ood.evaluation.collector import SplitCollector
-from ood.evaluation.scoring import METRICS, Scorer, detector_scorers, evaluate, group_means
+from ood.evaluation.scoring import METRICS, Scorer, detector_scorers, evaluate, group_means, with_data_facts
 from ood.methods.base import OODMethod
 from ood.utils import get_logger
 
@@ -119,8 +119,9 @@ class OODEvaluation(Callback):
         if type(pl_module).ood_score is not OODMethod.ood_score:
             scorers.append(Scorer(pl_module.name, lambda split: pl_module.ood_score(banks[split])))
         loaders = dict(zip([s.name for s in splits], datamodule.test_dataloader()))
+        params = with_data_facts(self.detectors, self.params, {"input_std": datamodule.benchmark.input_std})
         scorers += detector_scorers(
-            self.detectors, self.params, banks, self.tune, lambda det, split: self._model_scores(det, pl_module, loaders[split])
+            self.detectors, params, banks, self.tune, lambda det, split: self._model_scores(det, pl_module, loaders[split])
         )
         info = {
             "method": pl_module.name,

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ood.data.benchmark import EvalSplit
-from ood.detectors.base import Detector, DetectorNotApplicable, build_detector, detector_class
+from ood.detectors.base import Detector, DetectorNotApplicable, build_detector, detector_class, hparam_names
 from ood.evaluation.bank import FeatureBank
 from ood.evaluation.metrics import ood_metrics
 from ood.utils import check_finite, get_logger
@@ -130,6 +130,20 @@ def fit_detector(
     det.set_params(**{k: v for k, v in point.items() if k in cls.score_params})
     log.info("%s: chose %s (val AUROC %.4f over %d grid points)", name, point, auroc, len(points))
     return det, True
+
+
+def with_data_facts(
+    names: Sequence[str], params: Mapping[str, Mapping[str, Any]], facts: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Fixed hyper-parameters per detector, plus the `facts` about the data (e.g. `input_std`, the normalisation std
+    ODIN's input step is divided by) for every detector that accepts them, unless the user set them."""
+    out = {name: dict(params.get(name, {})) for name in names}
+    for name in names:
+        accepted = hparam_names(detector_class(name))
+        for key, value in facts.items():
+            if key in accepted:
+                out[name].setdefault(key, value)
+    return out
 
 
 def detector_scorers(
