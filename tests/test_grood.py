@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import FAST, rows_by, run_config
 from torch.utils.data import DistributedSampler
+from torchvision.transforms.functional import gaussian_blur
 
 from ood.data.benchmark import EvalSplit
 from ood.detectors.mahalanobis import class_means
@@ -191,10 +192,20 @@ def test_other_prototype_sources() -> None:
         ood_proto_source="uniform_noise", n_proto=150
     )  # 2 batches of 100 noise images, 10 kept of each
     _evaluate(noise, {"train": ("fit", x, y)})
+    # reference selection, written independently: the same seeded noise (spec: blurred U[0,1], kernel 5x7,
+    # sigma ~ U[0.2, 5] per 100), and of each 100 the 10 rows with the lowest logsumexp, found by a full argsort
+    gen = torch.Generator().manual_seed(0)
+    expected = []
     with torch.no_grad():
-        feats = noise._noise_features((1, 16, 16))
-    assert feats.shape == (20, 8)
-    torch.testing.assert_close(noise.prototypes[-1], feats.mean(0))
+        for _ in range(2):
+            images = torch.rand((100, 1, 16, 16), generator=gen)
+            sigma = float(torch.empty(()).uniform_(0.2, 5.0, generator=gen))
+            out = noise.backbone.run(gaussian_blur(images, [5, 7], [sigma, sigma]))
+            lowest = out.logits.logsumexp(1).argsort()[:10]
+            expected.append(out.features[lowest])
+    expected_features = torch.cat(expected)
+    assert expected_features.shape == (20, 8)
+    torch.testing.assert_close(noise.prototypes[-1], expected_features.mean(0), atol=1e-6, rtol=0)
 
 
 class _Recording(dict):

@@ -3,7 +3,7 @@
 
 - Deep nearest neighbours (KNN), Sun et al., ICML 2022 (arXiv 2204.06507):
   score(h) = -|| h_hat - h_hat_(K) ||^2, h_hat = h / ||h||, h_hat_(K) the K-th nearest normalised ID-train
-  feature. OpenOOD negates the (non-squared) distance; squaring is monotone, so AUROC/FPR are identical.
+  feature, as OpenOOD (faiss squared L2 on normalised features, negated).
   Tuning searches once at the largest K of the grid and reads every K from that one result.
 - NNGuide, Park et al., "Nearest Neighbor Guidance for Out-of-Distribution Detection", ICCV 2023
   (arXiv 2309.14888), OpenOOD's `nnguide`: guide bank g_j = h_hat_j * LSE(f_j) over the first `alpha` fraction
