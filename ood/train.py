@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -111,10 +112,13 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     if not (cfg.evaluate and trainer.is_global_zero and results.is_file()):
         return evaluation.rows
     # read back from the file: with spawned DDP ranks the rows were computed in the child processes
-    from ood.report import load_rows, print_run_table
+    from ood.report import print_run_table
 
-    rows = [{k: v for k, v in row.items() if k != "_run"} for row in load_rows([results])]
-    print_run_table(rows)
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    if rows:
+        print_run_table(rows)
+    else:
+        log.warning("no scores to report: the method has no score of its own and no detector is configured")
     return rows
 
 

@@ -301,7 +301,7 @@ def test_experiment_is_the_openood_recipe(tmp_path: Path, name: str) -> None:
 
 
 E2E = [
-    "backbone=resnet18_32x32", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "data.num_workers=0",
+    "backbone=resnet18_32x32", "data.download=false", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "data.num_workers=0",
     "data.pin_memory=false", "data.batch_size=16", "data.eval_batch_size=64", "detectors.names=[msp,knn]",
     "+trainer.num_sanity_val_steps=0", "+trainer.limit_val_batches=0",
 ]

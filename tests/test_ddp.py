@@ -43,3 +43,19 @@ def test_ddp_cpu_evaluation_equals_single_process(tmp_path: Path) -> None:
     assert sorted((key(r), r["auroc"], r["fpr95"]) for r in train_rows) == sorted(
         (key(r), r["auroc"], r["fpr95"]) for r in single
     )
+
+
+@pytest.mark.slow
+def test_ddp_cpu_grood_equals_single_process(tmp_path: Path) -> None:
+    """GROOD's prototypes are sums synced across ranks (padding duplicates held back): same numbers under DDP,
+    up to float summation order."""
+    run_config(tmp_path / "train", [*FAST, "detectors=none"])
+    common = [f"ckpt_path={tmp_path / 'train' / 'checkpoints' / 'last.ckpt'}", "method=grood", "detectors=none",
+              "data.eval_batch_size=64", "trainer.enable_progress_bar=false"]
+    single = {r["ood_dataset"]: r for r in run_config(tmp_path / "single", common, config_name="eval")}
+    ddp = {r["ood_dataset"]: r for r in run_config(tmp_path / "ddp", [*common, "trainer=ddp_cpu"], config_name="eval")}
+    assert set(single) == set(ddp) == {"digits_6_9", "flower_patches", "gaussian_noise", "uniform_noise"}
+    for name, row in single.items():
+        assert row["detector"] == "grood" and row["id_acc"] == ddp[name]["id_acc"]
+        for metric in ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_oodpos"):
+            assert ddp[name][metric] == pytest.approx(row[metric], abs=1e-6), (name, metric)
