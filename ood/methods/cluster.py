@@ -212,7 +212,10 @@ class ClusterMethod(OODMethod):
     # ----- embedding and training -----------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The embedding z: penultimate features, L2-normalised for the contrastive objectives."""
-        h = self.backbone.features(x)[0]
+        return self._embedding(self.backbone.features(x)[0])
+
+    def _embedding(self, h: torch.Tensor) -> torch.Tensor:
+        """Penultimate features as the embedding: L2-normalised for the contrastive objectives, raw for CE."""
         return F.normalize(h, dim=1) if self.contrastive else h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,7 +224,7 @@ class ClusterMethod(OODMethod):
 
     def eval_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h, layers = self.backbone.features(x, self.cache_layers)
-        z = F.normalize(h, dim=1) if self.contrastive else h
+        z = self._embedding(h)
         return {"logits": self.backbone.fc(z), "features": z, **layers}
 
     @property
