@@ -12,7 +12,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from benchmarks.common import Timing, time_alternating
 from ood.detectors import build_detector
-from ood.evaluation.bank import FeatureBank
+from ood.features.bank import FeatureBank
 
 
 def make_banks(n_train: int, n_test: int, dim: int = 512, classes: int = 10, seed: int = 0) -> tuple[FeatureBank, FeatureBank]:

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ood import CONFIG_DIR
-from ood.errors import CheckpointError, ConfigError, OODError
+from ood.errors import ConfigError, OODError
 from ood.evaluation.callback import OODEvaluation
 from ood.utils import get_logger, instantiate
 
@@ -32,10 +32,11 @@ def _choices() -> dict[str, Any]:
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer, OODEvaluation]:
     """Instantiate datamodule, backbone, method, callbacks, loggers and trainer from the composed config."""
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, seed=cfg.seed)
     benchmark = datamodule.benchmark
     backbone = instantiate(cfg.backbone, num_classes=benchmark.num_classes, in_channels=benchmark.in_channels)
     method = instantiate(cfg.method, backbone=backbone)
+    datamodule.use_streams(method.streams, method.name)
     choices = _choices()
     evaluation = instantiate(
         cfg.evaluation,
@@ -48,32 +49,11 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
 
 
 def load_weights(method: L.LightningModule, path: str | Path) -> None:
-    """Load a Lightning checkpoint's `state_dict` (or a bare OpenOOD ResNet18_32x32 state dict) strictly; every
-    failure names the file and says why."""
-    import torch
+    """Load a whole method from any checkpoint `ood.models.checkpoint` reads (Lightning, bare, OpenOOD, torchvision),
+    strictly; every failure names the file and the first mismatched key."""
+    from ood.models.checkpoint import load_modules, read_state_dict
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    from ood.models.openood import from_openood, is_openood_state_dict
-
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        # a Lightning checkpoint, or a bare OpenOOD state dict (their released CIFAR ResNet-18 checkpoints)
-        state = from_openood(checkpoint) if is_openood_state_dict(checkpoint) else checkpoint["state_dict"]
-    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
-    hint = "pass the data=/backbone= it was trained with"
-    try:
-        result = method.load_state_dict(state, strict=False)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
-        raise CheckpointError(f"checkpoint {path} does not fit the configured model ({hint}): {first}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit the configured model ({hint}): "
-            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
+    load_modules(method, read_state_dict(path), None, path)
 
 
 def check_launch(cfg: DictConfig) -> None:
@@ -95,6 +75,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     if not cfg.train and not cfg.get("ckpt_path"):
         raise ConfigError("evaluation without training needs a checkpoint: add ckpt_path=PATH/checkpoints/last.ckpt")
     method, datamodule, trainer, evaluation = build(cfg)
+    # `method.init` starts a new run from weights; a resumed run or an evaluated checkpoint brings its own
+    method.apply_init(load=not cfg.get("ckpt_path"))
     output_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from helpers import rows_by, run_config
 from sklearn.metrics import roc_curve
 
-from ood.evaluation.bank import FeatureBank
+from ood.data.benchmark import EvalSplit
+from ood.features.bank import FeatureBank
+from ood.losses import supcon
 from ood.methods.cluster import (
     ClusterMethod,
     cluster_distances,
@@ -21,7 +23,7 @@ from ood.methods.cluster import (
     global_separation,
     percentile_cdf,
 )
-from ood.methods.contrastive import TensorAugment, supcon_loss
+from ood.methods.contrastive import TensorAugment
 from ood.models.small_cnn import SmallCNN
 
 
@@ -48,7 +50,7 @@ def test_supcon_two_pairs_hand_value() -> None:
     """z = [a, a, b, b], a ⟂ b, T = 1: every anchor has one positive (s = 1) and denominator e + 2."""
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     z = torch.stack([a, a, b, b]).double()
-    loss = supcon_loss(z, torch.tensor([0, 0, 1, 1]), temperature=1.0)
+    loss = supcon(z, torch.tensor([0, 0, 1, 1]), temperature=1.0)
     assert float(loss) == pytest.approx(math.log(math.e + 2) - 1, abs=1e-12)
 
 
@@ -56,7 +58,7 @@ def test_supcon_several_positives_hand_value() -> None:
     """z = [a, a, a, b], labels [0, 0, 0, 1], T = 0.5: anchors 0-2 have two positives at s/T = 2; anchor 3 none."""
     a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     z = torch.stack([a, a, a, b]).double()
-    loss = supcon_loss(z, torch.tensor([0, 0, 0, 1]), temperature=0.5)
+    loss = supcon(z, torch.tensor([0, 0, 0, 1]), temperature=0.5)
     assert float(loss) == pytest.approx(math.log(2 * math.e**2 + 1) - 2, abs=1e-12)
 
 
@@ -67,13 +69,13 @@ def test_supcon_with_unique_labels_is_simclr() -> None:
     logits = (z @ z.T / temperature).fill_diagonal_(float("-inf"))
     target = (torch.arange(2 * n) + n) % (2 * n)
     expected = F.cross_entropy(logits, target)
-    assert float(supcon_loss(z, torch.arange(n).repeat(2), temperature)) == pytest.approx(float(expected), abs=1e-12)
+    assert float(supcon(z, torch.arange(n).repeat(2), temperature)) == pytest.approx(float(expected), abs=1e-12)
 
 
 def test_contrastive_embedding_has_unit_norm_and_matches_the_probe() -> None:
     method = _method(objective="supcon").eval()
     x = torch.randn(5, 1, 16, 16)
-    out = method.eval_outputs(x)
+    out = method.eval_outputs(x, EvalSplit("test", "id_test"))
     assert torch.allclose(out["features"].norm(dim=1), torch.ones(5), atol=1e-6)
     w, b = method.backbone.fc.weight, method.backbone.fc.bias
     assert torch.allclose(out["logits"], out["features"] @ w.T + b, atol=1e-6)

@@ -52,10 +52,9 @@ def test_eval_loaders_carry_indices_in_split_order() -> None:
     names = [s.name for s in dm.eval_splits]
     assert names == ["train", "val", "test", "val_ood", "digits_6_9", "flower_patches", "gaussian_noise", "uniform_noise"]
     loaders = dm.test_dataloader()
-    x, y, index = next(iter(loaders[2]))
-    assert index.tolist() == list(range(271))
-    x2, _, _ = next(iter(loaders[0]))
-    assert torch.equal(x2, next(iter(dm.test_dataloader()[0]))[0]), "the fit split must not be augmented"
+    assert next(iter(loaders[2])).index.tolist() == list(range(271))
+    x2 = next(iter(loaders[0])).x
+    assert torch.equal(x2, next(iter(dm.test_dataloader()[0])).x), "the fit split must not be augmented"
 
 
 def test_augmentation_pads_with_the_normalised_background() -> None:

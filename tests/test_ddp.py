@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import FAST, run_config
 
-from ood.evaluation.collector import SplitCollector
+from ood.features.collector import SplitCollector
 
 
 def test_collector_dedupes_padding_and_sorts() -> None:

@@ -16,9 +16,9 @@ from ood import CONFIG_DIR
 from ood.detectors import DetectorNotApplicable, available_detectors, build_detector, detector_class
 from ood.detectors.base import Detector
 from ood.detectors.tempscale import fit_temperature
-from ood.evaluation.bank import FeatureBank
 from ood.evaluation.metrics import ood_metrics
 from ood.evaluation.scoring import grid_points
+from ood.features.bank import FeatureBank
 
 C, D = 4, 16
 #: hyper-parameters the synthetic contract tests need (ViM's default dim=256 is larger than D)

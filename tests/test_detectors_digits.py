@@ -16,9 +16,9 @@ from helpers import FAST, compose_config
 
 from ood.data.benchmark import OODDataModule
 from ood.detectors import available_detectors, detector_class
-from ood.evaluation.bank import FeatureBank
 from ood.evaluation.callback import OODEvaluation
 from ood.evaluation.scoring import detector_scorers, evaluate
+from ood.features.bank import FeatureBank
 from ood.methods.base import OODMethod
 from ood.train import build
 
@@ -44,7 +44,7 @@ def cache_banks(method: OODMethod, datamodule: OODDataModule) -> dict[str, Featu
     method.eval()
     with torch.no_grad():
         for split, loader in zip(datamodule.eval_splits, datamodule.test_dataloader()):
-            outs = [method.eval_outputs(x) | {"labels": y} for x, y, _ in loader]
+            outs = [method.eval_outputs(b.x, split) | {"labels": b.y} for b in loader]
             cat = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
             labelled = split.role in ("fit", "id_val", "id_test")
             banks[split.name] = FeatureBank(cat["logits"], cat["features"], cat["labels"] if labelled else None, weight, bias)

@@ -68,10 +68,12 @@ def test_mismatched_checkpoint_names_file(tmp_path: Path) -> None:
 
 
 def test_nan_loss_stops_with_step() -> None:
+    from ood.data.batch import Batch
+
     method = CrossEntropy(SmallCNN(6), optimizer=torch.optim.SGD)
     x = torch.full((4, 1, 16, 16), float("nan"))
     with pytest.raises(NonFiniteError, match="ce: training loss is nan at step 0"):
-        method.training_step((x, torch.zeros(4, dtype=torch.long), torch.arange(4)), 0)
+        method.training_step(Batch(x, torch.zeros(4, dtype=torch.long), torch.arange(4)), 0)
 
 
 def test_nan_score_names_detector_and_dataset() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,9 +13,10 @@ from helpers import FAST, rows_by, run_config
 from torch.utils.data import DistributedSampler
 from torchvision.transforms.functional import gaussian_blur
 
+from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit
 from ood.detectors.mahalanobis import class_means
-from ood.evaluation.bank import FeatureBank
+from ood.features.bank import FeatureBank
 from ood.methods.ce import CrossEntropy
 from ood.methods.grood import GROOD, FitSplitStats, ncp_gradient
 from ood.models import ResNet18_32x32, SmallCNN, WideResNet
@@ -26,6 +26,7 @@ C, B = 3, 8  # classes and evaluation batch size of the hand-built runs
 
 def _model(**kwargs: object) -> GROOD:
     torch.manual_seed(0)
+    kwargs.setdefault("proto_batch_size", B)
     model = GROOD(
         SmallCNN(num_classes=C, width=4, feature_dim=8), optimizer=partial(torch.optim.SGD, lr=0.1), **kwargs
     )
@@ -37,15 +38,13 @@ def _evaluate(
 ) -> dict[str, FeatureBank]:
     """Drive `test_step` over `splits` (name -> (role, x, y)) in batches of B as the callback does; run setup."""
     roles = [EvalSplit(name, role) for name, (role, _, _) in splits.items()]
-    model._trainer = SimpleNamespace(  # what test_step reads from the trainer
-        datamodule=SimpleNamespace(eval_splits=roles, batch_size=B),
-    )
+    model.eval_splits = roles  # what the evaluation callback gives the method before the pass
     model.on_test_epoch_start()
     banks = {}
     with torch.no_grad():
         for i, (name, (role, x, y)) in enumerate(splits.items()):
             outs = [
-                model.test_step((xb, yb, ib), j, i)
+                model.test_step(Batch(xb, yb, ib), j, i)
                 for j, (xb, yb, ib) in enumerate(zip(x.split(B), y.split(B), torch.arange(len(x)).split(B)))
             ]
             cat = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
@@ -161,7 +160,7 @@ def test_mixup_at_lambda_one_gives_mean_feature_of_the_kept_whole_batches() -> N
 )
 def test_mixup_on_cifar_backbones_uses_the_stage_after_the_stem(make: partial) -> None:
     torch.manual_seed(0)
-    model = GROOD(make(), optimizer=partial(torch.optim.SGD, lr=0.1), mix_lambda=1.0, n_proto=3).eval()
+    model = GROOD(make(), optimizer=partial(torch.optim.SGD, lr=0.1), mix_lambda=1.0, n_proto=3, proto_batch_size=B).eval()
     assert model.mix_layer == model.backbone.layer_names[1] != "stem"
     x = torch.randn(12, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     _evaluate(model, {"train": ("fit", x, torch.arange(12) % C)})

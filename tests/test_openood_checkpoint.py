@@ -9,7 +9,7 @@ import torch
 
 from ood.methods import CrossEntropy
 from ood.models import ResNet18_32x32
-from ood.models.openood import from_openood, is_openood_state_dict
+from ood.models.checkpoint import checkpoint_format, from_openood
 from ood.train import load_weights
 
 
@@ -30,7 +30,7 @@ def test_openood_names_map_to_ours(tmp_path: Path) -> None:
     openood = _as_openood(source.state_dict())
     assert {"module.conv1.weight", "module.bn1.running_var", "module.layer2.0.shortcut.0.weight",
             "module.layer4.1.conv2.weight", "module.fc.bias"} <= set(openood)
-    assert is_openood_state_dict(openood) and not is_openood_state_dict({"state_dict": {}})
+    assert checkpoint_format(openood) == "openood" and checkpoint_format({"state_dict": {}}) == "lightning"
     assert set(from_openood(openood)) == {f"backbone.{k}" for k in source.state_dict()}
 
     path = tmp_path / "s0" / "best.ckpt"

@@ -10,9 +10,9 @@ from test_detectors import SYNTHETIC_PARAMS, synthetic  # noqa: F401 - the modul
 
 from ood.detectors import DetectorNotApplicable, build_detector, detector_class
 from ood.detectors.base import Detector
-from ood.evaluation.bank import FeatureBank
 from ood.evaluation.metrics import ood_metrics
 from ood.evaluation.scoring import detector_scorers, fit_detector, grid_points
+from ood.features.bank import FeatureBank
 from ood.knn import KNNIndex
 
 

@@ -3,19 +3,34 @@
 A `Benchmark` (digits, CIFAR, ...) only knows how to build datasets; `OODDataModule` turns it into loaders.
 Evaluation loaders come in a fixed order described by `eval_splits`, and every evaluation sample carries its
 dataset index so results can be deduplicated after a DDP gather (DESIGN §4).
+
+Training streams (DESIGN §3.5): a method declares `streams` (`("id",)` or `("id", "outliers")`) and the DataModule
+serves exactly those. With outliers, Lightning's `CombinedLoader` pairs every ID batch with an outlier batch of its
+own size (`outlier_batch_size`); the ID stream sets the epoch, the outlier stream cycles through reshuffled
+permutations of the outlier set. Both orders are functions of `(seed, epoch)` only, so a resumed run sees the same
+batches as an uninterrupted one; under DDP each rank gets its own shard of both streams. Steps receive a `Batch`.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+
+from ood.data.batch import Batch, collate_batch
+from ood.errors import ConfigError
 
 Role = Literal["fit", "id_val", "id_test", "ood_val", "ood"]
+Stream = Literal["id", "outliers"]
+STREAMS = ("id", "outliers")
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,9 @@ class Benchmark(ABC):
     name: str
     num_classes: int
     in_channels: int
+    #: the selected outlier-exposure set (`data.benchmark.outliers`) and the choices this benchmark offers
+    outlier_set: str = "none"
+    outlier_choices: tuple[str, ...] = ("none",)
 
     @property
     def input_std(self) -> tuple[float, ...]:
@@ -91,6 +109,41 @@ class Benchmark(ABC):
         return None
 
 
+class EpochShuffle(RandomSampler):
+    """A random permutation per epoch that depends on `(seed, epoch)` only (Lightning calls `set_epoch`), so a run
+    resumed at an epoch boundary draws the batches an uninterrupted run would. Under DDP Lightning replaces it with
+    its `DistributedSampler` (seeded with the global seed, reshuffled per epoch)."""
+
+    def __init__(self, data_source: Dataset, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+
+
+class OutlierSampler(DistributedSampler):
+    """`num_samples` outlier indices per epoch (all ranks together) from successive random permutations of the
+    outlier set, seeded by `(seed, epoch)`; each rank takes every `num_replicas`-th. Being a `DistributedSampler`,
+    Lightning keeps it as is under DDP and calls `set_epoch`."""
+
+    def __init__(self, dataset: Dataset, num_samples: int, seed: int) -> None:
+        ddp = dist.is_available() and dist.is_initialized()
+        replicas, rank = (dist.get_world_size(), dist.get_rank()) if ddp else (1, 0)
+        super().__init__(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.total = num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        n = len(self.dataset)  # type: ignore[arg-type]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7_919)
+        stream = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(self.total / n))])
+        return iter(stream[: self.total][self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.total // self.num_replicas
+
+
 class OODDataModule(LightningDataModule):
     """Loaders for training (ID train, optional outliers) and for the evaluation pass over every split."""
 
@@ -103,6 +156,7 @@ class OODDataModule(LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         download: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.benchmark = benchmark
@@ -112,6 +166,8 @@ class OODDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.download = download
+        self.seed = seed
+        self.streams: tuple[Stream, ...] = ("id",)
         self._eval: list[tuple[EvalSplit, Dataset]] | None = None
 
     @property
@@ -122,34 +178,62 @@ class OODDataModule(LightningDataModule):
     def num_classes(self) -> int:
         return self.benchmark.num_classes
 
+    def use_streams(self, streams: Sequence[str], method: str) -> None:
+        """Serve exactly the training `streams` method `method` declares; fails now (before any training) when the
+        benchmark lacks one, naming the method, the benchmark and the choices."""
+        unknown = [s for s in streams if s not in STREAMS]
+        if unknown or "id" not in streams:
+            raise ConfigError(f"method {method}: streams {list(streams)} must include 'id', choices: {list(STREAMS)}")
+        if "outliers" in streams and self.benchmark.outlier_set == "none":
+            choices = [c for c in self.benchmark.outlier_choices if c != "none"]
+            fix = f"set data.benchmark.outliers= one of {choices}" if choices else "use a benchmark that has outliers"
+            raise ConfigError(
+                f"method {method} trains on outliers, but benchmark {self.name} has none "
+                f"(data.benchmark.outliers={self.benchmark.outlier_set}); {fix}"
+            )
+        self.streams = tuple(streams)  # type: ignore[assignment]
+
     def prepare_data(self) -> None:
         self.benchmark.prepare(download=self.download)
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, train: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: Any = None, train: bool = False) -> DataLoader:
         """Training loaders drop the last partial batch and keep their workers; evaluation loaders (about a dozen,
-        each used once per evaluation) do neither."""
+        each used once per evaluation) do neither. Every loader yields `Batch`es."""
         return DataLoader(
-            dataset,
+            Indexed(dataset),
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=train and self.num_workers > 0,
+            collate_fn=collate_batch,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(Indexed(self.benchmark.train(augment=True)), self.batch_size, shuffle=True, train=True)
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        train = self.benchmark.train(augment=True)
+        loader = self._loader(train, self.batch_size, EpochShuffle(train, self.seed), train=True)
+        if "outliers" not in self.streams:
+            return loader
+        outliers = self.benchmark.outliers()
+        assert outliers is not None, "use_streams checked that the benchmark has outliers"
+        # one outlier batch per ID batch, plus one spare so that under DDP the ID stream still sets the epoch length
+        total = (len(train) // self.batch_size + 1) * self.outlier_batch_size  # type: ignore[arg-type]
+        sampler = OutlierSampler(outliers, total, self.seed)
+        return CombinedLoader(
+            {"id": loader, "outliers": self._loader(outliers, self.outlier_batch_size, sampler, train=True)},
+            mode="min_size",
+        )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Batch:
+        """The combined `{"id": Batch, "outliers": Batch}` of an outlier method becomes one `Batch` with `x_out`."""
+        if isinstance(batch, dict):
+            ident, out = batch["id"], batch["outliers"]
+            return Batch(ident.x, ident.y, ident.index, x_out=out.x)
+        return batch
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(Indexed(self.benchmark.val()), self.eval_batch_size, shuffle=False)
-
-    def outlier_dataloader(self) -> DataLoader | None:
-        """Shuffled outlier-exposure loader, or None when the benchmark has no outlier set."""
-        outliers = self.benchmark.outliers()
-        if outliers is None:
-            return None
-        return self._loader(Indexed(outliers), self.outlier_batch_size, shuffle=True, train=True)
+        return self._loader(self.benchmark.val(), self.eval_batch_size)
 
     def _eval_sets(self) -> list[tuple[EvalSplit, Dataset]]:
         if self._eval is None:
@@ -171,4 +255,4 @@ class OODDataModule(LightningDataModule):
         return [split for split, _ in self._eval_sets()]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._loader(Indexed(ds), self.eval_batch_size, shuffle=False) for _, ds in self._eval_sets()]
+        return [self._loader(ds, self.eval_batch_size) for _, ds in self._eval_sets()]

@@ -115,6 +115,8 @@ class CIFARBenchmark(Benchmark):
     mean: ClassVar[tuple[float, float, float]]
     std: ClassVar[tuple[float, float, float]]
 
+    outlier_choices = OUTLIERS
+
     def __init__(
         self,
         data_dir: str | Path,

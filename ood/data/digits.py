@@ -4,8 +4,9 @@
 - near-OOD `digits_6_9`: every image of digits 6-9.
 - far-OOD `flower_patches` (grey patches cut from the bundled photo `flower.jpg`), `gaussian_noise` (ID-train
   pixel mean and std), `uniform_noise`.
-- validation OOD `val_ood` and outlier exposure: patches of the other bundled photo, `china.jpg`, cut with
-  different seeds, so no test-OOD image is seen in training or tuning. Outliers are built on first use.
+- validation OOD `val_ood` and outlier exposure (`outliers: china_patches`, or `none`): patches of the other
+  bundled photo, `china.jpg`, cut with different seeds, so no test-OOD image is seen in training or tuning.
+  Outliers are built on first use.
 Every image, ID or OOD, is made at the digits' native 8x8 resolution and then upsampled (bilinear) to
 `image_size` by the same code, so OOD sets differ in content, never in resolution artefacts: pixel noise drawn
 directly at 16x16 is high-frequency texture no digit has, and a ReLU CNN is over-confident on it (MSP AUROC
@@ -24,6 +25,7 @@ from torch.utils.data import Dataset
 
 from ood.data.benchmark import Benchmark, OODSet
 from ood.data.datasets import RandomShift, TensorImages
+from ood.errors import ConfigError
 
 NATIVE = 8  # side of scikit-learn's digits
 
@@ -50,6 +52,7 @@ class DigitsBenchmark(Benchmark):
 
     name = "digits"
     in_channels = 1
+    outlier_choices = ("china_patches", "none")
 
     def __init__(
         self,
@@ -61,7 +64,10 @@ class DigitsBenchmark(Benchmark):
         n_outliers: int = 2000,
         augment: bool = True,
         seed: int = 0,
+        outliers: str = "china_patches",
     ) -> None:
+        if outliers not in self.outlier_choices:
+            raise ConfigError(f"unknown outlier set {outliers!r}; choices: {list(self.outlier_choices)}")
         if abs(sum(split) - 1.0) > 1e-6 or len(split) != 3:
             raise ValueError(f"split must be three fractions summing to 1, got {list(split)}")
         self.image_size = image_size
@@ -71,6 +77,7 @@ class DigitsBenchmark(Benchmark):
         self.n_far, self.n_val_ood, self.n_outliers = n_far, n_val_ood, n_outliers
         self.augment = augment
         self.seed = seed
+        self.outlier_set = outliers
 
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
         return F.interpolate(images, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
@@ -144,5 +151,7 @@ class DigitsBenchmark(Benchmark):
     def ood_val(self) -> Dataset:
         return self._dataset(self._resize(grey_patches("china.jpg", self.n_val_ood, seed=self.seed + 3)))
 
-    def outliers(self) -> Dataset:
+    def outliers(self) -> Dataset | None:
+        if self.outlier_set == "none":
+            return None
         return self._dataset(self._resize(grey_patches("china.jpg", self.n_outliers, seed=self.seed + 4)))

@@ -21,7 +21,7 @@ import torch
 
 from ood.detectors.base import Detector
 from ood.detectors.logits import energy_score, head_logits
-from ood.evaluation.bank import FeatureBank
+from ood.features.bank import FeatureBank
 
 
 def percentile(values: torch.Tensor, q: float) -> float:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ood.errors import ConfigError, OODError
-from ood.evaluation.bank import FeatureBank
+from ood.features.bank import FeatureBank
 
 _REGISTRY: dict[str, type[Detector]] = {}
 

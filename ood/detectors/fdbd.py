@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ood.detectors.base import Detector
-from ood.evaluation.bank import FeatureBank
+from ood.features.bank import FeatureBank
 
 
 class _TrainMean(Detector):

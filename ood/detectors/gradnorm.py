@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ood.detectors.base import Detector
-from ood.evaluation.bank import FeatureBank
+from ood.features.bank import FeatureBank
 
 
 def gradnorm_score(logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

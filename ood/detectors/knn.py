@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ood.detectors.base import Detector
 from ood.detectors.logits import energy_score
-from ood.evaluation.bank import FeatureBank
+from ood.features.bank import FeatureBank
 from ood.knn import IndexKind, KNNIndex
 
 

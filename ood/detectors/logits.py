@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ood.detectors.base import Detector
-from ood.evaluation.bank import FeatureBank
+from ood.features.bank import FeatureBank
 
 
 def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

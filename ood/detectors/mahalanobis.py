@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ood.detectors.base import Detector
-from ood.evaluation.bank import FeatureBank
+from ood.features.bank import FeatureBank
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ood.detectors.base import Detector
-from ood.evaluation.bank import FeatureBank
+from ood.features.bank import FeatureBank
 
 
 class ODIN(Detector):

@@ -12,7 +12,7 @@ import torch
 
 from ood.detectors.base import Detector
 from ood.detectors.mahalanobis import class_means
-from ood.evaluation.bank import FeatureBank
+from ood.features.bank import FeatureBank
 
 
 class SHE(Detector):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ood.detectors.base import Detector
-from ood.evaluation.bank import FeatureBank
+from ood.features.bank import FeatureBank
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, init: float = 1.5, lr: float = 0.01, max_iter: int = 50) -> float:

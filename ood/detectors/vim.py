@@ -19,7 +19,7 @@ import torch
 from ood.detectors.base import Detector, DetectorNotApplicable
 from ood.detectors.logits import energy_score
 from ood.detectors.mahalanobis import gram
-from ood.evaluation.bank import FeatureBank
+from ood.features.bank import FeatureBank
 
 
 class ViM(Detector):

@@ -20,9 +20,9 @@ from lightning import Callback, LightningModule, Trainer
 
 from ood.data.benchmark import EvalSplit, OODDataModule
 from ood.detectors.base import Detector, detector_class
-from ood.evaluation.bank import FeatureBank
-from ood.evaluation.collector import SplitCollector
 from ood.evaluation.scoring import METRICS, Scorer, detector_scorers, evaluate, group_means, with_data_facts
+from ood.features.bank import FeatureBank
+from ood.features.collector import SplitCollector
 from ood.methods.base import OODMethod
 from ood.utils import get_logger
 
@@ -65,6 +65,8 @@ class OODEvaluation(Callback):
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._collectors = {}
         self.rows = []
+        assert isinstance(pl_module, OODMethod), "OODEvaluation needs an OODMethod"
+        pl_module.eval_splits = trainer.datamodule.eval_splits
 
     def on_test_batch_end(
         self,
@@ -82,7 +84,7 @@ class OODEvaluation(Callback):
 
     def _banks(self, splits: Sequence[EvalSplit], pl_module: OODMethod) -> dict[str, FeatureBank]:
         # banks are float32 whatever the trainer precision (bf16/fp16 autocast outputs would break float64 detectors)
-        weight, bias = pl_module.backbone.fc.weight.detach().float(), pl_module.backbone.fc.bias.detach().float()
+        weight, bias = (t.detach().float() for t in pl_module.linear_head())
         banks = {}
         for i, split in enumerate(splits):
             if i not in self._collectors:
@@ -142,8 +144,8 @@ class OODEvaluation(Callback):
         sees the method's own logits (`pl_module(x)`), e.g. a contrastive method's linear probe."""
         chunks = []
         with torch.inference_mode(False), torch.enable_grad():
-            for x, _, _ in loader:
-                chunks.append(det.score_inputs(pl_module, x.to(pl_module.device)).detach())
+            for batch in loader:
+                chunks.append(det.score_inputs(pl_module, batch.x.to(pl_module.device)).detach())
         return torch.cat(chunks)
 
     def _log(self, trainer: Trainer, id_acc: float) -> None:

@@ -1,15 +1,23 @@
-"""`OODMethod`: the LightningModule every method extends, and the contract with the evaluation callback.
+"""`OODMethod`: the LightningModule every method extends, and the contract with the evaluation callback (DESIGN §3.5).
 
-Training: subclasses implement `training_loss(batch)`; the base logs it and stops on a NaN/inf loss with the
-step number. Evaluation (`trainer.test`): one forward pass per split; `eval_outputs` returns the per-sample
-tensors that go into the feature cache (`logits`, `features`, plus any `cache_layers`), then the callback hands
-the cached `FeatureBank`s to `setup_ood` (post-hoc fitting, e.g. GROOD's prototypes) and asks `ood_score`
-for the method's own score, reported as `detector = <method name>`.
+Training: a method declares the `streams` it trains on (`("id",)`, or `("id", "outliers")`: the DataModule then
+adds an outlier batch `x_out` to every `Batch`) and implements `training_loss(batch)`; the base logs it and stops
+on a NaN/inf loss with the step number. `init` starts from weights: `init.ckpt` (any file
+`ood.models.checkpoint` reads), `init.modules` (which sub-modules; a list of names or a {target: source} map;
+None = every sub-module the file has weights for), `init.freeze` (sub-modules kept frozen: no gradients, eval mode
+through every `train()` call, so batch-norm statistics stay as loaded). `ckpt_path=` keeps Lightning's meaning
+(resume this run).
+
+Evaluation (`trainer.test`): one forward pass per split; `eval_outputs(x, split)` returns the per-sample tensors
+that go into the feature cache (`logits`, `features`, plus any `cache_layers`), then the callback hands the cached
+`FeatureBank`s to `setup_ood` (post-hoc fitting, e.g. GROOD's prototypes) and asks `ood_score` for the method's
+own score, reported as `detector = <method name>`. `linear_head()` gives the linear head (W, b) the post-hoc detectors
+use; `diagnostics()` returns extra statistics for the callback's sinks to log and write.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -17,14 +25,19 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from torch import nn
 
-from ood.data.benchmark import EvalSplit
-from ood.errors import NonFiniteError
-from ood.evaluation.bank import FeatureBank
+from ood.data.batch import Batch
+from ood.data.benchmark import EvalSplit, Stream
+from ood.errors import ConfigError, NonFiniteError
+from ood.features.bank import FeatureBank
 from ood.models.base import Backbone
+from ood.models.checkpoint import load_modules, read_state_dict
+from ood.utils import get_logger
+
+log = get_logger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+InitModules = Sequence[str] | Mapping[str, str] | None
 
 
 class OODMethod(LightningModule):
@@ -32,12 +45,15 @@ class OODMethod(LightningModule):
 
     Args:
         backbone: any `Backbone` (logits, features, named stages, `forward_from`).
-        optimizer: a `_partial_` optimizer factory taking the parameters.
+        optimizer: a `_partial_` optimizer factory taking the (trainable) parameters.
         scheduler: an optional `_partial_` LR-scheduler factory taking the optimizer (stepped per epoch).
+        init: `{ckpt, modules, freeze}`: start from weights, pick sub-modules, freeze sub-modules (module doc).
     """
 
     #: the name results are reported under (`method` field; `detector` for the method's own score)
     name: ClassVar[str]
+    #: the training streams the DataModule must serve (`id`, and `outliers` for outlier-exposure methods)
+    streams: ClassVar[tuple[Stream, ...]] = ("id",)
     #: backbone stages whose outputs are cached during evaluation (as `FeatureBank.extras`)
     cache_layers: tuple[str, ...] = ()
 
@@ -46,19 +62,65 @@ class OODMethod(LightningModule):
         backbone: Backbone,
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
+        init: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
         self.backbone = backbone
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        init = dict(init or {})
+        unknown = set(init) - {"ckpt", "modules", "freeze"}
+        if unknown:
+            raise ConfigError(f"method.init has unknown keys {sorted(unknown)}; choices: ['ckpt', 'modules', 'freeze']")
+        self.init_ckpt: str | None = init.get("ckpt")
+        self.init_modules: InitModules = init.get("modules")
+        self.frozen: tuple[str, ...] = tuple(init.get("freeze") or ())
+        #: the evaluation splits in test-loader order, given by the evaluation callback before the pass
+        self.eval_splits: list[EvalSplit] = []
+
+    # ----- start from weights, freeze --------------------------------------------------------------------------
+    def apply_init(self, load: bool = True) -> None:
+        """Load `init.ckpt` into `init.modules` (when `load`: not when resuming or evaluating a checkpoint), then
+        freeze `init.freeze`. Called once after construction, before training."""
+        if load and self.init_ckpt:
+            state = read_state_dict(self.init_ckpt)
+            modules = self.init_modules
+            if modules is None:
+                have = {k.split(".")[0] for k in state}
+                modules = [name for name, _ in self.named_children() if name in have]
+                if not modules:
+                    raise ConfigError(
+                        f"{self.init_ckpt} has weights for {sorted(have)}, none of which {self.name} has "
+                        f"({[n for n, _ in self.named_children()]}); set method.init.modules"
+                    )
+            if not isinstance(modules, Mapping):
+                modules = {name: name for name in modules}
+            loaded = load_modules(self, state, modules, self.init_ckpt)
+            log.info("%s: initialised %s from %s", self.name, loaded, self.init_ckpt)
+        for name in self.frozen:
+            try:
+                module = self.get_submodule(name)
+            except AttributeError:
+                names = [n for n, _ in self.named_modules() if n and n.count(".") < 2]
+                raise ConfigError(f"method.init.freeze: {self.name} has no sub-module {name!r}; choices: {names}") from None
+            module.requires_grad_(False)
+            module.eval()
+
+    def train(self, mode: bool = True) -> OODMethod:
+        """As `nn.Module.train`, but frozen sub-modules stay in eval mode (Lightning calls this every epoch)."""
+        super().train(mode)
+        for name in self.frozen:
+            self.get_submodule(name).eval()
+        return self
 
     # ----- training -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
-        """The loss of one training batch `(x, y, index)`; subclasses log any extra terms themselves."""
+        """The loss of one training `Batch` (`x, y, index`, and `x_out` for outlier methods); subclasses log any
+        extra terms themselves."""
         raise NotImplementedError
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -68,34 +130,44 @@ class OODMethod(LightningModule):
                 f"{self.name}: training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, "
                 f"batch {batch_idx}); lower the learning rate or check the inputs"
             )
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        x, y, _ = batch
-        logits = self(x)
-        self.log("val/loss", F.cross_entropy(logits, y), prog_bar=False)
-        self.log("val/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True)
+        logits = self(batch.x)
+        n = len(batch)
+        self.log("val/loss", F.cross_entropy(logits, batch.y), prog_bar=False, batch_size=n)
+        self.log("val/acc", (logits.argmax(1) == batch.y).float().mean(), prog_bar=True, batch_size=n)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimiser gets: everything not frozen."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = self.optimizer_factory(self.trainable_parameters())
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
 
     # ----- evaluation contract --------------------------------------------------------------------------------
-    def eval_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-sample tensors to cache for one evaluation batch: `logits`, `features` and `cache_layers`."""
+    def linear_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The linear head (W [C, D], b [C]) whose logits the post-hoc detectors see; default `backbone.fc`."""
+        return self.backbone.fc.weight, self.backbone.fc.bias
+
+    def eval_outputs(self, x: torch.Tensor, split: EvalSplit) -> dict[str, torch.Tensor]:
+        """Per-sample tensors to cache for one evaluation batch of `split`: `logits`, `features`, `cache_layers`
+        (and whatever else a method scores from). A method that reduces instead of storing (class sums, the first
+        n samples) updates its `ood.features.reduce` reducers here when `split.role` is the one it needs."""
         out = self.backbone.run(x, self.cache_layers)
         return {"logits": out.logits, "features": out.features, **out.layers}
 
     def eval_split(self, dataloader_idx: int) -> EvalSplit:
         """The evaluation split (name, role, group) of test loader `dataloader_idx`."""
-        return self.trainer.datamodule.eval_splits[dataloader_idx]
+        return self.eval_splits[dataloader_idx]
 
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        x, y, index = batch
-        return {"index": index, "labels": y, **self.eval_outputs(x)}
+        outputs = self.eval_outputs(batch.x, self.eval_split(dataloader_idx))
+        return {"index": batch.index, "labels": batch.y, **outputs}
 
     def setup_ood(self, banks: Mapping[str, FeatureBank]) -> None:
         """Post-hoc fitting on cached banks keyed by split name (`train`, `val`, `val_ood`); default: nothing."""
@@ -107,3 +179,8 @@ class OODMethod(LightningModule):
     def predict(self, bank: FeatureBank) -> torch.Tensor:
         """Class predictions used for ID accuracy; argmax of the logits unless a method says otherwise."""
         return bank.predictions
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Extra statistics of the last evaluation (e.g. cluster separation), logged as `test/<name>/<key>` (the
+        floats) and written to `<name>_stats.json` by the callback's sinks; default: none."""
+        return {}

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ood.methods.base import Batch, OODMethod
+from ood.data.batch import Batch
+from ood.methods.base import OODMethod
 
 
 class CrossEntropy(OODMethod):
@@ -18,5 +19,4 @@ class CrossEntropy(OODMethod):
     name = "ce"
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
-        x, y, _ = batch
-        return F.cross_entropy(self.backbone(x), y)
+        return F.cross_entropy(self.backbone(batch.x), batch.y)

@@ -56,12 +56,15 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from ood.data.batch import Batch
+from ood.data.benchmark import EvalSplit
 from ood.detectors.mahalanobis import class_means, mahalanobis_sq, shared_precision
 from ood.errors import ConfigError
-from ood.evaluation.bank import FeatureBank
+from ood.features.bank import FeatureBank
 from ood.knn import kmeans
-from ood.methods.base import Batch, OODMethod, OptimizerFactory, SchedulerFactory
-from ood.methods.contrastive import ProjectionHead, TensorAugment, supcon_loss
+from ood.losses import supcon
+from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
+from ood.methods.contrastive import ProjectionHead, TensorAugment
 from ood.models.base import Backbone
 from ood.utils import get_logger
 
@@ -168,6 +171,7 @@ class ClusterMethod(OODMethod):
         probe_epochs, probe_lr: the linear-probe stage of the contrastive objectives.
         n_init, kmeans_seed: k-means restarts and seed.
         stats_samples: train rows used for GS and silhouette (a seeded subsample when larger).
+        init: as `OODMethod` (start from / freeze weights).
     """
 
     name = "cluster"
@@ -192,8 +196,9 @@ class ClusterMethod(OODMethod):
         n_init: int = 20,
         kmeans_seed: int = 0,
         stats_samples: int = 2000,
+        init: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(backbone, optimizer, scheduler)
+        super().__init__(backbone, optimizer, scheduler, init)
         for key, value in (("objective", objective), ("clusters", clusters), ("distance", distance),
                            ("threshold", threshold), ("covariance", covariance)):
             if value not in CHOICES[key]:
@@ -222,7 +227,7 @@ class ClusterMethod(OODMethod):
         """Logits of the classifier on z (the linear probe for the contrastive objectives)."""
         return self.backbone.fc(self.embed(x))
 
-    def eval_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def eval_outputs(self, x: torch.Tensor, split: EvalSplit) -> dict[str, torch.Tensor]:
         h, layers = self.backbone.features(x, self.cache_layers)
         z = self._embedding(h)
         return {"logits": self.backbone.fc(z), "features": z, **layers}
@@ -240,7 +245,7 @@ class ClusterMethod(OODMethod):
             )
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
-        x, y, _ = batch
+        x, y = batch.x, batch.y
         if not self.contrastive:
             return F.cross_entropy(self.backbone(x), y)
         if self.probing:
@@ -252,8 +257,8 @@ class ClusterMethod(OODMethod):
         views = torch.cat([augment(x), augment(x)])
         p = F.normalize(self.head(self.backbone.features(views)[0]), dim=1)
         ids = y if self.hparams.objective == "supcon" else torch.arange(x.shape[0], device=x.device)
-        loss = supcon_loss(p, ids.repeat(2), self.temperature)
-        self.log("train/contrastive_loss", loss)
+        loss = supcon(p, ids.repeat(2), self.temperature)
+        self.log("train/contrastive_loss", loss, batch_size=len(batch))
         return loss
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

@@ -1,10 +1,6 @@
-"""Contrastive-learning pieces for `method=cluster`: SupCon / SimCLR loss, projection head, two-view tensor augmentation.
+"""Contrastive-learning pieces for `method=cluster`: projection head and two-view tensor augmentation (the loss is
+`ood.losses.supcon`).
 
-- Loss: Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020 (arXiv 2004.11362), `L^sup_out`, as in
-  https://github.com/HobbitLong/SupContrast `losses.py`; SimCLR (Chen et al., ICML 2020, arXiv 2002.05709) is
-  the same loss with every sample its own class (NT-Xent). Deviations: the `temperature / base_temperature`
-  factor of SupContrast is fixed to 1 (their default, 0.07 / 0.07); anchors without any positive are left out
-  of the mean instead of counting as 0 (never happens with two views).
 - Head: SupContrast's `mlp` head, Linear(D, hidden) - ReLU - Linear(hidden, out); its output is L2-normalised.
 - Augmentation: made on the batch tensors (already normalised) inside the method, so any benchmark gets two views
   without a two-crop dataset. One random affine warp per sample (`grid_sample`, border padding) covers shifts,
@@ -25,27 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ood.errors import ConfigError
-
-
-def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Supervised contrastive loss of the L2-normalised embeddings `z` [M, P] (all views stacked), labels [M].
-
-    For anchor i with positives P(i) = {p != i : y_p = y_i}:
-    l_i = -1/|P(i)| sum_p log( exp(z_i.z_p / T) / sum_{a != i} exp(z_i.z_a / T) ); the loss is the mean over
-    anchors with at least one positive. With labels = sample ids (views share their sample's id) it is SimCLR.
-    """
-    m = z.shape[0]
-    sim = z @ z.T / temperature
-    self_mask = torch.eye(m, dtype=torch.bool, device=z.device)
-    sim = sim.masked_fill(self_mask, float("-inf"))
-    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
-    positive = (labels[:, None] == labels[None, :]) & ~self_mask
-    n_pos = positive.sum(1)
-    has_pos = n_pos > 0
-    if not bool(has_pos.any()):
-        raise ValueError("supcon_loss: no anchor has a positive; stack at least two views per sample")
-    mean_log_prob_pos = log_prob.masked_fill(~positive, 0.0).sum(1)[has_pos] / n_pos[has_pos]
-    return -mean_log_prob_pos.mean()
 
 
 class ProjectionHead(nn.Sequential):

@@ -52,7 +52,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,11 +60,12 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 from torchvision.transforms.functional import gaussian_blur
 
+from ood.data.batch import Batch
 from ood.errors import ConfigError
-from ood.evaluation.bank import FeatureBank
-from ood.evaluation.collector import SplitCollector
+from ood.features.bank import FeatureBank
+from ood.features.collector import SplitCollector
 from ood.knn import KNNIndex
-from ood.methods.base import Batch, OptimizerFactory, SchedulerFactory
+from ood.methods.base import OptimizerFactory, SchedulerFactory
 from ood.methods.ce import CrossEntropy
 from ood.models.base import Backbone
 from ood.utils import get_logger
@@ -238,6 +239,8 @@ class GROOD(CrossEntropy):
         correct_only: bank only the gradients of correctly classified training samples.
         score: `knn` (paper) or `grad_norm` (-||gamma||_1).
         index: `exact` or `ivf_as_released`; `nprobe` cells are searched by the latter (released: 4).
+        proto_batch_size: the batch size `n_proto` is rounded up to (the training batch size, `${data.batch_size}`).
+        init: as `OODMethod`.
     """
 
     name = "grood"
@@ -256,8 +259,10 @@ class GROOD(CrossEntropy):
         score: Literal["knn", "grad_norm"] = "knn",
         index: Literal["exact", "ivf_as_released"] = "exact",
         nprobe: int = 4,
+        proto_batch_size: int = 128,
+        init: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(backbone, optimizer, scheduler)
+        super().__init__(backbone, optimizer, scheduler, init)
         for key, value, choices in (
             ("ood_proto_source", ood_proto_source, PROTO_SOURCES),
             ("score", score, SCORES),
@@ -271,6 +276,7 @@ class GROOD(CrossEntropy):
         backbone._check_layer(self.mix_layer)
         self.ood_proto_source, self.mix_lambda, self.n_proto = ood_proto_source, mix_lambda, n_proto
         self.k, self.correct_only, self.nprobe = k, correct_only, nprobe
+        self.proto_batch_size = proto_batch_size
         self.score_kind, self.index_kind = score, index
         self._stats: FitSplitStats | None = None
         self.prototypes: torch.Tensor | None = None
@@ -285,15 +291,14 @@ class GROOD(CrossEntropy):
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         if self.eval_split(dataloader_idx).role != "fit":
             return super().test_step(batch, batch_idx, dataloader_idx)
-        x, y, index = batch
+        x, y, index = batch.x, batch.y, batch.index
         out = self.backbone.run(x, (self.mix_layer,))
         early = out.layers[self.mix_layer]
         if self._stats is None:
-            # "whole batches" are training batches (the released code mixes on the training loader), so results
-            # do not depend on the evaluation batch size
-            batch_size = self.trainer.datamodule.batch_size
+            # "whole batches" are training batches (the released code mixes on the training loader it is handed), so
+            # results do not depend on the evaluation batch size
             self._stats = FitSplitStats(
-                self.backbone.num_classes, x, early, out.features, self.n_proto, batch_size
+                self.backbone.num_classes, x, early, out.features, self.n_proto, self.proto_batch_size
             )
         self._stats.update(index, y, early, out.features, out.logits)
         return {"index": index, "labels": y, "logits": out.logits, "features": out.features}

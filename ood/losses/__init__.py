@@ -1,0 +1,7 @@
+"""Pure loss functions (DESIGN §3.5): each module's docstring gives the formula and its source; the names and
+signatures are public (outside checks call them)."""
+
+from ood.losses.contrastive import supcon
+from ood.losses.outlier import outlier_exposure
+
+__all__ = ["outlier_exposure", "supcon"]

@@ -1,0 +1,33 @@
+"""Supervised contrastive loss (SupCon) and SimCLR's NT-Xent as its special case.
+
+Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020 (arXiv 2004.11362), `L^sup_out`, as in
+https://github.com/HobbitLong/SupContrast `losses.py`; SimCLR (Chen et al., ICML 2020, arXiv 2002.05709) is the
+same loss with every sample its own class. Deviations: the `temperature / base_temperature` factor of
+SupContrast is fixed to 1 (their default, 0.07 / 0.07); anchors without any positive are left out of the mean
+instead of counting as 0 (never happens with two views).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def supcon(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Supervised contrastive loss of the L2-normalised embeddings `z` [M, P] (all views stacked), labels [M].
+
+    For anchor i with positives P(i) = {p != i : y_p = y_i}:
+    l_i = -1/|P(i)| sum_p log( exp(z_i.z_p / T) / sum_{a != i} exp(z_i.z_a / T) ); the loss is the mean over
+    anchors with at least one positive. With labels = sample ids (views share their sample's id) it is SimCLR.
+    """
+    m = z.shape[0]
+    sim = z @ z.T / temperature
+    self_mask = torch.eye(m, dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    positive = (labels[:, None] == labels[None, :]) & ~self_mask
+    n_pos = positive.sum(1)
+    has_pos = n_pos > 0
+    if not bool(has_pos.any()):
+        raise ValueError("supcon: no anchor has a positive; stack at least two views per sample")
+    mean_log_prob_pos = log_prob.masked_fill(~positive, 0.0).sum(1)[has_pos] / n_pos[has_pos]
+    return -mean_log_prob_pos.mean()

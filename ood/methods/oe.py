@@ -1,0 +1,68 @@
+"""Outlier Exposure (`method=oe`): cross-entropy on ID plus a uniform-target term on auxiliary outliers.
+
+Paper: D. Hendrycks, M. Mazeika, T. Dietterich, "Deep Anomaly Detection with Outlier Exposure", ICLR 2019,
+arXiv 1812.04606. Released code: hendrycks/outlier-exposure (`CIFAR/train.py`, `CIFAR/oe_scratch.py`); OpenOOD
+v1.5 `OETrainer` + `configs/pipelines/train/train_oe.yml` (the leaderboard's OE rows).
+
+Loss (one forward pass over the concatenated ID and outlier batch, as both released codes do, so batch-norm
+statistics see both):
+  L = CE(f(x_in), y) + lambda * mean_{x_out} [ LSE(f(x_out)) - mean_c f_c(x_out) ]   (`ood.losses.outlier_exposure`)
+lambda = 0.5. Score: MSP, computed as max log-softmax in float64 (`detector=oe`; the same values as the `msp` row).
+
+Two uses: from scratch (OpenOOD's recipe, `experiment=cifar10_oe`), or the OE *fine-tune* of the energy paper's
+"OE fine-tune" row: `method.init.ckpt=<CE checkpoint>` and a few epochs.
+
+Deviations: outlier batches come from a stream that cycles through reshuffled permutations of the outlier set
+(`ood.data.benchmark.OutlierSampler`); Hendrycks re-shuffles per epoch with a random offset into 80M Tiny Images,
+OpenOOD iterates a shuffled loader and restarts it when exhausted: same distribution, different order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ood.data.batch import Batch
+from ood.data.benchmark import Stream
+from ood.detectors import build_detector
+from ood.features.bank import FeatureBank
+from ood.losses import outlier_exposure
+from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
+from ood.models.base import Backbone
+
+
+class OutlierExposure(OODMethod):
+    """CE + `lam` x outlier exposure; scored by MSP.
+
+    Args:
+        backbone, optimizer, scheduler, init: as `OODMethod`.
+        lam: weight of the outlier-exposure term (paper and OpenOOD: 0.5).
+    """
+
+    name = "oe"
+    streams: ClassVar[tuple[Stream, ...]] = ("id", "outliers")
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        init: Mapping[str, Any] | None = None,
+        lam: float = 0.5,
+    ) -> None:
+        super().__init__(backbone, optimizer, scheduler, init)
+        self.lam = lam
+
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        assert batch.x_out is not None, "oe trains on outliers: the DataModule serves them (streams)"
+        n = len(batch)
+        logits = self.backbone(torch.cat([batch.x, batch.x_out]))
+        ce, oe = F.cross_entropy(logits[:n], batch.y), outlier_exposure(logits[n:])
+        self.log_dict({"train/ce": ce, "train/oe": oe}, batch_size=n)
+        return ce + self.lam * oe
+
+    def ood_score(self, bank: FeatureBank) -> torch.Tensor:
+        return build_detector("msp").score(bank)

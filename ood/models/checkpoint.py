@@ -1,0 +1,135 @@
+"""The one way weights get into a model: read any supported checkpoint file, then load chosen sub-modules strictly.
+
+Supported files (detected from their keys, no flag needed):
+- a Lightning checkpoint (`{"state_dict": {...}, ...}`, e.g. `<run>/checkpoints/last.ckpt`);
+- a bare state dict of a method (`backbone.stages...`) or of a backbone alone (`stages...`, `fc...`);
+- OpenOOD v1.5's released CIFAR `ResNet18_32x32` files (`conv1`, `bn1`, `layerN.i.shortcut`, optional
+  DataParallel `module.` prefix; openood/networks/resnet18_32x32.py);
+- torchvision's ResNet state dicts (`conv1`, `bn1`, `layerN.i.downsample`, `fc`; e.g. `IMAGENET1K_V1` from the torch
+  hub cache), mapped onto our staged ResNet-50 (`layer1` opens with the max-pool, so it is `stages.layer1.1`).
+
+`read_state_dict(path)` returns method-level keys (`backbone.*` for backbone-only formats); `load_modules` copies
+the requested sub-modules and fails naming the file, the first mismatched key and both shapes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ood.errors import CheckpointError
+
+_OPENOOD_RESNET18 = (
+    (re.compile(r"^conv1\."), "stages.stem.0."),
+    (re.compile(r"^bn1\."), "stages.stem.1."),
+    (re.compile(r"^(layer\d)\.(\d+)\.shortcut\."), r"stages.\1.\2.downsample."),
+    (re.compile(r"^(layer\d)\."), r"stages.\1."),
+)
+_TORCHVISION_RESNET = (
+    (re.compile(r"^conv1\."), "stages.stem.0."),
+    (re.compile(r"^bn1\."), "stages.stem.1."),
+    (re.compile(r"^layer1\."), "stages.layer1.1."),
+    (re.compile(r"^(layer[234])\."), r"stages.\1."),
+)
+
+
+def _rename(state: Mapping[str, torch.Tensor], table: tuple, prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        for pattern, replacement in table:
+            key, n = pattern.subn(replacement, key)
+            if n:
+                break
+        out[prefix + key] = value
+    return out
+
+
+def checkpoint_format(checkpoint: object) -> str:
+    """`lightning`, `openood`, `torchvision`, `backbone` (a bare backbone state dict) or `method` (bare, prefixed)."""
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f"expected a dict, got {type(checkpoint).__name__}")
+    if "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
+        return "lightning"
+    keys = {str(k).removeprefix("module.") for k in checkpoint}
+    if {"conv1.weight", "bn1.weight", "fc.weight"} <= keys:
+        return "openood" if any(".shortcut." in k for k in keys) or not any(".downsample." in k for k in keys) else "torchvision"
+    if any(k.startswith(("stages.", "fc.")) for k in keys):
+        return "backbone"
+    return "method"
+
+
+def from_openood(state: Mapping[str, torch.Tensor], prefix: str = "backbone.") -> dict[str, torch.Tensor]:
+    """OpenOOD ResNet18_32x32 parameter names -> ours (with `prefix`, the method's attribute for its backbone)."""
+    return _rename(state, _OPENOOD_RESNET18, prefix)
+
+
+def from_torchvision(state: Mapping[str, torch.Tensor], prefix: str = "backbone.") -> dict[str, torch.Tensor]:
+    """torchvision ResNet parameter names -> our staged ResNet (with `prefix`)."""
+    return _rename(state, _TORCHVISION_RESNET, prefix)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Method-level state dict of any supported file (see the module docstring); errors name the file."""
+    path = Path(path)
+    if path.is_dir():
+        hint = path / "checkpoints" / "last.ckpt"
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; did you mean {hint}?")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        kind = checkpoint_format(checkpoint)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
+    if kind == "lightning":
+        return dict(checkpoint["state_dict"])
+    if kind == "openood":
+        return from_openood(checkpoint)
+    if kind == "torchvision":
+        return from_torchvision(checkpoint)
+    if kind == "backbone":
+        return {f"backbone.{k.removeprefix('module.')}": v for k, v in checkpoint.items()}
+    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+
+
+def load_modules(
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    modules: Mapping[str, str] | None,
+    path: str | Path,
+    hint: str = "pass the data=/backbone= it was trained with",
+) -> list[str]:
+    """Copy `state` into `model`, strictly, for the sub-modules `modules` (target name -> source prefix in `state`;
+    None = the whole model). Returns the loaded target names. Every mismatch names `path` and the first bad key."""
+    targets = {"": ""} if modules is None else dict(modules)
+    own = model.state_dict()
+    for target, source in targets.items():
+        t_prefix, s_prefix = (f"{target}." if target else ""), (f"{source}." if source else "")
+        wanted = {k for k in own if k.startswith(t_prefix)}
+        if target and not wanted:
+            names = sorted({k.split(".")[0] for k in own})
+            raise CheckpointError(f"{path}: the model has no sub-module {target!r}; choices: {names}")
+        given = {t_prefix + k[len(s_prefix):]: v for k, v in state.items() if k.startswith(s_prefix)}
+        if not given:
+            prefixes = sorted({k.split(".")[0] for k in state})
+            raise CheckpointError(f"checkpoint {path} has no weights under {source!r}; it holds {prefixes}")
+        missing, unexpected = sorted(wanted - set(given)), sorted(set(given) - wanted)
+        if missing or unexpected:
+            first = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+            raise CheckpointError(
+                f"checkpoint {path} does not fit the configured model ({hint}): {first} "
+                f"({len(missing)} missing, {len(unexpected)} unexpected keys)"
+            )
+        for key in sorted(wanted):
+            if given[key].shape != own[key].shape:
+                raise CheckpointError(
+                    f"checkpoint {path} does not fit the configured model ({hint}): {key} has shape "
+                    f"{tuple(given[key].shape)} in the file and {tuple(own[key].shape)} in the model"
+                )
+        model.load_state_dict(given, strict=False)
+    return list(targets)
