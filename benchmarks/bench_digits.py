@@ -50,7 +50,7 @@ def run(epochs: int, repeats: int) -> tuple[list[Timing], str]:
 
     def evaluation(group: str) -> callable:
         def go() -> None:
-            cfg = compose_run(workdir / group, [*QUIET, *GROUPS[group], VIM, "evaluation.save_scores=false"])
+            cfg = compose_run(workdir / group, [*QUIET, *GROUPS[group], VIM, "evaluation.sinks.results.save_scores=false"])
             m, dm, tr, _ = build(cfg)
             m.load_state_dict(state)
             count = [0]

@@ -51,6 +51,8 @@ def _tuned_keys(row: Mapping[str, Any]) -> set[str]:
     (seeds that tuned k differently are still the same configuration)."""
     if not row.get("tuned"):
         return set()
+    if "tuned_params" in row:
+        return set(row["tuned_params"])
     from ood.detectors import detector_class
     from ood.errors import ConfigError
 
@@ -189,26 +191,6 @@ def add_reference(
                     entry[col] = (values[0], values[1] if len(values) > 1 else 0.0, 3 if len(values) > 1 else 1)
                     matched = True
     return [*metric_cols, *REFERENCE_COLS] if matched else list(metric_cols)
-
-
-def print_run_table(rows: Sequence[Mapping[str, Any]]) -> None:
-    """Console table of one run: detector x OOD set (AUROC / FPR95 in %), near and far means."""
-    from rich.console import Console
-    from rich.table import Table
-
-    _, metric_cols, table = aggregate([{**r, "_run": "run"} for r in rows])
-    title = f"{rows[0]['method']} on {rows[0]['id_dataset']} (ID acc {100 * rows[0]['id_acc']:.2f}%): AUROC / FPR95 in %"
-    out = Table(title=title)
-    out.add_column("detector")
-    names = list(dict.fromkeys(c.split("/")[0] for c in metric_cols))
-    for name in names:
-        out.add_column(name, justify="right")
-    for entry in table:
-        out.add_row(
-            entry["detector"],
-            *(f"{_cell(entry[f'{n}/auroc'])} / {_cell(entry[f'{n}/fpr95'])}" for n in names),
-        )
-    Console(width=200).print(out)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

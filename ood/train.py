@@ -94,14 +94,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     if not (cfg.evaluate and trainer.is_global_zero and results.is_file()):
         return evaluation.rows
     # read back from the file: with spawned DDP ranks the rows were computed in the child processes
-    from ood.report import print_run_table
-
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    if rows:
-        print_run_table(rows)
-    else:
-        log.warning("no scores to report: the method has no score of its own and no detector is configured")
-    return rows
+    return [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
 
 
 def _finish_wandb() -> None:

@@ -13,9 +13,16 @@ import yaml
 from torch import nn
 
 from ood import CONFIG_DIR
-from ood.detectors import DetectorNotApplicable, available_detectors, build_detector, detector_class
+from ood.detectors import (
+    DetectorNotApplicable,
+    available_detectors,
+    build_detector,
+    detector_class,
+    resolve_detectors,
+)
 from ood.detectors.base import Detector
 from ood.detectors.tempscale import fit_temperature
+from ood.errors import ConfigError
 from ood.evaluation.metrics import ood_metrics
 from ood.evaluation.scoring import grid_points
 from ood.features.bank import FeatureBank
@@ -107,13 +114,19 @@ def test_score_grid_equals_fresh_detectors(name: str, synthetic: dict[str, Featu
         torch.testing.assert_close(got, _scores(_fitted(name, synthetic, **point), bank), msg=f"{name} {point}")
 
 
-def test_conf_groups_list_the_registry() -> None:
-    """`all` lists every registered detector, `fast` every one that does not need the model, `none` none."""
+def test_conf_groups_resolve_from_the_registry() -> None:
+    """`all` is every registered detector, `fast` every one that does not need the model, `none` none: resolved
+    from the registry, not kept as lists; unknown selections and names list the choices."""
     load = lambda group: yaml.safe_load((Path(CONFIG_DIR) / "detectors" / f"{group}.yaml").read_text())  # noqa: E731
-    registered = set(available_detectors())
-    assert set(load("all")["names"]) == registered
-    assert set(load("fast")["names"]) == {n for n in registered if not detector_class(n).needs_model}
-    assert load("none")["names"] == []
+    registered = available_detectors()
+    assert resolve_detectors(load("all")["names"]) == registered
+    assert resolve_detectors(load("fast")["names"]) == [n for n in registered if not detector_class(n).needs_model]
+    assert "odin" in registered and "odin" not in resolve_detectors("cached")
+    assert resolve_detectors(load("none")["names"]) == []
+    with pytest.raises(ConfigError, match=r"unknown detector selection 'every'; choices: \['all', 'cached'\]"):
+        resolve_detectors("every")
+    with pytest.raises(ConfigError, match="unknown detector 'msq'; available: ash"):
+        resolve_detectors(["msp", "msq"])
     for group in ("all", "fast", "none"):
         assert set(load(group)) == {"names", "params", "tune"}
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import FAST, rows_by, run_config
-from torch.utils.data import DistributedSampler
 from torchvision.transforms.functional import gaussian_blur
 
 from ood.data.batch import Batch
@@ -18,7 +17,7 @@ from ood.data.benchmark import EvalSplit
 from ood.detectors.mahalanobis import class_means
 from ood.features.bank import FeatureBank
 from ood.methods.ce import CrossEntropy
-from ood.methods.grood import GROOD, FitSplitStats, ncp_gradient
+from ood.methods.grood import GROOD, ncp_gradient
 from ood.models import ResNet18_32x32, SmallCNN, WideResNet
 
 C, B = 3, 8  # classes and evaluation batch size of the hand-built runs
@@ -284,47 +283,6 @@ def test_ivf_as_released_with_all_cells_probed_equals_exact_on_the_kept_bank() -
     d2 = torch.cdist(grads.double(), grads[:32].double()) ** 2
     torch.testing.assert_close(ivf.ood_score(banks["train"]).double(), -d2.min(1).values, atol=1e-5, rtol=0)
     assert torch.equal(exact.ood_score(banks["train"]), torch.zeros(40))
-
-
-# ----- DDP: padded duplicates do not enter the prototypes ----------------------------------------------------
-def test_fit_stats_with_ddp_padding_equal_single_process() -> None:
-    n, world = (
-        21,
-        4,
-    )  # 21 samples on 4 ranks: 3 padded duplicates (indices 0, 1, 2), each a rank's last sample
-    gen = torch.Generator().manual_seed(3)
-    maps, feats = torch.randn(n, 2, 3, 3, generator=gen), torch.randn(n, 5, generator=gen)
-    logits, labels = torch.randn(n, C, generator=gen), torch.arange(n) % C
-
-    def run(indices: list[int], batch: int) -> FitSplitStats:
-        stats = None
-        for chunk in torch.tensor(indices).split(batch):
-            if stats is None:
-                stats = FitSplitStats(
-                    C, torch.zeros(len(chunk), 1, 4, 4), maps[chunk], feats[chunk], 5, batch
-                )
-            stats.update(chunk, labels[chunk], maps[chunk], feats[chunk], logits[chunk])
-        assert stats is not None
-        return stats
-
-    single = run(list(range(n)), 2).summary()
-    ranks = [
-        run(list(DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False)), 2)
-        for r in range(world)
-    ]
-    merged = ranks[0]
-    for other in ranks:
-        other.finish()
-    for other in ranks[1:]:
-        merged.sums.merge_state(other.sums)
-        merged.tail.merge_state(other.tail)
-        merged.kept.merge_state(other.kept)
-    ddp = merged.summary()
-    assert torch.equal(ddp.counts, single.counts)
-    torch.testing.assert_close(ddp.early_prototypes, single.early_prototypes)
-    torch.testing.assert_close(ddp.class_prototypes, single.class_prototypes)
-    assert torch.equal(ddp.kept_maps, single.kept_maps) and torch.equal(ddp.kept_maps, maps[:6])
-    assert torch.equal(ddp.kept_logits, logits[:6])
 
 
 # ----- end to end on digits ----------------------------------------------------------------------------------

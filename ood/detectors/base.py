@@ -93,6 +93,21 @@ def available_detectors() -> list[str]:
     return sorted(_REGISTRY)
 
 
+#: named selections of the registry usable in place of a list (`detectors.names: all`)
+SELECTIONS = {"all": "every registered detector", "cached": "every detector that scores from the cache alone (no odin)"}
+
+
+def resolve_detectors(names: str | Sequence[str]) -> list[str]:
+    """Detector names from a list or a registry selection (`all`, `cached`); unknown names fail listing the choices."""
+    if isinstance(names, str):
+        if names not in SELECTIONS:
+            raise ConfigError(f"unknown detector selection {names!r}; choices: {list(SELECTIONS)} or a list of names")
+        return [n for n in available_detectors() if names == "all" or not _REGISTRY[n].needs_model]
+    for name in names:
+        detector_class(name)
+    return list(names)
+
+
 def detector_class(name: str) -> type[Detector]:
     if name not in _REGISTRY:
         raise ConfigError(f"unknown detector {name!r}; available: {', '.join(available_detectors())}")

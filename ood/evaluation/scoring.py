@@ -29,12 +29,13 @@ ScoreFn = Callable[[str], torch.Tensor]
 
 @dataclass
 class Scorer:
-    """One named score over the evaluation splits, with the hyper-parameters it used."""
+    """One named score over the evaluation splits, with the hyper-parameters it used and those of them chosen by
+    tuning on validation OOD (`tuned`)."""
 
     name: str
     score: ScoreFn
     hparams: dict[str, Any] = field(default_factory=dict)
-    tuned: bool = False
+    tuned: list[str] = field(default_factory=list)
 
 
 def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -165,7 +166,8 @@ def detector_scorers(
             log.warning("skipping detector %s: %s", name, err)
             continue
         fn: ScoreFn = lambda split, d=det: _split_scores(d, split, banks, model_scores)  # noqa: E731
-        scorers.append(Scorer(name, fn, det.hparams, tuned))
+        chosen = sorted(set(detector_class(name).grid) - set(params.get(name, {}))) if tuned else []
+        scorers.append(Scorer(name, fn, det.hparams, chosen))
     return scorers
 
 
@@ -203,7 +205,8 @@ def evaluate(
                     "n_id": len(scores[id_split.name]),
                     "n_ood": len(scores[split.name]),
                     "detector_params": scorer.hparams,
-                    "tuned": scorer.tuned,
+                    "tuned": bool(scorer.tuned),
+                    "tuned_params": scorer.tuned,
                 }
             )
     return rows, all_scores

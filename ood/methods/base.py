@@ -176,6 +176,12 @@ class OODMethod(LightningModule):
         """The method's own ID score for `bank` (higher = more ID), or None when it only uses detectors."""
         return None
 
+    def ood_scores(self, bank: FeatureBank) -> dict[str, torch.Tensor]:
+        """Every score the method reports, by detector name: `{name: ood_score(bank)}` by default; a method whose
+        score has parts (an energy and a distance term) adds them under their own names."""
+        score = self.ood_score(bank)
+        return {} if score is None else {self.name: score}
+
     def predict(self, bank: FeatureBank) -> torch.Tensor:
         """Class predictions used for ID accuracy; argmax of the logits unless a method says otherwise."""
         return bank.predictions

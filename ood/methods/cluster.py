@@ -48,9 +48,7 @@ Deviations and gaps (no official code exists; OODformer https://github.com/rajat
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -307,7 +305,6 @@ class ClusterMethod(OODMethod):
             "sorted": [own[assign == c].sort().values for c in range(k)],
         }
         self.cluster_stats = cluster_statistics(z, labels, assign, k, hp.clusters == "kmeans", hp.stats_samples, hp.kmeans_seed)
-        self._report(self.cluster_stats)
 
     def ood_score(self, bank: FeatureBank) -> torch.Tensor:
         if not self._fit:
@@ -323,18 +320,13 @@ class ClusterMethod(OODMethod):
             score[rows] = -percentile_cdf(sorted_d.to(d.device), d[rows])
         return score
 
-    def _report(self, stats: dict[str, Any]) -> None:
-        """Log the cluster diagnostics as `test/cluster/*` and write `cluster_stats.json` (global rank zero)."""
-        if self._trainer is None or not self.trainer.is_global_zero:
-            return
-        scalars = {f"test/{self.name}/{key}": value for key, value in stats.items() if isinstance(value, float)}
-        for logger in self.trainer.loggers:
-            logger.log_metrics(scalars, step=self.trainer.global_step)
-        out = Path(self.trainer.default_root_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        info = {key: self.hparams[key] for key in ("objective", "clusters", "k", "distance", "threshold", "covariance")}
-        (out / "cluster_stats.json").write_text(json.dumps({**info, **stats}, indent=2))
-        log.info("cluster stats: %s", {k: round(v, 4) for k, v in scalars.items()})
+    def diagnostics(self) -> dict[str, Any]:
+        """The cluster diagnostics of the last `setup_ood` with the settings they belong to (`cluster_stats.json`;
+        the floats are logged as `test/cluster/*`)."""
+        if not self.cluster_stats:
+            return {}
+        keys = ("objective", "clusters", "k", "distance", "threshold", "covariance")
+        return {**{key: self.hparams[key] for key in keys}, **self.cluster_stats}
 
 
 def cluster_statistics(

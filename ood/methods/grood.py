@@ -21,11 +21,10 @@ Score. h = penultimate feature, z_l = output of stage `mix_layer`, y_hat = argma
   `score: grad_norm`: -||gamma(x)||_1 (the first author's tood-continual-ood config). Prediction = nearest p_c.
 
 One evaluation pass (DESIGN §4). During the fit split's pass `test_step` also takes z_l, which is never cached:
-it feeds per-class sums (torchmetrics sum states) and keeps z_l of the first `n_proto` (rounded up to whole
-batches) training samples (a cat state deduped by index); `setup_ood` re-runs the network from `mix_layer` on
-those samples only. DDP: Lightning's distributed sampler pads with at most one duplicate per rank, always the
-rank's last sample; that sample is held back from the sums and added after the sync only if its index was not
-summed elsewhere, so the prototypes equal the single-process ones (up to float summation order).
+it feeds per-class sums and keeps z_l of the first `n_proto` (rounded up to whole batches) training samples, both
+through the shared DDP-exact reducers of `ood.features.reduce` (`ClassSums`, `FirstN`), so the prototypes equal
+the single-process ones (up to float summation order); `setup_ood` re-runs the network from `mix_layer` on the
+kept samples only.
 
 Deviations from the paper and the released code:
 - `k` is honoured (distance to the k-th neighbour); the released code ignores it (1-NN). Default 1 = released.
@@ -56,14 +55,12 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 from torchvision.transforms.functional import gaussian_blur
 
 from ood.data.batch import Batch
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
-from ood.features.collector import SplitCollector
+from ood.features.reduce import ClassSums, FirstN
 from ood.knn import KNNIndex
 from ood.methods.base import OptimizerFactory, SchedulerFactory
 from ood.methods.ce import CrossEntropy
@@ -101,37 +98,6 @@ def default_mix_layer(backbone: Backbone) -> str:
     return names[1] if names[0] == "stem" and len(names) > 1 else names[0]
 
 
-class ClassSums(Metric):
-    """Per-class sums of the early map and the penultimate feature, per-class counts, and the summed indices."""
-
-    full_state_update = False
-
-    def __init__(self, num_classes: int, map_shape: tuple[int, ...], feature_dim: int) -> None:
-        super().__init__(dist_sync_on_step=False)
-        self.add_state("maps", torch.zeros(num_classes, *map_shape), dist_reduce_fx="sum")
-        self.add_state(
-            "features", torch.zeros(num_classes, feature_dim, dtype=torch.float64), dist_reduce_fx="sum"
-        )
-        self.add_state("counts", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("index", default=[], dist_reduce_fx="cat")
-
-    def update(  # type: ignore[override]
-        self, index: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor, features: torch.Tensor
-    ) -> None:
-        self.maps.index_add_(0, labels, maps.to(self.maps.dtype))
-        self.features.index_add_(0, labels, features.to(torch.float64))
-        self.counts += torch.bincount(labels, minlength=self.counts.shape[0])
-        self.index.append(index)
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        return {
-            "maps": self.maps,
-            "features": self.features,
-            "counts": self.counts,
-            "index": dim_zero_cat(self.index),
-        }
-
-
 @dataclass
 class FitSummary:
     """What the fit split's pass yields: early and penultimate class prototypes, the kept mix-up samples."""
@@ -146,30 +112,19 @@ class FitSummary:
 
 
 class FitSplitStats:
-    """Accumulates, batch by batch, the fit split's class sums and the first `n_keep` samples' early maps.
+    """Accumulates, batch by batch, the fit split's class sums and the first `n_keep` samples' early maps, through
+    the shared DDP-exact reducers (`ood.features.reduce`).
 
     `n_keep` = `n_proto` rounded up to whole batches of the training batch size B (the released code's "whole
-    batches" rule; on the unshuffled fit loader these are dataset indices 0..n_keep-1 on any number of ranks). Each rank's last
-    sample, the only one that can be a DDP padding duplicate, is held back and added after the sync only when
-    its index was not summed on another rank.
+    batches" rule; on the unshuffled fit loader these are dataset indices 0..n_keep-1 on any number of ranks).
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        x: torch.Tensor,
-        maps: torch.Tensor,
-        features: torch.Tensor,
-        n_proto: int,
-        batch_size: int,
-    ) -> None:
+    def __init__(self, num_classes: int, input_shape: tuple[int, ...], n_proto: int, batch_size: int) -> None:
         self.batch_size = batch_size
-        self.input_shape = tuple(x.shape[1:])
+        self.input_shape = input_shape
         self.n_keep = math.ceil(n_proto / self.batch_size) * self.batch_size
-        self.sums = ClassSums(num_classes, tuple(maps.shape[1:]), features.shape[1]).to(maps.device)
-        self.tail = SplitCollector(["labels", "maps", "features"]).to(maps.device)
-        self.kept = SplitCollector(["maps", "logits"]).to(maps.device)
-        self._pending: dict[str, torch.Tensor] | None = None
+        self.sums = ClassSums(num_classes, dtypes={"features": torch.float64})
+        self.kept = FirstN(self.n_keep, ["maps", "logits"])
         self._summary: FitSummary | None = None
 
     def update(
@@ -180,43 +135,24 @@ class FitSplitStats:
         features: torch.Tensor,
         logits: torch.Tensor,
     ) -> None:
-        if self._pending is not None:
-            self.sums.update(**self._pending)
-        self.sums.update(index[:-1], labels[:-1], maps[:-1], features[:-1])
-        self._pending = {
-            "index": index[-1:],
-            "labels": labels[-1:],
-            "maps": maps[-1:],
-            "features": features[-1:],
-        }
-        keep = index < self.n_keep
-        self.kept.update(index=index[keep], maps=maps[keep], logits=logits[keep])
-
-    def finish(self) -> None:
-        """End of this rank's pass (idempotent): the held-back last sample goes to the deduplicated tail collector."""
-        if self._pending is not None:
-            self.tail.update(**self._pending)
-            self._pending = None
+        self.sums.update(index, labels, maps=maps, features=features)
+        if self.kept.device != maps.device:
+            self.kept = self.kept.to(maps.device)
+        self.kept.update(index=index, maps=maps, logits=logits)
 
     def summary(self) -> FitSummary:
         """Synced (under DDP) prototypes and kept samples; computed once."""
         if self._summary is None:
-            self.finish()
-            # torchmetrics squeezes one-element outputs: restore the row dimension of index/labels/counts
-            sums, tail = self.sums.compute(), self.tail.compute()
-            new = ~torch.isin(tail["index"].reshape(-1), sums["index"].reshape(-1))
-            labels = tail["labels"].reshape(-1)[new]
-            maps = sums["maps"].index_add(0, labels, tail["maps"][new].to(sums["maps"].dtype))
-            features = sums["features"].index_add(0, labels, tail["features"][new].to(torch.float64))
-            counts = sums["counts"].reshape(-1) + torch.bincount(labels, minlength=sums["maps"].shape[0])
+            sums, counts = self.sums.compute()
             if (counts == 0).any():
                 raise ValueError(
                     f"grood: classes {torch.nonzero(counts == 0).flatten().tolist()} have no training sample"
                 )
+            maps = sums["maps"]
             kept = self.kept.compute()
             self._summary = FitSummary(
                 early_prototypes=maps / counts.view(-1, *([1] * (maps.dim() - 1))).to(maps),
-                class_prototypes=(features / counts[:, None]).to(tail["features"].dtype),
+                class_prototypes=(sums["features"] / counts[:, None]).to(kept["logits"].dtype),
                 counts=counts,
                 kept_maps=kept["maps"],
                 kept_logits=kept["logits"],
@@ -298,7 +234,7 @@ class GROOD(CrossEntropy):
             # "whole batches" are training batches (the released code mixes on the training loader it is handed), so
             # results do not depend on the evaluation batch size
             self._stats = FitSplitStats(
-                self.backbone.num_classes, x, early, out.features, self.n_proto, self.proto_batch_size
+                self.backbone.num_classes, tuple(x.shape[1:]), self.n_proto, self.proto_batch_size
             )
         self._stats.update(index, y, early, out.features, out.logits)
         return {"index": index, "labels": y, "logits": out.logits, "features": out.features}

@@ -1,0 +1,165 @@
+"""Sinks: where an `EvaluationResult` goes once the evaluator has made it (DESIGN §3.5 "Diagnostics").
+
+Each sink is small and independent, configured under `evaluation.sinks` (one `_target_` node each), and called on
+every rank after the evaluation pass; sinks that write or print act on global rank zero only.
+- `MetricLogger`: slash-named scalars through Lightning's `log_dict` (so `trainer.callback_metrics` and every logger
+  get them): `test/<detector>/<ood_set>/<metric>`, `test/<detector>/near|far/<metric>`, `test/id/acc`, and the
+  method's float diagnostics as `test/<method>/<key>`.
+- `ResultsWriter`: `results.jsonl`, `scores.npz` and the method's diagnostics (`<key>.png` images,
+  `<method>_stats.json` for the rest) in the run folder.
+- `WandbReporter`: the results table, per-split score histograms with shared bins, diagnostic images.
+- `RunTable`: the console table of the run (AUROC / FPR95 per OOD set, near and far means), naming the FPR95
+  convention and ending with the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from lightning import LightningModule, Trainer
+
+from ood.evaluation.evaluator import EvaluationResult
+from ood.evaluation.scoring import METRICS, group_means
+from ood.utils import get_logger
+
+log = get_logger(__name__)
+
+
+class Sink(Protocol):
+    """Receives the result of one evaluation (called on every rank)."""
+
+    def write(self, result: EvaluationResult, trainer: Trainer, pl_module: LightningModule) -> None: ...
+
+
+def _is_image(value: Any) -> bool:
+    return isinstance(value, np.ndarray) and value.ndim == 3 and value.shape[-1] in (1, 3, 4)
+
+
+def split_diagnostics(diagnostics: dict[str, Any]) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, Any]]:
+    """(floats, images, the rest) of a method's diagnostics."""
+    floats = {k: v for k, v in diagnostics.items() if isinstance(v, float)}
+    images = {k: v for k, v in diagnostics.items() if _is_image(v)}
+    rest = {k: v for k, v in diagnostics.items() if k not in floats and k not in images}
+    return floats, images, rest
+
+
+def scalar_metrics(result: EvaluationResult) -> dict[str, float]:
+    """Every scalar of a result under its slash-named key."""
+    metrics: dict[str, float] = {"test/id/acc": result.id_acc}
+    for row in result.rows:
+        for m in METRICS:
+            metrics[f"test/{row['detector']}/{row['ood_dataset']}/{m}"] = row[m]
+    for (detector, group), means in group_means(result.rows).items():
+        for m, value in means.items():
+            metrics[f"test/{detector}/{group}/{m}"] = value
+    floats, _, _ = split_diagnostics(result.diagnostics)
+    metrics.update({f"test/{result.method}/{k}": v for k, v in floats.items()})
+    return metrics
+
+
+class MetricLogger:
+    """Scalars through `LightningModule.log_dict` (identical on every rank, so no sync)."""
+
+    def write(self, result: EvaluationResult, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.log_dict(scalar_metrics(result), sync_dist=False)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor | np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+class ResultsWriter:
+    """`results.jsonl` (one row per detector and OOD set), `scores.npz` (`<detector>/<split>` arrays) and the
+    method's diagnostics, in `output_dir`."""
+
+    def __init__(self, output_dir: str | None, save_scores: bool = True) -> None:
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.save_scores = save_scores
+
+    def write(self, result: EvaluationResult, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.output_dir is None or not trainer.is_global_zero:
+            return
+        out = self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "results.jsonl"
+        path.write_text("".join(json.dumps(row, default=_jsonable) + "\n" for row in result.rows))
+        if self.save_scores:
+            flat = {f"{d}/{split}": s.numpy() for d, per_split in result.scores.items() for split, s in per_split.items()}
+            np.savez_compressed(out / "scores.npz", **flat)
+        _, images, rest = split_diagnostics(result.diagnostics)
+        for key, image in images.items():
+            import matplotlib.image
+
+            target = out / f"{key}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            matplotlib.image.imsave(target, image.squeeze(-1) if image.shape[-1] == 1 else image)
+        if result.diagnostics:
+            floats, _, _ = split_diagnostics(result.diagnostics)
+            stats = {**floats, **rest}
+            (out / f"{result.method}_stats.json").write_text(json.dumps(stats, indent=2, default=_jsonable))
+        log.info("wrote %d result rows to %s", len(result.rows), path)
+
+
+class WandbReporter:
+    """wandb dashboards (only for a `WandbLogger`): the results table, per detector one score histogram per split
+    with shared bin edges (ID and OOD comparable), and the method's diagnostic images."""
+
+    def write(self, result: EvaluationResult, trainer: Trainer, pl_module: LightningModule) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if not isinstance(logger, WandbLogger):
+                continue
+            import wandb
+
+            rows = result.rows
+            columns = [k for k in rows[0] if k not in ("detector_params", "method_params", "tuned_params")] if rows else []
+            payload: dict[str, Any] = {"test/results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}
+            for detector, per_split in result.scores.items():
+                edges = np.histogram_bin_edges(torch.cat(list(per_split.values())).numpy(), bins=64)
+                for split, values in per_split.items():
+                    payload[f"test/{detector}/{split}/scores"] = wandb.Histogram(np_histogram=np.histogram(values.numpy(), bins=edges))
+            _, images, _ = split_diagnostics(result.diagnostics)
+            payload.update({f"test/{result.method}/{k}": wandb.Image(v) for k, v in images.items()})
+            logger.experiment.log(payload)
+
+
+class RunTable:
+    """The console table of one run: detector x OOD set (AUROC / FPR95 in %), near and far means."""
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        self.output_dir = output_dir
+
+    def write(self, result: EvaluationResult, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if not result.rows:
+            log.warning("no scores to report: the method has no score of its own and no detector is configured")
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        rows = result.rows
+        sets = list(dict.fromkeys(r["ood_dataset"] for r in rows))
+        groups = list(dict.fromkeys(r["ood_group"] for r in rows))
+        means = group_means(rows)
+        cell = lambda m: f"{100 * m['auroc']:.2f} / {100 * m['fpr95']:.2f}"  # noqa: E731
+        table = Table(
+            title=f"{result.method} on {rows[0]['id_dataset']} (ID acc {100 * result.id_acc:.2f}%): AUROC / FPR95 in %",
+            caption="FPR95: fraction of OOD accepted at the threshold keeping 95% of ID (ID positive; `fpr95_oodpos` "
+            "in results.jsonl is OpenOOD's OOD-positive one)" + (f"\nrun folder: {self.output_dir}" if self.output_dir else ""),
+        )
+        for name in ("detector", *sets, *groups):
+            table.add_column(name, justify="left" if name == "detector" else "right")
+        by = {(r["detector"], r["ood_dataset"]): r for r in rows}
+        for detector in dict.fromkeys(r["detector"] for r in rows):
+            table.add_row(detector, *(cell(by[detector, s]) for s in sets), *(cell(means[detector, g]) for g in groups))
+        Console(width=200).print(table)

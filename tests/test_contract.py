@@ -1,0 +1,177 @@
+"""Method contract v2 (DESIGN §3.5): training streams, `method.init` (start from / freeze weights), the method's
+linear head, errors that name the file, key and shapes."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from helpers import run_config
+from torch import nn
+from torchvision.models import resnet50
+
+from ood.data import DigitsBenchmark, OODDataModule
+from ood.data.batch import Batch
+from ood.data.benchmark import EvalSplit
+from ood.errors import CheckpointError, ConfigError
+from ood.evaluation.callback import OODEvaluation
+from ood.evaluation.evaluator import Evaluator
+from ood.features.collector import SplitCollector
+from ood.methods import CrossEntropy
+from ood.methods.oe import OutlierExposure
+from ood.models import SmallCNN
+from ood.models.checkpoint import checkpoint_format, load_modules, read_state_dict
+from ood.models.resnet import ResNet50
+
+
+def _datamodule(**kwargs: object) -> OODDataModule:
+    return OODDataModule(DigitsBenchmark(), batch_size=32, outlier_batch_size=48, seed=0, **kwargs)
+
+
+def _first_batches(loader: object, n: int = 2) -> list[dict[str, Batch]]:
+    it = iter(loader)
+    return [next(it)[0] for _ in range(n)]
+
+
+# ----- streams --------------------------------------------------------------------------------------------------
+def test_outlier_stream_sizes_content_and_epochs() -> None:
+    dm = _datamodule()
+    dm.use_streams(("id", "outliers"), "oe")
+    loader = dm.train_dataloader()
+    n_train, outliers = len(dm.benchmark.train()), dm.benchmark.outliers()
+    assert sum(1 for _ in loader) == n_train // 32  # the ID stream sets the epoch
+    first = _first_batches(loader)
+    id_rows = {tuple(r.flatten().tolist()) for r in dm.benchmark.train(augment=False).images}
+    for combined in first:
+        ident, out = combined["id"], combined["outliers"]
+        assert ident.x.shape[0] == 32 and out.x.shape[0] == 48
+        assert torch.equal(out.x, torch.stack([outliers[int(i)][0] for i in out.index]))  # outlier images only
+        assert not any(tuple(r.flatten().tolist()) in id_rows for r in out.x)
+        merged = dm.on_after_batch_transfer(combined, 0)
+        assert torch.equal(merged.x, ident.x) and torch.equal(merged.x_out, out.x) and torch.equal(merged.y, ident.y)
+    # a whole epoch draws from every outlier before repeating one (successive permutations)
+    seen = torch.cat([batch["outliers"].index for batch in _first_batches(loader, 10)])
+    assert len(seen.unique()) == min(len(seen), len(outliers))
+    epoch0 = first[0]["outliers"].index
+    for dataloader in loader.flattened:
+        dataloader.sampler.set_epoch(1)
+    assert not torch.equal(_first_batches(loader, 1)[0]["outliers"].index, epoch0)
+    for dataloader in loader.flattened:
+        dataloader.sampler.set_epoch(0)
+    assert torch.equal(_first_batches(loader, 1)[0]["outliers"].index, epoch0)  # a function of (seed, epoch)
+
+
+def test_id_only_method_never_loads_outliers(monkeypatch: pytest.MonkeyPatch) -> None:
+    dm = _datamodule()
+    monkeypatch.setattr(dm.benchmark, "outliers", lambda: pytest.fail("outliers were loaded"))
+    dm.use_streams(("id",), "ce")
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, Batch) and batch.x_out is None and len(batch) == 32
+
+
+def test_id_order_is_a_function_of_seed_and_epoch() -> None:
+    dm = _datamodule()
+    a, b = dm.train_dataloader(), dm.train_dataloader()
+    assert torch.equal(next(iter(a)).index, next(iter(b)).index)
+    a.sampler.set_epoch(3)
+    assert not torch.equal(next(iter(a)).index, next(iter(b)).index)
+
+
+def test_benchmark_without_outliers_fails_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"method oe trains on outliers, but benchmark digits has none .*\['china_patches'\]"):
+        run_config(tmp_path, ["method=oe", "data.benchmark.outliers=none", "trainer.max_epochs=1"])
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# ----- init and freeze ------------------------------------------------------------------------------------------
+def _oe(**init: object) -> OutlierExposure:
+    torch.manual_seed(1)
+    return OutlierExposure(SmallCNN(6), optimizer=partial(torch.optim.SGD, lr=0.1), init=init or None)
+
+
+def test_init_from_a_lightning_checkpoint_and_bare_state_dicts(ce_checkpoint: Path, tmp_path: Path) -> None:
+    reference = torch.load(ce_checkpoint, weights_only=False)["state_dict"]
+    assert checkpoint_format(torch.load(ce_checkpoint, weights_only=False)) == "lightning"
+    method = _oe(ckpt=str(ce_checkpoint))
+    method.apply_init()
+    assert all(torch.equal(method.state_dict()[k], v) for k, v in reference.items())
+    backbone_only = {k.removeprefix("backbone."): v for k, v in reference.items()}
+    for name, state in (("method.pt", reference), ("backbone.pt", backbone_only)):
+        torch.save(state, tmp_path / name)
+        assert read_state_dict(tmp_path / name).keys() == reference.keys()
+
+
+def test_torchvision_resnet50_state_dict_maps_onto_ours(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    theirs = resnet50(weights=None, num_classes=5).eval()
+    torch.save(theirs.state_dict(), tmp_path / "resnet50.pth")
+    assert checkpoint_format(theirs.state_dict()) == "torchvision"
+    ours = CrossEntropy(ResNet50(5), optimizer=torch.optim.SGD, init={"ckpt": str(tmp_path / "resnet50.pth")})
+    ours.apply_init()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(ours.backbone.eval()(x), theirs(x))
+
+
+def test_checkpoint_that_does_not_fit_names_file_key_and_shapes(ce_checkpoint: Path) -> None:
+    wide = OutlierExposure(SmallCNN(6, width=16), optimizer=torch.optim.SGD, init={"ckpt": str(ce_checkpoint)})
+    with pytest.raises(CheckpointError, match=rf"{ce_checkpoint}.*backbone\.\S+ has shape \(\d+.*\) in the file and \(\d+.*\) in the model"):
+        wide.apply_init()
+    with pytest.raises(CheckpointError, match=r"did you mean .*checkpoints/last.ckpt"):
+        read_state_dict(ce_checkpoint.parent.parent)
+    with pytest.raises(ConfigError, match="has no sub-module 'decoder'; choices"):
+        _oe(ckpt=str(ce_checkpoint), freeze=["decoder"]).apply_init()
+
+
+def test_init_modules_maps_a_source_prefix_onto_another_submodule(ce_checkpoint: Path) -> None:
+    class WithTeacher(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone, self.teacher = SmallCNN(6), SmallCNN(6)
+
+    model = WithTeacher()
+    state = read_state_dict(ce_checkpoint)
+    assert load_modules(model, state, {"teacher": "backbone"}, ce_checkpoint) == ["teacher"]
+    assert all(torch.equal(model.state_dict()[f"teacher.{k[9:]}"], v) for k, v in state.items())
+    assert not torch.equal(model.backbone.fc.weight, model.teacher.fc.weight)
+
+
+def test_frozen_submodule_is_bit_identical_after_training(ce_checkpoint: Path, tmp_path: Path) -> None:
+    """Weights and batch-norm buffers of a frozen sub-module do not move; the rest trains."""
+    method = _oe(ckpt=str(ce_checkpoint), freeze=["backbone.stages"])
+    method.apply_init()
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    dm = _datamodule()
+    dm.use_streams(method.streams, method.name)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(method, datamodule=dm)
+    after = method.state_dict()
+    stages = [k for k in before if k.startswith("backbone.stages.")]
+    assert any("running_mean" in k for k in stages) and any("num_batches_tracked" in k for k in stages)
+    assert all(torch.equal(before[k], after[k]) for k in stages)
+    assert not torch.equal(before["backbone.fc.weight"], after["backbone.fc.weight"])
+    assert not method.backbone.stages.training and all(not p.requires_grad for p in method.backbone.stages.parameters())
+
+
+def test_detectors_use_the_methods_linear_head() -> None:
+    class ProbeHead(CrossEntropy):
+        name = "probe_head"
+
+        def __init__(self) -> None:
+            super().__init__(SmallCNN(6), optimizer=torch.optim.SGD)
+            self.probe = nn.Linear(self.backbone.feature_dim, 6)
+
+        def linear_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.probe.weight, self.probe.bias
+
+    method = ProbeHead()
+    callback = OODEvaluation(Evaluator(detectors=[]))
+    callback._collectors = {0: SplitCollector(["labels", "logits", "features"])}
+    callback._collectors[0].update(index=torch.arange(2), labels=torch.zeros(2, dtype=torch.long),
+                                   logits=torch.zeros(2, 6), features=torch.zeros(2, method.backbone.feature_dim))
+    bank = callback._banks([EvalSplit("test", "id_test")], method)["test"]
+    assert torch.equal(bank.weight, method.probe.weight) and torch.equal(bank.bias, method.probe.bias)
