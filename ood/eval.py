@@ -1,4 +1,6 @@
-"""`ood-eval ckpt_path=PATH`: evaluate a checkpoint with the method's score and every detector (no training)."""
+"""`ood-eval ckpt_path=PATH` (or `backbone.weights=FILE`): evaluate a checkpoint, or a backbone with pretrained
+weights (`ood-eval data=imagenet1k backbone=resnet50 backbone.weights=... method=grood`), with the method's score and
+every detector (no training)."""
 
 from __future__ import annotations
 

@@ -72,8 +72,11 @@ def check_launch(cfg: DictConfig) -> None:
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     """Train (unless `train=false`) and evaluate; returns the result rows also written to `results.jsonl`."""
     check_launch(cfg)
-    if not cfg.train and not cfg.get("ckpt_path"):
-        raise ConfigError("evaluation without training needs a checkpoint: add ckpt_path=PATH/checkpoints/last.ckpt")
+    if not cfg.train and not cfg.get("ckpt_path") and not cfg.backbone.get("weights"):
+        raise ConfigError(
+            "evaluation without training needs a checkpoint: add ckpt_path=PATH/checkpoints/last.ckpt "
+            "(or backbone.weights=FILE for a backbone that loads pretrained weights, e.g. backbone=resnet50)"
+        )
     method, datamodule, trainer, evaluation = build(cfg)
     # `method.init` starts a new run from weights; a resumed run or an evaluated checkpoint brings its own
     method.apply_init(load=not cfg.get("ckpt_path"))

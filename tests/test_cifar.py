@@ -245,7 +245,7 @@ def test_torchvision_source_downloads_and_builds_the_protocol(
         ("DTD", "texture", "test"), ("Places365", "places365", "val"),
     }
     assert all(Path(root).parent == tmp_path / "torchvision" for _, root, _ in fake_torchvision.calls)
-    assert "TinyImageNet not found" in caplog.text
+    assert "set 'tin' not found" in caplog.text and "set 'val_ood' not found" in caplog.text
     fake_torchvision.calls = []
     ood = bench.ood_test()
     assert not any(kw["download"] for _, _, kw in fake_torchvision.calls)

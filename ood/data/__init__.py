@@ -3,6 +3,7 @@
 from ood.data.benchmark import Benchmark, EvalSplit, Indexed, OODDataModule, OODSet
 from ood.data.cifar import CIFAR10Benchmark, CIFAR100Benchmark, CIFARBenchmark
 from ood.data.digits import DigitsBenchmark
+from ood.data.files import FileBenchmark
 from ood.data.imglist import ImageList
 from ood.data.npy import NpyImages
 
@@ -12,6 +13,7 @@ __all__ = [
     "CIFAR10Benchmark",
     "CIFARBenchmark",
     "DigitsBenchmark",
+    "FileBenchmark",
     "EvalSplit",
     "ImageList",
     "Indexed",

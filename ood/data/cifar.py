@@ -1,4 +1,15 @@
-"""CIFAR-10 / CIFAR-100 under the OpenOOD v1.5 protocol (`data=cifar10`, `data=cifar100`).
+"""CIFAR-10 / CIFAR-100 as ID (`data=cifar10`, `data=cifar100`) under a selectable OOD protocol.
+
+`data.benchmark.protocol` picks the OOD sets, each listed in the data YAML (`protocols:`; see `ood.data.sets`):
+
+- `openood_v1.5` (default), the table below;
+- `classic`: far-OOD Textures, SVHN, Places365, LSUN-Crop, LSUN-Resize, iSUN (ODIN, Energy, heatmap papers), no
+  near-OOD, read from energy_ood's folder layout (`dtd/images`, `svhn/test_32x32.mat`, `places365/`, `LSUN_C/`,
+  `LSUN_resize/`, `iSUN/` under `data_dir`); validation OOD = OpenOOD's TIN list when present;
+- `oodformer`: CIFAR-10 ID vs CIFAR-100, ImageNet-resize, LSUN-resize, SVHN (CIFAR-100 ID: CIFAR-10 + the same),
+  read from OODformer's layout (`cifar100-data/`, `Imagenet_resize/`, `LSUN_resize/`, `svhn-data/`).
+
+OpenOOD v1.5:
 
 | ID        | near-OOD         | far-OOD                          | validation OOD | outliers (OE)          |
 |-----------|------------------|----------------------------------|----------------|------------------------|
@@ -22,12 +33,13 @@ ID validation = 1,000 images held out of the official test set (OpenOOD's `val_<
 stratified split with a fixed seed); the ID test set is the rest. Preprocessing follows OpenOOD: RGB (grey
 images get 3 channels), resize 32 (bilinear), centre crop 32, normalise with the ID dataset's statistics; training
 adds a horizontal flip and a 4-pixel padded random crop (OpenOOD's `BasePreprocessor`), both configurable.
-Outliers use the training transform.
+Outliers use the training transform. The classic and OODformer sets get the same test preprocessing (their papers
+feed 32-pixel sets as is and resize + centre-crop the larger ones, which is what resize 32 + centre crop 32 does).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,12 +52,12 @@ from torchvision import transforms as T
 from ood.data.benchmark import Benchmark, OODSet
 from ood.data.imglist import ImageList
 from ood.data.npy import NpyImages
+from ood.data.sets import Protocol, SetSpec, TorchvisionBuilder, describe_missing
 from ood.errors import ConfigError, DataNotFoundError
 from ood.utils import get_logger
 
 log = get_logger(__name__)
 
-FAR = ("mnist", "svhn", "texture", "places365")
 SOURCES = ("auto", "openood", "torchvision")
 OUTLIERS = ("tin597", "random300k", "none")
 OPENOOD_DOWNLOAD = (
@@ -94,7 +106,7 @@ def stratified_split(targets: Sequence[int], size: int, seed: int) -> tuple[list
 
 
 class CIFARBenchmark(Benchmark):
-    """CIFAR ID benchmark with OpenOOD v1.5's OOD sets (see the module docstring); subclasses fix the ID set.
+    """CIFAR ID benchmark with the OOD sets of one protocol (see the module docstring); subclasses fix the ID set.
 
     Args:
         data_dir: where OpenOOD's tree (`images_classic/`, `benchmark_imglist/`) or `torchvision/` lives.
@@ -106,11 +118,13 @@ class CIFARBenchmark(Benchmark):
         split_seed: seed of that split.
         outliers: `tin597` (OpenOOD's `train_tin597` list), `random300k` (`outliers_file`), or `none`.
         outliers_file: the `.npy` of the 300K random images, relative to `data_dir` unless absolute.
+        protocol: the OOD protocol, a key of `protocols` (`openood_v1.5`, `classic`, `oodformer`).
+        protocols: protocol name -> `{near: {set: spec}, far: {set: spec}, val_ood: spec}` (`ood.data.sets`);
+            default: the `protocols` of `conf/data/<id>.yaml`.
     """
 
     in_channels = 3
-    #: the other CIFAR (near-OOD), torchvision class name, normalisation (OpenOOD `preprocessor.py`)
-    near_id: ClassVar[str]
+    #: torchvision class name, normalisation (OpenOOD `preprocessor.py`)
     torchvision_class: ClassVar[str]
     mean: ClassVar[tuple[float, float, float]]
     std: ClassVar[tuple[float, float, float]]
@@ -128,6 +142,8 @@ class CIFARBenchmark(Benchmark):
         split_seed: int = 0,
         outliers: str = "tin597",
         outliers_file: str = "300K_random_images.npy",
+        protocol: str = "openood_v1.5",
+        protocols: Mapping[str, Any] | None = None,
     ) -> None:
         if source not in SOURCES:
             raise ConfigError(f"unknown data source {source!r}; choices: {list(SOURCES)}")
@@ -142,6 +158,15 @@ class CIFARBenchmark(Benchmark):
         self.split_seed = split_seed
         self.outlier_set = outliers
         self.outliers_file = outliers_file
+        self.protocol = Protocol.select(self._default_protocols() if protocols is None else protocols, protocol)
+        self._tv_cache: dict[tuple[str, Path], Dataset] = {}
+
+    def _default_protocols(self) -> Mapping[str, Any]:
+        from omegaconf import OmegaConf
+
+        from ood import CONFIG_DIR
+
+        return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / f"{self.name}.yaml").benchmark.protocols)
 
     # ----- where things are ---------------------------------------------------------------------------------------
     @property
@@ -171,16 +196,16 @@ class CIFARBenchmark(Benchmark):
     def input_std(self) -> tuple[float, ...]:
         return self.std
 
-    def _openood_required(self) -> list[str]:
-        return [f"train_{self.name}", f"test_{self.name}", "val_tin", f"test_{self.near_id}", "test_tin"] + [
-            f"test_{s}" for s in FAR
-        ]
+    @property
+    def prefer(self) -> str:
+        """The kind of set spec read when a spec offers several: OpenOOD's lists, or torchvision's files."""
+        return "imglist" if self.resolved_source == "openood" else "torchvision"
 
     def _how_to_get(self) -> str:
         return (
             f"Get OpenOOD's benchmark with its download script "
             f"({OPENOOD_DOWNLOAD.format(data_dir=self.data_dir.resolve())}), "
-            f"or set data.download=true to fetch CIFAR-10/100, MNIST, SVHN, DTD and Places365 with "
+            f"or set data.download=true to fetch CIFAR-10/100 (and the protocol's MNIST, SVHN, DTD, Places365) with "
             f"torchvision into {self.torchvision_dir} (TinyImageNet and TIN-597 come only from OpenOOD's files)"
         )
 
@@ -206,37 +231,49 @@ class CIFARBenchmark(Benchmark):
 
     # ----- preparation --------------------------------------------------------------------------------------------
     def prepare(self, download: bool = False) -> None:
-        """Check that every file the protocol needs is there (downloading with torchvision when `download`)."""
+        """Check that every file the ID set and the protocol need is there (downloading with torchvision when
+        `download`); every missing set is named with what was looked for and how to get it."""
         source = self.resolved_source
+        missing = []
         if source == "openood":
-            missing = [str(self.list_file(n)) for n in self._openood_required() if not self.list_file(n).is_file()]
+            missing += [str(self.list_file(n)) for n in (f"train_{self.name}", f"test_{self.name}") if not self.list_file(n).is_file()]
             if not self.images_dir.is_dir():
                 missing.append(f"{self.images_dir}/ (the images)")
-            if missing:
-                raise DataNotFoundError(
-                    f"{self.name}: OpenOOD data incomplete under {self.data_dir}; missing: {', '.join(missing)}. "
-                    + self._how_to_get()
-                )
         else:
             if self.source == "auto" and not download and not self._tv_present():
                 raise DataNotFoundError(
                     f"{self.name}: no data found: looked for OpenOOD's lists in {self.lists_dir} and for torchvision's "
                     f"{self.torchvision_class} in {self.torchvision_dir / self.name}. " + self._how_to_get()
                 )
-            for name, build in self._tv_builders().items():
-                self._tv_build(name, build, download=download)
-            if not self._tin_available():
-                log.warning(
-                    "%s (torchvision source): TinyImageNet not found (looked for %s, %s and %s): near-OOD has no 'tin' "
-                    "set and there is no validation OOD (detector grids are not tuned); results are not comparable "
-                    "with the OpenOOD leaderboard. TIN comes only from OpenOOD's files: %s",
-                    self.name,
-                    self.list_file("test_tin"),
-                    self.list_file("val_tin"),
-                    self.images_dir,
-                    OPENOOD_DOWNLOAD.format(data_dir=self.data_dir.resolve()),
-                )
-        log.info("%s: reading %s data from %s", self.name, source, self.data_dir)
+            for key in (f"{self.name}:train", f"{self.name}:test"):
+                self._tv_build(key, self.torchvision_dir / self.name, download=download)
+        for name, spec in self.protocol.all_specs():
+            kind = spec.kind(self.prefer)  # type: ignore[arg-type]
+            if kind == "torchvision":
+                self._tv_build(str(spec.torchvision), spec.torchvision_root(self.data_dir), download=download)
+            elif absent := spec.missing(self.data_dir, kind):
+                if spec.optional:
+                    self._warn_skipped(name, spec, absent)
+                else:
+                    missing.append(describe_missing(name, spec, absent))
+        if missing:
+            raise DataNotFoundError(
+                f"{self.name} ({self.protocol.name} protocol): data incomplete under {self.data_dir}; missing: "
+                f"{', '.join(missing)}. " + self._how_to_get()
+            )
+        log.info("%s: reading %s data from %s (%s protocol)", self.name, source, self.data_dir, self.protocol.name)
+
+    def _warn_skipped(self, name: str, spec: SetSpec, absent: list[str]) -> None:
+        log.warning(
+            "%s (%s protocol): set %r not found (looked for %s): skipped%s; results are not comparable with the "
+            "protocol's published numbers. %s",
+            self.name,
+            self.protocol.name,
+            name,
+            ", ".join(absent),
+            " (no validation OOD: detector grids are not tuned)" if name == "val_ood" else "",
+            spec.how or self._how_to_get(),
+        )
 
     # ----- OpenOOD lists ------------------------------------------------------------------------------------------
     def _list(self, name: str, transform: Callable[[Image.Image], torch.Tensor], ood: bool = False) -> ImageList:
@@ -246,25 +283,23 @@ class CIFARBenchmark(Benchmark):
             )
         return ImageList(self.list_file(name), self.images_dir, transform, label=-1 if ood else None)
 
-    def _tin_available(self) -> bool:
-        return self.list_file("test_tin").is_file() and self.list_file("val_tin").is_file() and self.images_dir.is_dir()
-
     # ----- torchvision --------------------------------------------------------------------------------------------
     def _tv_present(self) -> bool:
         return (self.torchvision_dir / self.name).is_dir()
 
-    def _tv_builders(self) -> dict[str, Callable[[Path, bool], Dataset]]:
-        """Constructors `(root, download) -> dataset of (PIL image, label)` for every torchvision set."""
+    def _tv_builders(self) -> dict[str, TorchvisionBuilder]:
+        """Constructors `(root, download) -> dataset of (PIL image, label)`: the ID splits (`<id>:train`,
+        `<id>:test`) and the sets a protocol may name with `torchvision:` (the CIFARs' test splits and the rest)."""
         from torchvision import datasets as tvd
 
-        def cifar(cls_name: str, train: bool) -> Callable[[Path, bool], Dataset]:
+        def cifar(cls_name: str, train: bool) -> TorchvisionBuilder:
             return lambda root, download: getattr(tvd, cls_name)(str(root), train=train, download=download)
 
-        other = CIFAR100Benchmark if self.name == "cifar10" else CIFAR10Benchmark
         return {
             f"{self.name}:train": cifar(self.torchvision_class, True),
             f"{self.name}:test": cifar(self.torchvision_class, False),
-            f"{self.near_id}:test": cifar(other.torchvision_class, False),
+            "cifar10": cifar(CIFAR10Benchmark.torchvision_class, False),
+            "cifar100": cifar(CIFAR100Benchmark.torchvision_class, False),
             "mnist": lambda root, download: tvd.MNIST(str(root), train=False, download=download),
             "svhn": lambda root, download: tvd.SVHN(str(root), split="test", download=download),
             "texture": lambda root, download: ConcatDataset(
@@ -273,18 +308,25 @@ class CIFARBenchmark(Benchmark):
             "places365": lambda root, download: tvd.Places365(str(root), split="val", small=True, download=download),
         }
 
-    def _tv_build(self, name: str, build: Callable[[Path, bool], Dataset], download: bool = False) -> Dataset:
-        root = self.torchvision_dir / name.split(":")[0]
+    def _tv_build(self, key: str, root: Path, download: bool = False) -> Dataset:
+        """torchvision set `key` under `root` (built once per root); a missing one names the folder and how to get it."""
+        if (key, root) in self._tv_cache:
+            return self._tv_cache[key, root]
+        builders = self._tv_builders()
+        if key not in builders:
+            raise ConfigError(f"unknown torchvision set {key!r}; choices: {sorted(builders)}")
         try:
-            return build(root, download)
+            dataset = builders[key](root, download)
         except RuntimeError as err:  # torchvision's "Dataset not found or corrupted. You can use download=True"
             raise DataNotFoundError(
-                f"{self.name}: torchvision dataset {name.split(':')[0]!r} not found in {root} ({err}). " + self._how_to_get()
+                f"{self.name}: torchvision dataset {key.split(':')[0]!r} not found in {root} ({err}). " + self._how_to_get()
             ) from err
+        self._tv_cache[key, root] = dataset
+        return dataset
 
-    @cached_property
-    def _tv(self) -> dict[str, Dataset]:
-        return {name: self._tv_build(name, build) for name, build in self._tv_builders().items()}
+    def _tv(self, split: str) -> Dataset:
+        """The ID `train` or `test` split from torchvision."""
+        return self._tv_build(f"{self.name}:{split}", self.torchvision_dir / self.name)
 
     # ----- ID splits ----------------------------------------------------------------------------------------------
     @cached_property
@@ -295,19 +337,19 @@ class CIFARBenchmark(Benchmark):
         if self.resolved_source == "openood":
             targets = self._list(f"test_{self.name}", self.eval_transform()).targets
         else:
-            targets = self._tv[f"{self.name}:test"].targets  # type: ignore[attr-defined]
+            targets = self._tv("test").targets  # type: ignore[attr-defined]
         return stratified_split(targets, self.val_size, self.split_seed)
 
     def _official_test(self) -> Dataset:
         if self.resolved_source == "openood":
             return self._list(f"test_{self.name}", self.eval_transform())
-        return Transformed(self._tv[f"{self.name}:test"], self.eval_transform())
+        return Transformed(self._tv("test"), self.eval_transform())
 
     def train(self, augment: bool = True) -> Dataset:
         transform = self.train_transform() if augment else self.eval_transform()
         if self.resolved_source == "openood":
             return self._list(f"train_{self.name}", transform)
-        return Transformed(self._tv[f"{self.name}:train"], transform)
+        return Transformed(self._tv("train"), transform)
 
     def val(self) -> Dataset:
         split = self._id_test_split
@@ -320,24 +362,26 @@ class CIFARBenchmark(Benchmark):
         return self._official_test() if split is None else Subset(self._official_test(), split[1])
 
     # ----- OOD ----------------------------------------------------------------------------------------------------
+    def _open(self, name: str, spec: SetSpec) -> Dataset | None:
+        """OOD set `name` as its spec says (None for a missing optional set)."""
+        kind = spec.kind(self.prefer)  # type: ignore[arg-type]
+        if kind == "torchvision":
+            dataset = self._tv_build(str(spec.torchvision), spec.torchvision_root(self.data_dir))
+            return Transformed(dataset, self.eval_transform(), label=-1)
+        absent = spec.missing(self.data_dir, kind)
+        if absent and spec.optional:
+            return None
+        if absent:
+            raise DataNotFoundError(f"{self.name}: OOD set {describe_missing(name, spec, absent)} not found. " + self._how_to_get())
+        return spec.open(self.data_dir, kind, self.eval_transform(), label=-1)
+
     def ood_test(self) -> list[OODSet]:
-        groups = {self.near_id: "near", "tin": "near", **dict.fromkeys(FAR, "far")}
-        if self.resolved_source == "openood":
-            return [OODSet(n, g, self._list(f"test_{n}", self.eval_transform(), ood=True)) for n, g in groups.items()]
-        sets = []
-        for name, group in groups.items():
-            if name == "tin":
-                if self._tin_available():
-                    sets.append(OODSet(name, group, self._list("test_tin", self.eval_transform(), ood=True)))
-                continue
-            key = f"{name}:test" if name == self.near_id else name
-            sets.append(OODSet(name, group, Transformed(self._tv[key], self.eval_transform(), label=-1)))
-        return sets
+        sets = [(name, group, self._open(name, spec)) for name, group, spec in self.protocol.sets]
+        return [OODSet(name, group, dataset) for name, group, dataset in sets if dataset is not None]
 
     def ood_val(self) -> Dataset | None:
-        if self.resolved_source == "torchvision" and not self._tin_available():
-            return None
-        return self._list("val_tin", self.eval_transform(), ood=True)
+        spec = self.protocol.val_ood
+        return None if spec is None else self._open("val_ood", spec)
 
     def outliers(self) -> Dataset | None:
         if self.outlier_set == "none":
@@ -356,22 +400,20 @@ class CIFARBenchmark(Benchmark):
 
 
 class CIFAR10Benchmark(CIFARBenchmark):
-    """CIFAR-10 as ID; near-OOD CIFAR-100 and TIN (OpenOOD v1.5)."""
+    """CIFAR-10 as ID (OpenOOD v1.5: near-OOD CIFAR-100 and TIN)."""
 
     name = "cifar10"
     num_classes = 10
-    near_id = "cifar100"
     torchvision_class = "CIFAR10"
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2470, 0.2435, 0.2616)
 
 
 class CIFAR100Benchmark(CIFARBenchmark):
-    """CIFAR-100 as ID; near-OOD CIFAR-10 and TIN (OpenOOD v1.5)."""
+    """CIFAR-100 as ID (OpenOOD v1.5: near-OOD CIFAR-10 and TIN)."""
 
     name = "cifar100"
     num_classes = 100
-    near_id = "cifar10"
     torchvision_class = "CIFAR100"
     mean = (0.5071, 0.4867, 0.4408)
     std = (0.2675, 0.2565, 0.2761)

@@ -42,7 +42,36 @@ def load_rgb(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-class ImageList(Dataset):
+class ImageFiles(Dataset):
+    """`(transform(RGB image), label)` for `(relative path, label)` entries under `root`; `label` overrides all
+    labels (-1 for OOD sets, whatever the source says)."""
+
+    def __init__(
+        self,
+        entries: list[tuple[str, int]],
+        root: str | Path,
+        transform: Callable[[Image.Image], Any],
+        label: int | None = None,
+    ) -> None:
+        self.entries = entries
+        self.root = Path(root)
+        self.transform = transform
+        self.label = label
+
+    @property
+    def targets(self) -> list[int]:
+        """Labels of every item, in order (without reading images)."""
+        return [label if self.label is None else self.label for _, label in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        name, label = self.entries[i]
+        return self.transform(load_rgb(self.root / name)), (label if self.label is None else self.label)
+
+
+class ImageList(ImageFiles):
     """The images of one OpenOOD list under `root`, as `(transform(image), label)`.
 
     Args:
@@ -60,19 +89,4 @@ class ImageList(Dataset):
         label: int | None = None,
     ) -> None:
         self.list_file = Path(list_file)
-        self.root = Path(root)
-        self.entries = read_imglist(self.list_file)
-        self.transform = transform
-        self.label = label
-
-    @property
-    def targets(self) -> list[int]:
-        """Labels of every item, in order (without reading images)."""
-        return [label if self.label is None else self.label for _, label in self.entries]
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        name, label = self.entries[i]
-        return self.transform(load_rgb(self.root / name)), (label if self.label is None else self.label)
+        super().__init__(read_imglist(self.list_file), root, transform, label)

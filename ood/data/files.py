@@ -1,0 +1,185 @@
+"""Benchmarks whose every split is a set spec in YAML: `data=tinyimagenet`, `data=imagenet1k`, `data=imagenet200`.
+
+The ID train / val / test splits and the protocol's OOD sets are all `ood.data.sets.SetSpec`s, so these benchmarks
+hold no dataset-specific code: `conf/data/imagenet1k.yaml` names OpenOOD v1.5's lists
+(`benchmark_imglist/imagenet/{train,val,test}_imagenet.txt`, `test_<set>.txt`, `val_openimage_o.txt`) over
+`images_largescale/` and `images_classic/`, exactly as OpenOOD's `configs/datasets/imagenet/*.yml`;
+`conf/data/tinyimagenet.yaml` reads the official `tiny-imagenet-200/` download (train folders, val annotations) and
+the heatmap paper's OOD folders.
+
+Preprocessing follows OpenOOD's: evaluation = RGB, resize the shorter side to `resize` (bilinear), centre crop
+`image_size`, normalise; training (`augment`) = RGB, `RandomResizedCrop(image_size)` (bilinear), horizontal flip,
+normalise (OpenOOD's ImageNet `BasePreprocessor`; the heatmap code trains Tiny ImageNet the same way). Without a
+`val` spec the ID validation split is `val_size` images held out of the training set, stratified, with
+`split_seed` (the heatmap paper holds out 1 % of Tiny ImageNet's training set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+from torchvision import transforms as T
+
+from ood.data.benchmark import Benchmark, OODSet
+from ood.data.cifar import RGB, stratified_split
+from ood.data.sets import Protocol, SetSpec, describe_missing
+from ood.errors import DataNotFoundError
+from ood.utils import get_logger
+
+log = get_logger(__name__)
+
+
+class FileBenchmark(Benchmark):
+    """An ID/OOD benchmark read from files named in config (see the module docstring).
+
+    Args:
+        data_dir: the root every relative path is under.
+        name: the ID dataset name reported in results.
+        num_classes: number of ID classes.
+        train, test: set specs of the ID training and test splits (labelled).
+        val: set spec of the ID validation split; None = `val_size` images held out of `train`.
+        protocol, protocols: the OOD protocol and the mapping it is taken from (`ood.data.sets.Protocol`).
+        image_size, resize: centre-crop size and the shorter-side resize before it (evaluation).
+        mean, std: input normalisation.
+        augment: random resized crop + flip for training.
+        val_size, split_seed: the held-out validation split when `val` is None.
+        how: how to get the ID data, printed when it is missing.
+    """
+
+    in_channels = 3
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        name: str,
+        num_classes: int,
+        train: Mapping[str, Any],
+        test: Mapping[str, Any],
+        protocols: Mapping[str, Any],
+        protocol: str,
+        val: Mapping[str, Any] | None = None,
+        image_size: int = 224,
+        resize: int = 256,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        augment: bool = True,
+        val_size: int = 1000,
+        split_seed: int = 0,
+        how: str = "",
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.name = name
+        self.num_classes = num_classes
+        self.splits = {
+            split: SetSpec.parse(f"{name}:{split}", spec)
+            for split, spec in (("train", train), ("val", val), ("test", test))
+            if spec is not None
+        }
+        self.protocol = Protocol.select(protocols, protocol)
+        self.image_size = image_size
+        self.resize = resize
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.augment = augment
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.how = how
+
+    @property
+    def input_std(self) -> tuple[float, ...]:
+        return self.std
+
+    # ----- transforms ---------------------------------------------------------------------------------------------
+    def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """RGB, resize (bilinear), centre crop, tensor, normalise (OpenOOD's `TestStandardPreProcessor`)."""
+        return T.Compose(
+            [
+                RGB(),
+                T.Resize(self.resize, interpolation=T.InterpolationMode.BILINEAR),
+                T.CenterCrop(self.image_size),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def train_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """RGB, random resized crop (bilinear), flip, tensor, normalise (OpenOOD's ImageNet `BasePreprocessor`)."""
+        if not self.augment:
+            return self.eval_transform()
+        return T.Compose(
+            [
+                RGB(),
+                T.RandomResizedCrop(self.image_size, interpolation=T.InterpolationMode.BILINEAR),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+    # ----- files --------------------------------------------------------------------------------------------------
+    def _specs(self) -> list[tuple[str, SetSpec]]:
+        return [(f"{self.name}:{split}", spec) for split, spec in self.splits.items()] + self.protocol.all_specs()
+
+    def prepare(self, download: bool = False) -> None:
+        """Check every split and set (nothing here is downloadable); all missing ones are named in one error."""
+        missing = []
+        for name, spec in self._specs():
+            absent = spec.missing(self.data_dir, spec.kinds[0])
+            if absent and spec.optional:
+                log.warning("%s: optional set %r not found (looked for %s): skipped", self.name, name, ", ".join(absent))
+            elif absent:
+                missing.append(describe_missing(name, spec, absent))
+        if missing:
+            raise DataNotFoundError(
+                f"{self.name} ({self.protocol.name} protocol): data incomplete under {self.data_dir}; missing: "
+                f"{', '.join(missing)}." + (f" {self.how}" if self.how else "")
+            )
+        log.info("%s: reading files from %s (%s protocol)", self.name, self.data_dir, self.protocol.name)
+
+    def _open(self, name: str, spec: SetSpec, transform: Callable[[Image.Image], Any], label: int | None) -> Dataset | None:
+        absent = spec.missing(self.data_dir, spec.kinds[0])
+        if absent and spec.optional:
+            return None
+        if absent:
+            raise DataNotFoundError(f"{self.name}: set {describe_missing(name, spec, absent)} not found. {self.how}".rstrip())
+        return spec.open(self.data_dir, spec.kinds[0], transform, label=label)
+
+    def _split(self, split: str, transform: Callable[[Image.Image], Any]) -> Dataset:
+        dataset = self._open(f"{self.name}:{split}", self.splits[split], transform, label=None)
+        assert dataset is not None, f"the ID {split} split cannot be optional"
+        return dataset
+
+    @cached_property
+    def _held_out(self) -> tuple[list[int], list[int]] | None:
+        """(val, train) indices into the training split when there is no `val` spec."""
+        if "val" in self.splits:
+            return None
+        targets = self._split("train", self.eval_transform()).targets  # type: ignore[attr-defined]
+        return stratified_split(targets, self.val_size, self.split_seed)
+
+    # ----- splits -------------------------------------------------------------------------------------------------
+    def train(self, augment: bool = True) -> Dataset:
+        dataset = self._split("train", self.train_transform() if augment else self.eval_transform())
+        return dataset if self._held_out is None else Subset(dataset, self._held_out[1])
+
+    def val(self) -> Dataset:
+        if self._held_out is None:
+            return self._split("val", self.eval_transform())
+        return Subset(self._split("train", self.eval_transform()), self._held_out[0])
+
+    def test(self) -> Dataset:
+        return self._split("test", self.eval_transform())
+
+    def ood_test(self) -> list[OODSet]:
+        sets = [(n, g, self._open(n, s, self.eval_transform(), label=-1)) for n, g, s in self.protocol.sets]
+        return [OODSet(n, g, d) for n, g, d in sets if d is not None]
+
+    def ood_val(self) -> Dataset | None:
+        spec = self.protocol.val_ood
+        return None if spec is None else self._open("val_ood", spec, self.eval_transform(), label=-1)

@@ -1,0 +1,301 @@
+"""Paper protocols as data (`data.benchmark.protocol=classic|oodformer`, `data=tinyimagenet|imagenet1k|imagenet200`),
+each run end to end on fabricated trees in its real on-disk layout, and `backbone.weights` for post-hoc ImageNet runs.
+
+Layouts fabricated (tiny random images): energy_ood's `dtd/images/<class>/`, `svhn/test_32x32.mat`, `places365/<class>/`,
+ODIN's `LSUN_C/test/`, `LSUN_resize/LSUN_resize/`, `iSUN/iSUN_patches/`; OODformer's `cifar100-data/cifar-100-python/`
+(pickles), `Imagenet_resize/Imagenet_resize/`, `svhn-data/`; the official `tiny-imagenet-200/` zip; OpenOOD's ImageNet
+`benchmark_imglist/` over `images_largescale/` + `images_classic/`. torchvision's readers run on the fabricated files;
+only their md5 checks are switched off (the files are not the real downloads).
+"""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+import torchvision
+from helpers import compose_config, run_config
+from PIL import Image
+from test_cifar import make_openood_tree
+
+from ood.data import CIFAR10Benchmark, CIFAR100Benchmark
+from ood.errors import CheckpointError, ConfigError, DataNotFoundError
+from ood.utils import instantiate
+
+RNG = np.random.default_rng(0)
+
+
+def _save(path: Path, side: int = 32) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(RNG.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
+
+
+def _folder(root: Path, sub: str, n: int, side: int = 32, ext: str = "jpg") -> None:
+    for i in range(n):
+        _save(root / sub / f"{i:03d}.{ext}", side)
+
+
+def _svhn(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    x = RNG.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+    scipy.io.savemat(folder / "test_32x32.mat", {"X": x, "y": (np.arange(n) % 10 + 1)[:, None]})
+
+
+def _cifar_pickles(folder: Path, test_name: str, meta_name: str, label_key: str, meta_key: str, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"data": RNG.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: [i % 10 for i in range(n)]}
+    (folder / test_name).write_bytes(pickle.dumps(data))
+    (folder / meta_name).write_bytes(pickle.dumps({meta_key: [f"c{i}" for i in range(100)]}))
+
+
+#: set -> number of fabricated images (distinct, so every row's n_ood is checked)
+CLASSIC = {"texture": 5, "svhn": 6, "places365": 7, "lsun_crop": 4, "lsun_resize": 3, "isun": 5}
+OODFORMER = {"cifar100": 9, "imagenet_resize": 4, "lsun_resize": 3, "svhn": 8}
+
+
+def make_paper_tree(root: Path) -> Path:
+    """OpenOOD's CIFAR tree (the ID sets) plus the classic and OODformer OOD folders, in their papers' layouts."""
+    make_openood_tree(root)
+    for cls in ("banded", "braided"):
+        _folder(root / "dtd/images", cls, [3, 2][cls == "braided"], side=48)
+    _svhn(root / "svhn", CLASSIC["svhn"])
+    _folder(root / "places365", "abbey", 4, side=40)
+    _folder(root / "places365", "airfield", 3, side=40)
+    _folder(root / "LSUN_C", "test", CLASSIC["lsun_crop"], side=36)
+    _folder(root / "LSUN_resize", "LSUN_resize", CLASSIC["lsun_resize"])
+    _folder(root / "iSUN", "iSUN_patches", CLASSIC["isun"], ext="jpeg")
+    _cifar_pickles(root / "cifar100-data/cifar-100-python", "test", "meta", "fine_labels", "fine_label_names", OODFORMER["cifar100"])
+    _cifar_pickles(root / "cifar10-data/cifar-10-batches-py", "test_batch", "batches.meta", "labels", "label_names", 7)
+    _folder(root / "Imagenet_resize", "Imagenet_resize", OODFORMER["imagenet_resize"])
+    _svhn(root / "svhn-data", OODFORMER["svhn"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def paper_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_paper_tree(tmp_path_factory.mktemp("papers"))
+
+
+@pytest.fixture
+def no_md5(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's CIFAR and SVHN readers on fabricated files: skip only their md5 checks."""
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torchvision.datasets.svhn, "check_integrity", lambda *args, **kwargs: True)
+
+
+def _sets(bench: object) -> dict[str, tuple[str, int]]:
+    return {s.name: (s.group, len(s.dataset)) for s in bench.ood_test()}  # type: ignore[attr-defined]
+
+
+def test_classic_protocol_reads_the_energy_layout(paper_tree: Path, no_md5: None) -> None:
+    bench = CIFAR10Benchmark(paper_tree, protocol="classic")
+    bench.prepare()
+    assert _sets(bench) == {name: ("far", n) for name, n in CLASSIC.items()}
+    svhn = next(s.dataset for s in bench.ood_test() if s.name == "svhn")
+    mat = scipy.io.loadmat(paper_tree / "svhn/test_32x32.mat")["X"]
+    x, label = svhn[2]
+    expected = bench.eval_transform()(Image.fromarray(mat[..., 2]))
+    assert label == -1 and torch.equal(x, expected)
+    # ImageFolder order (sorted class folders, then files); a 48 px texture is resized + centre-cropped to 32
+    texture = next(s.dataset for s in bench.ood_test() if s.name == "texture")
+    image = Image.open(paper_tree / "dtd/images/braided/001.jpg")
+    assert torch.equal(texture[4][0], bench.eval_transform()(image)) and texture[4][0].shape == (3, 32, 32)
+    assert len(bench.ood_val()) == 8  # OpenOOD's val_tin list, present in this tree
+
+
+def test_oodformer_protocol_both_cifars(paper_tree: Path, no_md5: None) -> None:
+    c10 = CIFAR10Benchmark(paper_tree, protocol="oodformer")
+    c10.prepare()
+    assert _sets(c10) == {name: ("far", n) for name, n in OODFORMER.items()}
+    c100 = CIFAR100Benchmark(paper_tree, protocol="oodformer")
+    c100.prepare()
+    assert _sets(c100) == {"cifar10": ("far", 7), **{n: ("far", k) for n, k in OODFORMER.items() if n != "cifar100"}}
+
+
+def test_missing_set_names_the_folder_and_how_to_get_it(paper_tree: Path, tmp_path: Path, no_md5: None) -> None:
+    partial = tmp_path / "partial"
+    shutil.copytree(paper_tree, partial, ignore=shutil.ignore_patterns("LSUN_C", "iSUN"))
+    with pytest.raises(DataNotFoundError) as err:
+        CIFAR10Benchmark(partial, protocol="classic").prepare()
+    message = str(err.value)
+    assert f"{partial / 'LSUN_C'}/" in message and "LSUN.tar.gz" in message
+    assert f"{partial / 'iSUN'}/" in message and "iSUN.tar.gz" in message and "'lsun_resize'" not in message
+
+
+def test_user_adds_a_set_by_naming_its_folder(paper_tree: Path, tmp_path: Path, no_md5: None) -> None:
+    cfg = compose_config(tmp_path, [
+        "data=cifar10", f"paths.data_dir={paper_tree}", "data.benchmark.protocol=classic",
+        "+data.benchmark.protocols.classic.near.mine={folder: Imagenet_resize}",
+    ])
+    bench = instantiate(cfg.data).benchmark
+    assert _sets(bench)["mine"] == ("near", OODFORMER["imagenet_resize"]) and len(_sets(bench)) == 7
+    with pytest.raises(ConfigError, match="unknown protocol 'odin'; choices"):
+        CIFAR10Benchmark(paper_tree, protocol="odin")
+    with pytest.raises(ConfigError, match="unknown keys \\['fodler'\\]"):
+        CIFAR10Benchmark(paper_tree, protocol="x", protocols={"x": {"far": {"a": {"fodler": "dtd"}}}})
+
+
+E2E = [
+    "backbone=small_cnn", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "data.num_workers=0",
+    "data.pin_memory=false", "data.batch_size=8", "data.eval_batch_size=64", "detectors.names=[msp,knn]",
+    "detectors.tune=false", "+trainer.num_sanity_val_steps=0", "+trainer.limit_val_batches=0",
+]
+
+
+def _reported(rows: list[dict]) -> dict[str, tuple[str, int]]:
+    assert {r["detector"] for r in rows} >= {"msp", "knn"}
+    return {r["ood_dataset"]: (r["ood_group"], r["n_ood"]) for r in rows if r["detector"] == "msp"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("protocol, expected", [("classic", CLASSIC), ("oodformer", OODFORMER)])
+def test_cifar_protocol_end_to_end(paper_tree: Path, tmp_path: Path, no_md5: None, protocol: str, expected: dict) -> None:
+    rows = run_config(tmp_path, ["data=cifar10", f"paths.data_dir={paper_tree}", f"data.benchmark.protocol={protocol}", *E2E])
+    assert _reported(rows) == {name: ("far", n) for name, n in expected.items()}
+
+
+# ----- Tiny ImageNet ----------------------------------------------------------------------------------------------
+WNIDS = ["n01443537", "n01629819", "n01641577"]
+TIN_OOD = {"textures": 4, "inaturalist": 3, "sun": 5}
+
+
+def make_tin_tree(root: Path) -> Path:
+    """The official tiny-imagenet-200 zip layout plus the MOS OOD folders."""
+    base = root / "tiny-imagenet-200"
+    for wnid in WNIDS:
+        for i in range(4):
+            _save(base / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", 64)
+        (base / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
+    lines = []
+    for i in range(6):
+        _save(base / "val/images" / f"val_{i}.JPEG", 64)
+        lines.append(f"val_{i}.JPEG\t{WNIDS[(i * 2) % 3]}\t0\t0\t63\t63")
+    (base / "val/val_annotations.txt").write_text("\n".join(lines) + "\n")
+    (base / "wnids.txt").write_text("\n".join(reversed(WNIDS)) + "\n")
+    _folder(root / "dtd/images", "banded", TIN_OOD["textures"], side=80)
+    _folder(root / "iNaturalist", "images", TIN_OOD["inaturalist"], side=90)
+    _folder(root / "SUN", "images", TIN_OOD["sun"], side=70)
+    return root
+
+
+def test_tinyimagenet_reads_the_official_layout(tmp_path: Path) -> None:
+    root = make_tin_tree(tmp_path)
+    cfg = compose_config(tmp_path, ["data=tinyimagenet", f"paths.data_dir={root}", "data.benchmark.val_size=3"])
+    bench = instantiate(cfg.data).benchmark
+    bench.prepare()
+    assert (bench.num_classes, len(bench.train()), len(bench.val()), len(bench.test())) == (200, 9, 3, 6)
+    assert sorted(bench.val()[i][1] for i in range(3)) == [0, 1, 2]
+    # labels: sorted wnid folders (ImageFolder's rule), whatever wnids.txt's order
+    assert [bench.test()[i][1] for i in range(6)] == [(2 * i) % 3 for i in range(6)]
+    assert _sets(bench) == {name: ("far", n) for name, n in TIN_OOD.items()}
+    x, _ = next(s.dataset for s in bench.ood_test() if s.name == "sun")[0]
+    assert x.shape == (3, 64, 64) and x.min() >= -1 and x.max() <= 1
+    assert bench.train(augment=True)[0][0].shape == (3, 64, 64)
+    shutil.rmtree(root / "SUN")
+    with pytest.raises(DataNotFoundError, match="SUN/; MOS SUN subset .*SUN.tar.gz"):
+        instantiate(cfg.data).benchmark.prepare()
+
+
+@pytest.mark.slow
+def test_tinyimagenet_end_to_end(tmp_path: Path) -> None:
+    root = make_tin_tree(tmp_path / "data")
+    rows = run_config(tmp_path / "run", ["data=tinyimagenet", f"paths.data_dir={root}", "data.benchmark.val_size=3",
+                                         "data.benchmark.image_size=32", "data.benchmark.resize=32", *E2E])
+    assert _reported(rows) == {name: ("far", n) for name, n in TIN_OOD.items()}
+    assert {r["n_id"] for r in rows} == {6}
+
+
+# ----- ImageNet-1K / ImageNet-200 (OpenOOD v1.5 files) -------------------------------------------------------------
+IMAGENET_OOD = {"ssb_hard": ("near", 3), "ninco": ("near", 2), "inaturalist": ("far", 4), "textures": ("far", 3),
+                "openimage_o": ("far", 2)}
+
+
+def make_openood_imagenet_tree(root: Path) -> Path:
+    """OpenOOD's ImageNet-1K and ImageNet-200 lists over images_largescale/ and images_classic/ (textures)."""
+    def images(base: str, sub: str, n: int) -> list[str]:
+        _folder(root / base, sub, n, side=40)
+        return [f"{sub}/{i:03d}.jpg" for i in range(n)]
+
+    def write(path: Path, paths: list[str], labels: list[int]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{p} {y}\n" for p, y in zip(paths, labels)))
+
+    lists = root / "benchmark_imglist"
+    for split, n in (("train", 8), ("val", 4), ("test", 6)):
+        paths = images("images_largescale", f"imagenet_1k/{split}", n)
+        write(lists / f"imagenet/{split}_imagenet.txt", paths, [i % 5 for i in range(n)])
+        write(lists / f"imagenet200/{split}_imagenet200.txt", paths, [i % 3 for i in range(n)])
+    for name, (_, n) in IMAGENET_OOD.items():
+        base = "images_classic" if name == "textures" else "images_largescale"
+        write(lists / f"imagenet/test_{name}.txt", images(base, "texture" if name == "textures" else name, n), [-1] * n)
+    val_ood = images("images_largescale", "openimage_o_val", 3)
+    for folder in ("imagenet", "imagenet200"):
+        write(lists / f"{folder}/val_openimage_o.txt", val_ood, [-1] * 3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def imagenet_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_openood_imagenet_tree(tmp_path_factory.mktemp("imagenet"))
+
+
+@pytest.mark.parametrize("name, classes", [("imagenet1k", 1000), ("imagenet200", 200)])
+def test_imagenet_reads_openood_lists(imagenet_tree: Path, tmp_path: Path, name: str, classes: int) -> None:
+    cfg = compose_config(tmp_path, [f"data={name}", f"paths.data_dir={imagenet_tree}"])
+    bench = instantiate(cfg.data).benchmark
+    bench.prepare()
+    assert (bench.num_classes, len(bench.train()), len(bench.val()), len(bench.test()), len(bench.ood_val())) == (classes, 8, 4, 6, 3)
+    assert _sets(bench) == IMAGENET_OOD
+    x, y = bench.test()[1]
+    assert x.shape == (3, 224, 224) and y == (1 if name == "imagenet1k" else 1)
+    (imagenet_tree / "benchmark_imglist/imagenet/test_ninco.txt").rename(imagenet_tree / "ninco.bak")
+    try:
+        with pytest.raises(DataNotFoundError, match="test_ninco.txt.*download.py --contents datasets --datasets imagenet"):
+            bench.prepare()
+    finally:
+        (imagenet_tree / "ninco.bak").rename(imagenet_tree / "benchmark_imglist/imagenet/test_ninco.txt")
+
+
+@pytest.fixture(scope="module")
+def resnet50_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A torchvision ResNet-50 state dict file (random weights, IMAGENET1K_V1's keys and shapes)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "resnet50-0676ba61.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), path)
+    return path
+
+
+def test_resnet50_weights_load_and_say_where_to_get_them(resnet50_file: Path, tmp_path: Path) -> None:
+    from ood.models import ResNet50
+
+    reference = torchvision.models.resnet50()
+    reference.load_state_dict(torch.load(resnet50_file))
+    net = ResNet50(weights=str(resnet50_file)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(net(x), reference.eval()(x), atol=1e-5)
+    with pytest.raises(CheckpointError, match="torch/hub/checkpoints/resnet50-0676ba61.pth.*weights='IMAGENET1K_V1'"):
+        ResNet50(weights=str(tmp_path / "nope.pth"))
+    with pytest.raises(CheckpointError, match="first mismatched key 'fc.weight' \\(file: \\(1000, 2048\\), model: \\(200, 2048\\)\\)"):
+        ResNet50(num_classes=200, weights=str(resnet50_file))
+
+
+@pytest.mark.slow
+def test_imagenet1k_post_hoc_eval_from_backbone_weights(imagenet_tree: Path, resnet50_file: Path, tmp_path: Path) -> None:
+    rows = run_config(tmp_path, [
+        "data=imagenet1k", f"paths.data_dir={imagenet_tree}", "backbone=resnet50", f"backbone.weights={resnet50_file}",
+        "data.benchmark.image_size=32", "data.benchmark.resize=32", "data.num_workers=0", "data.pin_memory=false",
+        "detectors.names=[msp,knn]", "detectors.tune=false", "trainer.enable_progress_bar=false",
+    ], config_name="eval")
+    assert _reported(rows) == IMAGENET_OOD and {r["n_id"] for r in rows} == {6}
+
+
+@pytest.mark.slow
+def test_imagenet200_end_to_end(imagenet_tree: Path, tmp_path: Path) -> None:
+    rows = run_config(tmp_path, ["data=imagenet200", f"paths.data_dir={imagenet_tree}", "data.benchmark.image_size=32",
+                                 "data.benchmark.resize=32", *E2E])
+    assert _reported(rows) == IMAGENET_OOD and {r["id_dataset"] for r in rows} == {"imagenet200"}
