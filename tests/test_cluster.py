@@ -14,6 +14,7 @@ from helpers import rows_by, run_config
 from sklearn.metrics import roc_curve
 
 from ood.data.benchmark import EvalSplit
+from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.losses import supcon
 from ood.methods.cluster import (
@@ -72,14 +73,20 @@ def test_supcon_with_unique_labels_is_simclr() -> None:
     assert float(supcon(z, torch.arange(n).repeat(2), temperature)) == pytest.approx(float(expected), abs=1e-12)
 
 
-def test_contrastive_embedding_has_unit_norm_and_matches_the_probe() -> None:
-    method = _method(objective="supcon").eval()
+@pytest.mark.parametrize("probe_features", ["raw", "normalized"])
+def test_contrastive_probe_reads_raw_or_normalised_features(probe_features: str) -> None:
+    """The cache holds the probe's input (raw h by default, as OODformer's linear probe) and its logits; the cluster
+    embedding z is the normalised h either way."""
+    method = _method(objective="supcon", probe_features=probe_features).eval()
     x = torch.randn(5, 1, 16, 16)
     out = method.eval_outputs(x, EvalSplit("test", "id_test"))
-    assert torch.allclose(out["features"].norm(dim=1), torch.ones(5), atol=1e-6)
+    h = method.backbone.features(x)[0]
+    expected = h if probe_features == "raw" else F.normalize(h, dim=1)
+    assert torch.allclose(out["features"], expected, atol=1e-6)
     w, b = method.backbone.fc.weight, method.backbone.fc.bias
     assert torch.allclose(out["logits"], out["features"] @ w.T + b, atol=1e-6)
     assert torch.allclose(method(x), out["logits"], atol=1e-6)
+    assert torch.allclose(method._embedding(out["features"]), F.normalize(h, dim=1), atol=1e-6)
 
 
 def test_augmentation_is_identity_when_off() -> None:
@@ -145,6 +152,37 @@ def test_pinv_of_rank_deficient_covariance_gives_finite_scores(covariance: str) 
     assert method._fit["precision"].shape[-1] == 5
     scores = method.ood_score(_bank(torch.randn(50, 5, dtype=torch.float64)))
     assert bool(torch.isfinite(scores).all())
+
+
+def test_oodformer_covariance_is_inv_of_numpy_cov() -> None:
+    """OODformer: per class np.linalg.inv(np.cov(z_c.T)) (N-1 denominator); shared: the same on class-centred rows."""
+    z, y = _blobs(n=30, dim=3)
+    means = torch.stack([z[y == c].mean(0) for c in range(3)])
+    precision = cluster_precisions(z, y, means, "per_cluster", inverse="inv", ddof=1)
+    for c in range(3):
+        assert np.allclose(precision[c].numpy(), np.linalg.inv(np.cov(z[y == c].numpy().T)), atol=1e-8)
+    centred = (z - means[y]).numpy()
+    shared = cluster_precisions(z, y, means, "shared", inverse="inv", ddof=1)
+    assert np.allclose(shared.numpy(), np.linalg.inv(centred.T @ centred / (len(z) - 1)), atol=1e-8)
+    flat = torch.cat([z, torch.zeros(len(z), 1, dtype=torch.float64)], 1)
+    with pytest.raises(ConfigError, match="singular; use method.cov_inverse=pinv"):
+        cluster_precisions(flat, y, torch.cat([means, torch.zeros(3, 1, dtype=torch.float64)], 1), "shared", inverse="inv")
+
+
+def test_gt_assignment_scores_id_against_its_own_centre() -> None:
+    """Centres 0 and 10 on a line: an ID sample of class 0 at 7 scores -(7-0)^2 under gt, -(7-10)^2 under nearest;
+    OOD samples (label -1) always use the nearest centre."""
+    z = torch.tensor([[-1.0], [1.0], [9.0], [11.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1])
+    test = _bank(torch.tensor([[7.0], [7.0]], dtype=torch.float64), torch.tensor([0, -1]), num_classes=2)
+    scores = {}
+    for assignment in ("nearest", "gt"):
+        method = _method(distance="euclidean", id_assignment=assignment)
+        method.setup_ood({"train": _bank(z, y, num_classes=2)})
+        scores[assignment] = method.ood_score(test).tolist()
+    assert scores == {"nearest": [-9.0, -9.0], "gt": [-49.0, -9.0]}
+    with pytest.raises(ConfigError, match="id_assignment=gt needs method.clusters=class_mean"):
+        _method(clusters="kmeans", id_assignment="gt")
 
 
 def test_per_cluster_precision_is_the_pinv_of_each_cluster_covariance() -> None:

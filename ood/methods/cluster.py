@@ -5,13 +5,19 @@ Space", SafeAI workshop @ AAAI 2022 (CEUR-WS Vol-3087), arXiv 2203.08549. Spec: 
 An empirical study turned into one configurable method, so every factor the paper compares can be swept:
 - `objective`: `ce` (cross-entropy), `supcon` (supervised contrastive, two views, projection head, temperature),
   `simclr` (the same without labels); losses, head and tensor augmentation in `ood/methods/contrastive.py`.
-- embedding z: the penultimate encoder output (before any projection head); L2-normalised for the contrastive
-  objectives, raw for CE. It is what the feature cache holds, so every post-hoc detector sees it too.
+- embedding z: the penultimate encoder output h (before any projection head); L2-normalised for the contrastive
+  objectives, raw for CE. Clusters and distances use z.
+- the linear probe (contrastive objectives) reads `probe_features`: `raw` h (default, OODformer's `main_linear.py`)
+  or `normalized` z. The feature cache holds the probe's input and logits = probe(that), so every post-hoc detector
+  sees a consistent (features, head) pair; the cluster score normalises the cached features itself.
 - `clusters`: `class_mean` (one centre per class, mean train embedding) or `kmeans` (`k` centres, faiss Lloyd
   through `ood.knn.kmeans`, k-means++ seeding, `n_init` restarts, lowest inertia kept).
-- `distance` d(z, c): squared Euclidean; cosine (1 - cos); squared Mahalanobis with the pseudo-inverse of a
-  `shared` (cluster-centred) or `per_cluster` covariance.
-- a test sample (ID or OOD) belongs to its nearest centre, never to its label's centre.
+- `distance` d(z, c): squared Euclidean; cosine (1 - cos); squared Mahalanobis with the inverse of a `shared`
+  (cluster-centred) or `per_cluster` covariance; `cov_inverse`: `pinv` (pseudo-inverse, SSD) or `inv` (OODformer's
+  `np.linalg.inv`); `cov_ddof`: the covariance divides by n - ddof (0: maximum likelihood; 1: `np.cov`, OODformer).
+- `id_assignment`: `nearest` (default): a test sample (ID or OOD) belongs to its nearest centre; `gt`: ID samples
+  (label >= 0) are scored against their ground-truth class centre, OOD samples against the nearest (OODformer's
+  default `pred_indist_lbl=False`; optimistic, as it uses the test labels; `class_mean` clusters only).
 - `threshold`: `global`: s = -min_k d(z, c_k) (Euclidean, Mahalanobis), s = max_k cos(z, c_k) (cosine);
   `per_cluster`: s = -F_c(d(z, c)) with c the nearest centre and F_c the piecewise-linear CDF of the ID-train
   distances of cluster c's members to c (the inverse of numpy's linear-interpolation percentile, so
@@ -30,18 +36,22 @@ optimisation: the configured optimiser/scheduler (stepped per epoch during the c
 and head, Adam for the probe. Under DDP some parameters get no gradient in a step (`fc` while contrastive, encoder
 and head while probing): run contrastive objectives with `trainer.strategy=ddp_find_unused_parameters_true`.
 
-Deviations and gaps (no official code exists; OODformer https://github.com/rajatkoner08/oodformer is the closest):
+Defaults versus OODformer (https://github.com/rajatkoner08/oodformer, 4300c8f, the closest public code; no official
+code exists): ours are `cov_inverse=pinv`, `cov_ddof=0`, `id_assignment=nearest` (finite on rank-deficient clusters,
+and no test labels in the score), OODformer's are `inv`, 1, `gt`; `probe_features=raw` is OODformer's. The reproduce
+preset (`conf/experiment/cluster_oodformer.yaml`) sets OODformer's choices.
+
+Deviations and gaps:
 - recipes scaled to CPU: one optimiser config for all objectives (`conf/method/cluster.yaml`: Adam 3e-3 instead
   of SGD 0.8 / 0.5, which stays on the contrastive loss's initial plateau for several epochs at our budgets), no
   warm-up, short schedules, batch 64; the cosine schedule spans all epochs, so the contrastive stage ends above
   zero learning rate.
 - the projection head is 2-layer with `head_hidden` (default = feature dim) and `head_dim` outputs.
 - the probe sees the loader's (single-view) training augmentation and trains for a few epochs only.
-- not implemented: OODformer's `id_assignment=gt` (scoring ID samples against their true class centre,
-  optimistic), `cov_inverse=inv`, the SSD standardised variant, PCA before k-means, MSP-as-distance (MSP is
-  a detector of its own here).
-- input-perturbation detectors (`odin`) run `backbone` directly, i.e. the probe on the un-normalised features,
-  for contrastive objectives; cache-based detectors see the normalised z and the probe logits.
+- not implemented: the SSD standardised variant, PCA before k-means, MSP-as-distance (MSP is a detector of its
+  own here).
+- with `probe_features=normalized`, input-perturbation detectors (`odin`) run `backbone` directly, i.e. the probe on
+  the un-normalised features; cache-based detectors see the normalised z and the probe logits.
 - per-cluster pseudo-inverse covariances of clusters with fewer members than dimensions ignore the directions
   outside the members' span (a warning says so); prefer `covariance=shared` for small clusters.
 """
@@ -56,7 +66,7 @@ import torch.nn.functional as F
 
 from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit
-from ood.detectors.mahalanobis import class_means, mahalanobis_sq, shared_precision
+from ood.detectors.mahalanobis import class_means, gram, mahalanobis_sq
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.knn import kmeans
@@ -76,21 +86,38 @@ CHOICES = {
     "distance": ("euclidean", "cosine", "mahalanobis"),
     "threshold": ("global", "per_cluster"),
     "covariance": ("shared", "per_cluster"),
+    "cov_inverse": ("pinv", "inv"),
+    "id_assignment": ("nearest", "gt"),
+    "probe_features": ("raw", "normalized"),
 }
 DEFAULT_TEMPERATURE = {"supcon": 0.1, "simclr": 0.5}
 
 
 # ----- clusters, distances, scores (pure functions of tensors) ------------------------------------------------
-def cluster_precisions(z: torch.Tensor, assign: torch.Tensor, centres: torch.Tensor, covariance: str) -> torch.Tensor:
-    """Pseudo-inverse covariance: [D, D] shared (cluster-centred) or [K, D, D] one per cluster (float64)."""
+def cluster_precisions(
+    z: torch.Tensor, assign: torch.Tensor, centres: torch.Tensor, covariance: str, inverse: str = "pinv", ddof: int = 0
+) -> torch.Tensor:
+    """Inverse covariance (float64): [D, D] `shared` (cluster-centred) or [K, D, D] one `per_cluster`; the covariance
+    divides by n - `ddof`, `inverse` is `pinv` (pseudo-inverse) or `inv` (exact; a singular one is a `ConfigError`)."""
+
+    def invert(centred: torch.Tensor, what: str) -> torch.Tensor:
+        cov = gram(centred).to(centred.device) / max(centred.shape[0] - ddof, 1)
+        if inverse == "pinv":
+            return torch.linalg.pinv(cov, hermitian=True)
+        inv, info = torch.linalg.inv_ex(cov)
+        if int(info) != 0 or not bool(torch.isfinite(inv).all()):
+            raise ConfigError(f"cluster: the covariance of {what} is singular; use method.cov_inverse=pinv")
+        return inv
+
+    z = z.double()
     if covariance == "shared":
-        return shared_precision(z, assign, centres)
+        return invert(z - centres[assign], "the class-centred features")
     out = []
     for c in range(centres.shape[0]):
-        centred = z[assign == c].double() - centres[c]
+        centred = z[assign == c] - centres[c]
         if centred.shape[0] <= z.shape[1]:
-            log.warning("cluster %d has %d members for %d dims: its pinv covariance is rank-deficient", c, centred.shape[0], z.shape[1])
-        out.append(torch.linalg.pinv(centred.T @ centred / max(centred.shape[0], 1), hermitian=True))
+            log.warning("cluster %d has %d members for %d dims: its covariance is rank-deficient", c, centred.shape[0], z.shape[1])
+        out.append(invert(centred, f"cluster {c}"))
     return torch.stack(out)
 
 
@@ -162,6 +189,9 @@ class ClusterMethod(OODMethod):
         objective: `ce`, `supcon` or `simclr`.
         clusters: `class_mean` or `kmeans`; `k` centres for k-means (None = number of classes).
         distance: `euclidean`, `cosine` or `mahalanobis` (`covariance`: `shared` or `per_cluster`).
+        cov_inverse, cov_ddof: Mahalanobis inverse (`pinv` or `inv`) and covariance denominator n - ddof.
+        id_assignment: `nearest` centre for every sample, or `gt`: ID samples against their label's centre.
+        probe_features: what the linear probe reads, `raw` h (OODformer) or `normalized` z.
         threshold: `global` or `per_cluster`.
         temperature: contrastive temperature (None: 0.1 for supcon, 0.5 for simclr).
         head_hidden, head_dim: projection head sizes (hidden None = feature dim).
@@ -185,6 +215,10 @@ class ClusterMethod(OODMethod):
         distance: Distance = "cosine",
         threshold: Literal["global", "per_cluster"] = "global",
         covariance: Literal["shared", "per_cluster"] = "shared",
+        cov_inverse: Literal["pinv", "inv"] = "pinv",
+        cov_ddof: int = 0,
+        id_assignment: Literal["nearest", "gt"] = "nearest",
+        probe_features: Literal["raw", "normalized"] = "raw",
         temperature: float | None = None,
         head_hidden: int | None = None,
         head_dim: int = 32,
@@ -198,9 +232,12 @@ class ClusterMethod(OODMethod):
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, init)
         for key, value in (("objective", objective), ("clusters", clusters), ("distance", distance),
-                           ("threshold", threshold), ("covariance", covariance)):
+                           ("threshold", threshold), ("covariance", covariance), ("cov_inverse", cov_inverse),
+                           ("id_assignment", id_assignment), ("probe_features", probe_features)):
             if value not in CHOICES[key]:
                 raise ConfigError(f"method.{key}={value!r} is unknown; choices: {list(CHOICES[key])}")
+        if id_assignment == "gt" and clusters != "class_mean":
+            raise ConfigError("method.id_assignment=gt needs method.clusters=class_mean (k-means centres have no label)")
         self.contrastive = objective != "ce"
         self.automatic_optimization = not self.contrastive
         if self.contrastive:
@@ -218,17 +255,22 @@ class ClusterMethod(OODMethod):
         return self._embedding(self.backbone.features(x)[0])
 
     def _embedding(self, h: torch.Tensor) -> torch.Tensor:
-        """Penultimate features as the embedding: L2-normalised for the contrastive objectives, raw for CE."""
+        """Penultimate (or cached probe-input) features as the embedding: L2-normalised for the contrastive
+        objectives (idempotent), raw for CE."""
         return F.normalize(h, dim=1) if self.contrastive else h
 
+    def _probe_input(self, h: torch.Tensor) -> torch.Tensor:
+        """What the classifier reads: raw h, or z for a contrastive probe with `probe_features=normalized`."""
+        return self._embedding(h) if self.hparams.probe_features == "normalized" else h
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of the classifier on z (the linear probe for the contrastive objectives)."""
-        return self.backbone.fc(self.embed(x))
+        """Logits of the classifier (the linear probe for the contrastive objectives)."""
+        return self.backbone.fc(self._probe_input(self.backbone.features(x)[0]))
 
     def eval_outputs(self, x: torch.Tensor, split: EvalSplit) -> dict[str, torch.Tensor]:
         h, layers = self.backbone.features(x, self.cache_layers)
-        z = self._embedding(h)
-        return {"logits": self.backbone.fc(z), "features": z, **layers}
+        features = self._probe_input(h)
+        return {"logits": self.backbone.fc(features), "features": features, **layers}
 
     @property
     def probing(self) -> bool:
@@ -249,8 +291,8 @@ class ClusterMethod(OODMethod):
         if self.probing:
             self.backbone.eval()  # frozen encoder: batch-norm statistics stay as the contrastive stage left them
             with torch.no_grad():
-                z = self.embed(x)
-            return F.cross_entropy(self.backbone.fc(z), y)
+                features = self._probe_input(self.backbone.features(x)[0])
+            return F.cross_entropy(self.backbone.fc(features), y)
         augment = TensorAugment.preset(self._augment_preset, x.shape[1])
         views = torch.cat([augment(x), augment(x)])
         p = F.normalize(self.head(self.backbone.features(views)[0]), dim=1)
@@ -287,7 +329,7 @@ class ClusterMethod(OODMethod):
         """Fit centres (and covariances, per-cluster CDFs) on the ID-train embeddings; log the diagnostics."""
         train = banks["train"]
         assert train.labels is not None, "cluster needs labelled ID-train features"
-        z, labels = train.features.double(), train.labels
+        z, labels = self._embedding(train.features.double()), train.labels
         hp = self.hparams
         if hp.clusters == "class_mean":
             k = train.logits.shape[1]
@@ -297,7 +339,11 @@ class ClusterMethod(OODMethod):
             k = hp.k or train.logits.shape[1]
             centres, assign, _ = kmeans(z.float(), k, n_init=hp.n_init, seed=hp.kmeans_seed)
             centres = centres.double()
-        precision = cluster_precisions(z, assign, centres, hp.covariance) if hp.distance == "mahalanobis" else None
+        precision = (
+            cluster_precisions(z, assign, centres, hp.covariance, hp.cov_inverse, hp.cov_ddof)
+            if hp.distance == "mahalanobis"
+            else None
+        )
         own = cluster_distances(z, centres, hp.distance, precision).gather(1, assign[:, None])[:, 0]
         self._fit = {
             "centres": centres,
@@ -309,9 +355,13 @@ class ClusterMethod(OODMethod):
     def ood_score(self, bank: FeatureBank) -> torch.Tensor:
         if not self._fit:
             raise RuntimeError("cluster: ood_score called before setup_ood")
-        dist = cluster_distances(bank.features, self._fit["centres"].to(bank.features.device), self.hparams.distance,
-                                 None if self._fit["precision"] is None else self._fit["precision"].to(bank.features.device))
+        z = self._embedding(bank.features)
+        dist = cluster_distances(z, self._fit["centres"].to(z.device), self.hparams.distance,
+                                 None if self._fit["precision"] is None else self._fit["precision"].to(z.device))
         d, nearest = dist.min(1)
+        if self.hparams.id_assignment == "gt" and bank.labels is not None:
+            nearest = torch.where(bank.labels >= 0, bank.labels.to(nearest), nearest)
+            d = dist.gather(1, nearest[:, None])[:, 0]
         if self.hparams.threshold == "global":
             return 1 - d if self.hparams.distance == "cosine" else -d
         score = torch.empty_like(d)
