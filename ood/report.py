@@ -7,7 +7,10 @@ the group's sets, as OpenOOD), then averaged over seeds. Writes `report.md` and 
 
 Published reference numbers (`conf/reference/<id_dataset>.yaml`, e.g. the OpenOOD v1.5 leaderboard AUROC for
 CIFAR-10/100) are added as `ref:near/auroc` and `ref:far/auroc` columns for the rows with the same ID dataset,
-backbone, method and detector; `--reference FILE` picks other files, `--no-reference` leaves them out.
+backbone, method and detector; `--reference FILE` picks other files (the paper tables of `make reproduce-<paper>`,
+`conf/reference/<paper>/`), `--no-reference` leaves them out. A reference file may also give FPR95 (`fpr95:`, same
+shape) with its `fpr95_convention`: `id_positive` (ODIN / Energy / the seed papers; our `fpr95`) gives
+`ref:<group>/fpr95` columns, `ood_positive` (OpenOOD v1.5, pytorch-ood; our `fpr95_oodpos`) `ref:<group>/fpr95_oodpos`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ BASE_KEYS = ("method", "detector", "backbone", "id_dataset")
 SHOWN = ("auroc", "fpr95")
 REFERENCE_DIR = CONFIG_DIR / "reference"
 REFERENCE_COLS = ("ref:near/auroc", "ref:far/auroc")
+#: reference file's `fpr95_convention` -> our metric of that convention
+FPR95_CONVENTIONS = {"id_positive": "fpr95", "ood_positive": "fpr95_oodpos"}
 
 
 def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
@@ -151,7 +156,8 @@ def write_csv(path: Path, config_cols: Sequence[str], metric_cols: Sequence[str]
 
 
 def load_reference(path: str | Path) -> dict[str, Any]:
-    """A reference file: `source`, `id_dataset`, `backbone`, `auroc: {method: {detector: {near|far: [mean(, std)]}}}` (%)."""
+    """A reference file: `source`, `id_dataset`, `backbone`, `auroc: {method: {detector: {near|far: [mean(, std)]}}}` (%),
+    optionally `fpr95` of the same shape with `fpr95_convention` (`id_positive` | `ood_positive`)."""
     from omegaconf import OmegaConf
 
     path = Path(path)
@@ -162,7 +168,14 @@ def load_reference(path: str | Path) -> dict[str, Any]:
     missing = {"source", "id_dataset", "backbone", "auroc"} - set(reference)
     if missing:
         raise OODError(f"reference file {path} lacks {sorted(missing)}")
+    if "fpr95" in reference and reference.get("fpr95_convention") not in FPR95_CONVENTIONS:
+        raise OODError(f"reference file {path} gives fpr95 without fpr95_convention: one of {list(FPR95_CONVENTIONS)}")
     return reference
+
+
+def reference_files(paths: Iterable[Path]) -> list[Path]:
+    """`--reference` arguments as files: a folder (e.g. `conf/reference/heatmap`) stands for its `*.yaml`, sorted."""
+    return [f for p in paths for f in (sorted(Path(p).glob("*.yaml")) if Path(p).is_dir() else [Path(p)])]
 
 
 def default_references(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -174,23 +187,30 @@ def default_references(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
 def add_reference(
     metric_cols: Sequence[str], table: Sequence[dict[str, Any]], references: Sequence[Mapping[str, Any]]
 ) -> list[str]:
-    """Add the published near/far AUROC (as (mean, std, runs) in [0, 1]) to matching table entries, in place.
+    """Add the published near/far AUROC (and FPR95 when given) as (mean, std, runs) in [0, 1] to matching table
+    entries, in place.
 
     An entry matches a reference on `id_dataset`, `backbone`, `method` and `detector`. Returns the metric columns
-    with `REFERENCE_COLS` appended when any entry matched, else unchanged.
+    with the matched reference columns appended (`REFERENCE_COLS` first, then FPR95 ones), else unchanged.
     """
-    matched = False
+    matched: set[str] = set()
     for entry in table:
         for ref in references:
             if (str(ref["id_dataset"]), str(ref["backbone"])) != (entry["id_dataset"], entry["backbone"]):
                 continue
-            groups = (ref["auroc"].get(entry["method"]) or {}).get(entry["detector"]) or {}
-            for group, col in zip(("near", "far"), REFERENCE_COLS):
-                if group in groups:
-                    values = [float(v) / 100 for v in groups[group]]
-                    entry[col] = (values[0], values[1] if len(values) > 1 else 0.0, 3 if len(values) > 1 else 1)
-                    matched = True
-    return [*metric_cols, *REFERENCE_COLS] if matched else list(metric_cols)
+            metrics = {"auroc": ref["auroc"]}
+            if "fpr95" in ref:
+                metrics[FPR95_CONVENTIONS[ref["fpr95_convention"]]] = ref["fpr95"]
+            for metric, numbers in metrics.items():
+                groups = ((numbers or {}).get(entry["method"]) or {}).get(entry["detector"]) or {}
+                for group in ("near", "far"):
+                    if group in groups:
+                        values = [float(v) / 100 for v in groups[group]]
+                        col = f"ref:{group}/{metric}"
+                        entry[col] = (values[0], values[1] if len(values) > 1 else 0.0, 3 if len(values) > 1 else 1)
+                        matched.add(col)
+    order = [*REFERENCE_COLS, *(f"ref:{g}/{m}" for m in FPR95_CONVENTIONS.values() for g in ("near", "far"))]
+    return [*metric_cols, *(c for c in order if c in matched)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -202,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="append",
         type=Path,
         default=None,
-        help="reference-number file(s) (default: conf/reference/<id_dataset>.yaml when it exists)",
+        help="reference-number file(s) or folders of them (default: conf/reference/<id_dataset>.yaml when it exists)",
     )
     parser.add_argument("--no-reference", action="store_true", help="no published reference columns")
     args = parser.parse_args(argv)
@@ -211,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.no_reference:
             references = []
         elif args.reference:
-            references = [load_reference(p) for p in args.reference]
+            references = [load_reference(p) for p in reference_files(args.reference)]
         else:
             references = default_references(rows)
     except OODError as err:

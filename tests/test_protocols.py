@@ -211,12 +211,14 @@ def test_tinyimagenet_end_to_end(tmp_path: Path) -> None:
 
 
 # ----- ImageNet-1K / ImageNet-200 (OpenOOD v1.5 files) -------------------------------------------------------------
+# `ood-eval data=imagenet1k backbone=resnet50 backbone.weights=... method=grood` end to end: tests/test_reproduce.py
 IMAGENET_OOD = {"ssb_hard": ("near", 3), "ninco": ("near", 2), "inaturalist": ("far", 4), "textures": ("far", 3),
                 "openimage_o": ("far", 2)}
 
 
-def make_openood_imagenet_tree(root: Path) -> Path:
-    """OpenOOD's ImageNet-1K and ImageNet-200 lists over images_largescale/ and images_classic/ (textures)."""
+def make_openood_imagenet_tree(root: Path, every_class: bool = False) -> Path:
+    """OpenOOD's ImageNet-1K and ImageNet-200 lists over images_largescale/ and images_classic/ (textures); with
+    `every_class` the train lists name all 1000 / 200 classes (GROOD's class prototypes need each), repeating files."""
     def images(base: str, sub: str, n: int) -> list[str]:
         _folder(root / base, sub, n, side=40)
         return [f"{sub}/{i:03d}.jpg" for i in range(n)]
@@ -228,8 +230,9 @@ def make_openood_imagenet_tree(root: Path) -> Path:
     lists = root / "benchmark_imglist"
     for split, n in (("train", 8), ("val", 4), ("test", 6)):
         paths = images("images_largescale", f"imagenet_1k/{split}", n)
-        write(lists / f"imagenet/{split}_imagenet.txt", paths, [i % 5 for i in range(n)])
-        write(lists / f"imagenet200/{split}_imagenet200.txt", paths, [i % 3 for i in range(n)])
+        for folder, classes in (("imagenet", 1000), ("imagenet200", 200)):
+            count = classes if split == "train" and every_class else n
+            write(lists / f"{folder}/{split}_{folder}.txt", [paths[i % n] for i in range(count)], list(range(count)))
     for name, (_, n) in IMAGENET_OOD.items():
         base = "images_classic" if name == "textures" else "images_largescale"
         write(lists / f"imagenet/test_{name}.txt", images(base, "texture" if name == "textures" else name, n), [-1] * n)
@@ -251,8 +254,8 @@ def test_imagenet_reads_openood_lists(imagenet_tree: Path, tmp_path: Path, name:
     bench.prepare()
     assert (bench.num_classes, len(bench.train()), len(bench.val()), len(bench.test()), len(bench.ood_val())) == (classes, 8, 4, 6, 3)
     assert _sets(bench) == IMAGENET_OOD
-    x, y = bench.test()[1]
-    assert x.shape == (3, 224, 224) and y == (1 if name == "imagenet1k" else 1)
+    x, y = bench.test()[4]
+    assert x.shape == (3, 224, 224) and y == 4
     (imagenet_tree / "benchmark_imglist/imagenet/test_ninco.txt").rename(imagenet_tree / "ninco.bak")
     try:
         with pytest.raises(DataNotFoundError, match="test_ninco.txt.*download.py --contents datasets --datasets imagenet"):
@@ -285,17 +288,7 @@ def test_resnet50_weights_load_and_say_where_to_get_them(resnet50_file: Path, tm
 
 
 @pytest.mark.slow
-def test_imagenet1k_post_hoc_eval_from_backbone_weights(imagenet_tree: Path, resnet50_file: Path, tmp_path: Path) -> None:
-    rows = run_config(tmp_path, [
-        "data=imagenet1k", f"paths.data_dir={imagenet_tree}", "backbone=resnet50", f"backbone.weights={resnet50_file}",
-        "data.benchmark.image_size=32", "data.benchmark.resize=32", "data.num_workers=0", "data.pin_memory=false",
-        "detectors.names=[msp,knn]", "detectors.tune=false", "trainer.enable_progress_bar=false",
-    ], config_name="eval")
-    assert _reported(rows) == IMAGENET_OOD and {r["n_id"] for r in rows} == {6}
-
-
-@pytest.mark.slow
 def test_imagenet200_end_to_end(imagenet_tree: Path, tmp_path: Path) -> None:
-    rows = run_config(tmp_path, ["data=imagenet200", f"paths.data_dir={imagenet_tree}", "data.benchmark.image_size=32",
-                                 "data.benchmark.resize=32", *E2E])
+    rows = run_config(tmp_path, ["data=imagenet200", f"paths.data_dir={imagenet_tree}", "data.benchmark.image_size=16",
+                                 "data.benchmark.resize=16", *E2E])
     assert _reported(rows) == IMAGENET_OOD and {r["id_dataset"] for r in rows} == {"imagenet200"}

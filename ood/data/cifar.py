@@ -121,6 +121,7 @@ class CIFARBenchmark(Benchmark):
         protocol: the OOD protocol, a key of `protocols` (`openood_v1.5`, `classic`, `oodformer`).
         protocols: protocol name -> `{near: {set: spec}, far: {set: spec}, val_ood: spec}` (`ood.data.sets`);
             default: the `protocols` of `conf/data/<id>.yaml`.
+        mean, std: input normalisation; None = the ID set's statistics (the heatmap paper uses 0.5, 0.5).
     """
 
     in_channels = 3
@@ -144,6 +145,8 @@ class CIFARBenchmark(Benchmark):
         outliers_file: str = "300K_random_images.npy",
         protocol: str = "openood_v1.5",
         protocols: Mapping[str, Any] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         if source not in SOURCES:
             raise ConfigError(f"unknown data source {source!r}; choices: {list(SOURCES)}")
@@ -160,6 +163,8 @@ class CIFARBenchmark(Benchmark):
         self.outliers_file = outliers_file
         self.protocol = Protocol.select(self._default_protocols() if protocols is None else protocols, protocol)
         self._tv_cache: dict[tuple[str, Path], Dataset] = {}
+        self.mean = type(self).mean if mean is None else tuple(mean)  # type: ignore[assignment]
+        self.std = type(self).std if std is None else tuple(std)  # type: ignore[assignment]
 
     def _default_protocols(self) -> Mapping[str, Any]:
         from omegaconf import OmegaConf

@@ -50,6 +50,8 @@ class FileBenchmark(Benchmark):
         augment: random resized crop + flip for training.
         val_size, split_seed: the held-out validation split when `val` is None.
         how: how to get the ID data, printed when it is missing.
+        outliers: set spec of an outlier-exposure pool (training transform), e.g. the heatmap paper's Places365
+            for Tiny ImageNet; None = no outliers.
     """
 
     in_channels = 3
@@ -72,6 +74,7 @@ class FileBenchmark(Benchmark):
         val_size: int = 1000,
         split_seed: int = 0,
         how: str = "",
+        outliers: Mapping[str, Any] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.name = name
@@ -90,6 +93,7 @@ class FileBenchmark(Benchmark):
         self.val_size = val_size
         self.split_seed = split_seed
         self.how = how
+        self.outlier_spec = None if outliers is None else SetSpec.parse(f"{name}:outliers", outliers)
 
     @property
     def input_std(self) -> tuple[float, ...]:
@@ -124,7 +128,8 @@ class FileBenchmark(Benchmark):
 
     # ----- files --------------------------------------------------------------------------------------------------
     def _specs(self) -> list[tuple[str, SetSpec]]:
-        return [(f"{self.name}:{split}", spec) for split, spec in self.splits.items()] + self.protocol.all_specs()
+        outliers = [] if self.outlier_spec is None else [(f"{self.name}:outliers", self.outlier_spec)]
+        return [(f"{self.name}:{split}", spec) for split, spec in self.splits.items()] + self.protocol.all_specs() + outliers
 
     def prepare(self, download: bool = False) -> None:
         """Check every split and set (nothing here is downloadable); all missing ones are named in one error."""
@@ -183,3 +188,8 @@ class FileBenchmark(Benchmark):
     def ood_val(self) -> Dataset | None:
         spec = self.protocol.val_ood
         return None if spec is None else self._open("val_ood", spec, self.eval_transform(), label=-1)
+
+    def outliers(self) -> Dataset | None:
+        if self.outlier_spec is None:
+            return None
+        return self._open(f"{self.name}:outliers", self.outlier_spec, self.train_transform(), label=-1)

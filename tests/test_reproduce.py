@@ -1,0 +1,175 @@
+"""`make reproduce-<paper>`: the dry run prints every stage, and a tiny version of each target runs on fabricated data.
+
+The tiny version is the target itself: `make -n` with small sweep variables (one dataset, one seed) and tiny
+`ARGS` (2 epochs, CPU, few images), whose printed commands are then executed one by one in this process
+(`ood-train` / `ood-eval` through their Hydra entry points, `ood-report` through its `main`), so the exact command
+lines a GPU user runs are exercised, without a subprocess per command. Targets whose methods do not exist yet skip,
+naming the missing `conf/method/<name>.yaml`; they enrol themselves when those files land.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from test_protocols import IMAGENET_OOD, make_openood_imagenet_tree, make_paper_tree
+
+from ood import CONFIG_DIR, PROJECT_ROOT
+
+#: target -> (methods it needs, stage commands in order (program, first arguments))
+TARGETS = {
+    "heatmap": (["heatmap"], [("ood-train", "experiment=heatmap_ce"), ("ood-train", "experiment=heatmap"), ("ood-report", "")]),
+    "energy": (["energy_oe", "energy_cfl", "oe"], [("ood-train", "experiment=energy_ce"), ("ood-train", "experiment=energy_ft"),
+                                                   ("ood-report", "")]),
+    "cluster": ([], [("ood-train", "experiment=cluster_oodformer"), ("ood-train", "experiment=cluster_oodformer"),
+                     ("ood-eval", "experiment=cluster_oodformer"), ("ood-report", "")]),
+    "grood": ([], [("ood-train", "experiment=grood_openood"), ("ood-eval", "experiment=grood_openood"),
+                   ("ood-eval", "experiment=grood_imagenet1k"), ("ood-report", "")]),
+    "oal": (["oal"], [("ood-train", "experiment=openood_ce"), ("ood-train", "experiment=oal_openood"), ("ood-report", "")]),
+    "cifar10": ([], [("ood-train", "experiment=cifar10_ce"), ("ood-report", "")]),
+    "cifar100": ([], [("ood-train", "experiment=cifar100_ce"), ("ood-report", "")]),
+}
+TINY = [
+    "backbone=small_cnn", "trainer=cpu", "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "data.num_workers=0", "data.pin_memory=false",
+    "data.batch_size=8", "data.eval_batch_size=64", "detectors.names=[msp]", "detectors.tune=false",
+    "+trainer.num_sanity_val_steps=0", "+trainer.limit_val_batches=0",
+]
+#: per target: small sweep variables and extra tiny overrides
+SMALL = {
+    "heatmap": ({"DATA": "cifar10", "BACKBONES": "small_cnn"}, []),
+    "energy": ({"DATA": "cifar10"}, []),
+    # 2 images per class: OODformer's exact inverse of the per-class covariance is singular, the pseudo-inverse is not
+    "cluster": ({"DATA": "cifar10", "CONTRASTIVE": "supcon", "DISTANCES": "mahalanobis", "THRESHOLDS": "global"},
+                ["method.probe_epochs=1", "method.cov_inverse=pinv"]),
+    "grood": ({"DATA": "cifar10", "IMAGENET_SOURCES": "val_ood"}, []),
+    "oal": ({"DATA": "cifar10"}, []),
+    "cifar10": ({}, []),
+    "cifar100": ({}, []),
+}
+
+
+def make_dry(target: str, variables: dict[str, str]) -> list[str]:
+    """The command lines `make -n reproduce-<target>` prints (no install step: `-o install`)."""
+    # under `make test` the parent make's variables would turn this into a sub-make with directory banners
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    venv = variables.get("VENV", ".venv")
+    out = subprocess.run(
+        ["make", "--no-print-directory", "-n", "-o", "install", "-o", f"{venv}/.installed", f"reproduce-{target}",
+         *(f"{k}={v}" for k, v in variables.items())],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, check=True, env=env,
+    ).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_dry_run_prints_every_stage(target: str) -> None:
+    lines = make_dry(target, {"VENV": ".venv", "ARGS": "paths.data_dir=/data"})
+    stages = TARGETS[target][1]
+    assert len(lines) == len(stages)
+    for line, (program, first) in zip(lines, stages):
+        words = shlex.split(line)
+        assert words[0] == f".venv/bin/{program}" and (not first or words[1:3] == ["-m", first])
+        if program != "ood-report":
+            assert "seed=0,1,2" in words or "experiment=grood_imagenet1k" in words
+            assert words[-1] == "paths.data_dir=/data" or "experiment=grood_imagenet1k" in words
+    assert shlex.split(lines[-1])[1].startswith("logs/reproduce/")
+    if target not in ("cifar10", "cifar100"):
+        assert f"conf/reference/{target}" in lines[-1]
+
+
+def _run(words: list[str]) -> None:
+    """One printed command, in this process."""
+    program = Path(words[0]).name
+    if program == "ood-report":
+        from ood.report import main
+
+        main(words[1:])
+        return
+    from hydra.core.global_hydra import GlobalHydra
+
+    import ood.eval
+    import ood.train
+
+    GlobalHydra.instance().clear()
+    entry = {"ood-train": ood.train.main, "ood-eval": ood.eval.main}[program]
+    old = sys.argv
+    sys.argv = [program, *words[1:]]
+    try:
+        entry()
+    except SystemExit as exit_:
+        assert exit_.code in (None, 0), f"{' '.join(words)} exited with {exit_.code}"
+    finally:
+        sys.argv = old
+
+
+@pytest.fixture(scope="module")
+def tiny_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The CIFAR paper tree and OpenOOD's ImageNet lists in one data_dir, plus a tiny 300K-random-images array."""
+    root = make_paper_tree(tmp_path_factory.mktemp("reproduce"))
+    make_openood_imagenet_tree(root, every_class=True)
+    np.save(root / "300K_random_images.npy", np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet50().state_dict(), root / "resnet50-0676ba61.pth")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_tiny_version_runs(target: str, tiny_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = [m for m in TARGETS[target][0] if not (CONFIG_DIR / "method" / f"{m}.yaml").is_file()]
+    if missing:
+        pytest.skip(f"reproduce-{target} needs {', '.join(f'conf/method/{m}.yaml' for m in missing)} (not written yet)")
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torchvision.datasets.svhn, "check_integrity", lambda *args, **kwargs: True)
+    monkeypatch.chdir(PROJECT_ROOT)
+    monkeypatch.setenv("OOD_ROOT", str(tmp_path))
+    variables, extra = SMALL[target]
+    reports = tmp_path / "reproduce"
+    args = " ".join([f"paths.data_dir={tiny_tree}", *TINY, *extra])
+    imagenet = " ".join([f"paths.data_dir={tiny_tree}", "trainer=cpu", "data.benchmark.image_size=16", "data.benchmark.resize=16",
+                         "data.num_workers=0", "data.pin_memory=false", "detectors.names=[msp]", "detectors.tune=false",
+                         "trainer.enable_progress_bar=false"])
+    lines = make_dry(target, {"VENV": str(Path(sys.executable).parent.parent), "SEEDS": "0", "R": str(reports), "ARGS": args,
+                              "IMAGENET_ARGS": imagenet, "WEIGHTS": str(tiny_tree / "resnet50-0676ba61.pth"), **variables})
+    for line in lines:
+        _run(shlex.split(line))
+    report = (Path(shlex.split(lines[-1])[1]) / "report.md").read_text()
+    assert "| msp |" in report
+    if target == "grood":  # GROOD's ImageNet-1K rows (torchvision ResNet-50) beside OpenOOD's README number
+        assert "ref:near/auroc" in report and "78.90" in report and "| grood | grood | resnet50 | imagenet1k" in report
+        rows = [json.loads(line) for f in (reports / "grood/imagenet1k").rglob("results.jsonl") for line in f.read_text().splitlines()]
+        assert {r["ood_dataset"]: (r["ood_group"], r["n_ood"]) for r in rows if r["detector"] == "grood"} == IMAGENET_OOD
+    if target == "cluster":
+        assert "| cluster |" in report and "imagenet_resize" in report
+
+
+@pytest.mark.parametrize("paper", ["heatmap", "energy", "cluster", "grood", "oal"])
+def test_paper_references_load_with_source_and_convention(paper: str) -> None:
+    from ood.report import REFERENCE_DIR, load_reference, reference_files
+
+    refs = [load_reference(f) for f in reference_files([REFERENCE_DIR / paper])]
+    assert refs and all(r["source"] for r in refs)
+    assert all(r["fpr95_convention"] == "id_positive" for r in refs if "fpr95" in r)
+
+
+def test_fpr95_reference_columns_follow_the_convention() -> None:
+    from ood.report import REFERENCE_DIR, add_reference, aggregate, load_reference, reference_files
+
+    base = {"backbone": "wrn40_2", "id_dataset": "cifar10", "seed": 0, "_run": "r", "ood_group": "far", "ood_dataset": "svhn",
+            "auroc": 0.9, "fpr95": 0.1, "fpr95_oodpos": 0.2}
+    rows = [{**base, "method": "energy_oe", "detector": "energy_oe"}, {**base, "method": "ce", "detector": "msp"}]
+    _, metric_cols, table = aggregate(rows)
+    cols = add_reference(metric_cols, table, [load_reference(f) for f in reference_files([REFERENCE_DIR / "energy"])])
+    assert cols == [*metric_cols, "ref:far/fpr95"]
+    by = {e["method"]: e for e in table}
+    assert by["energy_oe"]["ref:far/fpr95"] == pytest.approx((0.0332, 0.0, 1)) and by["ce"]["ref:far/fpr95"][0] == pytest.approx(0.5104)
+    ood_pos = {**load_reference(REFERENCE_DIR / "energy/cifar10_wrn40_2.yaml"), "fpr95_convention": "ood_positive"}
+    assert add_reference(metric_cols, table, [ood_pos])[-1] == "ref:far/fpr95_oodpos"
