@@ -9,7 +9,7 @@ keep PyTorch's default initialisation, as OpenOOD's do.
 `ResNet50` is torchvision's `resnet50(weights=None)` (never downloads), regrouped into stages; parameter-for-parameter
 the same network (25,557,032 parameters for 1000 classes). Its max-pool opens the `layer1` stage so that `stem` ends
 with its ReLU. `weights=<file>` loads a torchvision state dict (e.g. `IMAGENET1K_V1`, the file torchvision caches
-as `<torch hub dir>/checkpoints/resnet50-0676ba61.pth`) strictly, before the regrouping.
+as `<torch hub dir>/checkpoints/resnet50-0676ba61.pth`) strictly, through `ood.models.checkpoint`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from ood.errors import CheckpointError
 from ood.models.base import Backbone, GlobalPool
+from ood.models.checkpoint import load_modules, read_state_dict
 
 #: torchvision's IMAGENET1K_V1 ResNet-50 weights: file name in the torch hub cache and download URL
 RESNET50_V1 = "resnet50-0676ba61.pth"
@@ -57,9 +58,9 @@ class ResNet18_32x32(Backbone):  # noqa: N801 - OpenOOD's name
         self.fc = nn.Linear(512, num_classes)
 
 
-def load_torchvision_weights(net: nn.Module, path: str | Path) -> None:
-    """Load a torchvision state dict file into `net` strictly; a missing or mismatched file is a `CheckpointError`
-    saying where torchvision keeps the file and how to fetch it once."""
+def require_weights_file(path: str | Path) -> Path:
+    """`path` if it is a file; else a `CheckpointError` saying where torchvision keeps IMAGENET1K_V1 and how to fetch
+    it once."""
     path = Path(path).expanduser()
     if not path.is_file():
         cache = Path(torch.hub.get_dir()) / "checkpoints" / RESNET50_V1
@@ -68,20 +69,7 @@ def load_torchvision_weights(net: nn.Module, path: str | Path) -> None:
             f"machine with internet (python -c \"import torchvision; torchvision.models.resnet50(weights='IMAGENET1K_V1')\" "
             f"or download {RESNET50_V1_URL}) and pass backbone.weights=<that file>"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise CheckpointError(f"could not read backbone weights {path}: {type(err).__name__}: {err}") from err
-    state = state.get("state_dict", state)
-    own = net.state_dict()
-    for key in [*own, *state]:
-        if key not in state or key not in own or state[key].shape != own[key].shape:
-            found = tuple(state[key].shape) if key in state else "absent"
-            raise CheckpointError(
-                f"backbone weights {path} do not fit torchvision's resnet50 with {net.fc.out_features} classes: first "
-                f"mismatched key {key!r} (file: {found}, model: {tuple(own[key].shape) if key in own else 'absent'})"
-            )
-    net.load_state_dict(state)
+    return path
 
 
 class ResNet50(Backbone):
@@ -90,14 +78,13 @@ class ResNet50(Backbone):
     Args:
         num_classes: classes of the head.
         in_channels: input channels (3 unless a new stem is wanted; then no weights fit).
-        weights: a torchvision state dict file (IMAGENET1K_V1 for ImageNet-1K); None = random init.
+        weights: a weights file `ood.models.checkpoint` reads (torchvision's IMAGENET1K_V1 state dict, a backbone
+            or Lightning checkpoint), loaded strictly; None = random init.
     """
 
     def __init__(self, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None) -> None:
         super().__init__()
         net = resnet50(weights=None, num_classes=num_classes)
-        if weights is not None:
-            load_torchvision_weights(net, weights)
         if in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.stages = nn.ModuleDict(
@@ -111,3 +98,7 @@ class ResNet50(Backbone):
         )
         self.pool = GlobalPool()
         self.fc = net.fc
+        if weights is not None:
+            path = require_weights_file(weights)
+            state = {k.removeprefix("backbone."): v for k, v in read_state_dict(path).items() if k.startswith("backbone.")}
+            load_modules(self, state, None, path, hint=f"torchvision's resnet50 with {num_classes} classes")
