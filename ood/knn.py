@@ -7,6 +7,7 @@ heatmap prototypes) goes through here, so device handling and index choice live 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import faiss
@@ -14,7 +15,11 @@ import numpy as np
 import torch
 
 Metric = Literal["l2", "ip"]
-IndexKind = Literal["exact", "ivf"]
+IndexKind = Literal["exact", "ivf", "auto"]
+#: `kind="auto"` switches from the exact index to IVF-Flat at this many bank rows (ImageNet-1K: 1.28 M)
+AUTO_IVF_ROWS = 200_000
+#: rows converted and added to faiss at a time (the bank is never copied whole)
+ADD_CHUNK = 65536
 
 
 def _np32(x: torch.Tensor) -> np.ndarray:
@@ -50,7 +55,9 @@ class KNNIndex:
     """Exact (`IndexFlat`) or IVF-Flat nearest-neighbour index.
 
     `metric="l2"` returns squared Euclidean distances, `"ip"` inner products (largest first).
-    `kind="ivf"` is for ImageNet-scale banks: `nlist` cells (default 4*sqrt(N)), `nprobe` searched.
+    `kind="ivf"` is for ImageNet-scale banks: `nlist` cells (default 4*sqrt(N)), `nprobe` searched, trained on at
+    most 256 points per cell (faiss' own cap) drawn with a fixed seed; `kind="auto"` is exact below
+    `AUTO_IVF_ROWS` bank rows and IVF from there on.
     `device="cuda"` (or None with CUDA present) moves the index to the GPU when faiss supports it.
     """
 
@@ -64,19 +71,21 @@ class KNNIndex:
     ) -> None:
         if metric not in ("l2", "ip"):
             raise ValueError(f"metric must be 'l2' or 'ip', got {metric!r}")
-        if kind not in ("exact", "ivf"):
-            raise ValueError(f"kind must be 'exact' or 'ivf', got {kind!r}")
+        if kind not in ("exact", "ivf", "auto"):
+            raise ValueError(f"kind must be 'exact', 'ivf' or 'auto', got {kind!r}")
         self.metric, self.kind, self.nlist, self.nprobe = metric, kind, nlist, nprobe
         self.gpu_id = _gpu_id(device)
         self._index: faiss.Index | None = None
         self.ntotal = 0
 
-    def add(self, x: torch.Tensor) -> KNNIndex:
-        """Build the index over the rows of `x` [N, D] (replaces any previous content)."""
-        data = _np32(x)
-        n, d = data.shape
+    def add(self, x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> KNNIndex:
+        """Build the index over the rows of `x` [N, D] (replaces any previous content), `transform` (e.g. L2
+        normalisation) applied chunk by chunk, so neither `x` (any float dtype) nor its transform is copied whole."""
+        prepare = (lambda t: _np32(transform(t.float()))) if transform is not None else _np32  # noqa: E731
+        n, d = x.shape
+        ivf = self.kind == "ivf" or (self.kind == "auto" and n >= AUTO_IVF_ROWS)
         flat = faiss.IndexFlatL2(d) if self.metric == "l2" else faiss.IndexFlatIP(d)
-        if self.kind == "ivf":
+        if ivf:
             nlist = self.nlist or max(1, int(4 * math.sqrt(n)))
             faiss_metric = faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
             index: faiss.Index = faiss.IndexIVFFlat(flat, d, nlist, faiss_metric)
@@ -85,9 +94,11 @@ class KNNIndex:
         else:
             index = flat
         index = _on_device(index, self.gpu_id)
-        if self.kind == "ivf":
-            index.train(data)
-        index.add(data)
+        if ivf:
+            sample = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: 256 * nlist].sort().values
+            index.train(prepare(x[sample.to(x.device)]))
+        for start in range(0, n, ADD_CHUNK):
+            index.add(prepare(x[start : start + ADD_CHUNK]))
         self._index, self.ntotal = index, n
         return self
 

@@ -40,7 +40,12 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     choices = _choices()
     evaluation = instantiate(
         cfg.evaluation,
-        info={"backbone": choices.get("backbone", cfg.backbone._target_.rsplit(".", 1)[-1]), "seed": cfg.seed},
+        info={
+            "backbone": choices.get("backbone", cfg.backbone._target_.rsplit(".", 1)[-1]),
+            "seed": cfg.seed,
+            "fit_fraction": datamodule.fit_fraction,
+            "fit_seed": datamodule.fit_seed,
+        },
     )
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values()]

@@ -290,5 +290,18 @@ def test_resnet50_weights_load_and_say_where_to_get_them(resnet50_file: Path, tm
 @pytest.mark.slow
 def test_imagenet200_end_to_end(imagenet_tree: Path, tmp_path: Path) -> None:
     rows = run_config(tmp_path, ["data=imagenet200", f"paths.data_dir={imagenet_tree}", "data.benchmark.image_size=16",
-                                 "data.benchmark.resize=16", *E2E])
+                                 "data.benchmark.resize=16", "data.fit_fraction=0.5", "data.fit_seed=1", *E2E])
     assert _reported(rows) == IMAGENET_OOD and {r["id_dataset"] for r in rows} == {"imagenet200"}
+    assert {(r["fit_fraction"], r["fit_seed"]) for r in rows} == {(0.5, 1)}
+
+
+def test_fit_fraction_subsamples_the_fit_split_with_a_fixed_seed(imagenet_tree: Path, tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, ["data=imagenet1k", f"paths.data_dir={imagenet_tree}", "data.fit_fraction=0.5"])
+    datamodule = instantiate(cfg.data)
+    fit = dict((s.name, d) for s, d in datamodule._eval_sets())["train"]
+    again = dict((s.name, d) for s, d in instantiate(cfg.data)._eval_sets())["train"]
+    assert len(fit) == 4 and fit.indices == again.indices == sorted(fit.indices)
+    other = compose_config(tmp_path, ["data=imagenet1k", f"paths.data_dir={imagenet_tree}", "data.fit_fraction=0.5", "data.fit_seed=3"])
+    assert dict((s.name, d) for s, d in instantiate(other.data)._eval_sets())["train"].indices != fit.indices
+    with pytest.raises(ConfigError, match="fit_fraction must be in \\(0, 1\\]"):
+        instantiate(compose_config(tmp_path, ["data=imagenet1k", "data.fit_fraction=0"]).data)

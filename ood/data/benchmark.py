@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from ood.data.batch import Batch, collate_batch
 from ood.errors import ConfigError
@@ -157,8 +157,12 @@ class OODDataModule(LightningDataModule):
         pin_memory: bool = False,
         download: bool = False,
         seed: int = 0,
+        fit_fraction: float = 1.0,
+        fit_seed: int = 0,
     ) -> None:
         super().__init__()
+        if not 0 < fit_fraction <= 1:
+            raise ConfigError(f"data.fit_fraction must be in (0, 1], got {fit_fraction}")
         self.benchmark = benchmark
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -167,6 +171,9 @@ class OODDataModule(LightningDataModule):
         self.pin_memory = pin_memory
         self.download = download
         self.seed = seed
+        #: detectors fit on this fraction of the ID training split, drawn with `fit_seed` (ImageNet scale)
+        self.fit_fraction = fit_fraction
+        self.fit_seed = fit_seed
         self.streams: tuple[Stream, ...] = ("id",)
         self._eval: list[tuple[EvalSplit, Dataset]] | None = None
 
@@ -238,7 +245,7 @@ class OODDataModule(LightningDataModule):
     def _eval_sets(self) -> list[tuple[EvalSplit, Dataset]]:
         if self._eval is None:
             sets: list[tuple[EvalSplit, Dataset]] = [
-                (EvalSplit("train", "fit"), self.benchmark.train(augment=False)),
+                (EvalSplit("train", "fit"), self.fit_subset(self.benchmark.train(augment=False))),
                 (EvalSplit("val", "id_val"), self.benchmark.val()),
                 (EvalSplit("test", "id_test"), self.benchmark.test()),
             ]
@@ -248,6 +255,15 @@ class OODDataModule(LightningDataModule):
             sets += [(EvalSplit(s.name, "ood", s.group), s.dataset) for s in self.benchmark.ood_test()]
             self._eval = sets
         return self._eval
+
+    def fit_subset(self, train: Dataset) -> Dataset:
+        """The fit split: `train` itself, or `fit_fraction` of it (sorted indices, drawn with `fit_seed`)."""
+        if self.fit_fraction == 1:
+            return train
+        n = len(train)  # type: ignore[arg-type]
+        keep = max(1, round(self.fit_fraction * n))
+        rows = torch.randperm(n, generator=torch.Generator().manual_seed(self.fit_seed))[:keep].sort().values
+        return Subset(train, rows.tolist())
 
     @property
     def eval_splits(self) -> list[EvalSplit]:

@@ -94,6 +94,8 @@ class FileBenchmark(Benchmark):
         self.split_seed = split_seed
         self.how = how
         self.outlier_spec = None if outliers is None else SetSpec.parse(f"{name}:outliers", outliers)
+        self.outlier_set = "none" if outliers is None else "configured"
+        self.outlier_choices = ("none", "a set spec such as {folder: places365}")
 
     @property
     def input_std(self) -> tuple[float, ...]:

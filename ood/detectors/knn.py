@@ -1,5 +1,6 @@
-"""Nearest-neighbour detectors on L2-normalised penultimate features (exact faiss search through `ood.knn`;
-`index="ivf"` for ImageNet-scale banks).
+"""Nearest-neighbour detectors on L2-normalised penultimate features (faiss search through `ood.knn`; `index="auto"`
+(default) is exact below 200 k bank rows and IVF-Flat above, e.g. on ImageNet-1K's 1.28 M; `exact` or `ivf` force
+one). The bank is normalised and added chunk by chunk (float16 banks too).
 
 - Deep nearest neighbours (KNN), Sun et al., ICML 2022 (arXiv 2204.06507):
   score(h) = -|| h_hat - h_hat_(K) ||^2, h_hat = h / ||h||, h_hat_(K) the K-th nearest normalised ID-train
@@ -36,12 +37,13 @@ class KNN(Detector):
     grid = {"k": [50, 100, 200, 500, 1000]}
     score_params = frozenset({"k"})
 
-    def __init__(self, k: int = 50, index: IndexKind = "exact") -> None:
+    def __init__(self, k: int = 50, index: IndexKind = "auto") -> None:
         self.k = k
         self.index = index
 
     def fit(self, bank: FeatureBank) -> KNN:
-        self.index_ = KNNIndex("l2", kind=self.index, device=bank.features.device).add(_normalised(bank))
+        normalise = lambda h: F.normalize(h, dim=1)  # noqa: E731
+        self.index_ = KNNIndex("l2", kind=self.index, device=bank.features.device).add(bank.features, normalise)
         return self
 
     def _distances(self, bank: FeatureBank, k: int) -> torch.Tensor:

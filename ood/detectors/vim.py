@@ -9,7 +9,8 @@ with that reason; during tuning, grid points with dim >= D are dropped. OpenOOD'
 D = 512 / 2048; for smaller backbones (digits SmallCNN, D = 64) pass `dim` explicitly, e.g. the paper's D/2.
 Deviations: `eigh` on the symmetric covariance in float64 (OpenOOD: `np.linalg.eig`, float32), the residual
 projections in float32 (relative error ~1e-6, no cancellation), one eigendecomposition shared by every `dim` of
-the grid (alpha is computed per dim from the kept train features).
+the grid (alpha is computed per dim from the kept train features); covariance and residuals chunk by chunk
+(`ood.detectors.mahalanobis.row_chunks`), so float16 or ImageNet-sized banks are never copied whole.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from ood.detectors.base import Detector, DetectorNotApplicable
 from ood.detectors.logits import energy_score
-from ood.detectors.mahalanobis import gram
+from ood.detectors.mahalanobis import centred_gram, row_chunks
 from ood.features.bank import FeatureBank
 
 
@@ -36,7 +37,8 @@ class ViM(Detector):
         self._check(bank.features.shape[1])
         w, b = bank.head()
         self.u_ = -torch.linalg.pinv(w.double()) @ b.double()
-        _, vecs = torch.linalg.eigh(gram(bank.features.double() - self.u_) / len(bank))
+        zeros = torch.zeros(len(bank), dtype=torch.long, device=bank.features.device)
+        _, vecs = torch.linalg.eigh(centred_gram(bank.features, zeros, self.u_[None].to(bank.features.device)) / len(bank))
         self.eigvecs_ = vecs.flip(1)  # columns by decreasing eigenvalue
         self.max_logit_mean_ = float(bank.logits.double().max(1).values.mean())
         self.train_ = bank.features
@@ -52,9 +54,9 @@ class ViM(Detector):
 
     def _residual_norm(self, features: torch.Tensor) -> torch.Tensor:
         """||(h - u) P_perp||, the projection in float32 (a norm of a projection: no cancellation to protect)."""
-        u, vecs = self.u_.to(features.device), self.eigvecs_.to(features.device)
-        residual = (features.float() - u.float()) @ vecs[:, self.dim :].float().contiguous()
-        return torch.linalg.vector_norm(residual, dim=1).double()
+        u, vecs = self.u_.to(features.device).float(), self.eigvecs_[:, self.dim :].to(features.device).float().contiguous()
+        norms = [torch.linalg.vector_norm((features[rows].float() - u) @ vecs, dim=1) for rows in row_chunks(len(features))]
+        return torch.cat(norms).double()
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
         self._check(bank.features.shape[1])
