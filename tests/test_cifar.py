@@ -183,9 +183,11 @@ def test_incomplete_openood_tree_names_the_missing_lists(tree: Path, tmp_path: P
     partial = tmp_path / "partial"
     shutil.copytree(tree / "benchmark_imglist", partial / "benchmark_imglist")
     (partial / "benchmark_imglist/cifar100/test_svhn.txt").unlink()
+    (partial / "benchmark_imglist/cifar100/test_tin.txt").unlink()  # optional only without OpenOOD's tree
     with pytest.raises(DataNotFoundError) as err:
         CIFAR100Benchmark(partial).prepare()
     assert str(partial / "benchmark_imglist/cifar100/test_svhn.txt") in str(err.value)
+    assert str(partial / "benchmark_imglist/cifar100/test_tin.txt") in str(err.value)
     assert str(partial / "images_classic") in str(err.value)
 
 

@@ -257,7 +257,7 @@ class CIFARBenchmark(Benchmark):
             if kind == "torchvision":
                 self._tv_build(str(spec.torchvision), spec.torchvision_root(self.data_dir), download=download)
             elif absent := spec.missing(self.data_dir, kind):
-                if spec.optional:
+                if self._optional(spec, kind):
                     self._warn_skipped(name, spec, absent)
                 else:
                     missing.append(describe_missing(name, spec, absent))
@@ -267,6 +267,10 @@ class CIFARBenchmark(Benchmark):
                 f"{', '.join(missing)}. " + self._how_to_get()
             )
         log.info("%s: reading %s data from %s (%s protocol)", self.name, source, self.data_dir, self.protocol.name)
+
+    def _optional(self, spec: SetSpec, kind: str) -> bool:
+        """A missing `optional` set is skipped, except OpenOOD's lists when reading OpenOOD's tree (incomplete)."""
+        return spec.optional and not (self.resolved_source == "openood" and kind == "imglist")
 
     def _warn_skipped(self, name: str, spec: SetSpec, absent: list[str]) -> None:
         log.warning(
@@ -374,7 +378,7 @@ class CIFARBenchmark(Benchmark):
             dataset = self._tv_build(str(spec.torchvision), spec.torchvision_root(self.data_dir))
             return Transformed(dataset, self.eval_transform(), label=-1)
         absent = spec.missing(self.data_dir, kind)
-        if absent and spec.optional:
+        if absent and self._optional(spec, kind):
             return None
         if absent:
             raise DataNotFoundError(f"{self.name}: OOD set {describe_missing(name, spec, absent)} not found. " + self._how_to_get())
