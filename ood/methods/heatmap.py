@@ -4,7 +4,9 @@ Paper: J. Hornauer, V. Belagiannis, "Heatmap-based Out-of-Distribution Detection
 Released code: jhornauer/heatmap_ood (`prototype_heatmap.py`, `optimization.py`, `Networks/generator.py`).
 Spec: shared/methods/heatmap.md.
 
-The CE classifier is frozen (`method.init.ckpt=<CE checkpoint>`, `init.freeze` always contains `backbone`). A
+The CE classifier is frozen (`method.init.ckpt=<CE checkpoint>`, `init.freeze` always contains `backbone`), or,
+with no checkpoint, trained with CE in the same run for `classifier_epochs` epochs and then frozen (one Lightning
+fit, manual optimisation with one optimiser per phase: the classifier's CE recipe, then the decoder's Adam). A
 conditional decoder (`ood.models.decoder`) maps [min-max scaled penultimate feature; one-hot predicted class] to a
 heatmap M(x) in [-1, 1] of the input's shape, trained with `ood.losses.heatmap_loss`
   L = mean_batch sum_{c,i,j} (1 + alpha |t|) (M + x - t)^2,   alpha = 5,
@@ -45,6 +47,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -111,12 +114,11 @@ def heatmap_grid(images: torch.Tensor, heat: torch.Tensor, title: str) -> np.nda
         hm = heat[row].numpy()
         axes[row, 0].imshow(img, **shown)
         axes[row, 1].imshow(hm, cmap="inferno", vmin=0, vmax=1)
-        axes[row, 1].set_title(f"mean {hm.mean():.2f}", fontsize=7, pad=2)
+        axes[row, 1].set_xlabel(f"mean {hm.mean():.2f}", fontsize=7, labelpad=1)
         axes[row, 2].imshow(img, **shown)
         axes[row, 2].imshow(hm, cmap="inferno", vmin=0, vmax=1, alpha=0.55)
     for ax, label in zip(axes[0], ("input", "heatmap", "overlay")):
-        ax.set_xlabel(label, fontsize=8)
-        ax.xaxis.set_label_position("top")
+        ax.set_title(label, fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -146,6 +148,8 @@ class HeatmapOOD(OODMethod):
         pairing, feature_norm, ood_subset: released-code flags (module doc).
         n_images: images per split in the `heatmaps/<split>` diagnostics grids.
         feature_batch_size: batch size of the once-per-run feature pass that builds the prototypes.
+        classifier_epochs: without `init.ckpt`, train the classifier with CE for this many epochs first (the
+            `classifier_optimizer` / `classifier_scheduler` recipe), then freeze it for the remaining epochs.
     """
 
     name = "heatmap"
@@ -166,12 +170,23 @@ class HeatmapOOD(OODMethod):
         ood_subset: OODSubset = "all",
         n_images: int = 8,
         feature_batch_size: int = 512,
+        classifier_epochs: int = 0,
+        classifier_optimizer: OptimizerFactory | None = None,
+        classifier_scheduler: SchedulerFactory | None = None,
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, init)
         for key, value in (("pairing", pairing), ("feature_norm", feature_norm), ("ood_subset", ood_subset)):
             if value not in CHOICES[key]:
                 raise ConfigError(f"method.{key}={value!r}; choices: {list(CHOICES[key])}")
-        if "backbone" not in self.frozen:
+        # the classifier is always frozen for the decoder: from the start, or after the CE phase
+        self.classifier_epochs = classifier_epochs
+        self.classifier_optimizer, self.classifier_scheduler = classifier_optimizer, classifier_scheduler
+        if classifier_epochs > 0:
+            if classifier_optimizer is None:
+                raise ConfigError("method.classifier_epochs > 0 needs method.classifier_optimizer (the CE recipe)")
+            self.frozen = tuple(f for f in self.frozen if f != "backbone")
+            self.automatic_optimization = False
+        elif "backbone" not in self.frozen:
             self.frozen = ("backbone", *self.frozen)
         channels = _input_channels(backbone)
         self.plan = decoder_plan(backbone.feature_dim, input_size, channels, latent, width)
@@ -225,16 +240,37 @@ class HeatmapOOD(OODMethod):
         return torch.cat(feats), torch.cat(preds)
 
     def on_fit_start(self) -> None:
+        """Checks the classifier source and the outliers; builds the pool now unless the classifier trains first."""
+        if (self.init_ckpt is None) == (self.classifier_epochs == 0):
+            raise ConfigError(
+                "method=heatmap needs exactly one classifier source: method.init.ckpt=<CE checkpoint> (frozen), or "
+                f"method.classifier_epochs=N (CE first, then frozen); got init.ckpt={self.init_ckpt}, "
+                f"classifier_epochs={self.classifier_epochs}"
+            )
+        benchmark = self.trainer.datamodule.benchmark
+        if benchmark.outlier_set == "none":
+            choices = [c for c in benchmark.outlier_choices if c != "none"]
+            raise ConfigError(f"method=heatmap trains on outliers, but benchmark {benchmark.name} has none; set data.benchmark.outliers= one of {choices}")
+        if self.classifier_epochs == 0:
+            self._build_pool()
+
+    def on_train_epoch_start(self) -> None:
+        """The switch from the CE phase (`classifier_epochs`) to the decoder: freeze the classifier, build the pool
+        (also when resuming inside the decoder phase)."""
+        if self.current_epoch >= self.classifier_epochs and self._pool_x is None:
+            if "backbone" not in self.frozen:
+                self.frozen = ("backbone", *self.frozen)
+                self.backbone.requires_grad_(False)
+                self.backbone.eval()
+            self._build_pool()
+
+    def _build_pool(self) -> None:
         """Input normalisation, ID-train feature range, the outlier pool and its prototypes (identical on every
         rank: a function of the frozen classifier, the data and the seed)."""
-        if self.init_ckpt is None:
-            raise ConfigError("method=heatmap trains a decoder on a frozen CE classifier: set method.init.ckpt=<CE checkpoint>")
         datamodule = self.trainer.datamodule
         benchmark = datamodule.benchmark
         outliers = benchmark.outliers()
-        if outliers is None:
-            choices = [c for c in benchmark.outlier_choices if c != "none"]
-            raise ConfigError(f"method=heatmap trains on outliers, but benchmark {benchmark.name} has none; set data.benchmark.outliers= one of {choices}")
+        assert outliers is not None, "on_fit_start checked that the benchmark has outliers"
         self.pixel_mean.copy_(torch.tensor(benchmark.input_mean).view(-1, 1, 1))
         self.pixel_std.copy_(torch.tensor(benchmark.input_std).view(-1, 1, 1))
         train = benchmark.train(augment=False)
@@ -248,6 +284,8 @@ class HeatmapOOD(OODMethod):
         proto = class_prototypes(id_feats, id_preds, q_feats, q_preds)
         if self.pairing == "as_released":
             proto = released_pairing(proto, q_preds)
+        # recorded in every result row (`method_params`): which outlier set stood in for 80M Tiny Images
+        self.hparams["outliers"] = f"{benchmark.outlier_set}: {len(pool)} of {n}"
         self._pool_x = pool_x.to(self.device)
         self._pool_t = torch.stack([train[int(i)][0] for i in proto]).to(self.device)
         log.info("heatmap: %d outliers paired with ID prototypes (%s pairing), feature range [%.3g, %.3g]",
@@ -266,10 +304,36 @@ class HeatmapOOD(OODMethod):
 
     # ----- training -------------------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """The base step (loss, NaN check, logging); with a CE phase (manual optimisation) each phase steps its own
+        optimiser: the classifier's while `current_epoch < classifier_epochs`, then the decoder's."""
         self._batch_idx = batch_idx
-        return super().training_step(batch, batch_idx)
+        loss = super().training_step(batch, batch_idx)
+        if not self.automatic_optimization:
+            classifier, decoder = self.optimizers()
+            optimizer = classifier if self.current_epoch < self.classifier_epochs else decoder
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        scheduler = None if self.automatic_optimization else self.lr_schedulers()
+        if scheduler is not None and self.current_epoch < self.classifier_epochs:
+            scheduler.step()
+
+    def configure_optimizers(self) -> Any:
+        """The decoder's optimiser (`optimizer`); with a CE phase also the classifier's (and its scheduler)."""
+        if self.automatic_optimization:
+            return super().configure_optimizers()
+        assert self.classifier_optimizer is not None
+        optimizers = [self.classifier_optimizer(self.backbone.parameters()), self.optimizer_factory(self.decoder.parameters())]
+        if self.classifier_scheduler is None:
+            return optimizers
+        return optimizers, [self.classifier_scheduler(optimizers[0])]
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
+        if self.current_epoch < self.classifier_epochs:
+            return F.cross_entropy(self.backbone(batch.x), batch.y)
         assert self._pool_x is not None and self._pool_t is not None
         rows = self._outlier_rows().to(self.device)
         n = len(batch)

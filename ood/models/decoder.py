@@ -6,11 +6,13 @@ Input: the (min-max scaled) penultimate feature concatenated with the one-hot pr
 resolution, every block bias-free + BN + ReLU; a 1x1 ConvT to the image channels; tanh. The output has the input's
 shape.
 
-`decoder_plan` derives the plan from (feature dim, input size, channels): s0 = the input size halved while it stays
-even and above 4 (32 -> 4 with 3 doublings, 224 -> 7 with 5), channels `width, width/2, ...` (one per block),
-`latent` and `width` defaulting to the feature dim. The released settings (spec table) are reproduced with
-  ResNet-18 CIFAR-10: latent=100;  ResNet-18 CIFAR-100: defaults;  WRN-40-2: width=256;  ResNet-50 TIN: latent=512.
-The released CIFAR decoders start with a k4 ConvT to 4x4 exactly like s0 = 4 here.
+`decoder_plan` derives the plan from (feature dim D, input size, channels): s0 = the input size halved while it
+stays even and above 4 (32 -> 4 with k = 3 doublings, 224 -> 7 with 5); channels `width, width/2, ...` (k + 1
+blocks) with width = max(D, 32 * 2^k), so the last block keeps at least 32 channels; latent d0 = min(D, 512).
+This reproduces every released setting of the spec table (ResNet-18 CIFAR-100 512/(512..64), WRN-40-2 128/(256..32),
+ResNet-50 Tiny ImageNet 512/(2048..128)) except ResNet-18 CIFAR-10's d0 = 100 (the DCGAN default), which
+`experiment=cifar10_heatmap` sets; the digits plan of spec §6 (8 px: 64/(64, 32)) too. The released CIFAR decoders
+start with a k4 ConvT to 4x4 exactly like s0 = 4 here.
 """
 
 from __future__ import annotations
@@ -35,15 +37,16 @@ class DecoderPlan:
 def decoder_plan(
     feature_dim: int, input_size: int, out_channels: int, latent: int | None = None, width: int | None = None
 ) -> DecoderPlan:
-    """The decoder plan for a classifier with `feature_dim` features on `input_size`-pixel, `out_channels` images."""
+    """The decoder plan for a classifier with `feature_dim` features on `input_size`-pixel, `out_channels` images;
+    `latent` / `width` override d0 / the first block's channels (module doc)."""
     if input_size < 1:
         raise ValueError(f"input_size must be positive, got {input_size}")
     start, doublings = input_size, 0
     while start % 2 == 0 and start > 4:
         start, doublings = start // 2, doublings + 1
-    width = width or feature_dim
+    width = width or max(feature_dim, 32 << doublings)
     channels = tuple(max(width >> i, 8) for i in range(doublings + 1))
-    return DecoderPlan(latent or feature_dim, start, channels, out_channels)
+    return DecoderPlan(latent or min(feature_dim, 512), start, channels, out_channels)
 
 
 def _block(cin: int, cout: int, kernel: int, stride: int, padding: int) -> nn.Sequential:
