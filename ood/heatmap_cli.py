@@ -30,11 +30,15 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in KEYS:
-            raise ConfigError(f"ood-heatmap: unexpected argument {arg!r}; use key=value with keys {list(KEYS)}")
+            raise ConfigError(
+                f"ood-heatmap: unexpected argument {arg!r}; use key=value with keys {list(KEYS)}"
+            )
         args[key] = value
     missing = [k for k in ("ckpt_path", "image") if k not in args]
     if missing:
-        raise ConfigError(f"ood-heatmap: missing {missing}; usage: ood-heatmap ckpt_path=RUN/checkpoints/last.ckpt image=PATH [out=DIR]")
+        raise ConfigError(
+            f"ood-heatmap: missing {missing}; usage: ood-heatmap ckpt_path=RUN/checkpoints/last.ckpt image=PATH [out=DIR]"
+        )
     return args
 
 
@@ -46,13 +50,19 @@ def load_method(ckpt_path: str | Path) -> HeatmapOOD:
     if ckpt.is_dir():
         ckpt = ckpt / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
-        raise CheckpointError(f"checkpoint {ckpt} not found; pass ckpt_path=<run>/checkpoints/last.ckpt or the run folder")
+        raise CheckpointError(
+            f"checkpoint {ckpt} not found; pass ckpt_path=<run>/checkpoints/last.ckpt or the run folder"
+        )
     config = ckpt.parent.parent / "config.yaml"
     if not config.is_file():
-        raise CheckpointError(f"{ckpt}: the run's config {config} is missing (ood-heatmap rebuilds the run from it)")
+        raise CheckpointError(
+            f"{ckpt}: the run's config {config} is missing (ood-heatmap rebuilds the run from it)"
+        )
     cfg = OmegaConf.load(config)
     if not str(cfg.method._target_).endswith("HeatmapOOD"):
-        raise ConfigError(f"{ckpt} is a {cfg.method._target_} run; ood-heatmap needs a method=heatmap checkpoint")
+        raise ConfigError(
+            f"{ckpt} is a {cfg.method._target_} run; ood-heatmap needs a method=heatmap checkpoint"
+        )
     benchmark = instantiate(cfg.data.benchmark)
     backbone = instantiate(cfg.backbone, num_classes=benchmark.num_classes, in_channels=benchmark.in_channels)
     method = instantiate(cfg.method, backbone=backbone)

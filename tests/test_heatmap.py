@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import compose_config, rows_by, run_config
+from helpers import compose_config, rows_by
 from omegaconf import OmegaConf
 
 from ood import CONFIG_DIR
@@ -38,7 +38,9 @@ def test_score_range_and_zero() -> None:
     heat[0, 0, 0] = torch.tensor([0.5, -0.2])
     heat[0, 1, 0] = torch.tensor([-0.1, 0.8])
     assert heatmap_score(heat).item() == pytest.approx(-(0.5 + 0.8) / 2)
-    scores = heatmap_score(torch.tanh(torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 3))
+    scores = heatmap_score(
+        torch.tanh(torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 3)
+    )
     assert bool(((scores >= -1) & (scores <= 0)).all())
     assert heatmap_score(-torch.ones(1, 1, 2, 2)).item() == -1.0
 
@@ -70,7 +72,13 @@ def test_builder_reproduces_the_spec_table() -> None:
         plan = decoder_plan(dim, size, 3, latent, width)
         assert (plan.latent, plan.channels, plan.start) == (d0, channels, 4)
     decoder = HeatmapDecoder(512, 10, decoder_plan(512, 32, 3, 100))
-    assert [m.out_channels for m in decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)] == [512, 256, 128, 64, 3]
+    assert [m.out_channels for m in decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)] == [
+        512,
+        256,
+        128,
+        64,
+        3,
+    ]
     assert all(m.bias is None for m in decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d))
 
 
@@ -80,7 +88,9 @@ INPUTS = {"small_cnn": (1, 16), "resnet50": (3, 224)}  # every other backbone co
 @pytest.mark.parametrize("config", sorted(p.stem for p in (CONFIG_DIR / "backbone").glob("*.yaml")))
 def test_decoder_output_has_the_input_shape(config: str) -> None:
     channels, size = INPUTS.get(config, (3, 32))
-    backbone = instantiate(OmegaConf.load(CONFIG_DIR / "backbone" / f"{config}.yaml"), num_classes=10, in_channels=channels)
+    backbone = instantiate(
+        OmegaConf.load(CONFIG_DIR / "backbone" / f"{config}.yaml"), num_classes=10, in_channels=channels
+    )
     # the shape depends on the feature dim and the input size only: a narrow decoder keeps the 224-px case quick
     plan = decoder_plan(backbone.feature_dim, size, channels, width=64)
     decoder = HeatmapDecoder(backbone.feature_dim, 10, plan).eval()
@@ -100,7 +110,9 @@ def test_feature_scaling(tmp_path: Path) -> None:
     method = _method(tmp_path, [])
     method.feature_range.copy_(torch.tensor([-2.0, 6.0]))
     feats = torch.tensor([[-2.0, 6.0, 2.0], [0.0, 4.0, 6.0]])
-    torch.testing.assert_close(method.scale_features(feats), torch.tensor([[0.0, 1.0, 0.5], [0.25, 0.75, 1.0]]))
+    torch.testing.assert_close(
+        method.scale_features(feats), torch.tensor([[0.0, 1.0, 0.5], [0.25, 0.75, 1.0]])
+    )
     method.feature_norm = "as_released"
     torch.testing.assert_close(method.scale_features(feats), torch.tensor([[0.0, 1.0, 0.5], [0.0, 4.0, 6.0]]))
     assert method.frozen == ("backbone",)
@@ -121,10 +133,19 @@ def heatmap_run(ce_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     from ood.train import build
 
     out = tmp_path_factory.mktemp("heatmap")
-    cfg = compose_config(out, [
-        "experiment=digits_heatmap", f"method.init.ckpt={ce_checkpoint}", "trainer.max_epochs=6",
-        "data.batch_size=32", "method.optimizer.lr=1e-3", "trainer.enable_progress_bar=false", "logger=none", "detectors.names=[msp,energy]",
-    ])
+    cfg = compose_config(
+        out,
+        [
+            "experiment=digits_heatmap",
+            f"method.init.ckpt={ce_checkpoint}",
+            "trainer.max_epochs=6",
+            "data.batch_size=32",
+            "method.optimizer.lr=1e-3",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+            "detectors.names=[msp,energy]",
+        ],
+    )
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     method, datamodule, trainer, evaluation = build(cfg)
     method.apply_init()
@@ -151,18 +172,28 @@ def test_digits_run_frozen_classifier_and_floor(heatmap_run) -> None:
     after = method.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "classifier weights or BN buffers changed"
     assert not any(p.requires_grad for p in method.backbone.parameters())
-    n_id = 32  # data.batch_size: the first n rows of every full (ID + outlier) training loss call are ID images
+    n_id = (
+        32  # data.batch_size: the first n rows of every full (ID + outlier) training loss call are ID images
+    )
     calls = [(inputs, targets) for inputs, targets in calls if len(inputs) > n_id]  # not the logged parts
     assert len(calls) == 6 * 20
-    assert all(torch.equal(targets[:n_id] - inputs[:n_id], torch.zeros_like(inputs[:n_id])) for inputs, targets in calls)
+    assert all(
+        torch.equal(targets[:n_id] - inputs[:n_id], torch.zeros_like(inputs[:n_id]))
+        for inputs, targets in calls
+    )
     assert all(bool((inputs.abs() <= 1 + 1e-5).all()) for inputs, _ in calls)  # the method's [-1, 1] space
     heat = {r["ood_dataset"]: r["auroc"] for r in rows if r["detector"] == "heatmap"}
     far = {k: v for k, v in heat.items() if k != "digits_6_9"}
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
-    baselines = {det: mean({k: r["auroc"] for k, r in rows_by(rows, det).items() if k in far}) for det in ("msp", "energy")}
+    baselines = {
+        det: mean({k: r["auroc"] for k, r in rows_by(rows, det).items() if k in far})
+        for det in ("msp", "energy")
+    }
     stats = method.diagnostics()
-    print(f"heatmap far AUROC {mean(far):.4f} vs {baselines}; mean max_c|M|: "
-          + ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in stats.items() if k.startswith("mean_abs")))
+    print(
+        f"heatmap far AUROC {mean(far):.4f} vs {baselines}; mean max_c|M|: "
+        + ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in stats.items() if k.startswith("mean_abs"))
+    )
     assert mean(far) >= 0.95 and mean(far) > max(baselines.values())
     assert stats["mean_abs_heatmap/test"] < 0.5 * min(stats[f"mean_abs_heatmap/{k}"] for k in far)
 
@@ -175,9 +206,15 @@ def test_heatmap_grids_and_cli(heatmap_run, tmp_path: Path) -> None:
 
     out, method, _, _, _ = heatmap_run
     grids = {k: v for k, v in method.diagnostics().items() if k.startswith("heatmaps/")}
-    assert set(grids) == {f"heatmaps/{s}" for s in ("test", "digits_6_9", "flower_patches", "gaussian_noise", "uniform_noise")}
+    assert set(grids) == {
+        f"heatmaps/{s}" for s in ("test", "digits_6_9", "flower_patches", "gaussian_noise", "uniform_noise")
+    }
     for grid in grids.values():
-        assert grid.dtype.name == "uint8" and grid.shape == (round(100 * (1.35 * method.n_images + 0.5)), 420, 3)
+        assert grid.dtype.name == "uint8" and grid.shape == (
+            round(100 * (1.35 * method.n_images + 0.5)),
+            420,
+            3,
+        )
         assert grid.std() > 10  # a drawn figure, not a blank canvas
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -204,10 +241,18 @@ def test_without_checkpoint_trains_ce_then_freezes(tmp_path: Path) -> None:
         def on_train_epoch_start(self, trainer, module) -> None:
             snapshots[trainer.current_epoch] = {k: v.clone() for k, v in module.backbone.state_dict().items()}
 
-    cfg = compose_config(tmp_path, [
-        "experiment=digits_heatmap", "method.classifier_epochs=4", "trainer.max_epochs=6", "data.batch_size=64",
-        "trainer.enable_progress_bar=false", "logger=none", "detectors.names=[msp]",
-    ])
+    cfg = compose_config(
+        tmp_path,
+        [
+            "experiment=digits_heatmap",
+            "method.classifier_epochs=4",
+            "trainer.max_epochs=6",
+            "data.batch_size=64",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+            "detectors.names=[msp]",
+        ],
+    )
     method, datamodule, trainer, evaluation = build(cfg)
     method.apply_init()
     trainer.callbacks.append(Snapshot())

@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 
 
-def heatmap_loss(heatmap: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 5.0) -> torch.Tensor:
+def heatmap_loss(
+    heatmap: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, alpha: float = 5.0
+) -> torch.Tensor:
     """Batch mean of sum_{c,i,j} (1 + alpha |t|) (M + x - t)^2 for heatmaps, inputs and targets [B, C, H, W].
 
     Zero when M = t - x; the gradient w.r.t. M of one sample's term is 2 w (M + x - t) (divided by B for the mean).

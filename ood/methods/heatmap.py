@@ -67,7 +67,11 @@ log = get_logger(__name__)
 Pairing = Literal["intended", "as_released"]
 FeatureNorm = Literal["global", "as_released"]
 OODSubset = Literal["all", "first_fifth"]
-CHOICES = {"pairing": ("intended", "as_released"), "feature_norm": ("global", "as_released"), "ood_subset": ("all", "first_fifth")}
+CHOICES = {
+    "pairing": ("intended", "as_released"),
+    "feature_norm": ("global", "as_released"),
+    "ood_subset": ("all", "first_fifth"),
+}
 
 
 def heatmap_score(heatmap: torch.Tensor) -> torch.Tensor:
@@ -76,7 +80,10 @@ def heatmap_score(heatmap: torch.Tensor) -> torch.Tensor:
 
 
 def class_prototypes(
-    bank_features: torch.Tensor, bank_preds: torch.Tensor, query_features: torch.Tensor, query_preds: torch.Tensor
+    bank_features: torch.Tensor,
+    bank_preds: torch.Tensor,
+    query_features: torch.Tensor,
+    query_preds: torch.Tensor,
 ) -> torch.Tensor:
     """For every query row, the bank row with the same predicted class nearest in Euclidean distance (exact
     `ood.knn` search per class). A class no bank row is predicted as falls back to the whole bank (logged)."""
@@ -85,7 +92,10 @@ def class_prototypes(
         queries = query_preds == cls
         rows = torch.nonzero(bank_preds == cls)[:, 0]
         if len(rows) == 0:
-            log.warning("heatmap: no ID training image is predicted as class %d; its outliers pair with any class", cls)
+            log.warning(
+                "heatmap: no ID training image is predicted as class %d; its outliers pair with any class",
+                cls,
+            )
             rows = torch.arange(len(bank_preds))
         _, nearest = KNNIndex("l2", device="cpu").add(bank_features[rows]).search(query_features[queries], 1)
         proto[queries] = rows[nearest[:, 0].cpu()]
@@ -132,7 +142,9 @@ def heatmap_grid(images: torch.Tensor, heat: torch.Tensor, title: str) -> np.nda
 def _input_channels(backbone: Backbone) -> int:
     first_conv = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
     if first_conv is None:
-        raise ConfigError(f"method=heatmap needs a convolutional backbone to read the image channels from, got {type(backbone).__name__}")
+        raise ConfigError(
+            f"method=heatmap needs a convolutional backbone to read the image channels from, got {type(backbone).__name__}"
+        )
     return first_conv.in_channels
 
 
@@ -183,7 +195,9 @@ class HeatmapOOD(OODMethod):
         self.classifier_optimizer, self.classifier_scheduler = classifier_optimizer, classifier_scheduler
         if classifier_epochs > 0:
             if classifier_optimizer is None:
-                raise ConfigError("method.classifier_epochs > 0 needs method.classifier_optimizer (the CE recipe)")
+                raise ConfigError(
+                    "method.classifier_epochs > 0 needs method.classifier_optimizer (the CE recipe)"
+                )
             self.frozen = tuple(f for f in self.frozen if f != "backbone")
             self.automatic_optimization = False
         elif "backbone" not in self.frozen:
@@ -230,8 +244,10 @@ class HeatmapOOD(OODMethod):
         """(features, predicted classes) of a dataset or an image tensor, on the CPU."""
         self.backbone.eval()
         feats, preds = [], []
-        chunks = data.split(self.feature_batch_size) if isinstance(data, torch.Tensor) else (
-            b[0] for b in DataLoader(data, batch_size=self.feature_batch_size)
+        chunks = (
+            data.split(self.feature_batch_size)
+            if isinstance(data, torch.Tensor)
+            else (b[0] for b in DataLoader(data, batch_size=self.feature_batch_size))
         )
         for x in chunks:
             out = self.backbone.run(x.to(self.device))
@@ -250,7 +266,9 @@ class HeatmapOOD(OODMethod):
         benchmark = self.trainer.datamodule.benchmark
         if benchmark.outlier_set == "none":
             choices = [c for c in benchmark.outlier_choices if c != "none"]
-            raise ConfigError(f"method=heatmap trains on outliers, but benchmark {benchmark.name} has none; set data.benchmark.outliers= one of {choices}")
+            raise ConfigError(
+                f"method=heatmap trains on outliers, but benchmark {benchmark.name} has none; set data.benchmark.outliers= one of {choices}"
+            )
         if self.classifier_epochs == 0:
             self._build_pool()
 
@@ -288,14 +306,20 @@ class HeatmapOOD(OODMethod):
         self.hparams["outliers"] = f"{benchmark.outlier_set}: {len(pool)} of {n}"
         self._pool_x = pool_x.to(self.device)
         self._pool_t = torch.stack([train[int(i)][0] for i in proto]).to(self.device)
-        log.info("heatmap: %d outliers paired with ID prototypes (%s pairing), feature range [%.3g, %.3g]",
-                 len(pool), self.pairing, *self.feature_range.tolist())
+        log.info(
+            "heatmap: %d outliers paired with ID prototypes (%s pairing), feature range [%.3g, %.3g]",
+            len(pool),
+            self.pairing,
+            *self.feature_range.tolist(),
+        )
 
     def _outlier_rows(self) -> torch.Tensor:
         """This step's rows of the pool: the epoch's (seed, epoch)-seeded permutation, this rank's shard, in
         `ceil(shard / steps)`-sized chunks, so every epoch visits the pool once."""
         assert self._pool_x is not None, "the pool is built in on_fit_start"
-        gen = torch.Generator().manual_seed(self.trainer.datamodule.seed * 1_000_003 + self.current_epoch + 104_729)
+        gen = torch.Generator().manual_seed(
+            self.trainer.datamodule.seed * 1_000_003 + self.current_epoch + 104_729
+        )
         shard = torch.randperm(len(self._pool_x), generator=gen)[self.global_rank :: self.trainer.world_size]
         steps = max(int(self.trainer.num_training_batches), 1)
         size = math.ceil(len(shard) / steps)
@@ -326,7 +350,10 @@ class HeatmapOOD(OODMethod):
         if self.automatic_optimization:
             return super().configure_optimizers()
         assert self.classifier_optimizer is not None
-        optimizers = [self.classifier_optimizer(self.backbone.parameters()), self.optimizer_factory(self.decoder.parameters())]
+        optimizers = [
+            self.classifier_optimizer(self.backbone.parameters()),
+            self.optimizer_factory(self.decoder.parameters()),
+        ]
         if self.classifier_scheduler is None:
             return optimizers
         return optimizers, [self.classifier_scheduler(optimizers[0])]

@@ -51,7 +51,9 @@ def decoder_plan(
 
 def _block(cin: int, cout: int, kernel: int, stride: int, padding: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.ConvTranspose2d(cin, cout, kernel, stride, padding, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        nn.ConvTranspose2d(cin, cout, kernel, stride, padding, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
     )
 
 
