@@ -76,6 +76,12 @@ class Benchmark(ABC):
     outlier_choices: tuple[str, ...] = ("none",)
 
     @property
+    def input_mean(self) -> tuple[float, ...]:
+        """Per-channel mean of the input normalisation (see `input_std`); methods that work in pixel space (the
+        heatmap decoder's targets) undo the normalisation with both."""
+        return (0.0,) * self.in_channels
+
+    @property
     def input_std(self) -> tuple[float, ...]:
         """Per-channel std of the input normalisation (inputs are (pixel - mean) / std, pixels in [0, 1]); input
         perturbations given in pixel units (ODIN) are divided by it."""

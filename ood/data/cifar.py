@@ -198,6 +198,10 @@ class CIFARBenchmark(Benchmark):
         return "openood" if self.list_file(f"train_{self.name}").is_file() else "torchvision"
 
     @property
+    def input_mean(self) -> tuple[float, ...]:
+        return self.mean
+
+    @property
     def input_std(self) -> tuple[float, ...]:
         return self.std
 

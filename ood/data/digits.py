@@ -115,6 +115,10 @@ class DigitsBenchmark(Benchmark):
         return float(train.mean()), float(train.std())
 
     @property
+    def input_mean(self) -> tuple[float, ...]:
+        return (self._stats[0],)
+
+    @property
     def input_std(self) -> tuple[float, ...]:
         return (self._stats[1],)
 

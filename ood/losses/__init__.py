@@ -2,6 +2,7 @@
 signatures are public (outside checks call them)."""
 
 from ood.losses.contrastive import supcon
+from ood.losses.heatmap import heatmap_loss
 from ood.losses.outlier import outlier_exposure
 
-__all__ = ["outlier_exposure", "supcon"]
+__all__ = ["heatmap_loss", "outlier_exposure", "supcon"]

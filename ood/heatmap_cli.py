@@ -1,0 +1,131 @@
+"""`ood-heatmap ckpt_path=RUN/checkpoints/last.ckpt image=PATH [out=DIR]`: heatmaps of your own images.
+
+Rebuilds the `method=heatmap` run from its `config.yaml` (next to `checkpoints/`), loads the checkpoint (frozen
+classifier + decoder + the saved input normalisation and feature range), and for every image (`image=` a file or a
+folder of .png/.jpg/.jpeg/.bmp) writes `<out>/<stem>_heatmap.png` (input | heatmap max_c |M| | overlay, the layout of
+the run's `heatmaps/<split>.png`) and prints its ID score (-mean max_c |M|, in [-1, 0]; near 0 = in-distribution)
+and predicted class. Images are converted to the classifier's channels and resized to its input size.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from ood.errors import CheckpointError, ConfigError, DataNotFoundError, OODError
+from ood.methods.heatmap import HeatmapOOD, heatmap_grid, heatmap_score
+from ood.utils import instantiate
+
+KEYS = ("ckpt_path", "image", "out")
+SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def parse_args(argv: list[str]) -> dict[str, str]:
+    """`key=value` arguments (Hydra style); unknown or missing keys fail naming the choices."""
+    args = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in KEYS:
+            raise ConfigError(
+                f"ood-heatmap: unexpected argument {arg!r}; use key=value with keys {list(KEYS)}"
+            )
+        args[key] = value
+    missing = [k for k in ("ckpt_path", "image") if k not in args]
+    if missing:
+        raise ConfigError(
+            f"ood-heatmap: missing {missing}; usage: ood-heatmap ckpt_path=RUN/checkpoints/last.ckpt image=PATH [out=DIR]"
+        )
+    return args
+
+
+def load_method(ckpt_path: str | Path) -> HeatmapOOD:
+    """The trained heatmap method of a run (checkpoint file or run folder), in eval mode on the CPU."""
+    from ood.train import load_weights
+
+    ckpt = Path(ckpt_path)
+    if ckpt.is_dir():
+        ckpt = ckpt / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        raise CheckpointError(
+            f"checkpoint {ckpt} not found; pass ckpt_path=<run>/checkpoints/last.ckpt or the run folder"
+        )
+    config = ckpt.parent.parent / "config.yaml"
+    if not config.is_file():
+        raise CheckpointError(
+            f"{ckpt}: the run's config {config} is missing (ood-heatmap rebuilds the run from it)"
+        )
+    cfg = OmegaConf.load(config)
+    if not str(cfg.method._target_).endswith("HeatmapOOD"):
+        raise ConfigError(
+            f"{ckpt} is a {cfg.method._target_} run; ood-heatmap needs a method=heatmap checkpoint"
+        )
+    benchmark = instantiate(cfg.data.benchmark)
+    backbone = instantiate(cfg.backbone, num_classes=benchmark.num_classes, in_channels=benchmark.in_channels)
+    method = instantiate(cfg.method, backbone=backbone)
+    load_weights(method, ckpt)
+    return method.eval()
+
+
+def image_files(path: str | Path) -> list[Path]:
+    """`path` itself, or the images directly inside the folder `path` (sorted)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES)
+        if not files:
+            raise DataNotFoundError(f"no {'/'.join(SUFFIXES)} images in folder {path}")
+        return files
+    if not path.is_file():
+        raise DataNotFoundError(f"image {path} not found")
+    return [path]
+
+
+def load_image(path: Path, channels: int, size: int) -> torch.Tensor:
+    """Pixels [C, size, size] in [0, 1]: grey or RGB as the classifier expects, bilinearly resized."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
+        pixels = np.asarray(img, dtype=np.float32) / 255.0
+    return torch.from_numpy(pixels.reshape(size, size, channels)).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def write_heatmaps(method: HeatmapOOD, files: list[Path], out: Path) -> list[tuple[Path, float, int]]:
+    """Writes one grid PNG per image into `out`; returns (png, ID score, predicted class) per image."""
+    out.mkdir(parents=True, exist_ok=True)
+    channels, size = method.plan.out_channels, method.hparams.input_size
+    pixels = torch.stack([load_image(f, channels, size) for f in files])
+    x = (pixels - method.pixel_mean) / method.pixel_std
+    heat, logits, _ = method.heatmap(x)
+    scores, preds = heatmap_score(heat), logits.argmax(1)
+    results = []
+    for i, f in enumerate(files):
+        title = f"{f.name}: score {scores[i]:.3f}, class {int(preds[i])}"
+        grid = heatmap_grid(pixels[i : i + 1], heat[i : i + 1].abs().amax(1), title)
+        png = out / f"{f.stem}_heatmap.png"
+        from PIL import Image
+
+        Image.fromarray(grid).save(png)
+        results.append((png, float(scores[i]), int(preds[i])))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`ood-heatmap` entry point."""
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        method = load_method(args["ckpt_path"])
+        results = write_heatmaps(method, image_files(args["image"]), Path(args.get("out", "heatmaps")))
+    except OODError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    for png, score, pred in results:
+        print(f"{png}  score {score:.4f}  class {pred}")
+
+
+if __name__ == "__main__":
+    main()

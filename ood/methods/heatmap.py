@@ -1,0 +1,422 @@
+"""Heatmap-based OOD detection (`method=heatmap`): a decoder on a frozen classifier that detects and localises.
+
+Paper: J. Hornauer, V. Belagiannis, "Heatmap-based Out-of-Distribution Detection", WACV 2023, arXiv 2211.08115.
+Released code: jhornauer/heatmap_ood (`prototype_heatmap.py`, `optimization.py`, `Networks/generator.py`).
+Spec: shared/methods/heatmap.md.
+
+The CE classifier is frozen (`method.init.ckpt=<CE checkpoint>`, `init.freeze` always contains `backbone`), or,
+with no checkpoint, trained with CE in the same run for `classifier_epochs` epochs and then frozen (one Lightning
+fit, manual optimisation with one optimiser per phase: the classifier's CE recipe, then the decoder's Adam). A
+conditional decoder (`ood.models.decoder`) maps [min-max scaled penultimate feature; one-hot predicted class] to a
+heatmap M(x) in [-1, 1] of the input's shape, trained with `ood.losses.heatmap_loss`
+  L = mean_batch sum_{c,i,j} (1 + alpha |t|) (M + x - t)^2,   alpha = 5,
+on ID training images (t = x: target heatmap 0) and an outlier-exposure pool of `num_ood` images drawn once without
+replacement (t = prototype: the ID training image with the same *predicted* class nearest in penultimate-feature
+Euclidean distance, found once per run by an exact per-class search through `ood.knn`).
+Score (`detector=heatmap`): s(x) = -mean_{i,j} max_c |M_cij(x)| in [-1, 0] (higher = more ID), computed inside the
+one evaluation pass (`eval_outputs` returns it as the extra `heatmap_score`).
+
+Input space: the released code feeds the classifier and the loss x in [-1, 1] (mean = std = 0.5). Here the classifier
+keeps its own normalisation x_c = (p - mean) / std (the benchmark's `input_mean` / `input_std`); the loss and the
+heatmap live in the method's space x = 2 p - 1 = 2 (x_c std + mean) - 1, so M + x - t is the released quantity
+for the same pixels p whatever the classifier's normalisation.
+
+Flags for the released code's behaviour (defaults = the paper's intent; spec §5):
+- `pairing: intended|as_released`: `as_released` gives outlier k the prototype of the k-th outlier in
+  class-sorted order (the released dataset's indexing).
+- `feature_norm: global|as_released`: `global` scales every feature with the min/max over all ID-train features;
+  `as_released` scales only the first sample of each batch, with its own min/max (training and test alike).
+- `ood_subset: all|first_fifth`: `first_fifth` keeps the first len(ID test) // 5 samples (dataset order) of every
+  test OOD set, for the method and every detector (use it only with cached detectors: input-perturbing detectors
+  re-run the full sets).
+
+Deviations: the outlier pool and its prototypes are held by the method (built in `on_fit_start` from the benchmark's
+outlier set, seeded by the run seed), not served by the DataModule's outlier stream, because every outlier needs
+its fixed prototype; each epoch visits the pool once in a (seed, epoch)-seeded order, `ceil(num_ood / steps)` per ID
+batch (the released code shuffles ID and outliers into one loader, i.e. the same ratio in expectation). The ID
+images come from the benchmark's training stream: its augmentation applies unless `data.benchmark.augment=false`
+(the released code has none; the presets switch it off). Outlier images get the benchmark's outlier transform once
+(when the pool is built). No released skip connections (`fw_layers` = 1, every released config).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ood.data.batch import Batch
+from ood.data.benchmark import EvalSplit
+from ood.errors import ConfigError
+from ood.features.bank import FeatureBank
+from ood.knn import KNNIndex
+from ood.losses import heatmap_loss
+from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
+from ood.models.base import Backbone
+from ood.models.decoder import HeatmapDecoder, decoder_plan
+from ood.utils import get_logger
+
+log = get_logger(__name__)
+
+Pairing = Literal["intended", "as_released"]
+FeatureNorm = Literal["global", "as_released"]
+OODSubset = Literal["all", "first_fifth"]
+CHOICES = {
+    "pairing": ("intended", "as_released"),
+    "feature_norm": ("global", "as_released"),
+    "ood_subset": ("all", "first_fifth"),
+}
+
+
+def heatmap_score(heatmap: torch.Tensor) -> torch.Tensor:
+    """ID score -mean_{i,j} max_c |M_cij| of heatmaps [B, C, H, W] in [-1, 1]: 0 for a zero heatmap, in [-1, 0]."""
+    return -heatmap.abs().amax(1).flatten(1).mean(1)
+
+
+def class_prototypes(
+    bank_features: torch.Tensor,
+    bank_preds: torch.Tensor,
+    query_features: torch.Tensor,
+    query_preds: torch.Tensor,
+) -> torch.Tensor:
+    """For every query row, the bank row with the same predicted class nearest in Euclidean distance (exact
+    `ood.knn` search per class). A class no bank row is predicted as falls back to the whole bank (logged)."""
+    proto = torch.empty(len(query_preds), dtype=torch.long)
+    for cls in query_preds.unique().tolist():
+        queries = query_preds == cls
+        rows = torch.nonzero(bank_preds == cls)[:, 0]
+        if len(rows) == 0:
+            log.warning(
+                "heatmap: no ID training image is predicted as class %d; its outliers pair with any class",
+                cls,
+            )
+            rows = torch.arange(len(bank_preds))
+        _, nearest = KNNIndex("l2", device="cpu").add(bank_features[rows]).search(query_features[queries], 1)
+        proto[queries] = rows[nearest[:, 0].cpu()]
+    return proto
+
+
+def released_pairing(prototypes: torch.Tensor, query_preds: torch.Tensor) -> torch.Tensor:
+    """The released code's pairing: outlier k gets the prototype of the k-th outlier in class-sorted order."""
+    return prototypes[torch.sort(query_preds, stable=True).indices]
+
+
+def heatmap_grid(images: torch.Tensor, heat: torch.Tensor, title: str) -> np.ndarray:
+    """An RGB uint8 image (H, W, 3): one row per sample, columns input | heatmap max_c |M| | overlay.
+
+    `images` [N, C, H, W] with pixels in [0, 1] (C = 1 or 3); `heat` [N, H, W] in [0, 1]."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(images)
+    fig = Figure(figsize=(4.2, 1.35 * n + 0.5), dpi=100)
+    axes = fig.subplots(n, 3, squeeze=False)
+    for row in range(n):
+        img = images[row].permute(1, 2, 0).clamp(0, 1).numpy()
+        shown = dict(cmap="gray", vmin=0, vmax=1) if img.shape[-1] == 1 else {}
+        img = img[..., 0] if img.shape[-1] == 1 else img
+        hm = heat[row].numpy()
+        axes[row, 0].imshow(img, **shown)
+        axes[row, 1].imshow(hm, cmap="inferno", vmin=0, vmax=1)
+        axes[row, 1].set_xlabel(f"mean {hm.mean():.2f}", fontsize=7, labelpad=1)
+        axes[row, 2].imshow(img, **shown)
+        axes[row, 2].imshow(hm, cmap="inferno", vmin=0, vmax=1, alpha=0.55)
+    for ax, label in zip(axes[0], ("input", "heatmap", "overlay")):
+        ax.set_title(label, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _input_channels(backbone: Backbone) -> int:
+    first_conv = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is None:
+        raise ConfigError(
+            f"method=heatmap needs a convolutional backbone to read the image channels from, got {type(backbone).__name__}"
+        )
+    return first_conv.in_channels
+
+
+class HeatmapOOD(OODMethod):
+    """Frozen classifier + heatmap decoder (module doc).
+
+    Args:
+        backbone, optimizer, scheduler, init: as `OODMethod` (the optimiser sees only the decoder).
+        input_size: image side the decoder reproduces (the benchmark's input size).
+        latent, width: decoder plan overrides (`ood.models.decoder.decoder_plan`; None = the feature dim).
+        alpha: loss weight of |t| (paper 5).
+        num_ood: outlier-pool size (None = the whole outlier set).
+        pairing, feature_norm, ood_subset: released-code flags (module doc).
+        n_images: images per split in the `heatmaps/<split>` diagnostics grids.
+        feature_batch_size: batch size of the once-per-run feature pass that builds the prototypes.
+        classifier_epochs: without `init.ckpt`, train the classifier with CE for this many epochs first (the
+            `classifier_optimizer` / `classifier_scheduler` recipe), then freeze it for the remaining epochs.
+    """
+
+    name = "heatmap"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        init: Mapping[str, Any] | None = None,
+        input_size: int = 32,
+        latent: int | None = None,
+        width: int | None = None,
+        alpha: float = 5.0,
+        num_ood: int | None = None,
+        pairing: Pairing = "intended",
+        feature_norm: FeatureNorm = "global",
+        ood_subset: OODSubset = "all",
+        n_images: int = 8,
+        feature_batch_size: int = 512,
+        classifier_epochs: int = 0,
+        classifier_optimizer: OptimizerFactory | None = None,
+        classifier_scheduler: SchedulerFactory | None = None,
+    ) -> None:
+        super().__init__(backbone, optimizer, scheduler, init)
+        for key, value in (("pairing", pairing), ("feature_norm", feature_norm), ("ood_subset", ood_subset)):
+            if value not in CHOICES[key]:
+                raise ConfigError(f"method.{key}={value!r}; choices: {list(CHOICES[key])}")
+        # the classifier is always frozen for the decoder: from the start, or after the CE phase
+        self.classifier_epochs = classifier_epochs
+        self.classifier_optimizer, self.classifier_scheduler = classifier_optimizer, classifier_scheduler
+        if classifier_epochs > 0:
+            if classifier_optimizer is None:
+                raise ConfigError(
+                    "method.classifier_epochs > 0 needs method.classifier_optimizer (the CE recipe)"
+                )
+            self.frozen = tuple(f for f in self.frozen if f != "backbone")
+            self.automatic_optimization = False
+        elif "backbone" not in self.frozen:
+            self.frozen = ("backbone", *self.frozen)
+        channels = _input_channels(backbone)
+        self.plan = decoder_plan(backbone.feature_dim, input_size, channels, latent, width)
+        self.decoder = HeatmapDecoder(backbone.feature_dim, backbone.num_classes, self.plan)
+        self.alpha, self.num_ood, self.n_images = alpha, num_ood, n_images
+        self.pairing, self.feature_norm, self.ood_subset = pairing, feature_norm, ood_subset
+        self.feature_batch_size = feature_batch_size
+        # the classifier's input normalisation and the ID-train feature range: saved with the decoder
+        self.register_buffer("pixel_mean", torch.zeros(channels, 1, 1))
+        self.register_buffer("pixel_std", torch.ones(channels, 1, 1))
+        self.register_buffer("feature_range", torch.tensor([0.0, 1.0]))
+        self._pool_x: torch.Tensor | None = None
+        self._pool_t: torch.Tensor | None = None
+        self._batch_idx = 0
+        self._examples: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._stats: dict[str, float] = {}
+
+    # ----- spaces ---------------------------------------------------------------------------------------------
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Classifier inputs -> the method's space 2 p - 1 in [-1, 1] (p = pixels in [0, 1])."""
+        return 2.0 * (x * self.pixel_std + self.pixel_mean) - 1.0
+
+    def scale_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Min-max scaling of the decoder input (`feature_norm`, module doc)."""
+        if self.feature_norm == "global":
+            low, high = self.feature_range
+            return (features - low) / (high - low).clamp_min(1e-12)
+        first = features[:1]
+        scaled = (first - first.min()) / (first.max() - first.min()).clamp_min(1e-12)
+        return torch.cat([scaled, features[1:]])
+
+    def heatmap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(heatmap M(x), logits, features) of classifier inputs `x`; the classifier runs without gradients."""
+        with torch.no_grad():
+            out = self.backbone.run(x)
+        return self.decoder(self.scale_features(out.features), out.logits.argmax(1)), out.logits, out.features
+
+    # ----- the outlier pool, once per run ---------------------------------------------------------------------
+    @torch.no_grad()
+    def _classify(self, data: Dataset | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features, predicted classes) of a dataset or an image tensor, on the CPU."""
+        self.backbone.eval()
+        feats, preds = [], []
+        chunks = (
+            data.split(self.feature_batch_size)
+            if isinstance(data, torch.Tensor)
+            else (b[0] for b in DataLoader(data, batch_size=self.feature_batch_size))
+        )
+        for x in chunks:
+            out = self.backbone.run(x.to(self.device))
+            feats.append(out.features.float().cpu())
+            preds.append(out.logits.argmax(1).cpu())
+        return torch.cat(feats), torch.cat(preds)
+
+    def on_fit_start(self) -> None:
+        """Checks the classifier source and the outliers; builds the pool now unless the classifier trains first."""
+        if (self.init_ckpt is None) == (self.classifier_epochs == 0):
+            raise ConfigError(
+                "method=heatmap needs exactly one classifier source: method.init.ckpt=<CE checkpoint> (frozen), or "
+                f"method.classifier_epochs=N (CE first, then frozen); got init.ckpt={self.init_ckpt}, "
+                f"classifier_epochs={self.classifier_epochs}"
+            )
+        benchmark = self.trainer.datamodule.benchmark
+        if benchmark.outlier_set == "none":
+            choices = [c for c in benchmark.outlier_choices if c != "none"]
+            raise ConfigError(
+                f"method=heatmap trains on outliers, but benchmark {benchmark.name} has none; set data.benchmark.outliers= one of {choices}"
+            )
+        if self.classifier_epochs == 0:
+            self._build_pool()
+
+    def on_train_epoch_start(self) -> None:
+        """The switch from the CE phase (`classifier_epochs`) to the decoder: freeze the classifier, build the pool
+        (also when resuming inside the decoder phase)."""
+        if self.current_epoch >= self.classifier_epochs and self._pool_x is None:
+            if "backbone" not in self.frozen:
+                self.frozen = ("backbone", *self.frozen)
+                self.backbone.requires_grad_(False)
+                self.backbone.eval()
+            self._build_pool()
+
+    def _build_pool(self) -> None:
+        """Input normalisation, ID-train feature range, the outlier pool and its prototypes (identical on every
+        rank: a function of the frozen classifier, the data and the seed)."""
+        datamodule = self.trainer.datamodule
+        benchmark = datamodule.benchmark
+        outliers = benchmark.outliers()
+        assert outliers is not None, "on_fit_start checked that the benchmark has outliers"
+        self.pixel_mean.copy_(torch.tensor(benchmark.input_mean).view(-1, 1, 1))
+        self.pixel_std.copy_(torch.tensor(benchmark.input_std).view(-1, 1, 1))
+        train = benchmark.train(augment=False)
+        id_feats, id_preds = self._classify(train)
+        self.feature_range.copy_(torch.stack([id_feats.min(), id_feats.max()]))
+        gen = torch.Generator().manual_seed(datamodule.seed)
+        n = len(outliers)
+        pool = torch.randperm(n, generator=gen)[: min(self.num_ood or n, n)].sort().values
+        pool_x = torch.stack([outliers[int(i)][0] for i in pool])
+        q_feats, q_preds = self._classify(pool_x)
+        proto = class_prototypes(id_feats, id_preds, q_feats, q_preds)
+        if self.pairing == "as_released":
+            proto = released_pairing(proto, q_preds)
+        # recorded in every result row (`method_params`): which outlier set stood in for 80M Tiny Images
+        self.hparams["outliers"] = f"{benchmark.outlier_set}: {len(pool)} of {n}"
+        self._pool_x = pool_x.to(self.device)
+        self._pool_t = torch.stack([train[int(i)][0] for i in proto]).to(self.device)
+        log.info(
+            "heatmap: %d outliers paired with ID prototypes (%s pairing), feature range [%.3g, %.3g]",
+            len(pool),
+            self.pairing,
+            *self.feature_range.tolist(),
+        )
+
+    def _outlier_rows(self) -> torch.Tensor:
+        """This step's rows of the pool: the epoch's (seed, epoch)-seeded permutation, this rank's shard, in
+        `ceil(shard / steps)`-sized chunks, so every epoch visits the pool once."""
+        assert self._pool_x is not None, "the pool is built in on_fit_start"
+        gen = torch.Generator().manual_seed(
+            self.trainer.datamodule.seed * 1_000_003 + self.current_epoch + 104_729
+        )
+        shard = torch.randperm(len(self._pool_x), generator=gen)[self.global_rank :: self.trainer.world_size]
+        steps = max(int(self.trainer.num_training_batches), 1)
+        size = math.ceil(len(shard) / steps)
+        rows = shard[(self._batch_idx % steps) * size :][:size]
+        return rows if len(rows) else shard[:size]
+
+    # ----- training -------------------------------------------------------------------------------------------
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """The base step (loss, NaN check, logging); with a CE phase (manual optimisation) each phase steps its own
+        optimiser: the classifier's while `current_epoch < classifier_epochs`, then the decoder's."""
+        self._batch_idx = batch_idx
+        loss = super().training_step(batch, batch_idx)
+        if not self.automatic_optimization:
+            classifier, decoder = self.optimizers()
+            optimizer = classifier if self.current_epoch < self.classifier_epochs else decoder
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        scheduler = None if self.automatic_optimization else self.lr_schedulers()
+        if scheduler is not None and self.current_epoch < self.classifier_epochs:
+            scheduler.step()
+
+    def configure_optimizers(self) -> Any:
+        """The decoder's optimiser (`optimizer`); with a CE phase also the classifier's (and its scheduler)."""
+        if self.automatic_optimization:
+            return super().configure_optimizers()
+        assert self.classifier_optimizer is not None
+        optimizers = [
+            self.classifier_optimizer(self.backbone.parameters()),
+            self.optimizer_factory(self.decoder.parameters()),
+        ]
+        if self.classifier_scheduler is None:
+            return optimizers
+        return optimizers, [self.classifier_scheduler(optimizers[0])]
+
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        if self.current_epoch < self.classifier_epochs:
+            return F.cross_entropy(self.backbone(batch.x), batch.y)
+        assert self._pool_x is not None and self._pool_t is not None
+        rows = self._outlier_rows().to(self.device)
+        n = len(batch)
+        x = torch.cat([batch.x, self._pool_x[rows]])
+        heat, _, _ = self.heatmap(x)
+        inputs = self.to_unit(x)
+        targets = torch.cat([inputs[:n], self.to_unit(self._pool_t[rows])])
+        loss = heatmap_loss(heat, inputs, targets, self.alpha)
+        with torch.no_grad():
+            self.log_dict(
+                {
+                    "train/heatmap_id": heatmap_loss(heat[:n], inputs[:n], targets[:n], self.alpha),
+                    "train/heatmap_ood": heatmap_loss(heat[n:], inputs[n:], targets[n:], self.alpha),
+                },
+                batch_size=len(x),
+            )
+        return loss
+
+    # ----- evaluation -----------------------------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self._examples, self._stats = {}, {}
+
+    def eval_outputs(self, x: torch.Tensor, split: EvalSplit) -> dict[str, torch.Tensor]:
+        heat, logits, features = self.heatmap(x)
+        if split.role in ("id_test", "ood"):
+            images, maps = self._examples.setdefault(split.name, ([], []))
+            have = sum(len(m) for m in maps)
+            if have < self.n_images:
+                take = self.n_images - have
+                images.append(((self.to_unit(x[:take]) + 1) / 2).float().cpu())
+                maps.append(heat[:take].abs().amax(1).float().cpu())
+        return {"logits": logits, "features": features, "heatmap_score": heatmap_score(heat)}
+
+    def setup_ood(self, banks: dict[str, FeatureBank]) -> None:  # type: ignore[override]
+        """`ood_subset=first_fifth` cuts the test OOD banks (for every scorer); records mean max_c |M| per split."""
+        roles = {s.name: s.role for s in self.eval_splits}
+        if self.ood_subset == "first_fifth":
+            limit = len(banks["test"]) // 5
+            for name, role in roles.items():
+                bank = banks[name]
+                if role == "ood" and bank.index is not None:
+                    banks[name] = bank.subset(bank.index < limit)
+        self._stats = {
+            f"mean_abs_heatmap/{name}": float(-banks[name].extras["heatmap_score"].mean())
+            for name, role in roles.items()
+            if role in ("id_test", "ood")
+        }
+
+    def ood_score(self, bank: FeatureBank) -> torch.Tensor:
+        return bank.extras["heatmap_score"]
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Mean max_c |M| per split, and `heatmaps/<split>` grids (input | heatmap | overlay) of the first
+        `n_images` images of ID test and every test OOD set."""
+        grids = {
+            f"heatmaps/{name}": heatmap_grid(torch.cat(images), torch.cat(maps), f"{name}: max_c |M(x)|")
+            for name, (images, maps) in self._examples.items()
+        }
+        return {**self._stats, **grids}

@@ -1,0 +1,265 @@
+"""Heatmap-based OOD detection (`method=heatmap`, spec shared/methods/heatmap.md §8): known answers for the loss,
+score, prototypes, decoder plans and feature scaling, and a seeded digits run from the shared CE checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import compose_config, rows_by
+from omegaconf import OmegaConf
+
+from ood import CONFIG_DIR
+from ood.losses import heatmap_loss
+from ood.methods.heatmap import class_prototypes, heatmap_score, released_pairing
+from ood.models.decoder import HeatmapDecoder, decoder_plan
+from ood.utils import instantiate
+
+
+def test_loss_known_answers() -> None:
+    # w = 1 + 5|t| = [1, 6]; (0.5 + 0 - 0)^2 * 1 + (0 + 0 - 1)^2 * 6 = 6.25
+    heat, x, t = torch.tensor([[[[0.5, 0.0]]]]), torch.zeros(1, 1, 1, 2), torch.tensor([[[[0.0, 1.0]]]])
+    assert heatmap_loss(heat, x, t).item() == pytest.approx(6.25)
+    assert heatmap_loss(heat, x, t, alpha=0.0).item() == pytest.approx(1.25)
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.rand(4, 3, 5, 5, generator=gen) * 2 - 1, torch.rand(4, 3, 5, 5, generator=gen) * 2 - 1
+    assert heatmap_loss(t - x, x, t).item() == pytest.approx(0.0, abs=1e-12)
+    heat = torch.rand(4, 3, 5, 5, generator=gen, requires_grad=True)
+    heatmap_loss(heat, x, t).backward()
+    expected = 2 * (1 + 5 * t.abs()) * (heat.detach() + x - t) / 4  # per-sample 2w(M + x - t), batch mean
+    torch.testing.assert_close(heat.grad, expected)
+
+
+def test_score_range_and_zero() -> None:
+    assert heatmap_score(torch.zeros(2, 3, 4, 4)).tolist() == [0.0, 0.0]
+    heat = torch.zeros(1, 2, 1, 2)
+    heat[0, 0, 0] = torch.tensor([0.5, -0.2])
+    heat[0, 1, 0] = torch.tensor([-0.1, 0.8])
+    assert heatmap_score(heat).item() == pytest.approx(-(0.5 + 0.8) / 2)
+    scores = heatmap_score(
+        torch.tanh(torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 3)
+    )
+    assert bool(((scores >= -1) & (scores <= 0)).all())
+    assert heatmap_score(-torch.ones(1, 1, 2, 2)).item() == -1.0
+
+
+def test_prototypes_match_brute_force_and_released_order() -> None:
+    gen = torch.Generator().manual_seed(0)
+    bank, bank_preds = torch.randn(300, 16, generator=gen), torch.randint(0, 5, (300,), generator=gen)
+    query, query_preds = torch.randn(40, 16, generator=gen), torch.randint(0, 5, (40,), generator=gen)
+    proto = class_prototypes(bank, bank_preds, query, query_preds)
+    for k in range(len(query)):
+        dist = ((bank - query[k]) ** 2).sum(1).masked_fill(bank_preds != query_preds[k], float("inf"))
+        assert int(proto[k]) == int(dist.argmin())
+        assert int(bank_preds[proto[k]]) == int(query_preds[k])
+    # the released loop: class by class, outliers of that class in position order; outlier k takes entry k
+    released = [int(proto[j]) for cls in range(5) for j in range(len(query)) if int(query_preds[j]) == cls]
+    assert released_pairing(proto, query_preds).tolist() == released
+    assert (released_pairing(proto, query_preds) != proto).float().mean() > 0.5
+
+
+def test_builder_reproduces_the_spec_table() -> None:
+    table = {
+        (512, 32, 100, None): (100, (512, 256, 128, 64)),  # ResNet-18 CIFAR-10
+        (512, 32, None, None): (512, (512, 256, 128, 64)),  # ResNet-18 CIFAR-100
+        (128, 32, None, None): (128, (256, 128, 64, 32)),  # WRN-40-2 CIFAR-10/100
+        (2048, 64, None, None): (512, (2048, 1024, 512, 256, 128)),  # ResNet-50 Tiny ImageNet
+        (64, 8, None, None): (64, (64, 32)),  # digits plan of spec §6 (8 px)
+    }
+    for (dim, size, latent, width), (d0, channels) in table.items():
+        plan = decoder_plan(dim, size, 3, latent, width)
+        assert (plan.latent, plan.channels, plan.start) == (d0, channels, 4)
+    decoder = HeatmapDecoder(512, 10, decoder_plan(512, 32, 3, 100))
+    assert [m.out_channels for m in decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)] == [
+        512,
+        256,
+        128,
+        64,
+        3,
+    ]
+    assert all(m.bias is None for m in decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d))
+
+
+INPUTS = {"small_cnn": (1, 16), "resnet50": (3, 224)}  # every other backbone config is a 32-px CIFAR network
+
+
+@pytest.mark.parametrize("config", sorted(p.stem for p in (CONFIG_DIR / "backbone").glob("*.yaml")))
+def test_decoder_output_has_the_input_shape(config: str) -> None:
+    channels, size = INPUTS.get(config, (3, 32))
+    backbone = instantiate(
+        OmegaConf.load(CONFIG_DIR / "backbone" / f"{config}.yaml"), num_classes=10, in_channels=channels
+    )
+    # the shape depends on the feature dim and the input size only: a narrow decoder keeps the 224-px case quick
+    plan = decoder_plan(backbone.feature_dim, size, channels, width=64)
+    decoder = HeatmapDecoder(backbone.feature_dim, 10, plan).eval()
+    with torch.no_grad():
+        heat = decoder(torch.rand(2, backbone.feature_dim), torch.tensor([0, 9]))
+    assert heat.shape == (2, channels, size, size)
+    assert bool((heat.abs() <= 1).all())
+
+
+def _method(tmp_path: Path, overrides: list[str]):
+    cfg = compose_config(tmp_path, ["method=heatmap", *overrides])
+    backbone = instantiate(cfg.backbone, num_classes=6, in_channels=1)
+    return instantiate(cfg.method, backbone=backbone)
+
+
+def test_feature_scaling(tmp_path: Path) -> None:
+    method = _method(tmp_path, [])
+    method.feature_range.copy_(torch.tensor([-2.0, 6.0]))
+    feats = torch.tensor([[-2.0, 6.0, 2.0], [0.0, 4.0, 6.0]])
+    torch.testing.assert_close(
+        method.scale_features(feats), torch.tensor([[0.0, 1.0, 0.5], [0.25, 0.75, 1.0]])
+    )
+    method.feature_norm = "as_released"
+    torch.testing.assert_close(method.scale_features(feats), torch.tensor([[0.0, 1.0, 0.5], [0.0, 4.0, 6.0]]))
+    assert method.frozen == ("backbone",)
+
+
+def test_bad_flag_names_the_choices(tmp_path: Path) -> None:
+    from ood.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="as_released"):
+        _method(tmp_path, ["method.pairing=released"])
+
+
+@pytest.fixture(scope="module")
+def heatmap_run(ce_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One seeded digits heatmap run from the shared CE checkpoint (6 decoder epochs of 20 steps, lr 1e-3), keeping the method, the
+    classifier state before training and every loss call's (inputs, targets, batch size)."""
+    import ood.methods.heatmap as heatmap_module
+    from ood.train import build
+
+    out = tmp_path_factory.mktemp("heatmap")
+    cfg = compose_config(
+        out,
+        [
+            "experiment=digits_heatmap",
+            f"method.init.ckpt={ce_checkpoint}",
+            "trainer.max_epochs=6",
+            "data.batch_size=32",
+            "method.optimizer.lr=1e-3",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+            "detectors.names=[msp,energy]",
+        ],
+    )
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    method, datamodule, trainer, evaluation = build(cfg)
+    method.apply_init()
+    before = {k: v.clone() for k, v in method.backbone.state_dict().items()}
+    calls = []
+    original = heatmap_module.heatmap_loss
+
+    def spy(heat, inputs, targets, alpha=5.0):
+        calls.append((inputs.detach().clone(), targets.detach().clone()))
+        return original(heat, inputs, targets, alpha)
+
+    heatmap_module.heatmap_loss = spy
+    try:
+        trainer.fit(method, datamodule=datamodule)
+    finally:
+        heatmap_module.heatmap_loss = original
+    trainer.test(method, datamodule=datamodule, verbose=False)
+    return out, method, before, calls, evaluation.rows
+
+
+@pytest.mark.slow
+def test_digits_run_frozen_classifier_and_floor(heatmap_run) -> None:
+    out, method, before, calls, rows = heatmap_run
+    after = method.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "classifier weights or BN buffers changed"
+    assert not any(p.requires_grad for p in method.backbone.parameters())
+    n_id = (
+        32  # data.batch_size: the first n rows of every full (ID + outlier) training loss call are ID images
+    )
+    calls = [(inputs, targets) for inputs, targets in calls if len(inputs) > n_id]  # not the logged parts
+    assert len(calls) == 6 * 20
+    assert all(
+        torch.equal(targets[:n_id] - inputs[:n_id], torch.zeros_like(inputs[:n_id]))
+        for inputs, targets in calls
+    )
+    assert all(bool((inputs.abs() <= 1 + 1e-5).all()) for inputs, _ in calls)  # the method's [-1, 1] space
+    heat = {r["ood_dataset"]: r["auroc"] for r in rows if r["detector"] == "heatmap"}
+    far = {k: v for k, v in heat.items() if k != "digits_6_9"}
+    mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
+    baselines = {
+        det: mean({k: r["auroc"] for k, r in rows_by(rows, det).items() if k in far})
+        for det in ("msp", "energy")
+    }
+    stats = method.diagnostics()
+    print(
+        f"heatmap far AUROC {mean(far):.4f} vs {baselines}; mean max_c|M|: "
+        + ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in stats.items() if k.startswith("mean_abs"))
+    )
+    assert mean(far) >= 0.95 and mean(far) > max(baselines.values())
+    assert stats["mean_abs_heatmap/test"] < 0.5 * min(stats[f"mean_abs_heatmap/{k}"] for k in far)
+
+
+@pytest.mark.slow
+def test_heatmap_grids_and_cli(heatmap_run, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from ood.heatmap_cli import main
+
+    out, method, _, _, _ = heatmap_run
+    grids = {k: v for k, v in method.diagnostics().items() if k.startswith("heatmaps/")}
+    assert set(grids) == {
+        f"heatmaps/{s}" for s in ("test", "digits_6_9", "flower_patches", "gaussian_noise", "uniform_noise")
+    }
+    for grid in grids.values():
+        assert grid.dtype.name == "uint8" and grid.shape == (
+            round(100 * (1.35 * method.n_images + 0.5)),
+            420,
+            3,
+        )
+        assert grid.std() > 10  # a drawn figure, not a blank canvas
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 30), 255, np.uint8)).save(folder / "white.png")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / "black.jpg")
+    main([f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", f"image={folder}", f"out={tmp_path / 'maps'}"])
+    written = sorted(p.name for p in (tmp_path / "maps").iterdir())
+    assert written == ["black_heatmap.png", "white_heatmap.png"]
+    assert Image.open(tmp_path / "maps" / "white_heatmap.png").size == (420, round(100 * 1.85))
+    with pytest.raises(SystemExit):
+        main([f"ckpt_path={out}", "image=/nonexistent.png"])
+
+
+@pytest.mark.slow
+def test_without_checkpoint_trains_ce_then_freezes(tmp_path: Path) -> None:
+    """No `init.ckpt`: 4 CE epochs, then the classifier is frozen for the 2 decoder epochs (one fit)."""
+    from lightning import Callback
+
+    from ood.train import build
+
+    snapshots = {}
+
+    class Snapshot(Callback):
+        def on_train_epoch_start(self, trainer, module) -> None:
+            snapshots[trainer.current_epoch] = {k: v.clone() for k, v in module.backbone.state_dict().items()}
+
+    cfg = compose_config(
+        tmp_path,
+        [
+            "experiment=digits_heatmap",
+            "method.classifier_epochs=4",
+            "trainer.max_epochs=6",
+            "data.batch_size=64",
+            "trainer.enable_progress_bar=false",
+            "logger=none",
+            "detectors.names=[msp]",
+        ],
+    )
+    method, datamodule, trainer, evaluation = build(cfg)
+    method.apply_init()
+    trainer.callbacks.append(Snapshot())
+    trainer.fit(method, datamodule=datamodule)
+    final = method.backbone.state_dict()
+    assert not all(torch.equal(snapshots[0][k], snapshots[4][k]) for k in final)  # CE trained the classifier
+    assert all(torch.equal(snapshots[4][k], final[k]) for k in final)  # then it stayed bit-identical
+    trainer.test(method, datamodule=datamodule, verbose=False)
+    assert evaluation.rows[0]["id_acc"] >= 0.8
+    assert {r["detector"] for r in evaluation.rows} == {"heatmap", "msp"}
