@@ -106,6 +106,7 @@ class CIFARBenchmark(Benchmark):
         split_seed: seed of that split.
         outliers: `tin597` (OpenOOD's `train_tin597` list), `random300k` (`outliers_file`), or `none`.
         outliers_file: the `.npy` of the 300K random images, relative to `data_dir` unless absolute.
+        image_size: side after resize + centre crop (32; 224 for OAL's 224-pixel ResNet-18 student and ViT teacher).
     """
 
     in_channels = 3
@@ -128,6 +129,7 @@ class CIFARBenchmark(Benchmark):
         split_seed: int = 0,
         outliers: str = "tin597",
         outliers_file: str = "300K_random_images.npy",
+        image_size: int = 32,
     ) -> None:
         if source not in SOURCES:
             raise ConfigError(f"unknown data source {source!r}; choices: {list(SOURCES)}")
@@ -142,6 +144,7 @@ class CIFARBenchmark(Benchmark):
         self.split_seed = split_seed
         self.outlier_set = outliers
         self.outliers_file = outliers_file
+        self.image_size = image_size
 
     # ----- where things are ---------------------------------------------------------------------------------------
     @property
@@ -186,7 +189,7 @@ class CIFARBenchmark(Benchmark):
 
     # ----- transforms ---------------------------------------------------------------------------------------------
     def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """OpenOOD's test preprocessing: RGB, resize 32 (bilinear), centre crop 32, tensor, normalise."""
+        """OpenOOD's test preprocessing: RGB, resize `image_size` (bilinear), centre crop, tensor, normalise."""
         return T.Compose([RGB(), *self._resize(), T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def train_transform(self) -> Callable[[Image.Image], torch.Tensor]:
@@ -197,12 +200,12 @@ class CIFARBenchmark(Benchmark):
         if self.hflip:
             steps.append(T.RandomHorizontalFlip())
         if self.crop_padding > 0:
-            steps.append(T.RandomCrop(32, padding=self.crop_padding))
+            steps.append(T.RandomCrop(self.image_size, padding=self.crop_padding))
         return T.Compose([*steps, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
-    @staticmethod
-    def _resize() -> list[Any]:
-        return [T.Resize(32, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(32)]
+    def _resize(self) -> list[Any]:
+        size = self.image_size
+        return [T.Resize(size, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(size)]
 
     # ----- preparation --------------------------------------------------------------------------------------------
     def prepare(self, download: bool = False) -> None:

@@ -1,7 +1,9 @@
 """Pure loss functions (DESIGN §3.5): each module's docstring gives the formula and its source; the names and
 signatures are public (outside checks call them)."""
 
+from ood.losses.club import club, club_nll
 from ood.losses.contrastive import supcon
+from ood.losses.distill import distill_kl
 from ood.losses.outlier import outlier_exposure
 
-__all__ = ["outlier_exposure", "supcon"]
+__all__ = ["club", "club_nll", "distill_kl", "outlier_exposure", "supcon"]

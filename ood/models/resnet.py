@@ -1,4 +1,5 @@
-"""ResNets: OpenOOD's CIFAR ResNet-18 (`resnet18_32x32`) and torchvision's ResNet-50 (`resnet50`, 224 px).
+"""ResNets: OpenOOD's CIFAR ResNet-18 (`resnet18_32x32`), torchvision's ResNet-18 and ResNet-50 (`resnet18`,
+`resnet50`, 224 px).
 
 `ResNet18_32x32` is OpenOOD v1.5's `openood/networks/resnet18_32x32.py`: a 3x3 stride-1 stem conv + BN + ReLU
 (no max-pool), four stages of two basic blocks (64, 128, 256, 512 channels; stride 1, 2, 2, 2), global average
@@ -6,15 +7,15 @@ pooling, a linear head: 11,173,962 parameters for 10 classes. Its basic block (c
 1x1 conv + BN when the shape changes, ReLU) is exactly torchvision's `BasicBlock`, which is reused here. Weights
 keep PyTorch's default initialisation, as OpenOOD's do.
 
-`ResNet50` is torchvision's `resnet50(weights=None)` (no download; load weights with `ckpt_path`), regrouped into
-stages; parameter-for-parameter the same network (25,557,032 parameters for 1000 classes). Its max-pool opens the
-`layer1` stage so that `stem` ends with its ReLU.
+`ResNet18` / `ResNet50` are torchvision's `resnet18/50(weights=None)` (no download; load weights with `ckpt_path`),
+regrouped into stages; parameter-for-parameter the same networks (ResNet-50: 25,557,032 parameters for 1000
+classes). The max-pool opens the `layer1` stage so that `stem` ends with its ReLU.
 """
 
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models import resnet50
+from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from ood.models.base import Backbone, GlobalPool
@@ -48,12 +49,12 @@ class ResNet18_32x32(Backbone):  # noqa: N801 - OpenOOD's name
         self.fc = nn.Linear(512, num_classes)
 
 
-class ResNet50(Backbone):
-    """torchvision's ResNet-50 (random init). Layer names: `stem` (conv+BN+ReLU), `layer1`..`layer4`; 2048-d features."""
+class _TorchvisionResNet(Backbone):
+    """A torchvision ResNet (random init) regrouped into stages: `stem` (conv+BN+ReLU), `layer1` (max-pool +
+    layer1) .. `layer4`."""
 
-    def __init__(self, num_classes: int = 1000, in_channels: int = 3) -> None:
+    def __init__(self, net: nn.Module, in_channels: int) -> None:
         super().__init__()
-        net = resnet50(weights=None, num_classes=num_classes)
         if in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.stages = nn.ModuleDict(
@@ -67,3 +68,17 @@ class ResNet50(Backbone):
         )
         self.pool = GlobalPool()
         self.fc = net.fc
+
+
+class ResNet18(_TorchvisionResNet):
+    """torchvision's ResNet-18 for 224-pixel inputs (OpenOOD's `ResNet18_224x224`, OAL's student); 512-d features."""
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3) -> None:
+        super().__init__(resnet18(weights=None, num_classes=num_classes), in_channels)
+
+
+class ResNet50(_TorchvisionResNet):
+    """torchvision's ResNet-50 (random init). Layer names: `stem` (conv+BN+ReLU), `layer1`..`layer4`; 2048-d features."""
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3) -> None:
+        super().__init__(resnet50(weights=None, num_classes=num_classes), in_channels)
