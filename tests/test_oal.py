@@ -244,26 +244,29 @@ def test_oal_on_digits(tmp_path: Path, ce_checkpoint: Path, caplog: pytest.LogCa
     method.apply_init()
     seen_x: set[int] = set()
     student_inputs: list[torch.Tensor] = []
-    hook = method.backbone.register_forward_pre_hook(
-        lambda m, args: student_inputs.append(args[0]) if m.training else None
-    )
-    original = method.training_loss
+    run, loss = method.backbone.run, method.training_loss
 
-    def recording(batch):  # type: ignore[no-untyped-def]
+    def student_run(x, *args):  # type: ignore[no-untyped-def]
+        student_inputs.append(x)
+        return run(x, *args)
+
+    def recording_loss(batch):  # type: ignore[no-untyped-def]
         seen_x.add(batch.x.data_ptr())
-        return original(batch)
+        return loss(batch)
 
-    method.training_loss = recording  # type: ignore[method-assign]
+    method.backbone.run, method.training_loss = student_run, recording_loss  # type: ignore[method-assign]
     trainer.fit(method, datamodule=datamodule)
     teacher_file = next((tmp_path / "cache" / "oal").glob("teacher-*.pt"))
     teacher_state = torch.load(teacher_file)
     for key, value in method.teacher.state_dict().items():
         assert torch.equal(value, teacher_state[key.removeprefix("teacher.")]), f"teacher {key} changed"
     assert all(not p.requires_grad and p.grad is None for p in method.teacher.parameters())
-    assert student_inputs and all(x.data_ptr() in seen_x and x.dim() == 4 for x in student_inputs)
+    assert student_inputs, "the student ran on no training input"
+    bad = [tuple(x.shape) for x in student_inputs if x.data_ptr() not in seen_x or x.dim() != 4]
+    assert not bad, f"the student received tensors other than the ID batch images: {bad[:3]}"
     assert method.stats["teacher_features_cache_hit"] == 0.0
     assert (tmp_path / "cache" / "oal" / f"features-digits-{file_sha256(teacher_file)[:16]}.pt").is_file()
-    hook.remove()
+    method.backbone.run = run  # type: ignore[method-assign]
     trainer.test(method, datamodule=datamodule, verbose=False)
     oal = rows_by(evaluation.rows, "oal")
     far = np.mean([r["auroc"] for r in oal.values() if r["ood_group"] == "far"])
@@ -274,7 +277,7 @@ def test_oal_on_digits(tmp_path: Path, ce_checkpoint: Path, caplog: pytest.LogCa
     again, datamodule, trainer, _ = build(
         compose_config(
             tmp_path / "again",
-            [*overrides, "trainer.max_epochs=1", "trainer.limit_train_batches=1", "evaluate=false"],
+            [*overrides, "trainer.max_epochs=1", "+trainer.limit_train_batches=1", "evaluate=false"],
         )
     )
     again.apply_init()
