@@ -353,14 +353,15 @@ class OAL(OODMethod):
             )
             teacher = cfg["backbone"](num_classes=self.backbone.num_classes).to(self.device)
             start = time.perf_counter()
-            train_teacher(
-                teacher,
-                train,
-                int(cfg["epochs"]),
-                float(cfg["lr"]),
-                int(cfg["batch_size"]),
-                int(cfg.get("seed") or 0),
-            )
+            with torch.random.fork_rng():  # the run's RNG stream is the same whether the teacher is cached or not
+                train_teacher(
+                    teacher,
+                    train,
+                    int(cfg["epochs"]),
+                    float(cfg["lr"]),
+                    int(cfg["batch_size"]),
+                    int(cfg.get("seed") or 0),
+                )
             _save_atomic(teacher.state_dict(), path)
             self.stats["teacher_train_seconds"] = time.perf_counter() - start
         self.trainer.strategy.barrier()
