@@ -179,9 +179,11 @@ def reference_files(paths: Iterable[Path]) -> list[Path]:
 
 
 def default_references(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The `conf/reference/<id_dataset>.yaml` files of the ID datasets in `rows` that have one."""
+    """The `conf/reference/<id_dataset>.yaml` and `<id_dataset>_*.yaml` (other backbones) files of the ID datasets
+    in `rows`."""
     names = sorted({str(row["id_dataset"]) for row in rows})
-    return [load_reference(REFERENCE_DIR / f"{n}.yaml") for n in names if (REFERENCE_DIR / f"{n}.yaml").is_file()]
+    files = [p for n in names for p in [REFERENCE_DIR / f"{n}.yaml", *sorted(REFERENCE_DIR.glob(f"{n}_*.yaml"))]]
+    return [load_reference(p) for p in files if p.is_file()]
 
 
 def add_reference(

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import compose_config
 from torch import nn
-from torchvision.models import resnet50
+from torchvision.models import resnet18, resnet50
 
-from ood.models import Backbone, DenseNet, ResNet18_32x32, ResNet50, WideResNet
+from ood.models import Backbone, DenseNet, ResNet18, ResNet18_32x32, ResNet50, WideResNet
 from ood.utils import instantiate
 
 # Small members of each family keep the forward passes cheap on CPU (the full configs are built in
@@ -84,9 +85,10 @@ def test_fc_is_the_last_layer_and_all_parameters_are_in_stages_pool_fc(built: tu
     assert n_params(backbone) == sum(n_params(m) for _, m in children)
 
 
-def test_resnet50_is_torchvision_resnet50() -> None:
+@pytest.mark.parametrize("ours, theirs", [(ResNet50, resnet50), (ResNet18, resnet18)])
+def test_torchvision_resnets_are_torchvision(ours: type, theirs: Callable) -> None:
     torch.manual_seed(0)
-    ours, reference = ResNet50(num_classes=7).eval(), resnet50(weights=None, num_classes=7).eval()
+    ours, reference = ours(num_classes=7).eval(), theirs(weights=None, num_classes=7).eval()
     with torch.no_grad():
         for mine, theirs in zip(ours.state_dict().values(), reference.state_dict().values(), strict=True):
             theirs.copy_(mine)

@@ -17,8 +17,10 @@ METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
 @pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
 def test_method_fits_and_reports_its_own_score(name: str, ce_checkpoint: Path, tmp_path: Path) -> None:
+    # methods that first train a model of their own (OAL's teacher) keep it short and in tmp_path
+    extra = {"oal": ["method.teacher.epochs=2", f"method.cache_dir={tmp_path}"]}.get(name, [])
     rows = run_config(tmp_path, [f"method={name}", f"method.init.ckpt={ce_checkpoint}", "trainer.max_epochs=2",
-                                 "trainer.enable_progress_bar=false", "detectors.names=[msp]", "logger=none"])
+                                 "trainer.enable_progress_bar=false", "detectors.names=[msp]", "logger=none", *extra])
     reported = rows[0]["method"]
     own = [r for r in rows if r["detector"] != "msp"]
     assert {r["ood_dataset"] for r in rows if r["detector"] == "msp"} == {

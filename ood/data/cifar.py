@@ -122,6 +122,7 @@ class CIFARBenchmark(Benchmark):
         protocols: protocol name -> `{near: {set: spec}, far: {set: spec}, val_ood: spec}` (`ood.data.sets`);
             default: the `protocols` of `conf/data/<id>.yaml`.
         mean, std: input normalisation; None = the ID set's statistics (the heatmap paper uses 0.5, 0.5).
+        image_size: side after resize + centre crop (32; 224 for OAL's 224-pixel ResNet-18 student and ViT teacher).
     """
 
     in_channels = 3
@@ -147,6 +148,7 @@ class CIFARBenchmark(Benchmark):
         protocols: Mapping[str, Any] | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        image_size: int = 32,
     ) -> None:
         if source not in SOURCES:
             raise ConfigError(f"unknown data source {source!r}; choices: {list(SOURCES)}")
@@ -172,6 +174,7 @@ class CIFARBenchmark(Benchmark):
         from ood import CONFIG_DIR
 
         return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / f"{self.name}.yaml").benchmark.protocols)
+        self.image_size = image_size
 
     # ----- where things are ---------------------------------------------------------------------------------------
     @property
@@ -220,7 +223,7 @@ class CIFARBenchmark(Benchmark):
 
     # ----- transforms ---------------------------------------------------------------------------------------------
     def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """OpenOOD's test preprocessing: RGB, resize 32 (bilinear), centre crop 32, tensor, normalise."""
+        """OpenOOD's test preprocessing: RGB, resize `image_size` (bilinear), centre crop, tensor, normalise."""
         return T.Compose([RGB(), *self._resize(), T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def train_transform(self) -> Callable[[Image.Image], torch.Tensor]:
@@ -231,12 +234,12 @@ class CIFARBenchmark(Benchmark):
         if self.hflip:
             steps.append(T.RandomHorizontalFlip())
         if self.crop_padding > 0:
-            steps.append(T.RandomCrop(32, padding=self.crop_padding))
+            steps.append(T.RandomCrop(self.image_size, padding=self.crop_padding))
         return T.Compose([*steps, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
-    @staticmethod
-    def _resize() -> list[Any]:
-        return [T.Resize(32, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(32)]
+    def _resize(self) -> list[Any]:
+        size = self.image_size
+        return [T.Resize(size, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(size)]
 
     # ----- preparation --------------------------------------------------------------------------------------------
     def prepare(self, download: bool = False) -> None:

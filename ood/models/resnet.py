@@ -6,9 +6,10 @@ pooling, a linear head: 11,173,962 parameters for 10 classes. Its basic block (c
 1x1 conv + BN when the shape changes, ReLU) is exactly torchvision's `BasicBlock`, which is reused here. Weights
 keep PyTorch's default initialisation, as OpenOOD's do.
 
-`ResNet50` is torchvision's `resnet50(weights=None)` (never downloads), regrouped into stages; parameter-for-parameter
-the same network (25,557,032 parameters for 1000 classes). Its max-pool opens the `layer1` stage so that `stem` ends
-with its ReLU. `weights=<file>` loads a torchvision state dict (e.g. `IMAGENET1K_V1`, the file torchvision caches
+`ResNet18` / `ResNet50` are torchvision's `resnet18/50(weights=None)` (never download), regrouped into stages;
+parameter-for-parameter the same networks (ResNet-50: 25,557,032 parameters for 1000 classes; ResNet-18 at 224 px is
+OpenOOD's `ResNet18_224x224` and OAL's student). The max-pool opens the `layer1` stage so that `stem` ends with its
+ReLU. `weights=<file>` loads a torchvision state dict (e.g. `IMAGENET1K_V1`, the file torchvision caches
 as `<torch hub dir>/checkpoints/resnet50-0676ba61.pth`) strictly, through `ood.models.checkpoint`.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import resnet50
+from torchvision.models import resnet18, resnet50
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from ood.errors import CheckpointError
@@ -72,19 +73,15 @@ def require_weights_file(path: str | Path) -> Path:
     return path
 
 
-class ResNet50(Backbone):
-    """torchvision's ResNet-50. Layer names: `stem` (conv+BN+ReLU), `layer1`..`layer4`; 2048-d features.
+class _TorchvisionResNet(Backbone):
+    """A torchvision ResNet regrouped into stages: `stem` (conv+BN+ReLU), `layer1` (max-pool + layer1) .. `layer4`.
 
-    Args:
-        num_classes: classes of the head.
-        in_channels: input channels (3 unless a new stem is wanted; then no weights fit).
-        weights: a weights file `ood.models.checkpoint` reads (torchvision's IMAGENET1K_V1 state dict, a backbone
-            or Lightning checkpoint), loaded strictly; None = random init.
+    `weights`: a file `ood.models.checkpoint` reads (a torchvision state dict such as IMAGENET1K_V1, a backbone or
+    Lightning checkpoint), loaded strictly; None = random init.
     """
 
-    def __init__(self, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None) -> None:
+    def __init__(self, net: nn.Module, in_channels: int, weights: str | None, name: str) -> None:
         super().__init__()
-        net = resnet50(weights=None, num_classes=num_classes)
         if in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.stages = nn.ModuleDict(
@@ -101,4 +98,24 @@ class ResNet50(Backbone):
         if weights is not None:
             path = require_weights_file(weights)
             state = {k.removeprefix("backbone."): v for k, v in read_state_dict(path).items() if k.startswith("backbone.")}
-            load_modules(self, state, None, path, hint=f"torchvision's resnet50 with {num_classes} classes")
+            load_modules(self, state, None, path, hint=f"torchvision's {name} with {net.fc.out_features} classes")
+
+
+class ResNet18(_TorchvisionResNet):
+    """torchvision's ResNet-18 for 224-pixel inputs; 512-d features (see `_TorchvisionResNet` for `weights`)."""
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None) -> None:
+        super().__init__(resnet18(weights=None, num_classes=num_classes), in_channels, weights, "resnet18")
+
+
+class ResNet50(_TorchvisionResNet):
+    """torchvision's ResNet-50. Layer names: `stem` (conv+BN+ReLU), `layer1`..`layer4`; 2048-d features.
+
+    Args:
+        num_classes: classes of the head.
+        in_channels: input channels (3 unless a new stem is wanted; then no weights fit).
+        weights: see `_TorchvisionResNet`.
+    """
+
+    def __init__(self, num_classes: int = 1000, in_channels: int = 3, weights: str | None = None) -> None:
+        super().__init__(resnet50(weights=None, num_classes=num_classes), in_channels, weights, "resnet50")

@@ -1,0 +1,493 @@
+"""OAL (`method=oal`): outlier-aware learning by distillation from a frozen teacher plus CLUB on latent outliers.
+
+Paper: H. Gao et al., "OAL: Enhancing OOD Detection Using Latent Diffusion", arXiv 2406.16525 (ICMR 2025).
+Released code: HengGao12/OAL (an OpenOOD fork): `openood/trainers/oal_trainer.py` (the loss, the optimiser
+groups, the schedule), `openood/trainers/ood_distill_trainer.py` (the kNN-only variant run on digits),
+`openood/losses/mi_loss.py` + `deep_mi_loss.py` (CLUB), `openood/networks/kd_model.py` (the projector DT),
+`openood/networks/knn.py` (boundary sampling), `outlier_generation/outlier_generate.py` (SD latents).
+
+A fine-tuning stage. Before training (once, identically on every rank): the frozen teacher is loaded from
+`method.teacher.ckpt` (or, when none is given, trained on the ID train set and cached); its features of the ID
+train set (no augmentation) are cached on disk keyed by the teacher file's SHA-256; per class, boundary outliers
+o^knn are sampled in that feature space (`ood.methods.oal_sampling`) and rescaled (`outlier_norm`). Per ID batch of
+N, with N random rows of the outlier bank (no pairing with the batch; outliers never enter the student):
+
+  L = CE(l_s, y) + 4 KL(S(l_t) || S(l_s)) + 8 KL(S(DT(u)) || S(h)) + 0.1 CLUB(o^knn, h) [+ 0.2 CLUB_deep(o^sd, h)]
+
+l_s, h = student logits and penultimate features; l_t, u = teacher logits and features on the same batch (no_grad);
+DT = BN-Linear-ReLU-BN projector; KL batch-mean at T = 1 (`ood.losses.distill_kl`); CLUB = `ood.losses.club` with
+the q-network `CLUBNet` (mu: D_t-256-D_s; logvar: D_t-256-D_s-tanh; deep: 64-32-16-256-D_s / 64-256-D_s-tanh).
+Score (`detector=oal`): energy of the student logits, logsumexp(l_s) = -E(x).
+
+Optimiser (released): SGD Nesterov, momentum 0.9, wd 5e-4; learning rates per group: student `lr`, projector
+`lr_proj` (0.01), CLUB q-networks `lr_club` (1e-4); OpenOOD's cosine per step to `lr_min` on every group.
+
+Released-code quirks, and where this differs:
+- `club_fit: as_released` (default): the q-networks minimise the same total loss (so they *lower* the CLUB value
+  instead of fitting q); `mle`: q is fitted by maximum likelihood (`ood.losses.club_nll`, the released but never
+  called `learning_loss`) on detached h, while the student minimises CLUB through a detached q.
+- The outlier rows are drawn with `torch.randperm` from the global RNG every step (released: the same).
+- Token-norm rescaling of the outliers (the norm of a CLIP token embedding, about 27) needs the CLIP text encoder:
+  `outlier_norm: clip_token` reads per-class token embeddings from `token_embeddings=<file.npy>`; `teacher_mean`
+  (the digits default) rescales to the class's mean teacher-feature norm; a float is used as given.
+- SD latents (`w_mi_sd`, default 0, `sd_latents=<file.npy>`): the released generator (DreamOOD's SD v1.4 script)
+  runs PLMS 50 steps, guidance 7.5, 512 px, eta 0 on "A high-quality image of the <class>" with the class token
+  embedding replaced by a stage-B outlier, keeps the final latent [4, 64, 64] (never decoded for training),
+  averages its 4 channels, then its 64 rows: one 64-d vector per image, 300 per dataset. This project runs no SD
+  model: the file is read from disk ([n, 64], [n, 64, 64] or the released [n_iter, batch, 64, 64]); without a file
+  the branch is off and the run says so.
+- Not reproduced: the `energy_rl` ablation (off in the released runs); an unused ViT data loader (the teacher sees
+  the student batch here as there); the released trainer's `ood_sample_num = 80` on the last CIFAR batch (our
+  training loaders drop the last partial batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ood.data.batch import Batch
+from ood.detectors.logits import energy_score
+from ood.errors import ConfigError, DataNotFoundError
+from ood.features.bank import FeatureBank
+from ood.losses import club, club_nll, distill_kl
+from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
+from ood.methods.oal_sampling import boundary_samples, class_count
+from ood.models.base import Backbone
+from ood.models.checkpoint import load_modules, read_state_dict
+from ood.utils import get_logger
+
+log = get_logger(__name__)
+
+CLUB_FITS = ("as_released", "mle")
+TEACHER_KEYS = {"backbone", "ckpt", "source", "epochs", "lr", "batch_size", "seed"}
+
+
+class Projector(nn.Sequential):
+    """OAL's DT: BatchNorm(in) - Linear(in, out) - ReLU - BatchNorm(out), teacher features -> student width."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__(
+            nn.BatchNorm1d(in_dim), nn.Linear(in_dim, out_dim), nn.ReLU(), nn.BatchNorm1d(out_dim)
+        )
+
+
+def _mlp(dims: Sequence[int], last: nn.Module | None = None) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers, *([last] if last is not None else []))
+
+
+class CLUBNet(nn.Module):
+    """The variational q(h | o) = N(mu(o), diag exp(logvar(o))) of CLUB: two MLPs, logvar squashed by tanh.
+
+    `mu_hidden` / `logvar_hidden`: hidden widths (released CLUB: (256,) and (256,); DEEP_CLUB: (32, 16, 256), (256,)).
+    """
+
+    def __init__(
+        self, x_dim: int, y_dim: int, mu_hidden: Sequence[int], logvar_hidden: Sequence[int]
+    ) -> None:
+        super().__init__()
+        self.p_mu = _mlp([x_dim, *mu_hidden, y_dim])
+        self.p_logvar = _mlp([x_dim, *logvar_hidden, y_dim], nn.Tanh())
+
+    def forward(self, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.p_mu(o), self.p_logvar(o)
+
+
+def openood_cosine(step: int, total: int, lr_min_ratio: float) -> float:
+    """OpenOOD's `cosine_annealing(step, total, 1, lr_min_ratio)`: the multiplier of a per-step cosine schedule."""
+    return lr_min_ratio + (1 - lr_min_ratio) * 0.5 * (1 + math.cos(step / total * math.pi))
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (the key of the teacher-feature cache)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{time.time_ns()}")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=shuffle)
+
+
+def train_teacher(
+    teacher: Backbone, dataset: Dataset, epochs: int, lr: float, batch_size: int, seed: int
+) -> None:
+    """Plain CE training of the teacher (SGD Nesterov 0.9, wd 5e-4, cosine per epoch) when no checkpoint is given."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.SGD(teacher.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+    device = next(teacher.parameters()).device
+    teacher.train()
+    for epoch in range(epochs):
+        for x, y in _loader(dataset, batch_size, shuffle=True, seed=seed * 1000 + epoch):
+            loss = F.cross_entropy(teacher(x.to(device)), y.to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+    teacher.eval()
+
+
+@torch.no_grad()
+def extract_features(
+    net: Backbone, dataset: Dataset, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penultimate features [n, D], labels [n]) of `net` in eval mode over `dataset`, in dataset order."""
+    device = next(net.parameters()).device
+    feats, labels = [], []
+    for x, y in _loader(dataset, batch_size):
+        feats.append(net.run(x.to(device)).features.float().cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def load_sd_latents(path: str | Path) -> torch.Tensor:
+    """SD latent outliers as [n, d]: rows of an [n, d] file; [n, H, W] (channel-averaged latents) averaged over rows;
+    the released `[n_iter, batch, H, W]` flattened first, then averaged over rows."""
+    array = torch.from_numpy(np.load(path)).float()
+    if array.ndim == 4:
+        array = array.reshape(-1, *array.shape[2:])
+    if array.ndim == 3:
+        array = array.mean(1)
+    if array.ndim != 2:
+        raise ConfigError(
+            f"{path}: SD latents must be [n, d], [n, H, W] or [n_iter, batch, H, W]; got {tuple(array.shape)}"
+        )
+    return array
+
+
+class OAL(OODMethod):
+    """Distillation from a frozen teacher + CLUB against boundary outliers; scored by the energy of the student.
+
+    Args:
+        backbone, optimizer, scheduler, init: as `OODMethod` (the student starts from `init.ckpt`). `scheduler` is
+            used (per epoch) only when `cosine_per_step` is false.
+        teacher: `{backbone: factory(num_classes) -> Backbone, ckpt, source, epochs, lr, batch_size, seed}` (the
+            `method/teacher=` group): `ckpt` null = train it on ID train first (cached under `cache_dir`); `source`
+            = the prefix of the teacher's weights in the file (`backbone` for an `ood-train` checkpoint).
+        w_kd_logit, w_kd_feat, w_mi_knn, w_mi_sd: loss weights (released: 4, 8, 0.1, 0.2; `w_mi_sd` default 0).
+        sd_latents: a `.npy` of SD latent outliers (see the module docstring), or null (branch off).
+        club_fit: `as_released` | `mle` (module docstring). club_hidden: the released q-network hidden size (512).
+        lr_proj, lr_club: learning rates of the projector and the q-networks. cosine_per_step, lr_min: schedule.
+        knn_k, knn_select: K and the number of boundary points per class (>= 1: a count; < 1: a fraction of n_c).
+        knn_per_class: use at most this many training features per class (seeded subset; null = all).
+        n_candidates, knn_sigma, knn_keep, knn_repeats: candidate draws per point, noise scale, kept per point,
+            repetitions. outlier_norm: `teacher_mean` | `clip_token` | a float; token_embeddings: per-class rows
+            for `clip_token`. sampling_seed: seed of the sampler. cache_dir: where teachers and features are cached.
+    """
+
+    name = "oal"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        init: Mapping[str, Any] | None = None,
+        teacher: Mapping[str, Any] | None = None,
+        w_kd_logit: float = 4.0,
+        w_kd_feat: float = 8.0,
+        w_mi_knn: float = 0.1,
+        w_mi_sd: float = 0.0,
+        sd_latents: str | None = None,
+        club_fit: str = "as_released",
+        club_hidden: int = 512,
+        lr_proj: float = 0.01,
+        lr_club: float = 1e-4,
+        cosine_per_step: bool = True,
+        lr_min: float = 1e-8,
+        knn_k: float = 300,
+        knn_select: float = 50,
+        knn_per_class: int | None = None,
+        n_candidates: int = 1500,
+        knn_sigma: float = 0.07,
+        knn_keep: int = 2,
+        knn_repeats: int = 10,
+        outlier_norm: str | float = "teacher_mean",
+        token_embeddings: str | None = None,
+        sampling_seed: int = 0,
+        cache_dir: str = "cache",
+    ) -> None:
+        super().__init__(backbone, optimizer, scheduler, init)
+        if club_fit not in CLUB_FITS:
+            raise ConfigError(f"method.club_fit={club_fit!r}; choices: {list(CLUB_FITS)}")
+        teacher = dict(teacher or {})
+        if "backbone" not in teacher or set(teacher) - TEACHER_KEYS:
+            raise ConfigError(
+                f"method.teacher needs a backbone; keys {sorted(TEACHER_KEYS)}, got {sorted(teacher)}"
+            )
+        self.teacher_cfg = teacher
+        self.teacher: Backbone = teacher["backbone"](num_classes=backbone.num_classes)
+        self.teacher.requires_grad_(False).eval()
+        self.frozen = (*self.frozen, "teacher")
+        d_t, d_s, half = self.teacher.feature_dim, backbone.feature_dim, club_hidden // 2
+        self.projector = Projector(d_t, d_s)
+        self.club_knn = CLUBNet(d_t, d_s, (half,), (half,))
+        self.w_mi_sd = self._sd_branch(w_mi_sd, sd_latents)
+        self.club_sd = (
+            CLUBNet(self.sd_dim, d_s, (self.sd_dim // 2, self.sd_dim // 4, half), (half,))
+            if self.w_mi_sd
+            else None
+        )
+        if not (isinstance(outlier_norm, (int, float)) or outlier_norm in ("teacher_mean", "clip_token")):
+            raise ConfigError(
+                f"method.outlier_norm={outlier_norm!r}; choices: teacher_mean, clip_token, or a number"
+            )
+        if outlier_norm == "clip_token" and not token_embeddings:
+            raise ConfigError(
+                "method.outlier_norm=clip_token needs method.token_embeddings=<file.npy> (one CLIP token row per class)"
+            )
+        self.w_kd_logit, self.w_kd_feat, self.w_mi_knn = w_kd_logit, w_kd_feat, w_mi_knn
+        self.club_fit, self.lr_proj, self.lr_club = club_fit, lr_proj, lr_club
+        self.cosine_per_step, self.lr_min = cosine_per_step, lr_min
+        self.sampling = dict(
+            k=knn_k,
+            select=knn_select,
+            n_candidates=n_candidates,
+            sigma=knn_sigma,
+            keep=knn_keep,
+            repeats=knn_repeats,
+        )
+        self.knn_per_class, self.outlier_norm, self.token_embeddings = (
+            knn_per_class,
+            outlier_norm,
+            token_embeddings,
+        )
+        self.sampling_seed, self.cache_dir = sampling_seed, Path(cache_dir)
+        self.register_buffer("outliers_knn", torch.empty(0, d_t), persistent=False)
+        self.register_buffer("outliers_sd", torch.empty(0, self.sd_dim), persistent=False)
+        self.stats: dict[str, Any] = {}
+
+    def _sd_branch(self, weight: float, path: str | None) -> float:
+        """The effective SD-branch weight; sets `sd_dim` (the latent width, read from the file header)."""
+        self.sd_path, self.sd_dim = path, 64
+        if not weight:
+            if path:
+                log.warning("oal: method.sd_latents=%s is ignored because method.w_mi_sd=0", path)
+            return 0.0
+        if not path:
+            log.warning(
+                "oal: SD latent branch off: method.w_mi_sd=%s but no method.sd_latents=<file.npy> given",
+                weight,
+            )
+            return 0.0
+        if not Path(path).is_file():
+            raise DataNotFoundError(
+                f"method.sd_latents: {path} not found (a .npy of SD latents; see the oal docstring)"
+            )
+        shape = np.load(path, mmap_mode="r").shape
+        self.sd_dim = int(shape[-1])
+        return float(weight)
+
+    # ----- before training: teacher, its features, the outlier banks (once, identically on every rank) ---------
+    def on_fit_start(self) -> None:
+        """After the model is on its device: teacher, teacher features, outlier banks (skipped when present)."""
+        if len(self.outliers_knn):
+            return
+        datamodule = self.trainer.datamodule
+        benchmark = datamodule.benchmark
+        path = self._teacher_file(benchmark)
+        state = read_state_dict(path)
+        convert = getattr(self.teacher, "convert_state_dict", None)
+        load_modules(
+            self,
+            convert(state) if convert else state,
+            {"teacher": self.teacher_cfg.get("source", "backbone")},
+            path,
+            hint="set method/teacher= to the architecture the file was trained with",
+        )
+        self.teacher.requires_grad_(False).eval()
+        feats, labels = self._teacher_features(benchmark, path)
+        self.outliers_knn = self._sample(feats, labels).to(self.device)
+        if len(self.outliers_knn) < datamodule.batch_size:
+            raise ConfigError(
+                f"oal: {len(self.outliers_knn)} boundary outliers < batch size {datamodule.batch_size}; raise method.knn_repeats"
+            )
+        if self.w_mi_sd:
+            self.outliers_sd = load_sd_latents(self.sd_path).to(self.device)
+        self.stats["n_outliers_knn"] = float(len(self.outliers_knn))
+
+    def _teacher_file(self, benchmark: Any) -> Path:
+        """The teacher checkpoint: `teacher.ckpt`, or a teacher trained here on ID train, cached by its settings."""
+        cfg = self.teacher_cfg
+        if cfg.get("ckpt"):
+            return Path(cfg["ckpt"])
+        if not cfg.get("epochs"):
+            raise ConfigError("oal: this teacher is not trained here: set method.teacher.ckpt=<weights file>")
+        train = benchmark.train(augment=True)
+        settings = {k: str(cfg.get(k)) for k in sorted(TEACHER_KEYS - {"ckpt"})}
+        settings.update(data=benchmark.name, n=len(train), classes=self.backbone.num_classes)
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        path = self.cache_dir / "oal" / f"teacher-{benchmark.name}-{key}.pt"
+        if self.trainer.is_global_zero and not path.is_file():
+            log.info(
+                "oal: no method.teacher.ckpt; training the teacher on %s for %s epochs",
+                benchmark.name,
+                cfg["epochs"],
+            )
+            teacher = cfg["backbone"](num_classes=self.backbone.num_classes).to(self.device)
+            start = time.perf_counter()
+            with torch.random.fork_rng():  # the run's RNG stream is the same whether the teacher is cached or not
+                train_teacher(
+                    teacher,
+                    train,
+                    int(cfg["epochs"]),
+                    float(cfg["lr"]),
+                    int(cfg["batch_size"]),
+                    int(cfg.get("seed") or 0),
+                )
+            _save_atomic(teacher.state_dict(), path)
+            self.stats["teacher_train_seconds"] = time.perf_counter() - start
+        self.trainer.strategy.barrier()
+        log.info(
+            "oal: teacher %s (evaluate it alone: ood-eval ckpt_path=%s backbone=<its architecture>)",
+            path,
+            path,
+        )
+        return path
+
+    def _teacher_features(self, benchmark: Any, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher features of ID train (no augmentation), cached under `cache_dir` by the teacher file's SHA-256."""
+        start = time.perf_counter()
+        cache = self.cache_dir / "oal" / f"features-{benchmark.name}-{file_sha256(path)[:16]}.pt"
+        if cache.is_file():
+            data = torch.load(cache, map_location="cpu")
+            hit = True
+        else:
+            feats, labels = extract_features(self.teacher, benchmark.train(augment=False))
+            data = {"features": feats, "labels": labels}
+            if self.trainer.is_global_zero:
+                _save_atomic(data, cache)
+            hit = False
+        seconds = time.perf_counter() - start
+        self.stats.update(teacher_features_cache_hit=float(hit), teacher_features_seconds=seconds)
+        log.info(
+            "oal: teacher features of ID train %s %s in %.2fs",
+            "read from" if hit else "computed, cached at",
+            cache,
+            seconds,
+        )
+        return data["features"], data["labels"]
+
+    def _class_norms(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The norm each class's unit-norm outliers are rescaled to (`outlier_norm`)."""
+        classes = self.backbone.num_classes
+        if self.outlier_norm == "teacher_mean":
+            return torch.stack([feats[labels == c].norm(dim=1).mean() for c in range(classes)])
+        if self.outlier_norm == "clip_token":
+            tokens = torch.from_numpy(np.load(self.token_embeddings)).float()
+            if len(tokens) != classes:
+                raise ConfigError(f"{self.token_embeddings}: {len(tokens)} token rows for {classes} classes")
+            return tokens.norm(dim=1)
+        return torch.full((classes,), float(self.outlier_norm))
+
+    def _sample(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-class boundary outliers (seeded by `sampling_seed`), rescaled per class; [sum_c R*select_c*keep, D_t]."""
+        gen = torch.Generator().manual_seed(self.sampling_seed)
+        norms, out = self._class_norms(feats, labels), []
+        s = self.sampling
+        for c in range(self.backbone.num_classes):
+            x = feats[labels == c]
+            if self.knn_per_class and len(x) > self.knn_per_class:
+                x = x[torch.randperm(len(x), generator=gen)[: self.knn_per_class]]
+            n = len(x)
+            o = boundary_samples(
+                x,
+                min(n, class_count(s["k"], n)),
+                min(n, class_count(s["select"], n)),
+                int(s["n_candidates"]),
+                float(s["sigma"]),
+                int(s["keep"]),
+                int(s["repeats"]),
+                gen,
+            )
+            out.append(o * norms[c])
+        return torch.cat(out)
+
+    # ----- training ---------------------------------------------------------------------------------------------
+    def _club_term(self, net: CLUBNet, bank: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """CLUB(o, h) over N = len(h) random bank rows; with `club_fit=mle` plus q's own likelihood fit."""
+        o = bank[torch.randperm(len(bank), device=bank.device)[: len(h)]]
+        mu, logvar = net(o)
+        if self.club_fit == "as_released":
+            return club(mu, logvar, h)
+        return club(mu.detach(), logvar.detach(), h) + club_nll(mu, logvar, h.detach())
+
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        out = self.backbone.run(batch.x)
+        with torch.no_grad():
+            t = self.teacher.run(batch.x)
+        terms = {
+            "ce": F.cross_entropy(out.logits, batch.y),
+            "kd_logit": distill_kl(out.logits, t.logits),
+            "kd_feat": distill_kl(out.features, self.projector(t.features)),
+            "club_knn": self._club_term(self.club_knn, self.outliers_knn, out.features),
+        }
+        weights = {
+            "ce": 1.0,
+            "kd_logit": self.w_kd_logit,
+            "kd_feat": self.w_kd_feat,
+            "club_knn": self.w_mi_knn,
+        }
+        if self.club_sd is not None:
+            terms["club_sd"] = self._club_term(self.club_sd, self.outliers_sd, out.features)
+            weights["club_sd"] = self.w_mi_sd
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=len(batch))
+        return sum(weights[k] * v for k, v in terms.items())
+
+    def trainable_parameters(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The released parameter groups: student at the optimiser's `lr`, projector at `lr_proj`, q-networks at
+        `lr_club` (the teacher is frozen and in none)."""
+        clubs = [p for net in (self.club_knn, self.club_sd) if net is not None for p in net.parameters()]
+        return [
+            {"params": [p for p in self.backbone.parameters() if p.requires_grad]},
+            {"params": list(self.projector.parameters()), "lr": self.lr_proj},
+            {"params": clubs, "lr": self.lr_club},
+        ]
+
+    def configure_optimizers(self) -> Any:
+        """OpenOOD's per-step cosine to `lr_min` on every group (released), or `scheduler` per epoch when
+        `cosine_per_step` is off."""
+        if not self.cosine_per_step:
+            return super().configure_optimizers()
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        ratio = self.lr_min / optimizer.param_groups[0]["lr"]
+        # the step count is known once a Trainer is attached (a bare configure_optimizers() call builds with 1)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: openood_cosine(step, total, ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ----- evaluation -------------------------------------------------------------------------------------------
+    def ood_score(self, bank: FeatureBank) -> torch.Tensor:
+        return energy_score(bank.logits)
+
+    def diagnostics(self) -> dict[str, Any]:
+        return dict(self.stats)
