@@ -167,6 +167,7 @@ class CIFARBenchmark(Benchmark):
         self._tv_cache: dict[tuple[str, Path], Dataset] = {}
         self.mean = type(self).mean if mean is None else tuple(mean)  # type: ignore[assignment]
         self.std = type(self).std if std is None else tuple(std)  # type: ignore[assignment]
+        self.image_size = image_size
 
     def _default_protocols(self) -> Mapping[str, Any]:
         from omegaconf import OmegaConf
@@ -174,7 +175,6 @@ class CIFARBenchmark(Benchmark):
         from ood import CONFIG_DIR
 
         return OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "data" / f"{self.name}.yaml").benchmark.protocols)
-        self.image_size = image_size
 
     # ----- where things are ---------------------------------------------------------------------------------------
     @property
