@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 SEEDS ?= 0,1,2
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast lint format bench reproduce-cifar10 reproduce-cifar100 clean
+.PHONY: help install demo test test-fast lint format bench reproduce-cifar10 reproduce-cifar100 digits-energy clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
@@ -43,6 +43,12 @@ reproduce-cifar10: install ## OpenOOD v1.5 CE baseline on CIFAR-10: ResNet-18, 1
 reproduce-cifar100: install ## the same on CIFAR-100 (`make -n reproduce-cifar100` shows the commands)
 	$(VENV)/bin/ood-train -m experiment=cifar100_ce seed=$(SEEDS) hydra.sweep.dir=logs/reproduce/cifar100 $(ARGS)
 	$(VENV)/bin/ood-report logs/reproduce/cifar100
+
+digits-energy: install ## the energy family on digits: ce(+energy), logitnorm, energy_oe, energy_cfl_recon over SEEDS, then the table
+	$(VENV)/bin/ood-train -m experiment=digits_energy method=ce,logitnorm seed=$(SEEDS) $(ARGS)
+	$(VENV)/bin/ood-train -m experiment=digits_energy method=energy_oe,energy_cfl seed=$(SEEDS) trainer.max_epochs=10 \
+	  'method.init.ckpt=logs/digits_energy/ce_s$${seed}/checkpoints/last.ckpt' $(ARGS)
+	$(VENV)/bin/ood-report logs/digits_energy
 
 clean: ## remove run outputs (not the venv)
 	rm -rf logs outputs multirun .pytest_cache

@@ -6,8 +6,10 @@ set and per near/far group the mean ± std over seeds. Near/far means are taken 
 the group's sets, as OpenOOD), then averaged over seeds. Writes `report.md` and `report.csv` next to the runs.
 
 Published reference numbers (`conf/reference/<id_dataset>.yaml`, e.g. the OpenOOD v1.5 leaderboard AUROC for
-CIFAR-10/100) are added as `ref:near/auroc` and `ref:far/auroc` columns for the rows with the same ID dataset,
-backbone, method and detector; `--reference FILE` picks other files, `--no-reference` leaves them out.
+CIFAR-10/100) are added as `ref:near/auroc` and `ref:far/auroc` columns (and `ref:<group>/fpr95` for files that
+give FPR95) for the rows with the same ID dataset, backbone, method and detector; `--reference FILE` picks other
+files (e.g. `conf/reference/energy_ood_cifar10.yaml`, the energy paper's classic-protocol FPR95),
+`--no-reference` leaves them out.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ BASE_KEYS = ("method", "detector", "backbone", "id_dataset")
 SHOWN = ("auroc", "fpr95")
 REFERENCE_DIR = CONFIG_DIR / "reference"
 REFERENCE_COLS = ("ref:near/auroc", "ref:far/auroc")
+REFERENCE_METRICS = ("auroc", "fpr95")
 
 
 def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
@@ -63,10 +66,15 @@ def _tuned_keys(row: Mapping[str, Any]) -> set[str]:
 
 
 def _flat_params(row: Mapping[str, Any]) -> dict[str, str]:
+    """Configuration columns of a row. Left out, like tuned detector values: `method_params.fitted` (statistics a
+    method fits from data, e.g. Energy-OE's margins) and `init.ckpt` (the starting weights, one per seed when each
+    seed fine-tunes its own CE run)."""
     out = {}
-    skip = {"detector_params": _tuned_keys(row), "method_params": set()}
+    skip = {"detector_params": _tuned_keys(row), "method_params": {"fitted"}}
     for prefix, key in (("method", "method_params"), ("detector", "detector_params")):
         for name, value in (row.get(key) or {}).items():
+            if key == "method_params" and name == "init" and isinstance(value, Mapping):
+                value = {k: v for k, v in value.items() if k != "ckpt"}
             if name not in skip[key]:
                 out[f"{prefix}.{name}"] = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
     return out
@@ -151,7 +159,8 @@ def write_csv(path: Path, config_cols: Sequence[str], metric_cols: Sequence[str]
 
 
 def load_reference(path: str | Path) -> dict[str, Any]:
-    """A reference file: `source`, `id_dataset`, `backbone`, `auroc: {method: {detector: {near|far: [mean(, std)]}}}` (%)."""
+    """A reference file: `source`, `id_dataset`, `backbone` and `auroc` and/or `fpr95`:
+    `{method: {detector: {near|far: [mean(, std)]}}}` (%)."""
     from omegaconf import OmegaConf
 
     path = Path(path)
@@ -159,7 +168,9 @@ def load_reference(path: str | Path) -> dict[str, Any]:
         raise OODError(f"no such reference file: {path}")
     reference = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     assert isinstance(reference, dict)
-    missing = {"source", "id_dataset", "backbone", "auroc"} - set(reference)
+    missing = {"source", "id_dataset", "backbone"} - set(reference)
+    if not set(REFERENCE_METRICS) & set(reference):
+        missing.add("auroc or fpr95")
     if missing:
         raise OODError(f"reference file {path} lacks {sorted(missing)}")
     return reference
@@ -174,23 +185,27 @@ def default_references(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
 def add_reference(
     metric_cols: Sequence[str], table: Sequence[dict[str, Any]], references: Sequence[Mapping[str, Any]]
 ) -> list[str]:
-    """Add the published near/far AUROC (as (mean, std, runs) in [0, 1]) to matching table entries, in place.
+    """Add the published near/far AUROC (and FPR95 where given) as (mean, std, runs) in [0, 1] to matching table
+    entries, in place.
 
     An entry matches a reference on `id_dataset`, `backbone`, `method` and `detector`. Returns the metric columns
-    with `REFERENCE_COLS` appended when any entry matched, else unchanged.
+    with `ref:<group>/<metric>` appended for every such column any entry got (`REFERENCE_COLS` for AUROC).
     """
-    matched = False
+    matched: set[str] = set()
     for entry in table:
         for ref in references:
             if (str(ref["id_dataset"]), str(ref["backbone"])) != (entry["id_dataset"], entry["backbone"]):
                 continue
-            groups = (ref["auroc"].get(entry["method"]) or {}).get(entry["detector"]) or {}
-            for group, col in zip(("near", "far"), REFERENCE_COLS):
-                if group in groups:
-                    values = [float(v) / 100 for v in groups[group]]
-                    entry[col] = (values[0], values[1] if len(values) > 1 else 0.0, 3 if len(values) > 1 else 1)
-                    matched = True
-    return [*metric_cols, *REFERENCE_COLS] if matched else list(metric_cols)
+            for metric in REFERENCE_METRICS:
+                groups = ((ref.get(metric) or {}).get(entry["method"]) or {}).get(entry["detector"]) or {}
+                for group in ("near", "far"):
+                    if group in groups:
+                        values = [float(v) / 100 for v in groups[group]]
+                        col = f"ref:{group}/{metric}"
+                        entry[col] = (values[0], values[1] if len(values) > 1 else 0.0, 3 if len(values) > 1 else 1)
+                        matched.add(col)
+    cols = [f"ref:{g}/{m}" for m in REFERENCE_METRICS for g in ("near", "far")]
+    return [*metric_cols, *(c for c in cols if c in matched)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -227,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     (out / "report.md").write_text(markdown)
     write_csv(out / "report.csv", config_cols, metric_cols, table)
     for ref in references:
-        print(f"reference numbers ({ref['id_dataset']}, {ref['backbone']}): {ref['source']}", file=sys.stderr)
+        protocol = f", protocol: {ref['protocol']}" if ref.get("protocol") else ""
+        print(f"reference numbers ({ref['id_dataset']}, {ref['backbone']}{protocol}): {ref['source']}", file=sys.stderr)
     print(f"wrote {out / 'report.md'} and {out / 'report.csv'}", file=sys.stderr)
 
 
