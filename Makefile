@@ -12,7 +12,7 @@ LAST = checkpoints/last.ckpt
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-fast lint format bench reproduce-cifar10 reproduce-cifar100 reproduce-heatmap \
-	reproduce-energy reproduce-cluster reproduce-grood reproduce-oal clean
+	reproduce-energy reproduce-cluster reproduce-grood reproduce-oal digits-energy clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
@@ -91,6 +91,12 @@ reproduce-oal: install ## OAL: OpenOOD CE students, then OAL fine-tuning, report
 	$(VENV)/bin/ood-train -m experiment=openood_ce data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/oal/ce hydra.sweep.subdir='$(JOB)' $(ARGS)
 	$(VENV)/bin/ood-train -m experiment=oal_openood data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/oal/oal hydra.sweep.subdir='$(JOB)' '++method.init.ckpt=$(R)/oal/ce/$(JOB)/$(LAST)' $(ARGS)
 	$(VENV)/bin/ood-report $(R)/oal --reference conf/reference/oal --reference conf/reference/cifar10.yaml --reference conf/reference/cifar100.yaml
+
+digits-energy: install ## the energy family on digits: ce(+energy), logitnorm, energy_oe, energy_cfl_recon over SEEDS, then the table
+	$(VENV)/bin/ood-train -m experiment=digits_energy method=ce,logitnorm seed=$(SEEDS) $(ARGS)
+	$(VENV)/bin/ood-train -m experiment=digits_energy method=energy_oe,energy_cfl seed=$(SEEDS) trainer.max_epochs=10 \
+	  'method.init.ckpt=logs/digits_energy/ce_s$${seed}/checkpoints/last.ckpt' $(ARGS)
+	$(VENV)/bin/ood-report logs/digits_energy
 
 clean: ## remove run outputs (not the venv)
 	rm -rf logs outputs multirun .pytest_cache

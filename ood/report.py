@@ -68,10 +68,15 @@ def _tuned_keys(row: Mapping[str, Any]) -> set[str]:
 
 
 def _flat_params(row: Mapping[str, Any]) -> dict[str, str]:
+    """Configuration columns of a row. Left out, like tuned detector values: `method_params.fitted` (statistics a
+    method fits from data, e.g. Energy-OE's margins) and `init.ckpt` (the starting weights, one per seed when each
+    seed fine-tunes its own CE run)."""
     out = {}
-    skip = {"detector_params": _tuned_keys(row), "method_params": set()}
+    skip = {"detector_params": _tuned_keys(row), "method_params": {"fitted"}}
     for prefix, key in (("method", "method_params"), ("detector", "detector_params")):
         for name, value in (row.get(key) or {}).items():
+            if key == "method_params" and name == "init" and isinstance(value, Mapping):
+                value = {k: v for k, v in value.items() if k != "ckpt"}
             if name not in skip[key]:
                 out[f"{prefix}.{name}"] = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
     return out
@@ -165,7 +170,9 @@ def load_reference(path: str | Path) -> dict[str, Any]:
         raise OODError(f"no such reference file: {path}")
     reference = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     assert isinstance(reference, dict)
-    missing = {"source", "id_dataset", "backbone", "auroc"} - set(reference)
+    missing = {"source", "id_dataset", "backbone"} - set(reference)
+    if not {"auroc", "fpr95"} & set(reference):
+        missing.add("auroc or fpr95")
     if missing:
         raise OODError(f"reference file {path} lacks {sorted(missing)}")
     if "fpr95" in reference and reference.get("fpr95_convention") not in FPR95_CONVENTIONS:
@@ -249,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     (out / "report.md").write_text(markdown)
     write_csv(out / "report.csv", config_cols, metric_cols, table)
     for ref in references:
-        print(f"reference numbers ({ref['id_dataset']}, {ref['backbone']}): {ref['source']}", file=sys.stderr)
+        protocol = f", protocol: {ref['protocol']}" if ref.get("protocol") else ""
+        print(f"reference numbers ({ref['id_dataset']}, {ref['backbone']}{protocol}): {ref['source']}", file=sys.stderr)
     print(f"wrote {out / 'report.md'} and {out / 'report.csv'}", file=sys.stderr)
 
 

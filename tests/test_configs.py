@@ -35,7 +35,9 @@ def test_method_builds_with_small_cnn(tmp_path: Path, name: str) -> None:
     cfg = compose_config(tmp_path, [f"method={name}"])
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=6, in_channels=1))
     assert isinstance(method, OODMethod)
-    assert method.name == name, "the method's reported name must equal its config file name"
+    # a documented reconstruction (`reconstruction: true` in its config) reports as <config name>_recon
+    expected = f"{name}_recon" if cfg.method.get("reconstruction") else name
+    assert method.name == expected, "the method's reported name must equal its config file name"
     assert method.configure_optimizers()
 
 
