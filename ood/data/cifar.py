@@ -106,6 +106,8 @@ class CIFARBenchmark(Benchmark):
         split_seed: seed of that split.
         outliers: `tin597` (OpenOOD's `train_tin597` list), `random300k` (`outliers_file`), or `none`.
         outliers_file: the `.npy` of the 300K random images, relative to `data_dir` unless absolute.
+        in_memory: decode every set once into a uint8 array cached in `data_dir/ood_cache/` and flip/crop per
+            batch on the training device (`ood.data.memory`); false reads and transforms each image per item.
     """
 
     in_channels = 3
@@ -128,6 +130,7 @@ class CIFARBenchmark(Benchmark):
         split_seed: int = 0,
         outliers: str = "tin597",
         outliers_file: str = "300K_random_images.npy",
+        in_memory: bool = True,
     ) -> None:
         if source not in SOURCES:
             raise ConfigError(f"unknown data source {source!r}; choices: {list(SOURCES)}")
@@ -142,11 +145,16 @@ class CIFARBenchmark(Benchmark):
         self.split_seed = split_seed
         self.outlier_set = outliers
         self.outliers_file = outliers_file
+        self.in_memory = in_memory
 
     # ----- where things are ---------------------------------------------------------------------------------------
     @property
     def lists_dir(self) -> Path:
         return self.data_dir / "benchmark_imglist" / self.name
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "ood_cache"
 
     @property
     def images_dir(self) -> Path:
