@@ -20,6 +20,7 @@ Datasets too big for memory (ImageNet-size) stay on the per-item streaming path 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Sequence
@@ -44,6 +45,12 @@ DETERMINISTIC = (T.Resize, T.CenterCrop, T.Grayscale, T.Pad)
 PARALLEL_DECODE = 5000
 
 
+@functools.cache
+def _fill(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The fill [1, C, 1, 1] on `device`, made once (a host-to-device copy per batch would sync with the GPU)."""
+    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
+
+
 @dataclass(frozen=True)
 class PadCropFlip:
     """Per-sample random crop of the image padded by `padding` pixels of `fill` (offsets uniform on 0..2*padding in
@@ -62,18 +69,18 @@ class PadCropFlip:
         return dy, dx, torch.rand(n, device=device) < self.flip
 
     def apply(self, x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        """The batch cropped at offsets (`dy`, `dx`) of its padded images, flipped where `flip` (one gather)."""
+        """The batch cropped at offsets (`dy`, `dx`) of its padded images, flipped where `flip`: two gathers from the
+        unpadded images at clamped source coordinates, `fill` where the crop reads the padding."""
         n, c, h, w = x.shape
         p = self.padding
-        fill = torch.tensor(self.fill, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
-        padded = fill.expand(n, c, h + 2 * p, w + 2 * p).clone()
-        padded[:, :, p : p + h, p : p + w] = x
-        rows = dy[:, None] + torch.arange(h, device=x.device)
-        cols = dx[:, None] + torch.arange(w, device=x.device)
+        rows = dy[:, None] - p + torch.arange(h, device=x.device)
+        cols = dx[:, None] - p + torch.arange(w, device=x.device)
         # flip, then crop: column j of the crop is column dx + j of the flipped padded image
-        cols = torch.where(flip[:, None], w + 2 * p - 1 - cols, cols)
-        out = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * p))
-        return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+        cols = torch.where(flip[:, None], w - 1 - cols, cols)
+        inside = ((rows >= 0) & (rows < h))[:, None, :, None] & ((cols >= 0) & (cols < w))[:, None, None, :]
+        out = x.gather(2, rows.clamp(0, h - 1)[:, None, :, None].expand(n, c, h, w))
+        out = out.gather(3, cols.clamp(0, w - 1)[:, None, None, :].expand(n, c, h, w))
+        return torch.where(inside, out, _fill(self.fill, x.dtype, x.device))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.apply(x, *self.draw(x.shape[0], x.device))
