@@ -131,3 +131,21 @@ def test_training_batches_are_augmented_on_the_device_only_while_training(tree: 
     out = datamodule.on_after_batch_transfer(batch, 0)
     torch.manual_seed(3)
     assert torch.equal(out.x, augment.apply(x, *augment.draw(8))) and not torch.equal(out.x, x)
+
+
+def test_outlier_batches_get_their_own_augmentation(tree: Path) -> None:
+    """With an outlier stream (TIN-597 in memory), the combined batch's `x_out` is flipped/cropped per sample too."""
+    from types import SimpleNamespace
+
+    datamodule = OODDataModule(CIFAR10Benchmark(tree), batch_size=4, outlier_batch_size=6)
+    datamodule.use_streams(("id", "outliers"), "oe")
+    loaders = datamodule.train_dataloader().iterables
+    raw = {name: next(iter(loader)) for name, loader in loaders.items()}
+    augment = datamodule._augment["outliers"]
+    assert augment == datamodule._augment["id"] == PadCropFlip(4, 0.5, augment.fill)
+    datamodule.trainer = SimpleNamespace(training=True)
+    torch.manual_seed(5)
+    batch = datamodule.on_after_batch_transfer(dict(raw), 0)
+    torch.manual_seed(5)
+    want_x = augment.apply(raw["id"].x, *augment.draw(4))
+    assert torch.equal(batch.x, want_x) and torch.equal(batch.x_out, augment.apply(raw["outliers"].x, *augment.draw(6)))
