@@ -149,3 +149,18 @@ def test_outlier_batches_get_their_own_augmentation(tree: Path) -> None:
     torch.manual_seed(5)
     want_x = augment.apply(raw["id"].x, *augment.draw(4))
     assert torch.equal(batch.x, want_x) and torch.equal(batch.x_out, augment.apply(raw["outliers"].x, *augment.draw(6)))
+
+
+def test_cache_names_are_stable_for_datasets_without_a_repr() -> None:
+    """A torchvision-style source (e.g. DTD's three splits in a ConcatDataset) gets the same key in every process."""
+    from torch.utils.data import ConcatDataset, TensorDataset
+
+    from ood.data.cifar import Transformed
+
+    def source() -> Transformed:
+        parts = [TensorDataset(torch.zeros(3)), TensorDataset(torch.zeros(2))]
+        return Transformed(ConcatDataset(parts), CIFAR10Benchmark("unused").eval_transform(), label=-1)
+
+    head = split_transform(source().transform).head
+    name = mem.cache_name(source(), head)
+    assert name == mem.cache_name(source(), head) and name.startswith("concatdataset-")

@@ -171,9 +171,14 @@ class MemoryImages(Dataset):
         return self.__getitems__([i])[0]
 
 
-def _stable_repr(step: Any) -> str:
-    """`repr` of a transform step, or its class name when it has no repr of its own (no memory address)."""
-    return repr(step) if type(step).__repr__ is not object.__repr__ else type(step).__qualname__
+def _stable_repr(obj: Any) -> str:
+    """`repr` of a transform step or dataset, whitespace collapsed; objects without a repr of their own (no memory
+    address in the key) give their class name, length and, for a `ConcatDataset`, its parts."""
+    if type(obj).__repr__ is not object.__repr__:
+        return " ".join(repr(obj).split())
+    parts = [_stable_repr(part) for part in getattr(obj, "datasets", ())]
+    size = f"[{len(obj)}]" if hasattr(obj, "__len__") else ""
+    return f"{type(obj).__qualname__}{size}({', '.join(parts)})"
 
 
 def cache_name(dataset: Dataset, head: Sequence[Any]) -> str:
@@ -192,7 +197,7 @@ def cache_name(dataset: Dataset, head: Sequence[Any]) -> str:
     else:
         inner = getattr(dataset, "dataset", dataset)
         stem = type(inner).__name__.lower()
-        parts.append(" ".join(repr(inner).split()))
+        parts.append(_stable_repr(inner))
     return f"{stem}-{hashlib.sha1(chr(0).join(parts).encode()).hexdigest()[:12]}.npy"
 
 
