@@ -3,8 +3,11 @@ against straightforward references side by side (alternating, median of repeats)
 
 (a) `ood_metrics` vs scikit-learn as OpenOOD computes AUROC/FPR95/AUPRs, 1M + 1M scores (target <= 0.25x);
 (b) knn / mahalanobis / vim fit + score at CIFAR scale vs scikit-learn / NumPy (target <= 0.5x);
-(c) every detector vs msp only on a digits checkpoint, with the network passes each needs (target <= 1.5x);
-(d) training time per epoch of every method vs CE on digits (informational).
+(c) every detector vs msp only on a digits checkpoint, with the network passes each needs (target <= 1.5x), and
+    ODIN's tuning with its grid sharing passes vs one pass per grid point (target <= 1/1.8x, equal scores);
+(d) training time per epoch of every method vs CE on digits (informational);
+(e) training / evaluation loaders, in-memory uint8 batches vs per-item PIL on fabricated 32 px PNGs
+    (targets <= 0.1x and <= 1/3x).
 `--quick` shrinks every size (CI smoke run); the targets are stated for the full sizes.
 """
 
@@ -22,7 +25,7 @@ from benchmarks.common import Timing, markdown_table
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--only", default="a,b,c,d", help="comma-separated subset of a, b, c, d")
+    parser.add_argument("--only", default="a,b,c,d,e", help="comma-separated subset of a, b, c, d, e")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per competitor (default 5, quick 3)")
     parser.add_argument("--threads", type=int, default=None, help="threads for every library (default: their defaults)")
     args = parser.parse_args(argv)
@@ -60,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks import bench_training
 
         timings += bench_training.run(epochs=3 if args.quick else 5, repeats=repeats)
+    if "e" in parts:
+        from benchmarks import bench_loaders
+
+        timings += bench_loaders.run(500 if args.quick else 2000, repeats)
     print(markdown_table(timings))
     if passes is not None:
         print("\nNetwork passes on digits (one pass = every evaluation split once):\n")

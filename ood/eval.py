@@ -4,6 +4,8 @@ every detector (no training)."""
 
 from __future__ import annotations
 
+import gc
+
 import hydra
 from omegaconf import DictConfig
 
@@ -20,6 +22,9 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     """`ood-eval` entry point."""
     require_config_dir()
+    # the ~0.5M objects the imports made live until exit: freezing them spares every later collection (and the
+    # ones at exit) from rescanning them, a fifth of a default digits run
+    gc.freeze()
     _main()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from collections.abc import Callable
@@ -148,6 +149,9 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     """`ood-train` entry point."""
     require_config_dir()
+    # the ~0.5M objects the imports made live until exit: freezing them spares every later collection (and the
+    # ones at exit) from rescanning them, a fifth of a default digits run
+    gc.freeze()
     _main()
 
 

@@ -67,13 +67,32 @@ def test_mismatched_checkpoint_names_file(tmp_path: Path) -> None:
         run_config(tmp_path / "run", [f"ckpt_path={path}"], config_name="eval")
 
 
-def test_nan_loss_stops_with_step() -> None:
-    from ood.data.batch import Batch
+@pytest.mark.parametrize(("bad_step", "batches", "checked_after"), [(3, 8, 5), (7, 8, 8)])
+def test_nan_loss_stops_with_step(bad_step: int, batches: int, checked_after: int) -> None:
+    """The check runs every log_every_n_steps (5) batches and at the epoch's last batch, and names the bad step."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
 
-    method = CrossEntropy(SmallCNN(6), optimizer=torch.optim.SGD)
-    x = torch.full((4, 1, 16, 16), float("nan"))
-    with pytest.raises(NonFiniteError, match="ce: training loss is nan at step 0"):
-        method.training_step(Batch(x, torch.zeros(4, dtype=torch.long), torch.arange(4)), 0)
+    from ood.data.batch import Batch, collate_batch
+
+    calls: list[int] = []
+
+    class NanAt(CrossEntropy):
+        def training_loss(self, batch: Batch) -> torch.Tensor:
+            calls.append(self.global_step)
+            loss = super().training_loss(batch)
+            return loss * float("nan") if self.global_step == bad_step else loss
+
+    method = NanAt(SmallCNN(6, width=4), optimizer=torch.optim.SGD)
+    n = 4 * batches
+    data = TensorDataset(torch.randn(n, 1, 16, 16), torch.zeros(n, dtype=torch.long), torch.arange(n))
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, log_every_n_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(NonFiniteError, match=f"ce: training loss is nan at step {bad_step} \\(epoch 0, batch {bad_step}\\)"):
+        trainer.fit(method, DataLoader(data, batch_size=4, collate_fn=collate_batch))
+    assert len(calls) == checked_after
 
 
 def test_nan_score_names_detector_and_dataset() -> None:

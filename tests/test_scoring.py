@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 from test_detectors import SYNTHETIC_PARAMS, synthetic  # noqa: F401 - the module-scoped bank fixture
+from torch import nn
 
 from ood.detectors import DetectorNotApplicable, build_detector, detector_class
 from ood.detectors.base import Detector
@@ -80,24 +81,46 @@ def test_vim_drops_inapplicable_grid_points(banks: dict[str, FeatureBank], caplo
 
 
 def test_model_detectors_tune_through_model_scores(banks: dict[str, FeatureBank]) -> None:
-    """ODIN is tuned on val / val_ood through the callback's scorer, once per grid point and split."""
-    calls: list[tuple[str, float, float]] = []
+    """ODIN is tuned on val / val_ood through the callback's scorer: one run per split for the whole grid."""
+    calls: list[str] = []
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Linear(4, 3)
+    inputs = {"val": torch.randn(50, 4, generator=gen), "val_ood": 3 * torch.randn(50, 4, generator=gen)}
 
     def model_scores(det: Detector, split: str) -> torch.Tensor:
-        calls.append((split, det.temperature, det.noise))
-        # a fake model score whose val AUROC peaks at T=100, noise=0.0028
-        shift = 1.0 if (det.temperature, det.noise) == (100, 0.0028) else 0.1
-        base = torch.arange(50, dtype=torch.float64)
-        return base + (shift * 50 if split == "val" else 0.0)
+        calls.append(split)
+        return det.score_inputs(model, inputs[split])
 
     det, tuned = fit_detector("odin", {}, banks, tune=True, model_scores=model_scores)
-    assert tuned and (det.temperature, det.noise) == (100, 0.0028)
-    assert {split for split, *_ in calls} == {"val", "val_ood"} and len(calls) == 2 * 8
+    assert tuned and calls == ["val", "val_ood"]
+    points = [{"temperature": t, "noise": n} for t in (1, 10, 100, 1000) for n in (0.0014, 0.0028)]
+    aurocs = [
+        ood_metrics(*(build_detector("odin", **p).score_inputs(model, inputs[s]) for s in ("val", "val_ood")))["auroc"]
+        for p in points
+    ]
+    assert (det.temperature, det.noise) == tuple(points[aurocs.index(max(aurocs))].values())
     with pytest.raises(DetectorNotApplicable, match="needs the model"):
         fit_detector("odin", {}, banks, tune=True)
     assert detector_scorers(["odin"], {}, banks, tune=True) == []
 
 
+def test_odin_grid_shares_passes_and_is_bit_identical() -> None:
+    """One forward per batch and one input gradient per temperature for the whole grid; the scores equal the
+    point-by-point ones exactly (max |diff| = 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 5)).eval()
+    x = torch.randn(16, 3, 6, 6)
+    points = [{"temperature": t, "noise": n} for t in (1, 10, 100, 1000) for n in (0.0014, 0.0028)]
+    det = build_detector("odin", input_std=(0.2, 0.3, 0.4))
+    forwards: list[bool] = []
+    hook = model[0].register_forward_hook(lambda _m, _i, out: forwards.append(out.requires_grad))
+    grid = det.score_inputs_grid(model, x, points)
+    hook.remove()
+    assert forwards.count(True) == 1 and forwards.count(False) == len(points)
+    assert (det.temperature, det.noise) == (1000, 0.0028)  # the last point stays set
+    for point, got in zip(points, grid):
+        want = build_detector("odin", input_std=(0.2, 0.3, 0.4), **point).score_inputs(model, x)
+        assert float((got - want).abs().max()) == 0.0
 def test_scorers_record_the_chosen_hyperparameters(banks: dict[str, FeatureBank]) -> None:
     scorers = {s.name: s for s in detector_scorers(["knn", "msp", "dice"], {}, banks, tune=True)}
     assert scorers["knn"].tuned and set(scorers["knn"].hparams) == {"k", "index"}

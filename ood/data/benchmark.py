@@ -17,6 +17,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -26,6 +27,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from ood.data.batch import Batch, collate_batch
+from ood.data.memory import PadCropFlip, batch_augmentation, to_memory
 from ood.errors import ConfigError
 
 Role = Literal["fit", "id_val", "id_test", "ood_val", "ood"]
@@ -64,6 +66,12 @@ class Indexed(Dataset):
         x, y = self.dataset[i]
         return x, y, i
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int, int]]:
+        """A batch at once when the dataset gathers batches (`MemoryImages`)."""
+        getitems = getattr(self.dataset, "__getitems__", None)
+        items = getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
+        return [(x, y, i) for (x, y), i in zip(items, indices)]
+
 
 class Benchmark(ABC):
     """Builds the datasets of one ID/OOD benchmark. Items are `(image tensor, label)`; OOD labels are -1."""
@@ -74,6 +82,13 @@ class Benchmark(ABC):
     #: the selected outlier-exposure set (`data.benchmark.outliers`) and the choices this benchmark offers
     outlier_set: str = "none"
     outlier_choices: tuple[str, ...] = ("none",)
+    #: decode every split once into memory and augment per batch on the device (`ood.data.memory`)
+    in_memory: bool = False
+
+    @property
+    def cache_dir(self) -> Path | None:
+        """Where `in_memory` caches decoded images (None: kept in memory for the run only)."""
+        return None
 
     @property
     def input_mean(self) -> tuple[float, ...]:
@@ -182,6 +197,8 @@ class OODDataModule(LightningDataModule):
         self.fit_seed = fit_seed
         self.streams: tuple[Stream, ...] = ("id",)
         self._eval: list[tuple[EvalSplit, Dataset]] | None = None
+        #: per-batch crop/flip of in-memory training streams, applied on the device (`on_after_batch_transfer`)
+        self._augment: dict[str, PadCropFlip | None] = {}
 
     @property
     def name(self) -> str:
@@ -210,8 +227,8 @@ class OODDataModule(LightningDataModule):
         self.benchmark.prepare(download=self.download)
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler: Any = None, train: bool = False) -> DataLoader:
-        """Training loaders drop the last partial batch and keep their workers; evaluation loaders (about a dozen,
-        each used once per evaluation) do neither. Every loader yields `Batch`es."""
+        """Training loaders drop the last partial batch; every loader keeps its workers (validation runs every epoch,
+        ODIN re-reads the evaluation splits). Every loader yields `Batch`es."""
         return DataLoader(
             Indexed(dataset),
             batch_size=batch_size,
@@ -219,17 +236,24 @@ class OODDataModule(LightningDataModule):
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=train and self.num_workers > 0,
+            persistent_workers=self.num_workers > 0,
             collate_fn=collate_batch,
         )
 
+    def _dataset(self, dataset: Dataset) -> Dataset:
+        """The benchmark's dataset, decoded once into memory when the benchmark is `in_memory`."""
+        return to_memory(dataset, self.benchmark.cache_dir) if self.benchmark.in_memory else dataset
+
     def train_dataloader(self) -> DataLoader | CombinedLoader:
-        train = self.benchmark.train(augment=True)
+        train = self._dataset(self.benchmark.train(augment=True))
+        self._augment = {"id": batch_augmentation(train)}
         loader = self._loader(train, self.batch_size, EpochShuffle(train, self.seed), train=True)
         if "outliers" not in self.streams:
             return loader
         outliers = self.benchmark.outliers()
         assert outliers is not None, "use_streams checked that the benchmark has outliers"
+        outliers = self._dataset(outliers)
+        self._augment["outliers"] = batch_augmentation(outliers)
         # one outlier batch per ID batch, plus one spare so that under DDP the ID stream still sets the epoch length
         total = (len(train) // self.batch_size + 1) * self.outlier_batch_size  # type: ignore[arg-type]
         sampler = OutlierSampler(outliers, total, self.seed)
@@ -239,14 +263,21 @@ class OODDataModule(LightningDataModule):
         )
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Batch:
-        """The combined `{"id": Batch, "outliers": Batch}` of an outlier method becomes one `Batch` with `x_out`."""
+        """The combined `{"id": Batch, "outliers": Batch}` of an outlier method becomes one `Batch` with `x_out`;
+        in-memory training images (`x`, `x_out`) get their random crop and flip here, per sample, on the device."""
         if isinstance(batch, dict):
             ident, out = batch["id"], batch["outliers"]
-            return Batch(ident.x, ident.y, ident.index, x_out=out.x)
+            batch = Batch(ident.x, ident.y, ident.index, x_out=out.x)
+        if self.trainer is not None and self.trainer.training:
+            augment_id, augment_out = self._augment.get("id"), self._augment.get("outliers")
+            if augment_id is not None:
+                batch.x = augment_id(batch.x)
+            if augment_out is not None and batch.x_out is not None:
+                batch.x_out = augment_out(batch.x_out)
         return batch
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.benchmark.val(), self.eval_batch_size)
+        return self._loader(self._dataset(self.benchmark.val()), self.eval_batch_size)
 
     def _eval_sets(self) -> list[tuple[EvalSplit, Dataset]]:
         if self._eval is None:
@@ -259,7 +290,7 @@ class OODDataModule(LightningDataModule):
             if ood_val is not None:
                 sets.append((EvalSplit("val_ood", "ood_val"), ood_val))
             sets += [(EvalSplit(s.name, "ood", s.group), s.dataset) for s in self.benchmark.ood_test()]
-            self._eval = sets
+            self._eval = [(split, self._dataset(dataset)) for split, dataset in sets]
         return self._eval
 
     def fit_subset(self, train: Dataset) -> Dataset:

@@ -123,6 +123,8 @@ class CIFARBenchmark(Benchmark):
             default: the `protocols` of `conf/data/<id>.yaml`.
         mean, std: input normalisation; None = the ID set's statistics (the heatmap paper uses 0.5, 0.5).
         image_size: side after resize + centre crop (32; 224 for OAL's 224-pixel ResNet-18 student and ViT teacher).
+        in_memory: decode every set once into a uint8 array cached in `data_dir/ood_cache/` and flip/crop per
+            batch on the training device (`ood.data.memory`); false reads and transforms each image per item.
     """
 
     in_channels = 3
@@ -149,6 +151,7 @@ class CIFARBenchmark(Benchmark):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         image_size: int = 32,
+        in_memory: bool = True,
     ) -> None:
         if source not in SOURCES:
             raise ConfigError(f"unknown data source {source!r}; choices: {list(SOURCES)}")
@@ -168,6 +171,7 @@ class CIFARBenchmark(Benchmark):
         self.mean = type(self).mean if mean is None else tuple(mean)  # type: ignore[assignment]
         self.std = type(self).std if std is None else tuple(std)  # type: ignore[assignment]
         self.image_size = image_size
+        self.in_memory = in_memory
 
     def _default_protocols(self) -> Mapping[str, Any]:
         from omegaconf import OmegaConf
@@ -180,6 +184,10 @@ class CIFARBenchmark(Benchmark):
     @property
     def lists_dir(self) -> Path:
         return self.data_dir / "benchmark_imglist" / self.name
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "ood_cache"
 
     @property
     def images_dir(self) -> Path:

@@ -77,6 +77,14 @@ class Detector:
         """ID score from the model and a batch of inputs; only for `needs_model` detectors."""
         raise NotImplementedError(f"{self.name} scores from cached features, not from inputs")
 
+    def score_inputs_grid(self, model: nn.Module, x: torch.Tensor, points: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
+        """`score_inputs` of one batch at each setting of `score_params` in `points`; leaves the last one set.
+
+        Detectors override this to share network passes across the points (ODIN: one forward per batch and one
+        input gradient per temperature for every noise value).
+        """
+        return [self.set_params(**point).score_inputs(model, x) for point in points]
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
         return f"{type(self).__name__}({args})"

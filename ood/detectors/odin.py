@@ -6,7 +6,9 @@ x_tilde = x - noise * sign(grad_x CE(f(x) / T, yhat)) / sigma_ch, yhat = argmax 
 std of the input normalisation (the perturbation is `noise` in [0, 1] pixel units). The evaluation sets
 `input_std` from the benchmark (`Benchmark.input_std`) unless it is given; 1 takes the step in normalised units. sign(0) counts as +1 as in OpenOOD (`ge(grad, 0)`).
 The only detector that needs the network: two forward passes and one backward pass per input and grid point,
-through `score_inputs` (the evaluation runs it over the split loaders with gradients enabled).
+through `score_inputs` (the evaluation runs it over the split loaders with gradients enabled). Tuning scores the
+whole grid per batch (`score_inputs_grid`): one forward pass, one input gradient per temperature, one perturbed
+forward per grid point (9 forwards + 4 backwards per batch for OpenOOD's 8 points instead of 16 + 8).
 Deviations: max log-softmax in float64 instead of max softmax (monotone, no ties); the input gradient is
 taken with `torch.autograd.grad`, so parameter gradients are never touched.
 """
@@ -14,6 +16,7 @@ taken with `torch.autograd.grad`, so parameter gradients are never touched.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,13 +43,29 @@ class ODIN(Detector):
         raise NotImplementedError("odin perturbs the inputs: score it with score_inputs(model, x)")
 
     def score_inputs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.score_inputs_grid(model, x, [{}])[0]
+
+    def score_inputs_grid(self, model: nn.Module, x: torch.Tensor, points: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
+        """ODIN at every (temperature, noise) in `points` from one forward pass of `x` with gradients and one input
+        gradient per temperature, reused for each of its noise values: the same operations as scoring the points one
+        by one, so the scores are bit-identical, without repeating the shared passes."""
+        by_temperature: dict[float, list[tuple[int, float]]] = {}
+        for i, point in enumerate(points):
+            self.set_params(**point)
+            by_temperature.setdefault(self.temperature, []).append((i, self.noise))
         x = x.detach().clone().requires_grad_(True)
+        std = torch.as_tensor(self.input_std, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.dim() - 2)))
         with torch.enable_grad():
             logits = model(x)
-            loss = F.cross_entropy(logits / self.temperature, logits.detach().argmax(1))
-            (grad,) = torch.autograd.grad(loss, x)
-        std = torch.as_tensor(self.input_std, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.dim() - 2)))
-        step = torch.where(grad >= 0, 1.0, -1.0).to(x.dtype) / std
-        with torch.no_grad():
-            logits = model(x.detach() - self.noise * step)
-        return torch.log_softmax(logits.double() / self.temperature, dim=1).max(1).values
+        predicted = logits.detach().argmax(1)
+        scores: list[torch.Tensor] = [torch.empty(0)] * len(points)
+        for n, (temperature, noises) in enumerate(by_temperature.items()):
+            with torch.enable_grad():
+                loss = F.cross_entropy(logits / temperature, predicted)
+                (grad,) = torch.autograd.grad(loss, x, retain_graph=n < len(by_temperature) - 1)
+            step = torch.where(grad >= 0, 1.0, -1.0).to(x.dtype) / std
+            with torch.no_grad():
+                for i, noise in noises:
+                    nudged = model(x.detach() - noise * step)
+                    scores[i] = torch.log_softmax(nudged.double() / temperature, dim=1).max(1).values
+        return scores

@@ -56,6 +56,20 @@ def _split_scores(det: Detector, split: str, banks: Mapping[str, FeatureBank], m
     return det.score(banks[split])
 
 
+class GridInputs(Detector):
+    """`detector` at every setting of its `score_params` in one call: `score_inputs(model, x)` returns [B, points]
+    (its `score_inputs_grid` stacked), so a `ModelScoreFn` runs the loader once for the whole grid."""
+
+    needs_model = True
+
+    def __init__(self, detector: Detector, points: Sequence[dict[str, Any]]) -> None:
+        self.detector = detector
+        self.points = list(points)
+
+    def score_inputs(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self.detector.score_inputs_grid(model, x, self.points), dim=1)
+
+
 def _val_scores(
     det: Detector,
     points: Sequence[dict[str, Any]],
@@ -65,20 +79,25 @@ def _val_scores(
     """(point, val scores, val_ood scores) for grid points that share the fit of `det` (differ in `score_params`).
 
     Cached detectors score all points at once (`score_grid`, e.g. one kNN search at the largest k); points
-    that are not applicable (ViM's dim >= D) are dropped.
+    that are not applicable (ViM's dim >= D) are dropped. Model-scored detectors score the whole grid in one run
+    over each split's loader (`GridInputs`), sharing passes across the points (`score_inputs_grid`).
     """
     settings = [{k: v for k, v in point.items() if k in det.score_params} for point in points]
-    if not det.needs_model:
-        try:
-            val, ood = det.score_grid(banks["val"], settings), det.score_grid(banks["val_ood"], settings)
-            return list(zip(points, val, ood))
-        except DetectorNotApplicable:
-            pass  # score the points one by one below, dropping the inapplicable ones
+    if det.needs_model:
+        assert model_scores is not None
+        grid = GridInputs(det, settings)
+        val, ood = (model_scores(grid, split).unbind(1) for split in ("val", "val_ood"))
+        return list(zip(points, val, ood))
+    try:
+        val, ood = det.score_grid(banks["val"], settings), det.score_grid(banks["val_ood"], settings)
+        return list(zip(points, val, ood))
+    except DetectorNotApplicable:
+        pass  # score the points one by one below, dropping the inapplicable ones
     out = []
     for point, setting in zip(points, settings):
         try:
             det.set_params(**setting)
-            out.append((point, _split_scores(det, "val", banks, model_scores), _split_scores(det, "val_ood", banks, model_scores)))
+            out.append((point, det.score(banks["val"]), det.score(banks["val_ood"])))
         except DetectorNotApplicable as err:
             log.info("%s: grid point %s not applicable: %s", det.name, point, err)
     return out

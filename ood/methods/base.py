@@ -2,8 +2,8 @@
 
 Training: a method declares the `streams` it trains on (`("id",)`, or `("id", "outliers")`: the DataModule then
 adds an outlier batch `x_out` to every `Batch`) and implements `training_loss(batch)`; the base logs it and stops
-on a NaN/inf loss with the step number. `init` starts from weights: `init.ckpt` (any file
-`ood.models.checkpoint` reads), `init.modules` (which sub-modules; a list of names or a {target: source} map;
+on a NaN/inf loss with the step number (checked every `log_every_n_steps` batches: no device sync per step).
+`init` starts from weights: `init.ckpt` (any file `ood.models.checkpoint` reads), `init.modules` (which sub-modules; a list of names or a {target: source} map;
 None = every sub-module the file has weights for), `init.freeze` (sub-modules kept frozen: no gradients, eval mode
 through every `train()` call, so batch-norm statistics stay as loaded). `ckpt_path=` keeps Lightning's meaning
 (resume this run).
@@ -69,6 +69,7 @@ class OODMethod(LightningModule):
         self.backbone = backbone
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self._unchecked_losses: list[tuple[int, int, int, torch.Tensor]] = []
         init = dict(init or {})
         unknown = set(init) - {"ckpt", "modules", "freeze"}
         if unknown:
@@ -125,11 +126,18 @@ class OODMethod(LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteError(
-                f"{self.name}: training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, "
-                f"batch {batch_idx}); lower the learning rate or check the inputs"
-            )
+        # reading the loss on the host syncs with the device: check the losses kept since the last check every
+        # `log_every_n_steps` batches and at the end of the epoch, naming the first non-finite one
+        self._unchecked_losses.append((self.global_step, self.current_epoch, batch_idx, loss.detach()))
+        if (batch_idx + 1) % self.trainer.log_every_n_steps == 0 or self.trainer.is_last_batch:
+            unchecked, self._unchecked_losses = self._unchecked_losses, []
+            finite = torch.isfinite(torch.stack([item[-1] for item in unchecked])).tolist()
+            if not all(finite):
+                step, epoch, index, value = unchecked[finite.index(False)]
+                raise NonFiniteError(
+                    f"{self.name}: training loss is {value.item()} at step {step} (epoch {epoch}, batch {index}); "
+                    "lower the learning rate or check the inputs"
+                )
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
         return loss
 
