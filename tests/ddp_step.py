@@ -35,10 +35,12 @@ from ood.data.batch import Batch
 from ood.methods.base import OODMethod
 from ood.utils import instantiate
 
-#: (case id, overrides): every method config as it is, plus the contrastive objectives of `cluster`, trained for
-#: one epoch per stage (contrastive step, then a probe step)
+#: extra overrides of a method config whose training draws random numbers, so both sides draw the same ones
+OVERRIDES: dict[str, list[str]] = {}
+#: (case id, overrides): every method config (with its `OVERRIDES`), plus the contrastive objectives of `cluster`,
+#: trained for one epoch per stage (contrastive step, then a probe step)
 CASES: list[tuple[str, list[str]]] = [
-    *((p.stem, [f"method={p.stem}"]) for p in sorted((CONFIG_DIR / "method").glob("*.yaml"))),
+    *((p.stem, [f"method={p.stem}", *OVERRIDES.get(p.stem, [])]) for p in sorted((CONFIG_DIR / "method").glob("*.yaml"))),
     *(
         (f"cluster_{objective}", ["method=cluster", f"method.objective={objective}", "method.probe_epochs=1",
                                   "method.augment=none"])
