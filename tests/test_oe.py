@@ -38,8 +38,9 @@ def test_oe_score_is_the_msp_of_the_trained_model(oe_finetune: list[dict]) -> No
 @pytest.mark.slow
 def test_oe_trains_under_two_process_ddp(ce_checkpoint: Path, tmp_path: Path) -> None:
     """Both streams are sharded per rank; a seeded run finishes on both ranks and reports its rows."""
+    # data.batch_size is the global batch: 128 keeps 64 ID + 128 outliers per rank
     rows = run_config(tmp_path, ["method=oe", f"method.init.ckpt={ce_checkpoint}", "trainer=ddp_cpu",
-                                 "trainer.max_epochs=1", *QUIET])
+                                 "trainer.max_epochs=1", "data.batch_size=128", *QUIET])
     assert {r["ood_dataset"] for r in rows_by(rows, "oe").values()} == {
         "digits_6_9", "flower_patches", "gaussian_noise", "uniform_noise"}
     assert sum(r["auroc"] for r in rows_by(rows, "oe").values()) / 4 >= 0.8  # one epoch at the CE learning rate

@@ -9,6 +9,12 @@ serves exactly those. With outliers, Lightning's `CombinedLoader` pairs every ID
 own size (`outlier_batch_size`); the ID stream sets the epoch, the outlier stream cycles through reshuffled
 permutations of the outlier set. Both orders are functions of `(seed, epoch)` only, so a resumed run sees the same
 batches as an uninterrupted one; under DDP each rank gets its own shard of both streams. Steps receive a `Batch`.
+
+Batch sizes are global: `batch_size` and `outlier_batch_size` are what one optimisation step sees over all DDP ranks
+together, so each rank loads `batch_size / world_size` (a warning when it does not divide). A sweep result thus
+means the same on one GPU or eight. Every rank has the same number of training batches (Lightning's
+`DistributedSampler` pads the ID shard to ceil(N / world_size), the outlier stream is sized per rank), so no rank
+waits on a collective another rank never reaches.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from lightning import LightningDataModule
-from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from ood.data.batch import Batch, collate_batch
@@ -165,8 +171,31 @@ class OutlierSampler(DistributedSampler):
         return self.total // self.num_replicas
 
 
+def world_size() -> int:
+    """Number of DDP ranks (1 outside an initialised process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def per_rank_batch(global_batch: int, key: str, world: int) -> int:
+    """The per-rank share of a global batch of `global_batch` over `world` ranks; warns (naming config `key`) when
+    it does not divide, the global batch then being `world * (global_batch // world)`."""
+    share = global_batch // world
+    if share < 1:
+        raise ConfigError(f"{key}={global_batch} is smaller than the number of DDP ranks ({world}); raise it")
+    if global_batch % world:
+        rank_zero_warn(
+            f"{key}={global_batch} (the global batch) does not divide across {world} DDP ranks: each rank loads "
+            f"{share}, so a step sees {share * world} samples"
+        )
+    return share
+
+
 class OODDataModule(LightningDataModule):
-    """Loaders for training (ID train, optional outliers) and for the evaluation pass over every split."""
+    """Loaders for training (ID train, optional outliers) and for the evaluation pass over every split.
+
+    `batch_size` / `outlier_batch_size` are global (all DDP ranks together, split per rank in `train_dataloader`);
+    `eval_batch_size` is per rank (evaluation results do not depend on it).
+    """
 
     def __init__(
         self,
@@ -245,20 +274,24 @@ class OODDataModule(LightningDataModule):
         return to_memory(dataset, self.benchmark.cache_dir) if self.benchmark.in_memory else dataset
 
     def train_dataloader(self) -> DataLoader | CombinedLoader:
+        world = world_size()
+        batch = per_rank_batch(self.batch_size, "data.batch_size", world)
         train = self._dataset(self.benchmark.train(augment=True))
         self._augment = {"id": batch_augmentation(train)}
-        loader = self._loader(train, self.batch_size, EpochShuffle(train, self.seed), train=True)
+        loader = self._loader(train, batch, EpochShuffle(train, self.seed), train=True)
         if "outliers" not in self.streams:
             return loader
         outliers = self.benchmark.outliers()
         assert outliers is not None, "use_streams checked that the benchmark has outliers"
         outliers = self._dataset(outliers)
         self._augment["outliers"] = batch_augmentation(outliers)
-        # one outlier batch per ID batch, plus one spare so that under DDP the ID stream still sets the epoch length
-        total = (len(train) // self.batch_size + 1) * self.outlier_batch_size  # type: ignore[arg-type]
-        sampler = OutlierSampler(outliers, total, self.seed)
+        out_batch = per_rank_batch(self.outlier_batch_size, "data.outlier_batch_size", world)
+        # one outlier batch per ID batch of a rank (its shard is padded to ceil(N / world)), plus one spare, so the
+        # ID stream sets the epoch length on every rank
+        id_batches = math.ceil(len(train) / world) // batch  # type: ignore[arg-type]
+        sampler = OutlierSampler(outliers, (id_batches + 1) * out_batch * world, self.seed)
         return CombinedLoader(
-            {"id": loader, "outliers": self._loader(outliers, self.outlier_batch_size, sampler, train=True)},
+            {"id": loader, "outliers": self._loader(outliers, out_batch, sampler, train=True)},
             mode="min_size",
         )
 

@@ -5,6 +5,10 @@ https://github.com/HobbitLong/SupContrast `losses.py`; SimCLR (Chen et al., ICML
 same loss with every sample its own class. Deviations: the `temperature / base_temperature` factor of
 SupContrast is fixed to 1 (their default, 0.07 / 0.07); anchors without any positive are left out of the mean
 instead of counting as 0 (never happens with two views).
+
+Under DDP the loss is taken over the global batch: every rank gathers all ranks' embeddings (with gradients) as
+`z` and passes its own rows as `anchors`; the mean over the global batch is the mean of the ranks' losses, which
+is what DDP's gradient averaging computes (`ood.methods.distributed.gather_global`).
 """
 
 from __future__ import annotations
@@ -12,19 +16,21 @@ from __future__ import annotations
 import torch
 
 
-def supcon(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+def supcon(z: torch.Tensor, labels: torch.Tensor, temperature: float, anchors: slice | None = None) -> torch.Tensor:
     """Supervised contrastive loss of the L2-normalised embeddings `z` [M, P] (all views stacked), labels [M].
 
     For anchor i with positives P(i) = {p != i : y_p = y_i}:
     l_i = -1/|P(i)| sum_p log( exp(z_i.z_p / T) / sum_{a != i} exp(z_i.z_a / T) ); the loss is the mean over
     anchors with at least one positive. With labels = sample ids (views share their sample's id) it is SimCLR.
+    `anchors` (default: every row) restricts the anchors to those rows of `z`; every row stays a contrast sample.
     """
     m = z.shape[0]
-    sim = z @ z.T / temperature
-    self_mask = torch.eye(m, dtype=torch.bool, device=z.device)
+    rows = torch.arange(m, device=z.device)[anchors if anchors is not None else slice(None)]
+    sim = z[rows] @ z.T / temperature
+    self_mask = rows[:, None] == torch.arange(m, device=z.device)[None, :]
     sim = sim.masked_fill(self_mask, float("-inf"))
     log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
-    positive = (labels[:, None] == labels[None, :]) & ~self_mask
+    positive = (labels[rows][:, None] == labels[None, :]) & ~self_mask
     n_pos = positive.sum(1)
     has_pos = n_pos > 0
     if not bool(has_pos.any()):

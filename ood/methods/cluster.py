@@ -33,8 +33,12 @@ Training (`objective` != ce): contrastive stage, then a linear probe. The last `
 encoder (eval-mode batch norm, no gradients) and train only the backbone's `fc` with cross-entropy on z (Adam,
 `probe_lr`), so the checkpoint holds the probe and `id_acc` is the probe accuracy. Two optimisers, manual
 optimisation: the configured optimiser/scheduler (stepped per epoch during the contrastive stage only) for encoder
-and head, Adam for the probe. Under DDP some parameters get no gradient in a step (`fc` while contrastive, encoder
-and head while probing): run contrastive objectives with `trainer.strategy=ddp_find_unused_parameters_true`.
+and head, Adam for the probe.
+
+Under DDP the contrastive loss is one loss over the global batch: each rank gathers every rank's projections and
+ids (with gradients) and uses its own rows as anchors (`ood.methods.distributed.gather_global`); SimCLR's ids are
+dataset indices, unique across ranks. The parameters a stage does not train (`fc` while contrastive, encoder and
+head while probing) get an exact zero gradient (`zero_touch`), so plain DDP (no `find_unused_parameters`) runs.
 
 Defaults versus OODformer (https://github.com/rajatkoner08/oodformer, 4300c8f, the closest public code; no official
 code exists): ours are `cov_inverse=pinv`, `cov_ddof=0`, `id_assignment=nearest` (finite on rank-deficient clusters,
@@ -73,6 +77,7 @@ from ood.knn import kmeans
 from ood.losses import supcon
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
 from ood.methods.contrastive import ProjectionHead, TensorAugment
+from ood.methods.distributed import gather_global, zero_touch
 from ood.models.base import Backbone
 from ood.utils import get_logger
 
@@ -292,14 +297,16 @@ class ClusterMethod(OODMethod):
             self.backbone.eval()  # frozen encoder: batch-norm statistics stay as the contrastive stage left them
             with torch.no_grad():
                 features = self._probe_input(self.backbone.features(x)[0])
-            return F.cross_entropy(self.backbone.fc(features), y)
+            probe = set(self.backbone.fc.parameters())
+            return F.cross_entropy(self.backbone.fc(features), y) + zero_touch(p for p in self.parameters() if p not in probe)
         augment = TensorAugment.preset(self._augment_preset, x.shape[1])
         views = torch.cat([augment(x), augment(x)])
         p = F.normalize(self.head(self.backbone.features(views)[0]), dim=1)
-        ids = y if self.hparams.objective == "supcon" else torch.arange(x.shape[0], device=x.device)
-        loss = supcon(p, ids.repeat(2), self.temperature)
+        ids = y if self.hparams.objective == "supcon" else batch.index  # dataset indices: unique across ranks
+        (p, ids), anchors = gather_global(self, p, ids.repeat(2))
+        loss = supcon(p, ids, self.temperature, anchors=anchors)
         self.log("train/contrastive_loss", loss, batch_size=len(batch))
-        return loss
+        return loss + zero_touch(self.backbone.fc.parameters())
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
