@@ -49,18 +49,19 @@ def roc_points(id_scores: Any, ood_scores: Any, max_points: int = MAX_CURVE_POIN
 def _grid(n: int, width: float = 3.6, height: float = 3.3) -> tuple[plt.Figure, np.ndarray]:
     cols = 2 if n == 4 else min(n, 3)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.9), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.6), squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, axes.flat
 
 
-def _legend_below(fig: plt.Figure, ax: plt.Axes, n_rows: int) -> None:
+def _legend_below(fig: plt.Figure, ax: plt.Axes) -> None:
     handles, labels = ax.get_legend_handles_labels()
-    ncol = min(len(labels), 4)
+    longest = max(map(len, labels), default=1)
+    ncol = max(1, min(len(labels), 4, int(fig.get_figwidth() / (0.08 * longest + 0.6))))
     fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=9)
-    extra = -(-len(labels) // ncol) * 0.3 + 0.25
-    fig.tight_layout(rect=(0, min(0.45, extra / (fig.get_figheight())), 1, 1))
+    legend_inches = -(-len(labels) // ncol) * 0.25 + 0.15
+    fig.tight_layout(rect=(0, min(0.45, legend_inches / fig.get_figheight()), 1, 1))
 
 
 def roc_figure(curves: Mapping[str, Mapping[str, SplitScores]], ood_sets: Sequence[str], path: str | Path, title: str) -> Path:
@@ -75,7 +76,7 @@ def roc_figure(curves: Mapping[str, Mapping[str, SplitScores]], ood_sets: Sequen
         ax.axhline(0.95, color="grey", linestyle="--", linewidth=0.6)
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel=FPR_LABEL, ylabel=TPR_LABEL, title=ood)
     fig.suptitle(title, fontsize=11)
-    _legend_below(fig, axes[0], len(curves) + 1)
+    _legend_below(fig, axes[0])
     return _save(fig, path)
 
 
@@ -89,7 +90,7 @@ def histogram_figure(per_split: SplitScores, ood_sets: Sequence[str], path: str 
         ax.hist(values[ood], bins=edges, density=True, alpha=0.55, label="OOD set", color="tab:red")
         ax.set(xlabel="ID score (higher = more ID)", ylabel="density", title=ood)
     fig.suptitle(title, fontsize=11)
-    _legend_below(fig, axes[0], 2)
+    _legend_below(fig, axes[0])
     return _save(fig, path)
 
 
@@ -97,7 +98,7 @@ def auroc_bars(entries: Sequence[tuple[str, Mapping[str, tuple[float, float]]]],
     """Horizontal bars: per entry (label, {"near"|"far": (mean, std)} in [0, 1]), near and far AUROC in %."""
     groups = [g for g in ("near", "far") if any(g in v for _, v in entries)]
     height = 0.8 / max(len(groups), 1)
-    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.45 * len(entries) * max(len(groups), 1) ** 0.5))
+    fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.45 * len(entries) * max(len(groups), 1) ** 0.5))
     y = np.arange(len(entries))
     for i, group in enumerate(groups):
         means = [100 * v.get(group, (np.nan, 0))[0] for _, v in entries]
@@ -106,9 +107,9 @@ def auroc_bars(entries: Sequence[tuple[str, Mapping[str, tuple[float, float]]]],
     ax.set_yticks(y, [label for label, _ in entries], fontsize=9)
     ax.invert_yaxis()
     finite = [100 * m for _, v in entries for m, _ in v.values() if np.isfinite(m)]
-    ax.set_xlim(max(0.0, min(finite, default=0) - 5), 100)
+    ax.set_xlim(max(0.0, min(finite, default=0) - 5), 100.5)
     ax.set(xlabel="AUROC (%), mean ± std over seeds", title=title)
-    ax.legend(loc="lower right", fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
     ax.grid(axis="x", linewidth=0.4)
     fig.tight_layout()
     return _save(fig, path)

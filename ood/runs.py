@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -264,24 +265,27 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
         overrides = OverridesParser.create().parse_overrides(args)
     except HydraException:
         return  # Hydra reports syntax errors itself
+    groups = [o for o in overrides if _is_group(o.key_or_group)]
+    choices = [
+        [f"{o.key_or_group}={v}" for v in (o.sweep_string_iterator() if o.is_sweep_override() else [o.value()])]
+        for o in groups
+    ]
+    known: set[str] = set()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        groups = [o for o in overrides if _is_group(o.key_or_group)]
-        swept = {o.key_or_group for o in groups if o.is_sweep_override()}
-        first = [f"{o.key_or_group}={next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.value()}" for o in groups]
-        try:
-            cfg = compose(config_name=config_name, overrides=first, return_hydra_config=True)
+        try:  # a key is known when any swept combination of config groups has it
+            for combination in itertools.islice(itertools.product(*choices), 16):
+                known |= set(flat_config_with_hydra(compose(config_name, list(combination), return_hydra_config=True)))
         except Exception:  # noqa: BLE001 - a bad group choice is Hydra's to report
             return
         finally:
             GlobalHydra.instance().clear()
-    known = list(flat_config_with_hydra(cfg))
     for o in overrides:
         key = o.key_or_group
-        if o.is_add() or o.is_force_add() or o.is_delete() or _is_group(key) or key.split(".")[0] in swept:
+        if o.is_add() or o.is_force_add() or o.is_delete() or _is_group(key):
             continue
-        if OmegaConf.select(cfg, key, default="__missing__") == "__missing__" and not any(k.startswith(key + ".") for k in known):
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        if key not in known and not any(k.startswith(key + ".") for k in known):
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
             hint = f"did you mean {close[0]}=...?" if close else "see `ood-train --cfg job` for the keys"
             raise ConfigError(f"unknown config key {key!r}: {hint} (+{key}=... would add it as a new key)")
 
