@@ -227,8 +227,6 @@ def config_group(cfg: DictConfig, choices: Mapping[str, Any]) -> str:
 
 def build_loggers(cfg: DictConfig, choices: Mapping[str, Any]) -> list[Any]:
     """Instantiate `cfg.logger`, each with the flattened resolved config as hyper-parameters."""
-    from lightning.pytorch.loggers import WandbLogger
-
     flat = flat_config(cfg)
     loggers = []
     for node in (cfg.get("logger") or {}).values():
@@ -236,10 +234,9 @@ def build_loggers(cfg: DictConfig, choices: Mapping[str, Any]) -> list[Any]:
         extra: dict[str, Any] = {}
         if target.endswith("WandbLogger"):
             tags = [*(node.get("tags") or []), *(str(choices[g]) for g in ("method", "data", "backbone") if g in choices)]
-            extra = {"group": config_group(cfg, choices), "tags": list(dict.fromkeys(tags)), "config": flat}
+            extra = {"group": config_group(cfg, choices), "tags": list(dict.fromkeys(tags))}
         logger = instantiate(node, **extra)
-        if not isinstance(logger, WandbLogger):
-            logger.log_hyperparams(flat)
+        logger.log_hyperparams(flat)
         loggers.append(logger)
     return loggers
 
