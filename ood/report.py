@@ -34,6 +34,8 @@ BASE_KEYS = ("method", "detector", "backbone", "id_dataset")
 SHOWN = ("auroc", "fpr95")
 REFERENCE_DIR = CONFIG_DIR / "reference"
 REFERENCE_COLS = ("ref:near/auroc", "ref:far/auroc")
+#: config keys that only matter for training: an evaluation run takes them from the run that trained its checkpoint
+TRAINING_KEYS = ("trainer.max_epochs", "method.optimizer.", "method.scheduler.")
 
 
 def run_facts(run_dir: str | Path) -> tuple[dict[str, str], str]:
@@ -41,7 +43,7 @@ def run_facts(run_dir: str | Path) -> tuple[dict[str, str], str]:
 
     The model is the checkpoint the numbers come from: a training run's own `checkpoints/last.ckpt`, or an
     evaluation run's `ckpt_path`. An evaluation run takes the epochs (and seed) of the training run that wrote its
-    checkpoint, so re-evaluating a checkpoint is recognised as the same model.
+    checkpoint (`TRAINING_KEYS`), so re-evaluating a checkpoint is recognised as the same model.
     """
     from omegaconf import OmegaConf
 
@@ -58,12 +60,12 @@ def run_facts(run_dir: str | Path) -> tuple[dict[str, str], str]:
     ckpt = Path(str(flat["ckpt_path"]))
     ckpt = ckpt / "checkpoints" / "last.ckpt" if ckpt.is_dir() else ckpt
     trained = ckpt.parent.parent / "config.yaml"
+    config = {k: v for k, v in config.items() if not k.startswith(TRAINING_KEYS)}
     if ckpt.parent.name == "checkpoints" and trained.is_file():
         train_flat = flat_config(OmegaConf.to_container(OmegaConf.load(trained)))  # type: ignore[arg-type]
-        config = {k: v for k, v in config.items() if k != "trainer.max_epochs"}
-        config.update({k: v for k, v in identity(train_flat).items() if k == "trainer.max_epochs"})
+        config.update({k: v for k, v in identity(train_flat).items() if k.startswith(TRAINING_KEYS)})
     else:
-        config = {k: v for k, v in config.items() if k != "trainer.max_epochs"} | {"ckpt": str(ckpt)}
+        config["ckpt"] = str(ckpt)
     return config, str(ckpt.resolve())
 
 
