@@ -257,7 +257,13 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    args = [a for a in argv if not a.startswith("-")]
+    if any(a.startswith(("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")) for a in argv):
+        return  # another primary config: Hydra checks its keys
+    args, skip = [], False
+    for arg in argv:  # overrides only: no flags, nor the value of a flag that takes one (`--cfg job`)
+        if not skip and not arg.startswith("-"):
+            args.append(arg)
+        skip = arg in ("-c", "--cfg", "-p", "--package", "--info", "-i") and not skip
     try:
         overrides = OverridesParser.create().parse_overrides(args)
     except HydraException:

@@ -25,6 +25,7 @@ from ood.runs import check_overrides, check_run, sweep_objective, validation_aur
         (["method=cluster", "method.objectiv=ce"], "method.objective"),
         (["-m", "method=ce,cluster", "method.objectiv=ce"], "method.objective"),  # a key of one swept choice
         (["hydra.sweep.dri=x"], "hydra.sweep.dir"),
+        (["--cfg", "job", "seed=1", "trainer.max_epoch=1"], "trainer.max_epochs"),
     ],
 )
 def test_misspelt_key_names_the_closest_real_key(argv: list[str], closest: str) -> None:
@@ -81,3 +82,11 @@ def test_sweep_objective_reads_only_validation_splits(tmp_path: Path) -> None:
     assert sweep_objective(tmp_path, None) == 0.7 and sweep_objective(tmp_path, "energy") == 0.9
     with pytest.raises(ConfigError, match=r"objective=knn: not scored in this run; choose one of \['energy', 'msp'\]"):
         sweep_objective(tmp_path, "knn")
+
+
+def test_license_file_matches_pyproject() -> None:
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["license"]["text"]
+    assert declared == "MIT" and (root / "LICENSE").read_text().startswith("MIT License\n")
