@@ -268,35 +268,37 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
         overrides = OverridesParser.create().parse_overrides(args)
     except HydraException:
         return  # Hydra reports syntax errors itself
-    groups = [o for o in overrides if _is_group(o.key_or_group)]
+    groups = [o for o in overrides if _is_group(o.key_or_group, config_dir)]
     choices = [
         [f"{o.key_or_group}={v}" for v in (o.sweep_string_iterator() if o.is_sweep_override() else [o.value()])]
         for o in groups
     ]
     known: set[str] = set()
+    open_dicts: set[str] = set()  # empty mappings (`detectors.params: {}`) take any sub-key
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         try:  # a key is known when any swept combination of config groups has it
             for combination in itertools.islice(itertools.product(*choices), 16):
-                known |= set(flat_config_with_hydra(compose(config_name, list(combination), return_hydra_config=True)))
+                flat = flat_config_with_hydra(compose(config_name, list(combination), return_hydra_config=True))
+                known |= set(flat)
+                open_dicts |= {k for k, v in flat.items() if v == {}}
         except Exception:  # noqa: BLE001 - a bad group choice is Hydra's to report
             return
         finally:
             GlobalHydra.instance().clear()
     for o in overrides:
         key = o.key_or_group
-        if o.is_add() or o.is_force_add() or o.is_delete() or _is_group(key):
+        if o.is_add() or o.is_force_add() or o.is_delete() or _is_group(key, config_dir):
             continue
-        if key not in known and not any(k.startswith(key + ".") for k in known):
+        parents = {".".join(key.split(".")[:i]) for i in range(1, key.count(".") + 1)}
+        if key not in known and not parents & open_dicts and not any(k.startswith(key + ".") for k in known):
             close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
             hint = f"did you mean {close[0]}=...?" if close else "see `ood-train --cfg job` for the keys"
             raise ConfigError(f"unknown config key {key!r}: {hint} (+{key}=... would add it as a new key)")
 
 
-def _is_group(key: str) -> bool:
-    from ood import CONFIG_DIR
-
-    return "/" in key or (CONFIG_DIR / key).is_dir()
+def _is_group(key: str, config_dir: str | Path) -> bool:
+    return "/" in key or (Path(config_dir) / key).is_dir()
 
 
 def flat_config_with_hydra(cfg: DictConfig) -> dict[str, Any]:

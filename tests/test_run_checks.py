@@ -35,6 +35,7 @@ def test_misspelt_key_names_the_closest_real_key(argv: list[str], closest: str) 
 
 def test_real_and_added_keys_pass() -> None:
     check_overrides(CONFIG_DIR, "train", ["-m", "seed=0,1", "method=ce,cluster", "method.objective=ce", "+extra=1",
+                                          "detectors.params.knn.k=10",
                                           "trainer.max_epochs=2", "hydra/launcher=parallel", "logger=wandb"])
 
 
