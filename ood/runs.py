@@ -241,6 +241,11 @@ def build_loggers(cfg: DictConfig, choices: Mapping[str, Any]) -> list[Any]:
     return loggers
 
 
+def clear_failure(output_dir: str | Path) -> None:
+    """Forget an earlier attempt's `FAILED.txt` (a resumed run starts clean)."""
+    (Path(output_dir) / FAILED_FILE).unlink(missing_ok=True)
+
+
 def record_failure(output_dir: str | Path, err: BaseException) -> None:
     """Leave `FAILED.txt` (the error) in a failed run's folder, so `ood-report` can name the job."""
     path = Path(output_dir)

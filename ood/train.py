@@ -22,6 +22,7 @@ from ood.runs import (
     build_loggers,
     check_overrides,
     check_run,
+    clear_failure,
     flat_config,
     record_failure,
     resolve_ckpt_path,
@@ -85,6 +86,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     if not cfg.train and not cfg.get("ckpt_path"):
         raise ConfigError("evaluation without training needs a checkpoint: add ckpt_path=PATH/checkpoints/last.ckpt")
     output_dir = Path(cfg.paths.output_dir)
+    clear_failure(output_dir)
     try:
         return _run(cfg, output_dir)
     except Exception as err:

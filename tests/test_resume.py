@@ -35,7 +35,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert ckpt["epoch"] == 1 and ckpt["hyper_parameters"]["config"]["trainer.max_epochs"] == 3
     assert not list((killed / "checkpoints").glob("*.tmp")), "no half-written checkpoint is left behind"
 
+    (killed / "FAILED.txt").write_text("SIGTERMException: an earlier attempt\n")
     run_config(killed, [*RUN, "ckpt_path=last"])  # same folder: `last` is its own checkpoints/last.ckpt
+    assert not (killed / "FAILED.txt").exists(), "a resumed run that finishes is no longer reported as failed"
     run_config(tmp_path / "straight", RUN)
     assert (killed / "results.jsonl").read_text() == (tmp_path / "straight" / "results.jsonl").read_text()
 
