@@ -5,8 +5,8 @@ every rank after the evaluation pass; sinks that write or print act on global ra
 - `MetricLogger`: slash-named scalars through Lightning's `log_dict` (so `trainer.callback_metrics` and every logger
   get them): `test/<detector>/<ood_set>/<metric>`, `test/<detector>/near|far/<metric>`, `test/id/acc`, and the
   method's float diagnostics as `test/<method>/<key>`.
-- `ResultsWriter`: `results.jsonl`, `scores.npz`, `validation.json`, `figures/` (`ood.plots`), all atomic, and the method's diagnostics (`<key>.png` images,
-  `<method>_stats.json` for the rest) in the run folder.
+- `ResultsWriter`: `results.jsonl`, `scores.npz`, `validation.json` and `figures/` (`ood.plots`), written
+  atomically, and the method's diagnostics (`<key>.png` images, `<method>_stats.json` for the rest) in the run folder.
 - `WandbReporter`: the results table, per-split score histograms with shared bins, ROC tables and line plots,
   diagnostic images.
 - `RunTable`: the console table of the run (AUROC / FPR95 per OOD set, near and far means), naming the FPR95
