@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ood import CONFIG_DIR
-from ood.train import friendly_errors, require_config_dir, run
+from ood.train import check_argv, friendly_errors, require_config_dir, run
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
@@ -22,6 +22,7 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     """`ood-eval` entry point."""
     require_config_dir()
+    check_argv("eval")
     # the ~0.5M objects the imports made live until exit: freezing them spares every later collection (and the
     # ones at exit) from rescanning them, a fifth of a default digits run
     gc.freeze()

@@ -3,7 +3,13 @@
 Reads every `results.jsonl` below the given folders, groups rows by configuration (method, detector, backbone,
 ID dataset, and every method or detector hyper-parameter that varies between the runs), and reports per OOD
 set and per near/far group the mean ± std over seeds. Near/far means are taken per run first (unweighted over
-the group's sets, as OpenOOD), then averaged over seeds. Writes `report.md` and `report.csv` next to the runs.
+the group's sets, as OpenOOD), then averaged over seeds.
+
+Runs are grouped by their whole configuration without the seed (from each run's `config.yaml`: method and its
+parameters, backbone, data, epochs, initial weights), never averaging different configurations; the keys that
+differ become columns (`--by` chooses them). An `ood-eval` of a checkpoint already in the report counts once.
+Besides `report.md`/`report.csv` it writes `report.tex` (booktabs) and `figures/` (ROC curves per OOD set,
+score histograms, near/far AUROC bars), and names the jobs of a sweep that failed.
 
 Published reference numbers (`conf/reference/<id_dataset>.yaml`, e.g. the OpenOOD v1.5 leaderboard AUROC for
 CIFAR-10/100) are added as `ref:near/auroc` and `ref:far/auroc` columns for the rows with the same ID dataset,
@@ -35,20 +41,80 @@ REFERENCE_COLS = ("ref:near/auroc", "ref:far/auroc")
 FPR95_CONVENTIONS = {"id_positive": "fpr95", "ood_positive": "fpr95_oodpos"}
 
 
+#: config keys that only matter for training: an evaluation run takes them from the run that trained its checkpoint
+TRAINING_KEYS = ("trainer.max_epochs", "method.optimizer.", "method.scheduler.")
+
+
+def run_facts(run_dir: str | Path) -> tuple[dict[str, str], str]:
+    """(configuration without the seed, model) of one run folder, from its `config.yaml`.
+
+    The model is the checkpoint the numbers come from: a training run's own `checkpoints/last.ckpt`, or an
+    evaluation run's `ckpt_path`. An evaluation run takes the epochs (and seed) of the training run that wrote its
+    checkpoint (`TRAINING_KEYS`), so re-evaluating a checkpoint is recognised as the same model.
+    """
+    from omegaconf import OmegaConf
+
+    from ood.runs import flat_config, identity
+
+    run_dir = Path(run_dir)
+    own = str((run_dir / "checkpoints" / "last.ckpt").resolve())
+    if not (run_dir / "config.yaml").is_file():
+        return {}, own
+    flat = flat_config(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))  # type: ignore[arg-type]
+    config = identity(flat)
+    if flat.get("train", True) or not flat.get("ckpt_path"):
+        return config, own
+    ckpt = Path(str(flat["ckpt_path"]))
+    ckpt = ckpt / "checkpoints" / "last.ckpt" if ckpt.is_dir() else ckpt
+    trained = ckpt.parent.parent / "config.yaml"
+    config = {k: v for k, v in config.items() if not k.startswith(TRAINING_KEYS)}
+    if ckpt.parent.name == "checkpoints" and trained.is_file():
+        train_flat = flat_config(OmegaConf.to_container(OmegaConf.load(trained)))  # type: ignore[arg-type]
+        config.update({k: v for k, v in identity(train_flat).items() if k.startswith(TRAINING_KEYS)})
+    else:
+        config["ckpt"] = str(ckpt)
+    return config, str(ckpt.resolve())
+
+
 def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """All result rows under `paths` (files or folders searched recursively), each tagged with its run folder."""
+    """All result rows under `paths` (files or folders searched recursively), each tagged with its run folder
+    (`_run`), its configuration without the seed (`_config`) and its model (`_model`). Rows of a model already
+    seen with the same method, detector settings and OOD set (a re-evaluation of one checkpoint) are dropped,
+    training runs first, so each model counts once."""
     rows = []
     for path in map(Path, paths):
         files = [path] if path.is_file() else sorted(path.rglob("results.jsonl"))
         if not path.exists():
             raise OODError(f"no such file or folder: {path}")
         for file in files:
+            config, model = run_facts(file.parent)
             for line in file.read_text().splitlines():
                 if line.strip():
-                    rows.append({**json.loads(line), "_run": str(file.parent)})
+                    rows.append({**json.loads(line), "_run": str(file.parent), "_config": config, "_model": model})
     if not rows:
         raise OODError(f"no results.jsonl found under {', '.join(map(str, paths))}")
-    return rows
+    seen: dict[tuple[str, ...], str] = {}
+    kept = []
+    for row in sorted(rows, key=lambda r: ("ckpt" in r["_config"], r["_run"])):
+        key = (row["_model"], str(row["method"]), str(row["detector"]), json.dumps(_flat_params(row), sort_keys=True), str(row["ood_dataset"]))
+        if seen.setdefault(key, row["_run"]) == row["_run"]:
+            kept.append(row)
+    return kept
+
+
+def failed_runs(paths: Iterable[str | Path]) -> dict[str, str]:
+    """Job folders (holding `.hydra/`) under `paths` without `results.jsonl`: folder -> why (the error a failed
+    run left in `FAILED.txt`, else "no results: still running or killed")."""
+    from ood.runs import FAILED_FILE
+
+    out = {}
+    for path in map(Path, paths):
+        for hydra in sorted(path.rglob(".hydra")) if path.is_dir() else []:
+            run = hydra.parent
+            if not (run / "results.jsonl").is_file():
+                failed = run / FAILED_FILE
+                out[str(run)] = failed.read_text().strip() if failed.is_file() else "no results: still running or killed"
+    return out
 
 
 def _tuned_keys(row: Mapping[str, Any]) -> set[str]:
@@ -82,35 +148,67 @@ def _flat_params(row: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def _config_of(row: Mapping[str, Any]) -> dict[str, str]:
+    """Everything that names the configuration of a row: base keys, run config (without seed), method and fixed
+    detector hyper-parameters."""
+    return {**{k: str(row.get(k)) for k in BASE_KEYS}, **dict(row.get("_config") or {}), **_flat_params(row)}
+
+
 def varying_params(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Hyper-parameter columns whose value differs between rows of the same method and detector."""
-    seen: dict[tuple[str, str, str], set[str]] = {}
+    """Config columns whose value differs between rows of the same method, detector, backbone and ID dataset."""
+    seen: dict[tuple[tuple[str, ...], str], set[str]] = {}
+    keys = sorted({k for row in rows for k in _config_of(row)} - set(BASE_KEYS))
     for row in rows:
-        for key, value in _flat_params(row).items():
-            seen.setdefault((row["method"], row["detector"], key), set()).add(value)
-    return sorted({key for (_, _, key), values in seen.items() if len(values) > 1})
+        config = _config_of(row)
+        base = tuple(config[k] for k in BASE_KEYS)
+        for key in keys:
+            seen.setdefault((base, key), set()).add(config.get(key, ""))
+    return sorted({key for (_, key), values in seen.items() if len(values) > 1})
+
+
+def _drop_aliases(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[str]:
+    """Of keys whose values always agree (`method.scheduler.T_max: ${trainer.max_epochs}`), keep the shortest."""
+    configs = [_config_of(row) for row in rows]
+    kept: dict[tuple[str, ...], str] = {}
+    for key in sorted(keys, key=len):
+        kept.setdefault(tuple(c.get(key, "") for c in configs), key)
+    return sorted(kept.values())
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def aggregate(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str], list[dict[str, Any]]]:
-    """(config columns, metric columns, table rows); metric cells are (mean, std, n) over seeds."""
-    params = varying_params(rows)
-    config_cols = [*BASE_KEYS, *params]
+def aggregate(
+    rows: Sequence[Mapping[str, Any]], by: Sequence[str] | None = None
+) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """(config columns, metric columns, table rows); metric cells are (mean, std, n) over the runs (seeds).
+
+    Runs are grouped by their whole configuration without the seed, so different configurations are never
+    averaged; the columns are the keys that differ. `by` names the grouping keys instead (besides method,
+    detector, backbone, ID dataset); keys that then still differ inside a group are warned about.
+    """
+    params = list(by) if by is not None else _drop_aliases(rows, varying_params(rows))
+    config_cols = [*BASE_KEYS, *(p for p in params if p not in BASE_KEYS)]
     sets: dict[str, str] = {}
     for row in rows:
         sets.setdefault(row["ood_dataset"], row["ood_group"])
     ordered = [s for g in ("near", "far") for s in sets if sets[s] == g]
     groups = [g for g in ("near", "far") if g in sets.values()]
     metric_cols = [f"{s}/{m}" for s in ordered for m in SHOWN] + [f"{g}/{m}" for g in groups for m in SHOWN]
+    metric_cols += ["id_acc"] if any("id_acc" in r for r in rows) else []
 
     configs: dict[tuple[str, ...], dict[str, dict[str, dict[str, float]]]] = {}
+    members: dict[tuple[str, ...], list[dict[str, str]]] = {}
     for row in rows:
-        flat = {**{k: str(row.get(k)) for k in BASE_KEYS}, **_flat_params(row)}
+        flat = _config_of(row)
         key = tuple(flat.get(c, "") for c in config_cols)
-        configs.setdefault(key, {}).setdefault(row["_run"], {})[row["ood_dataset"]] = {m: row[m] for m in SHOWN}
+        configs.setdefault(key, {}).setdefault(row["_run"], {})[row["ood_dataset"]] = {
+            m: row[m] for m in (*SHOWN, "id_acc") if m in row
+        }
+        members.setdefault(key, []).append(flat)
+    if by is not None:
+        _warn_mixed(members)
 
     table = []
     for key, runs in configs.items():
@@ -120,18 +218,28 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str], 
                 for m in SHOWN:
                     cells.setdefault(f"{s}/{m}", []).append(values[m])
             for g in groups:
-                members = [per_set[s] for s in ordered if sets[s] == g and s in per_set]
+                in_group = [per_set[s] for s in ordered if sets[s] == g and s in per_set]
                 for m in SHOWN:
-                    if members:
-                        cells.setdefault(f"{g}/{m}", []).append(statistics.fmean(v[m] for v in members))
+                    if in_group:
+                        cells.setdefault(f"{g}/{m}", []).append(statistics.fmean(v[m] for v in in_group))
+            accs = [v["id_acc"] for v in per_set.values() if "id_acc" in v]
+            if accs:
+                cells.setdefault("id_acc", []).append(accs[0])
         entry: dict[str, Any] = dict(zip(config_cols, key))
         entry["seeds"] = len(runs)
+        entry["_runs"] = sorted(runs)
         for col in metric_cols:
             if col in cells:
                 entry[col] = (*_mean_std(cells[col]), len(cells[col]))
         table.append(entry)
     table.sort(key=lambda e: tuple(str(e[c]) for c in config_cols))
     return config_cols, metric_cols, table
+
+
+def _warn_mixed(members: Mapping[tuple[str, ...], Sequence[Mapping[str, str]]]) -> None:
+    mixed = sorted({k for flats in members.values() for k in {k for f in flats for k in f} if len({f.get(k, "") for f in flats}) > 1})
+    if mixed:
+        print(f"warning: --by averages runs that differ in {', '.join(mixed)}", file=sys.stderr)
 
 
 def _cell(value: Any) -> str:
@@ -158,6 +266,75 @@ def write_csv(path: Path, config_cols: Sequence[str], metric_cols: Sequence[str]
         for entry in table:
             metrics = [v for c in metric_cols for v in (entry[c][:2] if c in entry else ("", ""))]
             writer.writerow([entry[c] for c in config_cols] + [entry["seeds"], *metrics])
+
+
+def to_latex(config_cols: Sequence[str], metric_cols: Sequence[str], table: Sequence[Mapping[str, Any]]) -> str:
+    """A LaTeX `booktabs` tabular (metrics in %, mean $\\pm$ std over seeds); needs `\\usepackage{booktabs}`."""
+
+    def tex(text: str) -> str:
+        for char in ("\\", "&", "%", "$", "#", "_", "{", "}"):
+            text = text.replace(char, "\\" + char if char != "\\" else "\\textbackslash{}")
+        return text.replace(" ± ", " $\\pm$ ")
+
+    cols = [*config_cols, "seeds", *metric_cols]
+    lines = [
+        "\\begin{tabular}{" + "l" * (len(config_cols)) + "r" * (len(cols) - len(config_cols)) + "}",
+        "\\toprule",
+        " & ".join(tex(c) for c in cols) + " \\\\",
+        "\\midrule",
+        *(" & ".join(tex(_cell(entry.get(c, ""))) for c in cols) + " \\\\" for entry in table),
+        "\\bottomrule",
+        "\\end{tabular}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _label(entry: Mapping[str, Any], config_cols: Sequence[str], detector_only: bool) -> str:
+    """A short legend label: the detector, then the method and the varying keys that are not constant."""
+    parts = [str(entry["detector"])]
+    if not detector_only:
+        parts += [f"{c.rsplit('.', 1)[-1]}={entry[c]}" for c in config_cols if c != "detector" and entry.get(c)]
+    return " ".join(parts)
+
+
+def write_figures(
+    out: Path, config_cols: Sequence[str], table: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
+    detectors: Sequence[str] | None = None,
+) -> list[Path]:
+    """`figures/auroc_bars.png` (every table entry), and for the chosen detectors (default
+    `ood.plots.choose_scorers`) `figures/roc.png` and `figures/hist_<n>.png`, each drawn from the scores of the
+    first run of its group."""
+    import numpy as np
+
+    from ood import plots
+
+    varying = [c for c in config_cols if c not in ("detector",) and len({str(e.get(c)) for e in table}) > 1]
+    single = not varying
+    figures = out / "figures"
+    bars = [
+        (_label(e, varying, single) if not single else str(e["detector"]),
+         {g: e[f"{g}/auroc"][:2] for g in ("near", "far") if f"{g}/auroc" in e})
+        for e in table
+    ]
+    paths = [plots.auroc_bars(bars, figures / "auroc_bars.png", "near / far AUROC per configuration")]
+    chosen = list(detectors) if detectors else plots.choose_scorers(rows)
+    ood_sets = list(dict.fromkeys(str(r["ood_dataset"]) for r in rows))
+    curves: dict[str, dict[str, np.ndarray]] = {}
+    for entry in table:
+        if entry["detector"] not in chosen:
+            continue
+        scores_file = next((Path(r) / "scores.npz" for r in entry["_runs"] if (Path(r) / "scores.npz").is_file()), None)
+        if scores_file is None:
+            continue
+        with np.load(scores_file) as npz:
+            prefix = f"{entry['detector']}/"
+            curves[_label(entry, varying, single)] = {k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix)}
+    if curves:
+        paths.append(plots.roc_figure(curves, ood_sets, figures / "roc.png", "ROC (first seed of each configuration)"))
+        for i, (label, per_split) in enumerate(curves.items()):
+            name = label if single else f"{i:02d}_{label.split()[0]}"
+            paths.append(plots.histogram_figure(per_split, ood_sets, figures / f"hist_{name}.png", f"{label} scores (first seed)"))
+    return paths
 
 
 def load_reference(path: str | Path) -> dict[str, Any]:
@@ -225,7 +402,14 @@ def add_reference(
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ood-report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="run or multirun folders (searched for results.jsonl)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for report.md/report.csv (default: first path)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for report.md/.csv/.tex and figures/ (default: first path)")
+    parser.add_argument(
+        "--by", default=None,
+        help="comma-separated config keys to group by (besides method, detector, backbone, id_dataset), e.g. "
+        "method.optimizer.lr,trainer.max_epochs (default: every key that differs)",
+    )
+    parser.add_argument("--detectors", default=None, help="comma-separated detectors to draw ROC curves and histograms of")
+    parser.add_argument("--no-figures", action="store_true", help="tables only")
     parser.add_argument(
         "--reference",
         action="append",
@@ -235,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--no-reference", action="store_true", help="no published reference columns")
     args = parser.parse_args(argv)
+    failed = failed_runs(args.paths)
     try:
         rows = load_rows(args.paths)
         if args.no_reference:
@@ -244,21 +429,34 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             references = default_references(rows)
     except OODError as err:
+        for run, why in failed.items():
+            print(f"failed job {run}: {why}", file=sys.stderr)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    config_cols, metric_cols, table = aggregate(rows)
+    by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else None
+    config_cols, metric_cols, table = aggregate(rows, by=by)
     metric_cols = add_reference(metric_cols, table, references)
     markdown = to_markdown(config_cols, metric_cols, table)
+    if failed:
+        markdown += "\nFailed jobs (not in the table):\n" + "".join(f"- `{run}`: {why}\n" for run, why in failed.items())
     print(markdown)
     first = Path(args.paths[0])
     out = args.out or (first if first.is_dir() else first.parent)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(markdown)
-    write_csv(out / "report.csv", config_cols, metric_cols, table)
+    from ood.runs import atomic_write, atomic_write_text
+
+    atomic_write_text(out / "report.md", markdown)
+    atomic_write(out / "report.csv", lambda tmp: write_csv(tmp, config_cols, metric_cols, table))
+    atomic_write_text(out / "report.tex", to_latex(config_cols, metric_cols, table))
+    if not args.no_figures:
+        chosen = [d.strip() for d in args.detectors.split(",")] if args.detectors else None
+        write_figures(out, config_cols, table, rows, chosen)
+    for run, why in failed.items():
+        print(f"failed job {run}: {why}", file=sys.stderr)
     for ref in references:
         protocol = f", protocol: {ref['protocol']}" if ref.get("protocol") else ""
         print(f"reference numbers ({ref['id_dataset']}, {ref['backbone']}{protocol}): {ref['source']}", file=sys.stderr)
-    print(f"wrote {out / 'report.md'} and {out / 'report.csv'}", file=sys.stderr)
+        print(f"wrote {out}/report.md, report.csv, report.tex" + ("" if args.no_figures else ", figures/"), file=sys.stderr)
 
 
 if __name__ == "__main__":

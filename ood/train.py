@@ -18,6 +18,17 @@ from omegaconf import DictConfig, OmegaConf
 from ood import CONFIG_DIR
 from ood.errors import ConfigError, OODError
 from ood.evaluation.callback import OODEvaluation
+from ood.runs import (
+    RunState,
+    build_loggers,
+    check_overrides,
+    check_run,
+    clear_failure,
+    flat_config,
+    record_failure,
+    resolve_ckpt_path,
+    sweep_objective,
+)
 from ood.utils import get_logger, instantiate
 
 log = get_logger(__name__)
@@ -49,8 +60,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
         },
     )
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
-    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values()]
-    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, evaluation], logger=loggers or False)
+    loggers = build_loggers(cfg, choices)
+    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, RunState(flat_config(cfg)), evaluation], logger=loggers or False)
     return method, datamodule, trainer, evaluation
 
 
@@ -83,18 +94,29 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             "evaluation without training needs a checkpoint: add ckpt_path=PATH/checkpoints/last.ckpt "
             "(or backbone.weights=FILE for a backbone that loads pretrained weights, e.g. backbone=resnet50)"
         )
+    output_dir = Path(cfg.paths.output_dir)
+    clear_failure(output_dir)
+    try:
+        return _run(cfg, output_dir)
+    except Exception as err:
+        record_failure(output_dir, err)
+        raise
+
+
+def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir) / "train" / "runs")
+    check_run(cfg, ckpt_path)
     method, datamodule, trainer, evaluation = build(cfg)
     # `method.init` starts a new run from weights; a resumed run or an evaluated checkpoint brings its own
-    method.apply_init(load=not cfg.get("ckpt_path"))
-    output_dir = Path(cfg.paths.output_dir)
+    method.apply_init(load=not ckpt_path)
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     try:
         if cfg.train:
-            trainer.fit(method, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        elif cfg.get("ckpt_path"):
-            load_weights(method, cfg.ckpt_path)
+            trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
+        elif ckpt_path:
+            load_weights(method, ckpt_path)
         if cfg.evaluate:
             trainer.test(method, datamodule=datamodule, verbose=False)
     finally:
@@ -124,9 +146,26 @@ def friendly_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig],
             return task(cfg)
         except OODError as err:
             print(f"error: {err}", file=sys.stderr)
+            if _in_multirun():
+                raise  # Hydra marks this job failed and runs the others (SystemExit would end the sweep)
             sys.exit(1)
 
     return wrapper
+
+
+def _in_multirun() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def check_argv(config_name: str) -> None:
+    """Refuse a misspelt override key with the closest real key, before Hydra composes the config."""
+    try:
+        check_overrides(CONFIG_DIR, config_name, sys.argv[1:])
+    except OODError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def require_config_dir() -> None:
@@ -142,13 +181,15 @@ def require_config_dir() -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 @friendly_errors
-def _main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> float | None:
     run(cfg)
+    return sweep_objective(cfg.paths.output_dir, cfg.get("objective"))
 
 
 def main() -> None:
     """`ood-train` entry point."""
     require_config_dir()
+    check_argv("train")
     # the ~0.5M objects the imports made live until exit: freezing them spares every later collection (and the
     # ones at exit) from rescanning them, a fifth of a default digits run
     gc.freeze()

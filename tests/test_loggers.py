@@ -1,12 +1,18 @@
-"""Loggers: CSV (default) gets the slash-named metrics; wandb works offline with no account and finishes its run."""
+"""Loggers: CSV (default) gets the slash-named metrics; every logger and the checkpoint get the flattened config;
+wandb works offline with no account, finishes its run, groups seeds and logs ROC tables (read back from its file)."""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import yaml
 from helpers import FAST, run_config
+from wandb_files import read_run
 
 SHORT = [*FAST, "trainer.max_epochs=1", "detectors.names=[msp,energy]"]
 
@@ -23,6 +29,12 @@ def test_csv_logger_gets_slash_named_metrics(tmp_path: Path) -> None:
     keys = _logged_keys(tmp_path)
     assert {"test/id/acc", "test/msp/digits_6_9/auroc", "test/energy/near/fpr95", "test/msp/far/auroc",
             "test/energy/uniform_noise/fpr95_oodpos", "train/loss", "val/acc"} <= keys
+    (hparams,) = tmp_path.rglob("hparams.yaml")
+    logged = yaml.safe_load(hparams.read_text())
+    assert logged["method.optimizer.lr"] == 0.05 and logged["trainer.max_epochs"] == 1 and logged["seed"] == 0
+    assert logged["data.benchmark._target_"] == "ood.data.DigitsBenchmark"
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["config"]["method.optimizer.lr"] == 0.05
 
 
 @pytest.mark.slow
@@ -31,15 +43,32 @@ def test_wandb_offline_one_run_per_job(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    for job in ("a", "b"):
-        run_config(tmp_path / job, [*SHORT, "logger=wandb", "tags=[test]"])
+    runs = {}
+    for job, extra in (("a", "seed=0"), ("b", "seed=1"), ("c", "method.optimizer.lr=0.01")):
+        run_config(tmp_path / job, [*SHORT, "logger=wandb", "tags=[test]", extra])
         assert wandb.run is None, "wandb.finish() must close each job's run"
         (run_dir,) = (tmp_path / job / "wandb").glob("offline-run-*")
-        assert list(run_dir.glob("*.wandb"))
         assert list(run_dir.rglob("test/results*.table.json")), "the results table is logged for the dashboard"
+        assert list(run_dir.rglob("test/msp/roc_table*.table.json")), "ROC curves are logged as tables"
+        assert "test/msp/digits_6_9/auroc" in _logged_keys(tmp_path / job), "logger=wandb keeps the CSV log"
+        runs[job] = read_run(run_dir)
+    a, b, c = runs["a"], runs["b"], runs["c"]
+    assert a["group"] == b["group"] != c["group"], "seeds share a group, other configurations do not"
+    assert a["group"].startswith("ce-digits-small_cnn-") and a["job_type"] == "train"
+    assert set(a["tags"]) == {"test", "ce", "digits", "small_cnn"}
+    assert (a["config"]["method.optimizer.lr"], c["config"]["method.optimizer.lr"], b["config"]["seed"]) == (0.05, 0.01, 1)
+    assert {"test/msp/roc_table/nrows", "test/energy/digits_6_9/auroc"} <= a["logged"]
+    assert a["config"]["_wandb/visualize/test/msp/roc"]["panel_config"]["fieldSettings"] == {"x": "fpr", "y": "tpr", "stroke": "ood_set"}
+    (table,) = (tmp_path / "a" / "wandb").rglob("test/msp/roc_table*.table.json")
+    data = json.loads(table.read_text())
+    assert data["columns"] == ["ood_set", "fpr", "tpr"]
+    near = np.array([row[1:] for row in data["data"] if row[0] == "digits_6_9"])
+    assert near[0].tolist() == [0, 0] and near[-1].tolist() == [1, 1] and (np.diff(near, axis=0) >= 0).all()
 
 
 def test_tensorboard_logger(tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     run_config(tmp_path, [*SHORT, "logger=tensorboard"])
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    (hparams,) = (tmp_path / "tensorboard").rglob("hparams.yaml")
+    assert yaml.safe_load(hparams.read_text())["method.optimizer.lr"] == 0.05

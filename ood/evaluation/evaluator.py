@@ -19,6 +19,7 @@ from ood.detectors import resolve_detectors
 from ood.evaluation.scoring import ModelScoreFn, Scorer, detector_scorers, evaluate, with_data_facts
 from ood.features.bank import FeatureBank
 from ood.methods.base import OODMethod
+from ood.runs import validation_aurocs
 
 
 @dataclass
@@ -31,6 +32,8 @@ class EvaluationResult:
     id_acc: float
     method: str
     diagnostics: dict[str, Any] = field(default_factory=dict)
+    #: AUROC of ID val vs validation OOD per scorer (`ood.runs.validation_aurocs`): the sweep objective
+    validation: dict[str, float] = field(default_factory=dict)
 
 
 class Evaluator:
@@ -77,7 +80,8 @@ class Evaluator:
         scorers += detector_scorers(self.detectors, params, banks, self.tune, model_scores)
         info = {"method": method.name, "id_dataset": id_dataset, **self.info, "method_params": plain(dict(method.hparams))}
         rows, scores = evaluate(scorers, splits, id_acc, info)
-        return EvaluationResult(rows, scores, id_acc, method.name, method.diagnostics())
+        validation = validation_aurocs(scorers, [s.name for s in splits])
+        return EvaluationResult(rows, scores, id_acc, method.name, method.diagnostics(), validation)
 
 
 def plain(value: Any) -> Any:

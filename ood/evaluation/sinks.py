@@ -5,9 +5,10 @@ every rank after the evaluation pass; sinks that write or print act on global ra
 - `MetricLogger`: slash-named scalars through Lightning's `log_dict` (so `trainer.callback_metrics` and every logger
   get them): `test/<detector>/<ood_set>/<metric>`, `test/<detector>/near|far/<metric>`, `test/id/acc`, and the
   method's float diagnostics as `test/<method>/<key>`.
-- `ResultsWriter`: `results.jsonl`, `scores.npz` and the method's diagnostics (`<key>.png` images,
-  `<method>_stats.json` for the rest) in the run folder.
-- `WandbReporter`: the results table, per-split score histograms with shared bins, diagnostic images.
+- `ResultsWriter`: `results.jsonl`, `scores.npz`, `validation.json` and `figures/` (`ood.plots`), written
+  atomically, and the method's diagnostics (`<key>.png` images, `<method>_stats.json` for the rest) in the run folder.
+- `WandbReporter`: the results table, per-split score histograms with shared bins, ROC tables and line plots,
+  diagnostic images.
 - `RunTable`: the console table of the run (AUROC / FPR95 per OOD set, near and far means), naming the FPR95
   convention and ending with the run folder.
 """
@@ -24,6 +25,8 @@ from lightning import LightningModule, Trainer
 
 from ood.evaluation.evaluator import EvaluationResult
 from ood.evaluation.scoring import METRICS, group_means
+from ood.plots import save_run_figures, wandb_roc
+from ood.runs import VALIDATION_FILE, atomic_savez, atomic_write_text
 from ood.utils import get_logger
 
 log = get_logger(__name__)
@@ -88,10 +91,12 @@ class ResultsWriter:
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
         path = out / "results.jsonl"
-        path.write_text("".join(json.dumps(row, default=_jsonable) + "\n" for row in result.rows))
+        atomic_write_text(path, "".join(json.dumps(row, default=_jsonable) + "\n" for row in result.rows))
+        atomic_write_text(out / VALIDATION_FILE, json.dumps({"method": result.method, "auroc": result.validation}))
         if self.save_scores:
             flat = {f"{d}/{split}": s.numpy() for d, per_split in result.scores.items() for split, s in per_split.items()}
-            np.savez_compressed(out / "scores.npz", **flat)
+            atomic_savez(out / "scores.npz", flat)
+        save_run_figures(out, result.scores, result.rows)
         _, images, rest = split_diagnostics(result.diagnostics)
         for key, image in images.items():
             import matplotlib.image
@@ -129,6 +134,7 @@ class WandbReporter:
                     payload[f"test/{detector}/{split}/scores"] = wandb.Histogram(np_histogram=np.histogram(values.numpy(), bins=edges))
             _, images, _ = split_diagnostics(result.diagnostics)
             payload.update({f"test/{result.method}/{k}": wandb.Image(v) for k, v in images.items()})
+            payload.update(wandb_roc(result.scores, result.rows))
             logger.experiment.log(payload)
 
 

@@ -121,6 +121,8 @@ def load_modules(
         missing, unexpected = sorted(wanted - set(given)), sorted(set(given) - wanted)
         if missing or unexpected:
             first = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+            if any(not k.startswith("backbone.") for k in (*missing, *unexpected)):
+                hint = "pass the method= it was trained with: the checkpoint's modules differ outside the backbone"
             raise CheckpointError(
                 f"checkpoint {path} does not fit the configured model ({hint}): {first} "
                 f"({len(missing)} missing, {len(unexpected)} unexpected keys)"

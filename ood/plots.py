@@ -1,0 +1,167 @@
+"""Figures of OOD results (matplotlib, Agg backend), shared by every `ood-train` run folder and `ood-report`.
+
+- `roc_figure`: ROC curves, one panel per OOD set, one line per scorer (ID is the positive class, so the x axis
+  is the fraction of OOD accepted as ID and the y axis the fraction of ID accepted; FPR95 is read at y = 0.95).
+- `histogram_figure`: score histograms, one panel per OOD set, ID test vs that set on bin edges shared by all
+  panels, so panels are comparable.
+- `auroc_bars`: near and far mean AUROC per scorer, with the std over seeds as error bars.
+- `save_run_figures`: the ROC and histogram figures of one run into `<run>/figures/`.
+- `roc_points` / `wandb_roc`: the same ROC vertices, thinned, as a wandb table and line plot.
+
+Curves come from `ood.evaluation.metrics.roc_curve`, the code that computes the reported AUROC/FPR95.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
+import numpy as np  # noqa: E402
+
+from ood.evaluation.metrics import roc_curve  # noqa: E402
+
+#: ID scores of one scorer per split name (`test` is ID test; the others are OOD sets)
+SplitScores = Mapping[str, Any]
+FPR_LABEL = "FPR: OOD accepted as ID"
+TPR_LABEL = "TPR: ID accepted"
+ID_SPLIT = "test"
+MAX_CURVE_POINTS = 1000
+BINS = 50
+
+
+def _numpy(values: Any) -> np.ndarray:
+    return np.asarray(values.numpy() if hasattr(values, "numpy") else values, dtype=np.float64).reshape(-1)
+
+
+def roc_points(id_scores: Any, ood_scores: Any, max_points: int = MAX_CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) of every ROC vertex, thinned to at most `max_points` evenly spaced vertices (ends kept)."""
+    curve = roc_curve(_numpy(id_scores), _numpy(ood_scores))
+    keep = np.unique(np.linspace(0, len(curve.fpr) - 1, min(max_points, len(curve.fpr))).round().astype(int))
+    return curve.fpr[keep], curve.tpr[keep]
+
+
+def _grid(n: int, width: float = 3.6, height: float = 3.3) -> tuple[plt.Figure, np.ndarray]:
+    cols = 2 if n == 4 else min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.6), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes.flat
+
+
+def _legend_below(fig: plt.Figure, ax: plt.Axes) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    longest = max(map(len, labels), default=1)
+    ncol = max(1, min(len(labels), 4, int(fig.get_figwidth() / (0.08 * longest + 0.6))))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=9)
+    legend_inches = -(-len(labels) // ncol) * 0.25 + 0.15
+    fig.tight_layout(rect=(0, min(0.45, legend_inches / fig.get_figheight()), 1, 1))
+
+
+def roc_figure(curves: Mapping[str, Mapping[str, SplitScores]], ood_sets: Sequence[str], path: str | Path, title: str) -> Path:
+    """ROC curves: a panel per OOD set, a line per label (`curves[label][split]` = ID scores of that split)."""
+    fig, axes = _grid(len(ood_sets))
+    for ax, ood in zip(axes, ood_sets):
+        for label, per_split in curves.items():
+            if ood in per_split and ID_SPLIT in per_split:
+                fpr, tpr = roc_points(per_split[ID_SPLIT], per_split[ood])
+                ax.plot(fpr, tpr, label=label, linewidth=1.4)
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8, label="chance")
+        ax.axhline(0.95, color="grey", linestyle="--", linewidth=0.6)
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel=FPR_LABEL, ylabel=TPR_LABEL, title=ood)
+    fig.suptitle(title, fontsize=11)
+    _legend_below(fig, axes[0])
+    return _save(fig, path)
+
+
+def histogram_figure(per_split: SplitScores, ood_sets: Sequence[str], path: str | Path, title: str) -> Path:
+    """Histograms of one scorer: a panel per OOD set, ID test vs that set, on bin edges shared by all panels."""
+    values = {k: _numpy(v) for k, v in per_split.items() if k == ID_SPLIT or k in ood_sets}
+    edges = np.histogram_bin_edges(np.concatenate(list(values.values())), bins=BINS)
+    fig, axes = _grid(len(ood_sets))
+    for ax, ood in zip(axes, ood_sets):
+        ax.hist(values[ID_SPLIT], bins=edges, density=True, alpha=0.55, label="ID test", color="tab:blue")
+        ax.hist(values[ood], bins=edges, density=True, alpha=0.55, label="OOD set", color="tab:red")
+        ax.set(xlabel="ID score (higher = more ID)", ylabel="density", title=ood)
+    fig.suptitle(title, fontsize=11)
+    _legend_below(fig, axes[0])
+    return _save(fig, path)
+
+
+def auroc_bars(entries: Sequence[tuple[str, Mapping[str, tuple[float, float]]]], path: str | Path, title: str) -> Path:
+    """Horizontal bars: per entry (label, {"near"|"far": (mean, std)} in [0, 1]), near and far AUROC in %."""
+    groups = [g for g in ("near", "far") if any(g in v for _, v in entries)]
+    height = 0.8 / max(len(groups), 1)
+    fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.45 * len(entries) * max(len(groups), 1) ** 0.5))
+    y = np.arange(len(entries))
+    for i, group in enumerate(groups):
+        means = [100 * v.get(group, (np.nan, 0))[0] for _, v in entries]
+        stds = [100 * v.get(group, (np.nan, 0))[1] for _, v in entries]
+        ax.barh(y + (i - (len(groups) - 1) / 2) * height, means, height, xerr=stds, label=f"{group}-OOD", capsize=2)
+    ax.set_yticks(y, [label for label, _ in entries], fontsize=9)
+    ax.invert_yaxis()
+    finite = [100 * m for _, v in entries for m, _ in v.values() if np.isfinite(m)]
+    ax.set_xlim(max(0.0, min(finite, default=0) - 5), 100.5)
+    ax.set(xlabel="AUROC (%), mean ± std over seeds", title=title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+    ax.grid(axis="x", linewidth=0.4)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    from ood.runs import atomic_write
+
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def choose_scorers(rows: Sequence[Mapping[str, Any]], k: int = 4) -> list[str]:
+    """The scorers worth drawing: the method's own score, msp, energy, then the best by mean AUROC, up to `k`."""
+    mean: dict[str, list[float]] = {}
+    for row in rows:
+        mean.setdefault(str(row["detector"]), []).append(float(row["auroc"]))
+    best = sorted(mean, key=lambda d: -float(np.mean(mean[d])))
+    own = [str(r["method"]) for r in rows if r["detector"] == r["method"]][:1]
+    picked = [*own, *(d for d in ("msp", "energy") if d in mean), *best]
+    return list(dict.fromkeys(picked))[:k]
+
+
+def save_run_figures(output_dir: str | Path, scores: Mapping[str, SplitScores], rows: Sequence[Mapping[str, Any]]) -> list[Path]:
+    """`figures/roc.png` and `figures/hist_<scorer>.png` of one run, for `choose_scorers(rows)`."""
+    if not rows:
+        return []
+    figures = Path(output_dir) / "figures"
+    ood_sets = list(dict.fromkeys(str(r["ood_dataset"]) for r in rows))
+    names = [n for n in choose_scorers(rows) if n in scores]
+    where = f"{rows[0]['method']} on {rows[0]['id_dataset']} (seed {rows[0].get('seed')})"
+    paths = [roc_figure({n: scores[n] for n in names}, ood_sets, figures / "roc.png", f"ROC, {where}")]
+    for name in names:
+        paths.append(histogram_figure(scores[name], ood_sets, figures / f"hist_{name}.png", f"{name} scores, {where}"))
+    return paths
+
+
+def wandb_roc(scores: Mapping[str, SplitScores], rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """wandb payload: per scorer, a table (`ood_set`, `fpr`, `tpr`) of the thinned ROC and its line plot."""
+    import wandb
+
+    payload: dict[str, Any] = {}
+    ood_sets = list(dict.fromkeys(str(r["ood_dataset"]) for r in rows))
+    for name, per_split in scores.items():
+        data = []
+        for ood in ood_sets:
+            if ood in per_split:
+                fpr, tpr = roc_points(per_split[ID_SPLIT], per_split[ood], max_points=200)
+                data += [[ood, float(f), float(t)] for f, t in zip(fpr, tpr)]
+        table = wandb.Table(columns=["ood_set", "fpr", "tpr"], data=data)
+        payload[f"test/{name}/roc_table"] = table
+        payload[f"test/{name}/roc"] = wandb.plot.line(table, "fpr", "tpr", stroke="ood_set", title=f"ROC {name}")
+    return payload

@@ -1,0 +1,119 @@
+"""`ood-report` over real run folders (fabricated `config.yaml` + `results.jsonl` + `scores.npz`): grouping by the
+whole configuration without the seed, re-evaluations counted once, `--by`, LaTeX, figures and their axes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from ood import plots
+from ood.report import aggregate, load_rows, main, to_latex
+
+SETS = {"near_set": "near", "far_set": "far"}
+
+
+def _run(folder: Path, seed: int, epochs: int, auroc: float, *, method: str = "ce", ckpt: Path | None = None) -> Path:
+    """A run folder as `ood-train` (or `ood-eval` when `ckpt`) leaves it, with msp and energy rows."""
+    folder.mkdir(parents=True)
+    config = {"seed": seed, "train": ckpt is None, "ckpt_path": str(ckpt) if ckpt else None,
+              "trainer": {"max_epochs": epochs, "enable_progress_bar": False},
+              "method": {"_target_": f"ood.methods.{method}", "optimizer": {"lr": 0.05}, "scheduler": {"T_max": epochs}},
+              "data": {"batch_size": 64, "num_workers": 0}, "backbone": {"width": 32}, "paths": {"output_dir": str(folder)}}
+    OmegaConf.save(OmegaConf.create(config), folder / "config.yaml")
+    rows = [{"method": method, "detector": det, "backbone": "small_cnn", "id_dataset": "digits", "ood_dataset": s,
+             "ood_group": g, "seed": seed, "auroc": auroc - i / 10, "fpr95": 0.3, "id_acc": 0.9, "method_params": {},
+             "detector_params": {}} for i, det in enumerate(("msp", "energy")) for s, g in SETS.items()]
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rng = np.random.default_rng(seed)
+    scores = {f"{det}/{split}": rng.normal(1.0 if split == "test" else 0.0, 1.0, 50)
+              for det in ("msp", "energy") for split in ("test", *SETS)}
+    np.savez(folder / "scores.npz", **scores)
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    _run(tmp_path / "sweep" / "0", 0, 1, 0.70)
+    _run(tmp_path / "sweep" / "1", 1, 1, 0.80)
+    trained = _run(tmp_path / "sweep" / "2", 0, 3, 0.90)
+    _run(tmp_path / "evals" / "again", 0, 15, 0.90, ckpt=trained / "checkpoints" / "last.ckpt")  # a re-evaluation
+    _run(tmp_path / "evals" / "grood", 0, 15, 0.95, method="grood", ckpt=trained)  # a post-hoc method on it
+    return tmp_path
+
+
+def test_configurations_are_never_averaged(runs: Path) -> None:
+    config_cols, metric_cols, table = aggregate(load_rows([runs]))
+    assert config_cols == ["method", "detector", "backbone", "id_dataset", "trainer.max_epochs"], \
+        "the varying key is a column; its alias method.scheduler.T_max and the seed are not"
+    by = {(e["method"], e["detector"], e["trainer.max_epochs"]): e for e in table}
+    assert sorted(by) == [("ce", "energy", "1"), ("ce", "energy", "3"), ("ce", "msp", "1"), ("ce", "msp", "3"),
+                          ("grood", "energy", "3"), ("grood", "msp", "3")], "eval runs take the trained epochs"
+    assert by[("ce", "msp", "1")]["seeds"] == 2 and by[("ce", "msp", "1")]["near/auroc"][:2] == pytest.approx((0.75, 0.0707107))
+    assert by[("ce", "msp", "3")]["seeds"] == 1, "re-evaluating a checkpoint does not add a seed"
+    assert by[("ce", "msp", "3")]["id_acc"][0] == pytest.approx(0.9) and "id_acc" in metric_cols
+
+
+def test_by_chooses_the_grouping_and_warns(runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config_cols, _, table = aggregate(load_rows([runs / "sweep"]), by=["method.optimizer.lr"])
+    assert config_cols[-1] == "method.optimizer.lr"
+    assert {e["detector"]: e["seeds"] for e in table} == {"msp": 3, "energy": 3}
+    assert "--by averages runs that differ in method.scheduler.T_max, trainer.max_epochs" in capsys.readouterr().err
+
+
+def test_latex_is_booktabs(runs: Path) -> None:
+    tex = to_latex(*aggregate(load_rows([runs / "sweep"])))
+    lines = tex.splitlines()
+    assert lines[0] == "\\begin{tabular}{lllll" + "r" * 10 + "}" and lines[1] == "\\toprule" and lines[3] == "\\midrule"
+    assert lines[-2:] == ["\\bottomrule", "\\end{tabular}"]
+    assert "id\\_dataset & trainer.max\\_epochs & seeds" in lines[2]
+    assert "ce & msp & small\\_cnn & digits & 1 & 2 & 75.00 $\\pm$ 7.07" in tex
+
+
+def test_cli_writes_tables_and_readable_figures(runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn = {}
+    save = plots._save
+
+    def record(fig, path):  # noqa: ANN001, ANN202 - wraps the private saver to inspect the figure
+        drawn[Path(path).name] = {
+            "axes": [(ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) for ax in fig.axes if ax.get_visible()],
+            "legend": [t.get_text() for leg in [*fig.legends, *(ax.get_legend() for ax in fig.axes)] if leg for t in leg.get_texts()],
+        }
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", record)
+    main([str(runs / "sweep"), "--detectors", "msp"])
+    out = runs / "sweep"
+    assert {p.name for p in out.iterdir()} >= {"report.md", "report.csv", "report.tex", "figures"}
+    assert sorted(drawn) == ["auroc_bars.png", "hist_00_msp.png", "hist_01_msp.png", "roc.png"]
+    assert all((out / "figures" / name).stat().st_size > 10_000 for name in drawn)
+    assert drawn["roc.png"]["axes"] == [(plots.FPR_LABEL, plots.TPR_LABEL, s) for s in SETS]
+    assert drawn["roc.png"]["legend"] == ["msp max_epochs=1", "msp max_epochs=3", "chance"]
+    assert drawn["hist_00_msp.png"]["axes"][0][:2] == ("ID score (higher = more ID)", "density")
+    assert drawn["hist_00_msp.png"]["legend"] == ["ID test", "OOD set"]
+    assert drawn["auroc_bars.png"]["axes"][0][0] == "AUROC (%), mean ± std over seeds"
+    assert drawn["auroc_bars.png"]["legend"] == ["near-OOD", "far-OOD"]
+
+
+def test_histograms_share_bins() -> None:
+    fig_axes = {}
+    save = plots._save
+    try:
+        plots._save = lambda fig, path: fig_axes.setdefault("axes", [ax for ax in fig.axes if ax.get_visible()])  # type: ignore[assignment]
+        plots.histogram_figure({"test": np.array([0.0, 1.0]), "a": np.array([-5.0]), "b": np.array([3.0])}, ["a", "b"], "x.png", "t")
+    finally:
+        plots._save = save
+    edges = [sorted({round(p.get_x(), 9) for p in ax.patches}) for ax in fig_axes["axes"]]
+    assert edges[0] == edges[1] and edges[0][0] == pytest.approx(-5.0), "one set of bin edges over every split"
+
+
+def test_run_figures_in_the_run_folder(tmp_path: Path) -> None:
+    rows = [{"method": "ce", "detector": d, "id_dataset": "digits", "ood_dataset": "far_set", "auroc": a, "seed": 0}
+            for d, a in (("msp", 0.7), ("energy", 0.8), ("knn", 0.9), ("vim", 0.6), ("gen", 0.5))]
+    scores = {r["detector"]: {"test": np.arange(10.0), "far_set": np.arange(10.0) - 3} for r in rows}
+    paths = plots.save_run_figures(tmp_path, scores, rows)
+    assert [p.name for p in paths] == ["roc.png", "hist_msp.png", "hist_energy.png", "hist_knn.png", "hist_vim.png"]
+    assert all(p.parent == tmp_path / "figures" and p.stat().st_size > 5_000 for p in paths)

@@ -1,0 +1,76 @@
+"""Resumable training: SIGKILL in the middle of a known epoch, resume with `ckpt_path=last`, get the uninterrupted results."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import FAST, compose_config, run_config
+
+from ood.errors import CheckpointError, ConfigError
+from ood.runs import resolve_ckpt_path
+from ood.train import run
+
+RUN = [*FAST, "trainer.max_epochs=3", "detectors.names=[msp,energy]", "logger=none"]
+TESTS = Path(__file__).parent
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ood.train", *RUN, f"hydra.run.dir={killed}",
+         "+callbacks.kill._target_=killer.KillAt", "+callbacks.kill.epoch=2", "+callbacks.kill.batch=3"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (killed / "results.jsonl").exists()
+    ckpt = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["hyper_parameters"]["config"]["trainer.max_epochs"] == 3
+    assert not list((killed / "checkpoints").glob("*.tmp")), "no half-written checkpoint is left behind"
+
+    (killed / "FAILED.txt").write_text("SIGTERMException: an earlier attempt\n")
+    run_config(killed, [*RUN, "ckpt_path=last"])  # same folder: `last` is its own checkpoints/last.ckpt
+    assert not (killed / "FAILED.txt").exists(), "a resumed run that finishes is no longer reported as failed"
+    run_config(tmp_path / "straight", RUN)
+    assert (killed / "results.jsonl").read_text() == (tmp_path / "straight" / "results.jsonl").read_text()
+
+
+def test_resume_with_other_max_epochs_is_refused(tmp_path: Path) -> None:
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"hyper_parameters": {"config": {"trainer.max_epochs": 3}}}, ckpt)
+    with pytest.raises(ConfigError, match=r"trained for trainer.max_epochs=3; resuming with trainer.max_epochs=5"):
+        run(compose_config(tmp_path / "new", [*FAST, "trainer.max_epochs=5", f"ckpt_path={tmp_path}"]))
+
+
+@pytest.mark.parametrize("epochs", [0, -1])
+def test_max_epochs_below_one_is_refused(tmp_path: Path, epochs: int) -> None:
+    with pytest.raises(ConfigError, match=rf"trainer.max_epochs={epochs}: must be >= 1"):
+        run(compose_config(tmp_path, [*FAST, f"trainer.max_epochs={epochs}"]))
+    assert "ConfigError: trainer.max_epochs" in (tmp_path / "FAILED.txt").read_text()
+
+
+def test_ckpt_path_forms(tmp_path: Path) -> None:
+    runs = tmp_path / "logs" / "train" / "runs"
+    old, new = runs / "a" / "checkpoints" / "last.ckpt", runs / "b" / "checkpoints" / "last.ckpt"
+    for i, path in enumerate((old, new)):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))
+    here = tmp_path / "here"
+    assert resolve_ckpt_path("last", here, runs) == str(new), "the newest run when this folder has none"
+    assert resolve_ckpt_path(str(runs / "a"), here, runs) == str(old), "a run folder means its last.ckpt"
+    assert resolve_ckpt_path(str(old), here, runs) == str(old)
+    with pytest.raises(CheckpointError, match="is a folder without checkpoints/last.ckpt"):
+        resolve_ckpt_path(str(tmp_path), here, runs)
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.ckpt"):
+        resolve_ckpt_path(str(tmp_path / "nope.ckpt"), here, runs)
+    with pytest.raises(CheckpointError, match="ckpt_path=last: no checkpoints/last.ckpt"):
+        resolve_ckpt_path("last", here, tmp_path / "empty")

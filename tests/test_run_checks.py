@@ -1,0 +1,93 @@
+"""The error hints of issue 14: the closest real key for a misspelt override, a GPU preset on a CPU machine, a run
+folder as `ckpt_path`, a checkpoint of another method; and the sweep objective reads validation splits only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import FAST, compose_config, run_config
+
+from ood import CONFIG_DIR
+from ood.errors import CheckpointError, ConfigError
+from ood.evaluation.scoring import Scorer
+from ood.methods import CrossEntropy
+from ood.models import SmallCNN
+from ood.models.checkpoint import load_modules
+from ood.runs import check_overrides, check_run, sweep_objective, validation_aurocs
+
+
+@pytest.mark.parametrize(
+    ("argv", "closest"),
+    [
+        (["trainer.max_epoch=1"], "trainer.max_epochs"),
+        (["method=cluster", "method.objectiv=ce"], "method.objective"),
+        (["-m", "method=ce,cluster", "method.objectiv=ce"], "method.objective"),  # a key of one swept choice
+        (["hydra.sweep.dri=x"], "hydra.sweep.dir"),
+        (["--cfg", "job", "seed=1", "trainer.max_epoch=1"], "trainer.max_epochs"),
+    ],
+)
+def test_misspelt_key_names_the_closest_real_key(argv: list[str], closest: str) -> None:
+    with pytest.raises(ConfigError, match=rf"unknown config key .*did you mean {closest}=\.\.\.\?"):
+        check_overrides(CONFIG_DIR, "train", argv)
+
+
+def test_real_and_added_keys_pass() -> None:
+    check_overrides(CONFIG_DIR, "train", ["-m", "seed=0,1", "method=ce,cluster", "method.objective=ce", "+extra=1",
+                                          "detectors.params.knn.k=10",
+                                          "trainer.max_epochs=2", "hydra/launcher=parallel", "logger=wandb"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_preset_on_cpu_says_add_trainer_cpu(tmp_path: Path) -> None:
+    cfg = compose_config(tmp_path, ["experiment=cifar10_ce"])
+    with pytest.raises(ConfigError, match="this preset needs a GPU; add trainer=cpu to try it on CPU"):
+        check_run(cfg, None)
+
+
+def test_eval_accepts_a_run_folder(tmp_path: Path) -> None:
+    """`ood-eval ckpt_path=<run folder>` evaluates its checkpoints/last.ckpt (here: one that does not fit, so the
+    error names the file inside the folder)."""
+    other = CrossEntropy(SmallCNN(6, width=8), optimizer=torch.optim.SGD)
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": other.state_dict()}, ckpt)
+    with pytest.raises(CheckpointError, match=f"checkpoint {ckpt} does not fit"):
+        run_config(tmp_path / "eval", [*FAST, f"ckpt_path={tmp_path / 'train'}"], config_name="eval")
+
+
+def test_method_mismatch_says_method() -> None:
+    model = CrossEntropy(SmallCNN(6), optimizer=torch.optim.SGD)
+    state = {**model.state_dict(), "probe.weight": torch.zeros(6, 64)}
+    with pytest.raises(CheckpointError, match="pass the method= it was trained with.*unexpected 'probe.weight'"):
+        load_modules(model, state, None, "x.ckpt")
+    del state["probe.weight"], state["backbone.fc.bias"]
+    with pytest.raises(CheckpointError, match="pass the data=/backbone= it was trained with"):
+        load_modules(model, state, None, "x.ckpt")
+
+
+def test_sweep_objective_reads_only_validation_splits(tmp_path: Path) -> None:
+    asked: list[str] = []
+
+    def score(split: str) -> torch.Tensor:
+        asked.append(split)
+        return {"val": torch.tensor([3.0, 4.0, 5.0]), "val_ood": torch.tensor([1.0, 3.5, 2.0])}[split]
+
+    splits = ["train", "val", "test", "val_ood", "digits_6_9", "gaussian_noise"]
+    aurocs = validation_aurocs([Scorer("msp", score), Scorer("energy", score)], splits)
+    assert set(asked) == {"val", "val_ood"}, "test splits are never scored for the objective"
+    assert aurocs == {"msp": pytest.approx(8 / 9), "energy": pytest.approx(8 / 9)}  # 8 of 9 (ID, OOD) pairs ordered
+    assert validation_aurocs([Scorer("msp", score)], ["val", "test"]) == {}
+    (tmp_path / "validation.json").write_text('{"method": "ce", "auroc": {"msp": 0.7, "energy": 0.9}}')
+    assert sweep_objective(tmp_path, None) == 0.7 and sweep_objective(tmp_path, "energy") == 0.9
+    with pytest.raises(ConfigError, match=r"objective=knn: not scored in this run; choose one of \['energy', 'msp'\]"):
+        sweep_objective(tmp_path, "knn")
+
+
+def test_license_file_matches_pyproject() -> None:
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["license"]["text"]
+    assert declared == "MIT" and (root / "LICENSE").read_text().startswith("MIT License\n")

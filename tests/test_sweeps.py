@@ -1,0 +1,62 @@
+"""Sweeps through Hydra plugins, end to end in subprocesses: the local parallel preset with a failing job,
+SLURM's launcher through its local executor (`submitit_local`), and Optuna tuning on validation-OOD AUROC."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ood.report import main as report
+
+JOB = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "detectors.names=[msp]", "logger=none"]
+
+
+def _sweep(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ood.train", "-m", *JOB, *overrides, f"hydra.sweep.dir={sweep}"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    return proc, sweep
+
+
+@pytest.mark.slow
+def test_failed_job_leaves_the_others_and_report_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    proc, sweep = _sweep(tmp_path, "hydra/launcher=parallel", "trainer.max_epochs=1,0")
+    assert proc.returncode != 0, "a failed job fails the sweep"
+    done = {p.parent.name for p in sweep.glob("*/results.jsonl")}
+    failed = {p.parent.name for p in sweep.glob("*/FAILED.txt")}
+    assert (done, failed) == ({"0"}, {"1"})
+    report([str(sweep), "--no-figures"])
+    out, err = capsys.readouterr()
+    for job in failed:
+        assert f"failed job {sweep / job}: ConfigError: trainer.max_epochs=0: must be >= 1" in err
+        assert f"`{sweep / job}`: ConfigError" in out
+    assert "| ce | msp | small_cnn | digits | 1 |" in out
+
+
+@pytest.mark.slow
+def test_submitit_local_runs_two_jobs(tmp_path: Path) -> None:
+    proc, sweep = _sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "seed=0,1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seeds = sorted(json.loads((p).read_text().splitlines()[0])["seed"] for p in sweep.glob("*/results.jsonl"))
+    assert seeds == [0, 1]
+    assert list((sweep / ".submitit").rglob("*_result.pkl")), "the jobs went through submitit"
+
+
+@pytest.mark.slow
+def test_optuna_tunes_on_validation_auroc(tmp_path: Path) -> None:
+    proc, sweep = _sweep(tmp_path, "hydra/sweeper=optuna_val", "hydra.sweeper.n_trials=2", "objective=msp",
+                         "method.optimizer.lr=interval(0.01,0.1)")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trials = {p.parent.name: json.loads(p.read_text())["auroc"]["msp"] for p in sweep.glob("*/validation.json")}
+    assert len(trials) == 2
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(trials.values()), abs=0), "the sweeper saw the val_ood AUROC"
+    tests = {json.loads(line)["auroc"] for p in sweep.glob("*/results.jsonl") for line in p.read_text().splitlines()}
+    assert best["best_value"] not in tests

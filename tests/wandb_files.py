@@ -1,0 +1,57 @@
+"""Read an offline wandb run back from its `run-<id>.wandb` file (LevelDB-log framing of protobuf `Record`s), so
+tests check what wandb would upload: the run's group, job type, tags, config and logged keys."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+BLOCK = 32 * 1024
+HEADER = 7  # ":W&B" + magic (2 bytes) + version
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def _chunks(data: bytes) -> Iterator[bytes]:
+    pos, pending = HEADER, b""
+    while pos + 7 <= len(data):
+        if BLOCK - pos % BLOCK < 7:  # a block's tail too short for a record header is padding
+            pos += BLOCK - pos % BLOCK
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == FULL:
+            yield chunk
+        elif kind == FIRST:
+            pending = chunk
+        elif kind == MIDDLE:
+            pending += chunk
+        elif kind == LAST:
+            yield pending + chunk
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """`group`, `job_type`, `tags`, `config` (key -> value) and `logged` (history keys) of an offline run."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (file,) = run_dir.glob("run-*.wandb")
+    out: dict[str, Any] = {"config": {}, "logged": set()}
+    for chunk in _chunks(file.read_bytes()):
+        record = pb.Record()
+        record.ParseFromString(chunk)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            out.update(group=record.run.run_group, job_type=record.run.job_type, tags=list(record.run.tags))
+            updates = record.run.config.update
+        elif kind == "config":
+            updates = record.config.update
+        elif kind == "history":
+            out["logged"] |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+            continue
+        else:
+            continue
+        for item in updates:
+            out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out
