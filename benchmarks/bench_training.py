@@ -50,7 +50,8 @@ def run(epochs: int, repeats: int) -> list[Timing]:
     workdir = Path(tempfile.mkdtemp(prefix="ood-bench-train-"))
     method, datamodule, trainer, _ = build(compose_run(workdir / "init", [*QUIET, "trainer.max_epochs=2", "detectors=none"]))
     trainer.fit(method, datamodule=datamodule)
-    init = workdir / "init" / "checkpoints" / "last.ckpt"
+    init = workdir / "init.ckpt"
+    trainer.save_checkpoint(init)
     names = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
     per_epoch: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):

@@ -81,7 +81,9 @@ def roc_figure(curves: Mapping[str, Mapping[str, SplitScores]], ood_sets: Sequen
 
 
 def histogram_figure(per_split: SplitScores, ood_sets: Sequence[str], path: str | Path, title: str) -> Path:
-    """Histograms of one scorer: a panel per OOD set, ID test vs that set, on bin edges shared by all panels."""
+    """Histograms of one scorer: a panel per OOD set it was scored on, ID test vs that set, on bin edges shared by all
+    panels (a report over several ID datasets passes the union of their OOD sets)."""
+    ood_sets = [s for s in ood_sets if s in per_split]
     values = {k: _numpy(v) for k, v in per_split.items() if k == ID_SPLIT or k in ood_sets}
     edges = np.histogram_bin_edges(np.concatenate(list(values.values())), bins=BINS)
     fig, axes = _grid(len(ood_sets))

@@ -40,8 +40,10 @@ def test_oe_trains_under_two_process_ddp(ce_checkpoint: Path, tmp_path: Path) ->
     """Both streams are sharded per rank; a seeded run finishes on both ranks and reports its rows."""
     # data.batch_size is the global batch: 128 keeps 64 ID + 128 outliers per rank
     rows = run_config(tmp_path, ["method=oe", f"method.init.ckpt={ce_checkpoint}", "trainer=ddp_cpu",
-                                 "trainer.max_epochs=1", "data.batch_size=128", *QUIET])
+                                 "trainer.max_epochs=1", "data.batch_size=128", "logger=none", *QUIET])
     assert {r["ood_dataset"] for r in rows_by(rows, "oe").values()} == {
         "digits_6_9", "flower_patches", "gaussian_noise", "uniform_noise"}
-    assert sum(r["auroc"] for r in rows_by(rows, "oe").values()) / 4 >= 0.8  # one epoch at the CE learning rate
+    # one epoch only: the first OE epoch moves batch-norm running statistics towards the ID + outlier mixture and
+    # drops ID accuracy (to 17 % at lr 0.05, on one device as on two) before later epochs recover it
+    assert sum(r["auroc"] for r in rows_by(rows, "oe").values()) / 4 >= 0.8
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

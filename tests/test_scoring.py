@@ -63,7 +63,7 @@ def test_knn_tuning_searches_once_per_split(banks: dict[str, FeatureBank], monke
     adds: list[int] = []
     search, add = KNNIndex.search, KNNIndex.add
     monkeypatch.setattr(KNNIndex, "search", lambda self, q, k: searches.append(k) or search(self, q, k))
-    monkeypatch.setattr(KNNIndex, "add", lambda self, x: adds.append(len(x)) or add(self, x))
+    monkeypatch.setattr(KNNIndex, "add", lambda self, x, *rest: adds.append(len(x)) or add(self, x, *rest))
     fit_detector("knn", {}, banks, tune=True)
     assert searches == [400, 400] and adds == [400]  # k=1000 clipped to the 400-row bank
 

@@ -127,9 +127,10 @@ class EnergyOE(OODMethod):
         was_training = self.training
         self.eval()
         out: dict[str, list[torch.Tensor]] = {"logits": [], "features": [], "labels": []}
+        dtype = self.backbone.fc.weight.dtype  # the trainer's precision (e.g. float64 under precision=64-true)
         with torch.no_grad():
             for batch in loader:
-                h = self.backbone.features(batch.x.to(self.device))[0]
+                h = self.backbone.features(batch.x.to(self.device, dtype))[0]
                 out["logits"].append(self.backbone.fc(h))
                 out["features"].append(h)
                 out["labels"].append(batch.y.to(self.device))
