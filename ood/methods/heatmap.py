@@ -250,7 +250,7 @@ class HeatmapOOD(OODMethod):
             else (b[0] for b in DataLoader(data, batch_size=self.feature_batch_size))
         )
         for x in chunks:
-            out = self.backbone.run(x.to(self.device))
+            out = self.backbone.run(x.to(self.device, self.backbone.fc.weight.dtype))  # the trainer's precision
             feats.append(out.features.float().cpu())
             preds.append(out.logits.argmax(1).cpu())
         return torch.cat(feats), torch.cat(preds)
@@ -304,8 +304,9 @@ class HeatmapOOD(OODMethod):
             proto = released_pairing(proto, q_preds)
         # recorded in every result row (`method_params`): which outlier set stood in for 80M Tiny Images
         self.hparams["outliers"] = f"{benchmark.outlier_set}: {len(pool)} of {n}"
-        self._pool_x = pool_x.to(self.device)
-        self._pool_t = torch.stack([train[int(i)][0] for i in proto]).to(self.device)
+        dtype = self.backbone.fc.weight.dtype
+        self._pool_x = pool_x.to(self.device, dtype)
+        self._pool_t = torch.stack([train[int(i)][0] for i in proto]).to(self.device, dtype)
         log.info(
             "heatmap: %d outliers paired with ID prototypes (%s pairing), feature range [%.3g, %.3g]",
             len(pool),

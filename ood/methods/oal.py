@@ -159,10 +159,10 @@ def extract_features(
     net: Backbone, dataset: Dataset, batch_size: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(penultimate features [n, D], labels [n]) of `net` in eval mode over `dataset`, in dataset order."""
-    device = next(net.parameters()).device
+    weight = next(net.parameters())
     feats, labels = [], []
     for x, y in _loader(dataset, batch_size):
-        feats.append(net.run(x.to(device)).features.float().cpu())
+        feats.append(net.run(x.to(weight.device, weight.dtype)).features.float().cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(feats), torch.cat(labels)
 
@@ -324,7 +324,7 @@ class OAL(OODMethod):
         )
         self.teacher.requires_grad_(False).eval()
         feats, labels = self._teacher_features(benchmark, path)
-        self.outliers_knn = self._sample(feats, labels).to(self.device)
+        self.outliers_knn = self._sample(feats, labels).to(self.device, self.backbone.fc.weight.dtype)
         if len(self.outliers_knn) < datamodule.batch_size:
             raise ConfigError(
                 f"oal: {len(self.outliers_knn)} boundary outliers < batch size {datamodule.batch_size}; raise method.knn_repeats"
