@@ -8,12 +8,14 @@
   `trainer.max_epochs` (the cosine schedule's `T_max` lives in the checkpoint and would not follow).
 - `flat_config` / `identity` / `config_group`: the resolved config flattened (the hyper-parameters of every
   logger and checkpoint), and the part of it that names a configuration regardless of the seed.
+- `CSVLogger`: Lightning's CSV logger keeping the columns already in `metrics.csv` (spawned DDP: fit, then test).
 - `build_loggers`: the configured loggers with the flattened config as hyper-parameters; wandb also gets
   `group` = configuration without the seed, `job_type` = task, tags from method, data and backbone.
 """
 
 from __future__ import annotations
 
+import csv
 import difflib
 import hashlib
 import itertools
@@ -27,7 +29,9 @@ from typing import Any
 import numpy as np
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import csv_logs
 from omegaconf import DictConfig, OmegaConf
 
 from ood.errors import CheckpointError, ConfigError
@@ -223,6 +227,31 @@ def config_group(cfg: DictConfig, choices: Mapping[str, Any]) -> str:
     digest = hashlib.sha1(json.dumps(identity(flat_config(cfg))).encode()).hexdigest()[:8]
     names = [str(choices.get(g, "")) for g in ("method", "data", "backbone")]
     return "-".join([*filter(None, names), digest])
+
+
+class _KeepColumnsWriter(csv_logs.ExperimentWriter):
+    """Writes `metrics.csv` with the union of its own keys and the columns already in the file."""
+
+    def save(self) -> None:
+        if self.metrics and self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                header = next(csv.reader(file), [])
+            self.metrics_keys = sorted(set(self.metrics_keys) | set(header))
+        super().save()
+
+
+class CSVLogger(csv_logs.CSVLogger):
+    """Lightning's `CSVLogger` whose writer keeps the file's existing columns. Under a spawning strategy
+    (`trainer=ddp_cpu`) each stage pickles the parent's writer, which never saw the keys an earlier stage's child
+    wrote: Lightning's writer would rewrite the file with the test keys only and fail on the training rows."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> csv_logs.ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepColumnsWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def build_loggers(cfg: DictConfig, choices: Mapping[str, Any]) -> list[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -14,8 +15,9 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from torch.multiprocessing import ProcessRaisedException
 
-from ood import CONFIG_DIR
+from ood import CONFIG_DIR, errors
 from ood.errors import ConfigError, OODError
 from ood.evaluation.callback import OODEvaluation
 from ood.runs import (
@@ -144,13 +146,31 @@ def friendly_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig],
     def wrapper(cfg: DictConfig) -> Any:
         try:
             return task(cfg)
-        except OODError as err:
-            print(f"error: {err}", file=sys.stderr)
+        except Exception as err:
+            user = user_error(err)
+            if user is None:
+                raise
+            print(f"error: {user}", file=sys.stderr)
             if _in_multirun():
-                raise  # Hydra marks this job failed and runs the others (SystemExit would end the sweep)
+                raise user from None  # Hydra marks this job failed and runs the others (SystemExit ends the sweep)
             sys.exit(1)
 
     return wrapper
+
+
+def user_error(err: BaseException) -> OODError | None:
+    """The user's mistake behind `err`: itself when it is an `OODError`, or the `OODError` a spawned DDP rank raised
+    (`trainer=ddp_cpu`: torch's `ProcessRaisedException` carries only the rank's traceback text, whose last line is
+    `ood.errors.<Class>: <message>`); None for anything else (a bug: its traceback is shown)."""
+    if isinstance(err, OODError):
+        return err
+    if isinstance(err, ProcessRaisedException):
+        lines = str(err).strip().splitlines()
+        match = re.fullmatch(r"(?:ood\.errors\.)?(\w+): (.*)", lines[-1]) if lines else None
+        cls = getattr(errors, match[1], None) if match else None
+        if isinstance(cls, type) and issubclass(cls, OODError):
+            return cls(match[2])
+    return None
 
 
 def _in_multirun() -> bool:

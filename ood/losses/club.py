@@ -17,12 +17,18 @@ from __future__ import annotations
 import torch
 
 
-def club(mu: torch.Tensor, logvar: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+def club(mu: torch.Tensor, logvar: torch.Tensor, samples: torch.Tensor, anchors: slice | None = None) -> torch.Tensor:
     """vCLUB estimate from the conditional mean `mu` [N, D] and log-variance `logvar` [N, D] of q(h | o_i) and the
-    paired `samples` h [N, D] (row i is the positive of row i; all rows are the negatives)."""
+    paired `samples` h [N, D] (row i is the positive of row i; all rows are the negatives).
+
+    `anchors` (DDP, default: every row): `mu`, `logvar` hold only the rows `samples[anchors]` (this rank's share of
+    a global batch gathered in `samples`); the estimate is the mean over those anchors, each against every sample,
+    so the mean over equal-sized ranks is the estimate of the whole batch.
+    """
+    positives = samples if anchors is None else samples[anchors]
     inv_var = 0.5 * torch.exp(-logvar)
-    positive = -((mu - samples) ** 2) * inv_var
-    # [N, N, D] differences, averaged over j (the released broadcast; N x N x D floats)
+    positive = -((mu - positives) ** 2) * inv_var
+    # [n, N, D] differences, averaged over j (the released broadcast; n x N x D floats)
     negative = -((samples.unsqueeze(0) - mu.unsqueeze(1)) ** 2).mean(1) * inv_var
     return (positive.sum(-1) - negative.sum(-1)).mean()
 

@@ -138,14 +138,19 @@ class OODMethod(LightningModule):
                     f"{self.name}: training loss is {value.item()} at step {step} (epoch {epoch}, batch {index}); "
                     "lower the learning rate or check the inputs"
                 )
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        self.log_metrics({"train/loss": loss}, len(batch), prog_bar=True)
         return loss
+
+    def log_metrics(self, values: Mapping[str, torch.Tensor], batch_size: int, prog_bar: bool = False) -> None:
+        """Log per-batch values averaged over DDP ranks (`sync_dist`: each rank holds a shard of the global batch,
+        so a rank-0 value would describe a fraction of it; a no-op on one device)."""
+        self.log_dict(dict(values), batch_size=batch_size, prog_bar=prog_bar, sync_dist=True)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         logits = self(batch.x)
         n = len(batch)
-        self.log("val/loss", F.cross_entropy(logits, batch.y), prog_bar=False, batch_size=n)
-        self.log("val/acc", (logits.argmax(1) == batch.y).float().mean(), prog_bar=True, batch_size=n)
+        self.log_metrics({"val/loss": F.cross_entropy(logits, batch.y)}, n)
+        self.log_metrics({"val/acc": (logits.argmax(1) == batch.y).float().mean()}, n, prog_bar=True)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimiser gets: everything not frozen."""

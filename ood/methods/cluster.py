@@ -305,7 +305,7 @@ class ClusterMethod(OODMethod):
         ids = y if self.hparams.objective == "supcon" else batch.index  # dataset indices: unique across ranks
         (p, ids), anchors = gather_global(self, p, ids.repeat(2))
         loss = supcon(p, ids, self.temperature, anchors=anchors)
-        self.log("train/contrastive_loss", loss, batch_size=len(batch))
+        self.log_metrics({"train/contrastive_loss": loss}, len(batch))
         return loss + zero_touch(self.backbone.fc.parameters())
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

@@ -165,7 +165,7 @@ class EnergyOE(OODMethod):
         # one pass over ID and outliers together, as the released code (batch-norm statistics see both)
         h = self.backbone.features(torch.cat([batch.x, batch.x_out]))[0]
         terms = self.loss_terms(batch, self.backbone.fc(h), h)
-        self.log_dict({f"train/{k}": v for k, (_, v) in terms.items()}, batch_size=len(batch))
+        self.log_metrics({f"train/{k}": v for k, (_, v) in terms.items()}, len(batch))
         loss = torch.zeros((), device=h.device)
         for weight, value in terms.values():
             loss = loss + weight * value

@@ -371,12 +371,12 @@ class HeatmapOOD(OODMethod):
         targets = torch.cat([inputs[:n], self.to_unit(self._pool_t[rows])])
         loss = heatmap_loss(heat, inputs, targets, self.alpha)
         with torch.no_grad():
-            self.log_dict(
+            self.log_metrics(
                 {
                     "train/heatmap_id": heatmap_loss(heat[:n], inputs[:n], targets[:n], self.alpha),
                     "train/heatmap_ood": heatmap_loss(heat[n:], inputs[n:], targets[n:], self.alpha),
                 },
-                batch_size=len(x),
+                len(x),
             )
         return loss
 

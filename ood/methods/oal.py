@@ -26,7 +26,9 @@ Released-code quirks, and where this differs:
 - `club_fit: as_released` (default): the q-networks minimise the same total loss (so they *lower* the CLUB value
   instead of fitting q); `mle`: q is fitted by maximum likelihood (`ood.losses.club_nll`, the released but never
   called `learning_loss`) on detached h, while the student minimises CLUB through a detached q.
-- The outlier rows are drawn with `torch.randperm` from the global RNG every step (released: the same).
+- The outlier rows of a step are drawn with `torch.randperm` from a generator seeded by (`sampling_seed`, step)
+  (released: the global RNG), so every DDP rank draws the same global-batch rows; CLUB is estimated over the global
+  batch (each rank's rows against every rank's h, `ood.losses.club(..., anchors=)`), as on one device.
 - Token-norm rescaling of the outliers (the norm of a CLIP token embedding, about 27) needs the CLIP text encoder:
   `outlier_norm: clip_token` reads per-class token embeddings from `token_embeddings=<file.npy>`; `teacher_mean`
   (the digits default) rescales to the class's mean teacher-feature norm; a float is used as given.
@@ -63,6 +65,7 @@ from ood.errors import ConfigError, DataNotFoundError
 from ood.features.bank import FeatureBank
 from ood.losses import club, club_nll, distill_kl
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
+from ood.methods.distributed import gather_global
 from ood.methods.oal_sampling import boundary_samples, class_count
 from ood.models.base import Backbone
 from ood.models.checkpoint import load_modules, read_state_dict
@@ -432,12 +435,16 @@ class OAL(OODMethod):
 
     # ----- training ---------------------------------------------------------------------------------------------
     def _club_term(self, net: CLUBNet, bank: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """CLUB(o, h) over N = len(h) random bank rows; with `club_fit=mle` plus q's own likelihood fit."""
-        o = bank[torch.randperm(len(bank), device=bank.device)[: len(h)]]
-        mu, logvar = net(o)
+        """CLUB(o, h) over the global batch: N = global batch size random bank rows (drawn from (sampling_seed, step),
+        the same on every rank), this rank's rows as anchors against every rank's h (gathered with gradients), so
+        DDP trains on the single-device estimate; with `club_fit=mle` plus q's own likelihood fit."""
+        (samples,), anchors = gather_global(self, h)
+        gen = torch.Generator().manual_seed(self.sampling_seed * 1_000_003 + self.global_step)
+        rows = torch.randperm(len(bank), generator=gen)[: len(samples)][anchors].to(bank.device)
+        mu, logvar = net(bank[rows])
         if self.club_fit == "as_released":
-            return club(mu, logvar, h)
-        return club(mu.detach(), logvar.detach(), h) + club_nll(mu, logvar, h.detach())
+            return club(mu, logvar, samples, anchors)
+        return club(mu.detach(), logvar.detach(), samples, anchors) + club_nll(mu, logvar, h.detach())
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
         out = self.backbone.run(batch.x)
@@ -458,7 +465,7 @@ class OAL(OODMethod):
         if self.club_sd is not None:
             terms["club_sd"] = self._club_term(self.club_sd, self.outliers_sd, out.features)
             weights["club_sd"] = self.w_mi_sd
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=len(batch))
+        self.log_metrics({f"train/{k}": v for k, v in terms.items()}, len(batch))
         return sum(weights[k] * v for k, v in terms.items())
 
     def trainable_parameters(self) -> list[dict[str, Any]]:  # type: ignore[override]

@@ -61,7 +61,7 @@ class OutlierExposure(OODMethod):
         n = len(batch)
         logits = self.backbone(torch.cat([batch.x, batch.x_out]))
         ce, oe = F.cross_entropy(logits[:n], batch.y), outlier_exposure(logits[n:])
-        self.log_dict({"train/ce": ce, "train/oe": oe}, batch_size=n)
+        self.log_metrics({"train/ce": ce, "train/oe": oe}, n)
         return ce + self.lam * oe
 
     def ood_score(self, bank: FeatureBank) -> torch.Tensor:
