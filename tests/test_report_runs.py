@@ -16,12 +16,14 @@ from ood.report import aggregate, load_rows, main, to_latex
 SETS = {"near_set": "near", "far_set": "far"}
 
 
-def _run(folder: Path, seed: int, epochs: int, auroc: float, *, method: str = "ce", ckpt: Path | None = None) -> Path:
+def _run(folder: Path, seed: int, epochs: int, auroc: float, *, method: str = "ce", ckpt: Path | None = None,
+         init: str | None = None) -> Path:
     """A run folder as `ood-train` (or `ood-eval` when `ckpt`) leaves it, with msp and energy rows."""
     folder.mkdir(parents=True)
     config = {"seed": seed, "train": ckpt is None, "ckpt_path": str(ckpt) if ckpt else None,
               "trainer": {"max_epochs": epochs, "enable_progress_bar": False},
-              "method": {"_target_": f"ood.methods.{method}", "optimizer": {"lr": 0.05}, "scheduler": {"T_max": epochs}},
+              "method": {"_target_": f"ood.methods.{method}", "optimizer": {"lr": 0.05}, "scheduler": {"T_max": epochs},
+                         "init": {"ckpt": init, "modules": None, "freeze": []}},
               "data": {"batch_size": 64, "num_workers": 0}, "backbone": {"width": 32}, "paths": {"output_dir": str(folder)}}
     OmegaConf.save(OmegaConf.create(config), folder / "config.yaml")
     rows = [{"method": method, "detector": det, "backbone": "small_cnn", "id_dataset": "digits", "ood_dataset": s,
@@ -55,6 +57,14 @@ def test_configurations_are_never_averaged(runs: Path) -> None:
     assert by[("ce", "msp", "1")]["seeds"] == 2 and by[("ce", "msp", "1")]["near/auroc"][:2] == pytest.approx((0.75, 0.0707107))
     assert by[("ce", "msp", "3")]["seeds"] == 1, "re-evaluating a checkpoint does not add a seed"
     assert by[("ce", "msp", "3")]["id_acc"][0] == pytest.approx(0.9) and "id_acc" in metric_cols
+
+
+def test_fine_tunes_of_each_seeds_own_init_are_one_configuration(tmp_path: Path) -> None:
+    """`method.init.ckpt=logs/ce_s${seed}/...`: the per-seed starting checkpoints do not split the seeds."""
+    for seed in (0, 1, 2):
+        _run(tmp_path / f"oe_s{seed}", seed, 10, 0.8 + seed / 100, method="oe", init=f"logs/ce_s{seed}/checkpoints/last.ckpt")
+    config_cols, _, table = aggregate(load_rows([tmp_path]))
+    assert "method.init.ckpt" not in config_cols and {e["seeds"] for e in table} == {3} and len(table) == 2
 
 
 def test_by_chooses_the_grouping_and_warns(runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
