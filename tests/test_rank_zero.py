@@ -110,3 +110,21 @@ def test_memory_mapped_banks_score_exactly_as_in_ram(name: str, kwargs: dict, tm
     train, test = bank(60, tmp_path / "train"), bank(9, tmp_path / "test")
     assert mapped_from(train.features, tmp_path / "train" / "features.npy") and not mapped_from(ram_bank.features, tmp_path)
     assert torch.equal(build_detector(name, **kwargs).fit(train).score(test), ram)
+
+
+def test_sync_reducers_computes_pending_reducers_once() -> None:
+    """What the callback calls on every rank before evaluating on rank 0: each updated reducer is computed (its
+    collective) in first-update order, then no longer pending; later `compute` calls return the same result."""
+    from ood.features import reduce
+
+    sums, first = reduce.ClassSums(2), reduce.FirstN(2, ["x"])
+    index, labels, x = torch.arange(4), torch.tensor([0, 1, 0, 1]), torch.arange(4.0)[:, None].repeat(1, 2)
+    sums.update(index, labels, x=x)
+    first.update(index=index, x=x)
+    pending = [v for _, v in sorted(reduce._PENDING.items()) if v is sums or v is first]
+    assert len(pending) == 2 and pending[0] is sums and pending[1] is first
+    reduce.sync_reducers()
+    assert not any(v is sums or v is first for v in reduce._PENDING.values())
+    totals, counts = sums.compute()
+    assert counts.tolist() == [2, 2] and totals["x"].tolist() == [[2.0, 2.0], [4.0, 4.0]]
+    assert first.compute()["x"].tolist() == [[0.0, 0.0], [1.0, 1.0]]
