@@ -5,7 +5,8 @@
 the peak resident memory above the process's baseline (banks already in memory; Linux VmHWM after a reset).
 
 Detectors: knn (k = 50, L2-normalised), mahalanobis, rmds, vim (dim 1000) and GROOD's gradient bank (1-NN of
-test gradients among train gradients). The "their way" columns re-implement what the public code does (read in
+test gradients among train gradients). `ours` is the default index (knn `index=auto`: exact below 200 k rows, IVF
+from there; GROOD `index=exact`); `ours-exact` / `ours-ivf` force one. The "their way" columns re-implement what the public code does (read in
 Jingkang50/OpenOOD `openood/postprocessors/{knn,mds,rmds,vim,grood}_postprocessor.py` and kkirchheim/pytorch-ood
 `src/pytorch_ood/detector/{knn,mahalanobis,rmd,vim}.py`; no code copied):
 - OpenOOD: knn = NumPy normalisation + `faiss.IndexFlatL2` over the whole bank; mds / rmds = per-class centred
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 
 IMPLS = {
-    "knn": ["ours", "openood", "pytorch-ood"],
+    "knn": ["ours", "ours-exact", "openood", "pytorch-ood"],
     "mahalanobis": ["ours", "openood", "pytorch-ood"],
     "rmds": ["ours", "openood", "pytorch-ood"],
     "vim": ["ours", "openood", "pytorch-ood"],
@@ -140,7 +141,7 @@ def ours(name: str, d: dict[str, torch.Tensor], index: str = "auto") -> torch.Te
         return KNNIndex("l2", kind=index, device="cpu").add(d["h"]).search(d["t"].float(), 1)[0][:, 0]
     train = FeatureBank(d["lh"], d["h"], d["y"], d["w"], d["b"])
     test = FeatureBank(d["lt"], d["t"], None, d["w"], d["b"])
-    kwargs = {"knn": {"k": 50}, "vim": {"dim": vim_dim(d["h"].shape[1])}}.get(name, {})
+    kwargs = {"knn": {"k": 50, "index": index}, "vim": {"dim": vim_dim(d["h"].shape[1])}}.get(name, {})
     return build_detector(name, **kwargs).fit(train).score(test)
 
 
@@ -254,13 +255,15 @@ def one(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         with AnonPeak() as anon:
             if impl.startswith("ours"):
-                ours(name, d, index="ivf" if impl == "ours-ivf" else "auto")
+                # GROOD's own default is an exact index (`method.index=exact`); knn's is `auto`
+                default = "exact" if name == "grood_bank" else "auto"
+                ours(name, d, index={"ours-ivf": "ivf", "ours-exact": "exact"}.get(impl, default))
             elif impl == "openood":
                 openood(name, d, args.score_rows)
             else:
                 pytorch_ood(name, d, args.score_rows)
         seconds = time.perf_counter() - start
-    scaled = impl != "ours" and impl != "ours-ivf" and name in ("mahalanobis", "rmds")
+    scaled = not impl.startswith("ours") and name in ("mahalanobis", "rmds")
     print(json.dumps({"seconds": seconds, "scaled": scaled, "base_gb": base, "extra_gb": status_gb("VmHWM") - base,
                       "anon_gb": anon.gb}))
 
