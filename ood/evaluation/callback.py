@@ -111,7 +111,7 @@ class OODEvaluation(Callback):
         return Path(tempfile.mkdtemp(prefix="banks-", dir=self.bank_dir))
 
     def _banks(
-        self, splits: Sequence[EvalSplit], pl_module: OODMethod, group: Any, spill: Path | None
+        self, splits: Sequence[EvalSplit], pl_module: OODMethod, group: Any = None, spill: Path | None = None
     ) -> dict[str, FeatureBank] | None:
         """Every split's bank on global rank 0 (None elsewhere): each rank's shard goes to rank 0 only
         (`gather_to_rank_zero`), into RAM or, with `bank_dir`, into memory-mapped files; shards are freed as sent."""
