@@ -23,7 +23,6 @@ from torchmetrics.utilities import dim_zero_cat
 
 from ood.features.collector import SplitCollector
 
-
 #: reducers updated since their last `compute`, keyed by first-update order (weak: a dropped reducer leaves it)
 _PENDING: weakref.WeakValueDictionary[int, ClassSums | FirstN] = weakref.WeakValueDictionary()
 _ORDER = itertools.count()
