@@ -5,7 +5,8 @@
 the peak resident memory above the process's baseline (banks already in memory; Linux VmHWM after a reset).
 
 Detectors: knn (k = 50, L2-normalised), mahalanobis, rmds, vim (dim 1000) and GROOD's gradient bank (1-NN of
-test gradients among train gradients). The "their way" columns re-implement what the public code does (read in
+test gradients among train gradients). `ours` is the default index (knn `index=auto`: exact below 200 k rows, IVF
+from there; GROOD `index=exact`); `ours-exact` / `ours-ivf` force one. The "their way" columns re-implement what the public code does (read in
 Jingkang50/OpenOOD `openood/postprocessors/{knn,mds,rmds,vim,grood}_postprocessor.py` and kkirchheim/pytorch-ood
 `src/pytorch_ood/detector/{knn,mahalanobis,rmd,vim}.py`; no code copied):
 - OpenOOD: knn = NumPy normalisation + `faiss.IndexFlatL2` over the whole bank; mds / rmds = per-class centred
@@ -17,7 +18,15 @@ Jingkang50/OpenOOD `openood/postprocessors/{knn,mds,rmds,vim,grood}_postprocesso
   centred Gram sums, `torch.linalg.inv`, per class `mm(mm(z, P), z.T).diag()` over a batch; vim = as OpenOOD.
   pytorch-ood has no GROOD.
 The per-class N x N products of the mds / rmds scoring (OpenOOD, pytorch-ood) cost C x B x (D^2 + B D) flops per
-batch of B: they are timed on `--score-rows` test rows and scaled linearly to `--m` (marked `*`).
+batch of B: that scoring is timed on `--score-rows` test rows and scaled linearly to `--m` (marked `*`; the fit is
+timed as is).
+`--memmap` runs ours on banks in memory-mapped .npy files (`evaluation.bank_dir`): the peak then also reports the
+anonymous (non-file) resident memory, sampled every 10 ms.
+
+`python -m benchmarks.bench_scale --gather N [--world 2]` measures instead the memory each DDP rank (gloo, CPU
+processes) needs to bring a fit split of N rows x (`--dim` features + `--classes` logits) together, with
+Lightning's padded sampler: `all_gather` (every rank receives every row: `SplitCollector.compute`, the torchmetrics
+sync) vs `rank0` (`gather_to_rank_zero`, the evaluation callback's way) vs `rank0-memmap` (`bank_dir`).
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,7 +45,7 @@ import numpy as np
 import torch
 
 IMPLS = {
-    "knn": ["ours", "openood", "pytorch-ood"],
+    "knn": ["ours", "ours-exact", "openood", "pytorch-ood"],
     "mahalanobis": ["ours", "openood", "pytorch-ood"],
     "rmds": ["ours", "openood", "pytorch-ood"],
     "vim": ["ours", "openood", "pytorch-ood"],
@@ -56,23 +67,64 @@ def reset_peak() -> None:
         f.write("5")
 
 
-def banks(n: int, m: int, dim: int, classes: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Class-structured non-negative features, a random head, labels; generated chunk-wise (low peak)."""
+class AnonPeak:
+    """Peak `RssAnon` (resident memory not backed by a file: what a memory-mapped bank does not count) of this
+    process, sampled every 10 ms by a thread while in the `with` block; `.gb` above the value at entry."""
+
+    def __enter__(self) -> AnonPeak:
+        self.base = self.peak = status_gb("RssAnon")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, status_gb("RssAnon"))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, status_gb("RssAnon"))
+
+    @property
+    def gb(self) -> float:
+        return self.peak - self.base
+
+
+def _alloc(shape: tuple[int, ...], dtype: torch.dtype, path: Path | None) -> torch.Tensor:
+    """In RAM, or a memory-mapped .npy at `path` (through the evaluation's own allocation)."""
+    from ood.features.collector import _empty
+
+    return _empty(shape, dtype, path, torch.device("cpu"))
+
+
+def banks(n: int, m: int, dim: int, classes: int, dtype: torch.dtype, out_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """Class-structured non-negative features, a random head, labels, logits (`lh`, `lt`); generated chunk-wise (low
+    peak), in RAM or (with `out_dir`) in memory-mapped .npy files reopened read-only (copy-on-write) as the evaluation
+    callback does with `bank_dir`."""
+    from ood.features.collector import open_bank_file
+
     gen = torch.Generator().manual_seed(0)
     centres = torch.rand(classes, dim, generator=gen) * 2
     w, b = torch.randn(classes, dim, generator=gen) / dim**0.5, torch.randn(classes, generator=gen)
 
-    def make(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def make(rows: int, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         y = torch.arange(rows) % classes
-        h = torch.empty(rows, dim, dtype=dtype)
+        paths = [None, None] if out_dir is None else [out_dir / f"{name}_features.npy", out_dir / f"{name}_logits.npy"]
+        h, logits = _alloc((rows, dim), dtype, paths[0]), _alloc((rows, classes), torch.float32, paths[1])
         for s in range(0, rows, 65536):
             e = min(rows, s + 65536)
-            h[s:e] = (centres[y[s:e]] + torch.randn(e - s, dim, generator=gen)).clamp_min(0).to(dtype)
-        return h, y
+            chunk = (centres[y[s:e]] + torch.randn(e - s, dim, generator=gen)).clamp_min(0).to(dtype)
+            h[s:e], logits[s:e] = chunk, chunk.float() @ w.T + b
+        if out_dir is not None:
+            del h, logits
+            h, logits = (open_bank_file(p) for p in paths)
+        return h, y, logits
 
-    h, y = make(n)
-    t, _ = make(m)
-    return {"h": h, "y": y, "t": t, "w": w, "b": b}
+    h, y, lh = make(n, "train")
+    t, _, lt = make(m, "test")
+    return {"h": h, "y": y, "t": t, "w": w, "b": b, "lh": lh, "lt": lt}
 
 
 def vim_dim(features: int) -> int:
@@ -88,16 +140,20 @@ def ours(name: str, d: dict[str, torch.Tensor], index: str = "auto") -> torch.Te
 
     if name == "grood_bank":
         return KNNIndex("l2", kind=index, device="cpu").add(d["h"]).search(d["t"].float(), 1)[0][:, 0]
-    logits = lambda x: torch.cat([x[s : s + 65536].float() @ d["w"].T + d["b"] for s in range(0, len(x), 65536)])  # noqa: E731
-    train = FeatureBank(logits(d["h"]), d["h"], d["y"], d["w"], d["b"])
-    test = FeatureBank(logits(d["t"]), d["t"], None, d["w"], d["b"])
-    kwargs = {"knn": {"k": 50}, "vim": {"dim": vim_dim(d["h"].shape[1])}}.get(name, {})
+    train = FeatureBank(d["lh"], d["h"], d["y"], d["w"], d["b"])
+    test = FeatureBank(d["lt"], d["t"], None, d["w"], d["b"])
+    kwargs = {"knn": {"k": 50, "index": index}, "vim": {"dim": vim_dim(d["h"].shape[1])}}.get(name, {})
     return build_detector(name, **kwargs).fit(train).score(test)
 
 
 # ----- OpenOOD's way -------------------------------------------------------------------------------------------------
+#: seconds spent in `_class_scores_batched` in this process (the part scaled from `--score-rows` to `--m`)
+SCORING_SECONDS = [0.0]
+
+
 def _class_scores_batched(t: np.ndarray, means: np.ndarray, precision: np.ndarray, batch: int = 256) -> np.ndarray:
     """-(x - mu_c) P (x - mu_c)^T diagonals, per batch and per class (OpenOOD's and pytorch-ood's scoring)."""
+    start = time.perf_counter()
     prec = torch.from_numpy(precision).float()
     out = []
     for s in range(0, len(t), batch):
@@ -107,6 +163,7 @@ def _class_scores_batched(t: np.ndarray, means: np.ndarray, precision: np.ndarra
             tensor = x - torch.from_numpy(means[c])[None]
             scores[:, c] = -torch.matmul(torch.matmul(tensor, prec), tensor.t()).diag()
         out.append(scores)
+    SCORING_SECONDS[0] += time.perf_counter() - start
     return torch.cat(out).numpy()
 
 
@@ -194,23 +251,29 @@ def one(args: argparse.Namespace) -> None:
     import ood.detectors  # noqa: F401
     import ood.knn  # noqa: F401
 
-    d = banks(args.n, args.m, args.dim, args.classes, getattr(torch, args.dtype))
-    import gc
-
-    gc.collect()
-    reset_peak()
-    base = status_gb("VmRSS")
     name, impl = args.one
-    start = time.perf_counter()
-    if impl.startswith("ours"):
-        ours(name, d, index="ivf" if impl == "ours-ivf" else "auto")
-    elif impl == "openood":
-        openood(name, d, args.score_rows)
-    else:
-        pytorch_ood(name, d, args.score_rows)
-    seconds = time.perf_counter() - start
-    scaled = impl != "ours" and impl != "ours-ivf" and name in ("mahalanobis", "rmds")
-    print(json.dumps({"seconds": seconds, "scaled": scaled, "base_gb": base, "extra_gb": status_gb("VmHWM") - base}))
+    with tempfile.TemporaryDirectory(dir=args.memmap_dir) as tmp:
+        d = banks(args.n, args.m, args.dim, args.classes, getattr(torch, args.dtype), Path(tmp) if args.memmap else None)
+        import gc
+
+        gc.collect()
+        reset_peak()
+        base = status_gb("VmRSS")
+        start = time.perf_counter()
+        with AnonPeak() as anon:
+            if impl.startswith("ours"):
+                # GROOD's own default is an exact index (`method.index=exact`); knn's is `auto`
+                default = "exact" if name == "grood_bank" else "auto"
+                ours(name, d, index={"ours-ivf": "ivf", "ours-exact": "exact"}.get(impl, default))
+            elif impl == "openood":
+                openood(name, d, args.score_rows)
+            else:
+                pytorch_ood(name, d, args.score_rows)
+        seconds = time.perf_counter() - start
+    scaled = not impl.startswith("ours") and name in ("mahalanobis", "rmds")
+    print(json.dumps({"seconds": seconds, "scaled": scaled, "scoring_seconds": SCORING_SECONDS[0], "base_gb": base,
+                      "extra_gb": status_gb("VmHWM") - base,
+                      "anon_gb": anon.gb}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,34 +286,112 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--score-rows", type=int, default=256, help="test rows the per-class N x N scorers run on")
     parser.add_argument("--only", default=",".join(IMPLS), help="comma-separated detectors")
+    parser.add_argument("--impls", default="", help="comma-separated implementations (default: all)")
+    parser.add_argument("--memmap", action="store_true", help="ours on memory-mapped banks (evaluation.bank_dir)")
+    parser.add_argument("--memmap-dir", default=None, help="where the memory-mapped banks go (default: the temp dir)")
+    parser.add_argument("--gather", type=int, default=0, help="measure per-rank gather memory for this many rows")
+    parser.add_argument("--world", type=int, default=2, help="ranks of --gather")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--gather-mode", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         one(args)
         return
+    if args.gather:
+        gather_table(args)
+        return
     print(f"synthetic banks: train {args.n} x {args.dim}, test {args.m}, {args.classes} classes, {args.threads} threads; "
-          f"ours on {args.dtype} banks")
-    print("| detector | implementation | fit + score (s) | x ours | peak extra memory (GB) | x ours |")
-    print("|---|---|---|---|---|---|")
+          f"ours on {args.dtype} banks" + (" (memory-mapped)" if args.memmap else ""))
+    print("| detector | implementation | fit + score (s) | x ours | peak extra memory (GB) | x ours | of it anonymous (GB) |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.only.split(","):
         ref: dict[str, float] = {}
         for impl in IMPLS[name]:
+            if args.impls and impl not in args.impls.split(","):
+                continue
             dtype = args.dtype if impl.startswith("ours") else "float32"
             cmd = [sys.executable, "-m", "benchmarks.bench_scale", "--one", name, impl, "--n", str(args.n), "--m", str(args.m),
                    "--dim", str(args.dim), "--classes", str(args.classes), "--dtype", dtype, "--threads", str(args.threads),
                    "--score-rows", str(args.score_rows)]
+            if args.memmap and impl.startswith("ours"):
+                cmd += ["--memmap"] + (["--memmap-dir", args.memmap_dir] if args.memmap_dir else [])
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 ref = ref or {"s": float("nan"), "gb": float("nan")}
-                print(f"| {name} | {impl} | failed: {out.stderr.strip().splitlines()[-1]} | | | |", flush=True)
+                print(f"| {name} | {impl} | failed: {out.stderr.strip().splitlines()[-1]} | | | | |", flush=True)
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            seconds = r["seconds"] * (args.m / min(args.score_rows, args.m) if r["scaled"] else 1)
+            # only the per-class scoring is scaled from --score-rows to --m test rows; the fit is timed as is
+            seconds = r["seconds"] + r["scoring_seconds"] * (args.m / min(args.score_rows, args.m) - 1) * r["scaled"]
             if impl == "ours":
                 ref = {"s": seconds, "gb": max(r["extra_gb"], 1e-3)}
             mark = "*" if r["scaled"] else ""
             print(f"| {name} | {impl} | {seconds:.1f}{mark} | {seconds / ref['s']:.1f} | {r['extra_gb']:.2f} | "
-                  f"{r['extra_gb'] / ref['gb']:.1f} |", flush=True)
+                  f"{r['extra_gb'] / ref['gb']:.1f} | {r['anon_gb']:.2f} |", flush=True)
+
+
+# ----- per-rank memory of the DDP gather --------------------------------------------------------------------------
+GATHER_MODES = ("all_gather", "rank0", "rank0-memmap")
+
+
+def gather_rank(rank: int, args: argparse.Namespace, init: str, out: str) -> None:
+    """One spawned gloo rank: its padded shard of the fit split in a `SplitCollector`, then one way of gathering."""
+    import torch.distributed as dist
+    from torch.utils.data import DistributedSampler
+
+    from ood.features.collector import SplitCollector, gather_to_rank_zero, rank_zero_group, release_group
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=args.world)
+    gen = torch.Generator().manual_seed(rank)
+    collector = SplitCollector(["features", "logits", "labels"])
+    shard = torch.tensor(list(DistributedSampler(range(args.gather), num_replicas=args.world, rank=rank, shuffle=False)))
+    for index in shard.split(4096):
+        collector.update(index=index, features=torch.randn(len(index), args.dim, generator=gen),
+                         logits=torch.randn(len(index), args.classes, generator=gen), labels=index % args.classes)
+    group = rank_zero_group()
+    dist.barrier()
+    import gc
+
+    gc.collect()
+    reset_peak()
+    base = status_gb("VmRSS")
+    start = time.perf_counter()
+    with AnonPeak() as anon, tempfile.TemporaryDirectory(dir=args.memmap_dir) as tmp:
+        if args.gather_mode == "all_gather":
+            rows = len(collector.compute()["index"])
+        else:
+            local = collector.local()
+            collector.reset()  # as the evaluation callback: the shard lists go once concatenated
+            got = gather_to_rank_zero(local, Path(tmp) if args.gather_mode == "rank0-memmap" else None, group=group)
+            rows = 0 if got is None else len(got["index"])
+            del local, got
+        dist.barrier(group=group)
+        seconds = time.perf_counter() - start
+        extra = status_gb("VmHWM") - base
+    release_group(group)
+    Path(out, f"{rank}.json").write_text(json.dumps({"rows": rows, "shard": len(shard), "extra_gb": extra,
+                                                     "anon_gb": anon.gb, "seconds": seconds}))
+    dist.destroy_process_group()
+
+
+def gather_table(args: argparse.Namespace) -> None:
+    """Per-rank peak memory of each gather mode (one fresh set of spawned ranks per mode)."""
+    import torch.multiprocessing as mp
+
+    torch.set_num_threads(1)
+    gb = args.gather * (args.dim + args.classes) * 4 / 2**30
+    print(f"fit split {args.gather} rows x ({args.dim} features + {args.classes} logits) float32 = {gb:.2f} GB, "
+          f"{args.world} gloo ranks (shard {gb / args.world:.2f} GB each)")
+    print("| mode | rank | rows it receives | peak extra memory (GB) | of it anonymous (GB) | time (s) |")
+    print("|---|---|---|---|---|---|")
+    for mode in GATHER_MODES:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.gather_mode = mode
+            mp.spawn(gather_rank, args=(args, f"file://{tmp}/rendezvous", tmp), nprocs=args.world, join=True)
+            for rank in range(args.world):
+                r = json.loads(Path(tmp, f"{rank}.json").read_text())
+                print(f"| {mode} | {rank} | {r['rows']} | {r['extra_gb']:.2f} | {r['anon_gb']:.2f} | {r['seconds']:.1f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

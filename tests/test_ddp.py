@@ -1,4 +1,5 @@
-"""DDP-exact evaluation: 2 CPU processes (gloo, spawn) give exactly the single-process results."""
+"""DDP-exact evaluation: 2 CPU processes (gloo, spawn) give exactly the single-process results (rank 0 gathers and
+evaluates; `tests/test_rank_zero.py` checks that the other rank never holds the bank)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ def test_ddp_cpu_evaluation_equals_single_process(tmp_path: Path) -> None:
     common = [f"ckpt_path={ckpt}", "detectors.names=[msp,energy,mahalanobis,knn]", "data.eval_batch_size=64",
               "trainer.enable_progress_bar=false"]
     single = run_config(tmp_path / "single", common, config_name="eval")
-    ddp = run_config(tmp_path / "ddp", [*common, "trainer=ddp_cpu"], config_name="eval")
+    # rank 0 alone gathers and evaluates, here on memory-mapped banks (deleted afterwards)
+    ddp = run_config(tmp_path / "ddp", [*common, "trainer=ddp_cpu", f"evaluation.bank_dir={tmp_path / 'banks'}"],
+                     config_name="eval")
+    assert (tmp_path / "banks").is_dir() and not list((tmp_path / "banks").iterdir())
     key = lambda r: (r["detector"], r["ood_dataset"])  # noqa: E731
     assert len(ddp) == len(single) == 16
     assert sorted(single, key=key) == sorted(ddp, key=key)

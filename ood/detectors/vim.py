@@ -40,7 +40,9 @@ class ViM(Detector):
         zeros = torch.zeros(len(bank), dtype=torch.long, device=bank.features.device)
         _, vecs = torch.linalg.eigh(centred_gram(bank.features, zeros, self.u_[None].to(bank.features.device)) / len(bank))
         self.eigvecs_ = vecs.flip(1)  # columns by decreasing eigenvalue
-        self.max_logit_mean_ = float(bank.logits.double().max(1).values.mean())
+        # max in the bank's dtype (exact), chunk by chunk: no float64 copy of ImageNet's 1.28 M x 1000 train logits
+        max_logits = torch.cat([bank.logits[rows].max(1).values for rows in row_chunks(len(bank))])
+        self.max_logit_mean_ = float(max_logits.double().mean())
         self.train_ = bank.features
         self.alpha_: dict[int, float] = {}
         return self

@@ -1,14 +1,18 @@
 """`OODEvaluation`: the one evaluation callback behind `ood-train` (after fit) and `ood-eval`.
 
 During `trainer.test` it caches, from one forward pass per split, whatever the method's `eval_outputs` returns
-(DDP-exact via `SplitCollector`); at the end of the epoch it builds a `FeatureBank` per split (with the method's
-own linear head), hands them to the pure `Evaluator` (method score, every detector, metrics) and passes the
-`EvaluationResult` to each configured sink (results file, logger scalars, wandb, run table).
+(per rank, in a `SplitCollector`); at the end of the epoch the shards go to global rank 0 only (DDP-exact:
+deduplicated on the dataset index, `gather_to_rank_zero`), which builds a `FeatureBank` per split (with the method's
+own linear head), hands them to the pure `Evaluator` (method score, every detector, metrics) and broadcasts the
+`EvaluationResult`; every rank passes it to each configured sink (results file, logger scalars, wandb, run table).
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +24,14 @@ from ood.errors import ConfigError
 from ood.evaluation.evaluator import EvaluationResult, Evaluator
 from ood.evaluation.sinks import Sink
 from ood.features.bank import FeatureBank
-from ood.features.collector import SplitCollector
+from ood.features.collector import (
+    SplitCollector,
+    broadcast_from_rank_zero,
+    gather_to_rank_zero,
+    rank_zero_group,
+    release_group,
+)
+from ood.features.reduce import sync_reducers
 from ood.methods.base import OODMethod
 
 #: detectors that read float16 feature banks (chunked float64 statistics or logits only); see `feature_dtype`
@@ -37,6 +48,12 @@ class OODEvaluation(Callback):
         info: run facts copied into every result row (backbone, seed, ...).
         feature_dtype: `float32`, or `float16` to collect, gather and keep the penultimate features in half
             precision (half the memory of every bank at ImageNet scale; detectors in `FLOAT16_DETECTORS` only).
+        bank_dir: None keeps the gathered banks in RAM (on the module's device); a directory puts them in
+            memory-mapped `<bank_dir>/banks-*/<split>/<field>.npy` files on rank 0 (CPU; deleted after the
+            evaluation).
+
+    Under DDP each rank's shard goes to global rank 0 only, which builds the banks and evaluates; the other ranks
+    receive the result (rows, scores, diagnostics) and run the same sinks (those that write act on rank 0).
     """
 
     def __init__(
@@ -45,6 +62,7 @@ class OODEvaluation(Callback):
         sinks: Mapping[str, Sink] | Sequence[Sink] = (),
         info: Mapping[str, Any] | None = None,
         feature_dtype: str = "float32",
+        bank_dir: str | Path | None = None,
     ) -> None:
         if feature_dtype not in ("float32", "float16"):
             raise ConfigError(f"evaluation.feature_dtype={feature_dtype!r} is unknown; choices: ['float32', 'float16']")
@@ -52,6 +70,7 @@ class OODEvaluation(Callback):
         if unsafe:
             raise ConfigError(f"evaluation.feature_dtype=float16 supports the detectors {sorted(FLOAT16_DETECTORS)}; not {unsafe}")
         self.feature_dtype = getattr(torch, feature_dtype)
+        self.bank_dir = Path(bank_dir) if bank_dir is not None else None
         self.evaluator = evaluator
         self.sinks = list(sinks.values()) if isinstance(sinks, Mapping) else list(sinks)
         self.evaluator.info.update(info or {})
@@ -84,19 +103,33 @@ class OODEvaluation(Callback):
             self._collectors[dataloader_idx] = SplitCollector(fields).to(pl_module.device)
         self._collectors[dataloader_idx].update(**{**outputs, "features": outputs["features"].to(self.feature_dtype)})
 
-    def _banks(self, splits: Sequence[EvalSplit], pl_module: OODMethod) -> dict[str, FeatureBank]:
+    def _spill_dir(self) -> Path | None:
+        """A fresh directory under `bank_dir` for this evaluation's memory-mapped banks (None: banks in RAM)."""
+        if self.bank_dir is None:
+            return None
+        self.bank_dir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="banks-", dir=self.bank_dir))
+
+    def _banks(
+        self, splits: Sequence[EvalSplit], pl_module: OODMethod, group: Any = None, spill: Path | None = None
+    ) -> dict[str, FeatureBank] | None:
+        """Every split's bank on global rank 0 (None elsewhere): each rank's shard goes to rank 0 only
+        (`gather_to_rank_zero`), into RAM or, with `bank_dir`, into memory-mapped files; shards are freed as sent."""
         # banks are float32 whatever the trainer precision (bf16/fp16 autocast outputs would break float64 detectors)
         weight, bias = (t.detach().float() for t in pl_module.linear_head())
         banks = {}
         for i, split in enumerate(splits):
             if i not in self._collectors:
                 raise RuntimeError(f"evaluation split {split.name!r} produced no batches")
-            # torchmetrics squeezes one-element results to 0-d: restore the per-sample axis
-            data = {
-                k: v.reshape(-1) if k in ("index", "labels") else v.to(self.feature_dtype) if k == "features"
-                else v.float() if v.is_floating_point() else v
-                for k, v in self._collectors[i].compute().items()
+            rows = {
+                k: v.to(self.feature_dtype) if k == "features" else v.float() if v.is_floating_point() else v
+                for k, v in self._collectors[i].local().items()
             }
+            self._collectors[i].reset()
+            data = gather_to_rank_zero(rows, None if spill is None else spill / split.name, pl_module.device, group)
+            del rows
+            if data is None:
+                continue
             labels = data.pop("labels")
             banks[split.name] = FeatureBank(
                 logits=data.pop("logits"),
@@ -107,24 +140,57 @@ class OODEvaluation(Callback):
                 index=data.pop("index"),
                 extras=data,
             )
-        return banks
+        self._collectors = {}
+        return banks if data is not None else None
 
     # ----- evaluation ----------------------------------------------------------------------------------------
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Gather to global rank 0, evaluate there, broadcast the (small) result to every rank, run the sinks.
+
+        Collectives a method needs (its `ood.features.reduce` reducers) run first, on every rank; the evaluation
+        itself (setup, detectors, input-perturbing passes over the raw loaders) uses no collective.
+        """
         assert isinstance(pl_module, OODMethod)
         datamodule = trainer.datamodule
         splits = datamodule.eval_splits
+        sync_reducers()
+        group = rank_zero_group()
+        spill = self._spill_dir() if trainer.is_global_zero else None
+        try:
+            banks = self._banks(splits, pl_module, group, spill)
+            outcome: EvaluationResult | str | None = None
+            error: Exception | None = None
+            if banks is not None:
+                try:
+                    outcome = self._evaluate(datamodule, pl_module, banks)
+                except Exception as err:  # noqa: BLE001 - re-raised below, once the other ranks know
+                    outcome, error = f"evaluation failed on global rank 0: {err!r}", err
+                del banks
+            outcome = broadcast_from_rank_zero(outcome, group)
+        finally:
+            release_group(group)
+            if spill is not None:
+                shutil.rmtree(spill, ignore_errors=True)
+        if error is not None:
+            raise error
+        if isinstance(outcome, str):
+            raise RuntimeError(outcome)
+        assert isinstance(outcome, EvaluationResult)
+        self.result = outcome
+        for sink in self.sinks:
+            sink.write(self.result, trainer, pl_module)
+
+    def _evaluate(self, datamodule: OODDataModule, pl_module: OODMethod, banks: dict[str, FeatureBank]) -> EvaluationResult:
+        splits = datamodule.eval_splits
         loaders = dict(zip([s.name for s in splits], datamodule.test_dataloader()))
-        self.result = self.evaluator.evaluate(
+        return self.evaluator.evaluate(
             pl_module,
-            self._banks(splits, pl_module),
+            banks,
             splits,
             id_dataset=datamodule.name,
             data_facts={"input_std": datamodule.benchmark.input_std},
             model_scores=lambda det, split: self._model_scores(det, pl_module, loaders[split]),
         )
-        for sink in self.sinks:
-            sink.write(self.result, trainer, pl_module)
 
     @staticmethod
     def _model_scores(det: Detector, pl_module: LightningModule, loader: torch.utils.data.DataLoader) -> torch.Tensor:

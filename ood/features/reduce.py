@@ -5,10 +5,16 @@ Lightning's distributed sampler pads every rank's share of an evaluation split w
 the rank's *last* sample. `ClassSums` holds each rank's last sample back from its sums and, after the sync, adds it
 only when no other rank summed its index, so the sums equal the single-process ones (up to float summation order).
 `FirstN` is a `SplitCollector` (cat states, deduplicated and sorted by index) that keeps rows with index < n.
+
+Both sync at `compute` (a collective: every rank must call it). The evaluation runs on global rank 0 only, so the
+evaluation callback first calls `sync_reducers()` on every rank: it computes every reducer updated since its last
+`compute`, in first-update order (the same on every rank); the method's later `compute` calls return the result.
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -16,6 +22,32 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from ood.features.collector import SplitCollector
+
+#: reducers updated since their last `compute`, keyed by first-update order (weak: a dropped reducer leaves it)
+_PENDING: weakref.WeakValueDictionary[int, ClassSums | FirstN] = weakref.WeakValueDictionary()
+_ORDER = itertools.count()
+
+
+def _mark_pending(reducer: ClassSums | FirstN) -> None:
+    if getattr(reducer, "_sync_key", None) is None:
+        reducer._sync_key = next(_ORDER)
+        _PENDING[reducer._sync_key] = reducer
+
+
+def _forget(reducer: ClassSums | FirstN) -> None:
+    _PENDING.pop(getattr(reducer, "_sync_key", None), None)
+    reducer._sync_key = None
+
+
+def sync_reducers() -> None:
+    """`compute` (and so sync across ranks) every reducer with updates not yet computed, in first-update order.
+
+    Call it on every rank before work that runs on one rank only (the evaluation on rank 0).
+    """
+    for key in sorted(_PENDING.keys()):
+        reducer = _PENDING.get(key)
+        if reducer is not None:
+            reducer.compute()
 
 
 class _Sums(Metric):
@@ -60,6 +92,7 @@ class ClassSums:
 
     def update(self, index: torch.Tensor, labels: torch.Tensor, **values: torch.Tensor) -> None:
         """Add one batch; its last sample waits until the next batch (or the sync) in case it is padding."""
+        _mark_pending(self)
         if self._sums is None:
             shapes = {k: tuple(v.shape[1:]) for k, v in values.items()}
             dtypes = {k: self.dtypes.get(k, v.dtype) for k, v in values.items()}
@@ -89,6 +122,7 @@ class ClassSums:
     def compute(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """(sums per field [C, ...], counts [C]), synced across ranks; computed once."""
         if self._result is None:
+            _forget(self)
             self.finish()
             assert self._sums is not None and self._tail is not None
             sums, tail = self._sums.compute(), self._tail.compute()
@@ -110,5 +144,10 @@ class FirstN(SplitCollector):
         self.n = n
 
     def update(self, index: torch.Tensor, **values: torch.Tensor) -> None:  # type: ignore[override]
+        _mark_pending(self)
         keep = index < self.n
         super().update(index[keep], **{k: v[keep] for k, v in values.items()})
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        _forget(self)
+        return super().compute()
