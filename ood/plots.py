@@ -121,7 +121,7 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     from ood.runs import atomic_write
 
     path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight"))
     plt.close(fig)
     return path
 

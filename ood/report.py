@@ -45,6 +45,17 @@ FPR95_CONVENTIONS = {"id_positive": "fpr95", "ood_positive": "fpr95_oodpos"}
 TRAINING_KEYS = ("trainer.max_epochs", "method.optimizer.", "method.scheduler.")
 
 
+def seeded_keys(run_dir: str | Path) -> set[str]:
+    """The run's config keys that interpolate `${seed}` (`ood.runs.seed_keys`), read from Hydra's unresolved copy of
+    the config (`.hydra/config.yaml`; none without it): they vary with the seed, so they never split seeds."""
+    from omegaconf import OmegaConf
+
+    from ood.runs import seed_keys
+
+    raw = Path(run_dir) / ".hydra" / "config.yaml"
+    return seed_keys(OmegaConf.load(raw)) if raw.is_file() else set()
+
+
 def run_facts(run_dir: str | Path) -> tuple[dict[str, str], str]:
     """(configuration without the seed, model) of one run folder, from its `config.yaml`.
 
@@ -61,7 +72,7 @@ def run_facts(run_dir: str | Path) -> tuple[dict[str, str], str]:
     if not (run_dir / "config.yaml").is_file():
         return {}, own
     flat = flat_config(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))  # type: ignore[arg-type]
-    config = identity(flat)
+    config = identity(flat, seeded_keys(run_dir))
     if flat.get("train", True) or not flat.get("ckpt_path"):
         return config, own
     ckpt = Path(str(flat["ckpt_path"]))
@@ -70,7 +81,7 @@ def run_facts(run_dir: str | Path) -> tuple[dict[str, str], str]:
     config = {k: v for k, v in config.items() if not k.startswith(TRAINING_KEYS)}
     if ckpt.parent.name == "checkpoints" and trained.is_file():
         train_flat = flat_config(OmegaConf.to_container(OmegaConf.load(trained)))  # type: ignore[arg-type]
-        config.update({k: v for k, v in identity(train_flat).items() if k.startswith(TRAINING_KEYS)})
+        config.update({k: v for k, v in identity(train_flat, seeded_keys(trained.parent)).items() if k.startswith(TRAINING_KEYS)})
     else:
         config["ckpt"] = str(ckpt)
     return config, str(ckpt.resolve())
@@ -88,9 +99,11 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
             raise OODError(f"no such file or folder: {path}")
         for file in files:
             config, model = run_facts(file.parent)
+            seeded = sorted(seeded_keys(file.parent))
             for line in file.read_text().splitlines():
                 if line.strip():
-                    rows.append({**json.loads(line), "_run": str(file.parent), "_config": config, "_model": model})
+                    rows.append({**json.loads(line), "_run": str(file.parent), "_config": config, "_model": model,
+                                 "_seeded": seeded})
     if not rows:
         raise OODError(f"no results.jsonl found under {', '.join(map(str, paths))}")
     seen: dict[tuple[str, ...], str] = {}
@@ -135,14 +148,16 @@ def _tuned_keys(row: Mapping[str, Any]) -> set[str]:
 
 def _flat_params(row: Mapping[str, Any]) -> dict[str, str]:
     """Configuration columns of a row. Left out, like tuned detector values: `method_params.fitted` (statistics a
-    method fits from data, e.g. Energy-OE's margins) and `init.ckpt` (the starting weights, one per seed when each
-    seed fine-tunes its own CE run)."""
+    method fits from data, e.g. Energy-OE's margins), `init.ckpt` (the starting weights, one per seed when each
+    seed fine-tunes its own CE run) and parameters that interpolate `${seed}` (`seeded_keys`)."""
     out = {}
-    skip = {"detector_params": _tuned_keys(row), "method_params": {"fitted"}}
+    seeded = set(row.get("_seeded") or ())
+    skip = {"detector_params": _tuned_keys(row), "method_params": {"fitted"} | {k[len("method."):] for k in seeded}}
     for prefix, key in (("method", "method_params"), ("detector", "detector_params")):
         for name, value in (row.get(key) or {}).items():
-            if key == "method_params" and name == "init" and isinstance(value, Mapping):
-                value = {k: v for k, v in value.items() if k != "ckpt"}
+            if key == "method_params" and isinstance(value, Mapping):  # init.ckpt, and ${seed} keys such as teacher.seed
+                value = {k: v for k, v in value.items()
+                         if f"method.{name}.{k}" not in seeded and not (name == "init" and k == "ckpt")}
             if name not in skip[key]:
                 out[f"{prefix}.{name}"] = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
     return out

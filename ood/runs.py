@@ -22,7 +22,7 @@ import itertools
 import json
 import os
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,18 +214,29 @@ def flat_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def identity(flat: Mapping[str, Any]) -> dict[str, str]:
-    """The flattened keys that name a configuration, seed excluded (values as canonical JSON strings)."""
+def seed_keys(raw: DictConfig | Mapping[str, Any]) -> set[str]:
+    """Flattened keys whose unresolved value interpolates `${seed}` (e.g. OAL's `method.sampling_seed`): they vary
+    with the seed, so they are part of the seed, not of the configuration."""
+    container = OmegaConf.to_container(raw, resolve=False) if isinstance(raw, DictConfig) else dict(raw)
+    out: dict[str, Any] = {}
+    _flatten({k: v for k, v in container.items() if k != "hydra"}, "", out)
+    return {k for k, v in out.items() if isinstance(v, str) and "${seed}" in v}
+
+
+def identity(flat: Mapping[str, Any], seeded: Collection[str] = ()) -> dict[str, str]:
+    """The flattened keys that name a configuration, seed and the `seeded` keys (`seed_keys`) excluded (values as
+    canonical JSON strings)."""
     return {
         k: v if isinstance(v, str) else json.dumps(v, sort_keys=True)
         for k, v in sorted(flat.items())
-        if k.startswith(IDENTITY_PREFIXES) and k not in NOT_IDENTITY and not k.endswith(("_dir", ".root"))
+        if k.startswith(IDENTITY_PREFIXES) and k not in NOT_IDENTITY and k not in seeded
+        and not k.endswith(("_dir", ".root"))
     }
 
 
 def config_group(cfg: DictConfig, choices: Mapping[str, Any]) -> str:
     """`<method>-<data>-<backbone>-<hash of the configuration without the seed>`: the wandb group of a run."""
-    digest = hashlib.sha1(json.dumps(identity(flat_config(cfg))).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(json.dumps(identity(flat_config(cfg), seed_keys(cfg))).encode()).hexdigest()[:8]
     names = [str(choices.get(g, "")) for g in ("method", "data", "backbone")]
     return "-".join([*filter(None, names), digest])
 

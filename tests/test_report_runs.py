@@ -67,6 +67,24 @@ def test_fine_tunes_of_each_seeds_own_init_are_one_configuration(tmp_path: Path)
     assert "method.init.ckpt" not in config_cols and {e["seeds"] for e in table} == {3} and len(table) == 2
 
 
+def test_parameters_interpolating_the_seed_do_not_split_seeds(tmp_path: Path) -> None:
+    """OAL's `method.sampling_seed: ${seed}` (Hydra's unresolved `.hydra/config.yaml` says so) varies with the seed:
+    three seeds are one configuration, in the run config and in the rows' method_params alike."""
+    for seed in (0, 1, 2):
+        run = _run(tmp_path / f"oal_s{seed}", seed, 10, 0.8, method="oal")
+        config = OmegaConf.load(run / "config.yaml")
+        config.method.sampling_seed, config.method.teacher = seed, {"seed": seed, "epochs": 30}
+        OmegaConf.save(config, run / "config.yaml")
+        config.method.sampling_seed, config.method.teacher.seed = "${seed}", "${seed}"
+        (run / ".hydra").mkdir()
+        OmegaConf.save(config, run / ".hydra" / "config.yaml")
+        rows = [{**json.loads(line), "method_params": {"sampling_seed": seed, "teacher": {"seed": seed, "epochs": 30}}}
+                for line in (run / "results.jsonl").read_text().splitlines()]
+        (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config_cols, _, table = aggregate(load_rows([tmp_path]))
+    assert not any("seed" in c for c in config_cols) and {e["seeds"] for e in table} == {3} and len(table) == 2
+
+
 def test_by_chooses_the_grouping_and_warns(runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config_cols, _, table = aggregate(load_rows([runs / "sweep"]), by=["method.optimizer.lr"])
     assert config_cols[-1] == "method.optimizer.lr"
