@@ -9,7 +9,7 @@ import torch
 from sklearn import metrics as skm
 
 from benchmarks.common import Timing, time_alternating
-from ood.evaluation.metrics import ood_metrics
+from ood.metrics import ood_metrics
 
 
 def openood_sklearn(id_s: np.ndarray, ood_s: np.ndarray) -> dict[str, float]:

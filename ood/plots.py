@@ -8,7 +8,7 @@
 - `save_run_figures`: the ROC and histogram figures of one run into `<run>/figures/`.
 - `roc_points` / `wandb_roc`: the same ROC vertices, thinned, as a wandb table and line plot.
 
-Curves come from `ood.evaluation.metrics.roc_curve`, the code that computes the reported AUROC/FPR95.
+Curves come from `ood.metrics.roc_curve`, the code that computes the reported AUROC/FPR95.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 import numpy as np  # noqa: E402
 
-from ood.evaluation.metrics import roc_curve  # noqa: E402
+from ood.metrics import roc_curve  # noqa: E402
 
 #: ID scores of one scorer per split name (`test` is ID test; the others are OOD sets)
 SplitScores = Mapping[str, Any]
@@ -118,7 +118,7 @@ def auroc_bars(entries: Sequence[tuple[str, Mapping[str, tuple[float, float]]]],
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
-    from ood.runs import atomic_write
+    from ood.files import atomic_write
 
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight"))

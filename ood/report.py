@@ -458,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     first = Path(args.paths[0])
     out = args.out or (first if first.is_dir() else first.parent)
     out.mkdir(parents=True, exist_ok=True)
-    from ood.runs import atomic_write, atomic_write_text
+    from ood.files import atomic_write, atomic_write_text
 
     atomic_write_text(out / "report.md", markdown)
     atomic_write(out / "report.csv", lambda tmp: write_csv(tmp, config_cols, metric_cols, table))

@@ -1,6 +1,6 @@
 """Run plumbing that makes a run trustworthy: atomic files, resumable checkpoints, the run's identity.
 
-- `AtomicCheckpoint`: Lightning's `ModelCheckpoint` writing `<file>.tmp` then `os.replace` (a crash never leaves
+- Atomic files live in `ood.files`. `AtomicCheckpoint`: Lightning's `ModelCheckpoint` writing `<file>.tmp` then `os.replace` (a crash never leaves
   a half-written checkpoint). `RunState`: the resolved config in every checkpoint, and the global RNG states
   across a resume, so an interrupted and resumed CPU run draws the same augmentations as an uninterrupted one.
 - `resolve_ckpt_path`: `ckpt_path=last` / a run folder / a file -> the checkpoint file, with one-line errors.
@@ -22,7 +22,7 @@ import itertools
 import json
 import os
 import random
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from lightning.pytorch.loggers import csv_logs
 from omegaconf import DictConfig, OmegaConf
 
 from ood.errors import CheckpointError, ConfigError
+from ood.files import atomic_write_text
 from ood.utils import get_logger, instantiate
 
 log = get_logger(__name__)
@@ -46,34 +47,6 @@ IDENTITY_PREFIXES = ("method.", "backbone.", "data.", "trainer.max_epochs")
 NOT_IDENTITY = ("data.num_workers", "data.pin_memory", "data.download", "data.eval_batch_size", "method.init.ckpt")
 #: the file a failed run leaves in its folder (read by `ood-report`)
 FAILED_FILE = "FAILED.txt"
-
-
-# ----- atomic files ------------------------------------------------------------------------------------------
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary file next to `path`, then rename it onto `path` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` atomically."""
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def atomic_savez(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """`np.savez_compressed` to `path` atomically."""
-
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:
-            np.savez_compressed(f, **arrays)
-
-    atomic_write(path, write)
 
 
 # ----- checkpoints -------------------------------------------------------------------------------------------
@@ -364,7 +337,7 @@ def validation_aurocs(scorers: Sequence[Any], split_names: Sequence[str]) -> dic
 
     Empty when the benchmark has no validation OOD set.
     """
-    from ood.evaluation.metrics import ood_metrics
+    from ood.metrics import ood_metrics
 
     if not {"val", "val_ood"} <= set(split_names):
         return {}

@@ -23,9 +23,9 @@ from ood.detectors import (
 from ood.detectors.base import Detector
 from ood.detectors.tempscale import fit_temperature
 from ood.errors import ConfigError
-from ood.evaluation.metrics import ood_metrics
 from ood.evaluation.scoring import grid_points
 from ood.features.bank import FeatureBank
+from ood.metrics import ood_metrics
 
 C, D = 4, 16
 #: hyper-parameters the synthetic contract tests need (ViM's default dim=256 is larger than D)

@@ -8,7 +8,7 @@ import torch
 from sklearn import metrics as skm
 
 from ood.errors import NonFiniteError
-from ood.evaluation.metrics import ood_metrics
+from ood.metrics import ood_metrics
 
 
 def sklearn_reference(id_s: np.ndarray, ood_s: np.ndarray) -> dict[str, float]:

@@ -11,10 +11,10 @@ from torch import nn
 
 from ood.detectors import DetectorNotApplicable, build_detector, detector_class
 from ood.detectors.base import Detector
-from ood.evaluation.metrics import ood_metrics
 from ood.evaluation.scoring import detector_scorers, fit_detector, grid_points
 from ood.features.bank import FeatureBank
 from ood.knn import KNNIndex
+from ood.metrics import ood_metrics
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from helpers import FAST, rows_by, run_config
 
-from ood.evaluation.metrics import ood_metrics  # noqa: F401 - imported to fail early if metrics break
+from ood.metrics import ood_metrics  # noqa: F401 - imported to fail early if metrics break
 
 REQUIRED = {
     "method", "detector", "backbone", "id_dataset", "ood_dataset", "ood_group", "seed",

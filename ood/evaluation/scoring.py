@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from ood.data.benchmark import EvalSplit
 from ood.detectors.base import Detector, DetectorNotApplicable, build_detector, detector_class, hparam_names
-from ood.evaluation.metrics import ood_metrics
 from ood.features.bank import FeatureBank
+from ood.metrics import ood_metrics
 from ood.utils import check_finite, get_logger
 
 log = get_logger(__name__)

@@ -53,11 +53,11 @@ from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit, Stream
 from ood.detectors.logits import energy_score
 from ood.errors import ConfigError
-from ood.evaluation.metrics import ood_metrics
 from ood.features.bank import FeatureBank
 from ood.losses import cluster_focal, energy_margin, free_energy, push_away
 from ood.losses.cluster_focal import squared_distances
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
+from ood.metrics import ood_metrics
 from ood.models.base import Backbone
 from ood.utils import get_logger
 
