@@ -136,7 +136,7 @@ def vim_dim(features: int) -> int:
 def ours(name: str, d: dict[str, torch.Tensor], index: str = "auto") -> torch.Tensor:
     from ood.detectors import build_detector
     from ood.features.bank import FeatureBank
-    from ood.knn import KNNIndex
+    from ood.neighbors import KNNIndex
 
     if name == "grood_bank":
         return KNNIndex("l2", kind=index, device="cpu").add(d["h"]).search(d["t"].float(), 1)[0][:, 0]
@@ -249,7 +249,7 @@ def one(args: argparse.Namespace) -> None:
     import sklearn.neighbors  # noqa: F401
 
     import ood.detectors  # noqa: F401
-    import ood.knn  # noqa: F401
+    import ood.neighbors  # noqa: F401
 
     name, impl = args.one
     with tempfile.TemporaryDirectory(dir=args.memmap_dir) as tmp:

@@ -17,6 +17,7 @@ from ood.data.benchmark import EvalSplit
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.losses import supcon
+from ood.methods.augment import TensorAugment
 from ood.methods.cluster import (
     ClusterMethod,
     cluster_distances,
@@ -24,7 +25,6 @@ from ood.methods.cluster import (
     global_separation,
     percentile_cdf,
 )
-from ood.methods.contrastive import TensorAugment
 from ood.models.small_cnn import SmallCNN
 
 

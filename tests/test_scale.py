@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import ood.detectors.mahalanobis as mahalanobis_module
-import ood.knn as knn_module
+import ood.neighbors as knn_module
 from ood.detectors import build_detector
 from ood.features.bank import FeatureBank
-from ood.knn import KNNIndex
+from ood.neighbors import KNNIndex
 
 
 def _banks(dtype: torch.dtype = torch.float32) -> tuple[FeatureBank, FeatureBank]:

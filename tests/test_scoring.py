@@ -13,8 +13,8 @@ from ood.detectors import DetectorNotApplicable, build_detector, detector_class
 from ood.detectors.base import Detector
 from ood.evaluation.scoring import detector_scorers, fit_detector, grid_points
 from ood.features.bank import FeatureBank
-from ood.knn import KNNIndex
 from ood.metrics import ood_metrics
+from ood.neighbors import KNNIndex
 
 
 @pytest.fixture

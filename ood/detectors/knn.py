@@ -1,4 +1,4 @@
-"""Nearest-neighbour detectors on L2-normalised penultimate features (faiss search through `ood.knn`; `index="auto"`
+"""Nearest-neighbour detectors on L2-normalised penultimate features (faiss search through `ood.neighbors`; `index="auto"`
 (default) is exact below 200 k bank rows and IVF-Flat above, e.g. on ImageNet-1K's 1.28 M; `exact` or `ivf` force
 one). The bank is normalised and added chunk by chunk (float16 banks too).
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ood.detectors.base import Detector
 from ood.detectors.logits import energy_score
 from ood.features.bank import FeatureBank
-from ood.knn import IndexKind, KNNIndex
+from ood.neighbors import IndexKind, KNNIndex
 
 
 def _normalised(bank: FeatureBank) -> torch.Tensor:

@@ -4,14 +4,14 @@ Space", SafeAI workshop @ AAAI 2022 (CEUR-WS Vol-3087), arXiv 2203.08549. Spec: 
 
 An empirical study turned into one configurable method, so every factor the paper compares can be swept:
 - `objective`: `ce` (cross-entropy), `supcon` (supervised contrastive, two views, projection head, temperature),
-  `simclr` (the same without labels); losses, head and tensor augmentation in `ood/methods/contrastive.py`.
+  `simclr` (the same without labels); losses, head and tensor augmentation in `ood/methods/augment.py`.
 - embedding z: the penultimate encoder output h (before any projection head); L2-normalised for the contrastive
   objectives, raw for CE. Clusters and distances use z.
 - the linear probe (contrastive objectives) reads `probe_features`: `raw` h (default, OODformer's `main_linear.py`)
   or `normalized` z. The feature cache holds the probe's input and logits = probe(that), so every post-hoc detector
   sees a consistent (features, head) pair; the cluster score normalises the cached features itself.
 - `clusters`: `class_mean` (one centre per class, mean train embedding) or `kmeans` (`k` centres, faiss Lloyd
-  through `ood.knn.kmeans`, k-means++ seeding, `n_init` restarts, lowest inertia kept).
+  through `ood.neighbors.kmeans`, k-means++ seeding, `n_init` restarts, lowest inertia kept).
 - `distance` d(z, c): squared Euclidean; cosine (1 - cos); squared Mahalanobis with the inverse of a `shared`
   (cluster-centred) or `per_cluster` covariance; `cov_inverse`: `pinv` (pseudo-inverse, SSD) or `inv` (OODformer's
   `np.linalg.inv`); `cov_ddof`: the covariance divides by n - ddof (0: maximum likelihood; 1: `np.cov`, OODformer).
@@ -73,12 +73,12 @@ from ood.data.benchmark import EvalSplit
 from ood.detectors.mahalanobis import class_means, gram, mahalanobis_sq
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
-from ood.knn import kmeans
 from ood.losses import supcon
+from ood.methods.augment import ProjectionHead, TensorAugment
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
-from ood.methods.contrastive import ProjectionHead, TensorAugment
 from ood.methods.distributed import gather_global, zero_touch
 from ood.models.base import Backbone
+from ood.neighbors import kmeans
 from ood.utils import get_logger
 
 log = get_logger(__name__)

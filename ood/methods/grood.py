@@ -28,7 +28,7 @@ kept samples only.
 
 Deviations from the paper and the released code:
 - `k` is honoured (distance to the k-th neighbour); the released code ignores it (1-NN). Default 1 = released.
-- `index: exact` (default) is an exact index via `ood/knn.py`. `ivf_as_released` reproduces the released faiss
+- `index: exact` (default) is an exact index via `ood/neighbors.py`. `ivf_as_released` reproduces the released faiss
   IVF-Flat (nlist = floor(4 sqrt(T)), T = min(600, int(0.8 x train batches)), nprobe 4, gradients of batch T
   dropped) except that faiss k-means is trained on the whole kept bank, not on the first T batches only.
 - The released yaml's `lam: 0.8` is unused (mix-up hard-codes 0.5): `mix_lambda` defaults to 0.5 and is used.
@@ -61,10 +61,10 @@ from ood.data.batch import Batch
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.features.reduce import ClassSums, FirstN
-from ood.knn import KNNIndex
 from ood.methods.base import OptimizerFactory, SchedulerFactory
 from ood.methods.ce import CrossEntropy
 from ood.models.base import Backbone
+from ood.neighbors import KNNIndex
 from ood.utils import get_logger
 
 log = get_logger(__name__)

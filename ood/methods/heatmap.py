@@ -12,7 +12,7 @@ heatmap M(x) in [-1, 1] of the input's shape, trained with `ood.losses.heatmap_l
   L = mean_batch sum_{c,i,j} (1 + alpha |t|) (M + x - t)^2,   alpha = 5,
 on ID training images (t = x: target heatmap 0) and an outlier-exposure pool of `num_ood` images drawn once without
 replacement (t = prototype: the ID training image with the same *predicted* class nearest in penultimate-feature
-Euclidean distance, found once per run by an exact per-class search through `ood.knn`).
+Euclidean distance, found once per run by an exact per-class search through `ood.neighbors`).
 Score (`detector=heatmap`): s(x) = -mean_{i,j} max_c |M_cij(x)| in [-1, 0] (higher = more ID), computed inside the
 one evaluation pass (`eval_outputs` returns it as the extra `heatmap_score`).
 
@@ -55,11 +55,11 @@ from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
-from ood.knn import KNNIndex
 from ood.losses import heatmap_loss
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
 from ood.models.base import Backbone
 from ood.models.decoder import HeatmapDecoder, decoder_plan
+from ood.neighbors import KNNIndex
 from ood.utils import get_logger
 
 log = get_logger(__name__)
@@ -86,7 +86,7 @@ def class_prototypes(
     query_preds: torch.Tensor,
 ) -> torch.Tensor:
     """For every query row, the bank row with the same predicted class nearest in Euclidean distance (exact
-    `ood.knn` search per class). A class no bank row is predicted as falls back to the whole bank (logged)."""
+    `ood.neighbors` search per class). A class no bank row is predicted as falls back to the whole bank (logged)."""
     proto = torch.empty(len(query_preds), dtype=torch.long)
     for cls in query_preds.unique().tolist():
         queries = query_preds == cls

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ood.knn import KNNIndex
+from ood.neighbors import KNNIndex
 
 
 def kth_distances(index: KNNIndex, queries: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,11 +1,11 @@
-"""`ood.knn`: the faiss wrapper equals brute force; k-means uses every point and k-means++ seeding."""
+"""`ood.neighbors`: the faiss wrapper equals brute force; k-means uses every point and k-means++ seeding."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ood.knn import KNNIndex, _gpu_id, kmeans, kmeans_plusplus
+from ood.neighbors import KNNIndex, _gpu_id, kmeans, kmeans_plusplus
 
 
 def test_exact_l2_equals_brute_force() -> None:
