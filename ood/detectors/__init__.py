@@ -10,10 +10,13 @@ from ood.detectors.base import (
     available_detectors,
     build_detector,
     detector_class,
+    float16_detectors,
+    relative_count,
     resolve_detectors,
 )
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Detector", "DetectorNotApplicable", "available_detectors", "build_detector", "detector_class", "resolve_detectors"]
+__all__ = ["Detector", "DetectorNotApplicable", "available_detectors", "build_detector", "detector_class", "float16_detectors", "relative_count",
+           "resolve_detectors"]

@@ -11,7 +11,19 @@ LSE(W h' + b). All act on the pooled vector, as OpenOOD v1.5 does, so they run f
   percentile of all C x D contributions; score LSE((W * M) h + b).
 - SCALE, Xu et al., "Scaling for Training Time and Post-hoc Out-of-Distribution Detection Enhancement",
   ICLR 2024 (arXiv 2310.00227): h' = h * exp(sum(h) / sum(top-k h)), k as ASH.
-ASH and SCALE need nothing fitted; ReAct fits t on ID-val, DICE its mask on train (OpenOOD's choices).
+- VRA, Xu et al., "VRA: Variational Rectified Activation for Out-of-distribution Detection", NeurIPS 2023
+  (arXiv 2302.11716), in OpenOOD's penultimate form (openood/postprocessors/vra_postprocessor.py):
+  h' = clip(h, t_low, t_high), both thresholds percentiles of all ID-val activations; grid OpenOOD's
+  percentile_high {85, 90, 95, 99} x percentile_low {1, 5, 10, 15}. The paper's full VRA also shifts the kept
+  band (z + gamma), OpenOOD's does not; pytorch-ood's `VRA` clips feature maps with per-dimension percentiles of
+  the train features, OpenOOD (followed here) one pair of thresholds over all pooled ID-val activations.
+- LTS (Logit Scaling), Djurisic, Liu & Nikolic, "Logit Scaling for Out-of-Distribution Detection", arXiv
+  2409.01175, as pytorch-ood's `LTS` (detector/lts.py; OpenOOD has none): score = LSE(f / T),
+  T = (sum(h) / sum(top-k h))^2 with k = max(1, round(p D)) (p = 0.05, no grid in the reference).
+  Deviation: a row with sum(h) = 0 or sum(top-k h) = 0 (an all-zero feature) gets T = 1 instead of 0/0 or /0.
+ASH, SCALE and LTS need nothing fitted; ReAct and VRA fit thresholds on ID-val, DICE its mask on train (OpenOOD's
+choices). State: two floats (ReAct, VRA), the C x D mask (DICE). VRA and LTS score chunk by chunk (float16 banks
+too); the percentiles go through one float64 copy of the ID-val activations.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ import torch
 
 from ood.detectors.base import Detector
 from ood.detectors.logits import energy_score, head_logits
+from ood.detectors.mahalanobis import row_chunks
 from ood.features.bank import FeatureBank
 
 
@@ -107,3 +120,45 @@ class Scale(Detector):
         # an all-zero h is unchanged by any scale: r = 0 there instead of 0/0
         r = torch.where(total != 0, h.sum(1) / torch.where(total != 0, total, 1.0), 0.0)
         return energy_score(head_logits(h * r.exp()[:, None], bank))
+
+
+class VRA(Detector):
+    """LSE(W clip(h, t_low, t_high) + b), both thresholds percentiles of the ID-val activations."""
+
+    name = "vra"
+    fit_split = "val"
+    grid = {"percentile_high": [85, 90, 95, 99], "percentile_low": [1, 5, 10, 15]}
+    float16_features = True
+
+    def __init__(self, percentile_high: float = 90, percentile_low: float = 10) -> None:
+        self.percentile_high = percentile_high
+        self.percentile_low = percentile_low
+
+    def fit(self, bank: FeatureBank) -> VRA:
+        values = bank.features.detach().to("cpu", torch.float64).numpy().reshape(-1)
+        self.threshold_low_, self.threshold_high_ = (float(t) for t in np.percentile(values, [self.percentile_low, self.percentile_high]))
+        return self
+
+    def score(self, bank: FeatureBank) -> torch.Tensor:
+        clipped = (bank.features[rows].double().clamp(self.threshold_low_, self.threshold_high_) for rows in row_chunks(len(bank)))
+        return torch.cat([energy_score(head_logits(h, bank)) for h in clipped])
+
+
+class LTS(Detector):
+    """LSE(f / T), T = (sum(h) / sum(top-k h))^2: a per-sample temperature from the activations."""
+
+    name = "lts"
+    float16_features = True
+
+    def __init__(self, p: float = 0.05) -> None:
+        self.p = p
+
+    def score(self, bank: FeatureBank) -> torch.Tensor:
+        return torch.cat([self._score(bank.features[rows].double(), bank.logits[rows]) for rows in row_chunks(len(bank))])
+
+    def _score(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        total = h.sum(1)
+        top = h.topk(max(1, round(h.shape[1] * self.p)), dim=1).values.sum(1)
+        ok = (total != 0) & (top != 0)
+        temperature = torch.where(ok, total / torch.where(ok, top, 1.0), 1.0).square()
+        return energy_score(logits.double() / temperature[:, None])

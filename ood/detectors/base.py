@@ -3,6 +3,9 @@
 A detector is a small class with a registered `name`, hyper-parameters as constructor keywords, an optional
 tuning `grid`, the ID split it is fitted on (`fit_split`), `fit(bank)` and `score(bank) -> [N]`, higher = more ID.
 Subclassing with a `name` registers it; `build_detector(name, **hparams)` is the only constructor callers use.
+A run resolves each configured name to its class once (`resolve_detectors`); everything downstream takes the class.
+Hyper-parameters that count feature dimensions (ViM's `dim`) accept a fraction of the feature dimension D
+(`relative_count`), so one grid applies to every backbone.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class Detector:
     needs_model: ClassVar[bool] = False
     #: hyper-parameters that only change `score`, not `fit`: tuning fits once per setting of the others
     score_params: ClassVar[frozenset[str]] = frozenset()
+    #: True where fit and score read float16 feature banks chunk by chunk (`evaluation.feature_dtype=float16`)
+    float16_features: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -101,32 +106,50 @@ def available_detectors() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def float16_detectors() -> list[str]:
+    """Registered detectors that accept float16 feature banks (`Detector.float16_features`), sorted."""
+    return [n for n in available_detectors() if _REGISTRY[n].float16_features]
+
+
+def relative_count(value: float, total: int) -> int:
+    """A count given absolutely (an integer, or a float >= 1) or as a fraction of `total` (a float in (0, 1),
+    rounded, at least 1): lets a grid such as ViM's `dim` say "D/2" for every backbone."""
+    if 0 < value < 1:
+        return max(1, round(value * total))
+    return int(value)
+
+
 #: named selections of the registry usable in place of a list (`detectors.names: all`)
 SELECTIONS = {"all": "every registered detector", "cached": "every detector that scores from the cache alone (no odin)"}
 
+#: a detector named by its registered name, or its class (already resolved: no registry lookup)
+DetectorRef = str | type[Detector]
 
-def resolve_detectors(names: str | Sequence[str]) -> list[str]:
-    """Detector names from a list or a registry selection (`all`, `cached`); unknown names fail listing the choices."""
+
+def resolve_detectors(names: str | Sequence[DetectorRef]) -> list[type[Detector]]:
+    """Detector classes from a list of names or a registry selection (`all`, `cached`); unknown names fail listing
+    the choices. The one registry lookup of a run: the evaluation passes the classes on."""
     if isinstance(names, str):
         if names not in SELECTIONS:
             raise ConfigError(f"unknown detector selection {names!r}; choices: {list(SELECTIONS)} or a list of names")
-        return [n for n in available_detectors() if names == "all" or not _REGISTRY[n].needs_model]
-    for name in names:
-        detector_class(name)
-    return list(names)
+        return [_REGISTRY[n] for n in available_detectors() if names == "all" or not _REGISTRY[n].needs_model]
+    return [detector_class(name) for name in names]
 
 
-def detector_class(name: str) -> type[Detector]:
+def detector_class(name: DetectorRef) -> type[Detector]:
+    """The class registered as `name` (a class is returned as it is)."""
+    if isinstance(name, type) and issubclass(name, Detector):
+        return name
     if name not in _REGISTRY:
         raise ConfigError(f"unknown detector {name!r}; available: {', '.join(available_detectors())}")
     return _REGISTRY[name]
 
 
-def build_detector(name: str, **hparams: Any) -> Detector:
-    """Construct the detector `name`; unknown names or hyper-parameters raise `ConfigError` listing the choices."""
+def build_detector(name: DetectorRef, **hparams: Any) -> Detector:
+    """Construct the detector `name` (or class); unknown names or hyper-parameters raise `ConfigError` listing the choices."""
     cls = detector_class(name)
     accepted = hparam_names(cls)
     unknown = sorted(set(hparams) - set(accepted))
     if unknown:
-        raise ConfigError(f"detector {name!r} has no hyper-parameter {unknown}; accepted: {accepted or 'none'}")
+        raise ConfigError(f"detector {cls.name!r} has no hyper-parameter {unknown}; accepted: {accepted or 'none'}")
     return cls(**hparams)

@@ -34,6 +34,7 @@ class KNN(Detector):
     """-(squared distance to the K-th nearest normalised train feature)."""
 
     name = "knn"
+    float16_features = True
     grid = {"k": [50, 100, 200, 500, 1000]}
     score_params = frozenset({"k"})
 

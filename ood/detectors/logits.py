@@ -41,6 +41,7 @@ class MSP(Detector):
     """max_c softmax(f)_c, scored as its logarithm (monotone, tie-free in float64)."""
 
     name = "msp"
+    float16_features = True
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
         return torch.log_softmax(bank.logits.double(), dim=1).max(1).values
@@ -50,6 +51,7 @@ class MaxLogit(Detector):
     """max_c f_c."""
 
     name = "maxlogit"
+    float16_features = True
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
         return bank.logits.double().max(1).values
@@ -59,6 +61,7 @@ class Energy(Detector):
     """T * logsumexp(f / T)."""
 
     name = "energy"
+    float16_features = True
     grid = {"temperature": [1.0]}
     score_params = frozenset({"temperature"})
 
@@ -73,6 +76,7 @@ class Entropy(Detector):
     """sum_c p_c log p_c (negative entropy of the softmax)."""
 
     name = "entropy"
+    float16_features = True
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
         logp = torch.log_softmax(bank.logits.double(), dim=1)
@@ -83,6 +87,7 @@ class GEN(Detector):
     """-sum_{top-M} p^gamma (1 - p)^gamma (generalised entropy of the largest M probabilities)."""
 
     name = "gen"
+    float16_features = True
     grid = {"gamma": [0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0], "M": [10, 50, 100, 200, 500, 1000]}
     score_params = frozenset({"gamma", "M"})
 

@@ -79,6 +79,7 @@ class Mahalanobis(Detector):
     """max_c -(h - mu_c)^T Sigma^+ (h - mu_c), shared covariance."""
 
     name = "mahalanobis"
+    float16_features = True
 
     def fit(self, bank: FeatureBank) -> Mahalanobis:
         assert bank.labels is not None, "mahalanobis needs labelled ID features"

@@ -36,6 +36,7 @@ class TempScale(Detector):
     """max_c log softmax(f / T)_c, T fitted on ID-val."""
 
     name = "tempscale"
+    float16_features = True
     fit_split = "val"
 
     def fit(self, bank: FeatureBank) -> TempScale:

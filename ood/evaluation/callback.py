@@ -19,7 +19,7 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 
 from ood.data.benchmark import EvalSplit, OODDataModule
-from ood.detectors.base import Detector
+from ood.detectors.base import Detector, float16_detectors
 from ood.errors import ConfigError
 from ood.evaluation.evaluator import EvaluationResult, Evaluator
 from ood.evaluation.sinks import Sink
@@ -34,10 +34,6 @@ from ood.features.collector import (
 from ood.features.reduce import sync_reducers
 from ood.methods.base import OODMethod
 
-#: detectors that read float16 feature banks (chunked float64 statistics or logits only); see `feature_dtype`
-FLOAT16_DETECTORS = frozenset({"msp", "maxlogit", "energy", "entropy", "tempscale", "gen", "klm", "knn", "mahalanobis",
-                               "rmds", "vim"})
-
 
 class OODEvaluation(Callback):
     """Cache one pass per split, evaluate, hand the result to the sinks.
@@ -47,7 +43,7 @@ class OODEvaluation(Callback):
         sinks: named sinks (`ood.evaluation.sinks`), called in order.
         info: run facts copied into every result row (backbone, seed, ...).
         feature_dtype: `float32`, or `float16` to collect, gather and keep the penultimate features in half
-            precision (half the memory of every bank at ImageNet scale; detectors in `FLOAT16_DETECTORS` only).
+            precision (half the memory of every bank at ImageNet scale; detectors with `float16_features` only).
         bank_dir: None keeps the gathered banks in RAM (on the module's device); a directory puts them in
             memory-mapped `<bank_dir>/banks-*/<split>/<field>.npy` files on rank 0 (CPU; deleted after the
             evaluation).
@@ -66,9 +62,9 @@ class OODEvaluation(Callback):
     ) -> None:
         if feature_dtype not in ("float32", "float16"):
             raise ConfigError(f"evaluation.feature_dtype={feature_dtype!r} is unknown; choices: ['float32', 'float16']")
-        unsafe = sorted(set(evaluator.detectors) - FLOAT16_DETECTORS) if feature_dtype == "float16" else []
+        unsafe = sorted(c.name for c in evaluator.detectors if not c.float16_features) if feature_dtype == "float16" else []
         if unsafe:
-            raise ConfigError(f"evaluation.feature_dtype=float16 supports the detectors {sorted(FLOAT16_DETECTORS)}; not {unsafe}")
+            raise ConfigError(f"evaluation.feature_dtype=float16 supports the detectors {float16_detectors()}; not {unsafe}")
         self.feature_dtype = getattr(torch, feature_dtype)
         self.bank_dir = Path(bank_dir) if bank_dir is not None else None
         self.evaluator = evaluator

@@ -53,7 +53,7 @@ class Evaluator:
         tune: bool = True,
         info: Mapping[str, Any] | None = None,
     ) -> None:
-        self.detectors = resolve_detectors(detectors)  # unknown names fail now, not after training
+        self.detectors = resolve_detectors(detectors)  # classes, resolved once; unknown names fail now, not after training
         self.params = {k: dict(v) for k, v in (params or {}).items()}
         self.tune = tune
         self.info = dict(info or {})

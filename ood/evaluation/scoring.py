@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ood.data.benchmark import EvalSplit
-from ood.detectors.base import Detector, DetectorNotApplicable, build_detector, detector_class, hparam_names
+from ood.detectors.base import Detector, DetectorNotApplicable, DetectorRef, build_detector, detector_class, hparam_names
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
 from ood.utils import check_finite, get_logger
@@ -104,13 +104,13 @@ def _val_scores(
 
 
 def fit_detector(
-    name: str,
+    name: DetectorRef,
     params: Mapping[str, Any],
     banks: Mapping[str, FeatureBank],
     tune: bool,
     model_scores: ModelScoreFn | None = None,
 ) -> tuple[Detector, bool]:
-    """Build detector `name`, choose its grid point on val vs val_ood (when `tune`), fit it on its split.
+    """Build detector `name` (a name or an already resolved class), choose its grid point on val vs val_ood (when `tune`), fit it on its split.
 
     Fixed `params` are never tuned. Grid points that differ only in `score_params` share one fit. Detectors
     that need the model are tuned through `model_scores(detector, split)` on `val` and `val_ood` (the extra
@@ -118,6 +118,7 @@ def fit_detector(
     Raises `DetectorNotApplicable` when no configuration applies (or the model is needed but not given).
     """
     cls = detector_class(name)
+    name = cls.name
     if cls.needs_model and model_scores is None:
         raise DetectorNotApplicable("it needs the model and the inputs, and none were given")
     free = {k: v for k, v in cls.grid.items() if k not in params}
@@ -125,7 +126,7 @@ def fit_detector(
     can_tune = tune and len(points) > 1 and "val" in banks and "val_ood" in banks
     fit_bank = banks[cls.fit_split]
     if not can_tune:
-        return build_detector(name, **params).fit(fit_bank), False
+        return build_detector(cls, **params).fit(fit_bank), False
     groups: dict[tuple[tuple[str, Any], ...], list[dict[str, Any]]] = {}
     for point in points:
         groups.setdefault(tuple((k, v) for k, v in point.items() if k not in cls.score_params), []).append(point)
@@ -135,7 +136,7 @@ def fit_detector(
         det = None
         while group and det is None:
             try:
-                det = build_detector(name, **params, **group[0]).fit(fit_bank)
+                det = build_detector(cls, **params, **group[0]).fit(fit_bank)
             except DetectorNotApplicable as err:
                 reason, group = err, group[1:]
         if det is None:
@@ -153,21 +154,21 @@ def fit_detector(
 
 
 def with_data_facts(
-    names: Sequence[str], params: Mapping[str, Mapping[str, Any]], facts: Mapping[str, Any]
+    names: Sequence[DetectorRef], params: Mapping[str, Mapping[str, Any]], facts: Mapping[str, Any]
 ) -> dict[str, dict[str, Any]]:
-    """Fixed hyper-parameters per detector, plus the `facts` about the data (e.g. `input_std`, the normalisation std
-    ODIN's input step is divided by) for every detector that accepts them, unless the user set them."""
-    out = {name: dict(params.get(name, {})) for name in names}
-    for name in names:
-        accepted = hparam_names(detector_class(name))
+    """Fixed hyper-parameters per detector name, plus the `facts` about the data (e.g. `input_std`, the normalisation
+    std ODIN's input step is divided by) for every detector that accepts them, unless the user set them."""
+    out = {}
+    for cls in map(detector_class, names):
+        out[cls.name] = dict(params.get(cls.name, {}))
         for key, value in facts.items():
-            if key in accepted:
-                out[name].setdefault(key, value)
+            if key in hparam_names(cls):
+                out[cls.name].setdefault(key, value)
     return out
 
 
 def detector_scorers(
-    names: Sequence[str],
+    names: Sequence[DetectorRef],
     params: Mapping[str, Mapping[str, Any]],
     banks: Mapping[str, FeatureBank],
     tune: bool,
@@ -178,14 +179,15 @@ def detector_scorers(
     Structurally inapplicable detectors are skipped with a warning that says why.
     """
     scorers = []
-    for name in tqdm(names, desc="fitting detectors", leave=False):
+    for cls in tqdm(list(map(detector_class, names)), desc="fitting detectors", leave=False):
+        name = cls.name
         try:
-            det, tuned = fit_detector(name, params.get(name, {}), banks, tune, model_scores)
+            det, tuned = fit_detector(cls, params.get(name, {}), banks, tune, model_scores)
         except DetectorNotApplicable as err:
             log.warning("skipping detector %s: %s", name, err)
             continue
         fn: ScoreFn = lambda split, d=det: _split_scores(d, split, banks, model_scores)  # noqa: E731
-        chosen = sorted(set(detector_class(name).grid) - set(params.get(name, {}))) if tuned else []
+        chosen = sorted(set(cls.grid) - set(params.get(name, {}))) if tuned else []
         scorers.append(Scorer(name, fn, det.hparams, chosen))
     return scorers
 
