@@ -18,18 +18,22 @@ from ood.detectors import (
     available_detectors,
     build_detector,
     detector_class,
+    float16_detectors,
+    relative_count,
     resolve_detectors,
 )
 from ood.detectors.base import Detector
 from ood.detectors.tempscale import fit_temperature
 from ood.errors import ConfigError
-from ood.evaluation.scoring import grid_points
+from ood.evaluation.scoring import detector_scorers, grid_points
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
 
 C, D = 4, 16
-#: hyper-parameters the synthetic contract tests need (ViM's default dim=256 is larger than D)
-SYNTHETIC_PARAMS: dict[str, dict[str, Any]] = {"vim": {"dim": 8}}
+#: AUROC floors below 0.9 on the synthetic banks, with the reason: the residual-only score sees nothing of an OOD
+#: feature inside the ID principal space, and this OOD split's mean (0.3 in every dimension) lies in the span of
+#: the class blocks; ViM, the same residual plus the energy, is held to 0.9
+SEPARATION_FLOORS = {"residual": 0.7}
 
 
 def _bank(features: torch.Tensor, labels: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor) -> FeatureBank:
@@ -58,8 +62,7 @@ def synthetic() -> dict[str, FeatureBank]:
 
 
 def _fitted(name: str, banks: dict[str, FeatureBank], **hparams: Any) -> Detector:
-    params = {**SYNTHETIC_PARAMS.get(name, {}), **hparams}
-    return build_detector(name, **params).fit(banks[detector_class(name).fit_split])
+    return build_detector(name, **hparams).fit(banks[detector_class(name).fit_split])
 
 
 def _scores(det: Detector, bank: FeatureBank) -> torch.Tensor:
@@ -82,7 +85,7 @@ def test_separates_synthetic_id_from_ood(name: str, synthetic: dict[str, Feature
     id_s, ood_s = _scores(det, synthetic["test"]), _scores(det, synthetic["ood"])
     assert id_s.shape == (200,) and id_s.dtype == torch.float64
     assert bool(torch.isfinite(id_s).all() and torch.isfinite(ood_s).all())
-    assert ood_metrics(id_s, ood_s)["auroc"] > 0.9, name
+    assert ood_metrics(id_s, ood_s)["auroc"] > SEPARATION_FLOORS.get(name, 0.9), name
 
 
 @pytest.mark.parametrize("name", available_detectors())
@@ -101,8 +104,6 @@ def test_score_grid_equals_fresh_detectors(name: str, synthetic: dict[str, Featu
     """The shared-work path used by tuning (one fit, `score_grid`) equals fitting each grid point afresh."""
     cls = detector_class(name)
     grid = {k: v for k, v in cls.grid.items() if k in cls.score_params}
-    if name == "vim":
-        grid = {"dim": [4, 8, 12]}
     points = grid_points(grid)
     det = _fitted(name, synthetic, **points[0])
     bank = synthetic["val"]
@@ -119,10 +120,13 @@ def test_conf_groups_resolve_from_the_registry() -> None:
     from the registry, not kept as lists; unknown selections and names list the choices."""
     load = lambda group: yaml.safe_load((Path(CONFIG_DIR) / "detectors" / f"{group}.yaml").read_text())  # noqa: E731
     registered = available_detectors()
-    assert resolve_detectors(load("all")["names"]) == registered
-    assert resolve_detectors(load("fast")["names"]) == [n for n in registered if not detector_class(n).needs_model]
-    assert "odin" in registered and "odin" not in resolve_detectors("cached")
-    assert resolve_detectors(load("none")["names"]) == []
+    names = lambda selection: [cls.name for cls in resolve_detectors(selection)]  # noqa: E731
+    assert names(load("all")["names"]) == registered
+    assert names(load("fast")["names"]) == [n for n in registered if not detector_class(n).needs_model]
+    assert "odin" in registered and "odin" not in names("cached")
+    assert names(load("none")["names"]) == []
+    # resolved once: classes pass through unchanged
+    assert resolve_detectors([detector_class("knn"), "msp"]) == [detector_class("knn"), detector_class("msp")]
     with pytest.raises(ConfigError, match=r"unknown detector selection 'every'; choices: \['all', 'cached'\]"):
         resolve_detectors("every")
     with pytest.raises(ConfigError, match="unknown detector 'msq'; available: ash"):
@@ -132,8 +136,39 @@ def test_conf_groups_resolve_from_the_registry() -> None:
 
 
 def test_vim_with_dim_at_least_feature_dim_is_not_applicable(synthetic: dict[str, FeatureBank]) -> None:
-    with pytest.raises(DetectorNotApplicable, match="dim < feature dim D=16"):
-        build_detector("vim", dim=16).fit(synthetic["train"])
+    for name in ("vim", "residual"):
+        with pytest.raises(DetectorNotApplicable, match="dim < feature dim D=16"):
+            build_detector(name, dim=16).fit(synthetic["train"])
+
+
+def test_feature_counts_are_relative_to_the_network() -> None:
+    """ViM's grid is OpenOOD's {256, 1000} at ImageNet's D=2048 written as {D/8, D/2}: it applies to every backbone."""
+    dims = lambda d: [relative_count(v, d) for v in detector_class("vim").grid["dim"]]  # noqa: E731
+    assert dims(2048) == [256, 1024] and dims(512) == [64, 256] and dims(64) == [8, 32]
+    assert relative_count(256, 2048) == 256 and relative_count(0.25, 2048) == 512 and relative_count(0.001, 64) == 1
+
+
+@pytest.mark.parametrize("feature_dim", [64, 512])
+def test_no_cached_detector_is_skipped_at_common_feature_dims(feature_dim: int) -> None:
+    """Digits' D=64 and CIFAR's D=512 (ImageNet's 2048 resolves as above): tuning every cached detector on its grid
+    leaves none out (a grid with no applicable point would skip it)."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(5, feature_dim, generator=gen)
+
+    def split(n: int, shift: float) -> FeatureBank:
+        y = torch.arange(n) % 5
+        h = (weight[y] + shift + torch.randn(n, feature_dim, generator=gen)).relu()
+        return _bank(h, y, weight, torch.zeros(5))
+
+    banks = {"train": split(150, 0.0), "val": split(60, 0.0), "val_ood": split(60, 1.0)}
+    scorers = detector_scorers(resolve_detectors("cached"), {}, banks, tune=True)
+    assert [s.name for s in scorers] == [n for n in available_detectors() if not detector_class(n).needs_model]
+
+
+def test_float16_capability_is_declared_by_each_detector() -> None:
+    """`float16_features` is a class attribute (inherited by subclasses such as rmds), listed by the registry."""
+    assert {"msp", "knn", "mahalanobis", "rmds", "vim", "residual", "openmax"} <= set(float16_detectors())
+    assert "react" not in float16_detectors() and "odin" not in float16_detectors()
 
 
 # ----- known answers ---------------------------------------------------------------------------------------------

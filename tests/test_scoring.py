@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from test_detectors import SYNTHETIC_PARAMS, synthetic  # noqa: F401 - the module-scoped bank fixture
+from test_detectors import synthetic  # noqa: F401 - the module-scoped bank fixture
 from torch import nn
 
 from ood.detectors import DetectorNotApplicable, build_detector, detector_class
@@ -68,15 +68,20 @@ def test_knn_tuning_searches_once_per_split(banks: dict[str, FeatureBank], monke
     assert searches == [400, 400] and adds == [400]  # k=1000 clipped to the 400-row bank
 
 
-def test_vim_drops_inapplicable_grid_points(banks: dict[str, FeatureBank], caplog: pytest.LogCaptureFixture) -> None:
-    """D=16: OpenOOD's grid {256, 1000} has no valid point, so the run skips vim and says why."""
+def test_vim_drops_inapplicable_grid_points(
+    banks: dict[str, FeatureBank], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """D=16: grid points with dim >= D are dropped; with none left, the run skips vim and says why."""
+    monkeypatch.setattr(detector_class("vim"), "grid", {"dim": [8, 16, 256]})
+    det, tuned = fit_detector("vim", {}, banks, tune=True)
+    assert tuned and det.dim == 8
     with pytest.raises(DetectorNotApplicable, match="dim < feature dim D=16"):
-        fit_detector("vim", {}, banks, tune=True)
+        fit_detector("vim", {"dim": 16}, banks, tune=True)
     with caplog.at_level(logging.WARNING):
-        scorers = detector_scorers(["vim", "msp"], {}, banks, tune=True)
+        scorers = detector_scorers(["vim", "msp"], {"vim": {"dim": 256}}, banks, tune=True)
     assert [s.name for s in scorers] == ["msp"]
     assert "skipping detector vim" in caplog.text and "D=16" in caplog.text
-    scorers = detector_scorers(["vim"], {"vim": SYNTHETIC_PARAMS["vim"]}, banks, tune=True)
+    scorers = detector_scorers(["vim"], {"vim": {"dim": 8}}, banks, tune=True)
     assert scorers[0].hparams == {"dim": 8} and not scorers[0].tuned
 
 
