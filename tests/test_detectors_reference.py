@@ -1,0 +1,228 @@
+"""Equality with the reference code: each cache detector against an independent transcription of its reference's
+scoring (OpenOOD's postprocessor, or pytorch-ood's detector where OpenOOD has none), written here in a few lines of
+NumPy / torch / scikit-learn on fixed synthetic features, never through the detector's code path.
+
+Deterministic computations must agree to float tolerance; the others (Weibull and mixture fits, thresholded counts)
+in ranking: Spearman rho >= 0.999 and AUROC (ID test vs OOD) within 1e-3.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from scipy.special import logsumexp
+from sklearn.decomposition import PCA
+from sklearn.mixture import GaussianMixture
+
+from ood.detectors import build_detector
+from ood.features.bank import FeatureBank
+from ood.metrics import ood_metrics
+
+C, D = 6, 32
+
+
+@pytest.fixture(scope="module")
+def ref() -> dict[str, FeatureBank]:
+    """ReLU features around a class centre each (ID) or around the mean centre (OOD); a head roughly aligned with the
+    centres (most, not all, train samples classified correctly)."""
+    gen = torch.Generator().manual_seed(7)
+    centres = 2.0 * torch.randn(C, D, generator=gen).relu()
+    w = (centres + torch.randn(C, D, generator=gen)) / D**0.5
+    b = 0.1 * torch.randn(C, generator=gen)
+
+    def split(n: int, ood: bool) -> FeatureBank:
+        y = torch.arange(n) % C
+        mean = centres.mean(0) if ood else centres[y]
+        h = (mean + (1.5 if ood else 1.0) * torch.randn(n, D, generator=gen)).relu()
+        return FeatureBank(logits=h @ w.T + b, features=h, labels=None if ood else y, weight=w, bias=b)
+
+    return {"train": split(300, False), "val": split(120, False), "test": split(150, False), "ood": split(150, True)}
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
+def _agree(ours: tuple[torch.Tensor, torch.Tensor], theirs: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+    """Spearman rho over ID test + OOD scores and the AUROC difference; asserts the rank criterion."""
+    a, b = np.concatenate([_np(s) for s in ours]), np.concatenate(theirs)
+    rho = float(scipy.stats.spearmanr(a, b).statistic)
+    auroc = lambda s: ood_metrics(torch.as_tensor(s[0]), torch.as_tensor(s[1]))["auroc"]  # noqa: E731
+    diff = abs(auroc([_np(s) for s in ours]) - auroc(theirs))
+    assert rho >= 0.999 and diff <= 1e-3, (rho, diff)
+    return rho, diff
+
+
+def _ours(name: str, banks: dict[str, FeatureBank], fit: str, **hparams: object) -> tuple[torch.Tensor, torch.Tensor]:
+    det = build_detector(name, **hparams).fit(banks[fit])
+    return det.score(banks["test"]), det.score(banks["ood"])
+
+
+def _wb(bank: FeatureBank) -> tuple[np.ndarray, np.ndarray]:
+    return _np(bank.weight), _np(bank.bias)
+
+
+# ----- OpenOOD residual_postprocessor.py: eig of the uncentred covariance of (h - u) on ID val ----------------------
+def test_residual_equals_openood(ref: dict[str, FeatureBank]) -> None:
+    w, b = _wb(ref["val"])
+    u = -np.linalg.pinv(w) @ b
+    x = _np(ref["val"].features) - u
+    vals, vecs = np.linalg.eig(x.T @ x / len(x))
+    ns = np.ascontiguousarray(vecs.T[np.argsort(-vals.real)[12:]].T.real)
+    theirs = [-np.linalg.norm((_np(ref[s].features) - u) @ ns, axis=-1) for s in ("test", "ood")]
+    ours = _ours("residual", ref, "val", dim=12)
+    for o, t in zip(ours, theirs):
+        np.testing.assert_allclose(_np(o), t, rtol=1e-5)
+    _agree(ours, theirs)
+
+
+# ----- OpenOOD relation_postprocessor.py ----------------------------------------------------------------------------
+@pytest.mark.parametrize("power", [1, 4])
+def test_relation_equals_openood(ref: dict[str, FeatureBank], power: int) -> None:
+    def normalise(f: torch.Tensor) -> torch.Tensor:
+        return f / torch.sqrt((f**2).sum(-1) + 1e-10).reshape(-1, 1)
+
+    train = ref["train"]
+    ft, pt = normalise(train.features.float()), torch.softmax(train.logits.float(), 1)
+
+    def relation(bank: FeatureBank) -> np.ndarray:
+        f, p = normalise(bank.features.float()), torch.softmax(bank.logits.float(), 1)
+        rel = torch.clamp(f @ ft.T, min=0.0) * (p @ pt.T)
+        rel = (rel.abs() > 0.03) * rel
+        return _np((rel.sign() * rel.abs() ** power).sum(-1))
+
+    theirs = [relation(ref[s]) for s in ("test", "ood")]
+    ours = _ours("relation", ref, "train", pow=power)
+    for o, t in zip(ours, theirs):
+        np.testing.assert_allclose(_np(o), t, rtol=1e-5)
+    _agree(ours, theirs)
+
+
+# ----- OpenOOD vra_postprocessor.py: clip to ID-val percentiles, energy ---------------------------------------------
+def test_vra_equals_openood(ref: dict[str, FeatureBank]) -> None:
+    acts = _np(ref["val"].features).flatten()
+    high, low = np.percentile(acts, 95), np.percentile(acts, 5)
+    w, b = _wb(ref["val"])
+    theirs = [logsumexp(_np(ref[s].features).clip(min=low, max=high) @ w.T + b, axis=1) for s in ("test", "ood")]
+    ours = _ours("vra", ref, "val", percentile_high=95, percentile_low=5)
+    for o, t in zip(ours, theirs):
+        np.testing.assert_allclose(_np(o), t, rtol=1e-10)
+    _agree(ours, theirs)
+
+
+# ----- OpenOOD cfood_postprocessor.py: per-reference sorted self-distances, per-query reach counts -------------------
+@pytest.mark.parametrize("alpha, k", [(1.0, 0.01), (0.5, 0.05)])
+def test_cfood_equals_openood(ref: dict[str, FeatureBank], alpha: float, k: float) -> None:
+    feats = ref["train"].features.float()
+    feats = feats / (torch.norm(feats, dim=1, keepdim=True) + 1e-10)
+    n = int(alpha * len(feats)) if alpha < 1 else len(feats)
+    # the subset: OpenOOD draws torch.randperm from the global RNG; the detector from a generator seeded with 0
+    refs = feats[torch.randperm(len(feats), generator=torch.Generator().manual_seed(0))[:n]] if alpha < 1 else feats
+    kval = np.concatenate((np.linspace(0.001, 0.1, 100), np.linspace(0.105, 0.5, 81), np.linspace(0.51, 0.99, 49)))
+    kpos = np.array(kval * n - 1, dtype=int)
+    keep = np.concatenate(([True], kpos[:-1] < kpos[1:]))
+    kval, kpos = kval[keep], kpos[keep]
+    knndst = torch.stack([torch.sort(torch.sum((refs[i] - refs) ** 2, dim=1)).values[kpos + 1] for i in range(n)])
+
+    def cfood(bank: FeatureBank) -> np.ndarray:
+        f = bank.features.float()
+        f = f / (torch.norm(f, dim=1, keepdim=True) + 1e-10)
+        out = []
+        for v in f:
+            count = (knndst >= torch.sum((v - refs) ** 2, dim=1).view(n, 1)).sum(0).float() / n
+            pos = torch.nonzero(count >= k)
+            out.append(-(kval[pos[0, 0]] if len(pos) else 1.0))
+        return np.array(out)
+
+    theirs = [cfood(ref[s]) for s in ("test", "ood")]
+    ours = _ours("cfood", ref, "train", alpha=alpha, k=k)
+    _agree(ours, theirs)
+    assert np.mean(np.concatenate([_np(o) for o in ours]) == np.concatenate(theirs)) > 0.98
+
+
+# ----- OpenOOD openmax_postprocessor.py with pytorch-ood's scipy Weibull (LibNotMR) in place of libMR -------------------
+def test_openmax_equals_openood(ref: dict[str, FeatureBank]) -> None:
+    train = ref["train"]
+    logits, labels = _np(train.logits), train.labels.numpy()
+    tail, alpha, translation = 20, 3, 10000
+    models = []
+    for c in range(C):
+        right = logits[(labels == c) & (logits.argmax(1) == c)]
+        mav = right.mean(0)
+        dist = np.sort(np.linalg.norm(right - mav, axis=1))[-tail:]
+        _, shape, _, scale = scipy.stats.exponweib.fit(dist + translation - dist.min(), floc=0, f0=1)
+        models.append((mav, shape, scale, dist.min()))
+
+    def openmax(bank: FeatureBank) -> np.ndarray:
+        out = []
+        for x in _np(bank.logits):
+            omega = np.zeros(C)
+            omega[x.argsort()[::-1][:alpha]] = [((alpha + 1) - i) / float(alpha) for i in range(1, alpha + 1)]
+            modified = []
+            for c, (mav, shape, scale, low) in enumerate(models):
+                w = scipy.stats.exponweib.cdf(np.linalg.norm(x - mav) + translation - low, a=1, c=shape, loc=0, scale=scale)
+                modified.append(x[c] * (1 - w * omega[c]))
+            unknown = np.exp(np.sum(x - np.array(modified)))
+            out.append(-unknown / (np.exp(modified).sum() + unknown))
+        return np.array(out)
+
+    theirs = [openmax(ref[s]) for s in ("test", "ood")]
+    _agree(_ours("openmax", ref, "train"), theirs)
+
+
+# ----- OpenOOD gmm_postprocessor.py: sklearn PCA (uncentred projection) + tied GaussianMixture -----------------------
+def test_gmm_equals_openood(ref: dict[str, FeatureBank]) -> None:
+    x = _np(ref["train"].features)
+    transform = PCA(n_components=8).fit(x).components_.T
+    gm = GaussianMixture(n_components=5, random_state=0, covariance_type="tied").fit(x @ transform)
+
+    def gmm(bank: FeatureBank) -> np.ndarray:
+        z = _np(bank.features) @ transform
+        prob = sum(
+            wk * np.exp(-0.5 * np.einsum("nd,de,ne->n", z - mk, gm.precisions_, z - mk)) for wk, mk in zip(gm.weights_, gm.means_)
+        )
+        return np.log(prob + 1e-45)
+
+    theirs = [gmm(ref[s]) for s in ("test", "ood")]
+    ours = _ours("gmm", ref, "train", num_clusters=5, reduce_dim=8)
+    for o, t in zip(ours, theirs):
+        np.testing.assert_allclose(_np(o), t, rtol=1e-5, atol=1e-6)
+    _agree(ours, theirs)
+
+
+# ----- pytorch-ood lts.py ---------------------------------------------------------------------------------------------
+def test_lts_equals_pytorch_ood(ref: dict[str, FeatureBank]) -> None:
+    def lts(bank: FeatureBank, p: float = 0.05) -> np.ndarray:
+        z = bank.features.double()
+        t = (z.sum(1) / z.topk(max(1, round(z.shape[1] * p)), dim=1).values.sum(1)).square()
+        logits = z @ bank.weight.double().T + bank.bias.double()
+        return _np(torch.logsumexp(logits / t.unsqueeze(1), dim=1))
+
+    theirs = [lts(ref[s]) for s in ("test", "ood")]
+    ours = _ours("lts", ref, "train")
+    for o, t in zip(ours, theirs):
+        np.testing.assert_allclose(_np(o), t, rtol=1e-6)
+    _agree(ours, theirs)
+
+
+# ----- pytorch-ood pnml.py ----------------------------------------------------------------------------------------
+def test_pnml_equals_pytorch_ood(ref: dict[str, FeatureBank]) -> None:
+    z = torch.nn.functional.normalize(ref["train"].features.double(), p=2, dim=1)
+    projector = torch.linalg.pinv(z.T @ z)
+    w, b = ref["train"].weight.double(), ref["train"].bias.double()
+
+    def regret(bank: FeatureBank, eps: float = 1e-12) -> np.ndarray:
+        x = torch.nn.functional.normalize(bank.features.double(), p=2, dim=1)
+        probs = torch.softmax(x @ w.T + b, dim=1).clamp(min=eps, max=1.0 - eps)
+        proj = (x @ projector * x).sum(dim=1)
+        g = proj / (1.0 + proj)
+        terms = probs / (probs + (1.0 - probs) * probs.pow(g.unsqueeze(1)))
+        return _np(-torch.log(terms.sum(dim=1)) / np.log(probs.shape[1]))
+
+    theirs = [regret(ref[s]) for s in ("test", "ood")]
+    ours = _ours("pnml", ref, "train")
+    for o, t in zip(ours, theirs):
+        np.testing.assert_allclose(_np(o), t, rtol=1e-6, atol=1e-9)
+    _agree(ours, theirs)
