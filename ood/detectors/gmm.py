@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from sklearn.mixture import GaussianMixture
 
-from ood.detectors.base import Detector
+from ood.detectors.base import Detector, DetectorNotApplicable
 from ood.detectors.mahalanobis import centred_gram, class_means, mahalanobis_sq, row_chunks
 from ood.features.bank import FeatureBank
 
@@ -45,6 +45,8 @@ class GMM(Detector):
         return torch.cat([features[rows].double() @ basis for rows in row_chunks(len(features))])
 
     def fit(self, bank: FeatureBank) -> GMM:
+        if len(bank) < self.num_clusters:
+            raise DetectorNotApplicable(f"gmm needs at least num_clusters={self.num_clusters} fit rows, got {len(bank)}")
         d = bank.features.shape[1]
         if self.reduce_dim >= d:
             self.basis_ = torch.eye(d, dtype=torch.float64)
