@@ -1,5 +1,5 @@
 """Equality with the reference code: each cache detector against an independent transcription of its reference's
-scoring (OpenOOD's postprocessor, or pytorch-ood's detector where OpenOOD has none), written here in a few lines of
+scoring (OpenOOD's postprocessor, or pytorch-ood's detector or the authors' code where OpenOOD has none), written here in a few lines of
 NumPy / torch / scikit-learn on fixed synthetic features, never through the detector's code path.
 
 Deterministic computations must agree to float tolerance; the others (Weibull and mixture fits, thresholded counts)
@@ -156,15 +156,21 @@ def test_openmax_equals_openood(ref: dict[str, FeatureBank]) -> None:
         models.append((mav, shape, scale, dist.min()))
 
     def openmax(bank: FeatureBank) -> np.ndarray:
+        logits = _np(bank.logits)
+        # w_score of every (sample, class), one scipy call per class
+        wscore = np.stack(
+            [
+                scipy.stats.exponweib.cdf(np.linalg.norm(logits - mav, axis=1) + translation - low, a=1, c=shape, loc=0, scale=scale)
+                for mav, shape, scale, low in models
+            ],
+            axis=1,
+        )
         out = []
-        for x in _np(bank.logits):
+        for x, w in zip(logits, wscore):
             omega = np.zeros(C)
             omega[x.argsort()[::-1][:alpha]] = [((alpha + 1) - i) / float(alpha) for i in range(1, alpha + 1)]
-            modified = []
-            for c, (mav, shape, scale, low) in enumerate(models):
-                w = scipy.stats.exponweib.cdf(np.linalg.norm(x - mav) + translation - low, a=1, c=shape, loc=0, scale=scale)
-                modified.append(x[c] * (1 - w * omega[c]))
-            unknown = np.exp(np.sum(x - np.array(modified)))
+            modified = x * (1 - w * omega)
+            unknown = np.exp(np.sum(x - modified))
             out.append(-unknown / (np.exp(modified).sum() + unknown))
         return np.array(out)
 
@@ -192,13 +198,14 @@ def test_gmm_equals_openood(ref: dict[str, FeatureBank]) -> None:
     _agree(ours, theirs)
 
 
-# ----- pytorch-ood lts.py ---------------------------------------------------------------------------------------------
-def test_lts_equals_pytorch_ood(ref: dict[str, FeatureBank]) -> None:
-    def lts(bank: FeatureBank, p: float = 0.05) -> np.ndarray:
-        z = bank.features.double()
-        t = (z.sum(1) / z.topk(max(1, round(z.shape[1] * p)), dim=1).values.sum(1)).square()
-        logits = z @ bank.weight.double().T + bank.bias.double()
-        return _np(torch.logsumexp(logits / t.unsqueeze(1), dim=1))
+# ----- the LTS authors' lts.py (andrijazz/lts): energy of logits * s -----------------------------------------------
+def test_lts_equals_the_authors_code(ref: dict[str, FeatureBank]) -> None:
+    def lts(bank: FeatureBank, percentile: int = 65) -> np.ndarray:
+        h = bank.features.double()
+        x, n = torch.relu(h), h.shape[1]
+        s = (x.sum(dim=1) / torch.topk(x, n - int(np.round(n * percentile / 100.0)), dim=1).values.sum(dim=1))[:, None] ** 2
+        logits = h @ bank.weight.double().T + bank.bias.double()
+        return _np(torch.logsumexp(logits * s, dim=1))
 
     theirs = [lts(ref[s]) for s in ("test", "ood")]
     ours = _ours("lts", ref, "train")
