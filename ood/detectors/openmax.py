@@ -83,8 +83,10 @@ class OpenMax(Detector):
             f = bank.logits[rows].double()
             dist = torch.cdist(f, means, compute_mode="donot_use_mm_for_euclid_dist")
             k = min(self.alpha, f.shape[1])
-            omega = torch.zeros_like(f).scatter_(1, f.topk(k, dim=1).indices, torch.arange(k, 0, -1, dtype=f.dtype, device=f.device).expand(len(f), k) / self.alpha)
+            # omega: (alpha + 1 - rank) / alpha on the top-alpha classes, 0 elsewhere
+            ranks = torch.arange(k, 0, -1, dtype=f.dtype, device=f.device).expand(len(f), k)
+            omega = torch.zeros_like(f).scatter_(1, f.topk(k, dim=1).indices, ranks / self.alpha)
             revised = f * self._w_score(dist) * omega  # f_c - f'_c
             unknown = revised.sum(1, keepdim=True)
-            out.append((torch.logsumexp(torch.cat([f - revised, unknown], 1), dim=1) - unknown[:, 0]))
+            out.append(torch.logsumexp(torch.cat([f - revised, unknown], 1), dim=1) - unknown[:, 0])
         return torch.cat(out)

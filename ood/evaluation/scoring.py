@@ -15,7 +15,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ood.data.benchmark import EvalSplit
-from ood.detectors.base import Detector, DetectorNotApplicable, DetectorRef, build_detector, detector_class, hparam_names
+from ood.detectors.base import (
+    Detector,
+    DetectorNotApplicable,
+    DetectorRef,
+    build_detector,
+    detector_class,
+    hparam_names,
+)
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
 from ood.utils import check_finite, get_logger
