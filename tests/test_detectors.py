@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+import ood.detectors.mahalanobis as mahalanobis_module
 from ood import CONFIG_DIR
 from ood.detectors import (
     DetectorNotApplicable,
@@ -163,6 +165,20 @@ def test_no_cached_detector_is_skipped_at_common_feature_dims(feature_dim: int) 
     banks = {"train": split(150, 0.0), "val": split(60, 0.0), "val_ood": split(60, 1.0)}
     scorers = detector_scorers(resolve_detectors("cached"), {}, banks, tune=True)
     assert [s.name for s in scorers] == [n for n in available_detectors() if not detector_class(n).needs_model]
+
+
+@pytest.mark.parametrize("name", float16_detectors())
+def test_float16_detectors_score_float16_banks_in_chunks(
+    name: str, synthetic: dict[str, FeatureBank], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `float16_features` promises: float16 features (same values) in chunks of 7 rows give the whole-bank
+    float32 scores."""
+    as_dtype = lambda b, dtype: replace(b, features=b.features.half().to(dtype))  # noqa: E731
+    f32 = {k: as_dtype(b, torch.float32) for k, b in synthetic.items()}
+    f16 = {k: as_dtype(b, torch.float16) for k, b in synthetic.items()}
+    expected = _fitted(name, f32).score(f32["test"])
+    monkeypatch.setattr(mahalanobis_module, "CHUNK", 7)
+    torch.testing.assert_close(_fitted(name, f16).score(f16["test"]), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_float16_capability_is_declared_by_each_detector() -> None:
