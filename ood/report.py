@@ -109,7 +109,8 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     seen: dict[tuple[str, ...], str] = {}
     kept = []
     for row in sorted(rows, key=lambda r: ("ckpt" in r["_config"], r["_run"])):
-        key = (row["_model"], str(row["method"]), str(row["detector"]), json.dumps(_flat_params(row), sort_keys=True), str(row["ood_dataset"]))
+        key = (row["_model"], str(row["method"]), str(row["detector"]), json.dumps(_flat_params(row), sort_keys=True),
+               str(row["ood_dataset"]), str(row.get("mode", "standard")))
         if seen.setdefault(key, row["_run"]) == row["_run"]:
             kept.append(row)
     return kept
@@ -166,7 +167,8 @@ def _flat_params(row: Mapping[str, Any]) -> dict[str, str]:
 def _config_of(row: Mapping[str, Any]) -> dict[str, str]:
     """Everything that names the configuration of a row: base keys, run config (without seed), method and fixed
     detector hyper-parameters."""
-    return {**{k: str(row.get(k)) for k in BASE_KEYS}, **dict(row.get("_config") or {}), **_flat_params(row)}
+    return {**{k: str(row.get(k)) for k in BASE_KEYS}, **dict(row.get("_config") or {}), **_flat_params(row),
+            "mode": str(row.get("mode", "standard"))}
 
 
 def varying_params(rows: Sequence[Mapping[str, Any]]) -> list[str]:

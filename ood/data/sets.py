@@ -89,6 +89,9 @@ class SetSpec:
     optional: bool = False
     how: str = ""
     keep_classes: str | None = None
+    #: `eval` (the benchmark's evaluation transform) or `tensor` (to tensor and normalise only: images stored at the
+    #: input size, OpenOOD's `ImageNetCPreProcessor` for ImageNet-C); file benchmarks only
+    preprocess: Literal["eval", "tensor"] = "eval"
 
     @classmethod
     def parse(cls, name: str, raw: SetSpec | Mapping[str, Any] | str) -> SetSpec:
@@ -102,6 +105,8 @@ class SetSpec:
         if unknown:
             raise ConfigError(f"set {name!r}: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
         spec = cls(**dict(raw))
+        if spec.preprocess not in ("eval", "tensor"):
+            raise ConfigError(f"set {name!r}: preprocess={spec.preprocess!r}; choices: ['eval', 'tensor']")
         if not spec.kinds:
             raise ConfigError(f"set {name!r} names no data; give one of {list(KINDS)}")
         return spec
@@ -192,6 +197,10 @@ class Protocol:
         if unknown:
             raise ConfigError(f"protocol {name!r}: unknown keys {sorted(unknown)}; valid keys: {', '.join(PROTOCOL_KEYS)}")
         groups = {g: {n: SetSpec.parse(n, s) for n, s in (raw.get(g) or {}).items()} for g in ("near", "far", "csid")}
+        names = [n for g in groups.values() for n in g]
+        clashes = sorted({n for n in names if names.count(n) > 1} | set(names) & {"train", "val", "test", "val_ood"})
+        if clashes:
+            raise ConfigError(f"protocol {name!r}: set names must be unique and not train/val/test/val_ood; got {clashes}")
         val_ood = raw.get("val_ood")
         ident = dict(raw["id"]) if raw.get("id") else None
         if ident is not None and set(ident) - set(ID_KEYS):
@@ -207,6 +216,14 @@ class Protocol:
     def all_specs(self) -> list[tuple[str, SetSpec]]:
         """Every (name, spec) the protocol reads, validation OOD included."""
         return [(n, s) for n, _, s in self.sets] + ([("val_ood", self.val_ood)] if self.val_ood else [])
+
+
+def missing_csid_error(benchmark: str, protocol: str, data_dir: Path, missing: list[str]) -> DataNotFoundError:
+    """The error for covariate-shifted ID sets that full-spectrum evaluation needs and that are not on disk."""
+    return DataNotFoundError(
+        f"{benchmark} ({protocol} protocol): full-spectrum evaluation (evaluation.fsood=true) needs its covariate-shifted "
+        f"ID sets; missing under {data_dir}: {', '.join(missing)}"
+    )
 
 
 def describe_missing(name: str, spec: SetSpec, missing: list[str]) -> str:
