@@ -37,9 +37,10 @@ from ood.errors import ConfigError
 
 NATIVE = 8  # side of scikit-learn's digits
 CORRUPTIONS = ("noise", "blur", "shift")
-#: the default covariate-shifted ID sets: severities at which a CE small CNN (99.6% clean test accuracy) keeps 83-89%
-#: (noise 0.15: 83%, blur 1.0: 88%, shift 2: 89%; the shift is twice the 1-pixel training augmentation)
-DEFAULT_CSID = {"noise": 0.15, "blur": 1.0, "shift": 2}
+#: the default covariate-shifted ID sets: mild enough that the default CE small CNN (100% clean test accuracy) still
+#: classifies most of them (seeds 0-2: noise 0.08: 99/82/95%, blur 1.0: 96/89/93%, shift 2: 96/95/98%; the shift is
+#: twice the 1-pixel training augmentation); pixel noise is the one the CNN's robustness varies most with the seed
+DEFAULT_CSID = {"noise": 0.08, "blur": 1.0, "shift": 2}
 
 
 def corrupt(images: torch.Tensor, corruption: str, severity: float, seed: int) -> torch.Tensor:
