@@ -137,8 +137,10 @@ class WandbReporter:
             import wandb
 
             rows = result.rows
-            columns = [k for k in rows[0] if k not in ("detector_params", "method_params", "tuned_params")] if rows else []
-            payload: dict[str, Any] = {"test/results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}
+            # every row's scalar fields (full-spectrum rows add csid_acc), the dicts left out
+            nested = ("detector_params", "method_params", "tuned_params", "csid_set_acc")
+            columns = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in nested]
+            payload: dict[str, Any] = {"test/results": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])}
             for detector, per_split in result.scores.items():
                 edges = np.histogram_bin_edges(torch.cat(list(per_split.values())).numpy(), bins=64)
                 for split, values in per_split.items():
