@@ -185,7 +185,7 @@ def test_digits_both_modes_auroc_by_hand(digits_fsood: tuple[Path, list[dict]]) 
     assert set(modes) == {"standard", "fsood"} and len(modes["standard"]) == len(modes["fsood"]) == 3 * 4
     scores = np.load(out / "scores.npz")
     for row in rows:
-        per = lambda split: scores[f"{row['detector']}/{split}"]  # noqa: E731
+        per = lambda split, d=row["detector"]: scores[f"{d}/{split}"]  # noqa: E731
         id_scores = np.concatenate([per("test"), *(per(c) for c in csid)]) if row["mode"] == "fsood" else per("test")
         ood = per(row["ood_dataset"])
         truth = np.r_[np.ones(len(id_scores)), np.zeros(len(ood))]

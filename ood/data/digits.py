@@ -20,11 +20,9 @@ directly at 16x16 is high-frequency texture no digit has, and a ReLU CNN is over
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from functools import cached_property
-
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from functools import cached_property
 
 import numpy as np
 import torch
