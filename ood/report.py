@@ -336,6 +336,7 @@ def write_figures(
     paths = [plots.auroc_bars(bars, figures / "auroc_bars.png", "near / far AUROC per configuration")]
     chosen = list(detectors) if detectors else plots.choose_scorers(rows)
     ood_sets = list(dict.fromkeys(str(r["ood_dataset"]) for r in rows))
+    csid_sets = list(dict.fromkeys(name for r in rows for name in r.get("csid_set_acc") or {}))  # full-spectrum runs
     curves: dict[str, dict[str, np.ndarray]] = {}
     for entry in table:
         if entry["detector"] not in chosen:
@@ -350,7 +351,8 @@ def write_figures(
         paths.append(plots.roc_figure(curves, ood_sets, figures / "roc.png", "ROC (first seed of each configuration)"))
         for i, (label, per_split) in enumerate(curves.items()):
             name = label if single else f"{i:02d}_{label.split()[0]}"
-            paths.append(plots.histogram_figure(per_split, ood_sets, figures / f"hist_{name}.png", f"{label} scores (first seed)"))
+            paths.append(plots.histogram_figure(per_split, ood_sets, figures / f"hist_{name}.png", f"{label} scores (first seed)",
+                                                csid_sets))
     return paths
 
 

@@ -224,6 +224,7 @@ def test_digits_csid_accuracy_is_the_models(digits_fsood: tuple[Path, list[dict]
     assert row["csid_acc"] < row["id_acc"]  # the corrupted digits are harder
 
 
+@pytest.mark.slow
 def test_digits_fsood_only_table(ce_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = run_config(tmp_path, [*EVAL[:-1], "detectors.names=[msp]", f"ckpt_path={ce_checkpoint}",
                                  "evaluation.fsood=true", "evaluation.standard=false"])
