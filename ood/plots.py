@@ -3,7 +3,8 @@
 - `roc_figure`: ROC curves, one panel per OOD set, one line per scorer (ID is the positive class, so the x axis
   is the fraction of OOD accepted as ID and the y axis the fraction of ID accepted; FPR95 is read at y = 0.95).
 - `histogram_figure`: score histograms, one panel per OOD set, ID test vs that set on bin edges shared by all
-  panels, so panels are comparable.
+  panels, so panels are comparable; in a full-spectrum run, one more panel per covariate-shifted ID (csid) set, ID
+  test vs that set, on the same bins (how far each detector pushes the shifted ID images towards OOD).
 - `auroc_bars`: near and far mean AUROC per scorer, with the std over seeds as error bars.
 - `save_run_figures`: the ROC and histogram figures of one run into `<run>/figures/`.
 - `roc_points` / `wandb_roc`: the same ROC vertices, thinned, as a wandb table and line plot.
@@ -55,8 +56,10 @@ def _grid(n: int, width: float = 3.6, height: float = 3.3) -> tuple[plt.Figure, 
     return fig, axes.flat
 
 
-def _legend_below(fig: plt.Figure, ax: plt.Axes) -> None:
-    handles, labels = ax.get_legend_handles_labels()
+def _legend_below(fig: plt.Figure, *axes: plt.Axes) -> None:
+    """One legend under the panels, each label once (the labels of every panel in `axes`)."""
+    by_label = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
+    handles, labels = list(by_label.values()), list(by_label)
     longest = max(map(len, labels), default=1)
     ncol = max(1, min(len(labels), 4, int(fig.get_figwidth() / (0.08 * longest + 0.6))))
     fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=9)
@@ -80,19 +83,24 @@ def roc_figure(curves: Mapping[str, Mapping[str, SplitScores]], ood_sets: Sequen
     return _save(fig, path)
 
 
-def histogram_figure(per_split: SplitScores, ood_sets: Sequence[str], path: str | Path, title: str) -> Path:
-    """Histograms of one scorer: a panel per OOD set it was scored on, ID test vs that set, on bin edges shared by all
-    panels (a report over several ID datasets passes the union of their OOD sets)."""
+def histogram_figure(
+    per_split: SplitScores, ood_sets: Sequence[str], path: str | Path, title: str, csid_sets: Sequence[str] = ()
+) -> Path:
+    """Histograms of one scorer: a panel per OOD set it was scored on, ID test vs that set, then a panel per csid set
+    (ID test vs that covariate-shifted ID set), all on shared bin edges (a report over several ID datasets passes the
+    union of their OOD sets)."""
     ood_sets = [s for s in ood_sets if s in per_split]
-    values = {k: _numpy(v) for k, v in per_split.items() if k == ID_SPLIT or k in ood_sets}
+    csid_sets = [s for s in csid_sets if s in per_split]
+    values = {k: _numpy(v) for k, v in per_split.items() if k == ID_SPLIT or k in ood_sets or k in csid_sets}
     edges = np.histogram_bin_edges(np.concatenate(list(values.values())), bins=BINS)
-    fig, axes = _grid(len(ood_sets))
-    for ax, ood in zip(axes, ood_sets):
+    panels = [(s, "OOD set", "tab:red") for s in ood_sets] + [(s, "csid set (ID, shifted)", "tab:green") for s in csid_sets]
+    fig, axes = _grid(len(panels))
+    for ax, (name, label, color) in zip(axes, panels):
         ax.hist(values[ID_SPLIT], bins=edges, density=True, alpha=0.55, label="ID test", color="tab:blue")
-        ax.hist(values[ood], bins=edges, density=True, alpha=0.55, label="OOD set", color="tab:red")
-        ax.set(xlabel="ID score (higher = more ID)", ylabel="density", title=ood)
+        ax.hist(values[name], bins=edges, density=True, alpha=0.55, label=label, color=color)
+        ax.set(xlabel="ID score (higher = more ID)", ylabel="density", title=name if label == "OOD set" else f"{name} (csid)")
     fig.suptitle(title, fontsize=11)
-    _legend_below(fig, axes[0])
+    _legend_below(fig, *axes[: len(panels)])
     return _save(fig, path)
 
 
@@ -143,11 +151,13 @@ def save_run_figures(output_dir: str | Path, scores: Mapping[str, SplitScores], 
         return []
     figures = Path(output_dir) / "figures"
     ood_sets = list(dict.fromkeys(str(r["ood_dataset"]) for r in rows))
-    names = [n for n in choose_scorers(rows) if n in scores]
+    csid_sets = list(dict.fromkeys(name for r in rows for name in r.get("csid_set_acc") or {}))
+    standard = [r for r in rows if r.get("mode", "standard") == "standard"] or list(rows)
+    names = [n for n in choose_scorers(standard) if n in scores]
     where = f"{rows[0]['method']} on {rows[0]['id_dataset']} (seed {rows[0].get('seed')})"
     paths = [roc_figure({n: scores[n] for n in names}, ood_sets, figures / "roc.png", f"ROC, {where}")]
     for name in names:
-        paths.append(histogram_figure(scores[name], ood_sets, figures / f"hist_{name}.png", f"{name} scores, {where}"))
+        paths.append(histogram_figure(scores[name], ood_sets, figures / f"hist_{name}.png", f"{name} scores, {where}", csid_sets))
     return paths
 
 

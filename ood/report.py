@@ -109,7 +109,8 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     seen: dict[tuple[str, ...], str] = {}
     kept = []
     for row in sorted(rows, key=lambda r: ("ckpt" in r["_config"], r["_run"])):
-        key = (row["_model"], str(row["method"]), str(row["detector"]), json.dumps(_flat_params(row), sort_keys=True), str(row["ood_dataset"]))
+        key = (row["_model"], str(row["method"]), str(row["detector"]), json.dumps(_flat_params(row), sort_keys=True),
+               str(row["ood_dataset"]), str(row.get("mode", "standard")))
         if seen.setdefault(key, row["_run"]) == row["_run"]:
             kept.append(row)
     return kept
@@ -166,7 +167,8 @@ def _flat_params(row: Mapping[str, Any]) -> dict[str, str]:
 def _config_of(row: Mapping[str, Any]) -> dict[str, str]:
     """Everything that names the configuration of a row: base keys, run config (without seed), method and fixed
     detector hyper-parameters."""
-    return {**{k: str(row.get(k)) for k in BASE_KEYS}, **dict(row.get("_config") or {}), **_flat_params(row)}
+    return {**{k: str(row.get(k)) for k in BASE_KEYS}, **dict(row.get("_config") or {}), **_flat_params(row),
+            "mode": str(row.get("mode", "standard"))}
 
 
 def varying_params(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -334,6 +336,7 @@ def write_figures(
     paths = [plots.auroc_bars(bars, figures / "auroc_bars.png", "near / far AUROC per configuration")]
     chosen = list(detectors) if detectors else plots.choose_scorers(rows)
     ood_sets = list(dict.fromkeys(str(r["ood_dataset"]) for r in rows))
+    csid_sets = list(dict.fromkeys(name for r in rows for name in r.get("csid_set_acc") or {}))  # full-spectrum runs
     curves: dict[str, dict[str, np.ndarray]] = {}
     for entry in table:
         if entry["detector"] not in chosen:
@@ -348,7 +351,8 @@ def write_figures(
         paths.append(plots.roc_figure(curves, ood_sets, figures / "roc.png", "ROC (first seed of each configuration)"))
         for i, (label, per_split) in enumerate(curves.items()):
             name = label if single else f"{i:02d}_{label.split()[0]}"
-            paths.append(plots.histogram_figure(per_split, ood_sets, figures / f"hist_{name}.png", f"{label} scores (first seed)"))
+            paths.append(plots.histogram_figure(per_split, ood_sets, figures / f"hist_{name}.png", f"{label} scores (first seed)",
+                                                csid_sets))
     return paths
 
 

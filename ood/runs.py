@@ -44,7 +44,8 @@ log = get_logger(__name__)
 IDENTITY_PREFIXES = ("method.", "backbone.", "data.", "trainer.max_epochs")
 #: flattened keys under those prefixes that do not name a configuration: loader plumbing, and the starting weights
 #: of a fine-tune (one CE run per seed: `method.init.ckpt=.../ce_s${seed}/...` must not split the seeds)
-NOT_IDENTITY = ("data.num_workers", "data.pin_memory", "data.download", "data.eval_batch_size", "method.init.ckpt")
+NOT_IDENTITY = ("data.num_workers", "data.pin_memory", "data.download", "data.eval_batch_size", "method.init.ckpt",
+                "data.csid")
 #: the file a failed run leaves in its folder (read by `ood-report`)
 FAILED_FILE = "FAILED.txt"
 

@@ -1,6 +1,6 @@
 """Datasets and the benchmark DataModule."""
 
-from ood.data.benchmark import Benchmark, EvalSplit, Indexed, OODDataModule, OODSet
+from ood.data.benchmark import Benchmark, CSIDSet, EvalSplit, Indexed, OODDataModule, OODSet
 from ood.data.cifar import CIFAR10Benchmark, CIFAR100Benchmark, CIFARBenchmark
 from ood.data.digits import DigitsBenchmark
 from ood.data.files import FileBenchmark
@@ -12,6 +12,7 @@ __all__ = [
     "CIFAR100Benchmark",
     "CIFAR10Benchmark",
     "CIFARBenchmark",
+    "CSIDSet",
     "DigitsBenchmark",
     "FileBenchmark",
     "EvalSplit",

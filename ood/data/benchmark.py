@@ -36,7 +36,7 @@ from ood.data.batch import Batch, collate_batch
 from ood.data.memory import PadCropFlip, batch_augmentation, to_memory
 from ood.errors import ConfigError
 
-Role = Literal["fit", "id_val", "id_test", "ood_val", "ood"]
+Role = Literal["fit", "id_val", "id_test", "ood_val", "ood", "csid"]
 Stream = Literal["id", "outliers"]
 STREAMS = ("id", "outliers")
 
@@ -47,6 +47,14 @@ class OODSet:
 
     name: str
     group: Literal["near", "far"]
+    dataset: Dataset
+
+
+@dataclass(frozen=True)
+class CSIDSet:
+    """A named covariate-shifted ID test set (labelled with the ID classes): ID in full-spectrum evaluation."""
+
+    name: str
     dataset: Dataset
 
 
@@ -135,6 +143,16 @@ class Benchmark(ABC):
         """Outlier-exposure training set; None when the benchmark has none."""
         return None
 
+    @property
+    def csid_names(self) -> tuple[str, ...]:
+        """Names of the covariate-shifted ID sets the benchmark lists (known before any file is read)."""
+        return ()
+
+    def csid_test(self) -> list[CSIDSet]:
+        """The covariate-shifted ID test sets, labelled with the ID classes (full-spectrum evaluation); a missing
+        one raises `DataNotFoundError` naming it and where to get it (optional ones are skipped with a warning)."""
+        return []
+
 
 class EpochShuffle(RandomSampler):
     """A random permutation per epoch that depends on `(seed, epoch)` only (Lightning calls `set_epoch`), so a run
@@ -194,7 +212,9 @@ class OODDataModule(LightningDataModule):
     """Loaders for training (ID train, optional outliers) and for the evaluation pass over every split.
 
     `batch_size` / `outlier_batch_size` are global (all DDP ranks together, split per rank in `train_dataloader`);
-    `eval_batch_size` is per rank (evaluation results do not depend on it).
+    `eval_batch_size` is per rank (evaluation results do not depend on it). `csid`: add the benchmark's
+    covariate-shifted ID sets to the evaluation pass (after the OOD sets, role `csid`); full-spectrum evaluation
+    (`evaluation.fsood=true`) needs them, and the data configs set it from that key.
     """
 
     def __init__(
@@ -209,10 +229,18 @@ class OODDataModule(LightningDataModule):
         seed: int = 0,
         fit_fraction: float = 1.0,
         fit_seed: int = 0,
+        csid: bool = False,
     ) -> None:
         super().__init__()
         if not 0 < fit_fraction <= 1:
             raise ConfigError(f"data.fit_fraction must be in (0, 1], got {fit_fraction}")
+        if csid and not benchmark.csid_names:
+            raise ConfigError(
+                f"full-spectrum evaluation (evaluation.fsood=true) needs covariate-shifted ID sets, and benchmark "
+                f"{benchmark.name} lists none: add `csid: {{name: set spec}}` to its protocol, or use a benchmark "
+                "that has them (digits, cifar10, imagenet1k, imagenet200)"
+            )
+        self.csid = bool(csid)
         self.benchmark = benchmark
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -254,6 +282,8 @@ class OODDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         self.benchmark.prepare(download=self.download)
+        if self.csid:
+            self.benchmark.csid_test()  # names every missing csid set now, before training
 
     def _loader(self, dataset: Dataset, batch_size: int, sampler: Any = None, train: bool = False) -> DataLoader:
         """Training loaders drop the last partial batch; every loader keeps its workers (validation runs every epoch,
@@ -323,6 +353,8 @@ class OODDataModule(LightningDataModule):
             if ood_val is not None:
                 sets.append((EvalSplit("val_ood", "ood_val"), ood_val))
             sets += [(EvalSplit(s.name, "ood", s.group), s.dataset) for s in self.benchmark.ood_test()]
+            if self.csid:
+                sets += [(EvalSplit(s.name, "csid"), s.dataset) for s in self.benchmark.csid_test()]
             self._eval = [(split, self._dataset(dataset)) for split, dataset in sets]
         return self._eval
 

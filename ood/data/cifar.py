@@ -49,10 +49,10 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision import transforms as T
 
-from ood.data.benchmark import Benchmark, OODSet
+from ood.data.benchmark import Benchmark, CSIDSet, OODSet
 from ood.data.imglist import ImageList
 from ood.data.npy import NpyImages
-from ood.data.sets import Protocol, SetSpec, TorchvisionBuilder, describe_missing
+from ood.data.sets import Protocol, SetSpec, TorchvisionBuilder, describe_missing, missing_csid_error
 from ood.errors import ConfigError, DataNotFoundError
 from ood.utils import get_logger
 
@@ -386,18 +386,19 @@ class CIFARBenchmark(Benchmark):
         return self._official_test() if split is None else Subset(self._official_test(), split[1])
 
     # ----- OOD ----------------------------------------------------------------------------------------------------
-    def _open(self, name: str, spec: SetSpec) -> Dataset | None:
-        """OOD set `name` as its spec says (None for a missing optional set)."""
+    def _open(self, name: str, spec: SetSpec, label: int | None = -1) -> Dataset | None:
+        """Set `name` as its spec says, every label `label` (-1: OOD; None: the file's, for csid sets); None for a
+        missing optional set."""
         kind = spec.kind(self.prefer)  # type: ignore[arg-type]
         if kind == "torchvision":
             dataset = self._tv_build(str(spec.torchvision), spec.torchvision_root(self.data_dir))
-            return Transformed(dataset, self.eval_transform(), label=-1)
+            return Transformed(dataset, self.eval_transform(), label=label)
         absent = spec.missing(self.data_dir, kind)
         if absent and self._optional(spec, kind):
             return None
         if absent:
-            raise DataNotFoundError(f"{self.name}: OOD set {describe_missing(name, spec, absent)} not found. " + self._how_to_get())
-        return spec.open(self.data_dir, kind, self.eval_transform(), label=-1)
+            raise DataNotFoundError(f"{self.name}: set {describe_missing(name, spec, absent)} not found. " + self._how_to_get())
+        return spec.open(self.data_dir, kind, self.eval_transform(), label=label)
 
     def ood_test(self) -> list[OODSet]:
         sets = [(name, group, self._open(name, spec)) for name, group, spec in self.protocol.sets]
@@ -406,6 +407,21 @@ class CIFARBenchmark(Benchmark):
     def ood_val(self) -> Dataset | None:
         spec = self.protocol.val_ood
         return None if spec is None else self._open("val_ood", spec)
+
+    @property
+    def csid_names(self) -> tuple[str, ...]:
+        return tuple(self.protocol.csid)
+
+    def csid_test(self) -> list[CSIDSet]:
+        missing = []
+        for name, spec in self.protocol.csid.items():
+            kind = spec.kind(self.prefer)  # type: ignore[arg-type]
+            if kind != "torchvision" and (absent := spec.missing(self.data_dir, kind)) and not spec.optional:
+                missing.append(describe_missing(name, spec, absent))
+        if missing:
+            raise missing_csid_error(self.name, self.protocol.name, self.data_dir, missing)
+        sets = [(name, self._open(name, spec, label=None)) for name, spec in self.protocol.csid.items()]
+        return [CSIDSet(name, dataset) for name, dataset in sets if dataset is not None]
 
     def outliers(self) -> Dataset | None:
         if self.outlier_set == "none":

@@ -12,6 +12,11 @@ Preprocessing follows OpenOOD's: evaluation = RGB, resize the shorter side to `r
 normalise (OpenOOD's ImageNet `BasePreprocessor`; the heatmap code trains Tiny ImageNet the same way). Without a
 `val` spec the ID validation split is `val_size` images held out of the training set, stratified, with
 `split_seed` (the heatmap paper holds out 1 % of Tiny ImageNet's training set).
+
+A protocol may bring covariate-shifted ID sets (`csid`, labelled with the ID classes: OpenOOD v1.5's ImageNet-V2,
+-C, -R, -ES lists), read only for full-spectrum evaluation, and its own ID task (`id`: `num_classes` and
+`train` / `val` / `test` specs replacing the benchmark's, e.g. ImageNet-X's half of the ImageNet-1K classes). A set
+with `preprocess: tensor` is only converted and normalised (OpenOOD feeds ImageNet-C's 224-pixel images as they are).
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 
-from ood.data.benchmark import Benchmark, OODSet
+from ood.data.benchmark import Benchmark, CSIDSet, OODSet
 from ood.data.cifar import RGB, stratified_split
-from ood.data.sets import Protocol, SetSpec, describe_missing
+from ood.data.sets import Protocol, SetSpec, describe_missing, missing_csid_error
 from ood.errors import DataNotFoundError
 from ood.utils import get_logger
 
@@ -78,13 +83,14 @@ class FileBenchmark(Benchmark):
     ) -> None:
         self.data_dir = Path(data_dir)
         self.name = name
-        self.num_classes = num_classes
-        self.splits = {
-            split: SetSpec.parse(f"{name}:{split}", spec)
-            for split, spec in (("train", train), ("val", val), ("test", test))
-            if spec is not None
-        }
         self.protocol = Protocol.select(protocols, protocol)
+        ident = {"num_classes": num_classes, "train": train, "val": val, "test": test, **(self.protocol.id or {})}
+        self.num_classes = int(ident["num_classes"])
+        self.splits = {
+            split: SetSpec.parse(f"{name}:{split}", ident[split])
+            for split in ("train", "val", "test")
+            if ident[split] is not None
+        }
         self.image_size = image_size
         self.resize = resize
         self.mean = tuple(mean)
@@ -149,7 +155,13 @@ class FileBenchmark(Benchmark):
             )
         log.info("%s: reading files from %s (%s protocol)", self.name, self.data_dir, self.protocol.name)
 
+    def tensor_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """RGB, tensor, normalise: for sets stored at the input size (`preprocess: tensor`, OpenOOD's ImageNet-C)."""
+        return T.Compose([RGB(), T.ToTensor(), T.Normalize(self.mean, self.std)])
+
     def _open(self, name: str, spec: SetSpec, transform: Callable[[Image.Image], Any], label: int | None) -> Dataset | None:
+        if spec.preprocess == "tensor":
+            transform = self.tensor_transform()
         absent = spec.missing(self.data_dir, spec.kinds[0])
         if absent and spec.optional:
             return None
@@ -190,6 +202,21 @@ class FileBenchmark(Benchmark):
     def ood_val(self) -> Dataset | None:
         spec = self.protocol.val_ood
         return None if spec is None else self._open("val_ood", spec, self.eval_transform(), label=-1)
+
+    @property
+    def csid_names(self) -> tuple[str, ...]:
+        return tuple(self.protocol.csid)
+
+    def csid_test(self) -> list[CSIDSet]:
+        missing = [
+            describe_missing(n, s, absent)
+            for n, s in self.protocol.csid.items()
+            if (absent := s.missing(self.data_dir, s.kinds[0])) and not s.optional
+        ]
+        if missing:
+            raise missing_csid_error(self.name, self.protocol.name, self.data_dir, missing)
+        sets = [(n, self._open(n, s, self.eval_transform(), label=None)) for n, s in self.protocol.csid.items()]
+        return [CSIDSet(n, d) for n, d in sets if d is not None]
 
     def outliers(self) -> Dataset | None:
         if self.outlier_spec is None:

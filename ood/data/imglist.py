@@ -1,6 +1,7 @@
 """OpenOOD image lists, read as-is: `benchmark_imglist/<id>/<list>.txt` with lines `<path> <label>`.
 
-Paths are relative to the image root (`images_classic/` for the CIFAR benchmarks); OOD lines carry label -1.
+Paths are relative to the image root (`images_classic/` for the CIFAR benchmarks); OOD lines carry label -1, and a
+line with a path only (ImageNet-OOD's `imagenetood.txt`) is an unlabelled image (-1).
 Using OpenOOD's exact lists is what makes numbers comparable with its leaderboard. Images are opened with PIL
 and converted to RGB (grey MNIST becomes 3 identical channels), as OpenOOD's `ImglistDataset` does.
 """
@@ -28,10 +29,24 @@ def read_imglist(path: str | Path) -> list[tuple[str, int]]:
             continue
         name, _, label = line.strip().partition(" ")
         try:
-            entries.append((name, int(label)))
+            entries.append((name, int(label) if label else -1))
         except ValueError:
             raise OODError(f"{path}:{number}: expected '<path> <integer label>', got {line!r}") from None
     return entries
+
+
+def subset_entries(entries: list[tuple[str, int]], classes_file: Path | None) -> list[tuple[str, int]]:
+    """The entries whose label is listed in `classes_file` (one class index a line), relabelled by the line's
+    position (a class subset, e.g. ImageNet-X's half of ImageNet-1K); all entries when `classes_file` is None."""
+    if classes_file is None:
+        return entries
+    if not classes_file.is_file():
+        raise DataNotFoundError(f"class list not found: {classes_file}")
+    listed = [int(token) for token in classes_file.read_text().split()]
+    index = {c: i for i, c in enumerate(listed)}
+    if len(index) != len(listed):
+        raise OODError(f"{classes_file}: a class index is listed twice")
+    return [(name, index[label]) for name, label in entries if label in index]
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -79,6 +94,8 @@ class ImageList(ImageFiles):
         root: the folder the listed paths are relative to (OpenOOD's `images_classic/`).
         transform: PIL image -> tensor.
         label: when given, every item gets this label (-1 for OOD sets, whatever the file says).
+        keep_classes: a file of class indices (one a line): only the listed classes are kept, relabelled by their
+            position in it (`subset_entries`).
     """
 
     def __init__(
@@ -87,6 +104,8 @@ class ImageList(ImageFiles):
         root: str | Path,
         transform: Callable[[Image.Image], Any],
         label: int | None = None,
+        keep_classes: str | Path | None = None,
     ) -> None:
         self.list_file = Path(list_file)
-        super().__init__(read_imglist(self.list_file), root, transform, label)
+        self.keep_classes = None if keep_classes is None else Path(keep_classes)
+        super().__init__(subset_entries(read_imglist(self.list_file), self.keep_classes), root, transform, label)

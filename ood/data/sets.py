@@ -14,22 +14,27 @@ A *set spec* (one YAML mapping) says where one dataset lives, relative to `data_
 
 A spec may give both `imglist` and `torchvision` (OpenOOD v1.5's sets: OpenOOD's lists when present, torchvision
 otherwise); `how` says how to get the data (printed when it is missing); `optional: true` skips a missing set with a
-warning instead of failing. A *protocol* is `{near: {name: spec}, far: {name: spec}, val_ood: spec | null}`; a
-user adds a set by naming its folder or list, e.g. `+data.benchmark.protocols.classic.far.mine={folder: my_ood}`.
+warning instead of failing; `keep_classes: <file>` (one class index per line) keeps only the items whose label is
+listed, relabelled by their line number (a class subset of a larger labelled set, e.g. ImageNet-X's halves of
+ImageNet-1K). A *protocol* is `{near: {name: spec}, far: {name: spec}, val_ood: spec | null, csid: {name: spec}, id:
+{...} | null}`: `csid` lists covariate-shifted ID sets (labelled with the ID classes: CIFAR-10-C, ImageNet-V2/-C/-R),
+read only for full-spectrum evaluation; `id` (optional) replaces the benchmark's ID task (`num_classes`, `train`,
+`val`, `test` specs) for protocols defined on a class subset. A user adds a set by naming its folder or list, e.g.
+`+data.benchmark.protocols.classic.far.mine={folder: my_ood}`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ood.data.imglist import ImageFiles, ImageList
+from ood.data.imglist import ImageFiles, ImageList, subset_entries
 from ood.errors import ConfigError, DataNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -83,6 +88,10 @@ class SetSpec:
     root: str | None = None
     optional: bool = False
     how: str = ""
+    keep_classes: str | None = None
+    #: `eval` (the benchmark's evaluation transform) or `tensor` (to tensor and normalise only: images stored at the
+    #: input size, OpenOOD's `ImageNetCPreProcessor` for ImageNet-C); file benchmarks only
+    preprocess: Literal["eval", "tensor"] = "eval"
 
     @classmethod
     def parse(cls, name: str, raw: SetSpec | Mapping[str, Any] | str) -> SetSpec:
@@ -96,6 +105,8 @@ class SetSpec:
         if unknown:
             raise ConfigError(f"set {name!r}: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
         spec = cls(**dict(raw))
+        if spec.preprocess not in ("eval", "tensor"):
+            raise ConfigError(f"set {name!r}: preprocess={spec.preprocess!r}; choices: ['eval', 'tensor']")
         if not spec.kinds:
             raise ConfigError(f"set {name!r} names no data; give one of {list(KINDS)}")
         return spec
@@ -120,6 +131,7 @@ class SetSpec:
             "annotations": ([self.annotations], [self.images, self.classes]),
             "torchvision": ([], []),
         }[kind]
+        files = [*files, *([self.keep_classes] if self.keep_classes else [])]
         needed = [(resolve(data_dir, f), False) for f in files] + [(resolve(data_dir, f), True) for f in folders]
         return [f"{p}/" if is_dir else str(p) for p, is_dir in needed if not (p.is_dir() if is_dir else p.is_file())]
 
@@ -134,14 +146,17 @@ class SetSpec:
     ) -> Dataset:
         """The dataset, read as `kind`; `label` overrides every label (-1 for OOD sets). A torchvision dataset is
         built from `torchvision[key]` and passed through `wrap` (which applies `transform`)."""
+        keep = resolve(data_dir, self.keep_classes) if self.keep_classes else None
         if kind == "imglist":
-            return ImageList(resolve(data_dir, self.imglist), resolve(data_dir, self.images), transform, label=label)
+            return ImageList(resolve(data_dir, self.imglist), resolve(data_dir, self.images), transform, label, keep)
         if kind == "folder":
             root = resolve(data_dir, self.folder)
-            return ImageFiles(folder_entries(root), root, transform, label=label)
+            return ImageFiles(subset_entries(folder_entries(root), keep), root, transform, label=label)
         if kind == "annotations":
             entries = annotation_entries(resolve(data_dir, self.annotations), resolve(data_dir, self.classes))
-            return ImageFiles(entries, resolve(data_dir, self.images), transform, label=label)
+            return ImageFiles(subset_entries(entries, keep), resolve(data_dir, self.images), transform, label=label)
+        if keep is not None:
+            raise ConfigError(f"keep_classes applies to image lists, folders and annotation files, not torchvision sets ({self.torchvision!r})")
         if torchvision is None or self.torchvision not in torchvision:
             raise ConfigError(f"unknown torchvision set {self.torchvision!r}; choices: {sorted(torchvision or {})}")
         assert wrap is not None
@@ -155,14 +170,22 @@ def resolve(data_dir: Path, path: str | None) -> Path:
     return p if p.is_absolute() else data_dir / p
 
 
+PROTOCOL_KEYS = ("near", "far", "val_ood", "csid", "id")
+ID_KEYS = ("num_classes", "train", "val", "test")
+
+
 @dataclass(frozen=True)
 class Protocol:
-    """One benchmark protocol: named near- and far-OOD test sets and an optional validation-OOD set."""
+    """One benchmark protocol: named near- and far-OOD test sets, an optional validation-OOD set, covariate-shifted
+    ID sets (`csid`, labelled with the ID classes) and, optionally, its own ID task (`id`: `num_classes` and the
+    `train` / `val` / `test` specs that replace the benchmark's)."""
 
     name: str
     near: dict[str, SetSpec]
     far: dict[str, SetSpec]
     val_ood: SetSpec | None = None
+    csid: dict[str, SetSpec] = field(default_factory=dict)
+    id: dict[str, Any] | None = None
 
     @classmethod
     def select(cls, protocols: Mapping[str, Any], name: str) -> Protocol:
@@ -170,12 +193,20 @@ class Protocol:
         if name not in protocols:
             raise ConfigError(f"unknown protocol {name!r}; choices: {sorted(protocols)}")
         raw = dict(protocols[name] or {})
-        unknown = set(raw) - {"near", "far", "val_ood"}
+        unknown = set(raw) - set(PROTOCOL_KEYS)
         if unknown:
-            raise ConfigError(f"protocol {name!r}: unknown keys {sorted(unknown)}; valid keys: near, far, val_ood")
-        groups = {g: {n: SetSpec.parse(n, s) for n, s in (raw.get(g) or {}).items()} for g in ("near", "far")}
+            raise ConfigError(f"protocol {name!r}: unknown keys {sorted(unknown)}; valid keys: {', '.join(PROTOCOL_KEYS)}")
+        groups = {g: {n: SetSpec.parse(n, s) for n, s in (raw.get(g) or {}).items()} for g in ("near", "far", "csid")}
+        names = [n for g in groups.values() for n in g]
+        clashes = sorted({n for n in names if names.count(n) > 1} | set(names) & {"train", "val", "test", "val_ood"})
+        if clashes:
+            raise ConfigError(f"protocol {name!r}: set names must be unique and not train/val/test/val_ood; got {clashes}")
         val_ood = raw.get("val_ood")
-        return cls(name, groups["near"], groups["far"], SetSpec.parse("val_ood", val_ood) if val_ood else None)
+        ident = dict(raw["id"]) if raw.get("id") else None
+        if ident is not None and set(ident) - set(ID_KEYS):
+            raise ConfigError(f"protocol {name!r}: unknown id keys {sorted(set(ident) - set(ID_KEYS))}; valid: {list(ID_KEYS)}")
+        return cls(name, groups["near"], groups["far"], SetSpec.parse("val_ood", val_ood) if val_ood else None,
+                   groups["csid"], ident)
 
     @property
     def sets(self) -> list[tuple[str, Literal["near", "far"], SetSpec]]:
@@ -185,6 +216,14 @@ class Protocol:
     def all_specs(self) -> list[tuple[str, SetSpec]]:
         """Every (name, spec) the protocol reads, validation OOD included."""
         return [(n, s) for n, _, s in self.sets] + ([("val_ood", self.val_ood)] if self.val_ood else [])
+
+
+def missing_csid_error(benchmark: str, protocol: str, data_dir: Path, missing: list[str]) -> DataNotFoundError:
+    """The error for covariate-shifted ID sets that full-spectrum evaluation needs and that are not on disk."""
+    return DataNotFoundError(
+        f"{benchmark} ({protocol} protocol): full-spectrum evaluation (evaluation.fsood=true) needs its covariate-shifted "
+        f"ID sets; missing under {data_dir}: {', '.join(missing)}"
+    )
 
 
 def describe_missing(name: str, spec: SetSpec, missing: list[str]) -> str:

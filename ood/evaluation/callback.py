@@ -47,6 +47,9 @@ class OODEvaluation(Callback):
         bank_dir: None keeps the gathered banks in RAM (on the module's device); a directory puts them in
             memory-mapped `<bank_dir>/banks-*/<split>/<field>.npy` files on rank 0 (CPU; deleted after the
             evaluation).
+        fsood: add full-spectrum rows (OpenOOD's `fsood`: ID = ID test + every covariate-shifted ID set), computed
+            from the same pass; the datamodule must serve the csid sets (`data.csid`, set from this key).
+        standard: the standard rows (ID = ID test); `standard=false fsood=true` is OpenOOD's fsood-only table.
 
     Under DDP each rank's shard goes to global rank 0 only, which builds the banks and evaluates; the other ranks
     receive the result (rows, scores, diagnostics) and run the same sinks (those that write act on rank 0).
@@ -59,7 +62,12 @@ class OODEvaluation(Callback):
         info: Mapping[str, Any] | None = None,
         feature_dtype: str = "float32",
         bank_dir: str | Path | None = None,
+        fsood: bool = False,
+        standard: bool = True,
     ) -> None:
+        self.modes = tuple(m for m, on in (("standard", standard), ("fsood", fsood)) if on)
+        if not self.modes:
+            raise ConfigError("evaluation.standard=false and evaluation.fsood=false leave nothing to evaluate; turn one on")
         if feature_dtype not in ("float32", "float16"):
             raise ConfigError(f"evaluation.feature_dtype={feature_dtype!r} is unknown; choices: ['float32', 'float16']")
         unsafe = sorted(c.name for c in evaluator.detectors if not c.float16_features) if feature_dtype == "float16" else []
@@ -130,7 +138,7 @@ class OODEvaluation(Callback):
             banks[split.name] = FeatureBank(
                 logits=data.pop("logits"),
                 features=data.pop("features"),
-                labels=labels if split.role in ("fit", "id_val", "id_test") else None,
+                labels=labels if split.role in ("fit", "id_val", "id_test", "csid") else None,
                 weight=weight,
                 bias=bias,
                 index=data.pop("index"),
@@ -186,6 +194,7 @@ class OODEvaluation(Callback):
             id_dataset=datamodule.name,
             data_facts={"input_std": datamodule.benchmark.input_std},
             model_scores=lambda det, split: self._model_scores(det, pl_module, loaders[split]),
+            modes=self.modes,
         )
 
     @staticmethod

@@ -34,6 +34,8 @@ class EvaluationResult:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     #: AUROC of ID val vs validation OOD per scorer (`ood.runs.validation_aurocs`): the sweep objective
     validation: dict[str, float] = field(default_factory=dict)
+    #: classification accuracy on each covariate-shifted ID (csid) split (full-spectrum evaluation)
+    csid_acc: dict[str, float] = field(default_factory=dict)
 
 
 class Evaluator:
@@ -66,22 +68,29 @@ class Evaluator:
         id_dataset: str,
         data_facts: Mapping[str, Any] | None = None,
         model_scores: ModelScoreFn | None = None,
+        modes: Sequence[str] = ("standard",),
     ) -> EvaluationResult:
-        """Run the method's `setup_ood`, fit/tune the detectors, score ID test and every OOD set."""
+        """Run the method's `setup_ood`, fit/tune the detectors, score ID test and every OOD set, in each of the
+        evaluation `modes` (`standard`, `fsood`: `ood.evaluation.scoring.evaluate`)."""
         method.setup_ood(banks)
-        test = banks["test"]
-        assert test.labels is not None
-        id_acc = float((method.predict(test) == test.labels).double().mean())
+        accuracy = {s.name: accuracy_of(method, banks[s.name]) for s in splits if s.role in ("id_test", "csid")}
+        id_acc = accuracy.pop("test")
         scorers = [
             Scorer(name, lambda split, name=name: method.ood_scores(banks[split])[name])
-            for name in method.ood_scores(test)
+            for name in method.ood_scores(banks["test"])
         ]
         params = with_data_facts(self.detectors, self.params, data_facts or {})
         scorers += detector_scorers(self.detectors, params, banks, self.tune, model_scores)
         info = {"method": method.name, "id_dataset": id_dataset, **self.info, "method_params": plain(dict(method.hparams))}
-        rows, scores = evaluate(scorers, splits, id_acc, info)
+        rows, scores = evaluate(scorers, splits, id_acc, info, modes=modes, csid_acc=accuracy)
         validation = validation_aurocs(scorers, [s.name for s in splits])
-        return EvaluationResult(rows, scores, id_acc, method.name, method.diagnostics(), validation)
+        return EvaluationResult(rows, scores, id_acc, method.name, method.diagnostics(), validation, accuracy)
+
+
+def accuracy_of(method: OODMethod, bank: FeatureBank) -> float:
+    """The method's classification accuracy on a labelled bank."""
+    assert bank.labels is not None
+    return float((method.predict(bank) == bank.labels).double().mean())
 
 
 def plain(value: Any) -> Any:

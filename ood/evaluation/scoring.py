@@ -2,6 +2,11 @@
 
 Pure functions of the banks (no Lightning), so they are tested directly and shared by `ood-train`, `ood-eval`
 and the benchmarks. Hyper-parameters are chosen by AUROC on ID-val vs validation OOD only, never on test OOD.
+
+Two evaluation modes come from the same scores (`MODES`): `standard` (ID = the ID test set) and `fsood`, OpenOOD
+v1.5's full-spectrum OOD detection (`Evaluator.eval_ood(fsood=True)` in `openood/evaluation_api/evaluator.py`): ID =
+the ID test set followed by every covariate-shifted ID (`csid`) set, concatenated in order, against each OOD set;
+its accuracy is OpenOOD's `csid_acc`, the correct predictions over the ID test and all csid sets together.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ood.detectors.base import (
     detector_class,
     hparam_names,
 )
+from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
 from ood.utils import check_finite, get_logger
@@ -30,6 +36,8 @@ from ood.utils import check_finite, get_logger
 log = get_logger(__name__)
 
 METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_oodpos")
+#: evaluation modes: `standard` (ID test vs each OOD set) and `fsood` (ID test + every csid set vs each OOD set)
+MODES = ("standard", "fsood")
 #: score function of one scorer: split name -> [N] ID scores
 ScoreFn = Callable[[str], torch.Tensor]
 
@@ -204,44 +212,88 @@ def evaluate(
     splits: Sequence[EvalSplit],
     id_acc: float,
     info: Mapping[str, Any],
+    modes: Sequence[str] = ("standard",),
+    csid_acc: Mapping[str, float] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, torch.Tensor]]]:
-    """Score ID test and every test OOD split with each scorer; one result row per (scorer, OOD set).
+    """Score ID test, every test OOD split and every csid split with each scorer; one result row per (mode, scorer,
+    OOD set), each row naming its `mode`.
 
-    Returns the rows (DESIGN §3.4) and the per-split scores of every scorer.
+    `fsood` rows measure the ID test scores followed by every csid split's (in split order) against each OOD set;
+    they carry `csid_acc` (OpenOOD's: correct predictions over ID test + all csid sets, from `id_acc` and the
+    per-set accuracies `csid_acc`) and `csid_set_acc` (per csid set). Returns the rows (DESIGN §3.4) and the
+    per-split scores of every scorer.
     """
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ConfigError(f"evaluation modes {list(modes)}: choose one or more of {list(MODES)}")
     id_split = next(s for s in splits if s.role == "id_test")
     ood_splits = [s for s in splits if s.role == "ood"]
+    csid_splits = [s for s in splits if s.role == "csid"]
+    if "fsood" in modes and not csid_splits:
+        raise ConfigError("full-spectrum evaluation (evaluation.fsood=true) found no covariate-shifted ID set to score")
     rows: list[dict[str, Any]] = []
     all_scores: dict[str, dict[str, torch.Tensor]] = {}
     for scorer in tqdm(scorers, desc="scoring", leave=False):
         scores = {}
-        for split in (id_split, *ood_splits):
+        for split in (id_split, *ood_splits, *csid_splits):
             s = scorer.score(split.name).detach().double().cpu()
             check_finite(s, f"detector {scorer.name} on {split.name}")
             scores[split.name] = s
         all_scores[scorer.name] = scores
-        for split in ood_splits:
-            m = ood_metrics(scores[id_split.name], scores[split.name], name=f"{scorer.name} on {split.name}")
-            rows.append(
-                {
-                    **info,
-                    "detector": scorer.name,
-                    "ood_dataset": split.name,
-                    "ood_group": split.group,
-                    **m,
-                    "id_acc": id_acc,
-                    "n_id": len(scores[id_split.name]),
-                    "n_ood": len(scores[split.name]),
-                    "detector_params": scorer.hparams,
-                    "tuned": bool(scorer.tuned),
-                    "tuned_params": scorer.tuned,
-                }
-            )
+        common = {"detector_params": scorer.hparams, "tuned": bool(scorer.tuned), "tuned_params": scorer.tuned}
+        for mode in modes:
+            if mode == "standard":
+                id_scores, extra = scores[id_split.name], {"id_acc": id_acc}
+            else:
+                id_scores = torch.cat([scores[s.name] for s in (id_split, *csid_splits)])
+                extra = fsood_accuracy(id_acc, len(scores[id_split.name]), csid_acc or {},
+                                       {s.name: len(scores[s.name]) for s in csid_splits})
+            for split in ood_splits:
+                name = f"{scorer.name} on {split.name}" + (" (full-spectrum)" if mode == "fsood" else "")
+                m = ood_metrics(id_scores, scores[split.name], name=name)
+                rows.append(
+                    {
+                        **info,
+                        "detector": scorer.name,
+                        "ood_dataset": split.name,
+                        "ood_group": split.group,
+                        "mode": mode,
+                        **m,
+                        **extra,
+                        "n_id": len(id_scores),
+                        "n_ood": len(scores[split.name]),
+                        **common,
+                    }
+                )
     return rows, all_scores
 
 
+def fsood_accuracy(id_acc: float, n_test: int, csid_acc: Mapping[str, float], csid_n: Mapping[str, int]) -> dict[str, Any]:
+    """The accuracy fields of a full-spectrum row: `id_acc` (ID test), `csid_acc` (OpenOOD's: ID test and every csid
+    set pooled) and `csid_set_acc` (per csid set)."""
+    missing = sorted(set(csid_n) - set(csid_acc))
+    if missing:
+        raise ConfigError(f"no accuracy for the csid sets {missing} (their labels were not collected)")
+    # accuracies are correct / n in float64, so rounding acc * n recovers each count exactly
+    correct = round(id_acc * n_test) + sum(round(csid_acc[name] * n) for name, n in csid_n.items())
+    return {
+        "id_acc": id_acc,
+        "csid_acc": correct / (n_test + sum(csid_n.values())),
+        "csid_set_acc": {name: csid_acc[name] for name in csid_n},
+    }
+
+
+def rows_by_mode(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """Rows split by their `mode` (rows written before modes existed are `standard`), in `MODES` order."""
+    out: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        out.setdefault(str(row.get("mode", "standard")), []).append(row)
+    return {mode: out[mode] for mode in sorted(out, key=lambda m: MODES.index(m) if m in MODES else len(MODES))}
+
+
 def group_means(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], dict[str, float]]:
-    """(detector, group) -> unweighted mean of each metric over the group's OOD sets (OpenOOD's aggregation)."""
+    """(detector, group) -> unweighted mean of each metric over the group's OOD sets (OpenOOD's aggregation); pass
+    the rows of one mode (`rows_by_mode`)."""
     buckets: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for row in rows:
         buckets.setdefault((row["detector"], row["ood_group"]), []).append(row)

@@ -10,7 +10,11 @@ every rank after the evaluation pass; sinks that write or print act on global ra
 - `WandbReporter`: the results table, per-split score histograms with shared bins, ROC tables and line plots,
   diagnostic images.
 - `RunTable`: the console table of the run (AUROC / FPR95 per OOD set, near and far means), naming the FPR95
-  convention and ending with the run folder.
+  convention and ending with the run folder; with both evaluation modes on, each column is followed by its
+  full-spectrum (`FS`) twin and the caption gives the accuracy on every covariate-shifted ID set.
+
+Full-spectrum (`mode: fsood`) scalars are logged under `test_fsood/...` (same names as the standard `test/...`), plus
+`test_fsood/csid/<set>/acc` and `test_fsood/id/acc` (OpenOOD's `csid_acc`: ID test and every csid set pooled).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from lightning import LightningModule, Trainer
 
 from ood.evaluation.evaluator import EvaluationResult
-from ood.evaluation.scoring import METRICS, group_means
+from ood.evaluation.scoring import METRICS, group_means, rows_by_mode
 from ood.files import atomic_savez, atomic_write_text
 from ood.plots import save_run_figures, wandb_roc
 from ood.runs import VALIDATION_FILE
@@ -54,12 +58,17 @@ def split_diagnostics(diagnostics: dict[str, Any]) -> tuple[dict[str, float], di
 def scalar_metrics(result: EvaluationResult) -> dict[str, float]:
     """Every scalar of a result under its slash-named key."""
     metrics: dict[str, float] = {"test/id/acc": result.id_acc}
-    for row in result.rows:
-        for m in METRICS:
-            metrics[f"test/{row['detector']}/{row['ood_dataset']}/{m}"] = row[m]
-    for (detector, group), means in group_means(result.rows).items():
-        for m, value in means.items():
-            metrics[f"test/{detector}/{group}/{m}"] = value
+    for mode, rows in rows_by_mode(result.rows).items():
+        stage = "test" if mode == "standard" else f"test_{mode}"
+        for row in rows:
+            for m in METRICS:
+                metrics[f"{stage}/{row['detector']}/{row['ood_dataset']}/{m}"] = row[m]
+        for (detector, group), means in group_means(rows).items():
+            for m, value in means.items():
+                metrics[f"{stage}/{detector}/{group}/{m}"] = value
+        if mode == "fsood" and rows:
+            metrics[f"{stage}/id/acc"] = rows[0]["csid_acc"]
+            metrics.update({f"{stage}/csid/{name}/acc": acc for name, acc in rows[0]["csid_set_acc"].items()})
     floats, _, _ = split_diagnostics(result.diagnostics)
     metrics.update({f"test/{result.method}/{k}": v for k, v in floats.items()})
     return metrics
@@ -128,8 +137,10 @@ class WandbReporter:
             import wandb
 
             rows = result.rows
-            columns = [k for k in rows[0] if k not in ("detector_params", "method_params", "tuned_params")] if rows else []
-            payload: dict[str, Any] = {"test/results": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}
+            # every row's scalar fields (full-spectrum rows add csid_acc), the dicts left out
+            nested = ("detector_params", "method_params", "tuned_params", "csid_set_acc")
+            columns = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in nested]
+            payload: dict[str, Any] = {"test/results": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])}
             for detector, per_split in result.scores.items():
                 edges = np.histogram_bin_edges(torch.cat(list(per_split.values())).numpy(), bins=64)
                 for split, values in per_split.items():
@@ -155,19 +166,31 @@ class RunTable:
         from rich.console import Console
         from rich.table import Table
 
-        rows = result.rows
+        modes = rows_by_mode(result.rows)
+        rows = next(iter(modes.values()))
         sets = list(dict.fromkeys(r["ood_dataset"] for r in rows))
         groups = list(dict.fromkeys(r["ood_group"] for r in rows))
-        means = group_means(rows)
+        means = {mode: group_means(mode_rows) for mode, mode_rows in modes.items()}
+        by = {(r.get("mode", "standard"), r["detector"], r["ood_dataset"]): r for r in result.rows}
         cell = lambda m: f"{100 * m['auroc']:.2f} / {100 * m['fpr95']:.2f}"  # noqa: E731
-        table = Table(
-            title=f"{result.method} on {rows[0]['id_dataset']} (ID acc {100 * result.id_acc:.2f}%): AUROC / FPR95 in %",
-            caption="FPR95: fraction of OOD accepted at the threshold keeping 95% of ID (ID positive; `fpr95_oodpos` "
-            "in results.jsonl is OpenOOD's OOD-positive one)" + (f"\nrun folder: {self.output_dir}" if self.output_dir else ""),
-        )
-        for name in ("detector", *sets, *groups):
-            table.add_column(name, justify="left" if name == "detector" else "right")
-        by = {(r["detector"], r["ood_dataset"]): r for r in rows}
+        fs = "fsood" in modes
+        title = f"{result.method} on {rows[0]['id_dataset']} (ID acc {100 * result.id_acc:.2f}%): AUROC / FPR95 in %"
+        if fs and "standard" not in modes:
+            title = f"{result.method} on {rows[0]['id_dataset']}, full-spectrum: AUROC / FPR95 in %"
+        caption = ("FPR95: fraction of OOD accepted at the threshold keeping 95% of ID (ID positive; `fpr95_oodpos` "
+                   "in results.jsonl is OpenOOD's OOD-positive one)")
+        if fs:
+            first = modes["fsood"][0]
+            accs = ", ".join(f"{name} {100 * acc:.2f}%" for name, acc in first["csid_set_acc"].items())
+            caption += (f"\nfull-spectrum (FS): ID = ID test + every covariate-shifted ID set; accuracy {accs}; "
+                        f"ID test and csid pooled {100 * first['csid_acc']:.2f}%")
+        table = Table(title=title, caption=caption + (f"\nrun folder: {self.output_dir}" if self.output_dir else ""))
+        # both modes: each column, then its full-spectrum twin
+        columns = [(name, mode) for name in (*sets, *groups) for mode in modes]
+        table.add_column("detector", justify="left")
+        for name, mode in columns:
+            table.add_column(f"{name} FS" if mode == "fsood" and len(modes) > 1 else name, justify="right")
         for detector in dict.fromkeys(r["detector"] for r in rows):
-            table.add_row(detector, *(cell(by[detector, s]) for s in sets), *(cell(means[detector, g]) for g in groups))
-        Console(width=200).print(table)
+            cells = [cell(by[mode, detector, name]) if name in sets else cell(means[mode][detector, name]) for name, mode in columns]
+            table.add_row(detector, *cells)
+        Console(width=200 if len(modes) == 1 else 320).print(table)

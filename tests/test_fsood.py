@@ -1,0 +1,233 @@
+"""Full-spectrum OOD (`evaluation.fsood=true`): ID = ID test + every covariate-shifted ID (csid) set, from one pass.
+
+- the rows of both modes equal an independent transcription of OpenOOD v1.5's evaluator on the same scores
+  (`Evaluator.eval_ood(fsood=True)` concatenates the ID test and csid scores, `compute_all_metrics` measures with
+  OOD as the positive class, `eval_acc('csid')` pools the correct predictions of ID test and every csid set);
+- on digits (a trained CE checkpoint, evaluation only) the full-spectrum AUROC equals scikit-learn's on the saved
+  scores with ID = test + the three corrupted copies, and the csid accuracies equal the model's own predictions;
+- the configuration mistakes say what to do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import run_config
+from sklearn import metrics as skm
+
+from ood.data import DigitsBenchmark, EvalSplit, OODDataModule
+from ood.errors import ConfigError
+from ood.evaluation.scoring import Scorer, evaluate, group_means, rows_by_mode
+
+RNG = np.random.default_rng(7)
+
+
+# ----- an independent transcription of OpenOOD v1.5 (openood/evaluation_api/evaluator.py, evaluators/metrics.py) -------
+def openood_metrics(conf: np.ndarray, label: np.ndarray) -> dict[str, float]:
+    """`compute_all_metrics`: OOD (label -1) positive, scores negated; FPR at the first ROC point with TPR >= 0.95."""
+    ood = (label == -1).astype(int)
+    fpr, tpr, _ = skm.roc_curve(ood, -conf)
+    p_in, r_in, _ = skm.precision_recall_curve(1 - ood, conf)
+    p_out, r_out, _ = skm.precision_recall_curve(ood, -conf)
+    return {"fpr95_oodpos": fpr[np.argmax(tpr >= 0.95)], "auroc": skm.auc(fpr, tpr),
+            "aupr_in": skm.auc(r_in, p_in), "aupr_out": skm.auc(r_out, p_out)}
+
+
+def openood_eval_ood(id_test: tuple, csid: dict[str, tuple], ood: dict[str, dict[str, np.ndarray]], fsood: bool) -> dict:
+    """`eval_ood(fsood)`: per OOD set and per near/far mean (over sets), plus the accuracy column (`id_acc` or
+    `csid_acc`). `id_test` and each csid entry are (pred, conf, gt) arrays; `ood[group][name]` are confidences."""
+    pred, conf, gt = id_test
+    if fsood:
+        pred = np.concatenate([pred, *(c[0] for c in csid.values())])
+        conf = np.concatenate([conf, *(c[1] for c in csid.values())])
+        gt = np.concatenate([gt, *(c[2] for c in csid.values())])
+    table = {}
+    for group, sets in ood.items():
+        rows = []
+        for name, ood_conf in sets.items():
+            row = openood_metrics(np.concatenate([conf, ood_conf]), np.concatenate([gt, -np.ones(len(ood_conf), int)]))
+            table[name] = row
+            rows.append(row)
+        table[f"{group}ood"] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    correct, total = (id_test[0] == id_test[2]).sum(), len(id_test[2])
+    if fsood:  # eval_acc('csid'): every csid set's correct predictions, then the ID test's
+        correct += sum((c[0] == c[2]).sum() for c in csid.values())
+        total += sum(len(c[2]) for c in csid.values())
+    return {"metrics": table, "acc": correct / total}
+
+
+# ----- fabricated scores -------------------------------------------------------------------------------------------
+SIZES = {"test": 60, "blur": 35, "noise": 25, "near_a": 40, "far_a": 30, "far_b": 20}
+SPLITS = [EvalSplit("test", "id_test"), EvalSplit("near_a", "ood", "near"), EvalSplit("far_a", "ood", "far"),
+          EvalSplit("far_b", "ood", "far"), EvalSplit("blur", "csid"), EvalSplit("noise", "csid")]
+SHIFT = {"test": 2.0, "blur": 1.0, "noise": 0.5, "near_a": 0.3, "far_a": -1.0, "far_b": 0.0}
+
+
+@pytest.fixture(scope="module")
+def fabricated() -> dict:
+    scores = {d: {s: torch.from_numpy(RNG.normal(SHIFT[s] * (k + 1) / 2, 1.0, n)) for s, n in SIZES.items()}
+              for k, d in enumerate(("msp", "energy"))}
+    labels = {s: RNG.integers(0, 4, SIZES[s]) for s in ("test", "blur", "noise")}
+    preds = {s: np.where(RNG.random(len(y)) < {"test": 0.9, "blur": 0.7, "noise": 0.5}[s], y, (y + 1) % 4)
+             for s, y in labels.items()}
+    acc = {s: float((preds[s] == labels[s]).mean()) for s in labels}
+    scorers = [Scorer(d, lambda split, d=d: scores[d][split]) for d in scores]
+    rows, _ = evaluate(scorers, SPLITS, acc["test"], {"method": "ce"}, modes=("standard", "fsood"),
+                       csid_acc={s: acc[s] for s in ("blur", "noise")})
+    return {"scores": scores, "labels": labels, "preds": preds, "rows": rows}
+
+
+@pytest.mark.parametrize("fsood", [False, True])
+def test_both_modes_equal_openood_evaluator(fabricated: dict, fsood: bool) -> None:
+    mode = "fsood" if fsood else "standard"
+    rows = rows_by_mode(fabricated["rows"])[mode]
+    means = group_means(rows)
+    preds, labels = fabricated["preds"], fabricated["labels"]
+    for detector, per_split in fabricated["scores"].items():
+        conf = {s: v.numpy() for s, v in per_split.items()}
+        reference = openood_eval_ood(
+            (preds["test"], conf["test"], labels["test"]),
+            {s: (preds[s], conf[s], labels[s]) for s in ("blur", "noise")},
+            {"near": {"near_a": conf["near_a"]}, "far": {"far_a": conf["far_a"], "far_b": conf["far_b"]}},
+            fsood,
+        )
+        ours = {r["ood_dataset"]: r for r in rows if r["detector"] == detector}
+        assert set(ours) == {"near_a", "far_a", "far_b"}
+        for name, row in ours.items():
+            for metric, value in reference["metrics"][name].items():
+                assert row[metric] == pytest.approx(value, abs=1e-12), (detector, name, metric)
+            assert row["n_id"] == SIZES["test"] + fsood * (SIZES["blur"] + SIZES["noise"])
+            assert row["mode"] == mode
+            assert (row["csid_acc"] if fsood else row["id_acc"]) == pytest.approx(reference["acc"], abs=1e-15)
+        for group in ("near", "far"):
+            for metric, value in reference["metrics"][f"{group}ood"].items():
+                assert means[detector, group][metric] == pytest.approx(value, abs=1e-12)
+    if fsood:
+        row = rows[0]
+        assert row["id_acc"] == pytest.approx(float((preds["test"] == labels["test"]).mean()))
+        assert row["csid_set_acc"] == {s: pytest.approx(float((preds[s] == labels[s]).mean())) for s in ("blur", "noise")}
+
+
+def test_full_spectrum_is_harder_when_csid_looks_ood(fabricated: dict) -> None:
+    """The csid sets score lower than ID test here, so counting them as ID lowers every AUROC (sanity of the data)."""
+    modes = rows_by_mode(fabricated["rows"])
+    standard = {(r["detector"], r["ood_dataset"]): r["auroc"] for r in modes["standard"]}
+    assert all(r["auroc"] < standard[r["detector"], r["ood_dataset"]] for r in modes["fsood"])
+
+
+def test_fsood_only_and_mistakes(fabricated: dict) -> None:
+    scorer = [Scorer("msp", lambda split: fabricated["scores"]["msp"][split])]
+    acc = {"blur": 14 / 35, "noise": 5 / 25}
+    rows, scores = evaluate(scorer, SPLITS, 1.0, {}, modes=("fsood",), csid_acc=acc)
+    assert {r["mode"] for r in rows} == {"fsood"} and set(scores["msp"]) == set(SIZES)
+    assert rows[0]["csid_acc"] == (60 + 14 + 5) / 120
+    with pytest.raises(ConfigError, match="choose one or more of \\['standard', 'fsood'\\]"):
+        evaluate(scorer, SPLITS, 1.0, {}, modes=("full",))
+    with pytest.raises(ConfigError, match="found no covariate-shifted ID set"):
+        evaluate(scorer, [s for s in SPLITS if s.role != "csid"], 1.0, {}, modes=("fsood",))
+    from ood.evaluation.callback import OODEvaluation
+    from ood.evaluation.evaluator import Evaluator
+
+    with pytest.raises(ConfigError, match="leave nothing to evaluate"):
+        OODEvaluation(Evaluator(detectors=["msp"]), standard=False, fsood=False)
+
+
+def test_datamodule_serves_csid_only_when_asked() -> None:
+    names = lambda dm: [(s.name, s.role) for s in dm.eval_splits]  # noqa: E731
+    plain = OODDataModule(DigitsBenchmark(), eval_batch_size=1000)
+    assert all(role != "csid" for _, role in names(plain))
+    full = OODDataModule(DigitsBenchmark(csid={"blur": 1.0, "shift": 1}), eval_batch_size=1000, csid=True)
+    assert names(full)[-2:] == [("digits_blur", "csid"), ("digits_shift", "csid")]
+    assert names(full)[:-2] == names(plain)
+    with pytest.raises(ConfigError, match="benchmark digits lists none: add `csid: \\{name: set spec\\}`"):
+        OODDataModule(DigitsBenchmark(csid={}), csid=True)
+    with pytest.raises(ConfigError, match="unknown digits csid corruptions \\['fog'\\]; choices"):
+        DigitsBenchmark(csid={"fog": 1.0})
+
+
+def test_digits_csid_sets_are_the_test_digits_corrupted() -> None:
+    bench = DigitsBenchmark()
+    test = bench.test()
+    mean, std = bench.input_mean[0], bench.input_std[0]
+    clean = test.images * std + mean  # back to [0, 1] pixels
+    for s in bench.csid_test():
+        assert torch.equal(s.dataset.labels, test.labels)  # labelled with the ID classes, image for image
+        pixels = s.dataset.images * std + mean
+        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+        if s.name == "digits_shift":  # every image is its clean digit moved by 2 pixels in one of 8 directions
+            moved = torch.stack([torch.roll(clean, (dy, dx), (2, 3)) for dy in (-2, 0, 2) for dx in (-2, 0, 2)])
+            inner = (slice(None), slice(None), slice(None), slice(2, -2), slice(2, -2))  # away from the black fill
+            hits = (moved[inner] - pixels[None][inner]).abs().amax((2, 3, 4)) < 1e-5  # [9 moves, N]
+            assert hits.any(0).all() and not hits[4].any()  # index 4: no move
+        else:
+            assert (pixels - clean).abs().mean() > 0.02
+
+
+# ----- digits end to end ------------------------------------------------------------------------------------------
+EVAL = ["train=false", "trainer.enable_progress_bar=false", "detectors.names=[msp,energy,knn]", "detectors.tune=false",
+        "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def digits_fsood(ce_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("fsood_digits")
+    return out, run_config(out, [*EVAL, f"ckpt_path={ce_checkpoint}", "evaluation.fsood=true"])
+
+
+def test_digits_both_modes_auroc_by_hand(digits_fsood: tuple[Path, list[dict]]) -> None:
+    out, rows = digits_fsood
+    csid = ["digits_noise", "digits_blur", "digits_shift"]
+    modes = rows_by_mode(rows)
+    assert set(modes) == {"standard", "fsood"} and len(modes["standard"]) == len(modes["fsood"]) == 3 * 4
+    scores = np.load(out / "scores.npz")
+    for row in rows:
+        per = lambda split, d=row["detector"]: scores[f"{d}/{split}"]  # noqa: E731
+        id_scores = np.concatenate([per("test"), *(per(c) for c in csid)]) if row["mode"] == "fsood" else per("test")
+        ood = per(row["ood_dataset"])
+        truth = np.r_[np.ones(len(id_scores)), np.zeros(len(ood))]
+        assert row["auroc"] == pytest.approx(skm.roc_auc_score(truth, np.r_[id_scores, ood]), abs=1e-12)
+        assert row["n_id"] == len(id_scores)
+    assert list(modes["fsood"][0]["csid_set_acc"]) == csid
+    # full-spectrum lowers the near AUROC of every detector here (the shifted digits look less ID)
+    standard = {(r["detector"], r["ood_dataset"]): r["auroc"] for r in modes["standard"]}
+    assert all(r["auroc"] < standard[r["detector"], r["ood_dataset"]] for r in modes["fsood"] if r["ood_group"] == "near")
+    assert (out / "figures" / "hist_msp.png").is_file()
+    written = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["mode"] for r in written] == [r["mode"] for r in rows]
+
+
+def test_digits_csid_accuracy_is_the_models(digits_fsood: tuple[Path, list[dict]], ce_checkpoint: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from ood.utils import instantiate
+
+    out, rows = digits_fsood
+    cfg = OmegaConf.load(out / "config.yaml")
+    bench = instantiate(cfg.data).benchmark
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=6, in_channels=1))
+    method.load_state_dict(torch.load(ce_checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    method.eval()
+    correct, total = 0, 0
+    row = next(r for r in rows if r["mode"] == "fsood")
+    with torch.no_grad():
+        for name, dataset in [("test", bench.test()), *((s.name, s.dataset) for s in bench.csid_test())]:
+            hits = int((method(dataset.images).argmax(1) == dataset.labels).sum())
+            correct, total = correct + hits, total + len(dataset)
+            if name != "test":
+                assert row["csid_set_acc"][name] == pytest.approx(hits / len(dataset), abs=1e-12)
+    assert row["csid_acc"] == pytest.approx(correct / total, abs=1e-12)
+    assert row["id_acc"] == pytest.approx(next(r for r in rows if r["mode"] == "standard")["id_acc"])
+    assert row["csid_acc"] < row["id_acc"]  # the corrupted digits are harder
+
+
+@pytest.mark.slow
+def test_digits_fsood_only_table(ce_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = run_config(tmp_path, [*EVAL[:-1], "detectors.names=[msp]", f"ckpt_path={ce_checkpoint}",
+                                 "evaluation.fsood=true", "evaluation.standard=false"])
+    assert {r["mode"] for r in rows} == {"fsood"} and len(rows) == 4
+    printed = capsys.readouterr().out
+    assert "full-spectrum: AUROC / FPR95" in printed and "digits_noise" in printed and " FS" not in printed
