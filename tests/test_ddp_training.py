@@ -21,7 +21,7 @@ from ood.data import benchmark as bm
 from ood.data.digits import DigitsBenchmark
 from ood.errors import ConfigError
 from ood.losses import supcon
-from ood.train import friendly_errors, user_error
+from ood.cli import friendly_errors, user_error
 
 
 def _free_port() -> int:

@@ -15,7 +15,9 @@ from ood.evaluation.scoring import Scorer
 from ood.methods import CrossEntropy
 from ood.models import SmallCNN
 from ood.models.checkpoint import load_modules
-from ood.runs import check_overrides, check_run, sweep_objective, validation_aurocs
+from ood.metrics import validation_aurocs
+from ood.runs.checks import check_overrides, check_run
+from ood.runs.sweeps import sweep_objective
 
 
 @pytest.mark.parametrize(

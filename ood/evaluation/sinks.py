@@ -27,10 +27,12 @@ from ood.evaluation.evaluator import EvaluationResult
 from ood.evaluation.scoring import METRICS, group_means
 from ood.files import atomic_savez, atomic_write_text
 from ood.plots import save_run_figures, wandb_roc
-from ood.runs import VALIDATION_FILE
 from ood.utils import get_logger
 
 log = get_logger(__name__)
+
+#: per-scorer AUROC of ID val vs validation OOD, written next to `results.jsonl` (the sweep objective)
+VALIDATION_FILE = "validation.json"
 
 
 class Sink(Protocol):
