@@ -13,9 +13,9 @@ from ood import CONFIG_DIR
 from ood.errors import CheckpointError, ConfigError
 from ood.evaluation.scoring import Scorer
 from ood.methods import CrossEntropy
+from ood.metrics import validation_aurocs
 from ood.models import SmallCNN
 from ood.models.checkpoint import load_modules
-from ood.metrics import validation_aurocs
 from ood.runs.checks import check_overrides, check_run
 from ood.runs.sweeps import sweep_objective
 

@@ -10,7 +10,7 @@ every rank after the evaluation pass; sinks that write or print act on global ra
 - `WandbReporter`: the results table, per-split score histograms with shared bins, ROC tables and line plots,
   diagnostic images.
 - `RunTable`: the console table of the run (AUROC / FPR95 per OOD set, near and far means), naming the FPR95
-  convention and ending with the run folder.
+  convention and ending with the run folder, then the hyper-parameters tuning chose as one compact block.
 """
 
 from __future__ import annotations
@@ -172,4 +172,22 @@ class RunTable:
         by = {(r["detector"], r["ood_dataset"]): r for r in rows}
         for detector in dict.fromkeys(r["detector"] for r in rows):
             table.add_row(detector, *(cell(by[detector, s]) for s in sets), *(cell(means[detector, g]) for g in groups))
-        Console(width=200).print(table)
+        console = Console(width=200)
+        console.print(table)
+        chosen = tuned_summary(rows, result.validation)
+        if chosen:
+            console.print(chosen, width=min(console.width, 120), highlight=False, soft_wrap=False)
+
+
+def tuned_summary(rows: list[dict[str, Any]], validation: dict[str, float]) -> str:
+    """One block naming the hyper-parameters each tuned detector chose on ID val vs validation OOD, with that
+    validation AUROC in % (empty when nothing was tuned)."""
+    chosen = {}
+    for row in rows:
+        if row.get("tuned_params") and row["detector"] not in chosen:
+            params = " ".join(f"{k}={row['detector_params'][k]}" for k in row["tuned_params"])
+            auroc = f" ({100 * validation[row['detector']]:.2f})" if row["detector"] in validation else ""
+            chosen[row["detector"]] = f"{row['detector']} {params}{auroc}"
+    if not chosen:
+        return ""
+    return "chosen on ID val vs validation OOD (val AUROC %): " + ", ".join(chosen.values())

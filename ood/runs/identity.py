@@ -44,11 +44,11 @@ NAME_GROUPS = ("method", "data", "backbone")
 
 
 def flatten(container: Mapping[str, Any]) -> dict[str, Any]:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (an empty mapping stays a value)."""
+    """`{"a": {"b": 1}, "c": {}}` -> `{"a.b": 1, "c": {}}` (an empty mapping inside stays a value)."""
     out: dict[str, Any] = {}
 
     def walk(value: Any, prefix: str) -> None:
-        if isinstance(value, Mapping) and value:
+        if isinstance(value, Mapping) and (value or not prefix):
             for key, sub in value.items():
                 walk(sub, f"{prefix}{key}.")
         else:
