@@ -1,5 +1,5 @@
 """Every config in conf/method, conf/data, conf/backbone, conf/experiment, conf/trainer and conf/logger
-composes and builds; new files enrol themselves (DESIGN §2: the config group is the registry)."""
+composes and builds; new files enrol themselves (the config group is the registry)."""
 
 from __future__ import annotations
 

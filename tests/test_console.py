@@ -30,7 +30,8 @@ def test_word_where_a_number_belongs_is_refused(override: str, expected: str) ->
 
 def test_values_of_the_right_type_pass() -> None:
     check_overrides(CONFIG_DIR, "train", ["seed=3", "method.optimizer.lr=1", "train=false", "trainer.devices=auto",
-                                          "ckpt_path=null", "seed=${oc.env:SEED,0}", "++seed=abc"])
+                                          "ckpt_path=null", "seed=${oc.env:SEED,0}", "++seed=abc", "-m",
+                                          "method.optimizer.lr=interval(0.01,0.1)", "seed=range(3)"])
 
 
 def test_omegaconf_errors_become_one_line() -> None:

@@ -1,4 +1,4 @@
-"""The error hints of issue 14: the closest real key for a misspelt override, a GPU preset on a CPU machine, a run
+"""The error hints before a run starts: the closest real key for a misspelt override, a GPU preset on a CPU machine, a run
 folder as `ckpt_path`, a checkpoint of another method; and the sweep objective reads validation splits only."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Sinks: where an `EvaluationResult` goes once the evaluator has made it (DESIGN §3.5 "Diagnostics").
+"""Sinks: where an `EvaluationResult` goes once the evaluator has made it (a method returns its diagnostics from a
+hook and never writes files or logs metrics itself).
 
 Each sink is small and independent, configured under `evaluation.sinks` (one `_target_` node each), and called on
 every rank after the evaluation pass; sinks that write or print act on global rank zero only.

@@ -101,7 +101,10 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
             hint = f"did you mean {close[0]}=...?" if close else "see `ood-train --cfg job` for the keys"
             raise ConfigError(f"unknown config key {key!r}: {hint} (+{key}=... would add it as a new key)")
         if key in known and not key.startswith(FREE_KEYS):
-            values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+            try:
+                values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+            except HydraException:
+                continue  # an interval sweep: the sweeper draws numbers
             for value in values:
                 expected = _expected_type(known[key], value)
                 if expected:
