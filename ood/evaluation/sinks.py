@@ -113,7 +113,7 @@ class ResultsWriter:
             floats, _, _ = split_diagnostics(result.diagnostics)
             stats = {**floats, **rest}
             (out / f"{result.method}_stats.json").write_text(json.dumps(stats, indent=2, default=_jsonable))
-        log.info("wrote %d result rows to %s", len(result.rows), path)
+        log.debug("wrote %d result rows to %s", len(result.rows), path)  # the run table names the folder
 
 
 class WandbReporter:
