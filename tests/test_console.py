@@ -28,10 +28,16 @@ def test_word_where_a_number_belongs_is_refused(override: str, expected: str) ->
         check_overrides(CONFIG_DIR, "train", override.split())
 
 
+def test_word_in_place_of_a_config_node_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"method.optimizer=sgd: method.optimizer is a config node \(.*lr.*\); set one of its keys, e.g. method.optimizer.lr=\.\.\."):
+        check_overrides(CONFIG_DIR, "train", ["method.optimizer=sgd"])
+
+
 def test_values_of_the_right_type_pass() -> None:
     check_overrides(CONFIG_DIR, "train", ["seed=3", "method.optimizer.lr=1", "train=false", "trainer.devices=auto",
                                           "ckpt_path=null", "seed=${oc.env:SEED,0}", "++seed=abc", "-m",
-                                          "method.optimizer.lr=interval(0.01,0.1)", "seed=range(3)"])
+                                          "method.optimizer.lr=interval(0.01,0.1)", "seed=range(3)",
+                                          "method.scheduler=null", "~method.scheduler"])
 
 
 def test_omegaconf_errors_become_one_line() -> None:

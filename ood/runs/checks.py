@@ -1,7 +1,8 @@
 """Checks before a run starts, each failing with one line that says what to type instead.
 
 - `check_overrides`: a misspelt `key=value` override names the closest real key, and a word where the config holds a
-  number or a boolean (`seed=abc`) names the expected type, before Hydra composes (and long before `int(seed)`).
+  number or a boolean (`seed=abc`) names the expected type, and a word in place of a config node
+  (`method.optimizer=sgd`) names its keys, before Hydra composes (and long before `int(seed)`).
 - `check_run`: refuses `trainer.max_epochs < 1`, a GPU preset without a GPU, and resuming with a different
   `trainer.max_epochs` (the cosine schedule's `T_max` lives in the checkpoint and would not follow).
 - `check_launch`: refuses a Hydra multirun with the subprocess DDP launcher.
@@ -100,6 +101,11 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
             close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
             hint = f"did you mean {close[0]}=...?" if close else "see `ood-train --cfg job` for the keys"
             raise ConfigError(f"unknown config key {key!r}: {hint} (+{key}=... would add it as a new key)")
+        children = sorted(k[len(key) + 1 :] for k in known if k.startswith(key + "."))
+        if key not in known and children and isinstance(o.value(), str | int | float | bool) and not o.is_sweep_override():
+            keys = ", ".join(children[:4]) + (", ..." if len(children) > 4 else "")
+            example = next((c for c in children if not c.startswith("_")), children[0])
+            raise ConfigError(f"{key}={o.value()}: {key} is a config node ({keys}); set one of its keys, e.g. {key}.{example}=...")
         if key in known and not key.startswith(FREE_KEYS):
             try:
                 values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
