@@ -63,8 +63,6 @@ def test_typo_in_a_value_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: py
 
 
 def test_lightning_chatter_is_quiet() -> None:
-    from lightning.pytorch.utilities.rank_zero import rank_zero_info
-
     before = {n: logging.getLogger(n).level for n in ("lightning.pytorch", "lightning.fabric")}
     try:
         with warnings.catch_warnings():
@@ -75,7 +73,6 @@ def test_lightning_chatter_is_quiet() -> None:
                 quiet_lightning()
                 warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=1)
             assert caught == []
-            rank_zero_info("Tip: not shown")
     finally:
         for name, level in before.items():
             logging.getLogger(name).setLevel(level)
