@@ -28,14 +28,16 @@ install: $(VENV)/.installed ## create .venv (if missing) and install ood with th
 demo: install ## train + evaluate the CE baseline on the embedded digits benchmark (CPU, ~1 min), print the table
 	$(VENV)/bin/ood-train
 
-test: install ## the whole test suite (what CI runs)
+test: install ## the layer contract (import-linter), then the whole test suite (what CI runs)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 test-fast: install ## the suite without the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow"
 
-lint: install ## ruff
+lint: install ## ruff, and the layer contract (import-linter, [tool.importlinter] in pyproject.toml)
 	$(PY) -m ruff check ood tests benchmarks
+	$(VENV)/bin/lint-imports
 
 format: install ## ruff format + import sorting
 	$(PY) -m ruff check --fix --select I ood tests benchmarks

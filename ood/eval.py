@@ -10,7 +10,8 @@ import hydra
 from omegaconf import DictConfig
 
 from ood import CONFIG_DIR
-from ood.train import check_argv, friendly_errors, require_config_dir, run
+from ood.cli import check_argv, friendly_errors, require_config_dir
+from ood.train import run
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from ood.cli import load_weights
 from ood.errors import CheckpointError, ConfigError, DataNotFoundError, OODError
 from ood.methods.heatmap import HeatmapOOD, heatmap_grid, heatmap_score
 from ood.utils import instantiate
@@ -44,8 +45,6 @@ def parse_args(argv: list[str]) -> dict[str, str]:
 
 def load_method(ckpt_path: str | Path) -> HeatmapOOD:
     """The trained heatmap method of a run (checkpoint file or run folder), in eval mode on the CPU."""
-    from ood.train import load_weights
-
     ckpt = Path(ckpt_path)
     if ckpt.is_dir():
         ckpt = ckpt / "checkpoints" / "last.ckpt"

@@ -11,7 +11,8 @@ Do not use torchmetrics' AUROC/ROC on raw scores: they squash values outside [0,
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -106,3 +107,11 @@ def ood_metrics(
         "fpr95": _fpr_at_tpr(roc.fpr, roc.tpr),
         "fpr95_oodpos": _fpr_at_tpr(np.concatenate([[0.0], ood_fp / n_id]), np.concatenate([[0.0], ood_tp / n_ood])),
     }
+
+
+def validation_aurocs(scorers: Sequence[Any], split_names: Sequence[str]) -> dict[str, float]:
+    """AUROC of ID val vs validation OOD for each scorer (`.name`, `.score(split)`): the number a sweeper maximises.
+    Never touches a test split; empty when the benchmark has no validation OOD set."""
+    if not {"val", "val_ood"} <= set(split_names):
+        return {}
+    return {s.name: ood_metrics(s.score("val"), s.score("val_ood"), name=f"{s.name} on val_ood")["auroc"] for s in scorers}

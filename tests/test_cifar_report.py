@@ -10,15 +10,10 @@ from pathlib import Path
 import pytest
 
 from ood import PROJECT_ROOT
-from ood.report import (
-    REFERENCE_COLS,
-    REFERENCE_DIR,
-    add_reference,
-    aggregate,
-    load_reference,
-    main,
-    to_markdown,
-)
+from ood.report import main
+from ood.report.aggregation import aggregate
+from ood.report.references import REFERENCE_COLS, REFERENCE_DIR, add_reference, load_reference
+from ood.report.rendering import to_markdown
 
 
 def _rows(id_dataset: str, detector: str, seed: int, near: float, far: float, backbone: str = "resnet18_32x32") -> list[dict]:

@@ -1,5 +1,5 @@
 """Every config in conf/method, conf/data, conf/backbone, conf/experiment, conf/trainer and conf/logger
-composes and builds; new files enrol themselves (DESIGN §2: the config group is the registry)."""
+composes and builds; new files enrol themselves (the config group is the registry)."""
 
 from __future__ import annotations
 
@@ -63,8 +63,22 @@ def test_experiment_composes(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.parametrize("group", ["trainer", "logger", "detectors", "callbacks"])
 def test_group_options_compose(tmp_path: Path, group: str) -> None:
+    """`<group>=<name>` selects conf/<group>/<name>.yaml: every value the file sets is in the composed node (over its
+    own defaults), and a file that sets nothing gives an empty node."""
+    from omegaconf import OmegaConf
+
+    from ood.runs.identity import flatten
+
     for name in options(group):
-        compose_config(tmp_path, [f"{group}={name}"])
+        cfg = compose_config(tmp_path, [f"{group}={name}"])
+        assert cfg.hydra.runtime.choices[group] == name
+        file = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{name}.yaml"))
+        defaults = file.pop("defaults", [])
+        composed = flatten(OmegaConf.to_container(cfg[group]) or {})
+        own = flatten(file)
+        assert own.items() <= composed.items(), f"{group}={name}: {[(k, v, composed.get(k)) for k, v in own.items() if composed.get(k) != v]}"
+        if not own and not defaults:
+            assert composed == {}, f"{group}={name} sets nothing, yet composes to {composed}"
 
 
 def test_eval_config_requires_checkpoint(tmp_path: Path) -> None:

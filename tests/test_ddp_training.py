@@ -17,11 +17,11 @@ from test_cluster import DIGITS as CLUSTER_DIGITS
 from torch.multiprocessing import ProcessRaisedException
 from torch.utils.data import DistributedSampler
 
+from ood.cli import friendly_errors, user_error
 from ood.data import benchmark as bm
 from ood.data.digits import DigitsBenchmark
 from ood.errors import ConfigError
 from ood.losses import supcon
-from ood.train import friendly_errors, user_error
 
 
 def _free_port() -> int:

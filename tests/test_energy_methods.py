@@ -159,7 +159,8 @@ def test_logitnorm_accuracy_within_two_points_of_ce(tmp_path: Path, ce_checkpoin
 
 
 def test_reference_rows_for_logitnorm_and_the_energy_paper() -> None:
-    from ood.report import REFERENCE_DIR, add_reference, aggregate, load_reference
+    from ood.report.aggregation import aggregate
+    from ood.report.references import REFERENCE_DIR, add_reference, load_reference
 
     base = {"backbone": "wrn40_2", "id_dataset": "cifar10", "seed": 0, "auroc": 0.9, "fpr95": 0.1, "_run": "r"}
     rows = [{**base, "method": "energy_oe", "detector": "energy_oe", "ood_dataset": "svhn", "ood_group": "far"}]

@@ -55,6 +55,7 @@ def test_wandb_offline_one_run_per_job(tmp_path: Path, monkeypatch: pytest.Monke
     a, b, c = runs["a"], runs["b"], runs["c"]
     assert a["group"] == b["group"] != c["group"], "seeds share a group, other configurations do not"
     assert a["group"].startswith("ce-digits-small_cnn-") and a["job_type"] == "train"
+    assert a["group"] == json.loads((tmp_path / "a" / "identity.json").read_text())["group"], "one identity, written once"
     assert set(a["tags"]) == {"test", "ce", "digits", "small_cnn"}
     assert (a["config"]["method.optimizer.lr"], c["config"]["method.optimizer.lr"], b["config"]["seed"]) == (0.05, 0.01, 1)
     assert {"test/msp/roc_table/nrows", "test/energy/digits_6_9/auroc"} <= a["logged"]

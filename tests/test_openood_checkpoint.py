@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
+from ood.cli import load_weights
 from ood.methods import CrossEntropy
 from ood.models import ResNet18_32x32
 from ood.models.checkpoint import checkpoint_format, from_openood
-from ood.train import load_weights
 
 
 def _as_openood(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

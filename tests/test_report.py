@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ood.report import aggregate, load_rows, main, to_markdown
+from ood.report import main
+from ood.report.aggregation import aggregate
+from ood.report.reading import load_rows
+from ood.report.rendering import to_markdown
 
 
 def _row(seed: int, ood: str, group: str, auroc: float, **method_params: object) -> dict:

@@ -11,7 +11,10 @@ import pytest
 from omegaconf import OmegaConf
 
 from ood import plots
-from ood.report import aggregate, load_rows, main, to_latex
+from ood.report import main
+from ood.report.aggregation import aggregate
+from ood.report.reading import load_rows
+from ood.report.rendering import to_latex
 
 SETS = {"near_set": "near", "far_set": "far"}
 
@@ -145,3 +148,32 @@ def test_run_figures_in_the_run_folder(tmp_path: Path) -> None:
     paths = plots.save_run_figures(tmp_path, scores, rows)
     assert [p.name for p in paths] == ["roc.png", "hist_msp.png", "hist_energy.png", "hist_knn.png", "hist_vim.png"]
     assert all(p.parent == tmp_path / "figures" and p.stat().st_size > 5_000 for p in paths)
+
+
+@pytest.mark.parametrize("references", [["--no-reference"], [], ["--reference", "conf/reference/cifar10.yaml",
+                                                                   "--reference", "conf/reference/cifar100.yaml"]])
+def test_wrote_line_printed_once(runs: Path, references: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """The closing "wrote report.md" line appears exactly once, with no, default or two reference files."""
+    from ood import PROJECT_ROOT
+
+    refs = [a if a.startswith("--") else str(PROJECT_ROOT / a) for a in references]
+    main([str(runs / "sweep"), "--no-figures", *refs])
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("wrote ")] == [f"wrote {runs / 'sweep'}/report.md, report.csv, report.tex"]
+    assert sum(line.startswith("reference numbers") for line in err) == (2 if len(refs) > 1 else 0)
+
+
+def test_identity_file_is_what_the_report_reads(tmp_path: Path) -> None:
+    """A run's `identity.json` decides its group, over what its `config.yaml` would re-derive (old folders)."""
+    from ood.runs.identity import IDENTITY_FILE, read_identity
+
+    for seed in (0, 1):
+        _run(tmp_path / f"s{seed}", seed, 3, 0.8)
+    derived = read_identity(tmp_path / "s0")
+    assert derived.config["trainer.max_epochs"] == "3" and derived.hash == read_identity(tmp_path / "s1").hash
+    assert derived.model == str((tmp_path / "s0" / "checkpoints" / "last.ckpt").resolve())
+    written = {**read_identity(tmp_path / "s1").to_json(), "config": {**derived.config, "method.optimizer.lr": "0.1"}}
+    (tmp_path / "s1" / IDENTITY_FILE).write_text(json.dumps(written))
+    assert read_identity(tmp_path / "s1").config["method.optimizer.lr"] == "0.1"
+    config_cols, _, table = aggregate(load_rows([tmp_path]))
+    assert "method.optimizer.lr" in config_cols and {e["seeds"] for e in table} == {1} and len(table) == 4

@@ -153,7 +153,7 @@ def test_tiny_version_runs(target: str, tiny_tree: Path, tmp_path: Path, monkeyp
 
 @pytest.mark.parametrize("paper", ["heatmap", "energy", "cluster", "grood", "oal"])
 def test_paper_references_load_with_source_and_convention(paper: str) -> None:
-    from ood.report import REFERENCE_DIR, load_reference, reference_files
+    from ood.report.references import REFERENCE_DIR, load_reference, reference_files
 
     refs = [load_reference(f) for f in reference_files([REFERENCE_DIR / paper])]
     assert refs and all(r["source"] for r in refs)
@@ -161,7 +161,8 @@ def test_paper_references_load_with_source_and_convention(paper: str) -> None:
 
 
 def test_fpr95_reference_columns_follow_the_convention() -> None:
-    from ood.report import REFERENCE_DIR, add_reference, aggregate, load_reference, reference_files
+    from ood.report.aggregation import aggregate
+    from ood.report.references import REFERENCE_DIR, add_reference, load_reference, reference_files
 
     base = {"backbone": "wrn40_2", "id_dataset": "cifar10", "seed": 0, "_run": "r", "ood_group": "far", "ood_dataset": "svhn",
             "auroc": 0.9, "fpr95": 0.1, "fpr95_oodpos": 0.2}

@@ -13,7 +13,7 @@ import torch
 from helpers import FAST, compose_config, run_config
 
 from ood.errors import CheckpointError, ConfigError
-from ood.runs import resolve_ckpt_path
+from ood.runs.checkpoints import resolve_ckpt_path
 from ood.train import run
 
 RUN = [*FAST, "trainer.max_epochs=3", "detectors.names=[msp,energy]", "logger=none"]

@@ -1,4 +1,4 @@
-"""The error hints of issue 14: the closest real key for a misspelt override, a GPU preset on a CPU machine, a run
+"""The error hints before a run starts: the closest real key for a misspelt override, a GPU preset on a CPU machine, a run
 folder as `ckpt_path`, a checkpoint of another method; and the sweep objective reads validation splits only."""
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from ood import CONFIG_DIR
 from ood.errors import CheckpointError, ConfigError
 from ood.evaluation.scoring import Scorer
 from ood.methods import CrossEntropy
+from ood.metrics import validation_aurocs
 from ood.models import SmallCNN
 from ood.models.checkpoint import load_modules
-from ood.runs import check_overrides, check_run, sweep_objective, validation_aurocs
+from ood.runs.checks import check_overrides, check_run
+from ood.runs.sweeps import sweep_objective
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Sinks: where an `EvaluationResult` goes once the evaluator has made it (DESIGN §3.5 "Diagnostics").
+"""Sinks: where an `EvaluationResult` goes once the evaluator has made it (a method returns its diagnostics from a
+hook and never writes files or logs metrics itself).
 
 Each sink is small and independent, configured under `evaluation.sinks` (one `_target_` node each), and called on
 every rank after the evaluation pass; sinks that write or print act on global rank zero only.
@@ -10,8 +11,9 @@ every rank after the evaluation pass; sinks that write or print act on global ra
 - `WandbReporter`: the results table, per-split score histograms with shared bins, ROC tables and line plots,
   diagnostic images.
 - `RunTable`: the console table of the run (AUROC / FPR95 per OOD set, near and far means), naming the FPR95
-  convention and ending with the run folder; with both evaluation modes on, each column is followed by its
-  full-spectrum (`FS`) twin and the caption gives the accuracy on every covariate-shifted ID set.
+  convention and ending with the run folder, then the hyper-parameters tuning chose as one compact block; with
+  both evaluation modes on, each column is followed by its full-spectrum (`FS`) twin and the caption gives the
+  accuracy on every covariate-shifted ID set.
 
 Full-spectrum (`mode: fsood`) scalars are logged under `test_fsood/...` (same names as the standard `test/...`), plus
 `test_fsood/csid/<set>/acc` and `test_fsood/id/acc` (OpenOOD's `csid_acc`: ID test and every csid set pooled).
@@ -31,10 +33,12 @@ from ood.evaluation.evaluator import EvaluationResult
 from ood.evaluation.scoring import METRICS, group_means, rows_by_mode
 from ood.files import atomic_savez, atomic_write_text
 from ood.plots import save_run_figures, wandb_roc
-from ood.runs import VALIDATION_FILE
 from ood.utils import get_logger
 
 log = get_logger(__name__)
+
+#: per-scorer AUROC of ID val vs validation OOD, written next to `results.jsonl` (the sweep objective)
+VALIDATION_FILE = "validation.json"
 
 
 class Sink(Protocol):
@@ -119,7 +123,7 @@ class ResultsWriter:
             floats, _, _ = split_diagnostics(result.diagnostics)
             stats = {**floats, **rest}
             (out / f"{result.method}_stats.json").write_text(json.dumps(stats, indent=2, default=_jsonable))
-        log.info("wrote %d result rows to %s", len(result.rows), path)
+        log.debug("wrote %d result rows to %s", len(result.rows), path)  # the run table names the folder
 
 
 class WandbReporter:
@@ -193,4 +197,22 @@ class RunTable:
         for detector in dict.fromkeys(r["detector"] for r in rows):
             cells = [cell(by[mode, detector, name]) if name in sets else cell(means[mode][detector, name]) for name, mode in columns]
             table.add_row(detector, *cells)
-        Console(width=200 if len(modes) == 1 else 320).print(table)
+        console = Console(width=200 if len(modes) == 1 else 320)
+        console.print(table)
+        chosen = tuned_summary(rows, result.validation)
+        if chosen:
+            console.print(chosen, width=min(console.width, 120), highlight=False, soft_wrap=False)
+
+
+def tuned_summary(rows: list[dict[str, Any]], validation: dict[str, float]) -> str:
+    """One block naming the hyper-parameters each tuned detector chose on ID val vs validation OOD, with that
+    validation AUROC in % (empty when nothing was tuned)."""
+    chosen = {}
+    for row in rows:
+        if row.get("tuned_params") and row["detector"] not in chosen:
+            params = " ".join(f"{k}={row['detector_params'][k]}" for k in row["tuned_params"])
+            auroc = f" ({100 * validation[row['detector']]:.2f})" if row["detector"] in validation else ""
+            chosen[row["detector"]] = f"{row['detector']} {params}{auroc}"
+    if not chosen:
+        return ""
+    return "chosen on ID val vs validation OOD (val AUROC %): " + ", ".join(chosen.values())

@@ -1,0 +1,109 @@
+"""What the command-line entry points (`ood-train`, `ood-eval`, `ood-heatmap`) share: the checks before Hydra
+starts, one-line errors for user mistakes, a quiet console, and loading a method's weights from any checkpoint.
+
+A user mistake prints one line (`error: ...`) and exits with code 1: an `OODError` (unknown names, missing data,
+NaN scores), an override whose value does not fit its key (`seed=abc`), or an OmegaConf error in the composed
+config (a missing mandatory value, an interpolation that does not resolve). Anything else is a bug: its traceback
+is shown.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
+
+from ood import CONFIG_DIR, errors
+from ood.errors import ConfigError, OODError
+from ood.runs.checks import check_overrides
+from ood.runs.console import logs_above_bars, quiet_lightning
+
+#: OmegaConf errors that mean the composed config is wrong (not the code reading it)
+CONFIG_ERRORS = (ValidationError, InterpolationResolutionError, MissingMandatoryValue)
+
+
+def require_config_dir() -> None:
+    """The configs live in the repository's top-level `conf/`: say so instead of Hydra's generic error."""
+    if not CONFIG_DIR.is_dir():
+        print(
+            f"error: config folder {CONFIG_DIR} not found; install ood from a checkout with `pip install -e .` "
+            "(the configs live in the repository's conf/, next to the package)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
+def check_argv(config_name: str) -> None:
+    """Refuse a misspelt override key (naming the closest real key) or a value of the wrong type, before Hydra
+    composes the config."""
+    try:
+        check_overrides(CONFIG_DIR, config_name, sys.argv[1:])
+    except OODError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def friendly_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Run a Hydra task with a quiet console (`ood.runs.console`) and turn user mistakes (`user_error`) into a
+    one-line message and exit code 1."""
+
+    @wraps(task)
+    def wrapper(cfg: DictConfig) -> Any:
+        quiet_lightning()
+        try:
+            with logs_above_bars():
+                return task(cfg)
+        except Exception as err:
+            user = user_error(err)
+            if user is None:
+                raise
+            print(f"error: {user}", file=sys.stderr)
+            if in_multirun():
+                raise user from None  # Hydra marks this job failed and runs the others (SystemExit ends the sweep)
+            sys.exit(1)
+
+    return wrapper
+
+
+def user_error(err: BaseException) -> OODError | None:
+    """The user's mistake behind `err`: itself when it is an `OODError`; a `ConfigError` for an OmegaConf error in the
+    composed config (`CONFIG_ERRORS`, first line of its message and the key); the `OODError` a spawned DDP rank
+    raised (`trainer=ddp_cpu`: torch's `ProcessRaisedException` carries only the rank's traceback text, whose last
+    line is `ood.errors.<Class>: <message>`); None for anything else (a bug: its traceback is shown)."""
+    from torch.multiprocessing import ProcessRaisedException
+
+    if isinstance(err, OODError):
+        return err
+    if isinstance(err, CONFIG_ERRORS):
+        key = getattr(err, "full_key", None)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return ConfigError(f"config {key}: {first}" if key else f"config: {first}")
+    if isinstance(err, ProcessRaisedException):
+        lines = str(err).strip().splitlines()
+        match = re.fullmatch(r"(?:ood\.errors\.)?(\w+): (.*)", lines[-1]) if lines else None
+        cls = getattr(errors, match[1], None) if match else None
+        if isinstance(cls, type) and issubclass(cls, OODError):
+            return cls(match[2])
+    return None
+
+
+def in_multirun() -> bool:
+    """Whether this job is one of a Hydra multirun (`-m`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def load_weights(method: Any, path: str | Path) -> None:
+    """Load a whole method from any checkpoint `ood.models.checkpoint` reads (Lightning, bare, OpenOOD, torchvision),
+    strictly; every failure names the file and the first mismatched key."""
+    from ood.models.checkpoint import load_modules, read_state_dict
+
+    load_modules(method, read_state_dict(path), None, path)

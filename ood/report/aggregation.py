@@ -1,0 +1,143 @@
+"""The comparison table's numbers: rows grouped by configuration (never averaging different ones), mean ± std over
+seeds per OOD set, and near/far means taken per run first (unweighted over the group's sets, as OpenOOD), then
+averaged over seeds. The configuration keys that differ between runs become columns."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+BASE_KEYS = ("method", "detector", "backbone", "id_dataset")
+SHOWN = ("auroc", "fpr95")
+
+
+def _tuned_keys(row: Mapping[str, Any]) -> set[str]:
+    """Detector hyper-parameters chosen by tuning in this row: results of the run, not part of its configuration
+    (seeds that tuned k differently are still the same configuration)."""
+    if not row.get("tuned"):
+        return set()
+    if "tuned_params" in row:
+        return set(row["tuned_params"])
+    from ood.detectors import detector_class
+    from ood.errors import ConfigError
+
+    try:
+        return set(detector_class(str(row["detector"])).grid)
+    except ConfigError:
+        return set()
+
+
+def config_params(row: Mapping[str, Any]) -> dict[str, str]:
+    """Configuration columns of a row from its `method_params` and `detector_params`. Left out, like tuned detector
+    values: `method_params.fitted` (statistics a method fits from data, e.g. Energy-OE's margins), `init.ckpt` (the
+    starting weights, one per seed when each seed fine-tunes its own CE run) and parameters that interpolate
+    `${seed}` (the row's `_seeded` keys)."""
+    out = {}
+    seeded = set(row.get("_seeded") or ())
+    skip = {"detector_params": _tuned_keys(row), "method_params": {"fitted"} | {k[len("method."):] for k in seeded}}
+    for prefix, key in (("method", "method_params"), ("detector", "detector_params")):
+        for name, value in (row.get(key) or {}).items():
+            if key == "method_params" and isinstance(value, Mapping):  # init.ckpt, and ${seed} keys such as teacher.seed
+                value = {k: v for k, v in value.items()
+                         if f"method.{name}.{k}" not in seeded and not (name == "init" and k == "ckpt")}
+            if name not in skip[key]:
+                out[f"{prefix}.{name}"] = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return out
+
+
+def _config_of(row: Mapping[str, Any]) -> dict[str, str]:
+    """Everything that names the configuration of a row: base keys, run config (without seed), method and fixed
+    detector hyper-parameters."""
+    return {**{k: str(row.get(k)) for k in BASE_KEYS}, **dict(row.get("_config") or {}), **config_params(row),
+            "mode": str(row.get("mode", "standard"))}
+
+
+def varying_params(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Config columns whose value differs between rows of the same method, detector, backbone and ID dataset."""
+    seen: dict[tuple[tuple[str, ...], str], set[str]] = {}
+    keys = sorted({k for row in rows for k in _config_of(row)} - set(BASE_KEYS))
+    for row in rows:
+        config = _config_of(row)
+        base = tuple(config[k] for k in BASE_KEYS)
+        for key in keys:
+            seen.setdefault((base, key), set()).add(config.get(key, ""))
+    return sorted({key for (_, key), values in seen.items() if len(values) > 1})
+
+
+def _drop_aliases(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[str]:
+    """Of keys whose values always agree (`method.scheduler.T_max: ${trainer.max_epochs}`), keep the shortest."""
+    configs = [_config_of(row) for row in rows]
+    kept: dict[tuple[str, ...], str] = {}
+    for key in sorted(keys, key=len):
+        kept.setdefault(tuple(c.get(key, "") for c in configs), key)
+    return sorted(kept.values())
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(
+    rows: Sequence[Mapping[str, Any]], by: Sequence[str] | None = None
+) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """(config columns, metric columns, table rows); metric cells are (mean, std, n) over the runs (seeds).
+
+    Runs are grouped by their whole configuration without the seed, so different configurations are never
+    averaged; the columns are the keys that differ. `by` names the grouping keys instead (besides method,
+    detector, backbone, ID dataset); keys that then still differ inside a group are warned about.
+    """
+    params = list(by) if by is not None else _drop_aliases(rows, varying_params(rows))
+    config_cols = [*BASE_KEYS, *(p for p in params if p not in BASE_KEYS)]
+    sets: dict[str, str] = {}
+    for row in rows:
+        sets.setdefault(row["ood_dataset"], row["ood_group"])
+    ordered = [s for g in ("near", "far") for s in sets if sets[s] == g]
+    groups = [g for g in ("near", "far") if g in sets.values()]
+    metric_cols = [f"{s}/{m}" for s in ordered for m in SHOWN] + [f"{g}/{m}" for g in groups for m in SHOWN]
+    metric_cols += ["id_acc"] if any("id_acc" in r for r in rows) else []
+
+    configs: dict[tuple[str, ...], dict[str, dict[str, dict[str, float]]]] = {}
+    members: dict[tuple[str, ...], list[dict[str, str]]] = {}
+    for row in rows:
+        flat = _config_of(row)
+        key = tuple(flat.get(c, "") for c in config_cols)
+        configs.setdefault(key, {}).setdefault(row["_run"], {})[row["ood_dataset"]] = {
+            m: row[m] for m in (*SHOWN, "id_acc") if m in row
+        }
+        members.setdefault(key, []).append(flat)
+    if by is not None:
+        _warn_mixed(members)
+
+    table = []
+    for key, runs in configs.items():
+        cells: dict[str, list[float]] = {}
+        for per_set in runs.values():
+            for s, values in per_set.items():
+                for m in SHOWN:
+                    cells.setdefault(f"{s}/{m}", []).append(values[m])
+            for g in groups:
+                in_group = [per_set[s] for s in ordered if sets[s] == g and s in per_set]
+                for m in SHOWN:
+                    if in_group:
+                        cells.setdefault(f"{g}/{m}", []).append(statistics.fmean(v[m] for v in in_group))
+            accs = [v["id_acc"] for v in per_set.values() if "id_acc" in v]
+            if accs:
+                cells.setdefault("id_acc", []).append(accs[0])
+        entry: dict[str, Any] = dict(zip(config_cols, key))
+        entry["seeds"] = len(runs)
+        entry["_runs"] = sorted(runs)
+        for col in metric_cols:
+            if col in cells:
+                entry[col] = (*_mean_std(cells[col]), len(cells[col]))
+        table.append(entry)
+    table.sort(key=lambda e: tuple(str(e[c]) for c in config_cols))
+    return config_cols, metric_cols, table
+
+
+def _warn_mixed(members: Mapping[tuple[str, ...], Sequence[Mapping[str, str]]]) -> None:
+    mixed = sorted({k for flats in members.values() for k in {k for f in flats for k in f} if len({f.get(k, "") for f in flats}) > 1})
+    if mixed:
+        print(f"warning: --by averages runs that differ in {', '.join(mixed)}", file=sys.stderr)

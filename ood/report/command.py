@@ -1,0 +1,80 @@
+"""The `ood-report` command line: read, aggregate, add reference numbers, print and write the tables and figures."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ood.errors import OODError
+from ood.files import atomic_write, atomic_write_text
+from ood.report.aggregation import aggregate
+from ood.report.figures import write_figures
+from ood.report.reading import failed_runs, load_rows
+from ood.report.references import add_reference, default_references, load_reference, reference_files
+from ood.report.rendering import to_latex, to_markdown, write_csv
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `ood-report` arguments."""
+    out = argparse.ArgumentParser(prog="ood-report", description="The comparison table over runs and sweeps.")
+    out.add_argument("paths", nargs="+", help="run or multirun folders (searched for results.jsonl)")
+    out.add_argument("--out", type=Path, default=None, help="folder for report.md/.csv/.tex and figures/ (default: first path)")
+    out.add_argument(
+        "--by", default=None,
+        help="comma-separated config keys to group by (besides method, detector, backbone, id_dataset), e.g. "
+        "method.optimizer.lr,trainer.max_epochs (default: every key that differs)",
+    )
+    out.add_argument("--detectors", default=None, help="comma-separated detectors to draw ROC curves and histograms of")
+    out.add_argument("--no-figures", action="store_true", help="tables only")
+    out.add_argument(
+        "--reference",
+        action="append",
+        type=Path,
+        default=None,
+        help="reference-number file(s) or folders of them (default: conf/reference/<id_dataset>.yaml when it exists)",
+    )
+    out.add_argument("--no-reference", action="store_true", help="no published reference columns")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`ood-report` entry point."""
+    args = parser().parse_args(argv)
+    failed = failed_runs(args.paths)
+    try:
+        rows = load_rows(args.paths)
+        if args.no_reference:
+            references = []
+        elif args.reference:
+            references = [load_reference(p) for p in reference_files(args.reference)]
+        else:
+            references = default_references(rows)
+    except OODError as err:
+        for run, why in failed.items():
+            print(f"failed job {run}: {why}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else None
+    config_cols, metric_cols, table = aggregate(rows, by=by)
+    metric_cols = add_reference(metric_cols, table, references)
+    markdown = to_markdown(config_cols, metric_cols, table)
+    if failed:
+        markdown += "\nFailed jobs (not in the table):\n" + "".join(f"- `{run}`: {why}\n" for run, why in failed.items())
+    print(markdown)
+    first = Path(args.paths[0])
+    out = args.out or (first if first.is_dir() else first.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "report.md", markdown)
+    atomic_write(out / "report.csv", lambda tmp: write_csv(tmp, config_cols, metric_cols, table))
+    atomic_write_text(out / "report.tex", to_latex(config_cols, metric_cols, table))
+    if not args.no_figures:
+        chosen = [d.strip() for d in args.detectors.split(",")] if args.detectors else None
+        write_figures(out, config_cols, table, rows, chosen)
+    for run, why in failed.items():
+        print(f"failed job {run}: {why}", file=sys.stderr)
+    for ref in references:
+        protocol = f", protocol: {ref['protocol']}" if ref.get("protocol") else ""
+        print(f"reference numbers ({ref['id_dataset']}, {ref['backbone']}{protocol}): {ref['source']}", file=sys.stderr)
+    print(f"wrote {out}/report.md, report.csv, report.tex" + ("" if args.no_figures else ", figures/"), file=sys.stderr)

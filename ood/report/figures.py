@@ -1,0 +1,58 @@
+"""The report's figures (`figures/` next to the tables): near/far AUROC bars of every table entry, and for the chosen
+detectors ROC curves per OOD set and score histograms, drawn by `ood.plots` from the first run of each group."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _label(entry: Mapping[str, Any], config_cols: Sequence[str], detector_only: bool) -> str:
+    """A short legend label: the detector, then the method and the varying keys that are not constant."""
+    parts = [str(entry["detector"])]
+    if not detector_only:
+        parts += [f"{c.rsplit('.', 1)[-1]}={entry[c]}" for c in config_cols if c != "detector" and entry.get(c)]
+    return " ".join(parts)
+
+
+def write_figures(
+    out: Path, config_cols: Sequence[str], table: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
+    detectors: Sequence[str] | None = None,
+) -> list[Path]:
+    """`figures/auroc_bars.png` (every table entry), and for the chosen detectors (default
+    `ood.plots.choose_scorers`) `figures/roc.png` and `figures/hist_<n>.png`, each drawn from the scores of the
+    first run of its group."""
+    import numpy as np
+
+    from ood import plots
+
+    varying = [c for c in config_cols if c not in ("detector",) and len({str(e.get(c)) for e in table}) > 1]
+    single = not varying
+    figures = out / "figures"
+    bars = [
+        (_label(e, varying, single) if not single else str(e["detector"]),
+         {g: e[f"{g}/auroc"][:2] for g in ("near", "far") if f"{g}/auroc" in e})
+        for e in table
+    ]
+    paths = [plots.auroc_bars(bars, figures / "auroc_bars.png", "near / far AUROC per configuration")]
+    chosen = list(detectors) if detectors else plots.choose_scorers(rows)
+    ood_sets = list(dict.fromkeys(str(r["ood_dataset"]) for r in rows))
+    csid_sets = list(dict.fromkeys(name for r in rows for name in r.get("csid_set_acc") or {}))  # full-spectrum runs
+    curves: dict[str, dict[str, np.ndarray]] = {}
+    for entry in table:
+        if entry["detector"] not in chosen:
+            continue
+        scores_file = next((Path(r) / "scores.npz" for r in entry["_runs"] if (Path(r) / "scores.npz").is_file()), None)
+        if scores_file is None:
+            continue
+        with np.load(scores_file) as npz:
+            prefix = f"{entry['detector']}/"
+            curves[_label(entry, varying, single)] = {k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix)}
+    if curves:
+        paths.append(plots.roc_figure(curves, ood_sets, figures / "roc.png", "ROC (first seed of each configuration)"))
+        for i, (label, per_split) in enumerate(curves.items()):
+            name = label if single else f"{i:02d}_{label.split()[0]}"
+            paths.append(plots.histogram_figure(per_split, ood_sets, figures / f"hist_{name}.png", f"{label} scores (first seed)",
+                                                csid_sets))
+    return paths

@@ -1,0 +1,54 @@
+"""Reading run folders for `ood-report`: every `results.jsonl` below the given paths, each row tagged with its run's
+identity (`identity.json`, `ood.runs.identity`), re-evaluations of one checkpoint counted once, and the jobs of a
+sweep that left no results."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ood.errors import OODError
+from ood.report.aggregation import config_params
+from ood.runs.failures import failure
+from ood.runs.identity import read_identity
+
+
+def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """All result rows under `paths` (files or folders searched recursively), each tagged with its run folder
+    (`_run`), its configuration without the seed (`_config`), its model (`_model`) and the config keys that follow
+    the seed (`_seeded`). Rows of a model already seen with the same method, detector settings and OOD set (a
+    re-evaluation of one checkpoint) are dropped, training runs first, so each model counts once."""
+    paths = list(paths)
+    rows = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise OODError(f"no such file or folder: {path}")
+        for file in [path] if path.is_file() else sorted(path.rglob("results.jsonl")):
+            ident = read_identity(file.parent)
+            tags = {"_run": str(file.parent), "_config": ident.config, "_model": ident.model, "_seeded": ident.seeded}
+            rows += [{**json.loads(line), **tags} for line in file.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise OODError(f"no results.jsonl found under {', '.join(map(str, paths))}")
+    seen: dict[tuple[str, ...], str] = {}
+    kept = []
+    for row in sorted(rows, key=lambda r: ("ckpt" in r["_config"], r["_run"])):
+        params = json.dumps(config_params(row), sort_keys=True)
+        key = (row["_model"], str(row["method"]), str(row["detector"]), params, str(row["ood_dataset"]),
+               str(row.get("mode", "standard")))
+        if seen.setdefault(key, row["_run"]) == row["_run"]:
+            kept.append(row)
+    return kept
+
+
+def failed_runs(paths: Iterable[str | Path]) -> dict[str, str]:
+    """Job folders (holding `.hydra/`) under `paths` without `results.jsonl`: folder -> why (the error a failed
+    run left in `FAILED.txt`, else "no results: still running or killed")."""
+    out = {}
+    for path in map(Path, paths):
+        for hydra in sorted(path.rglob(".hydra")) if path.is_dir() else []:
+            run = hydra.parent
+            if not (run / "results.jsonl").is_file():
+                out[str(run)] = failure(run) or "no results: still running or killed"
+    return out

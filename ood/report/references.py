@@ -1,0 +1,85 @@
+"""Published reference numbers beside the report's rows.
+
+A reference file (`conf/reference/<id_dataset>.yaml`, e.g. the OpenOOD v1.5 leaderboard AUROC for CIFAR-10/100, or a
+paper table under `conf/reference/<paper>/`) gives `source`, `id_dataset`, `backbone` and
+`auroc: {method: {detector: {near|far: [mean(, std)]}}}` in %. The matching rows (same ID dataset, backbone, method
+and detector) get `ref:near/auroc` and `ref:far/auroc` columns. A file may also give FPR95 (`fpr95:`, same shape)
+with its `fpr95_convention`: `id_positive` (ODIN / Energy / the seed papers; our `fpr95`) gives `ref:<group>/fpr95`
+columns, `ood_positive` (OpenOOD v1.5, pytorch-ood; our `fpr95_oodpos`) `ref:<group>/fpr95_oodpos`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ood import CONFIG_DIR
+from ood.errors import OODError
+
+REFERENCE_DIR = CONFIG_DIR / "reference"
+REFERENCE_COLS = ("ref:near/auroc", "ref:far/auroc")
+#: reference file's `fpr95_convention` -> our metric of that convention
+FPR95_CONVENTIONS = {"id_positive": "fpr95", "ood_positive": "fpr95_oodpos"}
+
+
+def load_reference(path: str | Path) -> dict[str, Any]:
+    """A reference file: `source`, `id_dataset`, `backbone`, `auroc: {method: {detector: {near|far: [mean(, std)]}}}` (%),
+    optionally `fpr95` of the same shape with `fpr95_convention` (`id_positive` | `ood_positive`)."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise OODError(f"no such reference file: {path}")
+    reference = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    assert isinstance(reference, dict)
+    missing = {"source", "id_dataset", "backbone"} - set(reference)
+    if not {"auroc", "fpr95"} & set(reference):
+        missing.add("auroc or fpr95")
+    if missing:
+        raise OODError(f"reference file {path} lacks {sorted(missing)}")
+    if "fpr95" in reference and reference.get("fpr95_convention") not in FPR95_CONVENTIONS:
+        raise OODError(f"reference file {path} gives fpr95 without fpr95_convention: one of {list(FPR95_CONVENTIONS)}")
+    return reference
+
+
+def reference_files(paths: Iterable[Path]) -> list[Path]:
+    """`--reference` arguments as files: a folder (e.g. `conf/reference/heatmap`) stands for its `*.yaml`, sorted."""
+    return [f for p in paths for f in (sorted(Path(p).glob("*.yaml")) if Path(p).is_dir() else [Path(p)])]
+
+
+def default_references(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The `conf/reference/<id_dataset>.yaml` and `<id_dataset>_*.yaml` (other backbones) files of the ID datasets
+    in `rows`."""
+    names = sorted({str(row["id_dataset"]) for row in rows})
+    files = [p for n in names for p in [REFERENCE_DIR / f"{n}.yaml", *sorted(REFERENCE_DIR.glob(f"{n}_*.yaml"))]]
+    return [load_reference(p) for p in files if p.is_file()]
+
+
+def add_reference(
+    metric_cols: Sequence[str], table: Sequence[dict[str, Any]], references: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """Add the published near/far AUROC (and FPR95 when given) as (mean, std, runs) in [0, 1] to matching table
+    entries, in place.
+
+    An entry matches a reference on `id_dataset`, `backbone`, `method` and `detector`. Returns the metric columns
+    with the matched reference columns appended (`REFERENCE_COLS` first, then FPR95 ones), else unchanged.
+    """
+    matched: set[str] = set()
+    for entry in table:
+        for ref in references:
+            if (str(ref["id_dataset"]), str(ref["backbone"])) != (entry["id_dataset"], entry["backbone"]):
+                continue
+            metrics = {"auroc": ref["auroc"]}
+            if "fpr95" in ref:
+                metrics[FPR95_CONVENTIONS[ref["fpr95_convention"]]] = ref["fpr95"]
+            for metric, numbers in metrics.items():
+                groups = ((numbers or {}).get(entry["method"]) or {}).get(entry["detector"]) or {}
+                for group in ("near", "far"):
+                    if group in groups:
+                        values = [float(v) / 100 for v in groups[group]]
+                        col = f"ref:{group}/{metric}"
+                        entry[col] = (values[0], values[1] if len(values) > 1 else 0.0, 3 if len(values) > 1 else 1)
+                        matched.add(col)
+    order = [*REFERENCE_COLS, *(f"ref:{g}/{m}" for m in FPR95_CONVENTIONS.values() for g in ("near", "far"))]
+    return [*metric_cols, *(c for c in order if c in matched)]

@@ -1,0 +1,56 @@
+"""The comparison table as text: Markdown and LaTeX (metrics in %, mean ± std over seeds) and CSV (values in
+[0, 1], `<col>_mean` / `<col>_std`)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, tuple):
+        mean, std, n = value
+        return f"{100 * mean:.2f}" if n == 1 else f"{100 * mean:.2f} ± {100 * std:.2f}"
+    return str(value)
+
+
+def to_markdown(config_cols: Sequence[str], metric_cols: Sequence[str], table: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table (metrics in %, mean ± std over seeds)."""
+    cols = [*config_cols, "seeds", *metric_cols]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(entry.get(c, "")) for c in cols) + " |" for entry in table]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, config_cols: Sequence[str], metric_cols: Sequence[str], table: Sequence[Mapping[str, Any]]) -> None:
+    """CSV with `<col>_mean` and `<col>_std` per metric, values in [0, 1]."""
+    header = [*config_cols, "seeds"] + [f"{c}_{s}" for c in metric_cols for s in ("mean", "std")]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for entry in table:
+            metrics = [v for c in metric_cols for v in (entry[c][:2] if c in entry else ("", ""))]
+            writer.writerow([entry[c] for c in config_cols] + [entry["seeds"], *metrics])
+
+
+def to_latex(config_cols: Sequence[str], metric_cols: Sequence[str], table: Sequence[Mapping[str, Any]]) -> str:
+    """A LaTeX `booktabs` tabular (metrics in %, mean $\\pm$ std over seeds); needs `\\usepackage{booktabs}`."""
+
+    def tex(text: str) -> str:
+        for char in ("\\", "&", "%", "$", "#", "_", "{", "}"):
+            text = text.replace(char, "\\" + char if char != "\\" else "\\textbackslash{}")
+        return text.replace(" ± ", " $\\pm$ ")
+
+    cols = [*config_cols, "seeds", *metric_cols]
+    lines = [
+        "\\begin{tabular}{" + "l" * (len(config_cols)) + "r" * (len(cols) - len(config_cols)) + "}",
+        "\\toprule",
+        " & ".join(tex(c) for c in cols) + " \\\\",
+        "\\midrule",
+        *(" & ".join(tex(_cell(entry.get(c, ""))) for c in cols) + " \\\\" for entry in table),
+        "\\bottomrule",
+        "\\end{tabular}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,122 @@
+"""Checkpoints a run can trust: written atomically, carrying the config and the RNG state, found from a short name.
+
+- `AtomicCheckpoint`: Lightning's `ModelCheckpoint` writing `<file>.tmp` then `os.replace` (a crash never leaves a
+  half-written checkpoint).
+- `RunState`: the flattened resolved config in every checkpoint, and the global RNG states (torch, NumPy, Python)
+  across a resume, so an interrupted and resumed CPU run draws the same augmentations as an uninterrupted one.
+- `resolve_ckpt_path`: `ckpt_path=last` / a run folder / a file -> the checkpoint file, with one-line errors.
+- `checkpoint_config`: the config a checkpoint was trained with.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from ood.errors import CheckpointError
+from ood.utils import get_logger
+
+log = get_logger(__name__)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Global RNG states as tensors and builtins (Lightning resumes with `torch.load(weights_only=True)`)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+
+
+class AtomicCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` that writes `<file>.tmp` and renames it onto the file (Lightning's own save goes through
+    an fsspec transaction whose temporary file lives in /tmp, so the final move may be a copy).
+
+    Configured with `save_top_k=1, monitor=None, filename="last", every_n_epochs=N`: `checkpoints/last.ckpt` is
+    replaced every N epochs (Lightning's `save_last` only follows top-k saves, so never with `save_top_k=0`).
+    """
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        tmp = f"{filepath}.tmp"
+        super()._save_checkpoint(trainer, tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        trainer.strategy.barrier("AtomicCheckpoint")
+
+
+class RunState(Callback):
+    """Puts the flattened resolved config into every checkpoint (`hyper_parameters["config"]`) and carries the
+    global RNG states (torch, NumPy, Python) across a resume.
+
+    The states are restored as the checkpoint is loaded: between that and the creation of the next epoch's
+    training iterator nothing draws random numbers (Lightning isolates the RNG around its sanity check), just as
+    nothing does between the save and that point in the uninterrupted run.
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = dict(config)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint.setdefault("hyper_parameters", {})["config"] = self.config
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": _rng_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "rng" in state_dict:
+            _set_rng_state(state_dict["rng"])
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path, runs_dir: str | Path) -> str | None:
+    """The checkpoint file `ckpt_path` means.
+
+    `last`: `<output_dir>/checkpoints/last.ckpt` when it exists (a rerun into the same folder, e.g. a multirun
+    with a fixed `hydra.sweep.dir`), else the newest `*/checkpoints/last.ckpt` under `runs_dir`. A folder: its
+    `checkpoints/last.ckpt`. A file: itself.
+    """
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) == "last":
+        own = Path(output_dir) / "checkpoints" / "last.ckpt"
+        if own.is_file():
+            return str(own)
+        found = sorted(Path(runs_dir).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise CheckpointError(f"ckpt_path=last: no checkpoints/last.ckpt in {output_dir} or under {runs_dir}/*/")
+        log.info("ckpt_path=last resumes %s", found[-1])
+        return str(found[-1])
+    path = Path(ckpt_path)
+    if path.is_dir():
+        inner = path / "checkpoints" / "last.ckpt"
+        if not inner.is_file():
+            raise CheckpointError(f"{path} is a folder without checkpoints/last.ckpt: pass ckpt_path=<run folder> or the .ckpt file")
+        return str(inner)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (pass a run folder or its checkpoints/last.ckpt)")
+    return str(path)
+
+
+def checkpoint_config(path: str | Path) -> dict[str, Any]:
+    """The flattened config stored in a checkpoint by `RunState` (empty for other checkpoints)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    return dict((hparams or {}).get("config") or {})

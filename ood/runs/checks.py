@@ -1,0 +1,148 @@
+"""Checks before a run starts, each failing with one line that says what to type instead.
+
+- `check_overrides`: a misspelt `key=value` override names the closest real key, and a word where the config holds a
+  number or a boolean (`seed=abc`) names the expected type, and a word in place of a config node
+  (`method.optimizer=sgd`) names its keys, before Hydra composes (and long before `int(seed)`).
+- `check_run`: refuses `trainer.max_epochs < 1`, a GPU preset without a GPU, and resuming with a different
+  `trainer.max_epochs` (the cosine schedule's `T_max` lives in the checkpoint and would not follow).
+- `check_launch`: refuses a Hydra multirun with the subprocess DDP launcher.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ood.errors import ConfigError
+from ood.runs.checkpoints import checkpoint_config
+from ood.runs.identity import flatten
+
+
+def check_run(cfg: DictConfig, ckpt_path: str | None) -> None:
+    """Refuse configurations that would waste a run: no epochs, a GPU preset without a GPU, a changed schedule."""
+    max_epochs = cfg.trainer.get("max_epochs")
+    if cfg.train and (max_epochs is None or int(max_epochs) < 1):
+        raise ConfigError(f"trainer.max_epochs={max_epochs}: must be >= 1 (Lightning's -1 would train forever)")
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but no GPU is available: this preset needs a GPU; "
+            "add trainer=cpu to try it on CPU"
+        )
+    if cfg.train and ckpt_path is not None:
+        before = checkpoint_config(ckpt_path).get("trainer.max_epochs")
+        if before is not None and int(before) != int(max_epochs):
+            raise ConfigError(
+                f"checkpoint {ckpt_path} was trained for trainer.max_epochs={before}; resuming with "
+                f"trainer.max_epochs={max_epochs} would keep its learning-rate schedule (T_max={before}). Resume with "
+                f"trainer.max_epochs={before}, or start a new run from its weights"
+            )
+
+
+def check_launch(cfg: DictConfig, multirun: bool) -> None:
+    """Refuse a Hydra multirun with the subprocess DDP launcher: it re-executes the whole sweep per rank."""
+    if multirun and cfg.trainer.get("strategy") == "ddp":
+        raise ConfigError(
+            "trainer=ddp (subprocess launcher) cannot run inside a Hydra multirun: each rank would re-launch the "
+            "sweep. Sweep with one device per job, use trainer=ddp_cpu-style spawn (strategy.start_method=spawn), "
+            "or pre-launch ranks with torchrun/SLURM (see README)."
+        )
+
+
+def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str]) -> None:
+    """Refuse a misspelt `key=value` override before Hydra does, naming the closest real key (Hydra's own advice,
+    `+key=value`, adds the misspelt key and fails later with a TypeError)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if any(a.startswith(("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")) for a in argv):
+        return  # another primary config: Hydra checks its keys
+    args, skip = [], False
+    for arg in argv:  # overrides only: no flags, nor the value of a flag that takes one (`--cfg job`)
+        if not skip and not arg.startswith("-"):
+            args.append(arg)
+        skip = arg in ("-c", "--cfg", "-p", "--package", "--info", "-i") and not skip
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+    except HydraException:
+        return  # Hydra reports syntax errors itself
+    groups = [o for o in overrides if _is_group(o.key_or_group, config_dir)]
+    choices = [
+        [f"{o.key_or_group}={v}" for v in (o.sweep_string_iterator() if o.is_sweep_override() else [o.value()])]
+        for o in groups
+    ]
+    known: dict[str, Any] = {}
+    open_dicts: set[str] = set()  # empty mappings (`detectors.params: {}`) take any sub-key
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        try:  # a key is known when any swept combination of config groups has it
+            for combination in itertools.islice(itertools.product(*choices), 16):
+                flat = _all_keys(compose(config_name, list(combination), return_hydra_config=True))
+                known.update(flat)
+                open_dicts |= {k for k, v in flat.items() if v == {}}
+        except Exception:  # noqa: BLE001 - a bad group choice is Hydra's to report
+            return
+        finally:
+            GlobalHydra.instance().clear()
+    for o in overrides:
+        key = o.key_or_group
+        if o.is_add() or o.is_force_add() or o.is_delete() or _is_group(key, config_dir):
+            continue
+        parents = {".".join(key.split(".")[:i]) for i in range(1, key.count(".") + 1)}
+        if key not in known and not parents & open_dicts and not any(k.startswith(key + ".") for k in known):
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}=...?" if close else "see `ood-train --cfg job` for the keys"
+            raise ConfigError(f"unknown config key {key!r}: {hint} (+{key}=... would add it as a new key)")
+        children = sorted(k[len(key) + 1 :] for k in known if k.startswith(key + "."))
+        if key not in known and children and isinstance(o.value(), str | int | float | bool) and not o.is_sweep_override():
+            keys = ", ".join(children[:4]) + (", ..." if len(children) > 4 else "")
+            example = next((c for c in children if not c.startswith("_")), children[0])
+            raise ConfigError(f"{key}={o.value()}: {key} is a config node ({keys}); set one of its keys, e.g. {key}.{example}=...")
+        if key in known and not key.startswith(FREE_KEYS):
+            try:
+                values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+            except HydraException:
+                continue  # an interval sweep: the sweeper draws numbers
+            for value in values:
+                expected = _expected_type(known[key], value)
+                if expected:
+                    raise ConfigError(
+                        f"{key}={value}: expected {expected} (the default is {known[key]!r}); ++{key}={value} forces it"
+                    )
+
+
+#: keys whose values Lightning accepts in several types (`trainer.devices=auto`), and Hydra's own
+FREE_KEYS = ("trainer.devices", "trainer.precision", "hydra.")
+
+
+def _expected_type(default: Any, value: Any) -> str | None:
+    """The type a word `value` should have had where the config holds the number or boolean `default`; None when
+    it fits (numbers for numbers, booleans for booleans, null and interpolations anywhere)."""
+    if not isinstance(value, str) or value.startswith("${"):
+        return None
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, int):
+        return "an integer"
+    if isinstance(default, float):
+        return "a number"
+    return None
+
+
+def _is_group(key: str, config_dir: str | Path) -> bool:
+    return "/" in key or (Path(config_dir) / key).is_dir()
+
+
+def _all_keys(cfg: DictConfig) -> dict[str, Any]:
+    """Every flattened key of `cfg` including `hydra.*` (unresolved: only the names matter)."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(container, dict)
+    return flatten(container)

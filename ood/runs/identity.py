@@ -1,0 +1,159 @@
+"""The identity of a run: which configuration its numbers belong to, whatever the seed.
+
+A run computes its identity once, as it starts, and writes it to `identity.json` in its folder:
+- `config`: the flattened resolved config keys that name a configuration (`IDENTITY_PREFIXES`: method and its
+  parameters, backbone, data, epochs), without the seed, loader plumbing and starting weights (`NOT_IDENTITY`),
+  folders, and the keys whose unresolved value interpolates `${seed}` (OAL's `method.sampling_seed`: they vary with
+  the seed). An evaluation run (`train=false`) of a checkpoint takes the training keys (`TRAINING_KEYS`) of the run
+  that wrote it, so re-evaluating a checkpoint is recognised as the same model; a checkpoint from elsewhere adds
+  `ckpt` = its path instead.
+- `hash`: 8 hex digits of the SHA-1 of `config` (canonical JSON); `group`: `<method>-<data>-<backbone>-<hash>`, the
+  wandb group, so the seeds of one configuration, and only they, share a group.
+- `seeded`: the `${seed}` keys left out; `model`: the checkpoint the numbers come from (the run's own
+  `checkpoints/last.ckpt`, or the evaluated one).
+
+`ood-report` groups runs by `config` and counts each `model` once. `read_identity` re-derives the identity of a run
+folder written before `identity.json` existed from its `config.yaml` and Hydra's `.hydra/` copies, with the same
+function the run uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ood.files import atomic_write_text
+
+#: the file a run's identity is written to, in its folder
+IDENTITY_FILE = "identity.json"
+#: flattened-config prefixes that name a configuration (method and its parameters, backbone, data, epochs)
+IDENTITY_PREFIXES = ("method.", "backbone.", "data.", "trainer.max_epochs")
+#: flattened keys under those prefixes that do not name a configuration: loader plumbing, and the starting weights
+#: of a fine-tune (one CE run per seed: `method.init.ckpt=.../ce_s${seed}/...` must not split the seeds)
+NOT_IDENTITY = ("data.num_workers", "data.pin_memory", "data.download", "data.eval_batch_size", "method.init.ckpt",
+                "data.csid")
+#: config keys that only matter for training: an evaluation run takes them from the run that trained its checkpoint
+TRAINING_KEYS = ("trainer.max_epochs", "method.optimizer.", "method.scheduler.")
+#: the config groups whose chosen option names a wandb group
+NAME_GROUPS = ("method", "data", "backbone")
+
+
+def flatten(container: Mapping[str, Any]) -> dict[str, Any]:
+    """`{"a": {"b": 1}, "c": {}}` -> `{"a.b": 1, "c": {}}` (an empty mapping inside stays a value)."""
+    out: dict[str, Any] = {}
+
+    def walk(value: Any, prefix: str) -> None:
+        if isinstance(value, Mapping) and (value or not prefix):
+            for key, sub in value.items():
+                walk(sub, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = value
+
+    walk(container, "")
+    return out
+
+
+def flat_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved config as `{"method.optimizer.lr": 0.05, ...}` (without Hydra's own `hydra` node)."""
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False) if isinstance(cfg, DictConfig) else dict(cfg)
+    assert isinstance(container, dict)
+    return flatten({k: v for k, v in container.items() if k != "hydra"})
+
+
+def seed_keys(raw: DictConfig | Mapping[str, Any]) -> set[str]:
+    """Flattened keys whose unresolved value interpolates `${seed}` (e.g. OAL's `method.sampling_seed`): they vary
+    with the seed, so they are part of the seed, not of the configuration."""
+    container = OmegaConf.to_container(raw, resolve=False) if isinstance(raw, DictConfig) else dict(raw)
+    assert isinstance(container, dict)
+    flat = flatten({k: v for k, v in container.items() if k != "hydra"})
+    return {k for k, v in flat.items() if isinstance(v, str) and "${seed}" in v}
+
+
+def identity(flat: Mapping[str, Any], seeded: Collection[str] = ()) -> dict[str, str]:
+    """The flattened keys that name a configuration, seed and the `seeded` keys (`seed_keys`) excluded (values as
+    canonical JSON strings)."""
+    return {
+        k: v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+        for k, v in sorted(flat.items())
+        if k.startswith(IDENTITY_PREFIXES) and k not in NOT_IDENTITY and k not in seeded
+        and not k.endswith(("_dir", ".root"))
+    }
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What `identity.json` holds (see the module docstring)."""
+
+    config: dict[str, str]
+    model: str
+    seeded: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha1(json.dumps(self.config, sort_keys=True).encode()).hexdigest()[:8]
+
+    @property
+    def group(self) -> str:
+        return "-".join([*filter(None, self.names), self.hash])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config, "hash": self.hash, "group": self.group, "seeded": self.seeded,
+                "model": self.model, "names": self.names}
+
+
+def derive_identity(
+    flat: Mapping[str, Any], seeded: Collection[str], names: Sequence[str], run_dir: str | Path, evaluated: str | None
+) -> RunIdentity:
+    """The identity of the run in `run_dir` with resolved config `flat`; `evaluated` is the checkpoint an evaluation
+    run (`train=false`) scores, None for a training run (whose model is its own `checkpoints/last.ckpt`)."""
+    config = identity(flat, seeded)
+    if not evaluated:
+        return RunIdentity(config, str((Path(run_dir) / "checkpoints" / "last.ckpt").resolve()), sorted(seeded), list(names))
+    ckpt = Path(evaluated)
+    ckpt = ckpt / "checkpoints" / "last.ckpt" if ckpt.is_dir() else ckpt
+    trained = ckpt.parent.parent
+    config = {k: v for k, v in config.items() if not k.startswith(TRAINING_KEYS)}
+    if ckpt.parent.name == "checkpoints" and ((trained / IDENTITY_FILE).is_file() or (trained / "config.yaml").is_file()):
+        config.update({k: v for k, v in read_identity(trained).config.items() if k.startswith(TRAINING_KEYS)})
+    else:
+        config["ckpt"] = str(ckpt)
+    return RunIdentity(dict(sorted(config.items())), str(ckpt.resolve()), sorted(seeded), list(names))
+
+
+def run_identity(cfg: DictConfig, choices: Mapping[str, Any], run_dir: str | Path, ckpt_path: str | None) -> RunIdentity:
+    """The identity of the run `cfg` describes (Hydra's chosen group options name its wandb group); `ckpt_path` is
+    the resolved checkpoint (the evaluated model when `cfg.train` is false)."""
+    names = [str(choices.get(g, "")) for g in NAME_GROUPS]
+    return derive_identity(flat_config(cfg), seed_keys(cfg), names, run_dir, None if cfg.train else ckpt_path)
+
+
+def write_identity(run_dir: str | Path, ident: RunIdentity) -> None:
+    """`<run_dir>/identity.json`, atomically."""
+    atomic_write_text(Path(run_dir) / IDENTITY_FILE, json.dumps(ident.to_json(), indent=2) + "\n")
+
+
+def read_identity(run_dir: str | Path) -> RunIdentity:
+    """The identity a run wrote (`identity.json`); for a folder without one, re-derived from its `config.yaml`, the
+    unresolved `.hydra/config.yaml` (its `${seed}` keys) and `.hydra/hydra.yaml` (the chosen group options). A
+    folder without `config.yaml` has an empty configuration."""
+    run_dir = Path(run_dir)
+    path = run_dir / IDENTITY_FILE
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return RunIdentity(dict(data["config"]), str(data["model"]), list(data.get("seeded", [])), list(data.get("names", [])))
+    if not (run_dir / "config.yaml").is_file():
+        return derive_identity({}, (), (), run_dir, None)
+    flat = flat_config(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))  # type: ignore[arg-type]
+    raw, hydra = run_dir / ".hydra" / "config.yaml", run_dir / ".hydra" / "hydra.yaml"
+    seeded = seed_keys(OmegaConf.load(raw)) if raw.is_file() else set()
+    choices = OmegaConf.select(OmegaConf.load(hydra), "hydra.runtime.choices", default={}) if hydra.is_file() else {}
+    names = [str(choices.get(g, "")) for g in NAME_GROUPS] if choices else []
+    evaluated = None if flat.get("train", True) else flat.get("ckpt_path")
+    return derive_identity(flat, seeded, names, run_dir, str(evaluated) if evaluated else None)

@@ -1,0 +1,73 @@
+"""The run's loggers: the configured ones built with the flattened config as hyper-parameters, a CSV logger that
+survives spawned DDP stages, and the one wandb run per job.
+
+- `CSVLogger`: Lightning's CSV logger keeping the columns already in `metrics.csv` (spawned DDP: fit, then test).
+- `build_loggers`: `cfg.logger`, each with the flattened resolved config; wandb also gets `group` = the run's
+  identity group (`ood.runs.identity`: configuration without the seed), tags from method, data and backbone.
+- `finish_wandb`: closes the job's wandb run, even in a multirun or after an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import csv_logs
+from omegaconf import DictConfig
+
+from ood.runs.identity import NAME_GROUPS, flat_config
+from ood.utils import instantiate
+
+
+class _KeepColumnsWriter(csv_logs.ExperimentWriter):
+    """Writes `metrics.csv` with the union of its own keys and the columns already in the file."""
+
+    def save(self) -> None:
+        if self.metrics and self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                header = next(csv.reader(file), [])
+            self.metrics_keys = sorted(set(self.metrics_keys) | set(header))
+        super().save()
+
+
+class CSVLogger(csv_logs.CSVLogger):
+    """Lightning's `CSVLogger` whose writer keeps the file's existing columns. Under a spawning strategy
+    (`trainer=ddp_cpu`) each stage pickles the parent's writer, which never saw the keys an earlier stage's child
+    wrote: Lightning's writer would rewrite the file with the test keys only and fail on the training rows."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> csv_logs.ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepColumnsWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def build_loggers(cfg: DictConfig, choices: Mapping[str, Any], group: str) -> list[Any]:
+    """Instantiate `cfg.logger`, each with the flattened resolved config as hyper-parameters; a wandb logger joins
+    `group` (the run's identity group) and is tagged with the chosen method, data and backbone."""
+    flat = flat_config(cfg)
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        target = str(node.get("_target_", ""))
+        extra: dict[str, Any] = {}
+        if target.endswith("WandbLogger"):
+            tags = [*(node.get("tags") or []), *(str(choices[g]) for g in NAME_GROUPS if g in choices)]
+            extra = {"group": group, "tags": list(dict.fromkeys(tags))}
+        logger = instantiate(node, **extra)
+        logger.log_hyperparams(flat)
+        loggers.append(logger)
+    return loggers
+
+
+def finish_wandb() -> None:
+    """One wandb run per job, even in multirun or after an error."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()

@@ -1,0 +1,107 @@
+"""What `ood-train` prints: one-line errors for config mistakes, Lightning's chatter off, one bar for the evaluation
+pass, the tuned hyper-parameters as one block."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from types import SimpleNamespace
+
+import pytest
+from omegaconf import OmegaConf
+
+from ood import CONFIG_DIR
+from ood.cli import user_error
+from ood.errors import ConfigError
+from ood.evaluation.sinks import tuned_summary
+from ood.runs.checks import check_overrides
+from ood.runs.console import ProgressBar, quiet_lightning
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("seed=abc", "an integer"), ("train=maybe", "true or false"), ("method.optimizer.lr=fast", "a number"),
+     ("-m seed=0,1,x", "an integer")],
+)
+def test_word_where_a_number_belongs_is_refused(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=rf"=\w+: expected {expected} \(the default is"):
+        check_overrides(CONFIG_DIR, "train", override.split())
+
+
+def test_word_in_place_of_a_config_node_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"method.optimizer=sgd: method.optimizer is a config node \(.*lr.*\); set one of its keys, e.g. method.optimizer.lr=\.\.\."):
+        check_overrides(CONFIG_DIR, "train", ["method.optimizer=sgd"])
+
+
+def test_values_of_the_right_type_pass() -> None:
+    check_overrides(CONFIG_DIR, "train", ["seed=3", "method.optimizer.lr=1", "train=false", "trainer.devices=auto",
+                                          "ckpt_path=null", "seed=${oc.env:SEED,0}", "++seed=abc", "-m",
+                                          "method.optimizer.lr=interval(0.01,0.1)", "seed=range(3)",
+                                          "method.scheduler=null", "~method.scheduler"])
+
+
+def test_omegaconf_errors_become_one_line() -> None:
+    cfg = OmegaConf.create({"a": "${nope}", "b": "???"})
+    for key in ("a", "b"):
+        try:
+            getattr(cfg, key)
+        except Exception as err:  # noqa: BLE001 - the error under test
+            user = user_error(err)
+            assert isinstance(user, ConfigError) and "\n" not in str(user) and f"config {key}:" in str(user)
+    assert user_error(ValueError("a bug")) is None, "other errors keep their traceback"
+
+
+def test_typo_in_a_value_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ood-train seed=abc` stops before Hydra starts, with one line (not Python's ValueError from `int(seed)`)."""
+    from ood.train import main
+
+    monkeypatch.setattr("sys.argv", ["ood-train", "seed=abc"])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == "error: seed=abc: expected an integer (the default is 0); ++seed=abc forces it\n"
+
+
+def test_lightning_chatter_is_quiet() -> None:
+    before = {n: logging.getLogger(n).level for n in ("lightning.pytorch", "lightning.fabric")}
+    try:
+        with warnings.catch_warnings():
+            quiet_lightning()
+            assert not logging.getLogger("lightning.pytorch.utilities.rank_zero").isEnabledFor(logging.INFO)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("default")
+                quiet_lightning()
+                warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=1)
+            assert caught == []
+    finally:
+        for name, level in before.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def test_one_bar_for_the_whole_evaluation_pass() -> None:
+    bar = ProgressBar()
+    trainer = SimpleNamespace(num_test_batches=[3, 2], progress_bar_callback=bar, state=SimpleNamespace(fn="test"))
+    bar._init_progress(trainer)  # type: ignore[arg-type]
+    try:
+        for split, batches in enumerate(trainer.num_test_batches):
+            for i in range(batches):
+                bar.on_test_batch_start(trainer, None, None, i, split)  # type: ignore[arg-type]
+                bar.on_test_batch_end(trainer, None, None, None, i, split)  # type: ignore[arg-type]
+        (task,) = bar.progress.tasks
+        assert (task.description, task.total, task.completed) == ("evaluation pass", 5, 5)
+        bar.on_test_epoch_end(trainer, None)  # type: ignore[arg-type]
+        assert bar._progress_stopped, "the live display stops before the evaluation prints"
+    finally:
+        bar._stop_progress()
+
+
+def test_tuned_hyperparameters_in_one_block() -> None:
+    rows = [
+        {"detector": "knn", "ood_dataset": s, "detector_params": {"k": 50, "normalize": True}, "tuned_params": ["k"]}
+        for s in ("a", "b")
+    ] + [{"detector": "msp", "ood_dataset": "a", "detector_params": {}, "tuned_params": []},
+         {"detector": "ash", "ood_dataset": "a", "detector_params": {"percentile": 85}, "tuned_params": ["percentile"]}]
+    assert tuned_summary(rows, {"knn": 0.98765, "msp": 0.5}) == (
+        "chosen on ID val vs validation OOD (val AUROC %): knn k=50 (98.77), ash percentile=85"
+    )
+    assert tuned_summary(rows[2:3], {}) == ""

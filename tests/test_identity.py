@@ -1,0 +1,54 @@
+"""A run's identity (`ood.runs.identity`): computed once from the composed config, written to `identity.json`, the
+same for every seed, and for an evaluation run the training keys of the run that wrote its checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from helpers import compose_config
+
+from ood.runs.identity import (
+    IDENTITY_FILE,
+    flat_config,
+    identity,
+    read_identity,
+    run_identity,
+    seed_keys,
+    write_identity,
+)
+
+CHOICES = {"method": "ce", "data": "digits", "backbone": "small_cnn"}
+
+
+def test_seeds_share_an_identity_and_the_group_hash_is_unchanged(tmp_path: Path) -> None:
+    a = run_identity(compose_config(tmp_path / "a", ["seed=0"]), CHOICES, tmp_path / "a", None)
+    b = run_identity(compose_config(tmp_path / "b", ["seed=1"]), CHOICES, tmp_path / "b", None)
+    c = run_identity(compose_config(tmp_path / "c", ["method.optimizer.lr=0.01"]), CHOICES, tmp_path / "c", None)
+    assert a.config == b.config and a.group == b.group != c.group and a.config["method.optimizer.lr"] == "0.05"
+    assert "seed" not in a.config and a.model == str((tmp_path / "a" / "checkpoints" / "last.ckpt").resolve())
+    cfg = compose_config(tmp_path / "a", ["seed=0"])  # the wandb group of runs logged before identity.json existed
+    before = hashlib.sha1(json.dumps(identity(flat_config(cfg), seed_keys(cfg))).encode()).hexdigest()[:8]
+    assert a.group == f"ce-digits-small_cnn-{before}"
+
+
+def test_written_once_read_back(tmp_path: Path) -> None:
+    ident = run_identity(compose_config(tmp_path, []), CHOICES, tmp_path, None)
+    write_identity(tmp_path, ident)
+    data = json.loads((tmp_path / IDENTITY_FILE).read_text())
+    assert (data["group"], data["hash"], data["config"]) == (ident.group, ident.hash, ident.config)
+    assert read_identity(tmp_path) == ident
+
+
+def test_evaluation_run_takes_the_trained_epochs(tmp_path: Path) -> None:
+    train = tmp_path / "train"
+    trained = run_identity(compose_config(train, ["trainer.max_epochs=7"]), CHOICES, train, None)
+    write_identity(train, trained)
+    ckpt = train / "checkpoints" / "last.ckpt"
+    cfg = compose_config(tmp_path / "eval", [f"ckpt_path={ckpt}"], config_name="eval")
+    evaluated = run_identity(cfg, CHOICES, tmp_path / "eval", str(ckpt))
+    assert evaluated.config["trainer.max_epochs"] == "7" and evaluated.config == trained.config
+    assert evaluated.model == str(ckpt.resolve()) and evaluated.group == trained.group
+    elsewhere = run_identity(cfg, CHOICES, tmp_path / "eval", str(tmp_path / "model.pt"))
+    assert elsewhere.config["ckpt"] == str(tmp_path / "model.pt") and "trainer.max_epochs" not in elsewhere.config
