@@ -20,6 +20,7 @@ from torch.multiprocessing import ProcessRaisedException
 from ood import CONFIG_DIR, errors
 from ood.errors import ConfigError, OODError
 from ood.evaluation.callback import OODEvaluation
+from ood.evaluation.prepare import PrepareMethod
 from ood.runs import (
     RunState,
     build_loggers,
@@ -63,7 +64,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     )
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
     loggers = build_loggers(cfg, choices)
-    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, RunState(flat_config(cfg)), evaluation], logger=loggers or False)
+    trainer = instantiate(cfg.trainer, callbacks=[*callbacks, RunState(flat_config(cfg)), PrepareMethod(), evaluation], logger=loggers or False)
     return method, datamodule, trainer, evaluation
 
 

@@ -67,7 +67,8 @@ class Evaluator:
         data_facts: Mapping[str, Any] | None = None,
         model_scores: ModelScoreFn | None = None,
     ) -> EvaluationResult:
-        """Run the method's `setup_ood`, fit/tune the detectors, score ID test and every OOD set."""
+        """Run the method's `setup_ood`, fit/tune the detectors, score ID test and every OOD set; the method's
+        `fitted()` values go into every row's `method_params.fitted`."""
         method.setup_ood(banks)
         test = banks["test"]
         assert test.labels is not None
@@ -78,7 +79,11 @@ class Evaluator:
         ]
         params = with_data_facts(self.detectors, self.params, data_facts or {})
         scorers += detector_scorers(self.detectors, params, banks, self.tune, model_scores)
-        info = {"method": method.name, "id_dataset": id_dataset, **self.info, "method_params": plain(dict(method.hparams))}
+        method_params = dict(method.hparams)
+        fitted = method.fitted()
+        if fitted:
+            method_params["fitted"] = fitted
+        info = {"method": method.name, "id_dataset": id_dataset, **self.info, "method_params": plain(method_params)}
         rows, scores = evaluate(scorers, splits, id_acc, info)
         validation = validation_aurocs(scorers, [s.name for s in splits])
         return EvaluationResult(rows, scores, id_acc, method.name, method.diagnostics(), validation)
