@@ -17,8 +17,8 @@ from torch import nn
 from ood.errors import ConfigError
 from ood.losses import club, club_nll, distill_kl
 from ood.methods.oal import OAL, CLUBNet, Projector, load_sd_latents, openood_cosine
-from ood.methods.oal_teacher import file_sha256
 from ood.methods.oal_sampling import boundary_samples
+from ood.methods.oal_teacher import file_sha256
 from ood.models import TimmBackbone
 from ood.models.checkpoint import read_state_dict
 from ood.utils import instantiate
