@@ -1,4 +1,4 @@
-"""Method contract v2 (DESIGN §3.5): training streams, `method.init` (start from / freeze weights), the method's
+"""Method contract (ood/methods/base.py): training streams, `method.init` (start from / freeze weights), the method's
 linear head, errors that name the file, key and shapes."""
 
 from __future__ import annotations

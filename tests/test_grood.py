@@ -189,7 +189,7 @@ def test_other_prototype_sources() -> None:
         ood_proto_source="uniform_noise", n_proto=150
     )  # 2 batches of 100 noise images, 10 kept of each
     _evaluate(noise, {"train": ("fit", x, y)})
-    # reference selection, written independently: the same seeded noise (spec: blurred U[0,1], kernel 5x7,
+    # reference selection, written independently: the same seeded noise (docs/methods/grood.md: blurred U[0,1], kernel 5x7,
     # sigma ~ U[0.2, 5] per 100), and of each 100 the 10 rows with the lowest logsumexp, found by a full argsort
     gen = torch.Generator().manual_seed(0)
     expected = []

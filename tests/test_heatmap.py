@@ -61,13 +61,13 @@ def test_prototypes_match_brute_force_and_released_order() -> None:
     assert (released_pairing(proto, query_preds) != proto).float().mean() > 0.5
 
 
-def test_builder_reproduces_the_spec_table() -> None:
+def test_builder_reproduces_the_released_decoder_table() -> None:
     table = {
         (512, 32, 100, None): (100, (512, 256, 128, 64)),  # ResNet-18 CIFAR-10
         (512, 32, None, None): (512, (512, 256, 128, 64)),  # ResNet-18 CIFAR-100
         (128, 32, None, None): (128, (256, 128, 64, 32)),  # WRN-40-2 CIFAR-10/100
         (2048, 64, None, None): (512, (2048, 1024, 512, 256, 128)),  # ResNet-50 Tiny ImageNet
-        (64, 8, None, None): (64, (64, 32)),  # digits plan of spec §6 (8 px)
+        (64, 8, None, None): (64, (64, 32)),  # digits plan of docs/methods/heatmap.md (8 px)
     }
     for (dim, size, latent, width), (d0, channels) in table.items():
         plan = decoder_plan(dim, size, 3, latent, width)

@@ -1,5 +1,5 @@
 """Every method config (`conf/method/*.yaml`) fits and evaluates on digits in a few seconds: a new method enrols
-itself here the day its config exists (DESIGN §2)."""
+itself here the day its config exists (the config group is the registry)."""
 
 from __future__ import annotations
 

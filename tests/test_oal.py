@@ -1,5 +1,5 @@
 """OAL (`method=oal`): CLUB known answers, distillation terms, the boundary sampler, the teacher (frozen, cached,
-timm), the SD-latent branch, and a seeded digits run with a floor on far AUROC (spec methods/oal.md §8)."""
+timm), the SD-latent branch, and a seeded digits run with a floor on far AUROC (docs/methods/oal.md)."""
 
 from __future__ import annotations
 

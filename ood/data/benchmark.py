@@ -2,9 +2,9 @@
 
 A `Benchmark` (digits, CIFAR, ...) only knows how to build datasets; `OODDataModule` turns it into loaders.
 Evaluation loaders come in a fixed order described by `eval_splits`, and every evaluation sample carries its
-dataset index so results can be deduplicated after a DDP gather (DESIGN §4).
+dataset index so results can be deduplicated after a DDP gather.
 
-Training streams (DESIGN §3.5): a method declares `streams` (`("id",)` or `("id", "outliers")`) and the DataModule
+Training streams: a method declares `streams` (`("id",)` or `("id", "outliers")`) and the DataModule
 serves exactly those. With outliers, Lightning's `CombinedLoader` pairs every ID batch with an outlier batch of its
 own size (`outlier_batch_size`); the ID stream sets the epoch, the outlier stream cycles through reshuffled
 permutations of the outlier set. Both orders are functions of `(seed, epoch)` only, so a resumed run sees the same

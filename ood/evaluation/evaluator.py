@@ -24,7 +24,7 @@ from ood.runs import validation_aurocs
 
 @dataclass
 class EvaluationResult:
-    """What one evaluation produced: result rows (DESIGN §3.4), scores[scorer][split] (ID test and test OOD
+    """What one evaluation produced: result rows (`ood.evaluation.scoring.evaluate`), scores[scorer][split] (ID test and test OOD
     sets), ID accuracy, the method's name and its `diagnostics()`."""
 
     rows: list[dict[str, Any]]

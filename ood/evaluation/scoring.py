@@ -198,7 +198,7 @@ def evaluate(
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, torch.Tensor]]]:
     """Score ID test and every test OOD split with each scorer; one result row per (scorer, OOD set).
 
-    Returns the rows (DESIGN §3.4) and the per-split scores of every scorer.
+    Returns the rows and the per-split scores of every scorer.
     """
     id_split = next(s for s in splits if s.role == "id_test")
     ood_splits = [s for s in splits if s.role == "ood"]

@@ -1,4 +1,4 @@
-"""`OODMethod`: the LightningModule every method extends, and the contract with the evaluation callback (DESIGN §3.5).
+"""`OODMethod`: the LightningModule every method extends, and the contract with the evaluation callback.
 
 Training: a method declares the `streams` it trains on (`("id",)`, or `("id", "outliers")`: the DataModule then
 adds an outlier batch `x_out` to every `Batch`) and implements `training_loss(batch)`; the base logs it and stops

@@ -20,7 +20,7 @@ Score. h = penultimate feature, z_l = output of stage `mix_layer`, y_hat = argma
   score(x) = -(squared L2 distance from gamma(x) to its k-th nearest bank gradient)   (an ID score)
   `score: grad_norm`: -||gamma(x)||_1 (the first author's tood-continual-ood config). Prediction = nearest p_c.
 
-One evaluation pass (DESIGN §4). During the fit split's pass `test_step` also takes z_l, which is never cached:
+One evaluation pass (`ood.evaluation.callback`). During the fit split's pass `test_step` also takes z_l, which is never cached:
 it feeds per-class sums and keeps z_l of the first `n_proto` (rounded up to whole batches) training samples, both
 through the shared DDP-exact reducers of `ood.features.reduce` (`ClassSums`, `FirstN`), so the prototypes equal
 the single-process ones (up to float summation order); `setup_ood` re-runs the network from `mix_layer` on the
