@@ -8,7 +8,10 @@ these facts.
 Datasets by name (built on first use, then kept): `train` (the whole ID training set, evaluation transform),
 `train_augmented` (with the training augmentation), `fit` (the split detectors fit on: `data.fit_fraction` of
 `train`), `val`, `test`, `val_ood` (when the benchmark has one), `outliers` (when an outlier set is selected) and
-every test OOD set under its own name. Items are `(image, label)`; OOD labels are -1.
+every test OOD set under its own name. Items are `(image, label)`; OOD labels are -1. The evaluation splits (`fit`,
+`val`, `test`, OOD sets) are the very datasets the evaluation pass reads (decoded into memory for an `in_memory`
+benchmark, cut by `data.ood_subset`); `train`, `train_augmented` and `outliers` are built by the benchmark on
+first use (a method that draws a few outliers does not decode the whole outlier set).
 """
 
 from __future__ import annotations

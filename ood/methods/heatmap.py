@@ -284,7 +284,7 @@ class HeatmapOOD(OODMethod):
         `ceil(shard / steps)`-sized chunks, so every epoch visits the pool once."""
         assert self._pool_x is not None and self._data is not None, "the pool is built in prepare"
         gen = torch.Generator().manual_seed(self._data.seed * 1_000_003 + self.current_epoch + 104_729)
-        shard = torch.randperm(len(self._pool_x), generator=gen)[self.global_rank :: self.trainer.world_size]
+        shard = torch.randperm(len(self._pool_x), generator=gen)[self._data.rank :: self._data.world_size]
         steps = max(int(self.trainer.num_training_batches), 1)
         size = math.ceil(len(shard) / steps)
         rows = shard[(self._batch_idx % steps) * size :][:size]
