@@ -1,11 +1,11 @@
-"""OOD metrics from ID scores (higher = more in-distribution), exactly as DESIGN §3.2.
+"""OOD metrics from ID scores (higher = more in-distribution).
 
 All curves keep every ROC vertex (no curve thinning), in float64, with ties forming a single vertex (so AUROC
 counts ties half). No Python loop over samples. The two classes are sorted separately, then merged by a stable
 argsort of the two sorted runs (one linear merge); this avoids a full argsort of the pooled scores, which is what
 makes OpenOOD's scikit-learn path slow. The arithmetic is vectorised NumPy float64 (on CPU it is several times
-faster than `torch.sort`, which always builds a permutation; DESIGN says "computed in torch": this module is the
-deliberate exception, and takes torch tensors or arrays alike).
+faster than `torch.sort`, which always builds a permutation; the rest of the project computes in torch: this module
+is the deliberate exception, and takes torch tensors or arrays alike).
 Do not use torchmetrics' AUROC/ROC on raw scores: they squash values outside [0, 1] through a sigmoid.
 """
 
@@ -80,7 +80,7 @@ def _fpr_at_tpr(fpr: np.ndarray, tpr: np.ndarray, level: float = TPR_LEVEL) -> f
 def ood_metrics(
     id_scores: torch.Tensor | np.ndarray, ood_scores: torch.Tensor | np.ndarray, name: str = "scores"
 ) -> dict[str, float]:
-    """AUROC, AUPR-In, AUPR-Out and both FPR95 conventions (DESIGN §3.2); values in [0, 1].
+    """AUROC, AUPR-In, AUPR-Out and both FPR95 conventions ; values in [0, 1].
 
     - ``auroc``: area under ROC, ties count half.
     - ``aupr_in``: ID positive, score as is; ``aupr_out``: OOD positive, score negated.

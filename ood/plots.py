@@ -8,6 +8,8 @@
 - `auroc_bars`: near and far mean AUROC per scorer, with the std over seeds as error bars.
 - `save_run_figures`: the ROC and histogram figures of one run into `<run>/figures/`.
 - `roc_points` / `wandb_roc`: the same ROC vertices, thinned, as a wandb table and line plot.
+- `heatmap_grid`: input | heatmap | overlay rows of the heatmap method's diagnostics (an RGB array the run
+  folder saves as a PNG).
 
 Curves come from `ood.metrics.roc_curve`, the code that computes the reported AUROC/FPR95.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -24,8 +26,13 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 import numpy as np  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from ood.metrics import roc_curve  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 #: ID scores of one scorer per split name (`test` is ID test; the others are OOD sets)
 SplitScores = Mapping[str, Any]
@@ -177,3 +184,32 @@ def wandb_roc(scores: Mapping[str, SplitScores], rows: Sequence[Mapping[str, Any
         payload[f"test/{name}/roc_table"] = table
         payload[f"test/{name}/roc"] = wandb.plot.line(table, "fpr", "tpr", stroke="ood_set", title=f"ROC {name}")
     return payload
+
+
+def heatmap_grid(images: torch.Tensor, heat: torch.Tensor, title: str) -> np.ndarray:
+    """An RGB uint8 image (H, W, 3): one row per sample, columns input | heatmap max_c |M| | overlay.
+
+    `images` [N, C, H, W] with pixels in [0, 1] (C = 1 or 3); `heat` [N, H, W] in [0, 1]."""
+    n = len(images)
+    fig = Figure(figsize=(4.2, 1.35 * n + 0.5), dpi=100)
+    axes = fig.subplots(n, 3, squeeze=False)
+    for row in range(n):
+        img = images[row].permute(1, 2, 0).clamp(0, 1).numpy()
+        shown = dict(cmap="gray", vmin=0, vmax=1) if img.shape[-1] == 1 else {}
+        img = img[..., 0] if img.shape[-1] == 1 else img
+        hm = heat[row].numpy()
+        axes[row, 0].imshow(img, **shown)
+        axes[row, 1].imshow(hm, cmap="inferno", vmin=0, vmax=1)
+        axes[row, 1].set_xlabel(f"mean {hm.mean():.2f}", fontsize=7, labelpad=1)
+        axes[row, 2].imshow(img, **shown)
+        axes[row, 2].imshow(hm, cmap="inferno", vmin=0, vmax=1, alpha=0.55)
+    for ax, label in zip(axes[0], ("input", "heatmap", "overlay")):
+        ax.set_title(label, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

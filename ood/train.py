@@ -16,6 +16,7 @@ from ood import CONFIG_DIR
 from ood.cli import check_argv, friendly_errors, in_multirun, load_weights, require_config_dir
 from ood.errors import ConfigError
 from ood.evaluation.callback import OODEvaluation
+from ood.evaluation.prepare import PrepareMethod
 from ood.runs.checkpoints import RunState, resolve_ckpt_path
 from ood.runs.checks import check_launch, check_run
 from ood.runs.console import ProgressBar
@@ -62,7 +63,7 @@ def build(
     ident = ident or run_identity(cfg, choices, cfg.paths.output_dir, cfg.get("ckpt_path"))
     loggers = build_loggers(cfg, choices, ident.group)
     trainer = instantiate(
-        cfg.trainer, callbacks=[*callbacks, *progress, RunState(flat_config(cfg)), evaluation], logger=loggers or False
+        cfg.trainer, callbacks=[*callbacks, *progress, RunState(flat_config(cfg)), PrepareMethod(), evaluation], logger=loggers or False
     )
     return method, datamodule, trainer, evaluation
 

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from ood import CONFIG_DIR
 from ood.data.batch import Batch
+from ood.evaluation.prepare import PrepareMethod
 from ood.methods.base import OODMethod
 from ood.utils import instantiate
 
@@ -113,7 +114,7 @@ def fit(method: OODMethod, datamodule: Any, batches: Sequence[Batch], epochs: in
     timer = StepTimes()
     L.Trainer(accelerator="cpu", precision=precision, max_epochs=epochs, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
-              limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer], **trainer).fit(method, datamodule=datamodule)
+              limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer, PrepareMethod()], **trainer).fit(method, datamodule=datamodule)
     return timer.per_step
 
 

@@ -1,4 +1,4 @@
-"""`method=cluster` ("Is it all a cluster game?"): losses, clusters, distances, per-cluster thresholds, GS (spec §8)."""
+"""`method=cluster` ("Is it all a cluster game?"): losses, clusters, distances, per-cluster thresholds, GS (docs/methods/cluster.md)."""
 
 from __future__ import annotations
 

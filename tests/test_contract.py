@@ -1,4 +1,4 @@
-"""Method contract v2 (DESIGN §3.5): training streams, `method.init` (start from / freeze weights), the method's
+"""Method contract (ood/methods/base.py): training streams, `method.init` (start from / freeze weights), the method's
 linear head, errors that name the file, key and shapes."""
 
 from __future__ import annotations
@@ -175,3 +175,18 @@ def test_detectors_use_the_methods_linear_head() -> None:
                                    logits=torch.zeros(2, 6), features=torch.zeros(2, method.backbone.feature_dim))
     bank = callback._banks([EvalSplit("test", "id_test")], method)["test"]
     assert torch.equal(bank.weight, method.probe.weight) and torch.equal(bank.bias, method.probe.bias)
+
+
+def test_methods_read_no_datamodule_and_write_no_hparams() -> None:
+    """Fit-time data reaches a method through `prepare(FitData)`, fitted values through `fitted()`: no file under
+    ood/methods/ reaches through the trainer for the DataModule or writes into its hyper-parameters."""
+    import re
+
+    import ood.methods
+
+    files = sorted(Path(ood.methods.__file__).parent.rglob("*.py"))
+    assert len(files) > 5
+    for path in files:
+        text = path.read_text()
+        assert "trainer.datamodule" not in text, f"{path.name} reads trainer.datamodule"
+        assert not re.search(r"hparams\[[^\]]+\]\s*=[^=]", text), f"{path.name} writes into its hparams"

@@ -72,6 +72,30 @@ def test_fit_statistics_margins_centres_and_push_margin(tmp_path: Path) -> None:
     assert absolute.fit_statistics({"logits": torch.zeros(3, 6)})["energy_stats"].tolist() == pytest.approx([e, -23, -5])
 
 
+def test_prepare_without_a_trainer_fits_the_margins_on_the_fit_split(tmp_path: Path) -> None:
+    """`prepare(FitData)` alone (no Trainer): the margins are the starting model's mean ID-train energy - 5 / + 13,
+    computed here independently in eval mode; the CFL centres are the class means; the global RNG is untouched."""
+    cfg = compose_config(tmp_path, ["method=energy_cfl"])
+    method = build(tmp_path, "energy_cfl")
+    method.train()
+    data = instantiate(cfg.data, seed=0).fit_data()
+    torch.manual_seed(5)
+    method.prepare(data)
+    after_prepare = torch.rand(2)
+    torch.manual_seed(5)
+    assert torch.equal(after_prepare, torch.rand(2)) and method.training
+    x = torch.stack([data.datasets["fit"][i][0] for i in range(len(data.datasets["fit"]))])
+    y = torch.tensor([data.datasets["fit"][i][1] for i in range(len(data.datasets["fit"]))])
+    with torch.no_grad():
+        method.eval()
+        h = method.backbone.features(x)[0]
+        mean_energy = -torch.logsumexp(method.backbone.fc(h), 1).mean().item()
+    assert method.fitted_values()["id_train_energy"] == pytest.approx(mean_energy, rel=1e-5)
+    assert method.margins == pytest.approx((mean_energy - 5, mean_energy + 13), rel=1e-5)
+    torch.testing.assert_close(method.centres.data[2], h[y == 2].mean(0), rtol=1e-4, atol=1e-5)
+    assert method.fitted()["m_in"] == method.margins[0]
+
+
 def _bank(energy_logit: torch.Tensor, dist: torch.Tensor) -> FeatureBank:
     logits = torch.stack([energy_logit, torch.full_like(energy_logit, -50.0)], 1)  # LSE ~ energy_logit
     return FeatureBank(logits=logits, features=torch.zeros(len(dist), 2), extras={"centre_dist": dist})
@@ -85,7 +109,7 @@ def test_score_standardises_on_id_val_and_tunes_beta_on_validation_ood(tmp_path:
     val_ood = _bank(torch.randn(200, generator=gen), 3 + 0.1 * torch.rand(200, generator=gen))
     test = _bank(torch.randn(50, generator=gen) * 7 + 3, torch.rand(50, generator=gen) * 9)
     method.setup_ood({"val": val, "val_ood": val_ood, "test": test})
-    assert method.beta > 0 and method.hparams["fitted"]["beta"] == method.beta
+    assert method.beta > 0 and method.fitted()["beta"] == method.beta
     parts = method.ood_scores(val)
     assert torch.equal(parts.pop("energy_cfl_recon"), method.ood_score(val))
     for name, part in parts.items():  # z-scores of ID-val: mean 0, std 1 (statistics from ID-val, not test)

@@ -37,8 +37,7 @@ def _evaluate(
 ) -> dict[str, FeatureBank]:
     """Drive `test_step` over `splits` (name -> (role, x, y)) in batches of B as the callback does; run setup."""
     roles = [EvalSplit(name, role) for name, (role, _, _) in splits.items()]
-    model.eval_splits = roles  # what the evaluation callback gives the method before the pass
-    model.on_test_epoch_start()
+    model.begin_evaluation(roles)  # what the evaluation callback gives the method before the pass
     banks = {}
     with torch.no_grad():
         for i, (name, (role, x, y)) in enumerate(splits.items()):
@@ -190,7 +189,7 @@ def test_other_prototype_sources() -> None:
         ood_proto_source="uniform_noise", n_proto=150
     )  # 2 batches of 100 noise images, 10 kept of each
     _evaluate(noise, {"train": ("fit", x, y)})
-    # reference selection, written independently: the same seeded noise (spec: blurred U[0,1], kernel 5x7,
+    # reference selection, written independently: the same seeded noise (docs/methods/grood.md: blurred U[0,1], kernel 5x7,
     # sigma ~ U[0.2, 5] per 100), and of each 100 the 10 rows with the lowest logsumexp, found by a full argsort
     gen = torch.Generator().manual_seed(0)
     expected = []
@@ -204,6 +203,24 @@ def test_other_prototype_sources() -> None:
     expected_features = torch.cat(expected)
     assert expected_features.shape == (20, 8)
     torch.testing.assert_close(noise.prototypes[-1], expected_features.mean(0), atol=1e-6, rtol=0)
+
+
+def test_fitted_without_a_trainer_leaves_the_global_rng_and_modes() -> None:
+    """GROOD fits post hoc from the evaluation pass alone (splits given by `begin_evaluation`, no Trainer); its
+    noise-prototype pass (the shared `forward_dataset`) leaves the global random stream and the train/eval modes
+    as they were."""
+    x, y = _data(30)
+    model = _model(ood_proto_source="uniform_noise", n_proto=100).train()
+    first = next(iter(model.backbone.stages.values()))
+    first.eval()
+    assert model._trainer is None
+    torch.manual_seed(4)
+    banks = _evaluate(model, {"train": ("fit", x, y)})
+    drawn = torch.rand(3)
+    torch.manual_seed(4)
+    assert torch.equal(drawn, torch.rand(3))
+    assert model.training and model.backbone.training and not first.training
+    assert bool((model.ood_score(banks["train"]) <= 0).all())  # minus a squared distance
 
 
 class _Recording(dict):

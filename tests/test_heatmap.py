@@ -1,5 +1,6 @@
-"""Heatmap-based OOD detection (`method=heatmap`, spec shared/methods/heatmap.md §8): known answers for the loss,
-score, prototypes, decoder plans and feature scaling, and a seeded digits run from the shared CE checkpoint."""
+"""Heatmap-based OOD detection (`method=heatmap`, docs/methods/heatmap.md): known answers for the loss, score,
+prototypes, decoder plans and feature scaling, the pool prepared without a Trainer, the `data.ood_subset` option,
+and a seeded digits run from the shared CE checkpoint."""
 
 from __future__ import annotations
 
@@ -60,13 +61,13 @@ def test_prototypes_match_brute_force_and_released_order() -> None:
     assert (released_pairing(proto, query_preds) != proto).float().mean() > 0.5
 
 
-def test_builder_reproduces_the_spec_table() -> None:
+def test_builder_reproduces_the_released_decoder_table() -> None:
     table = {
         (512, 32, 100, None): (100, (512, 256, 128, 64)),  # ResNet-18 CIFAR-10
         (512, 32, None, None): (512, (512, 256, 128, 64)),  # ResNet-18 CIFAR-100
         (128, 32, None, None): (128, (256, 128, 64, 32)),  # WRN-40-2 CIFAR-10/100
         (2048, 64, None, None): (512, (2048, 1024, 512, 256, 128)),  # ResNet-50 Tiny ImageNet
-        (64, 8, None, None): (64, (64, 32)),  # digits plan of spec §6 (8 px)
+        (64, 8, None, None): (64, (64, 32)),  # digits plan of docs/methods/heatmap.md (8 px)
     }
     for (dim, size, latent, width), (d0, channels) in table.items():
         plan = decoder_plan(dim, size, 3, latent, width)
@@ -123,6 +124,53 @@ def test_bad_flag_names_the_choices(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="as_released"):
         _method(tmp_path, ["method.pairing=released"])
+
+
+def test_prepare_without_a_trainer_builds_the_pool(tmp_path: Path, ce_checkpoint: Path) -> None:
+    """`prepare(FitData)` alone: the pool is `num_ood` outliers drawn by the seed, each paired with the ID training
+    image of its predicted class nearest in feature space (checked by brute force), the feature range is that of
+    the ID-train features, `fitted()` names the outlier set, and the global RNG is untouched."""
+    cfg = compose_config(tmp_path, ["experiment=digits_heatmap", f"method.init.ckpt={ce_checkpoint}", "method.num_ood=12"])
+    datamodule = instantiate(cfg.data, seed=3)
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=6, in_channels=1))
+    method.apply_init()
+    data = datamodule.fit_data()
+    torch.manual_seed(1)
+    method.prepare(data)
+    drawn = torch.rand(2)
+    torch.manual_seed(1)
+    assert torch.equal(drawn, torch.rand(2))
+    train, outliers = data.datasets["train"], data.datasets["outliers"]
+    x_train = torch.stack([train[i][0] for i in range(len(train))])
+    with torch.no_grad():
+        out = method.backbone.eval().run(x_train)
+    assert method.feature_range.tolist() == pytest.approx([out.features.min().item(), out.features.max().item()])
+    pool = torch.randperm(len(outliers), generator=torch.Generator().manual_seed(3))[:12].sort().values
+    assert method.fitted() == {"outliers": f"china_patches: 12 of {len(outliers)}"}
+    for k in (0, 7):
+        x = outliers[int(pool[k])][0]
+        assert torch.equal(method._pool_x[k], x)
+        with torch.no_grad():
+            q = method.backbone.run(x[None])
+        same = torch.nonzero(out.logits.argmax(1) == q.logits.argmax(1))[:, 0]
+        nearest = same[(out.features[same] - q.features).norm(dim=1).argmin()]
+        assert torch.equal(method._pool_t[k], x_train[nearest])
+
+
+def test_ood_subset_is_a_data_option_seen_by_every_scorer(tmp_path: Path) -> None:
+    """`data.ood_subset=first_fifth` cuts every test OOD set to its first len(ID test) // 5 samples in the loaders
+    themselves (ID splits and validation OOD untouched); a bad value names the choices."""
+    from ood.errors import ConfigError
+
+    full = instantiate(compose_config(tmp_path, []).data, seed=0)
+    cut = instantiate(compose_config(tmp_path, ["data.ood_subset=first_fifth"]).data, seed=0)
+    limit = len(full.test_dataloader()[2].dataset) // 5
+    for split, a, b in zip(full.eval_splits, full.test_dataloader(), cut.test_dataloader()):
+        n = min(limit, len(a.dataset)) if split.role == "ood" else len(a.dataset)
+        assert len(b.dataset) == n, split.name
+        assert torch.equal(b.dataset[n - 1][0], a.dataset[n - 1][0])
+    with pytest.raises(ConfigError, match="first_fifth"):
+        instantiate(compose_config(tmp_path, ["data.ood_subset=half"]).data, seed=0)
 
 
 @pytest.fixture(scope="module")

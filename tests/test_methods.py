@@ -1,5 +1,5 @@
 """Every method config (`conf/method/*.yaml`) fits and evaluates on digits in a few seconds: a new method enrols
-itself here the day its config exists (DESIGN §2)."""
+itself here the day its config exists (the config group is the registry)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 from helpers import run_config
+from hydra.utils import get_class
+from omegaconf import OmegaConf
 
 from ood import CONFIG_DIR
+from ood.methods.base import OODMethod
 
 METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
 
@@ -22,11 +25,25 @@ def test_method_fits_and_reports_its_own_score(name: str, ce_checkpoint: Path, t
     rows = run_config(tmp_path, [f"method={name}", f"method.init.ckpt={ce_checkpoint}", "trainer.max_epochs=2",
                                  "trainer.enable_progress_bar=false", "detectors.names=[msp]", "logger=none", *extra])
     reported = rows[0]["method"]
-    own = [r for r in rows if r["detector"] != "msp"]
-    assert {r["ood_dataset"] for r in rows if r["detector"] == "msp"} == {
-        "digits_6_9", "flower_patches", "gaussian_noise", "uniform_noise"}
+    ood_sets = {"digits_6_9", "flower_patches", "gaussian_noise", "uniform_noise"}
+    assert {r["ood_dataset"] for r in rows if r["detector"] == "msp"} == ood_sets
     assert all(r["method"] == reported for r in rows)
-    if own:  # methods with a score of their own report it under their name, finite, for every OOD set
-        assert any(r["detector"] == reported for r in own)
-        assert all(math.isfinite(r["auroc"]) and 0 <= r["auroc"] <= 1 for r in own)
+    own = {r["ood_dataset"]: r for r in rows if r["detector"] == reported}
+    if has_own_score(name):  # its score under its name, finite, for every OOD set; a lost score fails here
+        assert set(own) == ood_sets, f"{name} reported its own score for {sorted(own)}, not every OOD set"
+        assert all(math.isfinite(r["auroc"]) and 0 <= r["auroc"] <= 1 for r in own.values())
+    else:
+        assert {r["detector"] for r in rows} == {"msp"}, f"{name} has no score of its own but reported one"
     assert rows[0]["method_params"]["init"]["ckpt"] == str(ce_checkpoint)
+
+
+def has_own_score(name: str) -> bool:
+    """Whether the method of `conf/method/<name>.yaml` defines a score (overrides `ood_score` or `ood_scores`)."""
+    cls = get_class(OmegaConf.load(CONFIG_DIR / "method" / f"{name}.yaml")._target_)
+    return cls.ood_score is not OODMethod.ood_score or cls.ood_scores is not OODMethod.ood_scores
+
+
+def test_own_score_detection() -> None:
+    """The expectation above is derived from the classes: the CE baseline has none, the paper methods do."""
+    assert not has_own_score("ce")
+    assert all(has_own_score(m) for m in ("cluster", "energy_cfl", "energy_oe", "grood", "heatmap", "oal", "oe"))

@@ -1,5 +1,5 @@
 """OAL (`method=oal`): CLUB known answers, distillation terms, the boundary sampler, the teacher (frozen, cached,
-timm), the SD-latent branch, and a seeded digits run with a floor on far AUROC (spec methods/oal.md §8)."""
+timm), the SD-latent branch, and a seeded digits run with a floor on far AUROC (docs/methods/oal.md)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from torch import nn
 
 from ood.errors import ConfigError
 from ood.losses import club, club_nll, distill_kl
-from ood.methods.oal import OAL, CLUBNet, Projector, file_sha256, load_sd_latents, openood_cosine
+from ood.methods.oal import OAL, CLUBNet, Projector, load_sd_latents, openood_cosine
 from ood.methods.oal_sampling import boundary_samples
+from ood.methods.oal_teacher import file_sha256
 from ood.models import TimmBackbone
 from ood.models.checkpoint import read_state_dict
 from ood.utils import instantiate
@@ -230,6 +231,35 @@ def test_timm_teacher_loads_a_timm_weights_file(tmp_path: Path) -> None:
 
 # ----- end to end on digits -----------------------------------------------------------------------------------------
 @pytest.mark.slow
+def test_prepare_without_a_trainer(tmp_path: Path, ce_checkpoint: Path) -> None:
+    """`prepare(FitData)` alone: the teacher loaded from its file, its ID-train features (computed independently
+    here in eval mode) cached under the file's SHA-256, the boundary-outlier bank sampled from exactly those
+    features; the global RNG untouched; a second prepare of a fresh method reads the cache."""
+    overrides = ["method/teacher=small_cnn", f"method.teacher.ckpt={ce_checkpoint}"]
+    cfg = compose_config(tmp_path, ["method=oal", f"method.cache_dir={tmp_path}", *overrides])
+    data = instantiate(cfg.data, seed=0).fit_data()
+    method = _method(tmp_path, overrides)
+    torch.manual_seed(2)
+    method.prepare(data)
+    drawn = torch.rand(2)
+    torch.manual_seed(2)
+    assert torch.equal(drawn, torch.rand(2))
+    state = {k.removeprefix("backbone."): v for k, v in read_state_dict(ce_checkpoint).items()}
+    assert all(torch.equal(v, state[k]) for k, v in method.teacher.state_dict().items())
+    train = data.datasets["train"]
+    x = torch.stack([train[i][0] for i in range(len(train))])
+    labels = torch.tensor([train[i][1] for i in range(len(train))])
+    with torch.no_grad():
+        feats = method.teacher.eval().run(x).features
+    cached = torch.load(tmp_path / "oal" / f"features-digits-{file_sha256(ce_checkpoint)[:16]}.pt")
+    torch.testing.assert_close(cached["features"], feats, rtol=0, atol=1e-5)
+    assert torch.equal(cached["labels"], labels) and method.stats["teacher_features_cache_hit"] == 0.0
+    assert torch.equal(method.outliers_knn, method._sample(cached["features"], labels))
+    again = _method(tmp_path, overrides)
+    again.prepare(data)
+    assert again.stats["teacher_features_cache_hit"] == 1.0 and torch.equal(again.outliers_knn, method.outliers_knn)
+
+
 def test_oal_on_digits(tmp_path: Path, ce_checkpoint: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Seeded: the teacher loaded from a CE checkpoint (the student's own starting point, so the KD terms start at
     0), frozen and bit-identical to the file after training; the student only ever sees ID images; far AUROC of the

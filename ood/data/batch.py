@@ -1,4 +1,4 @@
-"""`Batch`: the small named type every training and evaluation step receives (DESIGN §3.5).
+"""`Batch`: the small named type every training and evaluation step receives.
 
 `x, y, index` always (OOD labels are -1; `index` is the dataset index, carried for DDP-exact evaluation); `x_out`
 only when the method trains on outliers (its labels and indices are never needed). Lightning moves dataclasses to

@@ -2,9 +2,9 @@
 
 A `Benchmark` (digits, CIFAR, ...) only knows how to build datasets; `OODDataModule` turns it into loaders.
 Evaluation loaders come in a fixed order described by `eval_splits`, and every evaluation sample carries its
-dataset index so results can be deduplicated after a DDP gather (DESIGN §4).
+dataset index so results can be deduplicated after a DDP gather.
 
-Training streams (DESIGN §3.5): a method declares `streams` (`("id",)` or `("id", "outliers")`) and the DataModule
+Training streams: a method declares `streams` (`("id",)` or `("id", "outliers")`) and the DataModule
 serves exactly those. With outliers, Lightning's `CombinedLoader` pairs every ID batch with an outlier batch of its
 own size (`outlier_batch_size`); the ID stream sets the epoch, the outlier stream cycles through reshuffled
 permutations of the outlier set. Both orders are functions of `(seed, epoch)` only, so a resumed run sees the same
@@ -33,12 +33,14 @@ from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from ood.data.batch import Batch, collate_batch
+from ood.data.fit import FitData, LazyDatasets
 from ood.data.memory import PadCropFlip, batch_augmentation, to_memory
 from ood.errors import ConfigError
 
 Role = Literal["fit", "id_val", "id_test", "ood_val", "ood", "csid"]
 Stream = Literal["id", "outliers"]
 STREAMS = ("id", "outliers")
+OOD_SUBSETS = ("all", "first_fifth")
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,9 @@ class OODDataModule(LightningDataModule):
     `batch_size` / `outlier_batch_size` are global (all DDP ranks together, split per rank in `train_dataloader`);
     `eval_batch_size` is per rank (evaluation results do not depend on it). `csid`: add the benchmark's
     covariate-shifted ID sets to the evaluation pass (after the OOD sets, role `csid`); full-spectrum evaluation
-    (`evaluation.fsood=true`) needs them, and the data configs set it from that key.
+    (`evaluation.fsood=true`) needs them, and the data configs set it from that key. `ood_subset`: `all`, or
+    `first_fifth` (every test OOD set cut to its first len(ID test) // 5 samples before the evaluation pass, for every
+    scorer alike: the heatmap paper's protocol).
     """
 
     def __init__(
@@ -230,6 +234,7 @@ class OODDataModule(LightningDataModule):
         fit_fraction: float = 1.0,
         fit_seed: int = 0,
         csid: bool = False,
+        ood_subset: str = "all",
     ) -> None:
         super().__init__()
         if not 0 < fit_fraction <= 1:
@@ -241,6 +246,9 @@ class OODDataModule(LightningDataModule):
                 "that has them (digits, cifar10, imagenet1k, imagenet200)"
             )
         self.csid = bool(csid)
+        if ood_subset not in OOD_SUBSETS:
+            raise ConfigError(f"data.ood_subset={ood_subset!r}; choices: {list(OOD_SUBSETS)}")
+        self.ood_subset = ood_subset
         self.benchmark = benchmark
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -353,6 +361,9 @@ class OODDataModule(LightningDataModule):
             if ood_val is not None:
                 sets.append((EvalSplit("val_ood", "ood_val"), ood_val))
             sets += [(EvalSplit(s.name, "ood", s.group), s.dataset) for s in self.benchmark.ood_test()]
+            if self.ood_subset == "first_fifth":
+                limit = len(sets[2][1]) // 5  # type: ignore[arg-type]
+                sets = [(sp, Subset(ds, range(min(limit, len(ds)))) if sp.role == "ood" else ds) for sp, ds in sets]  # type: ignore[arg-type]
             if self.csid:
                 sets += [(EvalSplit(s.name, "csid"), s.dataset) for s in self.benchmark.csid_test()]
             self._eval = [(split, self._dataset(dataset)) for split, dataset in sets]
@@ -374,3 +385,43 @@ class OODDataModule(LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self._loader(ds, self.eval_batch_size) for _, ds in self._eval_sets()]
+
+    def fit_data(
+        self,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        world_size: int = 1,
+        rank: int = 0,
+        barrier: Any = None,
+    ) -> FitData:
+        """What a method's `prepare` may read (`ood.data.fit`): the datasets by name, built on first use, the
+        batch sizes, the seed, and the given device, dtype and ranks (the trainer's; defaults: one CPU process)."""
+        evals = {split.name: (lambda ds=ds: ds) for split, ds in self._eval_sets()}
+        fit = evals.pop("train")
+        builders = {
+            "train": lambda: self.benchmark.train(augment=False),
+            "train_augmented": lambda: self.benchmark.train(augment=True),
+            "fit": fit,
+            **evals,
+        }
+        if self.benchmark.outlier_set != "none":
+            builders["outliers"] = self.benchmark.outliers  # type: ignore[dict-item]
+        extra = {"barrier": barrier} if barrier is not None else {}
+        return FitData(
+            datasets=LazyDatasets(builders),
+            benchmark=self.name,
+            num_classes=self.num_classes,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            eval_batch_size=self.eval_batch_size,
+            input_mean=tuple(self.benchmark.input_mean),
+            input_std=tuple(self.benchmark.input_std),
+            outlier_set=self.benchmark.outlier_set,
+            outlier_choices=tuple(self.benchmark.outlier_choices),
+            device=torch.device(device),
+            dtype=dtype,
+            world_size=world_size,
+            rank=rank,
+            num_workers=self.num_workers,
+            **extra,
+        )

@@ -1,4 +1,4 @@
-"""The embedded `digits` benchmark (DESIGN §5): scikit-learn's bundled 8x8 handwritten digits, fully offline.
+"""The embedded `digits` benchmark: scikit-learn's bundled 8x8 handwritten digits, fully offline.
 
 - ID: digits 0-5, stratified train/val/test split with a fixed seed.
 - near-OOD `digits_6_9`: every image of digits 6-9.

@@ -1,4 +1,4 @@
-"""Detector API (DESIGN §3.3): post-hoc ID scores computed from cached `FeatureBank`s.
+"""Detector API: post-hoc ID scores computed from cached `FeatureBank`s.
 
 A detector is a small class with a registered `name`, hyper-parameters as constructor keywords, an optional
 tuning `grid`, the ID split it is fitted on (`fit_split`), `fit(bank)` and `score(bank) -> [N]`, higher = more ID.

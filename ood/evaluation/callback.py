@@ -91,7 +91,7 @@ class OODEvaluation(Callback):
         assert isinstance(pl_module, OODMethod), "OODEvaluation needs an OODMethod"
         assert isinstance(trainer.datamodule, OODDataModule), "OODEvaluation needs an OODDataModule"
         self._collectors, self.result = {}, None
-        pl_module.eval_splits = trainer.datamodule.eval_splits
+        pl_module.begin_evaluation(trainer.datamodule.eval_splits)
 
     def on_test_batch_end(
         self,

@@ -19,12 +19,12 @@ from ood.detectors import resolve_detectors
 from ood.evaluation.scoring import ModelScoreFn, Scorer, detector_scorers, evaluate, with_data_facts
 from ood.features.bank import FeatureBank
 from ood.methods.base import OODMethod
-from ood.runs import validation_aurocs
+from ood.metrics import validation_aurocs
 
 
 @dataclass
 class EvaluationResult:
-    """What one evaluation produced: result rows (DESIGN §3.4), scores[scorer][split] (ID test and test OOD
+    """What one evaluation produced: result rows (`ood.evaluation.scoring.evaluate`), scores[scorer][split] (ID test and test OOD
     sets), ID accuracy, the method's name and its `diagnostics()`."""
 
     rows: list[dict[str, Any]]
@@ -32,7 +32,7 @@ class EvaluationResult:
     id_acc: float
     method: str
     diagnostics: dict[str, Any] = field(default_factory=dict)
-    #: AUROC of ID val vs validation OOD per scorer (`ood.runs.validation_aurocs`): the sweep objective
+    #: AUROC of ID val vs validation OOD per scorer (`ood.metrics.validation_aurocs`): the sweep objective
     validation: dict[str, float] = field(default_factory=dict)
     #: classification accuracy on each covariate-shifted ID (csid) split (full-spectrum evaluation)
     csid_acc: dict[str, float] = field(default_factory=dict)
@@ -71,7 +71,8 @@ class Evaluator:
         modes: Sequence[str] = ("standard",),
     ) -> EvaluationResult:
         """Run the method's `setup_ood`, fit/tune the detectors, score ID test and every OOD set, in each of the
-        evaluation `modes` (`standard`, `fsood`: `ood.evaluation.scoring.evaluate`)."""
+        evaluation `modes` (`standard`, `fsood`: `ood.evaluation.scoring.evaluate`); the method's
+        `fitted()` values go into every row's `method_params.fitted`."""
         method.setup_ood(banks)
         accuracy = {s.name: accuracy_of(method, banks[s.name]) for s in splits if s.role in ("id_test", "csid")}
         id_acc = accuracy.pop("test")
@@ -81,7 +82,11 @@ class Evaluator:
         ]
         params = with_data_facts(self.detectors, self.params, data_facts or {})
         scorers += detector_scorers(self.detectors, params, banks, self.tune, model_scores)
-        info = {"method": method.name, "id_dataset": id_dataset, **self.info, "method_params": plain(dict(method.hparams))}
+        method_params = dict(method.hparams)
+        fitted = method.fitted()
+        if fitted:
+            method_params["fitted"] = fitted
+        info = {"method": method.name, "id_dataset": id_dataset, **self.info, "method_params": plain(method_params)}
         rows, scores = evaluate(scorers, splits, id_acc, info, modes=modes, csid_acc=accuracy)
         validation = validation_aurocs(scorers, [s.name for s in splits])
         return EvaluationResult(rows, scores, id_acc, method.name, method.diagnostics(), validation, accuracy)

@@ -220,7 +220,7 @@ def evaluate(
 
     `fsood` rows measure the ID test scores followed by every csid split's (in split order) against each OOD set;
     they carry `csid_acc` (OpenOOD's: correct predictions over ID test + all csid sets, from `id_acc` and the
-    per-set accuracies `csid_acc`) and `csid_set_acc` (per csid set). Returns the rows (DESIGN §3.4) and the
+    per-set accuracies `csid_acc`) and `csid_set_acc` (per csid set). Returns the rows and the
     per-split scores of every scorer.
     """
     unknown = [m for m in modes if m not in MODES]

@@ -9,7 +9,7 @@ import torch
 
 @dataclass
 class FeatureBank:
-    """Per-sample outputs of one split plus the final linear layer (DESIGN §3.3).
+    """Per-sample outputs of one split plus the final linear layer.
 
     logits [N, C], features [N, D] (penultimate), labels [N] or None (OOD sets), weight [C, D] and bias [C]
     of the last layer; `extras` holds whatever a method declared for the cache (e.g. an early-layer map),

@@ -1,4 +1,4 @@
-"""DDP-exact collection of per-sample evaluation outputs (DESIGN §4).
+"""DDP-exact collection of per-sample evaluation outputs.
 
 Lightning's distributed sampler pads evaluation loaders with duplicate samples and `all_gather` needs equal
 shapes, so every sample carries its dataset index. Each rank appends its rows to a `SplitCollector`; two ways

@@ -1,4 +1,4 @@
-"""DDP-exact reducers for methods that reduce a split instead of caching it (DESIGN §3.5): per-class sums of named
+"""DDP-exact reducers for methods that reduce a split instead of caching it: per-class sums of named
 per-sample fields, and the first n samples of a split in dataset order.
 
 Lightning's distributed sampler pads every rank's share of an evaluation split with at most one duplicate, always

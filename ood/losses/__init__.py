@@ -1,4 +1,4 @@
-"""Pure loss functions (DESIGN §3.5): each module's docstring gives the formula and its source; the names and
+"""Pure loss functions: each module's docstring gives the formula and its source; the names and
 signatures are public (outside checks call them)."""
 
 from ood.losses.club import club, club_nll

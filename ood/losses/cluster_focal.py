@@ -3,7 +3,7 @@
 A. Joshi, S. Chalasani, K. Nanjunda Iyer, "Semantic Driven Energy based Out-of-Distribution Detection",
 arXiv 2208.10787 (no public code). The paper names a Cluster Focal Loss (CFL) that pulls ID embeddings to learnt
 class representations and a term that pushes OOD embeddings away from them, without formulas in any source we
-could consult. Ours (project spec `methods/energy_cfl.md` §3B), with squared Euclidean distances to the centres:
+could consult. Ours (docs/methods/energy_cfl.md), with squared Euclidean distances to the centres:
   p_k(x) = softmax_k(-||z(x) - c_k||^2 / tau),   L_CFL = mean_x -(1 - p_y)^gamma log p_y     (focal loss, Lin et al.
   ICCV 2017, arXiv 1708.02002, on distance logits; gamma = 0 is cross-entropy on those logits)
   L_push = mean_{x_out} relu(m_d - min_k ||z(x_out) - c_k||)^2                               (unsquared distance)

@@ -1,4 +1,4 @@
-"""`OODMethod`: the LightningModule every method extends, and the contract with the evaluation callback (DESIGN §3.5).
+"""`OODMethod`: the LightningModule every method extends, and the contract with the evaluation callback.
 
 Training: a method declares the `streams` it trains on (`("id",)`, or `("id", "outliers")`: the DataModule then
 adds an outlier batch `x_out` to every `Batch`) and implements `training_loss(batch)`; the base logs it and stops
@@ -8,11 +8,19 @@ None = every sub-module the file has weights for), `init.freeze` (sub-modules ke
 through every `train()` call, so batch-norm statistics stay as loaded). `ckpt_path=` keeps Lightning's meaning
 (resume this run).
 
-Evaluation (`trainer.test`): one forward pass per split; `eval_outputs(x, split)` returns the per-sample tensors
+Fit-time data: a method that needs data before training (statistics of the starting model, prototypes, a
+teacher's features, an outlier pool) implements `prepare(data)`; the framework calls it once at fit start with an
+`ood.data.fit.FitData` (the benchmark's datasets by name, seed, batch sizes, device, dtype, ranks), and a test can
+call it with `OODDataModule.fit_data()` and no `Trainer`. Its passes go through `ood.features.passes.forward_dataset`.
+
+Evaluation (`trainer.test`): the callback names the splits first (`begin_evaluation(splits)`), then one forward
+pass per split; `eval_outputs(x, split)` returns the per-sample tensors
 that go into the feature cache (`logits`, `features`, plus any `cache_layers`), then the callback hands the cached
 `FeatureBank`s to `setup_ood` (post-hoc fitting, e.g. GROOD's prototypes) and asks `ood_score` for the method's
 own score, reported as `detector = <method name>`. `linear_head()` gives the linear head (W, b) the post-hoc detectors
-use; `diagnostics()` returns extra statistics for the callback's sinks to log and write.
+use; `fitted()` returns the values a method fitted (margins, statistics), which the evaluator writes into every
+result row as `method_params.fitted`; `diagnostics()` returns extra statistics for the callback's sinks to log and
+write.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from torch import nn
 
 from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit, Stream
+from ood.data.fit import FitData
 from ood.errors import ConfigError, NonFiniteError
 from ood.features.bank import FeatureBank
 from ood.models.base import Backbone
@@ -77,8 +86,13 @@ class OODMethod(LightningModule):
         self.init_ckpt: str | None = init.get("ckpt")
         self.init_modules: InitModules = init.get("modules")
         self.frozen: tuple[str, ...] = tuple(init.get("freeze") or ())
-        #: the evaluation splits in test-loader order, given by the evaluation callback before the pass
+        #: the evaluation splits in test-loader order (from `begin_evaluation`, before the pass)
         self.eval_splits: list[EvalSplit] = []
+
+    # ----- fit-time data --------------------------------------------------------------------------------------
+    def prepare(self, data: FitData) -> None:
+        """Fit-time passes before training (module doc); called once by the framework at fit start, after the
+        weights are loaded and on their device. Default: nothing."""
 
     # ----- start from weights, freeze --------------------------------------------------------------------------
     def apply_init(self, load: bool = True) -> None:
@@ -174,6 +188,11 @@ class OODMethod(LightningModule):
         out = self.backbone.run(x, self.cache_layers)
         return {"logits": out.logits, "features": out.features, **out.layers}
 
+    def begin_evaluation(self, splits: Sequence[EvalSplit]) -> None:
+        """The evaluation splits in test-loader order, given before the pass; subclasses that reset per-evaluation
+        state extend it (calling this)."""
+        self.eval_splits = list(splits)
+
     def eval_split(self, dataloader_idx: int) -> EvalSplit:
         """The evaluation split (name, role, group) of test loader `dataloader_idx`."""
         return self.eval_splits[dataloader_idx]
@@ -198,6 +217,11 @@ class OODMethod(LightningModule):
     def predict(self, bank: FeatureBank) -> torch.Tensor:
         """Class predictions used for ID accuracy; argmax of the logits unless a method says otherwise."""
         return bank.predictions
+
+    def fitted(self) -> dict[str, Any]:
+        """Values the method fitted (e.g. energy margins), written by the evaluator into every result row as
+        `method_params.fitted` (after `setup_ood`); default: none."""
+        return {}
 
     def diagnostics(self) -> dict[str, Any]:
         """Extra statistics of the last evaluation (e.g. cluster separation), logged as `test/<name>/<key>` (the

@@ -1,6 +1,6 @@
 """Cluster-based OOD detection in the embedding space (`method=cluster`), after Sinhamahapatra, Koner, Roscher and
 Günnemann, "Is it all a cluster game? Exploring Out-of-Distribution Detection based on Clustering in the Embedding
-Space", SafeAI workshop @ AAAI 2022 (CEUR-WS Vol-3087), arXiv 2203.08549. Spec: `shared/methods/cluster.md`.
+Space", SafeAI workshop @ AAAI 2022 (CEUR-WS Vol-3087), arXiv 2203.08549. Formulas and quirks: docs/methods/cluster.md.
 
 An empirical study turned into one configurable method, so every factor the paper compares can be swept:
 - `objective`: `ce` (cross-entropy), `supcon` (supervised contrastive, two views, projection head, temperature),
@@ -164,7 +164,7 @@ def percentile_cdf(sorted_d: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def global_separation(z: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
-    """[K] GS_c (spec §3) from mean pairwise Euclidean distances P; NaN for clusters with < 2 members."""
+    """[K] GS_c (docs/methods/cluster.md) from mean pairwise Euclidean distances P; NaN for clusters with < 2 members."""
     dist = torch.cdist(z.double(), z.double())
     onehot = F.one_hot(assign, k).double()
     sums = onehot.T @ dist @ onehot

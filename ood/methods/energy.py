@@ -10,8 +10,8 @@ batches 128 ID + 256 outliers. Score: -E(x) = T LSE(f / T) (`detector=energy_oe`
 Margins: `margins: absolute` takes `m_in`, `m_out` as given (CIFAR-10 -23 / -5, CIFAR-100 -27 / -5 from `run.sh`;
 the argparse defaults -25 / -7 are not what the paper ran); `margins: id_energy` reads them as offsets from the
 mean ID-train energy of the starting model, computed once at fit start over the un-augmented ID-train split,
-identical on every rank (the digits rule of the project spec: mean - 5 and mean - 5 + 18, 18 being the CIFAR-10
-gap). The margins used are written into the results' `method_params.fitted`.
+identical on every rank (the digits rule: mean - 5 and mean - 5 + 18, 18 being the CIFAR-10 gap; see
+docs/methods/energy_cfl.md). The margins used are written into the results' `method_params.fitted`.
 Deviations: the cosine schedule steps per epoch (released code: per iteration); outliers come from the shared
 outlier stream (a reshuffled permutation per epoch; the code starts 80M Tiny Images at a random offset each epoch).
 
@@ -20,8 +20,8 @@ K. Nanjunda Iyer, "Semantic Driven Energy based Out-of-Distribution Detection", 
 What the paper says: an energy score coupled with a representation score; ID energy minimised while ID features
 are pulled to learnt class representations, OOD energy maximised and OOD features pushed away from them; a Cluster
 Focal Loss for better class centres; end-to-end trainable. It gives no formula for the CFL, no loss weights,
-margins, focal exponent, scoring or combination rule, and no outlier set. What we chose (project spec
-`methods/energy_cfl.md` §3B), and why:
+margins, focal exponent, scoring or combination rule, and no outlier set. What we chose (docs/methods/energy_cfl.md),
+and why:
   z = penultimate features h (or a projection head MLP(h) when `projection_dim` is set); learnable centres c_k,
       initialised to the CE class means of z on ID-train at fit start (so the representation starts where the CE
       classifier already clusters, instead of from random points);
@@ -51,9 +51,11 @@ from torch import nn
 
 from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit, Stream
+from ood.data.fit import FitData
 from ood.detectors.logits import energy_score
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
+from ood.features.passes import forward_dataset
 from ood.losses import cluster_focal, energy_margin, free_energy, push_away
 from ood.losses.cluster_focal import squared_distances
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
@@ -108,34 +110,38 @@ class EnergyOE(OODMethod):
         """(m_in, m_out) the loss uses."""
         return float(self.energy_stats[1]), float(self.energy_stats[2])
 
-    def on_fit_start(self) -> None:
+    def prepare(self, data: FitData) -> None:
+        """The starting model's statistics over the fit split (skipped when the buffers hold them already: a
+        resumed or evaluated checkpoint). The pass is sharded over DDP ranks and gathered, so every rank computes
+        the same values."""
         if bool(torch.isnan(self.energy_stats).any()):
             if not self.init_ckpt:
                 log.warning("%s fine-tunes a trained classifier, but no method.init.ckpt is set: starting from random weights", self.name)
-            with torch.random.fork_rng(devices=[]):  # the statistics pass leaves the training RNG untouched
-                fitted = self.fit_statistics(self._id_train_outputs())
+            fitted = self.fit_statistics(self._id_train_outputs(data))
             with torch.no_grad():
                 for name, value in fitted.items():
-                    getattr(self, name).copy_(self.trainer.strategy.broadcast(value.to(self.device), src=0))
+                    getattr(self, name).copy_(value.to(self.energy_stats.device))
         log.info("%s: %s", self.name, self.fitted_values())
 
-    def _id_train_outputs(self) -> dict[str, torch.Tensor]:
-        """Logits, features and labels of the whole un-augmented ID-train split (eval mode, no gradients), read in
-        full on every rank (no distributed sampler), so statistics from it agree across ranks."""
-        datamodule = self.trainer.datamodule
-        loader = datamodule.test_dataloader()[[s.role for s in datamodule.eval_splits].index("fit")]
-        was_training = self.training
-        self.eval()
-        out: dict[str, list[torch.Tensor]] = {"logits": [], "features": [], "labels": []}
-        dtype = self.backbone.fc.weight.dtype  # the trainer's precision (e.g. float64 under precision=64-true)
-        with torch.no_grad():
-            for batch in loader:
-                h = self.backbone.features(batch.x.to(self.device, dtype))[0]
-                out["logits"].append(self.backbone.fc(h))
-                out["features"].append(h)
-                out["labels"].append(batch.y.to(self.device))
-        self.train(was_training)
-        return {k: torch.cat(v) for k, v in out.items()}
+    def _id_train_outputs(self, data: FitData) -> dict[str, torch.Tensor]:
+        """Logits, features and labels of the whole un-augmented fit split (the one shared pass)."""
+        backbone = self.backbone
+
+        def outputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            h = backbone.features(x)[0]
+            return {"logits": backbone.fc(h), "features": h}
+
+        return forward_dataset(
+            outputs,
+            data.datasets["fit"],
+            module=self,
+            batch_size=data.eval_batch_size,
+            device=data.device,
+            dtype=data.dtype,
+            num_workers=data.num_workers,
+            desc=f"{self.name}: ID-train statistics",
+            distributed=data.world_size > 1,
+        )
 
     def fit_statistics(self, train: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """New values of the fitted buffers from the starting model's ID-train outputs (subclasses add theirs)."""
@@ -172,8 +178,8 @@ class EnergyOE(OODMethod):
         return loss
 
     # ----- evaluation -------------------------------------------------------------------------------------------
-    def setup_ood(self, banks: Mapping[str, FeatureBank]) -> None:
-        self.hparams["fitted"] = self.fitted_values()
+    def fitted(self) -> dict[str, Any]:
+        return self.fitted_values()
 
     def ood_score(self, bank: FeatureBank) -> torch.Tensor:
         return energy_score(bank.logits, self.temperature)
@@ -250,10 +256,10 @@ class EnergyCFL(EnergyOE):
                 margin = torch.quantile((z - centres[y]).norm(dim=1), 0.95)
         return {**fitted, "centres": centres, "push_stats": torch.as_tensor(margin, dtype=torch.float32).reshape(1)}
 
-    def on_fit_start(self) -> None:
+    def prepare(self, data: FitData) -> None:
         if bool(torch.isnan(self.push_stats).any()):
             self.energy_stats.fill_(float("nan"))  # centres and margins come from the same pass
-        super().on_fit_start()
+        super().prepare(data)
 
     def fitted_values(self) -> dict[str, float]:
         return {**super().fitted_values(), "push_margin": float(self.push_stats[0]), "beta": self.beta}
@@ -295,7 +301,6 @@ class EnergyCFL(EnergyOE):
             aurocs = {b: ood_metrics(self._combine(val, b), self._combine(val_ood, b))["auroc"] for b in self.score_cfg["grid"]}
             self.beta = float(max(aurocs, key=aurocs.get))
             log.info("%s: beta %s (val AUROC %s)", self.name, self.beta, {b: round(a, 4) for b, a in aurocs.items()})
-        super().setup_ood(banks)
 
     def ood_score(self, bank: FeatureBank) -> torch.Tensor:
         return self._combine(self._standardised(bank), self.beta)

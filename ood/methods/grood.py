@@ -20,7 +20,7 @@ Score. h = penultimate feature, z_l = output of stage `mix_layer`, y_hat = argma
   score(x) = -(squared L2 distance from gamma(x) to its k-th nearest bank gradient)   (an ID score)
   `score: grad_norm`: -||gamma(x)||_1 (the first author's tood-continual-ood config). Prediction = nearest p_c.
 
-One evaluation pass (DESIGN §4). During the fit split's pass `test_step` also takes z_l, which is never cached:
+One evaluation pass (`ood.evaluation.callback`). During the fit split's pass `test_step` also takes z_l, which is never cached:
 it feeds per-class sums and keeps z_l of the first `n_proto` (rounded up to whole batches) training samples, both
 through the shared DDP-exact reducers of `ood.features.reduce` (`ClassSums`, `FirstN`), so the prototypes equal
 the single-process ones (up to float summation order); `setup_ood` re-runs the network from `mix_layer` on the
@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -58,8 +58,10 @@ import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
 from ood.data.batch import Batch
+from ood.data.benchmark import EvalSplit
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
+from ood.features.passes import forward_dataset
 from ood.features.reduce import ClassSums, FirstN
 from ood.methods.base import OptimizerFactory, SchedulerFactory
 from ood.methods.ce import CrossEntropy
@@ -221,7 +223,8 @@ class GROOD(CrossEntropy):
         self.setup_seconds = 0.0
 
     # ----- the evaluation pass --------------------------------------------------------------------------------
-    def on_test_epoch_start(self) -> None:
+    def begin_evaluation(self, splits: Sequence[EvalSplit]) -> None:
+        super().begin_evaluation(splits)
         self._stats, self.prototypes, self.early_prototypes, self.bank_index = None, None, None, None
 
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
@@ -287,14 +290,22 @@ class GROOD(CrossEntropy):
     def _noise_features(self, input_shape: tuple[int, ...]) -> torch.Tensor:
         """Penultimate features of the 10 lowest-logsumexp of every 100 blurred uniform-noise images."""
         gen = torch.Generator().manual_seed(0)
-        kept = []
-        with torch.no_grad():
-            for _ in range(math.ceil(self.n_proto / 100)):
-                images = torch.rand((100, *input_shape), generator=gen)
-                sigma = float(torch.empty(()).uniform_(0.2, 5.0, generator=gen))
-                out = self.backbone.run(gaussian_blur(images, [5, 7], [sigma, sigma]).to(self.device))
-                kept.append(out.features[torch.topk(-out.logits.logsumexp(1), 10).indices])
-        return torch.cat(kept)
+        chunks = []
+        for _ in range(math.ceil(self.n_proto / 100)):
+            images = torch.rand((100, *input_shape), generator=gen)
+            sigma = float(torch.empty(()).uniform_(0.2, 5.0, generator=gen))
+            chunks.append(gaussian_blur(images, [5, 7], [sigma, sigma]))
+        backbone = self.backbone
+
+        def features_and_lse(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = backbone.run(x)
+            return {"features": out.features, "lse": out.logits.logsumexp(1)}
+
+        out = forward_dataset(
+            features_and_lse, torch.cat(chunks), module=backbone, batch_size=100, desc="grood: noise prototype"
+        )
+        keep = [i * 100 + torch.topk(-lse, 10).indices for i, lse in enumerate(out["lse"].split(100))]
+        return out["features"][torch.cat(keep)]
 
     def _build_index(self, train: FeatureBank, batch_size: int) -> KNNIndex:
         assert train.labels is not None and self.prototypes is not None

@@ -2,7 +2,7 @@
 
 Paper: J. Hornauer, V. Belagiannis, "Heatmap-based Out-of-Distribution Detection", WACV 2023, arXiv 2211.08115.
 Released code: jhornauer/heatmap_ood (`prototype_heatmap.py`, `optimization.py`, `Networks/generator.py`).
-Spec: shared/methods/heatmap.md.
+Formulas and the released code's quirks: docs/methods/heatmap.md.
 
 The CE classifier is frozen (`method.init.ckpt=<CE checkpoint>`, `init.freeze` always contains `backbone`), or,
 with no checkpoint, trained with CE in the same run for `classifier_epochs` epochs and then frozen (one Lightning
@@ -21,17 +21,16 @@ keeps its own normalisation x_c = (p - mean) / std (the benchmark's `input_mean`
 heatmap live in the method's space x = 2 p - 1 = 2 (x_c std + mean) - 1, so M + x - t is the released quantity
 for the same pixels p whatever the classifier's normalisation.
 
-Flags for the released code's behaviour (defaults = the paper's intent; spec §5):
+Flags for the released code's behaviour (defaults = the paper's intent; docs/methods/heatmap.md):
 - `pairing: intended|as_released`: `as_released` gives outlier k the prototype of the k-th outlier in
   class-sorted order (the released dataset's indexing).
 - `feature_norm: global|as_released`: `global` scales every feature with the min/max over all ID-train features;
   `as_released` scales only the first sample of each batch, with its own min/max (training and test alike).
-- `ood_subset: all|first_fifth`: `first_fifth` keeps the first len(ID test) // 5 samples (dataset order) of every
-  test OOD set, for the method and every detector (use it only with cached detectors: input-perturbing detectors
-  re-run the full sets).
+- The released evaluation keeps the first len(ID test) // 5 samples of every test OOD set: a data option,
+  `data.ood_subset=first_fifth`, applied before the evaluation pass (every scorer sees the same samples).
 
-Deviations: the outlier pool and its prototypes are held by the method (built in `on_fit_start` from the benchmark's
-outlier set, seeded by the run seed), not served by the DataModule's outlier stream, because every outlier needs
+Deviations: the outlier pool and its prototypes are held by the method (built in `prepare` from the benchmark's
+outlier set, seeded by the run seed, through the shared pass `ood.features.passes.forward_dataset`), not served by the DataModule's outlier stream, because every outlier needs
 its fixed prototype; each epoch visits the pool once in a (seed, epoch)-seeded order, `ceil(num_ood / steps)` per ID
 batch (the released code shuffles ID and outliers into one loader, i.e. the same ratio in expectation). The ID
 images come from the benchmark's training stream: its augmentation applies unless `data.benchmark.augment=false`
@@ -42,35 +41,35 @@ images come from the benchmark's training stream: its augmentation applies unles
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit
+from ood.data.fit import FitData
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
+from ood.features.passes import forward_dataset
 from ood.losses import heatmap_loss
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
 from ood.models.base import Backbone
 from ood.models.decoder import HeatmapDecoder, decoder_plan
 from ood.neighbors import KNNIndex
+from ood.plots import heatmap_grid
 from ood.utils import get_logger
 
 log = get_logger(__name__)
 
 Pairing = Literal["intended", "as_released"]
 FeatureNorm = Literal["global", "as_released"]
-OODSubset = Literal["all", "first_fifth"]
 CHOICES = {
     "pairing": ("intended", "as_released"),
     "feature_norm": ("global", "as_released"),
-    "ood_subset": ("all", "first_fifth"),
 }
 
 
@@ -107,38 +106,6 @@ def released_pairing(prototypes: torch.Tensor, query_preds: torch.Tensor) -> tor
     return prototypes[torch.sort(query_preds, stable=True).indices]
 
 
-def heatmap_grid(images: torch.Tensor, heat: torch.Tensor, title: str) -> np.ndarray:
-    """An RGB uint8 image (H, W, 3): one row per sample, columns input | heatmap max_c |M| | overlay.
-
-    `images` [N, C, H, W] with pixels in [0, 1] (C = 1 or 3); `heat` [N, H, W] in [0, 1]."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    n = len(images)
-    fig = Figure(figsize=(4.2, 1.35 * n + 0.5), dpi=100)
-    axes = fig.subplots(n, 3, squeeze=False)
-    for row in range(n):
-        img = images[row].permute(1, 2, 0).clamp(0, 1).numpy()
-        shown = dict(cmap="gray", vmin=0, vmax=1) if img.shape[-1] == 1 else {}
-        img = img[..., 0] if img.shape[-1] == 1 else img
-        hm = heat[row].numpy()
-        axes[row, 0].imshow(img, **shown)
-        axes[row, 1].imshow(hm, cmap="inferno", vmin=0, vmax=1)
-        axes[row, 1].set_xlabel(f"mean {hm.mean():.2f}", fontsize=7, labelpad=1)
-        axes[row, 2].imshow(img, **shown)
-        axes[row, 2].imshow(hm, cmap="inferno", vmin=0, vmax=1, alpha=0.55)
-    for ax, label in zip(axes[0], ("input", "heatmap", "overlay")):
-        ax.set_title(label, fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
 def _input_channels(backbone: Backbone) -> int:
     first_conv = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
     if first_conv is None:
@@ -157,7 +124,7 @@ class HeatmapOOD(OODMethod):
         latent, width: decoder plan overrides (`ood.models.decoder.decoder_plan`; None = the feature dim).
         alpha: loss weight of |t| (paper 5).
         num_ood: outlier-pool size (None = the whole outlier set).
-        pairing, feature_norm, ood_subset: released-code flags (module doc).
+        pairing, feature_norm: released-code flags (module doc).
         n_images: images per split in the `heatmaps/<split>` diagnostics grids.
         feature_batch_size: batch size of the once-per-run feature pass that builds the prototypes.
         classifier_epochs: without `init.ckpt`, train the classifier with CE for this many epochs first (the
@@ -179,7 +146,6 @@ class HeatmapOOD(OODMethod):
         num_ood: int | None = None,
         pairing: Pairing = "intended",
         feature_norm: FeatureNorm = "global",
-        ood_subset: OODSubset = "all",
         n_images: int = 8,
         feature_batch_size: int = 512,
         classifier_epochs: int = 0,
@@ -187,7 +153,7 @@ class HeatmapOOD(OODMethod):
         classifier_scheduler: SchedulerFactory | None = None,
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, init)
-        for key, value in (("pairing", pairing), ("feature_norm", feature_norm), ("ood_subset", ood_subset)):
+        for key, value in (("pairing", pairing), ("feature_norm", feature_norm)):
             if value not in CHOICES[key]:
                 raise ConfigError(f"method.{key}={value!r}; choices: {list(CHOICES[key])}")
         # the classifier is always frozen for the decoder: from the start, or after the CE phase
@@ -206,7 +172,7 @@ class HeatmapOOD(OODMethod):
         self.plan = decoder_plan(backbone.feature_dim, input_size, channels, latent, width)
         self.decoder = HeatmapDecoder(backbone.feature_dim, backbone.num_classes, self.plan)
         self.alpha, self.num_ood, self.n_images = alpha, num_ood, n_images
-        self.pairing, self.feature_norm, self.ood_subset = pairing, feature_norm, ood_subset
+        self.pairing, self.feature_norm = pairing, feature_norm
         self.feature_batch_size = feature_batch_size
         # the classifier's input normalisation and the ID-train feature range: saved with the decoder
         self.register_buffer("pixel_mean", torch.zeros(channels, 1, 1))
@@ -217,6 +183,9 @@ class HeatmapOOD(OODMethod):
         self._batch_idx = 0
         self._examples: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._stats: dict[str, float] = {}
+        self._data: FitData | None = None
+        #: which outlier set stood in for the paper's, and how many of it (`fitted()`, in every result row)
+        self._outliers = ""
 
     # ----- spaces ---------------------------------------------------------------------------------------------
     def to_unit(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,23 +208,26 @@ class HeatmapOOD(OODMethod):
         return self.decoder(self.scale_features(out.features), out.logits.argmax(1)), out.logits, out.features
 
     # ----- the outlier pool, once per run ---------------------------------------------------------------------
-    @torch.no_grad()
     def _classify(self, data: Dataset | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features, predicted classes) of a dataset or an image tensor, on the CPU."""
-        self.backbone.eval()
-        feats, preds = [], []
-        chunks = (
-            data.split(self.feature_batch_size)
-            if isinstance(data, torch.Tensor)
-            else (b[0] for b in DataLoader(data, batch_size=self.feature_batch_size))
-        )
-        for x in chunks:
-            out = self.backbone.run(x.to(self.device, self.backbone.fc.weight.dtype))  # the trainer's precision
-            feats.append(out.features.float().cpu())
-            preds.append(out.logits.argmax(1).cpu())
-        return torch.cat(feats), torch.cat(preds)
+        """(features, predicted classes) of a dataset or an image tensor, on the CPU (the shared pass)."""
+        assert self._data is not None, "prepare() gives the fit data"
+        def classify(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = self.backbone.run(x)
+            return {"features": out.features.float().cpu(), "preds": out.logits.argmax(1).cpu()}
 
-    def on_fit_start(self) -> None:
+        out = forward_dataset(
+            classify,
+            data,
+            module=self.backbone,
+            batch_size=self.feature_batch_size,
+            device=self._data.device,
+            dtype=self._data.dtype,
+            num_workers=self._data.num_workers,
+            desc="heatmap: classify",
+        )
+        return out["features"], out["preds"]
+
+    def prepare(self, data: FitData) -> None:
         """Checks the classifier source and the outliers; builds the pool now unless the classifier trains first."""
         if (self.init_ckpt is None) == (self.classifier_epochs == 0):
             raise ConfigError(
@@ -263,12 +235,8 @@ class HeatmapOOD(OODMethod):
                 f"method.classifier_epochs=N (CE first, then frozen); got init.ckpt={self.init_ckpt}, "
                 f"classifier_epochs={self.classifier_epochs}"
             )
-        benchmark = self.trainer.datamodule.benchmark
-        if benchmark.outlier_set == "none":
-            choices = [c for c in benchmark.outlier_choices if c != "none"]
-            raise ConfigError(
-                f"method=heatmap trains on outliers, but benchmark {benchmark.name} has none; set data.benchmark.outliers= one of {choices}"
-            )
+        data.require("outliers", self.name)
+        self._data = data
         if self.classifier_epochs == 0:
             self._build_pool()
 
@@ -285,28 +253,25 @@ class HeatmapOOD(OODMethod):
     def _build_pool(self) -> None:
         """Input normalisation, ID-train feature range, the outlier pool and its prototypes (identical on every
         rank: a function of the frozen classifier, the data and the seed)."""
-        datamodule = self.trainer.datamodule
-        benchmark = datamodule.benchmark
-        outliers = benchmark.outliers()
-        assert outliers is not None, "on_fit_start checked that the benchmark has outliers"
-        self.pixel_mean.copy_(torch.tensor(benchmark.input_mean).view(-1, 1, 1))
-        self.pixel_std.copy_(torch.tensor(benchmark.input_std).view(-1, 1, 1))
-        train = benchmark.train(augment=False)
+        data = self._data
+        assert data is not None, "prepare() gives the fit data"
+        outliers = data.require("outliers", self.name)
+        self.pixel_mean.copy_(torch.tensor(data.input_mean).view(-1, 1, 1))
+        self.pixel_std.copy_(torch.tensor(data.input_std).view(-1, 1, 1))
+        train = data.datasets["train"]
         id_feats, id_preds = self._classify(train)
         self.feature_range.copy_(torch.stack([id_feats.min(), id_feats.max()]))
-        gen = torch.Generator().manual_seed(datamodule.seed)
-        n = len(outliers)
+        gen = torch.Generator().manual_seed(data.seed)
+        n = len(outliers)  # type: ignore[arg-type]
         pool = torch.randperm(n, generator=gen)[: min(self.num_ood or n, n)].sort().values
         pool_x = torch.stack([outliers[int(i)][0] for i in pool])
         q_feats, q_preds = self._classify(pool_x)
         proto = class_prototypes(id_feats, id_preds, q_feats, q_preds)
         if self.pairing == "as_released":
             proto = released_pairing(proto, q_preds)
-        # recorded in every result row (`method_params`): which outlier set stood in for 80M Tiny Images
-        self.hparams["outliers"] = f"{benchmark.outlier_set}: {len(pool)} of {n}"
-        dtype = self.backbone.fc.weight.dtype
-        self._pool_x = pool_x.to(self.device, dtype)
-        self._pool_t = torch.stack([train[int(i)][0] for i in proto]).to(self.device, dtype)
+        self._outliers = f"{data.outlier_set}: {len(pool)} of {n}"
+        self._pool_x = pool_x.to(data.device, data.dtype)
+        self._pool_t = torch.stack([train[int(i)][0] for i in proto]).to(data.device, data.dtype)
         log.info(
             "heatmap: %d outliers paired with ID prototypes (%s pairing), feature range [%.3g, %.3g]",
             len(pool),
@@ -317,11 +282,9 @@ class HeatmapOOD(OODMethod):
     def _outlier_rows(self) -> torch.Tensor:
         """This step's rows of the pool: the epoch's (seed, epoch)-seeded permutation, this rank's shard, in
         `ceil(shard / steps)`-sized chunks, so every epoch visits the pool once."""
-        assert self._pool_x is not None, "the pool is built in on_fit_start"
-        gen = torch.Generator().manual_seed(
-            self.trainer.datamodule.seed * 1_000_003 + self.current_epoch + 104_729
-        )
-        shard = torch.randperm(len(self._pool_x), generator=gen)[self.global_rank :: self.trainer.world_size]
+        assert self._pool_x is not None and self._data is not None, "the pool is built in prepare"
+        gen = torch.Generator().manual_seed(self._data.seed * 1_000_003 + self.current_epoch + 104_729)
+        shard = torch.randperm(len(self._pool_x), generator=gen)[self._data.rank :: self._data.world_size]
         steps = max(int(self.trainer.num_training_batches), 1)
         size = math.ceil(len(shard) / steps)
         rows = shard[(self._batch_idx % steps) * size :][:size]
@@ -381,7 +344,8 @@ class HeatmapOOD(OODMethod):
         return loss
 
     # ----- evaluation -----------------------------------------------------------------------------------------
-    def on_test_epoch_start(self) -> None:
+    def begin_evaluation(self, splits: Sequence[EvalSplit]) -> None:
+        super().begin_evaluation(splits)
         self._examples, self._stats = {}, {}
 
     def eval_outputs(self, x: torch.Tensor, split: EvalSplit) -> dict[str, torch.Tensor]:
@@ -395,20 +359,17 @@ class HeatmapOOD(OODMethod):
                 maps.append(heat[:take].abs().amax(1).float().cpu())
         return {"logits": logits, "features": features, "heatmap_score": heatmap_score(heat)}
 
-    def setup_ood(self, banks: dict[str, FeatureBank]) -> None:  # type: ignore[override]
-        """`ood_subset=first_fifth` cuts the test OOD banks (for every scorer); records mean max_c |M| per split."""
-        roles = {s.name: s.role for s in self.eval_splits}
-        if self.ood_subset == "first_fifth":
-            limit = len(banks["test"]) // 5
-            for name, role in roles.items():
-                bank = banks[name]
-                if role == "ood" and bank.index is not None:
-                    banks[name] = bank.subset(bank.index < limit)
+    def setup_ood(self, banks: Mapping[str, FeatureBank]) -> None:
+        """Records mean max_c |M| per split (ID test and every test OOD set)."""
         self._stats = {
-            f"mean_abs_heatmap/{name}": float(-banks[name].extras["heatmap_score"].mean())
-            for name, role in roles.items()
-            if role in ("id_test", "ood")
+            f"mean_abs_heatmap/{s.name}": float(-banks[s.name].extras["heatmap_score"].mean())
+            for s in self.eval_splits
+            if s.role in ("id_test", "ood")
         }
+
+    def fitted(self) -> dict[str, Any]:
+        """Which outlier set stood in for the paper's, and how many of it (once the pool was built)."""
+        return {"outliers": self._outliers} if self._outliers else {}
 
     def ood_score(self, bank: FeatureBank) -> torch.Tensor:
         return bank.extras["heatmap_score"]

@@ -6,9 +6,9 @@ groups, the schedule), `openood/trainers/ood_distill_trainer.py` (the kNN-only v
 `openood/losses/mi_loss.py` + `deep_mi_loss.py` (CLUB), `openood/networks/kd_model.py` (the projector DT),
 `openood/networks/knn.py` (boundary sampling), `outlier_generation/outlier_generate.py` (SD latents).
 
-A fine-tuning stage. Before training (once, identically on every rank): the frozen teacher is loaded from
-`method.teacher.ckpt` (or, when none is given, trained on the ID train set and cached); its features of the ID
-train set (no augmentation) are cached on disk keyed by the teacher file's SHA-256; per class, boundary outliers
+A fine-tuning stage. Before training (`prepare`, once, identically on every rank): the frozen teacher is loaded
+from `method.teacher.ckpt` (or, when none is given, trained on the ID train set and cached: `ood.methods.oal_teacher`);
+its features of the ID train set (no augmentation) are cached on disk keyed by the teacher file's SHA-256; per class, boundary outliers
 o^knn are sampled in that feature space (`ood.methods.oal_sampling`) and rescaled (`outlier_norm`). Per ID batch of
 N, with N random rows of the outlier bank (no pairing with the batch; outliers never enter the student):
 
@@ -45,8 +45,6 @@ Released-code quirks, and where this differs:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -57,9 +55,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 
 from ood.data.batch import Batch
+from ood.data.fit import FitData
 from ood.detectors.logits import energy_score
 from ood.errors import ConfigError, DataNotFoundError
 from ood.features.bank import FeatureBank
@@ -67,6 +65,7 @@ from ood.losses import club, club_nll, distill_kl
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
 from ood.methods.distributed import gather_global
 from ood.methods.oal_sampling import boundary_samples, class_count
+from ood.methods.oal_teacher import TEACHER_KEYS, teacher_features, teacher_file
 from ood.models.base import Backbone
 from ood.models.checkpoint import load_modules, read_state_dict
 from ood.utils import get_logger
@@ -74,7 +73,6 @@ from ood.utils import get_logger
 log = get_logger(__name__)
 
 CLUB_FITS = ("as_released", "mle")
-TEACHER_KEYS = {"backbone", "ckpt", "source", "epochs", "lr", "batch_size", "seed"}
 
 
 class Projector(nn.Sequential):
@@ -115,59 +113,6 @@ class CLUBNet(nn.Module):
 def openood_cosine(step: int, total: int, lr_min_ratio: float) -> float:
     """OpenOOD's `cosine_annealing(step, total, 1, lr_min_ratio)`: the multiplier of a per-step cosine schedule."""
     return lr_min_ratio + (1 - lr_min_ratio) * 0.5 * (1 + math.cos(step / total * math.pi))
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (the key of the teacher-feature cache)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{time.time_ns()}")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def _loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=shuffle)
-
-
-def train_teacher(
-    teacher: Backbone, dataset: Dataset, epochs: int, lr: float, batch_size: int, seed: int
-) -> None:
-    """Plain CE training of the teacher (SGD Nesterov 0.9, wd 5e-4, cosine per epoch) when no checkpoint is given."""
-    torch.manual_seed(seed)
-    optimizer = torch.optim.SGD(teacher.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
-    device = next(teacher.parameters()).device
-    teacher.train()
-    for epoch in range(epochs):
-        for x, y in _loader(dataset, batch_size, shuffle=True, seed=seed * 1000 + epoch):
-            loss = F.cross_entropy(teacher(x.to(device)), y.to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        schedule.step()
-    teacher.eval()
-
-
-@torch.no_grad()
-def extract_features(
-    net: Backbone, dataset: Dataset, batch_size: int = 256
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(penultimate features [n, D], labels [n]) of `net` in eval mode over `dataset`, in dataset order."""
-    weight = next(net.parameters())
-    feats, labels = [], []
-    for x, y in _loader(dataset, batch_size):
-        feats.append(net.run(x.to(weight.device, weight.dtype)).features.float().cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(feats), torch.cat(labels)
 
 
 def load_sd_latents(path: str | Path) -> torch.Tensor:
@@ -309,13 +254,13 @@ class OAL(OODMethod):
         return float(weight)
 
     # ----- before training: teacher, its features, the outlier banks (once, identically on every rank) ---------
-    def on_fit_start(self) -> None:
-        """After the model is on its device: teacher, teacher features, outlier banks (skipped when present)."""
+    def prepare(self, data: FitData) -> None:
+        """Teacher (`ood.methods.oal_teacher`), its ID-train features, the outlier banks (skipped when present)."""
         if len(self.outliers_knn):
             return
-        datamodule = self.trainer.datamodule
-        benchmark = datamodule.benchmark
-        path = self._teacher_file(benchmark)
+        path, seconds = teacher_file(self.teacher_cfg, data, self.cache_dir)
+        if seconds is not None:
+            self.stats["teacher_train_seconds"] = seconds
         state = read_state_dict(path)
         convert = getattr(self.teacher, "convert_state_dict", None)
         load_modules(
@@ -326,77 +271,19 @@ class OAL(OODMethod):
             hint="set method/teacher= to the architecture the file was trained with",
         )
         self.teacher.requires_grad_(False).eval()
-        feats, labels = self._teacher_features(benchmark, path)
-        self.outliers_knn = self._sample(feats, labels).to(self.device, self.backbone.fc.weight.dtype)
-        if len(self.outliers_knn) < datamodule.batch_size:
-            raise ConfigError(
-                f"oal: {len(self.outliers_knn)} boundary outliers < batch size {datamodule.batch_size}; raise method.knn_repeats"
-            )
-        if self.w_mi_sd:
-            self.outliers_sd = load_sd_latents(self.sd_path).to(self.device)
-        self.stats["n_outliers_knn"] = float(len(self.outliers_knn))
-
-    def _teacher_file(self, benchmark: Any) -> Path:
-        """The teacher checkpoint: `teacher.ckpt`, or a teacher trained here on ID train, cached by its settings."""
-        cfg = self.teacher_cfg
-        if cfg.get("ckpt"):
-            return Path(cfg["ckpt"])
-        if not cfg.get("epochs"):
-            raise ConfigError("oal: this teacher is not trained here: set method.teacher.ckpt=<weights file>")
-        train = benchmark.train(augment=True)
-        settings = {k: str(cfg.get(k)) for k in sorted(TEACHER_KEYS - {"ckpt"})}
-        settings.update(data=benchmark.name, n=len(train), classes=self.backbone.num_classes)
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        path = self.cache_dir / "oal" / f"teacher-{benchmark.name}-{key}.pt"
-        if self.trainer.is_global_zero and not path.is_file():
-            log.info(
-                "oal: no method.teacher.ckpt; training the teacher on %s for %s epochs",
-                benchmark.name,
-                cfg["epochs"],
-            )
-            teacher = cfg["backbone"](num_classes=self.backbone.num_classes).to(self.device)
-            start = time.perf_counter()
-            with torch.random.fork_rng():  # the run's RNG stream is the same whether the teacher is cached or not
-                train_teacher(
-                    teacher,
-                    train,
-                    int(cfg["epochs"]),
-                    float(cfg["lr"]),
-                    int(cfg["batch_size"]),
-                    int(cfg.get("seed") or 0),
-                )
-            _save_atomic(teacher.state_dict(), path)
-            self.stats["teacher_train_seconds"] = time.perf_counter() - start
-        self.trainer.strategy.barrier()
-        log.info(
-            "oal: teacher %s (evaluate it alone: ood-eval ckpt_path=%s backbone=<its architecture>)",
-            path,
-            path,
-        )
-        return path
-
-    def _teacher_features(self, benchmark: Any, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher features of ID train (no augmentation), cached under `cache_dir` by the teacher file's SHA-256."""
         start = time.perf_counter()
-        cache = self.cache_dir / "oal" / f"features-{benchmark.name}-{file_sha256(path)[:16]}.pt"
-        if cache.is_file():
-            data = torch.load(cache, map_location="cpu")
-            hit = True
-        else:
-            feats, labels = extract_features(self.teacher, benchmark.train(augment=False))
-            data = {"features": feats, "labels": labels}
-            if self.trainer.is_global_zero:
-                _save_atomic(data, cache)
-            hit = False
+        features, hit = teacher_features(self.teacher, path, data, self.cache_dir)
         seconds = time.perf_counter() - start
         self.stats.update(teacher_features_cache_hit=float(hit), teacher_features_seconds=seconds)
-        log.info(
-            "oal: teacher features of ID train %s %s in %.2fs",
-            "read from" if hit else "computed, cached at",
-            cache,
-            seconds,
-        )
-        return data["features"], data["labels"]
+        log.info("oal: teacher features of ID train %s in %.2fs", "read from the cache" if hit else "computed and cached", seconds)
+        self.outliers_knn = self._sample(features["features"], features["labels"]).to(data.device, data.dtype)
+        if len(self.outliers_knn) < data.batch_size:
+            raise ConfigError(
+                f"oal: {len(self.outliers_knn)} boundary outliers < batch size {data.batch_size}; raise method.knn_repeats"
+            )
+        if self.w_mi_sd:
+            self.outliers_sd = load_sd_latents(self.sd_path).to(data.device)
+        self.stats["n_outliers_knn"] = float(len(self.outliers_knn))
 
     def _class_norms(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The norm each class's unit-norm outliers are rescaled to (`outlier_norm`)."""

@@ -1,4 +1,4 @@
-"""OAL's boundary outliers in teacher-feature space (stage B of the spec; NPOS / DreamOOD-style sampling).
+"""OAL's boundary outliers in teacher-feature space (stage B of docs/methods/oal.md; NPOS / DreamOOD-style sampling).
 
 Released code: HengGao12/OAL `openood/networks/knn.py` (`generate_outliers`, `KNN_dis_search_decrease`,
 `KNN_dis_search_distance`), the DreamOOD procedure (Du et al., NeurIPS 2023, arXiv 2309.13415) that produced the

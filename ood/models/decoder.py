@@ -9,9 +9,9 @@ shape.
 `decoder_plan` derives the plan from (feature dim D, input size, channels): s0 = the input size halved while it
 stays even and above 4 (32 -> 4 with k = 3 doublings, 224 -> 7 with 5); channels `width, width/2, ...` (k + 1
 blocks) with width = max(D, 32 * 2^k), so the last block keeps at least 32 channels; latent d0 = min(D, 512).
-This reproduces every released setting of the spec table (ResNet-18 CIFAR-100 512/(512..64), WRN-40-2 128/(256..32),
+This reproduces every released setting in docs/methods/heatmap.md (ResNet-18 CIFAR-100 512/(512..64), WRN-40-2 128/(256..32),
 ResNet-50 Tiny ImageNet 512/(2048..128)) except ResNet-18 CIFAR-10's d0 = 100 (the DCGAN default), which
-`experiment=cifar10_heatmap` sets; the digits plan of spec §6 (8 px: 64/(64, 32)) too. The released CIFAR decoders
+`experiment=cifar10_heatmap` sets; the digits plan of docs/methods/heatmap.md (8 px: 64/(64, 32)) too. The released CIFAR decoders
 start with a k4 ConvT to 4x4 exactly like s0 = 4 here.
 """
 

@@ -1,0 +1,35 @@
+"""`PrepareMethod`: the callback that hands a method its fit-time data (`OODMethod.prepare`) once, at fit start.
+
+Lightning calls callbacks' `on_fit_start` after the weights are restored and moved to their device, before the
+method's own hook, so `prepare` sees the model it will train. The `FitData` comes from the DataModule
+(`OODDataModule.fit_data`) with the trainer's device, precision (the dtype of the method's parameters), ranks and
+barrier: the method itself never reads the trainer's DataModule.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+
+from ood.data.benchmark import OODDataModule
+from ood.methods.base import OODMethod
+
+
+class PrepareMethod(Callback):
+    """Calls `pl_module.prepare(trainer.datamodule.fit_data(...))` once per fit."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not isinstance(pl_module, OODMethod):
+            return
+        datamodule = trainer.datamodule
+        assert isinstance(datamodule, OODDataModule), "PrepareMethod needs an OODDataModule"
+        dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32)
+        pl_module.prepare(
+            datamodule.fit_data(
+                device=pl_module.device,
+                dtype=dtype,
+                world_size=trainer.world_size,
+                rank=trainer.global_rank,
+                barrier=trainer.strategy.barrier,
+            )
+        )

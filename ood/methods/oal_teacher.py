@@ -1,0 +1,113 @@
+"""OAL's frozen teacher: where it comes from (a given weights file, or trained here on ID train and cached) and its
+features of the ID training set (cached by the teacher file's content).
+
+Used by `ood.methods.oal.OAL.prepare`; nothing here reads a trainer. Teacher training (when `method.teacher.ckpt`
+is null): plain cross-entropy, SGD Nesterov (momentum 0.9, weight decay 5e-4), cosine over `epochs`, shuffled
+batches of `batch_size` from a generator seeded by (seed, epoch), under the global seed `seed` inside
+`torch.random.fork_rng` (the run's own random stream is the same whether the teacher was cached or not). The
+released code trains its ViT teacher separately; a teacher that must be trained elsewhere (the ViT) comes from
+`ckpt`. Files: `<cache_dir>/oal/teacher-<benchmark>-<hash of the teacher settings>.pt` (rank 0 trains and writes,
+every rank waits at the barrier) and `<cache_dir>/oal/features-<benchmark>-<SHA-256 of the teacher file>.pt`, both
+written with the project's one atomic writer (`ood.files.atomic_torch_save`). Teacher features come from the shared
+pass (`ood.features.passes.forward_dataset`: eval mode, no gradients, the run's device and dtype).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ood.data.fit import FitData
+from ood.errors import ConfigError
+from ood.features.passes import forward_dataset
+from ood.files import atomic_torch_save
+from ood.models.base import Backbone
+from ood.utils import get_logger
+
+log = get_logger(__name__)
+
+#: the keys of `method.teacher` (the `method/teacher=` config group)
+TEACHER_KEYS = {"backbone", "ckpt", "source", "epochs", "lr", "batch_size", "seed"}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (the key of the teacher-feature cache)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def train_teacher(teacher: Backbone, dataset: Dataset, epochs: int, lr: float, batch_size: int, seed: int) -> None:
+    """Plain CE training of the teacher (module doc); leaves it in eval mode."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.SGD(teacher.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+    device = next(teacher.parameters()).device
+    teacher.train()
+    for epoch in range(epochs):
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, drop_last=True):
+            loss = F.cross_entropy(teacher(x.to(device)), y.to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        schedule.step()
+    teacher.eval()
+
+
+def teacher_file(cfg: Mapping[str, Any], data: FitData, cache_dir: Path) -> tuple[Path, float | None]:
+    """The teacher checkpoint: `cfg["ckpt"]`, or a teacher trained here on ID train (rank 0) and cached by its
+    settings; with the training time in seconds when it was trained now (else None)."""
+    if cfg.get("ckpt"):
+        return Path(cfg["ckpt"]), None
+    if not cfg.get("epochs"):
+        raise ConfigError("oal: this teacher is not trained here: set method.teacher.ckpt=<weights file>")
+    train = data.datasets["train_augmented"]
+    settings = {k: str(cfg.get(k)) for k in sorted(TEACHER_KEYS - {"ckpt"})}
+    settings.update(data=data.benchmark, n=len(train), classes=data.num_classes)  # type: ignore[arg-type]
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir / "oal" / f"teacher-{data.benchmark}-{key}.pt"
+    seconds = None
+    if data.is_global_zero and not path.is_file():
+        log.info("oal: no method.teacher.ckpt; training the teacher on %s for %s epochs", data.benchmark, cfg["epochs"])
+        teacher = cfg["backbone"](num_classes=data.num_classes).to(data.device)
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []):
+            train_teacher(teacher, train, int(cfg["epochs"]), float(cfg["lr"]), int(cfg["batch_size"]), int(cfg.get("seed") or 0))
+        atomic_torch_save(teacher.state_dict(), path)
+        seconds = time.perf_counter() - start
+    data.barrier()
+    log.info("oal: teacher %s (evaluate it alone: ood-eval ckpt_path=%s backbone=<its architecture>)", path, path)
+    return path, seconds
+
+
+def teacher_features(teacher: Backbone, path: Path, data: FitData, cache_dir: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """`{"features", "labels"}` of the teacher over ID train (no augmentation, CPU), cached by the teacher file's
+    SHA-256; and whether they came from the cache."""
+    cache = cache_dir / "oal" / f"features-{data.benchmark}-{file_sha256(path)[:16]}.pt"
+    if cache.is_file():
+        return torch.load(cache, map_location="cpu"), True
+    out = forward_dataset(
+        lambda x: teacher.run(x).features.float().cpu(),
+        data.datasets["train"],
+        module=teacher,
+        batch_size=data.eval_batch_size,
+        device=data.device,
+        dtype=data.dtype,
+        num_workers=data.num_workers,
+        desc="oal: teacher features",
+    )
+    features = {"features": out["outputs"], "labels": out["labels"].cpu()}
+    if data.is_global_zero:
+        atomic_torch_save(features, cache)
+    return features, False
