@@ -180,24 +180,31 @@ def _odin_reference(net: nn.Module, x: torch.Tensor, temperature: float, noise: 
 
 def test_iodin_equals_openood(tiny: dict[str, Any]) -> None:
     det = _fitted("iodin", tiny, temperature=10, noise=0.01)
+    ours, refs = {}, {}
     for split in ("test", "ood"):
-        ref = _odin_reference(tiny["net"], tiny["x"][split], 10, 0.01, one_pixel=True)
-        torch.testing.assert_close(_scores(det, tiny, split).exp().float(), ref, rtol=1e-5, atol=1e-6)
+        ours[split], refs[split] = _scores(det, tiny, split), _odin_reference(tiny["net"], tiny["x"][split], 10, 0.01, one_pixel=True)
+        torch.testing.assert_close(ours[split].exp().float(), refs[split], rtol=1e-5, atol=1e-6)
+    _agrees(ours["test"], refs["test"], tiny, ours["ood"], refs["ood"])
+    ref = refs["ood"]
     # the one-pixel step differs from ODIN's full step
     assert not torch.allclose(_odin_reference(tiny["net"], tiny["x"]["ood"], 10, 0.01, one_pixel=False), ref)
 
 
 def test_mcdropout_equals_openood(tiny: dict[str, Any]) -> None:
-    net, x = tiny["net"], tiny["x"]["ood"]
-    torch.manual_seed(3)
-    ours = build_detector("mcdropout").score_inputs(net, x)
-    torch.manual_seed(3)
-    net.stages.block2[3].train()
-    with torch.no_grad():
-        logits = sum(net(x) for _ in range(5)) / 5
-    net.stages.block2[3].eval()
-    torch.testing.assert_close(ours.exp().float(), torch.softmax(logits, 1).max(1).values, rtol=1e-5, atol=1e-6)
-    assert not net.training and not net.stages.block2[3].training
+    """Same RNG state: the mean logits of 5 passes with only the dropout in training mode, max softmax."""
+    net, ours, refs = tiny["net"], {}, {}
+    for split in ("test", "ood"):
+        torch.manual_seed(3)
+        ours[split] = build_detector("mcdropout").score_inputs(net, tiny["x"][split])
+        assert not net.training and not net.stages.block2[3].training
+        torch.manual_seed(3)
+        net.stages.block2[3].train()
+        with torch.no_grad():
+            logits = sum(net(tiny["x"][split]) for _ in range(5)) / 5
+        net.stages.block2[3].eval()
+        refs[split] = torch.softmax(logits, 1).max(1).values
+        torch.testing.assert_close(ours[split].exp().float(), refs[split], rtol=1e-5, atol=1e-6)
+    _agrees(ours["test"], refs["test"], tiny, ours["ood"], refs["ood"])
 
 
 def _class_gaussian(z: torch.Tensor, y: torch.Tensor, scatter: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,8 +309,11 @@ def test_gram_equals_openood(tiny: dict[str, Any]) -> None:
                     dev[pred == c] += delta(*mm[p, c], g[pred == c]) / n
         return -dev / conf.double()
 
-    torch.testing.assert_close(_scores(det, tiny, "ood"), reference(tiny["x"]["ood"]), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(_scores(det, tiny, "test"), reference(tiny["x"]["test"]), rtol=1e-4, atol=1e-6)
+    ours, ours_ood = _scores(det, tiny, "test"), _scores(det, tiny, "ood")
+    ref, ref_ood = reference(tiny["x"]["test"]), reference(tiny["x"]["ood"])
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours_ood, ref_ood, rtol=1e-4, atol=1e-6)
+    _agrees(ours, ref, tiny, ours_ood, ref_ood)
 
 
 def test_rankfeat_equals_openood(tiny: dict[str, Any]) -> None:
@@ -324,8 +334,10 @@ def test_rankfeat_equals_openood(tiny: dict[str, Any]) -> None:
         return torch.logsumexp((logits1 + logits2) / 2, 1)
 
     det = _fitted("rankfeat", tiny)
+    ours, refs = {s: _scores(det, tiny, s) for s in ("test", "ood")}, {s: reference(tiny["x"][s]) for s in ("test", "ood")}
     for split in ("test", "ood"):
-        torch.testing.assert_close(_scores(det, tiny, split).float(), reference(tiny["x"][split]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours[split].float(), refs[split], rtol=1e-4, atol=1e-4)
+    _agrees(ours["test"], refs["test"], tiny, ours["ood"], refs["ood"])
 
 
 def test_nac_equals_pytorch_ood(tiny: dict[str, Any]) -> None:

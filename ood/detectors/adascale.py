@@ -54,6 +54,8 @@ class AdaScaleA(ModelFitted):
 
     name = "adascale_a"
     fit_split = "val"
+    #: the extra network passes would slow the default run: `detectors=full` runs it, `all` does not
+    full_only = True
     grid = {"percentile": PERCENTILES}
     score_params = frozenset({"percentile"})
     #: logit scaling (`adascale_l`) instead of activation scaling

@@ -19,6 +19,8 @@ class IODIN(ODIN):
     """ODIN with the perturbation restricted to the input element of largest gradient magnitude."""
 
     name = "iodin"
+    #: the extra network passes would slow the default run: `detectors=full` runs it, `all` does not
+    full_only = True
 
     def input_step(self, grad: torch.Tensor) -> torch.Tensor:
         flat = grad.flatten(1)

@@ -15,7 +15,7 @@ x_tilde = x - noise * sign(grad_x [-M_c*(h(x))]) / sigma_ch (sigma_ch: the input
   type `mean`, no dimension reduction), one Gaussian fit, gradient and perturbed pass per layer (sign(0) = +1, as
   OpenOOD's `ge`), score(x) = sum_l alpha_l max_c M_lc(h_l(x_tilde_l)), alpha_l = 1 (OpenOOD's predefined
   `alpha_list`), noise 0.0014 (OpenOOD's single sweep value). The train stage means are cached in the single
-  evaluation pass (layer taps: `extras['stage_mean.<stage>']`, sum_l C_l floats per sample: 160 B on the digits
+  evaluation pass (layer taps: `extras['stage_mean.<stage>']`, sum_l C_l floats per sample: 640 B on the digits
   small CNN); the perturbed passes need the network.
 Deviations: the shared covariance is OpenOOD's (class-centred, divided by N, pseudo-inverse in float64);
 pytorch-ood's MahalanobisODIN inverts the unnormalised scatter plus 1e-6 I (a positive scale of the same precision:
@@ -63,6 +63,8 @@ class MahalanobisODIN(Detector):
 
     name = "mahalanobis_odin"
     needs_model = True
+    #: the extra network passes would slow the default run: `detectors=full` runs it, `all` does not
+    full_only = True
     grid = {"noise": [0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01]}
     score_params = frozenset({"noise"})
 
@@ -100,6 +102,8 @@ class MDSEnsemble(Detector):
 
     name = "mds_ensemble"
     needs_model = True
+    #: a gradient and a perturbed pass per stage would slow the default run: `detectors=full` runs it, `all` does not
+    full_only = True
 
     def __init__(self, noise: float = 0.0014, input_std: float | Sequence[float] = 1.0) -> None:
         self.noise = noise

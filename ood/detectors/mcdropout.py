@@ -35,7 +35,7 @@ def check_dropout(model: nn.Module) -> list[nn.Module]:
     """The dropout modules of `model`; `DetectorNotApplicable` when there are none."""
     modules = dropout_modules(model)
     if not modules:
-        raise DetectorNotApplicable(f"no dropout in {type(model).__name__}")
+        raise DetectorNotApplicable(f"no dropout in the network ({type(model).__name__}): MC-Dropout needs dropout layers")
     return modules
 
 

@@ -2,7 +2,8 @@
 evaluation pass (layer taps), and a fit that runs the network over the fit split.
 
 - `backbone_of(model)`: the staged backbone behind a method (`model.backbone`) or a backbone itself; detectors
-  that need intermediate maps raise `DetectorNotApplicable` on anything else (a bare linear head).
+  that need intermediate maps raise `DetectorNotApplicable` on anything else (a bare linear head). They score with
+  the backbone's own head (`fc`), not a method's separate probe.
 - Layer taps: a detector class declares `taps(backbone) -> {extras key: (module, reduce)}`; during the evaluation
   pass `LayerTaps` hooks those modules and stores `reduce(output)` per sample under the key in the split's
   `FeatureBank.extras`, so multi-layer detectors (gram, mds_ensemble) read their maps from the one cached pass,
