@@ -35,6 +35,8 @@ class Detector:
     needs_model: ClassVar[bool] = False
     #: hyper-parameters that only change `score`, not `fit`: tuning fits once per setting of the others
     score_params: ClassVar[frozenset[str]] = frozenset()
+    #: True for detectors whose extra network passes would slow the default run: `full` selects them, `all` does not
+    full_only: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -102,15 +104,21 @@ def available_detectors() -> list[str]:
 
 
 #: named selections of the registry usable in place of a list (`detectors.names: all`)
-SELECTIONS = {"all": "every registered detector", "cached": "every detector that scores from the cache alone (no odin)"}
+SELECTIONS = {
+    "full": "every registered detector",
+    "all": "every registered detector but the slow network ones (`full_only`: adascale, iodin, mahalanobis_odin)",
+    "cached": "every detector that scores from the cache alone (no odin)",
+}
 
 
 def resolve_detectors(names: str | Sequence[str]) -> list[str]:
-    """Detector names from a list or a registry selection (`all`, `cached`); unknown names fail listing the choices."""
+    """Detector names from a list or a registry selection (`full`, `all`, `cached`); unknown names fail listing the
+    choices."""
     if isinstance(names, str):
         if names not in SELECTIONS:
             raise ConfigError(f"unknown detector selection {names!r}; choices: {list(SELECTIONS)} or a list of names")
-        return [n for n in available_detectors() if names == "all" or not _REGISTRY[n].needs_model]
+        keep = {"full": lambda c: True, "all": lambda c: not c.full_only, "cached": lambda c: not c.needs_model}[names]
+        return [n for n in available_detectors() if keep(_REGISTRY[n])]
     for name in names:
         detector_class(name)
     return list(names)
