@@ -40,6 +40,8 @@ class Detector:
     score_params: ClassVar[frozenset[str]] = frozenset()
     #: True where fit and score read float16 feature banks chunk by chunk (`evaluation.feature_dtype=float16`)
     float16_features: ClassVar[bool] = False
+    #: True for detectors whose extra network passes would slow the default run: `full` selects them, `all` does not
+    full_only: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -120,19 +122,24 @@ def relative_count(value: float, total: int) -> int:
 
 
 #: named selections of the registry usable in place of a list (`detectors.names: all`)
-SELECTIONS = {"all": "every registered detector", "cached": "every detector that scores from the cache alone (no odin)"}
+SELECTIONS = {
+    "full": "every registered detector",
+    "all": "every registered detector but the slow network ones (`full_only`: adascale, iodin, mahalanobis_odin)",
+    "cached": "every detector that scores from the cache alone (no odin)",
+}
 
 #: a detector named by its registered name, or its class (already resolved: no registry lookup)
 DetectorRef = str | type[Detector]
 
 
 def resolve_detectors(names: str | Sequence[DetectorRef]) -> list[type[Detector]]:
-    """Detector classes from a list of names or a registry selection (`all`, `cached`); unknown names fail listing
-    the choices. The one registry lookup of a run: the evaluation passes the classes on."""
+    """Detector classes from a list of names or a registry selection (`full`, `all`, `cached`); unknown names fail
+    listing the choices. The one registry lookup of a run: the evaluation passes the classes on."""
     if isinstance(names, str):
         if names not in SELECTIONS:
             raise ConfigError(f"unknown detector selection {names!r}; choices: {list(SELECTIONS)} or a list of names")
-        return [_REGISTRY[n] for n in available_detectors() if names == "all" or not _REGISTRY[n].needs_model]
+        keep = {"full": lambda c: True, "all": lambda c: not c.full_only, "cached": lambda c: not c.needs_model}[names]
+        return [_REGISTRY[n] for n in available_detectors() if keep(_REGISTRY[n])]
     return [detector_class(name) for name in names]
 
 

@@ -63,9 +63,13 @@ class ODIN(Detector):
             with torch.enable_grad():
                 loss = F.cross_entropy(logits / temperature, predicted)
                 (grad,) = torch.autograd.grad(loss, x, retain_graph=n < len(by_temperature) - 1)
-            step = torch.where(grad >= 0, 1.0, -1.0).to(x.dtype) / std
+            step = self.input_step(grad) / std
             with torch.no_grad():
                 for i, noise in noises:
                     nudged = model(x.detach() - noise * step)
                     scores[i] = torch.log_softmax(nudged.double() / temperature, dim=1).max(1).values
         return scores
+
+    def input_step(self, grad: torch.Tensor) -> torch.Tensor:
+        """The direction the input moves against (before the noise scale and the std): sign(grad), sign(0) = +1."""
+        return torch.where(grad >= 0, 1.0, -1.0).to(grad.dtype)

@@ -20,6 +20,7 @@ from lightning import Callback, LightningModule, Trainer
 
 from ood.data.benchmark import EvalSplit, OODDataModule
 from ood.detectors.base import Detector, float16_detectors
+from ood.detectors.network import LayerTaps
 from ood.errors import ConfigError
 from ood.evaluation.evaluator import EvaluationResult, Evaluator
 from ood.evaluation.sinks import Sink
@@ -80,6 +81,7 @@ class OODEvaluation(Callback):
         self.evaluator.info.update(info or {})
         self.result: EvaluationResult | None = None
         self._collectors: dict[int, SplitCollector] = {}
+        self._taps: LayerTaps | None = None
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -92,6 +94,8 @@ class OODEvaluation(Callback):
         assert isinstance(trainer.datamodule, OODDataModule), "OODEvaluation needs an OODDataModule"
         self._collectors, self.result = {}, None
         pl_module.begin_evaluation(trainer.datamodule.eval_splits)
+        # per-sample maps the detectors declare (`taps`: Gram features, stage means) cached from this same pass
+        self._taps = LayerTaps(pl_module, self.evaluator.detectors)
 
     def on_test_batch_end(
         self,
@@ -102,6 +106,8 @@ class OODEvaluation(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if self._taps is not None:
+            outputs = {**outputs, **self._taps.pop()}
         if dataloader_idx not in self._collectors:
             fields = [k for k in outputs if k != "index"]
             self._collectors[dataloader_idx] = SplitCollector(fields).to(pl_module.device)
@@ -155,6 +161,9 @@ class OODEvaluation(Callback):
         itself (setup, detectors, input-perturbing passes over the raw loaders) uses no collective.
         """
         assert isinstance(pl_module, OODMethod)
+        if self._taps is not None:
+            self._taps.remove()
+            self._taps = None
         datamodule = trainer.datamodule
         splits = datamodule.eval_splits
         sync_reducers()

@@ -29,6 +29,7 @@ from ood.detectors.base import (
     hparam_names,
 )
 from ood.errors import ConfigError
+from ood.detectors.network import FitInputs, ModelFitted
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
 from ood.utils import check_finite, get_logger
@@ -118,6 +119,16 @@ def _val_scores(
     return out
 
 
+def _fit(det: Detector, split: str, banks: Mapping[str, FeatureBank], model_scores: ModelScoreFn | None) -> Detector:
+    """Fit `det` on the bank of `split`; detectors fitted from network passes (`ModelFitted`) also get their
+    per-sample statistics over that split through `model_scores`."""
+    if isinstance(det, ModelFitted):
+        if model_scores is None:
+            raise DetectorNotApplicable("it fits from network passes, and no model was given")
+        return det.fit_inputs(banks[split], model_scores(FitInputs(det), split))
+    return det.fit(banks[split])
+
+
 def fit_detector(
     name: DetectorRef,
     params: Mapping[str, Any],
@@ -139,9 +150,8 @@ def fit_detector(
     free = {k: v for k, v in cls.grid.items() if k not in params}
     points = grid_points(free)
     can_tune = tune and len(points) > 1 and "val" in banks and "val_ood" in banks
-    fit_bank = banks[cls.fit_split]
     if not can_tune:
-        return build_detector(cls, **params).fit(fit_bank), False
+        return _fit(build_detector(cls, **params), cls.fit_split, banks, model_scores), False
     groups: dict[tuple[tuple[str, Any], ...], list[dict[str, Any]]] = {}
     for point in points:
         groups.setdefault(tuple((k, v) for k, v in point.items() if k not in cls.score_params), []).append(point)
@@ -151,7 +161,7 @@ def fit_detector(
         det = None
         while group and det is None:
             try:
-                det = build_detector(cls, **params, **group[0]).fit(fit_bank)
+                det = _fit(build_detector(cls, **params, **group[0]), cls.fit_split, banks, model_scores)
             except DetectorNotApplicable as err:
                 reason, group = err, group[1:]
         if det is None:

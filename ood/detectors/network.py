@@ -1,0 +1,123 @@
+"""What the detectors that need the network share: access to its stages, per-sample maps cached in the single
+evaluation pass (layer taps), and a fit that runs the network over the fit split.
+
+- `backbone_of(model)`: the staged backbone behind a method (`model.backbone`) or a backbone itself; detectors
+  that need intermediate maps raise `DetectorNotApplicable` on anything else (a bare linear head). They score with
+  the backbone's own head (`fc`), not a method's separate probe.
+- Layer taps: a detector class declares `taps(backbone) -> {extras key: (module, reduce)}`; during the evaluation
+  pass `LayerTaps` hooks those modules and stores `reduce(output)` per sample under the key in the split's
+  `FeatureBank.extras`, so multi-layer detectors (gram, mds_ensemble) read their maps from the one cached pass,
+  never a second pass over the data. `reduce` keeps only what the detector scores from (Gram row sums, channel
+  means), not the maps. A module that runs several times per forward pass (a shared ReLU) stores one entry per run,
+  stacked on dim 1.
+- `ModelFitted`: a `needs_model` detector whose statistics need network passes with gradients over its fit split
+  (AdaSCALE's perturbed-feature shifts, NAC's gradient histograms): `fit_statistics(model, x) -> [B, ...]` per
+  batch, concatenated over the split by the evaluation's model-score function through `FitInputs`, then
+  `fit_inputs(bank, statistics)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ood.detectors.base import Detector, DetectorNotApplicable, detector_class
+from ood.features.bank import FeatureBank
+
+#: a tapped module and the per-sample reduction of its output that is cached
+Tap = tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The staged backbone (`stages`, `pool`, `fc`, `run`, `forward_from`) of a method or the backbone itself."""
+    for candidate in (model, getattr(model, "backbone", None)):
+        if candidate is not None and all(hasattr(candidate, a) for a in ("stages", "pool", "fc", "forward_from")):
+            return candidate
+    raise DetectorNotApplicable(f"it needs the intermediate maps of a staged backbone; {type(model).__name__} has none")
+
+
+def tapped_keys(bank: FeatureBank, prefix: str, name: str) -> list[str]:
+    """Extras keys starting with `prefix`, in tap order; `DetectorNotApplicable` when there are none."""
+    keys = [k for k in bank.extras if k.startswith(prefix)]
+    if not keys:
+        raise DetectorNotApplicable(f"{name} reads {prefix}* maps from the evaluation cache; this bank has {sorted(bank.extras)}")
+    return keys
+
+
+class LayerTaps:
+    """Forward hooks that cache, per sample, the reductions the named detectors declare (`taps`).
+
+    Attach before the evaluation pass, `pop()` after each batch (the batch's tensors by extras key), `remove()`
+    after the pass. Detectors without `taps`, and backbones without stages, add nothing.
+    """
+
+    def __init__(self, model: nn.Module, detectors: Iterable[str]) -> None:
+        self._runs: dict[str, list[torch.Tensor]] = {}
+        self._handles: list[Any] = []
+        declared: dict[str, Tap] = {}
+        try:
+            backbone = backbone_of(model)
+        except DetectorNotApplicable:
+            backbone = None
+        for name in detectors:
+            taps = getattr(detector_class(name), "taps", None)
+            if backbone is not None and taps is not None:
+                declared.update(taps(backbone))
+        for key, (module, reduce) in declared.items():
+            self._handles.append(module.register_forward_hook(self._hook(key, reduce)))
+
+    def _hook(self, key: str, reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            with torch.no_grad():
+                self._runs.setdefault(key, []).append(reduce(output.detach()).float())
+
+        return hook
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        """The tapped tensors of the last batch ([B, runs, ...] for modules run more than once), then forget them."""
+        out = {k: v[0] if len(v) == 1 else torch.stack(v, 1) for k, v in self._runs.items()}
+        self._runs = {}
+        return out
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._runs = [], {}
+
+
+class ModelFitted(Detector):
+    """A detector fitted from network passes over its fit split (see the module docstring)."""
+
+    needs_model: ClassVar[bool] = True
+
+    def fit_statistics(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample statistics [B, ...] of one batch of the fit split."""
+        raise NotImplementedError
+
+    def fit_inputs(self, bank: FeatureBank, statistics: torch.Tensor) -> ModelFitted:
+        """Fit from the cached bank of the fit split and its `fit_statistics` over the whole split."""
+        raise NotImplementedError
+
+    def fit(self, bank: FeatureBank) -> ModelFitted:
+        raise DetectorNotApplicable(f"{self.name} fits from network passes over its fit split; none were given")
+
+
+class FitInputs(Detector):
+    """`detector.fit_statistics` as a `score_inputs`, so the evaluation's model-score function runs the fit pass."""
+
+    needs_model = True
+
+    def __init__(self, detector: ModelFitted) -> None:
+        self.detector = detector
+
+    def score_inputs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.detector.fit_statistics(model, x)
+
+
+def channel_mean(z: torch.Tensor) -> torch.Tensor:
+    """[B, C, ...] -> [B, C] mean over the spatial positions ([B, C] maps pass through)."""
+    return z.flatten(2).mean(2) if z.dim() > 2 else z
+

@@ -1,0 +1,434 @@
+"""Detectors that need the network: enrolled contract tests on a tiny trained CNN, and each detector's scores
+against an independent transcription of its reference code (OpenOOD / pytorch-ood), written here from the
+reference, not through the detector's code path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+from torch import nn
+
+from ood.detectors import DetectorNotApplicable, available_detectors, build_detector, detector_class
+from ood.detectors.base import Detector
+from ood.detectors.network import FitInputs, LayerTaps, ModelFitted
+from ood.evaluation.scoring import fit_detector
+from ood.features.bank import FeatureBank
+from ood.metrics import ood_metrics
+from ood.models.base import Backbone, GlobalPool
+
+#: detectors that run the network or read maps cached by layer taps (the synthetic-bank tests cannot run them)
+NETWORK = [n for n in available_detectors() if detector_class(n).needs_model or hasattr(detector_class(n), "taps")]
+MINE = ["adascale_a", "adascale_l", "gram", "iodin", "mahalanobis_odin", "mcdropout", "mds_ensemble", "nac", "rankfeat"]
+STD = 0.5
+
+
+class TinyNet(Backbone):
+    """Two conv stages on 1x8x8 inputs, dropout in the second, 100-d features (so OpenOOD's k2 = 1 % is 1)."""
+
+    def __init__(self, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.stages = nn.ModuleDict(
+            {
+                "block1": nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2)),
+                "block2": nn.Sequential(nn.Conv2d(6, 100, 3, padding=1), nn.BatchNorm2d(100), nn.ReLU(), nn.Dropout(dropout)),
+            }
+        )
+        self.pool = GlobalPool()
+        self.fc = nn.Linear(100, 3)
+
+
+def _images(n: int, gen: torch.Generator, ood: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ID: a bright horizontal bar at row 2y+1 (y in 0..2) plus noise; OOD: unstructured noise."""
+    y = torch.arange(n) % 3
+    x = 0.3 * torch.randn(n, 1, 8, 8, generator=gen)
+    if ood:
+        return x + 0.8 * torch.rand(n, 1, 8, 8, generator=gen).round(), y
+    for i in range(n):
+        x[i, 0, 2 * y[i] + 1 : 2 * y[i] + 3, 1:7] += 2.0
+    return x, y
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Any:
+    """One intra-op thread for these tiny tensors (two spin-waiting threads on a loaded 2-core machine run this file
+    10x slower); the previous setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> dict[str, Any]:
+    """The trained tiny network, the inputs of every split and their banks cached with every detector's taps."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    net = TinyNet()
+    splits = {"train": _images(240, gen, False), "val": _images(90, gen, False), "val_ood": _images(90, gen, True),
+              "test": _images(120, gen, False), "ood": _images(120, gen, True)}
+    opt = torch.optim.Adam(net.parameters(), lr=0.01)
+    x, y = splits["train"]
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    net.eval()
+    taps = LayerTaps(net, available_detectors())
+    banks = {}
+    with torch.no_grad():
+        for name, (x, y) in splits.items():
+            out = net.run(x)
+            banks[name] = FeatureBank(out.logits, out.features, y if "ood" not in name else None,
+                                      net.fc.weight.detach(), net.fc.bias.detach(), extras=taps.pop())
+    taps.remove()
+    return {"net": net, "x": {k: v[0] for k, v in splits.items()}, "banks": banks}
+
+
+def _model_scores(tiny: dict[str, Any]) -> Callable[[Detector, str], torch.Tensor]:
+    """The evaluation's model-score function: `score_inputs` over a split in batches of 64."""
+    return lambda det, split: torch.cat([det.score_inputs(tiny["net"], x) for x in tiny["x"][split].split(64)])
+
+
+def _fitted(name: str, tiny: dict[str, Any], **params: Any) -> Detector:
+    params = {"input_std": STD, **params} if "input_std" in build_detector(name).hparams else params
+    return fit_detector(name, params, tiny["banks"], tune=False, model_scores=_model_scores(tiny))[0]
+
+
+def _scores(det: Detector, tiny: dict[str, Any], split: str) -> torch.Tensor:
+    return _model_scores(tiny)(det, split) if det.needs_model else det.score(tiny["banks"][split])
+
+
+def _agrees(ours: torch.Tensor, reference: torch.Tensor, tiny: dict[str, Any], ours_ood: torch.Tensor, reference_ood: torch.Tensor) -> None:
+    """Spearman rho >= 0.999 on ID and OOD scores together and the ID-vs-OOD AUROC within 1e-3."""
+    a, b = torch.cat([ours, ours_ood]).double(), torch.cat([reference, reference_ood]).double()
+    assert spearmanr(a.numpy(), b.numpy())[0] >= 0.999
+    assert abs(ood_metrics(ours, ours_ood)["auroc"] - ood_metrics(reference.double(), reference_ood.double())["auroc"]) <= 1e-3
+
+
+# ----- contract, every detector that needs the network ------------------------------------------------------------
+def test_every_network_detector_is_enrolled() -> None:
+    assert set(MINE) <= set(NETWORK)
+
+
+@pytest.mark.parametrize("name", NETWORK)
+def test_separates_id_from_ood_through_the_evaluation_path(name: str, tiny: dict[str, Any]) -> None:
+    """Tuned on val vs val_ood and fitted as the evaluation does; higher = more ID, float64 [N], finite."""
+    params = {"input_std": STD} if "input_std" in build_detector(name).hparams else {}
+    det, _ = fit_detector(name, params, tiny["banks"], tune=True, model_scores=_model_scores(tiny))
+    id_s, ood_s = _scores(det, tiny, "test"), _scores(det, tiny, "ood")
+    assert id_s.shape == (120,) and id_s.dtype == torch.float64
+    assert bool(torch.isfinite(id_s).all() and torch.isfinite(ood_s).all())
+    assert ood_metrics(id_s, ood_s)["auroc"] > 0.9, name
+
+
+@pytest.mark.parametrize("name", [n for n in NETWORK if detector_class(n).score_params and detector_class(n).needs_model])
+def test_score_inputs_grid_equals_fresh_detectors(name: str, tiny: dict[str, Any]) -> None:
+    """The shared passes of tuning (`score_inputs_grid`) equal scoring each grid point with its own detector."""
+    cls = detector_class(name)
+    points = [dict(zip(cls.grid, v)) for v in zip(*cls.grid.values())][:3] if len(cls.grid) == 1 else None
+    if points is None:
+        keys = sorted(cls.score_params)
+        points = [{k: cls.grid[k][i] for k in keys} for i in (0, -1)]
+    det = _fitted(name, tiny, **points[0])
+    x = tiny["x"]["val"]
+    shared = det.score_inputs_grid(tiny["net"], x, points)
+    for point, got in zip(points, shared):
+        torch.testing.assert_close(got, _fitted(name, tiny, **point).score_inputs(tiny["net"], x), msg=f"{name} {point}")
+
+
+def test_maps_come_from_the_single_pass_and_missing_maps_are_not_applicable(tiny: dict[str, Any]) -> None:
+    """gram and mds_ensemble read the taps cached in the one pass; a bank without them is not applicable."""
+    bank = tiny["banks"]["train"]
+    assert {"stage_mean.block1", "stage_mean.block2"} <= set(bank.extras)
+    assert bank.extras["stage_mean.block2"].shape == (240, 100) and bank.extras["gram.stages.block1.0"].shape == (240, 5, 6)
+    bare = FeatureBank(bank.logits, bank.features, bank.labels, bank.weight, bank.bias)
+    for name in ("gram", "mds_ensemble"):
+        with pytest.raises(DetectorNotApplicable, match="from the evaluation cache"):
+            build_detector(name).fit(bare)
+
+
+def test_mcdropout_without_dropout_is_not_applicable(tiny: dict[str, Any]) -> None:
+    net = TinyNet(dropout=0.0).eval()
+    with pytest.raises(DetectorNotApplicable, match="no dropout"):
+        fit_detector("mcdropout", {}, tiny["banks"], tune=False, model_scores=lambda d, s: d.score_inputs(net, tiny["x"][s]))
+    with pytest.raises(DetectorNotApplicable, match="intermediate maps"):
+        build_detector("rankfeat").score_inputs(nn.Linear(4, 2), torch.zeros(3, 4))
+
+
+# ----- equal to the reference ------------------------------------------------------------------------------------
+def _odin_reference(net: nn.Module, x: torch.Tensor, temperature: float, noise: float, one_pixel: bool) -> torch.Tensor:
+    """OpenOOD's odin / iodin postprocess: max softmax at T of the (masked) sign step."""
+    x = x.clone().requires_grad_(True)
+    out = net(x)
+    F.cross_entropy(out / temperature, out.detach().argmax(1)).backward()
+    grad = x.grad.detach()
+    gradient = (torch.ge(grad, 0).float() - 0.5) * 2 / STD
+    if one_pixel:
+        flat = grad.abs().view(len(x), -1)
+        mask = torch.zeros_like(flat, dtype=torch.uint8).scatter_(1, flat.argmax(1, keepdim=True), 1).view_as(grad)
+        gradient = gradient * mask
+    with torch.no_grad():
+        out = net(x.detach() - noise * gradient) / temperature
+    return torch.softmax(out, 1).max(1).values
+
+
+def test_iodin_equals_openood(tiny: dict[str, Any]) -> None:
+    det = _fitted("iodin", tiny, temperature=10, noise=0.01)
+    ours, refs = {}, {}
+    for split in ("test", "ood"):
+        ours[split], refs[split] = _scores(det, tiny, split), _odin_reference(tiny["net"], tiny["x"][split], 10, 0.01, one_pixel=True)
+        torch.testing.assert_close(ours[split].exp().float(), refs[split], rtol=1e-5, atol=1e-6)
+    _agrees(ours["test"], refs["test"], tiny, ours["ood"], refs["ood"])
+    ref = refs["ood"]
+    # the one-pixel step differs from ODIN's full step
+    assert not torch.allclose(_odin_reference(tiny["net"], tiny["x"]["ood"], 10, 0.01, one_pixel=False), ref)
+
+
+def test_mcdropout_equals_openood(tiny: dict[str, Any]) -> None:
+    """Same RNG state: the mean logits of 5 passes with only the dropout in training mode, max softmax."""
+    net, ours, refs = tiny["net"], {}, {}
+    for split in ("test", "ood"):
+        torch.manual_seed(3)
+        ours[split] = build_detector("mcdropout").score_inputs(net, tiny["x"][split])
+        assert not net.training and not net.stages.block2[3].training
+        torch.manual_seed(3)
+        net.stages.block2[3].train()
+        with torch.no_grad():
+            logits = sum(net(tiny["x"][split]) for _ in range(5)) / 5
+        net.stages.block2[3].eval()
+        refs[split] = torch.softmax(logits, 1).max(1).values
+        torch.testing.assert_close(ours[split].exp().float(), refs[split], rtol=1e-5, atol=1e-6)
+    _agrees(ours["test"], refs["test"], tiny, ours["ood"], refs["ood"])
+
+
+def _class_gaussian(z: torch.Tensor, y: torch.Tensor, scatter: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class means and the shared precision: pinv(sum of scatter + 1e-6 I) (pytorch-ood) or inv(cov) (sklearn)."""
+    mu = torch.stack([z[y == c].mean(0) for c in range(3)])
+    centred = z - mu[y]
+    if scatter:
+        return mu, torch.linalg.pinv(centred.T @ centred + 1e-6 * torch.eye(z.shape[1], dtype=z.dtype))
+    from sklearn.covariance import EmpiricalCovariance
+
+    return mu, torch.from_numpy(EmpiricalCovariance(assume_centered=False).fit(centred.numpy()).precision_)
+
+
+def test_mahalanobis_odin_equals_pytorch_ood(tiny: dict[str, Any]) -> None:
+    net = tiny["net"]
+    with torch.no_grad():
+        mu, precision = _class_gaussian(net.run(tiny["x"]["train"]).features.double(), tiny["banks"]["train"].labels, True)
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone().requires_grad_(True)
+        z = net.run(x).features.double()
+        gau = torch.stack([-0.5 * (((z.detach() - m) @ precision) * (z.detach() - m)).sum(1) for m in mu], 1)
+        centred = z - mu[gau.argmax(1)]
+        (0.5 * ((centred @ precision) * centred).sum(1)).mean().backward()
+        with torch.no_grad():
+            z = net.run(x.detach() - 0.005 * torch.sign(x.grad) / STD).features.double()
+        return torch.stack([-0.5 * (((z - m) @ precision) * (z - m)).sum(1) for m in mu], 1).max(1).values
+
+    det = _fitted("mahalanobis_odin", tiny, noise=0.005)
+    _agrees(_scores(det, tiny, "test"), reference(tiny["x"]["test"]), tiny, _scores(det, tiny, "ood"), reference(tiny["x"]["ood"]))
+
+
+def test_mds_ensemble_equals_openood(tiny: dict[str, Any]) -> None:
+    net, layers = tiny["net"], ["block1", "block2"]
+    with torch.no_grad():
+        train_maps = net.run(tiny["x"]["train"], layers).layers
+    gaussians = [_class_gaussian(train_maps[layer].mean((2, 3)).double(), tiny["banks"]["train"].labels, False) for layer in layers]
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(len(x), dtype=torch.float64)
+        for layer, (mu, precision) in zip(layers, gaussians):
+            data = x.clone().requires_grad_(True)
+            z = net.run(data, [layer]).layers[layer].mean((2, 3)).double()
+            gau = torch.stack([-0.5 * torch.mm(torch.mm(z.detach() - m, precision), (z.detach() - m).t()).diag() for m in mu], 1)
+            zero_f = z - mu.index_select(0, gau.max(1)[1])
+            torch.mean(0.5 * torch.mm(torch.mm(zero_f, precision), zero_f.t()).diag()).backward()
+            gradient = (torch.ge(data.grad, 0).float() - 0.5) * 2 / STD
+            with torch.no_grad():
+                z = net.run(data.detach() - 0.0014 * gradient, [layer]).layers[layer].mean((2, 3)).double()
+            total += torch.stack([-0.5 * torch.mm(torch.mm(z - m, precision), (z - m).t()).diag() for m in mu], 1).max(1)[0]
+        return total
+
+    det = _fitted("mds_ensemble", tiny)
+    ours, ref = _scores(det, tiny, "test"), reference(tiny["x"]["test"])
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    _agrees(ours, ref, tiny, _scores(det, tiny, "ood"), reference(tiny["x"]["ood"]))
+
+
+def test_gram_equals_openood(tiny: dict[str, Any]) -> None:
+    """OpenOOD's hooks on every ReLU/Conv2d, G_p, per-class min/max on 90 % of train, the 10 % normaliser (the
+    held-out rows the detector drew), deviations over the softmax confidence."""
+    net = tiny["net"]
+    det = _fitted("gram", tiny)
+
+    def gram_features(x: torch.Tensor) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+        feats: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda _m, _i, o: feats.append(o)) for m in net.modules() if isinstance(m, (nn.ReLU, nn.Conv2d))]
+        with torch.no_grad():
+            logits = net(x)
+        for h in hooks:
+            h.remove()
+        out = []
+        for f in feats:
+            per_power = []
+            for p in range(1, 6):
+                t = f.double() ** p
+                t = t.reshape(t.shape[0], t.shape[1], -1)
+                t = torch.matmul(t, t.transpose(2, 1)).sum(2)
+                per_power.append(t.sign() * torch.abs(t) ** (1 / p))
+            out.append(per_power)
+        return logits, out
+
+    def delta(mins: torch.Tensor, maxs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return (F.relu(mins - x) / torch.abs(mins + 1e-6)).sum(1) + (F.relu(x - maxs) / torch.abs(maxs + 1e-6)).sum(1)
+
+    y, held = tiny["banks"]["train"].labels, det.holdout_
+    _, train = gram_features(tiny["x"]["train"])
+    bounds, norms = [], []
+    for layer in train:
+        mm = {(p, c): (g[(y == c) & ~held].min(0)[0], g[(y == c) & ~held].max(0)[0]) for p, g in enumerate(layer) for c in range(3)}
+        total = torch.cat([sum(delta(*mm[p, c], g[(y == c) & held]) for p, g in enumerate(layer)) for c in range(3)])
+        bounds.append(mm)
+        norms.append(total.mean())
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        logits, layers = gram_features(x)
+        conf, pred = torch.softmax(logits, 1).max(1)
+        dev = torch.zeros(len(x), dtype=torch.float64)
+        for mm, n, layer in zip(bounds, norms, layers):
+            for p, g in enumerate(layer):
+                for c in range(3):
+                    dev[pred == c] += delta(*mm[p, c], g[pred == c]) / n
+        return -dev / conf.double()
+
+    ours, ours_ood = _scores(det, tiny, "test"), _scores(det, tiny, "ood")
+    ref, ref_ood = reference(tiny["x"]["test"]), reference(tiny["x"]["ood"])
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours_ood, ref_ood, rtol=1e-4, atol=1e-6)
+    _agrees(ours, ref, tiny, ours_ood, ref_ood)
+
+
+def test_rankfeat_equals_openood(tiny: dict[str, Any]) -> None:
+    net = tiny["net"]
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        def drop(feat: torch.Tensor) -> torch.Tensor:
+            b, c, h, w = feat.size()
+            feat = feat.view(b, c, h * w)
+            u, s, v = torch.linalg.svd(feat, full_matrices=False)
+            return (feat - s[:, 0:1].unsqueeze(2) * u[:, :, 0:1].bmm(v[:, 0:1, :])).view(b, c, h, w)
+
+        with torch.no_grad():
+            feat2 = net.stages.block1(x)
+            feat1 = net.stages.block2(feat2)
+            logits1 = net.fc(torch.flatten(F.adaptive_avg_pool2d(drop(feat1), 1), 1))
+            logits2 = net.fc(torch.flatten(F.adaptive_avg_pool2d(net.stages.block2(drop(feat2)), 1), 1))
+        return torch.logsumexp((logits1 + logits2) / 2, 1)
+
+    det = _fitted("rankfeat", tiny)
+    ours, refs = {s: _scores(det, tiny, s) for s in ("test", "ood")}, {s: reference(tiny["x"][s]) for s in ("test", "ood")}
+    for split in ("test", "ood"):
+        torch.testing.assert_close(ours[split].float(), refs[split], rtol=1e-4, atol=1e-4)
+    _agrees(ours["test"], refs["test"], tiny, ours["ood"], refs["ood"])
+
+
+def test_nac_equals_pytorch_ood(tiny: dict[str, Any]) -> None:
+    """pytorch-ood NACUE: hooks on the stages, sigmoid(100 * mean(z * dL/dz)), geometric bins, coverage sums."""
+    net, m, alpha, o_star = tiny["net"], 50, 100.0, 50
+    layers = [net.stages.block1, net.stages.block2]
+    left = torch.logspace(np.log10(1e-6), np.log10(0.5), m // 2 + 1)
+    edges = torch.cat([left, (1.0 - left.flip(0))[1:]])
+
+    def bins(x: torch.Tensor) -> list[torch.Tensor]:
+        captured: list[torch.Tensor] = []
+        hooks = [layer.register_forward_hook(lambda _m, _i, o: captured.append(o)) for layer in layers]
+        p = torch.softmax(net(x), 1)
+        for h in hooks:
+            h.remove()
+        grads = torch.autograd.grad((-(torch.log(p + 1e-12)).mean(1)).sum(), captured)
+        out = []
+        for z, g in zip(captured, grads):
+            z_hat = torch.sigmoid(alpha * (z * g).mean((2, 3))).detach().clamp(1e-6, 1 - 1e-6)
+            out.append((torch.bucketize(z_hat, edges, right=False) - 1).clamp(0, m - 1))
+        return out
+
+    counts = [torch.zeros(n, m, dtype=torch.long) for n in (6, 100)]
+    for idx, c in zip(bins(tiny["x"]["train"]), counts):
+        c.view(-1).scatter_add_(0, (torch.arange(idx.shape[1]) * m + idx).flatten(), torch.ones(idx.numel(), dtype=torch.long))
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        return sum(torch.clamp(c.gather(1, idx.T).T.float() / o_star, max=1.0).mean(1) for idx, c in zip(bins(x), counts))
+
+    det = _fitted("nac", tiny)
+    ours, ours_ood = _scores(det, tiny, "test"), _scores(det, tiny, "ood")
+    ref, ref_ood = reference(tiny["x"]["test"]), reference(tiny["x"]["ood"])
+    _agrees(ours, ref, tiny, ours_ood, ref_ood)
+
+
+@pytest.mark.parametrize("name", ["adascale_a", "adascale_l"])
+def test_adascale_equals_openood(name: str, tiny: dict[str, Any]) -> None:
+    net, (lo, hi), k1, k2, lmbda, o = tiny["net"], (70, 90), 5, 1, 10, 0.05
+
+    def passes(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        data = data.clone().requires_grad_(True)
+        out = net.run(data)
+        output, feature = out.logits, out.features
+        labels = output.detach().argmax(1)
+        output[torch.arange(len(labels)), labels].backward(torch.ones_like(labels, dtype=output.dtype))
+        grad = data.grad.detach()
+        b, c, h, w = data.shape
+        abs_grad = abs(grad).view(b, c * h * w)
+        idx = torch.topk(abs_grad, int(c * h * w * o), dim=1, largest=False)[1]
+        mask = torch.zeros_like(abs_grad, dtype=torch.uint8).scatter_(1, idx, 1).view(b, c, h, w)
+        with torch.no_grad():
+            perturbed = net.run(data.detach() + grad.sign() * mask * 0.5).features
+        feature = feature.detach()
+        return feature, perturbed, abs(feature - perturbed)
+
+    def q(feature: torch.Tensor, perturbed: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        d = feature.shape[1]
+        top1 = torch.gather(torch.relu(perturbed), 1, torch.topk(feature, dim=1, k=int(d * k1 / 100))[1])
+        top2 = torch.gather(shift, 1, torch.topk(feature, dim=1, k=int(d * k2 / 100))[1])
+        return top1.sum(1) + lmbda * top2.sum(1)
+
+    reference_q = np.sort(q(*passes(tiny["x"]["val"])).numpy())
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        feature, perturbed, shift = passes(x)
+        ecdf = np.searchsorted(reference_q, q(feature, perturbed, shift).numpy(), side="right") / len(reference_q)
+        percentiles = torch.from_numpy(lo + (1 - ecdf) * (hi - lo))
+        a = torch.relu(feature)
+        n = a.shape[1]
+        ks = n - torch.round(n * percentiles / 100.0).to(torch.int)
+        values = torch.topk(a, int(ks.max()), dim=1)[0]
+        keep = torch.arange(int(ks.max()))[None, :] < ks[:, None]
+        scale = a.sum(1, keepdim=True) / (values * keep).sum(1, keepdim=True)
+        if name == "adascale_l":
+            logits = net.fc(feature) * scale**2.0
+        else:
+            logits = net.fc(feature * torch.exp(scale))
+        return torch.logsumexp(logits.detach(), 1)
+
+    det = _fitted(name, tiny, percentile=(lo, hi))
+    ours, ours_ood = _scores(det, tiny, "test"), _scores(det, tiny, "ood")
+    ref, ref_ood = reference(tiny["x"]["test"]), reference(tiny["x"]["ood"])
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-4, atol=1e-4)
+    _agrees(ours, ref, tiny, ours_ood, ref_ood)
+
+
+def test_model_fitted_detectors_fit_through_the_model_score_function(tiny: dict[str, Any]) -> None:
+    """`fit_detector` runs their fit pass over the fit split (`FitInputs`) and refuses without a model."""
+    det = build_detector("adascale_a")
+    assert isinstance(det, ModelFitted)
+    stats = _model_scores(tiny)(FitInputs(det), "val")
+    assert stats.shape == (90,)
+    with pytest.raises(DetectorNotApplicable, match="needs the model"):
+        fit_detector("nac", {}, tiny["banks"], tune=False)
