@@ -28,8 +28,8 @@ from ood.detectors.base import (
     detector_class,
     hparam_names,
 )
-from ood.errors import ConfigError
 from ood.detectors.network import FitInputs, ModelFitted
+from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
 from ood.utils import check_finite, get_logger
