@@ -39,3 +39,30 @@ def run_config(output_dir: Path, overrides: Sequence[str] = (), config_name: str
 def rows_by(rows: Sequence[dict[str, Any]], detector: str) -> dict[str, dict[str, Any]]:
     """Rows of one detector keyed by OOD set name."""
     return {r["ood_dataset"]: r for r in rows if r["detector"] == detector}
+
+
+def make_image_folders(
+    root: Path, classes: int = 3, train: int = 8, test: int = 4, ood: int = 6, size: int = 32, seed: int = 0
+) -> dict[str, Path]:
+    """Fabricated PNG folders: `root/id/{train,test}/c<k>/*.png` (class k: a bright colour channel k % 3 with
+    noise), `root/near/*.png` (all channels mid-grey noise) and `root/far/*.png` (checkerboards). Returns the paths."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def save(path: Path, pixels: "np.ndarray") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
+
+    for split, n in (("train", train), ("test", test)):
+        for k in range(classes):
+            for i in range(n):
+                img = rng.normal(60, 30, (size, size, 3))
+                img[..., k % 3] += 150 + 20 * (k // 3)
+                save(root / "id" / split / f"c{k}" / f"{i}.png", img)
+    for i in range(ood):
+        save(root / "near" / f"{i}.png", rng.normal(128, 40, (size, size, 3)))
+        tiles = (np.indices((size, size)).sum(0) // (2 + i % 4)) % 2
+        save(root / "far" / f"{i}.png", np.repeat(tiles[..., None] * 255.0, 3, axis=2))
+    return {"id": root / "id", "near": root / "near", "far": root / "far"}

@@ -183,7 +183,8 @@ class OODEvaluation(Callback):
     def _evaluate(self, datamodule: OODDataModule, pl_module: OODMethod, banks: dict[str, FeatureBank]) -> EvaluationResult:
         splits = datamodule.eval_splits
         loaders = dict(zip([s.name for s in splits], datamodule.test_dataloader()))
-        return self.evaluator.evaluate(
+        banks, notes = datamodule.screen(banks)  # e.g. ID/OOD duplicates listed, or dropped before the metrics
+        result = self.evaluator.evaluate(
             pl_module,
             banks,
             splits,
@@ -191,6 +192,9 @@ class OODEvaluation(Callback):
             data_facts={"input_std": datamodule.benchmark.input_std},
             model_scores=lambda det, split: self._model_scores(det, pl_module, loaders[split]),
         )
+        for row in result.rows:
+            row.update(notes.get(row["ood_dataset"], {}))
+        return result
 
     @staticmethod
     def _model_scores(det: Detector, pl_module: LightningModule, loader: torch.utils.data.DataLoader) -> torch.Tensor:
