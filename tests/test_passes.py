@@ -1,0 +1,113 @@
+"""`ood.features.passes.forward_dataset`: dataset order and labels, eval mode restored, no gradients, device/dtype,
+the global random state untouched, and the DDP-sharded pass equal to the one-process pass on every rank."""
+
+from __future__ import annotations
+
+import copy
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ood.features.passes import forward_dataset
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[1].running_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+        net[1].running_var.copy_(torch.tensor([1.5, 0.5, 2.0, 1.0]))
+    return net
+
+
+def _data(n: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, generator=gen), torch.arange(n) % 3
+
+
+def test_outputs_in_order_with_labels_eval_mode_restored_and_no_grad() -> None:
+    net, (x, y) = _net(), _data()
+    net.train()
+    net[1].eval()  # a frozen part stays in eval mode after the pass, the rest back in train mode
+    out = forward_dataset(lambda b: {"logits": net(b), "double": 2 * b}, TensorDataset(x, y), module=net, batch_size=4)
+    expected = copy.deepcopy(net).eval()(x)  # eval mode: BatchNorm running statistics, no dropout
+    assert sorted(out) == ["double", "labels", "logits"]
+    torch.testing.assert_close(out["logits"], expected.detach(), rtol=0, atol=1e-6)
+    assert torch.equal(out["double"], 2 * x) and torch.equal(out["labels"], y)
+    assert not out["logits"].requires_grad
+    assert net.training and net[0].training and not net[1].training and net[2].training
+
+
+def test_index_items_bare_tensors_and_dtype() -> None:
+    """`(x, y, index)` items keep labels; a bare tensor dataset and a one-tensor `fn` give `outputs`; inputs take
+    the module's dtype."""
+    x, y = _data(5)
+    items = [(x[i], int(y[i]), i) for i in range(5)]
+    out = forward_dataset(lambda b: b.sum(1), items, batch_size=2)
+    assert torch.equal(out["outputs"], x.sum(1)) and out["labels"].tolist() == y.tolist()
+    net = _net().double()
+    bare = forward_dataset(lambda b: b * 1, x, module=net, batch_size=3)
+    assert bare["outputs"].dtype == torch.float64 and "labels" not in bare
+    assert torch.equal(bare["outputs"], x.double())
+
+
+def test_global_random_state_untouched() -> None:
+    """A pass (whose DataLoader draws a base seed, and whose `fn` draws numbers) leaves torch, NumPy and Python's
+    global random streams where they were."""
+    x, y = _data()
+
+    def noisy(b: torch.Tensor) -> torch.Tensor:
+        np.random.rand()
+        random.random()
+        return b + torch.rand_like(b)
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    forward_dataset(noisy, TensorDataset(x, y), batch_size=4)
+    after = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(after[0], expected[0]) and np.array_equal(after[1], expected[1]) and after[2] == expected[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        net, (x, y) = _net(), _data()
+        seen = []
+
+        def fn(b: torch.Tensor) -> dict[str, torch.Tensor]:
+            seen.append(len(b))
+            return {"logits": net(b)}
+
+        out = forward_dataset(fn, TensorDataset(x, y), module=net, batch_size=3, distributed=True)
+        torch.save({"out": out, "seen": sum(seen)}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_pass_equals_one_process_on_every_rank(tmp_path: Path) -> None:
+    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    net, (x, y) = _net(), _data()
+    single = forward_dataset(lambda b: {"logits": net(b)}, TensorDataset(x, y), module=net, batch_size=3)
+    seen = []
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        seen.append(got["seen"])
+        assert torch.equal(got["out"]["labels"], single["labels"])
+        torch.testing.assert_close(got["out"]["logits"], single["logits"], rtol=0, atol=1e-6)
+    assert seen == [6, 5]  # each rank ran its own shard only
