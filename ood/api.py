@@ -29,8 +29,6 @@ from torch.utils.data import Dataset
 
 from ood.errors import ConfigError
 
-#: Hydra config groups of the detector selections (`detectors=<name>`)
-DETECTOR_GROUPS = ("all", "cached", "fast", "none")
 METRIC_COLUMNS = ("auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out")
 
 
@@ -112,10 +110,14 @@ def _device_overrides(device: str | torch.device | None) -> list[str]:
 
 
 def _detector_overrides(detectors: str | Sequence[str]) -> list[str]:
-    if isinstance(detectors, str) and detectors in DETECTOR_GROUPS:
+    """A config of the `detectors` group by name (`all`, `fast`, `none`), else `detectors.names=` a registry
+    selection (`cached`) or a list of names."""
+    from ood import CONFIG_DIR
+
+    if isinstance(detectors, str) and (CONFIG_DIR / "detectors" / f"{detectors}.yaml").is_file():
         return [f"detectors={detectors}"]
-    names = [detectors] if isinstance(detectors, str) else list(detectors)
-    return ["detectors=all", f"detectors.names=[{','.join(names)}]"]
+    names = detectors if isinstance(detectors, str) else f"[{','.join(detectors)}]"
+    return ["detectors=all", f"detectors.names={names}"]
 
 
 def _data_kwargs(id_data: Any, ood_data: Any, model: nn.Module, transform: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -170,7 +172,7 @@ def evaluate(
         id_data: an ImageFolder-style root (`train/`, `test/`, optional `val/`), or `{train, test, val}` sources
             (folders, `{imglist, images}` lists, Datasets).
         ood_data: `{near: {name: source}, far: {name: source}, val: source}`, `{name: source}` or a list.
-        detectors: `all`, `cached`, `fast`, `none` or a list of detector names.
+        detectors: `all`, `cached` (all but the input-perturbing ones), `fast`, `none` or a list of names.
         method: a post-hoc method config (`grood`, `cluster`, ...) scored beside the detectors; None: `ce`.
         transform: a torchvision transform for every split; None: the model's timm data config, else `data`'s
             `image_size` / `resize` / `mean` / `std`, else ImageNet's defaults.

@@ -400,14 +400,16 @@ def module_backbone(
     library: str = "module",
     **kwargs: Any,
 ) -> Backbone:
-    """`<target>(**kwargs)` for any importable class or function `target` (`my_pkg.nets.MyNet`); `num_classes` and
-    `in_channels` are passed when its signature takes them."""
+    """`<target>(**kwargs)` for any importable class or function `target` (`my_pkg.nets.MyNet`); `num_classes` is
+    passed when its signature names it or takes `**kwargs`, `in_channels` when it names it."""
     module_name, _, attr = target.rpartition(".")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as err:
         raise ConfigError(f"backbone.target={target!r} cannot be imported: {err}") from None
-    accepted = inspect.signature(factory).parameters
-    given = {"num_classes": num_classes, "in_channels": in_channels}
-    net = factory(**{k: v for k, v in given.items() if k in accepted}, **kwargs)
+    params = inspect.signature(factory).parameters
+    open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    given = {"num_classes": num_classes} if "num_classes" in params or open_kwargs else {}
+    given |= {"in_channels": in_channels} if "in_channels" in params else {}
+    net = factory(**given, **kwargs)
     return _wrap(net, num_classes, weights, feature_layer, "the ID data")
