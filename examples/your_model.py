@@ -47,7 +47,7 @@ def make_folders(root: Path, per_class: int = 8, size: int = 32) -> None:
         save(root / "checkers" / f"{i}.png", np.repeat(tiles[..., None] * 255.0, 3, axis=2))
 
 
-def train_outside(train_dir: Path, steps: int = 10) -> torch.nn.Module:
+def train_outside(train_dir: Path, steps: int = 30) -> torch.nn.Module:
     """A plain PyTorch training loop: nothing from ood."""
     transform = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     data = torchvision.datasets.ImageFolder(str(train_dir), transform=transform)

@@ -51,7 +51,7 @@ def make_image_folders(
 
     rng = np.random.default_rng(seed)
 
-    def save(path: Path, pixels: "np.ndarray") -> None:
+    def save(path: Path, pixels: np.ndarray) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
 

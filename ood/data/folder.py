@@ -151,7 +151,8 @@ class FolderBenchmark(Benchmark):
     """ID splits and OOD sets from folders, image lists or Datasets (see the module docstring).
 
     Args:
-        root: ImageFolder-style ID root (`train/`, `test/`, optional `val/`); relative sources are under it.
+        root: ImageFolder-style ID root (`train/`, `test/`, optional `val/`); relative paths are relative to the
+            working directory.
         ood: OOD sets: `{near: {name: source}, far: {name: source}, val: source}`, `{name: source}` or a list.
         train, test, val: ID split sources replacing `root/<split>`.
         outliers: an outlier-exposure source for methods that train on outliers.
@@ -203,7 +204,7 @@ class FolderBenchmark(Benchmark):
             raise ConfigError(f"data.bad_images={bad_images!r} is unknown; choices: {list(BAD_IMAGES)}")
         if root is None and (train is None or test is None):
             raise ConfigError("data=folder needs data.root=<folder with train/ and test/> (or both train= and test=)")
-        self.root = Path(root).expanduser() if root is not None else Path.cwd()
+        self.root = Path(root).expanduser().resolve() if root is not None else Path.cwd()
         if root is not None and not self.root.is_dir():
             raise DataNotFoundError(f"data.root={root}: folder not found")
         self.name = name or (self.root.name if root is not None else "folder")
@@ -259,13 +260,13 @@ class FolderBenchmark(Benchmark):
             return ImageSet(name, f"Dataset {type(source).__name__}", dataset=source)
         if isinstance(source, Mapping) and "imglist" in source:
             spec = SetSpec.parse(name, source)
-            lines = read_imglist(resolve(self.root, spec.imglist))
-            images = resolve(self.root, spec.images)
-            return ImageSet(name, str(resolve(self.root, spec.imglist)), [(images / p, y) for p, y in lines])
+            lines = read_imglist(resolve(Path.cwd(), spec.imglist))
+            images = resolve(Path.cwd(), spec.images)
+            return ImageSet(name, str(resolve(Path.cwd(), spec.imglist)), [(images / p, y) for p, y in lines])
         spec = SetSpec.parse(name, source if isinstance(source, Mapping) else {"folder": str(source)})
         if spec.folder is None:
             raise ConfigError(f"set {name!r}: data=folder reads folders, image lists and Datasets; got {dict(source)}")  # type: ignore[arg-type]
-        folder = resolve(self.root, spec.folder)
+        folder = resolve(Path.cwd(), spec.folder)
         if not folder.is_dir():
             raise DataNotFoundError(f"{name}: folder not found: {folder}")
         if label is not None:
