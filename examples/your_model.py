@@ -9,7 +9,7 @@ figures/, overlap.json, preprocessing.json). The same evaluation from the comman
         data.root=<out>/data/id '+data.ood.near={noise: <out>/data/noise}' \
         '+data.ood.far={checkers: <out>/data/checkers}' data.image_size=32 data.resize=32
 
-Run: python examples/your_model.py [--out DIR] [--detectors msp,energy,knn]
+Run: python examples/your_model.py [--out DIR] [--detectors msp,energy,knn] [--steps 30]
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ def train_outside(train_dir: Path, steps: int = 30) -> torch.nn.Module:
     return model.eval()
 
 
-def main(out: Path, detectors: str | list[str] = "all") -> ood.Results:
+def main(out: Path, detectors: str | list[str] = "all", steps: int = 30) -> ood.Results:
     make_folders(out / "data")
-    model = train_outside(out / "data" / "id" / "train")
+    model = train_outside(out / "data" / "id" / "train", steps)
     torch.save(model.state_dict(), out / "resnet18.pth")
     results = ood.evaluate(
         model,
@@ -91,6 +91,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a new temporary folder)")
     parser.add_argument("--detectors", default="all", help="all, cached, or a comma-separated list")
+    parser.add_argument("--steps", type=int, default=30, help="training steps")
     args = parser.parse_args()
     chosen = args.detectors if args.detectors in ("all", "cached", "fast") else args.detectors.split(",")
-    main(args.out or Path(tempfile.mkdtemp(prefix="ood-example-")), chosen)
+    main(args.out or Path(tempfile.mkdtemp(prefix="ood-example-")), chosen, args.steps)

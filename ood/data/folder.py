@@ -309,12 +309,14 @@ class FolderBenchmark(Benchmark):
 
     @cached_property
     def digests(self) -> dict[Path, str | None]:
-        """Pixel digest of every file of every set (None: unreadable), decoded once."""
-        files = [p for s in self._all_sets() if s.entries is not None for p, _ in s.entries]
-        return scan_files(files, self.scan_workers)
+        """Pixel digest of every file of the ID splits and OOD sets (None: unreadable), decoded once."""
+        screened = [s for s in self._all_sets() if s is not self.outlier_set_ and s.entries is not None]
+        return scan_files([p for s in screened for p, _ in s.entries], self.scan_workers)  # type: ignore[union-attr]
 
     def _skip_unreadable(self) -> None:
-        bad = {p for p, d in self.digests.items() if d is None}
+        outliers = [] if self.outlier_set_ is None or self.outlier_set_.entries is None else self.outlier_set_.entries
+        scanned = {**self.digests, **scan_files([p for p, _ in outliers], self.scan_workers)}
+        bad = {p for p, d in scanned.items() if d is None}
         self.skipped = sorted(str(p) for p in bad)
         if not bad:
             return

@@ -83,14 +83,18 @@ def scan_files(paths: Iterable[Path], workers: int = 8) -> dict[Path, str | None
 
 
 def overlapping_rows(ood: torch.Tensor, ident: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every row of `ood` [M, D]: (highest cosine similarity to a row of `ident` [N, D], that row's index)."""
-    a = torch.nn.functional.normalize(ood.float(), dim=1)
-    b = torch.nn.functional.normalize(ident.float().to(a.device), dim=1)
-    best = torch.full((len(a),), -2.0, device=a.device)
-    which = torch.zeros(len(a), dtype=torch.long, device=a.device)
-    for start in range(0, len(b), chunk):
-        sims, idx = (a @ b[start : start + chunk].T).max(1)
-        better = sims > best
-        best = torch.where(better, sims, best)
-        which = torch.where(better, idx + start, which)
-    return best.cpu(), which.cpu()
+    """For every row of `ood` [M, D]: (highest cosine similarity to a row of `ident` [N, D], that row's index),
+    in blocks of `chunk` x `chunk` similarities."""
+    b = torch.nn.functional.normalize(ident.float(), dim=1)
+    best, which = [], []
+    for part in ood.split(chunk):
+        a = torch.nn.functional.normalize(part.float().to(b.device), dim=1)
+        top = torch.full((len(a),), -2.0, device=b.device)
+        arg = torch.zeros(len(a), dtype=torch.long, device=b.device)
+        for start in range(0, len(b), chunk):
+            sims, idx = (a @ b[start : start + chunk].T).max(1)
+            better = sims > top
+            top, arg = torch.where(better, sims, top), torch.where(better, idx + start, arg)
+        best.append(top.cpu())
+        which.append(arg.cpu())
+    return torch.cat(best), torch.cat(which)
