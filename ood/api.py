@@ -273,6 +273,8 @@ def extract(
 
     net = model.backbone if isinstance(model, OODMethod) else model
     backbone = as_backbone(net, feature_layer)
+    if device is not None:
+        backbone.to(device)
     if transform is None:
         config = None
         if getattr(net, "pretrained_cfg", None):
