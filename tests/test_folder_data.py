@@ -139,3 +139,17 @@ def test_ddp_cpu_timm_on_folders_equals_single_process(tmp_path: Path) -> None:
     assert len(single) == 6 and single == ddp
     preprocessing = json.loads((tmp_path / "ddp" / "preprocessing.json").read_text())
     assert preprocessing["source"] == "timm data config of test_vit, given values"
+
+
+def test_torch_datasets_as_sources(folders: dict[str, Path]) -> None:
+    from torchvision.datasets import FakeData
+
+    train, test = FakeData(12, (3, 16, 16), 3, random_offset=0), FakeData(6, (3, 16, 16), 3, random_offset=100)
+    bench = FolderBenchmark(train=train, test=test, ood={"near": {"fake": FakeData(4, (3, 16, 16), 3, random_offset=200)},
+                                                         "far": [folders["far"]]}, image_size=16, resize=16)
+    labels = [int(train[i][1]) for i in range(12)]
+    assert bench.name == "folder" and bench.num_classes == max(labels) + 1
+    x, y = bench.test()[0]
+    assert x.shape == (3, 16, 16) and y == int(test[0][1])
+    assert [(s.name, s.group, len(s.dataset)) for s in bench.ood_test()] == [("fake", "near", 4), ("far", "far", 4)]
+    assert bench.ood_test()[0].dataset[0][1] == -1
