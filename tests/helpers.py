@@ -66,3 +66,10 @@ def make_image_folders(
         tiles = (np.indices((size, size)).sum(0) // (2 + i % 4)) % 2
         save(root / "far" / f"{i}.png", np.repeat(tiles[..., None] * 255.0, 3, axis=2))
     return {"id": root / "id", "near": root / "near", "far": root / "far"}
+
+
+def folder_overrides(root: Path) -> list[str]:
+    """`data=folder` overrides for fabricated folders under `root` (`make_image_folders`), 32 px."""
+    paths = make_image_folders(root / "folders", train=4, test=2, ood=2)
+    return [f"data.root={paths['id']}", f"+data.ood.near={{noise: {paths['near']}}}",
+            f"+data.ood.far={{checkers: {paths['far']}}}", "data.image_size=32", "data.resize=32", "data.num_workers=0"]

@@ -320,11 +320,13 @@ def load_weights_into(backbone: Backbone, path: str | Path) -> None:
     state = read_weights_file(path)
     if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    assert isinstance(backbone, AdaptedBackbone)
-    own_names = any(k.startswith("net.") for k in state)  # a checkpoint of the wrapper, else of the network itself
-    target: nn.Module = backbone if own_names else backbone.net
+    adapted = isinstance(backbone, AdaptedBackbone)
+    # a checkpoint of the wrapper (or of an ood Backbone), else of the wrapped network itself
+    own_names = not adapted or any(k.startswith("net.") for k in state)
+    target: nn.Module = backbone if own_names else backbone.net  # type: ignore[union-attr]
     own = target.state_dict()
-    head = f"net.{backbone.head}.weight" if own_names else f"{backbone.head}.weight"
+    head = f"{backbone.head}.weight" if adapted else "fc.weight"  # type: ignore[union-attr]
+    head = f"net.{head}" if adapted and own_names else head
     if head in state and head in own and state[head].shape != own[head].shape:
         raise ConfigError(
             f"weights {path} have a {state[head].shape[0]}-class head ({head} {tuple(state[head].shape)}) but the "
