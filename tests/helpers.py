@@ -45,7 +45,8 @@ def make_image_folders(
     root: Path, classes: int = 3, train: int = 8, test: int = 4, ood: int = 6, size: int = 32, seed: int = 0
 ) -> dict[str, Path]:
     """Fabricated PNG folders: `root/id/{train,test}/c<k>/*.png` (class k: a bright colour channel k % 3 with
-    noise), `root/near/*.png` (all channels mid-grey noise) and `root/far/*.png` (checkerboards). Returns the paths."""
+    noise), `root/noise/*.png` (mid-grey noise, returned as `near`) and `root/checkers/*.png` (checkerboards,
+    returned as `far`). Returns the paths."""
     import numpy as np
     from PIL import Image
 
@@ -62,10 +63,10 @@ def make_image_folders(
                 img[..., k % 3] += 150 + 20 * (k // 3)
                 save(root / "id" / split / f"c{k}" / f"{i}.png", img)
     for i in range(ood):
-        save(root / "near" / f"{i}.png", rng.normal(128, 40, (size, size, 3)))
+        save(root / "noise" / f"{i}.png", rng.normal(128, 40, (size, size, 3)))
         tiles = (np.indices((size, size)).sum(0) // (2 + i % 4)) % 2
-        save(root / "far" / f"{i}.png", np.repeat(tiles[..., None] * 255.0, 3, axis=2))
-    return {"id": root / "id", "near": root / "near", "far": root / "far"}
+        save(root / "checkers" / f"{i}.png", np.repeat(tiles[..., None] * 255.0, 3, axis=2))
+    return {"id": root / "id", "near": root / "noise", "far": root / "checkers"}
 
 
 def folder_overrides(root: Path) -> list[str]:

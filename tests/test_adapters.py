@@ -158,7 +158,7 @@ def test_adapters_evaluate(kind: str, folders: dict[str, Path], tmp_path: Path) 
     detectors = ["msp", "energy", "knn", "mahalanobis", "react"]
     results = ood.evaluate(MODELS[kind](), folders["id"], {"near": [folders["near"]], "far": [folders["far"]]},
                            detectors=detectors, image_size=32, resize=32, device="cpu", output_dir=tmp_path)
-    assert [(r["detector"], r["ood_dataset"]) for r in results.rows] == [(d, s) for d in detectors for s in ("near", "far")]
+    assert [(r["detector"], r["ood_dataset"]) for r in results.rows] == [(d, s) for d in detectors for s in ("noise", "checkers")]
 
 
 @pytest.mark.parametrize("kind", ["timm_resnet", "tv_vit"])

@@ -18,7 +18,7 @@ from torch import nn
 import ood
 from ood.data.folder import FolderBenchmark
 from ood.data.hygiene import BadImageError, load_image, to_rgb
-from ood.errors import DataNotFoundError
+from ood.errors import ConfigError, DataNotFoundError
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +70,9 @@ def test_folder_mistakes_are_one_line(folders: dict[str, Path], tmp_path: Path) 
     bench = FolderBenchmark(root, ood={"near": {"n": folders["near"]}, "far": [folders["far"]], "val": folders["near"]},
                             image_size=32, resize=32)
     assert bench.num_classes == 3 and bench.classes == ["c0", "c1", "c2"]
-    assert [(s.name, s.group) for s in bench.ood_test()] == [("n", "near"), ("far", "far")]
+    assert [(s.name, s.group) for s in bench.ood_test()] == [("n", "near"), ("checkers", "far")]
+    with pytest.raises(ConfigError, match=r"OOD set names must be unique and not one of \['far', 'fit'"):
+        FolderBenchmark(root, ood={"near": {"test": folders["near"]}})
     assert len(bench.train()) + len(bench.val()) == 12 and len(bench.test()) == 9 and len(bench.ood_val()) == 4
     assert sorted(bench.val().dataset.targets[i] for i in bench.val().indices) == [0, 1, 2]  # stratified hold-out
 
@@ -83,12 +85,12 @@ def test_truncated_jpeg_stops_naming_it_or_is_skipped_and_counted(folders: dict[
     bench = FolderBenchmark(folders["id"], ood=[folders["far"]], image_size=32, resize=32)
     far = bench.ood_test()[0].dataset
     broken = next(i for i in range(len(far)) if far.describe(i).endswith("broken.jpg"))
-    with pytest.raises(BadImageError, match=r"unreadable image .*/far/broken.jpg: OSError: image file is truncated"):
+    with pytest.raises(BadImageError, match=r"unreadable image .*/checkers/broken.jpg: OSError: image file is truncated"):
         far[broken]
     results = ood.evaluate(_pixels(), folders["id"], [folders["far"]], detectors=["msp"], image_size=32, resize=32,
                            bad_images="skip", device="cpu", output_dir=tmp_path / "run")
     skipped = json.loads((tmp_path / "run" / "bad_images.json").read_text())
-    assert skipped["count"] == 1 and skipped["files"][0].endswith("far/broken.jpg")
+    assert skipped["count"] == 1 and skipped["files"][0].endswith("checkers/broken.jpg")
     assert results.rows[0]["n_ood"] == 4
     assert json.loads((tmp_path / "run" / "preprocessing.json").read_text())["image_size"] == 32
 
@@ -151,5 +153,5 @@ def test_torch_datasets_as_sources(folders: dict[str, Path]) -> None:
     assert bench.name == "folder" and bench.num_classes == max(labels) + 1
     x, y = bench.test()[0]
     assert x.shape == (3, 16, 16) and y == int(test[0][1])
-    assert [(s.name, s.group, len(s.dataset)) for s in bench.ood_test()] == [("fake", "near", 4), ("far", "far", 4)]
+    assert [(s.name, s.group, len(s.dataset)) for s in bench.ood_test()] == [("fake", "near", 4), ("checkers", "far", 4)]
     assert bench.ood_test()[0].dataset[0][1] == -1

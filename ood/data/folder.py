@@ -20,7 +20,9 @@ decoded once up front and unreadable ones are left out, counted and listed in `b
 `train/`, an empty set, test classes absent from train are one line each. After the cached pass, `screen` lists
 exact duplicates (same decoded pixels) and near duplicates (cosine of penultimate features > `overlap_threshold`)
 between every ID split and every OOD set in `overlap.json` (one warning line per set); with `drop_overlap` they are
-removed from the OOD sets before the metrics, and every row records `overlap` and `overlap_dropped`.
+removed from the OOD sets before the metrics, and every row records `overlap` and `overlap_dropped`. The exact check
+decodes the files of the ID splits and OOD sets once more on rank 0 after the pass (once in total with
+`bad_images=skip`, which decodes them up front).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ log = get_logger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BAD_IMAGES = ("error", "skip")
+#: names an OOD set cannot have: the evaluation splits and the near/far groups of the results table
+RESERVED_NAMES = frozenset({"train", "val", "test", "val_ood", "fit", "near", "far"})
 INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
                   "nearest": T.InterpolationMode.NEAREST}
 Source = str | Path | Mapping[str, Any] | Dataset
@@ -290,6 +294,13 @@ class FolderBenchmark(Benchmark):
     def _ood_sets(self, ood: Any) -> tuple[list[tuple[str, str, ImageSet]], ImageSet | None]:
         """(name, group, set) of every test OOD set and the validation-OOD set."""
         groups = ood_mapping(ood)
+        names = [n for g in ("near", "far") for n in groups[g]]
+        taken = sorted(RESERVED_NAMES & set(names)) or sorted({n for n in names if names.count(n) > 1})
+        if taken:
+            raise ConfigError(
+                f"OOD set names must be unique and not one of {sorted(RESERVED_NAMES)} (split and group names); "
+                f"got {taken}: name the sets in a mapping, e.g. {{far: {{my_name: <folder>}}}}"
+            )
         sets = [(n, g, self._set(n, src, label=-1)) for g in ("near", "far") for n, src in groups[g].items()]
         val = groups.get("val")
         return sets, None if val is None else self._set("val_ood", val, label=-1)
