@@ -37,14 +37,16 @@ def _choices() -> dict[str, Any]:
 
 
 def build(
-    cfg: DictConfig, ident: RunIdentity | None = None
+    cfg: DictConfig, ident: RunIdentity | None = None, backbone: Any = None, data: dict[str, Any] | None = None
 ) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer, OODEvaluation]:
     """Instantiate datamodule, backbone, method, callbacks, loggers and trainer from the composed config; `ident`
-    (default: derived from `cfg`) names the wandb group."""
+    (default: derived from `cfg`) names the wandb group; the Python API (`ood.evaluate`) passes its model as
+    `backbone` and Python objects for the data node (`data`)."""
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data, seed=cfg.seed)
+    datamodule = instantiate(cfg.data, seed=cfg.seed, **(data or {}))
     benchmark = datamodule.benchmark
-    backbone = instantiate(cfg.backbone, num_classes=benchmark.num_classes, in_channels=benchmark.in_channels)
+    if backbone is None:
+        backbone = instantiate(cfg.backbone, num_classes=benchmark.num_classes, in_channels=benchmark.in_channels)
     method = instantiate(cfg.method, backbone=backbone)
     datamodule.use_streams(method.streams, method.name)
     choices = _choices()

@@ -39,3 +39,38 @@ def run_config(output_dir: Path, overrides: Sequence[str] = (), config_name: str
 def rows_by(rows: Sequence[dict[str, Any]], detector: str) -> dict[str, dict[str, Any]]:
     """Rows of one detector keyed by OOD set name."""
     return {r["ood_dataset"]: r for r in rows if r["detector"] == detector}
+
+
+def make_image_folders(
+    root: Path, classes: int = 3, train: int = 8, test: int = 4, ood: int = 6, size: int = 32, seed: int = 0
+) -> dict[str, Path]:
+    """Fabricated PNG folders: `root/id/{train,test}/c<k>/*.png` (class k: a bright colour channel k % 3 with
+    noise), `root/noise/*.png` (mid-grey noise, returned as `near`) and `root/checkers/*.png` (checkerboards,
+    returned as `far`). Returns the paths."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def save(path: Path, pixels: np.ndarray) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
+
+    for split, n in (("train", train), ("test", test)):
+        for k in range(classes):
+            for i in range(n):
+                img = rng.normal(60, 30, (size, size, 3))
+                img[..., k % 3] += 150 + 20 * (k // 3)
+                save(root / "id" / split / f"c{k}" / f"{i}.png", img)
+    for i in range(ood):
+        save(root / "noise" / f"{i}.png", rng.normal(128, 40, (size, size, 3)))
+        tiles = (np.indices((size, size)).sum(0) // (2 + i % 4)) % 2
+        save(root / "checkers" / f"{i}.png", np.repeat(tiles[..., None] * 255.0, 3, axis=2))
+    return {"id": root / "id", "near": root / "noise", "far": root / "checkers"}
+
+
+def folder_overrides(root: Path) -> list[str]:
+    """`data=folder` overrides for fabricated folders under `root` (`make_image_folders`), 32 px."""
+    paths = make_image_folders(root / "folders", train=4, test=2, ood=2)
+    return [f"data.root={paths['id']}", f"+data.ood.near={{noise: {paths['near']}}}",
+            f"+data.ood.far={{checkers: {paths['far']}}}", "data.image_size=32", "data.resize=32", "data.num_workers=0"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose_config
+from helpers import compose_config, folder_overrides
 
 from ood import CONFIG_DIR
 from ood.methods.base import OODMethod
@@ -21,7 +21,9 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("name", options("backbone"))
 def test_backbone_builds_and_runs(tmp_path: Path, name: str) -> None:
-    cfg = compose_config(tmp_path, [f"backbone={name}"])
+    # backbone=module wraps any importable class: it needs one named
+    extra = ["backbone.target=torchvision.models.mobilenet_v3_small"] if name == "module" else []
+    cfg = compose_config(tmp_path, [f"backbone={name}", *extra])
     backbone = instantiate(cfg.backbone, num_classes=7, in_channels=3)
     assert isinstance(backbone, Backbone)
     size = 64 if name == "resnet50" else 32
@@ -43,7 +45,9 @@ def test_method_builds_with_small_cnn(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.parametrize("name", options("data"))
 def test_datamodule_builds_without_touching_data(tmp_path: Path, name: str) -> None:
-    cfg = compose_config(tmp_path, [f"data={name}", f"paths.data_dir={tmp_path / 'no_data_here'}"])
+    # data=folder reads the user's folders named on the command line: fabricated ones here
+    extra = folder_overrides(tmp_path) if name == "folder" else []
+    cfg = compose_config(tmp_path, [f"data={name}", f"paths.data_dir={tmp_path / 'no_data_here'}", *extra])
     datamodule = instantiate(cfg.data)
     assert datamodule.num_classes > 1
 

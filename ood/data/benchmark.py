@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +36,7 @@ from ood.data.batch import Batch, collate_batch
 from ood.data.fit import FitData, LazyDatasets
 from ood.data.memory import PadCropFlip, batch_augmentation, to_memory
 from ood.errors import ConfigError
+from ood.features.bank import FeatureBank
 
 Role = Literal["fit", "id_val", "id_test", "ood_val", "ood", "csid"]
 Stream = Literal["id", "outliers"]
@@ -154,6 +155,13 @@ class Benchmark(ABC):
         """The covariate-shifted ID test sets, labelled with the ID classes (full-spectrum evaluation); a missing
         one raises `DataNotFoundError` naming it and where to get it (optional ones are skipped with a warning)."""
         return []
+
+    def screen(
+        self, banks: Mapping[str, FeatureBank], splits: Sequence[EvalSplit], datasets: Mapping[str, Dataset]
+    ) -> tuple[dict[str, FeatureBank], dict[str, dict[str, Any]]]:
+        """Check the cached banks before the metrics (e.g. ID/OOD duplicates, `ood.data.folder`): returns the banks
+        to score and extra result-row fields per OOD set; default: unchanged, none."""
+        return dict(banks), {}
 
 
 class EpochShuffle(RandomSampler):
@@ -382,6 +390,10 @@ class OODDataModule(LightningDataModule):
     def eval_splits(self) -> list[EvalSplit]:
         """The evaluation splits, in the order of `test_dataloader()`."""
         return [split for split, _ in self._eval_sets()]
+
+    def screen(self, banks: Mapping[str, FeatureBank]) -> tuple[dict[str, FeatureBank], dict[str, dict[str, Any]]]:
+        """The benchmark's `screen` of the evaluation banks (keyed by split name), given the evaluation datasets."""
+        return self.benchmark.screen(banks, self.eval_splits, {s.name: ds for s, ds in self._eval_sets()})
 
     def test_dataloader(self) -> list[DataLoader]:
         return [self._loader(ds, self.eval_batch_size) for _, ds in self._eval_sets()]

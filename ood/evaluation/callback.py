@@ -196,15 +196,25 @@ class OODEvaluation(Callback):
     def _evaluate(self, datamodule: OODDataModule, pl_module: OODMethod, banks: dict[str, FeatureBank]) -> EvaluationResult:
         splits = datamodule.eval_splits
         loaders = dict(zip([s.name for s in splits], datamodule.test_dataloader()))
-        return self.evaluator.evaluate(
+        banks, notes = datamodule.screen(banks)  # e.g. ID/OOD duplicates listed, or dropped before the metrics
+
+        def model_scores(det: Detector, split: str) -> torch.Tensor:
+            scores = self._model_scores(det, pl_module, loaders[split])
+            index = banks[split].index  # the rows a screen kept, when it dropped some
+            return scores if index is None or len(index) == len(scores) else scores[index.to(scores.device)]
+
+        result = self.evaluator.evaluate(
             pl_module,
             banks,
             splits,
             id_dataset=datamodule.name,
             data_facts={"input_std": datamodule.benchmark.input_std},
-            model_scores=lambda det, split: self._model_scores(det, pl_module, loaders[split]),
+            model_scores=model_scores,
             modes=self.modes,
         )
+        for row in result.rows:
+            row.update(notes.get(row["ood_dataset"], {}))
+        return result
 
     @staticmethod
     def _model_scores(det: Detector, pl_module: LightningModule, loader: torch.utils.data.DataLoader) -> torch.Tensor:

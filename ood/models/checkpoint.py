@@ -8,6 +8,9 @@ Supported files (detected from their keys, no flag needed):
 - torchvision's ResNet state dicts (`conv1`, `bn1`, `layerN.i.downsample`, `fc`; e.g. `IMAGENET1K_V1` from the torch
   hub cache), mapped onto our staged ResNet-50 (`layer1` opens with the max-pool, so it is `stages.layer1.1`).
 
+`read_weights_file(path)` returns a file's parameters under their own names (any network's bare state dict as
+`.pth` / `.pt` / `.bin` / `.safetensors`, e.g. timm's or Hugging Face's `pytorch_model.bin` / `model.safetensors`,
+or a Lightning checkpoint's `state_dict`), for wrappers of library models (`ood.models.adapters`).
 `read_state_dict(path)` returns method-level keys (`backbone.*` for backbone-only formats); `load_modules` copies
 the requested sub-modules and fails naming the file, the first mismatched key and both shapes.
 """
@@ -73,17 +76,42 @@ def from_torchvision(state: Mapping[str, torch.Tensor], prefix: str = "backbone.
     return _rename(state, _TORCHVISION_RESNET, prefix)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Method-level state dict of any supported file (see the module docstring); errors name the file."""
-    path = Path(path)
+def _load_file(path: Path) -> object:
+    """The object stored in a checkpoint file (`torch.load` on CPU; safetensors for `.safetensors`)."""
     if path.is_dir():
         hint = path / "checkpoints" / "last.ckpt"
         raise CheckpointError(f"{path} is a folder, not a checkpoint file; did you mean {hint}?")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A file's parameters under their own names (DataParallel's `module.` dropped; a Lightning checkpoint's
+    `state_dict`); errors name the file."""
+    path = Path(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = _load_file(path)
+        state = checkpoint["state_dict"] if checkpoint_format(checkpoint) == "lightning" else checkpoint  # type: ignore[index]
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise CheckpointError(f"could not read weights {path}: {type(err).__name__}: {err}") from err
+    return {str(k).removeprefix("module."): v for k, v in state.items()}
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Method-level state dict of any supported file (see the module docstring); errors name the file."""
+    path = Path(path)
+    try:
+        checkpoint = _load_file(path)
         kind = checkpoint_format(checkpoint)
+    except CheckpointError:
+        raise
     except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
         raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
     if kind == "lightning":

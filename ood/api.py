@@ -1,0 +1,303 @@
+"""The Python API: `ood.evaluate(model, id_data, ood_data)` and `ood.extract(model, data)`.
+
+`evaluate` is `ood-eval` called from Python: it composes the same Hydra config (`data=folder`, `backbone=timm |
+torchvision | module`, the method, the detectors, the trainer), builds the same objects with `ood.train.build` (the
+user's model wrapped by `ood.models.adapters.as_backbone`, Python objects such as Datasets or a transform handed to
+the data node), and runs the same `trainer.test` pass: the one cached pass, the same evaluator and sinks, DDP-exact
+under a multi-device trainer (`overrides=["trainer=ddp_cpu"]`). Its `Results` are read back from the run folder the
+sinks wrote (`results.jsonl`, `scores.npz`, `overlap.json`), as a CLI run leaves them.
+
+`extract` runs one pass over a folder or Dataset (`ood.features.passes.forward_dataset`) and returns the
+`FeatureBank` every detector takes (`build_detector(name).fit(bank).score(bank)`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from ood.errors import ConfigError
+
+METRIC_COLUMNS = ("auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out")
+
+
+@dataclass
+class Results:
+    """What one evaluation wrote: `rows` (results.jsonl), `scores` ({detector: {split: array}}), `overlap`
+    (overlap.json), in `run_dir`; `table` is the pandas view."""
+
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    overlap: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dir(cls, run_dir: str | Path) -> Results:
+        """The results a run (CLI or Python) left in `run_dir`."""
+        run_dir = Path(run_dir)
+        path = run_dir / "results.jsonl"
+        if not path.is_file():
+            raise ConfigError(f"{run_dir} holds no results.jsonl: the evaluation did not finish")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        scores: dict[str, dict[str, np.ndarray]] = {}
+        if (run_dir / "scores.npz").is_file():
+            with np.load(run_dir / "scores.npz") as npz:
+                for key in npz.files:
+                    detector, _, split = key.rpartition("/")
+                    scores.setdefault(detector, {})[split] = npz[key]
+        overlap_file = run_dir / "overlap.json"
+        overlap = json.loads(overlap_file.read_text()) if overlap_file.is_file() else {}
+        return cls(run_dir, rows, scores, overlap)
+
+    @property
+    def table(self) -> Any:
+        """`pandas.DataFrame` indexed by (detector, set): every OOD set, then the `near` and `far` means (OpenOOD's
+        unweighted means); columns auroc, fpr95, fpr95_oodpos, aupr_in, aupr_out (fractions) and id_acc."""
+        import pandas as pd
+
+        from ood.evaluation.scoring import group_means
+
+        means = group_means(self.rows)
+        records, index = [], []
+        for detector in dict.fromkeys(r["detector"] for r in self.rows):
+            mine = [r for r in self.rows if r["detector"] == detector]
+            for row in mine:
+                index.append((detector, row["ood_dataset"]))
+                records.append({**{m: row[m] for m in METRIC_COLUMNS}, "id_acc": row["id_acc"]})
+            for group in ("near", "far"):
+                if (detector, group) in means:
+                    index.append((detector, group))
+                    records.append({**{m: means[detector, group][m] for m in METRIC_COLUMNS}, "id_acc": mine[0]["id_acc"]})
+        return pd.DataFrame(records, index=pd.MultiIndex.from_tuples(index, names=["detector", "set"]))
+
+    def save(self, directory: str | Path) -> Path:
+        """Copy the run folder (results.jsonl, scores.npz, figures/, overlap.json, ...) to `directory`."""
+        directory = Path(directory)
+        if directory.resolve() != self.run_dir.resolve():
+            shutil.copytree(self.run_dir, directory, dirs_exist_ok=True)
+        return directory
+
+
+def _library(model: nn.Module) -> str:
+    """The backbone config group that describes `model`: timm, torchvision or module."""
+    module = type(model).__module__
+    if module.startswith("timm."):
+        return "timm"
+    if module.startswith("torchvision."):
+        return "torchvision"
+    return "module"
+
+
+def _device_overrides(device: str | torch.device | None) -> list[str]:
+    device = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    kind, _, number = device.partition(":")
+    if kind == "cpu":
+        return ["trainer=cpu"]
+    if kind == "cuda":
+        return ["trainer=gpu", f"trainer.devices=[{number}]" if number else "trainer.devices=1"]
+    raise ConfigError(f"device={device!r} is unknown; choices: cpu, cuda, cuda:<index>")
+
+
+def _detector_overrides(detectors: str | Sequence[str]) -> list[str]:
+    """A config of the `detectors` group by name (`all`, `fast`, `none`), else `detectors.names=` a registry
+    selection (`cached`) or a list of names."""
+    from ood import CONFIG_DIR
+
+    if isinstance(detectors, str) and (CONFIG_DIR / "detectors" / f"{detectors}.yaml").is_file():
+        return [f"detectors={detectors}"]
+    names = detectors if isinstance(detectors, str) else f"[{','.join(detectors)}]"
+    return ["detectors=all", f"detectors.names={names}"]
+
+
+def _data_kwargs(id_data: Any, ood_data: Any, model: nn.Module, transform: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config values, Python objects) for the folder data node."""
+    from ood.data.folder import ood_mapping
+
+    values: dict[str, Any] = {}
+    objects: dict[str, Any] = {}
+    ood = ood_mapping(ood_data)
+    (objects if _is_object(ood) else values)["ood"] = ood
+    if isinstance(id_data, str | os.PathLike):
+        values["root"] = str(id_data)
+    elif isinstance(id_data, Mapping):
+        unknown = set(id_data) - {"train", "test", "val"}
+        if unknown:
+            raise ConfigError(f"id_data has unknown keys {sorted(unknown)}; valid keys: train, test, val")
+        values["root"] = None
+        objects |= {k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in id_data.items()}
+    else:
+        raise ConfigError(f"id_data must be a folder or a mapping {{train, test, val}}; got {type(id_data).__name__}")
+    if transform is not None:
+        objects["transform"] = transform
+    elif getattr(model, "pretrained_cfg", None):
+        import timm.data
+
+        objects["data_config"] = timm.data.resolve_data_config(model=model)
+    return values, objects
+
+
+def evaluate(
+    model: nn.Module,
+    id_data: str | os.PathLike | Mapping[str, Any],
+    ood_data: Any,
+    *,
+    detectors: str | Sequence[str] = "all",
+    method: str | None = None,
+    transform: Any = None,
+    feature_layer: str | None = None,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    output_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    overrides: Sequence[str] = (),
+    **data: Any,
+) -> Results:
+    """Evaluate `model` on `id_data` vs `ood_data` with every detector (and a post-hoc `method`), as `ood-eval`.
+
+    Args:
+        model: images -> logits: a timm / torchvision model, any `nn.Module` (features: the input of its final
+            linear layer, or `feature_layer`), an ood `Backbone`, or a loaded ood method (its backbone is used).
+        id_data: an ImageFolder-style root (`train/`, `test/`, optional `val/`), or `{train, test, val}` sources
+            (folders, `{imglist, images}` lists, Datasets).
+        ood_data: `{near: {name: source}, far: {name: source}, val: source}`, `{name: source}` or a list.
+        detectors: `all`, `cached` (all but the input-perturbing ones), `fast`, `none` or a list of names.
+        method: a post-hoc method config (`grood`, `cluster`, ...) scored beside the detectors; None: `ce`.
+        transform: a torchvision transform for every split; None: the model's timm data config, else `data`'s
+            `image_size` / `resize` / `mean` / `std`, else ImageNet's defaults.
+        batch_size, num_workers: evaluation loading (per device).
+        device: `cpu`, `cuda`, `cuda:<i>`; None: cuda when available.
+        output_dir: the run folder; None: a new temporary folder (`Results.save` copies it).
+        seed: the run seed.
+        overrides: further Hydra overrides, e.g. `["trainer=ddp_cpu"]` or `["detectors.params={knn: {k: 5}}"]`.
+        data: further `data=folder` options: `image_size`, `resize`, `mean`, `std`, `bad_images`,
+            `overlap_threshold`, `drop_overlap`, `val_fraction`, `fit_fraction`, ... (conf/data/folder.yaml).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    from ood import CONFIG_DIR
+    from ood.methods.base import OODMethod
+    from ood.models.adapters import as_backbone, check_classes
+    from ood.train import build
+
+    net = model.backbone if isinstance(model, OODMethod) else model
+    backbone = as_backbone(net, feature_layer)
+    values, objects = _data_kwargs(id_data, ood_data, net, transform)
+    out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="ood-eval-"))
+    out.mkdir(parents=True, exist_ok=True)
+    values |= {k: v for k, v in data.items() if not _is_object(v)}
+    objects |= {k: v for k, v in data.items() if k not in values}
+    args = [
+        "data=folder", f"backbone={_library(net)}", f"method={method or 'ce'}", "logger=none", "callbacks=none",
+        "train=false", f"seed={seed}", f"data.eval_batch_size={batch_size}", f"data.num_workers={num_workers}",
+        "trainer.enable_progress_bar=false", *_device_overrides(device), *_detector_overrides(detectors), *overrides,
+    ]
+    previous = HydraConfig.instance().cfg
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name="eval", overrides=args, return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(out)
+            cfg.hydra.job.num = 0
+            for key, value in values.items():
+                cfg.data[key] = value
+            _describe_backbone(cfg.backbone, net)
+        HydraConfig.instance().set_config(cfg)
+        method_, datamodule, trainer, _ = build(cfg, backbone=backbone, data=objects)
+        check_classes(backbone, datamodule.num_classes, f"the ID data ({datamodule.name})")
+        method_.apply_init(load=False)
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+        trainer.test(method_, datamodule=datamodule, verbose=False)
+    finally:
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = previous  # type: ignore[assignment]
+    return Results.from_dir(out)
+
+
+def _is_object(value: Any) -> bool:
+    """True for values a config cannot hold (Datasets, transforms, ...)."""
+    if isinstance(value, Mapping):
+        return any(_is_object(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_is_object(v) for v in value)
+    return not (value is None or isinstance(value, bool | int | float | str))
+
+
+def _describe_backbone(node: Any, net: nn.Module) -> None:
+    """Fill the composed backbone node with what the model is (recorded in config.yaml; the object itself is used)."""
+    library = node.get("library")
+    if library == "module":
+        node.target = f"{type(net).__module__}.{type(net).__qualname__}"
+    elif library == "timm":
+        node.name = (getattr(net, "pretrained_cfg", None) or {}).get("architecture", type(net).__name__)
+    else:
+        node.name = type(net).__name__.lower()
+
+
+def extract(
+    model: nn.Module,
+    data: str | os.PathLike | Dataset,
+    *,
+    transform: Any = None,
+    feature_layer: str | None = None,
+    layers: Sequence[str] = (),
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    **preprocessing: Any,
+) -> Any:
+    """One pass of `model` over `data` (a folder: every image under it, labelled by its first-level class folder, or
+    -1 without one; or a Dataset of `(image, label)`): a `FeatureBank` with logits, penultimate features, labels (None
+    when unknown), the final linear layer and the outputs of `layers` as extras. Preprocessing as in `evaluate`
+    (`image_size`, `resize`, `mean`, `std`, `interpolation` in `preprocessing`)."""
+    from ood.data.folder import folder_dataset, preprocessing_transform, resolve_preprocessing
+    from ood.features.bank import FeatureBank
+    from ood.features.passes import forward_dataset
+    from ood.methods.base import OODMethod
+    from ood.models.adapters import as_backbone
+
+    net = model.backbone if isinstance(model, OODMethod) else model
+    backbone = as_backbone(net, feature_layer)
+    if device is not None:
+        backbone.to(device)
+    if transform is None:
+        config = None
+        if getattr(net, "pretrained_cfg", None):
+            import timm.data
+
+            config = timm.data.resolve_data_config(model=net)
+        transform = preprocessing_transform(resolve_preprocessing(data_config=config, **preprocessing))
+    dataset = folder_dataset(data, transform)
+    layers = tuple(layers)
+
+    def outputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = backbone.run(x, layers)
+        return {"logits": out.logits, "features": out.features, **out.layers}
+
+    result = forward_dataset(outputs, dataset, module=backbone, batch_size=batch_size, device=device,
+                             num_workers=num_workers, desc="extract")
+    labels = result.pop("labels")
+    weight, bias = (t.detach().float().cpu() for t in (backbone.fc.weight, backbone.fc.bias))
+    return FeatureBank(
+        logits=result.pop("logits"),
+        features=result.pop("features"),
+        labels=labels if bool((labels >= 0).all()) else None,
+        weight=weight,
+        bias=bias,
+        extras=result,
+    )

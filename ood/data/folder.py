@@ -1,0 +1,591 @@
+"""`data=folder`: a benchmark from the user's own image folders, OpenOOD image lists or torch Datasets.
+
+ID data: an ImageFolder-style `root` with `train/<class>/*` and `test/<class>/*` (and `val/<class>/*`; without it
+`val_fraction` of train is held out, stratified, with `split_seed`); class names and indices come from the sorted
+folders of `train/` (torchvision `ImageFolder`'s rule), test and val folders are mapped by name. Each split can be
+given instead as a source: a folder, a set spec mapping (`{imglist: list.txt, images: root}`, `ood.data.sets`) or,
+in Python, a torch `Dataset` of `(image, label)` (PIL images are converted and transformed like files; tensors are
+used as they are). OOD sets: `{near: {name: source}, far: {name: source}, val: source}`, a `{name: source}` mapping
+(all far) or a list of sources (all far, named by their folder); `val` is the validation-OOD set used for tuning.
+
+Preprocessing (evaluation): RGB (`ood.data.hygiene.to_rgb`), resize the shorter side to `resize`, centre crop
+`image_size`, normalise with `mean`/`std`. Unset values come from the model's timm data config when it has one
+(`timm.data.resolve_data_config`: resize = floor(image_size / crop_pct), its interpolation), else from ImageNet's
+defaults (224 px, resize = image_size / 0.875, bilinear); a `transform` object (Python) replaces all of it. What
+was used is printed once and written to `preprocessing.json` in the run folder. Training (`augment`): random
+resized crop and horizontal flip at `image_size`.
+
+Hygiene (`ood.data.hygiene`): an unreadable image stops the run naming it, or with `bad_images=skip` every file is
+decoded once up front and unreadable ones are left out, counted and listed in `bad_images.json`; a missing
+`train/`, an empty set, test classes absent from train are one line each. After the cached pass, `screen` lists
+exact duplicates (same decoded pixels) and near duplicates (cosine of penultimate features > `overlap_threshold`)
+between every ID split and every OOD set in `overlap.json` (one warning line per set); with `drop_overlap` they are
+removed from the OOD sets before the metrics, and every row records `overlap` and `overlap_dropped`. The exact check
+decodes the files of the ID splits and OOD sets once more on rank 0 after the pass (once in total with
+`bad_images=skip`, which decodes them up front).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+from torchvision import transforms as T
+
+from ood.data.benchmark import Benchmark, EvalSplit, OODDataModule, OODSet
+from ood.data.cifar import stratified_split
+from ood.data.hygiene import load_image, overlapping_rows, pixel_digest, scan_files, to_rgb
+from ood.data.imglist import read_imglist
+from ood.data.sets import IMAGE_EXTENSIONS, SetSpec, class_folders, folder_entries, resolve
+from ood.errors import ConfigError, DataNotFoundError
+from ood.features.bank import FeatureBank
+from ood.files import atomic_write_text
+from ood.utils import get_logger
+
+log = get_logger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BAD_IMAGES = ("error", "skip")
+#: names an OOD set cannot have: the evaluation splits and the near/far groups of the results table
+RESERVED_NAMES = frozenset({"train", "val", "test", "val_ood", "fit", "near", "far"})
+INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
+                  "nearest": T.InterpolationMode.NEAREST}
+Source = str | Path | Mapping[str, Any] | Dataset
+
+
+class FileImages(Dataset):
+    """`(transform(to_rgb(image)), label)` for `(path, label)` entries; `label` overrides all labels (OOD: -1)."""
+
+    def __init__(self, entries: Sequence[tuple[Path, int]], transform: Callable[[Image.Image], Any], label: int | None = None) -> None:
+        self.entries = list(entries)
+        self.transform = transform
+        self.label = label
+
+    @property
+    def targets(self) -> list[int]:
+        return [y if self.label is None else self.label for _, y in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        path, y = self.entries[i]
+        return self.transform(load_image(path)), (y if self.label is None else self.label)
+
+    def describe(self, i: int) -> str:
+        return str(self.entries[i][0])
+
+    def digest(self, i: int, known: Mapping[Path, str | None]) -> str | None:
+        path = self.entries[i][0]
+        return known[path] if path in known else pixel_digest(load_image(path))
+
+
+class SourceImages(Dataset):
+    """A user's `Dataset` of `(image, label)`: PIL images get `to_rgb` and `transform`, tensors pass as they are."""
+
+    def __init__(self, dataset: Dataset, name: str, transform: Callable[[Image.Image], Any], label: int | None = None) -> None:
+        self.dataset = dataset
+        self.name = name
+        self.transform = transform
+        self.label = label
+
+    @cached_property
+    def targets(self) -> list[int]:
+        own = getattr(self.dataset, "targets", None)
+        labels = list(own) if own is not None else [int(self.dataset[i][1]) for i in range(len(self))]
+        return labels if self.label is None else [self.label] * len(labels)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def _image(self, i: int) -> Any:
+        x = self.dataset[i][0]
+        return to_rgb(x) if isinstance(x, Image.Image) else x
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        x, y = self.dataset[i]
+        x = self.transform(to_rgb(x)) if isinstance(x, Image.Image) else x
+        return x, int(y) if self.label is None else self.label
+
+    def describe(self, i: int) -> str:
+        return f"{self.name}[{i}]"
+
+    def digest(self, i: int, known: Mapping[Path, str | None]) -> str | None:
+        return pixel_digest(self._image(i))
+
+
+def _item(dataset: Dataset, i: int) -> tuple[FileImages | SourceImages, int]:
+    """The underlying `FileImages` / `SourceImages` and index of item `i` of `dataset` (through `Subset`s)."""
+    while isinstance(dataset, Subset):
+        dataset, i = dataset.dataset, int(dataset.indices[i])
+    assert isinstance(dataset, FileImages | SourceImages)
+    return dataset, i
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """One named set: file entries `(path, label)` (labels -1 when unknown) or a user's Dataset."""
+
+    name: str
+    where: str
+    entries: list[tuple[Path, int]] | None = None
+    dataset: Dataset | None = None
+
+
+def _image_files(folder: Path) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        files += [Path(dirpath) / f for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return files
+
+
+class FolderBenchmark(Benchmark):
+    """ID splits and OOD sets from folders, image lists or Datasets (see the module docstring).
+
+    Args:
+        root: ImageFolder-style ID root (`train/`, `test/`, optional `val/`); relative paths are relative to the
+            working directory.
+        ood: OOD sets: `{near: {name: source}, far: {name: source}, val: source}`, `{name: source}` or a list.
+        train, test, val: ID split sources replacing `root/<split>`.
+        outliers: an outlier-exposure source for methods that train on outliers.
+        name: the ID dataset name in results (default: the root folder's name).
+        image_size, resize, mean, std, interpolation: evaluation preprocessing (None: from `data_config`, else
+            ImageNet defaults).
+        data_config: a timm data config (`input_size`, `interpolation`, `mean`, `std`, `crop_pct`).
+        model: `{library, name}` of the configured backbone; `library=timm` takes timm's data config for `name`.
+        transform: a transform object (Python), used for every split instead of the above.
+        augment: random resized crop + flip for training.
+        val_fraction, split_seed: the held-out ID validation split when there is no `val`.
+        bad_images: `error` (stop naming the file) or `skip` (decode all up front, leave out unreadable files).
+        overlap_threshold: cosine of penultimate features above which an OOD image is a near duplicate of an ID one
+            (None: exact duplicates only).
+        drop_overlap: remove duplicates from the OOD sets before the metrics.
+        report_dir: where `preprocessing.json`, `bad_images.json` and `overlap.json` go (the run folder).
+        scan_workers: threads decoding files for `bad_images=skip` and the exact-duplicate check.
+    """
+
+    in_channels = 3
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        ood: Mapping[str, Any] | Sequence[Source] | None = None,
+        train: Source | None = None,
+        test: Source | None = None,
+        val: Source | None = None,
+        outliers: Source | None = None,
+        name: str | None = None,
+        image_size: int | None = None,
+        resize: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str | None = None,
+        data_config: Mapping[str, Any] | None = None,
+        model: Mapping[str, Any] | None = None,
+        transform: Callable[[Image.Image], Any] | None = None,
+        augment: bool = True,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        bad_images: Literal["error", "skip"] = "error",
+        overlap_threshold: float | None = 0.99,
+        drop_overlap: bool = False,
+        report_dir: str | Path | None = None,
+        scan_workers: int = 8,
+    ) -> None:
+        if bad_images not in BAD_IMAGES:
+            raise ConfigError(f"data.bad_images={bad_images!r} is unknown; choices: {list(BAD_IMAGES)}")
+        if root is None and (train is None or test is None):
+            raise ConfigError("data=folder needs data.root=<folder with train/ and test/> (or both train= and test=)")
+        self.root = Path(root).expanduser().resolve() if root is not None else Path.cwd()
+        if root is not None and not self.root.is_dir():
+            raise DataNotFoundError(f"data.root={root}: folder not found")
+        self.name = name or (self.root.name if root is not None else "folder")
+        self.bad_images = bad_images
+        self.overlap_threshold = overlap_threshold
+        self.drop_overlap = drop_overlap
+        self.report_dir = Path(report_dir) if report_dir else None
+        self.scan_workers = scan_workers
+        self.augment = augment
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.preprocessing = resolve_preprocessing(image_size, resize, mean, std, interpolation, data_config, model, transform)
+        self.transform = transform
+        self.skipped: list[str] = []
+
+        sources = {"train": train, "test": test, "val": val}
+        for split in ("train", "test", "val"):
+            if sources[split] is None and root is not None and (self.root / split).is_dir():
+                sources[split] = self.root / split
+        if sources["train"] is None:
+            held = sorted(p.name + "/" for p in self.root.iterdir() if p.is_dir())
+            raise DataNotFoundError(
+                f"{self.root}: no train/ folder (it holds {held}); data=folder needs <root>/train/<class>/<image> "
+                "and <root>/test/<class>/<image>"
+            )
+        if sources["test"] is None:
+            raise DataNotFoundError(f"{self.root}: no test/ folder; data=folder needs <root>/test/<class>/<image>")
+        train_set = self._id_set("train", sources["train"], None)
+        self.classes = self._classes
+        self.num_classes = len(self.classes) if self.classes else 1 + max(self._labels(train_set))
+        self.id_sets = {"train": train_set}
+        for split in ("test", "val"):
+            if sources[split] is not None:
+                self.id_sets[split] = self._id_set(split, sources[split], self.classes)
+        self.ood_sets, self.val_ood_set = self._ood_sets(ood)
+        self.outlier_set_ = None if outliers is None else self._set("outliers", outliers, label=-1)
+        self.outlier_set = "none" if outliers is None else "configured"
+        self.outlier_choices = ("none", "a folder, image list or Dataset")
+        if bad_images == "skip":
+            self._skip_unreadable()
+        for image_set in self._all_sets():
+            if self._size(image_set) == 0:
+                after = f" after skipping {len(self.skipped)} unreadable" if self.skipped else ""
+                raise DataNotFoundError(f"{image_set.name}: no images in {image_set.where}{after} (extensions {list(IMAGE_EXTENSIONS)})")
+        if "val" not in self.id_sets and len(self._labels(train_set)) < 2:
+            raise DataNotFoundError(f"{train_set.where}: {len(self._labels(train_set))} image(s); need 2 or more to hold out a validation split")
+
+    # ----- sources ----------------------------------------------------------------------------------------------
+    _classes: list[str] | None = None
+
+    def _set(self, name: str, source: Source, label: int | None, classes: list[str] | None = None) -> ImageSet:
+        """Files (or a Dataset) of `source`; ID folders are labelled by class folder name."""
+        if isinstance(source, Dataset):
+            return ImageSet(name, f"Dataset {type(source).__name__}", dataset=source)
+        if isinstance(source, Mapping) and "imglist" in source:
+            spec = SetSpec.parse(name, source)
+            lines = read_imglist(resolve(Path.cwd(), spec.imglist))
+            images = resolve(Path.cwd(), spec.images)
+            return ImageSet(name, str(resolve(Path.cwd(), spec.imglist)), [(images / p, y) for p, y in lines])
+        spec = SetSpec.parse(name, source if isinstance(source, Mapping) else {"folder": str(source)})
+        if spec.folder is None:
+            raise ConfigError(f"set {name!r}: data=folder reads folders, image lists and Datasets; got {dict(source)}")  # type: ignore[arg-type]
+        folder = resolve(Path.cwd(), spec.folder)
+        if not folder.is_dir():
+            raise DataNotFoundError(f"{name}: folder not found: {folder}")
+        if label is not None:
+            return ImageSet(name, str(folder), [(f, label) for f in _image_files(folder)])
+        found = class_folders(folder)
+        if not found:
+            raise DataNotFoundError(f"{name}: {folder} has no class folders (ID images go in {folder}/<class>/<image>)")
+        if classes is None:
+            self._classes = classes = found
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise DataNotFoundError(
+                f"{folder} has {len(unknown)} classes absent from the ID train split ({len(classes)} classes): {unknown}"
+            )
+        index = {c: i for i, c in enumerate(classes)}
+        return ImageSet(name, str(folder), [(f, index[c]) for c in found for f in _image_files(folder / c)])
+
+    def _id_set(self, split: str, source: Source, classes: list[str] | None) -> ImageSet:
+        return self._set(f"{self.name}:{split}", source, None, classes)
+
+    def _ood_sets(self, ood: Any) -> tuple[list[tuple[str, str, ImageSet]], ImageSet | None]:
+        """(name, group, set) of every test OOD set and the validation-OOD set."""
+        groups = ood_mapping(ood)
+        names = [n for g in ("near", "far") for n in groups[g]]
+        taken = sorted(RESERVED_NAMES & set(names)) or sorted({n for n in names if names.count(n) > 1})
+        if taken:
+            raise ConfigError(
+                f"OOD set names must be unique and not one of {sorted(RESERVED_NAMES)} (split and group names); "
+                f"got {taken}: name the sets in a mapping, e.g. {{far: {{my_name: <folder>}}}}"
+            )
+        sets = [(n, g, self._set(n, src, label=-1)) for g in ("near", "far") for n, src in groups[g].items()]
+        val = groups.get("val")
+        return sets, None if val is None else self._set("val_ood", val, label=-1)
+
+    def _all_sets(self) -> list[ImageSet]:
+        extra = [s for s in (self.val_ood_set, self.outlier_set_) if s is not None]
+        return [*self.id_sets.values(), *(s for _, _, s in self.ood_sets), *extra]
+
+    @staticmethod
+    def _size(image_set: ImageSet) -> int:
+        return len(image_set.entries) if image_set.entries is not None else len(image_set.dataset)  # type: ignore[arg-type]
+
+    def _labels(self, image_set: ImageSet) -> list[int]:
+        if image_set.entries is not None:
+            return [y for _, y in image_set.entries]
+        return SourceImages(image_set.dataset, image_set.name, self.eval_transform()).targets  # type: ignore[arg-type]
+
+    @cached_property
+    def digests(self) -> dict[Path, str | None]:
+        """Pixel digest of every file of the ID splits and OOD sets (None: unreadable), decoded once."""
+        screened = [s for s in self._all_sets() if s is not self.outlier_set_ and s.entries is not None]
+        return scan_files([p for s in screened for p, _ in s.entries], self.scan_workers)  # type: ignore[union-attr]
+
+    def _skip_unreadable(self) -> None:
+        outliers = [] if self.outlier_set_ is None or self.outlier_set_.entries is None else self.outlier_set_.entries
+        scanned = {**self.digests, **scan_files([p for p, _ in outliers], self.scan_workers)}
+        bad = {p for p, d in scanned.items() if d is None}
+        self.skipped = sorted(str(p) for p in bad)
+        if not bad:
+            return
+        log.warning("skipped %d unreadable image(s) (data.bad_images=skip), listed in bad_images.json", len(bad))
+        replace = lambda s: ImageSet(s.name, s.where, [e for e in s.entries if e[0] not in bad]) if s.entries is not None else s  # noqa: E731
+        self.id_sets = {k: replace(s) for k, s in self.id_sets.items()}
+        self.ood_sets = [(n, g, replace(s)) for n, g, s in self.ood_sets]
+        self.val_ood_set = None if self.val_ood_set is None else replace(self.val_ood_set)
+        self.outlier_set_ = None if self.outlier_set_ is None else replace(self.outlier_set_)
+
+    # ----- preprocessing -----------------------------------------------------------------------------------------
+    @property
+    def input_mean(self) -> tuple[float, ...]:
+        return tuple(self.preprocessing.get("mean", (0.0,) * 3))
+
+    @property
+    def input_std(self) -> tuple[float, ...]:
+        return tuple(self.preprocessing.get("std", (1.0,) * 3))
+
+    def eval_transform(self) -> Callable[[Image.Image], Any]:
+        return self.transform if self.transform is not None else preprocessing_transform(self.preprocessing)
+
+    def train_transform(self) -> Callable[[Image.Image], Any]:
+        if self.transform is not None or not self.augment:
+            return self.eval_transform()
+        p = self.preprocessing
+        return T.Compose([
+            T.RandomResizedCrop(p["image_size"], interpolation=INTERPOLATIONS[p["interpolation"]]),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(p["mean"], p["std"]),
+        ])
+
+    def prepare(self, download: bool = False) -> None:
+        """Print the preprocessing once; record it (and skipped files) in the run folder."""
+        rank_zero_info(f"{self.name}: preprocessing {json.dumps(self.preprocessing)}")
+        if self.report_dir is None:
+            return
+        self.report_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.report_dir / "preprocessing.json", json.dumps(self.preprocessing, indent=2))
+        if self.bad_images == "skip":
+            atomic_write_text(
+                self.report_dir / "bad_images.json", json.dumps({"count": len(self.skipped), "files": self.skipped}, indent=2)
+            )
+
+    # ----- datasets ----------------------------------------------------------------------------------------------
+    def _dataset(self, image_set: ImageSet, transform: Callable[[Image.Image], Any], label: int | None = None) -> Dataset:
+        if image_set.dataset is not None:
+            return SourceImages(image_set.dataset, image_set.name, transform, label)
+        return FileImages(image_set.entries or [], transform, label)
+
+    @cached_property
+    def _held_out(self) -> tuple[list[int], list[int]] | None:
+        if "val" in self.id_sets:
+            return None
+        targets = self._labels(self.id_sets["train"])
+        size = max(self.num_classes, round(self.val_fraction * len(targets)))
+        return stratified_split(targets, min(size, len(targets) - 1), self.split_seed)
+
+    def train(self, augment: bool = True) -> Dataset:
+        dataset = self._dataset(self.id_sets["train"], self.train_transform() if augment else self.eval_transform())
+        return dataset if self._held_out is None else Subset(dataset, self._held_out[1])
+
+    def val(self) -> Dataset:
+        if self._held_out is None:
+            return self._dataset(self.id_sets["val"], self.eval_transform())
+        return Subset(self._dataset(self.id_sets["train"], self.eval_transform()), self._held_out[0])
+
+    def test(self) -> Dataset:
+        return self._dataset(self.id_sets["test"], self.eval_transform())
+
+    def ood_test(self) -> list[OODSet]:
+        return [OODSet(n, g, self._dataset(s, self.eval_transform(), -1)) for n, g, s in self.ood_sets]  # type: ignore[arg-type]
+
+    def ood_val(self) -> Dataset | None:
+        return None if self.val_ood_set is None else self._dataset(self.val_ood_set, self.eval_transform(), -1)
+
+    def outliers(self) -> Dataset | None:
+        return None if self.outlier_set_ is None else self._dataset(self.outlier_set_, self.train_transform(), -1)
+
+    # ----- ID/OOD overlap ----------------------------------------------------------------------------------------
+    def screen(
+        self, banks: Mapping[str, FeatureBank], splits: Sequence[EvalSplit], datasets: Mapping[str, Dataset]
+    ) -> tuple[dict[str, FeatureBank], dict[str, dict[str, Any]]]:
+        """List exact and near duplicates between the ID splits and every OOD set (`overlap.json`, one warning per
+        set); with `drop_overlap` remove them from the OOD banks. Returns the banks and per-set row fields."""
+        id_names = [s.name for s in splits if s.role in ("fit", "id_val", "id_test") and s.name in banks]
+        ood_names = [s.name for s in splits if s.role in ("ood", "ood_val") and s.name in banks]
+
+        def rows_of(name: str) -> list[tuple[Any, int]]:
+            index = banks[name].index
+            rows = range(len(banks[name])) if index is None else index.tolist()
+            return [_item(datasets[name], int(i)) for i in rows]
+
+        items = {name: rows_of(name) for name in id_names + ood_names}
+        digest = {name: [ds.digest(i, self.digests) for ds, i in items[name]] for name in items}
+        id_by_digest: dict[str | None, tuple[str, int]] = {}
+        for name in id_names:
+            for row, d in enumerate(digest[name]):
+                id_by_digest.setdefault(d, (name, row))
+        id_by_digest.pop(None, None)
+        found: dict[str, list[dict[str, Any]]] = {}
+        notes: dict[str, dict[str, Any]] = {}
+        out = dict(banks)
+        for name in ood_names:
+            feats = banks[name].features
+            best = torch.full((len(feats),), -2.0)
+            where: list[tuple[str, int]] = [("", 0)] * len(feats)
+            if self.overlap_threshold is not None:
+                for id_name in id_names:
+                    sims, idx = overlapping_rows(feats, banks[id_name].features)
+                    better = sims > best
+                    best = torch.where(better, sims, best)
+                    where = [(id_name, int(j)) if b else w for b, j, w in zip(better.tolist(), idx.tolist(), where)]
+            listed = []
+            for row in range(len(feats)):
+                exact = id_by_digest.get(digest[name][row])
+                near = self.overlap_threshold is not None and float(best[row]) > self.overlap_threshold
+                if exact is None and not near:
+                    continue
+                id_name, id_row = exact if exact is not None else where[row]
+                ds, i = items[id_name][id_row]
+                listed.append({
+                    "ood": items[name][row][0].describe(items[name][row][1]),
+                    "id": ds.describe(i),
+                    "id_split": id_name,
+                    "kind": "exact" if exact is not None else "near",
+                    "similarity": 1.0 if exact is not None else round(float(best[row]), 6),
+                    "row": row,
+                })
+            found[name] = listed
+            dropped = len(listed) if self.drop_overlap else 0
+            if listed:
+                n_exact = sum(e["kind"] == "exact" for e in listed)
+                log.warning(
+                    "%s: %d image(s) overlap the ID data (%d exact, %d near: cosine > %s), listed in overlap.json%s",
+                    name, len(listed), n_exact, len(listed) - n_exact, self.overlap_threshold,
+                    "; dropped (data.drop_overlap=true)" if dropped else "",
+                )
+            if dropped:
+                keep = torch.ones(len(feats), dtype=torch.bool)
+                keep[[e["row"] for e in listed]] = False
+                out[name] = banks[name].subset(keep)
+            notes[name] = {"overlap": len(listed), "overlap_dropped": dropped}
+        if self.report_dir is not None:
+            self.report_dir.mkdir(parents=True, exist_ok=True)
+            record = {"threshold": self.overlap_threshold, "drop_overlap": self.drop_overlap,
+                      "sets": {n: [{k: v for k, v in e.items() if k != "row"} for e in es] for n, es in found.items()}}
+            atomic_write_text(self.report_dir / "overlap.json", json.dumps(record, indent=2))
+        return out, notes
+
+
+def ood_mapping(ood: Any) -> dict[str, Any]:
+    """`{near: {name: source}, far: {name: source}, val: source | None}` from any accepted form of the OOD sets: that
+    mapping, a `{name: source}` mapping (all far), a list of sources (all far, named by folder) or one source."""
+    if ood is None or (isinstance(ood, Mapping) and not ood):
+        raise ConfigError("data=folder needs OOD sets: '+data.ood.far={name: folder}' (Python: ood_data=...)")
+    if isinstance(ood, str | Path | Dataset) or (isinstance(ood, Mapping) and "imglist" in ood):
+        ood = [ood]
+
+    def named(members: Any) -> dict[str, Any]:
+        if isinstance(members, Mapping):
+            return dict(members)
+        return {f"ood{i}" if isinstance(s, Dataset) else Path(str(s)).name: s for i, s in enumerate(members or [])}
+
+    if not isinstance(ood, Mapping):
+        return {"near": {}, "far": named(ood), "val": None}
+    if not set(ood) & {"near", "far", "val"}:
+        return {"near": {}, "far": dict(ood), "val": None}
+    unknown = set(ood) - {"near", "far", "val"}
+    if unknown:
+        raise ConfigError(f"data.ood has unknown keys {sorted(unknown)}; valid keys: near, far, val")
+    return {"near": named(ood.get("near")), "far": named(ood.get("far")), "val": ood.get("val")}
+
+
+def resolve_preprocessing(
+    image_size: int | None = None,
+    resize: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str | None = None,
+    data_config: Mapping[str, Any] | None = None,
+    model: Mapping[str, Any] | None = None,
+    transform: Any = None,
+) -> dict[str, Any]:
+    """The preprocessing used and where it came from (module docstring; recorded in `preprocessing.json`)."""
+    if transform is not None:
+        return {"source": "transform object", "transform": repr(transform)}
+    model = dict(model or {})
+    source = "defaults (ImageNet)"
+    if data_config is None and model.get("library") == "timm" and model.get("name"):
+        import timm.data
+
+        data_config = timm.data.resolve_data_config(pretrained_cfg=timm.get_pretrained_cfg(model["name"]).to_dict())
+        source = f"timm data config of {model['name']}"
+    elif data_config is not None:
+        source = "timm data config of the model"
+    cfg = dict(data_config or {})
+    size = image_size or (cfg["input_size"][-1] if "input_size" in cfg else 224)
+    given = any(v is not None for v in (image_size, resize, mean, std, interpolation))
+    out = {
+        "source": f"{source}, given values" if given else source,
+        "image_size": size,
+        "resize": resize or math.floor(size / cfg.get("crop_pct", 0.875)),
+        "interpolation": interpolation or cfg.get("interpolation", "bilinear"),
+        "mean": list(mean or cfg.get("mean", IMAGENET_MEAN)),
+        "std": list(std or cfg.get("std", IMAGENET_STD)),
+    }
+    if out["interpolation"] not in INTERPOLATIONS:
+        raise ConfigError(f"data.interpolation={out['interpolation']!r} is unknown; choices: {list(INTERPOLATIONS)}")
+    return out
+
+
+def preprocessing_transform(p: Mapping[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the shorter side, centre crop, tensor, normalise (`resolve_preprocessing`'s values)."""
+    return T.Compose([
+        T.Resize(p["resize"], interpolation=INTERPOLATIONS[p["interpolation"]]),
+        T.CenterCrop(p["image_size"]),
+        T.ToTensor(),
+        T.Normalize(p["mean"], p["std"]),
+    ])
+
+
+def folder_dataset(data: str | Path | Dataset, transform: Callable[[Image.Image], Any]) -> Dataset:
+    """Every image under a folder, labelled by its first-level class folder (-1 without one), or a user's Dataset."""
+    if isinstance(data, Dataset):
+        return SourceImages(data, type(data).__name__, transform)
+    root = Path(data)
+    if not root.is_dir():
+        raise DataNotFoundError(f"folder not found: {root}")
+    entries = [(root / p, y) for p, y in folder_entries(root)]
+    if not entries:
+        raise DataNotFoundError(f"{root}: no images (extensions {list(IMAGE_EXTENSIONS)})")
+    return FileImages(entries, transform)
+
+
+def folder_datamodule(
+    root: str | None = None,
+    ood: Any = None,
+    batch_size: int = 64,
+    eval_batch_size: int = 256,
+    outlier_batch_size: int | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    seed: int = 0,
+    fit_fraction: float = 1.0,
+    fit_seed: int = 0,
+    **benchmark: Any,
+) -> OODDataModule:
+    """`conf/data/folder.yaml`: a `FolderBenchmark(root, ood, **benchmark)` in the benchmark DataModule."""
+    return OODDataModule(
+        FolderBenchmark(root, ood, **benchmark),
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        outlier_batch_size=outlier_batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        seed=seed,
+        fit_fraction=fit_fraction,
+        fit_seed=fit_seed,
+    )

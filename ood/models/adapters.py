@@ -1,0 +1,417 @@
+"""Any classifier as a `Backbone`: timm and torchvision models with exact stage splits, any other `nn.Module` by hooks.
+
+The wrapped network stays whole and is registered as `net`, so its state dict keeps the library's own parameter
+names under `net.`; nothing is copied or rebuilt.
+
+- `StagedModel` (timm ResNet / ConvNeXt / VisionTransformer, torchvision ResNet and WideResNet / DenseNet /
+  EfficientNet / ConvNeXt / VisionTransformer): the library's forward pass written as named stages of the network's
+  own sub-modules, so `features`, stage outputs and `forward_from(stage, z)` reproduce `net(x)` exactly
+  (tests compare them). timm's split follows `forward_features` then `forward_head(pre_logits=True)`; stage names
+  follow timm's `feature_info` / torchvision's children (`stem`, `layer1`.., `stage1`.., `block0`..). Any other
+  timm model has one stage, `features` (`forward_features`), before `forward_head(pre_logits=True)`.
+- `ModuleBackbone` (anything else): the penultimate feature is the input of the final linear layer, caught by a
+  forward pre-hook on it: the layer named `feature_layer`, else the first of `fc`, `head`, `heads.head`,
+  `classifier`, `last_linear` that is (or ends with) an `nn.Linear`, else the last `nn.Linear` registered.
+  Intermediate outputs are named by module path (forward hooks). Such a model cannot be run from a layer onward:
+  `forward_from` fails naming the models that can.
+
+`timm_backbone` / `torchvision_backbone` / `module_backbone` build a network with random weights (`pretrained=False`,
+`weights=None`: nothing is downloaded, ever), load `weights` from a local file through `ood.models.checkpoint`, and
+wrap it (`conf/backbone/{timm,torchvision,module}.yaml`). `as_backbone(model)` wraps a model object (Python API).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ood.errors import CheckpointError, ConfigError
+from ood.models.base import Backbone, BackboneOutput
+from ood.models.checkpoint import read_weights_file
+
+#: module paths tried, in order, for the final linear layer of a model without a library split
+HEAD_NAMES = ("fc", "head", "heads.head", "classifier", "last_linear")
+#: one-line summary of the models with an exact stage split (error messages)
+SPLIT_MODELS = (
+    "timm ResNet / ConvNeXt / VisionTransformer (any other timm model: one stage, `features`), torchvision "
+    "ResNet / WideResNet / DenseNet / EfficientNet / ConvNeXt / VisionTransformer"
+)
+LIBRARIES = ("timm", "torchvision", "module")
+
+
+def _linear_at(net: nn.Module, path: str) -> tuple[str, nn.Linear] | None:
+    """(`path` of the linear layer, layer) for module `path`, or for the last `nn.Linear` inside it."""
+    try:
+        module = net.get_submodule(path)
+    except AttributeError:
+        return None
+    if isinstance(module, nn.Linear):
+        return path, module
+    inner = [(f"{path}.{n}", m) for n, m in module.named_modules() if n and isinstance(m, nn.Linear)]
+    return inner[-1] if inner else None
+
+
+def find_head(net: nn.Module, feature_layer: str | None = None) -> str:
+    """Module path of the final linear layer of `net` (see the module docstring)."""
+    if feature_layer is not None:
+        found = _linear_at(net, feature_layer)
+        if found is None:
+            linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+            raise ConfigError(
+                f"feature_layer={feature_layer!r} is not a linear layer of {type(net).__name__} (the penultimate "
+                f"feature is the input of the final linear layer); linear layers: {linears}"
+            )
+        return found[0]
+    for name in HEAD_NAMES:
+        found = _linear_at(net, name)
+        if found is not None:
+            return found[0]
+    linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(
+            f"{type(net).__name__} has no nn.Linear layer: name the module whose input is the penultimate feature "
+            "with feature_layer=<module path>"
+        )
+    return linears[-1]
+
+
+class AdaptedBackbone(Backbone):
+    """A whole network `net` with its final linear layer at module path `head` (`fc`)."""
+
+    def __init__(self, net: nn.Module, head: str) -> None:
+        super().__init__()
+        self.net = net
+        self.head = head
+
+    @property
+    def fc(self) -> nn.Linear:  # type: ignore[override]
+        return self.net.get_submodule(self.head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ModuleBackbone(AdaptedBackbone):
+    """Any classifier: features = input of its final linear layer (pre-hook), layers = outputs of modules by path.
+
+    Args:
+        net: the classifier (images -> logits).
+        feature_layer: module path of the final linear layer; None: found automatically (module docstring).
+    """
+
+    def __init__(self, net: nn.Module, feature_layer: str | None = None) -> None:
+        super().__init__(net, find_head(net, feature_layer))
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.net.named_modules() if n)
+
+    def _check_layer(self, name: str) -> None:
+        if name not in dict(self.net.named_modules()) or not name:
+            raise ConfigError(
+                f"unknown layer {name!r} for {type(self.net).__name__}: layers are module paths; choices: "
+                f"{list(self.layer_names)}"
+            )
+
+    def run(self, x: torch.Tensor, layers: Sequence[str] = ()) -> BackboneOutput:
+        """Logits (the network's own output), features (input of the head) and named module outputs, one pass."""
+        for name in layers:
+            self._check_layer(name)
+        caught: dict[str, torch.Tensor] = {}
+
+        def keep_input(module: nn.Module, args: tuple[Any, ...]) -> None:
+            caught["__features__"] = args[0]
+
+        def keep_output(name: str) -> Any:
+            return lambda module, args, output: caught.__setitem__(name, output)
+
+        handles = [self.fc.register_forward_pre_hook(keep_input)]
+        handles += [self.net.get_submodule(name).register_forward_hook(keep_output(name)) for name in layers]
+        try:
+            logits = self.net(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if "__features__" not in caught:
+            raise ConfigError(f"{type(self.net).__name__} never called its head {self.head!r}; set feature_layer")
+        h = caught.pop("__features__")
+        if h.dim() != 2:
+            raise ConfigError(
+                f"the input of {type(self.net).__name__}.{self.head} has shape {tuple(h.shape)}, not [N, D]: name the "
+                "final linear layer that reads one feature vector per image with feature_layer=<module path>"
+            )
+        return BackboneOutput(logits, h, {name: caught[name] for name in layers})
+
+    def features(self, x: torch.Tensor, layers: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.run(x, layers)
+        return out.features, out.layers
+
+    def forward_from(self, layer: str, z: torch.Tensor) -> torch.Tensor:
+        raise ConfigError(
+            f"{type(self.net).__name__} is wrapped as a whole (features by a hook), so it cannot be run from layer "
+            f"{layer!r} onward; models with an exact stage split: {SPLIT_MODELS}. For grood pick "
+            "method.ood_proto_source= one of [val_ood, uniform_noise, proto_mean], which need no split"
+        )
+
+
+#: a stage is a sequence of steps: a module path of `net`, or `@name` for the `_step_name` method
+Steps = tuple[str, ...]
+
+
+class StagedModel(AdaptedBackbone):
+    """A library model split into named stages of its own sub-modules (`stages`: name -> steps), a pooling step list
+    (`pool`) to the penultimate feature, and its final linear layer `head`; `forward_from` is exact."""
+
+    def __init__(self, net: nn.Module, stages: Mapping[str, Steps], pool: Steps, head: str) -> None:
+        super().__init__(net, head)
+        self.stage_steps = {name: tuple(steps) for name, steps in stages.items()}
+        self.pool_steps = tuple(pool)
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(self.stage_steps)
+
+    def _check_layer(self, name: str) -> None:
+        if name not in self.stage_steps:
+            raise ConfigError(f"unknown layer {name!r} for {type(self.net).__name__}; choices: {list(self.layer_names)}")
+
+    def _steps(self, steps: Steps, x: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            x = getattr(self, f"_step_{step[1:]}")(x) if step.startswith("@") else self.net.get_submodule(step)(x)
+        return x
+
+    def features(self, x: torch.Tensor, layers: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        for name in layers:
+            self._check_layer(name)
+        kept = {}
+        for name, steps in self.stage_steps.items():
+            x = self._steps(steps, x)
+            if name in layers:
+                kept[name] = x
+        return self._steps(self.pool_steps, x), kept
+
+    def forward_from(self, layer: str, z: torch.Tensor) -> torch.Tensor:
+        self._check_layer(layer)
+        names = self.layer_names
+        for name in names[names.index(layer) + 1 :]:
+            z = self._steps(self.stage_steps[name], z)
+        return self._steps(self.pool_steps, z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x)[0])
+
+    # ----- steps that are not a sub-module call ---------------------------------------------------------------
+    def _step_flatten(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(x, 1)
+
+    def _step_relu_pool(self, x: torch.Tensor) -> torch.Tensor:
+        """torchvision DenseNet's tail: ReLU, global average pool, flatten."""
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(nn.functional.relu(x), 1), 1)
+
+    def _step_pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's `forward_head(pre_logits=True)`."""
+        return self.net.forward_head(x, pre_logits=True)
+
+    def _step_timm_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_features(x)
+
+    def _step_timm_vit_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """timm ViT's `forward_features` up to the blocks: patch embedding, position embedding, norm_pre."""
+        net = self.net
+        return net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(x))))
+
+    def _step_tv_vit_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """torchvision ViT up to the encoder layers: patches, class token, position embedding, dropout."""
+        net = self.net
+        x = net._process_input(x)
+        x = torch.cat([net.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return net.encoder.dropout(x + net.encoder.pos_embedding)
+
+    def _step_class_token(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
+
+
+def _numbered(prefix: str, paths: Sequence[str], first: int = 0) -> dict[str, Steps]:
+    return {f"{prefix}{i}": (path,) for i, path in enumerate(paths, start=first)}
+
+
+def staged_split(net: nn.Module) -> tuple[dict[str, Steps], Steps, str] | None:
+    """(stages, pool steps, head path) of a library model with a known exact split; None for any other model."""
+    from torchvision import models as tv
+
+    if isinstance(net, tv.ResNet):  # ResNet and WideResNet
+        stages = {"stem": ("conv1", "bn1", "relu"), "layer1": ("maxpool", "layer1")}
+        return {**stages, **{f"layer{i}": (f"layer{i}",) for i in (2, 3, 4)}}, ("avgpool", "@flatten"), "fc"
+    if isinstance(net, tv.DenseNet):
+        f = "features."
+        stages = {"stem": tuple(f + n for n in ("conv0", "norm0", "relu0", "pool0"))}
+        stages |= {f"block{i}": (f"{f}denseblock{i}", f"{f}transition{i}") for i in (1, 2, 3)}
+        stages["block4"] = (f"{f}denseblock4", f"{f}norm5")
+        return stages, ("@relu_pool",), "classifier"
+    if isinstance(net, tv.EfficientNet):
+        n = len(net.features)
+        stages = {"stem": ("features.0",), **_numbered("stage", [f"features.{i}" for i in range(1, n - 1)], 1)}
+        stages["top"] = (f"features.{n - 1}",)
+        return stages, ("avgpool", "@flatten", "classifier.0"), "classifier.1"
+    if isinstance(net, tv.ConvNeXt):
+        n = len(net.features)  # stem, stage, (downsample, stage) x 3
+        stages = {"stem": ("features.0",), "stage1": ("features.1",)}
+        stages |= {f"stage{k}": (f"features.{i}", f"features.{i + 1}") for k, i in enumerate(range(2, n, 2), start=2)}
+        return stages, ("avgpool", "classifier.0", "classifier.1"), "classifier.2"
+    if isinstance(net, tv.VisionTransformer):
+        blocks = _numbered("block", [f"encoder.layers.{name}" for name, _ in net.encoder.layers.named_children()])
+        pool = ("encoder.ln", "@class_token", *(("heads.pre_logits", "heads.act") if hasattr(net.heads, "pre_logits") else ()))
+        return {"stem": ("@tv_vit_stem",), **blocks}, pool, "heads.head"
+    if not hasattr(net, "forward_head") or not hasattr(net, "get_classifier"):
+        return None
+    from timm.models import convnext, resnet, vision_transformer
+
+    head = _module_path(net, net.get_classifier())
+    if isinstance(net, resnet.ResNet):
+        stages = {"stem": ("conv1", "bn1", "act1"), "layer1": ("maxpool", "layer1")}
+        return {**stages, **{f"layer{i}": (f"layer{i}",) for i in (2, 3, 4)}}, ("@pre_logits",), head
+    if isinstance(net, convnext.ConvNeXt):
+        stages = {"stem": ("stem",), **_numbered("stage", [f"stages.{i}" for i in range(len(net.stages))], 1)}
+        return stages, ("norm_pre", "@pre_logits"), head
+    if isinstance(net, vision_transformer.VisionTransformer):
+        blocks = _numbered("block", [f"blocks.{i}" for i in range(len(net.blocks))])
+        return {"stem": ("@timm_vit_stem",), **blocks}, ("norm", "@pre_logits"), head
+    return {"features": ("@timm_features",)}, ("@pre_logits",), head
+
+
+def _module_path(net: nn.Module, module: nn.Module) -> str:
+    for name, candidate in net.named_modules():
+        if candidate is module and name:
+            return name
+    raise ConfigError(f"{type(net).__name__}: its classifier is not one of its sub-modules")
+
+
+def as_backbone(model: nn.Module, feature_layer: str | None = None) -> Backbone:
+    """`model` as a `Backbone`: itself when it is one, an exact stage split for the library models that have one
+    (unless `feature_layer` names another head), else `ModuleBackbone`."""
+    if isinstance(model, Backbone):
+        return model
+    split = staged_split(model) if feature_layer is None else None
+    if split is not None and isinstance(model.get_submodule(split[2]), nn.Linear):
+        return StagedModel(model, *split)
+    return ModuleBackbone(model, feature_layer)
+
+
+def check_classes(backbone: Backbone, num_classes: int, where: str) -> None:
+    """One line when the head's class count differs from the ID classes (`where`: the data they come from)."""
+    if backbone.num_classes != num_classes:
+        head = getattr(backbone, "head", "fc")
+        raise ConfigError(
+            f"the model's head ({head}) has {backbone.num_classes} outputs but {where} has {num_classes} classes; "
+            "give a model trained on these classes (or data with the classes it was trained on)"
+        )
+
+
+def load_weights_into(backbone: Backbone, path: str | Path) -> None:
+    """Load a local weights file into a wrapped network, strictly: the network's own state dict (timm, torchvision,
+    HF `pytorch_model.bin` / `model.safetensors`, a bare `.pth`), or a checkpoint of this framework (Lightning or
+    bare, keys `backbone.*`). A head of another size fails naming the file and both class counts."""
+    state = read_weights_file(path)
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    adapted = isinstance(backbone, AdaptedBackbone)
+    # a checkpoint of the wrapper (or of an ood Backbone), else of the wrapped network itself
+    own_names = not adapted or any(k.startswith("net.") for k in state)
+    target: nn.Module = backbone if own_names else backbone.net  # type: ignore[union-attr]
+    own = target.state_dict()
+    head = f"{backbone.head}.weight" if adapted else "fc.weight"  # type: ignore[union-attr]
+    head = f"net.{head}" if adapted and own_names else head
+    if head in state and head in own and state[head].shape != own[head].shape:
+        raise ConfigError(
+            f"weights {path} have a {state[head].shape[0]}-class head ({head} {tuple(state[head].shape)}) but the "
+            f"ID data has {own[head].shape[0]} classes"
+        )
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        first = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise CheckpointError(
+            f"weights {path} do not fit {type(target).__name__}: {first} ({len(missing)} missing, {len(unexpected)} "
+            "unexpected keys); pass the backbone.name it was trained with"
+        )
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise CheckpointError(
+                f"weights {path} do not fit: {key} has shape {tuple(value.shape)} in the file and {tuple(own[key].shape)} in the model"
+            )
+    target.load_state_dict(state, strict=True)
+
+
+def _wrap(net: nn.Module, num_classes: int, weights: str | None, feature_layer: str | None, where: str) -> Backbone:
+    backbone = as_backbone(net, feature_layer)
+    if weights is not None:
+        load_weights_into(backbone, weights)
+    check_classes(backbone, num_classes, where)
+    return backbone
+
+
+def timm_backbone(
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    weights: str | None = None,
+    feature_layer: str | None = None,
+    library: str = "timm",
+    **kwargs: Any,
+) -> Backbone:
+    """`timm.create_model(name, pretrained=False, num_classes, in_chans, **kwargs)`, weights from `weights`."""
+    import timm
+
+    if not timm.is_model(name.split(".")[0]):
+        raise ConfigError(f"unknown timm model {name!r}; choices: timm.list_models(), e.g. {timm.list_models('resnet1*')}")
+    net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+    return _wrap(net, num_classes, weights, feature_layer, "the ID data")
+
+
+def torchvision_backbone(
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    weights: str | None = None,
+    feature_layer: str | None = None,
+    library: str = "torchvision",
+    **kwargs: Any,
+) -> Backbone:
+    """`torchvision.models.get_model(name, weights=None, num_classes, **kwargs)`, weights from `weights`."""
+    from torchvision import models
+
+    if name not in models.list_models(module=models):
+        raise ConfigError(f"unknown torchvision model {name!r}; choices: {models.list_models(module=models)}")
+    if in_channels != 3:
+        raise ConfigError(f"backbone=torchvision builds 3-channel models; the data has {in_channels} channels")
+    net = models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    return _wrap(net, num_classes, weights, feature_layer, "the ID data")
+
+
+def module_backbone(
+    target: str,
+    num_classes: int,
+    in_channels: int = 3,
+    weights: str | None = None,
+    feature_layer: str | None = None,
+    library: str = "module",
+    **kwargs: Any,
+) -> Backbone:
+    """`<target>(**kwargs)` for any importable class or function `target` (`my_pkg.nets.MyNet`); `num_classes` is
+    passed when its signature names it or takes `**kwargs`, `in_channels` when it names it."""
+    module_name, _, attr = target.rpartition(".")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"backbone.target={target!r} cannot be imported: {err}") from None
+    params = inspect.signature(factory).parameters
+    open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    given = {"num_classes": num_classes} if "num_classes" in params or open_kwargs else {}
+    given |= {"in_channels": in_channels} if "in_channels" in params else {}
+    net = factory(**given, **kwargs)
+    return _wrap(net, num_classes, weights, feature_layer, "the ID data")

@@ -1,0 +1,179 @@
+"""Model adapters: exact stage splits of timm / torchvision models, any nn.Module by hooks, weights from local files,
+and every detector / GROOD through `ood.evaluate` on each adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from helpers import make_image_folders
+from torch import nn
+from torchvision.models.convnext import CNBlockConfig
+
+import ood
+from ood.detectors import resolve_detectors
+from ood.errors import CheckpointError, ConfigError
+from ood.models.adapters import ModuleBackbone, StagedModel, as_backbone, module_backbone, timm_backbone
+
+
+def _timm_vit() -> nn.Module:
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, patch_size=8, depth=2)
+
+
+def _tv_vit() -> nn.Module:
+    return torchvision.models.VisionTransformer(32, 8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=3)
+
+
+def _tv_efficientnet() -> nn.Module:
+    from torchvision.models.efficientnet import MBConvConfig
+
+    setting = [MBConvConfig(1, 3, 1, 8, 8, 1), MBConvConfig(4, 3, 2, 8, 16, 1)]
+    return torchvision.models.EfficientNet(setting, dropout=0.2, num_classes=3, last_channel=32)
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "timm_resnet": lambda: timm.create_model("resnet10t", pretrained=False, num_classes=3),
+    "timm_convnext": lambda: timm.create_model("convnext_atto", pretrained=False, num_classes=3, dims=(8, 16, 24, 32)),
+    "timm_vit": _timm_vit,
+    "timm_other": lambda: timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=3),
+    "tv_resnet": lambda: torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=3),
+    "tv_densenet": lambda: torchvision.models.DenseNet(8, (1, 1, 1, 1), 8, num_classes=3),
+    "tv_efficientnet": _tv_efficientnet,
+    "tv_convnext": lambda: torchvision.models.ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=3),
+    "tv_vit": _tv_vit,
+}
+STAGES = {
+    "timm_resnet": ("stem", "layer1", "layer2", "layer3", "layer4"),
+    "timm_convnext": ("stem", "stage1", "stage2", "stage3", "stage4"),
+    "timm_vit": ("stem", "block0", "block1"),
+    "timm_other": ("features",),
+    "tv_resnet": ("stem", "layer1", "layer2", "layer3", "layer4"),
+    "tv_densenet": ("stem", "block1", "block2", "block3", "block4"),
+    "tv_efficientnet": ("stem", "stage1", "stage2", "top"),
+    "tv_convnext": ("stem", "stage1", "stage2"),
+    "tv_vit": ("stem", "block0", "block1"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run figures (matplotlib) cost seconds and are not what these tests check."""
+    monkeypatch.setattr("ood.evaluation.sinks.save_run_figures", lambda *args, **kwargs: None)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_image_folders(tmp_path_factory.mktemp("adapters"), train=6, test=3, ood=4)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_stage_split_reproduces_the_network(kind: str) -> None:
+    torch.manual_seed(0)
+    net = MODELS[kind]().eval()
+    backbone = as_backbone(net)
+    assert isinstance(backbone, StagedModel) and backbone.layer_names == STAGES[kind]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = backbone.run(x, backbone.layer_names)
+        torch.testing.assert_close(out.logits, net(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.features @ backbone.fc.weight.T + backbone.fc.bias, net(x), atol=1e-5, rtol=1e-5)
+        for layer in backbone.layer_names:  # running on from every stage gives the same features
+            torch.testing.assert_close(backbone.forward_from(layer, out.layers[layer]), out.features, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match=r"unknown layer 'nope'.*choices: \['" + STAGES[kind][0]):
+        backbone.features(x, ["nope"])
+
+
+class Custom(nn.Module):
+    """A user's own classifier: the head is called `logits_layer`, after a hidden linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.hidden = nn.Linear(4, 5)
+        self.logits_layer = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_layer(torch.relu(self.hidden(self.body(x))))
+
+
+def test_module_wrapper_hooks_head_input_and_named_layers() -> None:
+    torch.manual_seed(0)
+    net = Custom().eval()
+    backbone = as_backbone(net)
+    assert isinstance(backbone, ModuleBackbone) and backbone.head == "logits_layer"  # the last nn.Linear
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out = backbone.run(x, ["body.1"])
+        h = torch.relu(net.hidden(net.body(x)))
+        torch.testing.assert_close(out.features, h)
+        torch.testing.assert_close(out.logits, net(x))
+        torch.testing.assert_close(out.layers["body.1"], torch.relu(net.body[0](x)))
+    assert as_backbone(net, feature_layer="hidden").feature_dim == 4
+    with pytest.raises(ConfigError, match=r"feature_layer='body' is not a linear layer.*\['hidden', 'logits_layer'\]"):
+        as_backbone(net, feature_layer="body")
+    with pytest.raises(ConfigError, match="cannot be run from layer 'body' onward.*torchvision ResNet"):
+        backbone.forward_from("body", x)
+
+
+def test_weights_from_local_files(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = timm.create_model("resnet10t", pretrained=False, num_classes=3)
+    x = torch.randn(1, 3, 32, 32)
+    expected = source.eval()(x)
+    save_file(source.state_dict(), str(tmp_path / "model.safetensors"))  # timm / Hugging Face names
+    torch.save({"state_dict": {f"backbone.net.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "run.ckpt")
+    for name in ("model.safetensors", "run.ckpt"):
+        backbone = timm_backbone("resnet10t", num_classes=3, weights=str(tmp_path / name)).eval()
+        torch.testing.assert_close(backbone(x), expected)
+    torch.save(timm.create_model("resnet10t", pretrained=False, num_classes=1000).state_dict(), tmp_path / "in1k.pth")
+    with pytest.raises(ConfigError, match=r"in1k.pth have a 1000-class head \(fc.weight \(1000, 512\)\) but the ID data has 3"):
+        timm_backbone("resnet10t", num_classes=3, weights=str(tmp_path / "in1k.pth"))
+    with pytest.raises(CheckpointError, match="model.safetensors do not fit ConvNeXt: missing"):
+        timm_backbone("convnext_atto", num_classes=3, weights=str(tmp_path / "model.safetensors"), dims=(8, 16, 24, 32))
+    wrapped = module_backbone("torchvision.models.mobilenet_v3_small", num_classes=3)
+    assert isinstance(wrapped, ModuleBackbone) and wrapped.head == "classifier.3"
+    with pytest.raises(ConfigError, match="unknown timm model 'resnet_nope'"):
+        timm_backbone("resnet_nope", num_classes=3)
+
+
+def test_every_cached_detector_on_a_timm_vit(folders: dict[str, Path], tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    results = ood.evaluate(_timm_vit(), folders["id"], {"near": [folders["near"]], "far": [folders["far"]]},
+                           detectors="cached", image_size=32, resize=32, device="cpu", output_dir=tmp_path,
+                           overrides=["+detectors.params.vim.dim=16"])
+    detectors = {r["detector"] for r in results.rows}
+    assert detectors == set(resolve_detectors("cached"))
+    assert all(0 <= r["auroc"] <= 1 and r["n_id"] == 9 and r["n_ood"] == 4 for r in results.rows)
+
+
+@pytest.mark.parametrize("kind", ["timm_convnext", "tv_resnet", "tv_vit", "tv_efficientnet"])
+def test_adapters_evaluate(kind: str, folders: dict[str, Path], tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    detectors = ["msp", "energy", "knn", "mahalanobis", "react"]
+    results = ood.evaluate(MODELS[kind](), folders["id"], {"near": [folders["near"]], "far": [folders["far"]]},
+                           detectors=detectors, image_size=32, resize=32, device="cpu", output_dir=tmp_path)
+    assert [(r["detector"], r["ood_dataset"]) for r in results.rows] == [(d, s) for d in detectors for s in ("noise", "checkers")]
+
+
+@pytest.mark.parametrize("kind", ["timm_resnet", "tv_vit"])
+def test_grood_post_hoc_mixes_at_a_stage(kind: str, folders: dict[str, Path], tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    results = ood.evaluate(MODELS[kind](), folders["id"], [folders["far"]], detectors=["msp"], method="grood",
+                           image_size=32, resize=32, device="cpu", output_dir=tmp_path,
+                           overrides=["method.n_proto=4", "method.proto_batch_size=4"])
+    rows = {r["detector"]: r for r in results.rows}
+    assert set(rows) == {"grood", "msp"} and rows["grood"]["method"] == "grood"
+    assert rows["grood"]["method_params"]["mix_layer"] is None  # the default: the first stage after the stem
+    assert 0 <= rows["grood"]["auroc"] <= 1
+
+
+def test_grood_on_a_model_without_split_names_the_choices(folders: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot be run from layer .* onward.*ood_proto_source= one of \[val_ood"):
+        ood.evaluate(Custom(), folders["id"], [folders["far"]], detectors=["msp"], method="grood", image_size=32,
+                     resize=32, device="cpu", output_dir=tmp_path, overrides=["method.n_proto=4", "method.proto_batch_size=4"])

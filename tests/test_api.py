@@ -1,0 +1,123 @@
+"""`ood.evaluate` / `ood.extract` on a classifier trained outside the framework, against `ood-eval` and scikit-learn."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from helpers import make_image_folders, run_config
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+from torchvision import transforms as T
+
+import ood
+from ood.detectors import build_detector
+from ood.errors import ConfigError
+
+NORMALIZE = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _train_outside(train_dir: Path, steps: int = 6) -> torch.nn.Module:
+    """A plain PyTorch loop over the PNG folder: nothing from ood."""
+    data = torchvision.datasets.ImageFolder(str(train_dir), transform=T.Compose([T.ToTensor(), NORMALIZE]))
+    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=len(data.classes))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for step, (x, y) in enumerate(loader):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        if step + 1 == steps:
+            break
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _no_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run figures (matplotlib) cost seconds and are not what these tests check."""
+    monkeypatch.setattr("ood.evaluation.sinks.save_run_figures", lambda *args, **kwargs: None)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], torch.nn.Module, Path]:
+    root = tmp_path_factory.mktemp("api")
+    paths = make_image_folders(root / "data")
+    model = _train_outside(paths["id"] / "train")
+    weights = root / "resnet18.pth"
+    torch.save(model.state_dict(), weights)
+    return paths, model, weights
+
+
+def test_python_api_equals_cli_and_sklearn(trained, tmp_path: Path) -> None:
+    paths, model, weights = trained
+    detectors = ["msp", "knn", "mahalanobis"]
+    results = ood.evaluate(
+        model, paths["id"], {"near": {"noise": paths["near"]}, "far": {"checkers": paths["far"]}},
+        detectors=detectors, image_size=32, resize=32, device="cpu", output_dir=tmp_path / "api",
+    )
+    cli = run_config(tmp_path / "cli", [
+        "backbone=torchvision", "backbone.name=resnet18", f"backbone.weights={weights}", "data=folder",
+        f"data.root={paths['id']}", f"+data.ood.near={{noise: {paths['near']}}}",
+        f"+data.ood.far={{checkers: {paths['far']}}}", "data.image_size=32", "data.resize=32", "data.num_workers=0",
+        f"detectors.names=[{','.join(detectors)}]", "logger=none", "callbacks=none", "trainer.enable_progress_bar=false",
+    ], config_name="eval")
+    assert results.rows == cli
+    assert len(cli) == 2 * len(detectors)
+
+    # MSP from the user's own forward pass over the same files, scored with scikit-learn
+    def msp(files: list[Path]) -> np.ndarray:
+        x = torch.stack([NORMALIZE(T.functional.to_tensor(Image.open(f).convert("RGB"))) for f in files])
+        with torch.no_grad():
+            return model(x).softmax(1).amax(1).numpy()
+
+    id_scores = msp(sorted(paths["id"].glob("test/*/*.png")))
+    ood_scores = msp(sorted(paths["near"].glob("*.png")))
+    expected = roc_auc_score(np.r_[np.ones(len(id_scores)), np.zeros(len(ood_scores))], np.r_[id_scores, ood_scores])
+    row = next(r for r in results.rows if r["detector"] == "msp" and r["ood_dataset"] == "noise")
+    assert row["auroc"] == pytest.approx(expected, abs=1e-6)
+    np.testing.assert_allclose(np.exp(results.scores["msp"]["noise"]), ood_scores, atol=1e-6)  # log MSP
+
+    table = results.table
+    assert list(table.columns) == ["auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out", "id_acc"]
+    assert list(table.loc["msp"].index) == ["noise", "checkers", "near", "far"]
+    assert table.loc[("msp", "near"), "auroc"] == pytest.approx(expected, abs=1e-6)
+    saved = results.save(tmp_path / "copy")
+    assert ood.Results.from_dir(saved).rows == results.rows and (saved / "overlap.json").is_file()
+
+
+def test_extract_gives_the_bank_detectors_take(trained) -> None:
+    paths, model, _ = trained
+    bank = ood.extract(model, paths["id"] / "test", image_size=32, resize=32, batch_size=5)
+    files = sorted(paths["id"].glob("test/*/*.png"))
+    x = torch.stack([NORMALIZE(T.functional.to_tensor(Image.open(f).convert("RGB"))) for f in files])
+    with torch.no_grad():
+        logits = model(x)
+    torch.testing.assert_close(bank.logits, logits, atol=1e-5, rtol=1e-5)
+    assert bank.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    torch.testing.assert_close(bank.features @ bank.weight.T + bank.bias, logits, atol=1e-5, rtol=1e-5)
+    scores = build_detector("msp").fit(bank).score(bank)
+    torch.testing.assert_close(scores.exp(), logits.softmax(1).amax(1).double(), atol=1e-6, rtol=0)  # log MSP
+
+
+def test_head_class_count_mismatch_is_one_line(trained, tmp_path: Path) -> None:
+    paths, _, _ = trained
+    with pytest.raises(ConfigError, match=r"head \(fc\) has 5 outputs but the ID data \(id\) has 3 classes"):
+        ood.evaluate(torchvision.models.resnet18(num_classes=5), paths["id"], [paths["far"]], detectors=["msp"],
+                     image_size=32, resize=32, device="cpu", output_dir=tmp_path)
+
+
+def test_example_script_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = Path(__file__).resolve().parent.parent / "examples" / "your_model.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--out", str(tmp_path), "--detectors", "msp,knn", "--steps", "2"])
+    runpy.run_path(str(script), run_name="__main__")
+    rows = ood.Results.from_dir(tmp_path / "run").rows
+    assert sorted({(r["detector"], r["ood_dataset"]) for r in rows}) == [
+        ("knn", "checkers"), ("knn", "noise"), ("msp", "checkers"), ("msp", "noise")
+    ]
+    assert (tmp_path / "run" / "preprocessing.json").is_file()

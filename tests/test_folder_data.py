@@ -1,0 +1,157 @@
+"""`data=folder` and its hygiene: image modes, unreadable files, folder mistakes, ID/OOD duplicates, DDP."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from helpers import make_image_folders, run_config
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+import ood
+from ood.data.folder import FolderBenchmark
+from ood.data.hygiene import BadImageError, load_image, to_rgb
+from ood.errors import ConfigError, DataNotFoundError
+
+
+@pytest.fixture(autouse=True)
+def _no_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run figures (matplotlib) cost seconds and are not what these tests check."""
+    monkeypatch.setattr("ood.evaluation.sinks.save_run_figures", lambda *args, **kwargs: None)
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> dict[str, Path]:
+    return make_image_folders(tmp_path / "data", train=4, test=3, ood=4)
+
+
+def _pixels(model_input: int = 3 * 32 * 32) -> nn.Module:
+    """A linear classifier on raw pixels: its penultimate feature is the normalised image itself."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(model_input, 3))
+
+
+def test_image_modes_are_converted_alike(tmp_path: Path) -> None:
+    grey = np.full((4, 4), 128, np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # 16-bit: 32896
+    Image.fromarray(np.dstack([grey] * 3 + [np.zeros_like(grey)])).save(tmp_path / "rgba.png")
+    Image.fromarray(grey).convert("P").save(tmp_path / "palette.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    for name in ("grey", "grey16", "rgba", "palette"):
+        image = load_image(tmp_path / f"{name}.png")
+        assert image.mode == "RGB" and np.asarray(image).tolist() == [[[128] * 3] * 4] * 4, name
+    white16 = Image.fromarray(np.full((2, 2), 65535, np.uint16))
+    assert np.asarray(to_rgb(white16)).max() == 255 and np.asarray(white16.convert("RGB")).min() == 255
+    dark16 = Image.fromarray(np.full((2, 2), 1000, np.uint16))
+    assert np.asarray(to_rgb(dark16)).max() == 4  # round(1000 / 257); PIL's own convert clips it to 255
+    assert np.asarray(dark16.convert("RGB")).max() == 255
+
+
+def test_folder_mistakes_are_one_line(folders: dict[str, Path], tmp_path: Path) -> None:
+    root = folders["id"]
+    with pytest.raises(DataNotFoundError, match=r"/bare: no train/ folder \(it holds \['test/'\]\)"):
+        (tmp_path / "bare" / "test").mkdir(parents=True)
+        FolderBenchmark(tmp_path / "bare", ood=[folders["far"]])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataNotFoundError, match=r"empty: no images in .*/empty \(extensions"):
+        FolderBenchmark(root, ood={"far": {"empty": tmp_path / "empty"}})
+    shutil.copytree(root / "test" / "c0", root / "test" / "zebra")
+    with pytest.raises(DataNotFoundError, match=r"test has 1 classes absent from the ID train split \(3 classes\): \['zebra'\]"):
+        FolderBenchmark(root, ood=[folders["far"]])
+    shutil.rmtree(root / "test" / "zebra")
+    bench = FolderBenchmark(root, ood={"near": {"n": folders["near"]}, "far": [folders["far"]], "val": folders["near"]},
+                            image_size=32, resize=32)
+    assert bench.num_classes == 3 and bench.classes == ["c0", "c1", "c2"]
+    assert [(s.name, s.group) for s in bench.ood_test()] == [("n", "near"), ("checkers", "far")]
+    with pytest.raises(ConfigError, match=r"OOD set names must be unique and not one of \['far', 'fit'"):
+        FolderBenchmark(root, ood={"near": {"test": folders["near"]}})
+    assert len(bench.train()) + len(bench.val()) == 12 and len(bench.test()) == 9 and len(bench.ood_val()) == 4
+    assert sorted(bench.val().dataset.targets[i] for i in bench.val().indices) == [0, 1, 2]  # stratified hold-out
+
+
+def test_truncated_jpeg_stops_naming_it_or_is_skipped_and_counted(folders: dict[str, Path], tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folders["far"] / "broken.jpg", quality=95)
+    data = (folders["far"] / "broken.jpg").read_bytes()
+    (folders["far"] / "broken.jpg").write_bytes(data[: len(data) // 2])
+    bench = FolderBenchmark(folders["id"], ood=[folders["far"]], image_size=32, resize=32)
+    far = bench.ood_test()[0].dataset
+    broken = next(i for i in range(len(far)) if far.describe(i).endswith("broken.jpg"))
+    with pytest.raises(BadImageError, match=r"unreadable image .*/checkers/broken.jpg: OSError: image file is truncated"):
+        far[broken]
+    results = ood.evaluate(_pixels(), folders["id"], [folders["far"]], detectors=["msp"], image_size=32, resize=32,
+                           bad_images="skip", device="cpu", output_dir=tmp_path / "run")
+    skipped = json.loads((tmp_path / "run" / "bad_images.json").read_text())
+    assert skipped["count"] == 1 and skipped["files"][0].endswith("checkers/broken.jpg")
+    assert results.rows[0]["n_ood"] == 4
+    assert json.loads((tmp_path / "run" / "preprocessing.json").read_text())["image_size"] == 32
+
+
+def test_planted_duplicates_are_listed_and_dropped(folders: dict[str, Path], tmp_path: Path) -> None:
+    planted = folders["far"]
+    shutil.copy(folders["id"] / "test" / "c0" / "0.png", planted / "copy.png")
+    Image.open(folders["id"] / "test" / "c2" / "1.png").save(planted / "recoded.png", compress_level=0)  # same pixels
+    near = np.asarray(Image.open(folders["id"] / "test" / "c1" / "2.png")).astype(int)
+    near[:4, :4] = np.clip(near[:4, :4] + 3, 0, 255)
+    Image.fromarray(near.astype(np.uint8)).save(planted / "near.png")
+    common = dict(detectors=["msp", "odin"], image_size=32, resize=32, device="cpu")
+    kept = ood.evaluate(_pixels(), folders["id"], {"far": {"planted": planted}}, output_dir=tmp_path / "kept", **common)
+    listed = {Path(e["ood"]).name: e for e in kept.overlap["sets"]["planted"]}
+    assert set(listed) == {"copy.png", "recoded.png", "near.png"}
+    assert [listed["copy.png"]["kind"], listed["recoded.png"]["kind"], listed["near.png"]["kind"]] == ["exact", "exact", "near"]
+    assert listed["copy.png"]["id"].endswith("test/c0/0.png") and listed["copy.png"]["similarity"] == 1.0
+    assert listed["near.png"]["id"].endswith("test/c1/2.png") and 0.99 < listed["near.png"]["similarity"] < 1.0
+    assert [(r["overlap"], r["overlap_dropped"], r["n_ood"]) for r in kept.rows] == [(3, 0, 7)] * 2
+
+    dropped = ood.evaluate(_pixels(), folders["id"], {"far": {"planted": planted}}, output_dir=tmp_path / "dropped",
+                           drop_overlap=True, **common)
+    row, odin = dropped.rows
+    assert row["overlap"] == row["overlap_dropped"] == 3 and row["n_ood"] == 4
+    assert odin["detector"] == "odin" and odin["n_ood"] == 4  # input-perturbing scores drop the same rows
+    files = sorted(p.name for p in planted.iterdir())
+    clean = np.array([name not in listed for name in files])
+    id_scores, ood_scores = kept.scores["msp"]["test"], kept.scores["msp"]["planted"]
+    by_hand = roc_auc_score(np.r_[np.ones(len(id_scores)), np.zeros(clean.sum())], np.r_[id_scores, ood_scores[clean]])
+    assert row["auroc"] == pytest.approx(by_hand, abs=1e-12)
+    assert row["auroc"] != pytest.approx(kept.rows[0]["auroc"], abs=1e-3)
+
+
+def test_ddp_cpu_timm_on_folders_equals_single_process(tmp_path: Path) -> None:
+    paths = make_image_folders(tmp_path / "data", train=4, test=3, ood=4)
+    torch.manual_seed(0)
+    net = timm.create_model("test_vit", pretrained=False, num_classes=3, img_size=32)
+    torch.save(net.state_dict(), tmp_path / "vit.pth")
+    common = [
+        "backbone=timm", "backbone.name=test_vit", "+backbone.img_size=32", f"backbone.weights={tmp_path / 'vit.pth'}",
+        "data=folder", f"data.root={paths['id']}", f"+data.ood.near={{noise: {paths['near']}}}",
+        f"+data.ood.far={{checkers: {paths['far']}}}", "data.image_size=32", "data.resize=32", "data.num_workers=0",
+        "data.eval_batch_size=5", "detectors.names=[msp,knn,mahalanobis]", "logger=none", "callbacks=none",
+        "trainer.enable_progress_bar=false",
+    ]
+    single = run_config(tmp_path / "single", common, config_name="eval")
+    ddp = run_config(tmp_path / "ddp", [*common, "trainer=ddp_cpu"], config_name="eval")
+    assert len(single) == 6 and single == ddp
+    preprocessing = json.loads((tmp_path / "ddp" / "preprocessing.json").read_text())
+    assert preprocessing["source"] == "timm data config of test_vit, given values"
+
+
+def test_torch_datasets_as_sources(folders: dict[str, Path]) -> None:
+    from torchvision.datasets import FakeData
+
+    train, test = FakeData(12, (3, 16, 16), 3, random_offset=0), FakeData(6, (3, 16, 16), 3, random_offset=100)
+    bench = FolderBenchmark(train=train, test=test, ood={"near": {"fake": FakeData(4, (3, 16, 16), 3, random_offset=200)},
+                                                         "far": [folders["far"]]}, image_size=16, resize=16)
+    labels = [int(train[i][1]) for i in range(12)]
+    assert bench.name == "folder" and bench.num_classes == max(labels) + 1
+    x, y = bench.test()[0]
+    assert x.shape == (3, 16, 16) and y == int(test[0][1])
+    assert [(s.name, s.group, len(s.dataset)) for s in bench.ood_test()] == [("fake", "near", 4), ("checkers", "far", 4)]
+    assert bench.ood_test()[0].dataset[0][1] == -1
