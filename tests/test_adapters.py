@@ -148,7 +148,10 @@ def test_every_cached_detector_on_a_timm_vit(folders: dict[str, Path], tmp_path:
                            detectors="cached", image_size=32, resize=32, device="cpu", output_dir=tmp_path,
                            overrides=["+detectors.params.vim.dim=16"])
     detectors = {r["detector"] for r in results.rows}
-    assert detectors == set(resolve_detectors("cached"))
+    # not applicable here, each for its stated reason: gmm (50 clusters) and cfood (alpha * N >= 2 reference rows)
+    # need more than these 15 fit images; gram reads convolutional maps, which a ViT's token blocks are not
+    skipped = {"gmm", "cfood", "gram"}
+    assert detectors == {cls.name for cls in resolve_detectors("cached")} - skipped
     assert all(0 <= r["auroc"] <= 1 and r["n_id"] == 9 and r["n_ood"] == 4 for r in results.rows)
 
 
