@@ -82,7 +82,7 @@ def run_facts(run_dir: str | Path) -> tuple[dict[str, str], str]:
     if ckpt.parent.name == "checkpoints" and trained.is_file():
         train_flat = flat_config(OmegaConf.to_container(OmegaConf.load(trained)))  # type: ignore[arg-type]
         config.update({k: v for k, v in identity(train_flat, seeded_keys(trained.parent)).items() if k.startswith(TRAINING_KEYS)})
-    else:
+    elif "ckpt_path" not in seeded_keys(run_dir):  # `ckpt_path=.../s${seed}/...`: one network per seed, not a config
         config["ckpt"] = str(ckpt)
     return config, str(ckpt.resolve())
 
