@@ -234,7 +234,7 @@ def check_faiss(sizes: Sizes) -> list[dict[str, Any]]:
     # kNN detector: its index follows the bank's device
     scores = {}
     for where in (dev, torch.device("cpu")):
-        bank = lambda h, lab: FeatureBank((h @ w.T + b).to(where), h.to(where), lab, w.to(where), b.to(where))  # noqa: E731
+        bank = lambda h, lab, at=where: FeatureBank((h @ w.T + b).to(at), h.to(at), lab, w.to(at), b.to(at))  # noqa: E731
         det = build_detector("knn", k=50).fit(bank(train, y.to(where)))
         scores[where.type] = det.score(bank(test, None)).cpu()
     unit = torch.nn.functional.normalize
