@@ -87,13 +87,14 @@ class Sizes:
     knn_bank: tuple[int, int, int]  # train rows, test rows, dim
     eval_batch: int
     workers: int
+    throughput_epochs: int
     extra: dict[str, list[str]] = field(default_factory=dict)
 
 
-GPU = Sizes("cuda", dict(n_train=5120, n_val=512, n_test=1024, n_ood=512), dict(n_train=5120, n_val=256, n_test=512, n_ood=256, side=64),
-            "resnet18_32x32", "resnet50", 128, 256, "detectors=all", RHO_MIN, (50_000, 10_000, 512), 512, 8)
+GPU = Sizes("cuda", dict(n_train=2560, n_val=256, n_test=512, n_ood=256), dict(n_train=2560, n_val=256, n_test=256, n_ood=128, side=64),
+            "resnet18_32x32", "resnet50", 128, 256, "detectors=all", RHO_MIN, (50_000, 10_000, 512), 512, 8, 4)
 DRY = Sizes("cpu", dict(n_train=32, n_val=16, n_test=16, n_ood=8), dict(n_train=16, n_val=8, n_test=8, n_ood=4, side=40),
-            "small_cnn", "small_cnn", 8, 8, "detectors.names=[msp,energy,knn,mahalanobis]", 0.8, (2_000, 500, 64), 64, 0,
+            "small_cnn", "small_cnn", 8, 8, "detectors.names=[msp,energy,knn,mahalanobis]", 0.8, (2_000, 500, 64), 64, 0, 1,
             {"imagenet": ["data.benchmark.image_size=32", "data.benchmark.resize=36"]})
 
 
@@ -362,7 +363,7 @@ def throughput(sizes: Sizes, trees: dict[str, Path], work: Path) -> list[dict[st
     for data, backbone, batch, px, extra in setups:
         for kind in ("gpu", "gpu_fast"):
             overrides = [f"data={data}", f"paths.data_dir={trees[data]}", f"backbone={backbone}", "method=ce",
-                         "trainer.max_epochs=1", f"data.batch_size={batch}", f"data.eval_batch_size={sizes.eval_batch}",
+                         f"trainer.max_epochs={sizes.throughput_epochs}", f"data.batch_size={batch}", f"data.eval_batch_size={sizes.eval_batch}",
                          f"data.num_workers={sizes.workers}", "detectors=fast", "+detectors.params.vim.dim=32",
                          *QUIET, *extra, *trainer_overrides(kind, sizes)]
             method, datamodule, trainer, evaluation = build(_cfg(work / f"tp-{data}-{kind}", overrides))
