@@ -41,7 +41,7 @@ format: install ## ruff format + import sorting
 	$(PY) -m ruff check --fix --select I ood tests benchmarks
 	$(PY) -m ruff format ood tests benchmarks
 
-bench: install ## speed benchmarks (benchmarks/): metrics, detectors, one pass vs many
+bench: install ## speed benchmarks (benchmarks/): metrics, detectors, one pass vs many, end-to-end vs OpenOOD's evaluator loop
 	$(PY) -m benchmarks.run
 
 reproduce-cifar10: install ## OpenOOD v1.5 CE baseline on CIFAR-10: ResNet-18, 100 epochs, seeds 0,1,2 (SEEDS=...), one GPU, then the table beside the leaderboard (extra overrides: ARGS="paths.data_dir=...")

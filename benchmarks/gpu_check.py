@@ -1,7 +1,7 @@
 """`make gpu-check` (`python -m benchmarks.gpu_check [--out gpu_check.json] [--dry-run]`): does every CUDA path of ood
 run, and run right, on this machine's GPU? No downloads: synthetic data at CIFAR (32 px) and ImageNet (224 px) shapes
-in OpenOOD's on-disk layout (`benchmarks.fabricate`). About 5 minutes on one current GPU (budget: 8). Exits 1 when
-any check fails, after writing every figure to the JSON file and printing the tables.
+in OpenOOD's on-disk layout (`benchmarks.fabricate`), sized to finish within 8 minutes on one current GPU (not yet
+timed on one). Exits 1 when any check fails, after writing every figure to the JSON file and printing the tables.
 
 Run it on any CUDA machine:
 
@@ -17,7 +17,7 @@ Checks (each a row of the JSON's `checks`, `ok` true/false):
    and the fp32-trained model's scores evaluated in bf16 agree with its fp32 scores: Spearman rank correlation
    per detector over the test splits (ID test + every OOD set) >= `RHO_MIN` (0.99; bf16 keeps 8 mantissa bits,
    so near-ties may swap but the order stays).
-2. faiss: the kNN detector (k = 50, normalised 512-d features, 50 000 x 10 000) and GROOD's gradient bank (1-NN
+2. faiss: the kNN detector (k = 50, 50 000 train x 10 000 test rows of 512-d features) and GROOD's gradient bank (1-NN
    of `ncp_gradient`s) on faiss' GPU index return the same neighbours as the exact CPU search (identical
    neighbour sets for >= 99.9 % of queries; distances equal to 1e-4 relative: GPU and CPU sum in other orders).
 3. augment: the in-memory pipeline's crop + flip (`PadCropFlip`) on the GPU equals torchvision's pad / crop /
