@@ -12,7 +12,7 @@ LAST = checkpoints/last.ckpt
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-fast lint format bench reproduce-cifar10 reproduce-cifar100 reproduce-heatmap \
-	reproduce-energy reproduce-cluster reproduce-grood reproduce-oal digits-energy clean
+	reproduce-energy reproduce-cluster reproduce-grood reproduce-oal digits-energy gpu-check parity-openood clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
@@ -43,7 +43,7 @@ format: install ## ruff format + import sorting
 	$(PY) -m ruff check --fix --select I ood tests benchmarks
 	$(PY) -m ruff format ood tests benchmarks
 
-bench: install ## speed benchmarks (benchmarks/): metrics, detectors, one pass vs many
+bench: install ## speed benchmarks (benchmarks/): metrics, detectors, one pass vs many, end-to-end vs OpenOOD's evaluator loop
 	$(PY) -m benchmarks.run
 
 reproduce-cifar10: install ## OpenOOD v1.5 CE baseline on CIFAR-10: ResNet-18, 100 epochs, seeds 0,1,2 (SEEDS=...), one GPU, then the table beside the leaderboard (extra overrides: ARGS="paths.data_dir=...")
@@ -99,6 +99,18 @@ digits-energy: install ## the energy family on digits: ce(+energy), logitnorm, e
 	$(VENV)/bin/ood-train -m experiment=digits_energy method=energy_oe,energy_cfl seed=$(SEEDS) trainer.max_epochs=10 \
 	  'method.init.ckpt=logs/digits_energy/ce_s$${seed}/checkpoints/last.ckpt' $(ARGS)
 	$(VENV)/bin/ood-report logs/digits_energy
+
+gpu-check: install ## on a CUDA machine (pip install faiss-gpu-cu12 first): every CUDA path, synthetic data, ~5 min, JSON in gpu_check.json; exits 1 on a failure
+	$(PY) -m benchmarks.gpu_check --out gpu_check.json
+
+# OpenOOD v1.5's released checkpoints and benchmark lists (local files, never downloaded): DATA_DIR holds
+# benchmark_imglist/ + images_classic/ + images_largescale/, CKPT_DIR the unzipped checkpoint folders, WEIGHTS the
+# torchvision ResNet-50 file. BENCHMARKS= picks a subset (cifar10,cifar100,imagenet200,imagenet1k).
+DATA_DIR ?= data
+CKPT_DIR ?= results
+BENCHMARKS ?= cifar10,cifar100,imagenet200,imagenet1k
+parity-openood: install ## evaluate OpenOOD v1.5's checkpoints with every post-hoc detector, table beside the leaderboard's near/far AUROC (one GPU)
+	$(PY) -m benchmarks.parity_openood --data-dir $(DATA_DIR) --ckpt-dir $(CKPT_DIR) --weights $(WEIGHTS) --benchmarks $(BENCHMARKS) --out $(R)/parity $(ARGS)
 
 clean: ## remove run outputs (not the venv)
 	rm -rf logs outputs multirun .pytest_cache

@@ -20,6 +20,11 @@ Jingkang50/OpenOOD `openood/postprocessors/{knn,mds,rmds,vim,grood}_postprocesso
 The per-class N x N products of the mds / rmds scoring (OpenOOD, pytorch-ood) cost C x B x (D^2 + B D) flops per
 batch of B: that scoring is timed on `--score-rows` test rows and scaled linearly to `--m` (marked `*`; the fit is
 timed as is).
+The last column puts ours against the machine: the useful float32 work of knn, mahalanobis, rmds and vim
+(`useful_flops`: the arithmetic of the textbook algorithm, no overheads) divided by ours' wall time, as GFLOP/s and
+as a fraction of the same machine's float32 GEMM rate (`gemm_gflops`: torch.mm of 2048 x 2048 matrices, best of 5,
+same thread count, measured in the same child process just before the detector runs, so that a shared machine's
+load is the same for both; the header gives the parent's measurement).
 `--memmap` runs ours on banks in memory-mapped .npy files (`evaluation.bank_dir`): the peak then also reports the
 anonymous (non-file) resident memory, sampled every 10 ms.
 
@@ -237,6 +242,35 @@ def pytorch_ood(name: str, d: dict[str, torch.Tensor], score_rows: int) -> np.nd
     return scores.max(1)
 
 
+# ----- against the machine's limit ----------------------------------------------------------------------------------
+def gemm_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """This machine's float32 matrix-multiply rate (GFLOP/s) with `threads` threads: best of `repeats` torch.mm."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def useful_flops(name: str, n: int, m: int, d: int, c: int) -> float | None:
+    """Floating-point operations a detector's fit + score needs at least (n train rows, m test rows, d features, c
+    classes); None for detectors without a count. Dense d x d factorisations count d^3 (Cholesky / inverse-sized;
+    vim's eigendecomposition 4 d^3: reduction to tridiagonal form plus back-transformation); a covariance n d^2
+    (a symmetric rank-n update, half a product)."""
+    k = vim_dim(d)
+    counts = {
+        "knn": 2 * m * n * d,  # the m x n distance GEMM (normalisation and top-k are O(nd + mn))
+        "mahalanobis": n * d * d + d**3 + 2 * m * d * d + 2 * m * d * c,  # covariance, inverse, x P x^T, x P mu_c
+        "rmds": 2 * n * d * d + 2 * d**3 + 4 * m * d * d + 2 * m * d * c,  # the same twice (class and background)
+        "vim": n * d * d + 4 * d**3 + 2 * (n + m) * d * (d - k),  # covariance, eigh, residual projections
+    }
+    return counts.get(name)
+
+
 def one(args: argparse.Namespace) -> None:
     """Child process: build the banks, run one (detector, implementation), print JSON."""
     torch.set_num_threads(args.threads)
@@ -257,6 +291,7 @@ def one(args: argparse.Namespace) -> None:
         import gc
 
         gc.collect()
+        gemm = gemm_gflops(args.threads) if impl == "ours" else None
         reset_peak()
         base = status_gb("VmRSS")
         start = time.perf_counter()
@@ -273,7 +308,7 @@ def one(args: argparse.Namespace) -> None:
     scaled = not impl.startswith("ours") and name in ("mahalanobis", "rmds")
     print(json.dumps({"seconds": seconds, "scaled": scaled, "scoring_seconds": SCORING_SECONDS[0], "base_gb": base,
                       "extra_gb": status_gb("VmHWM") - base,
-                      "anon_gb": anon.gb}))
+                      "anon_gb": anon.gb, "gemm_gflops": gemm}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -300,10 +335,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.gather:
         gather_table(args)
         return
+    gemm = gemm_gflops(args.threads)
     print(f"synthetic banks: train {args.n} x {args.dim}, test {args.m}, {args.classes} classes, {args.threads} threads; "
-          f"ours on {args.dtype} banks" + (" (memory-mapped)" if args.memmap else ""))
-    print("| detector | implementation | fit + score (s) | x ours | peak extra memory (GB) | x ours | of it anonymous (GB) |")
-    print("|---|---|---|---|---|---|---|")
+          f"ours on {args.dtype} banks" + (" (memory-mapped)" if args.memmap else "") +
+          f"; float32 GEMM on this machine: {gemm:.1f} GFLOP/s")
+    print("| detector | implementation | fit + score (s) | x ours | peak extra memory (GB) | x ours | of it anonymous (GB) "
+          "| ours GFLOP/s (of GEMM) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.only.split(","):
         ref: dict[str, float] = {}
         for impl in IMPLS[name]:
@@ -318,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 ref = ref or {"s": float("nan"), "gb": float("nan")}
-                print(f"| {name} | {impl} | failed: {out.stderr.strip().splitlines()[-1]} | | | | |", flush=True)
+                print(f"| {name} | {impl} | failed: {out.stderr.strip().splitlines()[-1]} | | | | | |", flush=True)
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             # only the per-class scoring is scaled from --score-rows to --m test rows; the fit is timed as is
@@ -326,8 +364,10 @@ def main(argv: list[str] | None = None) -> None:
             if impl == "ours":
                 ref = {"s": seconds, "gb": max(r["extra_gb"], 1e-3)}
             mark = "*" if r["scaled"] else ""
+            flops = useful_flops(name, args.n, args.m, args.dim, args.classes) if impl == "ours" else None
+            rate = f"{flops / seconds / 1e9:.1f} ({flops / seconds / 1e9 / r['gemm_gflops']:.0%})" if flops else ""
             print(f"| {name} | {impl} | {seconds:.1f}{mark} | {seconds / ref['s']:.1f} | {r['extra_gb']:.2f} | "
-                  f"{r['extra_gb'] / ref['gb']:.1f} | {r['anon_gb']:.2f} |", flush=True)
+                  f"{r['extra_gb'] / ref['gb']:.1f} | {r['anon_gb']:.2f} | {rate} |", flush=True)
 
 
 # ----- per-rank memory of the DDP gather --------------------------------------------------------------------------

@@ -7,7 +7,9 @@ against straightforward references side by side (alternating, median of repeats)
     ODIN's tuning with its grid sharing passes vs one pass per grid point (target <= 1/1.8x, equal scores);
 (d) training time per epoch of every method vs CE on digits (informational);
 (e) training / evaluation loaders, in-memory uint8 batches vs per-item PIL on fabricated 32 px PNGs
-    (targets <= 0.1x and <= 1/3x).
+    (targets <= 0.1x and <= 1/3x);
+(f) end-to-end evaluation of one trained model with every detector OpenOOD also has, tuned on validation OOD:
+    ours (one cached pass, shared grids) vs OpenOOD's way (a pass per postprocessor and grid point), target >= 10x.
 `--quick` shrinks every size (CI smoke run); the targets are stated for the full sizes.
 """
 
@@ -25,7 +27,7 @@ from benchmarks.common import Timing, markdown_table
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--only", default="a,b,c,d,e", help="comma-separated subset of a, b, c, d, e")
+    parser.add_argument("--only", default="a,b,c,d,e,f", help="comma-separated subset of a, b, c, d, e, f")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per competitor (default 5, quick 3)")
     parser.add_argument("--threads", type=int, default=None, help="threads for every library (default: their defaults)")
     args = parser.parse_args(argv)
@@ -67,7 +69,16 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks import bench_loaders
 
         timings += bench_loaders.run(500 if args.quick else 2000, repeats)
+    e2e = None
+    if "f" in parts:
+        from benchmarks import bench_e2e
+
+        e2e_timings, e2e = bench_e2e.run(size=64 if args.quick else 256, epochs=1 if args.quick else 2)
+        timings += e2e_timings
     print(markdown_table(timings))
+    if e2e is not None:
+        print("\nEnd-to-end evaluation, network passes:\n")
+        print(e2e)
     if passes is not None:
         print("\nNetwork passes on digits (one pass = every evaluation split once):\n")
         print(passes)

@@ -282,6 +282,8 @@ class GROOD(CrossEntropy):
         """Penultimate features of the kept training samples mixed with their second class's early prototype."""
         second = summary.kept_logits.topk(2, dim=1).indices[:, 1]
         mixed = self.mix_lambda * summary.kept_maps + (1 - self.mix_lambda) * summary.early_prototypes[second]
+        # maps cached under bf16 autocast (trainer=gpu_fast) are bf16; this pass runs outside autocast
+        mixed = mixed.to(next(self.backbone.parameters()).dtype)
         with torch.no_grad():
             return torch.cat(
                 [self.backbone.forward_from(self.mix_layer, z) for z in mixed.split(summary.batch_size)]

@@ -74,8 +74,9 @@ CHOICES = {
 
 
 def heatmap_score(heatmap: torch.Tensor) -> torch.Tensor:
-    """ID score -mean_{i,j} max_c |M_cij| of heatmaps [B, C, H, W] in [-1, 1]: 0 for a zero heatmap, in [-1, 0]."""
-    return -heatmap.abs().amax(1).flatten(1).mean(1)
+    """ID score -mean_{i,j} max_c |M_cij| of heatmaps [B, C, H, W] in [-1, 1]: 0 for a zero heatmap, in [-1, 0].
+    The mean is taken in float32 (a bf16 mean under `trainer=gpu_fast` would round most scores to a few values)."""
+    return -heatmap.abs().amax(1).flatten(1).float().mean(1)
 
 
 def class_prototypes(

@@ -122,7 +122,7 @@ def derive_identity(
     config = {k: v for k, v in config.items() if not k.startswith(TRAINING_KEYS)}
     if ckpt.parent.name == "checkpoints" and ((trained / IDENTITY_FILE).is_file() or (trained / "config.yaml").is_file()):
         config.update({k: v for k, v in read_identity(trained).config.items() if k.startswith(TRAINING_KEYS)})
-    else:
+    elif "ckpt_path" not in seeded:  # `ckpt_path=.../s${seed}/...`: one network per seed, not a configuration
         config["ckpt"] = str(ckpt)
     return RunIdentity(dict(sorted(config.items())), str(ckpt.resolve()), sorted(seeded), list(names))
 

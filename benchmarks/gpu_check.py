@@ -1,0 +1,456 @@
+"""`make gpu-check` (`python -m benchmarks.gpu_check [--out gpu_check.json] [--dry-run]`): does every CUDA path of ood
+run, and run right, on this machine's GPU? No downloads: synthetic data at CIFAR (32 px) and ImageNet (224 px) shapes
+in OpenOOD's on-disk layout (`benchmarks.fabricate`), sized to finish within 8 minutes on one current GPU (not yet
+timed on one). Exits 1 when any check fails, after writing every figure to the JSON file and printing the tables.
+
+Run it on any CUDA machine:
+
+    git clone <this repository> && cd ood && make install          # torch with CUDA, as pyproject pins it
+    .venv/bin/pip install faiss-gpu-cu12                            # faiss' GPU wheels (CUDA 12; faiss-gpu-cu11
+                                                                    # for CUDA 11): without them faiss is CPU-only
+                                                                    # and the faiss check fails, saying so
+    make gpu-check                                                  # = .venv/bin/python -m benchmarks.gpu_check
+
+Checks (each a row of the JSON's `checks`, `ok` true/false):
+1. methods: every `conf/method/*.yaml` (new methods enrol themselves) trains one short epoch and evaluates with
+   `trainer=gpu` (fp32) and with `trainer=gpu_fast` (bf16 autocast, channels_last): every training loss finite,
+   and the fp32-trained model's scores evaluated in bf16 agree with its fp32 scores: Spearman rank correlation
+   per detector over the test splits (ID test + every OOD set) >= `RHO_MIN` (0.99; bf16 keeps 8 mantissa bits,
+   so near-ties may swap but the order stays).
+2. faiss: the kNN detector (k = 50, 50 000 train x 10 000 test rows of 512-d features) and GROOD's gradient bank (1-NN
+   of `ncp_gradient`s) on faiss' GPU index return the same neighbours as the exact CPU search (identical
+   neighbour sets for >= 99.9 % of queries; distances equal to 1e-4 relative: GPU and CPU sum in other orders).
+3. augment: the in-memory pipeline's crop + flip (`PadCropFlip`) on the GPU equals torchvision's pad / crop /
+   hflip on the CPU for the same seeded draws, bit for bit.
+4. ddp: a one-GPU DDP evaluation (NCCL) gives exactly the rows of the plain one.
+5. throughput (a table, no pass/fail): training images/s of ResNet-18 at 32 px (batch 128) and ResNet-50 at 224 px
+   (batch 256), fp32 and bf16, through ood (`ood.train.build`: Lightning, our loader, our callbacks) vs a plain
+   PyTorch loop over the same loader, model, optimiser and precision; the fraction of ood's step time spent
+   waiting for data; evaluation images/s with the cache (one pass over every split, every cached detector).
+
+`--dry-run` runs the same code on the CPU with tiny shapes (small CNN, a few images, `trainer=cpu` for `gpu`,
+CPU bf16 autocast for `gpu_fast`, gloo for NCCL, faiss' CPU index for the GPU one): the test suite runs it so that
+this script cannot rot. Its numbers say nothing about a GPU, and its rank-correlation threshold is 0.8: one epoch
+of a tiny model leaves near-tied scores (the heatmap decoder's spread over a split is ~1e-4) that bf16 reorders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning import Callback
+from scipy.stats import spearmanr
+
+from benchmarks.bench_digits import compose_run
+from benchmarks.fabricate import cifar_tree, imagenet_tree
+from ood import CONFIG_DIR
+from ood.train import build
+
+#: Spearman rank correlation fp32 vs bf16 scores must reach, per detector
+RHO_MIN = 0.99
+#: share of queries whose neighbour set must be identical on the GPU and the CPU index
+SAME_NEIGHBOURS_MIN = 0.999
+METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
+#: sinks that write files / print tables: the check keeps the evaluator's result in memory only
+NO_SINKS = ["~evaluation.sinks.results", "~evaluation.sinks.table", "~evaluation.sinks.wandb"]
+QUIET = ["trainer.enable_progress_bar=false", "logger=none", "callbacks=none", "+trainer.enable_checkpointing=false",
+         "+trainer.num_sanity_val_steps=0", "+trainer.limit_val_batches=0", *NO_SINKS]
+
+
+@dataclass
+class Sizes:
+    """What the GPU run uses, and what the CPU dry-run shrinks it to."""
+
+    device: str
+    cifar: dict[str, int]
+    imagenet: dict[str, int]
+    backbone32: str
+    backbone224: str
+    batch32: int
+    batch224: int
+    detectors: str
+    rho_min: float
+    knn_bank: tuple[int, int, int]  # train rows, test rows, dim
+    eval_batch: int
+    workers: int
+    throughput_epochs: int
+    extra: dict[str, list[str]] = field(default_factory=dict)
+
+
+GPU = Sizes("cuda", dict(n_train=2560, n_val=256, n_test=512, n_ood=256), dict(n_train=2560, n_val=256, n_test=256, n_ood=128, side=64),
+            "resnet18_32x32", "resnet50", 128, 256, "detectors=all", RHO_MIN, (50_000, 10_000, 512), 512, 8, 4)
+DRY = Sizes("cpu", dict(n_train=32, n_val=16, n_test=16, n_ood=8), dict(n_train=16, n_val=8, n_test=8, n_ood=4, side=40),
+            "small_cnn", "small_cnn", 8, 8, "detectors.names=[msp,energy,knn,mahalanobis]", 0.8, (2_000, 500, 64), 64, 0, 1,
+            {"imagenet": ["data.benchmark.image_size=32", "data.benchmark.resize=36"]})
+
+
+def trainer_overrides(kind: str, sizes: Sizes) -> list[str]:
+    """`trainer=gpu|gpu_fast` on CUDA; on the CPU dry-run `trainer=cpu`, with CPU bf16 autocast for `gpu_fast`."""
+    if sizes.device == "cuda":
+        return [f"trainer={kind}"]
+    if kind == "gpu":
+        return ["trainer=cpu", "trainer.deterministic=false"]
+    plugin = "{_target_:ood.precision.FastMixedPrecision,precision:bf16-mixed,device:cpu,channels_last:true}"
+    return ["trainer=cpu", "trainer.deterministic=false", f"+trainer.plugins=[{plugin}]"]
+
+
+def method_overrides(name: str, init: Path, work: Path) -> list[str]:
+    """Start every method from the CE weights (frozen-backbone methods need them); OAL trains its small teacher for
+    one epoch on the 3-channel images."""
+    extra = [f"method.init.ckpt={init}"]
+    if name == "oal":
+        extra += ["method.teacher.backbone.in_channels=3", "method.teacher.epochs=1", f"method.cache_dir={work / 'oal'}"]
+    if name == "cluster":
+        extra += ["method.probe_epochs=1", "method.n_init=2"]
+    return extra
+
+
+class StepLog(Callback):
+    """Training losses, and per step the wall time waiting for the next batch (end of a step to the start of the
+    next: loading, collation, transfer) vs the whole step; synchronises the device at step ends."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.wait: list[float] = []
+        self.step: list[float] = []
+        self._end: float | None = None
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+        self._waited = 0.0 if self._end is None else self._start - self._end
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss))  # a host read: synchronises the device
+        self._end = time.perf_counter()
+        self.wait.append(self._waited)
+        self.step.append(self._end - self._start + self._waited)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._end = None
+
+
+def _cfg(work: Path, overrides: Sequence[str]) -> Any:
+    return compose_run(work, list(overrides))
+
+
+def test_scores(evaluation: Any) -> dict[str, np.ndarray]:
+    """Per detector, the scores of the test splits (ID test then every OOD set) concatenated."""
+    result = evaluation.result
+    splits = [s for s in next(iter(result.scores.values())) if s not in ("train", "val", "val_ood")]
+    return {d: np.concatenate([per[s].float().numpy() for s in splits if s in per]) for d, per in result.scores.items()}
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation; 1 for identical inputs (also constant ones, where the correlation is undefined)."""
+    return 1.0 if np.array_equal(a, b) else float(spearmanr(a, b).statistic)
+
+
+def check_methods(sizes: Sizes, tree: Path, work: Path, names: Sequence[str]) -> list[dict[str, Any]]:
+    """Section 1: every method, one epoch in fp32 and in bf16; fp32 model scored in both precisions."""
+    base = ["data=cifar10", f"paths.data_dir={tree}", f"backbone={sizes.backbone32}", "trainer.max_epochs=1",
+            f"data.batch_size={sizes.batch32}", f"data.eval_batch_size={sizes.eval_batch}", f"data.num_workers={sizes.workers}",
+            sizes.detectors, "+detectors.params.vim.dim=32", *QUIET]
+    init = work / "ce_init.pt"
+    method, datamodule, trainer, _ = build(_cfg(work / "init", [*base, *trainer_overrides("gpu", sizes), "evaluate=false"]))
+    trainer.fit(method, datamodule=datamodule)
+    torch.save(method.state_dict(), init)
+    rows = []
+    for name in names:
+        row: dict[str, Any] = {"check": f"method {name}", "ok": False}
+        try:
+            common = [*base, f"method={name}", *method_overrides(name, init, work)]
+            fp32 = {}
+            for kind in ("gpu", "gpu_fast"):
+                method, datamodule, trainer, evaluation = build(_cfg(work / f"{name}-{kind}", [*common, *trainer_overrides(kind, sizes)]))
+                log = StepLog()
+                trainer.callbacks.append(log)
+                method.apply_init()
+                trainer.fit(method, datamodule=datamodule)
+                trainer.test(method, datamodule=datamodule, verbose=False)
+                row[f"losses_{kind}"] = [round(v, 4) for v in log.losses]
+                if not log.losses or not all(math.isfinite(v) for v in log.losses):
+                    raise AssertionError(f"{kind}: non-finite or no training loss {log.losses}")
+                if kind == "gpu":
+                    fp32, trained = test_scores(evaluation), method
+            # the fp32 model evaluated under bf16 autocast (a fresh trainer of the gpu_fast preset)
+            _, datamodule, trainer, evaluation = build(_cfg(work / f"{name}-bf16eval", [*common, *trainer_overrides("gpu_fast", sizes)]))
+            trainer.test(trained, datamodule=datamodule, verbose=False)
+            bf16 = test_scores(evaluation)
+            rho = {d: spearman(fp32[d], bf16[d]) for d in fp32}
+            row["spearman_fp32_bf16"] = {d: round(r, 5) for d, r in rho.items()}
+            low = {d: f"rho {r:.4f}, distinct values fp32 {len(np.unique(fp32[d]))} bf16 {len(np.unique(bf16[d]))}, "
+                      f"max |diff| {np.abs(fp32[d] - bf16[d]).max():.3g}" for d, r in rho.items() if not r >= sizes.rho_min}
+            row["ok"] = not low
+            if low:
+                row["error"] = f"Spearman fp32 vs bf16 below {sizes.rho_min}: {low}"
+        except Exception as err:  # noqa: BLE001 - a failing method is a row of the report, not the end of the check
+            row["error"] = f"{type(err).__name__}: {err}"
+        rows.append(row)
+        print(f"  {row['check']}: {'ok' if row['ok'] else 'FAILED ' + row['error']}", flush=True)
+    return rows
+
+
+def _same_neighbours(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of queries whose neighbour index sets agree."""
+    return float((a.sort(1).values.cpu() == b.sort(1).values.cpu()).all(1).float().mean())
+
+
+def check_faiss(sizes: Sizes) -> list[dict[str, Any]]:
+    """Section 2: the kNN detector and GROOD's bank on the device index vs the exact CPU index."""
+    from ood.detectors import build_detector
+    from ood.features.bank import FeatureBank
+    from ood.methods.grood import ncp_gradient
+    from ood.neighbors import KNNIndex, gpu_available
+
+    rows = []
+    if sizes.device == "cuda" and not gpu_available():
+        import faiss
+
+        return [{"check": "faiss GPU index", "ok": False,
+                 "error": f"faiss {faiss.__version__} has no GPU support: pip install faiss-gpu-cu12 (or -cu11)"}]
+    n, m, d = sizes.knn_bank
+    gen = torch.Generator().manual_seed(0)
+    classes = 10
+    centres = torch.rand(classes, d, generator=gen) * 2
+    y = torch.arange(n) % classes
+    train = (centres[y] + torch.randn(n, d, generator=gen)).clamp_min(0)
+    test = (centres[torch.arange(m) % classes] + torch.randn(m, d, generator=gen)).clamp_min(0)
+    w, b = torch.randn(classes, d, generator=gen) / d**0.5, torch.randn(classes, generator=gen)
+    dev = torch.device(sizes.device)
+    # kNN detector: its index follows the bank's device
+    scores = {}
+    for where in (dev, torch.device("cpu")):
+        bank = lambda h, lab, at=where: FeatureBank((h @ w.T + b).to(at), h.to(at), lab, w.to(at), b.to(at))  # noqa: E731
+        det = build_detector("knn", k=50).fit(bank(train, y.to(where)))
+        scores[where.type] = det.score(bank(test, None)).cpu()
+    unit = torch.nn.functional.normalize
+    dist_dev, idx_dev = KNNIndex("l2", device=dev).add(train.to(dev), unit).search(unit(test.to(dev)), 50)
+    dist_cpu, idx_cpu = KNNIndex("l2", device="cpu").add(train, unit).search(unit(test), 50)
+    rows.append(_neighbour_row("faiss knn (k=50)", idx_dev, idx_cpu, dist_dev, dist_cpu,
+                               float((scores[dev.type] - scores["cpu"]).abs().max())))
+    # GROOD's gradient bank: exact 1-NN of ncp gradients
+    protos = torch.cat([centres, centres.mean(0, keepdim=True)])
+    g_train, g_test = ncp_gradient(train, protos), ncp_gradient(test, protos)
+    dist_dev, idx_dev = KNNIndex("l2", "exact", device=dev).add(g_train.to(dev)).search(g_test.to(dev), 1)
+    dist_cpu, idx_cpu = KNNIndex("l2", "exact", device="cpu").add(g_train).search(g_test, 1)
+    rows.append(_neighbour_row("faiss GROOD bank (1-NN)", idx_dev, idx_cpu, dist_dev, dist_cpu, None))
+    return rows
+
+
+def _neighbour_row(name: str, idx_a: torch.Tensor, idx_b: torch.Tensor, dist_a: torch.Tensor, dist_b: torch.Tensor,
+                   score_diff: float | None) -> dict[str, Any]:
+    same = _same_neighbours(idx_a, idx_b)
+    rel = float(((dist_a.cpu() - dist_b).abs() / dist_b.abs().clamp_min(1e-6)).max())
+    row = {"check": name, "same_neighbours": same, "max_rel_distance_diff": rel, "ok": same >= SAME_NEIGHBOURS_MIN and rel <= 1e-4}
+    if score_diff is not None:
+        row["max_score_diff"] = score_diff
+    if not row["ok"]:
+        row["error"] = f"same neighbours {same:.4f} (need {SAME_NEIGHBOURS_MIN}), distance diff {rel:.2e} (need 1e-4)"
+    return row
+
+
+def check_augment(sizes: Sizes) -> dict[str, Any]:
+    """Section 3: `PadCropFlip` on the device vs torchvision's pad + crop + flip per image on the CPU, same draws."""
+    from torchvision.transforms import functional as TF
+
+    from ood.data.cifar import CIFAR10Benchmark
+    from ood.data.memory import PadCropFlip
+
+    mean, std = torch.tensor(CIFAR10Benchmark.mean), torch.tensor(CIFAR10Benchmark.std)
+    fill = tuple(((0 - mean) / std).tolist())
+    aug = PadCropFlip(4, 0.5, fill)
+    gen = torch.Generator().manual_seed(0)
+    x = ((torch.randint(0, 256, (256, 3, 32, 32), generator=gen).float() / 255) - mean[:, None, None]) / std[:, None, None]
+    dy, dx = torch.randint(0, 9, (256,), generator=gen), torch.randint(0, 9, (256,), generator=gen)
+    flip = torch.rand(256, generator=gen) < 0.5
+    dev = torch.device(sizes.device)
+    got = aug.apply(x.to(dev), dy.to(dev), dx.to(dev), flip.to(dev)).cpu()
+    want = []
+    for i in range(len(x)):
+        img = TF.hflip(x[i]) if flip[i] else x[i]
+        padded = torch.stack([TF.pad(img[c : c + 1], [4], fill=fill[c])[0] for c in range(3)])
+        want.append(TF.crop(padded, int(dy[i]), int(dx[i]), 32, 32))
+    equal = torch.equal(got, torch.stack(want))
+    return {"check": "in-memory crop + flip on the device == torchvision on the CPU", "ok": equal,
+            **({} if equal else {"error": f"max |diff| {float((got - torch.stack(want)).abs().max())}"})}
+
+
+def check_ddp(sizes: Sizes, tree: Path, work: Path) -> dict[str, Any]:
+    """Section 4: one-device DDP evaluation == plain evaluation (every row equal)."""
+    common = ["data=cifar10", f"paths.data_dir={tree}", f"backbone={sizes.backbone32}", "train=false",
+              f"data.eval_batch_size={sizes.eval_batch}", f"data.num_workers={sizes.workers}", sizes.detectors,
+              "+detectors.params.vim.dim=32", *QUIET]
+    state = torch.load(work / "ce_init.pt", map_location="cpu")
+    rows = {}
+    ddp = (["trainer=ddp", "trainer.devices=1"] if sizes.device == "cuda" else
+           ["trainer=cpu", "+trainer.strategy={_target_:lightning.pytorch.strategies.DDPStrategy,process_group_backend:gloo}"])
+    for name, extra in (("plain", trainer_overrides("gpu", sizes)), ("ddp", ddp)):
+        method, datamodule, trainer, evaluation = build(_cfg(work / f"ddp-{name}", [*common, *extra]))
+        method.load_state_dict(state)
+        trainer.test(method, datamodule=datamodule, verbose=False)
+        rows[name] = sorted((r["detector"], r["ood_dataset"], r["auroc"], r["fpr95"]) for r in evaluation.rows)
+    with contextlib.suppress(Exception):
+        torch.distributed.destroy_process_group()
+    equal = rows["plain"] == rows["ddp"] and bool(rows["plain"])
+    return {"check": "1-device DDP evaluation == plain evaluation", "ok": equal, "rows": len(rows["plain"]),
+            **({} if equal else {"error": "rows differ"})}
+
+
+@contextlib.contextmanager
+def _autocast(device: str, bf16: bool) -> Iterator[None]:
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        yield
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_loop(method: Any, datamodule: Any, device: str, bf16: bool, steps: int) -> float:
+    """Images/s of a plain PyTorch loop: the same loader (with its on-device crop/flip), model, optimiser and
+    precision as ood's run, no Lightning; `steps` timed after up to 3 warm-up steps."""
+    model = method.backbone.to(device).train()
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    augment = datamodule._augment.get("id")  # noqa: SLF001 - the loader's own per-batch augmentation
+    warm = min(3, steps)
+    images, start, done = 0, time.perf_counter(), 0
+    while done < warm + steps:  # as many epochs of the loader as the steps need
+        for batch in datamodule.train_dataloader():
+            if done == warm:
+                _sync(device)
+                start, images = time.perf_counter(), 0
+            x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
+            if augment is not None:
+                x = augment(x)
+            if bf16:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, bf16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            images += len(x)
+            done += 1
+            if done >= warm + steps:
+                break
+    _sync(device)
+    return images / (time.perf_counter() - start)
+
+
+def throughput(sizes: Sizes, trees: dict[str, Path], work: Path) -> list[dict[str, Any]]:
+    """Section 5: training images/s through ood vs a plain loop, data-wait share, evaluation images/s."""
+    table = []
+    setups = [("cifar10", sizes.backbone32, sizes.batch32, "32 px", []),
+              ("imagenet200", sizes.backbone224, sizes.batch224, "224 px", sizes.extra.get("imagenet", []))]
+    for data, backbone, batch, px, extra in setups:
+        for kind in ("gpu", "gpu_fast"):
+            overrides = [f"data={data}", f"paths.data_dir={trees[data]}", f"backbone={backbone}", "method=ce",
+                         f"trainer.max_epochs={sizes.throughput_epochs}", f"data.batch_size={batch}", f"data.eval_batch_size={sizes.eval_batch}",
+                         f"data.num_workers={sizes.workers}", "detectors=fast", "+detectors.params.vim.dim=32",
+                         *QUIET, *extra, *trainer_overrides(kind, sizes)]
+            method, datamodule, trainer, evaluation = build(_cfg(work / f"tp-{data}-{kind}", overrides))
+            log = StepLog()
+            trainer.callbacks.append(log)
+            trainer.fit(method, datamodule=datamodule)
+            timed = list(zip(log.step, log.wait))[min(3, len(log.step) // 2):]
+            step_s = sum(s for s, _ in timed)
+            ours = len(timed) * batch / step_s
+            wait = sum(w for _, w in timed) / step_s
+            _sync(sizes.device)
+            start = time.perf_counter()
+            trainer.test(method, datamodule=datamodule, verbose=False)
+            eval_s = time.perf_counter() - start
+            n_eval = sum(len(ds) for _, ds in datamodule._eval_sets())  # noqa: SLF001 - images through the network
+            plain = plain_loop(method, datamodule, sizes.device, kind == "gpu_fast", max(1, len(timed)))
+            table.append({"model": f"{backbone} {px} batch {batch}", "precision": "bf16" if kind == "gpu_fast" else "fp32",
+                          "ood_train_img_s": round(ours, 1), "plain_train_img_s": round(plain, 1),
+                          "ood_vs_plain": round(ours / plain, 3), "data_wait_share": round(wait, 3),
+                          "eval_img_s": round(n_eval / eval_s, 1), "eval_images": n_eval})
+    return table
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = ["| check | ok | details |", "|---|:-:|---|"]
+    for c in report["checks"]:
+        details = {k: v for k, v in c.items() if k not in ("check", "ok") and not k.startswith("losses")}
+        if "spearman_fp32_bf16" in c:
+            details["min_spearman"] = min(c["spearman_fp32_bf16"].values())
+            details.pop("spearman_fp32_bf16")
+        lines.append(f"| {c['check']} | {'yes' if c['ok'] else 'NO'} | {json.dumps(details)} |")
+    lines += ["", "| model | precision | ood train img/s | plain loop img/s | ood / plain | data wait | eval img/s (cache) |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for t in report["throughput"]:
+        lines.append(f"| {t['model']} | {t['precision']} | {t['ood_train_img_s']} | {t['plain_train_img_s']} | "
+                     f"{t['ood_vs_plain']} | {t['data_wait_share']:.1%} | {t['eval_img_s']} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="where the figures go (JSON)")
+    parser.add_argument("--dry-run", action="store_true", help="the same checks on the CPU with tiny shapes")
+    parser.add_argument("--methods", default="", help="comma-separated methods (default: every conf/method/*.yaml)")
+    parser.add_argument("--workdir", type=Path, default=None, help="fabricated data and runs (default: a temp dir)")
+    args = parser.parse_args(argv)
+    sizes = DRY if args.dry_run else GPU
+    if sizes.device == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA device visible to torch; run `python -m benchmarks.gpu_check --dry-run` for the CPU "
+              "smoke test", file=sys.stderr)
+        return 1
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "ood"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ood-gpu-check-") as tmp:
+        work = args.workdir or Path(tmp)
+        trees = {"cifar10": cifar_tree(work / "cifar", **sizes.cifar),
+                 "imagenet200": imagenet_tree(work / "imagenet", **sizes.imagenet)}
+        device = torch.cuda.get_device_name() if sizes.device == "cuda" else "cpu (dry run)"
+        print(f"ood gpu-check on {device}, torch {torch.__version__}", flush=True)
+        seconds: dict[str, float] = {}
+        t = time.perf_counter()
+        checks = check_methods(sizes, trees["cifar10"], work, args.methods.split(",") if args.methods else METHODS)
+        seconds["methods"] = time.perf_counter() - t
+        sections = {"faiss": lambda: check_faiss(sizes), "augment": lambda: [check_augment(sizes)],
+                    "ddp": lambda: [check_ddp(sizes, trees["cifar10"], work)]}
+        for name, section in sections.items():
+            t = time.perf_counter()
+            try:
+                checks += section()
+            except Exception as err:  # noqa: BLE001 - reported as a failed check
+                checks.append({"check": name, "ok": False, "error": f"{type(err).__name__}: {err}"})
+            seconds[name] = time.perf_counter() - t
+        t = time.perf_counter()
+        table = throughput(sizes, trees, work)
+        seconds["throughput"] = time.perf_counter() - t
+    report = {"device": device, "torch": torch.__version__, "dry_run": args.dry_run, "rho_min": sizes.rho_min,
+              "same_neighbours_min": SAME_NEIGHBOURS_MIN, "seconds": round(time.perf_counter() - started, 1),
+              "section_seconds": {k: round(v, 1) for k, v in seconds.items()},
+              "checks": checks, "throughput": table, "ok": all(c["ok"] for c in checks)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(markdown(report))
+    print(f"{'all checks passed' if report['ok'] else 'FAILED'} in {report['seconds']} s; figures in {args.out}")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

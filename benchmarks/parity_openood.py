@@ -1,0 +1,173 @@
+"""`make parity-openood`: OpenOOD v1.5's released networks evaluated by ood, beside the OpenOOD leaderboard.
+
+`python -m benchmarks.parity_openood --data-dir DATA --ckpt-dir RESULTS --weights RESNET50_FILE
+[--benchmarks cifar10,cifar100,imagenet200,imagenet1k] [--seeds 0,1,2] [--out DIR] [hydra overrides ...]`
+
+Evaluation only, through the ordinary entry points: per benchmark one `ood-eval -m experiment=parity_<benchmark>
+seed=...` sweep (conf/experiment/parity_*.yaml: the released CE network, `detectors=all` tuned on validation OOD
+with OpenOOD's grids, fp32), then `ood-report --reference conf/reference/openood_v1.5/<benchmark>.yaml` (the
+leaderboard's near / far AUROC, from results/*.csv of github.com/zjysteven/OpenOOD, branch leaderboard). This script
+only checks the files first and prints the parity table from the report: per detector ours (mean ± std over the
+seeds), the leaderboard's, the difference in points and `!` where |difference| > 1.0.
+
+Files (nothing is downloaded):
+- DATA: OpenOOD's benchmark tree (`benchmark_imglist/`, `images_classic/`, `images_largescale/`);
+- RESULTS: the unzipped v1.5 checkpoints, `<RESULTS>/<run>/s<seed>/best.ckpt` (`RUNS` below);
+- RESNET50_FILE: torchvision's ResNet-50 IMAGENET1K_V1 state dict (ImageNet-1K's network).
+A missing list or checkpoint is named with where OpenOOD publishes it; the other benchmarks still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ood import CONFIG_DIR
+
+REFERENCE_DIR = CONFIG_DIR / "reference" / "openood_v1.5"
+BENCHMARKS = ("cifar10", "cifar100", "imagenet200", "imagenet1k")
+#: OpenOOD v1.5's checkpoint folder per benchmark (scripts/download/download.py --checkpoints ood_v1.5)
+RUNS = {
+    "cifar10": "cifar10_resnet18_32x32_base_e100_lr0.1_default",
+    "cifar100": "cifar100_resnet18_32x32_base_e100_lr0.1_default",
+    "imagenet200": "imagenet200_resnet18_224x224_base_e90_lr0.1_default",
+}
+#: the zip each folder comes in (Google Drive ids in OpenOOD's scripts/download/download.py and README)
+RELEASES = {"cifar10": "cifar10_res18_v1.5.zip", "cifar100": "cifar100_res18_v1.5.zip",
+            "imagenet200": "imagenet200_res18_v1.5.zip"}
+CKPT_HOW = ("OpenOOD's v1.5 checkpoints: git clone https://github.com/Jingkang50/OpenOOD && python "
+            "scripts/download/download.py --contents checkpoints --checkpoints ood_v1.5 --save_dir {data} {ckpt} "
+            "(README 'Pre-trained checkpoints': {zip})")
+WEIGHTS_HOW = ("torchvision's ResNet-50 IMAGENET1K_V1 (resnet50-0676ba61.pth from "
+               "https://download.pytorch.org/models/resnet50-0676ba61.pth, the file torchvision.models.resnet50("
+               "weights='IMAGENET1K_V1') caches in <torch hub dir>/checkpoints/)")
+LIST_HOW = ("OpenOOD's benchmark lists and images: python scripts/download/download.py --contents datasets "
+            "--datasets {dataset} --dataset_mode benchmark --save_dir {data} (github.com/Jingkang50/OpenOOD; "
+            "ImageNet's own images from image-net.org)")
+DOWNLOAD_NAMES = {"cifar10": "cifar-10", "cifar100": "cifar-100", "imagenet200": "imagenet-200", "imagenet1k": "imagenet-1k"}
+#: a difference (points of AUROC) beyond this is marked
+MARK = 1.0
+
+
+def required_lists(benchmark: str) -> list[str]:
+    """The image-list files `data=<benchmark>` reads under OpenOOD's protocol (from its data config)."""
+    data = OmegaConf.load(CONFIG_DIR / "data" / f"{benchmark}.yaml").benchmark
+    if benchmark.startswith("cifar"):
+        lists = [f"benchmark_imglist/{benchmark}/{split}_{benchmark}.txt" for split in ("train", "val", "test")]
+    else:
+        lists = [data[split].imglist for split in ("train", "val", "test")]
+    protocol = data.protocols[data.protocol]
+    lists += [spec.imglist for group in ("near", "far") for spec in protocol[group].values()]
+    return lists + [protocol.val_ood.imglist]
+
+
+def missing_files(benchmark: str, data_dir: Path, ckpt_dir: Path, weights: Path | None, seeds: Sequence[int]) -> list[str]:
+    """One line per missing file: its path and where OpenOOD (or torchvision) publishes it."""
+    how = LIST_HOW.format(dataset=DOWNLOAD_NAMES[benchmark], data=data_dir)
+    lines = [f"missing {data_dir / f}: {how}" for f in required_lists(benchmark) if not (data_dir / f).is_file()]
+    if benchmark == "imagenet1k":
+        if weights is None or not weights.is_file():
+            lines.append(f"missing ResNet-50 weights {weights} (--weights / WEIGHTS=): {WEIGHTS_HOW}")
+    else:
+        how = CKPT_HOW.format(data=data_dir, ckpt=ckpt_dir, zip=RELEASES[benchmark])
+        lines += [f"missing {p}: {how}" for p in checkpoints(benchmark, ckpt_dir, seeds) if not p.is_file()]
+    return lines
+
+
+def checkpoints(benchmark: str, ckpt_dir: Path, seeds: Sequence[int]) -> list[Path]:
+    return [ckpt_dir / RUNS[benchmark] / f"s{s}" / "best.ckpt" for s in seeds]
+
+
+def evaluate(benchmark: str, args: argparse.Namespace, seeds: Sequence[int], out: Path) -> None:
+    """`ood-eval -m experiment=parity_<benchmark>` over the seeds (one job per released network)."""
+    if benchmark == "imagenet1k":
+        network, seeds = [f"backbone.weights={args.weights.resolve()}"], [0]  # one torchvision network
+    else:
+        network = [f"ckpt_path={args.ckpt_dir.resolve() / RUNS[benchmark]}/s${{seed}}/best.ckpt"]
+    cmd = [sys.executable, "-m", "ood.eval", "-m", f"experiment=parity_{benchmark}", f"paths.data_dir={args.data_dir.resolve()}",
+           f"seed={','.join(map(str, seeds))}", f"hydra.sweep.dir={out}", "hydra.sweep.subdir=s${seed}", *network,
+           *args.overrides]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def report(benchmark: str, out: Path) -> list[dict[str, str]]:
+    """`ood-report` of the sweep beside the leaderboard; returns report.csv's rows."""
+    cmd = [sys.executable, "-m", "ood.report", str(out), "--reference", str(REFERENCE_DIR / f"{benchmark}.yaml"),
+           "--no-figures", "--out", str(out)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    with (out / "report.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def parity_table(benchmark: str, rows: Sequence[dict[str, str]]) -> tuple[str, int]:
+    """The Markdown parity table of one benchmark and the number of marked differences."""
+    reference = OmegaConf.to_container(OmegaConf.load(REFERENCE_DIR / f"{benchmark}.yaml"))
+    lines = [f"### {benchmark} (seeds: {rows[0]['seeds'] if rows else 0}; leaderboard: {reference['source'].strip()})", "",
+             "| detector | near ours | near OpenOOD | near diff | far ours | far OpenOOD | far diff |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    marked = 0
+    for row in sorted(rows, key=lambda r: r["detector"]):
+        cells = []
+        for group in ("near", "far"):
+            ours, std = row.get(f"{group}/auroc_mean", ""), row.get(f"{group}/auroc_std", "")
+            ref, ref_std = row.get(f"ref:{group}/auroc_mean", ""), row.get(f"ref:{group}/auroc_std", "")
+            cells.append(f"{100 * float(ours):.2f} ± {100 * float(std or 0):.2f}" if ours else "-")
+            cells.append(f"{100 * float(ref):.2f} ± {100 * float(ref_std or 0):.2f}" if ref else "-")
+            if ours and ref:
+                diff = 100 * (float(ours) - float(ref))
+                marked += abs(diff) > MARK
+                cells.append(f"{diff:+.2f}{' !' if abs(diff) > MARK else ''}")
+            else:
+                cells.append("-")
+        lines.append(f"| {row['detector']} | " + " | ".join(cells) + " |")
+    lines.append(f"\nnot in ood (leaderboard only): {', '.join(reference.get('not_in_ood', [])) or '-'}")
+    return "\n".join(lines), marked
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, required=True, help="OpenOOD's benchmark tree")
+    parser.add_argument("--ckpt-dir", type=Path, required=True, help="folder holding OpenOOD's v1.5 checkpoint folders")
+    parser.add_argument("--weights", type=Path, default=None, help="torchvision's ResNet-50 IMAGENET1K_V1 file")
+    parser.add_argument("--benchmarks", default=",".join(BENCHMARKS), help="comma-separated subset of " + ",".join(BENCHMARKS))
+    parser.add_argument("--seeds", default="0,1,2", help="released training runs (s0, s1, s2)")
+    parser.add_argument("--out", type=Path, default=Path("logs/reproduce/parity"))
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every ood-eval (e.g. data.num_workers=16)")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    chosen = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    unknown = [b for b in chosen if b not in BENCHMARKS]
+    if unknown:
+        print(f"error: unknown benchmark(s) {unknown}; choices: {list(BENCHMARKS)}", file=sys.stderr)
+        return 1
+    failed, tables = [], []
+    for benchmark in chosen:
+        missing = missing_files(benchmark, args.data_dir, args.ckpt_dir, args.weights, seeds)
+        if missing:
+            print("\n".join(f"{benchmark}: {line}" for line in missing), file=sys.stderr)
+            failed.append(benchmark)
+            continue
+        out = args.out / benchmark
+        evaluate(benchmark, args, seeds, out)
+        table, marked = parity_table(benchmark, report(benchmark, out))
+        tables.append(table)
+        print(f"\n{table}\n({marked} differences beyond {MARK} point marked '!')\n", flush=True)
+    if tables:
+        text = "\n\n".join(tables) + "\n"
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "parity.md").write_text(text)
+        print(f"wrote {args.out / 'parity.md'}")
+    if failed:
+        print(f"not run (files missing, listed above): {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

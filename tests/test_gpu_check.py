@@ -1,0 +1,38 @@
+"""`make gpu-check`'s CPU dry run (tiny shapes, the same code as on a GPU) passes, so the script cannot rot: every
+method config trains and evaluates in fp32 and under bf16 autocast, the device-vs-CPU checks hold, the throughput
+table is filled."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_check
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_passes(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--dry-run", "--out", str(out), "--workdir", str(tmp_path / "work")]) == 0
+    report = json.loads(out.read_text())
+    checks = {c["check"]: c for c in report["checks"]}
+    assert report["ok"] and report["dry_run"] and all(c["ok"] for c in checks.values())
+    for name in gpu_check.METHODS:  # a new method config enrols itself
+        row = checks[f"method {name}"]
+        assert row["losses_gpu"] and row["losses_gpu_fast"]
+        assert min(row["spearman_fp32_bf16"].values()) >= report["rho_min"]
+    assert checks["faiss knn (k=50)"]["same_neighbours"] == 1.0
+    assert checks["faiss GROOD bank (1-NN)"]["same_neighbours"] == 1.0
+    assert checks["1-device DDP evaluation == plain evaluation"]["rows"] > 0
+    assert [(t["model"].split()[1], t["precision"]) for t in report["throughput"]] == [
+        ("32", "fp32"), ("32", "bf16"), ("224", "fp32"), ("224", "bf16")]
+    assert all(t["ood_train_img_s"] > 0 and t["plain_train_img_s"] > 0 and 0 <= t["data_wait_share"] < 1
+               for t in report["throughput"])
+
+
+def test_gpu_check_refuses_without_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path / "x.json")]) == 1
+    assert "--dry-run" in capsys.readouterr().err

@@ -1,0 +1,67 @@
+"""`make parity-openood` end to end on fabricated files: OpenOOD's CIFAR-10 tree and random networks saved in
+OpenOOD's checkpoint format (`<results>/<run>/s<seed>/best.ckpt`, `module.`-prefixed ResNet18_32x32 names), through
+`ood-eval -m` and `ood-report`, to the parity table beside the leaderboard; a missing checkpoint names the file and
+OpenOOD's release."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import parity_openood
+from benchmarks.fabricate import cifar_tree
+from ood.models import ResNet18_32x32
+from ood.report import load_reference
+
+
+def openood_checkpoint(path: Path, seed: int) -> None:
+    """A random ResNet18_32x32 state dict under OpenOOD's names (conv1, bn1, layerN.i.shortcut, DataParallel
+    `module.` prefix), written without the project's loader."""
+    torch.manual_seed(seed)
+    state = {}
+    for key, value in ResNet18_32x32(10).state_dict().items():
+        key = key.replace("stages.stem.0.", "conv1.").replace("stages.stem.1.", "bn1.")
+        key = re.sub(r"^stages\.(layer\d\.\d+)\.downsample\.", r"\1.shortcut.", key)
+        state["module." + key.removeprefix("stages.")] = value
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+
+
+def test_reference_files_cover_every_benchmark() -> None:
+    for benchmark in parity_openood.BENCHMARKS:
+        ref = load_reference(parity_openood.REFERENCE_DIR / f"{benchmark}.yaml")  # as ood-report reads it
+        assert ref["id_dataset"] == benchmark and "zjysteven/OpenOOD" in ref["source"]
+        assert {"msp", "energy", "knn", "vim", "react", "ash"} <= set(ref["auroc"]["ce"])
+    # spot checks against the leaderboard's CSVs (CIFAR-10 KNN; ImageNet-1K's single torchvision network)
+    cifar10 = load_reference(parity_openood.REFERENCE_DIR / "cifar10.yaml")
+    assert cifar10["auroc"]["ce"]["knn"] == {"near": [90.64, 0.20], "far": [92.96, 0.14]}
+    imagenet = load_reference(parity_openood.REFERENCE_DIR / "imagenet1k.yaml")
+    assert imagenet["backbone"] == "resnet50" and imagenet["auroc"]["ce"]["ash"] == {"near": [78.17], "far": [95.74]}
+
+
+@pytest.mark.slow
+def test_parity_runs_end_to_end_on_fabricated_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = cifar_tree(tmp_path / "data", n_train=20, n_val=8, n_test=8, n_ood=4)
+    results = tmp_path / "results"
+    for seed in (0, 1):
+        openood_checkpoint(results / parity_openood.RUNS["cifar10"] / f"s{seed}" / "best.ckpt", seed)
+    code = parity_openood.main([
+        "--data-dir", str(data), "--ckpt-dir", str(results), "--benchmarks", "cifar10,cifar100", "--seeds", "0,1",
+        "--out", str(tmp_path / "parity"), "trainer=cpu", "data.num_workers=0", "data.pin_memory=false",
+        "trainer.enable_progress_bar=false", "logger=none", "detectors.names=[msp,energy,knn,mahalanobis]"])
+    out, err = capsys.readouterr()
+    assert code == 1  # cifar100's checkpoints are missing
+    missing = results / parity_openood.RUNS["cifar100"] / "s0" / "best.ckpt"
+    assert f"missing {missing}" in err and "cifar100_res18_v1.5.zip" in err
+    table = (tmp_path / "parity" / "parity.md").read_text()
+    assert "### cifar10 (seeds: 2;" in table
+    knn = next(line for line in table.splitlines() if line.startswith("| knn |")).split(" | ")
+    # ours (a random network: about chance), the leaderboard's numbers, the difference, marked beyond 1 point
+    assert knn[2] == "90.64 ± 0.20" and knn[5] == "92.96 ± 0.14"
+    ours_near = float(knn[1].split(" ± ")[0])
+    assert knn[3] == f"{ours_near - 90.64:+.2f} !"
+    assert {line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")} >= {
+        "| msp", "| energy", "| knn", "| mahalanobis"}
