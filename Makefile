@@ -28,9 +28,9 @@ install: $(VENV)/.installed ## create .venv (if missing) and install ood with th
 demo: install ## train + evaluate the CE baseline on the embedded digits benchmark (CPU, ~1 min), print the table
 	$(VENV)/bin/ood-train
 
-test: install ## the layer contract (import-linter), then the whole test suite (what CI runs)
+test: install ## the layer contract (import-linter), then the whole test suite on 2 processes (what CI runs)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: install ## the suite without the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow"

@@ -1,24 +1,52 @@
-"""Test-wide settings: no network, no wandb account, few threads (CI has 2 cores)."""
+"""Test-wide settings: no network, no wandb account, few threads (CI has 2 cores), checkpoints shared by session.
+
+`make test` runs the suite on 2 pytest-xdist workers: each worker then uses one thread (two workers with two
+threads each on two cores slow everything down), and a trained checkpoint is made once for the whole session,
+under a file lock in the directory both workers share, instead of once per worker.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(2)
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+THREADS = 1 if WORKER else 2
+os.environ["OMP_NUM_THREADS"] = str(THREADS)  # subprocesses (entry points, spawned DDP ranks) inherit it
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(autouse=True)
 def _no_wandb_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "disabled"))
+
+
+def shared_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], Path]) -> Path:
+    """`make(folder)` run once per test session, however many xdist workers ask: the first one makes it under a
+    file lock in the temp directory the workers share, the others wait and reuse the path it returned."""
+    root = tmp_path_factory.getbasetemp()
+    if WORKER:
+        root = root.parent
+    done = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if done.is_file():
+            return Path(json.loads(done.read_text()))
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        path = make(folder)
+        done.write_text(json.dumps(str(path)))
+        return path
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +55,8 @@ def ce_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     a trained classifier (`method.init.ckpt=`): trained once per session."""
     from helpers import run_config
 
-    out = tmp_path_factory.mktemp("ce_init")
-    run_config(out, ["trainer.max_epochs=8", "trainer.enable_progress_bar=false", "evaluate=false", "logger=none"])
-    return out / "checkpoints" / "last.ckpt"
+    def train(out: Path) -> Path:
+        run_config(out, ["trainer.max_epochs=8", "trainer.enable_progress_bar=false", "evaluate=false", "logger=none"])
+        return out / "checkpoints" / "last.ckpt"
+
+    return shared_once(tmp_path_factory, "ce_init", train)
