@@ -1,4 +1,4 @@
-"""The embedded digits benchmark: fixed seeded splits, disjoint, the DESIGN §5 OOD sets and groups."""
+"""The embedded digits benchmark: fixed seeded splits, disjoint, the OOD sets and groups of the README (digits section)."""
 
 from __future__ import annotations
 

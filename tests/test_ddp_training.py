@@ -1,4 +1,4 @@
-"""Training under DDP equals single-device training (issue 15): global batch split across ranks, the first steps of
+"""Training under DDP equals single-device training: global batch split across ranks, the first steps of
 every method equal under 2-process DDP and one process, contrastive losses over the global batch."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Known answers and the spec's identities (methods/energy_cfl.md §8) for the energy-family losses."""
+"""Known answers and the identities in docs/methods/energy_cfl.md for the energy-family losses."""
 
 from __future__ import annotations
 
