@@ -12,7 +12,9 @@ Deviations: closed form from the cache (no backward pass, no per-sample vmap); f
 through a float32 softmax and `binary_cross_entropy`, whose backward clamps p (1 - p) at 1e-12: where probabilities
 saturate (p_c < 1e-12 or p_max rounding to 1) its gradient departs from the exact C p - 1 used here. The paper itself
 trains a small classifier on per-layer gradient norms with labelled OOD data; like pytorch-ood we use the summed
-norm directly (no OOD data). Not in OpenOOD. Memory: one float64 row chunk of the logits at a time.
+norm directly (no OOD data). pytorch-ood 0.4.0 ships this method as `GradNorm` and uses the summed norm as an
+outlier score (higher = more OOD); its later `GradUncertainty` negates it (confident ID inputs have the larger
+gradient), which is the orientation used here. Not in OpenOOD. Memory: one float64 row chunk of the logits at a time.
 """
 
 from __future__ import annotations
