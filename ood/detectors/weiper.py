@@ -21,7 +21,7 @@ Deviations: the random directions come from a seeded generator (`seed`; the refe
 setup); a sample's histogram is the exact fraction of its values per bin (the reference's `batch_histogram` splits
 more than 1000 values into chunks of 1000 and weights the chunks equally, which differs for ResNet-50's D = 2048
 only); p is the mean over all train rows (the reference: the mean of per-batch means); float64 after the float32
-perturbed-logit product.
+perturbed-logit product (the perturbed max softmax stays float32, as the reference's).
 Memory and cost: state is the perturbed head (R C x D float32: 819 MB for R = 100, C = 1000, D = 2048) and two
 n_bins vectors; fit reads the train bank twice (global min/max, then densities) and score once, in row chunks of
 at most 2^24 / (R C) rows (64 MB of perturbed logits), never materialising the N x R C perturbed logits. The cost is
@@ -54,11 +54,11 @@ def bin_edges(low: float, high: float, n_bins: int) -> torch.Tensor:
 
 def row_histograms(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """[rows, n_bins] fraction of each row's values in each bin [e_i, e_i+1) (values outside count in none)."""
-    n_bins = len(edges) - 1
+    n_bins, rows = len(edges) - 1, values.shape[0]
     idx = torch.bucketize(values.float(), edges.to(values.device), right=True)  # 0: below, n_bins + 1: at/above the top
-    counts = torch.zeros(values.shape[0], n_bins + 2, dtype=torch.float64, device=values.device)
-    counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
-    return counts[:, 1 : n_bins + 1] / values.shape[1]
+    idx += torch.arange(rows, device=idx.device)[:, None] * (n_bins + 2)  # one block of n_bins + 2 counters per row
+    counts = torch.bincount(idx.view(-1), minlength=rows * (n_bins + 2)).view(rows, n_bins + 2)
+    return counts[:, 1 : n_bins + 1].double() / values.shape[1]
 
 
 def smooth(density: torch.Tensor, width: int) -> torch.Tensor:
@@ -153,8 +153,10 @@ class WeiPer(Detector):
         for h, g in self._chunks(bank):
             q.append(row_histograms(h, self.edges_).cpu())
             q_w.append(row_histograms(g, self.edges_perturbed_).cpu())
-            probs = torch.softmax(g.double().view(len(g), self.n_repeats, n_classes), dim=2)
-            msp.append(probs.max(2).values.mean(1).cpu())
+            blocks = g.view(len(g), self.n_repeats, n_classes)
+            # max softmax of each copy = 1 / sum_c exp(g_c - max g), float32 as the reference's softmax
+            max_prob = 1 / (blocks - blocks.amax(2, keepdim=True)).exp().sum(2)
+            msp.append(max_prob.double().mean(1).cpu())
         if not q:
             empty = torch.zeros(0, self.n_bins, dtype=torch.float64)
             return empty, empty, torch.zeros(0, dtype=torch.float64)
