@@ -26,7 +26,10 @@ with its defaults) time the reference each detector is tested against (`REFERENC
 then batched scoring; Mahalanobis++ / RMDS++ OpenOOD's mds / rmds above on NumPy-normalised copies; WeiPer + KLD the
 authors' OpenOOD code (a perturbed `nn.Linear`, train batches of 200, `batch_histogram`'s broadcast comparisons over
 100 samples x 1000 values, `Conv1d` smoothing); GradUncertainty pytorch-ood's `vmap` of per-sample head gradients
-(batches of 128). Rows of detectors not registered in this checkout are skipped.
+(batches of 128). The rows of the other new cache detectors: `residual` and `vra` (OpenOOD's postprocessors: ViM's
+`EmpiricalCovariance` + `np.linalg.eig` principal space; clipping at the 10th / 90th percentile of all fit
+activations), `lts` and `pnml` (pytorch-ood's `LTS`, `PNML`); `relation`, `cfood`, `openmax`, `gmm` time ours only.
+Rows of detectors not registered in this checkout are skipped.
 `--memmap` runs ours on banks in memory-mapped .npy files (`evaluation.bank_dir`): the peak then also reports the
 anonymous (non-file) resident memory, sampled every 10 ms.
 
@@ -65,6 +68,14 @@ IMPLS = {
     "rmds_pp": ["ours", "openood"],
     "weiper": ["ours", "authors"],
     "graduncertainty": ["ours", "pytorch-ood"],
+    "residual": ["ours", "openood"],
+    "vra": ["ours", "openood"],
+    "lts": ["ours", "pytorch-ood"],
+    "pnml": ["ours", "pytorch-ood"],
+    "relation": ["ours"],
+    "cfood": ["ours"],
+    "openmax": ["ours"],
+    "gmm": ["ours"],
 }
 
 
@@ -398,6 +409,44 @@ def graduncertainty_pytorch_ood(d: dict[str, torch.Tensor], score_rows: int) -> 
     return torch.cat(out).numpy()
 
 
+def residual_openood(d: dict[str, torch.Tensor], score_rows: int) -> np.ndarray:
+    """OpenOOD residual: ViM's principal space (EmpiricalCovariance, np.linalg.eig), minus the residual norm."""
+    from sklearn.covariance import EmpiricalCovariance
+
+    h, t, w, b = d["h"].float().numpy(), d["t"].float().numpy(), d["w"].numpy(), d["b"].numpy()
+    u = -np.matmul(np.linalg.pinv(w), b)
+    vals, vecs = np.linalg.eig(EmpiricalCovariance(assume_centered=True).fit(h - u).covariance_)
+    ns = np.ascontiguousarray((vecs.T[np.argsort(vals * -1)[vim_dim(h.shape[1]) :]]).T)
+    return -np.linalg.norm(np.matmul(t - u, ns), axis=-1)
+
+
+def vra_openood(d: dict[str, torch.Tensor], score_rows: int) -> np.ndarray:
+    """OpenOOD vra (penultimate): clip to the 10th / 90th percentiles of all fit activations, energy of the head."""
+    log = d["h"].float().numpy()
+    low, high = np.percentile(log.flatten(), 10), np.percentile(log.flatten(), 90)
+    feature = d["t"].float().clip(min=float(low), max=float(high))
+    return torch.logsumexp(feature @ d["w"].T + d["b"], dim=1).numpy()
+
+
+def lts_pytorch_ood(d: dict[str, torch.Tensor], score_rows: int) -> np.ndarray:
+    """pytorch-ood LTS: T = (sum z / sum of the top 5 % of z)^2, energy of f / T."""
+    z = d["t"].float()
+    k = max(1, round(z.shape[1] * 0.05))
+    temperature = (z.sum(1) / z.topk(k, dim=1).values.sum(1)).square()
+    return torch.logsumexp((z @ d["w"].T + d["b"]) / temperature[:, None], dim=1).numpy()
+
+
+def pnml_pytorch_ood(d: dict[str, torch.Tensor], score_rows: int) -> np.ndarray:
+    """pytorch-ood PNML: normalised train features, pinv(X^T X), regret from the head on normalised test features."""
+    x = torch.nn.functional.normalize(d["h"].float(), p=2, dim=1)
+    projector = torch.linalg.pinv(x.T @ x)
+    z = torch.nn.functional.normalize(d["t"].float(), p=2, dim=1)
+    probs = torch.softmax(z @ d["w"].T + d["b"], dim=1).clamp(min=1e-12, max=1 - 1e-12)
+    proj = (z @ projector * z).sum(1)
+    kappa = (proj / (1 + proj))[:, None]
+    return (torch.log((probs / (probs + (1 - probs) * probs.pow(kappa))).sum(1)) / np.log(probs.shape[1])).numpy()
+
+
 #: (detector, implementation) -> the reference's fit + score on the banks
 REFERENCE_ROWS = {
     ("neco", "authors"): neco_authors,
@@ -407,6 +456,10 @@ REFERENCE_ROWS = {
     ("rmds_pp", "openood"): lambda d, rows: openood("rmds", _unit_banks(d), rows),
     ("weiper", "authors"): weiper_authors,
     ("graduncertainty", "pytorch-ood"): graduncertainty_pytorch_ood,
+    ("residual", "openood"): residual_openood,
+    ("vra", "openood"): vra_openood,
+    ("lts", "pytorch-ood"): lts_pytorch_ood,
+    ("pnml", "pytorch-ood"): pnml_pytorch_ood,
 }
 #: rows whose reference scores with the per-class N x N products (timed on --score-rows, scaled to --m)
 SCALED_ROWS = {"mahalanobis", "rmds", "mahalanobis_pp", "rmds_pp"}
