@@ -4,9 +4,9 @@ l2-normalised penultimate features h / ||h||_2, both in the fit (class means, sh
 background Gaussian) and in the scoring:
     mahalanobis_pp: max_c -(z - mu_c)^T Sigma^+ (z - mu_c),       z = h / ||h||_2
     rmds_pp:        max_c [-MD_c(z) + MD_0(z)]
-The normalisation removes the feature-norm variation that breaks the shared-covariance Gaussian assumption; it
-leads the OpenOOD v1.5 ImageNet leaderboard for ViT and Swin backbones (RMDS++). Reference: the paper (Sec. 3,
-"normalise the features before estimating the class means and covariance"); neither OpenOOD nor pytorch-ood has it.
+The normalisation removes the variation of the feature norm that the shared-covariance Gaussian model does not fit;
+with it Mahalanobis / RMDS lead the ImageNet-1K results for ViT and Swin backbones. Reference: the paper (neither
+OpenOOD nor pytorch-ood implements it); the tests compare with OpenOOD's `mds` / `rmds` scoring on normalised features.
 Implementation: the `mahalanobis` / `rmds` detectors (`ood.detectors.mahalanobis`) run unchanged on a view of the
 bank whose rows are normalised chunk by chunk as those detectors read them (`NormalisedRows`): no normalised copy
 of the bank is made, so memory is theirs (the bank plus one float64 chunk; state C x D means and D x D precisions).
