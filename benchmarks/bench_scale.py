@@ -25,6 +25,16 @@ The last column puts ours against the machine: the useful float32 work of knn, m
 as a fraction of the same machine's float32 GEMM rate (`gemm_gflops`: torch.mm of 2048 x 2048 matrices, best of 5,
 same thread count, measured in the same child process just before the detector runs, so that a shared machine's
 load is the same for both; the header gives the parent's measurement).
+The leaderboard rows (`neco`, `caref`, `cadref`, `mahalanobis_pp`, `rmds_pp`, `weiper`, `graduncertainty`, each
+with its defaults) time the reference each detector is tested against (`REFERENCE_ROWS`): NECO the authors'
+`StandardScaler` + full `PCA`; CARef / CADRef the authors' per-sample grouping of train features into per-class lists,
+then batched scoring; Mahalanobis++ / RMDS++ OpenOOD's mds / rmds above on NumPy-normalised copies; WeiPer + KLD the
+authors' OpenOOD code (a perturbed `nn.Linear`, train batches of 200, `batch_histogram`'s broadcast comparisons over
+100 samples x 1000 values, `Conv1d` smoothing); GradUncertainty pytorch-ood's `vmap` of per-sample head gradients
+(batches of 128). The rows of the other new cache detectors: `residual` and `vra` (OpenOOD's postprocessors: ViM's
+`EmpiricalCovariance` + `np.linalg.eig` principal space; clipping at the 10th / 90th percentile of all fit
+activations), `lts` and `pnml` (pytorch-ood's `LTS`, `PNML`); `relation`, `cfood`, `openmax`, `gmm` time ours only.
+Rows of detectors not registered in this checkout are skipped.
 `--memmap` runs ours on banks in memory-mapped .npy files (`evaluation.bank_dir`): the peak then also reports the
 anonymous (non-file) resident memory, sampled every 10 ms.
 
@@ -55,6 +65,22 @@ IMPLS = {
     "rmds": ["ours", "openood", "pytorch-ood"],
     "vim": ["ours", "openood", "pytorch-ood"],
     "grood_bank": ["ours", "ours-ivf", "openood"],
+    # leaderboard / pytorch-ood detectors: the reference column is the code each one was checked against
+    "neco": ["ours", "authors"],
+    "caref": ["ours", "authors"],
+    "cadref": ["ours", "authors"],
+    "mahalanobis_pp": ["ours", "openood"],
+    "rmds_pp": ["ours", "openood"],
+    "weiper": ["ours", "authors"],
+    "graduncertainty": ["ours", "pytorch-ood"],
+    "residual": ["ours", "openood"],
+    "vra": ["ours", "openood"],
+    "lts": ["ours", "pytorch-ood"],
+    "pnml": ["ours", "pytorch-ood"],
+    "relation": ["ours"],
+    "cfood": ["ours"],
+    "openmax": ["ours"],
+    "gmm": ["ours"],
 }
 
 
@@ -270,6 +296,207 @@ def useful_flops(name: str, n: int, m: int, d: int, c: int) -> float | None:
     }
     return counts.get(name)
 
+# ----- the leaderboard detectors' reference code ------------------------------------------------------------------
+def _np64(t: torch.Tensor) -> np.ndarray:
+    return t.double().numpy()
+
+
+def neco_authors(d: dict[str, torch.Tensor], score_rows: int) -> np.ndarray:
+    """gitlab drti/neco: StandardScaler on the train features, PCA(D) on them, ratio of the first d components' norm."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    h = _np64(d["h"])
+    ss = StandardScaler()
+    pca = PCA(h.shape[1]).fit(ss.fit_transform(h))
+    z = ss.transform(_np64(d["t"]))
+    dim = round(h.shape[1] / 8)
+    return np.linalg.norm(pca.transform(z)[:, :dim], axis=1) / np.linalg.norm(z, axis=1)
+
+
+def _caref_state(d: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """LingAndZero/CADRef get_features + get_mean_feature: rows appended one by one to per-predicted-class lists."""
+    classes = d["w"].shape[0]
+    features: list[list[torch.Tensor]] = [[] for _ in range(classes)]
+    logits: list[list[torch.Tensor]] = [[] for _ in range(classes)]
+    for s in range(0, len(d["h"]), 256):
+        h, f = d["h"][s : s + 256].float(), d["lh"][s : s + 256]
+        for i, c in enumerate(f.argmax(1).tolist()):
+            features[c].append(h[i])
+            logits[c].append(f[i])
+    means = torch.stack([torch.stack(rows).mean(0) if rows else torch.full((h.shape[1],), float("nan")) for rows in features])
+    return means, [[torch.stack(rows)] if rows else [] for rows in logits]
+
+
+def caref_authors(d: dict[str, torch.Tensor], score_rows: int) -> np.ndarray:
+    means, _ = _caref_state(d)
+    out = []
+    for s in range(0, len(d["t"]), 256):
+        x, f = d["t"][s : s + 256].float(), d["lt"][s : s + 256]
+        tm = means[torch.softmax(f, 1).argmax(1)]
+        out.append(-((tm - x).norm(dim=1, p=1) / x.norm(dim=1, p=1)))
+    return torch.cat(out).numpy()
+
+
+def cadref_authors(d: dict[str, torch.Tensor], score_rows: int) -> np.ndarray:
+    means, logits = _caref_state(d)
+    global_mean = torch.cat([torch.logsumexp(rows[0], 1) for rows in logits if rows]).mean()
+    w = d["w"]
+    out = []
+    for s in range(0, len(d["t"]), 256):
+        x, f = d["t"][s : s + 256].float(), d["lt"][s : s + 256]
+        ids = torch.softmax(f, 1).argmax(1)
+        dist, sg = x - means[ids], w[ids].sign()
+        ep, en = (dist * sg).clamp_min(0), (dist * -sg).clamp_min(0)
+        norm = x.norm(dim=1, p=1)
+        out.append(-(ep.norm(dim=1, p=1) / norm / torch.logsumexp(f, 1) + en.norm(dim=1, p=1) / norm / global_mean))
+    return torch.cat(out).numpy()
+
+
+def _unit_banks(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    unit = lambda x: torch.from_numpy(x / np.linalg.norm(x, axis=1, keepdims=True))  # noqa: E731
+    return {**d, "h": unit(d["h"].float().numpy()), "t": unit(d["t"].float().numpy())}
+
+
+def weiper_authors(d: dict[str, torch.Tensor], score_rows: int) -> np.ndarray:
+    """mgranz/weiper's OpenOOD postprocessor at the yml defaults (R = 100, delta 1.8, 100 bins, smoothing 4 / 15)."""
+    import torch.nn.functional as F
+
+    repeats, delta, n_bins, lam1, lam2 = 100, 1.8, 100, 2.5, 0.1
+    w, b = d["w"], d["b"]
+    perts = [delta * F.normalize(torch.randn_like(w), dim=1) * w.norm(dim=1)[:, None] for _ in range(repeats)]
+    fc = torch.nn.Linear(w.shape[1], repeats * w.shape[0])
+    fc.weight.data, fc.bias.data = torch.cat([w + p for p in perts]), b.repeat(repeats)
+
+    def batches(x: torch.Tensor) -> list[torch.Tensor]:
+        return list(x.float().split(200))
+
+    def histogram(samples: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """batch_histogram(samples [values, n], (low, high), probability=True), chunks of 1000 values."""
+        steps = torch.arange(n_bins + 1, dtype=torch.float32) / n_bins
+        bins = (low + steps * (high + 1e-8 - low))[:, None].repeat(1, samples.shape[1])
+        inf = torch.full((1, samples.shape[1]), float("inf"))
+        bins = torch.cat([-inf, bins, inf])
+        chunks = samples.split(1000)
+        dens = sum(((c[None] < bins[1:, None]) & (c[None] >= bins[:-1, None])).float().mean(1) for c in chunks)
+        dens = dens / len(chunks[-1])
+        return dens[1:-1] / dens.sum(0)[None]
+
+    def densities(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        return torch.cat([histogram(part.T, low, high) for part in x.split(100)], dim=-1)
+
+    def kl(p: torch.Tensor, q: torch.Tensor, width: int, eps: float) -> torch.Tensor:
+        conv = torch.nn.Conv1d(100, 100, width, padding="same", padding_mode="replicate")
+        conv.weight.data.zero_()
+        conv.weight.data[range(100), range(100)] = torch.ones(1, 100, width) / width
+        conv.bias.data.zero_()
+        out = []
+        for part in q.split(100, dim=-1):
+            n = part.shape[-1]
+            part = torch.cat([part, torch.ones(part.shape[0], 100 - n)], dim=-1)
+            q_ = conv(part.T).T + eps
+            p_ = (p + eps) / (p + eps).sum(0)
+            q_ = q_ / q_.sum(0)
+            q_p = q_.log()[:, None] - p_.log()[..., None]
+            out.append((-(p_[..., None] * q_p).sum(0) - (q_[:, None] * (-q_p)).sum(0))[0, :n])
+        return torch.cat(out)
+
+    with torch.no_grad():
+        lo = hi = lo_w = hi_w = None
+        for x in batches(d["h"]):
+            g = fc(x)
+            lo = x.min() if lo is None else torch.minimum(lo, x.min())
+            hi = x.max() if hi is None else torch.maximum(hi, x.max())
+            lo_w = g.min() if lo_w is None else torch.minimum(lo_w, g.min())
+            hi_w = g.max() if hi_w is None else torch.maximum(hi_w, g.max())
+        parts = [(densities(x, lo, hi).mean(-1), densities(fc(x), lo_w, hi_w).mean(-1)) for x in batches(d["h"])]
+        p = torch.stack([a for a, _ in parts]).mean(0)[:, None]
+        p_w = torch.stack([c for _, c in parts]).mean(0)[:, None]
+        out = []
+        for x in batches(d["t"]):
+            g = fc(x)
+            msp = torch.stack([g[:, r * w.shape[0] : (r + 1) * w.shape[0]].softmax(1).max(1).values for r in range(repeats)], 1)
+            out.append(-(kl(p, densities(x, lo, hi), 4, 0.01) + lam1 * kl(p_w, densities(g, lo_w, hi_w), 15, 0.025)
+                         - lam2 * msp.mean(1)))
+    return torch.cat(out).numpy()
+
+
+def graduncertainty_pytorch_ood(d: dict[str, torch.Tensor], score_rows: int) -> np.ndarray:
+    """pytorch-ood GradUncertainty with the head's parameters selected: vmap of per-sample BCE gradients."""
+    import torch.nn.functional as F
+    from torch.func import functional_call, grad, vmap
+
+    head = torch.nn.Linear(d["w"].shape[1], d["w"].shape[0])
+    head.weight.data, head.bias.data = d["w"].clone(), d["b"].clone()
+    params = dict(head.named_parameters())
+
+    def loss(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(head, p, (x[None],))
+        return F.binary_cross_entropy(logits.softmax(1), torch.ones_like(logits), reduction="sum")
+
+    out = []
+    with torch.enable_grad():
+        for x in d["t"].float().split(128):
+            grads = vmap(grad(loss), in_dims=(None, 0))(params, x)
+            out.append(-sum((g**2).sum(dim=tuple(range(1, g.ndim))) for g in grads.values()).detach())
+    return torch.cat(out).numpy()
+
+
+def residual_openood(d: dict[str, torch.Tensor], score_rows: int) -> np.ndarray:
+    """OpenOOD residual: ViM's principal space (EmpiricalCovariance, np.linalg.eig), minus the residual norm."""
+    from sklearn.covariance import EmpiricalCovariance
+
+    h, t, w, b = d["h"].float().numpy(), d["t"].float().numpy(), d["w"].numpy(), d["b"].numpy()
+    u = -np.matmul(np.linalg.pinv(w), b)
+    vals, vecs = np.linalg.eig(EmpiricalCovariance(assume_centered=True).fit(h - u).covariance_)
+    ns = np.ascontiguousarray((vecs.T[np.argsort(vals * -1)[vim_dim(h.shape[1]) :]]).T)
+    return -np.linalg.norm(np.matmul(t - u, ns), axis=-1)
+
+
+def vra_openood(d: dict[str, torch.Tensor], score_rows: int) -> np.ndarray:
+    """OpenOOD vra (penultimate): clip to the 10th / 90th percentiles of all fit activations, energy of the head."""
+    log = d["h"].float().numpy()
+    low, high = np.percentile(log.flatten(), 10), np.percentile(log.flatten(), 90)
+    feature = d["t"].float().clip(min=float(low), max=float(high))
+    return torch.logsumexp(feature @ d["w"].T + d["b"], dim=1).numpy()
+
+
+def lts_pytorch_ood(d: dict[str, torch.Tensor], score_rows: int) -> np.ndarray:
+    """pytorch-ood LTS: T = (sum z / sum of the top 5 % of z)^2, energy of f / T."""
+    z = d["t"].float()
+    k = max(1, round(z.shape[1] * 0.05))
+    temperature = (z.sum(1) / z.topk(k, dim=1).values.sum(1)).square()
+    return torch.logsumexp((z @ d["w"].T + d["b"]) / temperature[:, None], dim=1).numpy()
+
+
+def pnml_pytorch_ood(d: dict[str, torch.Tensor], score_rows: int) -> np.ndarray:
+    """pytorch-ood PNML: normalised train features, pinv(X^T X), regret from the head on normalised test features."""
+    x = torch.nn.functional.normalize(d["h"].float(), p=2, dim=1)
+    projector = torch.linalg.pinv(x.T @ x)
+    z = torch.nn.functional.normalize(d["t"].float(), p=2, dim=1)
+    probs = torch.softmax(z @ d["w"].T + d["b"], dim=1).clamp(min=1e-12, max=1 - 1e-12)
+    proj = (z @ projector * z).sum(1)
+    kappa = (proj / (1 + proj))[:, None]
+    return (torch.log((probs / (probs + (1 - probs) * probs.pow(kappa))).sum(1)) / np.log(probs.shape[1])).numpy()
+
+
+#: (detector, implementation) -> the reference's fit + score on the banks
+REFERENCE_ROWS = {
+    ("neco", "authors"): neco_authors,
+    ("caref", "authors"): caref_authors,
+    ("cadref", "authors"): cadref_authors,
+    ("mahalanobis_pp", "openood"): lambda d, rows: openood("mahalanobis", _unit_banks(d), rows),
+    ("rmds_pp", "openood"): lambda d, rows: openood("rmds", _unit_banks(d), rows),
+    ("weiper", "authors"): weiper_authors,
+    ("graduncertainty", "pytorch-ood"): graduncertainty_pytorch_ood,
+    ("residual", "openood"): residual_openood,
+    ("vra", "openood"): vra_openood,
+    ("lts", "pytorch-ood"): lts_pytorch_ood,
+    ("pnml", "pytorch-ood"): pnml_pytorch_ood,
+}
+#: rows whose reference scores with the per-class N x N products (timed on --score-rows, scaled to --m)
+SCALED_ROWS = {"mahalanobis", "rmds", "mahalanobis_pp", "rmds_pp"}
+
 
 def one(args: argparse.Namespace) -> None:
     """Child process: build the banks, run one (detector, implementation), print JSON."""
@@ -300,12 +527,14 @@ def one(args: argparse.Namespace) -> None:
                 # GROOD's own default is an exact index (`method.index=exact`); knn's is `auto`
                 default = "exact" if name == "grood_bank" else "auto"
                 ours(name, d, index={"ours-ivf": "ivf", "ours-exact": "exact"}.get(impl, default))
+            elif (name, impl) in REFERENCE_ROWS:
+                REFERENCE_ROWS[name, impl](d, args.score_rows)
             elif impl == "openood":
                 openood(name, d, args.score_rows)
             else:
                 pytorch_ood(name, d, args.score_rows)
         seconds = time.perf_counter() - start
-    scaled = not impl.startswith("ours") and name in ("mahalanobis", "rmds")
+    scaled = not impl.startswith("ours") and name in SCALED_ROWS
     print(json.dumps({"seconds": seconds, "scaled": scaled, "scoring_seconds": SCORING_SECONDS[0], "base_gb": base,
                       "extra_gb": status_gb("VmHWM") - base,
                       "anon_gb": anon.gb, "gemm_gflops": gemm}))
@@ -342,7 +571,13 @@ def main(argv: list[str] | None = None) -> None:
     print("| detector | implementation | fit + score (s) | x ours | peak extra memory (GB) | x ours | of it anonymous (GB) "
           "| ours GFLOP/s (of GEMM) |")
     print("|---|---|---|---|---|---|---|---|")
+    from ood.detectors import available_detectors
+
+    registered = set(available_detectors()) | {"grood_bank"}
     for name in args.only.split(","):
+        if name not in registered:
+            print(f"| {name} | skipped: not registered in this checkout | | | | | |", flush=True)
+            continue
         ref: dict[str, float] = {}
         for impl in IMPLS[name]:
             if args.impls and impl not in args.impls.split(","):
