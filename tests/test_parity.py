@@ -14,7 +14,7 @@ import torch
 from benchmarks import parity_openood
 from benchmarks.fabricate import cifar_tree
 from ood.models import ResNet18_32x32
-from ood.report import load_reference
+from ood.report.references import load_reference
 
 
 def openood_checkpoint(path: Path, seed: int) -> None:
