@@ -115,7 +115,7 @@ def _val_scores(
             det.set_params(**setting)
             out.append((point, det.score(banks["val"]), det.score(banks["val_ood"])))
         except DetectorNotApplicable as err:
-            log.info("%s: grid point %s not applicable: %s", det.name, point, err)
+            log.debug("%s: grid point %s not applicable: %s", det.name, point, err)
     return out
 
 
@@ -174,7 +174,7 @@ def fit_detector(
         raise DetectorNotApplicable(f"no grid point of {dict(free)} applies: {reason}")
     auroc, point, det = best
     det.set_params(**{k: v for k, v in point.items() if k in cls.score_params})
-    log.info("%s: chose %s (val AUROC %.4f over %d grid points)", name, point, auroc, len(points))
+    log.debug("%s: chose %s (val AUROC %.4f over %d grid points)", name, point, auroc, len(points))
     return det, True
 
 
