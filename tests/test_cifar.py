@@ -17,68 +17,13 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from fabricate import E2E, N_VAL, SETS, make_openood_tree
 from helpers import compose_config, run_config
 from PIL import Image
 
 from ood.data import CIFAR10Benchmark, CIFAR100Benchmark, NpyImages, OODDataModule
 from ood.data.cifar import stratified_split
 from ood.errors import DataNotFoundError
-
-# image set (a folder of images_classic/) -> (number of images, PIL mode, side)
-SETS = {
-    "cifar10_train": (20, "RGB", 32),
-    "cifar10_test": (20, "RGB", 32),
-    "cifar100_train": (20, "RGB", 32),
-    "cifar100_test": (20, "RGB", 32),
-    "tin_val": (8, "RGB", 64),
-    "tin_test": (8, "RGB", 64),
-    "tin597": (6, "RGB", 64),
-    "mnist": (8, "L", 28),
-    "svhn": (8, "RGB", 32),
-    "texture": (8, "RGB", 48),
-    "places365": (8, "RGB", 40),
-}
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
-#: ID test images that OpenOOD's val_<id> list takes (the rest are test_<id>)
-N_VAL = 10
-
-
-def _images(root: Path, name: str, seed: int) -> list[str]:
-    n, mode, side = SETS[name]
-    rng = np.random.default_rng(seed)
-    folder = root / "images_classic" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        shape = (side, side) if mode == "L" else (side, side, 3)
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / f"{i}.png")
-        paths.append(f"{name}/{i}.png")
-    return paths
-
-
-def _write(path: Path, entries: list[tuple[str, int]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{p} {label}\n" for p, label in entries))
-
-
-def make_openood_tree(root: Path) -> Path:
-    """Write the tree under `root` and return it (the `paths.data_dir` to use)."""
-    images = {name: _images(root, name, seed) for seed, name in enumerate(SETS)}
-    for id_name, near in (("cifar10", "cifar100"), ("cifar100", "cifar10")):
-        c = NUM_CLASSES[id_name]
-        lists = root / "benchmark_imglist" / id_name
-        test = images[f"{id_name}_test"]
-        _write(lists / f"train_{id_name}.txt", [(p, i % c) for i, p in enumerate(images[f"{id_name}_train"])])
-        _write(lists / f"val_{id_name}.txt", [(p, i % c) for i, p in enumerate(test[:N_VAL])])
-        _write(lists / f"test_{id_name}.txt", [(p, i % c) for i, p in enumerate(test[N_VAL:])])
-        _write(lists / f"test_{near}.txt", [(p, -1) for p in images[f"{near}_test"]])
-        _write(lists / "val_tin.txt", [(p, -1) for p in images["tin_val"]])
-        _write(lists / "test_tin.txt", [(p, -1) for p in images["tin_test"]])
-        _write(lists / "train_tin597.txt", [(p, -1) for p in images["tin597"]])
-        for far in ("mnist", "svhn", "texture", "places365"):
-            _write(lists / f"test_{far}.txt", [(p, -1) for p in images[far]])
-    return root
-
 
 NEAR_FAR = {
     "cifar10": {"cifar100": "near", "tin": "near", "mnist": "far", "svhn": "far", "texture": "far", "places365": "far"},
@@ -300,13 +245,6 @@ def test_experiment_is_the_openood_recipe(tmp_path: Path, name: str) -> None:
     opt = cfg.method.optimizer
     assert (opt.lr, opt.momentum, opt.weight_decay, opt.nesterov) == (0.1, 0.9, 5e-4, True)
     assert (cfg.trainer.max_epochs, cfg.method.scheduler.T_max, cfg.data.batch_size) == (100, 100, 128)
-
-
-E2E = [
-    "backbone=resnet18_32x32", "data.download=false", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "data.num_workers=0",
-    "data.pin_memory=false", "data.batch_size=16", "data.eval_batch_size=64", "detectors.names=[msp,knn]",
-    "+trainer.num_sanity_val_steps=0", "+trainer.limit_val_batches=0",
-]
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fabricate import CASES, DIGITS
 from helpers import rows_by, run_config
 from sklearn.metrics import roc_curve
 
@@ -239,14 +240,6 @@ def test_global_separation_hand_value() -> None:
     assert bool((random.abs() <= 1).all())
 
 
-# ----- end to end on digits -------------------------------------------------------------------------------------
-DIGITS = ["trainer.enable_progress_bar=false", "detectors=none", "method=cluster", "seed=0", "backbone.width=16"]
-SHORT = ["trainer.max_epochs=5", "method.probe_epochs=2"]  # 3 contrastive epochs, then 2 probe epochs
-CASES = {  # objective: (overrides, near AUROC floor, far mean AUROC floor); measured 0.90/0.97, 0.94/1.0, 0.89/1.0
-    "ce": (["method.objective=ce", "trainer.max_epochs=4", "method.distance=cosine"], 0.85, 0.9),
-    "supcon": (["method.objective=supcon", *SHORT, "method.distance=euclidean", "method.threshold=per_cluster"], 0.85, 0.95),
-    "simclr": (["method.objective=simclr", *SHORT, "method.clusters=kmeans", "method.k=12", "method.distance=mahalanobis"], 0.8, 0.95),
-}
 
 
 @pytest.mark.slow

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from ddp_step import CASES, prepare, worker
+from fabricate import CASES as CLUSTER_CASES
+from fabricate import DIGITS as CLUSTER_DIGITS
 from helpers import rows_by, run_config
-from test_cluster import CASES as CLUSTER_CASES
-from test_cluster import DIGITS as CLUSTER_DIGITS
 from torch.multiprocessing import ProcessRaisedException
 from torch.utils.data import DistributedSampler
 

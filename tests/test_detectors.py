@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from fabricate import feature_bank as _bank
+from fabricate import synthetic_banks
 from torch import nn
 
 import ood.detectors.mahalanobis as mahalanobis_module
@@ -31,7 +33,6 @@ from ood.evaluation.scoring import detector_scorers, grid_points
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
 
-C, D = 4, 16
 #: AUROC floors below 0.9 on the synthetic banks, with the reason: the residual-only score sees nothing of an OOD
 #: feature inside the ID principal space, and this OOD split's mean (0.3 in every dimension) lies in the span of
 #: the class blocks; ViM, the same residual plus the energy, is held to 0.9
@@ -42,29 +43,9 @@ NETWORK = {"adascale_a", "adascale_l", "gram", "mahalanobis_odin", "mcdropout", 
 SYNTHETIC = [n for n in available_detectors() if n not in NETWORK]
 
 
-def _bank(features: torch.Tensor, labels: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor) -> FeatureBank:
-    return FeatureBank(logits=features @ weight.T + bias, features=features, labels=labels, weight=weight, bias=bias)
-
-
 @pytest.fixture(scope="module")
 def synthetic() -> dict[str, FeatureBank]:
-    """ReLU-like features: ID rows are one strong class block plus noise, OOD rows weak and unstructured."""
-    gen = torch.Generator().manual_seed(0)
-    block = torch.zeros(C, D)
-    for c in range(C):
-        block[c, c * (D // C) : (c + 1) * (D // C)] = 3.0
-    weight, bias = block / 3.0, torch.zeros(C)
-
-    def id_split(n: int) -> FeatureBank:
-        y = torch.arange(n) % C
-        h = (block[y] + 0.5 * torch.randn(n, D, generator=gen)).clamp_min(0)
-        return _bank(h, y, weight, bias)
-
-    def ood_split(n: int) -> FeatureBank:
-        h = (0.3 + 0.6 * torch.randn(n, D, generator=gen)).clamp_min(0)
-        return _bank(h, None, weight, bias)
-
-    return {"train": id_split(400), "val": id_split(120), "val_ood": ood_split(120), "test": id_split(200), "ood": ood_split(200)}
+    return synthetic_banks()
 
 
 def _fitted(name: str, banks: dict[str, FeatureBank], **hparams: Any) -> Detector:

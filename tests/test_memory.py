@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from fabricate import E2E, make_openood_tree
 from helpers import run_config
 from PIL import Image
 from scipy.stats import chisquare
-from test_cifar import E2E, make_openood_tree
 from torch.utils.data import DataLoader
 
 from ood.data import CIFAR10Benchmark, OODDataModule

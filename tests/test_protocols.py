@@ -10,70 +10,28 @@ only their md5 checks are switched off (the files are not the real downloads).
 
 from __future__ import annotations
 
-import pickle
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import scipy.io
 import torch
 import torchvision
+from fabricate import (
+    CLASSIC,
+    IMAGENET_OOD,
+    OODFORMER,
+    image_folder,
+    make_openood_imagenet_tree,
+    make_paper_tree,
+    save_image,
+)
 from helpers import compose_config, run_config
 from PIL import Image
-from test_cifar import make_openood_tree
 
 from ood.data import CIFAR10Benchmark, CIFAR100Benchmark
 from ood.errors import CheckpointError, ConfigError, DataNotFoundError
 from ood.utils import instantiate
-
-RNG = np.random.default_rng(0)
-
-
-def _save(path: Path, side: int = 32) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(RNG.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
-
-
-def _folder(root: Path, sub: str, n: int, side: int = 32, ext: str = "jpg") -> None:
-    for i in range(n):
-        _save(root / sub / f"{i:03d}.{ext}", side)
-
-
-def _svhn(folder: Path, n: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    x = RNG.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
-    scipy.io.savemat(folder / "test_32x32.mat", {"X": x, "y": (np.arange(n) % 10 + 1)[:, None]})
-
-
-def _cifar_pickles(folder: Path, test_name: str, meta_name: str, label_key: str, meta_key: str, n: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    data = {"data": RNG.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: [i % 10 for i in range(n)]}
-    (folder / test_name).write_bytes(pickle.dumps(data))
-    (folder / meta_name).write_bytes(pickle.dumps({meta_key: [f"c{i}" for i in range(100)]}))
-
-
-#: set -> number of fabricated images (distinct, so every row's n_ood is checked)
-CLASSIC = {"texture": 5, "svhn": 6, "places365": 7, "lsun_crop": 4, "lsun_resize": 3, "isun": 5}
-OODFORMER = {"cifar100": 9, "imagenet_resize": 4, "lsun_resize": 3, "svhn": 8}
-
-
-def make_paper_tree(root: Path) -> Path:
-    """OpenOOD's CIFAR tree (the ID sets) plus the classic and OODformer OOD folders, in their papers' layouts."""
-    make_openood_tree(root)
-    for cls in ("banded", "braided"):
-        _folder(root / "dtd/images", cls, [3, 2][cls == "braided"], side=48)
-    _svhn(root / "svhn", CLASSIC["svhn"])
-    _folder(root / "places365", "abbey", 4, side=40)
-    _folder(root / "places365", "airfield", 3, side=40)
-    _folder(root / "LSUN_C", "test", CLASSIC["lsun_crop"], side=36)
-    _folder(root / "LSUN_resize", "LSUN_resize", CLASSIC["lsun_resize"])
-    _folder(root / "iSUN", "iSUN_patches", CLASSIC["isun"], ext="jpeg")
-    _cifar_pickles(root / "cifar100-data/cifar-100-python", "test", "meta", "fine_labels", "fine_label_names", OODFORMER["cifar100"])
-    _cifar_pickles(root / "cifar10-data/cifar-10-batches-py", "test_batch", "batches.meta", "labels", "label_names", 7)
-    _folder(root / "Imagenet_resize", "Imagenet_resize", OODFORMER["imagenet_resize"])
-    _svhn(root / "svhn-data", OODFORMER["svhn"])
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -169,17 +127,17 @@ def make_tin_tree(root: Path) -> Path:
     base = root / "tiny-imagenet-200"
     for wnid in WNIDS:
         for i in range(4):
-            _save(base / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", 64)
+            save_image(base / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", 64)
         (base / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
     lines = []
     for i in range(6):
-        _save(base / "val/images" / f"val_{i}.JPEG", 64)
+        save_image(base / "val/images" / f"val_{i}.JPEG", 64)
         lines.append(f"val_{i}.JPEG\t{WNIDS[(i * 2) % 3]}\t0\t0\t63\t63")
     (base / "val/val_annotations.txt").write_text("\n".join(lines) + "\n")
     (base / "wnids.txt").write_text("\n".join(reversed(WNIDS)) + "\n")
-    _folder(root / "dtd/images", "banded", TIN_OOD["textures"], side=80)
-    _folder(root / "iNaturalist", "images", TIN_OOD["inaturalist"], side=90)
-    _folder(root / "SUN", "images", TIN_OOD["sun"], side=70)
+    image_folder(root / "dtd/images", "banded", TIN_OOD["textures"], side=80)
+    image_folder(root / "iNaturalist", "images", TIN_OOD["inaturalist"], side=90)
+    image_folder(root / "SUN", "images", TIN_OOD["sun"], side=70)
     return root
 
 
@@ -208,38 +166,6 @@ def test_tinyimagenet_end_to_end(tmp_path: Path) -> None:
                                          "data.benchmark.image_size=32", "data.benchmark.resize=32", *E2E])
     assert _reported(rows) == {name: ("far", n) for name, n in TIN_OOD.items()}
     assert {r["n_id"] for r in rows} == {6}
-
-
-# ----- ImageNet-1K / ImageNet-200 (OpenOOD v1.5 files) -------------------------------------------------------------
-# `ood-eval data=imagenet1k backbone=resnet50 backbone.weights=... method=grood` end to end: tests/test_reproduce.py
-IMAGENET_OOD = {"ssb_hard": ("near", 3), "ninco": ("near", 2), "inaturalist": ("far", 4), "textures": ("far", 3),
-                "openimage_o": ("far", 2)}
-
-
-def make_openood_imagenet_tree(root: Path, every_class: bool = False) -> Path:
-    """OpenOOD's ImageNet-1K and ImageNet-200 lists over images_largescale/ and images_classic/ (textures); with
-    `every_class` the train lists name all 1000 / 200 classes (GROOD's class prototypes need each), repeating files."""
-    def images(base: str, sub: str, n: int) -> list[str]:
-        _folder(root / base, sub, n, side=40)
-        return [f"{sub}/{i:03d}.jpg" for i in range(n)]
-
-    def write(path: Path, paths: list[str], labels: list[int]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(f"{p} {y}\n" for p, y in zip(paths, labels)))
-
-    lists = root / "benchmark_imglist"
-    for split, n in (("train", 8), ("val", 4), ("test", 6)):
-        paths = images("images_largescale", f"imagenet_1k/{split}", n)
-        for folder, classes in (("imagenet", 1000), ("imagenet200", 200)):
-            count = classes if split == "train" and every_class else n
-            write(lists / f"{folder}/{split}_{folder}.txt", [paths[i % n] for i in range(count)], list(range(count)))
-    for name, (_, n) in IMAGENET_OOD.items():
-        base = "images_classic" if name == "textures" else "images_largescale"
-        write(lists / f"imagenet/test_{name}.txt", images(base, "texture" if name == "textures" else name, n), [-1] * n)
-    val_ood = images("images_largescale", "openimage_o_val", 3)
-    for folder in ("imagenet", "imagenet200"):
-        write(lists / f"{folder}/val_openimage_o.txt", val_ood, [-1] * 3)
-    return root
 
 
 @pytest.fixture(scope="module")

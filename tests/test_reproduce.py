@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from test_protocols import IMAGENET_OOD, make_openood_imagenet_tree, make_paper_tree
+from fabricate import IMAGENET_OOD, make_openood_imagenet_tree, make_paper_tree
 
 from ood import CONFIG_DIR, PROJECT_ROOT
 

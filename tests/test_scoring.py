@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from test_detectors import synthetic  # noqa: F401 - the module-scoped bank fixture
+from fabricate import synthetic_banks
 from torch import nn
 
 from ood.detectors import DetectorNotApplicable, build_detector, detector_class
@@ -18,8 +18,9 @@ from ood.neighbors import KNNIndex
 
 
 @pytest.fixture
-def banks(synthetic: dict[str, FeatureBank]) -> dict[str, FeatureBank]:  # noqa: F811
+def banks() -> dict[str, FeatureBank]:
     """Train/val/val_ood only, plus a test-OOD bank full of NaN: tuning that touched it would raise."""
+    synthetic = synthetic_banks()
     poisoned = synthetic["ood"]
     nan = FeatureBank(
         logits=torch.full_like(poisoned.logits, float("nan")),
