@@ -20,9 +20,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from ood.errors import ConfigError
+from ood.features.passes import forward_dataset
 
 
 class LazyDatasets(Mapping[str, Dataset]):
@@ -88,6 +90,29 @@ class FitData:
     @property
     def is_global_zero(self) -> bool:
         return self.rank == 0
+
+    def forward(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor | Mapping[str, torch.Tensor]],
+        dataset: Dataset | torch.Tensor,
+        module: nn.Module,
+        desc: str,
+        batch_size: int | None = None,
+        distributed: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """`ood.features.passes.forward_dataset` with this run's device, dtype, workers and (unless given) the
+        evaluation batch size: the one fit-time pass every method uses."""
+        return forward_dataset(
+            fn,
+            dataset,
+            module=module,
+            batch_size=batch_size or self.eval_batch_size,
+            device=self.device,
+            dtype=self.dtype,
+            num_workers=self.num_workers,
+            desc=desc,
+            distributed=distributed,
+        )
 
     def require(self, name: str, method: str) -> Dataset:
         """Dataset `name`, or one clear line naming the method and what to set (e.g. an outlier set)."""

@@ -55,7 +55,6 @@ from ood.data.fit import FitData
 from ood.detectors.logits import energy_score
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
-from ood.features.passes import forward_dataset
 from ood.losses import cluster_focal, energy_margin, free_energy, push_away
 from ood.losses.cluster_focal import squared_distances
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
@@ -131,16 +130,8 @@ class EnergyOE(OODMethod):
             h = backbone.features(x)[0]
             return {"logits": backbone.fc(h), "features": h}
 
-        return forward_dataset(
-            outputs,
-            data.datasets["fit"],
-            module=self,
-            batch_size=data.eval_batch_size,
-            device=data.device,
-            dtype=data.dtype,
-            num_workers=data.num_workers,
-            desc=f"{self.name}: ID-train statistics",
-            distributed=data.world_size > 1,
+        return data.forward(
+            outputs, data.datasets["fit"], self, f"{self.name}: ID-train statistics", distributed=data.world_size > 1
         )
 
     def fit_statistics(self, train: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -54,7 +54,6 @@ from ood.data.benchmark import EvalSplit
 from ood.data.fit import FitData
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
-from ood.features.passes import forward_dataset
 from ood.losses import heatmap_loss
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
 from ood.models.base import Backbone
@@ -216,16 +215,7 @@ class HeatmapOOD(OODMethod):
             out = self.backbone.run(x)
             return {"features": out.features.float().cpu(), "preds": out.logits.argmax(1).cpu()}
 
-        out = forward_dataset(
-            classify,
-            data,
-            module=self.backbone,
-            batch_size=self.feature_batch_size,
-            device=self._data.device,
-            dtype=self._data.dtype,
-            num_workers=self._data.num_workers,
-            desc="heatmap: classify",
-        )
+        out = self._data.forward(classify, data, self.backbone, "heatmap: classify", batch_size=self.feature_batch_size)
         return out["features"], out["preds"]
 
     def prepare(self, data: FitData) -> None:

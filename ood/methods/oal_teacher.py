@@ -27,7 +27,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from ood.data.fit import FitData
 from ood.errors import ConfigError
-from ood.features.passes import forward_dataset
 from ood.files import atomic_torch_save
 from ood.models.base import Backbone
 from ood.utils import get_logger
@@ -97,16 +96,8 @@ def teacher_features(teacher: Backbone, path: Path, data: FitData, cache_dir: Pa
     cache = cache_dir / "oal" / f"features-{data.benchmark}-{file_sha256(path)[:16]}.pt"
     if cache.is_file():
         return torch.load(cache, map_location="cpu"), True
-    out = forward_dataset(
-        lambda x: teacher.run(x).features.float().cpu(),
-        data.datasets["train"],
-        module=teacher,
-        batch_size=data.eval_batch_size,
-        device=data.device,
-        dtype=data.dtype,
-        num_workers=data.num_workers,
-        desc="oal: teacher features",
-    )
+    out = data.forward(lambda x: teacher.run(x).features.float().cpu(), data.datasets["train"], teacher,
+                       "oal: teacher features")
     features = {"features": out["outputs"], "labels": out["labels"].cpu()}
     if data.is_global_zero:
         atomic_torch_save(features, cache)
