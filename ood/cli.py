@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
-from ood import CONFIG_DIR, errors
+from ood import CONFIG_DIR
 from ood.errors import ConfigError, OODError
 from ood.runs.checks import check_overrides
 from ood.runs.console import logs_above_bars, quiet_lightning
@@ -73,24 +73,35 @@ def friendly_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig],
 
 def user_error(err: BaseException) -> OODError | None:
     """The user's mistake behind `err`: itself when it is an `OODError`; a `ConfigError` for an OmegaConf error in the
-    composed config (`CONFIG_ERRORS`, first line of its message and the key); the `OODError` a spawned DDP rank
-    raised (`trainer=ddp_cpu`: torch's `ProcessRaisedException` carries only the rank's traceback text, whose last
-    line is `ood.errors.<Class>: <message>`); None for anything else (a bug: its traceback is shown)."""
+    composed config (`CONFIG_ERRORS`, first line of its message and the key); the `OODError` raised in another
+    process, whose traceback text (last line `<module>.<Class>: <message>`) comes back as the message: a spawned DDP rank (`trainer=ddp_cpu`, torch's
+    `ProcessRaisedException`) or a DataLoader worker (`data.num_workers>0`: torch re-raises the worker's `OODError`
+    with "Caught ... Original Traceback ..." as its text); None for anything else (a bug: its traceback is shown)."""
     from torch.multiprocessing import ProcessRaisedException
 
     if isinstance(err, OODError):
-        return err
+        return raised_elsewhere(str(err)) or err
     if isinstance(err, CONFIG_ERRORS):
         key = getattr(err, "full_key", None)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return ConfigError(f"config {key}: {first}" if key else f"config: {first}")
     if isinstance(err, ProcessRaisedException):
-        lines = str(err).strip().splitlines()
-        match = re.fullmatch(r"(?:ood\.errors\.)?(\w+): (.*)", lines[-1]) if lines else None
-        cls = getattr(errors, match[1], None) if match else None
-        if isinstance(cls, type) and issubclass(cls, OODError):
-            return cls(match[2])
+        return raised_elsewhere(str(err))
     return None
+
+
+def raised_elsewhere(text: str) -> OODError | None:
+    """The `OODError` whose traceback `text` is (its last line `<module>.<Class>: <message>`), or None when `text`
+    is a plain one-line message."""
+    lines = text.strip().splitlines()
+    match = re.fullmatch(r"(?:[\w.]+\.)?(\w+): (.*)", lines[-1]) if len(lines) > 1 else None
+    cls = next((c for c in _subclasses(OODError) if c.__name__ == match[1]), None) if match else None
+    return cls(match[2]) if cls is not None else None
+
+
+def _subclasses(cls: type) -> list[type]:
+    """`cls` and every class derived from it (those defined in modules imported so far)."""
+    return [cls, *(d for sub in cls.__subclasses__() for d in _subclasses(sub))]
 
 
 def in_multirun() -> bool:

@@ -8,10 +8,12 @@ import warnings
 from types import SimpleNamespace
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from ood import CONFIG_DIR
 from ood.cli import user_error
+from ood.data.hygiene import BadImageError
 from ood.errors import ConfigError
 from ood.evaluation.sinks import tuned_summary
 from ood.runs.checks import check_overrides
@@ -49,6 +51,26 @@ def test_omegaconf_errors_become_one_line() -> None:
             user = user_error(err)
             assert isinstance(user, ConfigError) and "\n" not in str(user) and f"config {key}:" in str(user)
     assert user_error(ValueError("a bug")) is None, "other errors keep their traceback"
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        raise BadImageError(f"unreadable image /data/{i}.png: OSError: image file is truncated")
+
+
+def test_a_data_error_in_a_loader_worker_is_one_line() -> None:
+    """torch re-raises a worker's error with the worker's whole traceback as its message; the user sees its line."""
+    loader = torch.utils.data.DataLoader(_Unreadable(), num_workers=1)
+    with pytest.raises(BadImageError) as caught:
+        next(iter(loader))
+    assert "Original Traceback" in str(caught.value)
+    user = user_error(caught.value)
+    assert isinstance(user, BadImageError)
+    assert str(user) == "unreadable image /data/0.png: OSError: image file is truncated"
+    assert user_error(BadImageError("already one line")).args == ("already one line",)
 
 
 def test_typo_in_a_value_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,9 +17,9 @@ from torch import nn
 from ood.detectors import DetectorNotApplicable, available_detectors, build_detector, detector_class
 from ood.detectors.base import Detector
 from ood.detectors.network import FitInputs, LayerTaps, ModelFitted
-from ood.evaluation.scoring import fit_detector
+from ood.evaluation.scoring import detector_scorers, fit_detector
 from ood.features.bank import FeatureBank
-from ood.metrics import ood_metrics
+from ood.metrics import ood_metrics, validation_aurocs
 from ood.models.base import Backbone, GlobalPool
 
 #: detectors that run the network or read maps cached by layer taps (the synthetic-bank tests cannot run them)
@@ -140,6 +140,27 @@ def test_score_inputs_grid_equals_fresh_detectors(name: str, tiny: dict[str, Any
     shared = det.score_inputs_grid(tiny["net"], x, points)
     for point, got in zip(points, shared):
         torch.testing.assert_close(got, _fitted(name, tiny, **point).score_inputs(tiny["net"], x), msg=f"{name} {point}")
+
+
+def test_validation_auroc_of_a_tuned_network_detector_costs_no_second_pass(tiny: dict[str, Any]) -> None:
+    """The chosen point's val / val_ood scores come from the search: `validation_aurocs` runs no further pass over
+    them, and they equal a fresh pass at that point (so the validation AUROC is the one a re-scoring gives)."""
+    calls: list[str] = []
+    score = _model_scores(tiny)
+
+    def counting(det: Detector, split: str) -> torch.Tensor:
+        calls.append(split)
+        return score(det, split)
+
+    banks = {k: v for k, v in tiny["banks"].items()}
+    (scorer,) = detector_scorers(["odin"], {"odin": {"input_std": STD}}, banks, tune=True, model_scores=counting)
+    assert calls == ["val", "val_ood"]  # one grid run over each
+    auroc = validation_aurocs([scorer], list(banks))["odin"]
+    assert calls == ["val", "val_ood"]
+    det = _fitted("odin", tiny, **{k: scorer.hparams[k] for k in ("temperature", "noise")})
+    assert auroc == ood_metrics(_scores(det, tiny, "val"), _scores(det, tiny, "val_ood"))["auroc"]
+    scorer.score("test")
+    assert calls == ["val", "val_ood", "test"]
 
 
 def test_maps_come_from_the_single_pass_and_missing_maps_are_not_applicable(tiny: dict[str, Any]) -> None:

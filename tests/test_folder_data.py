@@ -110,6 +110,10 @@ def test_planted_duplicates_are_listed_and_dropped(folders: dict[str, Path], tmp
     assert listed["copy.png"]["id"].endswith("test/c0/0.png") and listed["copy.png"]["similarity"] == 1.0
     assert listed["near.png"]["id"].endswith("test/c1/2.png") and 0.99 < listed["near.png"]["similarity"] < 1.0
     assert [(r["overlap"], r["overlap_dropped"], r["n_ood"]) for r in kept.rows] == [(3, 0, 7)] * 2
+    features_only = ood.evaluate(_pixels(), folders["id"], {"far": {"planted": planted}}, output_dir=tmp_path / "cos",
+                                 exact_duplicates=False, **common)  # no second decode: the copies are cosine 1.0
+    assert {Path(e["ood"]).name: (e["kind"], e["similarity"]) for e in features_only.overlap["sets"]["planted"]} == {
+        "copy.png": ("near", 1.0), "recoded.png": ("near", 1.0), "near.png": ("near", listed["near.png"]["similarity"])}
 
     dropped = ood.evaluate(_pixels(), folders["id"], {"far": {"planted": planted}}, output_dir=tmp_path / "dropped",
                            drop_overlap=True, **common)

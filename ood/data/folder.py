@@ -22,7 +22,8 @@ exact duplicates (same decoded pixels) and near duplicates (cosine of penultimat
 between every ID split and every OOD set in `overlap.json` (one warning line per set); with `drop_overlap` they are
 removed from the OOD sets before the metrics, and every row records `overlap` and `overlap_dropped`. The exact check
 decodes the files of the ID splits and OOD sets once more on rank 0 after the pass (once in total with
-`bad_images=skip`, which decodes them up front).
+`bad_images=skip`, which decodes them up front); `exact_duplicates=false` skips it (minutes at ImageNet size), and
+same-pixel copies are then found by the feature cosine alone (listed as `near`, similarity 1.0).
 """
 
 from __future__ import annotations
@@ -172,6 +173,8 @@ class FolderBenchmark(Benchmark):
         overlap_threshold: cosine of penultimate features above which an OOD image is a near duplicate of an ID one
             (None: exact duplicates only).
         drop_overlap: remove duplicates from the OOD sets before the metrics.
+        exact_duplicates: find same-pixel duplicates by decoding every ID and OOD file once more on rank 0 (False:
+            near duplicates only, from the cached features).
         report_dir: where `preprocessing.json`, `bad_images.json` and `overlap.json` go (the run folder).
         scan_workers: threads decoding files for `bad_images=skip` and the exact-duplicate check.
     """
@@ -201,6 +204,7 @@ class FolderBenchmark(Benchmark):
         bad_images: Literal["error", "skip"] = "error",
         overlap_threshold: float | None = 0.99,
         drop_overlap: bool = False,
+        exact_duplicates: bool = True,
         report_dir: str | Path | None = None,
         scan_workers: int = 8,
     ) -> None:
@@ -215,6 +219,7 @@ class FolderBenchmark(Benchmark):
         self.bad_images = bad_images
         self.overlap_threshold = overlap_threshold
         self.drop_overlap = drop_overlap
+        self.exact_duplicates = exact_duplicates
         self.report_dir = Path(report_dir) if report_dir else None
         self.scan_workers = scan_workers
         self.augment = augment
@@ -423,7 +428,10 @@ class FolderBenchmark(Benchmark):
             return [_item(datasets[name], int(i)) for i in rows]
 
         items = {name: rows_of(name) for name in id_names + ood_names}
-        digest = {name: [ds.digest(i, self.digests) for ds, i in items[name]] for name in items}
+        digest = {
+            name: [ds.digest(i, self.digests) if self.exact_duplicates else None for ds, i in items[name]]
+            for name in items
+        }
         id_by_digest: dict[str | None, tuple[str, int]] = {}
         for name in id_names:
             for row, d in enumerate(digest[name]):
@@ -474,7 +482,7 @@ class FolderBenchmark(Benchmark):
             notes[name] = {"overlap": len(listed), "overlap_dropped": dropped}
         if self.report_dir is not None:
             self.report_dir.mkdir(parents=True, exist_ok=True)
-            record = {"threshold": self.overlap_threshold, "drop_overlap": self.drop_overlap,
+            record = {"threshold": self.overlap_threshold, "exact": self.exact_duplicates, "drop_overlap": self.drop_overlap,
                       "sets": {n: [{k: v for k, v in e.items() if k != "row"} for e in es] for n, es in found.items()}}
             atomic_write_text(self.report_dir / "overlap.json", json.dumps(record, indent=2))
         return out, notes

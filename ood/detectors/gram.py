@@ -33,13 +33,24 @@ POWERS = (1, 2, 3, 4, 5)
 PREFIX = "gram."
 
 
+#: float64 elements per chunk of samples on the CPU (8 MB): the powers of a chunk stay in cache, 3-4x faster than
+#: whole batches on the small CNN's maps (one thread); accelerators take the batch at once
+CHUNK_ELEMENTS = 2**20
+
+
 def gram_rows(z: torch.Tensor) -> torch.Tensor:
     """[B, C, ...] map -> [B, len(POWERS), C]: signed p-th root of the row sums of (z^p)(z^p)^T."""
-    z = z.flatten(2).double()
-    rows = []
-    for p in POWERS:
-        zp = z**p
-        g = (zp @ zp.transpose(1, 2)).sum(2)
+    z = z.flatten(2)
+    per = max(1, CHUNK_ELEMENTS // (z.shape[1] * z.shape[2])) if z.device.type == "cpu" else len(z)
+    return torch.cat([_gram_rows(chunk.double()) for chunk in z.split(per)])
+
+
+def _gram_rows(z: torch.Tensor) -> torch.Tensor:
+    rows, zp = [], z
+    for p in POWERS:  # 1, 2, ..., 5: each power one product on from the last
+        zp = zp * z if p > 1 else z
+        # row sums of zp zp^T without the [C, C] product: (zp zp^T) 1 = zp (zp^T 1), the sum over channels first
+        g = (zp @ zp.sum(1).unsqueeze(2)).squeeze(2)
         rows.append(g.sign() * g.abs() ** (1.0 / p))
     return torch.stack(rows, 1)
 

@@ -72,6 +72,17 @@ def _split_scores(det: Detector, split: str, banks: Mapping[str, FeatureBank], m
     return det.score(banks[split])
 
 
+def _scores_of(det: Detector, banks: Mapping[str, FeatureBank], model_scores: ModelScoreFn | None,
+               known: Mapping[str, torch.Tensor]) -> ScoreFn:
+    """`det`'s scores per split. Splits in `known` are not scored again: a network-pass detector's val / val_ood
+    scores at the chosen point come from its search, so its validation AUROC costs no second pass over them."""
+
+    def score(split: str) -> torch.Tensor:
+        return known[split] if split in known else _split_scores(det, split, banks, model_scores)
+
+    return score
+
+
 class GridInputs(Detector):
     """`detector` at every setting of its `score_params` in one call: `score_inputs(model, x)` returns [B, points]
     (its `score_inputs_grid` stacked), so a `ModelScoreFn` runs the loader once for the whole grid."""
@@ -136,12 +147,24 @@ def fit_detector(
     tune: bool,
     model_scores: ModelScoreFn | None = None,
 ) -> tuple[Detector, bool]:
+    """`tune_detector` without the validation scores: the fitted detector and whether a search happened."""
+    det, tuned, _ = tune_detector(name, params, banks, tune, model_scores)
+    return det, tuned
+
+
+def tune_detector(
+    name: DetectorRef,
+    params: Mapping[str, Any],
+    banks: Mapping[str, FeatureBank],
+    tune: bool,
+    model_scores: ModelScoreFn | None = None,
+) -> tuple[Detector, bool, dict[str, torch.Tensor]]:
     """Build detector `name` (a name or an already resolved class), choose its grid point on val vs val_ood (when `tune`), fit it on its split.
 
     Fixed `params` are never tuned. Grid points that differ only in `score_params` share one fit. Detectors
     that need the model are tuned through `model_scores(detector, split)` on `val` and `val_ood` (the extra
-    passes ODIN needs). Returns the fitted detector (set to the chosen point) and whether a search happened.
-    Raises `DetectorNotApplicable` when no configuration applies (or the model is needed but not given).
+    passes ODIN needs). Returns the fitted detector (set to the chosen point), whether a search happened, and the
+    chosen point's scores on `val` and `val_ood` from the search (empty without one). Raises `DetectorNotApplicable` when no configuration applies (or the model is needed but not given).
     """
     cls = detector_class(name)
     name = cls.name
@@ -151,11 +174,11 @@ def fit_detector(
     points = grid_points(free)
     can_tune = tune and len(points) > 1 and "val" in banks and "val_ood" in banks
     if not can_tune:
-        return _fit(build_detector(cls, **params), cls.fit_split, banks, model_scores), False
+        return _fit(build_detector(cls, **params), cls.fit_split, banks, model_scores), False, {}
     groups: dict[tuple[tuple[str, Any], ...], list[dict[str, Any]]] = {}
     for point in points:
         groups.setdefault(tuple((k, v) for k, v in point.items() if k not in cls.score_params), []).append(point)
-    best: tuple[float, dict[str, Any], Detector] | None = None
+    best: tuple[float, dict[str, Any], Detector, dict[str, torch.Tensor]] | None = None
     reason: DetectorNotApplicable | None = None
     for group in groups.values():
         det = None
@@ -169,13 +192,13 @@ def fit_detector(
         for point, val, val_ood in _val_scores(det, group, banks, model_scores):
             auroc = ood_metrics(val, val_ood, name=f"{name}{point} on val")["auroc"]
             if best is None or auroc > best[0]:
-                best = (auroc, point, det)
+                best = (auroc, point, det, {"val": val, "val_ood": val_ood})
     if best is None:
         raise DetectorNotApplicable(f"no grid point of {dict(free)} applies: {reason}")
-    auroc, point, det = best
+    auroc, point, det, val_scores = best
     det.set_params(**{k: v for k, v in point.items() if k in cls.score_params})
     log.debug("%s: chose %s (val AUROC %.4f over %d grid points)", name, point, auroc, len(points))
-    return det, True
+    return det, True, val_scores
 
 
 def with_data_facts(
@@ -207,11 +230,11 @@ def detector_scorers(
     for cls in tqdm(list(map(detector_class, names)), desc="fitting detectors", leave=False):
         name = cls.name
         try:
-            det, tuned = fit_detector(cls, params.get(name, {}), banks, tune, model_scores)
+            det, tuned, val_scores = tune_detector(cls, params.get(name, {}), banks, tune, model_scores)
         except DetectorNotApplicable as err:
             log.warning("skipping detector %s: %s", name, err)
             continue
-        fn: ScoreFn = lambda split, d=det: _split_scores(d, split, banks, model_scores)  # noqa: E731
+        fn = _scores_of(det, banks, model_scores, val_scores if cls.needs_model else {})
         chosen = sorted(set(cls.grid) - set(params.get(name, {}))) if tuned else []
         scorers.append(Scorer(name, fn, det.hparams, chosen))
     return scorers
