@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,15 +33,26 @@ def _chunks(data: bytes) -> Iterator[bytes]:
             yield pending + chunk
 
 
-def read_run(run_dir: Path) -> dict[str, Any]:
-    """`group`, `job_type`, `tags`, `config` (key -> value) and `logged` (history keys) of an offline run."""
+def read_run(run_dir: Path, timeout: float = 60.0) -> dict[str, Any]:
+    """`group`, `job_type`, `tags`, `config` (key -> value) and `logged` (history keys) of an offline run.
+
+    wandb's service process may still be appending to the file when `wandb.finish()` has returned (seen on a loaded
+    machine: the last history records were missing), so this waits, up to `timeout` seconds, for the run's closing
+    `exit` record before reading."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     (file,) = run_dir.glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while True:
+        records = []
+        for chunk in _chunks(file.read_bytes()):
+            records.append(pb.Record())
+            records[-1].ParseFromString(chunk)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     out: dict[str, Any] = {"config": {}, "logged": set()}
-    for chunk in _chunks(file.read_bytes()):
-        record = pb.Record()
-        record.ParseFromString(chunk)
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             out.update(group=record.run.run_group, job_type=record.run.job_type, tags=list(record.run.tags))
