@@ -337,6 +337,23 @@ def test_gram_equals_openood(tiny: dict[str, Any]) -> None:
     _agrees(ours, ref, tiny, ours_ood, ref_ood)
 
 
+def test_gram_rows_float32_and_overflow_fall_back_to_float64() -> None:
+    """The row sums without the [C, C] product equal the textbook Gram rows (float64 reference): to float32 precision
+    normally, and exactly (float64) for a chunk whose p=5 products overflow float32."""
+    from ood.detectors.gram import gram_rows
+
+    def textbook(z: torch.Tensor) -> torch.Tensor:
+        z = z.flatten(2).double()
+        rows = [(z**p @ (z**p).transpose(1, 2)).sum(2) for p in range(1, 6)]
+        return torch.stack([g.sign() * g.abs() ** (1 / p) for p, g in enumerate(rows, 1)], 1)
+
+    z = torch.randn(6, 5, 4, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(gram_rows(z), textbook(z), rtol=1e-5, atol=0)
+    huge = z * 1e6  # z^10 * 16 overflows float32
+    assert not torch.isfinite((huge.flatten(2) ** 5 @ (huge.flatten(2) ** 5).sum(1).unsqueeze(2))).all()
+    torch.testing.assert_close(gram_rows(huge), textbook(huge), rtol=1e-12, atol=0)
+
+
 def test_rankfeat_equals_openood(tiny: dict[str, Any]) -> None:
     net = tiny["net"]
 

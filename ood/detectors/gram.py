@@ -15,7 +15,8 @@ pass, e.g. a shared ReLU, counts once per run): 6.4 KB per sample for the digits
 modules), 174 KB for the CIFAR ResNet-18 (8,704 channels: 8.7 GB for its 50 k train split), about 1 MB for an
 ImageNet ResNet-50. That is why `gram` is in `detectors=full` only, not `all`. pytorch-ood's `Gram` differs (per-layer min/max over all train samples without the held-out normaliser,
 and no division by the softmax confidence); we follow OpenOOD.
-Deviations: G_lp in float64 (OpenOOD float32; its p=5 products can overflow); a layer whose held-out deviation is
+Deviations: G_lp in float32 as OpenOOD, but a chunk of samples whose p=5 products overflow float32 is recomputed in
+float64 (OpenOOD's would be inf), and the roots and deviations are float64; a layer whose held-out deviation is
 0 is normalised by 1 (OpenOOD divides by 0); a class without train samples gets the bounds [0, 0].
 """
 
@@ -33,26 +34,32 @@ POWERS = (1, 2, 3, 4, 5)
 PREFIX = "gram."
 
 
-#: float64 elements per chunk of samples on the CPU (8 MB): the powers of a chunk stay in cache, 3-4x faster than
-#: whole batches on the small CNN's maps (one thread); accelerators take the batch at once
+#: map elements per chunk of samples on the CPU: the powers of a chunk stay in cache, 3-4x faster than whole
+#: batches on the small CNN's maps (one thread); accelerators take the batch at once
 CHUNK_ELEMENTS = 2**20
 
 
 def gram_rows(z: torch.Tensor) -> torch.Tensor:
-    """[B, C, ...] map -> [B, len(POWERS), C]: signed p-th root of the row sums of (z^p)(z^p)^T."""
+    """[B, C, ...] map -> [B, len(POWERS), C] float64: signed p-th root of the row sums of (z^p)(z^p)^T."""
     z = z.flatten(2)
     per = max(1, CHUNK_ELEMENTS // (z.shape[1] * z.shape[2])) if z.device.type == "cpu" else len(z)
-    return torch.cat([_gram_rows(chunk.double()) for chunk in z.split(per)])
+    return torch.cat([_gram_rows(chunk.float()) for chunk in z.split(per)])
 
 
 def _gram_rows(z: torch.Tensor) -> torch.Tensor:
+    """`gram_rows` of one chunk: the products in z's dtype (float32 as OpenOOD; a chunk whose products overflow is
+    redone in float64), the roots in float64."""
     rows, zp = [], z
     for p in POWERS:  # 1, 2, ..., 5: each power one product on from the last
-        zp = zp * z if p > 1 else z
+        if p > 1:
+            zp = zp * z
         # row sums of zp zp^T without the [C, C] product: (zp zp^T) 1 = zp (zp^T 1), the sum over channels first
-        g = (zp @ zp.sum(1).unsqueeze(2)).squeeze(2)
-        rows.append(g.sign() * g.abs() ** (1.0 / p))
-    return torch.stack(rows, 1)
+        rows.append((zp @ zp.sum(1).unsqueeze(2)).squeeze(2))
+    g = torch.stack(rows, 1)
+    if z.dtype != torch.float64 and not bool(torch.isfinite(g).all()):
+        return _gram_rows(z.double())
+    g = g.double()
+    return g.sign() * g.abs() ** (1.0 / torch.tensor(POWERS, dtype=torch.float64, device=g.device))[:, None]
 
 
 def deviation(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
