@@ -182,7 +182,8 @@ def evaluate(
         seed: the run seed.
         overrides: further Hydra overrides, e.g. `["trainer=ddp_cpu"]` or `["detectors.params={knn: {k: 5}}"]`.
         data: further `data=folder` options: `image_size`, `resize`, `mean`, `std`, `bad_images`,
-            `overlap_threshold`, `drop_overlap`, `exact_duplicates`, `val_fraction`, `fit_fraction`, ... (conf/data/folder.yaml).
+            `overlap_threshold`, `drop_overlap`, `exact_duplicates`, `val_fraction`, `fit_fraction`, ...
+            (conf/data/folder.yaml).
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

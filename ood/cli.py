@@ -74,9 +74,10 @@ def friendly_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig],
 def user_error(err: BaseException) -> OODError | None:
     """The user's mistake behind `err`: itself when it is an `OODError`; a `ConfigError` for an OmegaConf error in the
     composed config (`CONFIG_ERRORS`, first line of its message and the key); the `OODError` raised in another
-    process, whose traceback text (last line `<module>.<Class>: <message>`) comes back as the message: a spawned DDP rank (`trainer=ddp_cpu`, torch's
-    `ProcessRaisedException`) or a DataLoader worker (`data.num_workers>0`: torch re-raises the worker's `OODError`
-    with "Caught ... Original Traceback ..." as its text); None for anything else (a bug: its traceback is shown)."""
+    process, whose traceback text (last line `<module>.<Class>: <message>`) comes back as the message: a spawned
+    DDP rank (`trainer=ddp_cpu`, torch's `ProcessRaisedException`) or a DataLoader worker (`data.num_workers>0`:
+    torch re-raises the worker's `OODError` with "Caught ... Original Traceback ..." as its text); None for
+    anything else (a bug: its traceback is shown)."""
     from torch.multiprocessing import ProcessRaisedException
 
     if isinstance(err, OODError):

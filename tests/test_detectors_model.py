@@ -350,7 +350,7 @@ def test_gram_rows_float32_and_overflow_fall_back_to_float64() -> None:
     z = torch.randn(6, 5, 4, 4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(gram_rows(z), textbook(z), rtol=1e-5, atol=0)
     huge = z * 1e6  # z^10 * 16 overflows float32
-    assert not torch.isfinite((huge.flatten(2) ** 5 @ (huge.flatten(2) ** 5).sum(1).unsqueeze(2))).all()
+    assert not torch.isfinite(huge.flatten(2) ** 5 @ (huge.flatten(2) ** 5).sum(1).unsqueeze(2)).all()
     torch.testing.assert_close(gram_rows(huge), textbook(huge), rtol=1e-12, atol=0)
 
 

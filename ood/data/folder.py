@@ -482,7 +482,8 @@ class FolderBenchmark(Benchmark):
             notes[name] = {"overlap": len(listed), "overlap_dropped": dropped}
         if self.report_dir is not None:
             self.report_dir.mkdir(parents=True, exist_ok=True)
-            record = {"threshold": self.overlap_threshold, "exact": self.exact_duplicates, "drop_overlap": self.drop_overlap,
+            record = {"threshold": self.overlap_threshold, "exact": self.exact_duplicates,
+                      "drop_overlap": self.drop_overlap,
                       "sets": {n: [{k: v for k, v in e.items() if k != "row"} for e in es] for n, es in found.items()}}
             atomic_write_text(self.report_dir / "overlap.json", json.dumps(record, indent=2))
         return out, notes
