@@ -253,8 +253,8 @@ def run(size: int = 256, epochs: int = 2, backbone: str = "small_cnn") -> tuple[
         ran = [n for n in names if n in cost]
         their_s, their_images = sum(cost[n][0] for n in ran), sum(cost[n][1] for n in ran)
         if group in ("cache-scored", "every detector"):
-            task = (f"(f) end-to-end evaluation, {backbone}, {group.replace(' detector', '')} detectors "
-                    f"({len(ran)} tuned on val OOD, {one_pass:,} images a pass)")
+            what = "every detector" if group == "every detector" else f"{group} detectors"
+            task = f"(f) end-to-end evaluation, {backbone}, {what} ({len(ran)} tuned on val OOD, {one_pass:,} images a pass)"
             timings.append(Timing(task, mine_s, their_s, 0.1, "OpenOOD's way"))
         lines.append(f"| {group} | {len(ran)} | {mine_s:.1f} | {their_s:.1f} | {their_s / mine_s:.1f}x | "
                      f"{mine_images / one_pass:.2f} | {their_images / one_pass:.2f} |")
