@@ -83,6 +83,7 @@ def test_stage_split_reproduces_the_network(kind: str) -> None:
         torch.testing.assert_close(out.features @ backbone.fc.weight.T + backbone.fc.bias, net(x), atol=1e-5, rtol=1e-5)
         for layer in backbone.layer_names:  # running on from every stage gives the same features
             torch.testing.assert_close(backbone.forward_from(layer, out.layers[layer]), out.features, atol=1e-5, rtol=1e-5)
+            assert torch.equal(backbone.forward_to(layer, x), out.layers[layer]), layer  # and up to it, its output
     with pytest.raises(ConfigError, match=r"unknown layer 'nope'.*choices: \['" + STAGES[kind][0]):
         backbone.features(x, ["nope"])
 

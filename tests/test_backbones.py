@@ -75,6 +75,7 @@ def test_forward_from_every_stage_is_exact(built: tuple[str, Backbone]) -> None:
         out = backbone.run(x, backbone.layer_names)
         for layer in backbone.layer_names:
             assert torch.equal(backbone.forward_from(layer, out.layers[layer]), out.features), layer
+            assert torch.equal(backbone.forward_to(layer, x), out.layers[layer]), layer
 
 
 def test_fc_is_the_last_layer_and_all_parameters_are_in_stages_pool_fc(built: tuple[str, Backbone]) -> None:

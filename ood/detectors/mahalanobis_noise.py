@@ -142,6 +142,6 @@ class MDSEnsemble(Detector):
                 (grad,) = torch.autograd.grad(loss, x, retain_graph=n < len(self.layers_) - 1)
             step = torch.where(grad >= 0, 1.0, -1.0).to(x.dtype) / std
             with torch.no_grad():
-                nudged = backbone.run(x.detach() - self.noise * step, [layer]).layers[layer]
+                nudged = backbone.forward_to(layer, x.detach() - self.noise * step)  # the later stages are not read
                 total += gaussian_scores(channel_mean(nudged), means, precision).max(1).values
         return total

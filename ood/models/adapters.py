@@ -203,6 +203,14 @@ class StagedModel(AdaptedBackbone):
             z = self._steps(self.stage_steps[name], z)
         return self._steps(self.pool_steps, z)
 
+    def forward_to(self, layer: str, x: torch.Tensor) -> torch.Tensor:
+        self._check_layer(layer)
+        for name, steps in self.stage_steps.items():
+            x = self._steps(steps, x)
+            if name == layer:
+                break
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x)[0])
 

@@ -72,6 +72,15 @@ class Backbone(nn.Module):
             z = self.stages[name](z)
         return self.pool(z)
 
+    def forward_to(self, layer: str, x: torch.Tensor) -> torch.Tensor:
+        """The output of stage `layer` for input `x`; the stages after it do not run."""
+        self._check_layer(layer)
+        for name, stage in self.stages.items():
+            x = stage(x)
+            if name == layer:
+                break
+        return x
+
     def run(self, x: torch.Tensor, layers: Sequence[str] = ()) -> BackboneOutput:
         """Logits, features and requested stage outputs from one pass."""
         h, kept = self.features(x, layers)
