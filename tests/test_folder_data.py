@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 import ood
-from ood.data.folder import FolderBenchmark
+from ood.data.folder import FolderBenchmark, ood_mapping
 from ood.data.hygiene import BadImageError, load_image, to_rgb
 from ood.errors import ConfigError, DataNotFoundError
 
@@ -159,3 +159,15 @@ def test_torch_datasets_as_sources(folders: dict[str, Path]) -> None:
     assert x.shape == (3, 16, 16) and y == int(test[0][1])
     assert [(s.name, s.group, len(s.dataset)) for s in bench.ood_test()] == [("fake", "near", 4), ("checkers", "far", 4)]
     assert bench.ood_test()[0].dataset[0][1] == -1
+
+
+def test_ood_sets_in_every_accepted_form() -> None:
+    """One source per group, a list, a `{name: source}` mapping or an imglist spec: each set gets its folder's or
+    list's name."""
+    spec = {"imglist": "lists/test_svhn.txt", "images": "images"}
+    assert ood_mapping({"near": Path("/d/noise"), "far": ["/d/checkers", spec]}) == {
+        "near": {"noise": Path("/d/noise")}, "far": {"checkers": "/d/checkers", "test_svhn": spec}, "val": None}
+    assert ood_mapping("/d/noise") == {"near": {}, "far": {"noise": "/d/noise"}, "val": None}
+    assert ood_mapping({"textures": "/d/t"}) == {"near": {}, "far": {"textures": "/d/t"}, "val": None}
+    assert ood_mapping(["/d/places.v2"])["far"] == {"places.v2": "/d/places.v2"}
+    assert ood_mapping(spec)["far"] == {"test_svhn": spec}

@@ -494,13 +494,25 @@ def ood_mapping(ood: Any) -> dict[str, Any]:
     mapping, a `{name: source}` mapping (all far), a list of sources (all far, named by folder) or one source."""
     if ood is None or (isinstance(ood, Mapping) and not ood):
         raise ConfigError("data=folder needs OOD sets: '+data.ood.far={name: folder}' (Python: ood_data=...)")
-    if isinstance(ood, str | Path | Dataset) or (isinstance(ood, Mapping) and "imglist" in ood):
-        ood = [ood]
+
+    def single(source: Any) -> bool:
+        return isinstance(source, str | Path | Dataset) or (isinstance(source, Mapping) and "imglist" in source)
+
+    def name_of(i: int, source: Any) -> str:
+        if isinstance(source, Dataset):
+            return f"ood{i}"
+        return Path(str(source["imglist"])).stem if isinstance(source, Mapping) else Path(str(source)).name
 
     def named(members: Any) -> dict[str, Any]:
+        """A group's sets by name from one source, a list of them or a `{name: source}` mapping."""
+        if single(members):
+            members = [members]
         if isinstance(members, Mapping):
             return dict(members)
-        return {f"ood{i}" if isinstance(s, Dataset) else Path(str(s)).name: s for i, s in enumerate(members or [])}
+        return {name_of(i, s): s for i, s in enumerate(members or [])}
+
+    if single(ood):
+        ood = [ood]
 
     if not isinstance(ood, Mapping):
         return {"near": {}, "far": named(ood), "val": None}
