@@ -15,9 +15,11 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from ood.detectors import DetectorNotApplicable, available_detectors, build_detector, detector_class
+from ood.detectors import odin as odin_module
+from ood.detectors.adascale import AdaScaleA
 from ood.detectors.base import Detector
 from ood.detectors.network import FitInputs, LayerTaps, ModelFitted
-from ood.evaluation.scoring import detector_scorers, fit_detector
+from ood.evaluation.scoring import JointInputs, detector_scorers, fit_detector
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics, validation_aurocs
 from ood.models.base import Backbone, GlobalPool
@@ -154,13 +156,71 @@ def test_validation_auroc_of_a_tuned_network_detector_costs_no_second_pass(tiny:
 
     banks = {k: v for k, v in tiny["banks"].items()}
     (scorer,) = detector_scorers(["odin"], {"odin": {"input_std": STD}}, banks, tune=True, model_scores=counting)
-    assert calls == ["val", "val_ood"]  # one grid run over each
+    assert calls == ["val", "val_ood", "test", "ood"]  # one grid run over each validation split, one run per test split
     auroc = validation_aurocs([scorer], list(banks))["odin"]
-    assert calls == ["val", "val_ood"]
+    scorer.score("test"), scorer.score("ood")
+    assert calls == ["val", "val_ood", "test", "ood"]
     det = _fitted("odin", tiny, **{k: scorer.hparams[k] for k in ("temperature", "noise")})
     assert auroc == ood_metrics(_scores(det, tiny, "val"), _scores(det, tiny, "val_ood"))["auroc"]
-    scorer.score("test")
-    assert calls == ["val", "val_ood", "test"]
+
+
+JOINT = ["odin", "iodin", "adascale_a", "adascale_l", "rankfeat", "mds_ensemble", "mcdropout", "nac", "mahalanobis_odin"]
+
+
+def test_network_detectors_score_together_as_they_score_alone(tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """One run per split for every network-pass detector (`network_scores`) gives each the scores it gets alone,
+    bit for bit, and the work ODIN and i-ODIN, AdaSCALE-A and -L have in common runs once per batch."""
+    params = {n: {"input_std": STD} for n in JOINT if "input_std" in build_detector(n).hparams}
+    calls: list[tuple[str, int]] = []
+    score = _model_scores(tiny)
+
+    def counting(det: Detector, split: str) -> torch.Tensor:
+        calls.append((split, len(getattr(det, "detectors", [det]))))
+        return score(det, split)
+
+    scorers = detector_scorers(JOINT, params, tiny["banks"], tune=False, model_scores=counting)
+    assert [s.name for s in scorers] == JOINT
+    fitting = [c for c in calls if c[1] == 1]  # the fit passes of the detectors fitted from the network
+    assert calls[len(fitting):] == [("test", 9), ("ood", 9), ("val", 9), ("val_ood", 9)]
+    for scorer in scorers[:-3] + scorers[-2:]:  # not mcdropout: its dropout masks come from the global RNG
+        det = _fitted(scorer.name, tiny)
+        for split in ("test", "ood", "val"):
+            assert torch.equal(scorer.score(split), _scores(det, tiny, split).double()), (scorer.name, split)
+
+    dets = [_fitted(n, tiny) for n in ("odin", "iodin", "adascale_a", "adascale_l")]
+    passes: list[str] = []
+    for target, label in ((odin_module.InputGradients, "odin"), (AdaScaleA, "adascale")):
+        attr = "__init__" if label == "odin" else "_passes"
+        original = getattr(target, attr)
+        monkeypatch.setattr(target, attr, lambda *a, original=original, label=label: (passes.append(label), original(*a))[1])
+    JointInputs(dets).score_inputs(tiny["net"], tiny["x"]["test"][:64])
+    assert passes == ["odin", "adascale"]
+
+
+class _Unstaged(nn.Module):
+    """The tiny network's logits without its stages: no intermediate maps to read."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_network_detector_found_inapplicable_in_its_pass_is_skipped(tiny: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """rankfeat finds in its first pass that the model has no stages: it is skipped with a warning, the others score."""
+    model = _Unstaged(tiny["net"])
+
+    def model_scores(det: Detector, split: str) -> torch.Tensor:
+        return torch.cat([det.score_inputs(model, x) for x in tiny["x"][split].split(64)])
+
+    with caplog.at_level("WARNING"):
+        scorers = detector_scorers(["rankfeat", "odin", "msp"], {"odin": {"input_std": STD}}, tiny["banks"], tune=False,
+                                   model_scores=model_scores)
+    assert [s.name for s in scorers] == ["odin", "msp"]
+    assert "skipping detector rankfeat: it needs the intermediate maps of a staged backbone" in caplog.text
+    assert torch.equal(scorers[0].score("test"), _scores(_fitted("odin", tiny), tiny, "test"))
 
 
 def test_maps_come_from_the_single_pass_and_missing_maps_are_not_applicable(tiny: dict[str, Any]) -> None:

@@ -171,3 +171,11 @@ def test_ood_sets_in_every_accepted_form() -> None:
     assert ood_mapping({"textures": "/d/t"}) == {"near": {}, "far": {"textures": "/d/t"}, "val": None}
     assert ood_mapping(["/d/places.v2"])["far"] == {"places.v2": "/d/places.v2"}
     assert ood_mapping(spec)["far"] == {"test_svhn": spec}
+
+
+def test_network_detector_that_cannot_read_the_model_is_skipped(folders: dict[str, Path], tmp_path: Path) -> None:
+    """rankfeat needs a staged backbone; on a plain `nn.Sequential` it is skipped and the run finishes (it used to
+    stop the whole evaluation after the feature pass)."""
+    results = ood.evaluate(_pixels(), folders["id"], {"near": folders["near"], "far": folders["far"]},
+                           detectors=["msp", "rankfeat"], image_size=32, resize=32, device="cpu", output_dir=tmp_path)
+    assert [(r["detector"], r["ood_dataset"]) for r in results.rows] == [("msp", "noise"), ("msp", "checkers")]

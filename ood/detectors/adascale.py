@@ -11,7 +11,8 @@ Per input x with penultimate features h and yhat = argmax f(x):
 4. r(x) = sum(relu(h)) / (sum of the top D - round(D p(x) / 100) entries of relu(h)) (SCALE's ratio at p(x));
    `adascale_a`: score = logsumexp(fc(h e^r)); `adascale_l`: score = logsumexp(fc(h) r^2).
 Fit: Q' over the ID val split (`fit_split = val`; OpenOOD's setup on its ID val loader), a `ModelFitted` pass
-(one forward with an input gradient and one perturbed forward per batch); scoring repeats those two passes.
+(one forward with an input gradient and one perturbed forward per batch); scoring repeats those two passes, once
+for both variants when they score a batch together (`SharedPasses`).
 Grid: OpenOOD's 36 (p_min, p_max) pairs, all scored from the same passes (p only enters steps 3-4); k1 = 5 %,
 k2 = 1 %, lambda = 10, o = 5 % (OpenOOD's single sweep values, relative to D and the input size already).
 Deviations: k = max(1, ...) (OpenOOD's floor gives k2 = 0 below D = 100, e.g. the 64-d digits network, dropping
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ood.detectors.base import SharedPasses
 from ood.detectors.network import ModelFitted, backbone_of
 from ood.features.bank import FeatureBank
 
@@ -104,13 +106,17 @@ class AdaScaleA(ModelFitted):
     def score(self, bank: FeatureBank) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} perturbs the inputs: score it with score_inputs(model, x)")
 
-    def score_inputs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self.score_inputs_grid(model, x, [{}])[0]
+    def score_inputs(self, model: nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
+        return self.score_inputs_grid(model, x, [{}], shared)[0]
 
-    def score_inputs_grid(self, model: nn.Module, x: torch.Tensor, points: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
-        """Every percentile pair of `points` from the same two passes."""
+    def score_inputs_grid(
+        self, model: nn.Module, x: torch.Tensor, points: Sequence[dict[str, Any]], shared: SharedPasses | None = None
+    ) -> list[torch.Tensor]:
+        """Every percentile pair of `points` from the same two passes (shared with the other variant scoring the
+        same batch: the passes do not depend on the scaling)."""
         backbone = backbone_of(model)
-        logits, h, q = self._passes(model, x)
+        key = ("adascale.passes", self.k1, self.k2, self.lmbda, self.o)
+        logits, h, q = (shared or SharedPasses()).get(key, lambda: self._passes(model, x))
         reference = self.reference_.to(q.device)
         below = 1 - torch.searchsorted(reference, q, right=True).double() / len(reference)  # 1 - ECDF(Q')
         weight, bias = backbone.fc.weight.detach().double(), backbone.fc.bias.detach().double()

@@ -11,8 +11,8 @@ Hyper-parameters that count feature dimensions (ViM's `dim`) accept a fraction o
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -21,10 +21,26 @@ from ood.errors import ConfigError, OODError
 from ood.features.bank import FeatureBank
 
 _REGISTRY: dict[str, type[Detector]] = {}
+_T = TypeVar("_T")
 
 
 class DetectorNotApplicable(OODError):
     """The detector cannot run on this model or benchmark (e.g. ViM with dim >= D); the run skips it and says why."""
+
+
+class SharedPasses:
+    """Network work on one batch that the detectors scoring it together reuse: `get(key, compute)` runs `compute()`
+    for the first detector that asks for `key` and hands the same result to the others (ODIN's and i-ODIN's forward
+    pass and input gradients, AdaSCALE-A's and -L's passes). One object per batch, made by the caller that runs the
+    detectors over it; the key names the computation and every hyper-parameter it depends on."""
+
+    def __init__(self) -> None:
+        self._results: dict[Hashable, Any] = {}
+
+    def get(self, key: Hashable, compute: Callable[[], _T]) -> _T:
+        if key not in self._results:
+            self._results[key] = compute()
+        return self._results[key]
 
 
 class Detector:
@@ -80,17 +96,20 @@ class Detector:
         """
         return [self.set_params(**point).score(bank) for point in points]
 
-    def score_inputs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """ID score from the model and a batch of inputs; only for `needs_model` detectors."""
+    def score_inputs(self, model: nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
+        """ID score from the model and a batch of inputs; only for `needs_model` detectors. `shared`: the batch's
+        passes other detectors scoring the same batch may already have run (`SharedPasses`)."""
         raise NotImplementedError(f"{self.name} scores from cached features, not from inputs")
 
-    def score_inputs_grid(self, model: nn.Module, x: torch.Tensor, points: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
+    def score_inputs_grid(
+        self, model: nn.Module, x: torch.Tensor, points: Sequence[dict[str, Any]], shared: SharedPasses | None = None
+    ) -> list[torch.Tensor]:
         """`score_inputs` of one batch at each setting of `score_params` in `points`; leaves the last one set.
 
         Detectors override this to share network passes across the points (ODIN: one forward per batch and one
         input gradient per temperature for every noise value).
         """
-        return [self.set_params(**point).score_inputs(model, x) for point in points]
+        return [self.set_params(**point).score_inputs(model, x, shared) for point in points]
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())

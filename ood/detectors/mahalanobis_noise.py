@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ood.detectors.base import Detector
+from ood.detectors.base import Detector, SharedPasses
 from ood.detectors.mahalanobis import class_means, mahalanobis_sq, shared_precision
 from ood.detectors.network import Tap, backbone_of, channel_mean, tapped_keys
 from ood.features.bank import FeatureBank
@@ -81,10 +81,12 @@ class MahalanobisODIN(Detector):
     def score(self, bank: FeatureBank) -> torch.Tensor:
         raise NotImplementedError("mahalanobis_odin perturbs the inputs: score it with score_inputs(model, x)")
 
-    def score_inputs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def score_inputs(self, model: nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
         return self.score_inputs_grid(model, x, [{}])[0]
 
-    def score_inputs_grid(self, model: nn.Module, x: torch.Tensor, points: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
+    def score_inputs_grid(
+        self, model: nn.Module, x: torch.Tensor, points: Sequence[dict[str, Any]], shared: SharedPasses | None = None
+    ) -> list[torch.Tensor]:
         """Every noise value of `points` from one forward pass and one input gradient."""
         backbone = backbone_of(model)
         noises = [self.set_params(**point).noise for point in points]
@@ -128,7 +130,7 @@ class MDSEnsemble(Detector):
     def score(self, bank: FeatureBank) -> torch.Tensor:
         raise NotImplementedError("mds_ensemble perturbs the inputs: score it with score_inputs(model, x)")
 
-    def score_inputs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def score_inputs(self, model: nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
         backbone = backbone_of(model)
         std = input_std_like(self.input_std, x)
         x = x.detach().clone().requires_grad_(True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ood.detectors.base import DetectorNotApplicable
+from ood.detectors.base import DetectorNotApplicable, SharedPasses
 from ood.detectors.network import ModelFitted
 from ood.features.bank import FeatureBank
 
@@ -58,7 +58,7 @@ class MCDropout(ModelFitted):
     def fit_inputs(self, bank: FeatureBank, statistics: torch.Tensor) -> MCDropout:
         return self
 
-    def score_inputs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def score_inputs(self, model: nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
         modules = check_dropout(model)
         modes = [m.training for m in modules]
         try:

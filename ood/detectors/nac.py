@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ood.detectors.base import SharedPasses
 from ood.detectors.network import ModelFitted, backbone_of, channel_mean
 from ood.features.bank import FeatureBank
 
@@ -71,7 +72,7 @@ class NAC(ModelFitted):
     def score(self, bank: FeatureBank) -> torch.Tensor:
         raise NotImplementedError("nac needs input gradients: score it with score_inputs(model, x)")
 
-    def score_inputs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def score_inputs(self, model: nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
         total = torch.zeros(len(x), dtype=torch.float64, device=x.device)
         start = 0
         counts = self.counts_.to(x.device)

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ood.detectors.base import Detector, DetectorNotApplicable, detector_class
+from ood.detectors.base import Detector, DetectorNotApplicable, SharedPasses, detector_class
 from ood.features.bank import FeatureBank
 
 #: a tapped module and the per-sample reduction of its output that is cached
@@ -113,7 +113,7 @@ class FitInputs(Detector):
     def __init__(self, detector: ModelFitted) -> None:
         self.detector = detector
 
-    def score_inputs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def score_inputs(self, model: nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
         return self.detector.fit_statistics(model, x)
 
 

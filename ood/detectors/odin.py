@@ -8,7 +8,8 @@ std of the input normalisation (the perturbation is `noise` in [0, 1] pixel unit
 The only detector that needs the network: two forward passes and one backward pass per input and grid point,
 through `score_inputs` (the evaluation runs it over the split loaders with gradients enabled). Tuning scores the
 whole grid per batch (`score_inputs_grid`): one forward pass, one input gradient per temperature, one perturbed
-forward per grid point (9 forwards + 4 backwards per batch for OpenOOD's 8 points instead of 16 + 8).
+forward per grid point (9 forwards + 4 backwards per batch for OpenOOD's 8 points instead of 16 + 8). Scoring a
+batch together with i-ODIN, the forward pass and the gradient at a shared temperature are run once for both.
 Deviations: max log-softmax in float64 instead of max softmax (monotone, no ties); the input gradient is
 taken with `torch.autograd.grad`, so parameter gradients are never touched.
 """
@@ -22,8 +23,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ood.detectors.base import Detector
+from ood.detectors.base import Detector, SharedPasses
 from ood.features.bank import FeatureBank
+
+
+class InputGradients:
+    """One forward pass of a batch with autograd on, and the input gradient of CE(f(x) / T, yhat) for each
+    temperature T asked for, each computed once (the graph is kept until the object is dropped)."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+        self.x = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            self.logits = model(self.x)
+        self.predicted = self.logits.detach().argmax(1)
+        self._grads: dict[float, torch.Tensor] = {}
+
+    def at(self, temperature: float) -> torch.Tensor:
+        """grad_x CE(f(x) / temperature, yhat)."""
+        if temperature not in self._grads:
+            with torch.enable_grad():
+                loss = F.cross_entropy(self.logits / temperature, self.predicted)
+                (self._grads[temperature],) = torch.autograd.grad(loss, self.x, retain_graph=True)
+        return self._grads[temperature]
 
 
 class ODIN(Detector):
@@ -42,32 +63,25 @@ class ODIN(Detector):
     def score(self, bank: FeatureBank) -> torch.Tensor:
         raise NotImplementedError("odin perturbs the inputs: score it with score_inputs(model, x)")
 
-    def score_inputs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self.score_inputs_grid(model, x, [{}])[0]
+    def score_inputs(self, model: nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
+        return self.score_inputs_grid(model, x, [{}], shared)[0]
 
-    def score_inputs_grid(self, model: nn.Module, x: torch.Tensor, points: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
+    def score_inputs_grid(
+        self, model: nn.Module, x: torch.Tensor, points: Sequence[dict[str, Any]], shared: SharedPasses | None = None
+    ) -> list[torch.Tensor]:
         """ODIN at every (temperature, noise) in `points` from one forward pass of `x` with gradients and one input
-        gradient per temperature, reused for each of its noise values: the same operations as scoring the points one
-        by one, so the scores are bit-identical, without repeating the shared passes."""
-        by_temperature: dict[float, list[tuple[int, float]]] = {}
-        for i, point in enumerate(points):
-            self.set_params(**point)
-            by_temperature.setdefault(self.temperature, []).append((i, self.noise))
-        x = x.detach().clone().requires_grad_(True)
+        gradient per temperature, reused for each of its noise values (and by i-ODIN scoring the same batch through
+        `shared`): the same operations as scoring the points one by one, so the scores are bit-identical, without
+        repeating the shared passes."""
+        passes = (shared or SharedPasses()).get("odin.input_gradients", lambda: InputGradients(model, x))
         std = torch.as_tensor(self.input_std, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.dim() - 2)))
-        with torch.enable_grad():
-            logits = model(x)
-        predicted = logits.detach().argmax(1)
-        scores: list[torch.Tensor] = [torch.empty(0)] * len(points)
-        for n, (temperature, noises) in enumerate(by_temperature.items()):
-            with torch.enable_grad():
-                loss = F.cross_entropy(logits / temperature, predicted)
-                (grad,) = torch.autograd.grad(loss, x, retain_graph=n < len(by_temperature) - 1)
-            step = self.input_step(grad) / std
+        scores = []
+        for point in points:
+            self.set_params(**point)
+            step = self.input_step(passes.at(self.temperature)) / std
             with torch.no_grad():
-                for i, noise in noises:
-                    nudged = model(x.detach() - noise * step)
-                    scores[i] = torch.log_softmax(nudged.double() / temperature, dim=1).max(1).values
+                nudged = model(passes.x.detach() - self.noise * step)
+            scores.append(torch.log_softmax(nudged.double() / self.temperature, dim=1).max(1).values)
         return scores
 
     def input_step(self, grad: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ood.detectors.base import Detector, DetectorNotApplicable
+from ood.detectors.base import Detector, DetectorNotApplicable, SharedPasses
 from ood.detectors.network import backbone_of
 from ood.features.bank import FeatureBank
 
@@ -41,7 +41,7 @@ class RankFeat(Detector):
     def score(self, bank: FeatureBank) -> torch.Tensor:
         raise NotImplementedError("rankfeat re-runs the last stage: score it with score_inputs(model, x)")
 
-    def score_inputs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def score_inputs(self, model: nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
         backbone = backbone_of(model)
         names = list(backbone.stages)
         if len(names) < 2:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from ood.detectors.base import (
     Detector,
     DetectorNotApplicable,
     DetectorRef,
+    SharedPasses,
     build_detector,
     detector_class,
     hparam_names,
@@ -64,25 +66,6 @@ def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
 ModelScoreFn = Callable[[Detector, str], torch.Tensor]
 
 
-def _split_scores(det: Detector, split: str, banks: Mapping[str, FeatureBank], model_scores: ModelScoreFn | None) -> torch.Tensor:
-    """ID scores of `det` on `split`: from the cache, or through the model for input-perturbing detectors."""
-    if det.needs_model:
-        assert model_scores is not None
-        return model_scores(det, split)
-    return det.score(banks[split])
-
-
-def _scores_of(det: Detector, banks: Mapping[str, FeatureBank], model_scores: ModelScoreFn | None,
-               known: Mapping[str, torch.Tensor]) -> ScoreFn:
-    """`det`'s scores per split. Splits in `known` are not scored again: a network-pass detector's val / val_ood
-    scores at the chosen point come from its search, so its validation AUROC costs no second pass over them."""
-
-    def score(split: str) -> torch.Tensor:
-        return known[split] if split in known else _split_scores(det, split, banks, model_scores)
-
-    return score
-
-
 class GridInputs(Detector):
     """`detector` at every setting of its `score_params` in one call: `score_inputs(model, x)` returns [B, points]
     (its `score_inputs_grid` stacked), so a `ModelScoreFn` runs the loader once for the whole grid."""
@@ -93,8 +76,59 @@ class GridInputs(Detector):
         self.detector = detector
         self.points = list(points)
 
-    def score_inputs(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack(self.detector.score_inputs_grid(model, x, self.points), dim=1)
+    def score_inputs(self, model: torch.nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
+        return torch.stack(self.detector.score_inputs_grid(model, x, self.points, shared), dim=1)
+
+
+class JointInputs(Detector):
+    """Fitted network-pass detectors scoring the same batches: `score_inputs(model, x)` returns [B, detectors] in
+    float64, so a `ModelScoreFn` runs a split's loader once for all of them, and the network work they have in
+    common runs once per batch (one `SharedPasses` per batch: ODIN's and i-ODIN's forward pass and gradients,
+    AdaSCALE-A's and -L's passes). A detector that turns out not to apply (rankfeat on a backbone without stages)
+    gets NaN and its error in `failed` (by position), and is not run again."""
+
+    needs_model = True
+
+    def __init__(self, detectors: Sequence[Detector]) -> None:
+        self.detectors = list(detectors)
+        self.failed: dict[int, DetectorNotApplicable] = {}
+
+    def score_inputs(self, model: torch.nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
+        shared = SharedPasses()
+        columns = []
+        for i, det in enumerate(self.detectors):
+            if i not in self.failed:
+                try:
+                    columns.append(det.score_inputs(model, x, shared).double())
+                    continue
+                except DetectorNotApplicable as err:
+                    self.failed[i] = err
+            columns.append(torch.full((len(x),), torch.nan, dtype=torch.float64, device=x.device))
+        return torch.stack(columns, 1)
+
+
+def network_scores(
+    dets: Sequence[Detector],
+    known: Sequence[Mapping[str, torch.Tensor]],
+    splits: Sequence[str],
+    model_scores: ModelScoreFn,
+) -> tuple[list[dict[str, torch.Tensor]], dict[int, DetectorNotApplicable]]:
+    """Scores of the network-pass detectors `dets` on each of `splits` from one joint run per split (`JointInputs`);
+    a detector's splits in `known[i]` (its val / val_ood scores from tuning) are not scored again. Returns the scores
+    per detector and the detectors, by position, that turned out not to apply."""
+    scores = [dict(k) for k in known]
+    failed: dict[int, DetectorNotApplicable] = {}
+    for split in tqdm(splits, desc="network-pass detectors", leave=False):
+        members = [i for i in range(len(dets)) if split not in scores[i] and i not in failed]
+        if not members:
+            continue
+        joint = JointInputs([dets[i] for i in members])
+        columns = model_scores(joint, split)
+        failed |= {members[j]: err for j, err in joint.failed.items()}
+        for j, i in enumerate(members):
+            if i not in failed:
+                scores[i][split] = columns[:, j]
+    return scores, failed
 
 
 def _val_scores(
@@ -225,20 +259,45 @@ def detector_scorers(
 ) -> list[Scorer]:
     """Fit every named detector; detectors that need the model score (and tune) through `model_scores`.
 
-    Structurally inapplicable detectors are skipped with a warning that says why.
+    Cache-scored detectors score a split when asked. The network-pass ones score every split but the train split
+    right after fitting, all of them together in one run per split (`network_scores`); the val / val_ood scores at
+    the chosen point come from their search, so their validation AUROC costs no second pass over those splits.
+    Structurally inapplicable detectors are skipped with a warning that says why (in fitting, or in their first
+    network pass).
     """
-    scorers = []
+    fitted: list[tuple[Detector, list[str], dict[str, torch.Tensor]]] = []
     for cls in tqdm(list(map(detector_class, names)), desc="fitting detectors", leave=False):
-        name = cls.name
         try:
-            det, tuned, val_scores = tune_detector(cls, params.get(name, {}), banks, tune, model_scores)
+            det, tuned, val_scores = tune_detector(cls, params.get(cls.name, {}), banks, tune, model_scores)
         except DetectorNotApplicable as err:
-            log.warning("skipping detector %s: %s", name, err)
+            log.warning("skipping detector %s: %s", cls.name, err)
             continue
-        fn = _scores_of(det, banks, model_scores, val_scores if cls.needs_model else {})
-        chosen = sorted(set(cls.grid) - set(params.get(name, {}))) if tuned else []
-        scorers.append(Scorer(name, fn, det.hparams, chosen))
+        fitted.append((det, sorted(set(cls.grid) - set(params.get(cls.name, {}))) if tuned else [], val_scores))
+    network = [det for det, _, _ in fitted if det.needs_model]
+    known: dict[int, dict[str, torch.Tensor]] = {}
+    if network:
+        assert model_scores is not None  # tune_detector refuses network-pass detectors without it
+        validation = ["val", "val_ood"] if {"val", "val_ood"} <= set(banks) else []
+        splits = [s for s in banks if s not in ("train", "val", "val_ood")] + validation
+        scores, failed = network_scores(network, [v for det, _, v in fitted if det.needs_model], splits, model_scores)
+        for n, det in enumerate(network):
+            if n in failed:
+                log.warning("skipping detector %s: %s", det.name, failed[n])
+            else:
+                known[id(det)] = scores[n]
+    scorers = []
+    for det, chosen, _ in fitted:
+        if not det.needs_model:
+            scorers.append(Scorer(det.name, lambda split, det=det: det.score(banks[split]), det.hparams, chosen))
+        elif id(det) in known:
+            score = partial(_known_or_run, known[id(det)], det, model_scores)
+            scorers.append(Scorer(det.name, score, det.hparams, chosen))
     return scorers
+
+
+def _known_or_run(known: Mapping[str, torch.Tensor], det: Detector, model_scores: ModelScoreFn, split: str) -> torch.Tensor:
+    """A network-pass detector's scores on `split`: computed already, or by a run of its own."""
+    return known[split] if split in known else model_scores(det, split)
 
 
 def evaluate(
