@@ -11,7 +11,8 @@ each detector's grid (OpenOOD's `postprocessor_sweep` grids, declared by the det
   into the feature cache (with the layer taps gram and mds_ensemble read); every cache-scored detector fits, tunes
   and scores from it. The network-pass detectors (`needs_model`: odin, iodin, rankfeat, adascale_a/l,
   mds_ensemble, mcdropout) re-run the network, each scoring its whole grid from one run over ID val and validation
-  OOD (`score_inputs_grid`), then one run over every test split at the chosen point.
+  OOD (`score_inputs_grid`), then all of them together in one run over every test split at their chosen points,
+  where ODIN and i-ODIN share the forward pass and input gradient, AdaSCALE-A and -L their two passes.
 - OpenOOD's way (read in Jingkang50/OpenOOD `openood/evaluation_api/evaluator.py`: `Evaluator.__init__` calls
   `postprocessor.setup` (one pass over the fit split for the postprocessors that fit), `hyperparam_search` sets each
   grid point and runs `postprocessor.inference` on ID val and on validation OOD, `eval_ood` runs it on ID test and
@@ -48,7 +49,7 @@ from benchmarks.fabricate import cifar_tree
 from ood.detectors import build_detector, detector_class
 from ood.detectors.base import Detector, DetectorNotApplicable
 from ood.detectors.network import FitInputs, LayerTaps, ModelFitted
-from ood.evaluation.scoring import grid_points, with_data_facts
+from ood.evaluation.scoring import JointInputs, grid_points, with_data_facts
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
 from ood.train import build
@@ -137,11 +138,11 @@ def input_pass(det: Detector, method: Any, loader: torch.utils.data.DataLoader, 
 
 def openood_way(method: Any, loaders: Mapping[str, torch.utils.data.DataLoader], names: Sequence[str],
                 params: Mapping[str, Mapping[str, Any]], tests: Sequence[str], counter: Counter,
-                cost: dict[str, tuple[float, int]]) -> dict[str, dict[str, torch.Tensor]]:
+                cost: dict[str, tuple[float, int]], chosen_detectors: dict[str, Detector]) -> dict[str, dict[str, torch.Tensor]]:
     """Per postprocessor: setup (a pass over its fit split when it fits: a feature pass, or a pass with gradients for
     the detectors fitted from network passes), then per grid point a pass over ID val and one over validation OOD,
     then a pass over ID test and every OOD set. Returns test scores per detector and fills `cost` with its
-    (seconds, images through the network)."""
+    (seconds, images through the network) and `chosen_detectors` with the fitted detector at its chosen point."""
     out = {}
     for name in names:
         start, images = time.perf_counter(), counter.images
@@ -188,7 +189,28 @@ def openood_way(method: Any, loaders: Mapping[str, torch.utils.data.DataLoader],
             continue
         out[name] = {split: scores(det, split) for split in tests}
         cost[name] = (time.perf_counter() - start, counter.images - images)
+        chosen_detectors[name] = det
     return out
+
+
+def per_image_cost(method: Any, x: torch.Tensor, dets: Mapping[str, Detector], repeats: int = 2) -> dict[str, float]:
+    """Seconds of each network-pass detector's `score_inputs` on the batch `x`, alone and all of them together
+    (`JointInputs`, key "together"), in no-gradient forward passes of the same batch (best of `repeats`)."""
+
+    def best(fn: Any) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.no_grad():
+        forward = best(lambda: method(x))
+    with torch.enable_grad():
+        cost = {name: best(lambda det=det: det.score_inputs(method, x)) / forward for name, det in dets.items()}
+        cost["together"] = best(lambda: JointInputs(list(dets.values())).score_inputs(method, x)) / forward
+    return cost
 
 
 def run(size: int = 256, epochs: int = 2, backbone: str = "small_cnn") -> tuple[list[Timing], str]:
@@ -224,8 +246,11 @@ def run(size: int = 256, epochs: int = 2, backbone: str = "small_cnn") -> tuple[
     method.eval()
     counter.images = 0
     cost: dict[str, tuple[float, int]] = {}
-    theirs = openood_way(method, loaders, OPENOOD, params, tests, counter, cost)
+    chosen: dict[str, Detector] = {}
+    theirs = openood_way(method, loaders, OPENOOD, params, tests, counter, cost, chosen)
     counter.remove()
+    batch = next(iter(loaders[tests[0]])).x[:64]
+    per_image = per_image_cost(method, batch, {n: chosen[n] for n in NETWORK if n in chosen})
 
     worst = 0.0
     rows = ours["every detector"][2]
@@ -258,12 +283,17 @@ def run(size: int = 256, epochs: int = 2, backbone: str = "small_cnn") -> tuple[
             timings.append(Timing(task, mine_s, their_s, 0.1, "OpenOOD's way"))
         lines.append(f"| {group} | {len(ran)} | {mine_s:.1f} | {their_s:.1f} | {their_s / mine_s:.1f}x | "
                      f"{mine_images / one_pass:.2f} | {their_images / one_pass:.2f} |")
-    lines += ["", "OpenOOD's way per network-pass detector (ours scores each grid from one run per split):", "",
-              "| detector | grid points | OpenOOD's way (s) | passes |", "|---|---:|---:|---:|"]
+    lines += ["", "Per network-pass detector: OpenOOD's way (ours scores each grid from one run per split), and the cost of "
+              f"scoring one test image at the chosen point (a batch of {len(batch)}, in forward passes without "
+              "gradients), each detector alone and all together (one joint run: shared forward and gradients):", "",
+              "| detector | grid points | OpenOOD's way (s) | passes | test image (forwards) |", "|---|---:|---:|---:|---:|"]
     for name in NETWORK:
         if name in cost:
             points = len(grid_points(detector_class(name).grid))
-            lines.append(f"| {name} | {points} | {cost[name][0]:.1f} | {cost[name][1] / one_pass:.2f} |")
+            lines.append(f"| {name} | {points} | {cost[name][0]:.1f} | {cost[name][1] / one_pass:.2f} | "
+                         f"{per_image[name]:.1f} |")
+    alone = sum(v for k, v in per_image.items() if k != "together")
+    lines.append(f"| all, alone / together | | | | {alone:.1f} / {per_image['together']:.1f} |")
     skipped = sorted(set(OPENOOD) - set(theirs))
     not_applicable = f"; not applicable on this network: {skipped}" if skipped else ""
     lines.append(f"\nOpenOOD's way ran {counter.loader_runs} loader passes; AUROCs equal to ours (max difference "

@@ -4,6 +4,7 @@ reference, not through the detector's code path."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -187,14 +188,28 @@ def test_network_detectors_score_together_as_they_score_alone(tiny: dict[str, An
         for split in ("test", "ood", "val"):
             assert torch.equal(scorer.score(split), _scores(det, tiny, split).double()), (scorer.name, split)
 
-    dets = [_fitted(n, tiny) for n in ("odin", "iodin", "adascale_a", "adascale_l")]
-    passes: list[str] = []
-    for target, label in ((odin_module.InputGradients, "odin"), (AdaScaleA, "adascale")):
-        attr = "__init__" if label == "odin" else "_passes"
-        original = getattr(target, attr)
-        monkeypatch.setattr(target, attr, lambda *a, original=original, label=label: (passes.append(label), original(*a))[1])
-    JointInputs(dets).score_inputs(tiny["net"], tiny["x"]["test"][:64])
-    assert passes == ["odin", "adascale"]
+    # interleaved on purpose: a group's members are scored one after the other, and its shared graph is dropped
+    # before the next group runs (at most one group's passes alive)
+    dets = [_fitted(n, tiny) for n in ("odin", "adascale_a", "iodin", "adascale_l")]
+    passes: list[tuple[str, int]] = []
+    alive: weakref.WeakSet = weakref.WeakSet()
+    original_init, original_passes = odin_module.InputGradients.__init__, AdaScaleA._passes
+
+    def init(self: Any, *args: Any) -> None:
+        passes.append(("odin", len(alive)))
+        alive.add(self)
+        original_init(self, *args)
+
+    def adascale_passes(self: Any, *args: Any) -> Any:
+        passes.append(("adascale", len(alive)))
+        return original_passes(self, *args)
+
+    monkeypatch.setattr(odin_module.InputGradients, "__init__", init)
+    monkeypatch.setattr(AdaScaleA, "_passes", adascale_passes)
+    joint = JointInputs(dets).score_inputs(tiny["net"], tiny["x"]["test"][:64])
+    assert passes == [("odin", 0), ("adascale", 0)]
+    for det, column in zip(dets, joint.T):
+        assert torch.equal(column, det.score_inputs(tiny["net"], tiny["x"]["test"][:64]).double())
 
 
 class _Unstaged(nn.Module):

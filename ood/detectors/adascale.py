@@ -56,6 +56,7 @@ class AdaScaleA(ModelFitted):
 
     name = "adascale_a"
     fit_split = "val"
+    pass_group = "adascale"
     #: the extra network passes would slow the default run: `detectors=full` runs it, `all` does not
     full_only = True
     grid = {"percentile": PERCENTILES}

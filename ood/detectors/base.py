@@ -31,8 +31,9 @@ class DetectorNotApplicable(OODError):
 class SharedPasses:
     """Network work on one batch that the detectors scoring it together reuse: `get(key, compute)` runs `compute()`
     for the first detector that asks for `key` and hands the same result to the others (ODIN's and i-ODIN's forward
-    pass and input gradients, AdaSCALE-A's and -L's passes). One object per batch, made by the caller that runs the
-    detectors over it; the key names the computation and every hyper-parameter it depends on."""
+    pass and input gradients, AdaSCALE-A's and -L's passes). One object per batch and `Detector.pass_group`, made by
+    the caller that runs the detectors over it; the key names the computation and every hyper-parameter it depends
+    on."""
 
     def __init__(self) -> None:
         self._results: dict[Hashable, Any] = {}
@@ -58,6 +59,9 @@ class Detector:
     float16_features: ClassVar[bool] = False
     #: True for detectors whose extra network passes would slow the default run: `full` selects them, `all` does not
     full_only: ClassVar[bool] = False
+    #: network-pass detectors with the same group may share work through one `SharedPasses` per batch (ODIN and
+    #: i-ODIN); a joint run scores a group's members one after the other and then drops what they shared
+    pass_group: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -52,6 +52,7 @@ class ODIN(Detector):
 
     name = "odin"
     needs_model = True
+    pass_group = "odin"
     grid = {"temperature": [1, 10, 100, 1000], "noise": [0.0014, 0.0028]}
     score_params = frozenset({"temperature", "noise"})
 

@@ -82,9 +82,10 @@ class GridInputs(Detector):
 
 class JointInputs(Detector):
     """Fitted network-pass detectors scoring the same batches: `score_inputs(model, x)` returns [B, detectors] in
-    float64, so a `ModelScoreFn` runs a split's loader once for all of them, and the network work they have in
-    common runs once per batch (one `SharedPasses` per batch: ODIN's and i-ODIN's forward pass and gradients,
-    AdaSCALE-A's and -L's passes). A detector that turns out not to apply (rankfeat on a backbone without stages)
+    float64, so a `ModelScoreFn` runs a split's loader once for all of them, and the network work the members of a
+    `pass_group` have in common runs once per batch (ODIN's and i-ODIN's forward pass and gradients, AdaSCALE-A's
+    and -L's passes): one `SharedPasses` per group and batch, dropped once the group is scored, so at most one
+    group's kept graph is alive. A detector that turns out not to apply (rankfeat on a backbone without stages)
     gets NaN and its error in `failed` (by position), and is not run again."""
 
     needs_model = True
@@ -92,18 +93,22 @@ class JointInputs(Detector):
     def __init__(self, detectors: Sequence[Detector]) -> None:
         self.detectors = list(detectors)
         self.failed: dict[int, DetectorNotApplicable] = {}
+        groups: dict[object, list[int]] = {}
+        for i, det in enumerate(self.detectors):
+            groups.setdefault(det.pass_group or object(), []).append(i)  # object(): a group of its own
+        self._groups = list(groups.values())
 
     def score_inputs(self, model: torch.nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
-        shared = SharedPasses()
-        columns = []
-        for i, det in enumerate(self.detectors):
-            if i not in self.failed:
-                try:
-                    columns.append(det.score_inputs(model, x, shared).double())
-                    continue
-                except DetectorNotApplicable as err:
-                    self.failed[i] = err
-            columns.append(torch.full((len(x),), torch.nan, dtype=torch.float64, device=x.device))
+        nan = torch.full((len(x),), torch.nan, dtype=torch.float64, device=x.device)
+        columns = [nan] * len(self.detectors)
+        for members in self._groups:
+            shared = SharedPasses()
+            for i in members:
+                if i not in self.failed:
+                    try:
+                        columns[i] = self.detectors[i].score_inputs(model, x, shared).double()
+                    except DetectorNotApplicable as err:
+                        self.failed[i] = err
         return torch.stack(columns, 1)
 
 
