@@ -70,6 +70,8 @@ def test_fit_statistics_margins_centres_and_push_margin(tmp_path: Path) -> None:
     assert fitted["push_stats"].item() == pytest.approx(1.0)  # every ||z - c_y|| is 1
     absolute = build(tmp_path, "energy_oe", "method.margins=absolute", "method.m_in=-23", "method.m_out=-5")
     assert absolute.fit_statistics({"logits": torch.zeros(3, 6)})["energy_stats"].tolist() == pytest.approx([e, -23, -5])
+    # the given margins join the ID-train energy on its device (meta stands in for CUDA: no mixing with CPU)
+    assert absolute.fit_statistics({"logits": torch.zeros(3, 6, device="meta")})["energy_stats"].device.type == "meta"
 
 
 def test_prepare_without_a_trainer_fits_the_margins_on_the_fit_split(tmp_path: Path) -> None:

@@ -330,3 +330,20 @@ def test_digits_run_and_eval_from_checkpoint(tmp_path: Path) -> None:
         config_name="eval",
     )
     assert sum(r["auroc"] for r in rows_by(val_ood, "grood").values()) / 4 >= 0.8
+
+
+def test_fit_split_sums_of_bf16_maps_are_accumulated_in_float32() -> None:
+    """Under `trainer=gpu_fast` the cached early maps are bf16; summed in bf16, 5,000 values of 0.7 stop at 256.
+    The class prototypes are the exact means of the bf16 values."""
+    from ood.methods.grood import FitSplitStats
+
+    stats = FitSplitStats(num_classes=2, input_shape=(1, 2, 2), n_proto=4, batch_size=500)
+    value = torch.tensor(0.7, dtype=torch.bfloat16)  # 0.69921875
+    for start in range(0, 10_000, 500):
+        index = torch.arange(start, start + 500)
+        stats.update(index, index % 2, torch.full((500, 1, 2, 2), float(value), dtype=torch.bfloat16),
+                     torch.ones(500, 3), torch.zeros(500, 2, dtype=torch.bfloat16))
+    summary = stats.summary()
+    assert summary.counts.tolist() == [5000, 5000]
+    assert torch.equal(summary.early_prototypes, torch.full((2, 1, 2, 2), float(value)))
+    assert summary.class_prototypes.dtype == torch.float32 and torch.equal(summary.class_prototypes, torch.ones(2, 3))

@@ -140,7 +140,8 @@ class EnergyOE(OODMethod):
         m_in, m_out = self.hparams.m_in, self.hparams.m_out
         if self.hparams.margins == "id_energy":
             m_in, m_out = mean_energy + m_in, mean_energy + m_out
-        return {"energy_stats": torch.stack([mean_energy, torch.as_tensor(m_in), torch.as_tensor(m_out)]).float()}
+        margins = [torch.as_tensor(m, dtype=mean_energy.dtype, device=mean_energy.device) for m in (m_in, m_out)]
+        return {"energy_stats": torch.stack([mean_energy, *margins]).float()}
 
     def fitted_values(self) -> dict[str, float]:
         """The statistics fitted at fit start, as reported in `method_params.fitted` and the diagnostics."""

@@ -125,7 +125,9 @@ class FitSplitStats:
         self.batch_size = batch_size
         self.input_shape = input_shape
         self.n_keep = math.ceil(n_proto / self.batch_size) * self.batch_size
-        self.sums = ClassSums(num_classes, dtypes={"features": torch.float64})
+        # float32 at least: maps cached under bf16 autocast (trainer=gpu_fast) would be summed in bf16, whose 8
+        # mantissa bits stop a running sum of 5,000 values near 0.7 at 256
+        self.sums = ClassSums(num_classes, dtypes={"features": torch.float64, "maps": torch.float32})
         self.kept = FirstN(self.n_keep, ["maps", "logits"])
         self._summary: FitSummary | None = None
 
@@ -154,7 +156,7 @@ class FitSplitStats:
             kept = self.kept.compute()
             self._summary = FitSummary(
                 early_prototypes=maps / counts.view(-1, *([1] * (maps.dim() - 1))).to(maps),
-                class_prototypes=(sums["features"] / counts[:, None]).to(kept["logits"].dtype),
+                class_prototypes=(sums["features"] / counts[:, None]).float(),
                 counts=counts,
                 kept_maps=kept["maps"],
                 kept_logits=kept["logits"],
