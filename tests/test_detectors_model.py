@@ -19,6 +19,7 @@ from ood.detectors import DetectorNotApplicable, available_detectors, build_dete
 from ood.detectors import odin as odin_module
 from ood.detectors.adascale import AdaScaleA
 from ood.detectors.base import Detector
+from ood.detectors.gram import gram_rows
 from ood.detectors.network import FitInputs, LayerTaps, ModelFitted
 from ood.evaluation.scoring import JointInputs, detector_scorers, fit_detector
 from ood.features.bank import FeatureBank
@@ -247,6 +248,25 @@ def test_maps_come_from_the_single_pass_and_missing_maps_are_not_applicable(tiny
     for name in ("gram", "mds_ensemble"):
         with pytest.raises(DetectorNotApplicable, match="from the evaluation cache"):
             build_detector(name).fit(bare)
+
+
+def test_taps_reduce_outside_autocast(tiny: dict[str, Any]) -> None:
+    """Under bf16 autocast (trainer=gpu_fast) the maps are bf16, but the cached reductions (gram's Gram-row products,
+    channel means) are computed from them in float32, as outside autocast."""
+    net, x = tiny["net"], tiny["x"]["test"][:16]
+    conv = net.stages["block2"][0]
+    maps: list[torch.Tensor] = []
+    handle = conv.register_forward_hook(lambda _m, _i, out: maps.append(out.detach()))
+    taps = LayerTaps(net, ["gram", "mds_ensemble"])
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            net.run(x)
+        got = taps.pop()
+    finally:
+        taps.remove()
+        handle.remove()
+    assert maps[0].dtype == torch.bfloat16
+    assert torch.equal(got["gram.stages.block2.0"], gram_rows(maps[0]).float())
 
 
 def test_mcdropout_without_dropout_is_not_applicable(tiny: dict[str, Any]) -> None:

@@ -71,7 +71,8 @@ class LayerTaps:
 
     def _hook(self, key: str, reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-            with torch.no_grad():
+            # outside autocast: under bf16 autocast (trainer=gpu_fast) the reductions' products would be bf16
+            with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
                 self._runs.setdefault(key, []).append(reduce(output.detach()).float())
 
         return hook
