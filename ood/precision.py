@@ -8,23 +8,22 @@ other convolution algorithms), so reproduce published rows with `trainer=gpu`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
 
-def to_channels_last(x: torch.Tensor) -> torch.Tensor:
-    """Image batches [N, C, H, W] in channels_last memory format; other tensors as they are."""
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-
 class FastMixedPrecision(MixedPrecision):
-    """Autocast at `precision` (default bf16) on `device`, plus channels_last weights and image batches and, when
-    `compile`, `torch.compile` of every top-level sub-module of the method (the backbone, heads), in place so that
-    checkpoints keep their keys."""
+    """Autocast at `precision` (default bf16) on `device`, plus channels_last weights and, when `compile`,
+    `torch.compile` of every top-level sub-module of the method (the backbone, heads), in place so that checkpoints
+    keep their keys.
+
+    Batches are not converted: Lightning converts inputs before moving them to the device, so a conversion here
+    would copy every batch on the CPU in the main process. Convolutions with channels_last weights compute and
+    return channels_last activations from NCHW inputs, on the device, so the layout is the same from the first
+    layer on."""
 
     def __init__(
         self,
@@ -44,6 +43,3 @@ class FastMixedPrecision(MixedPrecision):
             for child in module.children():
                 child.compile()
         return module
-
-    def convert_input(self, data: Any) -> Any:
-        return apply_to_collection(data, torch.Tensor, to_channels_last) if self.channels_last else data

@@ -70,3 +70,19 @@ def test_augmentation_pads_with_the_normalised_background() -> None:
         # every pixel is either a pixel of the image or the black background (zero padding would add grey)
         assert bool((torch.isclose(x, torch.tensor(background)) | torch.isin(x, original)).all())
     assert shifted > 10
+
+
+def test_batches_are_pinned_by_the_loader(monkeypatch) -> None:
+    """`pin_memory=True` pins every tensor of a `Batch` (torch's loader leaves objects without `pin_memory()` as
+    they are). Pinning needs a GPU, so a stand-in marks the tensors it was called on."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from ood.data.batch import Batch
+
+    pinned: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a: pinned.append(self.clone()) or pinned[-1])
+    batch = Batch(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([5, 6]), torch.randn(4, 3))
+    out = pin_memory(batch)
+    assert isinstance(out, Batch) and [id(t) for t in (out.x, out.y, out.index, out.x_out)] == [id(t) for t in pinned]
+    assert torch.equal(out.x, batch.x) and torch.equal(out.x_out, batch.x_out)
+    assert pin_memory(Batch(batch.x, batch.y, batch.index)).x_out is None

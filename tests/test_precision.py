@@ -26,18 +26,22 @@ def test_gpu_stays_fp32_and_gpu_fast_adds_the_plugin(tmp_path: Path) -> None:
 
 
 def test_training_runs_in_bf16_with_channels_last() -> None:
-    seen: list[tuple[bool, torch.dtype, bool, bool]] = []
+    """bf16 autocast and channels_last weights; the batch reaches the step as loaded (no CPU-side copy) and the
+    first convolution's activations are channels_last."""
+    seen: list[tuple[bool, torch.dtype, bool, bool, bool]] = []
 
     class Probe(CrossEntropy):
         def training_loss(self, batch: Batch) -> torch.Tensor:
             x = batch.x
             weight = [p for p in self.parameters() if p.dim() == 4][-1]
+            first = next(iter(self.backbone.stages.values()))
             seen.append(
                 (
                     torch.is_autocast_enabled("cpu"),
                     torch.get_autocast_dtype("cpu"),
-                    x.is_contiguous(memory_format=torch.channels_last),
+                    x.is_contiguous(),
                     weight.is_contiguous(memory_format=torch.channels_last),
+                    first(x).is_contiguous(memory_format=torch.channels_last),
                 )
             )
             return super().training_loss(batch)
@@ -49,7 +53,7 @@ def test_training_runs_in_bf16_with_channels_last() -> None:
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(method, DataLoader(data, batch_size=4, collate_fn=collate_batch))
-    assert seen == [(True, torch.bfloat16, True, True)] * 2
+    assert seen == [(True, torch.bfloat16, True, True, True)] * 2
 
 
 def test_compile_is_in_place_and_keeps_checkpoint_keys() -> None:

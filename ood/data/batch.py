@@ -8,7 +8,7 @@ the device field by field.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -26,6 +26,11 @@ class Batch:
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+    def pin_memory(self) -> Batch:
+        """The same batch in page-locked memory. A DataLoader with `pin_memory=True` calls this (it leaves objects
+        without the method as they are), so the copies to the GPU can overlap computation (`non_blocking`)."""
+        return Batch(**{f.name: None if (v := getattr(self, f.name)) is None else v.pin_memory() for f in fields(self)})
 
 
 def collate_batch(items: Sequence[tuple[Any, Any, Any]]) -> Batch:
