@@ -30,11 +30,13 @@ def _patterns(rng: np.random.Generator, n: int, side: int, channels: int) -> np.
 
 
 def _save_set(root: Path, folder: str, name: str, labels: list[int], side: int, mode: str, seed: int,
-              ext: str = "png") -> list[str]:
-    """Images of `labels` (class c: pattern c + noise) under `root/folder/name/`; paths relative to `root/folder`."""
+              ext: str = "png", patterns_of: int | None = None) -> list[str]:
+    """Images of `labels` (class c: pattern c + noise) under `root/folder/name/`; paths relative to `root/folder`.
+    `patterns_of`: the seed of another set whose class patterns these images share (an ID test set those of its
+    train set), else the patterns are this set's own."""
     rng = np.random.default_rng(seed)
     channels = 1 if mode == "L" else 3
-    centres = _patterns(rng, max(labels) + 1, side, channels)
+    centres = _patterns(rng if patterns_of is None else np.random.default_rng(patterns_of), max(labels) + 1, side, channels)
     out = root / folder / name
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -62,7 +64,8 @@ def cifar_tree(root: Path, n_train: int = 64, n_val: int = 16, n_test: int = 32,
         train = [i % c for i in range(n_train)]
         test = [i % c for i in range(n_val + n_test)]
         ids[name] = (train, _save_set(root, "images_classic", f"{name}_train", train, 32, "RGB", seed),
-                     test, _save_set(root, "images_classic", f"{name}_test", test, 32, "RGB", 100 + seed))
+                     test, _save_set(root, "images_classic", f"{name}_test", test, 32, "RGB", 100 + seed,
+                                     patterns_of=seed))
     ood = {name: _save_set(root, "images_classic", name, [i % 5 for i in range(n_ood)], side, mode, 200 + s)
            for s, (name, (mode, side)) in enumerate(CIFAR_OOD.items())}
     for id_name, near in (("cifar10", "cifar100"), ("cifar100", "cifar10")):
@@ -87,7 +90,7 @@ def imagenet_tree(root: Path, n_train: int = 32, n_val: int = 8, n_test: int = 1
     train_y = [i % classes for i in range(n_train)]
     test_y = [i % classes for i in range(n_val + n_test)]
     train = _save_set(root, "images_largescale", "imagenet_1k/train", train_y, side, "RGB", 0, "jpg")
-    test = _save_set(root, "images_largescale", "imagenet_1k/val", test_y, side, "RGB", 1, "jpg")
+    test = _save_set(root, "images_largescale", "imagenet_1k/val", test_y, side, "RGB", 1, "jpg", patterns_of=0)
     ood = {name: _save_set(root, folder, name, [i % 3 for i in range(n_ood)], side, "RGB", 10 + s, "jpg")
            for s, (name, folder) in enumerate(IMAGENET_OOD.items())}
     for lists, suffix in ((root / "benchmark_imglist" / "imagenet200", "imagenet200"),

@@ -16,7 +16,7 @@ Checks (each a row of the JSON's `checks`, `ok` true/false):
    `trainer=gpu` (fp32) and with `trainer=gpu_fast` (bf16 autocast, channels_last): every training loss finite,
    and the fp32-trained model's scores evaluated in bf16 agree with its fp32 scores: Spearman rank correlation
    per detector over the test splits (ID test + every OOD set) >= `RHO_MIN` (0.99; bf16 keeps 8 mantissa bits,
-   so near-ties may swap but the order stays).
+   so near-ties may swap but the order stays). The bf16 evaluation uses the hyper-parameters the fp32 one tuned.
 2. faiss: the kNN detector (k = 50, 50 000 train x 10 000 test rows of 512-d features) and GROOD's gradient bank (1-NN
    of `ncp_gradient`s) on faiss' GPU index return the same neighbours as the exact CPU search (identical
    neighbour sets for >= 99.9 % of queries; distances equal to 1e-4 relative: GPU and CPU sum in other orders).
@@ -148,11 +148,27 @@ def _cfg(work: Path, overrides: Sequence[str]) -> Any:
     return compose_run(work, list(overrides))
 
 
+def detector_params(evaluation: Any) -> dict[str, dict[str, Any]]:
+    """Each detector's hyper-parameters in this evaluation (its rows'), JSON-ready."""
+    return {row["detector"]: json.loads(json.dumps(row["detector_params"])) for row in evaluation.result.rows}
+
+
 def test_scores(evaluation: Any) -> dict[str, np.ndarray]:
     """Per detector, the scores of the test splits (ID test then every OOD set) concatenated."""
     result = evaluation.result
     splits = [s for s in next(iter(result.scores.values())) if s not in ("train", "val", "val_ood")]
     return {d: np.concatenate([per[s].float().numpy() for s in splits if s in per]) for d, per in result.scores.items()}
+
+
+def chosen_params(evaluation: Any) -> list[str]:
+    """Overrides that fix every detector's tuned hyper-parameters at the values this evaluation chose, so that a
+    second evaluation compares the same detectors (bf16 rounding could otherwise tip a grid search elsewhere)."""
+    out = {}
+    for row in evaluation.result.rows:
+        for key in row.get("tuned_params", []):
+            value = json.dumps(row["detector_params"][key], separators=(",", ":"))
+            out[f"{row['detector']}.{key}"] = f"++detectors.params.{row['detector']}.{key}={value}"
+    return list(out.values())
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -186,11 +202,15 @@ def check_methods(sizes: Sizes, tree: Path, work: Path, names: Sequence[str]) ->
                 if not log.losses or not all(math.isfinite(v) for v in log.losses):
                     raise AssertionError(f"{kind}: non-finite or no training loss {log.losses}")
                 if kind == "gpu":
-                    fp32, trained = test_scores(evaluation), method
-            # the fp32 model evaluated under bf16 autocast (a fresh trainer of the gpu_fast preset)
-            _, datamodule, trainer, evaluation = build(_cfg(work / f"{name}-bf16eval", [*common, *trainer_overrides("gpu_fast", sizes)]))
+                    fp32, trained, fixed = test_scores(evaluation), method, chosen_params(evaluation)
+                    row["detector_params_fp32"] = detector_params(evaluation)
+            # the fp32 model evaluated under bf16 autocast (a fresh trainer of the gpu_fast preset), every detector at
+            # the hyper-parameters the fp32 evaluation chose: the same detectors in both precisions
+            _, datamodule, trainer, evaluation = build(_cfg(work / f"{name}-bf16eval",
+                                                            [*common, *trainer_overrides("gpu_fast", sizes), *fixed]))
             trainer.test(trained, datamodule=datamodule, verbose=False)
             bf16 = test_scores(evaluation)
+            row["detector_params_bf16"] = detector_params(evaluation)
             rho = {d: spearman(fp32[d], bf16[d]) for d in fp32}
             row["spearman_fp32_bf16"] = {d: round(r, 5) for d, r in rho.items()}
             low = {d: f"rho {r:.4f}, distinct values fp32 {len(np.unique(fp32[d]))} bf16 {len(np.unique(bf16[d]))}, "
@@ -324,7 +344,9 @@ def _sync(device: str) -> None:
 
 def plain_loop(method: Any, datamodule: Any, device: str, bf16: bool, steps: int) -> float:
     """Images/s of a plain PyTorch loop: the same loader (with its on-device crop/flip), model, optimiser and
-    precision as ood's run, no Lightning; `steps` timed after up to 3 warm-up steps."""
+    precision as ood's run, no Lightning; `steps` timed after up to 3 warm-up steps. The loader is made once, before
+    the clock starts, and the loss is read on the host every step, as ood's run reads it (`StepLog`), so both wait
+    for the device alike."""
     model = method.backbone.to(device).train()
     if bf16:
         model = model.to(memory_format=torch.channels_last)
@@ -332,8 +354,9 @@ def plain_loop(method: Any, datamodule: Any, device: str, bf16: bool, steps: int
     augment = datamodule._augment.get("id")  # noqa: SLF001 - the loader's own per-batch augmentation
     warm = min(3, steps)
     images, start, done = 0, time.perf_counter(), 0
+    loader = datamodule.train_dataloader()
     while done < warm + steps:  # as many epochs of the loader as the steps need
-        for batch in datamodule.train_dataloader():
+        for batch in loader:
             if done == warm:
                 _sync(device)
                 start, images = time.perf_counter(), 0
@@ -347,6 +370,7 @@ def plain_loop(method: Any, datamodule: Any, device: str, bf16: bool, steps: int
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
+            float(loss)  # a host read per step, as StepLog's
             images += len(x)
             done += 1
             if done >= warm + steps:

@@ -6,9 +6,10 @@ heatmap prototypes) goes through here, so device handling and index choice live 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -41,11 +42,18 @@ def _gpu_id(device: str | torch.device | None) -> int | None:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+@functools.cache
+def _gpu_resources(gpu_id: int) -> Any:
+    """One faiss `StandardGpuResources` per GPU for the whole process: each reserves temporary GPU memory, pinned
+    host memory and a cuBLAS handle, too costly to make per index (k-means builds one index per restart)."""
+    return faiss.StandardGpuResources()
+
+
 def _on_device(index: faiss.Index, gpu_id: int | None) -> faiss.Index:
-    """`index` moved to GPU `gpu_id` (None: left on the CPU); the GPU resources live as long as the index."""
+    """`index` moved to GPU `gpu_id` (None: left on the CPU), on the process's resources of that GPU."""
     if gpu_id is None:
         return index
-    resources = faiss.StandardGpuResources()
+    resources = _gpu_resources(gpu_id)
     gpu_index = faiss.index_cpu_to_gpu(resources, gpu_id, index)
     gpu_index.referenced_objects = [resources]
     return gpu_index

@@ -23,6 +23,8 @@ def test_gpu_check_dry_run_passes(tmp_path: Path) -> None:
         row = checks[f"method {name}"]
         assert row["losses_gpu"] and row["losses_gpu_fast"]
         assert min(row["spearman_fp32_bf16"].values()) >= report["rho_min"]
+        assert row["detector_params_bf16"] == row["detector_params_fp32"]  # fp32's tuned values, kept for bf16
+        assert "k" in row["detector_params_bf16"]["knn"]
     assert checks["faiss knn (k=50)"]["same_neighbours"] == 1.0
     assert checks["faiss GROOD bank (1-NN)"]["same_neighbours"] == 1.0
     assert checks["1-device DDP evaluation == plain evaluation"]["rows"] > 0

@@ -61,3 +61,22 @@ def test_kmeans_plusplus_picks_distinct_far_points() -> None:
     seeds = kmeans_plusplus(x, 3, torch.Generator().manual_seed(0))
     assert len({tuple(r.tolist()) for r in seeds}) == 3
     assert {(100.0, 0.0), (0.0, 100.0)} <= {tuple(r.tolist()) for r in seeds}
+
+
+def test_gpu_indexes_share_one_resource_object_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """faiss GPU resources are made once per GPU and process, not per index (stand-ins: no GPU here)."""
+    import faiss
+
+    from ood import neighbors
+
+    made: list[object] = []
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: made.append(object()) or made[-1], raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, gpu, index: type("GpuIndex", (), {"res": res})(),
+                        raising=False)
+    neighbors._gpu_resources.cache_clear()
+    try:
+        first, second, other = (neighbors._on_device(faiss.IndexFlatL2(4), gpu) for gpu in (0, 0, 1))
+    finally:
+        neighbors._gpu_resources.cache_clear()
+    assert len(made) == 2 and first.res is second.res is made[0] and other.res is made[1]
+    assert neighbors._on_device(faiss.IndexFlatL2(4), None).d == 4
