@@ -74,3 +74,19 @@ def test_ckpt_path_forms(tmp_path: Path) -> None:
         resolve_ckpt_path(str(tmp_path / "nope.ckpt"), here, runs)
     with pytest.raises(CheckpointError, match="ckpt_path=last: no checkpoints/last.ckpt"):
         resolve_ckpt_path("last", here, tmp_path / "empty")
+
+
+def test_gpu_rng_state_is_carried_once_cuda_is_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpointed RNG states include the current GPU's when the run has initialised CUDA (stand-ins: no GPU
+    here), and restoring sets it back; a CPU run's states have none."""
+    from ood.runs import checkpoints
+
+    assert "cuda" not in checkpoints._rng_state()
+    restored: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7, 8], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    state = checkpoints._rng_state()
+    checkpoints._set_rng_state(state)
+    assert state["cuda"].tolist() == [7, 8] and [t.tolist() for t in restored] == [[7, 8]]

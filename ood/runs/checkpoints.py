@@ -2,8 +2,9 @@
 
 - `AtomicCheckpoint`: Lightning's `ModelCheckpoint` writing `<file>.tmp` then `os.replace` (a crash never leaves a
   half-written checkpoint).
-- `RunState`: the flattened resolved config in every checkpoint, and the global RNG states (torch, NumPy, Python)
-  across a resume, so an interrupted and resumed CPU run draws the same augmentations as an uninterrupted one.
+- `RunState`: the flattened resolved config in every checkpoint, and the global RNG states (torch, NumPy, Python,
+  and the current GPU's on CUDA) across a resume, so an interrupted and resumed run draws the same augmentations as
+  an uninterrupted one.
 - `resolve_ckpt_path`: `ckpt_path=last` / a run folder / a file -> the checkpoint file, with one-line errors.
 - `checkpoint_config`: the config a checkpoint was trained with.
 """
@@ -28,17 +29,23 @@ log = get_logger(__name__)
 
 
 def _rng_state() -> dict[str, Any]:
-    """Global RNG states as tensors and builtins (Lightning resumes with `torch.load(weights_only=True)`)."""
+    """Global RNG states as tensors and builtins (Lightning resumes with `torch.load(weights_only=True)`), with the
+    current GPU's once the run uses CUDA (the on-device crop / flip and dropout draw from it)."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": [kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
         "python": random.getstate(),
     }
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     kind, key, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
