@@ -6,10 +6,13 @@ timed on one). Exits 1 when any check fails, after writing every figure to the J
 Run it on any CUDA machine:
 
     git clone <this repository> && cd ood && make install          # torch with CUDA, as pyproject pins it
+    .venv/bin/pip uninstall -y faiss-cpu                            # both wheels write the same `faiss` package
     .venv/bin/pip install faiss-gpu-cu12                            # faiss' GPU wheels (CUDA 12; faiss-gpu-cu11
                                                                     # for CUDA 11): without them faiss is CPU-only
                                                                     # and the faiss check fails, saying so
     make gpu-check                                                  # = .venv/bin/python -m benchmarks.gpu_check
+
+A later `make install` after a change to pyproject.toml puts faiss-cpu back: repeat the two pip lines then.
 
 Checks (each a row of the JSON's `checks`, `ok` true/false):
 1. methods: every `conf/method/*.yaml` (new methods enrol themselves) trains one short epoch and evaluates with
