@@ -325,3 +325,20 @@ def test_oal_on_digits(tmp_path: Path, ce_checkpoint: Path, caplog: pytest.LogCa
     trainer.fit(again, datamodule=datamodule)
     assert again.stats["teacher_features_cache_hit"] == 1.0
     assert torch.equal(again.outliers_knn, method.outliers_knn), "the same seed gives the same outlier bank"
+
+
+def test_ranks_wait_for_the_teacher_file_not_a_collective(tmp_path: Path) -> None:
+    """The other ranks wait for rank 0's teacher on the file system (no process-group timeout): they return once
+    the file is there and stop, with rank 0's error, once it has failed."""
+    import threading
+
+    from ood.methods.oal_teacher import wait_for_file
+
+    path, failed = tmp_path / "teacher.pt", tmp_path / "teacher.failed"
+    threading.Timer(0.2, path.write_bytes, args=(b"weights",)).start()
+    wait_for_file(path, failed, "the teacher", poll=0.05)
+    assert path.read_bytes() == b"weights"
+    other = tmp_path / "other.pt"
+    threading.Timer(0.2, failed.write_text, args=("CUDA out of memory",)).start()
+    with pytest.raises(RuntimeError, match=r"stopped waiting for the teacher: it failed \(CUDA out of memory\)"):
+        wait_for_file(other, failed, "the teacher", poll=0.05)

@@ -6,8 +6,8 @@ is null): plain cross-entropy, SGD Nesterov (momentum 0.9, weight decay 5e-4), c
 batches of `batch_size` from a generator seeded by (seed, epoch), under the global seed `seed` inside
 `torch.random.fork_rng` (the run's own random stream is the same whether the teacher was cached or not). The
 released code trains its ViT teacher separately; a teacher that must be trained elsewhere (the ViT) comes from
-`ckpt`. Files: `<cache_dir>/oal/teacher-<benchmark>-<hash of the teacher settings>.pt` (rank 0 trains and writes,
-every rank waits at the barrier) and `<cache_dir>/oal/features-<benchmark>-<SHA-256 of the teacher file>.pt`, both
+`ckpt`. Files: `<cache_dir>/oal/teacher-<benchmark>-<hash of the teacher settings>.pt` (rank 0 trains and writes;
+the other ranks wait for the file, not in a collective, whose timeout a long teacher training would exceed) and `<cache_dir>/oal/features-<benchmark>-<SHA-256 of the teacher file>.pt`, both
 written with the project's one atomic writer (`ood.files.atomic_torch_save`). Teacher features come from the shared
 pass (`ood.features.passes.forward_dataset`: eval mode, no gradients, the run's device and dtype).
 """
@@ -64,6 +64,21 @@ def train_teacher(teacher: Backbone, dataset: Dataset, epochs: int, lr: float, b
     teacher.eval()
 
 
+def wait_for_file(path: Path, failed: Path, what: str, poll: float = 2.0) -> None:
+    """Return once `path` exists; raise with its text once `failed` exists. A wait on the file system, so that a
+    rank waiting longer than the process group's timeout (30 minutes by default) is not killed by it."""
+    start = time.monotonic()
+    said = 0
+    while not path.is_file():
+        if failed.is_file():
+            raise RuntimeError(f"stopped waiting for {what}: it failed ({failed.read_text()})")
+        minutes = int((time.monotonic() - start) // 60)
+        if minutes > said:
+            log.info("waiting for %s: %d min", what, minutes)
+            said = minutes
+        time.sleep(poll)
+
+
 def teacher_file(cfg: Mapping[str, Any], data: FitData, cache_dir: Path) -> tuple[Path, float | None]:
     """The teacher checkpoint: `cfg["ckpt"]`, or a teacher trained here on ID train (rank 0) and cached by its
     settings; with the training time in seconds when it was trained now (else None)."""
@@ -76,15 +91,27 @@ def teacher_file(cfg: Mapping[str, Any], data: FitData, cache_dir: Path) -> tupl
     settings.update(data=data.benchmark, n=len(train), classes=data.num_classes)  # type: ignore[arg-type]
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / "oal" / f"teacher-{data.benchmark}-{key}.pt"
+    failed = path.with_suffix(".failed")
     seconds = None
+    if data.is_global_zero:
+        failed.unlink(missing_ok=True)
+    data.barrier()  # no rank reads a failure left by an earlier run
     if data.is_global_zero and not path.is_file():
         log.info("oal: no method.teacher.ckpt; training the teacher on %s for %s epochs", data.benchmark, cfg["epochs"])
         teacher = cfg["backbone"](num_classes=data.num_classes).to(data.device)
         start = time.perf_counter()
-        with torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []):
-            train_teacher(teacher, train, int(cfg["epochs"]), float(cfg["lr"]), int(cfg["batch_size"]), int(cfg.get("seed") or 0))
-        atomic_torch_save(teacher.state_dict(), path)
+        try:
+            with torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []):
+                train_teacher(teacher, train, int(cfg["epochs"]), float(cfg["lr"]), int(cfg["batch_size"]),
+                              int(cfg.get("seed") or 0))
+            atomic_torch_save(teacher.state_dict(), path)
+        except BaseException as err:
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            failed.write_text(f"{type(err).__name__}: {err}")
+            raise
         seconds = time.perf_counter() - start
+    elif not data.is_global_zero:
+        wait_for_file(path, failed, "rank 0 to train the oal teacher")
     data.barrier()
     log.info("oal: teacher %s (evaluate it alone: ood-eval ckpt_path=%s backbone=<its architecture>)", path, path)
     return path, seconds
