@@ -15,7 +15,8 @@ from torch import nn
 from torchvision.models.convnext import CNBlockConfig
 
 import ood
-from ood.detectors import resolve_detectors
+from ood.detectors import DetectorNotApplicable, build_detector, resolve_detectors
+from ood.detectors.network import LayerTaps, backbone_of
 from ood.errors import CheckpointError, ConfigError
 from ood.models.adapters import ModuleBackbone, StagedModel, as_backbone, module_backbone, timm_backbone
 
@@ -150,8 +151,8 @@ def test_every_cached_detector_on_a_timm_vit(folders: dict[str, Path], tmp_path:
                            overrides=["+detectors.params.vim.dim=16"])
     detectors = {r["detector"] for r in results.rows}
     # not applicable here, each for its stated reason: gmm (50 clusters) and cfood (alpha * N >= 2 reference rows)
-    # need more than these 15 fit images; gram reads convolutional maps, which a ViT's token blocks are not
-    skipped = {"gmm", "cfood", "gram"}
+    # need more than these 15 fit images (gram reads the one convolution a ViT has, its patch embedding)
+    skipped = {"gmm", "cfood"}
     assert detectors == {cls.name for cls in resolve_detectors("cached")} - skipped
     assert all(0 <= r["auroc"] <= 1 and r["n_id"] == 9 and r["n_ood"] == 4 for r in results.rows)
 
@@ -163,6 +164,49 @@ def test_adapters_evaluate(kind: str, folders: dict[str, Path], tmp_path: Path) 
     results = ood.evaluate(MODELS[kind](), folders["id"], {"near": [folders["near"]], "far": [folders["far"]]},
                            detectors=detectors, image_size=32, resize=32, device="cpu", output_dir=tmp_path)
     assert [(r["detector"], r["ood_dataset"]) for r in results.rows] == [(d, s) for d in detectors for s in ("noise", "checkers")]
+
+
+NETWORK_DETECTORS = ["rankfeat", "mds_ensemble", "gram", "adascale_a", "nac", "mahalanobis_odin"]
+
+
+@pytest.mark.parametrize("kind", ["tv_resnet", "timm_resnet"])
+def test_network_detectors_on_adapted_library_models(kind: str, folders: dict[str, Path], tmp_path: Path) -> None:
+    """The detectors that read or re-run stages run on torchvision / timm models adapted stage by stage (they were
+    skipped as "no staged backbone"); a network wrapped as a whole is still refused."""
+    torch.manual_seed(0)
+    results = ood.evaluate(MODELS[kind](), folders["id"], {"near": [folders["near"]], "far": [folders["far"]]},
+                           detectors=NETWORK_DETECTORS, image_size=32, resize=32, device="cpu", output_dir=tmp_path)
+    assert sorted({r["detector"] for r in results.rows}) == sorted(NETWORK_DETECTORS)
+    with pytest.raises(DetectorNotApplicable, match="staged backbone"):
+        backbone_of(ModuleBackbone(Custom()))
+
+
+def test_stage_caches_and_rankfeat_on_an_adapted_torchvision_resnet() -> None:
+    """mds_ensemble's cached stage means are the channel means of each stage's output; rankfeat equals its formula
+    written with the torchvision modules themselves."""
+    torch.manual_seed(0)
+    net = MODELS["tv_resnet"]().eval()
+    backbone = as_backbone(net)
+    x = torch.randn(4, 3, 32, 32)
+    taps = LayerTaps(backbone, ["mds_ensemble"])
+    with torch.no_grad():
+        out = backbone.run(x, backbone.layer_names)
+    cached = taps.pop()
+    taps.remove()
+    assert sorted(cached) == sorted(f"stage_mean.{n}" for n in STAGES["tv_resnet"])
+    for name in STAGES["tv_resnet"]:
+        assert torch.equal(cached[f"stage_mean.{name}"], out.layers[name].mean((2, 3))), name
+
+    def rank1_removed(z: torch.Tensor) -> torch.Tensor:
+        u, s, vh = torch.linalg.svd(z.flatten(2).double(), full_matrices=False)
+        return (z.flatten(2).double() - s[:, :1, None] * u[:, :, :1] @ vh[:, :1, :]).float().view_as(z)
+
+    with torch.no_grad():
+        l3 = net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x)))))))
+        l4 = net.layer4(l3)
+        head = lambda z: net.fc(torch.flatten(net.avgpool(z), 1))  # noqa: E731
+        expected = torch.logsumexp((head(rank1_removed(l4)).double() + head(net.layer4(rank1_removed(l3))).double()) / 2, 1)
+    torch.testing.assert_close(build_detector("rankfeat").score_inputs(backbone, x), expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["timm_resnet", "tv_vit"])

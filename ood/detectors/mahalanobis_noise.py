@@ -113,8 +113,9 @@ class MDSEnsemble(Detector):
 
     @classmethod
     def taps(cls, backbone: nn.Module) -> dict[str, Tap]:
-        """Every stage output, reduced to its channel means."""
-        return {f"{STAGE_PREFIX}{name}": (stage, channel_mean) for name, stage in backbone.stages.items()}
+        """Every stage output, reduced to its channel means (the stages that end in a module call)."""
+        modules = {name: backbone.stage_module(name) for name in backbone.layer_names}
+        return {f"{STAGE_PREFIX}{name}": (module, channel_mean) for name, module in modules.items() if module is not None}
 
     def fit(self, bank: FeatureBank) -> MDSEnsemble:
         assert bank.labels is not None, "mds_ensemble needs labelled ID features"

@@ -49,7 +49,7 @@ class NAC(ModelFitted):
     def states(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         """Per stage: [B, C_l] bin index of each neuron's state."""
         backbone = backbone_of(model)
-        names = list(backbone.stages)
+        names = list(backbone.layer_names)
         with torch.enable_grad():
             out = backbone.run(x.detach(), names)
             maps = [out.layers[n] for n in names]

@@ -1,8 +1,9 @@
 """What the detectors that need the network share: access to its stages, per-sample maps cached in the single
 evaluation pass (layer taps), and a fit that runs the network over the fit split.
 
-- `backbone_of(model)`: the staged backbone behind a method (`model.backbone`) or a backbone itself; detectors
-  that need intermediate maps raise `DetectorNotApplicable` on anything else (a bare linear head). They score with
+- `backbone_of(model)`: the staged backbone behind a method (`model.backbone`) or a backbone itself (ood's own, or
+  a torchvision / timm model adapted stage by stage); detectors that need intermediate maps raise
+  `DetectorNotApplicable` on anything else (a bare linear head, a network wrapped as a whole). They score with
   the backbone's own head (`fc`), not a method's separate probe.
 - Layer taps: a detector class declares `taps(backbone) -> {extras key: (module, reduce)}`; during the evaluation
   pass `LayerTaps` hooks those modules and stores `reduce(output)` per sample under the key in the split's
@@ -32,9 +33,11 @@ Tap = tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
-    """The staged backbone (`stages`, `pool`, `fc`, `run`, `forward_from`) of a method or the backbone itself."""
+    """The staged backbone (`Backbone.staged`: `layer_names`, `run`, `fc`, `forward_from`, `forward_to`,
+    `stage_module`) of a method, or the backbone itself: ood's own backbones and the library models adapted stage
+    by stage (torchvision / timm), not a network wrapped as a whole."""
     for candidate in (model, getattr(model, "backbone", None)):
-        if candidate is not None and all(hasattr(candidate, a) for a in ("stages", "pool", "fc", "forward_from")):
+        if candidate is not None and getattr(candidate, "staged", False):
             return candidate
     raise DetectorNotApplicable(f"it needs the intermediate maps of a staged backbone; {type(model).__name__} has none")
 

@@ -43,12 +43,12 @@ class RankFeat(Detector):
 
     def score_inputs(self, model: nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
         backbone = backbone_of(model)
-        names = list(backbone.stages)
+        names = list(backbone.layer_names)
         if len(names) < 2:
             raise DetectorNotApplicable(f"it needs two stages; {type(backbone).__name__} has {names}")
         with torch.no_grad():
             maps = backbone.run(x, names[-2:]).layers
-            logits_last = backbone.fc(backbone.pool(remove_rank1(maps[names[-1]])))
+            logits_last = backbone.fc(backbone.forward_from(names[-1], remove_rank1(maps[names[-1]])))  # the pool
             logits_before = backbone.fc(backbone.forward_from(names[-2], remove_rank1(maps[names[-2]])))
         logits = (logits_last.double() + logits_before.double()) / 2
         return self.temperature * torch.logsumexp(logits / self.temperature, 1)

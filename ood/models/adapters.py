@@ -105,6 +105,8 @@ class ModuleBackbone(AdaptedBackbone):
         feature_layer: module path of the final linear layer; None: found automatically (module docstring).
     """
 
+    staged = False
+
     def __init__(self, net: nn.Module, feature_layer: str | None = None) -> None:
         super().__init__(net, find_head(net, feature_layer))
 
@@ -202,6 +204,11 @@ class StagedModel(AdaptedBackbone):
         for name in names[names.index(layer) + 1 :]:
             z = self._steps(self.stage_steps[name], z)
         return self._steps(self.pool_steps, z)
+
+    def stage_module(self, name: str) -> nn.Module | None:
+        self._check_layer(name)
+        last = self.stage_steps[name][-1]
+        return None if last.startswith("@") else self.net.get_submodule(last)
 
     def forward_to(self, layer: str, x: torch.Tensor) -> torch.Tensor:
         self._check_layer(layer)

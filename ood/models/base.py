@@ -9,7 +9,7 @@ logits, penultimate features, the output of any named stage, and "run the networ
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -35,10 +35,19 @@ class Backbone(nn.Module):
     stages: nn.ModuleDict
     pool: nn.Module
     fc: nn.Linear
+    #: its layers are consecutive stages (`forward_from`, `forward_to` and `stage_module` work): what the detectors
+    #: that read or re-run stages need; a whole network wrapped by hooks is not
+    staged: ClassVar[bool] = True
 
     @property
     def layer_names(self) -> tuple[str, ...]:
         return tuple(self.stages.keys())
+
+    def stage_module(self, name: str) -> nn.Module | None:
+        """The sub-module whose output is stage `name`'s output (hooked for per-sample caches of stage outputs), None
+        where the stage ends in a computation that is not a module call."""
+        self._check_layer(name)
+        return self.stages[name]
 
     @property
     def num_classes(self) -> int:
