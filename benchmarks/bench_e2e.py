@@ -12,7 +12,8 @@ each detector's grid (OpenOOD's `postprocessor_sweep` grids, declared by the det
   and scores from it. The network-pass detectors (`needs_model`: odin, iodin, rankfeat, adascale_a/l,
   mds_ensemble, mcdropout) re-run the network, each scoring its whole grid from one run over ID val and validation
   OOD (`score_inputs_grid`), then all of them together in one run over every test split at their chosen points,
-  where ODIN and i-ODIN share the forward pass and input gradient, AdaSCALE-A and -L their two passes.
+  where ODIN and i-ODIN share the forward pass and input gradient, AdaSCALE-A and -L their two passes, and
+  mds_ensemble the AdaSCALEs' clean pass.
 - OpenOOD's way (read in Jingkang50/OpenOOD `openood/evaluation_api/evaluator.py`: `Evaluator.__init__` calls
   `postprocessor.setup` (one pass over the fit split for the postprocessors that fit), `hyperparam_search` sets each
   grid point and runs `postprocessor.inference` on ID val and on validation OOD, `eval_ood` runs it on ID test and

@@ -20,7 +20,7 @@ from ood.detectors import odin as odin_module
 from ood.detectors.adascale import AdaScaleA
 from ood.detectors.base import Detector
 from ood.detectors.gram import gram_rows
-from ood.detectors.network import FitInputs, LayerTaps, ModelFitted
+from ood.detectors.network import FitInputs, LayerTaps, ModelFitted, StagedForward
 from ood.evaluation.scoring import JointInputs, detector_scorers, fit_detector
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics, validation_aurocs
@@ -191,26 +191,29 @@ def test_network_detectors_score_together_as_they_score_alone(tiny: dict[str, An
 
     # interleaved on purpose: a group's members are scored one after the other, and its shared graph is dropped
     # before the next group runs (at most one group's passes alive)
-    dets = [_fitted(n, tiny) for n in ("odin", "adascale_a", "iodin", "adascale_l")]
+    names = ("odin", "adascale_a", "iodin", "mds_ensemble", "adascale_l", "mahalanobis_odin")
+    dets = [_fitted(n, tiny) for n in names]
     passes: list[tuple[str, int]] = []
     alive: weakref.WeakSet = weakref.WeakSet()
-    original_init, original_passes = odin_module.InputGradients.__init__, AdaScaleA._passes
 
-    def init(self: Any, *args: Any) -> None:
-        passes.append(("odin", len(alive)))
-        alive.add(self)
-        original_init(self, *args)
+    def counted(cls: type, label: str) -> None:
+        original = cls.__init__
 
-    def adascale_passes(self: Any, *args: Any) -> Any:
-        passes.append(("adascale", len(alive)))
-        return original_passes(self, *args)
+        def init(self: Any, *args: Any) -> None:
+            passes.append((label, len(alive)))
+            alive.add(self)
+            original(self, *args)
 
-    monkeypatch.setattr(odin_module.InputGradients, "__init__", init)
-    monkeypatch.setattr(AdaScaleA, "_passes", adascale_passes)
+        monkeypatch.setattr(cls, "__init__", init)
+
+    counted(odin_module.InputGradients, "odin")
+    counted(StagedForward, "staged")
+    original_passes = AdaScaleA._passes
+    monkeypatch.setattr(AdaScaleA, "_passes", lambda *a: (passes.append(("adascale", len(alive))), original_passes(*a))[1])
     joint = JointInputs(dets).score_inputs(tiny["net"], tiny["x"]["test"][:64])
-    assert passes == [("odin", 0), ("adascale", 0)]
-    for det, column in zip(dets, joint.T):
-        assert torch.equal(column, det.score_inputs(tiny["net"], tiny["x"]["test"][:64]).double())
+    assert passes == [("odin", 0), ("adascale", 0), ("staged", 0)]
+    for name, det, column in zip(names, dets, joint.T):
+        assert torch.equal(column, det.score_inputs(tiny["net"], tiny["x"]["test"][:64]).double()), name
 
 
 class _Unstaged(nn.Module):

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ood.detectors.base import SharedPasses
-from ood.detectors.network import ModelFitted, backbone_of
+from ood.detectors.network import ModelFitted, backbone_of, staged_forward
 from ood.features.bank import FeatureBank
 
 #: OpenOOD's percentile sweep: every (low, high) pair of 60, 65, ..., 95, 99 with low < high
@@ -56,7 +56,7 @@ class AdaScaleA(ModelFitted):
 
     name = "adascale_a"
     fit_split = "val"
-    pass_group = "adascale"
+    pass_group = "staged"
     #: the extra network passes would slow the default run: `detectors=full` runs it, `all` does not
     full_only = True
     grid = {"percentile": PERCENTILES}
@@ -78,17 +78,17 @@ class AdaScaleA(ModelFitted):
         self.k1, self.k2, self.lmbda, self.o = k1, k2, lmbda, o
         self.num_samples, self.seed = num_samples, seed
 
-    def _passes(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits, features, Q') of one batch: a forward pass with the input gradient, one perturbed forward."""
-        backbone = backbone_of(model)
-        x = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            logits, h, _ = backbone.run(x)
-            (grad,) = torch.autograd.grad(logits.gather(1, logits.detach().argmax(1, keepdim=True)).sum(), x)
+    def _passes(self, model: nn.Module, x: torch.Tensor, shared: SharedPasses | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, features, Q') of one batch: a forward pass with the input gradient (the batch's clean pass,
+        shared with mds_ensemble / mahalanobis_odin), one perturbed forward."""
+        backbone, clean = staged_forward(model, x, shared)
+        logits, h = clean.out.logits, clean.out.features
+        grad = clean.input_grad(logits.gather(1, logits.detach().argmax(1, keepdim=True)).sum())
         flat = grad.flatten(1).abs()
         mask = torch.zeros_like(flat).scatter_(1, flat.topk(int(flat.shape[1] * self.o), 1, largest=False).indices, 1.0)
         with torch.no_grad():
-            h_perturbed = backbone.run(x.detach() + grad.sign() * mask.view_as(x) * 0.5).features
+            h_perturbed = backbone.run(clean.x.detach() + grad.sign() * mask.view_as(x) * 0.5).features
         h, h_perturbed = h.detach().double(), h_perturbed.double()
         top1 = h.topk(top_count(h.shape[1], self.k1), 1).indices
         top2 = h.topk(top_count(h.shape[1], self.k2), 1).indices
@@ -116,8 +116,9 @@ class AdaScaleA(ModelFitted):
         """Every percentile pair of `points` from the same two passes (shared with the other variant scoring the
         same batch: the passes do not depend on the scaling)."""
         backbone = backbone_of(model)
+        shared = shared or SharedPasses()
         key = ("adascale.passes", self.k1, self.k2, self.lmbda, self.o)
-        logits, h, q = (shared or SharedPasses()).get(key, lambda: self._passes(model, x))
+        logits, h, q = shared.get(key, lambda: self._passes(model, x, shared))
         reference = self.reference_.to(q.device)
         below = 1 - torch.searchsorted(reference, q, right=True).double() / len(reference)  # 1 - ECDF(Q')
         weight, bias = backbone.fc.weight.detach().double(), backbone.fc.bias.detach().double()

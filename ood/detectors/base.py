@@ -31,7 +31,8 @@ class DetectorNotApplicable(OODError):
 class SharedPasses:
     """Network work on one batch that the detectors scoring it together reuse: `get(key, compute)` runs `compute()`
     for the first detector that asks for `key` and hands the same result to the others (ODIN's and i-ODIN's forward
-    pass and input gradients, AdaSCALE-A's and -L's passes). One object per batch and `Detector.pass_group`, made by
+    pass and input gradients; the clean staged pass of AdaSCALE, mds_ensemble and mahalanobis_odin, and AdaSCALE-A's
+    and -L's perturbed pass). One object per batch and `Detector.pass_group`, made by
     the caller that runs the detectors over it; the key names the computation and every hyper-parameter it depends
     on."""
 
@@ -59,8 +60,9 @@ class Detector:
     float16_features: ClassVar[bool] = False
     #: True for detectors whose extra network passes would slow the default run: `full` selects them, `all` does not
     full_only: ClassVar[bool] = False
-    #: network-pass detectors with the same group may share work through one `SharedPasses` per batch (ODIN and
-    #: i-ODIN); a joint run scores a group's members one after the other and then drops what they shared
+    #: network-pass detectors with the same group may share work through one `SharedPasses` per batch ("odin": ODIN
+    #: and i-ODIN; "staged": AdaSCALE, mds_ensemble, mahalanobis_odin); a joint run scores a group's members one
+    #: after the other and then drops what they shared
     pass_group: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ood.detectors.base import Detector, SharedPasses
 from ood.detectors.mahalanobis import class_means, mahalanobis_sq, shared_precision
-from ood.detectors.network import Tap, backbone_of, channel_mean, tapped_keys
+from ood.detectors.network import Tap, channel_mean, staged_forward, tapped_keys
 from ood.features.bank import FeatureBank
 
 STAGE_PREFIX = "stage_mean."
@@ -63,6 +63,7 @@ class MahalanobisODIN(Detector):
 
     name = "mahalanobis_odin"
     needs_model = True
+    pass_group = "staged"
     #: the extra network passes would slow the default run: `detectors=full` runs it, `all` does not
     full_only = True
     grid = {"noise": [0.0, 0.0005, 0.001, 0.0014, 0.002, 0.005, 0.01]}
@@ -82,21 +83,22 @@ class MahalanobisODIN(Detector):
         raise NotImplementedError("mahalanobis_odin perturbs the inputs: score it with score_inputs(model, x)")
 
     def score_inputs(self, model: nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
-        return self.score_inputs_grid(model, x, [{}])[0]
+        return self.score_inputs_grid(model, x, [{}], shared)[0]
 
     def score_inputs_grid(
         self, model: nn.Module, x: torch.Tensor, points: Sequence[dict[str, Any]], shared: SharedPasses | None = None
     ) -> list[torch.Tensor]:
-        """Every noise value of `points` from one forward pass and one input gradient."""
-        backbone = backbone_of(model)
+        """Every noise value of `points` from one forward pass (the batch's clean pass, `staged_forward`) and one input
+        gradient."""
+        backbone, clean = staged_forward(model, x, shared)
         noises = [self.set_params(**point).noise for point in points]
         means, precision = self.means_.to(x.device), self.precision_.to(x.device)
-        x = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad(closest_class_loss(backbone.features(x)[0], means, precision), x)
+            grad = clean.input_grad(closest_class_loss(clean.out.features, means, precision))
         step = torch.sign(grad) / input_std_like(self.input_std, x)
         with torch.no_grad():
-            return [gaussian_scores(backbone.features(x.detach() - noise * step)[0], means, precision).max(1).values for noise in noises]
+            return [gaussian_scores(backbone.features(clean.x.detach() - noise * step)[0], means, precision).max(1).values
+                    for noise in noises]
 
 
 class MDSEnsemble(Detector):
@@ -104,6 +106,7 @@ class MDSEnsemble(Detector):
 
     name = "mds_ensemble"
     needs_model = True
+    pass_group = "staged"
     #: a gradient and a perturbed pass per stage would slow the default run: `detectors=full` runs it, `all` does not
     full_only = True
 
@@ -132,19 +135,16 @@ class MDSEnsemble(Detector):
         raise NotImplementedError("mds_ensemble perturbs the inputs: score it with score_inputs(model, x)")
 
     def score_inputs(self, model: nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
-        backbone = backbone_of(model)
+        backbone, clean = staged_forward(model, x, shared)
         std = input_std_like(self.input_std, x)
-        x = x.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            maps = backbone.run(x, self.layers_).layers
+        maps = clean.out.layers
         total = torch.zeros(len(x), dtype=torch.float64, device=x.device)
-        for n, (layer, (means, precision)) in enumerate(zip(self.layers_, self.gaussians_)):
+        for layer, (means, precision) in zip(self.layers_, self.gaussians_):
             means, precision = means.to(x.device), precision.to(x.device)
             with torch.enable_grad():
-                loss = closest_class_loss(channel_mean(maps[layer]), means, precision)
-                (grad,) = torch.autograd.grad(loss, x, retain_graph=n < len(self.layers_) - 1)
+                grad = clean.input_grad(closest_class_loss(channel_mean(maps[layer]), means, precision))
             step = torch.where(grad >= 0, 1.0, -1.0).to(x.dtype) / std
             with torch.no_grad():
-                nudged = backbone.forward_to(layer, x.detach() - self.noise * step)  # the later stages are not read
+                nudged = backbone.forward_to(layer, clean.x.detach() - self.noise * step)  # later stages not read
                 total += gaussian_scores(channel_mean(nudged), means, precision).max(1).values
         return total

@@ -92,6 +92,30 @@ class LayerTaps:
         self._handles, self._runs = [], {}
 
 
+class StagedForward:
+    """One pass of a batch through a staged backbone with autograd on, every stage output kept: the clean pass that
+    AdaSCALE, mds_ensemble and mahalanobis_odin start from, run once when they score a batch together (their
+    `pass_group`, "staged"). The graph is kept until the object is dropped."""
+
+    def __init__(self, backbone: nn.Module, x: torch.Tensor) -> None:
+        self.x = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            self.out = backbone.run(self.x, backbone.layer_names)
+
+    def input_grad(self, loss: torch.Tensor) -> torch.Tensor:
+        """grad_x of a scalar computed from this pass; the graph stays for the next detector."""
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(loss, self.x, retain_graph=True)
+        return grad
+
+
+def staged_forward(model: nn.Module, x: torch.Tensor, shared: SharedPasses | None) -> tuple[nn.Module, StagedForward]:
+    """The staged backbone of `model` and its clean pass over `x`: from `shared` when a detector of the same batch
+    ran it already."""
+    backbone = backbone_of(model)
+    return backbone, (shared or SharedPasses()).get("network.staged_forward", lambda: StagedForward(backbone, x))
+
+
 class ModelFitted(Detector):
     """A detector fitted from network passes over its fit split (see the module docstring)."""
 

@@ -83,8 +83,8 @@ class GridInputs(Detector):
 class JointInputs(Detector):
     """Fitted network-pass detectors scoring the same batches: `score_inputs(model, x)` returns [B, detectors] in
     float64, so a `ModelScoreFn` runs a split's loader once for all of them, and the network work the members of a
-    `pass_group` have in common runs once per batch (ODIN's and i-ODIN's forward pass and gradients, AdaSCALE-A's
-    and -L's passes): one `SharedPasses` per group and batch, dropped once the group is scored, so at most one
+    `pass_group` have in common runs once per batch (ODIN's and i-ODIN's forward pass and gradients; the clean staged
+    pass of AdaSCALE, mds_ensemble and mahalanobis_odin): one `SharedPasses` per group and batch, dropped once the group is scored, so at most one
     group's kept graph is alive. A detector that turns out not to apply (rankfeat on a backbone without stages)
     gets NaN and its error in `failed` (by position), and is not run again."""
 
