@@ -284,11 +284,11 @@ def extract(
             config = timm.data.resolve_data_config(model=net)
         transform = preprocessing_transform(resolve_preprocessing(data_config=config, **preprocessing))
     dataset = folder_dataset(data, transform)
-    layers = tuple(layers)
+    layers = (layers,) if isinstance(layers, str) else tuple(layers)
 
     def outputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = backbone.run(x, layers)
-        return {"logits": out.logits, "features": out.features, **out.layers}
+        out = backbone.run(x, layers)  # layers apart: a stage may be called `features` (torchvision's VGG, MobileNet)
+        return {"logits": out.logits, "features": out.features, **{f"layer/{k}": v for k, v in out.layers.items()}}
 
     result = forward_dataset(outputs, dataset, module=backbone, batch_size=batch_size, device=device,
                              num_workers=num_workers, desc="extract")
@@ -300,5 +300,5 @@ def extract(
         labels=labels if bool((labels >= 0).all()) else None,
         weight=weight,
         bias=bias,
-        extras=result,
+        extras={name: result[f"layer/{name}"] for name in layers},
     )

@@ -105,6 +105,20 @@ def test_extract_gives_the_bank_detectors_take(trained) -> None:
     torch.testing.assert_close(scores.exp(), logits.softmax(1).amax(1).double(), atol=1e-6, rtol=0)  # log MSP
 
 
+def test_extract_keeps_a_layer_called_features_apart() -> None:
+    """A stage named `features` (torchvision's VGG / MobileNet trunk) is an extra; the bank's features stay the
+    head's input. One layer may be named by a string."""
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v3_small(num_classes=3).eval()
+    data = torch.utils.data.TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
+    bank = ood.extract(net, data, layers="features", feature_layer="classifier.3", batch_size=4)
+    with torch.no_grad():
+        trunk = net.features(data.tensors[0])
+    assert bank.features.shape == (4, 1024) and list(bank.extras) == ["features"]
+    torch.testing.assert_close(bank.extras["features"], trunk)
+    torch.testing.assert_close(bank.logits, net(data.tensors[0]))
+
+
 def test_head_class_count_mismatch_is_one_line(trained, tmp_path: Path) -> None:
     paths, _, _ = trained
     with pytest.raises(ConfigError, match=r"head \(fc\) has 5 outputs but the ID data \(id\) has 3 classes"):

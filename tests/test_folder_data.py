@@ -171,6 +171,8 @@ def test_ood_sets_in_every_accepted_form() -> None:
     assert ood_mapping({"textures": "/d/t"}) == {"near": {}, "far": {"textures": "/d/t"}, "val": None}
     assert ood_mapping(["/d/places.v2"])["far"] == {"places.v2": "/d/places.v2"}
     assert ood_mapping(spec)["far"] == {"test_svhn": spec}
+    with pytest.raises(ConfigError, match=r"OOD sets /d/a/images and /d/b/images would both be named 'images': name them"):
+        ood_mapping({"far": ["/d/a/images", "/d/b/images"]})
 
 
 def test_network_detector_that_cannot_read_the_model_is_skipped(folders: dict[str, Path], tmp_path: Path) -> None:
@@ -179,3 +181,19 @@ def test_network_detector_that_cannot_read_the_model_is_skipped(folders: dict[st
     results = ood.evaluate(_pixels(), folders["id"], {"near": folders["near"], "far": folders["far"]},
                            detectors=["msp", "rankfeat"], image_size=32, resize=32, device="cpu", output_dir=tmp_path)
     assert [(r["detector"], r["ood_dataset"]) for r in results.rows] == [("msp", "noise"), ("msp", "checkers")]
+
+
+def test_test_folder_labels_follow_a_train_dataset(folders: dict[str, Path], tmp_path: Path) -> None:
+    """With train given as a Dataset, a test folder's classes take the Dataset's label order (its `classes`, as
+    ImageFolder has), also when the test folder lacks a class; without `classes` the mismatch risk is refused."""
+    from torchvision.datasets import FakeData, ImageFolder
+
+    test = tmp_path / "test"
+    shutil.copytree(folders["id"] / "test", test)
+    shutil.rmtree(test / "c1")
+    bench = FolderBenchmark(train=ImageFolder(str(folders["id"] / "train")), test=test, ood=[folders["far"]],
+                            image_size=32, resize=32)
+    assert bench.classes == ["c0", "c1", "c2"] and bench.num_classes == 3
+    assert sorted({y for _, y in bench.id_sets["test"].entries}) == [0, 2]
+    with pytest.raises(ConfigError, match=r"class folders cannot be matched to the labels of the train Dataset FakeData"):
+        FolderBenchmark(train=FakeData(6, (3, 16, 16), 3), test=test, ood=[folders["far"]], image_size=16, resize=16)

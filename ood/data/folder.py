@@ -241,6 +241,10 @@ class FolderBenchmark(Benchmark):
         if sources["test"] is None:
             raise DataNotFoundError(f"{self.root}: no test/ folder; data=folder needs <root>/test/<class>/<image>")
         train_set = self._id_set("train", sources["train"], None)
+        if isinstance(sources["train"], Dataset):  # its labels are its own: class folders elsewhere follow its names
+            named = getattr(sources["train"], "classes", None)  # torchvision's ImageFolder has them
+            self._classes = None if named is None else [str(c) for c in named]
+            self._train_dataset = f"Dataset {type(sources['train']).__name__}"
         self.classes = self._classes
         self.num_classes = len(self.classes) if self.classes else 1 + max(self._labels(train_set))
         self.id_sets = {"train": train_set}
@@ -262,6 +266,8 @@ class FolderBenchmark(Benchmark):
 
     # ----- sources ----------------------------------------------------------------------------------------------
     _classes: list[str] | None = None
+    #: the train split's Dataset type when it is a Dataset (its labels then define the classes)
+    _train_dataset: str | None = None
 
     def _set(self, name: str, source: Source, label: int | None, classes: list[str] | None = None) -> ImageSet:
         """Files (or a Dataset) of `source`; ID folders are labelled by class folder name."""
@@ -284,6 +290,12 @@ class FolderBenchmark(Benchmark):
         if not found:
             raise DataNotFoundError(f"{name}: {folder} has no class folders (ID images go in {folder}/<class>/<image>)")
         if classes is None:
+            if self._train_dataset is not None:
+                raise ConfigError(
+                    f"{folder}: class folders cannot be matched to the labels of the train {self._train_dataset}, which "
+                    "has no `classes` list: give this split as a Dataset too, or give the train Dataset a `classes` "
+                    "attribute (class names in label order, as torchvision's ImageFolder has)"
+                )
             self._classes = classes = found
         unknown = sorted(set(found) - set(classes))
         if unknown:
@@ -509,7 +521,14 @@ def ood_mapping(ood: Any) -> dict[str, Any]:
             members = [members]
         if isinstance(members, Mapping):
             return dict(members)
-        return {name_of(i, s): s for i, s in enumerate(members or [])}
+        out: dict[str, Any] = {}
+        for i, source in enumerate(members or []):
+            name = name_of(i, source)
+            if name in out:
+                raise ConfigError(f"OOD sets {out[name]} and {source} would both be named {name!r}: name them, "
+                                  f"e.g. {{'{name}_a': ..., '{name}_b': ...}} (CLI: '+data.ood.far={{a: ..., b: ...}}')")
+            out[name] = source
+        return out
 
     if single(ood):
         ood = [ood]
