@@ -99,6 +99,9 @@ def test_score_grid_equals_fresh_detectors(name: str, synthetic: dict[str, Featu
     else:
         shared = det.score_grid(bank, points)
     for point, got in zip(points, shared):
+        if got is None:  # dropped from the search: kNN's k beyond the 400 train rows
+            assert point["k"] > len(synthetic["train"])
+            continue
         torch.testing.assert_close(got, _scores(_fitted(name, synthetic, **point), bank), msg=f"{name} {point}")
 
 
@@ -255,15 +258,21 @@ def test_rmds_subtracts_the_background_distance() -> None:
     torch.testing.assert_close(det.score(query), md0 - torch.tensor([5.0, 10.0], dtype=torch.float64))
 
 
-def test_knn_kth_distance_on_the_unit_circle() -> None:
+def test_knn_kth_distance_on_the_unit_circle(caplog: pytest.LogCaptureFixture) -> None:
     """Normalised train points at angles 0, 90, 180 degrees; query at 0 degrees: squared chords 0, 2, 4."""
     h = torch.tensor([[3.0, 0.0], [0.0, 2.0], [-5.0, 0.0]])
     train = _bank(h, torch.tensor([0, 1, 0]), torch.eye(2), torch.zeros(2))
     query = _bank(torch.tensor([[7.0, 0.0]]), None, torch.eye(2), torch.zeros(2))
     for k, expected in [(1, 0.0), (2, 2.0), (3, 4.0)]:
         assert float(build_detector("knn", k=k).fit(train).score(query)[0]) == pytest.approx(-expected, abs=1e-6)
-    # k larger than the bank reads the farthest neighbour
-    assert float(build_detector("knn", k=50).fit(train).score(query)[0]) == pytest.approx(-4.0, abs=1e-6)
+    # k beyond the bank has no k-th neighbour: the farthest is read, with a warning (it ranks OOD above ID)
+    with caplog.at_level("WARNING"):
+        assert float(build_detector("knn", k=50).fit(train).score(query)[0]) == pytest.approx(-4.0, abs=1e-6)
+    assert "knn: k=50 exceeds the 3 train features it searches" in caplog.text
+    # and a tuning grid drops such points when another fits
+    scores = build_detector("knn", k=1).fit(train).score_grid(query, [{"k": 2}, {"k": 4}, {"k": 3}])
+    assert float(scores[0][0]) == pytest.approx(-2.0, abs=1e-6) and scores[1] is None
+    assert float(scores[2][0]) == pytest.approx(-4.0, abs=1e-6)
 
 
 def test_nnguide_known_guides() -> None:

@@ -95,10 +95,11 @@ class Detector:
             setattr(self, key, value)
         return self
 
-    def score_grid(self, bank: FeatureBank, points: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
+    def score_grid(self, bank: FeatureBank, points: Sequence[dict[str, Any]]) -> list[torch.Tensor | None]:
         """Scores of `bank` at each setting of `score_params` in `points`; leaves the last one set.
 
-        Detectors override this to share work across the points (kNN searches once at the largest k).
+        Detectors override this to share work across the points (kNN searches once at the largest k); an override
+        may give None for a point that does not apply (kNN's k beyond the bank), which tuning drops.
         """
         return [self.set_params(**point).score(bank) for point in points]
 

@@ -24,6 +24,9 @@ from ood.detectors.base import Detector
 from ood.detectors.logits import energy_score
 from ood.features.bank import FeatureBank
 from ood.neighbors import IndexKind, KNNIndex
+from ood.utils import get_logger
+
+log = get_logger(__name__)
 
 
 def _normalised(bank: FeatureBank) -> torch.Tensor:
@@ -44,6 +47,9 @@ class KNN(Detector):
 
     def fit(self, bank: FeatureBank) -> KNN:
         normalise = lambda h: F.normalize(h, dim=1)  # noqa: E731
+        if self.k > len(bank):
+            log.warning("knn: k=%d exceeds the %d train features it searches: it reads the farthest of them, which "
+                        "ranks OOD above ID; set detectors.params.knn.k below %d", self.k, len(bank), len(bank))
         self.index_ = KNNIndex("l2", kind=self.index, device=bank.features.device).add(bank.features, normalise)
         return self
 
@@ -54,13 +60,17 @@ class KNN(Detector):
     def score(self, bank: FeatureBank) -> torch.Tensor:
         return -self._distances(bank, self.k)[:, -1]
 
-    def score_grid(self, bank: FeatureBank, points: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
-        """One search at the largest k; column k-1 (clipped to the bank size) is the score at k."""
-        dist = self._distances(bank, max(p.get("k", self.k) for p in points))
-        scores = []
+    def score_grid(self, bank: FeatureBank, points: Sequence[dict[str, Any]]) -> list[torch.Tensor | None]:
+        """One search at the largest k within the bank; column k-1 is the score at k. A k beyond the bank has no k-th
+        neighbour: None (tuning drops it), unless no k fits, where every point reads the farthest, as `score` does."""
+        n = self.index_.ntotal
+        ks = [p.get("k", self.k) for p in points]
+        fits = [k for k in ks if k <= n]
+        dist = self._distances(bank, max(fits or ks))
+        scores: list[torch.Tensor | None] = []
         for point in points:
             self.set_params(**point)
-            scores.append(-dist[:, min(self.k, dist.shape[1]) - 1])
+            scores.append(None if fits and self.k > n else -dist[:, min(self.k, n) - 1])
         return scores
 
 

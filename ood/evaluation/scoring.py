@@ -156,7 +156,7 @@ def _val_scores(
         return list(zip(points, val, ood))
     try:
         val, ood = det.score_grid(banks["val"], settings), det.score_grid(banks["val_ood"], settings)
-        return list(zip(points, val, ood))
+        return [(p, v, o) for p, v, o in zip(points, val, ood) if v is not None and o is not None]
     except DetectorNotApplicable:
         pass  # score the points one by one below, dropping the inapplicable ones
     out = []
