@@ -180,7 +180,7 @@ def evaluate(
         device: `cpu`, `cuda`, `cuda:<i>`; None: cuda when available.
         output_dir: the run folder; None: a new temporary folder (`Results.save` copies it).
         seed: the run seed.
-        overrides: further Hydra overrides, e.g. `["trainer=ddp_cpu"]` or `["detectors.params={knn: {k: 5}}"]`.
+        overrides: further Hydra overrides, e.g. `["trainer=ddp_cpu"]` or `["+detectors.params.knn.k=5"]`.
         data: further `data=folder` options: `image_size`, `resize`, `mean`, `std`, `bad_images`,
             `overlap_threshold`, `drop_overlap`, `exact_duplicates`, `val_fraction`, `fit_fraction`, ...
             (conf/data/folder.yaml).
@@ -220,7 +220,9 @@ def evaluate(
             _describe_backbone(cfg.backbone, net)
         HydraConfig.instance().set_config(cfg)
         method_, datamodule, trainer, _ = build(cfg, backbone=backbone, data=objects)
-        check_classes(backbone, datamodule.num_classes, f"the ID data ({datamodule.name})")
+        classes = getattr(datamodule.benchmark, "classes", None)  # class folders, when the data has them
+        named = f": {classes[:8]}{' ...' if len(classes) > 8 else ''}" if classes else ""
+        check_classes(backbone, datamodule.num_classes, f"the ID data ({datamodule.name}{named})")
         method_.apply_init(load=False)
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         trainer.test(method_, datamodule=datamodule, verbose=False)

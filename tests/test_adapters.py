@@ -136,6 +136,11 @@ def test_weights_from_local_files(tmp_path: Path) -> None:
     torch.save(timm.create_model("resnet10t", pretrained=False, num_classes=1000).state_dict(), tmp_path / "in1k.pth")
     with pytest.raises(ConfigError, match=r"in1k.pth have a 1000-class head \(fc.weight \(1000, 512\)\) but the ID data has 3"):
         timm_backbone("resnet10t", num_classes=3, weights=str(tmp_path / "in1k.pth"))
+    wider = Custom()
+    wider.hidden, wider.logits_layer = nn.Linear(4, 7), nn.Linear(7, 3)  # same classes, another width
+    torch.save(wider.state_dict(), tmp_path / "wider.pth")
+    with pytest.raises(ConfigError, match=r"wider.pth do not fit: their head logits_layer.weight reads 7 features, the model's 5"):
+        module_backbone("test_adapters.Custom", num_classes=3, weights=str(tmp_path / "wider.pth"))
     with pytest.raises(CheckpointError, match="model.safetensors do not fit ConvNeXt: missing"):
         timm_backbone("convnext_atto", num_classes=3, weights=str(tmp_path / "model.safetensors"), dims=(8, 16, 24, 32))
     wrapped = module_backbone("torchvision.models.mobilenet_v3_small", num_classes=3)

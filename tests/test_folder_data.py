@@ -175,6 +175,12 @@ def test_ood_sets_in_every_accepted_form() -> None:
         ood_mapping({"far": ["/d/a/images", "/d/b/images"]})
 
 
+def test_validation_ood_alone_is_refused(folders: dict[str, Path]) -> None:
+    """OOD sets with only `val` would run and report nothing: refused, saying what is missing."""
+    with pytest.raises(ConfigError, match=r"needs at least one OOD test set \(near or far\)"):
+        FolderBenchmark(folders["id"], ood={"val": folders["far"]}, image_size=32, resize=32)
+
+
 def test_network_detector_that_cannot_read_the_model_is_skipped(folders: dict[str, Path], tmp_path: Path) -> None:
     """rankfeat needs a staged backbone; on a plain `nn.Sequential` it is skipped and the run finishes (it used to
     stop the whole evaluation after the feature pass)."""
@@ -197,3 +203,13 @@ def test_test_folder_labels_follow_a_train_dataset(folders: dict[str, Path], tmp
     assert sorted({y for _, y in bench.id_sets["test"].entries}) == [0, 2]
     with pytest.raises(ConfigError, match=r"class folders cannot be matched to the labels of the train Dataset FakeData"):
         FolderBenchmark(train=FakeData(6, (3, 16, 16), 3), test=test, ood=[folders["far"]], image_size=16, resize=16)
+
+
+def test_outlier_methods_name_the_folder_key(folders: dict[str, Path]) -> None:
+    """method=oe without outliers names the key data=folder reads (`data.outliers`), not another benchmark's."""
+    from ood.data import OODDataModule
+
+    module = OODDataModule(FolderBenchmark(folders["id"], ood=[folders["far"]], image_size=32, resize=32))
+    with pytest.raises(ConfigError, match=r"method oe trains on outliers, but benchmark id has none "
+                                          r"\(data.outliers=none\); set data.outliers= one of"):
+        module.use_streams(["id", "outliers"], "oe")

@@ -99,6 +99,8 @@ class Benchmark(ABC):
     #: the selected outlier-exposure set (`data.benchmark.outliers`) and the choices this benchmark offers
     outlier_set: str = "none"
     outlier_choices: tuple[str, ...] = ("none",)
+    #: the config key that selects the outlier set (for messages)
+    outliers_key: str = "data.benchmark.outliers"
     #: decode every split once into memory and augment per batch on the device (`ood.data.memory`)
     in_memory: bool = False
 
@@ -289,10 +291,11 @@ class OODDataModule(LightningDataModule):
             raise ConfigError(f"method {method}: streams {list(streams)} must include 'id', choices: {list(STREAMS)}")
         if "outliers" in streams and self.benchmark.outlier_set == "none":
             choices = [c for c in self.benchmark.outlier_choices if c != "none"]
-            fix = f"set data.benchmark.outliers= one of {choices}" if choices else "use a benchmark that has outliers"
+            key = self.benchmark.outliers_key
+            fix = f"set {key}= one of {choices}" if choices else "use a benchmark that has outliers"
             raise ConfigError(
                 f"method {method} trains on outliers, but benchmark {self.name} has none "
-                f"(data.benchmark.outliers={self.benchmark.outlier_set}); {fix}"
+                f"({key}={self.benchmark.outlier_set}); {fix}"
             )
         self.streams = tuple(streams)  # type: ignore[assignment]
 

@@ -266,6 +266,7 @@ class FolderBenchmark(Benchmark):
 
     # ----- sources ----------------------------------------------------------------------------------------------
     _classes: list[str] | None = None
+    outliers_key = "data.outliers"
     #: the train split's Dataset type when it is a Dataset (its labels then define the classes)
     _train_dataset: str | None = None
 
@@ -318,6 +319,10 @@ class FolderBenchmark(Benchmark):
                 f"OOD set names must be unique and not one of {sorted(RESERVED_NAMES)} (split and group names); "
                 f"got {taken}: name the sets in a mapping, e.g. {{far: {{my_name: <folder>}}}}"
             )
+        if not names:
+            raise ConfigError("data=folder needs at least one OOD test set (near or far); the OOD sets given hold only "
+                              "'val' (validation OOD, for tuning): '+data.ood.far={name: folder}' (Python: "
+                              "ood_data={'far': ..., 'val': ...})")
         sets = [(n, g, self._set(n, src, label=-1)) for g in ("near", "far") for n, src in groups[g].items()]
         val = groups.get("val")
         return sets, None if val is None else self._set("val_ood", val, label=-1)

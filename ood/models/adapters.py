@@ -342,10 +342,15 @@ def load_weights_into(backbone: Backbone, path: str | Path) -> None:
     own = target.state_dict()
     head = f"{backbone.head}.weight" if adapted else "fc.weight"  # type: ignore[union-attr]
     head = f"net.{head}" if adapted and own_names else head
-    if head in state and head in own and state[head].shape != own[head].shape:
+    if head in state and head in own and state[head].shape[0] != own[head].shape[0]:
         raise ConfigError(
             f"weights {path} have a {state[head].shape[0]}-class head ({head} {tuple(state[head].shape)}) but the "
             f"ID data has {own[head].shape[0]} classes"
+        )
+    if head in state and head in own and state[head].shape != own[head].shape:
+        raise ConfigError(
+            f"weights {path} do not fit: their head {head} reads {state[head].shape[1]} features, the model's "
+            f"{own[head].shape[1]} (same classes, another width: pass the settings the weights were trained with)"
         )
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
