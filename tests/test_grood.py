@@ -15,6 +15,7 @@ from torchvision.transforms.functional import gaussian_blur
 from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit
 from ood.detectors.mahalanobis import class_means
+from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.methods.ce import CrossEntropy
 from ood.methods.grood import GROOD, ncp_gradient
@@ -271,6 +272,16 @@ def test_bank_holds_correct_samples_and_members_score_exactly_zero(correct_only:
     assert torch.equal(scores[members], torch.zeros(int(members.sum())))
     if correct_only:
         assert (scores[~correct] < 0).all()
+
+
+def test_a_bank_with_no_correct_sample_is_one_line() -> None:
+    """Every training label wrong (e.g. a model trained with another class order): one line naming the fix."""
+    model = _model()
+    banks, correct = _train_with_mixed_correctness(model)
+    wrong = banks["train"].subset(~correct)
+    with pytest.raises(ConfigError, match=rf"grood: none of the {int((~correct).sum())} training images is classified "
+                                          "correctly, so its gradient bank .* is empty"):
+        model._build_index(wrong, B)
 
 
 def test_kth_neighbour_and_grad_norm_scores() -> None:

@@ -159,9 +159,11 @@ DetectorRef = str | type[Detector]
 
 
 def resolve_detectors(names: str | Sequence[DetectorRef]) -> list[type[Detector]]:
-    """Detector classes from a list of names or a registry selection (`full`, `all`, `cached`); unknown names fail
+    """Detector classes from a list of names, one name, or a registry selection (`full`, `all`, `cached`); unknown names fail
     listing the choices. The one registry lookup of a run: the evaluation passes the classes on."""
     if isinstance(names, str):
+        if names in _REGISTRY:  # one detector named alone
+            return [_REGISTRY[names]]
         if names not in SELECTIONS:
             raise ConfigError(f"unknown detector selection {names!r}; choices: {list(SELECTIONS)} or a list of names")
         keep = {"full": lambda c: True, "all": lambda c: not c.full_only, "cached": lambda c: not c.needs_model}[names]

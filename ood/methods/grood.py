@@ -319,6 +319,12 @@ class GROOD(CrossEntropy):
             if self.correct_only
             else torch.ones_like(train.labels, dtype=torch.bool)
         )
+        if not bool(keep.any()):
+            raise ConfigError(
+                f"grood: none of the {len(train)} training images is classified correctly, so its gradient bank "
+                "(correct_only=true) is empty; check that the model's class order is the data's (class folders "
+                "sorted by name), or set method.correct_only=false"
+            )
         if self.index_kind == "exact":
             return KNNIndex("l2", "exact", device=grads.device).add(grads[keep])
         n_batches = math.ceil(len(train) / batch_size)
