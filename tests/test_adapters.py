@@ -121,6 +121,19 @@ def test_module_wrapper_hooks_head_input_and_named_layers() -> None:
         backbone.forward_from("body", x)
 
 
+class TupleOut(Custom):
+    """A classifier whose forward returns (logits, features)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        h = torch.relu(self.hidden(self.body(x)))
+        return self.logits_layer(h), h
+
+
+def test_a_model_returning_a_tuple_is_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"TupleOut returns a tuple, not a logits tensor: wrap it"):
+        as_backbone(TupleOut()).run(torch.randn(2, 3, 8, 8))
+
+
 def test_weights_from_local_files(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

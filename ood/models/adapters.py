@@ -140,6 +140,11 @@ class ModuleBackbone(AdaptedBackbone):
         finally:
             for handle in handles:
                 handle.remove()
+        if not isinstance(logits, torch.Tensor):
+            raise ConfigError(
+                f"{type(self.net).__name__} returns a {type(logits).__name__}, not a logits tensor: wrap it in a module "
+                "whose forward returns the logits alone"
+            )
         if "__features__" not in caught:
             raise ConfigError(f"{type(self.net).__name__} never called its head {self.head!r}; set feature_layer")
         h = caught.pop("__features__")
