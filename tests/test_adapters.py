@@ -16,7 +16,7 @@ from torchvision.models.convnext import CNBlockConfig
 
 import ood
 from ood.detectors import DetectorNotApplicable, build_detector, resolve_detectors
-from ood.detectors.network import LayerTaps, backbone_of
+from ood.detectors.network import LayerTaps, backbone_of, channel_mean
 from ood.errors import CheckpointError, ConfigError
 from ood.models.adapters import ModuleBackbone, StagedModel, as_backbone, module_backbone, timm_backbone
 
@@ -187,7 +187,7 @@ def test_adapters_evaluate(kind: str, folders: dict[str, Path], tmp_path: Path) 
 NETWORK_DETECTORS = ["rankfeat", "mds_ensemble", "gram", "adascale_a", "nac", "mahalanobis_odin"]
 
 
-@pytest.mark.parametrize("kind", ["tv_resnet", "timm_resnet"])
+@pytest.mark.parametrize("kind", ["tv_resnet", "timm_resnet", "timm_vit"])
 def test_network_detectors_on_adapted_library_models(kind: str, folders: dict[str, Path], tmp_path: Path) -> None:
     """The detectors that read or re-run stages run on torchvision / timm models adapted stage by stage (they were
     skipped as "no staged backbone"); a network wrapped as a whole is still refused."""
@@ -225,6 +225,47 @@ def test_stage_caches_and_rankfeat_on_an_adapted_torchvision_resnet() -> None:
         head = lambda z: net.fc(torch.flatten(net.avgpool(z), 1))  # noqa: E731
         expected = torch.logsumexp((head(rank1_removed(l4)).double() + head(net.layer4(rank1_removed(l3))).double()) / 2, 1)
     torch.testing.assert_close(build_detector("rankfeat").score_inputs(backbone, x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["timm_vit", "tv_vit"])
+def test_stage_reductions_on_vit_tokens_average_over_the_tokens(kind: str) -> None:
+    """A ViT's stage outputs are tokens [B, T, D]: mds_ensemble's cached stage means and nac's neuron states are the
+    D embedding channels averaged over the T tokens (they were T token values averaged over the embedding), and
+    rankfeat removes the rank-1 part of each sample's [T, D] token matrix."""
+    torch.manual_seed(0)
+    backbone = as_backbone(MODELS[kind]().eval())
+    x = torch.randn(3, 3, 32, 32)
+    taps = LayerTaps(backbone, ["mds_ensemble"])
+    with torch.no_grad():
+        out = backbone.run(x, backbone.layer_names)
+    cached = taps.pop()
+    taps.remove()
+    assert sorted(cached) == sorted(f"stage_mean.{n}" for n in STAGES[kind] if n != "stem")  # the stem ends in a step
+    for name in STAGES[kind][1:]:
+        torch.testing.assert_close(cached[f"stage_mean.{name}"], out.layers[name].mean(1), rtol=1e-6, atol=1e-6)
+    states = build_detector("nac").states(backbone, x)
+    assert [s.shape[1] for s in states] == [backbone.feature_dim] * len(STAGES[kind])
+
+    def rank1_removed(z: torch.Tensor) -> torch.Tensor:
+        u, s, vh = torch.linalg.svd(z.double(), full_matrices=False)
+        return (z.double() - s[:, :1, None] * u[:, :, :1] @ vh[:, :1, :]).float()
+
+    last, before = STAGES[kind][-1], STAGES[kind][-2]
+    with torch.no_grad():
+        expected = (backbone.fc(backbone.forward_from(last, rank1_removed(out.layers[last]))).double()
+                    + backbone.fc(backbone.forward_from(before, rank1_removed(out.layers[before]))).double()) / 2
+    torch.testing.assert_close(build_detector("rankfeat").score_inputs(backbone, x), torch.logsumexp(expected, 1),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_nhwc_stage_outputs_are_read_channels_last() -> None:
+    """A timm model that declares `output_fmt = "NHWC"` (Swin) has its 4-d stage outputs read as [B, H, W, C]."""
+    net = MODELS["timm_other"]()
+    net.output_fmt = "NHWC"
+    backbone = as_backbone(net)
+    z = torch.arange(2 * 2 * 3 * 5, dtype=torch.float32).view(2, 2, 3, 5)
+    assert backbone.channel_dim(z) == -1 and as_backbone(MODELS["timm_other"]()).channel_dim(z) == 1
+    torch.testing.assert_close(channel_mean(backbone, z), z.mean((1, 2)))
 
 
 @pytest.mark.parametrize("kind", ["timm_resnet", "tv_vit"])

@@ -28,6 +28,7 @@ empty `alpha_list` path, Lee et al.'s "feature ensemble") are not fitted: every 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -118,7 +119,8 @@ class MDSEnsemble(Detector):
     def taps(cls, backbone: nn.Module) -> dict[str, Tap]:
         """Every stage output, reduced to its channel means (the stages that end in a module call)."""
         modules = {name: backbone.stage_module(name) for name in backbone.layer_names}
-        return {f"{STAGE_PREFIX}{name}": (module, channel_mean) for name, module in modules.items() if module is not None}
+        reduce = partial(channel_mean, backbone)
+        return {f"{STAGE_PREFIX}{name}": (module, reduce) for name, module in modules.items() if module is not None}
 
     def fit(self, bank: FeatureBank) -> MDSEnsemble:
         assert bank.labels is not None, "mds_ensemble needs labelled ID features"
@@ -142,9 +144,9 @@ class MDSEnsemble(Detector):
         for layer, (means, precision) in zip(self.layers_, self.gaussians_):
             means, precision = means.to(x.device), precision.to(x.device)
             with torch.enable_grad():
-                grad = clean.input_grad(closest_class_loss(channel_mean(maps[layer]), means, precision))
+                grad = clean.input_grad(closest_class_loss(channel_mean(backbone, maps[layer]), means, precision))
             step = torch.where(grad >= 0, 1.0, -1.0).to(x.dtype) / std
             with torch.no_grad():
                 nudged = backbone.forward_to(layer, clean.x.detach() - self.noise * step)  # later stages not read
-                total += gaussian_scores(channel_mean(nudged), means, precision).max(1).values
+                total += gaussian_scores(channel_mean(backbone, nudged), means, precision).max(1).values
         return total

@@ -55,7 +55,7 @@ class NAC(ModelFitted):
             maps = [out.layers[n] for n in names]
             loss = -torch.log_softmax(out.logits, 1).mean(1).sum()
             grads = torch.autograd.grad(loss, maps)
-        return [geometric_bins(torch.sigmoid(self.alpha * channel_mean(z * g)).detach(), self.bins) for z, g in zip(maps, grads)]
+        return [geometric_bins(torch.sigmoid(self.alpha * channel_mean(backbone, z * g)).detach(), self.bins) for z, g in zip(maps, grads)]
 
     def fit_statistics(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.uint8 if self.bins <= 256 else torch.int16

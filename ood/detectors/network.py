@@ -145,7 +145,14 @@ class FitInputs(Detector):
         return self.detector.fit_statistics(model, x)
 
 
-def channel_mean(z: torch.Tensor) -> torch.Tensor:
-    """[B, C, ...] -> [B, C] mean over the spatial positions ([B, C] maps pass through)."""
+def channels_first(backbone: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Stage output `z` of `backbone` as [B, C, ...]: a transformer's tokens [B, T, D] become [B, D, T], NHWC maps
+    [B, C, H, W] (`Backbone.channel_dim`); CNN maps and [B, C] vectors pass through."""
+    return z.movedim(backbone.channel_dim(z), 1) if z.dim() > 2 else z
+
+
+def channel_mean(backbone: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Stage output `z` of `backbone` -> [B, C], the mean of each channel over the positions (pixels or tokens)."""
+    z = channels_first(backbone, z)
     return z.flatten(2).mean(2) if z.dim() > 2 else z
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ood.detectors.base import Detector, DetectorNotApplicable, SharedPasses
-from ood.detectors.network import backbone_of
+from ood.detectors.network import backbone_of, channels_first
 from ood.features.bank import FeatureBank
 
 
@@ -27,6 +27,12 @@ def remove_rank1(z: torch.Tensor) -> torch.Tensor:
     flat = z.flatten(2).double()
     u, s, vh = torch.linalg.svd(flat, full_matrices=False)
     return (flat - s[:, :1, None] * u[:, :, :1] @ vh[:, :1, :]).to(z.dtype).view_as(z)
+
+
+def remove_stage_rank1(backbone: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """`remove_rank1` of a stage output in the backbone's own layout (a ViT's tokens [B, T, D] as the [D, T] matrix,
+    NHWC maps as [C, HW]), returned in that layout for the stages after it."""
+    return remove_rank1(channels_first(backbone, z).contiguous()).movedim(1, backbone.channel_dim(z))
 
 
 class RankFeat(Detector):
@@ -48,7 +54,7 @@ class RankFeat(Detector):
             raise DetectorNotApplicable(f"it needs two stages; {type(backbone).__name__} has {names}")
         with torch.no_grad():
             maps = backbone.run(x, names[-2:]).layers
-            logits_last = backbone.fc(backbone.forward_from(names[-1], remove_rank1(maps[names[-1]])))  # the pool
-            logits_before = backbone.fc(backbone.forward_from(names[-2], remove_rank1(maps[names[-2]])))
+            logits_last = backbone.fc(backbone.forward_from(names[-1], remove_stage_rank1(backbone, maps[names[-1]])))  # the pool
+            logits_before = backbone.fc(backbone.forward_from(names[-2], remove_stage_rank1(backbone, maps[names[-2]])))
         logits = (logits_last.double() + logits_before.double()) / 2
         return self.temperature * torch.logsumexp(logits / self.temperature, 1)

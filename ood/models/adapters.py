@@ -179,6 +179,7 @@ class StagedModel(AdaptedBackbone):
         super().__init__(net, head)
         self.stage_steps = {name: tuple(steps) for name, steps in stages.items()}
         self.pool_steps = tuple(pool)
+        self.nhwc_stages = getattr(net, "output_fmt", "NCHW") == "NHWC"
 
     @property
     def layer_names(self) -> tuple[str, ...]:

@@ -38,6 +38,8 @@ class Backbone(nn.Module):
     #: its layers are consecutive stages (`forward_from`, `forward_to` and `stage_module` work): what the detectors
     #: that read or re-run stages need; a whole network wrapped by hooks is not
     staged: ClassVar[bool] = True
+    #: its 4-d stage outputs are [B, H, W, C] (timm models with `output_fmt="NHWC"`, e.g. Swin), not [B, C, H, W]
+    nhwc_stages: bool = False
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -48,6 +50,12 @@ class Backbone(nn.Module):
         where the stage ends in a computation that is not a module call."""
         self._check_layer(name)
         return self.stages[name]
+
+    def channel_dim(self, z: torch.Tensor) -> int:
+        """The dim of stage output `z` that holds its channels: 1 for [B, C, H, W] maps, -1 for a transformer's
+        tokens [B, T, D] and for NHWC maps, so detectors that reduce over positions (channel means, Gram rows,
+        rank-1 removal) read every architecture alike."""
+        return -1 if z.dim() == 3 or (z.dim() == 4 and self.nhwc_stages) else 1
 
     @property
     def num_classes(self) -> int:
