@@ -53,6 +53,25 @@ def test_image_modes_are_converted_alike(tmp_path: Path) -> None:
     dark16 = Image.fromarray(np.full((2, 2), 1000, np.uint16))
     assert np.asarray(to_rgb(dark16)).max() == 4  # round(1000 / 257); PIL's own convert clips it to 255
     assert np.asarray(dark16.convert("RGB")).max() == 255
+    ramp = np.array([[0.0, 0.25], [0.5, 1.0]], np.float32)  # a float TIFF in [0, 1]: PIL's convert makes it black
+    Image.fromarray(ramp, mode="F").save(tmp_path / "float.tif")
+    assert np.asarray(load_image(tmp_path / "float.tif"))[..., 0].tolist() == [[0, 64], [128, 255]]
+    assert np.asarray(Image.fromarray(ramp, mode="F").convert("RGB")).max() <= 1
+    wide = Image.fromarray(np.array([[-3.0, 17.4], [200.0, 900.0]], np.float32), mode="F")  # other ranges: clipped
+    assert np.asarray(to_rgb(wide))[..., 0].tolist() == [[0, 17], [200, 255]]
+
+
+def test_a_listed_image_decodes_as_the_folder_sets(tmp_path: Path) -> None:
+    """OpenOOD image lists (`ImageFiles`) decode with the folders' converter: 16-bit greyscale is not white, and a
+    corrupt file is one line naming it, without the folder-only `bad_images` hint."""
+    from ood.data.imglist import ImageFiles
+
+    Image.fromarray(np.full((2, 2), 1000, np.uint16)).save(tmp_path / "dark16.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    files = ImageFiles([("dark16.png", 0), ("broken.jpg", 1)], tmp_path, transform=np.asarray)
+    assert files[0][0].max() == 4 and files[0][1] == 0
+    with pytest.raises(BadImageError, match=r"unreadable image .*broken\.jpg: UnidentifiedImageError: .*'$"):
+        files[1]
 
 
 def test_folder_mistakes_are_one_line(folders: dict[str, Path], tmp_path: Path) -> None:

@@ -4,7 +4,9 @@
   garbled tensor) and `to_rgb` converts every mode the same way for ID and OOD sets alike: greyscale -> three equal
   channels; RGBA / LA / palette with transparency -> the colour channels (alpha dropped, no compositing);
   16-bit and 32-bit integer greyscale (`I;16`, `I`) -> 8 bits by `round(v / 257)` (PIL's own `convert("RGB")`
-  clips them to 255, turning most 16-bit images white); CMYK / YCbCr -> RGB.
+  clips them to 255, turning most 16-bit images white); 32-bit float greyscale (`F`, float TIFFs) with values in
+  [0, 1] -> `round(255 v)`, other float ranges clipped to [0, 255] (PIL's `convert` truncates, so [0, 1] images
+  load black); CMYK / YCbCr -> RGB.
 - `pixel_digest` hashes decoded pixels (mode, size, bytes): two files with the same pixels are exact duplicates
   whatever their encoding or name.
 - `overlapping_rows` finds near duplicates between an OOD set and the ID splits by the cosine of their
@@ -36,13 +38,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
         image = Image.fromarray(np.clip(np.rint(values * 255.0 / peak), 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        scale = 255.0 if values.size and values.min() >= 0.0 and values.max() <= 1.0 else 1.0
+        image = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8))
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode `path` completely and convert it (`to_rgb`); a missing or undecodable file is one line naming it."""
+def load_image(path: str | Path, hint: str = " (data.bad_images=skip skips such files)") -> Image.Image:
+    """Decode `path` completely and convert it (`to_rgb`); a missing or undecodable file is one line naming it,
+    ending with `hint` (the data option that skips such files, where the data has one)."""
     try:
         with Image.open(path) as image:
             image.load()
@@ -51,7 +58,7 @@ def load_image(path: str | Path) -> Image.Image:
         raise BadImageError(f"image not found: {path}") from None
     except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for bad files
         raise BadImageError(
-            f"unreadable image {path}: {type(err).__name__}: {err} (data.bad_images=skip skips such files)"
+            f"unreadable image {path}: {type(err).__name__}: {err}{hint}"
         ) from None
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ood.data.hygiene import load_image
 from ood.errors import DataNotFoundError, OODError
 
 
@@ -50,11 +51,11 @@ def subset_entries(entries: list[tuple[str, int]], classes_file: Path | None) ->
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Open an image file as RGB; a missing file is a `DataNotFoundError` naming it."""
+    """Open an image file as RGB, decoded as the folder sets are (`hygiene.load_image`); a missing file is a
+    `DataNotFoundError` naming it, an undecodable one a `BadImageError` naming it."""
     if not path.is_file():
         raise DataNotFoundError(f"image not found: {path}")
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return load_image(path, hint="")
 
 
 class ImageFiles(Dataset):
