@@ -99,14 +99,27 @@ def _library(model: nn.Module) -> str:
     return "module"
 
 
-def _device_overrides(device: str | torch.device | None) -> list[str]:
+def _checked_device(device: str | torch.device | None) -> str:
+    """`device` as `cpu`, `cuda` or `cuda:<i>` (None: cuda when available), refused in one line when torch cannot
+    use it."""
     device = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     kind, _, number = device.partition(":")
     if kind == "cpu":
+        return "cpu"
+    if kind != "cuda" or (number and not number.isdigit()):
+        raise ConfigError(f"device={device!r} is unknown; choices: cpu, cuda, cuda:<index>")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but torch {torch.__version__} sees no CUDA GPU; use device='cpu'")
+    if number and int(number) >= torch.cuda.device_count():
+        raise ConfigError(f"device={device!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    return device
+
+
+def _device_overrides(device: str | torch.device | None) -> list[str]:
+    kind, _, number = _checked_device(device).partition(":")
+    if kind == "cpu":
         return ["trainer=cpu"]
-    if kind == "cuda":
-        return ["trainer=gpu", f"trainer.devices=[{number}]" if number else "trainer.devices=1"]
-    raise ConfigError(f"device={device!r} is unknown; choices: cpu, cuda, cuda:<index>")
+    return ["trainer=gpu", f"trainer.devices=[{number}]" if number else "trainer.devices=1"]
 
 
 def _detector_overrides(detectors: str | Sequence[str]) -> list[str]:
@@ -277,6 +290,7 @@ def extract(
     net = model.backbone if isinstance(model, OODMethod) else model
     backbone = as_backbone(net, feature_layer)
     if device is not None:
+        device = _checked_device(device)
         backbone.to(device)
     if transform is None:
         config = None

@@ -13,6 +13,7 @@ import torchvision
 from helpers import make_image_folders, run_config
 from PIL import Image
 from sklearn.metrics import roc_auc_score
+from torch import nn
 from torchvision import transforms as T
 
 import ood
@@ -124,6 +125,17 @@ def test_head_class_count_mismatch_is_one_line(trained, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"head \(fc\) has 5 outputs but the ID data \(id: \['c0', 'c1', 'c2'\]\) has 3 classes"):
         ood.evaluate(torchvision.models.resnet18(num_classes=5), paths["id"], [paths["far"]], detectors=["msp"],
                      image_size=32, resize=32, device="cpu", output_dir=tmp_path)
+
+
+def test_an_unusable_device_is_one_line(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths, _, _ = trained
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^device='cuda' but torch .* sees no CUDA GPU; use device='cpu'$"):
+        ood.evaluate(nn.Linear(2, 3), paths["id"], [paths["far"]], device="cuda", output_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"^device='cuda:1' but torch .* sees no CUDA GPU"):
+        ood.extract(nn.Linear(2, 3), paths["id"], device="cuda:1")
+    with pytest.raises(ConfigError, match=r"^device='gpu' is unknown; choices: cpu, cuda, cuda:<index>$"):
+        ood.evaluate(nn.Linear(2, 3), paths["id"], [paths["far"]], device="gpu", output_dir=tmp_path)
 
 
 def test_example_script_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
