@@ -152,11 +152,19 @@ def choose_scorers(rows: Sequence[Mapping[str, Any]], k: int = 4) -> list[str]:
     return list(dict.fromkeys(picked))[:k]
 
 
+def clear_curves(figures: Path) -> Path:
+    """`figures` without the ROC and histogram PNGs an earlier run into the same folder left there (another
+    detector selection would leave them beside the new ones as if they were this run's)."""
+    for stale in [figures / "roc.png", *figures.glob("hist_*.png")]:
+        stale.unlink(missing_ok=True)
+    return figures
+
+
 def save_run_figures(output_dir: str | Path, scores: Mapping[str, SplitScores], rows: Sequence[Mapping[str, Any]]) -> list[Path]:
     """`figures/roc.png` and `figures/hist_<scorer>.png` of one run, for `choose_scorers(rows)`."""
     if not rows:
         return []
-    figures = Path(output_dir) / "figures"
+    figures = clear_curves(Path(output_dir) / "figures")
     ood_sets = list(dict.fromkeys(str(r["ood_dataset"]) for r in rows))
     csid_sets = list(dict.fromkeys(name for r in rows for name in r.get("csid_set_acc") or {}))
     standard = [r for r in rows if r.get("mode", "standard") == "standard"] or list(rows)

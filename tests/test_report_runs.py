@@ -148,6 +148,8 @@ def test_run_figures_in_the_run_folder(tmp_path: Path) -> None:
     paths = plots.save_run_figures(tmp_path, scores, rows)
     assert [p.name for p in paths] == ["roc.png", "hist_msp.png", "hist_energy.png", "hist_knn.png", "hist_vim.png"]
     assert all(p.parent == tmp_path / "figures" and p.stat().st_size > 5_000 for p in paths)
+    plots.save_run_figures(tmp_path, {"knn": scores["knn"]}, rows[2:3])  # a rerun into the folder, one detector
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["hist_knn.png", "roc.png"]
 
 
 @pytest.mark.parametrize("references", [["--no-reference"], [], ["--reference", "conf/reference/cifar10.yaml",

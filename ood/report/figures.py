@@ -29,7 +29,7 @@ def write_figures(
 
     varying = [c for c in config_cols if c not in ("detector",) and len({str(e.get(c)) for e in table}) > 1]
     single = not varying
-    figures = out / "figures"
+    figures = plots.clear_curves(out / "figures")
     bars = [
         (_label(e, varying, single) if not single else str(e["detector"]),
          {g: e[f"{g}/auroc"][:2] for g in ("near", "far") if f"{g}/auroc" in e})
