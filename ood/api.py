@@ -17,7 +17,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,21 @@ def _library(model: nn.Module) -> str:
     if module.startswith("torchvision."):
         return "torchvision"
     return "module"
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """An `OODError` raised in a DataLoader worker (or a DDP rank) comes back with its traceback as its text: raise
+    it as the one-line error it was (`ood.cli.user_error`); any other exception passes unchanged."""
+    from ood.cli import user_error
+
+    try:
+        yield
+    except Exception as err:
+        user = user_error(err)
+        if user is None or user is err:
+            raise
+        raise user from None
 
 
 def _checked_device(device: str | torch.device | None) -> str:
@@ -238,7 +254,8 @@ def evaluate(
         check_classes(backbone, datamodule.num_classes, f"the ID data ({datamodule.name}{named})")
         method_.apply_init(load=False)
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-        trainer.test(method_, datamodule=datamodule, verbose=False)
+        with one_line_errors():
+            trainer.test(method_, datamodule=datamodule, verbose=False)
     finally:
         GlobalHydra.instance().clear()
         HydraConfig.instance().cfg = previous  # type: ignore[assignment]
@@ -306,8 +323,9 @@ def extract(
         out = backbone.run(x, layers)  # layers apart: a stage may be called `features` (torchvision's VGG, MobileNet)
         return {"logits": out.logits, "features": out.features, **{f"layer/{k}": v for k, v in out.layers.items()}}
 
-    result = forward_dataset(outputs, dataset, module=backbone, batch_size=batch_size, device=device,
-                             num_workers=num_workers, desc="extract")
+    with one_line_errors():
+        result = forward_dataset(outputs, dataset, module=backbone, batch_size=batch_size, device=device,
+                                 num_workers=num_workers, desc="extract")
     labels = result.pop("labels")
     weight, bias = (t.detach().float().cpu() for t in (backbone.fc.weight, backbone.fc.bias))
     return FeatureBank(

@@ -17,6 +17,7 @@ from torch import nn
 from torchvision import transforms as T
 
 import ood
+from ood.data.hygiene import BadImageError
 from ood.detectors import build_detector
 from ood.errors import ConfigError
 
@@ -136,6 +137,19 @@ def test_an_unusable_device_is_one_line(trained, tmp_path: Path, monkeypatch: py
         ood.extract(nn.Linear(2, 3), paths["id"], device="cuda:1")
     with pytest.raises(ConfigError, match=r"^device='gpu' is unknown; choices: cpu, cuda, cuda:<index>$"):
         ood.evaluate(nn.Linear(2, 3), paths["id"], [paths["far"]], device="gpu", output_dir=tmp_path)
+
+
+def test_a_corrupt_image_read_by_a_worker_is_one_line(tmp_path: Path) -> None:
+    """A DataLoader worker's error comes back with a traceback as its text; the API raises the one line it was."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
+    bad = sorted((paths["id"] / "test").rglob("*.png"))[0]
+    bad.write_bytes(b"junk")
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    with pytest.raises(BadImageError, match=rf"^unreadable image {bad}: UnidentifiedImageError: [^\n]*$"):
+        ood.evaluate(net, paths["id"], [paths["far"]], detectors="msp", image_size=32, resize=32, device="cpu",
+                     num_workers=1, output_dir=tmp_path / "run")
+    with pytest.raises(BadImageError, match=rf"^unreadable image {bad}: [^\n]*$"):
+        ood.extract(net, paths["id"] / "test", image_size=32, resize=32, num_workers=1)
 
 
 def test_example_script_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
