@@ -176,6 +176,19 @@ def _data_kwargs(id_data: Any, ood_data: Any, model: nn.Module, transform: Any) 
     return values, objects
 
 
+def _check_data_options(given: Mapping[str, Any], node: Any) -> None:
+    """One line for a keyword of `evaluate` that is no option of the folder data (a typo would surface as an
+    instantiation error deep in Hydra)."""
+    import difflib
+
+    choices = sorted(k for k in node if k not in ("_target_", "root", "ood", "model", "report_dir"))
+    for key in given:
+        if key not in node:
+            close = difflib.get_close_matches(key, choices, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"ood.evaluate got an unknown keyword {key!r}{hint}; data options: {choices}")
+
+
 def evaluate(
     model: nn.Module,
     id_data: str | os.PathLike | Mapping[str, Any],
@@ -241,6 +254,7 @@ def evaluate(
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name="eval", overrides=args, return_hydra_config=True)
+        _check_data_options(data, cfg.data)
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(out)
             cfg.hydra.job.num = 0

@@ -139,6 +139,13 @@ def test_an_unusable_device_is_one_line(trained, tmp_path: Path, monkeypatch: py
         ood.evaluate(nn.Linear(2, 3), paths["id"], [paths["far"]], device="gpu", output_dir=tmp_path)
 
 
+def test_a_misspelt_data_option_is_one_line(trained, tmp_path: Path) -> None:
+    paths, _, _ = trained
+    with pytest.raises(ConfigError, match=r"^ood.evaluate got an unknown keyword 'image_sze' \(did you mean 'image_size'\?\); "
+                                          r"data options: \['augment', .*'val_fraction'\]$"):
+        ood.evaluate(nn.Linear(2, 3), paths["id"], [paths["far"]], image_sze=32, device="cpu", output_dir=tmp_path)
+
+
 def test_a_corrupt_image_read_by_a_worker_is_one_line(tmp_path: Path) -> None:
     """A DataLoader worker's error comes back with a traceback as its text; the API raises the one line it was."""
     paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
