@@ -77,6 +77,8 @@ def test_stage_split_reproduces_the_network(kind: str) -> None:
     net = MODELS[kind]().eval()
     backbone = as_backbone(net)
     assert isinstance(backbone, StagedModel) and backbone.layer_names == STAGES[kind]
+    named = as_backbone(net, feature_layer=backbone.head)  # naming the split's own head keeps the split
+    assert isinstance(named, StagedModel) and named.layer_names == STAGES[kind]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out = backbone.run(x, backbone.layer_names)

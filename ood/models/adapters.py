@@ -315,11 +315,11 @@ def _module_path(net: nn.Module, module: nn.Module) -> str:
 
 def as_backbone(model: nn.Module, feature_layer: str | None = None) -> Backbone:
     """`model` as a `Backbone`: itself when it is one, an exact stage split for the library models that have one
-    (unless `feature_layer` names another head), else `ModuleBackbone`."""
+    (unless `feature_layer` names another head than the split's), else `ModuleBackbone`."""
     if isinstance(model, Backbone):
         return model
-    split = staged_split(model) if feature_layer is None else None
-    if split is not None and isinstance(model.get_submodule(split[2]), nn.Linear):
+    split = staged_split(model)
+    if split is not None and feature_layer in (None, split[2]) and isinstance(model.get_submodule(split[2]), nn.Linear):
         return StagedModel(model, *split)
     return ModuleBackbone(model, feature_layer)
 
