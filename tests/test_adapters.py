@@ -171,7 +171,7 @@ def test_every_cached_detector_on_a_timm_vit(folders: dict[str, Path], tmp_path:
                            overrides=["+detectors.params.vim.dim=16"])
     detectors = {r["detector"] for r in results.rows}
     # not applicable here, each for its stated reason: gmm (50 clusters) and cfood (alpha * N >= 2 reference rows)
-    # need more than these 15 fit images (gram reads the one convolution a ViT has, its patch embedding)
+    # need more than these 15 fit images
     skipped = {"gmm", "cfood"}
     assert detectors == {cls.name for cls in resolve_detectors("cached")} - skipped
     assert all(0 <= r["auroc"] <= 1 and r["n_id"] == 9 and r["n_ood"] == 4 for r in results.rows)

@@ -106,7 +106,7 @@ def test_score_grid_equals_fresh_detectors(name: str, synthetic: dict[str, Featu
 
 
 def test_conf_groups_resolve_from_the_registry() -> None:
-    """`full` is every registered detector, `all` every one but the slow `full_only` ones, `fast` every one that does
+    """`full` is every registered detector, `all` every one but the slow `full_only` ones, `fast` every one of `all` that does
     not need the model, `none` none: resolved from the registry, not kept as lists; unknown selections and names list
     the choices."""
     load = lambda group: yaml.safe_load((Path(CONFIG_DIR) / "detectors" / f"{group}.yaml").read_text())  # noqa: E731
@@ -115,8 +115,8 @@ def test_conf_groups_resolve_from_the_registry() -> None:
     assert names(load("full")["names"]) == registered
     assert names(load("all")["names"]) == [n for n in registered if not detector_class(n).full_only]
     assert {"adascale_a", "gram", "iodin"} <= set(registered) - set(names("all"))
-    assert names(load("fast")["names"]) == [n for n in registered if not detector_class(n).needs_model]
-    assert "odin" in registered and "odin" not in names("cached")
+    assert names(load("fast")["names"]) == [n for n in names("all") if not detector_class(n).needs_model]
+    assert "odin" in registered and "odin" not in names("cached") and "gram" not in names("cached")
     assert names(load("none")["names"]) == []
     # resolved once: classes pass through unchanged
     assert resolve_detectors([detector_class("knn"), "msp"]) == [detector_class("knn"), detector_class("msp")]
@@ -156,7 +156,7 @@ def test_no_cached_detector_is_skipped_at_common_feature_dims(feature_dim: int) 
         return _bank(h, y, weight, torch.zeros(5))
 
     banks = {"train": split(150, 0.0), "val": split(60, 0.0), "val_ood": split(60, 1.0)}
-    cached = [cls for cls in resolve_detectors("cached") if cls.name not in NETWORK]
+    cached = [cls for cls in resolve_detectors("full") if not cls.needs_model and cls.name not in NETWORK]
     scorers = detector_scorers(cached, {}, banks, tune=True)
     assert [s.name for s in scorers] == [cls.name for cls in cached]
 

@@ -150,8 +150,8 @@ def relative_count(value: float, total: int) -> int:
 #: named selections of the registry usable in place of a list (`detectors.names: all`)
 SELECTIONS = {
     "full": "every registered detector",
-    "all": "every registered detector but the slow network ones (`full_only`: adascale, iodin, mahalanobis_odin)",
-    "cached": "every detector that scores from the cache alone (no odin)",
+    "all": "every registered detector but the `full_only` ones (slow network passes, or gram's large cache)",
+    "cached": "the detectors of `all` that score from the cache alone (no odin, no network pass)",
 }
 
 #: a detector named by its registered name, or its class (already resolved: no registry lookup)
@@ -166,7 +166,7 @@ def resolve_detectors(names: str | Sequence[DetectorRef]) -> list[type[Detector]
             return [_REGISTRY[names]]
         if names not in SELECTIONS:
             raise ConfigError(f"unknown detector selection {names!r}; choices: {list(SELECTIONS)} or a list of names")
-        keep = {"full": lambda c: True, "all": lambda c: not c.full_only, "cached": lambda c: not c.needs_model}[names]
+        keep = {"full": lambda c: True, "all": lambda c: not c.full_only, "cached": lambda c: not (c.needs_model or c.full_only)}[names]
         return [_REGISTRY[n] for n in available_detectors() if keep(_REGISTRY[n])]
     return [detector_class(name) for name in names]
 
