@@ -18,6 +18,7 @@ from torch import nn
 import ood
 from ood.data.folder import FolderBenchmark, ood_mapping
 from ood.data.hygiene import BadImageError, load_image, to_rgb
+from ood.data.sets import folder_entries
 from ood.errors import ConfigError, DataNotFoundError
 
 
@@ -72,6 +73,17 @@ def test_a_listed_image_decodes_as_the_folder_sets(tmp_path: Path) -> None:
     assert files[0][0].max() == 4 and files[0][1] == 0
     with pytest.raises(BadImageError, match=r"unreadable image .*broken\.jpg: UnidentifiedImageError: .*'$"):
         files[1]
+
+
+def test_hidden_files_and_folders_are_neither_classes_nor_images(folders: dict[str, Path], tmp_path: Path) -> None:
+    root = shutil.copytree(folders["id"], tmp_path / "id")
+    before = FolderBenchmark(root, ood=[folders["far"]])
+    shutil.copytree(root / "train" / "c0", root / "train" / ".ipynb_checkpoints")  # Jupyter's, with images in it
+    (root / "train" / "c1" / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    after = FolderBenchmark(root, ood=[folders["far"]])
+    assert after.classes == before.classes == ["c0", "c1", "c2"]
+    assert [(p.name, y) for p, y in after.id_sets["train"].entries] == [(p.name, y) for p, y in before.id_sets["train"].entries]
+    assert folder_entries(root / "train") == folder_entries(folders["id"] / "train")
 
 
 def test_folder_mistakes_are_one_line(folders: dict[str, Path], tmp_path: Path) -> None:

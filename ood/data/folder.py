@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -47,7 +46,7 @@ from ood.data.benchmark import Benchmark, EvalSplit, OODDataModule, OODSet
 from ood.data.cifar import stratified_split
 from ood.data.hygiene import load_image, overlapping_rows, pixel_digest, scan_files, to_rgb
 from ood.data.imglist import read_imglist
-from ood.data.sets import IMAGE_EXTENSIONS, SetSpec, class_folders, folder_entries, resolve
+from ood.data.sets import IMAGE_EXTENSIONS, SetSpec, class_folders, folder_entries, image_files, resolve
 from ood.errors import ConfigError, DataNotFoundError
 from ood.features.bank import FeatureBank
 from ood.files import atomic_write_text
@@ -142,14 +141,6 @@ class ImageSet:
     where: str
     entries: list[tuple[Path, int]] | None = None
     dataset: Dataset | None = None
-
-
-def _image_files(folder: Path) -> list[Path]:
-    files = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        files += [Path(dirpath) / f for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return files
 
 
 class FolderBenchmark(Benchmark):
@@ -286,7 +277,7 @@ class FolderBenchmark(Benchmark):
         if not folder.is_dir():
             raise DataNotFoundError(f"{name}: folder not found: {folder}")
         if label is not None:
-            return ImageSet(name, str(folder), [(f, label) for f in _image_files(folder)])
+            return ImageSet(name, str(folder), [(f, label) for f in image_files(folder)])
         found = class_folders(folder)
         if not found:
             raise DataNotFoundError(f"{name}: {folder} has no class folders (ID images go in {folder}/<class>/<image>)")
@@ -304,7 +295,7 @@ class FolderBenchmark(Benchmark):
                 f"{folder} has {len(unknown)} classes absent from the ID train split ({len(classes)} classes): {unknown}"
             )
         index = {c: i for i, c in enumerate(classes)}
-        return ImageSet(name, str(folder), [(f, index[c]) for c in found for f in _image_files(folder / c)])
+        return ImageSet(name, str(folder), [(f, index[c]) for c in found for f in image_files(folder / c)])
 
     def _id_set(self, split: str, source: Source, classes: list[str] | None) -> ImageSet:
         return self._set(f"{self.name}:{split}", source, None, classes)

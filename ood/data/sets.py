@@ -44,21 +44,34 @@ TorchvisionBuilder = Callable[[Path, bool], Dataset]
 Kind = Literal["imglist", "folder", "annotations", "torchvision"]
 
 
+def _hidden(name: str) -> bool:
+    """Names starting with a dot: Jupyter's `.ipynb_checkpoints/`, macOS' `._<image>` resource forks, `.git/`."""
+    return name.startswith(".")
+
+
 def class_folders(root: Path) -> list[str]:
-    """Sorted names of the sub-folders of `root` (torchvision `ImageFolder`'s class order)."""
-    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    """Sorted names of the sub-folders of `root` (torchvision `ImageFolder`'s class order), hidden ones left out
+    (ImageFolder counts a `.ipynb_checkpoints/` as a class, then fails on it for having no images)."""
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not _hidden(entry.name))
+
+
+def image_files(root: Path) -> list[Path]:
+    """Every image file under `root`, recursively, in sorted path order; hidden files and folders left out."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        files += [Path(dirpath) / f for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(f)]
+    return files
 
 
 def folder_entries(root: Path) -> list[tuple[str, int]]:
-    """Every image under `root` (sorted relative paths), labelled by the index of its first-level folder
-    (-1 for images directly in `root`)."""
+    """Every image under `root` (sorted relative paths, `image_files`), labelled by the index of its first-level
+    folder (-1 for images directly in `root`)."""
     index = {name: i for i, name in enumerate(class_folders(root))}
     entries = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        rel = Path(dirpath).relative_to(root)
-        label = index[rel.parts[0]] if rel.parts else -1
-        entries += [(str(rel / f), label) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    for path in image_files(root):
+        rel = path.relative_to(root)
+        entries.append((str(rel), index[rel.parts[0]] if len(rel.parts) > 1 else -1))
     return entries
 
 
