@@ -29,6 +29,7 @@ from ood.detectors import (
 from ood.detectors.base import Detector
 from ood.detectors.tempscale import fit_temperature
 from ood.errors import ConfigError
+from ood.evaluation.evaluator import Evaluator
 from ood.evaluation.scoring import detector_scorers, grid_points
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
@@ -126,7 +127,11 @@ def test_conf_groups_resolve_from_the_registry() -> None:
     with pytest.raises(ConfigError, match="unknown detector 'msq'; available: adascale_a, adascale_l, ash"):
         resolve_detectors(["msp", "msq"])
     for group in ("full", "all", "fast", "none"):
-        assert set(load(group)) == {"names", "params", "tune"}
+        assert set(load(group)) == {"names", "exclude", "params", "tune"} and load(group)["exclude"] == []
+    kept = [cls.name for cls in Evaluator("full", exclude=["gram", "iodin"]).detectors]
+    assert kept == [n for n in registered if n not in ("gram", "iodin")]
+    with pytest.raises(ConfigError, match="unknown detector 'grma'; available: adascale_a"):
+        Evaluator("full", exclude=["grma"])
 
 
 def test_vim_with_dim_at_least_feature_dim_is_not_applicable(synthetic: dict[str, FeatureBank]) -> None:

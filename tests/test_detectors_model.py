@@ -21,6 +21,7 @@ from ood.detectors.adascale import AdaScaleA
 from ood.detectors.base import Detector
 from ood.detectors.gram import gram_rows
 from ood.detectors.network import FitInputs, LayerTaps, ModelFitted, StagedForward
+from ood.errors import ConfigError
 from ood.evaluation.scoring import JointInputs, detector_scorers, fit_detector
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics, validation_aurocs
@@ -356,8 +357,10 @@ def test_mahalanobis_odin_equals_pytorch_ood(tiny: dict[str, Any]) -> None:
     _agrees(_scores(det, tiny, "test"), reference(tiny["x"]["test"]), tiny, _scores(det, tiny, "ood"), reference(tiny["x"]["ood"]))
 
 
-def test_mds_ensemble_equals_openood(tiny: dict[str, Any]) -> None:
-    net, layers = tiny["net"], ["block1", "block2"]
+@pytest.mark.parametrize("stages", [None, ["block1"]])
+def test_mds_ensemble_equals_openood(tiny: dict[str, Any], stages: list[str] | None) -> None:
+    """Every stage (the paper), or the first only with the step over 0.5 (OpenOOD's leaderboard config, STD = 0.5)."""
+    net, layers = tiny["net"], stages or ["block1", "block2"]
     with torch.no_grad():
         train_maps = net.run(tiny["x"]["train"], layers).layers
     gaussians = [_class_gaussian(train_maps[layer].mean((2, 3)).double(), tiny["banks"]["train"].labels, False) for layer in layers]
@@ -376,10 +379,15 @@ def test_mds_ensemble_equals_openood(tiny: dict[str, Any]) -> None:
             total += torch.stack([-0.5 * torch.mm(torch.mm(z - m, precision), (z - m).t()).diag() for m in mu], 1).max(1)[0]
         return total
 
-    det = _fitted("mds_ensemble", tiny)
+    det = _fitted("mds_ensemble", tiny, stages=stages)
     ours, ref = _scores(det, tiny, "test"), reference(tiny["x"]["test"])
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     _agrees(ours, ref, tiny, _scores(det, tiny, "ood"), reference(tiny["x"]["ood"]))
+
+
+def test_mds_ensemble_names_the_stages_it_can_use(tiny: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match=r"mds_ensemble: stages \['stem'\] have no cached means; choices: \['block1', 'block2'\]"):
+        _fitted("mds_ensemble", tiny, stages=["stem"])
 
 
 def test_gram_equals_openood(tiny: dict[str, Any]) -> None:

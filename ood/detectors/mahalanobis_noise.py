@@ -14,14 +14,16 @@ x_tilde = x - noise * sign(grad_x [-M_c*(h(x))]) / sigma_ch (sigma_ch: the input
   mds_ensemble.yml`; pytorch-ood `MultiMahalanobis`): h_l = channel means of every stage output l (OpenOOD's feature
   type `mean`, no dimension reduction), one Gaussian fit, gradient and perturbed pass per layer (sign(0) = +1, as
   OpenOOD's `ge`), score(x) = sum_l alpha_l max_c M_lc(h_l(x_tilde_l)), alpha_l = 1 (OpenOOD's predefined
-  `alpha_list`), noise 0.0014 (OpenOOD's single sweep value). The train stage means are cached in the single
+  `alpha_list`), noise 0.0014 (OpenOOD's single sweep value); `stages` picks the layers (None: every stage). The train stage means are cached in the single
   evaluation pass (layer taps: `extras['stage_mean.<stage>']`, sum_l C_l floats per sample: 640 B on the digits
   small CNN); the perturbed passes need the network.
 Deviations: the shared covariance is OpenOOD's (class-centred, divided by N, pseudo-inverse in float64);
 pytorch-ood's MahalanobisODIN inverts the unnormalised scatter plus 1e-6 I (a positive scale of the same precision:
-same gradient signs and ranking up to that ridge). OpenOOD's mds_ensemble divides the step by a fixed 0.5 and by
-default uses the first entry of its network's feature list only; we divide by the data's normalisation std (as
-ODIN) and use every stage, as the paper. The logistic-regression weights fitted on validation OOD (OpenOOD's
+same gradient signs and ranking up to that ridge). OpenOOD's mds_ensemble divides the step by a fixed 0.5 and its
+config (`feature_type_list: [mean]`) uses the first entry of its network's feature list only: for ResNet18_32x32
+the stem's output; for its 224 px ResNets the stem after the max-pool (our `stem` ends before it). By default we
+divide by the data's normalisation std (as ODIN) and use every stage, as the paper; `stages=[stem],
+input_std=0.5` is OpenOOD's leaderboard setting (the parity experiments use it). The logistic-regression weights fitted on validation OOD (OpenOOD's
 empty `alpha_list` path, Lee et al.'s "feature ensemble") are not fitted: every layer weighs 1.
 """
 
@@ -37,6 +39,7 @@ from torch import nn
 from ood.detectors.base import Detector, SharedPasses
 from ood.detectors.mahalanobis import class_means, mahalanobis_sq, shared_precision
 from ood.detectors.network import Tap, channel_mean, staged_forward, tapped_keys
+from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 
 STAGE_PREFIX = "stage_mean."
@@ -111,9 +114,12 @@ class MDSEnsemble(Detector):
     #: a gradient and a perturbed pass per stage would slow the default run: `detectors=full` runs it, `all` does not
     full_only = True
 
-    def __init__(self, noise: float = 0.0014, input_std: float | Sequence[float] = 1.0) -> None:
+    def __init__(
+        self, noise: float = 0.0014, input_std: float | Sequence[float] = 1.0, stages: Sequence[str] | None = None
+    ) -> None:
         self.noise = noise
         self.input_std = input_std
+        self.stages = None if stages is None else list(stages)
 
     @classmethod
     def taps(cls, backbone: nn.Module) -> dict[str, Tap]:
@@ -125,6 +131,12 @@ class MDSEnsemble(Detector):
     def fit(self, bank: FeatureBank) -> MDSEnsemble:
         assert bank.labels is not None, "mds_ensemble needs labelled ID features"
         keys = tapped_keys(bank, STAGE_PREFIX, self.name)
+        if self.stages is not None:
+            cached = [k[len(STAGE_PREFIX) :] for k in keys]
+            unknown = [name for name in self.stages if name not in cached]
+            if unknown:
+                raise ConfigError(f"mds_ensemble: stages {unknown} have no cached means; choices: {cached}")
+            keys = [f"{STAGE_PREFIX}{name}" for name in self.stages]
         self.layers_ = [k[len(STAGE_PREFIX) :] for k in keys]
         self.gaussians_ = []
         for key in keys:

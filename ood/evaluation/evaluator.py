@@ -43,6 +43,7 @@ class Evaluator:
 
     Args:
         detectors: detector names, or a registry selection (`all`, `cached`).
+        exclude: detector names left out of `detectors` (`detectors=full detectors.exclude=[gram]`).
         params: fixed hyper-parameters per detector name (never tuned).
         tune: choose the remaining hyper-parameters on ID-val vs validation OOD from each detector's grid.
         info: fields copied into every result row (backbone, seed, ...).
@@ -54,8 +55,11 @@ class Evaluator:
         params: Mapping[str, Mapping[str, Any]] | None = None,
         tune: bool = True,
         info: Mapping[str, Any] | None = None,
+        exclude: Sequence[str] = (),
     ) -> None:
-        self.detectors = resolve_detectors(detectors)  # classes, resolved once; unknown names fail now, not after training
+        left_out = set(resolve_detectors(list(exclude)))  # unknown names fail listing the choices
+        # classes, resolved once; unknown names fail now, not after training
+        self.detectors = [cls for cls in resolve_detectors(detectors) if cls not in left_out]
         self.params = {k: dict(v) for k, v in (params or {}).items()}
         self.tune = tune
         self.info = dict(info or {})
