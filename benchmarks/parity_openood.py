@@ -4,7 +4,7 @@
 [--benchmarks cifar10,cifar100,imagenet200,imagenet1k] [--seeds 0,1,2] [--out DIR] [hydra overrides ...]`
 
 Evaluation only, through the ordinary entry points: per benchmark one `ood-eval -m experiment=parity_<benchmark>
-seed=...` sweep (conf/experiment/parity_*.yaml: the released CE network, `detectors=all` tuned on validation OOD
+seed=...` sweep (conf/experiment/parity_*.yaml: the released CE network, `detectors=full` (ImageNet: but gram) tuned on validation OOD
 with OpenOOD's grids, fp32), then `ood-report --reference conf/reference/openood_v1.5/<benchmark>.yaml` (the
 leaderboard's near / far AUROC, from results/*.csv of github.com/zjysteven/OpenOOD, branch leaderboard). This script
 only checks the files first and prints the parity table from the report: per detector ours (mean ± std over the

@@ -13,6 +13,7 @@ import torch
 
 from benchmarks import parity_openood
 from benchmarks.fabricate import cifar_tree
+from ood.detectors import available_detectors
 from ood.models import ResNet18_32x32
 from ood.report.references import load_reference
 
@@ -38,8 +39,15 @@ def test_reference_files_cover_every_benchmark() -> None:
     # spot checks against the leaderboard's CSVs (CIFAR-10 KNN; ImageNet-1K's single torchvision network)
     cifar10 = load_reference(parity_openood.REFERENCE_DIR / "cifar10.yaml")
     assert cifar10["auroc"]["ce"]["knn"] == {"near": [90.64, 0.20], "far": [92.96, 0.14]}
+    assert cifar10["auroc"]["ce"]["nac"] == {"near": [90.93, 0.23], "far": [94.60, 0.49]}
+    assert cifar10["not_in_ood"] == ["OpenGAN", "CombOOD", "OTOD"]
     imagenet = load_reference(parity_openood.REFERENCE_DIR / "imagenet1k.yaml")
     assert imagenet["backbone"] == "resnet50" and imagenet["auroc"]["ce"]["ash"] == {"near": [78.17], "far": [95.74]}
+    assert imagenet["auroc"]["ce"]["rmds_pp"] == {"near": [78.54], "far": [90.82]} and imagenet["not_in_ood"] == ["CombOOD"]
+    # every leaderboard row is one of ours: the registry's names, not a hand-kept list
+    for benchmark in parity_openood.BENCHMARKS:
+        ref = load_reference(parity_openood.REFERENCE_DIR / f"{benchmark}.yaml")
+        assert set(ref["auroc"]["ce"]) <= set(available_detectors()), benchmark
 
 
 @pytest.mark.slow
