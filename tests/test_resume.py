@@ -14,6 +14,8 @@ from helpers import FAST, compose_config, run_config
 
 from ood.errors import CheckpointError, ConfigError
 from ood.runs.checkpoints import resolve_ckpt_path
+from ood.runs.checks import check_run
+from ood.runs.identity import flat_config
 from ood.train import run
 
 RUN = [*FAST, "trainer.max_epochs=3", "detectors.names=[msp,energy]", "logger=none"]
@@ -48,6 +50,23 @@ def test_resume_with_other_max_epochs_is_refused(tmp_path: Path) -> None:
     torch.save({"hyper_parameters": {"config": {"trainer.max_epochs": 3}}}, ckpt)
     with pytest.raises(ConfigError, match=r"trained for trainer.max_epochs=3; resuming with trainer.max_epochs=5"):
         run(compose_config(tmp_path / "new", [*FAST, "trainer.max_epochs=5", f"ckpt_path={tmp_path}"]))
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path: Path) -> None:
+    """Lightning restores the checkpoint's optimizer and schedule: a changed seed, learning rate or method would be
+    recorded but not used, so resuming with them is refused before anything runs, naming each change. Folders
+    (`hydra.run.dir`, `data_dir`) and loader plumbing may differ."""
+    ckpt = tmp_path / "old" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    stored = flat_config(compose_config(tmp_path / "old", [*FAST, "paths.data_dir=/elsewhere"]))
+    torch.save({"hyper_parameters": {"config": stored}}, ckpt)
+    with pytest.raises(ConfigError, match=r"trained with seed=0 \(now 3\), method.optimizer.lr=0.05 \(now 0.01\): resuming "
+                                          r"keeps its weights, optimizer and schedule"):
+        run(compose_config(tmp_path / "new", [*FAST, "seed=3", "method.optimizer.lr=0.01", f"ckpt_path={ckpt}"]))
+    with pytest.raises(ConfigError, match=r"trained with method._target_=ood.methods.CrossEntropy \(now ood.methods.logitnorm.LogitNorm\), "):
+        run(compose_config(tmp_path / "new2", [*FAST, "method=logitnorm", f"ckpt_path={ckpt}"]))
+    assert not (tmp_path / "new" / "results.jsonl").exists()
+    check_run(compose_config(tmp_path / "new3", [*FAST, "data.num_workers=0", f"ckpt_path={ckpt}"]), str(ckpt))
 
 
 @pytest.mark.parametrize("epochs", [0, -1])

@@ -4,7 +4,8 @@
   number or a boolean (`seed=abc`) names the expected type, and a word in place of a config node
   (`method.optimizer=sgd`) names its keys, before Hydra composes (and long before `int(seed)`).
 - `check_run`: refuses `trainer.max_epochs < 1`, a GPU preset without a GPU, and resuming with a different
-  `trainer.max_epochs` (the cosine schedule's `T_max` lives in the checkpoint and would not follow).
+  `trainer.max_epochs` (the cosine schedule's `T_max` lives in the checkpoint and would not follow) or any other
+  change of the configuration or seed (`check_resume`).
 - `check_launch`: refuses a Hydra multirun with the subprocess DDP launcher.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ood.errors import ConfigError
 from ood.runs.checkpoints import checkpoint_config
-from ood.runs.identity import flatten
+from ood.runs.identity import flat_config, flatten, identity, seed_keys
 
 
 def check_run(cfg: DictConfig, ckpt_path: str | None) -> None:
@@ -36,13 +37,37 @@ def check_run(cfg: DictConfig, ckpt_path: str | None) -> None:
             "add trainer=cpu to try it on CPU"
         )
     if cfg.train and ckpt_path is not None:
-        before = checkpoint_config(ckpt_path).get("trainer.max_epochs")
+        stored = checkpoint_config(ckpt_path)
+        before = stored.get("trainer.max_epochs")
         if before is not None and int(before) != int(max_epochs):
             raise ConfigError(
                 f"checkpoint {ckpt_path} was trained for trainer.max_epochs={before}; resuming with "
                 f"trainer.max_epochs={max_epochs} would keep its learning-rate schedule (T_max={before}). Resume with "
                 f"trainer.max_epochs={before}, or start a new run from its weights"
             )
+        check_resume(cfg, stored, ckpt_path)
+
+
+def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> None:
+    """Refuse resuming a checkpoint with another configuration: the seed or a key that names the configuration
+    (`ood.runs.identity`: method, backbone, data, epochs; not folders or loader plumbing). Lightning restores the
+    optimizer, schedule and RNG from the checkpoint, so the new values would not be used, yet the run would record
+    them. Keys only one side has (added by a newer version) are not compared; a checkpoint without a stored config
+    (another framework's) is not checked."""
+    if not stored:
+        return
+    seeded = seed_keys(cfg)
+    now, then = identity(flat_config(cfg), seeded), identity(stored, seeded)
+    changed = [f"{k}={then[k]} (now {now[k]})" for k in sorted(now.keys() & then.keys()) if now[k] != then[k]]
+    if "seed" in stored and str(stored["seed"]) != str(cfg.get("seed")):
+        changed.insert(0, f"seed={stored['seed']} (now {cfg.get('seed')})")
+    if changed:
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise ConfigError(
+            f"checkpoint {ckpt_path} was trained with {', '.join(changed[:4])}{more}: resuming keeps its weights, "
+            "optimizer and schedule, so the new values would be recorded but not used. Resume with the checkpoint's "
+            "settings, or start a new run (another hydra.run.dir, without ckpt_path)"
+        )
 
 
 def check_launch(cfg: DictConfig, multirun: bool) -> None:
