@@ -147,6 +147,12 @@ def test_datamodule_serves_csid_only_when_asked() -> None:
         OODDataModule(DigitsBenchmark(csid={}), csid=True)
     with pytest.raises(ConfigError, match="unknown digits csid corruptions \\['fog'\\]; choices"):
         DigitsBenchmark(csid={"fog": 1.0})
+    # a severity the corruption cannot use is one line, not torch's error deep in the data build
+    for corruption, severity, rule in [("shift", 0, "a whole number >= 1"), ("shift", 0.5, "a whole number >= 1"),
+                                       ("blur", 0, "a number > 0"), ("noise", -1, "a number >= 0"), ("noise", "x", "a number >= 0")]:
+        with pytest.raises(ConfigError, match=f"^data.benchmark.csid.{corruption}={severity!r}: must be {rule}"):
+            DigitsBenchmark(csid={corruption: severity})
+    assert DigitsBenchmark(csid={"noise": 0, "shift": 2.0, "blur": 0.5}).csid_names == ("digits_noise", "digits_shift", "digits_blur")
 
 
 def test_digits_csid_sets_are_the_test_digits_corrupted() -> None:

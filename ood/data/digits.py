@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,11 +35,23 @@ from ood.data.datasets import RandomShift, TensorImages
 from ood.errors import ConfigError
 
 NATIVE = 8  # side of scikit-learn's digits
-CORRUPTIONS = ("noise", "blur", "shift")
+#: the corruptions and what each one's severity must be (`check_severity`)
+SEVERITY_RULES = {"noise": "a number >= 0 (the noise std)", "blur": "a number > 0 (the blur std in pixels)",
+                  "shift": "a whole number >= 1 (pixels)"}
+CORRUPTIONS = tuple(SEVERITY_RULES)
 #: the default covariate-shifted ID sets: mild enough that the default CE small CNN (100% clean test accuracy) still
 #: classifies most of them (seeds 0-2: noise 0.08: 99/82/95%, blur 1.0: 96/89/93%, shift 2: 96/95/98%; the shift is
 #: twice the 1-pixel training augmentation); pixel noise is the one the CNN's robustness varies most with the seed
 DEFAULT_CSID = {"noise": 0.08, "blur": 1.0, "shift": 2}
+
+
+def check_severity(corruption: str, severity: Any) -> None:
+    """One line for a severity the corruption cannot use (a zero shift or blur would fail deep in torch)."""
+    ok = isinstance(severity, int | float) and not isinstance(severity, bool) and math.isfinite(severity) and (
+        severity >= 0 if corruption == "noise" else severity > 0 if corruption == "blur"
+        else float(severity).is_integer() and severity >= 1)
+    if not ok:
+        raise ConfigError(f"data.benchmark.csid.{corruption}={severity!r}: must be {SEVERITY_RULES[corruption]}")
 
 
 def corrupt(images: torch.Tensor, corruption: str, severity: float, seed: int) -> torch.Tensor:
@@ -103,6 +116,8 @@ class DigitsBenchmark(Benchmark):
         unknown = sorted(set(csid) - set(CORRUPTIONS))
         if unknown:
             raise ConfigError(f"unknown digits csid corruptions {unknown}; choices: {list(CORRUPTIONS)}")
+        for corruption, severity in csid.items():
+            check_severity(corruption, severity)
         if outliers not in self.outlier_choices:
             raise ConfigError(f"unknown outlier set {outliers!r}; choices: {list(self.outlier_choices)}")
         if abs(sum(split) - 1.0) > 1e-6 or len(split) != 3:
