@@ -134,6 +134,17 @@ def test_conf_groups_resolve_from_the_registry() -> None:
         Evaluator("full", exclude=["grma"])
 
 
+def test_params_for_a_detector_the_run_does_not_score(caplog: pytest.LogCaptureFixture) -> None:
+    """A misspelt name in detectors.params fails listing the choices; params of a detector left out warn (they
+    would be dropped silently)."""
+    with pytest.raises(ConfigError, match="unknown detector 'kn'; available: adascale_a"):
+        Evaluator(["msp"], params={"kn": {"k": 10}})
+    with caplog.at_level("WARNING"):
+        Evaluator(["msp", "energy"], params={"knn": {"k": 10}, "energy": {"temperature": 2.0}})
+    assert [r.getMessage() for r in caplog.records] == [
+        "detectors.params sets ['knn'], which this run does not score (detectors.names / exclude)"]
+
+
 def test_vim_with_dim_at_least_feature_dim_is_not_applicable(synthetic: dict[str, FeatureBank]) -> None:
     for name in ("vim", "residual"):
         with pytest.raises(DetectorNotApplicable, match="dim < feature dim D=16"):

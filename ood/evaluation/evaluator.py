@@ -20,6 +20,9 @@ from ood.evaluation.scoring import ModelScoreFn, Scorer, detector_scorers, evalu
 from ood.features.bank import FeatureBank
 from ood.methods.base import OODMethod
 from ood.metrics import validation_aurocs
+from ood.utils import get_logger
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -61,6 +64,9 @@ class Evaluator:
         # classes, resolved once; unknown names fail now, not after training
         self.detectors = [cls for cls in resolve_detectors(detectors) if cls not in left_out]
         self.params = {k: dict(v) for k, v in (params or {}).items()}
+        unused = sorted({cls.name for cls in resolve_detectors(list(self.params))} - {cls.name for cls in self.detectors})
+        if unused:  # a typo in a name fails above, listing the choices; a detector left out is only a warning
+            log.warning("detectors.params sets %s, which this run does not score (detectors.names / exclude)", unused)
         self.tune = tune
         self.info = dict(info or {})
 
