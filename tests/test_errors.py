@@ -104,6 +104,21 @@ def test_nan_score_names_detector_and_dataset() -> None:
         evaluate([bad], splits, id_acc=1.0, info={})
 
 
+def test_constant_scores_warn(caplog: pytest.LogCaptureFixture) -> None:
+    """Every image scored alike (rankfeat on a 1x1 last stage) gives AUROC 50 silently; it is said."""
+    from ood.data.benchmark import EvalSplit
+
+    splits = [EvalSplit("test", "id_test"), EvalSplit("svhn", "ood", "far")]
+    flat = Scorer("rankfeat", lambda split: torch.full((3,), 0.6998))
+    ranked = Scorer("energy", lambda split: torch.arange(3.0) + (split == "test"))
+    with caplog.at_level("WARNING"):
+        rows, _ = evaluate([flat, ranked], splits, id_acc=1.0, info={})
+    assert [r.getMessage() for r in caplog.records] == [
+        "detector rankfeat gives every ID test and OOD image the same score (0.6998): its AUROC 50 and FPR95 100 say "
+        "nothing about the data"]
+    assert rows[0]["auroc"] == 0.5
+
+
 def test_unknown_layer_lists_choices() -> None:
     with pytest.raises(ConfigError, match="choices: \\['block1', 'block2', 'block3'\\]"):
         SmallCNN(6).forward_from("layer9", torch.zeros(1, 1, 16, 16))

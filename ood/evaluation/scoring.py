@@ -338,6 +338,10 @@ def evaluate(
             check_finite(s, f"detector {scorer.name} on {split.name}")
             scores[split.name] = s
         all_scores[scorer.name] = scores
+        ranked = torch.cat([scores[split.name] for split in (id_split, *ood_splits)])
+        if len(ranked) and bool((ranked == ranked[0]).all()):
+            log.warning("detector %s gives every ID test and OOD image the same score (%.6g): its AUROC 50 and FPR95 "
+                        "100 say nothing about the data", scorer.name, float(ranked[0]))
         common = {"detector_params": scorer.hparams, "tuned": bool(scorer.tuned), "tuned_params": scorer.tuned}
         for mode in modes:
             if mode == "standard":
