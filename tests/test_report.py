@@ -55,6 +55,17 @@ def test_varying_hyperparameters_become_columns(tmp_path: Path) -> None:
     assert {e["method.distance"]: e["s/auroc"][0] for e in table} == {"cosine": 0.5, "euclidean": 0.6}
 
 
+def test_a_report_on_one_run_keeps_the_runs_own_figures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    _write(run, [_row(0, "s", "near", 0.75)])
+    (run / "figures").mkdir()
+    (run / "figures" / "roc.png").write_bytes(b"the run's own ROC")
+    main([str(run)])
+    assert (run / "figures" / "roc.png").read_bytes() == b"the run's own ROC"
+    assert (run / "report" / "figures" / "auroc_bars.png").stat().st_size > 5_000 and (run / "report.md").is_file()
+    assert capsys.readouterr().err.splitlines()[-1] == f"wrote {run}/report.md, report.csv, report.tex, report/figures/"
+
+
 def test_cli_writes_markdown_and_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _write(tmp_path / "run", [_row(0, "s", "near", 0.75)])
     main([str(tmp_path)])

@@ -69,12 +69,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     atomic_write_text(out / "report.md", markdown)
     atomic_write(out / "report.csv", lambda tmp: write_csv(tmp, config_cols, metric_cols, table))
     atomic_write_text(out / "report.tex", to_latex(config_cols, metric_cols, table))
+    # a run folder's own figures/ are that run's ROC and histograms: the report's go beside them, in report/figures/
+    figures_in = out / "report" if (out / "results.jsonl").is_file() else out
     if not args.no_figures:
         chosen = [d.strip() for d in args.detectors.split(",")] if args.detectors else None
-        write_figures(out, config_cols, table, rows, chosen)
+        write_figures(figures_in, config_cols, table, rows, chosen)
     for run, why in failed.items():
         print(f"failed job {run}: {why}", file=sys.stderr)
     for ref in references:
         protocol = f", protocol: {ref['protocol']}" if ref.get("protocol") else ""
         print(f"reference numbers ({ref['id_dataset']}, {ref['backbone']}{protocol}): {ref['source']}", file=sys.stderr)
-    print(f"wrote {out}/report.md, report.csv, report.tex" + ("" if args.no_figures else ", figures/"), file=sys.stderr)
+    figures = "" if args.no_figures else f", {'report/' if figures_in != out else ''}figures/"
+    print(f"wrote {out}/report.md, report.csv, report.tex{figures}", file=sys.stderr)
