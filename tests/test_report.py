@@ -66,6 +66,14 @@ def test_a_report_on_one_run_keeps_the_runs_own_figures(tmp_path: Path, capsys: 
     assert capsys.readouterr().err.splitlines()[-1] == f"wrote {run}/report.md, report.csv, report.tex, report/figures/"
 
 
+def test_unknown_figure_detector_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _write(tmp_path / "run", [_row(0, "s", "near", 0.75)])
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--detectors", "mps"])
+    assert capsys.readouterr().err.splitlines()[-1] == "error: --detectors ['mps']: not in these runs; their detectors: ['cluster']"
+    assert not (tmp_path / "report.md").exists()
+
+
 def test_cli_writes_markdown_and_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _write(tmp_path / "run", [_row(0, "s", "near", 0.75)])
     main([str(tmp_path)])

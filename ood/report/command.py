@@ -56,6 +56,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"failed job {run}: {why}", file=sys.stderr)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    chosen = [d.strip() for d in args.detectors.split(",") if d.strip()] if args.detectors else None
+    scored = sorted({str(r["detector"]) for r in rows})
+    unknown = [d for d in chosen or () if d not in scored]
+    if unknown:
+        print(f"error: --detectors {unknown}: not in these runs; their detectors: {scored}", file=sys.stderr)
+        sys.exit(1)
     by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else None
     config_cols, metric_cols, table = aggregate(rows, by=by)
     metric_cols = add_reference(metric_cols, table, references)
@@ -72,7 +78,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     # a run folder's own figures/ are that run's ROC and histograms: the report's go beside them, in report/figures/
     figures_in = out / "report" if (out / "results.jsonl").is_file() else out
     if not args.no_figures:
-        chosen = [d.strip() for d in args.detectors.split(",")] if args.detectors else None
         write_figures(figures_in, config_cols, table, rows, chosen)
     for run, why in failed.items():
         print(f"failed job {run}: {why}", file=sys.stderr)
