@@ -14,17 +14,18 @@ x_tilde = x - noise * sign(grad_x [-M_c*(h(x))]) / sigma_ch (sigma_ch: the input
   mds_ensemble.yml`; pytorch-ood `MultiMahalanobis`): h_l = channel means of every stage output l (OpenOOD's feature
   type `mean`, no dimension reduction), one Gaussian fit, gradient and perturbed pass per layer (sign(0) = +1, as
   OpenOOD's `ge`), score(x) = sum_l alpha_l max_c M_lc(h_l(x_tilde_l)), alpha_l = 1 (OpenOOD's predefined
-  `alpha_list`), noise 0.0014 (OpenOOD's single sweep value); `stages` picks the layers (None: every stage). The train stage means are cached in the single
-  evaluation pass (layer taps: `extras['stage_mean.<stage>']`, sum_l C_l floats per sample: 640 B on the digits
-  small CNN); the perturbed passes need the network.
+  `alpha_list`), noise 0.0014 (OpenOOD's single sweep value); `stages` picks the layers (None: every stage). The
+  train stage means are cached in the single evaluation pass (layer taps: `extras['stage_mean.<stage>']`, sum_l C_l
+  floats per sample: 640 B on the digits small CNN); the perturbed passes need the network.
 Deviations: the shared covariance is OpenOOD's (class-centred, divided by N, pseudo-inverse in float64);
 pytorch-ood's MahalanobisODIN inverts the unnormalised scatter plus 1e-6 I (a positive scale of the same precision:
 same gradient signs and ranking up to that ridge). OpenOOD's mds_ensemble divides the step by a fixed 0.5 and its
 config (`feature_type_list: [mean]`) uses the first entry of its network's feature list only: for ResNet18_32x32
 the stem's output; for its 224 px ResNets the stem after the max-pool (our `stem` ends before it). By default we
 divide by the data's normalisation std (as ODIN) and use every stage, as the paper; `stages=[stem],
-input_std=0.5` is OpenOOD's leaderboard setting (the parity experiments use it). The logistic-regression weights fitted on validation OOD (OpenOOD's
-empty `alpha_list` path, Lee et al.'s "feature ensemble") are not fitted: every layer weighs 1.
+input_std=0.5` is OpenOOD's leaderboard setting (the parity experiments use it). The logistic-regression weights
+fitted on validation OOD (OpenOOD's empty `alpha_list` path, Lee et al.'s "feature ensemble") are not fitted: every
+layer weighs 1.
 """
 
 from __future__ import annotations
