@@ -213,7 +213,7 @@ def decode_all(dataset: Dataset, desc: str) -> tuple[np.ndarray, np.ndarray]:
     images: np.ndarray | None = None
     labels = np.empty(n, dtype=np.int64)
     start = 0
-    with tqdm(total=n, desc=desc, unit="img", leave=False) as bar:
+    with tqdm(total=n, desc=desc, unit="img", leave=False, disable=None) as bar:
         for chunk in loader:
             for offset, (array, label) in enumerate(chunk):
                 array = array[..., None] if array.ndim == 2 else array

@@ -123,7 +123,7 @@ def network_scores(
     per detector and the detectors, by position, that turned out not to apply."""
     scores = [dict(k) for k in known]
     failed: dict[int, DetectorNotApplicable] = {}
-    for split in tqdm(splits, desc="network-pass detectors", leave=False):
+    for split in tqdm(splits, desc="network-pass detectors", leave=False, disable=None):
         members = [i for i in range(len(dets)) if split not in scores[i] and i not in failed]
         if not members:
             continue
@@ -271,7 +271,7 @@ def detector_scorers(
     network pass).
     """
     fitted: list[tuple[Detector, list[str], dict[str, torch.Tensor]]] = []
-    for cls in tqdm(list(map(detector_class, names)), desc="fitting detectors", leave=False):
+    for cls in tqdm(list(map(detector_class, names)), desc="fitting detectors", leave=False, disable=None):
         try:
             det, tuned, val_scores = tune_detector(cls, params.get(cls.name, {}), banks, tune, model_scores)
         except DetectorNotApplicable as err:
@@ -331,7 +331,7 @@ def evaluate(
         raise ConfigError("full-spectrum evaluation (evaluation.fsood=true) found no covariate-shifted ID set to score")
     rows: list[dict[str, Any]] = []
     all_scores: dict[str, dict[str, torch.Tensor]] = {}
-    for scorer in tqdm(scorers, desc="scoring", leave=False):
+    for scorer in tqdm(scorers, desc="scoring", leave=False, disable=None):
         scores = {}
         for split in (id_split, *ood_splits, *csid_splits):
             s = scorer.score(split.name).detach().double().cpu()
