@@ -244,3 +244,44 @@ def test_outlier_methods_name_the_folder_key(folders: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match=r"method oe trains on outliers, but benchmark id has none "
                                           r"\(data.outliers=none\); set data.outliers= one of"):
         module.use_streams(["id", "outliers"], "oe")
+
+
+def test_id_image_lists_get_the_class_checks_of_folders(folders: dict[str, Path], tmp_path: Path) -> None:
+    """An ID image list's labels are class indices: the train list's must be 0..K-1 each with images, the other
+    splits' among them, every line labelled; its paths are relative to the list's folder unless `images` is given."""
+    root = folders["id"]
+
+    def write(path: Path, lines: list[str]) -> dict[str, str]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{line}\n" for line in lines))
+        return {"imglist": str(path)}
+
+    train = [f"train/c{k}/{i}.png {k}" for k in range(3) for i in range(4)]
+    test = [f"test/c{k}/{i}.png {k}" for k in range(3) for i in range(3)]
+    listed = FolderBenchmark(train=write(root / "train.txt", train), test=write(root / "test.txt", test),
+                             ood=[folders["far"]])
+    by_folder = FolderBenchmark(root, ood=[folders["far"]])
+    assert listed.num_classes == 3 and listed.classes is None
+    for split in ("train", "test"):
+        assert listed.id_sets[split].entries == by_folder.id_sets[split].entries
+    elsewhere = FolderBenchmark(train={**write(tmp_path / "lists" / "train.txt", train), "images": str(root)},
+                                test=write(root / "test.txt", test), ood=[folders["far"]])
+    assert elsewhere.id_sets["train"].entries == by_folder.id_sets["train"].entries
+
+    with pytest.raises(DataNotFoundError, match=r"bad_test.txt has 1 labels absent from the ID train split "
+                                                r"\(classes 0..2\): \[3\]$"):
+        FolderBenchmark(train=write(root / "train.txt", train), test=write(root / "bad_test.txt", [*test, "x.png 3"]),
+                        ood=[folders["far"]])
+    with pytest.raises(DataNotFoundError, match=r"paths.txt: 12 line\(s\) without a class index \(no label or a "
+                                                r"negative one; first: 0.png\); an ID image list needs"):
+        FolderBenchmark(train=write(root / "paths.txt", [line.split()[0] for line in train]),
+                        test=write(root / "test.txt", test), ood=[folders["far"]])
+    with pytest.raises(DataNotFoundError, match=r"shifted.txt: the ID train labels must be the class indices 0..2, "
+                                                r"each with images; no image has \[0\]$"):
+        FolderBenchmark(train=write(root / "shifted.txt", [line for line in train if not line.endswith(" 0")]),
+                        test=write(root / "test.txt", test), ood=[folders["far"]])
+    with pytest.raises(ConfigError, match=r"class folders cannot be matched to the labels of the train image list "
+                                          r".*/train.txt, which names no classes"):
+        FolderBenchmark(train=write(root / "train.txt", train), test=root / "test", ood=[folders["far"]])
+    with_folders = FolderBenchmark(root, test=write(root / "test.txt", test), ood=[folders["far"]])  # train's names
+    assert with_folders.id_sets["test"].entries == by_folder.id_sets["test"].entries

@@ -3,10 +3,13 @@
 ID data: an ImageFolder-style `root` with `train/<class>/*` and `test/<class>/*` (and `val/<class>/*`; without it
 `val_fraction` of train is held out, stratified, with `split_seed`); class names and indices come from the sorted
 folders of `train/` (torchvision `ImageFolder`'s rule), test and val folders are mapped by name. Each split can be
-given instead as a source: a folder, a set spec mapping (`{imglist: list.txt, images: root}`, `ood.data.sets`) or,
-in Python, a torch `Dataset` of `(image, label)` (PIL images are converted and transformed like files; tensors are
-used as they are). OOD sets: `{near: {name: source}, far: {name: source}, val: source}`, a `{name: source}` mapping
-(all far) or a list of sources (all far, named by their folder); `val` is the validation-OOD set used for tuning.
+given instead as a source: a folder, a set spec mapping (`{imglist: list.txt, images: root}`, `ood.data.sets`; the
+listed paths are relative to `images`, by default the list file's folder) or, in Python, a torch `Dataset` of
+`(image, label)` (PIL images are converted and transformed like files; tensors are used as they are). An ID image
+list's labels are class indices: the train list's must be 0..K-1, each with images (K classes), and every other ID
+list's must be among them. OOD sets: `{near: {name: source}, far: {name: source}, val: source}`, a `{name: source}`
+mapping (all far) or a list of sources (all far, named by their folder); `val` is the validation-OOD set used for
+tuning.
 
 Preprocessing (evaluation): RGB (`ood.data.hygiene.to_rgb`), resize the shorter side to `resize`, centre crop
 `image_size`, normalise with `mean`/`std`. Unset values come from the model's timm data config when it has one
@@ -17,13 +20,14 @@ resized crop and horizontal flip at `image_size`.
 
 Hygiene (`ood.data.hygiene`): an unreadable image stops the run naming it, or with `bad_images=skip` every file is
 decoded once up front and unreadable ones are left out, counted and listed in `bad_images.json`; a missing
-`train/`, an empty set, test classes absent from train are one line each. After the cached pass, `screen` lists
-exact duplicates (same decoded pixels) and near duplicates (cosine of penultimate features > `overlap_threshold`)
-between every ID split and every OOD set in `overlap.json` (one warning line per set); with `drop_overlap` they are
-removed from the OOD sets before the metrics, and every row records `overlap` and `overlap_dropped`. The exact check
-decodes the files of the ID splits and OOD sets once more on rank 0 after the pass (once in total with
-`bad_images=skip`, which decodes them up front); `exact_duplicates=false` skips it (minutes at ImageNet size), and
-same-pixel copies are then found by the feature cosine alone (listed as `near`, similarity 1.0).
+`train/`, an empty set, test classes (or list labels) absent from train are one line each. After the cached pass,
+`screen` lists exact duplicates (same decoded pixels) and near duplicates (cosine of penultimate features >
+`overlap_threshold`) between every ID split and every OOD set in `overlap.json`
+(one warning line per set); with `drop_overlap` they are removed from the OOD sets before the metrics, and every
+row records `overlap` and `overlap_dropped`. The exact check decodes the files of the ID splits and OOD sets once
+more on rank 0 after the pass (once in total with `bad_images=skip`, which decodes them up front);
+`exact_duplicates=false` skips it (minutes at ImageNet size), and same-pixel copies are then found by the feature
+cosine alone (listed as `near`, similarity 1.0).
 """
 
 from __future__ import annotations
@@ -235,9 +239,11 @@ class FolderBenchmark(Benchmark):
         if isinstance(sources["train"], Dataset):  # its labels are its own: class folders elsewhere follow its names
             named = getattr(sources["train"], "classes", None)  # torchvision's ImageFolder has them
             self._classes = None if named is None else [str(c) for c in named]
-            self._train_dataset = f"Dataset {type(sources['train']).__name__}"
+            self._unnamed_train = f"Dataset {type(sources['train']).__name__}"
+        elif self._classes is None:  # an image list: class indices without names
+            self._unnamed_train = f"image list {train_set.where}"
         self.classes = self._classes
-        self.num_classes = len(self.classes) if self.classes else 1 + max(self._labels(train_set))
+        self.num_classes = len(self.classes) if self.classes else self._class_count(train_set)
         self.id_sets = {"train": train_set}
         for split in ("test", "val"):
             if sources[split] is not None:
@@ -258,8 +264,9 @@ class FolderBenchmark(Benchmark):
     # ----- sources ----------------------------------------------------------------------------------------------
     _classes: list[str] | None = None
     outliers_key = "data.outliers"
-    #: the train split's Dataset type when it is a Dataset (its labels then define the classes)
-    _train_dataset: str | None = None
+    #: the train split when its labels are class indices without names (a Dataset without `classes`, an image list):
+    #: class folders of other splits cannot be matched to them
+    _unnamed_train: str | None = None
 
     def _set(self, name: str, source: Source, label: int | None, classes: list[str] | None = None) -> ImageSet:
         """Files (or a Dataset) of `source`; ID folders are labelled by class folder name."""
@@ -267,9 +274,22 @@ class FolderBenchmark(Benchmark):
             return ImageSet(name, f"Dataset {type(source).__name__}", dataset=source)
         if isinstance(source, Mapping) and "imglist" in source:
             spec = SetSpec.parse(name, source)
-            lines = read_imglist(resolve(Path.cwd(), spec.imglist))
-            images = resolve(Path.cwd(), spec.images)
-            return ImageSet(name, str(resolve(Path.cwd(), spec.imglist)), [(images / p, y) for p, y in lines])
+            listed = resolve(Path.cwd(), spec.imglist)
+            images = resolve(Path.cwd(), spec.images) if "images" in source else listed.parent
+            entries = [(images / p, y) for p, y in read_imglist(listed)]
+            if label is not None:
+                return ImageSet(name, str(listed), entries)
+            unlabelled = [p for p, y in entries if y < 0]
+            if unlabelled:
+                raise DataNotFoundError(f"{listed}: {len(unlabelled)} line(s) without a class index (no label or a "
+                                        f"negative one; first: {unlabelled[0].name}); an ID image list needs "
+                                        "'<path> <class index>' lines")
+            if classes is not None or self._unnamed_train is not None:  # not the train split: its labels are known
+                unknown = sorted({y for _, y in entries} - set(range(self.num_classes)))
+                if unknown:
+                    raise DataNotFoundError(f"{listed} has {len(unknown)} labels absent from the ID train split "
+                                            f"(classes 0..{self.num_classes - 1}): {unknown}")
+            return ImageSet(name, str(listed), entries)
         spec = SetSpec.parse(name, source if isinstance(source, Mapping) else {"folder": str(source)})
         if spec.folder is None:
             raise ConfigError(f"set {name!r}: data=folder reads folders, image lists and Datasets; got {dict(source)}")  # type: ignore[arg-type]
@@ -282,11 +302,12 @@ class FolderBenchmark(Benchmark):
         if not found:
             raise DataNotFoundError(f"{name}: {folder} has no class folders (ID images go in {folder}/<class>/<image>)")
         if classes is None:
-            if self._train_dataset is not None:
+            if self._unnamed_train is not None:
                 raise ConfigError(
-                    f"{folder}: class folders cannot be matched to the labels of the train {self._train_dataset}, which "
-                    "has no `classes` list: give this split as a Dataset too, or give the train Dataset a `classes` "
-                    "attribute (class names in label order, as torchvision's ImageFolder has)"
+                    f"{folder}: class folders cannot be matched to the labels of the train {self._unnamed_train}, "
+                    "which names no classes: give this split as labels too (an image list or a Dataset), or give the "
+                    "train split as class folders or as a Dataset with a `classes` attribute (class names in label "
+                    "order, as torchvision's ImageFolder has)"
                 )
             self._classes = classes = found
         unknown = sorted(set(found) - set(classes))
@@ -299,6 +320,17 @@ class FolderBenchmark(Benchmark):
 
     def _id_set(self, split: str, source: Source, classes: list[str] | None) -> ImageSet:
         return self._set(f"{self.name}:{split}", source, None, classes)
+
+    def _class_count(self, train: ImageSet) -> int:
+        """The number of classes of a train split labelled by index (an image list, a Dataset): 1 + the largest
+        label; a list's labels must be 0..K-1, each with images."""
+        labels = set(self._labels(train))
+        count = 1 + max(labels, default=-1)
+        missing = sorted(set(range(count)) - labels)
+        if train.entries is not None and missing:
+            raise DataNotFoundError(f"{train.where}: the ID train labels must be the class indices 0..{count - 1}, "
+                                    f"each with images; no image has {missing}")
+        return count
 
     def _ood_sets(self, ood: Any) -> tuple[list[tuple[str, str, ImageSet]], ImageSet | None]:
         """(name, group, set) of every test OOD set and the validation-OOD set."""
