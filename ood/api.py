@@ -181,8 +181,11 @@ def _check_data_options(given: Mapping[str, Any], node: Any) -> None:
     instantiation error deep in Hydra)."""
     import difflib
 
-    choices = sorted(k for k in node if k not in ("_target_", "root", "ood", "model", "report_dir"))
+    choices = sorted(k for k in node if k not in ("_target_", "root", "ood", "model", "report_dir", "csid"))
     for key in given:
+        if key == "csid":
+            raise ConfigError("ood.evaluate got csid=: give the covariate-shifted ID sets as ood_data={..., 'csid': "
+                              "{name: folder}} (full-spectrum rows follow; fsood=False turns them off)")
         if key not in node:
             close = difflib.get_close_matches(key, choices, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -203,6 +206,7 @@ def evaluate(
     num_workers: int = 0,
     output_dir: str | os.PathLike | None = None,
     seed: int = 0,
+    fsood: bool | None = None,
     overrides: Sequence[str] = (),
     **data: Any,
 ) -> Results:
@@ -213,7 +217,8 @@ def evaluate(
             linear layer, or `feature_layer`), an ood `Backbone`, or a loaded ood method (its backbone is used).
         id_data: an ImageFolder-style root (`train/`, `test/`, optional `val/`), or `{train, test, val}` sources
             (folders, `{imglist, images}` lists, Datasets).
-        ood_data: `{near: {name: source}, far: {name: source}, val: source}`, `{name: source}` or a list.
+        ood_data: `{near: {name: source}, far: {name: source}, val: source, csid: {name: source}}`, `{name: source}`
+            or a list; `csid`: covariate-shifted ID sets (class folders or labelled lists, as the ID test split).
         detectors: `all`, `cached` (all but the input-perturbing ones), `fast`, `none` or a list of names.
         method: a post-hoc method config (`grood`, `cluster`, ...) scored beside the detectors; None: `ce`.
         transform: a torchvision transform for every split; None: the model's timm data config, else `data`'s
@@ -222,6 +227,8 @@ def evaluate(
         device: `cpu`, `cuda`, `cuda:<i>`; None: cuda when available.
         output_dir: the run folder; None: a new temporary folder (`Results.save` copies it).
         seed: the run seed.
+        fsood: full-spectrum rows too (`mode: fsood`, ID = ID test + every csid set; `evaluation.fsood`); None: when
+            `ood_data` has csid sets. True without them is refused before the pass.
         overrides: further Hydra overrides, e.g. `["trainer=ddp_cpu"]` or `["+detectors.params.knn.k=5"]`.
         data: further `data=folder` options: `image_size`, `resize`, `mean`, `std`, `bad_images`,
             `overlap_threshold`, `drop_overlap`, `exact_duplicates`, `val_fraction`, `fit_fraction`, ...
@@ -240,6 +247,7 @@ def evaluate(
     net = model.backbone if isinstance(model, OODMethod) else model
     backbone = as_backbone(net, feature_layer)
     values, objects = _data_kwargs(id_data, ood_data, net, transform)
+    fsood = bool({**values, **objects}["ood"]["csid"]) if fsood is None else fsood
     out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="ood-eval-"))
     out.mkdir(parents=True, exist_ok=True)
     values |= {k: v for k, v in data.items() if not _is_object(v)}
@@ -247,7 +255,8 @@ def evaluate(
     args = [
         "data=folder", f"backbone={_library(net)}", f"method={method or 'ce'}", "logger=none", "callbacks=none",
         "train=false", f"seed={seed}", f"data.eval_batch_size={batch_size}", f"data.num_workers={num_workers}",
-        "trainer.enable_progress_bar=false", *_device_overrides(device), *_detector_overrides(detectors), *overrides,
+        "trainer.enable_progress_bar=false", f"evaluation.fsood={str(fsood).lower()}", *_device_overrides(device),
+        *_detector_overrides(detectors), *overrides,
     ]
     previous = HydraConfig.instance().cfg
     GlobalHydra.instance().clear()

@@ -102,7 +102,7 @@ def test_folder_mistakes_are_one_line(folders: dict[str, Path], tmp_path: Path) 
                             image_size=32, resize=32)
     assert bench.num_classes == 3 and bench.classes == ["c0", "c1", "c2"]
     assert [(s.name, s.group) for s in bench.ood_test()] == [("n", "near"), ("checkers", "far")]
-    with pytest.raises(ConfigError, match=r"OOD set names must be unique and not one of \['far', 'fit'"):
+    with pytest.raises(ConfigError, match=r"OOD and csid set names must be unique and not one of \['far', 'fit'"):
         FolderBenchmark(root, ood={"near": {"test": folders["near"]}})
     assert len(bench.train()) + len(bench.val()) == 12 and len(bench.test()) == 9 and len(bench.ood_val()) == 4
     assert sorted(bench.val().dataset.targets[i] for i in bench.val().indices) == [0, 1, 2]  # stratified hold-out
@@ -197,9 +197,11 @@ def test_ood_sets_in_every_accepted_form() -> None:
     list's name."""
     spec = {"imglist": "lists/test_svhn.txt", "images": "images"}
     assert ood_mapping({"near": Path("/d/noise"), "far": ["/d/checkers", spec]}) == {
-        "near": {"noise": Path("/d/noise")}, "far": {"checkers": "/d/checkers", "test_svhn": spec}, "val": None}
-    assert ood_mapping("/d/noise") == {"near": {}, "far": {"noise": "/d/noise"}, "val": None}
-    assert ood_mapping({"textures": "/d/t"}) == {"near": {}, "far": {"textures": "/d/t"}, "val": None}
+        "near": {"noise": Path("/d/noise")}, "far": {"checkers": "/d/checkers", "test_svhn": spec}, "val": None,
+        "csid": {}}
+    assert ood_mapping("/d/noise") == {"near": {}, "far": {"noise": "/d/noise"}, "val": None, "csid": {}}
+    assert ood_mapping({"textures": "/d/t"}) == {"near": {}, "far": {"textures": "/d/t"}, "val": None, "csid": {}}
+    assert ood_mapping({"far": "/d/t", "csid": ["/d/blur", spec]})["csid"] == {"blur": "/d/blur", "test_svhn": spec}
     assert ood_mapping(["/d/places.v2"])["far"] == {"places.v2": "/d/places.v2"}
     assert ood_mapping(spec)["far"] == {"test_svhn": spec}
     with pytest.raises(ConfigError, match=r"OOD sets /d/a/images and /d/b/images would both be named 'images': name them"):

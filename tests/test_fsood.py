@@ -5,22 +5,26 @@
   OOD as the positive class, `eval_acc('csid')` pools the correct predictions of ID test and every csid set);
 - on digits (a trained CE checkpoint, evaluation only) the full-spectrum AUROC equals scikit-learn's on the saved
   scores with ID = test + the three corrupted copies, and the csid accuracies equal the model's own predictions;
+- on the user's own folders (`data=folder`, `data.ood.csid`): a csid set that is a copy of the ID test folder gives
+  the standard AUROC and FPR95, ID accuracy and twice the ID count; full-spectrum evaluation without csid sets is
+  refused before training; csid folders and lists get the ID test split's class checks;
 - the configuration mistakes say what to do.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import run_config
+from helpers import compose_config, folder_overrides, make_image_folders, run_config
 from sklearn import metrics as skm
 
 from ood.data import DigitsBenchmark, EvalSplit, OODDataModule
-from ood.errors import ConfigError
+from ood.errors import ConfigError, DataNotFoundError
 from ood.evaluation.scoring import Scorer, evaluate, group_means, rows_by_mode
 
 RNG = np.random.default_rng(7)
@@ -237,3 +241,73 @@ def test_digits_fsood_only_table(ce_checkpoint: Path, tmp_path: Path, capsys: py
     assert {r["mode"] for r in rows} == {"fsood"} and len(rows) == 4
     printed = capsys.readouterr().out
     assert "full-spectrum: AUROC / FPR95" in printed and "digits_noise" in printed and " FS" not in printed
+
+
+# ----- data=folder ------------------------------------------------------------------------------------------------
+def test_folder_fsood_without_csid_sets_is_refused_before_training(tmp_path: Path) -> None:
+    overrides = ["data=folder", *folder_overrides(tmp_path), "evaluation.fsood=true", "logger=none", "trainer.max_epochs=1"]
+    with pytest.raises(ConfigError, match=r"needs covariate-shifted ID sets, and benchmark id lists none: give them "
+                                          r"as '\+data.ood.csid=\{name: folder\}'"):
+        run_config(tmp_path / "run", overrides)
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "results.jsonl").exists()
+    from ood.utils import instantiate
+
+    shifted = shutil.copytree(tmp_path / "folders" / "id" / "test", tmp_path / "shifted")
+    cfg = compose_config(tmp_path / "run", [*overrides, f"+data.ood.csid={{blurred: {shifted}}}"])
+    datamodule = instantiate(cfg.data, seed=0)
+    assert datamodule.csid and [(s.name, s.role) for s in datamodule.eval_splits][-1] == ("blurred", "csid")
+
+
+def test_folder_csid_copy_of_id_test_gives_the_standard_numbers(tmp_path: Path) -> None:
+    import ood
+
+    paths = make_image_folders(tmp_path / "data", train=4, test=3, ood=4)
+    lookalike = make_image_folders(tmp_path / "other", train=0, test=3, seed=1)["id"] / "test"  # ID-like: no clean cut
+    copy = shutil.copytree(paths["id"] / "test", tmp_path / "test_copy")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3))
+    results = ood.evaluate(model, paths["id"], {"near": {"lookalike": lookalike}, "far": paths["far"], "csid": [copy]},
+                           detectors=["msp", "knn"], image_size=32, resize=32, device="cpu", output_dir=tmp_path / "run")
+    modes = rows_by_mode(results.rows)
+    assert len(modes["standard"]) == len(modes["fsood"]) == 4
+    standard = {(r["detector"], r["ood_dataset"]): r for r in modes["standard"]}
+    for row in modes["fsood"]:
+        twin = standard[row["detector"], row["ood_dataset"]]
+        if row["ood_dataset"] == "lookalike":  # a ranking with ID and OOD interleaved, not a clean cut
+            assert 0.4 < twin["auroc"] < 0.6 and twin["auroc"] != 0.5
+        assert row["aupr_in"] > twin["aupr_in"]  # a full-spectrum row of its own: twice the ID images raise precision
+        assert row["auroc"] == pytest.approx(twin["auroc"], abs=1e-12)
+        assert row["fpr95"] == pytest.approx(twin["fpr95"], abs=1e-12)
+        assert row["n_id"] == 2 * twin["n_id"] == 18
+        assert row["csid_acc"] == row["id_acc"] == twin["id_acc"] and row["csid_set_acc"] == {"test_copy": twin["id_acc"]}
+    assert np.array_equal(results.scores["msp"]["test_copy"], results.scores["msp"]["test"])
+    off = ood.evaluate(model, paths["id"], {"far": paths["far"], "csid": [copy]}, detectors=["msp"], image_size=32,
+                       resize=32, device="cpu", output_dir=tmp_path / "off", fsood=False)
+    assert {r["mode"] for r in off.rows} == {"standard"} and "test_copy" not in off.scores["msp"]
+    with pytest.raises(ConfigError, match=r"benchmark id lists none: give them as '\+data.ood.csid="):
+        ood.evaluate(model, paths["id"], [paths["far"]], detectors=["msp"], fsood=True, device="cpu",
+                     output_dir=tmp_path / "none")
+
+
+def test_folder_csid_sets_get_the_test_split_checks(tmp_path: Path) -> None:
+    from ood.data.folder import FolderBenchmark
+
+    paths = make_image_folders(tmp_path / "data", train=2, test=2, ood=2)
+    shifted = shutil.copytree(paths["id"] / "test", tmp_path / "shifted")
+    (shifted / "shifted.txt").write_text("".join(f"c{k}/{i}.png {k}\n" for k in range(3) for i in range(2)))
+    bench = FolderBenchmark(paths["id"], {"far": [paths["far"]], "csid": {"a": shifted, "b": {"imglist": str(shifted / "shifted.txt")}}})
+    test = [(p.relative_to(paths["id"] / "test"), y) for p, y in bench.id_sets["test"].entries]
+    assert bench.csid_names == ("a", "b")  # labelled as the ID test split: by class folder, or the list's indices
+    assert [(p.relative_to(shifted), y) for p, y in bench.csid_sets["a"].entries] == test
+    assert [(p.relative_to(shifted), y) for p, y in bench.csid_sets["b"].entries] == test  # under the list's folder
+    assert [(s.name, len(s.dataset), s.dataset[0][1]) for s in bench.csid_test()] == [("a", 6, 0), ("b", 6, 0)]
+    shutil.copytree(shifted / "c0", shifted / "zebra")
+    with pytest.raises(DataNotFoundError, match=r"shifted has 1 classes absent from the ID train split \(3 classes\): \['zebra'\]"):
+        FolderBenchmark(paths["id"], {"far": [paths["far"]], "csid": [shifted]})
+    (tmp_path / "bad.txt").write_text("c0/0.png 0\nc0/1.png 7\n")
+    with pytest.raises(DataNotFoundError, match=r"bad.txt has 1 labels absent from the ID train split \(classes 0..2\): \[7\]"):
+        FolderBenchmark(paths["id"], {"far": [paths["far"]], "csid": {"bad": {"imglist": str(tmp_path / "bad.txt")}}})
+    with pytest.raises(ConfigError, match=r"OOD and csid set names must be unique .* got \['checkers'\]"):
+        FolderBenchmark(paths["id"], {"far": [paths["far"]], "csid": {"checkers": shifted}})
+    with pytest.raises(ConfigError, match=r"data.ood has unknown keys \['cs_id'\]; valid keys: near, far, val, csid"):
+        FolderBenchmark(paths["id"], {"far": [paths["far"]], "cs_id": [shifted]})

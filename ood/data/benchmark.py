@@ -101,6 +101,9 @@ class Benchmark(ABC):
     outlier_choices: tuple[str, ...] = ("none",)
     #: the config key that selects the outlier set (for messages)
     outliers_key: str = "data.benchmark.outliers"
+    #: how to give this benchmark covariate-shifted ID sets (for the message when full-spectrum evaluation has none)
+    csid_how: str = ("add `csid: {name: set spec}` to its protocol, or use a benchmark that has them (digits, cifar10, "
+                     "imagenet1k, imagenet200)")
     #: decode every split once into memory and augment per batch on the device (`ood.data.memory`)
     in_memory: bool = False
 
@@ -252,8 +255,7 @@ class OODDataModule(LightningDataModule):
         if csid and not benchmark.csid_names:
             raise ConfigError(
                 f"full-spectrum evaluation (evaluation.fsood=true) needs covariate-shifted ID sets, and benchmark "
-                f"{benchmark.name} lists none: add `csid: {{name: set spec}}` to its protocol, or use a benchmark "
-                "that has them (digits, cifar10, imagenet1k, imagenet200)"
+                f"{benchmark.name} lists none: {benchmark.csid_how}"
             )
         self.csid = bool(csid)
         if ood_subset not in OOD_SUBSETS:

@@ -7,9 +7,11 @@ given instead as a source: a folder, a set spec mapping (`{imglist: list.txt, im
 listed paths are relative to `images`, by default the list file's folder) or, in Python, a torch `Dataset` of
 `(image, label)` (PIL images are converted and transformed like files; tensors are used as they are). An ID image
 list's labels are class indices: the train list's must be 0..K-1, each with images (K classes), and every other ID
-list's must be among them. OOD sets: `{near: {name: source}, far: {name: source}, val: source}`, a `{name: source}`
-mapping (all far) or a list of sources (all far, named by their folder); `val` is the validation-OOD set used for
-tuning.
+list's must be among them. OOD sets: `{near: {name: source}, far: {name: source}, val: source, csid: {name:
+source}}`, a `{name: source}` mapping (all far) or a list of sources (all far, named by their folder); `val` is the
+validation-OOD set used for tuning; `csid` are covariate-shifted ID sets (the ID classes under other image
+statistics), labelled and checked as the ID test split is, and scored as ID in full-spectrum evaluation
+(`evaluation.fsood=true`, which refuses to start without them).
 
 Preprocessing (evaluation): RGB (`ood.data.hygiene.to_rgb`), resize the shorter side to `resize`, centre crop
 `image_size`, normalise with `mean`/`std`. Unset values come from the model's timm data config when it has one
@@ -22,7 +24,7 @@ Hygiene (`ood.data.hygiene`): an unreadable image stops the run naming it, or wi
 decoded once up front and unreadable ones are left out, counted and listed in `bad_images.json`; a missing
 `train/`, an empty set, test classes (or list labels) absent from train are one line each. After the cached pass,
 `screen` lists exact duplicates (same decoded pixels) and near duplicates (cosine of penultimate features >
-`overlap_threshold`) between every ID split and every OOD set in `overlap.json`
+`overlap_threshold`) between every ID split and every OOD set (csid sets are ID: not screened) in `overlap.json`
 (one warning line per set); with `drop_overlap` they are removed from the OOD sets before the metrics, and every
 row records `overlap` and `overlap_dropped`. The exact check decodes the files of the ID splits and OOD sets once
 more on rank 0 after the pass (once in total with `bad_images=skip`, which decodes them up front);
@@ -46,7 +48,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 
-from ood.data.benchmark import Benchmark, EvalSplit, OODDataModule, OODSet
+from ood.data.benchmark import Benchmark, CSIDSet, EvalSplit, OODDataModule, OODSet
 from ood.data.cifar import stratified_split
 from ood.data.hygiene import load_image, overlapping_rows, pixel_digest, scan_files, to_rgb
 from ood.data.imglist import read_imglist
@@ -63,6 +65,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BAD_IMAGES = ("error", "skip")
 #: names an OOD set cannot have: the evaluation splits and the near/far groups of the results table
 RESERVED_NAMES = frozenset({"train", "val", "test", "val_ood", "fit", "near", "far"})
+#: the keys of the OOD-set mapping: test OOD groups, validation OOD, covariate-shifted ID
+OOD_KEYS = ("near", "far", "val", "csid")
 INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
                   "nearest": T.InterpolationMode.NEAREST}
 Source = str | Path | Mapping[str, Any] | Dataset
@@ -153,7 +157,8 @@ class FolderBenchmark(Benchmark):
     Args:
         root: ImageFolder-style ID root (`train/`, `test/`, optional `val/`); relative paths are relative to the
             working directory.
-        ood: OOD sets: `{near: {name: source}, far: {name: source}, val: source}`, `{name: source}` or a list.
+        ood: OOD sets: `{near: {name: source}, far: {name: source}, val: source, csid: {name: source}}`,
+            `{name: source}` or a list; `csid` are the covariate-shifted ID sets (class folders or labelled lists).
         train, test, val: ID split sources replacing `root/<split>`.
         outliers: an outlier-exposure source for methods that train on outliers.
         name: the ID dataset name in results (default: the root folder's name).
@@ -248,7 +253,9 @@ class FolderBenchmark(Benchmark):
         for split in ("test", "val"):
             if sources[split] is not None:
                 self.id_sets[split] = self._id_set(split, sources[split], self.classes)
-        self.ood_sets, self.val_ood_set = self._ood_sets(ood)
+        groups = ood_mapping(ood)
+        self.ood_sets, self.val_ood_set = self._ood_sets(groups)
+        self.csid_sets = {n: self._set(n, src, None, self.classes) for n, src in groups["csid"].items()}
         self.outlier_set_ = None if outliers is None else self._set("outliers", outliers, label=-1)
         self.outlier_set = "none" if outliers is None else "configured"
         self.outlier_choices = ("none", "a folder, image list or Dataset")
@@ -264,6 +271,8 @@ class FolderBenchmark(Benchmark):
     # ----- sources ----------------------------------------------------------------------------------------------
     _classes: list[str] | None = None
     outliers_key = "data.outliers"
+    csid_how = ("give them as '+data.ood.csid={name: folder}' (class folders or a labelled image list; Python: "
+                "ood_data={..., 'csid': {name: folder}})")
     #: the train split when its labels are class indices without names (a Dataset without `classes`, an image list):
     #: class folders of other splits cannot be matched to them
     _unnamed_train: str | None = None
@@ -332,16 +341,16 @@ class FolderBenchmark(Benchmark):
                                     f"each with images; no image has {missing}")
         return count
 
-    def _ood_sets(self, ood: Any) -> tuple[list[tuple[str, str, ImageSet]], ImageSet | None]:
-        """(name, group, set) of every test OOD set and the validation-OOD set."""
-        groups = ood_mapping(ood)
-        names = [n for g in ("near", "far") for n in groups[g]]
+    def _ood_sets(self, groups: Mapping[str, Any]) -> tuple[list[tuple[str, str, ImageSet]], ImageSet | None]:
+        """(name, group, set) of every test OOD set and the validation-OOD set, from `ood_mapping`'s groups."""
+        names = [n for g in ("near", "far", "csid") for n in groups[g]]
         taken = sorted(RESERVED_NAMES & set(names)) or sorted({n for n in names if names.count(n) > 1})
         if taken:
             raise ConfigError(
-                f"OOD set names must be unique and not one of {sorted(RESERVED_NAMES)} (split and group names); "
-                f"got {taken}: name the sets in a mapping, e.g. {{far: {{my_name: <folder>}}}}"
+                f"OOD and csid set names must be unique and not one of {sorted(RESERVED_NAMES)} (split and group "
+                f"names); got {taken}: name the sets in a mapping, e.g. {{far: {{my_name: <folder>}}}}"
             )
+        names = [n for g in ("near", "far") for n in groups[g]]
         if not names:
             raise ConfigError("data=folder needs at least one OOD test set (near or far); the OOD sets given hold only "
                               "'val' (validation OOD, for tuning): '+data.ood.far={name: folder}' (Python: "
@@ -350,9 +359,17 @@ class FolderBenchmark(Benchmark):
         val = groups.get("val")
         return sets, None if val is None else self._set("val_ood", val, label=-1)
 
+    def _screened_sets(self) -> list[ImageSet]:
+        """The ID splits and OOD sets: what `screen` compares."""
+        val_ood = [] if self.val_ood_set is None else [self.val_ood_set]
+        return [*self.id_sets.values(), *(s for _, _, s in self.ood_sets), *val_ood]
+
+    def _unscreened_sets(self) -> list[ImageSet]:
+        """The csid sets (ID) and the outliers (training only)."""
+        return [*self.csid_sets.values(), *([] if self.outlier_set_ is None else [self.outlier_set_])]
+
     def _all_sets(self) -> list[ImageSet]:
-        extra = [s for s in (self.val_ood_set, self.outlier_set_) if s is not None]
-        return [*self.id_sets.values(), *(s for _, _, s in self.ood_sets), *extra]
+        return [*self._screened_sets(), *self._unscreened_sets()]
 
     @staticmethod
     def _size(image_set: ImageSet) -> int:
@@ -366,12 +383,12 @@ class FolderBenchmark(Benchmark):
     @cached_property
     def digests(self) -> dict[Path, str | None]:
         """Pixel digest of every file of the ID splits and OOD sets (None: unreadable), decoded once."""
-        screened = [s for s in self._all_sets() if s is not self.outlier_set_ and s.entries is not None]
+        screened = [s for s in self._screened_sets() if s.entries is not None]
         return scan_files([p for s in screened for p, _ in s.entries], self.scan_workers)  # type: ignore[union-attr]
 
     def _skip_unreadable(self) -> None:
-        outliers = [] if self.outlier_set_ is None or self.outlier_set_.entries is None else self.outlier_set_.entries
-        scanned = {**self.digests, **scan_files([p for p, _ in outliers], self.scan_workers)}
+        others = [p for s in self._unscreened_sets() for p, _ in s.entries or []]
+        scanned = {**self.digests, **scan_files(others, self.scan_workers)}
         bad = {p for p, d in scanned.items() if d is None}
         self.skipped = sorted(str(p) for p in bad)
         if not bad:
@@ -381,6 +398,7 @@ class FolderBenchmark(Benchmark):
         self.id_sets = {k: replace(s) for k, s in self.id_sets.items()}
         self.ood_sets = [(n, g, replace(s)) for n, g, s in self.ood_sets]
         self.val_ood_set = None if self.val_ood_set is None else replace(self.val_ood_set)
+        self.csid_sets = {n: replace(s) for n, s in self.csid_sets.items()}
         self.outlier_set_ = None if self.outlier_set_ is None else replace(self.outlier_set_)
 
     # ----- preprocessing -----------------------------------------------------------------------------------------
@@ -449,6 +467,13 @@ class FolderBenchmark(Benchmark):
 
     def ood_val(self) -> Dataset | None:
         return None if self.val_ood_set is None else self._dataset(self.val_ood_set, self.eval_transform(), -1)
+
+    @property
+    def csid_names(self) -> tuple[str, ...]:
+        return tuple(self.csid_sets)
+
+    def csid_test(self) -> list[CSIDSet]:
+        return [CSIDSet(n, self._dataset(s, self.eval_transform())) for n, s in self.csid_sets.items()]
 
     def outliers(self) -> Dataset | None:
         return None if self.outlier_set_ is None else self._dataset(self.outlier_set_, self.train_transform(), -1)
@@ -530,8 +555,9 @@ class FolderBenchmark(Benchmark):
 
 
 def ood_mapping(ood: Any) -> dict[str, Any]:
-    """`{near: {name: source}, far: {name: source}, val: source | None}` from any accepted form of the OOD sets: that
-    mapping, a `{name: source}` mapping (all far), a list of sources (all far, named by folder) or one source."""
+    """`{near: {name: source}, far: {name: source}, val: source | None, csid: {name: source}}` from any accepted form
+    of the OOD sets: that mapping (each group a source, a list or a mapping), a `{name: source}` mapping (all far), a
+    list of sources (all far, named by folder) or one source."""
     if ood is None or (isinstance(ood, Mapping) and not ood):
         raise ConfigError("data=folder needs OOD sets: '+data.ood.far={name: folder}' (Python: ood_data=...)")
 
@@ -562,13 +588,14 @@ def ood_mapping(ood: Any) -> dict[str, Any]:
         ood = [ood]
 
     if not isinstance(ood, Mapping):
-        return {"near": {}, "far": named(ood), "val": None}
-    if not set(ood) & {"near", "far", "val"}:
-        return {"near": {}, "far": dict(ood), "val": None}
-    unknown = set(ood) - {"near", "far", "val"}
+        return {"near": {}, "far": named(ood), "val": None, "csid": {}}
+    if not set(ood) & set(OOD_KEYS):
+        return {"near": {}, "far": dict(ood), "val": None, "csid": {}}
+    unknown = set(ood) - set(OOD_KEYS)
     if unknown:
-        raise ConfigError(f"data.ood has unknown keys {sorted(unknown)}; valid keys: near, far, val")
-    return {"near": named(ood.get("near")), "far": named(ood.get("far")), "val": ood.get("val")}
+        raise ConfigError(f"data.ood has unknown keys {sorted(unknown)}; valid keys: {', '.join(OOD_KEYS)}")
+    return {"near": named(ood.get("near")), "far": named(ood.get("far")), "val": ood.get("val"),
+            "csid": named(ood.get("csid"))}
 
 
 def resolve_preprocessing(
@@ -643,11 +670,17 @@ def folder_datamodule(
     seed: int = 0,
     fit_fraction: float = 1.0,
     fit_seed: int = 0,
+    csid: bool = False,
     **benchmark: Any,
 ) -> OODDataModule:
-    """`conf/data/folder.yaml`: a `FolderBenchmark(root, ood, **benchmark)` in the benchmark DataModule."""
+    """`conf/data/folder.yaml`: a `FolderBenchmark(root, ood, **benchmark)` in the benchmark DataModule; `csid`
+    serves its covariate-shifted ID sets in the evaluation pass (set from `evaluation.fsood`)."""
+    folders = FolderBenchmark(root, ood, **benchmark)
+    if folders.csid_names and not csid:
+        log.warning("data.ood.csid lists %s, which are not scored: full-spectrum evaluation is off "
+                    "(evaluation.fsood=false)", list(folders.csid_names))
     return OODDataModule(
-        FolderBenchmark(root, ood, **benchmark),
+        folders,
         batch_size=batch_size,
         eval_batch_size=eval_batch_size,
         outlier_batch_size=outlier_batch_size,
@@ -656,4 +689,5 @@ def folder_datamodule(
         seed=seed,
         fit_fraction=fit_fraction,
         fit_seed=fit_seed,
+        csid=csid,
     )
