@@ -64,23 +64,28 @@ class Results:
     @property
     def table(self) -> Any:
         """`pandas.DataFrame` indexed by (detector, set): every OOD set, then the `near` and `far` means (OpenOOD's
-        unweighted means); columns auroc, fpr95, fpr95_oodpos, aupr_in, aupr_out (fractions) and id_acc."""
+        unweighted means); columns auroc, fpr95, fpr95_oodpos, aupr_in, aupr_out (fractions) and id_acc. With
+        full-spectrum rows the index is (mode, detector, set), each mode with its own means, and a `csid_acc` column
+        (ID test and every csid set pooled) follows, empty on standard rows."""
         import pandas as pd
 
-        from ood.evaluation.scoring import group_means
+        from ood.evaluation.scoring import group_means, rows_by_mode
 
-        means = group_means(self.rows)
+        modes = rows_by_mode(self.rows)
+        full = "fsood" in modes
         records, index = [], []
-        for detector in dict.fromkeys(r["detector"] for r in self.rows):
-            mine = [r for r in self.rows if r["detector"] == detector]
-            for row in mine:
-                index.append((detector, row["ood_dataset"]))
-                records.append({**{m: row[m] for m in METRIC_COLUMNS}, "id_acc": row["id_acc"]})
-            for group in ("near", "far"):
-                if (detector, group) in means:
-                    index.append((detector, group))
-                    records.append({**{m: means[detector, group][m] for m in METRIC_COLUMNS}, "id_acc": mine[0]["id_acc"]})
-        return pd.DataFrame(records, index=pd.MultiIndex.from_tuples(index, names=["detector", "set"]))
+        for mode, rows in modes.items():
+            means = group_means(rows)
+            for detector in dict.fromkeys(r["detector"] for r in rows):
+                mine = [r for r in rows if r["detector"] == detector]
+                lines = [(r["ood_dataset"], r) for r in mine]
+                lines += [(g, means[detector, g]) for g in ("near", "far") if (detector, g) in means]
+                accuracy = {"id_acc": mine[0]["id_acc"]} | ({"csid_acc": mine[0].get("csid_acc")} if full else {})
+                for name, values in lines:
+                    index.append((mode, detector, name) if full else (detector, name))
+                    records.append({**{m: values[m] for m in METRIC_COLUMNS}, **accuracy})
+        names = ["mode", "detector", "set"] if full else ["detector", "set"]
+        return pd.DataFrame(records, index=pd.MultiIndex.from_tuples(index, names=names))
 
     def save(self, directory: str | Path) -> Path:
         """Copy the run folder (results.jsonl, scores.npz, figures/, overlap.json, ...) to `directory`."""

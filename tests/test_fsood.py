@@ -281,9 +281,20 @@ def test_folder_csid_copy_of_id_test_gives_the_standard_numbers(tmp_path: Path) 
         assert row["n_id"] == 2 * twin["n_id"] == 18
         assert row["csid_acc"] == row["id_acc"] == twin["id_acc"] and row["csid_set_acc"] == {"test_copy": twin["id_acc"]}
     assert np.array_equal(results.scores["msp"]["test_copy"], results.scores["msp"]["test"])
+    table = results.table  # the modes apart, each with its own near/far means
+    assert table.index.names == ["mode", "detector", "set"]
+    assert [s for m, d, s in table.index if (m, d) == ("fsood", "msp")] == ["lookalike", "checkers", "near", "far"]
+    for row in results.rows:
+        group = "near" if row["ood_dataset"] == "lookalike" else "far"
+        for name in (row["ood_dataset"], group):
+            assert table.loc[(row["mode"], row["detector"], name), "aupr_in"] == pytest.approx(row["aupr_in"], abs=1e-12)
+        assert table.loc[(row["mode"], row["detector"], group), "csid_acc"] == pytest.approx(row.get("csid_acc", np.nan),
+                                                                                          nan_ok=True)
     off = ood.evaluate(model, paths["id"], {"far": paths["far"], "csid": [copy]}, detectors=["msp"], image_size=32,
                        resize=32, device="cpu", output_dir=tmp_path / "off", fsood=False)
     assert {r["mode"] for r in off.rows} == {"standard"} and "test_copy" not in off.scores["msp"]
+    assert off.table.index.names == ["detector", "set"] and "csid_acc" not in off.table.columns  # as before modes
+    assert list(off.table.index) == [("msp", "checkers"), ("msp", "far")]
     with pytest.raises(ConfigError, match=r"benchmark id lists none: give them as '\+data.ood.csid="):
         ood.evaluate(model, paths["id"], [paths["far"]], detectors=["msp"], fsood=True, device="cpu",
                      output_dir=tmp_path / "none")
