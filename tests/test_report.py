@@ -106,3 +106,20 @@ def test_fixed_detector_values_stay_columns(tmp_path: Path) -> None:
         _write(tmp_path / str(i), [row])
     config_cols, _, table = aggregate(load_rows([tmp_path]))
     assert "detector.k" in config_cols and len(table) == 2
+
+
+def test_modes_are_never_averaged_also_with_by(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Standard and full-spectrum rows of the same runs stay apart: `mode` is a fixed grouping key, `--by` or not."""
+    for seed in (0, 1):
+        rows = [_row(seed, "s", "near", 0.9 - seed / 10), {**_row(seed, "s", "near", 0.6 - seed / 10), "mode": "fsood"}]
+        _write(tmp_path / str(seed), rows)
+    for by in (None, ["method.distance"]):
+        config_cols, _, table = aggregate(load_rows([tmp_path]), by=by)
+        assert config_cols[:5] == ["method", "detector", "backbone", "id_dataset", "mode"]
+        assert {e["mode"]: (e["seeds"], e["s/auroc"][:2]) for e in table} == {
+            "standard": (2, pytest.approx((0.85, statistics.stdev([0.9, 0.8])))),
+            "fsood": (2, pytest.approx((0.55, statistics.stdev([0.6, 0.5]))))}
+    assert "averages runs that differ" not in capsys.readouterr().err
+    _write(tmp_path / "fsood_only", [{**_row(0, "s", "near", 0.5), "mode": "fsood"}])
+    config_cols, _, table = aggregate(load_rows([tmp_path / "fsood_only"]))
+    assert config_cols[-1] == "mode" and [e["mode"] for e in table] == ["fsood"]

@@ -1,6 +1,8 @@
 """The comparison table's numbers: rows grouped by configuration (never averaging different ones), mean ± std over
 seeds per OOD set, and near/far means taken per run first (unweighted over the group's sets, as OpenOOD), then
-averaged over seeds. The configuration keys that differ between runs become columns."""
+averaged over seeds. The configuration keys that differ between runs become columns. The evaluation mode (`standard`,
+`fsood`) is a fixed grouping key like the method and detector, never averaged over (a `mode` column whenever a row is
+full-spectrum), also with `--by`."""
 
 from __future__ import annotations
 
@@ -87,10 +89,12 @@ def aggregate(
 
     Runs are grouped by their whole configuration without the seed, so different configurations are never
     averaged; the columns are the keys that differ. `by` names the grouping keys instead (besides method,
-    detector, backbone, ID dataset); keys that then still differ inside a group are warned about.
+    detector, backbone, ID dataset and, with full-spectrum rows, the mode); keys that then still differ inside a
+    group are warned about.
     """
+    fixed = [*BASE_KEYS, *(["mode"] if any(r.get("mode", "standard") != "standard" for r in rows) else [])]
     params = list(by) if by is not None else _drop_aliases(rows, varying_params(rows))
-    config_cols = [*BASE_KEYS, *(p for p in params if p not in BASE_KEYS)]
+    config_cols = [*fixed, *(p for p in params if p not in fixed)]
     sets: dict[str, str] = {}
     for row in rows:
         sets.setdefault(row["ood_dataset"], row["ood_group"])

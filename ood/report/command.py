@@ -23,7 +23,8 @@ def parser() -> argparse.ArgumentParser:
     out.add_argument("--out", type=Path, default=None, help="folder for report.md/.csv/.tex and figures/ (default: first path)")
     out.add_argument(
         "--by", default=None,
-        help="comma-separated config keys to group by (besides method, detector, backbone, id_dataset), e.g. "
+        help="comma-separated config keys to group by (besides method, detector, backbone, id_dataset and the "
+        "evaluation mode, which are never averaged over), e.g. "
         "method.optimizer.lr,trainer.max_epochs (default: every key that differs)",
     )
     out.add_argument("--detectors", default=None, help="comma-separated detectors to draw ROC curves and histograms of")
