@@ -5,6 +5,9 @@
 - `histogram_figure`: score histograms, one panel per OOD set, ID test vs that set on bin edges shared by all
   panels, so panels are comparable; in a full-spectrum run, one more panel per covariate-shifted ID (csid) set, ID
   test vs that set, on the same bins (how far each detector pushes the shifted ID images towards OOD).
+- full-spectrum rows (`mode: fsood`) get their own curves: ID = the ID test scores followed by every csid set's, in
+  order, as `ood.evaluation.scoring` pools them (`mode_scores`); `roc_fsood.png` and `hist_fsood_<scorer>.png` in a
+  run folder, whose OOD panels show that pooled ID (the csid panels stay ID test vs each set).
 - `auroc_bars`: near and far mean AUROC per scorer, with the std over seeds as error bars.
 - `save_run_figures`: the ROC and histogram figures of one run into `<run>/figures/`.
 - `roc_points` / `wandb_roc`: the same ROC vertices, thinned, as a wandb table and line plot.
@@ -34,8 +37,10 @@ from ood.metrics import roc_curve  # noqa: E402
 if TYPE_CHECKING:
     import torch
 
-#: ID scores of one scorer per split name (`test` is ID test; the others are OOD sets)
+#: ID scores of one scorer per split name (`test` is ID test; the others are OOD and csid sets)
 SplitScores = Mapping[str, Any]
+#: the ID of the OOD panels per evaluation mode (`ood.evaluation.scoring.MODES`): legend label and colour
+ID_LOOK = {"standard": ("ID test", "tab:blue"), "fsood": ("ID: test + csid sets", "tab:purple")}
 FPR_LABEL = "FPR: OOD accepted as ID"
 TPR_LABEL = "TPR: ID accepted"
 ID_SPLIT = "test"
@@ -52,6 +57,21 @@ def roc_points(id_scores: Any, ood_scores: Any, max_points: int = MAX_CURVE_POIN
     curve = roc_curve(_numpy(id_scores), _numpy(ood_scores))
     keep = np.unique(np.linspace(0, len(curve.fpr) - 1, min(max_points, len(curve.fpr))).round().astype(int))
     return curve.fpr[keep], curve.tpr[keep]
+
+
+def mode_scores(per_split: SplitScores, mode: str, csid_sets: Sequence[str]) -> SplitScores | None:
+    """`per_split` with the ID (`test`) a mode measures: the ID test scores (`standard`), or those followed by every
+    csid set's in order (`fsood`, as `ood.evaluation.scoring.evaluate`); None when a csid set was not scored."""
+    if mode == "standard":
+        return per_split
+    if not csid_sets or any(s not in per_split for s in (ID_SPLIT, *csid_sets)):
+        return None
+    return {**per_split, ID_SPLIT: np.concatenate([_numpy(per_split[s]) for s in (ID_SPLIT, *csid_sets)])}
+
+
+def csid_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The csid sets of full-spectrum rows, in the order their scores were pooled."""
+    return list(dict.fromkeys(name for r in rows for name in r.get("csid_set_acc") or {}))
 
 
 def _grid(n: int, width: float = 3.6, height: float = 3.3) -> tuple[plt.Figure, np.ndarray]:
@@ -91,19 +111,25 @@ def roc_figure(curves: Mapping[str, Mapping[str, SplitScores]], ood_sets: Sequen
 
 
 def histogram_figure(
-    per_split: SplitScores, ood_sets: Sequence[str], path: str | Path, title: str, csid_sets: Sequence[str] = ()
+    per_split: SplitScores, ood_sets: Sequence[str], path: str | Path, title: str, csid_sets: Sequence[str] = (),
+    mode: str = "standard",
 ) -> Path:
-    """Histograms of one scorer: a panel per OOD set it was scored on, ID test vs that set, then a panel per csid set
+    """Histograms of one scorer: a panel per OOD set it was scored on, ID vs that set, then a panel per csid set
     (ID test vs that covariate-shifted ID set), all on shared bin edges (a report over several ID datasets passes the
-    union of their OOD sets)."""
+    union of their OOD sets). ID is the ID test (`standard`) or, in the OOD panels of `fsood`, the ID test followed
+    by every csid set (`mode_scores`; every csid set must have been scored)."""
+    pooled = mode_scores(per_split, mode, csid_sets)
+    assert pooled is not None, "fsood histograms need the scores of every csid set"
     ood_sets = [s for s in ood_sets if s in per_split]
     csid_sets = [s for s in csid_sets if s in per_split]
     values = {k: _numpy(v) for k, v in per_split.items() if k == ID_SPLIT or k in ood_sets or k in csid_sets}
     edges = np.histogram_bin_edges(np.concatenate(list(values.values())), bins=BINS)
-    panels = [(s, "OOD set", "tab:red") for s in ood_sets] + [(s, "csid set (ID, shifted)", "tab:green") for s in csid_sets]
+    test_look = ID_LOOK["standard"]
+    panels = [(s, "OOD set", "tab:red", _numpy(pooled[ID_SPLIT]), ID_LOOK[mode]) for s in ood_sets]
+    panels += [(s, "csid set (ID, shifted)", "tab:green", values[ID_SPLIT], test_look) for s in csid_sets]
     fig, axes = _grid(len(panels))
-    for ax, (name, label, color) in zip(axes, panels):
-        ax.hist(values[ID_SPLIT], bins=edges, density=True, alpha=0.55, label="ID test", color="tab:blue")
+    for ax, (name, label, color, ident, (id_label, id_color)) in zip(axes, panels):
+        ax.hist(ident, bins=edges, density=True, alpha=0.55, label=id_label, color=id_color)
         ax.hist(values[name], bins=edges, density=True, alpha=0.55, label=label, color=color)
         ax.set(xlabel="ID score (higher = more ID)", ylabel="density", title=name if label == "OOD set" else f"{name} (csid)")
     fig.suptitle(title, fontsize=11)
@@ -155,24 +181,32 @@ def choose_scorers(rows: Sequence[Mapping[str, Any]], k: int = 4) -> list[str]:
 def clear_curves(figures: Path) -> Path:
     """`figures` without the ROC and histogram PNGs an earlier run into the same folder left there (another
     detector selection would leave them beside the new ones as if they were this run's)."""
-    for stale in [figures / "roc.png", *figures.glob("hist_*.png")]:
+    for stale in [*figures.glob("roc*.png"), *figures.glob("hist_*.png")]:
         stale.unlink(missing_ok=True)
     return figures
 
 
 def save_run_figures(output_dir: str | Path, scores: Mapping[str, SplitScores], rows: Sequence[Mapping[str, Any]]) -> list[Path]:
-    """`figures/roc.png` and `figures/hist_<scorer>.png` of one run, for `choose_scorers(rows)`."""
+    """For `choose_scorers(rows)`: `figures/roc.png` and `figures/hist_<scorer>.png` of the standard rows, and
+    `figures/roc_fsood.png` and `figures/hist_fsood_<scorer>.png` of the full-spectrum rows (`mode_scores`)."""
     if not rows:
         return []
     figures = clear_curves(Path(output_dir) / "figures")
     ood_sets = list(dict.fromkeys(str(r["ood_dataset"]) for r in rows))
-    csid_sets = list(dict.fromkeys(name for r in rows for name in r.get("csid_set_acc") or {}))
-    standard = [r for r in rows if r.get("mode", "standard") == "standard"] or list(rows)
-    names = [n for n in choose_scorers(standard) if n in scores]
+    csid_sets = csid_names(rows)
+    modes = list(dict.fromkeys(str(r.get("mode", "standard")) for r in rows))  # standard first, as written
+    names = [n for n in choose_scorers([r for r in rows if r.get("mode", "standard") == modes[0]]) if n in scores]
     where = f"{rows[0]['method']} on {rows[0]['id_dataset']} (seed {rows[0].get('seed')})"
-    paths = [roc_figure({n: scores[n] for n in names}, ood_sets, figures / "roc.png", f"ROC, {where}")]
-    for name in names:
-        paths.append(histogram_figure(scores[name], ood_sets, figures / f"hist_{name}.png", f"{name} scores, {where}", csid_sets))
+    paths = []
+    for mode in modes:
+        suffix, what = ("", "") if mode == "standard" else ("_fsood", "full-spectrum (ID = test + csid sets) ")
+        curves = {n: c for n in names if (c := mode_scores(scores[n], mode, csid_sets)) is not None}
+        if not curves:  # a csid set's scores are missing: nothing true to draw
+            continue
+        paths.append(roc_figure(curves, ood_sets, figures / f"roc{suffix}.png", f"{what}ROC, {where}"))
+        for name in curves:
+            paths.append(histogram_figure(scores[name], ood_sets, figures / f"hist{suffix}_{name}.png",
+                                          f"{name} {what}scores, {where}", csid_sets, mode))
     return paths
 
 

@@ -322,3 +322,85 @@ def test_folder_csid_sets_get_the_test_split_checks(tmp_path: Path) -> None:
         FolderBenchmark(paths["id"], {"far": [paths["far"]], "csid": {"checkers": shifted}})
     with pytest.raises(ConfigError, match=r"data.ood has unknown keys \['cs_id'\]; valid keys: near, far, val, csid"):
         FolderBenchmark(paths["id"], {"far": [paths["far"]], "cs_id": [shifted]})
+
+
+# ----- figures ----------------------------------------------------------------------------------------------------
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict]:
+    """Every figure `ood.plots` saves: its ROC lines ({panel: {label: (x, y)}}) and histogram bars ({panel: {label:
+    heights}}), by file name (the PNGs are written as well)."""
+    from matplotlib.container import BarContainer
+
+    from ood import plots
+
+    out: dict[str, dict] = {}
+    save = plots._save
+
+    def record(fig, path):  # noqa: ANN001, ANN202 - wraps the private saver to inspect the figure
+        panels = {}
+        for ax in fig.axes:
+            if ax.get_visible():
+                lines = {ln.get_label(): (ln.get_xdata(), ln.get_ydata()) for ln in ax.lines}
+                bars = {c[0].get_label(): np.array([p.get_height() for p in c])  # ax.hist's label is its first bar's
+                        for c in ax.containers if isinstance(c, BarContainer)}
+                panels[ax.get_title()] = {"lines": lines, "bars": bars}
+        out[Path(path).name] = {"title": fig._suptitle.get_text() if fig._suptitle else "", "panels": panels}
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", record)
+    return out
+
+
+def test_run_figures_draw_each_mode_with_its_own_id(fabricated: dict, drawn: dict, tmp_path: Path) -> None:
+    """roc.png: ID test vs each OOD set; roc_fsood.png: ID test followed by every csid set (what the fsood rows
+    measure); a full-spectrum-only run draws no standard curves, and leaves none of an earlier run's."""
+    from ood import plots
+
+    scores = {d: {s: v.numpy() for s, v in per.items()} for d, per in fabricated["scores"].items()}
+    rows = [{**r, "id_dataset": "toy", "seed": 0} for r in fabricated["rows"]]
+    paths = plots.save_run_figures(tmp_path, scores, rows)
+    assert [p.name for p in paths] == ["roc.png", "hist_msp.png", "hist_energy.png",
+                                       "roc_fsood.png", "hist_fsood_msp.png", "hist_fsood_energy.png"]
+    pooled = np.concatenate([scores["msp"][s] for s in ("test", "blur", "noise")])
+    for name, ident in (("roc.png", scores["msp"]["test"]), ("roc_fsood.png", pooled)):
+        fpr, tpr = drawn[name]["panels"]["near_a"]["lines"]["msp"]
+        expected = plots.roc_points(ident, scores["msp"]["near_a"])
+        assert np.array_equal(fpr, expected[0]) and np.array_equal(tpr, expected[1])
+    assert drawn["roc_fsood.png"]["title"].startswith("full-spectrum (ID = test + csid sets) ROC")
+    everything = np.concatenate([scores["msp"][s] for s in SIZES])
+    edges = np.histogram_bin_edges(everything, bins=plots.BINS)
+    density = lambda v: np.histogram(v, bins=edges, density=True)[0]  # noqa: E731
+    fs_hist, hist = drawn["hist_fsood_msp.png"]["panels"], drawn["hist_msp.png"]["panels"]
+    assert np.allclose(fs_hist["far_a"]["bars"]["ID: test + csid sets"], density(pooled))
+    assert np.allclose(hist["far_a"]["bars"]["ID test"], density(scores["msp"]["test"]))
+    assert np.allclose(fs_hist["blur (csid)"]["bars"]["ID test"], density(scores["msp"]["test"]))  # csid panels as before
+
+    drawn.clear()
+    paths = plots.save_run_figures(tmp_path, scores, [r for r in rows if r["mode"] == "fsood"])
+    assert [p.name for p in paths] == ["roc_fsood.png", "hist_fsood_msp.png", "hist_fsood_energy.png"]
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(p.name for p in paths)
+
+
+def test_report_figures_draw_fsood_entries_with_their_own_id(fabricated: dict, drawn: dict, tmp_path: Path) -> None:
+    from ood import plots
+    from ood.report.aggregation import aggregate
+    from ood.report.figures import write_figures
+    from ood.report.reading import load_rows
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{**r, "id_dataset": "toy", "backbone": "small_cnn", "seed": 0} for r in fabricated["rows"]]
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores = {d: {s: v.numpy() for s, v in per.items()} for d, per in fabricated["scores"].items()}
+    np.savez(run / "scores.npz", **{f"{d}/{s}": v for d, per in scores.items() for s, v in per.items()})
+    loaded = load_rows([run])
+    config_cols, _, table = aggregate(loaded)
+    write_figures(tmp_path, config_cols, table, loaded, ["msp"])
+    lines = drawn["roc.png"]["panels"]["far_b"]["lines"]
+    assert {k for k in lines if not k.startswith("_")} == {"msp mode=standard", "msp mode=fsood", "chance"}
+    pooled = np.concatenate([scores["msp"][s] for s in ("test", "blur", "noise")])
+    for label, ident in (("msp mode=standard", scores["msp"]["test"]), ("msp mode=fsood", pooled)):
+        assert np.array_equal(np.stack(lines[label]), np.stack(plots.roc_points(ident, scores["msp"]["far_b"])))
+    hists = {d["title"]: d["panels"]["far_b"]["bars"] for n, d in drawn.items() if n.startswith("hist_")}
+    assert set(hists["msp mode=fsood full-spectrum scores (first seed)"]) == {"ID: test + csid sets", "OOD set"}
+    assert set(hists["msp mode=standard scores (first seed)"]) == {"ID test", "OOD set"}

@@ -1,5 +1,7 @@
 """The report's figures (`figures/` next to the tables): near/far AUROC bars of every table entry, and for the chosen
-detectors ROC curves per OOD set and score histograms, drawn by `ood.plots` from the first run of each group."""
+detectors ROC curves per OOD set and score histograms, drawn by `ood.plots` from the first run of each group; a
+full-spectrum entry (`mode=fsood`) draws its curves with ID = the ID test followed by its run's csid sets
+(`ood.plots.mode_scores`)."""
 
 from __future__ import annotations
 
@@ -38,21 +40,29 @@ def write_figures(
     paths = [plots.auroc_bars(bars, figures / "auroc_bars.png", "near / far AUROC per configuration")]
     chosen = list(detectors) if detectors else plots.choose_scorers(rows)
     ood_sets = list(dict.fromkeys(str(r["ood_dataset"]) for r in rows))
-    csid_sets = list(dict.fromkeys(name for r in rows for name in r.get("csid_set_acc") or {}))  # full-spectrum runs
-    curves: dict[str, dict[str, np.ndarray]] = {}
+    curves: dict[str, plots.SplitScores] = {}  # label -> scores, ID as the entry's mode measures it
+    scored: dict[str, tuple[str, list[str], dict[str, np.ndarray]]] = {}  # label -> mode, csid sets, scores
     for entry in table:
         if entry["detector"] not in chosen:
             continue
-        scores_file = next((Path(r) / "scores.npz" for r in entry["_runs"] if (Path(r) / "scores.npz").is_file()), None)
-        if scores_file is None:
+        run = next((Path(r) for r in entry["_runs"] if (Path(r) / "scores.npz").is_file()), None)
+        if run is None:
             continue
-        with np.load(scores_file) as npz:
+        mode = entry.get("mode", "standard")  # a column whenever a row is full-spectrum
+        csid_sets = plots.csid_names([r for r in rows if r["_run"] == str(run)])
+        with np.load(run / "scores.npz") as npz:
             prefix = f"{entry['detector']}/"
-            curves[_label(entry, varying, single)] = {k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix)}
+            per_split = {k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix)}
+        viewed = plots.mode_scores(per_split, mode, csid_sets)
+        if viewed is not None:
+            label = _label(entry, varying, single)
+            curves[label], scored[label] = viewed, (mode, csid_sets, per_split)
     if curves:
-        paths.append(plots.roc_figure(curves, ood_sets, figures / "roc.png", "ROC (first seed of each configuration)"))
-        for i, (label, per_split) in enumerate(curves.items()):
+        full = " (fsood: ID = ID test + csid sets)" if any(mode == "fsood" for mode, _, _ in scored.values()) else ""
+        paths.append(plots.roc_figure(curves, ood_sets, figures / "roc.png", f"ROC (first seed of each configuration){full}"))
+        for i, (label, (mode, csid_sets, per_split)) in enumerate(scored.items()):
             name = label if single else f"{i:02d}_{label.split()[0]}"
-            paths.append(plots.histogram_figure(per_split, ood_sets, figures / f"hist_{name}.png", f"{label} scores (first seed)",
-                                                csid_sets))
+            what = " full-spectrum" if mode == "fsood" else ""
+            paths.append(plots.histogram_figure(per_split, ood_sets, figures / f"hist_{name}.png",
+                                                f"{label}{what} scores (first seed)", csid_sets, mode))
     return paths
