@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 import ood
-from ood.data.folder import FolderBenchmark, ood_mapping
+from ood.data.folder import FolderBenchmark, ood_mapping, resolve_preprocessing
 from ood.data.hygiene import BadImageError, load_image, to_rgb
 from ood.data.sets import folder_entries
 from ood.errors import ConfigError, DataNotFoundError
@@ -84,6 +85,17 @@ def test_hidden_files_and_folders_are_neither_classes_nor_images(folders: dict[s
     assert after.classes == before.classes == ["c0", "c1", "c2"]
     assert [(p.name, y) for p, y in after.id_sets["train"].entries] == [(p.name, y) for p, y in before.id_sets["train"].entries]
     assert folder_entries(root / "train") == folder_entries(folders["id"] / "train")
+
+
+def test_preprocessing_values_are_checked() -> None:
+    """A size or normalisation the transform cannot use is one line (image_size=abc failed in torchvision's Resize
+    after the model was built; 0 silently became 224)."""
+    for key, value, rule in [("image_size", "abc", "a whole number of pixels >= 1"), ("image_size", 0, ">= 1"),
+                             ("resize", 2.5, ">= 1"), ("std", [0.2, 0.0, 0.2], "1 or 3 numbers > 0"),
+                             ("mean", [0.5, 0.5], "1 or 3 numbers")]:
+        with pytest.raises(ConfigError, match=rf"^data.{key}={re.escape(repr(value))}: must be .*{re.escape(rule)}"):
+            resolve_preprocessing(**{key: value})
+    assert resolve_preprocessing(image_size=np.int64(32), mean=[0.5], std=(np.float32(0.25),) * 3)["resize"] == 36
 
 
 def test_folder_mistakes_are_one_line(folders: dict[str, Path], tmp_path: Path) -> None:

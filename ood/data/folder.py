@@ -39,6 +39,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, Literal
 
@@ -611,6 +612,13 @@ def resolve_preprocessing(
     """The preprocessing used and where it came from (module docstring; recorded in `preprocessing.json`)."""
     if transform is not None:
         return {"source": "transform object", "transform": repr(transform)}
+    for key, value in (("image_size", image_size), ("resize", resize)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < 1):
+            raise ConfigError(f"data.{key}={value!r}: must be a whole number of pixels >= 1 (or null for the default)")
+    for key, values in (("mean", mean), ("std", std)):
+        if values is not None and (isinstance(values, str) or not all(isinstance(v, Real) for v in values)
+                                   or len(values) not in (1, 3) or (key == "std" and min(values) <= 0)):
+            raise ConfigError(f"data.{key}={values!r}: must be 1 or 3 numbers{' > 0' if key == 'std' else ''} (one per channel)")
     model = dict(model or {})
     source = "defaults (ImageNet)"
     if data_config is None and model.get("library") == "timm" and model.get("name"):
