@@ -147,7 +147,8 @@ def test_datamodule_serves_csid_only_when_asked() -> None:
     full = OODDataModule(DigitsBenchmark(csid={"blur": 1.0, "shift": 1}), eval_batch_size=1000, csid=True)
     assert names(full)[-2:] == [("digits_blur", "csid"), ("digits_shift", "csid")]
     assert names(full)[:-2] == names(plain)
-    with pytest.raises(ConfigError, match="benchmark digits lists none: add `csid: \\{name: set spec\\}`"):
+    with pytest.raises(ConfigError, match=r"benchmark digits lists none: set data.benchmark.csid=\{corruption: severity\} with "
+                                          r"corruptions among \['noise', 'blur', 'shift'\]$"):
         OODDataModule(DigitsBenchmark(csid={}), csid=True)
     with pytest.raises(ConfigError, match="unknown digits csid corruptions \\['fog'\\]; choices"):
         DigitsBenchmark(csid={"fog": 1.0})

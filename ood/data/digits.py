@@ -98,6 +98,7 @@ class DigitsBenchmark(Benchmark):
     name = "digits"
     in_channels = 1
     outlier_choices = ("china_patches", "none")
+    csid_how = f"set data.benchmark.csid={{corruption: severity}} with corruptions among {list(CORRUPTIONS)}"
 
     def __init__(
         self,
