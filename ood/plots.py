@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 SplitScores = Mapping[str, Any]
 #: the ID of the OOD panels per evaluation mode (`ood.evaluation.scoring.MODES`): legend label and colour
 ID_LOOK = {"standard": ("ID test", "tab:blue"), "fsood": ("ID: test + csid sets", "tab:purple")}
+#: line styles of the 1st, 2nd, ... ten ROC curves of a figure (tab10 colours repeat every ten)
+LINE_STYLES = ("-", "--", "-.", ":")
 FPR_LABEL = "FPR: OOD accepted as ID"
 TPR_LABEL = "TPR: ID accepted"
 ID_SPLIT = "test"
@@ -98,10 +100,11 @@ def roc_figure(curves: Mapping[str, Mapping[str, SplitScores]], ood_sets: Sequen
     """ROC curves: a panel per OOD set, a line per label (`curves[label][split]` = ID scores of that split)."""
     fig, axes = _grid(len(ood_sets))
     for ax, ood in zip(axes, ood_sets):
-        for label, per_split in curves.items():
+        for i, (label, per_split) in enumerate(curves.items()):
             if ood in per_split and ID_SPLIT in per_split:
                 fpr, tpr = roc_points(per_split[ID_SPLIT], per_split[ood])
-                ax.plot(fpr, tpr, label=label, linewidth=1.4)
+                # tab10 repeats after 10 curves: the line style tells those sharing a colour apart
+                ax.plot(fpr, tpr, label=label, linewidth=1.4, color=f"C{i % 10}", linestyle=LINE_STYLES[i // 10 % 4])
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8, label="chance")
         ax.axhline(0.95, color="grey", linestyle="--", linewidth=0.6)
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel=FPR_LABEL, ylabel=TPR_LABEL, title=ood)

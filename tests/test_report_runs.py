@@ -141,6 +141,20 @@ def test_histograms_share_bins() -> None:
     assert edges[0] == edges[1] and edges[0][0] == pytest.approx(-5.0), "one set of bin edges over every split"
 
 
+def test_roc_curves_beyond_ten_stay_apart() -> None:
+    """tab10 repeats after ten curves: the eleventh and twelfth get the colour of the first two with another style."""
+    drawn = {}
+    save = plots._save
+    try:
+        plots._save = lambda fig, path: drawn.setdefault("lines", [(ln.get_color(), ln.get_linestyle()) for ln in fig.axes[0].lines])  # type: ignore[assignment]
+        curves = {f"d{i}": {"test": np.arange(5.0) + i, "far": np.arange(5.0)} for i in range(12)}
+        plots.roc_figure(curves, ["far"], "x.png", "t")
+    finally:
+        plots._save = save
+    styles = drawn["lines"][:12]
+    assert len(set(styles)) == 12 and styles[10] == ("C0", "--") and styles[0] == ("C0", "-")
+
+
 def test_run_figures_in_the_run_folder(tmp_path: Path) -> None:
     rows = [{"method": "ce", "detector": d, "id_dataset": "digits", "ood_dataset": "far_set", "auroc": a, "seed": 0}
             for d, a in (("msp", 0.7), ("energy", 0.8), ("knn", 0.9), ("vim", 0.6), ("gen", 0.5))]
