@@ -111,7 +111,8 @@ def test_fixed_detector_values_stay_columns(tmp_path: Path) -> None:
 def test_modes_are_never_averaged_also_with_by(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Standard and full-spectrum rows of the same runs stay apart: `mode` is a fixed grouping key, `--by` or not."""
     for seed in (0, 1):
-        rows = [_row(seed, "s", "near", 0.9 - seed / 10), {**_row(seed, "s", "near", 0.6 - seed / 10), "mode": "fsood"}]
+        rows = [_row(seed, "s", "near", 0.9 - seed / 10),
+                {**_row(seed, "s", "near", 0.6 - seed / 10), "mode": "fsood", "csid_acc": 0.7 + seed / 10}]
         _write(tmp_path / str(seed), rows)
     for by in (None, ["method.distance"]):
         config_cols, _, table = aggregate(load_rows([tmp_path]), by=by)
@@ -120,6 +121,10 @@ def test_modes_are_never_averaged_also_with_by(tmp_path: Path, capsys: pytest.Ca
             "standard": (2, pytest.approx((0.85, statistics.stdev([0.9, 0.8])))),
             "fsood": (2, pytest.approx((0.55, statistics.stdev([0.6, 0.5]))))}
     assert "averages runs that differ" not in capsys.readouterr().err
+    # the full-spectrum accuracy (ID test + csid sets pooled) is a column beside id_acc
+    _, metric_cols, table = aggregate(load_rows([tmp_path]))
+    assert metric_cols[-2:] == ["id_acc", "csid_acc"]
+    assert {e["mode"]: e.get("csid_acc", (None,))[0] for e in table} == {"standard": None, "fsood": pytest.approx(0.75)}
     _write(tmp_path / "fsood_only", [{**_row(0, "s", "near", 0.5), "mode": "fsood"}])
     config_cols, _, table = aggregate(load_rows([tmp_path / "fsood_only"]))
     assert config_cols[-1] == "mode" and [e["mode"] for e in table] == ["fsood"]

@@ -14,6 +14,8 @@ from typing import Any
 
 BASE_KEYS = ("method", "detector", "backbone", "id_dataset")
 SHOWN = ("auroc", "fpr95")
+#: the accuracies a run reports (the same in every row of a run): ID test, and full-spectrum rows' pooled ID test + csid sets
+ACCURACIES = ("id_acc", "csid_acc")
 
 
 def _tuned_keys(row: Mapping[str, Any]) -> set[str]:
@@ -101,7 +103,7 @@ def aggregate(
     ordered = [s for g in ("near", "far") for s in sets if sets[s] == g]
     groups = [g for g in ("near", "far") if g in sets.values()]
     metric_cols = [f"{s}/{m}" for s in ordered for m in SHOWN] + [f"{g}/{m}" for g in groups for m in SHOWN]
-    metric_cols += ["id_acc"] if any("id_acc" in r for r in rows) else []
+    metric_cols += [a for a in ACCURACIES if any(a in r for r in rows)]
 
     configs: dict[tuple[str, ...], dict[str, dict[str, dict[str, float]]]] = {}
     members: dict[tuple[str, ...], list[dict[str, str]]] = {}
@@ -109,7 +111,7 @@ def aggregate(
         flat = _config_of(row)
         key = tuple(flat.get(c, "") for c in config_cols)
         configs.setdefault(key, {}).setdefault(row["_run"], {})[row["ood_dataset"]] = {
-            m: row[m] for m in (*SHOWN, "id_acc") if m in row
+            m: row[m] for m in (*SHOWN, *ACCURACIES) if m in row
         }
         members.setdefault(key, []).append(flat)
     if by is not None:
@@ -127,9 +129,10 @@ def aggregate(
                 for m in SHOWN:
                     if in_group:
                         cells.setdefault(f"{g}/{m}", []).append(statistics.fmean(v[m] for v in in_group))
-            accs = [v["id_acc"] for v in per_set.values() if "id_acc" in v]
-            if accs:
-                cells.setdefault("id_acc", []).append(accs[0])
+            for acc in ACCURACIES:  # one value per run (every OOD set's row repeats it)
+                values = [v[acc] for v in per_set.values() if acc in v]
+                if values:
+                    cells.setdefault(acc, []).append(values[0])
         entry: dict[str, Any] = dict(zip(config_cols, key))
         entry["seeds"] = len(runs)
         entry["_runs"] = sorted(runs)
