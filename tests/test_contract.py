@@ -80,9 +80,13 @@ def test_id_order_is_a_function_of_seed_and_epoch() -> None:
     assert not torch.equal(next(iter(a)).index, next(iter(b)).index)
 
 
-def test_benchmark_without_outliers_fails_before_training(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"method oe trains on outliers, but benchmark digits has none .*\['china_patches'\]"):
-        run_config(tmp_path, ["method=oe", "data.benchmark.outliers=none", "trainer.max_epochs=1"])
+@pytest.mark.parametrize("method", ["oe", "heatmap"])
+def test_benchmark_without_outliers_fails_before_training(tmp_path: Path, method: str) -> None:
+    """The same one line for every outlier method (heatmap's said "no dataset 'outliers' in this benchmark's fit
+    data": `in` on the fit datasets raised instead of answering False)."""
+    with pytest.raises(ConfigError, match=rf"method {method} trains on outliers, but benchmark digits has none .*\['china_patches'\]"):
+        extra = ["method.classifier_epochs=1", "trainer.max_epochs=2"] if method == "heatmap" else ["trainer.max_epochs=1"]
+        run_config(tmp_path, [f"method={method}", "data.benchmark.outliers=none", *extra])
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from ood.data.batch import Batch, collate_batch
-from ood.data.fit import FitData, LazyDatasets
+from ood.data.fit import FitData, LazyDatasets, no_outliers
 from ood.data.memory import PadCropFlip, batch_augmentation, to_memory
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
@@ -292,13 +292,8 @@ class OODDataModule(LightningDataModule):
         if unknown or "id" not in streams:
             raise ConfigError(f"method {method}: streams {list(streams)} must include 'id', choices: {list(STREAMS)}")
         if "outliers" in streams and self.benchmark.outlier_set == "none":
-            choices = [c for c in self.benchmark.outlier_choices if c != "none"]
-            key = self.benchmark.outliers_key
-            fix = f"set {key}= one of {choices}" if choices else "use a benchmark that has outliers"
-            raise ConfigError(
-                f"method {method} trains on outliers, but benchmark {self.name} has none "
-                f"({key}={self.benchmark.outlier_set}); {fix}"
-            )
+            b = self.benchmark
+            raise no_outliers(method, self.name, b.outlier_set, b.outlier_choices, b.outliers_key)
         self.streams = tuple(streams)  # type: ignore[assignment]
 
     def prepare_data(self) -> None:
@@ -435,6 +430,7 @@ class OODDataModule(LightningDataModule):
             input_std=tuple(self.benchmark.input_std),
             outlier_set=self.benchmark.outlier_set,
             outlier_choices=tuple(self.benchmark.outlier_choices),
+            outliers_key=self.benchmark.outliers_key,
             device=torch.device(device),
             dtype=dtype,
             world_size=world_size,

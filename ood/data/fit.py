@@ -16,7 +16,7 @@ first use (a method that draws a few outliers does not decode the whole outlier 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,11 +41,23 @@ class LazyDatasets(Mapping[str, Dataset]):
             self._built[name] = self._builders[name]()
         return self._built[name]
 
+    def __contains__(self, name: object) -> bool:
+        """Membership without building (Mapping's default calls `__getitem__`, whose unknown-name error is not a
+        KeyError)."""
+        return name in self._builders
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._builders)
 
     def __len__(self) -> int:
         return len(self._builders)
+
+
+def no_outliers(method: str, benchmark: str, outlier_set: str, choices: Sequence[str], key: str) -> ConfigError:
+    """The one line for an outlier method on a benchmark without an outlier set: what to set (`key`), and to what."""
+    options = [c for c in choices if c != "none"]
+    fix = f"set {key}= one of {options}" if options else "use a benchmark that has outliers"
+    return ConfigError(f"method {method} trains on outliers, but benchmark {benchmark} has none ({key}={outlier_set}); {fix}")
 
 
 def _no_barrier() -> None:
@@ -60,7 +72,8 @@ class FitData:
         datasets: name -> dataset (module doc for the names).
         benchmark: the benchmark's name (e.g. `digits`), for cache keys and messages.
         num_classes, input_mean, input_std: the benchmark's classes and input normalisation (pixels = x std + mean).
-        outlier_set, outlier_choices: the selected outlier set (`none` when there is none) and the choices.
+        outlier_set, outlier_choices, outliers_key: the selected outlier set (`none` when there is none), the
+            choices and the config key that selects it (for messages).
         seed: the run seed.
         batch_size: the global training batch (all ranks together).
         eval_batch_size: the per-rank batch of evaluation passes (the batch size of fit-time passes).
@@ -80,6 +93,7 @@ class FitData:
     input_std: tuple[float, ...] = (1.0,)
     outlier_set: str = "none"
     outlier_choices: tuple[str, ...] = ("none",)
+    outliers_key: str = "data.benchmark.outliers"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     world_size: int = 1
@@ -117,10 +131,5 @@ class FitData:
     def require(self, name: str, method: str) -> Dataset:
         """Dataset `name`, or one clear line naming the method and what to set (e.g. an outlier set)."""
         if name == "outliers" and "outliers" not in self.datasets:
-            choices = [c for c in self.outlier_choices if c != "none"]
-            fix = f"set data.benchmark.outliers= one of {choices}" if choices else "use a benchmark that has outliers"
-            raise ConfigError(
-                f"method={method} trains on outliers, but benchmark {self.benchmark} has none "
-                f"(data.benchmark.outliers={self.outlier_set}); {fix}"
-            )
+            raise no_outliers(method, self.benchmark, self.outlier_set, self.outlier_choices, self.outliers_key)
         return self.datasets[name]
