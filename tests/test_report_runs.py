@@ -20,14 +20,14 @@ SETS = {"near_set": "near", "far_set": "far"}
 
 
 def _run(folder: Path, seed: int, epochs: int, auroc: float, *, method: str = "ce", ckpt: Path | None = None,
-         init: str | None = None) -> Path:
+         init: str | None = None, data: dict | None = None) -> Path:
     """A run folder as `ood-train` (or `ood-eval` when `ckpt`) leaves it, with msp and energy rows."""
     folder.mkdir(parents=True)
     config = {"seed": seed, "train": ckpt is None, "ckpt_path": str(ckpt) if ckpt else None,
               "trainer": {"max_epochs": epochs, "enable_progress_bar": False},
               "method": {"_target_": f"ood.methods.{method}", "optimizer": {"lr": 0.05}, "scheduler": {"T_max": epochs},
                          "init": {"ckpt": init, "modules": None, "freeze": []}},
-              "data": {"batch_size": 64, "num_workers": 0}, "backbone": {"width": 32}, "paths": {"output_dir": str(folder)}}
+              "data": {"batch_size": 64, "num_workers": 0, **(data or {})}, "backbone": {"width": 32}, "paths": {"output_dir": str(folder)}}
     OmegaConf.save(OmegaConf.create(config), folder / "config.yaml")
     rows = [{"method": method, "detector": det, "backbone": "small_cnn", "id_dataset": "digits", "ood_dataset": s,
              "ood_group": g, "seed": seed, "auroc": auroc - i / 10, "fpr95": 0.3, "id_acc": 0.9, "method_params": {},
@@ -60,6 +60,18 @@ def test_configurations_are_never_averaged(runs: Path) -> None:
     assert by[("ce", "msp", "1")]["seeds"] == 2 and by[("ce", "msp", "1")]["near/auroc"][:2] == pytest.approx((0.75, 0.0707107))
     assert by[("ce", "msp", "3")]["seeds"] == 1, "re-evaluating a checkpoint does not add a seed"
     assert by[("ce", "msp", "3")]["id_acc"][0] == pytest.approx(0.9) and "id_acc" in metric_cols
+
+
+def test_a_re_evaluation_in_another_configuration_is_its_own_entry(runs: Path) -> None:
+    """Re-evaluating a checkpoint with another fit fraction is not a repeat of the same numbers: its rows stay, as
+    their own entry with the key as a column (they were dropped as a re-evaluation)."""
+    trained = runs / "sweep" / "2" / "checkpoints" / "last.ckpt"
+    _run(runs / "evals" / "half", 0, 15, 0.60, ckpt=trained, data={"fit_fraction": 0.5})
+    config_cols, _, table = aggregate(load_rows([runs / "sweep", runs / "evals" / "again", runs / "evals" / "half"]))
+    assert "data.fit_fraction" in config_cols
+    msp = {e["data.fit_fraction"]: e for e in table if e["detector"] == "msp" and e["trainer.max_epochs"] == "3"}
+    assert {k: (e["seeds"], e["near/auroc"][0]) for k, e in msp.items()} == {"": (1, pytest.approx(0.9)),
+                                                                           "0.5": (1, pytest.approx(0.6))}
 
 
 def test_fine_tunes_of_each_seeds_own_init_are_one_configuration(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """All result rows under `paths` (files or folders searched recursively), each tagged with its run folder
     (`_run`), its configuration without the seed (`_config`), its model (`_model`) and the config keys that follow
     the seed (`_seeded`). Rows of a model already seen with the same method, detector settings and OOD set (a
-    re-evaluation of one checkpoint) are dropped, training runs first, so each model counts once."""
+    re-evaluation of one checkpoint in the same configuration) are dropped, training runs first, so each model counts
+    once per configuration; a re-evaluation in another configuration (e.g. `data.fit_fraction`) is its own entry."""
     paths = list(paths)
     rows = []
     for path in map(Path, paths):
@@ -35,8 +36,8 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     kept = []
     for row in sorted(rows, key=lambda r: ("ckpt" in r["_config"], r["_run"])):
         params = json.dumps(config_params(row), sort_keys=True)
-        key = (row["_model"], str(row["method"]), str(row["detector"]), params, str(row["ood_dataset"]),
-               str(row.get("mode", "standard")))
+        key = (row["_model"], json.dumps(row["_config"], sort_keys=True), str(row["method"]), str(row["detector"]),
+               params, str(row["ood_dataset"]), str(row.get("mode", "standard")))
         if seen.setdefault(key, row["_run"]) == row["_run"]:
             kept.append(row)
     return kept
