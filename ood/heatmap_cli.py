@@ -17,8 +17,10 @@ import torch
 from omegaconf import OmegaConf
 
 from ood.cli import load_weights
+from ood.data.hygiene import load_image as load_rgb
 from ood.errors import CheckpointError, ConfigError, DataNotFoundError, OODError
 from ood.methods.heatmap import HeatmapOOD, heatmap_grid, heatmap_score
+from ood.models.checkpoint import read_state_dict
 from ood.utils import instantiate
 
 KEYS = ("ckpt_path", "image", "out")
@@ -62,9 +64,14 @@ def load_method(ckpt_path: str | Path) -> HeatmapOOD:
         raise ConfigError(
             f"{ckpt} is a {cfg.method._target_} run; ood-heatmap needs a method=heatmap checkpoint"
         )
-    benchmark = instantiate(cfg.data.benchmark)
-    backbone = instantiate(cfg.backbone, num_classes=benchmark.num_classes, in_channels=benchmark.in_channels)
-    method = instantiate(cfg.method, backbone=backbone)
+    # the image channels and class count from the weights themselves, so any data config (a built-in benchmark or
+    # data=folder) rebuilds without its data: the channels of the input normalisation, and the decoder's input
+    # (features + one-hot class) minus the backbone's feature dim
+    state = read_state_dict(ckpt)
+    channels = int(state["pixel_mean"].shape[0])
+    feature_dim = instantiate(cfg.backbone, num_classes=1, in_channels=channels).feature_dim
+    num_classes = int(state["decoder.fc.weight"].shape[1]) - feature_dim
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=num_classes, in_channels=channels))
     load_weights(method, ckpt)
     return method.eval()
 
@@ -86,9 +93,9 @@ def load_image(path: Path, channels: int, size: int) -> torch.Tensor:
     """Pixels [C, size, size] in [0, 1]: grey or RGB as the classifier expects, bilinearly resized."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
-        pixels = np.asarray(img, dtype=np.float32) / 255.0
+    img = load_rgb(path, hint="")  # one line naming an unreadable file
+    img = (img.convert("L") if channels == 1 else img).resize((size, size), Image.Resampling.BILINEAR)
+    pixels = np.asarray(img, dtype=np.float32) / 255.0
     return torch.from_numpy(pixels.reshape(size, size, channels)).permute(2, 0, 1)
 
 

@@ -98,7 +98,7 @@ def test_decoder_output_has_the_input_shape(config: str) -> None:
     decoder = HeatmapDecoder(backbone.feature_dim, 10, plan).eval()
     with torch.no_grad():
         heat = decoder(torch.rand(2, backbone.feature_dim), torch.tensor([0, 9]))
-    assert heat.shape == (2, channels, size, size)
+    assert heat.shape == (2, channels, size, size) and plan.output_size == size
     assert bool((heat.abs() <= 1).all())
 
 
@@ -125,6 +125,22 @@ def test_bad_flag_names_the_choices(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="as_released"):
         _method(tmp_path, ["method.pairing=released"])
+
+
+def test_image_side_follows_the_data_or_is_one_line(tmp_path: Path, ce_checkpoint: Path) -> None:
+    """data=folder's data.image_size sizes the decoder (it fell back to 32 and failed at the first decoder step on
+    16 px folders); a decoder side other than the data's is refused in prepare, before any training."""
+    from ood.errors import ConfigError
+
+    folder = compose_config(tmp_path, ["method=heatmap", "data=folder", "data.root=x", "data.image_size=16"])
+    assert folder.method.input_size == 16
+    assert compose_config(tmp_path, ["method=heatmap", "data=folder", "data.root=x"]).method.input_size is None
+    with pytest.raises(ConfigError, match=r"^method=heatmap builds its decoder for one image side: set data.image_size"):
+        _method(tmp_path, ["method.input_size=null"])
+    cfg = compose_config(tmp_path, ["experiment=digits_heatmap", f"method.init.ckpt={ce_checkpoint}", "method.input_size=32"])
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=6, in_channels=1))
+    with pytest.raises(ConfigError, match=r"draws 32 px heatmaps but the data's images are 16 px: set method.input_size=16$"):
+        method.prepare(instantiate(cfg.data, seed=0).fit_data())
 
 
 def test_prepare_without_a_trainer_builds_the_pool(tmp_path: Path, ce_checkpoint: Path) -> None:
@@ -248,10 +264,12 @@ def test_digits_run_frozen_classifier_and_floor(heatmap_run) -> None:
 
 
 @pytest.mark.slow
-def test_heatmap_grids_and_cli(heatmap_run, tmp_path: Path) -> None:
+def test_heatmap_grids_and_cli(heatmap_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
     from PIL import Image
 
-    from ood.heatmap_cli import main
+    from ood.heatmap_cli import load_method, main
 
     out, method, _, _, _ = heatmap_run
     grids = {k: v for k, v in method.diagnostics().items() if k.startswith("heatmaps/")}
@@ -275,6 +293,19 @@ def test_heatmap_grids_and_cli(heatmap_run, tmp_path: Path) -> None:
     assert Image.open(tmp_path / "maps" / "white_heatmap.png").size == (420, round(100 * 1.85))
     with pytest.raises(SystemExit):
         main([f"ckpt_path={out}", "image=/nonexistent.png"])
+    (folder / "broken.png").write_bytes(b"not a png")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([f"ckpt_path={out}", f"image={folder / 'broken.png'}", f"out={tmp_path / 'maps'}"])
+    assert capsys.readouterr().err.startswith(f"error: unreadable image {folder / 'broken.png'}: UnidentifiedImageError")
+    # a data=folder run (no data.benchmark in its config) rebuilds from its weights alone, without its data
+    copy = tmp_path / "folder_run"
+    shutil.copytree(out / "checkpoints", copy / "checkpoints")
+    cfg = OmegaConf.load(out / "config.yaml")
+    cfg.data = {"_target_": "ood.data.folder.folder_datamodule", "root": "/nowhere", "image_size": 16}
+    OmegaConf.save(cfg, copy / "config.yaml")
+    rebuilt = load_method(copy)
+    assert all(torch.equal(v, method.state_dict()[k]) for k, v in rebuilt.state_dict().items())
 
 
 @pytest.mark.slow

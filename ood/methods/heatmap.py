@@ -139,7 +139,7 @@ class HeatmapOOD(OODMethod):
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         init: Mapping[str, Any] | None = None,
-        input_size: int = 32,
+        input_size: int | None = 32,
         latent: int | None = None,
         width: int | None = None,
         alpha: float = 5.0,
@@ -168,6 +168,8 @@ class HeatmapOOD(OODMethod):
             self.automatic_optimization = False
         elif "backbone" not in self.frozen:
             self.frozen = ("backbone", *self.frozen)
+        if input_size is None:
+            raise ConfigError("method=heatmap builds its decoder for one image side: set data.image_size (or method.input_size)")
         channels = _input_channels(backbone)
         self.plan = decoder_plan(backbone.feature_dim, input_size, channels, latent, width)
         self.decoder = HeatmapDecoder(backbone.feature_dim, backbone.num_classes, self.plan)
@@ -227,6 +229,12 @@ class HeatmapOOD(OODMethod):
                 f"classifier_epochs={self.classifier_epochs}"
             )
         data.require("outliers", self.name)
+        side = data.datasets["fit"][0][0].shape[-1]
+        if side != self.plan.output_size:
+            raise ConfigError(
+                f"method=heatmap's decoder draws {self.plan.output_size} px heatmaps but the data's images are {side} px: "
+                f"set method.input_size={side}"
+            )
         self._data = data
         if self.classifier_epochs == 0:
             self._build_pool()

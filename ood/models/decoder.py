@@ -33,6 +33,11 @@ class DecoderPlan:
     channels: tuple[int, ...]
     out_channels: int
 
+    @property
+    def output_size(self) -> int:
+        """The side of the images it draws: `start` doubled by every up-block after the first."""
+        return self.start << (len(self.channels) - 1)
+
 
 def decoder_plan(
     feature_dim: int, input_size: int, out_channels: int, latent: int | None = None, width: int | None = None
