@@ -20,6 +20,7 @@ from ood.methods.oal import OAL, CLUBNet, Projector, load_sd_latents, openood_co
 from ood.methods.oal_sampling import boundary_samples
 from ood.methods.oal_teacher import file_sha256
 from ood.models import TimmBackbone
+from ood.models.base import input_channels
 from ood.models.checkpoint import read_state_dict
 from ood.utils import instantiate
 
@@ -155,6 +156,18 @@ def test_boundary_sampler_keeps_the_farthest_candidates() -> None:
 def _method(tmp_path: Path, overrides: list[str] = ()) -> OAL:  # type: ignore[assignment]
     cfg = compose_config(tmp_path, ["method=oal", f"method.cache_dir={tmp_path}", *overrides])
     return instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=6, in_channels=1))
+
+
+@pytest.mark.parametrize("teacher", ["digits_cnn", "small_cnn"])
+def test_the_teacher_reads_the_students_channels(tmp_path: Path, teacher: str) -> None:
+    """Grey digits or RGB folders: the teacher's first convolution takes the student's channels (the teacher
+    configs fixed 1 and an RGB run failed in the teacher's first conv)."""
+    cfg = compose_config(tmp_path, ["method=oal", f"method/teacher={teacher}", f"method.cache_dir={tmp_path}"])
+    for channels in (1, 3):
+        method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=6, in_channels=channels))
+        assert input_channels(method.teacher) == channels
+        with torch.no_grad():
+            assert method.teacher(torch.zeros(2, channels, 16, 16)).shape == (2, 6)
 
 
 def test_zero_auxiliary_weights_give_the_ce_gradient(tmp_path: Path) -> None:

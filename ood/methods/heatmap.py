@@ -46,7 +46,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import Dataset
 
 from ood.data.batch import Batch
@@ -56,7 +55,7 @@ from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.losses import heatmap_loss
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
-from ood.models.base import Backbone
+from ood.models.base import Backbone, input_channels
 from ood.models.decoder import HeatmapDecoder, decoder_plan
 from ood.neighbors import KNNIndex
 from ood.plots import heatmap_grid
@@ -107,12 +106,12 @@ def released_pairing(prototypes: torch.Tensor, query_preds: torch.Tensor) -> tor
 
 
 def _input_channels(backbone: Backbone) -> int:
-    first_conv = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
-    if first_conv is None:
+    channels = input_channels(backbone)
+    if channels is None:
         raise ConfigError(
             f"method=heatmap needs a convolutional backbone to read the image channels from, got {type(backbone).__name__}"
         )
-    return first_conv.in_channels
+    return channels
 
 
 class HeatmapOOD(OODMethod):

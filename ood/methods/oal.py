@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
 from ood.methods.distributed import gather_global
 from ood.methods.oal_sampling import boundary_samples, class_count
 from ood.methods.oal_teacher import TEACHER_KEYS, teacher_features, teacher_file
-from ood.models.base import Backbone
+from ood.models.base import Backbone, input_channels
 from ood.models.checkpoint import load_modules, read_state_dict
 from ood.utils import get_logger
 
@@ -190,6 +191,9 @@ class OAL(OODMethod):
             raise ConfigError(
                 f"method.teacher needs a backbone; keys {sorted(TEACHER_KEYS)}, got {sorted(teacher)}"
             )
+        channels = input_channels(backbone)
+        if channels is not None:  # the teacher reads the images the student reads (grey digits, RGB folders)
+            teacher["backbone"] = partial(teacher["backbone"], in_channels=channels)
         self.teacher_cfg = teacher
         self.teacher: Backbone = teacher["backbone"](num_classes=backbone.num_classes)
         self.teacher.requires_grad_(False).eval()

@@ -108,6 +108,13 @@ class Backbone(nn.Module):
         return self.fc(self.features(x)[0])
 
 
+def input_channels(module: nn.Module) -> int | None:
+    """The image channels a network reads: those of its first convolution (a CNN's stem, a ViT's patch embedding);
+    None without one."""
+    first = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if first is None else first.in_channels
+
+
 class GlobalPool(nn.Sequential):
     """Global average pooling followed by flattening: [N, D, H, W] -> [N, D]."""
 
