@@ -112,6 +112,7 @@ def test_score_standardises_on_id_val_and_tunes_beta_on_validation_ood(tmp_path:
     test = _bank(torch.randn(50, generator=gen) * 7 + 3, torch.rand(50, generator=gen) * 9)
     method.setup_ood({"val": val, "val_ood": val_ood, "test": test})
     assert method.beta > 0 and method.fitted()["beta"] == method.beta
+    assert method.tuned() == {"energy_cfl_recon": {"beta": method.beta}}  # its rows say tuned, tuned_params [beta]
     parts = method.ood_scores(val)
     assert torch.equal(parts.pop("energy_cfl_recon"), method.ood_score(val))
     for name, part in parts.items():  # z-scores of ID-val: mean 0, std 1 (statistics from ID-val, not test)
@@ -120,7 +121,7 @@ def test_score_standardises_on_id_val_and_tunes_beta_on_validation_ood(tmp_path:
     assert torch.allclose(method.ood_score(val), e + method.beta * d)
     fixed = build(tmp_path, "energy_cfl", "method.score.tune=false", "method.score.beta=0", "method.score.combine=product")
     fixed.setup_ood({"val": val, "val_ood": val_ood})
-    assert fixed.beta == 0 and torch.allclose(fixed.ood_score(val), F.logsigmoid(e))
+    assert fixed.beta == 0 and torch.allclose(fixed.ood_score(val), F.logsigmoid(e)) and fixed.tuned() == {}
     with pytest.raises(ConfigError, match="combine"):
         build(tmp_path, "energy_cfl", "method.score.combine=max")
     with pytest.raises(ConfigError, match="reconstruction"):

@@ -86,8 +86,10 @@ class Evaluator:
         method.setup_ood(banks)
         accuracy = {s.name: accuracy_of(method, banks[s.name]) for s in splits if s.role in ("id_test", "csid")}
         id_acc = accuracy.pop("test")
+        chosen = method.tuned()
         scorers = [
-            Scorer(name, lambda split, name=name: method.ood_scores(banks[split])[name])
+            Scorer(name, lambda split, name=name: method.ood_scores(banks[split])[name], dict(chosen.get(name, {})),
+                   sorted(chosen.get(name, {})))
             for name in method.ood_scores(banks["test"])
         ]
         params = with_data_facts(self.detectors, self.params, data_facts or {})

@@ -214,6 +214,11 @@ class OODMethod(LightningModule):
         score = self.ood_score(bank)
         return {} if score is None else {self.name: score}
 
+    def tuned(self) -> dict[str, dict[str, Any]]:
+        """The hyper-parameters of its own scores that `setup_ood` chose on ID val vs validation OOD, by score name
+        (`{name: {param: value}}`): they go into those rows' `detector_params` / `tuned_params`; default: none."""
+        return {}
+
     def predict(self, bank: FeatureBank) -> torch.Tensor:
         """Class predictions used for ID accuracy; argmax of the logits unless a method says otherwise."""
         return bank.predictions

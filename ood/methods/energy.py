@@ -235,6 +235,7 @@ class EnergyCFL(EnergyOE):
         self.centres = nn.Parameter(torch.zeros(backbone.num_classes, d))
         self.register_buffer("push_stats", torch.full((1,), float("nan")))  # m_d used by the push term
         self.beta = float(self.score_cfg["beta"])
+        self._beta_tuned = False  # set by setup_ood
         self._zstats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def fit_statistics(self, train: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -288,7 +289,8 @@ class EnergyCFL(EnergyOE):
         """Z-score statistics from ID-val only; beta from the grid by AUROC on ID-val vs validation OOD."""
         self._zstats = {k: (v.mean(), v.std().clamp_min(1e-12)) for k, v in self._raw(banks["val"]).items()}
         self.beta = float(self.score_cfg["beta"])
-        if self.score_cfg["tune"] and "val_ood" in banks:
+        self._beta_tuned = self.score_cfg["tune"] and "val_ood" in banks
+        if self._beta_tuned:
             val, val_ood = self._standardised(banks["val"]), self._standardised(banks["val_ood"])
             aurocs = {b: ood_metrics(self._combine(val, b), self._combine(val_ood, b))["auroc"] for b in self.score_cfg["grid"]}
             self.beta = float(max(aurocs, key=aurocs.get))
@@ -296,6 +298,9 @@ class EnergyCFL(EnergyOE):
 
     def ood_score(self, bank: FeatureBank) -> torch.Tensor:
         return self._combine(self._standardised(bank), self.beta)
+
+    def tuned(self) -> dict[str, dict[str, Any]]:
+        return {self.name: {"beta": self.beta}} if self._beta_tuned else {}
 
     def ood_scores(self, bank: FeatureBank) -> dict[str, torch.Tensor]:
         """The combined score and its two parts, each reported as its own detector rows."""
