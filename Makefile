@@ -85,7 +85,7 @@ reproduce-grood: IMAGENET_SOURCES = synthetic_mixup,val_ood
 reproduce-grood: install ## GROOD: OpenOOD CE + GROOD on CIFAR (mix-up and val-OOD prototypes), post-hoc on ImageNet-1K (WEIGHTS=resnet50 file), report beside OpenOOD's README
 	$(VENV)/bin/ood-train -m experiment=grood_openood data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/grood/train hydra.sweep.subdir='$(JOB)' $(ARGS)
 	$(VENV)/bin/ood-eval -m experiment=grood_openood method.ood_proto_source=val_ood data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/grood/val_ood 'ckpt_path=$(R)/grood/train/$(JOB)/$(LAST)' $(ARGS)
-	$(VENV)/bin/ood-eval -m experiment=grood_imagenet1k method.ood_proto_source=$(IMAGENET_SOURCES) backbone.weights=$(WEIGHTS) hydra.sweep.dir=$(R)/grood/imagenet1k $(IMAGENET_ARGS)
+	$(VENV)/bin/ood-eval -m experiment=grood_imagenet1k method.ood_proto_source=$(IMAGENET_SOURCES) backbone.weights=$(WEIGHTS) hydra.sweep.dir=$(R)/grood/imagenet1k $(IMAGENET_ARGS) $(ARGS)
 	$(VENV)/bin/ood-report $(R)/grood --reference conf/reference/grood --reference conf/reference/cifar10.yaml --reference conf/reference/cifar100.yaml
 
 reproduce-oal: DATA = cifar10,cifar100
@@ -97,8 +97,8 @@ reproduce-oal: install ## OAL: OpenOOD CE students, then OAL fine-tuning, report
 digits-energy: install ## the energy family on digits: ce(+energy), logitnorm, energy_oe, energy_cfl_recon over SEEDS, then the table
 	$(VENV)/bin/ood-train -m experiment=digits_energy method=ce,logitnorm seed=$(SEEDS) $(ARGS)
 	$(VENV)/bin/ood-train -m experiment=digits_energy method=energy_oe,energy_cfl seed=$(SEEDS) trainer.max_epochs=10 \
-	  'method.init.ckpt=logs/digits_energy/ce_s$${seed}/checkpoints/last.ckpt' $(ARGS)
-	$(VENV)/bin/ood-report logs/digits_energy
+	  'method.init.ckpt=$${paths.log_dir}/digits_energy/ce_s$${seed}/checkpoints/last.ckpt' $(ARGS)
+	$(VENV)/bin/ood-report $${OOD_ROOT:-.}/logs/digits_energy
 
 gpu-check: install ## on a CUDA machine (pip uninstall faiss-cpu, pip install faiss-gpu-cu12 first): every CUDA path, synthetic data, sized for 8 min (never timed on a GPU yet), JSON in gpu_check.json; exits 1 on a failure
 	$(PY) -m benchmarks.gpu_check --out gpu_check.json
