@@ -61,6 +61,7 @@ from scipy.stats import spearmanr
 from benchmarks.bench_digits import compose_run
 from benchmarks.fabricate import cifar_tree, imagenet_tree
 from ood import CONFIG_DIR
+from ood.detectors import available_detectors
 from ood.train import build
 
 #: Spearman rank correlation fp32 vs bf16 scores must reach, per detector
@@ -116,7 +117,7 @@ def method_overrides(name: str, init: Path, work: Path) -> list[str]:
     one epoch on the 3-channel images."""
     extra = [f"method.init.ckpt={init}"]
     if name == "oal":
-        extra += ["method.teacher.backbone.in_channels=3", "method.teacher.epochs=1", f"method.cache_dir={work / 'oal'}"]
+        extra += ["method.teacher.epochs=1", f"method.cache_dir={work / 'oal'}"]
     if name == "cluster":
         extra += ["method.probe_epochs=1", "method.n_init=2"]
     return extra
@@ -167,8 +168,9 @@ def chosen_params(evaluation: Any) -> list[str]:
     """Overrides that fix every detector's tuned hyper-parameters at the values this evaluation chose, so that a
     second evaluation compares the same detectors (bf16 rounding could otherwise tip a grid search elsewhere)."""
     out = {}
+    registered = set(available_detectors())  # a method's own scores (energy_cfl's beta) are not detectors.params
     for row in evaluation.result.rows:
-        for key in row.get("tuned_params", []):
+        for key in row.get("tuned_params", []) if row["detector"] in registered else []:
             value = json.dumps(row["detector_params"][key], separators=(",", ":"))
             out[f"{row['detector']}.{key}"] = f"++detectors.params.{row['detector']}.{key}={value}"
     return list(out.values())
