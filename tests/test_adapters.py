@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
@@ -201,6 +202,16 @@ def test_network_detectors_on_adapted_library_models(kind: str, folders: dict[st
         backbone_of(ModuleBackbone(Custom()))
 
 
+def _pass_with_stage_means(backbone: nn.Module, x: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor]]:
+    """One pass keeping every stage output, and the stage means mds_ensemble's layer taps cached in it."""
+    taps = LayerTaps(backbone, ["mds_ensemble"])
+    with torch.no_grad():
+        out = backbone.run(x, backbone.layer_names)
+    cached = taps.pop()
+    taps.remove()
+    return out, cached
+
+
 def test_stage_caches_and_rankfeat_on_an_adapted_torchvision_resnet() -> None:
     """mds_ensemble's cached stage means are the channel means of each stage's output; rankfeat equals its formula
     written with the torchvision modules themselves."""
@@ -208,11 +219,7 @@ def test_stage_caches_and_rankfeat_on_an_adapted_torchvision_resnet() -> None:
     net = MODELS["tv_resnet"]().eval()
     backbone = as_backbone(net)
     x = torch.randn(4, 3, 32, 32)
-    taps = LayerTaps(backbone, ["mds_ensemble"])
-    with torch.no_grad():
-        out = backbone.run(x, backbone.layer_names)
-    cached = taps.pop()
-    taps.remove()
+    out, cached = _pass_with_stage_means(backbone, x)
     assert sorted(cached) == sorted(f"stage_mean.{n}" for n in STAGES["tv_resnet"])
     for name in STAGES["tv_resnet"]:
         assert torch.equal(cached[f"stage_mean.{name}"], out.layers[name].mean((2, 3))), name
@@ -237,11 +244,7 @@ def test_stage_reductions_on_vit_tokens_average_over_the_tokens(kind: str) -> No
     torch.manual_seed(0)
     backbone = as_backbone(MODELS[kind]().eval())
     x = torch.randn(3, 3, 32, 32)
-    taps = LayerTaps(backbone, ["mds_ensemble"])
-    with torch.no_grad():
-        out = backbone.run(x, backbone.layer_names)
-    cached = taps.pop()
-    taps.remove()
+    out, cached = _pass_with_stage_means(backbone, x)
     assert sorted(cached) == sorted(f"stage_mean.{n}" for n in STAGES[kind] if n != "stem")  # the stem ends in a step
     for name in STAGES[kind][1:]:
         torch.testing.assert_close(cached[f"stage_mean.{name}"], out.layers[name].mean(1), rtol=1e-6, atol=1e-6)
