@@ -76,6 +76,11 @@ def csid_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return list(dict.fromkeys(name for r in rows for name in r.get("csid_set_acc") or {}))
 
 
+#: margins of a panel grid in inches (room for tick labels, axis labels, panel titles and the figure title): a
+#: fixed layout, as every panel carries the same labels, at a third of the cost of `tight_layout`'s measuring draw
+LEFT, RIGHT, TOP, BOTTOM, WSPACE, HSPACE = 0.75, 0.3, 0.75, 0.55, 0.8, 0.85
+
+
 def _grid(n: int, width: float = 3.6, height: float = 3.3) -> tuple[plt.Figure, np.ndarray]:
     cols = 2 if n == 4 else min(n, 3)
     rows = -(-n // cols)
@@ -86,14 +91,19 @@ def _grid(n: int, width: float = 3.6, height: float = 3.3) -> tuple[plt.Figure, 
 
 
 def _legend_below(fig: plt.Figure, *axes: plt.Axes) -> None:
-    """One legend under the panels, each label once (the labels of every panel in `axes`)."""
+    """One legend under the panels, each label once (the labels of every panel in `axes`), and the panels placed
+    around it with the fixed margins above."""
     by_label = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
     handles, labels = list(by_label.values()), list(by_label)
     longest = max(map(len, labels), default=1)
     ncol = max(1, min(len(labels), 4, int(fig.get_figwidth() / (0.08 * longest + 0.6))))
     fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=9)
     legend_inches = -(-len(labels) // ncol) * 0.25 + 0.15
-    fig.tight_layout(rect=(0, min(0.45, legend_inches / fig.get_figheight()), 1, 1))
+    (width, height), grid = fig.get_size_inches(), axes[0].get_gridspec()
+    panel_w = (width - LEFT - RIGHT - WSPACE * (grid.ncols - 1)) / grid.ncols
+    panel_h = (height - TOP - BOTTOM - legend_inches - HSPACE * (grid.nrows - 1)) / grid.nrows
+    fig.subplots_adjust(left=LEFT / width, right=1 - RIGHT / width, top=1 - TOP / height,
+                        bottom=(BOTTOM + legend_inches) / height, wspace=WSPACE / panel_w, hspace=HSPACE / panel_h)
 
 
 def roc_figure(curves: Mapping[str, Mapping[str, SplitScores]], ood_sets: Sequence[str], path: str | Path, title: str) -> Path:
@@ -132,9 +142,10 @@ def histogram_figure(
     panels += [(s, "csid set (ID, shifted)", "tab:green", values[ID_SPLIT], test_look) for s in csid_sets]
     fig, axes = _grid(len(panels))
     for ax, (name, label, color, ident, (id_label, id_color)) in zip(axes, panels):
-        ax.hist(ident, bins=edges, density=True, alpha=0.55, label=id_label, color=id_color)
-        ax.hist(values[name], bins=edges, density=True, alpha=0.55, label=label, color=color)
+        ax.hist(ident, bins=edges, density=True, histtype="stepfilled", alpha=0.55, label=id_label, color=id_color)
+        ax.hist(values[name], bins=edges, density=True, histtype="stepfilled", alpha=0.55, label=label, color=color)
         ax.set(xlabel="ID score (higher = more ID)", ylabel="density", title=name if label == "OOD set" else f"{name} (csid)")
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))  # short density labels at any score scale
     fig.suptitle(title, fontsize=11)
     _legend_below(fig, *axes[: len(panels)])
     return _save(fig, path)
@@ -165,7 +176,7 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     from ood.files import atomic_write
 
     path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 

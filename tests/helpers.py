@@ -41,6 +41,19 @@ def rows_by(rows: Sequence[dict[str, Any]], detector: str) -> dict[str, dict[str
     return {r["ood_dataset"]: r for r in rows if r["detector"] == detector}
 
 
+def histogram_bars(ax: Any) -> dict[str, Any]:
+    """The histograms drawn on a matplotlib axes (`histtype="stepfilled"`: one polygon each) as {label: (bin
+    edges, heights)}: the polygon's top runs (e_0, h_0), (e_1, h_0), (e_1, h_1), ... (e_n, h_{n-1})."""
+    from matplotlib.patches import Polygon
+
+    out = {}
+    for patch in (p for p in ax.patches if isinstance(p, Polygon)):  # not a bar chart's rectangles
+        xy = patch.get_xy()
+        n = (len(xy) - 1) // 4  # up the left side, along the top (2 points a bin), back along the bottom
+        out[patch.get_label()] = (xy[0 : 2 * n + 1 : 2, 0], xy[1 : 2 * n : 2, 1])
+    return out
+
+
 def make_image_folders(
     root: Path, classes: int = 3, train: int = 8, test: int = 4, ood: int = 6, size: int = 32, seed: int = 0
 ) -> dict[str, Path]:

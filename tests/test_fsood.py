@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import compose_config, folder_overrides, make_image_folders, run_config
+from helpers import compose_config, folder_overrides, histogram_bars, make_image_folders, run_config
 from sklearn import metrics as skm
 
 from ood.data import DigitsBenchmark, EvalSplit, OODDataModule
@@ -330,8 +330,6 @@ def test_folder_csid_sets_get_the_test_split_checks(tmp_path: Path) -> None:
 def drawn(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict]:
     """Every figure `ood.plots` saves: its ROC lines ({panel: {label: (x, y)}}) and histogram bars ({panel: {label:
     heights}}), by file name (the PNGs are written as well)."""
-    from matplotlib.container import BarContainer
-
     from ood import plots
 
     out: dict[str, dict] = {}
@@ -342,8 +340,7 @@ def drawn(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict]:
         for ax in fig.axes:
             if ax.get_visible():
                 lines = {ln.get_label(): (ln.get_xdata(), ln.get_ydata()) for ln in ax.lines}
-                bars = {c[0].get_label(): np.array([p.get_height() for p in c])  # ax.hist's label is its first bar's
-                        for c in ax.containers if isinstance(c, BarContainer)}
+                bars = {label: heights for label, (_, heights) in histogram_bars(ax).items()}
                 panels[ax.get_title()] = {"lines": lines, "bars": bars}
         out[Path(path).name] = {"title": fig._suptitle.get_text() if fig._suptitle else "", "panels": panels}
         return save(fig, path)

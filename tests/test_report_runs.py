@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import histogram_bars
 from omegaconf import OmegaConf
 
 from ood import plots
@@ -149,8 +150,10 @@ def test_histograms_share_bins() -> None:
         plots.histogram_figure({"test": np.array([0.0, 1.0]), "a": np.array([-5.0]), "b": np.array([3.0])}, ["a", "b"], "x.png", "t")
     finally:
         plots._save = save
-    edges = [sorted({round(p.get_x(), 9) for p in ax.patches}) for ax in fig_axes["axes"]]
-    assert edges[0] == edges[1] and edges[0][0] == pytest.approx(-5.0), "one set of bin edges over every split"
+    edges = [[e for e, _ in histogram_bars(ax).values()] for ax in fig_axes["axes"]]
+    assert all(np.array_equal(e, edges[0][0]) for e in [*edges[0], *edges[1]]), "one set of bin edges over every split"
+    assert edges[0][0][0] == pytest.approx(-5.0) and edges[0][0][-1] == pytest.approx(3.0)
+    assert len(edges[0][0]) == plots.BINS + 1
 
 
 def test_roc_curves_beyond_ten_stay_apart() -> None:
