@@ -10,7 +10,7 @@
   run folder, whose OOD panels show that pooled ID (the csid panels stay ID test vs each set).
 - `auroc_bars`: near and far mean AUROC per scorer, with the std over seeds as error bars.
 - `save_run_figures`: the ROC and histogram figures of one run into `<run>/figures/`.
-- `roc_points` / `wandb_roc`: the same ROC vertices, thinned, as a wandb table and line plot.
+- `roc_points` / `wandb_roc`: the same ROC vertices, thinned, as a wandb table and line plot (per mode).
 - `heatmap_grid`: input | heatmap | overlay rows of the heatmap method's diagnostics (an RGB array the run
   folder saves as a PNG).
 
@@ -225,20 +225,28 @@ def save_run_figures(output_dir: str | Path, scores: Mapping[str, SplitScores], 
 
 
 def wandb_roc(scores: Mapping[str, SplitScores], rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """wandb payload: per scorer, a table (`ood_set`, `fpr`, `tpr`) of the thinned ROC and its line plot."""
+    """wandb payload: per scorer, a table (`ood_set`, `fpr`, `tpr`) of the thinned ROC and its line plot; for
+    full-spectrum rows also `roc_table_fsood` / `roc_fsood`, with ID = the ID test followed by the csid sets."""
     import wandb
 
     payload: dict[str, Any] = {}
     ood_sets = list(dict.fromkeys(str(r["ood_dataset"]) for r in rows))
-    for name, per_split in scores.items():
-        data = []
-        for ood in ood_sets:
-            if ood in per_split:
-                fpr, tpr = roc_points(per_split[ID_SPLIT], per_split[ood], max_points=200)
-                data += [[ood, float(f), float(t)] for f, t in zip(fpr, tpr)]
-        table = wandb.Table(columns=["ood_set", "fpr", "tpr"], data=data)
-        payload[f"test/{name}/roc_table"] = table
-        payload[f"test/{name}/roc"] = wandb.plot.line(table, "fpr", "tpr", stroke="ood_set", title=f"ROC {name}")
+    csid_sets = csid_names(rows)
+    for mode in dict.fromkeys(str(r.get("mode", "standard")) for r in rows):
+        suffix = "" if mode == "standard" else f"_{mode}"
+        for name, per_split in scores.items():
+            viewed = mode_scores(per_split, mode, csid_sets)
+            if viewed is None:
+                continue
+            data = []
+            for ood in ood_sets:
+                if ood in viewed:
+                    fpr, tpr = roc_points(viewed[ID_SPLIT], viewed[ood], max_points=200)
+                    data += [[ood, float(f), float(t)] for f, t in zip(fpr, tpr)]
+            table = wandb.Table(columns=["ood_set", "fpr", "tpr"], data=data)
+            payload[f"test/{name}/roc_table{suffix}"] = table
+            payload[f"test/{name}/roc{suffix}"] = wandb.plot.line(table, "fpr", "tpr", stroke="ood_set",
+                                                                  title=f"ROC {name}{' (' + mode + ')' if suffix else ''}")
     return payload
 
 

@@ -379,6 +379,22 @@ def test_run_figures_draw_each_mode_with_its_own_id(fabricated: dict, drawn: dic
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(p.name for p in paths)
 
 
+def test_wandb_roc_tables_per_mode(fabricated: dict) -> None:
+    """wandb gets a ROC table per mode: `roc_table` with ID test, `roc_table_fsood` with ID test + csid sets."""
+    from ood import plots
+
+    payload = plots.wandb_roc(fabricated["scores"], fabricated["rows"])
+    assert {k for k in payload if k.startswith("test/msp/")} == {
+        "test/msp/roc_table", "test/msp/roc", "test/msp/roc_table_fsood", "test/msp/roc_fsood"}
+    scores = {s: v.numpy() for s, v in fabricated["scores"]["msp"].items()}
+    pooled = np.concatenate([scores[s] for s in ("test", "blur", "noise")])
+    for key, ident in (("test/msp/roc_table", scores["test"]), ("test/msp/roc_table_fsood", pooled)):
+        drawn = np.array([row[1:] for row in payload[key].data if row[0] == "far_a"])
+        assert np.allclose(drawn, np.stack(plots.roc_points(ident, scores["far_a"], max_points=200), 1))
+    standard_only = plots.wandb_roc(fabricated["scores"], [r for r in fabricated["rows"] if r["mode"] == "standard"])
+    assert not any(k.endswith("_fsood") for k in standard_only)
+
+
 def test_report_figures_draw_fsood_entries_with_their_own_id(fabricated: dict, drawn: dict, tmp_path: Path) -> None:
     from ood import plots
     from ood.report.aggregation import aggregate

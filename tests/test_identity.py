@@ -52,3 +52,20 @@ def test_evaluation_run_takes_the_trained_epochs(tmp_path: Path) -> None:
     assert evaluated.model == str(ckpt.resolve()) and evaluated.group == trained.group
     elsewhere = run_identity(cfg, CHOICES, tmp_path / "eval", str(tmp_path / "model.pt"))
     assert elsewhere.config["ckpt"] == str(tmp_path / "model.pt") and "trainer.max_epochs" not in elsewhere.config
+
+
+def test_a_float16_evaluation_is_its_own_configuration(tmp_path: Path) -> None:
+    """`evaluation.feature_dtype=float16` changes the numbers: its evaluation of a checkpoint is not the float32 one
+    (ood-report would merge them as seeds of one configuration); float32, the default, leaves the identity as it was."""
+    train = tmp_path / "train"
+    trained = run_identity(compose_config(train, []), CHOICES, train, None)
+    write_identity(train, trained)
+    ckpt = train / "checkpoints" / "last.ckpt"
+    idents = {
+        dtype: run_identity(compose_config(tmp_path / dtype, [f"ckpt_path={ckpt}", f"evaluation.feature_dtype={dtype}"],
+                                           config_name="eval"), CHOICES, tmp_path / dtype, str(ckpt))
+        for dtype in ("float32", "float16")
+    }
+    assert idents["float32"].config == trained.config and "evaluation.feature_dtype" not in trained.config
+    assert idents["float16"].config == {**trained.config, "evaluation.feature_dtype": "float16"}
+    assert idents["float16"].group != idents["float32"].group == trained.group

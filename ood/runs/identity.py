@@ -4,9 +4,10 @@ A run computes its identity once, as it starts, and writes it to `identity.json`
 - `config`: the flattened resolved config keys that name a configuration (`IDENTITY_PREFIXES`: method and its
   parameters, backbone, data, epochs), without the seed, loader plumbing and starting weights (`NOT_IDENTITY`),
   folders, and the keys whose unresolved value interpolates `${seed}` (OAL's `method.sampling_seed`: they vary with
-  the seed). An evaluation run (`train=false`) of a checkpoint takes the training keys (`TRAINING_KEYS`) of the run
-  that wrote it, so re-evaluating a checkpoint is recognised as the same model; a checkpoint from elsewhere adds
-  `ckpt` = its path instead.
+  the seed); and the evaluation keys that change the numbers when not at their default (`EVALUATION_KEYS`:
+  `evaluation.feature_dtype=float16`). An evaluation run (`train=false`) of a checkpoint takes the training keys
+  (`TRAINING_KEYS`) of the run that wrote it, so re-evaluating a checkpoint is recognised as the same model; a
+  checkpoint from elsewhere adds `ckpt` = its path instead.
 - `hash`: 8 hex digits of the SHA-1 of `config` (canonical JSON); `group`: `<method>-<data>-<backbone>-<hash>`, the
   wandb group, so the seeds of one configuration, and only they, share a group.
 - `seeded`: the `${seed}` keys left out; `model`: the checkpoint the numbers come from (the run's own
@@ -38,6 +39,9 @@ IDENTITY_PREFIXES = ("method.", "backbone.", "data.", "trainer.max_epochs")
 #: of a fine-tune (one CE run per seed: `method.init.ckpt=.../ce_s${seed}/...` must not split the seeds)
 NOT_IDENTITY = ("data.num_workers", "data.pin_memory", "data.download", "data.eval_batch_size", "method.init.ckpt",
                 "data.csid")
+#: evaluation keys that change the numbers -> their default: part of the identity only when set otherwise, so a
+#: float16 evaluation of a checkpoint is not merged with its float32 one, and runs at the default keep their hash
+EVALUATION_KEYS = {"evaluation.feature_dtype": "float32"}
 #: config keys that only matter for training: an evaluation run takes them from the run that trained its checkpoint
 TRAINING_KEYS = ("trainer.max_epochs", "method.optimizer.", "method.scheduler.")
 #: the config groups whose chosen option names a wandb group
@@ -76,13 +80,14 @@ def seed_keys(raw: DictConfig | Mapping[str, Any]) -> set[str]:
 
 
 def identity(flat: Mapping[str, Any], seeded: Collection[str] = ()) -> dict[str, str]:
-    """The flattened keys that name a configuration, seed and the `seeded` keys (`seed_keys`) excluded (values as
-    canonical JSON strings)."""
+    """The flattened keys that name a configuration, seed and the `seeded` keys (`seed_keys`) excluded, and the
+    `EVALUATION_KEYS` not at their default (values as canonical JSON strings)."""
     return {
         k: v if isinstance(v, str) else json.dumps(v, sort_keys=True)
         for k, v in sorted(flat.items())
-        if k.startswith(IDENTITY_PREFIXES) and k not in NOT_IDENTITY and k not in seeded
-        and not k.endswith(("_dir", ".root"))
+        if (k.startswith(IDENTITY_PREFIXES) and k not in NOT_IDENTITY and k not in seeded
+            and not k.endswith(("_dir", ".root")))
+        or (k in EVALUATION_KEYS and v != EVALUATION_KEYS[k])
     }
 
 
