@@ -29,11 +29,11 @@ CONFIG_ERRORS = (ValidationError, InterpolationResolutionError, MissingMandatory
 
 
 def require_config_dir() -> None:
-    """The configs live in the repository's top-level `conf/`: say so instead of Hydra's generic error."""
+    """The configs are package data (`ood/conf/`): an install without them gets this line, not Hydra's generic error."""
     if not CONFIG_DIR.is_dir():
         print(
-            f"error: config folder {CONFIG_DIR} not found; install ood from a checkout with `pip install -e .` "
-            "(the configs live in the repository's conf/, next to the package)",
+            f"error: config folder {CONFIG_DIR} not found: this install of ood lacks its package data; reinstall "
+            "it (`pip install --force-reinstall <ood checkout or wheel>`, or `pip install -e .` in a checkout)",
             file=sys.stderr,
         )
         sys.exit(1)

@@ -12,11 +12,11 @@ import torch
 from helpers import compose_config
 from omegaconf import OmegaConf, open_dict
 
-from ood import CONFIG_DIR
+from ood import PROJECT_ROOT
 from ood.models.checkpoint import read_state_dict
 from ood.utils import instantiate
 
-DOC = CONFIG_DIR.parent / "docs" / "adding_a_method.md"
+DOC = PROJECT_ROOT / "docs" / "adding_a_method.md"
 
 
 def _blocks() -> tuple[str, str]:
