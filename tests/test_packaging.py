@@ -16,8 +16,8 @@ from ood import CONFIG_DIR, PROJECT_ROOT
 
 @pytest.mark.slow
 def test_the_wheel_carries_every_config(tmp_path: Path) -> None:
-    """Build the wheel from a copy of the sources (no network, no build isolation: the venv's setuptools) and
-    compare its `ood/conf/` with the checkout's `conf/`, file by file."""
+    """Build the wheel from a copy of the sources (no network, no build isolation: the venv's setuptools, a dev
+    extra) and compare its `ood/conf/` with the checkout's `conf/`, file by file."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
