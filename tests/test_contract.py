@@ -194,3 +194,20 @@ def test_methods_read_no_datamodule_and_write_no_hparams() -> None:
         text = path.read_text()
         assert "trainer.datamodule" not in text, f"{path.name} reads trainer.datamodule"
         assert not re.search(r"hparams\[[^\]]+\]\s*=[^=]", text), f"{path.name} writes into its hparams"
+
+
+def test_hyper_parameters_are_written_as_plain_values() -> None:
+    """`method_params` in results.jsonl: containers as lists and dicts, a `_partial_: true` factory (OAL's teacher
+    backbone) as its target and keywords, a class as its import path; never a Python repr."""
+    from functools import partial
+
+    from omegaconf import OmegaConf
+
+    from ood.evaluation.evaluator import plain
+    from ood.models import SmallCNN
+
+    hparams = {"teacher": {"backbone": partial(SmallCNN, width=64, feature_dim=128), "ckpt": None},
+               "cls": SmallCNN, "sizes": OmegaConf.create([1, 2]), "pair": (0.5, "a")}
+    assert plain(hparams) == {"teacher": {"backbone": {"_target_": "ood.models.small_cnn.SmallCNN", "width": 64,
+                                                       "feature_dim": 128}, "ckpt": None},
+                              "cls": "ood.models.small_cnn.SmallCNN", "sizes": [1, 2], "pair": [0.5, "a"]}

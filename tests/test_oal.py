@@ -329,6 +329,9 @@ def test_oal_on_digits(tmp_path: Path, ce_checkpoint: Path, caplog: pytest.LogCa
     # 0.881); the acceptance runs: 0.905 with a 30-epoch wide teacher after 10 epochs (README)
     assert far > 0.65, f"oal far AUROC {far:.3f}"
     assert oal["digits_6_9"]["auroc"] == rows_by(evaluation.rows, "energy")["digits_6_9"]["auroc"]
+    teacher = oal["digits_6_9"]["method_params"]["teacher"]  # the factory as its target and keywords, not a repr
+    assert teacher["backbone"] == {"_target_": "ood.models.small_cnn.SmallCNN", "width": 32, "feature_dim": 64}
+    assert teacher["ckpt"] == str(ce_checkpoint)
 
     again, datamodule, trainer, _ = build(
         compose_config(

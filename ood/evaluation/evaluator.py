@@ -8,6 +8,7 @@ result to its sinks (results file, logger scalars, wandb, run table).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,7 +112,14 @@ def accuracy_of(method: OODMethod, bank: FeatureBank) -> float:
 
 
 def plain(value: Any) -> Any:
-    """Hyper-parameters as JSON-friendly builtins (OmegaConf containers and tuples become lists/dicts)."""
+    """Hyper-parameters as JSON-friendly builtins (OmegaConf containers and tuples become lists/dicts; a factory
+    given as `_partial_: true`, e.g. OAL's teacher backbone, its `_target_` and keywords; a class or function its
+    import path)."""
+    if isinstance(value, functools.partial):
+        return {"_target_": plain(value.func), **({"args": plain(value.args)} if value.args else {}),
+                **{str(k): plain(v) for k, v in value.keywords.items()}}
+    if isinstance(value, type) or callable(value) and hasattr(value, "__qualname__"):
+        return f"{value.__module__}.{value.__qualname__}"
     if isinstance(value, Mapping):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
