@@ -29,7 +29,7 @@ def test_the_wheel_carries_every_config(tmp_path: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         shipped = {n: zf.read(n) for n in zf.namelist() if n.startswith("ood/conf/")}
     configs = {f"ood/conf/{p.relative_to(CONFIG_DIR).as_posix()}": p.read_bytes() for p in CONFIG_DIR.rglob("*.yaml")}
-    assert len(configs) > 100 and "ood/conf/train.yaml" in configs and "ood/conf/reference/openood_v1.5/cifar10.yaml" in configs
+    assert len(configs) > 50 and "ood/conf/train.yaml" in configs and "ood/conf/reference/openood_v1.5/cifar10.yaml" in configs
     assert shipped == configs
 
 
