@@ -12,7 +12,13 @@ import pytest
 from ood import PROJECT_ROOT
 from ood.report import main
 from ood.report.aggregation import aggregate
-from ood.report.references import REFERENCE_COLS, REFERENCE_DIR, add_reference, load_reference
+from ood.report.references import (
+    REFERENCE_COLS,
+    REFERENCE_DIR,
+    add_reference,
+    load_reference,
+    reference_files,
+)
 from ood.report.rendering import to_markdown
 
 
@@ -78,3 +84,14 @@ def test_make_reproduce_runs_the_seed_sweep_then_the_report(name: str) -> None:
     sweep = f"logs/reproduce/{name}"
     train = f".venv/bin/ood-train -m experiment={name}_ce seed=0,1,2 hydra.sweep.dir={sweep} paths.data_dir=/data"
     assert out[-2:] == [train, f".venv/bin/ood-report {sweep}"]
+
+
+def test_shipped_references_are_found_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--reference conf/reference/...` (README, Makefile) names ood's own configs when the working directory has no
+    `conf/` (an installed ood, a checkout's sub-folder); a local file of that path still comes first."""
+    monkeypatch.chdir(tmp_path)
+    assert reference_files([Path("conf/reference/energy")]) == sorted((REFERENCE_DIR / "energy").glob("*.yaml"))
+    assert reference_files([Path("conf/reference/cifar10.yaml")]) == [REFERENCE_DIR / "cifar10.yaml"]
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mine.yaml").write_text("source: me\n")
+    assert reference_files([Path("conf/mine.yaml"), Path("other.yaml")]) == [Path("conf/mine.yaml"), Path("other.yaml")]

@@ -34,7 +34,8 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         type=Path,
         default=None,
-        help="reference-number file(s) or folders of them (default: conf/reference/<id_dataset>.yaml when it exists)",
+        help="reference-number file(s) or folders of them; conf/reference/... names ood's own from any directory "
+        "(default: conf/reference/<id_dataset>.yaml when it exists)",
     )
     out.add_argument("--no-reference", action="store_true", help="no published reference columns")
     return out

@@ -44,8 +44,15 @@ def load_reference(path: str | Path) -> dict[str, Any]:
 
 
 def reference_files(paths: Iterable[Path]) -> list[Path]:
-    """`--reference` arguments as files: a folder (e.g. `conf/reference/heatmap`) stands for its `*.yaml`, sorted."""
-    return [f for p in paths for f in (sorted(Path(p).glob("*.yaml")) if Path(p).is_dir() else [Path(p)])]
+    """`--reference` arguments as files: a folder (e.g. `conf/reference/heatmap`) stands for its `*.yaml`, sorted. A
+    relative `conf/...` path that is not there names ood's own configs (`CONFIG_DIR`), so the documented
+    `--reference conf/reference/<paper>` works outside the checkout's root and from an installed ood."""
+    files = []
+    for path in map(Path, paths):
+        if not path.exists() and not path.is_absolute() and path.parts[:1] == ("conf",):
+            path = CONFIG_DIR.joinpath(*path.parts[1:])
+        files += sorted(path.glob("*.yaml")) if path.is_dir() else [path]
+    return files
 
 
 def default_references(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
