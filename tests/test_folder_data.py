@@ -120,6 +120,23 @@ def test_folder_mistakes_are_one_line(folders: dict[str, Path], tmp_path: Path) 
     assert sorted(bench.val().dataset.targets[i] for i in bench.val().indices) == [0, 1, 2]  # stratified hold-out
 
 
+def test_every_class_keeps_training_images(folders: dict[str, Path], tmp_path: Path) -> None:
+    """A class folder without images, or one whose only image the held-out validation split takes, would leave the
+    train-fitted detectors a class they never saw (Mahalanobis' mean of it: the zero vector): one line each."""
+    root = folders["id"]
+    (root / "train" / "zebra").mkdir()
+    with pytest.raises(DataNotFoundError, match=r"/train: class\(es\) \['zebra'\] have no images \(every ID class needs"):
+        FolderBenchmark(root, ood=[folders["far"]])
+    shutil.copy(root / "train" / "c0" / "0.png", root / "train" / "zebra" / "0.png")
+    shutil.copytree(root / "test" / "c0", root / "test" / "zebra")
+    with pytest.raises(DataNotFoundError, match=r"/train: holding out the ID validation split \(at least one image per "
+                                                r"class\) leaves class\(es\) \['zebra'\] no training image; give them"):
+        FolderBenchmark(root, ood=[folders["far"]])
+    shutil.copytree(root / "test", root / "val")  # a val/ split of its own: the one image stays in train
+    bench = FolderBenchmark(root, ood=[folders["far"]])
+    assert sorted({y for _, y in bench.id_sets["train"].entries}) == [0, 1, 2, 3]
+
+
 def test_truncated_jpeg_stops_naming_it_or_is_skipped_and_counted(folders: dict[str, Path], tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folders["far"] / "broken.jpg", quality=95)

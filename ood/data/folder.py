@@ -268,6 +268,8 @@ class FolderBenchmark(Benchmark):
                 raise DataNotFoundError(f"{image_set.name}: no images in {image_set.where}{after} (extensions {list(IMAGE_EXTENSIONS)})")
         if "val" not in self.id_sets and len(self._labels(train_set)) < 2:
             raise DataNotFoundError(f"{train_set.where}: {len(self._labels(train_set))} image(s); need 2 or more to hold out a validation split")
+        if train_set.entries is not None or "val" not in self.id_sets:  # a Dataset's labels may take a pass to read
+            self._check_train_classes(train_set)
 
     # ----- sources ----------------------------------------------------------------------------------------------
     _classes: list[str] | None = None
@@ -330,6 +332,21 @@ class FolderBenchmark(Benchmark):
 
     def _id_set(self, split: str, source: Source, classes: list[str] | None) -> ImageSet:
         return self._set(f"{self.name}:{split}", source, None, classes)
+
+    def _check_train_classes(self, train: ImageSet) -> None:
+        """Every ID class keeps training images once the validation split is held out (at least one image of each
+        class goes to it): the detectors fitted on train would otherwise score against a class they never saw (its
+        mean the zero vector), silently."""
+        labels = self._labels(train)
+        kept = set(labels) if self._held_out is None else {labels[i] for i in self._held_out[1]}
+        missing = [k for k in range(self.num_classes) if k not in kept]
+        if not missing:
+            return
+        names = [self.classes[k] for k in missing] if self.classes else missing
+        if set(missing) & set(labels):
+            raise DataNotFoundError(f"{train.where}: holding out the ID validation split (at least one image per class) "
+                                    f"leaves class(es) {names} no training image; give them more images or a val/ split")
+        raise DataNotFoundError(f"{train.where}: class(es) {names} have no images (every ID class needs training images)")
 
     def _class_count(self, train: ImageSet) -> int:
         """The number of classes of a train split labelled by index (an image list, a Dataset): 1 + the largest
