@@ -117,6 +117,15 @@ def test_latex_is_booktabs(runs: Path) -> None:
     assert "ce & msp & small\\_cnn & digits & 1 & 2 & 75.00 $\\pm$ 7.07" in tex
 
 
+def test_latex_escapes_each_special_character_once() -> None:
+    """A config value with LaTeX's special characters (a checkpoint path from elsewhere, a `ckpt` column) compiles and
+    reads as written: a backslash's own braces are not escaped again, `~` and `^` are text."""
+    entry = {"method": "ce", "ckpt": "C:\\runs\\~me\\a_b^2 {x}.ckpt", "seeds": 1, "near/auroc": (0.5, 0.0, 1)}
+    line = to_latex(["method", "ckpt"], ["near/auroc"], [entry]).splitlines()[4]
+    assert line == ("ce & C:\\textbackslash{}runs\\textbackslash{}\\textasciitilde{}me\\textbackslash{}a\\_b"
+                    "\\textasciicircum{}2 \\{x\\}.ckpt & 1 & 50.00 \\\\")
+
+
 def test_cli_writes_tables_and_readable_figures(runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     drawn = {}
     save = plots._save

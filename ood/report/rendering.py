@@ -4,9 +4,14 @@
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+#: LaTeX's special characters in text, replaced in one pass (the braces of `\textbackslash{}` stay as they are)
+LATEX_ESCAPES = {"\\": "\\textbackslash{}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}",
+                 **{c: "\\" + c for c in "&%$#_{}"}}
 
 
 def _cell(value: Any) -> str:
@@ -39,9 +44,7 @@ def to_latex(config_cols: Sequence[str], metric_cols: Sequence[str], table: Sequ
     """A LaTeX `booktabs` tabular (metrics in %, mean $\\pm$ std over seeds); needs `\\usepackage{booktabs}`."""
 
     def tex(text: str) -> str:
-        for char in ("\\", "&", "%", "$", "#", "_", "{", "}"):
-            text = text.replace(char, "\\" + char if char != "\\" else "\\textbackslash{}")
-        return text.replace(" ± ", " $\\pm$ ")
+        return re.sub(r"[\\&%$#_{}~^]", lambda m: LATEX_ESCAPES[m.group()], text).replace(" ± ", " $\\pm$ ")
 
     cols = [*config_cols, "seeds", *metric_cols]
     lines = [
