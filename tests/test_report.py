@@ -83,6 +83,20 @@ def test_cli_writes_markdown_and_csv(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "s/auroc_mean" in header and "0.75" in line
 
 
+def test_a_seed_run_twice_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Seed 0 trained twice (a rerun beside its sweep) counts twice in one configuration's mean ± std: the report
+    names the runs; different configurations of one seed are not repeats."""
+    for name, seed, auroc in (("sweep/0", 0, 0.8), ("sweep/1", 1, 0.6), ("rerun", 0, 0.8)):
+        _write(tmp_path / name, [_row(seed, "s", "near", auroc, k=6)])
+    _write(tmp_path / "other", [_row(0, "s", "near", 0.5, k=7)])
+    _, _, table = aggregate(load_rows([tmp_path]))
+    assert {e["method.k"]: e["seeds"] for e in table} == {"6": 3, "7": 1}
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {tmp_path}/rerun, {tmp_path}/sweep/0 are seed 0 of one configuration: each counts as a seed in its "
+        "mean ± std; report one of them"
+    ]
+
+
 def test_no_results_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main([str(tmp_path)])

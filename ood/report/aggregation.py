@@ -116,6 +116,8 @@ def aggregate(
         members.setdefault(key, []).append(flat)
     if by is not None:
         _warn_mixed(members)
+    else:
+        _warn_repeated_seeds(configs, {row["_run"]: row.get("seed") for row in rows})
 
     table = []
     for key, runs in configs.items():
@@ -148,3 +150,17 @@ def _warn_mixed(members: Mapping[tuple[str, ...], Sequence[Mapping[str, str]]]) 
     mixed = sorted({k for flats in members.values() for k in {k for f in flats for k in f} if len({f.get(k, "") for f in flats}) > 1})
     if mixed:
         print(f"warning: --by averages runs that differ in {', '.join(mixed)}", file=sys.stderr)
+
+
+def _warn_repeated_seeds(configs: Mapping[tuple[str, ...], Mapping[str, Any]], seed_of: Mapping[str, Any]) -> None:
+    """One line per set of runs that are the same seed of one configuration (a seed trained twice, e.g. a rerun
+    beside its sweep): each counts in the mean ± std and in `seeds`, as if it were another seed."""
+    repeated: set[tuple[str, ...]] = set()
+    for runs in configs.values():
+        by_seed: dict[str, list[str]] = {}
+        for run in runs:
+            by_seed.setdefault(str(seed_of[run]), []).append(run)
+        repeated |= {tuple(sorted(same)) for same in by_seed.values() if len(same) > 1}
+    for same in sorted(repeated):
+        print(f"warning: {', '.join(same)} are seed {seed_of[same[0]]} of one configuration: each counts as a seed in "
+              "its mean ± std; report one of them", file=sys.stderr)
