@@ -3,7 +3,7 @@
 Rebuilds the `method=heatmap` run from its `config.yaml` (next to `checkpoints/`), loads the checkpoint (frozen
 classifier + decoder + the saved input normalisation and feature range), and for every image (`image=` a file or a
 folder of .png/.jpg/.jpeg/.bmp) writes `<out>/<stem>_heatmap.png` (input | heatmap max_c |M| | overlay, the layout of
-the run's `heatmaps/<split>.png`) and prints its ID score (-mean max_c |M|, in [-1, 0]; near 0 = in-distribution)
+the run's `heatmaps/<split>.png`; `<name>_heatmap.png` when images share a stem, `a.png` and `a.jpg`) and prints its ID score (-mean max_c |M|, in [-1, 0]; near 0 = in-distribution)
 and predicted class. Images are converted to the classifier's channels and resized to its input size.
 """
 
@@ -108,11 +108,12 @@ def write_heatmaps(method: HeatmapOOD, files: list[Path], out: Path) -> list[tup
     x = (pixels - method.pixel_mean) / method.pixel_std
     heat, logits, _ = method.heatmap(x)
     scores, preds = heatmap_score(heat), logits.argmax(1)
+    stems = [f.stem for f in files]
     results = []
     for i, f in enumerate(files):
         title = f"{f.name}: score {scores[i]:.3f}, class {int(preds[i])}"
         grid = heatmap_grid(pixels[i : i + 1], heat[i : i + 1].abs().amax(1), title)
-        png = out / f"{f.stem}_heatmap.png"
+        png = out / f"{f.stem if stems.count(f.stem) == 1 else f.name}_heatmap.png"  # a.png and a.jpg: one file each
         from PIL import Image
 
         Image.fromarray(grid).save(png)

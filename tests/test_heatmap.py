@@ -298,6 +298,12 @@ def test_heatmap_grids_and_cli(heatmap_run, tmp_path: Path, capsys: pytest.Captu
     with pytest.raises(SystemExit):
         main([f"ckpt_path={out}", f"image={folder / 'broken.png'}", f"out={tmp_path / 'maps'}"])
     assert capsys.readouterr().err.startswith(f"error: unreadable image {folder / 'broken.png'}: UnidentifiedImageError")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(folder / "white.jpg")  # two images of one stem
+    (folder / "broken.png").unlink()
+    main([f"ckpt_path={out}", f"image={folder}", f"out={tmp_path / 'stems'}"])
+    assert sorted(p.name for p in (tmp_path / "stems").iterdir()) == [
+        "black_heatmap.png", "white.jpg_heatmap.png", "white.png_heatmap.png"
+    ]
     # a data=folder run (no data.benchmark in its config) rebuilds from its weights alone, without its data
     copy = tmp_path / "folder_run"
     shutil.copytree(out / "checkpoints", copy / "checkpoints")
