@@ -120,6 +120,37 @@ def one_line_errors() -> Iterator[None]:
         raise user from None
 
 
+@contextmanager
+def _caller_state() -> Iterator[None]:
+    """The process-wide state a run sets, put back afterwards: `seed_everything`'s global RNG states (torch, its
+    CUDA generators once in use, NumPy, Python) and `PL_GLOBAL_SEED` / `PL_SEED_WORKERS`, and the trainer's
+    `torch.use_deterministic_algorithms` and cuDNN benchmark flags. `evaluate` is a call inside the user's program:
+    their training loop goes on with its own random stream and settings (a CPU evaluation left deterministic
+    algorithms on, which CUDA ops without a deterministic kernel then refuse)."""
+    import random
+
+    rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+           torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark)
+    env = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    try:
+        yield
+    finally:
+        torch.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
+        if rng[3] is not None:
+            torch.cuda.set_rng_state_all(rng[3])
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        torch.backends.cudnn.benchmark = flags[2]
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _checked_device(device: str | torch.device | None) -> str:
     """`device` as `cpu`, `cuda` or `cuda:<i>` (None: cuda when available), refused in one line when torch cannot
     use it."""
@@ -265,28 +296,29 @@ def evaluate(
     ]
     previous = HydraConfig.instance().cfg
     GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name="eval", overrides=args, return_hydra_config=True)
-        _check_data_options(data, cfg.data)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(out)
-            cfg.hydra.job.num = 0
-            for key, value in values.items():
-                cfg.data[key] = value
-            _describe_backbone(cfg.backbone, net)
-        HydraConfig.instance().set_config(cfg)
-        method_, datamodule, trainer, _ = build(cfg, backbone=backbone, data=objects)
-        classes = getattr(datamodule.benchmark, "classes", None)  # class folders, when the data has them
-        named = f": {classes[:8]}{' ...' if len(classes) > 8 else ''}" if classes else ""
-        check_classes(backbone, datamodule.num_classes, f"the ID data ({datamodule.name}{named})")
-        method_.apply_init(load=False)
-        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-        with one_line_errors():
-            trainer.test(method_, datamodule=datamodule, verbose=False)
-    finally:
-        GlobalHydra.instance().clear()
-        HydraConfig.instance().cfg = previous  # type: ignore[assignment]
+    with _caller_state():
+        try:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                cfg = compose(config_name="eval", overrides=args, return_hydra_config=True)
+            _check_data_options(data, cfg.data)
+            with open_dict(cfg):
+                cfg.hydra.runtime.output_dir = str(out)
+                cfg.hydra.job.num = 0
+                for key, value in values.items():
+                    cfg.data[key] = value
+                _describe_backbone(cfg.backbone, net)
+            HydraConfig.instance().set_config(cfg)
+            method_, datamodule, trainer, _ = build(cfg, backbone=backbone, data=objects)
+            classes = getattr(datamodule.benchmark, "classes", None)  # class folders, when the data has them
+            named = f": {classes[:8]}{' ...' if len(classes) > 8 else ''}" if classes else ""
+            check_classes(backbone, datamodule.num_classes, f"the ID data ({datamodule.name}{named})")
+            method_.apply_init(load=False)
+            OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+            with one_line_errors():
+                trainer.test(method_, datamodule=datamodule, verbose=False)
+        finally:
+            GlobalHydra.instance().clear()
+            HydraConfig.instance().cfg = previous  # type: ignore[assignment]
     return Results.from_dir(out)
 
 

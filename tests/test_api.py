@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import random
 import runpy
 import sys
 from pathlib import Path
@@ -157,6 +159,34 @@ def test_a_corrupt_image_read_by_a_worker_is_one_line(tmp_path: Path) -> None:
                      num_workers=1, output_dir=tmp_path / "run")
     with pytest.raises(BadImageError, match=rf"^unreadable image {bad}: [^\n]*$"):
         ood.extract(net, paths["id"] / "test", image_size=32, resize=32, num_workers=1)
+
+
+def test_evaluate_leaves_the_callers_random_streams_and_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ood.evaluate` inside the user's own loop: the run seeds the global generators and turns deterministic
+    algorithms on (trainer=cpu); the caller gets back its random streams, its flags and no PL_GLOBAL_SEED."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    deterministic = torch.are_deterministic_algorithms_enabled()  # an earlier run in this process may have left it
+    torch.use_deterministic_algorithms(False)
+    paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+
+    def draws() -> tuple[torch.Tensor, float, float]:
+        return torch.rand(3), float(np.random.rand()), random.random()
+
+    def seeded() -> None:
+        torch.manual_seed(123)
+        np.random.seed(123)
+        random.seed(123)
+
+    seeded()
+    expected = draws()
+    seeded()
+    ood.evaluate(net, paths["id"], [paths["far"]], detectors="msp", image_size=32, resize=32, device="cpu",
+                 output_dir=tmp_path / "run")
+    after = draws()
+    assert torch.equal(after[0], expected[0]) and after[1:] == expected[1:]
+    assert not torch.are_deterministic_algorithms_enabled() and "PL_GLOBAL_SEED" not in os.environ
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def test_example_script_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
