@@ -63,6 +63,15 @@ def test_configurations_are_never_averaged(runs: Path) -> None:
     assert by[("ce", "msp", "3")]["id_acc"][0] == pytest.approx(0.9) and "id_acc" in metric_cols
 
 
+def test_the_training_run_is_kept_before_its_re_evaluation(tmp_path: Path) -> None:
+    """A re-evaluation that scores a little differently (another GPU, another ood version) is dropped for the run
+    that trained the checkpoint, whatever the folders' names sort like ("again" < "zz_trained" here)."""
+    trained = _run(tmp_path / "zz_trained", 0, 3, 0.90)
+    _run(tmp_path / "again", 0, 15, 0.85, ckpt=trained / "checkpoints" / "last.ckpt")
+    rows = load_rows([tmp_path])
+    assert {r["_run"] for r in rows} == {str(trained)} and max(r["auroc"] for r in rows) == 0.9
+
+
 def test_a_re_evaluation_in_another_configuration_is_its_own_entry(runs: Path) -> None:
     """Re-evaluating a checkpoint with another fit fraction is not a repeat of the same numbers: its rows stay, as
     their own entry with the key as a column (they were dropped as a re-evaluation)."""
