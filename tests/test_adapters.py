@@ -3,6 +3,7 @@ and every detector / GROOD through `ood.evaluate` on each adapter."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,20 @@ def test_weights_from_local_files(tmp_path: Path) -> None:
     assert isinstance(wrapped, ModuleBackbone) and wrapped.head == "classifier.3"
     with pytest.raises(ConfigError, match="unknown timm model 'resnet_nope'"):
         timm_backbone("resnet_nope", num_classes=3)
+
+
+def test_a_module_target_in_the_working_directory_names_pythonpath(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ood-eval backbone=module backbone.target=my_nets.Net` from the folder holding my_nets.py: an entry point's
+    sys.path does not hold the working directory (`python -m` would), so the error says how to add it."""
+    (tmp_path / "my_nets_here.py").write_text("from torch import nn\nNet = nn.Linear\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    with pytest.raises(ConfigError, match=r"^backbone.target='my_nets_here.Net' cannot be imported: No module named "
+                                          r"'my_nets_here' \(my_nets_here is in the working directory, which is not on "
+                                          r"sys.path: run with PYTHONPATH=.\)$"):
+        module_backbone("my_nets_here.Net", num_classes=3)
+    with pytest.raises(ConfigError, match=r"cannot be imported: No module named 'elsewhere'$"):
+        module_backbone("elsewhere.Net", num_classes=3)
 
 
 def test_every_cached_detector_on_a_timm_vit(folders: dict[str, Path], tmp_path: Path) -> None:

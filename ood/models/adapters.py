@@ -434,7 +434,11 @@ def module_backbone(
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as err:
-        raise ConfigError(f"backbone.target={target!r} cannot be imported: {err}") from None
+        top = module_name.partition(".")[0]
+        here = isinstance(err, ModuleNotFoundError) and err.name == top and any(Path(top + end).exists() for end in ("", ".py"))
+        # an entry point's sys.path starts at its bin/ folder, not at the working directory as `python -m` does
+        hint = f" ({top} is in the working directory, which is not on sys.path: run with PYTHONPATH=.)" if here else ""
+        raise ConfigError(f"backbone.target={target!r} cannot be imported: {err}{hint}") from None
     params = inspect.signature(factory).parameters
     open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     given = {"num_classes": num_classes} if "num_classes" in params or open_kwargs else {}
