@@ -72,15 +72,15 @@ def build(
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     """Train (unless `train=false`) and evaluate; returns the result rows also written to `results.jsonl`."""
-    check_launch(cfg, in_multirun())
-    if not cfg.train and not cfg.get("ckpt_path") and not cfg.backbone.get("weights"):
-        raise ConfigError(
-            "evaluation without training needs a checkpoint: add ckpt_path=PATH/checkpoints/last.ckpt "
-            "(or backbone.weights=FILE for a backbone that loads pretrained weights, e.g. backbone=resnet50)"
-        )
     output_dir = Path(cfg.paths.output_dir)
     clear_failure(output_dir)
-    try:
+    try:  # the launch checks too: a job of a sweep refused by them is named with its error by ood-report
+        check_launch(cfg, in_multirun())
+        if not cfg.train and not cfg.get("ckpt_path") and not cfg.backbone.get("weights"):
+            raise ConfigError(
+                "evaluation without training needs a checkpoint: add ckpt_path=PATH/checkpoints/last.ckpt "
+                "(or backbone.weights=FILE for a backbone that loads pretrained weights, e.g. backbone=resnet50)"
+            )
         return _run(cfg, output_dir)
     except Exception as err:
         record_failure(output_dir, err)

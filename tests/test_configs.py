@@ -91,3 +91,5 @@ def test_eval_config_requires_checkpoint(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="needs a checkpoint: add ckpt_path="):
         run(compose_config(tmp_path, [], config_name="eval"))
+    # the job's folder names its error for ood-report (not "still running or killed")
+    assert (tmp_path / "FAILED.txt").read_text().startswith("ConfigError: evaluation without training needs a checkpoint")
