@@ -117,6 +117,17 @@ def test_by_chooses_the_grouping_and_warns(runs: Path, capsys: pytest.CaptureFix
     assert "--by averages runs that differ in method.scheduler.T_max, trainer.max_epochs" in capsys.readouterr().err
 
 
+def test_a_by_key_no_run_has_is_refused(runs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A misspelt `--by` key grouped by an empty column, averaging over every key that differs: one line instead."""
+    with pytest.raises(SystemExit):
+        main([str(runs / "sweep"), "--by", "method.optimizer.learning_rate", "--no-figures"])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: --by ['method.optimizer.learning_rate']: no run has these keys (method.optimizer.learning_rate: did you "
+        "mean method.optimizer.lr?); the keys that differ between these runs: ['method.scheduler.T_max', "
+        "'trainer.max_epochs']")
+    assert not (runs / "sweep" / "report.md").exists()
+
+
 def test_latex_is_booktabs(runs: Path) -> None:
     tex = to_latex(*aggregate(load_rows([runs / "sweep"])))
     lines = tex.splitlines()

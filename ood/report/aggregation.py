@@ -59,6 +59,11 @@ def _config_of(row: Mapping[str, Any]) -> dict[str, str]:
             "mode": str(row.get("mode", "standard"))}
 
 
+def config_keys(rows: Sequence[Mapping[str, Any]]) -> set[str]:
+    """Every configuration key of `rows`: what `--by` may name."""
+    return {k for row in rows for k in _config_of(row)}
+
+
 def varying_params(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """Config columns whose value differs between rows of the same method, detector, backbone and ID dataset."""
     seen: dict[tuple[tuple[str, ...], str], set[str]] = {}

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from ood.errors import OODError
 from ood.files import atomic_write, atomic_write_text
-from ood.report.aggregation import aggregate
+from ood.report.aggregation import aggregate, config_keys, varying_params
 from ood.report.figures import write_figures
 from ood.report.reading import failed_runs, load_rows
 from ood.report.references import add_reference, default_references, load_reference, reference_files
@@ -65,6 +66,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: --detectors {unknown}: not in these runs; their detectors: {scored}", file=sys.stderr)
         sys.exit(1)
     by = [k.strip() for k in args.by.split(",") if k.strip()] if args.by else None
+    keys = config_keys(rows)
+    unknown = [k for k in by or () if k not in keys]
+    if unknown:  # a misspelt key would group by an empty column, averaging over every other key
+        close = {k: difflib.get_close_matches(k, sorted(keys), n=1) for k in unknown}
+        hint = "".join(f" ({k}: did you mean {c[0]}?)" for k, c in close.items() if c)
+        differ = [k for k in varying_params(rows) if k != "mode"]
+        print(f"error: --by {unknown}: no run has these keys{hint}; the keys that differ between these runs: {differ}",
+              file=sys.stderr)
+        sys.exit(1)
     config_cols, metric_cols, table = aggregate(rows, by=by)
     metric_cols = add_reference(metric_cols, table, references)
     markdown = to_markdown(config_cols, metric_cols, table)
