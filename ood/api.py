@@ -363,6 +363,7 @@ def extract(
     from ood.features.passes import forward_dataset
     from ood.methods.base import OODMethod
     from ood.models.adapters import as_backbone
+    from ood.utils import linear_params
 
     net = model.backbone if isinstance(model, OODMethod) else model
     backbone = as_backbone(net, feature_layer)
@@ -387,7 +388,7 @@ def extract(
         result = forward_dataset(outputs, dataset, module=backbone, batch_size=batch_size, device=device,
                                  num_workers=num_workers, desc="extract")
     labels = result.pop("labels")
-    weight, bias = (t.detach().float().cpu() for t in (backbone.fc.weight, backbone.fc.bias))
+    weight, bias = (t.detach().float().cpu() for t in linear_params(backbone.fc))
     return FeatureBank(
         logits=result.pop("logits"),
         features=result.pop("features"),

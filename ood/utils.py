@@ -1,4 +1,4 @@
-"""Small shared helpers: the one `instantiate`, rank-aware logging, finiteness checks."""
+"""Small shared helpers: the one `instantiate`, rank-aware logging, finiteness checks, a linear head's (W, b)."""
 
 from __future__ import annotations
 
@@ -48,3 +48,11 @@ def check_finite(values: torch.Tensor, what: str) -> None:
     if bool(bad.any()):
         n_bad = int(bad.sum())
         raise NonFiniteError(f"{what}: {n_bad} of {values.numel()} values are NaN or infinite")
+
+
+def linear_params(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W [C, D], b [C]) of a final linear layer; b is zeros for a layer built with `bias=False` (cosine or bias-free
+    heads), which computes W h + 0."""
+    weight = layer.weight
+    bias = layer.bias if layer.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return weight, bias

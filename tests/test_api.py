@@ -189,6 +189,26 @@ def test_evaluate_leaves_the_callers_random_streams_and_flags(tmp_path: Path, mo
     torch.use_deterministic_algorithms(deterministic)
 
 
+def test_a_head_without_bias_reads_as_a_zero_bias(tmp_path: Path) -> None:
+    """A final `nn.Linear(..., bias=False)` (cosine and bias-free heads) stopped the evaluation with an
+    AttributeError; the detectors that read the head see b = 0, as a zero-bias twin gives them."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
+    torch.manual_seed(0)
+    bare = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3, bias=False))
+    twin = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    twin[1].weight.data.copy_(bare[1].weight.data)
+    twin[1].bias.data.zero_()
+    scores = [ood.evaluate(net, paths["id"], [paths["far"]], detectors=["fdbd", "react", "adascale_a"], image_size=32,
+                           resize=32, device="cpu", output_dir=tmp_path / name, overrides=["detectors.tune=false"]).scores
+              for name, net in (("bare", bare), ("twin", twin))]
+    assert scores[0].keys() == scores[1].keys() == {"fdbd", "react"}  # adascale_a needs stages: skipped, not a crash
+    for detector, splits in scores[0].items():
+        for split, values in splits.items():
+            np.testing.assert_allclose(values, scores[1][detector][split], rtol=1e-6, err_msg=f"{detector} {split}")
+    bank = ood.extract(bare, paths["far"], image_size=32, resize=32)
+    assert torch.equal(bank.bias, torch.zeros(3))
+
+
 def test_example_script_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     script = Path(__file__).resolve().parent.parent / "examples" / "your_model.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--out", str(tmp_path), "--detectors", "msp,knn", "--steps", "2"])

@@ -31,6 +31,7 @@ from torch import nn
 from ood.detectors.base import SharedPasses
 from ood.detectors.network import ModelFitted, backbone_of, staged_forward
 from ood.features.bank import FeatureBank
+from ood.utils import linear_params
 
 #: OpenOOD's percentile sweep: every (low, high) pair of 60, 65, ..., 95, 99 with low < high
 PERCENTILES = [(lo, hi) for i, lo in enumerate((60, 65, 70, 75, 80, 85, 90, 95, 99)) for hi in (60, 65, 70, 75, 80, 85, 90, 95, 99)[i + 1 :]]
@@ -121,7 +122,7 @@ class AdaScaleA(ModelFitted):
         logits, h, q = shared.get(key, lambda: self._passes(model, x, shared))
         reference = self.reference_.to(q.device)
         below = 1 - torch.searchsorted(reference, q, right=True).double() / len(reference)  # 1 - ECDF(Q')
-        weight, bias = backbone.fc.weight.detach().double(), backbone.fc.bias.detach().double()
+        weight, bias = (t.detach().double() for t in linear_params(backbone.fc))
         scores = []
         for point in points:
             lo, hi = self.set_params(**point).percentile

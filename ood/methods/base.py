@@ -40,7 +40,7 @@ from ood.errors import ConfigError, NonFiniteError
 from ood.features.bank import FeatureBank
 from ood.models.base import Backbone
 from ood.models.checkpoint import load_modules, read_state_dict
-from ood.utils import get_logger
+from ood.utils import get_logger, linear_params
 
 log = get_logger(__name__)
 
@@ -179,7 +179,7 @@ class OODMethod(LightningModule):
     # ----- evaluation contract --------------------------------------------------------------------------------
     def linear_head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The linear head (W [C, D], b [C]) whose logits the post-hoc detectors see; default `backbone.fc`."""
-        return self.backbone.fc.weight, self.backbone.fc.bias
+        return linear_params(self.backbone.fc)
 
     def eval_outputs(self, x: torch.Tensor, split: EvalSplit) -> dict[str, torch.Tensor]:
         """Per-sample tensors to cache for one evaluation batch of `split`: `logits`, `features`, `cache_layers`
