@@ -91,5 +91,6 @@ def test_license_file_matches_pyproject() -> None:
     import tomllib
 
     root = Path(__file__).parents[1]
-    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["license"]["text"]
-    assert declared == "MIT" and (root / "LICENSE").read_text().startswith("MIT License\n")
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]  # an SPDX expression, setuptools>=77
+    assert (root / "LICENSE").read_text().startswith("MIT License\n")
