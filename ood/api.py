@@ -285,6 +285,10 @@ def evaluate(
     values, objects = _data_kwargs(id_data, ood_data, net, transform)
     fsood = bool({**values, **objects}["ood"]["csid"]) if fsood is None else fsood
     out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="ood-eval-"))
+    owned = [name for name in ("checkpoints", "identity.json") if (out / name).exists()]
+    if owned:  # an ood-train / ood-eval run: its checkpoint would be left beside another run's config and results
+        raise ConfigError(f"output_dir={out} holds an ood run ({', '.join(owned)}): ood.evaluate would replace its "
+                          "config.yaml, results.jsonl and scores.npz; give a folder of its own")
     out.mkdir(parents=True, exist_ok=True)
     values |= {k: v for k, v in data.items() if not _is_object(v)}
     objects |= {k: v for k, v in data.items() if k not in values}

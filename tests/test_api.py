@@ -209,6 +209,24 @@ def test_a_head_without_bias_reads_as_a_zero_bias(tmp_path: Path) -> None:
     assert torch.equal(bank.bias, torch.zeros(3))
 
 
+def test_output_dir_of_a_cli_run_is_refused(tmp_path: Path) -> None:
+    """`output_dir=` a training run's folder replaced its config.yaml (read with its checkpoint by ood-heatmap and
+    ood-eval), results and scores, and left its identity.json naming another configuration; an earlier
+    `ood.evaluate` folder is reused as before."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    run = tmp_path / "logs" / "train" / "runs" / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("train: true\n")
+    with pytest.raises(ConfigError, match=rf"^output_dir={run} holds an ood run \(checkpoints\): ood.evaluate would "
+                                          r"replace its config.yaml, results.jsonl and scores.npz; give a folder of its own$"):
+        ood.evaluate(net, paths["id"], [paths["far"]], detectors="msp", image_size=32, resize=32, device="cpu", output_dir=run)
+    assert (run / "config.yaml").read_text() == "train: true\n"
+    for _ in range(2):
+        ood.evaluate(net, paths["id"], [paths["far"]], detectors="msp", image_size=32, resize=32, device="cpu",
+                     output_dir=tmp_path / "mine")
+
+
 def test_example_script_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     script = Path(__file__).resolve().parent.parent / "examples" / "your_model.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--out", str(tmp_path), "--detectors", "msp,knn", "--steps", "2"])
