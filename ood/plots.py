@@ -119,7 +119,7 @@ def roc_figure(curves: Mapping[str, Mapping[str, SplitScores]], ood_sets: Sequen
         ax.axhline(0.95, color="grey", linestyle="--", linewidth=0.6)
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel=FPR_LABEL, ylabel=TPR_LABEL, title=ood)
     fig.suptitle(title, fontsize=11)
-    _legend_below(fig, axes[0])
+    _legend_below(fig, *axes[: len(ood_sets)])  # every panel's: a report over two benchmarks has curves in some only
     return _save(fig, path)
 
 

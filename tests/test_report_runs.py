@@ -199,6 +199,21 @@ def test_roc_curves_beyond_ten_stay_apart() -> None:
     assert len(set(styles)) == 12 and styles[10] == ("C0", "--") and styles[0] == ("C0", "-")
 
 
+def test_roc_legend_names_curves_of_every_panel() -> None:
+    """A report over two benchmarks: each configuration's curves are in its own sets' panels only, and the legend
+    named only those of the first panel."""
+    drawn = {}
+    save = plots._save
+    try:
+        plots._save = lambda fig, path: drawn.setdefault("legend", [t.get_text() for t in fig.legends[0].get_texts()])  # type: ignore[assignment]
+        curves = {"msp on digits": {"test": np.arange(5.0), "noise": np.arange(5.0) - 1},
+                  "msp on folders": {"test": np.arange(5.0), "checkers": np.arange(5.0) - 2}}
+        plots.roc_figure(curves, ["noise", "checkers"], "x.png", "t")
+    finally:
+        plots._save = save
+    assert drawn["legend"] == ["msp on digits", "chance", "msp on folders"]
+
+
 def test_run_figures_in_the_run_folder(tmp_path: Path) -> None:
     rows = [{"method": "ce", "detector": d, "id_dataset": "digits", "ood_dataset": "far_set", "auroc": a, "seed": 0}
             for d, a in (("msp", 0.7), ("energy", 0.8), ("knn", 0.9), ("vim", 0.6), ("gen", 0.5))]
