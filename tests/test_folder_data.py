@@ -137,6 +137,19 @@ def test_every_class_keeps_training_images(folders: dict[str, Path], tmp_path: P
     assert sorted({y for _, y in bench.id_sets["train"].entries}) == [0, 1, 2, 3]
 
 
+def test_a_batch_larger_than_the_training_set_is_refused(folders: dict[str, Path]) -> None:
+    """12 training images and the default batch of 64: the training loader drops its partial last batch, so the run
+    trained no step, evaluated the untrained network as if trained and saved no checkpoint."""
+    from ood.data.benchmark import OODDataModule
+
+    bench = FolderBenchmark(folders["id"], ood=[folders["far"]], image_size=32, resize=32)
+    with pytest.raises(ConfigError, match=r"^data.batch_size=64 is larger than the 9 ID training images \(1 rank\(s\)\): "
+                                          r"the partial last batch is dropped, so no training step would run; lower "
+                                          r"data.batch_size$"):
+        OODDataModule(bench, batch_size=64).train_dataloader()
+    assert len(OODDataModule(bench, batch_size=9).train_dataloader()) == 1
+
+
 def test_truncated_jpeg_stops_naming_it_or_is_skipped_and_counted(folders: dict[str, Path], tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folders["far"] / "broken.jpg", quality=95)

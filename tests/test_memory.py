@@ -33,8 +33,8 @@ def _all(dataset: torch.utils.data.Dataset) -> tuple[torch.Tensor, torch.Tensor,
 def test_every_split_equals_the_pil_path_exactly(tree: Path) -> None:
     """Grey MNIST, 40-64 px sets (resize + centre crop), val/test lists, train without augmentation: equal bits;
     the decoded arrays are cached under data_dir/ood_cache, named after the list file, and reused."""
-    streaming = OODDataModule(CIFAR10Benchmark(tree, in_memory=False, augment=False))
-    memory = OODDataModule(CIFAR10Benchmark(tree, augment=False))
+    streaming = OODDataModule(CIFAR10Benchmark(tree, in_memory=False, augment=False), batch_size=8)
+    memory = OODDataModule(CIFAR10Benchmark(tree, augment=False), batch_size=8)
     for (split, pil), (_, ours) in zip(streaming._eval_sets(), memory._eval_sets(), strict=True):
         assert isinstance(ours, MemoryImages), split.name
         for a, b in zip(_all(pil), _all(ours)):

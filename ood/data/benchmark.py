@@ -323,6 +323,10 @@ class OODDataModule(LightningDataModule):
         world = world_size()
         batch = per_rank_batch(self.batch_size, "data.batch_size", world)
         train = self._dataset(self.benchmark.train(augment=True))
+        if math.ceil(len(train) / world) < batch:  # type: ignore[arg-type]
+            raise ConfigError(f"data.batch_size={self.batch_size} is larger than the {len(train)} ID training images "  # type: ignore[arg-type]
+                              f"({world} rank(s)): the partial last batch is dropped, so no training step would run; "
+                              "lower data.batch_size")
         self._augment = {"id": batch_augmentation(train)}
         loader = self._loader(train, batch, EpochShuffle(train, self.seed), train=True)
         if "outliers" not in self.streams:
