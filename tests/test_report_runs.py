@@ -72,6 +72,17 @@ def test_the_training_run_is_kept_before_its_re_evaluation(tmp_path: Path) -> No
     assert {r["_run"] for r in rows} == {str(trained)} and max(r["auroc"] for r in rows) == 0.9
 
 
+def test_evaluations_of_two_seeds_checkpoints_are_no_repeated_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ood-eval method=grood ckpt_path=<seed s run>` records its own seed (0), not its checkpoint's: two such runs
+    are two models, not seed 0 twice."""
+    for seed in (0, 1):
+        trained = _run(tmp_path / "sweep" / str(seed), seed, 1, 0.8)
+        _run(tmp_path / "evals" / str(seed), 0, 1, 0.7, method="grood", ckpt=trained / "checkpoints" / "last.ckpt")
+    _, _, table = aggregate(load_rows([tmp_path]))
+    assert {e["seeds"] for e in table if e["method"] == "grood"} == {2}
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_re_evaluation_in_another_configuration_is_its_own_entry(runs: Path) -> None:
     """Re-evaluating a checkpoint with another fit fraction is not a repeat of the same numbers: its rows stay, as
     their own entry with the key as a column (they were dropped as a re-evaluation)."""

@@ -10,12 +10,20 @@ import json
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 BASE_KEYS = ("method", "detector", "backbone", "id_dataset")
 SHOWN = ("auroc", "fpr95")
 #: the accuracies a run reports (the same in every row of a run): ID test, and full-spectrum rows' pooled ID test + csid sets
 ACCURACIES = ("id_acc", "csid_acc")
+
+
+def trained_here(row: Mapping[str, Any]) -> bool:
+    """Whether the row's run trained the model it scores (its own `checkpoints/last.ckpt`), not evaluated a
+    checkpoint; rows not read from a run folder (no `_model`) count as trained."""
+    model = row.get("_model")
+    return model is None or Path(model).parent.parent == Path(row["_run"]).resolve()
 
 
 def _tuned_keys(row: Mapping[str, Any]) -> set[str]:
@@ -121,8 +129,8 @@ def aggregate(
         members.setdefault(key, []).append(flat)
     if by is not None:
         _warn_mixed(members)
-    else:
-        _warn_repeated_seeds(configs, {row["_run"]: row.get("seed") for row in rows})
+    else:  # an evaluation's seed is its own, not its checkpoint's: only runs that trained their model are compared
+        _warn_repeated_seeds(configs, {row["_run"]: row.get("seed") for row in rows if trained_here(row)})
 
     table = []
     for key, runs in configs.items():
@@ -164,7 +172,8 @@ def _warn_repeated_seeds(configs: Mapping[tuple[str, ...], Mapping[str, Any]], s
     for runs in configs.values():
         by_seed: dict[str, list[str]] = {}
         for run in runs:
-            by_seed.setdefault(str(seed_of[run]), []).append(run)
+            if run in seed_of:
+                by_seed.setdefault(str(seed_of[run]), []).append(run)
         repeated |= {tuple(sorted(same)) for same in by_seed.values() if len(same) > 1}
     for same in sorted(repeated):
         print(f"warning: {', '.join(same)} are seed {seed_of[same[0]]} of one configuration: each counts as a seed in "

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ood.errors import OODError
-from ood.report.aggregation import config_params
+from ood.report.aggregation import config_params, trained_here
 from ood.runs.failures import failure
 from ood.runs.identity import read_identity
 
@@ -34,18 +34,13 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         raise OODError(f"no results.jsonl found under {', '.join(map(str, paths))}")
     seen: dict[tuple[str, ...], str] = {}
     kept = []
-    for row in sorted(rows, key=lambda r: ("ckpt" in r["_config"], not _trained_here(r), r["_run"])):
+    for row in sorted(rows, key=lambda r: ("ckpt" in r["_config"], not trained_here(r), r["_run"])):
         params = json.dumps(config_params(row), sort_keys=True)
         key = (row["_model"], json.dumps(row["_config"], sort_keys=True), str(row["method"]), str(row["detector"]),
                params, str(row["ood_dataset"]), str(row.get("mode", "standard")))
         if seen.setdefault(key, row["_run"]) == row["_run"]:
             kept.append(row)
     return kept
-
-
-def _trained_here(row: dict[str, Any]) -> bool:
-    """Whether the row's run trained the model it scores (its own `checkpoints/last.ckpt`), not re-evaluated it."""
-    return Path(row["_model"]).parent.parent == Path(row["_run"]).resolve()
 
 
 def failed_runs(paths: Iterable[str | Path]) -> dict[str, str]:
