@@ -42,13 +42,17 @@ def test_written_once_read_back(tmp_path: Path) -> None:
 
 
 def test_evaluation_run_takes_the_trained_epochs(tmp_path: Path) -> None:
+    """An evaluation cannot know its checkpoint's training settings (epochs, optimiser, training batch size,
+    augmentation): it takes them from the run that trained it, so ood-report counts the re-evaluation once."""
     train = tmp_path / "train"
-    trained = run_identity(compose_config(train, ["trainer.max_epochs=7"]), CHOICES, train, None)
+    trained = run_identity(compose_config(train, ["trainer.max_epochs=7", "data.batch_size=16", "data.benchmark.augment=false"]),
+                           CHOICES, train, None)
     write_identity(train, trained)
     ckpt = train / "checkpoints" / "last.ckpt"
     cfg = compose_config(tmp_path / "eval", [f"ckpt_path={ckpt}"], config_name="eval")
     evaluated = run_identity(cfg, CHOICES, tmp_path / "eval", str(ckpt))
     assert evaluated.config["trainer.max_epochs"] == "7" and evaluated.config == trained.config
+    assert (evaluated.config["data.batch_size"], evaluated.config["data.benchmark.augment"]) == ("16", "false")
     assert evaluated.model == str(ckpt.resolve()) and evaluated.group == trained.group
     elsewhere = run_identity(cfg, CHOICES, tmp_path / "eval", str(tmp_path / "model.pt"))
     assert elsewhere.config["ckpt"] == str(tmp_path / "model.pt") and "trainer.max_epochs" not in elsewhere.config
