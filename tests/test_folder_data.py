@@ -199,6 +199,12 @@ def test_planted_duplicates_are_listed_and_dropped(folders: dict[str, Path], tmp
     by_hand = roc_auc_score(np.r_[np.ones(len(id_scores)), np.zeros(clean.sum())], np.r_[id_scores, ood_scores[clean]])
     assert row["auroc"] == pytest.approx(by_hand, abs=1e-12)
     assert row["auroc"] != pytest.approx(kept.rows[0]["auroc"], abs=1e-3)
+    copies = shutil.copytree(folders["id"] / "test" / "c0", tmp_path / "copies")  # an OOD set of ID images only
+    with pytest.raises(DataNotFoundError, match=r"^data.drop_overlap=true leaves no image of OOD set\(s\) \['copies'\]: "
+                                                r"each of their images duplicates ID data \(listed in overlap.json\)"):
+        ood.evaluate(_pixels(), folders["id"], {"far": {"planted": planted, "copies": copies}},
+                     output_dir=tmp_path / "emptied", drop_overlap=True, **common)
+    assert len(json.loads((tmp_path / "emptied" / "overlap.json").read_text())["sets"]["copies"]) == 3
 
 
 def test_ddp_cpu_timm_on_folders_equals_single_process(tmp_path: Path) -> None:

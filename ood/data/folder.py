@@ -569,6 +569,11 @@ class FolderBenchmark(Benchmark):
                       "drop_overlap": self.drop_overlap,
                       "sets": {n: [{k: v for k, v in e.items() if k != "row"} for e in es] for n, es in found.items()}}
             atomic_write_text(self.report_dir / "overlap.json", json.dumps(record, indent=2))
+        emptied = [name for name in ood_names if notes[name]["overlap_dropped"] and len(out[name]) == 0]
+        if emptied:
+            raise DataNotFoundError(f"data.drop_overlap=true leaves no image of OOD set(s) {emptied}: each of their "
+                                    "images duplicates ID data (listed in overlap.json); score them without "
+                                    "drop_overlap, or with another data.overlap_threshold")
         return out, notes
 
 
