@@ -121,6 +121,7 @@ def test_conf_groups_resolve_from_the_registry() -> None:
     assert names(load("none")["names"]) == []
     # resolved once: classes pass through unchanged
     assert resolve_detectors([detector_class("knn"), "msp"]) == [detector_class("knn"), detector_class("msp")]
+    assert resolve_detectors(["msp", "knn", "msp"]) == [detector_class("msp"), detector_class("knn")]  # once each
     assert resolve_detectors("msp") == [detector_class("msp")]  # one name alone
     with pytest.raises(ConfigError, match=r"unknown detector selection 'every'; choices: \['full', 'all', 'cached'\]"):
         resolve_detectors("every")

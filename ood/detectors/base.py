@@ -160,7 +160,8 @@ DetectorRef = str | type[Detector]
 
 def resolve_detectors(names: str | Sequence[DetectorRef]) -> list[type[Detector]]:
     """Detector classes from a list of names, one name, or a registry selection (`full`, `all`, `cached`); unknown names fail
-    listing the choices. The one registry lookup of a run: the evaluation passes the classes on."""
+    listing the choices, a name given twice counts once (it scored twice, its rows twice in results.jsonl). The one
+    registry lookup of a run: the evaluation passes the classes on."""
     if isinstance(names, str):
         if names in _REGISTRY:  # one detector named alone
             return [_REGISTRY[names]]
@@ -168,7 +169,7 @@ def resolve_detectors(names: str | Sequence[DetectorRef]) -> list[type[Detector]
             raise ConfigError(f"unknown detector selection {names!r}; choices: {list(SELECTIONS)} or a list of names")
         keep = {"full": lambda c: True, "all": lambda c: not c.full_only, "cached": lambda c: not (c.needs_model or c.full_only)}[names]
         return [_REGISTRY[n] for n in available_detectors() if keep(_REGISTRY[n])]
-    return [detector_class(name) for name in names]
+    return list(dict.fromkeys(detector_class(name) for name in names))
 
 
 def detector_class(name: DetectorRef) -> type[Detector]:
