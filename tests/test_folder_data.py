@@ -262,12 +262,16 @@ def test_validation_ood_alone_is_refused(folders: dict[str, Path]) -> None:
         FolderBenchmark(folders["id"], ood={"val": folders["far"]}, image_size=32, resize=32)
 
 
-def test_network_detector_that_cannot_read_the_model_is_skipped(folders: dict[str, Path], tmp_path: Path) -> None:
+def test_network_detector_that_cannot_read_the_model_is_skipped(folders: dict[str, Path], tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
     """rankfeat needs a staged backbone; on a plain `nn.Sequential` it is skipped and the run finishes (it used to
-    stop the whole evaluation after the feature pass)."""
-    results = ood.evaluate(_pixels(), folders["id"], {"near": folders["near"], "far": folders["far"]},
-                           detectors=["msp", "rankfeat"], image_size=32, resize=32, device="cpu", output_dir=tmp_path)
+    stop the whole evaluation after the feature pass), with a warning naming the network (not the method)."""
+    with caplog.at_level("WARNING"):
+        results = ood.evaluate(_pixels(), folders["id"], {"near": folders["near"], "far": folders["far"]},
+                               detectors=["msp", "rankfeat"], image_size=32, resize=32, device="cpu", output_dir=tmp_path)
     assert [(r["detector"], r["ood_dataset"]) for r in results.rows] == [("msp", "noise"), ("msp", "checkers")]
+    assert ("skipping detector rankfeat: it needs the intermediate maps of a staged backbone; Sequential is wrapped as "
+            "a whole") in caplog.text
 
 
 def test_test_folder_labels_follow_a_train_dataset(folders: dict[str, Path], tmp_path: Path) -> None:

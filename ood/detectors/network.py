@@ -39,7 +39,10 @@ def backbone_of(model: nn.Module) -> nn.Module:
     for candidate in (model, getattr(model, "backbone", None)):
         if candidate is not None and getattr(candidate, "staged", False):
             return candidate
-    raise DetectorNotApplicable(f"it needs the intermediate maps of a staged backbone; {type(model).__name__} has none")
+    backbone = getattr(model, "backbone", model)
+    net = getattr(backbone, "net", backbone)  # the user's network inside a method (the warning named the method)
+    raise DetectorNotApplicable(f"it needs the intermediate maps of a staged backbone; {type(net).__name__} is wrapped "
+                                "as a whole")
 
 
 def tapped_keys(bank: FeatureBank, prefix: str, name: str) -> list[str]:
