@@ -101,6 +101,11 @@ def test_no_results_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
     assert "no results.jsonl found under" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.jsonl").write_text("")  # a run that scored nothing (detectors=none, ce)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path)])
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: only 1 results.jsonl without rows found under {tmp_path}"
 
 
 def test_tuned_values_do_not_split_seeds(tmp_path: Path) -> None:

@@ -22,16 +22,18 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     re-evaluation of one checkpoint in the same configuration) are dropped, training runs first, so each model counts
     once per configuration; a re-evaluation in another configuration (e.g. `data.fit_fraction`) is its own entry."""
     paths = list(paths)
-    rows = []
+    rows, files = [], 0
     for path in map(Path, paths):
         if not path.exists():
             raise OODError(f"no such file or folder: {path}")
         for file in [path] if path.is_file() else sorted(path.rglob("results.jsonl")):
+            files += 1
             ident = read_identity(file.parent)
             tags = {"_run": str(file.parent), "_config": ident.config, "_model": ident.model, "_seeded": ident.seeded}
             rows += [{**json.loads(line), **tags} for line in file.read_text().splitlines() if line.strip()]
-    if not rows:
-        raise OODError(f"no results.jsonl found under {', '.join(map(str, paths))}")
+    if not rows:  # an empty file: a run that scored nothing (detectors=none and a method without a score)
+        found = f"only {files} results.jsonl without rows" if files else "no results.jsonl"
+        raise OODError(f"{found} found under {', '.join(map(str, paths))}")
     seen: dict[tuple[str, ...], str] = {}
     kept = []
     for row in sorted(rows, key=lambda r: ("ckpt" in r["_config"], not trained_here(r), r["_run"])):
