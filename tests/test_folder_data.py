@@ -129,8 +129,9 @@ def test_every_class_keeps_training_images(folders: dict[str, Path], tmp_path: P
         FolderBenchmark(root, ood=[folders["far"]])
     shutil.copy(root / "train" / "c0" / "0.png", root / "train" / "zebra" / "0.png")
     shutil.copytree(root / "test" / "c0", root / "test" / "zebra")
-    with pytest.raises(DataNotFoundError, match=r"/train: holding out the ID validation split \(at least one image per "
-                                                r"class\) leaves class\(es\) \['zebra'\] no training image; give them"):
+    with pytest.raises(DataNotFoundError, match=r"/train: holding out the ID validation split \(data.val_fraction=0.1, at "
+                                                r"least one image per class\) leaves class\(es\) \['zebra'\] no training "
+                                                r"image; give them"):
         FolderBenchmark(root, ood=[folders["far"]])
     shutil.copytree(root / "test", root / "val")  # a val/ split of its own: the one image stays in train
     bench = FolderBenchmark(root, ood=[folders["far"]])

@@ -344,8 +344,9 @@ class FolderBenchmark(Benchmark):
             return
         names = [self.classes[k] for k in missing] if self.classes else missing
         if set(missing) & set(labels):
-            raise DataNotFoundError(f"{train.where}: holding out the ID validation split (at least one image per class) "
-                                    f"leaves class(es) {names} no training image; give them more images or a val/ split")
+            raise DataNotFoundError(f"{train.where}: holding out the ID validation split (data.val_fraction="
+                                    f"{self.val_fraction:g}, at least one image per class) leaves class(es) {names} no "
+                                    "training image; give them more images or a val/ split")
         raise DataNotFoundError(f"{train.where}: class(es) {names} have no images (every ID class needs training images)")
 
     def _class_count(self, train: ImageSet) -> int:
