@@ -77,7 +77,8 @@ def csid_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 #: margins of a panel grid in inches (room for tick labels, axis labels, panel titles and the figure title): a
-#: fixed layout, as every panel carries the same labels, at a third of the cost of `tight_layout`'s measuring draw
+#: fixed layout, as every panel carries the same labels, without `tight_layout`'s measuring draw; the PNG is saved
+#: with `bbox_inches="tight"`, so a title or legend wider than the panels (a one-panel report figure) is not cut
 LEFT, RIGHT, TOP, BOTTOM, WSPACE, HSPACE = 0.75, 0.3, 0.75, 0.55, 0.8, 0.85
 
 
@@ -176,7 +177,7 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     from ood.files import atomic_write
 
     path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight"))
     plt.close(fig)
     return path
 
