@@ -21,7 +21,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from ood import CONFIG_DIR
 from ood.errors import ConfigError, OODError
-from ood.runs.checks import check_overrides
+from ood.runs.checks import check_eval_dir, check_overrides
 from ood.runs.console import logs_above_bars, quiet_lightning
 
 #: OmegaConf errors that mean the composed config is wrong (not the code reading it)
@@ -40,10 +40,12 @@ def require_config_dir() -> None:
 
 
 def check_argv(config_name: str) -> None:
-    """Refuse a misspelt override key (naming the closest real key) or a value of the wrong type, before Hydra
-    composes the config."""
+    """Refuse a misspelt override key (naming the closest real key) or a value of the wrong type, and an evaluation
+    into a training run's folder, before Hydra composes the config (and writes into its output folder)."""
     try:
         check_overrides(CONFIG_DIR, config_name, sys.argv[1:])
+        if config_name == "eval":
+            check_eval_dir(sys.argv[1:])
     except OODError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -127,3 +128,22 @@ def test_tuned_hyperparameters_in_one_block() -> None:
         "chosen on ID val vs validation OOD (val AUROC %): knn k=50 (98.77), ash percentile=85"
     )
     assert tuned_summary(rows[2:3], {}) == ""
+
+
+def test_evaluating_into_a_training_run_folder_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ood-eval hydra.run.dir=<training run>` stops before Hydra writes its `.hydra/` copies there, and before the
+    evaluation replaces the run's config.yaml and results."""
+    from ood.eval import main
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("trained: true\n")
+    monkeypatch.setattr("sys.argv", ["ood-eval", f"ckpt_path={run}", f"hydra.run.dir={run}"])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.startswith(f"error: hydra.run.dir={run} is a training run's folder: evaluating there")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
+    assert (run / "config.yaml").read_text() == "trained: true\n"

@@ -7,6 +7,7 @@
   `trainer.max_epochs` (the cosine schedule's `T_max` lives in the checkpoint and would not follow) or any other
   change of the configuration or seed (`check_resume`).
 - `check_launch`: refuses a Hydra multirun with the subprocess DDP launcher.
+- `check_eval_dir`: refuses `ood-eval hydra.run.dir=<a training run's folder>` before Hydra writes there.
 """
 
 from __future__ import annotations
@@ -78,6 +79,19 @@ def check_launch(cfg: DictConfig, multirun: bool) -> None:
             "sweep. Sweep with one device per job, use trainer=ddp_cpu-style spawn (strategy.start_method=spawn), "
             "or pre-launch ranks with torchrun/SLURM (see README)."
         )
+
+
+def check_eval_dir(argv: Sequence[str]) -> None:
+    """Refuse an evaluation into a training run's folder (`hydra.run.dir=` one holding `checkpoints/`): Hydra would
+    replace the run's `.hydra/` copies and the evaluation its `config.yaml` (read with the checkpoint by `ood-eval`
+    and `ood-heatmap`), `results.jsonl`, scores and figures. Checked on the command line, before Hydra starts."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") == "hydra.run.dir" and "${" not in value and (Path(value) / "checkpoints").is_dir():
+            raise ConfigError(
+                f"hydra.run.dir={value} is a training run's folder: evaluating there would replace its config.yaml "
+                "and results; leave hydra.run.dir out (a new folder under logs/eval/) or name another folder"
+            )
 
 
 def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str]) -> None:
