@@ -26,7 +26,10 @@ Checks (each a row of the JSON's `checks`, `ok` true/false):
 3. augment: the in-memory pipeline's crop + flip (`PadCropFlip`) on the GPU equals torchvision's pad / crop /
    hflip on the CPU for the same seeded draws, bit for bit.
 4. ddp: a one-GPU DDP evaluation (NCCL) gives exactly the rows of the plain one.
-5. throughput (a table, no pass/fail): training images/s of ResNet-18 at 32 px (batch 128) and ResNet-50 at 224 px
+5. api: `ood.evaluate` on the caller's own CUDA model (a torchvision ResNet-18 in training mode, Datasets of tensors)
+   gives finite rows and hands the model back on its device and in its modes (Lightning's teardown moves the
+   module it tested to the CPU).
+6. throughput (a table, no pass/fail): training images/s of ResNet-18 at 32 px (batch 128) and ResNet-50 at 224 px
    (batch 256), fp32 and bf16, through ood (`ood.train.build`: Lightning, our loader, our callbacks) vs a plain
    PyTorch loop over the same loader, model, optimiser and precision; the fraction of ood's step time spent
    waiting for data; evaluation images/s with the cache (one pass over every split, every cached detector).
@@ -336,6 +339,32 @@ def check_ddp(sizes: Sizes, tree: Path, work: Path) -> dict[str, Any]:
             **({} if equal else {"error": "rows differ"})}
 
 
+def check_api(sizes: Sizes, work: Path) -> dict[str, Any]:
+    """Section 5: `ood.evaluate` on a model of the caller's, on the device: finite rows, the model handed back on its
+    device and in training mode."""
+    import torchvision
+
+    import ood
+
+    gen = torch.Generator().manual_seed(0)
+
+    def images(n: int, shift: float = 0.0) -> torch.utils.data.TensorDataset:
+        return torch.utils.data.TensorDataset(torch.rand(n, 3, 32, 32, generator=gen) + shift, torch.arange(n) % 4)
+
+    net = torchvision.models.resnet18(num_classes=4).to(sizes.device).train()
+    result = ood.evaluate(net, {"train": images(8 * sizes.batch32), "test": images(4 * sizes.batch32)},
+                          {"shifted": images(4 * sizes.batch32, 0.5)}, detectors=["msp", "energy", "knn"],
+                          batch_size=sizes.eval_batch, device=sizes.device, output_dir=work / "api",
+                          overrides=["detectors.tune=false"])
+    devices = sorted({str(t.device.type) for t in net.parameters()})
+    finite = bool(result.rows) and all(math.isfinite(r["auroc"]) for r in result.rows)
+    kept = devices == [torch.device(sizes.device).type] and all(m.training for m in net.modules())
+    return {"check": "ood.evaluate on the caller's model: finite rows, the model back on its device and in its modes",
+            "ok": finite and kept, "rows": len(result.rows),
+            **({} if kept else {"error": f"model on {devices}, training={net.training} after ood.evaluate"}),
+            **({} if finite else {"error": "no rows or a non-finite AUROC"})}
+
+
 @contextlib.contextmanager
 def _autocast(device: str, bf16: bool) -> Iterator[None]:
     with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
@@ -459,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         checks = check_methods(sizes, trees["cifar10"], work, args.methods.split(",") if args.methods else METHODS)
         seconds["methods"] = time.perf_counter() - t
         sections = {"faiss": lambda: check_faiss(sizes), "augment": lambda: [check_augment(sizes)],
-                    "ddp": lambda: [check_ddp(sizes, trees["cifar10"], work)]}
+                    "ddp": lambda: [check_ddp(sizes, trees["cifar10"], work)], "api": lambda: [check_api(sizes, work)]}
         for name, section in sections.items():
             t = time.perf_counter()
             try:

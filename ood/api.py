@@ -13,6 +13,7 @@ sinks wrote (`results.jsonl`, `scores.npz`, `overlap.json`), as a CLI run leaves
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -149,6 +150,22 @@ def _caller_state() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextmanager
+def _caller_model(net: nn.Module) -> Iterator[None]:
+    """The caller's model as it was: on its device (Lightning's teardown moves the module it tested to the CPU, so a
+    CUDA model came back on the CPU) and in its train/eval modes, module by module. A model spread over several
+    devices is left where the run put it."""
+    devices = {t.device for t in itertools.chain(net.parameters(), net.buffers())}
+    modes = [(module, module.training) for module in net.modules()]
+    try:
+        yield
+    finally:
+        if len(devices) == 1:
+            net.to(next(iter(devices)))
+        for module, training in modes:
+            module.train(training)
 
 
 def _checked_device(device: str | torch.device | None) -> str:
@@ -300,7 +317,7 @@ def evaluate(
     ]
     previous = HydraConfig.instance().cfg
     GlobalHydra.instance().clear()
-    with _caller_state():
+    with _caller_state(), _caller_model(net):
         try:
             with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
                 cfg = compose(config_name="eval", overrides=args, return_hydra_config=True)

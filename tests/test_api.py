@@ -189,6 +189,20 @@ def test_evaluate_leaves_the_callers_random_streams_and_flags(tmp_path: Path, mo
     torch.use_deterministic_algorithms(deterministic)
 
 
+def test_evaluate_gives_the_model_back_as_it_was(tmp_path: Path) -> None:
+    """The run scores in eval mode and Lightning's teardown moves the module to the CPU: the caller's model comes
+    back in its own modes, module by module. The device half (a CUDA model handed back on the CPU) needs a GPU:
+    `make gpu-check`'s api check evaluates a CUDA ResNet-18 in training mode."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
+    net.train()
+    net[2].eval()  # a frozen batch norm inside a model in training
+    ood.evaluate(net, paths["id"], [paths["far"]], detectors="msp", image_size=32, resize=32, device="cpu",
+                 output_dir=tmp_path / "run")
+    assert [m.training for m in net.modules()] == [True, True, True, False, True, True]
+    assert {p.device.type for p in net.parameters()} == {"cpu"}
+
+
 def test_a_head_without_bias_reads_as_a_zero_bias(tmp_path: Path) -> None:
     """A final `nn.Linear(..., bias=False)` (cosine and bias-free heads) stopped the evaluation with an
     AttributeError; the detectors that read the head see b = 0, as a zero-bias twin gives them."""
