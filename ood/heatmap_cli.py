@@ -99,25 +99,34 @@ def load_image(path: Path, channels: int, size: int) -> torch.Tensor:
     return torch.from_numpy(pixels.reshape(size, size, channels)).permute(2, 0, 1)
 
 
+#: images per forward pass of `write_heatmaps` (memory stays flat however many images a folder holds)
+BATCH = 64
+
+
 @torch.no_grad()
 def write_heatmaps(method: HeatmapOOD, files: list[Path], out: Path) -> list[tuple[Path, float, int]]:
-    """Writes one grid PNG per image into `out`; returns (png, ID score, predicted class) per image."""
+    """Writes one grid PNG per image into `out`, `BATCH` images a forward pass; returns (png, ID score, predicted
+    class) per image."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
     out.mkdir(parents=True, exist_ok=True)
     channels, size = method.plan.out_channels, method.hparams.input_size
-    pixels = torch.stack([load_image(f, channels, size) for f in files])
-    x = (pixels - method.pixel_mean) / method.pixel_std
-    heat, logits, _ = method.heatmap(x)
-    scores, preds = heatmap_score(heat), logits.argmax(1)
     stems = [f.stem for f in files]
     results = []
-    for i, f in enumerate(files):
-        title = f"{f.name}: score {scores[i]:.3f}, class {int(preds[i])}"
-        grid = heatmap_grid(pixels[i : i + 1], heat[i : i + 1].abs().amax(1), title)
-        png = out / f"{f.stem if stems.count(f.stem) == 1 else f.name}_heatmap.png"  # a.png and a.jpg: one file each
-        from PIL import Image
-
-        Image.fromarray(grid).save(png)
-        results.append((png, float(scores[i]), int(preds[i])))
+    with tqdm(total=len(files), desc="heatmaps", unit="img", leave=False, disable=None) as bar:
+        for start in range(0, len(files), BATCH):
+            chunk = files[start : start + BATCH]
+            pixels = torch.stack([load_image(f, channels, size) for f in chunk])
+            heat, logits, _ = method.heatmap((pixels - method.pixel_mean) / method.pixel_std)
+            scores, preds = heatmap_score(heat), logits.argmax(1)
+            for i, f in enumerate(chunk):
+                title = f"{f.name}: score {scores[i]:.3f}, class {int(preds[i])}"
+                grid = heatmap_grid(pixels[i : i + 1], heat[i : i + 1].abs().amax(1), title)
+                png = out / f"{f.stem if stems.count(f.stem) == 1 else f.name}_heatmap.png"  # a.png and a.jpg: one each
+                Image.fromarray(grid).save(png)
+                results.append((png, float(scores[i]), int(preds[i])))
+                bar.update()
     return results
 
 

@@ -264,7 +264,9 @@ def test_digits_run_frozen_classifier_and_floor(heatmap_run) -> None:
 
 
 @pytest.mark.slow
-def test_heatmap_grids_and_cli(heatmap_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_heatmap_grids_and_cli(
+    heatmap_run, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import shutil
 
     from PIL import Image
@@ -304,6 +306,14 @@ def test_heatmap_grids_and_cli(heatmap_run, tmp_path: Path, capsys: pytest.Captu
     assert sorted(p.name for p in (tmp_path / "stems").iterdir()) == [
         "black_heatmap.png", "white.jpg_heatmap.png", "white.png_heatmap.png"
     ]
+    from ood import heatmap_cli  # a folder goes through in batches: the same scores and classes as one pass
+
+    files, loaded = heatmap_cli.image_files(folder), load_method(out)
+    whole = [(score, pred) for _, score, pred in heatmap_cli.write_heatmaps(loaded, files, tmp_path / "whole")]
+    monkeypatch.setattr(heatmap_cli, "BATCH", 2)
+    batched = [(score, pred) for _, score, pred in heatmap_cli.write_heatmaps(loaded, files, tmp_path / "batched")]
+    assert len(files) == 3 and [pred for _, pred in batched] == [pred for _, pred in whole]
+    assert [score for score, _ in batched] == pytest.approx([score for score, _ in whole], abs=1e-6)
     # a data=folder run (no data.benchmark in its config) rebuilds from its weights alone, without its data
     copy = tmp_path / "folder_run"
     shutil.copytree(out / "checkpoints", copy / "checkpoints")
