@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -109,13 +110,26 @@ def _library(model: nn.Module) -> str:
 @contextmanager
 def one_line_errors() -> Iterator[None]:
     """An `OODError` raised in a DataLoader worker (or a DDP rank) comes back with its traceback as its text: raise
-    it as the one-line error it was (`ood.cli.user_error`); any other exception passes unchanged."""
+    it as the one-line error it was (`ood.cli.user_error`); a batch of images of different sizes (the caller's
+    `transform` keeps each image's own size) or of RGB images for a network that reads other channels says what to
+    pass; any other exception passes unchanged."""
     from ood.cli import user_error
 
     try:
         yield
     except Exception as err:
         user = user_error(err)
+        text = str(err).splitlines()[-1] if str(err) else ""
+        if user is None and isinstance(err, RuntimeError) and "stack expects each tensor to be equal size" in text:
+            raise ConfigError(f"images of different sizes in one batch ({text.split('but got ', 1)[-1]}): transform= "
+                              "must give every image one size, e.g. T.Compose([T.Resize(R), T.CenterCrop(S), "
+                              "T.ToTensor(), T.Normalize(...)])") from None
+        channels = re.search(r"to have (\d+) channels, but got 3 channels instead", text) if user is None else None
+        if channels:  # a grey-level (or multispectral) network on images decoded as RGB
+            k = channels.group(1)
+            raise ConfigError(f"the model's first convolution reads {k} channel(s) and images are decoded as RGB: pass "
+                              f"transform= making {k}-channel tensors, e.g. T.Compose([T.Grayscale({k}), T.Resize(R), "
+                              "T.CenterCrop(S), T.ToTensor(), T.Normalize(...)])") from None
         if user is None or user is err:
             raise
         raise user from None

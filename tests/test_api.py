@@ -203,6 +203,27 @@ def test_evaluate_gives_the_model_back_as_it_was(tmp_path: Path) -> None:
     assert {p.device.type for p in net.parameters()} == {"cpu"}
 
 
+def test_size_and_channel_mismatches_say_what_to_pass(tmp_path: Path) -> None:
+    """PyTorch's errors halfway through the pass become one line naming the `transform` to pass: a transform that
+    keeps each image's size (`T.ToTensor()` on images of two sizes), and a grey-level network on RGB images."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(paths["id"] / "test" / "c0" / "small.png")
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(ConfigError, match=r"^images of different sizes in one batch \(\[3, 32, 32\] at entry 0 and "
+                                          r"\[3, 20, 24\] at entry 1\): transform= must give every image one size"):
+        ood.evaluate(net, paths["id"], [paths["far"]], detectors="msp", transform=T.ToTensor(), device="cpu",
+                     output_dir=tmp_path / "sizes")
+    (paths["id"] / "test" / "c0" / "small.png").unlink()
+    grey = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(ConfigError, match=r"^the model's first convolution reads 1 channel\(s\) and images are decoded "
+                                          r"as RGB: pass transform= making 1-channel tensors, e.g. T.Compose\(\[T.Grayscale\(1\)"):
+        ood.evaluate(grey, paths["id"], [paths["far"]], detectors="msp", image_size=32, resize=32, device="cpu",
+                     output_dir=tmp_path / "grey")
+    transform = T.Compose([T.Grayscale(1), T.ToTensor()])  # what the message asks for: the run goes through
+    ood.evaluate(grey, paths["id"], [paths["far"]], detectors="msp", transform=transform, device="cpu",
+                 output_dir=tmp_path / "grey_ok")
+
+
 def test_a_head_without_bias_reads_as_a_zero_bias(tmp_path: Path) -> None:
     """A final `nn.Linear(..., bias=False)` (cosine and bias-free heads) stopped the evaluation with an
     AttributeError; the detectors that read the head see b = 0, as a zero-bias twin gives them."""
