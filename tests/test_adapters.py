@@ -304,3 +304,13 @@ def test_grood_on_a_model_without_split_names_the_choices(folders: dict[str, Pat
     with pytest.raises(ConfigError, match=r"cannot be run from layer .* onward.*ood_proto_source= one of \[val_ood"):
         ood.evaluate(Custom(), folders["id"], [folders["far"]], detectors=["msp"], method="grood", image_size=32,
                      resize=32, device="cpu", output_dir=tmp_path, overrides=["method.n_proto=4", "method.proto_batch_size=4"])
+
+
+def test_grood_mixup_on_a_model_without_split_is_refused_before_training() -> None:
+    """The mix-up prototype needs `forward_from`: a network wrapped as a whole is refused when the method is built,
+    not after training and the evaluation pass; the sources that need no split still build."""
+    from ood.methods.grood import GROOD
+
+    with pytest.raises(ConfigError, match=r"Custom is wrapped as a whole.*ood_proto_source= one of \[val_ood"):
+        GROOD(ModuleBackbone(Custom()), optimizer=torch.optim.SGD)
+    assert GROOD(ModuleBackbone(Custom()), optimizer=torch.optim.SGD, ood_proto_source="val_ood").mix_layer

@@ -65,6 +65,7 @@ from ood.features.passes import forward_dataset
 from ood.features.reduce import ClassSums, FirstN
 from ood.methods.base import OptimizerFactory, SchedulerFactory
 from ood.methods.ce import CrossEntropy
+from ood.models.adapters import unsplit_error
 from ood.models.base import Backbone
 from ood.neighbors import KNNIndex
 from ood.utils import get_logger
@@ -214,6 +215,9 @@ class GROOD(CrossEntropy):
             raise ConfigError(f"grood: k and n_proto must be >= 1, got k={k}, n_proto={n_proto}")
         self.mix_layer = mix_layer if mix_layer is not None else default_mix_layer(backbone)
         backbone._check_layer(self.mix_layer)
+        if ood_proto_source == "synthetic_mixup" and not backbone.staged:
+            # refused here, not after training and the evaluation pass: the mix-up re-runs the network from mix_layer
+            raise unsplit_error(getattr(backbone, "net", backbone), self.mix_layer)
         self.ood_proto_source, self.mix_lambda, self.n_proto = ood_proto_source, mix_lambda, n_proto
         self.k, self.correct_only, self.nprobe = k, correct_only, nprobe
         self.proto_batch_size = proto_batch_size

@@ -160,11 +160,16 @@ class ModuleBackbone(AdaptedBackbone):
         return out.features, out.layers
 
     def forward_from(self, layer: str, z: torch.Tensor) -> torch.Tensor:
-        raise ConfigError(
-            f"{type(self.net).__name__} is wrapped as a whole (features by a hook), so it cannot be run from layer "
-            f"{layer!r} onward; models with an exact stage split: {SPLIT_MODELS}. For grood pick "
-            "method.ood_proto_source= one of [val_ood, uniform_noise, proto_mean], which need no split"
-        )
+        raise unsplit_error(self.net, layer)
+
+
+def unsplit_error(net: nn.Module, layer: str) -> ConfigError:
+    """The one line for running `net`, wrapped as a whole, from `layer` onward (GROOD's mix-up prototype does)."""
+    return ConfigError(
+        f"{type(net).__name__} is wrapped as a whole (features by a hook), so it cannot be run from layer "
+        f"{layer!r} onward; models with an exact stage split: {SPLIT_MODELS}. For grood pick "
+        "method.ood_proto_source= one of [val_ood, uniform_noise, proto_mean], which need no split"
+    )
 
 
 #: a stage is a sequence of steps: a module path of `net`, or `@name` for the `_step_name` method
