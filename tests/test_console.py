@@ -147,3 +147,16 @@ def test_evaluating_into_a_training_run_folder_is_refused(
     assert capsys.readouterr().err.startswith(f"error: hydra.run.dir={run} is a training run's folder: evaluating there")
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
     assert (run / "config.yaml").read_text() == "trained: true\n"
+
+
+def test_run_folder_is_one_unwrapped_line_under_a_narrow_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """One OOD set makes a narrow table; the run folder's path is still printed whole on one line (it was wrapped
+    inside the table's caption, cut mid-name)."""
+    from ood.evaluation.evaluator import EvaluationResult
+    from ood.evaluation.sinks import RunTable
+
+    folder = "/tmp/some/long/place/logs/train/runs/2026-12-05_10-11-35-256455"
+    row = {"method": "ce", "detector": "msp", "id_dataset": "my_id", "ood_dataset": "dtd", "ood_group": "far",
+           "auroc": 0.9, "aupr_in": 0.9, "aupr_out": 0.9, "fpr95": 0.2, "fpr95_oodpos": 0.2}
+    RunTable(folder).write(EvaluationResult([row], {}, 1.0, "ce"), SimpleNamespace(is_global_zero=True), None)
+    assert f"run folder: {folder}\n" in capsys.readouterr().out

@@ -188,7 +188,7 @@ class RunTable:
             accs = ", ".join(f"{name} {100 * acc:.2f}%" for name, acc in first["csid_set_acc"].items())
             caption += (f"\nfull-spectrum (FS): ID = ID test + every covariate-shifted ID set; accuracy {accs}; "
                         f"ID test and csid pooled {100 * first['csid_acc']:.2f}%")
-        table = Table(title=title, caption=caption + (f"\nrun folder: {self.output_dir}" if self.output_dir else ""))
+        table = Table(title=title, caption=caption)
         # both modes: each column, then its full-spectrum twin
         columns = [(name, mode) for name in (*sets, *groups) for mode in modes]
         table.add_column("detector", justify="left")
@@ -199,6 +199,9 @@ class RunTable:
             table.add_row(detector, *cells)
         console = Console(width=200 if len(modes) == 1 else 320)
         console.print(table)
+        if self.output_dir:
+            # its own unwrapped line: in a narrow table's caption the path was cut mid-name (not copyable)
+            console.print(f"run folder: {self.output_dir}", highlight=False, soft_wrap=True)
         chosen = tuned_summary(rows, result.validation)
         if chosen:
             console.print(chosen, width=min(console.width, 120), highlight=False, soft_wrap=False)
