@@ -14,6 +14,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit
+from ood.data.fit import FitData
 from ood.detectors.mahalanobis import class_means
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
@@ -248,6 +249,19 @@ def test_val_ood_prototype_reads_only_the_val_ood_split() -> None:
         expected = model.backbone.features(x_ood[:8])[0].mean(0)  # 5 rounded up to one batch of 8
     torch.testing.assert_close(p_ood.float(), expected, atol=1e-6, rtol=0)
 
+
+
+def test_val_ood_prototype_without_a_val_ood_set_is_refused_at_fit_start() -> None:
+    """`prepare` (fit start, before training) refuses the val_ood source on a benchmark without validation OOD; with
+    one it passes."""
+    def fit_data(*names: str) -> FitData:
+        return FitData(datasets={n: torch.zeros(1) for n in names}, benchmark="b", num_classes=C, seed=0, batch_size=8,
+                       eval_batch_size=8)
+
+    with pytest.raises(ConfigError, match=r"ood_proto_source=val_ood needs .* validation-OOD set .*\+data.ood.val="):
+        _model(ood_proto_source="val_ood").prepare(fit_data("train", "test"))
+    _model(ood_proto_source="val_ood").prepare(fit_data("train", "test", "val_ood"))
+    _model().prepare(fit_data("train", "test"))
 
 # ----- bank and score ----------------------------------------------------------------------------------------
 def _train_with_mixed_correctness(model: GROOD) -> tuple[dict[str, FeatureBank], torch.Tensor]:

@@ -59,6 +59,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit
+from ood.data.fit import FitData
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.features.passes import forward_dataset
@@ -76,6 +77,12 @@ ProtoSource = Literal["synthetic_mixup", "val_ood", "uniform_noise", "proto_mean
 PROTO_SOURCES = ("synthetic_mixup", "val_ood", "uniform_noise", "proto_mean")
 SCORES = ("knn", "grad_norm")
 INDEXES = ("exact", "ivf_as_released")
+
+
+VAL_OOD_MISSING = (
+    "grood: ood_proto_source=val_ood needs a benchmark with a validation-OOD set (data=folder: "
+    "'+data.ood.val=<folder>'); or pick synthetic_mixup, uniform_noise or proto_mean"
+)
 
 
 def ncp_gradient(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -228,6 +235,13 @@ class GROOD(CrossEntropy):
         self.bank_index: KNNIndex | None = None
         self.setup_seconds = 0.0
 
+    # ----- fit-time check -------------------------------------------------------------------------------------
+    def prepare(self, data: FitData) -> None:
+        """Refuses `ood_proto_source=val_ood` on a benchmark without a validation-OOD set at fit start, not after
+        training and the evaluation pass (`setup_ood` needs it)."""
+        if self.ood_proto_source == "val_ood" and "val_ood" not in data.datasets:
+            raise ConfigError(VAL_OOD_MISSING)
+
     # ----- the evaluation pass --------------------------------------------------------------------------------
     def begin_evaluation(self, splits: Sequence[EvalSplit]) -> None:
         super().begin_evaluation(splits)
@@ -276,9 +290,7 @@ class GROOD(CrossEntropy):
             return summary.class_prototypes.double().mean(0)
         if self.ood_proto_source == "val_ood":
             if "val_ood" not in banks:
-                raise ConfigError(
-                    "grood: ood_proto_source=val_ood needs a benchmark with a validation-OOD set"
-                )
+                raise ConfigError(VAL_OOD_MISSING)
             return banks["val_ood"].features[:n_keep].double().mean(0)
         if self.ood_proto_source == "uniform_noise":
             return self._noise_features(summary.input_shape).double().mean(0)
