@@ -48,7 +48,8 @@ def build(
     if backbone is None:
         backbone = instantiate(cfg.backbone, num_classes=benchmark.num_classes, in_channels=benchmark.in_channels)
     method = instantiate(cfg.method, backbone=backbone)
-    datamodule.use_streams(method.streams, method.name)
+    # evaluation only serves no training stream: an outlier method's checkpoint evaluates without an outlier set
+    datamodule.use_streams(method.streams if cfg.get("train", True) else ("id",), method.name)
     choices = _choices()
     evaluation = instantiate(
         cfg.evaluation,

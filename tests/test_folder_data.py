@@ -301,6 +301,20 @@ def test_outlier_methods_name_the_folder_key(folders: dict[str, Path]) -> None:
         module.use_streams(["id", "outliers"], "oe")
 
 
+
+def test_evaluating_an_outlier_method_needs_no_outlier_set(tmp_path: Path) -> None:
+    """ood-eval of an oe checkpoint on data=folder without data.outliers builds (the outliers only feed training);
+    training still asks for them."""
+    from helpers import compose_config, folder_overrides
+
+    from ood.train import build
+
+    overrides = ["data=folder", *folder_overrides(tmp_path), "method=oe", "logger=none"]
+    _, datamodule, _, _ = build(compose_config(tmp_path / "eval", overrides, "eval"))
+    assert datamodule.streams == ("id",)
+    with pytest.raises(ConfigError, match=r"method oe trains on outliers, but benchmark id has none"):
+        build(compose_config(tmp_path / "train", overrides))
+
 def test_id_image_lists_get_the_class_checks_of_folders(folders: dict[str, Path], tmp_path: Path) -> None:
     """An ID image list's labels are class indices: the train list's must be 0..K-1 each with images, the other
     splits' among them, every line labelled; its paths are relative to the list's folder unless `images` is given."""
