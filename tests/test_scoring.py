@@ -59,6 +59,23 @@ def test_fixed_params_and_tune_false_are_not_searched(banks: dict[str, FeatureBa
     assert fit_detector("knn", {}, no_val_ood, tune=True)[1] is False
 
 
+
+def test_no_validation_ood_set_says_which_detectors_stay_untuned(
+    banks: dict[str, FeatureBank], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without val_ood the grids cannot be searched: one warning names the detectors left at their defaults (it was
+    silent); detectors without a grid or with fixed values are not named, and with val_ood nothing is said."""
+    no_val_ood = {k: v for k, v in banks.items() if k != "val_ood"}
+    with caplog.at_level(logging.WARNING):
+        scorers = detector_scorers(["msp", "react", "knn"], {"knn": {"k": 7}}, no_val_ood, tune=True)
+    assert not any(s.tuned for s in scorers)
+    assert "keep their default hyper-parameters: react (give one" in caplog.text and "+data.ood.val=" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        detector_scorers(["react"], {}, banks, tune=True)
+        detector_scorers(["react"], {}, no_val_ood, tune=False)
+    assert "validation-OOD" not in caplog.text
+
 def test_knn_tuning_searches_once_per_split(banks: dict[str, FeatureBank], monkeypatch: pytest.MonkeyPatch) -> None:
     """Five k values, one search each on val and val_ood (at the largest k within the 400-row bank: 500 and 1000
     have no k-th neighbour and drop out), and one index."""

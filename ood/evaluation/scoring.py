@@ -270,6 +270,13 @@ def detector_scorers(
     Structurally inapplicable detectors are skipped with a warning that says why (in fitting, or in their first
     network pass).
     """
+    if tune and not {"val", "val_ood"} <= set(banks):
+        untuned = [c.name for c in map(detector_class, names)
+                   if len(grid_points({k: v for k, v in c.grid.items() if k not in params.get(c.name, {})})) > 1]
+        if untuned:
+            log.warning("no validation-OOD set to tune on, so these detectors keep their default hyper-parameters: %s "
+                        "(give one: data=folder's '+data.ood.val=<folder>', ood.evaluate's ood_data={'val': ...})",
+                        ", ".join(untuned))
     fitted: list[tuple[Detector, list[str], dict[str, torch.Tensor]]] = []
     for cls in tqdm(list(map(detector_class, names)), desc="fitting detectors", leave=False, disable=None):
         try:
