@@ -16,6 +16,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
@@ -51,6 +52,11 @@ def check_argv(config_name: str) -> None:
         sys.exit(1)
 
 
+class SweepJobError(CompactHydraException):
+    """A sweep job's user error: Hydra marks the job failed, runs the others and ends the sweep with this one line
+    (a `CompactHydraException` is printed without the traceback Hydra shows for any other exception)."""
+
+
 def friendly_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Run a Hydra task with a quiet console (`ood.runs.console`) and turn user mistakes (`user_error`) into a
     one-line message and exit code 1."""
@@ -67,7 +73,7 @@ def friendly_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig],
                 raise
             print(f"error: {user}", file=sys.stderr)
             if in_multirun():
-                raise user from None  # Hydra marks this job failed and runs the others (SystemExit ends the sweep)
+                raise SweepJobError(str(user)) from None  # Hydra marks this job failed and runs the others
             sys.exit(1)
 
     return wrapper

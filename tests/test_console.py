@@ -160,3 +160,23 @@ def test_run_folder_is_one_unwrapped_line_under_a_narrow_table(capsys: pytest.Ca
            "auroc": 0.9, "aupr_in": 0.9, "aupr_out": 0.9, "fpr95": 0.2, "fpr95_oodpos": 0.2}
     RunTable(folder).write(EvaluationResult([row], {}, 1.0, "ce"), SimpleNamespace(is_global_zero=True), None)
     assert f"run folder: {folder}\n" in capsys.readouterr().out
+
+
+def test_a_user_error_in_a_sweep_job_ends_the_sweep_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In a multirun the job's user error goes back to Hydra (the job is marked failed, the others run) as a
+    `CompactHydraException`, which Hydra reports as its one line at the end of the sweep, not as a traceback."""
+    from hydra._internal.utils import run_and_report
+
+    from ood.cli import friendly_errors
+
+    def task(cfg: object) -> None:
+        raise ConfigError("method oe trains on outliers")
+
+    monkeypatch.setattr("ood.cli.in_multirun", lambda: True)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit):
+        run_and_report(lambda: friendly_errors(task)(None))
+    err = capsys.readouterr().err
+    assert "error: method oe trains on outliers\nmethod oe trains on outliers\n" in err and "Traceback" not in err
