@@ -61,6 +61,9 @@ def test_example_prepares_without_a_trainer(example: Path, ce_checkpoint: Path) 
     with torch.no_grad():
         logits = reference.eval()(torch.stack([fit[i][0] for i in range(len(fit))]))
     assert method.fitted()["train_logit_norm"] == pytest.approx(logits.norm(dim=1).mean().item(), rel=1e-5)
+    method.train_norm.fill_(123.0)  # a resumed checkpoint's value: prepare (every fit start) keeps it
+    method.prepare(data)
+    assert method.fitted()["train_logit_norm"] == 123.0
 
 
 @pytest.mark.slow
