@@ -69,8 +69,15 @@ def test_report_cli_prints_the_reference(tmp_path: Path, capsys: pytest.CaptureF
     out = capsys.readouterr()
     assert "| ref:near/auroc | ref:far/auroc |" in out.out and "| 80.91 ± 0.08 | 79.77 ± 0.61 |" in out.out
     assert "results/cifar100.csv" in out.err
+    assert "warning" not in out.err
     main([str(tmp_path / "sweep"), "--no-reference", "--out", str(tmp_path / "plain")])
     assert "ref:" not in (tmp_path / "plain" / "report.md").read_text()
+    # a named reference for another backbone adds nothing: one warning says so (it was silent)
+    main([str(tmp_path / "sweep"), "--reference", "conf/reference/cifar100_resnet18.yaml", "--out", str(tmp_path / "other")])
+    out = capsys.readouterr()
+    assert "ref:" not in out.out
+    assert "warning: no --reference file matches a run's (ID dataset, backbone); the runs are [('cifar100', " \
+           "'resnet18_32x32')]" in out.err
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])

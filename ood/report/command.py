@@ -96,5 +96,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for ref in references:
         protocol = f", protocol: {ref['protocol']}" if ref.get("protocol") else ""
         print(f"reference numbers ({ref['id_dataset']}, {ref['backbone']}{protocol}): {ref['source']}", file=sys.stderr)
+    ran = sorted({(str(e["id_dataset"]), str(e["backbone"])) for e in table})
+    if args.reference and not any((str(r["id_dataset"]), str(r["backbone"])) in ran for r in references):
+        # the --reference the user named added no ref: column: say why rather than leave it out silently
+        print(f"warning: no --reference file matches a run's (ID dataset, backbone); the runs are {ran}", file=sys.stderr)
     figures = "" if args.no_figures else f", {'report/' if figures_in != out else ''}figures/"
     print(f"wrote {out}/report.md, report.csv, report.tex{figures}", file=sys.stderr)
