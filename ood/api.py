@@ -13,6 +13,7 @@ sinks wrote (`results.jsonl`, `scores.npz`, `overlap.json`), as a CLI run leaves
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import json
 import os
@@ -95,6 +96,14 @@ class Results:
         if directory.resolve() != self.run_dir.resolve():
             shutil.copytree(self.run_dir, directory, dirs_exist_ok=True)
         return directory
+
+
+def _temporary_run_dir() -> Path:
+    """A fresh `ood-eval-*` temporary folder for a run without `output_dir`, deleted when the Python process ends
+    (one per call: a session of evaluations left them all behind); `Results.save` keeps a copy."""
+    out = Path(tempfile.mkdtemp(prefix="ood-eval-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    return out
 
 
 def _library(model: nn.Module) -> str:
@@ -292,7 +301,8 @@ def evaluate(
             `image_size` / `resize` / `mean` / `std`, else ImageNet's defaults.
         batch_size, num_workers: evaluation loading (per device).
         device: `cpu`, `cuda`, `cuda:<i>`; None: cuda when available.
-        output_dir: the run folder; None: a new temporary folder (`Results.save` copies it).
+        output_dir: the run folder; None: a new temporary folder, deleted when the process ends (`Results.save`
+            copies it).
         seed: the run seed.
         fsood: full-spectrum rows too (`mode: fsood`, ID = ID test + every csid set; `evaluation.fsood`); None: when
             `ood_data` has csid sets. True without them is refused before the pass.
@@ -315,7 +325,7 @@ def evaluate(
     backbone = as_backbone(net, feature_layer)
     values, objects = _data_kwargs(id_data, ood_data, net, transform)
     fsood = bool({**values, **objects}["ood"]["csid"]) if fsood is None else fsood
-    out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="ood-eval-"))
+    out = Path(output_dir) if output_dir is not None else _temporary_run_dir()
     owned = [name for name in ("checkpoints", "identity.json") if (out / name).exists()]
     if owned:  # an ood-train / ood-eval run: its checkpoint would be left beside another run's config and results
         raise ConfigError(f"output_dir={out} holds an ood run ({', '.join(owned)}): ood.evaluate would replace its "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -271,3 +272,22 @@ def test_example_script_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         ("knn", "checkers"), ("knn", "noise"), ("msp", "checkers"), ("msp", "noise")
     ]
     assert (tmp_path / "run" / "preprocessing.json").is_file()
+
+
+def test_a_temporary_run_folder_goes_when_the_process_ends(tmp_path: Path) -> None:
+    """Without `output_dir`, each call's `ood-eval-*` temporary folder lives as long as the Python process (the
+    results stay readable), then is deleted: a session of evaluations left them all behind."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
+    script = (
+        "import torch.nn as nn, ood\n"
+        "net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))\n"
+        f"r = ood.evaluate(net, {str(paths['id'])!r}, [{str(paths['far'])!r}], detectors='msp', image_size=32, "
+        "resize=32, device='cpu')\n"
+        "assert (r.run_dir / 'results.jsonl').is_file() and r.run_dir.name.startswith('ood-eval-')\n"
+        "print(r.run_dir)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(ood.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_dir = Path(done.stdout.strip().splitlines()[-1])
+    assert run_dir.name.startswith("ood-eval-") and not run_dir.exists()
