@@ -160,8 +160,8 @@ DetectorRef = str | type[Detector]
 
 def resolve_detectors(names: str | Sequence[DetectorRef]) -> list[type[Detector]]:
     """Detector classes from a list of names, one name, or a registry selection (`full`, `all`, `cached`); unknown names fail
-    listing the choices, a name given twice counts once (it scored twice, its rows twice in results.jsonl). The one
-    registry lookup of a run: the evaluation passes the classes on."""
+    listing the choices, and a name given twice counts once (one score, one set of rows). The one registry lookup of
+    a run: the evaluation passes the classes on."""
     if isinstance(names, str):
         if names in _REGISTRY:  # one detector named alone
             return [_REGISTRY[names]]
