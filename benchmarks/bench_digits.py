@@ -10,7 +10,6 @@ every score checked equal (max |diff| = 0) before timing.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from benchmarks.common import Timing, time_alternating
+from benchmarks.common import Timing, scratch_dir, time_alternating
 from ood import CONFIG_DIR
 from ood.data.benchmark import OODDataModule
 from ood.detectors import build_detector, detector_class
@@ -48,7 +47,7 @@ def compose_run(output_dir: Path, overrides: Sequence[str]) -> DictConfig:
 
 def run(epochs: int, repeats: int) -> tuple[list[Timing], str]:
     """Timings of the `fast` and `all` evaluations relative to msp-only, and a table of network passes."""
-    workdir = Path(tempfile.mkdtemp(prefix="ood-bench-"))
+    workdir = scratch_dir("ood-bench-")
     method, datamodule, trainer, _ = build(compose_run(workdir / "train", [*QUIET, f"trainer.max_epochs={epochs}", "detectors=none"]))
     trainer.fit(method, datamodule=datamodule)
     state = method.state_dict()

@@ -35,17 +35,15 @@ per-grid-point repeats on the validation splits.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.bench_digits import compose_run
-from benchmarks.common import Timing
+from benchmarks.common import Timing, scratch_dir
 from benchmarks.fabricate import cifar_tree
 from ood.detectors import build_detector, detector_class
 from ood.detectors.base import Detector, DetectorNotApplicable
@@ -218,7 +216,7 @@ def run(size: int = 256, epochs: int = 2, backbone: str = "small_cnn") -> tuple[
     """Train `backbone` once; evaluate our way with the cache-scored detectors, with those and ODIN, and with every
     detector, and OpenOOD's way (timed per postprocessor); check equal AUROCs; the timing rows and a table of
     passes."""
-    work = Path(tempfile.mkdtemp(prefix="ood-bench-e2e-"))
+    work = scratch_dir("ood-bench-e2e-")
     tree = cifar_tree(work / "data", n_train=2 * size, n_val=size // 2, n_test=size, n_ood=size // 2)
     overrides = ["data=cifar10", f"paths.data_dir={tree}", f"backbone={backbone}", f"trainer.max_epochs={epochs}",
                  "data.num_workers=0", "data.pin_memory=false", "data.batch_size=64", "data.eval_batch_size=128",

@@ -7,7 +7,6 @@ The cache is built once before timing (as after a first run); both loaders yield
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks.common import Timing, time_alternating
+from benchmarks.common import Timing, scratch_dir, time_alternating
 from ood.data.batch import collate_batch
 from ood.data.benchmark import Indexed
 from ood.data.cifar import CIFAR10Benchmark
@@ -51,7 +50,7 @@ def epoch(dataset: Dataset, batch_size: int, shuffle: bool) -> Callable[[], int]
 
 
 def run(n: int, repeats: int) -> list[Timing]:
-    root = Path(tempfile.mkdtemp(prefix="ood-bench-loaders-"))
+    root = scratch_dir("ood-bench-loaders-")
     list_file = fabricate(root, n)
     bench = CIFAR10Benchmark(root)
     timings = []

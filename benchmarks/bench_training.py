@@ -9,14 +9,13 @@ prototype searches or teacher caches excluded) is the method's per-epoch time. M
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 from lightning import Callback
 
 from benchmarks.bench_digits import QUIET, compose_run
-from benchmarks.common import Timing
+from benchmarks.common import Timing, scratch_dir
 from ood import CONFIG_DIR
 from ood.train import build
 
@@ -47,14 +46,14 @@ def _epoch_seconds(name: str, init: Path, workdir: Path, epochs: int) -> float:
 
 def run(epochs: int, repeats: int) -> list[Timing]:
     """Per-epoch training time of each method relative to `ce`."""
-    workdir = Path(tempfile.mkdtemp(prefix="ood-bench-train-"))
+    workdir = scratch_dir("ood-bench-train-")
     method, datamodule, trainer, _ = build(compose_run(workdir / "init", [*QUIET, "trainer.max_epochs=2", "detectors=none"]))
     trainer.fit(method, datamodule=datamodule)
     init = workdir / "init.ckpt"
     trainer.save_checkpoint(init)
     names = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
     per_epoch: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
+    for r in range(max(repeats, 1)):  # 0 (a smoke run): once
         for name in names if r % 2 == 0 else reversed(names):
             per_epoch[name].append(_epoch_seconds(name, init, workdir / f"r{r}", epochs))
     ce = statistics.median(per_epoch["ce"])

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -28,17 +32,31 @@ class Timing:
 
 
 def time_alternating(fns: Sequence[Callable[[], object]], repeats: int) -> list[float]:
-    """Median wall time of each function, calling them in turn `repeats` times (after one untimed warm-up each)."""
+    """Median wall time of each function, calling them in turn `repeats` times (after one untimed warm-up each);
+    `repeats=0` is a smoke run: each function called once, that call timed."""
+    if repeats == 0:
+        return [_seconds(fn) for fn in fns]
     for fn in fns:
         fn()
     times: list[list[float]] = [[] for _ in fns]
     for r in range(repeats):
         order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
         for i in order:
-            start = time.perf_counter()
-            fns[i]()
-            times[i].append(time.perf_counter() - start)
+            times[i].append(_seconds(fns[i]))
     return [statistics.median(t) for t in times]
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new temporary folder for a benchmark's runs and data, deleted when the process ends."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def markdown_table(timings: Sequence[Timing]) -> str:

@@ -11,7 +11,8 @@ against straightforward references side by side (alternating, median of repeats)
 (f) end-to-end evaluation of one trained model (the small CNN, then OpenOOD's ResNet-18 on fewer images) with every
     detector OpenOOD also has, tuned on validation OOD: ours (one cached pass, shared grids) vs OpenOOD's way (a
     pass per postprocessor and grid point), target >= 10x.
-`--quick` shrinks every size (CI smoke run); the targets are stated for the full sizes.
+`--quick` shrinks every size; the targets are stated for the full sizes. `make test` runs parts a-f smaller still,
+one call per competitor (`--repeats 0`), with each part's own checks (tests/test_benchmarks.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--only", default="a,b,c,d,e,f", help="comma-separated subset of a, b, c, d, e, f")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per competitor (default 5, quick 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per competitor (default 5, quick 3; 0: a smoke run, each once)")
     parser.add_argument("--threads", type=int, default=None, help="threads for every library (default: their defaults)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         faiss.omp_set_num_threads(args.threads)
         threadpool_limits(args.threads)  # NumPy's and scikit-learn's BLAS / OpenMP pools, for a fair comparison
     parts = set(args.only.split(","))
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
