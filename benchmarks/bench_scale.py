@@ -443,13 +443,14 @@ def graduncertainty_pytorch_ood(d: dict[str, torch.Tensor], score_rows: int) -> 
 
 
 def residual_openood(d: dict[str, torch.Tensor], score_rows: int) -> np.ndarray:
-    """OpenOOD residual: ViM's principal space (EmpiricalCovariance, np.linalg.eig), minus the residual norm."""
+    """OpenOOD residual: ViM's principal space (EmpiricalCovariance, np.linalg.eig) of OpenOOD's dim 512 at D = 2048
+    (D / 4, configs/postprocessors/residual.yml), minus the residual norm."""
     from sklearn.covariance import EmpiricalCovariance
 
     h, t, w, b = d["h"].float().numpy(), d["t"].float().numpy(), d["w"].numpy(), d["b"].numpy()
     u = -np.matmul(np.linalg.pinv(w), b)
     vals, vecs = np.linalg.eig(EmpiricalCovariance(assume_centered=True).fit(h - u).covariance_)
-    ns = np.ascontiguousarray((vecs.T[np.argsort(vals * -1)[vim_dim(h.shape[1]) :]]).T)
+    ns = np.ascontiguousarray((vecs.T[np.argsort(vals * -1)[h.shape[1] // 4 :]]).T)
     return -np.linalg.norm(np.matmul(t - u, ns), axis=-1)
 
 
@@ -498,6 +499,13 @@ REFERENCE_ROWS = {
 SCALED_ROWS = {"mahalanobis", "rmds", "mahalanobis_pp", "rmds_pp"}
 
 
+def their_scores(name: str, impl: str, d: dict[str, torch.Tensor], score_rows: int) -> np.ndarray:
+    """Detector `name`'s scores on the banks `d` the way `impl` (a non-ours column of `IMPLS`) computes them."""
+    if (name, impl) in REFERENCE_ROWS:
+        return np.asarray(REFERENCE_ROWS[name, impl](d, score_rows))
+    return (openood if impl == "openood" else pytorch_ood)(name, d, score_rows)
+
+
 def one(args: argparse.Namespace) -> None:
     """Child process: build the banks, run one (detector, implementation), print JSON."""
     torch.set_num_threads(args.threads)
@@ -527,12 +535,8 @@ def one(args: argparse.Namespace) -> None:
                 # GROOD's own default is an exact index (`method.index=exact`); knn's is `auto`
                 default = "exact" if name == "grood_bank" else "auto"
                 ours(name, d, index={"ours-ivf": "ivf", "ours-exact": "exact"}.get(impl, default))
-            elif (name, impl) in REFERENCE_ROWS:
-                REFERENCE_ROWS[name, impl](d, args.score_rows)
-            elif impl == "openood":
-                openood(name, d, args.score_rows)
             else:
-                pytorch_ood(name, d, args.score_rows)
+                their_scores(name, impl, d, args.score_rows)
         seconds = time.perf_counter() - start
     scaled = not impl.startswith("ours") and name in SCALED_ROWS
     print(json.dumps({"seconds": seconds, "scaled": scaled, "scoring_seconds": SCORING_SECONDS[0], "base_gb": base,
