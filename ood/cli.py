@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from hydra.errors import CompactHydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
 from ood import CONFIG_DIR
 from ood.errors import ConfigError, OODError
 from ood.runs.checks import check_eval_dir, check_overrides
 from ood.runs.console import logs_above_bars, quiet_lightning
+from ood.utils import progress_bars
 
 #: OmegaConf errors that mean the composed config is wrong (not the code reading it)
 CONFIG_ERRORS = (ValidationError, InterpolationResolutionError, MissingMandatoryValue)
@@ -58,14 +59,15 @@ class SweepJobError(CompactHydraException):
 
 
 def friendly_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Run a Hydra task with a quiet console (`ood.runs.console`) and turn user mistakes (`user_error`) into a
-    one-line message and exit code 1."""
+    """Run a Hydra task with a quiet console (`ood.runs.console`; ood's own progress bars follow
+    `trainer.enable_progress_bar`, as Lightning's do) and turn user mistakes (`user_error`) into a one-line message
+    and exit code 1."""
 
     @wraps(task)
     def wrapper(cfg: DictConfig) -> Any:
         quiet_lightning()
         try:
-            with logs_above_bars():
+            with logs_above_bars(), progress_bars(bool(OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True))):
                 return task(cfg)
         except Exception as err:
             user = user_error(err)

@@ -21,7 +21,7 @@ from ood.data.hygiene import load_image as load_rgb
 from ood.errors import CheckpointError, ConfigError, DataNotFoundError, OODError
 from ood.methods.heatmap import HeatmapOOD, heatmap_grid, heatmap_score
 from ood.models.checkpoint import read_state_dict
-from ood.utils import instantiate
+from ood.utils import instantiate, progress
 
 KEYS = ("ckpt_path", "image", "out")
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -108,13 +108,12 @@ def write_heatmaps(method: HeatmapOOD, files: list[Path], out: Path) -> list[tup
     """Writes one grid PNG per image into `out`, `BATCH` images a forward pass; returns (png, ID score, predicted
     class) per image."""
     from PIL import Image
-    from tqdm.auto import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
     channels, size = method.plan.out_channels, method.hparams.input_size
     stems = [f.stem for f in files]
     results = []
-    with tqdm(total=len(files), desc="heatmaps", unit="img", leave=False, disable=None) as bar:
+    with progress(total=len(files), desc="heatmaps", unit="img") as bar:
         for start in range(0, len(files), BATCH):
             chunk = files[start : start + BATCH]
             pixels = torch.stack([load_image(f, channels, size) for f in chunk])

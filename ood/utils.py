@@ -1,12 +1,17 @@
-"""Small shared helpers: the one `instantiate`, rank-aware logging, finiteness checks, a linear head's (W, b)."""
+"""Small shared helpers: the one `instantiate`, rank-aware logging, progress bars, finiteness checks, a linear head's
+(W, b)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from tqdm.auto import tqdm
 
 from ood.errors import NonFiniteError, OODError
 
@@ -40,6 +45,26 @@ def get_logger(name: str) -> logging.Logger:
     for level in ("debug", "info", "warning", "error", "exception", "fatal", "critical"):
         setattr(logger, level, rank_zero_only(getattr(logger, level)))
     return logger
+
+
+#: whether ood's own progress bars (passes, detector fitting and scoring, image decoding) may show: the entry points
+#: follow `trainer.enable_progress_bar` (`progress_bars`); the Python API keeps them with Lightning's bar off
+_BARS: ContextVar[bool] = ContextVar("ood_progress_bars", default=True)
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """Show (on a terminal) or hide every `progress` bar started inside the block."""
+    token = _BARS.set(enabled)
+    try:
+        yield
+    finally:
+        _BARS.reset(token)
+
+
+def progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> tqdm:
+    """A tqdm bar that is not left on screen, shown on a terminal only, and hidden inside `progress_bars(False)`."""
+    return tqdm(iterable, leave=False, disable=None if _BARS.get() else True, **kwargs)
 
 
 def check_finite(values: torch.Tensor, what: str) -> None:

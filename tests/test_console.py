@@ -3,6 +3,7 @@ pass, the tuned hyper-parameters as one block."""
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -177,6 +178,32 @@ def test_a_user_error_in_a_sweep_job_ends_the_sweep_without_a_traceback(
     monkeypatch.setattr("ood.cli.in_multirun", lambda: True)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     with pytest.raises(SystemExit):
-        run_and_report(lambda: friendly_errors(task)(None))
+        run_and_report(lambda: friendly_errors(task)(OmegaConf.create({})))
     err = capsys.readouterr().err
     assert "error: method oe trains on outliers\nmethod oe trains on outliers\n" in err and "Traceback" not in err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_ood_bars_follow_trainer_enable_progress_bar(enabled: bool) -> None:
+    """`trainer.enable_progress_bar=false` hides ood's own bars (passes, fitting, scoring, decoding) as it hides
+    Lightning's; with it on they show on a terminal only."""
+    from ood.cli import friendly_errors
+    from ood.utils import progress
+
+    shown = []
+
+    def task(cfg: object) -> None:
+        with progress(range(3), file=_Terminal()) as bar:
+            shown.append(not bar.disable)
+
+    friendly_errors(task)(OmegaConf.create({"trainer": {"enable_progress_bar": enabled}}))
+    with progress(range(3), file=_Terminal()) as bar:  # outside an entry point (the Python API): shown
+        shown.append(not bar.disable)
+    with progress(range(3), file=io.StringIO()) as bar:  # not a terminal: hidden
+        shown.append(not bar.disable)
+    assert shown == [enabled, True, False]

@@ -14,6 +14,7 @@ from ddp_step import CASES, prepare, worker
 from fabricate import CASES as CLUSTER_CASES
 from fabricate import DIGITS as CLUSTER_DIGITS
 from helpers import rows_by, run_config
+from omegaconf import OmegaConf
 from torch.multiprocessing import ProcessRaisedException
 from torch.utils.data import DistributedSampler
 
@@ -150,6 +151,6 @@ def test_a_user_error_inside_a_spawned_rank_is_one_line(capsys: pytest.CaptureFi
         raise raised.value
 
     with pytest.raises(SystemExit) as exited:
-        friendly_errors(task)(None)
+        friendly_errors(task)(OmegaConf.create({}))
     assert exited.value.code == 1
     assert capsys.readouterr().err == "error: rank 0: method.foo=1 is unknown; choices: [a, b]\n"

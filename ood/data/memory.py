@@ -32,10 +32,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
-from tqdm.auto import tqdm
 
 from ood.errors import ConfigError
-from ood.utils import get_logger
+from ood.utils import get_logger, progress
 
 log = get_logger(__name__)
 
@@ -213,7 +212,7 @@ def decode_all(dataset: Dataset, desc: str) -> tuple[np.ndarray, np.ndarray]:
     images: np.ndarray | None = None
     labels = np.empty(n, dtype=np.int64)
     start = 0
-    with tqdm(total=n, desc=desc, unit="img", leave=False, disable=None) as bar:
+    with progress(total=n, desc=desc, unit="img") as bar:
         for chunk in loader:
             for offset, (array, label) in enumerate(chunk):
                 array = array[..., None] if array.ndim == 2 else array

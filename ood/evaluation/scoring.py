@@ -18,7 +18,6 @@ from functools import partial
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ood.data.benchmark import EvalSplit
 from ood.detectors.base import (
@@ -34,7 +33,7 @@ from ood.detectors.network import FitInputs, ModelFitted
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
-from ood.utils import check_finite, get_logger
+from ood.utils import check_finite, get_logger, progress
 
 log = get_logger(__name__)
 
@@ -123,7 +122,7 @@ def network_scores(
     per detector and the detectors, by position, that turned out not to apply."""
     scores = [dict(k) for k in known]
     failed: dict[int, DetectorNotApplicable] = {}
-    for split in tqdm(splits, desc="network-pass detectors", leave=False, disable=None):
+    for split in progress(splits, desc="network-pass detectors"):
         members = [i for i in range(len(dets)) if split not in scores[i] and i not in failed]
         if not members:
             continue
@@ -278,7 +277,7 @@ def detector_scorers(
                         "(give one: data=folder's '+data.ood.val=<folder>', ood.evaluate's ood_data={'val': ...})",
                         ", ".join(untuned))
     fitted: list[tuple[Detector, list[str], dict[str, torch.Tensor]]] = []
-    for cls in tqdm(list(map(detector_class, names)), desc="fitting detectors", leave=False, disable=None):
+    for cls in progress(list(map(detector_class, names)), desc="fitting detectors"):
         try:
             det, tuned, val_scores = tune_detector(cls, params.get(cls.name, {}), banks, tune, model_scores)
         except DetectorNotApplicable as err:
@@ -338,7 +337,7 @@ def evaluate(
         raise ConfigError("full-spectrum evaluation (evaluation.fsood=true) found no covariate-shifted ID set to score")
     rows: list[dict[str, Any]] = []
     all_scores: dict[str, dict[str, torch.Tensor]] = {}
-    for scorer in tqdm(scorers, desc="scoring", leave=False, disable=None):
+    for scorer in progress(scorers, desc="scoring"):
         scores = {}
         for split in (id_split, *ood_splits, *csid_splits):
             s = scorer.score(split.name).detach().double().cpu()

@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from ood.features.collector import SplitCollector
+from ood.utils import progress
 
 PassFn = Callable[[torch.Tensor], "torch.Tensor | Mapping[str, torch.Tensor]"]
 
@@ -122,7 +122,7 @@ def forward_dataset(
     rows: dict[str, list[torch.Tensor]] = {}
     with isolated_rng(device), eval_mode(module), torch.no_grad():
         loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        for items, pos in tqdm(loader, desc=desc or "forward pass", leave=False, disable=None):
+        for items, pos in progress(loader, desc=desc or "forward pass"):
             x, y = _split_item(items)
             x = x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
             out = fn(x)
