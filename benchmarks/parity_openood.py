@@ -106,12 +106,23 @@ def report(benchmark: str, out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def reference_row(detector: str, groups: dict[str, list[float]]) -> dict[str, str]:
+    """A report.csv-like row holding only the leaderboard's near / far AUROC (% in the reference, fractions here)."""
+    row = {"detector": detector}
+    for group, values in groups.items():
+        row.update({f"ref:{group}/auroc_{stat}": str(value / 100) for stat, value in zip(("mean", "std"), values)})
+    return row
+
+
 def parity_table(benchmark: str, rows: Sequence[dict[str, str]]) -> tuple[str, int]:
     """The Markdown parity table of one benchmark and the number of marked differences."""
     reference = OmegaConf.to_container(OmegaConf.load(REFERENCE_DIR / f"{benchmark}.yaml"))
     lines = [f"### {benchmark} (seeds: {rows[0]['seeds'] if rows else 0}; leaderboard: {reference['source'].strip()})", "",
              "| detector | near ours | near OpenOOD | near diff | far ours | far OpenOOD | far diff |",
              "|---|---:|---:|---:|---:|---:|---:|"]
+    # a leaderboard detector that did not run here (excluded, skipped, failed) keeps its row, ours `-`
+    ran = {row["detector"] for row in rows}
+    rows = [*rows, *(reference_row(name, groups) for name, groups in reference["auroc"]["ce"].items() if name not in ran)]
     marked = 0
     for row in sorted(rows, key=lambda r: r["detector"]):
         cells = []

@@ -73,3 +73,19 @@ def test_parity_runs_end_to_end_on_fabricated_files(tmp_path: Path, capsys: pyte
     assert knn[3] == f"{ours_near - 90.64:+.2f} !"
     assert {line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")} >= {
         "| msp", "| energy", "| knn", "| mahalanobis"}
+
+
+def test_leaderboard_detector_that_did_not_run_keeps_its_row() -> None:
+    """ImageNet's parity runs exclude gram (and a skipped detector has no rows): the table still lists the
+    leaderboard's numbers for it, ours `-`, instead of dropping the row."""
+    rows = [{"detector": "knn", "seeds": "3", "near/auroc_mean": "0.9", "near/auroc_std": "0.01", "far/auroc_mean": "0.93",
+             "far/auroc_std": "0.0", "ref:near/auroc_mean": "0.9064", "ref:near/auroc_std": "0.002",
+             "ref:far/auroc_mean": "0.9296", "ref:far/auroc_std": "0.0014"}]
+    table, marked = parity_openood.parity_table("cifar10", rows)
+    lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert lines["| knn"] == "| knn | 90.00 ± 1.00 | 90.64 ± 0.20 | -0.64 | 93.00 ± 0.00 | 92.96 ± 0.14 | +0.04 |"
+    assert lines["| gram"] == "| gram | - | 58.66 ± 4.83 | - | - | 71.73 ± 3.20 | - |"
+    assert lines["| fdbd"] == "| fdbd | - | 90.42 ± 0.00 | - | - | 93.16 ± 0.00 | - |"  # one run: [mean] only
+    ref = load_reference(parity_openood.REFERENCE_DIR / "cifar10.yaml")
+    assert len(lines) == 1 + len(ref["auroc"]["ce"]) and marked == 0
+
