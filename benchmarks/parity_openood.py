@@ -14,7 +14,8 @@ Files (nothing is downloaded):
 - DATA: OpenOOD's benchmark tree (`benchmark_imglist/`, `images_classic/`, `images_largescale/`);
 - RESULTS: the unzipped v1.5 checkpoints, `<RESULTS>/<run>/s<seed>/best.ckpt` (`RUNS` below);
 - RESNET50_FILE: torchvision's ResNet-50 IMAGENET1K_V1 state dict (ImageNet-1K's network).
-A missing list or checkpoint is named with where OpenOOD publishes it; the other benchmarks still run.
+A missing list or checkpoint is named with where OpenOOD publishes it, a failing ood-eval after its error; the
+other benchmarks still run.
 """
 
 from __future__ import annotations
@@ -166,7 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed.append(benchmark)
             continue
         out = args.out / benchmark
-        evaluate(benchmark, args, seeds, out)
+        try:
+            evaluate(benchmark, args, seeds, out)
+        except subprocess.CalledProcessError as err:
+            print(f"{benchmark}: ood-eval exited with status {err.returncode} (its error is above); no table",
+                  file=sys.stderr)
+            failed.append(benchmark)
+            continue
         table, marked = parity_table(benchmark, report(benchmark, out))
         tables.append(table)
         print(f"\n{table}\n({marked} differences beyond {MARK} point marked '!')\n", flush=True)
@@ -176,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.out / "parity.md").write_text(text)
         print(f"wrote {args.out / 'parity.md'}")
     if failed:
-        print(f"not run (files missing, listed above): {', '.join(failed)}", file=sys.stderr)
+        print(f"not run or failed (listed above): {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -6,6 +6,7 @@ OpenOOD's release."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,25 @@ def test_leaderboard_detector_that_did_not_run_keeps_its_row() -> None:
     ref = load_reference(parity_openood.REFERENCE_DIR / "cifar10.yaml")
     assert len(lines) == 1 + len(ref["auroc"]["ce"]) and marked == 0
 
+
+def test_a_failing_evaluation_does_not_stop_the_other_benchmarks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """An ood-eval that exits non-zero (e.g. an image missing under a present list) is named; the next benchmark
+    still runs and the exit code is 1."""
+    ran = []
+
+    def evaluate(benchmark: str, *args: object) -> None:
+        ran.append(benchmark)
+        if benchmark == "cifar10":
+            raise subprocess.CalledProcessError(1, ["ood-eval"])
+
+    monkeypatch.setattr(parity_openood, "missing_files", lambda *args: [])
+    monkeypatch.setattr(parity_openood, "evaluate", evaluate)
+    monkeypatch.setattr(parity_openood, "report", lambda benchmark, out: [])
+    code = parity_openood.main(["--data-dir", str(tmp_path), "--ckpt-dir", str(tmp_path), "--benchmarks",
+                                "cifar10,cifar100", "--out", str(tmp_path / "parity")])
+    err = capsys.readouterr().err
+    assert code == 1 and ran == ["cifar10", "cifar100"]
+    assert "cifar10: ood-eval exited with status 1 (its error is above); no table" in err
+    assert "not run or failed (listed above): cifar10\n" in err
+    assert "### cifar100 (seeds: 0;" in (tmp_path / "parity" / "parity.md").read_text()
