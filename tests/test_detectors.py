@@ -212,6 +212,18 @@ def test_msp_maxlogit_entropy_known_logits() -> None:
     torch.testing.assert_close(build_detector("entropy").score(bank), torch.tensor(expected, dtype=torch.float64))
 
 
+
+def test_msp_does_not_tie_saturated_softmax_up_to_hundreds_of_nats() -> None:
+    """Margins of 40, 45 and 300 nats: float64's log_softmax rounds every one to 0 (a tie); the score stays
+    -log(1 + 2 e^-margin), and tempscale too."""
+    bank = _logit_bank([[40.0, 0.0, 0.0], [45.0, 0.0, 0.0], [0.0, 300.0, 0.0], [5.0, 5.0, 0.0]])
+    expected = torch.tensor([-2 * math.exp(-40), -2 * math.exp(-45), -2 * math.exp(-300), -math.log(2 + math.exp(-5))],
+                            dtype=torch.float64)
+    torch.testing.assert_close(build_detector("msp").score(bank), expected, rtol=1e-12, atol=0)
+    det = build_detector("tempscale")
+    det.temperature_ = 1.0
+    torch.testing.assert_close(det.score(bank), expected, rtol=1e-12, atol=0)
+
 def test_energy_known_logits() -> None:
     bank = _logit_bank([[0.0, 0.0], [2.0, 2.0]])
     torch.testing.assert_close(build_detector("energy").score(bank), torch.tensor([math.log(2), 2 + math.log(2)], dtype=torch.float64))

@@ -1,7 +1,8 @@
 """Output-space detectors: functions of the logits alone (nothing to fit).
 
 - MSP, Hendrycks & Gimpel, ICLR 2017 (arXiv 1610.02136): max softmax probability, computed as the max
-  log-softmax in float64 so that saturated softmax values (margin > ~17 nats in float32) do not tie.
+  log-softmax in float64 through log1p (`max_log_softmax`) so that saturated softmax values (margin > ~17 nats in
+  float32, > ~37 nats for float64's `log_softmax`) do not tie.
   Monotone in MSP, hence identical AUROC/FPR to OpenOOD's `msp` without its float32 ties.
 - MaxLogit (MLS), Hendrycks et al., ICML 2022 (arXiv 1911.11132): max_c f_c.
 - Energy (EBO), Liu et al., NeurIPS 2020 (arXiv 2010.03759): T * logsumexp(f / T) (= -energy).
@@ -30,6 +31,14 @@ def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor
     return temperature * torch.logsumexp(logits.double() / temperature, dim=1)
 
 
+def max_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """max_c log softmax(f)_c in float64, as -log1p(sum_{c != argmax} exp(f_c - f_max)): distinct values up to a margin
+    of ~745 nats, where `log_softmax(f).max()` rounds to 0 (a tie) beyond a margin of ~37 nats."""
+    z = logits.double()
+    top = z.max(1, keepdim=True)
+    return -torch.log1p(torch.exp(z - top.values).scatter(1, top.indices, 0.0).sum(1))
+
+
 def head_logits(features: torch.Tensor, bank: FeatureBank, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Logits W h + b (float64) of modified features `h` through the bank's final layer (or `weight`, e.g. masked)."""
     w, b = bank.head()
@@ -44,7 +53,7 @@ class MSP(Detector):
     float16_features = True
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
-        return torch.log_softmax(bank.logits.double(), dim=1).max(1).values
+        return max_log_softmax(bank.logits)
 
 
 class MaxLogit(Detector):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ood.detectors.base import DetectorNotApplicable, SharedPasses
+from ood.detectors.logits import max_log_softmax
 from ood.detectors.network import ModelFitted
 from ood.features.bank import FeatureBank
 
@@ -69,4 +70,4 @@ class MCDropout(ModelFitted):
         finally:
             for m, mode in zip(modules, modes):
                 m.training = mode
-        return torch.log_softmax(logits, 1).max(1).values
+        return max_log_softmax(logits)

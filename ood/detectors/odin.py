@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ood.detectors.base import Detector, SharedPasses
+from ood.detectors.logits import max_log_softmax
 from ood.features.bank import FeatureBank
 
 
@@ -82,7 +83,7 @@ class ODIN(Detector):
             step = self.input_step(passes.at(self.temperature)) / std
             with torch.no_grad():
                 nudged = model(passes.x.detach() - self.noise * step)
-            scores.append(torch.log_softmax(nudged.double() / self.temperature, dim=1).max(1).values)
+            scores.append(max_log_softmax(nudged.double() / self.temperature))
         return scores
 
     def input_step(self, grad: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ood.detectors.base import Detector
+from ood.detectors.logits import max_log_softmax
 from ood.features.bank import FeatureBank
 
 
@@ -45,4 +46,4 @@ class TempScale(Detector):
         return self
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
-        return torch.log_softmax(bank.logits.double() / self.temperature_, dim=1).max(1).values
+        return max_log_softmax(bank.logits.double() / self.temperature_)
