@@ -22,7 +22,7 @@ from torchvision import transforms as T
 import ood
 from ood.data.hygiene import BadImageError
 from ood.detectors import build_detector
-from ood.errors import ConfigError
+from ood.errors import ConfigError, NonFiniteError
 
 NORMALIZE = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -291,3 +291,18 @@ def test_a_temporary_run_folder_goes_when_the_process_ends(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr[-2000:]
     run_dir = Path(done.stdout.strip().splitlines()[-1])
     assert run_dir.name.startswith("ood-eval-") and not run_dir.exists()
+
+
+def test_features_that_overflow_float16_stop_the_run_in_one_line(trained, tmp_path: Path) -> None:
+    """Penultimate features above 65504 become inf in float16 banks; knn scored such rows -3.4e38 (a finite score:
+    no NaN check caught it). The evaluation now stops naming the split, the count and the fix."""
+    paths, _, _ = trained
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[1].weight.mul_(1e6)
+    with pytest.raises(NonFiniteError, match=r"^split train: \d+ of \d+ feature values are NaN or infinite; float16 features "
+                                             r"overflow above 65504: use evaluation.feature_dtype=float32$"):
+        ood.evaluate(net, paths["id"], [paths["far"]], detectors=["knn"], image_size=32, resize=32, device="cpu",
+                     output_dir=tmp_path, overrides=["evaluation.feature_dtype=float16"])
+

@@ -11,6 +11,8 @@ from torch import nn
 
 from ood.detectors import DetectorNotApplicable, build_detector, detector_class
 from ood.detectors.base import Detector
+from ood.errors import NonFiniteError
+from ood.evaluation.evaluator import check_banks_finite
 from ood.evaluation.scoring import detector_scorers, fit_detector, grid_points
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
@@ -171,3 +173,14 @@ def test_benchmarks_expose_their_normalisation_std() -> None:
     digits = DigitsBenchmark()
     assert digits.input_std == (digits._stats[1],)
     assert CIFAR10Benchmark("/nonexistent").input_std == CIFAR10Benchmark.std
+
+
+def test_a_nan_feature_is_named_with_its_split() -> None:
+    banks = {split: FeatureBank(logits=torch.zeros(4, 3), features=torch.ones(4, 6)) for split in ("test", "svhn")}
+    banks["svhn"].features[2, 5] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"^split svhn: 1 of 24 feature values are NaN or infinite$"):
+        check_banks_finite(banks)
+    banks["svhn"].features[2, 5] = 1.0
+    banks["test"].logits[0] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"^split test: 3 of 12 logit values are NaN or infinite$"):
+        check_banks_finite(banks)

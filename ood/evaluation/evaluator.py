@@ -17,6 +17,8 @@ import torch
 
 from ood.data.benchmark import EvalSplit
 from ood.detectors import resolve_detectors
+from ood.detectors.mahalanobis import row_chunks
+from ood.errors import NonFiniteError
 from ood.evaluation.scoring import ModelScoreFn, Scorer, detector_scorers, evaluate, with_data_facts
 from ood.features.bank import FeatureBank
 from ood.methods.base import OODMethod
@@ -84,6 +86,7 @@ class Evaluator:
         """Run the method's `setup_ood`, fit/tune the detectors, score ID test and every OOD set, in each of the
         evaluation `modes` (`standard`, `fsood`: `ood.evaluation.scoring.evaluate`); the method's
         `fitted()` values go into every row's `method_params.fitted`."""
+        check_banks_finite(banks)
         method.setup_ood(banks)
         accuracy = {s.name: accuracy_of(method, banks[s.name]) for s in splits if s.role in ("id_test", "csid")}
         id_acc = accuracy.pop("test")
@@ -103,6 +106,20 @@ class Evaluator:
         rows, scores = evaluate(scorers, splits, id_acc, info, modes=modes, csid_acc=accuracy)
         validation = validation_aurocs(scorers, [s.name for s in splits])
         return EvaluationResult(rows, scores, id_acc, method.name, method.diagnostics(), validation, accuracy)
+
+
+def check_banks_finite(banks: Mapping[str, FeatureBank]) -> None:
+    """Raise `NonFiniteError` naming the split when its logits or penultimate features hold NaN or +-inf (a network
+    that overflowed, or float16 features above 65504); chunk by chunk, so a memory-mapped bank is not copied. Without
+    it, knn, cfood and relation score such rows as finite values (knn: -3.4e38, the most OOD)."""
+    for split, bank in banks.items():
+        for name in ("logits", "features"):
+            values = getattr(bank, name)
+            bad = sum(int((~torch.isfinite(values[rows])).sum()) for rows in row_chunks(len(values)))
+            if bad:
+                hint = ("; float16 features overflow above 65504: use evaluation.feature_dtype=float32"
+                        if values.dtype == torch.float16 else "")
+                raise NonFiniteError(f"split {split}: {bad} of {values.numel()} {name[:-1]} values are NaN or infinite{hint}")
 
 
 def accuracy_of(method: OODMethod, bank: FeatureBank) -> float:
