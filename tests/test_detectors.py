@@ -198,6 +198,17 @@ def test_float16_capability_is_declared_by_each_detector() -> None:
     assert "react" not in float16_detectors() and "odin" not in float16_detectors()
 
 
+
+def test_scoring_before_fit_says_to_fit_first() -> None:
+    """A fitted attribute read before `fit` names the detector, the attribute and the bank to fit on (it was Python's
+    bare "'Mahalanobis' object has no attribute 'means_'")."""
+    bank = FeatureBank(logits=torch.zeros(2, 3), features=torch.ones(2, 4), weight=torch.zeros(3, 4), bias=torch.zeros(3))
+    with pytest.raises(AttributeError, match=r"^mahalanobis: means_ is set by fit; call fit\(bank\) with the ID train bank before score$"):
+        build_detector("mahalanobis").score(bank)
+    with pytest.raises(AttributeError, match=r"^react: threshold_ is set by fit; call fit\(bank\) with the ID val bank before score$"):
+        build_detector("react").score(bank)
+    assert not hasattr(build_detector("knn"), "index_") and not hasattr(build_detector("knn"), "kk")
+
 # ----- known answers ---------------------------------------------------------------------------------------------
 def _logit_bank(logits: list[list[float]]) -> FeatureBank:
     z = torch.tensor(logits, dtype=torch.float64)

@@ -73,6 +73,13 @@ class Detector:
                 raise RuntimeError(f"detector name {name!r} registered twice")
             _REGISTRY[name] = cls
 
+    def __getattr__(self, name: str) -> Any:
+        """Only reached for a missing attribute: a fitted one (`means_`, `index_`, ...) before `fit` says so."""
+        if name.endswith("_") and not name.startswith("__"):
+            raise AttributeError(f"{getattr(self, 'name', type(self).__name__)}: {name} is set by fit; call fit(bank) with the ID {self.fit_split} "
+                                 f"bank before score")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     @property
     def hparams(self) -> dict[str, Any]:
         """The constructor keywords with their current values."""
