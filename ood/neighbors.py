@@ -65,7 +65,8 @@ class KNNIndex:
     `metric="l2"` returns squared Euclidean distances, `"ip"` inner products (largest first).
     `kind="ivf"` is for ImageNet-scale banks: `nlist` cells (default 4*sqrt(N)), `nprobe` searched, trained on at
     most 256 points per cell (faiss' own cap) drawn with a fixed seed; `kind="auto"` is exact below
-    `AUTO_IVF_ROWS` bank rows and IVF from there on.
+    `AUTO_IVF_ROWS` bank rows and IVF from there on. An IVF query whose `nprobe` cells hold fewer than k rows is
+    searched again with twice the cells (up to all of them) until it has k neighbours.
     `device="cuda"` (or None with CUDA present) moves the index to the GPU when faiss supports it.
     """
 
@@ -116,8 +117,26 @@ class KNNIndex:
             raise RuntimeError("KNNIndex.search called before add()")
         if not 1 <= k <= self.ntotal:
             raise ValueError(f"k={k} must be between 1 and the bank size {self.ntotal}")
-        dist, idx = self._index.search(_np32(queries), k)
+        q = _np32(queries)
+        dist, idx = self._index.search(q, k)
+        self._complete(q, dist, idx)
         return torch.from_numpy(dist).to(queries.device), torch.from_numpy(idx).to(queries.device)
+
+    def _complete(self, q: np.ndarray, dist: np.ndarray, idx: np.ndarray) -> None:
+        """IVF only: queries whose probed cells hold fewer than k rows (faiss pads them with index -1 and distance
+        +-3.4e38, which a kNN score would take for a neighbour) are searched again with twice the cells, up to every
+        cell (exact), until they have k neighbours; `dist` and `idx` are filled in place."""
+        short = np.flatnonzero(idx[:, -1] < 0)
+        nprobe = getattr(self._index, "nprobe", None)
+        if not short.size or nprobe is None:
+            return
+        try:
+            while short.size and self._index.nprobe < self._index.nlist:
+                self._index.nprobe = min(2 * self._index.nprobe, self._index.nlist)
+                dist[short], idx[short] = self._index.search(q[short], idx.shape[1])
+                short = short[idx[short, -1] < 0]
+        finally:
+            self._index.nprobe = nprobe
 
 
 def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:

@@ -31,6 +31,22 @@ def test_ivf_probing_every_cell_is_exact() -> None:
     assert torch.equal(exact, ivf)
 
 
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_ivf_search_with_fewer_than_k_rows_in_the_probed_cells_probes_more(metric: str) -> None:
+    """One probed cell of 16 holds ~25 of 400 rows; faiss pads a k=100 answer with index -1 and distance 3.4e38
+    (kNN scored such rows -3.4e38, the most OOD). Every query now gets k real neighbours: with k = every row they are
+    the exact answer, and the index keeps its nprobe."""
+    gen = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(400, 8, generator=gen), torch.randn(30, 8, generator=gen)
+    ivf = KNNIndex(metric, kind="ivf", nlist=16, nprobe=1).add(bank)
+    dist, idx = ivf.search(queries, 100)
+    assert bool((idx >= 0).all()) and float(dist.abs().max()) < 100 and ivf._index.nprobe == 1
+    exact_dist, exact_idx = KNNIndex(metric).add(bank).search(queries, 400)
+    dist, idx = ivf.search(queries, 400)
+    torch.testing.assert_close(dist, exact_dist, rtol=1e-5, atol=1e-4)
+    assert torch.equal(idx.sort(1).values, exact_idx.sort(1).values)
+
 def test_bad_k_is_a_clear_error() -> None:
     index = KNNIndex().add(torch.zeros(3, 2))
     with pytest.raises(ValueError, match="between 1 and the bank size 3"):

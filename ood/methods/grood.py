@@ -30,7 +30,8 @@ Deviations from the paper and the released code:
 - `k` is honoured (distance to the k-th neighbour); the released code ignores it (1-NN). Default 1 = released.
 - `index: exact` (default) is an exact index via `ood/neighbors.py`. `ivf_as_released` reproduces the released faiss
   IVF-Flat (nlist = floor(4 sqrt(T)), T = min(600, int(0.8 x train batches)), nprobe 4, gradients of batch T
-  dropped) except that faiss k-means is trained on the whole kept bank, not on the first T batches only.
+  dropped) except that faiss k-means is trained on the whole kept bank, not on the first T batches only, and that
+  a query whose 4 probed cells hold fewer than k gradients probes more cells (released: faiss' -1 / 3.4e38 padding).
 - The released yaml's `lam: 0.8` is unused (mix-up hard-codes 0.5): `mix_lambda` defaults to 0.5 and is used.
 - The released code mixes on OpenOOD's training loader (its order and preprocessing); here the first training
   samples in dataset order, without augmentation, from the shared evaluation pass.
