@@ -15,6 +15,8 @@ import faiss
 import numpy as np
 import torch
 
+from ood.errors import NonFiniteError
+
 Metric = Literal["l2", "ip"]
 IndexKind = Literal["exact", "ivf", "auto"]
 #: `kind="auto"` switches from the exact index to IVF-Flat at this many bank rows (ImageNet-1K: 1.28 M)
@@ -120,6 +122,10 @@ class KNNIndex:
         q = _np32(queries)
         dist, idx = self._index.search(q, k)
         self._complete(q, dist, idx)
+        short = int((idx[:, -1] < 0).sum())
+        if short:  # k <= ntotal and every cell probed: only NaN distances leave a neighbour out
+            raise NonFiniteError(f"{short} of {len(idx)} queries have fewer than k={k} neighbours: their features (or "
+                                 "the bank's) hold NaN or infinite values")
         return torch.from_numpy(dist).to(queries.device), torch.from_numpy(idx).to(queries.device)
 
     def _complete(self, q: np.ndarray, dist: np.ndarray, idx: np.ndarray) -> None:

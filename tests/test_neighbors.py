@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ood.errors import NonFiniteError
 from ood.neighbors import KNNIndex, _gpu_id, kmeans, kmeans_plusplus
 
 
@@ -46,6 +47,19 @@ def test_ivf_search_with_fewer_than_k_rows_in_the_probed_cells_probes_more(metri
     dist, idx = ivf.search(queries, 400)
     torch.testing.assert_close(dist, exact_dist, rtol=1e-5, atol=1e-4)
     assert torch.equal(idx.sort(1).values, exact_idx.sort(1).values)
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivf"])
+def test_a_nan_query_is_an_error_not_a_distance_of_3e38(kind: str) -> None:
+    """faiss leaves a NaN query without neighbours (index -1, distance 3.4e38): the knn detector scored it -3.4e38,
+    a finite value that ranks it as the most OOD. The search now says so in one line."""
+    gen = torch.Generator().manual_seed(2)
+    index = KNNIndex("l2", kind=kind, nlist=4, nprobe=1).add(torch.randn(200, 8, generator=gen))
+    queries = torch.randn(3, 8, generator=gen)
+    queries[1, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"^1 of 3 queries have fewer than k=2 neighbours: their features \(or the "
+                                             r"bank's\) hold NaN or infinite values$"):
+        index.search(queries, 2)
 
 def test_bad_k_is_a_clear_error() -> None:
     index = KNNIndex().add(torch.zeros(3, 2))
