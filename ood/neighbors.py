@@ -19,6 +19,8 @@ from ood.errors import NonFiniteError
 
 Metric = Literal["l2", "ip"]
 IndexKind = Literal["exact", "ivf", "auto"]
+#: the most cells a faiss GPU IVF index probes per query (its k-selection limit)
+GPU_MAX_NPROBE = 2048
 #: `kind="auto"` switches from the exact index to IVF-Flat at this many bank rows (ImageNet-1K: 1.28 M)
 AUTO_IVF_ROWS = 200_000
 #: rows converted and added to faiss at a time (the bank is never copied whole)
@@ -68,7 +70,7 @@ class KNNIndex:
     `kind="ivf"` is for ImageNet-scale banks: `nlist` cells (default 4*sqrt(N)), `nprobe` searched, trained on at
     most 256 points per cell (faiss' own cap) drawn with a fixed seed; `kind="auto"` is exact below
     `AUTO_IVF_ROWS` bank rows and IVF from there on. An IVF query whose `nprobe` cells hold fewer than k rows is
-    searched again with twice the cells (up to all of them) until it has k neighbours.
+    searched again with twice the cells (up to all of them; 2048 on a GPU) until it has k neighbours.
     `device="cuda"` (or None with CUDA present) moves the index to the GPU when faiss supports it.
     """
 
@@ -136,9 +138,10 @@ class KNNIndex:
         nprobe = getattr(self._index, "nprobe", None)
         if not short.size or nprobe is None:
             return
+        limit = self._index.nlist if self.gpu_id is None else min(self._index.nlist, GPU_MAX_NPROBE)
         try:
-            while short.size and self._index.nprobe < self._index.nlist:
-                self._index.nprobe = min(2 * self._index.nprobe, self._index.nlist)
+            while short.size and self._index.nprobe < limit:
+                self._index.nprobe = min(2 * self._index.nprobe, limit)
                 dist[short], idx[short] = self._index.search(q[short], idx.shape[1])
                 short = short[idx[short, -1] < 0]
         finally:
