@@ -9,10 +9,11 @@ import torch
 from fabricate import synthetic_banks
 from torch import nn
 
+from ood.data.benchmark import EvalSplit
 from ood.detectors import DetectorNotApplicable, build_detector, detector_class
 from ood.detectors.base import Detector
-from ood.errors import NonFiniteError
-from ood.evaluation.evaluator import check_banks_finite
+from ood.errors import ConfigError, NonFiniteError
+from ood.evaluation.evaluator import check_banks_finite, check_id_labels
 from ood.evaluation.scoring import detector_scorers, fit_detector, grid_points
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
@@ -184,3 +185,16 @@ def test_a_nan_feature_is_named_with_its_split() -> None:
     banks["test"].logits[0] = float("inf")
     with pytest.raises(NonFiniteError, match=r"^split test: 3 of 12 logit values are NaN or infinite$"):
         check_banks_finite(banks)
+
+
+def test_an_id_label_outside_the_networks_classes_is_named_with_its_split() -> None:
+    """A Dataset whose labels do not index the network's outputs (e.g. 5 labels for a 3-class head) stops the
+    evaluation instead of giving a wrong accuracy; OOD sets' labels are not ID classes and are not checked."""
+    splits = [EvalSplit("train", "fit"), EvalSplit("test", "id_test"), EvalSplit("svhn", "ood", "far")]
+    banks = {s.name: FeatureBank(logits=torch.zeros(4, 3), features=torch.ones(4, 6), labels=torch.tensor([0, 1, 2, 1]))
+             for s in splits}
+    banks["svhn"].labels = torch.tensor([7, 7, -1, 9])
+    check_id_labels(banks, splits)
+    banks["test"].labels = torch.tensor([0, 4, 3, 4])
+    with pytest.raises(ConfigError, match=r"^split test: 3 labels outside the network's 3 classes 0\.\.2 \(e\.g\. \[3, 4\]\)"):
+        check_id_labels(banks, splits)

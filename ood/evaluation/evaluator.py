@@ -18,7 +18,7 @@ import torch
 from ood.data.benchmark import EvalSplit
 from ood.detectors import resolve_detectors
 from ood.detectors.mahalanobis import row_chunks
-from ood.errors import NonFiniteError
+from ood.errors import ConfigError, NonFiniteError
 from ood.evaluation.scoring import ModelScoreFn, Scorer, detector_scorers, evaluate, with_data_facts
 from ood.features.bank import FeatureBank
 from ood.methods.base import OODMethod
@@ -87,6 +87,7 @@ class Evaluator:
         evaluation `modes` (`standard`, `fsood`: `ood.evaluation.scoring.evaluate`); the method's
         `fitted()` values go into every row's `method_params.fitted`."""
         check_banks_finite(banks)
+        check_id_labels(banks, splits)
         method.setup_ood(banks)
         accuracy = {s.name: accuracy_of(method, banks[s.name]) for s in splits if s.role in ("id_test", "csid")}
         id_acc = accuracy.pop("test")
@@ -120,6 +121,21 @@ def check_banks_finite(banks: Mapping[str, FeatureBank]) -> None:
                 hint = ("; float16 features overflow above 65504: use evaluation.feature_dtype=float32"
                         if values.dtype == torch.float16 else "")
                 raise NonFiniteError(f"split {split}: {bad} of {values.numel()} {name[:-1]} values are NaN or infinite{hint}")
+
+
+def check_id_labels(banks: Mapping[str, FeatureBank], splits: Sequence[EvalSplit]) -> None:
+    """Raise `ConfigError` when an ID split (train, val, test, a csid set) holds a label outside the network's classes
+    0..C-1 (C: the logits' width): a Dataset passed to `ood.evaluate` with other labels would give a wrong accuracy and
+    wrong class-conditional fits, silently (folders and image lists are checked when read)."""
+    for split in splits:
+        bank = banks.get(split.name) if split.role in ("fit", "id_val", "id_test", "csid") else None
+        if bank is None or bank.labels is None:
+            continue
+        classes = bank.logits.shape[1]
+        bad = bank.labels[(bank.labels < 0) | (bank.labels >= classes)]
+        if len(bad):
+            raise ConfigError(f"split {split.name}: {len(bad)} labels outside the network's {classes} classes "
+                              f"0..{classes - 1} (e.g. {sorted(set(bad.tolist()))[:5]}); ID labels must index its outputs")
 
 
 def accuracy_of(method: OODMethod, bank: FeatureBank) -> float:
