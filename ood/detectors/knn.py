@@ -9,7 +9,9 @@ one). The bank is normalised and added chunk by chunk (float16 banks too).
 - NNGuide, Park et al., "Nearest Neighbor Guidance for Out-of-Distribution Detection", ICCV 2023
   (arXiv 2309.14888), OpenOOD's `nnguide`: guide bank g_j = h_hat_j * LSE(f_j) over the first `alpha` fraction
   of the train bank; score(x) = LSE(f(x)) * mean of the top-K inner products <h_hat(x), g_j>.
-  Deviation: K is clipped to the guide-bank size (on small benchmarks alpha * N_train < K).
+  Deviations: K is clipped to the guide-bank size (on small benchmarks alpha * N_train < K); the guide bank is
+  exactly round(alpha * N_train) rows, where OpenOOD keeps whole loader batches until it has more than
+  int(alpha * N_train) (CIFAR-10 with its train batch of 200: 600 rows, here 500).
 """
 
 from __future__ import annotations
