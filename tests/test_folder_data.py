@@ -342,7 +342,7 @@ def test_id_image_lists_get_the_class_checks_of_folders(folders: dict[str, Path]
         FolderBenchmark(train=write(root / "train.txt", train), test=write(root / "bad_test.txt", [*test, "x.png 3"]),
                         ood=[folders["far"]])
     with pytest.raises(DataNotFoundError, match=r"paths.txt: 12 line\(s\) without a class index \(no label or a "
-                                                r"negative one; first: 0.png\); an ID image list needs"):
+                                                r"negative one; first: train/c0/0.png\); an ID image list needs"):
         FolderBenchmark(train=write(root / "paths.txt", [line.split()[0] for line in train]),
                         test=write(root / "test.txt", test), ood=[folders["far"]])
     with pytest.raises(DataNotFoundError, match=r"shifted.txt: the ID train labels must be the class indices 0..2, "

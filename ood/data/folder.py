@@ -288,13 +288,14 @@ class FolderBenchmark(Benchmark):
             spec = SetSpec.parse(name, source)
             listed = resolve(Path.cwd(), spec.imglist)
             images = resolve(Path.cwd(), spec.images) if "images" in source else listed.parent
-            entries = [(images / p, y) for p, y in read_imglist(listed)]
+            lines = read_imglist(listed)
+            entries = [(images / p, y) for p, y in lines]
             if label is not None:
                 return ImageSet(name, str(listed), entries)
-            unlabelled = [p for p, y in entries if y < 0]
+            unlabelled = [p for p, y in lines if y < 0]
             if unlabelled:
                 raise DataNotFoundError(f"{listed}: {len(unlabelled)} line(s) without a class index (no label or a "
-                                        f"negative one; first: {unlabelled[0].name}); an ID image list needs "
+                                        f"negative one; first: {unlabelled[0]}); an ID image list needs "
                                         "'<path> <class index>' lines")
             if classes is not None or self._unnamed_train is not None:  # not the train split: its labels are known
                 unknown = sorted({y for _, y in entries} - set(range(self.num_classes)))
