@@ -124,6 +124,17 @@ def roc_figure(curves: Mapping[str, Mapping[str, SplitScores]], ood_sets: Sequen
     return _save(fig, path)
 
 
+def bin_edges(values: np.ndarray, bins: int) -> np.ndarray:
+    """NumPy's `bins` + 1 equal-width edges over `values`; where float64 cannot split their range into `bins` at their
+    magnitude (constant scores of 1e16 or more, which NumPy widens by only +-0.5), a range of 1e-6 of the magnitude
+    around them."""
+    try:
+        return np.histogram_bin_edges(values, bins=bins)
+    except ValueError:
+        centre, half = float(values.mean()), 0.5e-6 * float(np.abs(values).max())
+        return np.linspace(min(centre - half, values.min()), max(centre + half, values.max()), bins + 1)
+
+
 def histogram_figure(
     per_split: SplitScores, ood_sets: Sequence[str], path: str | Path, title: str, csid_sets: Sequence[str] = (),
     mode: str = "standard",
@@ -137,7 +148,7 @@ def histogram_figure(
     ood_sets = [s for s in ood_sets if s in per_split]
     csid_sets = [s for s in csid_sets if s in per_split]
     values = {k: _numpy(v) for k, v in per_split.items() if k == ID_SPLIT or k in ood_sets or k in csid_sets}
-    edges = np.histogram_bin_edges(np.concatenate(list(values.values())), bins=BINS)
+    edges = bin_edges(np.concatenate(list(values.values())), BINS)
     test_look = ID_LOOK["standard"]
     panels = [(s, "OOD set", "tab:red", _numpy(pooled[ID_SPLIT]), ID_LOOK[mode]) for s in ood_sets]
     panels += [(s, "csid set (ID, shifted)", "tab:green", values[ID_SPLIT], test_look) for s in csid_sets]

@@ -263,3 +263,19 @@ def test_identity_file_is_what_the_report_reads(tmp_path: Path) -> None:
     assert read_identity(tmp_path / "s1").config["method.optimizer.lr"] == "0.1"
     config_cols, _, table = aggregate(load_rows([tmp_path]))
     assert "method.optimizer.lr" in config_cols and {e["seeds"] for e in table} == {1} and len(table) == 4
+
+
+@pytest.mark.parametrize("value", [1e17, -3.4e38])
+def test_histograms_of_constant_scores_at_a_huge_magnitude_are_drawn(value: float) -> None:
+    """NumPy cannot cut +-0.5 around a constant 1e17 into 50 bins ("Too many bins for data range"): the figure widens
+    the range to 1e-6 of the magnitude, and every score lands in one bin."""
+    fig_axes = {}
+    save = plots._save
+    try:
+        plots._save = lambda fig, path: fig_axes.setdefault("axes", [ax for ax in fig.axes if ax.get_visible()])  # type: ignore[assignment]
+        plots.histogram_figure({"test": np.full(4, value), "a": np.full(3, value)}, ["a"], "x.png", "t")
+    finally:
+        plots._save = save
+    (edges, heights), _ = histogram_bars(fig_axes["axes"][0]).values()
+    assert len(edges) == plots.BINS + 1 and np.all(np.diff(edges) > 0)
+    assert edges[0] < value < edges[-1] and np.count_nonzero(heights) == 1
