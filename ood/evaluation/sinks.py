@@ -32,7 +32,7 @@ from lightning import LightningModule, Trainer
 from ood.evaluation.evaluator import EvaluationResult
 from ood.evaluation.scoring import METRICS, group_means, rows_by_mode
 from ood.files import atomic_savez, atomic_write_text
-from ood.plots import save_run_figures, wandb_roc
+from ood.plots import bin_edges, save_run_figures, wandb_roc
 from ood.utils import get_logger
 
 log = get_logger(__name__)
@@ -146,7 +146,7 @@ class WandbReporter:
             columns = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in nested]
             payload: dict[str, Any] = {"test/results": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])}
             for detector, per_split in result.scores.items():
-                edges = np.histogram_bin_edges(torch.cat(list(per_split.values())).numpy(), bins=64)
+                edges = bin_edges(torch.cat(list(per_split.values())).numpy(), 64)
                 for split, values in per_split.items():
                     payload[f"test/{detector}/{split}/scores"] = wandb.Histogram(np_histogram=np.histogram(values.numpy(), bins=edges))
             _, images, _ = split_diagnostics(result.diagnostics)
