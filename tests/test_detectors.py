@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -432,3 +433,29 @@ def test_odin_step_is_noise_over_input_std_against_the_gradient_sign() -> None:
     expected = torch.log_softmax((x_tilde @ w.T).double() / 5.0, 1).max(1).values
     got = build_detector("odin", temperature=5.0, noise=0.1, input_std=0.5).score_inputs(model, x.detach())
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("name", "hparams", "message"),
+    [("ash", {"percentile": 120}, "percentile=120 is outside its range [0, 100]"),
+     ("gen", {"M": 0}, "M=0 is outside its range whole numbers in [1, inf]"),
+     ("energy", {"temperature": 0}, "temperature=0 is outside its range (0, inf]"),
+     ("knn", {"k": 2.5}, "k=2.5 is outside its range whole numbers in [1, inf]"),
+     ("adascale_a", {"percentile": (75, 185)}, "percentile=(75, 185) is outside its range [0, 100]"),
+     ("react", {"percentile": float("nan")}, "percentile=nan is outside its range [0, 100]")],
+)
+def test_a_hyper_parameter_out_of_range_is_refused_in_one_line(name: str, hparams: dict, message: str) -> None:
+    """gen with M=0 scored constant zeros, ash with a percentile of 120 and energy with T=0 gave nonsense or NaN."""
+    with pytest.raises(ConfigError, match=rf"^detector '{name}': {re.escape(message)}$"):
+        build_detector(name, **hparams)
+
+
+def test_defaults_and_grids_are_in_range_and_set_params_checks_too() -> None:
+    for name in available_detectors():
+        cls = detector_class(name)
+        for point in [{}, *grid_points(cls.grid)]:
+            build_detector(name, **point)
+    det = build_detector("knn", k=5)
+    with pytest.raises(ConfigError, match=r"^detector 'knn': k=0 is outside"):
+        det.set_params(k=0)
+    assert det.k == 5

@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ood.detectors.base import Detector
+from ood.detectors.base import PERCENTILE, Detector
 from ood.detectors.logits import energy_score, head_logits
 from ood.detectors.mahalanobis import row_chunks
 from ood.features.bank import FeatureBank
@@ -54,6 +54,7 @@ class ReAct(Detector):
     """LSE(W min(h, t) + b), t a percentile of the ID-val activations."""
 
     name = "react"
+    ranges = {"percentile": PERCENTILE}
     fit_split = "val"
     grid = {"percentile": [85, 90, 95, 99]}
 
@@ -72,6 +73,7 @@ class ASH(Detector):
     """LSE(W a + b), a = ASH-B of h: top-k entries set to sum(h)/k, the rest zeroed."""
 
     name = "ash"
+    ranges = {"percentile": PERCENTILE}
     grid = {"percentile": [65, 70, 75, 80, 85, 90, 95]}
     score_params = frozenset({"percentile"})
 
@@ -90,6 +92,7 @@ class DICE(Detector):
     """LSE((W * M) h + b), M keeping the weights whose mean train contribution exceeds its p-th percentile."""
 
     name = "dice"
+    ranges = {"p": PERCENTILE}
     grid = {"p": [90]}
 
     def __init__(self, p: float = 90) -> None:
@@ -110,6 +113,7 @@ class Scale(Detector):
     """LSE(W h e^r + b), r = sum(h) / sum(top-k h)."""
 
     name = "scale"
+    ranges = {"percentile": PERCENTILE}
     grid = {"percentile": [65, 70, 75, 80, 85, 90, 95]}
     score_params = frozenset({"percentile"})
 
@@ -129,6 +133,7 @@ class VRA(Detector):
     """LSE(W clip(h, t_low, t_high) + b), both thresholds percentiles of the ID-val activations."""
 
     name = "vra"
+    ranges = {"percentile_high": PERCENTILE, "percentile_low": PERCENTILE}
     fit_split = "val"
     grid = {"percentile_high": [85, 90, 95, 99], "percentile_low": [1, 5, 10, 15]}
     float16_features = True
@@ -151,6 +156,7 @@ class LTS(Detector):
     """LSE(f * s), s = (sum(h+) / sum(top-k h+))^2: the logits scaled by a per-sample factor from the activations."""
 
     name = "lts"
+    ranges = {"percentile": PERCENTILE}
     grid = {"percentile": [65, 70, 75, 80, 85, 90, 95]}
     score_params = frozenset({"percentile"})
     float16_features = True

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ood.detectors.base import SharedPasses
+from ood.detectors.base import COUNT, PERCENTILE, SharedPasses
 from ood.detectors.network import ModelFitted, backbone_of, staged_forward
 from ood.features.bank import FeatureBank
 from ood.utils import linear_params
@@ -56,6 +56,7 @@ class AdaScaleA(ModelFitted):
     """Energy of the features scaled per sample by an adaptive-percentile SCALE ratio (activation scaling)."""
 
     name = "adascale_a"
+    ranges = {"percentile": PERCENTILE, "num_samples": COUNT}
     fit_split = "val"
     pass_group = "staged"
     #: the extra network passes would slow the default run: `detectors=full` runs it, `all` does not

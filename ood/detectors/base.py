@@ -5,13 +5,17 @@ tuning `grid`, the ID split it is fitted on (`fit_split`), `fit(bank)` and `scor
 Subclassing with a `name` registers it; `build_detector(name, **hparams)` is the only constructor callers use.
 A run resolves each configured name to its class once (`resolve_detectors`); everything downstream takes the class.
 Hyper-parameters that count feature dimensions (ViM's `dim`) accept a fraction of the feature dimension D
-(`relative_count`), so one grid applies to every backbone.
+(`relative_count`), so one grid applies to every backbone. A detector declares the `ranges` of its numeric
+hyper-parameters; a value outside them is refused in one line when the detector is built or `set_params` is called.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
@@ -45,6 +49,38 @@ class SharedPasses:
         return self._results[key]
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric hyper-parameter admits: from `low` to `high`, an end excluded when `open_low` /
+    `open_high`; `integer`: whole numbers only."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+    integer: bool = False
+
+    def admits(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+            return False
+        if self.integer and value != int(value):
+            return False
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        interval = f"{'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+        return f"{'whole numbers in ' if self.integer else ''}{interval}"
+
+
+#: common ranges: a percentile, a positive number, a count, a non-negative number
+PERCENTILE = Range(0, 100)
+POSITIVE = Range(0, open_low=True)
+COUNT = Range(1, integer=True)
+NON_NEGATIVE = Range(0)
+
+
 class Detector:
     """Base class. Subclasses set `name` and implement `score` (and `fit` when they need ID statistics)."""
 
@@ -64,6 +100,9 @@ class Detector:
     #: and i-ODIN; "staged": AdaSCALE, mds_ensemble, mahalanobis_odin); a joint run scores a group's members one
     #: after the other and then drops what they shared
     pass_group: ClassVar[str | None] = None
+    #: hyper-parameter name -> the values it admits (checked by `build_detector` and `set_params`; a sequence value,
+    #: e.g. AdaSCALE's percentile pair, element by element)
+    ranges: ClassVar[dict[str, Range]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -98,6 +137,7 @@ class Detector:
         refit = sorted(set(params) - self.score_params)
         if refit:
             raise ValueError(f"{self.name}: {refit} change the fit; build a new detector instead")
+        check_ranges(type(self), params)
         for key, value in params.items():
             setattr(self, key, value)
         return self
@@ -195,4 +235,14 @@ def build_detector(name: DetectorRef, **hparams: Any) -> Detector:
     unknown = sorted(set(hparams) - set(accepted))
     if unknown:
         raise ConfigError(f"detector {cls.name!r} has no hyper-parameter {unknown}; accepted: {accepted or 'none'}")
+    check_ranges(cls, hparams)
     return cls(**hparams)
+
+
+def check_ranges(cls: type[Detector], hparams: dict[str, Any]) -> None:
+    """Raise `ConfigError` for a hyper-parameter value outside the detector's declared `ranges`."""
+    for key, value in hparams.items():
+        allowed = cls.ranges.get(key)
+        values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+        if allowed is not None and not all(allowed.admits(v) for v in values):
+            raise ConfigError(f"detector {cls.name!r}: {key}={value!r} is outside its range {allowed}")

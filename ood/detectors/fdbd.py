@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ood.detectors.base import Detector
+from ood.detectors.base import NON_NEGATIVE, Detector
 from ood.features.bank import FeatureBank
 
 
@@ -55,6 +55,7 @@ class NCI(_TrainMean):
     """Alignment of the centred feature with the predicted class's weight plus a small L1 feature-norm term."""
 
     name = "nci"
+    ranges = {"alpha": NON_NEGATIVE}
     grid = {"alpha": [1e-4, 1e-3, 1e-2, 0.1]}
     score_params = frozenset({"alpha"})
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from sklearn.mixture import GaussianMixture
 
-from ood.detectors.base import Detector, DetectorNotApplicable
+from ood.detectors.base import COUNT, POSITIVE, Detector, DetectorNotApplicable
 from ood.detectors.mahalanobis import centred_gram, class_means, mahalanobis_sq, row_chunks
 from ood.features.bank import FeatureBank
 
@@ -33,6 +33,7 @@ class GMM(Detector):
     """Log density (up to a constant) of a tied-covariance Gaussian mixture on PCA-reduced features."""
 
     name = "gmm"
+    ranges = {"num_clusters": COUNT, "reduce_dim": POSITIVE}
     float16_features = True
 
     def __init__(self, num_clusters: int = 50, reduce_dim: int = 50, seed: int = 0) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ood.detectors.base import Detector
+from ood.detectors.base import COUNT, Detector, Range
 from ood.detectors.logits import energy_score
 from ood.features.bank import FeatureBank
 from ood.neighbors import IndexKind, KNNIndex
@@ -39,6 +39,7 @@ class KNN(Detector):
     """-(squared distance to the K-th nearest normalised train feature)."""
 
     name = "knn"
+    ranges = {"k": COUNT}
     float16_features = True
     grid = {"k": [50, 100, 200, 500, 1000]}
     score_params = frozenset({"k"})
@@ -80,6 +81,7 @@ class NNGuide(Detector):
     """LSE(f) x mean top-K inner product with the confidence-weighted guide bank."""
 
     name = "nnguide"
+    ranges = {"k": COUNT, "alpha": Range(0, 1, open_low=True)}
     grid = {"k": [100], "alpha": [0.01]}
 
     def __init__(self, k: int = 100, alpha: float = 0.01, index: IndexKind = "exact") -> None:

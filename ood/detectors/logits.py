@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ood.detectors.base import Detector
+from ood.detectors.base import COUNT, POSITIVE, Detector
 from ood.features.bank import FeatureBank
 
 
@@ -70,6 +70,7 @@ class Energy(Detector):
     """T * logsumexp(f / T)."""
 
     name = "energy"
+    ranges = {"temperature": POSITIVE}
     float16_features = True
     grid = {"temperature": [1.0]}
     score_params = frozenset({"temperature"})
@@ -96,6 +97,7 @@ class GEN(Detector):
     """-sum_{top-M} p^gamma (1 - p)^gamma (generalised entropy of the largest M probabilities)."""
 
     name = "gen"
+    ranges = {"gamma": POSITIVE, "M": COUNT}
     float16_features = True
     grid = {"gamma": [0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0], "M": [10, 50, 100, 200, 500, 1000]}
     score_params = frozenset({"gamma", "M"})

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ood.detectors.base import Detector, SharedPasses
+from ood.detectors.base import NON_NEGATIVE, POSITIVE, Detector, SharedPasses
 from ood.detectors.mahalanobis import class_means, mahalanobis_sq, shared_precision
 from ood.detectors.network import Tap, channel_mean, staged_forward, tapped_keys
 from ood.errors import ConfigError
@@ -67,6 +67,7 @@ class MahalanobisODIN(Detector):
     """max_c M_c of the penultimate features of the input nudged towards its closest class Gaussian."""
 
     name = "mahalanobis_odin"
+    ranges = {"noise": NON_NEGATIVE, "input_std": POSITIVE}
     needs_model = True
     pass_group = "staged"
     #: the extra network passes would slow the default run: `detectors=full` runs it, `all` does not
@@ -110,6 +111,7 @@ class MDSEnsemble(Detector):
     """sum over stages of max_c M_lc of the stage's channel means, each from its own perturbed input."""
 
     name = "mds_ensemble"
+    ranges = {"noise": NON_NEGATIVE, "input_std": POSITIVE}
     needs_model = True
     pass_group = "staged"
     #: a gradient and a perturbed pass per stage would slow the default run: `detectors=full` runs it, `all` does not

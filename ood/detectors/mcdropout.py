@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ood.detectors.base import DetectorNotApplicable, SharedPasses
+from ood.detectors.base import COUNT, DetectorNotApplicable, SharedPasses
 from ood.detectors.logits import max_log_softmax
 from ood.detectors.network import ModelFitted
 from ood.features.bank import FeatureBank
@@ -44,6 +44,7 @@ class MCDropout(ModelFitted):
     """Max softmax of the mean logits over forward passes with dropout on."""
 
     name = "mcdropout"
+    ranges = {"samples": COUNT}
     fit_split = "val"
 
     def __init__(self, samples: int = 5) -> None:

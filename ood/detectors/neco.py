@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ood.detectors.base import Detector, DetectorNotApplicable
+from ood.detectors.base import POSITIVE, Detector, DetectorNotApplicable
 from ood.detectors.mahalanobis import centred_gram, class_means, row_chunks
 from ood.features.bank import FeatureBank
 
@@ -39,6 +39,7 @@ class NECO(Detector):
     """Share of the standardised feature's norm inside the top principal subspace of the train features."""
 
     name = "neco"
+    ranges = {"dim": POSITIVE}
     grid = {"dim": [1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2], "use_max_logit": [False, True]}
     score_params = frozenset({"dim", "use_max_logit"})
 

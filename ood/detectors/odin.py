@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ood.detectors.base import Detector, SharedPasses
+from ood.detectors.base import NON_NEGATIVE, POSITIVE, Detector, SharedPasses
 from ood.detectors.logits import max_log_softmax
 from ood.features.bank import FeatureBank
 
@@ -52,6 +52,7 @@ class ODIN(Detector):
     """Max log-softmax at temperature T of the input nudged towards higher confidence."""
 
     name = "odin"
+    ranges = {"temperature": POSITIVE, "noise": NON_NEGATIVE, "input_std": POSITIVE}
     needs_model = True
     pass_group = "odin"
     grid = {"temperature": [1, 10, 100, 1000], "noise": [0.0014, 0.0028]}

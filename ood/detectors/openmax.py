@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy.stats import weibull_min
 
-from ood.detectors.base import Detector
+from ood.detectors.base import COUNT, Detector
 from ood.detectors.mahalanobis import class_means, row_chunks
 from ood.features.bank import FeatureBank
 
@@ -37,6 +37,7 @@ class OpenMax(Detector):
     """-(OpenMax probability of the unknown class), from Weibull models of the distance to each class's mean logits."""
 
     name = "openmax"
+    ranges = {"tailsize": COUNT, "alpha": COUNT}
     float16_features = True
 
     def __init__(self, tailsize: int = 20, alpha: int = 3) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ood.detectors.base import Detector, DetectorNotApplicable, SharedPasses
+from ood.detectors.base import POSITIVE, Detector, DetectorNotApplicable, SharedPasses
 from ood.detectors.network import backbone_of, channels_first
 from ood.features.bank import FeatureBank
 
@@ -39,6 +39,7 @@ class RankFeat(Detector):
     """Energy of the mean logits after removing the rank-1 component of the last two stage outputs."""
 
     name = "rankfeat"
+    ranges = {"temperature": POSITIVE}
     needs_model = True
 
     def __init__(self, temperature: float = 1.0) -> None:

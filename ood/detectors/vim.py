@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ood.detectors.base import Detector, DetectorNotApplicable, relative_count
+from ood.detectors.base import POSITIVE, Detector, DetectorNotApplicable, relative_count
 from ood.detectors.logits import energy_score
 from ood.detectors.mahalanobis import centred_gram, row_chunks
 from ood.features.bank import FeatureBank
@@ -74,6 +74,7 @@ class ViM(_PrincipalSpace):
     """LSE(f) - alpha * norm of the feature residual outside the principal subspace."""
 
     name = "vim"
+    ranges = {"dim": POSITIVE}
     grid = {"dim": [0.125, 0.5]}
 
     def fit(self, bank: FeatureBank) -> ViM:
@@ -97,6 +98,7 @@ class Residual(_PrincipalSpace):
     """-norm of the feature residual outside the principal subspace of the ID-val features."""
 
     name = "residual"
+    ranges = {"dim": POSITIVE}
     fit_split = "val"
 
     def __init__(self, dim: float = 0.25) -> None:

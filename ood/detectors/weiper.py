@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ood.detectors.base import Detector
+from ood.detectors.base import COUNT, NON_NEGATIVE, Detector
 from ood.features.bank import FeatureBank
 
 #: perturbed-logit values per row chunk (2^24 float32 = 64 MB)
@@ -92,6 +92,7 @@ class WeiPer(Detector):
     """-(KL of the feature histogram + lambda_1 KL of the perturbed-logit histogram - lambda_2 perturbed MSP)."""
 
     name = "weiper"
+    ranges = {"n_bins": COUNT, "n_repeats": COUNT, "perturbation_distance": NON_NEGATIVE, "smoothing": COUNT, "smoothing_perturbed": COUNT}
     grid = {
         "lambda_1": [0.1, 2.5],
         "lambda_2": [0.1, 0.25, 1],
