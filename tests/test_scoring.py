@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +199,28 @@ def test_an_id_label_outside_the_networks_classes_is_named_with_its_split() -> N
     banks["test"].labels = torch.tensor([0, 4, 3, 4])
     with pytest.raises(ConfigError, match=r"^split test: 3 labels outside the network's 3 classes 0\.\.2 \(e\.g\. \[3, 4\]\)"):
         check_id_labels(banks, splits)
+
+
+def test_results_file_is_written_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`results.jsonl` marks a run complete for `ood-report`: a run that dies while writing its scores or figures
+    leaves none (a SIGKILL there left a results.jsonl without scores.npz, reported as a finished run)."""
+    import json
+    from types import SimpleNamespace
+
+    from ood.evaluation import sinks
+    from ood.evaluation.evaluator import EvaluationResult
+
+    row = {"method": "ce", "detector": "msp", "ood_dataset": "noise", "ood_group": "far", "auroc": 0.75}
+    result = EvaluationResult([row], {"msp": {"test": torch.tensor([1.0, 2.0])}}, 0.5, "ce")
+    trainer = SimpleNamespace(is_global_zero=True)
+
+    def die(*args: object) -> None:
+        raise RuntimeError("killed while writing")
+
+    monkeypatch.setattr(sinks, "save_run_figures", die)
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        sinks.ResultsWriter(str(tmp_path)).write(result, trainer, None)
+    assert (tmp_path / "scores.npz").is_file() and not (tmp_path / "results.jsonl").exists()
+    monkeypatch.setattr(sinks, "save_run_figures", lambda *args: [])
+    sinks.ResultsWriter(str(tmp_path)).write(result, trainer, None)
+    assert [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()] == [row]

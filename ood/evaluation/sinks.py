@@ -105,8 +105,6 @@ class ResultsWriter:
             return
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
-        path = out / "results.jsonl"
-        atomic_write_text(path, "".join(json.dumps(row, default=_jsonable) + "\n" for row in result.rows))
         atomic_write_text(out / VALIDATION_FILE, json.dumps({"method": result.method, "auroc": result.validation}))
         if self.save_scores:
             flat = {f"{d}/{split}": s.numpy() for d, per_split in result.scores.items() for split, s in per_split.items()}
@@ -123,6 +121,10 @@ class ResultsWriter:
             floats, _, _ = split_diagnostics(result.diagnostics)
             stats = {**floats, **rest}
             (out / f"{result.method}_stats.json").write_text(json.dumps(stats, indent=2, default=_jsonable))
+        # last: `results.jsonl` marks the run complete (`ood-report`), so a run that dies while writing the scores,
+        # figures or diagnostics is reported as killed rather than taken as complete without them
+        path = out / "results.jsonl"
+        atomic_write_text(path, "".join(json.dumps(row, default=_jsonable) + "\n" for row in result.rows))
         log.debug("wrote %d result rows to %s", len(result.rows), path)  # the run table names the folder
 
 
