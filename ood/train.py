@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import gc
 import json
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from ood import CONFIG_DIR
@@ -83,6 +86,10 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
                 "(or backbone.weights=FILE for a backbone that loads pretrained weights, e.g. backbone=resnet50)"
             )
         return _run(cfg, output_dir)
+    except SIGTERMException:
+        # Lightning stops at the next training step with a SystemExit of status 0, which would pass for a success
+        record_failure(output_dir, SIGTERMException("terminated by SIGTERM; resume with ckpt_path=last"))
+        sys.exit(128 + signal.SIGTERM)
     except Exception as err:
         record_failure(output_dir, err)
         raise

@@ -1,4 +1,5 @@
-"""A callback that kills its own process (SIGKILL: no cleanup, like a machine dying) at a known point."""
+"""A callback that signals its own process at a known point: SIGKILL (no cleanup, like a machine dying) by default,
+or another signal (SIGTERM, as a scheduler sends before its time limit)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from lightning import Callback, LightningModule, Trainer
 
 
 class KillAt(Callback):
-    """SIGKILL the process after training batch `batch` of epoch `epoch` (both 0-based), mid-epoch."""
+    """Send `signum` (default SIGKILL) to the process after training batch `batch` of epoch `epoch` (both 0-based),
+    mid-epoch."""
 
-    def __init__(self, epoch: int, batch: int) -> None:
-        self.epoch, self.batch = epoch, batch
+    def __init__(self, epoch: int, batch: int, signum: int = signal.SIGKILL) -> None:
+        self.epoch, self.batch, self.signum = epoch, batch, signum
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), self.signum)

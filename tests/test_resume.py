@@ -44,6 +44,21 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert (killed / "results.jsonl").read_text() == (tmp_path / "straight" / "results.jsonl").read_text()
 
 
+@pytest.mark.slow
+def test_sigterm_ends_the_run_as_failed_and_it_resumes(tmp_path: Path) -> None:
+    """Lightning answers SIGTERM with a SystemExit of status 0 at the next training step: the run exits 143 (killed
+    by SIGTERM) and leaves FAILED.txt, not a silent success without results; `ckpt_path=last` then finishes it."""
+    with pytest.raises(SystemExit) as stop:
+        run_config(tmp_path, [*RUN, "+callbacks.kill._target_=killer.KillAt", "+callbacks.kill.epoch=1",
+                              "+callbacks.kill.batch=0", f"+callbacks.kill.signum={int(signal.SIGTERM)}"])
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert (tmp_path / "FAILED.txt").read_text() == "SIGTERMException: terminated by SIGTERM; resume with ckpt_path=last\n"
+    assert not (tmp_path / "results.jsonl").exists()
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 0
+    assert {r["detector"] for r in run_config(tmp_path, [*RUN, "ckpt_path=last"])} == {"msp", "energy"}
+    assert not (tmp_path / "FAILED.txt").exists()
+
+
 def test_resume_with_other_max_epochs_is_refused(tmp_path: Path) -> None:
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
