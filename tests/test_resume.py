@@ -68,9 +68,10 @@ def test_resume_with_other_max_epochs_is_refused(tmp_path: Path) -> None:
 
 
 def test_resume_with_another_configuration_is_refused(tmp_path: Path) -> None:
-    """Lightning restores the checkpoint's optimizer and schedule: a changed seed, learning rate or method would be
-    recorded but not used, so resuming with them is refused before anything runs, naming each change. Folders
-    (`hydra.run.dir`, `data_dir`) and loader plumbing may differ."""
+    """Lightning restores the checkpoint's weights, optimizer and schedule: a changed seed, learning rate, method or
+    preprocessing would leave a run that follows neither configuration, so resuming with them is refused before
+    anything runs, naming each change (not claiming a preprocessing key would go unused). Folders (`hydra.run.dir`,
+    `data_dir`) and loader plumbing may differ."""
     ckpt = tmp_path / "old" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
     stored = flat_config(compose_config(tmp_path / "old", [*FAST, "paths.data_dir=/elsewhere"]))
@@ -80,6 +81,12 @@ def test_resume_with_another_configuration_is_refused(tmp_path: Path) -> None:
         run(compose_config(tmp_path / "new", [*FAST, "seed=3", "method.optimizer.lr=0.01", f"ckpt_path={ckpt}"]))
     with pytest.raises(ConfigError, match=r"trained with method._target_=ood.methods.CrossEntropy \(now ood.methods.logitnorm.LogitNorm\), "):
         run(compose_config(tmp_path / "new2", [*FAST, "method=logitnorm", f"ckpt_path={ckpt}"]))
+    with pytest.raises(ConfigError) as refused:
+        run(compose_config(tmp_path / "new4", [*FAST, "data.benchmark.image_size=12", f"ckpt_path={ckpt}"]))
+    assert str(refused.value) == (
+        f"checkpoint {ckpt} was trained with data.benchmark.image_size=16 (now 12): resuming keeps its weights, optimizer "
+        "and schedule, so the finished run would follow neither configuration yet be recorded as the new one. Resume "
+        "with the checkpoint's settings, or start a new run (another hydra.run.dir, without ckpt_path)")
     assert not (tmp_path / "new" / "results.jsonl").exists()
     check_run(compose_config(tmp_path / "new3", [*FAST, "data.num_workers=0", f"ckpt_path={ckpt}"]), str(ckpt))
 

@@ -52,8 +52,9 @@ def check_run(cfg: DictConfig, ckpt_path: str | None) -> None:
 def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> None:
     """Refuse resuming a checkpoint with another configuration: the seed or a key that names the configuration
     (`ood.runs.identity`: method, backbone, data, epochs; not folders or loader plumbing). Lightning restores the
-    optimizer, schedule and RNG from the checkpoint, so the new values would not be used, yet the run would record
-    them. Keys only one side has (added by a newer version) are not compared; a checkpoint without a stored config
+    weights, optimizer, schedule and RNG from the checkpoint: a changed optimizer setting would not be used, a changed
+    data or preprocessing key would apply from the resumed epoch on, and either way the run would record only the new
+    values. Keys only one side has (added by a newer version) are not compared; a checkpoint without a stored config
     (another framework's) is not checked."""
     if not stored:
         return
@@ -66,8 +67,8 @@ def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> 
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise ConfigError(
             f"checkpoint {ckpt_path} was trained with {', '.join(changed[:4])}{more}: resuming keeps its weights, "
-            "optimizer and schedule, so the new values would be recorded but not used. Resume with the checkpoint's "
-            "settings, or start a new run (another hydra.run.dir, without ckpt_path)"
+            "optimizer and schedule, so the finished run would follow neither configuration yet be recorded as the new "
+            "one. Resume with the checkpoint's settings, or start a new run (another hydra.run.dir, without ckpt_path)"
         )
 
 
