@@ -20,7 +20,7 @@ from ood.cli import check_argv, friendly_errors, in_multirun, load_weights, requ
 from ood.errors import ConfigError
 from ood.evaluation.callback import OODEvaluation
 from ood.evaluation.prepare import PrepareMethod
-from ood.runs.checkpoints import RunState, resolve_ckpt_path
+from ood.runs.checkpoints import RunState, checkpoint_config, resolve_ckpt_path
 from ood.runs.checks import check_launch, check_run
 from ood.runs.console import ProgressBar
 from ood.runs.failures import clear_failure, record_failure
@@ -40,11 +40,13 @@ def _choices() -> dict[str, Any]:
 
 
 def build(
-    cfg: DictConfig, ident: RunIdentity | None = None, backbone: Any = None, data: dict[str, Any] | None = None
+    cfg: DictConfig, ident: RunIdentity | None = None, backbone: Any = None, data: dict[str, Any] | None = None,
+    trained_seed: int | None = None,
 ) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer, OODEvaluation]:
     """Instantiate datamodule, backbone, method, callbacks, loggers and trainer from the composed config; `ident`
     (default: derived from `cfg`) names the wandb group; the Python API (`ood.evaluate`) passes its model as
-    `backbone` and Python objects for the data node (`data`)."""
+    `backbone` and Python objects for the data node (`data`); `trained_seed` (default `cfg.seed`) is the seed the
+    result rows record: an evaluated checkpoint's training seed."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, seed=cfg.seed, **(data or {}))
     benchmark = datamodule.benchmark
@@ -58,7 +60,7 @@ def build(
         cfg.evaluation,
         info={
             "backbone": choices.get("backbone", cfg.backbone._target_.rsplit(".", 1)[-1]),
-            "seed": cfg.seed,
+            "seed": cfg.seed if trained_seed is None else trained_seed,
             "fit_fraction": datamodule.fit_fraction,
             "fit_seed": datamodule.fit_seed,
         },
@@ -101,7 +103,9 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
     if cfg.train and ckpt_path:
         log.info("resuming %s", ckpt_path)
     ident = run_identity(cfg, _choices(), output_dir, ckpt_path)
-    method, datamodule, trainer, evaluation = build(cfg, ident)
+    # an evaluated checkpoint's rows name the seed that trained it (its stored config), not the evaluation's
+    trained_seed = checkpoint_config(ckpt_path).get("seed") if ckpt_path and not cfg.train else None
+    method, datamodule, trainer, evaluation = build(cfg, ident, trained_seed=trained_seed)
     # `method.init` starts a new run from weights; a resumed run or an evaluated checkpoint brings its own
     method.apply_init(load=not ckpt_path)
     if trainer.is_global_zero:

@@ -7,7 +7,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from helpers import compose_config
+import pytest
+import torch
+from helpers import compose_config, run_config
 
 from ood.runs.identity import (
     IDENTITY_FILE,
@@ -56,6 +58,21 @@ def test_evaluation_run_takes_the_trained_epochs(tmp_path: Path) -> None:
     assert evaluated.model == str(ckpt.resolve()) and evaluated.group == trained.group
     elsewhere = run_identity(cfg, CHOICES, tmp_path / "eval", str(tmp_path / "model.pt"))
     assert elsewhere.config["ckpt"] == str(tmp_path / "model.pt") and "trainer.max_epochs" not in elsewhere.config
+
+
+@pytest.mark.slow
+def test_an_evaluation_records_its_checkpoints_training_seed(tmp_path: Path) -> None:
+    """`ood-eval` of a checkpoint trained with seed 3 writes seed 3 in its rows (the model its numbers describe), not
+    its own seed (0 by default); a checkpoint without a stored config keeps the evaluation's seed."""
+    quick = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none", "detectors.names=[msp]"]
+    run_config(tmp_path / "train", [*quick, "seed=3", "evaluate=false"])
+    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    rows = run_config(tmp_path / "eval", [*quick, f"ckpt_path={ckpt}"], config_name="eval")
+    assert {r["seed"] for r in rows} == {3}
+    bare = tmp_path / "bare.ckpt"
+    torch.save({"state_dict": torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]}, bare)
+    rows = run_config(tmp_path / "eval_bare", [*quick, f"ckpt_path={bare}", "seed=5"], config_name="eval")
+    assert {r["seed"] for r in rows} == {5}
 
 
 def test_a_float16_evaluation_is_its_own_configuration(tmp_path: Path) -> None:

@@ -73,8 +73,8 @@ def test_the_training_run_is_kept_before_its_re_evaluation(tmp_path: Path) -> No
 
 
 def test_evaluations_of_two_seeds_checkpoints_are_no_repeated_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`ood-eval method=grood ckpt_path=<seed s run>` records its own seed (0), not its checkpoint's: two such runs
-    are two models, not seed 0 twice."""
+    """`ood-eval method=grood ckpt_path=<seed s run>` of a checkpoint that stores no seed records its own (0): two
+    such runs are two models, not seed 0 twice."""
     for seed in (0, 1):
         trained = _run(tmp_path / "sweep" / str(seed), seed, 1, 0.8)
         _run(tmp_path / "evals" / str(seed), 0, 1, 0.7, method="grood", ckpt=trained / "checkpoints" / "last.ckpt")

@@ -129,7 +129,7 @@ def aggregate(
         members.setdefault(key, []).append(flat)
     if by is not None:
         _warn_mixed(members)
-    else:  # an evaluation's seed is its own, not its checkpoint's: only runs that trained their model are compared
+    else:  # an evaluation of a checkpoint without a stored config records its own seed: only runs that trained their model are compared
         _warn_repeated_seeds(configs, {row["_run"]: row.get("seed") for row in rows if trained_here(row)})
 
     table = []
