@@ -131,3 +131,25 @@ def test_gpu_rng_state_is_carried_once_cuda_is_in_use(monkeypatch: pytest.Monkey
     state = checkpoints._rng_state()
     checkpoints._set_rng_state(state)
     assert state["cuda"].tolist() == [7, 8] and [t.tolist() for t in restored] == [[7, 8]]
+
+
+@pytest.mark.parametrize("method", ["oal", "heatmap"])
+def test_checkpoint_hyperparameters_load_weights_only(tmp_path: Path, method: str) -> None:
+    """Lightning resumes with `torch.load(weights_only=True)`: a method whose hyper-parameters hold a `_partial_: true`
+    factory (OAL's teacher backbone, heatmap's classifier optimizer) wrote checkpoints that `ckpt_path=last` refused
+    (UnpicklingError); they are stored as builtins, the factory as its `_target_` and keywords."""
+    from ood.runs.checkpoints import RunState
+    from ood.train import build
+
+    cfg = compose_config(tmp_path, [*FAST, f"method={method}", "logger=none"])
+    module = build(cfg)[0]
+    checkpoint = {"hyper_parameters": dict(module.hparams)}
+    RunState({"seed": 0}).on_save_checkpoint(None, module, checkpoint)  # type: ignore[arg-type]
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    hparams = torch.load(tmp_path / "last.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["config"] == {"seed": 0}
+    if method == "oal":
+        assert hparams["teacher"]["backbone"] == {"_target_": "ood.models.small_cnn.SmallCNN", "width": 64, "feature_dim": 128}
+    else:
+        assert hparams["classifier_optimizer"] == {"_target_": "torch.optim.sgd.SGD", "lr": 0.05, "momentum": 0.9,
+                                                   "weight_decay": 5.0e-4, "nesterov": True}

@@ -2,7 +2,8 @@
 
 - `AtomicCheckpoint`: Lightning's `ModelCheckpoint` writing `<file>.tmp` then `os.replace` (a crash never leaves a
   half-written checkpoint).
-- `RunState`: the flattened resolved config in every checkpoint, and the global RNG states (torch, NumPy, Python,
+- `RunState`: the flattened resolved config in every checkpoint, the method's hyper-parameters as builtins (so
+  Lightning's weights-only load accepts the file on resume), and the global RNG states (torch, NumPy, Python,
   and the current GPU's on CUDA) across a resume, so an interrupted and resumed run draws the same augmentations as
   an uninterrupted one.
 - `resolve_ckpt_path`: `ckpt_path=last` / a run folder / a file -> the checkpoint file, with one-line errors.
@@ -23,6 +24,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ood.errors import CheckpointError
+from ood.evaluation.evaluator import plain
 from ood.utils import get_logger
 
 log = get_logger(__name__)
@@ -68,8 +70,9 @@ class AtomicCheckpoint(ModelCheckpoint):
 
 
 class RunState(Callback):
-    """Puts the flattened resolved config into every checkpoint (`hyper_parameters["config"]`) and carries the
-    global RNG states (torch, NumPy, Python) across a resume.
+    """Puts the flattened resolved config into every checkpoint (`hyper_parameters["config"]`, beside the method's
+    hyper-parameters as builtins: `ood.evaluation.evaluator.plain`) and carries the global RNG states (torch, NumPy,
+    Python) across a resume.
 
     The states are restored as the checkpoint is loaded: between that and the creation of the next epoch's
     training iterator nothing draws random numbers (Lightning isolates the RNG around its sanity check), just as
@@ -80,7 +83,9 @@ class RunState(Callback):
         self.config = dict(config)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint.setdefault("hyper_parameters", {})["config"] = self.config
+        # the method's hyper-parameters as builtins: a `_partial_: true` factory (OAL's teacher backbone, heatmap's
+        # classifier optimizer) pickled as itself made Lightning's weights-only load refuse the file on resume
+        checkpoint["hyper_parameters"] = {**plain(checkpoint.get("hyper_parameters") or {}), "config": self.config}
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": _rng_state()}
