@@ -90,7 +90,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         return _run(cfg, output_dir)
     except SIGTERMException:
         # Lightning stops at the next training step with a SystemExit of status 0, which would pass for a success
-        record_failure(output_dir, SIGTERMException("terminated by SIGTERM; resume with ckpt_path=last"))
+        again = "resume with ckpt_path=last" if cfg.train else "rerun the evaluation"
+        record_failure(output_dir, SIGTERMException(f"terminated by SIGTERM; {again}"))
         sys.exit(128 + signal.SIGTERM)
     except Exception as err:
         record_failure(output_dir, err)

@@ -20,3 +20,16 @@ class KillAt(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
             os.kill(os.getpid(), self.signum)
+
+
+class KillAtTest(Callback):
+    """Send `signum` (default SIGKILL) to the process after batch `batch` (0-based) of the first evaluation loader."""
+
+    def __init__(self, batch: int, signum: int = signal.SIGKILL) -> None:
+        self.batch, self.signum = batch, signum
+
+    def on_test_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if (dataloader_idx, batch_idx) == (0, self.batch):
+            os.kill(os.getpid(), self.signum)

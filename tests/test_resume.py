@@ -47,7 +47,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sigterm_ends_the_run_as_failed_and_it_resumes(tmp_path: Path) -> None:
     """Lightning answers SIGTERM with a SystemExit of status 0 at the next training step: the run exits 143 (killed
-    by SIGTERM) and leaves FAILED.txt, not a silent success without results; `ckpt_path=last` then finishes it."""
+    by SIGTERM) and leaves FAILED.txt, not a silent success without results; `ckpt_path=last` then finishes it. An
+    `ood-eval` stopped in its evaluation pass likewise."""
     with pytest.raises(SystemExit) as stop:
         run_config(tmp_path, [*RUN, "+callbacks.kill._target_=killer.KillAt", "+callbacks.kill.epoch=1",
                               "+callbacks.kill.batch=0", f"+callbacks.kill.signum={int(signal.SIGTERM)}"])
@@ -57,6 +58,13 @@ def test_sigterm_ends_the_run_as_failed_and_it_resumes(tmp_path: Path) -> None:
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 0
     assert {r["detector"] for r in run_config(tmp_path, [*RUN, "ckpt_path=last"])} == {"msp", "energy"}
     assert not (tmp_path / "FAILED.txt").exists()
+    # the evaluation pass of `ood-eval` stops at the next batch too: rerun it, there is nothing to resume
+    with pytest.raises(SystemExit) as stop:
+        run_config(tmp_path / "eval", [*RUN, f"ckpt_path={tmp_path}", "data.eval_batch_size=64",
+                                       "+callbacks.kill._target_=killer.KillAtTest", "+callbacks.kill.batch=0",
+                                       f"+callbacks.kill.signum={int(signal.SIGTERM)}"], config_name="eval")
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert (tmp_path / "eval" / "FAILED.txt").read_text() == "SIGTERMException: terminated by SIGTERM; rerun the evaluation\n"
 
 
 def test_resume_with_other_max_epochs_is_refused(tmp_path: Path) -> None:
