@@ -324,6 +324,18 @@ def test_heatmap_grids_and_cli(
     assert all(torch.equal(v, method.state_dict()[k]) for k, v in rebuilt.state_dict().items())
 
 
+def test_fitted_names_the_outliers_before_the_pool_is_built(tmp_path: Path) -> None:
+    """With a CE phase first the pool is built at the decoder's first epoch, so a run resumed from its last epoch's
+    checkpoint (killed in its evaluation) never builds it: `fitted()` still names the outliers, as the uninterrupted
+    run's rows do (they lacked `method_params.fitted`, so the resumed results.jsonl differed)."""
+    cfg = compose_config(tmp_path, ["experiment=digits_heatmap", "method.classifier_epochs=1", "method.num_ood=12"])
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=6, in_channels=1))
+    data = instantiate(cfg.data, seed=0).fit_data()
+    method.prepare(data)
+    assert method._pool_x is None
+    assert method.fitted() == {"outliers": f"china_patches: 12 of {len(data.datasets['outliers'])}"}
+
+
 @pytest.mark.slow
 def test_without_checkpoint_trains_ce_then_freezes(tmp_path: Path) -> None:
     """No `init.ckpt`: 4 CE epochs, then the classifier is frozen for the 2 decoder epochs (one fit)."""

@@ -227,7 +227,10 @@ class HeatmapOOD(OODMethod):
                 f"method.classifier_epochs=N (CE first, then frozen); got init.ckpt={self.init_ckpt}, "
                 f"classifier_epochs={self.classifier_epochs}"
             )
-        data.require("outliers", self.name)
+        outliers = data.require("outliers", self.name)
+        n = len(outliers)  # type: ignore[arg-type]
+        # known before the pool: a run resumed from its last epoch's checkpoint builds none yet reports it
+        self._outliers = f"{data.outlier_set}: {min(self.num_ood or n, n)} of {n}"
         side = data.datasets["fit"][0][0].shape[-1]
         if side != self.plan.output_size:
             raise ConfigError(
@@ -267,7 +270,6 @@ class HeatmapOOD(OODMethod):
         proto = class_prototypes(id_feats, id_preds, q_feats, q_preds)
         if self.pairing == "as_released":
             proto = released_pairing(proto, q_preds)
-        self._outliers = f"{data.outlier_set}: {len(pool)} of {n}"
         self._pool_x = pool_x.to(data.device, data.dtype)
         self._pool_t = torch.stack([train[int(i)][0] for i in proto]).to(data.device, data.dtype)
         log.info(
@@ -366,7 +368,7 @@ class HeatmapOOD(OODMethod):
         }
 
     def fitted(self) -> dict[str, Any]:
-        """Which outlier set stood in for the paper's, and how many of it (once the pool was built)."""
+        """Which outlier set stands in for the paper's, and how many of it (from `prepare`)."""
         return {"outliers": self._outliers} if self._outliers else {}
 
     def ood_score(self, bank: FeatureBank) -> torch.Tensor:
