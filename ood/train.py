@@ -99,7 +99,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir) / "train" / "runs")
+    # a sweep's job or a rerun into a folder of ours (its config.yaml) resumes only its own checkpoint
+    own_only = bool(cfg.train) and (in_multirun() or (output_dir / "config.yaml").is_file())
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir) / "train" / "runs", own_only)
     check_run(cfg, ckpt_path)
     if cfg.train and ckpt_path:
         log.info("resuming %s", ckpt_path)

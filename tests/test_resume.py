@@ -123,6 +123,22 @@ def test_ckpt_path_forms(tmp_path: Path) -> None:
         resolve_ckpt_path(str(tmp_path / "nope.ckpt"), here, runs)
     with pytest.raises(CheckpointError, match="ckpt_path=last: no checkpoints/last.ckpt"):
         resolve_ckpt_path("last", here, tmp_path / "empty")
+    assert resolve_ckpt_path("last", here, runs, own_only=True) is None, "a sweep's job: its own checkpoint or none"
+
+
+def test_rerun_into_a_folder_without_a_checkpoint_starts_from_scratch(tmp_path: Path) -> None:
+    """A run (or a sweep's job) killed before its first checkpoint, rerun into its folder with `ckpt_path=last`,
+    trains from scratch: it used to resume the newest run under logs/train/runs (another run's training, or a
+    refusal naming that run's settings). Here that newest run's checkpoint is unreadable, so taking it would fail."""
+    other = tmp_path / "logs" / "train" / "runs" / "other" / "checkpoints" / "last.ckpt"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"not a checkpoint")
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "config.yaml").write_text("seed: 0\n")  # what the killed attempt left
+    quick = [*RUN, "trainer.max_epochs=1", "detectors.names=[msp]", f"paths.log_dir={tmp_path / 'logs'}"]
+    assert {r["detector"] for r in run_config(here, [*quick, "ckpt_path=last"])} == {"msp"}
+    assert torch.load(here / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 0
 
 
 def test_gpu_rng_state_is_carried_once_cuda_is_in_use(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -95,12 +95,15 @@ class RunState(Callback):
             _set_rng_state(state_dict["rng"])
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path, runs_dir: str | Path) -> str | None:
+def resolve_ckpt_path(
+    ckpt_path: str | None, output_dir: str | Path, runs_dir: str | Path, own_only: bool = False
+) -> str | None:
     """The checkpoint file `ckpt_path` means.
 
     `last`: `<output_dir>/checkpoints/last.ckpt` when it exists (a rerun into the same folder, e.g. a multirun
-    with a fixed `hydra.sweep.dir`), else the newest `*/checkpoints/last.ckpt` under `runs_dir`. A folder: its
-    `checkpoints/last.ckpt`. A file: itself.
+    with a fixed `hydra.sweep.dir`); else None (start from scratch) when `own_only` (a job of a sweep, or a folder
+    whose earlier attempt died before its first checkpoint: another run's checkpoint is not this one's), else the
+    newest `*/checkpoints/last.ckpt` under `runs_dir`. A folder: its `checkpoints/last.ckpt`. A file: itself.
     """
     if ckpt_path is None:
         return None
@@ -108,6 +111,9 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path, runs_dir: s
         own = Path(output_dir) / "checkpoints" / "last.ckpt"
         if own.is_file():
             return str(own)
+        if own_only:
+            log.info("ckpt_path=last: no checkpoint in %s yet, training starts from scratch", output_dir)
+            return None
         found = sorted(Path(runs_dir).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
             raise CheckpointError(f"ckpt_path=last: no checkpoints/last.ckpt in {output_dir} or under {runs_dir}/*/")
