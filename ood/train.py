@@ -20,7 +20,7 @@ from ood.cli import check_argv, friendly_errors, in_multirun, load_weights, requ
 from ood.errors import ConfigError
 from ood.evaluation.callback import OODEvaluation
 from ood.evaluation.prepare import PrepareMethod
-from ood.runs.checkpoints import RunState, checkpoint_config, resolve_ckpt_path
+from ood.runs.checkpoints import RunState, checkpoint_config, own_checkpoint_epoch, resolve_ckpt_path
 from ood.runs.checks import check_launch, check_run
 from ood.runs.console import ProgressBar
 from ood.runs.failures import clear_failure, record_failure
@@ -41,12 +41,13 @@ def _choices() -> dict[str, Any]:
 
 def build(
     cfg: DictConfig, ident: RunIdentity | None = None, backbone: Any = None, data: dict[str, Any] | None = None,
-    trained_seed: int | None = None,
+    trained_seed: int | None = None, resume_epoch: int | None = None,
 ) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer, OODEvaluation]:
     """Instantiate datamodule, backbone, method, callbacks, loggers and trainer from the composed config; `ident`
     (default: derived from `cfg`) names the wandb group; the Python API (`ood.evaluate`) passes its model as
     `backbone` and Python objects for the data node (`data`); `trained_seed` (default `cfg.seed`) is the seed the
-    result rows record: an evaluated checkpoint's training seed."""
+    result rows record: an evaluated checkpoint's training seed; `resume_epoch`: the run resumes its own checkpoint
+    of that epoch (its CSV log continues)."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, seed=cfg.seed, **(data or {}))
     benchmark = datamodule.benchmark
@@ -69,7 +70,7 @@ def build(
     # before the evaluation callback: the pass's bar closes before the evaluation prints
     progress = [ProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
     ident = ident or run_identity(cfg, choices, cfg.paths.output_dir, cfg.get("ckpt_path"))
-    loggers = build_loggers(cfg, choices, ident.group)
+    loggers = build_loggers(cfg, choices, ident.group, resume_epoch)
     trainer = instantiate(
         cfg.trainer, callbacks=[*callbacks, *progress, RunState(flat_config(cfg)), PrepareMethod(), evaluation], logger=loggers or False
     )
@@ -108,7 +109,8 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
     ident = run_identity(cfg, _choices(), output_dir, ckpt_path)
     # an evaluated checkpoint's rows name the seed that trained it (its stored config), not the evaluation's
     trained_seed = checkpoint_config(ckpt_path).get("seed") if ckpt_path and not cfg.train else None
-    method, datamodule, trainer, evaluation = build(cfg, ident, trained_seed=trained_seed)
+    resume_epoch = own_checkpoint_epoch(ckpt_path, output_dir) if cfg.train else None
+    method, datamodule, trainer, evaluation = build(cfg, ident, trained_seed=trained_seed, resume_epoch=resume_epoch)
     # `method.init` starts a new run from weights; a resumed run or an evaluated checkpoint brings its own
     method.apply_init(load=not ckpt_path)
     if trainer.is_global_zero:

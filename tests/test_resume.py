@@ -24,10 +24,13 @@ TESTS = Path(__file__).parent
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    """The results, and the CSV log: the resumed run continues the killed run's `csv/version_0/metrics.csv` without
+    the rows of the epoch it was killed in, so the file equals the uninterrupted run's."""
     killed = tmp_path / "killed"
+    logged = [*(o for o in RUN if o != "logger=none"), "logger=csv"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "-m", "ood.train", *RUN, f"hydra.run.dir={killed}",
+        [sys.executable, "-m", "ood.train", *logged, f"hydra.run.dir={killed}",
          "+callbacks.kill._target_=killer.KillAt", "+callbacks.kill.epoch=2", "+callbacks.kill.batch=3"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
     )
@@ -38,10 +41,13 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert not list((killed / "checkpoints").glob("*.tmp")), "no half-written checkpoint is left behind"
 
     (killed / "FAILED.txt").write_text("SIGTERMException: an earlier attempt\n")
-    run_config(killed, [*RUN, "ckpt_path=last"])  # same folder: `last` is its own checkpoints/last.ckpt
+    run_config(killed, [*logged, "ckpt_path=last"])  # same folder: `last` is its own checkpoints/last.ckpt
     assert not (killed / "FAILED.txt").exists(), "a resumed run that finishes is no longer reported as failed"
-    run_config(tmp_path / "straight", RUN)
+    run_config(tmp_path / "straight", logged)
     assert (killed / "results.jsonl").read_text() == (tmp_path / "straight" / "results.jsonl").read_text()
+    assert [p.name for p in (killed / "csv").iterdir()] == ["version_0"]
+    metrics = [(run / "csv" / "version_0" / "metrics.csv").read_text() for run in (killed, tmp_path / "straight")]
+    assert metrics[0] == metrics[1] and metrics[0].count("\n") > 10
 
 
 @pytest.mark.slow

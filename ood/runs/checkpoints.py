@@ -62,6 +62,8 @@ class AtomicCheckpoint(ModelCheckpoint):
     """
 
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        for logger in trainer.loggers:  # what was logged up to the checkpoint is on disk when it lands (CSVLogger)
+            logger.save()
         tmp = f"{filepath}.tmp"
         super()._save_checkpoint(trainer, tmp)
         if trainer.is_global_zero:
@@ -128,6 +130,15 @@ def resolve_ckpt_path(
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (pass a run folder or its checkpoints/last.ckpt)")
     return str(path)
+
+
+def own_checkpoint_epoch(ckpt_path: str | None, output_dir: str | Path) -> int | None:
+    """The epoch whose end saved `ckpt_path` when it is the run folder's own `checkpoints/last.ckpt` (a resume of
+    this run: its CSV log continues), else None."""
+    if ckpt_path is None or Path(ckpt_path).resolve() != (Path(output_dir) / "checkpoints" / "last.ckpt").resolve():
+        return None
+    epoch = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("epoch")
+    return int(epoch) if epoch is not None else None
 
 
 def checkpoint_config(path: str | Path) -> dict[str, Any]:

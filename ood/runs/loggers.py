@@ -1,7 +1,9 @@
 """The run's loggers: the configured ones built with the flattened config as hyper-parameters, a CSV logger that
 survives spawned DDP stages, and the one wandb run per job.
 
-- `CSVLogger`: Lightning's CSV logger keeping the columns already in `metrics.csv` (spawned DDP: fit, then test).
+- `CSVLogger`: Lightning's CSV logger keeping the columns already in `metrics.csv` (spawned DDP: fit, then test);
+  a run resumed from its own checkpoint continues its `version_N` folder, without the rows logged after that
+  checkpoint (the resumed run logs them again), instead of starting `version_N+1`.
 - `build_loggers`: `cfg.logger`, each with the flattened resolved config; wandb also gets `group` = the run's
   identity group (`ood.runs.identity`: configuration without the seed), tags from method, data and backbone.
 - `finish_wandb`: closes the job's wandb run, even in a multirun or after an error.
@@ -23,7 +25,25 @@ from ood.utils import instantiate
 
 
 class _KeepColumnsWriter(csv_logs.ExperimentWriter):
-    """Writes `metrics.csv` with the union of its own keys and the columns already in the file."""
+    """Writes `metrics.csv` with the union of its own keys and the columns already in the file; with `resume_epoch`
+    an existing file is kept with its rows of epochs up to `resume_epoch` (Lightning's writer deletes it)."""
+
+    def __init__(self, log_dir: str, resume_epoch: int | None = None) -> None:
+        self.resume_epoch = resume_epoch
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if self.resume_epoch is None or not self._fs.isfile(self.metrics_file_path):
+            super()._check_log_dir_exists()
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            reader = csv.DictReader(file)
+            header, rows = reader.fieldnames or [], list(reader)
+        kept = [row for row in rows if row.get("epoch") and float(row["epoch"]) <= self.resume_epoch]
+        with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(kept)
 
     def save(self) -> None:
         if self.metrics and self._fs.isfile(self.metrics_file_path):
@@ -36,20 +56,34 @@ class _KeepColumnsWriter(csv_logs.ExperimentWriter):
 class CSVLogger(csv_logs.CSVLogger):
     """Lightning's `CSVLogger` whose writer keeps the file's existing columns. Under a spawning strategy
     (`trainer=ddp_cpu`) each stage pickles the parent's writer, which never saw the keys an earlier stage's child
-    wrote: Lightning's writer would rewrite the file with the test keys only and fail on the training rows."""
+    wrote: Lightning's writer would rewrite the file with the test keys only and fail on the training rows.
+
+    `resume_epoch`: the run resumes its own checkpoint saved at the end of that epoch: the newest `version_N` is
+    continued, keeping its rows up to that epoch (the checkpoint flushes the loggers first, `AtomicCheckpoint`)."""
+
+    def __init__(self, *args: Any, resume_epoch: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resume_epoch = resume_epoch
+
+    @property
+    def version(self) -> int | str:
+        if self._version is None and self.resume_epoch is not None:
+            self._version = max(self._get_next_version() - 1, 0)
+        return super().version
 
     @property
     @rank_zero_experiment
     def experiment(self) -> csv_logs.ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _KeepColumnsWriter(log_dir=self.log_dir)
+            self._experiment = _KeepColumnsWriter(log_dir=self.log_dir, resume_epoch=self.resume_epoch)
         return self._experiment
 
 
-def build_loggers(cfg: DictConfig, choices: Mapping[str, Any], group: str) -> list[Any]:
+def build_loggers(cfg: DictConfig, choices: Mapping[str, Any], group: str, resume_epoch: int | None = None) -> list[Any]:
     """Instantiate `cfg.logger`, each with the flattened resolved config as hyper-parameters; a wandb logger joins
-    `group` (the run's identity group) and is tagged with the chosen method, data and backbone."""
+    `group` (the run's identity group) and is tagged with the chosen method, data and backbone; our CSV logger gets
+    `resume_epoch` (a run resuming its own checkpoint)."""
     flat = flat_config(cfg)
     loggers = []
     for node in (cfg.get("logger") or {}).values():
@@ -58,6 +92,8 @@ def build_loggers(cfg: DictConfig, choices: Mapping[str, Any], group: str) -> li
         if target.endswith("WandbLogger"):
             tags = [*(node.get("tags") or []), *(str(choices[g]) for g in NAME_GROUPS if g in choices)]
             extra = {"group": group, "tags": list(dict.fromkeys(tags))}
+        elif target == f"{CSVLogger.__module__}.{CSVLogger.__qualname__}":
+            extra = {"resume_epoch": resume_epoch}
         logger = instantiate(node, **extra)
         logger.log_hyperparams(flat)
         loggers.append(logger)
