@@ -48,6 +48,8 @@ CASES: list[tuple[str, list[str]]] = [
                                   "method.augment=none"])
         for objective in ("supcon", "simclr")
     ),
+    # heatmap's own CE phase (epoch 0), then its decoder (epoch 1): each phase leaves the other's parameters idle
+    ("heatmap_ce_phase", ["method=heatmap", "method.classifier_epochs=1", "method.init.ckpt=null"]),
 ]
 GLOBAL_BATCH = 16
 STEPS = 2  # epochs of one batch each: the first two optimisation steps
@@ -59,9 +61,9 @@ def _running_stats_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor)
 
 
 def build(case: Sequence[str], ckpt: Path, out: Path) -> tuple[OODMethod, L.LightningDataModule]:
-    """The method of `case` (seed 0, started from `ckpt`) with batch norm kept in eval mode, and its DataModule."""
+    """The method of `case` (seed 0, started from `ckpt` unless the case says otherwise) with batch norm kept in eval mode, and its DataModule."""
     # paths.root_dir: caches (oal's teacher) shared by every case and rank of this test, not the checkout's
-    cfg = compose_config(out, [*case, f"method.init.ckpt={ckpt}", "logger=none", f"paths.root_dir={out.parent}"])
+    cfg = compose_config(out, [f"method.init.ckpt={ckpt}", *case, "logger=none", f"paths.root_dir={out.parent}"])
     L.seed_everything(0, verbose=False)
     datamodule = instantiate(cfg.data, seed=cfg.seed)
     benchmark = datamodule.benchmark

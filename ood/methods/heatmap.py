@@ -55,6 +55,7 @@ from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.losses import heatmap_loss
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
+from ood.methods.distributed import zero_touch
 from ood.models.base import Backbone, input_channels
 from ood.models.decoder import HeatmapDecoder, decoder_plan
 from ood.neighbors import KNNIndex
@@ -246,8 +247,9 @@ class HeatmapOOD(OODMethod):
         (also when resuming inside the decoder phase)."""
         if self.current_epoch >= self.classifier_epochs and self._pool_x is None:
             if "backbone" not in self.frozen:
+                # frozen by eval mode, no gradient through `heatmap` and an optimiser never stepped again; it keeps
+                # requires_grad, as DDP registered its parameters: `training_loss` gives them exact-zero gradients
                 self.frozen = ("backbone", *self.frozen)
-                self.backbone.requires_grad_(False)
                 self.backbone.eval()
             self._build_pool()
 
@@ -323,8 +325,9 @@ class HeatmapOOD(OODMethod):
         return optimizers, [self.classifier_scheduler(optimizers[0])]
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
+        # each phase gives the other phase's parameters an exact-zero gradient (`zero_touch`): DDP registered them all
         if self.current_epoch < self.classifier_epochs:
-            return F.cross_entropy(self.backbone(batch.x), batch.y)
+            return F.cross_entropy(self.backbone(batch.x), batch.y) + zero_touch(self.decoder.parameters())
         assert self._pool_x is not None and self._pool_t is not None
         rows = self._outlier_rows().to(self.device)
         n = len(batch)
@@ -332,7 +335,7 @@ class HeatmapOOD(OODMethod):
         heat, _, _ = self.heatmap(x)
         inputs = self.to_unit(x)
         targets = torch.cat([inputs[:n], self.to_unit(self._pool_t[rows])])
-        loss = heatmap_loss(heat, inputs, targets, self.alpha)
+        loss = heatmap_loss(heat, inputs, targets, self.alpha) + zero_touch(self.backbone.parameters())
         with torch.no_grad():
             self.log_metrics(
                 {
