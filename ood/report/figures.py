@@ -23,8 +23,8 @@ def write_figures(
     detectors: Sequence[str] | None = None,
 ) -> list[Path]:
     """`figures/auroc_bars.png` (every table entry), and for the chosen detectors (default
-    `ood.plots.choose_scorers`) `figures/roc.png` and `figures/hist_<n>.png`, each drawn from the scores of the
-    first run of its group."""
+    `ood.plots.choose_scorers`) `figures/roc.png` and `figures/hist_<n>.png` (`hist_<nn>_fsood_<detector>.png` for a
+    full-spectrum entry), each drawn from the scores of the first run of its group."""
     import numpy as np
 
     from ood import plots
@@ -61,7 +61,9 @@ def write_figures(
         full = " (fsood: ID = ID test + csid sets)" if any(mode == "fsood" for mode, _, _ in scored.values()) else ""
         paths.append(plots.roc_figure(curves, ood_sets, figures / "roc.png", f"ROC (first seed of each configuration){full}"))
         for i, (label, (mode, csid_sets, per_split)) in enumerate(scored.items()):
-            name = label if single else f"{i:02d}_{label.split()[0]}"
+            # a full-spectrum entry's file says so, as a run's `hist_fsood_<scorer>.png` does
+            fs = "fsood_" if mode == "fsood" else ""
+            name = f"{fs}{label}" if single else f"{i:02d}_{fs}{label.split()[0]}"
             what = " full-spectrum" if mode == "fsood" else ""
             paths.append(plots.histogram_figure(per_split, ood_sets, figures / f"hist_{name}.png",
                                                 f"{label}{what} scores (first seed)", csid_sets, mode))
