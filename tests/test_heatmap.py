@@ -83,6 +83,28 @@ def test_builder_reproduces_the_released_decoder_table() -> None:
     assert all(m.bias is None for m in decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d))
 
 
+# (data, backbone) -> the released decoder's d0 and up-block widths (docs/methods/heatmap.md table)
+RELEASED_PLANS = {
+    ("cifar10", "resnet18_32x32"): (100, (512, 256, 128, 64)),
+    ("cifar100", "resnet18_32x32"): (512, (512, 256, 128, 64)),
+    ("cifar10", "wrn40_2"): (128, (256, 128, 64, 32)),
+    ("cifar100", "wrn40_2"): (128, (256, 128, 64, 32)),
+}
+
+
+@pytest.mark.parametrize(("data", "backbone"), sorted(RELEASED_PLANS))
+def test_reproduce_preset_follows_the_paper_recipe(tmp_path: Path, data: str, backbone: str) -> None:
+    """`make reproduce-heatmap`'s decoder stage (experiment=heatmap): 10,000 outliers (not the whole 300K pool), no
+    augmentation (the released decoder training has none), and the released decoder plan for every (data,
+    backbone) the target sweeps (d0 = 100 for ResNet-18 on CIFAR-10)."""
+    cfg = compose_config(tmp_path, ["experiment=heatmap", f"data={data}", f"backbone={backbone}"])
+    assert cfg.method.num_ood == 10000
+    assert cfg.data.benchmark.augment is False
+    dim = instantiate(cfg.backbone, num_classes=10).feature_dim
+    plan = decoder_plan(dim, cfg.method.input_size, 3, cfg.method.latent, cfg.method.width)
+    assert (plan.latent, plan.channels) == RELEASED_PLANS[(data, backbone)]
+
+
 INPUTS = {"small_cnn": (1, 16), "resnet50": (3, 224)}  # every other backbone config is a 32-px CIFAR network
 
 
