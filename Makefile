@@ -76,7 +76,7 @@ reproduce-cluster: DISTANCES = euclidean,cosine,mahalanobis
 reproduce-cluster: THRESHOLDS = global,per_cluster
 reproduce-cluster: install ## cluster-game paper with OODformer's choices: CE, SupCon, SimCLR encoders, then the distance x threshold grid (no public numbers)
 	$(VENV)/bin/ood-train -m experiment=cluster_oodformer data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/cluster/train hydra.sweep.subdir='ce-$(JOB)' $(ARGS)
-	$(VENV)/bin/ood-train -m experiment=cluster_oodformer method.objective=$(CONTRASTIVE) data=$(DATA) seed=$(SEEDS) data.batch_size=2048 method.optimizer.lr=0.5 trainer.max_epochs=700 hydra.sweep.dir=$(R)/cluster/train hydra.sweep.subdir='$${method.objective}-$(JOB)' $(ARGS)
+	$(VENV)/bin/ood-train -m experiment=cluster_oodformer method.objective=$(CONTRASTIVE) data=$(DATA) seed=$(SEEDS) data.batch_size=2048 method.optimizer.lr=0.5 trainer.max_epochs=800 method.scheduler.T_max=700 hydra.sweep.dir=$(R)/cluster/train hydra.sweep.subdir='$${method.objective}-$(JOB)' $(ARGS)
 	$(VENV)/bin/ood-eval -m experiment=cluster_oodformer method.objective=ce,$(CONTRASTIVE) method.distance=$(DISTANCES) method.threshold=$(THRESHOLDS) data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/cluster/eval 'ckpt_path=$(R)/cluster/train/$${method.objective}-$(JOB)/$(LAST)' $(ARGS)
 	$(VENV)/bin/ood-report $(R)/cluster/eval --reference conf/reference/cluster
 

@@ -174,3 +174,18 @@ def test_fpr95_reference_columns_follow_the_convention() -> None:
     assert by["energy_oe"]["ref:far/fpr95"] == pytest.approx((0.0332, 0.0, 1)) and by["ce"]["ref:far/fpr95"][0] == pytest.approx(0.5104)
     ood_pos = {**load_reference(REFERENCE_DIR / "energy/cifar10_wrn40_2.yaml"), "fpr95_convention": "ood_positive"}
     assert add_reference(metric_cols, table, [ood_pos])[-1] == "ref:far/fpr95_oodpos"
+
+
+@pytest.mark.parametrize("objective", ["supcon", "simclr"])
+def test_cluster_contrastive_stage_has_the_recipe_epochs(tmp_path: Path, objective: str) -> None:
+    """`make reproduce-cluster`'s contrastive jobs: 700 contrastive epochs (OODformer / SupContrast `main_supcon`)
+    before the `probe_epochs` linear probe, with the cosine schedule spanning exactly the contrastive stage."""
+    from helpers import compose_config
+
+    line = make_dry("cluster", {"VENV": ".venv", "SEEDS": "0", "DATA": "cifar10", "CONTRASTIVE": objective})[1]
+    overrides = [w for w in shlex.split(line)[2:] if not w.startswith("hydra.")]
+    cfg = compose_config(tmp_path, overrides)
+    assert cfg.method.objective == objective
+    contrastive = cfg.trainer.max_epochs - cfg.method.probe_epochs
+    assert contrastive == 700
+    assert cfg.method.scheduler.T_max == contrastive
