@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fabricate import CASES, DIGITS
-from helpers import rows_by, run_config
+from helpers import compose_config, rows_by, run_config
 from sklearn.metrics import roc_curve
 
 from ood.data.benchmark import EvalSplit
@@ -88,6 +88,21 @@ def test_contrastive_probe_reads_raw_or_normalised_features(probe_features: str)
     assert torch.allclose(out["logits"], out["features"] @ w.T + b, atol=1e-6)
     assert torch.allclose(method(x), out["logits"], atol=1e-6)
     assert torch.allclose(method._embedding(out["features"]), F.normalize(h, dim=1), atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["supcon", "simclr"])
+def test_oodformer_preset_builds_supcontrast_head(tmp_path: Path, objective: str) -> None:
+    """experiment=cluster_oodformer: SupContrast's `mlp` head, feature dim -> feature dim -> 128 (OODformer
+    2048-2048-128 on ResNet-50; 512-512-128 on the preset's ResNet-18), and OODformer's temperatures."""
+    from ood.utils import instantiate
+
+    cfg = compose_config(tmp_path, ["experiment=cluster_oodformer", f"method.objective={objective}"])
+    backbone = instantiate(cfg.backbone, num_classes=10)
+    method = instantiate(cfg.method, backbone=backbone)
+    linears = [m for m in method.head.modules() if isinstance(m, torch.nn.Linear)]
+    dim = backbone.feature_dim
+    assert [(m.in_features, m.out_features) for m in linears] == [(dim, dim), (dim, 128)]
+    assert method.temperature == {"supcon": 0.1, "simclr": 0.5}[objective]
 
 
 def test_augmentation_is_identity_when_off() -> None:
