@@ -60,3 +60,12 @@ def ce_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return out / "checkpoints" / "last.ckpt"
 
     return shared_once(tmp_path_factory, "ce_init", train)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with the most `slow` tests first (stable otherwise): `make test`'s xdist workers take whole files in this
+    order, so the long end-to-end files start early instead of leaving one worker alone at the end."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + bool(item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
