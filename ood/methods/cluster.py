@@ -27,10 +27,12 @@ An empirical study turned into one configurable method, so every factor the pape
 - diagnostics on the ID-train embeddings (logged as `test/cluster/*`, written to `cluster_stats.json`):
   per-cluster global separation GS_c = (min_{c' != c} P(c, c') - P(c, c)) / max(min_{c' != c} P(c, c'), P(c, c)),
   P the mean pairwise Euclidean distance between members (self-pairs excluded); k-means purity (majority-label
-  share); silhouette (scikit-learn, Euclidean). On at most `stats_samples` random train rows.
+  share); silhouette (scikit-learn, Euclidean). On at most `stats_samples` random train rows. Deviation: OODformer's
+  GS keeps the zero self-pairs in P(c, c) and is computed on ID test (docs/methods/cluster.md).
 
 Training (`objective` != ce): contrastive stage, then a linear probe. The last `probe_epochs` epochs freeze the
-encoder (eval-mode batch norm, no gradients) and train only the backbone's `fc` with cross-entropy on z (Adam,
+encoder (eval-mode batch norm, no gradients) and train only the backbone's `fc` with cross-entropy on what
+`probe_features` names (raw h by default, or z) (Adam,
 `probe_lr`), so the checkpoint holds the probe and `id_acc` is the probe accuracy. Two optimisers, manual
 optimisation: the configured optimiser/scheduler (stepped per epoch during the contrastive stage only) for encoder
 and head, Adam for the probe.

@@ -9,10 +9,11 @@ arXiv 2010.03759; released code wetliu/energy_ood (`CIFAR/train.py`, `CIFAR/run.
 batches 128 ID + 256 outliers. Score: -E(x) = T LSE(f / T) (`detector=energy_oe`, the same values as `energy`).
 Margins: `margins: absolute` takes `m_in`, `m_out` as given (CIFAR-10 -23 / -5, CIFAR-100 -27 / -5 from `run.sh`;
 the argparse defaults -25 / -7 are not what the paper ran); `margins: id_energy` reads them as offsets from the
-mean ID-train energy of the starting model, computed once at fit start over the un-augmented ID-train split,
-identical on every rank (the digits rule: mean - 5 and mean - 5 + 18, 18 being the CIFAR-10 gap; see
-docs/methods/energy_cfl.md). The margins used are written into the results' `method_params.fitted`.
-Deviations: the cosine schedule steps per epoch (released code: per iteration); outliers come from the shared
+mean ID-train energy of the starting model, computed once at fit start over the un-augmented fit split (ID train,
+or its `data.fit_fraction`), identical on every rank (the digits rule: mean - 5 and mean - 5 + 18, 18 being the
+CIFAR-10 gap; see docs/methods/energy_cfl.md). The margins used are written into the results' `method_params.fitted`.
+Deviations: the `id_energy` margins stay at that rule, not tuned on validation OOD afterwards (only the CFL score's
+beta is tuned); the cosine schedule steps per epoch (released code: per iteration); outliers come from the shared
 outlier stream (a reshuffled permutation per epoch; the code starts 80M Tiny Images at a random offset each epoch).
 
 **Semantic-driven energy (SDE) with Cluster Focal Loss: RECONSTRUCTION.** A. Joshi, S. Chalasani,
