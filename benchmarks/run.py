@@ -11,7 +11,7 @@ against straightforward references side by side (alternating, median of repeats)
 (f) end-to-end evaluation of one trained model (the small CNN, then OpenOOD's ResNet-18 on fewer images) with every
     detector OpenOOD also has, tuned on validation OOD: ours (one cached pass, shared grids) vs OpenOOD's way (a
     pass per postprocessor and grid point), target >= 10x.
-`--quick` shrinks every size; the targets are stated for the full sizes. `make test` runs parts a-f smaller still,
+`--quick` shrinks every size; the targets are stated for the full sizes. `make test` runs parts a, b, c, e and f smaller still,
 one call per competitor (`--repeats 0`), with each part's own checks (tests/test_benchmarks.py).
 """
 
