@@ -7,10 +7,14 @@ A run resolves each configured name to its class once (`resolve_detectors`); eve
 Hyper-parameters that count feature dimensions (ViM's `dim`) accept a fraction of the feature dimension D
 (`relative_count`), so one grid applies to every backbone. A detector declares the `ranges` of its numeric
 hyper-parameters; a value outside them is refused in one line when the detector is built or `set_params` is called.
+Every subclass's `fit` refuses a bank with NaN or infinite logits or features (`NonFiniteError`), and its `score` /
+`score_grid` give such rows NaN and the others their scores without them: NaN in, NaN out, for a detector written
+by a user too.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -21,7 +25,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import torch
 from torch import nn
 
-from ood.errors import ConfigError, OODError
+from ood.errors import ConfigError, NonFiniteError, OODError
 from ood.features.bank import FeatureBank
 
 _REGISTRY: dict[str, type[Detector]] = {}
@@ -106,6 +110,10 @@ class Detector:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        guards = {"fit": _finite_fit, "fit_inputs": _finite_fit, "score": _nan_for_nonfinite, "score_grid": _nan_for_nonfinite}
+        for method, guard in guards.items():
+            if method in cls.__dict__:
+                setattr(cls, method, guard(cls.__dict__[method]))
         name = cls.__dict__.get("name")
         if name is not None:
             if name in _REGISTRY:
@@ -168,6 +176,45 @@ class Detector:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hparams.items())
         return f"{type(self).__name__}({args})"
+
+
+def _finite_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
+    """`fit` refusing a bank with NaN or infinite logits or features in one line: fitted statistics would be NaN,
+    a linear-algebra error, or silently finite and wrong (kNN's index, CF-OOD's and relation's references)."""
+
+    @functools.wraps(fit)
+    def checked(self: Detector, bank: FeatureBank, *args: Any, **kwargs: Any) -> Any:
+        bad = int(bank.nonfinite_rows().sum())
+        if bad:
+            raise NonFiniteError(f"{self.name}: {bad} of {len(bank)} rows of its fit bank hold NaN or infinite logits "
+                                 "or features")
+        return fit(self, bank, *args, **kwargs)
+
+    return checked
+
+
+def _nan_for_nonfinite(score: Callable[..., Any]) -> Callable[..., Any]:
+    """`score` / `score_grid` giving NaN to the rows with NaN or infinite logits or features, and to the other rows
+    what they score without those (NaN in, NaN out, for every detector: scored as they were, CF-OOD's and relation's
+    such rows came out finite, WeiPer's histogram binning failed)."""
+
+    @functools.wraps(score)
+    def guarded(self: Detector, bank: FeatureBank, *args: Any, **kwargs: Any) -> Any:
+        bad = bank.nonfinite_rows()
+        if not bool(bad.any()):
+            return score(self, bank, *args, **kwargs)
+        out = score(self, bank.subset(~bad), *args, **kwargs)
+
+        def spread(s: torch.Tensor | None) -> torch.Tensor | None:
+            if s is None:
+                return None
+            full = torch.full((len(bank),), torch.nan, dtype=s.dtype, device=s.device)
+            full[~bad.to(s.device)] = s
+            return full
+
+        return [spread(s) for s in out] if isinstance(out, list) else spread(out)
+
+    return guarded
 
 
 def hparam_names(cls: type[Detector]) -> list[str]:

@@ -111,8 +111,8 @@ class Evaluator:
 
 def check_banks_finite(banks: Mapping[str, FeatureBank]) -> None:
     """Raise `NonFiniteError` naming the split when its logits or penultimate features hold NaN or +-inf (a network
-    that overflowed, or float16 features above 65504); chunk by chunk, so a memory-mapped bank is not copied. Without
-    it, knn, cfood and relation score such rows as finite values (knn: -3.4e38, the most OOD)."""
+    that overflowed, or float16 features above 65504); chunk by chunk, so a memory-mapped bank is not copied. The
+    detectors themselves would refuse such a fit bank or score such rows NaN; this names the split before any runs."""
     for split, bank in banks.items():
         for name in ("logits", "features"):
             values = getattr(bank, name)

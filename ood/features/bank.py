@@ -6,6 +6,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+#: rows per chunk of the finiteness check (65536 x 2048 float32 = 512 MiB at the widest backbone)
+ROW_CHUNK = 65536
+
 
 @dataclass
 class FeatureBank:
@@ -23,6 +26,8 @@ class FeatureBank:
     bias: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     index: torch.Tensor | None = None
+    #: set once `nonfinite_rows` found every row finite, so later checks of the same bank cost nothing
+    _all_finite: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = self.logits.shape[0]
@@ -37,6 +42,18 @@ class FeatureBank:
     @property
     def predictions(self) -> torch.Tensor:
         return self.logits.argmax(1)
+
+    def nonfinite_rows(self) -> torch.Tensor:
+        """[N] bool: rows whose logits or penultimate features hold NaN or +-inf. Row chunk by row chunk, so a
+        memory-mapped bank is not copied; remembered once every row is finite."""
+        n = len(self)
+        if self._all_finite:
+            return torch.zeros(n, dtype=torch.bool, device=self.logits.device)
+        chunks = [slice(start, min(start + ROW_CHUNK, n)) for start in range(0, n, ROW_CHUNK)]
+        bad = torch.cat([~(torch.isfinite(self.logits[rows]).all(1) & torch.isfinite(self.features[rows]).flatten(1).all(1))
+                         for rows in chunks]) if n else torch.zeros(0, dtype=torch.bool, device=self.logits.device)
+        self._all_finite = not bool(bad.any())
+        return bad
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(W, b) of the final linear layer; raises when the bank was built without them."""
