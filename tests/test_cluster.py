@@ -64,6 +64,36 @@ def test_supcon_several_positives_hand_value() -> None:
     assert float(loss) == pytest.approx(math.log(2 * math.e**2 + 1) - 2, abs=1e-12)
 
 
+def _supcontrast_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SupContrast's `SupConLoss.forward` (losses.py, contrast_mode 'all', base_temperature 0.07), transcribed:
+    features [bsz, n_views, dim]."""
+    bsz, n_views = features.shape[:2]
+    mask = (labels[:, None] == labels[None, :]).double()
+    contrast = torch.cat(torch.unbind(features, dim=1), dim=0)
+    logits = contrast @ contrast.T / temperature
+    logits = logits - logits.max(1, keepdim=True).values.detach()
+    mask = mask.repeat(n_views, n_views)
+    logits_mask = 1 - torch.eye(bsz * n_views, dtype=torch.float64)
+    mask = mask * logits_mask
+    exp_logits = logits.exp() * logits_mask
+    log_prob = logits - exp_logits.sum(1, keepdim=True).log()
+    mean_log_prob_pos = (mask * log_prob).sum(1) / mask.sum(1)
+    return (-(temperature / 0.07) * mean_log_prob_pos).view(n_views, bsz).mean()
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_supcon_with_a_base_temperature_is_supcontrasts_loss(temperature: float) -> None:
+    """With SupContrast's base temperature (what `method=cluster` passes) the loss is its `SupConLoss`, x T / 0.07
+    the paper's L^sup_out: x1.43 at OODformer's 0.1, x7.1 at SimCLR's 0.5."""
+    gen = torch.Generator().manual_seed(3)
+    views = F.normalize(torch.randn(8, 2, 6, generator=gen, dtype=torch.float64), dim=2)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    z, ids = torch.cat(torch.unbind(views, dim=1)), labels.repeat(2)
+    ours = supcon(z, ids, temperature, base_temperature=0.07)
+    assert float(ours) == pytest.approx(float(_supcontrast_loss(views, labels, temperature)), abs=1e-12)
+    assert float(ours) == pytest.approx(temperature / 0.07 * float(supcon(z, ids, temperature)), abs=1e-12)
+
+
 def test_supcon_with_unique_labels_is_simclr() -> None:
     """Every sample its own class: SupCon equals NT-Xent written as cross-entropy over the other 2N - 1 views."""
     n, temperature = 6, 0.5
@@ -93,7 +123,8 @@ def test_contrastive_probe_reads_raw_or_normalised_features(probe_features: str)
 @pytest.mark.parametrize("objective", ["supcon", "simclr"])
 def test_oodformer_preset_builds_supcontrast_head(tmp_path: Path, objective: str) -> None:
     """experiment=cluster_oodformer: SupContrast's `mlp` head, feature dim -> feature dim -> 128 (OODformer
-    2048-2048-128 on ResNet-50; 512-512-128 on the preset's ResNet-18), and OODformer's temperatures."""
+    2048-2048-128 on ResNet-50; 512-512-128 on the preset's ResNet-18), OODformer's temperatures and SupContrast's
+    base temperature."""
     from ood.utils import instantiate
 
     cfg = compose_config(tmp_path, ["experiment=cluster_oodformer", f"method.objective={objective}"])
@@ -103,6 +134,7 @@ def test_oodformer_preset_builds_supcontrast_head(tmp_path: Path, objective: str
     dim = backbone.feature_dim
     assert [(m.in_features, m.out_features) for m in linears] == [(dim, dim), (dim, 128)]
     assert method.temperature == {"supcon": 0.1, "simclr": 0.5}[objective]
+    assert method.base_temperature == 0.07  # SupContrast's loss scale T / 0.07
 
 
 def test_augmentation_is_identity_when_off() -> None:

@@ -76,6 +76,7 @@ from ood.detectors.mahalanobis import class_means, gram, mahalanobis_sq
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.losses import supcon
+from ood.losses.contrastive import BASE_TEMPERATURE
 from ood.methods.augment import ProjectionHead, TensorAugment
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
 from ood.methods.distributed import gather_global, zero_touch
@@ -200,7 +201,8 @@ class ClusterMethod(OODMethod):
         id_assignment: `nearest` centre for every sample, or `gt`: ID samples against their label's centre.
         probe_features: what the linear probe reads, `raw` h (OODformer) or `normalized` z.
         threshold: `global` or `per_cluster`.
-        temperature: contrastive temperature (None: 0.1 for supcon, 0.5 for simclr).
+        temperature: contrastive temperature (None: 0.1 for supcon, 0.5 for simclr); the loss is scaled by
+            temperature / `base_temperature` (SupContrast's 0.07).
         head_hidden, head_dim: projection head sizes (hidden None = feature dim).
         augment: two-view augmentation preset (`auto`, `digits`, `natural`, `none`).
         probe_epochs, probe_lr: the linear-probe stage of the contrastive objectives.
@@ -227,6 +229,7 @@ class ClusterMethod(OODMethod):
         id_assignment: Literal["nearest", "gt"] = "nearest",
         probe_features: Literal["raw", "normalized"] = "raw",
         temperature: float | None = None,
+        base_temperature: float = BASE_TEMPERATURE,
         head_hidden: int | None = None,
         head_dim: int = 32,
         augment: str = "auto",
@@ -251,6 +254,7 @@ class ClusterMethod(OODMethod):
             dim = backbone.feature_dim
             self.head = ProjectionHead(dim, head_hidden or dim, head_dim)
             self.temperature = temperature if temperature is not None else DEFAULT_TEMPERATURE[objective]
+            self.base_temperature = base_temperature
             self._augment_preset = augment
         self._fit: dict[str, Any] = {}
         #: the diagnostics of the last `setup_ood` (GS, silhouette, sizes, k-means purity)
@@ -306,7 +310,7 @@ class ClusterMethod(OODMethod):
         p = F.normalize(self.head(self.backbone.features(views)[0]), dim=1)
         ids = y if self.hparams.objective == "supcon" else batch.index  # dataset indices: unique across ranks
         (p, ids), anchors = gather_global(self, p, ids.repeat(2))
-        loss = supcon(p, ids, self.temperature, anchors=anchors)
+        loss = supcon(p, ids, self.temperature, anchors=anchors, base_temperature=self.base_temperature)
         self.log_metrics({"train/contrastive_loss": loss}, len(batch))
         return loss + zero_touch(self.backbone.fc.parameters())
 
