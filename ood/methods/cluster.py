@@ -53,7 +53,10 @@ Deviations and gaps:
   warm-up, short schedules, batch 64; the cosine schedule spans all epochs, so the contrastive stage ends above
   zero learning rate.
 - the projection head is 2-layer with `head_hidden` (default = feature dim) and `head_dim` outputs.
-- the probe sees the loader's (single-view) training augmentation and trains for a few epochs only.
+- the probe sees the loader's (single-view) training augmentation and trains for a few epochs only, with Adam at
+  `probe_lr` (0.1), constant, in the reproduce preset too: OODformer's `main_linear.py` defaults (RMSprop, lr 1,
+  batch 32, 5 epochs) and SupContrast's linear-eval recipe (SGD 0.1, momentum 0.9, steps at 60/75/90 of 100 epochs)
+  are followed by neither.
 - not implemented: the SSD standardised variant, PCA before k-means, MSP-as-distance (MSP is a detector of its
   own here).
 - with `probe_features=normalized`, input-perturbation detectors (`odin`) run `backbone` directly, i.e. the probe on
