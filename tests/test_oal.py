@@ -154,6 +154,28 @@ def test_boundary_sampler_keeps_the_farthest_candidates() -> None:
     assert torch.allclose(out, torch.cat(expected), atol=1e-5)
 
 
+def test_boundary_sampler_released_ranking_is_the_released_index_layout() -> None:
+    """`ranking="released"` equals a transcription of the released `generate_outliers` / `KNN_dis_search_distance`
+    (brute-force distances for faiss): candidates stacked point by point, their k-th distances viewed as
+    [length, -1], top `keep` per column; and it differs from the own ranking (the quirk is real at these sizes)."""
+    x = torch.randn(30, 4, generator=torch.Generator().manual_seed(2))
+    k, select, n_cand, sigma, keep = 5, 3, 40, 0.3, 2
+    out = boundary_samples(x, k, select, n_cand, sigma, keep, 1, torch.Generator().manual_seed(7), ranking="released")
+    bank = F.normalize(x, dim=1)
+    boundary = bank[_kth(bank, bank, k).topk(select).indices]
+    noise = torch.randn(n_cand, 4, generator=torch.Generator().manual_seed(7))
+    data_point_list = torch.cat([boundary[i : i + 1].repeat(n_cand, 1) for i in range(select)])
+    target = F.normalize(sigma * noise.repeat(select, 1) + data_point_list, p=2, dim=1)
+    k_th = _kth(bank, target, k).view(n_cand, -1)
+    min_idx = torch.topk(k_th, keep, dim=0).indices
+    expected = target[torch.cat([i * n_cand + min_idx[:, i] for i in range(min_idx.shape[1])])]
+    assert torch.allclose(out, expected, atol=1e-5)
+    own = boundary_samples(x, k, select, n_cand, sigma, keep, 1, torch.Generator().manual_seed(7))
+    assert not torch.allclose(out, own, atol=1e-3)
+    with pytest.raises(ValueError, match="ranking='sideways'; choices"):
+        boundary_samples(x, k, select, n_cand, sigma, keep, 1, torch.Generator(), ranking="sideways")  # type: ignore[arg-type]
+
+
 # ----- the method on its own ----------------------------------------------------------------------------------------
 def _method(tmp_path: Path, overrides: list[str] = ()) -> OAL:  # type: ignore[assignment]
     cfg = compose_config(tmp_path, ["method=oal", f"method.cache_dir={tmp_path}", *overrides])

@@ -50,7 +50,7 @@ import time
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ from ood.features.bank import FeatureBank
 from ood.losses import club, club_nll, distill_kl
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
 from ood.methods.distributed import gather_global
-from ood.methods.oal_sampling import boundary_samples, class_count
+from ood.methods.oal_sampling import RANKINGS, boundary_samples, class_count
 from ood.methods.oal_teacher import TEACHER_KEYS, teacher_features, teacher_file
 from ood.models.base import Backbone, input_channels
 from ood.models.checkpoint import load_modules, read_state_dict
@@ -147,7 +147,8 @@ class OAL(OODMethod):
         knn_k, knn_select: K and the number of boundary points per class (>= 1: a count; < 1: a fraction of n_c).
         knn_per_class: use at most this many training features per class (seeded subset; null = all).
         n_candidates, knn_sigma, knn_keep, knn_repeats: candidate draws per point, noise scale, kept per point,
-            repetitions. outlier_norm: `teacher_mean` | `clip_token` | a float; token_embeddings: per-class rows
+            repetitions. knn_ranking: `own` | `released` (the released code's index layout, see
+            `ood.methods.oal_sampling`). outlier_norm: `teacher_mean` | `clip_token` | a float; token_embeddings: per-class rows
             for `clip_token`. sampling_seed: seed of the sampler. cache_dir: where teachers and features are cached.
     """
 
@@ -178,6 +179,7 @@ class OAL(OODMethod):
         knn_sigma: float = 0.07,
         knn_keep: int = 2,
         knn_repeats: int = 10,
+        knn_ranking: Literal["own", "released"] = "own",
         outlier_norm: str | float = "teacher_mean",
         token_embeddings: str | None = None,
         sampling_seed: int = 0,
@@ -225,7 +227,10 @@ class OAL(OODMethod):
             sigma=knn_sigma,
             keep=knn_keep,
             repeats=knn_repeats,
+            ranking=knn_ranking,
         )
+        if knn_ranking not in RANKINGS:
+            raise ConfigError(f"method.knn_ranking={knn_ranking!r}; choices: {list(RANKINGS)}")
         self.knn_per_class, self.outlier_norm, self.token_embeddings = (
             knn_per_class,
             outlier_norm,
@@ -320,6 +325,7 @@ class OAL(OODMethod):
                 int(s["keep"]),
                 int(s["repeats"]),
                 gen,
+                s["ranking"],
             )
             out.append(o * norms[c])
         return torch.cat(out)

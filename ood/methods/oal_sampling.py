@@ -11,6 +11,14 @@ Released code: HengGao12/OAL `openood/networks/knn.py` (`generate_outliers`, `KN
 4. per boundary point keep the `keep` candidates with the largest d_K to X;
 5. `repeats` repetitions: (repeats * select * keep, D) unit-norm outliers per class.
 
+Released-code quirk in step 4 (`ranking="released"` reproduces it; the default, `"own"`, does what the paper and
+the code's comments describe): the candidates are stacked point by point (row p * L + c, L = n_candidates), but
+`KNN_dis_search_distance` reshapes their d_K with `k_th.view(length, -1)`, an [L, select] view of that
+point-major vector, then keeps per column p the rows c with the largest entry and returns candidate c of point p.
+So candidate c of point p is ranked by the d_K of flat row c * select + p, another candidate (usually of another
+point): the kept candidates are not the farthest ones. The OAL / DreamOOD banks behind the published numbers were
+made this way (`scripts/get_embed_cifar10.py`: L = 1500, select = pic_nums = 50, 2 kept).
+
 Distances are squared L2 (faiss `IndexFlatL2`, as the released code): the same ranking as L2. The released code
 also picks `pic_nums` of the `select` boundary points at random; with pic_nums = select (the OAL banks: 50 and
 2 per point give 100 per repetition) that is only an order, which is not reproduced.
@@ -18,10 +26,15 @@ also picks `pic_nums` of the `select` boundary points at random; with pic_nums =
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
 from ood.neighbors import KNNIndex
+
+#: how a boundary point's candidates are ranked (module docstring)
+RANKINGS = ("own", "released")
 
 
 def kth_distances(index: KNNIndex, queries: torch.Tensor, k: int) -> torch.Tensor:
@@ -38,9 +51,13 @@ def boundary_samples(
     keep: int,
     repeats: int,
     generator: torch.Generator,
+    ranking: Literal["own", "released"] = "own",
 ) -> torch.Tensor:
     """Unit-norm boundary outliers around one class's `features` [n, D] (module docstring): returns
-    [repeats * select * keep, D], rows grouped by repetition, then boundary point (in order of decreasing d_K)."""
+    [repeats * select * keep, D], rows grouped by repetition, then boundary point (in order of decreasing d_K).
+    `ranking`: which d_K ranks a point's candidates, its own (`own`) or the released code's view (`released`)."""
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking={ranking!r}; choices: {list(RANKINGS)}")
     n, d = features.shape
     if not (1 <= k <= n and 1 <= select <= n and 1 <= keep <= n_candidates):
         raise ValueError(
@@ -55,12 +72,10 @@ def boundary_samples(
         candidates = F.normalize(
             boundary[:, None, :] + sigma * noise[None], dim=2
         )  # [select, n_candidates, D]
-        far = (
-            kth_distances(index, candidates.reshape(-1, d), k)
-            .view(select, n_candidates)
-            .topk(keep, dim=1)
-            .indices
-        )
+        dk = kth_distances(index, candidates.reshape(-1, d), k)  # point-major: row p * n_candidates + c
+        # [select, n_candidates]: row p ranks point p's candidates; released: column p of the [L, select] view
+        ranks = dk.view(select, n_candidates) if ranking == "own" else dk.view(n_candidates, select).T
+        far = ranks.topk(keep, dim=1).indices
         out.append(candidates.gather(1, far[..., None].expand(-1, -1, d)).reshape(-1, d))
     return torch.cat(out)
 
