@@ -1,5 +1,7 @@
 """A callback that signals its own process at a known point: SIGKILL (no cleanup, like a machine dying) by default,
-or another signal (SIGTERM, as a scheduler sends before its time limit)."""
+or another signal (SIGTERM, as a scheduler sends before its time limit). Under spawned DDP ranks (`trainer=ddp_cpu`)
+it runs in every rank; `to` picks who is signalled: each rank itself, the main process that spawned them (rank 0
+sends it), or both (a scheduler signalling every process of the job)."""
 
 from __future__ import annotations
 
@@ -9,27 +11,45 @@ from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 
+TARGETS = ("self", "main", "all")
 
-class KillAt(Callback):
-    """Send `signum` (default SIGKILL) to the process after training batch `batch` of epoch `epoch` (both 0-based),
-    mid-epoch."""
 
-    def __init__(self, epoch: int, batch: int, signum: int = signal.SIGKILL) -> None:
-        self.epoch, self.batch, self.signum = epoch, batch, signum
+class _Kill(Callback):
+    def __init__(self, signum: int, to: str) -> None:
+        if to not in TARGETS:
+            raise ValueError(f"to={to!r}: one of {TARGETS}")
+        self.signum, self.to = signum, to
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+    def _send(self, trainer: Trainer) -> None:
+        if self.to != "self" and trainer.is_global_zero:
+            os.kill(os.getppid(), self.signum)
+        if self.to != "main":
             os.kill(os.getpid(), self.signum)
 
 
-class KillAtTest(Callback):
-    """Send `signum` (default SIGKILL) to the process after batch `batch` (0-based) of the first evaluation loader."""
+class KillAt(_Kill):
+    """Send `signum` (default SIGKILL) after training batch `batch` of epoch `epoch` (both 0-based), mid-epoch, to
+    `to` (module doc)."""
 
-    def __init__(self, batch: int, signum: int = signal.SIGKILL) -> None:
-        self.batch, self.signum = batch, signum
+    def __init__(self, epoch: int, batch: int, signum: int = signal.SIGKILL, to: str = "self") -> None:
+        super().__init__(signum, to)
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            self._send(trainer)
+
+
+class KillAtTest(_Kill):
+    """Send `signum` (default SIGKILL) after batch `batch` (0-based) of the first evaluation loader, to `to` (module
+    doc)."""
+
+    def __init__(self, batch: int, signum: int = signal.SIGKILL, to: str = "self") -> None:
+        super().__init__(signum, to)
+        self.batch = batch
 
     def on_test_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if (dataloader_idx, batch_idx) == (0, self.batch):
-            os.kill(os.getpid(), self.signum)
+            self._send(trainer)
