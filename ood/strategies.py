@@ -1,5 +1,5 @@
-"""`DDPStrategy`: every rank stops at the same step on SIGTERM, and spawned ranks hand their results back through a
-file (`trainer=ddp_cpu`, `start_method=spawn`).
+"""`DDPStrategy`: every rank stops at the same step on SIGTERM; spawned ranks (`trainer=ddp_cpu`, `start_method=spawn`)
+log where the main process logs and hand their results back through a file.
 
 SIGTERM (a scheduler's time limit, `scancel`): Lightning's handler broadcasts a tensor from inside the signal handler
 (`_SignalConnector._sigterm_notifier_fn`), wherever the rank happens to be, and its loops broadcast rank 0's flag at
@@ -11,6 +11,12 @@ the same step. A spawned rank then exits with status 143 (128 + SIGTERM); the ma
 SIGTERM on to the ranks, raises `SIGTERMException` once they have exited, and starts no further stage (`ood.train`
 records the failure and exits 143).
 
+Logs: a spawned rank is a fresh interpreter without the handlers Hydra gave the main process's root logger, so its
+warnings and errors reached the console (Python's last-resort handler) but not the run's `train.log`. Each spawned
+rank now recreates the main process's root handlers that write to a file or to stdout / stderr, same level and
+format; the records of a rank other than 0 start with `[rank N]`. (`ood.utils.get_logger` loggers stay quiet off
+rank 0, so rank 0's lines are not repeated.)
+
 Results: Lightning's spawn launcher (`_MultiProcessingLauncher`) sends rank 0's results (the trainer state,
 `trainer.test`'s returned metrics and `callback_metrics`) through a pipe, but reads the pipe only after every rank has
 exited. A payload over the pipe buffer (64 KB on Linux; an evaluation's hundreds of `test/<detector>/<set>/<metric>`
@@ -20,6 +26,7 @@ the payload in a temporary file, as Lightning already does for the weights, and 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -27,6 +34,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -47,6 +55,51 @@ def _on_sigterm(handler: Callable[[int, FrameType | None], None]) -> Any:
     return signal.signal(signal.SIGTERM, handler)
 
 
+@dataclass(frozen=True)
+class _LogTarget:
+    """Where one of the main process's root log handlers writes (a file `path`, or the `stream` "stdout" / "stderr"),
+    from which level and in which format: what a spawned rank needs to recreate it."""
+
+    path: str | None
+    stream: str | None
+    level: int
+    formatter: logging.Formatter | None
+
+
+def _root_log_targets() -> list[_LogTarget]:
+    """The root logger's handlers that write to a file or to stdout / stderr (Hydra's `train.log` and console)."""
+    targets = []
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            targets.append(_LogTarget(handler.baseFilename, None, handler.level, handler.formatter))
+        elif isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr):
+            stream = "stdout" if handler.stream is sys.stdout else "stderr"
+            targets.append(_LogTarget(None, stream, handler.level, handler.formatter))
+    return targets
+
+
+class _RankFormatter(logging.Formatter):
+    """`inner`'s line after `[rank N] `: a record of a rank other than 0."""
+
+    def __init__(self, inner: logging.Formatter | None, rank: int) -> None:
+        super().__init__()
+        self.inner, self.rank = inner or logging.Formatter(), rank
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"[rank {self.rank}] {self.inner.format(record)}"
+
+
+def _log_to(targets: list[_LogTarget], level: int, rank: int) -> None:
+    """Give this process's root logger `level` and a handler per target (files appended to), prefixed off rank 0."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    for target in targets:
+        handler = logging.FileHandler(target.path) if target.path else logging.StreamHandler(getattr(sys, target.stream or "stderr"))
+        handler.setLevel(target.level)
+        handler.setFormatter(target.formatter if rank == 0 else _RankFormatter(target.formatter, rank))
+        root.addHandler(handler)
+
+
 class _SpilledOutput:
     """A `_WorkerOutput` kept on disk: pickles as its path, loads (and deletes the file) on first attribute access."""
 
@@ -62,14 +115,17 @@ class _SpilledOutput:
         return getattr(self.output, name)
 
 
-class _SpillingLauncher(_MultiProcessingLauncher):
-    """The spawn launcher with results through a file and SIGTERM passed on to the ranks (module doc)."""
+class _SpawnLauncher(_MultiProcessingLauncher):
+    """The spawn launcher with SIGTERM passed on to the ranks, the main process's log handlers in every rank and
+    results through a file (module doc)."""
 
     terminated = False  # the main process received SIGTERM during a launch
+    log_targets: tuple[list[_LogTarget], int] = ([], logging.WARNING)  # the main process's root handlers and level
 
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         if self.terminated:  # SIGTERM came during an earlier stage that still finished: start no other
             raise SIGTERMException
+        self.log_targets = (_root_log_targets(), logging.getLogger().level)  # pickled with the launcher to the ranks
         previous = _on_sigterm(self._pass_on)
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
@@ -86,9 +142,11 @@ class _SpillingLauncher(_MultiProcessingLauncher):
         self.terminated = True
         self.kill(signum)
 
-    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+    def _wrapping_function(self, process_idx: int, *args: Any, **kwargs: Any) -> None:
+        targets, level = self.log_targets
+        _log_to(targets, level, self._strategy.node_rank * self._strategy.num_processes + process_idx)
         try:
-            super()._wrapping_function(*args, **kwargs)
+            super()._wrapping_function(process_idx, *args, **kwargs)
         except SIGTERMException:  # a SystemExit of status 0, which the main process would take for a success
             sys.exit(SIGTERM_EXIT)
 
@@ -110,7 +168,7 @@ class DDPStrategy(_DDPStrategy):
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
         if isinstance(self._launcher, _MultiProcessingLauncher):
-            self._launcher = _SpillingLauncher(self, start_method=self._start_method)
+            self._launcher = _SpawnLauncher(self, start_method=self._start_method)
 
     def _note_sigterm(self, signum: int, frame: FrameType | None) -> None:
         """Replaces Lightning's SIGTERM handler, which runs a collective inside the handler (module doc)."""

@@ -1,15 +1,18 @@
 """A callback that signals its own process at a known point: SIGKILL (no cleanup, like a machine dying) by default,
 or another signal (SIGTERM, as a scheduler sends before its time limit). Under spawned DDP ranks (`trainer=ddp_cpu`)
 it runs in every rank; `to` picks who is signalled: each rank itself, the main process that spawned them (rank 0
-sends it), or both (a scheduler signalling every process of the job)."""
+sends it), or both (a scheduler signalling every process of the job). `LogFromRanks` logs from chosen DDP ranks."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
+
+from ood.utils import get_logger
 
 TARGETS = ("self", "main", "all")
 
@@ -53,3 +56,16 @@ class KillAtTest(_Kill):
     ) -> None:
         if (dataloader_idx, batch_idx) == (0, self.batch):
             self._send(trainer)
+
+
+class LogFromRanks(Callback):
+    """As training starts: an INFO line through `ood.utils.get_logger` (rank 0 only) and a warning from rank `rank`
+    alone, through a plain logger."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        get_logger("killer.zero").info("an INFO line of rank 0")
+        if trainer.global_rank == self.rank:
+            logging.getLogger("killer.rank").warning("a warning of rank %d only", self.rank)

@@ -1,5 +1,6 @@
 """A `trainer=ddp_cpu` run (2 spawned gloo ranks, `ood.strategies.DDPStrategy`) as a cluster job meets it: SIGTERM
-at a time limit stops every rank at the same step, the run ends as failed (status 143, FAILED.txt) and resumes."""
+at a time limit stops every rank at the same step and the run ends as failed (status 143, FAILED.txt) with a usable
+checkpoint; what the ranks log is in the run's `train.log`."""
 
 from __future__ import annotations
 
@@ -43,16 +44,23 @@ def test_sigterm_stops_all_ranks_in_training_and_in_the_evaluation_pass(tmp_path
     for ever, and the main process died at once without FAILED.txt, leaving its ranks behind. Now the run exits 143
     with FAILED.txt and its epoch-0 checkpoint complete. Evaluating that checkpoint, SIGTERM to the main process only
     (`scancel --signal=TERM --batch`) in the evaluation pass is passed on to the ranks, which stop together: 143 and
-    "rerun the evaluation". (`ckpt_path=last` then resumes such a run to the results of an uninterrupted one, weights
-    and CSV log: checked by hand, two more DDP runs being too slow for the suite; tests/test_resume.py checks the
-    resume on one process.)"""
+    "rerun the evaluation". The training run's `train.log` (Hydra's, in the main process) has rank 1's warning, marked
+    `[rank 1]`, and rank 0's lines once: spawned ranks logged to the console only. (`ckpt_path=last` then resumes such
+    a run to the results of an uninterrupted one, weights and CSV log: checked by hand, two more DDP runs being too
+    slow for the suite; tests/test_resume.py checks the resume on one process.)"""
     train = tmp_path / "train"
     _train_in_own_group(train, [*DDP, "+callbacks.kill._target_=killer.KillAt", "+callbacks.kill.epoch=1",
-                                "+callbacks.kill.batch=1", f"+callbacks.kill.{SIGTERM}", "+callbacks.kill.to=all"])
+                                "+callbacks.kill.batch=1", f"+callbacks.kill.{SIGTERM}", "+callbacks.kill.to=all",
+                                "+callbacks.log._target_=killer.LogFromRanks", "+callbacks.log.rank=1"])
     assert (train / "FAILED.txt").read_text() == "SIGTERMException: terminated by SIGTERM; resume with ckpt_path=last\n"
     ckpt = train / "checkpoints" / "last.ckpt"
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] == 0
     assert not list(ckpt.parent.glob("*.tmp"))
+    log = (train / "train.log").read_text().splitlines()
+    ranked = [line for line in log if line.startswith("[rank ")]
+    assert len(ranked) == 1 and ranked[0].startswith("[rank 1] ["), log
+    assert ranked[0].endswith("[killer.rank][WARNING] - a warning of rank 1 only"), log
+    assert sum(line.endswith("[killer.zero][INFO] - an INFO line of rank 0") for line in log) == 1, log
 
     with pytest.raises(SystemExit) as stop:
         run_config(tmp_path / "eval", ["trainer=ddp_cpu", f"ckpt_path={ckpt}", "detectors.names=[msp]",
