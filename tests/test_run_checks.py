@@ -16,7 +16,7 @@ from ood.methods import CrossEntropy
 from ood.metrics import validation_aurocs
 from ood.models import SmallCNN
 from ood.models.checkpoint import load_modules
-from ood.runs.checks import check_overrides, check_run
+from ood.runs.checks import check_launch, check_overrides, check_run
 from ood.runs.sweeps import sweep_objective
 
 
@@ -46,6 +46,16 @@ def test_gpu_preset_on_cpu_says_add_trainer_cpu(tmp_path: Path) -> None:
     cfg = compose_config(tmp_path, ["experiment=cifar10_ce"])
     with pytest.raises(ConfigError, match="this preset needs a GPU; add trainer=cpu to try it on CPU"):
         check_run(cfg, None)
+
+
+def test_a_sweep_with_the_subprocess_ddp_launcher_is_refused(tmp_path: Path) -> None:
+    """`trainer=ddp` re-executes the command line per rank (each rank would re-launch the sweep); spawned ranks
+    (`trainer=ddp_cpu`, or `trainer.strategy.start_method=spawn`) and single runs pass."""
+    with pytest.raises(ConfigError, match=r"trainer=ddp \(subprocess launcher\) cannot run inside a Hydra multirun"):
+        check_launch(compose_config(tmp_path, ["trainer=ddp"]), multirun=True)
+    check_launch(compose_config(tmp_path, ["trainer=ddp"]), multirun=False)
+    check_launch(compose_config(tmp_path, ["trainer=ddp", "trainer.strategy.start_method=spawn"]), multirun=True)
+    check_launch(compose_config(tmp_path, ["trainer=ddp_cpu"]), multirun=True)
 
 
 def test_eval_accepts_a_run_folder(tmp_path: Path) -> None:

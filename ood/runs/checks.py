@@ -72,9 +72,18 @@ def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> 
         )
 
 
+def _reexecutes_per_rank(strategy: Any) -> bool:
+    """Whether `trainer.strategy` starts its ranks by re-executing the command line: Lightning's `ddp`, or a
+    `DDPStrategy` node with the start method `popen` (its default)."""
+    if isinstance(strategy, str):
+        return strategy == "ddp"
+    return (isinstance(strategy, Mapping) and str(strategy.get("_target_", "")).endswith("DDPStrategy")
+            and strategy.get("start_method", "popen") == "popen")
+
+
 def check_launch(cfg: DictConfig, multirun: bool) -> None:
     """Refuse a Hydra multirun with the subprocess DDP launcher: it re-executes the whole sweep per rank."""
-    if multirun and cfg.trainer.get("strategy") == "ddp":
+    if multirun and _reexecutes_per_rank(cfg.trainer.get("strategy")):
         raise ConfigError(
             "trainer=ddp (subprocess launcher) cannot run inside a Hydra multirun: each rank would re-launch the "
             "sweep. Sweep with one device per job, use trainer=ddp_cpu-style spawn (strategy.start_method=spawn), "
