@@ -94,7 +94,10 @@ def _log_to(targets: list[_LogTarget], level: int, rank: int) -> None:
     root = logging.getLogger()
     root.setLevel(level)
     for target in targets:
-        handler = logging.FileHandler(target.path) if target.path else logging.StreamHandler(getattr(sys, target.stream or "stderr"))
+        if target.path:
+            handler: logging.Handler = logging.FileHandler(target.path)
+        else:
+            handler = logging.StreamHandler(sys.stdout if target.stream == "stdout" else sys.stderr)
         handler.setLevel(target.level)
         handler.setFormatter(target.formatter if rank == 0 else _RankFormatter(target.formatter, rank))
         root.addHandler(handler)
@@ -119,13 +122,17 @@ class _SpawnLauncher(_MultiProcessingLauncher):
     """The spawn launcher with SIGTERM passed on to the ranks, the main process's log handlers in every rank and
     results through a file (module doc)."""
 
-    terminated = False  # the main process received SIGTERM during a launch
-    log_targets: tuple[list[_LogTarget], int] = ([], logging.WARNING)  # the main process's root handlers and level
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.terminated = False  # the main process received SIGTERM during a launch
+        # the main process's root handlers and level as the last launch began (pickled with the launcher to the ranks)
+        self.log_targets: list[_LogTarget] = []
+        self.log_level = logging.WARNING
 
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         if self.terminated:  # SIGTERM came during an earlier stage that still finished: start no other
             raise SIGTERMException
-        self.log_targets = (_root_log_targets(), logging.getLogger().level)  # pickled with the launcher to the ranks
+        self.log_targets, self.log_level = _root_log_targets(), logging.getLogger().level
         previous = _on_sigterm(self._pass_on)
         try:
             return super().launch(function, *args, trainer=trainer, **kwargs)
@@ -143,8 +150,7 @@ class _SpawnLauncher(_MultiProcessingLauncher):
         self.kill(signum)
 
     def _wrapping_function(self, process_idx: int, *args: Any, **kwargs: Any) -> None:
-        targets, level = self.log_targets
-        _log_to(targets, level, self._strategy.node_rank * self._strategy.num_processes + process_idx)
+        _log_to(self.log_targets, self.log_level, self._strategy.node_rank * self._strategy.num_processes + process_idx)
         try:
             super()._wrapping_function(process_idx, *args, **kwargs)
         except SIGTERMException:  # a SystemExit of status 0, which the main process would take for a success
