@@ -15,7 +15,9 @@ Logs: a spawned rank is a fresh interpreter without the handlers Hydra gave the 
 warnings and errors reached the console (Python's last-resort handler) but not the run's `train.log`. Each spawned
 rank now recreates the main process's root handlers that write to a file or to stdout / stderr, same level and
 format; the records of a rank other than 0 start with `[rank N]`. (`ood.utils.get_logger` loggers stay quiet off
-rank 0, so rank 0's lines are not repeated.)
+rank 0, so rank 0's lines are not repeated.) A rank that runs the command line itself (Lightning's subprocess
+launcher, `trainer=ddp`: Hydra logs it to `train_ddp_process_N.log` in the run's folder; torchrun, srun) keeps its
+own Hydra handlers, its lines marked `[rank N]` as well.
 
 Results: Lightning's spawn launcher (`_MultiProcessingLauncher`) sends rank 0's results (the trainer state,
 `trainer.test`'s returned metrics and `callback_metrics`) through a pipe, but reads the pipe only after every rank has
@@ -103,6 +105,13 @@ def _log_to(targets: list[_LogTarget], level: int, rank: int) -> None:
         root.addHandler(handler)
 
 
+def _mark_rank(rank: int) -> None:
+    """Start the lines of this process's root handlers with `[rank N]` (once)."""
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler.formatter, _RankFormatter):
+            handler.setFormatter(_RankFormatter(handler.formatter, rank))
+
+
 class _SpilledOutput:
     """A `_WorkerOutput` kept on disk: pickles as its path, loads (and deletes the file) on first attribute access."""
 
@@ -175,6 +184,11 @@ class DDPStrategy(_DDPStrategy):
         super()._configure_launcher()
         if isinstance(self._launcher, _MultiProcessingLauncher):
             self._launcher = _SpawnLauncher(self, start_method=self._start_method)
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.global_rank > 0:  # also a rank that runs the command line itself (subprocess launcher, torchrun, srun)
+            _mark_rank(self.global_rank)
 
     def _note_sigterm(self, signum: int, frame: FrameType | None) -> None:
         """Replaces Lightning's SIGTERM handler, which runs a collective inside the handler (module doc)."""
