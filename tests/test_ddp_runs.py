@@ -22,9 +22,9 @@ DDP = ["trainer=ddp_cpu", "trainer.max_epochs=2", "+trainer.limit_train_batches=
 SIGTERM = f"signum={int(signal.SIGTERM)}"
 
 
-def _train_in_own_group(run_dir: Path, overrides: Sequence[str], timeout: float = 120) -> str:
-    """`python -m ood.train` in a new process group, which must end with status 143 (SIGTERM); its output. A run
-    still going after `timeout` seconds (ranks waiting on each other) is killed with its ranks and fails the test."""
+def _train_in_own_group(run_dir: Path, overrides: Sequence[str], timeout: float = 120) -> None:
+    """`python -m ood.train` in a new process group, which must end with status 143 (SIGTERM). A run still going
+    after `timeout` seconds (ranks waiting on each other) is killed with its ranks and fails the test."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "ood.train", *overrides, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -34,7 +34,6 @@ def _train_in_own_group(run_dir: Path, overrides: Sequence[str], timeout: float 
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail(f"the run hung: still going {timeout} s after its start\n{proc.communicate()[0][-3000:]}")
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-    return out
 
 
 @pytest.mark.slow
