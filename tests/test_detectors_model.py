@@ -273,6 +273,28 @@ def test_taps_reduce_outside_autocast(tiny: dict[str, Any]) -> None:
     assert torch.equal(got["gram.stages.block2.0"], gram_rows(maps[0]).float())
 
 
+def test_a_module_run_on_maps_of_different_widths_is_tapped_per_run() -> None:
+    """torchvision's Bottleneck runs one ReLU on width, width and 4 x width channels: its runs cannot be stacked, so
+    each is kept under `<key>#<run>` (a ReLU run on equal shapes stays stacked on dim 1)."""
+    relu = nn.ReLU()
+    net = TinyNet()
+    net.stages = nn.ModuleDict({"block1": nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), relu, nn.Conv2d(4, 100, 3, padding=1), relu)})
+    maps: list[torch.Tensor] = []
+    handle = relu.register_forward_hook(lambda _m, _i, out: maps.append(out))
+    taps = LayerTaps(net, ["gram"])
+    try:
+        with torch.no_grad():
+            net(torch.randn(5, 1, 8, 8))
+        got = taps.pop()
+    finally:
+        taps.remove()
+        handle.remove()
+    # in tap order, a module's runs together (as when stacked)
+    assert list(got) == ["gram.stages.block1.0", "gram.stages.block1.1#0", "gram.stages.block1.1#1", "gram.stages.block1.2"]
+    assert got["gram.stages.block1.1#0"].shape == (5, 5, 4) and got["gram.stages.block1.1#1"].shape == (5, 5, 100)
+    assert torch.equal(got["gram.stages.block1.1#1"], gram_rows(maps[1]).float())
+
+
 def test_mcdropout_without_dropout_is_not_applicable(tiny: dict[str, Any]) -> None:
     net = TinyNet(dropout=0.0).eval()
     with pytest.raises(DetectorNotApplicable, match="no dropout"):

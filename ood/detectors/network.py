@@ -10,7 +10,8 @@ evaluation pass (layer taps), and a fit that runs the network over the fit split
   `FeatureBank.extras`, so multi-layer detectors (gram, mds_ensemble) read their maps from the one cached pass,
   never a second pass over the data. `reduce` keeps only what the detector scores from (Gram row sums, channel
   means), not the maps. A module that runs several times per forward pass (a shared ReLU) stores one entry per run,
-  stacked on dim 1.
+  stacked on dim 1, or under `<key>#<run>` each when the runs differ in shape (torchvision's Bottleneck ReLU runs on
+  width, width and 4 x width channels).
 - `ModelFitted`: a `needs_model` detector whose statistics need network passes with gradients over its fit split
   (AdaSCALE's perturbed-feature shifts, NAC's gradient histograms): `fit_statistics(model, x) -> [B, ...]` per
   batch, concatenated over the split by the evaluation's model-score function through `FitInputs`, then
@@ -84,8 +85,16 @@ class LayerTaps:
         return hook
 
     def pop(self) -> dict[str, torch.Tensor]:
-        """The tapped tensors of the last batch ([B, runs, ...] for modules run more than once), then forget them."""
-        out = {k: v[0] if len(v) == 1 else torch.stack(v, 1) for k, v in self._runs.items()}
+        """The tapped tensors of the last batch ([B, runs, ...] for modules run more than once, or `<key>#<run>` per
+        run when the runs differ in shape), then forget them."""
+        out: dict[str, torch.Tensor] = {}
+        for key, runs in self._runs.items():
+            if len(runs) == 1:
+                out[key] = runs[0]
+            elif len({run.shape for run in runs}) == 1:
+                out[key] = torch.stack(runs, 1)
+            else:
+                out.update({f"{key}#{i}": run for i, run in enumerate(runs)})
         self._runs = {}
         return out
 
