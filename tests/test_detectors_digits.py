@@ -74,7 +74,7 @@ def digits_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]
     loaders = dict(zip([s.name for s in datamodule.eval_splits], datamodule.test_dataloader()))
     scorers = detector_scorers(
         available_detectors(), PARAMS, banks, tune=True,
-        model_scores=lambda det, split: OODEvaluation._model_scores(det, method, loaders[split]),
+        model_scores=lambda det, split, rows=None: OODEvaluation._model_scores(det, method, loaders[split], rows=rows),
     )
     id_acc = float((banks["test"].predictions == banks["test"].labels).double().mean())
     rows, _ = evaluate(scorers, datamodule.eval_splits, id_acc, {"method": "ce"})

@@ -95,9 +95,14 @@ def tiny() -> dict[str, Any]:
     return {"net": net, "x": {k: v[0] for k, v in splits.items()}, "banks": banks}
 
 
-def _model_scores(tiny: dict[str, Any]) -> Callable[[Detector, str], torch.Tensor]:
-    """The evaluation's model-score function: `score_inputs` over a split in batches of 64."""
-    return lambda det, split: torch.cat([det.score_inputs(tiny["net"], x) for x in tiny["x"][split].split(64)])
+def _model_scores(tiny: dict[str, Any]) -> Callable[..., torch.Tensor]:
+    """The evaluation's model-score function: `score_inputs` over a split (or the given rows of it) in batches of 64."""
+
+    def model_scores(det: Detector, split: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        x = tiny["x"][split] if rows is None else tiny["x"][split][rows]
+        return torch.cat([det.score_inputs(tiny["net"], chunk) for chunk in x.split(64)])
+
+    return model_scores
 
 
 def _fitted(name: str, tiny: dict[str, Any], **params: Any) -> Detector:

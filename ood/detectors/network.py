@@ -16,6 +16,12 @@ evaluation pass (layer taps), and a fit that runs the network over the fit split
   (AdaSCALE's perturbed-feature shifts, NAC's gradient histograms): `fit_statistics(model, x) -> [B, ...]` per
   batch, concatenated over the split by the evaluation's model-score function through `FitInputs`, then
   `fit_inputs(bank, statistics)`.
+- `StreamFitted`: a `needs_model` detector whose fit folds network passes over chosen rows of its fit split into
+  running statistics, one batch at a time, so its memory does not grow with the split (the streaming Gram bounds:
+  per-class min/max, then a held-out normaliser). Its `fit_stream(bank, run)` gets `run(fold, rows)`, which passes
+  exactly the bank rows `rows` of the fit split, in that order, through the network and calls
+  `fold(model, x, rows_of_batch)` per batch (through `FoldInputs` and the evaluation's model-score function, asked
+  for those rows only); it may call `run` several times, e.g. a second pass over a held-out tenth.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ood.detectors.base import Detector, DetectorNotApplicable, SharedPasses, detector_class
+from ood.detectors.base import Detector, DetectorNotApplicable, DetectorRef, SharedPasses, detector_class
 from ood.features.bank import FeatureBank
 
 #: a tapped module and the per-sample reduction of its output that is cached
@@ -61,7 +67,7 @@ class LayerTaps:
     after the pass. Detectors without `taps`, and backbones without stages, add nothing.
     """
 
-    def __init__(self, model: nn.Module, detectors: Iterable[str]) -> None:
+    def __init__(self, model: nn.Module, detectors: Iterable[DetectorRef]) -> None:
         self._runs: dict[str, list[torch.Tensor]] = {}
         self._handles: list[Any] = []
         declared: dict[str, Tap] = {}
@@ -128,10 +134,17 @@ def staged_forward(model: nn.Module, x: torch.Tensor, shared: SharedPasses | Non
     return backbone, (shared or SharedPasses()).get("network.staged_forward", lambda: StagedForward(backbone, x))
 
 
-class ModelFitted(Detector):
-    """A detector fitted from network passes over its fit split (see the module docstring)."""
+class PassFitted(Detector):
+    """A detector whose fit needs network passes over its fit split: `fit(bank)` alone does not apply."""
 
     needs_model: ClassVar[bool] = True
+
+    def fit(self, bank: FeatureBank) -> PassFitted:
+        raise DetectorNotApplicable(f"{self.name} fits from network passes over its fit split; none were given")
+
+
+class ModelFitted(PassFitted):
+    """A detector fitted from per-sample statistics of network passes over its fit split (see the module docstring)."""
 
     def fit_statistics(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Per-sample statistics [B, ...] of one batch of the fit split."""
@@ -140,9 +153,6 @@ class ModelFitted(Detector):
     def fit_inputs(self, bank: FeatureBank, statistics: torch.Tensor) -> ModelFitted:
         """Fit from the cached bank of the fit split and its `fit_statistics` over the whole split."""
         raise NotImplementedError
-
-    def fit(self, bank: FeatureBank) -> ModelFitted:
-        raise DetectorNotApplicable(f"{self.name} fits from network passes over its fit split; none were given")
 
 
 class FitInputs(Detector):
@@ -155,6 +165,44 @@ class FitInputs(Detector):
 
     def score_inputs(self, model: nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
         return self.detector.fit_statistics(model, x)
+
+
+#: what a `StreamFitted` detector does with one batch of a pass: (model, inputs x [B, ...], their bank rows [B])
+Fold = Callable[[nn.Module, torch.Tensor, torch.Tensor], None]
+#: one network pass over the given bank rows of the fit split, in that order, calling the fold per batch
+PassFn = Callable[[Fold, torch.Tensor], None]
+
+
+class StreamFitted(PassFitted):
+    """A detector fitted by folding network passes over rows of its fit split (see the module docstring)."""
+
+    def fit_stream(self, bank: FeatureBank, run: PassFn) -> StreamFitted:
+        """Fit from the cached bank of the fit split and the passes `run(fold, rows)` over chosen rows of it."""
+        raise NotImplementedError
+
+
+class FoldInputs(Detector):
+    """`fold` as a `score_inputs` over the bank rows `rows`, so the evaluation's model-score function, asked for
+    exactly those rows in that order, runs a `StreamFitted` pass; each batch's rows are the next ones of `rows`. It
+    scores nothing ([B, 0]); `check()` after the pass says whether every row was visited."""
+
+    needs_model = True
+
+    def __init__(self, fold: Fold, rows: torch.Tensor) -> None:
+        self.fold, self.rows, self.seen = fold, rows, 0
+
+    def score_inputs(self, model: nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
+        rows = self.rows[self.seen : self.seen + len(x)]
+        if len(rows) != len(x):
+            raise RuntimeError(f"a fit pass over {len(self.rows)} rows was given more inputs")
+        self.seen += len(x)
+        self.fold(model, x, rows)
+        return x.new_zeros(len(x), 0)
+
+    def check(self) -> None:
+        """Raise when the pass did not visit every row of `rows`."""
+        if self.seen != len(self.rows):
+            raise RuntimeError(f"a fit pass over {len(self.rows)} rows visited {self.seen}")
 
 
 def channels_first(backbone: nn.Module, z: torch.Tensor) -> torch.Tensor:

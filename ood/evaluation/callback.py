@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from torch.utils.data import DataLoader, Subset
 
 from ood.data.benchmark import EvalSplit, OODDataModule
 from ood.detectors.base import Detector, float16_detectors
@@ -34,6 +35,7 @@ from ood.features.collector import (
 )
 from ood.features.reduce import sync_reducers
 from ood.methods.base import OODMethod
+from ood.utils import progress
 
 
 class OODEvaluation(Callback):
@@ -198,10 +200,9 @@ class OODEvaluation(Callback):
         loaders = dict(zip([s.name for s in splits], datamodule.test_dataloader()))
         banks, notes = datamodule.screen(banks)  # e.g. ID/OOD duplicates listed, or dropped before the metrics
 
-        def model_scores(det: Detector, split: str) -> torch.Tensor:
-            scores = self._model_scores(det, pl_module, loaders[split])
-            index = banks[split].index  # the rows a screen kept, when it dropped some
-            return scores if index is None or len(index) == len(scores) else scores[index.to(scores.device)]
+        def model_scores(det: Detector, split: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+            # the bank's rows are the dataset rows a screen kept, when it dropped some
+            return self._model_scores(det, pl_module, loaders[split], banks[split].index, rows, desc=f"network pass over {split}")
 
         result = self.evaluator.evaluate(
             pl_module,
@@ -217,11 +218,37 @@ class OODEvaluation(Callback):
         return result
 
     @staticmethod
-    def _model_scores(det: Detector, pl_module: LightningModule, loader: torch.utils.data.DataLoader) -> torch.Tensor:
-        """Scores of an input-perturbing detector (an extra pass for it alone, with gradients enabled); the detector
-        sees the method's own logits (`pl_module(x)`), e.g. a contrastive method's linear probe."""
+    def _model_scores(
+        det: Detector,
+        pl_module: LightningModule,
+        loader: DataLoader,
+        index: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+        desc: str = "network pass",
+    ) -> torch.Tensor:
+        """Scores of an input-perturbing detector (an extra pass for it alone, with gradients enabled) on the bank's
+        rows, or with `rows` on those bank rows only, in that order (the loader's dataset restricted to them);
+        `index`: the dataset row of each bank row (None: the same). The detector sees the method's own logits
+        (`pl_module(x)`), e.g. a contrastive method's linear probe."""
+        if rows is not None:
+            loader = rows_loader(loader, rows.cpu() if index is None else index.cpu()[rows.cpu()])
         chunks = []
         with torch.inference_mode(False), torch.enable_grad():
-            for batch in loader:
+            for batch in progress(loader, desc=desc):
                 chunks.append(det.score_inputs(pl_module, batch.x.to(pl_module.device)).detach())
-        return torch.cat(chunks)
+        scores = torch.cat(chunks)
+        if rows is not None or index is None or len(index) == len(scores):
+            return scores
+        return scores[index.to(scores.device)]
+
+
+def rows_loader(loader: DataLoader, dataset_rows: torch.Tensor) -> DataLoader:
+    """`loader` over the rows `dataset_rows` of its dataset only, in that order (same batches, collation and workers;
+    the workers are not kept after the pass)."""
+    return DataLoader(
+        Subset(loader.dataset, dataset_rows.tolist()),
+        batch_size=loader.batch_size,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+        collate_fn=loader.collate_fn,
+    )

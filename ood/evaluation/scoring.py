@@ -15,7 +15,7 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -29,7 +29,7 @@ from ood.detectors.base import (
     detector_class,
     hparam_names,
 )
-from ood.detectors.network import FitInputs, ModelFitted
+from ood.detectors.network import FitInputs, Fold, FoldInputs, ModelFitted, StreamFitted
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
@@ -61,8 +61,12 @@ def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-#: scores of a `needs_model` detector on one split, computed from the network and that split's inputs
-ModelScoreFn = Callable[[Detector, str], torch.Tensor]
+class ModelScoreFn(Protocol):
+    """Scores of a `needs_model` detector on one split, computed from the network and that split's inputs: every row
+    of the split's bank, or with `rows` only those bank rows, in that order (a `StreamFitted` detector's fit passes
+    over part of its fit split load only that part)."""
+
+    def __call__(self, det: Detector, split: str, rows: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class GridInputs(Detector):
@@ -169,13 +173,22 @@ def _val_scores(
 
 
 def _fit(det: Detector, split: str, banks: Mapping[str, FeatureBank], model_scores: ModelScoreFn | None) -> Detector:
-    """Fit `det` on the bank of `split`; detectors fitted from network passes (`ModelFitted`) also get their
-    per-sample statistics over that split through `model_scores`."""
+    """Fit `det` on the bank of `split`; detectors fitted from network passes also get, through `model_scores`, their
+    per-sample statistics over that split (`ModelFitted`) or the passes over chosen rows of it they fold
+    (`StreamFitted`)."""
+    if not isinstance(det, (ModelFitted, StreamFitted)):
+        return det.fit(banks[split])
+    if model_scores is None:
+        raise DetectorNotApplicable("it fits from network passes, and no model was given")
     if isinstance(det, ModelFitted):
-        if model_scores is None:
-            raise DetectorNotApplicable("it fits from network passes, and no model was given")
         return det.fit_inputs(banks[split], model_scores(FitInputs(det), split))
-    return det.fit(banks[split])
+
+    def run(fold: Fold, rows: torch.Tensor) -> None:
+        inputs = FoldInputs(fold, rows)
+        model_scores(inputs, split, rows)
+        inputs.check()
+
+    return det.fit_stream(banks[split], run)
 
 
 def fit_detector(
