@@ -39,7 +39,7 @@ FLOORS: dict[str, tuple[str, float]] = {
     "openmax": (NEAR, 0.85), "gmm": (NEAR, 0.9), "lts": (FLOWER, 0.9), "pnml": (NEAR, 0.9),
     "cadref": (NEAR, 0.9), "caref": (NEAR, 0.9), "graduncertainty": (NEAR, 0.9), "rmds_pp": (NEAR, 0.9),
     "weiper": (NEAR, 0.8), "mahalanobis_pp": (FLOWER, 0.93), "neco": (FLOWER, 0.93),
-    "adascale_a": (FLOWER, 0.9), "adascale_l": (FLOWER, 0.9), "iodin": (NEAR, 0.9), "gram": (FLOWER, 0.95),
+    "adascale_a": (FLOWER, 0.9), "adascale_l": (FLOWER, 0.9), "iodin": (NEAR, 0.9), "gram": (FLOWER, 0.95), "gram_stream": (FLOWER, 0.95),
     "mahalanobis_odin": (FLOWER, 0.95), "mds_ensemble": (FLOWER, 0.95), "nac": (GAUSS, 0.8), "rankfeat": (GAUSS, 0.7),
 }
 #: the small CNN has no dropout: mcdropout is skipped there (its documented `DetectorNotApplicable`)

@@ -29,7 +29,7 @@ from ood.models.base import Backbone, GlobalPool
 
 #: detectors that run the network or read maps cached by layer taps (the synthetic-bank tests cannot run them)
 NETWORK = [n for n in available_detectors() if detector_class(n).needs_model or hasattr(detector_class(n), "taps")]
-MINE = ["adascale_a", "adascale_l", "gram", "iodin", "mahalanobis_odin", "mcdropout", "mds_ensemble", "nac", "rankfeat"]
+MINE = ["adascale_a", "adascale_l", "gram", "gram_stream", "iodin", "mahalanobis_odin", "mcdropout", "mds_ensemble", "nac", "rankfeat"]
 STD = 0.5
 
 
@@ -468,6 +468,43 @@ def test_gram_equals_openood(tiny: dict[str, Any]) -> None:
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(ours_ood, ref_ood, rtol=1e-4, atol=1e-6)
     _agrees(ours, ref, tiny, ours_ood, ref_ood)
+
+
+def test_gram_stream_equals_the_cached_gram(tiny: dict[str, Any]) -> None:
+    """The streaming form (network passes, no cached rows) has the cached form's held-out draw and bounds exactly,
+    and its normalisers and scores to 1e-10 (float64 summation order)."""
+    cached, stream = _fitted("gram", tiny), _fitted("gram_stream", tiny)
+    assert torch.equal(stream.holdout_, cached.holdout_) and int(cached.holdout_.sum()) == 24  # 3 classes x 8 of 80
+    assert len(stream.mins_) == len(cached.mins_) == 4  # a Conv2d and a ReLU output per block
+    for ours, theirs in zip([*stream.mins_, *stream.maxs_], [*cached.mins_, *cached.maxs_]):
+        assert ours.dtype == torch.float64 and torch.equal(ours, theirs)
+    np.testing.assert_allclose(stream.norms_, cached.norms_, rtol=1e-10, atol=0)
+    assert 1.0 not in cached.norms_  # measured held-out deviations, not the fallback 1
+    for split in ("test", "ood"):
+        torch.testing.assert_close(_scores(stream, tiny, split), _scores(cached, tiny, split), rtol=1e-10, atol=1e-10)
+
+
+def test_gram_stream_fit_passes_visit_each_train_row_once(tiny: dict[str, Any]) -> None:
+    """The bounds pass sees the fit rows only, the normaliser pass the held-out rows only (counted as images through
+    the network and as the rows asked of the model-score function): one train pass in all."""
+    net, asked, seen = tiny["net"], [], []
+    handle = net.register_forward_hook(lambda _m, inputs, _o: seen.append(len(inputs[0])))
+    score = _model_scores(tiny)
+
+    def counting(det: Detector, split: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        asked.append((split, None if rows is None else rows.clone()))
+        seen.append("|")
+        return score(det, split, rows)
+
+    try:
+        det, _ = fit_detector("gram_stream", {}, tiny["banks"], tune=False, model_scores=counting)
+    finally:
+        handle.remove()
+    held = det.holdout_.nonzero().flatten()
+    assert [split for split, _ in asked] == ["train", "train"]
+    assert torch.equal(asked[0][1], (~det.holdout_).nonzero().flatten()) and torch.equal(asked[1][1], held)
+    images = " ".join(map(str, seen)).split("|")[1:]
+    assert [sum(map(int, part.split())) for part in images] == [240 - 24, 24]
 
 
 def test_gram_rows_float32_and_overflow_fall_back_to_float64() -> None:

@@ -15,6 +15,16 @@ pass, e.g. a shared ReLU, counts once per run): 6.4 KB per sample for the digits
 modules), 174 KB for the CIFAR ResNet-18 (8,704 channels: 8.7 GB for its 50 k train split), about 1 MB for an
 ImageNet ResNet-50. That is why `gram` is in `detectors=full` only, not `all`. pytorch-ood's `Gram` differs (per-layer min/max over all train samples without the held-out normaliser,
 and no division by the softmax confidence); we follow OpenOOD.
+
+`gram_stream` is the same detector without the cache, for ImageNet: a `StreamFitted` detector (`ood.detectors.network`) that hooks `Gram.taps` for its own
+forward passes only. Its fit folds the Gram rows of the fit rows, batch by batch, into the running per-class min/max
+(a pass over those 90 % of the train split), then the deviations of the held-out rows into the normalisers (a pass
+over that tenth only: one train pass in all), with the same held-out draw; each split is scored from its own pass
+in the evaluation's joint run of the network-pass detectors. It keeps the bounds only, whatever the number of
+samples: num_classes x 5 x sum_l C_l float64, twice (min, max), on the model's device: 1000 x 5 x 49,280 x 8 B x 2 =
+3.9 GB for the ImageNet-1K ResNet-50 (49,280 channels over 102 module runs), 0.14 GB for the ImageNet-200 ResNet-18
+(8,704). The rows are rounded to float32 as the cache stores them, so its bounds equal `gram`'s exactly and its
+normalisers and scores up to float64 summation order.
 Deviations: G_lp in float32 as OpenOOD, but a chunk of samples whose p=5 products overflow float32 is recomputed in
 float64 (OpenOOD's would be inf), and the roots and deviations are float64; a layer whose held-out deviation is
 0 is normalised by 1 (OpenOOD divides by 0); a class without train samples gets the bounds [0, 0].
@@ -26,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ood.detectors.base import Detector
-from ood.detectors.network import Tap, tapped_keys
+from ood.detectors.base import Detector, DetectorNotApplicable, SharedPasses
+from ood.detectors.network import LayerTaps, PassFn, StreamFitted, Tap, backbone_of, tapped_keys
 from ood.features.bank import FeatureBank
 
 POWERS = (1, 2, 3, 4, 5)
@@ -69,6 +79,62 @@ def deviation(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tens
     return (below + above).flatten(1).sum(1)
 
 
+def holdout_rows(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """[N] bool on `labels`' device: per class, a random tenth (rounded down) of its rows, drawn in class order from
+    one generator seeded with `seed`: the held-out rows that give the normalisers."""
+    gen = torch.Generator().manual_seed(seed)
+    holdout = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique().tolist():
+        rows = (labels == c).nonzero().flatten().cpu()
+        holdout[rows[torch.randperm(len(rows), generator=gen)[: int(0.1 * len(rows))]]] = True
+    return holdout.to(labels.device)
+
+
+def empty_bounds(num_classes: int, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class (min, max) [num_classes, P, C] before any row: +inf and -inf, in g's dtype and on its device."""
+    lo = torch.full((num_classes, *g.shape[1:]), torch.inf, dtype=g.dtype, device=g.device)
+    return lo, torch.full_like(lo, -torch.inf)
+
+
+def fold_bounds(lo: torch.Tensor, hi: torch.Tensor, g: torch.Tensor, y: torch.Tensor) -> None:
+    """Widen the per-class bounds, in place, to the rows g [N, P, C] of classes y [N] (min / max are exact, so folding
+    batch by batch gives the bounds of all rows at once, with no second copy of them)."""
+    index = y.to(g.device)[:, None, None].expand(-1, *g.shape[1:])
+    lo.scatter_reduce_(0, index, g, "amin")
+    hi.scatter_reduce_(0, index, g, "amax")
+
+
+def settle(bound: torch.Tensor) -> torch.Tensor:
+    """Finish a bound in place: a class without fit rows gets 0 (for its +-inf)."""
+    return bound.nan_to_num_(0.0, 0.0, 0.0)
+
+
+def normaliser(mean_deviation: float) -> float:
+    """n_l from the layer's mean held-out deviation: 1 where it is 0 (no held-out rows, or none outside the bounds)."""
+    return mean_deviation if mean_deviation > 0 else 1.0
+
+
+def gram_scores(
+    layers: list[torch.Tensor], logits: torch.Tensor, mins: list[torch.Tensor], maxs: list[torch.Tensor], norms: list[float]
+) -> torch.Tensor:
+    """[N] -sum_l delta(G_l; bounds of the predicted class) / n_l / max softmax, from the Gram rows [N, P, C] per layer."""
+    pred = logits.argmax(1)
+    dev = torch.zeros(len(logits), dtype=torch.float64, device=logits.device)
+    for g, lo, hi, norm in zip(layers, mins, maxs, norms):
+        dev += (deviation(g, lo[pred], hi[pred]) / norm).to(dev.device)
+    confidence = torch.softmax(logits.double(), 1).max(1).values
+    return -dev / confidence
+
+
+def layer_rows(tapped: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Tapped Gram rows (`Gram.taps`, in tap order) as a list of [N, P, C] float64, one per module run."""
+    out = []
+    for t in tapped.values():
+        t = t.double()
+        out.extend([t] if t.dim() == 3 else t.unbind(1))
+    return out
+
+
 class Gram(Detector):
     """Class-conditional min/max deviations of Gram-matrix rows over every conv and ReLU output."""
 
@@ -90,41 +156,86 @@ class Gram(Detector):
 
     def _layers(self, bank: FeatureBank) -> list[torch.Tensor]:
         """The cached Gram rows as a list of [N, P, C] float64, one per module run."""
-        out = []
-        for key in tapped_keys(bank, PREFIX, self.name):
-            t = bank.extras[key].double()
-            out.extend([t] if t.dim() == 3 else t.unbind(1))
-        return out
+        return layer_rows({key: bank.extras[key] for key in tapped_keys(bank, PREFIX, self.name)})
 
     def fit(self, bank: FeatureBank) -> Gram:
         assert bank.labels is not None, "gram needs labelled ID features"
         y, num_classes = bank.labels, bank.logits.shape[1]
-        gen = torch.Generator().manual_seed(self.seed)
-        holdout = torch.zeros(len(y), dtype=torch.bool)
-        for c in y.unique().tolist():
-            rows = (y == c).nonzero().flatten().cpu()
-            holdout[rows[torch.randperm(len(rows), generator=gen)[: int(0.1 * len(rows))]]] = True
-        self.holdout_ = holdout.to(y.device)
-        fit_rows, y_fit = ~self.holdout_, y[~self.holdout_]
+        self.holdout_ = holdout_rows(y, self.seed)
+        fit_rows, held = ~self.holdout_, y[self.holdout_]
         self.mins_, self.maxs_, self.norms_ = [], [], []
         for g in self._layers(bank):
-            index = y_fit[:, None, None].expand(-1, *g.shape[1:])
-            lo = torch.full((num_classes, *g.shape[1:]), torch.inf, dtype=g.dtype, device=g.device)
-            hi = torch.full_like(lo, -torch.inf)
-            lo = lo.scatter_reduce(0, index, g[fit_rows], "amin")
-            hi = hi.scatter_reduce(0, index, g[fit_rows], "amax")
-            lo, hi = lo.nan_to_num(0.0, 0.0, 0.0), hi.nan_to_num(0.0, 0.0, 0.0)
-            held = y[self.holdout_]
+            lo, hi = empty_bounds(num_classes, g)
+            fold_bounds(lo, hi, g[fit_rows], y[fit_rows])
+            lo, hi = settle(lo), settle(hi)
             norm = deviation(g[self.holdout_], lo[held], hi[held]).mean() if len(held) else torch.zeros(())
             self.mins_.append(lo)
             self.maxs_.append(hi)
-            self.norms_.append(float(norm) if float(norm) > 0 else 1.0)
+            self.norms_.append(normaliser(float(norm)))
         return self
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
-        pred = bank.logits.argmax(1)
-        dev = torch.zeros(len(bank), dtype=torch.float64, device=bank.logits.device)
-        for g, lo, hi, norm in zip(self._layers(bank), self.mins_, self.maxs_, self.norms_):
-            dev += deviation(g, lo[pred], hi[pred]) / norm
-        confidence = torch.softmax(bank.logits.double(), 1).max(1).values
-        return -dev / confidence
+        return gram_scores(self._layers(bank), bank.logits, self.mins_, self.maxs_, self.norms_)
+
+
+class GramStream(StreamFitted):
+    """`gram` without the cache: the same bounds, normalisers and scores from network passes (module docstring)."""
+
+    name = "gram_stream"
+    #: a train pass and a pass per evaluation split of its own: `detectors=full` only, as `gram`
+    full_only = True
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    @staticmethod
+    def _forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The logits of `x` and its Gram rows per module run, from `Gram.taps` hooked for this forward only (so
+        rounded to float32 as the cache stores them)."""
+        backbone_of(model)  # DetectorNotApplicable, saying why, for a network without stages
+        taps = LayerTaps(model, [Gram])
+        try:
+            with torch.no_grad():
+                logits = model(x)
+            tapped = taps.pop()
+        finally:
+            taps.remove()
+        return logits, layer_rows(tapped)
+
+    def fit_stream(self, bank: FeatureBank, run: PassFn) -> GramStream:
+        if bank.labels is None:
+            raise DetectorNotApplicable(f"{self.name} needs the labels of its {self.fit_split} split")
+        labels, num_classes = bank.labels, bank.logits.shape[1]
+        self.holdout_ = holdout_rows(labels, self.seed)
+        mins: list[torch.Tensor] = []
+        maxs: list[torch.Tensor] = []
+
+        def widen(model: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> None:
+            layers = self._forward(model, x)[1]
+            if not mins:
+                for lo, hi in (empty_bounds(num_classes, g) for g in layers):
+                    mins.append(lo)
+                    maxs.append(hi)
+            y = labels[rows.to(labels.device)]
+            for g, lo, hi in zip(layers, mins, maxs):
+                fold_bounds(lo, hi, g, y)
+
+        run(widen, (~self.holdout_).nonzero().flatten().cpu())
+        self.mins_, self.maxs_ = [settle(lo) for lo in mins], [settle(hi) for hi in maxs]
+        held = self.holdout_.nonzero().flatten().cpu()
+        totals = [torch.zeros((), dtype=torch.float64, device=lo.device) for lo in self.mins_]
+
+        def measure(model: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> None:
+            y = labels[rows.to(labels.device)]
+            for i, (g, lo, hi) in enumerate(zip(self._forward(model, x)[1], self.mins_, self.maxs_)):
+                y_g = y.to(g.device)
+                totals[i] += deviation(g, lo[y_g], hi[y_g]).sum()
+
+        if len(held):
+            run(measure, held)
+        self.norms_ = [normaliser(float(total) / len(held)) if len(held) else 1.0 for total in totals]
+        return self
+
+    def score_inputs(self, model: nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
+        logits, layers = self._forward(model, x)
+        return gram_scores(layers, logits, self.mins_, self.maxs_, self.norms_)
