@@ -4,9 +4,9 @@
 [--benchmarks cifar10,cifar100,imagenet200,imagenet1k] [--seeds 0,1,2] [--out DIR] [hydra overrides ...]`
 
 Evaluation only, through the ordinary entry points: per benchmark one `ood-eval -m experiment=parity_<benchmark>
-seed=...` sweep (conf/experiment/parity_*.yaml: the released CE network, `detectors=full` (ImageNet: but gram) tuned on validation OOD
-with OpenOOD's grids, fp32), then `ood-report --reference conf/reference/openood_v1.5/<benchmark>.yaml` (the
-leaderboard's near / far AUROC, from results/*.csv of github.com/zjysteven/OpenOOD, branch leaderboard). This script
+seed=...` sweep (conf/experiment/parity_*.yaml: the released CE network, `detectors=full` tuned on validation OOD
+with OpenOOD's grids, fp32; gram cached on CIFAR and streamed on ImageNet, `gram_stream` on the leaderboard's gram
+row), then `ood-report --reference conf/reference/openood_v1.5/<benchmark>.yaml` (the leaderboard's near / far AUROC, from results/*.csv of github.com/zjysteven/OpenOOD, branch leaderboard). This script
 only checks the files first and prints the parity table from the report: per detector ours (mean ± std over the
 seeds), the leaderboard's, the difference in points and `!` where |difference| > 1.0.
 
@@ -30,6 +30,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ood import CONFIG_DIR
+from ood.detectors import reference_name
 
 REFERENCE_DIR = CONFIG_DIR / "reference" / "openood_v1.5"
 BENCHMARKS = ("cifar10", "cifar100", "imagenet200", "imagenet1k")
@@ -121,8 +122,9 @@ def parity_table(benchmark: str, rows: Sequence[dict[str, str]]) -> tuple[str, i
     lines = [f"### {benchmark} (seeds: {rows[0]['seeds'] if rows else 0}; leaderboard: {reference['source'].strip()})", "",
              "| detector | near ours | near OpenOOD | near diff | far ours | far OpenOOD | far diff |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    # a leaderboard detector that did not run here (excluded, skipped, failed) keeps its row, ours `-`
-    ran = {row["detector"] for row in rows}
+    # a leaderboard detector that did not run here (excluded, skipped, failed) keeps its row, ours `-`; one that ran
+    # under another name (gram_stream reproduces gram: `reference_name`) has its row there
+    ran = {reference_name(row["detector"]) for row in rows}
     rows = [*rows, *(reference_row(name, groups) for name, groups in reference["auroc"]["ce"].items() if name not in ran)]
     marked = 0
     for row in sorted(rows, key=lambda r: r["detector"]):

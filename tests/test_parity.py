@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import compose_config
 
 from benchmarks import parity_openood
 from benchmarks.fabricate import cifar_tree
 from ood.detectors import available_detectors
+from ood.evaluation.evaluator import Evaluator
 from ood.models import ResNet18_32x32
-from ood.report.references import load_reference
+from ood.report.references import add_reference, load_reference
 
 
 def openood_checkpoint(path: Path, seed: int) -> None:
@@ -77,8 +79,8 @@ def test_parity_runs_end_to_end_on_fabricated_files(tmp_path: Path, capsys: pyte
 
 
 def test_leaderboard_detector_that_did_not_run_keeps_its_row() -> None:
-    """ImageNet's parity runs exclude gram (and a skipped detector has no rows): the table still lists the
-    leaderboard's numbers for it, ours `-`, instead of dropping the row."""
+    """A detector excluded, skipped or failed has no rows: the table still lists the leaderboard's numbers for it,
+    ours `-`, instead of dropping the row."""
     rows = [{"detector": "knn", "seeds": "3", "near/auroc_mean": "0.9", "near/auroc_std": "0.01", "far/auroc_mean": "0.93",
              "far/auroc_std": "0.0", "ref:near/auroc_mean": "0.9064", "ref:near/auroc_std": "0.002",
              "ref:far/auroc_mean": "0.9296", "ref:far/auroc_std": "0.0014"}]
@@ -112,3 +114,29 @@ def test_a_failing_evaluation_does_not_stop_the_other_benchmarks(tmp_path: Path,
     assert "cifar10: ood-eval exited with status 1 (its error is above); no table" in err
     assert "not run or failed (listed above): cifar10\n" in err
     assert "### cifar100 (seeds: 0;" in (tmp_path / "parity" / "parity.md").read_text()
+
+
+@pytest.mark.parametrize("benchmark", parity_openood.BENCHMARKS)
+def test_gram_is_cached_on_cifar_and_streamed_on_imagenet(benchmark: str, tmp_path: Path) -> None:
+    """The presets run one form of gram each: the cached one on CIFAR, gram_stream (bounds only) on ImageNet."""
+    cfg = compose_config(tmp_path, [f"experiment=parity_{benchmark}"], config_name="eval")
+    names = [cls.name for cls in Evaluator(cfg.detectors.names, exclude=list(cfg.detectors.exclude)).detectors]
+    streamed = benchmark.startswith("imagenet")
+    assert ("gram_stream" in names, "gram" in names) == (streamed, not streamed)
+    assert "knn" in names and "mds_ensemble" in names
+
+
+def test_streamed_gram_fills_the_leaderboard_gram_row() -> None:
+    """ood-report gives gram_stream's rows the leaderboard's gram numbers (it `reproduces` gram), and the parity table
+    prints them on gram_stream's row, with no second, empty gram row."""
+    ref = load_reference(parity_openood.REFERENCE_DIR / "imagenet200.yaml")
+    entry = {"id_dataset": "imagenet200", "backbone": "resnet18", "method": "ce", "detector": "gram_stream"}
+    assert add_reference([], [entry], [ref]) == ["ref:near/auroc", "ref:far/auroc"]
+    assert entry["ref:near/auroc"] == pytest.approx((0.6767, 0.0107, 3)) and entry["ref:far/auroc"][0] == pytest.approx(0.7119)
+    row = {"detector": "gram_stream", "seeds": "3", "near/auroc_mean": "0.68", "near/auroc_std": "0.01",
+           "far/auroc_mean": "0.7", "far/auroc_std": "0.02", "ref:near/auroc_mean": "0.6767", "ref:near/auroc_std": "0.0107",
+           "ref:far/auroc_mean": "0.7119", "ref:far/auroc_std": "0.0024"}
+    table, marked = parity_openood.parity_table("imagenet200", [row])
+    lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert lines["| gram_stream"] == "| gram_stream | 68.00 ± 1.00 | 67.67 ± 1.07 | +0.33 | 70.00 ± 2.00 | 71.19 ± 0.24 | -1.19 ! |"
+    assert "| gram" not in lines and len(lines) == 1 + len(ref["auroc"]["ce"]) and marked == 1

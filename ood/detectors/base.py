@@ -107,6 +107,9 @@ class Detector:
     #: hyper-parameter name -> the values it admits (checked by `build_detector` and `set_params`; a sequence value,
     #: e.g. AdaSCALE's percentile pair, element by element)
     ranges: ClassVar[dict[str, Range]] = {}
+    #: the detector whose scores this one reproduces, by its name in published reference tables (`gram_stream`:
+    #: `gram`); None: its own name
+    reproduces: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -221,6 +224,13 @@ def hparam_names(cls: type[Detector]) -> list[str]:
     """Keyword hyper-parameters of a detector's constructor (none for detectors without `__init__`)."""
     params = inspect.signature(cls.__init__).parameters.values()
     return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def reference_name(name: str) -> str:
+    """The name reference tables list detector `name` under: what it `reproduces`, else its own (a name outside the
+    registry, e.g. a method's own score, as it is)."""
+    cls = _REGISTRY.get(name)
+    return cls.reproduces or name if cls is not None else name
 
 
 def available_detectors() -> list[str]:

@@ -3,7 +3,8 @@
 A reference file (`conf/reference/<id_dataset>.yaml`, e.g. the OpenOOD v1.5 leaderboard AUROC for CIFAR-10/100, or a
 paper table under `conf/reference/<paper>/`) gives `source`, `id_dataset`, `backbone` and
 `auroc: {method: {detector: {near|far: [mean(, std)]}}}` in %. The matching rows (same ID dataset, backbone, method
-and detector) get `ref:near/auroc` and `ref:far/auroc` columns. A file may also give FPR95 (`fpr95:`, same shape)
+and detector; a detector that `reproduces` another, e.g. `gram_stream`, matches that one's numbers) get
+`ref:near/auroc` and `ref:far/auroc` columns. A file may also give FPR95 (`fpr95:`, same shape)
 with its `fpr95_convention`: `id_positive` (ODIN / Energy / the seed papers; our `fpr95`) gives `ref:<group>/fpr95`
 columns, `ood_positive` (OpenOOD v1.5, pytorch-ood; our `fpr95_oodpos`) `ref:<group>/fpr95_oodpos`.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ood import CONFIG_DIR
+from ood.detectors import reference_name
 from ood.errors import OODError
 
 REFERENCE_DIR = CONFIG_DIR / "reference"
@@ -69,7 +71,8 @@ def add_reference(
     """Add the published near/far AUROC (and FPR95 when given) as (mean, std, runs) in [0, 1] to matching table
     entries, in place.
 
-    An entry matches a reference on `id_dataset`, `backbone`, `method` and `detector`. Returns the metric columns
+    An entry matches a reference on `id_dataset`, `backbone`, `method` and `detector` (`reference_name`: the detector it
+    reproduces, if any). Returns the metric columns
     with the matched reference columns appended (`REFERENCE_COLS` first, then FPR95 ones), else unchanged.
     """
     matched: set[str] = set()
@@ -81,7 +84,7 @@ def add_reference(
             if "fpr95" in ref:
                 metrics[FPR95_CONVENTIONS[ref["fpr95_convention"]]] = ref["fpr95"]
             for metric, numbers in metrics.items():
-                groups = ((numbers or {}).get(entry["method"]) or {}).get(entry["detector"]) or {}
+                groups = ((numbers or {}).get(entry["method"]) or {}).get(reference_name(str(entry["detector"]))) or {}
                 for group in ("near", "far"):
                     if group in groups:
                         values = [float(v) / 100 for v in groups[group]]
