@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from ood import CONFIG_DIR
-from ood.detectors import reference_name
 from ood.errors import OODError
 
 REFERENCE_DIR = CONFIG_DIR / "reference"
@@ -75,6 +74,8 @@ def add_reference(
     reproduces, if any). Returns the metric columns
     with the matched reference columns appended (`REFERENCE_COLS` first, then FPR95 ones), else unchanged.
     """
+    from ood.detectors import reference_name  # the registry, only when there are references to match
+
     matched: set[str] = set()
     for entry in table:
         for ref in references:
