@@ -31,7 +31,7 @@ maps, cuDNN's choices), a train sample's rows differ by float32 rounding between
 these passes (the 90 % and the tenth are batched apart), as the cached form's own rows do when the evaluation batch
 size changes; delta's division by |m + 1e-6| magnifies that where a bound is near 0. Measured on a random-weight
 ResNet-50 at 64 px (CPU, 80 train images, batches of 16): normalisers up to 1 % apart, scores up to 4e-4 relative
-(the cached form in batches of 16 vs 80: 6e-6); on the trained digits CNN through the evaluation: the same AUROCs.
+(the cached form in batches of 16 vs 80: 6e-6); on the trained digits CNN (`ood-eval`, CPU) the scores are bitwise equal.
 Deviations: G_lp in float32 as OpenOOD, but a chunk of samples whose p=5 products overflow float32 is recomputed in
 float64 (OpenOOD's would be inf), and the roots and deviations are float64; a layer whose held-out deviation is
 0 is normalised by 1 (OpenOOD divides by 0); a class without train samples gets the bounds [0, 0].
