@@ -113,7 +113,8 @@ class Detector:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        guards = {"fit": _finite_fit, "fit_inputs": _finite_fit, "score": _nan_for_nonfinite, "score_grid": _nan_for_nonfinite}
+        guards = {"fit": _finite_fit, "fit_inputs": _finite_fit, "fit_stream": _finite_fit, "score": _nan_for_nonfinite,
+                  "score_grid": _nan_for_nonfinite}
         for method, guard in guards.items():
             if method in cls.__dict__:
                 setattr(cls, method, guard(cls.__dict__[method]))
@@ -251,7 +252,8 @@ def relative_count(value: float, total: int) -> int:
     return int(value)
 
 
-#: named selections of the registry usable in place of a list (`detectors.names: all`)
+#: named selections of the registry usable in place of a list or inside one (`detectors.names: all`,
+#: `[full, gram_stream]`); none selects another form of a detector (`reproduces`), which only its name does
 SELECTIONS = {
     "full": "every registered detector",
     "all": "every registered detector but the `full_only` ones (slow network passes, or gram's large cache)",
@@ -263,17 +265,19 @@ DetectorRef = str | type[Detector]
 
 
 def resolve_detectors(names: str | Sequence[DetectorRef]) -> list[type[Detector]]:
-    """Detector classes from a list of names, one name, or a registry selection (`full`, `all`, `cached`); unknown names fail
-    listing the choices, and a name given twice counts once (one score, one set of rows). The one registry lookup of
-    a run: the evaluation passes the classes on."""
+    """Detector classes from one name, a registry selection (`full`, `all`, `cached`), or a list of names and
+    selections (`[full, gram_stream]`); unknown names fail listing the choices, and a detector named twice counts
+    once (one score, one set of rows). The one registry lookup of a run: the evaluation passes the classes on."""
     if isinstance(names, str):
         if names in _REGISTRY:  # one detector named alone
             return [_REGISTRY[names]]
         if names not in SELECTIONS:
             raise ConfigError(f"unknown detector selection {names!r}; choices: {list(SELECTIONS)} or a list of names")
         keep = {"full": lambda c: True, "all": lambda c: not c.full_only, "cached": lambda c: not (c.needs_model or c.full_only)}[names]
-        return [_REGISTRY[n] for n in available_detectors() if keep(_REGISTRY[n])]
-    return list(dict.fromkeys(detector_class(name) for name in names))
+        return [_REGISTRY[n] for n in available_detectors() if keep(_REGISTRY[n]) and _REGISTRY[n].reproduces is None]
+    picked = (resolve_detectors(name) if isinstance(name, str) and name in SELECTIONS else [detector_class(name)]
+              for name in names)
+    return list(dict.fromkeys(cls for group in picked for cls in group))
 
 
 def detector_class(name: DetectorRef) -> type[Detector]:
