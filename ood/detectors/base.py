@@ -187,8 +187,9 @@ def _finite_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
     a linear-algebra error, or silently finite and wrong (kNN's index, CF-OOD's and relation's references)."""
 
     @functools.wraps(fit)
-    def checked(self: Detector, bank: FeatureBank, *args: Any, **kwargs: Any) -> Any:
-        bad = int(bank.nonfinite_rows().sum())
+    def checked(self: Detector, bank: FeatureBank | None, *args: Any, **kwargs: Any) -> Any:
+        # None: a fit from network-pass statistics alone (`ModelFitted.fit_inputs` of AdaSCALE)
+        bad = 0 if bank is None else int(bank.nonfinite_rows().sum())
         if bad:
             raise NonFiniteError(f"{self.name}: {bad} of {len(bank)} rows of its fit bank hold NaN or infinite logits "
                                  "or features")
