@@ -116,6 +116,32 @@ def test_a_failing_evaluation_does_not_stop_the_other_benchmarks(tmp_path: Path,
     assert "### cifar100 (seeds: 0;" in (tmp_path / "parity" / "parity.md").read_text()
 
 
+def test_the_seeds_that_finished_still_make_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """A sweep with one failed seed (s1 out of memory, say) used to lose the benchmark's whole table: the seeds that
+    finished are reported, the failure named, the exit code 1."""
+    out = tmp_path / "parity" / "cifar10"
+
+    def evaluate(benchmark: str, *args: object) -> None:
+        for seed in ("s0", "s2"):
+            (out / seed).mkdir(parents=True)
+            (out / seed / "results.jsonl").write_text("{}\n")
+        raise subprocess.CalledProcessError(1, ["ood-eval"])
+
+    row = {"detector": "msp", "seeds": "2", "near/auroc_mean": "0.88", "near/auroc_std": "0.01",
+           "far/auroc_mean": "0.91", "far/auroc_std": "0.02", "ref:near/auroc_mean": "0.8803", "ref:near/auroc_std": "0.0025"}
+    monkeypatch.setattr(parity_openood, "missing_files", lambda *args: [])
+    monkeypatch.setattr(parity_openood, "evaluate", evaluate)
+    monkeypatch.setattr(parity_openood, "report", lambda benchmark, out: [row])
+    code = parity_openood.main(["--data-dir", str(tmp_path), "--ckpt-dir", str(tmp_path), "--benchmarks", "cifar10",
+                                "--out", str(tmp_path / "parity")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "cifar10: ood-eval exited with status 1 (its error is above); the table has the seeds that finished: s0, s2" in err
+    table = (tmp_path / "parity" / "parity.md").read_text()
+    assert "### cifar10 (seeds: 2;" in table and "| msp | 88.00 ± 1.00 | 88.03 ± 0.25 | -0.03 |" in table
+
+
 @pytest.mark.parametrize("benchmark", parity_openood.BENCHMARKS)
 def test_gram_is_cached_on_cifar_and_streamed_on_imagenet(benchmark: str, tmp_path: Path) -> None:
     """The presets run one form of gram each: the cached one on CIFAR, gram_stream (bounds only) on ImageNet."""
