@@ -24,7 +24,7 @@ from ood import CONFIG_DIR
 from ood.errors import ConfigError, OODError
 from ood.runs.checks import check_eval_dir, check_overrides
 from ood.runs.console import logs_above_bars, quiet_lightning
-from ood.utils import progress_bars
+from ood.utils import progress_bars, warnings_in_log_files
 
 #: OmegaConf errors that mean the composed config is wrong (not the code reading it)
 CONFIG_ERRORS = (ValidationError, InterpolationResolutionError, MissingMandatoryValue)
@@ -67,7 +67,8 @@ def friendly_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig],
     def wrapper(cfg: DictConfig) -> Any:
         quiet_lightning()
         try:
-            with logs_above_bars(), progress_bars(bool(OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True))):
+            with logs_above_bars(), warnings_in_log_files(), \
+                    progress_bars(bool(OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True))):
                 return task(cfg)
         except Exception as err:
             user = user_error(err)

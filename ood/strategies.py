@@ -46,6 +46,8 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.multiprocessing import ProcessExitedException
 
+from ood.utils import warnings_in_log_files
+
 #: the exit status of a rank stopped by SIGTERM, as a shell reports a process killed by it
 SIGTERM_EXIT = 128 + signal.SIGTERM
 
@@ -161,7 +163,8 @@ class _SpawnLauncher(_MultiProcessingLauncher):
     def _wrapping_function(self, process_idx: int, *args: Any, **kwargs: Any) -> None:
         _log_to(self.log_targets, self.log_level, self._strategy.node_rank * self._strategy.num_processes + process_idx)
         try:
-            super()._wrapping_function(process_idx, *args, **kwargs)
+            with warnings_in_log_files():
+                super()._wrapping_function(process_idx, *args, **kwargs)
         except SIGTERMException:  # a SystemExit of status 0, which the main process would take for a success
             sys.exit(SIGTERM_EXIT)
 

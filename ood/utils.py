@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any
@@ -34,6 +35,29 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
         if cause is not None:
             raise cause from None
         raise
+
+
+@contextlib.contextmanager
+def warnings_in_log_files() -> Iterator[None]:
+    """Python warnings (Lightning's, torch's) also written to the root logger's log files (Hydra's `train.log`) as
+    `py.warnings` records, and shown as before: they used to reach the console only. Wraps `warnings.showwarning`,
+    so `warnings.catch_warnings(record=True)` (`pytest.warns`) still records them."""
+    previous = warnings.showwarning
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        previous(message, category, filename, lineno, file, line)
+        text = f"{filename}:{lineno}: {category.__name__}: {message}"  # one line, without the source line
+        record = logging.LogRecord("py.warnings", logging.WARNING, filename, lineno, text, None, None)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def get_logger(name: str) -> logging.Logger:

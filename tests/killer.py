@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import warnings
 from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
@@ -60,7 +61,7 @@ class KillAtTest(_Kill):
 
 class LogFromRanks(Callback):
     """As training starts: an INFO line through `ood.utils.get_logger` (rank 0 only) and a warning from rank `rank`
-    alone, through a plain logger."""
+    alone, through a plain logger and as a Python warning."""
 
     def __init__(self, rank: int) -> None:
         self.rank = rank
@@ -69,3 +70,4 @@ class LogFromRanks(Callback):
         get_logger("killer.zero").info("an INFO line of rank 0")
         if trainer.global_rank == self.rank:
             logging.getLogger("killer.rank").warning("a warning of rank %d only", self.rank)
+            warnings.warn(f"a Python warning of rank {self.rank}", UserWarning, stacklevel=1)

@@ -20,6 +20,7 @@ from ood.errors import ConfigError
 from ood.evaluation.sinks import tuned_summary
 from ood.runs.checks import check_overrides
 from ood.runs.console import ProgressBar, quiet_lightning
+from ood.utils import warnings_in_log_files
 
 
 @pytest.mark.parametrize(
@@ -207,3 +208,24 @@ def test_ood_bars_follow_trainer_enable_progress_bar(enabled: bool) -> None:
     with progress(range(3), file=io.StringIO()) as bar:  # not a terminal: hidden
         shown.append(not bar.disable)
     assert shown == [enabled, True, False]
+
+
+def test_python_warnings_reach_the_log_file_and_are_still_shown(tmp_path: Path) -> None:
+    """`warnings_in_log_files` (every entry point's task): a Python warning (Lightning's are) also lands in the root
+    logger's log file (Hydra's train.log) as one `py.warnings` line; `pytest.warns`, i.e. `catch_warnings(record=True)`,
+    still records it; after the block warnings no longer go to the file."""
+    handler = logging.FileHandler(tmp_path / "train.log")
+    handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with pytest.warns(UserWarning, match="a data warning"), warnings_in_log_files():
+            warnings.warn("a data warning", UserWarning, stacklevel=1)
+        with pytest.warns(UserWarning, match="after the block"):
+            warnings.warn("after the block", UserWarning, stacklevel=1)
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("[py.warnings][WARNING] - ")
+    assert "tests/test_console.py:" in lines[0] and lines[0].endswith(": UserWarning: a data warning")
