@@ -24,6 +24,7 @@ import argparse
 import csv
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,10 +87,16 @@ def checkpoints(benchmark: str, ckpt_dir: Path, seeds: Sequence[int]) -> list[Pa
     return [ckpt_dir / RUNS[benchmark] / f"s{s}" / "best.ckpt" for s in seeds]
 
 
+def sweep_seeds(benchmark: str, seeds: Sequence[int]) -> list[int]:
+    """The seeds a benchmark's sweep runs: ImageNet-1K has one network (torchvision's)."""
+    return [0] if benchmark == "imagenet1k" else list(seeds)
+
+
 def evaluate(benchmark: str, args: argparse.Namespace, seeds: Sequence[int], out: Path) -> None:
     """`ood-eval -m experiment=parity_<benchmark>` over the seeds (one job per released network)."""
+    seeds = sweep_seeds(benchmark, seeds)
     if benchmark == "imagenet1k":
-        network, seeds = [f"backbone.weights={args.weights.resolve()}"], [0]  # one torchvision network
+        network = [f"backbone.weights={args.weights.resolve()}"]  # one torchvision network
     else:
         network = [f"ckpt_path={args.ckpt_dir.resolve() / RUNS[benchmark]}/s${{seed}}/best.ckpt"]
     cmd = [sys.executable, "-m", "ood.eval", "-m", f"experiment=parity_{benchmark}", f"paths.data_dir={args.data_dir.resolve()}",
@@ -99,9 +106,16 @@ def evaluate(benchmark: str, args: argparse.Namespace, seeds: Sequence[int], out
     subprocess.run(cmd, check=True)
 
 
-def report(benchmark: str, out: Path) -> list[dict[str, str]]:
-    """`ood-report` of the sweep beside the leaderboard; returns report.csv's rows."""
-    cmd = [sys.executable, "-m", "ood.report", str(out), "--reference", str(REFERENCE_DIR / f"{benchmark}.yaml"),
+def finished(out: Path, seeds: Sequence[int], start: float) -> list[Path]:
+    """The seed folders of a sweep into `out` with results written since `start` (not an earlier run's)."""
+    runs = [out / f"s{s}" for s in seeds]
+    return [r for r in runs if (r / "results.jsonl").is_file() and (r / "results.jsonl").stat().st_mtime >= start - 1]
+
+
+def report(benchmark: str, runs: Sequence[Path], out: Path) -> list[dict[str, str]]:
+    """`ood-report` of the sweep's seed folders `runs` beside the leaderboard, written to `out`; returns report.csv's
+    rows."""
+    cmd = [sys.executable, "-m", "ood.report", *map(str, runs), "--reference", str(REFERENCE_DIR / f"{benchmark}.yaml"),
            "--no-figures", "--out", str(out)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with (out / "report.csv").open() as f:
@@ -169,17 +183,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             failed.append(benchmark)
             continue
         out = args.out / benchmark
+        start = time.time()
         try:
             evaluate(benchmark, args, seeds, out)
         except subprocess.CalledProcessError as err:
             # a failed job of the sweep (one seed out of memory, say): the seeds that finished still make a table
-            done = sorted(p.parent.name for p in out.glob("s*/results.jsonl"))
+            done = [r.name for r in finished(out, sweep_seeds(benchmark, seeds), start)]
             print(f"{benchmark}: ood-eval exited with status {err.returncode} (its error is above); "
                   + (f"the table has the seeds that finished: {', '.join(done)}" if done else "no table"), file=sys.stderr)
             failed.append(benchmark)
-            if not done:
-                continue
-        table, marked = parity_table(benchmark, report(benchmark, out))
+        runs = finished(out, sweep_seeds(benchmark, seeds), start)
+        if not runs:
+            if benchmark not in failed:
+                print(f"{benchmark}: ood-eval wrote no results.jsonl under {out}; no table", file=sys.stderr)
+                failed.append(benchmark)
+            continue
+        table, marked = parity_table(benchmark, report(benchmark, runs, out))
         tables.append(table)
         print(f"\n{table}\n({marked} differences beyond {MARK} point marked '!')\n", flush=True)
     if tables:

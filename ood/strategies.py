@@ -202,8 +202,9 @@ class DDPStrategy(_DDPStrategy):
     def _stop_if_terminated(self) -> None:
         """Raise `SIGTERMException` on every rank once any rank has received SIGTERM: a collective, called by all
         ranks before the same step."""
-        flags = self.reduce(torch.tensor(float(self.received_sigterm), device=self.root_device), reduce_op="sum")
-        if flags.item() > 0:
+        flag = torch.tensor(float(self.received_sigterm), device=self.root_device)
+        torch.distributed.all_reduce(flag)  # a sum, without the barrier Lightning's `reduce` puts before it
+        if flag.item() > 0:
             raise SIGTERMException
 
     # Lightning installs its handler as a stage starts (`Trainer._run`), just before these hooks

@@ -45,8 +45,8 @@ class KillAt(_Kill):
 
 
 class KillAtTest(_Kill):
-    """Send `signum` (default SIGKILL) after batch `batch` (0-based) of the first evaluation loader, to `to` (module
-    doc)."""
+    """Send `signum` (default SIGKILL) after batch `batch` (0-based) of the first evaluation loader, or with `batch=-1`
+    after the last batch of the last one (so it reaches the evaluation after the pass), to `to` (module doc)."""
 
     def __init__(self, batch: int, signum: int = signal.SIGKILL, to: str = "self") -> None:
         super().__init__(signum, to)
@@ -55,7 +55,8 @@ class KillAtTest(_Kill):
     def on_test_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if (dataloader_idx, batch_idx) == (0, self.batch):
+        last = (len(trainer.num_test_batches) - 1, trainer.num_test_batches[-1] - 1)
+        if (dataloader_idx, batch_idx) == ((0, self.batch) if self.batch >= 0 else last):
             self._send(trainer)
 
 

@@ -42,8 +42,9 @@ def test_sigterm_stops_all_ranks_in_training_and_in_the_evaluation_pass(tmp_path
     handler broadcast from inside the signal handler, so ranks signalled at different points waited on each other
     for ever, and the main process died at once without FAILED.txt, leaving its ranks behind. Now the run exits 143
     with FAILED.txt and its epoch-0 checkpoint complete. Evaluating that checkpoint, SIGTERM to the main process only
-    (`scancel --signal=TERM --batch`) in the evaluation pass is passed on to the ranks, which stop together: 143 and
-    "rerun the evaluation". The training run's `train.log` (Hydra's, in the main process) has rank 1's warning and its
+    (`scancel --signal=TERM --batch`) after the evaluation pass is passed on to the ranks; rank 0 stops its evaluation
+    (ODIN's network passes) and tells the others, and they stop together: 143 and "rerun the evaluation" (it used to
+    finish and exit 0, or meet the scheduler's SIGKILL with nothing recorded). The training run's `train.log` (Hydra's, in the main process) has rank 1's warning and its
     Python warning, marked `[rank 1]`, and rank 0's lines once: spawned ranks logged to the console only. (`ckpt_path=last` then resumes such
     a run to the results of an uninterrupted one, weights and CSV log: checked by hand, two more DDP runs being too
     slow for the suite; tests/test_resume.py checks the resume on one process.)"""
@@ -65,9 +66,9 @@ def test_sigterm_stops_all_ranks_in_training_and_in_the_evaluation_pass(tmp_path
     assert sum(line.endswith("[killer.zero][INFO] - an INFO line of rank 0") for line in log) == 1, log
 
     with pytest.raises(SystemExit) as stop:
-        run_config(tmp_path / "eval", ["trainer=ddp_cpu", f"ckpt_path={ckpt}", "detectors.names=[msp]",
+        run_config(tmp_path / "eval", ["trainer=ddp_cpu", f"ckpt_path={ckpt}", "detectors.names=[msp,odin]",
                                        "data.eval_batch_size=64", "trainer.enable_progress_bar=false", "logger=none",
-                                       "+callbacks.kill._target_=killer.KillAtTest", "+callbacks.kill.batch=0",
+                                       "+callbacks.kill._target_=killer.KillAtTest", "+callbacks.kill.batch=-1",
                                        f"+callbacks.kill.{SIGTERM}", "+callbacks.kill.to=main"], config_name="eval")
     assert stop.value.code == 128 + signal.SIGTERM
     assert (tmp_path / "eval" / "FAILED.txt").read_text() == "SIGTERMException: terminated by SIGTERM; rerun the evaluation\n"

@@ -107,6 +107,18 @@ def test_nonfinite_rows_score_nan_and_stop_the_fit(name: str, synthetic: dict[st
         build_detector(name).fit(replace(fit_bank, features=fit_features))
 
 
+def test_the_finite_check_sees_writes_into_a_checked_bank(synthetic: dict[str, FeatureBank]) -> None:
+    """The check remembers a finite bank, but not past an in-place write into its tensors: a row made infinite after
+    a first score scores NaN, and the fit refuses the bank (a stale memo let both through)."""
+    bank = replace(synthetic["train"], logits=synthetic["train"].logits.clone())
+    msp = build_detector("msp")
+    assert bool(msp.score(bank).isfinite().all())
+    bank.logits[0, 0] = torch.inf
+    assert bool(msp.score(bank)[0].isnan()) and bool(msp.score(bank)[1:].isfinite().all())
+    with pytest.raises(NonFiniteError, match="^mahalanobis: 1 of"):
+        build_detector("mahalanobis").fit(bank)
+
+
 @pytest.mark.parametrize("name", available_detectors())
 def test_declared_hyperparameters_are_consistent(name: str) -> None:
     """Grid and score-only keys are constructor hyper-parameters, and every default lies on the grid."""

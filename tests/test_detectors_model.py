@@ -507,6 +507,17 @@ def test_gram_stream_fit_passes_visit_each_train_row_once(tiny: dict[str, Any]) 
     assert [sum(map(int, part.split())) for part in images] == [240 - 24, 24]
 
 
+def test_gram_stream_refuses_a_model_score_function_without_rows(tiny: dict[str, Any]) -> None:
+    """A user's model-score function of the older form `(det, split)` cannot give the chosen rows: gram_stream is not
+    applicable (the run skips it and says why) instead of a TypeError ending the whole scoring."""
+
+    def two(det: Detector, split: str) -> torch.Tensor:
+        raise AssertionError("not called")
+
+    with pytest.raises(DetectorNotApplicable, match=r"the model-score function given takes no rows \(det, split, rows\)"):
+        fit_detector("gram_stream", {}, tiny["banks"], tune=False, model_scores=two)
+
+
 def test_gram_rows_float32_and_overflow_fall_back_to_float64() -> None:
     """The row sums without the [C, C] product equal the textbook Gram rows (float64 reference): to float32 precision
     normally, and exactly (float64) for a chunk whose p=5 products overflow float32."""

@@ -5,6 +5,7 @@ OpenOOD's release."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -103,10 +104,13 @@ def test_a_failing_evaluation_does_not_stop_the_other_benchmarks(tmp_path: Path,
         ran.append(benchmark)
         if benchmark == "cifar10":
             raise subprocess.CalledProcessError(1, ["ood-eval"])
+        for seed in ("s0", "s1", "s2"):
+            (tmp_path / "parity" / benchmark / seed).mkdir(parents=True)
+            (tmp_path / "parity" / benchmark / seed / "results.jsonl").write_text("{}\n")
 
     monkeypatch.setattr(parity_openood, "missing_files", lambda *args: [])
     monkeypatch.setattr(parity_openood, "evaluate", evaluate)
-    monkeypatch.setattr(parity_openood, "report", lambda benchmark, out: [])
+    monkeypatch.setattr(parity_openood, "report", lambda benchmark, runs, out: [])
     code = parity_openood.main(["--data-dir", str(tmp_path), "--ckpt-dir", str(tmp_path), "--benchmarks",
                                 "cifar10,cifar100", "--out", str(tmp_path / "parity")])
     err = capsys.readouterr().err
@@ -119,8 +123,14 @@ def test_a_failing_evaluation_does_not_stop_the_other_benchmarks(tmp_path: Path,
 def test_the_seeds_that_finished_still_make_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture) -> None:
     """A sweep with one failed seed (s1 out of memory, say) used to lose the benchmark's whole table: the seeds that
-    finished are reported, the failure named, the exit code 1."""
+    finished are reported, the failure named, the exit code 1. An earlier run's results in the same folder (s1 here,
+    and s3, a seed not asked for now) are not taken for this run's."""
     out = tmp_path / "parity" / "cifar10"
+    for seed in ("s1", "s3"):
+        (out / seed).mkdir(parents=True)
+        (out / seed / "results.jsonl").write_text("{}\n")
+        os.utime(out / seed / "results.jsonl", (0, 0))
+    reported: list[list[str]] = []
 
     def evaluate(benchmark: str, *args: object) -> None:
         for seed in ("s0", "s2"):
@@ -128,16 +138,21 @@ def test_the_seeds_that_finished_still_make_the_table(tmp_path: Path, monkeypatc
             (out / seed / "results.jsonl").write_text("{}\n")
         raise subprocess.CalledProcessError(1, ["ood-eval"])
 
+    def report(benchmark: str, runs: list[Path], out: Path) -> list[dict[str, str]]:
+        reported.append([r.name for r in runs])
+        return [row]
+
     row = {"detector": "msp", "seeds": "2", "near/auroc_mean": "0.88", "near/auroc_std": "0.01",
            "far/auroc_mean": "0.91", "far/auroc_std": "0.02", "ref:near/auroc_mean": "0.8803", "ref:near/auroc_std": "0.0025"}
     monkeypatch.setattr(parity_openood, "missing_files", lambda *args: [])
     monkeypatch.setattr(parity_openood, "evaluate", evaluate)
-    monkeypatch.setattr(parity_openood, "report", lambda benchmark, out: [row])
+    monkeypatch.setattr(parity_openood, "report", report)
     code = parity_openood.main(["--data-dir", str(tmp_path), "--ckpt-dir", str(tmp_path), "--benchmarks", "cifar10",
                                 "--out", str(tmp_path / "parity")])
     err = capsys.readouterr().err
     assert code == 1
     assert "cifar10: ood-eval exited with status 1 (its error is above); the table has the seeds that finished: s0, s2" in err
+    assert reported == [["s0", "s2"]]
     table = (tmp_path / "parity" / "parity.md").read_text()
     assert "### cifar10 (seeds: 2;" in table and "| msp | 88.00 ± 1.00 | 88.03 ± 0.25 | -0.03 |" in table
 

@@ -54,7 +54,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
 def test_sigterm_ends_the_run_as_failed_and_it_resumes(tmp_path: Path) -> None:
     """Lightning answers SIGTERM with a SystemExit of status 0 at the next training step: the run exits 143 (killed
     by SIGTERM) and leaves FAILED.txt, not a silent success without results; `ckpt_path=last` then finishes it. An
-    `ood-eval` stopped in its evaluation pass likewise."""
+    `ood-eval` stopped in its evaluation pass likewise, and one stopped after it, in the evaluation itself."""
     with pytest.raises(SystemExit) as stop:
         run_config(tmp_path, [*RUN, "+callbacks.kill._target_=killer.KillAt", "+callbacks.kill.epoch=1",
                               "+callbacks.kill.batch=0", f"+callbacks.kill.signum={int(signal.SIGTERM)}"])
@@ -71,6 +71,14 @@ def test_sigterm_ends_the_run_as_failed_and_it_resumes(tmp_path: Path) -> None:
                                        f"+callbacks.kill.signum={int(signal.SIGTERM)}"], config_name="eval")
     assert stop.value.code == 128 + signal.SIGTERM
     assert (tmp_path / "eval" / "FAILED.txt").read_text() == "SIGTERMException: terminated by SIGTERM; rerun the evaluation\n"
+    # after the pass, in the evaluation (ODIN's network passes, hours on ImageNet): it stopped only once done
+    with pytest.raises(SystemExit) as stop:
+        run_config(tmp_path / "late", [*RUN, f"ckpt_path={tmp_path}", "detectors.names=[msp,odin]",
+                                       "+callbacks.kill._target_=killer.KillAtTest", "+callbacks.kill.batch=-1",
+                                       f"+callbacks.kill.signum={int(signal.SIGTERM)}"], config_name="eval")
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert (tmp_path / "late" / "FAILED.txt").read_text() == "SIGTERMException: terminated by SIGTERM; rerun the evaluation\n"
+    assert not (tmp_path / "late" / "results.jsonl").exists()
 
 
 def test_resume_with_other_max_epochs_is_refused(tmp_path: Path) -> None:

@@ -56,6 +56,14 @@ def test_a_sweep_with_the_subprocess_ddp_launcher_is_refused(tmp_path: Path) -> 
     check_launch(compose_config(tmp_path, ["trainer=ddp"]), multirun=False)
     check_launch(compose_config(tmp_path, ["trainer=ddp", "trainer.strategy.start_method=spawn"]), multirun=True)
     check_launch(compose_config(tmp_path, ["trainer=ddp_cpu"]), multirun=True)
+    # Lightning's strategy names: its subprocess-launched variants are refused too, spawned and forked ones pass
+    for name, refused in (("ddp_find_unused_parameters_true", True), ("ddp_spawn", False), ("ddp_fork", False)):
+        cfg = compose_config(tmp_path, [f"+trainer.strategy={name}"])
+        if refused:
+            with pytest.raises(ConfigError, match="cannot run inside a Hydra multirun"):
+                check_launch(cfg, multirun=True)
+        else:
+            check_launch(cfg, multirun=True)
 
 
 def test_eval_accepts_a_run_folder(tmp_path: Path) -> None:

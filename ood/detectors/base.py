@@ -86,7 +86,8 @@ NON_NEGATIVE = Range(0)
 
 
 class Detector:
-    """Base class. Subclasses set `name` and implement `score` (and `fit` when they need ID statistics)."""
+    """Base class. Subclasses set `name` and implement `score` (and `fit` when they need ID statistics); a row's score
+    depends on that row and the fitted statistics only, never on the other rows scored with it."""
 
     name: ClassVar[str]
     fit_split: ClassVar[Literal["train", "val"]] = "train"
@@ -187,13 +188,15 @@ def _finite_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
     a linear-algebra error, or silently finite and wrong (kNN's index, CF-OOD's and relation's references)."""
 
     @functools.wraps(fit)
-    def checked(self: Detector, bank: FeatureBank | None, *args: Any, **kwargs: Any) -> Any:
-        # None: a fit from network-pass statistics alone (`ModelFitted.fit_inputs` of AdaSCALE)
-        bad = 0 if bank is None else int(bank.nonfinite_rows().sum())
+    def checked(self: Detector, *args: Any, **kwargs: Any) -> Any:
+        # the bank: first argument, or by keyword; anything else (None: AdaSCALE fitted from its network-pass
+        # statistics alone) is not checked
+        bank = args[0] if args else kwargs.get("bank")
+        bad = int(bank.nonfinite_rows().sum()) if isinstance(bank, FeatureBank) else 0
         if bad:
             raise NonFiniteError(f"{self.name}: {bad} of {len(bank)} rows of its fit bank hold NaN or infinite logits "
                                  "or features")
-        return fit(self, bank, *args, **kwargs)
+        return fit(self, *args, **kwargs)
 
     return checked
 
@@ -205,10 +208,10 @@ def _nan_for_nonfinite(score: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(score)
     def guarded(self: Detector, bank: FeatureBank, *args: Any, **kwargs: Any) -> Any:
-        bad = bank.nonfinite_rows()
-        if not bool(bad.any()):
+        bad = bank.nonfinite_rows() if isinstance(bank, FeatureBank) else None
+        if bad is None or not bool(bad.any()):
             return score(self, bank, *args, **kwargs)
-        out = score(self, bank.subset(~bad), *args, **kwargs)
+        out = score(self, bank.subset(~bad), *args, **kwargs)  # rows are scored independently of each other
 
         def spread(s: torch.Tensor | None) -> torch.Tensor | None:
             if s is None:
@@ -256,7 +259,7 @@ def relative_count(value: float, total: int) -> int:
 #: named selections of the registry usable in place of a list or inside one (`detectors.names: all`,
 #: `[full, gram_stream]`); none selects another form of a detector (`reproduces`), which only its name does
 SELECTIONS = {
-    "full": "every registered detector",
+    "full": "every registered detector (but another form of one)",
     "all": "every registered detector but the `full_only` ones (slow network passes, or gram's large cache)",
     "cached": "the detectors of `all` that score from the cache alone (no odin, no network pass)",
 }

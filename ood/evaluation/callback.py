@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Subset
 
 from ood.data.benchmark import EvalSplit, OODDataModule
@@ -36,6 +37,9 @@ from ood.features.collector import (
 from ood.features.reduce import sync_reducers
 from ood.methods.base import OODMethod
 from ood.utils import progress
+
+#: what global rank 0 broadcasts when SIGTERM stopped its evaluation: every rank then stops as by SIGTERM
+STOPPED = "evaluation stopped by SIGTERM"
 
 
 class OODEvaluation(Callback):
@@ -177,7 +181,9 @@ class OODEvaluation(Callback):
             error: Exception | None = None
             if banks is not None:
                 try:
-                    outcome = self._evaluate(datamodule, pl_module, banks)
+                    outcome = self._evaluate(datamodule, pl_module, banks, lambda: stop_if_terminated(trainer))
+                except SIGTERMException:
+                    outcome = STOPPED  # every rank stops below, once they know
                 except Exception as err:  # noqa: BLE001 - re-raised below, once the other ranks know
                     outcome, error = f"evaluation failed on global rank 0: {err!r}", err
                 del banks
@@ -186,6 +192,8 @@ class OODEvaluation(Callback):
             release_group(group)
             if spill is not None:
                 shutil.rmtree(spill, ignore_errors=True)
+        if outcome == STOPPED:
+            raise SIGTERMException
         if error is not None:
             raise error
         if isinstance(outcome, str):
@@ -195,14 +203,21 @@ class OODEvaluation(Callback):
         for sink in self.sinks:
             sink.write(self.result, trainer, pl_module)
 
-    def _evaluate(self, datamodule: OODDataModule, pl_module: OODMethod, banks: dict[str, FeatureBank]) -> EvaluationResult:
+    def _evaluate(
+        self, datamodule: OODDataModule, pl_module: OODMethod, banks: dict[str, FeatureBank], stop: Callable[[], None]
+    ) -> EvaluationResult:
+        """The evaluation on global rank 0; `stop()` raises `SIGTERMException` once SIGTERM came, checked before it
+        starts and at every batch of its network passes (hours on ImageNet: a scheduler's SIGKILL would otherwise
+        end it with nothing recorded)."""
+        stop()
         splits = datamodule.eval_splits
         loaders = dict(zip([s.name for s in splits], datamodule.test_dataloader()))
         banks, notes = datamodule.screen(banks)  # e.g. ID/OOD duplicates listed, or dropped before the metrics
 
         def model_scores(det: Detector, split: str, rows: torch.Tensor | None = None) -> torch.Tensor:
             # the bank's rows are the dataset rows a screen kept, when it dropped some
-            return self._model_scores(det, pl_module, loaders[split], banks[split].index, rows, desc=f"network pass over {split}")
+            return self._model_scores(det, pl_module, loaders[split], banks[split].index, rows,
+                                      desc=f"network pass over {split}", stop=stop)
 
         result = self.evaluator.evaluate(
             pl_module,
@@ -225,6 +240,7 @@ class OODEvaluation(Callback):
         index: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
         desc: str = "network pass",
+        stop: Callable[[], None] = lambda: None,
     ) -> torch.Tensor:
         """Scores of an input-perturbing detector (an extra pass for it alone, with gradients enabled) on the bank's
         rows, or with `rows` on those bank rows only, in that order (the loader's dataset restricted to them);
@@ -235,11 +251,19 @@ class OODEvaluation(Callback):
         chunks = []
         with torch.inference_mode(False), torch.enable_grad():
             for batch in progress(loader, desc=desc):
+                stop()
                 chunks.append(det.score_inputs(pl_module, batch.x.to(pl_module.device)).detach())
         scores = torch.cat(chunks)
         if rows is not None or index is None or len(index) == len(scores):
             return scores
         return scores[index.to(scores.device)]
+
+
+def stop_if_terminated(trainer: Trainer) -> None:
+    """Raise `SIGTERMException` when this process was sent SIGTERM: Lightning's flag, or under ood's `DDPStrategy`
+    (which replaces Lightning's handler) the strategy's."""
+    if trainer.received_sigterm or getattr(trainer.strategy, "received_sigterm", False):
+        raise SIGTERMException
 
 
 def rows_loader(loader: DataLoader, dataset_rows: torch.Tensor) -> DataLoader:

@@ -11,6 +11,7 @@ its accuracy is OpenOOD's `csid_acc`, the correct predictions over the ID test a
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -182,6 +183,11 @@ def _fit(det: Detector, split: str, banks: Mapping[str, FeatureBank], model_scor
         raise DetectorNotApplicable("it fits from network passes, and no model was given")
     if isinstance(det, ModelFitted):
         return det.fit_inputs(banks[split], model_scores(FitInputs(det), split))
+    try:
+        inspect.signature(model_scores).bind(det, split, None)
+    except TypeError:
+        raise DetectorNotApplicable("it fits from passes over chosen rows, and the model-score function given takes "
+                                    "no rows (det, split, rows)") from None
 
     def run(fold: Fold, rows: torch.Tensor) -> None:
         inputs = FoldInputs(fold, rows)

@@ -26,8 +26,9 @@ class FeatureBank:
     bias: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     index: torch.Tensor | None = None
-    #: set once `nonfinite_rows` found every row finite, so later checks of the same bank cost nothing
-    _all_finite: bool = field(default=False, init=False, repr=False, compare=False)
+    #: the (object, version) of logits and features when `nonfinite_rows` last found every row finite: later checks
+    #: of the same, unchanged tensors cost nothing (an in-place write bumps the version and they are scanned again)
+    _finite_as_of: tuple[int, int, int, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = self.logits.shape[0]
@@ -45,14 +46,17 @@ class FeatureBank:
 
     def nonfinite_rows(self) -> torch.Tensor:
         """[N] bool: rows whose logits or penultimate features hold NaN or +-inf. Row chunk by row chunk, so a
-        memory-mapped bank is not copied; remembered once every row is finite."""
+        memory-mapped bank is not copied; remembered while the tensors stay as they were when every row was finite."""
         n = len(self)
-        if self._all_finite:
+        # tensors carry a version that in-place writes bump; a lazy row view (`NormalisedRows`) is not remembered
+        versions = [getattr(t, "_version", None) for t in (self.logits, self.features)]
+        state = None if None in versions else (id(self.logits), versions[0], id(self.features), versions[1])
+        if state is not None and self._finite_as_of == state:
             return torch.zeros(n, dtype=torch.bool, device=self.logits.device)
         chunks = [slice(start, min(start + ROW_CHUNK, n)) for start in range(0, n, ROW_CHUNK)]
         bad = torch.cat([~(torch.isfinite(self.logits[rows]).all(1) & torch.isfinite(self.features[rows]).flatten(1).all(1))
                          for rows in chunks]) if n else torch.zeros(0, dtype=torch.bool, device=self.logits.device)
-        self._all_finite = not bool(bad.any())
+        self._finite_as_of = None if bool(bad.any()) else state
         return bad
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor]:

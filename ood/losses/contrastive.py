@@ -4,8 +4,8 @@ Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020 (arXiv 2004.11362
 https://github.com/HobbitLong/SupContrast `losses.py`; SimCLR (Chen et al., ICML 2020, arXiv 2002.05709) is the
 same loss with every sample its own class. Given a `base_temperature`, the loss is scaled by `temperature /
 base_temperature` as SupContrast's `SupConLoss` (`main_supcon.py` keeps its base 0.07 and passes only the
-temperature, so at OODformer's 0.1 the loss is x1.43, at SimCLR's 0.5 x7.1: with SGD a learning-rate factor;
-`method=cluster` passes SupContrast's 0.07); without one it is the paper's L^sup_out. Deviation: anchors without any
+temperature, so at OODformer's 0.1 the loss is x1.43, at SimCLR's 0.5 x7.1: under SGD a learning-rate factor,
+weight decay aside; `method=cluster` passes SupContrast's 0.07); without one it is the paper's L^sup_out. Deviation: anchors without any
 positive are left out of the mean instead of counting as 0 (never happens with two views).
 
 Under DDP the loss is taken over the global batch: every rank gathers all ranks' embeddings (with gradients) as

@@ -73,10 +73,11 @@ def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> 
 
 
 def _reexecutes_per_rank(strategy: Any) -> bool:
-    """Whether `trainer.strategy` starts its ranks by re-executing the command line: Lightning's `ddp`, or a
+    """Whether `trainer.strategy` starts its ranks by re-executing the command line: Lightning's `ddp` (and its
+    `find_unused_parameters` variants), or a
     `DDPStrategy` node with the start method `popen` (its default)."""
-    if isinstance(strategy, str):
-        return strategy == "ddp"
+    if isinstance(strategy, str):  # "ddp", "ddp_find_unused_parameters_true", ...; not ddp_spawn, ddp_fork, ddp_notebook
+        return strategy.startswith("ddp") and not any(m in strategy for m in ("spawn", "fork", "notebook"))
     return (isinstance(strategy, Mapping) and str(strategy.get("_target_", "")).endswith("DDPStrategy")
             and strategy.get("start_method", "popen") == "popen")
 
