@@ -64,21 +64,16 @@ def test_sigterm_ends_the_run_as_failed_and_it_resumes(tmp_path: Path) -> None:
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 0
     assert {r["detector"] for r in run_config(tmp_path, [*RUN, "ckpt_path=last"])} == {"msp", "energy"}
     assert not (tmp_path / "FAILED.txt").exists()
-    # the evaluation pass of `ood-eval` stops at the next batch too: rerun it, there is nothing to resume
-    with pytest.raises(SystemExit) as stop:
-        run_config(tmp_path / "eval", [*RUN, f"ckpt_path={tmp_path}", "data.eval_batch_size=64",
-                                       "+callbacks.kill._target_=killer.KillAtTest", "+callbacks.kill.batch=0",
-                                       f"+callbacks.kill.signum={int(signal.SIGTERM)}"], config_name="eval")
-    assert stop.value.code == 128 + signal.SIGTERM
-    assert (tmp_path / "eval" / "FAILED.txt").read_text() == "SIGTERMException: terminated by SIGTERM; rerun the evaluation\n"
-    # after the pass, in the evaluation (ODIN's network passes, hours on ImageNet): it stopped only once done
-    with pytest.raises(SystemExit) as stop:
-        run_config(tmp_path / "late", [*RUN, f"ckpt_path={tmp_path}", "detectors.names=[msp,odin]",
-                                       "+callbacks.kill._target_=killer.KillAtTest", "+callbacks.kill.batch=-1",
-                                       f"+callbacks.kill.signum={int(signal.SIGTERM)}"], config_name="eval")
-    assert stop.value.code == 128 + signal.SIGTERM
-    assert (tmp_path / "late" / "FAILED.txt").read_text() == "SIGTERMException: terminated by SIGTERM; rerun the evaluation\n"
-    assert not (tmp_path / "late" / "results.jsonl").exists()
+    # `ood-eval` stops in its evaluation pass at the next batch too, and after the pass in the evaluation itself
+    # (ODIN's network passes, hours on ImageNet: it stopped only once done): rerun it, there is nothing to resume
+    for folder, batch, extra in (("eval", 0, "data.eval_batch_size=64"), ("late", -1, "detectors.names=[msp,odin]")):
+        with pytest.raises(SystemExit) as stop:
+            run_config(tmp_path / folder, [*RUN, f"ckpt_path={tmp_path}", extra, "+callbacks.kill._target_=killer.KillAtTest",
+                                           f"+callbacks.kill.batch={batch}", f"+callbacks.kill.signum={int(signal.SIGTERM)}"],
+                       config_name="eval")
+        assert stop.value.code == 128 + signal.SIGTERM
+        assert (tmp_path / folder / "FAILED.txt").read_text() == "SIGTERMException: terminated by SIGTERM; rerun the evaluation\n"
+        assert not (tmp_path / folder / "results.jsonl").exists()
 
 
 def test_resume_with_other_max_epochs_is_refused(tmp_path: Path) -> None:
