@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -82,6 +83,21 @@ def test_resume_with_other_max_epochs_is_refused(tmp_path: Path) -> None:
     torch.save({"hyper_parameters": {"config": {"trainer.max_epochs": 3}}}, ckpt)
     with pytest.raises(ConfigError, match=r"trained for trainer.max_epochs=3; resuming with trainer.max_epochs=5"):
         run(compose_config(tmp_path / "new", [*FAST, "trainer.max_epochs=5", f"ckpt_path={tmp_path}"]))
+
+
+def test_resume_of_a_checkpoint_predating_a_key_names_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint of an older version lacks a key added since (cluster's `method.base_temperature`): the resume is
+    not refused, but a warning names the key and the value the resumed epochs run with."""
+    ckpt = tmp_path / "old" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    cluster = [*FAST, "method=cluster", "method.objective=supcon", "trainer.max_epochs=5"]
+    stored = flat_config(compose_config(tmp_path / "old", cluster))
+    del stored["method.base_temperature"]
+    torch.save({"hyper_parameters": {"config": stored}}, ckpt)
+    with caplog.at_level(logging.WARNING, logger="ood.runs.checks"):
+        check_run(compose_config(tmp_path / "new", [*cluster, f"ckpt_path={ckpt}"]), str(ckpt))
+    assert caplog.messages == [f"checkpoint {ckpt} predates method.base_temperature=0.07: the resumed epochs run with "
+                               "these values, the earlier ones did without them"]
 
 
 def test_resume_with_another_configuration_is_refused(tmp_path: Path) -> None:

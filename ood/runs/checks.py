@@ -24,6 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from ood.errors import ConfigError
 from ood.runs.checkpoints import checkpoint_config
 from ood.runs.identity import flat_config, flatten, identity, seed_keys
+from ood.utils import get_logger
+
+log = get_logger(__name__)
 
 
 def check_run(cfg: DictConfig, ckpt_path: str | None) -> None:
@@ -54,8 +57,9 @@ def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> 
     (`ood.runs.identity`: method, backbone, data, epochs; not folders or loader plumbing). Lightning restores the
     weights, optimizer, schedule and RNG from the checkpoint: a changed optimizer setting would not be used, a changed
     data or preprocessing key would apply from the resumed epoch on, and either way the run would record only the new
-    values. Keys only one side has (added by a newer version) are not compared; a checkpoint without a stored config
-    (another framework's) is not checked."""
+    values. Keys only one side has are not compared; those only this configuration has (added by a newer version, e.g.
+    `method.base_temperature`) are named in a warning, since the resumed epochs run with them and the earlier ones did
+    not; a checkpoint without a stored config (another framework's) is not checked."""
     if not stored:
         return
     seeded = seed_keys(cfg)
@@ -70,6 +74,11 @@ def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> 
             "optimizer and schedule, so the finished run would follow neither configuration yet be recorded as the new "
             "one. Resume with the checkpoint's settings, or start a new run (another hydra.run.dir, without ckpt_path)"
         )
+    new = sorted(now.keys() - then.keys())
+    if new:
+        shown = ", ".join(f"{k}={now[k]}" for k in new[:4]) + (f" and {len(new) - 4} more" if len(new) > 4 else "")
+        log.warning("checkpoint %s predates %s: the resumed epochs run with these values, the earlier ones did without "
+                    "them", ckpt_path, shown)
 
 
 def _reexecutes_per_rank(strategy: Any) -> bool:
