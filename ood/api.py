@@ -295,7 +295,8 @@ def evaluate(
             (folders, `{imglist, images}` lists, Datasets).
         ood_data: `{near: {name: source}, far: {name: source}, val: source, csid: {name: source}}`, `{name: source}`
             or a list; `csid`: covariate-shifted ID sets (class folders or labelled lists, as the ID test split).
-        detectors: `all`, `cached` (all but the input-perturbing ones), `fast`, `none` or a list of names.
+        detectors: `all`, `full` (adds the slow network-pass ones), `cached` (all but the input-perturbing ones),
+            `fast`, `none`, or a list of names and selections (`["full", "gram_stream"]`).
         method: a post-hoc method config (`grood`, `cluster`, ...) scored beside the detectors; None: `ce`.
         transform: a torchvision transform for every split; None: the model's timm data config, else `data`'s
             `image_size` / `resize` / `mean` / `std`, else ImageNet's defaults.
