@@ -207,7 +207,13 @@ class DDPStrategy(_DDPStrategy):
         if flag.item() > 0:
             raise SIGTERMException
 
-    # Lightning installs its handler as a stage starts (`Trainer._run`), just before these hooks
+    # Lightning installs its handler as a stage starts (`Trainer._run`), just before its "run-stage" barrier: ours goes
+    # in there, before data loaders and callbacks' `on_*_start` run; the stage hooks put it back should that change
+    def barrier(self, name: str | None = None) -> None:
+        if name == "run-stage":
+            _on_sigterm(self._note_sigterm)
+        super().barrier(name)
+
     def on_train_start(self) -> None:
         super().on_train_start()
         _on_sigterm(self._note_sigterm)

@@ -14,6 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import run_config
+from lightning import Trainer
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.strategies import SingleDeviceStrategy
+
+from ood.strategies import DDPStrategy
 
 TESTS = Path(__file__).parent
 #: a short 2-rank training: 2 epochs of 4 steps, no evaluation
@@ -73,3 +78,28 @@ def test_sigterm_stops_all_ranks_in_training_and_in_the_evaluation_pass(tmp_path
     assert stop.value.code == 128 + signal.SIGTERM
     assert (tmp_path / "eval" / "FAILED.txt").read_text() == "SIGTERMException: terminated by SIGTERM; rerun the evaluation\n"
     assert not (tmp_path / "eval" / "results.jsonl").exists()
+
+
+def test_our_sigterm_handler_goes_in_at_the_run_stage_barrier() -> None:
+    """Lightning registers its SIGTERM handler (a collective inside the handler) just before the "run-stage" barrier
+    that opens every stage (checked here on the installed Lightning), and ood's DDPStrategy replaces it at that
+    barrier: before the data loaders and callbacks' `on_*_start` run, where a SIGTERM to one rank still deadlocked."""
+    seen: dict[str, object] = {}
+
+    class Spy(SingleDeviceStrategy):
+        def barrier(self, name: str | None = None) -> None:
+            if name == "run-stage":
+                seen["handler"] = signal.getsignal(signal.SIGTERM)
+            super().barrier(name)
+
+    trainer = Trainer(strategy=Spy("cpu"), max_steps=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(BoringModel())
+    assert type(seen["handler"]).__name__ == "_HandlersCompose"  # Lightning's, installed by then
+    previous = signal.getsignal(signal.SIGTERM)
+    strategy = DDPStrategy()
+    try:
+        strategy.barrier("run-stage")  # no process group here: only the handler goes in
+        assert signal.getsignal(signal.SIGTERM) == strategy._note_sigterm
+    finally:
+        signal.signal(signal.SIGTERM, previous)
