@@ -93,3 +93,11 @@ def test_eval_config_requires_checkpoint(tmp_path: Path) -> None:
         run(compose_config(tmp_path, [], config_name="eval"))
     # the job's folder names its error for ood-report (not "still running or killed")
     assert (tmp_path / "FAILED.txt").read_text().startswith("ConfigError: evaluation without training needs a checkpoint")
+
+
+def test_help_says_reference_is_not_a_run_choice(tmp_path: Path) -> None:
+    """`--help` lists every conf/ folder as a group, reference/ included; its footer says what reference/ is for
+    (ood-report's published numbers, not a choice for a run)."""
+    for config_name in ("train", "eval"):
+        footer = compose_config(tmp_path, [], config_name=config_name).hydra.help.footer
+        assert footer.startswith("reference/*: published AUROC / FPR95 that ood-report prints"), footer
