@@ -295,7 +295,7 @@ def evaluate(
             (folders, `{imglist, images}` lists, Datasets).
         ood_data: `{near: {name: source}, far: {name: source}, val: source, csid: {name: source}}`, `{name: source}`
             or a list; `csid`: covariate-shifted ID sets (class folders or labelled lists, as the ID test split).
-        detectors: `all`, `full` (adds the slow network-pass ones), `cached` (all but the input-perturbing ones),
+        detectors: `all`, `full` (adds the slow network-pass ones), `cached` (those of `all` that score from the cache alone: no network pass),
             `fast`, `none`, or a list of names and selections (`["full", "gram_stream"]`).
         method: a post-hoc method config (`grood`, `cluster`, ...) scored beside the detectors; None: `ce`.
         transform: a torchvision transform for every split; None: the model's timm data config, else `data`'s
