@@ -103,7 +103,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
     # a sweep's job or a rerun into a folder of ours (its config.yaml) resumes only its own checkpoint
     own_only = bool(cfg.train) and (in_multirun() or (output_dir / "config.yaml").is_file())
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir) / "train" / "runs", own_only)
-    check_run(cfg, ckpt_path)
+    check_run(cfg, ckpt_path, HydraConfig.get().overrides.task if HydraConfig.initialized() else ())
     if cfg.train and ckpt_path:
         log.info("resuming %s", ckpt_path)
     ident = run_identity(cfg, _choices(), output_dir, ckpt_path)

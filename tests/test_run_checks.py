@@ -112,3 +112,32 @@ def test_license_file_matches_pyproject() -> None:
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     assert project["license"] == "MIT" and project["license-files"] == ["LICENSE"]  # an SPDX expression, setuptools>=77
     assert (root / "LICENSE").read_text().startswith("MIT License\n")
+
+
+def test_a_checkpoint_evaluated_on_other_data_needs_the_command_line_to_say_so(
+    tmp_path: Path, ce_checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`ood-eval ckpt_path=...` without the training run's `data=` would score the checkpoint on the default data
+    whenever the class counts agree: a `data.*` / `backbone.*` value other than the training run's is refused unless
+    the command line sets that key, a node above it or an `experiment=`; training-only keys are not compared."""
+    from ood.runs.checkpoints import checkpoint_config
+    from ood.runs.checks import check_evaluated
+
+    stored, ckpt = checkpoint_config(ce_checkpoint), str(ce_checkpoint)
+    same = ["train=false", f"ckpt_path={ckpt}", "data.batch_size=7", "data.benchmark.augment=false"]
+    check_evaluated(compose_config(tmp_path, same), stored, ckpt, given=())
+    other = compose_config(tmp_path, [*same, "data.benchmark.seed=3", "backbone.width=32"])
+    with pytest.raises(ConfigError) as err:
+        check_evaluated(other, stored, ckpt, given=["data.batch_size=7"])
+    assert str(err.value) == (
+        f"checkpoint {ckpt} was trained with data.benchmark.seed=0 (now 3): pass ood-eval method=ce data=digits "
+        f"backbone=small_cnn ckpt_path={ckpt}, or name the keys on the command line to evaluate it so on purpose"
+    )
+    for given in (["data.benchmark.seed=3"], ["+data=digits"], ["experiment=heatmap"]):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            check_evaluated(other, stored, ckpt, given=given)
+        assert f"evaluating {ckpt} with data.benchmark.seed=0 (now 3), as asked" in caplog.text
+    # through check_run, with the overrides Hydra records for the job
+    with pytest.raises(ConfigError, match="was trained with data.benchmark.seed=0 \\(now 3\\)"):
+        check_run(other, ckpt, ["data.batch_size=7"])

@@ -6,6 +6,9 @@
 - `check_run`: refuses `trainer.max_epochs < 1`, a GPU preset without a GPU, and resuming with a different
   `trainer.max_epochs` (the cosine schedule's `T_max` lives in the checkpoint and would not follow) or any other
   change of the configuration or seed (`check_resume`).
+- `check_evaluated`: refuses evaluating a checkpoint with data or a backbone other than its training run's unless the
+  command line names the difference (the default `data=digits` of a forgotten `data=` would otherwise score a
+  checkpoint on the wrong data whenever the class counts agree).
 - `check_launch`: refuses a Hydra multirun with the subprocess DDP launcher.
 - `check_eval_dir`: refuses `ood-eval hydra.run.dir=<a training run's folder>` before Hydra writes there.
 """
@@ -23,14 +26,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from ood.errors import ConfigError
 from ood.runs.checkpoints import checkpoint_config
-from ood.runs.identity import flat_config, flatten, identity, seed_keys
+from ood.runs.identity import (
+    IDENTITY_FILE,
+    NAME_GROUPS,
+    TRAINING_KEYS,
+    flat_config,
+    flatten,
+    identity,
+    read_identity,
+    seed_keys,
+)
 from ood.utils import get_logger
 
 log = get_logger(__name__)
 
 
-def check_run(cfg: DictConfig, ckpt_path: str | None) -> None:
-    """Refuse configurations that would waste a run: no epochs, a GPU preset without a GPU, a changed schedule."""
+def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ()) -> None:
+    """Refuse configurations that would waste a run: no epochs, a GPU preset without a GPU, a changed schedule, a
+    checkpoint evaluated on other data than it was trained on unless `given` (the command line's overrides) asks."""
     max_epochs = cfg.trainer.get("max_epochs")
     if cfg.train and (max_epochs is None or int(max_epochs) < 1):
         raise ConfigError(f"trainer.max_epochs={max_epochs}: must be >= 1 (Lightning's -1 would train forever)")
@@ -50,6 +63,37 @@ def check_run(cfg: DictConfig, ckpt_path: str | None) -> None:
                 f"trainer.max_epochs={before}, or start a new run from its weights"
             )
         check_resume(cfg, stored, ckpt_path)
+    if not cfg.train and ckpt_path is not None:
+        check_evaluated(cfg, checkpoint_config(ckpt_path), ckpt_path, given)
+
+
+def check_evaluated(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str, given: Sequence[str]) -> None:
+    """Refuse evaluating a checkpoint with a `data.*` or `backbone.*` value other than its training run's (training-only
+    keys aside: batches, augmentation, outliers, starting weights) unless the command line `given` sets that key or
+    a node above it (`data=...`, `data.benchmark.protocol=...`) or an `experiment=` preset; asked-for differences are
+    logged. Keys only one side has, and checkpoints without a stored config (another framework's), are not compared."""
+    if not stored:
+        return
+    seeded = seed_keys(cfg)
+    now, then = identity(flat_config(cfg), seeded), identity(stored, seeded)
+    changed = [k for k in sorted(now.keys() & then.keys())
+               if k.startswith(("data.", "backbone.")) and not k.startswith(TRAINING_KEYS) and now[k] != then[k]]
+    named = [arg.partition("=")[0].lstrip("+~") for arg in given]
+    unasked = [k for k in changed if "experiment" not in named and not any(k == n or k.startswith(f"{n}.") for n in named)]
+    listed = unasked or changed
+    shown = ", ".join(f"{k}={then[k]} (now {now[k]})" for k in listed[:3])
+    shown += f" and {len(listed) - 3} more" if len(listed) > 3 else ""
+    if unasked:
+        trained = Path(ckpt_path).parent.parent
+        names = read_identity(trained).names if (trained / IDENTITY_FILE).is_file() else []
+        again = (f"ood-eval {' '.join(f'{g}={n}' for g, n in zip(NAME_GROUPS, names) if n)} ckpt_path={ckpt_path}"
+                 if names else "the data= and backbone= options it was trained with")
+        raise ConfigError(
+            f"checkpoint {ckpt_path} was trained with {shown}: pass {again}, or name the keys on the command line to "
+            "evaluate it so on purpose"
+        )
+    if changed:
+        log.info("evaluating %s with %s, as asked", ckpt_path, shown)
 
 
 def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> None:

@@ -6,7 +6,7 @@ A run computes its identity once, as it starts, and writes it to `identity.json`
   folders, and the keys whose unresolved value interpolates `${seed}` (OAL's `method.sampling_seed`: they vary with
   the seed); and the evaluation keys that change the numbers when not at their default (`EVALUATION_KEYS`:
   `evaluation.feature_dtype=float16`). An evaluation run (`train=false`) of a checkpoint takes the training keys
-  (`TRAINING_KEYS`: epochs, optimiser, training batch sizes and augmentation) of the run that wrote it, so
+  (`TRAINING_KEYS`: epochs, optimiser, training batches, augmentation, outliers, starting weights) of the run that wrote it, so
   re-evaluating a checkpoint is recognised as the same model; a checkpoint from elsewhere adds `ckpt` = its path
   instead.
 - `hash`: 8 hex digits of the SHA-1 of `config` (canonical JSON); `group`: `<method>-<data>-<backbone>-<hash>`, the
@@ -43,10 +43,11 @@ NOT_IDENTITY = ("data.num_workers", "data.pin_memory", "data.download", "data.ev
 #: evaluation keys that change the numbers -> their default: part of the identity only when set otherwise, so a
 #: float16 evaluation of a checkpoint is not merged with its float32 one, and runs at the default keep their hash
 EVALUATION_KEYS = {"evaluation.feature_dtype": "float32"}
-#: config keys that only matter for training (epochs, optimiser, the training batches and their augmentation): an
-#: evaluation run takes them from the run that trained its checkpoint
+#: config keys that only matter for training (epochs, optimiser, the training batches, their augmentation and outlier
+#: set, the starting weights): an evaluation run takes them from the run that trained its checkpoint
 TRAINING_KEYS = ("trainer.max_epochs", "method.optimizer.", "method.scheduler.", "data.batch_size", "data.outlier_batch_size",
-                 "data.augment", "data.benchmark.augment", "data.benchmark.crop_padding", "data.benchmark.hflip")
+                 "data.augment", "data.benchmark.augment", "data.benchmark.crop_padding", "data.benchmark.hflip",
+                 "data.benchmark.outliers", "backbone.weights")
 #: the config groups whose chosen option names a wandb group
 NAME_GROUPS = ("method", "data", "backbone")
 
