@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from ood import CONFIG_DIR
 from ood.cli import check_argv, friendly_errors, require_config_dir
+from ood.termination import sigterm_noted
 from ood.train import run
 
 
@@ -27,7 +28,8 @@ def main() -> None:
     # the ~0.5M objects the imports made live until exit: freezing them spares every later collection (and the
     # ones at exit) from rescanning them, a fifth of a default digits run
     gc.freeze()
-    _main()
+    with sigterm_noted():  # from here on, before Hydra makes the run folder: SIGTERM leaves FAILED.txt there
+        _main()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from ood.runs.failures import clear_failure, record_failure
 from ood.runs.identity import RunIdentity, flat_config, run_identity, write_identity
 from ood.runs.loggers import build_loggers, finish_wandb
 from ood.runs.sweeps import sweep_objective
+from ood.termination import StopAtSigterm, forget_sigterm, sigterm_noted, stop_if_terminated
 from ood.utils import get_logger, instantiate
 
 log = get_logger(__name__)
@@ -72,31 +73,36 @@ def build(
     ident = ident or run_identity(cfg, choices, cfg.paths.output_dir, cfg.get("ckpt_path"))
     loggers = build_loggers(cfg, choices, ident.group, resume_epoch)
     trainer = instantiate(
-        cfg.trainer, callbacks=[*callbacks, *progress, RunState(flat_config(cfg)), PrepareMethod(), evaluation], logger=loggers or False
+        cfg.trainer, callbacks=[*callbacks, *progress, RunState(flat_config(cfg)), PrepareMethod(), StopAtSigterm(), evaluation], logger=loggers or False
     )
     return method, datamodule, trainer, evaluation
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Train (unless `train=false`) and evaluate; returns the result rows also written to `results.jsonl`."""
+    """Train (unless `train=false`) and evaluate; returns the result rows also written to `results.jsonl`. SIGTERM,
+    whenever it comes, ends the run as failed (`ood.termination`): status 143 and `FAILED.txt`."""
     output_dir = Path(cfg.paths.output_dir)
     clear_failure(output_dir)
-    try:  # the launch checks too: a job of a sweep refused by them is named with its error by ood-report
-        check_launch(cfg, in_multirun())
-        if not cfg.train and not cfg.get("ckpt_path") and not cfg.backbone.get("weights"):
-            raise ConfigError(
-                "evaluation without training needs a checkpoint: add ckpt_path=PATH/checkpoints/last.ckpt "
-                "(or backbone.weights=FILE for a backbone that loads pretrained weights, e.g. backbone=resnet50)"
-            )
-        return _run(cfg, output_dir)
-    except SIGTERMException:
-        # Lightning stops at the next training step with a SystemExit of status 0, which would pass for a success
-        again = "resume with ckpt_path=last" if cfg.train else "rerun the evaluation"
-        record_failure(output_dir, SIGTERMException(f"terminated by SIGTERM; {again}"))
-        sys.exit(128 + signal.SIGTERM)
-    except Exception as err:
-        record_failure(output_dir, err)
-        raise
+    with sigterm_noted():
+        try:  # the launch checks too: a job of a sweep refused by them is named with its error by ood-report
+            check_launch(cfg, in_multirun())
+            if not cfg.train and not cfg.get("ckpt_path") and not cfg.backbone.get("weights"):
+                raise ConfigError(
+                    "evaluation without training needs a checkpoint: add ckpt_path=PATH/checkpoints/last.ckpt "
+                    "(or backbone.weights=FILE for a backbone that loads pretrained weights, e.g. backbone=resnet50)"
+                )
+            rows = _run(cfg, output_dir)
+            stop_if_terminated()  # came after the evaluation, as it wrote its results
+            return rows
+        except SIGTERMException:
+            # Lightning stops at the next training step with a SystemExit of status 0, which would pass for a success
+            forget_sigterm()
+            again = "resume with ckpt_path=last" if cfg.train else "rerun the evaluation"
+            record_failure(output_dir, SIGTERMException(f"terminated by SIGTERM; {again}"))
+            sys.exit(128 + signal.SIGTERM)
+        except Exception as err:
+            record_failure(output_dir, err)
+            raise
 
 
 def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
@@ -104,6 +110,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
     own_only = bool(cfg.train) and (in_multirun() or (output_dir / "config.yaml").is_file())
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir) / "train" / "runs", own_only)
     check_run(cfg, ckpt_path, HydraConfig.get().overrides.task if HydraConfig.initialized() else ())
+    stop_if_terminated()  # also one that came while Hydra started: the run folder is there for FAILED.txt
     if cfg.train and ckpt_path:
         log.info("resuming %s", ckpt_path)
     ident = run_identity(cfg, _choices(), output_dir, ckpt_path)
@@ -118,10 +125,12 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
         write_identity(output_dir, ident)
     try:
+        stop_if_terminated()  # between the stages too: Lightning's handler and checks are there only during one
         if cfg.train:
             trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
         elif ckpt_path:
             load_weights(method, ckpt_path)
+        stop_if_terminated()
         if cfg.evaluate:
             trainer.test(method, datamodule=datamodule, verbose=False)
     finally:
@@ -147,7 +156,8 @@ def main() -> None:
     # the ~0.5M objects the imports made live until exit: freezing them spares every later collection (and the
     # ones at exit) from rescanning them, a fifth of a default digits run
     gc.freeze()
-    _main()
+    with sigterm_noted():  # from here on, before Hydra makes the run folder: SIGTERM leaves FAILED.txt there
+        _main()
 
 
 if __name__ == "__main__":

@@ -60,6 +60,16 @@ class KillAtTest(_Kill):
             self._send(trainer)
 
 
+class KillAtHook(_Kill):
+    """Send `signum` (default SIGKILL) to `to` (module doc) in the callback hook `hook` (e.g. `setup`, before
+    Lightning registers its SIGTERM handler; `on_load_checkpoint`, as a resumed run restores; `on_fit_end`, between
+    training and evaluation; `on_test_end`, after the evaluation wrote its results)."""
+
+    def __init__(self, hook: str, signum: int = signal.SIGKILL, to: str = "self") -> None:
+        super().__init__(signum, to)
+        setattr(self, hook, lambda trainer, *args, **kwargs: self._send(trainer))
+
+
 class LogFromRanks(Callback):
     """As training starts: an INFO line through `ood.utils.get_logger` (rank 0 only) and a warning from rank `rank`
     alone, through a plain logger and as a Python warning."""

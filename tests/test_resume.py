@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -75,6 +76,35 @@ def test_sigterm_ends_the_run_as_failed_and_it_resumes(tmp_path: Path) -> None:
         assert stop.value.code == 128 + signal.SIGTERM
         assert (tmp_path / folder / "FAILED.txt").read_text() == "SIGTERMException: terminated by SIGTERM; rerun the evaluation\n"
         assert not (tmp_path / folder / "results.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_outside_lightnings_handler_ends_the_run_as_failed(tmp_path: Path) -> None:
+    """SIGTERM where Lightning has no handler, or one that a stage's start forgets: as the fit stage sets up (the run
+    used to train its whole epoch, then evaluate), between training and evaluation, as a resumed run restores its
+    checkpoint (the default handler: the process died at once, without FAILED.txt), and after the evaluation wrote its
+    results. Each run ends with status 143 and FAILED.txt, with its last complete checkpoint and no partial results.
+    The test's own SIGTERM handler (what the run found installed) must never be called: the run only notes it."""
+
+    def reached(signum: int, frame: object) -> None:
+        raise AssertionError("SIGTERM reached the handler the run found installed")
+
+    quick = [*RUN, "trainer.max_epochs=1", "detectors.names=[msp]", f"+callbacks.kill.signum={int(signal.SIGTERM)}",
+             "+callbacks.kill._target_=killer.KillAtHook"]
+    previous = signal.signal(signal.SIGTERM, reached)
+    try:
+        for hook, resume in (("setup", False), ("on_fit_end", True), ("on_load_checkpoint", True), ("on_test_end", True)):
+            with pytest.raises(SystemExit) as stop:
+                run_config(tmp_path, [*quick, f"+callbacks.kill.hook={hook}", *(["ckpt_path=last"] if resume else [])])
+            assert stop.value.code == 128 + signal.SIGTERM, hook
+            assert (tmp_path / "FAILED.txt").read_text() == "SIGTERMException: terminated by SIGTERM; resume with ckpt_path=last\n"
+            last = tmp_path / "checkpoints" / "last.ckpt"
+            assert last.exists() == (hook != "setup"), f"{hook}: stopped at the first step, before any checkpoint"
+            assert (tmp_path / "results.jsonl").exists() == (hook == "on_test_end"), hook
+        assert {row["detector"] for row in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())} == {"msp"}
+        assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_resume_with_other_max_epochs_is_refused(tmp_path: Path) -> None:

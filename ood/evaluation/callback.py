@@ -20,6 +20,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Subset
 
+from ood import termination
 from ood.data.benchmark import EvalSplit, OODDataModule
 from ood.detectors.base import Detector, float16_detectors
 from ood.detectors.network import LayerTaps
@@ -260,10 +261,11 @@ class OODEvaluation(Callback):
 
 
 def stop_if_terminated(trainer: Trainer) -> None:
-    """Raise `SIGTERMException` when this process was sent SIGTERM: Lightning's flag, or under ood's `DDPStrategy`
-    (which replaces Lightning's handler) the strategy's."""
+    """Raise `SIGTERMException` when this process was sent SIGTERM: Lightning's flag, under ood's `DDPStrategy`
+    (which replaces Lightning's handler) the strategy's, or ood's record (`ood.termination`)."""
     if trainer.received_sigterm or getattr(trainer.strategy, "received_sigterm", False):
         raise SIGTERMException
+    termination.stop_if_terminated()
 
 
 def rows_loader(loader: DataLoader, dataset_rows: torch.Tensor) -> DataLoader:
