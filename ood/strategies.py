@@ -5,11 +5,12 @@ SIGTERM (a scheduler's time limit, `scancel`): Lightning's handler broadcasts a 
 (`_SignalConnector._sigterm_notifier_fn`), wherever the rank happens to be, and its loops broadcast rank 0's flag at
 each training step only. A rank signalled alone or at another point than the others (SIGTERM reaches the processes
 of a job one by one) issues a collective the others do not: the ranks wait on each other for ever. Here the handler
-only notes the signal (rank 0 of the subprocess launcher also passes it on to the ranks it started); before each
-training, validation and test step the ranks sum their flags, so all of them raise Lightning's `SIGTERMException` at
-the same step. A spawned rank then exits with status 143 (128 + SIGTERM); the main process, which passes its own
-SIGTERM on to the ranks, raises `SIGTERMException` once they have exited, and starts no further stage (`ood.train`
-records the failure and exits 143).
+only notes the signal (`ood.termination`; rank 0 of the subprocess launcher also passes it on to the ranks it
+started), as does the one a spawned rank installs first thing, before Lightning's exists (setup, checkpoint restore:
+the rank died there); before each training, validation and test step the ranks sum their flags, so all of them raise
+Lightning's `SIGTERMException` at the same step. A spawned rank then exits with status 143 (128 + SIGTERM); the main
+process, which passes its own SIGTERM on to the ranks, raises `SIGTERMException` once they have exited, and starts
+no further stage (`ood.train` records the failure and exits 143).
 
 Logs: a spawned rank is a fresh interpreter without the handlers Hydra gave the main process's root logger, so its
 warnings and errors reached the console (Python's last-resort handler) but not the run's `train.log`. Each spawned
@@ -46,6 +47,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.multiprocessing import ProcessExitedException
 
+from ood.termination import note, sigterm_noted, sigterm_received
 from ood.utils import warnings_in_log_files
 
 #: the exit status of a rank stopped by SIGTERM, as a shell reports a process killed by it
@@ -135,13 +137,12 @@ class _SpawnLauncher(_MultiProcessingLauncher):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.terminated = False  # the main process received SIGTERM during a launch
         # the main process's root handlers and level as the last launch began (pickled with the launcher to the ranks)
         self.log_targets: list[_LogTarget] = []
         self.log_level = logging.WARNING
 
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
-        if self.terminated:  # SIGTERM came during an earlier stage that still finished: start no other
+        if sigterm_received():  # SIGTERM came during an earlier stage that still finished: start no other
             raise SIGTERMException
         self.log_targets, self.log_level = _root_log_targets(), logging.getLogger().level
         previous = _on_sigterm(self._pass_on)
@@ -157,16 +158,18 @@ class _SpawnLauncher(_MultiProcessingLauncher):
 
     def _pass_on(self, signum: int, frame: FrameType | None) -> None:
         """The main process's SIGTERM: the ranks stop at their next step."""
-        self.terminated = True
+        note(signum, frame)
         self.kill(signum)
 
     def _wrapping_function(self, process_idx: int, *args: Any, **kwargs: Any) -> None:
-        _log_to(self.log_targets, self.log_level, self._strategy.node_rank * self._strategy.num_processes + process_idx)
-        try:
-            with warnings_in_log_files():
-                super()._wrapping_function(process_idx, *args, **kwargs)
-        except SIGTERMException:  # a SystemExit of status 0, which the main process would take for a success
-            sys.exit(SIGTERM_EXIT)
+        # the rank's first code: SIGTERM before Lightning's handler (setup, checkpoint restore) is noted, not fatal
+        with sigterm_noted():
+            _log_to(self.log_targets, self.log_level, self._strategy.node_rank * self._strategy.num_processes + process_idx)
+            try:
+                with warnings_in_log_files():
+                    super()._wrapping_function(process_idx, *args, **kwargs)
+            except SIGTERMException:  # a SystemExit of status 0, which the main process would take for a success
+                sys.exit(SIGTERM_EXIT)
 
     def _collect_rank_zero_results(self, trainer: Any, results: Any) -> _WorkerOutput | None:
         output = super()._collect_rank_zero_results(trainer, results)
@@ -181,8 +184,6 @@ class DDPStrategy(_DDPStrategy):
     """Lightning's `DDPStrategy` whose ranks stop together on SIGTERM; with a spawning start method, rank 0's results
     return through a file (module doc)."""
 
-    received_sigterm = False  # this rank was sent SIGTERM
-
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
         if isinstance(self._launcher, _MultiProcessingLauncher):
@@ -195,14 +196,14 @@ class DDPStrategy(_DDPStrategy):
 
     def _note_sigterm(self, signum: int, frame: FrameType | None) -> None:
         """Replaces Lightning's SIGTERM handler, which runs a collective inside the handler (module doc)."""
-        if not self.received_sigterm and self.launcher is not None:
+        if not sigterm_received() and self.launcher is not None:
             self.launcher.kill(signum)  # the subprocess launcher's rank 0: the ranks it started (none when spawned)
-        self.received_sigterm = True
+        note(signum, frame)
 
     def _stop_if_terminated(self) -> None:
-        """Raise `SIGTERMException` on every rank once any rank has received SIGTERM: a collective, called by all
-        ranks before the same step."""
-        flag = torch.tensor(float(self.received_sigterm), device=self.root_device)
+        """Raise `SIGTERMException` on every rank once any rank has received SIGTERM (`ood.termination`'s record, also
+        of a signal before this stage began): a collective, called by all ranks before the same step."""
+        flag = torch.tensor(float(sigterm_received()), device=self.root_device)
         torch.distributed.all_reduce(flag)  # a sum, without the barrier Lightning's `reduce` puts before it
         if flag.item() > 0:
             raise SIGTERMException

@@ -67,7 +67,10 @@ class KillAtHook(_Kill):
 
     def __init__(self, hook: str, signum: int = signal.SIGKILL, to: str = "self") -> None:
         super().__init__(signum, to)
-        setattr(self, hook, lambda trainer, *args, **kwargs: self._send(trainer))
+        setattr(self, hook, self._at_hook)  # a bound method: pickled to spawned DDP ranks, unlike a lambda
+
+    def _at_hook(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        self._send(trainer)
 
 
 class LogFromRanks(Callback):

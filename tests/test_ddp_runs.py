@@ -17,8 +17,11 @@ from helpers import run_config
 from lightning import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ood.strategies import DDPStrategy
+from ood import strategies, termination
+from ood.strategies import DDPStrategy, _SpawnLauncher
 
 TESTS = Path(__file__).parent
 #: a short 2-rank training: 2 epochs of 4 steps, no evaluation
@@ -103,3 +106,31 @@ def test_our_sigterm_handler_goes_in_at_the_run_stage_barrier() -> None:
         assert signal.getsignal(signal.SIGTERM) == strategy._note_sigterm
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _two_cpu_ranks() -> DDPStrategy:
+    return DDPStrategy(accelerator="cpu", parallel_devices=[torch.device("cpu")] * 2, start_method="spawn")
+
+
+def test_a_spawned_rank_notes_sigterm_from_its_first_line_and_stops_at_the_next_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spawned rank kept Python's default SIGTERM handler until Lightning registered its own as the stage began,
+    after setup and the checkpoint restore: a SIGTERM there ended it at once. ood's recording handler is now the
+    rank's first code (checked as Lightning's part of the rank starts), and the ranks' check before each step reads
+    that record (here one rank in a one-process gloo group): the rank stops at the first step with the others."""
+    seen = []
+    monkeypatch.setattr(strategies, "_log_to", lambda *args: None)
+    monkeypatch.setattr(_MultiProcessingLauncher, "_wrapping_function",
+                        lambda self, *args: seen.append(signal.getsignal(signal.SIGTERM)))
+    strategy = _two_cpu_ranks()
+    _SpawnLauncher(strategy, start_method="spawn")._wrapping_function(0)
+    assert seen == [termination.note]
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        strategy._stop_if_terminated()
+        termination.note(signal.SIGTERM, None)  # as before the stage began
+        with pytest.raises(SIGTERMException):
+            strategy._stop_if_terminated()
+    finally:
+        termination.forget_sigterm()
+        torch.distributed.destroy_process_group()
+

@@ -261,9 +261,9 @@ class OODEvaluation(Callback):
 
 
 def stop_if_terminated(trainer: Trainer) -> None:
-    """Raise `SIGTERMException` when this process was sent SIGTERM: Lightning's flag, under ood's `DDPStrategy`
-    (which replaces Lightning's handler) the strategy's, or ood's record (`ood.termination`)."""
-    if trainer.received_sigterm or getattr(trainer.strategy, "received_sigterm", False):
+    """Raise `SIGTERMException` when this process was sent SIGTERM: Lightning's flag, or ood's record
+    (`ood.termination`; under ood's `DDPStrategy`, which replaces Lightning's handler, the only one)."""
+    if trainer.received_sigterm:
         raise SIGTERMException
     termination.stop_if_terminated()
 
