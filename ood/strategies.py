@@ -9,8 +9,9 @@ only notes the signal (`ood.termination`; rank 0 of the subprocess launcher also
 started), as does the one a spawned rank installs first thing, before Lightning's exists (setup, checkpoint restore:
 the rank died there); before each training, validation and test step the ranks sum their flags, so all of them raise
 Lightning's `SIGTERMException` at the same step. A spawned rank then exits with status 143 (128 + SIGTERM); the main
-process, which passes its own SIGTERM on to the ranks, raises `SIGTERMException` once they have exited, and starts
-no further stage (`ood.train` records the failure and exits 143).
+process, which passes its own SIGTERM on to the ranks (once they are all started, when it came as they started),
+raises `SIGTERMException` once they have exited, and starts no further stage (`ood.train` records the failure and
+exits 143).
 
 Logs: a spawned rank is a fresh interpreter without the handlers Hydra gave the main process's root logger, so its
 warnings and errors reached the console (Python's last-resort handler) but not the run's `train.log`. Each spawned
@@ -160,6 +161,20 @@ class _SpawnLauncher(_MultiProcessingLauncher):
         """The main process's SIGTERM: the ranks stop at their next step."""
         note(signum, frame)
         self.kill(signum)
+
+    @property
+    def procs(self) -> list:
+        """The ranks of the running launch (Lightning sets them once all are started)."""
+        return self._procs
+
+    @procs.setter
+    def procs(self, procs: list) -> None:
+        self._procs = procs
+        if procs and sigterm_received():  # came while the ranks were starting, when there was none to pass it to
+            self.kill(signal.SIGTERM)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_procs": []}  # as Lightning's: processes do not pickle
 
     def _wrapping_function(self, process_idx: int, *args: Any, **kwargs: Any) -> None:
         # the rank's first code: SIGTERM before Lightning's handler (setup, checkpoint restore) is noted, not fatal

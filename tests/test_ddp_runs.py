@@ -134,3 +134,25 @@ def test_a_spawned_rank_notes_sigterm_from_its_first_line_and_stops_at_the_next_
         termination.forget_sigterm()
         torch.distributed.destroy_process_group()
 
+
+def test_sigterm_while_the_ranks_start_is_passed_on_once_they_are_there() -> None:
+    """The main process's SIGTERM while Lightning started the ranks found none to pass it to: they ran their whole
+    stage. It now reaches them as soon as Lightning has them (a `sleep` process stands for a rank)."""
+
+    sleeper = subprocess.Popen(["sleep", "30"])
+
+    class Rank:
+        pid = sleeper.pid
+
+        def is_alive(self) -> bool:
+            return sleeper.poll() is None
+
+    launcher = _SpawnLauncher(_two_cpu_ranks(), start_method="spawn")
+    termination.note(signal.SIGTERM, None)
+    try:
+        launcher.procs = [Rank()]
+        assert sleeper.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        termination.forget_sigterm()
+        sleeper.kill()
+        sleeper.wait()
