@@ -48,11 +48,8 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.multiprocessing import ProcessExitedException
 
-from ood.termination import note, sigterm_noted, sigterm_received
+from ood.termination import SIGTERM_EXIT, note, sigterm_noted, sigterm_received
 from ood.utils import warnings_in_log_files
-
-#: the exit status of a rank stopped by SIGTERM, as a shell reports a process killed by it
-SIGTERM_EXIT = 128 + signal.SIGTERM
 
 
 def _on_sigterm(handler: Callable[[int, FrameType | None], None]) -> Any:

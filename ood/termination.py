@@ -6,22 +6,30 @@ there only while a stage runs (it registers it as `fit` / `test` start, composed
 and puts that one back after). Each process (the entry points, spawned DDP ranks) first installs a handler that
 only records the signal (`sigterm_noted`); `stop_if_terminated` raises Lightning's `SIGTERMException` at the safe
 points (between stages, before each step through `StopAtSigterm`, in the evaluation), so the run ends as failed
-with its last complete checkpoint, whenever the signal came.
+with its last complete checkpoint, whenever the signal came. A sweep's worker whose launcher died (SIGKILL) sends
+itself that SIGTERM (`stop_when_orphaned`) rather than run on as an orphan.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from lightning import Callback, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+#: the exit status of a process stopped by SIGTERM, as a shell reports one killed by it
+SIGTERM_EXIT = 128 + signal.SIGTERM
+_WATCH = "ood-parent-watch"  # the thread of `stop_when_orphaned`
 _received = False  # this process was sent SIGTERM since the last run acted on it
+_orphaned = False  # the launcher that started this process for its jobs is gone (`stop_when_orphaned`)
 
 
 def note(signum: int, frame: FrameType | None) -> None:
@@ -54,10 +62,39 @@ def stop_if_terminated() -> None:
         raise SIGTERMException
 
 
+def exit_terminated() -> NoReturn:
+    """Exit as a process stopped by SIGTERM does (status 143); at once when orphaned (`stop_when_orphaned`): no one
+    is left to take the job's result or give another job, and the launcher's worker would wait idle for minutes."""
+    if _orphaned:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(SIGTERM_EXIT)
+    sys.exit(SIGTERM_EXIT)
+
+
 def forget_sigterm() -> None:
     """Clear the record once a run has stopped for it (a later run in this process starts clean)."""
     global _received
     _received = False
+
+
+def stop_when_orphaned(interval: float = 1.0) -> None:
+    """In a process that a sweep's launcher started for its jobs (a joblib worker): once that parent is gone (the
+    sweep SIGKILLed), send this process SIGTERM, so its job stops at its next safe point as a terminated run does
+    instead of running on, an orphan holding its CPUs and GPU, and the process then exits (`exit_terminated`).
+    Watches from a daemon thread, one per process."""
+    if any(thread.name == _WATCH for thread in threading.enumerate()):
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        global _orphaned
+        while os.getppid() == parent:
+            time.sleep(interval)
+        _orphaned = True
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name=_WATCH, daemon=True).start()
 
 
 class StopAtSigterm(Callback):

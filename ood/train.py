@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
-import signal
-import sys
+import multiprocessing
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,14 @@ from ood.runs.failures import clear_failure, record_failure
 from ood.runs.identity import RunIdentity, flat_config, run_identity, write_identity
 from ood.runs.loggers import build_loggers, finish_wandb
 from ood.runs.sweeps import sweep_objective
-from ood.termination import StopAtSigterm, forget_sigterm, sigterm_noted, stop_if_terminated
+from ood.termination import (
+    StopAtSigterm,
+    exit_terminated,
+    forget_sigterm,
+    sigterm_noted,
+    stop_if_terminated,
+    stop_when_orphaned,
+)
 from ood.utils import get_logger, instantiate
 
 log = get_logger(__name__)
@@ -84,6 +90,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     output_dir = Path(cfg.paths.output_dir)
     clear_failure(output_dir)
     with sigterm_noted():
+        if in_multirun() and multiprocessing.parent_process() is not None:  # a parallel launcher's worker
+            stop_when_orphaned()
         try:  # the launch checks too: a job of a sweep refused by them is named with its error by ood-report
             check_launch(cfg, in_multirun())
             if not cfg.train and not cfg.get("ckpt_path") and not cfg.backbone.get("weights"):
@@ -99,7 +107,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             forget_sigterm()
             again = "resume with ckpt_path=last" if cfg.train else "rerun the evaluation"
             record_failure(output_dir, SIGTERMException(f"terminated by SIGTERM; {again}"))
-            sys.exit(128 + signal.SIGTERM)
+            exit_terminated()
         except Exception as err:
             record_failure(output_dir, err)
             raise

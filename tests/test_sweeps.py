@@ -4,13 +4,16 @@ SLURM's launcher through its local executor (`submitit_local`), and Optuna tunin
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from ood import termination
 from ood.report import main as report
 
 JOB = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "detectors.names=[msp]", "logger=none"]
@@ -60,3 +63,40 @@ def test_optuna_tunes_on_validation_auroc(tmp_path: Path) -> None:
     assert best["best_value"] == pytest.approx(max(trials.values()), abs=0), "the sweeper saw the val_ood AUROC"
     tests = {json.loads(line)["auroc"] for p in sweep.glob("*/results.jsonl") for line in p.read_text().splitlines()}
     assert best["best_value"] not in tests
+
+
+def test_a_worker_whose_sweep_died_stops_its_job(tmp_path: Path) -> None:
+    """hydra/launcher=parallel's workers ran their jobs on after the sweep's process was SIGKILLed (orphans holding
+    CPUs and GPUs, then idle for minutes). A worker's job now watches its parent (`stop_when_orphaned`): once it is
+    gone the job is sent SIGTERM, so it stops at its next safe point (`ood-train`: status 143, FAILED.txt, resumable)
+    and the process exits. Here a forked process stands for the sweep and its child for the worker."""
+    noted = tmp_path / "noted"
+    ready_r, ready_w = os.pipe()
+    if os.fork() == 0:  # the sweep: starts its worker, waits until it watches, dies (never back into pytest)
+        try:
+            if os.fork() == 0:  # the worker
+                try:
+                    _watch_until_sigterm(noted, ready_w)
+                finally:
+                    os._exit(0)
+            os.close(ready_w)
+            os.read(ready_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.wait()
+    deadline = time.monotonic() + 10
+    while not noted.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert noted.read_text() == "True"
+
+
+def _watch_until_sigterm(noted: Path, ready: int) -> None:
+    """The worker's job: watch the parent, tell it so, wait up to 10 s for SIGTERM, write whether it came."""
+    with termination.sigterm_noted():
+        termination.stop_when_orphaned(interval=0.05)
+        os.write(ready, b"x")
+        deadline = time.monotonic() + 10
+        while not termination.sigterm_received() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        noted.write_text(str(termination.sigterm_received()))
