@@ -18,7 +18,8 @@ from torch import nn
 class FastMixedPrecision(MixedPrecision):
     """Autocast at `precision` (default bf16) on `device`, plus channels_last weights and, when `compile`,
     `torch.compile` of every top-level sub-module of the method (the backbone, heads), in place so that checkpoints
-    keep their keys.
+    keep their keys, with `compile_backend` and `compile_mode` (`torch.compile`'s `backend`, `mode`: e.g.
+    "max-autotune"; "aot_eager" traces as inductor does without generating kernels, quick on a CPU).
 
     Batches are not converted: Lightning converts inputs before moving them to the device, so a conversion here
     would copy every batch on the CPU in the main process. Convolutions with channels_last weights compute and
@@ -31,15 +32,19 @@ class FastMixedPrecision(MixedPrecision):
         device: str = "cuda",
         channels_last: bool = True,
         compile: bool = False,  # noqa: A002 - the config key users set
+        compile_backend: str = "inductor",
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__(precision, device)
         self.channels_last = channels_last
         self.compile = compile
+        self.compile_backend, self.compile_mode = compile_backend, compile_mode
 
     def convert_module(self, module: nn.Module) -> nn.Module:
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
         if self.compile:
             for child in module.children():
-                child.compile()
+                child.compile(backend=self.compile_backend, mode=self.compile_mode)
         return module
+

@@ -19,10 +19,12 @@ from ood.utils import instantiate
 def test_gpu_stays_fp32_and_gpu_fast_adds_the_plugin(tmp_path: Path) -> None:
     gpu = compose_config(tmp_path, ["trainer=gpu"]).trainer
     assert "precision" not in gpu and "plugins" not in gpu
-    fast = compose_config(tmp_path, ["trainer=gpu_fast", "trainer.plugins.0.compile=true"]).trainer
+    fast = compose_config(tmp_path, ["trainer=gpu_fast", "trainer.plugins.0.compile=true",
+                                     "trainer.plugins.0.compile_mode=max-autotune"]).trainer
     plugin = instantiate(fast.plugins[0])
     assert isinstance(plugin, FastMixedPrecision)
     assert (plugin.precision, plugin.device, plugin.channels_last, plugin.compile) == ("bf16-mixed", "cuda", True, True)
+    assert (plugin.compile_backend, plugin.compile_mode) == ("inductor", "max-autotune")
 
 
 def test_training_runs_in_bf16_with_channels_last() -> None:
@@ -62,3 +64,4 @@ def test_compile_is_in_place_and_keeps_checkpoint_keys() -> None:
     converted = FastMixedPrecision(device="cpu", compile=True).convert_module(method)
     assert converted is method and list(method.state_dict()) == keys
     assert all(child._compiled_call_impl is not None for child in method.children())
+
