@@ -8,11 +8,15 @@ other convolution algorithms), so reproduce published rows with `trainer=gpu`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Literal
 
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
+
+from ood.errors import ConfigError
 
 
 class FastMixedPrecision(MixedPrecision):
@@ -35,6 +39,9 @@ class FastMixedPrecision(MixedPrecision):
         compile_backend: str = "inductor",
         compile_mode: str | None = None,
     ) -> None:
+        if compile and not hasattr(torch.compiler, "set_stance"):
+            raise ConfigError(f"trainer.plugins.0.compile=true needs torch >= 2.6 (the evaluation runs the compiled modules "
+                              f"eagerly with torch.compiler.set_stance); this is torch {torch.__version__}")
         super().__init__(precision, device)
         self.channels_last = channels_last
         self.compile = compile
@@ -48,3 +55,14 @@ class FastMixedPrecision(MixedPrecision):
                 child.compile(backend=self.compile_backend, mode=self.compile_mode)
         return module
 
+
+@contextmanager
+def eager() -> Iterator[None]:
+    """Run every `torch.compile`d module eagerly inside: the evaluation's network passes take input gradients with
+    `retain_graph=True` (ODIN, i-ODIN, the staged detectors), which a compiled backward with donated buffers refuses,
+    and hook layers for one pass (gram_stream), which a forward compiled before the hooks were added does not call;
+    toggling dropout (mcdropout) would recompile. Before torch 2.6 (no `set_stance`) it does nothing:
+    `FastMixedPrecision` compiles nothing there."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    with set_stance("force_eager") if set_stance is not None else nullcontext():
+        yield

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from helpers import compose_config
 from torch.utils.data import DataLoader, TensorDataset
 
 from ood.data.batch import Batch, collate_batch
+from ood.detectors.gram import GramStream
+from ood.detectors.network import FoldInputs
+from ood.detectors.odin import ODIN
+from ood.errors import ConfigError
+from ood.evaluation.callback import OODEvaluation
 from ood.methods.ce import CrossEntropy
 from ood.models.small_cnn import SmallCNN
 from ood.precision import FastMixedPrecision
@@ -65,3 +72,33 @@ def test_compile_is_in_place_and_keeps_checkpoint_keys() -> None:
     assert converted is method and list(method.state_dict()) == keys
     assert all(child._compiled_call_impl is not None for child in method.children())
 
+
+def test_the_evaluations_network_passes_run_compiled_modules_eagerly() -> None:
+    """Through a compiled backbone, ODIN's input gradient (`retain_graph=True`) fails once the evaluation's batch size
+    differs from the training's (the recompile, with dynamic shapes, donates buffers to its backward), and
+    gram_stream's layer hooks, added after an earlier pass compiled the forward, are not called; the evaluation's
+    network passes run it eagerly: the uncompiled network's ODIN scores and Gram rows, bit for bit. The `aot_eager`
+    backend traces as inductor does (AOTAutograd, donated buffers) without generating kernels."""
+    torch.manual_seed(0)
+    method = CrossEntropy(SmallCNN(3, in_channels=3), optimizer=torch.optim.SGD).eval()
+    reference = copy.deepcopy(method)
+    FastMixedPrecision(device="cpu", channels_last=False, compile=True, compile_backend="aot_eager").convert_module(method)
+    x = torch.randn(8, 3, 16, 16)
+    method(x[:4]).sum().backward()  # a training step's compiled forward and backward, at another batch size
+    with torch.no_grad():
+        method(x)  # an earlier no-grad pass (ODIN's nudged inputs), compiled without hooks
+    loader = DataLoader(TensorDataset(x, torch.zeros(8, dtype=torch.long), torch.arange(8)), batch_size=8,
+                        collate_fn=collate_batch)
+    gram: list[list[torch.Tensor]] = []
+    OODEvaluation._model_scores(FoldInputs(lambda model, x, _: gram.append(GramStream._forward(model, x)[1]),
+                                           torch.arange(8)), method, loader)
+    want = GramStream._forward(reference, x)[1]
+    assert len(gram[0]) == len(want) == 6 and all(torch.equal(a, b) for a, b in zip(gram[0], want))
+    odin = ODIN(temperature=10, noise=0.01)
+    assert torch.equal(OODEvaluation._model_scores(odin, method, loader), odin.score_inputs(reference, x))
+
+def test_compile_needs_set_stance(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(torch.compiler, "set_stance")
+    with pytest.raises(ConfigError, match=r"^trainer.plugins.0.compile=true needs torch >= 2.6 "):
+        FastMixedPrecision(device="cpu", compile=True)
+    assert not FastMixedPrecision(device="cpu").compile

@@ -37,6 +37,7 @@ from ood.features.collector import (
 )
 from ood.features.reduce import sync_reducers
 from ood.methods.base import OODMethod
+from ood.precision import eager
 from ood.utils import progress
 
 #: what global rank 0 broadcasts when SIGTERM stopped its evaluation: every rank then stops as by SIGTERM
@@ -246,11 +247,12 @@ class OODEvaluation(Callback):
         """Scores of an input-perturbing detector (an extra pass for it alone, with gradients enabled) on the bank's
         rows, or with `rows` on those bank rows only, in that order (the loader's dataset restricted to them);
         `index`: the dataset row of each bank row (None: the same). The detector sees the method's own logits
-        (`pl_module(x)`), e.g. a contrastive method's linear probe."""
+        (`pl_module(x)`), e.g. a contrastive method's linear probe; modules compiled by `trainer=gpu_fast` run
+        eagerly here (`ood.precision.eager`: input gradients with `retain_graph`)."""
         if rows is not None:
             loader = rows_loader(loader, rows.cpu() if index is None else index.cpu()[rows.cpu()])
         chunks = []
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), eager():
             for batch in progress(loader, desc=desc):
                 stop()
                 chunks.append(det.score_inputs(pl_module, batch.x.to(pl_module.device)).detach())
