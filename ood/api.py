@@ -116,6 +116,16 @@ def _library(model: nn.Module) -> str:
     return "module"
 
 
+def _network(model: nn.Module) -> nn.Module:
+    """The network to evaluate: a loaded ood method's backbone; the module inside a `torch.compile` wrapper, which the
+    adapters would otherwise take as one opaque module (the stage-by-stage detectors skipped); the evaluation runs it
+    eagerly as it does ood's own compiled modules (`ood.precision.eager`)."""
+    from ood.methods.base import OODMethod
+
+    net = model.backbone if isinstance(model, OODMethod) else model
+    return getattr(net, "_orig_mod", net)
+
+
 @contextmanager
 def one_line_errors() -> Iterator[None]:
     """An `OODError` raised in a DataLoader worker (or a DDP rank) comes back with its traceback as its text: raise
@@ -290,7 +300,8 @@ def evaluate(
 
     Args:
         model: images -> logits: a timm / torchvision model, any `nn.Module` (features: the input of its final
-            linear layer, or `feature_layer`), an ood `Backbone`, or a loaded ood method (its backbone is used).
+            linear layer, or `feature_layer`), an ood `Backbone`, or a loaded ood method (its backbone is used); of a
+            `torch.compile`d model, the module inside, run eagerly.
         id_data: an ImageFolder-style root (`train/`, `test/`, optional `val/`), or `{train, test, val}` sources
             (folders, `{imglist, images}` lists, Datasets).
         ood_data: `{near: {name: source}, far: {name: source}, val: source, csid: {name: source}}`, `{name: source}`
@@ -318,11 +329,10 @@ def evaluate(
     from omegaconf import OmegaConf, open_dict
 
     from ood import CONFIG_DIR
-    from ood.methods.base import OODMethod
     from ood.models.adapters import as_backbone, check_classes
     from ood.train import build
 
-    net = model.backbone if isinstance(model, OODMethod) else model
+    net = _network(model)
     backbone = as_backbone(net, feature_layer)
     values, objects = _data_kwargs(id_data, ood_data, net, transform)
     fsood = bool({**values, **objects}["ood"]["csid"]) if fsood is None else fsood
@@ -407,11 +417,10 @@ def extract(
     from ood.data.folder import folder_dataset, preprocessing_transform, resolve_preprocessing
     from ood.features.bank import FeatureBank
     from ood.features.passes import forward_dataset
-    from ood.methods.base import OODMethod
     from ood.models.adapters import as_backbone
     from ood.utils import linear_params
 
-    net = model.backbone if isinstance(model, OODMethod) else model
+    net = _network(model)
     backbone = as_backbone(net, feature_layer)
     if device is not None:
         device = _checked_device(device)
