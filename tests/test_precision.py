@@ -1,5 +1,5 @@
 """`trainer=gpu_fast` (`ood.precision.FastMixedPrecision`): bf16 autocast, channels_last, optional compile; a compiled
-model given to `ood.evaluate`."""
+model given to `ood.evaluate`, weights saved from compiled networks."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from helpers import compose_config
 from torch.utils.data import DataLoader, TensorDataset
 
 import ood
+from ood.cli import load_weights
 from ood.data.batch import Batch, collate_batch
 from ood.detectors.gram import GramStream
 from ood.detectors.network import FoldInputs
@@ -22,6 +23,7 @@ from ood.detectors.odin import ODIN
 from ood.errors import ConfigError
 from ood.evaluation.callback import OODEvaluation
 from ood.methods.ce import CrossEntropy
+from ood.models.checkpoint import read_weights_file
 from ood.models.small_cnn import SmallCNN
 from ood.precision import FastMixedPrecision
 from ood.utils import instantiate
@@ -130,3 +132,24 @@ def test_evaluate_takes_a_compiled_model_as_the_module_inside(tmp_path: Path) ->
     np.testing.assert_allclose(result.scores["msp"]["test"], msp, rtol=1e-6)
     layer = ood.extract(compiled, test, layers=["layer4"]).extras["layer4"]
     assert torch.equal(layer, ood.extract(net, test, layers=["layer4"]).extras["layer4"])
+
+
+def test_weights_saved_from_compiled_networks_load(tmp_path: Path) -> None:
+    """State dicts of `torch.compile`d networks name every tensor with `_orig_mod.` (mid-name for a compiled
+    sub-module; under DDP's `module.` too): a method, a Lightning checkpoint, a bare backbone and a library model
+    saved so load as the plain network's (a CheckpointError naming `_orig_mod` before)."""
+    torch.manual_seed(0)
+    source = CrossEntropy(SmallCNN(3), optimizer=torch.optim.SGD)
+    want = {k: v.clone() for k, v in source.state_dict().items()}
+    files = {"backbone.pt": {f"module.{k}": v for k, v in torch.compile(source.backbone).state_dict().items()}}
+    source.backbone = torch.compile(source.backbone)  # lazily: nothing is compiled before a call
+    files |= {"method.pt": source.state_dict(), "last.ckpt": {"state_dict": source.state_dict(), "epoch": 0}}
+    for name, state in files.items():
+        assert any("_orig_mod." in k for k in (state.get("state_dict") or state))
+        torch.save(state, tmp_path / name)
+        target = CrossEntropy(SmallCNN(3), optimizer=torch.optim.SGD)
+        load_weights(target, tmp_path / name)
+        assert all(torch.equal(v, want[k]) for k, v in target.state_dict().items()), name
+    net = torchvision.models.resnet18(num_classes=3)
+    torch.save(torch.compile(net).state_dict(), tmp_path / "resnet18.pth")
+    assert read_weights_file(tmp_path / "resnet18.pth").keys() == net.state_dict().keys()

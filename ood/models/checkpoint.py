@@ -6,7 +6,9 @@ Supported files (detected from their keys, no flag needed):
 - OpenOOD v1.5's released CIFAR `ResNet18_32x32` files (`conv1`, `bn1`, `layerN.i.shortcut`, optional
   DataParallel `module.` prefix; openood/networks/resnet18_32x32.py);
 - torchvision's ResNet state dicts (`conv1`, `bn1`, `layerN.i.downsample`, `fc`; e.g. `IMAGENET1K_V1` from the torch
-  hub cache), mapped onto our staged ResNet-50 (`layer1` opens with the max-pool, so it is `stages.layer1.1`).
+  hub cache), mapped onto our staged ResNet-50 (`layer1` opens with the max-pool, so it is `stages.layer1.1`);
+- any of these saved from a `torch.compile`d or DataParallel / DDP-wrapped network (`_orig_mod.`, `module.` in the
+  names are dropped: `plain_key`).
 
 `read_weights_file(path)` returns a file's parameters under their own names (any network's bare state dict as
 `.pth` / `.pt` / `.bin` / `.safetensors`, e.g. timm's or Hugging Face's `pytorch_model.bin` / `model.safetensors`,
@@ -40,10 +42,16 @@ _TORCHVISION_RESNET = (
 )
 
 
+def plain_key(key: object) -> str:
+    """A parameter name without its wrappers' parts: DataParallel's / DDP's leading `module.` and `torch.compile`'s
+    `_orig_mod.` (anywhere: a compiled sub-module puts it mid-name, `backbone._orig_mod.stages...`)."""
+    return str(key).replace("_orig_mod.", "").removeprefix("module.")
+
+
 def _rename(state: Mapping[str, torch.Tensor], table: tuple, prefix: str) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
-        key = key.removeprefix("module.")
+        key = plain_key(key)
         for pattern, replacement in table:
             key, n = pattern.subn(replacement, key)
             if n:
@@ -58,7 +66,7 @@ def checkpoint_format(checkpoint: object) -> str:
         raise TypeError(f"expected a dict, got {type(checkpoint).__name__}")
     if "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
         return "lightning"
-    keys = {str(k).removeprefix("module.") for k in checkpoint}
+    keys = {plain_key(k) for k in checkpoint}
     if {"conv1.weight", "bn1.weight", "fc.weight"} <= keys:
         return "openood" if any(".shortcut." in k for k in keys) or not any(".downsample." in k for k in keys) else "torchvision"
     if any(k.startswith(("stages.", "fc.")) for k in keys):
@@ -91,8 +99,8 @@ def _load_file(path: Path) -> object:
 
 
 def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A file's parameters under their own names (DataParallel's `module.` dropped; a Lightning checkpoint's
-    `state_dict`); errors name the file."""
+    """A file's parameters under their own names (`plain_key`: DataParallel's `module.` and `torch.compile`'s
+    `_orig_mod.` dropped; a Lightning checkpoint's `state_dict`); errors name the file."""
     path = Path(path)
     try:
         checkpoint = _load_file(path)
@@ -101,7 +109,7 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
         raise CheckpointError(f"could not read weights {path}: {type(err).__name__}: {err}") from err
-    return {str(k).removeprefix("module."): v for k, v in state.items()}
+    return {plain_key(k): v for k, v in state.items()}
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -115,14 +123,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
         raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
     if kind == "lightning":
-        return dict(checkpoint["state_dict"])
+        return {plain_key(k): v for k, v in checkpoint["state_dict"].items()}
     if kind == "openood":
         return from_openood(checkpoint)
     if kind == "torchvision":
         return from_torchvision(checkpoint)
     if kind == "backbone":
-        return {f"backbone.{k.removeprefix('module.')}": v for k, v in checkpoint.items()}
-    return {k.removeprefix("module."): v for k, v in checkpoint.items()}
+        return {f"backbone.{plain_key(k)}": v for k, v in checkpoint.items()}
+    return {plain_key(k): v for k, v in checkpoint.items()}
 
 
 def load_modules(
