@@ -1,7 +1,7 @@
 """`make gpu-check` (`python -m benchmarks.gpu_check [--out gpu_check.json] [--dry-run]`): does every CUDA path of ood
 run, and run right, on this machine's GPU? No downloads: synthetic data at CIFAR (32 px) and ImageNet (224 px) shapes
-in OpenOOD's on-disk layout (`benchmarks.fabricate`), sized to finish within 8 minutes on one current GPU (not yet
-timed on one). Exits 1 when any check fails, after writing every figure to the JSON file and printing the tables.
+in OpenOOD's on-disk layout (`benchmarks.fabricate`), sized to finish within 10 minutes on one current GPU, inductor's
+builds for the fp16 + compile check included (not yet timed on one). Exits 1 when any check fails, after writing every figure to the JSON file and printing the tables.
 
 Run it on any CUDA machine:
 
@@ -20,6 +20,10 @@ Checks (each a row of the JSON's `checks`, `ok` true/false):
    and the fp32-trained model's scores evaluated in bf16 agree with its fp32 scores: Spearman rank correlation
    per detector over the test splits (ID test + every OOD set) >= `RHO_MIN` (0.99; bf16 keeps 8 mantissa bits,
    so near-ties may swap but the order stays). The bf16 evaluation uses the hyper-parameters the fp32 one tuned.
+   fp16 + compile: CE and supervised-contrastive cluster (manual optimisation) train and evaluate with `gpu_fast` in
+   fp16 (Lightning's GradScaler, as GPUs without bf16 need) and `torch.compile` (inductor): finite losses, optimiser
+   steps taken through the scaler, the sub-modules compiled, finite scores of every detector (`detectors=full`: the
+   network passes run the compiled modules eagerly).
 2. faiss: the kNN detector (k = 50, 50 000 train x 10 000 test rows of 512-d features) and GROOD's gradient bank (1-NN
    of `ncp_gradient`s) on faiss' GPU index return the same neighbours as the exact CPU search (identical
    neighbour sets for >= 99.9 % of queries; distances equal to 1e-4 relative: GPU and CPU sum in other orders).
@@ -35,7 +39,8 @@ Checks (each a row of the JSON's `checks`, `ok` true/false):
    waiting for data; evaluation images/s with the cache (one pass over every split, every cached detector).
 
 `--dry-run` runs the same code on the CPU with tiny shapes (small CNN, a few images, `trainer=cpu` for `gpu`,
-CPU bf16 autocast for `gpu_fast`, gloo for NCCL, faiss' CPU index for the GPU one): the test suite runs it so that
+CPU bf16 / fp16 autocast for `gpu_fast`, `torch.compile`'s `aot_eager` backend for inductor, gloo for NCCL, faiss'
+CPU index for the GPU one): the test suite runs it so that
 this script cannot rot. Its numbers say nothing about a GPU, and its rank-correlation threshold is 0.8: one epoch
 of a tiny model leaves near-tied scores (the heatmap decoder's spread over a split is ~1e-4) that bf16 reorders.
 """
@@ -96,22 +101,33 @@ class Sizes:
     workers: int
     throughput_epochs: int
     extra: dict[str, list[str]] = field(default_factory=dict)
+    fast_detectors: str = "detectors=full"  # the fp16 + compile section's: every network pass, run eagerly
 
 
 GPU = Sizes("cuda", dict(n_train=2560, n_val=256, n_test=512, n_ood=256), dict(n_train=2560, n_val=256, n_test=256, n_ood=128, side=64),
             "resnet18_32x32", "resnet50", 128, 256, "detectors=all", RHO_MIN, (50_000, 10_000, 512), 512, 8, 4)
 DRY = Sizes("cpu", dict(n_train=32, n_val=16, n_test=16, n_ood=8), dict(n_train=16, n_val=8, n_test=8, n_ood=4, side=40),
             "small_cnn", "small_cnn", 8, 8, "detectors.names=[msp,energy,knn,mahalanobis]", 0.8, (2_000, 500, 64), 64, 0, 1,
-            {"imagenet": ["data.benchmark.image_size=32", "data.benchmark.resize=36"]})
+            {"imagenet": ["data.benchmark.image_size=32", "data.benchmark.resize=36"]},
+            "detectors.names=[msp,energy,odin,gram_stream]")
+#: the fp16 + compile section's methods: CE, and supervised-contrastive cluster (manual optimisation: each step's
+#: `manual_backward` scaled, its optimiser stepped through the scaler), two epochs: contrastive, then the probe
+FAST_PATHS = {"ce": ["method=ce"],
+              "cluster supcon": ["method=cluster", "method.objective=supcon", "method.probe_epochs=1", "method.n_init=2",
+                                 "trainer.max_epochs=2"]}
 
 
 def trainer_overrides(kind: str, sizes: Sizes) -> list[str]:
-    """`trainer=gpu|gpu_fast` on CUDA; on the CPU dry-run `trainer=cpu`, with CPU bf16 autocast for `gpu_fast`."""
+    """`trainer=gpu|gpu_fast` on CUDA, `fp16_compile`: `gpu_fast` in fp16 (Lightning's GradScaler) with `torch.compile`;
+    on the CPU dry-run `trainer=cpu`, with the plugin's autocast on the CPU, compiling through the `aot_eager` backend
+    (AOTAutograd as inductor's, no kernels to build)."""
+    fp16_compile = ["trainer.plugins.0.precision=16-mixed", "trainer.plugins.0.compile=true"]
     if sizes.device == "cuda":
-        return [f"trainer={kind}"]
+        return ["trainer=gpu_fast", *fp16_compile] if kind == "fp16_compile" else [f"trainer={kind}"]
     if kind == "gpu":
         return ["trainer=cpu", "trainer.deterministic=false"]
-    plugin = "{_target_:ood.precision.FastMixedPrecision,precision:bf16-mixed,device:cpu,channels_last:true}"
+    options = "precision:16-mixed,compile:true,compile_backend:aot_eager" if kind == "fp16_compile" else "precision:bf16-mixed"
+    plugin = f"{{_target_:ood.precision.FastMixedPrecision,device:cpu,channels_last:true,{options}}}"
     return ["trainer=cpu", "trainer.deterministic=false", f"+trainer.plugins=[{plugin}]"]
 
 
@@ -227,6 +243,63 @@ def check_methods(sizes: Sizes, tree: Path, work: Path, names: Sequence[str]) ->
             if low:
                 row["error"] = f"Spearman fp32 vs bf16 below {sizes.rho_min}: {low}"
         except Exception as err:  # noqa: BLE001 - a failing method is a row of the report, not the end of the check
+            row["error"] = f"{type(err).__name__}: {err}"
+        rows.append(row)
+        print(f"  {row['check']}: {'ok' if row['ok'] else 'FAILED ' + row['error']}", flush=True)
+    return rows
+
+
+class StepCount(Callback):
+    """Training batches whose step changed the weights (GradScaler skips the step of a batch with inf gradients)."""
+
+    def __init__(self) -> None:
+        self.stepped = self.batches = 0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._before = torch.cat([p.detach().flatten() for p in pl_module.parameters() if p.requires_grad]).clone()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        after = torch.cat([p.detach().flatten() for p in pl_module.parameters() if p.requires_grad])
+        self.batches += 1
+        self.stepped += int(not torch.equal(after, self._before))
+
+
+def check_fast_paths(sizes: Sizes, tree: Path, work: Path) -> list[dict[str, Any]]:
+    """Section 1b: `FAST_PATHS` trained and evaluated with `gpu_fast` in fp16 with `torch.compile`: finite losses,
+    optimiser steps taken through the GradScaler (it skips a step whose gradients overflowed and halves its scale),
+    every compiled sub-module run, finite scores of every detector (the network passes run the compiled modules
+    eagerly)."""
+    base = ["data=cifar10", f"paths.data_dir={tree}", f"backbone={sizes.backbone32}", "trainer.max_epochs=1",
+            f"data.batch_size={sizes.batch32}", f"data.eval_batch_size={sizes.eval_batch}", f"data.num_workers={sizes.workers}",
+            sizes.fast_detectors, "+detectors.params.vim.dim=32", *QUIET, f"method.init.ckpt={work / 'ce_init.pt'}"]
+    rows = []
+    for name, extra in FAST_PATHS.items():
+        row: dict[str, Any] = {"check": f"fp16 + compile {name}", "ok": False}
+        try:
+            method, datamodule, trainer, evaluation = build(_cfg(work / f"fast-{name.replace(' ', '-')}",
+                                                                 [*base, *extra, *trainer_overrides("fp16_compile", sizes)]))
+            log, steps = StepLog(), StepCount()
+            trainer.callbacks += [log, steps]
+            method.apply_init()
+            trainer.fit(method, datamodule=datamodule)
+            trainer.test(method, datamodule=datamodule, verbose=False)
+            compiled = [n for n, m in method.named_children() if getattr(m, "_compiled_call_impl", None) is not None]
+            scores = test_scores(evaluation)
+            aurocs: dict[str, list[float]] = {}
+            for r in evaluation.result.rows:
+                aurocs.setdefault(r["detector"], []).append(r["auroc"])
+            row |= {"losses": [round(v, 4) for v in log.losses], "steps_taken": f"{steps.stepped}/{steps.batches}",
+                    "grad_scale": trainer.precision_plugin.scaler.get_scale(), "compiled": compiled,
+                    "mean_auroc": {d: round(float(np.mean(v)), 4) for d, v in aurocs.items()}}
+            problems = [*(["a non-finite loss"] if not all(math.isfinite(v) for v in log.losses) else []),
+                        *(["no result rows"] if not aurocs else []),
+                        *(["no optimiser step taken"] if not steps.stepped else []),
+                        *(["nothing compiled"] if not compiled else []),
+                        *[f"{d}: non-finite scores" for d, v in scores.items() if not np.isfinite(v).all()]]
+            row["ok"] = not problems
+            if problems:
+                row["error"] = "; ".join(problems)
+        except Exception as err:  # noqa: BLE001 - a failing path is a row of the report
             row["error"] = f"{type(err).__name__}: {err}"
         rows.append(row)
         print(f"  {row['check']}: {'ok' if row['ok'] else 'FAILED ' + row['error']}", flush=True)
@@ -487,7 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         t = time.perf_counter()
         checks = check_methods(sizes, trees["cifar10"], work, args.methods.split(",") if args.methods else METHODS)
         seconds["methods"] = time.perf_counter() - t
-        sections = {"faiss": lambda: check_faiss(sizes), "augment": lambda: [check_augment(sizes)],
+        sections = {"fp16_compile": lambda: check_fast_paths(sizes, trees["cifar10"], work),
+                    "faiss": lambda: check_faiss(sizes), "augment": lambda: [check_augment(sizes)],
                     "ddp": lambda: [check_ddp(sizes, trees["cifar10"], work)], "api": lambda: [check_api(sizes, work)]}
         for name, section in sections.items():
             t = time.perf_counter()

@@ -1,6 +1,6 @@
 """`make gpu-check`'s CPU dry run (tiny shapes, the same code as on a GPU) passes, so the script cannot rot: every
-method config trains and evaluates in fp32 and under bf16 autocast, the device-vs-CPU checks hold, the throughput
-table is filled."""
+method config trains and evaluates in fp32 and under bf16 autocast, CE and cluster in fp16 compiled, the device-vs-CPU
+checks hold, the throughput table is filled."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ def test_gpu_check_dry_run_passes(tmp_path: Path) -> None:
         assert min(row["spearman_fp32_bf16"].values()) >= report["rho_min"]
         assert row["detector_params_bf16"] == row["detector_params_fp32"]  # fp32's tuned values, kept for bf16
         assert "k" in row["detector_params_bf16"]["knn"]
+    for name, modules in (("ce", ["backbone"]), ("cluster supcon", ["backbone", "head"])):  # fp16 + compile
+        row = checks[f"fp16 + compile {name}"]
+        assert row["compiled"] == modules and int(row["steps_taken"].split("/")[0]) > 0
+        assert set(row["mean_auroc"]) >= {"msp", "odin", "gram_stream"} and all(0 <= a <= 1 for a in row["mean_auroc"].values())
     assert checks["faiss knn (k=50)"]["same_neighbours"] == 1.0
     assert checks["faiss GROOD bank (1-NN)"]["same_neighbours"] == 1.0
     assert checks["1-device DDP evaluation == plain evaluation"]["rows"] > 0
