@@ -20,7 +20,7 @@ from ood.data.batch import Batch, collate_batch
 from ood.detectors.gram import GramStream
 from ood.detectors.network import FoldInputs
 from ood.detectors.odin import ODIN
-from ood.errors import ConfigError
+from ood.errors import ConfigError, NonFiniteError
 from ood.evaluation.callback import OODEvaluation
 from ood.methods.ce import CrossEntropy
 from ood.models.checkpoint import read_weights_file
@@ -153,3 +153,23 @@ def test_weights_saved_from_compiled_networks_load(tmp_path: Path) -> None:
     net = torchvision.models.resnet18(num_classes=3)
     torch.save(torch.compile(net).state_dict(), tmp_path / "resnet18.pth")
     assert read_weights_file(tmp_path / "resnet18.pth").keys() == net.state_dict().keys()
+
+
+def test_a_float16_overflow_in_the_evaluation_pass_names_the_precision(tmp_path: Path) -> None:
+    """Activations above 65504 are inf under fp16 autocast (`precision: 16-mixed`); the evaluation stops naming the
+    split, and now the precision and the fix (the message named neither: the banks are float32)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def images(n: int) -> TensorDataset:
+        return TensorDataset(torch.rand(n, 3, 8, 8, generator=gen), torch.arange(n) % 3)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with torch.no_grad():
+        net[1].weight.mul_(1e6)
+    fp16 = "+trainer.plugins=[{_target_:ood.precision.FastMixedPrecision,precision:16-mixed,device:cpu}]"
+    with pytest.raises(NonFiniteError, match=r"^split train: \d+ of \d+ logit values are NaN or infinite; the pass ran in "
+                                             r"float16 \(trainer precision 16-mixed\), whose activations overflow above "
+                                             r"65504: use bf16-mixed, or fp32 \(trainer=gpu\)$"):
+        ood.evaluate(net, {"train": images(6), "test": images(3)}, {"other": images(3)}, detectors=["msp"], device="cpu",
+                     output_dir=tmp_path, overrides=[fp16])

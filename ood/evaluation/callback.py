@@ -24,7 +24,7 @@ from ood import termination
 from ood.data.benchmark import EvalSplit, OODDataModule
 from ood.detectors.base import Detector, float16_detectors
 from ood.detectors.network import LayerTaps
-from ood.errors import ConfigError
+from ood.errors import ConfigError, NonFiniteError
 from ood.evaluation.evaluator import EvaluationResult, Evaluator
 from ood.evaluation.sinks import Sink
 from ood.features.bank import FeatureBank
@@ -221,15 +221,21 @@ class OODEvaluation(Callback):
             return self._model_scores(det, pl_module, loaders[split], banks[split].index, rows,
                                       desc=f"network pass over {split}", stop=stop)
 
-        result = self.evaluator.evaluate(
-            pl_module,
-            banks,
-            splits,
-            id_dataset=datamodule.name,
-            data_facts={"input_std": datamodule.benchmark.input_std},
-            model_scores=model_scores,
-            modes=self.modes,
-        )
+        try:
+            result = self.evaluator.evaluate(
+                pl_module,
+                banks,
+                splits,
+                id_dataset=datamodule.name,
+                data_facts={"input_std": datamodule.benchmark.input_std},
+                model_scores=model_scores,
+                modes=self.modes,
+            )
+        except NonFiniteError as err:
+            if pl_module.trainer.precision != "16-mixed":
+                raise
+            raise NonFiniteError(f"{err}; the pass ran in float16 (trainer precision 16-mixed), whose activations overflow "
+                                 "above 65504: use bf16-mixed, or fp32 (trainer=gpu)") from err
         for row in result.rows:
             row.update(notes.get(row["ood_dataset"], {}))
         return result
