@@ -100,7 +100,7 @@ digits-energy: install ## the energy family on digits: ce(+energy), logitnorm, e
 	  'method.init.ckpt=$${paths.log_dir}/digits_energy/ce_s$${seed}/checkpoints/last.ckpt' $(ARGS)
 	$(VENV)/bin/ood-report $${OOD_ROOT:-.}/logs/digits_energy
 
-gpu-check: install ## on a CUDA machine (pip uninstall faiss-cpu, pip install faiss-gpu-cu12 first): every CUDA path, synthetic data, sized for 10 min (never timed on a GPU yet), JSON in gpu_check.json; exits 1 on a failure
+gpu-check: install ## on a CUDA machine (pip uninstall faiss-cpu, pip install faiss-gpu-cu12 first): every CUDA path, synthetic data, sized for 8 min (never timed on a GPU yet), JSON in gpu_check.json; exits 1 on a failure
 	$(PY) -m benchmarks.gpu_check --out gpu_check.json
 
 # OpenOOD v1.5's released checkpoints and benchmark lists (local files, never downloaded): DATA_DIR holds

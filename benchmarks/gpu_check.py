@@ -1,7 +1,8 @@
 """`make gpu-check` (`python -m benchmarks.gpu_check [--out gpu_check.json] [--dry-run]`): does every CUDA path of ood
 run, and run right, on this machine's GPU? No downloads: synthetic data at CIFAR (32 px) and ImageNet (224 px) shapes
-in OpenOOD's on-disk layout (`benchmarks.fabricate`), sized to finish within 10 minutes on one current GPU, inductor's
-builds for the fp16 + compile check included (not yet timed on one). Exits 1 when any check fails, after writing every figure to the JSON file and printing the tables.
+in OpenOOD's on-disk layout (`benchmarks.fabricate`), sized to finish within 8 minutes on one current GPU (an
+estimate, not yet timed on one; inductor's first builds for the fp16 + compile check are the least certain part).
+Exits 1 when any check fails, after writing every figure to the JSON file and printing the tables.
 
 Run it on any CUDA machine:
 
@@ -22,8 +23,8 @@ Checks (each a row of the JSON's `checks`, `ok` true/false):
    so near-ties may swap but the order stays). The bf16 evaluation uses the hyper-parameters the fp32 one tuned.
    fp16 + compile: CE and supervised-contrastive cluster (manual optimisation) train and evaluate with `gpu_fast` in
    fp16 (Lightning's GradScaler, as GPUs without bf16 need) and `torch.compile` (inductor): finite losses, optimiser
-   steps taken through the scaler, the sub-modules compiled, finite scores of every detector (`detectors=full`: the
-   network passes run the compiled modules eagerly).
+   steps taken through the scaler, the sub-modules compiled, finite scores of every detector (`detectors.names=[all,
+   gram_stream]`: the network passes and layer hooks run the compiled modules eagerly).
 2. faiss: the kNN detector (k = 50, 50 000 train x 10 000 test rows of 512-d features) and GROOD's gradient bank (1-NN
    of `ncp_gradient`s) on faiss' GPU index return the same neighbours as the exact CPU search (identical
    neighbour sets for >= 99.9 % of queries; distances equal to 1e-4 relative: GPU and CPU sum in other orders).
@@ -101,7 +102,9 @@ class Sizes:
     workers: int
     throughput_epochs: int
     extra: dict[str, list[str]] = field(default_factory=dict)
-    fast_detectors: str = "detectors=full"  # the fp16 + compile section's: every network pass, run eagerly
+    #: the fp16 + compile section's: `all` (odin, rankfeat, nac, mcdropout: network passes, run eagerly) and the
+    #: layer hooks of gram_stream; `full`'s input-perturbing extras add time, not another path
+    fast_detectors: str = "detectors.names=[all,gram_stream]"
 
 
 GPU = Sizes("cuda", dict(n_train=2560, n_val=256, n_test=512, n_ood=256), dict(n_train=2560, n_val=256, n_test=256, n_ood=128, side=64),
