@@ -411,9 +411,9 @@ def extract(
     **preprocessing: Any,
 ) -> Any:
     """One pass of `model` over `data` (a folder: every image under it, labelled by its first-level class folder, or
-    -1 without one; or a Dataset of `(image, label)`): a `FeatureBank` with logits, penultimate features, labels (None
-    when unknown), the final linear layer and the outputs of `layers` as extras. Preprocessing as in `evaluate`
-    (`image_size`, `resize`, `mean`, `std`, `interpolation` in `preprocessing`)."""
+    -1 without one; or a Dataset of `(image, label)` or of images alone): a `FeatureBank` with logits, penultimate
+    features, labels (None when unknown), the final linear layer and the outputs of `layers` as extras.
+    Preprocessing as in `evaluate` (`image_size`, `resize`, `mean`, `std`, `interpolation` in `preprocessing`)."""
     from ood.data.folder import folder_dataset, preprocessing_transform, resolve_preprocessing
     from ood.features.bank import FeatureBank
     from ood.features.passes import forward_dataset

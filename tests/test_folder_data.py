@@ -241,6 +241,54 @@ def test_torch_datasets_as_sources(folders: dict[str, Path]) -> None:
     assert bench.ood_test()[0].dataset[0][1] == -1
 
 
+def test_dataset_items_are_checked_and_ood_sets_may_be_images_alone(folders: dict[str, Path]) -> None:
+    """An OOD Dataset of images alone (`TensorDataset(x)`, bare tensors) is served with label -1 and its labels are
+    never read; items the pass cannot use (dicts, numpy arrays, uint8 tensors, ID items without labels) are one line
+    naming the set, not a traceback from a loader or from the first convolution."""
+    from torch.utils.data import Dataset, TensorDataset
+
+    class Counted(Dataset):
+        def __init__(self, x: torch.Tensor) -> None:
+            self.x, self.reads = x, 0
+
+        def __len__(self) -> int:
+            return len(self.x)
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            self.reads += 1
+            return self.x[i]
+
+    x = torch.arange(4 * 3 * 2 * 2, dtype=torch.float32).view(4, 3, 2, 2)
+    bare = Counted(x)
+    bench = FolderBenchmark(folders["id"], ood={"near": {"bare": bare}, "far": {"one": TensorDataset(x + 1)}},
+                            image_size=32, resize=32)
+    reads = bare.reads  # item 0, checked once
+    near, far = (s.dataset for s in bench.ood_test())
+    assert near.targets == [-1] * 4 and bare.reads == reads
+    assert [(float(v.sum()), y) for v, y in (near[3], far[0])] == [(float(x[3].sum()), -1), (float(x[0].sum() + 12), -1)]
+    ood = [folders["far"]]
+    with pytest.raises(ConfigError, match=r"^folder:train: Dataset TensorDataset items must be \(image, label\) tuples "
+                                          r"\(an ID split needs labels\); item 0 is a 1-tuple$"):
+        FolderBenchmark(train=TensorDataset(x), test=folders["id"] / "test", ood=ood)
+
+    class Items(Dataset):
+        def __init__(self, item: object) -> None:
+            self.item = item
+
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> object:
+            return self.item
+
+    pixels = np.zeros((2, 2, 3), np.uint8)
+    for item, said in [({"image": x[0], "label": 0}, r"items are dicts \(keys \['image', 'label'\]\)"),
+                       ((pixels, 0), r"item 0 holds a numpy.ndarray of shape \(2, 2, 3\); images must be PIL images"),
+                       ((torch.zeros(3, 2, 2, dtype=torch.uint8), 0), r"item 0 holds a torch.uint8 tensor of shape")]:
+        with pytest.raises(ConfigError, match=rf"^folder:test: Dataset Items {said}"):
+            FolderBenchmark(train=folders["id"] / "train", test=Items(item), ood=ood)
+
+
 def test_ood_sets_in_every_accepted_form() -> None:
     """One source per group, a list, a `{name: source}` mapping or an imglist spec: each set gets its folder's or
     list's name."""

@@ -5,7 +5,8 @@ ID data: an ImageFolder-style `root` with `train/<class>/*` and `test/<class>/*`
 folders of `train/` (torchvision `ImageFolder`'s rule), test and val folders are mapped by name. Each split can be
 given instead as a source: a folder, a set spec mapping (`{imglist: list.txt, images: root}`, `ood.data.sets`; the
 listed paths are relative to `images`, by default the list file's folder) or, in Python, a torch `Dataset` of
-`(image, label)` (PIL images are converted and transformed like files; tensors are used as they are). An ID image
+`(image, label)` (an OOD set's may give images alone; PIL images are converted and transformed like files, float
+tensors are used as they are; anything else is refused in one line). An ID image
 list's labels are class indices: the train list's must be 0..K-1, each with images (K classes), and every other ID
 list's must be among them. OOD sets: `{near: {name: source}, far: {name: source}, val: source, csid: {name:
 source}}`, a `{name: source}` mapping (all far) or a list of sources (all far, named by their folder); `val` is the
@@ -101,7 +102,8 @@ class FileImages(Dataset):
 
 
 class SourceImages(Dataset):
-    """A user's `Dataset` of `(image, label)`: PIL images get `to_rgb` and `transform`, tensors pass as they are."""
+    """A user's `Dataset` of `(image, label)` (or, unlabelled, of images alone or `(image,)`: label -1): PIL images get
+    `to_rgb` and `transform`, float tensors pass as they are."""
 
     def __init__(self, dataset: Dataset, name: str, transform: Callable[[Image.Image], Any], label: int | None = None) -> None:
         self.dataset = dataset
@@ -111,27 +113,61 @@ class SourceImages(Dataset):
 
     @cached_property
     def targets(self) -> list[int]:
+        if self.label is not None:  # an OOD set: its own labels are not read (that would decode every item)
+            return [self.label] * len(self)
         own = getattr(self.dataset, "targets", None)
-        labels = list(own) if own is not None else [int(self.dataset[i][1]) for i in range(len(self))]
-        return labels if self.label is None else [self.label] * len(labels)
+        return [int(y) for y in own] if own is not None else [self._parts(i)[1] for i in range(len(self))]
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
+    def _parts(self, i: int) -> tuple[Any, int]:
+        """(image, label) of item `i`; -1 for an item without a label."""
+        item = self.dataset[i]
+        if isinstance(item, tuple | list) and 1 <= len(item) <= 2:
+            return item[0], int(item[1]) if len(item) == 2 else -1
+        return item, -1
+
     def _image(self, i: int) -> Any:
-        x = self.dataset[i][0]
+        x = self._parts(i)[0]
         return to_rgb(x) if isinstance(x, Image.Image) else x
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
-        x, y = self.dataset[i]
+        x, y = self._parts(i)
         x = self.transform(to_rgb(x)) if isinstance(x, Image.Image) else x
-        return x, int(y) if self.label is None else self.label
+        return x, y if self.label is None else self.label
 
     def describe(self, i: int) -> str:
         return f"{self.name}[{i}]"
 
     def digest(self, i: int, known: Mapping[Path, str | None]) -> str | None:
         return pixel_digest(self._image(i))
+
+
+def check_source(name: str, dataset: Dataset, labelled: bool) -> None:
+    """One line for a Dataset whose first item `SourceImages` cannot serve: not `(image, label)` where labels are
+    needed (an ID split), or an image that is neither a PIL image nor a float tensor (a numpy array, a uint8 tensor
+    from `torchvision.io` would reach the model as it is)."""
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        return  # the empty-set check names it
+    item = dataset[0]
+    kind = f"Dataset {type(dataset).__name__}"
+    if isinstance(item, Mapping):
+        raise ConfigError(f"{name}: {kind} items are dicts (keys {sorted(map(str, item))}); it must return (image, "
+                          "label) tuples: wrap it, e.g. __getitem__ returning (d['image'], d['label'])")
+    pair = isinstance(item, tuple | list) and len(item) == 2
+    if labelled and not pair:
+        got = f"a {len(item)}-tuple" if isinstance(item, tuple | list) else f"a {type(item).__name__}"
+        raise ConfigError(f"{name}: {kind} items must be (image, label) tuples (an ID split needs labels); item 0 is {got}")
+    if isinstance(item, tuple | list) and not 1 <= len(item) <= 2:
+        raise ConfigError(f"{name}: {kind} items must be (image, label) or images alone; item 0 is a {len(item)}-tuple")
+    x = item[0] if isinstance(item, tuple | list) else item
+    if isinstance(x, Image.Image) or (isinstance(x, torch.Tensor) and x.is_floating_point()):
+        return
+    what = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else f"a {type(x).__module__}.{type(x).__name__}"
+    what += f" of shape {tuple(x.shape)}" if hasattr(x, "shape") else ""
+    raise ConfigError(f"{name}: {kind} item 0 holds {what}; images must be PIL images (preprocessed as files are) or "
+                      "float tensors [C, H, W] (used as they are: pass their mean= / std=)")
 
 
 def _item(dataset: Dataset, i: int) -> tuple[FileImages | SourceImages, int]:
@@ -283,6 +319,7 @@ class FolderBenchmark(Benchmark):
     def _set(self, name: str, source: Source, label: int | None, classes: list[str] | None = None) -> ImageSet:
         """Files (or a Dataset) of `source`; ID folders are labelled by class folder name."""
         if isinstance(source, Dataset):
+            check_source(name, source, labelled=label is None)
             return ImageSet(name, f"Dataset {type(source).__name__}", dataset=source)
         if isinstance(source, Mapping) and "imglist" in source:
             spec = SetSpec.parse(name, source)
@@ -681,6 +718,7 @@ def preprocessing_transform(p: Mapping[str, Any]) -> Callable[[Image.Image], tor
 def folder_dataset(data: str | Path | Dataset, transform: Callable[[Image.Image], Any]) -> Dataset:
     """Every image under a folder, labelled by its first-level class folder (-1 without one), or a user's Dataset."""
     if isinstance(data, Dataset):
+        check_source(type(data).__name__, data, labelled=False)
         return SourceImages(data, type(data).__name__, transform)
     root = Path(data)
     if not root.is_dir():
