@@ -309,8 +309,9 @@ def evaluate(
         detectors: `all`, `full` (adds the slow network-pass ones), `cached` (those of `all` that score from the cache alone: no network pass),
             `fast`, `none`, or a list of names and selections (`["full", "gram_stream"]`).
         method: a post-hoc method config (`grood`, `cluster`, ...) scored beside the detectors; None: `ce`.
-        transform: a torchvision transform for every split; None: the model's timm data config, else `data`'s
-            `image_size` / `resize` / `mean` / `std`, else ImageNet's defaults.
+        transform: a torchvision transform for every split (its `Normalize`, or `mean` / `std` in `data`, is the
+            input normalisation); None: the model's timm data config, else `data`'s `image_size` / `resize` /
+            `mean` / `std`, else ImageNet's defaults.
         batch_size, num_workers: evaluation loading (per device).
         device: `cpu`, `cuda`, `cuda:<i>`; None: cuda when available.
         output_dir: the run folder; None: a new temporary folder, deleted when the process ends (`Results.save`

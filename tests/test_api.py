@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import runpy
@@ -223,6 +224,27 @@ def test_size_and_channel_mismatches_say_what_to_pass(tmp_path: Path) -> None:
     transform = T.Compose([T.Grayscale(1), T.ToTensor()])  # what the message asks for: the run goes through
     ood.evaluate(grey, paths["id"], [paths["far"]], detectors="msp", transform=transform, device="cpu",
                  output_dir=tmp_path / "grey_ok")
+
+
+def test_a_transform_object_gives_its_normalisation_to_odin(tmp_path: Path) -> None:
+    """ODIN steps by noise / std: with a `transform` its `Normalize` gives the std (it was taken as 1, a 4.4x smaller
+    step than the same preprocessing given as values), or `std=` when given; size options beside it are refused."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=2, ood=2)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    run = dict(detectors=["odin"], device="cpu", overrides=["+detectors.params.odin.noise=0.1"])
+    values = ood.evaluate(net, paths["id"], [paths["far"]], image_size=32, resize=32, output_dir=tmp_path / "v", **run)
+    transform = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), NORMALIZE])
+    given = ood.evaluate(net, paths["id"], [paths["far"]], transform=transform, output_dir=tmp_path / "t", **run)
+    assert np.array_equal(given.scores["odin"]["test"], values.scores["odin"]["test"])
+    recorded = json.loads((tmp_path / "t" / "preprocessing.json").read_text())
+    assert (recorded["mean"], recorded["std"]) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    bare = T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
+    ones = ood.evaluate(net, paths["id"], [paths["far"]], transform=bare, std=[1.0, 1.0, 1.0], output_dir=tmp_path / "s", **run)
+    halves = ood.evaluate(net, paths["id"], [paths["far"]], transform=bare, output_dir=tmp_path / "h", **run)
+    assert not np.array_equal(ones.scores["odin"]["test"], halves.scores["odin"]["test"])
+    with pytest.raises(ConfigError, match=r"^image_size given with a transform object, which does all the preprocessing"):
+        ood.evaluate(net, paths["id"], [paths["far"]], transform=bare, image_size=32, output_dir=tmp_path / "x", **run)
 
 
 def test_a_head_without_bias_reads_as_a_zero_bias(tmp_path: Path) -> None:

@@ -670,16 +670,25 @@ def resolve_preprocessing(
     model: Mapping[str, Any] | None = None,
     transform: Any = None,
 ) -> dict[str, Any]:
-    """The preprocessing used and where it came from (module docstring; recorded in `preprocessing.json`)."""
-    if transform is not None:
-        return {"source": "transform object", "transform": repr(transform)}
-    for key, value in (("image_size", image_size), ("resize", resize)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < 1):
-            raise ConfigError(f"data.{key}={value!r}: must be a whole number of pixels >= 1 (or null for the default)")
+    """The preprocessing used and where it came from (module docstring; recorded in `preprocessing.json`). With a
+    `transform` object: its input normalisation, `mean` / `std` as given, else those of its `Normalize` (the
+    input-perturbing detectors scale their step by `std`), else none (0 and 1)."""
     for key, values in (("mean", mean), ("std", std)):
         if values is not None and (isinstance(values, str) or not all(isinstance(v, Real) for v in values)
                                    or len(values) not in (1, 3) or (key == "std" and min(values) <= 0)):
             raise ConfigError(f"data.{key}={values!r}: must be 1 or 3 numbers{' > 0' if key == 'std' else ''} (one per channel)")
+    if transform is not None:
+        ignored = [k for k, v in (("image_size", image_size), ("resize", resize), ("interpolation", interpolation)) if v is not None]
+        if ignored:
+            raise ConfigError(f"{', '.join(ignored)} given with a transform object, which does all the preprocessing: "
+                              "leave them out (or the transform)")
+        found = normalization(transform) or (None, None)
+        mean, std = mean or found[0], std or found[1]
+        return {"source": "transform object", "transform": repr(transform)} | (
+            {} if mean is None else {"mean": list(mean)}) | ({} if std is None else {"std": list(std)})
+    for key, value in (("image_size", image_size), ("resize", resize)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < 1):
+            raise ConfigError(f"data.{key}={value!r}: must be a whole number of pixels >= 1 (or null for the default)")
     model = dict(model or {})
     source = "defaults (ImageNet)"
     if data_config is None and model.get("library") == "timm" and model.get("name"):
@@ -703,6 +712,17 @@ def resolve_preprocessing(
     if out["interpolation"] not in INTERPOLATIONS:
         raise ConfigError(f"data.interpolation={out['interpolation']!r} is unknown; choices: {list(INTERPOLATIONS)}")
     return out
+
+
+def normalization(transform: Any) -> tuple[list[float], list[float]] | None:
+    """(mean, std) of the last torchvision `Normalize` (v1 or v2) in `transform`, through nested `Compose`s; None
+    without one."""
+    from torchvision.transforms import v2
+
+    if isinstance(transform, T.Normalize | v2.Normalize):
+        return tuple(torch.as_tensor(v, dtype=torch.float64).reshape(-1).tolist() for v in (transform.mean, transform.std))  # type: ignore[return-value]
+    found = [n for step in getattr(transform, "transforms", ()) if (n := normalization(step)) is not None]
+    return found[-1] if found else None
 
 
 def preprocessing_transform(p: Mapping[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
