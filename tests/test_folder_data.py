@@ -87,6 +87,19 @@ def test_hidden_files_and_folders_are_neither_classes_nor_images(folders: dict[s
     assert folder_entries(root / "train") == folder_entries(folders["id"] / "train")
 
 
+def test_symlinked_folders_are_followed_once(folders: dict[str, Path], tmp_path: Path) -> None:
+    """An OOD folder linking parts kept elsewhere keeps their images, as torchvision's `ImageFolder` does (they were
+    skipped silently); a link back to an ancestor is walked once."""
+    ood = tmp_path / "ood"
+    ood.mkdir()
+    shutil.copy(folders["far"] / "0.png", ood / "own.png")
+    (ood / "part").symlink_to(folders["near"], target_is_directory=True)
+    (ood / "loop").symlink_to(ood, target_is_directory=True)
+    bench = FolderBenchmark(folders["id"], ood={"far": {"linked": ood}}, image_size=32, resize=32)
+    assert [str(p.relative_to(ood)) for p, _ in bench.ood_sets[0][2].entries] == ["own.png", "part/0.png", "part/1.png",
+                                                                                    "part/2.png", "part/3.png"]
+
+
 def test_preprocessing_values_are_checked() -> None:
     """A size or normalisation the transform cannot use is one line (image_size=abc failed in torchvision's Resize
     after the model was built; 0 silently became 224)."""

@@ -56,9 +56,17 @@ def class_folders(root: Path) -> list[str]:
 
 
 def image_files(root: Path) -> list[Path]:
-    """Every image file under `root`, recursively, in sorted path order; hidden files and folders left out."""
+    """Every image file under `root`, recursively, in sorted path order; hidden files and folders left out. Symlinked
+    folders are followed, as torchvision's `ImageFolder` does (a set assembled from links lost their images
+    silently), each real folder once (a link to an ancestor is no endless loop)."""
     files = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
         files += [Path(dirpath) / f for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(f)]
     return files
