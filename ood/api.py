@@ -334,6 +334,10 @@ def evaluate(
     from ood.train import build
 
     net = _network(model)
+    dtypes = sorted({str(p.dtype) for p in net.parameters() if p.is_floating_point()} - {"torch.float32"})
+    if dtypes:  # the pass feeds float32 images: a half model failed in its first layer with PyTorch's dtype error
+        raise ConfigError(f"the model's parameters are {', '.join(dtypes)} and the evaluation feeds float32 images: "
+                          "pass model.float() (bf16 mixed precision on a GPU: overrides=['trainer=gpu_fast'])")
     backbone = as_backbone(net, feature_layer)
     values, objects = _data_kwargs(id_data, ood_data, net, transform)
     fsood = bool({**values, **objects}["ood"]["csid"]) if fsood is None else fsood

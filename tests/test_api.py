@@ -143,6 +143,17 @@ def test_an_unusable_device_is_one_line(trained, tmp_path: Path, monkeypatch: py
         ood.evaluate(nn.Linear(2, 3), paths["id"], [paths["far"]], device="gpu", output_dir=tmp_path)
 
 
+def test_a_half_precision_model_is_one_line(trained, tmp_path: Path) -> None:
+    """A `model.half()` (or bf16, float64) met float32 images in its first layer: PyTorch's dtype traceback after
+    the data was read; now one line before the run, saying what to pass."""
+    paths, _, _ = trained
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)).to(torch.bfloat16)
+    with pytest.raises(ConfigError, match=r"^the model's parameters are torch.bfloat16 and the evaluation feeds float32 "
+                                          r"images: pass model.float\(\)"):
+        ood.evaluate(net, paths["id"], [paths["far"]], device="cpu", output_dir=tmp_path)
+    assert not (tmp_path / "config.yaml").exists()
+
+
 def test_a_misspelt_data_option_is_one_line(trained, tmp_path: Path) -> None:
     paths, _, _ = trained
     with pytest.raises(ConfigError, match=r"^ood.evaluate got an unknown keyword 'image_sze' \(did you mean 'image_size'\?\); "
