@@ -316,6 +316,11 @@ def test_ood_sets_in_every_accepted_form() -> None:
     assert ood_mapping(spec)["far"] == {"test_svhn": spec}
     with pytest.raises(ConfigError, match=r"OOD sets /d/a/images and /d/b/images would both be named 'images': name them"):
         ood_mapping({"far": ["/d/a/images", "/d/b/images"]})
+    # a misspelt group is named as such (it was read as a far set named 'fra' with a set-spec key 'dtd')
+    for given, key, close in [({"fra": {"dtd": "/d/t"}}, "fra", "far"), ({"far": "/d/t", "cisd": {}}, "cisd", "csid")]:
+        with pytest.raises(ConfigError, match=rf"^data.ood has unknown keys \['{key}'\] \('{key}': did you mean '{close}'\?\); "
+                                              r"valid keys: near, far, val, csid, or \{name: source\} for far sets alone$"):
+            ood_mapping(given)
 
 
 def test_validation_ood_alone_is_refused(folders: dict[str, Path]) -> None:

@@ -321,7 +321,7 @@ def test_folder_csid_sets_get_the_test_split_checks(tmp_path: Path) -> None:
         FolderBenchmark(paths["id"], {"far": [paths["far"]], "csid": {"bad": {"imglist": str(tmp_path / "bad.txt")}}})
     with pytest.raises(ConfigError, match=r"OOD and csid set names must be unique .* got \['checkers'\]"):
         FolderBenchmark(paths["id"], {"far": [paths["far"]], "csid": {"checkers": shifted}})
-    with pytest.raises(ConfigError, match=r"data.ood has unknown keys \['cs_id'\]; valid keys: near, far, val, csid"):
+    with pytest.raises(ConfigError, match=r"data.ood has unknown keys \['cs_id'\] \('cs_id': did you mean 'csid'\?\); valid keys: near, far, val, csid"):
         FolderBenchmark(paths["id"], {"far": [paths["far"]], "cs_id": [shifted]})
 
 

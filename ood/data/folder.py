@@ -35,10 +35,11 @@ cosine alone (listed as `near`, similarity 1.0).
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 from numbers import Integral, Real
 from pathlib import Path
@@ -651,11 +652,17 @@ def ood_mapping(ood: Any) -> dict[str, Any]:
 
     if not isinstance(ood, Mapping):
         return {"near": {}, "far": named(ood), "val": None, "csid": {}}
+    spec_keys = {f.name for f in fields(SetSpec)}
+    # a `{name: source}` mapping (all far), unless a value is a group of sets itself: a misspelt group key
+    groups = [k for k, v in ood.items() if isinstance(v, Mapping) and not set(v) & spec_keys]
+    unknown = sorted(set(ood) - set(OOD_KEYS)) if set(ood) & set(OOD_KEYS) else groups
+    if unknown:
+        close = {k: difflib.get_close_matches(str(k), OOD_KEYS, n=1) for k in unknown}
+        hint = "".join(f" ({k!r}: did you mean {c[0]!r}?)" for k, c in close.items() if c)
+        raise ConfigError(f"data.ood has unknown keys {unknown}{hint}; valid keys: {', '.join(OOD_KEYS)}, or "
+                          "{name: source} for far sets alone")
     if not set(ood) & set(OOD_KEYS):
         return {"near": {}, "far": dict(ood), "val": None, "csid": {}}
-    unknown = set(ood) - set(OOD_KEYS)
-    if unknown:
-        raise ConfigError(f"data.ood has unknown keys {sorted(unknown)}; valid keys: {', '.join(OOD_KEYS)}")
     return {"near": named(ood.get("near")), "far": named(ood.get("far")), "val": ood.get("val"),
             "csid": named(ood.get("csid"))}
 
