@@ -307,6 +307,24 @@ def test_example_script_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert (tmp_path / "run" / "preprocessing.json").is_file()
 
 
+def test_a_reused_output_dir_keeps_no_earlier_run_files(tmp_path: Path) -> None:
+    """Two models evaluated into one output_dir: the second run's Results hold its own scores, or none with
+    `save_scores=false` (the first model's scores.npz was read back as its own), and no bad_images.json of the
+    first run's `bad_images=skip`."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=2, ood=2)
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)))
+    run = dict(detectors=["msp"], image_size=32, resize=32, device="cpu", output_dir=tmp_path / "run")
+    first = ood.evaluate(nets[0], paths["id"], [paths["far"]], bad_images="skip", **run)
+    assert json.loads((tmp_path / "run" / "bad_images.json").read_text()) == {"count": 0, "files": []}
+    second = ood.evaluate(nets[1], paths["id"], [paths["far"]], overrides=["evaluation.sinks.results.save_scores=false"], **run)
+    assert len(first.scores["msp"]["test"]) == 6 and second.scores == {}
+    assert second.rows[0]["auroc"] != first.rows[0]["auroc"]
+    assert not (tmp_path / "run" / "bad_images.json").exists()
+
+
 def test_a_temporary_run_folder_goes_when_the_process_ends(tmp_path: Path) -> None:
     """Without `output_dir`, each call's `ood-eval-*` temporary folder lives as long as the Python process (the
     results stay readable), then is deleted: a session of evaluations left them all behind."""

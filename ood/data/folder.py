@@ -493,6 +493,8 @@ class FolderBenchmark(Benchmark):
             atomic_write_text(
                 self.report_dir / "bad_images.json", json.dumps({"count": len(self.skipped), "files": self.skipped}, indent=2)
             )
+        else:  # an earlier run's list in this folder would name files this run read
+            (self.report_dir / "bad_images.json").unlink(missing_ok=True)
 
     # ----- datasets ----------------------------------------------------------------------------------------------
     def _dataset(self, image_set: ImageSet, transform: Callable[[Image.Image], Any], label: int | None = None) -> Dataset:

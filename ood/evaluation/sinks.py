@@ -109,6 +109,8 @@ class ResultsWriter:
         if self.save_scores:
             flat = {f"{d}/{split}": s.numpy() for d, per_split in result.scores.items() for split, s in per_split.items()}
             atomic_savez(out / "scores.npz", flat)
+        else:  # an earlier run's scores in this folder would be read back as this run's (`ood.Results`)
+            (out / "scores.npz").unlink(missing_ok=True)
         save_run_figures(out, result.scores, result.rows)
         _, images, rest = split_diagnostics(result.diagnostics)
         for key, image in images.items():
