@@ -138,6 +138,17 @@ def test_a_model_returning_a_tuple_is_one_line() -> None:
         as_backbone(TupleOut()).run(torch.randn(2, 3, 8, 8))
 
 
+def test_a_model_without_a_linear_head_is_told_what_feature_layer_can_name() -> None:
+    """SqueezeNet's head is a 1x1 convolution: the message no longer asks for a feature_layer= that is then refused
+    for not being a linear layer."""
+    net = torchvision.models.squeezenet1_1(num_classes=3)
+    with pytest.raises(ConfigError, match=r"^SqueezeNet has no nn.Linear layer: .* \(feature_layer= can only name such a "
+                                          r"layer\); give a model that ends in an nn.Linear$"):
+        as_backbone(net)
+    with pytest.raises(ConfigError, match=r"^feature_layer='classifier.1' is not a linear layer of SqueezeNet"):
+        as_backbone(net, feature_layer="classifier.1")
+
+
 def test_weights_from_local_files(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

@@ -75,8 +75,9 @@ def find_head(net: nn.Module, feature_layer: str | None = None) -> str:
     linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ConfigError(
-            f"{type(net).__name__} has no nn.Linear layer: name the module whose input is the penultimate feature "
-            "with feature_layer=<module path>"
+            f"{type(net).__name__} has no nn.Linear layer: ood reads the penultimate feature as the input of the "
+            "final linear layer, whose weight and bias the detectors use (feature_layer= can only name such a layer); "
+            "give a model that ends in an nn.Linear"
         )
     return linears[-1]
 
