@@ -138,8 +138,18 @@ def test_every_class_keeps_training_images(folders: dict[str, Path], tmp_path: P
     train-fitted detectors a class they never saw (Mahalanobis' mean of it: the zero vector): one line each."""
     root = folders["id"]
     (root / "train" / "zebra").mkdir()
+    (root / "train" / "yak").mkdir()  # one image, which the validation split takes: the empty class is named alone
+    shutil.copy(root / "train" / "c0" / "0.png", root / "train" / "yak" / "0.png")
     with pytest.raises(DataNotFoundError, match=r"/train: class\(es\) \['zebra'\] have no images \(every ID class needs"):
         FolderBenchmark(root, ood=[folders["far"]])
+    for k in range(10):  # many classes: the first 8 and the count, not a line of every name
+        (root / "train" / f"z{k}").mkdir()
+    with pytest.raises(DataNotFoundError, match=r"/train: class\(es\) \['z0', 'z1', 'z2', 'z3', 'z4', 'z5', 'z6', 'z7'\] "
+                                                r"\.\.\. \(11 in all\) have no images"):
+        FolderBenchmark(root, ood=[folders["far"]])
+    for k in range(10):
+        (root / "train" / f"z{k}").rmdir()
+    shutil.rmtree(root / "train" / "yak")
     shutil.copy(root / "train" / "c0" / "0.png", root / "train" / "zebra" / "0.png")
     shutil.copytree(root / "test" / "c0", root / "test" / "zebra")
     with pytest.raises(DataNotFoundError, match=r"/train: holding out the ID validation split \(data.val_fraction=0.1, at "

@@ -339,7 +339,7 @@ class FolderBenchmark(Benchmark):
                 unknown = sorted({y for _, y in entries} - set(range(self.num_classes)))
                 if unknown:
                     raise DataNotFoundError(f"{listed} has {len(unknown)} labels absent from the ID train split "
-                                            f"(classes 0..{self.num_classes - 1}): {unknown}")
+                                            f"(classes 0..{self.num_classes - 1}): {first_few(unknown)}")
             return ImageSet(name, str(listed), entries)
         spec = SetSpec.parse(name, source if isinstance(source, Mapping) else {"folder": str(source)})
         if spec.folder is None:
@@ -364,7 +364,7 @@ class FolderBenchmark(Benchmark):
         unknown = sorted(set(found) - set(classes))
         if unknown:
             raise DataNotFoundError(
-                f"{folder} has {len(unknown)} classes absent from the ID train split ({len(classes)} classes): {unknown}"
+                f"{folder} has {len(unknown)} classes absent from the ID train split ({len(classes)} classes): {first_few(unknown)}"
             )
         index = {c: i for i, c in enumerate(classes)}
         return ImageSet(name, str(folder), [(f, index[c]) for c in found for f in image_files(folder / c)])
@@ -377,16 +377,20 @@ class FolderBenchmark(Benchmark):
         class goes to it): the detectors fitted on train would otherwise score against a class they never saw (its
         mean the zero vector), silently."""
         labels = self._labels(train)
+
+        def named(ks: list[int]) -> str:
+            return first_few([self.classes[k] for k in ks] if self.classes else ks)
+
+        empty = [k for k in range(self.num_classes) if k not in set(labels)]
+        if empty:
+            raise DataNotFoundError(f"{train.where}: class(es) {named(empty)} have no images (every ID class needs "
+                                    "training images)")
         kept = set(labels) if self._held_out is None else {labels[i] for i in self._held_out[1]}
         missing = [k for k in range(self.num_classes) if k not in kept]
-        if not missing:
-            return
-        names = [self.classes[k] for k in missing] if self.classes else missing
-        if set(missing) & set(labels):
+        if missing:
             raise DataNotFoundError(f"{train.where}: holding out the ID validation split (data.val_fraction="
-                                    f"{self.val_fraction:g}, at least one image per class) leaves class(es) {names} no "
-                                    "training image; give them more images or a val/ split")
-        raise DataNotFoundError(f"{train.where}: class(es) {names} have no images (every ID class needs training images)")
+                                    f"{self.val_fraction:g}, at least one image per class) leaves class(es) "
+                                    f"{named(missing)} no training image; give them more images or a val/ split")
 
     def _class_count(self, train: ImageSet) -> int:
         """The number of classes of a train split labelled by index (an image list, a Dataset): 1 + the largest
@@ -396,7 +400,7 @@ class FolderBenchmark(Benchmark):
         missing = sorted(set(range(count)) - labels)
         if train.entries is not None and missing:
             raise DataNotFoundError(f"{train.where}: the ID train labels must be the class indices 0..{count - 1}, "
-                                    f"each with images; no image has {missing}")
+                                    f"each with images; no image has {first_few(missing)}")
         return count
 
     def _ood_sets(self, groups: Mapping[str, Any]) -> tuple[list[tuple[str, str, ImageSet]], ImageSet | None]:
@@ -617,6 +621,12 @@ class FolderBenchmark(Benchmark):
                                     "images duplicates ID data (listed in overlap.json); score them without "
                                     "drop_overlap, or with another data.overlap_threshold")
         return out, notes
+
+
+def first_few(items: Sequence[Any], first: int = 8) -> str:
+    """`items` for a one-line message: all of them, or the first `first` and how many there are (a 1000-class
+    folder gave a 13 kB line)."""
+    return str(list(items)) if len(items) <= first else f"{list(items[:first])} ... ({len(items)} in all)"
 
 
 def ood_mapping(ood: Any) -> dict[str, Any]:
