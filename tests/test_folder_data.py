@@ -184,11 +184,14 @@ def test_truncated_jpeg_stops_naming_it_or_is_skipped_and_counted(folders: dict[
     broken = next(i for i in range(len(far)) if far.describe(i).endswith("broken.jpg"))
     with pytest.raises(BadImageError, match=r"unreadable image .*/checkers/broken.jpg: OSError: image file is truncated"):
         far[broken]
+    (folders["far"] / "0.png").unlink()  # gone since it was listed (or named by an image list): skip says it too
+    with pytest.raises(BadImageError, match=r"^image not found: .*/checkers/0.png \(data.bad_images=skip skips such files\)$"):
+        far[0]
     results = ood.evaluate(_pixels(), folders["id"], [folders["far"]], detectors=["msp"], image_size=32, resize=32,
                            bad_images="skip", device="cpu", output_dir=tmp_path / "run")
     skipped = json.loads((tmp_path / "run" / "bad_images.json").read_text())
     assert skipped["count"] == 1 and skipped["files"][0].endswith("checkers/broken.jpg")
-    assert results.rows[0]["n_ood"] == 4
+    assert results.rows[0]["n_ood"] == 3
     assert json.loads((tmp_path / "run" / "preprocessing.json").read_text())["image_size"] == 32
 
 

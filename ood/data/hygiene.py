@@ -55,7 +55,7 @@ def load_image(path: str | Path, hint: str = " (data.bad_images=skip skips such 
             image.load()
             return to_rgb(image)
     except FileNotFoundError:
-        raise BadImageError(f"image not found: {path}") from None
+        raise BadImageError(f"image not found: {path}{hint}") from None
     except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for bad files
         raise BadImageError(
             f"unreadable image {path}: {type(err).__name__}: {err}{hint}"
