@@ -415,6 +415,9 @@ def test_id_image_lists_get_the_class_checks_of_folders(folders: dict[str, Path]
     elsewhere = FolderBenchmark(train={**write(tmp_path / "lists" / "train.txt", train), "images": str(root)},
                                 test=write(root / "test.txt", test), ood=[folders["far"]])
     assert elsewhere.id_sets["train"].entries == by_folder.id_sets["train"].entries
+    tabbed = FolderBenchmark(train=write(root / "tabs.txt", [line.replace(" ", "\t") for line in train]),
+                             test=write(root / "test.txt", test), ood=[folders["far"]])  # pandas' to_csv(sep="\t")
+    assert tabbed.id_sets["train"].entries == by_folder.id_sets["train"].entries
 
     with pytest.raises(DataNotFoundError, match=r"bad_test.txt has 1 labels absent from the ID train split "
                                                 r"\(classes 0..2\): \[3\]$"):

@@ -20,7 +20,8 @@ from ood.errors import DataNotFoundError, OODError
 
 
 def read_imglist(path: str | Path) -> list[tuple[str, int]]:
-    """`(relative path, label)` per non-empty line of an OpenOOD list file."""
+    """`(relative path, label)` per non-empty line of an OpenOOD list file; path and label are split at the first
+    run of spaces or tabs (the lines of a tab-separated list were read as paths without a label)."""
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"image list not found: {path}")
@@ -28,9 +29,9 @@ def read_imglist(path: str | Path) -> list[tuple[str, int]]:
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        name, _, label = line.strip().partition(" ")
+        name, *label = line.split(maxsplit=1)
         try:
-            entries.append((name, int(label) if label else -1))
+            entries.append((name, int(label[0]) if label else -1))
         except ValueError:
             raise OODError(f"{path}:{number}: expected '<path> <integer label>', got {line!r}") from None
     return entries
