@@ -109,6 +109,10 @@ def test_preprocessing_values_are_checked() -> None:
         with pytest.raises(ConfigError, match=rf"^data.{key}={re.escape(repr(value))}: must be .*{re.escape(rule)}"):
             resolve_preprocessing(**{key: value})
     assert resolve_preprocessing(image_size=np.int64(32), mean=[0.5], std=(np.float32(0.25),) * 3)["resize"] == 36
+    # a timm class built directly has no registered name (ood.evaluate names it `ResNet`): ImageNet's defaults, not
+    # an AttributeError on the missing pretrained config
+    assert resolve_preprocessing(model={"library": "timm", "name": "ResNet"}) == resolve_preprocessing()
+    assert resolve_preprocessing(model={"library": "timm", "name": "convnext_atto"})["interpolation"] == "bicubic"
 
 
 def test_folder_mistakes_are_one_line(folders: dict[str, Path], tmp_path: Path) -> None:

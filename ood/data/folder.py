@@ -710,10 +710,14 @@ def resolve_preprocessing(
             raise ConfigError(f"data.{key}={value!r}: must be a whole number of pixels >= 1 (or null for the default)")
     model = dict(model or {})
     source = "defaults (ImageNet)"
+    pretrained = None
     if data_config is None and model.get("library") == "timm" and model.get("name"):
         import timm.data
 
-        data_config = timm.data.resolve_data_config(pretrained_cfg=timm.get_pretrained_cfg(model["name"]).to_dict())
+        # None for a name timm does not register: a timm class built directly (ood.evaluate names it by its class)
+        pretrained = timm.get_pretrained_cfg(model["name"])
+    if pretrained is not None:
+        data_config = timm.data.resolve_data_config(pretrained_cfg=pretrained.to_dict())
         source = f"timm data config of {model['name']}"
     elif data_config is not None:
         source = "timm data config of the model"
