@@ -333,6 +333,10 @@ def test_ood_sets_in_every_accepted_form() -> None:
     assert ood_mapping(spec)["far"] == {"test_svhn": spec}
     with pytest.raises(ConfigError, match=r"OOD sets /d/a/images and /d/b/images would both be named 'images': name them"):
         ood_mapping({"far": ["/d/a/images", "/d/b/images"]})
+    for val, got in [(["/d/a", "/d/b"], r"\['/d/a', '/d/b'\]"), ({"a": "/d/a"}, r"a mapping of sets \['a'\]")]:
+        with pytest.raises(ConfigError, match=rf"^data.ood.val is one set, .*; got {got}: give one source"):
+            ood_mapping({"far": "/d/t", "val": val})  # it was read as a folder named "['/d/a', '/d/b']"
+    assert ood_mapping({"far": "/d/t", "val": {"folder": "/d/v"}})["val"] == {"folder": "/d/v"}
     # a misspelt group is named as such (it was read as a far set named 'fra' with a set-spec key 'dtd')
     for given, key, close in [({"fra": {"dtd": "/d/t"}}, "fra", "far"), ({"far": "/d/t", "cisd": {}}, "cisd", "csid")]:
         with pytest.raises(ConfigError, match=rf"^data.ood has unknown keys \['{key}'\] \('{key}': did you mean '{close}'\?\); "

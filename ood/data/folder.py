@@ -675,8 +675,12 @@ def ood_mapping(ood: Any) -> dict[str, Any]:
                           "{name: source} for far sets alone")
     if not set(ood) & set(OOD_KEYS):
         return {"near": {}, "far": dict(ood), "val": None, "csid": {}}
-    return {"near": named(ood.get("near")), "far": named(ood.get("far")), "val": ood.get("val"),
-            "csid": named(ood.get("csid"))}
+    val = ood.get("val")
+    if val is not None and not (single(val) or isinstance(val, Mapping) and set(val) <= spec_keys):
+        what = f"a mapping of sets {sorted(val)}" if isinstance(val, Mapping) else f"{val!r}"
+        raise ConfigError(f"data.ood.val is one set, the validation OOD the detectors are tuned on (a folder, an image "
+                          f"list or a Dataset); got {what}: give one source (pool several sets into one folder)")
+    return {"near": named(ood.get("near")), "far": named(ood.get("far")), "val": val, "csid": named(ood.get("csid"))}
 
 
 def resolve_preprocessing(
