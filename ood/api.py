@@ -437,6 +437,8 @@ def extract(
 
             config = timm.data.resolve_data_config(model=net)
         transform = preprocessing_transform(resolve_preprocessing(data_config=config, **preprocessing))
+    else:  # size options beside it would be ignored: refused, as by `evaluate`
+        resolve_preprocessing(transform=transform, **preprocessing)
     dataset = folder_dataset(data, transform)
     layers = (layers,) if isinstance(layers, str) else tuple(layers)
 

@@ -109,6 +109,8 @@ def test_extract_gives_the_bank_detectors_take(trained) -> None:
     torch.testing.assert_close(bank.features @ bank.weight.T + bank.bias, logits, atol=1e-5, rtol=1e-5)
     scores = build_detector("msp").fit(bank).score(bank)
     torch.testing.assert_close(scores.exp(), logits.softmax(1).amax(1).double(), atol=1e-6, rtol=0)  # log MSP
+    with pytest.raises(ConfigError, match=r"^image_size given with a transform object"):  # it was ignored
+        ood.extract(model, paths["id"] / "test", transform=T.Compose([T.ToTensor(), NORMALIZE]), image_size=64)
 
 
 def test_extract_keeps_a_layer_called_features_apart() -> None:
