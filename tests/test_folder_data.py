@@ -374,6 +374,19 @@ def test_test_folder_labels_follow_a_train_dataset(folders: dict[str, Path], tmp
                             image_size=32, resize=32)
     assert bench.classes == ["c0", "c1", "c2"] and bench.num_classes == 3
     assert sorted({y for _, y in bench.id_sets["test"].entries}) == [0, 2]
+    # the other way round: a test ImageFolder without c1 labels c2 as 1; its labels follow the train classes by name
+    # (they were served as its own indices, c2's images as class c1, silently)
+    by_name = FolderBenchmark(folders["id"], test=ImageFolder(str(test)), ood={"far": [folders["far"]],
+                              "csid": {"shifted": ImageFolder(str(test))}}, image_size=32, resize=32)
+    assert [y for _, y in by_name.test()] == [y for _, y in bench.id_sets["test"].entries] == [0] * 3 + [2] * 3
+    assert [y for _, y in by_name.csid_test()[0].dataset] == [0] * 3 + [2] * 3
+    shutil.copytree(test / "c0", test / "zebra")
+    with pytest.raises(DataNotFoundError, match=r"^Dataset ImageFolder \(id:test\) has 1 classes absent from the ID train "
+                                                r"split \(3 classes\): \['zebra'\]$"):
+        FolderBenchmark(folders["id"], test=ImageFolder(str(test)), ood=[folders["far"]])
+    other = ImageFolder(str(test))
+    other.classes = ["tench", "goldfish", "shark"]  # names of another vocabulary: its own indices, as before
+    assert [y for _, y in FolderBenchmark(folders["id"], test=other, ood=[folders["far"]]).test()] == other.targets
     with pytest.raises(ConfigError, match=r"class folders cannot be matched to the labels of the train Dataset FakeData"):
         FolderBenchmark(train=FakeData(6, (3, 16, 16), 3), test=test, ood=[folders["far"]], image_size=16, resize=16)
 

@@ -2,7 +2,9 @@
 
 ID data: an ImageFolder-style `root` with `train/<class>/*` and `test/<class>/*` (and `val/<class>/*`; without it
 `val_fraction` of train is held out, stratified, with `split_seed`); class names and indices come from the sorted
-folders of `train/` (torchvision `ImageFolder`'s rule), test and val folders are mapped by name. Each split can be
+folders of `train/` (torchvision `ImageFolder`'s rule), test and val folders are mapped by name (and so are the
+labels of a Dataset naming its `classes`, e.g. an `ImageFolder` lacking a class; names of another vocabulary, none
+of them a train class, keep their indices). Each split can be
 given instead as a source: a folder, a set spec mapping (`{imglist: list.txt, images: root}`, `ood.data.sets`; the
 listed paths are relative to `images`, by default the list file's folder) or, in Python, a torch `Dataset` of
 `(image, label)` (an OOD set's may give images alone; PIL images are converted and transformed like files, float
@@ -104,20 +106,26 @@ class FileImages(Dataset):
 
 class SourceImages(Dataset):
     """A user's `Dataset` of `(image, label)` (or, unlabelled, of images alone or `(image,)`: label -1): PIL images get
-    `to_rgb` and `transform`, float tensors pass as they are."""
+    `to_rgb` and `transform`, float tensors pass as they are; `relabel[y]` is the ID class index of its label `y`
+    (its `classes` in the ID train split's order)."""
 
-    def __init__(self, dataset: Dataset, name: str, transform: Callable[[Image.Image], Any], label: int | None = None) -> None:
+    def __init__(self, dataset: Dataset, name: str, transform: Callable[[Image.Image], Any], label: int | None = None,
+                 relabel: Sequence[int] | None = None) -> None:
         self.dataset = dataset
         self.name = name
         self.transform = transform
         self.label = label
+        self.relabel = relabel
 
     @cached_property
     def targets(self) -> list[int]:
         if self.label is not None:  # an OOD set: its own labels are not read (that would decode every item)
             return [self.label] * len(self)
         own = getattr(self.dataset, "targets", None)
-        return [int(y) for y in own] if own is not None else [self._parts(i)[1] for i in range(len(self))]
+        return [self._class(int(y)) for y in own] if own is not None else [self._parts(i)[1] for i in range(len(self))]
+
+    def _class(self, y: int) -> int:
+        return y if self.relabel is None or y < 0 else self.relabel[y]
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -126,7 +134,7 @@ class SourceImages(Dataset):
         """(image, label) of item `i`; -1 for an item without a label."""
         item = self.dataset[i]
         if isinstance(item, tuple | list) and 1 <= len(item) <= 2:
-            return item[0], int(item[1]) if len(item) == 2 else -1
+            return item[0], self._class(int(item[1])) if len(item) == 2 else -1
         return item, -1
 
     def _image(self, i: int) -> Any:
@@ -187,6 +195,7 @@ class ImageSet:
     where: str
     entries: list[tuple[Path, int]] | None = None
     dataset: Dataset | None = None
+    relabel: list[int] | None = None
 
 
 class FolderBenchmark(Benchmark):
@@ -321,7 +330,17 @@ class FolderBenchmark(Benchmark):
         """Files (or a Dataset) of `source`; ID folders are labelled by class folder name."""
         if isinstance(source, Dataset):
             check_source(name, source, labelled=label is None)
-            return ImageSet(name, f"Dataset {type(source).__name__}", dataset=source)
+            where = f"Dataset {type(source).__name__}"
+            own = getattr(source, "classes", None)  # named classes (ImageFolder's) follow the train split's, by name
+            names = None if own is None else [str(c) for c in own]
+            # names of another vocabulary (torchvision ImageNet's tuples beside wnid folders) keep their indices
+            if label is not None or classes is None or names is None or names == classes or not set(names) & set(classes):
+                return ImageSet(name, where, dataset=source)
+            unknown = sorted(set(names) - set(classes))
+            if unknown:
+                raise DataNotFoundError(f"{where} ({name}) has {len(unknown)} classes absent from the ID train split "
+                                        f"({len(classes)} classes): {first_few(unknown)}")
+            return ImageSet(name, where, dataset=source, relabel=[classes.index(c) for c in names])
         if isinstance(source, Mapping) and "imglist" in source:
             spec = SetSpec.parse(name, source)
             listed = resolve(Path.cwd(), spec.imglist)
@@ -440,7 +459,7 @@ class FolderBenchmark(Benchmark):
     def _labels(self, image_set: ImageSet) -> list[int]:
         if image_set.entries is not None:
             return [y for _, y in image_set.entries]
-        return SourceImages(image_set.dataset, image_set.name, self.eval_transform()).targets  # type: ignore[arg-type]
+        return SourceImages(image_set.dataset, image_set.name, self.eval_transform(), relabel=image_set.relabel).targets  # type: ignore[arg-type]
 
     @cached_property
     def digests(self) -> dict[Path, str | None]:
@@ -503,7 +522,7 @@ class FolderBenchmark(Benchmark):
     # ----- datasets ----------------------------------------------------------------------------------------------
     def _dataset(self, image_set: ImageSet, transform: Callable[[Image.Image], Any], label: int | None = None) -> Dataset:
         if image_set.dataset is not None:
-            return SourceImages(image_set.dataset, image_set.name, transform, label)
+            return SourceImages(image_set.dataset, image_set.name, transform, label, image_set.relabel)
         return FileImages(image_set.entries or [], transform, label)
 
     @cached_property
