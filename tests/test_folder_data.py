@@ -345,9 +345,12 @@ def test_ood_sets_in_every_accepted_form() -> None:
 
 
 def test_validation_ood_alone_is_refused(folders: dict[str, Path]) -> None:
-    """OOD sets with only `val` would run and report nothing: refused, saying what is missing."""
+    """OOD sets with only `val` would run and report nothing: refused, saying what is missing; a set name with a
+    '/' (Results read `msp/ssb/hard` in scores.npz as detector `msp/ssb`, split `hard`) is refused too."""
     with pytest.raises(ConfigError, match=r"needs at least one OOD test set \(near or far\)"):
         FolderBenchmark(folders["id"], ood={"val": folders["far"]}, image_size=32, resize=32)
+    with pytest.raises(ConfigError, match=r"^OOD and csid set names cannot hold '/' .*; got \['ssb/hard'\]$"):
+        FolderBenchmark(folders["id"], ood={"near": {"ssb/hard": folders["near"]}, "far": [folders["far"]]})
 
 
 def test_network_detector_that_cannot_read_the_model_is_skipped(folders: dict[str, Path], tmp_path: Path,

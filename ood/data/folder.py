@@ -431,6 +431,10 @@ class FolderBenchmark(Benchmark):
                 f"OOD and csid set names must be unique and not one of {sorted(RESERVED_NAMES)} (split and group "
                 f"names); got {taken}: name the sets in a mapping, e.g. {{far: {{my_name: <folder>}}}}"
             )
+        slashed = [n for n in names if "/" in str(n)]
+        if slashed:  # `<detector>/<set>` keys of scores.npz and the logged `test/<detector>/<set>/auroc` split at it
+            raise ConfigError(f"OOD and csid set names cannot hold '/' (the results key scores and metrics by "
+                              f"<detector>/<set>); got {slashed}")
         names = [n for g in ("near", "far") for n in groups[g]]
         if not names:
             raise ConfigError("data=folder needs at least one OOD test set (near or far); the OOD sets given hold only "
