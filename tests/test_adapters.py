@@ -158,7 +158,8 @@ def test_weights_from_local_files(tmp_path: Path) -> None:
     expected = source.eval()(x)
     save_file(source.state_dict(), str(tmp_path / "model.safetensors"))  # timm / Hugging Face names
     torch.save({"state_dict": {f"backbone.net.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "run.ckpt")
-    for name in ("model.safetensors", "run.ckpt"):
+    torch.save({f"_orig_mod.{k}": v for k, v in source.state_dict().items()}, tmp_path / "compiled.pth")  # torch.compile's
+    for name in ("model.safetensors", "run.ckpt", "compiled.pth"):
         backbone = timm_backbone("resnet10t", num_classes=3, weights=str(tmp_path / name)).eval()
         torch.testing.assert_close(backbone(x), expected)
     torch.save(timm.create_model("resnet10t", pretrained=False, num_classes=1000).state_dict(), tmp_path / "in1k.pth")
