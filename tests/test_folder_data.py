@@ -311,6 +311,13 @@ def test_dataset_items_are_checked_and_ood_sets_may_be_images_alone(folders: dic
         def __getitem__(self, i: int) -> object:
             return self.item
 
+    # no torch Dataset at all (a list of samples, a Hugging Face dataset): it was read as a folder named by its repr
+    with pytest.raises(ConfigError, match=r"^folder:test: a set is a folder, an image list \{'imglist': <file>\} or a "
+                                          r"torch Dataset; got a builtins.list: wrap it in a torch.utils.data.Dataset"):
+        FolderBenchmark(train=folders["id"] / "train", test=[(x[0], 0)], ood=ood)
+    with pytest.raises(ConfigError, match=r"^OOD set 0: a set is a folder, .*; got a builtins.object: wrap it"):
+        FolderBenchmark(folders["id"], ood={"far": [object()]})
+
     pixels = np.zeros((2, 2, 3), np.uint8)
     for item, said in [({"image": x[0], "label": 0}, r"items are dicts \(keys \['image', 'label'\]\)"),
                        ((pixels, 0), r"item 0 holds a numpy.ndarray of shape \(2, 2, 3\); images must be PIL images"),
@@ -337,6 +344,7 @@ def test_ood_sets_in_every_accepted_form() -> None:
         with pytest.raises(ConfigError, match=rf"^data.ood.val is one set, .*; got {got}: give one source"):
             ood_mapping({"far": "/d/t", "val": val})  # it was read as a folder named "['/d/a', '/d/b']"
     assert ood_mapping({"far": "/d/t", "val": {"folder": "/d/v"}})["val"] == {"folder": "/d/v"}
+    assert ood_mapping({"far": [{"folder": "/d/dtd"}]})["far"] == {"dtd": {"folder": "/d/dtd"}}  # was KeyError 'imglist'
     # a misspelt group is named as such (it was read as a far set named 'fra' with a set-spec key 'dtd')
     for given, key, close in [({"fra": {"dtd": "/d/t"}}, "fra", "far"), ({"far": "/d/t", "cisd": {}}, "cisd", "csid")]:
         with pytest.raises(ConfigError, match=rf"^data.ood has unknown keys \['{key}'\] \('{key}': did you mean '{close}'\?\); "

@@ -40,6 +40,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import cached_property
@@ -360,6 +361,8 @@ class FolderBenchmark(Benchmark):
                     raise DataNotFoundError(f"{listed} has {len(unknown)} labels absent from the ID train split "
                                             f"(classes 0..{self.num_classes - 1}): {first_few(unknown)}")
             return ImageSet(name, str(listed), entries)
+        if not isinstance(source, str | os.PathLike | Mapping):
+            raise not_a_source(name, source)
         spec = SetSpec.parse(name, source if isinstance(source, Mapping) else {"folder": str(source)})
         if spec.folder is None:
             raise ConfigError(f"set {name!r}: data=folder reads folders, image lists and Datasets; got {dict(source)}")  # type: ignore[arg-type]
@@ -652,6 +655,14 @@ def first_few(items: Sequence[Any], first: int = 8) -> str:
     return str(list(items)) if len(items) <= first else f"{list(items[:first])} ... ({len(items)} in all)"
 
 
+def not_a_source(name: str, source: Any) -> ConfigError:
+    """The one line for a source that is no folder, image list or torch Dataset (a Hugging Face `datasets.Dataset`,
+    a Python list of samples): it was read as a folder named by its repr."""
+    return ConfigError(f"{name}: a set is a folder, an image list {{'imglist': <file>}} or a torch Dataset; got a "
+                       f"{type(source).__module__}.{type(source).__qualname__}: wrap it in a torch.utils.data.Dataset "
+                       "whose items are (image, label)")
+
+
 def ood_mapping(ood: Any) -> dict[str, Any]:
     """`{near: {name: source}, far: {name: source}, val: source | None, csid: {name: source}}` from any accepted form
     of the OOD sets: that mapping (each group a source, a list or a mapping), a `{name: source}` mapping (all far), a
@@ -665,7 +676,13 @@ def ood_mapping(ood: Any) -> dict[str, Any]:
     def name_of(i: int, source: Any) -> str:
         if isinstance(source, Dataset):
             return f"ood{i}"
-        return Path(str(source["imglist"])).stem if isinstance(source, Mapping) else Path(str(source)).name
+        if isinstance(source, Mapping) and "folder" in source:  # a folder spec (it raised KeyError 'imglist')
+            return Path(str(source["folder"])).name
+        if isinstance(source, Mapping):
+            return Path(str(source["imglist"])).stem
+        if isinstance(source, str | os.PathLike):
+            return Path(source).name
+        raise not_a_source(f"OOD set {i}", source)
 
     def named(members: Any) -> dict[str, Any]:
         """A group's sets by name from one source, a list of them or a `{name: source}` mapping."""
@@ -673,6 +690,8 @@ def ood_mapping(ood: Any) -> dict[str, Any]:
             members = [members]
         if isinstance(members, Mapping):
             return dict(members)
+        if members is not None and not isinstance(members, Sequence):
+            raise not_a_source("an OOD group", members)
         out: dict[str, Any] = {}
         for i, source in enumerate(members or []):
             name = name_of(i, source)
