@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from helpers import make_image_folders, run_config
+from helpers import compose_config, make_image_folders, run_config
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from torch import nn
@@ -400,6 +400,23 @@ def test_test_folder_labels_follow_a_train_dataset(folders: dict[str, Path], tmp
     assert [y for _, y in FolderBenchmark(folders["id"], test=other, ood=[folders["far"]]).test()] == other.targets
     with pytest.raises(ConfigError, match=r"class folders cannot be matched to the labels of the train Dataset FakeData"):
         FolderBenchmark(train=FakeData(6, (3, 16, 16), 3), test=test, ood=[folders["far"]], image_size=16, resize=16)
+
+
+def test_the_command_line_takes_id_splits_without_a_root(folders: dict[str, Path], tmp_path: Path) -> None:
+    """`data.train=` / `data.test=` image lists from the command line need no data.root (it was a mandatory value:
+    'Missing mandatory value: data.root'); without either, FolderBenchmark's own line says what to give."""
+    from hydra.utils import instantiate
+
+    root = folders["id"]
+    for split, n in (("train", 4), ("test", 3)):
+        (root / f"{split}.txt").write_text("".join(f"{split}/c{k}/{i}.png {k}\n" for k in range(3) for i in range(n)))
+    lists = [f"data.{split}={{imglist: {root / f'{split}.txt'}}}" for split in ("train", "test")]
+    cfg = compose_config(tmp_path, ["data=folder", *lists, f"+data.ood.far=[{folders['far']}]"], config_name="eval")
+    bench = instantiate(cfg.data).benchmark
+    assert bench.num_classes == 3 and [y for _, y in bench.id_sets["test"].entries] == [0] * 3 + [1] * 3 + [2] * 3
+    cfg = compose_config(tmp_path, ["data=folder", f"+data.ood.far=[{folders['far']}]"], config_name="eval")
+    with pytest.raises(ConfigError, match=r"^data=folder needs data.root=<folder with train/ and test/> \(or both"):
+        FolderBenchmark(cfg.data.root, ood=[folders["far"]], train=cfg.data.train, test=cfg.data.test)
 
 
 def test_outlier_methods_name_the_folder_key(folders: dict[str, Path]) -> None:

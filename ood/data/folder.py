@@ -259,7 +259,8 @@ class FolderBenchmark(Benchmark):
         if bad_images not in BAD_IMAGES:
             raise ConfigError(f"data.bad_images={bad_images!r} is unknown; choices: {list(BAD_IMAGES)}")
         if root is None and (train is None or test is None):
-            raise ConfigError("data=folder needs data.root=<folder with train/ and test/> (or both train= and test=)")
+            raise ConfigError("data=folder needs data.root=<folder with train/ and test/> (or both data.train= and "
+                              "data.test=: folders or {imglist: <file>} lists)")
         self.root = Path(root).expanduser().resolve() if root is not None else Path.cwd()
         if root is not None and not self.root.is_dir():
             raise DataNotFoundError(f"data.root={root}: folder not found")
