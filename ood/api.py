@@ -130,8 +130,9 @@ def _network(model: nn.Module) -> nn.Module:
 def one_line_errors() -> Iterator[None]:
     """An `OODError` raised in a DataLoader worker (or a DDP rank) comes back with its traceback as its text: raise
     it as the one-line error it was (`ood.cli.user_error`); a batch of images of different sizes (the caller's
-    `transform` keeps each image's own size) or of RGB images for a network that reads other channels says what to
-    pass; any other exception passes unchanged."""
+    `transform` keeps each image's own size), of RGB images for a network that reads other channels, or of a
+    Dataset's tensors with another channel count than the network reads says what to pass; any other exception
+    passes unchanged."""
     from ood.cli import user_error
 
     try:
@@ -143,12 +144,16 @@ def one_line_errors() -> Iterator[None]:
             raise ConfigError(f"images of different sizes in one batch ({text.split('but got ', 1)[-1]}): transform= "
                               "must give every image one size, e.g. T.Compose([T.Resize(R), T.CenterCrop(S), "
                               "T.ToTensor(), T.Normalize(...)])") from None
-        channels = re.search(r"to have (\d+) channels, but got 3 channels instead", text) if user is None else None
-        if channels:  # a grey-level (or multispectral) network on images decoded as RGB
+        channels = re.search(r"to have (\d+) channels, but got (\d+) channels instead", text) if user is None else None
+        if channels and channels.group(2) == "3":  # a grey-level (or multispectral) network on images decoded as RGB
             k = channels.group(1)
             raise ConfigError(f"the model's first convolution reads {k} channel(s) and images are decoded as RGB: pass "
                               f"transform= making {k}-channel tensors, e.g. T.Compose([T.Grayscale({k}), T.Resize(R), "
                               "T.CenterCrop(S), T.ToTensor(), T.Normalize(...)])") from None
+        if channels:  # a Dataset's own tensors, or a transform's, with another channel count
+            raise ConfigError(f"the model's first convolution reads {channels.group(1)} channel(s) and the input tensors "
+                              f"have {channels.group(2)}: the Dataset's tensors (or the transform's output) must have "
+                              f"{channels.group(1)}") from None
         if user is None or user is err:
             raise
         raise user from None

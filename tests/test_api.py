@@ -237,6 +237,11 @@ def test_size_and_channel_mismatches_say_what_to_pass(tmp_path: Path) -> None:
     transform = T.Compose([T.Grayscale(1), T.ToTensor()])  # what the message asks for: the run goes through
     ood.evaluate(grey, paths["id"], [paths["far"]], detectors="msp", transform=transform, device="cpu",
                  output_dir=tmp_path / "grey_ok")
+    ones = torch.utils.data.TensorDataset(torch.zeros(6, 1, 8, 8), torch.arange(6) % 3)  # a Dataset's own tensors
+    with pytest.raises(ConfigError, match=r"^the model's first convolution reads 3 channel\(s\) and the input tensors "
+                                          r"have 1: the Dataset's tensors \(or the transform's output\) must have 3$"):
+        ood.evaluate(net, {"train": ones, "test": ones}, [paths["far"]], detectors="msp", device="cpu",
+                     output_dir=tmp_path / "ones")
 
 
 def test_a_transform_object_gives_its_normalisation_to_odin(tmp_path: Path) -> None:
