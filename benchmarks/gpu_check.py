@@ -33,7 +33,7 @@ Checks (each a row of the JSON's `checks`, `ok` true/false):
 4. ddp: a one-GPU DDP evaluation (NCCL) gives exactly the rows of the plain one.
 5. api: `ood.evaluate` on the caller's own CUDA model (a torchvision ResNet-18 in training mode, Datasets of tensors)
    gives finite rows and hands the model back on its device and in its modes (Lightning's teardown moves the
-   module it tested to the CPU).
+   module it tested to the CPU); so does `ood.extract` with `device="cpu"`.
 6. throughput (a table, no pass/fail): training images/s of ResNet-18 at 32 px (batch 128) and ResNet-50 at 224 px
    (batch 256), fp32 and bf16, through ood (`ood.train.build`: Lightning, our loader, our callbacks) vs a plain
    PyTorch loop over the same loader, model, optimiser and precision; the fraction of ood's step time spent
@@ -416,8 +416,8 @@ def check_ddp(sizes: Sizes, tree: Path, work: Path) -> dict[str, Any]:
 
 
 def check_api(sizes: Sizes, work: Path) -> dict[str, Any]:
-    """Section 5: `ood.evaluate` on a model of the caller's, on the device: finite rows, the model handed back on its
-    device and in training mode."""
+    """Section 5: `ood.evaluate` on a model of the caller's, on the device, then `ood.extract` on the CPU: finite rows
+    and logits, the model handed back on its device and in training mode."""
     import torchvision
 
     import ood
@@ -432,10 +432,13 @@ def check_api(sizes: Sizes, work: Path) -> dict[str, Any]:
                           {"shifted": images(4 * sizes.batch32, 0.5)}, detectors=["msp", "energy", "knn"],
                           batch_size=sizes.eval_batch, device=sizes.device, output_dir=work / "api",
                           overrides=["detectors.tune=false"])
+    bank = ood.extract(net, images(16), batch_size=16, device="cpu")  # a pass elsewhere hands the model back too
     devices = sorted({str(t.device.type) for t in net.parameters()})
-    finite = bool(result.rows) and all(math.isfinite(r["auroc"]) for r in result.rows)
+    finite = (bool(result.rows) and all(math.isfinite(r["auroc"]) for r in result.rows)
+              and bool(torch.isfinite(bank.logits).all()))
     kept = devices == [torch.device(sizes.device).type] and all(m.training for m in net.modules())
-    return {"check": "ood.evaluate on the caller's model: finite rows, the model back on its device and in its modes",
+    return {"check": "ood.evaluate / ood.extract on the caller's model: finite rows, the model back on its device and "
+                     "in its modes",
             "ok": finite and kept, "rows": len(result.rows),
             **({} if kept else {"error": f"model on {devices}, training={net.training} after ood.evaluate"}),
             **({} if finite else {"error": "no rows or a non-finite AUROC"})}

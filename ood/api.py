@@ -423,7 +423,8 @@ def extract(
     """One pass of `model` over `data` (a folder: every image under it, labelled by its first-level class folder, or
     -1 without one; or a Dataset of `(image, label)` or of images alone): a `FeatureBank` with logits, penultimate
     features, labels (None when unknown), the final linear layer and the outputs of `layers` as extras.
-    Preprocessing as in `evaluate` (`image_size`, `resize`, `mean`, `std`, `interpolation` in `preprocessing`)."""
+    Preprocessing as in `evaluate` (`image_size`, `resize`, `mean`, `std`, `interpolation` in `preprocessing`); the
+    pass runs on `device` (None: the model's), and the model is handed back on its own."""
     from ood.data.folder import folder_dataset, preprocessing_transform, resolve_preprocessing
     from ood.features.bank import FeatureBank
     from ood.features.passes import forward_dataset
@@ -434,7 +435,6 @@ def extract(
     backbone = as_backbone(net, feature_layer)
     if device is not None:
         device = _checked_device(device)
-        backbone.to(device)
     if transform is None:
         config = None
         if getattr(net, "pretrained_cfg", None):
@@ -451,7 +451,9 @@ def extract(
         out = backbone.run(x, layers)  # layers apart: a stage may be called `features` (torchvision's VGG, MobileNet)
         return {"logits": out.logits, "features": out.features, **{f"layer/{k}": v for k, v in out.layers.items()}}
 
-    with one_line_errors():
+    with one_line_errors(), _caller_model(net):  # the model handed back on its device
+        if device is not None:
+            backbone.to(device)
         result = forward_dataset(outputs, dataset, module=backbone, batch_size=batch_size, device=device,
                                  num_workers=num_workers, desc="extract")
     labels = result.pop("labels")
