@@ -107,6 +107,27 @@ def test_nonfinite_rows_score_nan_and_stop_the_fit(name: str, synthetic: dict[st
         build_detector(name).fit(replace(fit_bank, features=fit_features))
 
 
+@pytest.mark.parametrize("name", [n for n in SYNTHETIC if not detector_class(n).needs_model])
+def test_a_fit_bank_missing_a_class_is_refused_by_per_class_detectors(name: str, synthetic: dict[str, FeatureBank]) -> None:
+    """A detector with per-class statistics fitted on a bank without rows of some class gave that class zero means
+    (the Mahalanobis family scored AUROC 0.5 on a `data.fit_fraction` that drew none of a class): it is not
+    applicable, saying why; the other detectors fit as before."""
+    per_class = {"gram", "mahalanobis", "mahalanobis_odin", "mahalanobis_pp", "mds_ensemble", "openmax", "rmds",
+                 "rmds_pp", "she"}
+    cls = detector_class(name)
+    bank = synthetic[cls.fit_split]
+    assert bank.labels is not None
+    without = bank.subset(bank.labels != 1)
+    if name in per_class:
+        assert cls.per_class
+        with pytest.raises(DetectorNotApplicable, match=r"^its fit bank has no rows of 1 of the network's \d+ classes "
+                                                        r"\(e.g. \[1\]\)"):
+            build_detector(name).fit(without)
+    else:
+        assert not cls.per_class
+        build_detector(name).fit(without)
+
+
 def test_the_finite_check_sees_writes_into_a_checked_bank(synthetic: dict[str, FeatureBank]) -> None:
     """The check remembers a finite bank, but not past an in-place write into its tensors: a row made infinite after
     a first score scores NaN, and the fit refuses the bank (a stale memo let both through)."""
@@ -171,6 +192,9 @@ def test_conf_groups_resolve_from_the_registry() -> None:
         resolve_detectors("every")
     with pytest.raises(ConfigError, match="unknown detector 'msq'; available: adascale_a, adascale_l, ash"):
         resolve_detectors(["msp", "msq"])
+    # a list holds names and selections: its message lists both (`fast` is a config of the group, not a selection)
+    with pytest.raises(ConfigError, match=r"unknown detector 'fast'; available: adascale_a, .*, weiper; selections: full, all, cached$"):
+        resolve_detectors(["fast", "knn"])
     for group in ("full", "all", "fast", "none"):
         assert set(load(group)) == {"names", "exclude", "params", "tune"} and load(group)["exclude"] == []
     kept = [cls.name for cls in Evaluator("full", exclude=["gram", "iodin"]).detectors]

@@ -111,10 +111,14 @@ class Detector:
     #: the detector whose scores this one reproduces, by its name in published reference tables (`gram_stream`:
     #: `gram`); None: its own name
     reproduces: ClassVar[str | None] = None
+    #: True for detectors that fit statistics per ID class from the fit bank's labels (class means, per-class Gram
+    #: bounds): a fit bank without rows of some class is refused (`DetectorNotApplicable`: the run skips it, saying
+    #: so), since that class's statistics would be zeros and its scores silently wrong
+    per_class: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        guards = {"fit": _finite_fit, "fit_inputs": _finite_fit, "fit_stream": _finite_fit, "score": _nan_for_nonfinite,
+        guards = {"fit": _checked_fit, "fit_inputs": _checked_fit, "fit_stream": _checked_fit, "score": _nan_for_nonfinite,
                   "score_grid": _nan_for_nonfinite}
         for method, guard in guards.items():
             if method in cls.__dict__:
@@ -183,9 +187,10 @@ class Detector:
         return f"{type(self).__name__}({args})"
 
 
-def _finite_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
-    """`fit` refusing a bank with NaN or infinite logits or features in one line: fitted statistics would be NaN,
-    a linear-algebra error, or silently finite and wrong (kNN's index, CF-OOD's and relation's references)."""
+def _checked_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
+    """`fit` refusing a bank with NaN or infinite logits or features in one line (fitted statistics would be NaN,
+    a linear-algebra error, or silently finite and wrong: kNN's index, CF-OOD's and relation's references), and, for
+    a `per_class` detector, a labelled bank without rows of some of the network's classes."""
 
     @functools.wraps(fit)
     def checked(self: Detector, *args: Any, **kwargs: Any) -> Any:
@@ -196,6 +201,14 @@ def _finite_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
         if bad:
             raise NonFiniteError(f"{self.name}: {bad} of {len(bank)} rows of its fit bank hold NaN or infinite logits "
                                  "or features")
+        if self.per_class and isinstance(bank, FeatureBank) and bank.labels is not None:
+            classes = bank.logits.shape[1]
+            missing = (torch.bincount(bank.labels.cpu(), minlength=classes)[:classes] == 0).nonzero().flatten().tolist()
+            if missing:
+                raise DetectorNotApplicable(
+                    f"its fit bank has no rows of {len(missing)} of the network's {classes} classes (e.g. "
+                    f"{missing[:5]}), and its per-class statistics need every class (data.fit_fraction < 1 can "
+                    "leave classes out: raise it)")
         return fit(self, *args, **kwargs)
 
     return checked
@@ -279,6 +292,10 @@ def resolve_detectors(names: str | Sequence[DetectorRef]) -> list[type[Detector]
             raise ConfigError(f"unknown detector selection {names!r}; choices: {list(SELECTIONS)} or a list of names")
         keep = {"full": lambda c: True, "all": lambda c: not c.full_only, "cached": lambda c: not (c.needs_model or c.full_only)}[names]
         return [_REGISTRY[n] for n in available_detectors() if keep(_REGISTRY[n]) and _REGISTRY[n].reproduces is None]
+    unknown = [n for n in names if isinstance(n, str) and n not in _REGISTRY and n not in SELECTIONS]
+    if unknown:  # a list holds names and selections: the message lists both
+        raise ConfigError(f"unknown detector {unknown[0]!r}; available: {', '.join(available_detectors())}; "
+                          f"selections: {', '.join(SELECTIONS)}")
     picked = (resolve_detectors(name) if isinstance(name, str) and name in SELECTIONS else [detector_class(name)]
               for name in names)
     return list(dict.fromkeys(cls for group in picked for cls in group))

@@ -146,6 +146,7 @@ class Gram(Detector):
     """Class-conditional min/max deviations of Gram-matrix rows over every conv and ReLU output."""
 
     name = "gram"
+    per_class = True
     #: its cached Gram rows are too large for the default run at CIFAR scale (module docstring): `detectors=full` only
     full_only = True
 
@@ -189,6 +190,7 @@ class GramStream(StreamFitted):
     """`gram` without the cache: the same bounds, normalisers and scores from network passes (module docstring)."""
 
     name = "gram_stream"
+    per_class = True
     #: a train pass and a pass per evaluation split of its own: `detectors=full` only, as `gram`
     full_only = True
     #: the leaderboard's `gram` row is the one it reproduces (the parity presets run it on ImageNet)

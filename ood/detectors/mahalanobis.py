@@ -79,6 +79,7 @@ class Mahalanobis(Detector):
     """max_c -(h - mu_c)^T Sigma^+ (h - mu_c), shared covariance."""
 
     name = "mahalanobis"
+    per_class = True
     float16_features = True
 
     def fit(self, bank: FeatureBank) -> Mahalanobis:

@@ -67,6 +67,7 @@ class MahalanobisODIN(Detector):
     """max_c M_c of the penultimate features of the input nudged towards its closest class Gaussian."""
 
     name = "mahalanobis_odin"
+    per_class = True
     ranges = {"noise": NON_NEGATIVE, "input_std": POSITIVE}
     needs_model = True
     pass_group = "staged"
@@ -111,6 +112,7 @@ class MDSEnsemble(Detector):
     """sum over stages of max_c M_lc of the stage's channel means, each from its own perturbed input."""
 
     name = "mds_ensemble"
+    per_class = True
     ranges = {"noise": NON_NEGATIVE, "input_std": POSITIVE}
     needs_model = True
     pass_group = "staged"

@@ -19,6 +19,7 @@ class SHE(Detector):
     """Inner product of h with the stored pattern of the predicted class."""
 
     name = "she"
+    per_class = True
 
     def fit(self, bank: FeatureBank) -> SHE:
         assert bank.labels is not None, "she needs labelled ID-train features"
