@@ -91,9 +91,12 @@ class Results:
         return pd.DataFrame(records, index=pd.MultiIndex.from_tuples(index, names=names))
 
     def save(self, directory: str | Path) -> Path:
-        """Copy the run folder (results.jsonl, scores.npz, figures/, overlap.json, ...) to `directory`."""
+        """Copy the run folder (results.jsonl, scores.npz, figures/, overlap.json, ...) to `directory`, a new or empty
+        folder: copied over another run's files, theirs (its scores.npz, bad_images.json) would read as this run's."""
         directory = Path(directory)
         if directory.resolve() != self.run_dir.resolve():
+            if directory.is_dir() and any(directory.iterdir()):
+                raise ConfigError(f"{directory} is not empty: save the results into a new or empty folder")
             shutil.copytree(self.run_dir, directory, dirs_exist_ok=True)
         return directory
 

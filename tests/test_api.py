@@ -95,6 +95,12 @@ def test_python_api_equals_cli_and_sklearn(trained, tmp_path: Path) -> None:
     assert table.loc[("msp", "near"), "auroc"] == pytest.approx(expected, abs=1e-6)
     saved = results.save(tmp_path / "copy")
     assert ood.Results.from_dir(saved).rows == results.rows and (saved / "overlap.json").is_file()
+    # into a folder holding files (another run's): refused, nothing copied (its scores would read as this run's)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "scores.npz").write_bytes(b"another run")
+    with pytest.raises(ConfigError, match=r"other is not empty: save the results into a new or empty folder$"):
+        results.save(tmp_path / "other")
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["scores.npz"]
 
 
 def test_extract_gives_the_bank_detectors_take(trained) -> None:
