@@ -125,6 +125,7 @@ def _network(model: nn.Module) -> nn.Module:
     eagerly as it does ood's own compiled modules (`ood.precision.eager`)."""
     from ood.methods.base import OODMethod
 
+    model = getattr(model, "_orig_mod", model)  # first: a compiled ood method is a method
     net = model.backbone if isinstance(model, OODMethod) else model
     return getattr(net, "_orig_mod", net)
 

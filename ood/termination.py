@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any, NoReturn
 
+from hydra.experimental.callback import Callback as HydraCallback
 from lightning import Callback, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -33,7 +34,9 @@ _orphaned = False  # the launcher that started this process for its jobs is gone
 
 
 def note(signum: int, frame: FrameType | None) -> None:
-    """The recording SIGTERM handler: notes the signal, nothing else."""
+    """The recording SIGTERM handler: notes the signal, nothing else. A second SIGTERM does not act at once either:
+    ranks get one from the scheduler and one passed on by their launcher, and must still stop together. A run stuck
+    before its next safe point (a rank that never joined) ends on SIGINT (Ctrl-C) or SIGKILL."""
     global _received
     _received = True
 
@@ -47,8 +50,8 @@ def sigterm_noted() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, note)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # None: a handler set outside Python, which cannot be put back; the default then
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def sigterm_received() -> bool:
@@ -82,7 +85,8 @@ def stop_when_orphaned(interval: float = 1.0) -> None:
     """In a process that a sweep's launcher started for its jobs (a joblib worker): once that parent is gone (the
     sweep SIGKILLed), send this process SIGTERM, so its job stops at its next safe point as a terminated run does
     instead of running on, an orphan holding its CPUs and GPU, and the process then exits (`exit_terminated`).
-    Watches from a daemon thread, one per process."""
+    Watches from a daemon thread, one per process. POSIX only: on Windows `os.getppid()` keeps the dead parent's id,
+    so the watch never fires there."""
     if any(thread.name == _WATCH for thread in threading.enumerate()):
         return
     parent = os.getppid()
@@ -114,3 +118,16 @@ class StopAtSigterm(Callback):
 
     def on_test_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         self._check(trainer)
+
+
+class SweepSigterm(HydraCallback):
+    """`hydra.callbacks` of every run: a sweep's own process (`-m`) ends on SIGTERM at once (143), as it did before
+    entry points noted signals, instead of noting it and launching job after job (the parallel and SLURM launchers
+    run no job in it, so no run would act on the note). Jobs note their own: in-process ones through `run`'s handler,
+    the others in their processes. A SIGTERM noted while Hydra started ends the sweep before its first job."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        if _received:
+            exit_terminated()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)

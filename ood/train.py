@@ -109,6 +109,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             record_failure(output_dir, SIGTERMException(f"terminated by SIGTERM; {again}"))
             exit_terminated()
         except Exception as err:
+            forget_sigterm()  # a SIGTERM noted before this failure must not stop the process's next run
             record_failure(output_dir, err)
             raise
 
@@ -133,12 +134,15 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
         write_identity(output_dir, ident)
     try:
-        stop_if_terminated()  # between the stages too: Lightning's handler and checks are there only during one
+        # between the stages too (Lightning's handler and checks are there only during one), in one process; ranks
+        # launched apart (trainer=ddp, torchrun) stop together at a step instead (ood.strategies.DDPStrategy)
+        between_stages = stop_if_terminated if trainer.world_size == 1 else lambda: None
+        between_stages()
         if cfg.train:
             trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
         elif ckpt_path:
             load_weights(method, ckpt_path)
-        stop_if_terminated()
+        between_stages()
         if cfg.evaluate:
             trainer.test(method, datamodule=datamodule, verbose=False)
     finally:

@@ -23,7 +23,7 @@ from ood.detectors.odin import ODIN
 from ood.errors import ConfigError, NonFiniteError
 from ood.evaluation.callback import OODEvaluation
 from ood.methods.ce import CrossEntropy
-from ood.models.checkpoint import read_weights_file
+from ood.models.checkpoint import plain_key, read_weights_file
 from ood.models.small_cnn import SmallCNN
 from ood.precision import FastMixedPrecision
 from ood.utils import instantiate
@@ -153,6 +153,19 @@ def test_weights_saved_from_compiled_networks_load(tmp_path: Path) -> None:
     net = torchvision.models.resnet18(num_classes=3)
     torch.save(torch.compile(net).state_dict(), tmp_path / "resnet18.pth")
     assert read_weights_file(tmp_path / "resnet18.pth").keys() == net.state_dict().keys()
+    # only whole `_orig_mod` parts go: a parameter whose name ends in it keeps its name
+    assert plain_key("module._orig_mod.backbone._orig_mod.fc.weight") == "backbone.fc.weight"
+    assert plain_key("head.proj_orig_mod.weight") == "head.proj_orig_mod.weight"
+
+
+def test_a_compiled_method_given_to_evaluate_is_its_backbone() -> None:
+    """`torch.compile(method)`: the wrapper is taken off before the method is recognised (its backbone evaluated,
+    not the compiled method as one opaque module)."""
+    from ood.api import _network
+
+    method = CrossEntropy(SmallCNN(3), optimizer=torch.optim.SGD)
+    assert _network(torch.compile(method)) is method.backbone
+    assert _network(torch.compile(method.backbone)) is method.backbone
 
 
 def test_a_float16_overflow_in_the_evaluation_pass_names_the_precision(tmp_path: Path) -> None:

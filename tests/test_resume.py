@@ -232,3 +232,14 @@ def test_checkpoint_hyperparameters_load_weights_only(tmp_path: Path, method: st
     else:
         assert hparams["classifier_optimizer"] == {"_target_": "torch.optim.sgd.SGD", "lr": 0.05, "momentum": 0.9,
                                                    "weight_decay": 5.0e-4, "nesterov": True}
+
+
+def test_a_noted_sigterm_is_forgotten_when_the_run_fails_otherwise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM noted, then a run failing for another reason: the note was kept, so the process's next run (the
+    Python API, a notebook, pytest) stopped at once as terminated."""
+    from ood import termination
+
+    monkeypatch.setattr(termination, "_received", True)
+    with pytest.raises(ConfigError, match="evaluation without training needs a checkpoint"):
+        run(compose_config(tmp_path, [], config_name="eval"))
+    assert not termination.sigterm_received()

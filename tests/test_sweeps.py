@@ -100,3 +100,23 @@ def _watch_until_sigterm(noted: Path, ready: int) -> None:
         while not termination.sigterm_received() and time.monotonic() < deadline:
             time.sleep(0.01)
         noted.write_text(str(termination.sigterm_received()))
+
+
+def test_a_sweeps_own_process_ends_on_sigterm_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry points note SIGTERM from their start; a sweep's own process (`-m`) runs no job under the parallel and
+    SLURM launchers, so no run acted on the note and it launched every job (the review's repro: 6 jobs, exit 0). Its
+    `hydra.callbacks` entry (`SweepSigterm`) puts the default handler back as the sweep starts, and ends it at once
+    (143) when the signal was noted while Hydra started."""
+    import signal
+
+    from helpers import compose_config
+
+    callbacks = compose_config(tmp_path, ["hydra/launcher=parallel"]).hydra.callbacks
+    assert callbacks.sweep_sigterm._target_ == "ood.termination.SweepSigterm"
+    with termination.sigterm_noted():
+        termination.SweepSigterm().on_multirun_start(config=None)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    monkeypatch.setattr(termination, "_received", True)
+    with pytest.raises(SystemExit) as stop:
+        termination.SweepSigterm().on_multirun_start(config=None)
+    assert stop.value.code == termination.SIGTERM_EXIT

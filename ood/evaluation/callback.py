@@ -24,8 +24,8 @@ from ood import termination
 from ood.data.benchmark import EvalSplit, OODDataModule
 from ood.detectors.base import Detector, float16_detectors
 from ood.detectors.network import LayerTaps
-from ood.errors import ConfigError, NonFiniteError
-from ood.evaluation.evaluator import EvaluationResult, Evaluator
+from ood.errors import ConfigError
+from ood.evaluation.evaluator import EvaluationResult, Evaluator, NonFiniteBankError
 from ood.evaluation.sinks import Sink
 from ood.features.bank import FeatureBank
 from ood.features.collector import (
@@ -231,10 +231,10 @@ class OODEvaluation(Callback):
                 model_scores=model_scores,
                 modes=self.modes,
             )
-        except NonFiniteError as err:
+        except NonFiniteBankError as err:  # the pass's own output (a detector's network passes run without autocast)
             if pl_module.trainer.precision != "16-mixed":
                 raise
-            raise NonFiniteError(f"{err}; the pass ran in float16 (trainer precision 16-mixed), whose activations overflow "
+            raise NonFiniteBankError(f"{err}; the pass ran in float16 (trainer precision 16-mixed), whose activations overflow "
                                  "above 65504: use bf16-mixed, or fp32 (trainer=gpu)") from err
         for row in result.rows:
             row.update(notes.get(row["ood_dataset"], {}))

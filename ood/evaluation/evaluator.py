@@ -109,6 +109,10 @@ class Evaluator:
         return EvaluationResult(rows, scores, id_acc, method.name, method.diagnostics(), validation, accuracy)
 
 
+class NonFiniteBankError(NonFiniteError):
+    """A split's logits or features came out of the pass NaN or infinite (`check_banks_finite`)."""
+
+
 def check_banks_finite(banks: Mapping[str, FeatureBank]) -> None:
     """Raise `NonFiniteError` naming the split when its logits or penultimate features hold NaN or +-inf (a network
     that overflowed, or float16 features above 65504); chunk by chunk, so a memory-mapped bank is not copied. The
@@ -122,7 +126,7 @@ def check_banks_finite(banks: Mapping[str, FeatureBank]) -> None:
             if bad:
                 hint = ("; float16 features overflow above 65504: use evaluation.feature_dtype=float32"
                         if values.dtype == torch.float16 else "")
-                raise NonFiniteError(f"split {split}: {bad} of {values.numel()} {name[:-1]} values are NaN or infinite{hint}")
+                raise NonFiniteBankError(f"split {split}: {bad} of {values.numel()} {name[:-1]} values are NaN or infinite{hint}")
 
 
 def check_id_labels(banks: Mapping[str, FeatureBank], splits: Sequence[EvalSplit]) -> None:

@@ -45,7 +45,7 @@ _TORCHVISION_RESNET = (
 def plain_key(key: object) -> str:
     """A parameter name without its wrappers' parts: DataParallel's / DDP's leading `module.` and `torch.compile`'s
     `_orig_mod.` (anywhere: a compiled sub-module puts it mid-name, `backbone._orig_mod.stages...`)."""
-    return str(key).replace("_orig_mod.", "").removeprefix("module.")
+    return ".".join(part for part in str(key).split(".") if part != "_orig_mod").removeprefix("module.")
 
 
 def _rename(state: Mapping[str, torch.Tensor], table: tuple, prefix: str) -> dict[str, torch.Tensor]:

@@ -144,7 +144,7 @@ def own_checkpoint_epoch(ckpt_path: str | None, output_dir: str | Path) -> int |
 def checkpoint_config(path: str | Path) -> dict[str, Any]:
     """The flattened config stored in a checkpoint by `RunState` (empty for other checkpoints)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # only its stored config is read
     except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
         raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
