@@ -32,7 +32,7 @@ def test_gpu_check_dry_run_passes(tmp_path: Path) -> None:
     assert checks["faiss knn (k=50)"]["same_neighbours"] == 1.0
     assert checks["faiss GROOD bank (1-NN)"]["same_neighbours"] == 1.0
     assert checks["1-device DDP evaluation == plain evaluation"]["rows"] > 0
-    assert checks["ood.evaluate on the caller's model: finite rows, the model back on its device and in its modes"]["rows"] == 3
+    assert checks["ood.evaluate / ood.extract on the caller's model: finite rows, the model back on its device and in its modes"]["rows"] == 3
     assert [(t["model"].split()[1], t["precision"]) for t in report["throughput"]] == [
         ("32", "fp32"), ("32", "bf16"), ("224", "fp32"), ("224", "bf16")]
     assert all(t["ood_train_img_s"] > 0 and t["plain_train_img_s"] > 0 and 0 <= t["data_wait_share"] < 1
