@@ -17,6 +17,7 @@ import atexit
 import itertools
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -135,8 +136,8 @@ def one_line_errors() -> Iterator[None]:
     """An `OODError` raised in a DataLoader worker (or a DDP rank) comes back with its traceback as its text: raise
     it as the one-line error it was (`ood.cli.user_error`); a batch of images of different sizes (the caller's
     `transform` keeps each image's own size), of RGB images for a network that reads other channels, or of a
-    Dataset's tensors with another channel count than the network reads says what to pass; any other exception
-    passes unchanged."""
+    Dataset's tensors with another channel count than the network reads, or of an object the spawned DDP ranks cannot
+    receive (a lambda transform) says what to pass; any other exception passes unchanged."""
     from ood.cli import user_error
 
     try:
@@ -158,6 +159,12 @@ def one_line_errors() -> Iterator[None]:
             raise ConfigError(f"the model's first convolution reads {channels.group(1)} channel(s) and the input tensors "
                               f"have {channels.group(2)}: the Dataset's tensors (or the transform's output) must have "
                               f"{channels.group(1)}") from None
+        unpicklable = isinstance(err, pickle.PicklingError) or (
+            isinstance(err, AttributeError | TypeError) and re.search(r"[Cc]an't pickle|cannot pickle", text))
+        if user is None and unpicklable:  # spawned DDP ranks (trainer=ddp_cpu) get everything by pickling
+            raise ConfigError(f"the run starts its ranks in new processes, which receive the model, data and transform "
+                              f"pickled, and: {text[:160]}; pass picklable objects (module-level functions and classes, "
+                              "torchvision transforms; no lambdas or local classes), or run in one process") from None
         if user is None or user is err:
             raise
         raise user from None

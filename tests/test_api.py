@@ -370,3 +370,20 @@ def test_features_that_overflow_float16_stop_the_run_in_one_line(trained, tmp_pa
         ood.evaluate(net, paths["id"], [paths["far"]], detectors=["knn"], image_size=32, resize=32, device="cpu",
                      output_dir=tmp_path, overrides=["evaluation.feature_dtype=float16"])
 
+
+
+def test_an_unpicklable_object_for_spawned_ranks_is_one_line() -> None:
+    """`trainer=ddp_cpu` sends the model, data and transform to its ranks pickled: a lambda transform or a local
+    Dataset class raised pickle's bare error (checked by hand: both now give this line through `ood.evaluate`)."""
+    import pickle
+
+    from ood.api import one_line_errors
+
+    for err in (pickle.PicklingError("Can't pickle <function <lambda> at 0x1>: attribute lookup <lambda> on __main__ failed"),
+                AttributeError("Can't pickle local object 'imgs.<locals>.D'")):
+        with pytest.raises(ConfigError, match=r"^the run starts its ranks in new processes, which receive the model, "
+                                              r"data and transform pickled, and: Can't pickle .*; pass picklable objects"), \
+                one_line_errors():
+            raise err
+    with pytest.raises(AttributeError, match="no attribute"), one_line_errors():  # other errors pass unchanged
+        raise AttributeError("'X' object has no attribute 'y'")
