@@ -147,3 +147,20 @@ def test_modes_are_never_averaged_also_with_by(tmp_path: Path, capsys: pytest.Ca
     _write(tmp_path / "fsood_only", [{**_row(0, "s", "near", 0.5), "mode": "fsood"}])
     config_cols, _, table = aggregate(load_rows([tmp_path / "fsood_only"]))
     assert config_cols[-1] == "mode" and [e["mode"] for e in table] == ["fsood"]
+
+
+def test_a_broken_results_line_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A line cut short or a row without a shown metric names its file and line (was a JSONDecodeError / KeyError)."""
+    row = _row(0, "s", "near", 0.75)
+    _write(tmp_path / "cut", [row])
+    with (tmp_path / "cut" / "results.jsonl").open("a") as f:
+        f.write('{"method": "clu\n')
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "cut")])
+    cut = tmp_path / "cut" / "results.jsonl"
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {cut}:2: not a JSON line (Unterminated string starting at)"
+    _write(tmp_path / "lacking", [{k: v for k, v in row.items() if k != "auroc"}])
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "lacking")])
+    lacking = tmp_path / "lacking" / "results.jsonl"
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {lacking}:1: not a result row, it lacks ['auroc']"

@@ -14,6 +14,27 @@ from ood.report.aggregation import config_params, trained_here
 from ood.runs.failures import failure
 from ood.runs.identity import read_identity
 
+#: the keys every result row needs for the table: its grouping, OOD set and shown metrics
+ROW_KEYS = ("method", "detector", "backbone", "id_dataset", "ood_dataset", "ood_group", "auroc", "fpr95")
+
+
+def _parse_rows(file: Path) -> list[dict[str, Any]]:
+    """The rows of one `results.jsonl`; a line that is not a result row (cut short, edited by hand) is a one-line
+    error naming the file and line, rather than a traceback or a KeyError deep in the aggregation."""
+    rows = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise OODError(f"{file}:{number}: not a JSON line ({err.msg})") from None
+        missing = [k for k in ROW_KEYS if k not in row] if isinstance(row, dict) else list(ROW_KEYS)
+        if missing:
+            raise OODError(f"{file}:{number}: not a result row, it lacks {missing}")
+        rows.append(row)
+    return rows
+
 
 def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """All result rows under `paths` (files or folders searched recursively), each tagged with its run folder
@@ -30,7 +51,7 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
             files += 1
             ident = read_identity(file.parent)
             tags = {"_run": str(file.parent), "_config": ident.config, "_model": ident.model, "_seeded": ident.seeded}
-            rows += [{**json.loads(line), **tags} for line in file.read_text().splitlines() if line.strip()]
+            rows += [{**row, **tags} for row in _parse_rows(file)]
     if not rows:  # an empty file: a run that scored nothing (detectors=none and a method without a score)
         found = f"only {files} results.jsonl without rows" if files else "no results.jsonl"
         raise OODError(f"{found} found under {', '.join(map(str, paths))}")
