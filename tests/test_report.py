@@ -78,7 +78,9 @@ def test_cli_writes_markdown_and_csv(tmp_path: Path, capsys: pytest.CaptureFixtu
     _write(tmp_path / "run", [_row(0, "s", "near", 0.75)])
     main([str(tmp_path)])
     assert "| 75.00 |" in capsys.readouterr().out
-    assert (tmp_path / "report.md").is_file()
+    note = "mean ± std over seeds (sample std, n - 1; one seed: the value alone)"
+    assert note in (tmp_path / "report.md").read_text().splitlines()[-1]  # the std's formula goes with the table
+    assert note in (tmp_path / "report.tex").read_text().splitlines()[0]
     header, line = (tmp_path / "report.csv").read_text().splitlines()
     assert "s/auroc_mean" in header and "0.75" in line
 

@@ -12,6 +12,10 @@ from typing import Any
 #: LaTeX's special characters in text, replaced in one pass (the braces of `\textbackslash{}` stay as they are)
 LATEX_ESCAPES = {"\\": "\\textbackslash{}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}",
                  **{c: "\\" + c for c in "&%$#_{}"}}
+#: how the numbers were made, under the Markdown table and atop the LaTeX one: a reader of the table alone cannot tell
+#: the std's formula, nor how near/far are averaged
+NOTE = ("Metrics in %: mean ± std over seeds (sample std, n - 1; one seed: the value alone); near/far: the mean over "
+        "the group's OOD sets per run, then over seeds.")
 
 
 def _cell(value: Any) -> str:
