@@ -166,3 +166,18 @@ def test_a_broken_results_line_is_one_line_naming_it(tmp_path: Path, capsys: pyt
         main([str(tmp_path / "lacking")])
     lacking = tmp_path / "lacking" / "results.jsonl"
     assert capsys.readouterr().err.splitlines()[-1] == f"error: {lacking}:1: not a result row, it lacks ['auroc']"
+
+
+def test_a_run_lacking_an_ood_set_is_left_out_of_that_groups_mean(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Seed 1 scored far set b only, seed 0 b and c: averaging seed 1's far mean (b) with seed 0's (b, c) mixes
+    different sets, so far is seed 0's alone, near both seeds', and the run is named."""
+    _write(tmp_path / "0", [_row(0, "a", "near", 0.9), _row(0, "b", "far", 0.8), _row(0, "c", "far", 0.6)])
+    _write(tmp_path / "1", [_row(1, "a", "near", 0.7), _row(1, "b", "far", 0.8)])
+    _, _, (entry,) = aggregate(load_rows([tmp_path]))
+    assert entry["far/auroc"] == pytest.approx((0.7, 0.0, 1))
+    assert entry["near/auroc"] == pytest.approx((0.8, statistics.stdev([0.9, 0.7]), 2))
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {tmp_path}/1 lacks OOD sets ['c'] of its configuration: left out of its far mean"
+    ]

@@ -135,14 +135,20 @@ def aggregate(
     table = []
     for key, runs in configs.items():
         cells: dict[str, list[float]] = {}
-        for per_set in runs.values():
+        scored = {s for per_set in runs.values() for s in per_set}  # the OOD sets of this configuration
+        for run, per_set in runs.items():
             for s, values in per_set.items():
                 for m in SHOWN:
                     cells.setdefault(f"{s}/{m}", []).append(values[m])
+            missing = sorted(scored - set(per_set))
+            if missing:  # its near/far means would be over other sets than its seeds': not averaged with theirs
+                short = " and ".join(g for g in groups if any(sets[s] == g for s in missing))
+                print(f"warning: {run} lacks OOD sets {missing} of its configuration: left out of its {short} mean",
+                      file=sys.stderr)
             for g in groups:
                 in_group = [per_set[s] for s in ordered if sets[s] == g and s in per_set]
                 for m in SHOWN:
-                    if in_group:
+                    if in_group and not any(sets[s] == g for s in missing):
                         cells.setdefault(f"{g}/{m}", []).append(statistics.fmean(v[m] for v in in_group))
             for acc in ACCURACIES:  # one value per run (every OOD set's row repeats it)
                 values = [v[acc] for v in per_set.values() if acc in v]
