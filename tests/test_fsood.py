@@ -416,6 +416,6 @@ def test_report_figures_draw_fsood_entries_with_their_own_id(fabricated: dict, d
     for label, ident in (("msp mode=standard", scores["msp"]["test"]), ("msp mode=fsood", pooled)):
         assert np.array_equal(np.stack(lines[label]), np.stack(plots.roc_points(ident, scores["msp"]["far_b"])))
     hists = {d["title"]: d["panels"]["far_b"]["bars"] for n, d in drawn.items() if n.startswith("hist_")}
-    assert set(hists["msp mode=fsood full-spectrum scores (first seed)"]) == {"ID: test + csid sets", "OOD set"}
-    assert set(hists["msp mode=standard scores (first seed)"]) == {"ID test", "OOD set"}
+    assert set(hists["msp mode=fsood full-spectrum scores (seed 0)"]) == {"ID: test + csid sets", "OOD set"}
+    assert set(hists["msp mode=standard scores (seed 0)"]) == {"ID test", "OOD set"}
     assert sorted(n for n in drawn if n.startswith("hist_")) == ["hist_00_fsood_msp.png", "hist_01_msp.png"]

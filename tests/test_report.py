@@ -181,3 +181,22 @@ def test_a_run_lacking_an_ood_set_is_left_out_of_that_groups_mean(
     assert capsys.readouterr().err.splitlines() == [
         f"warning: {tmp_path}/1 lacks OOD sets ['c'] of its configuration: left out of its far mean"
     ]
+
+
+def test_figures_draw_the_lowest_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep `seed=1,0` puts seed 1 in job folder 0: the figures said "first seed" and drew it."""
+    import numpy as np
+
+    from ood import plots
+    from ood.report.figures import write_figures
+
+    for folder, seed in (("0", 1), ("1", 0)):
+        _write(tmp_path / folder, [_row(seed, "s", "near", 0.75)])
+        np.savez(tmp_path / folder / "scores.npz", **{"cluster/test": np.full(2, float(seed)), "cluster/s": np.zeros(1)})
+    drawn = {}
+    monkeypatch.setattr(plots, "histogram_figure", lambda scores, *a: drawn.update({a[2]: scores["test"][0]}))
+    monkeypatch.setattr(plots, "roc_figure", lambda curves, sets, path, title: drawn.update({title: None}))
+    rows = load_rows([tmp_path])
+    config_cols, _, table = aggregate(rows)
+    write_figures(tmp_path, config_cols, table, rows, ["cluster"])
+    assert drawn == {"ROC (lowest seed of each configuration)": None, "cluster scores (seed 0)": 0.0}

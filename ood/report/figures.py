@@ -1,5 +1,5 @@
 """The report's figures (`figures/` next to the tables): near/far AUROC bars of every table entry, and for the chosen
-detectors ROC curves per OOD set and score histograms, drawn by `ood.plots` from the first run of each group; a
+detectors ROC curves per OOD set and score histograms, drawn by `ood.plots` from the lowest seed of each group; a
 full-spectrum entry (`mode=fsood`) draws its curves with ID = the ID test followed by its run's csid sets
 (`ood.plots.mode_scores`)."""
 
@@ -24,7 +24,8 @@ def write_figures(
 ) -> list[Path]:
     """`figures/auroc_bars.png` (every table entry), and for the chosen detectors (default
     `ood.plots.choose_scorers`) `figures/roc.png` and `figures/hist_<n>.png` (`hist_<nn>_fsood_<detector>.png` for a
-    full-spectrum entry), each drawn from the scores of the first run of its group."""
+    full-spectrum entry), each drawn from the scores of the lowest seed of its group (not its first folder: a sweep's job `0` may be
+    any seed, and `10` sorts before `2`)."""
     import numpy as np
 
     from ood import plots
@@ -41,11 +42,13 @@ def write_figures(
     chosen = list(detectors) if detectors else plots.choose_scorers(rows)
     ood_sets = list(dict.fromkeys(str(r["ood_dataset"]) for r in rows))
     curves: dict[str, plots.SplitScores] = {}  # label -> scores, ID as the entry's mode measures it
-    scored: dict[str, tuple[str, list[str], dict[str, np.ndarray]]] = {}  # label -> mode, csid sets, scores
+    scored: dict[str, tuple[str, list[str], dict[str, np.ndarray], Any]] = {}  # label -> mode, csid sets, scores, seed
+    seed_of = {str(r["_run"]): r.get("seed") for r in rows}
     for entry in table:
         if entry["detector"] not in chosen:
             continue
-        run = next((Path(r) for r in entry["_runs"] if (Path(r) / "scores.npz").is_file()), None)
+        runs = sorted(entry["_runs"], key=lambda r: (not isinstance(seed_of.get(r), int), seed_of.get(r) or 0, r))
+        run = next((Path(r) for r in runs if (Path(r) / "scores.npz").is_file()), None)
         if run is None:
             continue
         mode = entry.get("mode", "standard")  # a column whenever a row is full-spectrum
@@ -56,15 +59,15 @@ def write_figures(
         viewed = plots.mode_scores(per_split, mode, csid_sets)
         if viewed is not None:
             label = _label(entry, varying, single)
-            curves[label], scored[label] = viewed, (mode, csid_sets, per_split)
+            curves[label], scored[label] = viewed, (mode, csid_sets, per_split, seed_of[str(run)])
     if curves:
-        full = " (fsood: ID = ID test + csid sets)" if any(mode == "fsood" for mode, _, _ in scored.values()) else ""
-        paths.append(plots.roc_figure(curves, ood_sets, figures / "roc.png", f"ROC (first seed of each configuration){full}"))
-        for i, (label, (mode, csid_sets, per_split)) in enumerate(scored.items()):
+        full = " (fsood: ID = ID test + csid sets)" if any(mode == "fsood" for mode, *_ in scored.values()) else ""
+        paths.append(plots.roc_figure(curves, ood_sets, figures / "roc.png", f"ROC (lowest seed of each configuration){full}"))
+        for i, (label, (mode, csid_sets, per_split, seed)) in enumerate(scored.items()):
             # a full-spectrum entry's file says so, as a run's `hist_fsood_<scorer>.png` does
             fs = "fsood_" if mode == "fsood" else ""
             name = f"{fs}{label}" if single else f"{i:02d}_{fs}{label.split()[0]}"
             what = " full-spectrum" if mode == "fsood" else ""
             paths.append(plots.histogram_figure(per_split, ood_sets, figures / f"hist_{name}.png",
-                                                f"{label}{what} scores (first seed)", csid_sets, mode))
+                                                f"{label}{what} scores (seed {seed})", csid_sets, mode))
     return paths
