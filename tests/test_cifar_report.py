@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ood import PROJECT_ROOT
+from ood.errors import OODError
 from ood.report import main
 from ood.report.aggregation import aggregate
 from ood.report.references import (
@@ -58,6 +59,19 @@ def test_no_reference_keeps_the_table_unchanged() -> None:
     rows = _rows("digits", "msp", 0, 0.9, 0.8)
     _, metric_cols, table = aggregate(rows)
     assert add_reference(metric_cols, table, [load_reference(REFERENCE_DIR / "cifar10.yaml")]) == metric_cols
+
+
+def test_a_reference_number_may_be_bare_and_is_checked(tmp_path: Path) -> None:
+    """`near: 50.5` is the mean alone (it was a TypeError in the report); three numbers are a one-line error."""
+    path = tmp_path / "ref.yaml"
+    path.write_text("source: s\nid_dataset: digits\nbackbone: small_cnn\nauroc: {ce: {msp: {near: 50.5, far: [70, 2]}}}\n")
+    entry = {"id_dataset": "digits", "backbone": "small_cnn", "method": "ce", "detector": "msp"}
+    assert add_reference([], [entry], [load_reference(path)]) == list(REFERENCE_COLS)
+    assert entry["ref:near/auroc"] == (0.505, 0.0, 1) and entry["ref:far/auroc"] == pytest.approx((0.7, 0.02, 3))
+    path.write_text("source: s\nid_dataset: digits\nbackbone: small_cnn\nauroc: {ce: {msp: {near: [1, 2, 3]}}}\n")
+    with pytest.raises(OODError, match=r"^reference file .*ref.yaml: auroc.ce.msp.near is \[1, 2, 3\]: give a number or "
+                                       r"\[mean, std\] in %$"):
+        load_reference(path)
 
 
 def test_report_cli_prints_the_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,7 +2,7 @@
 
 A reference file (`conf/reference/<id_dataset>.yaml`, e.g. the OpenOOD v1.5 leaderboard AUROC for CIFAR-10/100, or a
 paper table under `conf/reference/<paper>/`) gives `source`, `id_dataset`, `backbone` and
-`auroc: {method: {detector: {near|far: [mean(, std)]}}}` in %. The matching rows (same ID dataset, backbone, method
+`auroc: {method: {detector: {near|far: [mean(, std)]}}}` in % (a bare number is the mean). The matching rows (same ID dataset, backbone, method
 and detector; a detector that `reproduces` another, e.g. `gram_stream`, matches that one's numbers) get
 `ref:near/auroc` and `ref:far/auroc` columns. A file may also give FPR95 (`fpr95:`, same shape)
 with its `fpr95_convention`: `id_positive` (ODIN / Energy / the seed papers; our `fpr95`) gives `ref:<group>/fpr95`
@@ -41,7 +41,20 @@ def load_reference(path: str | Path) -> dict[str, Any]:
         raise OODError(f"reference file {path} lacks {sorted(missing)}")
     if "fpr95" in reference and reference.get("fpr95_convention") not in FPR95_CONVENTIONS:
         raise OODError(f"reference file {path} gives fpr95 without fpr95_convention: one of {list(FPR95_CONVENTIONS)}")
+    for metric in ("auroc", "fpr95"):
+        for method, detectors in (reference.get(metric) or {}).items():
+            for detector, groups in (detectors or {}).items():
+                for group, value in (groups or {}).items():
+                    groups[group] = _numbers(value, f"reference file {path}: {metric}.{method}.{detector}.{group}")
     return reference
+
+
+def _numbers(value: Any, where: str) -> list[float]:
+    """A reference entry as [mean(, std)]: a bare number is its mean (it was a TypeError deep in the report)."""
+    values = value if isinstance(value, list) else [value]
+    if not 1 <= len(values) <= 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise OODError(f"{where} is {value!r}: give a number or [mean, std] in %")
+    return [float(v) for v in values]
 
 
 def reference_files(paths: Iterable[Path]) -> list[Path]:
