@@ -34,14 +34,20 @@ def to_markdown(config_cols: Sequence[str], metric_cols: Sequence[str], table: S
 
 
 def write_csv(path: Path, config_cols: Sequence[str], metric_cols: Sequence[str], table: Sequence[Mapping[str, Any]]) -> None:
-    """CSV with `<col>_mean` and `<col>_std` per metric, values in [0, 1]."""
+    """CSV with `<col>_mean` and `<col>_std` per metric, values in [0, 1]; `_std` is empty for one value (one seed, a
+    reference without std), as the Markdown shows the value alone: a 0.0 would read as seeds that agree."""
     header = [*config_cols, "seeds"] + [f"{c}_{s}" for c in metric_cols for s in ("mean", "std")]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for entry in table:
-            metrics = [v for c in metric_cols for v in (entry[c][:2] if c in entry else ("", ""))]
+            metrics = [v for c in metric_cols for v in (_mean_and_std(entry[c]) if c in entry else ("", ""))]
             writer.writerow([entry[c] for c in config_cols] + [entry["seeds"], *metrics])
+
+
+def _mean_and_std(cell: tuple[float, float, int]) -> tuple[float, float | str]:
+    mean, std, n = cell
+    return mean, std if n > 1 else ""
 
 
 def to_latex(config_cols: Sequence[str], metric_cols: Sequence[str], table: Sequence[Mapping[str, Any]]) -> str:
