@@ -201,3 +201,18 @@ def test_figures_draw_the_lowest_seed(tmp_path: Path, monkeypatch: pytest.Monkey
     config_cols, _, table = aggregate(rows)
     write_figures(tmp_path, config_cols, table, rows, ["cluster"])
     assert drawn == {"ROC (lowest seed of each configuration)": None, "cluster scores (seed 0)": 0.0}
+
+
+def test_failed_jobs_are_listed_one_line_each(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A job's FAILED.txt (an error message over lines, as CUDA's) and a job without results are named under the table."""
+    _write(tmp_path / "0", [_row(0, "s", "near", 0.75)])
+    for job in ("1", "2"):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+    (tmp_path / "1" / "FAILED.txt").write_text("RuntimeError: CUDA error: out of memory\nCUDA kernel errors might be\n")
+    main([str(tmp_path), "--no-figures"])
+    assert (tmp_path / "report.md").read_text().split("Failed jobs (not in the table):\n")[1] == (
+        f"- `{tmp_path}/1`: RuntimeError: CUDA error: out of memory CUDA kernel errors might be\n"
+        f"- `{tmp_path}/2`: no results: still running or killed\n"
+    )
+    assert f"failed job {tmp_path}/1: RuntimeError: CUDA error: out of memory CUDA kernel errors might be" in (
+        capsys.readouterr().err.splitlines())

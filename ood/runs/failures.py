@@ -24,6 +24,7 @@ def record_failure(output_dir: str | Path, err: BaseException) -> None:
 
 
 def failure(run_dir: str | Path) -> str | None:
-    """Why the run in `run_dir` failed (its `FAILED.txt`), None when it left no record."""
+    """Why the run in `run_dir` failed (its `FAILED.txt`) on one line, None when it left no record: an error's own
+    message may span lines (CUDA's does), which broke `ood-report`'s list of failed jobs."""
     path = Path(run_dir) / FAILED_FILE
-    return path.read_text().strip() if path.is_file() else None
+    return " ".join(line.strip() for line in path.read_text().splitlines() if line.strip()) if path.is_file() else None
