@@ -216,3 +216,22 @@ def test_failed_jobs_are_listed_one_line_each(tmp_path: Path, capsys: pytest.Cap
     )
     assert f"failed job {tmp_path}/1: RuntimeError: CUDA error: out of memory CUDA kernel errors might be" in (
         capsys.readouterr().err.splitlines())
+
+
+def test_an_evaluation_of_a_copied_training_run_counts_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A sweep copied from a cluster keeps identity.json's old checkpoint path; an `ood-eval` of the copy names the new
+    one. Both are one model: one seed, not two (and the copy still trained its model: a rerun seed is warned about)."""
+    from ood.runs.identity import RunIdentity, write_identity
+
+    config = {"trainer.max_epochs": "1"}
+    for name, seed in (("0", 0), ("rerun", 0)):
+        run = tmp_path / "sweep" / name
+        _write(run, [_row(seed, "s", "near", 0.75)])
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").touch()
+        write_identity(run, RunIdentity(config, f"/cluster/sweep/{name}/checkpoints/last.ckpt"))
+    _write(tmp_path / "eval", [_row(0, "s", "near", 0.7)])
+    write_identity(tmp_path / "eval", RunIdentity(config, str(tmp_path / "sweep" / "0" / "checkpoints" / "last.ckpt")))
+    _, _, (entry,) = aggregate(load_rows([tmp_path]))
+    assert (entry["seeds"], entry["s/auroc"][0]) == (2, 0.75)
+    assert "are seed 0 of one configuration" in capsys.readouterr().err

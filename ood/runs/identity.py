@@ -156,7 +156,12 @@ def read_identity(run_dir: str | Path) -> RunIdentity:
     path = run_dir / IDENTITY_FILE
     if path.is_file():
         data = json.loads(path.read_text())
-        return RunIdentity(dict(data["config"]), str(data["model"]), list(data.get("seeded", [])), list(data.get("names", [])))
+        model, own = str(data["model"]), run_dir / "checkpoints" / "last.ckpt"
+        if own.is_file() and Path(model).parts[-2:] == own.parts[-2:]:
+            # a training run's model is its own checkpoint, wherever the folder now is (copied from a cluster): an
+            # evaluation of it there names the new path, and must count as the same model
+            model = str(own.resolve())
+        return RunIdentity(dict(data["config"]), model, list(data.get("seeded", [])), list(data.get("names", [])))
     if not (run_dir / "config.yaml").is_file():
         return derive_identity({}, (), (), run_dir, None)
     flat = flat_config(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))  # type: ignore[arg-type]
