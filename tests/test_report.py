@@ -235,3 +235,15 @@ def test_an_evaluation_of_a_copied_training_run_counts_once(tmp_path: Path, caps
     _, _, (entry,) = aggregate(load_rows([tmp_path]))
     assert (entry["seeds"], entry["s/auroc"][0]) == (2, 0.75)
     assert "are seed 0 of one configuration" in capsys.readouterr().err
+
+
+def test_a_set_near_in_one_protocol_and_far_in_another_counts_in_each_ones_group(tmp_path: Path) -> None:
+    """CIFAR-10's cifar100 is near in openood_v1.5 and far in oodformer: the oodformer runs' far mean includes it and
+    they have no near mean (the first row's group was taken for every run)."""
+    _write(tmp_path / "openood", [_row(0, "cifar100", "near", 0.8, protocol="openood_v1.5"),
+                                  _row(0, "svhn", "far", 0.9, protocol="openood_v1.5")])
+    _write(tmp_path / "oodformer", [_row(0, "cifar100", "far", 0.6, protocol="oodformer"),
+                                    _row(0, "svhn", "far", 1.0, protocol="oodformer")])
+    _, _, table = aggregate(load_rows([tmp_path]))
+    means = {e["method.protocol"]: (e.get("near/auroc", (None,))[0], e["far/auroc"][0]) for e in table}
+    assert means == {"openood_v1.5": (0.8, 0.9), "oodformer": (None, pytest.approx(0.8))}

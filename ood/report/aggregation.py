@@ -114,11 +114,12 @@ def aggregate(
     for row in rows:
         sets.setdefault(row["ood_dataset"], row["ood_group"])
     ordered = [s for g in ("near", "far") for s in sets if sets[s] == g]
-    groups = [g for g in ("near", "far") if g in sets.values()]
+    groups = [g for g in ("near", "far") if any(r["ood_group"] == g for r in rows)]
     metric_cols = [f"{s}/{m}" for s in ordered for m in SHOWN] + [f"{g}/{m}" for g in groups for m in SHOWN]
     metric_cols += [a for a in ACCURACIES if any(a in r for r in rows)]
 
     configs: dict[tuple[str, ...], dict[str, dict[str, dict[str, float]]]] = {}
+    group_of: dict[tuple[str, ...], dict[str, str]] = {}  # per configuration: one set may be near in one protocol, far in another
     members: dict[tuple[str, ...], list[dict[str, str]]] = {}
     for row in rows:
         flat = _config_of(row)
@@ -126,6 +127,7 @@ def aggregate(
         configs.setdefault(key, {}).setdefault(row["_run"], {})[row["ood_dataset"]] = {
             m: row[m] for m in (*SHOWN, *ACCURACIES) if m in row
         }
+        group_of.setdefault(key, {})[row["ood_dataset"]] = row["ood_group"]
         members.setdefault(key, []).append(flat)
     if by is not None:
         _warn_mixed(members)
@@ -135,20 +137,20 @@ def aggregate(
     table = []
     for key, runs in configs.items():
         cells: dict[str, list[float]] = {}
-        scored = {s for per_set in runs.values() for s in per_set}  # the OOD sets of this configuration
+        sets_of = group_of[key]  # this configuration's OOD sets -> their group
         for run, per_set in runs.items():
             for s, values in per_set.items():
                 for m in SHOWN:
                     cells.setdefault(f"{s}/{m}", []).append(values[m])
-            missing = sorted(scored - set(per_set))
+            missing = sorted(set(sets_of) - set(per_set))
             if missing:  # its near/far means would be over other sets than its seeds': not averaged with theirs
-                short = " and ".join(g for g in groups if any(sets[s] == g for s in missing))
+                short = " and ".join(g for g in groups if any(sets_of[s] == g for s in missing))
                 print(f"warning: {run} lacks OOD sets {missing} of its configuration: left out of its {short} mean",
                       file=sys.stderr)
             for g in groups:
-                in_group = [per_set[s] for s in ordered if sets[s] == g and s in per_set]
+                in_group = [per_set[s] for s in ordered if sets_of.get(s) == g and s in per_set]
                 for m in SHOWN:
-                    if in_group and not any(sets[s] == g for s in missing):
+                    if in_group and not any(sets_of[s] == g for s in missing):
                         cells.setdefault(f"{g}/{m}", []).append(statistics.fmean(v[m] for v in in_group))
             for acc in ACCURACIES:  # one value per run (every OOD set's row repeats it)
                 values = [v[acc] for v in per_set.values() if acc in v]
