@@ -78,6 +78,10 @@ def test_cli_writes_markdown_and_csv(tmp_path: Path, capsys: pytest.CaptureFixtu
     _write(tmp_path / "run", [_row(0, "s", "near", 0.75)])
     main([str(tmp_path)])
     assert "| 75.00 |" in capsys.readouterr().out
+    (tmp_path / "taken").touch()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--out", str(tmp_path / "taken")])
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: --out {tmp_path / 'taken'} is a file, not a folder"
     note = "mean ± std over seeds (sample std, n - 1; one seed: the value alone)"
     assert note in (tmp_path / "report.md").read_text().splitlines()[-1]  # the std's formula goes with the table
     assert note in (tmp_path / "report.tex").read_text().splitlines()[0]

@@ -45,6 +45,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """`ood-report` entry point."""
     args = parser().parse_args(argv)
+    first = Path(args.paths[0])
+    out = args.out or (first if first.is_dir() else first.parent)
+    if out.is_file():  # mkdir's FileExistsError, a traceback once the table was printed
+        print(f"error: --out {out} is a file, not a folder", file=sys.stderr)
+        sys.exit(1)
     failed = failed_runs(args.paths)
     try:
         rows = load_rows(args.paths)
@@ -81,8 +86,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if failed:
         markdown += "\nFailed jobs (not in the table):\n" + "".join(f"- `{run}`: {why}\n" for run, why in failed.items())
     print(markdown)
-    first = Path(args.paths[0])
-    out = args.out or (first if first.is_dir() else first.parent)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "report.md", markdown)
     atomic_write(out / "report.csv", lambda tmp: write_csv(tmp, config_cols, metric_cols, table))
