@@ -74,6 +74,16 @@ def test_a_reference_number_may_be_bare_and_is_checked(tmp_path: Path) -> None:
         load_reference(path)
 
 
+def test_a_reference_may_give_fpr95_alone(tmp_path: Path) -> None:
+    """load_reference accepts a file without auroc: matching it was a KeyError."""
+    path = tmp_path / "ref.yaml"
+    path.write_text("source: s\nid_dataset: digits\nbackbone: small_cnn\nfpr95_convention: id_positive\n"
+                    "fpr95: {ce: {msp: {far: [20, 1]}}}\n")
+    entry = {"id_dataset": "digits", "backbone": "small_cnn", "method": "ce", "detector": "msp"}
+    assert add_reference(["far/fpr95"], [entry], [load_reference(path)]) == ["far/fpr95", "ref:far/fpr95"]
+    assert entry["ref:far/fpr95"] == pytest.approx((0.2, 0.01, 3))
+
+
 def test_report_cli_prints_the_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "sweep" / "0"
     run.mkdir(parents=True)

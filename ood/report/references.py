@@ -94,7 +94,7 @@ def add_reference(
         for ref in references:
             if (str(ref["id_dataset"]), str(ref["backbone"])) != (entry["id_dataset"], entry["backbone"]):
                 continue
-            metrics = {"auroc": ref["auroc"]}
+            metrics = {"auroc": ref.get("auroc")}  # a file may give fpr95 alone
             if "fpr95" in ref:
                 metrics[FPR95_CONVENTIONS[ref["fpr95_convention"]]] = ref["fpr95"]
             for metric, numbers in metrics.items():
