@@ -84,6 +84,21 @@ def test_a_reference_may_give_fpr95_alone(tmp_path: Path) -> None:
     assert entry["ref:far/fpr95"] == pytest.approx((0.2, 0.01, 3))
 
 
+def test_a_reference_in_openoods_fpr95_convention_gets_ours_beside_it(tmp_path: Path) -> None:
+    """`fpr95_convention: ood_positive` gave ref:near/fpr95_oodpos with no fpr95_oodpos of ours to compare with (the
+    table's fpr95 is ID-positive): our near/fpr95_oodpos, mean over seeds, now stands beside it."""
+    path = tmp_path / "ref.yaml"
+    path.write_text("source: s\nid_dataset: digits\nbackbone: small_cnn\nfpr95_convention: ood_positive\n"
+                    "fpr95: {ce: {msp: {near: [40, 1]}}}\n")
+    rows = [{"method": "ce", "detector": "msp", "backbone": "small_cnn", "id_dataset": "digits", "ood_dataset": "a",
+             "ood_group": "near", "seed": seed, "auroc": 0.8, "fpr95": 0.5, "fpr95_oodpos": oodpos, "_run": str(seed)}
+            for seed, oodpos in ((0, 0.3), (1, 0.5))]
+    _, cols, table = aggregate(rows)
+    cols = add_reference(cols, table, [load_reference(path)])
+    assert cols[-2:] == ["near/fpr95_oodpos", "ref:near/fpr95_oodpos"]
+    assert table[0]["near/fpr95_oodpos"] == pytest.approx((0.4, 0.1414213, 2)) and table[0]["ref:near/fpr95_oodpos"][:2] == (0.4, 0.01)
+
+
 def test_report_cli_prints_the_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "sweep" / "0"
     run.mkdir(parents=True)

@@ -15,6 +15,8 @@ from typing import Any
 
 BASE_KEYS = ("method", "detector", "backbone", "id_dataset")
 SHOWN = ("auroc", "fpr95")
+#: metrics every entry carries, shown or not: OpenOOD's FPR95 convention, a column beside a reference given in it
+AGGREGATED = (*SHOWN, "fpr95_oodpos")
 #: the accuracies a run reports (the same in every row of a run): ID test, and full-spectrum rows' pooled ID test + csid sets
 ACCURACIES = ("id_acc", "csid_acc")
 
@@ -100,7 +102,8 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def aggregate(
     rows: Sequence[Mapping[str, Any]], by: Sequence[str] | None = None
 ) -> tuple[list[str], list[str], list[dict[str, Any]]]:
-    """(config columns, metric columns, table rows); metric cells are (mean, std, n) over the runs (seeds).
+    """(config columns, metric columns, table rows); metric cells are (mean, std, n) over the runs (seeds), also of
+    `fpr95_oodpos`, which is not a column unless a reference gives it (`references.add_reference`).
 
     Runs are grouped by their whole configuration without the seed, so different configurations are never
     averaged; the columns are the keys that differ. `by` names the grouping keys instead (besides method,
@@ -125,7 +128,7 @@ def aggregate(
         flat = _config_of(row)
         key = tuple(flat.get(c, "") for c in config_cols)
         configs.setdefault(key, {}).setdefault(row["_run"], {})[row["ood_dataset"]] = {
-            m: row[m] for m in (*SHOWN, *ACCURACIES) if m in row
+            m: row[m] for m in (*AGGREGATED, *ACCURACIES) if m in row
         }
         group_of.setdefault(key, {})[row["ood_dataset"]] = row["ood_group"]
         members.setdefault(key, []).append(flat)
@@ -140,8 +143,9 @@ def aggregate(
         sets_of = group_of[key]  # this configuration's OOD sets -> their group
         for run, per_set in runs.items():
             for s, values in per_set.items():
-                for m in SHOWN:
-                    cells.setdefault(f"{s}/{m}", []).append(values[m])
+                for m in AGGREGATED:
+                    if m in values:
+                        cells.setdefault(f"{s}/{m}", []).append(values[m])
             missing = sorted(set(sets_of) - set(per_set))
             if missing:  # its near/far means would be over other sets than its seeds': not averaged with theirs
                 short = " and ".join(g for g in groups if any(sets_of[s] == g for s in missing))
@@ -149,8 +153,8 @@ def aggregate(
                       file=sys.stderr)
             for g in groups:
                 in_group = [per_set[s] for s in ordered if sets_of.get(s) == g and s in per_set]
-                for m in SHOWN:
-                    if in_group and not any(sets_of[s] == g for s in missing):
+                for m in AGGREGATED:
+                    if in_group and all(m in v for v in in_group) and not any(sets_of[s] == g for s in missing):
                         cells.setdefault(f"{g}/{m}", []).append(statistics.fmean(v[m] for v in in_group))
             for acc in ACCURACIES:  # one value per run (every OOD set's row repeats it)
                 values = [v[acc] for v in per_set.values() if acc in v]
@@ -159,9 +163,7 @@ def aggregate(
         entry: dict[str, Any] = dict(zip(config_cols, key))
         entry["seeds"] = len(runs)
         entry["_runs"] = sorted(runs)
-        for col in metric_cols:
-            if col in cells:
-                entry[col] = (*_mean_std(cells[col]), len(cells[col]))
+        entry.update({col: (*_mean_std(values), len(values)) for col, values in cells.items()})
         table.append(entry)
     table.sort(key=lambda e: tuple(str(e[c]) for c in config_cols))
     return config_cols, metric_cols, table

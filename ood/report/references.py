@@ -85,7 +85,8 @@ def add_reference(
 
     An entry matches a reference on `id_dataset`, `backbone`, `method` and `detector` (`reference_name`: the detector it
     reproduces, if any). Returns the metric columns
-    with the matched reference columns appended (`REFERENCE_COLS` first, then FPR95 ones), else unchanged.
+    with our columns of a matched convention not shown yet (`<group>/fpr95_oodpos`) and the matched reference
+    columns appended (`REFERENCE_COLS` first, then FPR95 ones), else unchanged.
     """
     from ood.detectors import reference_name  # the registry, only when there are references to match
 
@@ -106,4 +107,6 @@ def add_reference(
                         entry[col] = (values[0], values[1] if len(values) > 1 else 0.0, 3 if len(values) > 1 else 1)
                         matched.add(col)
     order = [*REFERENCE_COLS, *(f"ref:{g}/{m}" for m in FPR95_CONVENTIONS.values() for g in ("near", "far"))]
-    return [*metric_cols, *(c for c in order if c in matched)]
+    # our numbers in a reference's convention that the table does not show (fpr95_oodpos) go beside it
+    ours = [c[len("ref:"):] for c in order if c in matched and c[len("ref:"):] not in metric_cols]
+    return [*metric_cols, *(c for c in ours if any(c in e for e in table)), *(c for c in order if c in matched)]
