@@ -251,3 +251,13 @@ def test_a_set_near_in_one_protocol_and_far_in_another_counts_in_each_ones_group
     _, _, table = aggregate(load_rows([tmp_path]))
     means = {e["method.protocol"]: (e.get("near/auroc", (None,))[0], e["far/auroc"][0]) for e in table}
     assert means == {"openood_v1.5": (0.8, 0.9), "oodformer": (None, pytest.approx(0.8))}
+
+
+def test_by_seed_says_what_the_seed_is(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--by seed` was refused as a key no run has, though every run has one."""
+    _write(tmp_path / "0", [_row(0, "s", "near", 0.75)])
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--by", "seed", "--no-figures"])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: --by ['seed']: no run has these keys (seed: the table's mean ± std is over seeds; give one run's folder "
+        "for that seed's numbers); the keys that differ between these runs: []")

@@ -76,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:  # a misspelt key would group by an empty column, averaging over every other key
         close = {k: difflib.get_close_matches(k, sorted(keys), n=1) for k in unknown}
         hint = "".join(f" ({k}: did you mean {c[0]}?)" for k, c in close.items() if c)
+        if "seed" in unknown:  # every run has one, but it is what the mean ± std is over, never a grouping key
+            hint += " (seed: the table's mean ± std is over seeds; give one run's folder for that seed's numbers)"
         differ = [k for k in varying_params(rows) if k != "mode"]
         print(f"error: --by {unknown}: no run has these keys{hint}; the keys that differ between these runs: {differ}",
               file=sys.stderr)
