@@ -261,3 +261,23 @@ def test_by_seed_says_what_the_seed_is(tmp_path: Path, capsys: pytest.CaptureFix
     assert capsys.readouterr().err.splitlines()[-1] == (
         "error: --by ['seed']: no run has these keys (seed: the table's mean ± std is over seeds; give one run's folder "
         "for that seed's numbers); the keys that differ between these runs: []")
+
+
+def test_long_legend_values_are_cut_unless_labels_would_clash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 60-character value made the legend wider than the axes; cut, two labels must not become one."""
+    from ood import plots
+    from ood.report.figures import write_figures
+
+    bars: list[list[str]] = []
+    monkeypatch.setattr(plots, "auroc_bars", lambda entries, *a: bars.append([label for label, _ in entries]))
+    middle = ["a" * 20 + "x" * 20 + "b" * 20, "a" * 20 + "y" * 20 + "b" * 20]  # the same once cut
+    for values in (["a" * 30 + "x" * 30, "short"], middle):
+        for i, value in enumerate(values):
+            _write(tmp_path / str(len(bars)) / str(i), [_row(0, "s", "near", 0.75, path=value)])
+        rows = load_rows([tmp_path / str(len(bars))])
+        config_cols, _, table = aggregate(rows)
+        write_figures(tmp_path, config_cols, table, rows, ["none"])
+    assert bars == [
+        [f"cluster path={'a' * 13}…{'x' * 13}", "cluster path=short"],
+        [f"cluster path={middle[0]}", f"cluster path={middle[1]}"],
+    ]

@@ -9,12 +9,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+#: legend values longer than this are cut in the middle (a long path or list squeezed the axes to a sliver)
+LABEL_VALUE = 28
 
-def _label(entry: Mapping[str, Any], config_cols: Sequence[str], detector_only: bool) -> str:
-    """A short legend label: the detector, then the method and the varying keys that are not constant."""
+
+def _short(value: Any, width: int | None) -> str:
+    text = str(value)
+    return text if width is None or len(text) <= width else f"{text[:width // 2 - 1]}…{text[-(width // 2 - 1):]}"
+
+
+def _label(entry: Mapping[str, Any], config_cols: Sequence[str], detector_only: bool, width: int | None = None) -> str:
+    """A short legend label: the detector, then the method and the varying keys that are not constant, each value cut
+    to `width` characters."""
     parts = [str(entry["detector"])]
     if not detector_only:
-        parts += [f"{c.rsplit('.', 1)[-1]}={entry[c]}" for c in config_cols if c != "detector" and entry.get(c)]
+        parts += [f"{c.rsplit('.', 1)[-1]}={_short(entry[c], width)}" for c in config_cols if c != "detector" and entry.get(c)]
     return " ".join(parts)
 
 
@@ -32,9 +41,11 @@ def write_figures(
 
     varying = [c for c in config_cols if c not in ("detector",) and len({str(e.get(c)) for e in table}) > 1]
     single = not varying
+    # cut long values unless that makes two entries' labels equal (one curve would hide the other)
+    width = LABEL_VALUE if len({_label(e, varying, single, LABEL_VALUE) for e in table}) == len(table) else None
     figures = plots.clear_curves(out / "figures")
     bars = [
-        (_label(e, varying, single) if not single else str(e["detector"]),
+        (_label(e, varying, single, width) if not single else str(e["detector"]),
          {g: e[f"{g}/auroc"][:2] for g in ("near", "far") if f"{g}/auroc" in e})
         for e in table
     ]
@@ -58,7 +69,7 @@ def write_figures(
             per_split = {k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix)}
         viewed = plots.mode_scores(per_split, mode, csid_sets)
         if viewed is not None:
-            label = _label(entry, varying, single)
+            label = _label(entry, varying, single, width)
             curves[label], scored[label] = viewed, (mode, csid_sets, per_split, seed_of[str(run)])
     if curves:
         full = " (fsood: ID = ID test + csid sets)" if any(mode == "fsood" for mode, *_ in scored.values()) else ""
