@@ -19,3 +19,13 @@ class CheckpointError(OODError):
 
 class NonFiniteError(OODError):
     """A loss or score became NaN or infinite; names the step, detector or dataset."""
+
+
+def check_range(key: str, value: float | None, low: float, high: float = float("inf"), *, open_low: bool = False) -> None:
+    """Refuse `key=value` outside [low, high] ((low, high] with `open_low`), naming the range: a negative weight
+    trains the opposite objective silently, a zero temperature or count NaNs at step 0 or reads as its default."""
+    if value is None:
+        return
+    if not (low < value if open_low else low <= value) or value > high:
+        lower = f"({low}" if open_low else f"[{low}"
+        raise ConfigError(f"{key}={value!r} is outside its range {lower}, {high}]")

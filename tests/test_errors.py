@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import FAST, compose_config, run_config
-from hydra.errors import MissingConfigException
+from hydra.errors import InstantiationException, MissingConfigException
+from hydra.utils import instantiate
 
 from ood.data import DigitsBenchmark
 from ood.detectors import build_detector
@@ -127,3 +129,27 @@ def test_unknown_layer_lists_choices() -> None:
 def test_bad_split_fractions() -> None:
     with pytest.raises(ValueError, match="summing to 1"):
         DigitsBenchmark(split=(0.5, 0.2, 0.2))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method=oe method.lam=-1", r"method.lam=-1 is outside its range \[0, inf\]"),
+        ("method=logitnorm method.tau=0", r"method.tau=0 is outside its range \(0, inf\]"),
+        ("method=energy_oe method.temperature=0", r"method.temperature=0 is outside its range \(0, inf\]"),
+        ("method=energy_cfl method.gamma=-1", r"method.gamma=-1 is outside its range \[0, inf\]"),
+        ("method=grood method.mix_lambda=2", r"method.mix_lambda=2 is outside its range \[0, 1\]"),
+        ("method=grood method.n_proto=0", r"method.n_proto=0 is outside its range \[1, inf\]"),
+        ("method=cluster method.k=0", r"method.k=0 is outside its range \[1, inf\]"),
+        ("method=heatmap method.classifier_epochs=-1", r"method.classifier_epochs=-1 is outside its range \[0, inf\]"),
+        ("method=heatmap method.num_ood=0", r"method.num_ood=0 is outside its range \[1, inf\]"),
+    ],
+)
+def test_method_key_out_of_range_names_its_range(tmp_path: Path, override: str, message: str) -> None:
+    """Out-of-range method keys are refused by name: they trained silently (a negative weight, k=0 or num_ood=0
+    read as their default, classifier_epochs=-1 froze an untrained classifier) or NaN'd at step 0 blaming the lr."""
+    cfg = compose_config(tmp_path, override.split())
+    with pytest.raises(InstantiationException) as err:
+        instantiate(cfg.method, backbone=SmallCNN(6))
+    assert isinstance(err.value.__cause__, ConfigError)
+    assert re.fullmatch(message, str(err.value.__cause__))

@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit
 from ood.detectors.mahalanobis import class_means, gram, mahalanobis_sq
-from ood.errors import ConfigError
+from ood.errors import ConfigError, check_range
 from ood.features.bank import FeatureBank
 from ood.losses import supcon
 from ood.losses.contrastive import BASE_TEMPERATURE
@@ -251,6 +251,9 @@ class ClusterMethod(OODMethod):
                 raise ConfigError(f"method.{key}={value!r} is unknown; choices: {list(CHOICES[key])}")
         if id_assignment == "gt" and clusters != "class_mean":
             raise ConfigError("method.id_assignment=gt needs method.clusters=class_mean (k-means centres have no label)")
+        check_range("method.k", k, 1)
+        check_range("method.temperature", temperature, 0, open_low=True)
+        check_range("method.base_temperature", base_temperature, 0, open_low=True)
         self.contrastive = objective != "ce"
         self.automatic_optimization = not self.contrastive
         if self.contrastive:

@@ -54,7 +54,7 @@ from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit, Stream
 from ood.data.fit import FitData
 from ood.detectors.logits import energy_score
-from ood.errors import ConfigError
+from ood.errors import ConfigError, check_range
 from ood.features.bank import FeatureBank
 from ood.losses import cluster_focal, energy_margin, free_energy, push_away
 from ood.losses.cluster_focal import squared_distances
@@ -99,6 +99,8 @@ class EnergyOE(OODMethod):
         super().__init__(backbone, optimizer, scheduler, init)
         if margins not in MARGIN_MODES:
             raise ConfigError(f"method.margins={margins!r}; choices: {list(MARGIN_MODES)}")
+        check_range("method.lam", lam, 0)
+        check_range("method.temperature", temperature, 0, open_low=True)
         self.lam, self.temperature = lam, temperature
         # statistics fitted at fit start (buffers, so a resumed or evaluated checkpoint keeps them):
         # [mean ID-train energy of the starting model, m_in used, m_out used]; NaN = not fitted yet
@@ -221,6 +223,9 @@ class EnergyCFL(EnergyOE):
         super().__init__(backbone, optimizer, scheduler, init, lam, margins, m_in, m_out, temperature)
         if not reconstruction:
             raise ConfigError("method=energy_cfl exists only as a reconstruction (reconstruction: true): the paper's CFL and score are not public")
+        for key, value in (("lam_cfl", lam_cfl), ("lam_push", lam_push), ("gamma", gamma)):
+            check_range(f"method.{key}", value, 0)
+        check_range("method.tau", tau, 0, open_low=True)
         self.score_cfg = {"combine": "sum", "beta": 1.0, "tune": True, "grid": [0.0, 0.25, 0.5, 1.0, 2.0, 4.0], **(score or {})}
         unknown = set(self.score_cfg) - {"combine", "beta", "tune", "grid"}
         if unknown or self.score_cfg["combine"] not in COMBINE or (self.score_cfg["tune"] and not self.score_cfg["grid"]):

@@ -61,7 +61,7 @@ from torchvision.transforms.functional import gaussian_blur
 from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit
 from ood.data.fit import FitData
-from ood.errors import ConfigError
+from ood.errors import ConfigError, check_range
 from ood.features.bank import FeatureBank
 from ood.features.passes import forward_dataset
 from ood.features.reduce import ClassSums, FirstN
@@ -219,8 +219,9 @@ class GROOD(CrossEntropy):
         ):
             if value not in choices:
                 raise ConfigError(f"grood: unknown {key} {value!r}; choices: {list(choices)}")
-        if k < 1 or n_proto < 1:
-            raise ConfigError(f"grood: k and n_proto must be >= 1, got k={k}, n_proto={n_proto}")
+        for key, value in (("k", k), ("n_proto", n_proto), ("nprobe", nprobe)):
+            check_range(f"method.{key}", value, 1)
+        check_range("method.mix_lambda", mix_lambda, 0, 1)
         self.mix_layer = mix_layer if mix_layer is not None else default_mix_layer(backbone)
         backbone._check_layer(self.mix_layer)
         if ood_proto_source == "synthetic_mixup" and not backbone.staged:

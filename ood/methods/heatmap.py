@@ -51,7 +51,7 @@ from torch.utils.data import Dataset
 from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit
 from ood.data.fit import FitData
-from ood.errors import ConfigError
+from ood.errors import ConfigError, check_range
 from ood.features.bank import FeatureBank
 from ood.losses import heatmap_loss
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
@@ -156,6 +156,8 @@ class HeatmapOOD(OODMethod):
         for key, value in (("pairing", pairing), ("feature_norm", feature_norm)):
             if value not in CHOICES[key]:
                 raise ConfigError(f"method.{key}={value!r}; choices: {list(CHOICES[key])}")
+        check_range("method.classifier_epochs", classifier_epochs, 0)
+        check_range("method.num_ood", num_ood, 1)
         # the classifier is always frozen for the decoder: from the start, or after the CE phase
         self.classifier_epochs = classifier_epochs
         self.classifier_optimizer, self.classifier_scheduler = classifier_optimizer, classifier_scheduler

@@ -19,6 +19,7 @@ import torch
 
 from ood.data.batch import Batch
 from ood.detectors import build_detector
+from ood.errors import check_range
 from ood.features.bank import FeatureBank
 from ood.losses import logitnorm
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
@@ -44,6 +45,7 @@ class LogitNorm(OODMethod):
         tau: float = 0.04,
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, init)
+        check_range("method.tau", tau, 0, open_low=True)
         self.tau = tau
 
     def training_loss(self, batch: Batch) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ood.data.batch import Batch
 from ood.data.benchmark import Stream
 from ood.detectors import build_detector
+from ood.errors import check_range
 from ood.features.bank import FeatureBank
 from ood.losses import outlier_exposure
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
@@ -54,6 +55,7 @@ class OutlierExposure(OODMethod):
         lam: float = 0.5,
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, init)
+        check_range("method.lam", lam, 0)
         self.lam = lam
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
