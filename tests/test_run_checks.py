@@ -28,11 +28,20 @@ from ood.runs.sweeps import sweep_objective
         (["-m", "method=ce,cluster", "method.objectiv=ce"], "method.objective"),  # a key of one swept choice
         (["hydra.sweep.dri=x"], "hydra.sweep.dir"),
         (["--cfg", "job", "seed=1", "trainer.max_epoch=1"], "trainer.max_epochs"),
+        (["metod=oe"], "method"),  # a group's name: the keys are its leaves
+        (["method=oe", "method.lamm=1"], "method.lam"),
+        (["method=oe", "methd.lam=1"], "method.lam"),  # parent misspelt too
     ],
 )
 def test_misspelt_key_names_the_closest_real_key(argv: list[str], closest: str) -> None:
     with pytest.raises(ConfigError, match=rf"unknown config key .*did you mean {closest}=\.\.\.\?"):
         check_overrides(CONFIG_DIR, "train", argv)
+
+
+def test_a_key_of_no_sibling_names_none() -> None:
+    """`method.lam` under method=ce (lam is oe's) named `method._target_` as the closest key: no hint, not a wrong one."""
+    with pytest.raises(ConfigError, match=r"^unknown config key 'method.lamm': see `ood-train --cfg job` for the keys"):
+        check_overrides(CONFIG_DIR, "train", ["method.lamm=1"])
 
 
 def test_real_and_added_keys_pass() -> None:

@@ -201,8 +201,8 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
             continue
         parents = {".".join(key.split(".")[:i]) for i in range(1, key.count(".") + 1)}
         if key not in known and not parents & open_dicts and not any(k.startswith(key + ".") for k in known):
-            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]}=...?" if close else "see `ood-train --cfg job` for the keys"
+            close = _closest(key, known)
+            hint = f"did you mean {close}=...?" if close else "see `ood-train --cfg job` for the keys"
             raise ConfigError(f"unknown config key {key!r}: {hint} (+{key}=... would add it as a new key)")
         children = sorted(k[len(key) + 1 :] for k in known if k.startswith(key + "."))
         if key not in known and children and isinstance(o.value(), str | int | float | bool) and not o.is_sweep_override():
@@ -238,6 +238,20 @@ def _expected_type(default: Any, value: Any) -> str | None:
     if isinstance(default, float):
         return "a number"
     return None
+
+
+def _closest(key: str, known: Mapping[str, Any]) -> str | None:
+    """The real key or node nearest a misspelt `key`: among its siblings when its parent exists (`method.lamm` under
+    method=ce has none, rather than `method._target_`; `metod` -> `method`), its parent's spelling found first
+    (`methd.lam` -> `method.lam`); never a `_target_`-style key."""
+    nodes = {".".join(k.split(".")[:i]) for k in known for i in range(1, k.count(".") + 2)}
+    nodes = {n for n in nodes if not n.rpartition(".")[2].startswith("_")}
+    parent, _, name = key.rpartition(".")
+    if parent and parent not in nodes:
+        fixed = _closest(parent, known)
+        return _closest(f"{fixed}.{name}", known) if fixed else None
+    siblings = {n.rpartition(".")[2]: n for n in nodes if n.rpartition(".")[0] == parent}
+    return next((siblings[c] for c in difflib.get_close_matches(name, sorted(siblings), n=1, cutoff=0.6)), None)
 
 
 def _is_group(key: str, config_dir: str | Path) -> bool:
