@@ -150,3 +150,22 @@ def test_a_checkpoint_evaluated_on_other_data_needs_the_command_line_to_say_so(
     # through check_run, with the overrides Hydra records for the job
     with pytest.raises(ConfigError, match="was trained with data.benchmark.seed=0 \\(now 3\\)"):
         check_run(other, ckpt, ["data.batch_size=7"])
+
+
+def test_a_checkpoint_of_another_method_needs_method_on_the_command_line(tmp_path: Path) -> None:
+    """`ood-eval ckpt_path=<logitnorm run>` without `method=logitnorm` scored it as `ce`, every row labelled so; a
+    post-hoc method named on the command line (`method=grood` on a CE checkpoint) passes."""
+    from ood.runs.checks import check_evaluated
+    from ood.runs.identity import flat_config
+
+    ckpt = str(tmp_path / "last.ckpt")
+    stored = flat_config(compose_config(tmp_path, ["method=logitnorm"]))
+    with pytest.raises(ConfigError) as err:
+        check_evaluated(compose_config(tmp_path, ["train=false"]), stored, ckpt, given=())
+    assert str(err.value) == (
+        f"checkpoint {ckpt} was trained with method._target_=ood.methods.logitnorm.LogitNorm (now "
+        "ood.methods.CrossEntropy): pass the method=, data= and backbone= options it was trained with, or name the "
+        "keys on the command line to evaluate it so on purpose"
+    )
+    ce = flat_config(compose_config(tmp_path, []))
+    check_evaluated(compose_config(tmp_path, ["train=false", "method=grood"]), ce, ckpt, given=["method=grood"])

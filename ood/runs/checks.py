@@ -6,8 +6,8 @@
 - `check_run`: refuses `trainer.max_epochs < 1`, a GPU preset without a GPU, and resuming with a different
   `trainer.max_epochs` (the cosine schedule's `T_max` lives in the checkpoint and would not follow) or any other
   change of the configuration or seed (`check_resume`).
-- `check_evaluated`: refuses evaluating a checkpoint with data or a backbone other than its training run's unless the
-  command line names the difference (the default `data=digits` of a forgotten `data=` would otherwise score a
+- `check_evaluated`: refuses evaluating a checkpoint with data, a backbone or a method other than its training run's
+  unless the command line names the difference (the default `data=digits` of a forgotten `data=` would otherwise score a
   checkpoint on the wrong data whenever the class counts agree).
 - `check_launch`: refuses a Hydra multirun with the subprocess DDP launcher.
 - `check_eval_dir`: refuses `ood-eval hydra.run.dir=<a training run's folder>` before Hydra writes there.
@@ -68,8 +68,9 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
 
 
 def check_evaluated(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str, given: Sequence[str]) -> None:
-    """Refuse evaluating a checkpoint with a `data.*` or `backbone.*` value other than its training run's (training-only
-    keys aside: batches, augmentation, outliers, starting weights) unless the command line `given` sets that key or
+    """Refuse evaluating a checkpoint with a `data.*` or `backbone.*` value or a method class other than its training
+    run's (training-only keys aside: batches, augmentation, outliers, starting weights; a forgotten `method=` labels an
+    OE or LogitNorm network's rows `ce`) unless the command line `given` sets that key or
     a node above it (`data=...`, `data.benchmark.protocol=...`) or an `experiment=` preset; asked-for differences are
     logged. Keys only one side has, and checkpoints without a stored config (another framework's), are not compared."""
     if not stored:
@@ -77,7 +78,8 @@ def check_evaluated(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str, 
     seeded = seed_keys(cfg)
     now, then = identity(flat_config(cfg), seeded), identity(stored, seeded)
     changed = [k for k in sorted(now.keys() & then.keys())
-               if k.startswith(("data.", "backbone.")) and not k.startswith(TRAINING_KEYS) and now[k] != then[k]]
+               if (k.startswith(("data.", "backbone.")) or k == "method._target_") and not k.startswith(TRAINING_KEYS)
+               and now[k] != then[k]]
     named = [arg.partition("=")[0].lstrip("+~") for arg in given]
     unasked = [k for k in changed if "experiment" not in named and not any(k == n or k.startswith(f"{n}.") for n in named)]
     listed = unasked or changed
@@ -87,7 +89,7 @@ def check_evaluated(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str, 
         trained = Path(ckpt_path).parent.parent
         names = read_identity(trained).names if (trained / IDENTITY_FILE).is_file() else []
         again = (f"ood-eval {' '.join(f'{g}={n}' for g, n in zip(NAME_GROUPS, names) if n)} ckpt_path={ckpt_path}"
-                 if names else "the data= and backbone= options it was trained with")
+                 if names else "the method=, data= and backbone= options it was trained with")
         raise ConfigError(
             f"checkpoint {ckpt_path} was trained with {shown}: pass {again}, or name the keys on the command line to "
             "evaluate it so on purpose"
