@@ -124,9 +124,19 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def load_weights(method: Any, path: str | Path) -> None:
+def load_weights(method: Any, path: str | Path, cfg: DictConfig | None = None) -> None:
     """Load a whole method from any checkpoint `ood.models.checkpoint` reads (Lightning, bare, OpenOOD, torchvision),
-    strictly; every failure names the file and the first mismatched key."""
+    strictly; every failure names the file and the first mismatched key, and the `method.*` values it was trained
+    with where the run's `cfg` differs (`method=cluster` without the run's `method.objective=supcon` lacks its head)."""
+    from ood.errors import CheckpointError
     from ood.models.checkpoint import load_modules, read_state_dict
+    from ood.runs.checkpoints import checkpoint_config
+    from ood.runs.checks import method_changes
 
-    load_modules(method, read_state_dict(path), None, path)
+    try:
+        load_modules(method, read_state_dict(path), None, path)
+    except CheckpointError as err:
+        changes = method_changes(cfg, checkpoint_config(path)) if cfg is not None else ""
+        if not changes:
+            raise
+        raise CheckpointError(f"{err}; it was trained with {changes}") from None

@@ -141,7 +141,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
         if cfg.train:
             trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
         elif ckpt_path:
-            load_weights(method, ckpt_path)
+            load_weights(method, ckpt_path, cfg)
         between_stages()
         if cfg.evaluate:
             trainer.test(method, datamodule=datamodule, verbose=False)

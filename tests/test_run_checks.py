@@ -96,6 +96,28 @@ def test_method_mismatch_says_method() -> None:
         load_modules(model, state, None, "x.ckpt")
 
 
+def test_a_checkpoint_that_does_not_fit_names_the_method_keys_it_was_trained_with(tmp_path: Path) -> None:
+    """`ood-eval method=cluster ckpt_path=<a supcon run>` said "pass the method= it was trained with" (it was): the
+    error names the `method.*` values that differ, here the objective that adds the projection head."""
+    from hydra.utils import instantiate
+
+    from ood.cli import load_weights
+    from ood.runs.identity import flat_config
+
+    trained = compose_config(tmp_path, ["method=cluster", "method.objective=supcon"])
+    method = instantiate(trained.method, backbone=SmallCNN(6))
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": method.state_dict(), "hyper_parameters": {"config": flat_config(trained)}}, ckpt)
+    now = compose_config(tmp_path, ["method=cluster"])
+    with pytest.raises(CheckpointError) as err:
+        load_weights(instantiate(now.method, backbone=SmallCNN(6)), ckpt, now)
+    assert str(err.value) == (
+        f"checkpoint {ckpt} does not fit the configured model (pass the method= it was trained with: the checkpoint's "
+        "modules differ outside the backbone): unexpected 'head.0.bias' (0 missing, 4 unexpected keys); it was trained "
+        "with method.objective=supcon (now ce)"
+    )
+
+
 def test_sweep_objective_reads_only_validation_splits(tmp_path: Path) -> None:
     asked: list[str] = []
 

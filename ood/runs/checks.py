@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,16 +75,12 @@ def check_evaluated(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str, 
     logged. Keys only one side has, and checkpoints without a stored config (another framework's), are not compared."""
     if not stored:
         return
-    seeded = seed_keys(cfg)
-    now, then = identity(flat_config(cfg), seeded), identity(stored, seeded)
-    changed = [k for k in sorted(now.keys() & then.keys())
-               if (k.startswith(("data.", "backbone.")) or k == "method._target_") and not k.startswith(TRAINING_KEYS)
-               and now[k] != then[k]]
+    changed = _evaluated_changes(cfg, stored, lambda k: k.startswith(("data.", "backbone.")) or k == "method._target_")
     named = [arg.partition("=")[0].lstrip("+~") for arg in given]
-    unasked = [k for k in changed if "experiment" not in named and not any(k == n or k.startswith(f"{n}.") for n in named)]
-    listed = unasked or changed
-    shown = ", ".join(f"{k}={then[k]} (now {now[k]})" for k in listed[:3])
-    shown += f" and {len(listed) - 3} more" if len(listed) > 3 else ""
+    unasked = {k: v for k, v in changed.items()
+               if "experiment" not in named and not any(k == n or k.startswith(f"{n}.") for n in named)}
+    listed = list((unasked or changed).values())
+    shown = ", ".join(listed[:3]) + (f" and {len(listed) - 3} more" if len(listed) > 3 else "")
     if unasked:
         trained = Path(ckpt_path).parent.parent
         names = read_identity(trained).names if (trained / IDENTITY_FILE).is_file() else []
@@ -96,6 +92,21 @@ def check_evaluated(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str, 
         )
     if changed:
         log.info("evaluating %s with %s, as asked", ckpt_path, shown)
+
+
+def method_changes(cfg: DictConfig, stored: Mapping[str, Any]) -> str:
+    """The `method.*` values an evaluated checkpoint was trained with where `cfg` differs (`method.objective=supcon
+    (now ce)`; training-only keys aside), or "": what a checkpoint that does not fit the configured method needs."""
+    return ", ".join(_evaluated_changes(cfg, stored, lambda k: k.startswith("method.")).values())
+
+
+def _evaluated_changes(cfg: DictConfig, stored: Mapping[str, Any], compared: Callable[[str], bool]) -> dict[str, str]:
+    """`key -> "key=stored (now current)"` for the `compared` configuration keys, training-only keys aside, that
+    differ between `cfg` and a checkpoint's `stored` config (keys only one side has are not compared)."""
+    seeded = seed_keys(cfg)
+    now, then = identity(flat_config(cfg), seeded), identity(stored, seeded)
+    return {k: f"{k}={then[k]} (now {now[k]})" for k in sorted(now.keys() & then.keys())
+            if compared(k) and not k.startswith(TRAINING_KEYS) and now[k] != then[k]}
 
 
 def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> None:
