@@ -233,6 +233,11 @@ class EnergyCFL(EnergyOE):
                 f"method.score: unknown keys {sorted(unknown)}, combine={self.score_cfg['combine']!r} or an empty grid "
                 f"with tune=true; keys: ['combine', 'beta', 'tune', 'grid'], combine: {list(COMBINE)}"
             )
+        check_range("method.score.beta", self.score_cfg["beta"], 0)
+        for beta in self.score_cfg["grid"]:
+            check_range("method.score.grid entry", beta, 0)
+        check_range("method.projection_dim", projection_dim, 1)
+        check_range("method.push_margin", push_margin, 0, open_low=True)
         d = backbone.feature_dim
         self.head: nn.Module = nn.Identity()
         if projection_dim:

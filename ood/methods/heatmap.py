@@ -157,7 +157,9 @@ class HeatmapOOD(OODMethod):
             if value not in CHOICES[key]:
                 raise ConfigError(f"method.{key}={value!r}; choices: {list(CHOICES[key])}")
         check_range("method.classifier_epochs", classifier_epochs, 0)
-        check_range("method.num_ood", num_ood, 1)
+        for key, value, low in (("num_ood", num_ood, 1), ("feature_batch_size", feature_batch_size, 1),
+                                ("n_images", n_images, 0), ("alpha", alpha, 0)):
+            check_range(f"method.{key}", value, low)
         # the classifier is always frozen for the decoder: from the start, or after the CE phase
         self.classifier_epochs = classifier_epochs
         self.classifier_optimizer, self.classifier_scheduler = classifier_optimizer, classifier_scheduler

@@ -60,7 +60,7 @@ from torch import nn
 from ood.data.batch import Batch
 from ood.data.fit import FitData
 from ood.detectors.logits import energy_score
-from ood.errors import ConfigError, DataNotFoundError
+from ood.errors import ConfigError, DataNotFoundError, check_range
 from ood.features.bank import FeatureBank
 from ood.losses import club, club_nll, distill_kl
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
@@ -188,6 +188,14 @@ class OAL(OODMethod):
         super().__init__(backbone, optimizer, scheduler, init)
         if club_fit not in CLUB_FITS:
             raise ConfigError(f"method.club_fit={club_fit!r}; choices: {list(CLUB_FITS)}")
+        for key, value, low, open_low in (
+            ("w_kd_logit", w_kd_logit, 0, False), ("w_kd_feat", w_kd_feat, 0, False), ("w_mi_knn", w_mi_knn, 0, False),
+            ("w_mi_sd", w_mi_sd, 0, False), ("knn_k", knn_k, 0, True), ("knn_select", knn_select, 0, True),
+            ("knn_sigma", knn_sigma, 0, True), ("n_candidates", n_candidates, 1, False), ("knn_keep", knn_keep, 1, False),
+            ("knn_repeats", knn_repeats, 1, False), ("knn_per_class", knn_per_class, 1, False),
+            ("club_hidden", club_hidden, 2, False),
+        ):
+            check_range(f"method.{key}", value, low, open_low=open_low)
         teacher = dict(teacher or {})
         if "backbone" not in teacher or set(teacher) - TEACHER_KEYS:
             raise ConfigError(
