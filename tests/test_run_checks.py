@@ -50,6 +50,13 @@ def test_real_and_added_keys_pass() -> None:
                                           "trainer.max_epochs=2", "hydra/launcher=parallel", "logger=wandb"])
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_numpy_cannot_take_is_refused_by_name(tmp_path: Path, seed: int) -> None:
+    """`seed=-1` ended in Lightning's traceback (ValueError from seed_everything) after the run folder was made."""
+    with pytest.raises(ConfigError, match=rf"^seed={seed} is outside its range \[0, 4294967295\]$"):
+        check_run(compose_config(tmp_path, [f"seed={seed}"]), None)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_gpu_preset_on_cpu_says_add_trainer_cpu(tmp_path: Path) -> None:
     cfg = compose_config(tmp_path, ["experiment=cifar10_ce"])

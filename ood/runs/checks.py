@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ood.errors import ConfigError
+from ood.errors import ConfigError, check_range
 from ood.runs.checkpoints import checkpoint_config
 from ood.runs.identity import (
     IDENTITY_FILE,
@@ -42,11 +42,13 @@ log = get_logger(__name__)
 
 
 def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ()) -> None:
-    """Refuse configurations that would waste a run: no epochs, a GPU preset without a GPU, a changed schedule, a
-    checkpoint evaluated on other data than it was trained on unless `given` (the command line's overrides) asks."""
+    """Refuse configurations that would waste a run: no epochs, a seed NumPy cannot take, a GPU preset without a GPU,
+    a changed schedule, a checkpoint evaluated on other data than it was trained on unless `given` (the command
+    line's overrides) asks."""
     max_epochs = cfg.trainer.get("max_epochs")
     if cfg.train and (max_epochs is None or int(max_epochs) < 1):
         raise ConfigError(f"trainer.max_epochs={max_epochs}: must be >= 1 (Lightning's -1 would train forever)")
+    check_range("seed", cfg.get("seed"), 0, 2**32 - 1)  # NumPy's bounds: Lightning's seed_everything raises past them
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
