@@ -38,6 +38,20 @@ def test_misspelt_key_names_the_closest_real_key(argv: list[str], closest: str) 
         check_overrides(CONFIG_DIR, "train", argv)
 
 
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("method.optimizer.lr=[1]", r"method.optimizer.lr=\[1\]: expected a number \(the default is 0.05\)"),
+        ("method.init.freeze=backbone", r"method.init.freeze=backbone: expected a list, e.g. \[backbone\]"),
+    ],
+)
+def test_a_list_for_a_number_or_a_word_for_a_list_names_the_type(arg: str, message: str) -> None:
+    """A list where a number belongs ended in a traceback; a word where a list belongs was iterated letter by letter
+    (`method.init.freeze=backbone`: "ce has no sub-module 'b'")."""
+    with pytest.raises(ConfigError, match=rf"^{message}"):
+        check_overrides(CONFIG_DIR, "train", [arg])
+
+
 def test_a_key_of_no_sibling_names_none() -> None:
     """`method.lam` under method=ce (lam is oe's) named `method._target_` as the closest key: no hint, not a wrong one."""
     with pytest.raises(ConfigError, match=r"^unknown config key 'method.lamm': see `ood-train --cfg job` for the keys"):

@@ -242,9 +242,14 @@ FREE_KEYS = ("trainer.devices", "trainer.precision", "hydra.")
 
 
 def _expected_type(default: Any, value: Any) -> str | None:
-    """The type a word `value` should have had where the config holds the number or boolean `default`; None when
-    it fits (numbers for numbers, booleans for booleans, null and interpolations anywhere)."""
-    if not isinstance(value, str) or value.startswith("${"):
+    """The type a word or list `value` should have had where the config holds the number or boolean `default`, or a
+    word where it holds a list (`method.init.freeze=backbone` froze 'b', 'a', ...); None when it fits (numbers for
+    numbers, booleans for booleans, null and interpolations anywhere)."""
+    if isinstance(value, str) and value.startswith("${"):
+        return None
+    if isinstance(default, list):
+        return f"a list, e.g. [{value}]" if isinstance(value, str) else None
+    if not isinstance(value, str | list | dict):
         return None
     if isinstance(default, bool):
         return "true or false"
