@@ -126,6 +126,24 @@ def test_every_network_detector_is_enrolled() -> None:
     assert set(MINE) <= set(NETWORK)
 
 
+@pytest.mark.parametrize("name", [n for n in NETWORK if detector_class(n).needs_model])
+def test_a_frozen_network_scores_as_a_trainable_one(name: str, tiny: dict[str, Any]) -> None:
+    """A backbone whose parameters are frozen (heatmap's and OAL's classifiers, a user's `requires_grad_(False)`
+    model): NAC's layer-state gradients had no graph (a RuntimeError that stopped the heatmap digits run); every
+    network-pass detector fits and scores as on the trainable network."""
+    def run() -> torch.Tensor:
+        torch.manual_seed(0)
+        det = _fitted(name, tiny)
+        return torch.cat([_scores(det, tiny, "test"), _scores(det, tiny, "ood")])
+
+    trainable = run()
+    tiny["net"].requires_grad_(False)
+    try:
+        torch.testing.assert_close(run(), trainable, rtol=0, atol=0)
+    finally:
+        tiny["net"].requires_grad_(True)
+
+
 @pytest.mark.parametrize("name", NETWORK)
 def test_separates_id_from_ood_through_the_evaluation_path(name: str, tiny: dict[str, Any]) -> None:
     """Tuned on val vs val_ood and fitted as the evaluation does; higher = more ID, float64 [N], finite."""

@@ -50,8 +50,8 @@ class NAC(ModelFitted):
         """Per stage: [B, C_l] bin index of each neuron's state."""
         backbone = backbone_of(model)
         names = list(backbone.layer_names)
-        with torch.enable_grad():
-            out = backbone.run(x.detach(), names)
+        with torch.enable_grad():  # an input that requires grad: the maps have a graph under a frozen backbone too
+            out = backbone.run(x.detach().requires_grad_(True), names)
             maps = [out.layers[n] for n in names]
             loss = -torch.log_softmax(out.logits, 1).mean(1).sum()
             grads = torch.autograd.grad(loss, maps)
