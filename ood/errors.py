@@ -21,11 +21,17 @@ class NonFiniteError(OODError):
     """A loss or score became NaN or infinite; names the step, detector or dataset."""
 
 
-def check_range(key: str, value: float | None, low: float, high: float = float("inf"), *, open_low: bool = False) -> None:
+def check_range(
+    key: str, value: float | None, low: float, high: float = float("inf"), *, open_low: bool = False, integer: bool = False
+) -> None:
     """Refuse `key=value` outside [low, high] ((low, high] with `open_low`), naming the range: a negative weight
-    trains the opposite objective silently, a zero temperature or count NaNs at step 0 or reads as its default."""
+    trains the opposite objective silently, a zero temperature or count NaNs at step 0 or reads as its default.
+    `integer` (counts, sizes) also refuses a fraction, which would otherwise fail deep inside faiss or torch after
+    the training it waited for."""
     if value is None:
         return
-    if not (low < value if open_low else low <= value) or value > high:
+    fraction = integer and (isinstance(value, bool) or not isinstance(value, int))
+    if fraction or not (low < value if open_low else low <= value) or value > high:
         lower = f"({low}" if open_low else f"[{low}"
-        raise ConfigError(f"{key}={value!r} is outside its range {lower}, {high}]")
+        whole = "whole numbers in " if integer else ""
+        raise ConfigError(f"{key}={value!r} is outside its range {whole}{lower}, {high}]")

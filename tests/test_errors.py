@@ -139,21 +139,27 @@ def test_bad_split_fractions() -> None:
         ("method=energy_oe method.temperature=0", r"method.temperature=0 is outside its range \(0, inf\]"),
         ("method=energy_cfl method.gamma=-1", r"method.gamma=-1 is outside its range \[0, inf\]"),
         ("method=grood method.mix_lambda=2", r"method.mix_lambda=2 is outside its range \[0, 1\]"),
-        ("method=grood method.n_proto=0", r"method.n_proto=0 is outside its range \[1, inf\]"),
-        ("method=cluster method.k=0", r"method.k=0 is outside its range \[1, inf\]"),
-        ("method=heatmap method.classifier_epochs=-1", r"method.classifier_epochs=-1 is outside its range \[0, inf\]"),
-        ("method=heatmap method.num_ood=0", r"method.num_ood=0 is outside its range \[1, inf\]"),
+        ("method=grood method.n_proto=0", r"method.n_proto=0 is outside its range whole numbers in \[1, inf\]"),
+        ("method=cluster method.k=0", r"method.k=0 is outside its range whole numbers in \[1, inf\]"),
+        ("method=cluster method.k=1.5", r"method.k=1.5 is outside its range whole numbers in \[1, inf\]"),
+        ("method=grood method.k=2.0", r"method.k=2.0 is outside its range whole numbers in \[1, inf\]"),
+        ("method=oal method.knn_keep=1.5", r"method.knn_keep=1.5 is outside its range whole numbers in \[1, inf\]"),
+        ("method=heatmap method.num_ood=2.5", r"method.num_ood=2.5 is outside its range whole numbers in \[1, inf\]"),
+        ("method=heatmap method.classifier_epochs=-1",
+         r"method.classifier_epochs=-1 is outside its range whole numbers in \[0, inf\]"),
+        ("method=heatmap method.num_ood=0", r"method.num_ood=0 is outside its range whole numbers in \[1, inf\]"),
         ("method=oal method.knn_sigma=-1", r"method.knn_sigma=-1 is outside its range \(0, inf\]"),
         ("method=oal method.w_kd_logit=-1", r"method.w_kd_logit=-1 is outside its range \[0, inf\]"),
-        ("method=cluster method.head_dim=0", r"method.head_dim=0 is outside its range \[1, inf\]"),
-        ("method=energy_cfl method.projection_dim=0", r"method.projection_dim=0 is outside its range \[1, inf\]"),
+        ("method=cluster method.head_dim=0", r"method.head_dim=0 is outside its range whole numbers in \[1, inf\]"),
+        ("method=energy_cfl method.projection_dim=0",
+         r"method.projection_dim=0 is outside its range whole numbers in \[1, inf\]"),
         ("method=energy_cfl method.score.grid=[0,-1]", r"method.score.grid entry=-1 is outside its range \[0, inf\]"),
     ],
 )
 def test_method_key_out_of_range_names_its_range(tmp_path: Path, override: str, message: str) -> None:
     """Out-of-range method keys are refused by name: they trained silently (a negative weight, k=0, num_ood=0 or
     projection_dim=0 read as their default, classifier_epochs=-1 froze an untrained classifier) or NaN'd at step 0
-    blaming the lr."""
+    blaming the lr; a fraction for a count (k=1.5) trained a whole epoch, then failed inside faiss with a traceback."""
     cfg = compose_config(tmp_path, override.split())
     with pytest.raises(InstantiationException) as err:
         instantiate(cfg.method, backbone=SmallCNN(6))

@@ -236,7 +236,7 @@ class EnergyCFL(EnergyOE):
         check_range("method.score.beta", self.score_cfg["beta"], 0)
         for beta in self.score_cfg["grid"]:
             check_range("method.score.grid entry", beta, 0)
-        check_range("method.projection_dim", projection_dim, 1)
+        check_range("method.projection_dim", projection_dim, 1, integer=True)
         check_range("method.push_margin", push_margin, 0, open_low=True)
         d = backbone.feature_dim
         self.head: nn.Module = nn.Identity()

@@ -220,7 +220,7 @@ class GROOD(CrossEntropy):
             if value not in choices:
                 raise ConfigError(f"grood: unknown {key} {value!r}; choices: {list(choices)}")
         for key, value in (("k", k), ("n_proto", n_proto), ("nprobe", nprobe), ("proto_batch_size", proto_batch_size)):
-            check_range(f"method.{key}", value, 1)
+            check_range(f"method.{key}", value, 1, integer=True)
         check_range("method.mix_lambda", mix_lambda, 0, 1)
         self.mix_layer = mix_layer if mix_layer is not None else default_mix_layer(backbone)
         backbone._check_layer(self.mix_layer)

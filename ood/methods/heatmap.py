@@ -156,10 +156,10 @@ class HeatmapOOD(OODMethod):
         for key, value in (("pairing", pairing), ("feature_norm", feature_norm)):
             if value not in CHOICES[key]:
                 raise ConfigError(f"method.{key}={value!r}; choices: {list(CHOICES[key])}")
-        check_range("method.classifier_epochs", classifier_epochs, 0)
-        for key, value, low in (("num_ood", num_ood, 1), ("feature_batch_size", feature_batch_size, 1),
-                                ("n_images", n_images, 0), ("alpha", alpha, 0)):
-            check_range(f"method.{key}", value, low)
+        for key, value, low in (("classifier_epochs", classifier_epochs, 0), ("num_ood", num_ood, 1),
+                                ("feature_batch_size", feature_batch_size, 1), ("n_images", n_images, 0)):
+            check_range(f"method.{key}", value, low, integer=True)
+        check_range("method.alpha", alpha, 0)
         # the classifier is always frozen for the decoder: from the start, or after the CE phase
         self.classifier_epochs = classifier_epochs
         self.classifier_optimizer, self.classifier_scheduler = classifier_optimizer, classifier_scheduler

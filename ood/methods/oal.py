@@ -191,11 +191,13 @@ class OAL(OODMethod):
         for key, value, low, open_low in (
             ("w_kd_logit", w_kd_logit, 0, False), ("w_kd_feat", w_kd_feat, 0, False), ("w_mi_knn", w_mi_knn, 0, False),
             ("w_mi_sd", w_mi_sd, 0, False), ("knn_k", knn_k, 0, True), ("knn_select", knn_select, 0, True),
-            ("knn_sigma", knn_sigma, 0, True), ("n_candidates", n_candidates, 1, False), ("knn_keep", knn_keep, 1, False),
-            ("knn_repeats", knn_repeats, 1, False), ("knn_per_class", knn_per_class, 1, False),
-            ("club_hidden", club_hidden, 2, False),
+            ("knn_sigma", knn_sigma, 0, True),
         ):
             check_range(f"method.{key}", value, low, open_low=open_low)
+        for key, value, low in (("n_candidates", n_candidates, 1), ("knn_keep", knn_keep, 1),
+                                ("knn_repeats", knn_repeats, 1), ("knn_per_class", knn_per_class, 1),
+                                ("club_hidden", club_hidden, 2)):
+            check_range(f"method.{key}", value, low, integer=True)
         teacher = dict(teacher or {})
         if "backbone" not in teacher or set(teacher) - TEACHER_KEYS:
             raise ConfigError(
