@@ -38,6 +38,25 @@ def test_word_in_place_of_a_config_node_is_refused() -> None:
         check_overrides(CONFIG_DIR, "train", ["method.optimizer=sgd"])
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("method=cel", r"unknown method 'cel': did you mean method=ce\? choices: ce, cluster, energy_cfl, .*, oe"),
+     ("-m method=ce,oee", r"unknown method 'oee': did you mean method=oe\? choices: ce, "),
+     ("+experiment=cifar10_c", r"unknown experiment 'cifar10_c': did you mean experiment=cifar10_ce\? choices: "),
+     ("trainer=xyz", r"unknown trainer 'xyz': choices: cpu, ddp, ddp_cpu, gpu, gpu_fast")],
+)
+def test_unknown_group_option_is_one_line_with_the_choices(override: str, expected: str) -> None:
+    """Hydra's own error for `method=cel` is 20 lines ending in its config search path."""
+    with pytest.raises(ConfigError, match=expected):
+        check_overrides(CONFIG_DIR, "train", override.split())
+
+
+def test_group_options_from_elsewhere_are_hydras_to_check() -> None:
+    """A plugin's launcher and a user's own search path add options our folders do not hold."""
+    check_overrides(CONFIG_DIR, "train", ["hydra/launcher=joblib", "method=ce,oe", "~callbacks"])
+    check_overrides(CONFIG_DIR, "train", ["hydra.searchpath=[file:///tmp/mine]", "method=mine"])
+
+
 def test_values_of_the_right_type_pass() -> None:
     check_overrides(CONFIG_DIR, "train", ["seed=3", "method.optimizer.lr=1", "train=false", "trainer.devices=auto",
                                           "ckpt_path=null", "seed=${oc.env:SEED,0}", "++seed=abc", "-m",

@@ -2,7 +2,8 @@
 
 - `check_overrides`: a misspelt `key=value` override names the closest real key, and a word where the config holds a
   number or a boolean (`seed=abc`) names the expected type, and a word in place of a config node
-  (`method.optimizer=sgd`) names its keys, before Hydra composes (and long before `int(seed)`).
+  (`method.optimizer=sgd`) names its keys, and an unknown option of a config group (`method=cel`) names the closest
+  one and the choices, before Hydra composes (and long before `int(seed)`).
 - `check_run`: refuses `trainer.max_epochs < 1`, a GPU preset without a GPU, and resuming with a different
   `trainer.max_epochs` (the cosine schedule's `T_max` lives in the checkpoint and would not follow) or any other
   change of the configuration or seed (`check_resume`).
@@ -193,6 +194,9 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
     except HydraException:
         return  # Hydra reports syntax errors itself
     groups = [o for o in overrides if _is_group(o.key_or_group, config_dir)]
+    if not any(o.key_or_group == "hydra.searchpath" for o in overrides):  # more options may live elsewhere
+        for o in groups:
+            _check_choice(o, Path(config_dir))
     choices = [
         [f"{o.key_or_group}={v}" for v in (o.sweep_string_iterator() if o.is_sweep_override() else [o.value()])]
         for o in groups
@@ -235,6 +239,26 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
                     raise ConfigError(
                         f"{key}={value}: expected {expected} (the default is {known[key]!r}); ++{key}={value} forces it"
                     )
+
+
+def _check_choice(override: Any, config_dir: Path) -> None:
+    """Refuse an unknown option of one of our config groups (`method=cel`) in one line with the closest option and
+    the choices (Hydra's own error is 20 lines with its search path). Hydra's groups (`hydra/launcher=joblib` comes
+    from a plugin) are Hydra's to check."""
+    folder = config_dir / override.key_or_group
+    if override.is_delete() or override.key_or_group.startswith("hydra") or not folder.is_dir():
+        return
+    try:
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+    except Exception:  # noqa: BLE001 - an unusual sweep form: Hydra reports it
+        return
+    options = sorted(p.stem for p in folder.glob("*.yaml"))
+    for value in values:
+        for choice in value if isinstance(value, list) else [value]:
+            if isinstance(choice, str) and choice not in options and not choice.startswith("${"):
+                close = difflib.get_close_matches(choice, options, n=1, cutoff=0.6)
+                hint = f"did you mean {override.key_or_group}={close[0]}? " if close else ""
+                raise ConfigError(f"unknown {override.key_or_group} {choice!r}: {hint}choices: {', '.join(options)}")
 
 
 #: keys whose values Lightning accepts in several types (`trainer.devices=auto`), and Hydra's own
