@@ -4,6 +4,7 @@ whole configuration without the seed, re-evaluations counted once, `--by`, LaTeX
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from ood import plots
 from ood.report import main
 from ood.report.aggregation import aggregate
 from ood.report.reading import load_rows
-from ood.report.rendering import to_latex
+from ood.report.rendering import to_latex, to_markdown
 
 SETS = {"near_set": "near", "far_set": "far"}
 
@@ -155,6 +156,17 @@ def test_latex_escapes_each_special_character_once() -> None:
     line = to_latex(["method", "ckpt"], ["near/auroc"], [entry]).splitlines()[4]
     assert line == ("ce & C:\\textbackslash{}runs\\textbackslash{}\\textasciitilde{}me\\textbackslash{}a\\_b"
                     "\\textasciicircum{}2 \\{x\\}.ckpt & 1 & 50.00 \\\\")
+
+
+def test_a_bar_in_a_config_value_stays_in_its_cell() -> None:
+    """A `|` in a config value (an OOD-set list `a|b`, a regex) opened a new Markdown column and shifted every metric
+    under the wrong header; in LaTeX it printed as an em dash."""
+    entry = {"method": "ce", "data.ood.far": "svhn|mnist", "seeds": 1, "near/auroc": (0.5, 0.0, 1)}
+    row = to_markdown(["method", "data.ood.far"], ["near/auroc"], [entry]).splitlines()[2]
+    assert row == "| ce | svhn\\|mnist | 1 | 50.00 |"
+    assert re.split(r"(?<!\\)\|", row)[1:-1] == [" ce ", " svhn\\|mnist ", " 1 ", " 50.00 "]
+    line = to_latex(["method", "data.ood.far"], ["near/auroc"], [entry]).splitlines()[4]
+    assert line == "ce & svhn\\textbar{}mnist & 1 & 50.00 \\\\"
 
 
 def test_cli_writes_tables_and_readable_figures(runs: Path, monkeypatch: pytest.MonkeyPatch) -> None:

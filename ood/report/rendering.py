@@ -11,7 +11,7 @@ from typing import Any
 
 #: LaTeX's special characters in text, replaced in one pass (the braces of `\textbackslash{}` stay as they are)
 LATEX_ESCAPES = {"\\": "\\textbackslash{}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}",
-                 **{c: "\\" + c for c in "&%$#_{}"}}
+                 "|": "\\textbar{}", **{c: "\\" + c for c in "&%$#_{}"}}
 #: how the numbers were made, under the Markdown table and atop the LaTeX one: a reader of the table alone cannot tell
 #: the std's formula, nor how near/far are averaged
 NOTE = ("Metrics in %: mean ± std over seeds (sample std, n - 1; one seed: the value alone); near/far: the mean over "
@@ -27,9 +27,13 @@ def _cell(value: Any) -> str:
 
 def to_markdown(config_cols: Sequence[str], metric_cols: Sequence[str], table: Sequence[Mapping[str, Any]]) -> str:
     """A Markdown table (metrics in %, mean ± std over seeds)."""
+
+    def md(text: str) -> str:  # a `|` in a config value (`data.ood.far=a|b`) would open a column; a newline end the row
+        return " ".join(text.split("\n")).replace("|", "\\|")
+
     cols = [*config_cols, "seeds", *metric_cols]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_cell(entry.get(c, "")) for c in cols) + " |" for entry in table]
+    lines = ["| " + " | ".join(md(c) for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(md(_cell(entry.get(c, ""))) for c in cols) + " |" for entry in table]
     return "\n".join(lines) + "\n"
 
 
@@ -54,7 +58,7 @@ def to_latex(config_cols: Sequence[str], metric_cols: Sequence[str], table: Sequ
     """A LaTeX `booktabs` tabular (metrics in %, mean $\\pm$ std over seeds); needs `\\usepackage{booktabs}`."""
 
     def tex(text: str) -> str:
-        return re.sub(r"[\\&%$#_{}~^]", lambda m: LATEX_ESCAPES[m.group()], text).replace(" ± ", " $\\pm$ ")
+        return re.sub(r"[\\&%$#_{}~^|]", lambda m: LATEX_ESCAPES[m.group()], text).replace(" ± ", " $\\pm$ ")
 
     cols = [*config_cols, "seeds", *metric_cols]
     lines = [
