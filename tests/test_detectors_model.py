@@ -551,6 +551,11 @@ def test_gram_rows_float32_and_overflow_fall_back_to_float64() -> None:
     huge = z * 1e6  # z^10 * 16 overflows float32
     assert not torch.isfinite(huge.flatten(2) ** 5 @ (huge.flatten(2) ** 5).sum(1).unsqueeze(2)).all()
     torch.testing.assert_close(gram_rows(huge), textbook(huge), rtol=1e-12, atol=0)
+    # a sample's rows do not depend on its batch: one overflowing neighbour redid the whole chunk in float64, so the
+    # same image scored differently with another `data.eval_batch_size`
+    mixed = gram_rows(torch.cat([z, huge[:1]]))
+    assert torch.equal(mixed[:6], gram_rows(z)) and not torch.equal(mixed[:6], textbook(z))
+    torch.testing.assert_close(mixed[6:], textbook(huge[:1]), rtol=1e-12, atol=0)
 
 
 def test_rankfeat_equals_openood(tiny: dict[str, Any]) -> None:

@@ -64,19 +64,21 @@ def gram_rows(z: torch.Tensor) -> torch.Tensor:
 
 
 def _gram_rows(z: torch.Tensor) -> torch.Tensor:
-    """`gram_rows` of one chunk: the products in z's dtype (float32 as OpenOOD; a chunk whose products overflow is
-    redone in float64), the roots in float64."""
+    """`gram_rows` of one chunk: the products in z's dtype (float32 as OpenOOD; the samples whose products overflow
+    are redone in float64, each alone, so that a sample's rows never depend on the others in its batch), the roots
+    in float64."""
     rows, zp = [], z
     for p in POWERS:  # 1, 2, ..., 5: each power one product on from the last
         if p > 1:
             zp = zp * z
         # row sums of zp zp^T without the [C, C] product: (zp zp^T) 1 = zp (zp^T 1), the sum over channels first
         rows.append((zp @ zp.sum(1).unsqueeze(2)).squeeze(2))
-    g = torch.stack(rows, 1)
-    if z.dtype != torch.float64 and not bool(torch.isfinite(g).all()):
-        return _gram_rows(z.double())
-    g = g.double()
-    return g.sign() * g.abs() ** (1.0 / torch.tensor(POWERS, dtype=torch.float64, device=g.device))[:, None]
+    g = torch.stack(rows, 1).double()
+    overflow = ~torch.isfinite(g).flatten(1).all(1) if z.dtype != torch.float64 else None
+    g = g.sign() * g.abs() ** (1.0 / torch.tensor(POWERS, dtype=torch.float64, device=g.device))[:, None]
+    if overflow is not None and bool(overflow.any()):
+        g[overflow] = _gram_rows(z[overflow].double())
+    return g
 
 
 def deviation(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
