@@ -170,6 +170,62 @@ def test_evaluating_into_a_training_run_folder_is_refused(
     assert (run / "config.yaml").read_text() == "trained: true\n"
 
 
+TRAINED = ["method=oe", "data=cifar10", "data.benchmark.protocol=classic", "paths.data_dir=/d", "trainer.max_epochs=3",
+           "seed=2", "method.lam=0.3", "method.init.ckpt=/x.ckpt", "data.batch_size=64", "+backbone.weights=/w.pth",
+           "data.benchmark.outliers=tin597", "hydra.job.chdir=true"]
+
+
+def _trained_run(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in TRAINED))
+    return run
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [(["ckpt_path={run}/checkpoints/last.ckpt", "detectors.names=[msp]"],
+      ["method=oe", "data=cifar10", "data.benchmark.protocol=classic", "paths.data_dir=/d", "method.lam=0.3"]),
+     (["method=grood", "ckpt_path={run}"], ["data=cifar10", "data.benchmark.protocol=classic", "paths.data_dir=/d"]),
+     (["ckpt_path={run}", "data=cifar100", "paths.data_dir=/e"], ["method=oe", "method.lam=0.3"]),
+     (["ckpt_path={run}", "data.benchmark.protocol=oodformer"], ["method=oe", "data=cifar10", "paths.data_dir=/d",
+                                                                  "method.lam=0.3"]),
+     (["experiment=cifar10_oe", "ckpt_path={run}"], []),
+     (["-m", "ckpt_path={run},{run}"], []),
+     (["ckpt_path=last"], [])],
+)
+def test_evaluation_takes_what_the_run_trained_from_its_command_line(tmp_path: Path, argv: list[str],
+                                                                     expected: list[str]) -> None:
+    """`ood-eval ckpt_path=<run>` evaluates what the run trained (its method, data, backbone overrides; not its
+    epochs, seed, batches, outliers or starting weights); what the command line names is its own (a post-hoc
+    `method=grood`, other data); nothing for an `experiment=`, a sweep of checkpoints or `last`."""
+    from ood.runs.checkpoints import training_overrides
+
+    run = _trained_run(tmp_path)
+    found, adopted = training_overrides([a.format(run=run) for a in argv])
+    assert adopted == expected and found == (run if expected else None)
+    assert training_overrides([f"ckpt_path={tmp_path / 'elsewhere.ckpt'}"]) == (None, [])
+
+
+def test_ood_eval_of_a_run_folder_composes_its_method_and_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, `ood-eval ckpt_path=<an ood-train method=oe data=cifar10 run>` composed the defaults (ce on digits)
+    and was refused with the command to type; the flags stay ahead of the added overrides."""
+    from ood.eval import main
+
+    run = _trained_run(tmp_path)
+    monkeypatch.setattr("sys.argv", ["ood-eval", "--cfg", "job", f"ckpt_path={run}", "detectors.names=[msp]"])
+    main()
+    out = capsys.readouterr()
+    cfg = OmegaConf.create(out.out)
+    assert (cfg.method._target_, cfg.method.lam, cfg.data.benchmark._target_) == ("ood.methods.oe.OutlierExposure", 0.3,
+                                                                                  "ood.data.CIFAR10Benchmark")
+    assert (cfg.data.benchmark.protocol, cfg.paths.data_dir, cfg.seed) == ("classic", "/d", 0)
+    assert out.err == (f"ood-eval: as trained in {run}: method=oe data=cifar10 data.benchmark.protocol=classic "
+                       "paths.data_dir=/d method.lam=0.3\n")
+
+
 def test_run_folder_is_one_unwrapped_line_under_a_narrow_table(capsys: pytest.CaptureFixture[str]) -> None:
     """One OOD set makes a narrow table; the run folder's path is still printed whole on one line (it was wrapped
     inside the table's caption, cut mid-name)."""

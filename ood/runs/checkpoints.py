@@ -8,13 +8,14 @@
   an uninterrupted one.
 - `resolve_ckpt_path`: `ckpt_path=last` / a run folder / a file -> the checkpoint file, with one-line errors.
 - `checkpoint_config`: the config a checkpoint was trained with.
+- `training_overrides`: what `ood-eval ckpt_path=<run>` takes from the training run's command line.
 """
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,11 @@ import numpy as np
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import OmegaConf
 
 from ood.errors import CheckpointError
 from ood.evaluation.evaluator import plain
+from ood.runs.identity import TRAINING_KEYS
 from ood.utils import get_logger
 
 log = get_logger(__name__)
@@ -130,6 +133,39 @@ def resolve_ckpt_path(
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (pass a run folder or its checkpoints/last.ckpt)")
     return str(path)
+
+
+#: the training run's overrides `ood-eval` adopts (and every key under the groups), unless its command line names them
+ADOPTED = ("experiment", "method", "data", "backbone", "paths.data_dir")
+
+
+def training_overrides(argv: Sequence[str]) -> tuple[Path | None, list[str]]:
+    """The run folder `ckpt_path=` names in `argv` (a run folder, or a checkpoint in its `checkpoints/`) and the
+    overrides of its training command line that say what it trained, for `ood-eval` to use as its own: `method=`,
+    `data=`, `backbone=`, `experiment=`, their keys and `paths.data_dir`; not training-only keys
+    (`TRAINING_KEYS`: batches, augmentation, outliers, starting weights) nor `method.init` (weights the checkpoint
+    replaces). An override whose key the command line names, or a key under a group it names, is left out, and
+    nothing is taken when it names `experiment=` (the preset says what to evaluate). So `ood-eval ckpt_path=<run of
+    ood-train method=oe data=cifar10>` evaluates OE on CIFAR-10, not the default CE on digits. Nothing is taken for
+    a swept or interpolated `ckpt_path`, `last`, or a checkpoint outside a run folder (no `.hydra/overrides.yaml`)."""
+    named = [arg.partition("=")[0].lstrip("+~") for arg in argv if "=" in arg and not arg.startswith("-")]
+    ckpt = [arg.partition("=")[2] for arg in argv if arg.partition("=")[0].lstrip("+") == "ckpt_path"]
+    if len(ckpt) != 1 or "experiment" in named or any(c in ckpt[0] for c in (",", "${")) or ckpt[0] in ("last", "null"):
+        return None, []
+    path = Path(ckpt[0])
+    run = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else None
+    if run is None or not (run / ".hydra" / "overrides.yaml").is_file():
+        return None, []
+    adopted = []
+    for override in OmegaConf.load(run / ".hydra" / "overrides.yaml"):
+        key = str(override).partition("=")[0].lstrip("+~")
+        if (
+            (key in ADOPTED or key.startswith(("method.", "data.", "backbone.")))
+            and not key.startswith((*TRAINING_KEYS, "method.init"))
+            and not any(key == n or key.startswith(f"{n}.") for n in named)
+        ):
+            adopted.append(str(override))
+    return run, adopted
 
 
 def own_checkpoint_epoch(ckpt_path: str | None, output_dir: str | Path) -> int | None:
