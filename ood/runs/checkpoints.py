@@ -152,20 +152,32 @@ def training_overrides(argv: Sequence[str]) -> tuple[Path | None, list[str]]:
     ckpt = [arg.partition("=")[2] for arg in argv if arg.partition("=")[0].lstrip("+") == "ckpt_path"]
     if len(ckpt) != 1 or "experiment" in named or any(c in ckpt[0] for c in (",", "${")) or ckpt[0] in ("last", "null"):
         return None, []
-    path = Path(ckpt[0])
-    run = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else None
-    if run is None or not (run / ".hydra" / "overrides.yaml").is_file():
+    run = run_folder(ckpt[0])
+    if run is None:
         return None, []
     adopted = []
-    for override in OmegaConf.load(run / ".hydra" / "overrides.yaml"):
-        key = str(override).partition("=")[0].lstrip("+~")
+    for override in run_command_line(run):
+        key = override.partition("=")[0].lstrip("+~")
         if (
             (key in ADOPTED or key.startswith(("method.", "data.", "backbone.")))
             and not key.startswith((*TRAINING_KEYS, "method.init"))
             and not any(key == n or key.startswith(f"{n}.") for n in named)
         ):
-            adopted.append(str(override))
+            adopted.append(override)
     return run, adopted
+
+
+def run_folder(ckpt_path: str | Path) -> Path | None:
+    """The run folder of `ckpt_path` (the folder itself, or the one above its `checkpoints/`) when it holds the
+    run's command line (`.hydra/overrides.yaml`); else None."""
+    path = Path(ckpt_path)
+    run = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else None
+    return run if run is not None and (run / ".hydra" / "overrides.yaml").is_file() else None
+
+
+def run_command_line(run: Path) -> list[str]:
+    """The overrides `run` was started with (Hydra's `.hydra/overrides.yaml`, a job's own values in a sweep)."""
+    return [str(o) for o in OmegaConf.load(run / ".hydra" / "overrides.yaml")]
 
 
 def own_checkpoint_epoch(ckpt_path: str | None, output_dir: str | Path) -> int | None:

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ood.errors import ConfigError, check_range
-from ood.runs.checkpoints import checkpoint_config
+from ood.runs.checkpoints import checkpoint_config, run_command_line, run_folder
 from ood.runs.identity import (
     IDENTITY_FILE,
     NAME_GROUPS,
@@ -75,11 +75,15 @@ def check_evaluated(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str, 
     run's (training-only keys aside: batches, augmentation, outliers, starting weights; a forgotten `method=` labels an
     OE or LogitNorm network's rows `ce`) unless the command line `given` sets that key or
     a node above it (`data=...`, `data.benchmark.protocol=...`) or an `experiment=` preset; asked-for differences are
-    logged. Keys only one side has, and checkpoints without a stored config (another framework's), are not compared."""
+    logged; an override the training run was started with too (what `ood-eval` took from its command line) asks for
+    no difference. Keys only one side has, and checkpoints without a stored config (another framework's), are not
+    compared."""
     if not stored:
         return
     changed = _evaluated_changes(cfg, stored, lambda k: k.startswith(("data.", "backbone.")) or k == "method._target_")
-    named = [arg.partition("=")[0].lstrip("+~") for arg in given]
+    run = run_folder(ckpt_path)
+    trained = set(run_command_line(run)) if run is not None else set()  # what `ood-eval` took from it asks nothing
+    named = [arg.partition("=")[0].lstrip("+~") for arg in given if arg not in trained]
     unasked = {k: v for k, v in changed.items()
                if "experiment" not in named and not any(k == n or k.startswith(f"{n}.") for n in named)}
     listed = list((unasked or changed).values())
