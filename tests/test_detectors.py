@@ -277,6 +277,39 @@ def test_scoring_before_fit_says_to_fit_first() -> None:
         build_detector("react").score(bank)
     assert not hasattr(build_detector("knn"), "index_") and not hasattr(build_detector("knn"), "kk")
 
+
+class _Forgetful(Detector):
+    """A user's detector whose `fit` ends without `return self` (named below, after the class statement, so that it
+    stays out of the registry)."""
+
+    grid = {"scale": [1.0, 2.0]}
+    score_params = frozenset({"scale"})
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+
+    def fit(self, bank: FeatureBank) -> None:
+        self.top_ = float(bank.logits.double().max())
+
+    def score(self, bank: FeatureBank) -> torch.Tensor:
+        return self.scale * bank.logits.double().max(1).values / self.top_
+
+
+_Forgetful.name = "forgetful"
+
+
+def test_a_fit_without_return_self_gives_the_fitted_detector(synthetic: dict[str, FeatureBank]) -> None:
+    """`fit` returning None: the evaluation's tuning retried the same grid point forever (the run hung) and an untuned
+    run stopped on `'NoneType' object has no attribute`; the detector itself is the fitted one."""
+    det = _Forgetful()
+    assert det.fit(synthetic["train"]) is det
+    top = float(synthetic["train"].logits.double().max())
+    expected = synthetic["test"].logits.double().max(1).values / top
+    for tune in (True, False):  # tuned: both scales rank alike, so the first (1.0) is kept
+        (scorer,) = detector_scorers([_Forgetful], {}, synthetic, tune)
+        assert scorer.hparams == {"scale": 1.0} and scorer.tuned == (["scale"] if tune else [])
+        torch.testing.assert_close(scorer.score("test"), expected, rtol=0, atol=0)
+
 # ----- known answers ---------------------------------------------------------------------------------------------
 def _logit_bank(logits: list[list[float]]) -> FeatureBank:
     z = torch.tensor(logits, dtype=torch.float64)

@@ -9,7 +9,8 @@ Hyper-parameters that count feature dimensions (ViM's `dim`) accept a fraction o
 hyper-parameters; a value outside them is refused in one line when the detector is built or `set_params` is called.
 Every subclass's `fit` refuses a bank with NaN or infinite logits or features (`NonFiniteError`), and its `score` /
 `score_grid` give such rows NaN and the others their scores without them: NaN in, NaN out, for a detector written
-by a user too.
+by a user too. A `fit` that ends without `return self` returns the detector all the same (`build_detector(...)
+.fit(bank).score(bank)` and the evaluation's tuning take what `fit` returns).
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ class Detector:
 def _checked_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
     """`fit` refusing a bank with NaN or infinite logits or features in one line (fitted statistics would be NaN,
     a linear-algebra error, or silently finite and wrong: kNN's index, CF-OOD's and relation's references), and, for
-    a `per_class` detector, a labelled bank without rows of some of the network's classes."""
+    a `per_class` detector, a labelled bank without rows of some of the network's classes; returning the detector
+    when `fit` returns None (a user's `fit` without `return self` hung tuning, which retried the same grid point)."""
 
     @functools.wraps(fit)
     def checked(self: Detector, *args: Any, **kwargs: Any) -> Any:
@@ -209,7 +211,8 @@ def _checked_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
                     f"its fit bank has no rows of {len(missing)} of the network's {classes} classes (e.g. "
                     f"{missing[:5]}), and its per-class statistics need every class (data.fit_fraction < 1 can "
                     "leave classes out: raise it)")
-        return fit(self, *args, **kwargs)
+        fitted = fit(self, *args, **kwargs)
+        return self if fitted is None else fitted
 
     return checked
 
