@@ -10,6 +10,8 @@ import torch
 from helpers import compose_config, folder_overrides
 
 from ood import CONFIG_DIR
+from ood.data.batch import Batch
+from ood.errors import ConfigError
 from ood.methods.base import OODMethod
 from ood.models.base import Backbone
 from ood.utils import instantiate
@@ -41,6 +43,19 @@ def test_method_builds_with_small_cnn(tmp_path: Path, name: str) -> None:
     expected = f"{name}_recon" if cfg.method.get("reconstruction") else name
     assert method.name == expected, "the method's reported name must equal its config file name"
     assert method.configure_optimizers()
+
+
+def test_a_method_without_a_name_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A method class that sets no `name` (docs/adding_a_method.md: "set `name`") stopped the run's set-up on
+    `AttributeError: 'Unnamed' object has no attribute 'name'` under Hydra's wrapper; now one line names the class."""
+
+    class Unnamed(OODMethod):
+        def training_loss(self, batch: Batch) -> torch.Tensor:
+            return self.backbone(batch.x).logsumexp(1).mean()
+
+    backbone = instantiate(compose_config(tmp_path, []).backbone, num_classes=6, in_channels=1)
+    with pytest.raises(ConfigError, match=r"^Unnamed sets no `name`, the class attribute its results are reported under"):
+        Unnamed(backbone, optimizer=torch.optim.SGD)
 
 
 @pytest.mark.parametrize("name", options("data"))

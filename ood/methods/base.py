@@ -74,6 +74,9 @@ class OODMethod(LightningModule):
         init: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(getattr(type(self), "name", None), str):  # else an AttributeError deep in the run's set-up
+            raise ConfigError(f"{type(self).__name__} sets no `name`, the class attribute its results are reported "
+                              "under (the name of its conf/method/<name>.yaml)")
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
         self.backbone = backbone
         self.optimizer_factory = optimizer
