@@ -298,6 +298,16 @@ class _Forgetful(Detector):
 _Forgetful.name = "forgetful"
 
 
+def test_a_name_taken_by_a_registered_detector_names_both_classes() -> None:
+    """A new detector named as a registered one stopped every command on "detector name 'msp' registered twice",
+    naming neither class; the registry keeps the first."""
+    with pytest.raises(RuntimeError, match=r"^detector name 'msp' registered twice: ood\.detectors\.logits\.MSP and "
+                                           r"test_detectors\.test_a_name_taken.*\.Clash; give the new detector another name$"):
+        class Clash(Detector):
+            name = "msp"
+    assert detector_class("msp").__qualname__ == "MSP"
+
+
 def test_a_fit_without_return_self_gives_the_fitted_detector(synthetic: dict[str, FeatureBank]) -> None:
     """`fit` returning None: the evaluation's tuning retried the same grid point forever (the run hung) and an untuned
     run stopped on `'NoneType' object has no attribute`; the detector itself is the fitted one."""

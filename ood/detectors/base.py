@@ -126,8 +126,10 @@ class Detector:
                 setattr(cls, method, guard(cls.__dict__[method]))
         name = cls.__dict__.get("name")
         if name is not None:
-            if name in _REGISTRY:
-                raise RuntimeError(f"detector name {name!r} registered twice")
+            if name in _REGISTRY:  # name both classes: a new detector's name taken by a registered one, or a module imported twice
+                other = _REGISTRY[name]
+                raise RuntimeError(f"detector name {name!r} registered twice: {other.__module__}.{other.__qualname__} and "
+                                   f"{cls.__module__}.{cls.__qualname__}; give the new detector another name")
             _REGISTRY[name] = cls
 
     def __getattr__(self, name: str) -> Any:
