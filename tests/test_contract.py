@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from fabricate import synthetic_banks
 from helpers import run_config
 from torch import nn
 from torchvision.models import resnet50
@@ -16,12 +17,14 @@ from torchvision.models import resnet50
 from ood.data import DigitsBenchmark, OODDataModule
 from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit
-from ood.errors import CheckpointError, ConfigError
+from ood.errors import CheckpointError, ConfigError, NonFiniteError
 from ood.evaluation.callback import OODEvaluation
 from ood.evaluation.evaluator import Evaluator
+from ood.features.bank import FeatureBank
 from ood.features.collector import SplitCollector
 from ood.methods import CrossEntropy
 from ood.methods.oe import OutlierExposure
+from ood.metrics import ood_metrics
 from ood.models import SmallCNN
 from ood.models.checkpoint import checkpoint_format, load_modules, read_state_dict
 from ood.models.resnet import ResNet50
@@ -179,6 +182,38 @@ def test_detectors_use_the_methods_linear_head() -> None:
                                    logits=torch.zeros(2, 6), features=torch.zeros(2, method.backbone.feature_dim))
     bank = callback._banks([EvalSplit("test", "id_test")], method)["test"]
     assert torch.equal(bank.weight, method.probe.weight) and torch.equal(bank.bias, method.probe.bias)
+
+
+class _NormGap(CrossEntropy):
+    """docs/adding_a_method.md's example: its score reads a statistic `prepare` measures at fit start."""
+
+    name = "norm_gap"
+
+    def __init__(self) -> None:
+        super().__init__(SmallCNN(6), optimizer=torch.optim.SGD)
+        self.register_buffer("train_norm", torch.tensor(float("nan")))
+
+    def ood_score(self, bank: FeatureBank) -> torch.Tensor:
+        return -(bank.logits.norm(dim=1) - self.train_norm.to(bank.logits)).abs()
+
+    def fitted(self) -> dict[str, float]:
+        return {"train_logit_norm": float(self.train_norm)}
+
+
+def test_a_score_whose_prepare_never_ran_says_so() -> None:
+    """`ood.evaluate(model, method="norm_gap")` (no training, so no `prepare`) stopped on "detector norm_gap on test:
+    200 of 200 values are NaN or infinite", which does not say why; the line names the unmeasured values and
+    `prepare`. Measured, the same evaluation reports the score and the value."""
+    banks = synthetic_banks()
+    splits = [EvalSplit("test", "id_test"), EvalSplit("ood", "ood", "far")]
+    method = _NormGap()
+    with pytest.raises(NonFiniteError, match=r"^norm_gap: its own score is NaN or infinite on test and its fitted values "
+                                             r"\['train_logit_norm'\] are NaN: prepare\(\) measures them at fit start"):
+        Evaluator(detectors=[]).evaluate(method, banks, splits, "synthetic")
+    method.train_norm.fill_(float(banks["train"].logits.norm(dim=1).mean()))
+    (row,) = Evaluator(detectors=[]).evaluate(method, banks, splits, "synthetic").rows
+    assert row["detector"] == "norm_gap" and row["method_params"]["fitted"] == {"train_logit_norm": float(method.train_norm)}
+    assert row["auroc"] == ood_metrics(method.ood_score(banks["test"]), method.ood_score(banks["ood"]))["auroc"]
 
 
 def test_methods_read_no_datamodule_and_write_no_hparams() -> None:

@@ -9,6 +9,7 @@ result to its sinks (results file, logger scalars, wandb, run table).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,10 +93,12 @@ class Evaluator:
         accuracy = {s.name: accuracy_of(method, banks[s.name]) for s in splits if s.role in ("id_test", "csid")}
         id_acc = accuracy.pop("test")
         chosen = method.tuned()
+        own = method.ood_scores(banks["test"])
+        check_prepared(method, own)
         scorers = [
             Scorer(name, lambda split, name=name: method.ood_scores(banks[split])[name], dict(chosen.get(name, {})),
                    sorted(chosen.get(name, {})))
-            for name in method.ood_scores(banks["test"])
+            for name in own
         ]
         params = with_data_facts(self.detectors, self.params, data_facts or {})
         scorers += detector_scorers(self.detectors, params, banks, self.tune, model_scores)
@@ -127,6 +130,19 @@ def check_banks_finite(banks: Mapping[str, FeatureBank]) -> None:
                 hint = ("; float16 features overflow above 65504: use evaluation.feature_dtype=float32"
                         if values.dtype == torch.float16 else "")
                 raise NonFiniteBankError(f"split {split}: {bad} of {values.numel()} {name[:-1]} values are NaN or infinite{hint}")
+
+
+def check_prepared(method: OODMethod, own: Mapping[str, torch.Tensor]) -> None:
+    """Raise `NonFiniteError` when the method's own ID-test scores `own` hold NaN or +-inf and some of its `fitted()`
+    values are NaN: statistics its `prepare` measures at fit start, which evaluating a network it was not trained on
+    (`ood.evaluate(model, method=...)`, `ood-eval` without the method's checkpoint) never runs. The scoring's own check
+    said only "detector <method> on test: N of N values are NaN or infinite"."""
+    unmeasured = sorted(k for k, v in method.fitted().items() if isinstance(v, float) and math.isnan(v))
+    if unmeasured and not all(bool(torch.isfinite(s).all()) for s in own.values()):
+        raise NonFiniteError(
+            f"{method.name}: its own score is NaN or infinite on test and its fitted values {unmeasured} are NaN: "
+            "prepare() measures them at fit start (ood-train), and this evaluation did not train it; evaluate a "
+            "checkpoint of its training run, or fit them from the cached banks in setup_ood(banks)")
 
 
 def check_id_labels(banks: Mapping[str, FeatureBank], splits: Sequence[EvalSplit]) -> None:
