@@ -216,6 +216,19 @@ def test_a_score_whose_prepare_never_ran_says_so() -> None:
     assert row["auroc"] == ood_metrics(method.ood_score(banks["test"]), method.ood_score(banks["ood"]))["auroc"]
 
 
+def test_fitted_tensors_and_numpy_values_are_written_as_numbers() -> None:
+    """A `fitted()` that returns its buffer (`{"train_norm": self.train_norm}`) or a NumPy statistic reached
+    results.jsonl as the strings "tensor(1.5000)" and "2.5"; they are numbers and lists now."""
+    import numpy as np
+
+    from ood.evaluation.evaluator import plain
+
+    fitted = {"norm": torch.tensor(1.5), "margins": torch.tensor([0.25, -2.0], dtype=torch.float64),
+              "quantile": np.float32(2.5), "counts": np.array([[1, 2]]), "seen": np.bool_(True)}
+    assert plain({"fitted": fitted}) == {"fitted": {"norm": 1.5, "margins": [0.25, -2.0], "quantile": 2.5,
+                                                    "counts": [[1, 2]], "seen": True}}
+
+
 def test_methods_read_no_datamodule_and_write_no_hparams() -> None:
     """Fit-time data reaches a method through `prepare(FitData)`, fitted values through `fitted()`: no file under
     ood/methods/ reaches through the trainer for the DataModule or writes into its hyper-parameters."""

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ood.data.benchmark import EvalSplit
@@ -169,7 +170,7 @@ def accuracy_of(method: OODMethod, bank: FeatureBank) -> float:
 def plain(value: Any) -> Any:
     """Hyper-parameters as JSON-friendly builtins (OmegaConf containers and tuples become lists/dicts; a factory
     given as `_partial_: true`, e.g. OAL's teacher backbone, its `_target_` and keywords; a class or function its
-    import path)."""
+    import path; a tensor or NumPy value its numbers: a `fitted()` buffer was written as the string "tensor(1.5)")."""
     if isinstance(value, functools.partial):
         return {"_target_": plain(value.func), **({"args": plain(value.args)} if value.args else {}),
                 **{str(k): plain(v) for k, v in value.keywords.items()}}
@@ -181,4 +182,6 @@ def plain(value: Any) -> Any:
         return [plain(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        return plain(value.tolist())
     return str(value)
