@@ -216,6 +216,24 @@ def test_a_score_whose_prepare_never_ran_says_so() -> None:
     assert row["auroc"] == ood_metrics(method.ood_score(banks["test"]), method.ood_score(banks["ood"]))["auroc"]
 
 
+def test_a_method_score_named_as_a_detector_is_refused() -> None:
+    """A method named as a registered detector (an energy fine-tune called `energy`) was scored twice under one name:
+    two rows per OOD set, and one scorer's scores and logged metrics replaced by the other's."""
+
+    class Energy(_NormGap):
+        name = "energy"
+
+    method = Energy()
+    method.train_norm.fill_(1.0)
+    banks = synthetic_banks()
+    splits = [EvalSplit("test", "id_test"), EvalSplit("ood", "ood", "far")]
+    with pytest.raises(ConfigError, match=r"^energy: its own score \['energy'\] has the name of a detector this run "
+                                          r"scores; .* \(detectors\.exclude=\['energy'\]\)$"):
+        Evaluator(detectors=["msp", "energy"]).evaluate(method, banks, splits, "synthetic")
+    rows = Evaluator(detectors=["msp"]).evaluate(method, banks, splits, "synthetic").rows
+    assert [r["detector"] for r in rows] == ["energy", "msp"]
+
+
 def test_fitted_tensors_and_numpy_values_are_written_as_numbers() -> None:
     """A `fitted()` that returns its buffer (`{"train_norm": self.train_norm}`) or a NumPy statistic reached
     results.jsonl as the strings "tensor(1.5000)" and "2.5"; they are numbers and lists now."""

@@ -96,6 +96,11 @@ class Evaluator:
         chosen = method.tuned()
         own = method.ood_scores(banks["test"])
         check_prepared(method, own)
+        clash = sorted(set(own) & {cls.name for cls in self.detectors})
+        if clash:  # two scorers of one name: doubled rows, one's scores and logged metrics overwritten by the other's
+            raise ConfigError(f"{method.name}: its own score {clash} has the name of a detector this run scores; rename "
+                              f"the score (the method's `name`, its `ood_scores` keys) or leave the detector out "
+                              f"(detectors.exclude={clash})")
         scorers = [
             Scorer(name, lambda split, name=name: method.ood_scores(banks[split])[name], dict(chosen.get(name, {})),
                    sorted(chosen.get(name, {})))
