@@ -73,6 +73,7 @@ def build(
             "fit_seed": datamodule.fit_seed,
         },
     )
+    evaluation.evaluator.check_own_names(method.name, [method.name])  # before training, not after it
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
     # before the evaluation callback: the pass's bar closes before the evaluation prints
     progress = [ProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []

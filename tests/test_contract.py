@@ -234,6 +234,31 @@ def test_a_method_score_named_as_a_detector_is_refused() -> None:
     assert [r["detector"] for r in rows] == ["energy", "msp"]
 
 
+class EnergyNamed(CrossEntropy):
+    """A method named as a registered detector (built by `_target_: test_contract.EnergyNamed`)."""
+
+    name = "energy"
+
+
+def test_ood_train_refuses_a_method_named_as_a_detector_before_training(tmp_path: Path) -> None:
+    """The evaluation's refusal came after the whole training; `ood-train`'s set-up now checks the method's name."""
+    from helpers import compose_config
+    from omegaconf import open_dict
+
+    from ood.train import build
+
+    def configured(detectors: str) -> object:
+        cfg = compose_config(tmp_path, [f"detectors.names={detectors}", "logger=none", "callbacks=none"])
+        with open_dict(cfg):
+            cfg.method._target_ = "test_contract.EnergyNamed"
+        return cfg
+
+    with pytest.raises(ConfigError, match=r"^energy: its own score \['energy'\] has the name of a detector this run scores"):
+        build(configured("[msp,energy]"))
+    method, *_ = build(configured("[msp]"))
+    assert method.name == "energy"
+
+
 def test_fitted_tensors_and_numpy_values_are_written_as_numbers() -> None:
     """A `fitted()` that returns its buffer (`{"train_norm": self.train_norm}`) or a NumPy statistic reached
     results.jsonl as the strings "tensor(1.5000)" and "2.5"; they are numbers and lists now."""

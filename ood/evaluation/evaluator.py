@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +75,16 @@ class Evaluator:
         self.tune = tune
         self.info = dict(info or {})
 
+    def check_own_names(self, method: str, names: Iterable[str]) -> None:
+        """Raise `ConfigError` when a score of the method (`names`) has the name of a detector this run scores: two
+        scorers of one name doubled the rows, and one's scores and logged metrics replaced the other's. `ood-train`
+        checks the method's name before training, the evaluation every name `ood_scores` gives."""
+        clash = sorted(set(names) & {cls.name for cls in self.detectors})
+        if clash:
+            raise ConfigError(f"{method}: its own score {clash} has the name of a detector this run scores; rename the "
+                              f"score (the method's `name`, its `ood_scores` keys) or leave the detector out "
+                              f"(detectors.exclude={clash})")
+
     def evaluate(
         self,
         method: OODMethod,
@@ -96,11 +106,7 @@ class Evaluator:
         chosen = method.tuned()
         own = method.ood_scores(banks["test"])
         check_prepared(method, own)
-        clash = sorted(set(own) & {cls.name for cls in self.detectors})
-        if clash:  # two scorers of one name: doubled rows, one's scores and logged metrics overwritten by the other's
-            raise ConfigError(f"{method.name}: its own score {clash} has the name of a detector this run scores; rename "
-                              f"the score (the method's `name`, its `ood_scores` keys) or leave the detector out "
-                              f"(detectors.exclude={clash})")
+        self.check_own_names(method.name, own)
         scorers = [
             Scorer(name, lambda split, name=name: method.ood_scores(banks[split])[name], dict(chosen.get(name, {})),
                    sorted(chosen.get(name, {})))
