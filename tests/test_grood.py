@@ -298,6 +298,15 @@ def test_a_bank_with_no_correct_sample_is_one_line() -> None:
         model._build_index(wrong, B)
 
 
+def test_a_class_missing_from_the_fit_split_is_one_line() -> None:
+    """A class without a fit image (a small data.fit_fraction, or a model with more classes than the data) has no
+    prototype: a one-line ConfigError naming the classes and the fix, not a ValueError traceback after training."""
+    x, y = _data(30)
+    with pytest.raises(ConfigError, match=r"grood: 1 of the 3 classes have no image in the fit split \(first: \[2\]\), "
+                                          r"so they have no prototype; .*data.fit_fraction=1.0"):
+        _evaluate(_model(), {"train": ("fit", x, y % 2), "test": ("id_test", x, y)})
+
+
 def test_kth_neighbour_and_grad_norm_scores() -> None:
     model = _model(k=3)
     banks, correct = _train_with_mixed_correctness(model)

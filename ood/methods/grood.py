@@ -158,8 +158,11 @@ class FitSplitStats:
         if self._summary is None:
             sums, counts = self.sums.compute()
             if (counts == 0).any():
-                raise ValueError(
-                    f"grood: classes {torch.nonzero(counts == 0).flatten().tolist()} have no training sample"
+                empty = torch.nonzero(counts == 0).flatten().tolist()
+                raise ConfigError(
+                    f"grood: {len(empty)} of the {len(counts)} classes have no image in the fit split (first: "
+                    f"{empty[:10]}), so they have no prototype; GROOD needs every class: use data.fit_fraction=1.0, "
+                    "or check that the model's number of classes is the data's"
                 )
             maps = sums["maps"]
             kept = self.kept.compute()
