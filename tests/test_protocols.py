@@ -85,6 +85,19 @@ def test_missing_set_names_the_folder_and_how_to_get_it(paper_tree: Path, tmp_pa
     assert f"{partial / 'iSUN'}/" in message and "iSUN.tar.gz" in message and "'lsun_resize'" not in message
 
 
+def test_missing_torchvision_set_of_a_protocol_gives_its_own_hint(paper_tree: Path, tmp_path: Path) -> None:
+    """The classic protocol's SVHN (data_dir/svhn/test_32x32.mat) missing: the set's `how` (where to put the .mat),
+    not OpenOOD's download, which never writes data_dir/svhn."""
+    partial = tmp_path / "partial"
+    shutil.copytree(paper_tree, partial, ignore=shutil.ignore_patterns("svhn"))
+    with pytest.raises(DataNotFoundError) as err:
+        CIFAR10Benchmark(partial, protocol="classic").prepare()
+    message = str(err.value)
+    assert f"torchvision dataset 'svhn' not found in {partial / 'svhn'}" in message
+    assert message.endswith("SVHN test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ into data_dir/svhn "
+                            "(data.download=true fetches it)")
+
+
 def test_user_adds_a_set_by_naming_its_folder(paper_tree: Path, tmp_path: Path, no_md5: None) -> None:
     cfg = compose_config(tmp_path, [
         "data=cifar10", f"paths.data_dir={paper_tree}", "data.benchmark.protocol=classic",

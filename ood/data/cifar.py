@@ -270,7 +270,7 @@ class CIFARBenchmark(Benchmark):
         for name, spec in self.protocol.all_specs():
             kind = spec.kind(self.prefer)  # type: ignore[arg-type]
             if kind == "torchvision":
-                self._tv_build(str(spec.torchvision), spec.torchvision_root(self.data_dir), download=download)
+                self._tv_build(str(spec.torchvision), spec.torchvision_root(self.data_dir), download=download, how=spec.how)
             elif absent := spec.missing(self.data_dir, kind):
                 if self._optional(spec, kind):
                     self._warn_skipped(name, spec, absent)
@@ -332,8 +332,10 @@ class CIFARBenchmark(Benchmark):
             "places365": lambda root, download: tvd.Places365(str(root), split="val", small=True, download=download),
         }
 
-    def _tv_build(self, key: str, root: Path, download: bool = False) -> Dataset:
-        """torchvision set `key` under `root` (built once per root); a missing one names the folder and how to get it."""
+    def _tv_build(self, key: str, root: Path, download: bool = False, how: str | None = None) -> Dataset:
+        """torchvision set `key` under `root` (built once per root); a missing one names the folder and how to get it:
+        `how`, a protocol set's own hint (the classic protocol's SVHN lives in data_dir/svhn, which OpenOOD's
+        download does not fill), else OpenOOD's download or data.download."""
         if (key, root) in self._tv_cache:
             return self._tv_cache[key, root]
         builders = self._tv_builders()
@@ -343,7 +345,8 @@ class CIFARBenchmark(Benchmark):
             dataset = builders[key](root, download)
         except RuntimeError as err:  # torchvision's "Dataset not found or corrupted. You can use download=True"
             raise DataNotFoundError(
-                f"{self.name}: torchvision dataset {key.split(':')[0]!r} not found in {root} ({err}). " + self._how_to_get()
+                f"{self.name}: torchvision dataset {key.split(':')[0]!r} not found in {root} ({err}). "
+                + (how or self._how_to_get())
             ) from err
         self._tv_cache[key, root] = dataset
         return dataset
@@ -391,7 +394,7 @@ class CIFARBenchmark(Benchmark):
         missing optional set."""
         kind = spec.kind(self.prefer)  # type: ignore[arg-type]
         if kind == "torchvision":
-            dataset = self._tv_build(str(spec.torchvision), spec.torchvision_root(self.data_dir))
+            dataset = self._tv_build(str(spec.torchvision), spec.torchvision_root(self.data_dir), how=spec.how)
             return Transformed(dataset, self.eval_transform(), label=label)
         absent = spec.missing(self.data_dir, kind)
         if absent and self._optional(spec, kind):
