@@ -247,6 +247,17 @@ def test_bad_settings_fail_with_one_line(tmp_path: Path) -> None:
         _method(tmp_path, ["method.outlier_norm=clip_token"])
 
 
+def test_a_class_without_training_images_is_one_line(tmp_path: Path) -> None:
+    """A class with no teacher feature (more model classes than the data has, a tiny subset): one line naming the
+    classes, not boundary_samples' ValueError (`n (0)`) at fit start."""
+    method = _method(tmp_path)
+    feats, labels = torch.randn(12, method.teacher.feature_dim), torch.tensor([0, 1, 3, 4] * 3)
+    with pytest.raises(ConfigError, match=r"oal: 2 of the 6 classes have no training image \(first: \[2, 5\]\), so no "
+                                          "boundary outliers"):
+        method._sample(feats, labels)
+    assert len(method._sample(feats, torch.arange(12) % 6)) > 0
+
+
 def test_timm_teacher_loads_a_timm_weights_file(tmp_path: Path) -> None:
     timm = pytest.importorskip("timm")
     net = timm.create_model(

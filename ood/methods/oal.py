@@ -318,10 +318,16 @@ class OAL(OODMethod):
 
     def _sample(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-class boundary outliers (seeded by `sampling_seed`), rescaled per class; [sum_c R*select_c*keep, D_t]."""
+        classes = self.backbone.num_classes
+        if empty := [c for c in range(classes) if not bool((labels == c).any())]:
+            raise ConfigError(
+                f"oal: {len(empty)} of the {classes} classes have no training image (first: {empty[:10]}), so no "
+                "boundary outliers can be sampled around them; check that the model's number of classes is the data's"
+            )
         gen = torch.Generator().manual_seed(self.sampling_seed)
         norms, out = self._class_norms(feats, labels), []
         s = self.sampling
-        for c in range(self.backbone.num_classes):
+        for c in range(classes):
             x = feats[labels == c]
             if self.knn_per_class and len(x) > self.knn_per_class:
                 x = x[torch.randperm(len(x), generator=gen)[: self.knn_per_class]]
