@@ -1,5 +1,7 @@
 """Errors that are the user's to fix: the entry points print their message, never a traceback."""
 
+from collections.abc import Sequence
+
 
 class OODError(Exception):
     """Base class for every error ood raises on purpose."""
@@ -35,3 +37,17 @@ def check_range(
         lower = f"({low}" if open_low else f"[{low}"
         whole = "whole numbers in " if integer else ""
         raise ConfigError(f"{key}={value!r} is outside its range {whole}{lower}, {high}]")
+
+
+def check_every_class(what: str, counts: Sequence[int], consequence: str, fit_split: bool = False) -> None:
+    """Refuse per-class statistics with an empty class (`counts[c]` training images of class c), naming the classes:
+    its mean is NaN (a NaN loss at step 0, blamed on the learning rate) or a sampler fails on zero rows, deep inside
+    the run. `consequence` says what the empty classes break; `fit_split`: the counts are of the fit split, which
+    `data.fit_fraction` subsamples."""
+    if empty := [c for c, n in enumerate(counts) if n == 0]:
+        where = "in the fit split " if fit_split else ""
+        fix = "use data.fit_fraction=1.0, or check" if fit_split else "check"
+        raise ConfigError(
+            f"{what}: {len(empty)} of the {len(counts)} classes have no training image {where}(first: {empty[:10]}), "
+            f"so {consequence}; {fix} that the model's number of classes is the data's"
+        )

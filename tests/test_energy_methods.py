@@ -74,6 +74,16 @@ def test_fit_statistics_margins_centres_and_push_margin(tmp_path: Path) -> None:
     assert absolute.fit_statistics({"logits": torch.zeros(3, 6, device="meta")})["energy_stats"].device.type == "meta"
 
 
+def test_a_class_without_fit_images_is_one_line(tmp_path: Path) -> None:
+    """A class absent from the fit split would give a NaN centre, so a NaN loss at step 0 reported as 'lower the
+    learning rate': one line naming the class and the fix instead, before training."""
+    method = build(tmp_path, "energy_cfl")
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    with pytest.raises(ConfigError, match=r"energy_cfl_recon: 1 of the 6 classes have no training image in the fit "
+                                          r"split \(first: \[5\]\), so their centres .* NaN.*data.fit_fraction=1.0"):
+        method.fit_statistics({"logits": torch.zeros(6, 6), "features": torch.rand(6, 64), "labels": labels})
+
+
 def test_prepare_without_a_trainer_fits_the_margins_on_the_fit_split(tmp_path: Path) -> None:
     """`prepare(FitData)` alone (no Trainer): the margins are the starting model's mean ID-train energy - 5 / + 13,
     computed here independently in eval mode; the CFL centres are the class means; the global RNG is untouched."""

@@ -302,8 +302,8 @@ def test_a_class_missing_from_the_fit_split_is_one_line() -> None:
     """A class without a fit image (a small data.fit_fraction, or a model with more classes than the data) has no
     prototype: a one-line ConfigError naming the classes and the fix, not a ValueError traceback after training."""
     x, y = _data(30)
-    with pytest.raises(ConfigError, match=r"grood: 1 of the 3 classes have no image in the fit split \(first: \[2\]\), "
-                                          r"so they have no prototype; .*data.fit_fraction=1.0"):
+    with pytest.raises(ConfigError, match=r"grood: 1 of the 3 classes have no training image in the fit split \(first: "
+                                          r"\[2\]\), so they have no prototype; use data.fit_fraction=1.0"):
         _evaluate(_model(), {"train": ("fit", x, y % 2), "test": ("id_test", x, y)})
 
 

@@ -54,7 +54,7 @@ from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit, Stream
 from ood.data.fit import FitData
 from ood.detectors.logits import energy_score
-from ood.errors import ConfigError, check_range
+from ood.errors import ConfigError, check_every_class, check_range
 from ood.features.bank import FeatureBank
 from ood.losses import cluster_focal, energy_margin, free_energy, push_away
 from ood.losses.cluster_focal import squared_distances
@@ -254,7 +254,10 @@ class EnergyCFL(EnergyOE):
         fitted = super().fit_statistics(train)
         with torch.no_grad():
             z, y = self.head(train["features"]), train["labels"]
-            centres = torch.stack([z[y == k].mean(0) for k in range(self.centres.shape[0])])
+            classes = self.centres.shape[0]
+            check_every_class(self.name, torch.bincount(y, minlength=classes).tolist(),
+                              "their centres (class means) are NaN, and so is the loss", fit_split=True)
+            centres = torch.stack([z[y == k].mean(0) for k in range(classes)])
             margin = self.hparams.push_margin
             if margin is None:
                 margin = torch.quantile((z - centres[y]).norm(dim=1), 0.95)

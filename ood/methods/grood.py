@@ -61,7 +61,7 @@ from torchvision.transforms.functional import gaussian_blur
 from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit
 from ood.data.fit import FitData
-from ood.errors import ConfigError, check_range
+from ood.errors import ConfigError, check_every_class, check_range
 from ood.features.bank import FeatureBank
 from ood.features.passes import forward_dataset
 from ood.features.reduce import ClassSums, FirstN
@@ -157,13 +157,7 @@ class FitSplitStats:
         """Synced (under DDP) prototypes and kept samples; computed once."""
         if self._summary is None:
             sums, counts = self.sums.compute()
-            if (counts == 0).any():
-                empty = torch.nonzero(counts == 0).flatten().tolist()
-                raise ConfigError(
-                    f"grood: {len(empty)} of the {len(counts)} classes have no image in the fit split (first: "
-                    f"{empty[:10]}), so they have no prototype; GROOD needs every class: use data.fit_fraction=1.0, "
-                    "or check that the model's number of classes is the data's"
-                )
+            check_every_class("grood", counts.tolist(), "they have no prototype", fit_split=True)
             maps = sums["maps"]
             kept = self.kept.compute()
             self._summary = FitSummary(

@@ -60,7 +60,7 @@ from torch import nn
 from ood.data.batch import Batch
 from ood.data.fit import FitData
 from ood.detectors.logits import energy_score
-from ood.errors import ConfigError, DataNotFoundError, check_range
+from ood.errors import ConfigError, DataNotFoundError, check_every_class, check_range
 from ood.features.bank import FeatureBank
 from ood.losses import club, club_nll, distill_kl
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
@@ -319,11 +319,8 @@ class OAL(OODMethod):
     def _sample(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-class boundary outliers (seeded by `sampling_seed`), rescaled per class; [sum_c R*select_c*keep, D_t]."""
         classes = self.backbone.num_classes
-        if empty := [c for c in range(classes) if not bool((labels == c).any())]:
-            raise ConfigError(
-                f"oal: {len(empty)} of the {classes} classes have no training image (first: {empty[:10]}), so no "
-                "boundary outliers can be sampled around them; check that the model's number of classes is the data's"
-            )
+        check_every_class("oal", torch.bincount(labels, minlength=classes).tolist(),
+                          "no boundary outliers can be sampled around them")
         gen = torch.Generator().manual_seed(self.sampling_seed)
         norms, out = self._class_norms(feats, labels), []
         s = self.sampling
