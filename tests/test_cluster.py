@@ -277,6 +277,18 @@ def test_per_cluster_percentile_sweep_lies_on_the_roc_of_the_score() -> None:
         assert point in vertices, f"p={p}: {point} is not on the ROC"
 
 
+def test_per_cluster_threshold_on_a_class_of_two_is_refused_at_fit_with_the_clusters_fix() -> None:
+    """Two members are equidistant from their mean: no percentile CDF. Refused in setup_ood, naming the cluster; the
+    fix for class-mean clusters is the global threshold (method.k, the k-means fix, does nothing there)."""
+    z, y = _blobs(n=30, dim=2)
+    keep = torch.cat([torch.arange(30), torch.tensor([30, 31]), torch.arange(60, 90)])
+    method = _method(distance="euclidean", threshold="per_cluster")
+    with pytest.raises(ConfigError, match=r"per_cluster threshold: 1 of the 3 clusters have fewer than two distinct "
+                                          r"train distances \(first: \[1\], with \[2\] members\); use method.threshold=global"):
+        method.setup_ood({"train": _bank(z[keep], y[keep])})
+    _method(distance="euclidean").setup_ood({"train": _bank(z[keep], y[keep])})  # the global threshold fits
+
+
 # ----- diagnostics ----------------------------------------------------------------------------------------------
 def test_global_separation_hand_value() -> None:
     """A = {0, 1}, B = {3, 5} on a line: P(A,A) = 1, P(B,B) = 2, P(A,B) = 3.5 -> GS = [5/7, 3/7]."""

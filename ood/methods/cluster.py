@@ -67,7 +67,7 @@ Deviations and gaps:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -150,6 +150,19 @@ def cluster_distances(
             return mahalanobis_sq(z, centres, precision.double())
         return torch.stack([(((z - mu) @ p) * (z - mu)).sum(1) for mu, p in zip(centres, precision.double())], 1)
     raise ConfigError(f"unknown distance {distance!r}; choices: {list(CHOICES['distance'])}")
+
+
+def check_percentiles(sorted_own: Sequence[torch.Tensor], clusters: str) -> None:
+    """Refuse per-cluster thresholds (`percentile_cdf`) for clusters with fewer than two distinct train distances,
+    at fit time and naming them: the fix depends on the clusters (k-means: fewer centres; a class: the global
+    threshold), and the score would fail only once the first test batch reaches it."""
+    flat = [c for c, d in enumerate(sorted_own) if len(d) < 2 or not bool(d[-1] > d[0])]
+    if flat:
+        fix = "lower method.k" if clusters == "kmeans" else "use method.threshold=global"
+        raise ConfigError(
+            f"per_cluster threshold: {len(flat)} of the {len(sorted_own)} clusters have fewer than two distinct train "
+            f"distances (first: {flat[:10]}, with {[len(sorted_own[c]) for c in flat[:10]]} members); {fix}"
+        )
 
 
 def percentile_cdf(sorted_d: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -367,11 +380,10 @@ class ClusterMethod(OODMethod):
             else None
         )
         own = cluster_distances(z, centres, hp.distance, precision).gather(1, assign[:, None])[:, 0]
-        self._fit = {
-            "centres": centres,
-            "precision": precision,
-            "sorted": [own[assign == c].sort().values for c in range(k)],
-        }
+        sorted_own = [own[assign == c].sort().values for c in range(k)]
+        if hp.threshold == "per_cluster":
+            check_percentiles(sorted_own, hp.clusters)
+        self._fit = {"centres": centres, "precision": precision, "sorted": sorted_own}
         self.cluster_stats = cluster_statistics(z, labels, assign, k, hp.clusters == "kmeans", hp.stats_samples, hp.kmeans_seed)
 
     def ood_score(self, bank: FeatureBank) -> torch.Tensor:
