@@ -23,6 +23,7 @@ from ood.methods.cluster import (
     ClusterMethod,
     cluster_distances,
     cluster_precisions,
+    cluster_statistics,
     global_separation,
     percentile_cdf,
 )
@@ -297,6 +298,15 @@ def test_global_separation_hand_value() -> None:
     assert torch.allclose(gs, torch.tensor([5 / 7, 3 / 7], dtype=torch.float64), atol=1e-12)
     random = global_separation(torch.randn(50, 3), torch.randint(0, 4, (50,)), 4)
     assert bool((random.abs() <= 1).all())
+
+
+def test_silhouette_is_left_out_when_every_row_is_its_own_cluster() -> None:
+    """As many clusters present as rows (one image per class, k-means k >= the rows): scikit-learn refuses the
+    silhouette; the diagnostics leave it out instead of failing the run after its training."""
+    z, labels = torch.randn(4, 3, dtype=torch.float64), torch.arange(4)
+    stats = cluster_statistics(z, labels, labels, 4, False, 2000, 0)
+    assert "silhouette" not in stats and stats["sizes"] == [1, 1, 1, 1]
+    assert "silhouette" in cluster_statistics(z, labels, labels % 2, 2, False, 2000, 0)
 
 
 

@@ -416,7 +416,8 @@ class ClusterMethod(OODMethod):
 def cluster_statistics(
     z: torch.Tensor, labels: torch.Tensor, assign: torch.Tensor, k: int, with_purity: bool, max_samples: int, seed: int
 ) -> dict[str, Any]:
-    """GS per cluster (+ mean/min), silhouette, sizes and, for k-means, purity, on <= `max_samples` rows."""
+    """GS per cluster (+ mean/min), silhouette (absent unless 2 <= clusters present < rows), sizes and, for k-means,
+    purity, on <= `max_samples` rows."""
     from sklearn.metrics import silhouette_score
 
     if z.shape[0] > max_samples:
@@ -432,7 +433,7 @@ def cluster_statistics(
         "gs": [None if v != v else v for v in gs.tolist()],
         "sizes": torch.bincount(assign, minlength=k).tolist(),
     }
-    if len(a_s.unique()) > 1:
+    if 1 < len(a_s.unique()) < len(a_s):  # scikit-learn's range; a diagnostic, never worth failing the run over
         stats["silhouette"] = float(silhouette_score(z_s.cpu().numpy(), a_s.cpu().numpy(), metric="euclidean"))
     if with_purity:
         overall, share, label = purity(assign, labels, k)
