@@ -80,12 +80,14 @@ def csid_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 #: fixed layout, as every panel carries the same labels, without `tight_layout`'s measuring draw; the PNG is saved
 #: with `bbox_inches="tight"`, so a title or legend wider than the panels (a one-panel report figure) is not cut
 LEFT, RIGHT, TOP, BOTTOM, WSPACE, HSPACE = 0.75, 0.3, 0.75, 0.55, 0.8, 0.85
+#: inches a panel grid leaves for the legend below it; a taller legend makes the figure taller (`_legend_below`)
+LEGEND_ROOM = 0.6
 
 
 def _grid(n: int, width: float = 3.6, height: float = 3.3) -> tuple[plt.Figure, np.ndarray]:
     cols = 2 if n == 4 else min(n, 3)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + LEGEND_ROOM), squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, axes.flat
@@ -101,6 +103,9 @@ def _legend_below(fig: plt.Figure, *axes: plt.Axes) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, fontsize=9)
     legend_inches = -(-len(labels) // ncol) * 0.25 + 0.15
     (width, height), grid = fig.get_size_inches(), axes[0].get_gridspec()
+    if legend_inches > LEGEND_ROOM:  # the panels keep their height: a long legend (the cluster grid's 36 curves) put
+        height += legend_inches - LEGEND_ROOM  # their bottom above their top, and matplotlib refused the layout
+        fig.set_size_inches(width, height)
     panel_w = (width - LEFT - RIGHT - WSPACE * (grid.ncols - 1)) / grid.ncols
     panel_h = (height - TOP - BOTTOM - legend_inches - HSPACE * (grid.nrows - 1)) / grid.nrows
     fig.subplots_adjust(left=LEFT / width, right=1 - RIGHT / width, top=1 - TOP / height,

@@ -237,6 +237,25 @@ def test_roc_legend_names_curves_of_every_panel() -> None:
     assert drawn["legend"] == ["msp on digits", "chance", "msp on folders"]
 
 
+def test_a_long_roc_legend_makes_the_figure_taller_not_the_panels() -> None:
+    """40 configurations (a cluster-grid report): the legend's rows fit below panels of the usual height; the layout
+    failed with matplotlib's 'bottom cannot be >= top'."""
+    drawn: dict[int, tuple[float, float]] = {}
+    save = plots._save
+    try:
+        plots._save = lambda fig, path: drawn.setdefault(len(fig.legends[0].get_texts()), (  # type: ignore[assignment]
+            fig.get_figheight(), fig.axes[0].get_position().height * fig.get_figheight()))
+        for n in (1, 40):
+            curves = {f"config {i:02d} with a long name": {"test": np.arange(5.0), "a": np.arange(5.0) - 1, "b": np.arange(5.0) - 2}
+                      for i in range(n)}
+            plots.roc_figure(curves, ["a", "b"], "x.png", "t")
+    finally:
+        plots._save = save
+    (short_fig, short_panel), (long_fig, long_panel) = drawn[2], drawn[41]
+    planned = 3.3 - plots.TOP - plots.BOTTOM  # a panel row of `_grid` with its legend room used up
+    assert long_panel == pytest.approx(planned) and short_panel >= planned and long_fig > short_fig + 4
+
+
 def test_run_figures_in_the_run_folder(tmp_path: Path) -> None:
     rows = [{"method": "ce", "detector": d, "id_dataset": "digits", "ood_dataset": "far_set", "auroc": a, "seed": 0}
             for d, a in (("msp", 0.7), ("energy", 0.8), ("knn", 0.9), ("vim", 0.6), ("gen", 0.5))]
