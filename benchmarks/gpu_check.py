@@ -26,8 +26,9 @@ Checks (each a row of the JSON's `checks`, `ok` true/false):
    steps taken through the scaler, the sub-modules compiled, finite scores of every detector (`detectors.names=[all,
    gram_stream]`: the network passes and layer hooks run the compiled modules eagerly).
 2. faiss: the kNN detector (k = 50, 50 000 train x 10 000 test rows of 512-d features) and GROOD's gradient bank (1-NN
-   of `ncp_gradient`s) on faiss' GPU index return the same neighbours as the exact CPU search (identical
-   neighbour sets for >= 99.9 % of queries; distances equal to 1e-4 relative: GPU and CPU sum in other orders).
+   of `ncp_gradient`s) on faiss' GPU index return the same neighbours as the exact CPU search (the same neighbour
+   sets for >= 99.9 % of queries, a row only one side lists counting as a tie when its distance is within 1e-4
+   relative of the other side's k-th; distances equal to 1e-4 relative: GPU and CPU sum in other orders).
 3. augment: the in-memory pipeline's crop + flip (`PadCropFlip`) on the GPU equals torchvision's pad / crop /
    hflip on the CPU for the same seeded draws, bit for bit.
 4. ddp: a one-GPU DDP evaluation (NCCL) gives exactly the rows of the plain one.
@@ -75,8 +76,12 @@ from ood.train import build
 
 #: Spearman rank correlation fp32 vs bf16 scores must reach, per detector
 RHO_MIN = 0.99
-#: share of queries whose neighbour set must be identical on the GPU and the CPU index
+#: share of queries whose neighbour set must be the same on the GPU and the CPU index, up to ties at the k-th distance
 SAME_NEIGHBOURS_MIN = 0.999
+#: relative tolerance of the faiss check's distances, and of a tie: GPU and CPU sum in other orders in float32, which
+#: swaps near-tied neighbours (at the GPU sizes 7 of the 10 000 k = 50 neighbour sets of faiss' float32 CPU search
+#: already differ from those of exact float64 distances)
+DIST_RTOL = 1e-4
 METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
 #: sinks that write files / print tables: the check keeps the evaluator's result in memory only
 NO_SINKS = ["~evaluation.sinks.results", "~evaluation.sinks.table", "~evaluation.sinks.wandb"]
@@ -309,9 +314,16 @@ def check_fast_paths(sizes: Sizes, tree: Path, work: Path) -> list[dict[str, Any
     return rows
 
 
-def _same_neighbours(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Share of queries whose neighbour index sets agree."""
-    return float((a.sort(1).values.cpu() == b.sort(1).values.cpu()).all(1).float().mean())
+def _same_neighbours(idx_a: torch.Tensor, idx_b: torch.Tensor, dist_a: torch.Tensor, dist_b: torch.Tensor) -> float:
+    """Share of queries whose neighbour sets agree up to ties at the k-th distance: a row that only one side lists
+    lies within `DIST_RTOL` of the other side's k-th distance (float32 rounding decided which of the tied rows made
+    the k nearest); rows [M, k] nearest first."""
+    idx_a, idx_b, dist_a, dist_b = (t.cpu() for t in (idx_a, idx_b, dist_a, dist_b))
+    only_a = ~(idx_a[:, :, None] == idx_b[:, None, :]).any(2)
+    only_b = ~(idx_b[:, :, None] == idx_a[:, None, :]).any(2)
+    tie_a = (dist_a - dist_b[:, -1:]).abs() <= DIST_RTOL * dist_b[:, -1:].abs()
+    tie_b = (dist_b - dist_a[:, -1:]).abs() <= DIST_RTOL * dist_a[:, -1:].abs()
+    return float(((~only_a | tie_a).all(1) & (~only_b | tie_b).all(1)).float().mean())
 
 
 def check_faiss(sizes: Sizes) -> list[dict[str, Any]]:
@@ -358,13 +370,15 @@ def check_faiss(sizes: Sizes) -> list[dict[str, Any]]:
 
 def _neighbour_row(name: str, idx_a: torch.Tensor, idx_b: torch.Tensor, dist_a: torch.Tensor, dist_b: torch.Tensor,
                    score_diff: float | None) -> dict[str, Any]:
-    same = _same_neighbours(idx_a, idx_b)
-    rel = float(((dist_a.cpu() - dist_b).abs() / dist_b.abs().clamp_min(1e-6)).max())
-    row = {"check": name, "same_neighbours": same, "max_rel_distance_diff": rel, "ok": same >= SAME_NEIGHBOURS_MIN and rel <= 1e-4}
+    same = _same_neighbours(idx_a, idx_b, dist_a, dist_b)
+    rel = float(((dist_a.cpu() - dist_b.cpu()).abs() / dist_b.cpu().abs().clamp_min(1e-6)).max())
+    row = {"check": name, "same_neighbours": same, "max_rel_distance_diff": rel,
+           "ok": same >= SAME_NEIGHBOURS_MIN and rel <= DIST_RTOL}
     if score_diff is not None:
         row["max_score_diff"] = score_diff
     if not row["ok"]:
-        row["error"] = f"same neighbours {same:.4f} (need {SAME_NEIGHBOURS_MIN}), distance diff {rel:.2e} (need 1e-4)"
+        row["error"] = (f"same neighbours {same:.4f} (need {SAME_NEIGHBOURS_MIN}), distance diff {rel:.2e} "
+                        f"(need {DIST_RTOL})")
     return row
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import gpu_check
 
@@ -43,3 +44,24 @@ def test_gpu_check_refuses_without_cuda(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
     assert gpu_check.main(["--out", str(tmp_path / "x.json")]) == 1
     assert "--dry-run" in capsys.readouterr().err
+
+
+
+def test_faiss_check_counts_a_tie_at_the_kth_distance_as_the_same_neighbours() -> None:
+    """float32 sums in another order (GPU vs CPU) swap neighbours tied at the k-th distance: at the GPU sizes 7 of
+    10 000 k = 50 sets of faiss' float32 CPU search differ from exact float64 ones, near the 0.1 % allowed; such a
+    swap counts as the same set, a neighbour farther than the tolerance does not."""
+    idx = torch.tensor([[0, 1, 2], [0, 1, 2], [5, 6, 7]])
+    dist = torch.tensor([[0.1, 0.2, 0.5], [0.1, 0.2, 0.5], [0.1, 0.2, 0.3]])
+    swapped = torch.tensor([[0, 1, 3], [0, 4, 2], [5, 6, 7]])
+    near = torch.tensor([[0.1, 0.2, 0.5 * (1 + 1e-6)], [0.1, 0.2, 0.5], [0.1, 0.2, 0.3]])
+    assert gpu_check._same_neighbours(idx, swapped, dist, near) == pytest.approx(2 / 3)  # row 1 swapped a non-tie
+    far = torch.tensor([[0.1, 0.2, 0.6], [0.1, 0.2, 0.5], [0.1, 0.2, 0.3]])
+    assert gpu_check._same_neighbours(idx, swapped, dist, far) == pytest.approx(1 / 3)
+    # 1-NN: another row at the same distance is a tie, one farther is not
+    one, other = torch.tensor([[5], [5]]), torch.tensor([[7], [7]])
+    assert gpu_check._same_neighbours(one, other, torch.tensor([[0.3], [0.3]]), torch.tensor([[0.3], [0.31]])) == 0.5
+    row = gpu_check._neighbour_row("knn", idx, swapped, dist, near, None)
+    assert not row["ok"] and row["same_neighbours"] == pytest.approx(2 / 3)
+    row = gpu_check._neighbour_row("knn", idx[[0, 2]], swapped[[0, 2]], dist[[0, 2]], near[[0, 2]], None)
+    assert row["ok"] and row["same_neighbours"] == 1.0
