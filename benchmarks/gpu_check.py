@@ -2,7 +2,8 @@
 run, and run right, on this machine's GPU? No downloads: synthetic data at CIFAR (32 px) and ImageNet (224 px) shapes
 in OpenOOD's on-disk layout (`benchmarks.fabricate`), sized to finish within 8 minutes on one current GPU (an
 estimate, not yet timed on one; inductor's first builds for the fp16 + compile check are the least certain part).
-Exits 1 when any check fails, after writing every figure to the JSON file and printing the tables.
+Exits 1 when any check fails, after writing every figure to the JSON file and printing the tables. The JSON file is
+written after every section (`complete` false until the last): a run stopped at a time limit keeps what it finished.
 
 Run it on any CUDA machine:
 
@@ -58,7 +59,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -506,9 +507,10 @@ def plain_loop(method: Any, datamodule: Any, device: str, bf16: bool, steps: int
     return images / (time.perf_counter() - start)
 
 
-def throughput(sizes: Sizes, trees: dict[str, Path], work: Path) -> list[dict[str, Any]]:
-    """Section 5: training images/s through ood vs a plain loop, data-wait share, evaluation images/s."""
-    table = []
+def throughput(sizes: Sizes, trees: dict[str, Path], work: Path, table: list[dict[str, Any]],
+               saved: Callable[[], Any]) -> None:
+    """Section 6: training images/s through ood vs a plain loop, data-wait share, evaluation images/s; each row
+    appended to `table`, then `saved()` (a run stopped at a time limit keeps the rows it measured)."""
     setups = [("cifar10", sizes.backbone32, sizes.batch32, "32 px", []),
               ("imagenet200", sizes.backbone224, sizes.batch224, "224 px", sizes.extra.get("imagenet", []))]
     for data, backbone, batch, px, extra in setups:
@@ -535,7 +537,7 @@ def throughput(sizes: Sizes, trees: dict[str, Path], work: Path) -> list[dict[st
                           "ood_train_img_s": round(ours, 1), "plain_train_img_s": round(plain, 1),
                           "ood_vs_plain": round(ours / plain, 3), "data_wait_share": round(wait, 3),
                           "eval_img_s": round(n_eval / eval_s, 1), "eval_images": n_eval})
-    return table
+            saved()
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -570,39 +572,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "ood"):
         logging.getLogger(name).setLevel(logging.ERROR)
     started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    checks: list[dict[str, Any]] = []
+    table: list[dict[str, Any]] = []
+    device = torch.cuda.get_device_name() if sizes.device == "cuda" else "cpu (dry run)"
+
+    def save(complete: bool) -> dict[str, Any]:
+        """The report as it stands, written to `--out`: after every section, so that a run stopped at a time limit
+        keeps the checks it finished (`complete` false, `ok` false until every section ran)."""
+        report = {"device": device, "torch": torch.__version__, "dry_run": args.dry_run, "rho_min": sizes.rho_min,
+                  "same_neighbours_min": SAME_NEIGHBOURS_MIN, "seconds": round(time.perf_counter() - started, 1),
+                  "section_seconds": {k: round(v, 1) for k, v in seconds.items()}, "complete": complete,
+                  "checks": checks, "throughput": table, "ok": complete and all(c["ok"] for c in checks)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+        return report
+
     with tempfile.TemporaryDirectory(prefix="ood-gpu-check-") as tmp:
         work = args.workdir or Path(tmp)
         trees = {"cifar10": cifar_tree(work / "cifar", **sizes.cifar),
                  "imagenet200": imagenet_tree(work / "imagenet", **sizes.imagenet)}
-        device = torch.cuda.get_device_name() if sizes.device == "cuda" else "cpu (dry run)"
         print(f"ood gpu-check on {device}, torch {torch.__version__}", flush=True)
-        seconds: dict[str, float] = {}
-        t = time.perf_counter()
-        checks = check_methods(sizes, trees["cifar10"], work, args.methods.split(",") if args.methods else METHODS)
-        seconds["methods"] = time.perf_counter() - t
-        sections = {"fp16_compile": lambda: check_fast_paths(sizes, trees["cifar10"], work),
+        sections = {"methods": lambda: check_methods(sizes, trees["cifar10"], work,
+                                                     args.methods.split(",") if args.methods else METHODS),
+                    "fp16_compile": lambda: check_fast_paths(sizes, trees["cifar10"], work),
                     "faiss": lambda: check_faiss(sizes), "augment": lambda: [check_augment(sizes)],
                     "ddp": lambda: [check_ddp(sizes, trees["cifar10"], work)], "api": lambda: [check_api(sizes, work)]}
         for name, section in sections.items():
             t = time.perf_counter()
             try:
-                checks += section()
+                rows = section()
             except Exception as err:  # noqa: BLE001 - reported as a failed check
-                checks.append({"check": name, "ok": False, "error": f"{type(err).__name__}: {err}"})
+                rows = [{"check": name, "ok": False, "error": f"{type(err).__name__}: {err}"}]
+            checks += rows
             seconds[name] = time.perf_counter() - t
+            if name not in ("methods", "fp16_compile"):  # those two print their rows as they come
+                for row in rows:
+                    print(f"  {row['check']}: {'ok' if row['ok'] else 'FAILED ' + row['error']}", flush=True)
+            save(complete=False)
         t = time.perf_counter()
-        table = throughput(sizes, trees, work)
+        try:
+            throughput(sizes, trees, work, table, lambda: save(complete=False))
+        except Exception as err:  # noqa: BLE001 - the checks above stay reported
+            checks.append({"check": "throughput", "ok": False, "error": f"{type(err).__name__}: {err}"})
         seconds["throughput"] = time.perf_counter() - t
-    report = {"device": device, "torch": torch.__version__, "dry_run": args.dry_run, "rho_min": sizes.rho_min,
-              "same_neighbours_min": SAME_NEIGHBOURS_MIN, "seconds": round(time.perf_counter() - started, 1),
-              "section_seconds": {k: round(v, 1) for k, v in seconds.items()},
-              "checks": checks, "throughput": table, "ok": all(c["ok"] for c in checks)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    report = save(complete=True)
     print(markdown(report))
     print(f"{'all checks passed' if report['ok'] else 'FAILED'} in {report['seconds']} s; figures in {args.out}")
     return 0 if report["ok"] else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

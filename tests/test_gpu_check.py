@@ -5,6 +5,7 @@ checks hold, the throughput table is filled."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,6 @@ def test_gpu_check_refuses_without_cuda(tmp_path: Path, monkeypatch: pytest.Monk
     assert "--dry-run" in capsys.readouterr().err
 
 
-
 def test_faiss_check_counts_a_tie_at_the_kth_distance_as_the_same_neighbours() -> None:
     """float32 sums in another order (GPU vs CPU) swap neighbours tied at the k-th distance: at the GPU sizes 7 of
     10 000 k = 50 sets of faiss' float32 CPU search differ from exact float64 ones, near the 0.1 % allowed; such a
@@ -65,3 +65,42 @@ def test_faiss_check_counts_a_tie_at_the_kth_distance_as_the_same_neighbours() -
     assert not row["ok"] and row["same_neighbours"] == pytest.approx(2 / 3)
     row = gpu_check._neighbour_row("knn", idx[[0, 2]], swapped[[0, 2]], dist[[0, 2]], near[[0, 2]], None)
     assert row["ok"] and row["same_neighbours"] == 1.0
+
+
+def test_gpu_check_keeps_the_finished_checks_when_a_later_section_fails(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report is written after every section and every throughput row: a run stopped later (the device's time
+    limit, a crash) keeps what it finished; a crash in the throughput section is a failed row, not a lost report."""
+    out = tmp_path / "gpu_check.json"
+    seen: list[dict] = []
+    row = {"model": "resnet18_32x32 32 px batch 128", "precision": "fp32", "ood_train_img_s": 1.0,
+           "plain_train_img_s": 1.0, "ood_vs_plain": 1.0, "data_wait_share": 0.1, "eval_img_s": 1.0, "eval_images": 8}
+
+    def api(sizes: gpu_check.Sizes, work: Path) -> dict:
+        seen.append(json.loads(out.read_text()))
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def throughput(sizes: gpu_check.Sizes, trees: dict, work: Path, table: list, saved: Callable[[], None]) -> None:
+        table.append(row)
+        saved()
+        seen.append(json.loads(out.read_text()))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    for name in ("cifar_tree", "imagenet_tree"):
+        monkeypatch.setattr(gpu_check, name, lambda root, **sizes: root)
+    monkeypatch.setattr(gpu_check, "check_methods", lambda *a: [{"check": "method ce", "ok": True}])
+    monkeypatch.setattr(gpu_check, "check_fast_paths", lambda *a: [{"check": "fp16 + compile ce", "ok": True}])
+    monkeypatch.setattr(gpu_check, "check_faiss", lambda sizes: [{"check": "faiss knn (k=50)", "ok": True}])
+    monkeypatch.setattr(gpu_check, "check_augment", lambda sizes: {"check": "augment", "ok": True})
+    monkeypatch.setattr(gpu_check, "check_ddp", lambda *a: {"check": "ddp", "ok": True})
+    monkeypatch.setattr(gpu_check, "check_api", api)
+    monkeypatch.setattr(gpu_check, "throughput", throughput)
+    assert gpu_check.main(["--dry-run", "--out", str(out), "--workdir", str(tmp_path)]) == 1
+    before_api, before_crash = seen
+    assert [c["check"] for c in before_api["checks"]] == ["method ce", "fp16 + compile ce", "faiss knn (k=50)", "augment", "ddp"]
+    assert not before_api["complete"] and not before_api["ok"]
+    assert before_crash["throughput"] == [row] and before_crash["checks"][-1] == {
+        "check": "api", "ok": False, "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    report = json.loads(out.read_text())
+    assert report["complete"] and not report["ok"] and report["throughput"] == [row]
+    assert report["checks"][-1] == {"check": "throughput", "ok": False, "error": "OutOfMemoryError: CUDA out of memory"}
