@@ -3,8 +3,9 @@ features of the ID training set (cached by the teacher file's content).
 
 Used by `ood.methods.oal.OAL.prepare`; nothing here reads a trainer. Teacher training (when `method.teacher.ckpt`
 is null): plain cross-entropy, SGD Nesterov (momentum 0.9, weight decay 5e-4), cosine over `epochs`, shuffled
-batches of `batch_size` from a generator seeded by (seed, epoch), under the global seed `seed` inside
-`torch.random.fork_rng` (the run's own random stream is the same whether the teacher was cached or not). The
+batches of `batch_size` from a generator seeded by (seed, epoch), built and trained under the global seed `seed`
+inside `torch.random.fork_rng` (its initial weights are the seed's; the run's own random stream is the same whether
+the teacher was cached or not). The
 released code trains its ViT teacher separately; a teacher that must be trained elsewhere (the ViT) comes from
 `ckpt`. Files: `<cache_dir>/oal/teacher-<benchmark>-<hash of the teacher settings>.pt` (rank 0 trains and writes;
 the other ranks wait for the file, not in a collective, whose timeout a long teacher training would exceed) and `<cache_dir>/oal/features-<benchmark>-<SHA-256 of the teacher file>.pt`, both
@@ -88,7 +89,8 @@ def teacher_file(cfg: Mapping[str, Any], data: FitData, cache_dir: Path) -> tupl
         raise ConfigError("oal: this teacher is not trained here: set method.teacher.ckpt=<weights file>")
     train = data.datasets["train_augmented"]
     settings = {k: str(cfg.get(k)) for k in sorted(TEACHER_KEYS - {"ckpt"})}
-    settings.update(data=data.benchmark, n=len(train), classes=data.num_classes)  # type: ignore[arg-type]
+    # `init`: the starting weights are drawn from `seed` (before, from the run's stream: older files differ)
+    settings.update(data=data.benchmark, n=len(train), classes=data.num_classes, init="seed")  # type: ignore[arg-type]
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / "oal" / f"teacher-{data.benchmark}-{key}.pt"
     failed = path.with_suffix(".failed")
@@ -98,10 +100,13 @@ def teacher_file(cfg: Mapping[str, Any], data: FitData, cache_dir: Path) -> tupl
     data.barrier()  # no rank reads a failure left by an earlier run
     if data.is_global_zero and not path.is_file():
         log.info("oal: no method.teacher.ckpt; training the teacher on %s for %s epochs", data.benchmark, cfg["epochs"])
-        teacher = cfg["backbone"](num_classes=data.num_classes).to(data.device)
         start = time.perf_counter()
         try:
+            # built inside too: its initial weights are drawn from the teacher's seed, not from the run's stream,
+            # which then is the same whether the teacher was trained here or read from the cache
             with torch.random.fork_rng(devices=[data.device] if data.device.type == "cuda" else []):
+                torch.manual_seed(int(cfg.get("seed") or 0))
+                teacher = cfg["backbone"](num_classes=data.num_classes).to(data.device)
                 train_teacher(teacher, train, int(cfg["epochs"]), float(cfg["lr"]), int(cfg["batch_size"]),
                               int(cfg.get("seed") or 0))
             atomic_torch_save(teacher.state_dict(), path)
