@@ -12,7 +12,7 @@ LAST = checkpoints/last.ckpt
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-fast lint format bench reproduce-cifar10 reproduce-cifar100 reproduce-heatmap \
-	reproduce-energy reproduce-cluster reproduce-grood reproduce-oal digits-energy gpu-check parity-openood clean
+	reproduce-energy reproduce-cluster reproduce-grood reproduce-oal digits-energy gpu-check gpu-wheels parity-openood clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-20s\033[0m %s\n", $$1, $$2}'
@@ -102,6 +102,17 @@ digits-energy: install ## the energy family on digits: ce(+energy), logitnorm, e
 
 gpu-check: install ## on a CUDA machine (pip uninstall faiss-cpu, pip install faiss-gpu-cu12 first): every CUDA path, synthetic data, sized for 8 min (never timed on a GPU yet), JSON in gpu_check.json; exits 1 on a failure
 	$(PY) -m benchmarks.gpu_check --out gpu_check.json
+
+# A CUDA machine without internet whose image has PyTorch, Lightning, torchmetrics, scikit-learn, pandas and matplotlib
+# (most CUDA images do) lacks only these: their wheels, at this venv's versions, for Python PYVER, into WHEELS
+PYVER ?= 3.12
+WHEELS ?= .whl
+gpu-wheels: install ## wheels of hydra-core, omegaconf, antlr4 and faiss-cpu (PYVER=3.12) into .whl/ for an offline CUDA machine (see benchmarks/gpu_check.py)
+	mkdir -p $(WHEELS)
+	$(PY) -m pip download --no-deps --only-binary=:all: --python-version $(PYVER) --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(WHEELS) \
+	  $$($(PY) -m pip freeze | grep -iE '^(hydra-core|omegaconf|faiss-cpu)==')
+	$(PY) -m pip wheel --no-deps -w $(WHEELS) $$($(PY) -m pip freeze | grep -i '^antlr4-python3-runtime==')
 
 # OpenOOD v1.5's released checkpoints and benchmark lists (local files, never downloaded): DATA_DIR holds
 # benchmark_imglist/ + images_classic/ + images_largescale/, CKPT_DIR the unzipped checkpoint folders, WEIGHTS the

@@ -15,6 +15,10 @@ Run it on any CUDA machine:
     make gpu-check                                                  # = .venv/bin/python -m benchmarks.gpu_check
 
 A later `make install` after a change to pyproject.toml puts faiss-cpu back: repeat the two pip lines then.
+On a CUDA machine without internet whose image has PyTorch, Lightning, torchmetrics, scikit-learn, pandas and
+matplotlib: `make gpu-wheels` on a machine with internet (wheels of hydra-core, omegaconf, antlr4 and faiss-cpu into
+`.whl/`), then there `python3 -m pip install --no-index --no-deps --target /tmp/site .whl/*.whl` and
+`PYTHONPATH=/tmp/site:. python3 -m benchmarks.gpu_check` (faiss-cpu: the faiss check fails, saying so).
 
 Checks (each a row of the JSON's `checks`, `ok` true/false):
 1. methods: every `conf/method/*.yaml` (new methods enrol themselves) trains one short epoch and evaluates with
