@@ -77,6 +77,7 @@ from benchmarks.bench_digits import compose_run
 from benchmarks.fabricate import cifar_tree, imagenet_tree
 from ood import CONFIG_DIR
 from ood.detectors import available_detectors
+from ood.files import atomic_write_text
 from ood.train import build
 
 #: Spearman rank correlation fp32 vs bf16 scores must reach, per detector
@@ -589,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "section_seconds": {k: round(v, 1) for k, v in seconds.items()}, "complete": complete,
                   "checks": checks, "throughput": table, "ok": complete and all(c["ok"] for c in checks)}
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
+        atomic_write_text(args.out, json.dumps(report, indent=1))  # a kill mid-write keeps the last report
         return report
 
     with tempfile.TemporaryDirectory(prefix="ood-gpu-check-") as tmp:

@@ -10,6 +10,8 @@ this command line where it does not name them (`ood.runs.checkpoints.training_ov
 from __future__ import annotations
 
 import gc
+import json
+import os
 import sys
 
 import hydra
@@ -17,7 +19,7 @@ from omegaconf import DictConfig
 
 from ood import CONFIG_DIR
 from ood.cli import check_argv, friendly_errors, require_config_dir
-from ood.runs.checkpoints import training_overrides
+from ood.runs.checkpoints import ADOPTED_ENV, training_overrides
 from ood.termination import sigterm_noted
 from ood.train import run
 
@@ -33,15 +35,20 @@ def main() -> None:
     require_config_dir()
     run_dir, adopted = training_overrides(sys.argv[1:])
     if adopted:  # before the user's first override: Hydra's flags (`-m`, `--cfg job`) must stay ahead of them
-        first = next(i for i, arg in enumerate(sys.argv) if i and "=" in arg and not arg.startswith("-"))
+        first = next(i for i, arg in enumerate(sys.argv)
+                     if i and not arg.startswith("-") and ("=" in arg or arg.startswith("~")))
         sys.argv[first:first] = adopted
         print(f"ood-eval: as trained in {run_dir}: {' '.join(adopted)}", file=sys.stderr)
-    check_argv("eval")
-    # the ~0.5M objects the imports made live until exit: freezing them spares every later collection (and the
-    # ones at exit) from rescanning them, a fifth of a default digits run
-    gc.freeze()
-    with sigterm_noted():  # from here on, before Hydra makes the run folder: SIGTERM leaves FAILED.txt there
-        _main()
+    os.environ[ADOPTED_ENV] = json.dumps(adopted)  # not the user's asking for a difference (`check_evaluated`)
+    try:
+        check_argv("eval")
+        # the ~0.5M objects the imports made live until exit: freezing them spares every later collection (and the
+        # ones at exit) from rescanning them, a fifth of a default digits run
+        gc.freeze()
+        with sigterm_noted():  # from here on, before Hydra makes the run folder: SIGTERM leaves FAILED.txt there
+            _main()
+    finally:
+        os.environ.pop(ADOPTED_ENV, None)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -55,6 +57,7 @@ def test_group_options_from_elsewhere_are_hydras_to_check() -> None:
     """A plugin's launcher and a user's own search path add options our folders do not hold."""
     check_overrides(CONFIG_DIR, "train", ["hydra/launcher=joblib", "method=ce,oe", "~callbacks"])
     check_overrides(CONFIG_DIR, "train", ["hydra.searchpath=[file:///tmp/mine]", "method=mine"])
+    check_overrides(CONFIG_DIR, "train", ["-m", "method=glob(c*)"])  # Hydra expands it (it raised a traceback here)
 
 
 def test_values_of_the_right_type_pass() -> None:
@@ -175,10 +178,13 @@ TRAINED = ["method=oe", "data=cifar10", "data.benchmark.protocol=classic", "path
            "data.benchmark.outliers=tin597", "hydra.job.chdir=true"]
 
 
-def _trained_run(tmp_path: Path) -> Path:
+def _trained_run(tmp_path: Path, trained: Sequence[str] = TRAINED) -> Path:
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in TRAINED))
+    (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in trained))
+    choices = {"experiment": "cifar10_oal", "method": "oal", "method/teacher": "vit_b16", "data": "cifar10",
+               "backbone": "resnet18", "trainer": "gpu", "paths": "default", "hydra/launcher": "basic"}
+    OmegaConf.save({"hydra": {"runtime": {"choices": choices}}}, run / ".hydra" / "hydra.yaml")
     return run
 
 
@@ -190,7 +196,10 @@ def _trained_run(tmp_path: Path) -> Path:
      (["ckpt_path={run}", "data=cifar100", "paths.data_dir=/e"], ["method=oe", "method.lam=0.3"]),
      (["ckpt_path={run}", "data.benchmark.protocol=oodformer"], ["method=oe", "data=cifar10", "paths.data_dir=/d",
                                                                   "method.lam=0.3"]),
+     (["ckpt_path={run}", "~data.benchmark.protocol"], ["method=oe", "data=cifar10", "paths.data_dir=/d",
+                                                        "method.lam=0.3"]),
      (["experiment=cifar10_oe", "ckpt_path={run}"], []),
+     (["ckpt_path={run}", "~experiment"], []),
      (["-m", "ckpt_path={run},{run}"], []),
      (["ckpt_path=last"], [])],
 )
@@ -207,6 +216,24 @@ def test_evaluation_takes_what_the_run_trained_from_its_command_line(tmp_path: P
     assert training_overrides([f"ckpt_path={tmp_path / 'elsewhere.ckpt'}"]) == (None, [])
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [(["ckpt_path={run}"], ["experiment=cifar10_oal"]),
+     (["ckpt_path={run}", "method=grood"], ["data=cifar10", "backbone=resnet18"]),
+     (["-m", "ckpt_path={run}", "detectors.names=[msp],[knn]"],
+      ["method=oal", "method/teacher=vit_b16", "data=cifar10", "backbone=resnet18"])],
+)
+def test_a_presets_run_is_evaluated_with_its_preset_or_the_groups_it_chose(tmp_path: Path, argv: list[str],
+                                                                             expected: list[str]) -> None:
+    """A run of `experiment=cifar10_oal` is evaluated with the preset; with a post-hoc `method=grood` the preset's
+    method keys (OAL's teacher, `lam` of OE) would not fit GROOD, and in a multirun a preset's `hydra.sweep.dir` would
+    put the evaluation jobs into the training runs' folders: then the groups the run chose are taken instead."""
+    from ood.runs.checkpoints import training_overrides
+
+    run = _trained_run(tmp_path, ["experiment=cifar10_oal", "seed=1"])
+    assert training_overrides([a.format(run=run) for a in argv]) == (run, expected)
+
+
 def test_ood_eval_of_a_run_folder_composes_its_method_and_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -217,6 +244,7 @@ def test_ood_eval_of_a_run_folder_composes_its_method_and_data(
     run = _trained_run(tmp_path)
     monkeypatch.setattr("sys.argv", ["ood-eval", "--cfg", "job", f"ckpt_path={run}", "detectors.names=[msp]"])
     main()
+    assert "OOD_EVAL_ADOPTED" not in os.environ, "the run's own variable, gone with it"
     out = capsys.readouterr()
     cfg = OmegaConf.create(out.out)
     assert (cfg.method._target_, cfg.method.lam, cfg.data.benchmark._target_) == ("ood.methods.oe.OutlierExposure", 0.3,

@@ -216,8 +216,11 @@ def test_planted_duplicates_are_listed_and_dropped(folders: dict[str, Path], tmp
     assert [(r["overlap"], r["overlap_dropped"], r["n_ood"]) for r in kept.rows] == [(3, 0, 7)] * 2
     features_only = ood.evaluate(_pixels(), folders["id"], {"far": {"planted": planted}}, output_dir=tmp_path / "cos",
                                  exact_duplicates=False, **common)  # no second decode: the copies are cosine 1.0
+    # the copies' features come from other batches than the ID images': equal up to float32 rounding of the cosine
+    # (1.0 or 0.999999 by the CPU's kernels)
     assert {Path(e["ood"]).name: (e["kind"], e["similarity"]) for e in features_only.overlap["sets"]["planted"]} == {
-        "copy.png": ("near", 1.0), "recoded.png": ("near", 1.0), "near.png": ("near", listed["near.png"]["similarity"])}
+        "copy.png": ("near", pytest.approx(1.0, abs=2e-6)), "recoded.png": ("near", pytest.approx(1.0, abs=2e-6)),
+        "near.png": ("near", listed["near.png"]["similarity"])}
 
     dropped = ood.evaluate(_pixels(), folders["id"], {"far": {"planted": planted}}, output_dir=tmp_path / "dropped",
                            drop_overlap=True, **common)

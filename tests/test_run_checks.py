@@ -214,19 +214,19 @@ def test_a_checkpoint_of_another_method_needs_method_on_the_command_line(tmp_pat
     check_evaluated(compose_config(tmp_path, ["train=false", "method=grood"]), ce, ckpt, given=["method=grood"])
 
 
-def test_overrides_taken_from_the_training_run_ask_for_no_difference(tmp_path: Path) -> None:
-    """`ood-eval ckpt_path=<run>` adds the run's own `data=digits`: that is not the user naming `data`, so a
-    `data.*` value that moved since (another default) is still refused; typed by the user, it is asked for."""
+def test_overrides_taken_from_the_training_run_ask_for_no_difference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ood-eval ckpt_path=<run>` adds the run's own `data=digits` (and says so in `OOD_EVAL_ADOPTED`): that is not
+    the user naming `data`, so a `data.*` value that moved since (another default) is still refused; typed by the
+    user (the same `data=digits`), it is asked for."""
     from ood.runs.checks import check_evaluated
     from ood.runs.identity import flat_config
 
-    run = tmp_path / "run"
-    (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "overrides.yaml").write_text("- data=digits\n- seed=1\n")
-    ckpt = str(run / "checkpoints" / "last.ckpt")
+    ckpt = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
     stored = flat_config(compose_config(tmp_path, ["data.benchmark.seed=5"]))
     now = compose_config(tmp_path, ["train=false"])
+    monkeypatch.setenv("OOD_EVAL_ADOPTED", '["data=digits"]')
     with pytest.raises(ConfigError, match=r"was trained with data.benchmark.seed=5 \(now 0\)"):
         check_evaluated(now, stored, ckpt, given=["data=digits"])
     check_evaluated(now, stored, ckpt, given=["data=digits", "data.benchmark.seed=0"])
-    check_evaluated(now, stored, str(tmp_path / "copied.ckpt"), given=["data=digits"])  # no run folder: as typed
+    monkeypatch.delenv("OOD_EVAL_ADOPTED")
+    check_evaluated(now, stored, ckpt, given=["data=digits"])  # typed: asked for

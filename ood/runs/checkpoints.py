@@ -137,34 +137,53 @@ def resolve_ckpt_path(
 
 #: the training run's overrides `ood-eval` adopts (and every key under the groups), unless its command line names them
 ADOPTED = ("experiment", "method", "data", "backbone", "paths.data_dir")
+#: the environment variable through which `ood-eval` tells its run which overrides it added (`check_evaluated`)
+ADOPTED_ENV = "OOD_EVAL_ADOPTED"
 
 
 def training_overrides(argv: Sequence[str]) -> tuple[Path | None, list[str]]:
     """The run folder `ckpt_path=` names in `argv` (a run folder, or a checkpoint in its `checkpoints/`) and the
     overrides of its training command line that say what it trained, for `ood-eval` to use as its own: `method=`,
-    `data=`, `backbone=`, `experiment=`, their keys and `paths.data_dir`; not training-only keys
-    (`TRAINING_KEYS`: batches, augmentation, outliers, starting weights) nor `method.init` (weights the checkpoint
-    replaces). An override whose key the command line names, or a key under a group it names, is left out, and
-    nothing is taken when it names `experiment=` (the preset says what to evaluate). So `ood-eval ckpt_path=<run of
-    ood-train method=oe data=cifar10>` evaluates OE on CIFAR-10, not the default CE on digits. Nothing is taken for
-    a swept or interpolated `ckpt_path`, `last`, or a checkpoint outside a run folder (no `.hydra/overrides.yaml`)."""
-    named = [arg.partition("=")[0].lstrip("+~") for arg in argv if "=" in arg and not arg.startswith("-")]
-    ckpt = [arg.partition("=")[2] for arg in argv if arg.partition("=")[0].lstrip("+") == "ckpt_path"]
+    `data=`, `backbone=` (and their sub-groups, `method/teacher=`), their keys and `paths.data_dir`; not
+    training-only keys (`TRAINING_KEYS`: batches, augmentation, outliers, starting weights) nor `method.init` (weights
+    the checkpoint replaces). An override whose key the command line names (`key=`, `~key`), or one under a group it
+    names, is left out. A training `experiment=` is taken whole when the command line names none of method, data,
+    backbone and is a single run; otherwise (a post-hoc `method=grood` on a preset's run: the preset's method keys would
+    not fit it; a multirun: a preset's `hydra.sweep.dir` would put the evaluation into the training runs' folders) the
+    groups it chose are taken instead (`.hydra/hydra.yaml`). So `ood-eval ckpt_path=<run of ood-train method=oe
+    data=cifar10>` evaluates OE on CIFAR-10, not the default CE on digits. Nothing is taken for a swept or
+    interpolated `ckpt_path`, `last`, or a checkpoint outside a run folder (no `.hydra/overrides.yaml`)."""
+    overrides = [arg for arg in argv if not arg.startswith("-") and ("=" in arg or arg.startswith("~"))]
+    named = [arg.partition("=")[0].lstrip("+~") for arg in overrides]
+    ckpt = [arg.partition("=")[2] for arg in overrides if arg.partition("=")[0].lstrip("+") == "ckpt_path"]
     if len(ckpt) != 1 or "experiment" in named or any(c in ckpt[0] for c in (",", "${")) or ckpt[0] in ("last", "null"):
         return None, []
     run = run_folder(ckpt[0])
     if run is None:
         return None, []
-    adopted = []
-    for override in run_command_line(run):
-        key = override.partition("=")[0].lstrip("+~")
-        if (
-            (key in ADOPTED or key.startswith(("method.", "data.", "backbone.")))
+
+    def under(key: str, node: str) -> bool:
+        return key == node or key.startswith((f"{node}.", f"{node}/"))
+
+    def wanted(key: str) -> bool:
+        return (
+            (key in ADOPTED or key.startswith(("method.", "data.", "backbone.", "method/", "data/", "backbone/")))
             and not key.startswith((*TRAINING_KEYS, "method.init"))
-            and not any(key == n or key.startswith(f"{n}.") for n in named)
-        ):
-            adopted.append(override)
-    return run, adopted
+            and not any(under(key, n) for n in named)
+        )
+
+    trained = {o.partition("=")[0].lstrip("+~"): o for o in run_command_line(run)}
+    adopted = {key: o for key, o in trained.items() if wanted(key)}
+    whole = not any(under(g, n) for g in ("method", "data", "backbone") for n in named)
+    multirun = any(arg in ("-m", "--multirun") for arg in argv)
+    chosen = run / ".hydra" / "hydra.yaml"
+    if "experiment" in adopted and (not whole or multirun) and chosen.is_file():
+        del adopted["experiment"]
+        choices = OmegaConf.load(chosen).hydra.runtime.choices
+        for group, option in choices.items():
+            if group not in adopted and option is not None and wanted(group) and group != "experiment":
+                adopted[group] = f"{group}={option}"
+    return run, list(adopted.values())
 
 
 def run_folder(ckpt_path: str | Path) -> Path | None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ood.errors import ConfigError, check_range
-from ood.runs.checkpoints import checkpoint_config, run_command_line, run_folder
+from ood.runs.checkpoints import ADOPTED_ENV, checkpoint_config
 from ood.runs.identity import (
     IDENTITY_FILE,
     NAME_GROUPS,
@@ -75,15 +77,14 @@ def check_evaluated(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str, 
     run's (training-only keys aside: batches, augmentation, outliers, starting weights; a forgotten `method=` labels an
     OE or LogitNorm network's rows `ce`) unless the command line `given` sets that key or
     a node above it (`data=...`, `data.benchmark.protocol=...`) or an `experiment=` preset; asked-for differences are
-    logged; an override the training run was started with too (what `ood-eval` took from its command line) asks for
-    no difference. Keys only one side has, and checkpoints without a stored config (another framework's), are not
+    logged; an override `ood-eval` took from the training run's command line (`ADOPTED_ENV`) asks for no
+    difference. Keys only one side has, and checkpoints without a stored config (another framework's), are not
     compared."""
     if not stored:
         return
     changed = _evaluated_changes(cfg, stored, lambda k: k.startswith(("data.", "backbone.")) or k == "method._target_")
-    run = run_folder(ckpt_path)
-    trained = set(run_command_line(run)) if run is not None else set()  # what `ood-eval` took from it asks nothing
-    named = [arg.partition("=")[0].lstrip("+~") for arg in given if arg not in trained]
+    adopted = set(json.loads(os.environ.get(ADOPTED_ENV, "[]")))  # what `ood-eval` took from the run asks nothing
+    named = [arg.partition("=")[0].lstrip("+~") for arg in given if arg not in adopted]
     unasked = {k: v for k, v in changed.items()
                if "experiment" not in named and not any(k == n or k.startswith(f"{n}.") for n in named)}
     listed = list((unasked or changed).values())
@@ -201,10 +202,14 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
     if not any(o.key_or_group == "hydra.searchpath" for o in overrides):  # more options may live elsewhere
         for o in groups:
             _check_choice(o, Path(config_dir))
-    choices = [
-        [f"{o.key_or_group}={v}" for v in (o.sweep_string_iterator() if o.is_sweep_override() else [o.value()])]
-        for o in groups
-    ]
+    try:
+        choices = [
+            [f"{o.key_or_group}={v}" for v in (o.sweep_string_iterator() if o.is_sweep_override() else [o.value()])]
+            for o in groups
+        ]
+    except HydraException:
+        return  # a `glob(...)` sweep of options: Hydra expands and checks it
+
     known: dict[str, Any] = {}
     open_dicts: set[str] = set()  # empty mappings (`detectors.params: {}`) take any sub-key
     GlobalHydra.instance().clear()
