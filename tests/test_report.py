@@ -281,3 +281,22 @@ def test_long_legend_values_are_cut_unless_labels_would_clash(tmp_path: Path, mo
         [f"cluster path={'a' * 13}…{'x' * 13}", "cluster path=short"],
         [f"cluster path={middle[0]}", f"cluster path={middle[1]}"],
     ]
+
+
+def test_a_failed_rerun_into_a_folder_leaves_no_earlier_rows_under_its_name(tmp_path: Path) -> None:
+    """A sweep rerun into its fixed folder with other data, failing there, left the earlier attempt's results.jsonl
+    beside its own config.yaml and FAILED.txt: ood-report read the earlier data's rows as this configuration's. A run
+    now removes an earlier attempt's results as it starts; the report names the job as failed."""
+    from helpers import run_config
+
+    from ood.errors import ConfigError
+    from ood.report.reading import failed_runs
+
+    run = tmp_path / "job"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "results.jsonl").write_text(json.dumps({"id_dataset": "cifar10", "auroc": 0.9}) + "\n")
+    (run / "scores.npz").write_bytes(b"earlier")
+    with pytest.raises(ConfigError):
+        run_config(run, ["train=false"], config_name="eval")  # no checkpoint: fails before training
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "FAILED.txt"]
+    assert list(failed_runs([tmp_path])) == [str(run)]

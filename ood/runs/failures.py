@@ -6,14 +6,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from ood.files import atomic_write_text
+from ood.utils import get_logger
+
+log = get_logger(__name__)
 
 #: the file a failed run leaves in its folder (read by `ood-report`)
 FAILED_FILE = "FAILED.txt"
+#: what an earlier attempt in the same folder wrote that `ood-report` would take for this attempt's
+EARLIER_RESULTS = ("results.jsonl", "scores.npz")
 
 
 def clear_failure(output_dir: str | Path) -> None:
-    """Forget an earlier attempt's `FAILED.txt` (a resumed run starts clean)."""
+    """Forget an earlier attempt in this folder: its `FAILED.txt` (a resumed run starts clean) and its results, which
+    `ood-report` would otherwise read beside this attempt's `config.yaml` should this one fail (a rerun of a sweep
+    into its fixed `hydra.sweep.dir` with other data reported the earlier data's rows under the new configuration)."""
     (Path(output_dir) / FAILED_FILE).unlink(missing_ok=True)
+    for name in EARLIER_RESULTS:
+        if (Path(output_dir) / name).is_file():
+            (Path(output_dir) / name).unlink()
+            log.info("removed %s of an earlier attempt in %s", name, output_dir)
 
 
 def record_failure(output_dir: str | Path, err: BaseException) -> None:
