@@ -67,6 +67,18 @@ def test_datamodule_builds_without_touching_data(tmp_path: Path, name: str) -> N
     assert datamodule.num_classes > 1
 
 
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_image_side_and_normalisation_are_plain_overrides(tmp_path: Path, name: str) -> None:
+    """`data.benchmark.image_size=64` (and mean / std) without Hydra's `+`: the keys were missing from the yaml, so the
+    documented override failed with "Key 'image_size' is not in struct"."""
+    cfg = compose_config(tmp_path, [f"data={name}", "data.benchmark.image_size=64", "data.benchmark.mean=[0.5,0.5,0.5]",
+                                    "data.benchmark.std=[0.25,0.25,0.25]"])
+    benchmark = instantiate(cfg.data).benchmark
+    assert (benchmark.image_size, benchmark.mean, benchmark.std) == (64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    default = instantiate(compose_config(tmp_path, [f"data={name}"]).data).benchmark
+    assert (default.image_size, default.mean) == (32, type(default).mean)
+
+
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiment_composes(tmp_path: Path, name: str) -> None:
     from omegaconf import OmegaConf
