@@ -33,12 +33,14 @@ def _main(cfg: DictConfig) -> None:
 def main() -> None:
     """`ood-eval` entry point."""
     require_config_dir()
-    run_dir, adopted = training_overrides(sys.argv[1:])
+    runs, adopted = training_overrides(sys.argv[1:])
     if adopted:  # before the user's first override: Hydra's flags (`-m`, `--cfg job`) must stay ahead of them
         first = next(i for i, arg in enumerate(sys.argv)
                      if i and not arg.startswith("-") and ("=" in arg or arg.startswith("~")))
         sys.argv[first:first] = adopted
-        print(f"ood-eval: as trained in {run_dir}: {' '.join(adopted)}", file=sys.stderr)
+        others = len(runs) - 1
+        where = f"{runs[0]}" + (f" and {others} other run{'s' * (others > 1)} trained alike" if others else "")
+        print(f"ood-eval: as trained in {where}: {' '.join(adopted)}", file=sys.stderr)
     os.environ[ADOPTED_ENV] = json.dumps(adopted)  # not the user's asking for a difference (`check_evaluated`)
     try:
         check_argv("eval")

@@ -200,20 +200,36 @@ def _trained_run(tmp_path: Path, trained: Sequence[str] = TRAINED) -> Path:
                                                         "method.lam=0.3"]),
      (["experiment=cifar10_oe", "ckpt_path={run}"], []),
      (["ckpt_path={run}", "~experiment"], []),
-     (["-m", "ckpt_path={run},{run}"], []),
+     (["ckpt_path={run},{run}"], []),
      (["ckpt_path=last"], [])],
 )
 def test_evaluation_takes_what_the_run_trained_from_its_command_line(tmp_path: Path, argv: list[str],
                                                                      expected: list[str]) -> None:
     """`ood-eval ckpt_path=<run>` evaluates what the run trained (its method, data, backbone overrides; not its
     epochs, seed, batches, outliers or starting weights); what the command line names is its own (a post-hoc
-    `method=grood`, other data); nothing for an `experiment=`, a sweep of checkpoints or `last`."""
+    `method=grood`, other data); nothing for an `experiment=`, a sweep of checkpoints without `-m` or `last`."""
     from ood.runs.checkpoints import training_overrides
 
     run = _trained_run(tmp_path)
     found, adopted = training_overrides([a.format(run=run) for a in argv])
-    assert adopted == expected and found == (run if expected else None)
-    assert training_overrides([f"ckpt_path={tmp_path / 'elsewhere.ckpt'}"]) == (None, [])
+    assert adopted == expected and found == ([run] if expected else [])
+    assert training_overrides([f"ckpt_path={tmp_path / 'elsewhere.ckpt'}"]) == ([], [])
+
+
+def test_a_sweep_of_checkpoints_takes_what_its_runs_trained_alike(tmp_path: Path) -> None:
+    """`ood-eval -m ckpt_path=<seed 0 run>,<seed 1 run>` (a training sweep's seeds) takes their method and data, as
+    one run's evaluation does (it took nothing before: every job composed ce on digits and was refused); runs trained
+    differently, or one folder without a command line, give nothing (the overrides apply to every job)."""
+    from ood.runs.checkpoints import training_overrides
+
+    runs = [_trained_run(tmp_path / f"seed{s}", [*TRAINED[:5], f"seed={s}"]) for s in (0, 1)]
+    other = _trained_run(tmp_path / "lam", [*TRAINED[:5], "method.lam=0.9"])
+    sweep = ",".join(map(str, runs))
+    assert training_overrides(["-m", f"ckpt_path={sweep}", "detectors.names=[msp]"]) == (
+        runs, ["method=oe", "data=cifar10", "data.benchmark.protocol=classic", "paths.data_dir=/d"])
+    assert training_overrides(["-m", f"ckpt_path=choice({sweep})", "data=digits"]) == (runs, ["method=oe", "paths.data_dir=/d"])
+    assert training_overrides(["-m", f"ckpt_path={sweep},{other}"]) == ([], [])
+    assert training_overrides(["-m", f"ckpt_path={sweep},{tmp_path / 'elsewhere.ckpt'}"]) == ([], [])
 
 
 @pytest.mark.parametrize(
@@ -231,7 +247,7 @@ def test_a_presets_run_is_evaluated_with_its_preset_or_the_groups_it_chose(tmp_p
     from ood.runs.checkpoints import training_overrides
 
     run = _trained_run(tmp_path, ["experiment=cifar10_oal", "seed=1"])
-    assert training_overrides([a.format(run=run) for a in argv]) == (run, expected)
+    assert training_overrides([a.format(run=run) for a in argv]) == ([run], expected)
 
 
 def test_ood_eval_of_a_run_folder_composes_its_method_and_data(

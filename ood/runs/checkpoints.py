@@ -141,9 +141,9 @@ ADOPTED = ("experiment", "method", "data", "backbone", "paths.data_dir")
 ADOPTED_ENV = "OOD_EVAL_ADOPTED"
 
 
-def training_overrides(argv: Sequence[str]) -> tuple[Path | None, list[str]]:
-    """The run folder `ckpt_path=` names in `argv` (a run folder, or a checkpoint in its `checkpoints/`) and the
-    overrides of its training command line that say what it trained, for `ood-eval` to use as its own: `method=`,
+def training_overrides(argv: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """The run folders `ckpt_path=` names in `argv` (run folders, or checkpoints in their `checkpoints/`) and the
+    overrides of their training command line that say what they trained, for `ood-eval` to use as its own: `method=`,
     `data=`, `backbone=` (and their sub-groups, `method/teacher=`), their keys and `paths.data_dir`; not
     training-only keys (`TRAINING_KEYS`: batches, augmentation, outliers, starting weights) nor `method.init` (weights
     the checkpoint replaces). An override whose key the command line names (`key=`, `~key`), or one under a group it
@@ -151,16 +151,41 @@ def training_overrides(argv: Sequence[str]) -> tuple[Path | None, list[str]]:
     backbone and is a single run; otherwise (a post-hoc `method=grood` on a preset's run: the preset's method keys would
     not fit it; a multirun: a preset's `hydra.sweep.dir` would put the evaluation into the training runs' folders) the
     groups it chose are taken instead (`.hydra/hydra.yaml`). So `ood-eval ckpt_path=<run of ood-train method=oe
-    data=cifar10>` evaluates OE on CIFAR-10, not the default CE on digits. Nothing is taken for a swept or
-    interpolated `ckpt_path`, `last`, or a checkpoint outside a run folder (no `.hydra/overrides.yaml`)."""
+    data=cifar10>` evaluates OE on CIFAR-10, not the default CE on digits. A multirun over checkpoints
+    (`-m ckpt_path=<run0>,<run1>`: a training sweep's seeds) takes them only when every run trained alike (the same
+    overrides to take), as the overrides apply to every job. Nothing is taken for an interpolated `ckpt_path`,
+    `last`, or a checkpoint outside a run folder (no `.hydra/overrides.yaml`)."""
     overrides = [arg for arg in argv if not arg.startswith("-") and ("=" in arg or arg.startswith("~"))]
     named = [arg.partition("=")[0].lstrip("+~") for arg in overrides]
-    ckpt = [arg.partition("=")[2] for arg in overrides if arg.partition("=")[0].lstrip("+") == "ckpt_path"]
-    if len(ckpt) != 1 or "experiment" in named or any(c in ckpt[0] for c in (",", "${")) or ckpt[0] in ("last", "null"):
-        return None, []
-    run = run_folder(ckpt[0])
-    if run is None:
-        return None, []
+    multirun = any(arg in ("-m", "--multirun") for arg in argv)
+    ckpt = [arg for arg in overrides if arg.partition("=")[0].lstrip("+") == "ckpt_path"]
+    if len(ckpt) != 1 or "experiment" in named:
+        return [], []
+    paths = _checkpoint_values(ckpt[0], multirun)
+    runs = [run_folder(p) for p in paths if "${" not in p and p not in ("last", "null")]
+    if not paths or len(runs) != len(paths) or None in runs:
+        return [], []
+    taken = [_trained_overrides(run, named, multirun) for run in runs]  # type: ignore[arg-type]
+    return (runs, taken[0]) if all(t == taken[0] for t in taken) else ([], [])  # type: ignore[return-value]
+
+
+def _checkpoint_values(override: str, multirun: bool) -> list[str]:
+    """The checkpoint paths of a `ckpt_path=` override: one, or a multirun's sweep of them; none where Hydra's parser
+    cannot tell (it reports the syntax itself) or for a sweep without `-m`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([override])[0]
+        if not parsed.is_sweep_override():
+            return [str(parsed.value())]
+        return list(parsed.sweep_string_iterator()) if multirun else []
+    except HydraException:
+        return []
+
+
+def _trained_overrides(run: Path, named: Sequence[str], multirun: bool) -> list[str]:
+    """What `training_overrides` takes from one run folder, given the keys the command line `named`."""
 
     def under(key: str, node: str) -> bool:
         return key == node or key.startswith((f"{node}.", f"{node}/"))
@@ -175,7 +200,6 @@ def training_overrides(argv: Sequence[str]) -> tuple[Path | None, list[str]]:
     trained = {o.partition("=")[0].lstrip("+~"): o for o in run_command_line(run)}
     adopted = {key: o for key, o in trained.items() if wanted(key)}
     whole = not any(under(g, n) for g in ("method", "data", "backbone") for n in named)
-    multirun = any(arg in ("-m", "--multirun") for arg in argv)
     chosen = run / ".hydra" / "hydra.yaml"
     if "experiment" in adopted and (not whole or multirun) and chosen.is_file():
         del adopted["experiment"]
@@ -183,7 +207,7 @@ def training_overrides(argv: Sequence[str]) -> tuple[Path | None, list[str]]:
         for group, option in choices.items():
             if group not in adopted and option is not None and wanted(group) and group != "experiment":
                 adopted[group] = f"{group}={option}"
-    return run, list(adopted.values())
+    return list(adopted.values())
 
 
 def run_folder(ckpt_path: str | Path) -> Path | None:
