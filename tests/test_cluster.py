@@ -214,8 +214,15 @@ def test_oodformer_covariance_is_inv_of_numpy_cov() -> None:
     shared = cluster_precisions(z, y, means, "shared", inverse="inv", ddof=1)
     assert np.allclose(shared.numpy(), np.linalg.inv(centred.T @ centred / (len(z) - 1)), atol=1e-8)
     flat = torch.cat([z, torch.zeros(len(z), 1, dtype=torch.float64)], 1)
-    with pytest.raises(ConfigError, match="singular; use method.cov_inverse=pinv"):
+    with pytest.raises(ConfigError, match=r"class-centred features \(90 rows, 4 dims\) is singular \(rank 3\).*cov_inverse=pinv"):
         cluster_precisions(flat, y, torch.cat([means, torch.zeros(3, 1, dtype=torch.float64)], 1), "shared", inverse="inv")
+    # fewer members than dimensions (OODformer's CIFAR-100: 500 per class, 512 dims): `inv` returned entries of 1e17
+    few = torch.randn(12, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    pairs = torch.arange(12) % 2
+    few_means = torch.stack([few[pairs == c].mean(0) for c in range(2)])
+    with pytest.raises(ConfigError, match=r"cluster 0 \(6 rows, 8 dims\) is singular \(rank 5\)"):
+        cluster_precisions(few, pairs, few_means, "per_cluster", inverse="inv", ddof=1)
+    assert bool(torch.isfinite(cluster_precisions(few, pairs, few_means, "per_cluster", ddof=1)).all())
 
 
 def test_gt_assignment_scores_id_against_its_own_centre() -> None:
