@@ -28,6 +28,9 @@ from ood.utils import progress_bars, warnings_in_log_files
 
 #: OmegaConf errors that mean the composed config is wrong (not the code reading it)
 CONFIG_ERRORS = (ValidationError, InterpolationResolutionError, MissingMandatoryValue)
+#: torch's refusal, under `torch.use_deterministic_algorithms(True)` (Lightning's `deterministic=True`), of an operation
+#: without a deterministic kernel, e.g. `adaptive_avg_pool2d_backward_cuda` (every ResNet's pooling, on a GPU)
+NONDETERMINISTIC = r"(\w+) does not have a deterministic implementation, but you set 'torch.use_deterministic_algorithms"
 
 
 def require_config_dir() -> None:
@@ -87,8 +90,9 @@ def user_error(err: BaseException) -> OODError | None:
     composed config (`CONFIG_ERRORS`, first line of its message and the key); the `OODError` raised in another
     process, whose traceback text (last line `<module>.<Class>: <message>`) comes back as the message: a spawned
     DDP rank (`trainer=ddp_cpu`, torch's `ProcessRaisedException`) or a DataLoader worker (`data.num_workers>0`:
-    torch re-raises the worker's `OODError` with "Caught ... Original Traceback ..." as its text); None for
-    anything else (a bug: its traceback is shown)."""
+    torch re-raises the worker's `OODError` with "Caught ... Original Traceback ..." as its text); a `ConfigError`
+    for torch's refusal of an operation without a deterministic kernel (`NONDETERMINISTIC`), here or in a rank; None
+    for anything else (a bug: its traceback is shown)."""
     from torch.multiprocessing import ProcessRaisedException
 
     if isinstance(err, OODError):
@@ -97,6 +101,12 @@ def user_error(err: BaseException) -> OODError | None:
         key = getattr(err, "full_key", None)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return ConfigError(f"config {key}: {first}" if key else f"config: {first}")
+    if isinstance(err, RuntimeError | ProcessRaisedException) and (op := re.search(NONDETERMINISTIC, str(err))):
+        return ConfigError(
+            f"{op[1]} has no deterministic implementation and trainer.deterministic=true asks for one (trainer=cpu "
+            "sets it; on a GPU, every ResNet's average pooling gradient): use trainer.deterministic=warn "
+            "(deterministic where torch can be) or trainer.deterministic=false"
+        )
     if isinstance(err, ProcessRaisedException):
         return raised_elsewhere(str(err))
     return None

@@ -64,7 +64,7 @@ def test_values_of_the_right_type_pass() -> None:
     check_overrides(CONFIG_DIR, "train", ["seed=3", "method.optimizer.lr=1", "train=false", "trainer.devices=auto",
                                           "ckpt_path=null", "seed=${oc.env:SEED,0}", "++seed=abc", "-m",
                                           "method.optimizer.lr=interval(0.01,0.1)", "seed=range(3)",
-                                          "method.scheduler=null", "~method.scheduler"])
+                                          "method.scheduler=null", "~method.scheduler", "trainer.deterministic=warn"])
 
 
 def test_omegaconf_errors_become_one_line() -> None:
@@ -76,6 +76,35 @@ def test_omegaconf_errors_become_one_line() -> None:
             user = user_error(err)
             assert isinstance(user, ConfigError) and "\n" not in str(user) and f"config {key}:" in str(user)
     assert user_error(ValueError("a bug")) is None, "other errors keep their traceback"
+
+
+#: torch's text (ATen's `alertNotDeterministic`, in libtorch) for an operation without a deterministic kernel
+NONDETERMINISTIC = ("adaptive_avg_pool2d_backward_cuda does not have a deterministic implementation, but you set "
+                    "'torch.use_deterministic_algorithms(True)'. You can turn off determinism just for this operation, or "
+                    "you can use the 'warn_only=True' option, if that's acceptable for your application.")
+
+
+def test_no_deterministic_kernel_is_one_line_naming_the_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    """`trainer.deterministic=true` on a GPU (or `trainer=cpu`'s, with `trainer.accelerator=gpu`) stops a ResNet at its
+    first backward pass (adaptive average pooling has no deterministic CUDA gradient; no CPU op raises, so torch's text
+    stands in): a traceback before, now the op and the setting to change, also from a spawned DDP rank."""
+    from torch.multiprocessing import ProcessRaisedException
+
+    from ood.cli import friendly_errors
+
+    def task(cfg: object) -> None:
+        raise RuntimeError(NONDETERMINISTIC)
+
+    with pytest.raises(SystemExit) as stop:
+        friendly_errors(task)(OmegaConf.create({}))
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == (
+        "error: adaptive_avg_pool2d_backward_cuda has no deterministic implementation and trainer.deterministic=true "
+        "asks for one (trainer=cpu sets it; on a GPU, every ResNet's average pooling gradient): use "
+        "trainer.deterministic=warn (deterministic where torch can be) or trainer.deterministic=false\n")
+    rank = ProcessRaisedException(f"Traceback (most recent call last):\n  ...\nRuntimeError: {NONDETERMINISTIC}\n", 1, 7)
+    assert str(user_error(rank)) == str(user_error(RuntimeError(NONDETERMINISTIC)))
+    assert user_error(RuntimeError("CUDA out of memory")) is None
 
 
 class _Unreadable(torch.utils.data.Dataset):

@@ -270,8 +270,9 @@ def _check_choice(override: Any, config_dir: Path) -> None:
                 raise ConfigError(f"unknown {override.key_or_group} {choice!r}: {hint}choices: {', '.join(options)}")
 
 
-#: keys whose values Lightning accepts in several types (`trainer.devices=auto`), and Hydra's own
-FREE_KEYS = ("trainer.devices", "trainer.precision", "hydra.")
+#: keys whose values Lightning accepts in several types (`trainer.devices=auto`, `trainer.deterministic=warn`), and
+#: Hydra's own
+FREE_KEYS = ("trainer.devices", "trainer.precision", "trainer.deterministic", "hydra.")
 
 
 def _expected_type(default: Any, value: Any) -> str | None:
