@@ -25,7 +25,9 @@ Checks (each a row of the JSON's `checks`, `ok` true/false):
    `trainer=gpu` (fp32) and with `trainer=gpu_fast` (bf16 autocast, channels_last): every training loss finite,
    and the fp32-trained model's scores evaluated in bf16 agree with its fp32 scores: Spearman rank correlation
    per detector over the test splits (ID test + every OOD set) >= `RHO_MIN` (0.99; bf16 keeps 8 mantissa bits,
-   so near-ties may swap but the order stays). The bf16 evaluation uses the hyper-parameters the fp32 one tuned.
+   so near-ties may swap but the order stays), except for a detector whose fp32 scores span less than one bf16 step
+   of their magnitude (`BF16_STEP`; its spread reported in `narrower_than_bf16`: bf16 cannot order them, whatever
+   the code does). The bf16 evaluation uses the hyper-parameters the fp32 one tuned.
    fp16 + compile: CE and supervised-contrastive cluster (manual optimisation) train and evaluate with `gpu_fast` in
    fp16 (Lightning's GradScaler, as GPUs without bf16 need) and `torch.compile` (inductor): finite losses, optimiser
    steps taken through the scaler, the sub-modules compiled, finite scores of every detector (`detectors.names=[all,
@@ -36,7 +38,7 @@ Checks (each a row of the JSON's `checks`, `ok` true/false):
    relative of the other side's k-th; distances equal to 1e-4 relative: GPU and CPU sum in other orders).
 3. augment: the in-memory pipeline's crop + flip (`PadCropFlip`) on the GPU equals torchvision's pad / crop /
    hflip on the CPU for the same seeded draws, bit for bit.
-4. ddp: a one-GPU DDP evaluation (NCCL) gives exactly the rows of the plain one.
+4. ddp: a one-GPU DDP evaluation (NCCL) gives exactly the rows of the plain one (both deterministic, cuDNN benchmark off).
 5. api: `ood.evaluate` on the caller's own CUDA model (a torchvision ResNet-18 in training mode, Datasets of tensors)
    gives finite rows and hands the model back on its device and in its modes (Lightning's teardown moves the
    module it tested to the CPU); so does `ood.extract` with `device="cpu"`.
@@ -48,8 +50,8 @@ Checks (each a row of the JSON's `checks`, `ok` true/false):
 `--dry-run` runs the same code on the CPU with tiny shapes (small CNN, a few images, `trainer=cpu` for `gpu`,
 CPU bf16 / fp16 autocast for `gpu_fast`, `torch.compile`'s `aot_eager` backend for inductor, gloo for NCCL, faiss'
 CPU index for the GPU one): the test suite runs it so that
-this script cannot rot. Its numbers say nothing about a GPU, and its rank-correlation threshold is 0.8: one epoch
-of a tiny model leaves near-tied scores (the heatmap decoder's spread over a split is ~1e-4) that bf16 reorders.
+this script cannot rot. Its numbers say nothing about a GPU, and its rank-correlation threshold is 0.95 (64 images
+scored by a tiny model after one epoch; the lowest compared rho measured on this host's CPU bf16 kernels: 0.994).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,10 @@ from ood.train import build
 
 #: Spearman rank correlation fp32 vs bf16 scores must reach, per detector
 RHO_MIN = 0.99
+#: bf16's step (8 mantissa bits) relative to a value's magnitude: a detector whose fp32 scores span less than one step
+#: (1st to 99th percentile) cannot keep its order in bf16, and is reported, not compared (one short epoch of the
+#: heatmap decoder leaves scores 8e-4 of their magnitude apart in the dry run: rho 0.86, with 2e-5 largest difference)
+BF16_STEP = 2.0**-8
 #: share of queries whose neighbour set must be the same on the GPU and the CPU index, up to ties at the k-th distance
 SAME_NEIGHBOURS_MIN = 0.999
 #: relative tolerance of the faiss check's distances, and of a tie: GPU and CPU sum in other orders in float32, which
@@ -121,7 +127,7 @@ class Sizes:
 GPU = Sizes("cuda", dict(n_train=2560, n_val=256, n_test=512, n_ood=256), dict(n_train=2560, n_val=256, n_test=256, n_ood=128, side=64),
             "resnet18_32x32", "resnet50", 128, 256, "detectors=all", RHO_MIN, (50_000, 10_000, 512), 512, 8, 4)
 DRY = Sizes("cpu", dict(n_train=32, n_val=16, n_test=16, n_ood=8), dict(n_train=16, n_val=8, n_test=8, n_ood=4, side=40),
-            "small_cnn", "small_cnn", 8, 8, "detectors.names=[msp,energy,knn,mahalanobis]", 0.8, (2_000, 500, 64), 64, 0, 1,
+            "small_cnn", "small_cnn", 8, 8, "detectors.names=[msp,energy,knn,mahalanobis]", 0.95, (2_000, 500, 64), 64, 0, 1,
             {"imagenet": ["data.benchmark.image_size=32", "data.benchmark.resize=36"]},
             "detectors.names=[msp,energy,odin,gram_stream]")
 #: the fp16 + compile section's methods: CE, and supervised-contrastive cluster (manual optimisation: each step's
@@ -209,6 +215,27 @@ def chosen_params(evaluation: Any) -> list[str]:
     return list(out.values())
 
 
+def bf16_agreement(
+    fp32: Mapping[str, np.ndarray], bf16: Mapping[str, np.ndarray], rho_min: float
+) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
+    """Per detector, fp32 vs bf16 scores of the same images: Spearman's rho; the relative spread of the detectors whose
+    fp32 scores are too close for bf16 to order (`relative_spread` < `BF16_STEP`: reported, not compared); and why
+    each compared detector with rho below `rho_min` fails."""
+    rho = {d: spearman(fp32[d], bf16[d]) for d in fp32}
+    narrow = {d: w for d in fp32 if (w := relative_spread(fp32[d])) < BF16_STEP}
+    low = {d: f"rho {r:.4f}, distinct values fp32 {len(np.unique(fp32[d]))} bf16 {len(np.unique(bf16[d]))}, "
+              f"max |diff| {np.abs(fp32[d] - bf16[d]).max():.3g}, relative spread {relative_spread(fp32[d]):.3g}"
+           for d, r in rho.items() if not r >= rho_min and d not in narrow}
+    return rho, narrow, low
+
+
+def relative_spread(scores: np.ndarray) -> float:
+    """The 1st to 99th percentile range of `scores` over the larger magnitude of the two: how many bf16 steps (2^-8
+    relative) apart the scores are at most, outliers aside."""
+    low, high = np.percentile(scores, [1, 99])
+    return float((high - low) / max(abs(low), abs(high), np.finfo(np.float64).tiny))
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation; 1 for identical inputs (also constant ones, where the correlation is undefined)."""
     return 1.0 if np.array_equal(a, b) else float(spearmanr(a, b).statistic)
@@ -249,10 +276,9 @@ def check_methods(sizes: Sizes, tree: Path, work: Path, names: Sequence[str]) ->
             trainer.test(trained, datamodule=datamodule, verbose=False)
             bf16 = test_scores(evaluation)
             row["detector_params_bf16"] = detector_params(evaluation)
-            rho = {d: spearman(fp32[d], bf16[d]) for d in fp32}
+            rho, narrow, low = bf16_agreement(fp32, bf16, sizes.rho_min)
             row["spearman_fp32_bf16"] = {d: round(r, 5) for d, r in rho.items()}
-            low = {d: f"rho {r:.4f}, distinct values fp32 {len(np.unique(fp32[d]))} bf16 {len(np.unique(bf16[d]))}, "
-                      f"max |diff| {np.abs(fp32[d] - bf16[d]).max():.3g}" for d, r in rho.items() if not r >= sizes.rho_min}
+            row["narrower_than_bf16"] = {d: float(f"{w:.3g}") for d, w in narrow.items()}
             row["ok"] = not low
             if low:
                 row["error"] = f"Spearman fp32 vs bf16 below {sizes.rho_min}: {low}"
@@ -415,10 +441,13 @@ def check_augment(sizes: Sizes) -> dict[str, Any]:
 
 
 def check_ddp(sizes: Sizes, tree: Path, work: Path) -> dict[str, Any]:
-    """Section 4: one-device DDP evaluation == plain evaluation (every row equal)."""
+    """Section 4: one-device DDP evaluation == plain evaluation (every row equal). Both with deterministic kernels
+    and without cuDNN's benchmark mode (`trainer=gpu` has it on), which times candidate convolution algorithms in
+    each run and may pick others in the second: rounding differences that are not the DDP path's (`warn`: ODIN's
+    input gradient goes through adaptive average pooling, which has no deterministic CUDA kernel)."""
     common = ["data=cifar10", f"paths.data_dir={tree}", f"backbone={sizes.backbone32}", "train=false",
               f"data.eval_batch_size={sizes.eval_batch}", f"data.num_workers={sizes.workers}", sizes.detectors,
-              "+detectors.params.vim.dim=32", *QUIET]
+              "+detectors.params.vim.dim=32", "++trainer.benchmark=false", "trainer.deterministic=warn", *QUIET]
     state = torch.load(work / "ce_init.pt", map_location="cpu")
     rows = {}
     ddp = (["trainer=ddp", "trainer.devices=1"] if sizes.device == "cuda" else
@@ -550,8 +579,11 @@ def markdown(report: dict[str, Any]) -> str:
     for c in report["checks"]:
         details = {k: v for k, v in c.items() if k not in ("check", "ok") and not k.startswith("losses")}
         if "spearman_fp32_bf16" in c:
-            details["min_spearman"] = min(c["spearman_fp32_bf16"].values())
-            details.pop("spearman_fp32_bf16")
+            narrow = details.pop("narrower_than_bf16", {})
+            compared = [r for d, r in details.pop("spearman_fp32_bf16").items() if d not in narrow]
+            details["min_spearman"] = min(compared, default=None)
+            if narrow:
+                details["narrower_than_bf16"] = narrow
         lines.append(f"| {c['check']} | {'yes' if c['ok'] else 'NO'} | {json.dumps(details)} |")
     lines += ["", "| model | precision | ood train img/s | plain loop img/s | ood / plain | data wait | eval img/s (cache) |",
               "|---|---|---:|---:|---:|---:|---:|"]
@@ -586,6 +618,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         """The report as it stands, written to `--out`: after every section, so that a run stopped at a time limit
         keeps the checks it finished (`complete` false, `ok` false until every section ran)."""
         report = {"device": device, "torch": torch.__version__, "dry_run": args.dry_run, "rho_min": sizes.rho_min,
+                  "bf16_step": BF16_STEP,
                   "same_neighbours_min": SAME_NEIGHBOURS_MIN, "seconds": round(time.perf_counter() - started, 1),
                   "section_seconds": {k: round(v, 1) for k, v in seconds.items()}, "complete": complete,
                   "checks": checks, "throughput": table, "ok": complete and all(c["ok"] for c in checks)}

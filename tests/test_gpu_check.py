@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,7 +25,9 @@ def test_gpu_check_dry_run_passes(tmp_path: Path) -> None:
     for name in gpu_check.METHODS:  # a new method config enrols itself
         row = checks[f"method {name}"]
         assert row["losses_gpu"] and row["losses_gpu_fast"]
-        assert min(row["spearman_fp32_bf16"].values()) >= report["rho_min"]
+        narrow = row["narrower_than_bf16"]
+        assert all(w < report["bf16_step"] for w in narrow.values()) and set(narrow) <= {"heatmap"}
+        assert all(r >= report["rho_min"] for d, r in row["spearman_fp32_bf16"].items() if d not in narrow)
         assert row["detector_params_bf16"] == row["detector_params_fp32"]  # fp32's tuned values, kept for bf16
         assert "k" in row["detector_params_bf16"]["knn"]
     for name, modules in (("ce", ["backbone"]), ("cluster supcon", ["backbone", "head"])):  # fp16 + compile
@@ -45,6 +48,24 @@ def test_gpu_check_refuses_without_cuda(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
     assert gpu_check.main(["--out", str(tmp_path / "x.json")]) == 1
     assert "--dry-run" in capsys.readouterr().err
+
+
+def test_bf16_agreement_skips_only_scores_closer_than_a_bf16_step() -> None:
+    """Scores 1e-3 of their magnitude apart (one short epoch of the heatmap decoder) reordered by bf16 are reported,
+    not failed: the GPU run would have failed on them (rho 0.86 in the dry run at a 0.99 threshold); widely spread
+    scores that bf16 reorders still fail; small bf16-sized differences of spread scores pass."""
+    gen = np.random.default_rng(0)
+    wide = gen.uniform(0, 10, 500)
+    tight = 5 + 5e-3 * gen.uniform(size=500)  # spread 1e-3 of the magnitude: a quarter of a bf16 step
+    fp32 = {"wide": wide, "tight": tight, "wide_shuffled": wide, "kept": wide}
+    bf16 = {"wide": wide + gen.normal(0, 1e-3, 500), "tight": tight[gen.permutation(500)],
+            "wide_shuffled": wide[gen.permutation(500)], "kept": wide * (1 + 2**-9)}
+    rho, narrow, low = gpu_check.bf16_agreement(fp32, bf16, 0.99)
+    assert rho["kept"] == 1.0 and rho["wide"] > 0.999 and abs(rho["tight"]) < 0.2
+    assert list(narrow) == ["tight"] and narrow["tight"] == pytest.approx(1e-3, rel=0.05)
+    assert list(low) == ["wide_shuffled"] and "relative spread 0.98" in low["wide_shuffled"]
+    # percentiles 1 and 99 of [-101, -100]: -100.99 and -100.01, over the larger magnitude
+    assert gpu_check.relative_spread(np.array([-101.0, -100.0])) == pytest.approx(0.98 / 100.99, rel=1e-12)
 
 
 def test_faiss_check_counts_a_tie_at_the_kth_distance_as_the_same_neighbours() -> None:
