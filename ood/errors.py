@@ -32,6 +32,8 @@ def check_range(
     the training it waited for."""
     if value is None:
         return
+    if integer and isinstance(value, float) and value.is_integer() and low <= value <= high:
+        raise ConfigError(f"{key}={value!r} is a count: write {int(value)} (Hydra reads 2.0 and 1e4 as floats)")
     fraction = integer and (isinstance(value, bool) or not isinstance(value, int))
     if fraction or not (low < value if open_low else low <= value) or value > high:
         lower = f"({low}" if open_low else f"[{low}"
