@@ -20,6 +20,7 @@ from ood.detectors import odin as odin_module
 from ood.detectors.adascale import AdaScaleA
 from ood.detectors.base import Detector
 from ood.detectors.gram import gram_rows
+from ood.detectors.mcdropout import ImageDropout, image_keys
 from ood.detectors.network import FitInputs, LayerTaps, ModelFitted, StagedForward
 from ood.errors import ConfigError
 from ood.evaluation.scoring import JointInputs, detector_scorers, fit_detector
@@ -208,7 +209,7 @@ def test_network_detectors_score_together_as_they_score_alone(tiny: dict[str, An
     assert [s.name for s in scorers] == JOINT
     fitting = [c for c in calls if c[1] == 1]  # the fit passes of the detectors fitted from the network
     assert calls[len(fitting):] == [("test", 9), ("ood", 9), ("val", 9), ("val_ood", 9)]
-    for scorer in scorers[:-3] + scorers[-2:]:  # not mcdropout: its dropout masks come from the global RNG
+    for scorer in scorers:  # mcdropout too: its masks are a function of each image, not of the global RNG's stream
         det = _fitted(scorer.name, tiny)
         for split in ("test", "ood", "val"):
             assert torch.equal(scorer.score(split), _scores(det, tiny, split).double()), (scorer.name, split)
@@ -326,6 +327,35 @@ def test_mcdropout_without_dropout_is_not_applicable(tiny: dict[str, Any]) -> No
         build_detector("rankfeat").score_inputs(nn.Linear(4, 2), torch.zeros(3, 4))
 
 
+def test_mcdropout_scores_an_image_alike_in_any_batch(tiny: dict[str, Any]) -> None:
+    """An image's MC-Dropout score is a function of the image: the same in one batch of 120, in batches of 7, alone,
+    after other draws from the global RNG, which it leaves as it was (its masks came from that RNG's stream, so the
+    same image scored differently at eval_batch_size 512 and 7: relative differences up to ~1e-1 here). The masks drop
+    about p of the elements, scale the others by 1 / (1 - p), and differ between images, passes and calls."""
+    net, x, det = tiny["net"], tiny["x"]["test"], build_detector("mcdropout")
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    whole = det.score_inputs(net, x)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)
+    torch.rand(17)
+    sevens = torch.cat([det.score_inputs(net, chunk) for chunk in x.split(7)])
+    torch.testing.assert_close(sevens, whole, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(det.score_inputs(net, x[5:6]), whole[5:6], rtol=1e-6, atol=1e-9)
+    with torch.no_grad():
+        plain = torch.log_softmax(net(x).double(), 1).max(1).values
+    assert ((whole - plain).abs() / plain.abs()).max() > 0.1  # dropout is on
+    masks, ones, keys, original = ImageDropout(), torch.ones(64, 2, 500), image_keys(torch.randn(32, 3)), F.dropout
+    with masks.active(keys, 0):
+        first, second = F.dropout(ones, 0.2), F.dropout(ones, 0.2)  # 2 rows per image, two calls
+    assert set(first.unique().tolist()) == {0.0, 1.25}
+    assert abs(float((first == 0).double().mean()) - 0.2) < 0.01
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[0], first[2]) and not torch.equal(first, second)
+    with masks.active(keys, 1):
+        assert not torch.equal(F.dropout(ones, 0.2), first)
+    assert F.dropout is original and masks.keys is None
+
+
 # ----- equal to the reference ------------------------------------------------------------------------------------
 def _odin_reference(net: nn.Module, x: torch.Tensor, temperature: float, noise: float, one_pixel: bool) -> torch.Tensor:
     """OpenOOD's odin / iodin postprocess: max softmax at T of the (masked) sign step."""
@@ -356,16 +386,20 @@ def test_iodin_equals_openood(tiny: dict[str, Any]) -> None:
 
 
 def test_mcdropout_equals_openood(tiny: dict[str, Any]) -> None:
-    """Same RNG state: the mean logits of 5 passes with only the dropout in training mode, max softmax."""
+    """OpenOOD's procedure with the same masks (each image's, `ImageDropout`, pass t = 0..4): the mean logits of 5
+    passes with only the dropout in training mode, max softmax."""
     net, ours, refs = tiny["net"], {}, {}
     for split in ("test", "ood"):
-        torch.manual_seed(3)
         ours[split] = build_detector("mcdropout").score_inputs(net, tiny["x"][split])
         assert not net.training and not net.stages.block2[3].training
-        torch.manual_seed(3)
         net.stages.block2[3].train()
+        masks, keys = ImageDropout(), image_keys(tiny["x"][split])
         with torch.no_grad():
-            logits = sum(net(tiny["x"][split]) for _ in range(5)) / 5
+            logits = 0
+            for t in range(5):
+                with masks.active(keys, t):
+                    logits = logits + net(tiny["x"][split])
+            logits = logits / 5
         net.stages.block2[3].eval()
         refs[split] = torch.softmax(logits, 1).max(1).values
         torch.testing.assert_close(ours[split].exp().float(), refs[split], rtol=1e-5, atol=1e-6)
