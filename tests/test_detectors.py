@@ -108,6 +108,23 @@ def test_nonfinite_rows_score_nan_and_stop_the_fit(name: str, synthetic: dict[st
 
 
 @pytest.mark.parametrize("name", [n for n in SYNTHETIC if not detector_class(n).needs_model])
+def test_a_row_scores_alike_in_any_batch(name: str, synthetic: dict[str, FeatureBank]) -> None:
+    """A row's score is a function of the row and the fitted state: the ID test bank scored whole and in pieces (of 7
+    rows, a prime that cuts classes and chunks unevenly, as `data.eval_batch_size=7` would) gives the same scores,
+    at two points of the score grid too, to float32 summation order (WeiPer's and relation's float32 products: 1e-8
+    relative)."""
+    cls = detector_class(name)
+    det = _fitted(name, synthetic)
+    points = grid_points({k: v for k, v in cls.grid.items() if k in cls.score_params})[:2] or [{}]
+    bank = synthetic["test"]
+    whole = det.score_grid(bank, points)
+    cuts = [*range(0, 70, 7), len(bank)]  # nine pieces of 7, then the other 137 rows
+    pieces = [det.score_grid(bank.subset(torch.arange(a, b)), points) for a, b in zip(cuts, cuts[1:])]
+    for k, want in enumerate(whole):
+        if want is not None:
+            torch.testing.assert_close(torch.cat([p[k] for p in pieces]), want, rtol=1e-6, atol=1e-9)
+
+@pytest.mark.parametrize("name", [n for n in SYNTHETIC if not detector_class(n).needs_model])
 def test_a_fit_bank_missing_a_class_is_refused_by_per_class_detectors(name: str, synthetic: dict[str, FeatureBank]) -> None:
     """A detector with per-class statistics fitted on a bank without rows of some class gave that class zero means
     (the Mahalanobis family scored AUROC 0.5 on a `data.fit_fraction` that drew none of a class): it is not
