@@ -14,7 +14,7 @@ takes a user list, its ResNet example layer1..layer4). No OpenOOD grid.
 Reference differences: the paper's code (BierOne/ood_coverage) pools state and gradient separately (spatial sums),
 bins uniformly on [0, 1] and averages over layers with per-layer hyper-parameters; we follow pytorch-ood.
 Deviations: log_softmax for pytorch-ood's log(softmax + 1e-12) (equal unless a probability is below 1e-12); coverage
-means in float64.
+means in float64, as the exact sum of the clamped counts over the neurons divided once (the same value in any batch).
 """
 
 from __future__ import annotations
@@ -78,7 +78,11 @@ class NAC(ModelFitted):
         counts = self.counts_.to(x.device)
         for idx in self.states(model, x):
             layer = counts[start : start + idx.shape[1]]
-            o = layer.gather(1, idx.T).T.double()
-            total += (o / self.o_star).clamp(max=1.0).mean(1)
+            # mean_neurons min(o / o_star, 1) as sum_neurons min(o, o_star) / (o_star C_l): a sum of whole numbers,
+            # exact in float64 in any order, so an image's score does not depend on its batch (the mean of the
+            # fractions over the transposed [B, C_l] gather was summed in a batch-size-dependent order: last-bit
+            # differences that broke NAC's many exact ties differently, moving the AUROC)
+            o = layer.gather(1, idx.T).T.double().clamp(max=self.o_star)
+            total += o.sum(1) / (self.o_star * idx.shape[1])
             start += idx.shape[1]
         return total
