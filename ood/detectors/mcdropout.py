@@ -64,7 +64,9 @@ class ImageDropout:
     image's key, the draw `draw` (MC-Dropout's pass t) and the dropout call's rank in the forward pass, never of the
     other images of the batch or of the global RNG. A tensor whose first dimension is a multiple k of the batch
     ([B * k, ...], e.g. attention's heads) takes image i's masks on its rows i * k .. i * k + k - 1; any other
-    shape, or a call outside `active`, goes to the original `F.dropout`."""
+    shape, or a call outside `active`, goes to the original `F.dropout`. Dropout that does not go through
+    `F.dropout` (the `dropout_p` of `F.scaled_dot_product_attention`, which `nn.MultiheadAttention` uses when it
+    returns no weights; `F.dropout2d`, `F.alpha_dropout`) still draws from the global RNG."""
 
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None
