@@ -124,6 +124,7 @@ def test_a_row_scores_alike_in_any_batch(name: str, synthetic: dict[str, Feature
         if want is not None:
             torch.testing.assert_close(torch.cat([p[k] for p in pieces]), want, rtol=1e-6, atol=1e-9)
 
+
 @pytest.mark.parametrize("name", [n for n in SYNTHETIC if not detector_class(n).needs_model])
 def test_a_fit_bank_missing_a_class_is_refused_by_per_class_detectors(name: str, synthetic: dict[str, FeatureBank]) -> None:
     """A detector with per-class statistics fitted on a bank without rows of some class gave that class zero means
