@@ -433,6 +433,31 @@ def test_mcdropout_equals_openood(tiny: dict[str, Any]) -> None:
     _agrees(ours["test"], refs["test"], tiny, ours["ood"], refs["ood"])
 
 
+def test_mcdropout_finds_timm_drop_rate() -> None:
+    """timm's ResNet applies its `drop_rate` as `F.dropout(training=self.training)` in its head, with no Dropout
+    module: mcdropout skipped such a model ("no dropout"). Now only the model itself trains (its batch norms stay in
+    eval mode) and the scores are the reference's with the same per-image masks, not MSP's."""
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=3, drop_rate=0.5).eval()
+    x = torch.randn(4, 3, 16, 16)
+    ours = build_detector("mcdropout").score_inputs(net, x)
+    assert not any(m.training for m in net.modules())
+    net.training = True  # the model alone, as the detector does
+    masks, keys, passes = ImageDropout(), image_keys(x), []
+    with torch.no_grad():
+        for t in range(5):
+            with masks.active(keys, t):
+                passes.append(net(x).double())
+    net.training = False
+    logits = sum(passes) / 5
+    torch.testing.assert_close(ours, torch.log_softmax(logits, 1).max(1).values)
+    with torch.no_grad():
+        msp = torch.log_softmax(net(x).double(), 1).max(1).values
+    assert (ours - msp).abs().max() > 1e-3
+
+
 def _class_gaussian(z: torch.Tensor, y: torch.Tensor, scatter: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Class means and the shared precision: pinv(sum of scatter + 1e-6 I) (pytorch-ood) or inv(cov) (sklearn)."""
     mu = torch.stack([z[y == c].mean(0) for c in range(3)])

@@ -5,8 +5,10 @@ score(x) = max_c softmax(mean_t f_t(x))_c, t = 1..`samples` forward passes with 
 Only the dropout of the network is switched on (batch-norm stays in eval mode). Each image's dropout masks are a
 function of that image alone (`ImageDropout`): a counter-based hash of the image's bits, the pass t and the dropout
 call, so an image scores the same whatever batch it is in, at any `data.eval_batch_size`, on one rank or several,
-with or without other detectors drawing random numbers before it, and the global RNG is left untouched. Dropout is found as `nn.Dropout*` modules with p > 0 and as modules
-with a positive `dropout` or `p` attribute that apply `F.dropout` while training (our WRN and DenseNet blocks); a
+with or without other detectors drawing random numbers before it, and the global RNG is left untouched. Dropout is
+found as `nn.Dropout*` modules with p > 0 and as modules with a positive `dropout`, `p` or `drop_rate` attribute
+that apply `F.dropout` while training (our WRN and DenseNet blocks; timm's ResNet, EfficientNet and MobileNetV3
+heads built with `drop_rate=`; torchvision's DenseNet layers); a
 network without either raises `DetectorNotApplicable` ("no dropout") at fit time: its "fit" is that check on the
 first batch of the ID val loader (no forward pass), so the run skips it with the reason.
 Reference difference: pytorch-ood's `MCD` averages the softmax of the passes instead of the logits; we follow
@@ -104,10 +106,14 @@ class ImageDropout:
 
 
 def dropout_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules of `model` that drop activations while training: `nn.Dropout*` with p > 0, or a positive `dropout`/`p`."""
+    """Modules of `model` that drop activations while training: `nn.Dropout*` with p > 0, or a positive `dropout`, `p`
+    or `drop_rate` (timm's models and torchvision's DenseNet name their functional dropout's rate so)."""
     found = []
     for module in model.modules():
-        rate = module.p if isinstance(module, nn.modules.dropout._DropoutNd) else getattr(module, "dropout", getattr(module, "p", 0))
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            rate = module.p
+        else:
+            rate = next((getattr(module, a) for a in ("dropout", "p", "drop_rate") if hasattr(module, a)), 0)
         if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
             found.append(module)
     return found
