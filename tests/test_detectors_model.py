@@ -267,6 +267,29 @@ def test_network_detector_found_inapplicable_in_its_pass_is_skipped(tiny: dict[s
     assert torch.equal(scorers[0].score("test"), _scores(_fitted("odin", tiny), tiny, "test"))
 
 
+def test_skip_reasons_on_a_model_wrapped_whole_are_short(tiny: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """On a user's model wrapped as a whole, the skip warnings said `no grid point of {'percentile': [(60, 65), ...
+    36 pairs]}` (adascale) and `this bank has []` (gram; on a one-stage timm model every gram.* key, 50 of them for
+    EfficientNet-B0): now a short line that says why."""
+    model = _Unstaged(tiny["net"])
+    bare = {s: FeatureBank(b.logits, b.features, b.labels, b.weight, b.bias) for s, b in tiny["banks"].items()}
+
+    def model_scores(det: Detector, split: str) -> torch.Tensor:
+        return torch.cat([det.score_inputs(model, x) for x in tiny["x"][split].split(64)])
+
+    with caplog.at_level("WARNING"):
+        scorers = detector_scorers(["adascale_a", "gram", "mds_ensemble", "msp"], {}, bare, tune=True, model_scores=model_scores)
+    assert [s.name for s in scorers] == ["msp"]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
+    assert lines == [
+        "skipping detector adascale_a: none of its 36 grid points (percentile) applies: it needs the intermediate maps "
+        "of a staged backbone; TinyNet is wrapped as a whole",
+        *(f"skipping detector {n}: {n} reads {p}* maps from the evaluation cache, which holds none: they are tapped from "
+          "the stage modules of a staged backbone (a network wrapped as a whole has none)"
+          for n, p in (("gram", "gram."), ("mds_ensemble", "stage_mean."))),
+    ]
+
+
 def test_maps_come_from_the_single_pass_and_missing_maps_are_not_applicable(tiny: dict[str, Any]) -> None:
     """gram and mds_ensemble read the taps cached in the one pass; a bank without them is not applicable."""
     bank = tiny["banks"]["train"]
@@ -274,7 +297,7 @@ def test_maps_come_from_the_single_pass_and_missing_maps_are_not_applicable(tiny
     assert bank.extras["stage_mean.block2"].shape == (240, 100) and bank.extras["gram.stages.block1.0"].shape == (240, 5, 6)
     bare = FeatureBank(bank.logits, bank.features, bank.labels, bank.weight, bank.bias)
     for name in ("gram", "mds_ensemble"):
-        with pytest.raises(DetectorNotApplicable, match="from the evaluation cache"):
+        with pytest.raises(DetectorNotApplicable, match="from the evaluation cache, which holds none"):
             build_detector(name).fit(bare)
 
 

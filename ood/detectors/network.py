@@ -56,7 +56,9 @@ def tapped_keys(bank: FeatureBank, prefix: str, name: str) -> list[str]:
     """Extras keys starting with `prefix`, in tap order; `DetectorNotApplicable` when there are none."""
     keys = [k for k in bank.extras if k.startswith(prefix)]
     if not keys:
-        raise DetectorNotApplicable(f"{name} reads {prefix}* maps from the evaluation cache; this bank has {sorted(bank.extras)}")
+        raise DetectorNotApplicable(f"{name} reads {prefix}* maps from the evaluation cache, which holds none: they are "
+                                    "tapped from the stage modules of a staged backbone (a network wrapped as a whole "
+                                    "has none)")
     return keys
 
 

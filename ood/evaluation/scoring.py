@@ -252,7 +252,7 @@ def tune_detector(
             if best is None or auroc > best[0]:
                 best = (auroc, point, det, {"val": val, "val_ood": val_ood})
     if best is None:
-        raise DetectorNotApplicable(f"no grid point of {dict(free)} applies: {reason}")
+        raise DetectorNotApplicable(f"none of its {len(points)} grid points ({', '.join(free)}) applies: {reason}")
     auroc, point, det, val_scores = best
     det.set_params(**{k: v for k, v in point.items() if k in cls.score_params})
     log.debug("%s: chose %s (val AUROC %.4f over %d grid points)", name, point, auroc, len(points))
