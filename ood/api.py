@@ -21,6 +21,7 @@ import pickle
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -416,7 +417,31 @@ def _describe_backbone(node: Any, net: nn.Module) -> None:
     elif library == "timm":
         node.name = (getattr(net, "pretrained_cfg", None) or {}).get("architecture", type(net).__name__)
     else:
-        node.name = type(net).__name__.lower()
+        node.name = torchvision_name(net)
+
+
+def torchvision_name(net: nn.Module) -> str:
+    """The torchvision builder name of `net` (`resnet34`, what `backbone.name=` takes), found by building each builder
+    of its class's module on the meta device (no memory, no weights) and comparing parameter names and shapes; the
+    class name, lower-cased, when none fits (a changed head). The class name alone (`resnet`) made resnet18 and
+    resnet50 one configuration, whose runs ood-report averaged as seeds."""
+    from torchvision import models
+
+    from ood.models.adapters import find_head
+
+    shapes = {k: v.shape for k, v in net.state_dict().items()}
+    head = net.get_submodule(find_head(net))
+    family = [n for n in models.list_models(module=models) if models.get_model_builder(n).__module__ == type(net).__module__]
+    for name in family:
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                candidate = models.get_model(name, weights=None, num_classes=head.out_features)
+        except Exception:  # a builder that needs other arguments cannot be the one that built `net`
+            continue
+        if type(candidate) is type(net) and {k: v.shape for k, v in candidate.state_dict().items()} == shapes:
+            return name
+    return type(net).__name__.lower()
 
 
 def extract(

@@ -15,12 +15,14 @@ import pytest
 import torch
 import torchvision
 from helpers import make_image_folders, run_config
+from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from torchvision import transforms as T
 
 import ood
+from ood.api import torchvision_name
 from ood.data.hygiene import BadImageError
 from ood.detectors import build_detector
 from ood.errors import ConfigError, NonFiniteError
@@ -75,6 +77,8 @@ def test_python_api_equals_cli_and_sklearn(trained, tmp_path: Path) -> None:
     ], config_name="eval")
     assert results.rows == cli
     assert len(cli) == 2 * len(detectors)
+    # the model object is recorded by the builder name the command line names, so ood-report groups both alike
+    assert OmegaConf.load(tmp_path / "api" / "config.yaml").backbone.name == "resnet18"
 
     # MSP from the user's own forward pass over the same files, scored with scikit-learn
     def msp(files: list[Path]) -> np.ndarray:
@@ -101,6 +105,16 @@ def test_python_api_equals_cli_and_sklearn(trained, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"other is not empty: save the results into a new or empty folder$"):
         results.save(tmp_path / "other")
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["scores.npz"]
+
+
+def test_torchvision_models_are_recorded_by_builder_name() -> None:
+    """resnet18 and resnet34 objects were both recorded as `resnet`, so ood-report averaged their runs as seeds of one
+    configuration; a changed head, which no builder makes, keeps the class name."""
+    with torch.device("meta"):
+        changed = torchvision.models.resnet18()
+        changed.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(512, 3))
+        nets = [torchvision.models.resnet34(num_classes=3), torchvision.models.mobilenet_v3_small(num_classes=7), changed]
+    assert [torchvision_name(net) for net in nets] == ["resnet34", "mobilenet_v3_small", "resnet"]
 
 
 def test_extract_gives_the_bank_detectors_take(trained) -> None:
