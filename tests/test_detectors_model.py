@@ -26,6 +26,7 @@ from ood.errors import ConfigError
 from ood.evaluation.scoring import JointInputs, detector_scorers, fit_detector
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics, validation_aurocs
+from ood.models.adapters import ModuleBackbone
 from ood.models.base import Backbone, GlobalPool
 
 #: detectors that run the network or read maps cached by layer taps (the synthetic-bank tests cannot run them)
@@ -348,6 +349,11 @@ def test_mcdropout_without_dropout_is_not_applicable(tiny: dict[str, Any]) -> No
         fit_detector("mcdropout", {}, tiny["banks"], tune=False, model_scores=lambda d, s: d.score_inputs(net, tiny["x"][s]))
     with pytest.raises(DetectorNotApplicable, match="intermediate maps"):
         build_detector("rankfeat").score_inputs(nn.Linear(4, 2), torch.zeros(3, 4))
+    # inside a method, the user's network is named (it said "(CrossEntropy)")
+    method = nn.Module()
+    method.backbone = ModuleBackbone(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)))
+    with pytest.raises(DetectorNotApplicable, match=r"^no dropout in the network \(Sequential\): MC-Dropout needs"):
+        build_detector("mcdropout").score_inputs(method, tiny["x"]["test"])
 
 
 @pytest.mark.parametrize("name", [n for n in NETWORK if detector_class(n).needs_model])

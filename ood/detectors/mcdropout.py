@@ -30,7 +30,7 @@ from torch import nn
 
 from ood.detectors.base import COUNT, DetectorNotApplicable, SharedPasses
 from ood.detectors.logits import max_log_softmax
-from ood.detectors.network import ModelFitted
+from ood.detectors.network import ModelFitted, network_name
 from ood.features.bank import FeatureBank
 
 _MASK32 = 0xFFFFFFFF
@@ -123,7 +123,7 @@ def check_dropout(model: nn.Module) -> list[nn.Module]:
     """The dropout modules of `model`; `DetectorNotApplicable` when there are none."""
     modules = dropout_modules(model)
     if not modules:
-        raise DetectorNotApplicable(f"no dropout in the network ({type(model).__name__}): MC-Dropout needs dropout layers")
+        raise DetectorNotApplicable(f"no dropout in the network ({network_name(model)}): MC-Dropout needs dropout layers")
     return modules
 
 

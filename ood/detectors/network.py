@@ -46,10 +46,14 @@ def backbone_of(model: nn.Module) -> nn.Module:
     for candidate in (model, getattr(model, "backbone", None)):
         if candidate is not None and getattr(candidate, "staged", False):
             return candidate
-    backbone = getattr(model, "backbone", model)
-    net = getattr(backbone, "net", backbone)  # the user's network inside a method (the warning named the method)
-    raise DetectorNotApplicable(f"it needs the intermediate maps of a staged backbone; {type(net).__name__} is wrapped "
+    raise DetectorNotApplicable(f"it needs the intermediate maps of a staged backbone; {network_name(model)} is wrapped "
                                 "as a whole")
+
+
+def network_name(model: nn.Module) -> str:
+    """The class name of the user's network inside a method (`ResNet`), for warnings that would name the method."""
+    backbone = getattr(model, "backbone", model)
+    return type(getattr(backbone, "net", backbone)).__name__
 
 
 def tapped_keys(bank: FeatureBank, prefix: str, name: str) -> list[str]:
