@@ -274,6 +274,28 @@ def test_torch_datasets_as_sources(folders: dict[str, Path]) -> None:
     assert bench.ood_test()[0].dataset[0][1] == -1
 
 
+def test_datasets_of_tensors_give_their_normalisation(folders: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    """ImageFolders normalised by their own transform (mean 0.5, std 0.25) are used as given: ODIN's step must be
+    scaled by their std, which the run took from the model's defaults (ImageNet's 0.229.., also recorded in
+    preprocessing.json as used). Now their Normalize gives it; a tensor Dataset without one is warned about."""
+    from torch.utils.data import Subset, TensorDataset
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+
+    tf = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))])
+    train, test = ImageFolder(str(folders["id"] / "train"), tf), ImageFolder(str(folders["id"] / "test"), tf)
+    bench = FolderBenchmark(train=train, test=test, ood={"near": {"part": Subset(test, [0, 1])}}, std=(0.3, 0.3, 0.3))
+    assert (bench.input_mean, bench.input_std) == ((0.5, 0.5, 0.5), (0.3, 0.3, 0.3))  # a given value wins
+    assert bench.preprocessing["source"] == ("defaults (ImageNet), given values; mean / std of folder:train, "
+                                             "folder:test, part: their transform's Normalize (float tensors, used as given)")
+    with caplog.at_level("WARNING"):
+        bench = FolderBenchmark(train=train, test=test, ood=[TensorDataset(torch.zeros(2, 3, 32, 32))])
+    assert bench.input_std == (0.229, 0.224, 0.225)
+    assert ("folder:train, folder:test, ood0: Datasets of float tensors are used as given; odin and the other "
+            "input-perturbing detectors scale their step by std=[0.229, 0.224, 0.225] (defaults (ImageNet)): pass mean= "
+            "/ std= of their normalisation") in caplog.text
+
+
 def test_dataset_items_are_checked_and_ood_sets_may_be_images_alone(folders: dict[str, Path]) -> None:
     """An OOD Dataset of images alone (`TensorDataset(x)`, bare tensors) is served with label -1 and its labels are
     never read; items the pass cannot use (dicts, numpy arrays, uint8 tensors, ID items without labels) are one line

@@ -154,12 +154,12 @@ class SourceImages(Dataset):
         return pixel_digest(self._image(i))
 
 
-def check_source(name: str, dataset: Dataset, labelled: bool) -> None:
+def check_source(name: str, dataset: Dataset, labelled: bool) -> bool:
     """One line for a Dataset whose first item `SourceImages` cannot serve: not `(image, label)` where labels are
     needed (an ID split), or an image that is neither a PIL image nor a float tensor (a numpy array, a uint8 tensor
-    from `torchvision.io` would reach the model as it is)."""
+    from `torchvision.io` would reach the model as it is). Returns whether its images are float tensors."""
     if len(dataset) == 0:  # type: ignore[arg-type]
-        return  # the empty-set check names it
+        return False  # the empty-set check names it
     item = dataset[0]
     kind = f"Dataset {type(dataset).__name__}"
     if isinstance(item, Mapping):
@@ -173,7 +173,7 @@ def check_source(name: str, dataset: Dataset, labelled: bool) -> None:
         raise ConfigError(f"{name}: {kind} items must be (image, label) or images alone; item 0 is a {len(item)}-tuple")
     x = item[0] if isinstance(item, tuple | list) else item
     if isinstance(x, Image.Image) or (isinstance(x, torch.Tensor) and x.is_floating_point()):
-        return
+        return isinstance(x, torch.Tensor)
     what = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else f"a {type(x).__module__}.{type(x).__name__}"
     what += f" of shape {tuple(x.shape)}" if hasattr(x, "shape") else ""
     raise ConfigError(f"{name}: {kind} item 0 holds {what}; images must be PIL images (preprocessed as files are) or "
@@ -276,6 +276,7 @@ class FolderBenchmark(Benchmark):
         self.preprocessing = resolve_preprocessing(image_size, resize, mean, std, interpolation, data_config, model, transform)
         self.transform = transform
         self.skipped: list[str] = []
+        self._tensor_sources = {}
 
         sources = {"train": train, "test": test, "val": val}
         for split in ("train", "test", "val"):
@@ -308,6 +309,8 @@ class FolderBenchmark(Benchmark):
         self.outlier_set_ = None if outliers is None else self._set("outliers", outliers, label=-1)
         self.outlier_set = "none" if outliers is None else "configured"
         self.outlier_choices = ("none", "a folder, image list or Dataset")
+        if transform is None and (mean is None or std is None):
+            self._tensor_normalization(mean, std)
         if bad_images == "skip":
             self._skip_unreadable()
         for image_set in self._all_sets():
@@ -321,6 +324,8 @@ class FolderBenchmark(Benchmark):
 
     # ----- sources ----------------------------------------------------------------------------------------------
     _classes: list[str] | None = None
+    #: Datasets whose images are float tensors, by set name (used as given: `_tensor_normalization`)
+    _tensor_sources: dict[str, Dataset]
     outliers_key = "data.outliers"
     csid_how = ("give them as '+data.ood.csid={name: folder}' (class folders or a labelled image list; Python: "
                 "ood_data={..., 'csid': {name: folder}})")
@@ -331,7 +336,8 @@ class FolderBenchmark(Benchmark):
     def _set(self, name: str, source: Source, label: int | None, classes: list[str] | None = None) -> ImageSet:
         """Files (or a Dataset) of `source`; ID folders are labelled by class folder name."""
         if isinstance(source, Dataset):
-            check_source(name, source, labelled=label is None)
+            if check_source(name, source, labelled=label is None):
+                self._tensor_sources[name] = source
             where = f"Dataset {type(source).__name__}"
             own = getattr(source, "classes", None)  # named classes (ImageFolder's) follow the train split's, by name
             names = None if own is None else [str(c) for c in own]
@@ -491,6 +497,28 @@ class FolderBenchmark(Benchmark):
         self.outlier_set_ = None if self.outlier_set_ is None else replace(self.outlier_set_)
 
     # ----- preprocessing -----------------------------------------------------------------------------------------
+    def _tensor_normalization(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        """Datasets of float tensors were normalised by their own transform, by which ODIN and the other
+        input-perturbing detectors must scale their step: the `Normalize` of their `transform` (torchvision datasets
+        keep it there) gives the mean / std not given; without one, a warning names the values assumed (they were
+        the model's defaults, taken silently and recorded in `preprocessing.json` as used)."""
+        if not self._tensor_sources:
+            return
+        found = {}
+        for name, dataset in self._tensor_sources.items():
+            while isinstance(dataset, Subset):
+                dataset = dataset.dataset
+            found[name] = normalization(getattr(dataset, "transform", None))
+        p, names = self.preprocessing, ", ".join(found)
+        norms = {json.dumps(n) for n in found.values()}
+        if len(norms) == 1 and None not in found.values():
+            own = json.loads(norms.pop())
+            p["mean"], p["std"] = list(mean) if mean is not None else own[0], list(std) if std is not None else own[1]
+            p["source"] += f"; mean / std of {names}: their transform's Normalize (float tensors, used as given)"
+            return
+        log.warning("%s: Datasets of float tensors are used as given; odin and the other input-perturbing detectors "
+                    "scale their step by std=%s (%s): pass mean= / std= of their normalisation", names, p["std"], p["source"])
+
     @property
     def input_mean(self) -> tuple[float, ...]:
         return tuple(self.preprocessing.get("mean", (0.0,) * 3))
