@@ -138,6 +138,30 @@ def test_a_model_returning_a_tuple_is_one_line() -> None:
         as_backbone(TupleOut()).run(torch.randn(2, 3, 8, 8))
 
 
+class Softmaxed(Custom):
+    """A classifier whose forward ends in a softmax (or, with `log`, a log-softmax)."""
+
+    def __init__(self, log: bool) -> None:
+        super().__init__()
+        self.log = log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits.log_softmax(1) if self.log else logits.softmax(1)
+
+
+def test_a_model_returning_probabilities_is_one_line() -> None:
+    """Probabilities were scored as logits, silently: energy of log-softmax rows is 0 for every image (AUROC 0.5)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    for log, what in ((False, r"probabilities \(softmax\)"), (True, r"log-probabilities \(log-softmax\)")):
+        with pytest.raises(ConfigError, match=rf"^Softmaxed returns {what}, not logits: .*before the softmax$"):
+            as_backbone(Softmaxed(log)).run(x)
+    net = Custom()
+    with torch.no_grad():
+        torch.testing.assert_close(as_backbone(net).run(x).logits, net(x))  # logits pass
+
+
 def test_a_model_without_a_linear_head_is_told_what_feature_layer_can_name() -> None:
     """SqueezeNet's head is a 1x1 convolution: the message no longer asks for a feature_layer= that is then refused
     for not being a linear layer."""

@@ -146,6 +146,7 @@ class ModuleBackbone(AdaptedBackbone):
                 f"{type(self.net).__name__} returns a {type(logits).__name__}, not a logits tensor: wrap it in a module "
                 "whose forward returns the logits alone"
             )
+        check_not_probabilities(type(self.net).__name__, logits)
         if "__features__" not in caught:
             raise ConfigError(f"{type(self.net).__name__} never called its head {self.head!r}; set feature_layer")
         h = caught.pop("__features__")
@@ -162,6 +163,25 @@ class ModuleBackbone(AdaptedBackbone):
 
     def forward_from(self, layer: str, z: torch.Tensor) -> torch.Tensor:
         raise unsplit_error(self.net, layer)
+
+
+def check_not_probabilities(name: str, logits: torch.Tensor) -> None:
+    """One line for a model whose forward ends in a softmax or log-softmax: the detectors read logits and were
+    silently given probabilities (energy, a log-sum-exp, is 0 for every image of a log-softmax: AUROC 0.5; ReAct,
+    ViM and the others that recompute logits from the head's weights no longer match the output). Rows of 2+
+    classes only; real logits do not sum to 1 in every row."""
+    if logits.dim() != 2 or logits.shape[1] < 2 or not logits.is_floating_point():
+        return
+    rows = logits.detach().double()
+
+    def sum_to_one(totals: torch.Tensor) -> bool:
+        return torch.allclose(totals, torch.ones_like(totals), rtol=0, atol=1e-4)
+
+    what = ("probabilities (softmax)" if bool((rows >= 0).all()) and sum_to_one(rows.sum(1))
+            else "log-probabilities (log-softmax)" if sum_to_one(rows.logsumexp(1).exp()) else None)
+    if what is not None:
+        raise ConfigError(f"{name} returns {what}, not logits: the detectors read logits (energy, max-logit, the "
+                          "head's weights); return the output before the softmax")
 
 
 def unsplit_error(net: nn.Module, layer: str) -> ConfigError:
