@@ -13,6 +13,14 @@ process, which passes its own SIGTERM on to the ranks (once they are all started
 raises `SIGTERMException` once they have exited, and starts no further stage (`ood.train` records the failure and
 exits 143).
 
+Exit: a spawned rank never destroyed its gloo process group (Lightning destroys only NCCL ones, at exit; the DDP
+wrapper holds the group, and a rank stopped by SIGTERM or an error never reaches Lightning's teardown), so gloo's
+C++ threads (its workers and TCP loop; on rank 0 also the TCPStore server) still ran while the interpreter finalized
+and C++ destroyed what was left. On a loaded machine a rank stopped by SIGTERM once aborted there ("terminate called
+without an active exception": SIGABRT, which the main process takes for a crash, not a stop). Every way out of a
+spawned rank (stopped, failed, done) now unwraps the model and destroys the group, without a collective (the other
+ranks may have exited), so those threads have ended before the interpreter's exit begins.
+
 Logs: a spawned rank is a fresh interpreter without the handlers Hydra gave the main process's root logger, so its
 warnings and errors reached the console (Python's last-resort handler) but not the run's `train.log`. Each spawned
 rank now recreates the main process's root handlers that write to a file or to stdout / stderr, same level and
@@ -30,6 +38,7 @@ the payload in a temporary file, as Lightning already does for the weights, and 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -37,6 +46,7 @@ import signal
 import sys
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
@@ -47,6 +57,7 @@ from lightning.pytorch.strategies import DDPStrategy as _DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.multiprocessing import ProcessExitedException
+from torch.nn.parallel import DistributedDataParallel
 
 from ood.termination import SIGTERM_EXIT, note, sigterm_noted, sigterm_received
 from ood.utils import warnings_in_log_files
@@ -129,6 +140,23 @@ class _SpilledOutput:
         return getattr(self.output, name)
 
 
+def _end_process_group(strategy: Any) -> None:
+    """Destroy this rank's process group, and with it gloo's threads, while the interpreter is whole (module doc).
+    No collective: the other ranks may have exited already. DDP's reducer holds the group, so the model is unwrapped
+    first, as Lightning's `teardown` does (which a rank stopped by an exception never reaches). A failure here is
+    logged, not raised: it would replace the exception or exit status the rank is leaving with."""
+    try:
+        if isinstance(strategy.model, DistributedDataParallel):
+            wrapper = weakref.ref(strategy.model)
+            strategy.model = strategy.lightning_module
+            if wrapper() is not None:  # in a reference cycle: collected now rather than as the interpreter exits
+                gc.collect()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    except Exception as err:
+        logging.getLogger(__name__).warning("could not destroy the process group before exiting: %r", err)
+
+
 class _SpawnLauncher(_MultiProcessingLauncher):
     """The spawn launcher with SIGTERM passed on to the ranks, the main process's log handlers in every rank and
     results through a file (module doc)."""
@@ -182,6 +210,8 @@ class _SpawnLauncher(_MultiProcessingLauncher):
                     super()._wrapping_function(process_idx, *args, **kwargs)
             except SIGTERMException:  # a SystemExit of status 0, which the main process would take for a success
                 sys.exit(SIGTERM_EXIT)
+            finally:  # every way out: stopped, failed or done (module doc)
+                _end_process_group(self._strategy)
 
     def _collect_rank_zero_results(self, trainer: Any, results: Any) -> _WorkerOutput | None:
         output = super()._collect_rank_zero_results(trainer, results)

@@ -4,11 +4,13 @@ checkpoint; what the ranks log is in the run's `train.log`."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.nn.parallel import DistributedDataParallel
 
 from ood import strategies, termination
 from ood.strategies import DDPStrategy, _SpawnLauncher
@@ -133,6 +136,55 @@ def test_a_spawned_rank_notes_sigterm_from_its_first_line_and_stops_at_the_next_
     finally:
         termination.forget_sigterm()
         torch.distributed.destroy_process_group()
+
+
+def _gloo_threads() -> list[str]:
+    """The names of this process's C++ threads that gloo started: its process group's workers and TCP loop."""
+    names = ((task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
+    return sorted(name for name in names if name.startswith(("pt_gloo", "gloo")))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads this process's threads from /proc")
+@pytest.mark.parametrize("way_out", ["sigterm", "error", "done"])
+def test_a_spawned_rank_ends_its_process_group_and_gloo_threads_on_every_way_out(
+    way_out: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spawned rank left its gloo process group, held by the DDP wrapper, running into the interpreter's exit:
+    its worker and transport threads were still there while Python finalized (and C++ destroyed what was left),
+    and a rank stopped by SIGTERM on a loaded machine once aborted there ("terminate called without an active
+    exception", SIGABRT instead of 143). Each way out of the rank (stopped by SIGTERM: 143, failed, done) now
+    unwraps the model and destroys the group without a collective, and gloo's threads have ended before the rank
+    returns (here one rank in a one-process group; Lightning's part of the rank replaced)."""
+    importlib.import_module("torch._dynamo")  # as in a rank: imported after the group, it keeps a reference to it
+    monkeypatch.setattr(strategies, "_log_to", lambda *args: None)
+    strategy = _two_cpu_ranks()
+    during: list[list[str]] = []
+
+    def stage(self: _MultiProcessingLauncher, *args: object) -> None:
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+        strategy.model = DistributedDataParallel(torch.nn.Linear(2, 2))
+        during.append(_gloo_threads())
+        if way_out == "sigterm":
+            raise SIGTERMException
+        if way_out == "error":
+            raise RuntimeError("a stage that failed")
+
+    monkeypatch.setattr(_MultiProcessingLauncher, "_wrapping_function", stage)
+    leaves: AbstractContextManager = {"sigterm": pytest.raises(SystemExit), "error": pytest.raises(RuntimeError),
+                                      "done": nullcontext()}[way_out]
+    before = _gloo_threads()  # an earlier test's group that something still holds, if any
+    try:
+        with leaves as left:
+            _SpawnLauncher(strategy, start_method="spawn")._wrapping_function(0)
+        if way_out == "sigterm":
+            assert left.value.code == 128 + signal.SIGTERM
+        assert len(during[0]) > len(before), "gloo started no thread of its own: nothing left to check"
+        assert not torch.distributed.is_initialized()
+        assert not isinstance(strategy.model, DistributedDataParallel)
+        assert _gloo_threads() == before
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def test_sigterm_while_the_ranks_start_is_passed_on_once_they_are_there() -> None:
