@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     parts = set(args.only.split(","))
     repeats = args.repeats if args.repeats is not None else (3 if args.quick else 5)
     warnings.filterwarnings("ignore")
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("ood").setLevel(logging.ERROR)
+    import lightning.pytorch  # noqa: F401 - its import sets its logger to INFO: quieted after it, not before
+
+    for name in ("lightning.pytorch", "lightning.fabric", "ood"):  # "Seed set", "GPU available", tips per trainer
+        logging.getLogger(name).setLevel(logging.ERROR)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, repeats={repeats}{' (quick sizes)' if args.quick else ''}\n")
 
     timings: list[Timing] = []
