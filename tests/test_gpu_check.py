@@ -52,7 +52,7 @@ def test_gpu_check_refuses_without_cuda(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_bf16_agreement_skips_only_scores_closer_than_a_bf16_step() -> None:
     """Scores 1e-3 of their magnitude apart (one short epoch of the heatmap decoder) reordered by bf16 are reported,
-    not failed: the GPU run would have failed on them (rho 0.86 in the dry run at a 0.99 threshold); widely spread
+    not failed: at the GPU threshold of 0.99 they would fail (rho 0.86 in the dry run; not run on a GPU); widely spread
     scores that bf16 reorders still fail; small bf16-sized differences of spread scores pass."""
     gen = np.random.default_rng(0)
     wide = gen.uniform(0, 10, 500)
