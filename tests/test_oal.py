@@ -383,14 +383,16 @@ def test_ranks_wait_for_the_teacher_file_not_a_collective(tmp_path: Path) -> Non
     the file is there and stop, with rank 0's error, once it has failed."""
     import threading
 
+    from ood.files import atomic_torch_save, atomic_write_text
     from ood.methods.oal_teacher import wait_for_file
 
     path, failed = tmp_path / "teacher.pt", tmp_path / "teacher.failed"
-    threading.Timer(0.2, path.write_bytes, args=(b"weights",)).start()
+    # written as rank 0 writes them (renamed into place): a plain write_bytes is seen empty for a moment
+    threading.Timer(0.2, atomic_torch_save, args=(b"weights", path)).start()
     wait_for_file(path, failed, "the teacher", poll=0.05)
-    assert path.read_bytes() == b"weights"
+    assert torch.load(path) == b"weights"
     other = tmp_path / "other.pt"
-    threading.Timer(0.2, failed.write_text, args=("CUDA out of memory",)).start()
+    threading.Timer(0.2, atomic_write_text, args=(failed, "CUDA out of memory")).start()
     with pytest.raises(RuntimeError, match=r"stopped waiting for the teacher: it failed \(CUDA out of memory\)"):
         wait_for_file(other, failed, "the teacher", poll=0.05)
 

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from ood import termination
+from ood.files import atomic_write_text
 from ood.report import main as report
 
 JOB = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "detectors.names=[msp]", "logger=none"]
@@ -99,7 +100,7 @@ def _watch_until_sigterm(noted: Path, ready: int) -> None:
         deadline = time.monotonic() + 10
         while not termination.sigterm_received() and time.monotonic() < deadline:
             time.sleep(0.01)
-        noted.write_text(str(termination.sigterm_received()))
+        atomic_write_text(noted, str(termination.sigterm_received()))  # the parent polls for it: never half-written
 
 
 def test_a_sweeps_own_process_ends_on_sigterm_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

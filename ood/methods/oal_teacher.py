@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ood.data.fit import FitData
 from ood.errors import ConfigError
-from ood.files import atomic_torch_save
+from ood.files import atomic_torch_save, atomic_write_text
 from ood.models.base import Backbone
 from ood.utils import get_logger
 
@@ -111,8 +111,7 @@ def teacher_file(cfg: Mapping[str, Any], data: FitData, cache_dir: Path) -> tupl
                               int(cfg.get("seed") or 0))
             atomic_torch_save(teacher.state_dict(), path)
         except BaseException as err:
-            failed.parent.mkdir(parents=True, exist_ok=True)
-            failed.write_text(f"{type(err).__name__}: {err}")
+            atomic_write_text(failed, f"{type(err).__name__}: {err}")  # a waiting rank never reads it half-written
             raise
         seconds = time.perf_counter() - start
     elif not data.is_global_zero:
