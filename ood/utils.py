@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
@@ -12,7 +13,9 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from tqdm.asyncio import tqdm as console_tqdm
 from tqdm.auto import tqdm
+from tqdm.std import tqdm as std_tqdm
 
 from ood.errors import NonFiniteError, OODError
 
@@ -86,9 +89,33 @@ def progress_bars(enabled: bool) -> Iterator[None]:
         _BARS.reset(token)
 
 
+#: off a terminal (a batch job's log file), a loop's progress is logged once it has run this long, then this often
+LOG_EVERY_S = 30.0
+
+
+class _LogLines:
+    """A file for tqdm that logs each refresh of a bar as one INFO line of the `ood.progress` logger."""
+
+    def write(self, text: str) -> None:
+        line = text.strip()
+        if line:
+            get_logger("ood.progress").info(line)
+
+    def flush(self) -> None:
+        pass
+
+
 def progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> tqdm:
-    """A tqdm bar that is not left on screen, shown on a terminal only, and hidden inside `progress_bars(False)`."""
-    return tqdm(iterable, leave=False, disable=None if _BARS.get() else True, **kwargs)
+    """A tqdm bar that is not left on screen, hidden inside `progress_bars(False)`. Shown on a terminal (or as a
+    notebook widget); elsewhere, a batch job's log, a loop that runs past `LOG_EVERY_S` is logged every
+    `LOG_EVERY_S` (before, a 10-minute network pass on the CPU logged nothing)."""
+    if not _BARS.get():
+        return tqdm(iterable, disable=True, **kwargs)
+    file = kwargs.pop("file", None) or sys.stderr
+    if tqdm is not console_tqdm or file.isatty():  # tqdm.auto's is console_tqdm unless in a notebook
+        return tqdm(iterable, leave=False, file=file, **kwargs)
+    return std_tqdm(iterable, leave=False, file=_LogLines(), mininterval=LOG_EVERY_S, delay=LOG_EVERY_S,
+                    bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]", **kwargs)
 
 
 def check_finite(values: torch.Tensor, what: str) -> None:

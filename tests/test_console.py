@@ -353,9 +353,27 @@ def test_ood_bars_follow_trainer_enable_progress_bar(enabled: bool) -> None:
     friendly_errors(task)(OmegaConf.create({"trainer": {"enable_progress_bar": enabled}}))
     with progress(range(3), file=_Terminal()) as bar:  # outside an entry point (the Python API): shown
         shown.append(not bar.disable)
-    with progress(range(3), file=io.StringIO()) as bar:  # not a terminal: hidden
-        shown.append(not bar.disable)
-    assert shown == [enabled, True, False]
+    assert shown == [enabled, True]
+
+
+def test_off_a_terminal_a_long_loop_is_logged(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Not on a terminal (a batch job's log), a loop that runs past `LOG_EVERY_S` is logged every `LOG_EVERY_S`, as
+    one INFO line per refresh (here 0 s: every step); a short loop writes nothing; none of it reaches the file."""
+    import time
+
+    from ood import utils
+
+    file = io.StringIO()
+    with caplog.at_level(logging.INFO, logger="ood.progress"):
+        for _ in utils.progress(range(3), desc="short", file=file):
+            pass
+        assert caplog.messages == []
+        monkeypatch.setattr(utils, "LOG_EVERY_S", 0.0)
+        for _ in utils.progress(range(3), desc="network-pass detectors", file=file):
+            time.sleep(0.01)
+    assert file.getvalue() == ""
+    assert [m.split(" [")[0] for m in caplog.messages][-3:] == [f"network-pass detectors: {n}/3" for n in (1, 2, 3)]
+    assert all(r.name == "ood.progress" and r.levelno == logging.INFO for r in caplog.records)
 
 
 def test_python_warnings_reach_the_log_file_and_are_still_shown(tmp_path: Path) -> None:

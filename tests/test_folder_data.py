@@ -510,3 +510,58 @@ def test_id_image_lists_get_the_class_checks_of_folders(folders: dict[str, Path]
         FolderBenchmark(train=write(root / "train.txt", train), test=root / "test", ood=[folders["far"]])
     with_folders = FolderBenchmark(root, test=write(root / "test.txt", test), ood=[folders["far"]])  # train's names
     assert with_folders.id_sets["test"].entries == by_folder.id_sets["test"].entries
+
+
+def test_a_class_order_other_than_the_sorted_folders(folders: dict[str, Path], tmp_path: Path) -> None:
+    """`data.classes` / `classes=`: the labels of a model trained with another class order. A network whose output i
+    is the mean of colour channel `order[i]` (class c<k> is bright in channel k) is right on every ID test image with
+    `classes=order` and wrong on every one with the sorted folders; the same order names an image list's indices
+    (so a test folder can follow them) and relabels a train ImageFolder. Mistakes are one line."""
+    from torchvision.datasets import ImageFolder
+
+    order = ["c2", "c0", "c1"]
+
+    class ChannelMeans(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3, bias=False)
+            with torch.no_grad():
+                self.fc.weight.copy_(torch.eye(3)[[int(c[1]) for c in order]])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.mean((2, 3)))
+
+    common = dict(detectors=["msp"], image_size=32, resize=32, bad_images="error")
+    ordered = ood.evaluate(ChannelMeans(), folders["id"], [folders["far"]], classes=order, **common)
+    sorted_folders = ood.evaluate(ChannelMeans(), folders["id"], [folders["far"]], **common)
+    assert ordered.rows[0]["id_acc"] == 1.0 and sorted_folders.rows[0]["id_acc"] == 0.0
+    cfg = compose_config(tmp_path / "cli", ["data=folder", f"data.root={folders['id']}", "data.classes=[c2,c0,c1]",
+                                            f"+data.ood.far={{checkers: {folders['far']}}}"])
+    bench = FolderBenchmark(**{k: v for k, v in cfg.data.items() if k in ("root", "ood", "classes")})
+    assert bench.classes == order and {y for p, y in bench.id_sets["test"].entries if p.parent.name == "c2"} == {0}
+
+    lines = [f"train/c{k}/{i}.png {order.index(f'c{k}')}" for k in range(3) for i in range(4)]
+    (folders["id"] / "train.txt").write_text("\n".join(lines) + "\n")
+    listed = FolderBenchmark(train={"imglist": str(folders["id"] / "train.txt")}, test=folders["id"] / "test",
+                             ood=[folders["far"]], classes=order)
+    assert listed.id_sets["test"].entries == bench.id_sets["test"].entries  # by name, through the list's indices
+    relabelled = FolderBenchmark(train=ImageFolder(str(folders["id"] / "train")), test=folders["id"] / "test",
+                                 ood=[folders["far"]], classes=order, image_size=32, resize=32)
+    assert [y for _, y in relabelled.train(augment=False)] == [order.index(f"c{k}") for k in range(3) for _ in range(4)]
+
+    for classes, error in (
+        (["c2", "c0"], r"^data.classes must name each class folder of .*/train once: not listed: \['c1'\]$"),
+        (["c2", "c0", "c1", "c3"], r"^data.classes must name each class folder of .*/train once: no such folder: \['c3'\]$"),
+        (["c2", "c0", "c0"], r"^data.classes names \['c0'\] more than once$"),
+        ("c2,c0,c1", r"^data.classes must be a non-empty list of class names in label order; got 'c2,c0,c1'$"),
+    ):
+        with pytest.raises(ConfigError, match=error):
+            FolderBenchmark(folders["id"], ood=[folders["far"]], classes=classes)
+    with pytest.raises(ConfigError, match=r"^data.classes and the train Dataset's `classes` name different classes: "
+                                          r"\['c1', 'c3'\] in one only$"):
+        FolderBenchmark(train=ImageFolder(str(folders["id"] / "train")), test=folders["id"] / "test",
+                        ood=[folders["far"]], classes=["c2", "c0", "c3"])
+    with pytest.raises(DataNotFoundError, match=r"train.txt: labels \[2\] have no name in data.classes \(2 names: "
+                                                r"labels 0..1\)$"):
+        FolderBenchmark(train={"imglist": str(folders["id"] / "train.txt")}, test=folders["id"] / "test",
+                        ood=[folders["far"]], classes=["c2", "c0"])

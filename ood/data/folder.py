@@ -210,6 +210,11 @@ class FolderBenchmark(Benchmark):
         train, test, val: ID split sources replacing `root/<split>`.
         outliers: an outlier-exposure source for methods that train on outliers.
         name: the ID dataset name in results (default: the root folder's name).
+        classes: the class names in label order, label i being the network's output i (a model trained elsewhere,
+            with another class order); None: the train split's class folders sorted (torchvision `ImageFolder`'s
+            order), or its Dataset's `classes`. Train class folders follow it by name, a train Dataset with
+            `classes` of the same names is relabelled to it, and an image list or a Dataset without names gets
+            them (so class folders of other splits can follow them).
         image_size, resize, mean, std, interpolation: evaluation preprocessing (None: from `data_config`, else
             ImageNet defaults).
         data_config: a timm data config (`input_size`, `interpolation`, `mean`, `std`, `crop_pct`).
@@ -238,6 +243,7 @@ class FolderBenchmark(Benchmark):
         val: Source | None = None,
         outliers: Source | None = None,
         name: str | None = None,
+        classes: Sequence[str] | None = None,
         image_size: int | None = None,
         resize: int | None = None,
         mean: Sequence[float] | None = None,
@@ -290,8 +296,13 @@ class FolderBenchmark(Benchmark):
             )
         if sources["test"] is None:
             raise DataNotFoundError(f"{self.root}: no test/ folder; data=folder needs <root>/test/<class>/<image>")
-        train_set = self._id_set("train", sources["train"], None)
-        if isinstance(sources["train"], Dataset):  # its labels are its own: class folders elsewhere follow its names
+        given = self._given_classes(classes, sources["train"])
+        if given is not None:
+            self._classes, self.num_classes = given, len(given)  # the image-list check of `_set` reads num_classes
+        train_set = self._id_set("train", sources["train"], given)
+        if given is not None:
+            self._check_labels_named(train_set)
+        elif isinstance(sources["train"], Dataset):  # its labels are its own: class folders elsewhere follow its names
             named = getattr(sources["train"], "classes", None)  # torchvision's ImageFolder has them
             self._classes = None if named is None else [str(c) for c in named]
             self._unnamed_train = f"Dataset {type(sources['train']).__name__}"
@@ -397,6 +408,41 @@ class FolderBenchmark(Benchmark):
             )
         index = {c: i for i, c in enumerate(classes)}
         return ImageSet(name, str(folder), [(f, index[c]) for c in found for f in image_files(folder / c)])
+
+    @staticmethod
+    def _given_classes(classes: Sequence[str] | None, train: Source) -> list[str] | None:
+        """`classes` checked: unique names, and, for train class folders, one name per folder."""
+        if classes is None:
+            return None
+        if isinstance(classes, str) or not classes:
+            raise ConfigError(f"data.classes must be a non-empty list of class names in label order; got {classes!r}")
+        given = [str(c) for c in classes]
+        twice = sorted({c for c in given if given.count(c) > 1})
+        if twice:
+            raise ConfigError(f"data.classes names {first_few(twice)} more than once")
+        if isinstance(train, str | os.PathLike) or (isinstance(train, Mapping) and "folder" in train):
+            folder = resolve(Path.cwd(), train if isinstance(train, str | os.PathLike) else train["folder"])
+            found = class_folders(folder) if folder.is_dir() else []
+            if found:
+                unlisted, absent = sorted(set(found) - set(given)), sorted(set(given) - set(found))
+                if unlisted or absent:
+                    raise ConfigError(
+                        f"data.classes must name each class folder of {folder} once: "
+                        + "; ".join(f"{what} {first_few(names)}" for what, names in
+                                    (("not listed:", unlisted), ("no such folder:", absent)) if names)
+                    )
+        own = getattr(train, "classes", None) if isinstance(train, Dataset) else None
+        if own is not None and set(map(str, own)) & set(given) and set(map(str, own)) != set(given):
+            raise ConfigError(f"data.classes and the train Dataset's `classes` name different classes: "
+                              f"{first_few(sorted(set(map(str, own)) ^ set(given)))} in one only")
+        return given
+
+    def _check_labels_named(self, train: ImageSet) -> None:
+        """With `classes` given, every train label is one of its indices."""
+        unknown = sorted(set(self._labels(train)) - set(range(self.num_classes)))
+        if unknown:
+            raise DataNotFoundError(f"{train.where}: labels {first_few(unknown)} have no name in data.classes "
+                                    f"({self.num_classes} names: labels 0..{self.num_classes - 1})")
 
     def _id_set(self, split: str, source: Source, classes: list[str] | None) -> ImageSet:
         return self._set(f"{self.name}:{split}", source, None, classes)
