@@ -789,3 +789,90 @@ def test_model_fitted_detectors_fit_through_the_model_score_function(tiny: dict[
     assert stats.shape == (90,)
     with pytest.raises(DetectorNotApplicable, match="needs the model"):
         fit_detector("nac", {}, tiny["banks"], tune=False)
+
+
+def _mcdropout_is_a_function_of_the_image(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """mcdropout's scores of `x`, checked equal in batches of 3 and after other draws, the global RNG untouched."""
+    det = build_detector("mcdropout")
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    whole = det.score_inputs(net, x)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)
+    torch.testing.assert_close(torch.cat([det.score_inputs(net, c) for c in x.split(3)]), whole, rtol=1e-6, atol=1e-9)
+    return whole
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_mcdropout_masks_timm_attention_dropout_per_image(fused: bool) -> None:
+    """A timm ViT with attention dropout only: its fused path hands the rate to `F.scaled_dot_product_attention` while
+    the Attention module trains, which it did not under mcdropout (attention dropout silently off: MSP's scores),
+    and the unfused path drew nothing but kept it on: the two paths gave different detectors. Now both drop the
+    attention weights with the per-image masks and agree."""
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=2,
+                            num_classes=3, attn_drop_rate=0.3).eval()
+    for m in net.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    x = torch.randn(6, 3, 16, 16)
+    ours = _mcdropout_is_a_function_of_the_image(net, x)
+    assert not any(m.training for m in net.modules())
+    for m in net.modules():  # the reference: the unfused path, its attention dropout masked per image
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+            m.attn_drop.training = True
+    masks, keys, passes = ImageDropout(), image_keys(x), []
+    with torch.no_grad():
+        for t in range(5):
+            with masks.active(keys, t):
+                passes.append(net(x).double())
+        msp = torch.log_softmax(net.eval()(x).double(), 1).max(1).values
+    torch.testing.assert_close(ours, torch.log_softmax(sum(passes) / 5, 1).max(1).values, rtol=1e-5, atol=1e-7)
+    assert (ours - msp).abs().max() > 1e-3
+
+
+def test_mcdropout_masks_multihead_attention_without_weights_per_image() -> None:
+    """torchvision's ViT calls `nn.MultiheadAttention` with `need_weights=False`, whose dropout goes to
+    `F.scaled_dot_product_attention`'s `dropout_p`, drawn from the global RNG: an image's score depended on the seed
+    and its batch. Now it is masked per image."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    net = VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+                            attention_dropout=0.3, num_classes=3).eval()
+    nn.init.normal_(net.heads.head.weight)  # torchvision starts the head at zero: constant scores
+    x = torch.randn(6, 3, 16, 16)
+    ours = _mcdropout_is_a_function_of_the_image(net, x)
+    with torch.no_grad():
+        msp = torch.log_softmax(net(x).double(), 1).max(1).values
+    assert (ours - msp).abs().max() > 1e-3
+
+
+def test_mcdropout_leaves_stochastic_depth_off() -> None:
+    """torchvision's `StochasticDepth` names its rate `p`, so mcdropout switched it on (EfficientNet, ConvNeXt): whole
+    residual branches dropped with draws from the global RNG, an image's score depending on the seed and its batch.
+    Stochastic depth is not dropout: off, and only the Dropout samples."""
+    from torchvision.ops import StochasticDepth
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.depth = nn.Conv2d(3, 3, 3, padding=1), StochasticDepth(0.5, "row")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.depth(self.conv(x))
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Residual(), nn.Flatten(), nn.Dropout(0.3), nn.Linear(3 * 8 * 8, 3)).eval()
+    x = torch.randn(6, 3, 8, 8)
+    ours = _mcdropout_is_a_function_of_the_image(net, x)
+    net[2].train()  # the reference: the Dropout alone trains, the residual branch always kept
+    masks, keys, passes = ImageDropout(), image_keys(x), []
+    with torch.no_grad():
+        for t in range(5):
+            with masks.active(keys, t):
+                passes.append(net(x).double())
+    torch.testing.assert_close(ours, torch.log_softmax(sum(passes) / 5, 1).max(1).values)

@@ -8,7 +8,8 @@ call, so an image scores the same whatever batch it is in, at any `data.eval_bat
 with or without other detectors drawing random numbers before it, and the global RNG is left untouched. Dropout is
 found as `nn.Dropout*` modules with p > 0 and as modules with a positive `dropout`, `p` or `drop_rate` attribute
 that apply `F.dropout` while training (our WRN and DenseNet blocks; timm's ResNet, EfficientNet and MobileNetV3
-heads built with `drop_rate=`; torchvision's DenseNet layers); a
+heads built with `drop_rate=`; torchvision's DenseNet layers; attention dropout, timm's fused or not and
+`nn.MultiheadAttention`'s, masked per image as well); stochastic depth (drop path) stays off, as it is not dropout; a
 network without either raises `DetectorNotApplicable` ("no dropout") at fit time: its "fit" is that check on the
 first batch of the ID val loader (no forward pass), so the run skips it with the reason.
 Reference difference: pytorch-ood's `MCD` averages the softmax of the passes instead of the logits; we follow
@@ -20,6 +21,7 @@ the batch size: the same image scored at eval_batch_size 512 and 7 got different
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import StochasticDepth
 
 from ood.detectors.base import COUNT, DetectorNotApplicable, SharedPasses
 from ood.detectors.logits import max_log_softmax
@@ -66,9 +69,10 @@ class ImageDropout:
     image's key, the draw `draw` (MC-Dropout's pass t) and the dropout call's rank in the forward pass, never of the
     other images of the batch or of the global RNG. A tensor whose first dimension is a multiple k of the batch
     ([B * k, ...], e.g. attention's heads) takes image i's masks on its rows i * k .. i * k + k - 1; any other
-    shape, or a call outside `active`, goes to the original `F.dropout`. Dropout that does not go through
-    `F.dropout` (the `dropout_p` of `F.scaled_dot_product_attention`, which `nn.MultiheadAttention` uses when it
-    returns no weights; `F.dropout2d`, `F.alpha_dropout`) still draws from the global RNG."""
+    shape, or a call outside `active`, goes to the original `F.dropout`. `F.scaled_dot_product_attention` with a
+    `dropout_p` (timm's fused attention, `nn.MultiheadAttention` returning no weights: torchvision's ViT) is computed
+    as its documented reference (softmax(q k^T * scale + mask) v) with the attention weights dropped through the
+    same masks. Dropout outside both (`F.dropout2d`, `F.alpha_dropout`) still draws from the global RNG."""
 
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None
@@ -97,21 +101,47 @@ class ImageDropout:
             out = input * keep / (1 - p)
             return input.copy_(out) if inplace else out
 
-        F.dropout = dropout
+        def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                      dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                      enable_gqa: bool = False) -> torch.Tensor:
+            keys = self.keys
+            if dropout_p == 0 or keys is None or len(query) % len(keys) != 0:
+                return original_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+            if enable_gqa:  # key / value heads shared by groups of query heads
+                key = key.repeat_interleave(query.size(-3) // key.size(-3), -3)
+                value = value.repeat_interleave(query.size(-3) // value.size(-3), -3)
+            logits = query @ key.transpose(-2, -1) * (1 / math.sqrt(query.size(-1)) if scale is None else scale)
+            if is_causal:
+                causal = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()
+                logits = logits.masked_fill(~causal, float("-inf"))
+            if attn_mask is not None:
+                logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+            return dropout(torch.softmax(logits, -1), dropout_p) @ value
+
+        original_attention = F.scaled_dot_product_attention
+        F.dropout, F.scaled_dot_product_attention = dropout, attention
         try:
             yield
         finally:
-            F.dropout = original
+            F.dropout, F.scaled_dot_product_attention = original, original_attention
             self.keys = None
 
 
 def dropout_modules(model: nn.Module) -> list[nn.Module]:
     """Modules of `model` that drop activations while training: `nn.Dropout*` with p > 0, or a positive `dropout`, `p`
-    or `drop_rate` (timm's models and torchvision's DenseNet name their functional dropout's rate so)."""
+    or `drop_rate` (timm's models and torchvision's DenseNet name their functional dropout's rate so), and timm's
+    attention modules with attention dropout (their fused path passes it to `F.scaled_dot_product_attention` only
+    while the module itself trains). Stochastic depth (torchvision's `StochasticDepth`, whose rate is also `p`) is
+    not dropout: it stays off."""
     found = []
     for module in model.modules():
+        if isinstance(module, StochasticDepth):
+            continue
         if isinstance(module, nn.modules.dropout._DropoutNd):
             rate = module.p
+        elif hasattr(module, "fused_attn") and isinstance(getattr(module, "attn_drop", None), nn.modules.dropout._DropoutNd):
+            rate = module.attn_drop.p
         else:
             rate = next((getattr(module, a) for a in ("dropout", "p", "drop_rate") if hasattr(module, a)), 0)
         if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
