@@ -112,7 +112,7 @@ def progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> tqdm:
     if not _BARS.get():
         return tqdm(iterable, disable=True, **kwargs)
     file = kwargs.pop("file", None) or sys.stderr
-    if tqdm is not console_tqdm or file.isatty():  # tqdm.auto's is console_tqdm unless in a notebook
+    if tqdm is not console_tqdm or getattr(file, "isatty", lambda: False)():  # tqdm.auto's is console_tqdm unless in a notebook
         return tqdm(iterable, leave=False, file=file, **kwargs)
     return std_tqdm(iterable, leave=False, file=_LogLines(), mininterval=LOG_EVERY_S, delay=LOG_EVERY_S,
                     bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]", **kwargs)
