@@ -67,7 +67,18 @@ def test_real_and_added_keys_pass() -> None:
 @pytest.mark.parametrize("seed", [-1, 2**32])
 def test_a_seed_numpy_cannot_take_is_refused_by_name(tmp_path: Path, seed: int) -> None:
     """`seed=-1` ended in Lightning's traceback (ValueError from seed_everything) after the run folder was made."""
-    with pytest.raises(ConfigError, match=rf"^seed={seed} is outside its range \[0, 4294967295\]$"):
+    with pytest.raises(ConfigError, match=rf"^seed={seed} is outside its range whole numbers in \[0, 4294967295\]$"):
+        check_run(compose_config(tmp_path, [f"seed={seed}"]), None)
+
+
+@pytest.mark.parametrize(("seed", "message"), [
+    (1.5, r"seed=1.5 is outside its range whole numbers in \[0, 4294967295\]"),
+    (2.0, r"seed=2.0 is a count: write 2 \(Hydra reads 2.0 and 1e4 as floats\)"),
+])
+def test_a_fractional_seed_is_refused_by_name(tmp_path: Path, seed: float, message: str) -> None:
+    """`seed=1.5` passed the range check and ended in torch's traceback (manual_seed expected a long) after the run
+    folder was made."""
+    with pytest.raises(ConfigError, match=rf"^{message}$"):
         check_run(compose_config(tmp_path, [f"seed={seed}"]), None)
 
 

@@ -51,7 +51,8 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
     max_epochs = cfg.trainer.get("max_epochs")
     if cfg.train and (max_epochs is None or int(max_epochs) < 1):
         raise ConfigError(f"trainer.max_epochs={max_epochs}: must be >= 1 (Lightning's -1 would train forever)")
-    check_range("seed", cfg.get("seed"), 0, 2**32 - 1)  # NumPy's bounds: Lightning's seed_everything raises past them
+    # NumPy's bounds, whole numbers: Lightning's seed_everything raises past them, torch.manual_seed on a fraction
+    check_range("seed", cfg.get("seed"), 0, 2**32 - 1, integer=True)
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
