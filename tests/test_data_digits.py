@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ood.data import DigitsBenchmark, OODDataModule
+from ood.errors import ConfigError
 
 
 def test_splits_are_seeded_stratified_and_disjoint() -> None:
@@ -86,3 +88,16 @@ def test_batches_are_pinned_by_the_loader(monkeypatch) -> None:
     assert isinstance(out, Batch) and [id(t) for t in (out.x, out.y, out.index, out.x_out)] == [id(t) for t in pinned]
     assert torch.equal(out.x, batch.x) and torch.equal(out.x_out, batch.x_out)
     assert pin_memory(Batch(batch.x, batch.y, batch.index)).x_out is None
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ({"batch_size": 32.5}, r"data.batch_size=32.5 is outside its range whole numbers in \[1, inf\]"),
+    ({"eval_batch_size": 0}, r"data.eval_batch_size=0 is outside its range whole numbers in \[1, inf\]"),
+    ({"outlier_batch_size": 64.0}, r"data.outlier_batch_size=64.0 is a count: write 64"),
+    ({"num_workers": -1}, r"data.num_workers=-1 is outside its range whole numbers in \[0, inf\]"),
+])
+def test_a_fractional_or_negative_loader_count_is_refused_by_name(option: dict, message: str) -> None:
+    """`data.batch_size=32.5` and `data.num_workers=-1` ended in the DataLoader's traceback (`batch_size should be a
+    positive integer value`) once the run folder was made."""
+    with pytest.raises(ConfigError, match=rf"^{message}"):
+        OODDataModule(DigitsBenchmark(), **option)

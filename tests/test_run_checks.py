@@ -82,6 +82,13 @@ def test_a_fractional_seed_is_refused_by_name(tmp_path: Path, seed: float, messa
         check_run(compose_config(tmp_path, [f"seed={seed}"]), None)
 
 
+def test_a_fractional_epoch_count_is_refused_by_name(tmp_path: Path) -> None:
+    """`trainer.max_epochs=1.5` passed the >= 1 check and failed Lightning's bare `assert isinstance(self.max_epochs,
+    int)` after the run folder was made."""
+    with pytest.raises(ConfigError, match=r"^trainer.max_epochs=1.5 is outside its range whole numbers in \[1, inf\]$"):
+        check_run(compose_config(tmp_path, ["trainer.max_epochs=1.5"]), None)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_gpu_preset_on_cpu_says_add_trainer_cpu(tmp_path: Path) -> None:
     cfg = compose_config(tmp_path, ["experiment=cifar10_ce"])

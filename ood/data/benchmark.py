@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from ood.data.batch import Batch, collate_batch
 from ood.data.fit import FitData, LazyDatasets, no_outliers
 from ood.data.memory import PadCropFlip, batch_augmentation, to_memory
-from ood.errors import ConfigError
+from ood.errors import ConfigError, check_range
 from ood.features.bank import FeatureBank
 
 Role = Literal["fit", "id_val", "id_test", "ood_val", "ood", "csid"]
@@ -252,6 +252,10 @@ class OODDataModule(LightningDataModule):
         super().__init__()
         if not 0 < fit_fraction <= 1:
             raise ConfigError(f"data.fit_fraction must be in (0, 1], got {fit_fraction}")
+        # a fraction or a negative worker count ended in the DataLoader's traceback (`data.batch_size=32.5`)
+        for key, count, low in (("data.batch_size", batch_size, 1), ("data.eval_batch_size", eval_batch_size, 1),
+                                ("data.outlier_batch_size", outlier_batch_size, 1), ("data.num_workers", num_workers, 0)):
+            check_range(key, count, low, integer=True)
         if csid and not benchmark.csid_names:
             raise ConfigError(
                 f"full-spectrum evaluation (evaluation.fsood=true) needs covariate-shifted ID sets, and benchmark "

@@ -51,6 +51,8 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
     max_epochs = cfg.trainer.get("max_epochs")
     if cfg.train and (max_epochs is None or int(max_epochs) < 1):
         raise ConfigError(f"trainer.max_epochs={max_epochs}: must be >= 1 (Lightning's -1 would train forever)")
+    if cfg.train:  # a fraction failed Lightning's assertion (no message) after the run folder was made
+        check_range("trainer.max_epochs", max_epochs, 1, integer=True)
     # NumPy's bounds, whole numbers: Lightning's seed_everything raises past them, torch.manual_seed on a fraction
     check_range("seed", cfg.get("seed"), 0, 2**32 - 1, integer=True)
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
