@@ -25,7 +25,7 @@ from ood.runs.console import ProgressBar
 from ood.runs.failures import clear_failure, record_failure
 from ood.runs.identity import RunIdentity, flat_config, run_identity, write_identity
 from ood.runs.loggers import build_loggers, finish_wandb
-from ood.runs.sweeps import sweep_objective
+from ood.runs.sweeps import check_objective, sweep_objective
 from ood.termination import (
     StopAtSigterm,
     exit_terminated,
@@ -74,6 +74,8 @@ def build(
         },
     )
     evaluation.evaluator.check_own_names(method.name, [method.name])  # before training, not after it
+    if cfg.get("evaluate", True):
+        check_objective(cfg.get("objective"), method.name, [d.name for d in evaluation.evaluator.detectors])
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
     # before the evaluation callback: the pass's bar closes before the evaluation prints
     progress = [ProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []

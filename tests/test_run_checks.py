@@ -17,7 +17,7 @@ from ood.metrics import validation_aurocs
 from ood.models import SmallCNN
 from ood.models.checkpoint import load_modules
 from ood.runs.checks import check_launch, check_overrides, check_run
-from ood.runs.sweeps import sweep_objective
+from ood.runs.sweeps import check_objective, sweep_objective
 
 
 @pytest.mark.parametrize(
@@ -174,6 +174,18 @@ def test_sweep_objective_reads_only_validation_splits(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"objective=knn: not scored in this run; choose one of \['energy', 'msp'\]"):
         sweep_objective(tmp_path, "knn")
 
+
+
+def test_an_objective_the_run_does_not_score_is_refused_before_training(tmp_path: Path) -> None:
+    """`objective=nope` (a sweep's typo) was refused by `sweep_objective` only after the run had trained and
+    evaluated; a part of the method's own score (`energy_cfl_recon_dist`) is one of its scores."""
+    message = (r"^objective=nope: not scored in this run; choose one of the detectors \['energy', 'msp'\] or the "
+               r"method's own score \(ce, where it has one\)$")
+    with pytest.raises(ConfigError, match=message):
+        run_config(tmp_path, [*FAST, "objective=nope", "detectors.names=[msp,energy]"])
+    assert not (tmp_path / "checkpoints").exists(), "refused before the first epoch"
+    check_objective("energy_cfl_recon_dist", "energy_cfl_recon", ["msp"])
+    check_objective(None, "ce", [])
 
 def test_license_file_matches_pyproject() -> None:
     import tomllib

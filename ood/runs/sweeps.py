@@ -4,6 +4,7 @@ read back from the `validation.json` its evaluation wrote."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from ood.errors import ConfigError
@@ -24,3 +25,13 @@ def sweep_objective(output_dir: str | Path, detector: str | None) -> float | Non
     if name not in aurocs:
         raise ConfigError(f"objective={name}: not scored in this run; choose one of {sorted(aurocs)}")
     return float(aurocs[name])
+
+
+def check_objective(objective: str | None, method: str, detectors: Iterable[str]) -> None:
+    """Refuse, before training, an `objective=` that is neither a detector of the run nor a score of `method` (its
+    name, or a part's name it starts: `energy_cfl_recon_dist`): `sweep_objective` refused it only after the run."""
+    names = set(detectors)
+    if objective is None or objective in names or objective.startswith(method):
+        return
+    raise ConfigError(f"objective={objective}: not scored in this run; choose one of the detectors {sorted(names)} "
+                      f"or the method's own score ({method}, where it has one)")
