@@ -308,6 +308,21 @@ def test_prepare_without_a_trainer(tmp_path: Path, ce_checkpoint: Path) -> None:
     assert again.stats["teacher_features_cache_hit"] == 1.0 and torch.equal(again.outliers_knn, method.outliers_knn)
 
 
+@pytest.mark.parametrize("init", [False, True])
+def test_a_student_without_starting_weights_is_warned_of(
+    tmp_path: Path, ce_checkpoint: Path, caplog: pytest.LogCaptureFixture, init: bool
+) -> None:
+    """`method=oal` without `method.init.ckpt` fine-tuned a random student in silence (ID acc 18 % after an epoch
+    on digits), where the energy fine-tunes warn; with a CE student it says nothing."""
+    overrides = ["method/teacher=small_cnn", f"method.teacher.ckpt={ce_checkpoint}"]
+    overrides += [f"method.init.ckpt={ce_checkpoint}"] if init else []
+    data = instantiate(compose_config(tmp_path, ["method=oal"]).data, seed=0).fit_data()
+    with caplog.at_level(logging.WARNING, logger="ood.methods.oal"):
+        _method(tmp_path, overrides).prepare(data)
+    warned = "oal fine-tunes a trained CE student, but no method.init.ckpt is set: starting from random weights"
+    assert (warned in caplog.text) is not init
+
+
 def test_oal_on_digits(tmp_path: Path, ce_checkpoint: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Seeded: the teacher loaded from a CE checkpoint (the student's own starting point, so the KD terms start at
     0), frozen and bit-identical to the file after training; the student only ever sees ID images; far AUROC of the

@@ -277,6 +277,9 @@ class OAL(OODMethod):
         """Teacher (`ood.methods.oal_teacher`), its ID-train features, the outlier banks (skipped when present)."""
         if len(self.outliers_knn):
             return
+        if not self.init_ckpt:  # as the energy fine-tunes say: the student is the CE classifier it distils into
+            log.warning("%s fine-tunes a trained CE student, but no method.init.ckpt is set: starting from random weights",
+                        self.name)
         path, seconds = teacher_file(self.teacher_cfg, data, self.cache_dir)
         if seconds is not None:
             self.stats["teacher_train_seconds"] = seconds
