@@ -155,6 +155,8 @@ def test_bad_split_fractions() -> None:
         ("method=energy_cfl method.projection_dim=0",
          r"method.projection_dim=0 is outside its range whole numbers in \[1, inf\]"),
         ("method=energy_cfl method.score.grid=[0,-1]", r"method.score.grid entry=-1 is outside its range \[0, inf\]"),
+        ("method.optimizer.lr=-1", r"method.optimizer.lr=-1 is outside its range \[0, inf\]"),  # torch's traceback
+        ("method=oal method.optimizer.lr=-0.1", r"method.optimizer.lr=-0.1 is outside its range \[0, inf\]"),
     ],
 )
 def test_method_key_out_of_range_names_its_range(tmp_path: Path, override: str, message: str) -> None:

@@ -36,7 +36,7 @@ from torch import nn
 from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit, Stream
 from ood.data.fit import FitData
-from ood.errors import ConfigError, NonFiniteError
+from ood.errors import ConfigError, NonFiniteError, check_range
 from ood.features.bank import FeatureBank
 from ood.models.base import Backbone
 from ood.models.checkpoint import load_modules, read_state_dict
@@ -77,6 +77,8 @@ class OODMethod(LightningModule):
         if not isinstance(getattr(type(self), "name", None), str):  # else an AttributeError deep in the run's set-up
             raise ConfigError(f"{type(self).__name__} sets no `name`, the class attribute its results are reported "
                               "under (the name of its conf/method/<name>.yaml)")
+        # torch refuses a negative rate only as the fit starts, in a traceback
+        check_range("method.optimizer.lr", getattr(optimizer, "keywords", {}).get("lr"), 0)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
         self.backbone = backbone
         self.optimizer_factory = optimizer
