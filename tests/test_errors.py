@@ -157,6 +157,9 @@ def test_bad_split_fractions() -> None:
         ("method=energy_cfl method.score.grid=[0,-1]", r"method.score.grid entry=-1 is outside its range \[0, inf\]"),
         ("method.optimizer.lr=-1", r"method.optimizer.lr=-1 is outside its range \[0, inf\]"),  # torch's traceback
         ("method=oal method.optimizer.lr=-0.1", r"method.optimizer.lr=-0.1 is outside its range \[0, inf\]"),
+        ("method.optimizer._target_=torch.optim.Adam",  # SGD's keys left over: Adam's TypeError as the fit started
+         r"method.optimizer: Adam takes no \['momentum', 'nesterov'\] \(it takes \['lr', .*\]\); add "
+         r"~method.optimizer.momentum ~method.optimizer.nesterov"),
     ],
 )
 def test_method_key_out_of_range_names_its_range(tmp_path: Path, override: str, message: str) -> None:
@@ -168,3 +171,11 @@ def test_method_key_out_of_range_names_its_range(tmp_path: Path, override: str, 
         instantiate(cfg.method, backbone=SmallCNN(6))
     assert isinstance(err.value.__cause__, ConfigError)
     assert re.fullmatch(message, str(err.value.__cause__))
+
+
+def test_another_optimizer_without_the_keys_it_does_not_take_builds(tmp_path: Path) -> None:
+    """Adam in place of SGD, with the SGD-only keys dropped as the refusal says, builds and keeps the lr."""
+    cfg = compose_config(tmp_path, ["method.optimizer._target_=torch.optim.Adam", "~method.optimizer.momentum",
+                                    "~method.optimizer.nesterov"])
+    optimizer = instantiate(cfg.method, backbone=SmallCNN(6)).configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["lr"] == 0.05

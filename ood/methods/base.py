@@ -25,6 +25,7 @@ write.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -47,6 +48,23 @@ log = get_logger(__name__)
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 InitModules = Sequence[str] | Mapping[str, str] | None
+
+
+def check_optimizer(optimizer: Any) -> None:
+    """Refuse, as the method is built, what torch refuses only as the fit starts (in a traceback): a negative
+    `method.optimizer.lr`, or a key its optimizer class does not take (SGD's `momentum` left over after
+    `method.optimizer._target_=torch.optim.Adam`)."""
+    keywords = getattr(optimizer, "keywords", {})
+    check_range("method.optimizer.lr", keywords.get("lr"), 0)
+    func = getattr(optimizer, "func", None)
+    if not isinstance(func, type):
+        return
+    params = inspect.signature(func).parameters
+    unknown = sorted(set(keywords) - set(params))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        drop = " ".join(f"~method.optimizer.{k}" for k in unknown)
+        raise ConfigError(f"method.optimizer: {func.__name__} takes no {unknown} (it takes "
+                          f"{[k for k in params if k != 'params']}); add {drop}")
 
 
 class OODMethod(LightningModule):
@@ -77,8 +95,7 @@ class OODMethod(LightningModule):
         if not isinstance(getattr(type(self), "name", None), str):  # else an AttributeError deep in the run's set-up
             raise ConfigError(f"{type(self).__name__} sets no `name`, the class attribute its results are reported "
                               "under (the name of its conf/method/<name>.yaml)")
-        # torch refuses a negative rate only as the fit starts, in a traceback
-        check_range("method.optimizer.lr", getattr(optimizer, "keywords", {}).get("lr"), 0)
+        check_optimizer(optimizer)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
         self.backbone = backbone
         self.optimizer_factory = optimizer
