@@ -300,3 +300,18 @@ def test_a_failed_rerun_into_a_folder_leaves_no_earlier_rows_under_its_name(tmp_
         run_config(run, ["train=false"], config_name="eval")  # no checkpoint: fails before training
     assert sorted(p.name for p in run.iterdir()) == [".hydra", "FAILED.txt"]
     assert list(failed_runs([tmp_path])) == [str(run)]
+
+
+def test_a_run_of_evaluate_false_is_named_as_such_not_as_killed(tmp_path: Path) -> None:
+    """A sweep of `evaluate=false` trained every job to its checkpoint, and ood-report listed each as "no results:
+    still running or killed"; it now says how to evaluate it. A job without that setting is still "killed"."""
+    from ood.report.reading import failed_runs
+
+    for job, evaluate in (("0", "false"), ("1", "true")):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / "config.yaml").write_text(f"seed: 0\nevaluate: {evaluate}\n")
+    assert failed_runs([tmp_path]) == {
+        str(tmp_path / "0"): f"no results: trained with evaluate=false (evaluate it: ood-eval ckpt_path={tmp_path / '0'}), "
+                             "or still running",
+        str(tmp_path / "1"): "no results: still running or killed",
+    }

@@ -68,11 +68,22 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 
 def failed_runs(paths: Iterable[str | Path]) -> dict[str, str]:
     """Job folders (holding `.hydra/`) under `paths` without `results.jsonl`: folder -> why (the error a failed
-    run left in `FAILED.txt`, else "no results: still running or killed")."""
+    run left in `FAILED.txt`; for a run of `evaluate=false`, which writes none, how to evaluate it; else "no results:
+    still running or killed")."""
     out = {}
     for path in map(Path, paths):
         for hydra in sorted(path.rglob(".hydra")) if path.is_dir() else []:
             run = hydra.parent
             if not (run / "results.jsonl").is_file():
-                out[str(run)] = failure(run) or "no results: still running or killed"
+                out[str(run)] = failure(run) or (
+                    f"no results: trained with evaluate=false (evaluate it: ood-eval ckpt_path={run}), or still running"
+                    if _unevaluated(run) else "no results: still running or killed")
     return out
+
+
+def _unevaluated(run: Path) -> bool:
+    """Whether the run in `run` was configured not to evaluate (`evaluate: false` in its resolved `config.yaml`)."""
+    from omegaconf import OmegaConf
+
+    config = run / "config.yaml"
+    return config.is_file() and OmegaConf.load(config).get("evaluate", True) is False
