@@ -334,3 +334,22 @@ def test_digits_run_per_objective(tmp_path: Path, objective: str) -> None:
                                                        f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"]), "cluster")
         assert again["digits_6_9"]["auroc"] == rows["digits_6_9"]["auroc"]
         assert again["digits_6_9"]["id_acc"] == rows["digits_6_9"]["id_acc"]
+
+
+def test_more_kmeans_centres_than_fit_images_are_refused_before_training(tmp_path: Path) -> None:
+    """`method.clusters=kmeans method.k=1000` on digits (650 training images) trained the whole run, then failed in
+    `ood.neighbors.kmeans` with a traceback; `prepare` (fit start) now refuses it by name, as `setup_ood` does for an
+    evaluated checkpoint, and k up to the image count passes."""
+    from ood.utils import instantiate
+
+    cfg = compose_config(tmp_path, ["method=cluster", "method.clusters=kmeans", "method.k=1000", "data.fit_fraction=0.5"])
+    data = instantiate(cfg.data, seed=0).fit_data()
+    method = instantiate(cfg.method, backbone=SmallCNN(6))
+    with pytest.raises(ConfigError, match=r"^method.k=1000 k-means centres, but the fit split has 325 ID training "
+                                          r"images; lower method.k \(or raise data.fit_fraction\)$"):
+        method.prepare(data)
+    method.hparams.k = 325
+    method.prepare(data)
+    bank = FeatureBank(logits=torch.randn(6, 6), features=torch.randn(6, 64), labels=torch.arange(6))
+    with pytest.raises(ConfigError, match=r"^method.k=325 k-means centres, but the fit split has 6 ID training images"):
+        method.setup_ood({"train": bank})

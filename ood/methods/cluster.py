@@ -77,6 +77,7 @@ import torch.nn.functional as F
 
 from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit
+from ood.data.fit import FitData
 from ood.detectors.mahalanobis import class_means, gram, mahalanobis_sq
 from ood.errors import ConfigError, check_range
 from ood.features.bank import FeatureBank
@@ -170,6 +171,14 @@ def check_percentiles(sorted_own: Sequence[torch.Tensor], clusters: str) -> None
             f"per_cluster threshold: {len(flat)} of the {len(sorted_own)} clusters have fewer than two distinct train "
             f"distances (first: {flat[:10]}, with {[len(sorted_own[c]) for c in flat[:10]]} members); {fix}"
         )
+
+
+def check_kmeans_k(k: int, n: int) -> None:
+    """Refuse more k-means centres `k` than the `n` ID-train embeddings they are fitted on (the fit split), naming
+    `method.k`: `ood.neighbors.kmeans` refused it in a traceback once the training it waited for was over."""
+    if k > n:
+        raise ConfigError(f"method.k={k} k-means centres, but the fit split has {n} ID training images; lower method.k "
+                          "(or raise data.fit_fraction)")
 
 
 def percentile_cdf(sorted_d: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -324,6 +333,11 @@ class ClusterMethod(OODMethod):
                 f"< trainer.max_epochs ({self.trainer.max_epochs})"
             )
 
+    def prepare(self, data: FitData) -> None:
+        """Refuse more k-means centres than the fit split has images before training, not after it."""
+        if self.hparams.clusters == "kmeans" and self.hparams.k:
+            check_kmeans_k(self.hparams.k, len(data.datasets["fit"]))
+
     def training_loss(self, batch: Batch) -> torch.Tensor:
         x, y = batch.x, batch.y
         if not self.contrastive:
@@ -379,6 +393,7 @@ class ClusterMethod(OODMethod):
             centres = class_means(z, labels, k)
         else:
             k = hp.k or train.logits.shape[1]
+            check_kmeans_k(k, len(z))
             centres, assign, _ = kmeans(z.float(), k, n_init=hp.n_init, seed=hp.kmeans_seed)
             centres = centres.double()
         precision = (
