@@ -174,6 +174,10 @@ def test_ckpt_path_forms(tmp_path: Path) -> None:
     assert resolve_ckpt_path(str(old), here, runs) == str(old)
     with pytest.raises(CheckpointError, match="is a folder without checkpoints/last.ckpt"):
         resolve_ckpt_path(str(tmp_path), here, runs)
+    # a sweep's folder (`ood-eval ckpt_path=<multirun>`) was told to "pass ckpt_path=<run folder>"; it names its jobs
+    with pytest.raises(CheckpointError, match=rf"^{runs} is a folder without checkpoints/last.ckpt: it holds 2 run "
+                                              rf"folder\(s\) with one: pass one, e.g. ckpt_path={runs / 'a'}$"):
+        resolve_ckpt_path(str(runs), here, runs)
     with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.ckpt"):
         resolve_ckpt_path(str(tmp_path / "nope.ckpt"), here, runs)
     with pytest.raises(CheckpointError, match="ckpt_path=last: no checkpoints/last.ckpt"):

@@ -128,7 +128,11 @@ def resolve_ckpt_path(
     if path.is_dir():
         inner = path / "checkpoints" / "last.ckpt"
         if not inner.is_file():
-            raise CheckpointError(f"{path} is a folder without checkpoints/last.ckpt: pass ckpt_path=<run folder> or the .ckpt file")
+            # a sweep's folder: its jobs are the run folders
+            jobs = sorted(str(p.parent.parent) for p in path.glob("*/checkpoints/last.ckpt"))
+            fix = (f"it holds {len(jobs)} run folder(s) with one: pass one, e.g. ckpt_path={jobs[0]}" if jobs
+                   else "pass ckpt_path=<run folder> or the .ckpt file")
+            raise CheckpointError(f"{path} is a folder without checkpoints/last.ckpt: {fix}")
         return str(inner)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (pass a run folder or its checkpoints/last.ckpt)")
