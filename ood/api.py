@@ -332,7 +332,7 @@ def evaluate(
         batch_size, num_workers: evaluation loading (per device).
         device: `cpu`, `cuda`, `cuda:<i>`; None: cuda when available.
         output_dir: the run folder; None: a new temporary folder, deleted when the process ends (`Results.save`
-            copies it).
+            copies it). An earlier run's results.jsonl / scores.npz there go first; a failed run leaves FAILED.txt.
         seed: the run seed.
         fsood: full-spectrum rows too (`mode: fsood`, ID = ID test + every csid set; `evaluation.fsood`); None: when
             `ood_data` has csid sets. True without them is refused before the pass.
@@ -348,6 +348,7 @@ def evaluate(
 
     from ood import CONFIG_DIR
     from ood.models.adapters import as_backbone, check_classes
+    from ood.runs.failures import clear_failure, record_failure
     from ood.train import build
 
     net = _network(model)
@@ -364,6 +365,7 @@ def evaluate(
         raise ConfigError(f"output_dir={out} holds an ood run ({', '.join(owned)}): ood.evaluate would replace its "
                           "config.yaml, results.jsonl and scores.npz; give a folder of its own")
     out.mkdir(parents=True, exist_ok=True)
+    clear_failure(out)  # as `ood-eval`: an earlier run's results would read as this one's should it fail
     values |= {k: v for k, v in data.items() if not _is_object(v)}
     objects |= {k: v for k, v in data.items() if k not in values}
     args = [
@@ -394,6 +396,9 @@ def evaluate(
             OmegaConf.save(cfg, out / "config.yaml", resolve=True)
             with one_line_errors():
                 trainer.test(method_, datamodule=datamodule, verbose=False)
+        except Exception as err:  # `FAILED.txt`, as `ood-eval` leaves it: ood-report names the failed run
+            record_failure(out, err)
+            raise
         finally:
             GlobalHydra.instance().clear()
             HydraConfig.instance().cfg = previous  # type: ignore[assignment]
