@@ -241,6 +241,18 @@ def _device_overrides(device: str | torch.device | None) -> list[str]:
     return ["trainer=gpu", f"trainer.devices=[{number}]" if number else "trainer.devices=1"]
 
 
+def _method_override(method: str | None) -> str:
+    """`method=<name>` for a config of the `method` group (None: `ce`); another name is refused in one line naming
+    the choices (Hydra's own error said "In 'train': Could not find 'method/<name>'")."""
+    from ood import CONFIG_DIR
+
+    method = method or "ce"
+    if not (CONFIG_DIR / "method" / f"{method}.yaml").is_file():
+        choices = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
+        raise ConfigError(f"method={method!r} is no method config; choices: {', '.join(choices)}")
+    return f"method={method}"
+
+
 def _detector_overrides(detectors: str | Sequence[str]) -> list[str]:
     """A config of the `detectors` group by name (`all`, `fast`, `none`), else `detectors.names=` a registry
     selection (`cached`) or a list of names."""
@@ -293,6 +305,22 @@ def _check_data_options(given: Mapping[str, Any], node: Any) -> None:
             close = difflib.get_close_matches(key, choices, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"ood.evaluate got an unknown keyword {key!r}{hint}; data options: {choices}")
+
+
+#: the preprocessing keywords of `extract` (`resolve_preprocessing`'s, less the objects it is handed)
+PREPROCESSING = ("image_size", "resize", "mean", "std", "interpolation")
+
+
+def _check_preprocessing(given: Mapping[str, Any]) -> None:
+    """One line for a keyword of `extract` that is no preprocessing option (it surfaced as a TypeError of an inner
+    function, `resolve_preprocessing()`)."""
+    import difflib
+
+    for key in given:
+        if key not in PREPROCESSING:
+            close = difflib.get_close_matches(key, PREPROCESSING, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"ood.extract got an unknown keyword {key!r}{hint}; preprocessing options: {list(PREPROCESSING)}")
 
 
 def evaluate(
@@ -356,6 +384,7 @@ def evaluate(
     if dtypes:  # the pass feeds float32 images: a half model failed in its first layer with PyTorch's dtype error
         raise ConfigError(f"the model's parameters are {', '.join(dtypes)} and the evaluation feeds float32 images: "
                           "pass model.float() (bf16 mixed precision on a GPU: overrides=['trainer=gpu_fast'])")
+    method_arg = _method_override(method)
     backbone = as_backbone(net, feature_layer)
     values, objects = _data_kwargs(id_data, ood_data, net, transform)
     fsood = bool({**values, **objects}["ood"]["csid"]) if fsood is None else fsood
@@ -369,7 +398,7 @@ def evaluate(
     values |= {k: v for k, v in data.items() if not _is_object(v)}
     objects |= {k: v for k, v in data.items() if k not in values}
     args = [
-        "data=folder", f"backbone={_library(net)}", f"method={method or 'ce'}", "logger=none", "callbacks=none",
+        "data=folder", f"backbone={_library(net)}", method_arg, "logger=none", "callbacks=none",
         "train=false", f"seed={seed}", f"data.eval_batch_size={batch_size}", f"data.num_workers={num_workers}",
         "trainer.enable_progress_bar=false", f"evaluation.fsood={str(fsood).lower()}", *_device_overrides(device),
         *_detector_overrides(detectors), *overrides,
@@ -472,6 +501,7 @@ def extract(
     from ood.models.adapters import as_backbone
     from ood.utils import linear_params
 
+    _check_preprocessing(preprocessing)
     net = _network(model)
     backbone = as_backbone(net, feature_layer)
     if device is not None:

@@ -183,6 +183,19 @@ def test_a_misspelt_data_option_is_one_line(trained, tmp_path: Path) -> None:
         ood.evaluate(nn.Linear(2, 3), paths["id"], [paths["far"]], image_sze=32, device="cpu", output_dir=tmp_path)
 
 
+def test_a_misspelt_method_or_extract_keyword_is_one_line(trained, tmp_path: Path) -> None:
+    """`method=` a name with no config raised Hydra's "In 'train': Could not find 'method/grod'" (after clearing the
+    output folder); a misspelt `ood.extract` keyword raised "resolve_preprocessing() got an unexpected keyword
+    argument", an inner function's TypeError. Both are one line naming the choices."""
+    paths, _, _ = trained
+    with pytest.raises(ConfigError, match=r"^method='grod' is no method config; choices: ce, cluster, .*grood, .*oe$"):
+        ood.evaluate(nn.Linear(2, 3), paths["id"], [paths["far"]], method="grod", device="cpu", output_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"^ood.extract got an unknown keyword 'imagesize' \(did you mean 'image_size'\?\); "
+                                          r"preprocessing options: \['image_size', 'resize', 'mean', 'std', 'interpolation'\]$"):
+        ood.extract(nn.Linear(2, 3), paths["far"], imagesize=32)
+
+
 def test_a_corrupt_image_read_by_a_worker_is_one_line(tmp_path: Path) -> None:
     """A DataLoader worker's error comes back with a traceback as its text; the API raises the one line it was."""
     paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
