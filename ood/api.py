@@ -418,6 +418,10 @@ def evaluate(
                 _describe_backbone(cfg.backbone, net)
             HydraConfig.instance().set_config(cfg)
             method_, datamodule, trainer, _ = build(cfg, backbone=backbone, data=objects)
+            if method_.trained_parts:  # scored untrained, they gave numbers that say nothing (random decoder)
+                raise ConfigError(f"method={method!r} scores with parts trained with the network "
+                                  f"({', '.join(method_.trained_parts)}), which ood.evaluate neither trains nor loads: "
+                                  f"train it (ood-train method={method}) and evaluate its run (ood-eval ckpt_path=<run>)")
             classes = getattr(datamodule.benchmark, "classes", None)  # class folders, when the data has them
             named = f": {classes[:8]}{' ...' if len(classes) > 8 else ''}" if classes else ""
             check_classes(backbone, datamodule.num_classes, f"the ID data ({datamodule.name}{named})")

@@ -196,6 +196,23 @@ def test_a_misspelt_method_or_extract_keyword_is_one_line(trained, tmp_path: Pat
         ood.extract(nn.Linear(2, 3), paths["far"], imagesize=32)
 
 
+def test_a_method_whose_score_needs_its_training_is_refused(trained, tmp_path: Path) -> None:
+    """`method="heatmap"` scored the model with a randomly initialised decoder, and `energy_cfl` its distance to
+    untrained (zero) class centres: rows of AUROCs that say nothing about the model. Refused in one line; a post-hoc
+    method (cluster) still runs."""
+    paths, _, _ = trained
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    run = dict(detectors="none", image_size=32, resize=32, device="cpu", output_dir=tmp_path / "run")
+    for method, parts in (("heatmap", "decoder"), ("energy_cfl", "centres, head")):
+        with pytest.raises(ConfigError, match=rf"^method='{method}' scores with parts trained with the network \({parts}\), "
+                                              rf"which ood.evaluate neither trains nor loads: train it \(ood-train "
+                                              rf"method={method}\) and evaluate its run \(ood-eval ckpt_path=<run>\)$"):
+            ood.evaluate(net, paths["id"], [paths["far"]], method=method, **run)
+        assert not (tmp_path / "run" / "results.jsonl").exists()
+    rows = ood.evaluate(net, paths["id"], [paths["far"]], method="cluster", **run).rows
+    assert [(r["detector"], r["ood_dataset"]) for r in rows] == [("cluster", "checkers")]
+
+
 def test_a_corrupt_image_read_by_a_worker_is_one_line(tmp_path: Path) -> None:
     """A DataLoader worker's error comes back with a traceback as its text; the API raises the one line it was."""
     paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)

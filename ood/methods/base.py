@@ -83,6 +83,9 @@ class OODMethod(LightningModule):
     streams: ClassVar[tuple[Stream, ...]] = ("id",)
     #: backbone stages whose outputs are cached during evaluation (as `FeatureBank.extras`)
     cache_layers: tuple[str, ...] = ()
+    #: the parts besides the backbone that the method's own score reads and only its training gives (a decoder,
+    #: class centres): `ood.evaluate(model, method=<name>)`, which trains nothing, refuses such a method
+    trained_parts: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,

@@ -199,6 +199,7 @@ class EnergyCFL(EnergyOE):
     """
 
     name = "energy_cfl_recon"
+    trained_parts = ("centres", "head")
 
     def __init__(
         self,

@@ -132,6 +132,7 @@ class HeatmapOOD(OODMethod):
     """
 
     name = "heatmap"
+    trained_parts = ("decoder",)
 
     def __init__(
         self,
