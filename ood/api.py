@@ -366,8 +366,8 @@ def evaluate(
             `ood_data` has csid sets. True without them is refused before the pass.
         overrides: further Hydra overrides, e.g. `["trainer=ddp_cpu"]` or `["+detectors.params.knn.k=5"]`.
         data: further `data=folder` options: `image_size`, `resize`, `mean`, `std`, `bad_images`,
-            `overlap_threshold`, `drop_overlap`, `exact_duplicates`, `val_fraction`, `fit_fraction`, ...
-            (conf/data/folder.yaml).
+            `overlap_threshold`, `drop_overlap`, `exact_duplicates`, `val_fraction`, `fit_fraction`, `classes` (the
+            class names in label order, for a model trained with another class order), ... (conf/data/folder.yaml).
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -482,6 +482,23 @@ def torchvision_name(net: nn.Module) -> str:
     return type(net).__name__.lower()
 
 
+def _label_order(data: str | os.PathLike | Dataset, classes: Sequence[str]) -> torch.Tensor:
+    """The index in `classes` (the model's class order) of each label of `data` (an index into its sorted class
+    folders, or its Dataset's `classes`), then -1: indexed by a label, -1 (no class folder) stays -1."""
+    from ood.data.sets import class_folders
+
+    if isinstance(classes, str) or not classes:
+        raise ConfigError(f"classes must be a non-empty list of class names in label order; got {classes!r}")
+    named = getattr(data, "classes", None) if isinstance(data, Dataset) else class_folders(Path(data))
+    if not named:
+        raise ConfigError(f"classes= needs class folders or a Dataset with `classes` to follow by name; {data} has neither")
+    given = [str(c) for c in classes]
+    unlisted = sorted({str(c) for c in named} - set(given))
+    if unlisted:
+        raise ConfigError(f"classes={given} does not name the class(es) {unlisted} of {data}")
+    return torch.tensor([given.index(str(c)) for c in named] + [-1])
+
+
 def extract(
     model: nn.Module,
     data: str | os.PathLike | Dataset,
@@ -489,6 +506,7 @@ def extract(
     transform: Any = None,
     feature_layer: str | None = None,
     layers: Sequence[str] = (),
+    classes: Sequence[str] | None = None,
     batch_size: int = 256,
     device: str | torch.device | None = None,
     num_workers: int = 0,
@@ -496,8 +514,9 @@ def extract(
 ) -> Any:
     """One pass of `model` over `data` (a folder: every image under it, labelled by its first-level class folder, or
     -1 without one; or a Dataset of `(image, label)` or of images alone): a `FeatureBank` with logits, penultimate
-    features, labels (None when unknown), the final linear layer and the outputs of `layers` as extras.
-    Preprocessing as in `evaluate` (`image_size`, `resize`, `mean`, `std`, `interpolation` in `preprocessing`); the
+    features, labels (None when unknown), the final linear layer and the outputs of `layers` as extras. `classes`:
+    the class names in label order, as `evaluate`'s (a model trained with another class order), which the class
+    folders or the Dataset's `classes` follow by name. Preprocessing as in `evaluate` (`image_size`, `resize`, `mean`, `std`, `interpolation` in `preprocessing`); the
     pass runs on `device` (None: the model's), and the model is handed back on its own."""
     from ood.data.folder import folder_dataset, preprocessing_transform, resolve_preprocessing
     from ood.features.bank import FeatureBank
@@ -520,6 +539,7 @@ def extract(
     else:  # size options beside it would be ignored: refused, as by `evaluate`
         resolve_preprocessing(transform=transform, **preprocessing)
     dataset = folder_dataset(data, transform)
+    order = None if classes is None else _label_order(data, classes)
     layers = (layers,) if isinstance(layers, str) else tuple(layers)
 
     def outputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -531,7 +551,7 @@ def extract(
             backbone.to(device)
         result = forward_dataset(outputs, dataset, module=backbone, batch_size=batch_size, device=device,
                                  num_workers=num_workers, desc="extract")
-    labels = result.pop("labels")
+    labels = result.pop("labels") if order is None else order[result.pop("labels")]
     weight, bias = (t.detach().float().cpu() for t in linear_params(backbone.fc))
     return FeatureBank(
         logits=result.pop("logits"),

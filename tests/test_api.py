@@ -133,6 +133,23 @@ def test_extract_gives_the_bank_detectors_take(trained) -> None:
         ood.extract(model, paths["id"] / "test", transform=T.Compose([T.ToTensor(), NORMALIZE]), image_size=64)
 
 
+def test_extract_labels_follow_classes_as_evaluate_does(trained) -> None:
+    """A model trained with another class order: `ood.evaluate(classes=...)` follows it by name, but `ood.extract`
+    had no `classes` (a TypeError of an inner function) and labelled by sorted folder, so a class-conditional
+    detector fitted on its bank (caref: the class mean of the predicted class) paired logits and labels wrongly."""
+    paths, _, _ = trained
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    order = ["c2", "c0", "c1"]
+    bank = ood.extract(net, paths["id"] / "test", classes=order, image_size=32, resize=32)
+    assert bank.labels.tolist() == [1] * 4 + [2] * 4 + [0] * 4
+    data = torchvision.datasets.ImageFolder(str(paths["id"] / "test"), transform=T.Compose([T.ToTensor(), NORMALIZE]))
+    assert ood.extract(net, data, classes=order).labels.tolist() == [1] * 4 + [2] * 4 + [0] * 4
+    with pytest.raises(ConfigError, match=r"^classes=\['c2', 'c0'\] does not name the class\(es\) \['c1'\] of .*test$"):
+        ood.extract(net, paths["id"] / "test", classes=order[:2], image_size=32, resize=32)
+    with pytest.raises(ConfigError, match=r"^classes= needs class folders or a Dataset with `classes` to follow by name; "):
+        ood.extract(net, paths["far"], classes=order, image_size=32, resize=32)
+
+
 def test_extract_keeps_a_layer_called_features_apart() -> None:
     """A stage named `features` (torchvision's VGG / MobileNet trunk) is an extra; the bank's features stay the
     head's input. One layer may be named by a string."""
