@@ -213,10 +213,13 @@ def test_failed_jobs_are_listed_one_line_each(tmp_path: Path, capsys: pytest.Cap
     for job in ("1", "2"):
         (tmp_path / job / ".hydra").mkdir(parents=True)
     (tmp_path / "1" / "FAILED.txt").write_text("RuntimeError: CUDA error: out of memory\nCUDA kernel errors might be\n")
+    (tmp_path / "3").mkdir()  # an `ood.evaluate` run folder (no .hydra/) that failed: it was left out of the list
+    (tmp_path / "3" / "FAILED.txt").write_text("ConfigError: detector 'knn': k=0 is outside its range\n")
     main([str(tmp_path), "--no-figures"])
     assert (tmp_path / "report.md").read_text().split("Failed jobs (not in the table):\n")[1] == (
         f"- `{tmp_path}/1`: RuntimeError: CUDA error: out of memory CUDA kernel errors might be\n"
         f"- `{tmp_path}/2`: no results: still running or killed\n"
+        f"- `{tmp_path}/3`: ConfigError: detector 'knn': k=0 is outside its range\n"
     )
     assert f"failed job {tmp_path}/1: RuntimeError: CUDA error: out of memory CUDA kernel errors might be" in (
         capsys.readouterr().err.splitlines())

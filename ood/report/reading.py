@@ -11,7 +11,7 @@ from typing import Any
 
 from ood.errors import OODError
 from ood.report.aggregation import config_params, trained_here
-from ood.runs.failures import failure
+from ood.runs.failures import FAILED_FILE, failure
 from ood.runs.identity import read_identity
 
 #: the keys every result row needs for the table: its grouping, OOD set and shown metrics
@@ -67,13 +67,13 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 
 
 def failed_runs(paths: Iterable[str | Path]) -> dict[str, str]:
-    """Job folders (holding `.hydra/`) under `paths` without `results.jsonl`: folder -> why (the error a failed
-    run left in `FAILED.txt`; for a run of `evaluate=false`, which writes none, how to evaluate it; else "no results:
-    still running or killed")."""
+    """Job folders (holding `.hydra/`, or `FAILED.txt`: an `ood.evaluate` run folder has no `.hydra/`) under `paths`
+    without `results.jsonl`: folder -> why (the error a failed run left in `FAILED.txt`; for a run of
+    `evaluate=false`, which writes none, how to evaluate it; else "no results: still running or killed")."""
     out = {}
     for path in map(Path, paths):
-        for hydra in sorted(path.rglob(".hydra")) if path.is_dir() else []:
-            run = hydra.parent
+        found = {p.parent for name in (".hydra", FAILED_FILE) for p in path.rglob(name)} if path.is_dir() else set()
+        for run in sorted(found):
             if not (run / "results.jsonl").is_file():
                 out[str(run)] = failure(run) or (
                     f"no results: trained with evaluate=false (evaluate it: ood-eval ckpt_path={run}), or still running"
