@@ -55,7 +55,7 @@ class Results:
         path = run_dir / "results.jsonl"
         if not path.is_file():
             raise ConfigError(f"{run_dir} holds no results.jsonl: the evaluation did not finish")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = _read_rows(path)
         scores: dict[str, dict[str, np.ndarray]] = {}
         if (run_dir / "scores.npz").is_file():
             with np.load(run_dir / "scores.npz") as npz:
@@ -94,13 +94,24 @@ class Results:
 
     def save(self, directory: str | Path) -> Path:
         """Copy the run folder (results.jsonl, scores.npz, figures/, overlap.json, ...) to `directory`, a new or empty
-        folder: copied over another run's files, theirs (its scores.npz, bad_images.json) would read as this run's."""
+        folder: copied over another run's files, theirs (its scores.npz, bad_images.json) would read as this run's.
+        Refused once `run_dir` holds another evaluation's results (a later one into the same `output_dir`), which
+        would be copied under this one's name."""
+        path = self.run_dir / "results.jsonl"
+        if not path.is_file() or json.dumps(_read_rows(path)) != json.dumps(self.rows):  # as text: NaN != NaN
+            raise ConfigError(f"{self.run_dir} no longer holds these results (another evaluation into the same "
+                              "output_dir replaced them): give each evaluation its own output_dir to save it")
         directory = Path(directory)
         if directory.resolve() != self.run_dir.resolve():
             if directory.is_dir() and any(directory.iterdir()):
                 raise ConfigError(f"{directory} is not empty: save the results into a new or empty folder")
             shutil.copytree(self.run_dir, directory, dirs_exist_ok=True)
         return directory
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a `results.jsonl`."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _temporary_run_dir() -> Path:

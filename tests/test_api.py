@@ -397,6 +397,12 @@ def test_a_reused_output_dir_keeps_no_earlier_run_files(tmp_path: Path) -> None:
     assert len(first.scores["msp"]["test"]) == 6 and second.scores == {}
     assert second.rows[0]["auroc"] != first.rows[0]["auroc"]
     assert not (tmp_path / "run" / "bad_images.json").exists()
+    # the first Results' folder now holds the second run: saving it copied the second run's rows under its name
+    with pytest.raises(ConfigError, match=r"run no longer holds these results \(another evaluation into the same "
+                                          r"output_dir replaced them\): give each evaluation its own output_dir to save it$"):
+        first.save(tmp_path / "first")
+    assert not (tmp_path / "first").exists()
+    assert ood.Results.from_dir(second.save(tmp_path / "second")).rows == second.rows
 
 
 def test_a_failed_run_into_a_used_output_dir_leaves_failed_txt_not_the_earlier_results(tmp_path: Path) -> None:
