@@ -415,7 +415,7 @@ def evaluate(
         "trainer.enable_progress_bar=false", f"evaluation.fsood={str(fsood).lower()}", *_device_overrides(device),
         *_detector_overrides(detectors), *overrides,
     ]
-    previous = HydraConfig.instance().cfg
+    previous, caller_hydra = HydraConfig.instance().cfg, GlobalHydra.instance().hydra  # a caller's @hydra.main app
     GlobalHydra.instance().clear()
     with _caller_state(), _caller_model(net):
         try:
@@ -446,6 +446,8 @@ def evaluate(
             raise
         finally:
             GlobalHydra.instance().clear()
+            if caller_hydra is not None:  # its compose() failed afterwards: "GlobalHydra is not initialized"
+                GlobalHydra.instance().initialize(caller_hydra)
             HydraConfig.instance().cfg = previous  # type: ignore[assignment]
     return Results.from_dir(out)
 

@@ -271,6 +271,21 @@ def test_evaluate_leaves_the_callers_random_streams_and_flags(tmp_path: Path, mo
     torch.use_deterministic_algorithms(deterministic)
 
 
+def test_evaluate_inside_a_callers_hydra_app_leaves_its_hydra(tmp_path: Path) -> None:
+    """A researcher's own `@hydra.main` script (or `initialize_config_dir`) calling `ood.evaluate`: the run cleared
+    their GlobalHydra, so their next `compose()` failed with "GlobalHydra is not initialized"."""
+    from hydra import compose, initialize_config_dir
+
+    paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "mine.yaml").write_text("lr: 0.1\n")
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    with initialize_config_dir(config_dir=str(tmp_path / "conf"), version_base="1.3"):
+        ood.evaluate(net, paths["id"], [paths["far"]], detectors="msp", image_size=32, resize=32, device="cpu",
+                     output_dir=tmp_path / "run")
+        assert compose("mine", overrides=["lr=0.2"]) == {"lr": 0.2}
+
+
 def test_evaluate_gives_the_model_back_as_it_was(tmp_path: Path) -> None:
     """The run scores in eval mode and Lightning's teardown moves the module to the CPU: the caller's model comes
     back in its own modes, module by module. The device half (a CUDA model handed back on the CPU) needs a GPU:
