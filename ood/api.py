@@ -417,7 +417,9 @@ def evaluate(
     ]
     previous, caller_hydra = HydraConfig.instance().cfg, GlobalHydra.instance().hydra  # a caller's @hydra.main app
     GlobalHydra.instance().clear()
-    with _caller_state(), _caller_model(net):
+    # a caller's `torch.inference_mode()` made the banks inference tensors, and detectors that fit by gradient
+    # (tempscale) failed in it: the run is the trainer's, which chooses its own grad mode
+    with _caller_state(), _caller_model(net), torch.inference_mode(False):
         try:
             with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
                 cfg = compose(config_name="eval", overrides=args, return_hydra_config=True)

@@ -286,6 +286,24 @@ def test_evaluate_inside_a_callers_hydra_app_leaves_its_hydra(tmp_path: Path) ->
         assert compose("mine", overrides=["lr=0.2"]) == {"lr": 0.2}
 
 
+def test_evaluate_and_extract_inside_the_callers_inference_mode(tmp_path: Path) -> None:
+    """Evaluation code often runs under `torch.inference_mode()`: `ood.evaluate` there stopped on "Inference tensors
+    do not track version counter" (the banks' finiteness check read `_version`), and with that passed, tempscale's
+    gradient fit failed ("does not require grad"); a bank `ood.extract` made there could not be fitted either."""
+    paths = make_image_folders(tmp_path / "data", train=3, test=2, ood=3)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    run = dict(detectors=["msp", "tempscale"], image_size=32, resize=32, device="cpu")
+    plain = ood.evaluate(net, paths["id"], [paths["far"]], output_dir=tmp_path / "plain", **run)
+    with torch.inference_mode():
+        inside = ood.evaluate(net, paths["id"], [paths["far"]], output_dir=tmp_path / "inside", **run)
+        bank = ood.extract(net, paths["far"], image_size=32, resize=32)
+        scores = build_detector("msp").fit(bank).score(bank)
+    assert inside.rows == plain.rows
+    np.testing.assert_array_equal(inside.scores["tempscale"]["checkers"], plain.scores["tempscale"]["checkers"])
+    np.testing.assert_allclose(scores.numpy(), plain.scores["msp"]["checkers"], rtol=1e-6)
+
+
 def test_evaluate_gives_the_model_back_as_it_was(tmp_path: Path) -> None:
     """The run scores in eval mode and Lightning's teardown moves the module to the CPU: the caller's model comes
     back in its own modes, module by module. The device half (a CUDA model handed back on the CPU) needs a GPU:

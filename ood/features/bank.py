@@ -48,8 +48,10 @@ class FeatureBank:
         """[N] bool: rows whose logits or penultimate features hold NaN or +-inf. Row chunk by row chunk, so a
         memory-mapped bank is not copied; remembered while the tensors stay as they were when every row was finite."""
         n = len(self)
-        # tensors carry a version that in-place writes bump; a lazy row view (`NormalisedRows`) is not remembered
-        versions = [getattr(t, "_version", None) for t in (self.logits, self.features)]
+        # tensors carry a version that in-place writes bump; a lazy row view (`NormalisedRows`) is not remembered,
+        # nor is an inference tensor (made under `torch.inference_mode`), which has no version: reading it raised
+        versions = [None if isinstance(t, torch.Tensor) and t.is_inference() else getattr(t, "_version", None)
+                    for t in (self.logits, self.features)]
         state = None if None in versions else (id(self.logits), versions[0], id(self.features), versions[1])
         if state is not None and self._finite_as_of == state:
             return torch.zeros(n, dtype=torch.bool, device=self.logits.device)
