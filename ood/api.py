@@ -442,8 +442,13 @@ def evaluate(
             method_.apply_init(load=False)
             OmegaConf.save(cfg, out / "config.yaml", resolve=True)
             with one_line_errors():
-                trainer.test(method_, datamodule=datamodule, verbose=False)
-        except Exception as err:  # `FAILED.txt`, as `ood-eval` leaves it: ood-report names the failed run
+                try:
+                    trainer.test(method_, datamodule=datamodule, verbose=False)
+                except SystemExit:  # Lightning ends a Ctrl-C with sys.exit(1): the caller's program gets it back
+                    if not trainer.interrupted:
+                        raise
+                    raise KeyboardInterrupt from None
+        except (Exception, KeyboardInterrupt) as err:  # `FAILED.txt`, as `ood-eval` leaves it: ood-report names it
             record_failure(out, err)
             raise
         finally:

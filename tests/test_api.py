@@ -304,6 +304,34 @@ def test_evaluate_and_extract_inside_the_callers_inference_mode(tmp_path: Path) 
     np.testing.assert_allclose(scores.numpy(), plain.scores["msp"]["checkers"], rtol=1e-6)
 
 
+class _CtrlC(torch.utils.data.Dataset):
+    """Images until the third, where the user presses Ctrl-C."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == 2:
+            raise KeyboardInterrupt
+        return torch.zeros(3, 32, 32)
+
+
+def test_ctrl_c_during_evaluate_is_a_keyboard_interrupt(tmp_path: Path) -> None:
+    """Lightning ends a Ctrl-C with `sys.exit(1)`: the caller's program (a notebook cell, a loop over models with
+    `except KeyboardInterrupt`) got a SystemExit. It gets the KeyboardInterrupt back, its SIGINT handler as it was,
+    and the run folder FAILED.txt."""
+    import signal
+
+    paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        ood.evaluate(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)), paths["id"], {"far": {"x": _CtrlC()}},
+                     detectors="msp", image_size=32, resize=32, mean=[0.5] * 3, std=[0.5] * 3, device="cpu",
+                     output_dir=tmp_path / "run")
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert (tmp_path / "run" / "FAILED.txt").read_text() == "KeyboardInterrupt: \n"
+
+
 def test_evaluate_gives_the_model_back_as_it_was(tmp_path: Path) -> None:
     """The run scores in eval mode and Lightning's teardown moves the module to the CPU: the caller's model comes
     back in its own modes, module by module. The device half (a CUDA model handed back on the CPU) needs a GPU:
