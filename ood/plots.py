@@ -1,4 +1,5 @@
-"""Figures of OOD results (matplotlib, Agg backend), shared by every `ood-train` run folder and `ood-report`.
+"""Figures of OOD results (matplotlib figures drawn on Agg, without pyplot: the caller's pyplot backend, a notebook's
+inline one, stays as it was), shared by every `ood-train` run folder, `ood.evaluate` and `ood-report`.
 
 - `roc_figure`: ROC curves, one panel per OOD set, one line per scorer (ID is the positive class, so the x axis
   is the fraction of OOD accepted as ID and the y axis the fraction of ID accepted; FPR95 is read at y = 0.95).
@@ -23,16 +24,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
-import numpy as np  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from ood.metrics import roc_curve  # noqa: E402
+from ood.metrics import roc_curve
 
 if TYPE_CHECKING:
     import torch
@@ -84,16 +81,17 @@ LEFT, RIGHT, TOP, BOTTOM, WSPACE, HSPACE = 0.75, 0.3, 0.75, 0.55, 0.8, 0.85
 LEGEND_ROOM = 0.6
 
 
-def _grid(n: int, width: float = 3.6, height: float = 3.3) -> tuple[plt.Figure, np.ndarray]:
+def _grid(n: int, width: float = 3.6, height: float = 3.3) -> tuple[Figure, np.ndarray]:
     cols = 2 if n == 4 else min(n, 3)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + LEGEND_ROOM), squeeze=False)
+    fig = Figure(figsize=(width * cols, height * rows + LEGEND_ROOM))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, axes.flat
 
 
-def _legend_below(fig: plt.Figure, *axes: plt.Axes) -> None:
+def _legend_below(fig: Figure, *axes: Axes) -> None:
     """One legend under the panels, each label once (the labels of every panel in `axes`), and the panels placed
     around it with the fixed margins above."""
     by_label = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
@@ -172,7 +170,8 @@ def auroc_bars(entries: Sequence[tuple[str, Mapping[str, tuple[float, float]]]],
     """Horizontal bars: per entry (label, {"near"|"far": (mean, std)} in [0, 1]), near and far AUROC in %."""
     groups = [g for g in ("near", "far") if any(g in v for _, v in entries)]
     height = 0.8 / max(len(groups), 1)
-    fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.45 * len(entries) * max(len(groups), 1) ** 0.5))
+    fig = Figure(figsize=(8.5, 1.2 + 0.45 * len(entries) * max(len(groups), 1) ** 0.5))
+    ax = fig.subplots()
     y = np.arange(len(entries))
     for i, group in enumerate(groups):
         means = [100 * v.get(group, (np.nan, 0))[0] for _, v in entries]
@@ -189,12 +188,11 @@ def auroc_bars(entries: Sequence[tuple[str, Mapping[str, tuple[float, float]]]],
     return _save(fig, path)
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path) -> Path:
     from ood.files import atomic_write
 
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight"))
-    plt.close(fig)
     return path
 
 

@@ -503,6 +503,23 @@ def test_a_temporary_run_folder_goes_when_the_process_ends(tmp_path: Path) -> No
     assert run_dir.name.startswith("ood-eval-") and not run_dir.exists()
 
 
+def test_figures_leave_the_callers_pyplot_backend(tmp_path: Path) -> None:
+    """A notebook's inline pyplot backend (svg here): ood's figures set `matplotlib.use("Agg")` when imported, so after
+    `import ood` / `ood.evaluate` the researcher's own `plt` plots of the results no longer showed. The figures are
+    now drawn without pyplot, leaving its backend and its list of figures as they were."""
+    script = (
+        "import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot as plt, numpy as np, ood\n"
+        "from ood import plots\n"
+        f"plots.roc_figure({{'msp': {{'test': np.arange(5.0), 'far': np.arange(5.0) - 1}}}}, ['far'], {str(tmp_path / 'roc.png')!r}, 't')\n"
+        "print(matplotlib.get_backend(), plt.get_fignums())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(ood.__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "svg []"
+    assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_features_that_overflow_float16_stop_the_run_in_one_line(trained, tmp_path: Path) -> None:
     """Penultimate features above 65504 become inf in float16 banks; knn scored such rows -3.4e38 (a finite score:
     no NaN check caught it). The evaluation now stops naming the split, the count and the fix."""
