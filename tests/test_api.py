@@ -458,6 +458,11 @@ def test_a_reused_output_dir_keeps_no_earlier_run_files(tmp_path: Path) -> None:
     assert len(first.scores["msp"]["test"]) == 6 and second.scores == {}
     assert second.rows[0]["auroc"] != first.rows[0]["auroc"]
     assert not (tmp_path / "run" / "bad_images.json").exists()
+    # a post-hoc method's diagnostics (cluster_stats.json) stayed beside the next run's rows, read as that run's
+    ood.evaluate(nets[0], paths["id"], [paths["far"]], method="cluster", **run)
+    assert (tmp_path / "run" / "cluster_stats.json").is_file()
+    second = ood.evaluate(nets[1], paths["id"], [paths["far"]], **run)
+    assert not (tmp_path / "run" / "cluster_stats.json").exists()
     # the first Results' folder now holds the second run: saving it copied the second run's rows under its name
     with pytest.raises(ConfigError, match=r"run no longer holds these results \(another evaluation into the same "
                                           r"output_dir replaced them\): give each evaluation its own output_dir to save it$"):

@@ -119,6 +119,8 @@ class ResultsWriter:
             target = out / f"{key}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
             matplotlib.image.imsave(target, image.squeeze(-1) if image.shape[-1] == 1 else image)
+        for stale in out.glob("*_stats.json"):  # an earlier run's in this folder (another method's) read as this one's
+            stale.unlink()
         if result.diagnostics:
             floats, _, _ = split_diagnostics(result.diagnostics)
             stats = {**floats, **rest}
