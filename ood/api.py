@@ -537,8 +537,9 @@ def extract(
     -1 without one; or a Dataset of `(image, label)` or of images alone): a `FeatureBank` with logits, penultimate
     features, labels (None when unknown), the final linear layer and the outputs of `layers` as extras. `classes`:
     the class names in label order, as `evaluate`'s (a model trained with another class order), which the class
-    folders or the Dataset's `classes` follow by name. Preprocessing as in `evaluate` (`image_size`, `resize`, `mean`, `std`, `interpolation` in `preprocessing`); the
-    pass runs on `device` (None: the model's), and the model is handed back on its own."""
+    folders or the Dataset's `classes` follow by name. Preprocessing as in `evaluate` (`image_size`, `resize`,
+    `mean`, `std`, `interpolation` in `preprocessing`); the pass runs on `device` (None: the model's), and the model
+    is handed back on its own."""
     from ood.data.folder import folder_dataset, preprocessing_transform, resolve_preprocessing
     from ood.features.bank import FeatureBank
     from ood.features.passes import forward_dataset
