@@ -89,6 +89,18 @@ def test_a_fractional_epoch_count_is_refused_by_name(tmp_path: Path) -> None:
         check_run(compose_config(tmp_path, ["trainer.max_epochs=1.5"]), None)
 
 
+def test_evaluating_a_trained_method_without_its_checkpoint_is_refused(tmp_path: Path) -> None:
+    """`ood-eval method=heatmap backbone.weights=<classifier>` (no ckpt_path) scored with a random decoder, and
+    `method=energy_cfl` with zero class centres: refused, as `ood.evaluate` refuses them; ce from weights passes."""
+    for method, name, parts in (("heatmap", "heatmap", "decoder"), ("energy_cfl", "energy_cfl_recon", "centres, head")):
+        cfg = compose_config(tmp_path, [f"method={method}"], config_name="eval")
+        with pytest.raises(ConfigError, match=rf"^method '{name}' scores with parts trained with the network \({parts}\), "
+                                              r"which backbone.weights does not hold: evaluate a checkpoint of its "
+                                              r"training run \(ckpt_path=<run folder>\)$"):
+            check_run(cfg, None)
+    check_run(compose_config(tmp_path, [], config_name="eval"), None)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_gpu_preset_on_cpu_says_add_trainer_cpu(tmp_path: Path) -> None:
     cfg = compose_config(tmp_path, ["experiment=cifar10_ce"])

@@ -4,7 +4,8 @@
   number or a boolean (`seed=abc`) names the expected type, and a word in place of a config node
   (`method.optimizer=sgd`) names its keys, and an unknown option of a config group (`method=cel`) names the closest
   one and the choices, before Hydra composes (and long before `int(seed)`).
-- `check_run`: refuses `trainer.max_epochs < 1`, a GPU preset without a GPU, and resuming with a different
+- `check_run`: refuses `trainer.max_epochs < 1`, a GPU preset without a GPU, an evaluation without a checkpoint of
+  a method whose score needs its training (`OODMethod.trained_parts`), and resuming with a different
   `trainer.max_epochs` (the cosine schedule's `T_max` lives in the checkpoint and would not follow) or any other
   change of the configuration or seed (`check_resume`).
 - `check_evaluated`: refuses evaluating a checkpoint with data, a backbone or a method other than its training run's
@@ -73,6 +74,14 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
         check_resume(cfg, stored, ckpt_path)
     if not cfg.train and ckpt_path is not None:
         check_evaluated(cfg, checkpoint_config(ckpt_path), ckpt_path, given)
+    if not cfg.train and ckpt_path is None:  # evaluated from backbone.weights: the method's own parts untrained
+        from hydra.utils import get_class
+
+        method = get_class(cfg.method._target_)
+        if getattr(method, "trained_parts", ()):
+            raise ConfigError(f"method {method.name!r} scores with parts trained with the network "
+                              f"({', '.join(method.trained_parts)}), which backbone.weights does not hold: evaluate a "
+                              "checkpoint of its training run (ckpt_path=<run folder>)")
 
 
 def check_evaluated(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str, given: Sequence[str]) -> None:
