@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -547,7 +548,8 @@ def test_a_class_order_other_than_the_sorted_folders(folders: dict[str, Path], t
     assert listed.id_sets["test"].entries == bench.id_sets["test"].entries  # by name, through the list's indices
     relabelled = FolderBenchmark(train=ImageFolder(str(folders["id"] / "train")), test=folders["id"] / "test",
                                  ood=[folders["far"]], classes=order, image_size=32, resize=32)
-    assert [y for _, y in relabelled.train(augment=False)] == [order.index(f"c{k}") for k in range(3) for _ in range(4)]
+    # 3 of each class's 4 served (one held out for val), ImageFolder's c0, c1, c2 relabelled to their places in `order`
+    assert [y for _, y in relabelled.train(augment=False)] == [order.index(f"c{k}") for k in range(3) for _ in range(3)]
 
     for classes, error in (
         (["c2", "c0"], r"^data.classes must name each class folder of .*/train once: not listed: \['c1'\]$"),
@@ -565,3 +567,22 @@ def test_a_class_order_other_than_the_sorted_folders(folders: dict[str, Path], t
                                                 r"labels 0..1\)$"):
         FolderBenchmark(train={"imglist": str(folders["id"] / "train.txt")}, test=folders["id"] / "test",
                         ood=[folders["far"]], classes=["c2", "c0"])
+
+
+def test_a_validation_ood_set_that_is_a_test_set_is_warned_of(folders: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    """Tuning on a test OOD set makes its rows optimistic: a warning names it (folder or the same Dataset object); a
+    set apart passes quietly. OOD sets holding only csid (or val) sets name what they hold."""
+    from torchvision.datasets import FakeData
+
+    with caplog.at_level(logging.WARNING, logger="ood"):
+        FolderBenchmark(folders["id"], ood={"far": {"checkers": folders["far"]}, "val": folders["far"]})
+        fake = FakeData(4, (3, 16, 16), 3)
+        FolderBenchmark(folders["id"], ood={"far": {"checkers": folders["far"], "fake": fake}, "val": fake})
+        FolderBenchmark(folders["id"], ood={"far": {"checkers": folders["far"]}, "val": folders["near"]})
+    warned = [r.getMessage() for r in caplog.records if "validation-OOD set" in r.getMessage()]
+    assert len(warned) == 2 and warned[0].startswith(f"the validation-OOD set (data.ood.val, {folders['far']}) is also "
+                                                     "the test OOD set checkers: the detectors are tuned on test images")
+    assert "is also the test OOD set fake:" in warned[1]
+    with pytest.raises(ConfigError, match=r"^data=folder needs at least one OOD test set \(near or far\); the OOD sets "
+                                          r"given hold only 'csid' \('val': validation OOD"):
+        FolderBenchmark(folders["id"], ood={"csid": {"shifted": folders["id"] / "test"}})

@@ -299,7 +299,8 @@ class FolderBenchmark(Benchmark):
         given = self._given_classes(classes, sources["train"])
         if given is not None:
             self._classes, self.num_classes = given, len(given)  # the image-list check of `_set` reads num_classes
-        train_set = self._id_set("train", sources["train"], given)
+        listed = isinstance(sources["train"], Mapping) and "imglist" in sources["train"]  # its labels: checked below
+        train_set = self._id_set("train", sources["train"], None if listed else given)
         if given is not None:
             self._check_labels_named(train_set)
         elif isinstance(sources["train"], Dataset):  # its labels are its own: class folders elsewhere follow its names
@@ -493,12 +494,18 @@ class FolderBenchmark(Benchmark):
                               f"<detector>/<set>); got {slashed}")
         names = [n for g in ("near", "far") for n in groups[g]]
         if not names:
-            raise ConfigError("data=folder needs at least one OOD test set (near or far); the OOD sets given hold only "
-                              "'val' (validation OOD, for tuning): '+data.ood.far={name: folder}' (Python: "
-                              "ood_data={'far': ..., 'val': ...})")
+            given = " and ".join(repr(g) for g in ("val", "csid") if groups.get(g)) or "no set"
+            raise ConfigError(f"data=folder needs at least one OOD test set (near or far); the OOD sets given hold only "
+                              f"{given} ('val': validation OOD, for tuning; 'csid': covariate-shifted ID): "
+                              "'+data.ood.far={name: folder}' (Python: ood_data={'far': ..., 'val': ...})")
         sets = [(n, g, self._set(n, src, label=-1)) for g in ("near", "far") for n, src in groups[g].items()]
-        val = groups.get("val")
-        return sets, None if val is None else self._set("val_ood", val, label=-1)
+        val = None if groups.get("val") is None else self._set("val_ood", groups["val"], label=-1)
+        same = [n for n, _, s in sets if val is not None and (s.dataset is val.dataset if s.dataset is not None else s.where == val.where)]
+        if same:
+            log.warning("the validation-OOD set (data.ood.val, %s) is also the test OOD set %s: the detectors are tuned "
+                        "on test images, so their rows for it are optimistic; give a validation-OOD set apart from the "
+                        "test sets", val.where, same[0])  # type: ignore[union-attr]
+        return sets, val
 
     def _screened_sets(self) -> list[ImageSet]:
         """The ID splits and OOD sets: what `screen` compares."""
