@@ -103,6 +103,8 @@ class Results:
                               "output_dir replaced them): give each evaluation its own output_dir to save it")
         directory = Path(directory)
         if directory.resolve() != self.run_dir.resolve():
+            if self.run_dir.resolve() in directory.resolve().parents:  # copytree would copy the copy into itself
+                raise ConfigError(f"{directory} is inside the run folder {self.run_dir}: save the results elsewhere")
             if directory.is_dir() and any(directory.iterdir()):
                 raise ConfigError(f"{directory} is not empty: save the results into a new or empty folder")
             shutil.copytree(self.run_dir, directory, dirs_exist_ok=True)

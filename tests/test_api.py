@@ -469,6 +469,10 @@ def test_a_reused_output_dir_keeps_no_earlier_run_files(tmp_path: Path) -> None:
         first.save(tmp_path / "first")
     assert not (tmp_path / "first").exists()
     assert ood.Results.from_dir(second.save(tmp_path / "second")).rows == second.rows
+    # a copy inside the run folder copied itself into itself (copy/copy) at every save
+    with pytest.raises(ConfigError, match=r"copy is inside the run folder .*/run: save the results elsewhere$"):
+        second.save(tmp_path / "run" / "copy")
+    assert not (tmp_path / "run" / "copy").exists()
 
 
 def test_a_failed_run_into_a_used_output_dir_leaves_failed_txt_not_the_earlier_results(tmp_path: Path) -> None:
