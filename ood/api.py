@@ -390,7 +390,7 @@ def evaluate(
 
     from ood import CONFIG_DIR
     from ood.models.adapters import as_backbone, check_classes
-    from ood.runs.failures import clear_failure, record_failure
+    from ood.runs.failures import clear_failure, ctrl_c_raised, record_failure
     from ood.train import build
 
     net = _network(model)
@@ -443,13 +443,8 @@ def evaluate(
             check_classes(backbone, datamodule.num_classes, f"the ID data ({datamodule.name}{named})")
             method_.apply_init(load=False)
             OmegaConf.save(cfg, out / "config.yaml", resolve=True)
-            with one_line_errors():
-                try:
-                    trainer.test(method_, datamodule=datamodule, verbose=False)
-                except SystemExit:  # Lightning ends a Ctrl-C with sys.exit(1): the caller's program gets it back
-                    if not trainer.interrupted:
-                        raise
-                    raise KeyboardInterrupt from None
+            with one_line_errors(), ctrl_c_raised(trainer):  # the caller's program gets its Ctrl-C back
+                trainer.test(method_, datamodule=datamodule, verbose=False)
         except (Exception, KeyboardInterrupt) as err:  # `FAILED.txt`, as `ood-eval` leaves it: ood-report names it
             record_failure(out, err)
             raise

@@ -22,7 +22,7 @@ from ood.evaluation.prepare import PrepareMethod
 from ood.runs.checkpoints import RunState, checkpoint_config, own_checkpoint_epoch, resolve_ckpt_path
 from ood.runs.checks import check_launch, check_run
 from ood.runs.console import ProgressBar
-from ood.runs.failures import clear_failure, record_failure
+from ood.runs.failures import clear_failure, ctrl_c_raised, record_failure
 from ood.runs.identity import RunIdentity, flat_config, run_identity, write_identity
 from ood.runs.loggers import build_loggers, finish_wandb
 from ood.runs.sweeps import check_objective, sweep_objective
@@ -111,6 +111,11 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             again = "resume with ckpt_path=last" if cfg.train else "rerun the evaluation"
             record_failure(output_dir, SIGTERMException(f"terminated by SIGTERM; {again}"))
             exit_terminated()
+        except KeyboardInterrupt:  # Ctrl-C: FAILED.txt as for SIGTERM (the run exited 1 and left nothing)
+            forget_sigterm()
+            again = "resume with ckpt_path=last" if cfg.train else "rerun the evaluation"
+            record_failure(output_dir, KeyboardInterrupt(f"interrupted (Ctrl-C); {again}"))
+            raise
         except Exception as err:
             forget_sigterm()  # a SIGTERM noted before this failure must not stop the process's next run
             record_failure(output_dir, err)
@@ -141,13 +146,14 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
         # launched apart (trainer=ddp, torchrun) stop together at a step instead (ood.strategies.DDPStrategy)
         between_stages = stop_if_terminated if trainer.world_size == 1 else lambda: None
         between_stages()
-        if cfg.train:
-            trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
-        elif ckpt_path:
-            load_weights(method, ckpt_path, cfg)
-        between_stages()
-        if cfg.evaluate:
-            trainer.test(method, datamodule=datamodule, verbose=False)
+        with ctrl_c_raised(trainer):  # recorded by `run` as the interruption it is
+            if cfg.train:
+                trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
+            elif ckpt_path:
+                load_weights(method, ckpt_path, cfg)
+            between_stages()
+            if cfg.evaluate:
+                trainer.test(method, datamodule=datamodule, verbose=False)
     finally:
         finish_wandb()
     results = output_dir / "results.jsonl"

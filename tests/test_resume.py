@@ -78,6 +78,22 @@ def test_sigterm_ends_the_run_as_failed_and_it_resumes(tmp_path: Path) -> None:
         assert not (tmp_path / folder / "results.jsonl").exists()
 
 
+def test_ctrl_c_ends_the_run_as_failed(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) in training: Lightning ended the run with `sys.exit(1)`, no FAILED.txt, SIGINT left ignored
+    (`ood-report` listed the job as still running or killed). Now it is a KeyboardInterrupt, recorded as SIGTERM is,
+    SIGINT's handler back, the epoch-0 checkpoint there to resume."""
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        run_config(tmp_path, [*RUN, "trainer.max_epochs=2", "+callbacks.kill._target_=killer.KillAt",
+                              "+callbacks.kill.epoch=1", "+callbacks.kill.batch=0",
+                              f"+callbacks.kill.signum={int(signal.SIGINT)}"])
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert (tmp_path / "FAILED.txt").read_text() == ("KeyboardInterrupt: interrupted (Ctrl-C); resume with "
+                                                     "ckpt_path=last\n")
+    assert not (tmp_path / "results.jsonl").exists()
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 0
+
+
 @pytest.mark.slow
 def test_sigterm_outside_lightnings_handler_ends_the_run_as_failed(tmp_path: Path) -> None:
     """SIGTERM where Lightning has no handler, or one that a stage's start forgets: as the fit stage sets up (the run

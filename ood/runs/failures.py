@@ -3,7 +3,11 @@ the job of a sweep that failed; a resumed run that starts again clears it."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ood.files import atomic_write_text
 from ood.utils import get_logger
@@ -39,3 +43,18 @@ def failure(run_dir: str | Path) -> str | None:
     message may span lines (CUDA's does), which broke `ood-report`'s list of failed jobs."""
     path = Path(run_dir) / FAILED_FILE
     return " ".join(line.strip() for line in path.read_text().splitlines() if line.strip()) if path.is_file() else None
+
+
+@contextlib.contextmanager
+def ctrl_c_raised(trainer: Any) -> Iterator[None]:
+    """Around `trainer.fit` / `trainer.test`: Lightning answers Ctrl-C with `sys.exit(1)` and leaves SIGINT ignored;
+    raise `KeyboardInterrupt` instead, with SIGINT's handler as it was, so the caller's program (a notebook cell, a
+    loop over models) and the run's `FAILED.txt` see an interruption, not an exit."""
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    except SystemExit as stop:
+        if not (trainer.interrupted and isinstance(stop.__context__, KeyboardInterrupt)):  # exited while handling it
+            raise
+        signal.signal(signal.SIGINT, previous)
+        raise KeyboardInterrupt from None
