@@ -82,12 +82,16 @@ def test_ctrl_c_ends_the_run_as_failed(tmp_path: Path) -> None:
     """Ctrl-C (SIGINT) in training: Lightning ended the run with `sys.exit(1)`, no FAILED.txt, SIGINT left ignored
     (`ood-report` listed the job as still running or killed). Now it is a KeyboardInterrupt, recorded as SIGTERM is,
     SIGINT's handler back, the epoch-0 checkpoint there to resume."""
-    handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        run_config(tmp_path, [*RUN, "trainer.max_epochs=2", "+callbacks.kill._target_=killer.KillAt",
-                              "+callbacks.kill.epoch=1", "+callbacks.kill.batch=0",
-                              f"+callbacks.kill.signum={int(signal.SIGINT)}"])
-    assert signal.getsignal(signal.SIGINT) is handler
+    # Python's own handler: a process started in the background (`make test &`) has SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_config(tmp_path, [*RUN, "trainer.max_epochs=2", "+callbacks.kill._target_=killer.KillAt",
+                                  "+callbacks.kill.epoch=1", "+callbacks.kill.batch=0",
+                                  f"+callbacks.kill.signum={int(signal.SIGINT)}"])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert (tmp_path / "FAILED.txt").read_text() == ("KeyboardInterrupt: interrupted (Ctrl-C); resume with "
                                                      "ckpt_path=last\n")
     assert not (tmp_path / "results.jsonl").exists()
