@@ -5,7 +5,7 @@ torchvision | module`, the method, the detectors, the trainer), builds the same 
 user's model wrapped by `ood.models.adapters.as_backbone`, Python objects such as Datasets or a transform handed to
 the data node), and runs the same `trainer.test` pass: the one cached pass, the same evaluator and sinks, DDP-exact
 under a multi-device trainer (`overrides=["trainer=ddp_cpu"]`). Its `Results` are read back from the run folder the
-sinks wrote (`results.jsonl`, `scores.npz`, `overlap.json`), as a CLI run leaves them.
+sinks wrote (`results.jsonl`, `scores.npz`, `samples.csv`, `overlap.json`), as a CLI run leaves them.
 
 `extract` runs one pass over a folder or Dataset (`ood.features.passes.forward_dataset`) and returns the
 `FeatureBank` every detector takes (`build_detector(name).fit(bank).score(bank)`).
@@ -41,12 +41,15 @@ METRIC_COLUMNS = ("auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out")
 @dataclass
 class Results:
     """What one evaluation wrote: `rows` (results.jsonl), `scores` ({detector: {split: array}}), `overlap`
-    (overlap.json), in `run_dir`; `table` is the pandas view."""
+    (overlap.json), `samples` (samples.csv: the image of each score), in `run_dir`; `table` is the pandas view,
+    `per_image()` the scores image by image."""
 
     run_dir: Path
     rows: list[dict[str, Any]]
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     overlap: dict[str, Any] = field(default_factory=dict)
+    #: `pandas.DataFrame` of samples.csv (split, row, index, label, file); None when the run saved no scores
+    samples: Any = None
 
     @classmethod
     def from_dir(cls, run_dir: str | Path) -> Results:
@@ -64,7 +67,39 @@ class Results:
                     scores.setdefault(detector, {})[split] = npz[key]
         overlap_file = run_dir / "overlap.json"
         overlap = json.loads(overlap_file.read_text()) if overlap_file.is_file() else {}
-        return cls(run_dir, rows, scores, overlap)
+        from ood.evaluation.sinks import SAMPLES_FILE  # here: `import ood.api` stays light
+
+        samples = None
+        if (run_dir / SAMPLES_FILE).is_file():
+            import pandas as pd
+
+            # file names as written: "NA" or "null.png" would otherwise become NaN
+            samples = pd.read_csv(run_dir / SAMPLES_FILE, dtype={"split": str, "file": str}, keep_default_na=False)
+        return cls(run_dir, rows, scores, overlap, samples)
+
+    def per_image(self, detectors: str | Sequence[str] | None = None) -> Any:
+        """`pandas.DataFrame`, one row per scored image (ID test, every OOD set, csid sets): `split`, `dataset_index`
+        (its item in the split's dataset), `label` (ID class, -1 for OOD), `file` (the image file, or
+        `<split>[<dataset_index>]` for an image held only in memory), then one score column per detector (all, or
+        `detectors`; higher = more ID).
+        E.g. the OOD images a detector takes for most ID: `df[df.label == -1].nlargest(10, "energy")`."""
+        if self.samples is None:
+            raise ConfigError(f"{self.run_dir} holds no samples.csv: the run saved no per-image scores "
+                              "(evaluation.save_scores=false, or a run made before ood wrote it)")
+        names = list(self.scores) if detectors is None else [detectors] if isinstance(detectors, str) else list(detectors)
+        unknown = [d for d in names if d not in self.scores]
+        if unknown:
+            raise ConfigError(f"no scores of {unknown} in {self.run_dir}; choices: {sorted(self.scores)}")
+        table = self.samples.drop(columns="row")
+        for d in names:
+            table[d] = np.concatenate([self.scores[d][split][rows] for split, rows in self._rows_by_split()])
+        return table
+
+    def _rows_by_split(self) -> list[tuple[str, np.ndarray]]:
+        """(split, its rows of the score arrays) in the order of `samples`' lines (split by split)."""
+        splits = self.samples["split"].to_numpy()
+        starts = np.flatnonzero(np.r_[True, splits[1:] != splits[:-1]])
+        return [(splits[a], self.samples["row"].to_numpy()[a:b]) for a, b in zip(starts, [*starts[1:], len(splits)])]
 
     @property
     def table(self) -> Any:

@@ -92,6 +92,20 @@ def test_python_api_equals_cli_and_sklearn(trained, tmp_path: Path) -> None:
     row = next(r for r in results.rows if r["detector"] == "msp" and r["ood_dataset"] == "noise")
     assert row["auroc"] == pytest.approx(expected, abs=1e-6)
     np.testing.assert_allclose(np.exp(results.scores["msp"]["noise"]), ood_scores, atol=1e-6)  # log MSP
+    # image by image: each score traced to its file (samples.csv), labels the class folders'
+    per_image = results.per_image("msp")
+    assert list(per_image.columns) == ["split", "dataset_index", "label", "file", "msp"]
+    assert list(dict.fromkeys(per_image.split)) == ["test", "noise", "checkers"]
+    test, noise = per_image[per_image.split == "test"], per_image[per_image.split == "noise"]
+    id_files = sorted(paths["id"].glob("test/*/*.png"))
+    assert list(test.file) == [str(f) for f in id_files] and list(test.label) == [int(f.parent.name[1:]) for f in id_files]
+    assert list(noise.file) == [str(f) for f in sorted(paths["near"].glob("*.png"))] and set(noise.label) == {-1}
+    np.testing.assert_allclose(np.exp(test.msp.to_numpy()), id_scores, atol=1e-6)
+    np.testing.assert_allclose(np.exp(noise.msp.to_numpy()), ood_scores, atol=1e-6)
+    assert results.per_image().columns[4:].tolist() == detectors
+    assert (tmp_path / "api" / "samples.csv").read_text() == next((tmp_path / "cli").rglob("samples.csv")).read_text()
+    with pytest.raises(ConfigError, match=r"no scores of \['energy'\] in .*; choices: \['knn', 'mahalanobis', 'msp'\]$"):
+        results.per_image(["energy"])
 
     table = results.table
     assert list(table.columns) == ["auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out", "id_acc"]

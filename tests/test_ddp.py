@@ -46,6 +46,8 @@ def test_ddp_cpu_evaluation_equals_single_process(tmp_path: Path) -> None:
     key = lambda r: (r["detector"], r["ood_dataset"])  # noqa: E731
     assert len(ddp) == len(single) == 36
     assert sorted(single, key=key) == sorted(ddp, key=key)
+    # each score's image: the padded, sharded rows deduplicated and sorted back into the single process's order
+    assert (tmp_path / "ddp" / "samples.csv").read_text() == (tmp_path / "single" / "samples.csv").read_text()
     # gram_stream, from its own passes, gives the cached gram's numbers (to the 4 decimals tables print: its train rows
     # are batched apart from the cached pass's, so float32 rounding may differ; module docstring of ood.detectors.gram)
     gram = {r["ood_dataset"]: r for r in single if r["detector"] == "gram"}

@@ -197,6 +197,8 @@ def test_truncated_jpeg_stops_naming_it_or_is_skipped_and_counted(folders: dict[
     skipped = json.loads((tmp_path / "run" / "bad_images.json").read_text())
     assert skipped["count"] == 1 and skipped["files"][0].endswith("checkers/broken.jpg")
     assert results.rows[0]["n_ood"] == 3
+    table = results.per_image()
+    assert table[table.split == "checkers"].file.map(lambda f: Path(f).name).tolist() == ["1.png", "2.png", "3.png"]
     assert json.loads((tmp_path / "run" / "preprocessing.json").read_text())["image_size"] == 32
 
 
@@ -234,6 +236,12 @@ def test_planted_duplicates_are_listed_and_dropped(folders: dict[str, Path], tmp
     by_hand = roc_auc_score(np.r_[np.ones(len(id_scores)), np.zeros(clean.sum())], np.r_[id_scores, ood_scores[clean]])
     assert row["auroc"] == pytest.approx(by_hand, abs=1e-12)
     assert row["auroc"] != pytest.approx(kept.rows[0]["auroc"], abs=1e-3)
+    # each kept score's image (samples.csv): the dropped copies are absent, the others keep their item of the set
+    table = dropped.per_image()
+    planted_rows = table[table.split == "planted"]
+    assert [Path(f).name for f in planted_rows.file] == [name for name, keep in zip(files, clean) if keep]
+    assert planted_rows.dataset_index.tolist() == np.flatnonzero(clean).tolist()
+    np.testing.assert_array_equal(planted_rows.msp, ood_scores[clean])
     copies = shutil.copytree(folders["id"] / "test" / "c0", tmp_path / "copies")  # an OOD set of ID images only
     with pytest.raises(DataNotFoundError, match=r"^data.drop_overlap=true leaves no image of OOD set\(s\) \['copies'\]: "
                                                 r"each of their images duplicates ID data \(listed in overlap.json\)"):

@@ -42,6 +42,13 @@ def test_every_split_equals_the_pil_path_exactly(tree: Path) -> None:
     cached = sorted(p.name.rsplit("-", 1)[0] for p in (tree / "ood_cache").glob("*.npy") if not p.name.endswith(".labels.npy"))
     assert cached == sorted(["train_cifar10", "val_cifar10", "test_cifar10", "val_tin", "test_cifar100", "test_tin",
                              "test_mnist", "test_svhn", "test_texture", "test_places365"])
+    # each item is known by its listed file, decoded into memory or not (`samples.csv` of a run)
+    lists = {"train": "train_cifar10", "val": "val_cifar10", "test": "test_cifar10", "val_ood": "val_tin"}
+    for split, dataset in streaming._eval_sets():
+        lines = (tree / "benchmark_imglist" / "cifar10" / f"{lists.get(split.name, 'test_' + split.name)}.txt").read_text()
+        listed = [str(tree / "images_classic" / line.split()[0]) for line in lines.splitlines()]
+        for datamodule in (streaming, memory):
+            assert datamodule.sample_names(split.name, range(len(dataset))) == listed, split.name
     streamed_train = _all(streaming.train_dataloader().dataset)
     assert all(torch.equal(a, b) for a, b in zip(streamed_train, _all(memory.train_dataloader().dataset)))
     assert memory._augment == {"id": None}

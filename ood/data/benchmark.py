@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from ood.data.batch import Batch, collate_batch
 from ood.data.fit import FitData, LazyDatasets, no_outliers
 from ood.data.memory import PadCropFlip, batch_augmentation, to_memory
+from ood.data.samples import item_names
 from ood.errors import ConfigError, check_range
 from ood.features.bank import FeatureBank
 
@@ -278,6 +279,7 @@ class OODDataModule(LightningDataModule):
         self.fit_seed = fit_seed
         self.streams: tuple[Stream, ...] = ("id",)
         self._eval: list[tuple[EvalSplit, Dataset]] | None = None
+        self._sources: dict[str, Dataset] = {}
         #: per-batch crop/flip of in-memory training streams, applied on the device (`on_after_batch_transfer`)
         self._augment: dict[str, PadCropFlip | None] = {}
 
@@ -383,7 +385,14 @@ class OODDataModule(LightningDataModule):
             if self.csid:
                 sets += [(EvalSplit(s.name, "csid"), s.dataset) for s in self.benchmark.csid_test()]
             self._eval = [(split, self._dataset(dataset)) for split, dataset in sets]
+            self._sources = {split.name: dataset for split, dataset in sets}  # before decoding into memory
         return self._eval
+
+    def sample_names(self, split: str, rows: Sequence[int]) -> list[str]:
+        """The image file of each of the dataset `rows` of evaluation split `split` (`<split>[row]` for an item
+        without one): what per-image scores are traced back to (`ood.data.samples`)."""
+        self._eval_sets()
+        return item_names(self._sources[split], rows, split)
 
     def fit_subset(self, train: Dataset) -> Dataset:
         """The fit split: `train` itself, or `fit_fraction` of it (sorted indices, drawn with `fit_seed`)."""

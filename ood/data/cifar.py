@@ -52,6 +52,7 @@ from torchvision import transforms as T
 from ood.data.benchmark import Benchmark, CSIDSet, OODSet
 from ood.data.imglist import ImageList
 from ood.data.npy import NpyImages
+from ood.data.samples import item_name
 from ood.data.sets import Protocol, SetSpec, TorchvisionBuilder, describe_missing, missing_csid_error
 from ood.errors import ConfigError, DataNotFoundError
 from ood.utils import get_logger
@@ -87,6 +88,9 @@ class Transformed(Dataset):
     def __getitem__(self, i: int) -> tuple[Any, int]:
         image, label = self.dataset[i]
         return self.transform(image), (int(label) if self.label is None else self.label)
+
+    def describe(self, i: int) -> str | None:
+        return item_name(self.dataset, i)
 
 
 def stratified_split(targets: Sequence[int], size: int, seed: int) -> tuple[list[int], list[int]]:

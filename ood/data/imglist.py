@@ -87,6 +87,9 @@ class ImageFiles(Dataset):
         name, label = self.entries[i]
         return self.transform(load_rgb(self.root / name)), (label if self.label is None else self.label)
 
+    def describe(self, i: int) -> str:
+        return str(self.root / self.entries[i][0])
+
 
 class ImageList(ImageFiles):
     """The images of one OpenOOD list under `root`, as `(transform(image), label)`.

@@ -40,3 +40,6 @@ class NpyImages(Dataset):
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         return self.transform(Image.fromarray(array).convert("RGB")), self.label
+
+    def describe(self, i: int) -> str:
+        return f"{self.path}[{i}]"

@@ -9,6 +9,7 @@ own linear head), hands them to the pure `Evaluator` (method score, every detect
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +26,7 @@ from ood.data.benchmark import EvalSplit, OODDataModule
 from ood.detectors.base import Detector, float16_detectors
 from ood.detectors.network import LayerTaps
 from ood.errors import ConfigError
-from ood.evaluation.evaluator import EvaluationResult, Evaluator, NonFiniteBankError
+from ood.evaluation.evaluator import EvaluationResult, Evaluator, NonFiniteBankError, Samples
 from ood.evaluation.sinks import Sink
 from ood.features.bank import FeatureBank
 from ood.features.collector import (
@@ -238,7 +239,7 @@ class OODEvaluation(Callback):
                                  "above 65504: use bf16-mixed, or fp32 (trainer=gpu)") from err
         for row in result.rows:
             row.update(notes.get(row["ood_dataset"], {}))
-        return result
+        return dataclasses.replace(result, samples=split_samples(datamodule, banks, result.scores))
 
     @staticmethod
     def _model_scores(
@@ -266,6 +267,19 @@ class OODEvaluation(Callback):
         if rows is not None or index is None or len(index) == len(scores):
             return scores
         return scores[index.to(scores.device)]
+
+
+def split_samples(
+    datamodule: OODDataModule, banks: Mapping[str, FeatureBank], scores: Mapping[str, Mapping[str, torch.Tensor]]
+) -> dict[str, Samples]:
+    """The image of each score row of every scored split: the bank's rows are the dataset rows it kept (sorted)."""
+    out = {}
+    for split in dict.fromkeys(s for per_split in scores.values() for s in per_split):
+        bank = banks[split]
+        index = bank.index.tolist() if bank.index is not None else list(range(len(bank.logits)))
+        labels = bank.labels.tolist() if bank.labels is not None else [-1] * len(index)
+        out[split] = Samples(index, labels, datamodule.sample_names(split, index))
+    return out
 
 
 def stop_if_terminated(trainer: Trainer) -> None:

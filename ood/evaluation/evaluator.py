@@ -30,6 +30,16 @@ from ood.utils import get_logger
 log = get_logger(__name__)
 
 
+@dataclass(frozen=True)
+class Samples:
+    """The images behind one split's score arrays, row for row: dataset `index` (the row in the split's dataset),
+    `labels` (ID class; -1 for OOD) and `names` (image file, or `<split>[index]`: `ood.data.samples`)."""
+
+    index: list[int]
+    labels: list[int]
+    names: list[str]
+
+
 @dataclass
 class EvaluationResult:
     """What one evaluation produced: result rows (`ood.evaluation.scoring.evaluate`), scores[scorer][split] (ID test and test OOD
@@ -44,6 +54,8 @@ class EvaluationResult:
     validation: dict[str, float] = field(default_factory=dict)
     #: classification accuracy on each covariate-shifted ID (csid) split (full-spectrum evaluation)
     csid_acc: dict[str, float] = field(default_factory=dict)
+    #: per split of `scores`, the image of each score (filled in by the evaluation callback, which has the data)
+    samples: dict[str, Samples] = field(default_factory=dict)
 
 
 class Evaluator:

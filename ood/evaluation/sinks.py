@@ -6,8 +6,9 @@ every rank after the evaluation pass; sinks that write or print act on global ra
 - `MetricLogger`: slash-named scalars through Lightning's `log_dict` (so `trainer.callback_metrics` and every logger
   get them): `test/<detector>/<ood_set>/<metric>`, `test/<detector>/near|far/<metric>`, `test/id/acc`, and the
   method's float diagnostics as `test/<method>/<key>`.
-- `ResultsWriter`: `results.jsonl`, `scores.npz`, `validation.json` and `figures/` (`ood.plots`), written
-  atomically, and the method's diagnostics (`<key>.png` images, `<method>_stats.json` for the rest) in the run folder.
+- `ResultsWriter`: `results.jsonl`, `scores.npz` with `samples.csv` (the image of each score), `validation.json`
+  and `figures/` (`ood.plots`), written atomically, and the method's diagnostics (`<key>.png` images,
+  `<method>_stats.json` for the rest) in the run folder.
 - `WandbReporter`: the results table, per-split score histograms with shared bins, ROC tables and line plots,
   diagnostic images.
 - `RunTable`: the console table of the run (AUROC / FPR95 per OOD set, near and far means), naming the FPR95
@@ -21,7 +22,10 @@ Full-spectrum (`mode: fsood`) scalars are logged under `test_fsood/...` (same na
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 from lightning import LightningModule, Trainer
 
-from ood.evaluation.evaluator import EvaluationResult
+from ood.evaluation.evaluator import EvaluationResult, Samples
 from ood.evaluation.scoring import METRICS, group_means, rows_by_mode
 from ood.files import atomic_savez, atomic_write_text
 from ood.plots import bin_edges, save_run_figures, wandb_roc
@@ -39,6 +43,22 @@ log = get_logger(__name__)
 
 #: per-scorer AUROC of ID val vs validation OOD, written next to `results.jsonl` (the sweep objective)
 VALIDATION_FILE = "validation.json"
+
+
+#: the image behind each row of the `scores.npz` arrays (`samples_csv`), written beside them
+SAMPLES_FILE = "samples.csv"
+
+
+def samples_csv(samples: Mapping[str, Samples]) -> str:
+    """CSV text, one line per scored image: `split`, `row` (its position in every `<detector>/<split>` array of
+    scores.npz), `dataset_index` (its item in the split's dataset), `label` (ID class, -1 for OOD) and `file` (the
+    image file, or `<split>[<dataset_index>]` for an image held only in memory)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(("split", "row", "dataset_index", "label", "file"))
+    for split, s in samples.items():
+        writer.writerows((split, row, i, y, name) for row, (i, y, name) in enumerate(zip(s.index, s.labels, s.names)))
+    return text.getvalue()
 
 
 class Sink(Protocol):
@@ -111,6 +131,10 @@ class ResultsWriter:
             atomic_savez(out / "scores.npz", flat)
         else:  # an earlier run's scores in this folder would be read back as this run's (`ood.Results`)
             (out / "scores.npz").unlink(missing_ok=True)
+        if self.save_scores and result.samples:  # none from an evaluator called without the evaluation callback
+            atomic_write_text(out / SAMPLES_FILE, samples_csv(result.samples))
+        else:
+            (out / SAMPLES_FILE).unlink(missing_ok=True)
         save_run_figures(out, result.scores, result.rows)
         _, images, rest = split_diagnostics(result.diagnostics)
         for key, image in images.items():

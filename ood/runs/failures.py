@@ -17,7 +17,7 @@ log = get_logger(__name__)
 #: the file a failed run leaves in its folder (read by `ood-report`)
 FAILED_FILE = "FAILED.txt"
 #: what an earlier attempt in the same folder wrote that `ood-report` would take for this attempt's
-EARLIER_RESULTS = ("results.jsonl", "scores.npz")
+EARLIER_RESULTS = ("results.jsonl", "scores.npz", "samples.csv")
 
 
 def clear_failure(output_dir: str | Path) -> None:
