@@ -503,12 +503,20 @@ def _is_object(value: Any) -> bool:
 def _describe_backbone(node: Any, net: nn.Module) -> None:
     """Fill the composed backbone node with what the model is (recorded in config.yaml; the object itself is used)."""
     library = node.get("library")
+    if library == "timm":
+        node.name = (getattr(net, "pretrained_cfg", None) or {}).get("architecture", type(net).__name__)
+        return
+    from torchvision import models
+
+    from ood.models.adapters import architecture_digest
+
     if library == "module":
         node.target = f"{type(net).__module__}.{type(net).__qualname__}"
-    elif library == "timm":
-        node.name = (getattr(net, "pretrained_cfg", None) or {}).get("architecture", type(net).__name__)
     else:
         node.name = torchvision_name(net)
+    if library == "module" or node.name not in models.list_models(module=models):
+        # a class name alone made two widths of one class one configuration, averaged as seeds by ood-report
+        node.shapes = architecture_digest(net)
 
 
 def torchvision_name(net: nn.Module) -> str:

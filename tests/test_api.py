@@ -573,3 +573,34 @@ def test_an_unpicklable_object_for_spawned_ranks_is_one_line() -> None:
             raise err
     with pytest.raises(AttributeError, match="no attribute"), one_line_errors():  # other errors pass unchanged
         raise AttributeError("'X' object has no attribute 'y'")
+
+
+def test_two_widths_of_one_module_class_are_two_configurations(tmp_path: Path) -> None:
+    """Two widths of one `nn.Module` class shared `backbone.target`, so ood-report averaged them as seeds of one
+    configuration; the recorded `backbone.shapes` (parameter names and shapes) tells them apart and keeps the seeds
+    of one width together, and a network built again from the config must have it."""
+    from omegaconf import DictConfig
+
+    from ood.api import _describe_backbone
+    from ood.models.adapters import architecture_digest, module_backbone
+    from ood.runs.identity import flat_config, identity
+
+    def recorded(width: int, seed: int) -> DictConfig:
+        torch.manual_seed(seed)
+        node = OmegaConf.create({"library": "module", "target": "?", "weights": None})
+        _describe_backbone(node, nn.Sequential(nn.Conv2d(3, width, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 3)))
+        return node
+
+    nodes = [recorded(4, 0), recorded(4, 1), recorded(8, 0)]
+    assert nodes[0].target == "torch.nn.modules.container.Sequential"
+    configs = [identity(flat_config(OmegaConf.create({"backbone": node, "seed": 0}))) for node in nodes]
+    assert configs[0] == configs[1] != configs[2]
+    with torch.device("meta"):
+        changed = torchvision.models.resnet18()
+        changed.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(512, 3))
+    node = OmegaConf.create({"library": "torchvision", "name": "?"})
+    _describe_backbone(node, changed)  # no builder makes it: its class name, and its shapes
+    assert node.name == "resnet" and len(node.shapes) == 12
+    with pytest.raises(ConfigError, match=rf"^backbone.shapes=000000000000 is the digest of the network the run "
+                                          rf"evaluated; this one has {architecture_digest(nn.Identity())} \(other"):
+        module_backbone("torch.nn.Identity", num_classes=3, shapes="000000000000")

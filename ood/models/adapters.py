@@ -22,6 +22,7 @@ wrap it (`conf/backbone/{timm,torchvision,module}.yaml`). `as_backbone(model)` w
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 from collections.abc import Mapping, Sequence
@@ -399,7 +400,20 @@ def load_weights_into(backbone: Backbone, path: str | Path) -> None:
     target.load_state_dict(state, strict=True)
 
 
-def _wrap(net: nn.Module, num_classes: int, weights: str | None, feature_layer: str | None, where: str) -> Backbone:
+def architecture_digest(net: nn.Module) -> str:
+    """12 hex digits of the SHA-1 of `net`'s parameter and buffer names and shapes: what tells two widths of one class
+    apart (`ood.evaluate` records it as `backbone.shapes` where the class or builder name alone does not)."""
+    text = ";".join(f"{k}:{tuple(v.shape)}" for k, v in net.state_dict().items())
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _wrap(
+    net: nn.Module, num_classes: int, weights: str | None, feature_layer: str | None, where: str, shapes: str | None = None
+) -> Backbone:
+    """`net` as a `Backbone` with its weights; `shapes`: the `architecture_digest` it must have (a recorded run's)."""
+    if shapes is not None and architecture_digest(net) != shapes:
+        raise ConfigError(f"backbone.shapes={shapes} is the digest of the network the run evaluated; this one has "
+                          f"{architecture_digest(net)} (other layer widths or layers): drop backbone.shapes or build that network")
     backbone = as_backbone(net, feature_layer)
     if weights is not None:
         load_weights_into(backbone, weights)
@@ -414,6 +428,7 @@ def timm_backbone(
     weights: str | None = None,
     feature_layer: str | None = None,
     library: str = "timm",
+    shapes: str | None = None,
     **kwargs: Any,
 ) -> Backbone:
     """`timm.create_model(name, pretrained=False, num_classes, in_chans, **kwargs)`, weights from `weights`."""
@@ -422,7 +437,7 @@ def timm_backbone(
     if not timm.is_model(name.split(".")[0]):
         raise ConfigError(f"unknown timm model {name!r}; choices: timm.list_models(), e.g. {timm.list_models('resnet1*')}")
     net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
-    return _wrap(net, num_classes, weights, feature_layer, "the ID data")
+    return _wrap(net, num_classes, weights, feature_layer, "the ID data", shapes)
 
 
 def torchvision_backbone(
@@ -432,6 +447,7 @@ def torchvision_backbone(
     weights: str | None = None,
     feature_layer: str | None = None,
     library: str = "torchvision",
+    shapes: str | None = None,
     **kwargs: Any,
 ) -> Backbone:
     """`torchvision.models.get_model(name, weights=None, num_classes, **kwargs)`, weights from `weights`."""
@@ -442,7 +458,7 @@ def torchvision_backbone(
     if in_channels != 3:
         raise ConfigError(f"backbone=torchvision builds 3-channel models; the data has {in_channels} channels")
     net = models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
-    return _wrap(net, num_classes, weights, feature_layer, "the ID data")
+    return _wrap(net, num_classes, weights, feature_layer, "the ID data", shapes)
 
 
 def module_backbone(
@@ -452,6 +468,7 @@ def module_backbone(
     weights: str | None = None,
     feature_layer: str | None = None,
     library: str = "module",
+    shapes: str | None = None,
     **kwargs: Any,
 ) -> Backbone:
     """`<target>(**kwargs)` for any importable class or function `target` (`my_pkg.nets.MyNet`); `num_classes` is
@@ -470,4 +487,4 @@ def module_backbone(
     given = {"num_classes": num_classes} if "num_classes" in params or open_kwargs else {}
     given |= {"in_channels": in_channels} if "in_channels" in params else {}
     net = factory(**given, **kwargs)
-    return _wrap(net, num_classes, weights, feature_layer, "the ID data")
+    return _wrap(net, num_classes, weights, feature_layer, "the ID data", shapes)
