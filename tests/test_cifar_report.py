@@ -22,12 +22,17 @@ from ood.report.references import (
 )
 from ood.report.rendering import to_markdown
 
+#: OpenOOD v1.5's CIFAR-10 OOD sets (the leaderboard files' `ood_sets`; CIFAR-100's near has cifar10 instead)
+OPENOOD_SETS = {"near": ["cifar100", "tin"], "far": ["mnist", "svhn", "texture", "places365"]}
 
-def _rows(id_dataset: str, detector: str, seed: int, near: float, far: float, backbone: str = "resnet18_32x32") -> list[dict]:
+
+def _rows(id_dataset: str, detector: str, seed: int, near: float, far: float, backbone: str = "resnet18_32x32",
+          sets: dict[str, list[str]] = OPENOOD_SETS, mode: str = "standard") -> list[dict]:
+    """One run's rows, the same AUROC on every OOD set of a group."""
     base = {"method": "ce", "detector": detector, "backbone": backbone, "id_dataset": id_dataset, "seed": seed,
-            "fpr95": 0.5, "_run": f"run{seed}"}
-    return [{**base, "ood_dataset": "tin", "ood_group": "near", "auroc": near},
-            {**base, "ood_dataset": "svhn", "ood_group": "far", "auroc": far}]
+            "fpr95": 0.5, "mode": mode, "_run": f"run{seed}{mode}"}
+    return [{**base, "ood_dataset": "cifar10" if s == id_dataset else s, "ood_group": g, "auroc": {"near": near, "far": far}[g]}
+            for g, names in sets.items() for s in names]
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
@@ -55,6 +60,29 @@ def test_reference_columns_only_for_matching_rows() -> None:
     assert line.endswith("| 90.64 ± 0.20 | 92.96 ± 0.14 |")
 
 
+def test_reference_columns_only_beside_the_same_ood_sets_and_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    """The leaderboard's near (CIFAR-100 + TIN) stood beside a near mean over CIFAR-100 alone (a torchvision tree has
+    no TIN), its far beside another protocol's far sets, its standard numbers beside full-spectrum rows: a group over
+    other sets, or another mode, gets no ref: column, and one warning line per kind says why."""
+    no_tin = {"near": ["cifar100"], "far": OPENOOD_SETS["far"]}
+    classic = {"far": ["texture", "svhn", "places365", "lsun_crop", "lsun_resize", "isun"]}
+    rows = [*_rows("cifar10", "msp", 0, 0.8, 0.9, sets=no_tin), *_rows("cifar10", "msp", 0, 0.8, 0.9, mode="fsood"),
+            *_rows("cifar10", "energy", 0, 0.8, 0.9, sets=classic)]
+    _, metric_cols, table = aggregate(rows)
+    cols = add_reference(metric_cols, table, [load_reference(REFERENCE_DIR / "cifar10.yaml")])
+    by = {(e["detector"], e["mode"]): e for e in table}
+    assert [c for c in by[("msp", "standard")] if c.startswith("ref:")] == ["ref:far/auroc"] and cols[-1] == "ref:far/auroc"
+    assert not [c for e in (by[("msp", "fsood")], by[("energy", "standard")]) for c in e if c.startswith("ref:")]
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in err] == [  # classic has no near sets: nothing to warn of
+        "warning: no ref:far columns for the cifar10 resnet18_32x32 rows: their far-OOD sets ['isun', 'lsun_crop', "
+        "'lsun_resize', 'places365', 'svhn', 'texture'] are not the reference's ['mnist', 'places365', 'svhn', 'texture']",
+        "warning: no ref: columns for the cifar10 resnet18_32x32 rows of mode=fsood: the reference's numbers are standard",
+        "warning: no ref:near columns for the cifar10 resnet18_32x32 rows: their near-OOD sets ['cifar100'] are not "
+        "the reference's ['cifar100', 'tin']",
+    ]
+
+
 def test_no_reference_keeps_the_table_unchanged() -> None:
     rows = _rows("digits", "msp", 0, 0.9, 0.8)
     _, metric_cols, table = aggregate(rows)
@@ -71,6 +99,9 @@ def test_a_reference_number_may_be_bare_and_is_checked(tmp_path: Path) -> None:
     path.write_text("source: s\nid_dataset: digits\nbackbone: small_cnn\nauroc: {ce: {msp: {near: [1, 2, 3]}}}\n")
     with pytest.raises(OODError, match=r"^reference file .*ref.yaml: auroc.ce.msp.near is \[1, 2, 3\]: give a number or "
                                        r"\[mean, std\] in %$"):
+        load_reference(path)
+    path.write_text("source: s\nid_dataset: digits\nbackbone: small_cnn\nauroc: {}\nood_sets: {far: svhn}\n")
+    with pytest.raises(OODError, match=r"ref.yaml: ood_sets is \{'far': 'svhn'\}: give \{near\|far: \[set, ...\]\}$"):
         load_reference(path)
 
 

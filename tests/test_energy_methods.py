@@ -199,11 +199,12 @@ def test_reference_rows_for_logitnorm_and_the_energy_paper() -> None:
     from ood.report.aggregation import aggregate
     from ood.report.references import REFERENCE_DIR, add_reference, load_reference
 
-    base = {"backbone": "wrn40_2", "id_dataset": "cifar10", "seed": 0, "auroc": 0.9, "fpr95": 0.1, "_run": "r"}
-    rows = [{**base, "method": "energy_oe", "detector": "energy_oe", "ood_dataset": "svhn", "ood_group": "far"}]
-    rows += [{**base, "backbone": "resnet18_32x32", "method": "logitnorm", "detector": "logitnorm", "ood_dataset": s, "ood_group": g}
-             for s, g in (("tin", "near"), ("svhn", "far"))]
     refs = [load_reference(REFERENCE_DIR / f) for f in ("cifar10.yaml", "energy/cifar10_wrn40_2.yaml")]
+    base = {"backbone": "wrn40_2", "id_dataset": "cifar10", "seed": 0, "auroc": 0.9, "fpr95": 0.1, "_run": "r"}
+    rows = [{**base, "method": "energy_oe", "detector": "energy_oe", "ood_dataset": s, "ood_group": "far"}
+            for s in refs[1]["ood_sets"]["far"]]  # each reference's OOD sets (other sets get no ref: column)
+    rows += [{**base, "backbone": "resnet18_32x32", "method": "logitnorm", "detector": "logitnorm", "ood_dataset": s, "ood_group": g}
+             for g, sets in refs[0]["ood_sets"].items() for s in sets]
     assert refs[1]["fpr95_convention"] == "id_positive" and refs[1]["fpr95"]["ce"]["energy"]["far"] == [33.01]
     _, metric_cols, table = aggregate(rows)
     cols = add_reference(metric_cols, table, refs)

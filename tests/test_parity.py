@@ -171,7 +171,8 @@ def test_streamed_gram_fills_the_leaderboard_gram_row() -> None:
     """ood-report gives gram_stream's rows the leaderboard's gram numbers (it `reproduces` gram), and the parity table
     prints them on gram_stream's row, with no second, empty gram row."""
     ref = load_reference(parity_openood.REFERENCE_DIR / "imagenet200.yaml")
-    entry = {"id_dataset": "imagenet200", "backbone": "resnet18", "method": "ce", "detector": "gram_stream"}
+    entry = {"id_dataset": "imagenet200", "backbone": "resnet18", "method": "ce", "detector": "gram_stream",
+             "_sets": ref["ood_sets"]}
     assert add_reference([], [entry], [ref]) == ["ref:near/auroc", "ref:far/auroc"]
     assert entry["ref:near/auroc"] == pytest.approx((0.6767, 0.0107, 3)) and entry["ref:far/auroc"][0] == pytest.approx(0.7119)
     row = {"detector": "gram_stream", "seeds": "3", "near/auroc_mean": "0.68", "near/auroc_std": "0.01",

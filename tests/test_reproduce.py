@@ -158,17 +158,22 @@ def test_paper_references_load_with_source_and_convention(paper: str) -> None:
     refs = [load_reference(f) for f in reference_files([REFERENCE_DIR / paper])]
     assert refs and all(r["source"] for r in refs)
     assert all(r["fpr95_convention"] == "id_positive" for r in refs if "fpr95" in r)
+    # every published group mean names the OOD sets it is over (a row over other sets gets no ref: column)
+    assert all(g in r["ood_sets"] for r in refs for m in ("auroc", "fpr95") for d in (r.get(m) or {}).values()
+               for groups in d.values() for g in groups)
 
 
 def test_fpr95_reference_columns_follow_the_convention() -> None:
     from ood.report.aggregation import aggregate
     from ood.report.references import REFERENCE_DIR, add_reference, load_reference, reference_files
 
-    base = {"backbone": "wrn40_2", "id_dataset": "cifar10", "seed": 0, "_run": "r", "ood_group": "far", "ood_dataset": "svhn",
-            "auroc": 0.9, "fpr95": 0.1, "fpr95_oodpos": 0.2}
-    rows = [{**base, "method": "energy_oe", "detector": "energy_oe"}, {**base, "method": "ce", "detector": "msp"}]
+    refs = [load_reference(f) for f in reference_files([REFERENCE_DIR / "energy"])]
+    base = {"backbone": "wrn40_2", "id_dataset": "cifar10", "seed": 0, "_run": "r", "ood_group": "far", "auroc": 0.9,
+            "fpr95": 0.1, "fpr95_oodpos": 0.2}
+    rows = [{**base, "method": method, "detector": detector, "ood_dataset": s} for method, detector in
+            (("energy_oe", "energy_oe"), ("ce", "msp")) for s in refs[0]["ood_sets"]["far"]]  # the six classic sets
     _, metric_cols, table = aggregate(rows)
-    cols = add_reference(metric_cols, table, [load_reference(f) for f in reference_files([REFERENCE_DIR / "energy"])])
+    cols = add_reference(metric_cols, table, refs)
     assert cols == [*metric_cols, "ref:far/fpr95"]
     by = {e["method"]: e for e in table}
     assert by["energy_oe"]["ref:far/fpr95"] == pytest.approx((0.0332, 0.0, 1)) and by["ce"]["ref:far/fpr95"][0] == pytest.approx(0.5104)

@@ -103,7 +103,8 @@ def aggregate(
     rows: Sequence[Mapping[str, Any]], by: Sequence[str] | None = None
 ) -> tuple[list[str], list[str], list[dict[str, Any]]]:
     """(config columns, metric columns, table rows); metric cells are (mean, std, n) over the runs (seeds), also of
-    `fpr95_oodpos`, which is not a column unless a reference gives it (`references.add_reference`).
+    `fpr95_oodpos`, which is not a column unless a reference gives it (`references.add_reference`); `_runs` lists an
+    entry's run folders, `_sets` its OOD sets per group (what its near/far means are over).
 
     Runs are grouped by their whole configuration without the seed, so different configurations are never
     averaged; the columns are the keys that differ. `by` names the grouping keys instead (besides method,
@@ -163,6 +164,7 @@ def aggregate(
         entry: dict[str, Any] = dict(zip(config_cols, key))
         entry["seeds"] = len(runs)
         entry["_runs"] = sorted(runs)
+        entry["_sets"] = {g: sorted(s for s, of in sets_of.items() if of == g) for g in groups}
         entry.update({col: (*_mean_std(values), len(values)) for col, values in cells.items()})
         table.append(entry)
     table.sort(key=lambda e: tuple(str(e[c]) for c in config_cols))

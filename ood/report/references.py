@@ -7,10 +7,15 @@ and detector; a detector that `reproduces` another, e.g. `gram_stream`, matches 
 `ref:near/auroc` and `ref:far/auroc` columns. A file may also give FPR95 (`fpr95:`, same shape)
 with its `fpr95_convention`: `id_positive` (ODIN / Energy / the seed papers; our `fpr95`) gives `ref:<group>/fpr95`
 columns, `ood_positive` (OpenOOD v1.5, pytorch-ood; our `fpr95_oodpos`) `ref:<group>/fpr95_oodpos`.
+`ood_sets: {near|far: [set, ...]}` names the OOD sets a published group mean is over: a row whose group is over other
+sets (TIN missing from a torchvision-only CIFAR tree, another protocol's far sets) gets no `ref:` column for it, and a
+warning says why; `mode` (default `standard`) is the evaluation mode the numbers are of (full-spectrum rows measure
+another ID set).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +31,8 @@ FPR95_CONVENTIONS = {"id_positive": "fpr95", "ood_positive": "fpr95_oodpos"}
 
 def load_reference(path: str | Path) -> dict[str, Any]:
     """A reference file: `source`, `id_dataset`, `backbone`, `auroc: {method: {detector: {near|far: [mean(, std)]}}}` (%),
-    optionally `fpr95` of the same shape with `fpr95_convention` (`id_positive` | `ood_positive`)."""
+    optionally `fpr95` of the same shape with `fpr95_convention` (`id_positive` | `ood_positive`), `ood_sets` and
+    `mode`."""
     from omegaconf import OmegaConf
 
     path = Path(path)
@@ -41,6 +47,10 @@ def load_reference(path: str | Path) -> dict[str, Any]:
         raise OODError(f"reference file {path} lacks {sorted(missing)}")
     if "fpr95" in reference and reference.get("fpr95_convention") not in FPR95_CONVENTIONS:
         raise OODError(f"reference file {path} gives fpr95 without fpr95_convention: one of {list(FPR95_CONVENTIONS)}")
+    sets = reference.get("ood_sets") or {}
+    if not isinstance(sets, dict) or not set(sets) <= {"near", "far"} or not all(
+            isinstance(names, list) and all(isinstance(n, str) for n in names) for names in sets.values()):
+        raise OODError(f"reference file {path}: ood_sets is {sets!r}: give {{near|far: [set, ...]}}")
     for metric in ("auroc", "fpr95"):
         for method, detectors in (reference.get(metric) or {}).items():
             for detector, groups in (detectors or {}).items():
@@ -83,29 +93,44 @@ def add_reference(
     """Add the published near/far AUROC (and FPR95 when given) as (mean, std, runs) in [0, 1] to matching table
     entries, in place.
 
-    An entry matches a reference on `id_dataset`, `backbone`, `method` and `detector` (`reference_name`: the detector it
-    reproduces, if any). Returns the metric columns
+    An entry matches a reference on `id_dataset`, `backbone`, `method`, `detector` (`reference_name`: the detector it
+    reproduces, if any) and evaluation mode, a group also on its OOD sets (`_sets`, when the reference names its
+    `ood_sets`); a group or mode that does not match is warned about once per kind of entry. Returns the metric columns
     with our columns of a matched convention not shown yet (`<group>/fpr95_oodpos`) and the matched reference
     columns appended (`REFERENCE_COLS` first, then FPR95 ones), else unchanged.
     """
     from ood.detectors import reference_name  # the registry, only when there are references to match
 
     matched: set[str] = set()
+    unmatched: dict[str, None] = {}  # warnings, in order, once each
     for entry in table:
         for ref in references:
             if (str(ref["id_dataset"]), str(ref["backbone"])) != (entry["id_dataset"], entry["backbone"]):
                 continue
+            where = f"the {entry['id_dataset']} {entry['backbone']} rows"
             metrics = {"auroc": ref.get("auroc")}  # a file may give fpr95 alone
             if "fpr95" in ref:
                 metrics[FPR95_CONVENTIONS[ref["fpr95_convention"]]] = ref["fpr95"]
             for metric, numbers in metrics.items():
                 groups = ((numbers or {}).get(entry["method"]) or {}).get(reference_name(str(entry["detector"]))) or {}
-                for group in ("near", "far"):
-                    if group in groups:
-                        values = [float(v) / 100 for v in groups[group]]
-                        col = f"ref:{group}/{metric}"
-                        entry[col] = (values[0], values[1] if len(values) > 1 else 0.0, 3 if len(values) > 1 else 1)
-                        matched.add(col)
+                mode, ref_mode = entry.get("mode", "standard"), ref.get("mode", "standard")
+                if groups and mode != ref_mode:
+                    unmatched[f"warning: no ref: columns for {where} of mode={mode}: the reference's numbers are "
+                              f"{ref_mode} ({ref['source'].strip()})"] = None
+                    continue
+                for group in (g for g in ("near", "far") if g in groups):
+                    ours, theirs = entry.get("_sets", {}).get(group), (ref.get("ood_sets") or {}).get(group)
+                    if theirs is not None and sorted(ours or ()) != sorted(theirs):
+                        if ours:  # no group of ours (a protocol without near-OOD): nothing to stand beside
+                            unmatched[f"warning: no ref:{group} columns for {where}: their {group}-OOD sets {ours} "
+                                      f"are not the reference's {sorted(theirs)} ({ref['source'].strip()})"] = None
+                        continue
+                    values = [float(v) / 100 for v in groups[group]]
+                    col = f"ref:{group}/{metric}"
+                    entry[col] = (values[0], values[1] if len(values) > 1 else 0.0, 3 if len(values) > 1 else 1)
+                    matched.add(col)
+    for line in unmatched:
+        print(line, file=sys.stderr)
     order = [*REFERENCE_COLS, *(f"ref:{g}/{m}" for m in FPR95_CONVENTIONS.values() for g in ("near", "far"))]
     # our numbers in a reference's convention that the table does not show (fpr95_oodpos) go beside it
     ours = [c[len("ref:"):] for c in order if c in matched and c[len("ref:"):] not in metric_cols]
