@@ -56,6 +56,9 @@ LIST_HOW = ("OpenOOD's benchmark lists and images: python scripts/download/downl
 DOWNLOAD_NAMES = {"cifar10": "cifar-10", "cifar100": "cifar-100", "imagenet200": "imagenet-200", "imagenet1k": "imagenet-1k"}
 #: a difference (points of AUROC) beyond this is marked
 MARK = 1.0
+#: the two ± columns are not the same statistic: OpenOOD's scripts/eval_ood.py takes np.std over its runs
+STDS = ("± : ours the sample std over the seeds (n - 1), OpenOOD's the population std (n, np.std in its "
+        "scripts/eval_ood.py: x 0.82 of the sample std at 3 seeds); a value alone is one run.")
 
 
 def required_lists(benchmark: str) -> list[str]:
@@ -130,6 +133,14 @@ def reference_row(detector: str, groups: dict[str, list[float]]) -> dict[str, st
     return row
 
 
+def _percent(mean: str, std: str) -> str:
+    """A report.csv mean ± std in %; an empty std (one seed, a one-run leaderboard row) leaves the mean alone, as the
+    report does (`± 0.00` read as runs that agree); an empty mean is `-`."""
+    if not mean:
+        return "-"
+    return f"{100 * float(mean):.2f}" + (f" ± {100 * float(std):.2f}" if std else "")
+
+
 def parity_table(benchmark: str, rows: Sequence[dict[str, str]]) -> tuple[str, int]:
     """The Markdown parity table of one benchmark and the number of marked differences."""
     reference = OmegaConf.to_container(OmegaConf.load(REFERENCE_DIR / f"{benchmark}.yaml"))
@@ -146,8 +157,7 @@ def parity_table(benchmark: str, rows: Sequence[dict[str, str]]) -> tuple[str, i
         for group in ("near", "far"):
             ours, std = row.get(f"{group}/auroc_mean", ""), row.get(f"{group}/auroc_std", "")
             ref, ref_std = row.get(f"ref:{group}/auroc_mean", ""), row.get(f"ref:{group}/auroc_std", "")
-            cells.append(f"{100 * float(ours):.2f} ± {100 * float(std or 0):.2f}" if ours else "-")
-            cells.append(f"{100 * float(ref):.2f} ± {100 * float(ref_std or 0):.2f}" if ref else "-")
+            cells += [_percent(ours, std), _percent(ref, ref_std)]
             if ours and ref:
                 diff = 100 * (float(ours) - float(ref))
                 marked += abs(diff) > MARK
@@ -156,6 +166,7 @@ def parity_table(benchmark: str, rows: Sequence[dict[str, str]]) -> tuple[str, i
                 cells.append("-")
         lines.append(f"| {row['detector']} | " + " | ".join(cells) + " |")
     lines.append(f"\nnot in ood (leaderboard only): {', '.join(reference.get('not_in_ood', [])) or '-'}")
+    lines.append(f"\n{STDS}")
     return "\n".join(lines), marked
 
 

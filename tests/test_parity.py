@@ -89,7 +89,8 @@ def test_leaderboard_detector_that_did_not_run_keeps_its_row() -> None:
     lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
     assert lines["| knn"] == "| knn | 90.00 ± 1.00 | 90.64 ± 0.20 | -0.64 | 93.00 ± 0.00 | 92.96 ± 0.14 | +0.04 |"
     assert lines["| gram"] == "| gram | - | 58.66 ± 4.83 | - | - | 71.73 ± 3.20 | - |"
-    assert lines["| fdbd"] == "| fdbd | - | 90.42 ± 0.00 | - | - | 93.16 ± 0.00 | - |"  # one run: [mean] only
+    assert lines["| fdbd"] == "| fdbd | - | 90.42 | - | - | 93.16 | - |"  # one run: [mean] only, no ± 0.00
+    assert table.endswith(parity_openood.STDS)
     ref = load_reference(parity_openood.REFERENCE_DIR / "cifar10.yaml")
     assert len(lines) == 1 + len(ref["auroc"]["ce"]) and marked == 0
 
@@ -182,3 +183,12 @@ def test_streamed_gram_fills_the_leaderboard_gram_row() -> None:
     lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
     assert lines["| gram_stream"] == "| gram_stream | 68.00 ± 1.00 | 67.67 ± 1.07 | +0.33 | 70.00 ± 2.00 | 71.19 ± 0.24 | -1.19 ! |"
     assert "| gram" not in lines and len(lines) == 1 + len(ref["auroc"]["ce"]) and marked == 1
+
+
+def test_one_seed_is_its_value_alone() -> None:
+    """ImageNet-1K's one torchvision network: report.csv leaves its std empty, and the parity table printed
+    `± 0.00` beside it, as if seeds agreed; it is the value alone now, as in report.md."""
+    row = {"detector": "msp", "seeds": "1", "near/auroc_mean": "0.7602", "near/auroc_std": "", "far/auroc_mean": "0.85",
+           "far/auroc_std": "", "ref:near/auroc_mean": "0.7602", "ref:far/auroc_mean": "0.8523"}
+    table, _ = parity_openood.parity_table("imagenet1k", [row])
+    assert "| msp | 76.02 | 76.02 | +0.00 | 85.00 | 85.23 | -0.23 |" in table.splitlines()
