@@ -103,6 +103,9 @@ def test_a_reference_number_may_be_bare_and_is_checked(tmp_path: Path) -> None:
     path.write_text("source: s\nid_dataset: digits\nbackbone: small_cnn\nauroc: {}\nood_sets: {far: svhn}\n")
     with pytest.raises(OODError, match=r"ref.yaml: ood_sets is \{'far': 'svhn'\}: give \{near\|far: \[set, ...\]\}$"):
         load_reference(path)
+    path.write_text("source: s\nid_dataset: digits\nbackbone: small_cnn\nauroc: {}\nsame_network: [grood]\n")
+    with pytest.raises(OODError, match=r"ref.yaml: same_network is \['grood'\]: give \{method: the method it trains as\}$"):
+        load_reference(path)
 
 
 def test_a_reference_may_give_fpr95_alone(tmp_path: Path) -> None:

@@ -181,6 +181,26 @@ def test_fpr95_reference_columns_follow_the_convention() -> None:
     assert add_reference(metric_cols, table, [ood_pos])[-1] == "ref:far/fpr95_oodpos"
 
 
+def test_grood_runs_cifar_detectors_read_the_leaderboards_ce_numbers() -> None:
+    """reproduce-grood passes the leaderboard files for "the CE detectors" (README), but GROOD's runs (a CE network,
+    trained exactly as method=ce) have method grood: none of their detector rows got a ref: column. They read the CE
+    numbers now (`same_network`); GROOD's own score keeps its own reference (OpenOOD's README number)."""
+    from ood.report.aggregation import aggregate
+    from ood.report.references import REFERENCE_DIR, add_reference, load_reference, reference_files
+
+    refs = [load_reference(f) for f in reference_files([REFERENCE_DIR / "grood", REFERENCE_DIR / "cifar10.yaml"])]
+    base = {"method": "grood", "backbone": "resnet18_32x32", "id_dataset": "cifar10", "seed": 0, "_run": "r", "auroc": 0.9,
+            "fpr95": 0.1}
+    rows = [{**base, "detector": d, "ood_dataset": s, "ood_group": g} for d in ("grood", "msp", "gram")
+            for g, sets in refs[-1]["ood_sets"].items() for s in sets]
+    _, metric_cols, table = aggregate(rows)
+    add_reference(metric_cols, table, refs)
+    ref = {e["detector"]: {c: e[c][0] for c in e if c.startswith("ref:")} for e in table}
+    assert ref == {"grood": {"ref:near/auroc": pytest.approx(0.9116)},
+                   "msp": {"ref:near/auroc": pytest.approx(0.8803), "ref:far/auroc": pytest.approx(0.9073)},
+                   "gram": {}}  # cifar10.yaml has no gram row
+
+
 @pytest.mark.parametrize("objective", ["supcon", "simclr"])
 def test_cluster_contrastive_stage_has_the_recipe_epochs(tmp_path: Path, objective: str) -> None:
     """`make reproduce-cluster`'s contrastive jobs: 700 contrastive epochs (OODformer / SupContrast `main_supcon`)

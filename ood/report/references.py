@@ -10,7 +10,8 @@ columns, `ood_positive` (OpenOOD v1.5, pytorch-ood; our `fpr95_oodpos`) `ref:<gr
 `ood_sets: {near|far: [set, ...]}` names the OOD sets a published group mean is over: a row whose group is over other
 sets (TIN missing from a torchvision-only CIFAR tree, another protocol's far sets) gets no `ref:` column for it, and a
 warning says why; `mode` (default `standard`) is the evaluation mode the numbers are of (full-spectrum rows measure
-another ID set).
+another ID set). `same_network: {method: trained_as}` lets rows of a post-hoc method that trains exactly as another
+(`grood: ce`) read that method's numbers for the detectors the file does not list under their own method.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ FPR95_CONVENTIONS = {"id_positive": "fpr95", "ood_positive": "fpr95_oodpos"}
 
 def load_reference(path: str | Path) -> dict[str, Any]:
     """A reference file: `source`, `id_dataset`, `backbone`, `auroc: {method: {detector: {near|far: [mean(, std)]}}}` (%),
-    optionally `fpr95` of the same shape with `fpr95_convention` (`id_positive` | `ood_positive`), `ood_sets` and
-    `mode`."""
+    optionally `fpr95` of the same shape with `fpr95_convention` (`id_positive` | `ood_positive`), `ood_sets`,
+    `mode` and `same_network`."""
     from omegaconf import OmegaConf
 
     path = Path(path)
@@ -51,6 +52,9 @@ def load_reference(path: str | Path) -> dict[str, Any]:
     if not isinstance(sets, dict) or not set(sets) <= {"near", "far"} or not all(
             isinstance(names, list) and all(isinstance(n, str) for n in names) for names in sets.values()):
         raise OODError(f"reference file {path}: ood_sets is {sets!r}: give {{near|far: [set, ...]}}")
+    same = reference.get("same_network") or {}
+    if not isinstance(same, dict) or not all(isinstance(v, str) for v in same.values()):
+        raise OODError(f"reference file {path}: same_network is {same!r}: give {{method: the method it trains as}}")
     for metric in ("auroc", "fpr95"):
         for method, detectors in (reference.get(metric) or {}).items():
             for detector, groups in (detectors or {}).items():
@@ -93,8 +97,8 @@ def add_reference(
     """Add the published near/far AUROC (and FPR95 when given) as (mean, std, runs) in [0, 1] to matching table
     entries, in place.
 
-    An entry matches a reference on `id_dataset`, `backbone`, `method`, `detector` (`reference_name`: the detector it
-    reproduces, if any) and evaluation mode, a group also on its OOD sets (`_sets`, when the reference names its
+    An entry matches a reference on `id_dataset`, `backbone`, `method` (or the one it trains as: `same_network`),
+    `detector` (`reference_name`: the detector it reproduces, if any) and evaluation mode, a group also on its OOD sets (`_sets`, when the reference names its
     `ood_sets`); a group or mode that does not match is warned about once per kind of entry. Returns the metric columns
     with our columns of a matched convention not shown yet (`<group>/fpr95_oodpos`) and the matched reference
     columns appended (`REFERENCE_COLS` first, then FPR95 ones), else unchanged.
@@ -112,7 +116,9 @@ def add_reference(
             if "fpr95" in ref:
                 metrics[FPR95_CONVENTIONS[ref["fpr95_convention"]]] = ref["fpr95"]
             for metric, numbers in metrics.items():
-                groups = ((numbers or {}).get(entry["method"]) or {}).get(reference_name(str(entry["detector"]))) or {}
+                detector = reference_name(str(entry["detector"]))
+                methods = (entry["method"], (ref.get("same_network") or {}).get(entry["method"]))
+                groups = next((g for m in methods if (g := ((numbers or {}).get(m) or {}).get(detector))), {})
                 mode, ref_mode = entry.get("mode", "standard"), ref.get("mode", "standard")
                 if groups and mode != ref_mode:
                     unmatched[f"warning: no ref: columns for {where} of mode={mode}: the reference's numbers are "
