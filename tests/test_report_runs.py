@@ -64,6 +64,15 @@ def test_configurations_are_never_averaged(runs: Path) -> None:
     assert by[("ce", "msp", "3")]["id_acc"][0] == pytest.approx(0.9) and "id_acc" in metric_cols
 
 
+def test_numeric_configuration_values_sort_by_value(tmp_path: Path) -> None:
+    """A sweep over trainer.max_epochs=3,10,20 was listed 10, 20, 3 (text order); numbers sort by value now."""
+    for epochs in (20, 3, 10):
+        _run(tmp_path / str(epochs), 0, epochs, 0.8)
+    _, _, table = aggregate(load_rows([tmp_path]))
+    assert [(e["detector"], e["trainer.max_epochs"]) for e in table] == [
+        ("energy", "3"), ("energy", "10"), ("energy", "20"), ("msp", "3"), ("msp", "10"), ("msp", "20")]
+
+
 def test_the_training_run_is_kept_before_its_re_evaluation(tmp_path: Path) -> None:
     """A re-evaluation that scores a little differently (another GPU, another ood version) is dropped for the run
     that trained the checkpoint, whatever the folders' names sort like ("again" < "zz_trained" here)."""

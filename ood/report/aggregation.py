@@ -167,8 +167,16 @@ def aggregate(
         entry["_sets"] = {g: sorted(s for s, of in sets_of.items() if of == g) for g in groups}
         entry.update({col: (*_mean_std(values), len(values)) for col, values in cells.items()})
         table.append(entry)
-    table.sort(key=lambda e: tuple(str(e[c]) for c in config_cols))
+    table.sort(key=lambda e: tuple(_order(str(e[c])) for c in config_cols))
     return config_cols, metric_cols, table
+
+
+def _order(value: str) -> tuple[int, float, str]:
+    """Sort key of a configuration value: numbers by value (epochs 5, 10, 20; not "10" < "20" < "5"), before text."""
+    try:
+        return 0, float(value), ""
+    except ValueError:
+        return 1, 0.0, value
 
 
 def _warn_mixed(members: Mapping[tuple[str, ...], Sequence[Mapping[str, str]]]) -> None:
