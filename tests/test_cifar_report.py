@@ -16,11 +16,12 @@ from ood.report.aggregation import aggregate
 from ood.report.references import (
     REFERENCE_COLS,
     REFERENCE_DIR,
+    STD_CONVENTIONS,
     add_reference,
     load_reference,
     reference_files,
 )
-from ood.report.rendering import to_markdown
+from ood.report.rendering import NOTE, to_markdown
 
 #: OpenOOD v1.5's CIFAR-10 OOD sets (the leaderboard files' `ood_sets`; CIFAR-100's near has cifar10 instead)
 OPENOOD_SETS = {"near": ["cifar100", "tin"], "far": ["mnist", "svhn", "texture", "places365"]}
@@ -103,6 +104,9 @@ def test_a_reference_number_may_be_bare_and_is_checked(tmp_path: Path) -> None:
     path.write_text("source: s\nid_dataset: digits\nbackbone: small_cnn\nauroc: {}\nood_sets: {far: svhn}\n")
     with pytest.raises(OODError, match=r"ref.yaml: ood_sets is \{'far': 'svhn'\}: give \{near\|far: \[set, ...\]\}$"):
         load_reference(path)
+    path.write_text("source: s\nid_dataset: digits\nbackbone: small_cnn\nauroc: {}\nstd: ddof0\n")
+    with pytest.raises(OODError, match=r"ref.yaml: std is 'ddof0': one of \['population', 'sample'\]$"):
+        load_reference(path)
     path.write_text("source: s\nid_dataset: digits\nbackbone: small_cnn\nauroc: {}\nsame_network: [grood]\n")
     with pytest.raises(OODError, match=r"ref.yaml: same_network is \['grood'\]: give \{method: the method it trains as\}$"):
         load_reference(path)
@@ -142,9 +146,12 @@ def test_report_cli_prints_the_reference(tmp_path: Path, capsys: pytest.CaptureF
     out = capsys.readouterr()
     assert "| ref:near/auroc | ref:far/auroc |" in out.out and "| 80.91 ± 0.08 | 79.77 ± 0.61 |" in out.out
     assert "results/cifar100.csv" in out.err
+    # the leaderboard's ± is np.std (n), ours n - 1: the note under the table (and atop report.tex) says so
+    assert f"{NOTE} {STD_CONVENTIONS['population']}\n" in out.out
+    assert (tmp_path / "sweep" / "report.tex").read_text().startswith(f"% {NOTE} {STD_CONVENTIONS['population']}\n")
     assert "warning" not in out.err
     main([str(tmp_path / "sweep"), "--no-reference", "--out", str(tmp_path / "plain")])
-    assert "ref:" not in (tmp_path / "plain" / "report.md").read_text()
+    assert "ref:" not in (tmp_path / "plain" / "report.md").read_text()  # nor the std line
     # a named reference for another backbone adds nothing: one warning says so (it was silent)
     main([str(tmp_path / "sweep"), "--reference", "conf/reference/cifar100_resnet18.yaml", "--out", str(tmp_path / "other")])
     out = capsys.readouterr()

@@ -13,7 +13,13 @@ from ood.files import atomic_write, atomic_write_text
 from ood.report.aggregation import aggregate, config_keys, varying_params
 from ood.report.figures import write_figures
 from ood.report.reading import failed_runs, load_rows
-from ood.report.references import add_reference, default_references, load_reference, reference_files
+from ood.report.references import (
+    add_reference,
+    default_references,
+    load_reference,
+    reference_files,
+    std_notes,
+)
 from ood.report.rendering import NOTE, to_latex, to_markdown, write_csv
 
 
@@ -84,14 +90,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(1)
     config_cols, metric_cols, table = aggregate(rows, by=by)
     metric_cols = add_reference(metric_cols, table, references)
-    markdown = to_markdown(config_cols, metric_cols, table) + f"\n{NOTE}\n"
+    note = " ".join([NOTE, *std_notes(references, metric_cols, table)])
+    markdown = to_markdown(config_cols, metric_cols, table) + f"\n{note}\n"
     if failed:
         markdown += "\nFailed jobs (not in the table):\n" + "".join(f"- `{run}`: {why}\n" for run, why in failed.items())
     print(markdown)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "report.md", markdown)
     atomic_write(out / "report.csv", lambda tmp: write_csv(tmp, config_cols, metric_cols, table))
-    atomic_write_text(out / "report.tex", f"% {NOTE}\n" + to_latex(config_cols, metric_cols, table))
+    atomic_write_text(out / "report.tex", f"% {note}\n" + to_latex(config_cols, metric_cols, table))
     # a run folder's own figures/ are that run's ROC and histograms: the report's go beside them, in report/figures/
     figures_in = out / "report" if (out / "results.jsonl").is_file() else out
     if not args.no_figures:

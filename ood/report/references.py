@@ -11,7 +11,8 @@ columns, `ood_positive` (OpenOOD v1.5, pytorch-ood; our `fpr95_oodpos`) `ref:<gr
 sets (TIN missing from a torchvision-only CIFAR tree, another protocol's far sets) gets no `ref:` column for it, and a
 warning says why; `mode` (default `standard`) is the evaluation mode the numbers are of (full-spectrum rows measure
 another ID set). `same_network: {method: trained_as}` lets rows of a post-hoc method that trains exactly as another
-(`grood: ce`) read that method's numbers for the detectors the file does not list under their own method.
+(`grood: ce`) read that method's numbers for the detectors the file does not list under their own method. `std`
+(`population` | `sample`) says how the std of its [mean, std] entries was taken: a line under the table says so.
 """
 
 from __future__ import annotations
@@ -28,12 +29,18 @@ REFERENCE_DIR = CONFIG_DIR / "reference"
 REFERENCE_COLS = ("ref:near/auroc", "ref:far/auroc")
 #: reference file's `fpr95_convention` -> our metric of that convention
 FPR95_CONVENTIONS = {"id_positive": "fpr95", "ood_positive": "fpr95_oodpos"}
+#: reference file's `std` (how the std of its [mean, std] entries was taken) -> the line under the report's table
+STD_CONVENTIONS = {
+    "population": "ref: ± is the population std over the published runs (n; OpenOOD's np.std), ours the sample std "
+                  "(n - 1): at 3 runs the same spread reads 0.82 x ours.",
+    "sample": "ref: ± is the sample std over the published runs (n - 1), as ours.",
+}
 
 
 def load_reference(path: str | Path) -> dict[str, Any]:
     """A reference file: `source`, `id_dataset`, `backbone`, `auroc: {method: {detector: {near|far: [mean(, std)]}}}` (%),
     optionally `fpr95` of the same shape with `fpr95_convention` (`id_positive` | `ood_positive`), `ood_sets`,
-    `mode` and `same_network`."""
+    `mode`, `same_network` and `std` (`STD_CONVENTIONS`)."""
     from omegaconf import OmegaConf
 
     path = Path(path)
@@ -52,6 +59,8 @@ def load_reference(path: str | Path) -> dict[str, Any]:
     if not isinstance(sets, dict) or not set(sets) <= {"near", "far"} or not all(
             isinstance(names, list) and all(isinstance(n, str) for n in names) for names in sets.values()):
         raise OODError(f"reference file {path}: ood_sets is {sets!r}: give {{near|far: [set, ...]}}")
+    if reference.get("std", "sample") not in STD_CONVENTIONS:
+        raise OODError(f"reference file {path}: std is {reference['std']!r}: one of {list(STD_CONVENTIONS)}")
     same = reference.get("same_network") or {}
     if not isinstance(same, dict) or not all(isinstance(v, str) for v in same.values()):
         raise OODError(f"reference file {path}: same_network is {same!r}: give {{method: the method it trains as}}")
@@ -89,6 +98,18 @@ def default_references(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     names = sorted({str(row["id_dataset"]) for row in rows})
     files = [p for n in names for p in [REFERENCE_DIR / f"{n}.yaml", *sorted(REFERENCE_DIR.glob(f"{n}_*.yaml"))]]
     return [load_reference(p) for p in files if p.is_file()]
+
+
+def std_notes(
+    references: Sequence[Mapping[str, Any]], metric_cols: Sequence[str], table: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """How the references of the table's (ID dataset, backbone) pairs took their std (`STD_CONVENTIONS`), when a ref:
+    column is shown."""
+    ran = {(str(e["id_dataset"]), str(e["backbone"])) for e in table}
+    if not any(c.startswith("ref:") for c in metric_cols):
+        return []
+    return [STD_CONVENTIONS[s] for s in sorted({str(r["std"]) for r in references
+                                                 if "std" in r and (str(r["id_dataset"]), str(r["backbone"])) in ran})]
 
 
 def add_reference(
