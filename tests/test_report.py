@@ -85,6 +85,9 @@ def test_cli_writes_markdown_and_csv(tmp_path: Path, capsys: pytest.CaptureFixtu
     note = "mean ± std over seeds (sample std, n - 1; one seed: the value alone)"
     assert note in (tmp_path / "report.md").read_text().splitlines()[-1]  # the std's formula goes with the table
     assert note in (tmp_path / "report.tex").read_text().splitlines()[0]
+    # which FPR95 the fpr95 column is (OpenOOD's is the other one): it was not said anywhere in the report
+    fpr95 = "fpr95: OOD accepted as ID at the threshold keeping 95 % of ID (ID positive, as ODIN / Energy)"
+    assert fpr95 in (tmp_path / "report.md").read_text().splitlines()[-1]
     header, line = (tmp_path / "report.csv").read_text().splitlines()
     cells = dict(zip(header.split(","), line.split(",")))
     assert (cells["s/auroc_mean"], cells["s/auroc_std"]) == ("0.75", "")  # one seed: no std (was 0.0)
