@@ -181,6 +181,24 @@ def test_fpr95_reference_columns_follow_the_convention() -> None:
     assert add_reference(metric_cols, table, [ood_pos])[-1] == "ref:far/fpr95_oodpos"
 
 
+def test_oal_reference_says_its_numbers_are_of_224_pixel_students(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """reproduce-oal trains at 32 px, the leaderboard's OAL row at 224 px: the report printed the numbers as if of the
+    same runs; the reference line under it says the input sizes now."""
+    from ood.report import main
+    from ood.report.references import REFERENCE_DIR, load_reference
+
+    sets = load_reference(REFERENCE_DIR / "oal" / "cifar10_resnet18_32x32.yaml")["ood_sets"]
+    rows = [{"method": "oal", "detector": "oal", "backbone": "resnet18_32x32", "id_dataset": "cifar10", "seed": 0,
+             "ood_dataset": s, "ood_group": g, "auroc": 0.9, "fpr95": 0.2} for g, names in sets.items() for s in names]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main([str(tmp_path), "--reference", "conf/reference/oal", "--no-figures"])
+    out = capsys.readouterr()
+    assert "| 92.99 ± 0.15 | 96.28 ± 0.07 |" in out.out
+    assert "reference numbers (cifar10, resnet18_32x32, protocol: openood_v1.5, OAL student trained at 224 px (the " \
+           "leaderboard row); these runs: 32 px)" in out.err
+
+
 def test_grood_runs_cifar_detectors_read_the_leaderboards_ce_numbers() -> None:
     """reproduce-grood passes the leaderboard files for "the CE detectors" (README), but GROOD's runs (a CE network,
     trained exactly as method=ce) have method grood: none of their detector rows got a ref: column. They read the CE
