@@ -105,9 +105,9 @@ def std_notes(
 ) -> list[str]:
     """How the references of the table's (ID dataset, backbone) pairs took their std (`STD_CONVENTIONS`), when a ref:
     column is shown."""
-    ran = {(str(e["id_dataset"]), str(e["backbone"])) for e in table}
     if not any(c.startswith("ref:") for c in metric_cols):
         return []
+    ran = {(str(e["id_dataset"]), str(e["backbone"])) for e in table}
     return [STD_CONVENTIONS[s] for s in sorted({str(r["std"]) for r in references
                                                  if "std" in r and (str(r["id_dataset"]), str(r["backbone"])) in ran})]
 
@@ -119,8 +119,9 @@ def add_reference(
     entries, in place.
 
     An entry matches a reference on `id_dataset`, `backbone`, `method` (or the one it trains as: `same_network`),
-    `detector` (`reference_name`: the detector it reproduces, if any) and evaluation mode, a group also on its OOD sets (`_sets`, when the reference names its
-    `ood_sets`); a group or mode that does not match is warned about once per kind of entry. Returns the metric columns
+    `detector` (`reference_name`: the detector it reproduces, if any) and evaluation mode, a group also on its OOD
+    sets (`_sets`, when the reference names its `ood_sets`); a group or mode that does not match is warned about once
+    per kind of entry. Returns the metric columns
     with our columns of a matched convention not shown yet (`<group>/fpr95_oodpos`) and the matched reference
     columns appended (`REFERENCE_COLS` first, then FPR95 ones), else unchanged.
     """
@@ -133,14 +134,14 @@ def add_reference(
             if (str(ref["id_dataset"]), str(ref["backbone"])) != (entry["id_dataset"], entry["backbone"]):
                 continue
             where = f"the {entry['id_dataset']} {entry['backbone']} rows"
+            detector = reference_name(str(entry["detector"]))
+            methods = (entry["method"], (ref.get("same_network") or {}).get(entry["method"]))
+            mode, ref_mode = entry.get("mode", "standard"), ref.get("mode", "standard")
             metrics = {"auroc": ref.get("auroc")}  # a file may give fpr95 alone
             if "fpr95" in ref:
                 metrics[FPR95_CONVENTIONS[ref["fpr95_convention"]]] = ref["fpr95"]
             for metric, numbers in metrics.items():
-                detector = reference_name(str(entry["detector"]))
-                methods = (entry["method"], (ref.get("same_network") or {}).get(entry["method"]))
                 groups = next((g for m in methods if (g := ((numbers or {}).get(m) or {}).get(detector))), {})
-                mode, ref_mode = entry.get("mode", "standard"), ref.get("mode", "standard")
                 if groups and mode != ref_mode:
                     unmatched[f"warning: no ref: columns for {where} of mode={mode}: the reference's numbers are "
                               f"{ref_mode} ({ref['source'].strip()})"] = None
