@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from ood import plots
 from ood.report import main
-from ood.report.aggregation import aggregate
+from ood.report.aggregation import _order, aggregate
 from ood.report.reading import load_rows
 from ood.report.rendering import to_latex, to_markdown
 
@@ -71,6 +71,7 @@ def test_numeric_configuration_values_sort_by_value(tmp_path: Path) -> None:
     _, _, table = aggregate(load_rows([tmp_path]))
     assert [(e["detector"], e["trainer.max_epochs"]) for e in table] == [
         ("energy", "3"), ("energy", "10"), ("energy", "20"), ("msp", "3"), ("msp", "10"), ("msp", "20")]
+    assert sorted(["nan", "inf", "1e-3", "lr", "0.1"], key=_order) == ["1e-3", "0.1", "inf", "lr", "nan"]
 
 
 def test_the_training_run_is_kept_before_its_re_evaluation(tmp_path: Path) -> None:

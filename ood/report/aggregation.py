@@ -7,6 +7,7 @@ full-spectrum), also with `--by`."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
@@ -172,11 +173,13 @@ def aggregate(
 
 
 def _order(value: str) -> tuple[int, float, str]:
-    """Sort key of a configuration value: numbers by value (epochs 5, 10, 20; not "10" < "20" < "5"), before text."""
+    """Sort key of a configuration value: finite numbers by value (epochs 5, 10, 20; not "10" < "20" < "5"), before
+    text (also "nan" and "inf", which float() would read)."""
     try:
-        return 0, float(value), ""
+        number = float(value)
     except ValueError:
-        return 1, 0.0, value
+        number = math.nan
+    return (0, number, "") if math.isfinite(number) else (1, 0.0, value)
 
 
 def _warn_mixed(members: Mapping[tuple[str, ...], Sequence[Mapping[str, str]]]) -> None:
