@@ -57,8 +57,8 @@ DOWNLOAD_NAMES = {"cifar10": "cifar-10", "cifar100": "cifar-100", "imagenet200":
 #: a difference (points of AUROC) beyond this is marked
 MARK = 1.0
 #: the two ± columns are not the same statistic: OpenOOD's scripts/eval_ood.py takes np.std over its runs
-STDS = ("± : ours the sample std over the seeds (n - 1), OpenOOD's the population std (n, np.std in its "
-        "scripts/eval_ood.py: x 0.82 of the sample std at 3 seeds); a value alone is one run.")
+STDS = ("±: ours the sample std over the seeds (n - 1), OpenOOD's the population std (n, np.std in its "
+        "scripts/eval_ood.py; of the same 3 values 0.82 x the sample std); a value alone is one run.")
 
 
 def required_lists(benchmark: str) -> list[str]:

@@ -32,7 +32,7 @@ FPR95_CONVENTIONS = {"id_positive": "fpr95", "ood_positive": "fpr95_oodpos"}
 #: reference file's `std` (how the std of its [mean, std] entries was taken) -> the line under the report's table
 STD_CONVENTIONS = {
     "population": "ref: ± is the population std over the published runs (n; OpenOOD's np.std), ours the sample std "
-                  "(n - 1): at 3 runs the same spread reads 0.82 x ours.",
+                  "(n - 1): of the same 3 values the population std is 0.82 x the sample std.",
     "sample": "ref: ± is the sample std over the published runs (n - 1), as ours.",
 }
 
