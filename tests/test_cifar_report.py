@@ -146,6 +146,7 @@ def test_report_cli_prints_the_reference(tmp_path: Path, capsys: pytest.CaptureF
     out = capsys.readouterr()
     assert "| ref:near/auroc | ref:far/auroc |" in out.out and "| 80.91 ± 0.08 | 79.77 ± 0.61 |" in out.out
     assert "results/cifar100.csv" in out.err
+    assert "reference numbers (cifar100, resnet18)" not in out.err  # the 224 px file, loaded by default: no row of it
     # the leaderboard's ± is np.std (n), ours n - 1: the note under the table (and atop report.tex) says so
     assert f"{NOTE} {STD_CONVENTIONS['population']}\n" in out.out
     assert (tmp_path / "sweep" / "report.tex").read_text().startswith(f"% {NOTE} {STD_CONVENTIONS['population']}\n")

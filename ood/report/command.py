@@ -105,12 +105,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_figures(figures_in, config_cols, table, rows, chosen)
     for run, why in failed.items():
         print(f"failed job {run}: {why}", file=sys.stderr)
-    for ref in references:
-        protocol = f", protocol: {ref['protocol']}" if ref.get("protocol") else ""
-        print(f"reference numbers ({ref['id_dataset']}, {ref['backbone']}{protocol}): {ref['source']}", file=sys.stderr)
     ran = sorted({(str(e["id_dataset"]), str(e["backbone"])) for e in table})
-    if args.reference and not any((str(r["id_dataset"]), str(r["backbone"])) in ran for r in references):
+    named = sorted({(str(r["id_dataset"]), str(r["backbone"])) for r in references})
+    for ref in references:  # those of another network (conf/reference/cifar10_resnet18.yaml beside 32 px runs) are not named
+        if (str(ref["id_dataset"]), str(ref["backbone"])) in ran:
+            protocol = f", protocol: {ref['protocol']}" if ref.get("protocol") else ""
+            print(f"reference numbers ({ref['id_dataset']}, {ref['backbone']}{protocol}): {ref['source']}", file=sys.stderr)
+    if args.reference and not set(named) & set(ran):
         # the --reference the user named added no ref: column: say why rather than leave it out silently
-        print(f"warning: no --reference file matches a run's (ID dataset, backbone); the runs are {ran}", file=sys.stderr)
+        print(f"warning: no --reference file matches a run's (ID dataset, backbone); the runs are {ran}, the files' "
+              f"{named}", file=sys.stderr)
     figures = "" if args.no_figures else f", {'report/' if figures_in != out else ''}figures/"
     print(f"wrote {out}/report.md, report.csv, report.tex{figures}", file=sys.stderr)
