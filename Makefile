@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SEEDS ?= 0,1,2
-# reproduce-*: where the sweeps go; torchvision's ResNet-50 IMAGENET1K_V1 file (reproduce-grood's ImageNet-1K part)
+# reproduce-* and digits-energy: where the sweeps go; torchvision's ResNet-50 IMAGENET1K_V1 file (reproduce-grood's ImageNet-1K part)
 R ?= logs/reproduce
 WEIGHTS ?= $(HOME)/.cache/torch/hub/checkpoints/resnet50-0676ba61.pth
 IMAGENET_ARGS ?=
@@ -98,10 +98,10 @@ reproduce-oal: install ## OAL: OpenOOD CE students, then OAL fine-tuning, report
 	$(VENV)/bin/ood-report $(R)/oal --reference conf/reference/oal --reference conf/reference/cifar10.yaml --reference conf/reference/cifar100.yaml
 
 digits-energy: install ## the energy family on digits: ce(+energy), logitnorm, energy_oe, energy_cfl_recon over SEEDS, then the table
-	$(VENV)/bin/ood-train -m experiment=digits_energy method=ce,logitnorm seed=$(SEEDS) $(ARGS)
+	$(VENV)/bin/ood-train -m experiment=digits_energy method=ce,logitnorm seed=$(SEEDS) hydra.sweep.dir=$(R)/digits_energy $(ARGS)
 	$(VENV)/bin/ood-train -m experiment=digits_energy method=energy_oe,energy_cfl seed=$(SEEDS) trainer.max_epochs=10 \
-	  'method.init.ckpt=$${paths.log_dir}/digits_energy/ce_s$${seed}/checkpoints/last.ckpt' $(ARGS)
-	$(VENV)/bin/ood-report $${OOD_ROOT:-.}/logs/digits_energy
+	  hydra.sweep.dir=$(R)/digits_energy 'method.init.ckpt=$(R)/digits_energy/ce_s$${seed}/$(LAST)' $(ARGS)
+	$(VENV)/bin/ood-report $(R)/digits_energy
 
 gpu-check: install ## on a CUDA machine (pip uninstall faiss-cpu, pip install faiss-gpu-cu12 first): every CUDA path, synthetic data, sized for 8 min (never timed on a GPU yet; a first, shorter try: ARGS="--methods ce,cluster"), JSON in gpu_check.json; exits 1 on a failure
 	$(PY) -m benchmarks.gpu_check --out gpu_check.json $(ARGS)
