@@ -8,10 +8,15 @@ one). The bank is normalised and added chunk by chunk (float16 banks too).
   Tuning searches once at the largest K of the grid and reads every K from that one result.
 - NNGuide, Park et al., "Nearest Neighbor Guidance for Out-of-Distribution Detection", ICCV 2023
   (arXiv 2309.14888), OpenOOD's `nnguide`: guide bank g_j = h_hat_j * LSE(f_j) over the first `alpha` fraction
-  of the train bank; score(x) = LSE(f(x)) * mean of the top-K inner products <h_hat(x), g_j>.
+  of the train bank, drawn at random; score(x) = LSE(f(x)) * mean of the top-K inner products <h_hat(x), g_j>.
+  The guide rows are a uniformly random subset, as the authors' code (roomo7time/nnguide,
+  `dataloaders/datasets_large.py`: `subsample` shuffles the bank set before keeping its first alpha N) and OpenOOD
+  (the first batches of its shuffled train loader); the bank's own first rows would be a few classes only where
+  the train split is stored class by class (ImageFolder, ImageNet: 1 % is its first 10 classes).
   Deviations: K is clipped to the guide-bank size (on small benchmarks alpha * N_train < K); the guide bank is
   exactly round(alpha * N_train) rows, where OpenOOD keeps whole loader batches until it has more than
-  int(alpha * N_train) (CIFAR-10 with its train batch of 200: 600 rows, here 500).
+  int(alpha * N_train) (CIFAR-10 with its train batch of 200: 600 rows, here 500); the draw is seeded (`seed`,
+  as cfood's subset), so a run's guide bank does not depend on the global random state.
 """
 
 from __future__ import annotations
@@ -84,15 +89,17 @@ class NNGuide(Detector):
     ranges = {"k": COUNT, "alpha": Range(0, 1, open_low=True)}
     grid = {"k": [100], "alpha": [0.01]}
 
-    def __init__(self, k: int = 100, alpha: float = 0.01, index: IndexKind = "exact") -> None:
+    def __init__(self, k: int = 100, alpha: float = 0.01, index: IndexKind = "exact", seed: int = 0) -> None:
         self.k = k
         self.alpha = alpha
         self.index = index
+        self.seed = seed
 
     def fit(self, bank: FeatureBank) -> NNGuide:
         n = max(1, round(self.alpha * len(bank)))
-        head = bank.subset(torch.arange(n, device=bank.features.device))
-        guides = _normalised(head) * energy_score(head.logits).float()[:, None]
+        rows = torch.randperm(len(bank), generator=torch.Generator().manual_seed(self.seed))[:n]
+        guide = bank.subset(rows.to(bank.features.device))
+        guides = _normalised(guide) * energy_score(guide.logits).float()[:, None]
         self.index_ = KNNIndex("ip", kind=self.index, device=bank.features.device).add(guides)
         return self
 
