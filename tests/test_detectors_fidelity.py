@@ -4,11 +4,14 @@ deviated (a class-sorted train bank, an empty split, ...): each test here failed
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from fabricate import feature_bank as _bank
+from fabricate import synthetic_banks
 from scipy.special import logsumexp
 
-from ood.detectors import build_detector
+from ood.detectors import build_detector, detector_class, resolve_detectors
+from ood.features.bank import FeatureBank
 
 
 def _nnguide_reference(train_h: np.ndarray, train_f: np.ndarray, rows: np.ndarray, h: np.ndarray, f: np.ndarray,
@@ -41,3 +44,18 @@ def test_nnguide_guides_are_a_random_subset_of_a_class_sorted_bank() -> None:
     # seeded: the same seed gives the same guides, another seed other ones
     assert torch.equal(build_detector("nnguide", k=3, alpha=0.1).fit(train).score(query), scores)
     assert not torch.equal(build_detector("nnguide", k=3, alpha=0.1, seed=1).fit(train).score(query), scores)
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> dict[str, FeatureBank]:
+    return synthetic_banks()
+
+
+@pytest.mark.parametrize("name", [cls.name for cls in resolve_detectors("cached")])
+def test_an_empty_bank_scores_to_an_empty_tensor(name: str, synthetic: dict[str, FeatureBank]) -> None:
+    """An OOD set with no rows: vim, residual, vra, lts, gmm, openmax and pnml raised `torch.cat(): expected a
+    non-empty list of Tensors` (their chunk loop had no chunk); every detector now gives an empty score."""
+    det = build_detector(name).fit(synthetic[detector_class(name).fit_split])
+    empty = synthetic["test"].subset(torch.zeros(0, dtype=torch.long))
+    scores = det.score(empty)
+    assert scores.shape == (0,) and scores.is_floating_point()

@@ -75,7 +75,7 @@ class CARef(Detector):
         for rows in row_chunks(len(bank)):
             rel, norm, _ = self._relative(bank, rows)
             out.append(-rel.abs().sum(1) / norm)
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+        return torch.cat(out)
 
 
 class CADRef(CARef):
@@ -110,4 +110,4 @@ class CADRef(CARef):
             positive = aligned.clamp_min(0).sum(1) / norm
             negative = (-aligned).clamp_min(0).sum(1) / norm
             out.append(-(positive / confidence(bank.logits[rows].double()) + negative / mean_confidence))
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+        return torch.cat(out)

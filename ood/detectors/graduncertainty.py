@@ -33,7 +33,7 @@ def grad_uncertainty_score(logits: torch.Tensor, features: torch.Tensor) -> torc
         p = torch.softmax(logits[rows].double(), dim=1)
         grad_sq = (p.shape[1] * p - 1).square().sum(1)
         out.append(grad_sq * (features[rows].double().square().sum(1) + 1))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+    return torch.cat(out)
 
 
 class GradUncertainty(Detector):

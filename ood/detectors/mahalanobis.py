@@ -24,8 +24,9 @@ CHUNK = 65536
 
 
 def row_chunks(n: int) -> list[slice]:
-    """Consecutive row slices of at most `CHUNK` rows covering `n` rows."""
-    return [slice(start, min(start + CHUNK, n)) for start in range(0, n, CHUNK)]
+    """Consecutive row slices of at most `CHUNK` rows covering `n` rows; one empty slice for `n` = 0, so that a score
+    concatenated chunk by chunk is an empty tensor for an empty bank (`torch.cat` of no chunks raised)."""
+    return [slice(start, min(start + CHUNK, n)) for start in range(0, max(n, 1), CHUNK)]
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -67,7 +68,7 @@ def mahalanobis_sq(features: torch.Tensor, means: torch.Tensor, precision: torch
         h = features[rows].double()
         hp = h @ precision
         out.append((hp * h).sum(1, keepdim=True) - 2 * hp @ means.T + means_term)
-    return torch.cat(out) if out else torch.zeros(0, means.shape[0], dtype=torch.float64, device=features.device)
+    return torch.cat(out)
 
 
 def min_mahalanobis(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:

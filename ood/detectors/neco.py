@@ -90,8 +90,6 @@ class NECO(Detector):
             cum.append(((z - self.z_mean_.to(z.device)) @ top).square().cumsum(1)[:, columns])
             norms.append(torch.linalg.vector_norm(z, dim=1).clamp_min(1e-300))
             max_logit.append(bank.logits[rows].double().max(1).values)
-        if not cum:
-            return [torch.zeros(0, dtype=torch.float64) for _ in points]
         cum_sq, norm, logit = torch.cat(cum), torch.cat(norms), torch.cat(max_logit)
         scores = []
         for i, point in enumerate(points):
