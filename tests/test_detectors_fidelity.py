@@ -3,14 +3,18 @@ deviated (a class-sorted train bank, an empty split, ...): each test here failed
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from fabricate import feature_bank as _bank
 from fabricate import synthetic_banks
 from scipy.special import logsumexp
+from torch import nn
 
 from ood.detectors import build_detector, detector_class, resolve_detectors
+from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 
 
@@ -51,11 +55,35 @@ def synthetic() -> dict[str, FeatureBank]:
     return synthetic_banks()
 
 
+def _as_a_user_builds_it(bank: FeatureBank, head: nn.Linear) -> FeatureBank:
+    """The bank a user builds from a forward pass run with gradients on: `weight=model.fc.weight` (a parameter), the
+    head's outputs with their graph, int32 labels (e.g. from a NumPy array)."""
+    features = bank.features.clone().requires_grad_(True)
+    labels = None if bank.labels is None else bank.labels.int()
+    return FeatureBank(logits=head(features), features=features, labels=labels, weight=head.weight, bias=head.bias)
+
+
 @pytest.mark.parametrize("name", [cls.name for cls in resolve_detectors("cached")])
-def test_an_empty_bank_scores_to_an_empty_tensor(name: str, synthetic: dict[str, FeatureBank]) -> None:
-    """An OOD set with no rows: vim, residual, vra, lts, gmm, openmax and pnml raised `torch.cat(): expected a
-    non-empty list of Tensors` (their chunk loop had no chunk); every detector now gives an empty score."""
-    det = build_detector(name).fit(synthetic[detector_class(name).fit_split])
-    empty = synthetic["test"].subset(torch.zeros(0, dtype=torch.long))
-    scores = det.score(empty)
-    assert scores.shape == (0,) and scores.is_floating_point()
+def test_a_users_bank_and_an_empty_one_score_as_plain_tensors(name: str, synthetic: dict[str, FeatureBank]) -> None:
+    """A bank holding the head's parameters, outputs with a graph and int32 labels scores as the same values in plain
+    tensors (it gave scores carrying a graph, gmm and openmax raised `Can't call numpy() on Tensor that requires
+    grad`, tempscale `expected target dtype to be Long`); an OOD set with no rows gives an empty score (vim,
+    residual, vra, lts, gmm, openmax and pnml raised `torch.cat(): expected a non-empty list of Tensors`)."""
+    split = detector_class(name).fit_split
+    w, b = synthetic["train"].head()
+    head = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(w)
+        head.bias.copy_(b)
+    det = build_detector(name).fit(_as_a_user_builds_it(synthetic[split], head))
+    scores = det.score(_as_a_user_builds_it(synthetic["ood"], head))
+    assert not scores.requires_grad
+    torch.testing.assert_close(scores, build_detector(name).fit(synthetic[split]).score(synthetic["ood"]))
+    empty = det.score(synthetic["test"].subset(torch.zeros(0, dtype=torch.long)))
+    assert empty.shape == (0,) and empty.is_floating_point()
+
+
+def test_float_labels_are_refused_in_one_line(synthetic: dict[str, FeatureBank]) -> None:
+    bank = synthetic["train"]
+    with pytest.raises(ConfigError, match="^mahalanobis: the bank's labels must be integer class indices, got torch.float32$"):
+        build_detector("mahalanobis").fit(replace(bank, labels=bank.labels.float()))

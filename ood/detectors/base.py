@@ -20,7 +20,7 @@ import inspect
 import math
 import numbers
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
@@ -200,6 +200,7 @@ def _checked_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
     def checked(self: Detector, *args: Any, **kwargs: Any) -> Any:
         # the bank: first argument, or by keyword; anything else (None: AdaSCALE fitted from its network-pass
         # statistics alone) is not checked
+        args, kwargs = _with_plain_bank(self, args, kwargs)
         bank = args[0] if args else kwargs.get("bank")
         bad = int(bank.nonfinite_rows().sum()) if isinstance(bank, FeatureBank) else 0
         if bad:
@@ -219,6 +220,32 @@ def _checked_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
     return checked
 
 
+def plain_bank(det: Detector, bank: FeatureBank) -> FeatureBank:
+    """`bank` as the detectors read it: its tensors detached from autograd (a user's `weight=model.fc.weight`, or
+    outputs of a forward pass run with gradients on, made the scores carry a graph, and the detectors that go
+    through NumPy, gmm and openmax, raise) and its labels int64 (int32 or int16 labels, e.g. from a NumPy array,
+    failed in the per-class statistics and tempscale's cross-entropy); float labels are refused in one line. The same
+    bank when nothing needs changing (no copy)."""
+    tensors = {"logits": bank.logits, "features": bank.features, "weight": bank.weight, "bias": bank.bias}
+    changes: dict[str, Any] = {k: t.detach() for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.requires_grad}
+    if any(t.requires_grad for t in bank.extras.values()):
+        changes["extras"] = {k: t.detach() for k, t in bank.extras.items()}
+    if bank.labels is not None and bank.labels.dtype != torch.int64:
+        if bank.labels.is_floating_point() or bank.labels.is_complex() or bank.labels.dtype == torch.bool:
+            raise ConfigError(f"{det.name}: the bank's labels must be integer class indices, got {bank.labels.dtype}")
+        changes["labels"] = bank.labels.long()
+    return replace(bank, **changes) if changes else bank
+
+
+def _with_plain_bank(det: Detector, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """`args` / `kwargs` of a `fit` with its bank (first argument or `bank=`) made a `plain_bank`."""
+    if args and isinstance(args[0], FeatureBank):
+        return (plain_bank(det, args[0]), *args[1:]), kwargs
+    if isinstance(kwargs.get("bank"), FeatureBank):
+        return args, {**kwargs, "bank": plain_bank(det, kwargs["bank"])}
+    return args, kwargs
+
+
 def _nan_for_nonfinite(score: Callable[..., Any]) -> Callable[..., Any]:
     """`score` / `score_grid` giving NaN to the rows with NaN or infinite logits or features, and to the other rows
     what they score without those (NaN in, NaN out, for every detector: scored as they were, CF-OOD's and relation's
@@ -226,6 +253,7 @@ def _nan_for_nonfinite(score: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(score)
     def guarded(self: Detector, bank: FeatureBank, *args: Any, **kwargs: Any) -> Any:
+        bank = plain_bank(self, bank) if isinstance(bank, FeatureBank) else bank
         bad = bank.nonfinite_rows() if isinstance(bank, FeatureBank) else None
         if bad is None or not bool(bad.any()):
             return score(self, bank, *args, **kwargs)
