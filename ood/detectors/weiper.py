@@ -67,7 +67,7 @@ def row_histograms(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     idx -= (v < bounds[idx]).long()
     idx += (v >= bounds[idx + 1]).long()
     idx += torch.arange(rows, device=idx.device)[:, None] * (n_bins + 2)  # one block of n_bins + 2 counters per row
-    counts = torch.bincount(idx.view(-1), minlength=rows * (n_bins + 2)).view(rows, n_bins + 2)
+    counts = torch.bincount(idx.reshape(-1), minlength=rows * (n_bins + 2)).view(rows, n_bins + 2)  # idx: strided as values
     return counts[:, 1 : n_bins + 1].double() / values.shape[1]
 
 
