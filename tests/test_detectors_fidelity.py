@@ -13,7 +13,7 @@ from fabricate import synthetic_banks
 from scipy.special import logsumexp
 from torch import nn
 
-from ood.detectors import build_detector, detector_class, resolve_detectors
+from ood.detectors import DetectorNotApplicable, build_detector, detector_class, resolve_detectors
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 
@@ -89,3 +89,38 @@ def test_float_labels_are_refused_in_one_line(synthetic: dict[str, FeatureBank])
     bank = synthetic["train"]
     with pytest.raises(ConfigError, match="^mahalanobis: the bank's labels must be integer class indices, got torch.float32$"):
         build_detector("mahalanobis").fit(replace(bank, labels=bank.labels.float()))
+
+
+@pytest.fixture(scope="module")
+def one_output() -> dict[str, FeatureBank]:
+    """Banks of a network with one output (a sigmoid binary head): ID features around 0, OOD shifted."""
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(1, 8, generator=gen), torch.zeros(1)
+    banks = {}
+    for split, n, shift in (("train", 120, 0.0), ("val", 60, 0.0), ("test", 60, 0.0), ("ood", 60, 2.0)):
+        h = (torch.randn(n, 8, generator=gen) + shift).relu()
+        banks[split] = _bank(h, torch.zeros(n, dtype=torch.long), w, b)
+    return banks
+
+
+@pytest.mark.parametrize("name", [cls.name for cls in resolve_detectors("cached")])
+def test_a_one_output_network_is_refused_where_every_score_would_tie(name: str, one_output: dict[str, FeatureBank]) -> None:
+    """msp, entropy, gen, klm, tempscale, gradnorm, graduncertainty, fdbd, rmds, rmds_pp gave every input of a
+    one-output network the same score (pnml NaN): AUROC 0.5 without a word. They are now not applicable (the run
+    skips them, saying why); the others score it."""
+    try:
+        det = build_detector(name).fit(one_output[detector_class(name).fit_split])
+    except DetectorNotApplicable as err:
+        assert detector_class(name).min_classes == 2
+        assert str(err).startswith("it compares the classes' scores and this network has 1 output")
+        return
+    scores = torch.cat([det.score(one_output["test"]), det.score(one_output["ood"])])
+    assert bool(torch.isfinite(scores).all()) and float(scores.std()) > 0
+
+
+@pytest.mark.parametrize("name", ["odin", "iodin", "nac", "mcdropout"])
+def test_network_detectors_that_compare_classes_refuse_one_output(name: str, one_output: dict[str, FeatureBank]) -> None:
+    det = build_detector(name)
+    fit = det.fit if not hasattr(type(det), "fit_inputs") else (lambda bank: det.fit_inputs(bank, torch.zeros(len(bank))))
+    with pytest.raises(DetectorNotApplicable, match="this network has 1 output"):
+        fit(one_output["val"])

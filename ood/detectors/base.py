@@ -116,6 +116,10 @@ class Detector:
     #: bounds): a fit bank without rows of some class is refused (`DetectorNotApplicable`: the run skips it, saying
     #: so), since that class's statistics would be zeros and its scores silently wrong
     per_class: ClassVar[bool] = False
+    #: 2 for detectors whose score compares the classes (a softmax over them, a decision boundary, the gradient of a
+    #: cross-entropy over every class): on a network with one output (a sigmoid binary head) each of them would give
+    #: every input the same score (AUROC 0.5, silently), so `fit` and `score` refuse it (`DetectorNotApplicable`)
+    min_classes: ClassVar[int] = 1
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -145,7 +149,9 @@ class Detector:
         return {k: getattr(self, k) for k in hparam_names(type(self))}
 
     def fit(self, bank: FeatureBank) -> Detector:
-        """Collect ID statistics from `bank` (the split named by `fit_split`); default: nothing to fit."""
+        """Collect ID statistics from `bank` (the split named by `fit_split`); default: nothing to fit (but the checks
+        every `fit` makes: `min_classes`)."""
+        check_classes(self, bank)
         return self
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
@@ -202,6 +208,8 @@ def _checked_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
         # statistics alone) is not checked
         args, kwargs = _with_plain_bank(self, args, kwargs)
         bank = args[0] if args else kwargs.get("bank")
+        if isinstance(bank, FeatureBank):
+            check_classes(self, bank)
         bad = int(bank.nonfinite_rows().sum()) if isinstance(bank, FeatureBank) else 0
         if bad:
             raise NonFiniteError(f"{self.name}: {bad} of {len(bank)} rows of its fit bank hold NaN or infinite logits "
@@ -218,6 +226,15 @@ def _checked_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
         return self if fitted is None else fitted
 
     return checked
+
+
+def check_classes(det: Detector, bank: FeatureBank) -> None:
+    """Refuse a network with fewer outputs than the detector's `min_classes` (`DetectorNotApplicable`, one line)."""
+    classes = bank.logits.shape[1]
+    if classes < det.min_classes:
+        raise DetectorNotApplicable(
+            f"it compares the classes' scores and this network has {classes} output, where it would score every "
+            "input alike; give a one-logit binary head as two logits [0, f]")
 
 
 def plain_bank(det: Detector, bank: FeatureBank) -> FeatureBank:
@@ -253,7 +270,9 @@ def _nan_for_nonfinite(score: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(score)
     def guarded(self: Detector, bank: FeatureBank, *args: Any, **kwargs: Any) -> Any:
-        bank = plain_bank(self, bank) if isinstance(bank, FeatureBank) else bank
+        if isinstance(bank, FeatureBank):
+            bank = plain_bank(self, bank)
+            check_classes(self, bank)
         bad = bank.nonfinite_rows() if isinstance(bank, FeatureBank) else None
         if bad is None or not bool(bad.any()):
             return score(self, bank, *args, **kwargs)

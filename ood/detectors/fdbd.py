@@ -32,6 +32,7 @@ class FDBD(_TrainMean):
     """Summed distance to the decision boundaries of the predicted class, normalised by a feature norm."""
 
     name = "fdbd"
+    min_classes = 2
     grid = {"distance_as_normalizer": [True, False]}
     score_params = frozenset({"distance_as_normalizer"})
 

@@ -26,6 +26,7 @@ class GradNorm(Detector):
     """L1 norm of the last-layer weight gradient of the all-classes cross-entropy, in closed form."""
 
     name = "gradnorm"
+    min_classes = 2
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
         return gradnorm_score(bank.logits, bank.features)

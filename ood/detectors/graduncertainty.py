@@ -40,6 +40,7 @@ class GradUncertainty(Detector):
     """Squared norm of the last layer's gradient of the all-ones BCE, in closed form."""
 
     name = "graduncertainty"
+    min_classes = 2
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
         return grad_uncertainty_score(bank.logits, bank.features)

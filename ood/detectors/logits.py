@@ -50,6 +50,7 @@ class MSP(Detector):
     """max_c softmax(f)_c, scored as its logarithm (monotone, tie-free in float64)."""
 
     name = "msp"
+    min_classes = 2
     float16_features = True
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
@@ -86,6 +87,7 @@ class Entropy(Detector):
     """sum_c p_c log p_c (negative entropy of the softmax)."""
 
     name = "entropy"
+    min_classes = 2
     float16_features = True
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
@@ -97,6 +99,7 @@ class GEN(Detector):
     """-sum_{top-M} p^gamma (1 - p)^gamma (generalised entropy of the largest M probabilities)."""
 
     name = "gen"
+    min_classes = 2
     ranges = {"gamma": POSITIVE, "M": COUNT}
     float16_features = True
     grid = {"gamma": [0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0], "M": [10, 50, 100, 200, 500, 1000]}

@@ -98,6 +98,7 @@ class RMDS(Mahalanobis):
     """max_c [-MD_c(h) + MD_0(h)]: class distances relative to one Gaussian fitted to all train features."""
 
     name = "rmds"
+    min_classes = 2
 
     def fit(self, bank: FeatureBank) -> RMDS:
         super().fit(bank)

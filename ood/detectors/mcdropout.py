@@ -161,6 +161,7 @@ class MCDropout(ModelFitted):
     """Max softmax of the mean logits over forward passes with dropout on."""
 
     name = "mcdropout"
+    min_classes = 2
     ranges = {"samples": COUNT}
     fit_split = "val"
 

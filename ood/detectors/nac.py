@@ -40,6 +40,7 @@ class NAC(ModelFitted):
     """Coverage of each neuron's gradient-weighted state by the train distribution."""
 
     name = "nac"
+    min_classes = 2
 
     def __init__(self, bins: int = 50, alpha: float = 100.0, o_star: int = 50) -> None:
         self.bins = bins

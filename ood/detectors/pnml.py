@@ -32,6 +32,7 @@ class PNML(Detector):
     """-(normalised pNML regret) of the last layer, from the ID-train feature geometry."""
 
     name = "pnml"
+    min_classes = 2
     float16_features = True
 
     def __init__(self, eps: float = 1e-12) -> None:

@@ -37,6 +37,7 @@ class TempScale(Detector):
     """max_c log softmax(f / T)_c, T fitted on ID-val."""
 
     name = "tempscale"
+    min_classes = 2
     float16_features = True
     fit_split = "val"
 
