@@ -4,8 +4,10 @@ NeurIPS 2021 (arXiv 2110.00218).
 score(x) = || d L / d W ||_1 for L = sum_c -log p_c (cross-entropy against every class), W the last layer's
 weight. Since dL/df = C p - 1 and dL/dW = (C p - 1) h^T, the L1 norm of the outer product factorises:
 score = || C p - 1 ||_1 * || h ||_1, computed from the cache with no backward pass.
-Deviations: the paper (and OpenOOD) uses the KL to the uniform target, i.e. L / C, which only rescales the
-score by 1/C (identical AUROC/FPR); closed form instead of autograd; float64.
+The paper's Eq. 4 writes the KL to the uniform target, i.e. L / C; its released code
+(deeplearning-wisc/gradnorm_ood, `iterate_data_gradnorm`: targets of ones, temperature 1) and OpenOOD's `gradnorm`
+use L itself, as here (the same score; 1/C would only rescale it).
+Deviations: closed form instead of autograd; float64.
 """
 
 from __future__ import annotations
