@@ -13,6 +13,7 @@ from fabricate import synthetic_banks
 from scipy.special import logsumexp
 from torch import nn
 
+from ood import neighbors
 from ood.detectors import DetectorNotApplicable, build_detector, detector_class, resolve_detectors
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
@@ -124,3 +125,19 @@ def test_network_detectors_that_compare_classes_refuse_one_output(name: str, one
     fit = det.fit if not hasattr(type(det), "fit_inputs") else (lambda bank: det.fit_inputs(bank, torch.zeros(len(bank))))
     with pytest.raises(DetectorNotApplicable, match="this network has 1 output"):
         fit(one_output["val"])
+
+
+def test_knn_searches_exactly_by_default_at_any_bank_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """knn's default index was `auto`: IVF-Flat (8 cells probed) from 200 k bank rows on, so on ImageNet-1K every
+    K-th distance was approximate (measured on 200 k rows: AUROC 97.7 -> 96.6 %, FPR95 10 -> 19 % at K = 1000).
+    It is now exact at every size, as OpenOOD's `IndexFlatL2`: here the IVF switch is lowered to 300 rows and the
+    scores still equal the brute-force transcription of OpenOOD's knn (normalise, squared L2, -K-th distance)."""
+    monkeypatch.setattr(neighbors, "AUTO_IVF_ROWS", 300)
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(3, 16, generator=gen), torch.zeros(3)
+    train = _bank(torch.randn(2000, 16, generator=gen), torch.arange(2000) % 3, w, b)
+    query = _bank(torch.randn(200, 16, generator=gen), None, w, b)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    sq = ((unit(query.features.double().numpy())[:, None, :] - unit(train.features.double().numpy())[None]) ** 2).sum(-1)
+    expected = -np.sort(sq, axis=1)[:, 49]
+    np.testing.assert_allclose(build_detector("knn", k=50).fit(train).score(query).numpy(), expected, rtol=0, atol=1e-5)

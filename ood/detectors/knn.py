@@ -1,6 +1,9 @@
-"""Nearest-neighbour detectors on L2-normalised penultimate features (faiss search through `ood.neighbors`; `index="auto"`
-(default) is exact below 200 k bank rows and IVF-Flat above, e.g. on ImageNet-1K's 1.28 M; `exact` or `ivf` force
-one). The bank is normalised and added chunk by chunk (float16 banks too).
+"""Nearest-neighbour detectors on L2-normalised penultimate features (faiss search through `ood.neighbors`). The index
+is exact by default, as OpenOOD's `IndexFlatL2` at every size; `index="ivf"` (IVF-Flat, nprobe 8) or `"auto"` (exact
+below 200 k bank rows, IVF-Flat above, e.g. on ImageNet-1K's 1.28 M) trade accuracy for search time on a CPU: on
+200 k x 64 clustered unit vectors, IVF's K-th distance was 3 % off at K = 50 and 7 % (up to 58 %) at K = 1000, where
+AUROC fell from 97.7 to 96.6 % and FPR95 rose from 10 to 19 % (knn's grid reaches K = 1000). The bank is
+normalised and added chunk by chunk (float16 banks too).
 
 - Deep nearest neighbours (KNN), Sun et al., ICML 2022 (arXiv 2204.06507):
   score(h) = -|| h_hat - h_hat_(K) ||^2, h_hat = h / ||h||, h_hat_(K) the K-th nearest normalised ID-train
@@ -49,7 +52,7 @@ class KNN(Detector):
     grid = {"k": [50, 100, 200, 500, 1000]}
     score_params = frozenset({"k"})
 
-    def __init__(self, k: int = 50, index: IndexKind = "auto") -> None:
+    def __init__(self, k: int = 50, index: IndexKind = "exact") -> None:
         self.k = k
         self.index = index
 
