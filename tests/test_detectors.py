@@ -570,10 +570,18 @@ def test_odin_step_is_noise_over_input_std_against_the_gradient_sign() -> None:
      ("energy", {"temperature": 0}, "temperature=0 is outside its range (0, inf]"),
      ("knn", {"k": 2.5}, "k=2.5 is outside its range whole numbers in [1, inf]"),
      ("adascale_a", {"percentile": (75, 185)}, "percentile=(75, 185) is outside its range [0, 100]"),
-     ("react", {"percentile": float("nan")}, "percentile=nan is outside its range [0, 100]")],
+     ("react", {"percentile": float("nan")}, "percentile=nan is outside its range [0, 100]"),
+     ("cfood", {"k": 2.0}, "k=2.0 is outside its range (0, 1]"),
+     ("relation", {"pow": -1}, "pow=-1 is outside its range (0, inf]"),
+     ("pnml", {"eps": 0.7}, "eps=0.7 is outside its range (0, 0.5)"),
+     ("adascale_a", {"k1": 0}, "k1=0 is outside its range (0, 100]"),
+     ("nac", {"bins": 1}, "bins=1 is outside its range whole numbers in [2, inf]"),
+     ("vra", {"percentile_low": 95, "percentile_high": 90}, "percentile_low=95 must be below percentile_high=90")],
 )
 def test_a_hyper_parameter_out_of_range_is_refused_in_one_line(name: str, hparams: dict, message: str) -> None:
-    """gen with M=0 scored constant zeros, ash with a percentile of 120 and energy with T=0 gave nonsense or NaN."""
+    """gen with M=0 scored constant zeros, ash with a percentile of 120 and energy with T=0 gave nonsense or NaN;
+    so did cfood with k > 1 (every score -1), vra with percentile_low above percentile_high (every activation clipped
+    to one value), relation with a negative power (NaN), pnml with eps >= 0.5 (an empty clamp)."""
     with pytest.raises(ConfigError, match=rf"^detector '{name}': {re.escape(message)}$"):
         build_detector(name, **hparams)
 

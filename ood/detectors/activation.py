@@ -37,6 +37,7 @@ import torch
 from ood.detectors.base import PERCENTILE, Detector
 from ood.detectors.logits import energy_score, head_logits
 from ood.detectors.mahalanobis import row_chunks
+from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 
 
@@ -139,6 +140,8 @@ class VRA(Detector):
     float16_features = True
 
     def __init__(self, percentile_high: float = 90, percentile_low: float = 10) -> None:
+        if not percentile_low < percentile_high:  # the clip would map every activation to one value: constant scores
+            raise ConfigError(f"detector 'vra': percentile_low={percentile_low!r} must be below percentile_high={percentile_high!r}")
         self.percentile_high = percentile_high
         self.percentile_low = percentile_low
 

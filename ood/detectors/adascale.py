@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ood.detectors.base import COUNT, PERCENTILE, SharedPasses
+from ood.detectors.base import COUNT, NON_NEGATIVE, PERCENTILE, Range, SharedPasses
 from ood.detectors.network import ModelFitted, backbone_of, staged_forward
 from ood.features.bank import FeatureBank
 from ood.utils import linear_params
@@ -56,7 +56,8 @@ class AdaScaleA(ModelFitted):
     """Energy of the features scaled per sample by an adaptive-percentile SCALE ratio (activation scaling)."""
 
     name = "adascale_a"
-    ranges = {"percentile": PERCENTILE, "num_samples": COUNT}
+    ranges = {"percentile": PERCENTILE, "num_samples": COUNT, "k1": Range(0, 100, open_low=True),
+              "k2": Range(0, 100, open_low=True), "lmbda": NON_NEGATIVE, "o": Range(0, 1, open_low=True)}
     fit_split = "val"
     pass_group = "staged"
     #: the extra network passes would slow the default run: `detectors=full` runs it, `all` does not

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ood.detectors.base import Detector, DetectorNotApplicable
+from ood.detectors.base import Detector, DetectorNotApplicable, Range
 from ood.features.bank import FeatureBank
 
 #: bytes of the largest float32 distance block (rows x columns) a step holds
@@ -54,6 +54,9 @@ class CFOOD(Detector):
 
     name = "cfood"
     grid = {"alpha": [0.1, 0.5, 1.0], "k": [0.001, 0.005, 0.01, 0.05]}
+    #: fractions: of the train bank kept as references, of the references that must reach an input (k > 1 is never
+    #: reached and k <= 0 always is: every input would score alike)
+    ranges = {"alpha": Range(0, 1, open_low=True), "k": Range(0, 1, open_low=True)}
     score_params = frozenset({"k"})
     float16_features = True
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ood.detectors.base import SharedPasses
+from ood.detectors.base import POSITIVE, Range, SharedPasses
 from ood.detectors.network import ModelFitted, backbone_of, channel_mean
 from ood.features.bank import FeatureBank
 
@@ -40,6 +40,8 @@ class NAC(ModelFitted):
     """Coverage of each neuron's gradient-weighted state by the train distribution."""
 
     name = "nac"
+    #: bins: two halves of at least one bin each
+    ranges = {"bins": Range(2, integer=True), "alpha": POSITIVE, "o_star": POSITIVE}
     min_classes = 2
 
     def __init__(self, bins: int = 50, alpha: float = 100.0, o_star: int = 50) -> None:

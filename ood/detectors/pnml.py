@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ood.detectors.base import Detector
+from ood.detectors.base import Detector, Range
 from ood.detectors.logits import head_logits
 from ood.detectors.mahalanobis import gram, row_chunks
 from ood.features.bank import FeatureBank
@@ -32,6 +32,8 @@ class PNML(Detector):
     """-(normalised pNML regret) of the last layer, from the ID-train feature geometry."""
 
     name = "pnml"
+    #: the probabilities' clamp [eps, 1 - eps]: eps >= 0.5 would make it empty
+    ranges = {"eps": Range(0, 0.5, open_low=True, open_high=True)}
     min_classes = 2
     float16_features = True
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ood.detectors.base import Detector
+from ood.detectors.base import POSITIVE, Detector
 from ood.features.bank import FeatureBank
 
 #: rows of the query bank per block, and rows of the train bank per chunk inside a block
@@ -45,6 +45,7 @@ class Relation(Detector):
 
     name = "relation"
     grid = {"pow": [1, 2, 4, 6, 8]}
+    ranges = {"pow": POSITIVE}
     score_params = frozenset({"pow"})
     float16_features = True
 
