@@ -14,7 +14,14 @@ from scipy.special import logsumexp
 from torch import nn
 
 from ood import neighbors
-from ood.detectors import DetectorNotApplicable, build_detector, detector_class, resolve_detectors
+from ood.detectors import (
+    DetectorNotApplicable,
+    available_detectors,
+    build_detector,
+    detector_class,
+    resolve_detectors,
+)
+from ood.detectors.base import OTHER_NAMES
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 
@@ -141,3 +148,14 @@ def test_knn_searches_exactly_by_default_at_any_bank_size(monkeypatch: pytest.Mo
     sq = ((unit(query.features.double().numpy())[:, None, :] - unit(train.features.double().numpy())[None]) ** 2).sum(-1)
     expected = -np.sort(sq, axis=1)[:, 49]
     np.testing.assert_allclose(build_detector("knn", k=50).fit(train).score(query).numpy(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "ours"), [("mls", "maxlogit"), ("temp_scaling", "tempscale"), ("MaxSoftmax", "msp"),
+                                            ("KNN", "knn"), ("ViM", "vim")])
+def test_a_name_from_openood_or_pytorch_ood_is_answered_with_ours(name: str, ours: str) -> None:
+    """OpenOOD's keys and pytorch-ood's class names were refused with the bare list of ours (a single name, e.g.
+    `detectors.names=KNN`, as an 'unknown detector selection'); the message now names our detector."""
+    for call in (lambda: build_detector(name), lambda: resolve_detectors(name), lambda: resolve_detectors([name])):
+        with pytest.raises(ConfigError, match=rf"^unknown detector (selection )?'{name}' \(here: '{ours}'\); "):
+            call()
+    assert set(OTHER_NAMES.values()) <= set(available_detectors())

@@ -341,13 +341,14 @@ def resolve_detectors(names: str | Sequence[DetectorRef]) -> list[type[Detector]
         if names in _REGISTRY:  # one detector named alone
             return [_REGISTRY[names]]
         if names not in SELECTIONS:
-            raise ConfigError(f"unknown detector selection {names!r}; choices: {list(SELECTIONS)} or a list of names")
+            raise ConfigError(f"unknown detector selection {names!r}{_known_as(names)}; choices: {list(SELECTIONS)} or a "
+                              "list of names")
         keep = {"full": lambda c: True, "all": lambda c: not c.full_only, "cached": lambda c: not (c.needs_model or c.full_only)}[names]
         return [_REGISTRY[n] for n in available_detectors() if keep(_REGISTRY[n]) and _REGISTRY[n].reproduces is None]
     unknown = [n for n in names if isinstance(n, str) and n not in _REGISTRY and n not in SELECTIONS]
     if unknown:  # a list holds names and selections: the message lists both
-        raise ConfigError(f"unknown detector {unknown[0]!r}; available: {', '.join(available_detectors())}; "
-                          f"selections: {', '.join(SELECTIONS)}")
+        raise ConfigError(f"unknown detector {unknown[0]!r}{_known_as(unknown[0])}; available: "
+                          f"{', '.join(available_detectors())}; selections: {', '.join(SELECTIONS)}")
     picked = (resolve_detectors(name) if isinstance(name, str) and name in SELECTIONS else [detector_class(name)]
               for name in names)
     return list(dict.fromkeys(cls for group in picked for cls in group))
@@ -358,8 +359,25 @@ def detector_class(name: DetectorRef) -> type[Detector]:
     if isinstance(name, type) and issubclass(name, Detector):
         return name
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown detector {name!r}; available: {', '.join(available_detectors())}")
+        raise ConfigError(f"unknown detector {name!r}{_known_as(name)}; available: {', '.join(available_detectors())}")
     return _REGISTRY[name]
+
+
+#: the names OpenOOD v1.5 (postprocessor keys) and pytorch-ood (class names, lower case) give detectors that are
+#: registered here under another name; names that differ only in case (KNN, ViM, ReAct) are found without a listing
+OTHER_NAMES = {
+    "base": "msp", "mls": "maxlogit", "ebo": "energy", "temp_scaling": "tempscale", "mds": "mahalanobis",
+    "dropout": "mcdropout", "maxsoftmax": "msp", "energybased": "energy", "temperaturescaling": "tempscale",
+    "klmatching": "klm", "rmd": "rmds", "multimahalanobis": "mds_ensemble", "mahalanobisodin": "mahalanobis_odin",
+    "nacue": "nac", "gradnormkl": "gradnorm",
+}
+
+
+def _known_as(name: object) -> str:
+    """For an unknown detector name another library uses (`mls`, `MaxSoftmax`, `KNN`): ' (here: <ours>)', else ''."""
+    key = str(name).lower()
+    ours = OTHER_NAMES.get(key, key if key in _REGISTRY else None)
+    return f" (here: {ours!r})" if ours is not None else ""
 
 
 def build_detector(name: DetectorRef, **hparams: Any) -> Detector:
