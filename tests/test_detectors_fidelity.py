@@ -159,3 +159,20 @@ def test_a_name_from_openood_or_pytorch_ood_is_answered_with_ours(name: str, our
         with pytest.raises(ConfigError, match=rf"^unknown detector (selection )?'{name}' \(here: '{ours}'\); "):
             call()
     assert set(OTHER_NAMES.values()) <= set(available_detectors())
+
+
+@pytest.mark.parametrize("name", ["odin", "iodin"])
+def test_a_model_left_in_training_mode_is_scored_in_eval_mode_and_left_as_it_was(name: str) -> None:
+    """Straight from a training loop (model.train()): a network detector's scores came from each batch's batch-norm
+    statistics (an input scored differently in another batch) and the scoring passes overwrote the running
+    statistics. They now run in eval mode, as the evaluation does, and the model is left as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(16, 6)
+    det = build_detector(name, temperature=10, noise=0.01)
+    expected = det.score_inputs(model.eval(), x)
+    state = {k: v.clone() for k, v in model.train().state_dict().items()}
+    torch.testing.assert_close(det.score_inputs(model, x), expected)
+    torch.testing.assert_close(det.score_inputs_grid(model, x[:4], [{}])[0], expected[:4])
+    assert model.training and model[1].training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

@@ -28,6 +28,7 @@ from torch import nn
 
 from ood.errors import ConfigError, NonFiniteError, OODError
 from ood.features.bank import FeatureBank
+from ood.features.passes import eval_mode
 
 _REGISTRY: dict[str, type[Detector]] = {}
 _T = TypeVar("_T")
@@ -124,7 +125,8 @@ class Detector:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         guards = {"fit": _checked_fit, "fit_inputs": _checked_fit, "fit_stream": _checked_fit, "score": _nan_for_nonfinite,
-                  "score_grid": _nan_for_nonfinite}
+                  "score_grid": _nan_for_nonfinite, "score_inputs": _in_eval_mode, "score_inputs_grid": _in_eval_mode,
+                  "fit_statistics": _in_eval_mode}
         for method, guard in guards.items():
             if method in cls.__dict__:
                 setattr(cls, method, guard(cls.__dict__[method]))
@@ -261,6 +263,21 @@ def _with_plain_bank(det: Detector, args: tuple[Any, ...], kwargs: dict[str, Any
     if isinstance(kwargs.get("bank"), FeatureBank):
         return args, {**kwargs, "bank": plain_bank(det, kwargs["bank"])}
     return args, kwargs
+
+
+def _in_eval_mode(run: Callable[..., Any]) -> Callable[..., Any]:
+    """`score_inputs` / `score_inputs_grid` / `fit_statistics` running the model in eval mode, every module's own mode
+    restored after: a model left in training mode (a user's, straight from its training loop) scored each input from
+    its batch's batch-norm statistics (a score depending on the other rows) and had its running statistics
+    overwritten by the scoring passes. Detectors that need a module active (mcdropout's dropout) switch it
+    themselves inside."""
+
+    @functools.wraps(run)
+    def evaluating(self: Detector, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with eval_mode(model):
+            return run(self, model, *args, **kwargs)
+
+    return evaluating
 
 
 def _nan_for_nonfinite(score: Callable[..., Any]) -> Callable[..., Any]:
