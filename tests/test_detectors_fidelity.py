@@ -21,7 +21,7 @@ from ood.detectors import (
     detector_class,
     resolve_detectors,
 )
-from ood.detectors.base import OTHER_NAMES
+from ood.detectors.base import OTHER_NAMES, Detector
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 
@@ -72,7 +72,7 @@ def _as_a_user_builds_it(bank: FeatureBank, head: nn.Linear) -> FeatureBank:
 
 
 @pytest.mark.parametrize("name", [cls.name for cls in resolve_detectors("cached")])
-def test_a_users_bank_and_an_empty_one_score_as_plain_tensors(name: str, synthetic: dict[str, FeatureBank]) -> None:
+def test_a_users_bank_an_empty_one_and_another_networks(name: str, synthetic: dict[str, FeatureBank]) -> None:
     """A bank holding the head's parameters, outputs with a graph, int32 labels and column-major features scores as
     the same values in plain tensors (it gave scores carrying a graph, gmm and openmax raised `Can't call numpy() on
     Tensor that requires grad`, tempscale `expected target dtype to be Long`, weiper `view size is not compatible
@@ -91,6 +91,17 @@ def test_a_users_bank_and_an_empty_one_score_as_plain_tensors(name: str, synthet
     torch.testing.assert_close(scores, build_detector(name).fit(synthetic[split]).score(synthetic["ood"]), rtol=1e-5, atol=1e-5)
     empty = det.score(synthetic["test"].subset(torch.zeros(0, dtype=torch.long)))
     assert empty.shape == (0,) and empty.is_floating_point()
+    # a bank of another network (half the feature dimension): knn and nnguide raised faiss' bare AssertionError, most
+    # others a tensor-shape error, react, klm, openmax and tempscale scored it with the fit network's statistics
+    half = synthetic["ood"].features.shape[1] // 2
+    other = _bank(synthetic["ood"].features[:, :half], None, w[:, :half], b)
+    if type(det).fit is Detector.fit:  # nothing fitted: any network's bank scores
+        assert det.score(other).shape == (len(other),)
+    else:
+        with pytest.raises(ConfigError, match=rf"^{name}: fitted on a bank of {w.shape[0]} classes x {2 * half} features, "
+                                              rf"asked to score one of {w.shape[0]} x {half}: fit and score banks must come "
+                                              "from the same network$"):
+            det.score(other)
 
 
 def test_float_labels_are_refused_in_one_line(synthetic: dict[str, FeatureBank]) -> None:

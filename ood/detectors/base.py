@@ -225,9 +225,27 @@ def _checked_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
                     f"{missing[:5]}), and its per-class statistics need every class (data.fit_fraction < 1 can "
                     "leave classes out: raise it)")
         fitted = fit(self, *args, **kwargs)
-        return self if fitted is None else fitted
+        fitted = self if fitted is None else fitted
+        if isinstance(bank, FeatureBank):
+            fitted._fit_shape = bank_shape(bank)
+        return fitted
 
     return checked
+
+
+def bank_shape(bank: FeatureBank) -> tuple[int, int]:
+    """(classes, feature dimension) of a bank: what the statistics a detector fits on it are sized by."""
+    return bank.logits.shape[1], bank.features.shape[1]
+
+
+def check_shape(det: Detector, bank: FeatureBank) -> None:
+    """Refuse to score a bank of another network than the fit bank's (other classes or feature dimension) in one line:
+    knn and nnguide failed with faiss' bare `AssertionError`, most others with a tensor-shape error, and react, klm,
+    openmax and tempscale scored it with the other network's statistics without a word."""
+    fitted = getattr(det, "_fit_shape", None)
+    if fitted is not None and bank_shape(bank) != fitted:
+        raise ConfigError(f"{det.name}: fitted on a bank of {fitted[0]} classes x {fitted[1]} features, asked to score one of "
+                          f"{bank_shape(bank)[0]} x {bank_shape(bank)[1]}: fit and score banks must come from the same network")
 
 
 def check_classes(det: Detector, bank: FeatureBank) -> None:
@@ -290,6 +308,7 @@ def _nan_for_nonfinite(score: Callable[..., Any]) -> Callable[..., Any]:
         if isinstance(bank, FeatureBank):
             bank = plain_bank(self, bank)
             check_classes(self, bank)
+            check_shape(self, bank)
         bad = bank.nonfinite_rows() if isinstance(bank, FeatureBank) else None
         if bad is None or not bool(bad.any()):
             return score(self, bank, *args, **kwargs)
