@@ -10,7 +10,10 @@ hyper-parameters; a value outside them is refused in one line when the detector 
 Every subclass's `fit` refuses a bank with NaN or infinite logits or features (`NonFiniteError`), and its `score` /
 `score_grid` give such rows NaN and the others their scores without them: NaN in, NaN out, for a detector written
 by a user too. A `fit` that ends without `return self` returns the detector all the same (`build_detector(...)
-.fit(bank).score(bank)` and the evaluation's tuning take what `fit` returns).
+.fit(bank).score(bank)` and the evaluation's tuning take what `fit` returns). The same guards read a bank built by
+hand as plain tensors (detached, int64 labels: `plain_bank`), refuse a network with fewer outputs than
+`min_classes` and, once fitted, a bank of another network (`check_shape`); `score_inputs` / `fit_statistics` run
+the model in eval mode whatever mode it was left in.
 """
 
 from __future__ import annotations
