@@ -1,5 +1,7 @@
-"""Detectors against independent transcriptions of their reference code, on inputs where an earlier version
-deviated (a class-sorted train bank, an empty split, ...): each test here failed before its fix."""
+"""Detectors used as a new user uses them (banks built by hand from a model, an empty OOD set, a one-output network,
+another network's bank, a model left in training mode, names from OpenOOD or pytorch-ood), and against independent
+transcriptions of their reference code where an earlier version deviated (nnguide's guide rows, knn's index): each
+test here failed before its fix."""
 
 from __future__ import annotations
 
