@@ -189,3 +189,13 @@ def test_a_model_left_in_training_mode_is_scored_in_eval_mode_and_left_as_it_was
     torch.testing.assert_close(det.score_inputs_grid(model, x[:4], [{}])[0], expected[:4])
     assert model.training and model[1].training
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("name", ["mahalanobis", "rmds", "she", "openmax", "tempscale"])
+def test_a_fit_bank_without_labels_is_refused_in_one_line(name: str, synthetic: dict[str, FeatureBank]) -> None:
+    """A bank built without labels (`FeatureBank(logits, features)`): the detectors that need them stopped at a bare
+    `assert` (an AssertionError, or under `python -O` a TypeError deep inside); they now say what is missing."""
+    bank = replace(synthetic[detector_class(name).fit_split], labels=None)
+    with pytest.raises(ConfigError, match=rf"^{name}: its fit bank has no labels, and .* \(FeatureBank\(labels=\.\.\.\): "
+                                          r"the ID class of each row\)$"):
+        build_detector(name).fit(bank)

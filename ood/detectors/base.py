@@ -219,6 +219,9 @@ def _checked_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
         if bad:
             raise NonFiniteError(f"{self.name}: {bad} of {len(bank)} rows of its fit bank hold NaN or infinite logits "
                                  "or features")
+        if self.per_class and isinstance(bank, FeatureBank) and bank.labels is None:
+            raise ConfigError(f"{self.name}: its fit bank has no labels, and its per-class statistics need them "
+                              "(FeatureBank(labels=...): the ID class of each row)")
         if self.per_class and isinstance(bank, FeatureBank) and bank.labels is not None:
             classes = bank.logits.shape[1]
             missing = (torch.bincount(bank.labels.cpu(), minlength=classes)[:classes] == 0).nonzero().flatten().tolist()

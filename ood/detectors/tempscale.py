@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ood.detectors.base import Detector
 from ood.detectors.logits import max_log_softmax
+from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 
 
@@ -42,7 +43,9 @@ class TempScale(Detector):
     fit_split = "val"
 
     def fit(self, bank: FeatureBank) -> TempScale:
-        assert bank.labels is not None, "tempscale needs labelled ID-val logits"
+        if bank.labels is None:
+            raise ConfigError("tempscale: its fit bank has no labels, and the temperature is fitted to them "
+                              "(FeatureBank(labels=...): the ID class of each row)")
         self.temperature_ = fit_temperature(bank.logits, bank.labels)
         return self
 
