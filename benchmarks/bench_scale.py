@@ -5,8 +5,8 @@
 the peak resident memory above the process's baseline (banks already in memory; Linux VmHWM after a reset).
 
 Detectors: knn (k = 50, L2-normalised), mahalanobis, rmds, vim (dim 1000) and GROOD's gradient bank (1-NN of
-test gradients among train gradients). `ours` is the default index (knn `index=auto`: exact below 200 k rows, IVF
-from there; GROOD `index=exact`); `ours-exact` / `ours-ivf` force one. The "their way" columns re-implement what the public code does (read in
+test gradients among train gradients). `ours` is the default index (exact, knn's and GROOD's); `ours-ivf` is
+faiss IVF-Flat (knn's opt-in `index=ivf`). The "their way" columns re-implement what the public code does (read in
 Jingkang50/OpenOOD `openood/postprocessors/{knn,mds,rmds,vim,grood}_postprocessor.py` and kkirchheim/pytorch-ood
 `src/pytorch_ood/detector/{knn,mahalanobis,rmd,vim}.py`; no code copied):
 - OpenOOD: knn = NumPy normalisation + `faiss.IndexFlatL2` over the whole bank; mds / rmds = per-class centred
@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 IMPLS = {
-    "knn": ["ours", "ours-exact", "openood", "pytorch-ood"],
+    "knn": ["ours", "ours-ivf", "openood", "pytorch-ood"],
     "mahalanobis": ["ours", "openood", "pytorch-ood"],
     "rmds": ["ours", "openood", "pytorch-ood"],
     "vim": ["ours", "openood", "pytorch-ood"],
@@ -164,7 +164,7 @@ def vim_dim(features: int) -> int:
 
 
 # ----- ours ---------------------------------------------------------------------------------------------------------
-def ours(name: str, d: dict[str, torch.Tensor], index: str = "auto") -> torch.Tensor:
+def ours(name: str, d: dict[str, torch.Tensor], index: str = "exact") -> torch.Tensor:
     from ood.detectors import build_detector
     from ood.features.bank import FeatureBank
     from ood.neighbors import KNNIndex
@@ -532,9 +532,7 @@ def one(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         with AnonPeak() as anon:
             if impl.startswith("ours"):
-                # GROOD's own default is an exact index (`method.index=exact`); knn's is `auto`
-                default = "exact" if name == "grood_bank" else "auto"
-                ours(name, d, index={"ours-ivf": "ivf", "ours-exact": "exact"}.get(impl, default))
+                ours(name, d, index="ivf" if impl == "ours-ivf" else "exact")  # both defaults are exact
             else:
                 their_scores(name, impl, d, args.score_rows)
         seconds = time.perf_counter() - start
