@@ -109,6 +109,11 @@ def test_preprocessing_values_are_checked() -> None:
                              ("mean", [0.5, 0.5], "1 or 3 numbers")]:
         with pytest.raises(ConfigError, match=rf"^data.{key}={re.escape(repr(value))}: must be .*{re.escape(rule)}"):
             resolve_preprocessing(**{key: value})
+    # resize below the crop: CenterCrop padded 97 % of a 224-pixel input with black (data.resize=32 alone)
+    with pytest.raises(ConfigError, match=r"^data.resize=32 is below the centre crop data.image_size=224 \(defaults "
+                                          r"\(ImageNet\)\), .*pad every image with black: set data.image_size=32 too"):
+        resolve_preprocessing(resize=32)
+    assert resolve_preprocessing(resize=32, image_size=32)["resize"] == 32
     assert resolve_preprocessing(image_size=np.int64(32), mean=[0.5], std=(np.float32(0.25),) * 3)["resize"] == 36
     # a timm class built directly has no registered name (ood.evaluate names it `ResNet`): ImageNet's defaults, not
     # an AttributeError on the missing pretrained config

@@ -862,6 +862,10 @@ def resolve_preprocessing(
     }
     if out["interpolation"] not in INTERPOLATIONS:
         raise ConfigError(f"data.interpolation={out['interpolation']!r} is unknown; choices: {list(INTERPOLATIONS)}")
+    if out["resize"] < size:  # CenterCrop pads a smaller image with black: data.resize=32 alone fed 224 px of mostly 0
+        raise ConfigError(f"data.resize={out['resize']} is below the centre crop data.image_size={size}"
+                          f"{'' if image_size else f' ({source})'}, which would pad every image with black: set "
+                          f"data.image_size={out['resize']} too, or a resize >= image_size")
     return out
 
 
