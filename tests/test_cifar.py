@@ -236,6 +236,21 @@ def test_stratified_split_is_seeded_and_balanced() -> None:
     assert sorted(val + test) == list(range(40))
 
 
+def test_stratified_split_keeps_the_class_proportions() -> None:
+    """An unbalanced ID train folder (data=folder's val_fraction) loses the same fraction of every class: the even
+    split held out 5 of a 10-image class beside 5 of 90, and all 5 images of a small class (a smaller split than
+    asked, then an error that the class had no training image left)."""
+    targets = [0] * 90 + [1] * 10
+    val, _ = stratified_split(targets, 10, seed=0)
+    assert sorted(targets[i] for i in val) == [0] * 9 + [1]
+    targets = [1] * 1000 + [0] * 5
+    val, _ = stratified_split(targets, 101, seed=0)
+    assert sorted(targets[i] for i in val) == [0] + [1] * 100
+    targets = [0] * 99 + [1] * 2 + [2] * 2
+    val, _ = stratified_split(targets, 5, seed=0)  # at least one of each class, beyond `size` if need be
+    assert sorted(targets[i] for i in val) == [0, 0, 0, 0, 1, 2]
+
+
 # ----- configs and end to end -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_experiment_is_the_openood_recipe(tmp_path: Path, name: str) -> None:

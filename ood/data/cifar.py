@@ -94,17 +94,24 @@ class Transformed(Dataset):
 
 
 def stratified_split(targets: Sequence[int], size: int, seed: int) -> tuple[list[int], list[int]]:
-    """(held-out indices, remaining indices): `size` items spread evenly over the classes, chosen with `seed`."""
+    """(held-out indices, remaining indices): `size` items, each class's share in proportion to its size (the
+    largest remainders round up, ties to the first classes; at least one, beyond `size` if need be), chosen with
+    `seed`. A balanced set gives every class size / K; an unbalanced one keeps its class proportions (an even split
+    took half of a small class)."""
     labels = torch.as_tensor(list(targets))
-    classes = labels.unique().tolist()
-    if not 0 < size < len(labels):
-        raise ConfigError(f"val_size must be between 1 and {len(labels) - 1} (the ID test set size), got {size}")
+    classes, counts = labels.unique(return_counts=True)
+    n = len(labels)
+    if not 0 < size < n:
+        raise ConfigError(f"val_size must be between 1 and {n - 1} (the ID test set size), got {size}")
+    shares = [size * c for c in counts.tolist()]
+    take = [max(1, s // n) for s in shares]
+    for k in sorted(range(len(shares)), key=lambda k: (-(shares[k] % n), k))[: max(0, size - sum(take))]:
+        take[k] += 1
     gen = torch.Generator().manual_seed(seed)
     held: list[int] = []
-    for k, cls in enumerate(classes):
+    for cls, count in zip(classes.tolist(), take):
         idx = torch.nonzero(labels == cls)[:, 0]
-        take = size // len(classes) + (1 if k < size % len(classes) else 0)
-        held += idx[torch.randperm(len(idx), generator=gen)[:take]].tolist()
+        held += idx[torch.randperm(len(idx), generator=gen)[:count]].tolist()
     chosen = set(held)
     return sorted(held), [i for i in range(len(labels)) if i not in chosen]
 
