@@ -8,6 +8,7 @@ and converted to RGB (grey MNIST becomes 3 identical channels), as OpenOOD's `Im
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,22 +19,28 @@ from torch.utils.data import Dataset
 from ood.data.hygiene import load_image
 from ood.errors import DataNotFoundError, OODError
 
+#: a class index in a list line
+LABEL = re.compile(r"-?\d+")
+
 
 def read_imglist(path: str | Path) -> list[tuple[str, int]]:
     """`(relative path, label)` per non-empty line of an OpenOOD list file; path and label are split at the first
-    run of spaces or tabs (the lines of a tab-separated list were read as paths without a label)."""
+    run of spaces or tabs (the lines of a tab-separated list were read as paths without a label), or at the last one
+    when the path holds spaces (`My Photos/cat 1.jpg 3`). A UTF-8 byte-order mark (Windows Notepad's) is not part of
+    the first path."""
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"image list not found: {path}")
     entries = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         name, *label = line.split(maxsplit=1)
-        try:
-            entries.append((name, int(label[0]) if label else -1))
-        except ValueError:
-            raise OODError(f"{path}:{number}: expected '<path> <integer label>', got {line!r}") from None
+        if label and not LABEL.fullmatch(label[0].strip()):
+            name, label = line.strip().rsplit(maxsplit=1)[0], line.split()[-1:]
+            if not LABEL.fullmatch(label[0]):
+                raise OODError(f"{path}:{number}: expected '<path> <integer label>', got {line!r}")
+        entries.append((name, int(label[0]) if label else -1))
     return entries
 
 
