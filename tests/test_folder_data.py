@@ -143,6 +143,10 @@ def test_folder_mistakes_are_one_line(folders: dict[str, Path], tmp_path: Path) 
     with pytest.raises(DataNotFoundError, match=r"/bare: no train/ folder \(it holds \['test/'\]\)"):
         (tmp_path / "bare" / "test").mkdir(parents=True)
         FolderBenchmark(tmp_path / "bare", ood=[folders["far"]])
+    (tmp_path / "ood.txt").write_text("0.png\n")  # a list given where a folder is read: 'folder not found' named it
+    with pytest.raises(DataNotFoundError, match=r"^mine: .*/ood.txt is a file, not a folder \(expected a folder of "
+                                                r"images; .*\); an image list is given as \{imglist: .*/ood.txt\}"):
+        FolderBenchmark(root, ood={"far": {"mine": tmp_path / "ood.txt"}})
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataNotFoundError, match=r"empty: no images in .*/empty \(extensions"):
         FolderBenchmark(root, ood={"far": {"empty": tmp_path / "empty"}})

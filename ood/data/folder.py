@@ -269,7 +269,7 @@ class FolderBenchmark(Benchmark):
                               "data.test=: folders or {imglist: <file>} lists)")
         self.root = Path(root).expanduser().resolve() if root is not None else Path.cwd()
         if root is not None and not self.root.is_dir():
-            raise DataNotFoundError(f"data.root={root}: folder not found")
+            raise no_folder("data.root", self.root, "<root>/train/<class>/<image> and <root>/test/<class>/<image>")
         self.name = name or (self.root.name if root is not None else "folder")
         self.bad_images = bad_images
         self.overlap_threshold = overlap_threshold
@@ -387,7 +387,7 @@ class FolderBenchmark(Benchmark):
             raise ConfigError(f"set {name!r}: data=folder reads folders, image lists and Datasets; got {dict(source)}")  # type: ignore[arg-type]
         folder = resolve(Path.cwd(), spec.folder)
         if not folder.is_dir():
-            raise DataNotFoundError(f"{name}: folder not found: {folder}")
+            raise no_folder(name, folder, "a folder of images; ID splits: <folder>/<class>/<image>")
         if label is not None:
             return ImageSet(name, str(folder), [(f, label) for f in image_files(folder)])
         found = class_folders(folder)
@@ -737,6 +737,16 @@ def first_few(items: Sequence[Any], first: int = 8) -> str:
     return str(list(items)) if len(items) <= first else f"{list(items[:first])} ... ({len(items)} in all)"
 
 
+def no_folder(name: str, path: Path, layout: str) -> DataNotFoundError:
+    """The one line for a folder source that is not a folder: absent, or a file (an image list or an `.npy` given
+    where a folder is read: 'folder not found' named a file that was there)."""
+    if not path.is_file():
+        return DataNotFoundError(f"{name}: folder not found: {path} (expected {layout})")
+    return DataNotFoundError(f"{name}: {path} is a file, not a folder (expected {layout}); an image list is given "
+                             f"as {{imglist: {path}}} (Python: {{'imglist': ...}}), other files (an .npy array) as a "
+                             "torch Dataset")
+
+
 def not_a_source(name: str, source: Any) -> ConfigError:
     """The one line for a source that is no folder, image list or torch Dataset (a Hugging Face `datasets.Dataset`,
     a Python list of samples): it was read as a folder named by its repr."""
@@ -897,7 +907,7 @@ def folder_dataset(data: str | Path | Dataset, transform: Callable[[Image.Image]
         return SourceImages(data, type(data).__name__, transform)
     root = Path(data)
     if not root.is_dir():
-        raise DataNotFoundError(f"folder not found: {root}")
+        raise no_folder("data", root, "a folder of images")
     entries = [(root / p, y) for p, y in folder_entries(root)]
     if not entries:
         raise DataNotFoundError(f"{root}: no images (extensions {list(IMAGE_EXTENSIONS)})")
