@@ -228,6 +228,19 @@ def test_torchvision_missing_without_download_names_the_dataset(tmp_path: Path, 
     assert "data.download=true" in str(err.value)
 
 
+def test_a_missing_cifar_batch_file_is_named(tmp_path: Path) -> None:
+    """torchvision's CIFAR-10 tree without one batch: torchvision's 'Dataset not found or corrupted' named no file."""
+    batches = tmp_path / "torchvision" / "cifar10" / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for name in ("data_batch_1", "data_batch_2", "data_batch_4", "data_batch_5", "test_batch", "batches.meta"):
+        (batches / name).write_bytes(b"")
+    with pytest.raises(DataNotFoundError, match=rf"'cifar10' not found in .*\(missing \['data_batch_3'\] in {batches}\)"):
+        CIFAR10Benchmark(tmp_path, source="torchvision").prepare()
+    (batches / "data_batch_3").write_bytes(b"")
+    with pytest.raises(DataNotFoundError, match=r"its files are there but fail torchvision's checksum"):
+        CIFAR10Benchmark(tmp_path, source="torchvision").prepare()
+
+
 def test_stratified_split_is_seeded_and_balanced() -> None:
     targets = [i % 4 for i in range(40)]
     val, test = stratified_split(targets, 8, seed=0)

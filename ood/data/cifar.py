@@ -355,12 +355,27 @@ class CIFARBenchmark(Benchmark):
         try:
             dataset = builders[key](root, download)
         except RuntimeError as err:  # torchvision's "Dataset not found or corrupted. You can use download=True"
+            files = self._cifar_files(key, root)
+            absent = [p.name for p in files if not p.is_file()]
+            detail = (f"missing {absent} in {files[0].parent}" if absent else
+                      "its files are there but fail torchvision's checksum: re-download them" if files else str(err))
             raise DataNotFoundError(
-                f"{self.name}: torchvision dataset {key.split(':')[0]!r} not found in {root} ({err}). "
+                f"{self.name}: torchvision dataset {key.split(':')[0]!r} not found in {root} ({detail}). "
                 + (how or self._how_to_get())
             ) from err
         self._tv_cache[key, root] = dataset
         return dataset
+
+    def _cifar_files(self, key: str, root: Path) -> list[Path]:
+        """The batch files torchvision's CIFAR class for set `key` reads under `root` (`cifar-10-batches-py/...`;
+        none for the other sets): torchvision's error named no file."""
+        from torchvision import datasets as tvd
+
+        cls_name = {f"{self.name}:train": self.torchvision_class, f"{self.name}:test": self.torchvision_class,
+                    "cifar10": "CIFAR10", "cifar100": "CIFAR100"}.get(key)
+        cls = getattr(tvd, cls_name) if cls_name else None
+        batches = [*getattr(cls, "train_list", []), *getattr(cls, "test_list", [])]  # the tests' fakes have none
+        return [root / cls.base_folder / name for name, _ in batches]  # type: ignore[union-attr]
 
     def _tv(self, split: str) -> Dataset:
         """The ID `train` or `test` split from torchvision."""
