@@ -99,6 +99,8 @@ def test_hidden_files_and_folders_are_neither_classes_nor_images(folders: dict[s
     before = FolderBenchmark(root, ood=[folders["far"]])
     shutil.copytree(root / "train" / "c0", root / "train" / ".ipynb_checkpoints")  # Jupyter's, with images in it
     (root / "train" / "c1" / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    (root / "train" / "__MACOSX" / "c1").mkdir(parents=True)  # a macOS zip unpacked: it was a class without images
+    (root / "train" / "__MACOSX" / "c1" / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
     after = FolderBenchmark(root, ood=[folders["far"]])
     assert after.classes == before.classes == ["c0", "c1", "c2"]
     assert [(p.name, y) for p, y in after.id_sets["train"].entries] == [(p.name, y) for p, y in before.id_sets["train"].entries]

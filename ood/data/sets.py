@@ -45,8 +45,9 @@ Kind = Literal["imglist", "folder", "annotations", "torchvision"]
 
 
 def _hidden(name: str) -> bool:
-    """Names starting with a dot: Jupyter's `.ipynb_checkpoints/`, macOS' `._<image>` resource forks, `.git/`."""
-    return name.startswith(".")
+    """Names starting with a dot (Jupyter's `.ipynb_checkpoints/`, macOS' `._<image>` resource forks, `.git/`) and
+    the `__MACOSX/` folder a macOS zip unpacks into (its `._<image>` copies made it a class without images)."""
+    return name.startswith(".") or name == "__MACOSX"
 
 
 def class_folders(root: Path) -> list[str]:
