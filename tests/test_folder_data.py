@@ -278,6 +278,21 @@ def test_planted_duplicates_are_listed_and_dropped(folders: dict[str, Path], tmp
     assert len(json.loads((tmp_path / "emptied" / "overlap.json").read_text())["sets"]["copies"]) == 3
 
 
+def test_copies_of_train_images_left_out_of_the_fit_split_are_found(folders: dict[str, Path], tmp_path: Path) -> None:
+    """With data.fit_fraction, every train image is still compared with the OOD sets by its pixels: only the fit
+    split's rows were (5 of 12 copies listed here, the others scored as OOD)."""
+    planted = shutil.copytree(folders["far"], tmp_path / "planted")  # 4 checkerboards (0..3.png)
+    train = sorted((folders["id"] / "train").rglob("*.png"))
+    for i, path in enumerate(train):
+        shutil.copy(path, planted / f"copy{i}.png")
+    results = ood.evaluate(_pixels(), folders["id"], {"far": {"planted": planted}}, detectors=["msp"], image_size=32,
+                           resize=32, device="cpu", output_dir=tmp_path / "run", fit_fraction=0.25,
+                           overlap_threshold=None, drop_overlap=True)
+    listed = {Path(e["ood"]).name: (e["kind"], Path(e["id"])) for e in results.overlap["sets"]["planted"]}
+    assert listed == {f"copy{i}.png": ("exact", path) for i, path in enumerate(train)}
+    assert (results.rows[0]["overlap_dropped"], results.rows[0]["n_ood"]) == (12, 4)
+
+
 def test_ddp_cpu_timm_on_folders_equals_single_process(tmp_path: Path) -> None:
     paths = make_image_folders(tmp_path / "data", train=4, test=3, ood=4)
     torch.manual_seed(0)

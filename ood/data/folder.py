@@ -669,10 +669,18 @@ class FolderBenchmark(Benchmark):
             name: [ds.digest(i, self.digests) if self.exact_duplicates else None for ds, i in items[name]]
             for name in items
         }
-        id_by_digest: dict[str | None, tuple[str, int]] = {}
+        # digest -> (ID split, dataset, item) of the first ID image with these pixels
+        id_by_digest: dict[str | None, tuple[str, FileImages | SourceImages, int]] = {}
         for name in id_names:
-            for row, d in enumerate(digest[name]):
-                id_by_digest.setdefault(d, (name, row))
+            for (ds, i), d in zip(items[name], digest[name]):
+                id_by_digest.setdefault(d, (name, ds, i))
+        train = self.id_sets["train"].entries
+        if self.exact_duplicates and "train" in id_names and train is not None:
+            # the train images that data.fit_fraction leaves out of the fit split: decoded anyway (`digests`),
+            # they were not compared (fit_fraction=0.1 listed a tenth of the copies of train images)
+            every = FileImages(train, self.eval_transform())
+            for i, (path, _) in enumerate(train):
+                id_by_digest.setdefault(self.digests.get(path), ("train", every, i))
         id_by_digest.pop(None, None)
         found: dict[str, list[dict[str, Any]]] = {}
         notes: dict[str, dict[str, Any]] = {}
@@ -693,8 +701,11 @@ class FolderBenchmark(Benchmark):
                 near = self.overlap_threshold is not None and float(best[row]) > self.overlap_threshold
                 if exact is None and not near:
                     continue
-                id_name, id_row = exact if exact is not None else where[row]
-                ds, i = items[id_name][id_row]
+                if exact is not None:
+                    id_name, ds, i = exact
+                else:
+                    id_name, id_row = where[row]
+                    ds, i = items[id_name][id_row]
                 listed.append({
                     "ood": items[name][row][0].describe(items[name][row][1]),
                     "id": ds.describe(i),
