@@ -133,6 +133,12 @@ def test_preprocessing_values_are_checked() -> None:
                                           r"\(ImageNet\)\), .*pad every image with black: set data.image_size=32 too"):
         resolve_preprocessing(resize=32)
     assert resolve_preprocessing(resize=32, image_size=32)["resize"] == 32
+    # mmcv's 0-255 normalisation on [0, 1] pixels: every input about -2.1, black and white 0.02 apart
+    with pytest.raises(ConfigError, match=re.escape("data.mean=[123.675, 116.28, 103.53], data.std=[58.395, 57.12, "
+                                                    "57.375]: pixels are normalised on the 0-1 scale (ToTensor), these "
+                                                    "are 0-255 values; give them divided by 255: mean=[0.485, 0.456, "
+                                                    "0.406], std=[0.229, 0.224, 0.225]")):
+        resolve_preprocessing(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375])
     assert resolve_preprocessing(image_size=np.int64(32), mean=[0.5], std=(np.float32(0.25),) * 3)["resize"] == 36
     # a timm class built directly has no registered name (ood.evaluate names it `ResNet`): ImageNet's defaults, not
     # an AttributeError on the missing pretrained config

@@ -845,6 +845,14 @@ def resolve_preprocessing(
         if values is not None and (isinstance(values, str) or not all(isinstance(v, Real) for v in values)
                                    or len(values) not in (1, 3) or (key == "std" and min(values) <= 0)):
             raise ConfigError(f"data.{key}={values!r}: must be 1 or 3 numbers{' > 0' if key == 'std' else ''} (one per channel)")
+    # mmcv / detectron2's 0-255 values (mean=[123.675, 116.28, 103.53]) on [0, 1] pixels made every input about
+    # -2.1, black and white 0.02 apart
+    scaled = [(k, v) for k, v in (("mean", mean), ("std", std)) if v is not None and max(map(abs, v)) > 1]
+    if scaled:
+        given = ", ".join(f"data.{k}={list(v)}" for k, v in scaled)
+        divided = ", ".join(f"{k}={[round(x / 255, 4) for x in v]}" for k, v in scaled)
+        raise ConfigError(f"{given}: pixels are normalised on the 0-1 scale (ToTensor), these are 0-255 values; "
+                          f"give them divided by 255: {divided}")
     if transform is not None:
         ignored = [k for k, v in (("image_size", image_size), ("resize", resize), ("interpolation", interpolation)) if v is not None]
         if ignored:
