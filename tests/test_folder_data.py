@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 import ood
-from ood.data.folder import FolderBenchmark, ood_mapping, resolve_preprocessing
+from ood.data.folder import FolderBenchmark, folder_dataset, ood_mapping, resolve_preprocessing
 from ood.data.hygiene import BadImageError, load_image, to_rgb
 from ood.data.sets import folder_entries
 from ood.errors import ConfigError, DataNotFoundError
@@ -297,6 +297,15 @@ def test_copies_of_train_images_left_out_of_the_fit_split_are_found(folders: dic
     listed = {Path(e["ood"]).name: (e["kind"], Path(e["id"])) for e in results.overlap["sets"]["planted"]}
     assert listed == {f"copy{i}.png": ("exact", path) for i, path in enumerate(train)}
     assert (results.rows[0]["overlap_dropped"], results.rows[0]["n_ood"]) == (12, 4)
+
+
+def test_extract_refuses_the_id_root_whose_splits_would_be_the_labels(folders: dict[str, Path]) -> None:
+    """`ood.extract(model, <the root given to evaluate>)` labelled every test image 0 and every train image 1 (the
+    split folders taken for classes), silently."""
+    with pytest.raises(ConfigError, match=r"^.*/id holds the ID splits \['test/', 'train/'\], which would be the class "
+                                          r"labels: pass one split, e.g. .*/id/test"):
+        folder_dataset(folders["id"], np.asarray)
+    assert folder_dataset(folders["id"] / "test", np.asarray).targets == [0] * 3 + [1] * 3 + [2] * 3
 
 
 def test_ddp_cpu_timm_on_folders_equals_single_process(tmp_path: Path) -> None:

@@ -927,6 +927,10 @@ def folder_dataset(data: str | Path | Dataset, transform: Callable[[Image.Image]
     root = Path(data)
     if not root.is_dir():
         raise no_folder("data", root, "a folder of images")
+    splits = class_folders(root)
+    if "train" in splits and set(splits) <= {"train", "val", "test"}:  # the ID root: its images were labelled by split
+        raise ConfigError(f"{root} holds the ID splits {[f'{s}/' for s in splits]}, which would be the class labels: "
+                          f"pass one split, e.g. {root / 'test'} (its class folders label the images)")
     entries = [(root / p, y) for p, y in folder_entries(root)]
     if not entries:
         raise DataNotFoundError(f"{root}: no images (extensions {list(IMAGE_EXTENSIONS)})")
