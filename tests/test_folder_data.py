@@ -107,6 +107,22 @@ def test_hidden_files_and_folders_are_neither_classes_nor_images(folders: dict[s
     assert folder_entries(root / "train") == folder_entries(folders["id"] / "train")
 
 
+def test_image_files_of_kinds_not_read_are_named(folders: dict[str, Path], tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A web-scraped OOD set's `.jfif` / `.gif` files (ImageFolder does not read them) left the set silently."""
+    far = shutil.copytree(folders["far"], tmp_path / "far")
+    for name in ("a.jfif", "b.JFIF", "sub/c.gif"):
+        (far / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (4, 4)).save(far / name, format="GIF" if name.endswith("gif") else "JPEG")
+    (far / "labels.txt").write_text("not an image: not named\n")
+    with caplog.at_level(logging.WARNING, logger="ood.data.folder"):
+        bench = FolderBenchmark(folders["id"], ood={"far": {"web": far}}, image_size=32, resize=32)
+    assert [p.name for p, _ in bench.ood_sets[0][2].entries] == ["0.png", "1.png", "2.png", "3.png"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"web: 3 image file(s) of kinds not read left out (.gif: 1, .jfif: 2; first: {far / 'a.jfif'}); convert them "
+        "to one of ['.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp']"]
+
+
 def test_symlinked_folders_are_followed_once(folders: dict[str, Path], tmp_path: Path) -> None:
     """An OOD folder linking parts kept elsewhere keeps their images, as torchvision's `ImageFolder` does (they were
     skipped silently); a link back to an ancestor is walked once."""

@@ -41,6 +41,7 @@ import difflib
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import cached_property
@@ -388,8 +389,11 @@ class FolderBenchmark(Benchmark):
         folder = resolve(Path.cwd(), spec.folder)
         if not folder.is_dir():
             raise no_folder(name, folder, "a folder of images; ID splits: <folder>/<class>/<image>")
+        left_out: list[Path] = []
         if label is not None:
-            return ImageSet(name, str(folder), [(f, label) for f in image_files(folder)])
+            entries = [(f, label) for f in image_files(folder, left_out)]
+            warn_left_out(name, left_out)
+            return ImageSet(name, str(folder), entries)
         found = class_folders(folder)
         if not found:
             raise DataNotFoundError(f"{name}: {folder} has no class folders (ID images go in {folder}/<class>/<image>)")
@@ -408,7 +412,9 @@ class FolderBenchmark(Benchmark):
                 f"{folder} has {len(unknown)} classes absent from the ID train split ({len(classes)} classes): {first_few(unknown)}"
             )
         index = {c: i for i, c in enumerate(classes)}
-        return ImageSet(name, str(folder), [(f, index[c]) for c in found for f in image_files(folder / c)])
+        entries = [(f, index[c]) for c in found for f in image_files(folder / c, left_out)]
+        warn_left_out(name, left_out)
+        return ImageSet(name, str(folder), entries)
 
     @staticmethod
     def _given_classes(classes: Sequence[str] | None, train: Source) -> list[str] | None:
@@ -746,6 +752,16 @@ def first_few(items: Sequence[Any], first: int = 8) -> str:
     """`items` for a one-line message: all of them, or the first `first` and how many there are (a 1000-class
     folder gave a 13 kB line)."""
     return str(list(items)) if len(items) <= first else f"{list(items[:first])} ... ({len(items)} in all)"
+
+
+def warn_left_out(name: str, left_out: Sequence[Path]) -> None:
+    """One warning for the image files of set `name` that are not read for their kind (`.gif`, `.jfif`, ...): they
+    left the set silently."""
+    if left_out:
+        kinds = Counter(p.suffix.lower() for p in left_out)
+        log.warning("%s: %d image file(s) of kinds not read left out (%s; first: %s); convert them to one of %s",
+                    name, len(left_out), ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items())), left_out[0],
+                    list(IMAGE_EXTENSIONS))
 
 
 def no_folder(name: str, path: Path, layout: str) -> DataNotFoundError:

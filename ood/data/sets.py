@@ -38,6 +38,8 @@ from ood.data.imglist import ImageFiles, ImageList, subset_entries
 from ood.errors import ConfigError, DataNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+#: image files that `IMAGE_EXTENSIONS` (torchvision `ImageFolder`'s) leaves out: named when a set holds them
+OTHER_IMAGE_EXTENSIONS = (".gif", ".jfif", ".jpe", ".heic", ".heif", ".avif", ".jp2", ".jxl", ".tga", ".ico", ".pnm")
 KINDS = ("imglist", "folder", "annotations", "torchvision")
 #: `(root, download) -> dataset of (PIL image, label)`
 TorchvisionBuilder = Callable[[Path, bool], Dataset]
@@ -56,10 +58,11 @@ def class_folders(root: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not _hidden(entry.name))
 
 
-def image_files(root: Path) -> list[Path]:
+def image_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
     """Every image file under `root`, recursively, in sorted path order; hidden files and folders left out. Symlinked
     folders are followed, as torchvision's `ImageFolder` does (a set assembled from links lost their images
-    silently), each real folder once (a link to an ancestor is no endless loop)."""
+    silently), each real folder once (a link to an ancestor is no endless loop). Images of the kinds `ImageFolder`
+    does not read (`OTHER_IMAGE_EXTENSIONS`) are appended to `left_out` when given."""
     files = []
     seen = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -69,7 +72,10 @@ def image_files(root: Path) -> list[Path]:
             continue
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-        files += [Path(dirpath) / f for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS) and not _hidden(f)]
+        names = [f for f in sorted(filenames) if not _hidden(f)]
+        files += [Path(dirpath) / f for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if left_out is not None:
+            left_out += [Path(dirpath) / f for f in names if f.lower().endswith(OTHER_IMAGE_EXTENSIONS)]
     return files
 
 
