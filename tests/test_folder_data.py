@@ -18,7 +18,13 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 import ood
-from ood.data.folder import FolderBenchmark, folder_dataset, ood_mapping, resolve_preprocessing
+from ood.data.folder import (
+    FolderBenchmark,
+    folder_dataset,
+    ood_mapping,
+    preprocessing_transform,
+    resolve_preprocessing,
+)
 from ood.data.hygiene import BadImageError, load_image, to_rgb
 from ood.data.sets import folder_entries
 from ood.errors import ConfigError, DataNotFoundError
@@ -160,6 +166,13 @@ def test_preprocessing_values_are_checked() -> None:
     # an AttributeError on the missing pretrained config
     assert resolve_preprocessing(model={"library": "timm", "name": "ResNet"}) == resolve_preprocessing()
     assert resolve_preprocessing(model={"library": "timm", "name": "convnext_atto"})["interpolation"] == "bicubic"
+    # timm's squash configs resize both sides (aspect not kept): the shorter side was resized and the rest cropped
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8))
+    for name in ("convnext_atto", "convnext_base.fb_in22k_ft_in1k_384"):
+        ours = resolve_preprocessing(model={"library": "timm", "name": name})
+        theirs = timm.data.resolve_data_config(pretrained_cfg=timm.get_pretrained_cfg(name).to_dict())
+        assert ours["crop_mode"] == theirs["crop_mode"] == ("center" if name == "convnext_atto" else "squash")
+        assert torch.equal(preprocessing_transform(ours)(image), timm.data.create_transform(**theirs)(image)), name
 
 
 def test_folder_mistakes_are_one_line(folders: dict[str, Path], tmp_path: Path) -> None:

@@ -74,6 +74,8 @@ BAD_IMAGES = ("error", "skip")
 RESERVED_NAMES = frozenset({"train", "val", "test", "val_ood", "fit", "near", "far"})
 #: the keys of the OOD-set mapping: test OOD groups, validation OOD, covariate-shifted ID
 OOD_KEYS = ("near", "far", "val", "csid")
+#: timm's crop modes that `preprocessing_transform` does: resize the shorter side, or both sides (aspect not kept)
+CROP_MODES = ("center", "squash")
 INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
                   "nearest": T.InterpolationMode.NEAREST}
 Source = str | Path | Mapping[str, Any] | Dataset
@@ -904,7 +906,12 @@ def resolve_preprocessing(
         "interpolation": interpolation or cfg.get("interpolation", "bilinear"),
         "mean": list(mean or cfg.get("mean", IMAGENET_MEAN)),
         "std": list(std or cfg.get("std", IMAGENET_STD)),
+        # timm's `squash` (84 of its configs: ConvNeXt 384, EVA, ...) resizes both sides, not the shorter one
+        "crop_mode": cfg.get("crop_mode") or "center",
     }
+    if out["crop_mode"] not in CROP_MODES:
+        raise ConfigError(f"the model's timm data config has crop_mode={out['crop_mode']!r}, which data=folder does not "
+                          f"do (choices: {list(CROP_MODES)}): pass transform=timm.data.create_transform(...)")
     if out["interpolation"] not in INTERPOLATIONS:
         raise ConfigError(f"data.interpolation={out['interpolation']!r} is unknown; choices: {list(INTERPOLATIONS)}")
     if out["resize"] < size:  # CenterCrop pads a smaller image with black: data.resize=32 alone fed 224 px of mostly 0
@@ -926,9 +933,11 @@ def normalization(transform: Any) -> tuple[list[float], list[float]] | None:
 
 
 def preprocessing_transform(p: Mapping[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize the shorter side, centre crop, tensor, normalise (`resolve_preprocessing`'s values)."""
+    """Resize the shorter side (both sides for `crop_mode` squash, timm's), centre crop, tensor, normalise
+    (`resolve_preprocessing`'s values)."""
+    side = p["resize"] if p.get("crop_mode", "center") == "center" else (p["resize"], p["resize"])
     return T.Compose([
-        T.Resize(p["resize"], interpolation=INTERPOLATIONS[p["interpolation"]]),
+        T.Resize(side, interpolation=INTERPOLATIONS[p["interpolation"]]),
         T.CenterCrop(p["image_size"]),
         T.ToTensor(),
         T.Normalize(p["mean"], p["std"]),
