@@ -445,6 +445,14 @@ def test_dataset_items_are_checked_and_ood_sets_may_be_images_alone(folders: dic
                        ((torch.zeros(3, 2, 2, dtype=torch.uint8), 0), r"item 0 holds a torch.uint8 tensor of shape")]:
         with pytest.raises(ConfigError, match=rf"^folder:test: Dataset Items {said}"):
             FolderBenchmark(train=folders["id"] / "train", test=Items(item), ood=ood)
+    # labels that are no class index: int()'s ValueError deep in the pass (Hydra's InstantiationException around it)
+    for label, said in [("cat", "a str 'cat'"), (torch.tensor([0.0, 1.0]), r"a Tensor of shape \(2,\)")]:
+        with pytest.raises(ConfigError, match=rf"^folder:test: Dataset Items labels must be class indices \(integers, "
+                                              rf"label i the network's output i\); item 0's is {said}: map them"):
+            FolderBenchmark(train=folders["id"] / "train", test=Items((x[0], label)), ood=ood)
+    # an OOD set's own labels (a file name here) are not read: they stopped the pass
+    named = FolderBenchmark(folders["id"], ood={"far": {"named": Items((x[1], "img_001.png"))}}).ood_test()[0].dataset
+    assert [(float(v.sum()), y) for v, y in (named[0], named[1])] == [(float(x[1].sum()), -1)] * 2
 
 
 def test_ood_sets_in_every_accepted_form() -> None:

@@ -135,10 +135,11 @@ class SourceImages(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def _parts(self, i: int) -> tuple[Any, int]:
-        """(image, label) of item `i`; -1 for an item without a label."""
+        """(image, label) of item `i`; -1 for an item without a label, and for every item of an OOD set (its own
+        labels, a file name or a string, are not read: they stopped the pass with int()'s ValueError)."""
         item = self.dataset[i]
         if isinstance(item, tuple | list) and 1 <= len(item) <= 2:
-            return item[0], self._class(int(item[1])) if len(item) == 2 else -1
+            return item[0], self._class(int(item[1])) if len(item) == 2 and self.label is None else -1
         return item, -1
 
     def _image(self, i: int) -> Any:
@@ -157,6 +158,14 @@ class SourceImages(Dataset):
         return pixel_digest(self._image(i))
 
 
+def is_class_index(y: Any) -> bool:
+    """Whether a label reads as a class index: an integer, or a number or one-element tensor equal to one."""
+    try:
+        return not isinstance(y, str | bytes) and float(y) == int(y)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
 def check_source(name: str, dataset: Dataset, labelled: bool) -> bool:
     """One line for a Dataset whose first item `SourceImages` cannot serve: not `(image, label)` where labels are
     needed (an ID split), or an image that is neither a PIL image nor a float tensor (a numpy array, a uint8 tensor
@@ -172,6 +181,11 @@ def check_source(name: str, dataset: Dataset, labelled: bool) -> bool:
     if labelled and not pair:
         got = f"a {len(item)}-tuple" if isinstance(item, tuple | list) else f"a {type(item).__name__}"
         raise ConfigError(f"{name}: {kind} items must be (image, label) tuples (an ID split needs labels); item 0 is {got}")
+    if labelled and not is_class_index(item[1]):  # class names, one-hot vectors: int()'s error deep in the pass
+        y = item[1]
+        got = f"a {type(y).__name__}" + (f" of shape {tuple(y.shape)}" if hasattr(y, "shape") else f" {y!r:.40}")
+        raise ConfigError(f"{name}: {kind} labels must be class indices (integers, label i the network's output i); "
+                          f"item 0's is {got}: map them to indices in __getitem__")
     if isinstance(item, tuple | list) and not 1 <= len(item) <= 2:
         raise ConfigError(f"{name}: {kind} items must be (image, label) or images alone; item 0 is a {len(item)}-tuple")
     x = item[0] if isinstance(item, tuple | list) else item
