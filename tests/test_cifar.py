@@ -23,7 +23,7 @@ from PIL import Image
 
 from ood.data import CIFAR10Benchmark, CIFAR100Benchmark, NpyImages, OODDataModule
 from ood.data.cifar import stratified_split
-from ood.errors import DataNotFoundError
+from ood.errors import DataNotFoundError, OODError
 
 NEAR_FAR = {
     "cifar10": {"cifar100": "near", "tin": "near", "mnist": "far", "svhn": "far", "texture": "far", "places365": "far"},
@@ -109,6 +109,11 @@ def test_outliers_tin597_and_300k_npy(tree: Path, tmp_path: Path) -> None:
     x, _ = NpyImages(tmp_path / "grey.npy", CIFAR10Benchmark(tmp_path).eval_transform())[2]
     assert torch.allclose(x, normalised(Image.fromarray(grey[2]).convert("RGB")), atol=1e-6)
     assert CIFAR10Benchmark(tree, outliers="none").outliers() is None
+    np.save(tmp_path / "nchw.npy", rgb.transpose(0, 3, 1, 2).astype(np.float32) / 255)  # PyTorch's layout, in [0, 1]
+    with pytest.raises(OODError, match=r"nchw.npy: expected uint8 images \[N, H, W\] or \[N, H, W, 1\|3\], got float32 "
+                                       r"\(7, 3, 32, 32\); convert it \(channels first: np.ascontiguousarray\(a.transpose"
+                                       r"\(0, 2, 3, 1\)\); floats: \(a \* 255\).round\(\).astype\(np.uint8\) for values in"):
+        NpyImages(tmp_path / "nchw.npy", CIFAR10Benchmark(tmp_path).eval_transform())
     with pytest.raises(DataNotFoundError, match="300K_random_images.npy"):
         CIFAR10Benchmark(tree, outliers="random300k").outliers()
 

@@ -28,7 +28,13 @@ class NpyImages(Dataset):
         self.images = np.load(self.path, mmap_mode="r")
         shape = self.images.shape
         if self.images.dtype != np.uint8 or not (len(shape) == 3 or (len(shape) == 4 and shape[-1] in (1, 3))):
-            raise OODError(f"{self.path}: expected uint8 images [N, H, W] or [N, H, W, 1|3], got {self.images.dtype} {shape}")
+            fixes = [fix for wrong, fix in (
+                (len(shape) == 4 and shape[1] in (1, 3) and shape[-1] not in (1, 3),
+                 "channels first: np.ascontiguousarray(a.transpose(0, 2, 3, 1))"),
+                (self.images.dtype.kind == "f", "floats: (a * 255).round().astype(np.uint8) for values in [0, 1]"),
+            ) if wrong]
+            raise OODError(f"{self.path}: expected uint8 images [N, H, W] or [N, H, W, 1|3], got {self.images.dtype} "
+                           f"{shape}" + (f"; convert it ({'; '.join(fixes)})" if fixes else ""))
         self.transform = transform
         self.label = label
 
