@@ -265,6 +265,23 @@ def test_truncated_jpeg_stops_naming_it_or_is_skipped_and_counted(folders: dict[
     assert json.loads((tmp_path / "run" / "preprocessing.json").read_text())["image_size"] == 32
 
 
+def test_the_train_class_checks_read_the_files_left_after_skipping(folders: dict[str, Path]) -> None:
+    """bad_images=skip: the train-class checks read the labels of the split before skipping, with the held-out
+    indices of the split after it, so 3 broken images of a 4-image class passed (its last image then held out: a
+    class without training images, silently) and a class of broken files was reported as another class."""
+    common = dict(ood=[folders["far"]], bad_images="skip", image_size=32, resize=32)
+    for i in range(3):
+        (folders["id"] / "train" / "c0" / f"{i}.png").write_bytes(b"not an image")
+    with pytest.raises(DataNotFoundError, match=r"train: holding out the ID validation split .* leaves class\(es\) "
+                                                r"\['c0'\] no training image"):
+        FolderBenchmark(folders["id"], **common)
+    for path in (folders["id"] / "train" / "c1").iterdir():
+        path.write_bytes(b"not an image")
+    with pytest.raises(DataNotFoundError, match=r"train: class\(es\) \['c1'\] have no images after skipping 7 "
+                                                r"unreadable \(first: .*/train/c0/0.png\) \(every ID class"):
+        FolderBenchmark(folders["id"], **common)
+
+
 def test_planted_duplicates_are_listed_and_dropped(folders: dict[str, Path], tmp_path: Path) -> None:
     planted = folders["far"]
     shutil.copy(folders["id"] / "test" / "c0" / "0.png", planted / "copy.png")

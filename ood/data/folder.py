@@ -342,10 +342,11 @@ class FolderBenchmark(Benchmark):
             self._tensor_normalization(mean, std)
         if bad_images == "skip":
             self._skip_unreadable()
+            train_set = self.id_sets["train"]  # without them: the checks below read the labels of the skipped files
         for image_set in self._all_sets():
             if self._size(image_set) == 0:
-                after = f" after skipping {len(self.skipped)} unreadable" if self.skipped else ""
-                raise DataNotFoundError(f"{image_set.name}: no images in {image_set.where}{after} (extensions {list(IMAGE_EXTENSIONS)})")
+                raise DataNotFoundError(f"{image_set.name}: no images in {image_set.where}{self._skipped_note} "
+                                        f"(extensions {list(IMAGE_EXTENSIONS)})")
         if "val" not in self.id_sets and len(self._labels(train_set)) < 2:
             raise DataNotFoundError(f"{train_set.where}: {len(self._labels(train_set))} image(s); need 2 or more to hold out a validation split")
         if train_set.entries is not None or "val" not in self.id_sets:  # a Dataset's labels may take a pass to read
@@ -470,6 +471,12 @@ class FolderBenchmark(Benchmark):
     def _id_set(self, split: str, source: Source, classes: list[str] | None) -> ImageSet:
         return self._set(f"{self.name}:{split}", source, None, classes)
 
+    @property
+    def _skipped_note(self) -> str:
+        """` after skipping N unreadable (first: <file>)` for a message on images that are not there, when
+        data.bad_images=skip left some out (a class of broken files was said to have no images)."""
+        return f" after skipping {len(self.skipped)} unreadable (first: {self.skipped[0]})" if self.skipped else ""
+
     def _check_train_classes(self, train: ImageSet) -> None:
         """Every ID class keeps training images once the validation split is held out (at least one image of each
         class goes to it): the detectors fitted on train would otherwise score against a class they never saw (its
@@ -481,8 +488,8 @@ class FolderBenchmark(Benchmark):
 
         empty = [k for k in range(self.num_classes) if k not in set(labels)]
         if empty:
-            raise DataNotFoundError(f"{train.where}: class(es) {named(empty)} have no images (every ID class needs "
-                                    "training images)")
+            raise DataNotFoundError(f"{train.where}: class(es) {named(empty)} have no images{self._skipped_note} "
+                                    "(every ID class needs training images)")
         kept = set(labels) if self._held_out is None else {labels[i] for i in self._held_out[1]}
         missing = [k for k in range(self.num_classes) if k not in kept]
         if missing:
