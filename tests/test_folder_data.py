@@ -129,6 +129,25 @@ def test_image_files_of_kinds_not_read_are_named(folders: dict[str, Path], tmp_p
         "to one of ['.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp']"]
 
 
+def test_class_folders_named_by_numbers_in_text_order_are_warned_of(folders: dict[str, Path], tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Folders 0, 1, 2, 10 are labelled in text order (10 is label 2), as ImageFolder does: a model whose output i is
+    folder 'i' (ImageNet-V2's layout) was scored against the wrong classes, silently."""
+    for split, n in (("train", 2), ("test", 1)):
+        for name in ("0", "1", "2", "10"):
+            (tmp_path / "id" / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (8, 8), (int(name), i, 0)).save(tmp_path / "id" / split / name / f"{i}.png")
+    with caplog.at_level(logging.WARNING, logger="ood.data.folder"):
+        bench = FolderBenchmark(tmp_path / "id", ood=[folders["far"]], image_size=8, resize=8)
+        numbered = FolderBenchmark(tmp_path / "id", ood=[folders["far"]], classes=["0", "1", "2", "10"])
+    assert bench.classes == ["0", "1", "10", "2"] and numbered.classes == ["0", "1", "2", "10"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'id' / 'train'}: class folders named by numbers are in text order (ImageFolder's: label i is the "
+        "i-th of ['0', '1', '10', '2']); for a model whose output i is folder 'i' give them in number order: "
+        "data.classes=[0,1,2,10] (Python: classes=sorted(names, key=int))"]
+
+
 def test_symlinked_folders_are_followed_once(folders: dict[str, Path], tmp_path: Path) -> None:
     """An OOD folder linking parts kept elsewhere keeps their images, as torchvision's `ImageFolder` does (they were
     skipped silently); a link back to an ancestor is walked once."""

@@ -423,6 +423,7 @@ class FolderBenchmark(Benchmark):
                     "order, as torchvision's ImageFolder has)"
                 )
             self._classes = classes = found
+            warn_numbered(folder, found)
         unknown = sorted(set(found) - set(classes))
         if unknown:
             raise DataNotFoundError(
@@ -775,6 +776,18 @@ def first_few(items: Sequence[Any], first: int = 8) -> str:
     """`items` for a one-line message: all of them, or the first `first` and how many there are (a 1000-class
     folder gave a 13 kB line)."""
     return str(list(items)) if len(items) <= first else f"{list(items[:first])} ... ({len(items)} in all)"
+
+
+def warn_numbered(folder: Path, classes: Sequence[str]) -> None:
+    """One warning when class folders named by numbers sort as text otherwise than as numbers (0, 1, 10, 2, ...):
+    label i is the i-th folder in text order (ImageFolder's), not folder 'i', which a model trained on the folder
+    numbers (ImageNet-V2's layout) has as its output i."""
+    if all(c.isdigit() for c in classes) and list(classes) != sorted(classes, key=int):
+        numbered = sorted(classes, key=int)
+        log.warning("%s: class folders named by numbers are in text order (ImageFolder's: label i is the i-th of %s); "
+                    "for a model whose output i is folder 'i' give them in number order: data.classes=%s (Python: "
+                    "classes=sorted(names, key=int))", folder, first_few(list(classes)),
+                    f"[{','.join(numbered)}]" if len(numbered) <= 12 else "<the folder names in number order>")
 
 
 def warn_left_out(name: str, left_out: Sequence[Path]) -> None:
