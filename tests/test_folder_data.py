@@ -84,14 +84,14 @@ def test_a_listed_image_decodes_as_the_folder_sets(tmp_path: Path) -> None:
 
 
 def test_an_image_list_saved_on_windows_with_spaces_in_its_paths(tmp_path: Path) -> None:
-    """A list saved by Windows Notepad (UTF-8 byte-order mark, CRLF) whose paths hold spaces: the mark was read into
-    the first path ('image not found' naming a file that is there, the mark invisible) and a path with a space was
-    refused as a line without an integer label."""
+    """A list saved by Windows Notepad (UTF-8 byte-order mark, CRLF, backslashes) whose paths hold spaces: the mark
+    was read into the first path ('image not found' naming a file that is there, the mark invisible), a path with a
+    space was refused as a line without an integer label, and `My Photos\\cat 1.png` was one file name."""
     from ood.data.imglist import ImageList, read_imglist
 
     Image.fromarray(np.full((2, 2, 3), 7, np.uint8)).save((tmp_path / "My Photos").mkdir() or tmp_path / "My Photos" / "cat 1.png")
     Image.fromarray(np.full((2, 2, 3), 9, np.uint8)).save(tmp_path / "dog.png")
-    (tmp_path / "list.txt").write_bytes("\ufeffdog.png 1\r\nMy Photos/cat 1.png\t0\r\n  \r\n".encode())
+    (tmp_path / "list.txt").write_bytes("\ufeffdog.png 1\r\nMy Photos\\cat 1.png\t0\r\n  \r\n".encode())
     assert read_imglist(tmp_path / "list.txt") == [("dog.png", 1), ("My Photos/cat 1.png", 0)]
     images = ImageList(tmp_path / "list.txt", tmp_path, transform=np.asarray)
     assert [(int(x[0, 0, 0]), y) for x, y in images] == [(9, 1), (7, 0)]

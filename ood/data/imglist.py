@@ -27,7 +27,7 @@ def read_imglist(path: str | Path) -> list[tuple[str, int]]:
     """`(relative path, label)` per non-empty line of an OpenOOD list file; path and label are split at the first
     run of spaces or tabs (the lines of a tab-separated list were read as paths without a label), or at the last one
     when the path holds spaces (`My Photos/cat 1.jpg 3`). A UTF-8 byte-order mark (Windows Notepad's) is not part of
-    the first path."""
+    the first path, and Windows' backslashes separate folders (`train\\cat\\1.jpg` was one file name)."""
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"image list not found: {path}")
@@ -40,7 +40,7 @@ def read_imglist(path: str | Path) -> list[tuple[str, int]]:
             name, label = line.strip().rsplit(maxsplit=1)[0], line.split()[-1:]
             if not LABEL.fullmatch(label[0]):
                 raise OODError(f"{path}:{number}: expected '<path> <integer label>', got {line!r}")
-        entries.append((name, int(label[0]) if label else -1))
+        entries.append((name.replace("\\", "/"), int(label[0]) if label else -1))
     return entries
 
 
