@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ood import CONFIG_DIR
-from ood.errors import DataNotFoundError
+from ood.errors import ConfigError, DataNotFoundError
 from ood.utils import instantiate
 
 RNG = np.random.default_rng(0)
@@ -147,6 +147,28 @@ def test_cifar10c_is_cifar10s_csid_set(tmp_path: Path) -> None:
     with pytest.raises(DataNotFoundError, match="'cifar10c' \\(looked for .*test_cifar10c.txt; OpenOOD's CIFAR-10-C: "
                        ".*--datasets cifar10c --dataset_mode dataset"):
         bench.csid_test()
+
+
+def test_a_csid_folder_must_hold_the_id_classes_in_their_order(tmp_path: Path) -> None:
+    """A csid folder is labelled by its sorted class folders: one of 3 of CIFAR-10's classes (as ImageNet-R holds 200
+    of ImageNet's 1000) or numbered folders in text order (ImageNet-V2's 0..999) gave csid accuracies against the
+    wrong classes, silently."""
+    from ood.data import CIFAR10Benchmark
+    from ood.data.sets import labelled_folder
+
+    for k in ("airplane", "bird", "cat"):
+        (tmp_path / "c10c" / k).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / "c10c" / k / "0.png")
+    bench = CIFAR10Benchmark(tmp_path, in_memory=False, protocols={"mine": {"csid": {"c10c": {"folder": "c10c"}}}},
+                             protocol="mine")
+    with pytest.raises(ConfigError, match=r"c10c: 3 class folders for 10 ID classes: its labels \(the index of each "
+                                          r"sorted class folder\) would not be the ID classes; give it as an image list"):
+        bench.csid_test()
+    for k in range(11):
+        (tmp_path / "v2" / str(k)).mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"v2: class folders named by numbers, whose text order \(0, 1, 10, ...\)"):
+        labelled_folder(tmp_path / "v2", 11)
+    labelled_folder(tmp_path / "c10c", 3)
 
 
 def test_imagenet_ood_reads_the_path_only_list(tree: Path, tmp_path: Path) -> None:

@@ -427,7 +427,7 @@ class CIFARBenchmark(Benchmark):
             return None
         if absent:
             raise DataNotFoundError(f"{self.name}: set {describe_missing(name, spec, absent)} not found. " + self._how_to_get())
-        return spec.open(self.data_dir, kind, self.eval_transform(), label=label)
+        return spec.open(self.data_dir, kind, self.eval_transform(), label=label, num_classes=self.num_classes)
 
     def ood_test(self) -> list[OODSet]:
         sets = [(name, group, self._open(name, spec)) for name, group, spec in self.protocol.sets]

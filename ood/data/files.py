@@ -159,7 +159,10 @@ class FileBenchmark(Benchmark):
         """RGB, tensor, normalise: for sets stored at the input size (`preprocess: tensor`, OpenOOD's ImageNet-C)."""
         return T.Compose([RGB(), T.ToTensor(), T.Normalize(self.mean, self.std)])
 
-    def _open(self, name: str, spec: SetSpec, transform: Callable[[Image.Image], Any], label: int | None) -> Dataset | None:
+    def _open(self, name: str, spec: SetSpec, transform: Callable[[Image.Image], Any], label: int | None,
+              num_classes: int | None = None) -> Dataset | None:
+        """Set `name` (None: optional and missing); `num_classes`: the class folders a labelled folder must hold (csid
+        sets, `SetSpec.open`)."""
         if spec.preprocess == "tensor":
             transform = self.tensor_transform()
         absent = spec.missing(self.data_dir, spec.kinds[0])
@@ -167,7 +170,7 @@ class FileBenchmark(Benchmark):
             return None
         if absent:
             raise DataNotFoundError(f"{self.name}: set {describe_missing(name, spec, absent)} not found. {self.how}".rstrip())
-        return spec.open(self.data_dir, spec.kinds[0], transform, label=label)
+        return spec.open(self.data_dir, spec.kinds[0], transform, label=label, num_classes=num_classes)
 
     def _split(self, split: str, transform: Callable[[Image.Image], Any]) -> Dataset:
         dataset = self._open(f"{self.name}:{split}", self.splits[split], transform, label=None)
@@ -215,7 +218,7 @@ class FileBenchmark(Benchmark):
         ]
         if missing:
             raise missing_csid_error(self.name, self.protocol.name, self.data_dir, missing)
-        sets = [(n, self._open(n, s, self.eval_transform(), label=None)) for n, s in self.protocol.csid.items()]
+        sets = [(n, self._open(n, s, self.eval_transform(), None, self.num_classes)) for n, s in self.protocol.csid.items()]
         return [CSIDSet(n, d) for n, d in sets if d is not None]
 
     def outliers(self) -> Dataset | None:

@@ -171,14 +171,19 @@ class SetSpec:
         label: int | None = None,
         torchvision: Mapping[str, TorchvisionBuilder] | None = None,
         wrap: Callable[[Dataset], Dataset] | None = None,
+        num_classes: int | None = None,
     ) -> Dataset:
         """The dataset, read as `kind`; `label` overrides every label (-1 for OOD sets). A torchvision dataset is
-        built from `torchvision[key]` and passed through `wrap` (which applies `transform`)."""
+        built from `torchvision[key]` and passed through `wrap` (which applies `transform`). A labelled folder
+        (`label` None) must hold `num_classes` class folders, when given (csid sets), in an order that is theirs
+        (`labelled_folder`)."""
         keep = resolve(data_dir, self.keep_classes) if self.keep_classes else None
         if kind == "imglist":
             return ImageList(resolve(data_dir, self.imglist), resolve(data_dir, self.images), transform, label, keep)
         if kind == "folder":
             root = resolve(data_dir, self.folder)
+            if label is None and keep is None and num_classes is not None:
+                labelled_folder(root, num_classes)
             return ImageFiles(subset_entries(folder_entries(root), keep), root, transform, label=label)
         if kind == "annotations":
             entries = annotation_entries(resolve(data_dir, self.annotations), resolve(data_dir, self.classes))
@@ -189,6 +194,19 @@ class SetSpec:
             raise ConfigError(f"unknown torchvision set {self.torchvision!r}; choices: {sorted(torchvision or {})}")
         assert wrap is not None
         return wrap(torchvision[self.torchvision](self.torchvision_root(data_dir), False))
+
+
+def labelled_folder(root: Path, num_classes: int) -> None:
+    """A folder labelled by its sorted class folders is labelled with the ID classes only when it holds one folder
+    per class and their text order is their order: ImageNet-R's 200 of the 1000 classes, or ImageNet-V2's folders
+    0..999 (text order 0, 1, 10, 100, ...), gave csid accuracies against the wrong classes, silently."""
+    found = class_folders(root)
+    numbered = all(c.isdigit() for c in found) and found != sorted(found, key=int)
+    if len(found) != num_classes or numbered:
+        why = (f"{len(found)} class folders for {num_classes} ID classes" if len(found) != num_classes else
+               "class folders named by numbers, whose text order (0, 1, 10, ...) is not theirs")
+        raise ConfigError(f"{root}: {why}: its labels (the index of each sorted class folder) would not be the ID "
+                          "classes; give it as an image list {imglist: <file>} of '<path> <ID class index>' lines")
 
 
 def resolve(data_dir: Path, path: str | None) -> Path:
