@@ -502,6 +502,7 @@ def test_ood_sets_in_every_accepted_form() -> None:
     assert ood_mapping({"textures": "/d/t"}) == {"near": {}, "far": {"textures": "/d/t"}, "val": None, "csid": {}}
     assert ood_mapping({"far": "/d/t", "csid": ["/d/blur", spec]})["csid"] == {"blur": "/d/blur", "test_svhn": spec}
     assert ood_mapping(["/d/places.v2"])["far"] == {"places.v2": "/d/places.v2"}
+    assert list(ood_mapping([".", "/d/x/..", "/d/y/"])["far"]) == [Path.cwd().name, "d", "y"]  # '.' was named ''
     assert ood_mapping(spec)["far"] == {"test_svhn": spec}
     with pytest.raises(ConfigError, match=r"OOD sets /d/a/images and /d/b/images would both be named 'images': name them"):
         ood_mapping({"far": ["/d/a/images", "/d/b/images"]})

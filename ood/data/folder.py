@@ -818,6 +818,12 @@ def not_a_source(name: str, source: Any) -> ConfigError:
                        "whose items are (image, label)")
 
 
+def folder_name(folder: str | os.PathLike) -> str:
+    """The name a folder gives its set: its last part once `.` and `..` are resolved (`.` named a set '', `../x/..`
+    one '..'), without following links (a linked folder keeps its own name)."""
+    return Path(os.path.abspath(Path(folder).expanduser())).name
+
+
 def ood_mapping(ood: Any) -> dict[str, Any]:
     """`{near: {name: source}, far: {name: source}, val: source | None, csid: {name: source}}` from any accepted form
     of the OOD sets: that mapping (each group a source, a list or a mapping), a `{name: source}` mapping (all far), a
@@ -832,11 +838,11 @@ def ood_mapping(ood: Any) -> dict[str, Any]:
         if isinstance(source, Dataset):
             return f"ood{i}"
         if isinstance(source, Mapping) and "folder" in source:  # a folder spec (it raised KeyError 'imglist')
-            return Path(str(source["folder"])).name
+            return folder_name(source["folder"])
         if isinstance(source, Mapping):
             return Path(str(source["imglist"])).stem
         if isinstance(source, str | os.PathLike):
-            return Path(source).name
+            return folder_name(source)
         raise not_a_source(f"OOD set {i}", source)
 
     def named(members: Any) -> dict[str, Any]:
