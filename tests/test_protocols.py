@@ -170,6 +170,11 @@ def test_tinyimagenet_reads_the_official_layout(tmp_path: Path) -> None:
     shutil.rmtree(root / "SUN")
     with pytest.raises(DataNotFoundError, match="SUN/; MOS SUN subset .*SUN.tar.gz"):
         instantiate(cfg.data).benchmark.prepare()
+    # a resize below the crop: CenterCrop padded the 32-pixel image to 64 with black, silently
+    small = compose_config(tmp_path, ["data=tinyimagenet", f"paths.data_dir={root}", "data.benchmark.resize=32"])
+    with pytest.raises(ConfigError, match=r"data.benchmark.resize=32 is below the centre crop data.benchmark.image_size"
+                                          r"=64, which would pad every image with black: set data.benchmark.image_size=32"):
+        instantiate(small.data)
 
 
 @pytest.mark.slow

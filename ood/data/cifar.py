@@ -74,6 +74,16 @@ class RGB:
         return image.convert("RGB")
 
 
+def check_crop(resize: int, image_size: int, prefix: str, source: str = "") -> None:
+    """A centre crop of `image_size` after a resize of the shorter side to `resize` must fit in it: `CenterCrop` pads
+    a smaller image with black (data.resize=32 alone fed 224 pixels of mostly 0, silently). `prefix`: the config keys'
+    (`data.`, `data.benchmark.`); `source`: where `image_size` came from, when not given."""
+    if resize < image_size:
+        raise ConfigError(f"{prefix}resize={resize} is below the centre crop {prefix}image_size={image_size}"
+                          f"{f' ({source})' if source else ''}, which would pad every image with black: set "
+                          f"{prefix}image_size={resize} too, or a resize >= image_size")
+
+
 class Transformed(Dataset):
     """Applies `transform` to the images of a `(image, label)` dataset; `label` overrides every label (-1 for OOD)."""
 

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 
 from ood.data.benchmark import Benchmark, CSIDSet, OODSet
-from ood.data.cifar import RGB, stratified_split
+from ood.data.cifar import RGB, check_crop, stratified_split
 from ood.data.sets import Protocol, SetSpec, describe_missing, missing_csid_error
 from ood.errors import DataNotFoundError
 from ood.utils import get_logger
@@ -91,6 +91,7 @@ class FileBenchmark(Benchmark):
             for split in ("train", "val", "test")
             if ident[split] is not None
         }
+        check_crop(resize, image_size, "data.benchmark.")
         self.image_size = image_size
         self.resize = resize
         self.mean = tuple(mean)

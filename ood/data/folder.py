@@ -56,7 +56,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 
 from ood.data.benchmark import Benchmark, CSIDSet, EvalSplit, OODDataModule, OODSet
-from ood.data.cifar import stratified_split
+from ood.data.cifar import check_crop, stratified_split
 from ood.data.hygiene import load_image, overlapping_rows, pixel_digest, scan_files, to_rgb
 from ood.data.imglist import read_imglist
 from ood.data.sets import IMAGE_EXTENSIONS, SetSpec, class_folders, folder_entries, image_files, resolve
@@ -954,10 +954,7 @@ def resolve_preprocessing(
                           f"do (choices: {list(CROP_MODES)}): pass transform=timm.data.create_transform(...)")
     if out["interpolation"] not in INTERPOLATIONS:
         raise ConfigError(f"data.interpolation={out['interpolation']!r} is unknown; choices: {list(INTERPOLATIONS)}")
-    if out["resize"] < size:  # CenterCrop pads a smaller image with black: data.resize=32 alone fed 224 px of mostly 0
-        raise ConfigError(f"data.resize={out['resize']} is below the centre crop data.image_size={size}"
-                          f"{'' if image_size else f' ({source})'}, which would pad every image with black: set "
-                          f"data.image_size={out['resize']} too, or a resize >= image_size")
+    check_crop(out["resize"], size, "data.", "" if image_size else source)
     return out
 
 
