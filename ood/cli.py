@@ -45,15 +45,60 @@ def require_config_dir() -> None:
 
 
 def check_argv(config_name: str) -> None:
-    """Refuse a misspelt override key (naming the closest real key) or a value of the wrong type, and an evaluation
-    into a training run's folder, before Hydra composes the config (and writes into its output folder)."""
+    """Refuse a misspelt override key (naming the closest real key), a value of the wrong type, an override the shell
+    cut at a space, and an evaluation into a training run's folder, before Hydra composes the config (and writes into
+    its output folder); put `~` paths in full (`expand_home`) and `+` before a new key under an empty mapping
+    (`check_overrides`) in `sys.argv`."""
     try:
-        check_overrides(CONFIG_DIR, config_name, sys.argv[1:])
+        check_quoting(sys.argv[1:])
+        sys.argv[1:] = check_overrides(CONFIG_DIR, config_name, expand_home(sys.argv[1:]))
         if config_name == "eval":
             check_eval_dir(sys.argv[1:])
     except OODError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+#: a `~` that opens a path in an override's value (`backbone.weights=~/w.pth`, `'{a: ~/x}'`, quoted or not)
+HOME_PATH = re.compile(r"""(?<=[=\[{:,\s'"])~(?=[/'",\]}\s]|$)""")
+
+
+def expand_home(argv: list[str]) -> list[str]:
+    """`argv` with `~` at the start of a path in an override's value replaced by the home folder, as the shell would
+    have done: its tilde expansion skips `key=~/path` words, and Hydra's grammar refuses a `~` in a value (an
+    unquoted one stopped with "LexerNoViableAltException"; a quoted one reached the code as a folder named `~`)."""
+    home = str(Path.home())
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        expandable = eq and not arg.startswith("-") and "${" not in value
+        out.append(key + eq + HOME_PATH.sub(lambda _: home, "=" + value)[1:] if expandable else arg)
+    return out
+
+
+def check_quoting(argv: list[str]) -> None:
+    """Refuse an override the shell split at a space (`+data.ood.near={a: /x}` unquoted arrives as `+data.ood.near={a:`
+    and `/x}`; Hydra said "no viable alternative at input '{a:'"), naming the quoted override to type instead."""
+    for i, arg in enumerate(argv[:-1]):
+        if not arg.startswith("-") and "=" in arg and _open_brackets(arg) > 0:
+            rest = argv[i + 1:]
+            end = next((j for j in range(1, len(rest) + 1) if _open_brackets(" ".join([arg, *rest[:j]])) <= 0), 1)
+            whole = " ".join([arg, *rest[:end]])
+            raise ConfigError(f"override {arg!r} ends inside its {{...}} or [...]: the shell split it at a space; "
+                              f"quote the whole override: '{whole}'")
+
+
+def _open_brackets(text: str) -> int:
+    """How many `{` / `[` of `text` are left open (outside quotes)."""
+    depth, quote = 0, ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        else:
+            depth += (char in "{[") - (char in "}]")
+    return depth
 
 
 class SweepJobError(CompactHydraException):

@@ -191,16 +191,18 @@ def check_eval_dir(argv: Sequence[str]) -> None:
             )
 
 
-def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str]) -> None:
+def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str]) -> list[str]:
     """Refuse a misspelt `key=value` override before Hydra does, naming the closest real key (Hydra's own advice,
-    `+key=value`, adds the misspelt key and fails later with a TypeError)."""
+    `+key=value`, adds the misspelt key and fails later with a TypeError). Returns `argv` with `+` put before an
+    override of a new key under a mapping that starts empty (`detectors.params.knn.k=5`, as the detectors' warnings
+    write it: Hydra refused it, "Key 'knn' is not in struct")."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     if any(a.startswith(("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")) for a in argv):
-        return  # another primary config: Hydra checks its keys
+        return list(argv)  # another primary config: Hydra checks its keys
     args, skip = [], False
     for arg in argv:  # overrides only: no flags, nor the value of a flag that takes one (`--cfg job`)
         if not skip and not arg.startswith("-"):
@@ -209,7 +211,7 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
     try:
         overrides = OverridesParser.create().parse_overrides(args)
     except HydraException:
-        return  # Hydra reports syntax errors itself
+        return list(argv)  # Hydra reports syntax errors itself
     groups = [o for o in overrides if _is_group(o.key_or_group, config_dir)]
     if not any(o.key_or_group == "hydra.searchpath" for o in overrides):  # more options may live elsewhere
         for o in groups:
@@ -220,7 +222,7 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
             for o in groups
         ]
     except HydraException:
-        return  # a `glob(...)` sweep of options: Hydra expands and checks it
+        return list(argv)  # a `glob(...)` sweep of options: Hydra expands and checks it
 
     known: dict[str, Any] = {}
     open_dicts: set[str] = set()  # empty mappings (`detectors.params: {}`) take any sub-key
@@ -232,14 +234,17 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
                 known.update(flat)
                 open_dicts |= {k for k, v in flat.items() if v == {}}
         except Exception:  # noqa: BLE001 - a bad group choice is Hydra's to report
-            return
+            return list(argv)
         finally:
             GlobalHydra.instance().clear()
-    for o in overrides:
+    added = set()  # new keys under an empty mapping: Hydra adds them only with `+`
+    for arg, o in zip(args, overrides, strict=True):
         key = o.key_or_group
         if o.is_add() or o.is_force_add() or o.is_delete() or _is_group(key, config_dir):
             continue
         parents = {".".join(key.split(".")[:i]) for i in range(1, key.count(".") + 1)}
+        if key not in known and parents & open_dicts:
+            added.add(arg)
         if key not in known and not parents & open_dicts and not any(k.startswith(key + ".") for k in known):
             close = _closest(key, known)
             hint = f"did you mean {close}=...?" if close else "see `ood-train --cfg job` for the keys"
@@ -260,6 +265,7 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
                     raise ConfigError(
                         f"{key}={value}: expected {expected} (the default is {known[key]!r}); ++{key}={value} forces it"
                     )
+    return [f"+{arg}" if arg in added else arg for arg in argv]
 
 
 def _check_choice(override: Any, config_dir: Path) -> None:

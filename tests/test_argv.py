@@ -1,0 +1,49 @@
+"""What a first-time user types on the command line, rewritten or refused before Hydra starts: `~` paths, an override
+the shell split at a space, a new key under an empty mapping."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import compose_config
+
+from ood.cli import check_argv
+
+
+def _checked(monkeypatch: pytest.MonkeyPatch, config_name: str, *argv: str) -> list[str]:
+    """`sys.argv[1:]` after `check_argv(config_name)` on `argv`."""
+    monkeypatch.setattr(sys, "argv", ["ood", *argv])
+    check_argv(config_name)
+    return sys.argv[1:]
+
+
+def test_tilde_paths_are_expanded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shell leaves `key=~/path` alone: unquoted, Hydra stopped with "LexerNoViableAltException"; quoted, the
+    weights file was looked up in a folder named `~` ("checkpoint not found: ~/w.pth")."""
+    monkeypatch.setenv("HOME", "/home/me")
+    argv = _checked(monkeypatch, "eval", "backbone=timm", "backbone.weights=~/w.pth", "data=folder",
+                    "data.root='~/my id'", "+data.ood.far={a: ~/x, b: '~/y'}", "~callbacks", "ckpt_path=a~/b")
+    assert argv == ["backbone=timm", "backbone.weights=/home/me/w.pth", "data=folder", "data.root='/home/me/my id'",
+                    "+data.ood.far={a: /home/me/x, b: '/home/me/y'}", "~callbacks", "ckpt_path=a~/b"]
+
+
+def test_override_split_by_the_shell_names_the_quoted_one(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """`+data.ood.near={ssb: data/ssb}` unquoted: Hydra said "no viable alternative at input '{ssb:'"."""
+    with pytest.raises(SystemExit):
+        _checked(monkeypatch, "eval", "data=folder", "+data.ood.near={ssb:", "data/ssb,", "dtd:", "data/dtd}", "seed=1")
+    assert capsys.readouterr().err == (
+        "error: override '+data.ood.near={ssb:' ends inside its {...} or [...]: the shell split it at a space; quote "
+        "the whole override: '+data.ood.near={ssb: data/ssb, dtd: data/dtd}'\n")
+
+
+def test_new_key_under_an_empty_mapping_needs_no_plus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The knn warning says "set detectors.params.knn.k below 11": typed so, Hydra refused it ("Key 'knn' is not in
+    struct"); `data.ood.near.ssb=<folder>` likewise. A key the config has keeps its form."""
+    argv = _checked(monkeypatch, "eval", "detectors.params.knn.k=5", "data=folder", "data.ood.near.ssb=/x",
+                    "detectors.tune=false")
+    assert argv == ["+detectors.params.knn.k=5", "data=folder", "+data.ood.near.ssb=/x", "detectors.tune=false"]
+    cfg = compose_config(tmp_path, argv, "eval")
+    assert (cfg.detectors.params.knn.k, cfg.data.ood.near.ssb) == (5, "/x")
