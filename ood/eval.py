@@ -4,7 +4,8 @@ every detector (no training).
 
 `ood-eval ckpt_path=<run>` evaluates the run as it was trained: the overrides of its training command line that say
 what it trained (`method=`, `data=`, `backbone=`, `experiment=`, their keys, `paths.data_dir`) are added to
-this command line where it does not name them (`ood.runs.checkpoints.training_overrides`), and said on stderr.
+this command line where it does not name them (`ood.runs.checkpoints.training_overrides`), and said on stderr; their
+relative paths are made absolute from the folder the training started in (`anchored`).
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import sys
+from pathlib import Path
+from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ood import CONFIG_DIR
-from ood.cli import check_argv, friendly_errors, require_config_dir
+from ood.cli import check_argv, expand_home, friendly_errors, require_config_dir
 from ood.runs.checkpoints import ADOPTED_ENV, training_overrides
 from ood.termination import sigterm_noted
 from ood.train import run
@@ -30,10 +34,59 @@ def _main(cfg: DictConfig) -> None:
     run(cfg)
 
 
+#: the keys of an adopted override whose strings are files or folders (every string of a `data.ood` mapping)
+PATH_KEYS = re.compile(r"(data\.(root|train|test|val|outliers|ood)|backbone\.weights|paths\.\w+)(\..+)?")
+
+
+def anchored(overrides: list[str], run: Path) -> list[str]:
+    """`overrides` of `run`'s training command line with each relative path (`PATH_KEYS`) that exists from the folder
+    the training started in (`hydra.runtime.cwd`) made absolute from there: `ood-eval ckpt_path=<run>` started
+    elsewhere read `data.root=data/my_id` from its own folder ("folder not found", or another folder of that name)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hydra_yaml = run / ".hydra" / "hydra.yaml"
+    started = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.cwd") if hydra_yaml.is_file() else None
+    if started is None or Path(started).resolve() == Path.cwd().resolve():
+        return overrides
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: absolute(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [absolute(v) for v in value]
+        if isinstance(value, str) and value and "${" not in value and not Path(value).is_absolute() \
+                and (Path(started) / value).exists():
+            return str(Path(started) / value)
+        return value
+
+    out = []
+    for text in overrides:
+        override = OverridesParser.create().parse_overrides([text])[0]
+        value = None if override.is_sweep_override() else override.value()
+        if PATH_KEYS.fullmatch(override.key_or_group) and absolute(value) != value:
+            text = f"{text.partition('=')[0]}={_hydra_text(absolute(value))}"
+        out.append(text)
+    return out
+
+
+def _hydra_text(value: Any) -> str:
+    """`value` (strings, numbers, lists, mappings) as Hydra override grammar, every string quoted."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_hydra_text(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_hydra_text(v) for v in value) + "]"
+    if isinstance(value, str):
+        return "'" + value.replace("'", "\\'") + "'"
+    return "null" if value is None else json.dumps(value)
+
+
 def main() -> None:
     """`ood-eval` entry point."""
     require_config_dir()
+    sys.argv[1:] = expand_home(sys.argv[1:])  # before `ckpt_path=~/...` is read for its run folder
     runs, adopted = training_overrides(sys.argv[1:])
+    # a path made absolute differs from the run's recorded one on purpose: not adopted as is, so not refused
+    taken, adopted = adopted, anchored(adopted, runs[0]) if runs else adopted
     if adopted:  # before the user's first override: Hydra's flags (`-m`, `--cfg job`) must stay ahead of them
         first = next(i for i, arg in enumerate(sys.argv)
                      if i and not arg.startswith("-") and ("=" in arg or arg.startswith("~")))
@@ -41,7 +94,7 @@ def main() -> None:
         others = len(runs) - 1
         where = f"{runs[0]}" + (f" and {others} other run{'s' * (others > 1)} trained alike" if others else "")
         print(f"ood-eval: as trained in {where}: {' '.join(adopted)}", file=sys.stderr)
-    os.environ[ADOPTED_ENV] = json.dumps(adopted)  # not the user's asking for a difference (`check_evaluated`)
+    os.environ[ADOPTED_ENV] = json.dumps(taken)  # not the user's asking for a difference (`check_evaluated`)
     try:
         check_argv("eval")
         # the ~0.5M objects the imports made live until exit: freezing them spares every later collection (and the

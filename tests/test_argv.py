@@ -1,5 +1,6 @@
 """What a first-time user types on the command line, rewritten or refused before Hydra starts: `~` paths, an override
-the shell split at a space, a new key under an empty mapping."""
+the shell split at a space, a new key under an empty mapping, and `ood-eval ckpt_path=<run>` started from another
+folder than the training run."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 
 import pytest
 from helpers import compose_config
+from omegaconf import OmegaConf
 
+import ood.eval
 from ood.cli import check_argv
 
 
@@ -47,3 +50,27 @@ def test_new_key_under_an_empty_mapping_needs_no_plus(monkeypatch: pytest.Monkey
     assert argv == ["+detectors.params.knn.k=5", "data=folder", "+data.ood.near.ssb=/x", "detectors.tune=false"]
     cfg = compose_config(tmp_path, argv, "eval")
     assert (cfg.detectors.params.knn.k, cfg.data.ood.near.ssb) == (5, "/x")
+
+
+def test_eval_of_a_run_reads_its_relative_paths_from_where_it_trained(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    """`ood-train data.root=data/id ...` in one folder, `ood-eval ckpt_path=<run>` in another: the adopted
+    `data.root=data/id` was read from the new folder ("folder not found", or silently another data set there)."""
+    started, elsewhere, run = tmp_path / "project", tmp_path / "elsewhere", tmp_path / "run"
+    for folder in (started, elsewhere):
+        for sub in ("data/id", "data/dtd"):
+            (folder / sub).mkdir(parents=True)
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(["data=folder", "data.root=data/id", "+data.ood.far={dtd: data/dtd, gone: data/gone}",
+                    "data.name=data", "backbone=torchvision", "seed=3"],
+                   run / ".hydra" / "overrides.yaml")
+    OmegaConf.save({"hydra": {"runtime": {"cwd": str(started)}}}, run / ".hydra" / "hydra.yaml")
+    seen = []
+    monkeypatch.setattr(ood.eval, "_main", lambda: seen.append(sys.argv[1:]))
+    monkeypatch.setattr(sys, "argv", ["ood-eval", f"ckpt_path={run}"])
+    monkeypatch.chdir(elsewhere)
+    ood.eval.main()
+    assert seen == [[
+        "data=folder", f"data.root='{started}/data/id'", f"+data.ood.far={{dtd: '{started}/data/dtd', gone: 'data/gone'}}",
+        "data.name=data", "backbone=torchvision", f"ckpt_path={run}",
+    ]]
