@@ -38,16 +38,18 @@ def _main(cfg: DictConfig) -> None:
 PATH_KEYS = re.compile(r"(data\.(root|train|test|val|outliers|ood)|backbone\.weights|paths\.\w+)(\..+)?")
 
 
-def anchored(overrides: list[str], run: Path) -> list[str]:
-    """`overrides` of `run`'s training command line with each relative path (`PATH_KEYS`) that exists from the folder
-    the training started in (`hydra.runtime.cwd`) made absolute from there: `ood-eval ckpt_path=<run>` started
-    elsewhere read `data.root=data/my_id` from its own folder ("folder not found", or another folder of that name)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
+def started_in(run: Path) -> Path | None:
+    """The folder `run`'s training started in (`hydra.runtime.cwd`), or None when it is this one (or not recorded)."""
     hydra_yaml = run / ".hydra" / "hydra.yaml"
     started = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.cwd") if hydra_yaml.is_file() else None
-    if started is None or Path(started).resolve() == Path.cwd().resolve():
-        return overrides
+    return None if started is None or Path(started).resolve() == Path.cwd().resolve() else Path(started)
+
+
+def anchored(overrides: list[str], started: Path) -> list[str]:
+    """`overrides` of a run's training command line with each relative path (`PATH_KEYS`) that exists from the folder
+    the training `started` in made absolute from there: `ood-eval ckpt_path=<run>` started elsewhere read
+    `data.root=data/my_id` from its own folder ("folder not found", or another folder of that name)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     def absolute(value: Any) -> Any:
         if isinstance(value, dict):
@@ -55,8 +57,8 @@ def anchored(overrides: list[str], run: Path) -> list[str]:
         if isinstance(value, list):
             return [absolute(v) for v in value]
         if isinstance(value, str) and value and "${" not in value and not Path(value).is_absolute() \
-                and (Path(started) / value).exists():
-            return str(Path(started) / value)
+                and (started / value).exists():
+            return str(started / value)
         return value
 
     out = []
@@ -85,8 +87,11 @@ def main() -> None:
     require_config_dir()
     sys.argv[1:] = expand_home(sys.argv[1:])  # before `ckpt_path=~/...` is read for its run folder
     runs, adopted = training_overrides(sys.argv[1:])
-    # a path made absolute differs from the run's recorded one on purpose: not adopted as is, so not refused
-    taken, adopted = adopted, anchored(adopted, runs[0]) if runs else adopted
+    taken, started = adopted, started_in(runs[0]) if adopted else None
+    if started is not None:
+        # a path made absolute differs from the run's recorded one on purpose: not adopted as is, so not refused
+        adopted = anchored(adopted, started)
+        sys.path.append(str(started))  # its `backbone.target=my_nets.Net`, imported from there as `ood-train` did
     if adopted:  # before the user's first override: Hydra's flags (`-m`, `--cfg job`) must stay ahead of them
         first = next(i for i, arg in enumerate(sys.argv)
                      if i and not arg.startswith("-") and ("=" in arg or arg.startswith("~")))

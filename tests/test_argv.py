@@ -55,7 +55,8 @@ def test_new_key_under_an_empty_mapping_needs_no_plus(monkeypatch: pytest.Monkey
 def test_eval_of_a_run_reads_its_relative_paths_from_where_it_trained(monkeypatch: pytest.MonkeyPatch,
                                                                       tmp_path: Path) -> None:
     """`ood-train data.root=data/id ...` in one folder, `ood-eval ckpt_path=<run>` in another: the adopted
-    `data.root=data/id` was read from the new folder ("folder not found", or silently another data set there)."""
+    `data.root=data/id` was read from the new folder ("folder not found", or silently another data set there), and
+    a `backbone.target` module beside the training was not importable."""
     started, elsewhere, run = tmp_path / "project", tmp_path / "elsewhere", tmp_path / "run"
     for folder in (started, elsewhere):
         for sub in ("data/id", "data/dtd"):
@@ -68,8 +69,10 @@ def test_eval_of_a_run_reads_its_relative_paths_from_where_it_trained(monkeypatc
     seen = []
     monkeypatch.setattr(ood.eval, "_main", lambda: seen.append(sys.argv[1:]))
     monkeypatch.setattr(sys, "argv", ["ood-eval", f"ckpt_path={run}"])
+    monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.chdir(elsewhere)
     ood.eval.main()
+    assert sys.path[-1] == str(started)  # `backbone=module backbone.target=my_nets.Net` imports from there
     assert seen == [[
         "data=folder", f"data.root='{started}/data/id'", f"+data.ood.far={{dtd: '{started}/data/dtd', gone: 'data/gone'}}",
         "data.name=data", "backbone=torchvision", f"ckpt_path={run}",
