@@ -42,6 +42,20 @@ def test_override_split_by_the_shell_names_the_quoted_one(monkeypatch: pytest.Mo
         "the whole override: '+data.ood.near={ssb: data/ssb, dtd: data/dtd}'\n")
 
 
+@pytest.mark.parametrize(("argv", "advice"), [
+    (["detectors.names=msp,energy"], "; a list is detectors.names=[msp,energy], a string with commas "
+                                     "detectors.names='msp,energy'"),
+    (["seed=1", "method=ce,oe"], ""),
+])
+def test_sweep_without_multirun_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                            argv: list[str], advice: str) -> None:
+    """Hydra's "Ambiguous value for argument" took five lines; with -m the sweep runs."""
+    with pytest.raises(SystemExit):
+        _checked(monkeypatch, "eval", *argv)
+    assert capsys.readouterr().err == f"error: {argv[-1]}: a value with commas is a sweep, which runs only with -m{advice}\n"
+    assert _checked(monkeypatch, "eval", "-m", *argv) == ["-m", *argv]
+
+
 def test_new_key_under_an_empty_mapping_needs_no_plus(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The knn warning says "set detectors.params.knn.k below 11": typed so, Hydra refused it ("Key 'knn' is not in
     struct"); `data.ood.near.ssb=<folder>` likewise. A key the config has keeps its form."""

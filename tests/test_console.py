@@ -55,7 +55,7 @@ def test_unknown_group_option_is_one_line_with_the_choices(override: str, expect
 
 def test_group_options_from_elsewhere_are_hydras_to_check() -> None:
     """A plugin's launcher and a user's own search path add options our folders do not hold."""
-    check_overrides(CONFIG_DIR, "train", ["hydra/launcher=joblib", "method=ce,oe", "~callbacks"])
+    check_overrides(CONFIG_DIR, "train", ["-m", "hydra/launcher=joblib", "method=ce,oe", "~callbacks"])
     check_overrides(CONFIG_DIR, "train", ["hydra.searchpath=[file:///tmp/mine]", "method=mine"])
     check_overrides(CONFIG_DIR, "train", ["-m", "method=glob(c*)"])  # Hydra expands it (it raised a traceback here)
 

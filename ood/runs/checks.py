@@ -1,9 +1,9 @@
 """Checks before a run starts, each failing with one line that says what to type instead.
 
-- `check_overrides`: a misspelt `key=value` override names the closest real key, and a word where the config holds a
-  number or a boolean (`seed=abc`) names the expected type, and a word in place of a config node
-  (`method.optimizer=sgd`) names its keys, and an unknown option of a config group (`method=cel`) names the closest
-  one and the choices, before Hydra composes (and long before `int(seed)`).
+- `check_overrides`: a misspelt `key=value` override names the closest real key, a sweep without `-m` says what a
+  list is, a word where the config holds a number or a boolean (`seed=abc`) names the expected type, and a word in
+  place of a config node (`method.optimizer=sgd`) names its keys, and an unknown option of a config group
+  (`method=cel`) names the closest one and the choices, before Hydra composes (and long before `int(seed)`).
 - `check_run`: refuses `trainer.max_epochs < 1`, a GPU preset without a GPU, an evaluation without a checkpoint of
   a method whose score needs its training (`OODMethod.trained_parts`), and resuming with a different
   `trainer.max_epochs` (the cosine schedule's `T_max` lives in the checkpoint and would not follow) or any other
@@ -212,6 +212,8 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
         overrides = OverridesParser.create().parse_overrides(args)
     except HydraException:
         return list(argv)  # Hydra reports syntax errors itself
+    if not any(a in ("-m", "--multirun") for a in argv):
+        _check_no_sweep(args, overrides, config_dir)
     groups = [o for o in overrides if _is_group(o.key_or_group, config_dir)]
     if not any(o.key_or_group == "hydra.searchpath" for o in overrides):  # more options may live elsewhere
         for o in groups:
@@ -266,6 +268,16 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
                         f"{key}={value}: expected {expected} (the default is {known[key]!r}); ++{key}={value} forces it"
                     )
     return [f"+{arg}" if arg in added else arg for arg in argv]
+
+
+def _check_no_sweep(args: Sequence[str], overrides: Sequence[Any], config_dir: str | Path) -> None:
+    """Refuse a sweep (`detectors.names=msp,energy`) without `-m` in one line (Hydra's "Ambiguous value" takes five)."""
+    for arg, o in zip(args, overrides, strict=True):
+        if o.is_sweep_override():
+            key, _, value = arg.partition("=")
+            other = "" if _is_group(o.key_or_group, config_dir) else \
+                f"; a list is {key}=[{value}], a string with commas {key}='{value}'"
+            raise ConfigError(f"{arg}: a value with commas is a sweep, which runs only with -m{other}")
 
 
 def _check_choice(override: Any, config_dir: Path) -> None:
