@@ -1,6 +1,6 @@
-"""What a first-time user types on the command line, rewritten or refused before Hydra starts: `~` paths, an override
-the shell split at a space, a new key under an empty mapping, and `ood-eval ckpt_path=<run>` started from another
-folder than the training run."""
+"""What a first-time user types on the command line, rewritten or refused before Hydra starts (`~` paths, an override
+the shell split at a space, a sweep without -m, a new key under an empty mapping, `ood-eval ckpt_path=<run>` started
+from another folder than the training run), and what `ood-eval --help` opens with."""
 
 from __future__ import annotations
 
@@ -91,3 +91,10 @@ def test_eval_of_a_run_reads_its_relative_paths_from_where_it_trained(monkeypatc
         "data=folder", f"data.root='{started}/data/id'", f"+data.ood.far={{dtd: '{started}/data/dtd', gone: 'data/gone'}}",
         "data.name=data", "backbone=torchvision", f"ckpt_path={run}",
     ]]
+
+
+def test_eval_help_opens_with_what_to_type(tmp_path: Path) -> None:
+    """`ood-eval --help` opened with Hydra's "eval is powered by Hydra." and the whole config."""
+    header = compose_config(tmp_path, [], "eval").hydra.help.header.splitlines()
+    assert header[0].startswith("ood-eval: evaluate a trained network")
+    assert header[1].split()[:2] == ["ood-eval", "ckpt_path=<run"]
