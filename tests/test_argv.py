@@ -4,6 +4,7 @@ from another folder than the training run), and what `ood-eval --help` opens wit
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from omegaconf import OmegaConf
 
 import ood.eval
 from ood.cli import check_argv
+from ood.runs.checks import check_evaluated
 
 
 def _checked(monkeypatch: pytest.MonkeyPatch, config_name: str, *argv: str) -> list[str]:
@@ -98,3 +100,14 @@ def test_eval_help_opens_with_what_to_type(tmp_path: Path) -> None:
     header = compose_config(tmp_path, [], "eval").hydra.help.header.splitlines()
     assert header[0].startswith("ood-eval: evaluate a trained network")
     assert header[1].split()[:2] == ["ood-eval", "ckpt_path=<run"]
+
+
+def test_a_run_path_made_absolute_is_no_difference(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The anchored `data.ood.far.dtd` was logged as "evaluating ... with data.ood.far.dtd=data/dtd (now /.../data/dtd),
+    as asked" though nobody asked; another folder still is a difference."""
+    cfg = compose_config(tmp_path, ["data=folder", f"+data.ood.far={{dtd: {tmp_path}/data/dtd, ssb: /x/ssb}}"], "eval")
+    with caplog.at_level(logging.INFO, logger="ood.runs.checks"):
+        check_evaluated(cfg, {"data.ood.far.dtd": "data/dtd", "data.ood.far.ssb": "data/ssb"}, "last.ckpt",
+                        ["+data.ood.far={...}"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "evaluating last.ckpt with data.ood.far.ssb=data/ssb (now /x/ssb), as asked"]

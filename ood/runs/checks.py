@@ -90,11 +90,13 @@ def check_evaluated(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str, 
     OE or LogitNorm network's rows `ce`) unless the command line `given` sets that key or
     a node above it (`data=...`, `data.benchmark.protocol=...`) or an `experiment=` preset; asked-for differences are
     logged; an override `ood-eval` took from the training run's command line (`ADOPTED_ENV`) asks for no
-    difference. Keys only one side has, and checkpoints without a stored config (another framework's), are not
-    compared."""
+    difference, and a relative path it made absolute is none. Keys only one side has, and checkpoints without a stored
+    config (another framework's), are not compared."""
     if not stored:
         return
     changed = _evaluated_changes(cfg, stored, lambda k: k.startswith(("data.", "backbone.")) or k == "method._target_")
+    flat = flat_config(cfg)
+    changed = {k: v for k, v in changed.items() if not _made_absolute(flat.get(k), stored[k])}
     adopted = set(json.loads(os.environ.get(ADOPTED_ENV, "[]")))  # what `ood-eval` took from the run asks nothing
     named = [arg.partition("=")[0].lstrip("+~") for arg in given if arg not in adopted]
     unasked = {k: v for k, v in changed.items()
@@ -112,6 +114,15 @@ def check_evaluated(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str, 
         )
     if changed:
         log.info("evaluating %s with %s, as asked", ckpt_path, shown)
+
+
+def _made_absolute(now: Any, then: Any) -> bool:
+    """Whether `now` is the relative path `then` made absolute (`ood-eval` anchors a run's relative paths at the
+    folder its training started in: the same files, not a difference to report)."""
+    if not (isinstance(now, str) and isinstance(then, str)) or Path(then).is_absolute() or not Path(now).is_absolute():
+        return False
+    parts = Path(then).parts
+    return bool(parts) and Path(now).parts[-len(parts):] == parts
 
 
 def method_changes(cfg: DictConfig, stored: Mapping[str, Any]) -> str:
