@@ -4,8 +4,9 @@ every detector (no training).
 
 `ood-eval ckpt_path=<run>` evaluates the run as it was trained: the overrides of its training command line that say
 what it trained (`method=`, `data=`, `backbone=`, `experiment=`, their keys, `paths.data_dir`) are added to
-this command line where it does not name them (`ood.runs.checkpoints.training_overrides`), and said on stderr; their
-relative paths are made absolute from the folder the training started in (`anchored`).
+this command line where it does not name them (`ood.runs.checkpoints.training_overrides`), with its
+`hydra.searchpath` (`search_path`), and said on stderr; their relative paths are made absolute from the folder the
+training started in (`anchored`), which is put on `sys.path` too.
 """
 
 from __future__ import annotations
@@ -71,6 +72,25 @@ def anchored(overrides: list[str], started: Path) -> list[str]:
     return out
 
 
+def search_path(run: Path, started: Path | None) -> list[str]:
+    """`hydra.searchpath=[...]` of `run`'s training (its own config folders: a `conf/method/<name>.yaml` outside ood,
+    `ood-train hydra.searchpath=[file://my_conf] method=<name>`), relative folders made absolute from where it
+    `started`; [] when it had none. Hydra keeps it out of `.hydra/overrides.yaml`, so `ood-eval ckpt_path=<run>`
+    said "unknown method '<name>'"."""
+    hydra_yaml = run / ".hydra" / "hydra.yaml"
+    folders = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.searchpath") if hydra_yaml.is_file() else None
+    if not folders:
+        return []
+
+    def absolute(entry: str) -> str:
+        scheme, sep, path = entry.rpartition("://")
+        if started is None or scheme not in ("", "file") or Path(path).is_absolute():
+            return entry
+        return f"{scheme}{sep}{started / path}"
+
+    return [f"hydra.searchpath={_hydra_text([absolute(str(f)) for f in folders])}"]
+
+
 def _hydra_text(value: Any) -> str:
     """`value` (strings, numbers, lists, mappings) as Hydra override grammar, every string quoted."""
     if isinstance(value, dict):
@@ -91,7 +111,9 @@ def main() -> None:
     if started is not None:
         # a path made absolute differs from the run's recorded one on purpose: not adopted as is, so not refused
         adopted = anchored(adopted, started)
-        sys.path.append(str(started))  # its `backbone.target=my_nets.Net`, imported from there as `ood-train` did
+        sys.path.append(str(started))  # its `backbone.target=my_nets.Net`, imported from where ood-train ran
+    if runs and not any(arg.lstrip("+").startswith("hydra.searchpath=") for arg in sys.argv[1:]):
+        adopted = search_path(runs[0], started) + adopted
     if adopted:  # before the user's first override: Hydra's flags (`-m`, `--cfg job`) must stay ahead of them
         first = next(i for i, arg in enumerate(sys.argv)
                      if i and not arg.startswith("-") and ("=" in arg or arg.startswith("~")))

@@ -72,7 +72,8 @@ def test_eval_of_a_run_reads_its_relative_paths_from_where_it_trained(monkeypatc
                                                                       tmp_path: Path) -> None:
     """`ood-train data.root=data/id ...` in one folder, `ood-eval ckpt_path=<run>` in another: the adopted
     `data.root=data/id` was read from the new folder ("folder not found", or silently another data set there), and
-    a `backbone.target` module beside the training was not importable."""
+    a `backbone.target` module beside the training was not importable; the run's `hydra.searchpath` (its own
+    `conf/method/<name>.yaml`), which Hydra keeps out of `overrides.yaml`, was not taken: "unknown method"."""
     started, elsewhere, run = tmp_path / "project", tmp_path / "elsewhere", tmp_path / "run"
     for folder in (started, elsewhere):
         for sub in ("data/id", "data/dtd"):
@@ -81,7 +82,8 @@ def test_eval_of_a_run_reads_its_relative_paths_from_where_it_trained(monkeypatc
     OmegaConf.save(["data=folder", "data.root=data/id", "+data.ood.far={dtd: data/dtd, gone: data/gone}",
                     "data.name=data", "backbone=torchvision", "seed=3"],
                    run / ".hydra" / "overrides.yaml")
-    OmegaConf.save({"hydra": {"runtime": {"cwd": str(started)}}}, run / ".hydra" / "hydra.yaml")
+    OmegaConf.save({"hydra": {"runtime": {"cwd": str(started)}, "searchpath": ["file://my_conf", "pkg://my_pkg.conf"]}},
+                   run / ".hydra" / "hydra.yaml")
     seen = []
     monkeypatch.setattr(ood.eval, "_main", lambda: seen.append(sys.argv[1:]))
     monkeypatch.setattr(sys, "argv", ["ood-eval", f"ckpt_path={run}"])
@@ -90,7 +92,7 @@ def test_eval_of_a_run_reads_its_relative_paths_from_where_it_trained(monkeypatc
     ood.eval.main()
     assert sys.path[-1] == str(started)  # `backbone=module backbone.target=my_nets.Net` imports from there
     assert seen == [[
-        "data=folder", f"data.root='{started}/data/id'", f"+data.ood.far={{dtd: '{started}/data/dtd', gone: 'data/gone'}}",
+        f"hydra.searchpath=['file://{started}/my_conf', 'pkg://my_pkg.conf']", "data=folder", f"data.root='{started}/data/id'", f"+data.ood.far={{dtd: '{started}/data/dtd', gone: 'data/gone'}}",
         "data.name=data", "backbone=torchvision", f"ckpt_path={run}",
     ]]
 
@@ -111,3 +113,4 @@ def test_a_run_path_made_absolute_is_no_difference(tmp_path: Path, caplog: pytes
                         ["+data.ood.far={...}"])
     assert [r.getMessage() for r in caplog.records] == [
         "evaluating last.ckpt with data.ood.far.ssb=data/ssb (now /x/ssb), as asked"]
+
