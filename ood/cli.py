@@ -16,7 +16,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import CompactHydraException
+from hydra.errors import CompactHydraException, InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
@@ -136,8 +136,9 @@ def user_error(err: BaseException) -> OODError | None:
     process, whose traceback text (last line `<module>.<Class>: <message>`) comes back as the message: a spawned
     DDP rank (`trainer=ddp_cpu`, torch's `ProcessRaisedException`) or a DataLoader worker (`data.num_workers>0`:
     torch re-raises the worker's `OODError` with "Caught ... Original Traceback ..." as its text); a `ConfigError`
-    for torch's refusal of an operation without a deterministic kernel (`NONDETERMINISTIC`), here or in a rank; None
-    for anything else (a bug: its traceback is shown)."""
+    for a `_target_` Hydra cannot import (`not_importable`), and for torch's refusal of an operation without a
+    deterministic kernel (`NONDETERMINISTIC`), here or in a rank; None for anything else (a bug: its traceback is
+    shown)."""
     from torch.multiprocessing import ProcessRaisedException
 
     if isinstance(err, OODError):
@@ -154,7 +155,22 @@ def user_error(err: BaseException) -> OODError | None:
         )
     if isinstance(err, ProcessRaisedException):
         return raised_elsewhere(str(err))
+    if isinstance(err, InstantiationException) and (target := re.match(r"Error locating target '([\w.]+)'", str(err))):
+        return not_importable(target[1], err)
     return None
+
+
+def not_importable(target: str, err: InstantiationException) -> ConfigError:
+    """Hydra's "Error locating target" (and three more lines) for a `_target_` that cannot be imported, as one line
+    naming the config key, the import error and, for a module in the working directory that an entry point's
+    `sys.path` lacks (it starts at its bin/ folder), `PYTHONPATH=.`."""
+    key = re.search(r"full_key: ([\w.]+)", str(err))
+    cause = err.__cause__.__cause__ or err.__cause__ if err.__cause__ is not None else err
+    top = target.partition(".")[0]
+    here = isinstance(cause, ModuleNotFoundError) and cause.name == top and any(Path(top + end).exists() for end in ("", ".py"))
+    hint = f" ({top} is in the working directory, which is not on sys.path: run with PYTHONPATH=.)" if here else ""
+    where = f"{key[1]}._target_" if key else "_target_"
+    return ConfigError(f"{where}={target!r} cannot be imported: {cause}{hint}")
 
 
 def raised_elsewhere(text: str) -> OODError | None:

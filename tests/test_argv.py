@@ -13,7 +13,7 @@ from helpers import compose_config
 from omegaconf import OmegaConf
 
 import ood.eval
-from ood.cli import check_argv
+from ood.cli import check_argv, user_error
 from ood.runs.checks import check_evaluated
 
 
@@ -114,3 +114,17 @@ def test_a_run_path_made_absolute_is_no_difference(tmp_path: Path, caplog: pytes
     assert [r.getMessage() for r in caplog.records] == [
         "evaluating last.ckpt with data.ood.far.ssb=data/ssb (now /x/ssb), as asked"]
 
+
+def test_a_target_in_the_working_directory_says_pythonpath(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`ood-train hydra.searchpath=[file://my_conf] method=norm_gap` with `_target_: my_methods.NormGap` beside it:
+    the `ood-train` script (its sys.path starts at bin/) ended in Hydra's four lines "Error locating target"."""
+    from hydra.utils import instantiate
+
+    (tmp_path / "my_methods_here.py").write_text("class NormGap: ...\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - Hydra's InstantiationException, whatever it wraps
+        instantiate(OmegaConf.create({"method": {"_target_": "my_methods_here.NormGap"}}).method)
+    assert str(user_error(raised.value)) == (
+        "method._target_='my_methods_here.NormGap' cannot be imported: No module named 'my_methods_here' "
+        "(my_methods_here is in the working directory, which is not on sys.path: run with PYTHONPATH=.)")
