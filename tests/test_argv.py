@@ -48,13 +48,14 @@ def test_override_split_by_the_shell_names_the_quoted_one(monkeypatch: pytest.Mo
     (["detectors.names=msp,energy"], "; a list is detectors.names=[msp,energy], a string with commas "
                                      "detectors.names='msp,energy'"),
     (["seed=1", "method=ce,oe"], ""),
+    (["seed=range(3)"], ""),
 ])
 def test_sweep_without_multirun_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                             argv: list[str], advice: str) -> None:
     """Hydra's "Ambiguous value for argument" took five lines; with -m the sweep runs."""
     with pytest.raises(SystemExit):
         _checked(monkeypatch, "eval", *argv)
-    assert capsys.readouterr().err == f"error: {argv[-1]}: a value with commas is a sweep, which runs only with -m{advice}\n"
+    assert capsys.readouterr().err == f"error: {argv[-1]} is a sweep, which runs only with -m{advice}\n"
     assert _checked(monkeypatch, "eval", "-m", *argv) == ["-m", *argv]
 
 

@@ -282,13 +282,17 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
 
 
 def _check_no_sweep(args: Sequence[str], overrides: Sequence[Any], config_dir: str | Path) -> None:
-    """Refuse a sweep (`detectors.names=msp,energy`) without `-m` in one line (Hydra's "Ambiguous value" takes five)."""
+    """Refuse a sweep (`detectors.names=msp,energy`) without `-m` in one line (Hydra's "Ambiguous value" takes five),
+    saying how to write a list or a string with commas instead where the key is not a config group."""
+    from hydra.core.override_parser.types import ChoiceSweep
+
     for arg, o in zip(args, overrides, strict=True):
         if o.is_sweep_override():
             key, _, value = arg.partition("=")
-            other = "" if _is_group(o.key_or_group, config_dir) else \
-                f"; a list is {key}=[{value}], a string with commas {key}='{value}'"
-            raise ConfigError(f"{arg}: a value with commas is a sweep, which runs only with -m{other}")
+            commas = isinstance(o.value(), ChoiceSweep) and o.value().simple_form  # `a,b`, not `choice(a,b)`
+            other = f"; a list is {key}=[{value}], a string with commas {key}='{value}'" \
+                if commas and not _is_group(o.key_or_group, config_dir) else ""
+            raise ConfigError(f"{arg} is a sweep, which runs only with -m{other}")
 
 
 def _check_choice(override: Any, config_dir: Path) -> None:
