@@ -107,7 +107,7 @@ def main() -> None:
     require_config_dir()
     sys.argv[1:] = expand_home(sys.argv[1:])  # before `ckpt_path=~/...` is read for its run folder
     runs, adopted = training_overrides(sys.argv[1:])
-    taken, started = adopted, started_in(runs[0]) if adopted else None
+    taken, started = adopted, started_in(runs[0]) if runs else None
     if started is not None:
         # a path made absolute differs from the run's recorded one on purpose: not adopted as is, so not refused
         adopted = anchored(adopted, started)
