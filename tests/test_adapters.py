@@ -183,9 +183,21 @@ def test_weights_from_local_files(tmp_path: Path) -> None:
     save_file(source.state_dict(), str(tmp_path / "model.safetensors"))  # timm / Hugging Face names
     torch.save({"state_dict": {f"backbone.net.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "run.ckpt")
     torch.save({f"_orig_mod.{k}": v for k, v in source.state_dict().items()}, tmp_path / "compiled.pth")  # torch.compile's
-    for name in ("model.safetensors", "run.ckpt", "compiled.pth"):
+    # training scripts' files: torchvision's reference scripts / DeiT, kuangliu's pytorch-cifar, a pickled module
+    torch.save({"model": source.state_dict(), "epoch": 89, "args": "..."}, tmp_path / "reference.pth")
+    torch.save({"net": source.state_dict(), "acc": 95.1}, tmp_path / "cifar.pth")
+    torch.save(source, tmp_path / "module.pth")
+    for name in ("model.safetensors", "run.ckpt", "compiled.pth", "reference.pth", "cifar.pth", "module.pth"):
         backbone = timm_backbone("resnet10t", num_classes=3, weights=str(tmp_path / name)).eval()
         torch.testing.assert_close(backbone(x), expected)
+    torch.save({"epoch": 89, "optimizer": {"lr": 0.1}}, tmp_path / "no_model.pth")
+    with pytest.raises(CheckpointError, match=r"no_model.pth hold no parameters at the top level \(keys: \['epoch', "
+                                              r"'optimizer'\]\) nor under \['model', .*save model.state_dict\(\) itself$"):
+        timm_backbone("resnet10t", num_classes=3, weights=str(tmp_path / "no_model.pth"))
+    (tmp_path / "hf").mkdir()
+    save_file(source.state_dict(), str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"hf is a folder, not a checkpoint file; did you mean .*hf/model.safetensors\?$"):
+        timm_backbone("resnet10t", num_classes=3, weights=str(tmp_path / "hf"))
     torch.save(timm.create_model("resnet10t", pretrained=False, num_classes=1000).state_dict(), tmp_path / "in1k.pth")
     with pytest.raises(ConfigError, match=r"in1k.pth have a 1000-class head \(fc.weight \(1000, 512\)\) but the ID data has 3"):
         timm_backbone("resnet10t", num_classes=3, weights=str(tmp_path / "in1k.pth"))
@@ -200,6 +212,8 @@ def test_weights_from_local_files(tmp_path: Path) -> None:
     assert isinstance(wrapped, ModuleBackbone) and wrapped.head == "classifier.3"
     with pytest.raises(ConfigError, match="unknown timm model 'resnet_nope'"):
         timm_backbone("resnet_nope", num_classes=3)
+    with pytest.raises(ConfigError, match=r"^unknown timm model 'convnext_atoo'; closest: \['convnext_atto', "):
+        timm_backbone("convnext_atoo", num_classes=3)
 
 
 def test_a_module_target_in_the_working_directory_names_pythonpath(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

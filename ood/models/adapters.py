@@ -22,6 +22,7 @@ wrap it (`conf/backbone/{timm,torchvision,module}.yaml`). `as_backbone(model)` w
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import inspect
@@ -435,7 +436,9 @@ def timm_backbone(
     import timm
 
     if not timm.is_model(name.split(".")[0]):
-        raise ConfigError(f"unknown timm model {name!r}; choices: timm.list_models(), e.g. {timm.list_models('resnet1*')}")
+        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5)
+        some = f"closest: {close}" if close else f"e.g. {timm.list_models('resnet1*')}"
+        raise ConfigError(f"unknown timm model {name!r}; {some} (all: timm.list_models())")
     net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
     return _wrap(net, num_classes, weights, feature_layer, "the ID data", shapes)
 
@@ -453,8 +456,10 @@ def torchvision_backbone(
     """`torchvision.models.get_model(name, weights=None, num_classes, **kwargs)`, weights from `weights`."""
     from torchvision import models
 
-    if name not in models.list_models(module=models):
-        raise ConfigError(f"unknown torchvision model {name!r}; choices: {models.list_models(module=models)}")
+    choices = models.list_models(module=models)
+    if name not in choices:
+        raise ConfigError(f"unknown torchvision model {name!r}; closest: {difflib.get_close_matches(name, choices, n=5)}, "
+                          f"choices: {choices}")
     if in_channels != 3:
         raise ConfigError(f"backbone=torchvision builds 3-channel models; the data has {in_channels} channels")
     net = models.get_model(name, weights=None, num_classes=num_classes, **kwargs)

@@ -8,7 +8,8 @@ Supported files (detected from their keys, no flag needed):
 - torchvision's ResNet state dicts (`conv1`, `bn1`, `layerN.i.downsample`, `fc`; e.g. `IMAGENET1K_V1` from the torch
   hub cache), mapped onto our staged ResNet-50 (`layer1` opens with the max-pool, so it is `stages.layer1.1`);
 - any of these saved from a `torch.compile`d or DataParallel / DDP-wrapped network (`_orig_mod.`, `module.` in the
-  names are dropped: `plain_key`).
+  names are dropped: `plain_key`), or by a training script beside its own state (`{"model": state, "epoch": ...}`,
+  `model_state_dict`, `net`, ...: `unwrap`).
 
 `read_weights_file(path)` returns a file's parameters under their own names (any network's bare state dict as
 `.pth` / `.pt` / `.bin` / `.safetensors`, e.g. timm's or Hugging Face's `pytorch_model.bin` / `model.safetensors`,
@@ -60,6 +61,32 @@ def _rename(state: Mapping[str, torch.Tensor], table: tuple, prefix: str) -> dic
     return out
 
 
+#: keys under which training scripts save the network's state dict beside their own state, in the order taken:
+#: torchvision's reference scripts and DeiT / ConvNeXt (`model`, `model_ema`), tutorials (`model_state_dict`),
+#: kuangliu/pytorch-cifar (`net`), timm's train script (`state_dict_ema`, beside a `state_dict` read as Lightning's)
+WRAPPER_KEYS = ("model", "model_state_dict", "net", "state_dict_ema", "model_ema")
+
+
+def _is_state(value: object) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def unwrap(checkpoint: object, path: Path) -> object:
+    """The state dict inside a training script's file (`{"model": state, "epoch": ...}`: `WRAPPER_KEYS`) or of a pickled
+    module (`torch.save(model)`), or the
+    file's object itself when its top level holds tensors (or a Lightning `state_dict`); a file of neither is one line
+    naming its keys (it read as a state dict of its keys: 'missing ... 128 keys' named no cause)."""
+    if isinstance(checkpoint, nn.Module):  # `torch.save(model)`: the module itself was pickled
+        return checkpoint.state_dict()
+    if not isinstance(checkpoint, Mapping) or "state_dict" in checkpoint or any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint
+    for key in WRAPPER_KEYS:
+        if _is_state(checkpoint.get(key)):
+            return checkpoint[key]
+    raise CheckpointError(f"weights {path} hold no parameters at the top level (keys: {sorted(map(str, checkpoint))[:10]}) "
+                          f"nor under {list(WRAPPER_KEYS)}: save model.state_dict() itself")
+
+
 def checkpoint_format(checkpoint: object) -> str:
     """`lightning`, `openood`, `torchvision`, `backbone` (a bare backbone state dict) or `method` (bare, prefixed)."""
     if not isinstance(checkpoint, Mapping):
@@ -86,8 +113,9 @@ def from_torchvision(state: Mapping[str, torch.Tensor], prefix: str = "backbone.
 
 def _load_file(path: Path) -> object:
     """The object stored in a checkpoint file (`torch.load` on CPU; safetensors for `.safetensors`)."""
-    if path.is_dir():
-        hint = path / "checkpoints" / "last.ckpt"
+    if path.is_dir():  # a run folder, or a Hugging Face model folder
+        inside = [path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
+        hint = inside[0] if inside else path / "checkpoints" / "last.ckpt"
         raise CheckpointError(f"{path} is a folder, not a checkpoint file; did you mean {hint}?")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -103,7 +131,7 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     `_orig_mod.` dropped; a Lightning checkpoint's `state_dict`); errors name the file."""
     path = Path(path)
     try:
-        checkpoint = _load_file(path)
+        checkpoint = unwrap(_load_file(path), path)
         state = checkpoint["state_dict"] if checkpoint_format(checkpoint) == "lightning" else checkpoint  # type: ignore[index]
     except CheckpointError:
         raise
@@ -116,7 +144,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Method-level state dict of any supported file (see the module docstring); errors name the file."""
     path = Path(path)
     try:
-        checkpoint = _load_file(path)
+        checkpoint = unwrap(_load_file(path), path)
         kind = checkpoint_format(checkpoint)
     except CheckpointError:
         raise
