@@ -211,8 +211,11 @@ def test_conf_groups_resolve_from_the_registry() -> None:
     with pytest.raises(ConfigError, match="unknown detector 'msq'; available: adascale_a, adascale_l, ash"):
         resolve_detectors(["msp", "msq"])
     # a list holds names and selections: its message lists both (`fast` is a config of the group, not a selection)
-    with pytest.raises(ConfigError, match=r"unknown detector 'fast'; available: adascale_a, .*, weiper; selections: full, all, cached$"):
+    with pytest.raises(ConfigError, match=r"unknown detector 'fast' \(here: 'cached'\); available: adascale_a, .*, weiper; "
+                                          r"selections: full, all, cached$"):
         resolve_detectors(["fast", "knn"])
+    with pytest.raises(ConfigError, match=r"^unknown detector selection 'fast' \(here: 'cached'\); choices: "):
+        resolve_detectors("fast")  # detectors.names=fast, for the group's config detectors=fast
     for group in ("full", "all", "fast", "none"):
         assert set(load(group)) == {"names", "exclude", "params", "tune"} and load(group)["exclude"] == []
     kept = [cls.name for cls in Evaluator("full", exclude=["gram", "iodin"]).detectors]

@@ -412,6 +412,7 @@ OTHER_NAMES = {
     "dropout": "mcdropout", "maxsoftmax": "msp", "energybased": "energy", "temperaturescaling": "tempscale",
     "klmatching": "klm", "rmd": "rmds", "multimahalanobis": "mds_ensemble", "mahalanobisodin": "mahalanobis_odin",
     "nacue": "nac", "gradnormkl": "gradnorm",
+    "fast": "cached",  # ours too: the `detectors=fast` config (and `ood.evaluate(detectors="fast")`) selects `cached`
 }
 
 
