@@ -412,14 +412,17 @@ OTHER_NAMES = {
     "dropout": "mcdropout", "maxsoftmax": "msp", "energybased": "energy", "temperaturescaling": "tempscale",
     "klmatching": "klm", "rmd": "rmds", "multimahalanobis": "mds_ensemble", "mahalanobisodin": "mahalanobis_odin",
     "nacue": "nac", "gradnormkl": "gradnorm",
-    "fast": "cached",  # ours too: the `detectors=fast` config (and `ood.evaluate(detectors="fast")`) selects `cached`
 }
+#: options of the `detectors` config group that are no selection, answered with the selection they hold
+#: (`detectors.names=fast` for `detectors=fast`, which `ood.evaluate(detectors="fast")` also takes)
+GROUP_OPTIONS = {"fast": "cached"}
 
 
 def _known_as(name: object) -> str:
-    """For an unknown detector name another library uses (`mls`, `MaxSoftmax`, `KNN`): ' (here: <ours>)', else ''."""
+    """For an unknown detector name another library uses (`mls`, `MaxSoftmax`, `KNN`) or a config group option
+    (`fast`): ' (here: <ours>)', else ''."""
     key = str(name).lower()
-    ours = OTHER_NAMES.get(key, key if key in _REGISTRY else None)
+    ours = OTHER_NAMES.get(key) or GROUP_OPTIONS.get(key) or (key if key in _REGISTRY else None)
     return f" (here: {ours!r})" if ours is not None else ""
 
 
