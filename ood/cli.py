@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
 from ood import CONFIG_DIR
-from ood.errors import ConfigError, OODError
+from ood.errors import ConfigError, OODError, working_directory_hint
 from ood.runs.checks import check_eval_dir, check_overrides
 from ood.runs.console import logs_above_bars, quiet_lightning
 from ood.utils import progress_bars, warnings_in_log_files
@@ -166,9 +166,7 @@ def not_importable(target: str, err: InstantiationException) -> ConfigError:
     `sys.path` lacks (it starts at its bin/ folder), `PYTHONPATH=.`."""
     key = re.search(r"full_key: ([\w.]+)", str(err))
     cause = err.__cause__.__cause__ or err.__cause__ if err.__cause__ is not None else err
-    top = target.partition(".")[0]
-    here = isinstance(cause, ModuleNotFoundError) and cause.name == top and any(Path(top + end).exists() for end in ("", ".py"))
-    hint = f" ({top} is in the working directory, which is not on sys.path: run with PYTHONPATH=.)" if here else ""
+    hint = working_directory_hint(target, cause)
     where = f"{key[1]}._target_" if key else "_target_"
     return ConfigError(f"{where}={target!r} cannot be imported: {cause}{hint}")
 

@@ -1,6 +1,7 @@
 """Errors that are the user's to fix: the entry points print their message, never a traceback."""
 
 from collections.abc import Sequence
+from pathlib import Path
 
 
 class OODError(Exception):
@@ -21,6 +22,15 @@ class CheckpointError(OODError):
 
 class NonFiniteError(OODError):
     """A loss or score became NaN or infinite; names the step, detector or dataset."""
+
+
+def working_directory_hint(module: str, err: BaseException) -> str:
+    """' (<top> is in the working directory, ...: run with PYTHONPATH=.)' when importing `module` failed because its
+    top-level package sits in the working directory, which an entry point's `sys.path` lacks (it starts at its bin/
+    folder, not at the working directory as `python -m` does); else ''."""
+    top = module.partition(".")[0]
+    here = isinstance(err, ModuleNotFoundError) and err.name == top and any(Path(top + end).exists() for end in ("", ".py"))
+    return f" ({top} is in the working directory, which is not on sys.path: run with PYTHONPATH=.)" if here else ""
 
 
 def check_range(

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ood.errors import CheckpointError, ConfigError
+from ood.errors import CheckpointError, ConfigError, working_directory_hint
 from ood.models.base import Backbone, BackboneOutput
 from ood.models.checkpoint import read_weights_file
 
@@ -482,10 +482,7 @@ def module_backbone(
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as err:
-        top = module_name.partition(".")[0]
-        here = isinstance(err, ModuleNotFoundError) and err.name == top and any(Path(top + end).exists() for end in ("", ".py"))
-        # an entry point's sys.path starts at its bin/ folder, not at the working directory as `python -m` does
-        hint = f" ({top} is in the working directory, which is not on sys.path: run with PYTHONPATH=.)" if here else ""
+        hint = working_directory_hint(module_name, err)
         raise ConfigError(f"backbone.target={target!r} cannot be imported: {err}{hint}") from None
     params = inspect.signature(factory).parameters
     open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
