@@ -4,6 +4,7 @@ and every detector / GROOD through `ood.evaluate` on each adapter."""
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,27 @@ class Custom(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits_layer(torch.relu(self.hidden(self.body(x))))
+
+
+def test_an_output_that_is_not_the_heads_is_warned_of_once() -> None:
+    """A forward that scales its head's output (a cosine classifier's temperature): the logit scores read the output,
+    react / ash / vim recompute the head's, so the two families scored different functions without a word."""
+
+    class Scaled(Custom):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 10 * super().forward(x)
+
+    x = torch.randn(4, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ModuleBackbone(Custom().eval()).run(x)  # the head's output itself: no warning
+    scaled = ModuleBackbone(Scaled().eval())
+    with pytest.warns(UserWarning, match=r"^Scaled's output is not the output of its head 'logits_layer' \(largest "
+                                         r"difference [0-9.]+\): msp, energy and the other logit scores read its output"):
+        scaled.run(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scaled.run(x)  # once per model
 
 
 def test_module_wrapper_hooks_head_input_and_named_layers() -> None:

@@ -26,6 +26,7 @@ import difflib
 import hashlib
 import importlib
 import inspect
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,7 @@ class ModuleBackbone(AdaptedBackbone):
 
     def __init__(self, net: nn.Module, feature_layer: str | None = None) -> None:
         super().__init__(net, find_head(net, feature_layer))
+        self._head_checked = False
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -136,7 +138,7 @@ class ModuleBackbone(AdaptedBackbone):
         def keep_output(name: str) -> Any:
             return lambda module, args, output: caught.__setitem__(name, output)
 
-        handles = [self.fc.register_forward_pre_hook(keep_input)]
+        handles = [self.fc.register_forward_pre_hook(keep_input), self.fc.register_forward_hook(keep_output("__head__"))]
         handles += [self.net.get_submodule(name).register_forward_hook(keep_output(name)) for name in layers]
         try:
             logits = self.net(x)
@@ -152,6 +154,10 @@ class ModuleBackbone(AdaptedBackbone):
         if "__features__" not in caught:
             raise ConfigError(f"{type(self.net).__name__} never called its head {self.head!r}; set feature_layer")
         h = caught.pop("__features__")
+        head_out = caught.pop("__head__")
+        if not self._head_checked:  # once: the first batch tells
+            self._head_checked = True
+            check_head_output(type(self.net).__name__, self.head, head_out, logits)
         if h.dim() != 2:
             raise ConfigError(
                 f"the input of {type(self.net).__name__}.{self.head} has shape {tuple(h.shape)}, not [N, D]: name the "
@@ -184,6 +190,22 @@ def check_not_probabilities(name: str, logits: torch.Tensor) -> None:
     if what is not None:
         raise ConfigError(f"{name} returns {what}, not logits: the detectors read logits (energy, max-logit, the "
                           "head's weights); return the output before the softmax")
+
+
+def check_head_output(name: str, head: str, head_out: torch.Tensor, logits: torch.Tensor) -> None:
+    """Warn when the network's output is not its head's (a scale, a cosine normalisation or a layer after it): the
+    logit scores read the output, while the detectors that recompute logits from the head's weights and input (react,
+    ash, dice, scale, vra, vim, ...) read the head's, so the two families silently score different functions."""
+    if head_out.shape != logits.shape:
+        detail = f"shape {tuple(head_out.shape)} vs {tuple(logits.shape)}"
+    elif not torch.allclose(head_out.detach().float(), logits.detach().float(), rtol=1e-3, atol=1e-3, equal_nan=True):
+        detail = f"largest difference {(head_out.detach().float() - logits.detach().float()).abs().max().item():.3g}"
+    else:
+        return
+    warnings.warn(f"{name}'s output is not the output of its head {head!r} ({detail}): msp, energy and the other logit "
+                  "scores read its output, the detectors that recompute logits from the head's weights (react, ash, dice, "
+                  "scale, vra, vim, ...) the head's; give feature_layer= the linear layer whose output is the logits, or "
+                  "wrap the model so that its forward ends with it", stacklevel=2)
 
 
 def unsplit_error(net: nn.Module, layer: str) -> ConfigError:
