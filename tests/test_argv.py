@@ -99,10 +99,13 @@ def test_eval_of_a_run_reads_its_relative_paths_from_where_it_trained(monkeypatc
 
 
 def test_eval_help_opens_with_what_to_type(tmp_path: Path) -> None:
-    """`ood-eval --help` opened with Hydra's "eval is powered by Hydra." and the whole config."""
+    """`ood-eval --help` (and `ood-train --help`) opened with Hydra's "eval is powered by Hydra." and the whole config."""
     header = compose_config(tmp_path, [], "eval").hydra.help.header.splitlines()
     assert header[0].startswith("ood-eval: evaluate a trained network")
     assert header[1].split()[:2] == ["ood-eval", "ckpt_path=<run"]
+    header = compose_config(tmp_path, [], "train").hydra.help.header.splitlines()  # and "train is powered by Hydra."
+    assert header[0].startswith("ood-train: train a method, then evaluate it")
+    assert header[1].split()[:2] == ["ood-train", "method=grood"]
 
 
 def test_a_run_path_made_absolute_is_no_difference(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
