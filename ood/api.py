@@ -91,15 +91,10 @@ class Results:
         if unknown:
             raise ConfigError(f"no scores of {unknown} in {self.run_dir}; choices: {sorted(self.scores)}")
         table = self.samples.drop(columns="row")
+        groups = self.samples.groupby("split", sort=False)["row"]  # each split's lines are contiguous, in file order
         for d in names:
-            table[d] = np.concatenate([self.scores[d][split][rows] for split, rows in self._rows_by_split()])
+            table[d] = np.concatenate([self.scores[d][split][rows.to_numpy()] for split, rows in groups])
         return table
-
-    def _rows_by_split(self) -> list[tuple[str, np.ndarray]]:
-        """(split, its rows of the score arrays) in the order of `samples`' lines (split by split)."""
-        splits = self.samples["split"].to_numpy()
-        starts = np.flatnonzero(np.r_[True, splits[1:] != splits[:-1]])
-        return [(splits[a], self.samples["row"].to_numpy()[a:b]) for a, b in zip(starts, [*starts[1:], len(splits)])]
 
     @property
     def table(self) -> Any:
