@@ -1,5 +1,14 @@
-"""`DDPStrategy`: every rank stops at the same step on SIGTERM; spawned ranks (`trainer=ddp_cpu`, `start_method=spawn`)
-log where the main process logs and hand their results back through a file.
+"""`DDPStrategy`: every rank stops at the same step on SIGTERM; ranks the main process starts (`trainer=ddp_cpu`:
+`start_method=forkserver`; or `spawn`) log where the main process logs, hand their results back through a file and,
+from a fork server, start without importing torch, Lightning and ood again. "Spawned" below means either.
+
+Fork server: a spawned rank is a fresh interpreter that imports torch, Lightning and ood before it runs (about 5 s on
+a CPU; paid per rank at every stage: the fit, the evaluation, each run of a sweep). Python's fork server imports them
+once (`FORKSERVER_PRELOAD`) and forks each rank from itself. What a spawned rank got from the main process and a
+forked one would not is handed over as the rank starts (`_ParentState`: the environment, stdout / stderr, Lightning's
+RNG / deterministic-flag snapshot); tensors are pickled by value (`_tensors_by_value`: the server passes at most 256
+file descriptors with a process, and torch shares each storage as one); the server ignores SIGTERM (`ood.forkserver`:
+killed with a job's processes it would leave the main process reading status 255 for ranks still stopping).
 
 SIGTERM (a scheduler's time limit, `scancel`): Lightning's handler broadcasts a tensor from inside the signal handler
 (`_SignalConnector._sigterm_notifier_fn`), wherever the rank happens to be, and its loops broadcast rank 0's flag at
@@ -40,6 +49,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -47,14 +57,20 @@ import sys
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from multiprocessing import reduction
 from types import FrameType
 from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy as _DDPStrategy
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
+from lightning.pytorch.strategies.launchers.multiprocessing import (
+    _GlobalStateSnapshot,
+    _MultiProcessingLauncher,
+    _WorkerOutput,
+)
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.multiprocessing import ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel
@@ -157,6 +173,56 @@ def _end_process_group(strategy: Any) -> None:
         logging.getLogger(__name__).warning("could not destroy the process group before exiting: %r", err)
 
 
+#: what the fork server imports once, so that the ranks it forks start with them done (torch, Lightning, ood: 5 s of
+#: every spawned rank's start on a CPU); `ood.forkserver` first (its SIGTERM handling)
+FORKSERVER_PRELOAD = ["ood.forkserver", "ood.train"]
+
+
+class _ParentState:
+    """Pickles, as a rank is started, into what a spawned rank gets from the main process and one forked by the fork
+    server (`start_method=forkserver`) would not: the environment (the server's is that of its own start) with the
+    thread count it sets, stdout and stderr (the server's are those of the process that started it: not a later redirect), and
+    Lightning's spawn snapshot (RNG states, deterministic flags)."""
+
+    def __init__(self, state: tuple | None = None) -> None:
+        self.state = state
+
+    def __reduce__(self) -> tuple:
+        if multiprocessing.context.get_spawning_popen() is None:  # not a process start (a deep copy of the trainer)
+            return _ParentState, ()
+        stdio = [reduction.DupFd(fd) for fd in (1, 2)]  # sent with the process (SCM_RIGHTS)
+        return _ParentState, ((dict(os.environ), stdio, _GlobalStateSnapshot.capture()),)
+
+    def restore(self) -> None:
+        environ, stdio, snapshot = self.state
+        os.environ.clear()
+        os.environ.update(environ)
+        if "OMP_NUM_THREADS" in environ:  # a spawned rank's torch reads it as it loads (else: Lightning sets one)
+            torch.set_num_threads(int(environ["OMP_NUM_THREADS"]))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for target, fd in zip((1, 2), stdio, strict=True):
+            received = fd.detach()
+            os.dup2(received, target)
+            os.close(received)
+        snapshot.restore()
+
+
+@contextmanager
+def _tensors_by_value() -> Iterator[None]:
+    """Tensors pickle by value while the fork server starts ranks: torch's multiprocessing pickles each storage as a
+    shared-memory file descriptor, and the fork server passes at most 256 of them with a process (a model and its
+    fitted detectors have more). By value, each rank has its own copy, as a spawned CPU rank makes for itself
+    (Lightning's `_disable_module_memory_sharing`: ranks sharing parameters would step each other's weights)."""
+    reducers = reduction.ForkingPickler._extra_reducers
+    storages = (*torch._storage_classes, torch.storage.TypedStorage)
+    taken = {cls: reducers.pop(cls) for cls in list(reducers) if issubclass(cls, torch.Tensor) or cls in storages}
+    try:
+        yield
+    finally:
+        reducers.update(taken)
+
+
 class _SpawnLauncher(_MultiProcessingLauncher):
     """The spawn launcher with SIGTERM passed on to the ranks, the main process's log handlers in every rank and
     results through a file (module doc)."""
@@ -166,14 +232,19 @@ class _SpawnLauncher(_MultiProcessingLauncher):
         # the main process's root handlers and level as the last launch began (pickled with the launcher to the ranks)
         self.log_targets: list[_LogTarget] = []
         self.log_level = logging.WARNING
+        self.parent: _ParentState | None = None
 
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         if sigterm_received():  # SIGTERM came during an earlier stage that still finished: start no other
             raise SIGTERMException
         self.log_targets, self.log_level = _root_log_targets(), logging.getLogger().level
+        if self._start_method == "forkserver":  # the first launch starts the server with these imports done
+            multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)
+            self.parent = _ParentState()  # filled as each rank is started
         previous = _on_sigterm(self._pass_on)
         try:
-            return super().launch(function, *args, trainer=trainer, **kwargs)
+            with _tensors_by_value() if self.parent is not None else nullcontext():
+                return super().launch(function, *args, trainer=trainer, **kwargs)
         except ProcessExitedException as err:  # a rank stopped by SIGTERM (or killed by it before handling it)
             if err.exit_code in (SIGTERM_EXIT, -signal.SIGTERM):
                 raise SIGTERMException from err
@@ -204,6 +275,8 @@ class _SpawnLauncher(_MultiProcessingLauncher):
     def _wrapping_function(self, process_idx: int, *args: Any, **kwargs: Any) -> None:
         # the rank's first code: SIGTERM before Lightning's handler (setup, checkpoint restore) is noted, not fatal
         with sigterm_noted():
+            if self.parent is not None:  # forked by the server: made what a spawned rank is (`_ParentState`)
+                self.parent.restore()
             _log_to(self.log_targets, self.log_level, self._strategy.node_rank * self._strategy.num_processes + process_idx)
             try:
                 with warnings_in_log_files():

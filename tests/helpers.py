@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +87,15 @@ def folder_overrides(root: Path) -> list[str]:
     paths = make_image_folders(root / "folders", train=4, test=2, ood=2)
     return [f"data.root={paths['id']}", f"+data.ood.near={{noise: {paths['near']}}}",
             f"+data.ood.far={{checkers: {paths['far']}}}", "data.image_size=32", "data.resize=32", "data.num_workers=0"]
+
+
+def start_ranks(fn: Callable[..., None], args: tuple = (), nprocs: int = 2) -> None:
+    """`fn(rank, *args)` in `nprocs` processes started as `trainer=ddp_cpu` starts its ranks: forked by a fork server
+    that imported torch, Lightning and ood once (`ood.strategies.FORKSERVER_PRELOAD`), not spawned (each spawned
+    process imports them again: 5 s)."""
+    import torch.multiprocessing as mp
+
+    from ood.strategies import FORKSERVER_PRELOAD
+
+    mp.set_forkserver_preload(FORKSERVER_PRELOAD)
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")

@@ -1,11 +1,14 @@
 """A callback that signals its own process at a known point: SIGKILL (no cleanup, like a machine dying) by default,
-or another signal (SIGTERM, as a scheduler sends before its time limit). Under spawned DDP ranks (`trainer=ddp_cpu`)
-it runs in every rank; `to` picks who is signalled: each rank itself, the main process that spawned them (rank 0
-sends it), or both (a scheduler signalling every process of the job). `LogFromRanks` logs from chosen DDP ranks."""
+or another signal (SIGTERM, as a scheduler sends before its time limit). Under DDP ranks the main process starts
+(`trainer=ddp_cpu`) it runs in every rank; `to` picks who is signalled: each rank itself, the main process that
+started them (rank 0 sends it), both, or every process of rank 0's process group (rank 0 sends it: the main process,
+the ranks and the fork server that forked them, as a scheduler signals every process of a job). `LogFromRanks` logs
+from chosen DDP ranks."""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import warnings
@@ -15,7 +18,7 @@ from lightning import Callback, LightningModule, Trainer
 
 from ood.utils import get_logger
 
-TARGETS = ("self", "main", "all")
+TARGETS = ("self", "main", "all", "group")
 
 
 class _Kill(Callback):
@@ -25,8 +28,12 @@ class _Kill(Callback):
         self.signum, self.to = signum, to
 
     def _send(self, trainer: Trainer) -> None:
+        if self.to == "group":
+            if trainer.is_global_zero:
+                os.killpg(os.getpgid(0), self.signum)
+            return
         if self.to != "self" and trainer.is_global_zero:
-            os.kill(os.getppid(), self.signum)
+            os.kill(multiprocessing.parent_process().pid, self.signum)  # the main process (not the fork server)
         if self.to != "main":
             os.kill(os.getpid(), self.signum)
 

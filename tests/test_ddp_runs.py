@@ -49,7 +49,8 @@ def _train_in_own_group(run_dir: Path, overrides: Sequence[str], timeout: float 
 
 @pytest.mark.slow
 def test_sigterm_stops_all_ranks_in_training_and_in_the_evaluation_pass(tmp_path: Path) -> None:
-    """SIGTERM to the main process and both ranks in the middle of epoch 1 (a scheduler's time limit): Lightning's
+    """SIGTERM to every process of the run (the main process, both ranks and the fork server that started them) in the
+    middle of epoch 1 (a scheduler's time limit): Lightning's
     handler broadcast from inside the signal handler, so ranks signalled at different points waited on each other
     for ever, and the main process died at once without FAILED.txt, leaving its ranks behind. Now the run exits 143
     with FAILED.txt and its epoch-0 checkpoint complete. Evaluating that checkpoint, SIGTERM to the main process only
@@ -61,7 +62,7 @@ def test_sigterm_stops_all_ranks_in_training_and_in_the_evaluation_pass(tmp_path
     slow for the suite; tests/test_resume.py checks the resume on one process.)"""
     train = tmp_path / "train"
     _train_in_own_group(train, [*DDP, "+callbacks.kill._target_=killer.KillAt", "+callbacks.kill.epoch=1",
-                                "+callbacks.kill.batch=1", f"+callbacks.kill.{SIGTERM}", "+callbacks.kill.to=all",
+                                "+callbacks.kill.batch=1", f"+callbacks.kill.{SIGTERM}", "+callbacks.kill.to=group",
                                 "+callbacks.log._target_=killer.LogFromRanks", "+callbacks.log.rank=1"])
     assert (train / "FAILED.txt").read_text() == "SIGTERMException: terminated by SIGTERM; resume with ckpt_path=last\n"
     ckpt = train / "checkpoints" / "last.ckpt"

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from ddp_step import CASES, prepare, worker
 from fabricate import CASES as CLUSTER_CASES
 from fabricate import DIGITS as CLUSTER_DIGITS
-from helpers import rows_by, run_config
+from helpers import rows_by, run_config, start_ranks
 from omegaconf import OmegaConf
 from torch.multiprocessing import ProcessRaisedException
 from torch.utils.data import DistributedSampler
@@ -33,10 +32,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def step_results(ce_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every case run once in this process and once in a single pair of spawned gloo processes."""
+    """Every case run once in this process and once in a single pair of gloo processes (as `trainer=ddp_cpu` starts
+    its ranks)."""
     out = tmp_path_factory.mktemp("ddp_step")
     prepare(ce_checkpoint, out)
-    mp.spawn(worker, args=(2, _free_port(), ce_checkpoint, out), nprocs=2, join=True)
+    start_ranks(worker, (2, _free_port(), ce_checkpoint, out))
     return out
 
 
@@ -139,10 +139,10 @@ def _raise_config_error(rank: int) -> None:
 
 
 def test_a_user_error_inside_a_spawned_rank_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    """`trainer=ddp_cpu` ranks are spawned: their `OODError` reaches the parent as torch's `ProcessRaisedException`
+    """`trainer=ddp_cpu` ranks are started by a fork server: their `OODError` reaches the parent as torch's `ProcessRaisedException`
     (traceback text only); the entry point prints the original one-line message and exits 1, no traceback."""
     with pytest.raises(ProcessRaisedException) as raised:
-        mp.spawn(_raise_config_error, nprocs=1, join=True)
+        start_ranks(_raise_config_error, nprocs=1)
     assert isinstance(user_error(raised.value), ConfigError)
     assert str(user_error(raised.value)) == "rank 0: method.foo=1 is unknown; choices: [a, b]"
     assert user_error(ProcessRaisedException("Traceback ...\nValueError: a bug", 0, 1)) is None

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import start_ranks
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -101,7 +101,7 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_distributed_pass_equals_one_process_on_every_rank(tmp_path: Path) -> None:
-    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    start_ranks(_rank, (_free_port(), str(tmp_path)))
     net, (x, y) = _net(), _data()
     single = forward_dataset(lambda b: {"logits": net(b)}, TensorDataset(x, y), module=net, batch_size=3)
     seen = []

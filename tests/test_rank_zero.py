@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import start_ranks
 from torch.utils.data import DistributedSampler
 
 import ood.features.collector as collector_module
@@ -72,7 +72,7 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
 @pytest.mark.slow
 def test_two_gloo_ranks_gather_to_rank_zero_only(tmp_path: Path) -> None:
     """21 rows on 2 ranks (11 + 11, index 0 repeated as padding), sent in 3-row messages."""
-    mp.spawn(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2, join=True)
+    start_ranks(_rank, (2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)))
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["own"] == r1["own"] == 11 and r0["all_gathered"] == r1["all_gathered"] == N
     assert r0["received"] == N and r1["received"] is None  # rank 1 never holds more than its own 11 rows

@@ -184,8 +184,8 @@ def check_launch(cfg: DictConfig, multirun: bool) -> None:
     if multirun and _reexecutes_per_rank(cfg.trainer.get("strategy")):
         raise ConfigError(
             "trainer=ddp (subprocess launcher) cannot run inside a Hydra multirun: each rank would re-launch the "
-            "sweep. Sweep with one device per job, use trainer=ddp_cpu-style spawn (strategy.start_method=spawn), "
-            "or pre-launch ranks with torchrun/SLURM (see README)."
+            "sweep. Sweep with one device per job, use ranks the main process starts as trainer=ddp_cpu does "
+            "(strategy.start_method=forkserver or spawn), or pre-launch ranks with torchrun/SLURM (see README)."
         )
 
 

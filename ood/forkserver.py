@@ -1,0 +1,26 @@
+"""The fork server that starts `trainer=ddp_cpu`'s ranks (`start_method=forkserver`) imports this module first
+(`ood.strategies.FORKSERVER_PRELOAD`); anywhere else importing it does nothing.
+
+In the server: SIGTERM is ignored. A scheduler's time limit signals every process of the job; a server killed with
+them closes the pipes through which the main process learns its ranks' exit status, so the main process would read
+status 255 (a crash) for ranks that are still stopping in step with each other (`ood.strategies`). The server exits
+when the main process does, as Python's fork server always does.
+
+In each rank it forks: SIGTERM's default action again, right after the fork, as in a spawned rank (Python's fork server
+resets SIGINT and SIGCHLD only), until the rank installs ood's handler.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def _in_fork_server() -> bool:
+    return any("multiprocessing.forkserver import main" in arg for arg in sys.orig_argv)
+
+
+if _in_fork_server():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))

@@ -1,0 +1,74 @@
+"""`trainer=ddp_cpu` starts its ranks through Python's fork server (`ood.strategies`, `start_method=forkserver`): a
+rank forked from the server must get what a spawned rank got from the main process as each launch began, not what
+the server had when it started (an earlier launch, maybe another test): the environment, stdout, the RNG states;
+its tensors by value (the server passes at most 256 file descriptors, torch shares each storage as one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from lightning import Trainer
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from ood.strategies import DDPStrategy
+
+STORAGES = 300  # buffers: each its own storage, more than the 256 descriptors the server passes with a process
+
+
+class Probe(BoringModel):
+    """Records, in each rank as its fit starts, what it got from the main process."""
+
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self.out = out
+        for i in range(STORAGES):
+            self.register_buffer(f"b{i}", torch.full((1,), float(i)))
+
+    def on_fit_start(self) -> None:
+        tag = os.environ["OOD_PROBE"]
+        print(f"rank {self.global_rank} of launch {tag}", flush=True)
+        report = {"rand": torch.rand(3).tolist(), "server": os.getppid(), "threads": torch.get_num_threads(),
+                  "buffers": sum(float(getattr(self, f"b{i}")) for i in range(STORAGES)),
+                  "shared": any(t.is_shared() for t in (*self.parameters(), *self.buffers()))}
+        Path(self.out, f"{tag}-{self.global_rank}.json").write_text(json.dumps(report))
+
+
+def _fit(model: Probe) -> None:
+    strategy = DDPStrategy(start_method="forkserver", process_group_backend="gloo")
+    trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=1, logger=False, limit_val_batches=0,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model)
+
+
+def test_forked_ranks_get_the_launchs_environment_stdout_rng_and_own_tensors(tmp_path: Path, monkeypatch) -> None:
+    seen = {}
+    for launch, threads in (("first", 1), ("second", 3)):
+        monkeypatch.setenv("OOD_PROBE", launch)
+        monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+        model = Probe(str(tmp_path))
+        torch.manual_seed(len(launch))
+        expected = torch.rand(3).tolist()
+        torch.manual_seed(len(launch))
+        stdout = tmp_path / f"{launch}.out"
+        saved = os.dup(1)
+        with open(stdout, "w") as redirected:  # this launch's stdout (the server keeps the one it started with)
+            sys.stdout.flush()
+            os.dup2(redirected.fileno(), 1)
+            try:
+                _fit(model)
+            finally:
+                os.dup2(saved, 1)
+                os.close(saved)
+        assert sorted(stdout.read_text().splitlines()) == [f"rank 0 of launch {launch}", f"rank 1 of launch {launch}"]
+        for rank in (0, 1):
+            report = json.loads((tmp_path / f"{launch}-{rank}.json").read_text())
+            assert report["rand"] == expected  # the main process's RNG state as the launch began, in every rank
+            assert report["threads"] == threads  # OMP_NUM_THREADS, read as a spawned rank's torch loads
+            assert report["buffers"] == sum(range(STORAGES)) and not report["shared"]
+            seen[launch, rank] = report["server"]
+    # both launches' ranks were forked by one server (not the main process: not spawned)
+    assert len(set(seen.values())) == 1 and os.getpid() not in seen.values()
