@@ -224,3 +224,23 @@ def test_results_file_is_written_last(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(sinks, "save_run_figures", lambda *args: [])
     sinks.ResultsWriter(str(tmp_path)).write(result, trainer, None)
     assert [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()] == [row]
+
+
+def test_results_writer_without_figures_draws_none_and_leaves_no_stale_ones(tmp_path: Path) -> None:
+    """`evaluation.sinks.results.figures=false` writes the results without figures/roc.png and hist_*.png, and
+    removes those an earlier run into the same folder left (they would be taken for this run's)."""
+    from types import SimpleNamespace
+
+    from ood.evaluation import sinks
+    from ood.evaluation.evaluator import EvaluationResult
+
+    rows = [{"method": "ce", "detector": "msp", "ood_dataset": "noise", "ood_group": "far", "auroc": 0.75,
+             "id_dataset": "toy", "seed": 0}]
+    result = EvaluationResult(rows, {"msp": {"test": torch.tensor([1.0, 2.0, 3.0]), "noise": torch.tensor([0.5, 2.5])}},
+                              0.5, "ce")
+    trainer = SimpleNamespace(is_global_zero=True)
+    sinks.ResultsWriter(str(tmp_path)).write(result, trainer, None)
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["hist_msp.png", "roc.png"]
+    sinks.ResultsWriter(str(tmp_path), figures=False).write(result, trainer, None)
+    assert not list((tmp_path / "figures").iterdir()) and (tmp_path / "results.jsonl").is_file()
+    assert (tmp_path / "scores.npz").is_file()

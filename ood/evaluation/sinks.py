@@ -36,7 +36,7 @@ from lightning import LightningModule, Trainer
 from ood.evaluation.evaluator import EvaluationResult, Samples
 from ood.evaluation.scoring import METRICS, group_means, rows_by_mode
 from ood.files import atomic_savez, atomic_write_text
-from ood.plots import bin_edges, save_run_figures, wandb_roc
+from ood.plots import bin_edges, clear_curves, save_run_figures, wandb_roc
 from ood.utils import get_logger
 
 log = get_logger(__name__)
@@ -113,12 +113,14 @@ def _jsonable(value: Any) -> Any:
 
 
 class ResultsWriter:
-    """`results.jsonl` (one row per detector and OOD set), `scores.npz` (`<detector>/<split>` arrays) and the
-    method's diagnostics, in `output_dir`."""
+    """`results.jsonl` (one row per detector and OOD set), `scores.npz` (`<detector>/<split>` arrays), the ROC and
+    histogram figures (`figures=False`: none; drawing them takes 1-2 s of a CPU evaluation, which a sweep of many
+    small runs may rather leave to `ood-report`) and the method's diagnostics, in `output_dir`."""
 
-    def __init__(self, output_dir: str | None, save_scores: bool = True) -> None:
+    def __init__(self, output_dir: str | None, save_scores: bool = True, figures: bool = True) -> None:
         self.output_dir = Path(output_dir) if output_dir else None
         self.save_scores = save_scores
+        self.figures = figures
 
     def write(self, result: EvaluationResult, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.output_dir is None or not trainer.is_global_zero:
@@ -135,7 +137,10 @@ class ResultsWriter:
             atomic_write_text(out / SAMPLES_FILE, samples_csv(result.samples))
         else:
             (out / SAMPLES_FILE).unlink(missing_ok=True)
-        save_run_figures(out, result.scores, result.rows)
+        if self.figures:
+            save_run_figures(out, result.scores, result.rows)
+        else:  # an earlier run's in this folder would be taken for this run's
+            clear_curves(out / "figures")
         _, images, rest = split_diagnostics(result.diagnostics)
         for key, image in images.items():
             import matplotlib.image
