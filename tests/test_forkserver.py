@@ -46,6 +46,7 @@ def _fit(model: Probe) -> None:
 
 def test_forked_ranks_get_the_launchs_environment_stdout_rng_and_own_tensors(tmp_path: Path, monkeypatch) -> None:
     seen = {}
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # an earlier test's seed_everything: every rank would reseed
     for launch, threads in (("first", 1), ("second", 3)):
         monkeypatch.setenv("OOD_PROBE", launch)
         monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
