@@ -244,3 +244,16 @@ def test_results_writer_without_figures_draws_none_and_leaves_no_stale_ones(tmp_
     sinks.ResultsWriter(str(tmp_path), figures=False).write(result, trainer, None)
     assert not list((tmp_path / "figures").iterdir()) and (tmp_path / "results.jsonl").is_file()
     assert (tmp_path / "scores.npz").is_file()
+
+
+def test_constant_negative_zero_scores_warn_with_zero(caplog: pytest.LogCaptureFixture) -> None:
+    """Every image scored -0.0 (a ReLU'd score times -1) was warned of as the same score `(-0)`: it says `(0)`."""
+    from ood.evaluation.scoring import Scorer, evaluate
+
+    splits = [EvalSplit("test", "id_test"), EvalSplit("svhn", "ood", "far")]
+    flat = Scorer("react", lambda split: torch.full((3,), -0.0))
+    with caplog.at_level(logging.WARNING):
+        evaluate([flat], splits, id_acc=1.0, info={})
+    assert [r.getMessage() for r in caplog.records] == [
+        "detector react gives every ID test and OOD image the same score (0): its AUROC 50 and FPR95 100 say nothing "
+        "about the data"]

@@ -364,9 +364,9 @@ def evaluate(
             scores[split.name] = s
         all_scores[scorer.name] = scores
         ranked = torch.cat([scores[split.name] for split in (id_split, *ood_splits)])
-        if len(ranked) and bool((ranked == ranked[0]).all()):
+        if len(ranked) and bool((ranked == ranked[0]).all()):  # + 0.0: a score of -0.0 is said as 0, not -0
             log.warning("detector %s gives every ID test and OOD image the same score (%.6g): its AUROC 50 and FPR95 "
-                        "100 say nothing about the data", scorer.name, float(ranked[0]))
+                        "100 say nothing about the data", scorer.name, float(ranked[0]) + 0.0)
         common = {"detector_params": scorer.hparams, "tuned": bool(scorer.tuned), "tuned_params": scorer.tuned}
         for mode in modes:
             if mode == "standard":
