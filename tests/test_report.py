@@ -321,3 +321,25 @@ def test_a_run_of_evaluate_false_is_named_as_such_not_as_killed(tmp_path: Path) 
                              "or still running",
         str(tmp_path / "1"): "no results: still running or killed",
     }
+
+
+def test_no_figures_leaves_no_earlier_reports_figures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--no-figures` into a folder an earlier report drew in left its figures/ there, read as this report's: they
+    are removed (a file of the user's stays), and a run's own figures beside a one-run report stay."""
+    _write(tmp_path / "sweep" / "0", [_row(0, "s", "near", 0.75)])
+    main([str(tmp_path / "sweep")])
+    figures = tmp_path / "sweep" / "figures"
+    (figures / "hist_00_cluster.png").write_bytes(b"an earlier report's histogram")
+    main([str(tmp_path / "sweep"), "--no-figures"])
+    assert not figures.exists()
+    main([str(tmp_path / "sweep")])
+    (figures / "notes.txt").write_text("mine")
+    main([str(tmp_path / "sweep"), "--no-figures"])
+    assert [p.name for p in figures.iterdir()] == ["notes.txt"]
+    run = tmp_path / "sweep" / "0"
+    main([str(run)])
+    (run / "figures").mkdir()
+    (run / "figures" / "roc.png").write_bytes(b"the run's own ROC")
+    main([str(run), "--no-figures"])
+    assert not (run / "report" / "figures").exists() and (run / "figures" / "roc.png").read_bytes() == b"the run's own ROC"
+    assert capsys.readouterr().err.splitlines()[-1] == f"wrote {run}/report.md, report.csv, report.tex"

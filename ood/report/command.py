@@ -11,7 +11,7 @@ from pathlib import Path
 from ood.errors import OODError
 from ood.files import atomic_write, atomic_write_text
 from ood.report.aggregation import aggregate, config_keys, varying_params
-from ood.report.figures import write_figures
+from ood.report.figures import clear_figures, write_figures
 from ood.report.reading import failed_runs, load_rows
 from ood.report.references import (
     add_reference,
@@ -101,7 +101,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     atomic_write_text(out / "report.tex", f"% {note}\n" + to_latex(config_cols, metric_cols, table))
     # a run folder's own figures/ are that run's ROC and histograms: the report's go beside them, in report/figures/
     figures_in = out / "report" if (out / "results.jsonl").is_file() else out
-    if not args.no_figures:
+    if args.no_figures:
+        clear_figures(figures_in)
+    else:
         write_figures(figures_in, config_cols, table, rows, chosen)
     for run, why in failed.items():
         print(f"failed job {run}: {why}", file=sys.stderr)

@@ -27,6 +27,20 @@ def _label(entry: Mapping[str, Any], config_cols: Sequence[str], detector_only: 
     return " ".join(parts)
 
 
+def clear_figures(out: Path) -> None:
+    """Remove the figures an earlier report left in `out/figures` (`--no-figures`: they would be read as this
+    report's), and the folder when nothing else is in it."""
+    figures = out / "figures"
+    if not figures.is_dir():
+        return
+    from ood import plots  # matplotlib, only when there is something to clear
+
+    plots.clear_curves(figures)
+    (figures / "auroc_bars.png").unlink(missing_ok=True)
+    if not any(figures.iterdir()):
+        figures.rmdir()
+
+
 def write_figures(
     out: Path, config_cols: Sequence[str], table: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
     detectors: Sequence[str] | None = None,
