@@ -343,3 +343,27 @@ def test_no_figures_leaves_no_earlier_reports_figures(tmp_path: Path, capsys: py
     main([str(run), "--no-figures"])
     assert not (run / "report" / "figures").exists() and (run / "figures" / "roc.png").read_bytes() == b"the run's own ROC"
     assert capsys.readouterr().err.splitlines()[-1] == f"wrote {run}/report.md, report.csv, report.tex"
+
+
+def test_report_md_says_why_reference_numbers_are_left_out(tmp_path: Path) -> None:
+    """The warnings that a reference's numbers are not beside rows of theirs (other OOD sets, another mode, a
+    --reference of no run's network) went to stderr only: a reader of report.md never learnt why the ref: columns were
+    missing. They are listed under the table (and its note), as the failed jobs are."""
+    sets = {"cifar100": "near", "mnist": "far", "svhn": "far", "texture": "far", "places365": "far"}  # no TIN
+    rows = [{"method": "ce", "detector": "msp", "backbone": "resnet18_32x32", "id_dataset": "cifar10", "seed": 0,
+             "ood_dataset": s, "ood_group": g, "auroc": 0.9, "fpr95": 0.3, "mode": mode}
+            for mode in ("standard", "fsood") for s, g in sets.items()]
+    _write(tmp_path / "run", rows)
+    main([str(tmp_path), "--no-figures"])
+    report = (tmp_path / "report.md").read_text()
+    head, _, left_out = report.partition("\nReference numbers left out of the table:\n")
+    assert head.splitlines()[-1].startswith("Metrics in %") and "| ref:far/auroc |" in head
+    assert [line.split(" (")[0] for line in left_out.splitlines()] == [
+        "- no ref: columns for the cifar10 resnet18_32x32 rows of mode=fsood: the reference's numbers are standard",
+        "- no ref:near columns for the cifar10 resnet18_32x32 rows: their near-OOD sets ['cifar100'] are not the "
+        "reference's ['cifar100', 'tin']"]
+    main([str(tmp_path), "--no-figures", "--reference", "conf/reference/cifar10_resnet18.yaml"])
+    report = (tmp_path / "report.md").read_text()
+    assert report.endswith("\nReference numbers left out of the table:\n- no --reference file matches a run's (ID "
+                           "dataset, backbone); the runs are [('cifar10', 'resnet18_32x32')], the files' [('cifar10', "
+                           "'resnet18')]\n") and "ref:" not in report.partition("\n\n")[0]

@@ -89,9 +89,18 @@ def main(argv: Sequence[str] | None = None) -> None:
               file=sys.stderr)
         sys.exit(1)
     config_cols, metric_cols, table = aggregate(rows, by=by)
-    metric_cols = add_reference(metric_cols, table, references)
+    left_out: list[str] = []  # why a reference's numbers are not beside rows of theirs: said under the table too
+    metric_cols = add_reference(metric_cols, table, references, left_out)
+    ran = sorted({(str(e["id_dataset"]), str(e["backbone"])) for e in table})
+    named = sorted({(str(r["id_dataset"]), str(r["backbone"])) for r in references})
+    unmatched_files = bool(args.reference) and not set(named) & set(ran)
+    if unmatched_files:  # the --reference the user named added no ref: column: say why rather than leave it out silently
+        left_out.append(f"no --reference file matches a run's (ID dataset, backbone); the runs are {ran}, the files' "
+                        f"{named}")
     note = " ".join([NOTE, *std_notes(references, metric_cols, table)])
     markdown = to_markdown(config_cols, metric_cols, table) + f"\n{note}\n"
+    if left_out:
+        markdown += "\nReference numbers left out of the table:\n" + "".join(f"- {line}\n" for line in left_out)
     if failed:
         markdown += "\nFailed jobs (not in the table):\n" + "".join(f"- `{run}`: {why}\n" for run, why in failed.items())
     print(markdown)
@@ -107,15 +116,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_figures(figures_in, config_cols, table, rows, chosen)
     for run, why in failed.items():
         print(f"failed job {run}: {why}", file=sys.stderr)
-    ran = sorted({(str(e["id_dataset"]), str(e["backbone"])) for e in table})
-    named = sorted({(str(r["id_dataset"]), str(r["backbone"])) for r in references})
     for ref in references:  # those of another network (conf/reference/cifar10_resnet18.yaml beside 32 px runs) are not named
         if (str(ref["id_dataset"]), str(ref["backbone"])) in ran:
             protocol = f", protocol: {ref['protocol']}" if ref.get("protocol") else ""
             print(f"reference numbers ({ref['id_dataset']}, {ref['backbone']}{protocol}): {ref['source']}", file=sys.stderr)
-    if args.reference and not set(named) & set(ran):
-        # the --reference the user named added no ref: column: say why rather than leave it out silently
-        print(f"warning: no --reference file matches a run's (ID dataset, backbone); the runs are {ran}, the files' "
-              f"{named}", file=sys.stderr)
+    if unmatched_files:
+        print(f"warning: {left_out[-1]}", file=sys.stderr)
     figures = "" if args.no_figures else f", {'report/' if figures_in != out else ''}figures/"
     print(f"wrote {out}/report.md, report.csv, report.tex{figures}", file=sys.stderr)

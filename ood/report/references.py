@@ -9,8 +9,8 @@ with its `fpr95_convention`: `id_positive` (ODIN / Energy / the seed papers; our
 columns, `ood_positive` (OpenOOD v1.5, pytorch-ood; our `fpr95_oodpos`) `ref:<group>/fpr95_oodpos`.
 `ood_sets: {near|far: [set, ...]}` names the OOD sets a published group mean is over: a row whose group is over other
 sets (TIN missing from a torchvision-only CIFAR tree, another protocol's far sets) gets no `ref:` column for it, and a
-warning says why; `mode` (default `standard`) is the evaluation mode the numbers are of (full-spectrum rows measure
-another ID set). `same_network: {method: trained_as}` lets rows of a post-hoc method that trains exactly as another
+warning (on stderr and under report.md's table) says why; `mode` (default `standard`) is the evaluation mode the
+numbers are of (full-spectrum rows measure another ID set). `same_network: {method: trained_as}` lets rows of a post-hoc method that trains exactly as another
 (`grood: ce`) read that method's numbers for the detectors the file does not list under their own method. `std`
 (`population` | `sample`) says how the std of its [mean, std] entries was taken: a line under the table says so.
 """
@@ -113,7 +113,8 @@ def std_notes(
 
 
 def add_reference(
-    metric_cols: Sequence[str], table: Sequence[dict[str, Any]], references: Sequence[Mapping[str, Any]]
+    metric_cols: Sequence[str], table: Sequence[dict[str, Any]], references: Sequence[Mapping[str, Any]],
+    left_out: list[str] | None = None,
 ) -> list[str]:
     """Add the published near/far AUROC (and FPR95 when given) as (mean, std, runs) in [0, 1] to matching table
     entries, in place.
@@ -121,7 +122,7 @@ def add_reference(
     An entry matches a reference on `id_dataset`, `backbone`, `method` (or the one it trains as: `same_network`),
     `detector` (`reference_name`: the detector it reproduces, if any) and evaluation mode, a group also on its OOD
     sets (`_sets`, when the reference names its `ood_sets`); a group or mode that does not match is warned about once
-    per kind of entry. Returns the metric columns
+    per kind of entry, on stderr and appended to `left_out` (the report says so under its table). Returns the metric columns
     with our columns of a matched convention not shown yet (`<group>/fpr95_oodpos`) and the matched reference
     columns appended (`REFERENCE_COLS` first, then FPR95 ones), else unchanged.
     """
@@ -143,14 +144,14 @@ def add_reference(
             for metric, numbers in metrics.items():
                 groups = next((g for m in methods if (g := ((numbers or {}).get(m) or {}).get(detector))), {})
                 if groups and mode != ref_mode:
-                    unmatched[f"warning: no ref: columns for {where} of mode={mode}: the reference's numbers are "
+                    unmatched[f"no ref: columns for {where} of mode={mode}: the reference's numbers are "
                               f"{ref_mode} ({ref['source'].strip()})"] = None
                     continue
                 for group in (g for g in ("near", "far") if g in groups):
                     ours, theirs = entry.get("_sets", {}).get(group), (ref.get("ood_sets") or {}).get(group)
                     if theirs is not None and sorted(ours or ()) != sorted(theirs):
                         if ours:  # no group of ours (a protocol without near-OOD): nothing to stand beside
-                            unmatched[f"warning: no ref:{group} columns for {where}: their {group}-OOD sets {ours} "
+                            unmatched[f"no ref:{group} columns for {where}: their {group}-OOD sets {ours} "
                                       f"are not the reference's {sorted(theirs)} ({ref['source'].strip()})"] = None
                         continue
                     values = [float(v) / 100 for v in groups[group]]
@@ -158,7 +159,9 @@ def add_reference(
                     entry[col] = (values[0], values[1] if len(values) > 1 else 0.0, 3 if len(values) > 1 else 1)
                     matched.add(col)
     for line in unmatched:
-        print(line, file=sys.stderr)
+        print(f"warning: {line}", file=sys.stderr)
+    if left_out is not None:
+        left_out += unmatched
     order = [*REFERENCE_COLS, *(f"ref:{g}/{m}" for m in FPR95_CONVENTIONS.values() for g in ("near", "far"))]
     # our numbers in a reference's convention that the table does not show (fpr95_oodpos) go beside it
     ours = [c[len("ref:"):] for c in order if c in matched and c[len("ref:"):] not in metric_cols]
