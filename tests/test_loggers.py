@@ -73,3 +73,38 @@ def test_tensorboard_logger(tmp_path: Path) -> None:
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
     (hparams,) = (tmp_path / "tensorboard").rglob("hparams.yaml")
     assert yaml.safe_load(hparams.read_text())["method.optimizer.lr"] == 0.05
+
+
+class RecordingWandbLogger:
+    """Stands in for Lightning's `WandbLogger` (no wandb run): keeps the arguments `build_loggers` gives it."""
+
+    def __init__(self, **kwargs: object) -> None:
+        self.kwargs = kwargs
+
+    def log_hyperparams(self, params: object) -> None:
+        pass
+
+
+def test_wandb_names_one_configuration_and_seed(tmp_path: Path) -> None:
+    """`run_name` was `<method>-<data>-<backbone choice>-s<seed>`: `backbone=timm backbone.name=resnet18,resnet50`
+    (or a swept lr) gave two configurations' runs one name. The name is the identity group (which has the config's
+    hash) and the seed: the seeds of one configuration share the group, each run has its own name; a given
+    run_name is kept."""
+    from helpers import compose_config
+
+    from ood.runs.identity import run_identity
+    from ood.runs.loggers import build_loggers
+
+    def wandb_args(*overrides: str) -> dict:
+        cfg = compose_config(tmp_path, ["backbone=timm", "logger=wandb", f"logger.wandb._target_={__name__}.RecordingWandbLogger",
+                                        *overrides])
+        choices = cfg.hydra.runtime.choices
+        group = run_identity(cfg, choices, tmp_path, None).group
+        (logger,) = [x for x in build_loggers(cfg, choices, group) if isinstance(x, RecordingWandbLogger)]
+        return logger.kwargs
+
+    r18, r50 = wandb_args("backbone.name=resnet18"), wandb_args("backbone.name=resnet50")
+    r18_s1 = wandb_args("backbone.name=resnet18", "seed=1")
+    assert r18["group"] == r18_s1["group"] != r50["group"] and r18["group"].startswith("ce-digits-timm-")
+    assert (r18["name"], r18_s1["name"], r50["name"]) == (f"{r18['group']}-s0", f"{r18['group']}-s1", f"{r50['group']}-s0")
+    assert wandb_args("run_name=mine")["name"] == "mine"

@@ -5,7 +5,9 @@ survives spawned DDP stages, and the one wandb run per job.
   a run resumed from its own checkpoint continues its `version_N` folder, without the rows logged after that
   checkpoint (the resumed run logs them again), instead of starting `version_N+1`.
 - `build_loggers`: `cfg.logger`, each with the flattened resolved config; wandb also gets `group` = the run's
-  identity group (`ood.runs.identity`: configuration without the seed), tags from method, data and backbone.
+  identity group (`ood.runs.identity`: configuration without the seed), tags from method, data and backbone, and
+  unless `run_name` is given, the name `<group>-s<seed>` (the group's hash tells apart what the group options do
+  not: `backbone.name`, a swept learning rate).
 - `finish_wandb`: closes the job's wandb run, even in a multirun or after an error.
 """
 
@@ -82,8 +84,9 @@ class CSVLogger(csv_logs.CSVLogger):
 
 def build_loggers(cfg: DictConfig, choices: Mapping[str, Any], group: str, resume_epoch: int | None = None) -> list[Any]:
     """Instantiate `cfg.logger`, each with the flattened resolved config as hyper-parameters; a wandb logger joins
-    `group` (the run's identity group) and is tagged with the chosen method, data and backbone; our CSV logger gets
-    `resume_epoch` (a run resuming its own checkpoint)."""
+    `group` (the run's identity group), is named `<group>-s<seed>` unless its `name` (`run_name`) is set, and is
+    tagged with the chosen method, data and backbone; our CSV logger gets `resume_epoch` (a run resuming its own
+    checkpoint)."""
     flat = flat_config(cfg)
     loggers = []
     for node in (cfg.get("logger") or {}).values():
@@ -91,7 +94,8 @@ def build_loggers(cfg: DictConfig, choices: Mapping[str, Any], group: str, resum
         extra: dict[str, Any] = {}
         if target.endswith("WandbLogger"):
             tags = [*(node.get("tags") or []), *(str(choices[g]) for g in NAME_GROUPS if g in choices)]
-            extra = {"group": group, "tags": list(dict.fromkeys(tags))}
+            name = node.get("name") or f"{group}-s{cfg.seed}"
+            extra = {"group": group, "tags": list(dict.fromkeys(tags)), "name": name}
         elif target == f"{CSVLogger.__module__}.{CSVLogger.__qualname__}":
             extra = {"resume_epoch": resume_epoch}
         logger = instantiate(node, **extra)
