@@ -395,3 +395,34 @@ def test_python_warnings_reach_the_log_file_and_are_still_shown(tmp_path: Path) 
     lines = (tmp_path / "train.log").read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith("[py.warnings][WARNING] - ")
     assert "tests/test_console.py:" in lines[0] and lines[0].endswith(": UserWarning: a data warning")
+
+
+@pytest.mark.parametrize("columns", [60, 200])
+def test_run_table_reads_at_60_to_200_columns(
+    columns: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The title was wrapped at the table's width ("... AUROC / FPR95" then "in %"), centred over it, and a table
+    wider than the terminal ran past it. The title and caption now wrap at the terminal's width (left-aligned), and a
+    table too wide is printed in parts of whole columns (a set and its FS twin together), never cut."""
+    from ood.evaluation.evaluator import EvaluationResult
+    from ood.evaluation.sinks import RunTable
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    sets = {"dtd": "far", "svhn": "far", "cifar100": "near", "places365": "far"}
+    rows = [{"method": "ce", "detector": d, "id_dataset": "cifar10", "ood_dataset": s, "ood_group": g, "mode": mode,
+             "auroc": 0.9, "fpr95": 0.2 + i / 100, "aupr_in": 0.9, "aupr_out": 0.9, "fpr95_oodpos": 0.2,
+             "csid_set_acc": {"cifar10c": 0.8}, "csid_acc": 0.85}
+            for mode in ("standard", "fsood") for d in ("msp", "energy") for i, (s, g) in enumerate(sets.items())]
+    RunTable().write(EvaluationResult(rows, {}, 0.95, "ce"), SimpleNamespace(is_global_zero=True), None)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "ce on cifar10 (ID acc 95.00%): AUROC / FPR95 in %"
+    assert max(map(len, lines)) <= columns and not [line for line in lines if "…" in line]
+    headers = [line.strip("┃").split("┃")[1:] for line in lines if line.startswith("┃ detector")]
+    names = [[h.strip() for h in part] for part in headers]
+    expected = ["dtd", "dtd FS", "svhn", "svhn FS", "cifar100", "cifar100 FS", "places365", "places365 FS", "far",
+                "far FS", "near", "near FS"]
+    assert [n for part in names for n in part] == expected
+    assert [len(part) for part in names] == ([2] * 6 if columns == 60 else [10, 2])
+    assert [line.split("│")[2].strip() for line in lines if line.startswith("│ energy")][0] == "90.00 / 20.00"
+    caption = " ".join(line.strip() for line in lines[lines.index(next(x for x in lines if x.startswith("FPR95"))):])
+    assert caption.endswith("accuracy cifar10c 80.00%; ID test and csid pooled 85.00%")

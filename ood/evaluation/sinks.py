@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,6 +48,8 @@ VALIDATION_FILE = "validation.json"
 
 #: the image behind each row of the `scores.npz` arrays (`samples_csv`), written beside them
 SAMPLES_FILE = "samples.csv"
+#: the run table's title, caption and tuned block wrap at the console's width, at most this (lines stay readable)
+TEXT_WIDTH = 120
 
 
 def samples_csv(samples: Mapping[str, Samples]) -> str:
@@ -191,7 +194,12 @@ class WandbReporter:
 
 
 class RunTable:
-    """The console table of one run: detector x OOD set (AUROC / FPR95 in %), near and far means."""
+    """The console table of one run: detector x OOD set (AUROC / FPR95 in %), near and far means.
+
+    On a terminal (or with `COLUMNS` set) it fits the terminal's width: a wider table is printed in parts of whole
+    columns, one under another (squeezed, its numbers were cut), and the title above and the caption below wrap at
+    that width (at most `TEXT_WIDTH`), not at the table's (a narrow table's title broke mid-phrase). Into a log file
+    the table goes whole (200 columns, 320 with both modes)."""
 
     def __init__(self, output_dir: str | None = None) -> None:
         self.output_dir = output_dir
@@ -223,23 +231,47 @@ class RunTable:
             accs = ", ".join(f"{name} {100 * acc:.2f}%" for name, acc in first["csid_set_acc"].items())
             caption += (f"\nfull-spectrum (FS): ID = ID test + every covariate-shifted ID set; accuracy {accs}; "
                         f"ID test and csid pooled {100 * first['csid_acc']:.2f}%")
-        table = Table(title=title, caption=caption)
         # both modes: each column, then its full-spectrum twin
         columns = [(name, mode) for name in (*sets, *groups) for mode in modes]
-        table.add_column("detector", justify="left")
-        for name, mode in columns:
-            table.add_column(f"{name} FS" if mode == "fsood" and len(modes) > 1 else name, justify="right")
-        for detector in dict.fromkeys(r["detector"] for r in rows):
-            cells = [cell(by[mode, detector, name]) if name in sets else cell(means[mode][detector, name]) for name, mode in columns]
-            table.add_row(detector, *cells)
-        console = Console(width=200 if len(modes) == 1 else 320)
-        console.print(table)
+        headers = [f"{name} FS" if mode == "fsood" and len(modes) > 1 else name for name, mode in columns]
+        detectors = list(dict.fromkeys(r["detector"] for r in rows))
+        cells = {d: [cell(by[mode, d, name]) if name in sets else cell(means[mode][d, name]) for name, mode in columns]
+                 for d in detectors}
+        console = Console()  # the terminal's width, or COLUMNS
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            console = Console(width=200 if len(modes) == 1 else 320)
+        text = min(console.width, TEXT_WIDTH)
+        console.print(title, width=text, style="table.title", markup=False, highlight=False)
+        # a column is its text, 2 spaces of padding and a border; the first border is 1 more
+        widths = [max(len(h), *(len(cells[d][i]) for d in detectors)) + 3 for i, h in enumerate(headers)]
+        room = console.width - 1 - max(map(len, ["detector", *detectors])) - 3
+        for part in _column_parts(widths, room, len(modes)):  # wider than the console: parts, one under another
+            table = Table()
+            table.add_column("detector", justify="left")
+            for i in part:
+                table.add_column(headers[i], justify="right")
+            for detector in detectors:
+                table.add_row(detector, *(cells[detector][i] for i in part))
+            console.print(table)
+        console.print(caption, width=text, style="table.caption", markup=False, highlight=False)
         if self.output_dir:
             # its own unwrapped line: in a narrow table's caption the path was cut mid-name (not copyable)
             console.print(f"run folder: {self.output_dir}", highlight=False, soft_wrap=True)
         chosen = tuned_summary(rows, result.validation)
         if chosen:
-            console.print(chosen, width=min(console.width, 120), highlight=False, soft_wrap=False)
+            console.print(chosen, width=text, highlight=False, soft_wrap=False)
+
+
+def _column_parts(widths: list[int], room: int, step: int) -> list[list[int]]:
+    """The column indices in consecutive parts whose `widths` sum to at most `room` (a column and its `step - 1`
+    full-spectrum twins stay together; a part has at least one such group), so that no number is cut to fit."""
+    parts: list[list[int]] = [[]]
+    for start in range(0, len(widths), step):
+        group = list(range(start, min(start + step, len(widths))))
+        if parts[-1] and sum(widths[i] for i in [*parts[-1], *group]) > room:
+            parts.append([])
+        parts[-1] += group
+    return parts
 
 
 def tuned_summary(rows: list[dict[str, Any]], validation: dict[str, float]) -> str:
