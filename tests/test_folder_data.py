@@ -726,3 +726,23 @@ def test_a_validation_ood_set_that_is_a_test_set_is_warned_of(folders: dict[str,
     with pytest.raises(ConfigError, match=r"^data=folder needs at least one OOD test set \(near or far\); the OOD sets "
                                           r"given hold only 'csid' \('val': validation OOD"):
         FolderBenchmark(folders["id"], ood={"csid": {"shifted": folders["id"] / "test"}})
+
+
+@pytest.mark.parametrize(("cpus", "workers"), [(2, 2), (8, 4)])
+def test_the_default_loader_workers_fit_the_machine(folders: dict[str, Path], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch, cpus: int, workers: int) -> None:
+    """data=folder's default of 4 loader workers made torch warn at every loader of a 2-CPU machine ('This
+    DataLoader will create 4 worker processes in total. Our suggested max number of worker in current system is 2'):
+    the default is 4, or the CPUs the process may use when fewer."""
+    import warnings
+
+    from ood.utils import instantiate
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    cfg = compose_config(tmp_path, ["data=folder", f"data.root={folders['id']}", f"+data.ood.far={{c: {folders['far']}}}",
+                                    "data.image_size=32", "data.resize=32"])
+    datamodule = instantiate(cfg.data, seed=0)
+    assert datamodule.num_workers == workers
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        datamodule.val_dataloader().check_worker_number_rationality()  # torch's check when a loader starts workers

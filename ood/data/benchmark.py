@@ -20,6 +20,7 @@ waits on a collective another rank never reaches.
 from __future__ import annotations
 
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ Role = Literal["fit", "id_val", "id_test", "ood_val", "ood", "csid"]
 Stream = Literal["id", "outliers"]
 STREAMS = ("id", "outliers")
 OOD_SUBSETS = ("all", "first_fifth")
+#: DataLoader workers of `num_workers=None`, on a machine with at least this many CPUs
+DEFAULT_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,18 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's or `taskset`'s share), as torch's DataLoader
+    counts them when it warns of more workers than CPUs."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def loader_workers(num_workers: int | None) -> int:
+    """`num_workers`, or for None `DEFAULT_WORKERS` capped at the CPUs this process may use: 4 workers on a 2-CPU
+    machine made torch warn of 'excessive worker creation' at every loader."""
+    return min(DEFAULT_WORKERS, usable_cpus()) if num_workers is None else num_workers
+
+
 def per_rank_batch(global_batch: int, key: str, world: int) -> int:
     """The per-rank share of a global batch of `global_batch` over `world` ranks; warns (naming config `key`) when
     it does not divide, the global batch then being `world * (global_batch // world)`."""
@@ -228,7 +243,9 @@ class OODDataModule(LightningDataModule):
     """Loaders for training (ID train, optional outliers) and for the evaluation pass over every split.
 
     `batch_size` / `outlier_batch_size` are global (all DDP ranks together, split per rank in `train_dataloader`);
-    `eval_batch_size` is per rank (evaluation results do not depend on it). `csid`: add the benchmark's
+    `eval_batch_size` is per rank (evaluation results do not depend on it). `num_workers`: loader processes per rank
+    (None: 4, or fewer on a machine with fewer CPUs, `loader_workers`); evaluation results do not depend on it, the
+    training augmentation does (each worker draws its random crops from a stream of its own). `csid`: add the benchmark's
     covariate-shifted ID sets to the evaluation pass (after the OOD sets, role `csid`); full-spectrum evaluation
     (`evaluation.fsood=true`) needs them, and the data configs set it from that key. `ood_subset`: `all`, or
     `first_fifth` (every test OOD set cut to its first len(ID test) // 5 samples before the evaluation pass, for every
@@ -241,7 +258,7 @@ class OODDataModule(LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int = 256,
         outlier_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
         pin_memory: bool = False,
         download: bool = False,
         seed: int = 0,
@@ -270,7 +287,7 @@ class OODDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.outlier_batch_size = outlier_batch_size or 2 * batch_size
-        self.num_workers = num_workers
+        self.num_workers = loader_workers(num_workers)
         self.pin_memory = pin_memory
         self.download = download
         self.seed = seed

@@ -1005,7 +1005,7 @@ def folder_datamodule(
     batch_size: int = 64,
     eval_batch_size: int = 256,
     outlier_batch_size: int | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
     pin_memory: bool = False,
     seed: int = 0,
     fit_fraction: float = 1.0,
