@@ -746,3 +746,30 @@ def test_the_default_loader_workers_fit_the_machine(folders: dict[str, Path], tm
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         datamodule.val_dataloader().check_worker_number_rationality()  # torch's check when a loader starts workers
+
+
+def test_class_names_in_another_unicode_form_are_the_same_class(folders: dict[str, Path]) -> None:
+    """A split copied from macOS names its class folders in NFD ('cafe' + a combining accent), the train split in NFC:
+    one name to a reader, but by their bytes an absent class of the test split, an unlisted folder of data.classes,
+    a class of a Dataset absent from train. Class names are matched by their NFC form; one folder in both forms is
+    one line."""
+    import unicodedata
+
+    from torchvision.datasets import ImageFolder
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    root = folders["id"]
+    (root / "train" / "c1").rename(root / "train" / nfc)
+    (root / "test" / "c1").rename(root / "test" / nfd)
+    bench = FolderBenchmark(root, ood=[folders["far"]])
+    assert bench.classes == ["c0", "c2", nfc]
+    assert {p.parent.name: y for p, y in bench.id_sets["test"].entries} == {"c0": 0, "c2": 1, nfd: 2}
+    given = FolderBenchmark(root, ood=[folders["far"]], classes=[nfd, "c0", "c2"])  # typed in the other form
+    assert {p.parent.name: y for p, y in given.id_sets["train"].entries} == {nfc: 0, "c0": 1, "c2": 2}
+    shown = FolderBenchmark(train=root / "train", test=ImageFolder(str(root / "test")), ood=[folders["far"]])
+    assert shown.id_sets["test"].relabel is None and shown.classes == ["c0", "c2", nfc]
+    shutil.copytree(root / "train" / nfc, root / "train" / nfd)
+    with pytest.raises(ConfigError, match=re.escape(f"/train: class folders {sorted([nfc, nfd])} are one name in two Unicode "
+                                                    "forms (NFC and NFD, e.g. one copied from macOS): merge them")):
+        FolderBenchmark(root, ood=[folders["far"]])

@@ -177,6 +177,19 @@ def test_tinyimagenet_reads_the_official_layout(tmp_path: Path) -> None:
         instantiate(small.data)
 
 
+def test_annotated_classes_match_their_folders_in_either_unicode_form(tmp_path: Path) -> None:
+    """An annotation file naming a class in NFC over class folders copied from macOS (NFD) read 'has no folder'."""
+    import unicodedata
+
+    from ood.data.sets import annotation_entries
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    for name in (nfd, "b"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    (tmp_path / "annotations.txt").write_text(f"0.jpg\t{nfc}\t0\n1.jpg\tb\t0\n")
+    assert annotation_entries(tmp_path / "annotations.txt", tmp_path / "train") == [("0.jpg", 1), ("1.jpg", 0)]
+
+
 @pytest.mark.slow
 def test_tinyimagenet_end_to_end(tmp_path: Path) -> None:
     root = make_tin_tree(tmp_path / "data")

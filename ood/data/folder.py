@@ -2,7 +2,8 @@
 
 ID data: an ImageFolder-style `root` with `train/<class>/*` and `test/<class>/*` (and `val/<class>/*`; without it
 `val_fraction` of train is held out, stratified, with `split_seed`); class names and indices come from the sorted
-folders of `train/` (torchvision `ImageFolder`'s rule), test and val folders are mapped by name (and so are the
+folders of `train/` (torchvision `ImageFolder`'s rule), test and val folders are mapped by name, in Unicode NFC form
+(a folder copied from macOS names `café` in NFD) (and so are the
 labels of a Dataset naming its `classes`, e.g. an `ImageFolder` lacking a class; names of another vocabulary, none
 of them a train class, keep their indices). Each split can be
 given instead as a source: a folder, a set spec mapping (`{imglist: list.txt, images: root}`, `ood.data.sets`; the
@@ -59,7 +60,16 @@ from ood.data.benchmark import Benchmark, CSIDSet, EvalSplit, OODDataModule, OOD
 from ood.data.cifar import check_crop, stratified_split
 from ood.data.hygiene import load_image, overlapping_rows, pixel_digest, scan_files, to_rgb
 from ood.data.imglist import read_imglist
-from ood.data.sets import IMAGE_EXTENSIONS, SetSpec, class_folders, folder_entries, image_files, resolve
+from ood.data.sets import (
+    IMAGE_EXTENSIONS,
+    SetSpec,
+    class_folders,
+    class_key,
+    folder_entries,
+    image_files,
+    resolve,
+    same_name_twice,
+)
 from ood.errors import ConfigError, DataNotFoundError
 from ood.features.bank import FeatureBank
 from ood.files import atomic_write_text
@@ -371,14 +381,16 @@ class FolderBenchmark(Benchmark):
             where = f"Dataset {type(source).__name__}"
             own = getattr(source, "classes", None)  # named classes (ImageFolder's) follow the train split's, by name
             names = None if own is None else [str(c) for c in own]
+            keys = None if names is None else [class_key(c) for c in names]
+            index = None if classes is None else {class_key(c): i for i, c in enumerate(classes)}
             # names of another vocabulary (torchvision ImageNet's tuples beside wnid folders) keep their indices
-            if label is not None or classes is None or names is None or names == classes or not set(names) & set(classes):
+            if label is not None or index is None or keys is None or keys == list(index) or not set(keys) & set(index):
                 return ImageSet(name, where, dataset=source)
-            unknown = sorted(set(names) - set(classes))
+            unknown = sorted(c for c, k in zip(names, keys) if k not in index)  # type: ignore[arg-type]
             if unknown:
                 raise DataNotFoundError(f"{where} ({name}) has {len(unknown)} classes absent from the ID train split "
-                                        f"({len(classes)} classes): {first_few(unknown)}")
-            return ImageSet(name, where, dataset=source, relabel=[classes.index(c) for c in names])
+                                        f"({len(index)} classes): {first_few(unknown)}")
+            return ImageSet(name, where, dataset=source, relabel=[index[k] for k in keys])
         if isinstance(source, Mapping) and "imglist" in source:
             spec = SetSpec.parse(name, source)
             listed = resolve(Path.cwd(), spec.imglist)
@@ -414,6 +426,10 @@ class FolderBenchmark(Benchmark):
         found = class_folders(folder)
         if not found:
             raise DataNotFoundError(f"{name}: {folder} has no class folders (ID images go in {folder}/<class>/<image>)")
+        twice = same_name_twice(found)
+        if twice:
+            raise ConfigError(f"{folder}: class folders {twice} are one name in two Unicode forms (NFC and NFD, e.g. "
+                              "one copied from macOS): merge them into one folder")
         if classes is None:
             if self._unnamed_train is not None:
                 raise ConfigError(
@@ -424,13 +440,13 @@ class FolderBenchmark(Benchmark):
                 )
             self._classes = classes = found
             warn_numbered(folder, found)
-        unknown = sorted(set(found) - set(classes))
+        index = {class_key(c): i for i, c in enumerate(classes)}  # by NFC form: `café` from macOS is NFD
+        unknown = sorted(c for c in found if class_key(c) not in index)
         if unknown:
             raise DataNotFoundError(
                 f"{folder} has {len(unknown)} classes absent from the ID train split ({len(classes)} classes): {first_few(unknown)}"
             )
-        index = {c: i for i, c in enumerate(classes)}
-        entries = [(f, index[c]) for c in found for f in image_files(folder / c, left_out)]
+        entries = [(f, index[class_key(c)]) for c in found for f in image_files(folder / c, left_out)]
         warn_left_out(name, left_out)
         return ImageSet(name, str(folder), entries)
 
@@ -442,14 +458,17 @@ class FolderBenchmark(Benchmark):
         if isinstance(classes, str) or not classes:
             raise ConfigError(f"data.classes must be a non-empty list of class names in label order; got {classes!r}")
         given = [str(c) for c in classes]
-        twice = sorted({c for c in given if given.count(c) > 1})
+        twice = sorted(set(same_name_twice(given)))
         if twice:
             raise ConfigError(f"data.classes names {first_few(twice)} more than once")
+        keys = {class_key(c) for c in given}
         if isinstance(train, str | os.PathLike) or (isinstance(train, Mapping) and "folder" in train):
             folder = resolve(Path.cwd(), train if isinstance(train, str | os.PathLike) else train["folder"])
             found = class_folders(folder) if folder.is_dir() else []
             if found:
-                unlisted, absent = sorted(set(found) - set(given)), sorted(set(given) - set(found))
+                found_keys = {class_key(c) for c in found}
+                unlisted = sorted(c for c in found if class_key(c) not in keys)
+                absent = sorted(c for c in given if class_key(c) not in found_keys)
                 if unlisted or absent:
                     raise ConfigError(
                         f"data.classes must name each class folder of {folder} once: "
@@ -457,9 +476,10 @@ class FolderBenchmark(Benchmark):
                                     (("not listed:", unlisted), ("no such folder:", absent)) if names)
                     )
         own = getattr(train, "classes", None) if isinstance(train, Dataset) else None
-        if own is not None and set(map(str, own)) & set(given) and set(map(str, own)) != set(given):
+        own_keys = {class_key(str(c)) for c in own or ()}
+        if own is not None and own_keys & keys and own_keys != keys:
             raise ConfigError(f"data.classes and the train Dataset's `classes` name different classes: "
-                              f"{first_few(sorted(set(map(str, own)) ^ set(given)))} in one only")
+                              f"{first_few(sorted(own_keys ^ keys))} in one only")
         return given
 
     def _check_labels_named(self, train: ImageSet) -> None:

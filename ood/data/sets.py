@@ -26,6 +26,7 @@ read only for full-spectrum evaluation; `id` (optional) replaces the benchmark's
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -56,6 +57,19 @@ def class_folders(root: Path) -> list[str]:
     """Sorted names of the sub-folders of `root` (torchvision `ImageFolder`'s class order), hidden ones left out
     (ImageFolder counts a `.ipynb_checkpoints/` as a class, then fails on it for having no images)."""
     return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not _hidden(entry.name))
+
+
+def class_key(name: str) -> str:
+    """The form class names are matched by across splits and sources: Unicode NFC. Folders copied from macOS name
+    `café` in NFD (`e` + combining accent), the same name as another split's NFC `café` to a reader, and read as an
+    absent / extra class."""
+    return unicodedata.normalize("NFC", name)
+
+
+def same_name_twice(names: list[str]) -> list[str]:
+    """The names of `names` that another one equals in NFC form (`class_key`): one class to a reader, two folders."""
+    keys = [class_key(n) for n in names]
+    return [n for n, k in zip(names, keys) if keys.count(k) > 1]
 
 
 def image_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
@@ -92,14 +106,14 @@ def folder_entries(root: Path) -> list[tuple[str, int]]:
 
 def annotation_entries(annotations: Path, classes: Path) -> list[tuple[str, int]]:
     """Tiny ImageNet's `val_annotations.txt`: `(file, class index)` per line, classes = sorted folders of `classes`."""
-    index = {name: i for i, name in enumerate(class_folders(classes))}
+    index = {class_key(name): i for i, name in enumerate(class_folders(classes))}
     entries = []
     for number, line in enumerate(annotations.read_text().splitlines(), start=1):
         if line.strip():
             name, wnid = line.split("\t")[:2]
-            if wnid not in index:
+            if class_key(wnid) not in index:
                 raise DataNotFoundError(f"{annotations}:{number}: class {wnid!r} has no folder in {classes}")
-            entries.append((name, index[wnid]))
+            entries.append((name, index[class_key(wnid)]))
     return entries
 
 
