@@ -190,6 +190,43 @@ def test_annotated_classes_match_their_folders_in_either_unicode_form(tmp_path: 
     assert annotation_entries(tmp_path / "annotations.txt", tmp_path / "train") == [("0.jpg", 1), ("1.jpg", 0)]
 
 
+def test_id_splits_whose_classes_disagree_are_one_line_each(tmp_path: Path) -> None:
+    """A file benchmark's ID splits were not checked against each other: a train folder lacking a class folder of
+    val labelled val's later classes one higher than train's, silently (and a val folder lacking one, one lower); a
+    class of a val list without training images, a label past num_classes, went on too. `prepare` (before any
+    training) names the class and the split."""
+    from ood.data.files import FileBenchmark
+
+    for split, classes in (("train", "ac"), ("val", "abc"), ("val_short", "ab"), ("ood", "")):
+        for c in classes:
+            image_folder(tmp_path / split, c, 2, side=8)
+    image_folder(tmp_path, "ood", 2, side=8)
+    lines = {"train.txt": [0, 1, 2], "val.txt": [0, 1, 3], "test.txt": [0, 7]}
+    for name, labels in lines.items():
+        (tmp_path / name).write_text("".join(f"ood/{i % 2:03d}.jpg {y}\n" for i, y in enumerate(labels)))
+
+    def bench(train: str, val: str, test: str = "val") -> FileBenchmark:
+        spec = {"imglist": train, "images": "."} if train.endswith(".txt") else {"folder": train}
+        return FileBenchmark(tmp_path, "mine", 4, spec, {"folder": test} if test == "val" else {"imglist": test, "images": "."},
+                             {"p": {"far": {"o": {"folder": "ood"}}}}, "p",
+                             val={"imglist": val, "images": "."} if val.endswith(".txt") else {"folder": val})
+
+    with pytest.raises(DataNotFoundError, match=r"^mine:train has no class folder \['b'\], which mine:val has: the "
+                                                r"labels are the index of each sorted class folder of a split"):
+        bench("train", "val").prepare()
+    with pytest.raises(DataNotFoundError, match=r"^mine:val has no class folder \['c'\], which mine:train has"):
+        bench("val", "val_short").prepare()
+    with pytest.raises(DataNotFoundError, match=r"^mine:train has no image of class\(es\) \[3\], which mine:val has "
+                                                r"\(every ID class needs training images\)$"):
+        bench("train.txt", "val.txt").prepare()
+    with pytest.raises(DataNotFoundError, match=r"^mine:test: label\(s\) \[7\] are no ID class \(the 4 classes are "
+                                                r"0..3\)$"):
+        bench("train.txt", "train.txt", "test.txt").prepare()
+    agreed = bench("val", "val")
+    agreed.prepare()
+    assert sorted({y for _, y in agreed.val()}) == [0, 1, 2]
+
+
 @pytest.mark.slow
 def test_tinyimagenet_end_to_end(tmp_path: Path) -> None:
     root = make_tin_tree(tmp_path / "data")

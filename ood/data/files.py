@@ -11,7 +11,10 @@ Preprocessing follows OpenOOD's: evaluation = RGB, resize the shorter side to `r
 `image_size`, normalise; training (`augment`) = RGB, `RandomResizedCrop(image_size)` (bilinear), horizontal flip,
 normalise (OpenOOD's ImageNet `BasePreprocessor`; the heatmap code trains Tiny ImageNet the same way). Without a
 `val` spec the ID validation split is `val_size` images held out of the training set, stratified, with
-`split_seed` (the heatmap paper holds out 1 % of Tiny ImageNet's training set).
+`split_seed` (the heatmap paper holds out 1 % of Tiny ImageNet's training set). Before the run (`prepare`) the ID
+splits are checked against each other: every label one of the `num_classes`, every class of `val` / `test` with
+training images, and class-folder splits with the same class folders (matched in Unicode NFC form), each mismatch a
+line naming the class and the split.
 
 A protocol may bring covariate-shifted ID sets (`csid`, labelled with the ID classes: OpenOOD v1.5's ImageNet-V2,
 -C, -R, -ES lists), read only for full-spectrum evaluation, and its own ID task (`id`: `num_classes` and
@@ -33,7 +36,16 @@ from torchvision import transforms as T
 
 from ood.data.benchmark import Benchmark, CSIDSet, OODSet
 from ood.data.cifar import RGB, check_crop, stratified_split
-from ood.data.sets import Protocol, SetSpec, describe_missing, missing_csid_error
+from ood.data.folder import first_few
+from ood.data.sets import (
+    Protocol,
+    SetSpec,
+    class_folders,
+    class_key,
+    describe_missing,
+    missing_csid_error,
+    resolve,
+)
 from ood.errors import DataNotFoundError
 from ood.utils import get_logger
 
@@ -141,7 +153,8 @@ class FileBenchmark(Benchmark):
         return [(f"{self.name}:{split}", spec) for split, spec in self.splits.items()] + self.protocol.all_specs() + outliers
 
     def prepare(self, download: bool = False) -> None:
-        """Check every split and set (nothing here is downloadable); all missing ones are named in one error."""
+        """Check every split and set (nothing here is downloadable): all missing ones are named in one error; then the
+        classes of the ID splits (`check_id_classes`)."""
         missing = []
         for name, spec in self._specs():
             absent = spec.missing(self.data_dir, spec.kinds[0])
@@ -154,7 +167,46 @@ class FileBenchmark(Benchmark):
                 f"{self.name} ({self.protocol.name} protocol): data incomplete under {self.data_dir}; missing: "
                 f"{', '.join(missing)}." + (f" {self.how}" if self.how else "")
             )
+        self.check_id_classes()
         log.info("%s: reading files from %s (%s protocol)", self.name, self.data_dir, self.protocol.name)
+
+    def _class_names(self, split: str) -> list[str] | None:
+        """The class of each label of ID split `split` when its labels index class folders (a folder's sorted
+        sub-folders, an annotation file's `classes` folder); None when they are indices themselves (an image list, a
+        `keep_classes` subset)."""
+        spec = self.splits[split]
+        folder = {"folder": spec.folder, "annotations": spec.classes}.get(spec.kinds[0])
+        return None if folder is None or spec.keep_classes else class_folders(resolve(self.data_dir, folder))
+
+    def check_id_classes(self) -> None:
+        """One line for ID splits whose classes disagree, before any training: a label outside the `num_classes`
+        classes; a class of `val` / `test` without training images (its detectors' statistics empty); class-folder
+        splits without the train split's folders (labelled by their own sorted folders, a folder missing from one of
+        them shifted the labels of every class after it), named by class and split."""
+        labels = {split: set(self._split(split, self.eval_transform()).targets) for split in self.splits}  # type: ignore[attr-defined]
+        names = {split: self._class_names(split) for split in self.splits}
+        for split, found in labels.items():
+            outside = sorted(y for y in found if not 0 <= y < self.num_classes)
+            if outside:
+                raise DataNotFoundError(f"{self.name}:{split}: label(s) {first_few(outside)} are no ID class (the "
+                                        f"{self.num_classes} classes are 0..{self.num_classes - 1})")
+        train = names["train"]
+        for split in [s for s in ("val", "test") if s in self.splits]:
+            own = names[split]
+            keys, train_keys = ([class_key(c) for c in n] if n is not None else None for n in (own, train))
+            if keys is not None and train_keys is not None and keys != train_keys:
+                lacking = [c for c, k in zip(own, keys) if k not in train_keys]  # type: ignore[arg-type]
+                absent = [c for c, k in zip(train, train_keys) if k not in keys]  # type: ignore[arg-type]
+                which = (f"train has no class folder {first_few(lacking)}, which {self.name}:{split} has" if lacking else
+                         f"{split} has no class folder {first_few(absent)}, which {self.name}:train has" if absent else
+                         f"{split} has the class folders of {self.name}:train in another order")
+                raise DataNotFoundError(f"{self.name}:{which}: the labels are the index of each sorted class folder "
+                                        "of a split, so every ID split needs the same class folders")
+            missing = sorted(labels[split] - labels["train"])
+            if missing:
+                classes = [train[y] if train is not None and y < len(train) else y for y in missing]
+                raise DataNotFoundError(f"{self.name}:train has no image of class(es) {first_few(classes)}, which "
+                                        f"{self.name}:{split} has (every ID class needs training images)")
 
     def tensor_transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """RGB, tensor, normalise: for sets stored at the input size (`preprocess: tensor`, OpenOOD's ImageNet-C)."""
