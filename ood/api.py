@@ -431,6 +431,7 @@ def evaluate(
     method_arg = _method_override(method)
     backbone = as_backbone(net, feature_layer)
     values, objects = _data_kwargs(id_data, ood_data, net, transform)
+    objects["python_api"] = True  # messages name the keywords (bad_images='skip'), not the config keys
     fsood = bool({**values, **objects}["ood"]["csid"]) if fsood is None else fsood
     out = Path(output_dir) if output_dir is not None else _temporary_run_dir()
     owned = [name for name in ("checkpoints", "identity.json") if (out / name).exists()]

@@ -773,3 +773,22 @@ def test_class_names_in_another_unicode_form_are_the_same_class(folders: dict[st
     with pytest.raises(ConfigError, match=re.escape(f"/train: class folders {sorted([nfc, nfd])} are one name in two Unicode "
                                                     "forms (NFC and NFD, e.g. one copied from macOS): merge them")):
         FolderBenchmark(root, ood=[folders["far"]])
+
+
+def test_the_unreadable_image_hint_names_the_option_as_the_caller_gives_it(folders: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    """The hint at an unreadable image named the config key `data.bad_images=skip` to Python callers too: those of
+    ood.evaluate give the keyword `bad_images='skip'`, and ood.extract has no such option."""
+    (folders["far"] / "broken.png").write_bytes(b"not an image")
+    common = dict(image_size=32, resize=32, device="cpu")
+    with pytest.raises(BadImageError, match=r"^unreadable image .*/checkers/broken.png: .* \(bad_images='skip' skips "
+                                            r"such files\)$"):
+        ood.evaluate(_pixels(), folders["id"], [folders["far"]], detectors=["msp"], output_dir=tmp_path / "run", **common)
+    with pytest.raises(ConfigError, match=r"^bad_images='maybe' is unknown; choices: \['error', 'skip'\]$"):
+        ood.evaluate(_pixels(), folders["id"], [folders["far"]], bad_images="maybe", output_dir=tmp_path / "bad", **common)
+    with pytest.raises(BadImageError, match=r"^unreadable image .*/checkers/broken.png: .* \(ood.extract reads every "
+                                            r"file: remove it, or pass a Dataset that leaves it out\)$"):
+        ood.extract(_pixels(), folders["far"], **common)
+    far = FolderBenchmark(folders["id"], ood=[folders["far"]], image_size=32, resize=32).ood_test()[0].dataset
+    with pytest.raises(BadImageError, match=r"broken.png: .* \(data.bad_images=skip skips such files\)$"):  # the CLI's
+        far[next(i for i in range(len(far)) if far.describe(i).endswith("broken.png"))]

@@ -58,7 +58,7 @@ from torchvision import transforms as T
 
 from ood.data.benchmark import Benchmark, CSIDSet, EvalSplit, OODDataModule, OODSet
 from ood.data.cifar import check_crop, stratified_split
-from ood.data.hygiene import load_image, overlapping_rows, pixel_digest, scan_files, to_rgb
+from ood.data.hygiene import SKIP_HINT, load_image, overlapping_rows, pixel_digest, scan_files, to_rgb
 from ood.data.imglist import read_imglist
 from ood.data.sets import (
     IMAGE_EXTENSIONS,
@@ -80,6 +80,8 @@ log = get_logger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BAD_IMAGES = ("error", "skip")
+#: the end of the error for an unreadable image of `ood.extract`, which has no option to skip files
+EXTRACT_HINT = " (ood.extract reads every file: remove it, or pass a Dataset that leaves it out)"
 #: names an OOD set cannot have: the evaluation splits and the near/far groups of the results table
 RESERVED_NAMES = frozenset({"train", "val", "test", "val_ood", "fit", "near", "far"})
 #: the keys of the OOD-set mapping: test OOD groups, validation OOD, covariate-shifted ID
@@ -92,12 +94,15 @@ Source = str | Path | Mapping[str, Any] | Dataset
 
 
 class FileImages(Dataset):
-    """`(transform(to_rgb(image)), label)` for `(path, label)` entries; `label` overrides all labels (OOD: -1)."""
+    """`(transform(to_rgb(image)), label)` for `(path, label)` entries; `label` overrides all labels (OOD: -1); `hint`
+    ends the error for an unreadable file (the option that skips such files, as the caller gives it)."""
 
-    def __init__(self, entries: Sequence[tuple[Path, int]], transform: Callable[[Image.Image], Any], label: int | None = None) -> None:
+    def __init__(self, entries: Sequence[tuple[Path, int]], transform: Callable[[Image.Image], Any], label: int | None = None,
+                 hint: str = SKIP_HINT) -> None:
         self.entries = list(entries)
         self.transform = transform
         self.label = label
+        self.hint = hint
 
     @property
     def targets(self) -> list[int]:
@@ -108,7 +113,7 @@ class FileImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         path, y = self.entries[i]
-        return self.transform(load_image(path)), (y if self.label is None else self.label)
+        return self.transform(load_image(path, self.hint)), (y if self.label is None else self.label)
 
     def describe(self, i: int) -> str:
         return str(self.entries[i][0])
@@ -257,6 +262,8 @@ class FolderBenchmark(Benchmark):
             near duplicates only, from the cached features).
         report_dir: where `preprocessing.json`, `bad_images.json` and `overlap.json` go (the run folder).
         scan_workers: threads decoding files for `bad_images=skip` and the exact-duplicate check.
+        python_api: the options are keywords of `ood.evaluate`: messages name them so (`bad_images='skip'`, not
+            `data.bad_images=skip`).
     """
 
     in_channels = 3
@@ -288,9 +295,11 @@ class FolderBenchmark(Benchmark):
         exact_duplicates: bool = True,
         report_dir: str | Path | None = None,
         scan_workers: int = 8,
+        python_api: bool = False,
     ) -> None:
         if bad_images not in BAD_IMAGES:
-            raise ConfigError(f"data.bad_images={bad_images!r} is unknown; choices: {list(BAD_IMAGES)}")
+            key = "bad_images" if python_api else "data.bad_images"
+            raise ConfigError(f"{key}={bad_images!r} is unknown; choices: {list(BAD_IMAGES)}")
         if root is None and (train is None or test is None):
             raise ConfigError("data=folder needs data.root=<folder with train/ and test/> (or both data.train= and "
                               "data.test=: folders or {imglist: <file>} lists)")
@@ -299,6 +308,8 @@ class FolderBenchmark(Benchmark):
             raise no_folder("data.root", self.root, "<root>/train/<class>/<image> and <root>/test/<class>/<image>")
         self.name = name or (self.root.name if root is not None else "folder")
         self.bad_images = bad_images
+        #: the option that skips unreadable files, as the caller gives it (a config key, a keyword of `ood.evaluate`)
+        self.skip_option = "bad_images='skip'" if python_api else "data.bad_images=skip"
         self.overlap_threshold = overlap_threshold
         self.drop_overlap = drop_overlap
         self.exact_duplicates = exact_duplicates
@@ -591,7 +602,7 @@ class FolderBenchmark(Benchmark):
         self.skipped = sorted(str(p) for p in bad)
         if not bad:
             return
-        log.warning("skipped %d unreadable image(s) (data.bad_images=skip), listed in bad_images.json", len(bad))
+        log.warning("skipped %d unreadable image(s) (%s), listed in bad_images.json", len(bad), self.skip_option)
         replace = lambda s: ImageSet(s.name, s.where, [e for e in s.entries if e[0] not in bad]) if s.entries is not None else s  # noqa: E731
         self.id_sets = {k: replace(s) for k, s in self.id_sets.items()}
         self.ood_sets = [(n, g, replace(s)) for n, g, s in self.ood_sets]
@@ -662,7 +673,7 @@ class FolderBenchmark(Benchmark):
     def _dataset(self, image_set: ImageSet, transform: Callable[[Image.Image], Any], label: int | None = None) -> Dataset:
         if image_set.dataset is not None:
             return SourceImages(image_set.dataset, image_set.name, transform, label, image_set.relabel)
-        return FileImages(image_set.entries or [], transform, label)
+        return FileImages(image_set.entries or [], transform, label, f" ({self.skip_option} skips such files)")
 
     @cached_property
     def _held_out(self) -> tuple[list[int], list[int]] | None:
@@ -1016,7 +1027,7 @@ def folder_dataset(data: str | Path | Dataset, transform: Callable[[Image.Image]
     entries = [(root / p, y) for p, y in folder_entries(root)]
     if not entries:
         raise DataNotFoundError(f"{root}: no images (extensions {list(IMAGE_EXTENSIONS)})")
-    return FileImages(entries, transform)
+    return FileImages(entries, transform, hint=EXTRACT_HINT)
 
 
 def folder_datamodule(

@@ -27,6 +27,9 @@ from PIL import Image
 
 from ood.errors import OODError
 
+#: the end of an unreadable-image error of `data=folder` run from the command line: the option that skips such files
+SKIP_HINT = " (data.bad_images=skip skips such files)"
+
 
 class BadImageError(OODError):
     """An image file cannot be decoded (truncated, corrupt, not an image); names the file."""
@@ -47,7 +50,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def load_image(path: str | Path, hint: str = " (data.bad_images=skip skips such files)") -> Image.Image:
+def load_image(path: str | Path, hint: str = SKIP_HINT) -> Image.Image:
     """Decode `path` completely and convert it (`to_rgb`); a missing or undecodable file is one line naming it,
     ending with `hint` (the data option that skips such files, where the data has one)."""
     try:
