@@ -792,3 +792,23 @@ def test_the_unreadable_image_hint_names_the_option_as_the_caller_gives_it(folde
     far = FolderBenchmark(folders["id"], ood=[folders["far"]], image_size=32, resize=32).ood_test()[0].dataset
     with pytest.raises(BadImageError, match=r"broken.png: .* \(data.bad_images=skip skips such files\)$"):  # the CLI's
         far[next(i for i in range(len(far)) if far.describe(i).endswith("broken.png"))]
+
+
+def test_near_duplicates_are_sought_among_the_fit_split_and_overlap_json_says_so(folders: dict[str, Path],
+                                                                                tmp_path: Path) -> None:
+    """With data.fit_fraction < 1 the pass has features of the fit split's train images alone: a near copy of another
+    train image is not found by the cosine (finding it takes the pass fit_fraction leaves out), and overlap.json did
+    not say which train images were compared. It records them (`near_train`); copies of the held-out validation
+    images are found through the val split."""
+    planted = shutil.copytree(folders["far"], tmp_path / "planted")
+    train = sorted((folders["id"] / "train").rglob("*.png"))
+    for i, path in enumerate(train):  # a near copy of each of the 12 train-folder images
+        near = np.asarray(Image.open(path)).astype(int)
+        near[:2, :2] = np.clip(near[:2, :2] + 3, 0, 255)
+        Image.fromarray(near.astype(np.uint8)).save(planted / f"near{i}.png")
+    results = ood.evaluate(_pixels(), folders["id"], {"far": {"planted": planted}}, detectors=["msp"], image_size=32,
+                           resize=32, device="cpu", output_dir=tmp_path / "run", fit_fraction=0.25)
+    assert results.overlap["near_train"] == {"compared": 2, "of": 9}  # 3 of the 12 held out for val, a quarter of 9
+    listed = results.overlap["sets"]["planted"]
+    assert sorted(e["id_split"] for e in listed) == ["train", "train", "val", "val", "val"]
+    assert {e["kind"] for e in listed} == {"near"}

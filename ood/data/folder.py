@@ -33,7 +33,10 @@ decoded once up front and unreadable ones are left out, counted and listed in `b
 row records `overlap` and `overlap_dropped`. The exact check decodes the files of the ID splits and OOD sets once
 more on rank 0 after the pass (once in total with `bad_images=skip`, which decodes them up front);
 `exact_duplicates=false` skips it (minutes at ImageNet size), and same-pixel copies are then found by the feature
-cosine alone (listed as `near`, similarity 1.0).
+cosine alone (listed as `near`, similarity 1.0). With `fit_fraction` < 1 the pass holds the features of the fit split
+alone: near duplicates of the other train images are not looked for (their features would take the pass
+`fit_fraction` leaves out; `overlap.json` records `near_train: {compared, of}`), exact ones are (files and image
+lists; a Dataset train split's fit rows only).
 """
 
 from __future__ import annotations
@@ -716,7 +719,12 @@ class FolderBenchmark(Benchmark):
         self, banks: Mapping[str, FeatureBank], splits: Sequence[EvalSplit], datasets: Mapping[str, Dataset]
     ) -> tuple[dict[str, FeatureBank], dict[str, dict[str, Any]]]:
         """List exact and near duplicates between the ID splits and every OOD set (`overlap.json`, one warning per
-        set); with `drop_overlap` remove them from the OOD banks. Returns the banks and per-set row fields."""
+        set); with `drop_overlap` remove them from the OOD banks. Returns the banks and per-set row fields.
+
+        Near duplicates compare the features of the pass, which holds only the fit split's train images: with
+        `data.fit_fraction` < 1 the other train images are not compared by features (that needs a pass over the
+        images `fit_fraction` is there to leave out), and `overlap.json` records how many were (`near_train`); exact
+        duplicates compare every train image of a folder or list (decoded anyway), of a Dataset the fit rows."""
         id_names = [s.name for s in splits if s.role in ("fit", "id_val", "id_test") and s.name in banks]
         ood_names = [s.name for s in splits if s.role in ("ood", "ood_val") and s.name in banks]
 
@@ -743,6 +751,13 @@ class FolderBenchmark(Benchmark):
             for i, (path, _) in enumerate(train):
                 id_by_digest.setdefault(self.digests.get(path), ("train", every, i))
         id_by_digest.pop(None, None)
+        # the train images whose features the near-duplicate cosine compares: the fit split's, of all of them
+        near_train = {"compared": len(banks["train"]) if "train" in id_names else 0,
+                      "of": len(self._held_out[1]) if self._held_out is not None else self._size(self.id_sets["train"])}
+        if self.overlap_threshold is not None and near_train["compared"] < near_train["of"]:
+            log.info("near duplicates (feature cosine) are looked for among the %d train images of the fit split "
+                     "(data.fit_fraction), not the other %d", near_train["compared"],
+                     near_train["of"] - near_train["compared"])
         found: dict[str, list[dict[str, Any]]] = {}
         notes: dict[str, dict[str, Any]] = {}
         out = dict(banks)
@@ -792,7 +807,7 @@ class FolderBenchmark(Benchmark):
         if self.report_dir is not None:
             self.report_dir.mkdir(parents=True, exist_ok=True)
             record = {"threshold": self.overlap_threshold, "exact": self.exact_duplicates,
-                      "drop_overlap": self.drop_overlap,
+                      "drop_overlap": self.drop_overlap, "near_train": near_train,
                       "sets": {n: [{k: v for k, v in e.items() if k != "row"} for e in es] for n, es in found.items()}}
             atomic_write_text(self.report_dir / "overlap.json", json.dumps(record, indent=2))
         emptied = [name for name in ood_names if notes[name]["overlap_dropped"] and len(out[name]) == 0]
