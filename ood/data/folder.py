@@ -3,7 +3,7 @@
 ID data: an ImageFolder-style `root` with `train/<class>/*` and `test/<class>/*` (and `val/<class>/*`; without it
 `val_fraction` of train is held out, stratified, with `split_seed`); class names and indices come from the sorted
 folders of `train/` (torchvision `ImageFolder`'s rule), test and val folders are mapped by name, in Unicode NFC form
-(a folder copied from macOS names `café` in NFD) (and so are the
+as macOS writes a copied `café` in NFD (and so are the
 labels of a Dataset naming its `classes`, e.g. an `ImageFolder` lacking a class; names of another vocabulary, none
 of them a train class, keep their indices). Each split can be
 given instead as a source: a folder, a set spec mapping (`{imglist: list.txt, images: root}`, `ood.data.sets`; the
