@@ -20,11 +20,17 @@ optimum for one of their four benchmarks (README table: CIFAR-10/100 ResNet-18, 
 Points with the same `n_bins` and `perturbation_distance` share a fit (6 fits), and one histogram pass per bank
 serves all their (lambda_1, lambda_2, smoothing, smoothing_perturbed) (`score_grid`).
 Defaults: the yml's `postprocessor_args` (its CIFAR-10 row).
-Deviations: the random directions come from a seeded generator (`seed`; the reference draws from the global RNG at
-setup); a sample's histogram is the exact fraction of its values per bin (the reference's `batch_histogram` splits
-more than 1000 values into chunks of 1000 and weights the chunks equally, which differs for ResNet-50's D = 2048
-only); p is the mean over all train rows (the reference: the mean of per-batch means); float64 after the float32
-perturbed-logit product (the perturbed max softmax stays float32, as the reference's).
+Deviations (`tests/test_weiper_reference.py` checks each against a transcription of the reference): one perturbed
+head, drawn once from a seeded generator (`seed`), serves fit and score (the reference draws from the global RNG, and
+afresh on every call: its postprocessor passes the head as `W_tilde=`, which `calculate_WeiPerKLDiv_score` swallows
+in `**params`, so each train and each test batch gets its own directions, and the perturbed-logit bins come from
+yet another head, that of the exact min/max pass); a sample's
+histogram is the exact fraction of its values per bin (the reference's `batch_histogram` splits more than 1000
+values into chunks of 1000 and weights the chunks equally, which differs only where a row has more than 1000 values,
+not a multiple of 1000: ResNet-50's D = 2048 among the four benchmarks, whose R C are 1000, 10^4 and 10^5); p is the
+mean over all train rows (the reference: the mean of per-batch means, equal when the batches are of one size);
+float64 after the float32 perturbed-logit product (the reference stays float32 throughout, a few 1e-7 apart on the
+test banks; the perturbed max softmax stays float32, as the reference's).
 Memory and cost: state is the perturbed head (R C x D float32: 819 MB for R = 100, C = 1000, D = 2048) and two
 n_bins vectors; fit reads the train bank twice (global min/max, then densities) and score once, in row chunks of
 at most 2^24 / (R C) rows (64 MB of perturbed logits), never materialising the N x R C perturbed logits. The cost is
