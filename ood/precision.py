@@ -18,12 +18,18 @@ from torch import nn
 
 from ood.errors import ConfigError
 
+#: inductor's `torch.compile` modes that capture CUDA graphs (`torch._inductor.list_mode_options`: "triton.cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
 
 class FastMixedPrecision(MixedPrecision):
     """Autocast at `precision` (default bf16) on `device`, plus channels_last weights and, when `compile`,
     `torch.compile` of every top-level sub-module of the method (the backbone, heads), in place so that checkpoints
     keep their keys, with `compile_backend` and `compile_mode` (`torch.compile`'s `backend`, `mode`: e.g.
-    "max-autotune"; "aot_eager" traces as inductor does without generating kernels, quick on a CPU).
+    "max-autotune-no-cudagraphs"; "aot_eager" traces as inductor does without generating kernels, quick on a CPU).
+    Inductor's modes that capture CUDA graphs ("reduce-overhead", "max-autotune") are refused on CUDA: a graph's
+    replay overwrites the outputs of the previous call, and the evaluation keeps every test batch's outputs (its
+    feature cache) and methods keep tensors across steps (`CUDA_GRAPH_MODES`).
 
     Batches are not converted: Lightning converts inputs before moving them to the device, so a conversion here
     would copy every batch on the CPU in the main process. Convolutions with channels_last weights compute and
@@ -39,7 +45,7 @@ class FastMixedPrecision(MixedPrecision):
     norm and pow in fp32, so CUDA overflows no sooner), CE and cluster compiled with the `aot_eager` backend (dynamo
     and AOTAutograd as inductor's, donated buffers included) alone and under 2-rank gloo DDP, channels_last with the
     input-gradient detectors and ResNet-50's layer taps. Not checked: inductor's generated kernels (CUDA/Triton),
-    the `reduce-overhead` (CUDA graphs) and `max-autotune` modes, NCCL, and any speed-up."""
+    the `max-autotune-no-cudagraphs` mode, NCCL, and any speed-up."""
 
     def __init__(
         self,
@@ -53,6 +59,10 @@ class FastMixedPrecision(MixedPrecision):
         if compile and not hasattr(torch.compiler, "set_stance"):
             raise ConfigError(f"trainer.plugins.0.compile=true needs torch >= 2.6 (the evaluation runs the compiled modules "
                               f"eagerly with torch.compiler.set_stance); this is torch {torch.__version__}")
+        if compile and compile_backend == "inductor" and torch.device(device).type == "cuda" and compile_mode in CUDA_GRAPH_MODES:
+            raise ConfigError(f"trainer.plugins.0.compile_mode={compile_mode} captures CUDA graphs, whose replays overwrite "
+                              "the outputs of the previous batch that the evaluation cache keeps: use "
+                              "compile_mode=max-autotune-no-cudagraphs (or null, inductor's default)")
         super().__init__(precision, device)
         self.channels_last = channels_last
         self.compile = compile

@@ -25,7 +25,7 @@ from ood.evaluation.callback import OODEvaluation
 from ood.methods.ce import CrossEntropy
 from ood.models.checkpoint import plain_key, read_weights_file
 from ood.models.small_cnn import SmallCNN
-from ood.precision import FastMixedPrecision
+from ood.precision import CUDA_GRAPH_MODES, FastMixedPrecision
 from ood.utils import instantiate
 
 
@@ -33,11 +33,11 @@ def test_gpu_stays_fp32_and_gpu_fast_adds_the_plugin(tmp_path: Path) -> None:
     gpu = compose_config(tmp_path, ["trainer=gpu"]).trainer
     assert "precision" not in gpu and "plugins" not in gpu
     fast = compose_config(tmp_path, ["trainer=gpu_fast", "trainer.plugins.0.compile=true",
-                                     "trainer.plugins.0.compile_mode=max-autotune"]).trainer
+                                     "trainer.plugins.0.compile_mode=max-autotune-no-cudagraphs"]).trainer
     plugin = instantiate(fast.plugins[0])
     assert isinstance(plugin, FastMixedPrecision)
     assert (plugin.precision, plugin.device, plugin.channels_last, plugin.compile) == ("bf16-mixed", "cuda", True, True)
-    assert (plugin.compile_backend, plugin.compile_mode) == ("inductor", "max-autotune")
+    assert (plugin.compile_backend, plugin.compile_mode) == ("inductor", "max-autotune-no-cudagraphs")
 
 
 def test_training_runs_in_bf16_with_channels_last() -> None:
@@ -102,6 +102,22 @@ def test_the_evaluations_network_passes_run_compiled_modules_eagerly() -> None:
     assert len(gram[0]) == len(want) == 6 and all(torch.equal(a, b) for a, b in zip(gram[0], want))
     odin = ODIN(temperature=10, noise=0.01)
     assert torch.equal(OODEvaluation._model_scores(odin, method, loader), odin.score_inputs(reference, x))
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_compile_modes_that_capture_cuda_graphs_are_refused_on_cuda(mode: str) -> None:
+    """A CUDA graph's replay overwrites the previous call's outputs, which the evaluation cache keeps: refused at
+    construction, naming the mode to use instead; the same modes on the CPU (no CUDA graphs) and inductor's other
+    modes on CUDA are accepted. The list is inductor's own (`triton.cudagraphs` on)."""
+    import torch._inductor
+
+    assert {m for m, o in torch._inductor.list_mode_options().items() if o.get("triton.cudagraphs")} == set(CUDA_GRAPH_MODES)
+    with pytest.raises(ConfigError, match=f"compile_mode={mode} captures CUDA graphs.*max-autotune-no-cudagraphs"):
+        FastMixedPrecision(compile=True, compile_mode=mode)
+    assert FastMixedPrecision(compile=True, compile_mode=mode, device="cpu").compile_mode == mode
+    for fine in (None, "default", "max-autotune-no-cudagraphs"):
+        assert FastMixedPrecision(compile=True, compile_mode=fine).compile_mode == fine
+
 
 def test_compile_needs_set_stance(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(torch.compiler, "set_stance")
