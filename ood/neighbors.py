@@ -19,8 +19,9 @@ from ood.errors import NonFiniteError
 
 Metric = Literal["l2", "ip"]
 IndexKind = Literal["exact", "ivf", "auto"]
-#: the most cells a faiss GPU IVF index probes per query (its k-selection limit)
-GPU_MAX_NPROBE = 2048
+#: the most neighbours (k) and cells (nprobe) a faiss GPU index selects per query (faiss' `validateKSelect`,
+#: `validateNProbe`); a search past them runs on a CPU copy of the index
+GPU_MAX_SELECTION = 2048
 #: `kind="auto"` switches from the exact index to IVF-Flat at this many bank rows (ImageNet-1K: 1.28 M)
 AUTO_IVF_ROWS = 200_000
 #: rows converted and added to faiss at a time (the bank is never copied whole)
@@ -70,8 +71,10 @@ class KNNIndex:
     `kind="ivf"` is for ImageNet-scale banks: `nlist` cells (default 4*sqrt(N)), `nprobe` searched, trained on at
     most 256 points per cell (faiss' own cap) drawn with a fixed seed; `kind="auto"` is exact below
     `AUTO_IVF_ROWS` bank rows and IVF from there on. An IVF query whose `nprobe` cells hold fewer than k rows is
-    searched again with twice the cells (up to all of them; 2048 on a GPU) until it has k neighbours.
-    `device="cuda"` (or None with CUDA present) moves the index to the GPU when faiss supports it.
+    searched again with twice the cells (up to all of them) until it has k neighbours.
+    `device="cuda"` (or None with CUDA present) moves the index to the GPU when faiss supports it; a search with
+    k or nprobe past what the GPU index selects (`GPU_MAX_SELECTION`) runs on a CPU copy of the index, made at the
+    first such search.
     """
 
     def __init__(
@@ -89,6 +92,7 @@ class KNNIndex:
         self.metric, self.kind, self.nlist, self.nprobe = metric, kind, nlist, nprobe
         self.gpu_id = _gpu_id(device)
         self._index: faiss.Index | None = None
+        self._host: faiss.Index | None = None
         self.ntotal = 0
 
     def add(self, x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> KNNIndex:
@@ -112,7 +116,7 @@ class KNNIndex:
             index.train(prepare(x[sample.to(x.device)]))
         for start in range(0, n, ADD_CHUNK):
             index.add(prepare(x[start : start + ADD_CHUNK]))
-        self._index, self.ntotal = index, n
+        self._index, self._host, self.ntotal = index, None, n
         return self
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,30 +126,47 @@ class KNNIndex:
         if not 1 <= k <= self.ntotal:
             raise ValueError(f"k={k} must be between 1 and the bank size {self.ntotal}")
         q = _np32(queries)
-        dist, idx = self._index.search(q, k)
-        self._complete(q, dist, idx)
-        short = int((idx[:, -1] < 0).sum())
-        if short:  # k <= ntotal and every cell probed: only NaN distances leave a neighbour out
-            raise NonFiniteError(f"{short} of {len(idx)} queries have fewer than k={k} neighbours: their features (or "
-                                 "the bank's) hold NaN or infinite values")
+        on_gpu = self.gpu_id is not None and max(k, getattr(self._index, "nprobe", 1)) <= GPU_MAX_SELECTION
+        index = self._index if on_gpu else self._host_index()
+        dist, idx = index.search(q, k)
+        short = self._complete(index, q, dist, idx)
+        # k <= ntotal and every cell probed (on a GPU, k or more cells: each holds a row of the bank that trained it):
+        # only NaN distances leave a neighbour out
+        if short:
+            raise NonFiniteError(f"{short} of {len(idx)} queries have fewer than k={k} neighbours: their features "
+                                 "(or the bank's) hold NaN or infinite values")
         return torch.from_numpy(dist).to(queries.device), torch.from_numpy(idx).to(queries.device)
 
-    def _complete(self, q: np.ndarray, dist: np.ndarray, idx: np.ndarray) -> None:
+    def _host_index(self) -> faiss.Index:
+        """The index on the CPU: the index itself, or for a GPU index its CPU copy (made once, at the same nprobe),
+        which searches past the GPU's k and nprobe limits (`GPU_MAX_SELECTION`)."""
+        if self.gpu_id is None:
+            return self._index
+        if self._host is None:
+            self._host = faiss.index_gpu_to_cpu(self._index)
+            if hasattr(self._index, "nprobe"):
+                self._host.nprobe = self._index.nprobe
+        return self._host
+
+    def _complete(self, index: faiss.Index, q: np.ndarray, dist: np.ndarray, idx: np.ndarray) -> int:
         """IVF only: queries whose probed cells hold fewer than k rows (faiss pads them with index -1 and distance
-        +-3.4e38, which a kNN score would take for a neighbour) are searched again with twice the cells, up to every
-        cell (exact), until they have k neighbours; `dist` and `idx` are filled in place."""
+        +-3.4e38, which a kNN score would take for a neighbour) are searched again on `index` with twice the cells,
+        up to every cell (exact; on a GPU up to `GPU_MAX_SELECTION`), until they have k neighbours; `dist` and `idx`
+        are filled in place. Returns how many queries are still short."""
         short = np.flatnonzero(idx[:, -1] < 0)
-        nprobe = getattr(self._index, "nprobe", None)
+        nprobe = getattr(index, "nprobe", None)
         if not short.size or nprobe is None:
-            return
-        limit = self._index.nlist if self.gpu_id is None else min(self._index.nlist, GPU_MAX_NPROBE)
+            return short.size
+        gpu = index is self._index and self.gpu_id is not None
+        limit = min(index.nlist, GPU_MAX_SELECTION) if gpu else index.nlist
         try:
-            while short.size and self._index.nprobe < limit:
-                self._index.nprobe = min(2 * self._index.nprobe, limit)
-                dist[short], idx[short] = self._index.search(q[short], idx.shape[1])
+            while short.size and index.nprobe < limit:
+                index.nprobe = min(2 * index.nprobe, limit)
+                dist[short], idx[short] = index.search(q[short], idx.shape[1])
                 short = short[idx[short, -1] < 0]
         finally:
-            self._index.nprobe = nprobe
+            index.nprobe = nprobe
+        return short.size
 
 
 def kmeans_plusplus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:

@@ -110,3 +110,54 @@ def test_gpu_indexes_share_one_resource_object_per_gpu(monkeypatch: pytest.Monke
         neighbors._gpu_resources.cache_clear()
     assert len(made) == 2 and first.res is second.res is made[0] and other.res is made[1]
     assert neighbors._on_device(faiss.IndexFlatL2(4), None).d == 4
+
+
+class _GpuIndex:
+    """A faiss GPU index stand-in (no GPU here): the CPU index, refusing k or nprobe past `GPU_MAX_SELECTION` in a
+    search as faiss' GPU indexes do (`validateKSelect`, `validateNProbe`); `searches` counts the searches it ran."""
+
+    def __init__(self, index: object) -> None:
+        self.__dict__.update(inner=index, searches=0)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        setattr(self.inner, name, value)
+
+    def search(self, q: object, k: int) -> object:
+        from ood import neighbors
+
+        if k > neighbors.GPU_MAX_SELECTION or getattr(self.inner, "nprobe", 1) > neighbors.GPU_MAX_SELECTION:
+            raise RuntimeError(f"GPU index only supports min/max-K selection up to {neighbors.GPU_MAX_SELECTION}")
+        self.__dict__["searches"] += 1
+        return self.inner.search(q, k)
+
+
+@pytest.mark.parametrize(("kind", "nlist", "nprobe", "k", "gpu_searches"),
+                         [("exact", 16, 8, 3, 1), ("exact", 16, 8, 10, 0), ("ivf", 16, 8, 3, 0), ("ivf", 16, 1, 4, 3),
+                          ("ivf", 16, 1, 5, 0)])
+def test_searches_past_the_gpu_limits_run_on_a_cpu_copy(kind: str, nlist: int, nprobe: int, k: int, gpu_searches: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """faiss' GPU indexes select at most 2048 neighbours and probe at most 2048 cells (here 4): a larger k (a kNN
+    k=5000 on ImageNet) or a larger nprobe failed in faiss (RuntimeError); they now run on a CPU copy of the index,
+    with the CPU index's results. Within the limits the GPU index searches alone (IVF: probing up to 4 cells of one
+    row each for k=4)."""
+    import faiss
+
+    from ood import neighbors
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, gpu, index: _GpuIndex(index), raising=False)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda index: faiss.clone_index(index.inner), raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(neighbors, "GPU_MAX_SELECTION", 4)
+    gen = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(nlist, 8, generator=gen), torch.randn(30, 8, generator=gen)
+    cpu = KNNIndex("l2", kind=kind, nlist=nlist, nprobe=nprobe, device="cpu").add(bank)
+    gpu = KNNIndex("l2", kind=kind, nlist=nlist, nprobe=nprobe, device="cuda:0").add(bank)
+    got, want = gpu.search(queries, k), cpu.search(queries, k)
+    assert gpu.gpu_id == 0 and gpu._index.searches == gpu_searches and (gpu._host is None) == (gpu_searches > 0)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]) and bool((got[1] >= 0).all())
+    assert getattr(gpu._index, "nprobe", nprobe) == getattr(gpu._host, "nprobe", nprobe) == nprobe
