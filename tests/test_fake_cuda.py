@@ -3,15 +3,24 @@ results equal the CPU run's. A GPU run (`make gpu-check`) is rare; a device mix-
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import faiss
 import pytest
 import torch
+from fabricate import synthetic_banks
 from fake_cuda import DeviceMix, FakeCuda, fake_cuda, fake_gpu_run, wrap
 from helpers import compose_config
 
+from ood.detectors import Detector, available_detectors, build_detector, detector_class
+from ood.detectors.network import LayerTaps
+from ood.evaluation.scoring import fit_detector
+from ood.features.bank import FeatureBank
+from ood.models.small_cnn import SmallCNN
 from ood.neighbors import KNNIndex, kmeans
 from ood.train import build
 
@@ -81,3 +90,86 @@ def test_a_method_trains_and_evaluates_on_a_faked_gpu(method: str, tmp_path: Pat
     assert rows["gpu"].keys() == rows["cpu"].keys() and len(rows["cpu"]) >= 7
     for key, (auroc, fpr) in rows["cpu"].items():
         assert rows["gpu"][key] == pytest.approx((auroc, fpr), abs=1e-6), key
+
+
+#: detectors that run the network or read maps cached by its layer taps
+NETWORK = [n for n in available_detectors() if detector_class(n).needs_model or hasattr(detector_class(n), "taps")]
+#: tempscale: its L-BFGS temperature is a leaf made on the device (`torch.full(..., requires_grad=True)`), which the
+#: harness's factories hand back as a `FakeCuda` view, no leaf, that the optimiser refuses (no CUDA run would)
+CACHED = [n for n in available_detectors() if n not in NETWORK and n != "tempscale"]
+
+
+def _bank_on_gpu(bank: FeatureBank) -> FeatureBank:
+    return dataclasses.replace(bank, **{f.name: wrap(getattr(bank, f.name)) for f in dataclasses.fields(bank) if f.init})
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> dict[str, FeatureBank]:
+    return synthetic_banks()
+
+
+@pytest.mark.parametrize("name", CACHED)
+def test_every_cached_detector_fits_and_scores_device_banks(name: str, synthetic: dict[str, FeatureBank],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every detector that scores from the cache, fitted and scored on banks on the (faked) GPU, as a CUDA run's
+    evaluation hands them over: no device mix-up, and the scores equal the CPU run's (the end-to-end faked run
+    covers seven detectors)."""
+    split = detector_class(name).fit_split
+    det = build_detector(name).fit(synthetic[split])
+    want = det.score(synthetic["ood"])
+    with fake_cuda(monkeypatch):
+        banks = {k: _bank_on_gpu(b) for k, b in synthetic.items()}
+        got = build_detector(name).fit(banks[split]).score(banks["ood"])
+    torch.testing.assert_close(got.as_subclass(torch.Tensor).cpu(), want, rtol=1e-6, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def network() -> dict[str, Any]:
+    """A small staged CNN (random weights, batch-norm statistics of its train split, dropout in its last stage), each
+    split's 8x8 inputs and banks with every detector's taps: the same scores on the CPU and the faked GPU, not a
+    trained one's separation."""
+    torch.manual_seed(0)
+    net = SmallCNN(3, width=4, feature_dim=100)
+    net.stages["block3"].append(torch.nn.Dropout(0.2))  # for mcdropout
+    x = {split: torch.randn(n, 1, 8, 8) + (split in ("val_ood", "ood")) for split, n in
+         (("train", 30), ("val", 15), ("val_ood", 15), ("test", 15), ("ood", 15))}
+    with torch.no_grad():
+        net(x["train"])  # batch-norm statistics
+    net.eval()
+    taps, banks = LayerTaps(net, available_detectors()), {}
+    with torch.no_grad():
+        for split, inputs in x.items():
+            out = net.run(inputs)
+            labels = torch.arange(len(inputs)) % 3 if "ood" not in split else None
+            banks[split] = FeatureBank(out.logits, out.features, labels, net.fc.weight.detach(), net.fc.bias.detach(),
+                                       extras=taps.pop())
+    taps.remove()
+    return {"net": net, "x": x, "banks": banks}
+
+
+def _run_network_detector(name: str, data: dict[str, Any]) -> torch.Tensor:
+    """`name` fitted as the evaluation fits it (its network passes over whole splits in batches of 16), its test scores."""
+    def model_scores(det: Detector, split: str, rows: torch.Tensor | None = None) -> torch.Tensor:
+        x = data["x"][split] if rows is None else data["x"][split][rows]
+        return torch.cat([det.score_inputs(data["net"], chunk) for chunk in x.split(16)])
+
+    params = {"input_std": 1.0} if "input_std" in build_detector(name).hparams else {}
+    torch.manual_seed(0)
+    det, _ = fit_detector(name, params, data["banks"], tune=False, model_scores=model_scores)
+    return model_scores(det, "test") if det.needs_model else det.score(data["banks"]["test"])
+
+
+@pytest.mark.parametrize("name", NETWORK)
+def test_every_network_detector_fits_and_scores_on_the_device(name: str, network: dict[str, Any],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every detector that runs the network or reads layer taps, fitted (network passes included) and scored with
+    the network, its inputs and banks on the (faked) GPU: no device mix-up, scores on the device equal the CPU run's."""
+    want = _run_network_detector(name, network)
+    with fake_cuda(monkeypatch):
+        net = copy.deepcopy(network["net"])
+        for module in net.modules():  # parameters count as on the device; buffers (batch-norm statistics) moved
+            module._buffers.update({k: wrap(v) for k, v in module._buffers.items() if v is not None})
+        got = _run_network_detector(name, {"net": net, "x": wrap(network["x"]),
+                                           "banks": {k: _bank_on_gpu(b) for k, b in network["banks"].items()}})
+    assert isinstance(got, FakeCuda)
+    torch.testing.assert_close(got.as_subclass(torch.Tensor), want, rtol=1e-6, atol=1e-9)
