@@ -69,6 +69,14 @@ class FastMixedPrecision(MixedPrecision):
         self.compile_backend, self.compile_mode = compile_backend, compile_mode
 
     def convert_module(self, module: nn.Module) -> nn.Module:
+        """channels_last and compiled in place (class doc); bf16 on a GPU without bf16 kernels is refused here, once
+        the trainer has picked the rank's GPU (asking CUDA earlier would start it in the launching process)."""
+        if self.precision == "bf16-mixed" and torch.device(self.device).type == "cuda" and torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            if major < 8:
+                raise ConfigError(f"trainer=gpu_fast runs bf16, which {torch.cuda.get_device_name()} (compute capability "
+                                  f"{major}.{minor}) has no kernels for (bf16 needs 8.0+): use "
+                                  "trainer.plugins.0.precision=16-mixed, or trainer=gpu (fp32)")
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
         if self.compile:

@@ -119,6 +119,26 @@ def test_compile_modes_that_capture_cuda_graphs_are_refused_on_cuda(mode: str) -
         assert FastMixedPrecision(compile=True, compile_mode=fine).compile_mode == fine
 
 
+@pytest.mark.parametrize(("capability", "precision", "refused"),
+                         [((7, 5), "bf16-mixed", True), ((7, 5), "16-mixed", False), ((8, 0), "bf16-mixed", False)])
+def test_bf16_on_a_gpu_without_bf16_kernels_is_refused(capability: tuple[int, int], precision: str, refused: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A T4 or V100 (compute capability 7.x) has no bf16 tensor-core kernels: `trainer=gpu_fast` there ran bf16
+    emulated or failed in cuDNN. Refused as the trainer sets the module up on its GPU, naming fp16 and fp32; fp16
+    there, and bf16 on an A100 (8.0), are set up as before (a stand-in GPU: none here)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    plugin = FastMixedPrecision(precision=precision, channels_last=True)
+    net = SmallCNN(3)
+    if refused:
+        with pytest.raises(ConfigError, match=r"^trainer=gpu_fast runs bf16, which Tesla T4 \(compute capability 7.5\) has "
+                                              r"no kernels for \(bf16 needs 8.0\+\): use trainer.plugins.0.precision=16-mixed"):
+            plugin.convert_module(net)
+    else:
+        assert plugin.convert_module(net).stages["block1"][0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_compile_needs_set_stance(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(torch.compiler, "set_stance")
     with pytest.raises(ConfigError, match=r"^trainer.plugins.0.compile=true needs torch >= 2.6 "):
