@@ -443,8 +443,8 @@ def check_augment(sizes: Sizes) -> dict[str, Any]:
 def check_ddp(sizes: Sizes, tree: Path, work: Path) -> dict[str, Any]:
     """Section 4: one-device DDP evaluation == plain evaluation (every row equal). Both with deterministic kernels
     and without cuDNN's benchmark mode (`trainer=gpu` has it on), which times candidate convolution algorithms in
-    each run and may pick others in the second: rounding differences that are not the DDP path's (`warn`: ODIN's
-    input gradient goes through adaptive average pooling, which has no deterministic CUDA kernel)."""
+    each run and may pick others in the second: rounding differences that are not the DDP path's (`warn`, not
+    `true`: an op of a user's network without a deterministic CUDA kernel warns instead of stopping the check)."""
     common = ["data=cifar10", f"paths.data_dir={tree}", f"backbone={sizes.backbone32}", "train=false",
               f"data.eval_batch_size={sizes.eval_batch}", f"data.num_workers={sizes.workers}", sizes.detectors,
               "+detectors.params.vim.dim=32", "++trainer.benchmark=false", "trainer.deterministic=warn", *QUIET]

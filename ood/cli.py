@@ -29,7 +29,7 @@ from ood.utils import progress_bars, warnings_in_log_files
 #: OmegaConf errors that mean the composed config is wrong (not the code reading it)
 CONFIG_ERRORS = (ValidationError, InterpolationResolutionError, MissingMandatoryValue)
 #: torch's refusal, under `torch.use_deterministic_algorithms(True)` (Lightning's `deterministic=True`), of an operation
-#: without a deterministic kernel, e.g. `adaptive_avg_pool2d_backward_cuda` (every ResNet's pooling, on a GPU)
+#: without a deterministic kernel, e.g. `adaptive_avg_pool2d_backward_cuda` (pooling to more than 1 x 1, on a GPU)
 NONDETERMINISTIC = r"(\w+) does not have a deterministic implementation, but you set 'torch.use_deterministic_algorithms"
 
 
