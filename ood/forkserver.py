@@ -7,7 +7,10 @@ status 255 (a crash) for ranks that are still stopping in step with each other (
 when the main process does, as Python's fork server always does.
 
 In each rank it forks: SIGTERM's default action again, right after the fork, as in a spawned rank (Python's fork server
-resets SIGINT and SIGCHLD only), until the rank installs ood's handler.
+resets SIGINT and SIGCHLD only), until the rank installs ood's handler. And no "'ood.train' found in sys.modules"
+RuntimeWarning: a rank runs the main process's main module again as `__mp_main__`, as a spawned rank does, and one
+started with `python -m` that the server preloaded (`python -m ood.train`) is already imported there; runpy warned of
+it on the console twice per stage (once per rank), where a spawned rank, which had not imported it, said nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import warnings
 
 
 def _in_fork_server() -> bool:
@@ -24,3 +28,4 @@ def _in_fork_server() -> bool:
 if _in_fork_server():
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    warnings.filterwarnings("ignore", r"'[\w.]+' found in sys.modules after import of package", RuntimeWarning, "runpy")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,3 +74,32 @@ def test_forked_ranks_get_the_launchs_environment_stdout_rng_and_own_tensors(tmp
             seen[launch, rank] = report["server"]
     # both launches' ranks were forked by one server (not the main process: not spawned)
     assert len(set(seen.values())) == 1 and os.getpid() not in seen.values()
+
+
+#: a package's main module that starts one process through a fork server which preloaded it, as `python -m ood.train`
+PRELOADED_MAIN = """
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["ood.forkserver", "preloaded.main"])
+    process = context.Process(target=print, args=("rank ran",))
+    process.start()
+    process.join()
+    print("exit", process.exitcode)
+"""
+
+
+def test_a_forked_rank_runs_a_preloaded_main_module_again_without_runpys_warning(tmp_path: Path) -> None:
+    """A rank runs the main module again as `__mp_main__`, as a spawned rank does; `python -m ood.train`'s was
+    already imported in the server (preloaded), and each rank printed runpy's "RuntimeWarning: 'ood.train' found in
+    sys.modules after import of package 'ood'" on the console, at every stage. Now it says nothing, as a spawned one."""
+    (tmp_path / "preloaded").mkdir()
+    (tmp_path / "preloaded" / "__init__.py").write_text("")
+    (tmp_path / "preloaded" / "main.py").write_text(PRELOADED_MAIN)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    env.pop("PYTHONWARNINGS", None)
+    run = subprocess.run([sys.executable, "-m", "preloaded.main"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert (run.stdout, run.stderr) == ("rank ran\nexit 0\n", "")
+
