@@ -8,7 +8,9 @@ once (`FORKSERVER_PRELOAD`) and forks each rank from itself. What a spawned rank
 forked one would not is handed over as the rank starts (`_ParentState`: the environment, stdout / stderr, Lightning's
 RNG / deterministic-flag snapshot); tensors are pickled by value (`_tensors_by_value`: the server passes at most 256
 file descriptors with a process, and torch shares each storage as one); the server ignores SIGTERM (`ood.forkserver`:
-killed with a job's processes it would leave the main process reading status 255 for ranks still stopping).
+killed with a job's processes it would leave the main process reading status 255 for ranks still stopping). A forked
+rank runs the main script again, as a spawned one does; one without `if __name__ == "__main__":` now gets Lightning's
+message saying to add it (Lightning checks for spawn only: the rank died in Python's bootstrapping `RuntimeError`).
 
 SIGTERM (a scheduler's time limit, `scancel`): Lightning's handler broadcasts a tensor from inside the signal handler
 (`_SignalConnector._sigterm_notifier_fn`), wherever the rank happens to be, and its loops broadcast rank 0's flag at
@@ -67,6 +69,7 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import DDPStrategy as _DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import (
+    _check_missing_main_guard,
     _GlobalStateSnapshot,
     _MultiProcessingLauncher,
     _WorkerOutput,
@@ -239,6 +242,7 @@ class _SpawnLauncher(_MultiProcessingLauncher):
             raise SIGTERMException
         self.log_targets, self.log_level = _root_log_targets(), logging.getLogger().level
         if self._start_method == "forkserver":  # the first launch starts the server with these imports done
+            _check_missing_main_guard()  # a rank re-running a script without `if __name__ == "__main__":` says so
             multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)
             self.parent = _ParentState()  # filled as each rank is started
         previous = _on_sigterm(self._pass_on)

@@ -6,16 +6,18 @@ its tensors by value (the server passes at most 256 file descriptors, torch shar
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from lightning import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from ood.strategies import DDPStrategy
+from ood.strategies import DDPStrategy, _SpawnLauncher
 
 STORAGES = 300  # buffers: each its own storage, more than the 256 descriptors the server passes with a process
 
@@ -78,6 +80,7 @@ def test_forked_ranks_get_the_launchs_environment_stdout_rng_and_own_tensors(tmp
 
 #: a package's main module that starts one process through a fork server which preloaded it, as `python -m ood.train`
 PRELOADED_MAIN = """
+import multiprocessing
 
 if __name__ == "__main__":
     context = multiprocessing.get_context("forkserver")
@@ -103,3 +106,14 @@ def test_a_forked_rank_runs_a_preloaded_main_module_again_without_runpys_warning
                          text=True, timeout=60)
     assert (run.stdout, run.stderr) == ("rank ran\nexit 0\n", "")
 
+
+def test_a_forked_rank_of_a_script_without_the_main_guard_is_told_to_add_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forked rank runs the main script again, as a spawned one does: a script calling `ood.evaluate(...,
+    overrides=["trainer=ddp_cpu"])` without `if __name__ == "__main__":` launched again from inside the rank, which
+    died in Python's "An attempt has been made to start a new process before the current process has finished its
+    bootstrapping phase" (and the main process in a BrokenPipeError). Lightning's message saying to add the guard,
+    which it gives for spawn only, now comes for the fork server too (here a launch while the rank is bootstrapping)."""
+    monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)
+    strategy = DDPStrategy(accelerator="cpu", parallel_devices=[torch.device("cpu")] * 2, start_method="forkserver")
+    with pytest.raises(RuntimeError, match='guards the main\nfunction with an `if __name__ == "__main__"` clause'):
+        _SpawnLauncher(strategy, start_method="forkserver").launch(print)
