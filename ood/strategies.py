@@ -303,6 +303,10 @@ class DDPStrategy(_DDPStrategy):
     """Lightning's `DDPStrategy` whose ranks stop together on SIGTERM; with a spawning start method, rank 0's results
     return through a file (module doc)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._gloo_flags: Any = None  # `_flag_group`'s, made in the rank
+
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
         if isinstance(self._launcher, _MultiProcessingLauncher):
@@ -321,11 +325,22 @@ class DDPStrategy(_DDPStrategy):
 
     def _stop_if_terminated(self) -> None:
         """Raise `SIGTERMException` on every rank once any rank has received SIGTERM (`ood.termination`'s record, also
-        of a signal before this stage began): a collective, called by all ranks before the same step."""
-        flag = torch.tensor(float(sigterm_received()), device=self.root_device)
-        torch.distributed.all_reduce(flag)  # a sum, without the barrier Lightning's `reduce` puts before it
+        of a signal before this stage began): a collective, called by all ranks before the same step. The flag is a
+        CPU tensor summed over gloo (a group of its own when the ranks talk NCCL): over NCCL, reading the sum back
+        (`.item()`) made the host wait for every step queued on the GPU, at each training and evaluation step."""
+        flag = torch.tensor(float(sigterm_received()))
+        torch.distributed.all_reduce(flag, group=self._flag_group())  # a sum, without the barrier of Lightning's `reduce`
         if flag.item() > 0:
             raise SIGTERMException
+
+    def _flag_group(self) -> Any:
+        """The process group for `_stop_if_terminated`'s CPU flag: the default one if it is gloo, else a gloo group of
+        every rank, made at the first check (which every rank reaches at the same step: creating it is collective)."""
+        if torch.distributed.get_backend() == "gloo":
+            return None
+        if self._gloo_flags is None:
+            self._gloo_flags = torch.distributed.new_group(backend="gloo")
+        return self._gloo_flags
 
     # Lightning installs its handler as a stage starts (`Trainer._run`), just before its "run-stage" barrier: ours goes
     # in there, before data loaders and callbacks' `on_*_start` run; the stage hooks put it back should that change

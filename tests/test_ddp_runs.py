@@ -139,6 +139,30 @@ def test_a_spawned_rank_notes_sigterm_from_its_first_line_and_stops_at_the_next_
         torch.distributed.destroy_process_group()
 
 
+def test_the_sigterm_check_never_waits_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check before every step summed a flag on the rank's device and read it back (`.item()`): over NCCL the
+    host waited for every step queued on the GPU, at each training and evaluation step. The flag is now a CPU tensor
+    summed over gloo: the default group when it is gloo, else one gloo group of every rank, made once (here a
+    one-process gloo group reported as NCCL, with the device reported as a GPU)."""
+    strategy = _two_cpu_ranks()
+    monkeypatch.setattr(DDPStrategy, "root_device", property(lambda self: torch.device("cuda", 0)))
+    made, summed = [], []
+
+    def new_group(**kwargs: object) -> str:
+        made.append(kwargs)
+        return "gloo-flags"
+
+    monkeypatch.setattr(torch.distributed, "new_group", new_group)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, group=None: summed.append((t.device.type, group)))
+    for backend, groups in (("gloo", [None, None]), ("nccl", ["gloo-flags", "gloo-flags"])):
+        monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None, b=backend: b)
+        summed.clear()
+        strategy._stop_if_terminated()
+        strategy._stop_if_terminated()
+        assert summed == [("cpu", g) for g in groups]
+    assert made == [{"backend": "gloo"}]  # once, at the first check over NCCL
+
+
 def _gloo_threads() -> list[str]:
     """The names of this process's C++ threads that gloo started: its process group's workers and TCP loop."""
     names = ((task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
