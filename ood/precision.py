@@ -86,6 +86,20 @@ class FastMixedPrecision(MixedPrecision):
 
 
 @contextmanager
+def float32_matmuls() -> Iterator[None]:
+    """Full float32 matrix products within (`torch.set_float32_matmul_precision("highest")`), the caller's setting put
+    back after. "high" or "medium" (Lightning's hint on Ampere GPUs, which many scripts follow) computes float32 CUDA
+    matmuls in TF32 (10 mantissa bits) or bf16: the detectors' distances and projections (Mahalanobis, kNN, ViM,
+    cfood's 2 - 2<u, v>) would lose most of float32's precision, and with it the order of near scores."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@contextmanager
 def eager() -> Iterator[None]:
     """Run every `torch.compile`d module eagerly inside: the evaluation's network passes take input gradients with
     `retain_graph=True` (ODIN, i-ODIN, the staged detectors), which a compiled backward with donated buffers refuses,

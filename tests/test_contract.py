@@ -302,3 +302,26 @@ def test_hyper_parameters_are_written_as_plain_values() -> None:
     assert plain(hparams) == {"teacher": {"backbone": {"_target_": "ood.models.small_cnn.SmallCNN", "width": 64,
                                                        "feature_dim": 128}, "ckpt": None},
                               "cls": "ood.models.small_cnn.SmallCNN", "sizes": [1, 2], "pair": [0.5, "a"]}
+
+
+def test_detectors_fit_and_score_in_full_float32_whatever_the_callers_matmul_precision() -> None:
+    """A script following Lightning's Ampere hint (`torch.set_float32_matmul_precision("high")`: TF32 matmuls on a
+    GPU) had every detector's distances and projections computed in TF32; the evaluation now runs at "highest" and
+    puts the caller's setting back."""
+    seen = []
+
+    class Spy(_NormGap):
+        def ood_score(self, bank: FeatureBank) -> torch.Tensor:
+            seen.append(torch.get_float32_matmul_precision())
+            return super().ood_score(bank)
+
+    method = Spy()
+    method.train_norm.fill_(1.0)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        Evaluator(detectors=["msp"]).evaluate(method, synthetic_banks(), [EvalSplit("test", "id_test"),
+                                                                           EvalSplit("ood", "ood", "far")], "synthetic")
+        assert seen and set(seen) == {"highest"} and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -25,6 +25,7 @@ from ood.evaluation.scoring import ModelScoreFn, Scorer, detector_scorers, evalu
 from ood.features.bank import FeatureBank
 from ood.methods.base import OODMethod
 from ood.metrics import validation_aurocs
+from ood.precision import float32_matmuls
 from ood.utils import get_logger
 
 log = get_logger(__name__)
@@ -97,6 +98,7 @@ class Evaluator:
                               f"score (the method's `name`, its `ood_scores` keys) or leave the detector out "
                               f"(detectors.exclude={clash})")
 
+    @float32_matmuls()  # a user's TF32 setting would round the detectors' float32 distances (`float32_matmuls`)
     def evaluate(
         self,
         method: OODMethod,
