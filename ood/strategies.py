@@ -181,6 +181,14 @@ def _end_process_group(strategy: Any) -> None:
 FORKSERVER_PRELOAD = ["ood.forkserver", "ood.train"]
 
 
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 class _ParentState:
     """Pickles, as a rank is started, into what a spawned rank gets from the main process and one forked by the fork
     server (`start_method=forkserver`) would not: the environment (the server's is that of its own start) with the
@@ -193,7 +201,8 @@ class _ParentState:
     def __reduce__(self) -> tuple:
         if multiprocessing.context.get_spawning_popen() is None:  # not a process start (a deep copy of the trainer)
             return _ParentState, ()
-        stdio = [reduction.DupFd(fd) for fd in (1, 2)]  # sent with the process (SCM_RIGHTS)
+        # sent with the process (SCM_RIGHTS); a closed one (`script >&-`) is left as the server's
+        stdio = [reduction.DupFd(fd) if _is_open(fd) else None for fd in (1, 2)]
         return _ParentState, ((dict(os.environ), stdio, _GlobalStateSnapshot.capture()),)
 
     def restore(self) -> None:
@@ -202,9 +211,12 @@ class _ParentState:
         os.environ.update(environ)
         if "OMP_NUM_THREADS" in environ:  # a spawned rank's torch reads it as it loads (else: Lightning sets one)
             torch.set_num_threads(int(environ["OMP_NUM_THREADS"]))
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
         for target, fd in zip((1, 2), stdio, strict=True):
+            if fd is None:
+                continue
             received = fd.detach()
             os.dup2(received, target)
             os.close(received)

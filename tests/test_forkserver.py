@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,15 +26,16 @@ STORAGES = 300  # buffers: each its own storage, more than the 256 descriptors t
 class Probe(BoringModel):
     """Records, in each rank as its fit starts, what it got from the main process."""
 
-    def __init__(self, out: str) -> None:
+    def __init__(self, out: str, say: bool = True) -> None:
         super().__init__()
-        self.out = out
+        self.out, self.say = out, say
         for i in range(STORAGES):
             self.register_buffer(f"b{i}", torch.full((1,), float(i)))
 
     def on_fit_start(self) -> None:
         tag = os.environ["OOD_PROBE"]
-        print(f"rank {self.global_rank} of launch {tag}", flush=True)
+        if self.say:  # on stdout
+            print(f"rank {self.global_rank} of launch {tag}", flush=True)
         report = {"rand": torch.rand(3).tolist(), "server": os.getppid(), "threads": torch.get_num_threads(),
                   "buffers": sum(float(getattr(self, f"b{i}")) for i in range(STORAGES)),
                   "shared": any(t.is_shared() for t in (*self.parameters(), *self.buffers()))}
@@ -59,7 +61,7 @@ def test_forked_ranks_get_the_launchs_environment_stdout_rng_and_own_tensors(tmp
         torch.manual_seed(len(launch))
         stdout = tmp_path / f"{launch}.out"
         saved = os.dup(1)
-        with open(stdout, "w") as redirected:  # this launch's stdout (the server keeps the one it started with)
+        with open(stdout, "a") as redirected:  # this launch's stdout (the server keeps the one it started with)
             sys.stdout.flush()
             os.dup2(redirected.fileno(), 1)
             try:
@@ -67,7 +69,9 @@ def test_forked_ranks_get_the_launchs_environment_stdout_rng_and_own_tensors(tmp
             finally:
                 os.dup2(saved, 1)
                 os.close(saved)
-        assert sorted(stdout.read_text().splitlines()) == [f"rank 0 of launch {launch}", f"rank 1 of launch {launch}"]
+        # the ranks' lines, whichever order their writes interleave in (unbuffered: text and newline are two writes)
+        lines = re.findall(r"rank \d of launch (?:first|second)", stdout.read_text())
+        assert sorted(lines) == [f"rank 0 of launch {launch}", f"rank 1 of launch {launch}"]
         for rank in (0, 1):
             report = json.loads((tmp_path / f"{launch}-{rank}.json").read_text())
             assert report["rand"] == expected  # the main process's RNG state as the launch began, in every rank
@@ -117,3 +121,20 @@ def test_a_forked_rank_of_a_script_without_the_main_guard_is_told_to_add_it(monk
     strategy = DDPStrategy(accelerator="cpu", parallel_devices=[torch.device("cpu")] * 2, start_method="forkserver")
     with pytest.raises(RuntimeError, match='guards the main\nfunction with an `if __name__ == "__main__"` clause'):
         _SpawnLauncher(strategy, start_method="forkserver").launch(print)
+
+
+def test_a_launch_with_stdout_closed_starts_its_ranks(tmp_path: Path, monkeypatch) -> None:
+    """A program started with its stdout closed (`python script.py >&-`): handing the ranks the main process's stdout
+    failed (no descriptor to duplicate), so no rank started; now they start (keeping the server's stdout), as spawned
+    ranks started without one."""
+    monkeypatch.setenv("OOD_PROBE", "closed")
+    model = Probe(str(tmp_path), say=False)
+    saved = os.dup(1)
+    sys.stdout.flush()
+    os.close(1)
+    try:
+        _fit(model)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    assert sorted(p.name for p in tmp_path.glob("closed-*.json")) == ["closed-0.json", "closed-1.json"]
