@@ -74,7 +74,8 @@ class KNNIndex:
     searched again with twice the cells (up to all of them) until it has k neighbours.
     `device="cuda"` (or None with CUDA present) moves the index to the GPU when faiss supports it; a search with
     k or nprobe past what the GPU index selects (`GPU_MAX_SELECTION`) runs on a CPU copy of the index, made at the
-    first such search.
+    first such search. It pickles (`torch.save`, `copy.deepcopy`) as the serialised CPU index, put back on the same
+    GPU where that GPU is present, else on the CPU.
     """
 
     def __init__(
@@ -137,16 +138,37 @@ class KNNIndex:
                                  "(or the bank's) hold NaN or infinite values")
         return torch.from_numpy(dist).to(queries.device), torch.from_numpy(idx).to(queries.device)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The attributes with the index as the bytes of its CPU form: faiss serialises no GPU index, nor pickles the
+        GPU resources one references (a fitted knn or nnguide failed in `torch.save` / `copy.deepcopy` on a GPU)."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_index", "_host", "_quantizer")}
+        index = None if self._index is None else self._host if self._host is not None else self._cpu_copy()
+        state["_index"] = None if index is None else faiss.serialize_index(index).tobytes()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """The index deserialised (an IVF index owning its quantizer) and moved to its GPU when this process has it."""
+        blob, gpu_id = state.pop("_index"), state.pop("gpu_id")
+        self.__dict__.update(state)
+        self.gpu_id = gpu_id if gpu_id is not None and gpu_available() and gpu_id < faiss.get_num_gpus() else None
+        index = None if blob is None else faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+        self._index, self._host = (None if index is None else _on_device(index, self.gpu_id)), None
+
+    def _cpu_copy(self) -> faiss.Index:
+        """The index on the CPU: the index itself, or a CPU copy of a GPU index at the same nprobe."""
+        if self.gpu_id is None:
+            return self._index
+        host = faiss.index_gpu_to_cpu(self._index)
+        if hasattr(self._index, "nprobe"):
+            host.nprobe = self._index.nprobe
+        return host
+
     def _host_index(self) -> faiss.Index:
         """The index on the CPU: the index itself, or for a GPU index its CPU copy (made once, at the same nprobe),
         which searches past the GPU's k and nprobe limits (`GPU_MAX_SELECTION`)."""
-        if self.gpu_id is None:
-            return self._index
-        if self._host is None:
-            self._host = faiss.index_gpu_to_cpu(self._index)
-            if hasattr(self._index, "nprobe"):
-                self._host.nprobe = self._index.nprobe
-        return self._host
+        if self._host is None and self.gpu_id is not None:
+            self._host = self._cpu_copy()
+        return self._host if self.gpu_id is not None else self._index
 
     def _complete(self, index: faiss.Index, q: np.ndarray, dist: np.ndarray, idx: np.ndarray) -> int:
         """IVF only: queries whose probed cells hold fewer than k rows (faiss pads them with index -1 and distance

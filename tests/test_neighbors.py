@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -133,6 +136,21 @@ class _GpuIndex:
         self.__dict__["searches"] += 1
         return self.inner.search(q, k)
 
+    def __getstate__(self) -> object:
+        """As faiss pickles an index (`serialize_index`), which knows no GPU index."""
+        raise RuntimeError("Error in faiss::write_index: don't know how to serialize this type of index")
+
+
+def _fake_gpu_faiss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA and a faiss GPU build, faked: the GPU index is `_GpuIndex` around the CPU one."""
+    import faiss
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, gpu, index: _GpuIndex(index), raising=False)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda index: faiss.clone_index(index.inner), raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
 
 @pytest.mark.parametrize(("kind", "nlist", "nprobe", "k", "gpu_searches"),
                          [("exact", 16, 8, 3, 1), ("exact", 16, 8, 10, 0), ("ivf", 16, 8, 3, 0), ("ivf", 16, 1, 4, 3),
@@ -143,15 +161,9 @@ def test_searches_past_the_gpu_limits_run_on_a_cpu_copy(kind: str, nlist: int, n
     k=5000 on ImageNet) or a larger nprobe failed in faiss (RuntimeError); they now run on a CPU copy of the index,
     with the CPU index's results. Within the limits the GPU index searches alone (IVF: probing up to 4 cells of one
     row each for k=4)."""
-    import faiss
-
     from ood import neighbors
 
-    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
-    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
-    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, gpu, index: _GpuIndex(index), raising=False)
-    monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda index: faiss.clone_index(index.inner), raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _fake_gpu_faiss(monkeypatch)
     monkeypatch.setattr(neighbors, "GPU_MAX_SELECTION", 4)
     gen = torch.Generator().manual_seed(1)
     bank, queries = torch.randn(nlist, 8, generator=gen), torch.randn(30, 8, generator=gen)
@@ -161,3 +173,26 @@ def test_searches_past_the_gpu_limits_run_on_a_cpu_copy(kind: str, nlist: int, n
     assert gpu.gpu_id == 0 and gpu._index.searches == gpu_searches and (gpu._host is None) == (gpu_searches > 0)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0]) and bool((got[1] >= 0).all())
     assert getattr(gpu._index, "nprobe", nprobe) == getattr(gpu._host, "nprobe", nprobe) == nprobe
+
+
+@pytest.mark.parametrize(("kind", "metric"), [("exact", "l2"), ("ivf", "ip")])
+def test_a_gpu_index_pickles_through_its_cpu_form_and_returns_to_its_gpu(kind: str, metric: str,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """faiss serialises no GPU index (nor pickles the GPU resources it references): a fitted knn or nnguide on a GPU
+    failed in `torch.save`, `pickle` and `copy.deepcopy`. The index pickles as its CPU form, comes back on the same
+    GPU at the same nprobe and searches alike; unpickled where no GPU is, it searches alike on the CPU."""
+    _fake_gpu_faiss(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+    bank, queries = torch.randn(400, 8, generator=gen), torch.randn(30, 8, generator=gen)
+    index = KNNIndex(metric, kind=kind, nlist=16, nprobe=2, device="cuda:0").add(bank)
+    want = index.search(queries, 5)
+    blob = pickle.dumps(index)
+    for restored in (pickle.loads(blob), copy.deepcopy(index)):
+        got = restored.search(queries, 5)
+        assert restored.gpu_id == 0 and type(restored._index).__name__ == "_GpuIndex" and restored.ntotal == 400
+        assert getattr(restored._index, "nprobe", 2) == 2
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    monkeypatch.undo()  # no GPU where it is unpickled
+    restored = pickle.loads(blob)
+    got = restored.search(queries, 5)
+    assert restored.gpu_id is None and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
