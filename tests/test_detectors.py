@@ -159,6 +159,37 @@ def test_the_finite_check_sees_writes_into_a_checked_bank(synthetic: dict[str, F
 
 
 @pytest.mark.parametrize("name", available_detectors())
+def test_a_bank_without_features_runs_the_logit_only_detectors_alike_and_the_others_refuse_it(
+        name: str, synthetic: dict[str, FeatureBank]) -> None:
+    """A user with logits alone (precomputed, or a model whose penultimate layer is out of reach) had to fabricate
+    features: `FeatureBank` required them. Without them (`features=None`) a detector that reads only the logits
+    fits and scores as with them (a NaN row NaN, the others as before), and one that reads them refuses the bank in
+    one line naming itself, at fit and at score."""
+    cls = detector_class(name)
+    bare = {split: replace(bank, features=None) for split, bank in synthetic.items()}
+    refused = rf"^{name}: it reads the penultimate features and this FeatureBank has none \(features=None\); build"
+    if cls.reads_features:
+        with pytest.raises(ConfigError, match=refused):
+            build_detector(name).fit(bare[cls.fit_split])
+        if name in SYNTHETIC and not cls.needs_model:
+            with pytest.raises(ConfigError, match=refused):
+                _fitted(name, synthetic).score(bare["test"])
+        return
+    assert name in SYNTHETIC, f"{name} reads no features: score it on the synthetic banks here"
+    with_features, without = _fitted(name, synthetic), _fitted(name, bare)
+    for split in ("test", "ood"):
+        want = _scores(with_features, synthetic[split])
+        got = _scores(without, synthetic[split]) if cls.needs_model else without.score(bare[split])
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if not cls.needs_model:
+        logits = bare["test"].logits.clone()
+        logits[3, 0] = torch.nan
+        got, want = without.score(replace(bare["test"], logits=logits)), with_features.score(synthetic["test"])
+        keep = torch.arange(len(got)) != 3
+        assert bool(got[3].isnan()) and torch.allclose(got[keep], want[keep], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", available_detectors())
 def test_declared_hyperparameters_are_consistent(name: str) -> None:
     """Grid and score-only keys are constructor hyper-parameters, and every default lies on the grid."""
     cls = detector_class(name)

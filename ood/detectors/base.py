@@ -124,6 +124,9 @@ class Detector:
     #: cross-entropy over every class): on a network with one output (a sigmoid binary head) each of them would give
     #: every input the same score (AUROC 0.5, silently), so `fit` and `score` refuse it (`DetectorNotApplicable`)
     min_classes: ClassVar[int] = 1
+    #: False for detectors that read only the bank's logits (and labels), never its penultimate features: they score
+    #: a bank built without features (`FeatureBank(logits, features=None)`), which the others refuse in one line
+    reads_features: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -155,8 +158,9 @@ class Detector:
 
     def fit(self, bank: FeatureBank) -> Detector:
         """Collect ID statistics from `bank` (the split named by `fit_split`); default: nothing to fit (but the checks
-        every `fit` makes: `min_classes`)."""
+        every `fit` makes: `min_classes`, `reads_features`)."""
         check_classes(self, bank)
+        check_features(self, bank)
         return self
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
@@ -215,6 +219,7 @@ def _checked_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
         bank = args[0] if args else kwargs.get("bank")
         if isinstance(bank, FeatureBank):
             check_classes(self, bank)
+            check_features(self, bank)
         bad = int(bank.nonfinite_rows().sum()) if isinstance(bank, FeatureBank) else 0
         if bad:
             raise NonFiniteError(f"{self.name}: {bad} of {len(bank)} rows of its fit bank hold NaN or infinite logits "
@@ -239,19 +244,31 @@ def _checked_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
     return checked
 
 
-def bank_shape(bank: FeatureBank) -> tuple[int, int]:
-    """(classes, feature dimension) of a bank: what the statistics a detector fits on it are sized by."""
-    return bank.logits.shape[1], bank.features.shape[1]
+def bank_shape(bank: FeatureBank) -> tuple[int, int | None]:
+    """(classes, feature dimension or None for a bank without features) of a bank: what the statistics a detector
+    fits on it are sized by."""
+    return bank.logits.shape[1], None if bank.features is None else bank.features.shape[1]
 
 
 def check_shape(det: Detector, bank: FeatureBank) -> None:
     """Refuse to score a bank of another network than the fit bank's (other classes or feature dimension) in one line:
     knn and nnguide failed with faiss' bare `AssertionError`, most others with a tensor-shape error, and react, klm,
-    openmax and tempscale scored it with the other network's statistics without a word."""
+    openmax and tempscale scored it with the other network's statistics without a word. The feature dimensions are
+    compared where both banks have features (a logit-only detector may be fitted with them and score without)."""
     fitted = getattr(det, "_fit_shape", None)
-    if fitted is not None and bank_shape(bank) != fitted:
+    shape = bank_shape(bank)
+    if fitted is not None and (shape[0] != fitted[0] or None not in (shape[1], fitted[1]) and shape[1] != fitted[1]):
         raise ConfigError(f"{det.name}: fitted on a bank of {fitted[0]} classes x {fitted[1]} features, asked to score one of "
-                          f"{bank_shape(bank)[0]} x {bank_shape(bank)[1]}: fit and score banks must come from the same network")
+                          f"{shape[0]} x {shape[1]}: fit and score banks must come from the same network")
+
+
+def check_features(det: Detector, bank: FeatureBank) -> None:
+    """Refuse a bank without penultimate features (`features=None`) to a detector that reads them (`reads_features`)
+    in one line naming the detector, where it would fail on `None` deep inside its statistics."""
+    if bank.features is None and det.reads_features:
+        raise ConfigError(f"{det.name}: it reads the penultimate features and this FeatureBank has none (features=None); "
+                          "build the bank with features=... (the [N, D] input of the final layer), or use a logit-only "
+                          f"detector: {', '.join(logit_only_detectors())}")
 
 
 def check_classes(det: Detector, bank: FeatureBank) -> None:
@@ -314,6 +331,7 @@ def _nan_for_nonfinite(score: Callable[..., Any]) -> Callable[..., Any]:
         if isinstance(bank, FeatureBank):
             bank = plain_bank(self, bank)
             check_classes(self, bank)
+            check_features(self, bank)
             check_shape(self, bank)
         bad = bank.nonfinite_rows() if isinstance(bank, FeatureBank) else None
         if bad is None or not bool(bad.any()):
@@ -353,6 +371,11 @@ def available_detectors() -> list[str]:
 def float16_detectors() -> list[str]:
     """Registered detectors that accept float16 feature banks (`Detector.float16_features`), sorted."""
     return [n for n in available_detectors() if _REGISTRY[n].float16_features]
+
+
+def logit_only_detectors() -> list[str]:
+    """Registered detectors that score a bank without penultimate features (`Detector.reads_features` False), sorted."""
+    return [n for n in available_detectors() if not _REGISTRY[n].reads_features]
 
 
 def relative_count(value: float, total: int) -> int:

@@ -19,6 +19,7 @@ class KLM(Detector):
     """-min_c KL(p || mean softmax of ID-val samples predicted c)."""
 
     name = "klm"
+    reads_features = False
     min_classes = 2
     float16_features = True
     fit_split = "val"

@@ -50,6 +50,7 @@ class MSP(Detector):
     """max_c softmax(f)_c, scored as its logarithm (monotone, tie-free in float64)."""
 
     name = "msp"
+    reads_features = False
     min_classes = 2
     float16_features = True
 
@@ -61,6 +62,7 @@ class MaxLogit(Detector):
     """max_c f_c."""
 
     name = "maxlogit"
+    reads_features = False
     float16_features = True
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
@@ -71,6 +73,7 @@ class Energy(Detector):
     """T * logsumexp(f / T)."""
 
     name = "energy"
+    reads_features = False
     ranges = {"temperature": POSITIVE}
     float16_features = True
     grid = {"temperature": [1.0]}
@@ -87,6 +90,7 @@ class Entropy(Detector):
     """sum_c p_c log p_c (negative entropy of the softmax)."""
 
     name = "entropy"
+    reads_features = False
     min_classes = 2
     float16_features = True
 
@@ -99,6 +103,7 @@ class GEN(Detector):
     """-sum_{top-M} p^gamma (1 - p)^gamma (generalised entropy of the largest M probabilities)."""
 
     name = "gen"
+    reads_features = False
     min_classes = 2
     ranges = {"gamma": POSITIVE, "M": COUNT}
     float16_features = True

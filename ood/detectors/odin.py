@@ -52,6 +52,7 @@ class ODIN(Detector):
     """Max log-softmax at temperature T of the input nudged towards higher confidence."""
 
     name = "odin"
+    reads_features = False
     min_classes = 2
     ranges = {"temperature": POSITIVE, "noise": NON_NEGATIVE, "input_std": POSITIVE}
     needs_model = True

@@ -37,6 +37,7 @@ class OpenMax(Detector):
     """-(OpenMax probability of the unknown class), from Weibull models of the distance to each class's mean logits."""
 
     name = "openmax"
+    reads_features = False
     per_class = True
     ranges = {"tailsize": COUNT, "alpha": COUNT}
     float16_features = True

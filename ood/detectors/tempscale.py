@@ -38,6 +38,7 @@ class TempScale(Detector):
     """max_c log softmax(f / T)_c, T fitted on ID-val."""
 
     name = "tempscale"
+    reads_features = False
     min_classes = 2
     float16_features = True
     fit_split = "val"
