@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import math
+import pickle
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -187,6 +190,21 @@ def test_a_bank_without_features_runs_the_logit_only_detectors_alike_and_the_oth
         got, want = without.score(replace(bare["test"], logits=logits)), with_features.score(synthetic["test"])
         keep = torch.arange(len(got)) != 3
         assert bool(got[3].isnan()) and torch.allclose(got[keep], want[keep], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_a_fitted_detector_pickles_and_scores_alike_after(name: str, synthetic: dict[str, FeatureBank]) -> None:
+    """A user keeps fitted detectors with `torch.save`, `pickle` or `copy.deepcopy`: every one comes back scoring as
+    it did (the network-pass detectors: tests/test_detectors_model.py; knn's and nnguide's faiss index on a GPU:
+    tests/test_neighbors.py)."""
+    det = _fitted(name, synthetic)
+    want = _scores(det, synthetic["test"])
+    saved = io.BytesIO()
+    torch.save(det, saved)
+    saved.seek(0)
+    for restored in (pickle.loads(pickle.dumps(det)), copy.deepcopy(det), torch.load(saved, weights_only=False)):
+        assert type(restored) is type(det) and restored.hparams == det.hparams
+        torch.testing.assert_close(_scores(restored, synthetic["test"]), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", available_detectors())

@@ -4,6 +4,8 @@ reference, not through the detector's code path."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -155,6 +157,17 @@ def test_separates_id_from_ood_through_the_evaluation_path(name: str, tiny: dict
     assert id_s.shape == (120,) and id_s.dtype == torch.float64
     assert bool(torch.isfinite(id_s).all() and torch.isfinite(ood_s).all())
     assert ood_metrics(id_s, ood_s)["auroc"] > 0.9, name
+
+
+@pytest.mark.parametrize("name", NETWORK)
+def test_a_fitted_network_detector_pickles_and_scores_alike_after(name: str, tiny: dict[str, Any]) -> None:
+    """A user keeps fitted detectors with `pickle` (`torch.save`) or `copy.deepcopy`: every network detector comes
+    back scoring the test split as it did (the cached ones: tests/test_detectors.py)."""
+    det = _fitted(name, tiny)
+    want = _scores(det, tiny, "test")
+    for restored in (pickle.loads(pickle.dumps(det)), copy.deepcopy(det)):
+        assert type(restored) is type(det) and restored.hparams == det.hparams
+        torch.testing.assert_close(_scores(restored, tiny, "test"), want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", [n for n in NETWORK if detector_class(n).score_params and detector_class(n).needs_model])
