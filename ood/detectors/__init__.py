@@ -11,6 +11,7 @@ from ood.detectors.base import (
     build_detector,
     detector_class,
     float16_detectors,
+    logit_only_detectors,
     reference_name,
     relative_count,
     resolve_detectors,
@@ -19,5 +20,5 @@ from ood.detectors.base import (
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Detector", "DetectorNotApplicable", "available_detectors", "build_detector", "detector_class", "float16_detectors", "reference_name", "relative_count",
+__all__ = ["Detector", "DetectorNotApplicable", "available_detectors", "build_detector", "detector_class", "float16_detectors", "logit_only_detectors", "reference_name", "relative_count",
            "resolve_detectors"]
