@@ -61,6 +61,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
@@ -440,11 +441,28 @@ def check_augment(sizes: Sizes) -> dict[str, Any]:
             **({} if equal else {"error": f"max |diff| {float((got - torch.stack(want)).abs().max())}"})}
 
 
+@contextlib.contextmanager
+def _process_settings_kept() -> Iterator[None]:
+    """`os.environ` and torch's intra-op thread count put back afterwards: a DDP run sets `MASTER_ADDR`,
+    `MASTER_PORT`, `NODE_RANK`, `LOCAL_RANK` and, where unset, `OMP_NUM_THREADS` (with `torch.set_num_threads`) in
+    this process, which the later sections, and a program calling the check, would otherwise run with."""
+    env, threads = dict(os.environ), torch.get_num_threads()
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(env):
+            del os.environ[key]
+        os.environ.update(env)
+        torch.set_num_threads(threads)
+
+
+@_process_settings_kept()
 def check_ddp(sizes: Sizes, tree: Path, work: Path) -> dict[str, Any]:
     """Section 4: one-device DDP evaluation == plain evaluation (every row equal). Both with deterministic kernels
     and without cuDNN's benchmark mode (`trainer=gpu` has it on), which times candidate convolution algorithms in
     each run and may pick others in the second: rounding differences that are not the DDP path's (`warn`, not
-    `true`: an op of a user's network without a deterministic CUDA kernel warns instead of stopping the check)."""
+    `true`: an op of a user's network without a deterministic CUDA kernel warns instead of stopping the check).
+    The process's environment and thread count come back as they were."""
     common = ["data=cifar10", f"paths.data_dir={tree}", f"backbone={sizes.backbone32}", "train=false",
               f"data.eval_batch_size={sizes.eval_batch}", f"data.num_workers={sizes.workers}", sizes.detectors,
               "+detectors.params.vim.dim=32", "++trainer.benchmark=false", "trainer.deterministic=warn", *QUIET]

@@ -4,7 +4,9 @@ checks hold, the throughput table is filled."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from benchmarks import gpu_check
+from benchmarks.fabricate import cifar_tree
 
 
 @pytest.mark.slow
@@ -125,3 +128,26 @@ def test_gpu_check_keeps_the_finished_checks_when_a_later_section_fails(tmp_path
     report = json.loads(out.read_text())
     assert report["complete"] and not report["ok"] and report["throughput"] == [row]
     assert report["checks"][-1] == {"check": "throughput", "ok": False, "error": "OutOfMemoryError: CUDA out of memory"}
+
+
+@pytest.mark.slow
+def test_the_ddp_section_leaves_the_environment_and_thread_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its one-device DDP run set MASTER_ADDR, MASTER_PORT, NODE_RANK, LOCAL_RANK and OMP_NUM_THREADS (with
+    torch.set_num_threads) in this process: the throughput section after it, and a program calling the check, ran
+    with them. They come back as they were (a few seconds: one plain and one DDP evaluation of 4 + 4 images)."""
+    for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    threads = torch.get_num_threads()
+    tree = cifar_tree(tmp_path / "cifar", n_train=8, n_val=4, n_test=4, n_ood=4)
+    method, *_ = gpu_check.build(gpu_check._cfg(tmp_path / "init", [
+        "data=cifar10", f"paths.data_dir={tree}", "backbone=small_cnn", "train=false", "evaluate=false", "trainer=cpu",
+        *gpu_check.QUIET]))
+    torch.save(method.state_dict(), tmp_path / "ce_init.pt")
+    torch.set_num_threads(threads + 1)  # not the count Lightning sets (cores / ranks), so its change shows
+    before = dict(os.environ)
+    try:
+        row = gpu_check.check_ddp(dataclasses.replace(gpu_check.DRY, detectors="detectors.names=[msp]"), tree, tmp_path)
+        assert row["ok"] and row["rows"] > 0
+        assert dict(os.environ) == before and torch.get_num_threads() == threads + 1
+    finally:
+        torch.set_num_threads(threads)
