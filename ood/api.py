@@ -22,7 +22,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,14 +217,13 @@ def one_line_errors() -> Iterator[None]:
 @contextmanager
 def _caller_state() -> Iterator[None]:
     """The process-wide state a run sets, put back afterwards: `seed_everything`'s global RNG states (torch, its
-    CUDA generators once in use, NumPy, Python) and `PL_GLOBAL_SEED` / `PL_SEED_WORKERS`, and the trainer's
+    CUDA generators: `_cuda_rng_restorer`, NumPy, Python) and `PL_GLOBAL_SEED` / `PL_SEED_WORKERS`, and the trainer's
     `torch.use_deterministic_algorithms` and cuDNN benchmark flags. `evaluate` is a call inside the user's program:
     their training loop goes on with its own random stream and settings (a CPU evaluation left deterministic
     algorithms on, which CUDA ops without a deterministic kernel then refuse)."""
     import random
 
-    rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
-           torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(), _cuda_rng_restorer())
     flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.benchmark)
     env = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
@@ -234,8 +233,7 @@ def _caller_state() -> Iterator[None]:
         torch.set_rng_state(rng[0])
         np.random.set_state(rng[1])
         random.setstate(rng[2])
-        if rng[3] is not None:
-            torch.cuda.set_rng_state_all(rng[3])
+        rng[3]()
         torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
         torch.backends.cudnn.benchmark = flags[2]
         for key, value in env.items():
@@ -243,6 +241,30 @@ def _caller_state() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _cuda_rng_restorer() -> Callable[[], None]:
+    """A function that puts the caller's CUDA generators back as they are now. Once CUDA is initialised, their
+    states. Before, the seeds queued for CUDA's first use (`torch.manual_seed` before any CUDA call): the run's
+    `seed_everything` replaces them, so the caller's first CUDA use would seed with the run's seed; and when the run
+    initialises CUDA itself, its generators would stay seeded and advanced by the run, so the caller's CUDA draws
+    after the call (dropout, `torch.randn(device='cuda')`) differed from those without it. They get what CUDA's
+    initialisation would have given the caller: torch's default seed, then the caller's queued seeds."""
+    if torch.cuda.is_initialized():
+        states = torch.cuda.get_rng_state_all()
+        return lambda: torch.cuda.set_rng_state_all(states)
+    tracker = torch.cuda._lazy_seed_tracker  # torch keeps the latest manual_seed(_all) callbacks here until init
+    queued = (tracker.manual_seed_all_cb, tracker.manual_seed_cb, list(tracker.call_order))
+
+    def restore() -> None:
+        tracker.manual_seed_all_cb, tracker.manual_seed_cb, tracker.call_order = queued[0], queued[1], list(queued[2])
+        if torch.cuda.is_initialized():  # the run initialised CUDA
+            torch.cuda.manual_seed_all(torch.Generator().initial_seed())  # a fresh generator's seed: CPU's and CUDA's
+            for call in queued[2]:  # in the order torch's initialisation runs them
+                if call is not None:
+                    call[0]()
+
+    return restore
 
 
 @contextmanager

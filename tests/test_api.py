@@ -285,6 +285,73 @@ def test_evaluate_leaves_the_callers_random_streams_and_flags(tmp_path: Path, mo
     torch.use_deterministic_algorithms(deterministic)
 
 
+def _one_fake_cuda_generator(monkeypatch: pytest.MonkeyPatch) -> torch.Generator:
+    """One visible GPU whose default generator is a CPU generator standing in for it (torch's seeding code runs
+    as on a GPU): what CUDA's generators hold, without one."""
+    gen = torch.Generator()
+    monkeypatch.setattr(torch.cuda.random, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "default_generators", (gen,))
+    return gen
+
+
+def _first_cuda_use() -> None:
+    """What CUDA's initialisation does with the seeds queued before it (`torch.manual_seed` before any CUDA call)."""
+    for call in torch.cuda._lazy_seed_tracker.get_calls():
+        if call is not None:
+            call[0]()
+
+
+def test_a_cpu_evaluate_keeps_the_seed_the_callers_first_cuda_use_gets(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`torch.manual_seed(7)` before any CUDA call queues seed 7 for CUDA's first use; the run's seed_everything
+    (seed 0) replaced it and the generators were restored only once CUDA was initialised: the caller's CUDA stream
+    then started from seed 0."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    torch.manual_seed(7)
+    ood.evaluate(net, paths["id"], [paths["far"]], detectors="msp", image_size=32, resize=32, device="cpu",
+                 output_dir=tmp_path / "run")
+    gen = _one_fake_cuda_generator(monkeypatch)
+    _first_cuda_use()
+    assert gen.initial_seed() == 7
+
+
+@pytest.mark.parametrize("caller_seed", [7, None])
+def test_an_evaluate_that_initialises_cuda_gives_the_caller_its_own_cuda_stream(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caller_seed: int | None) -> None:
+    """CUDA first initialised by the run (the caller's first CUDA use is `ood.evaluate(device='cuda')`): its
+    generators stayed seeded with the run's seed and advanced by its draws, so the caller's CUDA draws afterwards
+    (dropout, `torch.randn(device='cuda')`) were not those of its own seed, or of torch's default seed when it set
+    none. Faked: CUDA initialises once the run is built, which draws 5 numbers on the device."""
+    from ood import train
+
+    paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    gen = _one_fake_cuda_generator(monkeypatch)
+    initialised = [False]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialised[0])
+    build = train.build
+
+    def build_on_cuda(*args: object, **kwargs: object) -> object:
+        built = build(*args, **kwargs)  # seed_everything(0) queues seed 0 for CUDA's first use
+        initialised[0] = True  # the model moved to the device
+        _first_cuda_use()
+        torch.rand(5, generator=gen)
+        return built
+
+    monkeypatch.setattr(train, "build", build_on_cuda)
+    own = torch.Generator()  # CUDA's generator as the caller's first CUDA use would find it
+    if caller_seed is None:  # nothing queued (an earlier test's torch.manual_seed would be)
+        monkeypatch.setattr(torch.cuda, "_lazy_seed_tracker", type(torch.cuda._lazy_seed_tracker)())
+    else:
+        torch.manual_seed(caller_seed)
+        own.manual_seed(caller_seed)
+    ood.evaluate(net, paths["id"], [paths["far"]], detectors="msp", image_size=32, resize=32, device="cpu",
+                 output_dir=tmp_path / "run")
+    assert initialised[0] and gen.initial_seed() == own.initial_seed()
+    assert torch.equal(torch.rand(5, generator=gen), torch.rand(5, generator=own))
+
+
 def test_evaluate_inside_a_callers_hydra_app_leaves_its_hydra(tmp_path: Path) -> None:
     """A researcher's own `@hydra.main` script (or `initialize_config_dir`) calling `ood.evaluate`: the run cleared
     their GlobalHydra, so their next `compose()` failed with "GlobalHydra is not initialized"."""
