@@ -1,6 +1,7 @@
 """`DDPStrategy`: every rank stops at the same step on SIGTERM; ranks the main process starts (`trainer=ddp_cpu`:
-`start_method=forkserver`; or `spawn`) log where the main process logs, hand their results back through a file and,
-from a fork server, start without importing torch, Lightning and ood again. "Spawned" below means either.
+`start_method=forkserver`; or `spawn`) stop on a SIGINT sent to the main process alone, log where the main process
+logs, hand their results back through a file and, from a fork server, start without importing torch, Lightning and
+ood again. "Spawned" below means either.
 
 Fork server: a spawned rank is a fresh interpreter that imports torch, Lightning and ood before it runs (about 5 s on
 a CPU; paid per rank at every stage: the fit, the evaluation, each run of a sweep). Python's fork server imports them
@@ -23,6 +24,15 @@ Lightning's `SIGTERMException` at the same step. A spawned rank then exits with 
 process, which passes its own SIGTERM on to the ranks (once they are all started, when it came as they started),
 raises `SIGTERMException` once they have exited, and starts no further stage (`ood.train` records the failure and
 exits 143).
+
+SIGINT to the main process only (`kill -INT <pid>`, a notebook's "interrupt kernel", a scheduler that signals the job's
+main process): Ctrl-C on a terminal signals every process of the foreground group, the ranks too, and each stops
+with a `KeyboardInterrupt`; signalled alone, the main process stopped waiting for its ranks, which ran their whole stage
+on (a fit to its last epoch) while the main process waited for them in its exit. The main process now passes SIGINT
+on to its ranks, says so, waits for them (`RANK_STOP_TIMEOUT`, then SIGKILL for any still running: one blocked in a
+collective) and raises the `KeyboardInterrupt` as for Ctrl-C. A rank takes the first SIGINT as `KeyboardInterrupt`
+and ignores any later one (on a terminal it gets one from the terminal and the one passed on): a second interruption
+would cut its way out (below) short. A main process started with SIGINT ignored (`cmd &` in a script) is left so.
 
 Exit: a spawned rank never destroyed its gloo process group (Lightning destroys only NCCL ones, at exit; the DDP
 wrapper holds the group, and a rank stopped by SIGTERM or an error never reaches Lightning's teardown), so gloo's
@@ -58,13 +68,14 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from multiprocessing import reduction
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy as _DDPStrategy
@@ -81,12 +92,34 @@ from torch.nn.parallel import DistributedDataParallel
 from ood.termination import SIGTERM_EXIT, note, sigterm_noted, sigterm_received
 from ood.utils import warnings_in_log_files
 
+#: seconds the main process waits for its ranks to stop after passing SIGINT on, before it kills them (module doc)
+RANK_STOP_TIMEOUT = 30.0
+
 
 def _on_sigterm(handler: Callable[[int, FrameType | None], None]) -> Any:
     """Install `handler` for SIGTERM (only the main thread may); returns the previous handler, None when not set."""
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signal.SIGTERM, handler)
+
+
+def _interrupt_once(signum: int, frame: FrameType | None) -> NoReturn:
+    """A rank's SIGINT handler: `KeyboardInterrupt`, later SIGINTs ignored (module doc)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _sigint_once() -> Iterator[None]:
+    """`_interrupt_once` inside, in place of Python's own SIGINT handler (an ignored SIGINT stays ignored)."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    signal.signal(signal.SIGINT, _interrupt_once)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass(frozen=True)
@@ -239,7 +272,7 @@ def _tensors_by_value() -> Iterator[None]:
 
 
 class _SpawnLauncher(_MultiProcessingLauncher):
-    """The spawn launcher with SIGTERM passed on to the ranks, the main process's log handlers in every rank and
+    """The spawn launcher with SIGTERM and SIGINT passed on to the ranks, the main process's log handlers in every rank and
     results through a file (module doc)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -265,9 +298,31 @@ class _SpawnLauncher(_MultiProcessingLauncher):
             if err.exit_code in (SIGTERM_EXIT, -signal.SIGTERM):
                 raise SIGTERMException from err
             raise
+        except KeyboardInterrupt:  # SIGINT, maybe to this process only (module doc)
+            self._interrupt_ranks()
+            raise
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+
+    def _interrupt_ranks(self) -> None:
+        """SIGINT passed on to the ranks still running, which are waited for (`RANK_STOP_TIMEOUT`, then killed)."""
+        ranks = [proc for proc in self.procs if proc.is_alive()]
+        if not ranks:
+            return
+        log = logging.getLogger(__name__)
+        log.warning("interrupted: SIGINT passed on to the %d DDP ranks, waiting for them to stop", len(ranks))
+        self.kill(signal.SIGINT)
+        deadline = time.monotonic() + RANK_STOP_TIMEOUT
+        for proc in ranks:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        stuck = [proc for proc in ranks if proc.is_alive()]
+        if stuck:
+            log.warning("DDP rank(s) %s still running %g s after SIGINT: killed", [p.pid for p in stuck],
+                        RANK_STOP_TIMEOUT)
+            self.kill(signal.SIGKILL)
+            for proc in stuck:
+                proc.join()
 
     def _pass_on(self, signum: int, frame: FrameType | None) -> None:
         """The main process's SIGTERM: the ranks stop at their next step."""
@@ -289,8 +344,9 @@ class _SpawnLauncher(_MultiProcessingLauncher):
         return {**super().__getstate__(), "_procs": []}  # as Lightning's: processes do not pickle
 
     def _wrapping_function(self, process_idx: int, *args: Any, **kwargs: Any) -> None:
-        # the rank's first code: SIGTERM before Lightning's handler (setup, checkpoint restore) is noted, not fatal
-        with sigterm_noted():
+        # the rank's first code: SIGTERM before Lightning's handler (setup, checkpoint restore) is noted, not fatal;
+        # SIGINT interrupts once (module doc)
+        with sigterm_noted(), _sigint_once():
             if self.parent is not None:  # forked by the server: made what a spawned rank is (`_ParentState`)
                 self.parent.restore()
             _log_to(self.log_targets, self.log_level, self._strategy.node_rank * self._strategy.num_processes + process_idx)

@@ -9,8 +9,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext, suppress
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,76 @@ def test_sigterm_while_the_ranks_start_is_passed_on_once_they_are_there() -> Non
         termination.forget_sigterm()
         sleeper.kill()
         sleeper.wait()
+
+
+class _StandInRank:
+    """A `sleep` process standing for a rank (what `_SpawnLauncher` uses of one), SIGINT's action as given."""
+
+    def __init__(self, on_sigint: signal.Handlers) -> None:
+        self.proc = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: signal.signal(signal.SIGINT, on_sigint))
+        self.pid = self.proc.pid
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        with suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+
+
+def test_sigint_to_the_main_process_alone_stops_its_ranks(monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """SIGINT to the main process only (`kill -INT <pid>`, a notebook's interrupt, a scheduler signalling the job's
+    main process): its KeyboardInterrupt left the ranks running, which ran their whole stage (a 2-rank fit went on to
+    epoch 216 in the 90 s a run was watched) while the main process waited for them in its exit. It now passes SIGINT
+    on, says so, waits for them and kills one still running after `RANK_STOP_TIMEOUT` (here one that ignores SIGINT),
+    then raises the KeyboardInterrupt (Lightning's launch replaced: the interruption comes as it waits for its ranks)."""
+    ranks = [_StandInRank(signal.SIG_DFL), _StandInRank(signal.SIG_IGN)]
+
+    def launch(self: _MultiProcessingLauncher, *args: object, **kwargs: object) -> None:
+        self.procs = ranks
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_MultiProcessingLauncher, "launch", launch)
+    monkeypatch.setattr(strategies, "RANK_STOP_TIMEOUT", 0.5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _SpawnLauncher(_two_cpu_ranks(), start_method="spawn").launch(print)
+        assert [rank.proc.poll() for rank in ranks] == [-signal.SIGINT, -signal.SIGKILL]
+        assert [r.getMessage() for r in caplog.records if r.name == "ood.strategies"] == [
+            "interrupted: SIGINT passed on to the 2 DDP ranks, waiting for them to stop",
+            f"DDP rank(s) [{ranks[1].pid}] still running 0.5 s after SIGINT: killed"]
+    finally:
+        for rank in ranks:
+            rank.proc.kill()
+            rank.proc.wait()
+
+
+def test_a_rank_takes_the_first_sigint_and_ignores_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C on a terminal reaches a rank twice: from the terminal, and passed on by the main process. The second
+    interrupted the rank's way out (its process group's end, without which gloo's threads run into the interpreter's
+    exit); the first SIGINT now raises KeyboardInterrupt and a later one is ignored, until the rank's code is done
+    (here one rank in this process; Lightning's part of it replaced)."""
+    monkeypatch.setattr(strategies, "_log_to", lambda *args: None)
+    ended = []
+
+    def stage(self: _MultiProcessingLauncher, *args: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)  # interrupted
+
+    def end_process_group(strategy: DDPStrategy) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # the second
+        time.sleep(0.01)
+        ended.append(strategy)
+
+    monkeypatch.setattr(_MultiProcessingLauncher, "_wrapping_function", stage)
+    monkeypatch.setattr(strategies, "_end_process_group", end_process_group)
+    strategy = _two_cpu_ranks()
+    # Python's own handler: a process started in the background (`make test &`) has SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _SpawnLauncher(strategy, start_method="spawn")._wrapping_function(0)
+        assert ended == [strategy] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
