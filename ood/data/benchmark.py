@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from ood.data.batch import Batch, collate_batch
@@ -219,10 +220,21 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def capped_workers(cap: int) -> int:
+    """`cap` DataLoader workers, or the CPUs this process may use when fewer: 4 workers on a 2-CPU machine made torch
+    warn of 'excessive worker creation' at every loader. The data configs' default, `num_workers: ${ood.workers:N}`:
+    on a machine with N CPUs or more the count is N, as the configs had it (training augmentation draws per worker)."""
+    check_range("the worker cap of ${ood.workers:N}", cap, 0, integer=True)
+    return min(cap, usable_cpus())
+
+
 def loader_workers(num_workers: int | None) -> int:
-    """`num_workers`, or for None `DEFAULT_WORKERS` capped at the CPUs this process may use: 4 workers on a 2-CPU
-    machine made torch warn of 'excessive worker creation' at every loader."""
-    return min(DEFAULT_WORKERS, usable_cpus()) if num_workers is None else num_workers
+    """`num_workers`, or for None `capped_workers(DEFAULT_WORKERS)`."""
+    return capped_workers(DEFAULT_WORKERS) if num_workers is None else num_workers
+
+
+# resolved where the config is read (each run, each DDP rank): the CPUs of the machine that loads the data
+OmegaConf.register_new_resolver("ood.workers", capped_workers, replace=True)
 
 
 def per_rank_batch(global_batch: int, key: str, world: int) -> int:
@@ -244,8 +256,9 @@ class OODDataModule(LightningDataModule):
 
     `batch_size` / `outlier_batch_size` are global (all DDP ranks together, split per rank in `train_dataloader`);
     `eval_batch_size` is per rank (evaluation results do not depend on it). `num_workers`: loader processes per rank
-    (None: 4, or fewer on a machine with fewer CPUs, `loader_workers`); evaluation results do not depend on it, the
-    training augmentation does (each worker draws its random crops from a stream of its own). `csid`: add the benchmark's
+    (None: 4, or fewer on a machine with fewer CPUs, `loader_workers`; the configs' `${ood.workers:N}`: N, or fewer
+    likewise); evaluation results do not depend on it, the training augmentation does (each worker draws its random
+    crops from a stream of its own). `csid`: add the benchmark's
     covariate-shifted ID sets to the evaluation pass (after the OOD sets, role `csid`); full-spectrum evaluation
     (`evaluation.fsood=true`) needs them, and the data configs set it from that key. `ood_subset`: `all`, or
     `first_fifth` (every test OOD set cut to its first len(ID test) // 5 samples before the evaluation pass, for every
