@@ -564,7 +564,7 @@ def torchvision_name(net: nn.Module) -> str:
 def _label_order(data: str | os.PathLike | Dataset, classes: Sequence[str]) -> torch.Tensor:
     """The index in `classes` (the model's class order) of each label of `data` (an index into its sorted class
     folders, or its Dataset's `classes`), then -1: indexed by a label, -1 (no class folder) stays -1."""
-    from ood.data.sets import class_folders
+    from ood.data.sets import class_folders, class_key, same_name_twice
 
     if isinstance(classes, str) or not classes:
         raise ConfigError(f"classes must be a non-empty list of class names in label order; got {classes!r}")
@@ -572,10 +572,15 @@ def _label_order(data: str | os.PathLike | Dataset, classes: Sequence[str]) -> t
     if not named:
         raise ConfigError(f"classes= needs class folders or a Dataset with `classes` to follow by name; {data} has neither")
     given = [str(c) for c in classes]
-    unlisted = sorted({str(c) for c in named} - set(given))
+    twice = sorted({class_key(c) for c in same_name_twice(given)})
+    if twice:
+        raise ConfigError(f"classes= names {twice} more than once (names are compared in Unicode NFC form)")
+    # by NFC form, as the folder reader matches them: `café` typed or copied from macOS (NFD) is one name
+    index = {class_key(c): i for i, c in enumerate(given)}
+    unlisted = sorted(str(c) for c in named if class_key(str(c)) not in index)
     if unlisted:
         raise ConfigError(f"classes={given} does not name the class(es) {unlisted} of {data}")
-    return torch.tensor([given.index(str(c)) for c in named] + [-1])
+    return torch.tensor([index[class_key(str(c))] for c in named] + [-1])
 
 
 def extract(

@@ -164,6 +164,27 @@ def test_extract_labels_follow_classes_as_evaluate_does(trained) -> None:
         ood.extract(net, paths["far"], classes=order, image_size=32, resize=32)
 
 
+def test_extract_classes_match_folders_in_either_unicode_form(tmp_path: Path) -> None:
+    """`ood.extract(classes=...)` compared names by their code points while the folder reader matches them in NFC:
+    `classes=['café', ...]` typed in NFC over folders copied from macOS (NFD) was refused as not naming the folder
+    'café' (and an NFD name over NFC folders likewise). Names are compared in NFC form; one name given twice is one
+    line."""
+    import unicodedata
+
+    from fabricate import image_folder
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    for name in (nfd, "bar"):
+        image_folder(tmp_path / "data", name, 2, side=8, ext="png")
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    bank = ood.extract(net, tmp_path / "data", classes=[nfc, "bar"], image_size=8, resize=8)
+    assert bank.labels.tolist() == [1, 1, 0, 0]  # sorted folders: 'bar', 'café'; café is output 0
+    (tmp_path / "data" / nfd).rename(tmp_path / "data" / nfc)
+    assert ood.extract(net, tmp_path / "data", classes=[nfd, "bar"], image_size=8, resize=8).labels.tolist() == [1, 1, 0, 0]
+    with pytest.raises(ConfigError, match=r"^classes= names \['café'\] more than once \(names are compared in Unicode NFC"):
+        ood.extract(net, tmp_path / "data", classes=[nfc, "bar", nfd], image_size=8, resize=8)
+
+
 def test_extract_keeps_a_layer_called_features_apart() -> None:
     """A stage named `features` (torchvision's VGG / MobileNet trunk) is an extra; the bank's features stay the
     head's input. One layer may be named by a string."""
