@@ -335,7 +335,7 @@ def _data_kwargs(id_data: Any, ood_data: Any, model: nn.Module, transform: Any) 
 
     values: dict[str, Any] = {}
     objects: dict[str, Any] = {}
-    ood = ood_mapping(ood_data)
+    ood = ood_mapping(ood_data, python_api=True)
     (objects if _is_object(ood) else values)["ood"] = ood
     if isinstance(id_data, str | os.PathLike):
         values["root"] = str(id_data)
@@ -620,9 +620,9 @@ def extract(
             import timm.data
 
             config = timm.data.resolve_data_config(model=net)
-        transform = preprocessing_transform(resolve_preprocessing(data_config=config, **preprocessing))
+        transform = preprocessing_transform(resolve_preprocessing(data_config=config, python_api=True, **preprocessing))
     else:  # size options beside it would be ignored: refused, as by `evaluate`
-        resolve_preprocessing(transform=transform, **preprocessing)
+        resolve_preprocessing(transform=transform, python_api=True, **preprocessing)
     dataset = folder_dataset(data, transform)
     order = None if classes is None else _label_order(data, classes)
     layers = (layers,) if isinstance(layers, str) else tuple(layers)

@@ -342,8 +342,10 @@ def test_planted_duplicates_are_listed_and_dropped(folders: dict[str, Path], tmp
     assert planted_rows.dataset_index.tolist() == np.flatnonzero(clean).tolist()
     np.testing.assert_array_equal(planted_rows.msp, ood_scores[clean])
     copies = shutil.copytree(folders["id"] / "test" / "c0", tmp_path / "copies")  # an OOD set of ID images only
-    with pytest.raises(DataNotFoundError, match=r"^data.drop_overlap=true leaves no image of OOD set\(s\) \['copies'\]: "
-                                                r"each of their images duplicates ID data \(listed in overlap.json\)"):
+    # named as ood.evaluate's keyword (the CLI's message names data.drop_overlap=true)
+    with pytest.raises(DataNotFoundError, match=r"^drop_overlap=True leaves no image of OOD set\(s\) \['copies'\]: "
+                                                r"each of their images duplicates ID data \(listed in overlap.json\); "
+                                                r"score them without drop_overlap, or with another overlap_threshold$"):
         ood.evaluate(_pixels(), folders["id"], {"far": {"planted": planted, "copies": copies}},
                      output_dir=tmp_path / "emptied", drop_overlap=True, **common)
     assert len(json.loads((tmp_path / "emptied" / "overlap.json").read_text())["sets"]["copies"]) == 3
@@ -792,6 +794,34 @@ def test_the_unreadable_image_hint_names_the_option_as_the_caller_gives_it(folde
     far = FolderBenchmark(folders["id"], ood=[folders["far"]], image_size=32, resize=32).ood_test()[0].dataset
     with pytest.raises(BadImageError, match=r"broken.png: .* \(data.bad_images=skip skips such files\)$"):  # the CLI's
         far[next(i for i in range(len(far)) if far.describe(i).endswith("broken.png"))]
+
+
+def test_messages_name_the_options_as_the_caller_gives_them(folders: dict[str, Path], tmp_path: Path) -> None:
+    """The folder data's messages named config overrides (`data.root=`, `data.classes`, `data.interpolation=`,
+    `data.ood`) to callers of ood.evaluate / ood.extract too, whose keywords are `id_data`, `classes`,
+    `interpolation`, `ood_data`: each message names the option as its caller gives it (the CLI's are unchanged)."""
+    root, far = folders["id"], folders["far"]
+    with pytest.raises(ConfigError, match=r"^ood.evaluate needs id_data=<folder with train/ and test/> \(or "
+                                          r"id_data=\{'train': \.\.\., 'test': \.\.\.\}: folders"):
+        ood.evaluate(_pixels(), {"train": root / "train"}, [far], detectors=["msp"], device="cpu",
+                     output_dir=tmp_path / "run", image_size=32, resize=32)
+    with pytest.raises(ConfigError, match=r"^interpolation='cubic' is unknown; choices: \['bilinear'"):
+        ood.extract(_pixels(), far, interpolation="cubic")
+    with pytest.raises(ConfigError, match=r"^resize=16 is below the centre crop image_size=32, .* set image_size=16 too"):
+        ood.extract(_pixels(), far, image_size=32, resize=16)
+    with pytest.raises(ConfigError, match=r"^ood_data has unknown keys \['nera'\] \('nera': did you mean 'near'\?\)"):
+        ood_mapping({"nera": {"a": far}}, python_api=True)
+    with pytest.raises(DataNotFoundError, match=r"^id_data: folder not found: .*/nowhere \(expected"):
+        FolderBenchmark(tmp_path / "nowhere", ood=[far], python_api=True)
+    with pytest.raises(ConfigError, match=r"^classes must name each class folder of .*/train once: not listed: \['c2'\]$"):
+        FolderBenchmark(root, ood=[far], classes=["c0", "c1"], python_api=True)
+    with pytest.raises(ConfigError, match=r"^data.classes must name each class folder"):  # the CLI's
+        FolderBenchmark(root, ood=[far], classes=["c0", "c1"])
+    (root / "train" / "zebra").mkdir()  # one image, which the held-out validation split takes
+    shutil.copy(root / "train" / "c0" / "0.png", root / "train" / "zebra" / "0.png")
+    shutil.copytree(root / "test" / "c0", root / "test" / "zebra")
+    with pytest.raises(DataNotFoundError, match=r"holding out the ID validation split \(val_fraction=0.1, at least"):
+        FolderBenchmark(root, ood=[far], python_api=True)
 
 
 def test_near_duplicates_are_sought_among_the_fit_split_and_overlap_json_says_so(folders: dict[str, Path],

@@ -94,6 +94,22 @@ CROP_MODES = ("center", "squash")
 INTERPOLATIONS = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
                   "nearest": T.InterpolationMode.NEAREST}
 Source = str | Path | Mapping[str, Any] | Dataset
+#: the keyword of `ood.evaluate` for a `data=folder` key named otherwise there
+PYTHON_NAMES = {"root": "id_data", "train": "id_data['train']", "test": "id_data['test']", "ood": "ood_data",
+                "ood.val": "ood_data['val']", "ood.csid": "ood_data['csid']"}
+_NAME_ONLY = object()
+
+
+def option(key: str, python_api: bool, value: Any = _NAME_ONLY) -> str:
+    """Data option `key` (and `=value`) as its caller gives it: a config override (`data.drop_overlap=true`), or for
+    a caller of `ood.evaluate` / `ood.extract` (`python_api`) a keyword (`drop_overlap=True`): a message naming the
+    override sent a Python caller looking for a key its call does not have."""
+    name = PYTHON_NAMES.get(key, key) if python_api else f"data.{key}"
+    if value is _NAME_ONLY:
+        return name
+    if python_api:
+        return f"{name}={value!r}"
+    return f"{name}={json.dumps(value) if value is None or isinstance(value, bool) else value}"
 
 
 class FileImages(Dataset):
@@ -300,19 +316,24 @@ class FolderBenchmark(Benchmark):
         scan_workers: int = 8,
         python_api: bool = False,
     ) -> None:
+        self.python_api = python_api
+        #: who reads the options, as messages name it
+        self.caller = "ood.evaluate" if python_api else "data=folder"
         if bad_images not in BAD_IMAGES:
-            key = "bad_images" if python_api else "data.bad_images"
-            raise ConfigError(f"{key}={bad_images!r} is unknown; choices: {list(BAD_IMAGES)}")
+            raise ConfigError(f"{self._option('bad_images')}={bad_images!r} is unknown; choices: {list(BAD_IMAGES)}")
         if root is None and (train is None or test is None):
-            raise ConfigError("data=folder needs data.root=<folder with train/ and test/> (or both data.train= and "
-                              "data.test=: folders or {imglist: <file>} lists)")
+            raise ConfigError(
+                "ood.evaluate needs id_data=<folder with train/ and test/> (or id_data={'train': ..., 'test': ...}: "
+                "folders, {'imglist': <file>} lists or Datasets)" if python_api else
+                "data=folder needs data.root=<folder with train/ and test/> (or both data.train= and data.test=: "
+                "folders or {imglist: <file>} lists)")
         self.root = Path(root).expanduser().resolve() if root is not None else Path.cwd()
         if root is not None and not self.root.is_dir():
-            raise no_folder("data.root", self.root, "<root>/train/<class>/<image> and <root>/test/<class>/<image>")
+            raise no_folder(self._option("root"), self.root, "<root>/train/<class>/<image> and <root>/test/<class>/<image>")
         self.name = name or (self.root.name if root is not None else "folder")
         self.bad_images = bad_images
         #: the option that skips unreadable files, as the caller gives it (a config key, a keyword of `ood.evaluate`)
-        self.skip_option = "bad_images='skip'" if python_api else "data.bad_images=skip"
+        self.skip_option = self._option("bad_images", "skip")
         self.overlap_threshold = overlap_threshold
         self.drop_overlap = drop_overlap
         self.exact_duplicates = exact_duplicates
@@ -320,7 +341,8 @@ class FolderBenchmark(Benchmark):
         self.scan_workers = scan_workers
         self.augment = augment
         self.val_fraction, self.split_seed = val_fraction, split_seed
-        self.preprocessing = resolve_preprocessing(image_size, resize, mean, std, interpolation, data_config, model, transform)
+        self.preprocessing = resolve_preprocessing(image_size, resize, mean, std, interpolation, data_config, model,
+                                                   transform, python_api)
         self.transform = transform
         self.skipped: list[str] = []
         self._tensor_sources = {}
@@ -332,11 +354,11 @@ class FolderBenchmark(Benchmark):
         if sources["train"] is None:
             held = sorted(p.name + "/" for p in self.root.iterdir() if p.is_dir())
             raise DataNotFoundError(
-                f"{self.root}: no train/ folder (it holds {held}); data=folder needs <root>/train/<class>/<image> "
+                f"{self.root}: no train/ folder (it holds {held}); {self.caller} needs <root>/train/<class>/<image> "
                 "and <root>/test/<class>/<image>"
             )
         if sources["test"] is None:
-            raise DataNotFoundError(f"{self.root}: no test/ folder; data=folder needs <root>/test/<class>/<image>")
+            raise DataNotFoundError(f"{self.root}: no test/ folder; {self.caller} needs <root>/test/<class>/<image>")
         given = self._given_classes(classes, sources["train"])
         if given is not None:
             self._classes, self.num_classes = given, len(given)  # the image-list check of `_set` reads num_classes
@@ -356,7 +378,7 @@ class FolderBenchmark(Benchmark):
         for split in ("test", "val"):
             if sources[split] is not None:
                 self.id_sets[split] = self._id_set(split, sources[split], self.classes)
-        groups = ood_mapping(ood)
+        groups = ood_mapping(ood, python_api)
         self.ood_sets, self.val_ood_set = self._ood_sets(groups)
         self.csid_sets = {n: self._set(n, src, None, self.classes) for n, src in groups["csid"].items()}
         self.outlier_set_ = None if outliers is None else self._set("outliers", outliers, label=-1)
@@ -428,7 +450,7 @@ class FolderBenchmark(Benchmark):
             raise not_a_source(name, source)
         spec = SetSpec.parse(name, source if isinstance(source, Mapping) else {"folder": str(source)})
         if spec.folder is None:
-            raise ConfigError(f"set {name!r}: data=folder reads folders, image lists and Datasets; got {dict(source)}")  # type: ignore[arg-type]
+            raise ConfigError(f"set {name!r}: {self.caller} reads folders, image lists and Datasets; got {dict(source)}")  # type: ignore[arg-type]
         folder = resolve(Path.cwd(), spec.folder)
         if not folder.is_dir():
             raise no_folder(name, folder, "a folder of images; ID splits: <folder>/<class>/<image>")
@@ -464,17 +486,21 @@ class FolderBenchmark(Benchmark):
         warn_left_out(name, left_out)
         return ImageSet(name, str(folder), entries)
 
-    @staticmethod
-    def _given_classes(classes: Sequence[str] | None, train: Source) -> list[str] | None:
+    def _option(self, key: str, value: Any = _NAME_ONLY) -> str:
+        """`option(key, ...)` as this benchmark's caller gives it."""
+        return option(key, self.python_api, value)
+
+    def _given_classes(self, classes: Sequence[str] | None, train: Source) -> list[str] | None:
         """`classes` checked: unique names, and, for train class folders, one name per folder."""
         if classes is None:
             return None
+        key = self._option("classes")
         if isinstance(classes, str) or not classes:
-            raise ConfigError(f"data.classes must be a non-empty list of class names in label order; got {classes!r}")
+            raise ConfigError(f"{key} must be a non-empty list of class names in label order; got {classes!r}")
         given = [str(c) for c in classes]
         twice = sorted(set(same_name_twice(given)))
         if twice:
-            raise ConfigError(f"data.classes names {first_few(twice)} more than once")
+            raise ConfigError(f"{key} names {first_few(twice)} more than once")
         keys = {class_key(c) for c in given}
         if isinstance(train, str | os.PathLike) or (isinstance(train, Mapping) and "folder" in train):
             folder = resolve(Path.cwd(), train if isinstance(train, str | os.PathLike) else train["folder"])
@@ -485,14 +511,14 @@ class FolderBenchmark(Benchmark):
                 absent = sorted(c for c in given if class_key(c) not in found_keys)
                 if unlisted or absent:
                     raise ConfigError(
-                        f"data.classes must name each class folder of {folder} once: "
+                        f"{key} must name each class folder of {folder} once: "
                         + "; ".join(f"{what} {first_few(names)}" for what, names in
                                     (("not listed:", unlisted), ("no such folder:", absent)) if names)
                     )
         own = getattr(train, "classes", None) if isinstance(train, Dataset) else None
         own_keys = {class_key(str(c)) for c in own or ()}
         if own is not None and own_keys & keys and own_keys != keys:
-            raise ConfigError(f"data.classes and the train Dataset's `classes` name different classes: "
+            raise ConfigError(f"{key} and the train Dataset's `classes` name different classes: "
                               f"{first_few(sorted(own_keys ^ keys))} in one only")
         return given
 
@@ -500,7 +526,7 @@ class FolderBenchmark(Benchmark):
         """With `classes` given, every train label is one of its indices."""
         unknown = sorted(set(self._labels(train)) - set(range(self.num_classes)))
         if unknown:
-            raise DataNotFoundError(f"{train.where}: labels {first_few(unknown)} have no name in data.classes "
+            raise DataNotFoundError(f"{train.where}: labels {first_few(unknown)} have no name in {self._option('classes')} "
                                     f"({self.num_classes} names: labels 0..{self.num_classes - 1})")
 
     def _id_set(self, split: str, source: Source, classes: list[str] | None) -> ImageSet:
@@ -528,8 +554,8 @@ class FolderBenchmark(Benchmark):
         kept = set(labels) if self._held_out is None else {labels[i] for i in self._held_out[1]}
         missing = [k for k in range(self.num_classes) if k not in kept]
         if missing:
-            raise DataNotFoundError(f"{train.where}: holding out the ID validation split (data.val_fraction="
-                                    f"{self.val_fraction:g}, at least one image per class) leaves class(es) "
+            raise DataNotFoundError(f"{train.where}: holding out the ID validation split ("
+                                    f"{self._option('val_fraction', self.val_fraction)}, at least one image per class) leaves class(es) "
                                     f"{named(missing)} no training image; give them more images or a val/ split")
 
     def _class_count(self, train: ImageSet) -> int:
@@ -566,9 +592,9 @@ class FolderBenchmark(Benchmark):
         val = None if groups.get("val") is None else self._set("val_ood", groups["val"], label=-1)
         same = [n for n, _, s in sets if val is not None and (s.dataset is val.dataset if s.dataset is not None else s.where == val.where)]
         if same:
-            log.warning("the validation-OOD set (data.ood.val, %s) is also the test OOD set %s: the detectors are tuned "
+            log.warning("the validation-OOD set (%s, %s) is also the test OOD set %s: the detectors are tuned "
                         "on test images, so their rows for it are optimistic; give a validation-OOD set apart from the "
-                        "test sets", val.where, same[0])  # type: ignore[union-attr]
+                        "test sets", self._option("ood.val"), val.where, same[0])  # type: ignore[union-attr]
         return sets, val
 
     def _screened_sets(self) -> list[ImageSet]:
@@ -756,7 +782,7 @@ class FolderBenchmark(Benchmark):
                       "of": len(self._held_out[1]) if self._held_out is not None else self._size(self.id_sets["train"])}
         if self.overlap_threshold is not None and near_train["compared"] < near_train["of"]:
             log.info("near duplicates (feature cosine) are looked for among the %d train images of the fit split "
-                     "(data.fit_fraction), not the other %d", near_train["compared"],
+                     "(%s), not the other %d", near_train["compared"], self._option("fit_fraction"),
                      near_train["of"] - near_train["compared"])
         found: dict[str, list[dict[str, Any]]] = {}
         notes: dict[str, dict[str, Any]] = {}
@@ -797,7 +823,7 @@ class FolderBenchmark(Benchmark):
                 log.warning(
                     "%s: %d image(s) overlap the ID data (%d exact, %d near: cosine > %s), listed in overlap.json%s",
                     name, len(listed), n_exact, len(listed) - n_exact, self.overlap_threshold,
-                    "; dropped (data.drop_overlap=true)" if dropped else "",
+                    f"; dropped ({self._option('drop_overlap', True)})" if dropped else "",
                 )
             if dropped:
                 keep = torch.ones(len(feats), dtype=torch.bool)
@@ -812,9 +838,9 @@ class FolderBenchmark(Benchmark):
             atomic_write_text(self.report_dir / "overlap.json", json.dumps(record, indent=2))
         emptied = [name for name in ood_names if notes[name]["overlap_dropped"] and len(out[name]) == 0]
         if emptied:
-            raise DataNotFoundError(f"data.drop_overlap=true leaves no image of OOD set(s) {emptied}: each of their "
-                                    "images duplicates ID data (listed in overlap.json); score them without "
-                                    "drop_overlap, or with another data.overlap_threshold")
+            raise DataNotFoundError(f"{self._option('drop_overlap', True)} leaves no image of OOD set(s) {emptied}: "
+                                    "each of their images duplicates ID data (listed in overlap.json); score them "
+                                    f"without drop_overlap, or with another {self._option('overlap_threshold')}")
         return out, notes
 
 
@@ -870,10 +896,10 @@ def folder_name(folder: str | os.PathLike) -> str:
     return Path(os.path.abspath(Path(folder).expanduser())).name
 
 
-def ood_mapping(ood: Any) -> dict[str, Any]:
+def ood_mapping(ood: Any, python_api: bool = False) -> dict[str, Any]:
     """`{near: {name: source}, far: {name: source}, val: source | None, csid: {name: source}}` from any accepted form
     of the OOD sets: that mapping (each group a source, a list or a mapping), a `{name: source}` mapping (all far), a
-    list of sources (all far, named by folder) or one source."""
+    list of sources (all far, named by folder) or one source. `python_api`: messages name `ood_data`."""
     if ood is None or (isinstance(ood, Mapping) and not ood):
         raise ConfigError("data=folder needs OOD sets: '+data.ood.far={name: folder}' (Python: ood_data=...)")
 
@@ -920,14 +946,14 @@ def ood_mapping(ood: Any) -> dict[str, Any]:
     if unknown:
         close = {k: difflib.get_close_matches(str(k), OOD_KEYS, n=1) for k in unknown}
         hint = "".join(f" ({k!r}: did you mean {c[0]!r}?)" for k, c in close.items() if c)
-        raise ConfigError(f"data.ood has unknown keys {unknown}{hint}; valid keys: {', '.join(OOD_KEYS)}, or "
+        raise ConfigError(f"{option('ood', python_api)} has unknown keys {unknown}{hint}; valid keys: {', '.join(OOD_KEYS)}, or "
                           "{name: source} for far sets alone")
     if not set(ood) & set(OOD_KEYS):
         return {"near": {}, "far": dict(ood), "val": None, "csid": {}}
     val = ood.get("val")
     if val is not None and not (single(val) or isinstance(val, Mapping) and set(val) <= spec_keys):
         what = f"a mapping of sets {sorted(val)}" if isinstance(val, Mapping) else f"{val!r}"
-        raise ConfigError(f"data.ood.val is one set, the validation OOD the detectors are tuned on (a folder, an image "
+        raise ConfigError(f"{option('ood.val', python_api)} is one set, the validation OOD the detectors are tuned on (a folder, an image "
                           f"list or a Dataset); got {what}: give one source (pool several sets into one folder)")
     return {"near": named(ood.get("near")), "far": named(ood.get("far")), "val": val, "csid": named(ood.get("csid"))}
 
@@ -941,19 +967,21 @@ def resolve_preprocessing(
     data_config: Mapping[str, Any] | None = None,
     model: Mapping[str, Any] | None = None,
     transform: Any = None,
+    python_api: bool = False,
 ) -> dict[str, Any]:
     """The preprocessing used and where it came from (module docstring; recorded in `preprocessing.json`). With a
     `transform` object: its input normalisation, `mean` / `std` as given, else those of its `Normalize` (the
-    input-perturbing detectors scale their step by `std`), else none (0 and 1)."""
+    input-perturbing detectors scale their step by `std`), else none (0 and 1). `python_api`: messages name the
+    keywords of `ood.evaluate` / `ood.extract` (`mean=`), not the config keys (`data.mean=`)."""
     for key, values in (("mean", mean), ("std", std)):
         if values is not None and (isinstance(values, str) or not all(isinstance(v, Real) for v in values)
                                    or len(values) not in (1, 3) or (key == "std" and min(values) <= 0)):
-            raise ConfigError(f"data.{key}={values!r}: must be 1 or 3 numbers{' > 0' if key == 'std' else ''} (one per channel)")
+            raise ConfigError(f"{option(key, python_api)}={values!r}: must be 1 or 3 numbers{' > 0' if key == 'std' else ''} (one per channel)")
     # mmcv / detectron2's 0-255 values (mean=[123.675, 116.28, 103.53]) on [0, 1] pixels made every input about
     # -2.1, black and white 0.02 apart
     scaled = [(k, v) for k, v in (("mean", mean), ("std", std)) if v is not None and max(map(abs, v)) > 1]
     if scaled:
-        given = ", ".join(f"data.{k}={list(v)}" for k, v in scaled)
+        given = ", ".join(f"{option(k, python_api)}={list(v)}" for k, v in scaled)
         divided = ", ".join(f"{k}={[round(x / 255, 4) for x in v]}" for k, v in scaled)
         raise ConfigError(f"{given}: pixels are normalised on the 0-1 scale (ToTensor), these are 0-255 values; "
                           f"give them divided by 255: {divided}")
@@ -968,7 +996,8 @@ def resolve_preprocessing(
             {} if mean is None else {"mean": list(mean)}) | ({} if std is None else {"std": list(std)})
     for key, value in (("image_size", image_size), ("resize", resize)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < 1):
-            raise ConfigError(f"data.{key}={value!r}: must be a whole number of pixels >= 1 (or null for the default)")
+            raise ConfigError(f"{option(key, python_api)}={value!r}: must be a whole number of pixels >= 1 (or "
+                              f"{'None' if python_api else 'null'} for the default)")
     model = dict(model or {})
     source = "defaults (ImageNet)"
     pretrained = None
@@ -999,8 +1028,9 @@ def resolve_preprocessing(
         raise ConfigError(f"the model's timm data config has crop_mode={out['crop_mode']!r}, which data=folder does not "
                           f"do (choices: {list(CROP_MODES)}): pass transform=timm.data.create_transform(...)")
     if out["interpolation"] not in INTERPOLATIONS:
-        raise ConfigError(f"data.interpolation={out['interpolation']!r} is unknown; choices: {list(INTERPOLATIONS)}")
-    check_crop(out["resize"], size, "data.", "" if image_size else source)
+        raise ConfigError(f"{option('interpolation', python_api)}={out['interpolation']!r} is unknown; choices: "
+                          f"{list(INTERPOLATIONS)}")
+    check_crop(out["resize"], size, "" if python_api else "data.", "" if image_size else source)
     return out
 
 
@@ -1063,8 +1093,9 @@ def folder_datamodule(
     serves its covariate-shifted ID sets in the evaluation pass (set from `evaluation.fsood`)."""
     folders = FolderBenchmark(root, ood, **benchmark)
     if folders.csid_names and not csid:
-        log.warning("data.ood.csid lists %s, which are not scored: full-spectrum evaluation is off "
-                    "(evaluation.fsood=false)", list(folders.csid_names))
+        log.warning("%s lists %s, which are not scored: full-spectrum evaluation is off (%s)",
+                    folders._option("ood.csid"), list(folders.csid_names),
+                    "fsood=False" if folders.python_api else "evaluation.fsood=false")
     return OODDataModule(
         folders,
         batch_size=batch_size,
