@@ -248,6 +248,21 @@ def test_every_class_keeps_training_images(folders: dict[str, Path], tmp_path: P
     assert sorted({y for _, y in bench.id_sets["train"].entries}) == [0, 1, 2, 3]
 
 
+def test_a_train_dataset_lacking_a_named_class_is_refused_beside_a_val_split(folders: dict[str, Path]) -> None:
+    """A train Dataset naming 3 classes (`classes`) whose images cover 2 passed silently when a val split was given
+    (its labels were not read, for a Dataset may take a pass to read them): the head's output 2 never trained, the
+    class-conditional detectors without statistics of it. A Dataset holding its labels (`targets`) is checked as
+    folders are."""
+    from torchvision.datasets import ImageFolder
+
+    train = ImageFolder(str(folders["id"] / "train"))
+    train.samples = [s for s in train.samples if s[1] != 2]
+    train.targets = [y for _, y in train.samples]
+    with pytest.raises(DataNotFoundError, match=r"^Dataset ImageFolder: class\(es\) \['c2'\] have no images \(every "
+                                                r"ID class needs training images\)$"):
+        FolderBenchmark(train=train, test=folders["id"] / "test", val=folders["id"] / "test", ood=[folders["far"]])
+
+
 def test_a_batch_larger_than_the_training_set_is_refused(folders: dict[str, Path]) -> None:
     """12 training images and the default batch of 64: the training loader drops its partial last batch, so the run
     trained no step, evaluated the untrained network as if trained and saved no checkpoint."""

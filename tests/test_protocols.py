@@ -10,6 +10,7 @@ only their md5 checks are switched off (the files are not the real downloads).
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -225,6 +226,36 @@ def test_id_splits_whose_classes_disagree_are_one_line_each(tmp_path: Path) -> N
     agreed = bench("val", "val")
     agreed.prepare()
     assert sorted({y for _, y in agreed.val()}) == [0, 1, 2]
+
+
+def test_id_classes_no_split_has_are_warned_of(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """num_classes above the classes of the data (10 with 9 class folders, or a class absent from every list) passed
+    silently: the head got outputs never trained and class-conditional detectors no statistics of those classes. One
+    warning names them and the fix (a subset of a benchmark's classes, e.g. a smoke run on part of ImageNet's lists,
+    is legitimate: not an error)."""
+    from ood.data.files import FileBenchmark
+
+    for c in "abc":
+        image_folder(tmp_path / "train", c, 2, side=8)
+    image_folder(tmp_path, "ood", 2, side=8)
+    (tmp_path / "train.txt").write_text("".join(f"ood/{i % 2:03d}.jpg {y}\n" for i, y in enumerate([0, 1, 3])))
+
+    def warned(num_classes: int, train: dict) -> list[str]:
+        caplog.clear()
+        FileBenchmark(tmp_path, "mine", num_classes, train, train, {"p": {"far": {"o": {"folder": "ood"}}}}, "p",
+                      val=train).prepare()
+        return [r.getMessage() for r in caplog.records if "have no image in any ID split" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING):
+        assert warned(5, {"folder": "train"}) == [
+            "mine: 2 of the 5 ID classes (data.benchmark.num_classes=5) have no image in any ID split: [3, 4]; the "
+            "network's outputs for them are never trained and class-conditional detectors have no statistics of them; "
+            "if the data has 3 classes, set data.benchmark.num_classes=3"]
+        assert warned(4, {"imglist": "train.txt", "images": "."})[0].endswith(
+            "(data.benchmark.num_classes=4) have no image in any ID split: [2]; the network's outputs for them are never "
+            "trained and class-conditional detectors have no statistics of them; give them training images if they are "
+            "ID classes")
+        assert warned(3, {"folder": "train"}) == []
 
 
 @pytest.mark.slow

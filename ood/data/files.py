@@ -207,6 +207,24 @@ class FileBenchmark(Benchmark):
                 classes = [train[y] if train is not None and y < len(train) else y for y in missing]
                 raise DataNotFoundError(f"{self.name}:train has no image of class(es) {first_few(classes)}, which "
                                         f"{self.name}:{split} has (every ID class needs training images)")
+        self._warn_unseen_classes(labels["train"])
+
+    def _warn_unseen_classes(self, train: set[int]) -> None:
+        """One warning for ID classes of `num_classes` that no ID split has (a `num_classes` above the data's, or
+        their images missing from every split): the network gets outputs never trained to fire and class-conditional
+        detectors no statistics of those classes. A warning, not an error: a subset of a benchmark's classes (a
+        smoke run on part of ImageNet's lists, a 1000-class model scored on some of its classes) is legitimate."""
+        unseen = sorted(set(range(self.num_classes)) - train)
+        if not unseen:
+            return
+        key = (f"data.benchmark.protocols.{self.protocol.name}.id.num_classes" if "num_classes" in (self.protocol.id or {})
+               else "data.benchmark.num_classes")
+        seen = len(train)
+        fix = (f"if the data has {seen} classes, set {key}={seen}" if train == set(range(seen)) else
+               "give them training images if they are ID classes")
+        log.warning("%s: %d of the %d ID classes (%s=%d) have no image in any ID split: %s; the network's outputs for "
+                    "them are never trained and class-conditional detectors have no statistics of them; %s", self.name,
+                    len(unseen), self.num_classes, key, self.num_classes, first_few(unseen), fix)
 
     def tensor_transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """RGB, tensor, normalise: for sets stored at the input size (`preprocess: tensor`, OpenOOD's ImageNet-C)."""

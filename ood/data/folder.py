@@ -395,7 +395,9 @@ class FolderBenchmark(Benchmark):
                                         f"(extensions {list(IMAGE_EXTENSIONS)})")
         if "val" not in self.id_sets and len(self._labels(train_set)) < 2:
             raise DataNotFoundError(f"{train_set.where}: {len(self._labels(train_set))} image(s); need 2 or more to hold out a validation split")
-        if train_set.entries is not None or "val" not in self.id_sets:  # a Dataset's labels may take a pass to read
+        # a Dataset's labels may take a pass to read: checked when it holds them (`targets`) or the split is held out
+        at_hand = train_set.entries is not None or getattr(train_set.dataset, "targets", None) is not None
+        if at_hand or "val" not in self.id_sets:
             self._check_train_classes(train_set)
 
     # ----- sources ----------------------------------------------------------------------------------------------
