@@ -225,7 +225,8 @@ def test_a_checkpoint_evaluated_on_other_data_needs_the_command_line_to_say_so(
         check_evaluated(other, stored, ckpt, given=["data.batch_size=7"])
     assert str(err.value) == (
         f"checkpoint {ckpt} was trained with data.benchmark.seed=0 (now 3): pass ood-eval method=ce data=digits "
-        f"backbone=small_cnn ckpt_path={ckpt}, or name the keys on the command line to evaluate it so on purpose"
+        f"backbone=small_cnn data.benchmark.seed=0 ckpt_path={ckpt}, or name the keys on the command line to evaluate "
+        "it so on purpose"
     )
     for given in (["data.benchmark.seed=3"], ["+data=digits"], ["experiment=heatmap"]):
         caplog.clear()
@@ -235,6 +236,33 @@ def test_a_checkpoint_evaluated_on_other_data_needs_the_command_line_to_say_so(
     # through check_run, with the overrides Hydra records for the job
     with pytest.raises(ConfigError, match="was trained with data.benchmark.seed=0 \\(now 3\\)"):
         check_run(other, ckpt, ["data.batch_size=7"])
+
+
+def test_the_command_a_refused_evaluation_prints_evaluates_the_checkpoint_as_trained(tmp_path: Path) -> None:
+    """The command the refusal said to type, `ood-eval method=ce data=digits backbone=small_cnn ckpt_path=...`,
+    composed `data=digits`'s defaults (16 px) for a network trained at 12 px and passed, `data` being named: an
+    evaluation of other data than the training's. It names the training value of every key that differs, quoted
+    for the shell and Hydra (a value with a space or a comma, a string that reads as a number)."""
+    import shlex
+
+    from ood.runs.checks import check_evaluated
+    from ood.runs.identity import RunIdentity, flat_config, identity, write_identity
+
+    ckpt = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    trained = ["data.benchmark.image_size=12", "+data.benchmark.name='my set, v2'", "+data.benchmark.tag='7'"]
+    stored = flat_config(compose_config(tmp_path, trained))
+    write_identity(tmp_path / "run", RunIdentity(identity(stored), ckpt, names=["ce", "digits", "small_cnn"]))
+    with pytest.raises(ConfigError) as err:
+        check_evaluated(compose_config(tmp_path, ["train=false", "+data.benchmark.name=x", "+data.benchmark.tag=8"]),
+                        stored, ckpt, given=())
+    typed = shlex.split(str(err.value).partition(": pass ood-eval ")[2].partition(", or name")[0])
+    assert typed == ["method=ce", "data=digits", "backbone=small_cnn", "data.benchmark.image_size=12",
+                     'data.benchmark.name="my set, v2"', 'data.benchmark.tag="7"', f"ckpt_path={ckpt}"]
+    # typed (the new keys with their +), it composes the training run's values and passes
+    typed[4:6] = [f"+{arg}" for arg in typed[4:6]]
+    now = compose_config(tmp_path, ["train=false", *typed])
+    assert (now.data.benchmark.image_size, now.data.benchmark.name, now.data.benchmark.tag) == (12, "my set, v2", "7")
+    check_evaluated(now, stored, ckpt, given=typed)
 
 
 def test_a_checkpoint_of_another_method_needs_method_on_the_command_line(tmp_path: Path) -> None:

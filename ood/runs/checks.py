@@ -21,11 +21,14 @@ import difflib
 import itertools
 import json
 import os
+import re
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ood.errors import ConfigError, check_range
@@ -106,14 +109,30 @@ def check_evaluated(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str, 
     if unasked:
         trained = Path(ckpt_path).parent.parent
         names = read_identity(trained).names if (trained / IDENTITY_FILE).is_file() else []
-        again = (f"ood-eval {' '.join(f'{g}={n}' for g, n in zip(NAME_GROUPS, names) if n)} ckpt_path={ckpt_path}"
-                 if names else "the method=, data= and backbone= options it was trained with")
+        # the training values of the keys that differ: `data=digits` alone composes their defaults, not these
+        keys = [_override(k, stored[k]) for k in unasked if k != "method._target_"]
+        again = (f"ood-eval {' '.join([*(f'{g}={n}' for g, n in zip(NAME_GROUPS, names) if n), *keys])} "
+                 f"ckpt_path={ckpt_path}" if names else
+                 "the method=, data= and backbone= options it was trained with" + (f" and {' '.join(keys)}" if keys else ""))
         raise ConfigError(
             f"checkpoint {ckpt_path} was trained with {shown}: pass {again}, or name the keys on the command line to "
             "evaluate it so on purpose"
         )
     if changed:
         log.info("evaluating %s with %s, as asked", ckpt_path, shown)
+
+
+def _override(key: str, value: Any) -> str:
+    """`key=value` as one shell word that Hydra reads back as `value` (a string it would read as another type, or
+    with characters its grammar or the shell would take, such as a space or a comma, quoted for both)."""
+    if not isinstance(value, str):
+        text = json.dumps(value)
+    elif re.fullmatch(r"[\w./@:+-]+", value) and isinstance(yaml.safe_load(value), str):
+        text = value
+    else:
+        # Hydra's quoted strings: a backslash escapes only before a quote (or the closing one)
+        text = '"' + re.sub(r'(\\*)("|$)', lambda m: m[1] * 2 + ("\\" + m[2] if m[2] else ""), value) + '"'
+    return shlex.quote(f"{key}={text}")
 
 
 def _made_absolute(now: Any, then: Any) -> bool:
