@@ -4,7 +4,8 @@ Rebuilds the `method=heatmap` run from its `config.yaml` (next to `checkpoints/`
 classifier + decoder + the saved input normalisation and feature range), and for every image (`image=` a file or a
 folder of .png/.jpg/.jpeg/.bmp) writes `<out>/<stem>_heatmap.png` (input | heatmap max_c |M| | overlay, the layout of
 the run's `heatmaps/<split>.png`; `<name>_heatmap.png` when images share a stem, `a.png` and `a.jpg`) and prints its ID score (-mean max_c |M|, in [-1, 0]; near 0 = in-distribution)
-and predicted class. Images are converted to the classifier's channels and resized to its input size.
+and predicted class. Images are converted to the classifier's channels and resized to its input size. `out`
+defaults to `heatmaps/` in the current folder; `-h` / `--help` prints this text.
 """
 
 from __future__ import annotations
@@ -131,8 +132,12 @@ def write_heatmaps(method: HeatmapOOD, files: list[Path], out: Path) -> list[tup
 
 def main(argv: list[str] | None = None) -> None:
     """`ood-heatmap` entry point."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in argv):  # what ood-train and ood-eval answer too
+        print(__doc__.strip())
+        return
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
+        args = parse_args(argv)
         method = load_method(args["ckpt_path"])
         results = write_heatmaps(method, image_files(args["image"]), Path(args.get("out", "heatmaps")))
     except OODError as err:
