@@ -41,7 +41,7 @@ anonymous (non-file) resident memory, sampled every 10 ms.
 `python -m benchmarks.bench_scale --gather N [--world 2]` measures instead the memory each DDP rank (gloo, CPU
 processes) needs to bring a fit split of N rows x (`--dim` features + `--classes` logits) together, with
 Lightning's padded sampler: `all_gather` (every rank receives every row: `SplitCollector.compute`, the torchmetrics
-sync) vs `rank0` (`gather_to_rank_zero`, the evaluation callback's way) vs `rank0-memmap` (`bank_dir`).
+sync) vs `rank0` (`RankZeroRows`, the evaluation callback's way) vs `rank0-memmap` (`bank_dir`), the collection included.
 """
 
 from __future__ import annotations
@@ -612,36 +612,39 @@ GATHER_MODES = ("all_gather", "rank0", "rank0-memmap")
 
 
 def gather_rank(rank: int, args: argparse.Namespace, init: str, out: str) -> None:
-    """One spawned gloo rank: its padded shard of the fit split in a `SplitCollector`, then one way of gathering."""
+    """One spawned gloo rank: its padded shard of the fit split, collected and gathered one way; its peak memory
+    from its first batch on (the collection included: rank 0 assembles the bank while it collects)."""
+    import gc
+
     import torch.distributed as dist
     from torch.utils.data import DistributedSampler
 
-    from ood.features.collector import SplitCollector, gather_to_rank_zero, rank_zero_group, release_group
+    from ood.features.collector import RankZeroRows, SplitCollector, rank_zero_group, release_group
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=args.world)
     gen = torch.Generator().manual_seed(rank)
-    collector = SplitCollector(["features", "logits", "labels"])
     shard = torch.tensor(list(DistributedSampler(range(args.gather), num_replicas=args.world, rank=rank, shuffle=False)))
-    for index in shard.split(4096):
-        collector.update(index=index, features=torch.randn(len(index), args.dim, generator=gen),
-                         logits=torch.randn(len(index), args.classes, generator=gen), labels=index % args.classes)
     group = rank_zero_group()
     dist.barrier()
-    import gc
-
     gc.collect()
     reset_peak()
     base = status_gb("VmRSS")
     start = time.perf_counter()
     with AnonPeak() as anon, tempfile.TemporaryDirectory(dir=args.memmap_dir) as tmp:
         if args.gather_mode == "all_gather":
+            collector: RankZeroRows | SplitCollector = SplitCollector(["features", "logits", "labels"])
+        else:
+            collector = RankZeroRows(args.gather, out_dir=Path(tmp) if args.gather_mode == "rank0-memmap" else None)
+        for index in shard.split(4096):
+            collector.update(index=index, features=torch.randn(len(index), args.dim, generator=gen),
+                             logits=torch.randn(len(index), args.classes, generator=gen), labels=index % args.classes)
+        if isinstance(collector, SplitCollector):
             rows = len(collector.compute()["index"])
         else:
-            local = collector.local()
-            collector.reset()  # as the evaluation callback: the shard lists go once concatenated
-            got = gather_to_rank_zero(local, Path(tmp) if args.gather_mode == "rank0-memmap" else None, group=group)
+            got = collector.gather(group)
             rows = 0 if got is None else len(got["index"])
-            del local, got
+            del got
+        del collector
         dist.barrier(group=group)
         seconds = time.perf_counter() - start
         extra = status_gb("VmHWM") - base

@@ -21,7 +21,7 @@ from ood.errors import CheckpointError, ConfigError, NonFiniteError
 from ood.evaluation.callback import OODEvaluation
 from ood.evaluation.evaluator import Evaluator
 from ood.features.bank import FeatureBank
-from ood.features.collector import SplitCollector
+from ood.features.collector import RankZeroRows
 from ood.methods import CrossEntropy
 from ood.methods.oe import OutlierExposure
 from ood.metrics import ood_metrics
@@ -177,7 +177,7 @@ def test_detectors_use_the_methods_linear_head() -> None:
 
     method = ProbeHead()
     callback = OODEvaluation(Evaluator(detectors=[]))
-    callback._collectors = {0: SplitCollector(["labels", "logits", "features"])}
+    callback._collectors = {0: RankZeroRows(2)}
     callback._collectors[0].update(index=torch.arange(2), labels=torch.zeros(2, dtype=torch.long),
                                    logits=torch.zeros(2, 6), features=torch.zeros(2, method.backbone.feature_dim))
     bank = callback._banks([EvalSplit("test", "id_test")], method)["test"]

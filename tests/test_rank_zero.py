@@ -1,8 +1,8 @@
-"""Rank-0 gathering of evaluation banks (`ood.features.collector.gather_to_rank_zero`) and memory-mapped banks.
+"""Evaluation banks assembled on global rank 0 (`ood.features.collector.RankZeroRows`) and memory-mapped banks.
 
-Under 2-process gloo DDP with Lightning's padded sampler, rank 0 receives the deduplicated, index-sorted rows (the
+Under 2-process gloo DDP with Lightning's padded sampler, rank 0 holds the deduplicated, index-sorted rows (the
 single-process result exactly) and rank 1 gets nothing back, holding only its own shard; memory-mapped banks give
-the in-RAM detector scores exactly.
+the in-RAM detector scores exactly; neither rank ever holds a split twice.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch.utils.data import DistributedSampler
 import ood.features.collector as collector_module
 from ood.detectors import build_detector
 from ood.features.bank import FeatureBank
-from ood.features.collector import SplitCollector, gather_to_rank_zero, rank_zero_group, release_group
+from ood.features.collector import RankZeroRows, SplitCollector, rank_zero_group, release_group
 
 N, D, C = 21, 6, 3
 
@@ -42,24 +42,30 @@ def _data() -> dict[str, torch.Tensor]:
             "labels": torch.arange(N) % C}
 
 
-def _collect(indices: list[int]) -> SplitCollector:
-    data, c = _data(), SplitCollector(["features", "logits", "labels"])
+def _collect(indices: list[int], collector: RankZeroRows | SplitCollector) -> RankZeroRows | SplitCollector:
+    data = _data()
     for chunk in torch.tensor(indices).split(4):
-        c.update(index=chunk, **{k: v[chunk] for k, v in data.items()})
-    return c
+        collector.update(index=chunk, **{k: v[chunk] for k, v in data.items()})
+    return collector
+
+
+def _status_mb(field: str) -> float:
+    """`VmRSS` (now) or `VmHWM` (peak since the last reset) of this process, MB."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
 
 
 def _rank(rank: int, world: int, init: str, out: str) -> None:
-    collector_module.SEND_BYTES = 3 * D * 2  # 3-row messages (a spawned child does not inherit a monkeypatch)
+    collector_module.SEND_BYTES = 3 * D * 2  # 3-row messages (a forked child does not inherit a monkeypatch)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    collector = _collect(list(DistributedSampler(range(N), num_replicas=world, rank=rank, shuffle=False)))
-    own = len(collector.local()["index"])
+    indices = list(DistributedSampler(range(N), num_replicas=world, rank=rank, shuffle=False))
     group = rank_zero_group()
-    in_ram = gather_to_rank_zero(collector.local(), group=group)
-    mapped = gather_to_rank_zero(collector.local(), Path(out) / "banks", group=group)
-    all_gathered = len(collector.compute()["index"])  # the torchmetrics sync: every rank receives every row
+    in_ram = _collect(indices, RankZeroRows(N)).gather(group)
+    mapped = _collect(indices, RankZeroRows(N, out_dir=Path(out) / "banks")).gather(group)
+    all_gathered = len(_collect(indices, SplitCollector(["features", "logits", "labels"])).compute()["index"])
     release_group(group)
-    report = {"own": own, "received": None if in_ram is None else len(in_ram["index"]), "all_gathered": all_gathered}
+    report = {"own": len(indices), "received": None if in_ram is None else len(in_ram["index"]),
+              "all_gathered": all_gathered}
     if in_ram is not None:
         assert mapped is not None
         report["equal"] = all(torch.equal(in_ram[k], mapped[k]) for k in in_ram)
@@ -83,14 +89,63 @@ def test_two_gloo_ranks_gather_to_rank_zero_only(tmp_path: Path) -> None:
         assert torch.equal(got[key], value), key
 
 
+ROWS, WIDTH = 40_000, 1024  # a 160 MB split (float32) on 2 ranks: 80 MB each
+
+
+def _memory_rank(rank: int, init: str, out: str) -> None:
+    collector_module.SEND_BYTES = 4 * 2**20
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    group = rank_zero_group()
+    shard = torch.tensor(list(DistributedSampler(range(ROWS), num_replicas=2, rank=rank, shuffle=False)))
+    warm_up = RankZeroRows(4)  # the code paths' first use (gloo buffers, library pages) is not the bank's memory
+    warm_up.update(index=torch.arange(rank, 4, 2), features=torch.zeros(2, WIDTH))
+    warm_up.gather(group)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak (VmHWM) starts afresh from the current resident size
+    base = _status_mb("VmRSS")
+    rows = RankZeroRows(ROWS)
+    for index in shard.split(500):
+        rows.update(index=index, features=torch.full((len(index), WIDTH), float(rank)))
+    got = rows.gather(group)
+    peak = _status_mb("VmHWM") - base
+    if got is not None:  # every row from the rank that had it first: 0 then 1 (index 0 is rank 1's padding)
+        assert torch.equal(got["features"][:, 0], (torch.arange(ROWS) % 2).float())
+    release_group(group)
+    Path(out, f"{rank}.json").write_text(json.dumps({"peak_mb": peak}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_no_rank_holds_a_split_twice(tmp_path: Path) -> None:
+    """Peak resident memory from the first batch to the gathered bank: rank 0 about the bank (its rows are written in
+    place, the other rank's one message at a time), rank 1 about its shard (sent one message at a time, each batch
+    dropped once sent). Before, rank 0 held its concatenated shard beside the bank (1.62x the bank), rank 1 its shard
+    twice while sending (2.0x)."""
+    start_ranks(_memory_rank, (f"file://{tmp_path / 'rendezvous'}", str(tmp_path)))
+    bank_mb = ROWS * WIDTH * 4 / 2**20
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text())["peak_mb"] for r in (0, 1))
+    assert 0.9 * bank_mb < r0 < 1.25 * bank_mb, (r0, bank_mb)  # now 1.11x
+    assert 0.45 * bank_mb < r1 < 0.625 * bank_mb, (r1, bank_mb)  # 1.25x its shard; now 1.16x
+
+
 def test_single_process_gather_equals_the_collector_sync(tmp_path: Path) -> None:
     order = [5, 3, 0, 1, 2, 4, *range(6, N), 0, 7]  # any order, with duplicates
-    c = _collect(order)
-    expected = c.compute()
+    expected = _collect(order, SplitCollector(["features", "logits", "labels"])).compute()
     for out_dir in (None, tmp_path):
-        got = gather_to_rank_zero(c.local(), out_dir)
+        got = _collect(order, RankZeroRows(N, out_dir=out_dir)).gather()
         assert got is not None and got.keys() == expected.keys()
         assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_rows_no_batch_covered_are_left_out_in_ram_and_mapped(tmp_path: Path) -> None:
+    """`trainer.limit_test_batches`: only some dataset rows come; the bank is those rows, sorted, and still mapped."""
+    order = [9, 2, 14, 2, 5]
+    data = _data()
+    for out_dir in (None, tmp_path):
+        got = _collect(order, RankZeroRows(N, out_dir=out_dir)).gather()
+        assert got is not None and got["index"].tolist() == [2, 5, 9, 14]
+        assert all(torch.equal(got[k], v[[2, 5, 9, 14]]) for k, v in data.items())
+    assert mapped_from(got["logits"], tmp_path / "logits.kept.npy")
 
 
 @pytest.mark.parametrize("name, kwargs", [("mahalanobis", {}), ("rmds", {}), ("vim", {"dim": 3}), ("knn", {"k": 4})])
@@ -100,8 +155,9 @@ def test_memory_mapped_banks_score_exactly_as_in_ram(name: str, kwargs: dict, tm
 
     def bank(n: int, out_dir: Path | None) -> FeatureBank:
         h = torch.randn(n, D, generator=torch.Generator().manual_seed(n)) + torch.arange(n)[:, None] % C
-        rows = {"index": torch.arange(n), "features": h, "logits": h @ w.T + b, "labels": torch.arange(n) % C}
-        data = gather_to_rank_zero(rows, out_dir)
+        rows = RankZeroRows(n, out_dir=out_dir)
+        rows.update(index=torch.arange(n), features=h, logits=h @ w.T + b, labels=torch.arange(n) % C)
+        data = rows.gather()
         assert data is not None
         return FeatureBank(data["logits"], data["features"], data["labels"], w, b, index=data["index"])
 

@@ -1,8 +1,9 @@
 """`OODEvaluation`: the one evaluation callback behind `ood-train` (after fit) and `ood-eval`.
 
 During `trainer.test` it caches, from one forward pass per split, whatever the method's `eval_outputs` returns
-(per rank, in a `SplitCollector`); at the end of the epoch the shards go to global rank 0 only (DDP-exact:
-deduplicated on the dataset index, `gather_to_rank_zero`), which builds a `FeatureBank` per split (with the method's
+(a `RankZeroRows` per split: global rank 0 writes its rows in place, the other ranks keep theirs); at the end of the
+epoch the other ranks' shards go to rank 0 only (DDP-exact: deduplicated on the dataset index), which builds a
+`FeatureBank` per split (with the method's
 own linear head), hands them to the pure `Evaluator` (method score, every detector, metrics) and broadcasts the
 `EvaluationResult`; every rank passes it to each configured sink (results file, logger scalars, wandb, run table).
 """
@@ -29,13 +30,7 @@ from ood.errors import ConfigError
 from ood.evaluation.evaluator import EvaluationResult, Evaluator, NonFiniteBankError, Samples
 from ood.evaluation.sinks import Sink
 from ood.features.bank import FeatureBank
-from ood.features.collector import (
-    SplitCollector,
-    broadcast_from_rank_zero,
-    gather_to_rank_zero,
-    rank_zero_group,
-    release_group,
-)
+from ood.features.collector import RankZeroRows, broadcast_from_rank_zero, rank_zero_group, release_group
 from ood.features.reduce import sync_reducers
 from ood.methods.base import OODMethod
 from ood.precision import eager
@@ -89,7 +84,9 @@ class OODEvaluation(Callback):
         self.sinks = list(sinks.values()) if isinstance(sinks, Mapping) else list(sinks)
         self.evaluator.info.update(info or {})
         self.result: EvaluationResult | None = None
-        self._collectors: dict[int, SplitCollector] = {}
+        self._collectors: dict[int, RankZeroRows] = {}
+        self._sizes: list[int] = []
+        self._spill: Path | None = None
         self._taps: LayerTaps | None = None
 
     @property
@@ -102,6 +99,9 @@ class OODEvaluation(Callback):
         assert isinstance(pl_module, OODMethod), "OODEvaluation needs an OODMethod"
         assert isinstance(trainer.datamodule, OODDataModule), "OODEvaluation needs an OODDataModule"
         self._collectors, self.result = {}, None
+        loaders = trainer.test_dataloaders
+        self._sizes = [len(loader.dataset) for loader in (loaders if isinstance(loaders, Sequence) else [loaders])]
+        self._spill = self._spill_dir() if trainer.is_global_zero else None
         pl_module.begin_evaluation(trainer.datamodule.eval_splits)
         # per-sample maps the detectors declare (`taps`: Gram features, stage means) cached from this same pass
         self._taps = LayerTaps(pl_module, self.evaluator.detectors)
@@ -118,9 +118,14 @@ class OODEvaluation(Callback):
         if self._taps is not None:
             outputs = {**outputs, **self._taps.pop()}
         if dataloader_idx not in self._collectors:
-            fields = [k for k in outputs if k != "index"]
-            self._collectors[dataloader_idx] = SplitCollector(fields).to(pl_module.device)
-        self._collectors[dataloader_idx].update(**{**outputs, "features": outputs["features"].to(self.feature_dtype)})
+            name = trainer.datamodule.eval_splits[dataloader_idx].name
+            out_dir = None if self._spill is None else self._spill / name
+            self._collectors[dataloader_idx] = RankZeroRows(self._sizes[dataloader_idx], pl_module.device, out_dir)
+        # banks are float32 whatever the trainer precision (bf16/fp16 autocast outputs would break float64 detectors)
+        self._collectors[dataloader_idx].update(**{
+            k: v.to(self.feature_dtype) if k == "features" else v.float() if v.is_floating_point() else v
+            for k, v in outputs.items()
+        })
 
     def _spill_dir(self) -> Path | None:
         """A fresh directory under `bank_dir` for this evaluation's memory-mapped banks (None: banks in RAM)."""
@@ -129,24 +134,25 @@ class OODEvaluation(Callback):
         self.bank_dir.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix="banks-", dir=self.bank_dir))
 
-    def _banks(
-        self, splits: Sequence[EvalSplit], pl_module: OODMethod, group: Any = None, spill: Path | None = None
-    ) -> dict[str, FeatureBank] | None:
-        """Every split's bank on global rank 0 (None elsewhere): each rank's shard goes to rank 0 only
-        (`gather_to_rank_zero`), into RAM or, with `bank_dir`, into memory-mapped files; shards are freed as sent."""
-        # banks are float32 whatever the trainer precision (bf16/fp16 autocast outputs would break float64 detectors)
+    def _release(self) -> None:
+        """Drop the collected rows and this evaluation's memory-mapped banks (after it, or when it failed)."""
+        self._collectors = {}
+        if self._spill is not None:
+            shutil.rmtree(self._spill, ignore_errors=True)
+            self._spill = None
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    def _banks(self, splits: Sequence[EvalSplit], pl_module: OODMethod, group: Any = None) -> dict[str, FeatureBank] | None:
+        """Every split's bank on global rank 0 (None elsewhere): the other ranks send their shards to rank 0 only
+        (`RankZeroRows.gather`), into RAM or, with `bank_dir`, into memory-mapped files; shards are freed as sent."""
         weight, bias = (t.detach().float() for t in pl_module.linear_head())
         banks = {}
         for i, split in enumerate(splits):
             if i not in self._collectors:
                 raise RuntimeError(f"evaluation split {split.name!r} produced no batches")
-            rows = {
-                k: v.to(self.feature_dtype) if k == "features" else v.float() if v.is_floating_point() else v
-                for k, v in self._collectors[i].local().items()
-            }
-            self._collectors[i].reset()
-            data = gather_to_rank_zero(rows, None if spill is None else spill / split.name, pl_module.device, group)
-            del rows
+            data = self._collectors.pop(i).gather(group)
             if data is None:
                 continue
             labels = data.pop("labels")
@@ -159,8 +165,7 @@ class OODEvaluation(Callback):
                 index=data.pop("index"),
                 extras=data,
             )
-        self._collectors = {}
-        return banks if data is not None else None
+        return banks or None
 
     # ----- evaluation ----------------------------------------------------------------------------------------
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -177,9 +182,8 @@ class OODEvaluation(Callback):
         splits = datamodule.eval_splits
         sync_reducers()
         group = rank_zero_group()
-        spill = self._spill_dir() if trainer.is_global_zero else None
         try:
-            banks = self._banks(splits, pl_module, group, spill)
+            banks = self._banks(splits, pl_module, group)
             outcome: EvaluationResult | str | None = None
             error: Exception | None = None
             if banks is not None:
@@ -193,8 +197,7 @@ class OODEvaluation(Callback):
             outcome = broadcast_from_rank_zero(outcome, group)
         finally:
             release_group(group)
-            if spill is not None:
-                shutil.rmtree(spill, ignore_errors=True)
+            self._release()
         if outcome == STOPPED:
             raise SIGTERMException
         if error is not None:

@@ -1,19 +1,18 @@
 """DDP-exact collection of per-sample evaluation outputs.
 
 Lightning's distributed sampler pads evaluation loaders with duplicate samples and `all_gather` needs equal
-shapes, so every sample carries its dataset index. Each rank appends its rows to a `SplitCollector`; two ways
-bring them together, both deduplicating on the index (first occurrence in rank-major order, as Lightning's padding
-repeats a sample another rank already has) and sorting by it, so the result equals the single-process one exactly:
-- `SplitCollector.compute`: the torchmetrics cat-state sync, every rank receives every row (small reducers:
+shapes, so every sample carries its dataset index. Two ways bring the ranks' rows together, both deduplicating on
+the index (first occurrence in rank-major order, as Lightning's padding repeats a sample another rank already has)
+and sorting by it, so the result equals the single-process one exactly:
+- `SplitCollector`: torchmetrics cat states, synced at `compute`, every rank receives every row (small reducers:
   `ood.features.reduce`);
-- `gather_to_rank_zero`: only global rank 0 receives the rows (the evaluation banks: at ImageNet scale the other
-  ranks never hold more than their own shard), chunk by chunk over point-to-point sends, into RAM or into
-  memory-mapped .npy files.
-"""
+- `RankZeroRows`: only global rank 0 holds the rows (the evaluation banks), written in place as they come, in RAM
+  or in memory-mapped .npy files; the other ranks send theirs over point-to-point messages and never hold more
+  than their own shard."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -68,10 +67,6 @@ class SplitCollector(Metric):
             out[field] = dim_zero_cat(getattr(self, field))[keep]
         return out
 
-    def local(self) -> dict[str, torch.Tensor]:
-        """This rank's rows as appended (index and every field; no sync, no dedupe)."""
-        return {name: torch.cat(getattr(self, name)) for name in ("index", *self.fields)}
-
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -98,62 +93,134 @@ def _row_chunks(n: int, row: tuple[int, ...], dtype: torch.dtype) -> list[slice]
     return [slice(s, min(s + step, n)) for s in range(0, n, step)]
 
 
-def gather_to_rank_zero(
-    rows: Mapping[str, torch.Tensor],
-    out_dir: str | Path | None = None,
-    device: torch.device | str = "cpu",
-    group: Any = None,
-) -> dict[str, torch.Tensor] | None:
-    """Every rank's `rows` (`index` [n] and per-row fields) deduplicated and sorted by index, on global rank 0 only.
+class RankZeroRows:
+    """One evaluation split's rows (`index` and named fields), assembled in place on global rank 0 (DDP-exact).
 
-    Every rank calls it (a collective over `group`, which must be a gloo group: rows travel as CPU tensors); ranks
-    other than 0 get None and never hold more than their own rows. Rank 0 allocates each field once at its final
-    size, on `device` or, with `out_dir`, as a memory-mapped `<out_dir>/<field>.npy`, and fills it one message
-    (`SEND_BYTES`) at a time, so its peak is the result plus its own rows plus one message.
+    Every batch's `index` holds its rows' dataset index, in `[0, size)`. Global rank 0 (or the single process)
+    allocates each field once, with `size` rows, on `device` or as a memory-mapped `<out_dir>/<field>.npy` (CPU),
+    and writes every batch at its rows' dataset index as it arrives, a row's first occurrence winning (rank 0's own
+    rows, then rank 1's, ...: Lightning's padding repeats a sample another rank already has), without a host sync:
+    rank 0 never holds a split twice, not even while assembling it. Its batches on another device than the memory
+    map wait for `gather` (no copy to the host per batch). Other ranks keep their batches, and `gather` sends them one
+    message (`SEND_BYTES`) at a time, dropping each batch once sent: they never hold more than their own rows plus
+    one message.
     """
-    names = list(rows)
-    local = {k: v.detach() for k, v in rows.items()}
-    meta = (len(local["index"]), {k: (tuple(v.shape[1:]), v.dtype) for k, v in local.items()}, local["index"].cpu())
-    world, rank = (dist.get_world_size(), dist.get_rank()) if _distributed() else (1, 0)
-    if world > 1:
-        gathered: list[Any] = [None] * world if rank == 0 else []
-        dist.gather_object(meta, gathered if rank == 0 else None, dst=0, group=group)
-        if rank != 0:
-            for name in names:
-                tensor = local[name].cpu()
-                for rows_slice in _row_chunks(len(tensor), *meta[1][name]):
-                    dist.send(tensor[rows_slice].contiguous(), dst=0, group=group)
-            return None
-    else:
-        gathered = [meta]
-    lengths = [m[0] for m in gathered]
-    keep = first_occurrences(torch.cat([m[2] for m in gathered]))
-    dest = torch.full((sum(lengths),), -1, dtype=torch.long)
-    dest[keep] = torch.arange(len(keep))
-    shapes = gathered[0][1]
-    paths = {name: None if out_dir is None else Path(out_dir) / f"{name}.npy" for name in names}
-    out_device = torch.device("cpu") if out_dir is not None else torch.device(device)
-    out = {name: _empty((len(keep), *shapes[name][0]), shapes[name][1], paths[name], out_device) for name in names}
-    offset = 0
-    for src, n in enumerate(lengths):
-        target = dest[offset : offset + n]
-        offset += n
-        for name in names:
-            shape, dtype = gathered[src][1][name]
-            for rows_slice in _row_chunks(n, shape, dtype):
-                if src == 0:
-                    chunk = local[name][rows_slice]
-                else:
-                    chunk = torch.empty((rows_slice.stop - rows_slice.start, *shape), dtype=dtype)
-                    dist.recv(chunk, src=src, group=group)
-                where = target[rows_slice]
-                mine = where >= 0
-                out[name][where[mine].to(out[name].device)] = chunk[mine.to(chunk.device)].to(out[name].device)
-    for name, path in paths.items():
-        if path is not None:
-            del out[name]  # unmaps the writable view (its pages stay in the page cache)
-            out[name] = open_bank_file(path)
-    return {name: out[name] for name in names}
+
+    def __init__(self, size: int, device: torch.device | str = "cpu", out_dir: str | Path | None = None) -> None:
+        self.size = size
+        self.rank_zero = not _distributed() or dist.get_rank() == 0
+        self.device = torch.device("cpu") if out_dir is not None else torch.device(device)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.fields: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        # one spare row past `size`: where a row already written goes instead (no sync to drop it)
+        self._written = torch.zeros(size + 1, dtype=torch.bool, device=self.device) if self.rank_zero else None
+        self._out: dict[str, torch.Tensor] = {}
+        self._batches: dict[str, list[torch.Tensor]] = {}
+
+    def update(self, index: torch.Tensor, **values: torch.Tensor) -> None:
+        """Add one batch: written into place on rank 0, kept for `gather` otherwise."""
+        if not self.fields:
+            self.fields = {k: (tuple(v.shape[1:]), v.dtype) for k, v in values.items()}
+        elif values.keys() != self.fields.keys():
+            raise KeyError(f"evaluation batch has fields {sorted(values)}, the first had {sorted(self.fields)}")
+        if self.rank_zero and index.device == self.device:
+            target = self._targets(index)
+            for name, value in values.items():
+                self._put(name, target, value.detach())
+            return
+        for name, value in {"index": index, **values}.items():
+            self._batches.setdefault(name, []).append(value.detach())
+
+    def _targets(self, index: torch.Tensor) -> torch.Tensor:
+        """Rank 0: where each row of `index` goes (its dataset index, or the spare row when that index was written
+        before or earlier in `index`), marked written."""
+        index = index.to(self.device)
+        ordered, order = torch.sort(index, stable=True)
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        first = torch.empty_like(first).scatter_(0, order, first)
+        target = torch.where(first & ~self._written[index], index, self.size)
+        self._written[target] = True
+        return target
+
+    def _put(self, name: str, target: torch.Tensor, rows: torch.Tensor) -> None:
+        if name not in self._out:
+            shape, dtype = self.fields[name]
+            path = None if self.out_dir is None else self.out_dir / f"{name}.npy"
+            self._out[name] = _empty((self.size + 1, *shape), dtype, path, self.device)
+        self._out[name][target] = rows.to(self.device)
+
+    def _stream(self, name: str) -> Iterator[torch.Tensor]:
+        """This rank's kept rows of field `name` on the CPU, in messages of at most `SEND_BYTES`; each batch is
+        dropped as soon as its rows are out."""
+        batches = self._batches.pop(name)[::-1]  # popped from the end: first batch first
+        held: list[torch.Tensor] = []
+        for rows in _row_chunks(sum(len(b) for b in batches), *self.fields[name]):
+            need = rows.stop - rows.start
+            while sum(len(h) for h in held) < need:
+                held.append(batches.pop())
+            joined = torch.cat(held).cpu() if len(held) > 1 else held[0].cpu()
+            held = [joined[need:]] if len(joined) > need else []
+            yield joined[:need].contiguous()
+
+    def gather(self, group: Any = None) -> dict[str, torch.Tensor] | None:
+        """Every rank's rows, deduplicated and sorted by dataset index, on global rank 0 only (None elsewhere).
+
+        Every rank calls it (a collective over `group`, which must be a gloo group: rows travel as CPU tensors).
+        Dataset rows no rank added (e.g. under `trainer.limit_test_batches`) are left out (rank 0 then copies the
+        rows it has into new tensors).
+        """
+        index = torch.cat(self._batches.pop("index", [torch.zeros(0, dtype=torch.long)])).cpu()
+        if _distributed():
+            gathered: list[Any] = [None] * dist.get_world_size() if self.rank_zero else []
+            dist.gather_object((self.fields, index), gathered if self.rank_zero else None, dst=0, group=group)
+            if not self.rank_zero:
+                for name in self.fields:
+                    for message in self._stream(name):
+                        dist.send(message, dst=0, group=group)
+                return None
+            self.fields = self.fields or next((f for f, _ in gathered if f), {})
+        if not self.fields:
+            raise RuntimeError("no batch was added")
+        if len(index):  # rank 0's own batches from another device than its memory map
+            target = self._targets(index)
+            for name in self.fields:
+                start = 0
+                for rows in self._batches.pop(name):
+                    self._put(name, target[start : start + len(rows)], rows)
+                    start += len(rows)
+        if _distributed():
+            for src, (fields, index) in enumerate(gathered[1:], start=1):
+                target = self._targets(index)
+                for name, (shape, dtype) in fields.items():
+                    for rows in _row_chunks(len(index), shape, dtype):
+                        message = torch.empty((rows.stop - rows.start, *shape), dtype=dtype)
+                        dist.recv(message, src=src, group=group)
+                        self._put(name, target[rows], message)
+        return self._result()
+
+    def _result(self) -> dict[str, torch.Tensor]:
+        kept = self._written[: self.size].cpu().nonzero().flatten()
+        out, self._out = self._out, {}
+        for name in list(out):
+            path = None if self.out_dir is None else self.out_dir / f"{name}.npy"
+            if len(kept) < self.size:
+                path = None if path is None else path.with_suffix(".kept.npy")
+                out[name] = _take(out.pop(name), kept, path)
+            else:
+                out[name] = out.pop(name)[: self.size]
+            if path is not None:
+                del out[name]  # unmaps the writable view (its pages stay in the page cache)
+                out[name] = open_bank_file(path)[: len(kept)]
+        return {"index": kept, **out}
+
+
+def _take(tensor: torch.Tensor, rows: torch.Tensor, path: Path | None) -> torch.Tensor:
+    """`tensor[rows]` into a new tensor (or memory-mapped file at `path`), copied one message at a time."""
+    out = _empty((len(rows), *tensor.shape[1:]), tensor.dtype, path, tensor.device)
+    for part in _row_chunks(len(rows), tuple(tensor.shape[1:]), tensor.dtype):
+        out[part] = tensor[rows[part].to(tensor.device)]
+    return out
 
 
 def rank_zero_group() -> Any:
