@@ -219,13 +219,15 @@ def test_failed_jobs_are_listed_one_line_each(tmp_path: Path, capsys: pytest.Cap
     (tmp_path / "3").mkdir()  # an `ood.evaluate` run folder (no .hydra/) that failed: it was left out of the list
     (tmp_path / "3" / "FAILED.txt").write_text("ConfigError: detector 'knn': k=0 is outside its range\n")
     main([str(tmp_path), "--no-figures"])
-    assert (tmp_path / "report.md").read_text().split("Failed jobs (not in the table):\n")[1] == (
+    assert (tmp_path / "report.md").read_text().split("Jobs not in the table (failed, not evaluated, or still running):\n")[1] == (
         f"- `{tmp_path}/1`: RuntimeError: CUDA error: out of memory CUDA kernel errors might be\n"
         f"- `{tmp_path}/2`: no results: still running or killed\n"
         f"- `{tmp_path}/3`: ConfigError: detector 'knn': k=0 is outside its range\n"
     )
-    assert f"failed job {tmp_path}/1: RuntimeError: CUDA error: out of memory CUDA kernel errors might be" in (
-        capsys.readouterr().err.splitlines())
+    err = capsys.readouterr().err.splitlines()
+    assert f"failed job {tmp_path}/1: RuntimeError: CUDA error: out of memory CUDA kernel errors might be" in err
+    # a job that left no error is not called failed (evaluate=false, still running, killed)
+    assert f"job without results {tmp_path}/2: no results: still running or killed" in err
 
 
 def test_an_evaluation_of_a_copied_training_run_counts_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

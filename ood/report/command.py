@@ -66,8 +66,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             references = default_references(rows)
     except OODError as err:
-        for run, why in failed.items():
-            print(f"failed job {run}: {why}", file=sys.stderr)
+        print_missing(failed)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     chosen = [d.strip() for d in args.detectors.split(",") if d.strip()] if args.detectors else None
@@ -102,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if left_out:
         markdown += "\nReference numbers left out of the table:\n" + "".join(f"- {line}\n" for line in left_out)
     if failed:
-        markdown += "\nFailed jobs (not in the table):\n" + "".join(f"- `{run}`: {why}\n" for run, why in failed.items())
+        markdown += "\nJobs not in the table (failed, not evaluated, or still running):\n" + "".join(f"- `{run}`: {why}\n" for run, why in failed.items())
     print(markdown)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "report.md", markdown)
@@ -114,8 +113,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         clear_figures(figures_in)
     else:
         write_figures(figures_in, config_cols, table, rows, chosen)
-    for run, why in failed.items():
-        print(f"failed job {run}: {why}", file=sys.stderr)
+    print_missing(failed)
     for ref in references:  # those of another network (conf/reference/cifar10_resnet18.yaml beside 32 px runs) are not named
         if (str(ref["id_dataset"]), str(ref["backbone"])) in ran:
             protocol = f", protocol: {ref['protocol']}" if ref.get("protocol") else ""
@@ -124,3 +122,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"warning: {left_out[-1]}", file=sys.stderr)
     figures = "" if args.no_figures else f", {'report/' if figures_in != out else ''}figures/"
     print(f"wrote {out}/report.md, report.csv, report.tex{figures}", file=sys.stderr)
+
+
+def print_missing(missing: dict[str, str]) -> None:
+    """The jobs without results on stderr: "failed job" for those that left an error, else "job without results"
+    (trained with evaluate=false, still running, or killed)."""
+    for run, why in missing.items():
+        label = "job without results" if why.startswith("no results") else "failed job"
+        print(f"{label} {run}: {why}", file=sys.stderr)
