@@ -347,6 +347,21 @@ def test_no_figures_leaves_no_earlier_reports_figures(tmp_path: Path, capsys: py
     assert capsys.readouterr().err.splitlines()[-1] == f"wrote {run}/report.md, report.csv, report.tex"
 
 
+def test_no_figures_in_a_run_folder_leaves_no_empty_report_folder(tmp_path: Path) -> None:
+    """`--no-figures` rerun in one run's folder cleared report/figures/ but left report/ behind, empty; it is removed
+    then, and kept when it holds a file of the user's."""
+    run = tmp_path / "run"
+    _write(run, [_row(0, "s", "near", 0.75)])
+    main([str(run)])
+    assert (run / "report" / "figures" / "auroc_bars.png").is_file()
+    main([str(run), "--no-figures"])
+    assert not (run / "report").exists()
+    main([str(run)])
+    (run / "report" / "notes.txt").write_text("mine")
+    main([str(run), "--no-figures"])
+    assert [p.name for p in (run / "report").iterdir()] == ["notes.txt"]
+
+
 def test_report_md_says_why_reference_numbers_are_left_out(tmp_path: Path) -> None:
     """The warnings that a reference's numbers are not beside rows of theirs (other OOD sets, another mode, a
     --reference of no run's network) went to stderr only: a reader of report.md never learnt why the ref: columns were

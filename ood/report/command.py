@@ -111,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     figures_in = out / "report" if (out / "results.jsonl").is_file() else out
     if args.no_figures:
         clear_figures(figures_in)
+        if figures_in != out and figures_in.is_dir() and not any(figures_in.iterdir()):
+            figures_in.rmdir()  # report/ held only the figures just cleared: an empty folder would read as a report
     else:
         write_figures(figures_in, config_cols, table, rows, chosen)
     print_missing(failed)
