@@ -99,8 +99,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             check_launch(cfg, in_multirun())
             if not cfg.train and not cfg.get("ckpt_path") and not cfg.backbone.get("weights"):
                 raise ConfigError(
-                    "evaluation without training needs a checkpoint: add ckpt_path=PATH/checkpoints/last.ckpt "
-                    "(or backbone.weights=FILE for a backbone that loads pretrained weights, e.g. backbone=resnet50)"
+                    "evaluation without training needs a checkpoint: add ckpt_path=<run folder> (or its "
+                    "checkpoints/last.ckpt), or backbone.weights=FILE for a backbone that loads pretrained weights "
+                    "(e.g. backbone=resnet50)"
                 )
             rows = _run(cfg, output_dir)
             stop_if_terminated()  # came after the evaluation, as it wrote its results

@@ -18,6 +18,7 @@ from ood.models import SmallCNN
 from ood.models.checkpoint import load_modules
 from ood.runs.checks import check_launch, check_overrides, check_run
 from ood.runs.sweeps import check_objective, sweep_objective
+from ood.train import run
 
 
 @pytest.mark.parametrize(
@@ -135,6 +136,15 @@ def test_eval_accepts_a_run_folder(tmp_path: Path) -> None:
     torch.save({"state_dict": other.state_dict()}, ckpt)
     with pytest.raises(CheckpointError, match=f"checkpoint {ckpt} does not fit"):
         run_config(tmp_path / "eval", [*FAST, f"ckpt_path={tmp_path / 'train'}"], config_name="eval")
+
+
+def test_evaluation_without_a_checkpoint_says_a_run_folder_is_one(tmp_path: Path) -> None:
+    """`ood-eval` without a checkpoint said to add `ckpt_path=PATH/checkpoints/last.ckpt`, never that the run folder
+    itself is taken (test_eval_accepts_a_run_folder): the message names both."""
+    with pytest.raises(ConfigError, match=r"^evaluation without training needs a checkpoint: add ckpt_path=<run folder> "
+                                          r"\(or its checkpoints/last.ckpt\), or backbone.weights=FILE for a backbone "
+                                          r"that loads pretrained weights \(e.g. backbone=resnet50\)$"):
+        run(compose_config(tmp_path, [], config_name="eval"))
 
 
 def test_method_mismatch_says_method() -> None:
