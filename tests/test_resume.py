@@ -169,9 +169,37 @@ def test_resume_with_another_configuration_is_refused(tmp_path: Path) -> None:
     assert str(refused.value) == (
         f"checkpoint {ckpt} was trained with data.benchmark.image_size=16 (now 12): resuming keeps its weights, optimizer "
         "and schedule, so the finished run would follow neither configuration yet be recorded as the new one. Resume "
-        "with the checkpoint's settings, or start a new run (another hydra.run.dir, without ckpt_path)")
+        "with the checkpoint's settings (data.benchmark.image_size=16), or start a new run from its weights: "
+        f"method.init.ckpt={ckpt} without ckpt_path (another hydra.run.dir)")
     assert not (tmp_path / "new" / "results.jsonl").exists()
     check_run(compose_config(tmp_path / "new3", [*FAST, "data.num_workers=0", f"ckpt_path={ckpt}"]), str(ckpt))
+
+
+def test_a_refused_resume_names_the_checkpoints_settings_and_how_to_start_from_its_weights(tmp_path: Path) -> None:
+    """A resume refused for a changed setting said "Resume with the checkpoint's settings" without naming them past
+    the fourth, nor how to keep the weights in a new run: it lists every differing key at the checkpoint's value, as
+    overrides to type (the run's method= option for another method; in words when the checkpoint names none), and
+    `method.init.ckpt=<checkpoint>`."""
+    from ood.runs.identity import RunIdentity, write_identity
+
+    run_dir = tmp_path / "old"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    stored = flat_config(compose_config(run_dir, [*FAST, "data.benchmark.image_size=12"]))
+    torch.save({"hyper_parameters": {"config": stored}}, ckpt)
+    changes = ["seed=3", "method.optimizer.lr=0.01", "method.optimizer.momentum=0.5", "method.optimizer.weight_decay=0",
+               "data.benchmark.image_size=16"]
+    with pytest.raises(ConfigError, match=r" and 1 more: .* Resume with the checkpoint's settings \(seed=0 "
+                                          r"data.benchmark.image_size=12 method.optimizer.lr=0.05 "
+                                          r"method.optimizer.momentum=0.9 method.optimizer.weight_decay=0.0005\), or "
+                                          rf"start a new run from its weights: method.init.ckpt={ckpt} without "
+                                          r"ckpt_path \(another hydra.run.dir\)$"):
+        check_run(compose_config(tmp_path / "new", [*FAST, *changes]), str(ckpt))
+    with pytest.raises(ConfigError, match=r"settings \(the method= it was trained with, method.optimizer.lr=0.05\)"):
+        check_run(compose_config(tmp_path / "new", [*FAST, "data.benchmark.image_size=12", "method=logitnorm"]), str(ckpt))
+    write_identity(run_dir, RunIdentity({}, str(ckpt), names=["ce", "digits", "small_cnn"]))
+    with pytest.raises(ConfigError, match=r"settings \(method=ce method.optimizer.lr=0.05\)"):
+        check_run(compose_config(tmp_path / "new", [*FAST, "data.benchmark.image_size=12", "method=logitnorm"]), str(ckpt))
 
 
 @pytest.mark.parametrize("epochs", [0, -1])

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import yaml
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ood.errors import ConfigError, check_range
@@ -72,7 +73,8 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
             raise ConfigError(
                 f"checkpoint {ckpt_path} was trained for trainer.max_epochs={before}; resuming with "
                 f"trainer.max_epochs={max_epochs} would keep its learning-rate schedule (T_max={before}). Resume with "
-                f"trainer.max_epochs={before}, or start a new run from its weights"
+                f"trainer.max_epochs={before}, or start a new run from its weights: "
+                f"{_override('method.init.ckpt', ckpt_path)} without ckpt_path (another hydra.run.dir)"
             )
         check_resume(cfg, stored, ckpt_path)
     if not cfg.train and ckpt_path is not None:
@@ -107,8 +109,7 @@ def check_evaluated(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str, 
     listed = list((unasked or changed).values())
     shown = ", ".join(listed[:3]) + (f" and {len(listed) - 3} more" if len(listed) > 3 else "")
     if unasked:
-        trained = Path(ckpt_path).parent.parent
-        names = read_identity(trained).names if (trained / IDENTITY_FILE).is_file() else []
+        names = _trained_names(ckpt_path)
         # the training values of the keys that differ: `data=digits` alone composes their defaults, not these
         keys = [_override(k, stored[k]) for k in unasked if k != "method._target_"]
         again = (f"ood-eval {' '.join([*(f'{g}={n}' for g, n in zip(NAME_GROUPS, names) if n), *keys])} "
@@ -120,6 +121,13 @@ def check_evaluated(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str, 
         )
     if changed:
         log.info("evaluating %s with %s, as asked", ckpt_path, shown)
+
+
+def _trained_names(ckpt_path: str) -> list[str]:
+    """The config-group options (`NAME_GROUPS`: method, data, backbone) the run that wrote `ckpt_path` was composed
+    with, read from its run folder's identity; [] for a checkpoint outside a run folder."""
+    trained = Path(ckpt_path).parent.parent
+    return read_identity(trained).names if (trained / IDENTITY_FILE).is_file() else []
 
 
 def _override(key: str, value: Any) -> str:
@@ -171,21 +179,38 @@ def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> 
         return
     seeded = seed_keys(cfg)
     now, then = identity(flat_config(cfg), seeded), identity(stored, seeded)
-    changed = [f"{k}={then[k]} (now {now[k]})" for k in sorted(now.keys() & then.keys()) if now[k] != then[k]]
+    differing = [k for k in sorted(now.keys() & then.keys()) if now[k] != then[k]]
+    changed = [f"{k}={then[k]} (now {now[k]})" for k in differing]
+    settings = [_override(k, stored[k]) for k in differing if k not in {f"{g}._target_" for g in NAME_GROUPS}]
     if "seed" in stored and str(stored["seed"]) != str(cfg.get("seed")):
         changed.insert(0, f"seed={stored['seed']} (now {cfg.get('seed')})")
+        settings.insert(0, _override("seed", stored["seed"]))
     if changed:
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise ConfigError(
             f"checkpoint {ckpt_path} was trained with {', '.join(changed[:4])}{more}: resuming keeps its weights, "
             "optimizer and schedule, so the finished run would follow neither configuration yet be recorded as the new "
-            "one. Resume with the checkpoint's settings, or start a new run (another hydra.run.dir, without ckpt_path)"
+            f"one. Resume with the checkpoint's settings ({_group_options(ckpt_path, differing, settings)}), "
+            f"or start a new run from its weights: {_override('method.init.ckpt', ckpt_path)} without ckpt_path (another "
+            "hydra.run.dir)"
         )
     new = sorted(now.keys() - then.keys())
     if new:
         shown = ", ".join(f"{k}={now[k]}" for k in new[:4]) + (f" and {len(new) - 4} more" if len(new) > 4 else "")
         log.warning("checkpoint %s predates %s: the resumed epochs run with these values, the earlier ones did without "
                     "them", ckpt_path, shown)
+
+
+def _group_options(ckpt_path: str, differing: Sequence[str], settings: Sequence[str]) -> str:
+    """`settings` (overrides) after the config-group options (`method=ce`) the run that wrote `ckpt_path` chose where
+    this run chose another (or, outside Hydra, all of them); a group whose class differs in `differing`
+    (`method._target_`) while the checkpoint names no option is asked for in words: its keys cannot be typed back."""
+    trained = dict(zip(NAME_GROUPS, _trained_names(ckpt_path)))
+    chosen = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    options = [f"{g}={trained[g]}" for g in NAME_GROUPS if trained.get(g) and trained[g] != chosen.get(g)]
+    unknown = [f"{g}=" for g in NAME_GROUPS if not trained.get(g) and f"{g}._target_" in differing]
+    typed = " ".join([*options, *settings])
+    return f"the {' and '.join(unknown)} it was trained with{', ' if typed else ''}{typed}" if unknown else typed
 
 
 def _reexecutes_per_rank(strategy: Any) -> bool:
