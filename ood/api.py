@@ -36,6 +36,8 @@ from torch.utils.data import Dataset
 from ood.errors import ConfigError
 
 METRIC_COLUMNS = ("auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out")
+#: the keyword of `evaluate` / `extract` for each loader option of the datamodule (`check_loader_options`)
+LOADER_KEYWORDS = {"eval_batch_size": "batch_size", "num_workers": "num_workers", "fit_fraction": "fit_fraction"}
 
 
 @dataclass
@@ -441,10 +443,14 @@ def evaluate(
     from omegaconf import OmegaConf, open_dict
 
     from ood import CONFIG_DIR
+    from ood.data.benchmark import check_loader_options
     from ood.models.adapters import as_backbone, check_classes
     from ood.runs.failures import clear_failure, ctrl_c_raised, record_failure
     from ood.train import build
 
+    # the datamodule's own checks name the config keys (`data.eval_batch_size`), which this call does not have
+    given = {"fit_fraction": data["fit_fraction"]} if "fit_fraction" in data else {}
+    check_loader_options({"eval_batch_size": batch_size, "num_workers": num_workers, **given}, LOADER_KEYWORDS)
     net = _network(model)
     dtypes = sorted({str(p.dtype) for p in net.parameters() if p.is_floating_point()} - {"torch.float32"})
     if dtypes:  # the pass feeds float32 images: a half model failed in its first layer with PyTorch's dtype error
@@ -603,6 +609,7 @@ def extract(
     folders or the Dataset's `classes` follow by name. Preprocessing as in `evaluate` (`image_size`, `resize`,
     `mean`, `std`, `interpolation` in `preprocessing`); the pass runs on `device` (None: the model's), and the model
     is handed back on its own."""
+    from ood.data.benchmark import check_loader_options
     from ood.data.folder import folder_dataset, preprocessing_transform, resolve_preprocessing
     from ood.features.bank import FeatureBank
     from ood.features.passes import forward_dataset
@@ -610,6 +617,7 @@ def extract(
     from ood.utils import linear_params
 
     _check_preprocessing(preprocessing)
+    check_loader_options({"eval_batch_size": batch_size, "num_workers": num_workers}, LOADER_KEYWORDS)  # not torch's ValueError
     net = _network(model)
     backbone = as_backbone(net, feature_layer)
     if device is not None:

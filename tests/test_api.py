@@ -515,6 +515,27 @@ def test_a_head_without_bias_reads_as_a_zero_bias(tmp_path: Path) -> None:
     assert torch.equal(bank.bias, torch.zeros(3))
 
 
+@pytest.mark.parametrize(("keyword", "message"), [
+    ({"batch_size": 0}, r"batch_size=0 is outside its range whole numbers in \[1, inf\]"),
+    ({"batch_size": 2.5}, r"batch_size=2.5 is outside its range whole numbers in \[1, inf\]"),
+    ({"num_workers": -1}, r"num_workers=-1 is outside its range whole numbers in \[0, inf\]"),
+    ({"fit_fraction": 2}, r"fit_fraction must be in \(0, 1\], got 2"),
+])
+def test_a_loader_keyword_out_of_range_is_named_as_the_call_gives_it(tmp_path: Path, keyword: dict, message: str) -> None:
+    """`ood.evaluate(batch_size=0)` was refused as `data.eval_batch_size=0` (a config key the call does not have, the
+    datamodule's check), after the output folder was made; `ood.extract(batch_size=0)` with torch's ValueError. Both
+    name the keyword, before anything runs."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    with pytest.raises(ConfigError, match=rf"^{message}$"):
+        ood.evaluate(net, paths["id"], [paths["far"]], detectors="msp", image_size=32, resize=32, device="cpu",
+                     output_dir=tmp_path / "run", **keyword)
+    assert not (tmp_path / "run").exists()
+    if "fit_fraction" not in keyword:
+        with pytest.raises(ConfigError, match=rf"^{message}$"):
+            ood.extract(net, paths["far"], image_size=32, resize=32, device="cpu", **keyword)
+
+
 def test_output_dir_of_a_cli_run_is_refused(tmp_path: Path) -> None:
     """`output_dir=` a training run's folder replaced its config.yaml (read with its checkpoint by ood-heatmap and
     ood-eval), results and scores, and left its identity.json naming another configuration; an earlier

@@ -20,6 +20,7 @@ waits on a collective another rank never reaches.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -47,6 +48,8 @@ STREAMS = ("id", "outliers")
 OOD_SUBSETS = ("all", "first_fifth")
 #: DataLoader workers of `num_workers=None`, on a machine with at least this many CPUs
 DEFAULT_WORKERS = 4
+#: the loader options of `OODDataModule` that are counts -> their lowest value
+LOADER_COUNTS = {"batch_size": 1, "eval_batch_size": 1, "outlier_batch_size": 1, "num_workers": 0}
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,19 @@ def capped_workers(cap: int) -> int:
     return min(cap, usable_cpus())
 
 
+def check_loader_options(values: Mapping[str, Any], names: Mapping[str, str] | None = None) -> None:
+    """Refuse a loader count (`LOADER_COUNTS`) that is a fraction or below its lowest value, and a `fit_fraction`
+    outside (0, 1], each named `names[key]` when given (a caller's keyword: `ood.evaluate`'s `batch_size` is
+    `data.eval_batch_size`), else `data.<key>`: a fraction or a negative count ended in the DataLoader's traceback."""
+    for key, value in values.items():
+        name = (names or {}).get(key, f"data.{key}")
+        if key == "fit_fraction":
+            if not (isinstance(value, numbers.Real) and 0 < value <= 1):
+                raise ConfigError(f"{name} must be in (0, 1], got {value}")
+        else:
+            check_range(name, value, LOADER_COUNTS[key], integer=True)
+
+
 def loader_workers(num_workers: int | None) -> int:
     """`num_workers`, or for None `capped_workers(DEFAULT_WORKERS)`."""
     return capped_workers(DEFAULT_WORKERS) if num_workers is None else num_workers
@@ -281,12 +297,8 @@ class OODDataModule(LightningDataModule):
         ood_subset: str = "all",
     ) -> None:
         super().__init__()
-        if not 0 < fit_fraction <= 1:
-            raise ConfigError(f"data.fit_fraction must be in (0, 1], got {fit_fraction}")
-        # a fraction or a negative worker count ended in the DataLoader's traceback (`data.batch_size=32.5`)
-        for key, count, low in (("data.batch_size", batch_size, 1), ("data.eval_batch_size", eval_batch_size, 1),
-                                ("data.outlier_batch_size", outlier_batch_size, 1), ("data.num_workers", num_workers, 0)):
-            check_range(key, count, low, integer=True)
+        check_loader_options({"fit_fraction": fit_fraction, "batch_size": batch_size, "eval_batch_size": eval_batch_size,
+                              "outlier_batch_size": outlier_batch_size, "num_workers": num_workers})
         if csid and not benchmark.csid_names:
             raise ConfigError(
                 f"full-spectrum evaluation (evaluation.fsood=true) needs covariate-shifted ID sets, and benchmark "
