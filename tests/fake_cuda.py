@@ -5,7 +5,8 @@
 visible GPU, and ood's own code raises `DeviceMix` where real CUDA would: an op mixing device tensors with CPU tensors
 other than 0-dim scalars, `.numpy()` of a device tensor, a CPU generator drawing onto the device, a CPU tensor indexed
 with device indices. Torch's and Lightning's code is not checked (a real run moves their tensors itself).
-`fake_gpu_run()` adds what a CUDA trainer does: batches and evaluation banks on the device. Device mix-ups are
+`fake_gpu_run()` adds what a CUDA trainer does: batches on the device, its `device` the GPU (the evaluation banks go
+where the callback puts them, as in a real run). Device mix-ups are
 found; no kernel runs on a GPU, so CUDA numerics are not checked."""
 
 from __future__ import annotations
@@ -188,14 +189,14 @@ def _on_gpu(obj: Any) -> Any:
 @contextmanager
 def fake_gpu_run(monkeypatch: pytest.MonkeyPatch, method: torch.nn.Module) -> Iterator[None]:
     """`fake_cuda()` plus what a CUDA trainer does to `method` (an `OODMethod` of a `trainer=cpu` run): its buffers,
-    the batches it receives and the evaluation banks on the device, its `device` the GPU."""
+    the batches it receives on the device, its `device` the GPU. The evaluation callback builds its banks itself (on
+    the device in RAM, on the CPU with `bank_dir`), as in a CUDA run: moving them all to the device here hid a bank
+    whose dataset index the callback left on the CPU."""
     from ood.data.benchmark import OODDataModule
-    from ood.evaluation.callback import OODEvaluation
     from ood.methods.base import OODMethod
 
-    transfer, banks = OODDataModule.on_after_batch_transfer, OODEvaluation._banks
+    transfer = OODDataModule.on_after_batch_transfer
     monkeypatch.setattr(OODDataModule, "on_after_batch_transfer", lambda self, batch, i: transfer(self, _on_gpu(batch), i))
-    monkeypatch.setattr(OODEvaluation, "_banks", lambda self, *a, **k: None if (b := banks(self, *a, **k)) is None else _on_gpu(b))
     monkeypatch.setattr(OODMethod, "device", property(lambda self: CUDA))
     with fake_cuda(monkeypatch):
         for module in method.modules():

@@ -20,6 +20,7 @@ from ood.detectors import Detector, available_detectors, build_detector, detecto
 from ood.detectors.network import LayerTaps
 from ood.evaluation.scoring import fit_detector
 from ood.features.bank import FeatureBank
+from ood.features.collector import RankZeroRows
 from ood.models.small_cnn import SmallCNN
 from ood.neighbors import KNNIndex, kmeans
 from ood.train import build
@@ -76,7 +77,7 @@ def test_a_method_trains_and_evaluates_on_a_faked_gpu(method: str, tmp_path: Pat
     training (`fork_rng` on the device) and boundary sampling."""
     extra = {"ce": [], "oal": ["method.teacher.epochs=1"]}[method]  # cluster and heatmap passed too (2 min each)
     overrides = [f"method={method}", f"method.init.ckpt={ce_checkpoint}", "trainer.max_epochs=1", *extra, *QUIET,
-                 "detectors.names=[msp,knn,mahalanobis,vim,weiper,gram_stream,odin]",
+                 "detectors.names=[msp,knn,mahalanobis,vim,weiper,gram_stream,odin,nnguide]",
                  "+detectors.params.vim.dim=8", "detectors.tune=false"]
     rows = {}
     for where in ("cpu", "gpu"):
@@ -173,3 +174,26 @@ def test_every_network_detector_fits_and_scores_on_the_device(name: str, network
                                            "banks": {k: _bank_on_gpu(b) for k, b in network["banks"].items()}})
     assert isinstance(got, FakeCuda)
     torch.testing.assert_close(got.as_subclass(torch.Tensor), want, rtol=1e-6, atol=1e-9)
+
+
+def test_a_bank_gathered_on_the_device_has_its_index_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`RankZeroRows` in RAM on the (faked) GPU, as the evaluation gathers a CUDA run's banks: every field, the dataset
+    index included, on the device, so a bank built from it takes device rows (NNGuide's guide subset). The index was
+    left on the CPU: `bank.subset(device rows)` raised CUDA's 'indices should be either on cpu or on the same
+    device'."""
+    gen = torch.Generator().manual_seed(0)
+    features, labels = torch.randn(12, 4, generator=gen), torch.arange(12) % 3
+    weight, bias = torch.randn(3, 4, generator=gen), torch.zeros(3)
+    want = build_detector("nnguide", k=3, alpha=0.5).fit(FeatureBank(features @ weight.T, features, labels, weight, bias))
+    with fake_cuda(monkeypatch):
+        rows = RankZeroRows(12, device="cuda")
+        for index in wrap(torch.tensor([7, 3, 11, 0, 3])), wrap(torch.tensor([*range(12)])):
+            rows.update(index=index, features=wrap(features)[index], labels=wrap(labels)[index])
+        got = rows.gather()
+        assert got is not None and all(isinstance(got[k], FakeCuda) for k in ("index", "features", "labels"))
+        f, w = got["features"], wrap(weight)
+        bank = FeatureBank(f @ w.T, f, got["labels"], w, wrap(bias), index=got["index"])
+        scores = build_detector("nnguide", k=3, alpha=0.5).fit(bank).score(bank)
+    assert torch.equal(got["index"].cpu(), torch.arange(12))
+    torch.testing.assert_close(scores.as_subclass(torch.Tensor).cpu(),
+                               want.score(FeatureBank(features @ weight.T, features, labels, weight, bias)))

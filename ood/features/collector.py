@@ -212,7 +212,8 @@ class RankZeroRows:
             if path is not None:
                 del out[name]  # unmaps the writable view (its pages stay in the page cache)
                 out[name] = open_bank_file(path)[: len(kept)]
-        return {"index": kept, **out}
+        # on the bank's device, as its rows: a CPU index beside GPU rows broke `FeatureBank.subset` with device rows
+        return {"index": kept.to(self.device), **out}
 
 
 def _take(tensor: torch.Tensor, rows: torch.Tensor, path: Path | None) -> torch.Tensor:
