@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -184,3 +185,29 @@ def test_sync_reducers_computes_pending_reducers_once() -> None:
     totals, counts = sums.compute()
     assert counts.tolist() == [2, 2] and totals["x"].tolist() == [[2.0, 2.0], [4.0, 4.0]]
     assert first.compute()["x"].tolist() == [[0.0, 0.0], [1.0, 1.0]]
+
+
+def test_a_pass_that_fails_leaves_no_layer_hooks_and_no_banks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception in the middle of the evaluation pass (the third batch): the memory-mapped banks' folder is gone
+    and no layer tap is left hooked on the network. The taps stayed hooked: every later forward of the model (a
+    second `trainer.test`, the user's own) kept appending Gram maps to a list nothing read any more."""
+    from helpers import compose_config
+
+    from ood.methods.base import OODMethod
+    from ood.train import build
+
+    overrides = ["detectors.names=[gram]", "trainer.enable_progress_bar=false", "logger=none", "callbacks=none",
+                 f"evaluation.bank_dir={tmp_path / 'banks'}", "data.eval_batch_size=16"]
+    model, datamodule, trainer, evaluation = build(compose_config(tmp_path / "run", overrides))
+    step = OODMethod.test_step
+
+    def failing(self: OODMethod, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        if batch_idx == 2:
+            raise RuntimeError("a batch failed")
+        return step(self, batch, batch_idx, dataloader_idx)
+
+    monkeypatch.setattr(OODMethod, "test_step", failing)
+    with pytest.raises(RuntimeError, match="a batch failed"):
+        trainer.test(model, datamodule=datamodule, verbose=False)
+    assert not list((tmp_path / "banks").iterdir())
+    assert not [m for m in model.modules() if m._forward_hooks]

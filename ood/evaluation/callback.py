@@ -141,7 +141,15 @@ class OODEvaluation(Callback):
             shutil.rmtree(self._spill, ignore_errors=True)
             self._spill = None
 
+    def _remove_taps(self) -> None:
+        """Unhook the layer taps (after the pass, or when it failed: left hooked, every later forward of the network
+        would keep appending maps nothing reads)."""
+        if self._taps is not None:
+            self._taps.remove()
+            self._taps = None
+
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._remove_taps()
         self._release()
 
     def _banks(self, splits: Sequence[EvalSplit], pl_module: OODMethod, group: Any = None) -> dict[str, FeatureBank] | None:
@@ -175,9 +183,7 @@ class OODEvaluation(Callback):
         itself (setup, detectors, input-perturbing passes over the raw loaders) uses no collective.
         """
         assert isinstance(pl_module, OODMethod)
-        if self._taps is not None:
-            self._taps.remove()
-            self._taps = None
+        self._remove_taps()
         datamodule = trainer.datamodule
         splits = datamodule.eval_splits
         sync_reducers()
