@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-#: bytes per point-to-point message of `gather_to_rank_zero` (bounds the receive buffer)
+#: bytes per point-to-point message of `RankZeroRows.gather` (bounds the receive buffer)
 SEND_BYTES = 64 * 2**20
 #: how long the other ranks may wait for rank 0 (its evaluation of an ImageNet-sized bank can take hours on CPU;
 #: the default process group's 30 min would time out)
@@ -225,7 +225,7 @@ def _take(tensor: torch.Tensor, rows: torch.Tensor, path: Path | None) -> torch.
 
 
 def rank_zero_group() -> Any:
-    """A gloo group over all ranks with `RANK_ZERO_TIMEOUT` for `gather_to_rank_zero` and the result broadcast
+    """A gloo group over all ranks with `RANK_ZERO_TIMEOUT` for `RankZeroRows.gather` and the result broadcast
     (CPU tensors whatever the default backend); None outside DDP. Every rank must call it."""
     return dist.new_group(backend="gloo", timeout=RANK_ZERO_TIMEOUT) if _distributed() else None
 
