@@ -211,3 +211,41 @@ def test_a_pass_that_fails_leaves_no_layer_hooks_and_no_banks(tmp_path: Path, mo
         trainer.test(model, datamodule=datamodule, verbose=False)
     assert not list((tmp_path / "banks").iterdir())
     assert not [m for m in model.modules() if m._forward_hooks]
+
+
+def test_limit_test_batches_allocates_only_the_rows_its_batches_can_hold(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`trainer.limit_test_batches=2` at 16 rows a batch: rank 0 allocates 32 rows of each split, not its dataset
+    length (a GPU smoke test of ImageNet allocated the whole 15.6 GB fit bank on the device for 2 batches), and the
+    banks are the same: the first 32 rows of every split. Under DDP the unshuffled sampler reads rows rank-major
+    (bound 2 x 16 x world); a shuffled sampler may read any row (the dataset length)."""
+    from helpers import compose_config
+    from torch.utils.data import DataLoader, RandomSampler
+
+    import ood.evaluation.callback as callback_module
+    from ood.train import build
+
+    sizes: list[int] = []
+
+    class Spy(RankZeroRows):
+        def __init__(self, size: int, *args: Any, **kwargs: Any) -> None:
+            sizes.append(size)
+            super().__init__(size, *args, **kwargs)
+
+    monkeypatch.setattr(callback_module, "RankZeroRows", Spy)
+    overrides = ["detectors.names=[msp]", "trainer.enable_progress_bar=false", "logger=none", "callbacks=none",
+                 "data.eval_batch_size=16", "+trainer.limit_test_batches=2", "~evaluation.sinks.results",
+                 "~evaluation.sinks.table", "~evaluation.sinks.wandb"]
+    model, datamodule, trainer, evaluation = build(compose_config(tmp_path, overrides))
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    assert sizes == [32] * len(datamodule.eval_splits)
+    assert evaluation.result is not None and evaluation.result.samples
+    assert all(s.index == list(range(32)) for s in evaluation.result.samples.values())
+    from ood.evaluation.callback import split_rows
+
+    data = range(100)
+    assert split_rows(DataLoader(data, batch_size=16, sampler=DistributedSampler(data, 3, 2, shuffle=False)), 2) == 96
+    assert split_rows(DataLoader(data, batch_size=16, sampler=DistributedSampler(data, 3, 0, shuffle=False)), 3) == 100
+    assert split_rows(DataLoader(data, batch_size=16, sampler=DistributedSampler(data, 3, 0, shuffle=True)), 2) == 100
+    assert split_rows(DataLoader(data, batch_size=16, sampler=RandomSampler(data)), 2) == 100
+    assert split_rows(DataLoader(data, batch_size=16), float("inf")) == 100

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler, Subset
 
 from ood import termination
 from ood.data.benchmark import EvalSplit, OODDataModule
@@ -100,7 +100,8 @@ class OODEvaluation(Callback):
         assert isinstance(trainer.datamodule, OODDataModule), "OODEvaluation needs an OODDataModule"
         self._collectors, self.result = {}, None
         loaders = trainer.test_dataloaders
-        self._sizes = [len(loader.dataset) for loader in (loaders if isinstance(loaders, Sequence) else [loaders])]
+        loaders = loaders if isinstance(loaders, Sequence) else [loaders]
+        self._sizes = [split_rows(loader, batches) for loader, batches in zip(loaders, trainer.num_test_batches)]
         self._spill = self._spill_dir() if trainer.is_global_zero else None
         pl_module.begin_evaluation(trainer.datamodule.eval_splits)
         # per-sample maps the detectors declare (`taps`: Gram features, stage means) cached from this same pass
@@ -276,6 +277,22 @@ class OODEvaluation(Callback):
         if rows is not None or index is None or len(index) == len(scores):
             return scores
         return scores[index.to(scores.device)]
+
+
+def split_rows(loader: DataLoader, batches: float) -> int:
+    """The dataset rows the first `batches` batches of `loader` can hold (its dataset length at most): the rows rank 0
+    allocates for the split. An unshuffled loader (sequential, or Lightning's unshuffled `DistributedSampler`) reads
+    its dataset in order, so under `trainer.limit_test_batches` its rows lie below that bound; another sampler may read
+    any row. A GPU smoke test of ImageNet with `limit_test_batches=5` otherwise allocated the 15.6 GB fit bank."""
+    size = len(loader.dataset)  # type: ignore[arg-type]
+    sampler, per_batch = loader.sampler, loader.batch_size
+    if type(sampler) is DistributedSampler and not sampler.shuffle:
+        per_batch = None if per_batch is None else per_batch * sampler.num_replicas
+    elif not isinstance(sampler, SequentialSampler):
+        return size
+    if per_batch is None or batches == float("inf"):
+        return size
+    return min(size, int(batches) * per_batch)
 
 
 def split_samples(
