@@ -249,3 +249,48 @@ def test_limit_test_batches_allocates_only_the_rows_its_batches_can_hold(tmp_pat
     assert split_rows(DataLoader(data, batch_size=16, sampler=DistributedSampler(data, 3, 0, shuffle=True)), 2) == 100
     assert split_rows(DataLoader(data, batch_size=16, sampler=RandomSampler(data)), 2) == 100
     assert split_rows(DataLoader(data, batch_size=16), float("inf")) == 100
+
+
+#: (dataset rows, rows a batch, batches read: None all, bank_dir): uneven shards (7 on 3 ranks: 3 + 3 + 3, two
+#: padding rows), a split smaller than the world (2 rows: rank 2 holds only padding), `limit_test_batches` (one batch)
+THREE_RANKS = [(7, 2, None, False), (7, 2, None, True), (7, 2, 1, True), (2, 1, None, False), (13, 3, 1, False)]
+
+
+def _three_ranks(rank: int, init: str, out: str) -> None:
+    collector_module.SEND_BYTES = 2 * D * 2  # 2-row messages
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=3)
+    group = rank_zero_group()
+    got = []
+    for case, (n, batch, limit, mapped) in enumerate(THREE_RANKS):
+        data = _data()
+        shard = torch.tensor(list(DistributedSampler(range(n), num_replicas=3, rank=rank, shuffle=False)))
+        rows = RankZeroRows(n, out_dir=Path(out) / str(case) if mapped else None)
+        for index in list(shard.split(batch))[:limit]:  # every rank's own value: which rank's row was kept
+            rows.update(index=index, **{k: v[index] + rank if k != "labels" else v[index] for k, v in data.items()})
+        result = rows.gather(group)
+        if result is not None:
+            got.append({k: v.tolist() for k, v in result.items()})
+    release_group(group)
+    if rank == 0:
+        Path(out, "got.json").write_text(json.dumps(got))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_three_gloo_ranks_give_the_rows_the_first_rank_had(tmp_path: Path) -> None:
+    """Rank 0 gets each dataset row once, sorted, from the first rank (in rank order) whose batches had it, the rows
+    no batch read left out, in RAM and memory-mapped: as the deduplicated rank-major concatenation."""
+    start_ranks(_three_ranks, (f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=3)
+    got, data = json.loads((tmp_path / "got.json").read_text()), _data()
+    for (n, batch, limit, _), result in zip(THREE_RANKS, got, strict=True):
+        first: dict[int, int] = {}  # dataset row -> the first rank whose batches had it
+        for r in range(3):
+            shard = torch.tensor(list(DistributedSampler(range(n), num_replicas=3, rank=r, shuffle=False)))
+            for index in list(shard.split(batch))[:limit]:
+                for i in index.tolist():
+                    first.setdefault(i, r)
+        rows = sorted(first)
+        assert result["index"] == rows
+        for key, value in data.items():
+            bump = torch.tensor([first[i] for i in rows]).to(value.dtype)[:, None] if key != "labels" else 0
+            assert result[key] == (value[rows] + bump).tolist(), (n, key)
