@@ -123,6 +123,8 @@ class Sizes:
     #: the fp16 + compile section's: `all` (odin, rankfeat, nac, mcdropout: network passes, run eagerly) and the
     #: layer hooks of gram_stream; `full`'s input-perturbing extras add time, not another path
     fast_detectors: str = "detectors.names=[all,gram_stream]"
+    #: the throughput section's evaluation (its images/s with the cache); the dry run only checks that it runs
+    throughput_detectors: str = "detectors=fast"
 
 
 GPU = Sizes("cuda", dict(n_train=2560, n_val=256, n_test=512, n_ood=256), dict(n_train=2560, n_val=256, n_test=256, n_ood=128, side=64),
@@ -130,7 +132,7 @@ GPU = Sizes("cuda", dict(n_train=2560, n_val=256, n_test=512, n_ood=256), dict(n
 DRY = Sizes("cpu", dict(n_train=32, n_val=16, n_test=16, n_ood=8), dict(n_train=16, n_val=8, n_test=8, n_ood=4, side=40),
             "small_cnn", "small_cnn", 8, 8, "detectors.names=[msp,energy,knn,mahalanobis]", 0.95, (2_000, 500, 64), 64, 0, 1,
             {"imagenet": ["data.benchmark.image_size=32", "data.benchmark.resize=36"]},
-            "detectors.names=[msp,energy,odin,gram_stream]")
+            "detectors.names=[msp,energy,odin,gram_stream]", "detectors.names=[msp,knn]")
 #: the fp16 + compile section's methods: CE, and supervised-contrastive cluster (manual optimisation: each step's
 #: `manual_backward` scaled, its optimiser stepped through the scaler), two epochs: contrastive, then the probe
 FAST_PATHS = {"ce": ["method=ce"],
@@ -569,7 +571,7 @@ def throughput(sizes: Sizes, trees: dict[str, Path], work: Path, table: list[dic
         for kind in ("gpu", "gpu_fast"):
             overrides = [f"data={data}", f"paths.data_dir={trees[data]}", f"backbone={backbone}", "method=ce",
                          f"trainer.max_epochs={sizes.throughput_epochs}", f"data.batch_size={batch}", f"data.eval_batch_size={sizes.eval_batch}",
-                         f"data.num_workers={sizes.workers}", "detectors=fast", "+detectors.params.vim.dim=32",
+                         f"data.num_workers={sizes.workers}", sizes.throughput_detectors, "+detectors.params.vim.dim=32",
                          *QUIET, *extra, *trainer_overrides(kind, sizes)]
             method, datamodule, trainer, evaluation = build(_cfg(work / f"tp-{data}-{kind}", overrides))
             log = StepLog()

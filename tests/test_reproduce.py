@@ -139,7 +139,8 @@ def test_tiny_version_runs(target: str, tiny_tree: Path, tmp_path: Path, monkeyp
                          "data.num_workers=0", "data.pin_memory=false", "detectors.names=[msp]", "detectors.tune=false",
                          "trainer.enable_progress_bar=false", "evaluation.sinks.results.figures=false"])
     lines = make_dry(target, {"VENV": str(Path(sys.executable).parent.parent), "SEEDS": "0", "R": str(reports), "ARGS": args,
-                              "IMAGENET_ARGS": imagenet, "WEIGHTS": str(tiny_tree / "resnet50-0676ba61.pth"), **variables})
+                              "IMAGENET_ARGS": imagenet, "WEIGHTS": str(tiny_tree / "resnet50-0676ba61.pth"),
+                              "REPORT_ARGS": "--no-figures", **variables})  # the report's figures: test_report's
     for line in lines:
         _run(shlex.split(line))
     report = (Path(shlex.split(lines[-1])[1]) / "report.md").read_text()
