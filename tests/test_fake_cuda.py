@@ -197,3 +197,34 @@ def test_a_bank_gathered_on_the_device_has_its_index_there(monkeypatch: pytest.M
     assert torch.equal(got["index"].cpu(), torch.arange(12))
     torch.testing.assert_close(scores.as_subclass(torch.Tensor).cpu(),
                                want.score(FeatureBank(features @ weight.T, features, labels, weight, bias)))
+
+
+def test_memory_mapped_banks_of_a_gpu_run_get_the_head_on_their_device(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`evaluation.bank_dir` on a (faked) GPU: the banks are memory-mapped on the CPU and the detectors run there,
+    so the method's linear head (a GPU parameter) comes with them: react / vim multiply CPU features by it (CUDA's
+    'Expected all tensors to be on the same device' before)."""
+    from ood.data.benchmark import EvalSplit
+    from ood.evaluation.callback import OODEvaluation
+    from ood.evaluation.evaluator import Evaluator
+
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(12, 4, generator=gen).relu()
+    weight, bias = torch.randn(3, 4, generator=gen), torch.zeros(3)
+    labels = torch.arange(12) % 3
+    want = build_detector("react").fit(FeatureBank(features @ weight.T, features, labels, weight, bias))
+
+    class GpuHead:
+        def linear_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+            return wrap(weight), wrap(bias)
+
+    callback = OODEvaluation(Evaluator(detectors=[]), bank_dir=tmp_path)
+    with fake_cuda(monkeypatch):
+        callback._collectors = {0: RankZeroRows(12, device="cuda", out_dir=tmp_path / "test")}
+        index = wrap(torch.arange(12))
+        callback._collectors[0].update(index=index, logits=wrap(features @ weight.T), features=wrap(features),
+                                       labels=wrap(labels))
+        bank = callback._banks([EvalSplit("test", "id_test")], GpuHead())["test"]  # type: ignore[arg-type]
+        assert bank.weight.device == bank.features.device == torch.device("cpu")
+        scores = build_detector("react").fit(bank).score(bank)
+    torch.testing.assert_close(scores, want.score(FeatureBank(features @ weight.T, features, labels, weight, bias)))

@@ -165,12 +165,13 @@ class OODEvaluation(Callback):
             if data is None:
                 continue
             labels = data.pop("labels")
+            device = data["logits"].device  # a memory-mapped bank (bank_dir) of a GPU run is scored on the CPU
             banks[split.name] = FeatureBank(
                 logits=data.pop("logits"),
                 features=data.pop("features"),
                 labels=labels if split.role in ("fit", "id_val", "id_test", "csid") else None,
-                weight=weight,
-                bias=bias,
+                weight=weight.to(device),
+                bias=bias.to(device),
                 index=data.pop("index"),
                 extras=data,
             )
