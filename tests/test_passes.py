@@ -94,7 +94,9 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
             return {"logits": net(b)}
 
         out = forward_dataset(fn, TensorDataset(x, y), module=net, batch_size=3, distributed=True)
-        torch.save({"out": out, "seen": sum(seen)}, Path(out_dir) / f"rank{rank}.pt")
+        # a pass each rank runs in full, whatever the process group (methods' fit-time passes): no exchange
+        alone = forward_dataset(lambda b: {"logits": net(b)}, TensorDataset(x, y), module=net, batch_size=3)
+        torch.save({"out": out, "seen": sum(seen), "alone": alone}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -110,4 +112,46 @@ def test_distributed_pass_equals_one_process_on_every_rank(tmp_path: Path) -> No
         seen.append(got["seen"])
         assert torch.equal(got["out"]["labels"], single["labels"])
         torch.testing.assert_close(got["out"]["logits"], single["logits"], rtol=0, atol=1e-6)
+        assert torch.equal(got["alone"]["logits"], single["logits"]) and torch.equal(got["alone"]["labels"], y)
     assert seen == [6, 5]  # each rank ran its own shard only
+
+
+ROWS, WIDTH = 40_000, 1024  # a 160 MB result (float32)
+
+
+def _status_mb(field: str) -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def _memory_rank(rank: int, port: int, out_dir: str) -> None:
+    import ood.features.collector as collector_module
+
+    collector_module.SEND_BYTES = 4 * 2**20
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        rows = torch.arange(ROWS)
+        wide = lambda b: {"outputs": b[:, None].float().expand(-1, WIDTH).clone()}  # noqa: E731
+        forward_dataset(wide, rows[:8], batch_size=4, distributed=True)  # first use of the code paths: not the result's
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak (VmHWM) starts afresh from the current resident size
+        base = _status_mb("VmRSS")
+        out = forward_dataset(wide, rows, batch_size=500, distributed=True)["outputs"]
+        peak = _status_mb("VmHWM") - base
+        assert torch.equal(out[:, 0], rows.float())
+        Path(out_dir, f"{rank}.json").write_text(str(peak))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_distributed_pass_is_never_held_twice(tmp_path: Path) -> None:
+    """Peak memory of a 2-rank pass over 40 000 rows x 1024 floats, from its first batch to the result on both ranks:
+    about the result (rank 0 writes its rows into place and the other rank's as they come, then sends them in
+    messages; rank 1 sends its shard, then fills its result message by message). Before, every rank received every
+    shard, concatenated them and copied the deduplicated rows (torchmetrics' sync): about 3x."""
+    start_ranks(_memory_rank, (_free_port(), str(tmp_path)))
+    result_mb = ROWS * WIDTH * 4 / 2**20
+    for rank in range(2):
+        peak = float((tmp_path / f"{rank}.json").read_text())
+        assert 0.9 * result_mb < peak < 1.3 * result_mb, (rank, peak, result_mb)

@@ -106,9 +106,13 @@ class RankZeroRows:
     one message.
     """
 
-    def __init__(self, size: int, device: torch.device | str = "cpu", out_dir: str | Path | None = None) -> None:
+    def __init__(
+        self, size: int, device: torch.device | str = "cpu", out_dir: str | Path | None = None, distributed: bool = True
+    ) -> None:
         self.size = size
-        self.rank_zero = not _distributed() or dist.get_rank() == 0
+        #: False: this process's rows alone, whatever the process group (a pass each rank runs in full)
+        self.distributed = distributed and _distributed()
+        self.rank_zero = not self.distributed or dist.get_rank() == 0
         self.device = torch.device("cpu") if out_dir is not None else torch.device(device)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.fields: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -171,7 +175,7 @@ class RankZeroRows:
         rows it has into new tensors).
         """
         index = torch.cat(self._batches.pop("index", [torch.zeros(0, dtype=torch.long)])).cpu()
-        if _distributed():
+        if self.distributed:
             gathered: list[Any] = [None] * dist.get_world_size() if self.rank_zero else []
             dist.gather_object((self.fields, index), gathered if self.rank_zero else None, dst=0, group=group)
             if not self.rank_zero:
@@ -189,7 +193,7 @@ class RankZeroRows:
                 for rows in self._batches.pop(name):
                     self._put(name, target[start : start + len(rows)], rows)
                     start += len(rows)
-        if _distributed():
+        if self.distributed:
             for src, (fields, index) in enumerate(gathered[1:], start=1):
                 target = self._targets(index)
                 for name, (shape, dtype) in fields.items():
@@ -233,6 +237,27 @@ def rank_zero_group() -> Any:
 def release_group(group: Any) -> None:
     if group is not None:
         dist.destroy_process_group(group)
+
+
+def broadcast_rows(rows: dict[str, torch.Tensor] | None, device: torch.device | str, group: Any = None) -> dict[str, torch.Tensor]:
+    """Global rank 0's `rows` (same-length per-row fields) on every rank, on `device`: each field allocated once at
+    its full size and filled one message (`SEND_BYTES`) at a time, so no rank holds them twice. `group` must be a gloo
+    group (rows travel as CPU tensors); every rank calls it; outside DDP `rows` themselves."""
+    if not _distributed():
+        assert rows is not None
+        return rows
+    meta = broadcast_from_rank_zero(None if rows is None else {k: (tuple(v.shape), v.dtype) for k, v in rows.items()},
+                                    group)
+    out = {}
+    for name, (shape, dtype) in meta.items():
+        field = rows[name] if rows is not None else torch.empty(shape, dtype=dtype, device=device)
+        for part in _row_chunks(shape[0], shape[1:], dtype):
+            message = field[part].cpu() if rows is not None else torch.empty((part.stop - part.start, *shape[1:]), dtype=dtype)
+            dist.broadcast(message, src=0, group=group)
+            if rows is None:
+                field[part] = message.to(device)
+        out[name] = field
+    return out
 
 
 def broadcast_from_rank_zero(obj: Any, group: Any = None) -> Any:

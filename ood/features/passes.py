@@ -13,10 +13,11 @@ Items: `(x, y, index)` (the DataModule's `Indexed` form), `(x, y)`, or a bare te
 field `fn` returns (a dict of per-sample tensors, or one tensor stored as `outputs`) plus `labels` when the items
 carry them, one row per sample in dataset order, on the device the pass ran on.
 
-`distributed=True` (under an initialised process group of more than one rank) gives each rank every
-`world_size`-th sample and gathers the rows with the evaluation's DDP-exact collector
-(`ood.features.collector.SplitCollector`: cat-state sync, deduplicated and sorted by dataset index), so every rank
-receives the full result in dataset order, equal to the one-process result.
+The rows are written into place as they come (`ood.features.collector.RankZeroRows`, the evaluation's collector):
+the result is never held twice, not even while it is assembled. `distributed=True` (under an initialised process
+group of more than one rank) gives each rank every `world_size`-th sample; global rank 0 assembles the rows and
+sends them to every rank (`broadcast_rows`, over a gloo group), so every rank receives the full result in dataset
+order, equal to the one-process result.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ood.features.collector import SplitCollector
+from ood.features.collector import RankZeroRows, broadcast_rows, rank_zero_group, release_group
 from ood.utils import progress
 
 PassFn = Callable[[torch.Tensor], "torch.Tensor | Mapping[str, torch.Tensor]"]
@@ -118,8 +119,7 @@ def forward_dataset(
     world = dist.get_world_size() if distributed and dist.is_available() and dist.is_initialized() else 1
     positions = _Positions(dataset)
     source: Dataset = Subset(positions, range(dist.get_rank(), len(positions), world)) if world > 1 else positions
-    collector: SplitCollector | None = None
-    rows: dict[str, list[torch.Tensor]] = {}
+    collector = RankZeroRows(len(positions), device, distributed=world > 1)
     with isolated_rng(device), eval_mode(module), torch.no_grad():
         loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         for items, pos in progress(loader, desc=desc or "forward pass"):
@@ -129,16 +129,12 @@ def forward_dataset(
             fields = dict(out) if isinstance(out, Mapping) else {"outputs": out}
             if y is not None:
                 fields["labels"] = y.to(device)
-            if world > 1:
-                if collector is None:
-                    collector = SplitCollector(list(fields)).to(device)
-                collector.update(pos.to(device), **fields)
-                continue
-            for name, value in fields.items():
-                rows.setdefault(name, []).append(value)
-    if world > 1:
-        assert collector is not None, "every rank has at least one sample (len(dataset) >= world_size)"
-        gathered = collector.compute()
-        gathered.pop("index")
-        return gathered
-    return {name: torch.cat(values) for name, values in rows.items()}
+            collector.update(pos.to(device), **fields)
+    group = rank_zero_group() if world > 1 else None
+    try:
+        rows = collector.gather(group)
+        if rows is not None:
+            rows.pop("index")
+        return rows if group is None else broadcast_rows(rows, device, group)  # type: ignore[return-value]
+    finally:
+        release_group(group)
