@@ -255,7 +255,11 @@ def _cuda_rng_restorer() -> Callable[[], None]:
     if torch.cuda.is_initialized():
         states = torch.cuda.get_rng_state_all()
         return lambda: torch.cuda.set_rng_state_all(states)
-    tracker = torch.cuda._lazy_seed_tracker  # torch keeps the latest manual_seed(_all) callbacks here until init
+    # torch keeps the latest manual_seed(_all) callbacks here until CUDA's initialisation (private: a torch without
+    # it leaves the caller's CUDA stream as the run left it)
+    tracker = getattr(torch.cuda, "_lazy_seed_tracker", None)
+    if not all(hasattr(tracker, k) for k in ("manual_seed_all_cb", "manual_seed_cb", "call_order")):
+        return lambda: None
     queued = (tracker.manual_seed_all_cb, tracker.manual_seed_cb, list(tracker.call_order))
 
     def restore() -> None:
