@@ -189,6 +189,7 @@ def test_a_bank_gathered_on_the_device_has_its_index_there(monkeypatch: pytest.M
         rows = RankZeroRows(12, device="cuda")
         for index in wrap(torch.tensor([7, 3, 11, 0, 3])), wrap(torch.tensor([*range(12)])):
             rows.update(index=index, features=wrap(features)[index], labels=wrap(labels)[index])
+        assert not rows._batches  # written in place as they came ("cuda" is the batches' cuda:0), none kept back
         got = rows.gather()
         assert got is not None and all(isinstance(got[k], FakeCuda) for k in ("index", "features", "labels"))
         f, w = got["features"], wrap(weight)

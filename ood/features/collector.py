@@ -114,6 +114,8 @@ class RankZeroRows:
         self.distributed = distributed and _distributed()
         self.rank_zero = not self.distributed or dist.get_rank() == 0
         self.device = torch.device("cpu") if out_dir is not None else torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # as batches name it: rows written in place
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.fields: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         # one spare row past `size`: where a row already written goes instead (no sync to drop it)
