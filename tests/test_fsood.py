@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import compose_config, folder_overrides, histogram_bars, make_image_folders, run_config
+from PIL import Image
 from sklearn import metrics as skm
 
 from ood.data import DigitsBenchmark, EvalSplit, OODDataModule
@@ -242,6 +244,40 @@ def test_digits_fsood_only_table(ce_checkpoint: Path, tmp_path: Path, capsys: py
     assert {r["mode"] for r in rows} == {"fsood"} and len(rows) == 4
     printed = capsys.readouterr().out
     assert "full-spectrum: AUROC / FPR95" in printed and "digits_noise" in printed and " FS" not in printed
+
+
+# ----- OpenOOD's csid lists ----------------------------------------------------------------------------------------
+def openood_imagenet_csid(root: Path, side: int) -> Path:
+    """OpenOOD's ImageNet-1K csid lists as its benchmark download brings them: V2, C, R (no ImageNet-ES), one image
+    each."""
+    for name in ("v2", "c", "r"):
+        folder = root / "images_largescale" / f"imagenet_{name}"
+        folder.mkdir(parents=True)
+        Image.fromarray(RNG.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / "0.png")
+        lists = root / "benchmark_imglist" / "imagenet"
+        lists.mkdir(parents=True, exist_ok=True)
+        (lists / f"test_imagenet_{name}.txt").write_text(f"imagenet_{name}/0.png 3\n")
+    return root
+
+
+def test_optional_csid_set_not_on_disk_is_skipped_with_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """ImageNet-ES (optional: not in OpenOOD's download bundle) was skipped silently, so full-spectrum rows whose ID
+    lacked it read as OpenOOD's, which pools it; now one warning (prepare_data and setup both read the csid sets)."""
+    from ood.utils import instantiate
+
+    tree = openood_imagenet_csid(tmp_path / "data", 16)
+    cfg = compose_config(tmp_path / "run", ["data=imagenet1k", f"paths.data_dir={tree}", "data.benchmark.image_size=16",
+                                            "data.benchmark.resize=16"])
+    bench = instantiate(cfg.data).benchmark
+    with caplog.at_level(logging.WARNING):
+        assert [(s.name, len(s.dataset)) for s in bench.csid_test()] == [("imagenet_v2", 1), ("imagenet_c", 1), ("imagenet_r", 1)]
+        bench.csid_test()
+    warned = [r.getMessage() for r in caplog.records if "covariate-shifted ID set" in r.getMessage()]
+    assert len(warned) == 1
+    assert warned[0].startswith("imagenet1k (openood_v1.5 protocol): optional covariate-shifted ID set(s) 'imagenet_es' "
+                                f"(looked for {tree / 'benchmark_imglist/imagenet/test_imagenet_es.txt'}")
+    assert warned[0].endswith("skipped; the full-spectrum rows pool the ID test with the other csid sets only, so they "
+                              "are not comparable with the protocol's published full-spectrum numbers")
 
 
 # ----- data=folder ------------------------------------------------------------------------------------------------

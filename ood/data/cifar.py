@@ -53,7 +53,14 @@ from ood.data.benchmark import Benchmark, CSIDSet, OODSet
 from ood.data.imglist import ImageList
 from ood.data.npy import NpyImages
 from ood.data.samples import item_name
-from ood.data.sets import Protocol, SetSpec, TorchvisionBuilder, describe_missing, missing_csid_error
+from ood.data.sets import (
+    Protocol,
+    SetSpec,
+    TorchvisionBuilder,
+    describe_missing,
+    missing_csid_error,
+    warn_skipped_csid,
+)
 from ood.errors import ConfigError, DataNotFoundError
 from ood.utils import get_logger
 
@@ -452,13 +459,15 @@ class CIFARBenchmark(Benchmark):
         return tuple(self.protocol.csid)
 
     def csid_test(self) -> list[CSIDSet]:
-        missing = []
+        missing, skipped = [], []
         for name, spec in self.protocol.csid.items():
             kind = spec.kind(self.prefer)  # type: ignore[arg-type]
-            if kind != "torchvision" and (absent := spec.missing(self.data_dir, kind)) and not spec.optional:
-                missing.append(describe_missing(name, spec, absent))
+            if kind != "torchvision" and (absent := spec.missing(self.data_dir, kind)):
+                (skipped if self._optional(spec, kind) else missing).append(describe_missing(name, spec, absent))
         if missing:
             raise missing_csid_error(self.name, self.protocol.name, self.data_dir, missing)
+        if skipped:
+            warn_skipped_csid(self.name, self.protocol.name, tuple(skipped))
         sets = [(name, self._open(name, spec, label=None)) for name, spec in self.protocol.csid.items()]
         return [CSIDSet(name, dataset) for name, dataset in sets if dataset is not None]
 

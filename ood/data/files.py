@@ -45,6 +45,7 @@ from ood.data.sets import (
     describe_missing,
     missing_csid_error,
     resolve,
+    warn_skipped_csid,
 )
 from ood.errors import DataNotFoundError
 from ood.utils import get_logger
@@ -282,13 +283,13 @@ class FileBenchmark(Benchmark):
         return tuple(self.protocol.csid)
 
     def csid_test(self) -> list[CSIDSet]:
-        missing = [
-            describe_missing(n, s, absent)
-            for n, s in self.protocol.csid.items()
-            if (absent := s.missing(self.data_dir, s.kinds[0])) and not s.optional
-        ]
+        absent = {n: s.missing(self.data_dir, s.kinds[0]) for n, s in self.protocol.csid.items()}
+        missing = [describe_missing(n, s, absent[n]) for n, s in self.protocol.csid.items() if absent[n] and not s.optional]
         if missing:
             raise missing_csid_error(self.name, self.protocol.name, self.data_dir, missing)
+        skipped = tuple(describe_missing(n, s, absent[n]) for n, s in self.protocol.csid.items() if absent[n])
+        if skipped:
+            warn_skipped_csid(self.name, self.protocol.name, skipped)
         sets = [(n, self._open(n, s, self.eval_transform(), None, self.num_classes)) for n, s in self.protocol.csid.items()]
         return [CSIDSet(n, d) for n, d in sets if d is not None]
 
