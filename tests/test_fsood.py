@@ -280,6 +280,25 @@ def test_optional_csid_set_not_on_disk_is_skipped_with_one_warning(tmp_path: Pat
                               "are not comparable with the protocol's published full-spectrum numbers")
 
 
+def test_imagenet_c_fed_as_stored_must_be_the_input_size(tmp_path: Path) -> None:
+    """ImageNet-C goes to the network as stored (OpenOOD's ImageNetCPreProcessor: to tensor + normalise); at another
+    data.benchmark.image_size it went through at its own resolution, silently, beside every other set resized."""
+    from ood.utils import instantiate
+
+    tree = openood_imagenet_csid(tmp_path / "data", 20)
+    cfg = compose_config(tmp_path / "run", ["data=imagenet1k", f"paths.data_dir={tree}", "data.benchmark.image_size=16",
+                                            "data.benchmark.resize=16"])
+    bench = instantiate(cfg.data).benchmark
+    with pytest.raises(ConfigError, match=r"^imagenet1k: set 'imagenet_c' is fed as stored \(preprocess: tensor, OpenOOD's "
+                                          r"ImageNet-C preprocessing\) and its images are 20x20, not "
+                                          r"data.benchmark.image_size=16 like every other set: evaluate at "
+                                          r"data.benchmark.image_size=20, or give the set preprocess: eval"):
+        bench.csid_test()
+    cfg.data.benchmark.protocols["openood_v1.5"].csid.imagenet_c.preprocess = "eval"
+    resized = instantiate(cfg.data).benchmark.csid_test()
+    assert [tuple(s.dataset[0][0].shape) for s in resized] == [(3, 16, 16)] * 3
+
+
 # ----- data=folder ------------------------------------------------------------------------------------------------
 def test_folder_fsood_without_csid_sets_is_refused_before_training(tmp_path: Path) -> None:
     overrides = ["data=folder", *folder_overrides(tmp_path), "evaluation.fsood=true", "logger=none", "trainer.max_epochs=1"]

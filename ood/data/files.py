@@ -37,6 +37,7 @@ from torchvision import transforms as T
 from ood.data.benchmark import Benchmark, CSIDSet, OODSet
 from ood.data.cifar import RGB, check_crop, stratified_split
 from ood.data.folder import first_few
+from ood.data.imglist import ImageFiles
 from ood.data.sets import (
     Protocol,
     SetSpec,
@@ -47,7 +48,7 @@ from ood.data.sets import (
     resolve,
     warn_skipped_csid,
 )
-from ood.errors import DataNotFoundError
+from ood.errors import ConfigError, DataNotFoundError
 from ood.utils import get_logger
 
 log = get_logger(__name__)
@@ -242,7 +243,28 @@ class FileBenchmark(Benchmark):
             return None
         if absent:
             raise DataNotFoundError(f"{self.name}: set {describe_missing(name, spec, absent)} not found. {self.how}".rstrip())
-        return spec.open(self.data_dir, spec.kinds[0], transform, label=label, num_classes=num_classes)
+        dataset = spec.open(self.data_dir, spec.kinds[0], transform, label=label, num_classes=num_classes)
+        if spec.preprocess == "tensor":
+            self._check_stored_size(name, dataset)
+        return dataset
+
+    def _check_stored_size(self, name: str, dataset: Dataset) -> None:
+        """Refuse a `preprocess: tensor` set whose first image is not `image_size` square: fed as stored (OpenOOD's
+        ImageNet-C, 224 px), it went through the network at another resolution than every other set, silently."""
+        if not isinstance(dataset, ImageFiles) or not len(dataset):
+            return
+        try:
+            with Image.open(dataset.describe(0)) as image:
+                width, height = image.size
+        except OSError:  # unreadable: the pass names it
+            return
+        if (width, height) != (self.image_size, self.image_size):
+            raise ConfigError(
+                f"{self.name}: set {name!r} is fed as stored (preprocess: tensor, OpenOOD's ImageNet-C preprocessing) and "
+                f"its images are {width}x{height}, not data.benchmark.image_size={self.image_size} like every other set: "
+                f"evaluate at data.benchmark.image_size={width}, or give the set preprocess: eval (resized and "
+                "centre-cropped as the ID test)"
+            )
 
     def _split(self, split: str, transform: Callable[[Image.Image], Any]) -> Dataset:
         dataset = self._open(f"{self.name}:{split}", self.splits[split], transform, label=None)
