@@ -8,6 +8,8 @@
 - on the user's own folders (`data=folder`, `data.ood.csid`): a csid set that is a copy of the ID test folder gives
   the standard AUROC and FPR95, ID accuracy and twice the ID count; full-spectrum evaluation without csid sets is
   refused before training; csid folders and lists get the ID test split's class checks;
+- OpenOOD's ImageNet-1K csid lists: an optional one not on disk (ImageNet-ES) is skipped with one warning, and
+  ImageNet-C, fed as stored, must be at the input size;
 - the configuration mistakes say what to do.
 """
 
