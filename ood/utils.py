@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
@@ -13,11 +14,31 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
 from tqdm.asyncio import tqdm as console_tqdm
 from tqdm.auto import tqdm
 from tqdm.std import tqdm as std_tqdm
 
-from ood.errors import NonFiniteError, OODError
+from ood.errors import NonFiniteError, OODError, check_range
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's or `taskset`'s share), as torch's DataLoader
+    counts them when it warns of more workers than CPUs."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def capped_workers(cap: int) -> int:
+    """`cap` DataLoader workers, or the CPUs this process may use when fewer: 4 workers on a 2-CPU machine made torch
+    warn of 'excessive worker creation' at every loader. The data configs' default, `num_workers: ${ood.workers:N}`:
+    on a machine with N CPUs or more the count is N, as the configs had it (training augmentation draws per worker)."""
+    check_range("the worker cap of ${ood.workers:N}", cap, 0, integer=True)
+    return min(cap, usable_cpus())
+
+
+# registered with the one instantiate helper, so whatever composes and instantiates a config resolves the data
+# configs' `${ood.workers:N}` (each run, each DDP rank: the CPUs of the machine that loads the data)
+OmegaConf.register_new_resolver("ood.workers", capped_workers, replace=True)
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:

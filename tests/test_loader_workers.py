@@ -36,3 +36,17 @@ def test_every_data_config_loads_with_workers_the_machine_has(tmp_path: Path, mo
 def test_a_worker_cap_that_is_no_count_is_one_line() -> None:
     with pytest.raises(ConfigError, match=r"^the worker cap of \$\{ood.workers:N\}=-1 is outside its range"):
         capped_workers(-1)
+
+
+def test_the_worker_count_resolves_wherever_a_config_is_instantiated() -> None:
+    """A fresh process that composes a data config and reads it through the one instantiate helper, before anything
+    imported `ood.data` (a test file run alone, a script): `${ood.workers:N}` failed with OmegaConf's
+    'Unsupported interpolation type ood.workers' (the resolver was registered by `ood.data.benchmark`'s import)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ood.utils import instantiate; from omegaconf import OmegaConf; "
+            "cfg = OmegaConf.create({'n': '${ood.workers:3}', '_target_': 'builtins.dict'}); "
+            "assert 'ood.data' not in sys.modules; print(instantiate(cfg)['n'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert 1 <= int(out) <= 3

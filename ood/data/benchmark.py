@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ import torch
 import torch.distributed as dist
 from lightning import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_warn
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
 from ood.data.batch import Batch, collate_batch
@@ -41,6 +39,7 @@ from ood.data.memory import PadCropFlip, batch_augmentation, to_memory
 from ood.data.samples import item_names
 from ood.errors import ConfigError, check_range
 from ood.features.bank import FeatureBank
+from ood.utils import capped_workers
 
 Role = Literal["fit", "id_val", "id_test", "ood_val", "ood", "csid"]
 Stream = Literal["id", "outliers"]
@@ -217,20 +216,6 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity: a container's or `taskset`'s share), as torch's DataLoader
-    counts them when it warns of more workers than CPUs."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def capped_workers(cap: int) -> int:
-    """`cap` DataLoader workers, or the CPUs this process may use when fewer: 4 workers on a 2-CPU machine made torch
-    warn of 'excessive worker creation' at every loader. The data configs' default, `num_workers: ${ood.workers:N}`:
-    on a machine with N CPUs or more the count is N, as the configs had it (training augmentation draws per worker)."""
-    check_range("the worker cap of ${ood.workers:N}", cap, 0, integer=True)
-    return min(cap, usable_cpus())
-
-
 def check_loader_options(values: Mapping[str, Any], names: Mapping[str, str] | None = None) -> None:
     """Refuse a loader count (`LOADER_COUNTS`) that is a fraction or below its lowest value, and a `fit_fraction`
     outside (0, 1], each named `names[key]` when given (a caller's keyword: `ood.evaluate`'s `batch_size` is
@@ -249,8 +234,6 @@ def loader_workers(num_workers: int | None) -> int:
     return capped_workers(DEFAULT_WORKERS) if num_workers is None else num_workers
 
 
-# resolved where the config is read (each run, each DDP rank): the CPUs of the machine that loads the data
-OmegaConf.register_new_resolver("ood.workers", capped_workers, replace=True)
 
 
 def per_rank_batch(global_batch: int, key: str, world: int) -> int:
