@@ -648,8 +648,10 @@ def extract(
             backbone.to(device)
         result = forward_dataset(outputs, dataset, module=backbone, batch_size=batch_size, device=device,
                                  num_workers=num_workers, desc="extract")
-    labels = result.pop("labels") if order is None else order[result.pop("labels")]
-    weight, bias = (t.detach().float().cpu() for t in linear_params(backbone.fc))
+    labels = result.pop("labels")
+    labels = labels if order is None else order.to(labels.device)[labels]
+    # the head beside the rows (a bank on the GPU is scored there: react / vim multiply features by it)
+    weight, bias = (t.detach().float().to(result["features"].device) for t in linear_params(backbone.fc))
     return FeatureBank(
         logits=result.pop("logits"),
         features=result.pop("features"),

@@ -229,3 +229,19 @@ def test_memory_mapped_banks_of_a_gpu_run_get_the_head_on_their_device(tmp_path:
         assert bank.weight.device == bank.features.device == torch.device("cpu")
         scores = build_detector("react").fit(bank).score(bank)
     torch.testing.assert_close(scores, want.score(FeatureBank(features @ weight.T, features, labels, weight, bias)))
+
+
+def test_a_bank_extracted_on_the_gpu_is_scored_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ood.extract(..., device="cuda")` gave logits and features on the GPU beside the head's weight and bias on the
+    CPU: react / vim / dice on that bank stopped with CUDA's 'Expected all tensors to be on the same device'."""
+    import ood
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    data = torch.utils.data.TensorDataset(torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2]))
+    want = build_detector("react").fit(ood.extract(net, data, batch_size=4))
+    with fake_cuda(monkeypatch):
+        bank = ood.extract(net, data, device="cuda", batch_size=4)
+        assert {getattr(bank, k).device.type for k in ("logits", "features", "labels", "weight", "bias")} == {"cuda"}
+        scores = build_detector("react").fit(bank).score(bank)
+    torch.testing.assert_close(scores.as_subclass(torch.Tensor), want.score(ood.extract(net, data, batch_size=4)))

@@ -11,7 +11,8 @@ pass ran. A progress bar (tqdm, not left on screen) shows the pass.
 
 Items: `(x, y, index)` (the DataModule's `Indexed` form), `(x, y)`, or a bare tensor `x`. The result holds every
 field `fn` returns (a dict of per-sample tensors, or one tensor stored as `outputs`) plus `labels` when the items
-carry them, one row per sample in dataset order, on the device the pass ran on.
+carry them, one row per sample in dataset order, on the device `fn` returns its first field on (a pass may move its
+outputs to the CPU as it goes).
 
 The rows are written into place as they come (`ood.features.collector.RankZeroRows`, the evaluation's collector):
 the result is never held twice, not even while it is assembled. `distributed=True` (under an initialised process
@@ -119,7 +120,7 @@ def forward_dataset(
     world = dist.get_world_size() if distributed and dist.is_available() and dist.is_initialized() else 1
     positions = _Positions(dataset)
     source: Dataset = Subset(positions, range(dist.get_rank(), len(positions), world)) if world > 1 else positions
-    collector = RankZeroRows(len(positions), device, distributed=world > 1)
+    collector: RankZeroRows | None = None
     with isolated_rng(device), eval_mode(module), torch.no_grad():
         loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers)
         for items, pos in progress(loader, desc=desc or "forward pass"):
@@ -127,14 +128,17 @@ def forward_dataset(
             x = x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
             out = fn(x)
             fields = dict(out) if isinstance(out, Mapping) else {"outputs": out}
+            if collector is None:  # the rows stay where `fn` returns them (a pass may keep them on the CPU)
+                collector = RankZeroRows(len(positions), next(iter(fields.values())).device, distributed=world > 1)
             if y is not None:
-                fields["labels"] = y.to(device)
-            collector.update(pos.to(device), **fields)
+                fields["labels"] = y.to(collector.device)
+            collector.update(pos.to(collector.device), **fields)
+    assert collector is not None, "every rank has at least one sample (len(dataset) >= world_size)"
     group = rank_zero_group() if world > 1 else None
     try:
         rows = collector.gather(group)
         if rows is not None:
             rows.pop("index")
-        return rows if group is None else broadcast_rows(rows, device, group)  # type: ignore[return-value]
+        return rows if group is None else broadcast_rows(rows, collector.device, group)  # type: ignore[return-value]
     finally:
         release_group(group)
