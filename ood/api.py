@@ -452,6 +452,9 @@ def evaluate(
     from ood.runs.failures import clear_failure, ctrl_c_raised, record_failure
     from ood.train import build
 
+    if "eval_batch_size" in data:  # the config key of `batch_size=`, taken as a folder option: it overrode it silently
+        raise ConfigError(f"ood.evaluate got eval_batch_size={data['eval_batch_size']!r}: the evaluation's batch size is "
+                          "batch_size=")
     # the datamodule's own checks name the config keys (`data.eval_batch_size`), which this call does not have
     given = {"fit_fraction": data["fit_fraction"]} if "fit_fraction" in data else {}
     check_loader_options({"eval_batch_size": batch_size, "num_workers": num_workers, **given}, LOADER_KEYWORDS)

@@ -536,6 +536,16 @@ def test_a_loader_keyword_out_of_range_is_named_as_the_call_gives_it(tmp_path: P
             ood.extract(net, paths["far"], image_size=32, resize=32, device="cpu", **keyword)
 
 
+def test_the_config_key_of_batch_size_is_refused_naming_the_keyword(tmp_path: Path) -> None:
+    """`ood.evaluate(..., eval_batch_size=8)` was taken as a folder-data option and overrode `batch_size=` without a
+    word."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    with pytest.raises(ConfigError, match=r"^ood.evaluate got eval_batch_size=8: the evaluation's batch size is batch_size=$"):
+        ood.evaluate(net, tmp_path / "id", [tmp_path / "far"], batch_size=64, eval_batch_size=8,
+                     output_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_output_dir_of_a_cli_run_is_refused(tmp_path: Path) -> None:
     """`output_dir=` a training run's folder replaced its config.yaml (read with its checkpoint by ood-heatmap and
     ood-eval), results and scores, and left its identity.json naming another configuration; an earlier
