@@ -3,6 +3,7 @@ linear head, errors that name the file, key and shapes."""
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -155,13 +156,30 @@ def test_frozen_submodule_is_bit_identical_after_training(ce_checkpoint: Path, t
     dm.use_streams(method.streams, method.name)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(method, datamodule=dm)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(method, datamodule=dm)
+    # Lightning's 'Found N module(s) in eval mode at the start of training' is not made by the frozen parts
+    assert not [w for w in caught if "in eval mode at the start of training" in str(w.message)]
     after = method.state_dict()
     stages = [k for k in before if k.startswith("backbone.stages.")]
     assert any("running_mean" in k for k in stages) and any("num_batches_tracked" in k for k in stages)
     assert all(torch.equal(before[k], after[k]) for k in stages)
     assert not torch.equal(before["backbone.fc.weight"], after["backbone.fc.weight"])
     assert not method.backbone.stages.training and all(not p.requires_grad for p in method.backbone.stages.parameters())
+
+
+def test_a_module_left_in_eval_mode_beside_the_frozen_ones_is_still_warned_of(ce_checkpoint: Path, tmp_path: Path) -> None:
+    method = _oe(ckpt=str(ce_checkpoint), freeze=["backbone.stages"])
+    method.apply_init()
+    method.backbone.fc.eval()  # not frozen: training it in eval mode is what Lightning's warning is for
+    dm = _datamodule()
+    dm.use_streams(method.streams, method.name)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    frozen = len(list(method.backbone.stages.modules()))
+    with pytest.warns(UserWarning, match=rf"^Found {frozen + 1} module\(s\) in eval mode at the start of training"):
+        trainer.fit(method, datamodule=dm)
 
 
 def test_detectors_use_the_methods_linear_head() -> None:

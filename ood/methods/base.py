@@ -26,12 +26,14 @@ write.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 
 from ood.data.batch import Batch
@@ -146,6 +148,15 @@ class OODMethod(LightningModule):
                 raise ConfigError(f"method.init.freeze: {self.name} has no sub-module {name!r}; choices: {names}") from None
             module.requires_grad_(False)
             module.eval()
+
+    def on_fit_start(self) -> None:
+        """Lightning warns of every module in eval mode as training starts ('This may lead to unexpected behavior');
+        the frozen parts are in eval mode on purpose (`train`), so the warning is silenced for exactly their count: a
+        module left in eval mode otherwise still makes it."""
+        frozen = {id(m) for name in self.frozen for m in self.get_submodule(name).modules()}
+        if frozen:
+            warnings.filterwarnings("ignore", rf"Found {len(frozen)} module\(s\) in eval mode at the start of training",
+                                    PossibleUserWarning)
 
     def train(self, mode: bool = True) -> OODMethod:
         """As `nn.Module.train`, but frozen sub-modules stay in eval mode (Lightning calls this every epoch)."""

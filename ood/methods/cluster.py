@@ -327,6 +327,7 @@ class ClusterMethod(OODMethod):
         return self.contrastive and self.current_epoch >= self.trainer.max_epochs - self.hparams.probe_epochs
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if self.contrastive and not (self.trainer.max_epochs or 0) > self.hparams.probe_epochs > 0:
             raise ConfigError(
                 f"objective={self.hparams.objective} needs 0 < method.probe_epochs ({self.hparams.probe_epochs}) "
