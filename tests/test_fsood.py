@@ -476,3 +476,22 @@ def test_report_figures_draw_fsood_entries_with_their_own_id(fabricated: dict, d
     assert set(hists["msp mode=fsood full-spectrum scores (seed 0)"]) == {"ID: test + csid sets", "OOD set"}
     assert set(hists["msp mode=standard scores (seed 0)"]) == {"ID test", "OOD set"}
     assert sorted(n for n in drawn if n.startswith("hist_")) == ["hist_00_fsood_msp.png", "hist_01_msp.png"]
+
+
+def test_an_ood_image_copying_a_csid_image_is_listed_as_a_duplicate(tmp_path: Path) -> None:
+    """`data=folder` screened OOD sets against the ID splits only: an OOD image copied from a covariate-shifted ID set
+    counted as ID and as OOD in the full-spectrum rows, unlisted. It is listed (and dropped with drop_overlap)."""
+    import ood
+
+    paths = make_image_folders(tmp_path / "data", train=4, test=3, ood=4)
+    shifted = shutil.copytree(make_image_folders(tmp_path / "other", train=0, test=3, seed=1)["id"] / "test",
+                              tmp_path / "shifted")
+    shutil.copy(sorted(shifted.rglob("*.png"))[0], paths["far"] / "from_csid.png")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3))
+    results = ood.evaluate(model, paths["id"], {"far": paths["far"], "csid": [shifted]}, detectors=["msp"],
+                           image_size=32, resize=32, device="cpu", output_dir=tmp_path / "run", drop_overlap=True)
+    listed = [e for entries in results.overlap["sets"].values() for e in entries]
+    assert [(Path(e["ood"]).name, e["kind"]) for e in listed] == [("from_csid.png", "exact")]
+    assert Path(listed[0]["id"]).parent.parent == shifted
+    assert {r["overlap_dropped"] for r in results.rows} == {1}

@@ -746,14 +746,15 @@ class FolderBenchmark(Benchmark):
     def screen(
         self, banks: Mapping[str, FeatureBank], splits: Sequence[EvalSplit], datasets: Mapping[str, Dataset]
     ) -> tuple[dict[str, FeatureBank], dict[str, dict[str, Any]]]:
-        """List exact and near duplicates between the ID splits and every OOD set (`overlap.json`, one warning per
-        set); with `drop_overlap` remove them from the OOD banks. Returns the banks and per-set row fields.
+        """List exact and near duplicates between the ID splits (csid sets included) and every OOD set (`overlap.json`,
+        one warning per set); with `drop_overlap` remove them from the OOD banks. Returns the banks and per-set row fields.
 
         Near duplicates compare the features of the pass, which holds only the fit split's train images: with
         `data.fit_fraction` < 1 the other train images are not compared by features (that needs a pass over the
         images `fit_fraction` is there to leave out), and `overlap.json` records how many were (`near_train`); exact
         duplicates compare every train image of a folder or list (decoded anyway), of a Dataset the fit rows."""
-        id_names = [s.name for s in splits if s.role in ("fit", "id_val", "id_test") and s.name in banks]
+        # the covariate-shifted ID sets too (full-spectrum runs): an OOD image that copies one is an ID-class image
+        id_names = [s.name for s in splits if s.role in ("fit", "id_val", "id_test", "csid") and s.name in banks]
         ood_names = [s.name for s in splits if s.role in ("ood", "ood_val") and s.name in banks]
 
         def rows_of(name: str) -> list[tuple[Any, int]]:
