@@ -15,7 +15,7 @@ from ood.detectors import DetectorNotApplicable, build_detector, detector_class
 from ood.detectors.base import Detector
 from ood.errors import ConfigError, NonFiniteError
 from ood.evaluation.evaluator import check_banks_finite, check_id_labels
-from ood.evaluation.scoring import detector_scorers, fit_detector, grid_points
+from ood.evaluation.scoring import detector_scorers, fit_detector, sweep_order, tune_detector
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
 from ood.neighbors import KNNIndex
@@ -41,17 +41,58 @@ def _val_auroc(det: Detector, banks: dict[str, FeatureBank]) -> float:
 
 @pytest.mark.parametrize("name", ["knn", "react", "gen", "ash", "nci"])
 def test_tuning_picks_the_best_validation_point(name: str, banks: dict[str, FeatureBank]) -> None:
-    """The chosen point maximises val AUROC over the grid (first in grid order on ties); test OOD untouched."""
+    """The chosen point maximises val AUROC over the grid (first in OpenOOD's order on ties); test OOD untouched."""
     det, tuned = fit_detector(name, {}, banks, tune=True)
     assert tuned
     cls = detector_class(name)
     fit_bank = banks[cls.fit_split]
-    points = [p for p in grid_points(cls.grid) if p.get("k", 0) <= len(fit_bank)]  # kNN's k beyond the bank: dropped
+    points = [p for p in sweep_order(cls.grid) if p.get("k", 0) <= len(fit_bank)]  # kNN's k beyond the bank: dropped
     aurocs = [(_val_auroc(build_detector(name, **p).fit(fit_bank), banks), p) for p in points]
     best = max(a for a, _ in aurocs)
     first_best = next(p for a, p in aurocs if a == best)
     assert {k: det.hparams[k] for k in first_best} == first_best
     assert _val_auroc(det, banks) == best
+
+
+def test_sweep_order_is_openoods_recursive_generator() -> None:
+    """OpenOOD's `recursive_generator` varies the first parameter fastest (itertools.product: the last)."""
+    assert sweep_order({"a": [0, 1, 2], "b": ["x", "y"]}) == [
+        {"a": 0, "b": "x"}, {"a": 1, "b": "x"}, {"a": 2, "b": "x"}, {"a": 0, "b": "y"}, {"a": 1, "b": "y"},
+        {"a": 2, "b": "y"}]
+    assert [tuple(p.values()) for p in sweep_order({"a": [0, 1], "b": [0, 1], "c": [0, 1]})] == [
+        (0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 1), (1, 1, 1)]
+    assert sweep_order({"k": [5, 1]}) == [{"k": 5}, {"k": 1}]
+
+
+class _Planted(Detector):
+    """Scores feature 0 (val AUROC 1) at (a, b) = (0, 1) and (1, 0), feature 1 (val AUROC 0.25) elsewhere: an exact
+    tie that the product order breaks for (0, 1) and OpenOOD's for (1, 0) (named below, out of the registry)."""
+
+    grid = {"a": [0, 1, 2], "b": [0, 1]}
+
+    def __init__(self, a: int = 0, b: int = 0) -> None:
+        self.a, self.b = a, b
+
+    def score(self, bank: FeatureBank) -> torch.Tensor:
+        return bank.features[:, 0 if (self.a, self.b) in {(0, 1), (1, 0)} else 1].double()
+
+
+_Planted.name = "planted"
+
+
+@pytest.mark.parametrize("score_params", [set(), {"b"}, {"a", "b"}])
+def test_exact_validation_ties_go_to_the_first_point_in_openoods_order(score_params: set[str]) -> None:
+    """On equal val AUROC OpenOOD keeps the first point of its search order (a varies fastest); tuning kept the first
+    it scored, walking fit groups in product order (b fastest), and chose (0, 1)."""
+    def bank(features: list[list[float]]) -> FeatureBank:
+        return FeatureBank(logits=torch.zeros(2, 2), features=torch.tensor(features))
+
+    val = bank([[2.0, 0.0], [3.0, 2.0]])
+    banks = {"train": val, "val": val, "val_ood": bank([[0.0, 1.0], [1.0, 3.0]])}
+    cls = type("_PlantedFits", (_Planted,), {"score_params": frozenset(score_params)})
+    det, tuned, scores = tune_detector(cls, {}, banks, tune=True)
+    assert tuned and det.hparams == {"a": 1, "b": 0}
+    assert ood_metrics(scores["val"], scores["val_ood"])["auroc"] == 1.0
 
 
 def test_fixed_params_and_tune_false_are_not_searched(banks: dict[str, FeatureBank]) -> None:

@@ -62,6 +62,14 @@ def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
+def sweep_order(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """The grid's points in OpenOOD v1.5's search order, the first parameter varying fastest
+    (`Evaluator.recursive_generator` in `openood/evaluation_api/evaluator.py`): its `hyperparam_search` keeps the
+    first of equal validation AUROCs in this order (`auroc > max_auroc`), and so does tuning here."""
+    keys = list(grid)
+    return [dict(zip(keys, values[::-1])) for values in itertools.product(*(grid[k] for k in reversed(keys)))]
+
+
 class ModelScoreFn(Protocol):
     """Scores of a `needs_model` detector on one split, computed from the network and that split's inputs: every row
     of the split's bank, or with `rows` only those bank rows, in that order (a `StreamFitted` detector's fit passes
@@ -218,7 +226,9 @@ def tune_detector(
 ) -> tuple[Detector, bool, dict[str, torch.Tensor]]:
     """Build detector `name` (a name or an already resolved class), choose its grid point on val vs val_ood (when `tune`), fit it on its split.
 
-    Fixed `params` are never tuned. Grid points that differ only in `score_params` share one fit. Detectors
+    The chosen point has the highest val AUROC, the first in OpenOOD's order (`sweep_order`) among exact ties, as
+    OpenOOD's search chooses. Fixed `params` are never tuned. Grid points that differ only in `score_params` share
+    one fit. Detectors
     that need the model are tuned through `model_scores(detector, split)` on `val` and `val_ood` (the extra
     passes ODIN needs). Returns the fitted detector (set to the chosen point), whether a search happened, and the
     chosen point's scores on `val` and `val_ood` from the search (empty without one). Raises
@@ -236,7 +246,8 @@ def tune_detector(
     groups: dict[tuple[tuple[str, Any], ...], list[dict[str, Any]]] = {}
     for point in points:
         groups.setdefault(tuple((k, v) for k, v in point.items() if k not in cls.score_params), []).append(point)
-    best: tuple[float, dict[str, Any], Detector, dict[str, torch.Tensor]] | None = None
+    order = sweep_order(free)
+    best: tuple[tuple[float, int], dict[str, Any], Detector, dict[str, torch.Tensor]] | None = None
     reason: DetectorNotApplicable | None = None
     for group in groups.values():
         det = None
@@ -249,11 +260,12 @@ def tune_detector(
             continue
         for point, val, val_ood in _val_scores(det, group, banks, model_scores):
             auroc = ood_metrics(val, val_ood, name=f"{name}{point} on val")["auroc"]
-            if best is None or auroc > best[0]:
-                best = (auroc, point, det, {"val": val, "val_ood": val_ood})
+            key = (auroc, -order.index(point))  # equal AUROCs: the first in OpenOOD's order, whatever fits came first
+            if best is None or key > best[0]:
+                best = (key, point, det, {"val": val, "val_ood": val_ood})
     if best is None:
         raise DetectorNotApplicable(f"none of its {len(points)} grid points ({', '.join(free)}) applies: {reason}")
-    auroc, point, det, val_scores = best
+    (auroc, _), point, det, val_scores = best
     det.set_params(**{k: v for k, v in point.items() if k in cls.score_params})
     log.debug("%s: chose %s (val AUROC %.4f over %d grid points)", name, point, auroc, len(points))
     return det, True, val_scores
