@@ -298,3 +298,24 @@ def test_constant_negative_zero_scores_warn_with_zero(caplog: pytest.LogCaptureF
     assert [r.getMessage() for r in caplog.records] == [
         "detector react gives every ID test and OOD image the same score (0): its AUROC 50 and FPR95 100 say nothing "
         "about the data"]
+
+
+@pytest.mark.parametrize(("modes", "csid", "message"), [
+    (("fsood",), [0.0, 2.0], None),
+    (("standard", "fsood"), [1.0, 1.0], "detector flat gives every ID test, csid and OOD image the same score (1): its "
+                                        "AUROC 50 and FPR95 100 say nothing about the data"),
+    (("standard", "fsood"), [0.0, 2.0], "detector flat gives every ID test and OOD image the same score (1): its AUROC "
+                                        "50 and FPR95 100 in the standard rows say nothing about the data"),
+])
+def test_the_same_score_warning_covers_the_csid_sets_full_spectrum_rows_rank(
+    modes: tuple[str, ...], csid: list[float], message: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The warning looked at ID test and OOD only: full-spectrum rows, which rank the csid sets too, were warned of
+    when only the csid scores differed, and named no csid set when those were alike too."""
+    from ood.evaluation.scoring import Scorer, evaluate
+
+    splits = [EvalSplit("test", "id_test"), EvalSplit("svhn", "ood", "far"), EvalSplit("blur", "csid")]
+    flat = Scorer("flat", lambda split: torch.tensor(csid) if split == "blur" else torch.ones(2))
+    with caplog.at_level(logging.WARNING):
+        evaluate([flat], splits, id_acc=1.0, info={}, modes=modes, csid_acc={"blur": 1.0})
+    assert [r.getMessage() for r in caplog.records] == ([message] if message else [])

@@ -375,10 +375,15 @@ def evaluate(
             check_finite(s, f"detector {scorer.name} on {split.name}")
             scores[split.name] = s
         all_scores[scorer.name] = scores
-        ranked = torch.cat([scores[split.name] for split in (id_split, *ood_splits)])
-        if len(ranked) and bool((ranked == ranked[0]).all()):  # + 0.0: a score of -0.0 is said as 0, not -0
-            log.warning("detector %s gives every ID test and OOD image the same score (%.6g): its AUROC 50 and FPR95 "
-                        "100 say nothing about the data", scorer.name, float(ranked[0]) + 0.0)
+        # the scores each mode's rows rank: fsood rows rank the csid sets too
+        ranked = {m: torch.cat([scores[s.name] for s in (id_split, *(csid_splits if m == "fsood" else ()), *ood_splits)])
+                  for m in modes}
+        flat = [m for m in modes if _all_equal(ranked[m])]
+        if flat:  # + 0.0: a score of -0.0 is said as 0, not -0
+            log.warning("detector %s gives every %s image the same score (%.6g): its AUROC 50 and FPR95 100%s say "
+                        "nothing about the data", scorer.name,
+                        "ID test, csid and OOD" if "fsood" in flat else "ID test and OOD", float(ranked[flat[0]][0]) + 0.0,
+                        "" if len(flat) == len(modes) else f" in the {flat[0]} rows")
         common = {"detector_params": scorer.hparams, "tuned": bool(scorer.tuned), "tuned_params": scorer.tuned}
         for mode in modes:
             if mode == "standard":
@@ -405,6 +410,11 @@ def evaluate(
                     }
                 )
     return rows, all_scores
+
+
+def _all_equal(scores: torch.Tensor) -> bool:
+    """Whether every score is the same (and there is one): the rows ranking them measure nothing."""
+    return len(scores) > 0 and bool((scores == scores[0]).all())
 
 
 def fsood_accuracy(id_acc: float, n_test: int, csid_acc: Mapping[str, float], csid_n: Mapping[str, int]) -> dict[str, Any]:
