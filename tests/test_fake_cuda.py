@@ -200,6 +200,28 @@ def test_a_bank_gathered_on_the_device_has_its_index_there(monkeypatch: pytest.M
                                want.score(FeatureBank(features @ weight.T, features, labels, weight, bias)))
 
 
+def test_rank_zeros_device_batches_go_into_the_memory_map_each_dropped_once_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`evaluation.bank_dir` on a (faked) GPU: rank 0's batches wait on the device for `gather`, which writes them into
+    the memory-mapped files and drops each once written (the README's claim). It held every batch of a field until
+    the last one was written: all 3 of them alive at the third write."""
+    import weakref
+
+    features = torch.arange(24.0).reshape(12, 2)
+    with fake_cuda(monkeypatch):
+        rows = RankZeroRows(12, device="cuda", out_dir=tmp_path)
+        for part in torch.arange(12).split(4):
+            rows.update(index=wrap(part), features=wrap(features[part]))
+        refs = [weakref.ref(b) for b in rows._batches["features"]]
+        alive = []
+        put = rows._put
+        monkeypatch.setattr(rows, "_put", lambda name, target, value: (
+            alive.append(sum(r() is not None for r in refs)) if name == "features" else None, put(name, target, value)))
+        got = rows.gather()
+    assert alive == [3, 2, 1]
+    assert got is not None and torch.equal(got["features"], features) and torch.equal(got["index"], torch.arange(12))
+
+
 def test_memory_mapped_banks_of_a_gpu_run_get_the_head_on_their_device(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """`evaluation.bank_dir` on a (faked) GPU: the banks are memory-mapped on the CPU and the detectors run there,

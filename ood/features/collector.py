@@ -188,13 +188,15 @@ class RankZeroRows:
             self.fields = self.fields or next((f for f, _ in gathered if f), {})
         if not self.fields:
             raise RuntimeError("no batch was added")
-        if len(index):  # rank 0's own batches from another device than its memory map
+        if len(index):  # rank 0's own batches from another device than its memory map, each dropped once written
             target = self._targets(index)
             for name in self.fields:
-                start = 0
-                for rows in self._batches.pop(name):
+                batches, start = self._batches.pop(name)[::-1], 0
+                while batches:
+                    rows = batches.pop()
                     self._put(name, target[start : start + len(rows)], rows)
                     start += len(rows)
+                    del rows
         if self.distributed:
             for src, (fields, index) in enumerate(gathered[1:], start=1):
                 target = self._targets(index)
