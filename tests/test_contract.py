@@ -182,6 +182,29 @@ def test_a_module_left_in_eval_mode_beside_the_frozen_ones_is_still_warned_of(ce
         trainer.fit(method, datamodule=dm)
 
 
+def test_the_frozen_parts_warning_filter_ends_with_their_fit(ce_checkpoint: Path, tmp_path: Path) -> None:
+    """The filter that silences Lightning's eval-mode warning for a fit's frozen parts stayed in the process: a later
+    fit (a Hydra multirun's next job) with as many modules left in eval mode by mistake was not warned of."""
+    def fit(method: OutlierExposure) -> None:
+        dm = _datamodule()
+        dm.use_streams(method.streams, method.name)
+        L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=tmp_path).fit(method, datamodule=dm)
+
+    frozen = _oe(ckpt=str(ce_checkpoint), freeze=["backbone.stages"])
+    frozen.apply_init()
+    forgotten = _oe()
+    forgotten.backbone.stages.eval()  # not frozen: the same count of modules in eval mode, by mistake
+    count = len(list(forgotten.backbone.stages.modules()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # set before the first fit, as a process's filters are
+        fit(frozen)
+        fit(forgotten)
+    assert [str(w.message) for w in caught if "in eval mode at the start" in str(w.message)] == [
+        f"Found {count} module(s) in eval mode at the start of training. This may lead to unexpected behavior during "
+        "training. If this is intentional, you can ignore this warning."]
+
+
 def test_detectors_use_the_methods_linear_head() -> None:
     class ProbeHead(CrossEntropy):
         name = "probe_head"

@@ -115,6 +115,8 @@ class OODMethod(LightningModule):
         self.frozen: tuple[str, ...] = tuple(init.get("freeze") or ())
         #: the evaluation splits in test-loader order (from `begin_evaluation`, before the pass)
         self.eval_splits: list[EvalSplit] = []
+        #: the warning filter `on_fit_start` adds for the frozen parts, until `on_train_start`
+        self._frozen_filter: tuple | None = None
 
     # ----- fit-time data --------------------------------------------------------------------------------------
     def prepare(self, data: FitData) -> None:
@@ -151,12 +153,20 @@ class OODMethod(LightningModule):
 
     def on_fit_start(self) -> None:
         """Lightning warns of every module in eval mode as training starts ('This may lead to unexpected behavior');
-        the frozen parts are in eval mode on purpose (`train`), so the warning is silenced for exactly their count: a
-        module left in eval mode otherwise still makes it."""
+        the frozen parts are in eval mode on purpose (`train`), so the warning is silenced for exactly their count,
+        until `on_train_start` (just after Lightning's check): a module left in eval mode otherwise still makes it."""
         frozen = {id(m) for name in self.frozen for m in self.get_submodule(name).modules()}
         if frozen:
             warnings.filterwarnings("ignore", rf"Found {len(frozen)} module\(s\) in eval mode at the start of training",
                                     PossibleUserWarning)
+            self._frozen_filter = warnings.filters[0]
+
+    def on_train_start(self) -> None:
+        """The filter of `on_fit_start` removed: left in place, it silenced that warning for every later fit in the
+        process (a Hydra multirun's next job, a notebook's next model) with as many modules left in eval mode."""
+        if self._frozen_filter in warnings.filters:
+            warnings.filters.remove(self._frozen_filter)  # an "ignore" filter: nothing cached to invalidate
+        self._frozen_filter = None
 
     def train(self, mode: bool = True) -> OODMethod:
         """As `nn.Module.train`, but frozen sub-modules stay in eval mode (Lightning calls this every epoch)."""
