@@ -234,8 +234,6 @@ def loader_workers(num_workers: int | None) -> int:
     return capped_workers(DEFAULT_WORKERS) if num_workers is None else num_workers
 
 
-
-
 def per_rank_batch(global_batch: int, key: str, world: int) -> int:
     """The per-rank share of a global batch of `global_batch` over `world` ranks; warns (naming config `key`) when
     it does not divide, the global batch then being `world * (global_batch // world)`."""

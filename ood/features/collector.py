@@ -244,9 +244,10 @@ def release_group(group: Any) -> None:
 
 
 def broadcast_rows(rows: dict[str, torch.Tensor] | None, device: torch.device | str, group: Any = None) -> dict[str, torch.Tensor]:
-    """Global rank 0's `rows` (same-length per-row fields) on every rank, on `device`: each field allocated once at
-    its full size and filled one message (`SEND_BYTES`) at a time, so no rank holds them twice. `group` must be a gloo
-    group (rows travel as CPU tensors); every rank calls it; outside DDP `rows` themselves."""
+    """Global rank 0's `rows` (same-length per-row fields) on every rank: rank 0 keeps `rows` themselves, every other
+    rank gets them on `device`, each field allocated once at its full size and filled one message (`SEND_BYTES`) at a
+    time, so no rank holds them twice. `group` must be a gloo group (rows travel as CPU tensors); every rank calls it;
+    outside DDP `rows` themselves."""
     if not _distributed():
         assert rows is not None
         return rows
