@@ -16,7 +16,7 @@ from ood.methods import CrossEntropy
 from ood.metrics import validation_aurocs
 from ood.models import SmallCNN
 from ood.models.checkpoint import load_modules
-from ood.runs.checks import check_launch, check_overrides, check_run
+from ood.runs.checks import _override, check_launch, check_overrides, check_run
 from ood.runs.sweeps import check_objective, sweep_objective
 from ood.train import run
 
@@ -273,6 +273,21 @@ def test_the_command_a_refused_evaluation_prints_evaluates_the_checkpoint_as_tra
     now = compose_config(tmp_path, ["train=false", *typed])
     assert (now.data.benchmark.image_size, now.data.benchmark.name, now.data.benchmark.tag) == (12, "my set, v2", "7")
     check_evaluated(now, stored, ckpt, given=typed)
+
+
+@pytest.mark.parametrize("value", ["1e-4", "inf", "true", "x y", 'a\\"b', "digits", float("inf"), -float("inf"), 1e-4,
+                                   None, {"noise": 0.08, "blur": 1.0}, [{"a": [1, "b c"]}]])
+def test_an_override_a_refusal_prints_reads_back_as_the_checkpoints_value(value: object) -> None:
+    """The overrides a refused resume or evaluation says to type went through YAML's and JSON's reading: the string
+    '1e-4' (or 'inf') went bare and Hydra read a float, float('inf') became the string 'Infinity', and a dict
+    (quoted keys) did not parse."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (word,) = shlex.split(_override("data.x", value))
+    got = OverridesParser.create().parse_override(word).value()
+    assert got == value and type(got) is type(value)
 
 
 def test_a_checkpoint_of_another_method_needs_method_on_the_command_line(tmp_path: Path) -> None:

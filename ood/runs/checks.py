@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import json
+import math
 import os
 import re
 import shlex
@@ -28,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from ood.errors import ConfigError, check_range
@@ -133,14 +134,25 @@ def _trained_names(ckpt_path: str) -> list[str]:
 def _override(key: str, value: Any) -> str:
     """`key=value` as one shell word that Hydra reads back as `value` (a string it would read as another type, or
     with characters its grammar or the shell would take, such as a space or a comma, quoted for both)."""
+    return shlex.quote(f"{key}={_hydra_value(value)}")
+
+
+def _hydra_value(value: Any) -> str:
+    """`value` in Hydra's override grammar. Hydra's own parser decides whether a string may go bare: YAML's reading
+    (kept '1e-4', 'inf' and 'nan' strings, which Hydra reads as floats) and JSON's (quoted dict keys, which Hydra's
+    dicts refuse; `Infinity`, which Hydra reads as a string) are not Hydra's."""
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {_hydra_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # inf, -inf, nan
     if not isinstance(value, str):
-        text = json.dumps(value)
-    elif re.fullmatch(r"[\w./@:+-]+", value) and isinstance(yaml.safe_load(value), str):
-        text = value
-    else:
-        # Hydra's quoted strings: a backslash escapes only before a quote (or the closing one)
-        text = '"' + re.sub(r'(\\*)("|$)', lambda m: m[1] * 2 + ("\\" + m[2] if m[2] else ""), value) + '"'
-    return shlex.quote(f"{key}={text}")
+        return json.dumps(value)
+    if re.fullmatch(r"[\w./@:+-]+", value) and OverridesParser.create().parse_override(f"k={value}").value() == value:
+        return value
+    # Hydra's quoted strings: a backslash escapes only before a quote (or the closing one)
+    return '"' + re.sub(r'(\\*)("|$)', lambda m: m[1] * 2 + ("\\" + m[2] if m[2] else ""), value) + '"'
 
 
 def _made_absolute(now: Any, then: Any) -> bool:
