@@ -3,9 +3,9 @@
 During `trainer.test` it caches, from one forward pass per split, whatever the method's `eval_outputs` returns
 (a `RankZeroRows` per split: global rank 0 writes its rows in place, the other ranks keep theirs); at the end of the
 epoch the other ranks' shards go to rank 0 only (DDP-exact: deduplicated on the dataset index), which builds a
-`FeatureBank` per split (with the method's
-own linear head), hands them to the pure `Evaluator` (method score, every detector, metrics) and broadcasts the
-`EvaluationResult`; every rank passes it to each configured sink (results file, logger scalars, wandb, run table).
+`FeatureBank` per split (with the method's own linear head), hands them to the pure `Evaluator` (method score, every
+detector, metrics) and broadcasts the `EvaluationResult`; every rank passes it to each configured sink (results file,
+logger scalars, wandb, run table).
 """
 
 from __future__ import annotations
