@@ -228,9 +228,8 @@ def tune_detector(
 
     The chosen point has the highest val AUROC, the first in OpenOOD's order (`sweep_order`) among exact ties, as
     OpenOOD's search chooses. Fixed `params` are never tuned. Grid points that differ only in `score_params` share
-    one fit. Detectors
-    that need the model are tuned through `model_scores(detector, split)` on `val` and `val_ood` (the extra
-    passes ODIN needs). Returns the fitted detector (set to the chosen point), whether a search happened, and the
+    one fit. Detectors that need the model are tuned through `model_scores(detector, split)` on `val` and `val_ood`
+    (the extra passes ODIN needs). Returns the fitted detector (set to the chosen point), whether a search happened, and the
     chosen point's scores on `val` and `val_ood` from the search (empty without one). Raises
     `DetectorNotApplicable` when no configuration applies (or the model is needed but not given).
     """
