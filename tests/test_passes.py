@@ -155,3 +155,11 @@ def test_a_distributed_pass_is_never_held_twice(tmp_path: Path) -> None:
     for rank in range(2):
         peak = float((tmp_path / f"{rank}.json").read_text())
         assert 0.9 * result_mb < peak < 1.3 * result_mb, (rank, peak, result_mb)
+
+
+def test_an_empty_dataset_is_one_line() -> None:
+    """A pass over no items (an empty folder handed to `ood.extract`) stopped on an assertion about DDP ranks."""
+    from ood.errors import DataNotFoundError
+
+    with pytest.raises(DataNotFoundError, match=r"^extract: the dataset has no items$"):
+        forward_dataset(lambda b: b, TensorDataset(torch.zeros(0, 2)), batch_size=2, desc="extract")

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ood.errors import DataNotFoundError
 from ood.features.collector import RankZeroRows, broadcast_rows, rank_zero_group, release_group
 from ood.utils import progress
 
@@ -119,6 +120,8 @@ def forward_dataset(
         dtype = param.dtype
     world = dist.get_world_size() if distributed and dist.is_available() and dist.is_initialized() else 1
     positions = _Positions(dataset)
+    if not len(positions):  # the rows' allocation needs a first batch: a clear line rather than an assertion
+        raise DataNotFoundError(f"{desc or 'forward pass'}: the dataset has no items")
     source: Dataset = Subset(positions, range(dist.get_rank(), len(positions), world)) if world > 1 else positions
     collector: RankZeroRows | None = None
     with isolated_rng(device), eval_mode(module), torch.no_grad():
