@@ -296,6 +296,11 @@ def test_imagenet_c_fed_as_stored_must_be_the_input_size(tmp_path: Path) -> None
                                           r"data.benchmark.image_size=16 like every other set: evaluate at "
                                           r"data.benchmark.image_size=20, or give the set preprocess: eval"):
         bench.csid_test()
+    # a non-square stored image has no image_size to evaluate at: only the other fix is named
+    Image.fromarray(RNG.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tree / "images_largescale/imagenet_c/0.png")
+    with pytest.raises(ConfigError, match=r"its images are 24x20, not data.benchmark.image_size=16 like every other set: "
+                                          r"give the set preprocess: eval \(resized"):
+        instantiate(cfg.data).benchmark.csid_test()
     cfg.data.benchmark.protocols["openood_v1.5"].csid.imagenet_c.preprocess = "eval"
     resized = instantiate(cfg.data).benchmark.csid_test()
     assert [tuple(s.dataset[0][0].shape) for s in resized] == [(3, 16, 16)] * 3

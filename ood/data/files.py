@@ -259,11 +259,12 @@ class FileBenchmark(Benchmark):
         except OSError:  # unreadable: the pass names it
             return
         if (width, height) != (self.image_size, self.image_size):
+            # a square stored size is an image_size to evaluate at; a non-square one is none
+            at = f"evaluate at data.benchmark.image_size={width}, or " if width == height else ""
             raise ConfigError(
                 f"{self.name}: set {name!r} is fed as stored (preprocess: tensor, OpenOOD's ImageNet-C preprocessing) and "
                 f"its images are {width}x{height}, not data.benchmark.image_size={self.image_size} like every other set: "
-                f"evaluate at data.benchmark.image_size={width}, or give the set preprocess: eval (resized and "
-                "centre-cropped as the ID test)"
+                f"{at}give the set preprocess: eval (resized and centre-cropped as the ID test)"
             )
 
     def _split(self, split: str, transform: Callable[[Image.Image], Any]) -> Dataset:
