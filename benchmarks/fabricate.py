@@ -99,7 +99,6 @@ def imagenet_tree(root: Path, n_train: int = 32, n_val: int = 8, n_test: int = 1
         _write(lists / f"val_{suffix}.txt", test[:n_val], test_y[:n_val])
         _write(lists / f"test_{suffix}.txt", test[n_val:], test_y[n_val:])
         _write(lists / "val_openimage_o.txt", ood["openimage_o"], [-1] * n_ood)
-    shared = root / "benchmark_imglist" / "imagenet"
-    for name in IMAGENET_OOD:
-        _write(shared / f"test_{name}.txt", ood[name], [-1] * n_ood)
+        for name in IMAGENET_OOD:
+            _write(lists / f"test_{name}.txt", ood[name], [-1] * n_ood)
     return root

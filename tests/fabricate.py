@@ -159,7 +159,9 @@ def make_openood_imagenet_tree(root: Path, every_class: bool = False) -> Path:
             write(lists / f"{folder}/{split}_{folder}.txt", [paths[i % n] for i in range(count)], list(range(count)))
     for name, (_, n) in IMAGENET_OOD.items():
         base = "images_classic" if name == "textures" else "images_largescale"
-        write(lists / f"imagenet/test_{name}.txt", images(base, "texture" if name == "textures" else name, n), [-1] * n)
+        paths = images(base, "texture" if name == "textures" else name, n)
+        for folder in ("imagenet", "imagenet200"):
+            write(lists / f"{folder}/test_{name}.txt", paths, [-1] * n)
     val_ood = images("images_largescale", "openimage_o_val", 3)
     for folder in ("imagenet", "imagenet200"):
         write(lists / f"{folder}/val_openimage_o.txt", val_ood, [-1] * 3)

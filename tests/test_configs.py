@@ -62,9 +62,11 @@ def test_a_method_without_a_name_is_refused_in_one_line(tmp_path: Path) -> None:
 def test_datamodule_builds_without_touching_data(tmp_path: Path, name: str) -> None:
     # data=folder reads the user's folders named on the command line: fabricated ones here
     extra = folder_overrides(tmp_path) if name == "folder" else []
-    cfg = compose_config(tmp_path, [f"data={name}", f"paths.data_dir={tmp_path / 'no_data_here'}", *extra])
+    # data.outlier_batch_size is a key of every data config (it needed a `+` when the configs lacked it)
+    cfg = compose_config(tmp_path, [f"data={name}", f"paths.data_dir={tmp_path / 'no_data_here'}",
+                                    "data.outlier_batch_size=96", *extra])
     datamodule = instantiate(cfg.data)
-    assert datamodule.num_classes > 1
+    assert datamodule.num_classes > 1 and datamodule.outlier_batch_size == 96
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])

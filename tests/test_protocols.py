@@ -281,12 +281,14 @@ def test_imagenet_reads_openood_lists(imagenet_tree: Path, tmp_path: Path, name:
     assert _sets(bench) == IMAGENET_OOD
     x, y = bench.test()[4]
     assert x.shape == (3, 224, 224) and y == 4
-    (imagenet_tree / "benchmark_imglist/imagenet/test_ninco.txt").rename(imagenet_tree / "ninco.bak")
+    # each reads its OOD lists where OpenOOD v1.5's evaluation API does: ImageNet-200 its own under imagenet200/
+    ninco = imagenet_tree / f"benchmark_imglist/{'imagenet' if name == 'imagenet1k' else name}/test_ninco.txt"
+    ninco.rename(imagenet_tree / "ninco.bak")
     try:
-        with pytest.raises(DataNotFoundError, match="test_ninco.txt.*download.py --contents datasets --datasets imagenet"):
+        with pytest.raises(DataNotFoundError, match=f"{ninco.relative_to(imagenet_tree)}.*download.py --contents datasets --datasets imagenet"):
             bench.prepare()
     finally:
-        (imagenet_tree / "ninco.bak").rename(imagenet_tree / "benchmark_imglist/imagenet/test_ninco.txt")
+        (imagenet_tree / "ninco.bak").rename(ninco)
 
 
 @pytest.fixture(scope="module")
