@@ -199,19 +199,31 @@ def test_gmm_equals_openood(ref: dict[str, FeatureBank]) -> None:
 
 
 # ----- the LTS authors' lts.py (andrijazz/lts): energy of logits * s -----------------------------------------------
-def test_lts_equals_the_authors_code(ref: dict[str, FeatureBank]) -> None:
-    def lts(bank: FeatureBank, percentile: int = 65) -> np.ndarray:
-        h = bank.features.double()
-        x, n = torch.relu(h), h.shape[1]
-        s = (x.sum(dim=1) / torch.topk(x, n - int(np.round(n * percentile / 100.0)), dim=1).values.sum(dim=1))[:, None] ** 2
-        logits = h @ bank.weight.double().T + bank.bias.double()
-        return _np(torch.logsumexp(logits * s, dim=1))
+def _lts(bank: FeatureBank, percentile: int = 65, at_least_one: bool = False) -> np.ndarray:
+    h = bank.features.double()
+    x, n = torch.relu(h), h.shape[1]
+    k = n - int(np.round(n * percentile / 100.0))
+    k = max(k, 1) if at_least_one else k
+    s = (x.sum(dim=1) / torch.topk(x, k, dim=1).values.sum(dim=1))[:, None] ** 2
+    logits = h @ bank.weight.double().T + bank.bias.double()
+    return _np(torch.logsumexp(logits * s, dim=1))
 
-    theirs = [lts(ref[s]) for s in ("test", "ood")]
+
+def test_lts_equals_the_authors_code(ref: dict[str, FeatureBank]) -> None:
+    theirs = [_lts(ref[s]) for s in ("test", "ood")]
     ours = _ours("lts", ref, "train")
     for o, t in zip(ours, theirs):
         np.testing.assert_allclose(_np(o), t, rtol=1e-6)
     _agree(ours, theirs)
+
+
+def test_lts_keeps_one_entry_where_the_authors_code_keeps_none(ref: dict[str, FeatureBank]) -> None:
+    """D = 32 at p = 99: the authors' k = 32 - round(31.68) = 0 divides by an empty top-k sum (s = inf, scores inf or
+    NaN); ours keep k = 1 (activation.py's documented deviation) and equal their code with k = 1."""
+    assert not np.isfinite(_lts(ref["test"], 99)).any()
+    ours = _ours("lts", ref, "train", percentile=99)
+    for o, split in zip(ours, ("test", "ood")):
+        np.testing.assert_allclose(_np(o), _lts(ref[split], 99, at_least_one=True), rtol=1e-6)
 
 
 # ----- pytorch-ood pnml.py ----------------------------------------------------------------------------------------
