@@ -26,7 +26,7 @@ LSE(W h' + b). All act on the pooled vector, as OpenOOD v1.5 does, so they run f
   Gaussian noise), so the authors' form is followed. Deviation: a row whose top-k sum is 0 (h+ = 0) gets s = 1.
 Deviation (ASH, SCALE, LTS): k is at least 1. The references' k = D - round(D p / 100) is 0 once D p / 100
 rounds to D (e.g. p = 99 on D <= 50 features), where they zero every feature: ASH scores the constant LSE(b),
-SCALE and LTS divide 0 by 0.
+SCALE and LTS divide by the zero top-k sum (non-finite scores).
 ASH, SCALE and LTS need nothing fitted; ReAct and VRA fit thresholds on ID-val, DICE its mask on train (OpenOOD's
 choices). State: two floats (ReAct, VRA), the C x D mask (DICE). VRA and LTS score chunk by chunk (float16 banks
 too); the percentiles go through one float64 copy of the ID-val activations.
