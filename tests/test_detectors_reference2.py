@@ -158,7 +158,8 @@ def test_scale_equals_openood(ref: dict[str, FeatureBank], percentile: int) -> N
 
 def test_ash_and_scale_keep_one_entry_where_openood_keeps_none(ref: dict[str, FeatureBank]) -> None:
     """D = 32 at p = 99: OpenOOD's k = 32 - round(31.68) = 0 zeroes every feature (ASH: the constant LSE(b); SCALE:
-    a division by the zeroed sum, NaN); ours keep k = 1 (the module's documented deviation) and equal the transcription with k = 1."""
+    a division by the zeroed sum, NaN); ours keep k = 1 (the module's documented deviation) and equal the
+    transcription with k = 1."""
     openood_ash = _shaped_energy(ref["test"], _openood_ash_b, 99)
     np.testing.assert_allclose(openood_ash, float(torch.logsumexp(ref["test"].bias.double(), 0)), rtol=1e-6)
     assert np.isnan(_shaped_energy(ref["test"], _openood_scale, 99)).all()
