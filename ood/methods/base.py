@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule
+from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
 
@@ -46,6 +46,15 @@ from ood.models.checkpoint import load_modules, read_state_dict
 from ood.utils import get_logger, linear_params
 
 log = get_logger(__name__)
+
+
+class _DropFrozenFilterOnException(Callback):
+    """A failed fit's way out, for `OODMethod`'s eval-mode warning filter (`OODMethod.configure_callbacks`)."""
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if isinstance(pl_module, OODMethod):
+            pl_module._drop_frozen_filter()
+
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -157,15 +166,35 @@ class OODMethod(LightningModule):
         until `on_train_start` (just after Lightning's check): a module left in eval mode otherwise still makes it."""
         frozen = {id(m) for name in self.frozen for m in self.get_submodule(name).modules()}
         if frozen:
+            before = list(warnings.filters)
             warnings.filterwarnings("ignore", rf"Found {len(frozen)} module\(s\) in eval mode at the start of training",
                                     PossibleUserWarning)
-            self._frozen_filter = warnings.filters[0]
+            if warnings.filters[0] in before:  # an equal one was there (moved to the front): back in its place, ours none
+                warnings.filters[:] = before
+            else:
+                self._frozen_filter = warnings.filters[0]
 
     def on_train_start(self) -> None:
         """The filter of `on_fit_start` removed: left in place, it silenced that warning for every later fit in the
         process (a Hydra multirun's next job, a notebook's next model) with as many modules left in eval mode."""
-        if self._frozen_filter in warnings.filters:
-            warnings.filters.remove(self._frozen_filter)  # an "ignore" filter: nothing cached to invalidate
+        self._drop_frozen_filter()
+
+    def teardown(self, stage: str) -> None:
+        """The filter of `on_fit_start` removed after a fit that never started training (`limit_train_batches=0`, a
+        resumed run already at `max_epochs`: Lightning skips `on_train_start` then)."""
+        self._drop_frozen_filter()
+
+    def configure_callbacks(self) -> list[Callback]:
+        """`_DropFrozenFilterOnException`: a fit that fails before training starts (sanity check, data loaders,
+        another `on_fit_start`) reaches neither `on_train_start` nor `teardown`, only callbacks' `on_exception`."""
+        return [_DropFrozenFilterOnException()]
+
+    def _drop_frozen_filter(self) -> None:
+        """Remove the filter `on_fit_start` added (that very one: an equal one added by others stays), if still there."""
+        for index, item in enumerate(warnings.filters):
+            if item is self._frozen_filter:
+                del warnings.filters[index]  # an "ignore" filter: nothing cached to invalidate
+                break
         self._frozen_filter = None
 
     def train(self, mode: bool = True) -> OODMethod:
