@@ -33,6 +33,9 @@ on to its ranks, says so, waits for them (`RANK_STOP_TIMEOUT`, then SIGKILL for 
 collective) and raises the `KeyboardInterrupt` as for Ctrl-C. A rank takes the first SIGINT as `KeyboardInterrupt`
 and ignores any later one (on a terminal it gets one from the terminal and the one passed on): a second interruption
 would cut its way out (below) short. A main process started with SIGINT ignored (`cmd &` in a script) is left so.
+A SIGINT while the ranks are being started (the fork server's first start imports torch, Lightning and ood: 5 s) is
+held until the launcher has them all (as SIGTERM is): raised there, it left the ranks already started running, their
+processes not yet handed to the launcher (nor, for the one the fork server was forking, to this process at all).
 
 Exit: a spawned rank never destroyed its gloo process group (Lightning destroys only NCCL ones, at exit; the DDP
 wrapper holds the group, and a rank stopped by SIGTERM or an error never reaches Lightning's teardown), so gloo's
@@ -107,6 +110,17 @@ def _interrupt_once(signum: int, frame: FrameType | None) -> NoReturn:
     """A rank's SIGINT handler: `KeyboardInterrupt`, later SIGINTs ignored (module doc)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt
+
+
+class _HeldInterrupt:
+    """The main process's SIGINT handler while its ranks start: notes the signal, for the launcher to act on once it
+    has them all (module doc)."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.received = True
 
 
 @contextmanager
@@ -281,6 +295,7 @@ class _SpawnLauncher(_MultiProcessingLauncher):
         self.log_targets: list[_LogTarget] = []
         self.log_level = logging.WARNING
         self.parent: _ParentState | None = None
+        self._held: _HeldInterrupt | None = None  # SIGINT's handler while the ranks start (module doc)
 
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         if sigterm_received():  # SIGTERM came during an earlier stage that still finished: start no other
@@ -290,6 +305,11 @@ class _SpawnLauncher(_MultiProcessingLauncher):
             _check_missing_main_guard()  # a rank re-running a script without `if __name__ == "__main__":` says so
             multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)
             self.parent = _ParentState()  # filled as each rank is started
+        # SIGINT held from here (module doc): nothing in between raises a KeyboardInterrupt outside the `try`
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._held = _HeldInterrupt()
+            signal.signal(signal.SIGINT, self._held)
         previous = _on_sigterm(self._pass_on)
         try:
             with _tensors_by_value() if self.parent is not None else nullcontext():
@@ -302,8 +322,17 @@ class _SpawnLauncher(_MultiProcessingLauncher):
             self._interrupt_ranks()
             raise
         finally:
+            self._release_sigint()  # the ranks' start failed
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+
+    def _release_sigint(self) -> bool:
+        """Python's SIGINT handler back in place of `_HeldInterrupt`; whether a SIGINT came while it was held."""
+        held, self._held = self._held, None
+        if held is None:
+            return False
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        return held.received
 
     def _interrupt_ranks(self) -> None:
         """SIGINT passed on to the ranks still running, which are waited for (`RANK_STOP_TIMEOUT`, then killed)."""
@@ -339,13 +368,18 @@ class _SpawnLauncher(_MultiProcessingLauncher):
         self._procs = procs
         if procs and sigterm_received():  # came while the ranks were starting, when there was none to pass it to
             self.kill(signal.SIGTERM)
+        if procs and self._release_sigint():  # as well: `launch` passes it on
+            raise KeyboardInterrupt
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_procs": []}  # as Lightning's: processes do not pickle
+        return {**super().__getstate__(), "_procs": [], "_held": None}  # as Lightning's: processes do not pickle
 
     def _wrapping_function(self, process_idx: int, *args: Any, **kwargs: Any) -> None:
         # the rank's first code: SIGTERM before Lightning's handler (setup, checkpoint restore) is noted, not fatal;
-        # SIGINT interrupts once (module doc)
+        # SIGINT interrupts once (module doc); a rank forked from the main process (`start_method=fork`) has its
+        # `_HeldInterrupt` as handler, which would hold the rank's SIGINT for ever
+        if isinstance(signal.getsignal(signal.SIGINT), _HeldInterrupt):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         with sigterm_noted(), _sigint_once():
             if self.parent is not None:  # forked by the server: made what a spawned rank is (`_ParentState`)
                 self.parent.restore()

@@ -1,0 +1,94 @@
+"""`ood.strategies._SpawnLauncher` as it starts the ranks (`trainer=ddp_cpu`: the fork server): a SIGINT to the main
+process while they start stops every rank already started, as one while they run does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from contextlib import suppress
+
+import pytest
+import torch
+import torch.multiprocessing
+from lightning.pytorch.plugins.environments import LightningEnvironment
+
+from ood import strategies
+from ood.strategies import DDPStrategy, _SpawnLauncher
+
+
+class _Rank(subprocess.Popen):
+    """A `sleep` process standing for a rank: what the launcher uses of one (`pid`, `is_alive`, `join`)."""
+
+    def __init__(self) -> None:
+        super().__init__(["sleep", "30"], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def is_alive(self) -> bool:
+        return self.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        with suppress(subprocess.TimeoutExpired):
+            self.wait(timeout)
+
+
+def test_sigint_while_the_ranks_start_stops_those_started(monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """SIGINT to the main process alone after rank 0 started and before rank 1 did (torch's `start_processes`
+    replaced): the KeyboardInterrupt came out of `start_processes` before Lightning's launcher had the rank list, so
+    rank 0 was never passed the SIGINT and ran its whole stage. The SIGINT is now held until both ranks are started,
+    then passed on to both, and the KeyboardInterrupt raised; SIGINT's handler is Python's again."""
+    ranks: list[_Rank] = []
+
+    class Started:
+        processes = ranks
+
+        def join(self) -> bool:
+            raise AssertionError("the launcher waited for ranks it should have interrupted")
+
+    def start_processes(*args: object, nprocs: int, **kwargs: object) -> Started:
+        for _ in range(nprocs):
+            ranks.append(_Rank())
+            if len(ranks) == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # handled here, at the next bytecode
+        return Started()
+
+    monkeypatch.setattr(torch.multiprocessing, "start_processes", start_processes)
+    monkeypatch.setenv("MASTER_PORT", "29500")  # the launch sets it
+    monkeypatch.setattr(strategies, "RANK_STOP_TIMEOUT", 5.0)
+    strategy = DDPStrategy(accelerator="cpu", parallel_devices=[torch.device("cpu")] * 2,
+                           cluster_environment=LightningEnvironment(), start_method="forkserver")
+    # Python's own handler: a process started in the background (`make test &`) has SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _SpawnLauncher(strategy, start_method="forkserver").launch(print)
+        assert [rank.poll() for rank in ranks] == [-signal.SIGINT, -signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert [r.getMessage() for r in caplog.records if r.name == "ood.strategies"] == [
+            "interrupted: SIGINT passed on to the 2 DDP ranks, waiting for them to stop"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        for rank in ranks:
+            rank.kill()
+            rank.wait()
+
+
+def test_a_rank_forked_from_the_main_process_is_interrupted_by_sigint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank forked from the main process (`start_method=fork`) inherits the handler that holds SIGINT while the
+    ranks start (`_HeldInterrupt`): the rank takes its SIGINT as `KeyboardInterrupt` all the same (here one rank in
+    this process; Lightning's part of it replaced)."""
+    monkeypatch.setattr(strategies, "_log_to", lambda *args: None)
+    monkeypatch.setattr(strategies, "_end_process_group", lambda strategy: None)
+
+    def stage(self: object, *args: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("SIGINT held in the rank")
+
+    monkeypatch.setattr(strategies._MultiProcessingLauncher, "_wrapping_function", stage)
+    strategy = DDPStrategy(accelerator="cpu", parallel_devices=[torch.device("cpu")] * 2, start_method="fork")
+    previous = signal.signal(signal.SIGINT, strategies._HeldInterrupt())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _SpawnLauncher(strategy, start_method="fork")._wrapping_function(0)
+    finally:
+        signal.signal(signal.SIGINT, previous)
