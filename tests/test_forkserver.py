@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,41 @@ def test_a_forked_rank_runs_a_preloaded_main_module_again_without_runpys_warning
     run = subprocess.run([sys.executable, "-m", "preloaded.main"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=60)
     assert (run.stdout, run.stderr) == ("rank ran\nexit 0\n", "")
+
+
+#: a module the server preloads before `ood.forkserver`: a signal to each process it forks, right after the fork
+SIGNALLED_AT_FORK = """
+import os
+
+os.register_at_fork(after_in_child=lambda: os.kill(os.getpid(), {signum}))
+"""
+
+#: one process started through that server, and how it ended
+SIGNALLED_MAIN = """
+import multiprocessing
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["signalled_at_fork", "ood.forkserver"])
+    process = context.Process(target=print, args=("rank ran",))
+    process.start()
+    process.join()
+    print("exit", process.exitcode)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_passed_on_as_the_server_forks_the_rank_reaches_it(tmp_path: Path, signum: signal.Signals) -> None:
+    """The main process passes SIGINT or SIGTERM on to its ranks as soon as it has their pids, which the server sends
+    as it forks: one that came before the rank stopped ignoring it (the server's SIG_IGN) was lost, and the rank ran
+    its whole stage. Here the signal comes first thing after the fork: the rank is now stopped by it."""
+    (tmp_path / "signalled_at_fork.py").write_text(SIGNALLED_AT_FORK.format(signum=int(signum)))
+    (tmp_path / "main.py").write_text(SIGNALLED_MAIN)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), root, os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "main.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert (run.stdout, run.stderr) == (f"exit {-signum}\n", "")
 
 
 def test_a_forked_rank_of_a_script_without_the_main_guard_is_told_to_add_it(monkeypatch: pytest.MonkeyPatch) -> None:
