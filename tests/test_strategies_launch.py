@@ -31,6 +31,11 @@ class _Rank(subprocess.Popen):
             self.wait(timeout)
 
 
+def _two_cpu_ranks(start_method: str) -> DDPStrategy:
+    return DDPStrategy(accelerator="cpu", parallel_devices=[torch.device("cpu")] * 2,
+                       cluster_environment=LightningEnvironment(), start_method=start_method)
+
+
 def test_sigint_while_the_ranks_start_stops_those_started(monkeypatch: pytest.MonkeyPatch,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     """SIGINT to the main process alone after rank 0 started and before rank 1 did (torch's `start_processes`
@@ -55,8 +60,7 @@ def test_sigint_while_the_ranks_start_stops_those_started(monkeypatch: pytest.Mo
     monkeypatch.setattr(torch.multiprocessing, "start_processes", start_processes)
     monkeypatch.setenv("MASTER_PORT", "29500")  # the launch sets it
     monkeypatch.setattr(strategies, "RANK_STOP_TIMEOUT", 5.0)
-    strategy = DDPStrategy(accelerator="cpu", parallel_devices=[torch.device("cpu")] * 2,
-                           cluster_environment=LightningEnvironment(), start_method="forkserver")
+    strategy = _two_cpu_ranks("forkserver")
     # Python's own handler: a process started in the background (`make test &`) has SIGINT ignored
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -73,6 +77,23 @@ def test_sigint_while_the_ranks_start_stops_those_started(monkeypatch: pytest.Mo
             rank.wait()
 
 
+def test_a_failed_start_gives_sigint_back_to_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handler that holds SIGINT while the ranks start goes when their start fails too: Ctrl-C works after."""
+    def start_processes(*args: object, **kwargs: object) -> None:
+        raise OSError("no fork server")
+
+    monkeypatch.setattr(torch.multiprocessing, "start_processes", start_processes)
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    strategy = _two_cpu_ranks("forkserver")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(OSError, match="^no fork server$"):
+            _SpawnLauncher(strategy, start_method="forkserver").launch(print)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_rank_forked_from_the_main_process_is_interrupted_by_sigint(monkeypatch: pytest.MonkeyPatch) -> None:
     """A rank forked from the main process (`start_method=fork`) inherits the handler that holds SIGINT while the
     ranks start (`_HeldInterrupt`): the rank takes its SIGINT as `KeyboardInterrupt` all the same (here one rank in
@@ -85,7 +106,7 @@ def test_a_rank_forked_from_the_main_process_is_interrupted_by_sigint(monkeypatc
         raise AssertionError("SIGINT held in the rank")
 
     monkeypatch.setattr(strategies._MultiProcessingLauncher, "_wrapping_function", stage)
-    strategy = DDPStrategy(accelerator="cpu", parallel_devices=[torch.device("cpu")] * 2, start_method="fork")
+    strategy = _two_cpu_ranks("fork")
     previous = signal.signal(signal.SIGINT, strategies._HeldInterrupt())
     try:
         with pytest.raises(KeyboardInterrupt):
