@@ -1,8 +1,12 @@
-"""Compose-API helpers shared by the tests (no subprocess): build a config as `ood-train` would and run it."""
+"""Compose-API helpers shared by the tests (no subprocess): build a config as `ood-train` would and run it; a
+stand-in for a DDP rank process."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +103,18 @@ def start_ranks(fn: Callable[..., None], args: tuple = (), nprocs: int = 2) -> N
 
     mp.set_forkserver_preload(FORKSERVER_PRELOAD)
     mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+
+
+class StandInRank(subprocess.Popen):
+    """A `sleep` process standing for a DDP rank, SIGINT's action as given: what the launcher uses of one (`pid`,
+    `is_alive`, `join`)."""
+
+    def __init__(self, on_sigint: signal.Handlers = signal.SIG_DFL) -> None:
+        super().__init__(["sleep", "30"], preexec_fn=lambda: signal.signal(signal.SIGINT, on_sigint))
+
+    def is_alive(self) -> bool:
+        return self.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        with suppress(subprocess.TimeoutExpired):
+            self.wait(timeout)

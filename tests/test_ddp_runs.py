@@ -11,12 +11,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext, suppress
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_config
+from helpers import StandInRank, run_config
 from lightning import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.strategies import SingleDeviceStrategy
@@ -236,21 +236,6 @@ def test_sigterm_while_the_ranks_start_is_passed_on_once_they_are_there() -> Non
         sleeper.wait()
 
 
-class _StandInRank:
-    """A `sleep` process standing for a rank (what `_SpawnLauncher` uses of one), SIGINT's action as given."""
-
-    def __init__(self, on_sigint: signal.Handlers) -> None:
-        self.proc = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: signal.signal(signal.SIGINT, on_sigint))
-        self.pid = self.proc.pid
-
-    def is_alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def join(self, timeout: float | None = None) -> None:
-        with suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout)
-
-
 def test_sigint_to_the_main_process_alone_stops_its_ranks(monkeypatch: pytest.MonkeyPatch,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     """SIGINT to the main process only (`kill -INT <pid>`, a notebook's interrupt, a scheduler signalling the job's
@@ -258,7 +243,7 @@ def test_sigint_to_the_main_process_alone_stops_its_ranks(monkeypatch: pytest.Mo
     epoch 216 in the 90 s a run was watched) while the main process waited for them in its exit. It now passes SIGINT
     on, says so, waits for them and kills one still running after `RANK_STOP_TIMEOUT` (here one that ignores SIGINT),
     then raises the KeyboardInterrupt (Lightning's launch replaced: the interruption comes as it waits for its ranks)."""
-    ranks = [_StandInRank(signal.SIG_DFL), _StandInRank(signal.SIG_IGN)]
+    ranks = [StandInRank(signal.SIG_DFL), StandInRank(signal.SIG_IGN)]
 
     def launch(self: _MultiProcessingLauncher, *args: object, **kwargs: object) -> None:
         self.procs = ranks
@@ -269,14 +254,14 @@ def test_sigint_to_the_main_process_alone_stops_its_ranks(monkeypatch: pytest.Mo
     try:
         with pytest.raises(KeyboardInterrupt):
             _SpawnLauncher(_two_cpu_ranks(), start_method="spawn").launch(print)
-        assert [rank.proc.poll() for rank in ranks] == [-signal.SIGINT, -signal.SIGKILL]
+        assert [rank.poll() for rank in ranks] == [-signal.SIGINT, -signal.SIGKILL]
         assert [r.getMessage() for r in caplog.records if r.name == "ood.strategies"] == [
             "interrupted: SIGINT passed on to the 2 DDP ranks, waiting for them to stop",
             f"DDP rank(s) [{ranks[1].pid}] still running 0.5 s after SIGINT: killed"]
     finally:
         for rank in ranks:
-            rank.proc.kill()
-            rank.proc.wait()
+            rank.kill()
+            rank.wait()
 
 
 def test_a_rank_takes_the_first_sigint_and_ignores_the_next(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,30 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-from contextlib import suppress
 
 import pytest
 import torch
 import torch.multiprocessing
+from helpers import StandInRank
 from lightning.pytorch.plugins.environments import LightningEnvironment
 
 from ood import strategies
 from ood.strategies import DDPStrategy, _SpawnLauncher
-
-
-class _Rank(subprocess.Popen):
-    """A `sleep` process standing for a rank: what the launcher uses of one (`pid`, `is_alive`, `join`)."""
-
-    def __init__(self) -> None:
-        super().__init__(["sleep", "30"], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-    def is_alive(self) -> bool:
-        return self.poll() is None
-
-    def join(self, timeout: float | None = None) -> None:
-        with suppress(subprocess.TimeoutExpired):
-            self.wait(timeout)
 
 
 def _two_cpu_ranks(start_method: str) -> DDPStrategy:
@@ -42,7 +27,7 @@ def test_sigint_while_the_ranks_start_stops_those_started(monkeypatch: pytest.Mo
     replaced): the KeyboardInterrupt came out of `start_processes` before Lightning's launcher had the rank list, so
     rank 0 was never passed the SIGINT and ran its whole stage. The SIGINT is now held until both ranks are started,
     then passed on to both, and the KeyboardInterrupt raised; SIGINT's handler is Python's again."""
-    ranks: list[_Rank] = []
+    ranks: list[StandInRank] = []
 
     class Started:
         processes = ranks
@@ -52,7 +37,7 @@ def test_sigint_while_the_ranks_start_stops_those_started(monkeypatch: pytest.Mo
 
     def start_processes(*args: object, nprocs: int, **kwargs: object) -> Started:
         for _ in range(nprocs):
-            ranks.append(_Rank())
+            ranks.append(StandInRank())
             if len(ranks) == 1:
                 os.kill(os.getpid(), signal.SIGINT)  # handled here, at the next bytecode
         return Started()
