@@ -12,8 +12,11 @@ import torch
 from scipy.spatial.distance import mahalanobis
 from sklearn.preprocessing import PowerTransformer, StandardScaler
 
-from ood.detectors import build_detector
+from ood.detectors import DetectorNotApplicable, build_detector
+from ood.detectors.network import LayerTaps
+from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
+from ood.models.resnet import ResNet18_32x32
 
 
 def _bank(features: np.ndarray | torch.Tensor) -> FeatureBank:
@@ -21,24 +24,91 @@ def _bank(features: np.ndarray | torch.Tensor) -> FeatureBank:
     return FeatureBank(logits=torch.zeros(len(h), 3), features=h)
 
 
-def released_scores(train: np.ndarray, test: np.ndarray, k: int, reg: float) -> np.ndarray:
-    """`test_ood.py`'s `square_log_probability(pred_mahala, pred_knn, knn_n)` with `Confidenciator`'s Mahalanobis
-    branch on penultimate features (`extreme=False`) and `fit_knn_faiss` / `predict_knn_faiss` (K-th squared L2
-    distance, here brute force), transcribed line by line in NumPy / scikit-learn / SciPy."""
-    def normalizer(x: np.ndarray) -> np.ndarray:
-        return x / np.linalg.norm(x, axis=-1, keepdims=True) + 1e-10
+def normalizer(x: np.ndarray) -> np.ndarray:
+    """The released `normalizer`."""
+    return x / np.linalg.norm(x, axis=-1, keepdims=True) + 1e-10
 
+
+def released_scores(train: np.ndarray, test: np.ndarray, k: int, reg: float, train_maha: np.ndarray | None = None,
+                    test_maha: np.ndarray | None = None) -> np.ndarray:
+    """`test_ood.py`'s `square_log_probability(pred_mahala, pred_knn, knn_n)` with `fit_knn_faiss` /
+    `predict_knn_faiss` on the penultimate features `train` / `test` (K-th squared L2 distance, here brute force) and
+    `Confidenciator`'s Mahalanobis on `*_maha` (the extreme features, `extreme=True`), or on the normalised penultimate
+    features when they are None (`extreme=False`), transcribed line by line in NumPy / scikit-learn / SciPy."""
     train, test = normalizer(train.astype(np.float64)), normalizer(test.astype(np.float64))
+    if train_maha is None or test_maha is None:
+        train_maha, test_maha = train, test
     scaler, pt = StandardScaler(), PowerTransformer()
-    x = pt.fit_transform(scaler.fit_transform(train))
-    inv_cov = np.linalg.inv(np.cov(x, rowvar=False) + reg * np.identity(train.shape[1]))
-    mean = np.zeros(train.shape[1])
+    x = pt.fit_transform(scaler.fit_transform(train_maha))
+    inv_cov = np.linalg.inv(np.cov(x, rowvar=False) + reg * np.identity(train_maha.shape[1]))
+    mean = np.zeros(train_maha.shape[1])
     pred_mahala = -np.apply_along_axis(lambda row: mahalanobis(row, mean, inv_cov), 1,
-                                       pt.transform(scaler.transform(test)))
+                                       pt.transform(scaler.transform(test_maha)))
     d2 = ((test[:, None, :] - train[None, :, :]) ** 2).sum(-1)
     pred_knn = -np.sort(d2, axis=1)[:, k - 1]
     n = train.shape[1]
     return (-math.sqrt(n) * np.log(-pred_knn)) - pred_mahala**2
+
+
+def released_extremes(net: ResNet18_32x32, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The authors' feature extraction on their ResNet-18 (one ReLU module per call, `MinMax` of each ReLU's input,
+    then `Max_out` / `Min_out` of the logits), written out over our network's weights: [N, 36] extreme features and
+    [N, 512] penultimate features."""
+    def minmax(z: torch.Tensor) -> list[torch.Tensor]:
+        amin, amax = torch.aminmax(z.reshape(len(z), -1), dim=1)
+        return [amax, -amin]
+
+    feats: list[torch.Tensor] = []
+    with torch.no_grad():
+        stem = net.stages["stem"]
+        out = stem[1](stem[0](x))
+        feats += minmax(out)
+        out = torch.relu(out)
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            for block in net.stages[stage]:
+                identity = out if block.downsample is None else block.downsample(out)
+                h = block.bn1(block.conv1(out))
+                feats += minmax(h)
+                h = block.bn2(block.conv2(torch.relu(h))) + identity
+                feats += minmax(h)
+                out = torch.relu(h)
+        pooled = out.mean((2, 3))
+        logits = net.fc(pooled)
+    feats += [logits.max(1).values, -logits.min(1).values]
+    return torch.stack(feats, 1).numpy(), pooled.numpy()
+
+
+def test_extreme_features_match_the_released_run() -> None:
+    """The default (`features=extreme`, the released run): the Mahalanobis term over the max and -min of every ReLU
+    call's input (17 on a CIFAR ResNet-18, torchvision's basic block calling its one in-place ReLU twice) and of the
+    logits, tapped in the cached pass, equals the authors' extraction and scoring."""
+    torch.manual_seed(0)
+    net = ResNet18_32x32(num_classes=4).eval()
+    x = {"train": torch.randn(120, 3, 8, 8), "test": torch.cat([torch.randn(20, 3, 8, 8), 3 * torch.rand(20, 3, 8, 8)])}
+    banks = {}
+    for split, images in x.items():
+        taps = LayerTaps(net, ["combood"])
+        with torch.no_grad():
+            out = net.run(images)
+        banks[split] = FeatureBank(logits=out.logits, features=out.features, extras=taps.pop())
+        taps.remove()
+    assert sum(t[0].numel() for t in banks["test"].extras.values()) == 34  # 17 ReLU calls x (max, -min)
+    det = build_detector("combood").fit(banks["train"])
+    (train_maha, train_h), (test_maha, test_h) = released_extremes(net, x["train"]), released_extremes(net, x["test"])
+    np.testing.assert_allclose(train_h, banks["train"].features.numpy(), rtol=1e-5, atol=1e-6)
+    expected = released_scores(train_h, test_h, 50, 1.0, train_maha, test_maha)
+    np.testing.assert_allclose(det.score(banks["test"]).numpy(), expected, rtol=1e-5, atol=1e-4)
+    # the penultimate branch scores otherwise: the test tells the two apart
+    assert np.abs(released_scores(train_h, test_h, 50, 1.0) - expected).max() > 1.0
+
+
+def test_extreme_features_need_the_taps_and_features_names_its_choices() -> None:
+    bank = _bank(np.abs(np.random.default_rng(3).normal(size=(60, 4))))
+    with pytest.raises(DetectorNotApplicable, match=r"features=extreme reads the inputs of the network's activation "
+                                                    r"modules .* features=penultimate needs no taps$"):
+        build_detector("combood").fit(bank)
+    with pytest.raises(ConfigError, match=r"^detector 'combood': features='pooled'; choices: \['extreme', 'penultimate'\]$"):
+        build_detector("combood", features="pooled")
 
 
 @pytest.mark.parametrize(("k", "reg"), [(50, 1.0), (5, 0.3)])
@@ -46,7 +116,7 @@ def test_matches_released_scoring(k: int, reg: float) -> None:
     g = np.random.default_rng(0)
     train = np.abs(g.normal(size=(400, 12))) * g.uniform(0.5, 3, size=12)  # post-ReLU-like, skewed columns
     test = np.concatenate([np.abs(g.normal(size=(40, 12))), g.normal(size=(40, 12)) * 2])
-    det = build_detector("combood", k=k, reg=reg).fit(_bank(train))
+    det = build_detector("combood", k=k, reg=reg, features="penultimate").fit(_bank(train))
     ours = det.score(_bank(test)).numpy()
     np.testing.assert_allclose(ours, released_scores(train.astype(np.float32), test.astype(np.float32), k, reg),
                                rtol=1e-5, atol=1e-4)
@@ -59,13 +129,13 @@ def test_known_answers() -> None:
     train = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
     query = _bank(torch.tensor([[3.0, 3.0]]))
     for k, d2 in [(2, 2 - math.sqrt(2)), (3, 2 + math.sqrt(2))]:
-        det = build_detector("combood", k=k).fit(_bank(train))
+        det = build_detector("combood", k=k, features="penultimate").fit(_bank(train))
         assert det.knn_sq_distance(query).item() == pytest.approx(d2, rel=1e-6)
         expected = -math.sqrt(2) * math.log(d2) - det.mahalanobis_sq(query).item()
         assert det.score(query).item() == pytest.approx(expected, rel=1e-6)
     g = np.random.default_rng(1)
     bank = _bank(np.abs(g.normal(size=(300, 6))) + 0.1)
-    det = build_detector("combood", reg=0.0).fit(bank)
+    det = build_detector("combood", reg=0.0, features="penultimate").fit(bank)
     assert det.mahalanobis_sq(bank).mean().item() == pytest.approx(6 * 299 / 300, rel=1e-9)
 
 
@@ -74,7 +144,7 @@ def test_zero_distance_is_the_most_in_distribution_finite_score() -> None:
     above every other score."""
     g = np.random.default_rng(2)
     train = np.abs(g.normal(size=(100, 5))) + 0.1
-    det = build_detector("combood", k=1).fit(_bank(train))
+    det = build_detector("combood", k=1, features="penultimate").fit(_bank(train))
     scores = det.score(_bank(np.concatenate([train[:1], train[1:10] + 0.05])))
     assert torch.isfinite(scores).all()
     assert scores[0] > scores[1:].max()

@@ -45,7 +45,8 @@ from ood.metrics import ood_metrics
 SEPARATION_FLOORS = {"residual": 0.7}
 #: detectors that need a staged network, maps cached by its layer taps or a fit pass through it: enrolled on a tiny
 #: CNN in tests/test_detectors_model.py instead of the synthetic banks here
-NETWORK = {"adascale_a", "adascale_l", "gram", "gram_stream", "mahalanobis_odin", "mcdropout", "mds_ensemble", "nac", "rankfeat"}
+NETWORK = {"adascale_a", "adascale_l", "combood", "gram", "gram_stream", "mahalanobis_odin", "mcdropout", "mds_ensemble", "nac",
+           "rankfeat"}
 SYNTHETIC = [n for n in available_detectors() if n not in NETWORK]
 
 

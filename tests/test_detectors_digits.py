@@ -41,6 +41,7 @@ FLOORS: dict[str, tuple[str, float]] = {
     "weiper": (NEAR, 0.8), "mahalanobis_pp": (FLOWER, 0.93), "neco": (FLOWER, 0.93),
     "adascale_a": (FLOWER, 0.9), "adascale_l": (FLOWER, 0.9), "iodin": (NEAR, 0.9), "gram": (FLOWER, 0.95), "gram_stream": (FLOWER, 0.95),
     "mahalanobis_odin": (FLOWER, 0.95), "mds_ensemble": (FLOWER, 0.95), "nac": (GAUSS, 0.8), "rankfeat": (GAUSS, 0.7),
+    "combood": (NEAR, 0.93),
 }
 #: the small CNN has no dropout: mcdropout is skipped there (its documented `DetectorNotApplicable`)
 REPORTED = [n for n in available_detectors() if n != "mcdropout"]
@@ -97,3 +98,4 @@ def test_digits_auroc_floor(name: str, digits_rows: list[dict[str, Any]]) -> Non
     ood_set, floor = FLOORS[name]
     row = next(r for r in digits_rows if r["detector"] == name and r["ood_dataset"] == ood_set)
     assert row["auroc"] >= floor, f"{name} on {ood_set}: AUROC {row['auroc']:.3f} < floor {floor}"
+

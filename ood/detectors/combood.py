@@ -2,79 +2,124 @@
 Classification", SDM 2024 (doi 10.1137/1.9781611978032.74), after the authors' released code (rmagesh148/combood:
 `test_ood.py`'s active path `square_log_probability`, `confidenciator.py`'s `Confidenciator`):
 
-  score(h) = -sqrt(D) * log d_K(h)^2 - M(h)^2
+  score(x) = -sqrt(D) * log d_K(h)^2 - M(e)^2
 
-- d_K(h)^2: squared L2 distance from h_hat = h / ||h|| to its K-th nearest L2-normalised ID-train feature (K = 50,
-  faiss `IndexFlatL2`, as `fit_knn_faiss` / `predict_knn_faiss`); D = the feature dimension (`knn_n`).
-- M(h)^2 = z^T (S + reg I)^-1 z with z = YJ(SS(h_hat)): SS a StandardScaler and YJ a Yeo-Johnson PowerTransformer
+- d_K(h)^2: squared L2 distance from h_hat = h / ||h|| (h the penultimate feature, D its dimension) to its K-th
+  nearest L2-normalised ID-train feature (K = 50, faiss `IndexFlatL2`, as `fit_knn_faiss` / `predict_knn_faiss`).
+- M(e)^2 = z^T (S + reg I)^-1 z with z = YJ(SS(e)): SS a StandardScaler and YJ a Yeo-Johnson PowerTransformer
   (sklearn defaults, standardising), both fitted on the ID-train rows; S the covariance (ddof 1) of the transformed
   train rows; reg = 1; the centre is 0 (the released `self.mean = np.zeros(...)`), the train mean after YJ.
+- e (`features`): `extreme` (default; the released run, `FeatureTester(..., extreme=True)`, X-OOD's features): the
+  max and -min over each sample of the *input* of every nn.ReLU / GELU / LeakyReLU call of the network, plus its max
+  and -min logit (36 values on a CIFAR ResNet-18: the stem and two per basic block, 17 calls). They are tapped in the
+  evaluation's one cached pass (`InputTap`, a forward pre-hook, so an in-place ReLU has not overwritten its input).
+  `penultimate`: the released code's other branch (`add_prediction_and_penultimate_features_dl_to_mahala`), e = h_hat.
 - Fitted on the ID train split only; nothing is tuned (the released code has no sweep). Min-max rescaling of the
   scores before the metrics (`taylor_table`) is monotone and left out.
 
 Deviations, and why:
-- M's features. The released run (`FeatureTester(..., extreme=True)`) feeds the Mahalanobis term X-OOD's "extreme"
-  features: max and -min of the *input* of every nn.ReLU / GELU / LeakyReLU module plus the max and -min logit
-  (36 values on its ResNet-18, whose blocks the authors rewrote with one ReLU module per call). A post-hoc detector
-  on the cached bank has the penultimate features and logits only, and the evaluation's layer taps keep a module's
-  output (post-ReLU, min 0), not its input. We take the released code's other branch (`extreme=False`:
-  `add_prediction_and_penultimate_features_dl_to_mahala`), the same pipeline on the L2-normalised penultimate
-  features. So this is CombOOD's kNN term exactly and its Mahalanobis term on other features: expect its numbers
-  to differ from the leaderboard's.
+- Every call of an activation module is a feature. The authors rewrote their ResNets' blocks with one ReLU module
+  per call, since their forward hook keeps one entry per module (a module called twice, as torchvision's basic
+  block's `relu`, would keep its last call, and read its input after an in-place ReLU overwrote it); ours records
+  each call's input, which on their networks is the same set of features and on torchvision's is what they intended.
+  Functional activations (`F.relu`, not modules) are not seen: a network with none as modules cannot use
+  `extreme` (the run says so; `features=penultimate` runs), and one with some (our WRN-40-2: one module, the other
+  calls functional) gets only those.
 - A zero K-th distance (a query equal to K train features) is clamped to the smallest positive float64, a finite
   maximal score; the released `np.log(..., where=d > 0)` without `out` leaves such entries uninitialised.
 - float64 for the scaler, the power transform and the precision (the released code fits them on float32 columns;
-  the added 1e-10 of its `normalizer` shifts every coordinate alike and changes neither term). The fit holds the
-  train features as float64 arrays, a few at once (sklearn's transforms copy): 0.2 GB each for CIFAR's
-  50 k x 512, 21 GB each for ImageNet-1K's 1.28 M x 2048, where it needs a large host.
+  the added 1e-10 of its `normalizer` shifts every coordinate alike and changes neither term). With `penultimate`
+  the fit holds the train features as float64 arrays, a few at once (sklearn's transforms copy): 0.2 GB each for
+  CIFAR's 50 k x 512, 21 GB each for ImageNet-1K's 1.28 M x 2048, where it needs a large host; `extreme` holds 2
+  values per activation call and 2 logits per row (ResNet-18: 36; torchvision's ResNet-50, 49 ReLU calls: 100).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ood.detectors.base import COUNT, NON_NEGATIVE, Detector
+from ood.detectors.base import COUNT, NON_NEGATIVE, Detector, DetectorNotApplicable
 from ood.detectors.mahalanobis import row_chunks
+from ood.detectors.network import InputTap
+from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.neighbors import IndexKind, KNNIndex
 
+#: extras keys of the tapped activation inputs' extremes
+PREFIX = "combood:"
+#: the activation modules whose inputs the released code reads (`supported_activations`)
+ACTIVATIONS = (nn.ReLU, nn.GELU, nn.LeakyReLU)
+FEATURES = ("extreme", "penultimate")
 
-def _normalised64(bank: FeatureBank) -> np.ndarray:
-    """L2-normalised features as float64 NumPy (normalised in float32, as the kNN index sees them)."""
-    return F.normalize(bank.features.float(), dim=1).double().cpu().numpy()
+
+def extremes(z: torch.Tensor) -> torch.Tensor:
+    """[B, 2]: each sample's max and -min (the released `MinMax`)."""
+    flat = z.flatten(1)
+    return torch.stack([flat.amax(1), -flat.amin(1)], 1)
 
 
 class CombOOD(Detector):
-    """-sqrt(D) log(K-th kNN squared distance) - squared Mahalanobis norm after a scaler and a Yeo-Johnson transform."""
+    """-sqrt(D) log(K-th kNN squared distance) - squared Mahalanobis norm of extreme (or penultimate) features after a
+    scaler and a Yeo-Johnson transform."""
 
     name = "combood"
     ranges = {"k": COUNT, "reg": NON_NEGATIVE}
 
-    def __init__(self, k: int = 50, reg: float = 1.0, index: IndexKind = "exact") -> None:
+    def __init__(self, k: int = 50, reg: float = 1.0, features: Literal["extreme", "penultimate"] = "extreme",
+                 index: IndexKind = "exact") -> None:
+        if features not in FEATURES:
+            raise ConfigError(f"detector 'combood': features={features!r}; choices: {list(FEATURES)}")
         self.k = k
         self.reg = reg
+        self.features = features
         self.index = index
+
+    @classmethod
+    def taps(cls, backbone: nn.Module) -> dict[str, InputTap]:
+        """The input of every activation module, reduced to its max and -min."""
+        return {f"{PREFIX}{name}": InputTap(module, extremes)
+                for name, module in backbone.named_modules() if isinstance(module, ACTIVATIONS)}
+
+    def mahalanobis_input(self, bank: FeatureBank) -> np.ndarray:
+        """[N, E] float64: the tapped extremes and the max / -min logit (`extreme`), or the L2-normalised penultimate
+        features (`penultimate`, normalised in float32 as the kNN index sees them)."""
+        if self.features == "penultimate":
+            return F.normalize(bank.features.float(), dim=1).double().cpu().numpy()
+        keys = [key for key in bank.extras if key.startswith(PREFIX)]
+        if not keys:
+            raise DetectorNotApplicable(
+                "features=extreme reads the inputs of the network's activation modules (nn.ReLU / GELU / LeakyReLU), "
+                "tapped in the evaluation pass, and this bank has none (a network wrapped as a whole or with functional "
+                "activations only, or a bank not built by that pass); features=penultimate needs no taps")
+        columns = [bank.extras[key].flatten(1) for key in keys] + [extremes(bank.logits)]
+        return torch.cat([c.double().cpu() for c in columns], 1).numpy()
 
     def fit(self, bank: FeatureBank) -> CombOOD:
         from sklearn.preprocessing import PowerTransformer, StandardScaler
 
+        x = self.mahalanobis_input(bank)
         self.index_ = KNNIndex("l2", kind=self.index, device=bank.features.device).add(
             bank.features, lambda h: F.normalize(h, dim=1))
-        x = _normalised64(bank)
         self.scaler_ = StandardScaler().fit(x)
         self.power_ = PowerTransformer().fit(self.scaler_.transform(x))
         z = self.power_.transform(self.scaler_.transform(x))
         cov = np.atleast_2d(np.cov(z, rowvar=False))
-        self.precision_ = np.linalg.inv(cov + self.reg * np.eye(z.shape[1]))
+        try:
+            self.precision_ = np.linalg.inv(cov + self.reg * np.eye(z.shape[1]))
+        except np.linalg.LinAlgError:
+            raise DetectorNotApplicable(f"reg={self.reg:g} leaves the transformed features' covariance singular (a "
+                                        "constant feature); raise reg") from None
         return self
 
     def mahalanobis_sq(self, bank: FeatureBank) -> torch.Tensor:
-        """[N] z^T (S + reg I)^-1 z of the transformed normalised features, float64, in row chunks."""
-        x = _normalised64(bank)
+        """[N] z^T (S + reg I)^-1 z of the transformed features, float64, in row chunks."""
+        x = self.mahalanobis_input(bank)
         out = [np.zeros(0)]  # an empty bank scores empty (sklearn refuses transforming no rows)
         for rows in row_chunks(len(x)) if len(x) else []:
             z = self.power_.transform(self.scaler_.transform(x[rows]))

@@ -11,7 +11,8 @@ evaluation pass (layer taps), and a fit that runs the network over the fit split
   never a second pass over the data. `reduce` keeps only what the detector scores from (Gram row sums, channel
   means), not the maps. A module that runs several times per forward pass (a shared ReLU) stores one entry per run,
   stacked on dim 1, or under `<key>#<run>` each when the runs differ in shape (torchvision's Bottleneck ReLU runs on
-  width, width and 4 x width channels).
+  width, width and 4 x width channels). A tap given as `InputTap(module, reduce)` reduces the module's *input*
+  instead (a forward pre-hook, so an in-place module has not yet overwritten it): CombOOD's pre-activation extremes.
 - `ModelFitted`: a `needs_model` detector whose statistics need network passes with gradients over its fit split
   (AdaSCALE's perturbed-feature shifts, NAC's gradient histograms): `fit_statistics(model, x) -> [B, ...]` per
   batch, concatenated over the split by the evaluation's model-score function through `FitInputs`, then
@@ -27,7 +28,7 @@ evaluation pass (layer taps), and a fit that runs the network over the fit split
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -37,6 +38,13 @@ from ood.features.bank import FeatureBank
 
 #: a tapped module and the per-sample reduction of its output that is cached
 Tap = tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]
+
+
+class InputTap(NamedTuple):
+    """A tap that reduces the module's input (its first positional argument) rather than its output."""
+
+    module: nn.Module
+    reduce: Callable[[torch.Tensor], torch.Tensor]
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -76,7 +84,7 @@ class LayerTaps:
     def __init__(self, model: nn.Module, detectors: Iterable[DetectorRef]) -> None:
         self._runs: dict[str, list[torch.Tensor]] = {}
         self._handles: list[Any] = []
-        declared: dict[str, Tap] = {}
+        declared: dict[str, Tap | InputTap] = {}
         try:
             backbone = backbone_of(model)
         except DetectorNotApplicable:
@@ -85,14 +93,20 @@ class LayerTaps:
             taps = getattr(detector_class(name), "taps", None)
             if backbone is not None and taps is not None:
                 declared.update(taps(backbone))
-        for key, (module, reduce) in declared.items():
-            self._handles.append(module.register_forward_hook(self._hook(key, reduce)))
+        for key, tap in declared.items():
+            module, reduce = tap
+            hook = self._hook(key, reduce)
+            register = module.register_forward_pre_hook if isinstance(tap, InputTap) else module.register_forward_hook
+            self._handles.append(register(hook))
 
     def _hook(self, key: str, reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., None]:
-        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        """A forward hook storing `reduce(output)`; as a forward pre-hook (no output) it stores `reduce(input)`."""
+
+        def hook(_module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor | None = None) -> None:
+            value = inputs[0] if output is None else output
             # outside autocast: under bf16 autocast (trainer=gpu_fast) the reductions' products would be bf16
-            with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
-                self._runs.setdefault(key, []).append(reduce(output.detach()).float())
+            with torch.no_grad(), torch.autocast(value.device.type, enabled=False):
+                self._runs.setdefault(key, []).append(reduce(value.detach()).float())
 
         return hook
 
