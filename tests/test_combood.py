@@ -109,6 +109,11 @@ def test_extreme_features_need_the_taps_and_features_names_its_choices() -> None
         build_detector("combood").fit(bank)
     with pytest.raises(ConfigError, match=r"^detector 'combood': features='pooled'; choices: \['extreme', 'penultimate'\]$"):
         build_detector("combood", features="pooled")
+    # reg=0 with a constant feature (a zero column stays zero when normalised): one line, not numpy's LinAlgError
+    constant = np.abs(np.random.default_rng(0).normal(size=(60, 4)))
+    constant[:, 2] = 0.0
+    with pytest.raises(DetectorNotApplicable, match=r"^reg=0 leaves the transformed features' covariance singular"):
+        build_detector("combood", reg=0.0, features="penultimate").fit(_bank(constant))
 
 
 @pytest.mark.parametrize(("k", "reg"), [(50, 1.0), (5, 0.3)])
