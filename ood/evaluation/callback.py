@@ -11,6 +11,8 @@ logger scalars, wandb, run table).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -34,10 +36,16 @@ from ood.features.collector import RankZeroRows, broadcast_from_rank_zero, rank_
 from ood.features.reduce import sync_reducers
 from ood.methods.base import OODMethod
 from ood.precision import eager
-from ood.utils import progress
+from ood.utils import get_logger, progress
+
+log = get_logger(__name__)
 
 #: what global rank 0 broadcasts when SIGTERM stopped its evaluation: every rank then stops as by SIGTERM
 STOPPED = "evaluation stopped by SIGTERM"
+#: the lock file of each `<bank_dir>/banks-*` folder, locked (flock) by the evaluation that writes the folder for as
+#: long as it runs: the kernel releases it however the process ends, so a folder whose lock is free was left by an
+#: evaluation that died without cleaning up (SIGKILL, the out-of-memory killer, a dead machine)
+SPILL_LOCK = ".lock"
 
 
 class OODEvaluation(Callback):
@@ -51,7 +59,7 @@ class OODEvaluation(Callback):
             precision (half the memory of every bank at ImageNet scale; detectors with `float16_features` only).
         bank_dir: None keeps the gathered banks in RAM (on the module's device); a directory puts them in
             memory-mapped `<bank_dir>/banks-*/<split>/<field>.npy` files on rank 0 (CPU; deleted after the
-            evaluation).
+            evaluation, and those of an evaluation killed before it could delete them by the next one there).
         fsood: add full-spectrum rows (OpenOOD's `fsood`: ID = ID test + every covariate-shifted ID set), computed
             from the same pass; the datamodule must serve the csid sets (`data.csid`, set from this key).
         standard: the standard rows (ID = ID test); `standard=false fsood=true` is OpenOOD's fsood-only table.
@@ -87,6 +95,7 @@ class OODEvaluation(Callback):
         self._collectors: dict[int, RankZeroRows] = {}
         self._sizes: list[int] = []
         self._spill: Path | None = None
+        self._spill_lock: int | None = None  # the descriptor holding `self._spill`'s lock
         self._taps: LayerTaps | None = None
 
     @property
@@ -102,7 +111,8 @@ class OODEvaluation(Callback):
         loaders = trainer.test_dataloaders
         loaders = loaders if isinstance(loaders, Sequence) else [loaders]
         self._sizes = [split_rows(loader, batches) for loader, batches in zip(loaders, trainer.num_test_batches)]
-        self._spill = self._spill_dir() if trainer.is_global_zero else None
+        if trainer.is_global_zero:
+            self._open_spill()
         pl_module.begin_evaluation(trainer.datamodule.eval_splits)
         # per-sample maps the detectors declare (`taps`: Gram features, stage means) cached from this same pass
         self._taps = LayerTaps(pl_module, self.evaluator.detectors)
@@ -128,12 +138,16 @@ class OODEvaluation(Callback):
             for k, v in outputs.items()
         })
 
-    def _spill_dir(self) -> Path | None:
-        """A fresh directory under `bank_dir` for this evaluation's memory-mapped banks (None: banks in RAM)."""
+    def _open_spill(self) -> None:
+        """With `bank_dir`: a fresh directory under it for this evaluation's memory-mapped banks (`self._spill`),
+        locked as this evaluation's until `_release`. The folders that evaluations killed there left are removed
+        first: each held a copy of every bank (15.6 GB for ImageNet's fit split), and a rerun made one more."""
         if self.bank_dir is None:
-            return None
+            return
         self.bank_dir.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix="banks-", dir=self.bank_dir))
+        remove_abandoned_spills(self.bank_dir)
+        self._spill = Path(tempfile.mkdtemp(prefix="banks-", dir=self.bank_dir))
+        self._spill_lock = lock_spill(self._spill)
 
     def _release(self) -> None:
         """Drop the collected rows and this evaluation's memory-mapped banks (after it, or when it failed)."""
@@ -141,6 +155,9 @@ class OODEvaluation(Callback):
         if self._spill is not None:
             shutil.rmtree(self._spill, ignore_errors=True)
             self._spill = None
+        if self._spill_lock is not None:
+            os.close(self._spill_lock)
+            self._spill_lock = None
 
     def _remove_taps(self) -> None:
         """Unhook the layer taps (after the pass, or when it failed: left hooked, every later forward of the network
@@ -278,6 +295,41 @@ class OODEvaluation(Callback):
         if rows is not None or index is None or len(index) == len(scores):
             return scores
         return scores[index.to(scores.device)]
+
+
+def lock_spill(folder: Path) -> int:
+    """Lock `folder` as the running evaluation's (see `SPILL_LOCK`); returns the descriptor that holds the
+    lock until closed. The lock is taken on a temporary name and renamed into place, so `remove_abandoned_spills`
+    never finds the lock file unlocked while its evaluation runs."""
+    tmp = folder / f"{SPILL_LOCK}.tmp"
+    fd = os.open(tmp, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.replace(tmp, folder / SPILL_LOCK)
+    return fd
+
+
+def remove_abandoned_spills(bank_dir: Path) -> list[Path]:
+    """Remove the `banks-*` folders under `bank_dir` whose evaluation died without cleaning up (their lock is free);
+    those of evaluations still running (this machine's, or another's on a shared disk) stay. Returns the removed."""
+    removed = []
+    for folder in sorted(bank_dir.glob("banks-*")):
+        try:
+            fd = os.open(folder / SPILL_LOCK, os.O_RDWR)
+        except FileNotFoundError:  # not locked yet (just made), or not made by an evaluation
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # its evaluation is running
+            continue
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        finally:
+            os.close(fd)
+    if removed:
+        log.warning("removed %d memory-mapped bank folder(s) of evaluations killed before cleaning up: %s",
+                    len(removed), ", ".join(map(str, removed)))
+    return removed
 
 
 def split_rows(loader: DataLoader, batches: float) -> int:

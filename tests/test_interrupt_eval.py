@@ -1,0 +1,64 @@
+"""Interrupted in the evaluation phase: what a killed evaluation leaves on disk (its memory-mapped banks under
+`evaluation.bank_dir`) is cleaned up by the next one, without touching an evaluation still running."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+from helpers import compose_config
+
+from ood.methods.base import OODMethod
+from ood.train import build
+
+#: a quick evaluation with memory-mapped banks (digits, an untrained small CNN: the numbers do not matter here)
+SPILLING = ["detectors.names=[msp]", "trainer.enable_progress_bar=false", "logger=none", "callbacks=none",
+            "data.eval_batch_size=16", "+trainer.limit_test_batches=2", "~evaluation.sinks"]
+
+
+def test_the_banks_of_a_killed_evaluation_are_removed_by_the_next(tmp_path: Path) -> None:
+    """An evaluation SIGKILLed in its pass with its memory-mapped banks in `evaluation.bank_dir` (the out-of-memory
+    killer, a scheduler, a dead machine) cannot delete them: the next evaluation there removes that folder. Each
+    rerun left one more copy of every bank beside the others (15.6 GB a time for ImageNet's fit split)."""
+    banks = tmp_path / "banks"
+    model, datamodule, trainer, _ = build(compose_config(tmp_path / "run", [*SPILLING, f"evaluation.bank_dir={banks}"]))
+    step = OODMethod.test_step
+
+    def killed() -> None:
+        def dying(self: OODMethod, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+            if batch_idx == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(self, batch, batch_idx, dataloader_idx)
+
+        OODMethod.test_step = dying  # type: ignore[method-assign] # in the child only, which dies in it
+        trainer.test(model, datamodule=datamodule, verbose=False)
+
+    child = multiprocessing.get_context("fork").Process(target=killed)
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    [dead] = banks.glob("banks-*")
+    assert (dead / "train" / "features.npy").is_file()  # the fit split, the first one passed
+
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    assert list(banks.iterdir()) == []  # the killed evaluation's folder too, not only this one's
+
+
+def test_only_bank_folders_whose_evaluation_ended_are_removed(tmp_path: Path) -> None:
+    """A folder whose lock an evaluation holds (one running now, here or on another machine sharing the disk) stays,
+    and so does one without a lock file (just made, or not an evaluation's); a free lock is an ended evaluation's."""
+    from ood.evaluation.callback import lock_spill, remove_abandoned_spills
+
+    for name in ("banks-running", "banks-ended", "banks-unlocked"):
+        (tmp_path / name).mkdir()
+    held = lock_spill(tmp_path / "banks-running")
+    os.close(lock_spill(tmp_path / "banks-ended"))
+    try:
+        assert remove_abandoned_spills(tmp_path) == [tmp_path / "banks-ended"]
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["banks-running", "banks-unlocked"]
