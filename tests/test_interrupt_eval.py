@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from helpers import compose_config
 
+from ood.evaluation.callback import OODEvaluation
+from ood.evaluation.evaluator import Evaluator
 from ood.methods.base import OODMethod
 from ood.train import build
 
@@ -62,3 +66,26 @@ def test_only_bank_folders_whose_evaluation_ended_are_removed(tmp_path: Path) ->
     finally:
         os.close(held)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["banks-running", "banks-unlocked"]
+
+
+def test_a_bank_dir_without_file_locks_still_evaluates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a file system that cannot lock (some network mounts) the evaluation still gets its folder, with a warning
+    naming it, and no folder there is taken for a dead evaluation's: none can be told from a running one."""
+    import fcntl
+
+    from ood.evaluation.callback import lock_spill, remove_abandoned_spills
+
+    ended = tmp_path / "banks-ended"
+    ended.mkdir()
+    os.close(lock_spill(ended))
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    running = OODEvaluation(Evaluator(detectors=[]), bank_dir=tmp_path)
+    running._open_spill()
+    assert remove_abandoned_spills(tmp_path) == []
+    assert sorted(tmp_path.iterdir()) == sorted([ended, running._spill])
+    running._release()
+    assert list(tmp_path.iterdir()) == [ended]

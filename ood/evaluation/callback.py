@@ -303,7 +303,12 @@ def lock_spill(folder: Path) -> int:
     never finds the lock file unlocked while its evaluation runs."""
     tmp = folder / f"{SPILL_LOCK}.tmp"
     fd = os.open(tmp, os.O_CREAT | os.O_RDWR, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as err:  # a file system without locks (some network mounts): no `.lock`, so never taken for dead
+        log.warning("evaluation.bank_dir=%s cannot lock files (%s): should this evaluation be killed, delete %s "
+                    "yourself", folder.parent, err, folder)
+        return fd
     os.replace(tmp, folder / SPILL_LOCK)
     return fd
 
@@ -313,13 +318,13 @@ def remove_abandoned_spills(bank_dir: Path) -> list[Path]:
     those of evaluations still running (this machine's, or another's on a shared disk) stay. Returns the removed."""
     removed = []
     for folder in sorted(bank_dir.glob("banks-*")):
-        try:
+        try:  # none: not locked yet (just made), or not an evaluation's; unreadable: another user's (mode 0700)
             fd = os.open(folder / SPILL_LOCK, os.O_RDWR)
-        except FileNotFoundError:  # not locked yet (just made), or not made by an evaluation
+        except OSError:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # its evaluation is running
+        except OSError:  # its evaluation is running (or the file system cannot tell)
             continue
         else:
             shutil.rmtree(folder, ignore_errors=True)
