@@ -33,6 +33,8 @@ def test_the_banks_of_a_killed_evaluation_are_removed_by_the_next(tmp_path: Path
     step = OODMethod.test_step
 
     def killed() -> None:
+        torch.set_num_threads(1)  # the parent's OpenMP pool is not the child's: a second thread hung the forked child
+
         def dying(self: OODMethod, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
             if batch_idx == 1:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -44,7 +46,12 @@ def test_the_banks_of_a_killed_evaluation_are_removed_by_the_next(tmp_path: Path
     child = multiprocessing.get_context("fork").Process(target=killed)
     child.start()
     child.join(60)
-    assert child.exitcode == -signal.SIGKILL
+    hung = child.exitcode is None
+    if hung:
+        child.kill()
+        child.join()
+    assert not hung, "the forked evaluation hung"
+    assert child.exitcode == -signal.SIGKILL, "the evaluation was to be killed in its pass"
     [dead] = banks.glob("banks-*")
     assert (dead / "train" / "features.npy").is_file()  # the fit split, the first one passed
 
