@@ -1,21 +1,35 @@
-"""Test-wide settings: no network, no wandb account, few threads (CI has 2 cores), checkpoints shared by session.
+"""Test-wide settings: no network, no wandb account, few threads (CI has 2 cores), checkpoints shared by session,
+each config file's YAML parsed once.
 
 `make test` runs the suite on 2 pytest-xdist workers: each worker then uses one thread (two workers with two
 threads each on two cores slow everything down), and a trained checkpoint is made once for the whole session,
 under a file lock in the directory both workers share, instead of once per worker.
+
+Hydra parses every config file again at each compose, and the tests compose hundreds of times (`compose_config`,
+entry points run in-process): `OmegaConf.load` here parses each text of ood's and Hydra's config files once per
+process and hands out deep copies, so no caller can alter what a later one gets. It is keyed by the text itself, not
+the path (an edited file is parsed afresh, whatever its mtime); other files (a test's own config dir, a run's
+written config.yaml) are parsed as before, every time, and kept nowhere.
 """
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
+import hydra
 import pytest
 import torch
 from filelock import FileLock
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ood import CONFIG_DIR
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -25,6 +39,30 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 THREADS = 1 if WORKER else 2
 os.environ["OMP_NUM_THREADS"] = str(THREADS)  # subprocesses (entry points, spawned DDP ranks) inherit it
 torch.set_num_threads(THREADS)
+
+#: the read-only config trees whose files are parsed once (ood's and Hydra's own), not the runs' written YAML
+CONFIG_TREES = tuple(os.path.join(os.path.realpath(p), "") for p in (CONFIG_DIR, Path(hydra.__file__).parent))
+PARSED: dict[str | bytes, DictConfig | ListConfig] = {}  # a YAML text -> its config, as OmegaConf.load made it
+PARSE = OmegaConf.load
+
+
+def load_parsed_once(file_: str | Path | IO[Any]) -> DictConfig | ListConfig:
+    """`OmegaConf.load(file_)`: the same config and errors; a `CONFIG_TREES` file's text is parsed the first time."""
+    if isinstance(file_, (str, Path)):
+        with open(os.path.abspath(file_), encoding="utf-8") as f:  # as OmegaConf.load opens it
+            return load_parsed_once(f)
+    name = getattr(file_, "name", None)
+    if not isinstance(name, str) or not os.path.realpath(name).startswith(CONFIG_TREES):
+        return PARSE(file_)
+    text = file_.read()
+    if text not in PARSED:
+        stream = io.BytesIO(text) if isinstance(text, bytes) else io.StringIO(text)
+        stream.name = name  # a YAML error names the file, as it does uncached
+        PARSED[text] = PARSE(stream)
+    return copy.deepcopy(PARSED[text])
+
+
+OmegaConf.load = staticmethod(load_parsed_once)  # type: ignore[method-assign]
 
 
 @pytest.fixture(autouse=True)
