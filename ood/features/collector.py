@@ -30,11 +30,18 @@ SEND_BYTES = 64 * 2**20
 RANK_ZERO_TIMEOUT = timedelta(hours=24)
 
 
+def _sorted_firsts(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stable sort order of `index` and, in that order, whether each entry is its value's first occurrence (no
+    host sync: it stays on the device)."""
+    ordered, order = torch.sort(index, stable=True)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return order, first
+
+
 def first_occurrences(index: torch.Tensor) -> torch.Tensor:
     """Positions of the first occurrence of every distinct value of `index`, ordered by that value."""
-    index_sorted, order = torch.sort(index, stable=True)
-    first = torch.ones_like(index_sorted, dtype=torch.bool)
-    first[1:] = index_sorted[1:] != index_sorted[:-1]
+    order, first = _sorted_firsts(index)
     return order[first]
 
 
@@ -141,9 +148,7 @@ class RankZeroRows:
         """Rank 0: where each row of `index` goes (its dataset index, or the spare row when that index was written
         before or earlier in `index`), marked written."""
         index = index.to(self.device)
-        ordered, order = torch.sort(index, stable=True)
-        first = torch.ones_like(ordered, dtype=torch.bool)
-        first[1:] = ordered[1:] != ordered[:-1]
+        order, first = _sorted_firsts(index)
         first = torch.empty_like(first).scatter_(0, order, first)
         target = torch.where(first & ~self._written[index], index, self.size)
         self._written[target] = True
