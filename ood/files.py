@@ -1,9 +1,15 @@
 """Atomic files: every result, score file, figure, report and cache is written to a temporary file next to its
-target and renamed onto it, so a crash never leaves a half-written file (POSIX rename is atomic)."""
+target, flushed to disk and renamed onto it, so neither a crash nor a power loss leaves a half-written or empty
+file (POSIX rename is atomic; without the fsync some file systems keep the rename but not the data).
+
+A temporary file is named after its writer (`.<name>.<host>.<pid>.tmp`): a process killed mid-write leaves it, and
+the next write to the same target removes those of writers that no longer run on this host."""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,15 +17,62 @@ from typing import Any
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)  # not ood.utils' rank-zero logger: a layer of its own
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs on this host (a reused pid reads as running: its temporary file is kept)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def temporary_path(path: Path) -> Path:
+    """This process's temporary file for `path`, next to it, after removing those of dead writers on this host (a
+    killed process's, which nothing else would ever remove: a decoded-image cache's can be gigabytes). A writer on
+    another host sharing the folder, or a live one here, keeps its own."""
+    host, prefix = socket.gethostname(), f".{path.name}."
+    if path.parent.is_dir():
+        for tmp in path.parent.iterdir():
+            name = tmp.name
+            if not (name.startswith(prefix) and name.endswith(".tmp")):
+                continue
+            writer, _, pid = name[len(prefix):-len(".tmp")].rpartition(".")
+            if writer == host and pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+                tmp.unlink(missing_ok=True)
+                log.info("removed %s, left by process %s killed while it wrote %s", tmp, pid, path)
+    return path.with_name(f"{prefix}{host}.{os.getpid()}.tmp")
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_replace(tmp: str | Path, path: str | Path) -> None:
+    """Rename the written `tmp` onto `path` so that both survive a power loss: `tmp`'s data is flushed first, and
+    the folder's entry after (where the platform opens folders: not on Windows)."""
+    _fsync(tmp)
+    os.replace(tmp, path)
+    if os.name == "posix":
+        _fsync(Path(path).parent)
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` on a temporary file next to `path`, then rename it onto `path` (atomic on POSIX)."""
+    """Call `write(tmp)` on a temporary file next to `path`, then rename it onto `path` (`durable_replace`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

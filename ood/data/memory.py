@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
 from ood.errors import ConfigError
+from ood.files import atomic_write
 from ood.utils import get_logger, progress
 
 log = get_logger(__name__)
@@ -231,6 +232,11 @@ def decode_all(dataset: Dataset, desc: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def _save_npy(tmp: Path, array: np.ndarray) -> None:
+    with tmp.open("wb") as f:  # a file object: `np.save` to a path adds `.npy` to a name without it
+        np.save(f, array)
+
+
 def load_or_build(dataset: Dataset, cache: Path | None, desc: str) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels from `cache` (memory-mapped) when it exists, else decoded and written there atomically."""
     labels_path = cache.with_suffix(".labels.npy") if cache is not None else None
@@ -241,11 +247,8 @@ def load_or_build(dataset: Dataset, cache: Path | None, desc: str) -> tuple[np.n
         return images, labels
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        for path, array in ((labels_path, labels), (cache, images)):
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with tmp.open("wb") as f:
-                np.save(f, array)
-            os.replace(tmp, path)
+        for path, array in ((labels_path, labels), (cache, images)):  # a killed writer's temporary is removed here
+            atomic_write(path, functools.partial(_save_npy, array=array))
     except OSError as err:
         log.warning("in_memory: could not cache %s in %s (%s); keeping it in memory for this run", desc, cache.parent, err)
         return images, labels

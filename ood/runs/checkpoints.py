@@ -1,7 +1,7 @@
 """Checkpoints a run can trust: written atomically, carrying the config and the RNG state, found from a short name.
 
-- `AtomicCheckpoint`: Lightning's `ModelCheckpoint` writing `<file>.tmp` then `os.replace` (a crash never leaves a
-  half-written checkpoint).
+- `AtomicCheckpoint`: Lightning's `ModelCheckpoint` writing `<file>.tmp`, flushing it and renaming it onto the file
+  (neither a crash nor a power loss leaves a half-written or empty checkpoint).
 - `RunState`: the flattened resolved config in every checkpoint, the method's hyper-parameters as builtins (so
   Lightning's weights-only load accepts the file on resume), and the global RNG states (torch, NumPy, Python,
   and the current GPU's on CUDA) across a resume, so an interrupted and resumed run draws the same augmentations as
@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from omegaconf import OmegaConf
 
 from ood.errors import CheckpointError
 from ood.evaluation.evaluator import plain
+from ood.files import durable_replace
 from ood.runs.identity import TRAINING_KEYS
 from ood.utils import get_logger
 
@@ -70,7 +70,7 @@ class AtomicCheckpoint(ModelCheckpoint):
         tmp = f"{filepath}.tmp"
         super()._save_checkpoint(trainer, tmp)
         if trainer.is_global_zero:
-            os.replace(tmp, filepath)
+            durable_replace(tmp, filepath)  # flushed first: a power loss kept the rename, not the data (0 bytes)
         trainer.strategy.barrier("AtomicCheckpoint")
 
 

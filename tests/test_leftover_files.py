@@ -1,0 +1,135 @@
+"""What a process killed while it writes leaves behind, and writes that survive a power loss: a killed writer's
+temporary file (`ood.files.atomic_write`, the in-memory pipeline's decoded-image cache) is removed by the next write
+to the same target, never a live writer's; every atomic write flushes its file before the rename and the folder
+after it."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from ood import files
+from ood.data import memory as mem
+
+FORK = multiprocessing.get_context("fork")
+
+
+def _killed_in(target: Callable[[], None]) -> None:
+    """Run `target` in a forked child that SIGKILLs itself inside it (no `finally`, as the OOM killer does)."""
+    child = FORK.Process(target=target)
+    child.start()
+    child.join(20)
+    assert child.exitcode == -signal.SIGKILL, "the child was to be killed mid-write"
+
+
+def _die_after_writing(tmp: Path) -> None:
+    tmp.write_text('{"method": "half a row')
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_writers_temporary_goes_at_the_next_write_a_live_ones_stays(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`.results.jsonl.tmp<pid>` of a SIGKILLed writer stayed forever beside the results; the next write removes it,
+    saying so, and keeps the temporary of a writer still running (here a live child blocked mid-write)."""
+    target = tmp_path / "results.jsonl"
+    ready, release = FORK.Event(), FORK.Event()
+
+    def blocked(tmp: Path) -> None:
+        tmp.write_text("live")
+        ready.set()
+        release.wait(20)
+
+    live = FORK.Process(target=lambda: files.atomic_write(target, blocked))
+    live.start()
+    try:
+        assert ready.wait(20)
+        [live_tmp] = list(tmp_path.iterdir())
+        _killed_in(lambda: files.atomic_write(target, _die_after_writing))
+        [dead] = [p for p in tmp_path.iterdir() if p != live_tmp]
+        with caplog.at_level(logging.INFO, logger="ood.files"):
+            files.atomic_write_text(target, "row\n")
+        assert sorted(tmp_path.iterdir()) == sorted([target, live_tmp])
+        assert target.read_text() == "row\n" and live_tmp.read_text() == "live"
+        assert [r.getMessage() for r in caplog.records] == [
+            f"removed {dead}, left by process {dead.name.split('.')[-2]} killed while it wrote {target}"]
+    finally:
+        release.set()
+        live.join(20)
+    assert live.exitcode == 0 and target.read_text() == "live"
+
+
+def test_a_killed_image_cache_writers_temporary_goes_at_the_next_build(tmp_path: Path) -> None:
+    """The decoded-image cache (`in_memory`), killed while it wrote its `.npy`, left `.<cache>.<pid>.tmp` (gigabytes
+    for a large set) that no later run removed; the next build of that cache removes it."""
+    images = [(np.full((2, 2, 3), i, dtype=np.uint8), i) for i in range(3)]
+    cache = tmp_path / "set.npy"
+    save = np.save
+
+    def dying(file: object, array: np.ndarray) -> None:
+        if array.ndim == 4:  # the images, after the labels
+            save(file, array[:1])
+            os.kill(os.getpid(), signal.SIGKILL)
+        save(file, array)
+
+    def build_killed() -> None:
+        mem.np.save = dying  # in the child only, which dies in it
+        mem.load_or_build(images, cache, "set")
+
+    _killed_in(build_killed)
+    assert len([p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]) == 1
+    built, labels = mem.load_or_build(images, cache, "set")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set.labels.npy", "set.npy"]
+    assert built[:, 0, 0, 0].tolist() == [0, 1, 2] and labels.tolist() == [0, 1, 2]
+
+
+def _record_syncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """`os.fsync` and `os.replace` recorded in order, as ("fsync", path) / ("replace", source)."""
+    calls: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recorded_replace(src: str | Path, dst: str | Path) -> None:
+        calls.append(("replace", str(src)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    return calls
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fd's file through /proc")
+def test_atomic_writes_flush_the_file_before_the_rename_and_the_folder_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without an fsync before the rename a power loss could keep the rename but not the data: a zero-length
+    `results.jsonl` that ood-report read as a run without rows."""
+    calls = _record_syncs(monkeypatch)
+    files.atomic_write_text(tmp_path / "results.jsonl", "row\n")
+    [(_, tmp)] = [c for c in calls if c[0] == "replace"]
+    assert Path(tmp).parent == tmp_path and calls == [("fsync", tmp), ("replace", tmp), ("fsync", str(tmp_path))]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fd's file through /proc")
+def test_the_checkpoint_is_flushed_before_its_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`last.ckpt` too: a power loss after the rename left a zero-length checkpoint, which resuming cannot read."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ood.runs.checkpoints import AtomicCheckpoint
+
+    monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", lambda self, trainer, path: Path(path).write_bytes(b"w"))
+    calls = _record_syncs(monkeypatch)
+    trainer = SimpleNamespace(loggers=[], is_global_zero=True, strategy=SimpleNamespace(barrier=lambda name: None))
+    last = tmp_path / "last.ckpt"
+    AtomicCheckpoint(dirpath=tmp_path)._save_checkpoint(trainer, str(last))  # type: ignore[arg-type]
+    assert calls == [("fsync", f"{last}.tmp"), ("replace", f"{last}.tmp"), ("fsync", str(tmp_path))]
+    assert last.read_bytes() == b"w"
