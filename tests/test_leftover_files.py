@@ -1,10 +1,11 @@
 """What a process killed while it writes leaves behind, and writes that survive a power loss: a killed writer's
 temporary file (`ood.files.atomic_write`, the in-memory pipeline's decoded-image cache) is removed by the next write
 to the same target, never a live writer's; every atomic write flushes its file before the rename and the folder
-after it."""
+after it; `ood-report` names an empty or cut-short `results.jsonl` instead of reading it as a run without rows."""
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -133,3 +134,25 @@ def test_the_checkpoint_is_flushed_before_its_rename(tmp_path: Path, monkeypatch
     AtomicCheckpoint(dirpath=tmp_path)._save_checkpoint(trainer, str(last))  # type: ignore[arg-type]
     assert calls == [("fsync", f"{last}.tmp"), ("replace", f"{last}.tmp"), ("fsync", str(tmp_path))]
     assert last.read_bytes() == b"w"
+
+
+def test_report_names_an_empty_or_cut_short_results_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A zero-length `results.jsonl` (a power loss after the rename) was read silently as a run without rows, and
+    one cut short mid-line failed the whole report; each is now one line naming the file, the run listed as without
+    results, and the other runs reported."""
+    from ood.report.command import main
+
+    row = {"method": "msp", "detector": "msp", "backbone": "small_cnn", "id_dataset": "digits", "ood_dataset": "s",
+           "ood_group": "near", "seed": 0, "auroc": 0.75, "fpr95": 0.5}
+    for name, text in (("good", json.dumps(row) + "\n"), ("empty", ""), ("cut", json.dumps(row) + '\n{"method": "m')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.jsonl").write_text(text)
+    main([str(tmp_path), "--no-figures", "--no-reference"])
+    out, err = capsys.readouterr()
+    assert "| 75.00 | 50.00 |" in out and f"`{tmp_path / 'cut'}`" in out and f"`{tmp_path / 'empty'}`" in out
+    assert [line for line in err.splitlines() if line.startswith("job without results")] == [
+        f"job without results {tmp_path / 'cut'}: no results: {tmp_path / 'cut' / 'results.jsonl'} is cut short "
+        "(its last line is unfinished: a crash while it was written?); rerun its evaluation",
+        f"job without results {tmp_path / 'empty'}: no results: {tmp_path / 'empty' / 'results.jsonl'} is empty "
+        "(a run that scored nothing, or a file lost in a crash: rerun its evaluation)",
+    ]

@@ -36,6 +36,18 @@ def _parse_rows(file: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def unreadable(file: Path) -> str | None:
+    """Why the `results.jsonl` `file` gives its run no rows although it is there, None when it does not: empty (a run
+    that scored nothing, or a file whose data a power loss lost), or cut short (the writer ends every row with a
+    newline; a crash while it wrote, or a copy cut off)."""
+    text = file.read_text(errors="replace")
+    if not text.strip():
+        return f"{file} is empty (a run that scored nothing, or a file lost in a crash: rerun its evaluation)"
+    if not text.endswith("\n") or "\0" in text:
+        return f"{file} is cut short (its last line is unfinished: a crash while it was written?); rerun its evaluation"
+    return None
+
+
 def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """All result rows under `paths` (files or folders searched recursively), each tagged with its run folder
     (`_run`), its configuration without the seed (`_config`), its model (`_model`) and the config keys that follow
@@ -49,6 +61,8 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
             raise OODError(f"no such file or folder: {path}")
         for file in [path] if path.is_file() else sorted(path.rglob("results.jsonl")):
             files += 1
+            if unreadable(file):  # named by `failed_runs`: the run is listed as without results
+                continue
             ident = read_identity(file.parent)
             tags = {"_run": str(file.parent), "_config": ident.config, "_model": ident.model, "_seeded": ident.seeded}
             rows += [{**row, **tags} for row in _parse_rows(file)]
@@ -69,7 +83,8 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 def failed_runs(paths: Iterable[str | Path]) -> dict[str, str]:
     """Job folders (holding `.hydra/`, or `FAILED.txt`: an `ood.evaluate` run folder has no `.hydra/`) under `paths`
     without `results.jsonl`: folder -> why (the error a failed run left in `FAILED.txt`; for a run of
-    `evaluate=false`, which writes none, how to evaluate it; else "no results: still running or killed")."""
+    `evaluate=false`, which writes none, how to evaluate it; else "no results: still running or killed"); and the
+    run folders whose `results.jsonl` is empty or cut short (`unreadable`: which file, and why)."""
     out = {}
     for path in map(Path, paths):
         found = {p.parent for name in (".hydra", FAILED_FILE) for p in path.rglob(name)} if path.is_dir() else set()
@@ -78,7 +93,11 @@ def failed_runs(paths: Iterable[str | Path]) -> dict[str, str]:
                 out[str(run)] = failure(run) or (
                     f"no results: trained with evaluate=false (evaluate it: ood-eval ckpt_path={run}), or still running"
                     if _unevaluated(run) else "no results: still running or killed")
-    return out
+        for file in [path] if path.is_file() else path.rglob("results.jsonl"):
+            why = unreadable(file)
+            if why:
+                out[str(file.parent)] = f"no results: {why}"
+    return dict(sorted(out.items()))
 
 
 def _unevaluated(run: Path) -> bool:
