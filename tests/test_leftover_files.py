@@ -156,3 +156,38 @@ def test_report_names_an_empty_or_cut_short_results_file(tmp_path: Path, capsys:
         f"job without results {tmp_path / 'empty'}: no results: {tmp_path / 'empty' / 'results.jsonl'} is empty "
         "(a run that scored nothing, or a file lost in a crash: rerun its evaluation)",
     ]
+
+
+def test_a_rerun_of_a_finished_job_keeps_its_results_until_they_are_replaced(tmp_path: Path) -> None:
+    """A sweep rerun with `ckpt_path=last` deleted the finished job's results.jsonl as it started: killed while it
+    re-evaluated, the job had none. They now stay until the new ones replace them; they still go as the attempt
+    starts in a folder without identity.json, once its identity is another configuration's or model's, or when it
+    fails (the report would read them as the failed attempt's)."""
+    from ood.runs.failures import clear_failure, record_failure
+    from ood.runs.identity import RunIdentity, write_identity
+
+    ident = RunIdentity({"method.name": "msp"}, str(tmp_path / "checkpoints" / "last.ckpt"), [], ["msp", "d", "b"])
+    other = RunIdentity({"method.name": "energy"}, ident.model, [], ["energy", "d", "b"])
+
+    def earlier(identity: RunIdentity | None) -> None:
+        for name in ("results.jsonl", "scores.npz", "FAILED.txt", "identity.json"):
+            (tmp_path / name).unlink(missing_ok=True)
+        (tmp_path / "results.jsonl").write_text("row\n")
+        (tmp_path / "scores.npz").write_bytes(b"scores")
+        if identity:
+            write_identity(tmp_path, identity)
+
+    earlier(ident)
+    clear_failure(tmp_path)  # the rerun starts ...
+    write_identity(tmp_path, ident)  # ... as the same configuration and model, and is killed
+    assert (tmp_path / "results.jsonl").read_text() == "row\n" and (tmp_path / "scores.npz").is_file()
+    clear_failure(tmp_path)
+    write_identity(tmp_path, other)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["identity.json"]
+    earlier(ident)
+    clear_failure(tmp_path)
+    record_failure(tmp_path, RuntimeError("boom"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FAILED.txt", "identity.json"]
+    earlier(None)
+    clear_failure(tmp_path)
+    assert list(tmp_path.iterdir()) == []

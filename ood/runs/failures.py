@@ -14,27 +14,41 @@ from ood.utils import get_logger
 
 log = get_logger(__name__)
 
+#: the identity file of a run folder (`ood.runs.identity.IDENTITY_FILE`, which imports this module)
+IDENTITY_FILE = "identity.json"
+
 #: the file a failed run leaves in its folder (read by `ood-report`)
 FAILED_FILE = "FAILED.txt"
 #: what an earlier attempt in the same folder wrote that `ood-report` would take for this attempt's
 EARLIER_RESULTS = ("results.jsonl", "scores.npz", "samples.csv")
 
 
-def clear_failure(output_dir: str | Path) -> None:
-    """Forget an earlier attempt in this folder: its `FAILED.txt` (a resumed run starts clean) and its results, which
-    `ood-report` would otherwise read beside this attempt's `config.yaml` should this one fail (a rerun of a sweep
-    into its fixed `hydra.sweep.dir` with other data reported the earlier data's rows under the new configuration)."""
-    (Path(output_dir) / FAILED_FILE).unlink(missing_ok=True)
+def remove_earlier_results(output_dir: str | Path) -> None:
+    """Remove the results an earlier attempt left in this folder (`EARLIER_RESULTS`), saying so."""
     for name in EARLIER_RESULTS:
         if (Path(output_dir) / name).is_file():
             (Path(output_dir) / name).unlink()
             log.info("removed %s of an earlier attempt in %s", name, output_dir)
 
 
+def clear_failure(output_dir: str | Path) -> None:
+    """Forget an earlier attempt in this folder as a new one starts: its `FAILED.txt` (a resumed run starts clean),
+    and its results, which `ood-report` would otherwise read beside this attempt's `config.yaml` should this one fail
+    (a rerun of a sweep into its fixed `hydra.sweep.dir` with other data reported the earlier data's rows under the
+    new configuration). A folder with `identity.json` keeps them until `write_identity` finds the configuration
+    changed, or the attempt fails: a rerun of a finished job (`ckpt_path=last`) killed while it re-evaluates keeps
+    the complete results it had (the new ones replace them atomically)."""
+    (Path(output_dir) / FAILED_FILE).unlink(missing_ok=True)
+    if not (Path(output_dir) / IDENTITY_FILE).is_file():
+        remove_earlier_results(output_dir)
+
+
 def record_failure(output_dir: str | Path, err: BaseException) -> None:
-    """Leave `FAILED.txt` (the error) in a failed run's folder, so `ood-report` can name the job."""
+    """Leave `FAILED.txt` (the error) in a failed run's folder, so `ood-report` can name the job, and remove what an
+    earlier attempt left there (`clear_failure`): the report would read its rows as this attempt's."""
     path = Path(output_dir)
     if path.is_dir():
+        remove_earlier_results(path)
         atomic_write_text(path / FAILED_FILE, f"{type(err).__name__}: {err}\n")
 
 

@@ -31,9 +31,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ood.files import atomic_write_text
+from ood.runs.failures import IDENTITY_FILE as IDENTITY_FILE
+from ood.runs.failures import remove_earlier_results
 
-#: the file a run's identity is written to, in its folder
-IDENTITY_FILE = "identity.json"
 #: flattened-config prefixes that name a configuration (method and its parameters, backbone, data, epochs)
 IDENTITY_PREFIXES = ("method.", "backbone.", "data.", "trainer.max_epochs")
 #: flattened keys under those prefixes that do not name a configuration: loader plumbing, and the starting weights
@@ -144,8 +144,15 @@ def run_identity(cfg: DictConfig, choices: Mapping[str, Any], run_dir: str | Pat
 
 
 def write_identity(run_dir: str | Path, ident: RunIdentity) -> None:
-    """`<run_dir>/identity.json`, atomically."""
-    atomic_write_text(Path(run_dir) / IDENTITY_FILE, json.dumps(ident.to_json(), indent=2) + "\n")
+    """`<run_dir>/identity.json`, atomically; an earlier attempt's results there go first when they are another
+    configuration's or model's (`ood.runs.failures.clear_failure` kept them for a rerun of this one)."""
+    path = Path(run_dir) / IDENTITY_FILE
+    new = json.loads(json.dumps(ident.to_json()))
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if (old.get("config"), old.get("model")) != (new["config"], new["model"]):
+            remove_earlier_results(run_dir)
+    atomic_write_text(path, json.dumps(new, indent=2) + "\n")
 
 
 def read_identity(run_dir: str | Path) -> RunIdentity:
