@@ -91,7 +91,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     """Train (unless `train=false`) and evaluate; returns the result rows also written to `results.jsonl`. SIGTERM,
     whenever it comes, ends the run as failed (`ood.termination`): status 143 and `FAILED.txt`."""
     output_dir = Path(cfg.paths.output_dir)
-    clear_failure(output_dir)
+    earlier = clear_failure(output_dir)
     with sigterm_noted():
         if in_multirun() and multiprocessing.parent_process() is not None:  # a parallel launcher's worker
             stop_when_orphaned()
@@ -110,16 +110,16 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             # Lightning stops at the next training step with a SystemExit of status 0, which would pass for a success
             forget_sigterm()
             again = "resume with ckpt_path=last" if cfg.train else "rerun the evaluation"
-            record_failure(output_dir, SIGTERMException(f"terminated by SIGTERM; {again}"))
+            record_failure(output_dir, SIGTERMException(f"terminated by SIGTERM; {again}"), earlier)
             exit_terminated()
         except KeyboardInterrupt:  # Ctrl-C: FAILED.txt as for SIGTERM (the run exited 1 and left nothing)
             forget_sigterm()
             again = "resume with ckpt_path=last" if cfg.train else "rerun the evaluation"
-            record_failure(output_dir, KeyboardInterrupt(f"interrupted (Ctrl-C); {again}"))
+            record_failure(output_dir, KeyboardInterrupt(f"interrupted (Ctrl-C); {again}"), earlier)
             raise
         except Exception as err:
             forget_sigterm()  # a SIGTERM noted before this failure must not stop the process's next run
-            record_failure(output_dir, err)
+            record_failure(output_dir, err, earlier)
             raise
 
 

@@ -185,9 +185,14 @@ def test_a_rerun_of_a_finished_job_keeps_its_results_until_they_are_replaced(tmp
     write_identity(tmp_path, other)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["identity.json"]
     earlier(ident)
-    clear_failure(tmp_path)
-    record_failure(tmp_path, RuntimeError("boom"))
+    record_failure(tmp_path, RuntimeError("boom"), clear_failure(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FAILED.txt", "identity.json"]
+    # results this attempt wrote (the evaluation finished, then SIGTERM came) stay, complete
+    earlier(ident)
+    started = clear_failure(tmp_path)
+    files.atomic_write_text(tmp_path / "results.jsonl", "new row\n")
+    record_failure(tmp_path, RuntimeError("SIGTERM after the results"), started)
+    assert (tmp_path / "results.jsonl").read_text() == "new row\n" and not (tmp_path / "scores.npz").exists()
     earlier(None)
     clear_failure(tmp_path)
     assert list(tmp_path.iterdir()) == []

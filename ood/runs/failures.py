@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,32 +23,49 @@ FAILED_FILE = "FAILED.txt"
 EARLIER_RESULTS = ("results.jsonl", "scores.npz", "samples.csv")
 
 
-def remove_earlier_results(output_dir: str | Path) -> None:
-    """Remove the results an earlier attempt left in this folder (`EARLIER_RESULTS`), saying so."""
+#: a results file as found when an attempt started: (inode, mtime in ns, size); a write of this attempt replaces the
+#: file (a new inode), so a file still matching it is the earlier attempt's
+FileStamp = tuple[int, int, int]
+
+
+def _stamp(path: Path) -> FileStamp:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def remove_earlier_results(output_dir: str | Path, only: Mapping[str, FileStamp] | None = None) -> None:
+    """Remove the results an earlier attempt left in this folder (`EARLIER_RESULTS`), saying so; with `only`, just
+    those still as stamped there (not rewritten since)."""
     for name in EARLIER_RESULTS:
-        if (Path(output_dir) / name).is_file():
-            (Path(output_dir) / name).unlink()
+        path = Path(output_dir) / name
+        if path.is_file() and (only is None or only.get(name) == _stamp(path)):
+            path.unlink()
             log.info("removed %s of an earlier attempt in %s", name, output_dir)
 
 
-def clear_failure(output_dir: str | Path) -> None:
+def clear_failure(output_dir: str | Path) -> dict[str, FileStamp]:
     """Forget an earlier attempt in this folder as a new one starts: its `FAILED.txt` (a resumed run starts clean),
     and its results, which `ood-report` would otherwise read beside this attempt's `config.yaml` should this one fail
     (a rerun of a sweep into its fixed `hydra.sweep.dir` with other data reported the earlier data's rows under the
     new configuration). A folder with `identity.json` keeps them until `write_identity` finds the configuration
     changed, or the attempt fails: a rerun of a finished job (`ckpt_path=last`) killed while it re-evaluates keeps
-    the complete results it had (the new ones replace them atomically)."""
+    the complete results it had (the new ones replace them atomically). Returns the stamps of the results kept, for
+    `record_failure`."""
     (Path(output_dir) / FAILED_FILE).unlink(missing_ok=True)
     if not (Path(output_dir) / IDENTITY_FILE).is_file():
         remove_earlier_results(output_dir)
+    return {name: _stamp(Path(output_dir) / name) for name in EARLIER_RESULTS if (Path(output_dir) / name).is_file()}
 
 
-def record_failure(output_dir: str | Path, err: BaseException) -> None:
-    """Leave `FAILED.txt` (the error) in a failed run's folder, so `ood-report` can name the job, and remove what an
-    earlier attempt left there (`clear_failure`): the report would read its rows as this attempt's."""
+def record_failure(output_dir: str | Path, err: BaseException, earlier: Mapping[str, FileStamp] | None = None) -> None:
+    """Leave `FAILED.txt` (the error) in a failed run's folder, so `ood-report` can name the job, and remove the
+    results an earlier attempt left there (`earlier`, as `clear_failure` stamped them; the report would read their
+    rows as this attempt's). Results this attempt wrote stay: a SIGTERM after the evaluation wrote them leaves them
+    complete."""
     path = Path(output_dir)
     if path.is_dir():
-        remove_earlier_results(path)
+        if earlier:
+            remove_earlier_results(path, only=earlier)
         atomic_write_text(path / FAILED_FILE, f"{type(err).__name__}: {err}\n")
 
 
