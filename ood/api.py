@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ood.errors import ConfigError
+from ood.files import atomic_write_text
 
 METRIC_COLUMNS = ("auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out")
 #: the keyword of `evaluate` / `extract` for each loader option of the datamodule (`check_loader_options`)
@@ -508,7 +509,7 @@ def evaluate(
             named = f": {classes[:8]}{' ...' if len(classes) > 8 else ''}" if classes else ""
             check_classes(backbone, datamodule.num_classes, f"the ID data ({datamodule.name}{named})")
             method_.apply_init(load=False)
-            OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+            atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             with one_line_errors(), ctrl_c_raised(trainer):  # the caller's program gets its Ctrl-C back
                 trainer.test(method_, datamodule=datamodule, verbose=False)
         except (Exception, KeyboardInterrupt) as err:  # `FAILED.txt`, as `ood-eval` leaves it: ood-report names it
