@@ -16,6 +16,7 @@ from ood.detectors import DetectorNotApplicable, build_detector
 from ood.detectors.network import LayerTaps
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
+from ood.models.adapters import ModuleBackbone
 from ood.models.resnet import ResNet18_32x32
 
 
@@ -153,3 +154,25 @@ def test_zero_distance_is_the_most_in_distribution_finite_score() -> None:
     scores = det.score(_bank(np.concatenate([train[:1], train[1:10] + 0.05])))
     assert torch.isfinite(scores).all()
     assert scores[0] > scores[1:].max()
+
+
+def test_a_network_wrapped_as_a_whole_is_tapped() -> None:
+    """The taps need activation modules only, not stages: a plain network wrapped as a whole (`ModuleBackbone`, as
+    `ood.evaluate` wraps any model) gives each ReLU's input extremes (it was skipped as having none); taps that read
+    stages (gram) still add nothing there."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5),
+                              torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    backbone, x = ModuleBackbone(net).eval(), torch.randn(7, 3, 2, 2)
+    taps = LayerTaps(backbone, ["combood", "gram"])
+    with torch.no_grad():
+        out = backbone.run(x)
+        pre1 = net[1](net[0](x))
+        pre2 = net[3](torch.relu(pre1))
+    tapped = taps.pop()
+    taps.remove()
+    assert list(tapped) == ["combood:net.2", "combood:net.4"]
+    for key, pre in zip(tapped, (pre1, pre2)):
+        torch.testing.assert_close(tapped[key], torch.stack([pre.amax(1), -pre.amin(1)], 1))
+    bank = FeatureBank(logits=out.logits, features=out.features, extras=tapped)
+    assert torch.isfinite(build_detector("combood", k=3).fit(bank).score(bank)).all()

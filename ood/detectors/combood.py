@@ -24,7 +24,8 @@ Deviations, and why:
   each call's input, which on their networks is the same set of features and on torchvision's is what they intended.
   Functional activations (`F.relu`, not modules) are not seen: a network with none as modules cannot use
   `extreme` (the run says so; `features=penultimate` runs), and one with some (our WRN-40-2: one module, the other
-  calls functional) gets only those.
+  calls functional) gets only those. The taps need modules, not stages: a network wrapped as a whole
+  (`ModuleBackbone`, any model given to `ood.evaluate`) is tapped too. Banks of `ood.extract` hold no taps.
 - A zero K-th distance (a query equal to K train features) is clamped to the smallest positive float64, a finite
   maximal score; the released `np.log(..., where=d > 0)` without `out` leaves such entries uninitialised.
 - float64 for the scaler, the power transform and the precision (the released code fits them on float32 columns;
@@ -37,7 +38,7 @@ Deviations, and why:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -70,6 +71,8 @@ class CombOOD(Detector):
 
     name = "combood"
     ranges = {"k": COUNT, "reg": NON_NEGATIVE}
+    #: its taps are activation modules, found in any network (`LayerTaps`): a network wrapped as a whole too
+    taps_need_stages: ClassVar[bool] = False
 
     def __init__(self, k: int = 50, reg: float = 1.0, features: Literal["extreme", "penultimate"] = "extreme",
                  index: IndexKind = "exact") -> None:
@@ -95,8 +98,9 @@ class CombOOD(Detector):
         if not keys:
             raise DetectorNotApplicable(
                 "features=extreme reads the inputs of the network's activation modules (nn.ReLU / GELU / LeakyReLU), "
-                "tapped in the evaluation pass, and this bank has none (a network wrapped as a whole or with functional "
-                "activations only, or a bank not built by that pass); features=penultimate needs no taps")
+                "tapped in an evaluation's pass (ood-eval, ood.evaluate, a training's evaluation), and this bank has "
+                "none (a network with functional activations only, or a bank from ood.extract or another pass); "
+                "features=penultimate needs no taps")
         columns = [bank.extras[key].flatten(1) for key in keys] + [extremes(bank.logits)]
         return torch.cat([c.double().cpu() for c in columns], 1).numpy()
 

@@ -13,6 +13,8 @@ evaluation pass (layer taps), and a fit that runs the network over the fit split
   stacked on dim 1, or under `<key>#<run>` each when the runs differ in shape (torchvision's Bottleneck ReLU runs on
   width, width and 4 x width channels). A tap given as `InputTap(module, reduce)` reduces the module's *input*
   instead (a forward pre-hook, so an in-place module has not yet overwritten it): CombOOD's pre-activation extremes.
+  Taps are declared on the staged backbone; a detector whose taps name any module, not stages
+  (`taps_need_stages = False`: CombOOD's activation modules), also taps a network wrapped as a whole.
 - `ModelFitted`: a `needs_model` detector whose statistics need network passes with gradients over its fit split
   (AdaSCALE's perturbed-feature shifts, NAC's gradient histograms): `fit_statistics(model, x) -> [B, ...]` per
   batch, concatenated over the split by the evaluation's model-score function through `FitInputs`, then
@@ -78,7 +80,8 @@ class LayerTaps:
     """Forward hooks that cache, per sample, the reductions the named detectors declare (`taps`).
 
     Attach before the evaluation pass, `pop()` after each batch (the batch's tensors by extras key), `remove()`
-    after the pass. Detectors without `taps`, and backbones without stages, add nothing.
+    after the pass. Detectors without `taps` add nothing; those whose taps need stages add nothing on a network
+    wrapped as a whole (`taps_need_stages`, True unless a detector says otherwise).
     """
 
     def __init__(self, model: nn.Module, detectors: Iterable[DetectorRef]) -> None:
@@ -90,9 +93,11 @@ class LayerTaps:
         except DetectorNotApplicable:
             backbone = None
         for name in detectors:
-            taps = getattr(detector_class(name), "taps", None)
-            if backbone is not None and taps is not None:
-                declared.update(taps(backbone))
+            cls = detector_class(name)
+            taps = getattr(cls, "taps", None)
+            network = backbone if getattr(cls, "taps_need_stages", True) else getattr(model, "backbone", model)
+            if network is not None and taps is not None:
+                declared.update(taps(network))
         for key, tap in declared.items():
             module, reduce = tap
             hook = self._hook(key, reduce)
