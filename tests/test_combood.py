@@ -156,6 +156,32 @@ def test_zero_distance_is_the_most_in_distribution_finite_score() -> None:
     assert scores[0] > scores[1:].max()
 
 
+def _tapped_bank(g: np.random.Generator, n: int, shift: float = 0.0) -> FeatureBank:
+    """A bank with two tapped extremes keys, as the evaluation's pass stores them."""
+    extras = {"combood:a": torch.as_tensor(g.normal(size=(n, 2)) + shift, dtype=torch.float32),
+              "combood:b": torch.as_tensor(g.gamma(2.0, size=(n, 3, 2)) + shift, dtype=torch.float32)}
+    return FeatureBank(logits=torch.as_tensor(g.normal(size=(n, 3)), dtype=torch.float32),
+                       features=torch.as_tensor(np.abs(g.normal(size=(n, 4))), dtype=torch.float32), extras=extras)
+
+
+def test_a_bank_is_scored_on_the_taps_it_was_fitted_on_by_name() -> None:
+    """The taps are read by name, not in the scored bank's order (a bank whose extras came in another order scored
+    its columns through the train columns' scaler and power transform); a bank without them is refused in one line."""
+    g = np.random.default_rng(4)
+    train, test = _tapped_bank(g, 80), _tapped_bank(g, 20, shift=0.5)
+    det = build_detector("combood", k=5).fit(train)
+    reordered = FeatureBank(logits=test.logits, features=test.features, extras=dict(reversed(test.extras.items())))
+    torch.testing.assert_close(det.score(reordered), det.score(test), rtol=0, atol=0)
+    # the same as a fit and score whose columns are in the reordered bank's order throughout
+    swapped = FeatureBank(logits=train.logits, features=train.features, extras=dict(reversed(train.extras.items())))
+    torch.testing.assert_close(build_detector("combood", k=5).fit(swapped).score(reordered), det.score(test),
+                               rtol=1e-9, atol=1e-9)
+    partial = FeatureBank(logits=test.logits, features=test.features, extras={"combood:a": test.extras["combood:a"]})
+    with pytest.raises(DetectorNotApplicable, match=r"^this bank lacks 1 of the 2 activation taps it was fitted on "
+                                                    r"\('combood:b' first\)"):
+        det.score(partial)
+
+
 def test_a_network_wrapped_as_a_whole_is_tapped() -> None:
     """The taps need activation modules only, not stages: a plain network wrapped as a whole (`ModuleBackbone`, as
     `ood.evaluate` wraps any model) gives each ReLU's input extremes (it was skipped as having none); taps that read

@@ -89,11 +89,8 @@ class CombOOD(Detector):
         return {f"{PREFIX}{name}": InputTap(module, extremes)
                 for name, module in backbone.named_modules() if isinstance(module, ACTIVATIONS)}
 
-    def mahalanobis_input(self, bank: FeatureBank) -> np.ndarray:
-        """[N, E] float64: the tapped extremes and the max / -min logit (`extreme`), or the L2-normalised penultimate
-        features (`penultimate`, normalised in float32 as the kNN index sees them)."""
-        if self.features == "penultimate":
-            return F.normalize(bank.features.float(), dim=1).double().cpu().numpy()
+    def tapped_keys(self, bank: FeatureBank) -> list[str]:
+        """The extras keys of the tapped extremes, in tap order; `DetectorNotApplicable` when the bank has none."""
         keys = [key for key in bank.extras if key.startswith(PREFIX)]
         if not keys:
             raise DetectorNotApplicable(
@@ -101,12 +98,24 @@ class CombOOD(Detector):
                 "tapped in an evaluation's pass (ood-eval, ood.evaluate, a training's evaluation), and this bank has "
                 "none (a network with functional activations only, or a bank from ood.extract or another pass); "
                 "features=penultimate needs no taps")
-        columns = [bank.extras[key].flatten(1) for key in keys] + [extremes(bank.logits)]
+        return keys
+
+    def mahalanobis_input(self, bank: FeatureBank) -> np.ndarray:
+        """[N, E] float64: the tapped extremes fitted on (`keys_`, by name) and the max / -min logit (`extreme`), or
+        the L2-normalised penultimate features (`penultimate`, normalised in float32 as the kNN index sees them)."""
+        if self.features == "penultimate":
+            return F.normalize(bank.features.float(), dim=1).double().cpu().numpy()
+        missing = [key for key in self.keys_ if key not in bank.extras]
+        if missing:
+            raise DetectorNotApplicable(f"this bank lacks {len(missing)} of the {len(self.keys_)} activation taps it "
+                                        f"was fitted on ({missing[0]!r} first): score banks of the same network's pass")
+        columns = [bank.extras[key].flatten(1) for key in self.keys_] + [extremes(bank.logits)]
         return torch.cat([c.double().cpu() for c in columns], 1).numpy()
 
     def fit(self, bank: FeatureBank) -> CombOOD:
         from sklearn.preprocessing import PowerTransformer, StandardScaler
 
+        self.keys_ = self.tapped_keys(bank) if self.features == "extreme" else []
         x = self.mahalanobis_input(bank)
         self.index_ = KNNIndex("l2", kind=self.index, device=bank.features.device).add(
             bank.features, lambda h: F.normalize(h, dim=1))
