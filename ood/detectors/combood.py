@@ -18,10 +18,14 @@ Classification", SDM 2024 (doi 10.1137/1.9781611978032.74), after the authors' r
   scores before the metrics (`taylor_table`) is monotone and left out.
 
 Deviations, and why:
-- Every call of an activation module is a feature. The authors rewrote their ResNets' blocks with one ReLU module
-  per call, since their forward hook keeps one entry per module (a module called twice, as torchvision's basic
-  block's `relu`, would keep its last call, and read its input after an in-place ReLU overwrote it); ours records
-  each call's input, which on their networks is the same set of features and on torchvision's is what they intended.
+- Every call of an activation module is a feature. The authors' forward hook keeps one entry per module, read after
+  the call. Their CIFAR ResNet-18 has one ReLU module per call, not in place, where that is each call's input: ours
+  records each call's input, the same 36 features. Their ImageNet-1K run used OpenOOD's torchvision ResNet-50 as it
+  is: the stem's and each Bottleneck's one in-place ReLU (called three times), so their hook kept 17 entries, each
+  the last call's input read after the in-place ReLU had overwritten it: the max of the stem's or block's output,
+  and -min = 0 (a constant column unless every value of a sample is positive). Ours reads the 49 calls'
+  pre-activations there (100 columns, not their 36 with 17 constant): the CIFAR run's features on that network, so
+  ImageNet-1K numbers are not a rerun of the released one.
   Functional activations (`F.relu`, not modules) are not seen: a network with none as modules cannot use
   `extreme` (the run says so; `features=penultimate` runs), and one with some (our WRN-40-2: one module, the other
   calls functional) gets only those. The taps need modules, not stages: a network wrapped as a whole
