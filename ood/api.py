@@ -604,6 +604,7 @@ def extract(
     transform: Any = None,
     feature_layer: str | None = None,
     layers: Sequence[str] = (),
+    taps: str | Sequence[str] = (),
     classes: Sequence[str] | None = None,
     batch_size: int = 256,
     device: str | torch.device | None = None,
@@ -612,13 +613,17 @@ def extract(
 ) -> Any:
     """One pass of `model` over `data` (a folder: every image under it, labelled by its first-level class folder, or
     -1 without one; or a Dataset of `(image, label)` or of images alone): a `FeatureBank` with logits, penultimate
-    features, labels (None when unknown), the final linear layer and the outputs of `layers` as extras. `classes`:
+    features, labels (None when unknown), the final linear layer and the outputs of `layers` as extras, with the
+    layer taps that the detectors named in `taps` read, cached as an evaluation's pass caches them (`"combood"`:
+    its activation extremes; gram, mds_ensemble: stage maps of a staged network). `classes`:
     the class names in label order, as `evaluate`'s (a model trained with another class order), which the class
     folders or the Dataset's `classes` follow by name. Preprocessing as in `evaluate` (`image_size`, `resize`,
     `mean`, `std`, `interpolation` in `preprocessing`); the pass runs on `device` (None: the model's), and the model
     is handed back on its own."""
     from ood.data.benchmark import check_loader_options
     from ood.data.folder import folder_dataset, preprocessing_transform, resolve_preprocessing
+    from ood.detectors import available_detectors, detector_class
+    from ood.detectors.network import LayerTaps
     from ood.features.bank import FeatureBank
     from ood.features.passes import forward_dataset
     from ood.models.adapters import as_backbone
@@ -642,16 +647,26 @@ def extract(
     dataset = folder_dataset(data, transform)
     order = None if classes is None else _label_order(data, classes)
     layers = (layers,) if isinstance(layers, str) else tuple(layers)
+    taps = (taps,) if isinstance(taps, str) else tuple(taps)
+    tapping = [n for n in available_detectors() if hasattr(detector_class(n), "taps")]
+    if set(taps) - set(tapping):
+        raise ConfigError(f"taps={list(taps)}: {sorted(set(taps) - set(tapping))} read no layer taps; detectors that "
+                          f"do: {tapping}")
+    hooks = LayerTaps(backbone, taps)
 
     def outputs(x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = backbone.run(x, layers)  # layers apart: a stage may be called `features` (torchvision's VGG, MobileNet)
-        return {"logits": out.logits, "features": out.features, **{f"layer/{k}": v for k, v in out.layers.items()}}
+        return {"logits": out.logits, "features": out.features, **{f"layer/{k}": v for k, v in out.layers.items()},
+                **{f"tap/{k}": v for k, v in hooks.pop().items()}}
 
-    with one_line_errors(), _caller_model(net):  # the model handed back on its device
-        if device is not None:
-            backbone.to(device)
-        result = forward_dataset(outputs, dataset, module=backbone, batch_size=batch_size, device=device,
-                                 num_workers=num_workers, desc="extract")
+    try:
+        with one_line_errors(), _caller_model(net):  # the model handed back on its device
+            if device is not None:
+                backbone.to(device)
+            result = forward_dataset(outputs, dataset, module=backbone, batch_size=batch_size, device=device,
+                                     num_workers=num_workers, desc="extract")
+    finally:
+        hooks.remove()  # the caller's network keeps no hook of ours
     labels = result.pop("labels")
     labels = labels if order is None else order.to(labels.device)[labels]
     # the head beside the rows (a bank on the GPU is scored there: react / vim multiply features by it)
@@ -662,5 +677,6 @@ def extract(
         labels=labels if bool((labels >= 0).all()) else None,
         weight=weight,
         bias=bias,
-        extras={name: result[f"layer/{name}"] for name in layers},
+        extras={**{name: result[f"layer/{name}"] for name in layers},
+                **{key[len("tap/"):]: value for key, value in result.items() if key.startswith("tap/")}},
     )

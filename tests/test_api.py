@@ -495,6 +495,23 @@ def test_a_transform_object_gives_its_normalisation_to_odin(tmp_path: Path) -> N
         ood.evaluate(net, paths["id"], [paths["far"]], transform=bare, image_size=32, output_dir=tmp_path / "x", **run)
 
 
+def test_extract_caches_the_layer_taps_a_detector_reads() -> None:
+    """`ood.extract(taps=["combood"])`: the bank holds combood's activation taps (each ReLU's input extremes), so the
+    detector fits on it (an extracted bank had none, and combood's default could not run from `ood.extract`); the
+    caller's network is left without hooks; a detector that reads no taps is refused in one line."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    data = torch.utils.data.TensorDataset(torch.randn(9, 3, 2, 2), torch.tensor([0, 1, 2] * 3))
+    bank = ood.extract(net, data, taps="combood", batch_size=4)
+    with torch.no_grad():
+        pre = net[1](net[0](data.tensors[0]))
+    assert list(bank.extras) == ["combood:net.2"]
+    torch.testing.assert_close(bank.extras["combood:net.2"], torch.stack([pre.amax(1), -pre.amin(1)], 1))
+    assert not net[2]._forward_pre_hooks and torch.isfinite(build_detector("combood", k=3).fit(bank).score(bank)).all()
+    with pytest.raises(ConfigError, match=r"^taps=\['knn'\]: \['knn'\] read no layer taps; detectors that do: \[.*'combood'"):
+        ood.extract(net, data, taps=["knn"])
+
+
 def test_a_head_without_bias_reads_as_a_zero_bias(tmp_path: Path) -> None:
     """A final `nn.Linear(..., bias=False)` (cosine and bias-free heads) stopped the evaluation with an
     AttributeError; the detectors that read the head see b = 0, as a zero-bias twin gives them."""

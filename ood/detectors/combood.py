@@ -29,7 +29,7 @@ Deviations, and why:
   Functional activations (`F.relu`, not modules) are not seen: a network with none as modules cannot use
   `extreme` (the run says so; `features=penultimate` runs), and one with some (our WRN-40-2: one module, the other
   calls functional) gets only those. The taps need modules, not stages: a network wrapped as a whole
-  (`ModuleBackbone`, any model given to `ood.evaluate`) is tapped too. Banks of `ood.extract` hold no taps.
+  (`ModuleBackbone`, any model given to `ood.evaluate`) is tapped too, and `ood.extract(..., taps="combood")` caches the same taps.
 - A zero K-th distance (a query equal to K train features) is clamped to the smallest positive float64, a finite
   maximal score; the released `np.log(..., where=d > 0)` without `out` leaves such entries uninitialised.
 - float64 for the scaler, the power transform and the precision (the released code fits them on float32 columns;
@@ -99,9 +99,9 @@ class CombOOD(Detector):
         if not keys:
             raise DetectorNotApplicable(
                 "features=extreme reads the inputs of the network's activation modules (nn.ReLU / GELU / LeakyReLU), "
-                "tapped in an evaluation's pass (ood-eval, ood.evaluate, a training's evaluation), and this bank has "
-                "none (a network with functional activations only, or a bank from ood.extract or another pass); "
-                "features=penultimate needs no taps")
+                "tapped in an evaluation's pass (ood-eval, ood.evaluate, a training's evaluation) or by "
+                "ood.extract(..., taps='combood'), and this bank has none (a network with functional activations only, "
+                "or a bank from another pass); features=penultimate needs no taps")
         return keys
 
     def mahalanobis_input(self, bank: FeatureBank) -> np.ndarray:
