@@ -29,7 +29,8 @@ Deviations, and why:
   Functional activations (`F.relu`, not modules) are not seen: a network with none as modules cannot use
   `extreme` (the run says so; `features=penultimate` runs), and one with some (our WRN-40-2: one module, the other
   calls functional) gets only those. The taps need modules, not stages: a network wrapped as a whole
-  (`ModuleBackbone`, any model given to `ood.evaluate`) is tapped too, and `ood.extract(..., taps="combood")` caches the same taps.
+  (`ModuleBackbone`, any model given to `ood.evaluate`) is tapped too, and `ood.extract(..., taps="combood")`
+  caches the same taps.
 - A zero K-th distance (a query equal to K train features) is clamped to the smallest positive float64, a finite
   maximal score; the released `np.log(..., where=d > 0)` without `out` leaves such entries uninitialised.
 - float64 for the scaler, the power transform and the precision (the released code fits them on float32 columns;
