@@ -202,3 +202,13 @@ def test_a_network_wrapped_as_a_whole_is_tapped() -> None:
         torch.testing.assert_close(tapped[key], torch.stack([pre.amax(1), -pre.amin(1)], 1))
     bank = FeatureBank(logits=out.logits, features=out.features, extras=tapped)
     assert torch.isfinite(build_detector("combood", k=3).fit(bank).score(bank)).all()
+    # an EfficientNet's SiLU modules are not the released code's activations: no taps, and the skip says why
+    silu = ModuleBackbone(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6), torch.nn.SiLU(),
+                                              torch.nn.Linear(6, 3))).eval()
+    none = LayerTaps(silu, ["combood"])
+    with torch.no_grad():
+        unseen = silu.run(x)
+    assert none.pop() == {}
+    none.remove()
+    with pytest.raises(DetectorNotApplicable, match=r"a network whose activations are other modules, e\.g\. SiLU"):
+        build_detector("combood").fit(FeatureBank(logits=unseen.logits, features=unseen.features))

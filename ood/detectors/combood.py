@@ -101,8 +101,9 @@ class CombOOD(Detector):
             raise DetectorNotApplicable(
                 "features=extreme reads the inputs of the network's activation modules (nn.ReLU / GELU / LeakyReLU), "
                 "tapped in an evaluation's pass (ood-eval, ood.evaluate, a training's evaluation) or by "
-                "ood.extract(..., taps='combood'), and this bank has none (a network with functional activations only, "
-                "or a bank from another pass); features=penultimate needs no taps")
+                "ood.extract(..., taps='combood'), and this bank has none (a network whose activations are other "
+                "modules, e.g. SiLU, or functions such as F.relu; or a bank from another pass); features=penultimate "
+                "needs no taps")
         return keys
 
     def mahalanobis_input(self, bank: FeatureBank) -> np.ndarray:
