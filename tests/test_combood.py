@@ -212,3 +212,25 @@ def test_a_network_wrapped_as_a_whole_is_tapped() -> None:
     none.remove()
     with pytest.raises(DetectorNotApplicable, match=r"a network whose activations are other modules, e\.g\. SiLU"):
         build_detector("combood").fit(FeatureBank(logits=unseen.logits, features=unseen.features))
+
+
+def test_timms_own_gelu_modules_are_tapped() -> None:
+    """timm's ConvNeXt runs timm's GELU module, not an nn.GELU: each block's activation input is tapped (none was)."""
+    timm = pytest.importorskip("timm")
+    from ood.models.adapters import as_backbone
+
+    torch.manual_seed(0)
+    net = timm.create_model("convnext_atto", pretrained=False, num_classes=3).eval()
+    backbone, x = as_backbone(net).eval(), torch.randn(2, 3, 32, 32)
+    pre: list[torch.Tensor] = []
+    block = net.stages[3].blocks[1]
+    handle = block.mlp.act.register_forward_pre_hook(lambda _m, args: pre.append(args[0]))
+    taps = LayerTaps(backbone, ["combood"])
+    with torch.no_grad():
+        backbone.run(x)
+    tapped = taps.pop()
+    taps.remove()
+    handle.remove()
+    assert len(tapped) == sum(len(stage.blocks) for stage in net.stages) == 12
+    torch.testing.assert_close(tapped["combood:net.stages.3.blocks.1.mlp.act"],
+                               torch.stack([pre[0].flatten(1).amax(1), -pre[0].flatten(1).amin(1)], 1))

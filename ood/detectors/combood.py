@@ -28,9 +28,9 @@ Deviations, and why:
   ImageNet-1K numbers are not a rerun of the released one.
   Functional activations (`F.relu`, not modules) are not seen: a network with none as modules cannot use
   `extreme` (the run says so; `features=penultimate` runs), and one with some (our WRN-40-2: one module, the other
-  calls functional) gets only those. The taps need modules, not stages: a network wrapped as a whole
-  (`ModuleBackbone`, any model given to `ood.evaluate`) is tapped too, and `ood.extract(..., taps="combood")`
-  caches the same taps.
+  calls functional) gets only those. timm's own GELU module (its ConvNeXt's) counts as GELU. The taps need modules,
+  not stages: a network wrapped as a whole (`ModuleBackbone`, any model given to `ood.evaluate`) is tapped too, and
+  `ood.extract(..., taps="combood")` caches the same taps.
 - A zero K-th distance (a query equal to K train features) is clamped to the smallest positive float64, a finite
   maximal score; the released `np.log(..., where=d > 0)` without `out` leaves such entries uninitialised.
 - float64 for the scaler, the power transform and the precision (the released code fits them on float32 columns;
@@ -43,6 +43,7 @@ Deviations, and why:
 from __future__ import annotations
 
 import math
+import sys
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -61,6 +62,12 @@ from ood.neighbors import IndexKind, KNNIndex
 PREFIX = "combood:"
 #: the activation modules whose inputs the released code reads (`supported_activations`)
 ACTIVATIONS = (nn.ReLU, nn.GELU, nn.LeakyReLU)
+
+
+def activation_types() -> tuple[type[nn.Module], ...]:
+    """`ACTIVATIONS`, and timm's own GELU module (timm's ConvNeXt, not an `nn.GELU`) once timm is loaded."""
+    timm_activations = sys.modules.get("timm.layers.activations")
+    return ACTIVATIONS + ((timm_activations.GELU,) if timm_activations is not None else ())
 FEATURES = ("extreme", "penultimate")
 
 
@@ -92,7 +99,7 @@ class CombOOD(Detector):
     def taps(cls, backbone: nn.Module) -> dict[str, InputTap]:
         """The input of every activation module, reduced to its max and -min."""
         return {f"{PREFIX}{name}": InputTap(module, extremes)
-                for name, module in backbone.named_modules() if isinstance(module, ACTIVATIONS)}
+                for name, module in backbone.named_modules() if isinstance(module, activation_types())}
 
     def tapped_keys(self, bank: FeatureBank) -> list[str]:
         """The extras keys of the tapped extremes, in tap order; `DetectorNotApplicable` when the bank has none."""
