@@ -234,3 +234,13 @@ def test_timms_own_gelu_modules_are_tapped() -> None:
     assert len(tapped) == sum(len(stage.blocks) for stage in net.stages) == 12
     torch.testing.assert_close(tapped["combood:net.stages.3.blocks.1.mlp.act"],
                                torch.stack([pre[0].flatten(1).amax(1), -pre[0].flatten(1).amin(1)], 1))
+
+
+def test_a_k_beyond_the_train_bank_is_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    """K is clipped to the train bank (the farthest train feature is read); as knn, the fit says so."""
+    train = np.abs(np.random.default_rng(4).normal(size=(30, 5))) + 0.1
+    det = build_detector("combood", features="penultimate").fit(_bank(train))
+    assert "combood: k=50 exceeds the 30 train features it searches" in caplog.text
+    unit = normalizer(train)
+    farthest = ((unit[:2, None, :] - unit[None, :, :]) ** 2).sum(-1).max(1)
+    np.testing.assert_allclose(det.knn_sq_distance(_bank(train[:2])).numpy(), farthest, rtol=1e-5)

@@ -57,6 +57,9 @@ from ood.detectors.network import InputTap
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.neighbors import IndexKind, KNNIndex
+from ood.utils import get_logger
+
+log = get_logger(__name__)
 
 #: extras keys of the tapped activation inputs' extremes
 PREFIX = "combood:"
@@ -132,9 +135,11 @@ class CombOOD(Detector):
         x = self.mahalanobis_input(bank)
         self.index_ = KNNIndex("l2", kind=self.index, device=bank.features.device).add(
             bank.features, lambda h: F.normalize(h, dim=1))
-        self.scaler_ = StandardScaler().fit(x)
-        self.power_ = PowerTransformer().fit(self.scaler_.transform(x))
-        z = self.power_.transform(self.scaler_.transform(x))
+        if self.k > len(bank):
+            log.warning("combood: k=%d exceeds the %d train features it searches: it reads the farthest of them; set "
+                        "detectors.params.combood.k below %d", self.k, len(bank), len(bank))
+        self.scaler_, self.power_ = StandardScaler(), PowerTransformer()
+        z = self.power_.fit_transform(self.scaler_.fit_transform(x))  # as the released code, one pass each
         cov = np.atleast_2d(np.cov(z, rowvar=False))
         try:
             self.precision_ = np.linalg.inv(cov + self.reg * np.eye(z.shape[1]))
