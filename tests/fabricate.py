@@ -208,3 +208,25 @@ def synthetic_banks() -> dict[str, FeatureBank]:
         return feature_bank(h, None, weight, bias)
 
     return {"train": id_split(400), "val": id_split(120), "val_ood": ood_split(120), "test": id_split(200), "ood": ood_split(200)}
+
+
+#: classes and feature dimension of the reference-comparison banks (`centred_banks`)
+REF_CLASSES, REF_DIM = 6, 32
+
+
+def centred_banks(seed: int, sizes: dict[str, int], ood_labelled: bool) -> dict[str, FeatureBank]:
+    """ReLU features around a class centre each (ID splits) or around the mean centre (the split named `ood`); a head
+    roughly aligned with the centres (most, not all, samples classified correctly); `sizes`: split -> rows; the OOD
+    split keeps its cycling labels when `ood_labelled`, else none."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = 2.0 * torch.randn(REF_CLASSES, REF_DIM, generator=gen).relu()
+    w = (centres + torch.randn(REF_CLASSES, REF_DIM, generator=gen)) / REF_DIM**0.5
+    b = 0.1 * torch.randn(REF_CLASSES, generator=gen)
+
+    def split(n: int, ood: bool) -> FeatureBank:
+        y = torch.arange(n) % REF_CLASSES
+        mean = centres.mean(0) if ood else centres[y]
+        h = (mean + (1.5 if ood else 1.0) * torch.randn(n, REF_DIM, generator=gen)).relu()
+        return FeatureBank(logits=h @ w.T + b, features=h, labels=y if ood_labelled or not ood else None, weight=w, bias=b)
+
+    return {name: split(n, name == "ood") for name, n in sizes.items()}

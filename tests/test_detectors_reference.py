@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+from fabricate import REF_CLASSES, REF_DIM, centred_banks
 from scipy.special import logsumexp
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
@@ -20,25 +21,14 @@ from ood.detectors import build_detector
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
 
-C, D = 6, 32
+C, D = REF_CLASSES, REF_DIM
 
 
 @pytest.fixture(scope="module")
 def ref() -> dict[str, FeatureBank]:
     """ReLU features around a class centre each (ID) or around the mean centre (OOD); a head roughly aligned with the
     centres (most, not all, train samples classified correctly)."""
-    gen = torch.Generator().manual_seed(7)
-    centres = 2.0 * torch.randn(C, D, generator=gen).relu()
-    w = (centres + torch.randn(C, D, generator=gen)) / D**0.5
-    b = 0.1 * torch.randn(C, generator=gen)
-
-    def split(n: int, ood: bool) -> FeatureBank:
-        y = torch.arange(n) % C
-        mean = centres.mean(0) if ood else centres[y]
-        h = (mean + (1.5 if ood else 1.0) * torch.randn(n, D, generator=gen)).relu()
-        return FeatureBank(logits=h @ w.T + b, features=h, labels=None if ood else y, weight=w, bias=b)
-
-    return {"train": split(300, False), "val": split(120, False), "test": split(150, False), "ood": split(150, True)}
+    return centred_banks(7, {"train": 300, "val": 120, "test": 150, "ood": 150}, ood_labelled=False)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -15,6 +15,7 @@ import pytest
 import scipy.stats
 import sklearn.covariance
 import torch
+from fabricate import REF_CLASSES, REF_DIM, centred_banks
 from scipy.special import logsumexp
 from sklearn.metrics import pairwise_distances_argmin_min
 from torch import nn
@@ -22,25 +23,14 @@ from torch import nn
 from ood.detectors import build_detector
 from ood.features.bank import FeatureBank
 
-C, D = 6, 32
+C, D = REF_CLASSES, REF_DIM
 
 
 @pytest.fixture(scope="module")
 def ref() -> dict[str, FeatureBank]:
     """ReLU features around a class centre each (ID) or around the mean centre (OOD); a head roughly aligned with the
     centres (most, not all, samples classified correctly; every class predicted on train)."""
-    gen = torch.Generator().manual_seed(11)
-    centres = 2.0 * torch.randn(C, D, generator=gen).relu()
-    w = (centres + torch.randn(C, D, generator=gen)) / D**0.5
-    b = 0.1 * torch.randn(C, generator=gen)
-
-    def split(n: int, ood: bool) -> FeatureBank:
-        y = torch.arange(n) % C
-        mean = centres.mean(0) if ood else centres[y]
-        h = (mean + (1.5 if ood else 1.0) * torch.randn(n, D, generator=gen)).relu()
-        return FeatureBank(logits=h @ w.T + b, features=h, labels=y, weight=w, bias=b)
-
-    return {"train": split(240, False), "val": split(120, False), "test": split(90, False), "ood": split(90, True)}
+    return centred_banks(11, {"train": 240, "val": 120, "test": 90, "ood": 90}, ood_labelled=True)
 
 
 SPLITS = ("test", "ood")
