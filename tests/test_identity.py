@@ -35,6 +35,17 @@ def test_seeds_share_an_identity_and_the_group_hash_is_unchanged(tmp_path: Path)
     assert a.group == f"ce-digits-small_cnn-{before}"
 
 
+def test_the_outlier_batch_at_its_default_leaves_the_identity_as_before_it_was_a_key(tmp_path: Path) -> None:
+    """`data.outlier_batch_size: null` (2 x batch_size, as before it was a key) in every data config entered every
+    run's identity: each hash changed, so ood-report split a configuration's earlier seeds from its later ones and a
+    rerun of an earlier finished job removed its results as another configuration's. At null it is left out; set, it
+    names the configuration."""
+    default = run_identity(compose_config(tmp_path / "a", []), CHOICES, tmp_path / "a", None)
+    doubled = run_identity(compose_config(tmp_path / "b", ["data.outlier_batch_size=256"]), CHOICES, tmp_path / "b", None)
+    assert "data.outlier_batch_size" not in default.config
+    assert doubled.config == {**default.config, "data.outlier_batch_size": "256"}
+
+
 def test_written_once_read_back(tmp_path: Path) -> None:
     ident = run_identity(compose_config(tmp_path, []), CHOICES, tmp_path, None)
     write_identity(tmp_path, ident)

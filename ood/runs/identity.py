@@ -5,7 +5,8 @@ A run computes its identity once, as it starts, and writes it to `identity.json`
   parameters, backbone, data, epochs), without the seed, loader plumbing and starting weights (`NOT_IDENTITY`),
   folders, and the keys whose unresolved value interpolates `${seed}` (OAL's `method.sampling_seed`: they vary with
   the seed); and the evaluation keys that change the numbers when not at their default (`EVALUATION_KEYS`:
-  `evaluation.feature_dtype=float16`). An evaluation run (`train=false`) of a checkpoint takes the training keys
+  `evaluation.feature_dtype=float16`), but not the keys added later at the value that applied before (`ADDED_KEYS`:
+  `data.outlier_batch_size=null`, so earlier runs keep their hash). An evaluation run (`train=false`) of a checkpoint takes the training keys
   (`TRAINING_KEYS`: epochs, optimiser, training batches, augmentation, outliers, starting weights) of the run that wrote it, so
   re-evaluating a checkpoint is recognised as the same model; a checkpoint from elsewhere adds `ckpt` = its path
   instead.
@@ -43,6 +44,9 @@ NOT_IDENTITY = ("data.num_workers", "data.pin_memory", "data.download", "data.ev
 #: evaluation keys that change the numbers -> their default: part of the identity only when set otherwise, so a
 #: float16 evaluation of a checkpoint is not merged with its float32 one, and runs at the default keep their hash
 EVALUATION_KEYS = {"evaluation.feature_dtype": "float32"}
+#: keys added to the configs at the value that applied before they were keys -> that value: part of the identity only
+#: when set otherwise, so a run made before keeps its hash (its seeds and a rerun are the same configuration)
+ADDED_KEYS = {"data.outlier_batch_size": None}
 #: config keys that only matter for training (epochs, optimiser, the training batches, their augmentation and outlier
 #: set, the starting weights): an evaluation run takes them from the run that trained its checkpoint
 TRAINING_KEYS = ("trainer.max_epochs", "method.optimizer.", "method.scheduler.", "data.batch_size", "data.outlier_batch_size",
@@ -85,12 +89,12 @@ def seed_keys(raw: DictConfig | Mapping[str, Any]) -> set[str]:
 
 def identity(flat: Mapping[str, Any], seeded: Collection[str] = ()) -> dict[str, str]:
     """The flattened keys that name a configuration, seed and the `seeded` keys (`seed_keys`) excluded, and the
-    `EVALUATION_KEYS` not at their default (values as canonical JSON strings)."""
+    `EVALUATION_KEYS` not at their default (values as canonical JSON strings); `ADDED_KEYS` at theirs are left out."""
     return {
         k: v if isinstance(v, str) else json.dumps(v, sort_keys=True)
         for k, v in sorted(flat.items())
         if (k.startswith(IDENTITY_PREFIXES) and k not in NOT_IDENTITY and k not in seeded
-            and not k.endswith(("_dir", ".root")))
+            and not k.endswith(("_dir", ".root")) and not (k in ADDED_KEYS and v == ADDED_KEYS[k]))
         or (k in EVALUATION_KEYS and v != EVALUATION_KEYS[k])
     }
 
