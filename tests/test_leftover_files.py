@@ -196,3 +196,27 @@ def test_a_rerun_of_a_finished_job_keeps_its_results_until_they_are_replaced(tmp
     earlier(None)
     clear_failure(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_earlier_results_another_rank_removed_first_are_no_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun every rank runs the job and records its failure, removing the earlier attempt's results at the
+    same time: a rank that saw `results.jsonl` just before another removed it raised FileNotFoundError, in place of
+    the run's own error and without writing FAILED.txt. Here the other rank removes it right after this one looks."""
+    from ood.runs.failures import clear_failure, record_failure
+
+    (tmp_path / "identity.json").write_text("{}")
+    (tmp_path / "results.jsonl").write_text("row\n")
+    started = clear_failure(tmp_path)
+    stat = Path.stat
+
+    def looked_at_then_removed(self: Path, **kwargs: bool) -> os.stat_result:
+        found = stat(self, **kwargs)
+        if self.name == "results.jsonl":
+            os.unlink(self)
+        return found
+
+    monkeypatch.setattr(Path, "stat", looked_at_then_removed)
+    record_failure(tmp_path, RuntimeError("boom"), started)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FAILED.txt", "identity.json"]
+    assert (tmp_path / "FAILED.txt").read_text() == "RuntimeError: boom\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,18 +29,23 @@ EARLIER_RESULTS = ("results.jsonl", "scores.npz", "samples.csv")
 FileStamp = tuple[int, int, int]
 
 
-def _stamp(path: Path) -> FileStamp:
-    st = path.stat()
-    return st.st_ino, st.st_mtime_ns, st.st_size
+def _stamp(path: Path) -> FileStamp | None:
+    """`path`'s stamp; None when it is not a file (gone: under torchrun every rank of the run removes them too)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size) if stat.S_ISREG(st.st_mode) else None
 
 
 def remove_earlier_results(output_dir: str | Path, only: Mapping[str, FileStamp] | None = None) -> None:
     """Remove the results an earlier attempt left in this folder (`EARLIER_RESULTS`), saying so; with `only`, just
-    those still as stamped there (not rewritten since)."""
+    those still as stamped there (not rewritten since). One that another rank removed first is no error."""
     for name in EARLIER_RESULTS:
         path = Path(output_dir) / name
-        if path.is_file() and (only is None or only.get(name) == _stamp(path)):
-            path.unlink()
+        found = _stamp(path)
+        if found is not None and (only is None or only.get(name) == found):
+            path.unlink(missing_ok=True)
             log.info("removed %s of an earlier attempt in %s", name, output_dir)
 
 
@@ -54,7 +60,8 @@ def clear_failure(output_dir: str | Path) -> dict[str, FileStamp]:
     (Path(output_dir) / FAILED_FILE).unlink(missing_ok=True)
     if not (Path(output_dir) / IDENTITY_FILE).is_file():
         remove_earlier_results(output_dir)
-    return {name: _stamp(Path(output_dir) / name) for name in EARLIER_RESULTS if (Path(output_dir) / name).is_file()}
+    stamps = {name: _stamp(Path(output_dir) / name) for name in EARLIER_RESULTS}
+    return {name: found for name, found in stamps.items() if found is not None}
 
 
 def record_failure(output_dir: str | Path, err: BaseException, earlier: Mapping[str, FileStamp] | None = None) -> None:
