@@ -158,6 +158,19 @@ def test_report_names_an_empty_or_cut_short_results_file(tmp_path: Path, capsys:
     ]
 
 
+def test_a_results_file_saved_without_its_last_newline_is_read(tmp_path: Path) -> None:
+    """A `results.jsonl` edited by hand and saved without the final newline (its last row complete) was taken for one
+    cut short: the run's rows were left out of the report and the run listed as without results."""
+    from ood.report.reading import failed_runs, load_rows
+
+    rows = [{"method": "msp", "detector": "msp", "backbone": "small_cnn", "id_dataset": "digits", "ood_dataset": name,
+             "ood_group": "near", "seed": 0, "auroc": auroc, "fpr95": 0.5} for name, auroc in (("s", 0.75), ("t", 0.5))]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    assert [row["auroc"] for row in load_rows([tmp_path])] == [0.75, 0.5]
+    assert failed_runs([tmp_path]) == {}
+
+
 def test_a_rerun_of_a_finished_job_keeps_its_results_until_they_are_replaced(tmp_path: Path) -> None:
     """A sweep rerun with `ckpt_path=last` deleted the finished job's results.jsonl as it started: killed while it
     re-evaluated, the job had none. They now stay until the new ones replace them; they still go as the attempt

@@ -36,14 +36,23 @@ def _parse_rows(file: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 def unreadable(file: Path) -> str | None:
     """Why the `results.jsonl` `file` gives its run no rows although it is there, None when it does not: empty (a run
-    that scored nothing, or a file whose data a power loss lost), or cut short (the writer ends every row with a
-    newline; a crash while it wrote, or a copy cut off)."""
+    that scored nothing, or a file whose data a power loss lost), or cut short (a last line without its newline that
+    is not complete JSON, or zero bytes in it: a crash while it was written, or a copy cut off). A complete last line
+    without the newline the writer ends it with is read: a file edited by hand and saved without one."""
     text = file.read_text(errors="replace")
     if not text.strip():
         return f"{file} is empty (a run that scored nothing, or a file lost in a crash: rerun its evaluation)"
-    if not text.endswith("\n") or "\0" in text:
+    if "\0" in text or not text.endswith("\n") and not _is_json(text.splitlines()[-1]):
         return f"{file} is cut short (its last line is unfinished: a crash while it was written?); rerun its evaluation"
     return None
 
