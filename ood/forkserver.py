@@ -6,7 +6,7 @@ them closes the pipes through which the main process learns its ranks' exit stat
 status 255 (a crash) for ranks that are still stopping in step with each other (`ood.strategies`). The server exits
 when the main process does, as Python's fork server always does.
 
-In each rank it forks: SIGTERM's default action again, right after the fork, as in a spawned rank (Python's fork server
+In each rank it forks (not in the processes a rank forks in turn): SIGTERM's default action again, right after the fork, as in a spawned rank (Python's fork server
 resets SIGINT and SIGCHLD only), until the rank installs ood's handler. SIGINT and SIGTERM are also blocked in the
 server (where they are ignored) and unblocked in each rank right after that, SIGINT's default action set as well
 until Python's fork server puts back the rank's `KeyboardInterrupt`: the main process passes either signal on as soon
@@ -34,8 +34,17 @@ def _in_fork_server() -> bool:
 PASSED_ON = {signal.SIGINT, signal.SIGTERM}
 
 
+_forked = False  # in a rank: it was forked by the server (the after-fork hook stays registered in the rank)
+
+
 def _rank_signals() -> None:
-    """A forked rank's first code: SIGINT and SIGTERM's default actions, then unblocked (one already sent acts now)."""
+    """A forked rank's first code: SIGINT and SIGTERM's default actions, then unblocked (one already sent acts now).
+    Not in a process the rank forks in turn (a DataLoader worker): that one keeps the rank's handlers, as a spawned
+    rank's does (a worker killed by Ctrl-C or SIGTERM failed the rank: "DataLoader worker exited unexpectedly")."""
+    global _forked
+    if _forked:
+        return
+    _forked = True
     for signum in PASSED_ON:
         signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, PASSED_ON)

@@ -147,6 +147,51 @@ def test_a_signal_passed_on_as_the_server_forks_the_rank_reaches_it(tmp_path: Pa
     assert (run.stdout, run.stderr) == (f"exit {-signum}\n", "")
 
 
+#: a rank that sets its own SIGINT / SIGTERM handlers, then forks a worker (as a DataLoader's) that reports its own
+WORKER_MAIN = """
+import multiprocessing
+import signal
+
+
+def noted(signum, frame):
+    pass
+
+
+def worker():
+    print("worker", signal.getsignal(signal.SIGINT) is noted, signal.getsignal(signal.SIGTERM) is noted, flush=True)
+
+
+def rank():
+    signal.signal(signal.SIGINT, noted)
+    signal.signal(signal.SIGTERM, noted)
+    process = multiprocessing.get_context("fork").Process(target=worker)
+    process.start()
+    process.join()
+
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["ood.forkserver"])
+    process = context.Process(target=rank)
+    process.start()
+    process.join()
+    print("exit", process.exitcode)
+"""
+
+
+def test_a_process_a_rank_forks_keeps_the_ranks_signal_handlers(tmp_path: Path) -> None:
+    """The server's after-fork reset (SIGINT and SIGTERM to their default actions) ran again in every process a rank
+    forked, as its DataLoader workers: a Ctrl-C or a scheduler's SIGTERM killed them outright, where a spawned rank's
+    workers have the rank's handlers (a worker takes Ctrl-C as KeyboardInterrupt and ends quietly; ood notes
+    SIGTERM), and the rank failed on "DataLoader worker is killed by signal". Only the rank the server forks is reset."""
+    (tmp_path / "main.py").write_text(WORKER_MAIN)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "main.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert (run.stdout, run.stderr) == ("worker True True\nexit 0\n", "")
+
+
 def test_a_forked_rank_of_a_script_without_the_main_guard_is_told_to_add_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """A forked rank runs the main script again, as a spawned one does: a script calling `ood.evaluate(...,
     overrides=["trainer=ddp_cpu"])` without `if __name__ == "__main__":` launched again from inside the rank, which
