@@ -23,7 +23,7 @@ from ood.files import atomic_write_text
 from ood.runs.checkpoints import RunState, checkpoint_config, own_checkpoint_epoch, resolve_ckpt_path
 from ood.runs.checks import check_launch, check_run
 from ood.runs.console import ProgressBar
-from ood.runs.failures import clear_failure, ctrl_c_raised, record_failure
+from ood.runs.failures import clear_failure, ctrl_c_raised, record_failure, remove_earlier_results
 from ood.runs.identity import RunIdentity, flat_config, run_identity, write_identity
 from ood.runs.loggers import build_loggers, finish_wandb
 from ood.runs.sweeps import check_objective, sweep_objective
@@ -143,6 +143,8 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         write_identity(output_dir, ident)
+        if cfg.train and resume_epoch is None:  # trained anew, not resumed: an earlier attempt's results are another model's
+            remove_earlier_results(output_dir)
     try:
         # between the stages too (Lightning's handler and checks are there only during one), in one process; ranks
         # launched apart (trainer=ddp, torchrun) stop together at a step instead (ood.strategies.DDPStrategy)

@@ -233,3 +233,19 @@ def test_earlier_results_another_rank_removed_first_are_no_error(tmp_path: Path,
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FAILED.txt", "identity.json"]
     assert (tmp_path / "FAILED.txt").read_text() == "RuntimeError: boom\n"
+
+
+def test_a_job_trained_anew_in_its_folder_drops_the_earlier_models_results(tmp_path: Path) -> None:
+    """A finished job run again without `ckpt_path=last` (a sweep rerun into its fixed `hydra.sweep.dir`) trains a new
+    model in the same folder, under the same identity (its model is the folder's own last.ckpt): the earlier model's
+    results stayed, read as the new model's by ood-report (here it trains with evaluate=false; the same when killed
+    in training). Results of a resumed job stay until replaced (test above)."""
+    from helpers import run_config
+
+    quick = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_test_batches=1",
+             "trainer.enable_progress_bar=false", "detectors.names=[msp]", "logger=none", "evaluation.sinks.results.figures=false"]
+    run_config(tmp_path, quick)
+    assert (tmp_path / "results.jsonl").is_file() and (tmp_path / "scores.npz").is_file()
+    run_config(tmp_path, [*quick, "evaluate=false"])
+    assert not (tmp_path / "results.jsonl").exists() and not (tmp_path / "scores.npz").exists()
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
