@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator
 from functools import partial
@@ -65,3 +66,16 @@ def test_the_same_filter_set_by_someone_else_stays_where_it_was(tmp_path: Path) 
         before = list(warnings.filters)
         _trainer(tmp_path).fit(_frozen_method(), train_dataloaders=[])
         assert warnings.filters == before
+
+
+def test_a_second_stage_of_one_trainer_logs_no_callback_override(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`configure_callbacks` handed Lightning a new filter-removing callback at each stage of one trainer: from the
+    second on (a test after the fit) Lightning logged "The following callbacks returned in
+    `LightningModule.configure_callbacks` will override existing callbacks passed to Trainer" in a user's script.
+    The trainer keeps the first one."""
+    method, trainer = _frozen_method(), _trainer(tmp_path)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(method, train_dataloaders=[])
+        trainer.fit(method, train_dataloaders=[])
+    assert [r.getMessage() for r in caplog.records if "configure_callbacks" in r.getMessage()] == []
+    assert [type(c).__name__ for c in trainer.callbacks].count("_DropFrozenFilterOnException") == 1

@@ -186,7 +186,10 @@ class OODMethod(LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         """`_DropFrozenFilterOnException`: a fit that fails before training starts (sanity check, data loaders,
-        another `on_fit_start`) reaches neither `on_train_start` nor `teardown`, only callbacks' `on_exception`."""
+        another `on_fit_start`) reaches neither `on_train_start` nor `teardown`, only callbacks' `on_exception`. Once
+        per trainer: handed again at its next stage, Lightning logged that it overrides the trainer's."""
+        if any(isinstance(c, _DropFrozenFilterOnException) for c in self.trainer.callbacks):
+            return []
         return [_DropFrozenFilterOnException()]
 
     def _drop_frozen_filter(self) -> None:
