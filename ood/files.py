@@ -7,6 +7,7 @@ the next write to the same target removes those of writers that no longer run on
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -48,12 +49,23 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f"{prefix}{host}.{os.getpid()}.tmp")
 
 
+#: what opening or fsync answers where the file system cannot flush a file or folder (VirtualBox shared folders,
+#: some FUSE and network mounts): there is nothing to flush, and the write stands
+UNSYNCABLE = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES, errno.EPERM})
+
+
 def _fsync(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Flush `path`, a file or a folder, to disk where its file system can (`UNSYNCABLE`): raised there, every write
+    to such a mount failed, after its rename."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        if err.errno not in UNSYNCABLE:
+            raise
 
 
 def durable_replace(tmp: str | Path, path: str | Path) -> None:

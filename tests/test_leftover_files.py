@@ -5,11 +5,13 @@ after it; `ood-report` names an empty or cut-short `results.jsonl` instead of re
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import multiprocessing
 import os
 import signal
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -136,6 +138,32 @@ def test_the_checkpoint_is_flushed_before_its_rename(tmp_path: Path, monkeypatch
     assert last.read_bytes() == b"w"
 
 
+def test_a_file_system_that_cannot_flush_folders_still_gets_its_writes(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync of a folder fails with EINVAL on some mounts (VirtualBox shared folders, some FUSE file systems): every
+    atomic write raised after its rename, so a run there failed at its first result (and at its FAILED.txt). There
+    the write stands; a real error while flushing the data (EIO) still fails it, before the rename."""
+    fsync = os.fsync
+
+    def no_folder_sync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", no_folder_sync)
+    files.atomic_write_text(tmp_path / "results.jsonl", "row\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["results.jsonl"]
+    assert (tmp_path / "results.jsonl").read_text() == "row\n"
+
+    def failing_disk(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_disk)
+    with pytest.raises(OSError, match="Input/output error"):
+        files.atomic_write_text(tmp_path / "scores.json", "{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["results.jsonl"]
+
+
 def test_report_names_an_empty_or_cut_short_results_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A zero-length `results.jsonl` (a power loss after the rename) was read silently as a run without rows, and
     one cut short mid-line failed the whole report; each is now one line naming the file, the run listed as without
@@ -220,10 +248,10 @@ def test_earlier_results_another_rank_removed_first_are_no_error(tmp_path: Path,
     (tmp_path / "identity.json").write_text("{}")
     (tmp_path / "results.jsonl").write_text("row\n")
     started = clear_failure(tmp_path)
-    stat = Path.stat
+    path_stat = Path.stat
 
     def looked_at_then_removed(self: Path, **kwargs: bool) -> os.stat_result:
-        found = stat(self, **kwargs)
+        found = path_stat(self, **kwargs)
         if self.name == "results.jsonl":
             os.unlink(self)
         return found
