@@ -53,7 +53,7 @@ from torch import nn
 
 from ood.detectors.base import COUNT, NON_NEGATIVE, Detector, DetectorNotApplicable
 from ood.detectors.mahalanobis import row_chunks
-from ood.detectors.network import InputTap
+from ood.detectors.network import InputTap, tapped_keys
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.neighbors import IndexKind, KNNIndex
@@ -71,6 +71,9 @@ def activation_types() -> tuple[type[nn.Module], ...]:
     """`ACTIVATIONS`, and timm's own GELU module (timm's ConvNeXt, not an `nn.GELU`) once timm is loaded."""
     timm_activations = sys.modules.get("timm.layers.activations")
     return ACTIVATIONS + ((timm_activations.GELU,) if timm_activations is not None else ())
+
+
+#: the Mahalanobis term's features: the released run's activation extremes, or its other branch's penultimate ones
 FEATURES = ("extreme", "penultimate")
 
 
@@ -104,17 +107,13 @@ class CombOOD(Detector):
         return {f"{PREFIX}{name}": InputTap(module, extremes)
                 for name, module in backbone.named_modules() if isinstance(module, activation_types())}
 
-    def tapped_keys(self, bank: FeatureBank) -> list[str]:
+    def fitted_taps(self, bank: FeatureBank) -> list[str]:
         """The extras keys of the tapped extremes, in tap order; `DetectorNotApplicable` when the bank has none."""
-        keys = [key for key in bank.extras if key.startswith(PREFIX)]
-        if not keys:
-            raise DetectorNotApplicable(
-                "features=extreme reads the inputs of the network's activation modules (nn.ReLU / GELU / LeakyReLU), "
-                "tapped in an evaluation's pass (ood-eval, ood.evaluate, a training's evaluation) or by "
-                "ood.extract(..., taps='combood'), and this bank has none (a network whose activations are other "
-                "modules, e.g. SiLU, or functions such as F.relu; or a bank from another pass); features=penultimate "
-                "needs no taps")
-        return keys
+        return tapped_keys(bank, PREFIX, self.name, missing=(
+            "features=extreme reads the inputs of the network's activation modules (nn.ReLU / GELU / LeakyReLU), "
+            "tapped in an evaluation's pass (ood-eval, ood.evaluate, a training's evaluation) or by "
+            "ood.extract(..., taps='combood'), and this bank has none (a network whose activations are other modules, "
+            "e.g. SiLU, or functions such as F.relu; or a bank from another pass); features=penultimate needs no taps"))
 
     def mahalanobis_input(self, bank: FeatureBank) -> np.ndarray:
         """[N, E] float64: the tapped extremes fitted on (`keys_`, by name) and the max / -min logit (`extreme`), or
@@ -131,7 +130,7 @@ class CombOOD(Detector):
     def fit(self, bank: FeatureBank) -> CombOOD:
         from sklearn.preprocessing import PowerTransformer, StandardScaler
 
-        self.keys_ = self.tapped_keys(bank) if self.features == "extreme" else []
+        self.keys_ = self.fitted_taps(bank) if self.features == "extreme" else []
         x = self.mahalanobis_input(bank)
         self.index_ = KNNIndex("l2", kind=self.index, device=bank.features.device).add(
             bank.features, lambda h: F.normalize(h, dim=1))

@@ -66,13 +66,14 @@ def network_name(model: nn.Module) -> str:
     return type(getattr(backbone, "net", backbone)).__name__
 
 
-def tapped_keys(bank: FeatureBank, prefix: str, name: str) -> list[str]:
-    """Extras keys starting with `prefix`, in tap order; `DetectorNotApplicable` when there are none."""
+def tapped_keys(bank: FeatureBank, prefix: str, name: str, missing: str | None = None) -> list[str]:
+    """Extras keys starting with `prefix`, in tap order; `DetectorNotApplicable` when there are none (`missing`: its
+    message, by default that of maps tapped from a staged backbone's stages)."""
     keys = [k for k in bank.extras if k.startswith(prefix)]
     if not keys:
-        raise DetectorNotApplicable(f"{name} reads {prefix}* maps from the evaluation cache, which holds none: they are "
-                                    "tapped from the stage modules of a staged backbone (a network wrapped as a whole "
-                                    "has none)")
+        raise DetectorNotApplicable(missing or (
+            f"{name} reads {prefix}* maps from the evaluation cache, which holds none: they are tapped from the stage "
+            "modules of a staged backbone (a network wrapped as a whole has none)"))
     return keys
 
 
@@ -100,15 +101,15 @@ class LayerTaps:
                 declared.update(taps(network))
         for key, tap in declared.items():
             module, reduce = tap
-            hook = self._hook(key, reduce)
-            register = module.register_forward_pre_hook if isinstance(tap, InputTap) else module.register_forward_hook
-            self._handles.append(register(hook))
+            on_input = isinstance(tap, InputTap)
+            register = module.register_forward_pre_hook if on_input else module.register_forward_hook
+            self._handles.append(register(self._hook(key, reduce, on_input)))
 
-    def _hook(self, key: str, reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., None]:
-        """A forward hook storing `reduce(output)`; as a forward pre-hook (no output) it stores `reduce(input)`."""
+    def _hook(self, key: str, reduce: Callable[[torch.Tensor], torch.Tensor], on_input: bool) -> Callable[..., None]:
+        """A forward hook storing `reduce(output)`, or with `on_input` a forward pre-hook storing `reduce(input)`."""
 
-        def hook(_module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor | None = None) -> None:
-            value = inputs[0] if output is None else output
+        def hook(_module: nn.Module, inputs: tuple[Any, ...], output: Any = None) -> None:
+            value = inputs[0] if on_input else output
             # outside autocast: under bf16 autocast (trainer=gpu_fast) the reductions' products would be bf16
             with torch.no_grad(), torch.autocast(value.device.type, enabled=False):
                 self._runs.setdefault(key, []).append(reduce(value.detach()).float())
