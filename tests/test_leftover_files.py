@@ -184,6 +184,11 @@ def test_report_names_an_empty_or_cut_short_results_file(tmp_path: Path, capsys:
         f"job without results {tmp_path / 'empty'}: no results: {tmp_path / 'empty' / 'results.jsonl'} is empty "
         "(a run that scored nothing, or a file lost in a crash: rerun its evaluation)",
     ]
+    # a failed attempt's error is named beside the unreadable file it left (only the file was named)
+    (tmp_path / "empty" / "FAILED.txt").write_text("RuntimeError: boom\n")
+    main([str(tmp_path), "--no-figures", "--no-reference"])
+    err = capsys.readouterr().err
+    assert f"failed job {tmp_path / 'empty'}: RuntimeError: boom; no results: {tmp_path / 'empty' / 'results.jsonl'} is empty" in err
 
 
 def test_a_results_file_saved_without_its_last_newline_is_read(tmp_path: Path) -> None:

@@ -93,7 +93,8 @@ def failed_runs(paths: Iterable[str | Path]) -> dict[str, str]:
     """Job folders (holding `.hydra/`, or `FAILED.txt`: an `ood.evaluate` run folder has no `.hydra/`) under `paths`
     without `results.jsonl`: folder -> why (the error a failed run left in `FAILED.txt`; for a run of
     `evaluate=false`, which writes none, how to evaluate it; else "no results: still running or killed"); and the
-    run folders whose `results.jsonl` is empty or cut short (`unreadable`: which file, and why)."""
+    run folders whose `results.jsonl` is empty or cut short (`unreadable`: which file, and why; after the error of
+    the failed attempt that left it, if any)."""
     out = {}
     for path in map(Path, paths):
         found = {p.parent for name in (".hydra", FAILED_FILE) for p in path.rglob(name)} if path.is_dir() else set()
@@ -104,8 +105,9 @@ def failed_runs(paths: Iterable[str | Path]) -> dict[str, str]:
                     if _unevaluated(run) else "no results: still running or killed")
         for file in [path] if path.is_file() else path.rglob("results.jsonl"):
             why = unreadable(file)
-            if why:
-                out[str(file.parent)] = f"no results: {why}"
+            if why:  # a failed attempt's error too, when it left one
+                failed = failure(file.parent)
+                out[str(file.parent)] = f"{failed}; no results: {why}" if failed else f"no results: {why}"
     return dict(sorted(out.items()))
 
 
