@@ -130,7 +130,7 @@ class Sizes:
 GPU = Sizes("cuda", dict(n_train=2560, n_val=256, n_test=512, n_ood=256), dict(n_train=2560, n_val=256, n_test=256, n_ood=128, side=64),
             "resnet18_32x32", "resnet50", 128, 256, "detectors=all", RHO_MIN, (50_000, 10_000, 512), 512, 8, 4)
 DRY = Sizes("cpu", dict(n_train=32, n_val=16, n_test=16, n_ood=8), dict(n_train=16, n_val=8, n_test=8, n_ood=4, side=40),
-            "small_cnn", "small_cnn", 8, 8, "detectors.names=[msp,energy,knn,mahalanobis]", 0.95, (2_000, 500, 64), 64, 0, 1,
+            "small_cnn", "small_cnn", 8, 8, "detectors.names=[msp,energy,knn,mahalanobis,combood]", 0.95, (2_000, 500, 64), 64, 0, 1,
             {"imagenet": ["data.benchmark.image_size=32", "data.benchmark.resize=36"]},
             "detectors.names=[msp,energy,odin,gram_stream]", "detectors.names=[msp,knn]")
 #: the fp16 + compile section's methods: CE, and supervised-contrastive cluster (manual optimisation: each step's

@@ -33,6 +33,7 @@ def test_gpu_check_dry_run_passes(tmp_path: Path) -> None:
         assert all(r >= report["rho_min"] for d, r in row["spearman_fp32_bf16"].items() if d not in narrow)
         assert row["detector_params_bf16"] == row["detector_params_fp32"]  # fp32's tuned values, kept for bf16
         assert "k" in row["detector_params_bf16"]["knn"]
+        assert "combood" in row["spearman_fp32_bf16"]  # its activation taps (forward pre-hooks) under bf16 autocast
     for name, modules in (("ce", ["backbone"]), ("cluster supcon", ["backbone", "head"])):  # fp16 + compile
         row = checks[f"fp16 + compile {name}"]
         assert row["compiled"] == modules and int(row["steps_taken"].split("/")[0]) > 0
