@@ -43,6 +43,10 @@ from ood.metrics import ood_metrics
 #: feature inside the ID principal space, and this OOD split's mean (0.3 in every dimension) lies in the span of
 #: the class blocks; ViM, the same residual plus the energy, is held to 0.9
 SEPARATION_FLOORS = {"residual": 0.7}
+#: detectors that rank these 4-class banks backwards by construction, not by a bug: OTOD's softmax term puts a one-hot
+#: and a uniform prediction at the same distance when C = 4 (and its logit term ranks flat logits as ID); its scoring
+#: is checked against the authors' in tests/test_otod.py and its separation on the 6-class digits network
+NO_SYNTHETIC_SEPARATION = {"otod"}
 #: detectors that need a staged network, maps cached by its layer taps or a fit pass through it: enrolled on a tiny
 #: CNN in tests/test_detectors_model.py instead of the synthetic banks here
 NETWORK = {"adascale_a", "adascale_l", "combood", "gram", "gram_stream", "mahalanobis_odin", "mcdropout", "mds_ensemble", "nac",
@@ -79,7 +83,8 @@ def test_separates_synthetic_id_from_ood(name: str, synthetic: dict[str, Feature
     id_s, ood_s = _scores(det, synthetic["test"]), _scores(det, synthetic["ood"])
     assert id_s.shape == (200,) and id_s.dtype == torch.float64
     assert bool(torch.isfinite(id_s).all() and torch.isfinite(ood_s).all())
-    assert ood_metrics(id_s, ood_s)["auroc"] > SEPARATION_FLOORS.get(name, 0.9), name
+    if name not in NO_SYNTHETIC_SEPARATION:
+        assert ood_metrics(id_s, ood_s)["auroc"] > SEPARATION_FLOORS.get(name, 0.9), name
 
 
 @pytest.mark.parametrize("name", [n for n in SYNTHETIC if not detector_class(n).needs_model])
