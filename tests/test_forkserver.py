@@ -83,18 +83,20 @@ def test_forked_ranks_get_the_launchs_environment_stdout_rng_and_own_tensors(tmp
     assert len(set(seen.values())) == 1 and os.getpid() not in seen.values()
 
 
-#: a package's main module that starts one process through a fork server which preloaded it, as `python -m ood.train`
-PRELOADED_MAIN = """
+#: a main module that starts one process through a fork server preloading `{preload}`, and says how it ended
+FORKSERVER_MAIN = """
 import multiprocessing
 
 if __name__ == "__main__":
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["ood.forkserver", "preloaded.main"])
+    context.set_forkserver_preload({preload})
     process = context.Process(target=print, args=("rank ran",))
     process.start()
     process.join()
     print("exit", process.exitcode)
 """
+#: a package's main module that the server preloaded, as `python -m ood.train`
+PRELOADED_MAIN = FORKSERVER_MAIN.format(preload=["ood.forkserver", "preloaded.main"])
 
 
 def test_a_forked_rank_runs_a_preloaded_main_module_again_without_runpys_warning(tmp_path: Path) -> None:
@@ -119,18 +121,8 @@ import os
 os.register_at_fork(after_in_child=lambda: os.kill(os.getpid(), {signum}))
 """
 
-#: one process started through that server, and how it ended
-SIGNALLED_MAIN = """
-import multiprocessing
-
-if __name__ == "__main__":
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["signalled_at_fork", "ood.forkserver"])
-    process = context.Process(target=print, args=("rank ran",))
-    process.start()
-    process.join()
-    print("exit", process.exitcode)
-"""
+#: one process started through that server
+SIGNALLED_MAIN = FORKSERVER_MAIN.format(preload=["signalled_at_fork", "ood.forkserver"])
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
