@@ -10,6 +10,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -118,3 +119,17 @@ class StandInRank(subprocess.Popen):
     def join(self, timeout: float | None = None) -> None:
         with suppress(subprocess.TimeoutExpired):
             self.wait(timeout)
+
+
+def capture_warnings_of(logger: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Make `caplog` see `logger`'s warnings whatever earlier tests in this worker left behind: its level (or an
+    ancestor's) raised, the logger or an ancestor disabled (a logging config applied in-process), or Lightning's
+    rank-zero gate pointed at another rank (ood's loggers emit on global rank 0 only)."""
+    import logging
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    for name in (logger, *[logger.rsplit(".", i)[0] for i in range(1, logger.count(".") + 1)]):
+        monkeypatch.setattr(logging.getLogger(name), "disabled", False)
+    caplog.set_level(logging.WARNING, logger=logger)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import StandInRank, run_config
+from helpers import StandInRank, capture_warnings_of, run_config
 from lightning import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.strategies import SingleDeviceStrategy
@@ -251,6 +251,7 @@ def test_sigint_to_the_main_process_alone_stops_its_ranks(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(_MultiProcessingLauncher, "launch", launch)
     monkeypatch.setattr(strategies, "RANK_STOP_TIMEOUT", 0.5)
+    capture_warnings_of("ood.strategies", monkeypatch, caplog)
     try:
         with pytest.raises(KeyboardInterrupt):
             _SpawnLauncher(_two_cpu_ranks(), start_method="spawn").launch(print)

@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 import torch.multiprocessing
-from helpers import StandInRank
+from helpers import StandInRank, capture_warnings_of
 from lightning.pytorch.plugins.environments import LightningEnvironment
 
 from ood import strategies
@@ -45,6 +45,7 @@ def test_sigint_while_the_ranks_start_stops_those_started(monkeypatch: pytest.Mo
     monkeypatch.setattr(torch.multiprocessing, "start_processes", start_processes)
     monkeypatch.setenv("MASTER_PORT", "29500")  # the launch sets it
     monkeypatch.setattr(strategies, "RANK_STOP_TIMEOUT", 5.0)
+    capture_warnings_of("ood.strategies", monkeypatch, caplog)
     strategy = _two_cpu_ranks("forkserver")
     # Python's own handler: a process started in the background (`make test &`) has SIGINT ignored
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
