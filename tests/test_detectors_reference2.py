@@ -98,18 +98,21 @@ def _fc(bank: FeatureBank, feature: torch.Tensor) -> torch.Tensor:
         return fc(feature)
 
 
-def _kept(n: int, percentile: float, at_least_one: bool) -> int:
-    k = n - int(np.round(n * percentile / 100.0))
-    return max(k, 1) if at_least_one else k
-
-
-def _openood_ash_b(x: torch.Tensor, percentile: float, at_least_one: bool = False) -> torch.Tensor:
+def _top_entries(x: torch.Tensor, percentile: float, at_least_one: bool) -> tuple[torch.Tensor, ...]:
+    """The lines OpenOOD's `ash_b` and `scale` share: each row's sum, k, the flat view and its top-k values /
+    indices (k = 0 at high percentiles on small D, the references' own; `at_least_one`: ours, k >= 1)."""
     b, c, h, w = x.shape
     s1 = x.sum(dim=[1, 2, 3])
     n = x.shape[1:].numel()
-    k = _kept(n, percentile, at_least_one)
+    k = n - int(np.round(n * percentile / 100.0))
+    k = max(k, 1) if at_least_one else k
     t = x.view((b, c * h * w))
     v, i = torch.topk(t, k, dim=1)
+    return s1, torch.tensor(k), t, v, i
+
+
+def _openood_ash_b(x: torch.Tensor, percentile: float, at_least_one: bool = False) -> torch.Tensor:
+    s1, k, t, v, i = _top_entries(x, percentile, at_least_one)
     fill = (s1 / k).unsqueeze(dim=1).expand(v.shape)
     t.zero_().scatter_(dim=1, index=i, src=fill)
     return x
@@ -117,12 +120,7 @@ def _openood_ash_b(x: torch.Tensor, percentile: float, at_least_one: bool = Fals
 
 def _openood_scale(x: torch.Tensor, percentile: float, at_least_one: bool = False) -> torch.Tensor:
     inp = x.clone()
-    b, c, h, w = x.shape
-    s1 = x.sum(dim=[1, 2, 3])
-    n = x.shape[1:].numel()
-    k = _kept(n, percentile, at_least_one)
-    t = x.view((b, c * h * w))
-    v, i = torch.topk(t, k, dim=1)
+    s1, _, t, v, i = _top_entries(x, percentile, at_least_one)
     t.zero_().scatter_(dim=1, index=i, src=v)
     s2 = x.sum(dim=[1, 2, 3])
     return inp * torch.exp((s1 / s2)[:, None, None, None])
