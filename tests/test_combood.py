@@ -5,19 +5,23 @@ detector in `test_detectors.py` / `test_detectors_fidelity.py`."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from helpers import compose_config
 from scipy.spatial.distance import mahalanobis
 from sklearn.preprocessing import PowerTransformer, StandardScaler
 
 from ood.detectors import DetectorNotApplicable, build_detector
+from ood.detectors.combood import released_columns
 from ood.detectors.network import LayerTaps
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.models.adapters import ModuleBackbone
-from ood.models.resnet import ResNet18_32x32
+from ood.models.resnet import ResNet18, ResNet18_32x32
 
 
 def _bank(features: np.ndarray | torch.Tensor) -> FeatureBank:
@@ -93,7 +97,8 @@ def test_extreme_features_match_the_released_run() -> None:
             out = net.run(images)
         banks[split] = FeatureBank(logits=out.logits, features=out.features, extras=taps.pop())
         taps.remove()
-    assert sum(t[0].numel() for t in banks["test"].extras.values()) == 34  # 17 ReLU calls x (max, -min)
+    before = [t for key, t in banks["test"].extras.items() if key.startswith("combood:")]
+    assert sum(t[0].numel() for t in before) == 34  # 17 ReLU calls x (max, -min)
     det = build_detector("combood").fit(banks["train"])
     (train_maha, train_h), (test_maha, test_h) = released_extremes(net, x["train"]), released_extremes(net, x["test"])
     np.testing.assert_allclose(train_h, banks["train"].features.numpy(), rtol=1e-5, atol=1e-6)
@@ -108,7 +113,7 @@ def test_extreme_features_need_the_taps_and_features_names_its_choices() -> None
     with pytest.raises(DetectorNotApplicable, match=r"features=extreme reads the inputs of the network's activation "
                                                     r"modules .* features=penultimate needs no taps$"):
         build_detector("combood").fit(bank)
-    with pytest.raises(ConfigError, match=r"^detector 'combood': features='pooled'; choices: \['extreme', 'penultimate'\]$"):
+    with pytest.raises(ConfigError, match=r"^detector 'combood': features='pooled'; choices: \['extreme', 'extreme_as_released', 'penultimate'\]$"):
         build_detector("combood", features="pooled")
     # reg=0 with a constant feature (a zero column stays zero when normalised): one line, not numpy's LinAlgError
     constant = np.abs(np.random.default_rng(0).normal(size=(60, 4)))
@@ -244,3 +249,89 @@ def test_a_k_beyond_the_train_bank_is_warned_of(caplog: pytest.LogCaptureFixture
     unit = normalizer(train)
     farthest = ((unit[:2, None, :] - unit[None, :, :]) ** 2).sum(-1).max(1)
     np.testing.assert_allclose(det.knn_sq_distance(_bank(train[:2])).numpy(), farthest, rtol=1e-5)
+
+
+def authors_hook_features(model: torch.nn.Module, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """`confidenciator.py`'s `FeatureExtractor` transcribed: a forward hook on every nn.ReLU / GELU / LeakyReLU of
+    `model.modules()` storing `MinMax` of `input_[0]` as the call left it, one dict entry per module (a later call
+    overwrites it), then `Max_out` / `Min_out` of the logits: [N, 2 x modules called + 2], and the [N, D] features."""
+    kept: dict[str, torch.Tensor] = {}
+
+    def save(i: int) -> Any:
+        def fn(_: torch.nn.Module, input_: tuple[torch.Tensor, ...], __: torch.Tensor) -> None:
+            amin, amax = torch.aminmax(input_[0].view(input_[0].shape[0], -1), dim=1)
+            kept[f"Min_relu_{i}"], kept[f"Max_relu_{i}"] = -amin, amax
+        return fn
+
+    activations = [m for m in model.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.GELU, torch.nn.LeakyReLU))]
+    handles = [m.register_forward_hook(save(i)) for i, m in enumerate(activations)]
+    with torch.no_grad():
+        out = model.run(x)
+    for handle in handles:
+        handle.remove()
+    columns = [*kept.values(), out.logits.max(1).values, -out.logits.min(1).values]
+    return torch.stack(columns, 1).numpy(), out.features.numpy()
+
+
+def _tapped_pass(net: torch.nn.Module, x: torch.Tensor) -> FeatureBank:
+    taps = LayerTaps(net, ["combood"])
+    with torch.no_grad():
+        out = net.run(x)
+    bank = FeatureBank(logits=out.logits, features=out.features, extras=taps.pop())
+    taps.remove()
+    return bank
+
+
+def test_extreme_as_released_matches_the_authors_hook_on_torchvisions_resnet18() -> None:
+    """`features=extreme_as_released` on torchvision's ResNet-18 (OpenOOD's ResNet18_224x224: the stem's in-place
+    ReLU and each basic block's one in-place ReLU, called twice) keeps what the authors' hook kept: 9 entries, each the
+    last call's input after the in-place ReLU overwrote it (the stem's or block's output: its -min a constant 0 column),
+    scored as their scaler / Yeo-Johnson / covariance + I pipeline scores the 20 columns (`extreme` reads 36 others)."""
+    torch.manual_seed(0)
+    net = ResNet18(num_classes=3).eval()
+    x = {"train": torch.randn(60, 3, 16, 16), "test": torch.cat([torch.randn(10, 3, 16, 16), 3 * torch.rand(10, 3, 16, 16)])}
+    banks = {split: _tapped_pass(net, images) for split, images in x.items()}
+    (train_maha, train_h), (test_maha, test_h) = (authors_hook_features(net, x[s]) for s in ("train", "test"))
+    assert train_maha.shape[1] == 20 and int((train_maha == 0).all(0).sum()) == 9  # the 9 -min columns: constant 0
+    np.testing.assert_allclose(train_h, banks["train"].features.numpy(), rtol=1e-5, atol=1e-6)
+    expected = released_scores(train_h, test_h, 50, 1.0, train_maha, test_maha)
+    det = build_detector("combood", features="extreme_as_released").fit(banks["train"])
+    assert len(det.keys_) == 9
+    np.testing.assert_allclose(det.score(banks["test"]).numpy(), expected, rtol=1e-5, atol=1e-4)
+    every_call = build_detector("combood").fit(banks["train"]).score(banks["test"]).numpy()
+    assert np.abs(every_call - expected).max() > 1.0  # the test tells the two apart
+
+
+def test_extreme_as_released_is_extreme_with_one_module_per_call() -> None:
+    """A network calling each activation module once, not in place (the authors' CIFAR ResNet-18): their hook's
+    entries are every call's input, so both `features` values score alike, to the bit."""
+    torch.manual_seed(1)
+    net = ModuleBackbone(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 5, 3), torch.nn.LeakyReLU(0.1),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(5, 6), torch.nn.GELU(),
+        torch.nn.Linear(6, 3))).eval()
+    train, test = _tapped_pass(net, torch.randn(40, 3, 8, 8)), _tapped_pass(net, 2 * torch.rand(12, 3, 8, 8))
+    released = build_detector("combood", k=5, features="extreme_as_released").fit(train)
+    assert len(released.keys_) == 3
+    torch.testing.assert_close(released.score(test), build_detector("combood", k=5).fit(train).score(test), rtol=0, atol=0)
+
+
+def test_released_columns_keep_each_modules_last_call() -> None:
+    """Runs stacked [N, runs, 2] or stored as `<key>#<run>` (a Bottleneck's ReLU: three shapes): the last run; an
+    in-place module's after-call tap replaces its before-call one."""
+    n = 4
+    runs = [torch.full((n, 2), float(i)) for i in range(3)]
+    extras = {"combood:a": torch.stack(runs, 1), "combood:b#0": runs[0], "combood:b#1": runs[1], "combood:b#2": runs[2],
+              "combood:c": runs[1], "combood_after:a": torch.stack(runs[:2], 1), "other:x": runs[2]}
+    columns = released_columns(extras)
+    assert list(columns) == ["combood_after:a", "combood:b", "combood:c"]
+    for key, run in zip(columns, (1, 2, 1)):
+        torch.testing.assert_close(columns[key], runs[run])
+
+
+@pytest.mark.parametrize("data", ["imagenet200", "imagenet1k"])
+def test_the_imagenet_parity_experiments_read_the_released_features(data: str, tmp_path: Path) -> None:
+    """The leaderboard's ImageNet CombOOD rows came from the authors' hook on torchvision's in-place ReLUs: the parity
+    experiments score combood with `extreme_as_released` (they read every call's pre-activation)."""
+    cfg = compose_config(tmp_path, [f"experiment=parity_{data}"], config_name="eval")
+    assert build_detector("combood", **cfg.detectors.params.combood).features == "extreme_as_released"

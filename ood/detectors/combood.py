@@ -13,22 +13,32 @@ Classification", SDM 2024 (doi 10.1137/1.9781611978032.74), after the authors' r
   max and -min over each sample of the *input* of every nn.ReLU / GELU / LeakyReLU call of the network, plus its max
   and -min logit (36 values on a CIFAR ResNet-18: the stem and two per basic block, 17 calls). They are tapped in the
   evaluation's one cached pass (`InputTap`, a forward pre-hook, so an in-place ReLU has not overwritten its input).
+  `extreme_as_released`: what the authors' hook kept (`FeatureExtractor.save_features_hook`, a forward hook writing
+  `MinMax(input_[0])` into one dict entry per module): per activation module, its last call's input as the call
+  left it (an in-place module's output), plus the logits' max and -min. The same as `extreme` on a network with
+  one non-in-place module per call (their CIFAR run); on torchvision's ResNets (OpenOOD's ImageNet networks) it
+  is their ImageNet run's features (see below), read by a forward hook (`AFTER_PREFIX` taps) on in-place modules.
   `penultimate`: the released code's other branch (`add_prediction_and_penultimate_features_dl_to_mahala`), e = h_hat.
 - Fitted on the ID train split only; nothing is tuned (the released code has no sweep). Min-max rescaling of the
   scores before the metrics (`taylor_table`) is monotone and left out.
 
 Deviations, and why:
-- Every call of an activation module is a feature. The authors' forward hook keeps one entry per module, read after
-  the call. Their CIFAR ResNet-18 has one ReLU module per call, not in place, where that is each call's input: ours
-  records each call's input, the same 36 features. Their ImageNet-1K run used OpenOOD's torchvision ResNet-50 as it
-  is: the stem's and each Bottleneck's one in-place ReLU (called three times), so their hook kept 17 entries, each
-  the last call's input read after the in-place ReLU had overwritten it: the max of the stem's or block's output,
-  and -min = 0 (a constant column unless every value of a sample is positive). Ours reads the 49 calls'
-  pre-activations there (100 columns, not their 36 with 17 constant): the CIFAR run's features on that network, so
-  ImageNet-1K numbers are not a rerun of the released one.
+- `extreme` (the default) makes every call of an activation module a feature. The authors' forward hook keeps one
+  entry per module, read after the call. Their CIFAR ResNet-18 has one ReLU module per call, not in place, where
+  that is each call's input: `extreme` records each call's input, the same 36 features. Their ImageNet-1K run used
+  OpenOOD's torchvision ResNet-50 as it is: the stem's and each Bottleneck's one in-place ReLU (called three times),
+  so their hook kept 17 entries, each the last call's input read after the in-place ReLU had overwritten it: the
+  max of the stem's or block's output, and -min = 0 (a constant column unless every value of a sample is
+  positive): 36 columns, 17 constant. OpenOOD's ResNet18_224x224 (ImageNet-200; torchvision's, one in-place ReLU
+  per basic block, called twice) gives 9 entries: 20 columns, 9 constant. Their pipeline drops none: the
+  StandardScaler maps a constant column to 0 (a zero variance gets scale 1), the Yeo-Johnson transform keeps 0 at 0
+  whatever its lambda, and the covariance, singular there, is inverted with the +I; a scored row whose column is
+  not 0 (every value of the map positive) adds its transformed value squared. `extreme` reads the 49 calls'
+  pre-activations there (100 columns): the CIFAR run's features on that network; `extreme_as_released` reruns the
+  released ImageNet features (`experiment=parity_imagenet1k` / `parity_imagenet200` use it).
   Functional activations (`F.relu`, not modules) are not seen: a network with none as modules cannot use
-  `extreme` (the run says so; `features=penultimate` runs), and one with some (our WRN-40-2: one module, the other
-  calls functional) gets only those. timm's own GELU module (its ConvNeXt's) counts as GELU. The taps need modules,
+  `extreme` (the run says so; `features=penultimate` runs), and one with some gets only those (our WRN-40-2: one
+  module, the other calls functional). timm's own GELU module (its ConvNeXt's) counts as GELU. The taps need modules,
   not stages: a network wrapped as a whole (`ModuleBackbone`, any model given to `ood.evaluate`) is tapped too, and
   `ood.extract(..., taps="combood")` caches the same taps.
 - A zero K-th distance (a query equal to K train features) is clamped to the smallest positive float64, a finite
@@ -37,7 +47,8 @@ Deviations, and why:
   the added 1e-10 of its `normalizer` shifts every coordinate alike and changes neither term). With `penultimate`
   the fit holds the train features as float64 arrays, a few at once (sklearn's transforms copy): 0.2 GB each for
   CIFAR's 50 k x 512, 21 GB each for ImageNet-1K's 1.28 M x 2048, where it needs a large host; `extreme` holds 2
-  values per activation call and 2 logits per row (ResNet-18: 36; torchvision's ResNet-50, 49 ReLU calls: 100).
+  values per activation call and 2 logits per row (ResNet-18: 36; torchvision's ResNet-50, 49 ReLU calls: 100), and
+  the pass taps an in-place module's calls twice (before and after), 2 more values each, whichever `features` runs.
 """
 
 from __future__ import annotations
@@ -61,8 +72,10 @@ from ood.utils import get_logger
 
 log = get_logger(__name__)
 
-#: extras keys of the tapped activation inputs' extremes
+#: extras keys of the tapped activation inputs' extremes, read before each call
 PREFIX = "combood:"
+#: extras keys of an in-place activation module's input extremes as each call left it (its output): the authors' hook
+AFTER_PREFIX = "combood_after:"
 #: the activation modules whose inputs the released code reads (`supported_activations`)
 ACTIVATIONS = (nn.ReLU, nn.GELU, nn.LeakyReLU)
 
@@ -73,14 +86,37 @@ def activation_types() -> tuple[type[nn.Module], ...]:
     return ACTIVATIONS + ((timm_activations.GELU,) if timm_activations is not None else ())
 
 
-#: the Mahalanobis term's features: the released run's activation extremes, or its other branch's penultimate ones
-FEATURES = ("extreme", "penultimate")
+#: the Mahalanobis term's features: the activation extremes of every call (`extreme`) or as the authors' hook kept
+#: them (`extreme_as_released`), or the released code's other branch's penultimate ones
+FEATURES = ("extreme", "extreme_as_released", "penultimate")
 
 
 def extremes(z: torch.Tensor) -> torch.Tensor:
     """[B, 2]: each sample's max and -min (the released `MinMax`)."""
     flat = z.flatten(1)
     return torch.stack([flat.amax(1), -flat.amin(1)], 1)
+
+
+def last_calls(extras: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """{module name: [N, 2] extremes of its last call} from the taps under `prefix` (`LayerTaps` stores a module's
+    runs stacked [N, runs, 2], or under `<key>#<run>` when their shapes differ)."""
+    out: dict[str, torch.Tensor] = {}
+    last: dict[str, int] = {}
+    for key, value in extras.items():
+        if key.startswith(prefix):
+            module, _, run = key[len(prefix) :].partition("#")
+            if not run and value.dim() == 3:
+                value = value[:, -1]
+            if int(run or 0) >= last.get(module, 0):
+                out[module], last[module] = value, int(run or 0)
+    return out
+
+
+def released_columns(extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the authors' forward hook kept, by extras key: one [N, 2] entry per activation module, its last call's
+    input read after the call (an in-place module's `AFTER_PREFIX` tap, otherwise its `PREFIX` tap, the same values)."""
+    before, after = last_calls(extras, PREFIX), last_calls(extras, AFTER_PREFIX)
+    return {f"{AFTER_PREFIX}{m}" if m in after else f"{PREFIX}{m}": after.get(m, v) for m, v in before.items()}
 
 
 class CombOOD(Detector):
@@ -92,7 +128,8 @@ class CombOOD(Detector):
     #: its taps are activation modules, found in any network (`LayerTaps`): a network wrapped as a whole too
     taps_need_stages: ClassVar[bool] = False
 
-    def __init__(self, k: int = 50, reg: float = 1.0, features: Literal["extreme", "penultimate"] = "extreme",
+    def __init__(self, k: int = 50, reg: float = 1.0,
+                 features: Literal["extreme", "extreme_as_released", "penultimate"] = "extreme",
                  index: IndexKind = "exact") -> None:
         if features not in FEATURES:
             raise ConfigError(f"detector 'combood': features={features!r}; choices: {list(FEATURES)}")
@@ -103,9 +140,12 @@ class CombOOD(Detector):
 
     @classmethod
     def taps(cls, backbone: nn.Module) -> dict[str, InputTap]:
-        """The input of every activation module, reduced to its max and -min."""
-        return {f"{PREFIX}{name}": InputTap(module, extremes)
-                for name, module in backbone.named_modules() if isinstance(module, activation_types())}
+        """The input of every activation module, reduced to its max and -min, before each call; and for an in-place
+        module also after each call (what `extreme_as_released` reads; 2 more values per call)."""
+        modules = [(name, m) for name, m in backbone.named_modules() if isinstance(m, activation_types())]
+        return {**{f"{PREFIX}{name}": InputTap(m, extremes) for name, m in modules},
+                **{f"{AFTER_PREFIX}{name}": InputTap(m, extremes, after_call=True)
+                   for name, m in modules if getattr(m, "inplace", False)}}
 
     def fitted_taps(self, bank: FeatureBank) -> list[str]:
         """The extras keys of the tapped extremes, in tap order; `DetectorNotApplicable` when the bank has none."""
@@ -115,22 +155,31 @@ class CombOOD(Detector):
             "ood.extract(..., taps='combood'), and this bank has none (a network whose activations are other modules, "
             "e.g. SiLU, or functions such as F.relu; or a bank from another pass); features=penultimate needs no taps"))
 
+    def tapped_columns(self, bank: FeatureBank) -> dict[str, torch.Tensor]:
+        """The bank's activation extremes by extras key: every call's (`extreme`), or each module's last call's as
+        the call left it (`extreme_as_released`)."""
+        return bank.extras if self.features == "extreme" else released_columns(bank.extras)
+
     def mahalanobis_input(self, bank: FeatureBank) -> np.ndarray:
-        """[N, E] float64: the tapped extremes fitted on (`keys_`, by name) and the max / -min logit (`extreme`), or
-        the L2-normalised penultimate features (`penultimate`, normalised in float32 as the kNN index sees them)."""
+        """[N, E] float64: the tapped extremes fitted on (`keys_`, by name) and the max / -min logit (`extreme`,
+        `extreme_as_released`), or the L2-normalised penultimate features (`penultimate`, normalised in float32 as
+        the kNN index sees them)."""
         if self.features == "penultimate":
             return F.normalize(bank.features.float(), dim=1).double().cpu().numpy()
-        missing = [key for key in self.keys_ if key not in bank.extras]
+        tapped = self.tapped_columns(bank)
+        missing = [key for key in self.keys_ if key not in tapped]
         if missing:
             raise DetectorNotApplicable(f"this bank lacks {len(missing)} of the {len(self.keys_)} activation taps it "
                                         f"was fitted on ({missing[0]!r} first): score banks of the same network's pass")
-        columns = [bank.extras[key].flatten(1) for key in self.keys_] + [extremes(bank.logits)]
+        columns = [tapped[key].flatten(1) for key in self.keys_] + [extremes(bank.logits)]
         return torch.cat([c.double().cpu() for c in columns], 1).numpy()
 
     def fit(self, bank: FeatureBank) -> CombOOD:
         from sklearn.preprocessing import PowerTransformer, StandardScaler
 
-        self.keys_ = self.fitted_taps(bank) if self.features == "extreme" else []
+        self.keys_ = [] if self.features == "penultimate" else self.fitted_taps(bank)
+        if self.features == "extreme_as_released":
+            self.keys_ = list(released_columns(bank.extras))
         x = self.mahalanobis_input(bank)
         self.index_ = KNNIndex("l2", kind=self.index, device=bank.features.device).add(
             bank.features, lambda h: F.normalize(h, dim=1))

@@ -12,7 +12,9 @@ evaluation pass (layer taps), and a fit that runs the network over the fit split
   means), not the maps. A module that runs several times per forward pass (a shared ReLU) stores one entry per run,
   stacked on dim 1, or under `<key>#<run>` each when the runs differ in shape (torchvision's Bottleneck ReLU runs on
   width, width and 4 x width channels). A tap given as `InputTap(module, reduce)` reduces the module's *input*
-  instead (a forward pre-hook, so an in-place module has not yet overwritten it): CombOOD's pre-activation extremes.
+  instead (a forward pre-hook, so an in-place module has not yet overwritten it): CombOOD's pre-activation extremes;
+  `InputTap(module, reduce, after_call=True)` reads the input as the call left it (a forward hook: an in-place module
+  has overwritten it with its output), as the CombOOD authors' hook did.
   Taps are declared on the staged backbone; a detector whose taps name any module, not stages
   (`taps_need_stages = False`: CombOOD's activation modules), also taps a network wrapped as a whole.
 - `ModelFitted`: a `needs_model` detector whose statistics need network passes with gradients over its fit split
@@ -43,10 +45,12 @@ Tap = tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]
 
 
 class InputTap(NamedTuple):
-    """A tap that reduces the module's input (its first positional argument) rather than its output."""
+    """A tap that reduces the module's input (its first positional argument) rather than its output: before the call,
+    or with `after_call` as the call left it (an in-place module has overwritten it)."""
 
     module: nn.Module
     reduce: Callable[[torch.Tensor], torch.Tensor]
+    after_call: bool = False
 
 
 def backbone_of(model: nn.Module) -> nn.Module:
@@ -100,13 +104,15 @@ class LayerTaps:
             if network is not None and taps is not None:
                 declared.update(taps(network))
         for key, tap in declared.items():
-            module, reduce = tap
+            module, reduce = tap[:2]
             on_input = isinstance(tap, InputTap)
-            register = module.register_forward_pre_hook if on_input else module.register_forward_hook
+            before = on_input and not tap.after_call
+            register = module.register_forward_pre_hook if before else module.register_forward_hook
             self._handles.append(register(self._hook(key, reduce, on_input)))
 
     def _hook(self, key: str, reduce: Callable[[torch.Tensor], torch.Tensor], on_input: bool) -> Callable[..., None]:
-        """A forward hook storing `reduce(output)`, or with `on_input` a forward pre-hook storing `reduce(input)`."""
+        """A forward hook storing `reduce(output)`, or with `on_input` `reduce(input)` (from a forward pre-hook, or a
+        forward hook for an `after_call` tap)."""
 
         def hook(_module: nn.Module, inputs: tuple[Any, ...], output: Any = None) -> None:
             value = inputs[0] if on_input else output
