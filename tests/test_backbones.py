@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import compose_config
 from torch import nn
 from torchvision.models import resnet18, resnet50
@@ -108,3 +109,38 @@ def test_wrn_dropout_is_active_in_training_only(tmp_path: Path) -> None:
         assert not torch.equal(net(x), net(x))
         net.eval()
         assert torch.equal(net(x), net(x))
+
+
+def test_wrn_relus_are_modules_with_the_same_outputs_and_state_dict() -> None:
+    """Each block calls its ReLUs as modules (`relu1`, `relu2`, in place, as OpenOOD's WRN), not `F.relu`: the
+    outputs for the same weights are the former functional forward's, to the bit, the state dict holds no new key,
+    and CombOOD's activation taps see every ReLU call (13 on WRN-16-2, not the final one alone)."""
+    from ood.detectors.network import LayerTaps
+    from ood.models.wrn import WideBasic
+
+    def functional(block: WideBasic, x: torch.Tensor) -> torch.Tensor:  # the forward before, with F.relu
+        act = F.relu(block.bn1(x))
+        out = block.conv2(F.relu(block.bn2(block.conv1(act))))
+        return out + (x if block.shortcut is None else block.shortcut(act))
+
+    torch.manual_seed(0)
+    net = WideResNet(10, depth=16, widen_factor=2).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        h = net.stages["stem"](x)
+        for stage in ("block1", "block2", "block3"):
+            for module in net.stages[stage]:
+                h = functional(module, h) if isinstance(module, WideBasic) else module(h)
+        expected = net.fc(h.mean((2, 3)))
+        taps = LayerTaps(net, ["combood"])
+        logits = net.run(x).logits
+    tapped = taps.pop()
+    taps.remove()
+    assert torch.equal(logits, expected)
+    assert not [key for key in net.state_dict() if "relu" in key]
+    assert sum(t[0].numel() for key, t in tapped.items() if key.startswith("combood:")) == 2 * 13
+    block = net.stages["block1"][0]
+    with torch.no_grad():
+        pre = block.bn2(block.conv1(F.relu(block.bn1(net.stages["stem"](x)))))  # the first block's second ReLU input
+    torch.testing.assert_close(tapped["combood:stages.block1.0.relu2"], torch.stack([pre.amax((1, 2, 3)),
+                                                                                   -pre.amin((1, 2, 3))], 1))

@@ -37,8 +37,8 @@ Deviations, and why:
   pre-activations there (100 columns): the CIFAR run's features on that network; `extreme_as_released` reruns the
   released ImageNet features (`experiment=parity_imagenet1k` / `parity_imagenet200` use it).
   Functional activations (`F.relu`, not modules) are not seen: a network with none as modules cannot use
-  `extreme` (the run says so; `features=penultimate` runs), and one with some gets only those (our WRN-40-2: one
-  module, the other calls functional). timm's own GELU module (its ConvNeXt's) counts as GELU. The taps need modules,
+  `extreme` (the run says so; `features=penultimate` runs), and one with some gets only those (our WRN-40-2 calls
+  a module per ReLU, as OpenOOD's). timm's own GELU module (its ConvNeXt's) counts as GELU. The taps need modules,
   not stages: a network wrapped as a whole (`ModuleBackbone`, any model given to `ood.evaluate`) is tapped too, and
   `ood.extract(..., taps="combood")` caches the same taps.
 - A zero K-th distance (a query equal to K train features) is clamped to the smallest positive float64, a finite

@@ -5,6 +5,8 @@ OpenOOD's `openood/networks/wrn.py` (= hendrycks/outlier-exposure `CIFAR/models/
 blocks (BN-ReLU-conv3x3-BN-ReLU-[dropout]-conv3x3), the shortcut taking the activated input through a 1x1 conv when
 the width changes, widths 16, 16k, 32k, 64k, a final BN-ReLU and global average pooling (= their `avg_pool2d(8)` at
 32 px). He-normal conv init (fan-out), BN 1/0, zero head bias. WRN-40-2: 2,243,546 parameters for 10 classes.
+Each block's two ReLUs are in-place modules (`relu1`, `relu2`, OpenOOD's), not `F.relu` calls, so detectors that hook
+activation modules (CombOOD's `extreme` taps) see every call; ReLU has no parameters: the state dict is unchanged.
 
 Layer names: `stem` (the first conv; a pre-activation net has no ReLU there), `block1`..`block3`; the final BN-ReLU
 closes `block3`, so `block3` is the last feature map and its pooled output is the 64k-d penultimate feature.
@@ -27,8 +29,10 @@ class WideBasic(nn.Module):
     def __init__(self, in_planes: int, out_planes: int, stride: int, dropout: float) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU(inplace=True)
         self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_planes)
+        self.relu2 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_planes, out_planes, 3, padding=1, bias=False)
         self.dropout = dropout
         self.shortcut = (
@@ -36,8 +40,8 @@ class WideBasic(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = F.relu(self.bn1(x))
-        out = F.relu(self.bn2(self.conv1(act)))
+        act = self.relu1(self.bn1(x))
+        out = self.relu2(self.bn2(self.conv1(act)))
         if self.dropout > 0:
             out = F.dropout(out, p=self.dropout, training=self.training)
         out = self.conv2(out)
