@@ -5,6 +5,7 @@ detector in `test_detectors.py` / `test_detectors_fidelity.py`."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,11 @@ import pytest
 import torch
 from helpers import compose_config
 from scipy.spatial.distance import mahalanobis
+from scipy.stats import spearmanr
 from sklearn.preprocessing import PowerTransformer, StandardScaler
 
-from ood.detectors import DetectorNotApplicable, build_detector
-from ood.detectors.combood import released_columns
+from ood.detectors import DetectorNotApplicable, build_detector, float16_detectors
+from ood.detectors.combood import FEATURES, released_columns
 from ood.detectors.network import LayerTaps
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
@@ -335,3 +337,26 @@ def test_the_imagenet_parity_experiments_read_the_released_features(data: str, t
     experiments score combood with `extreme_as_released` (they read every call's pre-activation)."""
     cfg = compose_config(tmp_path, [f"experiment=parity_{data}"], config_name="eval")
     assert build_detector("combood", **cfg.detectors.params.combood).features == "extreme_as_released"
+
+
+def test_float16_features_score_as_float32_up_to_their_rounding() -> None:
+    """`evaluation.feature_dtype=float16` keeps the penultimate features in half (taps and logits in float32); combood
+    upcasts them before any arithmetic (it was refused). The extreme Mahalanobis term is the same to the bit; the kNN
+    term, sqrt(64) = 8 x log of the K-th squared distance, moves by float16's relative rounding (2^-11 per value, the
+    distance's log by well under 1e-3): |delta| < 1e-2 against scores spread over about 2, the ranking kept."""
+    assert "combood" in float16_detectors()
+    g = np.random.default_rng(5)
+
+    def bank(n: int, shift: float) -> FeatureBank:
+        b = _tapped_bank(g, n, shift)
+        return replace(b, features=torch.as_tensor(np.abs(g.normal(size=(n, 64))) + shift, dtype=torch.float32))
+
+    train, test = bank(200, 0.0), bank(60, 0.3)
+    half = lambda b: replace(b, features=b.features.half())  # noqa: E731
+    for features in FEATURES:
+        f32, f16 = (build_detector("combood", k=10, features=features).fit(b) for b in (train, half(train)))
+        s32, s16 = f32.score(test), f16.score(half(test))
+        assert s16.dtype == torch.float64 and float(s32.std()) > 1.5
+        assert float((s16 - s32).abs().max()) < 1e-2 and spearmanr(s16, s32).statistic > 0.999
+        if features != "penultimate":
+            torch.testing.assert_close(f16.mahalanobis_sq(half(test)), f32.mahalanobis_sq(test), rtol=0, atol=0)

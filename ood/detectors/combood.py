@@ -43,6 +43,9 @@ Deviations, and why:
   `ood.extract(..., taps="combood")` caches the same taps.
 - A zero K-th distance (a query equal to K train features) is clamped to the smallest positive float64, a finite
   maximal score; the released `np.log(..., where=d > 0)` without `out` leaves such entries uninitialised.
+- `evaluation.feature_dtype=float16` runs: the penultimate features are upcast before any arithmetic (float32 for
+  the kNN term, float64 for `penultimate`'s transforms), the taps and logits are kept in float32; the scores move
+  by float16's rounding of the features (tests/test_combood.py bounds it).
 - float64 for the scaler, the power transform and the precision (the released code fits them on float32 columns;
   the added 1e-10 of its `normalizer` shifts every coordinate alike and changes neither term). With `penultimate`
   the fit holds the train features as float64 arrays, a few at once (sklearn's transforms copy): 0.2 GB each for
@@ -125,6 +128,9 @@ class CombOOD(Detector):
 
     name = "combood"
     ranges = {"k": COUNT, "reg": NON_NEGATIVE}
+    #: float16 penultimate features are upcast as knn's (float32 per chunk for the index, float32 to search, float64
+    #: for `penultimate`'s transforms); the taps and logits stay float32
+    float16_features = True
     #: its taps are activation modules, found in any network (`LayerTaps`): a network wrapped as a whole too
     taps_need_stages: ClassVar[bool] = False
 
