@@ -324,7 +324,7 @@ def test_no_cached_detector_is_skipped_at_common_feature_dims(feature_dim: int) 
     assert [s.name for s in scorers] == [cls.name for cls in cached]
 
 
-@pytest.mark.parametrize("name", float16_detectors())
+@pytest.mark.parametrize("name", [n for n in float16_detectors() if n not in NETWORK])  # those read taps: test_combood
 def test_float16_detectors_score_float16_banks_in_chunks(
     name: str, synthetic: dict[str, FeatureBank], monkeypatch: pytest.MonkeyPatch
 ) -> None:
