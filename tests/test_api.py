@@ -505,8 +505,9 @@ def test_extract_caches_the_layer_taps_a_detector_reads() -> None:
     bank = ood.extract(net, data, taps="combood", batch_size=4)
     with torch.no_grad():
         pre = net[1](net[0](data.tensors[0]))
-    assert list(bank.extras) == ["combood:net.2"]
-    torch.testing.assert_close(bank.extras["combood:net.2"], torch.stack([pre.amax(1), -pre.amin(1)], 1))
+    assert list(bank.extras) == ["combood:net.2", "combood_after:net.2"]  # before and after the call (not in place)
+    for key in bank.extras:
+        torch.testing.assert_close(bank.extras[key], torch.stack([pre.amax(1), -pre.amin(1)], 1))
     assert not net[2]._forward_pre_hooks and torch.isfinite(build_detector("combood", k=3).fit(bank).score(bank)).all()
     with pytest.raises(ConfigError, match=r"^taps=\['knn'\]: \['knn'\] read no layer taps; detectors that do: \[.*'combood'"):
         ood.extract(net, data, taps=["knn"])

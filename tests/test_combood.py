@@ -164,9 +164,11 @@ def test_zero_distance_is_the_most_in_distribution_finite_score() -> None:
 
 
 def _tapped_bank(g: np.random.Generator, n: int, shift: float = 0.0) -> FeatureBank:
-    """A bank with two tapped extremes keys, as the evaluation's pass stores them."""
-    extras = {"combood:a": torch.as_tensor(g.normal(size=(n, 2)) + shift, dtype=torch.float32),
-              "combood:b": torch.as_tensor(g.gamma(2.0, size=(n, 3, 2)) + shift, dtype=torch.float32)}
+    """A bank with two tapped modules' extremes, as the evaluation's pass stores them (before and after each call:
+    the same values, neither module is in place)."""
+    before = {"a": torch.as_tensor(g.normal(size=(n, 2)) + shift, dtype=torch.float32),
+              "b": torch.as_tensor(g.gamma(2.0, size=(n, 3, 2)) + shift, dtype=torch.float32)}
+    extras = {**{f"combood:{m}": v for m, v in before.items()}, **{f"combood_after:{m}": v for m, v in before.items()}}
     return FeatureBank(logits=torch.as_tensor(g.normal(size=(n, 3)), dtype=torch.float32),
                        features=torch.as_tensor(np.abs(g.normal(size=(n, 4))), dtype=torch.float32), extras=extras)
 
@@ -204,8 +206,8 @@ def test_a_network_wrapped_as_a_whole_is_tapped() -> None:
         pre2 = net[3](torch.relu(pre1))
     tapped = taps.pop()
     taps.remove()
-    assert list(tapped) == ["combood:net.2", "combood:net.4"]
-    for key, pre in zip(tapped, (pre1, pre2)):
+    assert list(tapped) == ["combood:net.2", "combood_after:net.2", "combood:net.4", "combood_after:net.4"]
+    for key, pre in zip(tapped, (pre1, pre1, pre2, pre2)):  # not in place: the call leaves its input as it was
         torch.testing.assert_close(tapped[key], torch.stack([pre.amax(1), -pre.amin(1)], 1))
     bank = FeatureBank(logits=out.logits, features=out.features, extras=tapped)
     assert torch.isfinite(build_detector("combood", k=3).fit(bank).score(bank)).all()
@@ -238,7 +240,7 @@ def test_timms_own_gelu_modules_are_tapped() -> None:
     tapped = taps.pop()
     taps.remove()
     handle.remove()
-    assert len(tapped) == sum(len(stage.blocks) for stage in net.stages) == 12
+    assert len(tapped) == 2 * sum(len(stage.blocks) for stage in net.stages) == 24  # before and after each call
     torch.testing.assert_close(tapped["combood:net.stages.3.blocks.1.mlp.act"],
                                torch.stack([pre[0].flatten(1).amax(1), -pre[0].flatten(1).amin(1)], 1))
 
@@ -319,16 +321,30 @@ def test_extreme_as_released_is_extreme_with_one_module_per_call() -> None:
 
 
 def test_released_columns_keep_each_modules_last_call() -> None:
-    """Runs stacked [N, runs, 2] or stored as `<key>#<run>` (a Bottleneck's ReLU: three shapes): the last run; an
-    in-place module's after-call tap replaces its before-call one."""
+    """Runs stacked [N, runs, 2] or stored as `<key>#<run>` (a Bottleneck's ReLU: three shapes): the last run of each
+    module's after-call taps; the before-call ones are not read."""
     n = 4
     runs = [torch.full((n, 2), float(i)) for i in range(3)]
-    extras = {"combood:a": torch.stack(runs, 1), "combood:b#0": runs[0], "combood:b#1": runs[1], "combood:b#2": runs[2],
-              "combood:c": runs[1], "combood_after:a": torch.stack(runs[:2], 1), "other:x": runs[2]}
+    extras = {"combood:a": torch.stack(runs, 1), "combood_after:a": torch.stack(runs[:2], 1),
+              "combood_after:b#0": runs[0], "combood_after:b#1": runs[1], "combood_after:b#2": runs[2],
+              "combood_after:c": runs[1], "combood:d": runs[2], "other:x": runs[2]}
     columns = released_columns(extras)
-    assert list(columns) == ["combood_after:a", "combood:b", "combood:c"]
+    assert list(columns) == ["combood_after:a", "combood_after:b", "combood_after:c"]
     for key, run in zip(columns, (1, 2, 1)):
         torch.testing.assert_close(columns[key], runs[run])
+
+
+def test_a_bank_without_after_call_taps_refuses_extreme_as_released() -> None:
+    """A bank holding only the before-call taps (an older ood's) cannot tell in-place modules apart: refused in one
+    line, not scored from pre-activations; `extreme` scores it as the full bank."""
+    torch.manual_seed(2)
+    bank = _tapped_pass(ResNet18(num_classes=3).eval(), torch.randn(12, 3, 16, 16))
+    old = FeatureBank(logits=bank.logits, features=bank.features,
+                      extras={k: v for k, v in bank.extras.items() if not k.startswith("combood_after:")})
+    with pytest.raises(DetectorNotApplicable, match="features=extreme_as_released reads .* older ood"):
+        build_detector("combood", k=5, features="extreme_as_released").fit(old)
+    torch.testing.assert_close(build_detector("combood", k=5).fit(old).score(old),
+                               build_detector("combood", k=5).fit(bank).score(bank), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("data", ["imagenet200", "imagenet1k"])

@@ -17,7 +17,7 @@ Classification", SDM 2024 (doi 10.1137/1.9781611978032.74), after the authors' r
   `MinMax(input_[0])` into one dict entry per module): per activation module, its last call's input as the call
   left it (an in-place module's output), plus the logits' max and -min. The same as `extreme` on a network with
   one non-in-place module per call (their CIFAR run); on torchvision's ResNets (OpenOOD's ImageNet networks) it
-  is their ImageNet run's features (see below), read by a forward hook (`AFTER_PREFIX` taps) on in-place modules.
+  is their ImageNet run's features (see below), read by a forward hook (`AFTER_PREFIX` taps) on every module.
   `penultimate`: the released code's other branch (`add_prediction_and_penultimate_features_dl_to_mahala`), e = h_hat.
 - Fitted on the ID train split only; nothing is tuned (the released code has no sweep). Min-max rescaling of the
   scores before the metrics (`taylor_table`) is monotone and left out.
@@ -51,7 +51,8 @@ Deviations, and why:
   the fit holds the train features as float64 arrays, a few at once (sklearn's transforms copy): 0.2 GB each for
   CIFAR's 50 k x 512, 21 GB each for ImageNet-1K's 1.28 M x 2048, where it needs a large host; `extreme` holds 2
   values per activation call and 2 logits per row (ResNet-18: 36; torchvision's ResNet-50, 49 ReLU calls: 100), and
-  the pass taps an in-place module's calls twice (before and after), 2 more values each, whichever `features` runs.
+  the pass taps every activation call twice (before and after it), 2 more values each, whichever `features` runs,
+  so that a bank serves both (a bank without the after-call taps, from an older ood, refuses `extreme_as_released`).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ log = get_logger(__name__)
 
 #: extras keys of the tapped activation inputs' extremes, read before each call
 PREFIX = "combood:"
-#: extras keys of an in-place activation module's input extremes as each call left it (its output): the authors' hook
+#: extras keys of an activation module's input extremes as each call left it (an in-place one's output): the authors' hook
 AFTER_PREFIX = "combood_after:"
 #: the activation modules whose inputs the released code reads (`supported_activations`)
 ACTIVATIONS = (nn.ReLU, nn.GELU, nn.LeakyReLU)
@@ -117,9 +118,8 @@ def last_calls(extras: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
 
 def released_columns(extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What the authors' forward hook kept, by extras key: one [N, 2] entry per activation module, its last call's
-    input read after the call (an in-place module's `AFTER_PREFIX` tap, otherwise its `PREFIX` tap, the same values)."""
-    before, after = last_calls(extras, PREFIX), last_calls(extras, AFTER_PREFIX)
-    return {f"{AFTER_PREFIX}{m}" if m in after else f"{PREFIX}{m}": after.get(m, v) for m, v in before.items()}
+    input read after the call (`AFTER_PREFIX` taps: an in-place module's output, any other's input)."""
+    return {f"{AFTER_PREFIX}{m}": v for m, v in last_calls(extras, AFTER_PREFIX).items()}
 
 
 class CombOOD(Detector):
@@ -146,20 +146,23 @@ class CombOOD(Detector):
 
     @classmethod
     def taps(cls, backbone: nn.Module) -> dict[str, InputTap]:
-        """The input of every activation module, reduced to its max and -min, before each call; and for an in-place
-        module also after each call (what `extreme_as_released` reads; 2 more values per call)."""
+        """The input of every activation module, reduced to its max and -min, before each call (`extreme`) and after
+        it (`extreme_as_released`: an in-place module has overwritten it by then)."""
         modules = [(name, m) for name, m in backbone.named_modules() if isinstance(m, activation_types())]
         return {**{f"{PREFIX}{name}": InputTap(m, extremes) for name, m in modules},
-                **{f"{AFTER_PREFIX}{name}": InputTap(m, extremes, after_call=True)
-                   for name, m in modules if getattr(m, "inplace", False)}}
+                **{f"{AFTER_PREFIX}{name}": InputTap(m, extremes, after_call=True) for name, m in modules}}
 
     def fitted_taps(self, bank: FeatureBank) -> list[str]:
-        """The extras keys of the tapped extremes, in tap order; `DetectorNotApplicable` when the bank has none."""
-        return tapped_keys(bank, PREFIX, self.name, missing=(
-            "features=extreme reads the inputs of the network's activation modules (nn.ReLU / GELU / LeakyReLU), "
-            "tapped in an evaluation's pass (ood-eval, ood.evaluate, a training's evaluation) or by "
+        """The extras keys of the tapped extremes, in tap order (`extreme_as_released`: each module's last call's);
+        `DetectorNotApplicable` when the bank has none."""
+        prefix = PREFIX if self.features == "extreme" else AFTER_PREFIX
+        keys = tapped_keys(bank, prefix, self.name, missing=(
+            f"features={self.features} reads the inputs of the network's activation modules (nn.ReLU / GELU / "
+            "LeakyReLU), tapped in an evaluation's pass (ood-eval, ood.evaluate, a training's evaluation) or by "
             "ood.extract(..., taps='combood'), and this bank has none (a network whose activations are other modules, "
-            "e.g. SiLU, or functions such as F.relu; or a bank from another pass); features=penultimate needs no taps"))
+            "e.g. SiLU, or functions such as F.relu; or a bank from another pass or an older ood); "
+            "features=penultimate needs no taps"))
+        return keys if self.features == "extreme" else list(released_columns(bank.extras))
 
     def tapped_columns(self, bank: FeatureBank) -> dict[str, torch.Tensor]:
         """The bank's activation extremes by extras key: every call's (`extreme`), or each module's last call's as
@@ -184,8 +187,6 @@ class CombOOD(Detector):
         from sklearn.preprocessing import PowerTransformer, StandardScaler
 
         self.keys_ = [] if self.features == "penultimate" else self.fitted_taps(bank)
-        if self.features == "extreme_as_released":
-            self.keys_ = list(released_columns(bank.extras))
         x = self.mahalanobis_input(bank)
         self.index_ = KNNIndex("l2", kind=self.index, device=bank.features.device).add(
             bank.features, lambda h: F.normalize(h, dim=1))
