@@ -19,7 +19,6 @@ from ood.cli import check_argv, friendly_errors, in_multirun, load_weights, requ
 from ood.errors import ConfigError
 from ood.evaluation.callback import OODEvaluation
 from ood.evaluation.prepare import PrepareMethod
-from ood.files import atomic_write_text
 from ood.runs.checkpoints import RunState, checkpoint_config, own_checkpoint_epoch, resolve_ckpt_path
 from ood.runs.checks import check_launch, check_run
 from ood.runs.console import ProgressBar
@@ -141,10 +140,10 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
     method.apply_init(load=not ckpt_path)
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        write_identity(output_dir, ident)
         if cfg.train and resume_epoch is None:  # trained anew, not resumed: an earlier attempt's results are another model's
             remove_earlier_results(output_dir)
+        # config.yaml too: the earlier attempt's results go before it lands when they were made with other settings
+        write_identity(output_dir, ident, OmegaConf.to_yaml(cfg, resolve=True))
     try:
         # between the stages too (Lightning's handler and checks are there only during one), in one process; ranks
         # launched apart (trainer=ddp, torchrun) stop together at a step instead (ood.strategies.DDPStrategy)

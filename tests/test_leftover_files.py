@@ -282,3 +282,45 @@ def test_a_job_trained_anew_in_its_folder_drops_the_earlier_models_results(tmp_p
     run_config(tmp_path, [*quick, "evaluate=false"])
     assert not (tmp_path / "results.jsonl").exists() and not (tmp_path / "scores.npz").exists()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_rerun_with_other_evaluation_settings_killed_in_its_evaluation_leaves_no_earlier_results(
+        tmp_path: Path) -> None:
+    """A rerun of a finished job with other detectors, SIGKILLed while it evaluated, left the earlier results.jsonl
+    (msp rows) beside its new config.yaml (energy): `ood-report` read them as made with the new settings. They now go
+    before the new config.yaml lands."""
+    import torch
+    from helpers import run_config
+
+    from ood.evaluation.evaluator import Evaluator
+
+    quick = ["trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_test_batches=1",
+             "trainer.enable_progress_bar=false", "logger=none", "evaluation.sinks.results.figures=false"]
+    run_config(tmp_path, [*quick, "detectors.names=[msp]"])
+    assert {json.loads(line)["detector"] for line in (tmp_path / "results.jsonl").read_text().splitlines()} == {"msp"}
+
+    def rerun_killed() -> None:
+        torch.set_num_threads(1)  # the parent's OpenMP pool is not the child's
+        Evaluator.evaluate = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # type: ignore[method-assign]
+        run_config(tmp_path, [*quick, "detectors.names=[energy]", "ckpt_path=last"])
+
+    _killed_in(rerun_killed)
+    assert "- energy" in (tmp_path / "config.yaml").read_text()
+    assert [name for name in ("results.jsonl", "scores.npz", "samples.csv", "validation.json")
+            if (tmp_path / name).exists()] == []
+
+
+def test_results_stay_beside_a_config_that_differs_only_in_ckpt_path(tmp_path: Path) -> None:
+    """A resumed rerun with the same settings (`ckpt_path=last`, the same model by `identity.json`) keeps the results
+    until its own replace them; any other key of config.yaml that differs removes them before config.yaml lands."""
+    from ood.runs.identity import RunIdentity, write_identity
+
+    ident = RunIdentity({"method.name": "msp"}, str(tmp_path / "checkpoints" / "last.ckpt"), [], ["msp", "d", "b"])
+    first = "seed: 0\nckpt_path: null\nevaluation:\n  detectors: [msp]\n"
+    write_identity(tmp_path, ident, first)
+    (tmp_path / "results.jsonl").write_text("row\n")
+    write_identity(tmp_path, ident, first.replace("null", "last"))
+    assert (tmp_path / "results.jsonl").read_text() == "row\n"
+    assert (tmp_path / "config.yaml").read_text() == first.replace("null", "last")
+    write_identity(tmp_path, ident, first.replace("msp]", "msp, energy]"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "identity.json"]

@@ -267,6 +267,37 @@ def test_results_file_is_written_last(tmp_path: Path, monkeypatch: pytest.Monkey
     assert [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()] == [row]
 
 
+def test_a_writer_killed_midway_leaves_no_earlier_results_beside_its_new_scores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-evaluation into a folder with complete results, killed while it wrote its scores, left its new
+    scores.npz beside the earlier evaluation's results.jsonl, which `ood-report` read as one set; the earlier
+    results.jsonl now goes before any file is replaced, so the run reads as killed."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ood.evaluation import sinks
+    from ood.evaluation.evaluator import EvaluationResult
+
+    row = {"method": "ce", "detector": "msp", "ood_dataset": "noise", "ood_group": "far", "auroc": 0.75}
+    trainer = SimpleNamespace(is_global_zero=True)
+    monkeypatch.setattr(sinks, "save_run_figures", lambda *args: [])
+    sinks.ResultsWriter(str(tmp_path)).write(EvaluationResult([row], {"msp": {"test": torch.tensor([1.0])}}, 0.5, "ce"),
+                                             trainer, None)
+    assert (tmp_path / "results.jsonl").is_file()
+
+    def die(*args: object) -> None:
+        raise RuntimeError("killed while writing")
+
+    monkeypatch.setattr(sinks, "save_run_figures", die)
+    energy = EvaluationResult([{**row, "detector": "energy"}], {"energy": {"test": torch.tensor([2.0])}}, 0.5, "ce")
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        sinks.ResultsWriter(str(tmp_path)).write(energy, trainer, None)
+    with np.load(tmp_path / "scores.npz") as npz:
+        assert npz["energy/test"].tolist() == [2.0]
+    assert not (tmp_path / "results.jsonl").exists()
+
+
 def test_results_writer_without_figures_draws_none_and_leaves_no_stale_ones(tmp_path: Path) -> None:
     """`evaluation.sinks.results.figures=false` writes the results without figures/roc.png and hist_*.png, and
     removes those an earlier run into the same folder left (they would be taken for this run's)."""

@@ -130,6 +130,9 @@ class ResultsWriter:
             return
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
+        # first: `results.jsonl` marks the files beside it as one evaluation's (`ood-report`); kept while the files
+        # below are replaced, a kill there left an earlier evaluation's rows beside this one's scores
+        (out / "results.jsonl").unlink(missing_ok=True)
         atomic_write_text(out / VALIDATION_FILE, json.dumps({"method": result.method, "auroc": result.validation}))
         if self.save_scores:
             flat = {f"{d}/{split}": s.numpy() for d, per_split in result.scores.items() for split, s in per_split.items()}
@@ -158,7 +161,8 @@ class ResultsWriter:
             stats = {**floats, **rest}
             (out / f"{result.method}_stats.json").write_text(json.dumps(stats, indent=2, default=_jsonable))
         # last: `results.jsonl` marks the run complete (`ood-report`), so a run that dies while writing the scores,
-        # figures or diagnostics is reported as killed rather than taken as complete without them
+        # figures or diagnostics is reported as killed rather than taken as complete without them (or with an
+        # earlier evaluation's)
         path = out / "results.jsonl"
         atomic_write_text(path, "".join(json.dumps(row, default=_jsonable) + "\n" for row in result.rows))
         log.debug("wrote %d result rows to %s", len(result.rows), path)  # the run table names the folder

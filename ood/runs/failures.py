@@ -20,8 +20,9 @@ IDENTITY_FILE = "identity.json"
 
 #: the file a failed run leaves in its folder (read by `ood-report`)
 FAILED_FILE = "FAILED.txt"
-#: what an earlier attempt in the same folder wrote that `ood-report` would take for this attempt's
-EARLIER_RESULTS = ("results.jsonl", "scores.npz", "samples.csv")
+#: what an earlier attempt in the same folder wrote that `ood-report` (and a sweeper, `validation.json`) would take
+#: for this attempt's; `results.jsonl`, which marks a set complete, first: a removal cut short leaves no complete set
+EARLIER_RESULTS = ("results.jsonl", "scores.npz", "samples.csv", "validation.json")
 
 
 #: a results file as found when an attempt started: (inode, mtime in ns, size); a write of this attempt replaces the

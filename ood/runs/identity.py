@@ -147,15 +147,31 @@ def run_identity(cfg: DictConfig, choices: Mapping[str, Any], run_dir: str | Pat
     return derive_identity(flat_config(cfg), seed_keys(cfg), names, run_dir, None if cfg.train else ckpt_path)
 
 
-def write_identity(run_dir: str | Path, ident: RunIdentity) -> None:
-    """`<run_dir>/identity.json`, atomically; an earlier attempt's results there go first when they are another
-    configuration's or model's (`ood.runs.failures.clear_failure` kept them for a rerun of this one)."""
-    path = Path(run_dir) / IDENTITY_FILE
+def _settings(config: str) -> Any:
+    """A resolved `config.yaml`'s text as data, without `ckpt_path` (a resumed rerun names the checkpoint the first
+    attempt wrote, `ckpt_path=last`; `identity.json`'s `model` says whether it is the same network) and Hydra's own
+    node (a config composed with it: its run folder's timestamp and the command line)."""
+    data = OmegaConf.to_container(OmegaConf.create(config))
+    return {k: v for k, v in data.items() if k not in ("ckpt_path", "hydra")} if isinstance(data, dict) else data
+
+
+def write_identity(run_dir: str | Path, ident: RunIdentity, config: str | None = None) -> None:
+    """`<run_dir>/identity.json`, and with `config` the run's resolved `config.yaml` before it, each atomically. An
+    earlier attempt's results there go first, before either file lands, when they are another configuration's or
+    model's, or, with `config`, were made with other settings (another key than `ckpt_path` differs: other
+    detectors, evaluation modes, batches...), which `ood-report` would read beside the new `config.yaml` should this
+    attempt be killed before its own replace them (`ood.runs.failures.clear_failure` kept them for a rerun of this
+    one). So a `results.jsonl` in a run folder was always made with the settings of the `config.yaml` beside it."""
+    run_dir = Path(run_dir)
+    path, config_file = run_dir / IDENTITY_FILE, run_dir / "config.yaml"
     new = json.loads(json.dumps(ident.to_json()))
     if path.is_file():
         old = json.loads(path.read_text())
-        if (old.get("config"), old.get("model")) != (new["config"], new["model"]):
+        if (old.get("config"), old.get("model")) != (new["config"], new["model"]) or (
+                config is not None and config_file.is_file() and _settings(config_file.read_text()) != _settings(config)):
             remove_earlier_results(run_dir)
+    if config is not None:
+        atomic_write_text(config_file, config)
     atomic_write_text(path, json.dumps(new, indent=2) + "\n")
 
 
