@@ -7,6 +7,7 @@ import errno
 import multiprocessing
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +87,46 @@ def test_a_bank_dir_without_file_locks_still_evaluates(tmp_path: Path, monkeypat
     ended.mkdir()
     os.close(lock_spill(ended))
 
-    def no_locks(fd: int, operation: int) -> None:
+    def no_locks(fd: int, operation: int, *where: int) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
     running = OODEvaluation(Evaluator(detectors=[]), bank_dir=tmp_path)
     running._open_spill()
     assert remove_abandoned_spills(tmp_path) == []
     assert sorted(tmp_path.iterdir()) == sorted([ended, running._spill])
     running._release()
     assert list(tmp_path.iterdir()) == [ended]
+
+
+def test_a_killed_evaluations_folder_is_free_while_the_workers_it_forked_live_on(tmp_path: Path) -> None:
+    """The folder's lock was an flock, which the DataLoader workers an evaluation forks inherit: SIGKILLed, the
+    evaluation's folder stayed locked, so kept, for as long as a worker lived on. Its lock is now the evaluation
+    process's own: here the evaluation forks a worker, is killed, and its folder goes while the worker runs."""
+    from ood.evaluation.callback import lock_spill, remove_abandoned_spills
+
+    folder = tmp_path / "banks-killed"
+    folder.mkdir()
+
+    evaluation = os.fork()  # os.fork, not multiprocessing: the worker would inherit the join's pipe and hold it
+    if evaluation == 0:
+        try:
+            lock_spill(folder)
+            worker = os.fork()
+            if worker == 0:  # the worker: outlives the evaluation
+                time.sleep(30)
+                os._exit(0)
+            (tmp_path / "worker.pid").write_text(str(worker))
+            os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)  # never back into pytest
+    _, status = os.waitpid(evaluation, 0)
+    worker = int((tmp_path / "worker.pid").read_text())
+    try:
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        os.kill(worker, 0)  # alive, holding the inherited descriptor of the lock file
+        assert remove_abandoned_spills(tmp_path) == [folder]
+    finally:
+        os.kill(worker, signal.SIGKILL)
+    assert [p.name for p in tmp_path.iterdir()] == ["worker.pid"]
+

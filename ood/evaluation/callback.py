@@ -42,10 +42,16 @@ log = get_logger(__name__)
 
 #: what global rank 0 broadcasts when SIGTERM stopped its evaluation: every rank then stops as by SIGTERM
 STOPPED = "evaluation stopped by SIGTERM"
-#: the lock file of each `<bank_dir>/banks-*` folder, locked (flock) by the evaluation that writes the folder for as
-#: long as it runs: the kernel releases it however the process ends, so a folder whose lock is free was left by an
-#: evaluation that died without cleaning up (SIGKILL, the out-of-memory killer, a dead machine)
+#: the lock file of each `<bank_dir>/banks-*` folder, locked by the evaluation that writes the folder for as long as it
+#: runs: the kernel releases it however the process ends, so a folder whose lock is free was left by an evaluation
+#: that died without cleaning up (SIGKILL, the out-of-memory killer, a dead machine). A POSIX record lock (`lockf`),
+#: not an flock: the DataLoader workers the evaluation forks inherit an flock, which held a killed evaluation's folder
+#: until they exited; a record lock is the process's own and no child's
 SPILL_LOCK = ".lock"
+#: the lock files this process holds, (device, inode) -> the descriptor holding the lock: a record lock does not
+#: keep the process's own probe out, and closing any descriptor of the file would release it, so
+#: `remove_abandoned_spills` leaves them unopened
+_HELD: dict[tuple[int, int], int] = {}
 
 
 class OODEvaluation(Callback):
@@ -156,7 +162,7 @@ class OODEvaluation(Callback):
             shutil.rmtree(self._spill, ignore_errors=True)
             self._spill = None
         if self._spill_lock is not None:
-            os.close(self._spill_lock)
+            unlock_spill(self._spill_lock)
             self._spill_lock = None
 
     def _remove_taps(self) -> None:
@@ -299,18 +305,38 @@ class OODEvaluation(Callback):
 
 def lock_spill(folder: Path) -> int:
     """Lock `folder` as the running evaluation's (see `SPILL_LOCK`); returns the descriptor that holds the
-    lock until closed. The lock is taken on a temporary name and renamed into place, so `remove_abandoned_spills`
-    never finds the lock file unlocked while its evaluation runs."""
+    lock until `unlock_spill`. The lock is taken on a temporary name and renamed into place, so
+    `remove_abandoned_spills` never finds the lock file unlocked while its evaluation runs."""
     tmp = folder / f"{SPILL_LOCK}.tmp"
     fd = os.open(tmp, os.O_CREAT | os.O_RDWR, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
     except OSError as err:  # a file system without locks (some network mounts): no `.lock`, so never taken for dead
         log.warning("evaluation.bank_dir=%s cannot lock files (%s): should this evaluation be killed, delete %s "
                     "yourself", folder.parent, err, folder)
         return fd
+    st = os.fstat(fd)
+    _HELD[st.st_dev, st.st_ino] = fd
     os.replace(tmp, folder / SPILL_LOCK)
     return fd
+
+
+def unlock_spill(fd: int) -> None:
+    """Release the lock `lock_spill` returned (closing its descriptor)."""
+    st = os.fstat(fd)
+    _HELD.pop((st.st_dev, st.st_ino), None)
+    os.close(fd)
+
+
+def _held_here(lock: Path) -> bool:
+    """Whether this process holds `lock` (`_HELD`; a descriptor closed without `unlock_spill` holds nothing)."""
+    try:
+        st = lock.stat()
+        fd = _HELD[st.st_dev, st.st_ino]
+        held = os.fstat(fd)
+    except (OSError, KeyError):
+        return False
+    return (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino)
 
 
 def remove_abandoned_spills(bank_dir: Path) -> list[Path]:
@@ -318,12 +344,15 @@ def remove_abandoned_spills(bank_dir: Path) -> list[Path]:
     those of evaluations still running (this machine's, or another's on a shared disk) stay. Returns the removed."""
     removed = []
     for folder in sorted(bank_dir.glob("banks-*")):
+        lock = folder / SPILL_LOCK
+        if _held_here(lock):  # this process's own evaluation
+            continue
         try:  # none: not locked yet (just made), or not an evaluation's; unreadable: another user's (mode 0700)
-            fd = os.open(folder / SPILL_LOCK, os.O_RDWR)
+            fd = os.open(lock, os.O_RDWR)
         except OSError:
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # its evaluation is running (or the file system cannot tell)
             continue
         else:
