@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import multiprocessing
 import os
 import signal
@@ -130,3 +131,20 @@ def test_a_killed_evaluations_folder_is_free_while_the_workers_it_forked_live_on
         os.kill(worker, signal.SIGKILL)
     assert [p.name for p in tmp_path.iterdir()] == ["worker.pid"]
 
+
+def test_bank_folders_without_a_lock_file_are_named_with_their_size(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A `banks-*` folder left by a version before the locks (no lock file) was kept without a word, gigabytes each
+    at ImageNet scale; it is kept (a running evaluation's cannot be told from it) and named once, with its size."""
+    from ood.evaluation.callback import remove_abandoned_spills
+
+    old = tmp_path / "banks-old"
+    (old / "train").mkdir(parents=True)
+    (old / "train" / "features.npy").write_bytes(os.urandom(2_000_000))
+    with caplog.at_level(logging.WARNING):
+        assert remove_abandoned_spills(tmp_path) == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"evaluation.bank_dir={tmp_path} holds bank folder(s) without a lock file, so kept (left by a version of ood "
+        f"before the locks, or by an evaluation on a file system without them): {old} (2.0 MB); remove it if no "
+        "evaluation is running"]
+    assert (old / "train" / "features.npy").is_file()

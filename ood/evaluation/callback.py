@@ -339,16 +339,32 @@ def _held_here(lock: Path) -> bool:
     return (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino)
 
 
+def _disk_usage(folder: Path) -> str:
+    """The disk space the files under `folder` take, e.g. `15.6 GB` (sparse memory-mapped banks: their blocks)."""
+    size = float(sum(f.stat().st_blocks * 512 for f in folder.rglob("*") if f.is_file() and not f.is_symlink()))
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
 def remove_abandoned_spills(bank_dir: Path) -> list[Path]:
     """Remove the `banks-*` folders under `bank_dir` whose evaluation died without cleaning up (their lock is free);
-    those of evaluations still running (this machine's, or another's on a shared disk) stay. Returns the removed."""
-    removed = []
+    those of evaluations still running (this machine's, or another's on a shared disk) stay. Those without a lock
+    file (left by versions of ood before the locks, or by one on a file system without them) stay too, named in a
+    warning with their size: nothing tells them from a running evaluation's. Returns the removed."""
+    removed, lockless = [], []
     for folder in sorted(bank_dir.glob("banks-*")):
         lock = folder / SPILL_LOCK
         if _held_here(lock):  # this process's own evaluation
             continue
-        try:  # none: not locked yet (just made), or not an evaluation's; unreadable: another user's (mode 0700)
+        try:  # unreadable: another user's (mode 0700)
             fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:  # an evaluation's that took no lock, or one just made (locked an instant later)
+            if folder.is_dir():
+                lockless.append(folder)
+            continue
         except OSError:
             continue
         try:
@@ -363,6 +379,10 @@ def remove_abandoned_spills(bank_dir: Path) -> list[Path]:
     if removed:
         log.warning("removed %d memory-mapped bank folder(s) of evaluations killed before cleaning up: %s",
                     len(removed), ", ".join(map(str, removed)))
+    if lockless:
+        log.warning("evaluation.bank_dir=%s holds bank folder(s) without a lock file, so kept (left by a version of "
+                    "ood before the locks, or by an evaluation on a file system without them): %s; remove it if no "
+                    "evaluation is running", bank_dir, ", ".join(f"{f} ({_disk_usage(f)})" for f in lockless))
     return removed
 
 
