@@ -3,7 +3,8 @@ target, flushed to disk and renamed onto it, so neither a crash nor a power loss
 file (POSIX rename is atomic; without the fsync some file systems keep the rename but not the data).
 
 A temporary file is named after its writer (`.<name>.<host>.<pid>.tmp`): a process killed mid-write leaves it, and
-the next write to the same target removes those of writers that no longer run on this host."""
+the next write to the same target removes those of writers that no longer run on this host (those of older
+versions, named without the host, it names in a warning: `temporary_path`)."""
 
 from __future__ import annotations
 
@@ -32,15 +33,52 @@ def _running(pid: int) -> bool:
     return True
 
 
+#: the temporaries of older versions named so far (`temporary_path`): each is named once per process
+_NAMED: set[Path] = set()
+
+
+def disk_usage(path: Path) -> str:
+    """The disk space the file `path`, or the files under the folder `path`, take, e.g. `15.6 GB` (their blocks: a
+    sparse memory-mapped bank counts what was written)."""
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file() and not f.is_symlink()]
+    size = float(sum(f.stat().st_blocks * 512 for f in files))
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
+def _older_version_pid(rest: str) -> str | None:
+    """The pid in what follows `.<name>.` in the name of an older version's temporary (`.<name>.tmp<pid>`, the
+    decoded-image cache's `.<name>.<pid>.tmp`), None for another file."""
+    pid = rest[len("tmp"):] if rest.startswith("tmp") else rest[:-len(".tmp")] if rest.endswith(".tmp") else ""
+    return pid if pid.isdigit() else None
+
+
 def temporary_path(path: Path) -> Path:
     """This process's temporary file for `path`, next to it, after removing those of dead writers on this host (a
     killed process's, which nothing else would ever remove: a decoded-image cache's can be gigabytes). A writer on
-    another host sharing the folder, or a live one here, keeps its own."""
+    another host sharing the folder, or a live one here, keeps its own. The temporaries of older versions, whose
+    names lack the host, are named in a warning (once) when their pid does not run here, never removed: on a folder
+    shared between hosts (NFS, a cluster's scratch) that pid may be another host's running writer, whose rename
+    would fail, and no file system says for sure that it is not shared."""
     host, prefix = socket.gethostname(), f".{path.name}."
     if path.parent.is_dir():
         for tmp in path.parent.iterdir():
             name = tmp.name
-            if not (name.startswith(prefix) and name.endswith(".tmp")):
+            if not name.startswith(prefix):
+                continue
+            old_pid = _older_version_pid(name[len(prefix):])
+            if old_pid is not None:
+                if tmp not in _NAMED and not _running(int(old_pid)) and tmp.is_file():
+                    _NAMED.add(tmp)
+                    log.warning("%s (%s) is the temporary file of an older version of ood writing %s (process %s, "
+                                "not running on this host): kept, as its name does not say its host (another one "
+                                "sharing the folder may be writing it); remove it if no ood process writes %s",
+                                tmp, disk_usage(tmp), path, old_pid, path)
+                continue
+            if not name.endswith(".tmp"):
                 continue
             writer, _, pid = name[len(prefix):-len(".tmp")].rpartition(".")
             if writer == host and pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):

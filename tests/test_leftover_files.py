@@ -1,7 +1,8 @@
 """What a process killed while it writes leaves behind, and writes that survive a power loss: a killed writer's
 temporary file (`ood.files.atomic_write`, the in-memory pipeline's decoded-image cache) is removed by the next write
-to the same target, never a live writer's; every atomic write flushes its file before the rename and the folder
-after it; `ood-report` names an empty or cut-short `results.jsonl` instead of reading it as a run without rows."""
+to the same target, never a live writer's (an older version's, whose name lacks the host, is named, not removed);
+every atomic write flushes its file before the rename and the folder after it; `ood-report` names an empty or
+cut-short `results.jsonl` instead of reading it as a run without rows."""
 
 from __future__ import annotations
 
@@ -324,3 +325,25 @@ def test_results_stay_beside_a_config_that_differs_only_in_ckpt_path(tmp_path: P
     assert (tmp_path / "config.yaml").read_text() == first.replace("null", "last")
     write_identity(tmp_path, ident, first.replace("msp]", "msp, energy]"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "identity.json"]
+
+
+def test_an_older_versions_temporaries_are_named_once_and_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Temporaries of versions before the host was in the name (`.results.jsonl.tmp<pid>`, the image cache's
+    `.<name>.<pid>.tmp`) were never cleaned, nor named. A dead pid here may be a live writer on another host sharing
+    the folder, so they are kept, and named once in a warning with their size; a live writer's here is not named."""
+    target = tmp_path / "results.jsonl"
+    dead = FORK.Process(target=lambda: None)
+    dead.start()
+    dead.join(20)
+    old, cache = tmp_path / f".results.jsonl.tmp{dead.pid}", tmp_path / f".results.jsonl.{dead.pid}.tmp"
+    live = tmp_path / f".results.jsonl.tmp{os.getppid()}"
+    for path in (old, cache, live):
+        path.write_bytes(os.urandom(2_000_000))
+    with caplog.at_level(logging.WARNING, logger="ood.files"):
+        files.atomic_write_text(target, "row\n")
+        files.atomic_write_text(target, "row\n")
+    assert sorted(r.getMessage() for r in caplog.records) == [
+        f"{tmp} (2.0 MB) is the temporary file of an older version of ood writing {target} (process {dead.pid}, not "
+        f"running on this host): kept, as its name does not say its host (another one sharing the folder may be "
+        f"writing it); remove it if no ood process writes {target}" for tmp in sorted([cache, old])]
+    assert sorted(tmp_path.iterdir()) == sorted([target, old, cache, live])

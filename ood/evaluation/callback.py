@@ -34,6 +34,7 @@ from ood.evaluation.sinks import Sink
 from ood.features.bank import FeatureBank
 from ood.features.collector import RankZeroRows, broadcast_from_rank_zero, rank_zero_group, release_group
 from ood.features.reduce import sync_reducers
+from ood.files import disk_usage
 from ood.methods.base import OODMethod
 from ood.precision import eager
 from ood.utils import get_logger, progress
@@ -339,16 +340,6 @@ def _held_here(lock: Path) -> bool:
     return (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino)
 
 
-def _disk_usage(folder: Path) -> str:
-    """The disk space the files under `folder` take, e.g. `15.6 GB` (sparse memory-mapped banks: their blocks)."""
-    size = float(sum(f.stat().st_blocks * 512 for f in folder.rglob("*") if f.is_file() and not f.is_symlink()))
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
-
-
 def remove_abandoned_spills(bank_dir: Path) -> list[Path]:
     """Remove the `banks-*` folders under `bank_dir` whose evaluation died without cleaning up (their lock is free);
     those of evaluations still running (this machine's, or another's on a shared disk) stay. Those without a lock
@@ -382,7 +373,7 @@ def remove_abandoned_spills(bank_dir: Path) -> list[Path]:
     if lockless:
         log.warning("evaluation.bank_dir=%s holds bank folder(s) without a lock file, so kept (left by a version of "
                     "ood before the locks, or by an evaluation on a file system without them): %s; remove it if no "
-                    "evaluation is running", bank_dir, ", ".join(f"{f} ({_disk_usage(f)})" for f in lockless))
+                    "evaluation is running", bank_dir, ", ".join(f"{f} ({disk_usage(f)})" for f in lockless))
     return removed
 
 
