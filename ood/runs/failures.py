@@ -54,10 +54,11 @@ def clear_failure(output_dir: str | Path) -> dict[str, FileStamp]:
     """Forget an earlier attempt in this folder as a new one starts: its `FAILED.txt` (a resumed run starts clean),
     and its results, which `ood-report` would otherwise read beside this attempt's `config.yaml` should this one fail
     (a rerun of a sweep into its fixed `hydra.sweep.dir` with other data reported the earlier data's rows under the
-    new configuration). A folder with `identity.json` keeps them until `write_identity` finds the configuration
-    changed, the training starts anew (`ood.train`: not resumed, so another model), or the attempt fails: a rerun of a finished job (`ckpt_path=last`) killed while it re-evaluates keeps
-    the complete results it had (the new ones replace them atomically). Returns the stamps of the results kept, for
-    `record_failure`."""
+    new configuration). A folder with `identity.json` keeps them until `write_identity` finds the configuration or
+    the settings (`config.yaml`, but for `ckpt_path`) changed, the training starts anew (`ood.train`: not resumed,
+    so another model), or the attempt fails: a rerun of a finished job (`ckpt_path=last`) killed while it
+    re-evaluates keeps the complete results it had (the new ones replace them atomically, `results.jsonl` last).
+    Returns the stamps of the results kept, for `record_failure`."""
     (Path(output_dir) / FAILED_FILE).unlink(missing_ok=True)
     if not (Path(output_dir) / IDENTITY_FILE).is_file():
         remove_earlier_results(output_dir)
