@@ -313,7 +313,9 @@ def test_a_rerun_with_other_evaluation_settings_killed_in_its_evaluation_leaves_
 
 def test_results_stay_beside_a_config_that_differs_only_in_ckpt_path(tmp_path: Path) -> None:
     """A resumed rerun with the same settings (`ckpt_path=last`, the same model by `identity.json`) keeps the results
-    until its own replace them; any other key of config.yaml that differs removes them before config.yaml lands."""
+    until its own replace them, and one with `evaluate=false` keeps them (it writes none: a sweep resumed to finish
+    training lost its finished jobs' results); any other key of config.yaml that differs removes them before
+    config.yaml lands."""
     from ood.runs.identity import RunIdentity, write_identity
 
     ident = RunIdentity({"method.name": "msp"}, str(tmp_path / "checkpoints" / "last.ckpt"), [], ["msp", "d", "b"])
@@ -323,6 +325,8 @@ def test_results_stay_beside_a_config_that_differs_only_in_ckpt_path(tmp_path: P
     write_identity(tmp_path, ident, first.replace("null", "last"))
     assert (tmp_path / "results.jsonl").read_text() == "row\n"
     assert (tmp_path / "config.yaml").read_text() == first.replace("null", "last")
+    write_identity(tmp_path, ident, first.replace("null", "last") + "evaluate: false\n")
+    assert (tmp_path / "results.jsonl").read_text() == "row\n"  # a resumed attempt that writes no results of its own
     write_identity(tmp_path, ident, first.replace("msp]", "msp, energy]"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "identity.json"]
 

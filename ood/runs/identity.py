@@ -147,18 +147,23 @@ def run_identity(cfg: DictConfig, choices: Mapping[str, Any], run_dir: str | Pat
     return derive_identity(flat_config(cfg), seed_keys(cfg), names, run_dir, None if cfg.train else ckpt_path)
 
 
+#: top-level keys of `config.yaml` that say nothing of how results were made: the checkpoint a resumed rerun names
+#: (`ckpt_path=last`; `identity.json`'s `model` says whether it is the same network), whether this attempt evaluates
+#: (a rerun that does not write results leaves the earlier ones to the settings they were made with) and Hydra's own
+#: node (its run folder's timestamp and the command line)
+NOT_SETTINGS = ("ckpt_path", "evaluate", "hydra")
+
+
 def _settings(config: str) -> Any:
-    """A resolved `config.yaml`'s text as data, without `ckpt_path` (a resumed rerun names the checkpoint the first
-    attempt wrote, `ckpt_path=last`; `identity.json`'s `model` says whether it is the same network) and Hydra's own
-    node (a config composed with it: its run folder's timestamp and the command line)."""
+    """A resolved `config.yaml`'s text as data, without `NOT_SETTINGS`."""
     data = OmegaConf.to_container(OmegaConf.create(config))
-    return {k: v for k, v in data.items() if k not in ("ckpt_path", "hydra")} if isinstance(data, dict) else data
+    return {k: v for k, v in data.items() if k not in NOT_SETTINGS} if isinstance(data, dict) else data
 
 
 def write_identity(run_dir: str | Path, ident: RunIdentity, config: str | None = None) -> None:
     """`<run_dir>/identity.json`, and with `config` the run's resolved `config.yaml` before it, each atomically. An
     earlier attempt's results there go first, before either file lands, when they are another configuration's or
-    model's, or, with `config`, were made with other settings (another key than `ckpt_path` differs: other
+    model's, or, with `config`, were made with other settings (a key outside `NOT_SETTINGS` differs: other
     detectors, evaluation modes, batches...), which `ood-report` would read beside the new `config.yaml` should this
     attempt be killed before its own replace them (`ood.runs.failures.clear_failure` kept them for a rerun of this
     one). So a `results.jsonl` in a run folder was always made with the settings of the `config.yaml` beside it."""
