@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,16 @@ _NAMED: set[Path] = set()
 
 def disk_usage(path: Path) -> str:
     """The disk space the file `path`, or the files under the folder `path`, take, e.g. `15.6 GB` (their blocks: a
-    sparse memory-mapped bank counts what was written)."""
-    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file() and not f.is_symlink()]
-    size = float(sum(f.stat().st_blocks * 512 for f in files))
+    sparse memory-mapped bank counts what was written). A file or folder removed meanwhile counts nothing: another
+    process may be deleting it (an evaluation its bank folder, a writer renaming its temporary)."""
+    files = [str(path)] if path.is_file() else [os.path.join(d, f) for d, _, names in os.walk(path) for f in names]
+    size = 0.0
+    for file in files:
+        try:
+            st = os.lstat(file)
+        except FileNotFoundError:
+            continue
+        size += st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else 0
     for unit in ("B", "kB", "MB", "GB"):
         if size < 1000:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"

@@ -148,3 +148,37 @@ def test_bank_folders_without_a_lock_file_are_named_with_their_size(
         f"before the locks, or by an evaluation on a file system without them): {old} (2.0 MB); remove it if no "
         "evaluation is running"]
     assert (old / "train" / "features.npy").is_file()
+
+
+def test_a_bank_folder_removed_while_it_is_measured_is_no_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A folder whose lock file went first as another evaluation removed it (its own at its end, or a dead one's)
+    was measured for the lockless warning while its files vanished: the FileNotFoundError of a file listed, then
+    gone, stopped this evaluation before its pass. A file gone meanwhile now counts nothing."""
+    from ood.evaluation.callback import remove_abandoned_spills
+
+    going = tmp_path / "banks-going"
+    (going / "train").mkdir(parents=True)
+    (going / "test").mkdir()
+    for split in ("train", "test"):
+        (going / split / "features.npy").write_bytes(os.urandom(1_000_000))
+    real_stat, real_lstat = os.stat, os.lstat
+
+    def removed_on_first_look(real: Any) -> Any:
+        def look(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+            found = real(path, *args, **kwargs)
+            if str(path).endswith(".npy") and going.exists():  # the other evaluation's rmtree, as this one looks
+                import shutil
+
+                shutil.rmtree(going)
+            return found
+        return look
+
+    monkeypatch.setattr(os, "stat", removed_on_first_look(real_stat))
+    monkeypatch.setattr(os, "lstat", removed_on_first_look(real_lstat))
+    with caplog.at_level(logging.WARNING):
+        assert remove_abandoned_spills(tmp_path) == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"evaluation.bank_dir={tmp_path} holds bank folder(s) without a lock file, so kept (left by a version of ood "
+        f"before the locks, or by an evaluation on a file system without them): {going} (1.0 MB); remove it if no "
+        "evaluation is running"]
