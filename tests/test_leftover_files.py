@@ -351,3 +351,24 @@ def test_an_older_versions_temporaries_are_named_once_and_kept(tmp_path: Path, c
         f"running on this host): kept, as its name does not say its host (another one sharing the folder may be "
         f"writing it); remove it if no ood process writes {target}" for tmp in sorted([cache, old])]
     assert sorted(tmp_path.iterdir()) == sorted([target, old, cache, live])
+
+
+def test_results_stay_beside_a_config_that_differs_only_in_the_machines_workers_and_folders(tmp_path: Path) -> None:
+    """A finished job requeued (`ckpt_path=last`) on a node with fewer CPUs resolves `data.num_workers:
+    ${ood.workers:8}` to another count, and one whose data was staged to the node's own disk another
+    `paths.data_dir`: its complete results were removed before it re-evaluated (lost should it be killed again), for
+    keys that make no other numbers (the identity leaves them out too). Other detectors still remove them."""
+    from ood.runs.identity import RunIdentity, write_identity
+
+    ident = RunIdentity({"method.name": "msp"}, str(tmp_path / "checkpoints" / "last.ckpt"), [], ["msp", "d", "b"])
+    first = ("ckpt_path: null\npaths:\n  data_dir: /local/job1/data\ndata:\n  num_workers: 8\n  data_dir: "
+             "/local/job1/data\ncallbacks:\n  model_checkpoint:\n    dirpath: /local/job1/run/checkpoints\n"
+             "evaluation:\n  detectors: [msp]\n")
+    write_identity(tmp_path, ident, first)
+    (tmp_path / "results.jsonl").write_text("row\n")
+    requeued = first.replace("null", "last").replace("job1", "job2").replace("num_workers: 8", "num_workers: 4")
+    write_identity(tmp_path, ident, requeued)
+    assert (tmp_path / "results.jsonl").read_text() == "row\n"
+    assert (tmp_path / "config.yaml").read_text() == requeued
+    write_identity(tmp_path, ident, requeued.replace("msp]", "energy]"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "identity.json"]

@@ -152,21 +152,29 @@ def run_identity(cfg: DictConfig, choices: Mapping[str, Any], run_dir: str | Pat
 #: (a rerun that does not write results leaves the earlier ones to the settings they were made with) and Hydra's own
 #: node (its run folder's timestamp and the command line)
 NOT_SETTINGS = ("ckpt_path", "evaluate", "hydra")
+#: flattened keys that say nothing of them either, left out of the identity too (`NOT_IDENTITY`): the machine's loader
+#: plumbing (`data.num_workers: ${ood.workers:N}` resolves to the CPUs of the node an attempt runs on), and folders
+#: (`*_dir`, `*dirpath`: a requeued job's `OOD_DATA_DIR` staged on its node's own disk, the run folder's own path)
+PLUMBING = ("data.num_workers", "data.pin_memory", "data.download")
 
 
 def _settings(config: str) -> Any:
-    """A resolved `config.yaml`'s text as data, without `NOT_SETTINGS`."""
+    """A resolved `config.yaml`'s text as flattened data, without `NOT_SETTINGS`, `PLUMBING` and folders."""
     data = OmegaConf.to_container(OmegaConf.create(config))
-    return {k: v for k, v in data.items() if k not in NOT_SETTINGS} if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        return data
+    flat = flatten({k: v for k, v in data.items() if k not in NOT_SETTINGS})
+    return {k: v for k, v in flat.items() if k not in PLUMBING and not k.endswith(("_dir", "dirpath"))}
 
 
 def write_identity(run_dir: str | Path, ident: RunIdentity, config: str | None = None) -> None:
     """`<run_dir>/identity.json`, and with `config` the run's resolved `config.yaml` before it, each atomically. An
     earlier attempt's results there go first, before either file lands, when they are another configuration's or
-    model's, or, with `config`, were made with other settings (a key outside `NOT_SETTINGS` differs: other
-    detectors, evaluation modes, batches...), which `ood-report` would read beside the new `config.yaml` should this
-    attempt be killed before its own replace them (`ood.runs.failures.clear_failure` kept them for a rerun of this
-    one). So a `results.jsonl` in a run folder was always made with the settings of the `config.yaml` beside it."""
+    model's, or, with `config`, were made with other settings (a key outside `NOT_SETTINGS`, `PLUMBING` and the
+    folders differs: other detectors, evaluation modes, batches...), which `ood-report` would read beside the new
+    `config.yaml` should this attempt be killed before its own replace them (`ood.runs.failures.clear_failure` kept
+    them for a rerun of this one). So a `results.jsonl` in a run folder was always made with the settings of the
+    `config.yaml` beside it, but for its folders and DataLoader plumbing."""
     run_dir = Path(run_dir)
     path, config_file = run_dir / IDENTITY_FILE, run_dir / "config.yaml"
     new = json.loads(json.dumps(ident.to_json()))
