@@ -144,3 +144,20 @@ def test_wrn_relus_are_modules_with_the_same_outputs_and_state_dict() -> None:
         pre = block.bn2(block.conv1(F.relu(block.bn1(net.stages["stem"](x)))))  # the first block's second ReLU input
     torch.testing.assert_close(tapped["combood:stages.block1.0.relu2"], torch.stack([pre.amax((1, 2, 3)),
                                                                                    -pre.amin((1, 2, 3))], 1))
+
+
+def test_wrn_final_relu_is_in_place_as_openoods() -> None:
+    """OpenOOD's WRN closes with `self.relu = nn.ReLU(inplace=True)`; ours was not in place, so CombOOD's
+    `features=extreme_as_released` (the authors' hook: each module's input as its call left it) read the final ReLU's
+    pre-activation where their hook on OpenOOD's WRN reads its output, the `block3` map: -min <= 0, not > 0."""
+    from ood.detectors.network import LayerTaps
+
+    torch.manual_seed(0)
+    net = WideResNet(10, depth=10, widen_factor=1).eval()
+    taps = LayerTaps(net, ["combood"])
+    with torch.no_grad():
+        block3 = net.run(torch.randn(3, 3, 32, 32), ["block3"]).layers["block3"]
+    tapped = taps.pop()
+    taps.remove()
+    torch.testing.assert_close(tapped["combood_after:stages.block3.2"],
+                               torch.stack([block3.amax((1, 2, 3)), -block3.amin((1, 2, 3))], 1), rtol=0, atol=0)

@@ -5,8 +5,9 @@ OpenOOD's `openood/networks/wrn.py` (= hendrycks/outlier-exposure `CIFAR/models/
 blocks (BN-ReLU-conv3x3-BN-ReLU-[dropout]-conv3x3), the shortcut taking the activated input through a 1x1 conv when
 the width changes, widths 16, 16k, 32k, 64k, a final BN-ReLU and global average pooling (= their `avg_pool2d(8)` at
 32 px). He-normal conv init (fan-out), BN 1/0, zero head bias. WRN-40-2: 2,243,546 parameters for 10 classes.
-Each block's two ReLUs are in-place modules (`relu1`, `relu2`, OpenOOD's), not `F.relu` calls, so detectors that hook
-activation modules (CombOOD's `extreme` taps) see every call; ReLU has no parameters: the state dict is unchanged.
+Each block's two ReLUs and the final one are in-place modules (`relu1`, `relu2`, OpenOOD's), not `F.relu` calls, so
+detectors that hook activation modules see every call (CombOOD's `extreme` taps) and what OpenOOD's WRN leaves of its
+input (`extreme_as_released`); ReLU has no parameters: the state dict is unchanged.
 
 Layer names: `stem` (the first conv; a pre-activation net has no ReLU there), `block1`..`block3`; the final BN-ReLU
 closes `block3`, so `block3` is the last feature map and its pooled output is the 64k-d penultimate feature.
@@ -76,7 +77,7 @@ class WideResNet(Backbone):
             blocks = [WideBasic(widths[i - 1] if j == 0 else widths[i], widths[i], stride if j == 0 else 1, dropout) for j in range(n)]
             stages[f"block{i}"] = nn.Sequential(*blocks)
         stages["block3"].append(nn.BatchNorm2d(widths[3]))
-        stages["block3"].append(nn.ReLU())
+        stages["block3"].append(nn.ReLU(inplace=True))
         self.stages = nn.ModuleDict(stages)
         self.pool = GlobalPool()
         self.fc = nn.Linear(widths[3], num_classes)
