@@ -182,3 +182,59 @@ def test_a_bank_folder_removed_while_it_is_measured_is_no_error(
         f"evaluation.bank_dir={tmp_path} holds bank folder(s) without a lock file, so kept (left by a version of ood "
         f"before the locks, or by an evaluation on a file system without them): {going} (1.0 MB); remove it if no "
         "evaluation is running"]
+
+
+class _Listing:
+    """An `os.scandir` iterator over given entries (a directory order of the test's choosing)."""
+
+    def __init__(self, entries: list[os.DirEntry]) -> None:
+        self._entries = iter(entries)
+
+    def __iter__(self) -> _Listing:
+        return self
+
+    def __next__(self) -> os.DirEntry:
+        return next(self._entries)
+
+    def __enter__(self) -> _Listing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_bank_folder_being_removed_keeps_its_lock_file_to_the_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An evaluation removing its bank folder (gigabytes: seconds) deleted the lock file in directory order, often
+    first: an evaluation starting meanwhile on the same bank_dir found the folder without one and named it as an
+    older version's, 'remove it if no evaluation is running'. The lock file now goes last, so the folder reads as
+    locked until it is gone (here on a file system listing `.lock` first)."""
+    from ood.evaluation.callback import SPILL_LOCK, remove_abandoned_spills
+
+    ending = OODEvaluation(Evaluator(detectors=[]), bank_dir=tmp_path)
+    ending._open_spill()
+    assert ending._spill is not None
+    (ending._spill / "train").mkdir()
+    (ending._spill / "train" / "features.npy").write_bytes(b"\0" * 4096)
+    real_scandir, real_unlink = os.scandir, os.unlink
+    seen: list[list[Path]] = []
+
+    def lock_first(path: Any = ".") -> _Listing:
+        with real_scandir(path) as listing:
+            return _Listing(sorted(listing, key=lambda entry: entry.name != SPILL_LOCK))
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        if str(path).endswith("features.npy"):  # another evaluation starts as this one removes its banks
+            seen.append(remove_abandoned_spills(tmp_path))
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "scandir", lock_first)
+    monkeypatch.setattr(os, "unlink", unlink)
+    with caplog.at_level(logging.WARNING):
+        ending._release()
+    assert seen == [[]]
+    assert [r.getMessage() for r in caplog.records] == []
+    assert list(tmp_path.iterdir()) == []

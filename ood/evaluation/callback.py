@@ -10,6 +10,7 @@ logger scalars, wandb, run table).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import os
@@ -160,7 +161,7 @@ class OODEvaluation(Callback):
         """Drop the collected rows and this evaluation's memory-mapped banks (after it, or when it failed)."""
         self._collectors = {}
         if self._spill is not None:
-            shutil.rmtree(self._spill, ignore_errors=True)
+            remove_spill(self._spill)
             self._spill = None
         if self._spill_lock is not None:
             unlock_spill(self._spill_lock)
@@ -329,6 +330,22 @@ def unlock_spill(fd: int) -> None:
     os.close(fd)
 
 
+def remove_spill(folder: Path) -> None:
+    """Remove a `banks-*` folder, its lock file last: until then an evaluation looking for abandoned folders finds it
+    locked, so kept, not without a lock file (named as an older version's; removing gigabytes takes seconds)."""
+    try:
+        children = [child for child in folder.iterdir() if child.name != SPILL_LOCK]
+    except OSError:
+        children = []
+    for child in children:
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):  # as rmtree's ignore_errors
+                child.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def _held_here(lock: Path) -> bool:
     """Whether this process holds `lock` (`_HELD`; a descriptor closed without `unlock_spill` holds nothing)."""
     try:
@@ -363,7 +380,7 @@ def remove_abandoned_spills(bank_dir: Path) -> list[Path]:
         except OSError:  # its evaluation is running (or the file system cannot tell)
             continue
         else:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_spill(folder)
             removed.append(folder)
         finally:
             os.close(fd)
