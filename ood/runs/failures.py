@@ -57,7 +57,8 @@ def clear_failure(output_dir: str | Path) -> dict[str, FileStamp]:
     new configuration). A folder with `identity.json` keeps them until `write_identity` finds the configuration or
     the settings (`config.yaml`, but for `ckpt_path`) changed, the training starts anew (`ood.train`: not resumed,
     so another model), or the attempt fails: a rerun of a finished job (`ckpt_path=last`) killed while it
-    re-evaluates keeps the complete results it had (the new ones replace them atomically, `results.jsonl` last).
+    re-evaluates keeps the complete results it had, up to its results writer, which removes `results.jsonl` first
+    and writes the new one last (`ood.evaluation.sinks.ResultsWriter`: a kill there leaves no complete set).
     Returns the stamps of the results kept, for `record_failure`."""
     (Path(output_dir) / FAILED_FILE).unlink(missing_ok=True)
     if not (Path(output_dir) / IDENTITY_FILE).is_file():
