@@ -376,3 +376,14 @@ def test_float16_features_score_as_float32_up_to_their_rounding() -> None:
         assert float((s16 - s32).abs().max()) < 1e-2 and spearmanr(s16, s32).statistic > 0.999
         if features != "penultimate":
             torch.testing.assert_close(f16.mahalanobis_sq(half(test)), f32.mahalanobis_sq(test), rtol=0, atol=0)
+
+
+def test_extremes_of_a_channels_last_map_are_its_max_and_negated_min() -> None:
+    """`extremes` reduces over every dim but the batch without flattening (a channels_last map was copied, twice per
+    activation call): the same values on a channels_last and a contiguous map."""
+    from ood.detectors.combood import extremes
+
+    z = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2) - 5
+    expected = torch.tensor([[6.0, 5.0], [18.0, -7.0]])
+    torch.testing.assert_close(extremes(z), expected, rtol=0, atol=0)
+    torch.testing.assert_close(extremes(z.to(memory_format=torch.channels_last)), expected, rtol=0, atol=0)

@@ -96,9 +96,10 @@ FEATURES = ("extreme", "extreme_as_released", "penultimate")
 
 
 def extremes(z: torch.Tensor) -> torch.Tensor:
-    """[B, 2]: each sample's max and -min (the released `MinMax`)."""
-    flat = z.flatten(1)
-    return torch.stack([flat.amax(1), -flat.amin(1)], 1)
+    """[B, 2]: each sample's max and -min (the released `MinMax`), reduced in place (no flattened copy of a
+    channels_last map)."""
+    dims = tuple(range(1, z.dim()))
+    return torch.stack([z.amax(dims), -z.amin(dims)], 1)
 
 
 def last_calls(extras: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
