@@ -119,6 +119,7 @@ class Sizes:
     eval_batch: int
     workers: int
     throughput_epochs: int
+    #: overrides added to a data config's throughput runs, or to a method's runs in the methods section (by name)
     extra: dict[str, list[str]] = field(default_factory=dict)
     #: the fp16 + compile section's: `all` (odin, rankfeat, nac, mcdropout: network passes, run eagerly) and the
     #: layer hooks of gram_stream; `full`'s input-perturbing extras add time, not another path
@@ -131,7 +132,8 @@ GPU = Sizes("cuda", dict(n_train=2560, n_val=256, n_test=512, n_ood=256), dict(n
             "resnet18_32x32", "resnet50", 128, 256, "detectors=all", RHO_MIN, (50_000, 10_000, 512), 512, 8, 4)
 DRY = Sizes("cpu", dict(n_train=32, n_val=16, n_test=16, n_ood=8), dict(n_train=16, n_val=8, n_test=8, n_ood=4, side=40),
             "small_cnn", "small_cnn", 8, 8, "detectors.names=[msp,energy,knn,mahalanobis,combood]", 0.95, (2_000, 500, 64), 64, 0, 1,
-            {"imagenet": ["data.benchmark.image_size=32", "data.benchmark.resize=36"]},
+            {"imagenet": ["data.benchmark.image_size=32", "data.benchmark.resize=36"],
+             "heatmap": ["method.n_images=1"]},  # its diagnostics grids: 1 row each, not 8 (drawing them took 10 s)
             "detectors.names=[msp,energy,odin,gram_stream]", "detectors.names=[msp,knn]")
 #: the fp16 + compile section's methods: CE, and supervised-contrastive cluster (manual optimisation: each step's
 #: `manual_backward` scaled, its optimiser stepped through the scaler), two epochs: contrastive, then the probe
@@ -257,7 +259,7 @@ def check_methods(sizes: Sizes, tree: Path, work: Path, names: Sequence[str]) ->
     for name in names:
         row: dict[str, Any] = {"check": f"method {name}", "ok": False}
         try:
-            common = [*base, f"method={name}", *method_overrides(name, init, work)]
+            common = [*base, f"method={name}", *method_overrides(name, init, work), *sizes.extra.get(name, [])]
             fp32 = {}
             for kind in ("gpu", "gpu_fast"):
                 method, datamodule, trainer, evaluation = build(_cfg(work / f"{name}-{kind}", [*common, *trainer_overrides(kind, sizes)]))
