@@ -20,6 +20,9 @@ from ood import CONFIG_DIR
 
 # A quick digits run: few epochs, no checkpoint/progress clutter, CSV logger into the run folder.
 FAST = ["trainer.max_epochs=4", "trainer.enable_progress_bar=false"]
+# No ROC / histogram figures (1-3 s of each CPU evaluation) in a run whose test reads no figure; an override, not a
+# monkeypatch, so that it reaches DDP ranks and entry-point subprocesses
+NO_FIGURES = "evaluation.sinks.results.figures=false"
 
 
 def compose_config(output_dir: Path, overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import NO_FIGURES
 
 
 @pytest.mark.slow
@@ -14,7 +15,8 @@ def test_multirun_then_report(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     train = subprocess.run(
         [sys.executable, "-m", "ood.train", "-m", "seed=0,1", "trainer.max_epochs=2",
-         "trainer.enable_progress_bar=false", "detectors.names=[msp,energy]", f"hydra.sweep.dir={sweep}"],
+         "trainer.enable_progress_bar=false", "detectors.names=[msp,energy]", NO_FIGURES,
+         f"hydra.sweep.dir={sweep}"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert train.returncode == 0, train.stderr[-2000:]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST, run_config
+from helpers import FAST, NO_FIGURES, run_config
 
 from ood.features.collector import SplitCollector
 
@@ -31,13 +31,13 @@ def test_collector_requires_declared_fields() -> None:
 @pytest.mark.slow
 def test_ddp_cpu_evaluation_equals_single_process(tmp_path: Path) -> None:
     # odd-sized splits (650/162/271/300/714/500...) with eval batch 64 force uneven shards and sampler padding
-    train_rows = run_config(tmp_path / "train", [*FAST, "detectors.names=[msp,energy,mahalanobis,knn]"])
+    train_rows = run_config(tmp_path / "train", [*FAST, NO_FIGURES, "detectors.names=[msp,energy,mahalanobis,knn]"])
     ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
     # with the network-pass detectors (rank 0 re-runs the network over whole splits, or gram_stream's fit over parts of
     # the train split) and the layer taps they read
     network = "odin,rankfeat,nac,gram,gram_stream"
     common = [f"ckpt_path={ckpt}", f"detectors.names=[msp,energy,mahalanobis,knn,{network}]", "data.eval_batch_size=64",
-              "trainer.enable_progress_bar=false"]
+              "trainer.enable_progress_bar=false", NO_FIGURES]
     single = run_config(tmp_path / "single", common, config_name="eval")
     # rank 0 alone gathers and evaluates, here on memory-mapped banks (deleted afterwards)
     ddp = run_config(tmp_path / "ddp", [*common, "trainer=ddp_cpu", f"evaluation.bank_dir={tmp_path / 'banks'}"],

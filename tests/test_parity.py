@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose_config
+from helpers import NO_FIGURES, compose_config
 
 from benchmarks import parity_openood
 from benchmarks.fabricate import cifar_tree
@@ -64,7 +64,7 @@ def test_parity_runs_end_to_end_on_fabricated_files(tmp_path: Path, capsys: pyte
     code = parity_openood.main([
         "--data-dir", str(data), "--ckpt-dir", str(results), "--benchmarks", "cifar10,cifar100", "--seeds", "0,1",
         "--out", str(tmp_path / "parity"), "trainer=cpu", "data.num_workers=0", "data.pin_memory=false",
-        "trainer.enable_progress_bar=false", "logger=none", "detectors.names=[msp,energy,knn,mahalanobis]"])
+        "trainer.enable_progress_bar=false", "logger=none", "detectors.names=[msp,energy,knn,mahalanobis]", NO_FIGURES])
     out, err = capsys.readouterr()
     assert code == 1  # cifar100's checkpoints are missing
     missing = results / parity_openood.RUNS["cifar100"] / "s0" / "best.ckpt"

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import NO_FIGURES
 
 from ood import termination
 from ood.files import atomic_write_text
 from ood.report import main as report
 
-JOB = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "detectors.names=[msp]", "logger=none"]
+JOB = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "detectors.names=[msp]", "logger=none", NO_FIGURES]
 
 
 def _sweep(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess[str], Path]:
