@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST, compose_config, run_config
+from helpers import FAST, NO_FIGURES, compose_config, run_config
 
 from ood.errors import CheckpointError, ConfigError
 from ood.runs.checkpoints import resolve_ckpt_path
@@ -20,7 +20,7 @@ from ood.runs.checks import check_run
 from ood.runs.identity import flat_config
 from ood.train import run
 
-RUN = [*FAST, "trainer.max_epochs=3", "detectors.names=[msp,energy]", "logger=none"]
+RUN = [*FAST, "trainer.max_epochs=3", "detectors.names=[msp,energy]", "logger=none", NO_FIGURES]
 TESTS = Path(__file__).parent
 
 
