@@ -4,6 +4,7 @@ evaluates; `tests/test_rank_zero.py` checks that the other rank never holds the 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -28,11 +29,19 @@ def test_collector_requires_declared_fields() -> None:
         c.update(index=torch.tensor([0]), features=torch.zeros(1, 2))
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
+    """One FAST digits run, evaluated at its end with msp, energy, mahalanobis and knn: its rows and its checkpoint,
+    shared by this file's DDP tests (trained once, not once per test)."""
+    out = tmp_path_factory.mktemp("train")
+    rows = run_config(out, [*FAST, NO_FIGURES, "detectors.names=[msp,energy,mahalanobis,knn]"])
+    return rows, out / "checkpoints" / "last.ckpt"
+
+
 @pytest.mark.slow
-def test_ddp_cpu_evaluation_equals_single_process(tmp_path: Path) -> None:
+def test_ddp_cpu_evaluation_equals_single_process(tmp_path: Path, trained: tuple[list[dict[str, Any]], Path]) -> None:
     # odd-sized splits (650/162/271/300/714/500...) with eval batch 64 force uneven shards and sampler padding
-    train_rows = run_config(tmp_path / "train", [*FAST, NO_FIGURES, "detectors.names=[msp,energy,mahalanobis,knn]"])
-    ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    train_rows, ckpt = trained
     # with the network-pass detectors (rank 0 re-runs the network over whole splits, or gram_stream's fit over parts of
     # the train split) and the layer taps they read
     network = "odin,rankfeat,nac,gram,gram_stream"
@@ -61,11 +70,10 @@ def test_ddp_cpu_evaluation_equals_single_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_cpu_grood_equals_single_process(tmp_path: Path) -> None:
+def test_ddp_cpu_grood_equals_single_process(tmp_path: Path, trained: tuple[list[dict[str, Any]], Path]) -> None:
     """GROOD's prototypes are sums synced across ranks (padding duplicates held back): same numbers under DDP,
     up to float summation order."""
-    run_config(tmp_path / "train", [*FAST, "detectors=none"])
-    common = [f"ckpt_path={tmp_path / 'train' / 'checkpoints' / 'last.ckpt'}", "method=grood", "detectors=none",
+    common = [f"ckpt_path={trained[1]}", "method=grood", "detectors=none",
               "data.eval_batch_size=64", "trainer.enable_progress_bar=false"]
     single = {r["ood_dataset"]: r for r in run_config(tmp_path / "single", common, config_name="eval")}
     ddp = {r["ood_dataset"]: r for r in run_config(tmp_path / "ddp", [*common, "trainer=ddp_cpu"], config_name="eval")}
