@@ -238,3 +238,33 @@ def test_a_bank_folder_being_removed_keeps_its_lock_file_to_the_end(
     assert seen == [[]]
     assert [r.getMessage() for r in caplog.records] == []
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_bank_folder_is_never_seen_without_its_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Another evaluation's cleanup at the instant this one locks its new folder (after making it, before its lock
+    file is in place) named that running evaluation's folder as an older version's ("remove it if no evaluation is
+    running"); the folder is now made and locked under a hidden name, and appears as `banks-*` locked."""
+    from ood.evaluation import callback
+
+    banks = tmp_path / "banks"
+    _, _, trainer, _ = build(compose_config(tmp_path / "run", [*SPILLING, f"evaluation.bank_dir={banks}"]))
+    [evaluation] = [c for c in trainer.callbacks if isinstance(c, OODEvaluation)]
+    lockf, found = callback.fcntl.lockf, []
+
+    def locking_while_another_cleans(fd: int, operation: int) -> None:
+        lockf(fd, operation)
+        if not found:
+            found.append(callback.remove_abandoned_spills(banks))
+
+    monkeypatch.setattr(callback.fcntl, "lockf", locking_while_another_cleans)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        evaluation._open_spill()
+    try:
+        assert found == [[]] and [r.getMessage() for r in caplog.records if r.name.startswith("ood")] == []
+        assert list(banks.iterdir()) == [evaluation._spill] and evaluation._spill.name.startswith("banks-")
+        assert (evaluation._spill / callback.SPILL_LOCK).is_file()
+    finally:
+        evaluation._release()
+    assert list(banks.iterdir()) == []

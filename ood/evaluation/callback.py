@@ -154,8 +154,11 @@ class OODEvaluation(Callback):
             return
         self.bank_dir.mkdir(parents=True, exist_ok=True)
         remove_abandoned_spills(self.bank_dir)
-        self._spill = Path(tempfile.mkdtemp(prefix="banks-", dir=self.bank_dir))
-        self._spill_lock = lock_spill(self._spill)
+        # made and locked under a hidden name, then renamed: a `banks-*` folder is never seen without its lock
+        staging = Path(tempfile.mkdtemp(prefix=".banks-", dir=self.bank_dir))
+        self._spill_lock = lock_spill(staging)
+        self._spill = staging.with_name(staging.name[1:])
+        staging.rename(self._spill)
 
     def _release(self) -> None:
         """Drop the collected rows and this evaluation's memory-mapped banks (after it, or when it failed)."""
@@ -369,7 +372,7 @@ def remove_abandoned_spills(bank_dir: Path) -> list[Path]:
             continue
         try:  # unreadable: another user's (mode 0700)
             fd = os.open(lock, os.O_RDWR)
-        except FileNotFoundError:  # an evaluation's that took no lock, or one just made (locked an instant later)
+        except FileNotFoundError:  # an evaluation's that took no lock (no file locks there, or an older ood)
             if folder.is_dir():
                 lockless.append(folder)
             continue
