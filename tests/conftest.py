@@ -70,6 +70,14 @@ def _no_wandb_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "disabled"))
 
 
+@pytest.fixture
+def no_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ROC / histogram run figures (matplotlib, seconds a run) in this process, for test files whose in-process
+    runs read none (`pytestmark = pytest.mark.usefixtures("no_figures")`); a DDP rank or subprocess needs
+    `helpers.NO_FIGURES` instead."""
+    monkeypatch.setattr("ood.evaluation.sinks.save_run_figures", lambda *args, **kwargs: None)
+
+
 def shared_once(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], Path]) -> Path:
     """`make(folder)` run once per test session, however many xdist workers ask: the first one makes it under a
     file lock in the temp directory the workers share, the others wait and reuse the path it returned."""

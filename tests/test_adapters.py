@@ -63,10 +63,8 @@ STAGES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _no_figures(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The run figures (matplotlib) cost seconds and are not what these tests check."""
-    monkeypatch.setattr("ood.evaluation.sinks.save_run_figures", lambda *args, **kwargs: None)
+#: the run figures (matplotlib) cost seconds and are not what these tests check
+pytestmark = pytest.mark.usefixtures("no_figures")
 
 
 @pytest.fixture(scope="module")

@@ -29,11 +29,8 @@ from ood.data.hygiene import BadImageError, load_image, to_rgb
 from ood.data.sets import folder_entries
 from ood.errors import ConfigError, DataNotFoundError
 
-
-@pytest.fixture(autouse=True)
-def _no_figures(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The run figures (matplotlib) cost seconds and are not what these tests check."""
-    monkeypatch.setattr("ood.evaluation.sinks.save_run_figures", lambda *args, **kwargs: None)
+#: the run figures (matplotlib) cost seconds and are not what these tests check
+pytestmark = pytest.mark.usefixtures("no_figures")
 
 
 @pytest.fixture
