@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import make_image_folders, run_config
+from helpers import NO_FIGURES, make_image_folders, run_config
 from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.metrics import roc_auc_score
@@ -650,7 +650,7 @@ def test_a_temporary_run_folder_goes_when_the_process_ends(tmp_path: Path) -> No
         "import torch.nn as nn, ood\n"
         "net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))\n"
         f"r = ood.evaluate(net, {str(paths['id'])!r}, [{str(paths['far'])!r}], detectors='msp', image_size=32, "
-        "resize=32, device='cpu')\n"
+        f"resize=32, device='cpu', overrides=[{NO_FIGURES!r}])\n"  # a subprocess: `no_figures` does not reach it
         "assert (r.run_dir / 'results.jsonl').is_file() and r.run_dir.name.startswith('ood-eval-')\n"
         "print(r.run_dir)\n"
     )

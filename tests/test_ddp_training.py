@@ -12,7 +12,7 @@ import torch
 from ddp_step import CASES, prepare, worker
 from fabricate import CASES as CLUSTER_CASES
 from fabricate import DIGITS as CLUSTER_DIGITS
-from helpers import rows_by, run_config, start_ranks
+from helpers import NO_FIGURES, rows_by, run_config, start_ranks
 from omegaconf import OmegaConf
 from torch.multiprocessing import ProcessRaisedException
 from torch.utils.data import DistributedSampler
@@ -117,7 +117,7 @@ def test_ddp_supcon_cluster_run_meets_the_single_process_floor_and_reloads_on_on
     overrides, near_floor, far_floor = CLUSTER_CASES["supcon"]
     # every cached detector and the CSV logger: a spawned fit then test with hundreds of logged metrics (the results
     # once hung in Lightning's spawn launcher, and the CSV logger lost the training columns)
-    common = [*(o for o in CLUSTER_DIGITS if not o.startswith("detectors=")), "detectors=fast", *overrides]
+    common = [*(o for o in CLUSTER_DIGITS if not o.startswith("detectors=")), "detectors=fast", *overrides, NO_FIGURES]
     rows = rows_by(run_config(tmp_path / "ddp", [*common, "trainer=ddp_cpu"]), "cluster")
     with open(next((tmp_path / "ddp" / "csv").glob("version_*/metrics.csv"))) as f:
         columns = next(csv.reader(f))

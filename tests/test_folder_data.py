@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from helpers import compose_config, make_image_folders, run_config
+from helpers import NO_FIGURES, compose_config, make_image_folders, run_config
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from torch import nn
@@ -397,7 +397,7 @@ def test_ddp_cpu_timm_on_folders_equals_single_process(tmp_path: Path) -> None:
         "data=folder", f"data.root={paths['id']}", f"+data.ood.near={{noise: {paths['near']}}}",
         f"+data.ood.far={{checkers: {paths['far']}}}", "data.image_size=32", "data.resize=32", "data.num_workers=0",
         "data.eval_batch_size=5", "detectors.names=[msp,knn,mahalanobis]", "logger=none", "callbacks=none",
-        "trainer.enable_progress_bar=false",
+        "trainer.enable_progress_bar=false", NO_FIGURES,  # the DDP ranks: `no_figures` patches this process only
     ]
     single = run_config(tmp_path / "single", common, config_name="eval")
     ddp = run_config(tmp_path / "ddp", [*common, "trainer=ddp_cpu"], config_name="eval")

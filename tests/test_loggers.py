@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import FAST, run_config
+from helpers import FAST, NO_FIGURES, run_config
 from wandb_files import read_run
 
 SHORT = [*FAST, "trainer.max_epochs=1", "detectors.names=[msp,energy]"]
@@ -45,7 +45,7 @@ def test_wandb_offline_one_run_per_job(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     runs = {}
     for job, extra in (("a", "seed=0"), ("b", "seed=1"), ("c", "method.optimizer.lr=0.01")):
-        run_config(tmp_path / job, [*SHORT, "logger=wandb", "tags=[test]", extra])
+        run_config(tmp_path / job, [*SHORT, "logger=wandb", "tags=[test]", extra, NO_FIGURES])  # its ROC tables are wandb tables, no figure
         assert wandb.run is None, "wandb.finish() must close each job's run"
         (run_dir,) = (tmp_path / job / "wandb").glob("offline-run-*")
         assert list(run_dir.rglob("test/results*.table.json")), "the results table is logged for the dashboard"

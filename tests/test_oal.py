@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import compose_config, rows_by
+from helpers import NO_FIGURES, compose_config, rows_by
 from torch import nn
 
 from ood.errors import ConfigError
@@ -341,6 +341,7 @@ def test_oal_on_digits(tmp_path: Path, ce_checkpoint: Path, caplog: pytest.LogCa
         "detectors.names=[energy]",
         "detectors.tune=false",
         "callbacks=none",
+        NO_FIGURES,  # its checks read the rows
     ]
     cfg = compose_config(tmp_path / "run", overrides)
     method, datamodule, trainer, evaluation = build(cfg)
