@@ -450,6 +450,7 @@ def evaluate(
     from ood import CONFIG_DIR
     from ood.data.benchmark import check_loader_options
     from ood.models.adapters import as_backbone, check_classes
+    from ood.runs.checks import check_overrides
     from ood.runs.failures import clear_failure, ctrl_c_raised, record_failure
     from ood.train import build
 
@@ -490,6 +491,9 @@ def evaluate(
     # (tempscale) failed in it: the run is the trainer's, which chooses its own grad mode
     with _caller_state(), _caller_model(net), torch.inference_mode(False):
         try:
+            # as `ood-eval`'s: a misspelt key is one line, and a new key under an empty mapping
+            # (`detectors.params.knn.k=5`, as the detectors' warnings write it) needs no `+`
+            args = check_overrides(CONFIG_DIR, "eval", args)
             with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
                 cfg = compose(config_name="eval", overrides=args, return_hydra_config=True)
             _check_data_options(data, cfg.data)

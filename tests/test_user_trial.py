@@ -1,0 +1,35 @@
+"""What a new user meets following the README's "Your model, your data" on fabricated folders: the Python API takes
+an override as the command line does, and reading results back names what is wrong with the folder given."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import make_image_folders
+from torch import nn
+
+import ood
+from ood.errors import ConfigError
+
+#: the run figures (matplotlib) cost seconds and are not what these tests check
+pytestmark = pytest.mark.usefixtures("no_figures")
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))
+
+
+def test_an_override_of_a_new_detector_parameter_needs_no_plus(tmp_path: Path) -> None:
+    """The knn warning says "set detectors.params.knn.k below 6"; `overrides=["detectors.params.knn.k=2"]` raised
+    Hydra's traceback ("Could not override ... use +detectors.params.knn.k=5") where `ood-eval` takes the same
+    override without the `+`. Now it is taken as the command line takes it, and a misspelt key is one line."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=2, ood=2, size=8)
+    run = dict(detectors=["knn"], image_size=8, resize=8, device="cpu")
+    results = ood.evaluate(_net(), paths["id"], [paths["far"]], overrides=["detectors.params.knn.k=2"],
+                           output_dir=tmp_path / "run", **run)
+    assert {r["detector_params"]["k"] for r in results.rows} == {2}
+    with pytest.raises(ConfigError, match=r"^unknown config key 'detectors.tunee': did you mean detectors.tune=\.\.\.\?"):
+        ood.evaluate(_net(), paths["id"], [paths["far"]], overrides=["detectors.tunee=false"],
+                     output_dir=tmp_path / "bad", **run)
+
