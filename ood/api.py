@@ -59,7 +59,15 @@ class Results:
         """The results a run (CLI or Python) left in `run_dir`."""
         run_dir = Path(run_dir)
         path = run_dir / "results.jsonl"
+        if not run_dir.is_dir():  # "the evaluation did not finish" sent a mistyped path looking for a failure
+            raise ConfigError(f"{run_dir}: no such folder; give the run folder an evaluation wrote (its output_dir, "
+                              "or the `run folder:` ood-eval printed)")
         if not path.is_file():
+            runs = sorted(p.parent.name for p in run_dir.glob("*/results.jsonl"))
+            if runs:  # a folder of runs (logs/eval/runs, a sweep): not one that failed
+                raise ConfigError(f"{run_dir} holds run folders, not one run's results: give one of them, e.g. "
+                                  f"{run_dir / runs[-1]} ({len(runs)} here: {', '.join(runs[:4])}"
+                                  f"{', ...' if len(runs) > 4 else ''}); `ood-report {run_dir}` compares them all")
             raise ConfigError(f"{run_dir} holds no results.jsonl: the evaluation did not finish")
         rows = _read_rows(path)
         scores: dict[str, dict[str, np.ndarray]] = {}

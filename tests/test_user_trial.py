@@ -33,3 +33,15 @@ def test_an_override_of_a_new_detector_parameter_needs_no_plus(tmp_path: Path) -
         ood.evaluate(_net(), paths["id"], [paths["far"]], overrides=["detectors.tunee=false"],
                      output_dir=tmp_path / "bad", **run)
 
+
+def test_reading_results_back_from_a_wrong_folder_says_which_folder_to_give(tmp_path: Path) -> None:
+    """`Results.from_dir` of a mistyped path, or of the folder holding the runs (`logs/eval/runs`, an `output_dir`
+    parent), said "holds no results.jsonl: the evaluation did not finish", sending the user after a failure that
+    never happened. Now a missing folder and a folder of runs are named as such (the latter with a run to give)."""
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "results.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"^\S+nope: no such folder; give the run folder an evaluation wrote"):
+        ood.Results.from_dir(tmp_path / "nope")
+    with pytest.raises(ConfigError, match=r"^\S+runs holds run folders, not one run's results: give one of them, e.g. "
+                                          r"\S+runs/a \(1 here: a\); `ood-report \S+runs` compares them all$"):
+        ood.Results.from_dir(tmp_path / "runs")
