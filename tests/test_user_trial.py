@@ -3,6 +3,7 @@ an override as the command line does, and reading results back names what is wro
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from helpers import make_image_folders
 from torch import nn
 
 import ood
-from ood.errors import ConfigError
+from ood.errors import ConfigError, DataNotFoundError
 
 #: the run figures (matplotlib) cost seconds and are not what these tests check
 pytestmark = pytest.mark.usefixtures("no_figures")
@@ -45,3 +46,15 @@ def test_reading_results_back_from_a_wrong_folder_says_which_folder_to_give(tmp_
     with pytest.raises(ConfigError, match=r"^\S+runs holds run folders, not one run's results: give one of them, e.g. "
                                           r"\S+runs/a \(1 here: a\); `ood-report \S+runs` compares them all$"):
         ood.Results.from_dir(tmp_path / "runs")
+
+
+def test_an_image_file_given_as_a_set_names_the_folder_to_give(tmp_path: Path) -> None:
+    """An OOD set given as one of its images (`["data/dtd/0.png"]`) was told to pass it as an image list,
+    `{imglist: .../0.png}`, which reads the PNG as text; now the line says to give the folder of its images."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=2, ood=2, size=8)
+    image = paths["far"] / "0.png"
+    with pytest.raises(DataNotFoundError,
+                       match=rf"^0.png: {re.escape(str(image))} is one image, not a folder \(expected a folder of images; ID splits: "
+                             r"<folder>/<class>/<image>\): give the folder that holds the set's images$"):
+        ood.evaluate(_net(), paths["id"], [image], detectors=["msp"], image_size=8, resize=8, device="cpu",
+                     output_dir=tmp_path / "run")

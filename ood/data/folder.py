@@ -880,6 +880,9 @@ def no_folder(name: str, path: Path, layout: str) -> DataNotFoundError:
     where a folder is read: 'folder not found' named a file that was there)."""
     if not path.is_file():
         return DataNotFoundError(f"{name}: folder not found: {path} (expected {layout})")
+    if path.suffix.lower() in IMAGE_EXTENSIONS:  # one image of the set: an image list of it was no way out
+        return DataNotFoundError(f"{name}: {path} is one image, not a folder (expected {layout}): give the folder "
+                                 "that holds the set's images")
     return DataNotFoundError(f"{name}: {path} is a file, not a folder (expected {layout}); an image list is given "
                              f"as {{imglist: {path}}} (Python: {{'imglist': ...}}), other files (an .npy array) as a "
                              "torch Dataset")
