@@ -340,6 +340,9 @@ def _detector_overrides(detectors: str | Sequence[str]) -> list[str]:
 
     if isinstance(detectors, str) and (CONFIG_DIR / "detectors" / f"{detectors}.yaml").is_file():
         return [f"detectors={detectors}"]
+    if isinstance(detectors, str) and "," in detectors:  # Hydra's sweep refusal named `-m` and the CLI's list syntax
+        raise ConfigError(f"detectors={detectors!r} is one string, not a list of names: give "
+                          f"detectors={[name.strip() for name in detectors.split(',')]!r}")
     names = detectors if isinstance(detectors, str) else f"[{','.join(detectors)}]"
     return ["detectors=all", f"detectors.names={names}"]
 

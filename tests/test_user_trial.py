@@ -58,3 +58,13 @@ def test_an_image_file_given_as_a_set_names_the_folder_to_give(tmp_path: Path) -
                              r"<folder>/<class>/<image>\): give the folder that holds the set's images$"):
         ood.evaluate(_net(), paths["id"], [image], detectors=["msp"], image_size=8, resize=8, device="cpu",
                      output_dir=tmp_path / "run")
+
+
+def test_detector_names_in_one_string_say_to_give_a_list(tmp_path: Path) -> None:
+    """`detectors="msp,knn"` (the CLI's `detectors.names=[msp,knn]` typed as one Python string) raised Hydra's sweep
+    error about `-m`; now one line saying to give a list."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=2, ood=2, size=8)
+    with pytest.raises(ConfigError, match=r"^detectors='msp, knn' is one string, not a list of names: give "
+                                          r"detectors=\['msp', 'knn'\]$"):
+        ood.evaluate(_net(), paths["id"], [paths["far"]], detectors="msp, knn", image_size=8, resize=8, device="cpu",
+                     output_dir=tmp_path / "run")
