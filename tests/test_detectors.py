@@ -263,9 +263,14 @@ def test_conf_groups_resolve_from_the_registry() -> None:
     assert resolve_detectors([detector_class("knn"), "msp"]) == [detector_class("knn"), detector_class("msp")]
     assert resolve_detectors(["msp", "knn", "msp"]) == [detector_class("msp"), detector_class("knn")]  # once each
     assert resolve_detectors("msp") == [detector_class("msp")]  # one name alone
-    with pytest.raises(ConfigError, match=r"unknown detector selection 'every'; choices: \['full', 'all', 'cached'\]"):
+    with pytest.raises(ConfigError, match=r"unknown detector selection 'every' \(did you mean 'energy'\?\); choices: "
+                                          r"\['full', 'all', 'cached'\]"):
         resolve_detectors("every")
-    with pytest.raises(ConfigError, match="unknown detector 'msq'; available: adascale_a, adascale_l, ash"):
+    with pytest.raises(ConfigError, match=r"^unknown detector selection 'al' \(did you mean 'all'\?\); choices: "):
+        resolve_detectors("al")  # a misspelt selection names the closest choice (names and selections)
+    with pytest.raises(ConfigError, match=r"^unknown detector selection 'xyz'; choices: "):
+        resolve_detectors("xyz")  # nothing close: no guess
+    with pytest.raises(ConfigError, match=r"unknown detector 'msq' \(did you mean 'msp'\?\); available: adascale_a, adascale_l, ash"):
         resolve_detectors(["msp", "msq"])
     # a list holds names and selections: its message lists both (`fast` is a config of the group, not a selection)
     with pytest.raises(ConfigError, match=r"unknown detector 'fast' \(here: 'cached'\); available: adascale_a, .*, weiper; "
@@ -277,14 +282,14 @@ def test_conf_groups_resolve_from_the_registry() -> None:
         assert set(load(group)) == {"names", "exclude", "params", "tune"} and load(group)["exclude"] == []
     kept = [cls.name for cls in Evaluator("full", exclude=["gram", "iodin"]).detectors]
     assert kept == [n for n in registered if n not in ("gram", "iodin")]
-    with pytest.raises(ConfigError, match="unknown detector 'grma'; available: adascale_a"):
+    with pytest.raises(ConfigError, match=r"unknown detector 'grma' \(did you mean 'gram'\?\); available: adascale_a"):
         Evaluator("full", exclude=["grma"])
 
 
 def test_params_for_a_detector_the_run_does_not_score(caplog: pytest.LogCaptureFixture) -> None:
     """A misspelt name in detectors.params fails listing the choices; params of a detector left out warn (they
     would be dropped silently)."""
-    with pytest.raises(ConfigError, match="unknown detector 'kn'; available: adascale_a"):
+    with pytest.raises(ConfigError, match=r"unknown detector 'kn' \(did you mean 'knn'\?\); available: adascale_a"):
         Evaluator(["msp"], params={"kn": {"k": 10}})
     with caplog.at_level("WARNING"):
         Evaluator(["msp", "energy"], params={"knn": {"k": 10}, "energy": {"temperature": 2.0}})

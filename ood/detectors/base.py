@@ -18,6 +18,7 @@ the model in eval mode whatever mode it was left in.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import math
@@ -443,10 +444,13 @@ GROUP_OPTIONS = {"fast": "cached"}
 
 def _known_as(name: object) -> str:
     """For an unknown detector name another library uses (`mls`, `MaxSoftmax`, `KNN`) or a config group option
-    (`fast`): ' (here: <ours>)', else ''."""
+    (`fast`): ' (here: <ours>)'; for a misspelt one (`knnn`, `al`): ' (did you mean <closest>?)'; else ''."""
     key = str(name).lower()
     ours = OTHER_NAMES.get(key) or GROUP_OPTIONS.get(key) or (key if key in _REGISTRY else None)
-    return f" (here: {ours!r})" if ours is not None else ""
+    if ours is not None:
+        return f" (here: {ours!r})"
+    close = difflib.get_close_matches(key, [*SELECTIONS, *available_detectors()], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def build_detector(name: DetectorRef, **hparams: Any) -> Detector:
