@@ -299,7 +299,8 @@ def test_skip_reasons_on_a_model_wrapped_whole_are_short(tiny: dict[str, Any], c
         "skipping detector adascale_a: none of its 36 grid points (percentile) applies: it needs the intermediate maps "
         "of a staged backbone; TinyNet is wrapped as a whole",
         *(f"skipping detector {n}: {n} reads {p}* maps from the evaluation cache, which holds none: they are tapped from "
-          "the stage modules of a staged backbone (a network wrapped as a whole has none)"
+          "the stage modules of a staged backbone (a network wrapped as a whole has none), in an evaluation's pass or "
+          f"by ood.extract(..., taps=['{n}'])"
           for n, p in (("gram", "gram."), ("mds_ensemble", "stage_mean."))),
     ]
 
@@ -311,8 +312,9 @@ def test_maps_come_from_the_single_pass_and_missing_maps_are_not_applicable(tiny
     assert bank.extras["stage_mean.block2"].shape == (240, 100) and bank.extras["gram.stages.block1.0"].shape == (240, 5, 6)
     bare = FeatureBank(bank.logits, bank.features, bank.labels, bank.weight, bank.bias)
     for name in ("gram", "mds_ensemble"):
-        with pytest.raises(DetectorNotApplicable, match="from the evaluation cache, which holds none"):
-            build_detector(name).fit(bare)
+        with pytest.raises(DetectorNotApplicable, match=rf"from the evaluation cache, which holds none: .* or by "
+                                                        rf"ood\.extract\(\.\.\., taps=\['{name}'\]\)$"):
+            build_detector(name).fit(bare)  # an ood.extract bank without taps: the message says how to get them
 
 
 def test_taps_reduce_outside_autocast(tiny: dict[str, Any]) -> None:

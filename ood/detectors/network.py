@@ -77,7 +77,8 @@ def tapped_keys(bank: FeatureBank, prefix: str, name: str, missing: str | None =
     if not keys:
         raise DetectorNotApplicable(missing or (
             f"{name} reads {prefix}* maps from the evaluation cache, which holds none: they are tapped from the stage "
-            "modules of a staged backbone (a network wrapped as a whole has none)"))
+            f"modules of a staged backbone (a network wrapped as a whole has none), in an evaluation's pass or by "
+            f"ood.extract(..., taps=['{name}'])"))
     return keys
 
 
