@@ -219,7 +219,8 @@ def test_weights_from_local_files(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"hf is a folder, not a checkpoint file; did you mean .*hf/model.safetensors\?$"):
         timm_backbone("resnet10t", num_classes=3, weights=str(tmp_path / "hf"))
     torch.save(timm.create_model("resnet10t", pretrained=False, num_classes=1000).state_dict(), tmp_path / "in1k.pth")
-    with pytest.raises(ConfigError, match=r"in1k.pth have a 1000-class head \(fc.weight \(1000, 512\)\) but the ID data has 3"):
+    with pytest.raises(ConfigError, match=r"in1k.pth have a 1000-class head \(fc.weight \(1000, 512\)\) but the ID data has "
+                                          r"3 classes: evaluate weights trained on these classes"):
         timm_backbone("resnet10t", num_classes=3, weights=str(tmp_path / "in1k.pth"))
     wider = Custom()
     wider.hidden, wider.logits_layer = nn.Linear(4, 7), nn.Linear(7, 3)  # same classes, another width

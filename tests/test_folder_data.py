@@ -204,7 +204,9 @@ def test_folder_mistakes_are_one_line(folders: dict[str, Path], tmp_path: Path) 
     with pytest.raises(DataNotFoundError, match=r"empty: no images in .*/empty \(extensions"):
         FolderBenchmark(root, ood={"far": {"empty": tmp_path / "empty"}})
     shutil.copytree(root / "test" / "c0", root / "test" / "zebra")
-    with pytest.raises(DataNotFoundError, match=r"test has 1 classes absent from the ID train split \(3 classes\): \['zebra'\]"):
+    with pytest.raises(DataNotFoundError, match=r"test has 1 class absent from the ID train split \(3 classes\): \['zebra'\]; if the model knows "
+                                                r"them, give its class names in label order \(data\.classes=\[\.\.\.\], Python: "
+                                                r"classes=\[\.\.\.\]\), else move those images out of this split$"):
         FolderBenchmark(root, ood=[folders["far"]])
     shutil.rmtree(root / "test" / "zebra")
     bench = FolderBenchmark(root, ood={"near": {"n": folders["near"]}, "far": [folders["far"]], "val": folders["near"]},
@@ -572,8 +574,8 @@ def test_test_folder_labels_follow_a_train_dataset(folders: dict[str, Path], tmp
     assert [y for _, y in by_name.test()] == [y for _, y in bench.id_sets["test"].entries] == [0] * 3 + [2] * 3
     assert [y for _, y in by_name.csid_test()[0].dataset] == [0] * 3 + [2] * 3
     shutil.copytree(test / "c0", test / "zebra")
-    with pytest.raises(DataNotFoundError, match=r"^Dataset ImageFolder \(id:test\) has 1 classes absent from the ID train "
-                                                r"split \(3 classes\): \['zebra'\]$"):
+    with pytest.raises(DataNotFoundError, match=r"^Dataset ImageFolder \(id:test\) has 1 class absent from the ID train "
+                                                r"split \(3 classes\): \['zebra'\]; if the model knows them"):
         FolderBenchmark(folders["id"], test=ImageFolder(str(test)), ood=[folders["far"]])
     other = ImageFolder(str(test))
     other.classes = ["tench", "goldfish", "shark"]  # names of another vocabulary: its own indices, as before

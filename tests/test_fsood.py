@@ -376,7 +376,7 @@ def test_folder_csid_sets_get_the_test_split_checks(tmp_path: Path) -> None:
     assert [(p.relative_to(shifted), y) for p, y in bench.csid_sets["b"].entries] == test  # under the list's folder
     assert [(s.name, len(s.dataset), s.dataset[0][1]) for s in bench.csid_test()] == [("a", 6, 0), ("b", 6, 0)]
     shutil.copytree(shifted / "c0", shifted / "zebra")
-    with pytest.raises(DataNotFoundError, match=r"shifted has 1 classes absent from the ID train split \(3 classes\): \['zebra'\]"):
+    with pytest.raises(DataNotFoundError, match=r"shifted has 1 class absent from the ID train split \(3 classes\): \['zebra'\]"):
         FolderBenchmark(paths["id"], {"far": [paths["far"]], "csid": [shifted]})
     (tmp_path / "bad.txt").write_text("c0/0.png 0\nc0/1.png 7\n")
     with pytest.raises(DataNotFoundError, match=r"bad.txt has 1 labels absent from the ID train split \(classes 0..2\): \[7\]"):

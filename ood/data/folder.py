@@ -426,8 +426,7 @@ class FolderBenchmark(Benchmark):
                 return ImageSet(name, where, dataset=source)
             unknown = sorted(c for c, k in zip(names, keys) if k not in index)  # type: ignore[arg-type]
             if unknown:
-                raise DataNotFoundError(f"{where} ({name}) has {len(unknown)} classes absent from the ID train split "
-                                        f"({len(index)} classes): {first_few(unknown)}")
+                raise DataNotFoundError(absent_classes(f"{where} ({name})", unknown, len(index)))
             return ImageSet(name, where, dataset=source, relabel=[index[k] for k in keys])
         if isinstance(source, Mapping) and "imglist" in source:
             spec = SetSpec.parse(name, source)
@@ -481,9 +480,7 @@ class FolderBenchmark(Benchmark):
         index = {class_key(c): i for i, c in enumerate(classes)}  # by NFC form: `café` from macOS is NFD
         unknown = sorted(c for c in found if class_key(c) not in index)
         if unknown:
-            raise DataNotFoundError(
-                f"{folder} has {len(unknown)} classes absent from the ID train split ({len(classes)} classes): {first_few(unknown)}"
-            )
+            raise DataNotFoundError(absent_classes(str(folder), unknown, len(classes)))
         entries = [(f, index[class_key(c)]) for c in found for f in image_files(folder / c, left_out)]
         warn_left_out(name, left_out)
         return ImageSet(name, str(folder), entries)
@@ -851,6 +848,14 @@ def first_few(items: Sequence[Any], first: int = 8) -> str:
     """`items` for a one-line message: all of them, or the first `first` and how many there are (a 1000-class
     folder gave a 13 kB line)."""
     return str(list(items)) if len(items) <= first else f"{list(items[:first])} ... ({len(items)} in all)"
+
+
+def absent_classes(where: str, unknown: Sequence[str], known: int) -> str:
+    """The one-line error for a split whose classes the ID train split lacks, with the two ways out."""
+    noun = "class" if len(unknown) == 1 else "classes"
+    return (f"{where} has {len(unknown)} {noun} absent from the ID train split ({known} classes): {first_few(unknown)}; "
+            "if the model knows them, give its class names in label order (data.classes=[...], Python: classes=[...]), "
+            "else move those images out of this split")
 
 
 def warn_numbered(folder: Path, classes: Sequence[str]) -> None:

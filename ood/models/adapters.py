@@ -401,7 +401,8 @@ def load_weights_into(backbone: Backbone, path: str | Path) -> None:
     if head in state and head in own and state[head].shape[0] != own[head].shape[0]:
         raise ConfigError(
             f"weights {path} have a {state[head].shape[0]}-class head ({head} {tuple(state[head].shape)}) but the "
-            f"ID data has {own[head].shape[0]} classes"
+            f"ID data has {own[head].shape[0]} classes: evaluate weights trained on these classes (fine-tune a "
+            "pretrained model on them first), or give data whose classes are the head's"
         )
     if head in state and head in own and state[head].shape != own[head].shape:
         raise ConfigError(
