@@ -502,9 +502,11 @@ def evaluate(
     # (tempscale) failed in it: the run is the trainer's, which chooses its own grad mode
     with _caller_state(), _caller_model(net), torch.inference_mode(False):
         try:
-            # as `ood-eval`'s: a misspelt key is one line, and a new key under an empty mapping
-            # (`detectors.params.knn.k=5`, as the detectors' warnings write it) needs no `+`
-            args = check_overrides(CONFIG_DIR, "eval", args)
+            # the caller's, as `ood-eval`'s: a misspelt key is one line, and a new key under an empty mapping
+            # (`detectors.params.knn.k=5`, as the detectors' warnings write it) needs no `+` (the check composes the
+            # config once more: only when there are any; the call's own overrides are well-formed)
+            if overrides:
+                args = check_overrides(CONFIG_DIR, "eval", args)
             with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
                 cfg = compose(config_name="eval", overrides=args, return_hydra_config=True)
             _check_data_options(data, cfg.data)
