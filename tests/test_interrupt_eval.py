@@ -132,6 +132,13 @@ def test_a_killed_evaluations_folder_is_free_while_the_workers_it_forked_live_on
     assert [p.name for p in tmp_path.iterdir()] == ["worker.pid"]
 
 
+def lockless_warning(bank_dir: Path, folder: Path, size: str) -> str:
+    """The warning naming a `banks-*` folder without a lock file, kept."""
+    return (f"evaluation.bank_dir={bank_dir} holds bank folder(s) without a lock file, so kept (left by a version of "
+            f"ood before the locks, or by an evaluation on a file system without them): {folder} ({size}); remove it "
+            "if no evaluation is running")
+
+
 def test_bank_folders_without_a_lock_file_are_named_with_their_size(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A `banks-*` folder left by a version before the locks (no lock file) was kept without a word, gigabytes each
@@ -143,10 +150,7 @@ def test_bank_folders_without_a_lock_file_are_named_with_their_size(
     (old / "train" / "features.npy").write_bytes(os.urandom(2_000_000))
     with caplog.at_level(logging.WARNING):
         assert remove_abandoned_spills(tmp_path) == []
-    assert [r.getMessage() for r in caplog.records] == [
-        f"evaluation.bank_dir={tmp_path} holds bank folder(s) without a lock file, so kept (left by a version of ood "
-        f"before the locks, or by an evaluation on a file system without them): {old} (2.0 MB); remove it if no "
-        "evaluation is running"]
+    assert [r.getMessage() for r in caplog.records] == [lockless_warning(tmp_path, old, "2.0 MB")]
     assert (old / "train" / "features.npy").is_file()
 
 
@@ -178,10 +182,7 @@ def test_a_bank_folder_removed_while_it_is_measured_is_no_error(
     monkeypatch.setattr(os, "lstat", removed_on_first_look(real_lstat))
     with caplog.at_level(logging.WARNING):
         assert remove_abandoned_spills(tmp_path) == []
-    assert [r.getMessage() for r in caplog.records] == [
-        f"evaluation.bank_dir={tmp_path} holds bank folder(s) without a lock file, so kept (left by a version of ood "
-        f"before the locks, or by an evaluation on a file system without them): {going} (1.0 MB); remove it if no "
-        "evaluation is running"]
+    assert [r.getMessage() for r in caplog.records] == [lockless_warning(tmp_path, going, "1.0 MB")]
 
 
 class _Listing:
