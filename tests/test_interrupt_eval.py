@@ -132,6 +132,47 @@ def test_a_killed_evaluations_folder_is_free_while_the_workers_it_forked_live_on
     assert [p.name for p in tmp_path.iterdir()] == ["worker.pid"]
 
 
+def test_a_staging_folder_left_by_a_killed_evaluation_is_removed(tmp_path: Path) -> None:
+    """A new bank folder is made and locked as a hidden `.banks-*` folder, then renamed to `banks-*`: an evaluation
+    killed in between left that folder for good (the cleanup looked at `banks-*` only). It now goes by the same
+    rule: removed when its lock is free (here its process was SIGKILLed), kept while a live process holds it; one
+    killed before its lock was in place (an empty folder, or one with the lock's temporary) goes once made
+    `STAGING_GRACE_S` ago, and a younger one stays (a running evaluation spends an instant there)."""
+    from ood.evaluation.callback import SPILL_LOCK, STAGING_GRACE_S, lock_spill, remove_abandoned_spills
+
+    killed, running, unlocked, young = (tmp_path / f".banks-{name}" for name in ("killed", "running", "old", "young"))
+    for folder in (killed, running, unlocked, young):
+        folder.mkdir()
+    (unlocked / f"{SPILL_LOCK}.tmp").touch()
+    before = time.time() - STAGING_GRACE_S - 60
+    os.utime(unlocked, (before, before))
+    ready_read, ready_write = os.pipe()
+    children = []
+    for folder in (killed, running):
+        child = os.fork()  # os.fork, not multiprocessing: as the workers' test above
+        if child == 0:
+            try:
+                lock_spill(folder)
+                if folder == killed:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                os.write(ready_write, b"1")
+                time.sleep(30)
+            finally:
+                os._exit(1)  # never back into pytest
+        children.append(child)
+    _, status = os.waitpid(children[0], 0)
+    try:
+        assert os.WIFSIGNALED(status) and os.read(ready_read, 1) == b"1"  # the running one holds its lock
+        assert remove_abandoned_spills(tmp_path) == [killed, unlocked]
+    finally:
+        os.kill(children[1], signal.SIGKILL)
+        os.waitpid(children[1], 0)
+        os.close(ready_read)
+        os.close(ready_write)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, young.name]
+    assert (running / SPILL_LOCK).is_file()
+
+
 def lockless_warning(bank_dir: Path, folder: Path, size: str) -> str:
     """The warning naming a `banks-*` folder without a lock file, kept."""
     return (f"evaluation.bank_dir={bank_dir} holds bank folder(s) without a lock file, so kept (left by a version of "

@@ -16,6 +16,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,11 @@ STOPPED = "evaluation stopped by SIGTERM"
 #: not an flock: the DataLoader workers the evaluation forks inherit an flock, which held a killed evaluation's folder
 #: until they exited; a record lock is the process's own and no child's
 SPILL_LOCK = ".lock"
+#: seconds after which a hidden `.banks-*` staging folder without its lock file in place is taken for abandoned (its
+#: evaluation was killed after making it, before locking it: nothing was written in it yet); a running evaluation
+#: spends an instant there, so only one made this long ago (by the folder's time, with room for hosts' clocks to
+#: differ on a shared disk) can be a dead one's
+STAGING_GRACE_S = 3600
 #: the lock files this process holds, (device, inode) -> the descriptor holding the lock: a record lock does not
 #: keep the process's own probe out, and closing any descriptor of the file would release it, so
 #: `remove_abandoned_spills` leaves them unopened
@@ -360,33 +366,55 @@ def _held_here(lock: Path) -> bool:
     return (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino)
 
 
+def _lock_free(lock: Path) -> bool | None:
+    """Whether no process holds the lock file `lock` (its evaluation ended or died); None when there is no such file.
+    One that cannot be opened (another user's, mode 0700) or probed (the file system cannot tell) reads as held."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # its evaluation is running (or the file system cannot tell)
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _staged_long_ago(folder: Path) -> bool:
+    """Whether the entries of `folder` last changed over `STAGING_GRACE_S` ago (False for a folder gone meanwhile:
+    renamed to `banks-*` by its evaluation)."""
+    try:
+        return time.time() - folder.stat().st_mtime > STAGING_GRACE_S
+    except OSError:
+        return False
+
+
 def remove_abandoned_spills(bank_dir: Path) -> list[Path]:
     """Remove the `banks-*` folders under `bank_dir` whose evaluation died without cleaning up (their lock is free);
     those of evaluations still running (this machine's, or another's on a shared disk) stay. Those without a lock
     file (left by versions of ood before the locks, or by one on a file system without them) stay too, named in a
-    warning with their size: nothing tells them from a running evaluation's. Returns the removed."""
+    warning with their size: nothing tells them from a running evaluation's. The hidden `.banks-*` folders a new one
+    is staged in (`OODEvaluation._open_spill`) go by the same rule, and one an evaluation killed before its lock was
+    in place (nothing written in it) once made `STAGING_GRACE_S` ago. Returns the removed."""
     removed, lockless = [], []
-    for folder in sorted(bank_dir.glob("banks-*")):
+    for folder in sorted([*bank_dir.glob("banks-*"), *bank_dir.glob(".banks-*")]):
         lock = folder / SPILL_LOCK
         if _held_here(lock):  # this process's own evaluation
             continue
-        try:  # unreadable: another user's (mode 0700)
-            fd = os.open(lock, os.O_RDWR)
-        except FileNotFoundError:  # an evaluation's that took no lock (no file locks there, or an older ood)
+        free = _lock_free(lock)
+        if free is None and folder.name.startswith("."):
+            free = _staged_long_ago(folder)
+        elif free is None:  # an evaluation's that took no lock (no file locks there, or an older ood)
             if folder.is_dir():
                 lockless.append(folder)
             continue
-        except OSError:
-            continue
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # its evaluation is running (or the file system cannot tell)
-            continue
-        else:
+        if free:
             remove_spill(folder)
             removed.append(folder)
-        finally:
-            os.close(fd)
     if removed:
         log.warning("removed %d memory-mapped bank folder(s) of evaluations killed before cleaning up: %s",
                     len(removed), ", ".join(map(str, removed)))
