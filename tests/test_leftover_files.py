@@ -331,6 +331,33 @@ def test_results_stay_beside_a_config_that_differs_only_in_ckpt_path(tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "identity.json"]
 
 
+def test_results_stay_beside_a_config_that_differs_only_in_how_the_run_is_watched(tmp_path: Path) -> None:
+    """A finished job resumed (`ckpt_path=last`) with wandb on instead of the CSV log, its tags or run name, no
+    logger, another progress bar or logging interval lost its complete results before it re-evaluated, for keys that
+    change no number of them (`WATCHING`). A key beside them that does (`trainer.max_epochs`) still removes them."""
+    from ood.runs.identity import RunIdentity, write_identity
+
+    ident = RunIdentity({"method.name": "msp"}, str(tmp_path / "checkpoints" / "last.ckpt"), [], ["msp", "d", "b"])
+    first = ("ckpt_path: null\ntags: []\nrun_name: null\nlogger:\n  csv:\n    name: csv\ntrainer:\n  max_epochs: 1\n"
+             "  log_every_n_steps: 5\n  enable_progress_bar: true\n  enable_model_summary: false\n"
+             "evaluation:\n  detectors: [msp]\n")
+    write_identity(tmp_path, ident, first)
+    (tmp_path / "results.jsonl").write_text("row\n")
+    wandb = (first.replace("null", "last", 1).replace("tags: []", "tags: [paper]").replace("run_name: null", "run_name: again")
+             .replace("logger:\n", "logger:\n  wandb:\n    project: ood2\n    group: g\n    name: again\n"
+                      "    tags: [paper, msp]\n")
+             .replace("steps: 5", "steps: 50").replace("bar: true", "bar: false").replace("summary: false", "summary: true"))
+    none = wandb.replace("logger:\n  wandb:\n    project: ood2\n    group: g\n    name: again\n    tags: [paper, msp]\n"
+                         "  csv:\n    name: csv\n", "logger: {}\n")
+    assert "logger: {}" in none
+    for rerun in (wandb, none):
+        write_identity(tmp_path, ident, rerun)
+        assert (tmp_path / "results.jsonl").read_text() == "row\n"
+        assert (tmp_path / "config.yaml").read_text() == rerun
+    write_identity(tmp_path, ident, none.replace("max_epochs: 1", "max_epochs: 2"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "identity.json"]
+
+
 def test_an_older_versions_temporaries_are_named_once_and_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Temporaries of versions before the host was in the name (`.results.jsonl.tmp<pid>`, the image cache's
     `.<name>.<pid>.tmp`) were never cleaned, nor named. A dead pid here may be a live writer on another host sharing

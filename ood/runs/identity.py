@@ -156,25 +156,38 @@ NOT_SETTINGS = ("ckpt_path", "evaluate", "hydra")
 #: plumbing (`data.num_workers: ${ood.workers:N}` resolves to the CPUs of the node an attempt runs on), and folders
 #: (`*_dir`, `*dirpath`: a requeued job's `OOD_DATA_DIR` staged on its node's own disk, the run folder's own path)
 PLUMBING = ("data.num_workers", "data.pin_memory", "data.download")
+#: keys of `config.yaml` (a top-level node, or a flattened key) that only say how a run is watched, never a number of
+#: its results: the loggers (`logger`: csv, tensorboard, wandb or none, wandb's project, group, name and tags), what
+#: feeds wandb's name and tags (`run_name`, `tags`), the console's progress bar and model summary, and how often
+#: Lightning logs; a resumed rerun that only watches otherwise keeps the finished results
+WATCHING = ("logger", "run_name", "tags", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+            "trainer.log_every_n_steps")
+
+
+def _watching(key: str) -> bool:
+    """Whether the flattened `key` is, or lies under, one of `WATCHING`."""
+    return any(key == w or key.startswith(f"{w}.") for w in WATCHING)
 
 
 def _settings(config: str) -> Any:
-    """A resolved `config.yaml`'s text as flattened data, without `NOT_SETTINGS`, `PLUMBING` and folders."""
+    """A resolved `config.yaml`'s text as flattened data, without `NOT_SETTINGS`, `PLUMBING`, `WATCHING` and
+    folders."""
     data = OmegaConf.to_container(OmegaConf.create(config))
     if not isinstance(data, dict):
         return data
     flat = flatten({k: v for k, v in data.items() if k not in NOT_SETTINGS})
-    return {k: v for k, v in flat.items() if k not in PLUMBING and not k.endswith(("_dir", "dirpath"))}
+    return {k: v for k, v in flat.items()
+            if k not in PLUMBING and not _watching(k) and not k.endswith(("_dir", "dirpath"))}
 
 
 def write_identity(run_dir: str | Path, ident: RunIdentity, config: str | None = None) -> None:
     """`<run_dir>/identity.json`, and with `config` the run's resolved `config.yaml` before it, each atomically. An
     earlier attempt's results there go first, before either file lands, when they are another configuration's or
-    model's, or, with `config`, were made with other settings (a key outside `NOT_SETTINGS`, `PLUMBING` and the
-    folders differs: other detectors, evaluation modes, batches...), which `ood-report` would read beside the new
-    `config.yaml` should this attempt be killed before its own replace them (`ood.runs.failures.clear_failure` kept
-    them for a rerun of this one). So a `results.jsonl` in a run folder was always made with the settings of the
-    `config.yaml` beside it, but for its folders and DataLoader plumbing."""
+    model's, or, with `config`, were made with other settings (a key outside `NOT_SETTINGS`, `PLUMBING`, `WATCHING`
+    and the folders differs: other detectors, evaluation modes, batches...), which `ood-report` would read beside the
+    new `config.yaml` should this attempt be killed before its own replace them (`ood.runs.failures.clear_failure`
+    kept them for a rerun of this one). So a `results.jsonl` in a run folder was always made with the settings of the
+    `config.yaml` beside it, but for its folders, DataLoader plumbing and how the run was watched."""
     run_dir = Path(run_dir)
     path, config_file = run_dir / IDENTITY_FILE, run_dir / "config.yaml"
     new = json.loads(json.dumps(ident.to_json()))
