@@ -112,6 +112,58 @@ def _record_syncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     return calls
 
 
+def test_a_writer_killed_in_a_methods_diagnostics_leaves_no_half_file(tmp_path: Path) -> None:
+    """`<method>_stats.json` and the diagnostic `<key>.png` images were written in place: a run SIGKILLed while it
+    wrote them left half a JSON or PNG under their names. Each is written atomically now: killed in the image, or in
+    the stats (the image done), the writer leaves no file of that name, and the next write replaces its temporary
+    with the whole file."""
+    import io
+
+    import matplotlib.image
+    import torch
+
+    from ood.evaluation import sinks
+    from ood.evaluation.evaluator import EvaluationResult
+
+    row = {"method": "cluster", "detector": "msp", "ood_dataset": "noise", "ood_group": "far", "auroc": 0.75}
+    result = EvaluationResult([row], {"msp": {"test": torch.tensor([1.0])}}, 0.5, "cluster",
+                              {"gs": [0.5, 0.25], "map": np.full((4, 4, 3), 0.5)})
+    trainer = SimpleNamespace(is_global_zero=True)
+    write_text, imsave = Path.write_text, matplotlib.image.imsave
+
+    def writes(name: str) -> list[str]:
+        return sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(name))
+
+    def killed_in_the_stats() -> None:
+        def half(path: Path, text: str, *args: object, **kwargs: object) -> int:
+            if "_stats.json" not in path.name:
+                return write_text(path, text, *args, **kwargs)  # type: ignore[arg-type]
+            write_text(path, text[: len(text) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+            return 0
+
+        Path.write_text = half  # type: ignore[method-assign] # in the child only, which dies in it
+        sinks.ResultsWriter(str(tmp_path), figures=False).write(result, trainer, None)  # type: ignore[arg-type]
+
+    def killed_in_the_image() -> None:
+        def half(fname: Path, *args: object, **kwargs: object) -> None:
+            png = io.BytesIO()
+            imsave(png, *args, **kwargs)  # type: ignore[arg-type]
+            Path(fname).write_bytes(png.getvalue()[:40])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        matplotlib.image.imsave = half
+        sinks.ResultsWriter(str(tmp_path), figures=False).write(result, trainer, None)  # type: ignore[arg-type]
+
+    _killed_in(killed_in_the_image)
+    assert writes(".png") == [] and writes(".json") == ["validation.json"]
+    _killed_in(killed_in_the_stats)
+    assert writes(".json") == ["validation.json"] and matplotlib.image.imread(tmp_path / "map.png").shape == (4, 4, 4)
+    sinks.ResultsWriter(str(tmp_path), figures=False).write(result, trainer, None)  # type: ignore[arg-type]
+    assert json.loads((tmp_path / "cluster_stats.json").read_text()) == {"gs": [0.5, 0.25]}
+    assert writes(".tmp") == [] and (tmp_path / "results.jsonl").is_file()
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fd's file through /proc")
 def test_atomic_writes_flush_the_file_before_the_rename_and_the_folder_after(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

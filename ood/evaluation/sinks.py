@@ -6,9 +6,9 @@ every rank after the evaluation pass; sinks that write or print act on global ra
 - `MetricLogger`: slash-named scalars through Lightning's `log_dict` (so `trainer.callback_metrics` and every logger
   get them): `test/<detector>/<ood_set>/<metric>`, `test/<detector>/near|far/<metric>`, `test/id/acc`, and the
   method's float diagnostics as `test/<method>/<key>`.
-- `ResultsWriter`: `results.jsonl`, `scores.npz` with `samples.csv` (the image of each score), `validation.json`
-  and `figures/` (`ood.plots`), written atomically, and the method's diagnostics (`<key>.png` images,
-  `<method>_stats.json` for the rest) in the run folder.
+- `ResultsWriter`: `results.jsonl`, `scores.npz` with `samples.csv` (the image of each score), `validation.json`,
+  `figures/` (`ood.plots`) and the method's diagnostics (`<key>.png` images, `<method>_stats.json` for the rest) in
+  the run folder, each written atomically (`ood.files`: a kill leaves the earlier file or none, never half of one).
 - `WandbReporter`: the results table, per-split score histograms with shared bins, ROC tables and line plots,
   diagnostic images.
 - `RunTable`: the console table of the run (AUROC / FPR95 per OOD set, near and far means), naming the FPR95
@@ -23,6 +23,7 @@ Full-spectrum (`mode: fsood`) scalars are logged under `test_fsood/...` (same na
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import os
@@ -36,7 +37,7 @@ from lightning import LightningModule, Trainer
 
 from ood.evaluation.evaluator import EvaluationResult, Samples
 from ood.evaluation.scoring import METRICS, group_means, rows_by_mode
-from ood.files import atomic_savez, atomic_write_text
+from ood.files import atomic_savez, atomic_write, atomic_write_text
 from ood.plots import bin_edges, clear_curves, save_run_figures, wandb_roc
 from ood.utils import get_logger
 
@@ -151,15 +152,14 @@ class ResultsWriter:
         for key, image in images.items():
             import matplotlib.image
 
-            target = out / f"{key}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            matplotlib.image.imsave(target, image.squeeze(-1) if image.shape[-1] == 1 else image)
+            pixels = image.squeeze(-1) if image.shape[-1] == 1 else image
+            atomic_write(out / f"{key}.png", functools.partial(matplotlib.image.imsave, arr=pixels, format="png"))
         for stale in out.glob("*_stats.json"):  # an earlier run's in this folder (another method's) read as this one's
             stale.unlink()
         if result.diagnostics:
             floats, _, _ = split_diagnostics(result.diagnostics)
             stats = {**floats, **rest}
-            (out / f"{result.method}_stats.json").write_text(json.dumps(stats, indent=2, default=_jsonable))
+            atomic_write_text(out / f"{result.method}_stats.json", json.dumps(stats, indent=2, default=_jsonable))
         # last: `results.jsonl` marks the run complete (`ood-report`), so a run that dies while writing the scores,
         # figures or diagnostics is reported as killed rather than taken as complete without them (or with an
         # earlier evaluation's)
