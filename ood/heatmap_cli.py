@@ -10,6 +10,7 @@ defaults to `heatmaps/` in the current folder; `-h` / `--help` prints this text.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from omegaconf import OmegaConf
 from ood.cli import load_weights
 from ood.data.hygiene import load_image as load_rgb
 from ood.errors import CheckpointError, ConfigError, DataNotFoundError, OODError
+from ood.files import atomic_write
 from ood.methods.heatmap import HeatmapOOD, heatmap_grid, heatmap_score
 from ood.models.checkpoint import read_state_dict
 from ood.utils import instantiate, progress
@@ -124,7 +126,8 @@ def write_heatmaps(method: HeatmapOOD, files: list[Path], out: Path) -> list[tup
                 title = f"{f.name}: score {scores[i]:.3f}, class {int(preds[i])}"
                 grid = heatmap_grid(pixels[i : i + 1], heat[i : i + 1].abs().amax(1), title)
                 png = out / f"{f.stem if stems.count(f.stem) == 1 else f.name}_heatmap.png"  # a.png and a.jpg: one each
-                Image.fromarray(grid).save(png)
+                # atomically: a run killed mid-file leaves no half PNG under its name, a rerun replaces the whole
+                atomic_write(png, functools.partial(Image.fromarray(grid).save, format="PNG"))
                 results.append((png, float(scores[i]), int(preds[i])))
                 bar.update()
     return results

@@ -344,6 +344,18 @@ def test_heatmap_grids_and_cli(
     OmegaConf.save(cfg, copy / "config.yaml")
     rebuilt = load_method(copy)
     assert all(torch.equal(v, method.state_dict()[k]) for k, v in rebuilt.state_dict().items())
+    # a heatmap written in place was left half written under its name when the writer died in it: now atomically
+    save = Image.Image.save
+
+    def dies_halfway(image: Image.Image, fp: Path, *args: object, **kwargs: object) -> None:
+        save(image, fp, *args, **kwargs)
+        Path(fp).write_bytes(Path(fp).read_bytes()[:40])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        heatmap_cli.write_heatmaps(loaded, files, tmp_path / "killed")
+    assert list((tmp_path / "killed").iterdir()) == []
 
 
 def test_fitted_names_the_outliers_before_the_pool_is_built(tmp_path: Path) -> None:
