@@ -14,6 +14,7 @@ sinks wrote (`results.jsonl`, `scores.npz`, `samples.csv`, `overlap.json`), as a
 from __future__ import annotations
 
 import atexit
+import inspect
 import itertools
 import json
 import os
@@ -39,6 +40,11 @@ from ood.files import atomic_write_text
 METRIC_COLUMNS = ("auroc", "fpr95", "fpr95_oodpos", "aupr_in", "aupr_out")
 #: the keyword of `evaluate` / `extract` for each loader option of the datamodule (`check_loader_options`)
 LOADER_KEYWORDS = {"eval_batch_size": "batch_size", "num_workers": "num_workers", "fit_fraction": "fit_fraction"}
+#: the keywords of `evaluate` that set a config key -> that key, which the caller's overrides must not set to another
+#: value (`_check_keywords_against`); `detectors` a config of its group by name (`all`, `fast`) sets the `detectors`
+#: group, and each `data` keyword (`image_size=`, `classes=`, ...) sets `data.<name>`
+KEYWORD_KEYS = {"seed": "seed", "batch_size": "data.eval_batch_size", "num_workers": "data.num_workers",
+                "fsood": "evaluation.fsood", "method": "method", "detectors": "detectors.names"}
 
 
 @dataclass
@@ -465,12 +471,16 @@ def evaluate(
     from ood.runs.failures import clear_failure, ctrl_c_raised, record_failure
     from ood.train import build
 
+    arguments = locals()  # the parameters (and the imports above), before anything else is bound
+    keywords = {k: arguments[k] for k in KEYWORD_KEYS}
     if "eval_batch_size" in data:  # the config key of `batch_size=`, taken as a folder option: it overrode it silently
         raise ConfigError(f"ood.evaluate got eval_batch_size={data['eval_batch_size']!r}: the evaluation's batch size is "
                           "batch_size=")
     # the datamodule's own checks name the config keys (`data.eval_batch_size`), which this call does not have
     given = {"fit_fraction": data["fit_fraction"]} if "fit_fraction" in data else {}
     check_loader_options({"eval_batch_size": batch_size, "num_workers": num_workers, **given}, LOADER_KEYWORDS)
+    defaults = inspect.signature(evaluate).parameters
+    _check_keywords_against(overrides, {**{k: v for k, v in keywords.items() if v != defaults[k].default}, **data})
     net = _network(model)
     dtypes = sorted({str(p.dtype) for p in net.parameters() if p.is_floating_point()} - {"torch.float32"})
     if dtypes:  # the pass feeds float32 images: a half model failed in its first layer with PyTorch's dtype error
@@ -538,6 +548,73 @@ def evaluate(
                 GlobalHydra.instance().initialize(caller_hydra)
             HydraConfig.instance().cfg = previous  # type: ignore[assignment]
     return Results.from_dir(out)
+
+
+def _parsed_overrides(overrides: Sequence[str]) -> list[Any]:
+    """The caller's overrides as Hydra parses them; one that is neither `key=value` nor `~key` (`seed 3`,
+    `detectors.names`: Hydra's parse error, with a traceback, after the output folder was made) is one line naming
+    it and the form to give."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    if isinstance(overrides, str):  # its characters were taken as overrides, one by one
+        raise ConfigError(f"overrides={overrides!r} is one string: give a list, overrides=[{overrides!r}]")
+    parser, parsed = OverridesParser.create(), []
+    for item in overrides:
+        if not isinstance(item, str):
+            raise ConfigError(f"overrides holds {item!r}: each override is a 'key=value' string")
+        try:
+            parsed.append(parser.parse_override(item))
+        except HydraException as err:
+            fix = re.sub(r"\s*=\s*|\s+", "=", item.strip(), count=1)  # `seed 3`, `seed = 3` -> `seed=3`
+            if fix != item and _parses(parser, fix):
+                raise ConfigError(f"override {item!r} is not key=value: give {fix!r}") from None
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not key=value: give its value, '{item.strip()}=<value>' "
+                                  f"(or '~{item.strip()}' to delete the key)") from None
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"override {item!r} is not key=value as Hydra reads it ({reason}): quote a value with "
+                              "spaces or brackets, key='...'") from None
+    return parsed
+
+
+def _parses(parser: Any, override: str) -> bool:
+    """Whether Hydra's `parser` reads `override`."""
+    from hydra.errors import HydraException
+
+    try:
+        parser.parse_override(override)
+    except HydraException:
+        return False
+    return True
+
+
+def _check_keywords_against(overrides: Sequence[str], given: Mapping[str, Any]) -> None:
+    """Parse the caller's overrides (`_parsed_overrides`) and refuse, in one line naming both, one that sets a config
+    key which a keyword the caller gave (`given`: keyword -> value, `KEYWORD_KEYS`) sets to another value: one of
+    the two was dropped without a word (`image_size=64` won over `data.image_size=32`, set after the compose; an
+    override won over `seed=`, `method=`, ... applied before it). The same value twice is fine."""
+    from ood import CONFIG_DIR
+
+    keys = {}
+    for name, value in given.items():
+        group = name == "detectors" and isinstance(value, str) and (CONFIG_DIR / "detectors" / f"{value}.yaml").is_file()
+        keys["detectors" if group else KEYWORD_KEYS.get(name, f"data.{name}")] = (name, value)
+    for item, override in zip(overrides, _parsed_overrides(overrides), strict=True):
+        if override.key_or_group not in keys or override.is_delete() or override.is_sweep_override():
+            continue
+        name, value = keys[override.key_or_group]
+        if _plain(override.value()) != _plain(value):
+            raise ConfigError(f"{name}={value!r} and overrides {item} disagree: give one")
+
+
+def _plain(value: Any) -> Any:
+    """`value` as Hydra's parser gives an override's value: lists for tuples, text for paths."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, os.PathLike) else value
 
 
 def _is_object(value: Any) -> bool:

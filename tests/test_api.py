@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import runpy
 import subprocess
 import sys
@@ -560,6 +561,47 @@ def test_the_config_key_of_batch_size_is_refused_naming_the_keyword(tmp_path: Pa
         ood.evaluate(net, tmp_path / "id", [tmp_path / "far"], batch_size=64, eval_batch_size=8,
                      output_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["detectors.names"], r"override 'detectors.names' is not key=value: give its value, 'detectors.names=<value>' "
+                          r"\(or '~detectors.names' to delete the key\)"),
+    (["seed 3"], r"override 'seed 3' is not key=value: give 'seed=3'"),
+    (["seed = 3"], r"override 'seed = 3' is not key=value: give 'seed=3'"),
+    ("seed=3", r"overrides='seed=3' is one string: give a list, overrides=\['seed=3'\]"),
+], ids=["no-value", "space", "spaced-equals", "one-string"])
+def test_an_override_that_is_not_key_value_is_one_line(tmp_path: Path, overrides: list[str] | str, message: str) -> None:
+    """An override without `=` (or with a space for it) raised Hydra's parse error, with a traceback, after the output
+    folder was made; one string was taken character by character. Now one line naming it, before anything runs."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    with pytest.raises(ConfigError, match=rf"^{message}$"):
+        ood.evaluate(net, tmp_path / "id", [tmp_path / "far"], overrides=overrides, output_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_keyword_and_an_override_of_its_config_key_must_agree(tmp_path: Path) -> None:
+    """`image_size=64` with `overrides=["data.image_size=32"]` evaluated at 64 without a word (a data keyword is set
+    after the compose), and `seed=3` with `"seed=4"` at 4 (the overrides come after the keywords'): every keyword
+    that sets a config key is one line naming both when an override sets it to another value. The same value twice,
+    and a deletion `~key`, run."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    for keyword, override in (({"image_size": 64}, "data.image_size=32"), ({"seed": 3}, "seed=4"),
+                              ({"batch_size": 8}, "+data.eval_batch_size=16"), ({"method": "cluster"}, "method=grood"),
+                              ({"detectors": ["msp"]}, "detectors.names=[knn]"), ({"detectors": "fast"}, "detectors=all"),
+                              ({"fsood": False}, "evaluation.fsood=true"), ({"classes": ("c0", "c1")}, "data.classes=[c1,c0]")):
+        [(name, value)] = keyword.items()
+        with pytest.raises(ConfigError, match=rf"^{re.escape(f'{name}={value!r} and overrides {override} disagree: give one')}$"):
+            ood.evaluate(net, paths["id"], [paths["far"]], device="cpu", output_dir=tmp_path / "run",
+                         overrides=["trainer.enable_progress_bar=false", override], **keyword)
+    assert not (tmp_path / "run").exists()
+    results = ood.evaluate(net, paths["id"], [paths["far"]], detectors=["msp"], image_size=32, resize=32, seed=3,
+                           mean=(0.5, 0.5, 0.5), device="cpu", output_dir=tmp_path / "run",
+                           overrides=["data.image_size=32", "detectors.names=[msp]", "seed=3", "data.mean=[0.5,0.5,0.5]",
+                                      "~callbacks"])
+    assert [(r["detector"], r["seed"]) for r in results.rows] == [("msp", 3)]
+    config = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert (config.data.image_size, list(config.data.mean)) == (32, [0.5, 0.5, 0.5])
 
 
 def test_output_dir_of_a_cli_run_is_refused(tmp_path: Path) -> None:
