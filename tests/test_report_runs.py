@@ -310,6 +310,23 @@ def test_identity_file_is_what_the_report_reads(tmp_path: Path) -> None:
     assert "method.optimizer.lr" in config_cols and {e["seeds"] for e in table} == {1} and len(table) == 4
 
 
+def test_an_empty_mapping_or_null_reads_as_a_missing_key(tmp_path: Path) -> None:
+    """`ood.evaluate` writes every OOD group (`data.ood.csid: {}`, `data.ood.near: {}`, `data.ood.val: null`),
+    `ood-eval` only those given: in one folder the report showed a `data.ood.csid` column of `{}` beside empty cells
+    and split the seeds of one configuration in two entries. An empty mapping or null prints as a missing key (an
+    empty cell, the same configuration); a column empty in every row is not shown; a set value still is."""
+    far = {"far": {"x": "/data/x"}}
+    _run(tmp_path / "api", 0, 3, 0.8, data={"ood": {**far, "near": {}, "val": None, "csid": {}}})
+    _run(tmp_path / "cli", 1, 3, 0.7, data={"ood": far})
+    config_cols, metric_cols, table = aggregate(load_rows([tmp_path]))
+    assert config_cols == ["method", "detector", "backbone", "id_dataset"] and [e["seeds"] for e in table] == [2, 2]
+    assert "{}" not in to_markdown(config_cols, metric_cols, table) and "null" not in to_markdown(config_cols, metric_cols, table)
+    _run(tmp_path / "val", 2, 3, 0.6, data={"ood": {**far, "val": "/data/v"}})
+    config_cols, _, table = aggregate(load_rows([tmp_path]))
+    assert config_cols[-1] == "data.ood.val"
+    assert sorted((e["data.ood.val"], e["seeds"]) for e in table) == [("", 2), ("", 2), ("/data/v", 1), ("/data/v", 1)]
+
+
 @pytest.mark.parametrize("value", [1e17, -3.4e38])
 def test_histograms_of_constant_scores_at_a_huge_magnitude_are_drawn(value: float) -> None:
     """NumPy cannot cut +-0.5 around a constant 1e17 into 50 bins ("Too many bins for data range"): the figure widens

@@ -63,10 +63,17 @@ def config_params(row: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+#: configuration values that set nothing (an empty mapping, null), left out as a key the run does not have: one
+#: folder's `ood.evaluate` runs (config `data.ood.csid: {}`, `data.ood.val: null`: every OOD group, given or not)
+#: beside `ood-eval` runs (only the groups given) showed a column of `{}` in some rows and empty cells in others
+UNSET = ("{}", "null")
+
+
 def _config_of(row: Mapping[str, Any]) -> dict[str, str]:
     """Everything that names the configuration of a row: base keys, run config (without seed), method and fixed
-    detector hyper-parameters."""
-    return {**{k: str(row.get(k)) for k in BASE_KEYS}, **dict(row.get("_config") or {}), **config_params(row),
+    detector hyper-parameters; a key whose value is `UNSET` is left out, as in a run without it."""
+    config = {**dict(row.get("_config") or {}), **config_params(row)}
+    return {**{k: str(row.get(k)) for k in BASE_KEYS}, **{k: v for k, v in config.items() if v not in UNSET},
             "mode": str(row.get("mode", "standard"))}
 
 
