@@ -359,7 +359,7 @@ def _data_kwargs(id_data: Any, ood_data: Any, model: nn.Module, transform: Any) 
 
     values: dict[str, Any] = {}
     objects: dict[str, Any] = {}
-    ood = ood_mapping(ood_data, python_api=True)
+    ood = _plain(ood_mapping(ood_data, python_api=True))  # paths as text: recorded in config.yaml, as ood-eval records them
     (objects if _is_object(ood) else values)["ood"] = ood
     if isinstance(id_data, str | os.PathLike):
         values["root"] = str(id_data)
@@ -609,7 +609,8 @@ def _check_keywords_against(overrides: Sequence[str], given: Mapping[str, Any]) 
 
 
 def _plain(value: Any) -> Any:
-    """`value` as Hydra's parser gives an override's value: lists for tuples, text for paths."""
+    """`value` with lists for tuples and text for paths: as Hydra's parser gives an override's value, and as a config
+    records it (OOD sets given as `Path`s were taken as objects a config cannot hold: `data.ood: {}` was recorded)."""
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

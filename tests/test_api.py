@@ -78,6 +78,10 @@ def test_python_api_equals_cli_and_sklearn(trained, tmp_path: Path) -> None:
     assert len(cli) == 2 * len(detectors)
     # the model object is recorded by the builder name the command line names, so ood-report groups both alike
     assert OmegaConf.load(tmp_path / "api" / "config.yaml").backbone.name == "resnet18"
+    # and its OOD sets, given as Paths, as the command line's (config.yaml held `data.ood: {}`: ood-report's identity
+    # of the run lacked them)
+    recorded = [OmegaConf.load(tmp_path / run / "config.yaml").data.ood for run in ("api", "cli")]
+    assert [(ood.near, ood.far) for ood in recorded] == [({"noise": str(paths["near"])}, {"checkers": str(paths["far"])})] * 2
 
     # MSP from the user's own forward pass over the same files, scored with scikit-learn
     def msp(files: list[Path]) -> np.ndarray:
