@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import run_config
+from helpers import NO_FIGURES, run_config
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
@@ -20,10 +20,14 @@ METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
 @pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
 def test_method_fits_and_reports_its_own_score(name: str, ce_checkpoint: Path, tmp_path: Path) -> None:
-    # methods that first train a model of their own (OAL's teacher) keep it short and in tmp_path
-    extra = {"oal": ["method.teacher.epochs=2", f"method.cache_dir={tmp_path}"]}.get(name, [])
+    # methods that first train a model of their own (OAL's teacher) keep it short and in tmp_path, and sample 200
+    # boundary candidates a point (not 1500); heatmap draws one image a row of its diagnostic grids (not 8); no
+    # figures: the checks read the rows
+    extra = {"oal": ["method.teacher.epochs=2", f"method.cache_dir={tmp_path}", "method.n_candidates=200"],
+             "heatmap": ["method.n_images=1"]}.get(name, [])
     rows = run_config(tmp_path, [f"method={name}", f"method.init.ckpt={ce_checkpoint}", "trainer.max_epochs=2",
-                                 "trainer.enable_progress_bar=false", "detectors.names=[msp]", "logger=none", *extra])
+                                 "trainer.enable_progress_bar=false", "detectors.names=[msp]", "logger=none",
+                                 NO_FIGURES, *extra])
     reported = rows[0]["method"]
     ood_sets = {"digits_6_9", "flower_patches", "gaussian_noise", "uniform_noise"}
     assert {r["ood_dataset"] for r in rows if r["detector"] == "msp"} == ood_sets

@@ -283,7 +283,8 @@ def test_prepare_without_a_trainer(tmp_path: Path, ce_checkpoint: Path) -> None:
     """`prepare(FitData)` alone: the teacher loaded from its file, its ID-train features (computed independently
     here in eval mode) cached under the file's SHA-256, the boundary-outlier bank sampled from exactly those
     features; the global RNG untouched; a second prepare of a fresh method reads the cache."""
-    overrides = ["method/teacher=small_cnn", f"method.teacher.ckpt={ce_checkpoint}"]
+    # 200 boundary candidates a point, not 1500: the bank is sampled three times here, each the same code at any count
+    overrides = ["method/teacher=small_cnn", f"method.teacher.ckpt={ce_checkpoint}", "method.n_candidates=200"]
     cfg = compose_config(tmp_path, ["method=oal", f"method.cache_dir={tmp_path}", *overrides])
     data = instantiate(cfg.data, seed=0).fit_data()
     method = _method(tmp_path, overrides)
@@ -314,7 +315,7 @@ def test_a_student_without_starting_weights_is_warned_of(
 ) -> None:
     """`method=oal` without `method.init.ckpt` fine-tuned a random student in silence (ID acc 18 % after an epoch
     on digits), where the energy fine-tunes warn; with a CE student it says nothing."""
-    overrides = ["method/teacher=small_cnn", f"method.teacher.ckpt={ce_checkpoint}"]
+    overrides = ["method/teacher=small_cnn", f"method.teacher.ckpt={ce_checkpoint}", "method.n_candidates=200"]
     overrides += [f"method.init.ckpt={ce_checkpoint}"] if init else []
     data = instantiate(compose_config(tmp_path, ["method=oal"]).data, seed=0).fit_data()
     with caplog.at_level(logging.WARNING, logger="ood.methods.oal"):
