@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fabricate import CASES, DIGITS
-from helpers import compose_config, rows_by, run_config
+from helpers import NO_FIGURES, compose_config, rows_by, run_config
 from sklearn.metrics import roc_curve
 
 from ood.data.benchmark import EvalSplit
@@ -322,7 +322,7 @@ def test_silhouette_is_left_out_when_every_row_is_its_own_cluster() -> None:
 @pytest.mark.parametrize("objective", list(CASES))
 def test_digits_run_per_objective(tmp_path: Path, objective: str) -> None:
     overrides, near_floor, far_floor = CASES[objective]
-    rows = rows_by(run_config(tmp_path, [*DIGITS, *overrides]), "cluster")
+    rows = rows_by(run_config(tmp_path, [*DIGITS, *overrides, NO_FIGURES]), "cluster")  # no test here reads a figure
     assert rows["digits_6_9"]["auroc"] >= near_floor
     far = [r["auroc"] for name, r in rows.items() if r["ood_group"] == "far"]
     assert sum(far) / len(far) >= far_floor
@@ -330,7 +330,7 @@ def test_digits_run_per_objective(tmp_path: Path, objective: str) -> None:
     stats = json.loads((tmp_path / "cluster_stats.json").read_text())
     assert -1 <= stats["gs_mean"] <= 1 and ("purity" in stats) == (objective == "simclr")
     if objective == "supcon":  # the checkpoint (encoder, head, probe) reloads strictly and evaluates the same
-        again = rows_by(run_config(tmp_path / "eval", [*DIGITS, *overrides, "train=false",
+        again = rows_by(run_config(tmp_path / "eval", [*DIGITS, *overrides, NO_FIGURES, "train=false",
                                                        f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"]), "cluster")
         assert again["digits_6_9"]["auroc"] == rows["digits_6_9"]["auroc"]
         assert again["digits_6_9"]["id_acc"] == rows["digits_6_9"]["id_acc"]

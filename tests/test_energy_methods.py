@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import compose_config, rows_by, run_config
+from helpers import NO_FIGURES, compose_config, rows_by, run_config
 
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
@@ -18,7 +18,7 @@ from ood.losses import energy_margin
 from ood.methods.energy import EnergyCFL, EnergyOE
 from ood.utils import instantiate
 
-QUIET = ["trainer.enable_progress_bar=false"]
+QUIET = ["trainer.enable_progress_bar=false", NO_FIGURES]  # no test here reads a figure
 METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_oodpos")
 
 

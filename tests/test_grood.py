@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FAST, rows_by, run_config
+from helpers import FAST, NO_FIGURES, rows_by, run_config
 from torchvision.transforms.functional import gaussian_blur
 
 from ood.data.batch import Batch
@@ -337,12 +337,13 @@ def test_ivf_as_released_with_all_cells_probed_equals_exact_on_the_kept_bank() -
 
 
 # ----- end to end on digits ----------------------------------------------------------------------------------
-DETECTORS = "detectors.names=[msp,knn,mahalanobis]"
+#: no test here reads a figure
+QUIET = ["detectors.names=[msp,knn,mahalanobis]", NO_FIGURES]
 
 
 @pytest.mark.slow
 def test_digits_run_and_eval_from_checkpoint(tmp_path: Path) -> None:
-    rows = run_config(tmp_path / "train", ["method=grood", *FAST, DETECTORS, "seed=0"])
+    rows = run_config(tmp_path / "train", ["method=grood", *FAST, *QUIET, "seed=0"])
     grood = rows_by(rows, "grood")
     assert set(grood) == {"digits_6_9", "flower_patches", "gaussian_noise", "uniform_noise"}
     assert sum(r["auroc"] for r in grood.values()) / 4 >= 0.8
@@ -353,14 +354,14 @@ def test_digits_run_and_eval_from_checkpoint(tmp_path: Path) -> None:
 
     ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
     again = run_config(
-        tmp_path / "eval", ["method=grood", f"ckpt_path={ckpt}", DETECTORS, "seed=0"], config_name="eval"
+        tmp_path / "eval", ["method=grood", f"ckpt_path={ckpt}", *QUIET, "seed=0"], config_name="eval"
     )
     assert [(r["ood_dataset"], r["auroc"], r["fpr95"]) for r in again if r["detector"] == "grood"] == [
         (r["ood_dataset"], r["auroc"], r["fpr95"]) for r in rows if r["detector"] == "grood"
     ]
     val_ood = run_config(
         tmp_path / "val_ood",
-        ["method=grood", "method.ood_proto_source=val_ood", f"ckpt_path={ckpt}", "detectors=none", "seed=0"],
+        ["method=grood", "method.ood_proto_source=val_ood", f"ckpt_path={ckpt}", "detectors=none", NO_FIGURES, "seed=0"],
         config_name="eval",
     )
     assert sum(r["auroc"] for r in rows_by(val_ood, "grood").values()) / 4 >= 0.8

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose_config, run_config
+from helpers import NO_FIGURES, compose_config, run_config
 
 from ood.runs.identity import (
     IDENTITY_FILE,
@@ -75,7 +75,7 @@ def test_evaluation_run_takes_the_trained_epochs(tmp_path: Path) -> None:
 def test_an_evaluation_records_its_checkpoints_training_seed(tmp_path: Path) -> None:
     """`ood-eval` of a checkpoint trained with seed 3 writes seed 3 in its rows (the model its numbers describe), not
     its own seed (0 by default); a checkpoint without a stored config keeps the evaluation's seed."""
-    quick = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none", "detectors.names=[msp]"]
+    quick = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none", "detectors.names=[msp]", NO_FIGURES]
     run_config(tmp_path / "train", [*quick, "seed=3", "evaluate=false"])
     ckpt = tmp_path / "train" / "checkpoints" / "last.ckpt"
     rows = run_config(tmp_path / "eval", [*quick, f"ckpt_path={ckpt}"], config_name="eval")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import rows_by, run_config
+from helpers import NO_FIGURES, rows_by, run_config
 
-QUIET = ["trainer.enable_progress_bar=false", "detectors.names=[msp,energy]"]
+QUIET = ["trainer.enable_progress_bar=false", "detectors.names=[msp,energy]", NO_FIGURES]  # no test here reads a figure
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from fabricate import (
     make_paper_tree,
     save_image,
 )
-from helpers import compose_config, run_config
+from helpers import NO_FIGURES, compose_config, run_config
 from PIL import Image
 
 from ood.data import CIFAR10Benchmark, CIFAR100Benchmark
@@ -115,7 +115,7 @@ def test_user_adds_a_set_by_naming_its_folder(paper_tree: Path, tmp_path: Path, 
 E2E = [
     "backbone=small_cnn", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "data.num_workers=0",
     "data.pin_memory=false", "data.batch_size=8", "data.eval_batch_size=64", "detectors.names=[msp,knn]",
-    "detectors.tune=false", "+trainer.num_sanity_val_steps=0", "+trainer.limit_val_batches=0",
+    "detectors.tune=false", "+trainer.num_sanity_val_steps=0", "+trainer.limit_val_batches=0", NO_FIGURES,
 ]
 
 

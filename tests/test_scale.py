@@ -55,12 +55,13 @@ def test_auto_index_switches_to_ivf_at_size(monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.slow
 def test_float16_feature_banks_end_to_end(tmp_path) -> None:
     """Digits with float16 features: knn/mahalanobis within 1e-3 AUROC of the float32 run; unsupported detectors refused."""
-    from helpers import compose_config, run_config
+    from helpers import NO_FIGURES, compose_config, run_config
 
     from ood.errors import ConfigError
     from ood.utils import instantiate
 
-    common = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "detectors.names=[knn,mahalanobis]", "detectors.tune=false"]
+    common = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "detectors.names=[knn,mahalanobis]", "detectors.tune=false",
+              NO_FIGURES]
     full = {(r["detector"], r["ood_dataset"]): r["auroc"] for r in run_config(tmp_path / "a", common)}
     half = {(r["detector"], r["ood_dataset"]): r["auroc"] for r in run_config(tmp_path / "b", [*common, "evaluation.feature_dtype=float16"])}
     assert full.keys() == half.keys() and max(abs(full[k] - half[k]) for k in full) < 1e-3
