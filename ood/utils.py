@@ -4,22 +4,24 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 from tqdm.asyncio import tqdm as console_tqdm
 from tqdm.auto import tqdm
 from tqdm.std import tqdm as std_tqdm
 
 from ood.errors import NonFiniteError, OODError, check_range
+
+if TYPE_CHECKING:
+    import torch
 
 
 def usable_cpus() -> int:
@@ -84,6 +86,25 @@ def warnings_in_log_files() -> Iterator[None]:
         warnings.showwarning = previous
 
 
+def global_rank() -> int:
+    """This process's global rank as Lightning has it (`rank_zero_only.rank`, set from the launcher's environment as
+    Lightning is imported and by its strategy as ranks start); 0 before Lightning is imported, as ranks exist only
+    once it runs (so this module does not import it: `ood-report` and the entry points' start-up stay without it)."""
+    rank_zero = sys.modules.get("lightning_utilities.core.rank_zero")
+    return getattr(rank_zero.rank_zero_only, "rank", 0) if rank_zero is not None else 0
+
+
+def _on_rank_zero(log: Callable[..., None]) -> Callable[..., None]:
+    """`log` called on global rank zero only (`global_rank`, read at each call)."""
+
+    @functools.wraps(log)
+    def wrapped(*args: Any, **kwargs: Any) -> None:
+        if global_rank() == 0:
+            log(*args, **kwargs)
+
+    return wrapped
+
+
 def get_logger(name: str) -> logging.Logger:
     """A logger whose records are emitted on global rank zero only (DDP ranks stay quiet)."""
     logger = logging.getLogger(name)
@@ -91,7 +112,7 @@ def get_logger(name: str) -> logging.Logger:
         return logger
     logger._ood_rank_zero = True  # type: ignore[attr-defined]
     for level in ("debug", "info", "warning", "error", "exception", "fatal", "critical"):
-        setattr(logger, level, rank_zero_only(getattr(logger, level)))
+        setattr(logger, level, _on_rank_zero(getattr(logger, level)))
     return logger
 
 
@@ -141,7 +162,7 @@ def progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> tqdm:
 
 def check_finite(values: torch.Tensor, what: str) -> None:
     """Raise `NonFiniteError` naming `what` when `values` holds NaN or +-inf."""
-    bad = ~torch.isfinite(values)
+    bad = ~values.isfinite()
     if bool(bad.any()):
         n_bad = int(bad.sum())
         raise NonFiniteError(f"{what}: {n_bad} of {values.numel()} values are NaN or infinite")
@@ -151,5 +172,5 @@ def linear_params(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(W [C, D], b [C]) of a final linear layer; b is zeros for a layer built with `bias=False` (cosine or bias-free
     heads), which computes W h + 0."""
     weight = layer.weight
-    bias = layer.bias if layer.bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    bias = layer.bias if layer.bias is not None else weight.new_zeros(weight.shape[0])
     return weight, bias
