@@ -23,8 +23,10 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from ood import CONFIG_DIR
 from ood.errors import ConfigError, OODError, working_directory_hint
 from ood.runs.checks import check_eval_dir, check_overrides
-from ood.runs.console import logs_above_bars, quiet_lightning
 from ood.utils import progress_bars, warnings_in_log_files
+
+# torch, Lightning and what imports them (`ood.runs.console`, ...) are imported in the functions that use them: the
+# entry points import this module at start-up, before Hydra composes a job (`--help`, config errors, a sweep's launcher)
 
 #: OmegaConf errors that mean the composed config is wrong (not the code reading it)
 CONFIG_ERRORS = (ValidationError, InterpolationResolutionError, MissingMandatoryValue)
@@ -113,6 +115,8 @@ def friendly_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig],
 
     @wraps(task)
     def wrapper(cfg: DictConfig) -> Any:
+        from ood.runs.console import logs_above_bars, quiet_lightning
+
         quiet_lightning()
         try:
             with logs_above_bars(), warnings_in_log_files(), \
@@ -199,8 +203,8 @@ def load_weights(method: Any, path: str | Path, cfg: DictConfig | None = None) -
     with where the run's `cfg` differs (`method=cluster` without the run's `method.objective=supcon` lacks its head)."""
     from ood.errors import CheckpointError
     from ood.models.checkpoint import load_modules, read_state_dict
-    from ood.runs.checkpoints import checkpoint_config
     from ood.runs.checks import method_changes
+    from ood.runs.trained import checkpoint_config
 
     try:
         load_modules(method, read_state_dict(path), None, path)

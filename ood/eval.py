@@ -4,14 +4,13 @@ every detector (no training).
 
 `ood-eval ckpt_path=<run>` evaluates the run as it was trained: the overrides of its training command line that say
 what it trained (`method=`, `data=`, `backbone=`, `experiment=`, their keys, `paths.data_dir`) are added to
-this command line where it does not name them (`ood.runs.checkpoints.training_overrides`), with its
+this command line where it does not name them (`ood.runs.trained.training_overrides`), with its
 `hydra.searchpath` (`search_path`), and said on stderr; their relative paths are made absolute from the folder the
 training started in (`anchored`), which is put on `sys.path` too.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
@@ -24,14 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from ood import CONFIG_DIR
 from ood.cli import check_argv, expand_home, friendly_errors, require_config_dir
-from ood.runs.checkpoints import ADOPTED_ENV, training_overrides
+from ood.runs.trained import ADOPTED_ENV, training_overrides
 from ood.termination import sigterm_noted
-from ood.train import run
+from ood.train import run, run_modules
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 @friendly_errors
 def _main(cfg: DictConfig) -> None:
+    run_modules()
     run(cfg)
 
 
@@ -124,9 +124,6 @@ def main() -> None:
     os.environ[ADOPTED_ENV] = json.dumps(taken)  # not the user's asking for a difference (`check_evaluated`)
     try:
         check_argv("eval")
-        # the ~0.5M objects the imports made live until exit: freezing them spares every later collection (and the
-        # ones at exit) from rescanning them, a fifth of a default digits run
-        gc.freeze()
         with sigterm_noted():  # from here on, before Hydra makes the run folder: SIGTERM leaves FAILED.txt there
             _main()
     finally:

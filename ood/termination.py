@@ -5,8 +5,8 @@ restores a checkpoint or goes from training to evaluation left no `FAILED.txt`, 
 there only while a stage runs (it registers it as `fit` / `test` start, composed with the handler already there,
 and puts that one back after). Each process (the entry points, spawned DDP ranks) first installs a handler that
 only records the signal (`sigterm_noted`); `stop_if_terminated` raises Lightning's `SIGTERMException` at the safe
-points (between stages, before each step through `StopAtSigterm`, in the evaluation), so the run ends as failed
-with its last complete checkpoint, whenever the signal came. A sweep's worker whose launcher died (SIGKILL) sends
+points (between stages, before each step through `ood.runs.checkpoints.StopAtSigterm`, in the evaluation), so the
+run ends as failed with its last complete checkpoint, whenever the signal came. A sweep's worker whose launcher died (SIGKILL) sends
 itself that SIGTERM (`stop_when_orphaned`) rather than run on as an orphan.
 """
 
@@ -23,8 +23,6 @@ from types import FrameType
 from typing import Any, NoReturn
 
 from hydra.experimental.callback import Callback as HydraCallback
-from lightning import Callback, Trainer
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 #: the exit status of a process stopped by SIGTERM, as a shell reports one killed by it
 SIGTERM_EXIT = 128 + signal.SIGTERM
@@ -62,6 +60,9 @@ def sigterm_received() -> bool:
 def stop_if_terminated() -> None:
     """Raise `SIGTERMException` once this process was sent SIGTERM: call it where stopping leaves a clean state."""
     if _received:
+        # Lightning imported only here: the entry points note SIGTERM from their start, before they import it
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
         raise SIGTERMException
 
 
@@ -99,25 +100,6 @@ def stop_when_orphaned(interval: float = 1.0) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name=_WATCH, daemon=True).start()
-
-
-class StopAtSigterm(Callback):
-    """`stop_if_terminated` before each training, validation and test step of a single-process run: also a signal
-    that came before Lightning registered its handler (setup, checkpoint restore), which Lightning's flag misses.
-    Several ranks stop together through ood's `DDPStrategy` instead (one rank alone would leave the others waiting)."""
-
-    def _check(self, trainer: Trainer) -> None:
-        if trainer.world_size == 1:
-            stop_if_terminated()
-
-    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
-        self._check(trainer)
-
-    def on_validation_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
-        self._check(trainer)
-
-    def on_test_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
-        self._check(trainer)
 
 
 class SweepSigterm(HydraCallback):

@@ -3,31 +3,26 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import json
+import logging
 import multiprocessing
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from ood import CONFIG_DIR
 from ood.cli import check_argv, friendly_errors, in_multirun, load_weights, require_config_dir
 from ood.errors import ConfigError
-from ood.evaluation.callback import OODEvaluation
-from ood.evaluation.prepare import PrepareMethod
-from ood.runs.checkpoints import RunState, checkpoint_config, own_checkpoint_epoch, resolve_ckpt_path
 from ood.runs.checks import check_launch, check_run
-from ood.runs.console import ProgressBar
 from ood.runs.failures import clear_failure, ctrl_c_raised, record_failure, remove_earlier_results
 from ood.runs.identity import RunIdentity, flat_config, run_identity, write_identity
-from ood.runs.loggers import build_loggers, finish_wandb
-from ood.runs.sweeps import check_objective, sweep_objective
+from ood.runs.trained import checkpoint_config
 from ood.termination import (
-    StopAtSigterm,
     exit_terminated,
     forget_sigterm,
     sigterm_noted,
@@ -36,7 +31,37 @@ from ood.termination import (
 )
 from ood.utils import get_logger, instantiate
 
+if TYPE_CHECKING:
+    import lightning as L
+
+    from ood.evaluation.callback import OODEvaluation
+
+# torch, Lightning and the modules that import them (`RUN_MODULES`) are imported in the functions that run a job: an
+# entry point's start-up (`--help`, a config error, a sweep's launcher) does without them (seconds of CPU)
+
 log = get_logger(__name__)
+
+#: what a run imports (torch, Lightning, ood's evaluation and run plumbing): `run_modules` imports them at a job's start
+RUN_MODULES = ("lightning", "ood.evaluation.callback", "ood.evaluation.prepare", "ood.runs.checkpoints",
+               "ood.runs.console", "ood.runs.loggers", "ood.runs.sweeps")
+
+
+def run_modules() -> None:
+    """Import `RUN_MODULES`, then freeze what exists: the ~0.5M objects the imports made live until exit, and freezing
+    them spares every later collection (and the ones at exit) from rescanning them, a fifth of a default digits run.
+    Called as an entry point's job starts; nothing when they are imported already (a sweep's later jobs in the same
+    process: an earlier job's garbage must not be frozen), nor by the Python API (the caller's objects are not ours
+    to freeze)."""
+    if all(name in sys.modules for name in RUN_MODULES):
+        return
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)  # import-time INFO lines (faiss's loader) stay off the job's log, as before it began
+    try:
+        for name in RUN_MODULES:
+            importlib.import_module(name)
+    finally:
+        logging.disable(previous)
+    gc.freeze()
 
 
 def _choices() -> dict[str, Any]:
@@ -55,6 +80,14 @@ def build(
     `backbone` and Python objects for the data node (`data`); `trained_seed` (default `cfg.seed`) is the seed the
     result rows record: an evaluated checkpoint's training seed; `resume_epoch`: the run resumes its own checkpoint
     of that epoch (its CSV log continues)."""
+    import lightning as L
+
+    from ood.evaluation.prepare import PrepareMethod
+    from ood.runs.checkpoints import RunState, StopAtSigterm
+    from ood.runs.console import ProgressBar
+    from ood.runs.loggers import build_loggers
+    from ood.runs.sweeps import check_objective
+
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, seed=cfg.seed, **(data or {}))
     benchmark = datamodule.benchmark
@@ -90,6 +123,8 @@ def build(
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     """Train (unless `train=false`) and evaluate; returns the result rows also written to `results.jsonl`. SIGTERM,
     whenever it comes, ends the run as failed (`ood.termination`): status 143 and `FAILED.txt`."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     output_dir = Path(cfg.paths.output_dir)
     earlier = clear_failure(output_dir)
     with sigterm_noted():
@@ -124,6 +159,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
+    from ood.runs.checkpoints import own_checkpoint_epoch, resolve_ckpt_path
+    from ood.runs.loggers import finish_wandb
+
     # a sweep's job or a rerun into a folder of ours (its config.yaml) resumes only its own checkpoint
     own_only = bool(cfg.train) and (in_multirun() or (output_dir / "config.yaml").is_file())
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir) / "train" / "runs", own_only)
@@ -169,6 +207,9 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 @friendly_errors
 def _main(cfg: DictConfig) -> float | None:
+    run_modules()
+    from ood.runs.sweeps import sweep_objective
+
     run(cfg)
     return sweep_objective(cfg.paths.output_dir, cfg.get("objective"))
 
@@ -177,9 +218,6 @@ def main() -> None:
     """`ood-train` entry point."""
     require_config_dir()
     check_argv("train")
-    # the ~0.5M objects the imports made live until exit: freezing them spares every later collection (and the
-    # ones at exit) from rescanning them, a fifth of a default digits run
-    gc.freeze()
     with sigterm_noted():  # from here on, before Hydra makes the run folder: SIGTERM leaves FAILED.txt there
         _main()
 

@@ -237,7 +237,7 @@ def test_evaluation_takes_what_the_run_trained_from_its_command_line(tmp_path: P
     """`ood-eval ckpt_path=<run>` evaluates what the run trained (its method, data, backbone overrides; not its
     epochs, seed, batches, outliers or starting weights); what the command line names is its own (a post-hoc
     `method=grood`, other data); nothing for an `experiment=`, a sweep of checkpoints without `-m` or `last`."""
-    from ood.runs.checkpoints import training_overrides
+    from ood.runs.trained import training_overrides
 
     run = _trained_run(tmp_path)
     found, adopted = training_overrides([a.format(run=run) for a in argv])
@@ -249,7 +249,7 @@ def test_a_sweep_of_checkpoints_takes_what_its_runs_trained_alike(tmp_path: Path
     """`ood-eval -m ckpt_path=<seed 0 run>,<seed 1 run>` (a training sweep's seeds) takes their method and data, as
     one run's evaluation does (it took nothing before: every job composed ce on digits and was refused); runs trained
     differently, or one folder without a command line, give nothing (the overrides apply to every job)."""
-    from ood.runs.checkpoints import training_overrides
+    from ood.runs.trained import training_overrides
 
     runs = [_trained_run(tmp_path / f"seed{s}", [*TRAINED[:5], f"seed={s}"]) for s in (0, 1)]
     other = _trained_run(tmp_path / "lam", [*TRAINED[:5], "method.lam=0.9"])
@@ -273,7 +273,7 @@ def test_a_presets_run_is_evaluated_with_its_preset_or_the_groups_it_chose(tmp_p
     """A run of `experiment=cifar10_oal` is evaluated with the preset; with a post-hoc `method=grood` the preset's
     method keys (OAL's teacher, `lam` of OE) would not fit GROOD, and in a multirun a preset's `hydra.sweep.dir` would
     put the evaluation jobs into the training runs' folders: then the groups the run chose are taken instead."""
-    from ood.runs.checkpoints import training_overrides
+    from ood.runs.trained import training_overrides
 
     run = _trained_run(tmp_path, ["experiment=cifar10_oal", "seed=1"])
     assert training_overrides([a.format(run=run) for a in argv]) == ([run], expected)

@@ -224,8 +224,8 @@ def test_a_checkpoint_evaluated_on_other_data_needs_the_command_line_to_say_so(
     """`ood-eval ckpt_path=...` without the training run's `data=` would score the checkpoint on the default data
     whenever the class counts agree: a `data.*` / `backbone.*` value other than the training run's is refused unless
     the command line sets that key, a node above it or an `experiment=`; training-only keys are not compared."""
-    from ood.runs.checkpoints import checkpoint_config
     from ood.runs.checks import check_evaluated
+    from ood.runs.trained import checkpoint_config
 
     stored, ckpt = checkpoint_config(ce_checkpoint), str(ce_checkpoint)
     same = ["train=false", f"ckpt_path={ckpt}", "data.batch_size=7", "data.benchmark.augment=false"]

@@ -28,13 +28,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from ood.errors import ConfigError, check_range
-from ood.runs.checkpoints import ADOPTED_ENV, checkpoint_config
 from ood.runs.identity import (
     IDENTITY_FILE,
     NAME_GROUPS,
@@ -45,6 +43,7 @@ from ood.runs.identity import (
     read_identity,
     seed_keys,
 )
+from ood.runs.trained import ADOPTED_ENV, checkpoint_config
 from ood.utils import get_logger
 
 log = get_logger(__name__)
@@ -61,6 +60,8 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
         check_range("trainer.max_epochs", max_epochs, 1, integer=True)
     # NumPy's bounds, whole numbers: Lightning's seed_everything raises past them, torch.manual_seed on a fraction
     check_range("seed", cfg.get("seed"), 0, 2**32 - 1, integer=True)
+    import torch  # at call: `check_overrides` runs at the entry points' start-up, before they import torch
+
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
