@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 log = logging.getLogger(__name__)  # not ood.utils' rank-zero logger: a layer of its own
 
@@ -152,4 +151,6 @@ def atomic_savez(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """`torch.save(obj)` to `path` atomically (caches such as a teacher's features)."""
+    import torch  # here: `ood-report` and the entry points' start-up import this module, not torch
+
     atomic_write(path, lambda tmp: torch.save(obj, tmp))

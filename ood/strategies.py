@@ -224,8 +224,10 @@ def _end_process_group(strategy: Any) -> None:
 
 
 #: what the fork server imports once, so that the ranks it forks start with them done (torch, Lightning, ood: 5 s of
-#: every spawned rank's start on a CPU); `ood.forkserver` first (its SIGTERM handling)
-FORKSERVER_PRELOAD = ["ood.forkserver", "ood.train"]
+#: every spawned rank's start on a CPU); `ood.forkserver` first (its SIGTERM handling); `ood.train` imports the rest
+#: only as a job starts (its `RUN_MODULES`, named here: this layer does not import `ood.train`)
+FORKSERVER_PRELOAD = ["ood.forkserver", "ood.train", "lightning", "ood.evaluation.callback", "ood.evaluation.prepare",
+                      "ood.runs.checkpoints", "ood.runs.console", "ood.runs.loggers", "ood.runs.sweeps"]
 
 
 def _is_open(fd: int) -> bool:

@@ -42,3 +42,12 @@ def test_rank_zero_logger_reads_lightnings_rank_at_each_call(monkeypatch: pytest
     monkeypatch.setattr(rank_zero_only, "rank", 0)
     log.warning("rank 0")
     assert [r.getMessage() for r in caplog.records] == ["rank 0"]
+
+
+def test_fork_server_preloads_what_a_run_imports() -> None:
+    """`trainer=ddp_cpu`'s ranks fork from a server that imported what a run imports (`ood.train` alone no longer
+    does): each rank would import torch, Lightning and ood again, seconds per rank and stage."""
+    from ood.strategies import FORKSERVER_PRELOAD
+    from ood.train import RUN_MODULES
+
+    assert set(RUN_MODULES) <= set(FORKSERVER_PRELOAD)
