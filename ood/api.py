@@ -550,57 +550,19 @@ def evaluate(
     return Results.from_dir(out)
 
 
-def _parsed_overrides(overrides: Sequence[str]) -> list[Any]:
-    """The caller's overrides as Hydra parses them; one that is neither `key=value` nor `~key` (`seed 3`,
-    `detectors.names`: Hydra's parse error, with a traceback, after the output folder was made) is one line naming
-    it and the form to give."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    if isinstance(overrides, str):  # its characters were taken as overrides, one by one
-        raise ConfigError(f"overrides={overrides!r} is one string: give a list, overrides=[{overrides!r}]")
-    parser, parsed = OverridesParser.create(), []
-    for item in overrides:
-        if not isinstance(item, str):
-            raise ConfigError(f"overrides holds {item!r}: each override is a 'key=value' string")
-        try:
-            parsed.append(parser.parse_override(item))
-        except HydraException as err:
-            fix = re.sub(r"\s*=\s*|\s+", "=", item.strip(), count=1)  # `seed 3`, `seed = 3` -> `seed=3`
-            if fix != item and _parses(parser, fix):
-                raise ConfigError(f"override {item!r} is not key=value: give {fix!r}") from None
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not key=value: give its value, '{item.strip()}=<value>' "
-                                  f"(or '~{item.strip()}' to delete the key)") from None
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"override {item!r} is not key=value as Hydra reads it ({reason}): quote a value with "
-                              "spaces or brackets, key='...'") from None
-    return parsed
-
-
-def _parses(parser: Any, override: str) -> bool:
-    """Whether Hydra's `parser` reads `override`."""
-    from hydra.errors import HydraException
-
-    try:
-        parser.parse_override(override)
-    except HydraException:
-        return False
-    return True
-
-
 def _check_keywords_against(overrides: Sequence[str], given: Mapping[str, Any]) -> None:
-    """Parse the caller's overrides (`_parsed_overrides`) and refuse, in one line naming both, one that sets a config
+    """Parse the caller's overrides (`ood.runs.checks.parse_overrides`) and refuse, in one line naming both, one that sets a config
     key which a keyword the caller gave (`given`: keyword -> value, `KEYWORD_KEYS`) sets to another value: one of
     the two was dropped without a word (`image_size=64` won over `data.image_size=32`, set after the compose; an
     override won over `seed=`, `method=`, ... applied before it). The same value twice is fine."""
     from ood import CONFIG_DIR
+    from ood.runs.checks import parse_overrides
 
     keys = {}
     for name, value in given.items():
         group = name == "detectors" and isinstance(value, str) and (CONFIG_DIR / "detectors" / f"{value}.yaml").is_file()
         keys["detectors" if group else KEYWORD_KEYS.get(name, f"data.{name}")] = (name, value)
-    for item, override in zip(overrides, _parsed_overrides(overrides), strict=True):
+    for item, override in zip(overrides, parse_overrides(overrides), strict=True):
         if override.key_or_group not in keys or override.is_delete() or override.is_sweep_override():
             continue
         name, value = keys[override.key_or_group]

@@ -24,14 +24,18 @@ def _checked(monkeypatch: pytest.MonkeyPatch, config_name: str, *argv: str) -> l
     return sys.argv[1:]
 
 
-def test_tilde_paths_are_expanded(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tilde_paths_are_expanded(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """The shell leaves `key=~/path` alone: unquoted, Hydra stopped with "LexerNoViableAltException"; quoted, the
     weights file was looked up in a folder named `~` ("checkpoint not found: ~/w.pth")."""
     monkeypatch.setenv("HOME", "/home/me")
     argv = _checked(monkeypatch, "eval", "backbone=timm", "backbone.weights=~/w.pth", "data=folder",
-                    "data.root='~/my id'", "+data.ood.far={a: ~/x, b: '~/y'}", "~callbacks", "ckpt_path=a~/b")
+                    "data.root='~/my id'", "+data.ood.far={a: ~/x, b: '~/y'}", "~callbacks", "ckpt_path='a~/b'")
     assert argv == ["backbone=timm", "backbone.weights=/home/me/w.pth", "data=folder", "data.root='/home/me/my id'",
-                    "+data.ood.far={a: /home/me/x, b: '/home/me/y'}", "~callbacks", "ckpt_path=a~/b"]
+                    "+data.ood.far={a: /home/me/x, b: '/home/me/y'}", "~callbacks", "ckpt_path='a~/b'"]
+    # unquoted, `a~/b` is no value Hydra reads: one line before Hydra starts (it printed three)
+    with pytest.raises(SystemExit):
+        _checked(monkeypatch, "eval", "ckpt_path=a~/b")
+    assert capsys.readouterr().err.startswith("error: override 'ckpt_path=a~/b' is not key=value as Hydra reads it")
 
 
 def test_override_split_by_the_shell_names_the_quoted_one(monkeypatch: pytest.MonkeyPatch,

@@ -138,6 +138,26 @@ def test_typo_in_a_value_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys: py
     assert capsys.readouterr().err == "error: seed=abc: expected an integer (the default is 0); ++seed=abc forces it\n"
 
 
+@pytest.mark.parametrize(("argv", "said"), [
+    (["detectors.names"], "override 'detectors.names' is not key=value: give its value, 'detectors.names=<value>' "
+                          "(or '~detectors.names' to delete the key)"),
+    (["seed", "3"], "override 'seed' is not key=value: give its value, 'seed=<value>' (or '~seed' to delete the key)"),
+    (["detectors.names=[msp"], "override 'detectors.names=[msp' is not key=value as Hydra reads it (no viable "
+                               "alternative at input '[msp'): quote a value with spaces or brackets, key='...'"),
+])
+def test_an_override_that_is_not_key_value_is_one_line(argv: list[str], said: str, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`ood-eval detectors.names` printed Hydra's three lines ("missing EQUAL at '<EOF>'", its grammar page, the
+    HYDRA_FULL_ERROR hint); now the one line `ood.evaluate(overrides=...)` gives, before Hydra starts."""
+    from ood.train import main
+
+    monkeypatch.setattr("sys.argv", ["ood-train", *argv])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == f"error: {said}\n"
+
+
 def test_lightning_chatter_is_quiet() -> None:
     before = {n: logging.getLogger(n).level for n in ("lightning.pytorch", "lightning.fabric")}
     try:

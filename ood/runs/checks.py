@@ -259,6 +259,44 @@ def check_eval_dir(argv: Sequence[str]) -> None:
             )
 
 
+def parse_overrides(overrides: Sequence[str]) -> list[Any]:
+    """`overrides` as Hydra parses them; one that is neither `key=value` nor `~key` (`seed 3`, `detectors.names`:
+    Hydra's parse error, with a traceback from `ood.evaluate`, three lines from an entry point) is one line naming it
+    and the form to give. Shared by `ood.evaluate` and the entry points (`check_overrides`)."""
+    from hydra.errors import HydraException
+
+    if isinstance(overrides, str):  # its characters were taken as overrides, one by one
+        raise ConfigError(f"overrides={overrides!r} is one string: give a list, overrides=[{overrides!r}]")
+    parser, parsed = OverridesParser.create(), []
+    for item in overrides:
+        if not isinstance(item, str):
+            raise ConfigError(f"overrides holds {item!r}: each override is a 'key=value' string")
+        try:
+            parsed.append(parser.parse_override(item))
+        except HydraException as err:
+            fix = re.sub(r"\s*=\s*|\s+", "=", item.strip(), count=1)  # `seed 3`, `seed = 3` -> `seed=3`
+            if fix != item and _parses(parser, fix):
+                raise ConfigError(f"override {item!r} is not key=value: give {fix!r}") from None
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not key=value: give its value, '{item.strip()}=<value>' "
+                                  f"(or '~{item.strip()}' to delete the key)") from None
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"override {item!r} is not key=value as Hydra reads it ({reason}): quote a value with "
+                              "spaces or brackets, key='...'") from None
+    return parsed
+
+
+def _parses(parser: Any, override: str) -> bool:
+    """Whether Hydra's `parser` reads `override`."""
+    from hydra.errors import HydraException
+
+    try:
+        parser.parse_override(override)
+    except HydraException:
+        return False
+    return True
+
+
 def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str]) -> list[str]:
     """Refuse a misspelt `key=value` override before Hydra does, naming the closest real key (Hydra's own advice,
     `+key=value`, adds the misspelt key and fails later with a TypeError). Returns `argv` with `+` put before an
@@ -266,7 +304,6 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
     write it: Hydra refused it, "Key 'knn' is not in struct")."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     if any(a.startswith(("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")) for a in argv):
@@ -276,10 +313,7 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
         if not skip and not arg.startswith("-"):
             args.append(arg)
         skip = arg in ("-c", "--cfg", "-p", "--package", "--info", "-i") and not skip
-    try:
-        overrides = OverridesParser.create().parse_overrides(args)
-    except HydraException:
-        return list(argv)  # Hydra reports syntax errors itself
+    overrides = parse_overrides(args)
     if not any(a in ("-m", "--multirun") for a in argv):
         _check_no_sweep(args, overrides, config_dir)
     groups = [o for o in overrides if _is_group(o.key_or_group, config_dir)]
