@@ -22,6 +22,7 @@ import pytest
 
 from ood import files
 from ood.data import memory as mem
+from ood.runs.identity import RunIdentity, write_identity
 
 FORK = multiprocessing.get_context("fork")
 
@@ -368,12 +369,8 @@ def test_results_stay_beside_a_config_that_differs_only_in_ckpt_path(tmp_path: P
     until its own replace them, and one with `evaluate=false` keeps them (it writes none: a sweep resumed to finish
     training lost its finished jobs' results); any other key of config.yaml that differs removes them before
     config.yaml lands."""
-    from ood.runs.identity import RunIdentity, write_identity
-
-    ident = RunIdentity({"method.name": "msp"}, str(tmp_path / "checkpoints" / "last.ckpt"), [], ["msp", "d", "b"])
     first = "seed: 0\nckpt_path: null\nevaluation:\n  detectors: [msp]\n"
-    write_identity(tmp_path, ident, first)
-    (tmp_path / "results.jsonl").write_text("row\n")
+    ident = _finished(tmp_path, first)
     write_identity(tmp_path, ident, first.replace("null", "last"))
     assert (tmp_path / "results.jsonl").read_text() == "row\n"
     assert (tmp_path / "config.yaml").read_text() == first.replace("null", "last")
@@ -387,14 +384,10 @@ def test_results_stay_beside_a_config_that_differs_only_in_how_the_run_is_watche
     """A finished job resumed (`ckpt_path=last`) with wandb on instead of the CSV log, its tags or run name, no
     logger, another progress bar or logging interval lost its complete results before it re-evaluated, for keys that
     change no number of them (`WATCHING`). A key beside them that does (`trainer.max_epochs`) still removes them."""
-    from ood.runs.identity import RunIdentity, write_identity
-
-    ident = RunIdentity({"method.name": "msp"}, str(tmp_path / "checkpoints" / "last.ckpt"), [], ["msp", "d", "b"])
     first = ("ckpt_path: null\ntags: []\nrun_name: null\nlogger:\n  csv:\n    name: csv\ntrainer:\n  max_epochs: 1\n"
              "  log_every_n_steps: 5\n  enable_progress_bar: true\n  enable_model_summary: false\n"
              "evaluation:\n  detectors: [msp]\n")
-    write_identity(tmp_path, ident, first)
-    (tmp_path / "results.jsonl").write_text("row\n")
+    ident = _finished(tmp_path, first)
     wandb = (first.replace("null", "last", 1).replace("tags: []", "tags: [paper]").replace("run_name: null", "run_name: again")
              .replace("logger:\n", "logger:\n  wandb:\n    project: ood2\n    group: g\n    name: again\n"
                       "    tags: [paper, msp]\n")
@@ -437,17 +430,21 @@ def test_results_stay_beside_a_config_that_differs_only_in_the_machines_workers_
     ${ood.workers:8}` to another count, and one whose data was staged to the node's own disk another
     `paths.data_dir`: its complete results were removed before it re-evaluated (lost should it be killed again), for
     keys that make no other numbers (the identity leaves them out too). Other detectors still remove them."""
-    from ood.runs.identity import RunIdentity, write_identity
-
-    ident = RunIdentity({"method.name": "msp"}, str(tmp_path / "checkpoints" / "last.ckpt"), [], ["msp", "d", "b"])
     first = ("ckpt_path: null\npaths:\n  data_dir: /local/job1/data\ndata:\n  num_workers: 8\n  data_dir: "
              "/local/job1/data\ncallbacks:\n  model_checkpoint:\n    dirpath: /local/job1/run/checkpoints\n"
              "evaluation:\n  detectors: [msp]\n")
-    write_identity(tmp_path, ident, first)
-    (tmp_path / "results.jsonl").write_text("row\n")
+    ident = _finished(tmp_path, first)
     requeued = first.replace("null", "last").replace("job1", "job2").replace("num_workers: 8", "num_workers: 4")
     write_identity(tmp_path, ident, requeued)
     assert (tmp_path / "results.jsonl").read_text() == "row\n"
     assert (tmp_path / "config.yaml").read_text() == requeued
     write_identity(tmp_path, ident, requeued.replace("msp]", "energy]"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "identity.json"]
+
+
+def _finished(folder: Path, config: str) -> RunIdentity:
+    """A finished run in `folder`: its identity (one msp model), `config` as its config.yaml, a results.jsonl."""
+    ident = RunIdentity({"method.name": "msp"}, str(folder / "checkpoints" / "last.ckpt"), [], ["msp", "d", "b"])
+    write_identity(folder, ident, config)
+    (folder / "results.jsonl").write_text("row\n")
+    return ident
