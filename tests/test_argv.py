@@ -136,3 +136,15 @@ def test_a_target_in_the_working_directory_says_pythonpath(monkeypatch: pytest.M
     assert str(user_error(raised.value)) == (
         "method._target_='my_methods_here.NormGap' cannot be imported: No module named 'my_methods_here' "
         "(my_methods_here is in the working directory, which is not on sys.path: run with PYTHONPATH=.)")
+
+
+@pytest.mark.parametrize("argv", [["-sc", "query=bash"], ["--shell-completion", "install=bash"],
+                                  ["--experimental-rerun", "/runs/x/.hydra/config.pickle"],
+                                  ["--experimental-rerun=/runs/x/.hydra/config.pickle"]])
+@pytest.mark.parametrize("config_name", ["train", "eval"])
+def test_hydra_commands_are_not_taken_for_overrides(monkeypatch: pytest.MonkeyPatch, config_name: str,
+                                                    argv: list[str]) -> None:
+    """Hydra's shell completion (`-sc query=bash`, what its installed completion runs at each Tab) was refused as
+    "unknown config key 'query'", and a rerun's pickle path (`--experimental-rerun <file>`) as "not key=value":
+    neither is an override; the words pass to Hydra unchanged."""
+    assert _checked(monkeypatch, config_name, *argv) == argv

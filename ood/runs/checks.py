@@ -297,6 +297,12 @@ def _parses(parser: Any, override: str) -> bool:
     return True
 
 
+#: Hydra's flags after which the other words are no overrides of a run: the shell completion's commands
+#: (`-sc install=bash`, and `-sc query=bash`, which its installed completion runs at each Tab) and a rerun from a
+#: pickled config (`--experimental-rerun <file>`, which ignores overrides)
+HYDRA_COMMANDS = ("-sc", "--shell-completion", "--experimental-rerun")
+
+
 def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str]) -> list[str]:
     """Refuse a misspelt `key=value` override before Hydra does, naming the closest real key (Hydra's own advice,
     `+key=value`, adds the misspelt key and fails later with a TypeError). Returns `argv` with `+` put before an
@@ -308,6 +314,8 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
 
     if any(a.startswith(("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir")) for a in argv):
         return list(argv)  # another primary config: Hydra checks its keys
+    if any(a in HYDRA_COMMANDS or a.startswith("--experimental-rerun=") for a in argv):
+        return list(argv)  # no overrides to check: the shell completion's words, or a rerun that ignores them
     args, skip = [], False
     for arg in argv:  # overrides only: no flags, nor the value of a flag that takes one (`--cfg job`)
         if not skip and not arg.startswith("-"):
