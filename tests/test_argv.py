@@ -148,3 +148,14 @@ def test_hydra_commands_are_not_taken_for_overrides(monkeypatch: pytest.MonkeyPa
     "unknown config key 'query'", and a rerun's pickle path (`--experimental-rerun <file>`) as "not key=value":
     neither is an override; the words pass to Hydra unchanged."""
     assert _checked(monkeypatch, config_name, *argv) == argv
+
+
+@pytest.mark.parametrize("empty", ["", " "])
+def test_an_empty_override_says_so(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                   empty: str) -> None:
+    """`ood-train "$EXTRA" seed=1` with `EXTRA` unset: Hydra refuses the empty word, and the one line said "give its
+    value, '=<value>' (or '~' to delete the key)"; it now says what the word is."""
+    with pytest.raises(SystemExit):
+        _checked(monkeypatch, "train", empty, "seed=1")
+    assert capsys.readouterr().err == (f"error: an empty override ({empty!r}): remove it (a quoted shell variable "
+                                       "that is unset gives one)\n")

@@ -271,6 +271,8 @@ def parse_overrides(overrides: Sequence[str]) -> list[Any]:
     for item in overrides:
         if not isinstance(item, str):
             raise ConfigError(f"overrides holds {item!r}: each override is a 'key=value' string")
+        if not item.strip():  # `"$EXTRA"` of an unset variable: "give its value, '=<value>'" said nothing of use
+            raise ConfigError(f"an empty override ({item!r}): remove it (a quoted shell variable that is unset gives one)")
         try:
             parsed.append(parser.parse_override(item))
         except HydraException as err:
