@@ -566,7 +566,10 @@ def _check_keywords_against(overrides: Sequence[str], given: Mapping[str, Any]) 
         if override.key_or_group not in keys or override.is_delete() or override.is_sweep_override():
             continue
         name, value = keys[override.key_or_group]
-        if _plain(override.value()) != _plain(value):
+        got, want = _plain(override.value()), _plain(value)
+        if name == "detectors":  # one name (or a selection) is the list of it: "msp" and [msp] agree
+            got, want = ([x] if isinstance(x, str) else x for x in (got, want))
+        if got != want:
             raise ConfigError(f"{name}={value!r} and overrides {item} disagree: give one")
 
 

@@ -599,6 +599,8 @@ def test_a_keyword_and_an_override_of_its_config_key_must_agree(tmp_path: Path) 
             ood.evaluate(net, paths["id"], [paths["far"]], device="cpu", output_dir=tmp_path / "run",
                          overrides=["trainer.enable_progress_bar=false", override], **keyword)
     assert not (tmp_path / "run").exists()
+    for keyword in ("msp", ["msp"]):  # one name and the list of it agree (refused as disagreeing before)
+        ood.api._check_keywords_against(["detectors.names=[msp]", "detectors.names=msp"], {"detectors": keyword})
     results = ood.evaluate(net, paths["id"], [paths["far"]], detectors=["msp"], image_size=32, resize=32, seed=3,
                            mean=(0.5, 0.5, 0.5), device="cpu", output_dir=tmp_path / "run",
                            overrides=["data.image_size=32", "detectors.names=[msp]", "seed=3", "data.mean=[0.5,0.5,0.5]",
