@@ -86,12 +86,21 @@ def warnings_in_log_files() -> Iterator[None]:
         warnings.showwarning = previous
 
 
+#: where Lightning reads a process's rank as it is imported, first found first (`_get_rank` of
+#: lightning/fabric/utilities/rank_zero.py): a SLURM task or a torchrun rank is known before Lightning is imported
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
 def global_rank() -> int:
     """This process's global rank as Lightning has it (`rank_zero_only.rank`, set from the launcher's environment as
-    Lightning is imported and by its strategy as ranks start); 0 before Lightning is imported, as ranks exist only
-    once it runs (so this module does not import it: `ood-report` and the entry points' start-up stay without it)."""
+    Lightning is imported and by its strategy as ranks start); before Lightning is imported, the launcher's
+    environment as Lightning reads it (`RANK_VARIABLES`), else 0 (this module does not import Lightning: `ood-report`
+    and the entry points' start-up stay without it)."""
     rank_zero = sys.modules.get("lightning_utilities.core.rank_zero")
-    return getattr(rank_zero.rank_zero_only, "rank", 0) if rank_zero is not None else 0
+    rank = getattr(rank_zero.rank_zero_only, "rank", None) if rank_zero is not None else None
+    if rank is None:
+        rank = next((int(os.environ[key]) for key in RANK_VARIABLES if key in os.environ), 0)
+    return rank
 
 
 def _on_rank_zero(log: Callable[..., None]) -> Callable[..., None]:

@@ -6,13 +6,14 @@ Lightning, which cost every such process 4-5 s of CPU; a job imports them as it 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 from lightning_utilities.core.rank_zero import rank_zero_only
 
-from ood.utils import get_logger
+from ood.utils import RANK_VARIABLES, get_logger
 
 #: imports `sys.argv[1:]`, logs one warning through `get_logger`, prints the heavy packages then imported
 PROBE = """
@@ -30,7 +31,18 @@ def test_entry_point_modules_import_neither_torch_nor_lightning(modules: list[st
     proc = subprocess.run([sys.executable, "-c", PROBE, *modules], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
-    assert proc.stderr == "logged on rank 0\n"  # no rank known yet: every process is rank 0
+    assert proc.stderr == "logged on rank 0\n"  # no launcher's rank in the environment: rank 0
+
+
+@pytest.mark.parametrize(("variable", "logged"), [("SLURM_PROCID", ""), ("RANK", ""), (None, "logged on rank 0\n")])
+def test_a_launchers_rank_is_known_before_lightning_is_imported(variable: str | None, logged: str) -> None:
+    """When `ood.utils` imported Lightning, Lightning read the rank a launcher gives each task (SLURM's several tasks a
+    node, torchrun) as ood started; without that import every task logged as rank 0 until its job began (e.g.
+    `ood-eval`'s "evaluating <ckpt> with ..., as asked", once a task)."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES} | ({variable: "1"} if variable else {})
+    proc = subprocess.run([sys.executable, "-c", PROBE, "ood.eval"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [] and proc.stderr == logged
 
 
 def test_rank_zero_logger_reads_lightnings_rank_at_each_call(monkeypatch: pytest.MonkeyPatch,
