@@ -3,6 +3,7 @@ linear head, errors that name the file, key and shapes."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 from functools import partial
 from pathlib import Path
@@ -223,6 +224,21 @@ def test_detectors_use_the_methods_linear_head() -> None:
                                    logits=torch.zeros(2, 6), features=torch.zeros(2, method.backbone.feature_dim))
     bank = callback._banks([EvalSplit("test", "id_test")], method)["test"]
     assert torch.equal(bank.weight, method.probe.weight) and torch.equal(bank.bias, method.probe.bias)
+
+
+def test_the_callbacks_run_facts_reach_its_rows_and_leave_the_evaluator_as_built() -> None:
+    """`OODEvaluation(evaluator, info=...)` wrote its run facts into the evaluator's own dict: a second callback
+    given the same evaluator changed the rows of the first (its seed, its backbone). The callback keeps them and
+    hands them to each evaluation."""
+    evaluator = Evaluator(detectors=["msp"])
+    before = copy.deepcopy(vars(evaluator))
+    first = OODEvaluation(evaluator, info={"seed": 1, "backbone": "a"})
+    OODEvaluation(evaluator, info={"seed": 2})
+    assert vars(evaluator) == before
+    splits = [EvalSplit("test", "id_test"), EvalSplit("ood", "ood", "far")]
+    method = CrossEntropy(SmallCNN(6), optimizer=torch.optim.SGD)
+    (row,) = evaluator.evaluate(method, synthetic_banks(), splits, "synthetic", info=first.info).rows
+    assert (row["detector"], row["seed"], row["backbone"], row["method"]) == ("msp", 1, "a", "ce")
 
 
 class _NormGap(CrossEntropy):

@@ -104,7 +104,8 @@ class OODEvaluation(Callback):
         self.bank_dir = Path(bank_dir) if bank_dir is not None else None
         self.evaluator = evaluator
         self.sinks = list(sinks.values()) if isinstance(sinks, Mapping) else list(sinks)
-        self.evaluator.info.update(info or {})
+        #: run facts for every result row, handed to the evaluator with each evaluation (its own state stays its own)
+        self.info = dict(info or {})
         self.result: EvaluationResult | None = None
         self._collectors: dict[int, RankZeroRows] = {}
         self._sizes: list[int] = []
@@ -276,6 +277,7 @@ class OODEvaluation(Callback):
                 data_facts={"input_std": datamodule.benchmark.input_std},
                 model_scores=model_scores,
                 modes=self.modes,
+                info=self.info,
             )
         except NonFiniteBankError as err:  # the pass's own output (a detector's network passes run without autocast)
             if pl_module.trainer.precision != "16-mixed":

@@ -67,7 +67,6 @@ class Evaluator:
         exclude: detector names left out of `detectors` (`detectors=full detectors.exclude=[gram]`).
         params: fixed hyper-parameters per detector name (never tuned).
         tune: choose the remaining hyper-parameters on ID-val vs validation OOD from each detector's grid.
-        info: fields copied into every result row (backbone, seed, ...).
     """
 
     def __init__(
@@ -75,7 +74,6 @@ class Evaluator:
         detectors: str | Sequence[str] = ("msp", "maxlogit", "energy", "mahalanobis", "knn"),
         params: Mapping[str, Mapping[str, Any]] | None = None,
         tune: bool = True,
-        info: Mapping[str, Any] | None = None,
         exclude: Sequence[str] = (),
     ) -> None:
         left_out = set(resolve_detectors(list(exclude)))  # unknown names fail listing the choices
@@ -86,7 +84,6 @@ class Evaluator:
         if unused:  # a typo in a name fails above, listing the choices; a detector left out is only a warning
             log.warning("detectors.params sets %s, which this run does not score (detectors.names / exclude)", unused)
         self.tune = tune
-        self.info = dict(info or {})
 
     def check_own_names(self, method: str, names: Iterable[str]) -> None:
         """Raise `ConfigError` when a score of the method (`names`) has the name of a detector this run scores: two
@@ -108,10 +105,11 @@ class Evaluator:
         data_facts: Mapping[str, Any] | None = None,
         model_scores: ModelScoreFn | None = None,
         modes: Sequence[str] = ("standard",),
+        info: Mapping[str, Any] | None = None,
     ) -> EvaluationResult:
         """Run the method's `setup_ood`, fit/tune the detectors, score ID test and every OOD set, in each of the
-        evaluation `modes` (`standard`, `fsood`: `ood.evaluation.scoring.evaluate`); the method's
-        `fitted()` values go into every row's `method_params.fitted`."""
+        evaluation `modes` (`standard`, `fsood`: `ood.evaluation.scoring.evaluate`); `info` (backbone, seed, ...) and
+        the method's `fitted()` values (as `method_params.fitted`) go into every row."""
         check_banks_finite(banks)
         check_id_labels(banks, splits)
         method.setup_ood(banks)
@@ -132,8 +130,8 @@ class Evaluator:
         fitted = method.fitted()
         if fitted:
             method_params["fitted"] = fitted
-        info = {"method": method.name, "id_dataset": id_dataset, **self.info, "method_params": plain(method_params)}
-        rows, scores = evaluate(scorers, splits, id_acc, info, modes=modes, csid_acc=accuracy)
+        common = {"method": method.name, "id_dataset": id_dataset, **(info or {}), "method_params": plain(method_params)}
+        rows, scores = evaluate(scorers, splits, id_acc, common, modes=modes, csid_acc=accuracy)
         validation = validation_aurocs(scorers, [s.name for s in splits])
         return EvaluationResult(rows, scores, id_acc, method.name, method.diagnostics(), validation, accuracy)
 
