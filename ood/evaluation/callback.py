@@ -231,7 +231,8 @@ class OODEvaluation(Callback):
             error: Exception | None = None
             if banks is not None:
                 try:
-                    outcome = self._evaluate(datamodule, pl_module, banks, lambda: stop_if_terminated(trainer))
+                    outcome = self._evaluate(datamodule, pl_module, banks, lambda: stop_if_terminated(trainer),
+                                             trainer.precision)
                 except SIGTERMException:
                     outcome = STOPPED  # every rank stops below, once they know
                 except Exception as err:  # noqa: BLE001 - re-raised below, once the other ranks know
@@ -253,11 +254,12 @@ class OODEvaluation(Callback):
             sink.write(self.result, trainer, pl_module)
 
     def _evaluate(
-        self, datamodule: OODDataModule, pl_module: OODMethod, banks: dict[str, FeatureBank], stop: Callable[[], None]
+        self, datamodule: OODDataModule, pl_module: OODMethod, banks: dict[str, FeatureBank], stop: Callable[[], None],
+        precision: str,
     ) -> EvaluationResult:
         """The evaluation on global rank 0; `stop()` raises `SIGTERMException` once SIGTERM came, checked before it
         starts and at every batch of its network passes (hours on ImageNet: a scheduler's SIGKILL would otherwise
-        end it with nothing recorded)."""
+        end it with nothing recorded); `precision`: the trainer's, which a NaN bank's error names."""
         stop()
         splits = datamodule.eval_splits
         loaders = dict(zip([s.name for s in splits], datamodule.test_dataloader()))
@@ -280,7 +282,7 @@ class OODEvaluation(Callback):
                 info=self.info,
             )
         except NonFiniteBankError as err:  # the pass's own output (a detector's network passes run without autocast)
-            if pl_module.trainer.precision != "16-mixed":
+            if precision != "16-mixed":
                 raise
             raise NonFiniteBankError(f"{err}; the pass ran in float16 (trainer precision 16-mixed), whose activations overflow "
                                  "above 65504: use bf16-mixed, or fp32 (trainer=gpu)") from err
