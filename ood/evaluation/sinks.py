@@ -148,7 +148,7 @@ class ResultsWriter:
             save_run_figures(out, result.scores, result.rows)
         else:  # an earlier run's in this folder would be taken for this run's
             clear_curves(out / "figures")
-        _, images, rest = split_diagnostics(result.diagnostics)
+        floats, images, rest = split_diagnostics(result.diagnostics)
         for key, image in images.items():
             import matplotlib.image
 
@@ -157,7 +157,6 @@ class ResultsWriter:
         for stale in out.glob("*_stats.json"):  # an earlier run's in this folder (another method's) read as this one's
             stale.unlink()
         if result.diagnostics:
-            floats, _, _ = split_diagnostics(result.diagnostics)
             stats = {**floats, **rest}
             atomic_write_text(out / f"{result.method}_stats.json", json.dumps(stats, indent=2, default=_jsonable))
         # last: `results.jsonl` marks the run complete (`ood-report`), so a run that dies while writing the scores,
