@@ -120,6 +120,8 @@ class FitSummary:
     kept_logits: torch.Tensor
     input_shape: tuple[int, ...]
     batch_size: int
+    #: `n_proto` rounded up to whole batches of `batch_size`: the images that build the OOD prototype
+    n_keep: int
 
 
 class FitSplitStats:
@@ -168,6 +170,7 @@ class FitSplitStats:
                 kept_logits=kept["logits"],
                 input_shape=self.input_shape,
                 batch_size=self.batch_size,
+                n_keep=self.n_keep,
             )
         return self._summary
 
@@ -232,7 +235,6 @@ class GROOD(CrossEntropy):
         self.prototypes: torch.Tensor | None = None
         self.early_prototypes: torch.Tensor | None = None
         self.bank_index: KNNIndex | None = None
-        self.setup_seconds = 0.0
 
     # ----- fit-time check -------------------------------------------------------------------------------------
     def prepare(self, data: FitData) -> None:
@@ -279,18 +281,16 @@ class GROOD(CrossEntropy):
         self.prototypes = torch.cat([summary.class_prototypes, p_ood[None].to(summary.class_prototypes)])
         if self.score_kind == "knn":
             self.bank_index = self._build_index(banks["train"], summary.batch_size)
-        self.setup_seconds = time.perf_counter() - start
-        log.info("grood setup (%s prototype): %.2f s", self.ood_proto_source, self.setup_seconds)
+        log.info("grood setup (%s prototype): %.2f s", self.ood_proto_source, time.perf_counter() - start)
 
     def ood_prototype(self, banks: Mapping[str, FeatureBank], summary: FitSummary) -> torch.Tensor:
         """[D] OOD prototype from `ood_proto_source`; `val_ood` reads `banks["val_ood"]` and nothing else."""
-        n_keep = math.ceil(self.n_proto / summary.batch_size) * summary.batch_size
         if self.ood_proto_source == "proto_mean":
             return summary.class_prototypes.double().mean(0)
         if self.ood_proto_source == "val_ood":
             if "val_ood" not in banks:
                 raise ConfigError(VAL_OOD_MISSING)
-            return banks["val_ood"].features[:n_keep].double().mean(0)
+            return banks["val_ood"].features[:summary.n_keep].double().mean(0)
         if self.ood_proto_source == "uniform_noise":
             return self._noise_features(summary.input_shape).double().mean(0)
         return self._mixup_features(summary).double().mean(0)
