@@ -223,7 +223,7 @@ class GROOD(CrossEntropy):
             check_range(f"method.{key}", value, 1, integer=True)
         check_range("method.mix_lambda", mix_lambda, 0, 1)
         self.mix_layer = mix_layer if mix_layer is not None else default_mix_layer(backbone)
-        backbone._check_layer(self.mix_layer)
+        backbone.check_layer(self.mix_layer)
         if ood_proto_source == "synthetic_mixup" and not backbone.staged:
             # refused here, not after training and the evaluation pass: the mix-up re-runs the network from mix_layer
             raise unsplit_error(getattr(backbone, "net", backbone), self.mix_layer)

@@ -119,7 +119,7 @@ class ModuleBackbone(AdaptedBackbone):
     def layer_names(self) -> tuple[str, ...]:
         return tuple(n for n, _ in self.net.named_modules() if n)
 
-    def _check_layer(self, name: str) -> None:
+    def check_layer(self, name: str) -> None:
         if name not in dict(self.net.named_modules()) or not name:
             raise ConfigError(
                 f"unknown layer {name!r} for {type(self.net).__name__}: layers are module paths; choices: "
@@ -129,7 +129,7 @@ class ModuleBackbone(AdaptedBackbone):
     def run(self, x: torch.Tensor, layers: Sequence[str] = ()) -> BackboneOutput:
         """Logits (the network's own output), features (input of the head) and named module outputs, one pass."""
         for name in layers:
-            self._check_layer(name)
+            self.check_layer(name)
         caught: dict[str, torch.Tensor] = {}
 
         def keep_input(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -235,7 +235,7 @@ class StagedModel(AdaptedBackbone):
     def layer_names(self) -> tuple[str, ...]:
         return tuple(self.stage_steps)
 
-    def _check_layer(self, name: str) -> None:
+    def check_layer(self, name: str) -> None:
         if name not in self.stage_steps:
             raise ConfigError(f"unknown layer {name!r} for {type(self.net).__name__}; choices: {list(self.layer_names)}")
 
@@ -246,7 +246,7 @@ class StagedModel(AdaptedBackbone):
 
     def features(self, x: torch.Tensor, layers: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         for name in layers:
-            self._check_layer(name)
+            self.check_layer(name)
         kept = {}
         for name, steps in self.stage_steps.items():
             x = self._steps(steps, x)
@@ -255,19 +255,19 @@ class StagedModel(AdaptedBackbone):
         return self._steps(self.pool_steps, x), kept
 
     def forward_from(self, layer: str, z: torch.Tensor) -> torch.Tensor:
-        self._check_layer(layer)
+        self.check_layer(layer)
         names = self.layer_names
         for name in names[names.index(layer) + 1 :]:
             z = self._steps(self.stage_steps[name], z)
         return self._steps(self.pool_steps, z)
 
     def stage_module(self, name: str) -> nn.Module | None:
-        self._check_layer(name)
+        self.check_layer(name)
         last = self.stage_steps[name][-1]
         return None if last.startswith("@") else self.net.get_submodule(last)
 
     def forward_to(self, layer: str, x: torch.Tensor) -> torch.Tensor:
-        self._check_layer(layer)
+        self.check_layer(layer)
         for name, steps in self.stage_steps.items():
             x = self._steps(steps, x)
             if name == layer:

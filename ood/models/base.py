@@ -48,7 +48,7 @@ class Backbone(nn.Module):
     def stage_module(self, name: str) -> nn.Module | None:
         """The sub-module whose output is stage `name`'s output (hooked for per-sample caches of stage outputs), None
         where the stage ends in a computation that is not a module call."""
-        self._check_layer(name)
+        self.check_layer(name)
         return self.stages[name]
 
     def channel_dim(self, z: torch.Tensor) -> int:
@@ -65,14 +65,16 @@ class Backbone(nn.Module):
     def feature_dim(self) -> int:
         return self.fc.in_features
 
-    def _check_layer(self, name: str) -> None:
+    def check_layer(self, name: str) -> None:
+        """Refuses a layer name this backbone does not have (a `ConfigError` listing its layers), so that a method
+        given a layer by config fails when it is built, not after training."""
         if name not in self.stages:
             raise ConfigError(f"unknown layer {name!r} for {type(self).__name__}; choices: {list(self.layer_names)}")
 
     def features(self, x: torch.Tensor, layers: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Penultimate features of `x` and the outputs of the requested stages."""
         for name in layers:
-            self._check_layer(name)
+            self.check_layer(name)
         wanted = set(layers)
         kept: dict[str, torch.Tensor] = {}
         for name, stage in self.stages.items():
@@ -83,7 +85,7 @@ class Backbone(nn.Module):
 
     def forward_from(self, layer: str, z: torch.Tensor) -> torch.Tensor:
         """Penultimate features computed from `z`, the output of stage `layer` (the stages after it run)."""
-        self._check_layer(layer)
+        self.check_layer(layer)
         names = self.layer_names
         for name in names[names.index(layer) + 1 :]:
             z = self.stages[name](z)
@@ -91,7 +93,7 @@ class Backbone(nn.Module):
 
     def forward_to(self, layer: str, x: torch.Tensor) -> torch.Tensor:
         """The output of stage `layer` for input `x`; the stages after it do not run."""
-        self._check_layer(layer)
+        self.check_layer(layer)
         for name, stage in self.stages.items():
             x = stage(x)
             if name == layer:
