@@ -24,19 +24,24 @@ from torchmetrics.utilities import dim_zero_cat
 from ood.features.collector import SplitCollector
 
 #: reducers updated since their last `compute`, keyed by first-update order (weak: a dropped reducer leaves it)
-_PENDING: weakref.WeakValueDictionary[int, ClassSums | FirstN] = weakref.WeakValueDictionary()
+_PENDING: weakref.WeakValueDictionary[int, _Pending] = weakref.WeakValueDictionary()
 _ORDER = itertools.count()
 
 
-def _mark_pending(reducer: ClassSums | FirstN) -> None:
-    if getattr(reducer, "_sync_key", None) is None:
-        reducer._sync_key = next(_ORDER)
-        _PENDING[reducer._sync_key] = reducer
+class _Pending:
+    """A reducer that registers itself in `_PENDING` at its first update after a `compute` and leaves it at the next."""
 
+    _sync_key: int | None = None
 
-def _forget(reducer: ClassSums | FirstN) -> None:
-    _PENDING.pop(getattr(reducer, "_sync_key", None), None)
-    reducer._sync_key = None
+    def _mark_pending(self) -> None:
+        if self._sync_key is None:
+            self._sync_key = next(_ORDER)
+            _PENDING[self._sync_key] = self
+
+    def _forget(self) -> None:
+        if self._sync_key is not None:
+            _PENDING.pop(self._sync_key, None)
+            self._sync_key = None
 
 
 def sync_reducers() -> None:
@@ -74,7 +79,7 @@ class _Sums(Metric):
         return {**out, "counts": self.counts.reshape(-1), "index": dim_zero_cat(self.index).reshape(-1)}
 
 
-class ClassSums:
+class ClassSums(_Pending):
     """Per-class sums and counts of named fields over one split, exact under DDP (see the module docstring).
 
     Args:
@@ -92,7 +97,7 @@ class ClassSums:
 
     def update(self, index: torch.Tensor, labels: torch.Tensor, **values: torch.Tensor) -> None:
         """Add one batch; its last sample waits until the next batch (or the sync) in case it is padding."""
-        _mark_pending(self)
+        self._mark_pending()
         if self._sums is None:
             shapes = {k: tuple(v.shape[1:]) for k, v in values.items()}
             dtypes = {k: self.dtypes.get(k, v.dtype) for k, v in values.items()}
@@ -122,7 +127,7 @@ class ClassSums:
     def compute(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """(sums per field [C, ...], counts [C]), synced across ranks; computed once."""
         if self._result is None:
-            _forget(self)
+            self._forget()
             self.finish()
             assert self._sums is not None and self._tail is not None
             sums, tail = self._sums.compute(), self._tail.compute()
@@ -136,7 +141,7 @@ class ClassSums:
         return self._result
 
 
-class FirstN(SplitCollector):
+class FirstN(_Pending, SplitCollector):
     """The rows of the first `n` samples (dataset index < n) of a split, deduplicated and sorted by index."""
 
     def __init__(self, n: int, fields: list[str]) -> None:
@@ -144,10 +149,10 @@ class FirstN(SplitCollector):
         self.n = n
 
     def update(self, index: torch.Tensor, **values: torch.Tensor) -> None:  # type: ignore[override]
-        _mark_pending(self)
+        self._mark_pending()
         keep = index < self.n
         super().update(index[keep], **{k: v[keep] for k, v in values.items()})
 
     def compute(self) -> dict[str, torch.Tensor]:
-        _forget(self)
+        self._forget()
         return super().compute()
