@@ -44,6 +44,14 @@ def run_config(output_dir: Path, overrides: Sequence[str] = (), config_name: str
     return run(compose_config(output_dir, overrides, config_name))
 
 
+def fit_detector(name: Any, params: Any, banks: Any, tune: bool, model_scores: Any = None) -> tuple[Any, bool]:
+    """`ood.evaluation.scoring.tune_detector` without the validation scores: the fitted detector and whether a
+    search happened."""
+    from ood.evaluation.scoring import tune_detector
+
+    return tune_detector(name, params, banks, tune, model_scores)[:2]
+
+
 def rows_by(rows: Sequence[dict[str, Any]], detector: str) -> dict[str, dict[str, Any]]:
     """Rows of one detector keyed by OOD set name."""
     return {r["ood_dataset"]: r for r in rows if r["detector"] == detector}

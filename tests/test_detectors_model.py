@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import fit_detector
 from scipy.stats import spearmanr
 from torch import nn
 
@@ -25,7 +26,7 @@ from ood.detectors.gram import gram_rows
 from ood.detectors.mcdropout import ImageDropout, image_keys
 from ood.detectors.network import FitInputs, LayerTaps, ModelFitted, StagedForward
 from ood.errors import ConfigError
-from ood.evaluation.scoring import JointInputs, detector_scorers, fit_detector
+from ood.evaluation.scoring import JointInputs, detector_scorers
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics, validation_aurocs
 from ood.models.adapters import ModuleBackbone

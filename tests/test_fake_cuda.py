@@ -14,11 +14,10 @@ import pytest
 import torch
 from fabricate import synthetic_banks
 from fake_cuda import DeviceMix, FakeCuda, fake_cuda, fake_gpu_run, wrap
-from helpers import compose_config
+from helpers import compose_config, fit_detector
 
 from ood.detectors import Detector, available_detectors, build_detector, detector_class
 from ood.detectors.network import LayerTaps
-from ood.evaluation.scoring import fit_detector
 from ood.features.bank import FeatureBank
 from ood.features.collector import RankZeroRows
 from ood.models.small_cnn import SmallCNN

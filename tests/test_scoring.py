@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from fabricate import synthetic_banks
+from helpers import fit_detector
 from torch import nn
 
 from ood.data.benchmark import EvalSplit
@@ -15,7 +16,7 @@ from ood.detectors import DetectorNotApplicable, build_detector, detector_class
 from ood.detectors.base import Detector
 from ood.errors import ConfigError, NonFiniteError
 from ood.evaluation.evaluator import check_banks_finite, check_id_labels
-from ood.evaluation.scoring import detector_scorers, fit_detector, sweep_order, tune_detector
+from ood.evaluation.scoring import detector_scorers, sweep_order, tune_detector
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
 from ood.neighbors import KNNIndex

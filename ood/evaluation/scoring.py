@@ -205,18 +205,6 @@ def _fit(det: Detector, split: str, banks: Mapping[str, FeatureBank], model_scor
     return det.fit_stream(banks[split], run)
 
 
-def fit_detector(
-    name: DetectorRef,
-    params: Mapping[str, Any],
-    banks: Mapping[str, FeatureBank],
-    tune: bool,
-    model_scores: ModelScoreFn | None = None,
-) -> tuple[Detector, bool]:
-    """`tune_detector` without the validation scores: the fitted detector and whether a search happened."""
-    det, tuned, _ = tune_detector(name, params, banks, tune, model_scores)
-    return det, tuned
-
-
 def tune_detector(
     name: DetectorRef,
     params: Mapping[str, Any],
