@@ -25,8 +25,9 @@ import csv
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -54,7 +55,7 @@ LIST_HOW = ("OpenOOD's benchmark lists and images: python scripts/download/downl
             "--datasets {dataset} --dataset_mode benchmark --save_dir {data} (github.com/Jingkang50/OpenOOD; "
             "ImageNet's own images from image-net.org)")
 DOWNLOAD_NAMES = {"cifar10": "cifar-10", "cifar100": "cifar-100", "imagenet200": "imagenet-200", "imagenet1k": "imagenet-1k"}
-#: a difference (points of AUROC) beyond this is marked
+#: a difference (points of AUROC, or of ID accuracy) beyond this is marked
 MARK = 1.0
 #: the two ± columns are not the same statistic: OpenOOD's scripts/eval_ood.py takes np.std over its runs
 STDS = ("±: ours the sample std over the seeds (n - 1), OpenOOD's the population std (n, np.std in its "
@@ -141,6 +142,21 @@ def _percent(mean: str, std: str) -> str:
     return f"{100 * float(mean):.2f}" + (f" ± {100 * float(std):.2f}" if std else "")
 
 
+def id_accuracy(rows: Sequence[dict[str, str]], reference: Mapping[str, Any]) -> str:
+    """The line under a table with the networks' ID test accuracy beside the leaderboard's: the first check that the
+    checkpoints and the preprocessing are the published ones (the same for every detector, read from the first row
+    that has it)."""
+    ours = next((r for r in rows if r.get("id_acc_mean")), {})
+    cells = [_percent(ours.get("id_acc_mean", ""), ours.get("id_acc_std", ""))]
+    theirs = reference.get("id_acc")
+    cells.append(f"{theirs[0]:.2f}" + (f" ± {theirs[1]:.2f}" if len(theirs) > 1 else "") if theirs else "-")
+    diff = "-"
+    if ours and theirs:
+        points = 100 * float(ours["id_acc_mean"]) - theirs[0]
+        diff = f"{points:+.2f}{' !' if abs(points) > MARK else ''}"
+    return f"\nID accuracy (%): ours {cells[0]} | OpenOOD {cells[1]} | diff {diff}"
+
+
 def parity_table(benchmark: str, rows: Sequence[dict[str, str]]) -> tuple[str, int]:
     """The Markdown parity table of one benchmark and the number of marked differences."""
     reference = OmegaConf.to_container(OmegaConf.load(REFERENCE_DIR / f"{benchmark}.yaml"))
@@ -165,6 +181,7 @@ def parity_table(benchmark: str, rows: Sequence[dict[str, str]]) -> tuple[str, i
             else:
                 cells.append("-")
         lines.append(f"| {row['detector']} | " + " | ".join(cells) + " |")
+    lines.append(id_accuracy(rows, reference))
     lines.append(f"\nnot in ood (leaderboard only): {', '.join(reference.get('not_in_ood', [])) or '-'}")
     lines.append(f"\n{STDS}")
     return "\n".join(lines), marked

@@ -84,6 +84,22 @@ def test_reference_columns_only_beside_the_same_ood_sets_and_mode(capsys: pytest
     ]
 
 
+def test_the_references_id_accuracy_stands_beside_the_runs() -> None:
+    """The leaderboard network's ID accuracy (the file's `id_acc`, 95.06 ± 0.30 %) is a `ref:id_acc` column beside the
+    rows' `id_acc`, for the methods the file lists (and those trained as one: grood as ce), not for another method."""
+    rows = []
+    for method, seed, acc in (("ce", 0, 0.95), ("ce", 1, 0.94), ("grood", 0, 0.9), ("energy_oe", 0, 0.93)):
+        rows += [{**r, "method": method, "id_acc": acc, "_run": f"{method}{seed}"} for r in _rows("cifar10", "msp", seed, 0.9, 0.9)]
+    config_cols, metric_cols, table = aggregate(rows)
+    cols = add_reference(metric_cols, table, [load_reference(REFERENCE_DIR / "cifar10.yaml")])
+    assert cols == [*metric_cols, *REFERENCE_COLS, "ref:id_acc"] and "id_acc" in metric_cols
+    by = {e["method"]: e for e in table}
+    assert by["ce"]["ref:id_acc"] == pytest.approx((0.9506, 0.0030, 3)) and by["grood"]["ref:id_acc"] == by["ce"]["ref:id_acc"]
+    assert "ref:id_acc" not in by["energy_oe"]  # the leaderboard's file has no energy_oe rows: another network
+    line = next(x for x in to_markdown(config_cols, cols, table).splitlines() if x.startswith("| ce |"))
+    assert line.endswith("| 94.50 ± 0.71 | 88.03 ± 0.25 | 90.73 ± 0.43 | 95.06 ± 0.30 |")
+
+
 def test_no_reference_keeps_the_table_unchanged() -> None:
     rows = _rows("digits", "msp", 0, 0.9, 0.8)
     _, metric_cols, table = aggregate(rows)
@@ -100,6 +116,9 @@ def test_a_reference_number_may_be_bare_and_is_checked(tmp_path: Path) -> None:
     path.write_text("source: s\nid_dataset: digits\nbackbone: small_cnn\nauroc: {ce: {msp: {near: [1, 2, 3]}}}\n")
     with pytest.raises(OODError, match=r"^reference file .*ref.yaml: auroc.ce.msp.near is \[1, 2, 3\]: give a number or "
                                        r"\[mean, std\] in %$"):
+        load_reference(path)
+    path.write_text("source: s\nid_dataset: digits\nbackbone: small_cnn\nid_acc: 95%\nauroc: {ce: {msp: {near: 50}}}\n")
+    with pytest.raises(OODError, match=r"^reference file .*ref.yaml: id_acc is '95%': give a number or \[mean, std\] in %$"):
         load_reference(path)
     path.write_text("source: s\nid_dataset: digits\nbackbone: small_cnn\nauroc: {}\nood_sets: {far: svhn}\n")
     with pytest.raises(OODError, match=r"ref.yaml: ood_sets is \{'far': 'svhn'\}: give \{near\|far: \[set, ...\]\}$"):

@@ -5,8 +5,10 @@ OpenOOD's release."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -78,6 +80,11 @@ def test_parity_runs_end_to_end_on_fabricated_files(tmp_path: Path, capsys: pyte
     assert knn[3] == f"{ours_near - 90.64:+.2f} !"
     assert {line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")} >= {
         "| msp", "| energy", "| knn", "| mahalanobis"}
+    # the networks' ID accuracy (the runs' results, mean ± std over the two seeds) beside the leaderboard's
+    accs = [100 * json.loads(line)["id_acc"] for s in ("s0", "s1")
+            for line in (tmp_path / "parity" / "cifar10" / s / "results.jsonl").read_text().splitlines()[:1]]
+    mean, std = statistics.fmean(accs), statistics.stdev(accs)
+    assert f"\nID accuracy (%): ours {mean:.2f} ± {std:.2f} | OpenOOD 95.06 ± 0.30 | diff {mean - 95.06:+.2f} !\n" in table
 
 
 def test_leaderboard_detector_that_did_not_run_keeps_its_row() -> None:
@@ -92,6 +99,7 @@ def test_leaderboard_detector_that_did_not_run_keeps_its_row() -> None:
     assert lines["| gram"] == "| gram | - | 58.66 ± 4.83 | - | - | 71.73 ± 3.20 | - |"
     assert lines["| fdbd"] == "| fdbd | - | 90.42 | - | - | 93.16 | - |"  # one run: [mean] only, no ± 0.00
     assert table.endswith(parity_openood.STDS)
+    assert "\nID accuracy (%): ours - | OpenOOD 95.06 ± 0.30 | diff -\n" in table  # no row carries an accuracy
     ref = load_reference(parity_openood.REFERENCE_DIR / "cifar10.yaml")
     assert len(lines) == 1 + len(ref["auroc"]["ce"]) and marked == 0
 
@@ -193,3 +201,6 @@ def test_one_seed_is_its_value_alone() -> None:
            "far/auroc_std": "", "ref:near/auroc_mean": "0.7602", "ref:far/auroc_mean": "0.8523"}
     table, _ = parity_openood.parity_table("imagenet1k", [row])
     assert "| msp | 76.02 | 76.02 | +0.00 | 85.00 | 85.23 | -0.23 |" in table.splitlines()
+    row.update({"id_acc_mean": "0.7613", "id_acc_std": ""})  # torchvision's IMAGENET1K_V1: 76.13 %, one run
+    table, _ = parity_openood.parity_table("imagenet1k", [row])
+    assert "\nID accuracy (%): ours 76.13 | OpenOOD 76.18 | diff -0.05\n" in table

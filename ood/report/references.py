@@ -13,6 +13,9 @@ warning (on stderr and under report.md's table) says why; `mode` (default `stand
 numbers are of (full-spectrum rows measure another ID set). `same_network: {method: trained_as}` lets rows of a post-hoc method that trains exactly as another
 (`grood: ce`) read that method's numbers for the detectors the file does not list under their own method. `std`
 (`population` | `sample`) says how the std of its [mean, std] entries was taken: a line under the table says so.
+`id_acc: [mean(, std)]` (%), the ID test accuracy of the network the numbers are of, goes beside the rows' `id_acc`
+as `ref:id_acc` (rows of a method the file lists): a gap there means another network or preprocessing than the
+published one, before any AUROC is read.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from ood.errors import OODError
 
 REFERENCE_DIR = CONFIG_DIR / "reference"
 REFERENCE_COLS = ("ref:near/auroc", "ref:far/auroc")
+#: the ID test accuracy of the reference's network, beside the rows' `id_acc` (a checkpoint or preprocessing
+#: that is not the published one shows here first)
+ID_ACC_COL = "ref:id_acc"
 #: reference file's `fpr95_convention` -> our metric of that convention
 FPR95_CONVENTIONS = {"id_positive": "fpr95", "ood_positive": "fpr95_oodpos"}
 #: reference file's `std` (how the std of its [mean, std] entries was taken) -> the line under the report's table
@@ -40,7 +46,7 @@ STD_CONVENTIONS = {
 def load_reference(path: str | Path) -> dict[str, Any]:
     """A reference file: `source`, `id_dataset`, `backbone`, `auroc: {method: {detector: {near|far: [mean(, std)]}}}` (%),
     optionally `fpr95` of the same shape with `fpr95_convention` (`id_positive` | `ood_positive`), `ood_sets`,
-    `mode`, `same_network` and `std` (`STD_CONVENTIONS`)."""
+    `mode`, `same_network`, `std` (`STD_CONVENTIONS`) and `id_acc` ([mean(, std)], %)."""
     from omegaconf import OmegaConf
 
     path = Path(path)
@@ -64,12 +70,19 @@ def load_reference(path: str | Path) -> dict[str, Any]:
     same = reference.get("same_network") or {}
     if not isinstance(same, dict) or not all(isinstance(v, str) for v in same.values()):
         raise OODError(f"reference file {path}: same_network is {same!r}: give {{method: the method it trains as}}")
+    if "id_acc" in reference:
+        reference["id_acc"] = _numbers(reference["id_acc"], f"reference file {path}: id_acc")
     for metric in ("auroc", "fpr95"):
         for method, detectors in (reference.get(metric) or {}).items():
             for detector, groups in (detectors or {}).items():
                 for group, value in (groups or {}).items():
                     groups[group] = _numbers(value, f"reference file {path}: {metric}.{method}.{detector}.{group}")
     return reference
+
+
+def _cell(values: Sequence[float]) -> tuple[float, float, int]:
+    """A reference's [mean(, std)] as a table cell (mean, std, runs): a std means the leaderboard's three runs."""
+    return values[0], values[1] if len(values) > 1 else 0.0, 3 if len(values) > 1 else 1
 
 
 def _numbers(value: Any, where: str) -> list[float]:
@@ -156,13 +169,17 @@ def add_reference(
                         continue
                     values = [float(v) / 100 for v in groups[group]]
                     col = f"ref:{group}/{metric}"
-                    entry[col] = (values[0], values[1] if len(values) > 1 else 0.0, 3 if len(values) > 1 else 1)
+                    entry[col] = _cell(values)
                     matched.add(col)
+            trained = {m for metric in ("auroc", "fpr95") for m in (ref.get(metric) or {})}
+            if "id_acc" in ref and "id_acc" in entry and any(m in trained for m in methods):
+                entry[ID_ACC_COL] = _cell([float(v) / 100 for v in ref["id_acc"]])
+                matched.add(ID_ACC_COL)
     for line in unmatched:
         print(f"warning: {line}", file=sys.stderr)
     if left_out is not None:
         left_out += unmatched
-    order = [*REFERENCE_COLS, *(f"ref:{g}/{m}" for m in FPR95_CONVENTIONS.values() for g in ("near", "far"))]
+    order = [*REFERENCE_COLS, *(f"ref:{g}/{m}" for m in FPR95_CONVENTIONS.values() for g in ("near", "far")), ID_ACC_COL]
     # our numbers in a reference's convention that the table does not show (fpr95_oodpos) go beside it
     ours = [c[len("ref:"):] for c in order if c in matched and c[len("ref:"):] not in metric_cols]
     return [*metric_cols, *(c for c in ours if any(c in e for e in table)), *(c for c in order if c in matched)]
