@@ -9,8 +9,10 @@ Hyper-parameters that count feature dimensions (ViM's `dim`) accept a fraction o
 hyper-parameters; a value outside them is refused in one line when the detector is built or `set_params` is called.
 Every subclass's `fit` refuses a bank with NaN or infinite logits or features (`NonFiniteError`), and its `score` /
 `score_grid` give such rows NaN and the others their scores without them: NaN in, NaN out, for a detector written
-by a user too. A `fit` that ends without `return self` returns the detector all the same (`build_detector(...)
-.fit(bank).score(bank)` and the evaluation's tuning take what `fit` returns). The same guards read a bank built by
+by a user too. A final-layer weight or bias with NaN or inf (a diverged model, which made every row NaN) is refused
+by both.
+A `fit` that ends without `return self` returns the detector all the same (`build_detector(...).fit(bank)
+.score(bank)` and the evaluation's tuning take what `fit` returns). The same guards read a bank built by
 hand as plain tensors (detached, int64 labels: `plain_bank`), refuse a network with fewer outputs than
 `min_classes` and, once fitted, a bank of another network (`check_shape`); `score_inputs` / `fit_statistics` run
 the model in eval mode whatever mode it was left in.
@@ -221,6 +223,7 @@ def _checked_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
         if isinstance(bank, FeatureBank):
             check_classes(self, bank)
             check_features(self, bank)
+            check_head(self, bank, "fit")
         bad = int(bank.nonfinite_rows().sum()) if isinstance(bank, FeatureBank) else 0
         if bad:
             raise NonFiniteError(f"{self.name}: {bad} of {len(bank)} rows of its fit bank hold NaN or infinite logits "
@@ -270,6 +273,17 @@ def check_features(det: Detector, bank: FeatureBank) -> None:
         raise ConfigError(f"{det.name}: it reads the penultimate features and this FeatureBank has none (features=None); "
                           "build the bank with features=... (the [N, D] input of the final layer), or use a logit-only "
                           f"detector: {', '.join(logit_only_detectors())}")
+
+
+def check_head(det: Detector, bank: FeatureBank, role: str) -> None:
+    """Refuse a bank whose final-layer weight or bias holds NaN or +-inf (a diverged model) in one line
+    (`NonFiniteError`): the detectors that read the head scored every row NaN without a word (ash, dice, react, ...),
+    or failed inside a decomposition of it (vim's `svd`, weiper's histogram index). `role`: "fit" or "score"."""
+    bad = [k for k, t in (("weight", bank.weight), ("bias", bank.bias)) if t is not None and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteError(f"{det.name}: the final-layer {' and '.join(bad)} of its {role} bank hold"
+                             f"{'' if len(bad) > 1 else 's'} NaN or infinite values (a diverged model): retrain it, or "
+                             "load a checkpoint from before it diverged")
 
 
 def check_classes(det: Detector, bank: FeatureBank) -> None:
@@ -334,6 +348,7 @@ def _nan_for_nonfinite(score: Callable[..., Any]) -> Callable[..., Any]:
             check_classes(self, bank)
             check_features(self, bank)
             check_shape(self, bank)
+            check_head(self, bank, "score")
         bad = bank.nonfinite_rows() if isinstance(bank, FeatureBank) else None
         if bad is None or not bool(bad.any()):
             return score(self, bank, *args, **kwargs)
