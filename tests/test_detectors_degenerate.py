@@ -16,12 +16,14 @@ import torch
 
 from ood.detectors import DetectorNotApplicable, available_detectors, build_detector, detector_class
 from ood.detectors.base import Detector
-from ood.errors import NonFiniteError
+from ood.errors import ConfigError, NonFiniteError
 from ood.features.bank import FeatureBank
 
 #: detectors that need a staged network or input passes: enrolled on a tiny CNN in tests/test_detectors_model.py
 CACHED = [n for n in available_detectors() if not detector_class(n).needs_model and detector_class(n).reproduces is None
           and n not in {"combood", "gram"}]
+#: those that fit statistics (the others' `fit` is the base class's checks alone)
+FITTED = [n for n in CACHED if detector_class(n).fit is not Detector.fit]
 CLASSES = 4
 #: hyper-parameters that the tiny banks admit (gmm's 50 clusters and knn's k = 50 exceed their rows)
 SMALL = {"gmm": {"num_clusters": 4}, "knn": {"k": 3}, "nnguide": {"k": 3}}
@@ -101,6 +103,15 @@ def test_mahalanobis_on_a_singular_covariance_is_openoods(case: str) -> None:
     diff = test.features.double().numpy()[:, None, :] - means[None]
     want = -np.einsum("ncd,de,nce->nc", diff, precision, diff).min(1)
     np.testing.assert_allclose(fit("mahalanobis", fit_bank).score(test).numpy(), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", FITTED)
+def test_an_empty_fit_bank_is_refused_in_one_line(name: str) -> None:
+    """0 fit rows: cadref divided by zero, klm stacked nothing, react / vra / weiper indexed an empty array, vim's
+    `eigh` failed, knn and nnguide asked for k=0, fdbd and nci scored every row NaN; now one line says what to do."""
+    with pytest.raises(ConfigError, match=rf"^{name}: its fit bank has no rows, and its statistics are fitted to them; "
+                                          rf"fit it on the ID {detector_class(name).fit_split} bank"):
+        fit(name, bank(0, 16))
 
 
 @pytest.mark.parametrize("name", CACHED)

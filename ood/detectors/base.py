@@ -10,7 +10,7 @@ hyper-parameters; a value outside them is refused in one line when the detector 
 Every subclass's `fit` refuses a bank with NaN or infinite logits or features (`NonFiniteError`), and its `score` /
 `score_grid` give such rows NaN and the others their scores without them: NaN in, NaN out, for a detector written
 by a user too. A final-layer weight or bias with NaN or inf (a diverged model, which made every row NaN) is refused
-by both.
+by both, and an empty fit bank by `fit`.
 A `fit` that ends without `return self` returns the detector all the same (`build_detector(...).fit(bank)
 .score(bank)` and the evaluation's tuning take what `fit` returns). The same guards read a bank built by
 hand as plain tensors (detached, int64 labels: `plain_bank`), refuse a network with fewer outputs than
@@ -224,6 +224,9 @@ def _checked_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
             check_classes(self, bank)
             check_features(self, bank)
             check_head(self, bank, "fit")
+            if len(bank) == 0:
+                raise ConfigError(f"{self.name}: its fit bank has no rows, and its statistics are fitted to them; fit it on "
+                                  f"the ID {self.fit_split} bank (data.fit_fraction > 0)")
         bad = int(bank.nonfinite_rows().sum()) if isinstance(bank, FeatureBank) else 0
         if bad:
             raise NonFiniteError(f"{self.name}: {bad} of {len(bank)} rows of its fit bank hold NaN or infinite logits "
