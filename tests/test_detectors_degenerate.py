@@ -24,6 +24,8 @@ CACHED = [n for n in available_detectors() if not detector_class(n).needs_model 
           and n not in {"combood", "gram"}]
 #: those that fit statistics (the others' `fit` is the base class's checks alone)
 FITTED = [n for n in CACHED if detector_class(n).fit is not Detector.fit]
+#: those that fit statistics per label: labels outside the network's classes are refused
+LABELLED = [n for n in FITTED if detector_class(n).per_class or n == "tempscale"]
 CLASSES = 4
 #: hyper-parameters that the tiny banks admit (gmm's 50 clusters and knn's k = 50 exceed their rows)
 SMALL = {"gmm": {"num_clusters": 4}, "knn": {"k": 3}, "nnguide": {"k": 3}}
@@ -112,6 +114,19 @@ def test_an_empty_fit_bank_is_refused_in_one_line(name: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{name}: its fit bank has no rows, and its statistics are fitted to them; "
                                           rf"fit it on the ID {detector_class(name).fit_split} bank"):
         fit(name, bank(0, 16))
+
+
+@pytest.mark.parametrize("label", [-1, CLASSES])
+@pytest.mark.parametrize("name", LABELLED)
+def test_fit_labels_outside_the_classes_are_refused_in_one_line(name: str, label: int) -> None:
+    """An OOD label (-1) or a class the network lacks (4 of 4 outputs) in the fit bank failed in `bincount`, an index
+    error or cross-entropy's target check; now one line names the labels and the classes."""
+    b = bank(60, 16)
+    labels = b.labels.clone()
+    labels[[5, 9]] = label
+    with pytest.raises(ConfigError, match=rf"^{name}: 2 of the 60 labels of its fit bank are outside the network's 4 "
+                                          rf"classes \[0, 4\) \(e.g. \[{label}\]\)"):
+        fit(name, replace(b, labels=labels))
 
 
 @pytest.mark.parametrize("name", CACHED)

@@ -10,7 +10,7 @@ hyper-parameters; a value outside them is refused in one line when the detector 
 Every subclass's `fit` refuses a bank with NaN or infinite logits or features (`NonFiniteError`), and its `score` /
 `score_grid` give such rows NaN and the others their scores without them: NaN in, NaN out, for a detector written
 by a user too. A final-layer weight or bias with NaN or inf (a diverged model, which made every row NaN) is refused
-by both, and an empty fit bank by `fit`.
+by both, an empty fit bank by `fit`, and fit labels outside the network's classes by the detectors that read them.
 A `fit` that ends without `return self` returns the detector all the same (`build_detector(...).fit(bank)
 .score(bank)` and the evaluation's tuning take what `fit` returns). The same guards read a bank built by
 hand as plain tensors (detached, int64 labels: `plain_bank`), refuse a network with fewer outputs than
@@ -235,6 +235,7 @@ def _checked_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
             raise ConfigError(f"{self.name}: its fit bank has no labels, and its per-class statistics need them "
                               "(FeatureBank(labels=...): the ID class of each row)")
         if self.per_class and isinstance(bank, FeatureBank) and bank.labels is not None:
+            check_labels(self, bank)
             classes = bank.logits.shape[1]
             missing = (torch.bincount(bank.labels.cpu(), minlength=classes)[:classes] == 0).nonzero().flatten().tolist()
             if missing:
@@ -287,6 +288,20 @@ def check_head(det: Detector, bank: FeatureBank, role: str) -> None:
         raise NonFiniteError(f"{det.name}: the final-layer {' and '.join(bad)} of its {role} bank hold"
                              f"{'' if len(bad) > 1 else 's'} NaN or infinite values (a diverged model): retrain it, or "
                              "load a checkpoint from before it diverged")
+
+
+def check_labels(det: Detector, bank: FeatureBank) -> None:
+    """Refuse fit labels outside [0, C) for the C network outputs in one line (`ConfigError`) to a detector that fits
+    statistics per label: an OOD label (-1) or a label of a class the network lacks failed deep inside
+    (`bincount`, an index error, cross-entropy's target check)."""
+    if bank.labels is None:
+        return
+    classes = bank.logits.shape[1]
+    outside = bank.labels[(bank.labels < 0) | (bank.labels >= classes)]
+    if len(outside):
+        raise ConfigError(f"{det.name}: {len(outside)} of the {len(bank)} labels of its fit bank are outside the "
+                          f"network's {classes} classes [0, {classes}) (e.g. {outside.unique()[:5].tolist()}); fit it on "
+                          "ID rows, each labelled by the index of its class among the network's outputs")
 
 
 def check_classes(det: Detector, bank: FeatureBank) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ood.detectors.base import Detector
+from ood.detectors.base import Detector, check_labels
 from ood.detectors.logits import max_log_softmax
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
@@ -47,6 +47,7 @@ class TempScale(Detector):
         if bank.labels is None:
             raise ConfigError("tempscale: its fit bank has no labels, and the temperature is fitted to them "
                               "(FeatureBank(labels=...): the ID class of each row)")
+        check_labels(self, bank)
         self.temperature_ = fit_temperature(bank.logits, bank.labels)
         return self
 
