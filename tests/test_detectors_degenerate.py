@@ -145,6 +145,22 @@ def test_a_diverged_head_is_refused_by_fit_and_score(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", CACHED)
+def test_a_bank_without_the_final_layer_is_refused_by_the_detectors_that_read_it(name: str) -> None:
+    """A bank built by hand without weight / bias: the 12 detectors that read the head raised `bank.head()`'s bare
+    ValueError, naming no detector; they now refuse it in one line (`reads_head`), and the others score it as with."""
+    train, test = bank(60, 16), bank(12, 16, seed=1)
+    headless = lambda b: replace(b, weight=None, bias=None)  # noqa: E731
+    if detector_class(name).reads_head:
+        with pytest.raises(ConfigError, match=rf"^{name}: it reads the final layer's weight and bias and its fit bank has "
+                                              "none; build the bank with weight=... and bias=..."):
+            fit(name, headless(train))
+        with pytest.raises(ConfigError, match=rf"^{name}: it reads the final layer's weight and bias and its score bank"):
+            fit(name, train).score(headless(test))
+        return
+    torch.testing.assert_close(fit(name, headless(train)).score(headless(test)), fit(name, train).score(test), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", CACHED)
 def test_nan_rows_float16_empty_and_huge_logit_banks(name: str) -> None:
     """NaN / inf rows of a test bank score NaN and the others as without them; float16 and bfloat16 banks score
     finite, and as float32 banks of the same values for the detectors that declare `float16_features` (the others

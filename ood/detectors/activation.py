@@ -58,6 +58,7 @@ class ReAct(Detector):
     """LSE(W min(h, t) + b), t a percentile of the ID-val activations."""
 
     name = "react"
+    reads_head = True
     ranges = {"percentile": PERCENTILE}
     fit_split = "val"
     grid = {"percentile": [85, 90, 95, 99]}
@@ -77,6 +78,7 @@ class ASH(Detector):
     """LSE(W a + b), a = ASH-B of h: top-k entries set to sum(h)/k, the rest zeroed."""
 
     name = "ash"
+    reads_head = True
     ranges = {"percentile": PERCENTILE}
     grid = {"percentile": [65, 70, 75, 80, 85, 90, 95]}
     score_params = frozenset({"percentile"})
@@ -96,6 +98,7 @@ class DICE(Detector):
     """LSE((W * M) h + b), M keeping the weights whose mean train contribution exceeds its p-th percentile."""
 
     name = "dice"
+    reads_head = True
     ranges = {"p": PERCENTILE}
     grid = {"p": [90]}
 
@@ -117,6 +120,7 @@ class Scale(Detector):
     """LSE(W h e^r + b), r = sum(h) / sum(top-k h)."""
 
     name = "scale"
+    reads_head = True
     ranges = {"percentile": PERCENTILE}
     grid = {"percentile": [65, 70, 75, 80, 85, 90, 95]}
     score_params = frozenset({"percentile"})
@@ -137,6 +141,7 @@ class VRA(Detector):
     """LSE(W clip(h, t_low, t_high) + b), both thresholds percentiles of the ID-val activations."""
 
     name = "vra"
+    reads_head = True
     ranges = {"percentile_high": PERCENTILE, "percentile_low": PERCENTILE}
     fit_split = "val"
     grid = {"percentile_high": [85, 90, 95, 99], "percentile_low": [1, 5, 10, 15]}

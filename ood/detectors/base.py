@@ -130,6 +130,9 @@ class Detector:
     #: False for detectors that read only the bank's logits (and labels), never its penultimate features: they score
     #: a bank built without features (`FeatureBank(logits, features=None)`), which the others refuse in one line
     reads_features: ClassVar[bool] = True
+    #: True for detectors that read the bank's final-layer weight and bias (`bank.head()`: activation shaping, ViM's
+    #: origin, decision boundaries): a bank built without them is refused in one line naming the detector
+    reads_head: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -164,6 +167,7 @@ class Detector:
         every `fit` makes: `min_classes`, `reads_features`)."""
         check_classes(self, bank)
         check_features(self, bank)
+        check_head(self, bank, "fit")
         return self
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
@@ -282,7 +286,13 @@ def check_features(det: Detector, bank: FeatureBank) -> None:
 def check_head(det: Detector, bank: FeatureBank, role: str) -> None:
     """Refuse a bank whose final-layer weight or bias holds NaN or +-inf (a diverged model) in one line
     (`NonFiniteError`): the detectors that read the head scored every row NaN without a word (ash, dice, react, ...),
-    or failed inside a decomposition of it (vim's `svd`, weiper's histogram index). `role`: "fit" or "score"."""
+    or failed inside a decomposition of it (vim's `svd`, weiper's histogram index); and a bank without them to a
+    detector that reads them (`reads_head`; `ConfigError`), where `bank.head()` raised a ValueError naming no
+    detector. `role`: "fit" or "score"."""
+    if det.reads_head and (bank.weight is None or bank.bias is None):
+        raise ConfigError(f"{det.name}: it reads the final layer's weight and bias and its {role} bank has none; build "
+                          "the bank with weight=... and bias=... (the [C, D] weight and [C] bias of the final linear "
+                          "layer)")
     bad = [k for k, t in (("weight", bank.weight), ("bias", bank.bias)) if t is not None and not bool(torch.isfinite(t).all())]
     if bad:
         raise NonFiniteError(f"{det.name}: the final-layer {' and '.join(bad)} of its {role} bank hold"

@@ -82,6 +82,7 @@ class CADRef(CARef):
     """-(E_p / S(f) + E_n / S_bar): the relative feature split by the sign of the predicted class's weights."""
 
     name = "cadref"
+    reads_head = True
     grid = {"logit_score": ["energy", "maxlogit", "msp", "gen"]}
     score_params = frozenset({"logit_score"})
 

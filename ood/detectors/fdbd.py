@@ -20,6 +20,8 @@ from ood.features.bank import FeatureBank
 class _TrainMean(Detector):
     """Shared fit: the mean train feature mu_bar."""
 
+    reads_head = True
+
     def fit(self, bank: FeatureBank) -> _TrainMean:
         self.mean_ = bank.features.double().mean(0)
         return self

@@ -32,6 +32,7 @@ class PNML(Detector):
     """-(normalised pNML regret) of the last layer, from the ID-train feature geometry."""
 
     name = "pnml"
+    reads_head = True
     #: the probabilities' clamp [eps, 1 - eps]: eps >= 0.5 would make it empty
     ranges = {"eps": Range(0, 0.5, open_low=True, open_high=True)}
     min_classes = 2

@@ -37,6 +37,7 @@ class _PrincipalSpace(Detector):
     """Shared fit: u = -W^+ b and the eigenvectors of the uncentred covariance of h - u, by decreasing eigenvalue."""
 
     float16_features = True
+    reads_head = True
     score_params = frozenset({"dim"})
 
     def __init__(self, dim: float = 0.5) -> None:

@@ -98,6 +98,7 @@ class WeiPer(Detector):
     """-(KL of the feature histogram + lambda_1 KL of the perturbed-logit histogram - lambda_2 perturbed MSP)."""
 
     name = "weiper"
+    reads_head = True
     ranges = {"n_bins": COUNT, "n_repeats": COUNT, "perturbation_distance": NON_NEGATIVE, "smoothing": COUNT, "smoothing_perturbed": COUNT}
     grid = {
         "lambda_1": [0.1, 2.5],
