@@ -19,7 +19,8 @@ from ood.detectors.base import Detector
 from ood.errors import ConfigError, NonFiniteError
 from ood.features.bank import FeatureBank
 
-#: detectors that need a staged network or input passes: enrolled on a tiny CNN in tests/test_detectors_model.py
+#: the detectors scored from a cached bank alone (those needing network passes or combood's / gram's layer taps are
+#: enrolled on a tiny CNN in tests/test_detectors_model.py)
 CACHED = [n for n in available_detectors() if not detector_class(n).needs_model and detector_class(n).reproduces is None
           and n not in {"combood", "gram"}]
 #: those that fit statistics (the others' `fit` is the base class's checks alone)
