@@ -611,6 +611,17 @@ def test_outlier_methods_name_the_folder_key(folders: dict[str, Path]) -> None:
         module.use_streams(["id", "outliers"], "oe")
 
 
+def test_an_outlier_folder_that_shares_images_with_an_id_split_is_refused(folders: dict[str, Path]) -> None:
+    """data.outliers pointed at the ID root, a split or one of its class folders trained ID images as OOD without a
+    word (outliers are not part of the ID/OOD overlap check); a separate pool is taken."""
+    root = folders["id"].resolve()
+    for pool, relation in ((root, "holds"), (root / "train", "is"), (root / "test" / "c1", "is inside")):
+        with pytest.raises(ConfigError, match=rf"^data.outliers={re.escape(str(pool))} {relation} the ID "
+                                              rf"(train|test) folder .*: outlier exposure would train ID images as OOD"):
+            FolderBenchmark(root, ood=[folders["far"]], outliers=pool, image_size=32, resize=32)
+    bench = FolderBenchmark(root, ood=[folders["far"]], outliers=folders["near"], image_size=32, resize=32)
+    assert len(bench.outliers()) == 4
+
 
 def test_evaluating_an_outlier_method_needs_no_outlier_set(tmp_path: Path) -> None:
     """ood-eval of an oe checkpoint on data=folder without data.outliers builds (the outliers only feed training);

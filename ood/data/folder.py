@@ -382,6 +382,7 @@ class FolderBenchmark(Benchmark):
         self.ood_sets, self.val_ood_set = self._ood_sets(groups)
         self.csid_sets = {n: self._set(n, src, None, self.classes) for n, src in groups["csid"].items()}
         self.outlier_set_ = None if outliers is None else self._set("outliers", outliers, label=-1)
+        self._check_outliers_apart()
         self.outlier_set = "none" if outliers is None else "configured"
         self.outlier_choices = ("none", "a folder, image list or Dataset")
         if transform is None and (mean is None or std is None):
@@ -484,6 +485,26 @@ class FolderBenchmark(Benchmark):
         entries = [(f, index[class_key(c)]) for c in found for f in image_files(folder / c, left_out)]
         warn_left_out(name, left_out)
         return ImageSet(name, str(folder), entries)
+
+    def _check_outliers_apart(self) -> None:
+        """Refuse an outlier folder that is, holds or lies inside an ID split's folder: outlier exposure would train
+        those ID images as OOD (a pool pointed at the ID root, or at one of its class folders)."""
+        pool = self.outlier_set_
+        if pool is None or not Path(pool.where).is_dir():  # a Dataset or an image list: its files are not compared
+            return
+        outside = Path(pool.where).resolve()
+        for split, image_set in [*self.id_sets.items(), *self.csid_sets.items()]:
+            folder = Path(image_set.where)
+            if not folder.is_dir():
+                continue
+            inside = folder.resolve()
+            if outside == inside or outside.is_relative_to(inside) or inside.is_relative_to(outside):
+                relation = "is" if outside == inside else "is inside" if outside.is_relative_to(inside) else "holds"
+                raise ConfigError(
+                    f"{self._option('outliers')}={outside} {relation} the ID {split} folder {inside}: outlier exposure "
+                    "would train ID images as OOD; give a folder of images of none of the ID classes, outside the ID "
+                    "splits"
+                )
 
     def _option(self, key: str, value: Any = _NAME_ONLY) -> str:
         """`option(key, ...)` as this benchmark's caller gives it."""
