@@ -262,6 +262,31 @@ def test_a_train_dataset_lacking_a_named_class_is_refused_beside_a_val_split(fol
         FolderBenchmark(train=train, test=folders["id"] / "test", val=folders["id"] / "test", ood=[folders["far"]])
 
 
+def test_a_model_of_one_input_size_beside_another_image_size_is_one_line(tmp_path: Path) -> None:
+    """A timm ViT built for 224 px trained on data.image_size=32 died at the first batch with timm's AssertionError
+    traceback; it is refused as the run is built, naming both fixes, and a ViT built for 32 px is taken."""
+    from helpers import folder_overrides
+    from torchvision.models import VisionTransformer
+
+    from ood.train import build
+
+    overrides = ["data=folder", *folder_overrides(tmp_path), "backbone=timm", "backbone.name=vit_tiny_patch16_224",
+                 "+backbone.depth=1", "logger=none"]
+    with pytest.raises(ConfigError, match=r"^the model takes 224x224 images only, but data.image_size=32: set "
+                                          r"data.image_size=224, or give \+backbone.img_size=32 \(timm\) or "
+                                          r"\+backbone.image_size=32 \(torchvision ViT\)"):
+        build(compose_config(tmp_path / "a", overrides))
+    _, datamodule, _, _ = build(compose_config(tmp_path / "b", [*overrides, "+backbone.img_size=32"]))
+    assert datamodule.benchmark.preprocessing["image_size"] == 32
+    bench = FolderBenchmark(tmp_path / "folders" / "id", ood=[tmp_path / "folders" / "checkers"], image_size=32,
+                            resize=32, python_api=True)
+    vit = VisionTransformer(image_size=64, patch_size=16, num_layers=1, num_heads=1, hidden_dim=8, mlp_dim=8)
+    with pytest.raises(ConfigError, match=r"^the model takes 64x64 images only, but image_size=32: set "
+                                          r"image_size=64, or give a model built for it"):
+        bench.check_model_input(vit)
+    bench.check_model_input(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)))  # any size: nothing to refuse
+
+
 def test_a_batch_larger_than_the_training_set_is_refused(folders: dict[str, Path]) -> None:
     """12 training images and the default batch of 64: the training loader drops its partial last batch, so the run
     trained no step, evaluated the untrained network as if trained and saved no checkpoint."""

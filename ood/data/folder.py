@@ -486,6 +486,21 @@ class FolderBenchmark(Benchmark):
         warn_left_out(name, left_out)
         return ImageSet(name, str(folder), entries)
 
+    def check_model_input(self, model: torch.nn.Module) -> None:
+        """Refuse a model built for one input size (a timm ViT or Swin, torchvision's ViT) beside another
+        `image_size`: it failed at the first batch with an AssertionError traceback."""
+        side = self.preprocessing.get("image_size")  # absent with a transform object: its size is its own
+        fixed = fixed_input_size(model)
+        if side is None or fixed is None or fixed == (side, side):
+            return
+        height, width = fixed
+        build = ("a model built for it (timm.create_model(..., img_size=N), torchvision's ViT: image_size=N)"
+                 if self.python_api else f"+backbone.img_size={side} (timm) or +backbone.image_size={side} "
+                 "(torchvision ViT), which build the model for it")
+        raise ConfigError(f"the model takes {height}x{width} images only, but {self._option('image_size', side)}: "
+                          f"set {self._option('image_size', height)}{'' if height == width else ' (square crops)'}, "
+                          f"or give {build}")
+
     def _check_outliers_apart(self) -> None:
         """Refuse an outlier folder that is, holds or lies inside an ID split's folder: outlier exposure would train
         those ID images as OOD (a pool pointed at the ID root, or at one of its class folders)."""
@@ -1064,6 +1079,17 @@ def resolve_preprocessing(
                           f"{list(INTERPOLATIONS)}")
     check_crop(out["resize"], size, "" if python_api else "data.", "" if image_size else source)
     return out
+
+
+def fixed_input_size(model: torch.nn.Module) -> tuple[int, int] | None:
+    """The (height, width) the model accepts only, or None when it takes any: timm's strict patch embedding (ViT,
+    Swin, ... unless built with `dynamic_img_size`) and torchvision's VisionTransformer assert their size."""
+    for module in model.modules():
+        if getattr(module, "strict_img_size", False) and getattr(module, "img_size", None) is not None:
+            return tuple(module.img_size)  # type: ignore[return-value]
+        if type(module).__module__.startswith("torchvision.") and isinstance(getattr(module, "image_size", None), int):
+            return module.image_size, module.image_size
+    return None
 
 
 def normalization(transform: Any) -> tuple[list[float], list[float]] | None:
