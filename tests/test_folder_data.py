@@ -632,7 +632,8 @@ def test_outlier_methods_name_the_folder_key(folders: dict[str, Path]) -> None:
 
     module = OODDataModule(FolderBenchmark(folders["id"], ood=[folders["far"]], image_size=32, resize=32))
     with pytest.raises(ConfigError, match=r"method oe trains on outliers, but benchmark id has none "
-                                          r"\(data.outliers=none\); set data.outliers= one of"):
+                                          r"\(data.outliers=none\); set data.outliers=<a folder of outlier images "
+                                          r"\(of none of the ID classes\), an image list or a Dataset>$"):
         module.use_streams(["id", "outliers"], "oe")
 
 

@@ -116,7 +116,7 @@ class FileBenchmark(Benchmark):
         self.how = how
         self.outlier_spec = None if outliers is None else SetSpec.parse(f"{name}:outliers", outliers)
         self.outlier_set = "none" if outliers is None else "configured"
-        self.outlier_choices = ("none", "a set spec such as {folder: places365}")
+        self.outlier_choices = ("none", "<a set spec such as {folder: places365}>")
 
     @property
     def input_std(self) -> tuple[float, ...]:

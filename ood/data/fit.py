@@ -54,9 +54,13 @@ class LazyDatasets(Mapping[str, Dataset]):
 
 
 def no_outliers(method: str, benchmark: str, outlier_set: str, choices: Sequence[str], key: str) -> ConfigError:
-    """The one line for an outlier method on a benchmark without an outlier set: what to set (`key`), and to what."""
+    """The one line for an outlier method on a benchmark without an outlier set: what to set (`key`), and to what
+    (the named sets of `choices`, or the one `<description>` of what to give)."""
     options = [c for c in choices if c != "none"]
-    fix = f"set {key}= one of {options}" if options else "use a benchmark that has outliers"
+    if len(options) == 1 and options[0].startswith("<"):
+        fix = f"set {key}={options[0]}"
+    else:
+        fix = f"set {key}= one of {options}" if options else "use a benchmark that has outliers"
     return ConfigError(f"method {method} trains on outliers, but benchmark {benchmark} has none ({key}={outlier_set}); {fix}")
 
 

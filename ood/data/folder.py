@@ -384,7 +384,7 @@ class FolderBenchmark(Benchmark):
         self.outlier_set_ = None if outliers is None else self._set("outliers", outliers, label=-1)
         self._check_outliers_apart()
         self.outlier_set = "none" if outliers is None else "configured"
-        self.outlier_choices = ("none", "a folder, image list or Dataset")
+        self.outlier_choices = ("none", "<a folder of outlier images (of none of the ID classes), an image list or a Dataset>")
         if transform is None and (mean is None or std is None):
             self._tensor_normalization(mean, std)
         if bad_images == "skip":
