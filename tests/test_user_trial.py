@@ -68,3 +68,23 @@ def test_detector_names_in_one_string_say_to_give_a_list(tmp_path: Path) -> None
                                           r"detectors=\['msp', 'knn'\]$"):
         ood.evaluate(_net(), paths["id"], [paths["far"]], detectors="msp, knn", image_size=8, resize=8, device="cpu",
                      output_dir=tmp_path / "run")
+
+
+def test_a_run_stopped_by_an_unreadable_image_resumes_with_bad_images_skip(tmp_path: Path) -> None:
+    """A run whose evaluation met an unreadable OOD file said "data.bad_images=skip skips such files"; resuming the
+    finished training with it (`ckpt_path=last data.bad_images=skip`) was refused as another configuration. Every
+    file the checkpoint's epochs read decoded, so that resume is taken; other data changes are still refused."""
+    import torch
+    from helpers import compose_config, folder_overrides
+
+    from ood.runs.checks import check_run
+    from ood.runs.identity import flat_config
+
+    overrides = ["data=folder", *folder_overrides(tmp_path), "trainer.max_epochs=1"]
+    ckpt = tmp_path / "old" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"hyper_parameters": {"config": flat_config(compose_config(tmp_path / "old", overrides))}}, ckpt)
+    check_run(compose_config(tmp_path / "new", [*overrides, "data.bad_images=skip", f"ckpt_path={ckpt}"]), str(ckpt))
+    with pytest.raises(ConfigError, match=r"trained with data.augment=true \(now false\): resuming keeps its weights"):
+        check_run(compose_config(tmp_path / "new2", [*overrides, "data.bad_images=skip", "data.augment=false",
+                                                     f"ckpt_path={ckpt}"]), str(ckpt))

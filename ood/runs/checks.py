@@ -180,6 +180,13 @@ def _evaluated_changes(cfg: DictConfig, stored: Mapping[str, Any], compared: Cal
             if compared(k) and not k.startswith(TRAINING_KEYS) and now[k] != then[k]}
 
 
+#: keys a resumed run may change: `data.bad_images` (the unreadable-image error says to rerun with `skip`, and a run that
+#: finished training before an OOD set's unreadable file stopped its evaluation was refused that resume); every file
+#: the checkpoint's epochs read decoded, since with `error` an unreadable one stops the run, so skipping the
+#: unreadable ones leaves those epochs' data as it was
+RESUME_MAY_CHANGE = ("data.bad_images",)
+
+
 def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> None:
     """Refuse resuming a checkpoint with another configuration: the seed or a key that names the configuration
     (`ood.runs.identity`: method, backbone, data, epochs; not folders or loader plumbing). Lightning restores the
@@ -192,7 +199,7 @@ def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> 
         return
     seeded = seed_keys(cfg)
     now, then = identity(flat_config(cfg), seeded), identity(stored, seeded)
-    differing = [k for k in sorted(now.keys() & then.keys()) if now[k] != then[k]]
+    differing = [k for k in sorted(now.keys() & then.keys()) if now[k] != then[k] and k not in RESUME_MAY_CHANGE]
     changed = [f"{k}={then[k]} (now {now[k]})" for k in differing]
     settings = [_override(k, stored[k]) for k in differing if k not in {f"{g}._target_" for g in NAME_GROUPS}]
     if "seed" in stored and str(stored["seed"]) != str(cfg.get("seed")):
