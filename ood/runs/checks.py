@@ -189,7 +189,7 @@ RESUME_MAY_CHANGE = ("data.bad_images",)
 
 def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> None:
     """Refuse resuming a checkpoint with another configuration: the seed or a key that names the configuration
-    (`ood.runs.identity`: method, backbone, data, epochs; not folders or loader plumbing). Lightning restores the
+    (`ood.runs.identity`: method, backbone, data, epochs; not folders, loader plumbing or `RESUME_MAY_CHANGE`). Lightning restores the
     weights, optimizer, schedule and RNG from the checkpoint: a changed optimizer setting would not be used, a changed
     data or preprocessing key would apply from the resumed epoch on, and either way the run would record only the new
     values. Keys only one side has are not compared; those only this configuration has (added by a newer version, e.g.
