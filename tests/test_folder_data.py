@@ -649,6 +649,27 @@ def test_an_outlier_folder_that_shares_images_with_an_id_split_is_refused(folder
     assert len(bench.outliers()) == 4
 
 
+def test_an_outlier_folder_a_method_trains_without_is_warned_of(folders: dict[str, Path],
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """`method=ce data.outliers=<pool>` trained without the pool and said nothing: the user believed the run had
+    outlier exposure. It is one warning when training starts; a method that reads the pool, as a stream (oe) or in a
+    fit-time pass before training (heatmap's outlier pool), is not warned of."""
+    from ood.data import OODDataModule
+
+    for method, streams in (("ce", ["id"]), ("oe", ["id", "outliers"]), ("heatmap", ["id"])):
+        caplog.clear()
+        module = OODDataModule(FolderBenchmark(folders["id"], ood=[folders["far"]], outliers=folders["near"],
+                                               image_size=32, resize=32), batch_size=2)
+        module.use_streams(streams, method)
+        if method == "heatmap":
+            module.benchmark.outliers()
+        with caplog.at_level(logging.WARNING, logger="ood"):
+            module.train_dataloader()
+        unused = [r.getMessage() for r in caplog.records if "is not used" in r.getMessage()]
+        assert unused == ([f"data.outliers={folders['near']} is not used: method ce does not train on outliers "
+                           "(leave it out, or choose a method that does, e.g. method=oe)"] if method == "ce" else [])
+
+
 def test_evaluating_an_outlier_method_needs_no_outlier_set(tmp_path: Path) -> None:
     """ood-eval of an oe checkpoint on data=folder without data.outliers builds (the outliers only feed training);
     training still asks for them."""

@@ -158,6 +158,11 @@ class Benchmark(ABC):
         """Outlier-exposure training set; None when the benchmark has none."""
         return None
 
+    def outliers_unused(self, method: str) -> None:
+        """Training of `method` starts without the outlier stream; a benchmark whose outliers the user gives warns
+        when no fit-time pass read them either (the default outlier sets of the paper benchmarks go unsaid)."""
+        return None
+
     @property
     def csid_names(self) -> tuple[str, ...]:
         """Names of the covariate-shifted ID sets the benchmark lists (known before any file is read)."""
@@ -301,6 +306,8 @@ class OODDataModule(LightningDataModule):
         self.fit_fraction = fit_fraction
         self.fit_seed = fit_seed
         self.streams: tuple[Stream, ...] = ("id",)
+        #: the method the streams are served to (`use_streams`), for messages
+        self.method = "the method"
         self._eval: list[tuple[EvalSplit, Dataset]] | None = None
         self._sources: dict[str, Dataset] = {}
         #: per-batch crop/flip of in-memory training streams, applied on the device (`on_after_batch_transfer`)
@@ -324,6 +331,7 @@ class OODDataModule(LightningDataModule):
             b = self.benchmark
             raise no_outliers(method, self.name, b.outlier_set, b.outlier_choices, b.outliers_key)
         self.streams = tuple(streams)  # type: ignore[assignment]
+        self.method = method
 
     def prepare_data(self) -> None:
         self.benchmark.prepare(download=self.download)
@@ -359,6 +367,7 @@ class OODDataModule(LightningDataModule):
         self._augment = {"id": batch_augmentation(train)}
         loader = self._loader(train, batch, EpochShuffle(train, self.seed), train=True)
         if "outliers" not in self.streams:
+            self.benchmark.outliers_unused(self.method)
             return loader
         outliers = self.benchmark.outliers()
         assert outliers is not None, "use_streams checked that the benchmark has outliers"

@@ -773,7 +773,18 @@ class FolderBenchmark(Benchmark):
         return [CSIDSet(n, self._dataset(s, self.eval_transform())) for n, s in self.csid_sets.items()]
 
     def outliers(self) -> Dataset | None:
+        self.outliers_read = self.outliers_read or self.outlier_set_ is not None
         return None if self.outlier_set_ is None else self._dataset(self.outlier_set_, self.train_transform(), -1)
+
+    #: whether the outlier set was built (the outlier stream, or a fit-time pass such as heatmap's outlier pool)
+    outliers_read = False
+
+    def outliers_unused(self, method: str) -> None:
+        """A given outlier folder that `method` trains without was dropped without a word: the user believed the
+        run had outlier exposure."""
+        if self.outlier_set_ is not None and not self.outliers_read:
+            log.warning("%s=%s is not used: method %s does not train on outliers (leave it out, or choose a method "
+                        "that does, e.g. method=oe)", self._option("outliers"), self.outlier_set_.where, method)
 
     # ----- ID/OOD overlap ----------------------------------------------------------------------------------------
     def screen(
