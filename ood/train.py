@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from ood import CONFIG_DIR
 from ood.cli import check_argv, friendly_errors, in_multirun, load_weights, require_config_dir
 from ood.errors import ConfigError
-from ood.runs.checks import check_launch, check_run
+from ood.runs.checks import as_trained_paths, check_launch, check_run
 from ood.runs.failures import clear_failure, ctrl_c_raised, record_failure, remove_earlier_results
 from ood.runs.identity import RunIdentity, flat_config, run_identity, write_identity
 from ood.runs.trained import checkpoint_config
@@ -172,9 +172,11 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
     stop_if_terminated()  # also one that came while Hydra started: the run folder is there for FAILED.txt
     if cfg.train and ckpt_path:
         log.info("resuming %s", ckpt_path)
-    ident = run_identity(cfg, _choices(), output_dir, ckpt_path)
-    # an evaluated checkpoint's rows name the seed that trained it (its stored config), not the evaluation's
-    trained_seed = checkpoint_config(ckpt_path).get("seed") if ckpt_path and not cfg.train else None
+    # an evaluated checkpoint's rows name the seed that trained it (its stored config), not the evaluation's, and its
+    # paths made absolute by `ood-eval` started elsewhere are the same files as the training's relative ones
+    stored = checkpoint_config(ckpt_path) if ckpt_path and not cfg.train else {}
+    ident = run_identity(as_trained_paths(cfg, stored), _choices(), output_dir, ckpt_path)
+    trained_seed = stored.get("seed")
     resume_epoch = own_checkpoint_epoch(ckpt_path, output_dir) if cfg.train else None
     method, datamodule, trainer, evaluation = build(cfg, ident, trained_seed=trained_seed, resume_epoch=resume_epoch)
     # `method.init` starts a new run from weights; a resumed run or an evaluated checkpoint brings its own

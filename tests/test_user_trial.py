@@ -88,3 +88,24 @@ def test_a_run_stopped_by_an_unreadable_image_resumes_with_bad_images_skip(tmp_p
     with pytest.raises(ConfigError, match=r"trained with data.augment=true \(now false\): resuming keeps its weights"):
         check_run(compose_config(tmp_path / "new2", [*overrides, "data.bad_images=skip", "data.augment=false",
                                                      f"ckpt_path={ckpt}"]), str(ckpt))
+
+
+def test_an_evaluation_started_elsewhere_has_its_training_runs_identity(tmp_path: Path) -> None:
+    """`ood-eval ckpt_path=<run>` started in another folder anchors the run's relative paths there (`data.root=id` ->
+    `/abs/id`); its identity hashed the absolute paths, so ood-report set the evaluation beside its own training run
+    as another configuration instead of counting it once. It now hashes the training's values."""
+    from helpers import compose_config
+
+    from ood.runs.checks import as_trained_paths
+    from ood.runs.identity import flat_config, run_identity
+
+    relative = ["data=folder", "data.root=id", "+data.ood.far={a: ood_a}", "data.outliers=pool", "method=oe"]
+    absolute = ["data=folder", f"data.root={tmp_path}/id", f"+data.ood.far={{a: {tmp_path}/ood_a}}",
+                f"data.outliers={tmp_path}/pool", "method=oe"]
+    stored = flat_config(compose_config(tmp_path / "train", relative))
+    here, elsewhere = (compose_config(tmp_path / n, o, "eval") for n, o in (("here", relative), ("there", absolute)))
+    trained = run_identity(here, {}, tmp_path / "here", "last.ckpt")
+    assert run_identity(elsewhere, {}, tmp_path / "there", "last.ckpt").hash != trained.hash
+    anchored = as_trained_paths(elsewhere, stored)
+    assert run_identity(anchored, {}, tmp_path / "there", "last.ckpt").hash == trained.hash
+    assert anchored.data.root == "id" and elsewhere.data.root == f"{tmp_path}/id"  # the run reads the absolute one

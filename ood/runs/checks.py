@@ -165,6 +165,20 @@ def _made_absolute(now: Any, then: Any) -> bool:
     return bool(parts) and Path(now).parts[-len(parts):] == parts
 
 
+def as_trained_paths(cfg: DictConfig, stored: Mapping[str, Any]) -> DictConfig:
+    """`cfg` with each path `ood-eval` made absolute (`_made_absolute`) at the evaluated checkpoint's own relative
+    value: the evaluation's identity (ood-report's grouping, wandb's group) is then its training run's, as when it is
+    started from the folder the training started in (its rows stood beside the run's as another configuration)."""
+    flat = flat_config(cfg)
+    back = {k: stored[k] for k in flat.keys() & stored.keys() if _made_absolute(flat[k], stored[k])}
+    if not back:
+        return cfg
+    out = cfg.copy()
+    for key, value in back.items():
+        OmegaConf.update(out, key, value)
+    return out
+
+
 def method_changes(cfg: DictConfig, stored: Mapping[str, Any]) -> str:
     """The `method.*` values an evaluated checkpoint was trained with where `cfg` differs (`method.objective=supcon
     (now ce)`; training-only keys aside), or "": what a checkpoint that does not fit the configured method needs."""
