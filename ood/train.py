@@ -19,7 +19,13 @@ from ood import CONFIG_DIR
 from ood.cli import check_argv, friendly_errors, in_multirun, load_weights, require_config_dir
 from ood.errors import ConfigError
 from ood.runs.checks import as_trained_paths, check_launch, check_run
-from ood.runs.failures import clear_failure, ctrl_c_raised, record_failure, remove_earlier_results
+from ood.runs.failures import (
+    clear_failure,
+    ctrl_c_raised,
+    record_failure,
+    record_resumed,
+    remove_earlier_results,
+)
 from ood.runs.identity import RunIdentity, flat_config, run_identity, write_identity
 from ood.runs.trained import checkpoint_config
 from ood.termination import (
@@ -187,6 +193,8 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
             remove_earlier_results(output_dir)
         # config.yaml too: the earlier attempt's results go before it lands when they were made with other settings
         write_identity(output_dir, ident, OmegaConf.to_yaml(cfg, resolve=True))
+        if cfg.train and ckpt_path:
+            record_resumed(output_dir, ckpt_path)
     try:
         # between the stages too (Lightning's handler and checks are there only during one), in one process; ranks
         # launched apart (trainer=ddp, torchrun) stop together at a step instead (ood.strategies.DDPStrategy)

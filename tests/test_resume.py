@@ -78,6 +78,36 @@ def test_sigterm_ends_the_run_as_failed_and_it_resumes(tmp_path: Path) -> None:
         assert not (tmp_path / folder / "results.jsonl").exists()
 
 
+@pytest.mark.slow
+def test_a_run_resumed_in_another_folder_is_not_reported_as_failed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run stopped by SIGTERM and resumed with `ckpt_path=<it>` (or `last`) into a new folder, as the README
+    resumes without `hydra.run.dir`: ood-report listed the stopped folder as a failed job for good ("resume with
+    ckpt_path=last", which was done); it names the folder that resumed it now (that run's `resumed.json`). A run
+    resumed in its own folder writes none."""
+    from ood.report import main as report
+    from ood.report.reading import failed_runs
+    from ood.runs.failures import RESUMED_FILE
+
+    first, second = tmp_path / "runs" / "first", tmp_path / "runs" / "second"
+    quick = [*FAST, "trainer.max_epochs=2", "detectors.names=[msp]", "logger=none", NO_FIGURES]
+    with pytest.raises(SystemExit):
+        run_config(first, [*quick, "+callbacks.kill._target_=killer.KillAt", "+callbacks.kill.epoch=1",
+                           "+callbacks.kill.batch=0", f"+callbacks.kill.signum={int(signal.SIGTERM)}"])
+    assert list(failed_runs([tmp_path])) == [str(first)]
+    rows = run_config(second, [*quick, f"ckpt_path={first}"])
+    assert {r["detector"] for r in rows} == {"msp"}
+    recorded = {"checkpoint": str((first / "checkpoints" / "last.ckpt").resolve())}
+    assert json.loads((second / RESUMED_FILE).read_text()) == recorded
+    assert failed_runs([tmp_path]) == {str(first): f"stopped; resumed in {second.resolve()}"}
+    # a report over the stopped folder alone does not see the run that resumed it
+    assert failed_runs([first]) == {str(first): "SIGTERMException: terminated by SIGTERM; resume with ckpt_path=last"}
+    report([str(tmp_path / "runs"), "--no-figures"])
+    assert f"resumed job {first}: stopped; resumed in {second.resolve()}\n" in capsys.readouterr().err
+    (second / RESUMED_FILE).unlink()
+    run_config(second, [*quick, "ckpt_path=last"])  # its own checkpoint: evaluated again, nothing recorded
+    assert not (second / RESUMED_FILE).exists()
+
+
 def test_ctrl_c_ends_the_run_as_failed(tmp_path: Path) -> None:
     """Ctrl-C (SIGINT) in training: Lightning ended the run with `sys.exit(1)`, no FAILED.txt, SIGINT left ignored
     (`ood-report` listed the job as still running or killed). Now it is a KeyboardInterrupt, recorded as SIGTERM is,

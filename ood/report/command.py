@@ -12,7 +12,7 @@ from ood.errors import OODError
 from ood.files import atomic_write, atomic_write_text
 from ood.report.aggregation import aggregate, config_keys, varying_params
 from ood.report.figures import clear_figures, write_figures
-from ood.report.reading import failed_runs, load_rows
+from ood.report.reading import RESUMED_IN, failed_runs, load_rows
 from ood.report.references import (
     add_reference,
     default_references,
@@ -127,8 +127,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def print_missing(missing: dict[str, str]) -> None:
-    """The jobs without results on stderr: "failed job" for those that left an error, else "job without results"
-    (trained with evaluate=false, still running, or killed)."""
+    """The jobs without results on stderr: "failed job" for those that left an error, "resumed job" for those a later
+    run resumed in another folder, else "job without results" (trained with evaluate=false, still running, or
+    killed)."""
     for run, why in missing.items():
-        label = "job without results" if why.startswith("no results") else "failed job"
+        label = ("job without results" if why.startswith("no results") else
+                 "resumed job" if why.startswith(RESUMED_IN) else "failed job")
         print(f"{label} {run}: {why}", file=sys.stderr)

@@ -11,10 +11,12 @@ from typing import Any
 
 from ood.errors import OODError
 from ood.report.aggregation import config_params, trained_here
-from ood.runs.failures import FAILED_FILE, failure
+from ood.runs.failures import FAILED_FILE, failure, resumed_in
 from ood.runs.identity import read_identity
 
 #: the keys every result row needs for the table: its grouping, OOD set and shown metrics
+#: why a job folder without results is listed when a later run resumed its checkpoint in another folder
+RESUMED_IN = "stopped; resumed in"
 ROW_KEYS = ("method", "detector", "backbone", "id_dataset", "ood_dataset", "ood_group", "auroc", "fpr95")
 
 
@@ -92,14 +94,19 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 def failed_runs(paths: Iterable[str | Path]) -> dict[str, str]:
     """Job folders (holding `.hydra/`, or `FAILED.txt`: an `ood.evaluate` run folder has no `.hydra/`) under `paths`
     without `results.jsonl`: folder -> why (the error a failed run left in `FAILED.txt`; for a run of
-    `evaluate=false`, which writes none, how to evaluate it; else "no results: still running or killed"); and the
+    `evaluate=false`, which writes none, how to evaluate it; for a run whose checkpoint a later run resumed in another
+    folder (its `resumed.json`, under `paths` too), that folder; else "no results: still running or killed"); and the
     run folders whose `results.jsonl` is empty or cut short (`unreadable`: which file, and why; after the error of
     the failed attempt that left it, if any)."""
     out = {}
+    paths = list(paths)
+    resumed = resumed_in(paths)
     for path in map(Path, paths):
         found = {p.parent for name in (".hydra", FAILED_FILE) for p in path.rglob(name)} if path.is_dir() else set()
         for run in sorted(found):
-            if not (run / "results.jsonl").is_file():
+            if run.resolve() in resumed and not (run / "results.jsonl").is_file():
+                out[str(run)] = f"{RESUMED_IN} {resumed[run.resolve()]}"
+            elif not (run / "results.jsonl").is_file():
                 out[str(run)] = failure(run) or (
                     f"no results: trained with evaluate=false (evaluate it: ood-eval ckpt_path={run}), or still running"
                     if _unevaluated(run) else "no results: still running or killed")

@@ -1,12 +1,15 @@
 """The failure record of a run: `FAILED.txt` (the error, one line) in a failed run's folder, so `ood-report` names
-the job of a sweep that failed; a resumed run that starts again clears it."""
+the job of a sweep that failed; a resumed run that starts again clears it. A run that resumes another folder's
+checkpoint (`ckpt_path=last` after an interruption, into a new folder) leaves `resumed.json` naming it, so that
+`ood-report` lists that folder as resumed there, not as a failed job."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,8 @@ IDENTITY_FILE = "identity.json"
 
 #: the file a failed run leaves in its folder (read by `ood-report`)
 FAILED_FILE = "FAILED.txt"
+#: the file a run that resumed another folder's checkpoint leaves in its own folder (read by `ood-report`)
+RESUMED_FILE = "resumed.json"
 #: what an earlier attempt in the same folder wrote that `ood-report` (and a sweeper, `validation.json`) would take
 #: for this attempt's; `results.jsonl`, which marks a set complete, first: a removal cut short leaves no complete set
 EARLIER_RESULTS = ("results.jsonl", "scores.npz", "samples.csv", "validation.json")
@@ -84,6 +89,26 @@ def failure(run_dir: str | Path) -> str | None:
     message may span lines (CUDA's does), which broke `ood-report`'s list of failed jobs."""
     path = Path(run_dir) / FAILED_FILE
     return " ".join(line.strip() for line in path.read_text().splitlines() if line.strip()) if path.is_file() else None
+
+
+def record_resumed(output_dir: str | Path, checkpoint: str | Path) -> None:
+    """`<output_dir>/resumed.json` naming `checkpoint` when it is another run folder's (`<run>/checkpoints/last.ckpt`)
+    that this run resumes; nothing for its own."""
+    checkpoint = Path(checkpoint).resolve()
+    if checkpoint != (Path(output_dir) / "checkpoints" / "last.ckpt").resolve():
+        atomic_write_text(Path(output_dir) / RESUMED_FILE, json.dumps({"checkpoint": str(checkpoint)}) + "\n")
+
+
+def resumed_in(paths: Iterable[str | Path]) -> dict[Path, Path]:
+    """Run folder whose checkpoint a later run resumed -> that run's folder (the newest, when several did), over the
+    `resumed.json` files under `paths`."""
+    found = sorted((p for path in map(Path, paths) if path.is_dir() for p in path.rglob(RESUMED_FILE)),
+                   key=lambda p: p.stat().st_mtime)
+    out = {}
+    for record in found:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            out[Path(json.loads(record.read_text())["checkpoint"]).parent.parent] = record.parent.resolve()
+    return out
 
 
 @contextlib.contextmanager
