@@ -5,7 +5,8 @@ During `trainer.test` it caches, from one forward pass per split, whatever the m
 epoch the other ranks' shards go to rank 0 only (DDP-exact: deduplicated on the dataset index), which builds a
 `FeatureBank` per split (with the method's own linear head), hands them to the pure `Evaluator` (method score, every
 detector, metrics) and broadcasts the `EvaluationResult`; every rank passes it to each configured sink (results file,
-logger scalars, wandb, run table).
+logger scalars, wandb, run table). The datamodule under test and its splits are read once, at the start of the test
+epoch.
 """
 
 from __future__ import annotations
@@ -112,6 +113,9 @@ class OODEvaluation(Callback):
         self._spill: Path | None = None
         self._spill_lock: int | None = None  # the descriptor holding `self._spill`'s lock
         self._taps: LayerTaps | None = None
+        #: the datamodule of the running test pass and its splits, read once at its start (`on_test_epoch_start`)
+        self._data: OODDataModule | None = None
+        self._splits: list[EvalSplit] = []
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -121,14 +125,17 @@ class OODEvaluation(Callback):
     # ----- collection ----------------------------------------------------------------------------------------
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert isinstance(pl_module, OODMethod), "OODEvaluation needs an OODMethod"
-        assert isinstance(trainer.datamodule, OODDataModule), "OODEvaluation needs an OODDataModule"
+        # the datamodule Lightning tests (its loaders are this pass's), read once: the later hooks use it and its splits
+        datamodule = trainer.datamodule
+        assert isinstance(datamodule, OODDataModule), "OODEvaluation needs an OODDataModule"
         self._collectors, self.result = {}, None
+        self._data, self._splits = datamodule, datamodule.eval_splits
         loaders = trainer.test_dataloaders
         loaders = loaders if isinstance(loaders, Sequence) else [loaders]
         self._sizes = [split_rows(loader, batches) for loader, batches in zip(loaders, trainer.num_test_batches)]
         if trainer.is_global_zero:
             self._open_spill()
-        pl_module.begin_evaluation(trainer.datamodule.eval_splits)
+        pl_module.begin_evaluation(self._splits)
         # per-sample maps the detectors declare (`taps`: Gram features, stage means) cached from this same pass
         self._taps = LayerTaps(pl_module, self.evaluator.detectors)
 
@@ -144,7 +151,7 @@ class OODEvaluation(Callback):
         if self._taps is not None:
             outputs = {**outputs, **self._taps.pop()}
         if dataloader_idx not in self._collectors:
-            name = trainer.datamodule.eval_splits[dataloader_idx].name
+            name = self._splits[dataloader_idx].name
             out_dir = None if self._spill is None else self._spill / name
             self._collectors[dataloader_idx] = RankZeroRows(self._sizes[dataloader_idx], pl_module.device, out_dir)
         # banks are float32 whatever the trainer precision (bf16/fp16 autocast outputs would break float64 detectors)
@@ -168,8 +175,9 @@ class OODEvaluation(Callback):
         staging.rename(self._spill)
 
     def _release(self) -> None:
-        """Drop the collected rows and this evaluation's memory-mapped banks (after it, or when it failed)."""
-        self._collectors = {}
+        """Drop the collected rows, this evaluation's memory-mapped banks and the datamodule read at its start (after
+        it, or when it failed)."""
+        self._collectors, self._data, self._splits = {}, None, []
         if self._spill is not None:
             remove_spill(self._spill)
             self._spill = None
@@ -221,8 +229,8 @@ class OODEvaluation(Callback):
         """
         assert isinstance(pl_module, OODMethod)
         self._remove_taps()
-        datamodule = trainer.datamodule
-        splits = datamodule.eval_splits
+        datamodule, splits = self._data, self._splits
+        assert datamodule is not None, "on_test_epoch_start reads the datamodule"
         sync_reducers()
         group = rank_zero_group()
         try:
@@ -231,8 +239,8 @@ class OODEvaluation(Callback):
             error: Exception | None = None
             if banks is not None:
                 try:
-                    outcome = self._evaluate(datamodule, pl_module, banks, lambda: stop_if_terminated(trainer),
-                                             trainer.precision)
+                    outcome = self._evaluate(datamodule, splits, pl_module, banks,
+                                             lambda: stop_if_terminated(trainer), trainer.precision)
                 except SIGTERMException:
                     outcome = STOPPED  # every rank stops below, once they know
                 except Exception as err:  # noqa: BLE001 - re-raised below, once the other ranks know
@@ -254,14 +262,13 @@ class OODEvaluation(Callback):
             sink.write(self.result, trainer, pl_module)
 
     def _evaluate(
-        self, datamodule: OODDataModule, pl_module: OODMethod, banks: dict[str, FeatureBank], stop: Callable[[], None],
-        precision: str,
+        self, datamodule: OODDataModule, splits: Sequence[EvalSplit], pl_module: OODMethod,
+        banks: dict[str, FeatureBank], stop: Callable[[], None], precision: str,
     ) -> EvaluationResult:
         """The evaluation on global rank 0; `stop()` raises `SIGTERMException` once SIGTERM came, checked before it
         starts and at every batch of its network passes (hours on ImageNet: a scheduler's SIGKILL would otherwise
         end it with nothing recorded); `precision`: the trainer's, which a NaN bank's error names."""
         stop()
-        splits = datamodule.eval_splits
         loaders = dict(zip([s.name for s in splits], datamodule.test_dataloader()))
         banks, notes = datamodule.screen(banks)  # e.g. ID/OOD duplicates listed, or dropped before the metrics
 
