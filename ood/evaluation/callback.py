@@ -5,8 +5,8 @@ During `trainer.test` it caches, from one forward pass per split, whatever the m
 epoch the other ranks' shards go to rank 0 only (DDP-exact: deduplicated on the dataset index), which builds a
 `FeatureBank` per split (with the method's own linear head), hands them to the pure `Evaluator` (method score, every
 detector, metrics) and broadcasts the `EvaluationResult`; every rank passes it to each configured sink (results file,
-logger scalars, wandb, run table). The datamodule under test and its splits are read once, at the start of the test
-epoch.
+logger scalars, wandb, run table) with a `SinkContext` (its rank, loggers and `log_dict`). The datamodule under test
+and its splits are read once, at the start of the test epoch.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from ood.detectors.base import Detector, float16_detectors
 from ood.detectors.network import LayerTaps
 from ood.errors import ConfigError
 from ood.evaluation.evaluator import EvaluationResult, Evaluator, NonFiniteBankError, Samples
-from ood.evaluation.sinks import Sink
+from ood.evaluation.sinks import Sink, SinkContext
 from ood.features.bank import FeatureBank
 from ood.features.collector import RankZeroRows, broadcast_from_rank_zero, rank_zero_group, release_group
 from ood.features.reduce import sync_reducers
@@ -258,8 +258,9 @@ class OODEvaluation(Callback):
             raise RuntimeError(outcome)
         assert isinstance(outcome, EvaluationResult)
         self.result = outcome
+        context = SinkContext(trainer.is_global_zero, trainer.loggers, pl_module.log_dict)
         for sink in self.sinks:
-            sink.write(self.result, trainer, pl_module)
+            sink.write(self.result, context)
 
     def _evaluate(
         self, datamodule: OODDataModule, splits: Sequence[EvalSplit], pl_module: OODMethod,

@@ -2,7 +2,8 @@
 hook and never writes files or logs metrics itself).
 
 Each sink is small and independent, configured under `evaluation.sinks` (one `_target_` node each), and called on
-every rank after the evaluation pass; sinks that write or print act on global rank zero only.
+every rank after the evaluation pass with the result and a `SinkContext` (the rank, the loggers, `log_dict`: not the
+trainer); sinks that write or print act on global rank zero only.
 - `MetricLogger`: slash-named scalars through Lightning's `log_dict` (so `trainer.callback_metrics` and every logger
   get them): `test/<detector>/<ood_set>/<metric>`, `test/<detector>/near|far/<metric>`, `test/id/acc`, and the
   method's float diagnostics as `test/<method>/<key>`.
@@ -23,17 +24,18 @@ Full-spectrum (`mode: fsood`) scalars are logged under `test_fsood/...` (same na
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-from lightning import LightningModule, Trainer
+from lightning.pytorch.loggers import Logger
 
 from ood.evaluation.evaluator import EvaluationResult, Samples
 from ood.evaluation.scoring import METRICS, group_means, rows_by_mode
@@ -65,10 +67,21 @@ def samples_csv(samples: Mapping[str, Samples]) -> str:
     return text.getvalue()
 
 
+@dataclasses.dataclass(frozen=True)
+class SinkContext:
+    """What a sink may use of the run it reports, built by `OODEvaluation` for each evaluation (a sink is given these
+    facts, not the whole trainer and module): `is_global_zero` (sinks that write or print act there only), the run's
+    `loggers` (`WandbReporter` finds its `WandbLogger` there) and the module's `log_dict` (`MetricLogger`)."""
+
+    is_global_zero: bool
+    loggers: Sequence[Logger]
+    log_dict: Callable[..., None]
+
+
 class Sink(Protocol):
     """Receives the result of one evaluation (called on every rank)."""
 
-    def write(self, result: EvaluationResult, trainer: Trainer, pl_module: LightningModule) -> None: ...
+    def write(self, result: EvaluationResult, context: SinkContext) -> None: ...
 
 
 def _is_image(value: Any) -> bool:
@@ -106,8 +119,8 @@ class MetricLogger:
     """Scalars through `LightningModule.log_dict`. They are identical on every rank: the max over ranks returns them
     exactly (a mean of identical floats need not), and a synced value spares Lightning's per-metric DDP warning."""
 
-    def write(self, result: EvaluationResult, trainer: Trainer, pl_module: LightningModule) -> None:
-        pl_module.log_dict(scalar_metrics(result), sync_dist=True, reduce_fx="max")
+    def write(self, result: EvaluationResult, context: SinkContext) -> None:
+        context.log_dict(scalar_metrics(result), sync_dist=True, reduce_fx="max")
 
 
 def _jsonable(value: Any) -> Any:
@@ -126,8 +139,8 @@ class ResultsWriter:
         self.save_scores = save_scores
         self.figures = figures
 
-    def write(self, result: EvaluationResult, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.output_dir is None or not trainer.is_global_zero:
+    def write(self, result: EvaluationResult, context: SinkContext) -> None:
+        if self.output_dir is None or not context.is_global_zero:
             return
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
@@ -171,12 +184,12 @@ class WandbReporter:
     """wandb dashboards (only for a `WandbLogger`): the results table, per detector one score histogram per split
     with shared bin edges (ID and OOD comparable), and the method's diagnostic images."""
 
-    def write(self, result: EvaluationResult, trainer: Trainer, pl_module: LightningModule) -> None:
+    def write(self, result: EvaluationResult, context: SinkContext) -> None:
         from lightning.pytorch.loggers import WandbLogger
 
-        if not trainer.is_global_zero:
+        if not context.is_global_zero:
             return
-        for logger in trainer.loggers:
+        for logger in context.loggers:
             if not isinstance(logger, WandbLogger):
                 continue
             import wandb
@@ -207,8 +220,8 @@ class RunTable:
     def __init__(self, output_dir: str | None = None) -> None:
         self.output_dir = output_dir
 
-    def write(self, result: EvaluationResult, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
+    def write(self, result: EvaluationResult, context: SinkContext) -> None:
+        if not context.is_global_zero:
             return
         if not result.rows:
             log.warning("no scores to report: the method has no score of its own and no detector is configured")
