@@ -16,7 +16,12 @@ from ood.methods.base import OODMethod
 
 
 class PrepareMethod(Callback):
-    """Calls `pl_module.prepare(trainer.datamodule.fit_data(...))` once per fit."""
+    """Calls `pl_module.prepare(trainer.datamodule.fit_data(...))` once per fit.
+
+    The datamodule is read from the trainer at `on_fit_start`, not given when the callback is built: it is an argument
+    of each `trainer.fit(model, datamodule=...)` (Lightning's fact of the running fit, as its ranks and barrier are),
+    while the callback lives on the trainer; one held from construction could differ from the one being fitted and
+    would prepare the method on other data than it trains on."""
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not isinstance(pl_module, OODMethod):
