@@ -226,6 +226,21 @@ def test_detectors_use_the_methods_linear_head() -> None:
     assert torch.equal(bank.weight, method.probe.weight) and torch.equal(bank.bias, method.probe.bias)
 
 
+def test_a_sink_written_for_the_trainer_and_module_is_refused_when_the_evaluation_is_built() -> None:
+    """Sinks get `write(result, context)` (`SinkContext`); one with the earlier `write(result, trainer, pl_module)`
+    was accepted and failed with a bare TypeError only after the whole evaluation. It is refused when built, named."""
+    from ood.evaluation.sinks import MetricLogger, RunTable
+
+    class Earlier:
+        def write(self, result: object, trainer: object, pl_module: object) -> None: ...
+
+    with pytest.raises(ConfigError, match=r"^evaluation\.sinks\.mine: Earlier needs a method write\(result, context\)"):
+        OODEvaluation(Evaluator(detectors=[]), sinks={"log": MetricLogger(), "mine": Earlier()})
+    with pytest.raises(ConfigError, match=r"^evaluation\.sinks\.1: object needs a method write"):
+        OODEvaluation(Evaluator(detectors=[]), sinks=[RunTable(), object()])
+    assert len(OODEvaluation(Evaluator(detectors=[]), sinks={"log": MetricLogger(), "table": RunTable()}).sinks) == 2
+
+
 def test_the_callbacks_run_facts_reach_its_rows_and_leave_the_evaluator_as_built() -> None:
     """`OODEvaluation(evaluator, info=...)` wrote its run facts into the evaluator's own dict: a second callback
     given the same evaluator changed the rows of the first (its seed, its backbone). The callback keeps them and

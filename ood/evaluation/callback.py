@@ -33,7 +33,7 @@ from ood.detectors.base import Detector, float16_detectors
 from ood.detectors.network import LayerTaps
 from ood.errors import ConfigError
 from ood.evaluation.evaluator import EvaluationResult, Evaluator, NonFiniteBankError, Samples
-from ood.evaluation.sinks import Sink, SinkContext
+from ood.evaluation.sinks import Sink, SinkContext, check_sink
 from ood.features.bank import FeatureBank
 from ood.features.collector import RankZeroRows, broadcast_from_rank_zero, rank_zero_group, release_group
 from ood.features.reduce import sync_reducers
@@ -104,7 +104,10 @@ class OODEvaluation(Callback):
         self.feature_dtype = getattr(torch, feature_dtype)
         self.bank_dir = Path(bank_dir) if bank_dir is not None else None
         self.evaluator = evaluator
-        self.sinks = list(sinks.values()) if isinstance(sinks, Mapping) else list(sinks)
+        named = list(sinks.items()) if isinstance(sinks, Mapping) else [(str(i), sink) for i, sink in enumerate(sinks)]
+        for name, sink in named:
+            check_sink(name, sink)
+        self.sinks = [sink for _, sink in named]
         #: run facts for every result row, handed to the evaluator with each evaluation (its own state stays its own)
         self.info = dict(info or {})
         self.result: EvaluationResult | None = None

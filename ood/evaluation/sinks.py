@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import inspect
 import io
 import json
 import os
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger
 
+from ood.errors import ConfigError
 from ood.evaluation.evaluator import EvaluationResult, Samples
 from ood.evaluation.scoring import METRICS, group_means, rows_by_mode
 from ood.files import atomic_savez, atomic_write, atomic_write_text
@@ -82,6 +84,17 @@ class Sink(Protocol):
     """Receives the result of one evaluation (called on every rank)."""
 
     def write(self, result: EvaluationResult, context: SinkContext) -> None: ...
+
+
+def check_sink(name: str, sink: Any) -> None:
+    """Refuse, when the evaluation is built, a sink whose `write` cannot take `(result, context)`: one written for the
+    earlier `write(result, trainer, pl_module)` failed with a bare TypeError only after the whole run's evaluation."""
+    try:
+        inspect.signature(sink.write).bind(None, None)
+    except (AttributeError, TypeError, ValueError):
+        raise ConfigError(f"evaluation.sinks.{name}: {type(sink).__name__} needs a method write(result, context) (context: "
+                          "ood.evaluation.sinks.SinkContext with is_global_zero, loggers, log_dict; sinks are no longer "
+                          "given the trainer and module)") from None
 
 
 def _is_image(value: Any) -> bool:
