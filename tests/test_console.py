@@ -328,7 +328,7 @@ def test_run_folder_is_one_unwrapped_line_under_a_narrow_table(capsys: pytest.Ca
     folder = "/tmp/some/long/place/logs/train/runs/2026-12-05_10-11-35-256455"
     row = {"method": "ce", "detector": "msp", "id_dataset": "my_id", "ood_dataset": "dtd", "ood_group": "far",
            "auroc": 0.9, "aupr_in": 0.9, "aupr_out": 0.9, "fpr95": 0.2, "fpr95_oodpos": 0.2}
-    RunTable(folder).write(EvaluationResult([row], {}, 1.0, "ce"), SimpleNamespace(is_global_zero=True), None)
+    RunTable(folder).write(EvaluationResult([row], {}, 1.0, "ce"), SimpleNamespace(is_global_zero=True))
     assert f"run folder: {folder}\n" in capsys.readouterr().out
 
 
@@ -433,7 +433,7 @@ def test_run_table_reads_at_60_to_200_columns(
              "auroc": 0.9, "fpr95": 0.2 + i / 100, "aupr_in": 0.9, "aupr_out": 0.9, "fpr95_oodpos": 0.2,
              "csid_set_acc": {"cifar10c": 0.8}, "csid_acc": 0.85}
             for mode in ("standard", "fsood") for d in ("msp", "energy") for i, (s, g) in enumerate(sets.items())]
-    RunTable().write(EvaluationResult(rows, {}, 0.95, "ce"), SimpleNamespace(is_global_zero=True), None)
+    RunTable().write(EvaluationResult(rows, {}, 0.95, "ce"), SimpleNamespace(is_global_zero=True))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "ce on cifar10 (ID acc 95.00%): AUROC / FPR95 in %"
     assert max(map(len, lines)) <= columns and not [line for line in lines if "…" in line]

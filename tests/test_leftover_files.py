@@ -129,7 +129,7 @@ def test_a_writer_killed_in_a_methods_diagnostics_leaves_no_half_file(tmp_path: 
     row = {"method": "cluster", "detector": "msp", "ood_dataset": "noise", "ood_group": "far", "auroc": 0.75}
     result = EvaluationResult([row], {"msp": {"test": torch.tensor([1.0])}}, 0.5, "cluster",
                               {"gs": [0.5, 0.25], "map": np.full((4, 4, 3), 0.5)})
-    trainer = SimpleNamespace(is_global_zero=True)
+    context = SimpleNamespace(is_global_zero=True)  # a SinkContext's only field ResultsWriter reads
     write_text, imsave = Path.write_text, matplotlib.image.imsave
 
     def writes(name: str) -> list[str]:
@@ -144,7 +144,7 @@ def test_a_writer_killed_in_a_methods_diagnostics_leaves_no_half_file(tmp_path: 
             return 0
 
         Path.write_text = half  # type: ignore[method-assign] # in the child only, which dies in it
-        sinks.ResultsWriter(str(tmp_path), figures=False).write(result, trainer, None)  # type: ignore[arg-type]
+        sinks.ResultsWriter(str(tmp_path), figures=False).write(result, context)  # type: ignore[arg-type]
 
     def killed_in_the_image() -> None:
         def half(fname: Path, *args: object, **kwargs: object) -> None:
@@ -154,13 +154,13 @@ def test_a_writer_killed_in_a_methods_diagnostics_leaves_no_half_file(tmp_path: 
             os.kill(os.getpid(), signal.SIGKILL)
 
         matplotlib.image.imsave = half
-        sinks.ResultsWriter(str(tmp_path), figures=False).write(result, trainer, None)  # type: ignore[arg-type]
+        sinks.ResultsWriter(str(tmp_path), figures=False).write(result, context)  # type: ignore[arg-type]
 
     _killed_in(killed_in_the_image)
     assert writes(".png") == [] and writes(".json") == ["validation.json"]
     _killed_in(killed_in_the_stats)
     assert writes(".json") == ["validation.json"] and matplotlib.image.imread(tmp_path / "map.png").shape == (4, 4, 4)
-    sinks.ResultsWriter(str(tmp_path), figures=False).write(result, trainer, None)  # type: ignore[arg-type]
+    sinks.ResultsWriter(str(tmp_path), figures=False).write(result, context)  # type: ignore[arg-type]
     assert json.loads((tmp_path / "cluster_stats.json").read_text()) == {"gs": [0.5, 0.25]}
     assert writes(".tmp") == [] and (tmp_path / "results.jsonl").is_file()
 

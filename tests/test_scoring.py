@@ -254,17 +254,17 @@ def test_results_file_is_written_last(tmp_path: Path, monkeypatch: pytest.Monkey
 
     row = {"method": "ce", "detector": "msp", "ood_dataset": "noise", "ood_group": "far", "auroc": 0.75}
     result = EvaluationResult([row], {"msp": {"test": torch.tensor([1.0, 2.0])}}, 0.5, "ce")
-    trainer = SimpleNamespace(is_global_zero=True)
+    context = SimpleNamespace(is_global_zero=True)  # a SinkContext's only field ResultsWriter reads
 
     def die(*args: object) -> None:
         raise RuntimeError("killed while writing")
 
     monkeypatch.setattr(sinks, "save_run_figures", die)
     with pytest.raises(RuntimeError, match="killed while writing"):
-        sinks.ResultsWriter(str(tmp_path)).write(result, trainer, None)
+        sinks.ResultsWriter(str(tmp_path)).write(result, context)
     assert (tmp_path / "scores.npz").is_file() and not (tmp_path / "results.jsonl").exists()
     monkeypatch.setattr(sinks, "save_run_figures", lambda *args: [])
-    sinks.ResultsWriter(str(tmp_path)).write(result, trainer, None)
+    sinks.ResultsWriter(str(tmp_path)).write(result, context)
     assert [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()] == [row]
 
 
@@ -281,10 +281,10 @@ def test_a_writer_killed_midway_leaves_no_earlier_results_beside_its_new_scores(
     from ood.evaluation.evaluator import EvaluationResult
 
     row = {"method": "ce", "detector": "msp", "ood_dataset": "noise", "ood_group": "far", "auroc": 0.75}
-    trainer = SimpleNamespace(is_global_zero=True)
+    context = SimpleNamespace(is_global_zero=True)  # a SinkContext's only field ResultsWriter reads
     monkeypatch.setattr(sinks, "save_run_figures", lambda *args: [])
     sinks.ResultsWriter(str(tmp_path)).write(EvaluationResult([row], {"msp": {"test": torch.tensor([1.0])}}, 0.5, "ce"),
-                                             trainer, None)
+                                             context)
     assert (tmp_path / "results.jsonl").is_file()
 
     def die(*args: object) -> None:
@@ -293,7 +293,7 @@ def test_a_writer_killed_midway_leaves_no_earlier_results_beside_its_new_scores(
     monkeypatch.setattr(sinks, "save_run_figures", die)
     energy = EvaluationResult([{**row, "detector": "energy"}], {"energy": {"test": torch.tensor([2.0])}}, 0.5, "ce")
     with pytest.raises(RuntimeError, match="killed while writing"):
-        sinks.ResultsWriter(str(tmp_path)).write(energy, trainer, None)
+        sinks.ResultsWriter(str(tmp_path)).write(energy, context)
     with np.load(tmp_path / "scores.npz") as npz:
         assert npz["energy/test"].tolist() == [2.0]
     assert not (tmp_path / "results.jsonl").exists()
@@ -311,10 +311,10 @@ def test_results_writer_without_figures_draws_none_and_leaves_no_stale_ones(tmp_
              "id_dataset": "toy", "seed": 0}]
     result = EvaluationResult(rows, {"msp": {"test": torch.tensor([1.0, 2.0, 3.0]), "noise": torch.tensor([0.5, 2.5])}},
                               0.5, "ce")
-    trainer = SimpleNamespace(is_global_zero=True)
-    sinks.ResultsWriter(str(tmp_path)).write(result, trainer, None)
+    context = SimpleNamespace(is_global_zero=True)  # a SinkContext's only field ResultsWriter reads
+    sinks.ResultsWriter(str(tmp_path)).write(result, context)
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["hist_msp.png", "roc.png"]
-    sinks.ResultsWriter(str(tmp_path), figures=False).write(result, trainer, None)
+    sinks.ResultsWriter(str(tmp_path), figures=False).write(result, context)
     assert not list((tmp_path / "figures").iterdir()) and (tmp_path / "results.jsonl").is_file()
     assert (tmp_path / "scores.npz").is_file()
 
