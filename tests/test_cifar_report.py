@@ -117,6 +117,9 @@ def test_a_reference_number_may_be_bare_and_is_checked(tmp_path: Path) -> None:
     with pytest.raises(OODError, match=r"^reference file .*ref.yaml: auroc.ce.msp.near is \[1, 2, 3\]: give a number or "
                                        r"\[mean, std\] in %$"):
         load_reference(path)
+    path.write_text("- source: s\n- id_dataset: digits\n")  # a list: an AssertionError (under -O, a TypeError)
+    with pytest.raises(OODError, match=r"^reference file .*ref.yaml holds a list, not a mapping of source, id_dataset"):
+        load_reference(path)
     path.write_text("source: s\nid_dataset: digits\nbackbone: small_cnn\nid_acc: 95%\nauroc: {ce: {msp: {near: 50}}}\n")
     with pytest.raises(OODError, match=r"^reference file .*ref.yaml: id_acc is '95%': give a number or \[mean, std\] in %$"):
         load_reference(path)

@@ -241,6 +241,26 @@ def test_a_sink_written_for_the_trainer_and_module_is_refused_when_the_evaluatio
     assert len(OODEvaluation(Evaluator(detectors=[]), sinks={"log": MetricLogger(), "table": RunTable()}).sinks) == 2
 
 
+def test_ood_callbacks_on_a_module_or_datamodule_not_of_ood_are_one_line() -> None:
+    """`OODEvaluation` / `PrepareMethod` on a user's own LightningModule or loaders (no OODDataModule) stopped with a
+    bare AssertionError (and with nothing, under `python -O`); one line names what they need."""
+    from types import SimpleNamespace
+
+    from ood.evaluation.prepare import PrepareMethod
+
+    method = CrossEntropy(SmallCNN(6), optimizer=torch.optim.SGD)
+    evaluation = OODEvaluation(Evaluator(detectors=["msp"]))
+    with pytest.raises(ConfigError, match=r"^OODEvaluation runs on an ood method \(ood\.methods\.base\.OODMethod\); "
+                                          r"the trainer's module is a LightningModule$"):
+        evaluation.on_test_epoch_start(SimpleNamespace(datamodule=None), L.LightningModule())
+    with pytest.raises(ConfigError, match=r"^OODEvaluation reads its data from an ood\.data\.benchmark\.OODDataModule "
+                                          r"given as trainer\.fit/test\(\.\.\., datamodule=\.\.\.\); the trainer's datamodule is NoneType$"):
+        evaluation.on_test_epoch_start(SimpleNamespace(datamodule=None), method)
+    with pytest.raises(ConfigError, match=r"^PrepareMethod reads its data from .*; the trainer's datamodule is dict$"):
+        PrepareMethod().on_fit_start(SimpleNamespace(datamodule={}), method)
+    PrepareMethod().on_fit_start(SimpleNamespace(datamodule=None), L.LightningModule())  # not ood's method: left alone
+
+
 def test_the_callbacks_run_facts_reach_its_rows_and_leave_the_evaluator_as_built() -> None:
     """`OODEvaluation(evaluator, info=...)` wrote its run facts into the evaluator's own dict: a second callback
     given the same evaluator changed the rows of the first (its seed, its backbone). The callback keeps them and

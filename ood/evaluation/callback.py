@@ -33,6 +33,7 @@ from ood.detectors.base import Detector, float16_detectors
 from ood.detectors.network import LayerTaps
 from ood.errors import ConfigError
 from ood.evaluation.evaluator import EvaluationResult, Evaluator, NonFiniteBankError, Samples
+from ood.evaluation.prepare import check_roles
 from ood.evaluation.sinks import Sink, SinkContext, check_sink
 from ood.features.bank import FeatureBank
 from ood.features.collector import RankZeroRows, broadcast_from_rank_zero, rank_zero_group, release_group
@@ -127,10 +128,9 @@ class OODEvaluation(Callback):
 
     # ----- collection ----------------------------------------------------------------------------------------
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        assert isinstance(pl_module, OODMethod), "OODEvaluation needs an OODMethod"
         # the datamodule Lightning tests (its loaders are this pass's), read once: the later hooks use it and its splits
         datamodule = trainer.datamodule
-        assert isinstance(datamodule, OODDataModule), "OODEvaluation needs an OODDataModule"
+        check_roles(type(self).__name__, pl_module, datamodule)
         self._collectors, self.result = {}, None
         self._data, self._splits = datamodule, datamodule.eval_splits
         loaders = trainer.test_dataloaders

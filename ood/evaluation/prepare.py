@@ -12,7 +12,19 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 
 from ood.data.benchmark import OODDataModule
+from ood.errors import ConfigError
 from ood.methods.base import OODMethod
+
+
+def check_roles(callback: str, pl_module: LightningModule, datamodule: object) -> None:
+    """One line (`ConfigError`) when ood's callbacks run on a module or datamodule that is not ood's (a Python user's
+    own `trainer.fit(model, loaders)`): it was an AssertionError, and nothing at all under `python -O`."""
+    if not isinstance(pl_module, OODMethod):
+        raise ConfigError(f"{callback} runs on an ood method (ood.methods.base.OODMethod); the trainer's module is a "
+                          f"{type(pl_module).__name__}")
+    if not isinstance(datamodule, OODDataModule):
+        raise ConfigError(f"{callback} reads its data from an ood.data.benchmark.OODDataModule given as "
+                          f"trainer.fit/test(..., datamodule=...); the trainer's datamodule is {type(datamodule).__name__}")
 
 
 class PrepareMethod(Callback):
@@ -27,7 +39,7 @@ class PrepareMethod(Callback):
         if not isinstance(pl_module, OODMethod):
             return
         datamodule = trainer.datamodule
-        assert isinstance(datamodule, OODDataModule), "PrepareMethod needs an OODDataModule"
+        check_roles(type(self).__name__, pl_module, datamodule)
         dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), torch.float32)
         pl_module.prepare(
             datamodule.fit_data(

@@ -53,7 +53,9 @@ def load_reference(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise OODError(f"no such reference file: {path}")
     reference = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    assert isinstance(reference, dict)
+    if not isinstance(reference, dict):
+        raise OODError(f"reference file {path} holds a {type(reference).__name__}, not a mapping of source, id_dataset, "
+                       "backbone, auroc ...")
     missing = {"source", "id_dataset", "backbone"} - set(reference)
     if not {"auroc", "fpr95"} & set(reference):
         missing.add("auroc or fpr95")
