@@ -31,7 +31,7 @@ from ood.detectors import (
     relative_count,
     resolve_detectors,
 )
-from ood.detectors.base import Detector
+from ood.detectors.base import POSITIVE, Detector
 from ood.detectors.tempscale import fit_temperature
 from ood.errors import ConfigError, NonFiniteError
 from ood.evaluation.evaluator import Evaluator
@@ -402,6 +402,24 @@ def test_a_fit_without_return_self_gives_the_fitted_detector(synthetic: dict[str
         (scorer,) = detector_scorers([_Forgetful], {}, synthetic, tune)
         assert scorer.hparams == {"scale": 1.0} and scorer.tuned == (["scale"] if tune else [])
         torch.testing.assert_close(scorer.score("test"), expected, rtol=0, atol=0)
+
+@pytest.mark.parametrize(("attr", "value"), [("grid", {"pow": [1.0, 2.0]}), ("score_params", frozenset({"pow"})),
+                                             ("ranges", {"pow": POSITIVE})])
+def test_a_declared_key_that_is_no_constructor_keyword_is_refused_when_the_class_is_defined(attr: str, value: Any) -> None:
+    """A user's grid key misspelt (`pow` for `power`) passed the class statement and the whole training and stopped
+    the evaluation's tuning ("has no hyper-parameter"); a misspelt `score_params` or `ranges` key was never used. The
+    class statement now refuses each in one line."""
+    with pytest.raises(ConfigError, match=rf"^detector test_detectors\.test_a_declared_key.*\.Misspelt: {attr} keys "
+                                          r"\['pow'\] are not keywords of its __init__ \(accepted: \['power'\]\); name "
+                                          r"each after a constructor keyword$"):
+        type("Misspelt", (Detector,), {attr: value, "__init__": _power_init, "__module__": "test_detectors",
+                                       "__qualname__": "test_a_declared_key.<locals>.Misspelt"})
+    assert "misspelt" not in available_detectors()
+
+
+def _power_init(self: Detector, power: float = 1.0) -> None:
+    self.power = power
+
 
 # ----- known answers ---------------------------------------------------------------------------------------------
 def _logit_bank(logits: list[list[float]]) -> FeatureBank:

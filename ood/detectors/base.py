@@ -142,6 +142,7 @@ class Detector:
         for method, guard in guards.items():
             if method in cls.__dict__:
                 setattr(cls, method, guard(cls.__dict__[method]))
+        check_declared(cls)
         name = cls.__dict__.get("name")
         if name is not None:
             if name in _REGISTRY:  # name both classes: a new detector's name taken by a registered one, or a module imported twice
@@ -392,6 +393,21 @@ def _nan_for_nonfinite(score: Callable[..., Any]) -> Callable[..., Any]:
         return [spread(s) for s in out] if isinstance(out, list) else spread(out)
 
     return guarded
+
+
+def check_declared(cls: type[Detector]) -> None:
+    """Refuse, when the class is defined, a `grid`, `score_params` or `ranges` key that is no keyword of its
+    constructor (one line naming the keys and the keywords): a misspelt grid key failed only when the evaluation tuned
+    the detector, after the whole training, and a misspelt `score_params` or `ranges` key was silently never used. A
+    constructor taking `**kwargs` is not checked."""
+    if any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()):
+        return
+    accepted = hparam_names(cls)
+    for attr in ("grid", "score_params", "ranges"):
+        wrong = sorted(set(getattr(cls, attr)) - set(accepted))
+        if wrong:
+            raise ConfigError(f"detector {cls.__module__}.{cls.__qualname__}: {attr} keys {wrong} are not keywords of its "
+                              f"__init__ (accepted: {accepted or 'none'}); name each after a constructor keyword")
 
 
 def hparam_names(cls: type[Detector]) -> list[str]:
