@@ -7,6 +7,7 @@ import io
 import math
 import pickle
 import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ from fabricate import feature_bank as _bank
 from fabricate import synthetic_banks
 from torch import nn
 
+import ood.detectors.base as base_module
 import ood.detectors.mahalanobis as mahalanobis_module
-from ood import CONFIG_DIR
+from ood import CONFIG_DIR, PROJECT_ROOT
 from ood.detectors import (
     DetectorNotApplicable,
     available_detectors,
@@ -274,7 +276,8 @@ def test_conf_groups_resolve_from_the_registry() -> None:
         resolve_detectors(["msp", "msq"])
     # a list holds names and selections: its message lists both (`fast` is a config of the group, not a selection)
     with pytest.raises(ConfigError, match=r"unknown detector 'fast' \(here: 'cached'\); available: adascale_a, .*, weiper; "
-                                          r"selections: full, all, cached$"):
+                                          r"selections: full, all, cached; a detector of your own: its import path, "
+                                          r"e\.g\. my_pkg\.my_detectors\.FeatureNorm$"):
         resolve_detectors(["fast", "knn"])
     with pytest.raises(ConfigError, match=r"^unknown detector selection 'fast' \(here: 'cached'\); choices: "):
         resolve_detectors("fast")  # detectors.names=fast, for the group's config detectors=fast
@@ -419,6 +422,55 @@ def test_a_declared_key_that_is_no_constructor_keyword_is_refused_when_the_class
 
 def _power_init(self: Detector, power: float = 1.0) -> None:
     self.power = power
+
+
+@pytest.fixture
+def user_detector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """docs/adding_a_detector.md's example module as `my_detectors` on the import path, unimported: imported (and its
+    detector registered) by whatever names it; both undone after the test."""
+    (code,) = re.findall(r"```python\n(.*?)```", (PROJECT_ROOT / "docs" / "adding_a_detector.md").read_text(), re.S)
+    (tmp_path / "my_detectors.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    base_module._REGISTRY.pop("feature_norm", None)
+    sys.modules.pop("my_detectors", None)
+
+
+def test_a_detector_of_ones_own_runs_by_its_import_path(user_detector: Any, synthetic: dict[str, FeatureBank]) -> None:
+    """`ood-train` / `ood-eval` never import a user's module, so `detectors.names=[feature_norm]` stopped on "unknown
+    detector" and a detector outside ood could not run from the command line at all; its import path runs it, tuned
+    over its grid, under its `name`, and a mistake in the path is one line."""
+    (cls,) = resolve_detectors("my_detectors.FeatureNorm")
+    assert cls.name == "feature_norm" and resolve_detectors(["msp", "my_detectors.FeatureNorm"]) == [detector_class("msp"), cls]
+    evaluator = Evaluator(["msp", "my_detectors.FeatureNorm"], params={"feature_norm": {"percentile": 99}})
+    assert [c.name for c in evaluator.detectors] == ["msp", "feature_norm"]
+    (scorer,) = detector_scorers([cls], {}, synthetic, tune=True)
+    chosen = scorer.hparams["percentile"]
+    assert scorer.tuned == ["percentile"] and chosen in (90, 95, 99, 100)
+    clip = float(torch.quantile(synthetic["train"].features.double().flatten(), chosen / 100))
+    want = synthetic["test"].features.double().clamp(max=clip).norm(dim=1)
+    torch.testing.assert_close(scorer.score("test"), want, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ConfigError, match=r"^detector 'no_such_pkg\.FeatureNorm' cannot be imported: No module named "
+                                          r"'no_such_pkg'; give a detector's name or the import path module\.Class of "
+                                          r"your own, with its folder on PYTHONPATH \(PYTHONPATH=\. ood-train \.\.\.\)$"):
+        resolve_detectors(["msp", "no_such_pkg.FeatureNorm"])
+    with pytest.raises(ConfigError, match=r"^detector 'my_detectors\.np': my_detectors holds a module named 'np', not a "
+                                          r"Detector subclass; name the class, e.g\. my_detectors\.<YourDetector>$"):
+        detector_class("my_detectors.np")
+
+
+def test_a_detector_class_without_a_name_is_refused_in_one_line(synthetic: dict[str, FeatureBank]) -> None:
+    """A user's class that forgot `name`, passed as a class (`detectors=[MyDetector]`), stopped the evaluation on
+    "type object ... has no attribute 'name'"; it is refused in one line saying what to set."""
+
+    class Nameless(Detector):
+        def score(self, bank: FeatureBank) -> torch.Tensor:
+            return bank.features.double().norm(dim=1)
+
+    with pytest.raises(ConfigError, match=r"^detector class test_detectors\.test_a_detector_class_without.*\.Nameless has "
+                                          r"no `name`: set the class attribute name = '<name>', the name its scores are "
+                                          r"reported and configured under$"):
+        Evaluator(["msp", Nameless])
 
 
 # ----- known answers ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import inspect
 import math
 import numbers
@@ -463,29 +464,57 @@ def resolve_detectors(names: str | Sequence[DetectorRef]) -> list[type[Detector]
     selections (`[full, gram_stream]`); unknown names fail listing the choices, and a detector named twice counts
     once (one score, one set of rows). The one registry lookup of a run: the evaluation passes the classes on."""
     if isinstance(names, str):
-        if names in _REGISTRY:  # one detector named alone
-            return [_REGISTRY[names]]
+        if names in _REGISTRY or "." in names:  # one detector named alone, by its name or import path
+            return [detector_class(names)]
         if names not in SELECTIONS:
             raise ConfigError(f"unknown detector selection {names!r}{_known_as(names)}; choices: {list(SELECTIONS)} or a "
                               "list of names")
         keep = {"full": lambda c: True, "all": lambda c: not c.full_only, "cached": lambda c: not (c.needs_model or c.full_only)}[names]
         return [_REGISTRY[n] for n in available_detectors() if keep(_REGISTRY[n]) and _REGISTRY[n].reproduces is None]
-    unknown = [n for n in names if isinstance(n, str) and n not in _REGISTRY and n not in SELECTIONS]
+    unknown = [n for n in names if isinstance(n, str) and n not in _REGISTRY and n not in SELECTIONS and "." not in n]
     if unknown:  # a list holds names and selections: the message lists both
         raise ConfigError(f"unknown detector {unknown[0]!r}{_known_as(unknown[0])}; available: "
-                          f"{', '.join(available_detectors())}; selections: {', '.join(SELECTIONS)}")
+                          f"{', '.join(available_detectors())}; selections: {', '.join(SELECTIONS)}{_OWN}")
     picked = (resolve_detectors(name) if isinstance(name, str) and name in SELECTIONS else [detector_class(name)]
               for name in names)
     return list(dict.fromkeys(cls for group in picked for cls in group))
 
 
+#: how the unknown-detector messages say to name a detector defined outside ood
+_OWN = "; a detector of your own: its import path, e.g. my_pkg.my_detectors.FeatureNorm"
+
+
 def detector_class(name: DetectorRef) -> type[Detector]:
-    """The class registered as `name` (a class is returned as it is)."""
+    """The class registered as `name`, or the `Detector` subclass at import path `name` (`my_pkg.detectors.MyDet`:
+    a detector defined outside ood, which `ood-train` / `ood-eval` never import otherwise); a class is returned as it
+    is. A class without a `name` is refused in one line: its rows would have no detector to be reported under."""
+    if isinstance(name, str) and name not in _REGISTRY and "." in name:
+        name = _imported(name)
     if isinstance(name, type) and issubclass(name, Detector):
+        if getattr(name, "name", None) is None:
+            raise ConfigError(f"detector class {name.__module__}.{name.__qualname__} has no `name`: set the class "
+                              "attribute name = '<name>', the name its scores are reported and configured under")
         return name
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown detector {name!r}{_known_as(name)}; available: {', '.join(available_detectors())}")
+        raise ConfigError(f"unknown detector {name!r}{_known_as(name)}; available: {', '.join(available_detectors())}{_OWN}")
     return _REGISTRY[name]
+
+
+def _imported(path: str) -> type[Detector]:
+    """The `Detector` subclass at import path `path` (`module.Class`), imported; one line for a module that cannot
+    be imported, a missing attribute, or an attribute that is no detector class."""
+    module_name, _, attr = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"detector {path!r} cannot be imported: {err}; give a detector's name or the import path "
+                          "module.Class of your own, with its folder on PYTHONPATH (PYTHONPATH=. ood-train ...)") from None
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Detector)):
+        found = "nothing" if cls is None else f"a {type(cls).__name__}"
+        raise ConfigError(f"detector {path!r}: {module_name} holds {found} named {attr!r}, not a Detector subclass; "
+                          f"name the class, e.g. {module_name}.<YourDetector>")
+    return cls
 
 
 #: the names OpenOOD v1.5 (postprocessor keys) and pytorch-ood (class names, lower case) give detectors that are
