@@ -3,6 +3,7 @@ prepared without a Trainer, then trained, evaluated and reported by `ood-train`;
 
 from __future__ import annotations
 
+import functools
 import importlib
 import re
 from pathlib import Path
@@ -77,3 +78,23 @@ def test_example_trains_and_reports_its_score(example: Path, ce_checkpoint: Path
     assert set(own) == {"digits_6_9", "flower_patches", "gaussian_noise", "uniform_noise"}
     assert all(0 <= r["auroc"] <= 1 for r in own.values())
     assert rows[0]["method_params"]["fitted"]["train_logit_norm"] > 0
+
+
+def test_a_method_without_training_loss_stops_in_one_line() -> None:
+    """A user's method that forgot `training_loss` stopped its first training step on a bare `NotImplementedError`
+    (Hydra's traceback, no word of what is missing); it is one line naming the method and what to implement."""
+    from ood.cli import user_error
+    from ood.data.batch import Batch
+    from ood.errors import ConfigError
+    from ood.methods.base import OODMethod
+
+    class NoLoss(OODMethod):
+        name = "no_loss"
+
+    method = NoLoss(torch.nn.Linear(2, 2), functools.partial(torch.optim.SGD, lr=0.1))
+    with pytest.raises(ConfigError) as err:
+        method.training_loss(Batch(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)))
+    want = ("method 'no_loss' (test_adding_a_method.NoLoss) implements no training_loss(batch): return the loss of one "
+            "Batch, or subclass ood.methods.CrossEntropy for a method that trains with cross-entropy")
+    assert str(err.value) == want.replace("NoLoss", "test_a_method_without_training_loss_stops_in_one_line.<locals>.NoLoss")
+    assert str(user_error(err.value)) == str(err.value)

@@ -473,6 +473,21 @@ def test_a_detector_class_without_a_name_is_refused_in_one_line(synthetic: dict[
         Evaluator(["msp", Nameless])
 
 
+def test_a_detector_without_score_stops_in_one_line(synthetic: dict[str, FeatureBank]) -> None:
+    """A user's detector that forgot `score` stopped the evaluation on a bare `NotImplementedError`; it is one line
+    naming the detector and what to implement."""
+
+    class Scoreless(Detector):
+        pass
+
+    Scoreless.name = "scoreless"  # set after the class statement: kept out of the registry
+    (scorer,) = detector_scorers([Scoreless], {}, synthetic, tune=True)
+    with pytest.raises(ConfigError, match=r"^detector 'scoreless' \(test_detectors\.test_a_detector_without_score.*"
+                                          r"\.Scoreless\) implements no score\(bank\): return a float64 \[N\] ID score "
+                                          r"per row, higher = more in-distribution$"):
+        scorer.score("test")
+
+
 # ----- known answers ---------------------------------------------------------------------------------------------
 def _logit_bank(logits: list[list[float]]) -> FeatureBank:
     z = torch.tensor(logits, dtype=torch.float64)

@@ -174,7 +174,8 @@ class Detector:
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
         """ID score per row of `bank`, higher = more in-distribution."""
-        raise NotImplementedError
+        raise ConfigError(f"detector {self.name!r} ({type(self).__module__}.{type(self).__qualname__}) implements no "
+                          "score(bank): return a float64 [N] ID score per row, higher = more in-distribution")
 
     def set_params(self, **params: Any) -> Detector:
         """Change score-only hyper-parameters (`score_params`) of a fitted detector in place."""

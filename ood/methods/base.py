@@ -214,7 +214,9 @@ class OODMethod(LightningModule):
     def training_loss(self, batch: Batch) -> torch.Tensor:
         """The loss of one training `Batch` (`x, y, index`, and `x_out` for outlier methods); subclasses log any
         extra terms themselves."""
-        raise NotImplementedError
+        raise ConfigError(f"method {self.name!r} ({type(self).__module__}.{type(self).__qualname__}) implements no "
+                          "training_loss(batch): return the loss of one Batch, or subclass ood.methods.CrossEntropy "
+                          "for a method that trains with cross-entropy")
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)
