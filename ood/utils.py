@@ -7,18 +7,19 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from tqdm.asyncio import tqdm as console_tqdm
 from tqdm.auto import tqdm
 from tqdm.std import tqdm as std_tqdm
 
-from ood.errors import NonFiniteError, OODError, check_range
+from ood.errors import ConfigError, NonFiniteError, OODError, check_range
 
 if TYPE_CHECKING:
     import torch
@@ -43,14 +44,24 @@ def capped_workers(cap: int) -> int:
 OmegaConf.register_new_resolver("ood.workers", capped_workers, replace=True)
 
 
+#: a call's refusal of its keywords (`C.__init__() got an unexpected keyword argument 'x'`, `missing 1 required ...`)
+_BAD_KEYWORDS = re.compile(r"\(\) (got an unexpected keyword argument|missing \d+ required .*argument)")
+
+
 def instantiate(node: Any, **kwargs: Any) -> Any:
     """Build an object from a `_target_` config node: the single entry point for dependency injection.
 
-    `kwargs` are runtime objects (a backbone, callbacks) that the config cannot hold.
+    `kwargs` are runtime objects (a backbone, callbacks) that the config cannot hold. A node without `_target_` (a
+    user's `conf/method/<name>.yaml` that forgot it: Hydra returned a plain dict, which failed far away) and a key
+    its `_target_` does not take (Hydra's five-line `TypeError`) are refused in one line naming the node.
     """
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
+    key = node._get_full_key(None) if isinstance(node, DictConfig) else "the config"
+    if isinstance(node, DictConfig | dict) and "_target_" not in node:
+        raise ConfigError(f"{key} has no _target_: add `_target_: <module>.<Class>`, the class it builds (a method: "
+                          "your OODMethod subclass), or inherit one with `defaults: [<option>, _self_]`")
     try:
         return hydra_instantiate(node, _convert_="partial", **kwargs)
     except InstantiationException as err:
@@ -60,6 +71,10 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
+        if isinstance(err.__cause__, TypeError) and _BAD_KEYWORDS.search(str(err.__cause__)):
+            raise ConfigError(f"{key}: {err.__cause__} (_target_: {node['_target_']}); every key of {key} but _target_ "
+                              f"is a keyword of that class: fix the key, or set {key}._target_ to the class that takes "
+                              "it") from None
         raise
 
 

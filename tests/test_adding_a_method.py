@@ -98,3 +98,23 @@ def test_a_method_without_training_loss_stops_in_one_line() -> None:
             "Batch, or subclass ood.methods.CrossEntropy for a method that trains with cross-entropy")
     assert str(err.value) == want.replace("NoLoss", "test_a_method_without_training_loss_stops_in_one_line.<locals>.NoLoss")
     assert str(user_error(err.value)) == str(err.value)
+
+
+def test_a_method_config_without_target_or_with_a_key_its_class_lacks_is_one_line() -> None:
+    """`conf/method/<name>.yaml` without `_target_`: Hydra built a plain dict, which failed far away ("'dict' object
+    has no attribute 'streams'"); one that inherits ce's `_target_` (`defaults: [ce, _self_]`) but adds its own key,
+    or misspells one, stopped on Hydra's five-line TypeError. Each is one line naming the node and the fix."""
+    from ood.errors import ConfigError
+
+    optimizer = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
+    bare = OmegaConf.create({"method": {"optimizer": optimizer, "alpha": 0.1}}).method
+    with pytest.raises(ConfigError, match=r"^method has no _target_: add `_target_: <module>\.<Class>`, the class it "
+                                          r"builds \(a method: your OODMethod subclass\), or inherit one with "
+                                          r"`defaults: \[<option>, _self_\]`$"):
+        instantiate(bare, backbone=torch.nn.Linear(2, 2))
+    inherited = OmegaConf.create({"method": {"_target_": "ood.methods.CrossEntropy", "optimizer": optimizer, "alpha": 0.1}})
+    with pytest.raises(ConfigError, match=r"^method: OODMethod\.__init__\(\) got an unexpected keyword argument 'alpha' "
+                                          r"\(_target_: ood\.methods\.CrossEntropy\); every key of method but _target_ "
+                                          r"is a keyword of that class: fix the key, or set method\._target_ to the class "
+                                          r"that takes it$"):
+        instantiate(inherited.method, backbone=torch.nn.Linear(2, 2))
