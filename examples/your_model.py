@@ -10,6 +10,7 @@ figures/, overlap.json, preprocessing.json). The same evaluation from the comman
         '+data.ood.far={checkers: <out>/data/checkers}' data.image_size=32 data.resize=32
 
 Run: python examples/your_model.py [--out DIR] [--detectors msp,energy,knn] [--steps 30]
+(`--detectors msp,my_detectors.FeatureNorm` adds a detector of your own: docs/adding_a_detector.md)
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def main(out: Path, detectors: str | list[str] = "all", steps: int = 30) -> ood.
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a new temporary folder)")
-    parser.add_argument("--detectors", default="all", help="all, cached, or a comma-separated list")
+    parser.add_argument("--detectors", default="all",
+                        help="all, fast, cached, or a comma-separated list of names (a detector of your own by its import "
+                             "path, my_detectors.FeatureNorm: docs/adding_a_detector.md)")
     parser.add_argument("--steps", type=int, default=30, help="training steps")
     args = parser.parse_args()
     chosen = args.detectors if args.detectors in ("all", "cached", "fast") else args.detectors.split(",")
