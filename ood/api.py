@@ -339,7 +339,7 @@ def _method_override(method: str | None) -> str:
     return f"method={method}"
 
 
-def _detector_overrides(detectors: str | Sequence[str]) -> list[str]:
+def _detector_overrides(detectors: str | Sequence[str | type]) -> list[str]:
     """A config of the `detectors` group by name (`all`, `fast`, `none`), else `detectors.names=` a registry
     selection (`cached`) or a list of names."""
     from ood import CONFIG_DIR
@@ -349,8 +349,25 @@ def _detector_overrides(detectors: str | Sequence[str]) -> list[str]:
     if isinstance(detectors, str) and "," in detectors:  # Hydra's sweep refusal named `-m` and the CLI's list syntax
         raise ConfigError(f"detectors={detectors!r} is one string, not a list of names: give "
                           f"detectors={[name.strip() for name in detectors.split(',')]!r}")
-    names = detectors if isinstance(detectors, str) else f"[{','.join(detectors)}]"
+    names = detectors if isinstance(detectors, str) else f"[{','.join(map(_detector_name, detectors))}]"
     return ["detectors=all", f"detectors.names={names}"]
+
+
+def _detector_name(detector: Any) -> str:
+    """A detector given by name as it is; a `Detector` subclass (defined in the caller's code, registered when it was
+    defined) by its registered `name`: the list went into the config by `','.join`, a TypeError for a class. One
+    line for a class that is not registered under its name (a subclass inheriting its parent's: its rows would be the
+    parent's)."""
+    from ood.detectors import detector_class
+
+    if isinstance(detector, str):
+        return detector
+    cls = detector_class(detector)  # a class without a name, or not a Detector, is one line there
+    if detector_class(cls.name) is not cls:
+        raise ConfigError(f"detector class {cls.__module__}.{cls.__qualname__} inherits the name {cls.name!r} of "
+                          f"{detector_class(cls.name).__qualname__}: give it its own, name = '<name>', under which "
+                          "it registers and its rows are reported")
+    return cls.name
 
 
 def _data_kwargs(id_data: Any, ood_data: Any, model: nn.Module, transform: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -417,7 +434,7 @@ def evaluate(
     id_data: str | os.PathLike | Mapping[str, Any],
     ood_data: Any,
     *,
-    detectors: str | Sequence[str] = "all",
+    detectors: str | Sequence[str | type] = "all",
     method: str | None = None,
     transform: Any = None,
     feature_layer: str | None = None,
@@ -441,7 +458,8 @@ def evaluate(
         ood_data: `{near: {name: source}, far: {name: source}, val: source, csid: {name: source}}`, `{name: source}`
             or a list; `csid`: covariate-shifted ID sets (class folders or labelled lists, as the ID test split).
         detectors: `all`, `full` (adds the slow network-pass ones), `cached` (those of `all` that score from the cache alone: no network pass),
-            `fast`, `none`, or a list of names and selections (`["full", "gram_stream"]`).
+            `fast`, `none`, or a list of names, selections and detector classes of your own (`["full", "gram_stream"]`,
+            `["msp", FeatureNorm]`: a `Detector` subclass with its own `name`).
         method: a post-hoc method config (`grood`, `cluster`, ...) scored beside the detectors; None: `ce`.
         transform: a torchvision transform for every split (its `Normalize`, or `mean` / `std` in `data`, is the
             input normalisation); None: the model's timm data config, else `data`'s `image_size` / `resize` /

@@ -209,6 +209,39 @@ def test_head_class_count_mismatch_is_one_line(trained, tmp_path: Path) -> None:
                      image_size=32, resize=32, device="cpu", output_dir=tmp_path)
 
 
+def test_a_detector_class_of_ones_own_is_named_by_its_name(trained, tmp_path: Path) -> None:
+    """`detectors=["msp", MyDetector]` (a class defined in the caller's code, registered as it was defined) failed
+    on a bare TypeError (the list went into the config by `','.join`); it runs under its `name` now, and a subclass
+    that inherits its parent's name is one line (its rows would be the parent's)."""
+    from ood.detectors import Detector
+    from ood.detectors import base as registry
+    from ood.detectors.knn import KNN
+    from ood.features.bank import FeatureBank
+
+    class Norm(Detector):
+        name = "api_test_norm"
+
+        def score(self, bank: FeatureBank) -> torch.Tensor:
+            return bank.features.double().norm(dim=1)
+
+    class MyKNN(KNN):
+        pass
+
+    paths, model, _ = trained
+    try:
+        results = ood.evaluate(model, paths["id"], [paths["far"]], detectors=["msp", Norm], image_size=32, resize=32,
+                               device="cpu", output_dir=tmp_path / "run")
+        bank = ood.extract(model, paths["id"] / "test", image_size=32, resize=32, device="cpu")
+        with pytest.raises(ConfigError, match=r"^detector class .*MyKNN inherits the name 'knn' of KNN: give it its own"):
+            ood.evaluate(model, paths["id"], [paths["far"]], detectors=[MyKNN], image_size=32, resize=32, device="cpu",
+                         output_dir=tmp_path / "knn")
+    finally:
+        registry._REGISTRY.pop("api_test_norm", None)
+    assert [r["detector"] for r in results.rows] == ["msp", "api_test_norm"]
+    ours = torch.as_tensor(results.per_image("api_test_norm").query("split == 'test'")["api_test_norm"].to_numpy().copy())
+    torch.testing.assert_close(ours, bank.features.double().norm(dim=1))
+
+
 def test_an_unusable_device_is_one_line(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     paths, _, _ = trained
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
