@@ -44,8 +44,9 @@ def capped_workers(cap: int) -> int:
 OmegaConf.register_new_resolver("ood.workers", capped_workers, replace=True)
 
 
-#: a call's refusal of its keywords (`C.__init__() got an unexpected keyword argument 'x'`, `missing 1 required ...`)
-_BAD_KEYWORDS = re.compile(r"\(\) (got an unexpected keyword argument|missing \d+ required .*argument)")
+#: a call's refusal of its keywords (`C.__init__() got an unexpected keyword argument 'x'`, `missing 1 required ...`),
+#: the refusing callable's qualified name first
+_BAD_KEYWORDS = re.compile(r"^([\w.<>]+)\(\) (?:got an unexpected keyword argument|missing \d+ required .*argument)")
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
@@ -71,11 +72,37 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
-        if isinstance(err.__cause__, TypeError) and _BAD_KEYWORDS.search(str(err.__cause__)):
-            raise ConfigError(f"{key}: {err.__cause__} (_target_: {node['_target_']}); every key of {key} but _target_ "
-                              f"is a keyword of that class: fix the key, or set {key}._target_ to the class that takes "
-                              "it") from None
+        refusal = _keyword_refusal(err, node, key)
+        if refusal is not None:
+            raise refusal from None
         raise
+
+
+def _keyword_refusal(err: Exception, node: Any, key: str) -> ConfigError | None:
+    """The one line for `node` (at `key`), or the nested `_target_` node Hydra's error names, having a key its
+    `_target_` does not take, naming that node and its `_target_` as written; None when the TypeError is not the
+    target's own refusal of its keywords (one raised inside its constructor is a bug of the class, not of the
+    config)."""
+    from hydra.utils import get_object
+
+    text, cause = str(err), err.__cause__
+    refused = _BAD_KEYWORDS.match(str(cause)) if isinstance(cause, TypeError) else None
+    target = re.search(r"call to target '([^']+)'", text)
+    if refused is None or target is None:
+        return None
+    try:
+        called = get_object(target[1])
+    except Exception:  # noqa: BLE001 - not locatable again: no claim about it
+        return None
+    own = {f"{c.__qualname__}.__init__" for c in getattr(called, "__mro__", ())} | {getattr(called, "__qualname__", "")}
+    if refused[1] not in own:
+        return None
+    where = re.search(r"^full_key: (\S+)$", text, re.M)
+    if where is not None:  # the node Hydra refused, by its key in the whole config
+        key, node = where[1], OmegaConf.select(node._get_root(), where[1]) if isinstance(node, DictConfig) else None
+    written = node.get("_target_", target[1]) if isinstance(node, DictConfig | dict) else target[1]
+    return ConfigError(f"{key}: {cause} (_target_: {written}); every key of {key} but _target_ is a keyword of that "
+                       f"class: fix the key, or set {key}._target_ to the class that takes it")
 
 
 @contextlib.contextmanager

@@ -118,3 +118,31 @@ def test_a_method_config_without_target_or_with_a_key_its_class_lacks_is_one_lin
                                           r"is a keyword of that class: fix the key, or set method\._target_ to the class "
                                           r"that takes it$"):
         instantiate(inherited.method, backbone=torch.nn.Linear(2, 2))
+
+
+class _Miscalled:
+    """A class whose constructor has a bug of its own: it calls another with a keyword that one does not take."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        torch.nn.Linear(2, 2, bais=False)
+
+
+def test_a_key_refusal_names_the_nested_node_and_never_blames_the_config_for_a_constructors_own_bug() -> None:
+    """The one line for a key a class does not take named the top node and its `_target_` even when Hydra refused a
+    nested `_target_` node (`evaluation.evaluator.detector`), and blamed the node's keys for a TypeError raised inside a
+    constructor (its own call with a wrong keyword): the nested node is named with its own `_target_`, and a
+    constructor's own TypeError is left as it was raised."""
+    from hydra.errors import InstantiationException
+
+    from ood.errors import ConfigError
+
+    nested = OmegaConf.create({"evaluation": {"_target_": "ood.evaluation.callback.OODEvaluation",
+                                              "evaluator": {"_target_": "ood.evaluation.evaluator.Evaluator",
+                                                            "detector": ["msp"]}}})
+    with pytest.raises(ConfigError, match=r"^evaluation\.evaluator: Evaluator\.__init__\(\) got an unexpected keyword "
+                                          r"argument 'detector' \(_target_: ood\.evaluation\.evaluator\.Evaluator\); "
+                                          r"every key of evaluation\.evaluator but _target_ is a keyword of that class"):
+        instantiate(nested.evaluation)
+    buggy = OmegaConf.create({"method": {"_target_": f"{__name__}._Miscalled", "scale": 2.0}})
+    with pytest.raises(InstantiationException, match=r"Linear\.__init__\(\) got an unexpected keyword argument 'bais'"):
+        instantiate(buggy.method)
