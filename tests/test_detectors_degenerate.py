@@ -111,9 +111,12 @@ def test_mahalanobis_on_a_singular_covariance_is_openoods(case: str) -> None:
 @pytest.mark.parametrize("name", FITTED)
 def test_an_empty_fit_bank_is_refused_in_one_line(name: str) -> None:
     """0 fit rows: cadref divided by zero, klm stacked nothing, react / vra / weiper indexed an empty array, vim's
-    `eigh` failed, knn and nnguide asked for k=0, fdbd and nci scored every row NaN; now one line says what to do."""
+    `eigh` failed, knn and nnguide asked for k=0, fdbd and nci scored every row NaN; now one line says what to do
+    (a bank of the ID fit split's images: `data.fit_fraction`, which it named, is always above 0 and keeps a row)."""
+    split = detector_class(name).fit_split
     with pytest.raises(ConfigError, match=rf"^{name}: its fit bank has no rows, and its statistics are fitted to them; "
-                                          rf"fit it on the ID {detector_class(name).fit_split} bank"):
+                                          rf"fit it on the ID {split} bank, one row per ID {split} image "
+                                          rf"\(ood\.extract\(model, <the ID {split} folder>\)\)$"):
         fit(name, bank(0, 16))
 
 

@@ -232,8 +232,10 @@ def _checked_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
             check_features(self, bank)
             check_head(self, bank, "fit")
             if len(bank) == 0:
+                split = self.fit_split
                 raise ConfigError(f"{self.name}: its fit bank has no rows, and its statistics are fitted to them; fit it on "
-                                  f"the ID {self.fit_split} bank (data.fit_fraction > 0)")
+                                  f"the ID {split} bank, one row per ID {split} image (ood.extract(model, <the ID "
+                                  f"{split} folder>))")
         bad = int(bank.nonfinite_rows().sum()) if isinstance(bank, FeatureBank) else 0
         if bad:
             raise NonFiniteError(f"{self.name}: {bad} of {len(bank)} rows of its fit bank hold NaN or infinite logits "
