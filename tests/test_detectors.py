@@ -424,6 +424,16 @@ def _power_init(self: Detector, power: float = 1.0) -> None:
     self.power = power
 
 
+def test_a_declared_key_of_a_detector_without_a_constructor_is_refused_when_the_class_is_defined() -> None:
+    """A detector without `__init__` has no hyper-parameters, so every `grid` key is misspelt; its constructor is
+    object's, whose `*args, **kwargs` the check took for a user's `**kwargs`, and let the class pass."""
+    with pytest.raises(ConfigError, match=r"^detector test_detectors\.NoInit: grid keys \['power'\] are not keywords of "
+                                          r"its __init__ \(accepted: none\); name each after a constructor keyword$"):
+        type("NoInit", (Detector,), {"grid": {"power": [1.0, 2.0]}, "__module__": "test_detectors"})
+    kwargs = type("Kwargs", (Detector,), {"grid": {"power": [1.0]}, "__init__": lambda self, **kw: None})
+    assert kwargs.grid == {"power": [1.0]}  # a constructor of its own taking **kwargs is not checked
+
+
 @pytest.fixture
 def user_detector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """docs/adding_a_detector.md's example module as `my_detectors` on the import path, unimported: imported (and its

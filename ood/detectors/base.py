@@ -403,8 +403,9 @@ def check_declared(cls: type[Detector]) -> None:
     """Refuse, when the class is defined, a `grid`, `score_params` or `ranges` key that is no keyword of its
     constructor (one line naming the keys and the keywords): a misspelt grid key failed only when the evaluation tuned
     the detector, after the whole training, and a misspelt `score_params` or `ranges` key was silently never used. A
-    constructor taking `**kwargs` is not checked."""
-    if any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values()):
+    constructor of its own taking `**kwargs` is not checked; without one (object's `*args, **kwargs`) it takes none."""
+    init = cls.__init__
+    if init is not object.__init__ and any(p.kind == p.VAR_KEYWORD for p in inspect.signature(init).parameters.values()):
         return
     accepted = hparam_names(cls)
     for attr in ("grid", "score_params", "ranges"):
