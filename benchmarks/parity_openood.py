@@ -149,6 +149,7 @@ def id_accuracy(rows: Sequence[dict[str, str]], reference: Mapping[str, Any]) ->
     ours = next((r for r in rows if r.get("id_acc_mean")), {})
     cells = [_percent(ours.get("id_acc_mean", ""), ours.get("id_acc_std", ""))]
     theirs = reference.get("id_acc")
+    theirs = [theirs] if isinstance(theirs, (int, float)) else theirs  # a bare number is the mean, as load_reference reads it
     cells.append(f"{theirs[0]:.2f}" + (f" ± {theirs[1]:.2f}" if len(theirs) > 1 else "") if theirs else "-")
     diff = "-"
     if ours and theirs:

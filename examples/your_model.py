@@ -10,7 +10,8 @@ figures/, overlap.json, preprocessing.json). The same evaluation from the comman
         '+data.ood.far={checkers: <out>/data/checkers}' data.image_size=32 data.resize=32
 
 Run: python examples/your_model.py [--out DIR] [--detectors msp,energy,knn] [--steps 30]
-(`--detectors msp,my_detectors.FeatureNorm` adds a detector of your own: docs/adding_a_detector.md)
+(`--detectors msp,my_detectors.FeatureNorm` adds a detector of your own, with its folder on PYTHONPATH:
+`PYTHONPATH=. python examples/your_model.py ...`; docs/adding_a_detector.md)
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a new temporary folder)")
     parser.add_argument("--detectors", default="all",
                         help="all, fast, cached, or a comma-separated list of names (a detector of your own by its import "
-                             "path, my_detectors.FeatureNorm: docs/adding_a_detector.md)")
+                             "path, my_detectors.FeatureNorm, its folder on PYTHONPATH: docs/adding_a_detector.md)")
     parser.add_argument("--steps", type=int, default=30, help="training steps")
     args = parser.parse_args()
     chosen = args.detectors if args.detectors in ("all", "cached", "fast") else args.detectors.split(",")

@@ -341,7 +341,7 @@ def _method_override(method: str | None) -> str:
 
 def _detector_overrides(detectors: str | Sequence[str | type]) -> list[str]:
     """A config of the `detectors` group by name (`all`, `fast`, `none`), else `detectors.names=` a registry
-    selection (`cached`) or a list of names."""
+    selection (`cached`) or a list of names, selections and `Detector` classes (by their registered names)."""
     from ood import CONFIG_DIR
 
     if isinstance(detectors, str) and (CONFIG_DIR / "detectors" / f"{detectors}.yaml").is_file():

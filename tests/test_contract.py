@@ -239,6 +239,10 @@ def test_a_sink_written_for_the_trainer_and_module_is_refused_when_the_evaluatio
     with pytest.raises(ConfigError, match=r"^evaluation\.sinks\.1: object needs a method write"):
         OODEvaluation(Evaluator(detectors=[]), sinks=[RunTable(), object()])
     assert len(OODEvaluation(Evaluator(detectors=[]), sinks={"log": MetricLogger(), "table": RunTable()}).sinks) == 2
+    # a write whose signature cannot be read (a builtin such as print) is taken at its word, not refused
+    from types import SimpleNamespace
+
+    assert len(OODEvaluation(Evaluator(detectors=[]), sinks={"print": SimpleNamespace(write=print)}).sinks) == 1
 
 
 def test_ood_callbacks_on_a_module_or_datamodule_not_of_ood_are_one_line() -> None:

@@ -204,3 +204,5 @@ def test_one_seed_is_its_value_alone() -> None:
     row.update({"id_acc_mean": "0.7613", "id_acc_std": ""})  # torchvision's IMAGENET1K_V1: 76.13 %, one run
     table, _ = parity_openood.parity_table("imagenet1k", [row])
     assert "\nID accuracy (%): ours 76.13 | OpenOOD 76.18 | diff -0.05\n" in table
+    # a reference may give it as a bare number, as load_reference reads it (it was a TypeError here)
+    assert parity_openood.id_accuracy([row], {"id_acc": 76.18}) == "\nID accuracy (%): ours 76.13 | OpenOOD 76.18 | diff -0.05"

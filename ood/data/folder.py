@@ -778,11 +778,14 @@ class FolderBenchmark(Benchmark):
 
     #: whether the outlier set was built (the outlier stream, or a fit-time pass such as heatmap's outlier pool)
     outliers_read = False
+    #: whether `outliers_unused` has warned (once a run: loaders rebuilt every epoch ask again)
+    unused_said = False
 
     def outliers_unused(self, method: str) -> None:
         """A given outlier folder that `method` trains without was dropped without a word: the user believed the
         run had outlier exposure."""
-        if self.outlier_set_ is not None and not self.outliers_read:
+        if self.outlier_set_ is not None and not self.outliers_read and not self.unused_said:
+            self.unused_said = True
             log.warning("%s=%s is not used: method %s does not train on outliers (leave it out, or choose a method "
                         "that does, e.g. method=oe)", self._option("outliers"), self.outlier_set_.where, method)
 

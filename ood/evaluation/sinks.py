@@ -90,8 +90,16 @@ def check_sink(name: str, sink: Any) -> None:
     """Refuse, when the evaluation is built, a sink whose `write` cannot take `(result, context)`: one written for the
     earlier `write(result, trainer, pl_module)` failed with a bare TypeError only after the whole run's evaluation."""
     try:
-        inspect.signature(sink.write).bind(None, None)
-    except (AttributeError, TypeError, ValueError):
+        signature = inspect.signature(sink.write)
+    except AttributeError:
+        signature = None
+    except ValueError:  # a callable without an inspectable signature (a builtin): it is taken at its word
+        return
+    try:
+        if signature is None:
+            raise TypeError
+        signature.bind(None, None)
+    except TypeError:
         raise ConfigError(f"evaluation.sinks.{name}: {type(sink).__name__} needs a method write(result, context) (context: "
                           "ood.evaluation.sinks.SinkContext with is_global_zero, loggers, log_dict; sinks are no longer "
                           "given the trainer and module)") from None
