@@ -108,6 +108,24 @@ def test_a_run_resumed_in_another_folder_is_not_reported_as_failed(tmp_path: Pat
     assert not (second / RESUMED_FILE).exists()
 
 
+def test_a_finished_run_resumed_in_another_folder_counts_once_in_the_report(tmp_path: Path) -> None:
+    """A run stopped by SIGTERM after its evaluation wrote its results (`FAILED.txt` beside a complete
+    `results.jsonl`), then resumed with `ckpt_path=last` into a new folder, as the README resumes: the new run finds
+    training done and evaluates the same network again. ood-report counted both folders as two seeds of one
+    configuration (std 0.00, "are seed 0 of one configuration"); the resumed folder is now that run's model, counted
+    once, as an `ood-eval` of a checkpoint already in the report is."""
+    from ood.report.reading import load_rows
+
+    first, second = tmp_path / "runs" / "first", tmp_path / "runs" / "second"
+    quick = [*FAST, "trainer.max_epochs=1", "detectors.names=[msp]", "logger=none", NO_FIGURES]
+    trained = run_config(first, quick)
+    (first / "FAILED.txt").write_text("SIGTERMException: terminated by SIGTERM; resume with ckpt_path=last\n")
+    assert run_config(second, [*quick, f"ckpt_path={first}"]) == trained  # the same network, evaluated again
+    rows = load_rows([tmp_path / "runs"])
+    assert {row["_run"] for row in rows} == {str(first)}
+    assert len(rows) == len(trained)
+
+
 def test_ctrl_c_ends_the_run_as_failed(tmp_path: Path) -> None:
     """Ctrl-C (SIGINT) in training: Lightning ended the run with `sys.exit(1)`, no FAILED.txt, SIGINT left ignored
     (`ood-report` listed the job as still running or killed). Now it is a KeyboardInterrupt, recorded as SIGTERM is,

@@ -11,7 +11,7 @@ from typing import Any
 
 from ood.errors import OODError
 from ood.report.aggregation import config_params, trained_here
-from ood.runs.failures import FAILED_FILE, failure, resumed_in
+from ood.runs.failures import FAILED_FILE, failure, resumed_from, resumed_in
 from ood.runs.identity import read_identity
 
 #: the keys every result row needs for the table: its grouping, OOD set and shown metrics
@@ -64,21 +64,28 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     (`_run`), its configuration without the seed (`_config`), its model (`_model`) and the config keys that follow
     the seed (`_seeded`). Rows of a model already seen with the same method, detector settings and OOD set (a
     re-evaluation of one checkpoint in the same configuration) are dropped, training runs first, so each model counts
-    once per configuration; a re-evaluation in another configuration (e.g. `data.fit_fraction`) is its own entry."""
+    once per configuration; a re-evaluation in another configuration (e.g. `data.fit_fraction`) is its own entry. A
+    run that resumed (`resumed.json`) a run whose results are read too scores that run's model: a run has results
+    only once its training is done, so the resumed one trained nothing more and evaluated the same network again
+    (a run stopped by SIGTERM after writing its results, then resumed with `ckpt_path=last` into a new folder)."""
     paths = list(paths)
-    rows, files = [], 0
+    files = []
     for path in map(Path, paths):
         if not path.exists():
             raise OODError(f"no such file or folder: {path}")
-        for file in [path] if path.is_file() else sorted(path.rglob("results.jsonl")):
-            files += 1
-            if unreadable(file):  # named by `failed_runs`: the run is listed as without results
-                continue
-            ident = read_identity(file.parent)
-            tags = {"_run": str(file.parent), "_config": ident.config, "_model": ident.model, "_seeded": ident.seeded}
-            rows += [{**row, **tags} for row in _parse_rows(file)]
+        files += [path] if path.is_file() else sorted(path.rglob("results.jsonl"))
+    readable = [file for file in files if not unreadable(file)]  # the others are named by `failed_runs`
+    evaluated = {file.parent.resolve() for file in readable}
+    origin = {run: stopped for run, stopped in resumed_from(paths).items() if stopped.resolve() in evaluated}
+    rows = []
+    for file in readable:
+        ident = read_identity(file.parent)
+        stopped = origin.get(file.parent.resolve())
+        model = read_identity(stopped).model if stopped is not None else ident.model
+        tags = {"_run": str(file.parent), "_config": ident.config, "_model": model, "_seeded": ident.seeded}
+        rows += [{**row, **tags} for row in _parse_rows(file)]
     if not rows:  # an empty file: a run that scored nothing (detectors=none and a method without a score)
-        found = f"only {files} results.jsonl without rows" if files else "no results.jsonl"
+        found = f"only {len(files)} results.jsonl without rows" if files else "no results.jsonl"
         raise OODError(f"{found} found under {', '.join(map(str, paths))}")
     seen: dict[tuple[str, ...], str] = {}
     kept = []

@@ -99,16 +99,28 @@ def record_resumed(output_dir: str | Path, checkpoint: str | Path) -> None:
         atomic_write_text(Path(output_dir) / RESUMED_FILE, json.dumps({"checkpoint": str(checkpoint)}) + "\n")
 
 
-def resumed_in(paths: Iterable[str | Path]) -> dict[Path, Path]:
-    """Run folder whose checkpoint a later run resumed -> that run's folder (the newest, when several did), over the
+def _resumed_pairs(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
+    """(run folder whose checkpoint a later run resumed, that run's folder), oldest resume first, over the
     `resumed.json` files under `paths`."""
     found = sorted((p for path in map(Path, paths) if path.is_dir() for p in path.rglob(RESUMED_FILE)),
                    key=lambda p: p.stat().st_mtime)
-    out = {}
+    out = []
     for record in found:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            out[Path(json.loads(record.read_text())["checkpoint"]).parent.parent] = record.parent.resolve()
+            out.append((Path(json.loads(record.read_text())["checkpoint"]).parent.parent, record.parent.resolve()))
     return out
+
+
+def resumed_in(paths: Iterable[str | Path]) -> dict[Path, Path]:
+    """Run folder whose checkpoint a later run resumed -> that run's folder (the newest, when several did), over the
+    `resumed.json` files under `paths`."""
+    return dict(_resumed_pairs(paths))
+
+
+def resumed_from(paths: Iterable[str | Path]) -> dict[Path, Path]:
+    """Run folder that resumed another folder's checkpoint -> that folder, over the `resumed.json` files under
+    `paths` (the inverse of `resumed_in`)."""
+    return {resumer: stopped for stopped, resumer in _resumed_pairs(paths)}
 
 
 @contextlib.contextmanager
