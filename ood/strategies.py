@@ -49,7 +49,9 @@ Logs: a spawned rank is a fresh interpreter without the handlers Hydra gave the 
 warnings and errors reached the console (Python's last-resort handler) but not the run's `train.log`. Each spawned
 rank now recreates the main process's root handlers that write to a file or to stdout / stderr, same level and
 format; the records of a rank other than 0 start with `[rank N]`. (`ood.utils.get_logger` loggers stay quiet off
-rank 0, so rank 0's lines are not repeated.) A rank that runs the command line itself (Lightning's subprocess
+rank 0, so rank 0's lines are not repeated.) It also takes the main process's logger levels and `ignore` warning
+filters (`_Quiet`): without them each rank printed Lightning's start-up chatter and its `LeafSpec` warning, which the
+main process keeps off the console. A rank that runs the command line itself (Lightning's subprocess
 launcher, `trainer=ddp`: Hydra logs it to `train_ddp_process_N.log` in the run's folder; torchrun, srun) keeps its
 own Hydra handlers, its lines marked `[rank N]` as well.
 
@@ -72,6 +74,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -182,6 +185,37 @@ def _log_to(targets: list[_LogTarget], level: int, rank: int) -> None:
         handler.setLevel(target.level)
         handler.setFormatter(target.formatter if rank == 0 else _RankFormatter(target.formatter, rank))
         root.addHandler(handler)
+
+
+#: a warning filter as `warnings.filters` holds it: action, message and module patterns, category, line
+_Filter = tuple[str, Any, type, Any, int]
+
+
+@dataclass
+class _Quiet:
+    """What keeps the main process's console quiet (`ood.runs.console.quiet_lightning`: Lightning's loggers at
+    WARNING, its `LeafSpec` deprecation ignored), for a spawned rank, which starts without it: the levels of the
+    loggers that set one and the `ignore` warning filters (those of categories a rank can import)."""
+
+    levels: dict[str, int]
+    ignored: list[_Filter]
+
+
+def _quiet_settings() -> _Quiet:
+    """This process's logger levels and `ignore` warning filters (`_Quiet`)."""
+    levels = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
+              if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET}
+    ignored = [f for f in warnings.filters if f[0] == "ignore" and f[2].__module__ != "__main__"]
+    return _Quiet(levels, ignored)
+
+
+def _quiet_like(quiet: _Quiet) -> None:
+    """Give this process the main process's logger levels and `ignore` warning filters (`_quiet_settings`)."""
+    for name, level in quiet.levels.items():
+        logging.getLogger(name).setLevel(level)
+    for action, message, category, module, lineno in reversed(quiet.ignored):
+        warnings.filterwarnings(action, message.pattern if message else "", category,  # type: ignore[arg-type]
+                                module.pattern if module else "", lineno)
 
 
 def _mark_rank(rank: int) -> None:
@@ -296,6 +330,7 @@ class _SpawnLauncher(_MultiProcessingLauncher):
         # the main process's root handlers and level as the last launch began (pickled with the launcher to the ranks)
         self.log_targets: list[_LogTarget] = []
         self.log_level = logging.WARNING
+        self.quiet = _Quiet({}, [])
         self.parent: _ParentState | None = None
         self._held: _HeldInterrupt | None = None  # SIGINT's handler while the ranks start (module doc)
 
@@ -303,6 +338,7 @@ class _SpawnLauncher(_MultiProcessingLauncher):
         if sigterm_received():  # SIGTERM came during an earlier stage that still finished: start no other
             raise SIGTERMException
         self.log_targets, self.log_level = _root_log_targets(), logging.getLogger().level
+        self.quiet = _quiet_settings()
         if self._start_method == "forkserver":  # the first launch starts the server with these imports done
             _check_missing_main_guard()  # a rank re-running a script without `if __name__ == "__main__":` says so
             multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)
@@ -386,6 +422,7 @@ class _SpawnLauncher(_MultiProcessingLauncher):
             if self.parent is not None:  # forked by the server: made what a spawned rank is (`_ParentState`)
                 self.parent.restore()
             _log_to(self.log_targets, self.log_level, self._strategy.node_rank * self._strategy.num_processes + process_idx)
+            _quiet_like(self.quiet)
             try:
                 with warnings_in_log_files():
                     super()._wrapping_function(process_idx, *args, **kwargs)

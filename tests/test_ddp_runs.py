@@ -140,6 +140,43 @@ def test_a_spawned_rank_notes_sigterm_from_its_first_line_and_stops_at_the_next_
         torch.distributed.destroy_process_group()
 
 
+def test_a_rank_keeps_the_console_as_quiet_as_the_main_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ood-train` keeps Lightning's start-up chatter and its `LeafSpec` deprecation warning off the console
+    (`ood.runs.console.quiet_lightning`), but a spawned rank started without that: every `trainer=ddp_cpu` run
+    printed "Initializing distributed: GLOBAL_RANK ...", "Restoring states from the checkpoint ...", "`Trainer.fit`
+    stopped ..." and the `LeafSpec` warning once per rank and stage. A rank now takes the main process's logger
+    levels and `ignore` warning filters with the launcher (here pickled as to a rank, unpickled in a process state
+    without them, and its rank function run in place)."""
+    import logging
+    import pickle
+    import warnings
+
+    chatter = logging.getLogger("lightning.fabric.utilities.distributed")  # "Initializing distributed: ..."
+    leafspec = "`isinstance(treespec, LeafSpec)` is deprecated (test_a_rank_keeps_the_console_quiet)"
+    seen: dict[str, int] = {}
+
+    def in_rank(self: _SpawnLauncher, *args: object) -> None:
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.warn(leafspec, FutureWarning, stacklevel=1)
+        seen.update(level=chatter.getEffectiveLevel(), shown=len(shown))
+
+    monkeypatch.setattr(strategies, "_log_to", lambda *args: None)
+    monkeypatch.setattr(_MultiProcessingLauncher, "launch", lambda self, *args, **kwargs: pickle.dumps(self))
+    monkeypatch.setattr(_MultiProcessingLauncher, "_wrapping_function", in_rank)
+    for name in ("lightning", "lightning.fabric", "lightning.fabric.utilities", chatter.name):
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.NOTSET)
+    with warnings.catch_warnings():  # the main process, as `quiet_lightning` leaves it
+        monkeypatch.setattr(logging.getLogger("lightning.fabric"), "level", logging.WARNING)
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+        pickled = _SpawnLauncher(_two_cpu_ranks(), start_method="spawn").launch(lambda: None)
+    monkeypatch.setattr(logging.getLogger("lightning.fabric"), "level", logging.NOTSET)  # a rank starts without them
+    monkeypatch.setattr(logging.getLogger(), "level", logging.INFO)  # Hydra's root level, which `_log_to` gives it
+    with warnings.catch_warnings():
+        warnings.resetwarnings()
+        pickle.loads(pickled)._wrapping_function(0)
+    assert seen == {"level": logging.WARNING, "shown": 0}
+
+
 def test_the_sigterm_check_never_waits_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The check before every step summed a flag on the rank's device and read it back (`.item()`): over NCCL the
     host waited for every step queued on the GPU, at each training and evaluation step. The flag is now a CPU tensor
