@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -168,7 +169,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
-    from ood.runs.checkpoints import own_checkpoint_epoch, resolve_ckpt_path
+    from ood.runs.checkpoints import own_checkpoint_epoch, resolve_ckpt_path, resume_warnings_off
     from ood.runs.loggers import finish_wandb
 
     # a sweep's job or a rerun into a folder of ours (its config.yaml) resumes only its own checkpoint
@@ -202,7 +203,8 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
         between_stages()
         with ctrl_c_raised(trainer):  # recorded by `run` as the interruption it is
             if cfg.train:
-                trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
+                with resume_warnings_off() if ckpt_path else nullcontext():
+                    trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
             elif ckpt_path:
                 load_weights(method, ckpt_path, cfg)
             between_stages()

@@ -126,6 +126,27 @@ def test_a_finished_run_resumed_in_another_folder_counts_once_in_the_report(tmp_
     assert len(rows) == len(trained)
 
 
+def test_resuming_prints_none_of_lightnings_warnings_about_the_checkpoint_folder(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """A resume as the README does it printed a Lightning warning that reads like a fault: into the run's own folder
+    (a sweep rerun into its fixed `hydra.sweep.dir`, `hydra.run.dir=<run>`) "Checkpoint directory ... exists and is
+    not empty" (the checkpoint it continues), into a new folder (`ckpt_path=last`) "The dirpath has changed ...
+    `best_model_score` ... won't be reloaded" (state that ood's monitor-less `last.ckpt` does not have). A resumed
+    fit now leaves both out; a run trained anew over a folder's checkpoint still gets the first."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    quick = [*FAST, "trainer.max_epochs=1", "detectors.names=[msp]", "logger=none", NO_FIGURES]
+    run_config(first, quick)
+    recwarn.clear()
+    run_config(first, [*quick, "ckpt_path=last"])
+    run_config(second, [*quick, f"ckpt_path={first}"])
+    about_folders = [str(w.message) for w in recwarn if "exists and is not empty" in str(w.message)
+                     or "dirpath has changed" in str(w.message)]
+    assert about_folders == []
+    run_config(first, quick)  # trained anew: its checkpoint is replaced, and Lightning says so
+    assert any("exists and is not empty" in str(w.message) for w in recwarn)
+
+
 def test_ctrl_c_ends_the_run_as_failed(tmp_path: Path) -> None:
     """Ctrl-C (SIGINT) in training: Lightning ended the run with `sys.exit(1)`, no FAILED.txt, SIGINT left ignored
     (`ood-report` listed the job as still running or killed). Now it is a KeyboardInterrupt, recorded as SIGTERM is,

@@ -9,6 +9,8 @@
 - `StopAtSigterm`: a single-process run stops at its next step once SIGTERM came (`ood.termination`), its last
   complete checkpoint standing.
 - `resolve_ckpt_path`: `ckpt_path=last` / a run folder / a file -> the checkpoint file, with one-line errors.
+- `resume_warnings_off`: around a resumed fit, Lightning's warnings about the checkpoint folder, which a resume as
+  ood does it always meets, stay off the console.
 
 What needs neither torch nor Lightning (the config a checkpoint was trained with, what `ood-eval ckpt_path=<run>`
 takes from the training run's command line) is `ood.runs.trained`, which the entry points import at start-up.
@@ -16,8 +18,10 @@ takes from the training run's command line) is `ood.runs.trained`, which the ent
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +124,22 @@ class StopAtSigterm(Callback):
 
     def on_test_batch_start(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
         self._check(trainer)
+
+
+#: Lightning's warnings about the checkpoint folder on every resume: into the folder that holds the checkpoint (the
+#: file it continues), and into a new folder (the best-k state it "won't reload", which a monitor-less `last.ckpt`
+#: lacks); either read like a fault
+RESUME_WARNINGS = (r"Checkpoint directory .* exists and is not empty", r"The dirpath has changed from ")
+
+
+@contextlib.contextmanager
+def resume_warnings_off() -> Iterator[None]:
+    """`RESUME_WARNINGS` ignored inside (around a resumed `trainer.fit`; DDP ranks take the filters with them,
+    `ood.strategies`). A fit from scratch into a folder with a checkpoint still gets the first: it replaces that file."""
+    with warnings.catch_warnings():
+        for message in RESUME_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
 
 
 def resolve_ckpt_path(
