@@ -302,6 +302,25 @@ def test_ckpt_path_forms(tmp_path: Path) -> None:
     assert resolve_ckpt_path("last", here, runs, own_only=True) is None, "a sweep's job: its own checkpoint or none"
 
 
+def test_a_folder_that_resumed_a_finished_run_names_that_runs_checkpoint(tmp_path: Path) -> None:
+    """A finished run resumed with `ckpt_path=last` into a new folder trains no epoch and saves no checkpoint there:
+    `ood-eval ckpt_path=<that folder>` was told to "pass ckpt_path=<run folder> or the .ckpt file", of a run folder.
+    It now names the checkpoint the folder resumed (its `resumed.json`)."""
+    from ood.runs.failures import record_resumed
+
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    second = tmp_path / "second"
+    second.mkdir()
+    record_resumed(second, ckpt)
+    with pytest.raises(CheckpointError) as err:
+        resolve_ckpt_path(str(second), tmp_path / "here", tmp_path)
+    assert str(err.value) == (f"{second} has no checkpoints/last.ckpt: it resumed {ckpt.resolve()} and saved no "
+                              "checkpoint of its own (training was done, or it stopped before its first epoch ended): "
+                              f"pass ckpt_path={ckpt.resolve()}")
+
+
 def test_rerun_into_a_folder_without_a_checkpoint_starts_from_scratch(tmp_path: Path) -> None:
     """A run (or a sweep's job) killed before its first checkpoint, rerun into its folder with `ckpt_path=last`,
     trains from scratch: it used to resume the newest run under logs/train/runs (another run's training, or a

@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from ood.errors import CheckpointError
 from ood.evaluation.evaluator import plain
 from ood.files import durable_replace
+from ood.runs.failures import resumed_checkpoint
 from ood.termination import stop_if_terminated
 from ood.utils import get_logger
 
@@ -170,6 +171,11 @@ def resolve_ckpt_path(
     if path.is_dir():
         inner = path / "checkpoints" / "last.ckpt"
         if not inner.is_file():
+            resumed = resumed_checkpoint(path)
+            if resumed is not None:  # resumed a finished run: no epoch left to train, so no checkpoint of its own
+                raise CheckpointError(
+                    f"{path} has no checkpoints/last.ckpt: it resumed {resumed} and saved no checkpoint of its own "
+                    f"(training was done, or it stopped before its first epoch ended): pass ckpt_path={resumed}")
             # a sweep's folder: its jobs are the run folders
             jobs = sorted(str(p.parent.parent) for p in path.glob("*/checkpoints/last.ckpt"))
             fix = (f"it holds {len(jobs)} run folder(s) with one: pass one, e.g. ckpt_path={jobs[0]}" if jobs

@@ -104,11 +104,15 @@ def _resumed_pairs(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
     `resumed.json` files under `paths`."""
     found = sorted((p for path in map(Path, paths) if path.is_dir() for p in path.rglob(RESUMED_FILE)),
                    key=lambda p: p.stat().st_mtime)
-    out = []
-    for record in found:
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            out.append((Path(json.loads(record.read_text())["checkpoint"]).parent.parent, record.parent.resolve()))
-    return out
+    pairs = ((resumed_checkpoint(record.parent), record.parent.resolve()) for record in found)
+    return [(ckpt.parent.parent, run) for ckpt, run in pairs if ckpt is not None]
+
+
+def resumed_checkpoint(run_dir: str | Path) -> Path | None:
+    """The other run folder's checkpoint that the run in `run_dir` resumed (its `resumed.json`), None without one."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return Path(json.loads((Path(run_dir) / RESUMED_FILE).read_text())["checkpoint"])
+    return None
 
 
 def resumed_in(paths: Iterable[str | Path]) -> dict[Path, Path]:
