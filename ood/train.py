@@ -174,7 +174,8 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
 
     # a sweep's job or a rerun into a folder of ours (its config.yaml) resumes only its own checkpoint
     own_only = bool(cfg.train) and (in_multirun() or (output_dir / "config.yaml").is_file())
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir) / "train" / "runs", own_only)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir) / "train" / "runs", own_only,
+                                  bool(cfg.train) and in_multirun())
     check_run(cfg, ckpt_path, HydraConfig.get().overrides.task if HydraConfig.initialized() else ())
     stop_if_terminated()  # also one that came while Hydra started: the run folder is there for FAILED.txt
     if cfg.train and ckpt_path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FAST, NO_FIGURES, compose_config, run_config
+from helpers import FAST, NO_FIGURES, capture_warnings_of, compose_config, run_config
 
 from ood.errors import CheckpointError, ConfigError
 from ood.runs.checkpoints import resolve_ckpt_path
@@ -319,6 +319,28 @@ def test_a_folder_that_resumed_a_finished_run_names_that_runs_checkpoint(tmp_pat
     assert str(err.value) == (f"{second} has no checkpoints/last.ckpt: it resumed {ckpt.resolve()} and saved no "
                               "checkpoint of its own (training was done, or it stopped before its first epoch ended): "
                               f"pass ckpt_path={ckpt.resolve()}")
+
+
+def test_ckpt_path_last_in_a_new_sweep_folder_says_how_to_resume_the_stopped_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`ood-train -m ... ckpt_path=last` without `hydra.sweep.dir` makes a new timestamped sweep folder, and every job
+    trained from scratch with only an INFO line ("no checkpoint in <job> yet"): a stopped sweep's finished epochs were
+    lost without a word on what to add. A job whose sweep folder holds no job's checkpoint now warns, naming
+    `hydra.sweep.dir=`; a job of a sweep rerun into its folder that had not started stays an INFO line."""
+    capture_warnings_of("ood.runs.checkpoints", monkeypatch, caplog)
+    runs = tmp_path / "runs"
+    new = tmp_path / "multiruns" / "new"
+    assert resolve_ckpt_path("last", new / "0", runs, own_only=True, in_sweep=True) is None
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [f"ckpt_path=last: the sweep folder {new} holds no checkpoint, so this job starts from scratch; a "
+                      "stopped sweep resumes only rerun into its own folder: add hydra.sweep.dir=<its folder>"]
+    caplog.clear()
+    stopped = tmp_path / "multiruns" / "stopped"
+    (stopped / "0" / "checkpoints").mkdir(parents=True)
+    (stopped / "0" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert resolve_ckpt_path("last", stopped / "1", runs, own_only=True, in_sweep=True) is None  # never started
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_rerun_into_a_folder_without_a_checkpoint_starts_from_scratch(tmp_path: Path) -> None:

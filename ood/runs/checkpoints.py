@@ -144,7 +144,7 @@ def resume_warnings_off() -> Iterator[None]:
 
 
 def resolve_ckpt_path(
-    ckpt_path: str | None, output_dir: str | Path, runs_dir: str | Path, own_only: bool = False
+    ckpt_path: str | None, output_dir: str | Path, runs_dir: str | Path, own_only: bool = False, in_sweep: bool = False
 ) -> str | None:
     """The checkpoint file `ckpt_path` means.
 
@@ -152,6 +152,8 @@ def resolve_ckpt_path(
     with a fixed `hydra.sweep.dir`); else None (start from scratch) when `own_only` (a job of a sweep, or a folder
     whose earlier attempt died before its first checkpoint: another run's checkpoint is not this one's), else the
     newest `*/checkpoints/last.ckpt` under `runs_dir`. A folder: its `checkpoints/last.ckpt`. A file: itself.
+    A job of a sweep (`in_sweep`) whose sweep folder holds no job's checkpoint is a new sweep, every job from
+    scratch: a warning says how to resume the stopped one (its folder, `hydra.sweep.dir=`), the usual mistake.
     """
     if ckpt_path is None:
         return None
@@ -159,6 +161,11 @@ def resolve_ckpt_path(
         own = Path(output_dir) / "checkpoints" / "last.ckpt"
         if own.is_file():
             return str(own)
+        sweep = Path(output_dir).parent
+        if in_sweep and not any(sweep.glob("*/checkpoints/last.ckpt")):
+            log.warning("ckpt_path=last: the sweep folder %s holds no checkpoint, so this job starts from scratch; a "
+                        "stopped sweep resumes only rerun into its own folder: add hydra.sweep.dir=<its folder>", sweep)
+            return None
         if own_only:
             log.info("ckpt_path=last: no checkpoint in %s yet, training starts from scratch", output_dir)
             return None
