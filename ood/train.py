@@ -36,7 +36,7 @@ from ood.termination import (
     stop_if_terminated,
     stop_when_orphaned,
 )
-from ood.utils import get_logger, instantiate
+from ood.utils import get_logger, global_rank, instantiate
 
 if TYPE_CHECKING:
     import lightning as L
@@ -156,6 +156,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             forget_sigterm()
             again = "resume with ckpt_path=last" if cfg.train else "rerun the evaluation"
             record_failure(output_dir, SIGTERMException(f"terminated by SIGTERM; {again}"), earlier)
+            if global_rank() == 0:
+                print(_stopped_line(cfg, output_dir), file=sys.stderr)
             exit_terminated()
         except KeyboardInterrupt:  # Ctrl-C: FAILED.txt as for SIGTERM (the run exited 1 and left nothing)
             forget_sigterm()
@@ -166,6 +168,16 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             forget_sigterm()  # a SIGTERM noted before this failure must not stop the process's next run
             record_failure(output_dir, err, earlier)
             raise
+
+
+def _stopped_line(cfg: DictConfig, output_dir: Path) -> str:
+    """The console's line for a run stopped by SIGTERM (it ended with status 143 and nothing on the console, a
+    cluster job's log showing no reason): the folder, and what to add to the command to go on in that folder."""
+    if not cfg.train:
+        return f"stopped by SIGTERM: {output_dir}: rerun the evaluation"
+    where = f"hydra.sweep.dir={output_dir.parent}" if in_multirun() else f"hydra.run.dir={output_dir}"
+    return (f"stopped by SIGTERM: {output_dir} keeps its last completed epoch's checkpoint; resume it with the same "
+            f"command plus ckpt_path=last {where}")
 
 
 def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:

@@ -78,6 +78,19 @@ def test_sigterm_ends_the_run_as_failed_and_it_resumes(tmp_path: Path) -> None:
         assert not (tmp_path / folder / "results.jsonl").exists()
 
 
+def test_a_run_stopped_by_sigterm_says_so_on_the_console(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run stopped by SIGTERM (a cluster's time limit, `scancel`) ended with status 143 and nothing on the console:
+    the job's log gave no reason and no way on (only `FAILED.txt` did). It now prints one line naming the folder and
+    the overrides that resume it there."""
+    with pytest.raises(SystemExit):
+        run_config(tmp_path, [*FAST, "trainer.max_epochs=2", "detectors.names=[msp]", "logger=none", NO_FIGURES,
+                              "+callbacks.kill._target_=killer.KillAt", "+callbacks.kill.epoch=1",
+                              "+callbacks.kill.batch=0", f"+callbacks.kill.signum={int(signal.SIGTERM)}"])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"stopped by SIGTERM: {tmp_path} keeps its last completed epoch's checkpoint; resume it with the same command "
+        f"plus ckpt_path=last hydra.run.dir={tmp_path}")
+
+
 @pytest.mark.slow
 def test_a_run_resumed_in_another_folder_is_not_reported_as_failed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A run stopped by SIGTERM and resumed with `ckpt_path=<it>` (or `last`) into a new folder, as the README
