@@ -5,19 +5,37 @@ sweep that left no results."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ood.errors import OODError
 from ood.report.aggregation import config_params, trained_here
-from ood.runs.failures import FAILED_FILE, failure, resumed_from, resumed_in
+from ood.runs.failures import FAILED_FILE, RESUMED_FILE, failure, resumed_from, resumed_in
 from ood.runs.identity import read_identity
 
 #: the keys every result row needs for the table: its grouping, OOD set and shown metrics
+ROW_KEYS = ("method", "detector", "backbone", "id_dataset", "ood_dataset", "ood_group", "auroc", "fpr95")
 #: why a job folder without results is listed when a later run resumed its checkpoint in another folder
 RESUMED_IN = "stopped; resumed in"
-ROW_KEYS = ("method", "detector", "backbone", "id_dataset", "ood_dataset", "ood_group", "auroc", "fpr95")
+#: what the report looks for below its paths: result files, job folders (`.hydra/`, `FAILED.txt`), resume records
+LOOKED_FOR = ("results.jsonl", ".hydra", FAILED_FILE, RESUMED_FILE)
+
+
+def found_below(paths: Iterable[str | Path]) -> dict[str, list[Path]]:
+    """Every file or folder named as in `LOOKED_FOR` below `paths` (a folder walked once, symlinked folders not
+    entered, as `Path.rglob`; a file path stands for itself as a results file), sorted: one walk for every kind,
+    where a sweep of thousands of run folders on a network disk made each extra walk seconds."""
+    out: dict[str, list[Path]] = {name: [] for name in LOOKED_FOR}
+    for path in map(Path, paths):
+        if path.is_file():
+            out["results.jsonl"].append(path)
+            continue
+        for folder, dirs, files in os.walk(path):
+            for name in set(LOOKED_FOR).intersection(dirs + files):
+                out[name].append(Path(folder) / name)
+    return {name: sorted(found) for name, found in out.items()}
 
 
 def _parse_rows(file: Path) -> list[dict[str, Any]]:
@@ -69,14 +87,14 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     only once its training is done, so the resumed one trained nothing more and evaluated the same network again
     (a run stopped by SIGTERM after writing its results, then resumed with `ckpt_path=last` into a new folder)."""
     paths = list(paths)
-    files = []
     for path in map(Path, paths):
         if not path.exists():
             raise OODError(f"no such file or folder: {path}")
-        files += [path] if path.is_file() else sorted(path.rglob("results.jsonl"))
+    found = found_below(paths)
+    files = found["results.jsonl"]
     readable = [file for file in files if not unreadable(file)]  # the others are named by `failed_runs`
     evaluated = {file.parent.resolve() for file in readable}
-    origin = {run: stopped for run, stopped in resumed_from(paths).items() if stopped.resolve() in evaluated}
+    origin = {run: stopped for run, stopped in resumed_from(found[RESUMED_FILE]).items() if stopped.resolve() in evaluated}
     rows = []
     for file in readable:
         ident = read_identity(file.parent)
@@ -106,22 +124,20 @@ def failed_runs(paths: Iterable[str | Path]) -> dict[str, str]:
     run folders whose `results.jsonl` is empty or cut short (`unreadable`: which file, and why; after the error of
     the failed attempt that left it, if any)."""
     out = {}
-    paths = list(paths)
-    resumed = resumed_in(paths)
-    for path in map(Path, paths):
-        found = {p.parent for name in (".hydra", FAILED_FILE) for p in path.rglob(name)} if path.is_dir() else set()
-        for run in sorted(found):
-            if run.resolve() in resumed and not (run / "results.jsonl").is_file():
-                out[str(run)] = f"{RESUMED_IN} {resumed[run.resolve()]}"
-            elif not (run / "results.jsonl").is_file():
-                out[str(run)] = failure(run) or (
-                    f"no results: trained with evaluate=false (evaluate it: ood-eval ckpt_path={run}), or still running"
-                    if _unevaluated(run) else "no results: still running or killed")
-        for file in [path] if path.is_file() else path.rglob("results.jsonl"):
-            why = unreadable(file)
-            if why:  # a failed attempt's error too, when it left one
-                failed = failure(file.parent)
-                out[str(file.parent)] = f"{failed}; no results: {why}" if failed else f"no results: {why}"
+    found = found_below(paths)
+    resumed = resumed_in(found[RESUMED_FILE])
+    for run in sorted({p.parent for p in (*found[".hydra"], *found[FAILED_FILE])}):
+        if run.resolve() in resumed and not (run / "results.jsonl").is_file():
+            out[str(run)] = f"{RESUMED_IN} {resumed[run.resolve()]}"
+        elif not (run / "results.jsonl").is_file():
+            out[str(run)] = failure(run) or (
+                f"no results: trained with evaluate=false (evaluate it: ood-eval ckpt_path={run}), or still running"
+                if _unevaluated(run) else "no results: still running or killed")
+    for file in found["results.jsonl"]:
+        why = unreadable(file)
+        if why:  # a failed attempt's error too, when it left one
+            failed = failure(file.parent)
+            out[str(file.parent)] = f"{failed}; no results: {why}" if failed else f"no results: {why}"
     return dict(sorted(out.items()))
 
 

@@ -99,11 +99,10 @@ def record_resumed(output_dir: str | Path, checkpoint: str | Path) -> None:
         atomic_write_text(Path(output_dir) / RESUMED_FILE, json.dumps({"checkpoint": str(checkpoint)}) + "\n")
 
 
-def _resumed_pairs(paths: Iterable[str | Path]) -> list[tuple[Path, Path]]:
+def _resumed_pairs(records: Iterable[Path]) -> list[tuple[Path, Path]]:
     """(run folder whose checkpoint a later run resumed, that run's folder), oldest resume first, over the
-    `resumed.json` files under `paths`."""
-    found = sorted((p for path in map(Path, paths) if path.is_dir() for p in path.rglob(RESUMED_FILE)),
-                   key=lambda p: p.stat().st_mtime)
+    `resumed.json` files `records`."""
+    found = sorted(records, key=lambda p: p.stat().st_mtime)
     pairs = ((resumed_checkpoint(record.parent), record.parent.resolve()) for record in found)
     return [(ckpt.parent.parent, run) for ckpt, run in pairs if ckpt is not None]
 
@@ -115,16 +114,16 @@ def resumed_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
-def resumed_in(paths: Iterable[str | Path]) -> dict[Path, Path]:
+def resumed_in(records: Iterable[Path]) -> dict[Path, Path]:
     """Run folder whose checkpoint a later run resumed -> that run's folder (the newest, when several did), over the
-    `resumed.json` files under `paths`."""
-    return dict(_resumed_pairs(paths))
+    `resumed.json` files `records`."""
+    return dict(_resumed_pairs(records))
 
 
-def resumed_from(paths: Iterable[str | Path]) -> dict[Path, Path]:
-    """Run folder that resumed another folder's checkpoint -> that folder, over the `resumed.json` files under
-    `paths` (the inverse of `resumed_in`)."""
-    return {resumer: stopped for stopped, resumer in _resumed_pairs(paths)}
+def resumed_from(records: Iterable[Path]) -> dict[Path, Path]:
+    """Run folder that resumed another folder's checkpoint -> that folder, over the `resumed.json` files `records`
+    (the inverse of `resumed_in`)."""
+    return {resumer: stopped for stopped, resumer in _resumed_pairs(records)}
 
 
 @contextlib.contextmanager
