@@ -89,7 +89,6 @@ def build(
     of that epoch (its CSV log continues)."""
     import lightning as L
 
-    from ood.data.folder import FolderBenchmark
     from ood.evaluation.prepare import PrepareMethod
     from ood.runs.checkpoints import RunState, StopAtSigterm
     from ood.runs.console import ProgressBar
@@ -101,8 +100,7 @@ def build(
     benchmark = datamodule.benchmark
     if backbone is None:
         backbone = instantiate(cfg.backbone, num_classes=benchmark.num_classes, in_channels=benchmark.in_channels)
-    if isinstance(benchmark, FolderBenchmark):
-        benchmark.check_model_input(backbone)
+    benchmark.check_model_input(backbone)
     method = instantiate(cfg.method, backbone=backbone)
     # evaluation only serves no training stream: an outlier method's checkpoint evaluates without an outlier set
     datamodule.use_streams(method.streams if cfg.get("train", True) else ("id",), method.name)

@@ -158,6 +158,11 @@ class Benchmark(ABC):
         """Outlier-exposure training set; None when the benchmark has none."""
         return None
 
+    def check_model_input(self, model: torch.nn.Module) -> None:
+        """Refuse a model that cannot take this benchmark's images, before training (a benchmark whose input size
+        the user sets beside the model's: `FolderBenchmark`); the fixed benchmarks' configs fit their backbones."""
+        return None
+
     def outliers_unused(self, method: str) -> None:
         """Training of `method` starts without the outlier stream; a benchmark whose outliers the user gives warns
         when no fit-time pass read them either (the default outlier sets of the paper benchmarks go unsaid)."""
