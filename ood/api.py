@@ -486,6 +486,7 @@ def evaluate(
     from ood.data.benchmark import check_loader_options
     from ood.models.adapters import as_backbone, check_classes
     from ood.runs.checks import check_overrides
+    from ood.runs.console import quiet_warnings
     from ood.runs.failures import clear_failure, ctrl_c_raised, record_failure
     from ood.train import build
 
@@ -528,7 +529,8 @@ def evaluate(
     GlobalHydra.instance().clear()
     # a caller's `torch.inference_mode()` made the banks inference tensors, and detectors that fit by gradient
     # (tempscale) failed in it: the run is the trainer's, which chooses its own grad mode
-    with _caller_state(), _caller_model(net), torch.inference_mode(False):
+    with warnings.catch_warnings(), _caller_state(), _caller_model(net), torch.inference_mode(False):
+        quiet_warnings()
         try:
             # the caller's, as `ood-eval`'s: a misspelt key is one line, and a new key under an empty mapping
             # (`detectors.params.knn.k=5`, as the detectors' warnings write it) needs no `+` (the check composes the

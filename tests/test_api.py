@@ -242,6 +242,23 @@ def test_a_detector_class_of_ones_own_is_named_by_its_name(trained, tmp_path: Pa
     torch.testing.assert_close(ours, bank.features.double().norm(dim=1))
 
 
+def test_evaluate_prints_no_lightning_deprecation_and_leaves_the_callers_warning_filters(trained, tmp_path: Path) -> None:
+    """Lightning's pytree helper warns "`isinstance(treespec, LeafSpec)` is deprecated" on this torch at every
+    evaluation: the entry points ignore it, and `ood.evaluate` printed it into the caller's program (nothing they can
+    act on). It is ignored inside the call; the caller's own filters are as they were afterwards."""
+    import warnings
+
+    paths, model, _ = trained
+    kwargs = dict(detectors=["msp"], image_size=32, resize=32, device="cpu")
+    ood.evaluate(model, paths["id"], [paths["far"]], output_dir=tmp_path / "first", **kwargs)  # imports add filters
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        ood.evaluate(model, paths["id"], [paths["far"]], output_dir=tmp_path / "second", **kwargs)
+        assert warnings.filters == before
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]
+
+
 def test_an_unusable_device_is_one_line(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     paths, _, _ = trained
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

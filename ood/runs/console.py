@@ -56,6 +56,13 @@ def quiet_lightning() -> None:
     """Lightning's INFO chatter and its `LeafSpec` deprecation warning off the console (call after importing it)."""
     for name in LIGHTNING_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_warnings()
+
+
+def quiet_warnings() -> None:
+    """The `LeafSpec` deprecation warning that Lightning's pytree helper triggers on recent torch (nothing the user
+    can act on) ignored: for the process (the entry points) or inside a caller's `warnings.catch_warnings()`
+    (`ood.evaluate`, which leaves the caller's filters as they were)."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
