@@ -39,12 +39,12 @@ test-fast: install ## the suite without the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install ## ruff, and the layer contract (import-linter, [tool.importlinter] in pyproject.toml)
-	$(PY) -m ruff check ood tests benchmarks
+	$(PY) -m ruff check ood hydra_plugins tests benchmarks
 	$(VENV)/bin/lint-imports
 
 format: install ## ruff format + import sorting
-	$(PY) -m ruff check --fix --select I ood tests benchmarks
-	$(PY) -m ruff format ood tests benchmarks
+	$(PY) -m ruff check --fix --select I ood hydra_plugins tests benchmarks
+	$(PY) -m ruff format ood hydra_plugins tests benchmarks
 
 bench: install ## speed benchmarks (benchmarks/): metrics, detectors, one pass vs many, end-to-end vs OpenOOD's evaluator loop
 	$(PY) -m benchmarks.run

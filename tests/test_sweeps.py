@@ -46,12 +46,27 @@ def test_failed_job_leaves_the_others_and_report_names_it(tmp_path: Path, capsys
 
 
 @pytest.mark.slow
-def test_submitit_local_runs_two_jobs(tmp_path: Path) -> None:
-    proc, sweep = _sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "seed=0,1")
+def test_slurm_local_runs_two_jobs_whose_requeue_resumes(tmp_path: Path) -> None:
+    """hydra-submitit-launcher (`hydra/launcher=slurm_local`: the SLURM launcher's class on submitit's local
+    executor) runs the sweep's jobs; a job preempted or at its time limit is resubmitted by the launcher's
+    `checkpoint` with the arguments it was first given, so it trained from scratch (ood resumes only with
+    `ckpt_path=last`): ood's launcher resubmits it with `ckpt_path=last` (a job naming its own `ckpt_path` as it was)."""
+    import pickle
+
+    from hydra_plugins.ood_launchers import requeue_overrides
+
+    proc, sweep = _sweep(tmp_path, "hydra/launcher=slurm_local", "hydra.launcher.timeout_min=10", "seed=0,1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     seeds = sorted(json.loads((p).read_text().splitlines()[0])["seed"] for p in sweep.glob("*/results.jsonl"))
     assert seeds == [0, 1]
     assert list((sweep / ".submitit").rglob("*_result.pkl")), "the jobs went through submitit"
+    submitted = pickle.loads(next((sweep / ".submitit").rglob("*_submitted.pkl")).read_bytes())
+    assert type(submitted.function).__name__ == "ResumingLocalLauncher"
+    requeued = submitted.function.checkpoint(*submitted.args)  # what submitit's USR2 handler calls
+    assert requeued.function is submitted.function and requeued.args[1:] == submitted.args[1:]
+    assert requeued.args[0] == [*submitted.args[0], "ckpt_path=last"] and "ckpt_path=last" not in submitted.args[0]
+    assert requeue_overrides(["seed=1", "ckpt_path=/runs/a"]) == ["seed=1", "ckpt_path=/runs/a"]
+    assert requeue_overrides(["+ckpt_path=a"]) == ["+ckpt_path=a"]
 
 
 @pytest.mark.slow
