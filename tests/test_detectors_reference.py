@@ -132,11 +132,11 @@ def test_cfood_equals_openood(ref: dict[str, FeatureBank], alpha: float, k: floa
     assert np.mean(np.concatenate([_np(o) for o in ours]) == np.concatenate(theirs)) > 0.98
 
 
-# ----- OpenOOD openmax_postprocessor.py with pytorch-ood's scipy Weibull (LibNotMR) in place of libMR -------------------
+# ----- OpenOOD openmax_postprocessor.py with a scipy Weibull in place of libMR, shift 1 as in libmr 0.1.9 ---------------
 def test_openmax_equals_openood(ref: dict[str, FeatureBank]) -> None:
     train = ref["train"]
     logits, labels = _np(train.logits), train.labels.numpy()
-    tail, alpha, translation = 20, 3, 10000
+    tail, alpha, translation = 20, 3, 1
     models = []
     for c in range(C):
         right = logits[(labels == c) & (logits.argmax(1) == c)]
