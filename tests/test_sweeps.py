@@ -1,5 +1,6 @@
 """Sweeps through Hydra plugins, end to end in subprocesses: the local parallel preset with a failing job,
-SLURM's launcher through its local executor (`submitit_local`), and Optuna tuning on validation-OOD AUROC."""
+SLURM's launcher through its local executor (`slurm_local`: ood's, whose requeue resumes), and Optuna tuning on
+validation-OOD AUROC."""
 
 from __future__ import annotations
 
@@ -137,3 +138,16 @@ def test_a_sweeps_own_process_ends_on_sigterm_at_once(tmp_path: Path, monkeypatc
     with pytest.raises(SystemExit) as stop:
         termination.SweepSigterm().on_multirun_start(config=None)
     assert stop.value.code == termination.SIGTERM_EXIT
+
+
+@pytest.mark.parametrize("given", [["ckpt_path=null"], ["ckpt_path=NULL"], ["~ckpt_path"], ["~ckpt_path=null"]])
+def test_a_requeued_job_started_from_scratch_resumes(given: list[str]) -> None:
+    """A job told to start from scratch (`ckpt_path=null`, `~ckpt_path`: the default, written out) was requeued with
+    that override kept, so it trained from scratch again and its epochs were lost (`~ckpt_path` then
+    `ckpt_path=last` would not even parse: the key is gone); its requeue now resumes with `ckpt_path=last` in its
+    place. A job naming a checkpoint keeps it."""
+    from hydra_plugins.ood_launchers import requeue_overrides
+
+    assert requeue_overrides(["seed=1", *given, "data=digits"]) == ["seed=1", "data=digits", "ckpt_path=last"]
+    assert requeue_overrides(["seed=1", "ckpt_path=last"]) == ["seed=1", "ckpt_path=last"]
+    assert requeue_overrides(["++ckpt_path=/runs/a"]) == ["++ckpt_path=/runs/a"]

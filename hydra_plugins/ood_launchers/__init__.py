@@ -9,7 +9,8 @@ only when told (`ckpt_path=last`), so the requeued job trained from scratch in t
 before the signal were lost. These launchers resubmit it with `ckpt_path=last` added to its overrides: in a job of a
 sweep, `last` is the job folder's own `checkpoints/last.ckpt` (`ood.runs.checkpoints.resolve_ckpt_path`), so the
 requeued job continues from its last completed epoch, or starts from scratch when it had none. A job given its own
-`ckpt_path=` (an evaluation sweep, a resume named by hand) is resubmitted as it was.
+`ckpt_path=` (an evaluation sweep, a resume named by hand) is resubmitted as it was; one told to start from scratch
+(`ckpt_path=null`, `~ckpt_path`) resumes as the others.
 """
 
 from __future__ import annotations
@@ -23,10 +24,19 @@ except ImportError:  # without the extra there is no SLURM launcher to extend
     LocalLauncher = SlurmLauncher = None  # type: ignore[assignment,misc]
 
 
+def _from_scratch(override: str) -> bool:
+    """Whether `override` tells a job to start from scratch: `ckpt_path=null` or `~ckpt_path` (the default, written
+    out), which its requeue must not repeat."""
+    key, _, value = override.partition("=")
+    return key.lstrip("+~") == "ckpt_path" and (key.startswith("~") or value.strip().lower() == "null")
+
+
 def requeue_overrides(overrides: Sequence[str]) -> list[str]:
-    """A job's overrides for its requeue: `ckpt_path=last` added unless they name `ckpt_path` already."""
-    names = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-    return list(overrides) if "ckpt_path" in names else [*overrides, "ckpt_path=last"]
+    """A job's overrides for its requeue: `ckpt_path=last` added unless they name a checkpoint already (one told to
+    start from scratch, `ckpt_path=null` or `~ckpt_path`, resumes like the others: that override goes)."""
+    kept = [o for o in overrides if not _from_scratch(o)]
+    names = {o.split("=", 1)[0].lstrip("+~") for o in kept}
+    return kept if "ckpt_path" in names else [*kept, "ckpt_path=last"]
 
 
 class _ResumingRequeue:
