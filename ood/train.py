@@ -205,7 +205,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
             remove_earlier_results(output_dir)
         # config.yaml too: the earlier attempt's results go before it lands when they were made with other settings
         write_identity(output_dir, ident, OmegaConf.to_yaml(cfg, resolve=True))
-        if cfg.train and ckpt_path:
+        if cfg.train:
             record_resumed(output_dir, ckpt_path)
     try:
         # between the stages too (Lightning's handler and checks are there only during one), in one process; ranks

@@ -334,6 +334,28 @@ def test_a_folder_that_resumed_a_finished_run_names_that_runs_checkpoint(tmp_pat
                               f"pass ckpt_path={ckpt.resolve()}")
 
 
+def test_a_folder_trained_anew_forgets_the_checkpoint_it_once_resumed(tmp_path: Path) -> None:
+    """A folder that once resumed another run's checkpoint (`resumed.json`) and is then trained from scratch in a new
+    attempt (`hydra.run.dir=<it>` without `ckpt_path`) kept that record: `ood-eval ckpt_path=<it>` was told to pass
+    the other run's checkpoint, and `ood-report` took its new model for that run's (a seed dropped as a
+    re-evaluation). Training anew removes the record; resuming its own checkpoint keeps it (the model descends)."""
+    from ood.runs.failures import RESUMED_FILE, record_resumed, resumed_checkpoint
+
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    second = tmp_path / "second"
+    (second / "checkpoints").mkdir(parents=True)
+    record_resumed(second, ckpt)
+    record_resumed(second, second / "checkpoints" / "last.ckpt")  # its own: the record stays
+    assert resumed_checkpoint(second) == ckpt.resolve()
+    record_resumed(second, None)  # trained from scratch
+    assert not (second / RESUMED_FILE).exists() and resumed_checkpoint(second) is None
+    with pytest.raises(CheckpointError, match=rf"^{second} is a folder without checkpoints/last.ckpt"):
+        resolve_ckpt_path(str(second), tmp_path / "here", tmp_path)
+    record_resumed(second, None)  # none to remove: no error
+
+
 def test_ckpt_path_last_in_a_new_sweep_folder_says_how_to_resume_the_stopped_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -91,9 +91,14 @@ def failure(run_dir: str | Path) -> str | None:
     return " ".join(line.strip() for line in path.read_text().splitlines() if line.strip()) if path.is_file() else None
 
 
-def record_resumed(output_dir: str | Path, checkpoint: str | Path) -> None:
+def record_resumed(output_dir: str | Path, checkpoint: str | Path | None) -> None:
     """`<output_dir>/resumed.json` naming `checkpoint` when it is another run folder's (`<run>/checkpoints/last.ckpt`)
-    that this run resumes; nothing for its own."""
+    that this run resumes; nothing for its own (an earlier record stays: the model still descends from it). A run
+    trained from scratch (`checkpoint` None) removes an earlier attempt's record: its model is not that checkpoint's,
+    which `ood-report` (one model counted once) and `ood-eval ckpt_path=<folder>` would take it for."""
+    if checkpoint is None:
+        (Path(output_dir) / RESUMED_FILE).unlink(missing_ok=True)
+        return
     checkpoint = Path(checkpoint).resolve()
     if checkpoint != (Path(output_dir) / "checkpoints" / "last.ckpt").resolve():
         atomic_write_text(Path(output_dir) / RESUMED_FILE, json.dumps({"checkpoint": str(checkpoint)}) + "\n")
