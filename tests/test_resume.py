@@ -378,6 +378,22 @@ def test_ckpt_path_last_in_a_new_sweep_folder_says_how_to_resume_the_stopped_one
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def test_a_requeued_job_of_a_sweep_without_checkpoints_is_not_told_to_add_hydra_sweep_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job that `hydra/launcher=slurm` requeued (`ckpt_path=last` added) before any job of its sweep saved a
+    checkpoint was warned that its sweep folder is a new one and told to add `hydra.sweep.dir=<its folder>`: it is in
+    its folder already. A job folder with an earlier attempt (its `config.yaml`) gets the INFO line only."""
+    capture_warnings_of("ood.runs.checkpoints", monkeypatch, caplog)
+    job = tmp_path / "multiruns" / "stopped" / "0"
+    job.mkdir(parents=True)
+    (job / "config.yaml").write_text("seed: 0\n")  # what the first attempt left
+    with caplog.at_level(logging.INFO, logger="ood.runs.checkpoints"):
+        assert resolve_ckpt_path("last", job, tmp_path / "runs", own_only=True, in_sweep=True) is None
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, f"ckpt_path=last: no checkpoint in {job} yet, training starts from scratch")]
+
+
 def test_rerun_into_a_folder_without_a_checkpoint_starts_from_scratch(tmp_path: Path) -> None:
     """A run (or a sweep's job) killed before its first checkpoint, rerun into its folder with `ckpt_path=last`,
     trains from scratch: it used to resume the newest run under logs/train/runs (another run's training, or a

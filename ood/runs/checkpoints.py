@@ -152,8 +152,10 @@ def resolve_ckpt_path(
     with a fixed `hydra.sweep.dir`); else None (start from scratch) when `own_only` (a job of a sweep, or a folder
     whose earlier attempt died before its first checkpoint: another run's checkpoint is not this one's), else the
     newest `*/checkpoints/last.ckpt` under `runs_dir`. A folder: its `checkpoints/last.ckpt`. A file: itself.
-    A job of a sweep (`in_sweep`) whose sweep folder holds no job's checkpoint is a new sweep, every job from
-    scratch: a warning says how to resume the stopped one (its folder, `hydra.sweep.dir=`), the usual mistake.
+    A job of a sweep (`in_sweep`) whose sweep folder holds no job's checkpoint, in a folder without an earlier
+    attempt (`config.yaml`), is a new sweep, every job from scratch: a warning says how to resume the stopped one (its
+    folder, `hydra.sweep.dir=`), the usual mistake; a job requeued by `hydra/launcher=slurm` before any checkpoint
+    was saved is no such mistake.
     """
     if ckpt_path is None:
         return None
@@ -162,7 +164,8 @@ def resolve_ckpt_path(
         if own.is_file():
             return str(own)
         sweep = Path(output_dir).parent
-        if in_sweep and not any(sweep.glob("*/checkpoints/last.ckpt")):
+        earlier = (Path(output_dir) / "config.yaml").is_file()  # an attempt here before: a requeue, a rerun in place
+        if in_sweep and not earlier and not any(sweep.glob("*/checkpoints/last.ckpt")):
             log.warning("ckpt_path=last: the sweep folder %s holds no checkpoint, so this job starts from scratch; a "
                         "stopped sweep resumes only rerun into its own folder: add hydra.sweep.dir=<its folder>", sweep)
             return None
