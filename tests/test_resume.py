@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -109,13 +110,18 @@ def test_a_run_resumed_in_another_folder_is_not_reported_as_failed(tmp_path: Pat
     assert list(failed_runs([tmp_path])) == [str(first)]
     rows = run_config(second, [*quick, f"ckpt_path={first}"])
     assert {r["detector"] for r in rows} == {"msp"}
-    recorded = {"checkpoint": str((first / "checkpoints" / "last.ckpt").resolve())}
+    recorded = {"checkpoint": str((first / "checkpoints" / "last.ckpt").resolve()),
+                "relative": os.path.join("..", "first", "checkpoints", "last.ckpt")}
     assert json.loads((second / RESUMED_FILE).read_text()) == recorded
     assert failed_runs([tmp_path]) == {str(first): f"stopped; resumed in {second.resolve()}"}
     # a report over the stopped folder alone does not see the run that resumed it
     assert failed_runs([first]) == {str(first): "SIGTERMException: terminated by SIGTERM; resume with ckpt_path=last"}
     report([str(tmp_path / "runs"), "--no-figures"])
     assert f"resumed job {first}: stopped; resumed in {second.resolve()}\n" in capsys.readouterr().err
+    # the folders copied together elsewhere (off a cluster): the record's relative path still pairs them
+    copied = tmp_path / "copied"
+    shutil.copytree(tmp_path / "runs", copied)
+    assert failed_runs([copied]) == {str(copied / "first"): f"stopped; resumed in {(copied / 'second').resolve()}"}
     (second / RESUMED_FILE).unlink()
     run_config(second, [*quick, "ckpt_path=last"])  # its own checkpoint: evaluated again, nothing recorded
     assert not (second / RESUMED_FILE).exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import stat
 from collections.abc import Iterable, Iterator, Mapping
@@ -100,22 +101,32 @@ def record_resumed(output_dir: str | Path, checkpoint: str | Path | None) -> Non
         (Path(output_dir) / RESUMED_FILE).unlink(missing_ok=True)
         return
     checkpoint = Path(checkpoint).resolve()
-    if checkpoint != (Path(output_dir) / "checkpoints" / "last.ckpt").resolve():
-        atomic_write_text(Path(output_dir) / RESUMED_FILE, json.dumps({"checkpoint": str(checkpoint)}) + "\n")
+    here = Path(output_dir).resolve()
+    if checkpoint != here / "checkpoints" / "last.ckpt":
+        record = {"checkpoint": str(checkpoint), "relative": os.path.relpath(checkpoint, here)}
+        atomic_write_text(Path(output_dir) / RESUMED_FILE, json.dumps(record) + "\n")
 
 
 def _resumed_pairs(records: Iterable[Path]) -> list[tuple[Path, Path]]:
     """(run folder whose checkpoint a later run resumed, that run's folder), oldest resume first, over the
     `resumed.json` files `records`."""
-    found = sorted(records, key=lambda p: p.stat().st_mtime)
+    stamped = []
+    for record in records:
+        with contextlib.suppress(FileNotFoundError):  # removed since the walk found it (a rerun trained anew)
+            stamped.append((record.stat().st_mtime, record))
+    found = [record for _, record in sorted(stamped)]
     pairs = ((resumed_checkpoint(record.parent), record.parent.resolve()) for record in found)
     return [(ckpt.parent.parent, run) for ckpt, run in pairs if ckpt is not None]
 
 
 def resumed_checkpoint(run_dir: str | Path) -> Path | None:
-    """The other run folder's checkpoint that the run in `run_dir` resumed (its `resumed.json`), None without one."""
+    """The other run folder's checkpoint that the run in `run_dir` resumed (its `resumed.json`), None without one:
+    the one at the recorded relative path when it is there (run folders copied together off a cluster), else the
+    absolute path recorded."""
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        return Path(json.loads((Path(run_dir) / RESUMED_FILE).read_text())["checkpoint"])
+        record = json.loads((Path(run_dir) / RESUMED_FILE).read_text())
+        relative = Path(run_dir).resolve() / record.get("relative", "")
+        return relative.resolve() if "relative" in record and relative.is_file() else Path(record["checkpoint"])
     return None
 
 
