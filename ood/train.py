@@ -168,12 +168,18 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             raise
 
 
+def _sweep_dir() -> Path | None:
+    """The sweep folder of a multirun's job (`hydra.sweep.dir`; its job folders may lie deeper than one level), else
+    None."""
+    return Path(HydraConfig.get().sweep.dir) if in_multirun() else None
+
+
 def _stopped_line(cfg: DictConfig, output_dir: Path) -> str:
     """The console's line for a run stopped by SIGTERM (it ended with status 143 and nothing on the console, a
     cluster job's log showing no reason): the folder, and what to add to the command to go on in that folder."""
     if not cfg.train:
         return f"stopped by SIGTERM: {output_dir}: rerun the evaluation"
-    where = f"hydra.sweep.dir={output_dir.parent}" if in_multirun() else f"hydra.run.dir={output_dir}"
+    where = f"hydra.sweep.dir={_sweep_dir()}" if in_multirun() else f"hydra.run.dir={output_dir}"
     return (f"stopped by SIGTERM: {output_dir} keeps its last completed epoch's checkpoint; resume it with the same "
             f"command plus ckpt_path=last {where}")
 
@@ -185,7 +191,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
     # a sweep's job or a rerun into a folder of ours (its config.yaml) resumes only its own checkpoint
     own_only = bool(cfg.train) and (in_multirun() or (output_dir / "config.yaml").is_file())
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir) / "train" / "runs", own_only,
-                                  bool(cfg.train) and in_multirun())
+                                  _sweep_dir() if cfg.train else None)
     check_run(cfg, ckpt_path, HydraConfig.get().overrides.task if HydraConfig.initialized() else ())
     stop_if_terminated()  # also one that came while Hydra started: the run folder is there for FAILED.txt
     if cfg.train and ckpt_path:

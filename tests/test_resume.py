@@ -372,7 +372,7 @@ def test_ckpt_path_last_in_a_new_sweep_folder_says_how_to_resume_the_stopped_one
     capture_warnings_of("ood.runs.checkpoints", monkeypatch, caplog)
     runs = tmp_path / "runs"
     new = tmp_path / "multiruns" / "new"
-    assert resolve_ckpt_path("last", new / "0", runs, own_only=True, in_sweep=True) is None
+    assert resolve_ckpt_path("last", new / "0", runs, own_only=True, sweep_dir=new) is None
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warned == [f"ckpt_path=last: the sweep folder {new} holds no checkpoint, so this job starts from scratch; a "
                       "stopped sweep resumes only rerun into its own folder: add hydra.sweep.dir=<its folder>"]
@@ -380,8 +380,37 @@ def test_ckpt_path_last_in_a_new_sweep_folder_says_how_to_resume_the_stopped_one
     stopped = tmp_path / "multiruns" / "stopped"
     (stopped / "0" / "checkpoints").mkdir(parents=True)
     (stopped / "0" / "checkpoints" / "last.ckpt").write_bytes(b"x")
-    assert resolve_ckpt_path("last", stopped / "1", runs, own_only=True, in_sweep=True) is None  # never started
+    assert resolve_ckpt_path("last", stopped / "1", runs, own_only=True, sweep_dir=stopped) is None  # never started
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # job folders deeper than one level (hydra.sweep.subdir=${seed}/${hydra.job.num}): the sweep folder is
+    # hydra.sweep.dir, not the job folder's parent, which was taken for a new sweep
+    nested = tmp_path / "multiruns" / "nested"
+    (nested / "s0" / "0" / "checkpoints").mkdir(parents=True)
+    (nested / "s0" / "0" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert resolve_ckpt_path("last", nested / "s1" / "1", runs, own_only=True, sweep_dir=nested) is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_the_sigterm_line_of_a_sweeps_job_names_the_sweep_folder(tmp_path: Path) -> None:
+    """A job of a sweep stopped by SIGTERM is told to resume with `hydra.sweep.dir=<the sweep folder>`: that is
+    `hydra.sweep.dir`, not the job folder's parent, which differs with `hydra.sweep.subdir=a/b`."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    from ood.train import _stopped_line
+
+    sweep, job = tmp_path / "sweep", tmp_path / "sweep" / "seed0" / "0"
+    cfg = compose_config(job, ["hydra.sweep.subdir=seed${seed}/${hydra.job.num}", f"hydra.sweep.dir={sweep}"])
+    OmegaConf.set_readonly(cfg.hydra, False)
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+    HydraConfig().set_config(cfg)
+    try:
+        assert _stopped_line(cfg, job) == (f"stopped by SIGTERM: {job} keeps its last completed epoch's checkpoint; "
+                                           f"resume it with the same command plus ckpt_path=last hydra.sweep.dir={sweep}")
+    finally:
+        HydraConfig.instance().cfg = None  # no later test of this process takes itself for a multirun's job
 
 
 def test_a_requeued_job_of_a_sweep_without_checkpoints_is_not_told_to_add_hydra_sweep_dir(
@@ -395,7 +424,7 @@ def test_a_requeued_job_of_a_sweep_without_checkpoints_is_not_told_to_add_hydra_
     job.mkdir(parents=True)
     (job / "config.yaml").write_text("seed: 0\n")  # what the first attempt left
     with caplog.at_level(logging.INFO, logger="ood.runs.checkpoints"):
-        assert resolve_ckpt_path("last", job, tmp_path / "runs", own_only=True, in_sweep=True) is None
+        assert resolve_ckpt_path("last", job, tmp_path / "runs", own_only=True, sweep_dir=job.parent) is None
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.INFO, f"ckpt_path=last: no checkpoint in {job} yet, training starts from scratch")]
 

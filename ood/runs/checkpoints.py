@@ -144,7 +144,8 @@ def resume_warnings_off() -> Iterator[None]:
 
 
 def resolve_ckpt_path(
-    ckpt_path: str | None, output_dir: str | Path, runs_dir: str | Path, own_only: bool = False, in_sweep: bool = False
+    ckpt_path: str | None, output_dir: str | Path, runs_dir: str | Path, own_only: bool = False,
+    sweep_dir: str | Path | None = None,
 ) -> str | None:
     """The checkpoint file `ckpt_path` means.
 
@@ -152,7 +153,7 @@ def resolve_ckpt_path(
     with a fixed `hydra.sweep.dir`); else None (start from scratch) when `own_only` (a job of a sweep, or a folder
     whose earlier attempt died before its first checkpoint: another run's checkpoint is not this one's), else the
     newest `*/checkpoints/last.ckpt` under `runs_dir`. A folder: its `checkpoints/last.ckpt`. A file: itself.
-    A job of a sweep (`in_sweep`) whose sweep folder holds no job's checkpoint, in a folder without an earlier
+    A job of a sweep (`sweep_dir`: its `hydra.sweep.dir`) whose sweep folder holds no job's checkpoint, in a folder without an earlier
     attempt (`config.yaml`), is a new sweep, every job from scratch: a warning says how to resume the stopped one (its
     folder, `hydra.sweep.dir=`), the usual mistake; a job requeued by `hydra/launcher=slurm` before any checkpoint
     was saved is no such mistake.
@@ -163,11 +164,12 @@ def resolve_ckpt_path(
         own = Path(output_dir) / "checkpoints" / "last.ckpt"
         if own.is_file():
             return str(own)
-        sweep = Path(output_dir).parent
         earlier = (Path(output_dir) / "config.yaml").is_file()  # an attempt here before: a requeue, a rerun in place
-        if in_sweep and not earlier and not any(sweep.glob("*/checkpoints/last.ckpt")):
+        # the jobs' folders may lie deeper than one level (hydra.sweep.subdir=a/b)
+        if sweep_dir is not None and not earlier and not any(Path(sweep_dir).rglob("checkpoints/last.ckpt")):
             log.warning("ckpt_path=last: the sweep folder %s holds no checkpoint, so this job starts from scratch; a "
-                        "stopped sweep resumes only rerun into its own folder: add hydra.sweep.dir=<its folder>", sweep)
+                        "stopped sweep resumes only rerun into its own folder: add hydra.sweep.dir=<its folder>",
+                        sweep_dir)
             return None
         if own_only:
             log.info("ckpt_path=last: no checkpoint in %s yet, training starts from scratch", output_dir)
