@@ -60,10 +60,13 @@ def quiet_lightning() -> None:
 
 
 def quiet_warnings() -> None:
-    """The `LeafSpec` deprecation warning that Lightning's pytree helper triggers on recent torch (nothing the user
-    can act on) ignored: for the process (the entry points) or inside a caller's `warnings.catch_warnings()`
-    (`ood.evaluate`, which leaves the caller's filters as they were)."""
+    """Lightning warnings that do not apply to ood ignored: the `LeafSpec` deprecation its pytree helper triggers on
+    recent torch (nothing the user can act on), and, under DDP, its advice to test on one device because the
+    distributed sampler repeats samples (ood's evaluation keeps each dataset index once: DDP-exact). For the process
+    (the entry points) or inside a caller's `warnings.catch_warnings()` (`ood.evaluate`, which leaves the caller's
+    filters as they were)."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r"Using `DistributedSampler` with the dataloaders\. During `trainer\.test\(\)`")
 
 
 @contextlib.contextmanager
