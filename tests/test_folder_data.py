@@ -126,6 +126,24 @@ def test_image_files_of_kinds_not_read_are_named(folders: dict[str, Path], tmp_p
         "to one of ['.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp']"]
 
 
+def test_an_id_test_split_without_some_classes_is_warned_of(folders: dict[str, Path], tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A test/ folder lacking a train class (a class folder missing or misnamed there) was taken in silence, its
+    accuracy and rows over the other classes; one warning per such split names the classes. A full split says
+    nothing."""
+    root = shutil.copytree(folders["id"], tmp_path / "id")
+    with caplog.at_level(logging.WARNING, logger="ood.data.folder"):
+        FolderBenchmark(root, ood=[folders["far"]], image_size=32, resize=32)
+    assert not caplog.records
+    missing = sorted(p.name for p in (root / "test").iterdir())[-1]
+    shutil.rmtree(root / "test" / missing)
+    with caplog.at_level(logging.WARNING, logger="ood.data.folder"):
+        FolderBenchmark(root, ood=[folders["far"]], image_size=32, resize=32)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"id:test ({root / 'test'}) has no image of 1 of the 3 ID classes: ['{missing}']; its accuracy and scores are "
+        "over the others"]
+
+
 def test_class_folders_named_by_numbers_in_text_order_are_warned_of(folders: dict[str, Path], tmp_path: Path,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     """Folders 0, 1, 2, 10 are labelled in text order (10 is label 2), as ImageFolder does: a model whose output i is

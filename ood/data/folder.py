@@ -400,6 +400,7 @@ class FolderBenchmark(Benchmark):
         at_hand = train_set.entries is not None or getattr(train_set.dataset, "targets", None) is not None
         if at_hand or "val" not in self.id_sets:
             self._check_train_classes(train_set)
+        self._warn_partial_splits()
 
     # ----- sources ----------------------------------------------------------------------------------------------
     _classes: list[str] | None = None
@@ -592,6 +593,18 @@ class FolderBenchmark(Benchmark):
             raise DataNotFoundError(f"{train.where}: holding out the ID validation split ("
                                     f"{self._option('val_fraction', self.val_fraction)}, at least one image per class) leaves class(es) "
                                     f"{named(missing)} no training image; give them more images or a val/ split")
+
+    def _warn_partial_splits(self) -> None:
+        """One warning per ID test / val / csid set (listed files) without any image of some ID classes: allowed, but
+        its accuracy and its rows are over the other classes, which a missing or misnamed class folder makes without
+        a word."""
+        sets = [*(self.id_sets[s] for s in ("test", "val") if s in self.id_sets), *self.csid_sets.values()]
+        for image_set in (s for s in sets if s.entries is not None):
+            missing = sorted(set(range(self.num_classes)) - {y for _, y in image_set.entries})
+            if missing:
+                log.warning("%s (%s) has no image of %d of the %d ID classes: %s; its accuracy and scores are over the "
+                            "others", image_set.name, image_set.where, len(missing), self.num_classes,
+                            first_few([self.classes[k] for k in missing] if self.classes else missing))
 
     def _class_count(self, train: ImageSet) -> int:
         """The number of classes of a train split labelled by index (an image list, a Dataset): 1 + the largest
