@@ -71,6 +71,36 @@ def test_slurm_local_runs_two_jobs_whose_requeue_resumes(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
+def test_a_slurm_local_job_stopped_by_sigterm_fails_the_sweep_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job of ood's submitit launchers that SIGTERM stopped exited with status 143 and no submitit result, so the
+    sweep's own process ended in submitit's 30-line `UncompletedJobError` traceback. The job's stop is now its failure,
+    as under the other launchers: every job's result collected, one line naming the stopped job's folder and its
+    `FAILED.txt`, a non-zero status."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    proc, sweep = _sweep(tmp_path, "hydra/launcher=slurm_local", "hydra.launcher.timeout_min=10",
+                         "+callbacks.kill._target_=killer.KillAtHook", "+callbacks.kill.hook=setup",
+                         "+callbacks.kill.signum=0,15")  # signal 0 sends nothing: job 0 runs to its end
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "UncompletedJobError" not in proc.stderr, proc.stderr[-3000:]
+    stopped = "SIGTERMException: terminated by SIGTERM; resume with ckpt_path=last"
+    assert f"job {sweep / '1'} stopped: {stopped}\n" in proc.stderr, proc.stderr[-3000:]
+    assert (sweep / "1" / "FAILED.txt").read_text() == stopped + "\n"
+    assert [p.parent.name for p in sweep.glob("*/results.jsonl")] == ["0"]
+
+
+@pytest.mark.parametrize("code", [-1, 0, 1])
+def test_a_sweep_job_exiting_otherwise_still_exits(code: int) -> None:
+    """Only ood's stop on SIGTERM (143) becomes a failed job: submitit ends a job it requeued with `sys.exit(-1)`,
+    which must leave no result (it would pass for the requeued job's), and any other exit goes on as it was."""
+    from hydra_plugins.ood_launchers import stopped_as_failure
+
+    with pytest.raises(SystemExit) as stop:
+        stopped_as_failure(sys.exit, code)
+    assert stop.value.code == code
+    assert stopped_as_failure(lambda cfg: cfg * 2, 21) == 42
+
+
+@pytest.mark.slow
 def test_optuna_tunes_on_validation_auroc(tmp_path: Path) -> None:
     proc, sweep = _sweep(tmp_path, "hydra/sweeper=optuna_val", "hydra.sweeper.n_trials=2", "objective=msp",
                          "method.optimizer.lr=interval(0.01,0.1)")

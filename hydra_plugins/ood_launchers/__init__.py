@@ -11,11 +11,18 @@ sweep, `last` is the job folder's own `checkpoints/last.ckpt` (`ood.runs.checkpo
 requeued job continues from its last completed epoch, or starts from scratch when it had none. A job given its own
 `ckpt_path=` (an evaluation sweep, a resume named by hand) is resubmitted as it was; one told to start from scratch
 (`ckpt_path=null`, `~ckpt_path`) resumes as the others.
+
+A job that ood stops on SIGTERM (`scancel`, a SIGTERM to the job) exits with status 143 (`ood.termination`), which
+Hydra's `run_job` lets through (it records only an `Exception` as a failed job): the job left no submitit result, and
+the sweep's own process ended in submitit's `UncompletedJobError` traceback. These launchers' jobs turn that exit into
+the failed job it is (`stopped_as_failure`), so the sweep collects every job's result and ends, as under the other
+launchers, with one line naming the job's folder and its `FAILED.txt`, and a non-zero status.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 try:  # the `sweep` extra (hydra-submitit-launcher); Hydra imports every plugin module as it starts
@@ -48,10 +55,37 @@ class _ResumingRequeue:
         return submitit.helpers.DelayedSubmission(self, requeue_overrides(sweep_overrides), *args, **kwargs)
 
 
+def stopped_as_failure(task: Callable[[Any], Any], cfg: Any) -> Any:
+    """Run a sweep job's `task`; ood's exit on SIGTERM (status 143, after its `FAILED.txt`) raised as the job's
+    failure, one line naming its folder and that file's reason, which Hydra's `run_job` records (any other exit goes
+    on: submitit's own, after it requeued the job, must end the process without a result)."""
+    from ood.termination import SIGTERM_EXIT
+
+    try:
+        return task(cfg)
+    except SystemExit as stop:
+        if stop.code != SIGTERM_EXIT:
+            raise
+        from hydra.core.hydra_config import HydraConfig
+
+        from ood.cli import SweepJobError
+        from ood.runs.failures import failure
+
+        folder = HydraConfig.get().runtime.output_dir
+        raise SweepJobError(f"job {folder} stopped: {failure(folder) or f'exit status {stop.code}'}") from None
+
+
+class _StoppedJobsFail:
+    """`setup` giving the jobs a task whose stop on SIGTERM is a failed job (`stopped_as_failure`), not an exit."""
+
+    def setup(self, *, task_function: Callable[[Any], Any], **kwargs: Any) -> None:
+        super().setup(task_function=partial(stopped_as_failure, task_function), **kwargs)  # type: ignore[misc]
+
+
 if SlurmLauncher is not None:
 
-    class ResumingSlurmLauncher(_ResumingRequeue, SlurmLauncher):
+    class ResumingSlurmLauncher(_ResumingRequeue, _StoppedJobsFail, SlurmLauncher):
         """`hydra/launcher=slurm`: hydra-submitit-launcher's SLURM launcher, its requeued jobs resuming."""
 
-    class ResumingLocalLauncher(_ResumingRequeue, LocalLauncher):
+    class ResumingLocalLauncher(_ResumingRequeue, _StoppedJobsFail, LocalLauncher):
         """`hydra/launcher=slurm_local`: the same on submitit's local executor (trying a SLURM sweep without SLURM)."""
