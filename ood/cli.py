@@ -9,6 +9,7 @@ is shown.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import sys
 from collections.abc import Callable
@@ -30,6 +31,10 @@ from ood.utils import progress_bars, warnings_in_log_files
 
 #: OmegaConf errors that mean the composed config is wrong (not the code reading it)
 CONFIG_ERRORS = (ValidationError, InterpolationResolutionError, MissingMandatoryValue)
+#: the Hydra plugins of the `sweep` extra, by the config of theirs that ood's presets build on (`defaults:` of
+#: `hydra/launcher=slurm`, `slurm_local`, `parallel`, `hydra/sweeper=optuna_val`) or that a user names directly
+SWEEP_PLUGINS = {"submitit_slurm": "hydra_submitit_launcher", "submitit_local": "hydra_submitit_launcher",
+                 "joblib": "hydra_joblib_launcher", "optuna": "hydra_optuna_sweeper"}
 #: torch's refusal, under `torch.use_deterministic_algorithms(True)` (Lightning's `deterministic=True`), of an operation
 #: without a deterministic kernel, e.g. `adaptive_avg_pool2d_backward_cuda` (pooling to more than 1 x 1, on a GPU)
 NONDETERMINISTIC = r"(\w+) does not have a deterministic implementation, but you set 'torch.use_deterministic_algorithms"
@@ -48,17 +53,34 @@ def require_config_dir() -> None:
 
 def check_argv(config_name: str) -> None:
     """Refuse a misspelt override key (naming the closest real key), a value of the wrong type, an override the shell
-    cut at a space, and an evaluation into a training run's folder, before Hydra composes the config (and writes into
-    its output folder); put `~` paths in full (`expand_home`) and `+` before a new key under an empty mapping
-    (`check_overrides`) in `sys.argv`."""
+    cut at a space, a launcher or sweeper whose plugin is not installed (`check_sweep_plugins`), and an evaluation
+    into a training run's folder, before Hydra composes the config (and writes into its output folder); put `~` paths
+    in full (`expand_home`) and `+` before a new key under an empty mapping (`check_overrides`) in `sys.argv`."""
     try:
         check_quoting(sys.argv[1:])
+        check_sweep_plugins(sys.argv[1:])
         sys.argv[1:] = check_overrides(CONFIG_DIR, config_name, expand_home(sys.argv[1:]))
         if config_name == "eval":
             check_eval_dir(sys.argv[1:])
     except OODError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+def check_sweep_plugins(argv: list[str]) -> None:
+    """Refuse a launcher or sweeper whose Hydra plugin (`SWEEP_PLUGINS`) is not installed, saying to install the
+    `sweep` extra: Hydra said only "In 'hydra/launcher/slurm': Could not load 'hydra/launcher/submitit_slurm'"."""
+    for arg in argv:
+        group, eq, name = arg.lstrip("+").partition("=")
+        if not eq or group not in ("hydra/launcher", "hydra/sweeper"):
+            continue
+        preset = CONFIG_DIR / group / f"{name}.yaml"
+        defaults = OmegaConf.load(preset).get("defaults") if preset.is_file() else None
+        bases = [name, *(defaults or [])]
+        for plugin in {SWEEP_PLUGINS[base] for base in bases if isinstance(base, str) and base in SWEEP_PLUGINS}:
+            if importlib.util.find_spec(f"hydra_plugins.{plugin}") is None:
+                raise ConfigError(f"{arg} needs Hydra's {plugin.replace('_', '-')} plugin, which is not installed: "
+                                  "pip install 'ood[sweep]'")
 
 
 #: a `~` that opens a path in an override's value (`backbone.weights=~/w.pth`, `'{a: ~/x}'`, quoted or not)
