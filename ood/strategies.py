@@ -49,8 +49,8 @@ Logs: a spawned rank is a fresh interpreter without the handlers Hydra gave the 
 warnings and errors reached the console (Python's last-resort handler) but not the run's `train.log`. Each spawned
 rank now recreates the main process's root handlers that write to a file or to stdout / stderr, same level and
 format; the records of a rank other than 0 start with `[rank N]`. (`ood.utils.get_logger` loggers stay quiet off
-rank 0, so rank 0's lines are not repeated.) It also takes the main process's logger levels and `ignore` warning
-filters (`_Quiet`): without them each rank printed Lightning's start-up chatter and its `LeafSpec` warning, which the
+rank 0, so rank 0's lines are not repeated.) It also takes the main process's logger levels and warning filters, in
+their order (`_Quiet`): without them each rank printed Lightning's start-up chatter and its `LeafSpec` warning, which the
 main process keeps off the console. A rank that runs the command line itself (Lightning's subprocess
 launcher, `trainer=ddp`: Hydra logs it to `train_ddp_process_N.log` in the run's folder; torchrun, srun) keeps its
 own Hydra handlers, its lines marked `[rank N]` as well.
@@ -195,27 +195,32 @@ _Filter = tuple[str, Any, type, Any, int]
 class _Quiet:
     """What keeps the main process's console quiet (`ood.runs.console.quiet_lightning`: Lightning's loggers at
     WARNING, its `LeafSpec` deprecation ignored), for a spawned rank, which starts without it: the levels of the
-    loggers that set one and the `ignore` warning filters (those of categories a rank can import)."""
+    loggers that set one and the warning filters in their order (those of categories a rank can import)."""
 
     levels: dict[str, int]
-    ignored: list[_Filter]
+    filters: list[_Filter]
 
 
 def _quiet_settings() -> _Quiet:
-    """This process's logger levels and `ignore` warning filters (`_Quiet`)."""
+    """This process's logger levels and warning filters (`_Quiet`)."""
     levels = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
               if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET}
-    ignored = [f for f in warnings.filters if f[0] == "ignore" and f[2].__module__ != "__main__"]
-    return _Quiet(levels, ignored)
+    filters = [f for f in warnings.filters if f[2].__module__ != "__main__"]
+    return _Quiet(levels, filters)
 
 
 def _quiet_like(quiet: _Quiet) -> None:
-    """Give this process the main process's logger levels and `ignore` warning filters (`_quiet_settings`)."""
+    """Give this process the main process's logger levels and warning filters (`_quiet_settings`), the filters in the
+    main process's order (its `ignore` ones alone, put in front, reordered them: Python's `ignore::DeprecationWarning`
+    went before `default::DeprecationWarning:__main__`, which then never applied); this process's own filters that
+    the main process lacks (the fork server's) go first."""
     for name, level in quiet.levels.items():
         logging.getLogger(name).setLevel(level)
-    for action, message, category, module, lineno in reversed(quiet.ignored):
-        warnings.filterwarnings(action, message.pattern if message else "", category,  # type: ignore[arg-type]
-                                module.pattern if module else "", lineno)
+    own = [f for f in warnings.filters if f not in quiet.filters]
+    # as they are (Python's own hold a module name, not a pattern, which `filterwarnings` would compile); the reset
+    # tells the `warnings` machinery that the filters changed, and nothing warns before they are all in
+    warnings.resetwarnings()
+    warnings.filters.extend([*own, *quiet.filters])
 
 
 def _mark_rank(rank: int) -> None:

@@ -177,6 +177,38 @@ def test_a_rank_keeps_the_console_as_quiet_as_the_main_process(monkeypatch: pyte
     assert seen == {"level": logging.WARNING, "shown": 0}
 
 
+def test_a_rank_takes_the_main_processs_warning_filters_in_their_order() -> None:
+    """A rank got only the main process's `ignore` filters, put in front of its own, which reordered them: Python's
+    `ignore::DeprecationWarning` went before `default::DeprecationWarning:__main__`, so a DeprecationWarning of
+    `__main__`, which the main process shows, was ignored in the rank, and a non-`ignore` filter (`error`) was lost.
+    The rank now has the main process's filters in their order (pickled as to a rank), its own that the main process
+    lacks first."""
+    import pickle
+    import warnings
+
+    def python_defaults() -> None:  # the two of Python's default filters that matter here, in its order
+        warnings.resetwarnings()
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+
+    with warnings.catch_warnings():  # the main process
+        python_defaults()
+        warnings.filterwarnings("ignore", message=r".*LeafSpec")
+        warnings.filterwarnings("error", message="loud", category=UserWarning)
+        main = list(warnings.filters)
+        quiet = pickle.loads(pickle.dumps(strategies._quiet_settings()))
+    with warnings.catch_warnings(record=True) as shown:  # a rank as it starts, with a filter of its own
+        python_defaults()
+        warnings.filterwarnings("ignore", message="the fork server's")
+        own = warnings.filters[0]
+        strategies._quiet_like(quiet)
+        assert warnings.filters == [own, *main]
+        warnings.warn_explicit("of __main__", DeprecationWarning, "script.py", 1, module="__main__")
+        with pytest.raises(UserWarning, match="loud"):
+            warnings.warn("loud", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in shown] == ["of __main__"]
+
+
 def test_the_sigterm_check_never_waits_on_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The check before every step summed a flag on the rank's device and read it back (`.item()`): over NCCL the
     host waited for every step queued on the GPU, at each training and evaluation step. The flag is now a CPU tensor
