@@ -141,7 +141,8 @@ def test_a_row_scores_alike_in_any_batch(name: str, synthetic: dict[str, Feature
 def test_a_fit_bank_missing_a_class_is_refused_by_per_class_detectors(name: str, synthetic: dict[str, FeatureBank]) -> None:
     """A detector with per-class statistics fitted on a bank without rows of some class gave that class zero means
     (the Mahalanobis family scored AUROC 0.5 on a `data.fit_fraction` that drew none of a class): it is not
-    applicable, saying why; the other detectors fit as before."""
+    applicable, saying why in a line that starts with its name, as a detector's other one-line errors do (it started
+    "its fit bank has no rows", naming no detector); the other detectors fit as before."""
     per_class = {"gram", "mahalanobis", "mahalanobis_odin", "mahalanobis_pp", "mds_ensemble", "openmax", "rmds",
                  "rmds_pp", "she"}
     cls = detector_class(name)
@@ -150,8 +151,8 @@ def test_a_fit_bank_missing_a_class_is_refused_by_per_class_detectors(name: str,
     without = bank.subset(bank.labels != 1)
     if name in per_class:
         assert cls.per_class
-        with pytest.raises(DetectorNotApplicable, match=r"^its fit bank has no rows of 1 of the network's \d+ classes "
-                                                        r"\(e.g. \[1\]\)"):
+        with pytest.raises(DetectorNotApplicable, match=rf"^{name} fits statistics per class, and its fit bank has no "
+                                                        r"rows of 1 of the network's \d+ classes \(e.g. \[1\]\)"):
             build_detector(name).fit(without)
     else:
         assert not cls.per_class

@@ -249,9 +249,9 @@ def _checked_fit(fit: Callable[..., Any]) -> Callable[..., Any]:
             missing = (torch.bincount(bank.labels.cpu(), minlength=classes)[:classes] == 0).nonzero().flatten().tolist()
             if missing:
                 raise DetectorNotApplicable(
-                    f"its fit bank has no rows of {len(missing)} of the network's {classes} classes (e.g. "
-                    f"{missing[:5]}), and its per-class statistics need every class (data.fit_fraction < 1 can "
-                    "leave classes out: raise it)")
+                    f"{self.name} fits statistics per class, and its fit bank has no rows of {len(missing)} of the "
+                    f"network's {classes} classes (e.g. {missing[:5]}): every class needs rows (data.fit_fraction < 1 "
+                    "can leave classes out: raise it)")
         fitted = fit(self, *args, **kwargs)
         fitted = self if fitted is None else fitted
         if isinstance(bank, FeatureBank):
