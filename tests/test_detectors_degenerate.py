@@ -195,3 +195,15 @@ def test_nan_rows_float16_empty_and_huge_logit_banks(name: str) -> None:
     assert bool(torch.isfinite(got).all())
     torch.testing.assert_close(got, fit(name, wide(huge)).score(wide(huge_test)), rtol=1e-5, atol=1e-6)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_react_scores_a_float16_bank_as_the_float32_bank_of_its_values(dtype: torch.dtype) -> None:
+    """react clamped a float16 / bfloat16 bank in the bank's dtype, so its threshold was rounded to that dtype: scores
+    about 3e-4 (bfloat16: 6e-4) relative off the float32 bank of the same values. It clamps and applies the head in
+    float64, as vra does: the same scores, up to the head's summation order."""
+    train, test = bank(60, 16), bank(12, 16, seed=1)
+    cast = lambda b, to: replace(b, features=b.features.to(dtype).to(to))  # noqa: E731
+    low = fit("react", cast(train, dtype)).score(cast(test, dtype))
+    torch.testing.assert_close(low, fit("react", cast(train, torch.float32)).score(cast(test, torch.float32)),
+                               rtol=1e-12, atol=0)

@@ -28,8 +28,8 @@ Deviation (ASH, SCALE, LTS): k is at least 1. The references' k = D - round(D p 
 rounds to D (e.g. p = 99 on D <= 50 features), where they zero every feature: ASH scores the constant LSE(b),
 SCALE and LTS divide by the zero top-k sum (non-finite scores).
 ASH, SCALE and LTS need nothing fitted; ReAct and VRA fit thresholds on ID-val, DICE its mask on train (OpenOOD's
-choices). State: two floats (ReAct, VRA), the C x D mask (DICE). VRA and LTS score chunk by chunk (float16 banks
-too); the percentiles go through one float64 copy of the ID-val activations.
+choices). State: two floats (ReAct, VRA), the C x D mask (DICE). ReAct, VRA and LTS score chunk by chunk in float64
+(float16 banks too); the percentiles go through one float64 copy of the ID-val activations.
 """
 
 from __future__ import annotations
@@ -47,6 +47,14 @@ from ood.features.bank import FeatureBank
 def percentile(values: torch.Tensor, q: float) -> float:
     """The q-th percentile (0-100) of all entries, linear interpolation (`np.percentile`), any size."""
     return float(np.percentile(values.detach().to("cpu", torch.float64).numpy().reshape(-1), q))
+
+
+def clipped_energy(bank: FeatureBank, low: float | None, high: float) -> torch.Tensor:
+    """LSE(W clip(h, low, high) + b) (`low` None: no lower bound), clipped and through the head in float64 chunk by
+    chunk: clipped in a float16 or bfloat16 bank's own dtype, the thresholds were rounded to it (react's scores ~3e-4
+    relative off those of the float32 bank of the same values)."""
+    clipped = (bank.features[rows].double().clamp(low, high) for rows in row_chunks(len(bank)))
+    return torch.cat([energy_score(head_logits(h, bank)) for h in clipped])
 
 
 def kept_count(dim: int, p: float) -> int:
@@ -71,7 +79,7 @@ class ReAct(Detector):
         return self
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
-        return energy_score(head_logits(bank.features.clamp(max=self.threshold_), bank))
+        return clipped_energy(bank, None, self.threshold_)
 
 
 class ASH(Detector):
@@ -159,8 +167,7 @@ class VRA(Detector):
         return self
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
-        clipped = (bank.features[rows].double().clamp(self.threshold_low_, self.threshold_high_) for rows in row_chunks(len(bank)))
-        return torch.cat([energy_score(head_logits(h, bank)) for h in clipped])
+        return clipped_energy(bank, self.threshold_low_, self.threshold_high_)
 
 
 class LTS(Detector):
