@@ -3,17 +3,21 @@ weights (`ood-eval data=imagenet1k backbone=resnet50 backbone.weights=... method
 every detector (no training).
 
 `ood-eval ckpt_path=<run>` evaluates the run as it was trained: the overrides of its training command line that say
-what it trained (`method=`, `data=`, `backbone=`, `experiment=`, their keys, `paths.data_dir`) are added to
-this command line where it does not name them (`ood.runs.trained.training_overrides`), with its
+what it trained (`method=`, `data=`, `backbone=`, `experiment=`, their keys, `paths.data_dir`) and the detectors it
+evaluated (`detectors.names`) are added to this command line where it does not name them
+(`ood.runs.trained.training_overrides`; a detector of its own that cannot be imported here is one line,
+`missing_detectors`), with its
 `hydra.searchpath` (`search_path`), and said on stderr; their relative paths are made absolute from the folder the
 training started in (`anchored`), which is put on `sys.path` too.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -91,6 +95,36 @@ def search_path(run: Path, started: Path | None) -> list[str]:
     return [f"hydra.searchpath={_hydra_text([absolute(str(f)) for f in folders])}"]
 
 
+def missing_detectors(adopted: list[str], run: Path) -> str | None:
+    """The one-line error for the detectors of `run`'s `detectors.names` (`adopted`) named by an import path whose
+    module cannot be found here, giving the override that leaves them out; None when there are none. Without it the
+    run stopped later at "detector 'my_detectors.FeatureNorm' cannot be imported", a name this command line never
+    gave."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = [o for o in adopted if o.partition("=")[0].lstrip("+") == "detectors.names"]
+    override = OverridesParser.create().parse_overrides(given)[0] if given else None
+    if override is None or override.is_sweep_override():
+        return None
+    names = override.value()
+    names = [str(n) for n in (names if isinstance(names, list) else [names])]
+
+    def found(path: str) -> bool:
+        try:
+            return importlib.util.find_spec(path.rpartition(".")[0]) is not None
+        except ImportError:  # a parent package missing
+            return False
+
+    missing = [n for n in names if "." in n and not found(n)]
+    if not missing:
+        return None
+    kept = shlex.quote(f"detectors.names=[{','.join(n for n in names if n not in missing)}]")
+    many = len(missing) > 1
+    return (f"{run} was trained with detector{'s' * many} {', '.join(map(repr, missing))} (detectors.names), whose "
+            f"module{'s are' if many else ' is'} not on the import path here: put {'their folders' if many else 'its folder'} "
+            f"on PYTHONPATH (PYTHONPATH=<folder> ood-eval ...), or leave {'them' if many else 'it'} out: {kept}")
+
+
 def _hydra_text(value: Any) -> str:
     """`value` (strings, numbers, lists, mappings) as Hydra override grammar, every string quoted."""
     if isinstance(value, dict):
@@ -112,6 +146,10 @@ def main() -> None:
         # a path made absolute differs from the run's recorded one on purpose: not adopted as is, so not refused
         adopted = anchored(adopted, started)
         sys.path.append(str(started))  # its `backbone.target=my_nets.Net`, imported from where ood-train ran
+    missing = missing_detectors(adopted, runs[0]) if runs else None
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        sys.exit(1)
     if runs and not any(arg.lstrip("+").startswith("hydra.searchpath=") for arg in sys.argv[1:]):
         adopted = search_path(runs[0], started) + adopted
     if adopted:  # before the user's first override: Hydra's flags (`-m`, `--cfg job`) must stay ahead of them

@@ -1,5 +1,5 @@
 """The installed entry points, end to end in subprocesses: a multirun over seeds, then `ood-report` on it; a sweep
-whose Hydra plugin is not installed."""
+whose Hydra plugin is not installed; `ood-eval ckpt_path=<run>` taking the detectors its training evaluated."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from helpers import NO_FIGURES
+from omegaconf import OmegaConf
 
 
 @pytest.mark.slow
@@ -49,3 +50,54 @@ def test_a_sweep_plugin_not_installed_says_to_install_the_sweep_extra(tmp_path: 
     assert proc.stderr == (f"error: {override} needs Hydra's {plugin.replace('_', '-')} plugin, which is not "
                            "installed: pip install 'ood[sweep]'\n")
     assert not (tmp_path / "sweep").exists()
+
+
+def _run_with_detectors(tmp_path: Path, names: str) -> Path:
+    """A run folder of `ood-train 'detectors.names=<names>'` (its command line only: all `ood-eval` reads first)."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(f"- detectors.names={names}\n")
+    return run
+
+
+@pytest.mark.parametrize(("argv", "expected"), [([], ["msp", "my_detectors.FeatureNorm"]),
+                                                (["detectors.names=[energy]"], ["energy"]),
+                                                (["detectors=fast"], "cached")])
+def test_ood_eval_of_a_run_takes_the_detectors_it_evaluated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str],
+    expected: list[str] | str,
+) -> None:
+    """`ood-eval ckpt_path=<run of ood-train 'detectors.names=[msp,my_detectors.FeatureNorm]'>` evaluated the default
+    selection (`all`), without the user's detector, unless it was named again; it takes the run's `detectors.names`
+    now, and a command line's `detectors.names=` or `detectors=` wins."""
+    from ood.eval import main
+
+    (tmp_path / "my_detectors.py").write_text("")  # found, not imported: --cfg job runs nothing
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = _run_with_detectors(tmp_path, "[msp,my_detectors.FeatureNorm]")
+    monkeypatch.setattr("sys.argv", ["ood-eval", "--cfg", "job", f"ckpt_path={run}", *argv])
+    main()
+    out = capsys.readouterr()
+    assert OmegaConf.to_container(OmegaConf.create(out.out))["detectors"]["names"] == expected
+    assert out.err == ("" if argv else f"ood-eval: as trained in {run}: detectors.names=[msp,my_detectors.FeatureNorm]\n")
+
+
+def test_ood_eval_of_a_run_whose_detector_cannot_be_imported_says_the_override_that_drops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A detector the run named by its import path whose module is not on the import path here is one line naming
+    it and the `detectors.names=` that leaves it out, before Hydra starts (not "cannot be imported" in the run, for
+    a name this command line never gave)."""
+    from ood.eval import main
+
+    run = _run_with_detectors(tmp_path, "[msp,gone_detectors.FeatureNorm,energy,gone.pkg.Det]")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["ood-eval", f"ckpt_path={run}"])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == (
+        f"error: {run} was trained with detectors 'gone_detectors.FeatureNorm', 'gone.pkg.Det' (detectors.names), "
+        "whose modules are not on the import path here: put their folders on PYTHONPATH (PYTHONPATH=<folder> "
+        "ood-eval ...), or leave them out: 'detectors.names=[msp,energy]'\n")
+    assert not (tmp_path / "logs").exists() and sorted(p.name for p in run.iterdir()) == [".hydra"]
