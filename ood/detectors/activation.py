@@ -67,6 +67,7 @@ class ReAct(Detector):
 
     name = "react"
     reads_head = True
+    float16_features = True
     ranges = {"percentile": PERCENTILE}
     fit_split = "val"
     grid = {"percentile": [85, 90, 95, 99]}
