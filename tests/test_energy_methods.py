@@ -213,3 +213,29 @@ def test_reference_rows_for_logitnorm_and_the_energy_paper() -> None:
     assert by["energy_oe"]["ref:far/fpr95"] == pytest.approx((0.0332, 0.0, 1)) and "ref:far/auroc" not in by["energy_oe"]
     assert by["logitnorm"]["ref:near/auroc"] == pytest.approx((0.9233, 0.0008, 3))
     assert load_reference(REFERENCE_DIR / "cifar100.yaml")["auroc"]["logitnorm"]["logitnorm"]["far"] == [81.53, 1.26]
+
+
+# wetliu/energy_ood CIFAR/train.py (fine-tune) and hendrycks/outlier-exposure CIFAR/baseline.py (its pre-trained
+# WRN-40-2), transcribed: CIFAR-10's channel statistics for both ID sets, cosine from lr to 1e-6, SGD Nesterov
+# momentum 0.9, wd 5e-4; stage 1 lr 0.1, 100 epochs, batch 128; stage 2 lr 1e-3, 10 epochs, 128 ID + 256 outliers
+RELEASED_MEAN = [x / 255 for x in (125.3, 123.0, 113.9)]
+RELEASED_STD = [x / 255 for x in (63.0, 62.1, 66.7)]
+RELEASED_STAGES = {
+    "energy_ce": {"lr": 0.1, "epochs": 100, "outlier_batch": None},
+    "energy_ft": {"lr": 1e-3, "epochs": 10, "outlier_batch": 256},
+    "cifar10_energy_oe": {"lr": 1e-3, "epochs": 10, "outlier_batch": 256},
+}
+
+
+@pytest.mark.parametrize(("experiment", "data"), [("energy_ce", "cifar10"), ("energy_ce", "cifar100"), ("energy_ft", "cifar10"),
+                                                  ("energy_ft", "cifar100"), ("cifar10_energy_oe", None), ("cifar100_energy_oe", None)])
+def test_energy_paper_presets_are_the_released_recipe(tmp_path: Path, experiment: str, data: str | None) -> None:
+    """The released code normalises CIFAR-100 with CIFAR-10's statistics too, and anneals the CE model to 1e-6."""
+    cfg = compose_config(tmp_path, [f"experiment={experiment}", *([f"data={data}"] if data else [])])
+    stage = RELEASED_STAGES[experiment.replace("cifar100_", "cifar10_")]
+    assert list(cfg.data.benchmark.mean) == pytest.approx(RELEASED_MEAN, abs=1e-12)
+    assert list(cfg.data.benchmark.std) == pytest.approx(RELEASED_STD, abs=1e-12)
+    opt, sched = cfg.method.optimizer, cfg.method.scheduler
+    assert (opt.lr, opt.momentum, opt.weight_decay, opt.nesterov) == (stage["lr"], 0.9, 5e-4, True)
+    assert (sched.T_max, sched.eta_min, cfg.trainer.max_epochs) == (stage["epochs"], 1e-6, stage["epochs"])
+    assert (cfg.data.batch_size, cfg.data.outlier_batch_size) == (128, stage["outlier_batch"])
