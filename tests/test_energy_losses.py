@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ood.losses import cluster_focal, energy_margin, free_energy, logitnorm, push_away
+from ood.losses import cluster_focal, energy_margin, free_energy, logitnorm, outlier_exposure, push_away
 
 
 def test_free_energy_is_minus_logsumexp() -> None:
@@ -84,3 +84,23 @@ def test_push_away_hand_value_and_zero_outside_the_margin() -> None:
     z = z_out.clone().requires_grad_()
     push_away(z, centres, margin=6.0).backward()
     assert z.grad[0] @ torch.tensor([3.0, 4.0]) < 0 and torch.equal(z.grad[1], torch.zeros(2))  # descent moves it away
+
+
+def _logits(seed: int, n: int, c: int = 10, scale: float = 8.0) -> torch.Tensor:
+    return scale * torch.randn(n, c, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_outlier_exposure_is_hendrycks_and_openoods_line_by_line() -> None:
+    """energy_ood train.py (`--score OE`) and OpenOOD OETrainer: 0.5 * -(x.mean(1) - logsumexp(x, 1)).mean()."""
+    x = _logits(2, 12)
+    ref = 0.5 * -(x.mean(1) - torch.logsumexp(x, dim=1)).mean()
+    assert (0.5 * outlier_exposure(x)).item() == pytest.approx(ref.item(), rel=1e-12)
+    assert outlier_exposure(torch.zeros(3, 10)).item() == pytest.approx(math.log(10))  # the constant is kept
+
+
+def test_logitnorm_is_openoods_line_by_line() -> None:
+    """OpenOOD LogitNormLoss: norms = ||x||_2 over the last dim + 1e-7; CE(x / norms / tau); tau 0.04."""
+    x, y = _logits(3, 8, scale=1e-6), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])  # tiny logits: the 1e-7 matters
+    norms = torch.norm(x, p=2, dim=-1, keepdim=True) + 1e-7
+    ref = F.cross_entropy(torch.div(x, norms) / 0.04, y)
+    assert logitnorm(x, y, 0.04).item() == pytest.approx(ref.item(), rel=1e-12)

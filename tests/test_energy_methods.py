@@ -239,3 +239,17 @@ def test_energy_paper_presets_are_the_released_recipe(tmp_path: Path, experiment
     assert (opt.lr, opt.momentum, opt.weight_decay, opt.nesterov) == (stage["lr"], 0.9, 5e-4, True)
     assert (sched.T_max, sched.eta_min, cfg.trainer.max_epochs) == (stage["epochs"], 1e-6, stage["epochs"])
     assert (cfg.data.batch_size, cfg.data.outlier_batch_size) == (128, stage["outlier_batch"])
+
+
+def test_energy_oe_training_loss_is_energy_oods_line_by_line(tmp_path: Path) -> None:
+    """The summed loss terms at run.sh's absolute margins equal energy_ood train.py's `loss` (transcribed)."""
+    method = build(tmp_path, "energy_oe", "method.margins=absolute", "method.m_in=-23", "method.m_out=-5")
+    method.energy_stats.copy_(method.fit_statistics({"logits": torch.zeros(2, 6)})["energy_stats"])
+    assert method.margins == (-23.0, -5.0)
+    batch = fake_batch(n=6, n_out=12)
+    x = 8 * torch.randn(18, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    ec_in, ec_out = -torch.logsumexp(x[:6], dim=1), -torch.logsumexp(x[6:], dim=1)
+    ref = F.cross_entropy(x[:6], batch.y) + 0.1 * (torch.pow(F.relu(ec_in + 23), 2).mean() + torch.pow(F.relu(-5 - ec_out), 2).mean())
+    assert (ec_in > -23).any() and (ec_out < -5).any()
+    terms = method.loss_terms(batch, x, x)
+    assert sum(w * v for w, v in terms.values()).item() == pytest.approx(ref.item(), rel=1e-12)
