@@ -1,7 +1,9 @@
 """Cross-entropy baseline (`method=ce`): the standard classifier every post-hoc detector is applied to.
 
-OpenOOD v1.5 recipe on CIFAR (`configs/pipelines/train/baseline.yml`): SGD lr 0.1, momentum 0.9, wd 5e-4,
-100 epochs, cosine schedule, batch 128. Score: none of its own; every configured detector scores its cache.
+OpenOOD v1.5 recipe on CIFAR (`configs/pipelines/train/baseline.yml` + `BaseTrainer`): SGD lr 0.1, momentum 0.9,
+Nesterov, wd 5e-4, 100 epochs, cosine per iteration to 1e-6, batch 128 (`experiment=cifar10_ce`, its deviations
+listed there; `conf/method/ce.yaml` holds the digits defaults). Score: none of its own; every configured detector
+scores its cache.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ Two uses: from scratch (OpenOOD's recipe, `experiment=cifar10_oe`), or the OE *f
 
 Deviations: outlier batches come from a stream that cycles through reshuffled permutations of the outlier set
 (`ood.data.benchmark.OutlierSampler`); Hendrycks re-shuffles per epoch with a random offset into 80M Tiny Images,
-OpenOOD iterates a shuffled loader and restarts it when exhausted: same distribution, different order.
+OpenOOD iterates a shuffled loader and restarts it when exhausted: same distribution, different order. Outliers
+get the training flip + padded crop, as Hendrycks' and energy_ood's code; OpenOOD's `oe` split gets its test
+transform (resize + centre crop only), a difference `experiment=cifar10_oe` lists (no switch yet).
 """
 
 from __future__ import annotations
