@@ -13,8 +13,9 @@ mean ID-train energy of the starting model, computed once at fit start over the 
 or its `data.fit_fraction`), identical on every rank (the digits rule: mean - 5 and mean - 5 + 18, 18 being the
 CIFAR-10 gap; see docs/methods/energy_cfl.md). The margins used are written into the results' `method_params.fitted`.
 Deviations: the `id_energy` margins stay at that rule, not tuned on validation OOD afterwards (only the CFL score's
-beta is tuned); the cosine schedule steps per epoch (released code: per iteration); outliers come from the shared
-outlier stream (a reshuffled permutation per epoch; the code starts 80M Tiny Images at a random offset each epoch).
+beta is tuned); the cosine schedule steps per epoch (released code: per iteration); the last partial ID batch is
+dropped (released: kept); outliers come from the shared outlier stream (a reshuffled permutation per epoch; the
+code starts 80M Tiny Images at a random offset each epoch).
 
 **Semantic-driven energy (SDE) with Cluster Focal Loss: RECONSTRUCTION.** A. Joshi, S. Chalasani,
 K. Nanjunda Iyer, "Semantic Driven Energy based Out-of-Distribution Detection", arXiv 2208.10787; no public code.
