@@ -239,6 +239,9 @@ def test_energy_paper_presets_are_the_released_recipe(tmp_path: Path, experiment
     assert (opt.lr, opt.momentum, opt.weight_decay, opt.nesterov) == (stage["lr"], 0.9, 5e-4, True)
     assert (sched.T_max, sched.eta_min, cfg.trainer.max_epochs) == (stage["epochs"], 1e-6, stage["epochs"])
     assert (cfg.data.batch_size, cfg.data.outlier_batch_size) == (128, stage["outlier_batch"])
+    if experiment != "energy_ce":  # run.sh's absolute margins per ID set, lambda 0.1
+        m_in = {"cifar10": -23.0, "cifar100": -27.0}[data or experiment.split("_")[0]]
+        assert (cfg.method.margins, cfg.method.m_in, cfg.method.m_out, cfg.method.lam) == ("absolute", m_in, -5.0, 0.1)
 
 
 def test_energy_oe_training_loss_is_energy_oods_line_by_line(tmp_path: Path) -> None:
