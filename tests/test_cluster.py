@@ -285,6 +285,34 @@ def test_per_cluster_percentile_sweep_lies_on_the_roc_of_the_score() -> None:
         assert point in vertices, f"p={p}: {point} is not on the ROC"
 
 
+def test_cosine_per_cluster_score_orders_as_oodformers_similarity_sweep() -> None:
+    """OODformer's `calculate_auroc` for Cosine (eval_metric.py:95-98), transcribed: t_c(p) = the p-th percentile of
+    class c's train cosine similarities to its centre (sklearn's `cosine_similarity`), OOD iff sim <= t_c(p) of the
+    predicted class (argmax similarity, OOD_Distance.py:325). Every (FPR, TPR) of that sweep is a vertex of the ROC
+    of our per-cluster score on 1 - cos."""
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    z, y = _blobs(n=30, dim=3)
+    method = _method(distance="cosine", threshold="per_cluster")
+    method.setup_ood({"train": _bank(z, y)})
+    id_test, _ = _blobs(n=20, dim=3, seed=4)
+    ood = torch.randn(60, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 6 + 3
+    queries = torch.cat([id_test, ood])
+    is_id = np.r_[np.ones(len(id_test)), np.zeros(len(ood))]
+
+    centres = np.stack([z.numpy()[y.numpy() == c].mean(0) for c in range(3)])
+    train_sim = cosine_similarity(z.numpy(), centres)[np.arange(len(z)), y.numpy()]
+    sim = cosine_similarity(queries.numpy(), centres)
+    predicted, s = sim.argmax(1), sim.max(1)
+    fpr, tpr, _ = roc_curve(is_id, method.ood_score(_bank(queries)).numpy(), drop_intermediate=False)
+    vertices = {(round(a, 12), round(b, 12)) for a, b in zip(fpr, tpr)}
+    for p in range(101):
+        t = np.array([np.percentile(train_sim[y.numpy() == c], p) for c in range(3)])
+        accepted = s > t[predicted]
+        point = (round(accepted[is_id == 0].mean(), 12), round(accepted[is_id == 1].mean(), 12))
+        assert point in vertices, f"p={p}: {point} is not on the ROC"
+
+
 def test_per_cluster_threshold_on_a_class_of_two_is_refused_at_fit_with_the_clusters_fix() -> None:
     """Two members are equidistant from their mean: no percentile CDF. Refused in setup_ood, naming the cluster; the
     fix for class-mean clusters is the global threshold (method.k, the k-means fix, does nothing there)."""

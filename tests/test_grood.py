@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -334,6 +336,77 @@ def test_ivf_as_released_with_all_cells_probed_equals_exact_on_the_kept_bank() -
     d2 = torch.cdist(grads.double(), grads[:32].double()) ** 2
     torch.testing.assert_close(ivf.ood_score(banks["train"]).double(), -d2.min(1).values, atol=1e-5, rtol=0)
     assert torch.equal(exact.ood_score(banks["train"]), torch.zeros(40))
+
+
+def _released_grood(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, queries: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """OpenOOD's `GrOODPostprocessor` (openood/postprocessors/grood.py, use_proto_mean, autograd gradients),
+    transcribed on batches of B: running-mean prototypes (update_prototype), the OOD prototype as their mean
+    (get_prototype_mean), per-sample autograd of CE(-||h - P||, argmax logits) w.r.t. p_ood for the correctly
+    classified rows (_compute_grad), faiss IVF-Flat with T = min(600, int(0.8 * batches)) training batches, batch T
+    dropped (index_grads; every cell probed here, so the search is exact), score -dist[:, -1] of the 1-NN and the
+    NCC prediction (postprocess). Returns (scores, predictions, index size)."""
+    import faiss
+
+    batches = list(zip(x.split(B), y.split(B)))
+    protos, count = torch.zeros(C, net.feature_dim), torch.zeros(C, dtype=torch.long)
+    for xb, yb in batches:
+        feats = net.features(xb)[0]
+        for cl in yb.unique():
+            m = yb == cl
+            protos[cl] = (feats[m].sum(0) + count[cl] * protos[cl]) / (count[cl] + m.sum())
+            count[cl] += m.sum()
+    noise = protos.clone().mean(0).view(-1)
+
+    def grads(data: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        p_ood = noise.clone().requires_grad_(True)
+        with torch.enable_grad():
+            feats, logits = net.features(data)[0], net(data)
+            pseudo = logits.argmax(1)
+            prototypes = torch.cat([protos, p_ood.view(1, -1)])
+            ncc = -torch.norm(feats.reshape(len(data), 1, -1).detach() - prototypes, dim=2)
+            loss = F.cross_entropy(ncc, pseudo, reduction="none")
+            out = [torch.autograd.grad(loss[i], [p_ood], retain_graph=True)[0].view(1, -1)
+                   for i in range(len(data)) if labels is None or labels[i] == pseudo[i]]
+        return torch.cat(out), ncc[:, :-1].argmax(1)
+
+    n_samples = len(batches)
+    t = min(600, int(n_samples * 0.8))
+    nlist = int(4 * math.sqrt(t))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(net.feature_dim), net.feature_dim, nlist, faiss.METRIC_L2)
+    kept, trained = [], False
+    for idx, batch in enumerate(batches):
+        g = grads(*batch)[0].numpy()
+        if trained:
+            index.add(g)
+        elif idx >= t:
+            everything = np.concatenate(kept)
+            index.train(everything)
+            index.add(everything)
+            trained = True
+        else:
+            kept.append(g)
+    index.nprobe = nlist
+    g, pred = grads(queries, None)
+    dists, _ = index.search(g.numpy(), 1)
+    return torch.from_numpy(-dists[:, -1]), pred, index.ntotal
+
+
+def test_score_and_prediction_equal_the_released_postprocessor_transcribed() -> None:
+    """End to end against an independent transcription of the released code (`_released_grood`): the same kept
+    bank, scores and NCC predictions (`index: ivf_as_released`, every cell probed; `proto_mean` OOD prototype)."""
+    model = _model(ood_proto_source="proto_mean", index="ivf_as_released", nprobe=1000)
+    x, _ = _data(40)
+    with torch.no_grad():
+        pred = model.backbone(x).argmax(1)
+    rows = torch.arange(40)
+    y = torch.where(rows % 3 == 0, (rows // 3) % C, pred)  # every class present; a wrong label is not banked
+    queries, _ = _data(12, seed=7)
+    banks = _evaluate(model, {"train": ("fit", x, y), "test": ("id_test", queries, torch.zeros(12, dtype=torch.long))})
+    scores, predictions, ntotal = _released_grood(model.backbone, x, y, queries)
+    assert model.bank_index.ntotal == ntotal == int((y == pred)[:32].sum())
+    torch.testing.assert_close(model.ood_score(banks["test"]), scores, atol=1e-5, rtol=0)
+    assert torch.equal(model.predict(banks["test"]), predictions)
 
 
 # ----- end to end on digits ----------------------------------------------------------------------------------
