@@ -155,6 +155,19 @@ def test_class_mean_centres_are_per_class_means() -> None:
     assert torch.allclose(method._fit["centres"], expected, atol=1e-12)
 
 
+def test_a_class_missing_from_the_fit_split_is_one_line() -> None:
+    """Class-mean centres are the present classes' means (OODformer: one per torch.unique(train_targets)). A class
+    without a fit image (a small data.fit_fraction) got a zero centre, under which a sample at the origin scored as
+    the most in-distribution of all; now a one-line ConfigError naming the class. k-means centres need no class."""
+    z, y = _blobs()
+    present = y < 2
+    method = _method(distance="euclidean")
+    with pytest.raises(ConfigError, match=r"^cluster: 1 of the 3 classes have no training image in the fit split "
+                                          r"\(first: \[2\]\), so they have no class-mean centre"):
+        method.setup_ood({"train": _bank(z[present], y[present])})
+    _method(clusters="kmeans", k=2, n_init=1, distance="euclidean").setup_ood({"train": _bank(z[present], y[present])})
+
+
 def test_kmeans_on_separated_blobs_has_purity_one() -> None:
     z, y = _blobs()
     method = _method(clusters="kmeans", k=3, n_init=3, distance="euclidean")

@@ -79,7 +79,7 @@ from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit
 from ood.data.fit import FitData
 from ood.detectors.mahalanobis import class_means, gram, mahalanobis_sq
-from ood.errors import ConfigError, check_range
+from ood.errors import ConfigError, check_every_class, check_range
 from ood.features.bank import FeatureBank
 from ood.losses import supcon
 from ood.losses.contrastive import BASE_TEMPERATURE
@@ -390,6 +390,10 @@ class ClusterMethod(OODMethod):
         hp = self.hparams
         if hp.clusters == "class_mean":
             k = train.logits.shape[1]
+            # OODformer's centres are those of the classes present (torch.unique); an absent class's mean was a
+            # phantom centre at the origin that scored nearby samples as ID
+            check_every_class("cluster", torch.bincount(labels, minlength=k).tolist(),
+                              "they have no class-mean centre (method.clusters=class_mean)", fit_split=True)
             assign = labels
             centres = class_means(z, labels, k)
         else:
