@@ -28,7 +28,7 @@ An empirical study turned into one configurable method, so every factor the pape
   per-cluster global separation GS_c = (min_{c' != c} P(c, c') - P(c, c)) / max(min_{c' != c} P(c, c'), P(c, c)),
   P the mean pairwise Euclidean distance between members (self-pairs excluded); k-means purity (majority-label
   share); silhouette (scikit-learn, Euclidean). On at most `stats_samples` random train rows. Deviation: OODformer's
-  GS keeps the zero self-pairs in P(c, c) and is computed on ID test (docs/methods/cluster.md).
+  GS keeps the zero self-pairs in P(c, c), uses the run's metric and is computed on ID test (docs/methods/cluster.md).
 
 Training (`objective` != ce): contrastive stage, then a linear probe. The last `probe_epochs` epochs freeze the
 encoder (eval-mode batch norm, no gradients) and train only the backbone's `fc` with cross-entropy on what
@@ -43,8 +43,9 @@ dataset indices, unique across ranks. The parameters a stage does not train (`fc
 head while probing) get an exact zero gradient (`zero_touch`), so plain DDP (no `find_unused_parameters`) runs.
 
 Defaults versus OODformer (https://github.com/rajatkoner08/oodformer, 4300c8f, the closest public code; no official
-code exists): ours are `cov_inverse=pinv`, `cov_ddof=0`, `id_assignment=nearest` (finite on rank-deficient clusters,
-and no test labels in the score), OODformer's are `inv`, 1, `gt`; `probe_features=raw` is OODformer's. The reproduce
+code exists): ours are `covariance=shared`, `cov_inverse=pinv`, `cov_ddof=0`, `id_assignment=nearest` (finite on
+rank-deficient clusters, and no test labels in the score), OODformer's are `per_cluster`, `inv`, 1, `gt`;
+`probe_features=raw` is OODformer's. The reproduce
 preset (`conf/experiment/cluster_oodformer.yaml`) sets OODformer's choices but `pinv`: on CIFAR-100 (500 images per
 class, 512 dims) a class covariance is singular and `inv` gave entries of 1e17 (now refused); where it is invertible
 the two agree.

@@ -30,11 +30,14 @@ Deviations from the paper and the released code:
 - `k` is honoured (distance to the k-th neighbour); the released code ignores it (1-NN). Default 1 = released.
 - `index: exact` (default) is an exact index via `ood/neighbors.py`. `ivf_as_released` reproduces the released faiss
   IVF-Flat (nlist = floor(4 sqrt(T)), T = min(600, int(0.8 x train batches)), nprobe 4, gradients of batch T
-  dropped) except that faiss k-means is trained on the whole kept bank, not on the first T batches only, and that
-  a query whose 4 probed cells hold fewer than k gradients probes more cells (released: faiss' -1 / 3.4e38 padding).
+  dropped) except that faiss k-means is trained on at most 256 nlist rows drawn from the whole kept bank, not on the
+  first T batches only, and that a query whose 4 probed cells hold fewer than k gradients probes more cells
+  (released: faiss' -1 / 3.4e38 padding).
 - The released yaml's `lam: 0.8` is unused (mix-up hard-codes 0.5): `mix_lambda` defaults to 0.5 and is used.
-- The released code mixes on OpenOOD's training loader (its order and preprocessing); here the first training
-  samples in dataset order, without augmentation, from the shared evaluation pass.
+- The released code mixes on OpenOOD's training loader (legacy pipeline: shuffled, augmented, batch
+  `dataset.train.batch_size`); here the first training samples in dataset order, without augmentation, from the
+  shared evaluation pass. `val_ood` rounds `n_proto` up to whole `proto_batch_size` batches too (released: whole
+  batches of the OOD loader, `ood_dataset.batch_size`).
 - `mix_layer` is a stage name (default: the first stage after the stem); the released code uses a feature-list
   index (yaml 3, sweep [1]) and its ResNet-18 restart lookup misses the stem ReLU; `forward_from` is exact.
 - `uniform_noise` draws from a fixed-seed generator (seed 0) and, like the released code, does not apply the
