@@ -86,7 +86,7 @@ reproduce-cluster: install ## cluster-game paper with OODformer's choices: CE, S
 
 reproduce-grood: DATA = cifar10,cifar100
 reproduce-grood: IMAGENET_SOURCES = synthetic_mixup,val_ood
-reproduce-grood: install ## GROOD: OpenOOD CE + GROOD on CIFAR (mix-up and val-OOD prototypes), post-hoc on ImageNet-1K (WEIGHTS=resnet50 file), report beside OpenOOD's README
+reproduce-grood: install ## GROOD: OpenOOD CE + GROOD on CIFAR (mix-up and val-OOD prototypes), post-hoc on ImageNet-1K (WEIGHTS=resnet50 file), report beside GROOD's README (its OpenOOD v1.5 numbers)
 	$(VENV)/bin/ood-train -m experiment=grood_openood data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/grood/train hydra.sweep.subdir='$(JOB)' $(ARGS)
 	$(VENV)/bin/ood-eval -m experiment=grood_openood method.ood_proto_source=val_ood data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/grood/val_ood 'ckpt_path=$(R)/grood/train/$(JOB)/$(LAST)' $(ARGS)
 	$(VENV)/bin/ood-eval -m experiment=grood_imagenet1k method.ood_proto_source=$(IMAGENET_SOURCES) backbone.weights=$(WEIGHTS) hydra.sweep.dir=$(R)/grood/imagenet1k $(IMAGENET_ARGS)
