@@ -407,3 +407,23 @@ def test_without_checkpoint_trains_ce_then_freezes(tmp_path: Path) -> None:
     trainer.test(method, datamodule=datamodule, verbose=False)
     assert evaluation.rows[0]["id_acc"] >= 0.8
     assert {r["detector"] for r in evaluation.rows} == {"heatmap", "msp"}
+
+
+def test_released_feature_norm_uses_the_released_range_not_the_rows_own(tmp_path: Path) -> None:
+    """feature_norm=as_released, transcribed from the released `get_norm_values` / `learn_prototype` (fw_layers = 1):
+    the range is min(0, .) / max(0, .) over zs[0], the first row of each 200-image batch, and only zs[0] of a batch
+    is scaled, with that range (it was scaled with its own min and max)."""
+    method = _method(tmp_path, ["method.feature_norm=as_released"])
+    method.feature_range.copy_(torch.tensor([0.0, 8.0]))
+    batch = torch.tensor([[2.0, 4.0, 6.0], [1.0, 2.0, 3.0]])
+    torch.testing.assert_close(method.scale_features(batch), torch.tensor([[0.25, 0.5, 0.75], [1.0, 2.0, 3.0]]))
+    from ood.methods.heatmap import released_feature_range
+
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.rand(450, 4, generator=gen) * 3 + 0.5  # 3 released batches: 200, 200, 50
+    min_val, max_val = 0.0, 0.0
+    for start in range(0, len(feats), 200):
+        zs = feats[start : start + 200].numpy()
+        min_val, max_val = min(min_val, zs[0].min()), max(max_val, zs[0].max())
+    torch.testing.assert_close(released_feature_range(feats), torch.tensor([min_val, max_val]))
+    assert max_val < feats.max().item()  # not the range of every row

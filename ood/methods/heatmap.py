@@ -25,7 +25,9 @@ Flags for the released code's behaviour (defaults = the paper's intent; docs/met
 - `pairing: intended|as_released`: `as_released` gives outlier k the prototype of the k-th outlier in
   class-sorted order (the released dataset's indexing).
 - `feature_norm: global|as_released`: `global` scales every feature with the min/max over all ID-train features;
-  `as_released` scales only the first sample of each batch, with its own min/max (training and test alike).
+  `as_released` scales only the first sample of each batch (training and test alike), with the released range:
+  min(0, min) and max(0, max) over the first feature row of each 200-image batch of the ID-train set
+  (`released_feature_range`; `get_norm_values` and `learn_prototype` index the batch tensor with the layer index).
 - The released evaluation keeps the first len(ID test) // 5 samples of every test OOD set: a data option,
   `data.ood_subset=first_fifth`, applied before the evaluation pass (every scorer sees the same samples).
 
@@ -99,6 +101,17 @@ def class_prototypes(
         _, nearest = KNNIndex("l2", device="cpu").add(bank_features[rows]).search(query_features[queries], 1)
         proto[queries] = rows[nearest[:, 0].cpu()]
     return proto
+
+
+#: the batch size of the released `get_norm_values` pass over the ID-train set (`ood_training.py` sets 200)
+RELEASED_NORM_BATCH = 200
+
+
+def released_feature_range(id_features: torch.Tensor, batch_size: int = RELEASED_NORM_BATCH) -> torch.Tensor:
+    """The released (min, max) of ID-train features [N, D] in loader order: `get_norm_values` takes zs[0], the
+    first row of each `batch_size` batch, and starts both ends at 0, so (min(0, min rows), max(0, max rows))."""
+    rows = id_features[::batch_size]
+    return torch.stack([rows.min().clamp_max(0.0), rows.max().clamp_min(0.0)])
 
 
 def released_pairing(prototypes: torch.Tensor, query_preds: torch.Tensor) -> torch.Tensor:
@@ -201,12 +214,11 @@ class HeatmapOOD(OODMethod):
 
     def scale_features(self, features: torch.Tensor) -> torch.Tensor:
         """Min-max scaling of the decoder input (`feature_norm`, module doc)."""
+        low, high = self.feature_range
+        scaled = (features - low) / (high - low).clamp_min(1e-12)
         if self.feature_norm == "global":
-            low, high = self.feature_range
-            return (features - low) / (high - low).clamp_min(1e-12)
-        first = features[:1]
-        scaled = (first - first.min()) / (first.max() - first.min()).clamp_min(1e-12)
-        return torch.cat([scaled, features[1:]])
+            return scaled
+        return torch.cat([scaled[:1], features[1:]])
 
     def heatmap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(heatmap M(x), logits, features) of classifier inputs `x`; the classifier runs without gradients."""
@@ -268,7 +280,10 @@ class HeatmapOOD(OODMethod):
         self.pixel_std.copy_(torch.tensor(data.input_std).view(-1, 1, 1))
         train = data.datasets["train"]
         id_feats, id_preds = self._classify(train)
-        self.feature_range.copy_(torch.stack([id_feats.min(), id_feats.max()]))
+        if self.feature_norm == "global":
+            self.feature_range.copy_(torch.stack([id_feats.min(), id_feats.max()]))
+        else:
+            self.feature_range.copy_(released_feature_range(id_feats))
         gen = torch.Generator().manual_seed(data.seed)
         n = len(outliers)  # type: ignore[arg-type]
         pool = torch.randperm(n, generator=gen)[: min(self.num_ood or n, n)].sort().values
