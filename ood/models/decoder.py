@@ -11,7 +11,7 @@ stays even and above 4 (32 -> 4 with k = 3 doublings, 224 -> 7 with 5); channels
 blocks) with width = max(D, 32 * 2^k), so the last block keeps at least 32 channels; latent d0 = min(D, 512).
 This reproduces every released setting in docs/methods/heatmap.md (ResNet-18 CIFAR-100 512/(512..64), WRN-40-2 128/(256..32),
 ResNet-50 Tiny ImageNet 512/(2048..128)) except ResNet-18 CIFAR-10's d0 = 100 (the DCGAN default), which
-`experiment=cifar10_heatmap` sets; the digits plan of docs/methods/heatmap.md (8 px: 64/(64, 32)) too. The released CIFAR decoders
+`experiment=cifar10_heatmap` sets; the digits plan of docs/methods/heatmap.md is 16 px with `method.width=64` (64/(64, 32, 16)). The released CIFAR decoders
 start with a k4 ConvT to 4x4 exactly like s0 = 4 here.
 """
 
