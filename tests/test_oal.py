@@ -435,3 +435,40 @@ def test_a_trained_teacher_depends_on_its_seed_not_on_the_runs_stream(tmp_path: 
         weights.append(torch.load(path))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_knn_features_file_is_the_space_the_boundary_outliers_are_sampled_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The released banks were sampled in DreamOOD's text-anchored ResNet-34 features (`id_feat_*.npy`, [C, n, D]),
+    not the teacher's: `method.knn_features=<file>` samples in that file's rows (class by class), and the teacher's
+    ID-train features are not computed; a file of another layout is one line."""
+    from types import SimpleNamespace
+
+    import ood.methods.oal as oal_module
+
+    path = tmp_path / "id_feat.npy"
+    overrides = ["method.n_candidates=50", "method.knn_repeats=1", f"method.knn_features={path}"]
+    cfg = compose_config(tmp_path, ["method=oal", f"method.cache_dir={tmp_path}", *overrides])
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=6, in_channels=1))
+    d_t = method.teacher.feature_dim
+    id_feat = torch.randn(6, 20, d_t, generator=torch.Generator().manual_seed(0))
+    np.save(path, id_feat.numpy())
+    teacher = tmp_path / "teacher.pt"
+    torch.save({f"backbone.{k}": v for k, v in method.teacher.state_dict().items()}, teacher)
+    monkeypatch.setattr(oal_module, "teacher_file", lambda cfg, data, cache: (teacher, None))
+
+    def no_teacher_features(*args: object) -> None:
+        raise AssertionError("the teacher's features are not needed")
+
+    monkeypatch.setattr(oal_module, "teacher_features", no_teacher_features)
+    # what prepare reads of the fit data once the teacher file and features are given
+    method.prepare(SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, batch_size=16))
+    expected = method._sample(id_feat.reshape(-1, d_t), torch.arange(6).repeat_interleave(20))
+    assert torch.equal(method.outliers_knn, expected)
+    # per class: select (0.1 x 20) x keep (2) rows, rescaled to the mean norm of that class's file rows
+    rows = expected.view(6, 4, d_t)
+    torch.testing.assert_close(rows.norm(dim=2), id_feat.norm(dim=2).mean(1, keepdim=True).expand(6, 4))
+    np.save(tmp_path / "bad.npy", id_feat[:5].numpy())
+    with pytest.raises(ConfigError, match=r"must be \[classes=6, n, teacher feature dim=\d+\] .* got \(5, 20, \d+\)$"):
+        oal_module.load_knn_features(tmp_path / "bad.npy", 6, d_t)

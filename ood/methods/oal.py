@@ -38,6 +38,11 @@ Released-code quirks, and where this differs:
   averages its 4 channels, then its 64 rows: one 64-d vector per image, 300 per dataset. This project runs no SD
   model: the file is read from disk ([n, 64], [n, 64, 64] or the released [n_iter, batch, 64, 64]); without a file
   the branch is off and the run says so.
+- `knn_features` (default null: the teacher's features of ID train): the released banks were not sampled in the
+  ViT teacher's space but in DreamOOD's text-anchored one (`outlier_generation/pretrain_cifar100.py`: a ResNet-34
+  whose 768-d output is trained toward the CLIP class-token embeddings; the first 500 training images per class of
+  a shuffled loader, saved as `id_feat_<data>_199epoch.npy`, [C, 500, 768]). `knn_features=<that file>` samples in
+  those features instead (`load_knn_features`); their width must be the teacher's (the q-network's input).
 - Not reproduced: the `energy_rl` ablation (off in the released runs); an unused ViT data loader (the teacher sees
   the student batch here as there); the released trainer's `ood_sample_num = 80` on the last CIFAR batch (our
   training loaders drop the last partial batch).
@@ -131,6 +136,18 @@ def load_sd_latents(path: str | Path) -> torch.Tensor:
     return array
 
 
+def load_knn_features(path: str | Path, classes: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [C * n, D], labels) of a released `id_feat_*.npy` ([C, n, D]: n feature rows per class, class by
+    class), the space the released boundary outliers were sampled in; D must be `dim`, the q-network's input."""
+    array = torch.from_numpy(np.load(path)).float()
+    if array.ndim != 3 or len(array) != classes or array.shape[-1] != dim:
+        raise ConfigError(
+            f"{path}: method.knn_features must be [classes={classes}, n, teacher feature dim={dim}] (the released "
+            f"id_feat_*.npy layout); got {tuple(array.shape)}"
+        )
+    return array.reshape(-1, dim), torch.arange(classes).repeat_interleave(array.shape[1])
+
+
 class OAL(OODMethod):
     """Distillation from a frozen teacher + CLUB against boundary outliers; scored by the energy of the student.
 
@@ -146,6 +163,7 @@ class OAL(OODMethod):
         lr_proj, lr_club: learning rates of the projector and the q-networks. cosine_per_step, lr_min: schedule.
         knn_k, knn_select: K and the number of boundary points per class (>= 1: a count; < 1: a fraction of n_c).
         knn_per_class: use at most this many training features per class (seeded subset; null = all).
+        knn_features: a released-layout `.npy` of ID features to sample in ([C, n, D_t]; null = the teacher's).
         n_candidates, knn_sigma, knn_keep, knn_repeats: candidate draws per point, noise scale, kept per point,
             repetitions. knn_ranking: `own` | `released` (the released code's index layout, see
             `ood.methods.oal_sampling`). outlier_norm: `teacher_mean` | `clip_token` | a float; token_embeddings: per-class rows
@@ -175,6 +193,7 @@ class OAL(OODMethod):
         knn_k: float = 300,
         knn_select: float = 50,
         knn_per_class: int | None = None,
+        knn_features: str | None = None,
         n_candidates: int = 1500,
         knn_sigma: float = 0.07,
         knn_keep: int = 2,
@@ -247,6 +266,7 @@ class OAL(OODMethod):
             token_embeddings,
         )
         self.sampling_seed, self.cache_dir = sampling_seed, Path(cache_dir)
+        self.knn_features = knn_features
         self.register_buffer("outliers_knn", torch.empty(0, d_t), persistent=False)
         self.register_buffer("outliers_sd", torch.empty(0, self.sd_dim), persistent=False)
         self.stats: dict[str, Any] = {}
@@ -293,12 +313,18 @@ class OAL(OODMethod):
             hint="set method/teacher= to the architecture the file was trained with",
         )
         self.teacher.requires_grad_(False).eval()
-        start = time.perf_counter()
-        features, hit = teacher_features(self.teacher, path, data, self.cache_dir)
-        seconds = time.perf_counter() - start
-        self.stats.update(teacher_features_cache_hit=float(hit), teacher_features_seconds=seconds)
-        log.info("oal: teacher features of ID train %s in %.2fs", "read from the cache" if hit else "computed and cached", seconds)
-        self.outliers_knn = self._sample(features["features"], features["labels"]).to(data.device, data.dtype)
+        if self.knn_features:
+            feats, labels = load_knn_features(self.knn_features, self.backbone.num_classes, self.teacher.feature_dim)
+            log.info("oal: boundary outliers sampled in the features of %s", self.knn_features)
+        else:
+            start = time.perf_counter()
+            features, hit = teacher_features(self.teacher, path, data, self.cache_dir)
+            seconds = time.perf_counter() - start
+            self.stats.update(teacher_features_cache_hit=float(hit), teacher_features_seconds=seconds)
+            log.info("oal: teacher features of ID train %s in %.2fs", "read from the cache" if hit else "computed and cached",
+                     seconds)
+            feats, labels = features["features"], features["labels"]
+        self.outliers_knn = self._sample(feats, labels).to(data.device, data.dtype)
         if len(self.outliers_knn) < data.batch_size:
             raise ConfigError(
                 f"oal: {len(self.outliers_knn)} boundary outliers < batch size {data.batch_size}; raise method.knn_repeats"
