@@ -101,3 +101,19 @@ def test_ood_eval_of_a_run_whose_detector_cannot_be_imported_says_the_override_t
         "whose modules are not on the import path here: put their folders on PYTHONPATH (PYTHONPATH=<folder> "
         "ood-eval ...), or leave them out: 'detectors.names=[msp,energy]'\n")
     assert not (tmp_path / "logs").exists() and sorted(p.name for p in run.iterdir()) == [".hydra"]
+
+
+@pytest.mark.parametrize(("override", "closest"), [
+    ("detectors.parms.knn.k=3", "detectors.params.knn.k"),  # a misspelt empty mapping, then new keys below it
+    ("detectors.parms=3", "detectors.params"),
+])
+def test_a_misspelt_key_names_the_closest_one_also_below_an_empty_mapping(override: str, closest: str) -> None:
+    """README: a misspelt key is one line naming the closest. `detectors.params` starts empty, so `knn.k` below it
+    had no sub-key to match and the line named none."""
+    from ood import CONFIG_DIR
+    from ood.errors import ConfigError
+    from ood.runs.checks import check_overrides
+
+    with pytest.raises(ConfigError, match=rf"^unknown config key '{override.partition('=')[0]}': "
+                                          rf"did you mean {closest}=\.\.\.\?"):
+        check_overrides(CONFIG_DIR, "train", [override])

@@ -464,12 +464,15 @@ def _expected_type(default: Any, value: Any) -> str | None:
 def _closest(key: str, known: Mapping[str, Any]) -> str | None:
     """The real key or node nearest a misspelt `key`: among its siblings when its parent exists (`method.lamm` under
     method=ce has none, rather than `method._target_`; `metod` -> `method`), its parent's spelling found first
-    (`methd.lam` -> `method.lam`); never a `_target_`-style key."""
+    (`methd.lam` -> `method.lam`); never a `_target_`-style key. Below a mapping that starts empty any name is a key
+    (`detectors.parms.knn.k` -> `detectors.params.knn.k`: `params` has no sub-keys to match `knn` against)."""
     nodes = {".".join(k.split(".")[:i]) for k in known for i in range(1, k.count(".") + 2)}
     nodes = {n for n in nodes if not n.rpartition(".")[2].startswith("_")}
     parent, _, name = key.rpartition(".")
     if parent and parent not in nodes:
         fixed = _closest(parent, known)
+        if fixed and any(fixed == k or fixed.startswith(f"{k}.") for k, v in known.items() if v == {}):
+            return f"{fixed}.{name}"
         return _closest(f"{fixed}.{name}", known) if fixed else None
     siblings = {n.rpartition(".")[2]: n for n in nodes if n.rpartition(".")[0] == parent}
     return next((siblings[c] for c in difflib.get_close_matches(name, sorted(siblings), n=1, cutoff=0.6)), None)
