@@ -16,10 +16,11 @@ from torch import nn
 
 from ood.errors import ConfigError
 from ood.losses import club, club_nll, distill_kl
-from ood.methods.oal import OAL, CLUBNet, Projector, load_sd_latents, openood_cosine
+from ood.methods.oal import OAL, CLUBNet, Projector, load_sd_latents
 from ood.methods.oal_sampling import boundary_samples
 from ood.methods.oal_teacher import file_sha256
-from ood.models import TimmBackbone
+from ood.methods.schedules import cosine_annealing
+from ood.models import SmallCNN, TimmBackbone
 from ood.models.base import input_channels
 from ood.models.checkpoint import read_state_dict
 from ood.utils import instantiate
@@ -113,9 +114,36 @@ def test_projector_and_club_net_layout() -> None:
 
 
 def test_openood_cosine_endpoints() -> None:
-    assert openood_cosine(0, 100, 1e-4) == 1.0
-    assert openood_cosine(50, 100, 0.0) == pytest.approx(0.5)
-    assert openood_cosine(100, 100, 1e-4) == pytest.approx(1e-4)
+    assert cosine_annealing(0, 100, 1e-4) == 1.0
+    assert cosine_annealing(50, 100, 0.0) == pytest.approx(0.5)
+    assert cosine_annealing(100, 100, 1e-4) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("preset", ["cifar10_oal", "cifar100_oal", "oal_openood"])
+def test_oal_presets_build_with_the_released_schedule(tmp_path: Path, preset: str) -> None:
+    """The OAL presets (teacher swapped for a small CNN: no timm needed) build OAL with OpenOOD's per-step cosine to
+    1e-8 as `method.scheduler`, not with the keys of OAL's former own schedule."""
+    cfg = compose_config(tmp_path, [f"experiment={preset}", "method/teacher=small_cnn", f"method.cache_dir={tmp_path}"])
+    method = instantiate(cfg.method, backbone=SmallCNN(6))
+    schedule = method.scheduler_factory
+    assert (type(schedule).__name__, schedule.eta_min, schedule.interval, schedule.offset) == ("OpenOODCosine", 1e-8,
+                                                                                            "step", 0)
+
+
+def test_oal_anneals_every_group_per_step_to_1e_8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """oal_trainer.py: one LambdaLR(cosine_annealing(step, epochs * len(loader), 1, 1e-8 / lr)) over the student,
+    projector and q-network groups, stepped after each update; now the shared `OpenOODCosine` of conf/method/oal.yaml."""
+    method = _method(tmp_path)
+    monkeypatch.setattr(method, "scheduler_steps", lambda interval: {"step": 10}[interval])
+    optimizer = method.optimizer_factory(method.trainable_parameters())
+    config = method.lr_scheduler_config(optimizer)
+    assert config["interval"] == "step"
+    ratio = 1e-8 / 0.005
+    for step in range(11):
+        want = [lr * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(step / 10 * math.pi))) for lr in (0.005, 0.01, 1e-4)]
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(want, rel=1e-12)
+        optimizer.step()
+        config["scheduler"].step()
 
 
 # ----- boundary sampler -------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ write.
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -41,6 +42,7 @@ from ood.data.benchmark import EvalSplit, Stream
 from ood.data.fit import FitData
 from ood.errors import ConfigError, NonFiniteError, check_range
 from ood.features.bank import FeatureBank
+from ood.methods.schedules import Interval, OpenOODCosine
 from ood.models.base import Backbone
 from ood.models.checkpoint import load_modules, read_state_dict
 from ood.utils import get_logger, linear_params
@@ -57,7 +59,7 @@ class _DropFrozenFilterOnException(Callback):
 
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any] | OpenOODCosine
 InitModules = Sequence[str] | Mapping[str, str] | None
 
 
@@ -84,7 +86,8 @@ class OODMethod(LightningModule):
     Args:
         backbone: any `Backbone` (logits, features, named stages, `forward_from`).
         optimizer: a `_partial_` optimizer factory taking the (trainable) parameters.
-        scheduler: an optional `_partial_` LR-scheduler factory taking the optimizer (stepped per epoch).
+        scheduler: an optional `_partial_` LR-scheduler factory taking the optimizer (stepped per epoch), or an
+            `ood.methods.schedules.OpenOODCosine` (given the run's length, stepped per its `interval`).
         init: `{ckpt, modules, freeze}`: start from weights, pick sub-modules, freeze sub-modules (module doc).
     """
 
@@ -254,7 +257,27 @@ class OODMethod(LightningModule):
         optimizer = self.optimizer_factory(self.trainable_parameters())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_config(optimizer)}
+
+    def lr_scheduler_config(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Lightning's scheduler config for `optimizer`: an `OpenOODCosine` gets the run's scheduler step count and
+        is stepped per its `interval`; any other factory gets the optimizer and is stepped per epoch."""
+        factory = self.scheduler_factory
+        if isinstance(factory, OpenOODCosine):
+            return {"scheduler": factory(optimizer, self.scheduler_steps(factory.interval)), "interval": factory.interval}
+        return {"scheduler": factory(optimizer)}
+
+    def scheduler_steps(self, interval: Interval) -> int:
+        """How often Lightning steps a scheduler of `interval` in this fit: its optimiser steps
+        (`trainer.estimated_stepping_batches`, which counts `max_steps`, gradient accumulation and DDP's sharding) or
+        `trainer.max_epochs`; 1 without a Trainer (a bare `configure_optimizers()` call)."""
+        if self._trainer is None:
+            return 1
+        total = self.trainer.estimated_stepping_batches if interval == "step" else self.trainer.max_epochs
+        if total is None or not math.isfinite(total) or total < 0:
+            raise ConfigError(f"method.scheduler anneals over the run's {interval}s, which this fit does not bound "
+                              f"({total}); set trainer.max_epochs or trainer.max_steps")
+        return max(1, int(total))
 
     # ----- evaluation contract --------------------------------------------------------------------------------
     def linear_head(self) -> tuple[torch.Tensor, torch.Tensor]:

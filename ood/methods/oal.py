@@ -20,7 +20,8 @@ the q-network `CLUBNet` (mu: D_t-256-D_s; logvar: D_t-256-D_s-tanh; deep: 64-32-
 Score (`detector=oal`): energy of the student logits, logsumexp(l_s) = -E(x).
 
 Optimiser (released): SGD Nesterov, momentum 0.9, wd 5e-4; learning rates per group: student `lr`, projector
-`lr_proj` (0.01), CLUB q-networks `lr_club` (1e-4); OpenOOD's cosine per step to `lr_min` on every group.
+`lr_proj` (0.01), CLUB q-networks `lr_club` (1e-4); OpenOOD's cosine per step to 1e-8 on every group
+(`method.scheduler`: `ood.methods.schedules.OpenOODCosine`, as the OpenOOD presets).
 
 Released-code quirks, and where this differs:
 - `club_fit: as_released` (default): the q-networks minimise the same total loss (so they *lower* the CLUB value
@@ -50,7 +51,6 @@ Released-code quirks, and where this differs:
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -116,11 +116,6 @@ class CLUBNet(nn.Module):
         return self.p_mu(o), self.p_logvar(o)
 
 
-def openood_cosine(step: int, total: int, lr_min_ratio: float) -> float:
-    """OpenOOD's `cosine_annealing(step, total, 1, lr_min_ratio)`: the multiplier of a per-step cosine schedule."""
-    return lr_min_ratio + (1 - lr_min_ratio) * 0.5 * (1 + math.cos(step / total * math.pi))
-
-
 def load_sd_latents(path: str | Path) -> torch.Tensor:
     """SD latent outliers as [n, d]: rows of an [n, d] file; [n, H, W] (channel-averaged latents) averaged over rows;
     the released `[n_iter, batch, H, W]` flattened first, then averaged over rows."""
@@ -152,15 +147,15 @@ class OAL(OODMethod):
     """Distillation from a frozen teacher + CLUB against boundary outliers; scored by the energy of the student.
 
     Args:
-        backbone, optimizer, scheduler, init: as `OODMethod` (the student starts from `init.ckpt`). `scheduler` is
-            used (per epoch) only when `cosine_per_step` is false.
+        backbone, optimizer, scheduler, init: as `OODMethod` (the student starts from `init.ckpt`; `scheduler`
+            applies to every parameter group: released, OpenOOD's per-step cosine to 1e-8).
         teacher: `{backbone: factory(num_classes) -> Backbone, ckpt, source, epochs, lr, batch_size, seed}` (the
             `method/teacher=` group): `ckpt` null = train it on ID train first (cached under `cache_dir`); `source`
             = the prefix of the teacher's weights in the file (`backbone` for an `ood-train` checkpoint).
         w_kd_logit, w_kd_feat, w_mi_knn, w_mi_sd: loss weights (released: 4, 8, 0.1, 0.2; `w_mi_sd` default 0).
         sd_latents: a `.npy` of SD latent outliers (see the module docstring), or null (branch off).
         club_fit: `as_released` | `mle` (module docstring). club_hidden: the released q-network hidden size (512).
-        lr_proj, lr_club: learning rates of the projector and the q-networks. cosine_per_step, lr_min: schedule.
+        lr_proj, lr_club: learning rates of the projector and the q-networks.
         knn_k, knn_select: K and the number of boundary points per class (>= 1: a count; < 1: a fraction of n_c).
         knn_per_class: use at most this many training features per class (seeded subset; null = all).
         knn_features: a released-layout `.npy` of ID features to sample in ([C, n, D_t]; null = the teacher's).
@@ -188,8 +183,6 @@ class OAL(OODMethod):
         club_hidden: int = 512,
         lr_proj: float = 0.01,
         lr_club: float = 1e-4,
-        cosine_per_step: bool = True,
-        lr_min: float = 1e-8,
         knn_k: float = 300,
         knn_select: float = 50,
         knn_per_class: int | None = None,
@@ -248,7 +241,6 @@ class OAL(OODMethod):
             )
         self.w_kd_logit, self.w_kd_feat, self.w_mi_knn = w_kd_logit, w_kd_feat, w_mi_knn
         self.club_fit, self.lr_proj, self.lr_club = club_fit, lr_proj, lr_club
-        self.cosine_per_step, self.lr_min = cosine_per_step, lr_min
         self.sampling = dict(
             k=knn_k,
             select=knn_select,
@@ -416,20 +408,6 @@ class OAL(OODMethod):
             {"params": list(self.projector.parameters()), "lr": self.lr_proj},
             {"params": clubs, "lr": self.lr_club},
         ]
-
-    def configure_optimizers(self) -> Any:
-        """OpenOOD's per-step cosine to `lr_min` on every group (released), or `scheduler` per epoch when
-        `cosine_per_step` is off."""
-        if not self.cosine_per_step:
-            return super().configure_optimizers()
-        optimizer = self.optimizer_factory(self.trainable_parameters())
-        ratio = self.lr_min / optimizer.param_groups[0]["lr"]
-        # the step count is known once a Trainer is attached (a bare configure_optimizers() call builds with 1)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: openood_cosine(step, total, ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ----- evaluation -------------------------------------------------------------------------------------------
     def ood_score(self, bank: FeatureBank) -> torch.Tensor:
