@@ -4,15 +4,29 @@ itself here the day its config exists (the config group is the registry)."""
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+import lightning as L
+import numpy as np
 import pytest
-from helpers import NO_FIGURES, run_config
-from hydra.utils import get_class
+import torch
+from helpers import NO_FIGURES, compose_config, run_config
+from hydra.utils import get_class, instantiate
+from lightning import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from ood import CONFIG_DIR
+from ood.data.batch import collate_batch
+from ood.errors import ConfigError
 from ood.methods.base import OODMethod
+from ood.methods.ce import CrossEntropy
+from ood.methods.schedules import OpenOODCosine
+from ood.models import SmallCNN
 
 METHODS = sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml"))
 
@@ -51,3 +65,83 @@ def test_own_score_detection() -> None:
     """The expectation above is derived from the classes: the CE baseline has none, the paper methods do."""
     assert not has_own_score("ce")
     assert all(has_own_score(m) for m in ("cluster", "energy_cfl", "energy_oe", "grood", "heatmap", "oal", "oe"))
+
+
+# ----- the learning-rate schedule: OpenOOD's / energy_ood's per-iteration cosine ----------------------------------
+def released_cosine(step: int, total_steps: int, lr_max: float, lr_min: float) -> float:
+    """`cosine_annealing` as OpenOOD (`trainers/lr_scheduler.py`) and energy_ood (`CIFAR/train.py`) write it."""
+    return lr_min + (lr_max - lr_min) * 0.5 * (1 + np.cos(step / total_steps * np.pi))
+
+
+class RecordLR(Callback):
+    """The lr each optimiser update uses, by global step."""
+
+    def __init__(self) -> None:
+        self.lrs: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.lrs[trainer.global_step] = optimizer.param_groups[0]["lr"]
+
+
+def fit_preset_schedule(tmp_path: Path, preset: str, resume: bool = False) -> tuple[dict[int, float], float]:
+    """Fit a small CE model for 2 epochs of 3 batches with `experiment=<preset>`'s optimiser and scheduler: the lr of
+    each update by step, and the optimiser's lr. `resume`: then fit again from the checkpoint of step 4 (mid-epoch 2),
+    and give the lrs of that resumed fit instead."""
+    cfg = compose_config(tmp_path, [f"experiment={preset}"])
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(12, 1, 16, 16, generator=generator), torch.arange(12) % 3, torch.arange(12))
+    loader = DataLoader(data, batch_size=4, collate_fn=collate_batch)
+    callbacks = [ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)] if resume else []
+    for ckpt_path in [None, *([tmp_path / "ckpt" / "epoch=1-step=4.ckpt"] if resume else [])]:
+        method = CrossEntropy(SmallCNN(3), instantiate(cfg.method.optimizer), instantiate(cfg.method.scheduler))
+        record = RecordLR()
+        L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  limit_val_batches=0, default_root_dir=tmp_path, enable_checkpointing=resume,
+                  callbacks=[record, *callbacks]).fit(method, loader, ckpt_path=ckpt_path)
+    return record.lrs, cfg.method.optimizer.lr
+
+
+@pytest.mark.parametrize(("preset", "offset"), [("cifar10_ce", 0), ("cifar10_energy_oe", 1)])
+def test_presets_anneal_per_iteration_as_released(tmp_path: Path, preset: str, offset: int) -> None:
+    """OpenOOD's BaseTrainer and energy_ood's train.py step LambdaLR(cosine_annealing(step, epochs * len(loader), 1,
+    1e-6 / lr)) every iteration: OpenOOD after `optimizer.step()` (update k uses step k), energy_ood before it
+    (update k uses step k + 1, the last one 1e-6). The presets stepped a CosineAnnealingLR per epoch."""
+    lrs, lr = fit_preset_schedule(tmp_path, preset)
+    expected = {k: lr * released_cosine(k + offset, 6, 1, 1e-6 / lr) for k in range(6)}
+    assert lrs.keys() == expected.keys()
+    assert [lrs[k] for k in range(6)] == pytest.approx([expected[k] for k in range(6)], rel=1e-12)
+    if offset:
+        assert lrs[5] == pytest.approx(1e-6)
+
+
+def test_a_run_resumed_mid_epoch_keeps_the_per_iteration_schedule(tmp_path: Path) -> None:
+    """Lightning stores the LambdaLR's step in the checkpoint: the updates after a mid-epoch resume use the lrs of
+    the uninterrupted run."""
+    resumed, lr = fit_preset_schedule(tmp_path, "cifar10_ce", resume=True)
+    assert resumed.keys() == {4, 5}
+    assert [resumed[4], resumed[5]] == pytest.approx([lr * released_cosine(k, 6, 1, 1e-6 / lr) for k in (4, 5)], rel=1e-12)
+
+
+def test_the_digits_default_still_anneals_per_epoch(tmp_path: Path) -> None:
+    """The digits default (conf/method/ce.yaml) keeps torch's CosineAnnealingLR stepped per epoch: every update of
+    an epoch at that epoch's lr, digits results unchanged."""
+    cfg = compose_config(tmp_path, ["method=ce", "trainer.max_epochs=2"])
+    method = CrossEntropy(SmallCNN(3), instantiate(cfg.method.optimizer), instantiate(cfg.method.scheduler))
+    optimizer = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.05)
+    assert method.lr_scheduler_config(optimizer).keys() == {"scheduler"}  # Lightning's default interval: epoch
+    assert type(method.lr_scheduler_config(optimizer)["scheduler"]) is torch.optim.lr_scheduler.CosineAnnealingLR
+
+
+def test_openood_cosine_refuses_what_it_cannot_anneal() -> None:
+    """A bad interval or offset is named as the method is built; a zero lr (no ratio to lr_min) when the optimiser
+    is; a fit without an end (`max_epochs=-1`, no `max_steps`) has no length to anneal over."""
+    with pytest.raises(ConfigError, match=r"method.scheduler.interval='batch'; choices: \['step', 'epoch'\]"):
+        OpenOODCosine(1e-6, interval="batch")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"method.scheduler.offset=-1 is outside"):
+        OpenOODCosine(1e-6, offset=-1)
+    with pytest.raises(ConfigError, match="which is 0.0; set a positive lr"):
+        OpenOODCosine(1e-6)(torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.0), 10)
+    method = CrossEntropy(SmallCNN(3), partial(torch.optim.SGD, lr=0.1), OpenOODCosine(1e-6))
+    method.trainer = L.Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ConfigError, match="set trainer.max_epochs or trainer.max_steps"):
+        method.scheduler_steps("epoch")

@@ -335,7 +335,7 @@ def test_fit_fraction_subsamples_the_fit_split_with_a_fixed_seed(imagenet_tree: 
 
 
 # OpenOOD v1.5, transcribed: configs/pipelines/train/baseline.yml (sgd, 100 epochs, lr 0.1, momentum 0.9, wd 5e-4) +
-# BaseTrainer (nesterov, cosine to 1e-6), configs/datasets/<id>/<id>.yml (batch 128) and <id>_oe.yml (train_tin597,
+# BaseTrainer (nesterov, cosine per iteration to 1e-6, stepped after the update), configs/datasets/<id>/<id>.yml (batch 128) and <id>_oe.yml (train_tin597,
 # batch 256), train_oe.yml (lambda_oe 0.5), train_logitnorm.yml (tau 0.04), BasePreprocessor (flip, crop 32 pad 4),
 # preprocessors/transform.py normalization_dict
 OPENOOD_NORMALISATION = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -349,7 +349,8 @@ def test_openood_presets_are_openoods_training_recipe(tmp_path: Path, data: str,
     cfg = compose_config(tmp_path, [f"experiment={data}_{method}"])
     opt, sched, bench = cfg.method.optimizer, cfg.method.scheduler, cfg.data.benchmark
     assert (opt._target_, opt.lr, opt.momentum, opt.weight_decay, opt.nesterov) == ("torch.optim.SGD", 0.1, 0.9, 5e-4, True)
-    assert (sched._target_, sched.T_max, sched.eta_min) == ("torch.optim.lr_scheduler.CosineAnnealingLR", 100, 1e-6)
+    assert (sched._target_, sched.eta_min, sched.interval, sched.offset) == ("ood.methods.schedules.OpenOODCosine", 1e-6,
+                                                                             "step", 0)
     assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.backbone._target_) == (100, 128, "ood.models.ResNet18_32x32")
     assert (bench.augment, bench.crop_padding, bench.hflip, bench.image_size) == (True, 4, True, 32)
     mean, std = OPENOOD_NORMALISATION[data]

@@ -5,7 +5,8 @@ method with Cluster Focal Loss (`method=energy_cfl`, reported as `energy_cfl_rec
 arXiv 2010.03759; released code wetliu/energy_ood (`CIFAR/train.py`, `CIFAR/run.sh`). Fine-tunes a CE classifier
 (`method.init.ckpt`) with one forward pass over the concatenated ID and outlier batch:
   L = CE(f(x_in), y) + lambda * [mean relu(E(x_in) - m_in)^2 + mean relu(m_out - E(x_out))^2],  E = -T LSE(f / T)
-(`ood.losses.energy_margin`), lambda = 0.1, T = 1, 10 epochs, SGD Nesterov lr 1e-3 cosine to 1e-6, wd 5e-4,
+(`ood.losses.energy_margin`), lambda = 0.1, T = 1, 10 epochs, SGD Nesterov lr 1e-3 cosine per iteration to 1e-6
+(its `scheduler.step()` before `optimizer.step()`: `OpenOODCosine(offset=1)` in the CIFAR presets), wd 5e-4,
 batches 128 ID + 256 outliers. Score: -E(x) = T LSE(f / T) (`detector=energy_oe`, the same values as `energy`).
 Margins: `margins: absolute` takes `m_in`, `m_out` as given (CIFAR-10 -23 / -5, CIFAR-100 -27 / -5 from `run.sh`;
 the argparse defaults -25 / -7 are not what the paper ran); `margins: id_energy` reads them as offsets from the
@@ -13,8 +14,8 @@ mean ID-train energy of the starting model, computed once at fit start over the 
 or its `data.fit_fraction`), identical on every rank (the digits rule: mean - 5 and mean - 5 + 18, 18 being the
 CIFAR-10 gap; see docs/methods/energy_cfl.md). The margins used are written into the results' `method_params.fitted`.
 Deviations: the `id_energy` margins stay at that rule, not tuned on validation OOD afterwards (only the CFL score's
-beta is tuned); the cosine schedule steps per epoch (released code: per iteration); the last partial ID batch is
-dropped (released: kept); outliers come from the shared outlier stream (a reshuffled permutation per epoch; the
+beta is tuned); the last partial ID batch is dropped (released: kept; its schedule counts one iteration more per
+epoch); the digits default (`conf/method/energy_oe.yaml`) steps its cosine per epoch; outliers come from the shared outlier stream (a reshuffled permutation per epoch; the
 code starts 80M Tiny Images at a random offset each epoch).
 
 **Semantic-driven energy (SDE) with Cluster Focal Loss: RECONSTRUCTION.** A. Joshi, S. Chalasani,
