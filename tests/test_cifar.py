@@ -277,7 +277,10 @@ def test_experiment_is_the_openood_recipe(tmp_path: Path, name: str) -> None:
     assert cfg.backbone._target_ == "ood.models.ResNet18_32x32" and cfg.trainer.accelerator == "gpu"
     opt = cfg.method.optimizer
     assert (opt.lr, opt.momentum, opt.weight_decay, opt.nesterov) == (0.1, 0.9, 5e-4, True)
-    assert (cfg.trainer.max_epochs, cfg.method.scheduler.T_max, cfg.data.batch_size) == (100, 100, 128)
+    assert (cfg.trainer.max_epochs, cfg.data.batch_size) == (100, 128)
+    sched = cfg.method.scheduler
+    assert (sched._target_, sched.eta_min, sched.interval, sched.offset) == ("ood.methods.schedules.OpenOODCosine", 1e-6,
+                                                                             "step", 0)
 
 
 @pytest.mark.slow

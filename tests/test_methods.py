@@ -145,3 +145,22 @@ def test_openood_cosine_refuses_what_it_cannot_anneal() -> None:
     method.trainer = L.Trainer(max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(ConfigError, match="set trainer.max_epochs or trainer.max_steps"):
         method.scheduler_steps("epoch")
+
+
+def test_methods_that_step_their_scheduler_per_epoch_refuse_the_per_iteration_cosine() -> None:
+    """The contrastive cluster game and heatmap's CE phase step their scheduler themselves once an epoch (manual
+    optimisation): an `OpenOODCosine` there died in a TypeError for its missing step count; now one line naming the
+    key and the fix."""
+    from ood.methods.cluster import ClusterMethod
+    from ood.methods.heatmap import HeatmapOOD
+
+    cluster = ClusterMethod(SmallCNN(3, feature_dim=8), partial(torch.optim.SGD, lr=0.1), OpenOODCosine(1e-6),
+                            objective="supcon")
+    with pytest.raises(ConfigError, match=r"^method.scheduler: ClusterMethod steps this scheduler itself once an "
+                                          r"epoch.*give a per-epoch torch scheduler \(cluster.yaml's"):
+        cluster.configure_optimizers()
+    heatmap = HeatmapOOD(SmallCNN(3, feature_dim=8), partial(torch.optim.Adam, lr=1e-3), input_size=16,
+                         classifier_epochs=1, classifier_optimizer=partial(torch.optim.SGD, lr=0.1),
+                         classifier_scheduler=OpenOODCosine(1e-6))
+    with pytest.raises(ConfigError, match=r"^method.classifier_scheduler: HeatmapOOD steps this scheduler itself"):
+        heatmap.configure_optimizers()

@@ -267,6 +267,16 @@ class OODMethod(LightningModule):
             return {"scheduler": factory(optimizer, self.scheduler_steps(factory.interval)), "interval": factory.interval}
         return {"scheduler": factory(optimizer)}
 
+    def epoch_scheduler(self, factory: SchedulerFactory, optimizer: torch.optim.Optimizer, key: str, fix: str) -> Any:
+        """`factory`'s scheduler of `optimizer` for a method that steps it itself once an epoch (manual
+        optimisation); an `OpenOODCosine` (Lightning steps it over the whole run) is refused in one line naming `key`
+        and the `fix` (it died in a TypeError for its missing step count)."""
+        if isinstance(factory, OpenOODCosine):
+            raise ConfigError(f"{key}: {type(self).__name__} steps this scheduler itself once an epoch here, and "
+                              f"OpenOOD's per-iteration cosine (OpenOODCosine) is stepped by Lightning over the whole "
+                              f"run: {fix}")
+        return factory(optimizer)
+
     def scheduler_steps(self, interval: Interval) -> int:
         """How often Lightning steps a scheduler of `interval` in this fit: its optimiser steps
         (`trainer.estimated_stepping_batches`, which counts `max_steps`, gradient accumulation and DDP's sharding) or

@@ -380,7 +380,9 @@ class ClusterMethod(OODMethod):
         optimizers = [encoder, torch.optim.Adam(self.backbone.fc.parameters(), lr=self.hparams.probe_lr)]
         if self.scheduler_factory is None:
             return optimizers
-        return optimizers, [self.scheduler_factory(encoder)]
+        return optimizers, [self.epoch_scheduler(
+            self.scheduler_factory, encoder, "method.scheduler",
+            "give a per-epoch torch scheduler (cluster.yaml's CosineAnnealingLR)")]
 
     # ----- clusters and scores --------------------------------------------------------------------------------
     def setup_ood(self, banks: Mapping[str, FeatureBank]) -> None:

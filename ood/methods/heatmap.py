@@ -342,7 +342,9 @@ class HeatmapOOD(OODMethod):
         ]
         if self.classifier_scheduler is None:
             return optimizers
-        return optimizers, [self.classifier_scheduler(optimizers[0])]
+        return optimizers, [self.epoch_scheduler(
+            self.classifier_scheduler, optimizers[0], "method.classifier_scheduler",
+            "give a per-epoch torch scheduler (heatmap.yaml's CosineAnnealingLR)")]
 
     def training_loss(self, batch: Batch) -> torch.Tensor:
         # each phase gives the other phase's parameters an exact-zero gradient (`zero_touch`): DDP registered them all

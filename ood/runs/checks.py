@@ -6,7 +6,7 @@
   (`method=cel`) names the closest one and the choices, before Hydra composes (and long before `int(seed)`).
 - `check_run`: refuses `trainer.max_epochs < 1`, a GPU preset without a GPU, an evaluation without a checkpoint of
   a method whose score needs its training (`OODMethod.trained_parts`), and resuming with a different
-  `trainer.max_epochs` (the cosine schedule's `T_max` lives in the checkpoint and would not follow) or any other
+  `trainer.max_epochs` (a per-epoch cosine's `T_max` lives in the checkpoint and would not follow; a per-step one would jump) or any other
   change of the configuration or seed (`check_resume`).
 - `check_evaluated`: refuses evaluating a checkpoint with data, a backbone or a method other than its training run's
   unless the command line names the difference (the default `data=digits` of a forgotten `data=` would otherwise score a
@@ -74,7 +74,7 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
         if before is not None and int(before) != int(max_epochs):
             raise ConfigError(
                 f"checkpoint {ckpt_path} was trained for trainer.max_epochs={before}; resuming with "
-                f"trainer.max_epochs={max_epochs} would keep its learning-rate schedule (T_max={before}). Resume with "
+                f"trainer.max_epochs={max_epochs} would keep its learning-rate schedule (annealed over {before} epochs). Resume with "
                 f"trainer.max_epochs={before}, or start a new run from its weights: "
                 f"{_override('method.init.ckpt', ckpt_path)} without ckpt_path (another hydra.run.dir)"
             )
