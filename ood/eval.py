@@ -8,7 +8,9 @@ evaluated (`detectors.names`) are added to this command line where it does not n
 (`ood.runs.trained.training_overrides`; a detector of its own that cannot be imported here is one line,
 `missing_detectors`), with its
 `hydra.searchpath` (`search_path`), and said on stderr; their relative paths are made absolute from the folder the
-training started in (`anchored`), which is put on `sys.path` too.
+training started in (`anchored`), which is put on `sys.path` too. The weights are those its training evaluated: its
+`checkpoints/best.ckpt` when trained with `evaluation.weights=best_val_acc`, else `last.ckpt`
+(`evaluation.weights=last|best_val_acc` picks one; `ood.runs.checkpoints.resolve_ckpt_path`).
 """
 
 from __future__ import annotations

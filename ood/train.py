@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import importlib
 import json
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ood import CONFIG_DIR
 from ood.cli import check_argv, friendly_errors, in_multirun, load_weights, require_config_dir
@@ -90,7 +91,7 @@ def build(
     import lightning as L
 
     from ood.evaluation.prepare import PrepareMethod
-    from ood.runs.checkpoints import RunState, StopAtSigterm
+    from ood.runs.checkpoints import BestValAccuracy, RunState, StopAtSigterm
     from ood.runs.console import ProgressBar
     from ood.runs.loggers import build_loggers
     from ood.runs.sweeps import check_objective
@@ -105,8 +106,11 @@ def build(
     # evaluation only serves no training stream: an outlier method's checkpoint evaluates without an outlier set
     datamodule.use_streams(method.streams if cfg.get("train", True) else ("id",), method.name)
     choices = _choices()
+    settings = copy.deepcopy(cfg.evaluation)  # `weights` says which weights the run evaluates, not how (`_run`)
+    with open_dict(settings):
+        weights = settings.pop("weights", "last")
     evaluation = instantiate(
-        cfg.evaluation,
+        settings,
         info={
             "backbone": choices.get("backbone", cfg.backbone._target_.rsplit(".", 1)[-1]),
             "seed": cfg.seed if trained_seed is None else trained_seed,
@@ -118,6 +122,8 @@ def build(
     if cfg.get("evaluate", True):
         check_objective(cfg.get("objective"), method.name, [d.name for d in evaluation.evaluator.detectors])
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
+    if cfg.get("train", True) and weights == "best_val_acc":  # before last.ckpt's callback: `BestValAccuracy`
+        callbacks.insert(0, BestValAccuracy(Path(cfg.paths.output_dir) / "checkpoints"))
     # before the evaluation callback: the pass's bar closes before the evaluation prints
     progress = [ProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
     ident = ident or run_identity(cfg, choices, cfg.paths.output_dir, cfg.get("ckpt_path"))
@@ -184,14 +190,33 @@ def _stopped_line(cfg: DictConfig, output_dir: Path) -> str:
             f"command plus ckpt_path=last {where}")
 
 
+def _best_weights(trainer: L.Trainer) -> str:
+    """The `checkpoints/best.ckpt` a fit with `evaluation.weights=best_val_acc` kept (`BestValAccuracy`)."""
+    from ood.errors import CheckpointError
+    from ood.runs.checkpoints import BestValAccuracy
+
+    best = next(c for c in trainer.callbacks if isinstance(c, BestValAccuracy)).best_model_path  # type: ignore[attr-defined]
+    if not best or not Path(best).is_file():
+        raise CheckpointError(f"evaluation.weights=best_val_acc: no epoch's weights were kept ({best or 'none'}): no "
+                              "validation ran; use evaluation.weights=last")
+    return str(best)
+
+
 def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
-    from ood.runs.checkpoints import own_checkpoint_epoch, resolve_ckpt_path, resume_warnings_off
+    from ood.runs.checkpoints import (
+        checkpoint_epoch,
+        own_checkpoint_epoch,
+        resolve_ckpt_path,
+        resume_warnings_off,
+    )
+    from ood.runs.identity import WEIGHTS_FILES
     from ood.runs.loggers import finish_wandb
 
     # a sweep's job or a rerun into a folder of ours (its config.yaml) resumes only its own checkpoint
     own_only = bool(cfg.train) and (in_multirun() or (output_dir / "config.yaml").is_file())
+    weights = cfg.evaluation.get("weights", "last")
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir) / "train" / "runs", own_only,
-                                  _sweep_dir() if cfg.train else None)
+                                  _sweep_dir() if cfg.train else None, "last" if cfg.train else weights)
     check_run(cfg, ckpt_path, HydraConfig.get().overrides.task if HydraConfig.initialized() else ())
     stop_if_terminated()  # also one that came while Hydra started: the run folder is there for FAILED.txt
     if cfg.train and ckpt_path:
@@ -222,8 +247,18 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
             if cfg.train:
                 with resume_warnings_off() if ckpt_path else nullcontext():
                     trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
-            elif ckpt_path:
-                load_weights(method, ckpt_path, cfg)
+                evaluated = _best_weights(trainer) if weights == "best_val_acc" and cfg.evaluate else None
+                if evaluated:
+                    load_weights(method, evaluated, cfg)
+            else:
+                evaluated = ckpt_path
+                if ckpt_path:
+                    load_weights(method, ckpt_path, cfg)
+            # the rows of the best-ID-val-accuracy epoch's weights say which epoch that was (0-based, as the CSV log)
+            if evaluated and Path(evaluated).name == WEIGHTS_FILES["best_val_acc"]:
+                evaluation.info["evaluated_epoch"] = checkpoint_epoch(evaluated)
+                log.info("evaluating %s: the weights of epoch %d, the best ID-val accuracy", evaluated,
+                         evaluation.info["evaluated_epoch"])
             between_stages()
             if cfg.evaluate:
                 trainer.test(method, datamodule=datamodule, verbose=False)

@@ -6,9 +6,13 @@
   Lightning's weights-only load accepts the file on resume), and the global RNG states (torch, NumPy, Python,
   and the current GPU's on CUDA) across a resume, so an interrupted and resumed run draws the same augmentations as
   an uninterrupted one.
+- `BestValAccuracy` (`evaluation.weights=best_val_acc`): `checkpoints/best.ckpt`, the weights of the epoch of
+  highest ID-val accuracy (`val/acc`), written atomically as `last.ckpt` is; a later epoch that ties replaces it
+  (OpenOOD's recorder keeps `acc >= best_acc`), and a resumed run keeps the best so far (its state is in `last.ckpt`).
 - `StopAtSigterm`: a single-process run stops at its next step once SIGTERM came (`ood.termination`), its last
   complete checkpoint standing.
-- `resolve_ckpt_path`: `ckpt_path=last` / a run folder / a file -> the checkpoint file, with one-line errors.
+- `resolve_ckpt_path`: `ckpt_path=last` / a run folder / a file -> the checkpoint file, with one-line errors; a run
+  folder's `last.ckpt` or `best.ckpt` as `evaluation.weights` says (`WEIGHTS_FILES`).
 - `resume_warnings_off`: around a resumed fit, Lightning's warnings about the checkpoint folder, which a resume as
   ood does it always meets, stay off the console.
 
@@ -19,7 +23,9 @@ takes from the training run's command line) is `ood.runs.trained`, which the ent
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import shutil
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -30,10 +36,12 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from ood.errors import CheckpointError
+from ood.errors import CheckpointError, ConfigError
 from ood.evaluation.evaluator import plain
 from ood.files import durable_replace
 from ood.runs.failures import resumed_checkpoint
+from ood.runs.identity import WEIGHTS_FILES
+from ood.runs.trained import trained_weights
 from ood.termination import stop_if_terminated
 from ood.utils import get_logger
 
@@ -79,6 +87,73 @@ class AtomicCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             durable_replace(tmp, filepath)  # flushed first: a power loss kept the rename, not the data (0 bytes)
         trainer.strategy.barrier("AtomicCheckpoint")
+
+
+class BestValAccuracy(AtomicCheckpoint):
+    """`checkpoints/best.ckpt`: the weights of the epoch of highest `val/acc` (the ID-val accuracy `OODMethod` logs,
+    averaged over DDP ranks, so every rank takes the same decision), what OpenOOD evaluates (`best.ckpt` of its
+    `BaseRecorder`). A tie replaces the file, as OpenOOD's `val_metrics['acc'] >= self.best_acc` does (Lightning's
+    own comparison is strict). Listed before the `last.ckpt` callback (Lightning keeps the order of checkpoint
+    callbacks), so `last.ckpt` holds this epoch's best score and a resume from it keeps the best so far; a resume
+    from another run folder copies that run's `best.ckpt` into this one's. A validation without `val/acc` (a method
+    whose `validation_step` logs none, no ID-val batches) is refused in one line."""
+
+    def __init__(self, dirpath: str | Path) -> None:
+        super().__init__(dirpath=dirpath, filename="best", monitor="val/acc", mode="max", save_top_k=1,
+                         every_n_epochs=1, save_last=False, enable_version_counter=False, auto_insert_metric_name=False)
+        self._restored = False
+        self._carried: str | None = None  # the best.ckpt of the run folder a resume from another folder continues
+
+    def check_monitor_top_k(self, trainer: Trainer, current: torch.Tensor | None = None) -> bool:
+        if current is None:
+            return False
+        if self.best_model_score is None:
+            return True
+        return trainer.strategy.reduce_boolean_decision(bool(current >= self.best_model_score))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = True
+        moved = state_dict.get("dirpath", self.dirpath) != self.dirpath
+        super().load_state_dict(state_dict)
+        if moved and state_dict.get("best_model_score") is not None:  # Lightning keeps only the path then
+            self._carried, self.best_model_score = state_dict["best_model_path"], state_dict["best_model_score"]
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.ckpt_path is not None and not self._restored:
+            raise ConfigError(f"checkpoint {trainer.ckpt_path} was trained with evaluation.weights=last, so its epochs' "
+                              "ID-val accuracy is not known: resume it with evaluation.weights=last, or train anew")
+        if self._carried is None:
+            return
+        target = os.path.join(str(self.dirpath), f"{self.filename}.ckpt")
+        if not Path(self._carried).is_file():  # on every rank: one rank alone raising would leave the others waiting
+            raise CheckpointError(f"{trainer.ckpt_path} continues a run whose best-epoch weights {self._carried} "
+                                  "are gone: resume it in its own folder, or train anew")
+        if trainer.is_global_zero:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self._carried, f"{target}.tmp")
+            durable_replace(f"{target}.tmp", target)
+        trainer.strategy.barrier("BestValAccuracy")
+        self.best_model_path = self.kth_best_model_path = target
+        self.best_k_models = {target: self.best_model_score}
+        self.kth_value = self.best_model_score
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking and self.monitor not in trainer.callback_metrics:
+            raise ConfigError(f"evaluation.weights=best_val_acc keeps the epoch of best {self.monitor}, which method "
+                              f"{getattr(pl_module, 'name', type(pl_module).__name__)} does not log in validation_step: "
+                              f"log it, or use evaluation.weights=last")
+        super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.best_model_score is None and trainer.check_val_every_n_epoch == 1 and not sum(trainer.num_val_batches):
+            raise ConfigError("evaluation.weights=best_val_acc keeps the epoch of best ID-val accuracy, but the ID-val "
+                              "split gave no batches: give the benchmark a val split, or use evaluation.weights=last")
+        super().on_train_epoch_end(trainer, pl_module)
+
+
+def checkpoint_epoch(path: str | Path) -> int:
+    """The epoch (0-based, as the CSV log's) whose end saved the Lightning checkpoint `path`."""
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])
 
 
 class RunState(Callback):
@@ -145,9 +220,13 @@ def resume_warnings_off() -> Iterator[None]:
 
 def resolve_ckpt_path(
     ckpt_path: str | None, output_dir: str | Path, runs_dir: str | Path, own_only: bool = False,
-    sweep_dir: str | Path | None = None,
+    sweep_dir: str | Path | None = None, weights: str | None = "last",
 ) -> str | None:
     """The checkpoint file `ckpt_path` means.
+
+    `weights` (`evaluation.weights`): the file a run folder gives (`last.ckpt`, or `best.ckpt` for `best_val_acc`);
+    None (`ood-eval`'s default): the one its training evaluated (`ood.runs.trained.trained_weights`). A training
+    run resumes from `last.ckpt` (`weights=last`, the default).
 
     `last`: `<output_dir>/checkpoints/last.ckpt` when it exists (a rerun into the same folder, e.g. a multirun
     with a fixed `hydra.sweep.dir`); else None (start from scratch) when `own_only` (a job of a sweep, or a folder
@@ -178,7 +257,7 @@ def resolve_ckpt_path(
         if not found:
             raise CheckpointError(f"ckpt_path=last: no checkpoints/last.ckpt in {output_dir} or under {runs_dir}/*/")
         log.info("ckpt_path=last resumes %s", found[-1])
-        return str(found[-1])
+        return str(_run_checkpoint(found[-1].parent.parent, weights))
     path = Path(ckpt_path)
     if path.is_dir():
         inner = path / "checkpoints" / "last.ckpt"
@@ -193,10 +272,23 @@ def resolve_ckpt_path(
             fix = (f"it holds {len(jobs)} run folder(s) with one: pass one, e.g. ckpt_path={jobs[0]}" if jobs
                    else "pass ckpt_path=<run folder> or the .ckpt file")
             raise CheckpointError(f"{path} is a folder without checkpoints/last.ckpt: {fix}")
-        return str(inner)
+        return str(_run_checkpoint(path, weights))
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path} (pass a run folder or its checkpoints/last.ckpt)")
     return str(path)
+
+
+def _run_checkpoint(run: Path, weights: str | None) -> Path:
+    """The checkpoint of the run folder `run` (which has a `checkpoints/last.ckpt`) that `weights` names; None: the
+    one its training evaluated."""
+    chosen = trained_weights(run) if weights is None else weights
+    file = run / "checkpoints" / WEIGHTS_FILES[chosen]
+    if not file.is_file():
+        how = ("it was trained with evaluation.weights=last" if trained_weights(run) == "last" else
+               "no epoch of it was validated yet")
+        raise CheckpointError(f"{run} has no checkpoints/{file.name} ({how}): pass evaluation.weights=last, or "
+                              "ckpt_path=<its checkpoints/last.ckpt>")
+    return file
 
 
 def own_checkpoint_epoch(ckpt_path: str | None, output_dir: str | Path) -> int | None:

@@ -37,6 +37,7 @@ from ood.runs.identity import (
     IDENTITY_FILE,
     NAME_GROUPS,
     TRAINING_KEYS,
+    WEIGHTS_FILES,
     flat_config,
     flatten,
     identity,
@@ -68,6 +69,7 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
             f"trainer.accelerator={accelerator} but no GPU is available: this preset needs a GPU; "
             "add trainer=cpu to try it on CPU"
         )
+    check_weights(cfg)
     if cfg.train and ckpt_path is not None:
         stored = checkpoint_config(ckpt_path)
         before = stored.get("trainer.max_epochs")
@@ -89,6 +91,19 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
             raise ConfigError(f"method {method.name!r} scores with parts trained with the network "
                               f"({', '.join(method.trained_parts)}), which backbone.weights does not hold: evaluate a "
                               "checkpoint of its training run (ckpt_path=<run folder>)")
+
+
+def check_weights(cfg: DictConfig) -> None:
+    """Refuse an unknown `evaluation.weights`, and `best_val_acc` for a training without ID validation
+    (`trainer.limit_val_batches=0`: no epoch would have an accuracy to choose by)."""
+    weights = (cfg.get("evaluation") or {}).get("weights", "last")
+    choices = [*WEIGHTS_FILES, *([] if cfg.train else [None])]
+    if weights not in choices:
+        shown = ", ".join("null" if c is None else c for c in choices)
+        raise ConfigError(f"evaluation.weights={_hydra_value(weights)} is unknown; choices: {shown}")
+    if cfg.train and weights == "best_val_acc" and cfg.trainer.get("limit_val_batches") == 0:
+        raise ConfigError("evaluation.weights=best_val_acc keeps the epoch of best ID-val accuracy, but "
+                          "trainer.limit_val_batches=0 validates no epoch: drop one of them")
 
 
 def check_evaluated(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str, given: Sequence[str]) -> None:

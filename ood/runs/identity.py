@@ -5,7 +5,7 @@ A run computes its identity once, as it starts, and writes it to `identity.json`
   parameters, backbone, data, epochs), without the seed, loader plumbing and starting weights (`NOT_IDENTITY`),
   folders, and the keys whose unresolved value interpolates `${seed}` (OAL's `method.sampling_seed`: they vary with
   the seed); and the evaluation keys that change the numbers when not at their default (`EVALUATION_KEYS`:
-  `evaluation.feature_dtype=float16`), but not the keys added later at the value that applied before (`ADDED_KEYS`:
+  `evaluation.feature_dtype=float16`, `evaluation.weights=best_val_acc`), but not the keys added later at the value that applied before (`ADDED_KEYS`:
   `data.outlier_batch_size=null`, so earlier runs keep their hash). An evaluation run (`train=false`) of a checkpoint takes the training keys
   (`TRAINING_KEYS`: epochs, optimiser, training batches, augmentation, outliers, starting weights) of the run that wrote it, so
   re-evaluating a checkpoint is recognised as the same model; a checkpoint from elsewhere adds `ckpt` = its path
@@ -13,7 +13,9 @@ A run computes its identity once, as it starts, and writes it to `identity.json`
 - `hash`: 8 hex digits of the SHA-1 of `config` (canonical JSON); `group`: `<method>-<data>-<backbone>-<hash>`, the
   wandb group, so the seeds of one configuration, and only they, share a group.
 - `seeded`: the `${seed}` keys left out; `model`: the checkpoint the numbers come from (the run's own
-  `checkpoints/last.ckpt`, or the evaluated one).
+  `checkpoints/last.ckpt`, or `best.ckpt` with `evaluation.weights=best_val_acc`, or the evaluated one, whose
+  `evaluation.weights` is the file's: `best_val_acc` for a run's `checkpoints/best.ckpt`, so an `ood-eval` of it is
+  the training run's model).
 
 `ood-report` groups runs by `config` and counts each `model` once. `read_identity` re-derives the identity of a run
 folder written before `identity.json` existed from its `config.yaml` and Hydra's `.hydra/` copies, with the same
@@ -43,7 +45,10 @@ NOT_IDENTITY = ("data.num_workers", "data.pin_memory", "data.download", "data.ev
                 "data.csid")
 #: evaluation keys that change the numbers -> their default: part of the identity only when set otherwise, so a
 #: float16 evaluation of a checkpoint is not merged with its float32 one, and runs at the default keep their hash
-EVALUATION_KEYS = {"evaluation.feature_dtype": "float32"}
+EVALUATION_KEYS = {"evaluation.feature_dtype": "float32", "evaluation.weights": "last"}
+#: `evaluation.weights` -> the file of a run folder's `checkpoints/` that holds those weights: the last epoch's, or
+#: the epoch of best ID-val accuracy (`ood.runs.checkpoints.BestValAccuracy`, what OpenOOD evaluates)
+WEIGHTS_FILES = {"last": "last.ckpt", "best_val_acc": "best.ckpt"}
 #: keys added to the configs at the value that applied before they were keys -> that value: part of the identity only
 #: when set otherwise, so a run made before keeps its hash (its seeds and a rerun are the same configuration)
 ADDED_KEYS = {"data.outlier_batch_size": None}
@@ -95,7 +100,7 @@ def identity(flat: Mapping[str, Any], seeded: Collection[str] = ()) -> dict[str,
         for k, v in sorted(flat.items())
         if (k.startswith(IDENTITY_PREFIXES) and k not in NOT_IDENTITY and k not in seeded
             and not k.endswith(("_dir", ".root")) and not (k in ADDED_KEYS and v == ADDED_KEYS[k]))
-        or (k in EVALUATION_KEYS and v != EVALUATION_KEYS[k])
+        or (k in EVALUATION_KEYS and v not in (EVALUATION_KEYS[k], None))  # None: ood-eval's "as it was trained"
     }
 
 
@@ -128,11 +133,14 @@ def derive_identity(
     run (`train=false`) scores, None for a training run (whose model is its own `checkpoints/last.ckpt`)."""
     config = identity(flat, seeded)
     if not evaluated:
-        return RunIdentity(config, str((Path(run_dir) / "checkpoints" / "last.ckpt").resolve()), sorted(seeded), list(names))
+        own = WEIGHTS_FILES.get(str(flat.get("evaluation.weights", "last")), "last.ckpt")
+        return RunIdentity(config, str((Path(run_dir) / "checkpoints" / own).resolve()), sorted(seeded), list(names))
     ckpt = Path(evaluated)
     ckpt = ckpt / "checkpoints" / "last.ckpt" if ckpt.is_dir() else ckpt
     trained = ckpt.parent.parent
-    config = {k: v for k, v in config.items() if not k.startswith(TRAINING_KEYS)}
+    config = {k: v for k, v in config.items() if not k.startswith((*TRAINING_KEYS, "evaluation.weights"))}
+    if ckpt.parent.name == "checkpoints" and ckpt.name == WEIGHTS_FILES["best_val_acc"]:
+        config["evaluation.weights"] = "best_val_acc"
     if ckpt.parent.name == "checkpoints" and ((trained / IDENTITY_FILE).is_file() or (trained / "config.yaml").is_file()):
         config.update({k: v for k, v in read_identity(trained).config.items() if k.startswith(TRAINING_KEYS)})
     elif "ckpt_path" not in seeded:  # `ckpt_path=.../s${seed}/...`: one network per seed, not a configuration

@@ -3,6 +3,7 @@ start-up: `ood-eval` reads its command line here before Hydra starts):
 
 - `training_overrides`: what `ood-eval ckpt_path=<run>` takes from the training run's command line.
 - `checkpoint_config`: the config a checkpoint was trained with (torch is imported when it reads one).
+- `trained_weights`: which of a run folder's checkpoints its training evaluated (`evaluation.weights`).
 """
 
 from __future__ import annotations
@@ -116,3 +117,11 @@ def checkpoint_config(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     return dict((hparams or {}).get("config") or {})
+
+
+def trained_weights(run: Path) -> str:
+    """The `evaluation.weights` the run folder `run` was trained with (its `config.yaml`): `last` or `best_val_acc`;
+    `last` for a folder without one, or from before the key."""
+    config = run / "config.yaml"
+    return str(OmegaConf.select(OmegaConf.load(config), "evaluation.weights", default="last") or "last") \
+        if config.is_file() else "last"
