@@ -8,6 +8,7 @@ digits (`slow`)."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ood.errors import CheckpointError, ConfigError
 from ood.runs.checkpoints import AtomicCheckpoint, BestValAccuracy, resolve_ckpt_path
 from ood.runs.checks import check_run
+from ood.runs.identity import read_identity
 from ood.train import build
 
 
@@ -168,6 +170,8 @@ def test_the_run_evaluates_the_best_epoch_and_ood_eval_the_same_file(tmp_path: P
     assert trained["model"] == evaluated["model"] == str((run / "checkpoints" / "best.ckpt").resolve())
     assert trained["config"] == evaluated["config"] and trained["config"]["evaluation.weights"] == "best_val_acc"
     assert flipped["model"].endswith("last.ckpt") and "evaluation.weights" not in flipped["config"]
+    moved = shutil.copytree(run, tmp_path / "copied")  # off a cluster: its model is its own best.ckpt there
+    assert read_identity(moved).model == str((moved / "checkpoints" / "best.ckpt").resolve())
 
 
 def test_the_best_epoch_callback_comes_before_the_last_checkpoint(tmp_path: Path) -> None:

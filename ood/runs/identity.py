@@ -217,7 +217,8 @@ def read_identity(run_dir: str | Path) -> RunIdentity:
     path = run_dir / IDENTITY_FILE
     if path.is_file():
         data = json.loads(path.read_text())
-        model, own = str(data["model"]), run_dir / "checkpoints" / "last.ckpt"
+        model = str(data["model"])
+        own = run_dir / "checkpoints" / Path(model).name  # last.ckpt, or best.ckpt (`WEIGHTS_FILES`)
         if own.is_file() and Path(model).parts[-2:] == own.parts[-2:]:
             # a training run's model is its own checkpoint, wherever the folder now is (copied from a cluster): an
             # evaluation of it there names the new path, and must count as the same model
