@@ -186,19 +186,38 @@ def _on_gpu(obj: Any) -> Any:
     return type(obj)(**{f.name: wrap(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init})
 
 
+def buffers_on_gpu(module: torch.nn.Module) -> None:
+    """Every buffer of `module` a `FakeCuda` (its parameters count as on the device already)."""
+    for sub in module.modules():
+        sub._buffers.update({k: wrap(v) for k, v in sub._buffers.items() if v is not None})
+
+
 @contextmanager
-def fake_gpu_run(monkeypatch: pytest.MonkeyPatch, method: torch.nn.Module) -> Iterator[None]:
+def fake_gpu_run(monkeypatch: pytest.MonkeyPatch, method: torch.nn.Module | None = None) -> Iterator[None]:
     """`fake_cuda()` plus what a CUDA trainer does to `method` (an `OODMethod` of a `trainer=cpu` run): its buffers,
     the batches it receives on the device, its `device` the GPU. The evaluation callback builds its banks itself (on
     the device in RAM, on the CPU with `bank_dir`), as in a CUDA run: moving them all to the device here hid a bank
-    whose dataset index the callback left on the CPU."""
+    whose dataset index the callback left on the CPU. `method=None`: every method `ood.train.build` builds inside
+    (`ood.evaluate`'s, `ood-eval`'s), its `trainer=gpu` run by a CPU trainer, as the faked device is."""
+    import ood.train
     from ood.data.benchmark import OODDataModule
     from ood.methods.base import OODMethod
 
     transfer = OODDataModule.on_after_batch_transfer
     monkeypatch.setattr(OODDataModule, "on_after_batch_transfer", lambda self, batch, i: transfer(self, _on_gpu(batch), i))
     monkeypatch.setattr(OODMethod, "device", property(lambda self: CUDA))
+    if method is None:
+        build = ood.train.build
+
+        def build_on_gpu(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+            assert cfg.trainer.accelerator == "gpu", "the run asked for no GPU"
+            cfg.trainer.accelerator = "cpu"
+            built = build(cfg, *args, **kwargs)
+            buffers_on_gpu(built[0])
+            return built
+
+        monkeypatch.setattr(ood.train, "build", build_on_gpu)
     with fake_cuda(monkeypatch):
-        for module in method.modules():
-            module._buffers.update({k: wrap(v) for k, v in module._buffers.items() if v is not None})
+        if method is not None:
+            buffers_on_gpu(method)
         yield

@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import faiss
+import numpy as np
 import pytest
 import torch
 from fabricate import synthetic_banks
-from fake_cuda import DeviceMix, FakeCuda, fake_cuda, fake_gpu_run, wrap
+from fake_cuda import DeviceMix, FakeCuda, buffers_on_gpu, fake_cuda, fake_gpu_run, wrap
 from helpers import compose_config, fit_detector
 
+from ood import CONFIG_DIR
 from ood.detectors import Detector, available_detectors, build_detector, detector_class
 from ood.detectors.network import LayerTaps
 from ood.features.bank import FeatureBank
@@ -67,6 +69,28 @@ def test_neighbours_and_kmeans_on_a_faked_gpu_index(monkeypatch: pytest.MonkeyPa
         assert torch.equal(got[0].cpu(), centres) and torch.equal(got[1].cpu(), assign) and got[2] == inertia
 
 
+def _cpu_and_gpu_rows(tmp_path: Path, overrides: list[str], monkeypatch: pytest.MonkeyPatch,
+                      per_run: dict[str, list[str]] | None = None) -> dict[str, dict[tuple[str, str], tuple[float, float]]]:
+    """The result rows, (detector, OOD set) -> (AUROC, FPR95), of a run trained and tested on the CPU and of one on
+    the faked GPU, from the same seed; `per_run`: overrides of one run only (by `cpu` / `gpu`)."""
+    rows = {}
+    for where in ("cpu", "gpu"):
+        cfg = compose_config(tmp_path / where, [*overrides, *(per_run or {}).get(where, [])])
+        model, datamodule, trainer, evaluation = build(cfg)
+        model.apply_init()
+        with monkeypatch.context() as patch, fake_gpu_run(patch, model) if where == "gpu" else nullcontext():
+            trainer.fit(model, datamodule=datamodule)
+            trainer.test(model, datamodule=datamodule, verbose=False)
+        rows[where] = {(r["detector"], r["ood_dataset"]): (r["auroc"], r["fpr95"]) for r in evaluation.result.rows}
+    return rows
+
+
+def _assert_same_rows(rows: dict[str, dict[tuple[str, str], tuple[float, float]]], at_least: int) -> None:
+    assert rows["gpu"].keys() == rows["cpu"].keys() and len(rows["cpu"]) >= at_least
+    for key, (auroc, fpr) in rows["cpu"].items():
+        assert rows["gpu"][key] == pytest.approx((auroc, fpr), abs=1e-6), key
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["ce", "oal"])
 def test_a_method_trains_and_evaluates_on_a_faked_gpu(method: str, tmp_path: Path, ce_checkpoint: Path,
@@ -80,18 +104,31 @@ def test_a_method_trains_and_evaluates_on_a_faked_gpu(method: str, tmp_path: Pat
     overrides = [f"method={method}", f"method.init.ckpt={ce_checkpoint}", "trainer.max_epochs=1", *extra, *QUIET,
                  "detectors.names=[msp,knn,mahalanobis,vim,weiper,gram_stream,odin,nnguide]",
                  "+detectors.params.vim.dim=8", "detectors.tune=false"]
-    rows = {}
-    for where in ("cpu", "gpu"):
-        cache = [f"method.cache_dir={tmp_path / where}"] if method == "oal" else []  # each run trains its teacher
-        model, datamodule, trainer, evaluation = build(compose_config(tmp_path / where, [*overrides, *cache]))
-        model.apply_init()
-        with monkeypatch.context() as patch, fake_gpu_run(patch, model) if where == "gpu" else nullcontext():
-            trainer.fit(model, datamodule=datamodule)
-            trainer.test(model, datamodule=datamodule, verbose=False)
-        rows[where] = {(r["detector"], r["ood_dataset"]): (r["auroc"], r["fpr95"]) for r in evaluation.result.rows}
-    assert rows["gpu"].keys() == rows["cpu"].keys() and len(rows["cpu"]) >= 7
-    for key, (auroc, fpr) in rows["cpu"].items():
-        assert rows["gpu"][key] == pytest.approx((auroc, fpr), abs=1e-6), key
+    # each run trains its teacher
+    per_run = {where: [f"method.cache_dir={tmp_path / where}"] for where in ("cpu", "gpu")} if method == "oal" else None
+    _assert_same_rows(_cpu_and_gpu_rows(tmp_path, overrides, monkeypatch, per_run), at_least=7)
+
+
+#: every method config but those of the end-to-end test above
+OTHER_METHODS = [p.stem for p in sorted((CONFIG_DIR / "method").glob("*.yaml")) if p.stem not in ("ce", "oal")]
+#: a method's overrides for a step of each of its training stages: cluster's contrastive objective (two views
+#: augmented on the device) then its probe, heatmap's diagnostics grid of one image and a 64-outlier pool
+STAGES = {"cluster": ["method.objective=supcon", "method.probe_epochs=1", "trainer.max_epochs=2", "method.n_init=2"],
+          "heatmap": ["method.n_images=1", "method.num_ood=64"]}
+#: digits with 60 far-OOD and validation-OOD images and 200 outliers, two training batches an epoch
+TINY = ["+data.benchmark.n_far=60", "+data.benchmark.n_val_ood=60", "+data.benchmark.n_outliers=200",
+        "+trainer.limit_train_batches=2"]
+
+
+@pytest.mark.parametrize("method", OTHER_METHODS)
+def test_every_method_trains_a_step_and_evaluates_on_a_faked_gpu(method: str, tmp_path: Path, ce_checkpoint: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every method of the registry (a new one enrols itself), from the CE weights, two training steps and its
+    evaluation with its own score and a detector, on the faked GPU: no device mix-up in its fit-time passes, losses
+    or scores, and its rows equal the CPU run's."""
+    overrides = [f"method={method}", f"method.init.ckpt={ce_checkpoint}", "trainer.max_epochs=1", *TINY, *QUIET,
+                 *STAGES.get(method, []), "detectors.names=[msp]", "detectors.tune=false"]
+    _assert_same_rows(_cpu_and_gpu_rows(tmp_path, overrides, monkeypatch), at_least=2)
 
 
 #: detectors that run the network or read maps cached by its layer taps
@@ -169,8 +206,7 @@ def test_every_network_detector_fits_and_scores_on_the_device(name: str, network
     want = _run_network_detector(name, network)
     with fake_cuda(monkeypatch):
         net = copy.deepcopy(network["net"])
-        for module in net.modules():  # parameters count as on the device; buffers (batch-norm statistics) moved
-            module._buffers.update({k: wrap(v) for k, v in module._buffers.items() if v is not None})
+        buffers_on_gpu(net)  # parameters count as on the device; buffers (batch-norm statistics) moved
         got = _run_network_detector(name, {"net": net, "x": wrap(network["x"]),
                                            "banks": {k: _bank_on_gpu(b) for k, b in network["banks"].items()}})
     assert isinstance(got, FakeCuda)
@@ -268,3 +304,35 @@ def test_a_bank_extracted_on_the_gpu_is_scored_there(monkeypatch: pytest.MonkeyP
         assert {getattr(bank, k).device.type for k in ("logits", "features", "labels", "weight", "bias")} == {"cuda"}
         scores = build_detector("react").fit(bank).score(bank)
     torch.testing.assert_close(scores.as_subclass(torch.Tensor), want.score(ood.extract(net, data, batch_size=4)))
+
+
+@pytest.mark.parametrize("method", [None, "grood"])
+def test_evaluate_scores_a_model_on_the_gpu(method: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ood.evaluate(model, ...)` of a model on the (faked) GPU, `device` left to the call (CUDA when available), with
+    detectors that read the head, run the network and fit on the device, and a post-hoc method (GROOD: its fit-time
+    gradient passes, its noise prototype drawn on the device): no device mix-up, the scores equal a CPU evaluation's, the model handed back on the GPU."""
+    import ood
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    gen = torch.Generator().manual_seed(0)
+    data = {split: torch.utils.data.TensorDataset(torch.randn(n, 3, 8, 8, generator=gen) + shift, torch.arange(n) % 3)
+            for split, n, shift in (("train", 24, 0.0), ("test", 12, 0.0), ("far", 12, 1.0))}
+    detectors = ["msp", "knn", "mahalanobis", "react", "odin", "nnguide"]
+
+    def scores(device: str | None, out: str) -> dict[str, Any]:
+        return ood.evaluate(net, {"train": data["train"], "test": data["test"]}, {"far": data["far"]}, detectors=detectors,
+                            method=method, device=device, batch_size=8, output_dir=tmp_path / out, image_size=8,
+                            mean=[0.0] * 3, std=[1.0] * 3,
+                            overrides=["detectors.tune=false", *(["method.n_proto=8", "method.ood_proto_source=uniform_noise"] if method else [])]).scores
+
+    want = scores("cpu", "cpu")
+    with fake_gpu_run(monkeypatch):
+        buffers_on_gpu(net)  # the caller's net.cuda(): parameters count as on the device
+        got = scores(None, "gpu")
+        assert isinstance(net[1].running_mean, FakeCuda)
+    assert got.keys() == want.keys() and len(want) == len(detectors) + (method is not None)
+    for detector, splits in want.items():
+        for split, values in splits.items():
+            np.testing.assert_allclose(got[detector][split], values, rtol=1e-5, atol=1e-7, err_msg=f"{detector} {split}")
