@@ -2,7 +2,7 @@
 
 `FakeCuda` tensors hold CPU data but report `cuda:0`; inside `fake_cuda()` tensors moved or created on `cuda` are
 `FakeCuda`, module parameters count as on the device (a trainer puts them there), `torch.cuda` answers as one
-visible GPU, and ood's own code raises `DeviceMix` where real CUDA would: an op mixing device tensors with CPU tensors
+visible GPU, CUDA's autocast is the CPU's, and ood's own code raises `DeviceMix` where real CUDA would: an op mixing device tensors with CPU tensors
 other than 0-dim scalars, `.numpy()` of a device tensor, a CPU generator drawing onto the device, a CPU tensor indexed
 with device indices. Torch's and Lightning's code is not checked (a real run moves their tensors itself).
 `fake_gpu_run()` adds what a CUDA trainer does: batches on the device, its `device` the GPU (the evaluation banks go
@@ -167,13 +167,18 @@ class _Mode(TorchFunctionMode):
 
 @contextmanager
 def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """`torch.cuda` answers as one visible GPU; tensors moved or created on `cuda` are `FakeCuda`."""
+    """`torch.cuda` answers as one visible GPU (compute capability 9.0); tensors moved or created on `cuda` are
+    `FakeCuda`; CUDA's autocast (`torch.autocast("cuda")`, `trainer=gpu_fast`'s) is the CPU's, on the CPU data, so
+    a float32 tensor meeting a bf16 one fails as on CUDA and code that leaves CUDA's autocast leaves it."""
     for fn, value in {"is_available": lambda: True, "device_count": lambda: 1, "current_device": lambda: 0,
                       "is_initialized": lambda: True, "synchronize": lambda *a, **k: None,
                       "get_rng_state": lambda *a, **k: torch.get_rng_state(), "set_rng_state": lambda *a, **k: None,
                       "get_rng_state_all": lambda: [torch.get_rng_state()], "set_rng_state_all": lambda s: None,
-                      "get_device_name": lambda *a: "fake"}.items():
+                      "get_device_name": lambda *a: "fake", "get_device_capability": lambda *a: (9, 0)}.items():
         monkeypatch.setattr(torch.cuda, fn, value)
+    autocast = torch.autocast.__init__
+    monkeypatch.setattr(torch.autocast, "__init__", lambda self, device_type, *args, **kwargs: autocast(
+        self, "cpu" if device_type == "cuda" else device_type, *args, **kwargs))
     monkeypatch.setattr(torch.optim.Optimizer, "_accelerator_graph_capture_health_check", lambda self: None)
     with _Mode():
         yield

@@ -24,7 +24,6 @@ from ood.features.bank import FeatureBank
 from ood.features.collector import RankZeroRows
 from ood.models.small_cnn import SmallCNN
 from ood.neighbors import KNNIndex, kmeans
-from ood.train import build
 
 QUIET = ["trainer.enable_progress_bar=false", "logger=none", "callbacks=none", "~evaluation.sinks.results",
          "~evaluation.sinks.table", "~evaluation.sinks.wandb"]
@@ -72,15 +71,20 @@ def test_neighbours_and_kmeans_on_a_faked_gpu_index(monkeypatch: pytest.MonkeyPa
 def _cpu_and_gpu_rows(tmp_path: Path, overrides: list[str], monkeypatch: pytest.MonkeyPatch,
                       per_run: dict[str, list[str]] | None = None) -> dict[str, dict[tuple[str, str], tuple[float, float]]]:
     """The result rows, (detector, OOD set) -> (AUROC, FPR95), of a run trained and tested on the CPU and of one on
-    the faked GPU, from the same seed; `per_run`: overrides of one run only (by `cpu` / `gpu`)."""
+    the faked GPU, from the same seed; `per_run`: overrides of one run only (by `cpu` / `gpu`): a `gpu` run of a GPU
+    trainer config (`trainer=gpu_fast`) is built inside the fake, as `ood-train` builds it."""
+    import ood.train
+
     rows = {}
     for where in ("cpu", "gpu"):
         cfg = compose_config(tmp_path / where, [*overrides, *(per_run or {}).get(where, [])])
-        model, datamodule, trainer, evaluation = build(cfg)
-        model.apply_init()
-        with monkeypatch.context() as patch, fake_gpu_run(patch, model) if where == "gpu" else nullcontext():
-            trainer.fit(model, datamodule=datamodule)
-            trainer.test(model, datamodule=datamodule, verbose=False)
+        gpu_trainer = where == "gpu" and cfg.trainer.accelerator == "gpu"
+        with monkeypatch.context() as patch, fake_gpu_run(patch) if gpu_trainer else nullcontext():
+            model, datamodule, trainer, evaluation = ood.train.build(cfg)
+            model.apply_init()
+            with fake_gpu_run(patch, model) if where == "gpu" and not gpu_trainer else nullcontext():
+                trainer.fit(model, datamodule=datamodule)
+                trainer.test(model, datamodule=datamodule, verbose=False)
         rows[where] = {(r["detector"], r["ood_dataset"]): (r["auroc"], r["fpr95"]) for r in evaluation.result.rows}
     return rows
 
@@ -129,6 +133,25 @@ def test_every_method_trains_a_step_and_evaluates_on_a_faked_gpu(method: str, tm
     overrides = [f"method={method}", f"method.init.ckpt={ce_checkpoint}", "trainer.max_epochs=1", *TINY, *QUIET,
                  *STAGES.get(method, []), "detectors.names=[msp]", "detectors.tune=false"]
     _assert_same_rows(_cpu_and_gpu_rows(tmp_path, overrides, monkeypatch), at_least=2)
+
+
+#: `trainer=gpu_fast`'s plugin on the CPU: the autocast the faked GPU runs (`fake_cuda`), channels_last
+FAST_ON_CPU = ["trainer=cpu", "trainer.deterministic=false", "+trainer.plugins=[{_target_:ood.precision.FastMixedPrecision,"
+               "device:cpu,channels_last:true,precision:bf16-mixed}]"]
+
+
+@pytest.mark.parametrize("method", ["ce", "cluster", "grood"])
+def test_gpu_fast_trains_and_evaluates_on_a_faked_gpu(method: str, tmp_path: Path, ce_checkpoint: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`trainer=gpu_fast` (bf16 autocast, channels_last weights) on the faked GPU: no device or dtype mix-up (a float32
+    buffer or bank meeting a bf16 activation fails on the CPU as on CUDA) in training steps, fit-time passes (GROOD's
+    maps cached under autocast), manual optimisation (cluster's contrastive steps) or the detectors' network passes
+    and layer taps (taken outside CUDA's autocast), and the rows equal those of the same plugin's CPU autocast."""
+    overrides = [f"method={method}", f"method.init.ckpt={ce_checkpoint}", "trainer.max_epochs=1", *TINY, *QUIET,
+                 *STAGES.get(method, []), "detectors.names=[msp,knn,vim,odin,gram_stream,nnguide]",
+                 "+detectors.params.vim.dim=8", "detectors.tune=false"]
+    rows = _cpu_and_gpu_rows(tmp_path, overrides, monkeypatch, {"cpu": FAST_ON_CPU, "gpu": ["trainer=gpu_fast"]})
+    _assert_same_rows(rows, at_least=7)
 
 
 #: detectors that run the network or read maps cached by its layer taps
