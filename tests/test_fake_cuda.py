@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from fabricate import synthetic_banks
+from fabricate import E2E, make_openood_tree, synthetic_banks
 from fake_cuda import DeviceMix, FakeCuda, buffers_on_gpu, fake_cuda, fake_gpu_run, wrap
 from helpers import compose_config, fit_detector
 
@@ -133,6 +133,33 @@ def test_every_method_trains_a_step_and_evaluates_on_a_faked_gpu(method: str, tm
     overrides = [f"method={method}", f"method.init.ckpt={ce_checkpoint}", "trainer.max_epochs=1", *TINY, *QUIET,
                  *STAGES.get(method, []), "detectors.names=[msp]", "detectors.tune=false"]
     _assert_same_rows(_cpu_and_gpu_rows(tmp_path, overrides, monkeypatch), at_least=2)
+
+
+def test_the_in_memory_pipeline_augments_on_a_faked_gpu(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """CIFAR-10 in memory (`ood.data.memory`), augmented: the crop and flip of the ID and outlier batches (OE) drawn
+    and applied on the (faked) GPU, its fill on the device: no device mix-up, and the rows equal the CPU run's (the
+    draws come from torch's global generator on both). The CPU run decodes the images into the cache, the GPU run
+    reads them: decoding advanced the global generator, so the runs' augmentations differed (AUROC 0.57 vs 0.49)."""
+    tree = make_openood_tree(tmp_path_factory.mktemp("openood"))
+    overrides = ["data=cifar10", f"paths.data_dir={tree}", *E2E, "backbone=small_cnn", "method=oe", "data.batch_size=8",
+                 "+trainer.limit_train_batches=2", *QUIET, "detectors.tune=false"]
+    _assert_same_rows(_cpu_and_gpu_rows(tmp_path, overrides, monkeypatch), at_least=4)
+
+
+def test_decoding_the_in_memory_cache_draws_nothing_from_the_global_generator() -> None:
+    """The run that decodes the images into the cache (`decode_all`, in the datamodule's setup, after the run's seed)
+    augmented from another point of torch's global generator than every later run reading the cache: its loader drew
+    its workers' base seed from it. Found by the faked-GPU run above, whose CPU half built the cache."""
+    from ood.data.memory import decode_all
+
+    items = [(np.full((2, 2, 3), i, dtype=np.uint8), i) for i in range(3)]
+    torch.manual_seed(0)
+    images, labels = decode_all(items, "three")  # type: ignore[arg-type]
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(4))
+    assert images[:, 0, 0, 0].tolist() == labels.tolist() == [0, 1, 2]
 
 
 #: `trainer=gpu_fast`'s plugin on the CPU: the autocast the faked GPU runs (`fake_cuda`), channels_last

@@ -209,7 +209,9 @@ def decode_all(dataset: Dataset, desc: str) -> tuple[np.ndarray, np.ndarray]:
     """Every item of `dataset` (a copy whose transform yields uint8 arrays) stacked: images [N, H, W, C], labels [N]."""
     n = len(dataset)  # type: ignore[arg-type]
     workers = min(4, os.cpu_count() or 1) if n >= PARALLEL_DECODE else 0
-    loader = DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=_first)
+    # a generator of its own: the loader's iterator draws its workers' base seed from the global generator, which
+    # advanced it in the run that builds the cache only (its augmentation draws then differed from a rerun's)
+    loader = DataLoader(dataset, batch_size=256, num_workers=workers, collate_fn=_first, generator=torch.Generator())
     images: np.ndarray | None = None
     labels = np.empty(n, dtype=np.int64)
     start = 0
