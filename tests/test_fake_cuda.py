@@ -181,6 +181,24 @@ def test_gpu_fast_trains_and_evaluates_on_a_faked_gpu(method: str, tmp_path: Pat
     _assert_same_rows(rows, at_least=7)
 
 
+@pytest.mark.parametrize("method", ["ce", "grood"])
+def test_ood_eval_of_a_checkpoint_runs_on_a_faked_gpu(method: str, tmp_path: Path, ce_checkpoint: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ood-eval ckpt_path=<CE run> trainer=gpu` (`ood.train.run`, as the command runs it), alone and with a post-hoc
+    method (GROOD fitted on the loaded weights): the checkpoint loaded into a model on the (faked) GPU, no device
+    mix-up, and the rows equal those of `trainer=cpu`."""
+    from helpers import run_config
+
+    overrides = [f"method={method}", f"ckpt_path={ce_checkpoint}", *TINY[:3], *QUIET,
+                 "detectors.names=[msp,knn,mahalanobis,odin]", "detectors.tune=false"]
+    rows = {}
+    for where in ("cpu", "gpu"):
+        with monkeypatch.context() as patch, fake_gpu_run(patch) if where == "gpu" else nullcontext():
+            got = run_config(tmp_path / where, [*overrides, f"trainer={where}"], config_name="eval")
+        rows[where] = {(r["detector"], r["ood_dataset"]): (r["auroc"], r["fpr95"]) for r in got}
+    _assert_same_rows(rows, at_least=5)
+
+
 #: detectors that run the network or read maps cached by its layer taps
 NETWORK = [n for n in available_detectors() if detector_class(n).needs_model or hasattr(detector_class(n), "taps")]
 #: tempscale: its L-BFGS temperature is a leaf made on the device (`torch.full(..., requires_grad=True)`), which the
