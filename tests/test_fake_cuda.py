@@ -378,7 +378,8 @@ def test_a_bank_extracted_on_the_gpu_is_scored_there(monkeypatch: pytest.MonkeyP
 def test_evaluate_scores_a_model_on_the_gpu(method: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`ood.evaluate(model, ...)` of a model on the (faked) GPU, `device` left to the call (CUDA when available), with
     detectors that read the head, run the network and fit on the device, and a post-hoc method (GROOD: its fit-time
-    gradient passes, its noise prototype drawn on the device): no device mix-up, the scores equal a CPU evaluation's, the model handed back on the GPU."""
+    gradient passes, its noise prototype drawn on the device): no device mix-up, the scores equal a CPU evaluation's,
+    the model handed back on the GPU."""
     import ood
 
     torch.manual_seed(0)
@@ -386,14 +387,16 @@ def test_evaluate_scores_a_model_on_the_gpu(method: str | None, tmp_path: Path, 
                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
     gen = torch.Generator().manual_seed(0)
     data = {split: torch.utils.data.TensorDataset(torch.randn(n, 3, 8, 8, generator=gen) + shift, torch.arange(n) % 3)
-            for split, n, shift in (("train", 24, 0.0), ("test", 12, 0.0), ("far", 12, 1.0))}
+            for split, n, shift in (("train", 24, 0.0), ("test", 12, 0.0), ("shifted", 12, 1.0))}
     detectors = ["msp", "knn", "mahalanobis", "react", "odin", "nnguide"]
 
+    grood = ["method.n_proto=8", "method.ood_proto_source=uniform_noise"] if method else []
+
     def scores(device: str | None, out: str) -> dict[str, Any]:
-        return ood.evaluate(net, {"train": data["train"], "test": data["test"]}, {"far": data["far"]}, detectors=detectors,
-                            method=method, device=device, batch_size=8, output_dir=tmp_path / out, image_size=8,
-                            mean=[0.0] * 3, std=[1.0] * 3,
-                            overrides=["detectors.tune=false", *(["method.n_proto=8", "method.ood_proto_source=uniform_noise"] if method else [])]).scores
+        return ood.evaluate(net, {"train": data["train"], "test": data["test"]}, {"shifted": data["shifted"]},
+                            detectors=detectors, method=method, device=device, batch_size=8, image_size=8,
+                            mean=[0.0] * 3, std=[1.0] * 3, output_dir=tmp_path / out,
+                            overrides=["detectors.tune=false", *grood]).scores
 
     want = scores("cpu", "cpu")
     with fake_gpu_run(monkeypatch):
