@@ -10,6 +10,7 @@ REPORT_ARGS ?=
 # one job folder per (data, backbone, seed): a second stage finds the first stage's checkpoint under the same name
 JOB = $${hydra:runtime.choices.data}-$${hydra:runtime.choices.backbone}-s$${seed}
 LAST = checkpoints/last.ckpt
+BEST = checkpoints/best.ckpt
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-fast lint format bench reproduce-cifar10 reproduce-cifar100 reproduce-heatmap \
@@ -88,14 +89,14 @@ reproduce-grood: DATA = cifar10,cifar100
 reproduce-grood: IMAGENET_SOURCES = synthetic_mixup,val_ood
 reproduce-grood: install ## GROOD: OpenOOD CE + GROOD on CIFAR (mix-up and val-OOD prototypes), post-hoc on ImageNet-1K (WEIGHTS=resnet50 file), report beside GROOD's README (its OpenOOD v1.5 numbers)
 	$(VENV)/bin/ood-train -m experiment=grood_openood data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/grood/train hydra.sweep.subdir='$(JOB)' $(ARGS)
-	$(VENV)/bin/ood-eval -m experiment=grood_openood method.ood_proto_source=val_ood data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/grood/val_ood 'ckpt_path=$(R)/grood/train/$(JOB)/$(LAST)' $(ARGS)
+	$(VENV)/bin/ood-eval -m experiment=grood_openood method.ood_proto_source=val_ood data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/grood/val_ood 'ckpt_path=$(R)/grood/train/$(JOB)' $(ARGS)
 	$(VENV)/bin/ood-eval -m experiment=grood_imagenet1k method.ood_proto_source=$(IMAGENET_SOURCES) backbone.weights=$(WEIGHTS) hydra.sweep.dir=$(R)/grood/imagenet1k $(IMAGENET_ARGS)
 	$(VENV)/bin/ood-report $(R)/grood --reference conf/reference/grood --reference conf/reference/cifar10.yaml --reference conf/reference/cifar100.yaml $(REPORT_ARGS)
 
 reproduce-oal: DATA = cifar10,cifar100
 reproduce-oal: install ## OAL: OpenOOD CE students, then OAL fine-tuning, report beside the OpenOOD leaderboard
 	$(VENV)/bin/ood-train -m experiment=openood_ce data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/oal/ce hydra.sweep.subdir='$(JOB)' $(ARGS)
-	$(VENV)/bin/ood-train -m experiment=oal_openood data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/oal/oal hydra.sweep.subdir='$(JOB)' '++method.init.ckpt=$(R)/oal/ce/$(JOB)/$(LAST)' $(ARGS)
+	$(VENV)/bin/ood-train -m experiment=oal_openood data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/oal/oal hydra.sweep.subdir='$(JOB)' '++method.init.ckpt=$(R)/oal/ce/$(JOB)/$(BEST)' $(ARGS)
 	$(VENV)/bin/ood-report $(R)/oal --reference conf/reference/oal --reference conf/reference/cifar10.yaml --reference conf/reference/cifar100.yaml $(REPORT_ARGS)
 
 digits-energy: install ## the energy family on digits: ce(+energy), logitnorm, energy_oe, energy_cfl_recon over SEEDS, then the table
