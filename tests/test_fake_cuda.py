@@ -147,21 +147,6 @@ def test_the_in_memory_pipeline_augments_on_a_faked_gpu(tmp_path_factory: pytest
     _assert_same_rows(_cpu_and_gpu_rows(tmp_path, overrides, monkeypatch), at_least=4)
 
 
-def test_decoding_the_in_memory_cache_draws_nothing_from_the_global_generator() -> None:
-    """The run that decodes the images into the cache (`decode_all`, in the datamodule's setup, after the run's seed)
-    augmented from another point of torch's global generator than every later run reading the cache: its loader drew
-    its workers' base seed from it. Found by the faked-GPU run above, whose CPU half built the cache."""
-    from ood.data.memory import decode_all
-
-    items = [(np.full((2, 2, 3), i, dtype=np.uint8), i) for i in range(3)]
-    torch.manual_seed(0)
-    images, labels = decode_all(items, "three")  # type: ignore[arg-type]
-    after = torch.rand(4)
-    torch.manual_seed(0)
-    assert torch.equal(after, torch.rand(4))
-    assert images[:, 0, 0, 0].tolist() == labels.tolist() == [0, 1, 2]
-
-
 #: `trainer=gpu_fast`'s plugin on the CPU: the autocast the faked GPU runs (`fake_cuda`), channels_last
 FAST_ON_CPU = ["trainer=cpu", "trainer.deterministic=false", "+trainer.plugins=[{_target_:ood.precision.FastMixedPrecision,"
                "device:cpu,channels_last:true,precision:bf16-mixed}]"]

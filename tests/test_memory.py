@@ -171,3 +171,18 @@ def test_cache_names_are_stable_for_datasets_without_a_repr() -> None:
     head = split_transform(source().transform).head
     name = mem.cache_name(source(), head)
     assert name == mem.cache_name(source(), head) and name.startswith("concatdataset-")
+
+
+def test_decoding_the_in_memory_cache_draws_nothing_from_the_global_generator() -> None:
+    """The run that decodes the images into the cache (`decode_all`, in the datamodule's setup, after the run's seed)
+    augmented from another point of torch's global generator than every later run reading the cache: its loader drew
+    its workers' base seed from it. Found by a faked-GPU run (test_fake_cuda) whose CPU half built the cache."""
+    from ood.data.memory import decode_all
+
+    items = [(np.full((2, 2, 3), i, dtype=np.uint8), i) for i in range(3)]
+    torch.manual_seed(0)
+    images, labels = decode_all(items, "three")  # type: ignore[arg-type]
+    after = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(4))
+    assert images[:, 0, 0, 0].tolist() == labels.tolist() == [0, 1, 2]
