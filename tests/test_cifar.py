@@ -22,6 +22,7 @@ from helpers import compose_config, run_config
 from PIL import Image
 
 from ood.data import CIFAR10Benchmark, CIFAR100Benchmark, NpyImages, OODDataModule
+from ood.data.batch import Batch
 from ood.data.cifar import stratified_split
 from ood.errors import DataNotFoundError, OODError
 
@@ -74,14 +75,17 @@ def test_test_preprocessing_matches_openood(tree: Path) -> None:
     assert sets["places365"][0][0].shape == (3, 32, 32)
 
 
+def flips_and_crops(x: torch.Tensor) -> list[torch.Tensor]:
+    """Every 32-pixel crop of normalised `x` padded by 4 black pixels, unflipped then flipped: what the training
+    flip + padded crop can give (index 40: `x` itself)."""
+    padded = torch.nn.functional.pad(x * STD10 + MEAN10, (4, 4, 4, 4))
+    return [(v[:, i : i + 32, j : j + 32] - MEAN10) / STD10 for v in (padded, padded.flip(-1)) for i in range(9) for j in range(9)]
+
+
 def test_train_augmentation_is_a_flip_and_padded_crop(tree: Path) -> None:
     bench = CIFAR10Benchmark(tree)
     image = Image.open(tree / "images_classic/cifar10_train/3.png")
-    raw = normalised(image) * STD10 + MEAN10
-    padded = torch.nn.functional.pad(raw, (4, 4, 4, 4))
-    candidates = [
-        (v[:, i : i + 32, j : j + 32] - MEAN10) / STD10 for v in (padded, padded.flip(-1)) for i in range(9) for j in range(9)
-    ]
+    candidates = flips_and_crops(normalised(image))
     torch.manual_seed(0)
     seen = set()
     for _ in range(20):
@@ -116,6 +120,38 @@ def test_outliers_tin597_and_300k_npy(tree: Path, tmp_path: Path) -> None:
         NpyImages(tmp_path / "nchw.npy", CIFAR10Benchmark(tmp_path).eval_transform())
     with pytest.raises(DataNotFoundError, match="300K_random_images.npy"):
         CIFAR10Benchmark(tree, outliers="random300k").outliers()
+
+
+def tin597_images(tree: Path) -> list[Image.Image]:
+    """The TIN-597 outlier images (64 px) in the order of OpenOOD's `train_tin597` list."""
+    lines = (tree / "benchmark_imglist/cifar10/train_tin597.txt").read_text().splitlines()
+    return [Image.open(tree / "images_classic" / line.split()[0]) for line in lines]
+
+
+def first_outlier_batch(bench: CIFAR10Benchmark) -> tuple[OODDataModule, Batch]:
+    """An `oe` DataModule on `bench` (ID batch 4, outlier batch 6) and the first batch of its outlier loader."""
+    datamodule = OODDataModule(bench, batch_size=4, outlier_batch_size=6)
+    datamodule.use_streams(("id", "outliers"), "oe")
+    return datamodule, next(iter(datamodule.train_dataloader().iterables["outliers"]))
+
+
+def test_outliers_get_the_test_transform_with_augment_outliers_off(tree: Path) -> None:
+    """OpenOOD's `oe` split gets its test preprocessor (resize 32 + centre crop + normalise, no flip or crop):
+    `augment_outliers=False` serves the outlier batches so (file-backed path here; in memory: test_memory.py),
+    the default keeps the training flip + padded crop (Hendrycks' OE, energy_ood)."""
+    images = tin597_images(tree)
+    off = CIFAR10Benchmark(tree, in_memory=False, augment_outliers=False)
+    _, batch = first_outlier_batch(off)
+    rows = batch.index.tolist()
+    assert len(rows) == 6 and torch.equal(batch.x, torch.stack([off.eval_transform()(images[i]) for i in rows]))
+    resized = [images[i].convert("RGB").resize((32, 32), Image.BILINEAR) for i in rows]
+    assert torch.allclose(batch.x, torch.stack([normalised(image) for image in resized]), atol=1e-6)
+    torch.manual_seed(0)
+    _, batch = first_outlier_batch(CIFAR10Benchmark(tree, in_memory=False))
+    crops = []
+    for x, i in zip(batch.x, batch.index.tolist()):
+        crops += [k for k, c in enumerate(flips_and_crops(normalised(resized[rows.index(i)]))) if torch.allclose(x, c, atol=1e-5)][:1]
+    assert len(crops) == 6 and crops != [40] * 6, "default outliers are not flipped / padded crops of their images"
 
 
 # ----- missing data -----------------------------------------------------------------------------------------------
@@ -281,6 +317,20 @@ def test_experiment_is_the_openood_recipe(tmp_path: Path, name: str) -> None:
     sched = cfg.method.scheduler
     assert (sched._target_, sched.eta_min, sched.interval, sched.offset) == ("ood.methods.schedules.OpenOODCosine", 1e-6,
                                                                              "step", 0)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_oe_presets_give_the_outliers_the_test_transform(tree: Path, tmp_path: Path, name: str) -> None:
+    """`experiment=cifar*_oe` sets data.benchmark.augment_outliers=false (OpenOOD's `oe` split), which a command
+    line can set back; the data configs leave it out (the default, true, keeps earlier runs' identity)."""
+    from hydra.utils import instantiate
+
+    cfg = compose_config(tmp_path, [f"experiment={name}_oe", f"paths.data_dir={tree}"])
+    bench = instantiate(cfg.data.benchmark)
+    assert bench.augment_outliers is False and torch.equal(bench.outliers()[2][0], bench.eval_transform()(tin597_images(tree)[2]))
+    again = compose_config(tmp_path, [f"experiment={name}_oe", "data.benchmark.augment_outliers=true"])
+    assert again.data.benchmark.augment_outliers is True
+    assert "augment_outliers" not in compose_config(tmp_path, [f"experiment={name}_ce"]).data.benchmark
 
 
 @pytest.mark.slow

@@ -689,6 +689,29 @@ def test_an_outlier_folder_a_method_trains_without_is_warned_of(folders: dict[st
                            "(leave it out, or choose a method that does, e.g. method=oe)"] if method == "ce" else [])
 
 
+def test_outliers_take_the_evaluation_transform_with_augment_outliers_off(folders: dict[str, Path]) -> None:
+    """`data.augment_outliers=false` (OpenOOD's `oe` split): the outlier batch is the evaluation transform of its
+    files (32 px: resize and crop change nothing, so the normalised pixels); by default the random resized crop and
+    flip of training."""
+    from ood.data import OODDataModule
+
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    batches = {}
+    for augment in (False, True):
+        bench = FolderBenchmark(folders["id"], ood=[folders["far"]], outliers=folders["near"], image_size=32, resize=32,
+                                augment_outliers=augment)
+        module = OODDataModule(bench, batch_size=2, outlier_batch_size=4)
+        module.use_streams(["id", "outliers"], "oe")
+        torch.manual_seed(0)
+        batches[augment] = next(iter(module.train_dataloader().iterables["outliers"]))
+    files = [bench.outlier_set_.entries[i][0] for i in batches[False].index.tolist()]
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+                          for f in files])
+    assert len(files) == 4 and torch.allclose(batches[False].x, (pixels - mean) / std, atol=1e-6)
+    assert torch.equal(batches[False].x, torch.stack([bench.eval_transform()(load_image(f)) for f in files]))
+    assert torch.equal(batches[True].index, batches[False].index) and not torch.allclose(batches[True].x, batches[False].x, atol=1e-3)
+
+
 def test_evaluating_an_outlier_method_needs_no_outlier_set(tmp_path: Path) -> None:
     """ood-eval of an oe checkpoint on data=folder without data.outliers builds (the outliers only feed training);
     training still asks for them."""

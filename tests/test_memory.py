@@ -158,6 +158,30 @@ def test_outlier_batches_get_their_own_augmentation(tree: Path) -> None:
     assert torch.equal(batch.x, want_x) and torch.equal(batch.x_out, augment.apply(raw["outliers"].x, *augment.draw(6)))
 
 
+def test_unaugmented_outliers_are_the_test_transform_and_skip_the_device_step(tree: Path) -> None:
+    """`augment_outliers=False` (OpenOOD's `oe` split): the in-memory outlier batch equals the evaluation transform
+    of its TIN-597 images bit for bit, and the on-device step crops and flips the ID images alone."""
+    from types import SimpleNamespace
+
+    bench = CIFAR10Benchmark(tree, augment_outliers=False)
+    datamodule = OODDataModule(bench, batch_size=4, outlier_batch_size=6)
+    datamodule.use_streams(("id", "outliers"), "oe")
+    loaders = datamodule.train_dataloader().iterables
+    raw = {name: next(iter(loader)) for name, loader in loaders.items()}
+    assert isinstance(loaders["outliers"].dataset.dataset, MemoryImages)
+    lines = (tree / "benchmark_imglist/cifar10/train_tin597.txt").read_text().splitlines()
+    images = [Image.open(tree / "images_classic" / lines[i].split()[0]) for i in raw["outliers"].index.tolist()]
+    want = torch.stack([bench.eval_transform()(image) for image in images])
+    assert len(images) == 6 and torch.equal(raw["outliers"].x, want)
+    augment = datamodule._augment["id"]
+    assert datamodule._augment["outliers"] is None and augment == PadCropFlip(4, 0.5, augment.fill)
+    datamodule.trainer = SimpleNamespace(training=True)
+    torch.manual_seed(5)
+    batch = datamodule.on_after_batch_transfer(dict(raw), 0)
+    torch.manual_seed(5)
+    assert torch.equal(batch.x, augment.apply(raw["id"].x, *augment.draw(4))) and torch.equal(batch.x_out, want)
+
+
 def test_cache_names_are_stable_for_datasets_without_a_repr() -> None:
     """A torchvision-style source (e.g. DTD's three splits in a ConcatDataset) gets the same key in every process."""
     from torch.utils.data import ConcatDataset, TensorDataset

@@ -33,8 +33,10 @@ ID validation = 1,000 images held out of the official test set (OpenOOD's `val_<
 stratified split with a fixed seed); the ID test set is the rest. Preprocessing follows OpenOOD: RGB (grey
 images get 3 channels), resize 32 (bilinear), centre crop 32, normalise with the ID dataset's statistics; training
 adds a horizontal flip and a 4-pixel padded random crop (OpenOOD's `BasePreprocessor`), both configurable.
-Outliers use the training transform. The classic and OODformer sets get the same test preprocessing (their papers
-feed 32-pixel sets as is and resize + centre-crop the larger ones, which is what resize 32 + centre crop 32 does).
+Outliers use the training transform (Hendrycks' OE and energy_ood augment them), or with `augment_outliers=false`
+the evaluation one (OpenOOD's `oe` split gets its `TestStandardPreProcessor`: the `experiment=cifar*_oe` presets).
+The classic and OODformer sets get the same test preprocessing (their papers feed 32-pixel sets as is and resize +
+centre-crop the larger ones, which is what resize 32 + centre crop 32 does).
 """
 
 from __future__ import annotations
@@ -153,6 +155,8 @@ class CIFARBenchmark(Benchmark):
         image_size: side after resize + centre crop (32; 224 for OAL's 224-pixel ResNet-18 student and ViT teacher).
         in_memory: decode every set once into a uint8 array cached in `data_dir/ood_cache/` and flip/crop per
             batch on the training device (`ood.data.memory`); false reads and transforms each image per item.
+        augment_outliers: the outliers get the training transform (as the ID training set: Hendrycks' OE,
+            energy_ood); false: the evaluation transform (OpenOOD's `oe` split).
     """
 
     in_channels = 3
@@ -180,6 +184,7 @@ class CIFARBenchmark(Benchmark):
         std: Sequence[float] | None = None,
         image_size: int = 32,
         in_memory: bool = True,
+        augment_outliers: bool = True,
     ) -> None:
         if source not in SOURCES:
             raise ConfigError(f"unknown data source {source!r}; choices: {list(SOURCES)}")
@@ -200,6 +205,7 @@ class CIFARBenchmark(Benchmark):
         self.std = type(self).std if std is None else tuple(std)  # type: ignore[assignment]
         self.image_size = image_size
         self.in_memory = in_memory
+        self.augment_outliers = augment_outliers
 
     def _default_protocols(self) -> Mapping[str, Any]:
         from omegaconf import OmegaConf
@@ -474,8 +480,9 @@ class CIFARBenchmark(Benchmark):
     def outliers(self) -> Dataset | None:
         if self.outlier_set == "none":
             return None
+        transform = self.train_transform() if self.augment_outliers else self.eval_transform()
         if self.outlier_set == "tin597":
-            return self._list("train_tin597", self.train_transform(), ood=True)
+            return self._list("train_tin597", transform, ood=True)
         path = Path(self.outliers_file)
         path = path if path.is_absolute() else self.data_dir / path
         if not path.is_file():
@@ -484,7 +491,7 @@ class CIFARBenchmark(Benchmark):
                 "https://people.eecs.berkeley.edu/~hendrycks/300K_random_images.npy into data_dir "
                 "(or set data.benchmark.outliers_file), or use data.benchmark.outliers=tin597"
             )
-        return NpyImages(path, self.train_transform())
+        return NpyImages(path, transform)
 
 
 class CIFAR10Benchmark(CIFARBenchmark):

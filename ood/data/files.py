@@ -69,8 +69,10 @@ class FileBenchmark(Benchmark):
         augment: random resized crop + flip for training.
         val_size, split_seed: the held-out validation split when `val` is None.
         how: how to get the ID data, printed when it is missing.
-        outliers: set spec of an outlier-exposure pool (training transform), e.g. the heatmap paper's Places365
-            for Tiny ImageNet; None = no outliers.
+        outliers: set spec of an outlier-exposure pool, e.g. the heatmap paper's Places365 for Tiny ImageNet;
+            None = no outliers.
+        augment_outliers: the outliers get the training transform; false: the evaluation transform (OpenOOD's
+            `oe` split).
     """
 
     in_channels = 3
@@ -94,6 +96,7 @@ class FileBenchmark(Benchmark):
         split_seed: int = 0,
         how: str = "",
         outliers: Mapping[str, Any] | None = None,
+        augment_outliers: bool = True,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.name = name
@@ -117,6 +120,7 @@ class FileBenchmark(Benchmark):
         self.outlier_spec = None if outliers is None else SetSpec.parse(f"{name}:outliers", outliers)
         self.outlier_set = "none" if outliers is None else "configured"
         self.outlier_choices = ("none", "<a set spec such as {folder: places365}>")
+        self.augment_outliers = augment_outliers
 
     @property
     def input_std(self) -> tuple[float, ...]:
@@ -319,4 +323,5 @@ class FileBenchmark(Benchmark):
     def outliers(self) -> Dataset | None:
         if self.outlier_spec is None:
             return None
-        return self._open(f"{self.name}:outliers", self.outlier_spec, self.train_transform(), label=-1)
+        transform = self.train_transform() if self.augment_outliers else self.eval_transform()
+        return self._open(f"{self.name}:outliers", self.outlier_spec, transform, label=-1)

@@ -272,6 +272,8 @@ class FolderBenchmark(Benchmark):
         model: `{library, name}` of the configured backbone; `library=timm` takes timm's data config for `name`.
         transform: a transform object (Python), used for every split instead of the above.
         augment: random resized crop + flip for training.
+        augment_outliers: the outliers get the training transform; false: the evaluation transform (OpenOOD's
+            `oe` split).
         val_fraction, split_seed: the held-out ID validation split when there is no `val`.
         bad_images: `error` (stop naming the file) or `skip` (decode all up front, leave out unreadable files).
         overlap_threshold: cosine of penultimate features above which an OOD image is a near duplicate of an ID one
@@ -306,6 +308,7 @@ class FolderBenchmark(Benchmark):
         model: Mapping[str, Any] | None = None,
         transform: Callable[[Image.Image], Any] | None = None,
         augment: bool = True,
+        augment_outliers: bool = True,
         val_fraction: float = 0.1,
         split_seed: int = 0,
         bad_images: Literal["error", "skip"] = "error",
@@ -340,6 +343,7 @@ class FolderBenchmark(Benchmark):
         self.report_dir = Path(report_dir) if report_dir else None
         self.scan_workers = scan_workers
         self.augment = augment
+        self.augment_outliers = augment_outliers
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.preprocessing = resolve_preprocessing(image_size, resize, mean, std, interpolation, data_config, model,
                                                    transform, python_api)
@@ -787,7 +791,9 @@ class FolderBenchmark(Benchmark):
 
     def outliers(self) -> Dataset | None:
         self.outliers_read = self.outliers_read or self.outlier_set_ is not None
-        return None if self.outlier_set_ is None else self._dataset(self.outlier_set_, self.train_transform(), -1)
+        if self.outlier_set_ is None:
+            return None
+        return self._dataset(self.outlier_set_, self.train_transform() if self.augment_outliers else self.eval_transform(), -1)
 
     #: whether the outlier set was built (the outlier stream, or a fit-time pass such as heatmap's outlier pool)
     outliers_read = False
