@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import NO_FIGURES, compose_config, run_config
+from omegaconf import OmegaConf, open_dict
 
 from ood.runs.identity import (
     IDENTITY_FILE,
@@ -44,6 +45,25 @@ def test_the_outlier_batch_at_its_default_leaves_the_identity_as_before_it_was_a
     doubled = run_identity(compose_config(tmp_path / "b", ["data.outlier_batch_size=256"]), CHOICES, tmp_path / "b", None)
     assert "data.outlier_batch_size" not in default.config
     assert doubled.config == {**default.config, "data.outlier_batch_size": "256"}
+
+
+@pytest.mark.parametrize(("data", "key"), [("cifar10", "data.benchmark.augment_outliers"),
+                                         ("folder", "data.augment_outliers")])
+def test_augment_outliers_at_its_default_leaves_the_identity_as_before_it_was_a_key(tmp_path: Path, data: str,
+                                                                                   key: str) -> None:
+    """`augment_outliers: true` (the outliers' training transform, as before it was a key) is listed in the data
+    configs: at true a run's identity is that of the same config without the key (earlier runs keep their hash); false
+    (OpenOOD's `oe` split) names the configuration."""
+    choices = {**CHOICES, "data": data}
+    cfg = compose_config(tmp_path / "a", [f"data={data}"])
+    default = run_identity(cfg, choices, tmp_path / "a", None)
+    with open_dict(cfg):
+        parent, _, leaf = key.rpartition(".")
+        del OmegaConf.select(cfg, parent)[leaf]
+    before = run_identity(cfg, choices, tmp_path / "a", None)
+    off = run_identity(compose_config(tmp_path / "b", [f"data={data}", f"{key}=false"]), choices, tmp_path / "b", None)
+    assert default.hash == before.hash and key not in default.config
+    assert off.config == {**default.config, key: "false"}
 
 
 def test_written_once_read_back(tmp_path: Path) -> None:

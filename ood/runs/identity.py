@@ -6,7 +6,7 @@ A run computes its identity once, as it starts, and writes it to `identity.json`
   folders, and the keys whose unresolved value interpolates `${seed}` (OAL's `method.sampling_seed`: they vary with
   the seed); and the evaluation keys that change the numbers when not at their default (`EVALUATION_KEYS`:
   `evaluation.feature_dtype=float16`, `evaluation.weights=best_val_acc`), but not the keys added later at the value that applied before (`ADDED_KEYS`:
-  `data.outlier_batch_size=null`, so earlier runs keep their hash). An evaluation run (`train=false`) of a checkpoint takes the training keys
+  `data.outlier_batch_size=null`, `augment_outliers=true`, so earlier runs keep their hash). An evaluation run (`train=false`) of a checkpoint takes the training keys
   (`TRAINING_KEYS`: epochs, optimiser, training batches, augmentation, outliers, starting weights) of the run that wrote it, so
   re-evaluating a checkpoint is recognised as the same model; a checkpoint from elsewhere adds `ckpt` = its path
   instead.
@@ -51,7 +51,7 @@ EVALUATION_KEYS = {"evaluation.feature_dtype": "float32", "evaluation.weights": 
 WEIGHTS_FILES = {"last": "last.ckpt", "best_val_acc": "best.ckpt"}
 #: keys added to the configs at the value that applied before they were keys -> that value: part of the identity only
 #: when set otherwise, so a run made before keeps its hash (its seeds and a rerun are the same configuration)
-ADDED_KEYS = {"data.outlier_batch_size": None}
+ADDED_KEYS = {"data.outlier_batch_size": None, "data.benchmark.augment_outliers": True, "data.augment_outliers": True}
 #: config keys that only matter for training (epochs, optimiser, the training batches, their augmentation and outlier
 #: set, the starting weights): an evaluation run takes them from the run that trained its checkpoint
 TRAINING_KEYS = ("trainer.max_epochs", "method.optimizer.", "method.scheduler.", "data.batch_size", "data.outlier_batch_size",
