@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from fabricate import CASES, DIGITS
 from helpers import NO_FIGURES, compose_config, rows_by, run_config
+from omegaconf import OmegaConf
 from sklearn.metrics import roc_curve
 
 from ood.data.benchmark import EvalSplit
@@ -136,6 +137,25 @@ def test_oodformer_preset_builds_supcontrast_head(tmp_path: Path, objective: str
     assert [(m.in_features, m.out_features) for m in linears] == [(dim, dim), (dim, 128)]
     assert method.temperature == {"supcon": 0.1, "simclr": 0.5}[objective]
     assert method.base_temperature == 0.07  # SupContrast's loss scale T / 0.07
+
+
+def test_the_cluster_game_picks_its_schedule_from_the_scheduler_group(tmp_path: Path) -> None:
+    """`method=cluster method/scheduler=openood` failed to compose ("Could not override 'method/scheduler'. No match
+    in the defaults list": cluster.yaml held a copy of the cosine instead of the group); now it composes: objective=ce
+    anneals per iteration, the contrastive stage (stepped by hand per epoch) refuses it in one line naming the fix."""
+    from ood.utils import instantiate
+
+    cfg = compose_config(tmp_path, ["method=cluster", "method/scheduler=openood"])
+    method = instantiate(cfg.method, backbone=SmallCNN(3, feature_dim=8))
+    optimizer = method.configure_optimizers()["optimizer"]
+    assert method.lr_scheduler_config(optimizer)["interval"] == "step"
+    cfg = compose_config(tmp_path, ["method=cluster", "method/scheduler=openood", "method.objective=supcon"])
+    with pytest.raises(ConfigError, match=r"^method.scheduler: ClusterMethod steps .*: give a per-epoch torch "
+                                          r"scheduler \(method/scheduler=cosine\)$"):
+        instantiate(cfg.method, backbone=SmallCNN(3, feature_dim=8)).configure_optimizers()
+    default = compose_config(tmp_path, ["method=cluster"]).method.scheduler  # the digits default, as before
+    assert OmegaConf.to_container(default, resolve=True) == {
+        "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR", "_partial_": True, "T_max": 15}
 
 
 def test_augmentation_is_identity_when_off() -> None:

@@ -157,7 +157,7 @@ def test_methods_that_step_their_scheduler_per_epoch_refuse_the_per_iteration_co
     cluster = ClusterMethod(SmallCNN(3, feature_dim=8), partial(torch.optim.SGD, lr=0.1), OpenOODCosine(1e-6),
                             objective="supcon")
     with pytest.raises(ConfigError, match=r"^method.scheduler: ClusterMethod steps this scheduler itself once an "
-                                          r"epoch.*give a per-epoch torch scheduler \(cluster.yaml's"):
+                                          r"epoch.*give a per-epoch torch scheduler \(method/scheduler=cosine\)$"):
         cluster.configure_optimizers()
     heatmap = HeatmapOOD(SmallCNN(3, feature_dim=8), partial(torch.optim.Adam, lr=1e-3), input_size=16,
                          classifier_epochs=1, classifier_optimizer=partial(torch.optim.SGD, lr=0.1),

@@ -382,7 +382,7 @@ class ClusterMethod(OODMethod):
             return optimizers
         return optimizers, [self.epoch_scheduler(
             self.scheduler_factory, encoder, "method.scheduler",
-            "give a per-epoch torch scheduler (cluster.yaml's CosineAnnealingLR)")]
+            "give a per-epoch torch scheduler (method/scheduler=cosine)")]
 
     # ----- clusters and scores --------------------------------------------------------------------------------
     def setup_ood(self, banks: Mapping[str, FeatureBank]) -> None:
