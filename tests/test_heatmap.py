@@ -427,3 +427,21 @@ def test_released_feature_norm_uses_the_released_range_not_the_rows_own(tmp_path
         min_val, max_val = min(min_val, zs[0].min()), max(max_val, zs[0].max())
     torch.testing.assert_close(released_feature_range(feats), torch.tensor([min_val, max_val]))
     assert max_val < feats.max().item()  # not the range of every row
+
+
+def test_the_decoder_schedule_is_picked_from_the_scheduler_group_and_refused_beside_a_ce_phase(tmp_path: Path) -> None:
+    """`method=heatmap method/scheduler=openood` failed to compose ("No match in the defaults list"); now it anneals
+    the decoder per iteration (no schedule by default, the paper's). With a CE phase the decoder's scheduler was
+    silently never built (only `classifier_scheduler` is stepped): now one line naming the fix."""
+    from ood.errors import ConfigError
+
+    cfg = compose_config(tmp_path, ["experiment=digits_heatmap", "method/scheduler=openood"])
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=6, in_channels=1))
+    config = method.configure_optimizers()
+    assert config["lr_scheduler"]["interval"] == "step"
+    assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.LambdaLR)
+    assert compose_config(tmp_path, ["experiment=digits_heatmap"]).method.scheduler is None
+    cfg = compose_config(tmp_path, ["experiment=digits_heatmap", "method/scheduler=cosine", "method.classifier_epochs=1"])
+    with pytest.raises(ConfigError, match=r"^method.scheduler: heatmap with a CE phase \(method.classifier_epochs=1\) "
+                                          r"schedules only the classifier .*: set method.scheduler=null, or"):
+        instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=6, in_channels=1))

@@ -132,7 +132,8 @@ class HeatmapOOD(OODMethod):
     """Frozen classifier + heatmap decoder (module doc).
 
     Args:
-        backbone, optimizer, scheduler, init: as `OODMethod` (the optimiser sees only the decoder).
+        backbone, optimizer, scheduler, init: as `OODMethod` (the optimiser and scheduler see only the decoder;
+            `scheduler` none by default, the paper's, and refused with a CE phase, which schedules the classifier only).
         input_size: image side the decoder reproduces (the benchmark's input size).
         latent, width: decoder plan overrides (`ood.models.decoder.decoder_plan`; None = the feature dim).
         alpha: loss weight of |t| (paper 5).
@@ -181,6 +182,12 @@ class HeatmapOOD(OODMethod):
             if classifier_optimizer is None:
                 raise ConfigError(
                     "method.classifier_epochs > 0 needs method.classifier_optimizer (the CE recipe)"
+                )
+            if scheduler is not None:  # the two phases step their optimisers by hand; only the classifier's is scheduled
+                raise ConfigError(
+                    f"method.scheduler: heatmap with a CE phase (method.classifier_epochs={classifier_epochs}) schedules "
+                    "only the classifier (method.classifier_scheduler), so the decoder's schedule would be ignored: set "
+                    "method.scheduler=null, or train the decoder from a CE checkpoint (method.init.ckpt=<CE last.ckpt>)"
                 )
             self.frozen = tuple(f for f in self.frozen if f != "backbone")
             self.automatic_optimization = False
