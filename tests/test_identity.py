@@ -14,6 +14,7 @@ from omegaconf import OmegaConf, open_dict
 
 from ood.runs.identity import (
     IDENTITY_FILE,
+    RunIdentity,
     flat_config,
     identity,
     read_identity,
@@ -121,3 +122,74 @@ def test_a_float16_evaluation_is_its_own_configuration(tmp_path: Path) -> None:
     assert idents["float32"].config == trained.config and "evaluation.feature_dtype" not in trained.config
     assert idents["float16"].config == {**trained.config, "evaluation.feature_dtype": "float16"}
     assert idents["float16"].group != idents["float32"].group == trained.group
+
+
+def _oal_spelled_before(config: dict[str, str], lr_min: str = "1e-08") -> dict[str, str]:
+    """An OAL identity as a run made before `method/scheduler=openood` wrote it: OAL's own `cosine_per_step`,
+    `lr_min` and `scheduler: null`, no `knn_features` key."""
+    kept = {k: v for k, v in config.items() if not k.startswith("method.scheduler") and k != "method.knn_features"}
+    return {**kept, "method.cosine_per_step": "true", "method.lr_min": lr_min, "method.scheduler": "null"}
+
+
+OAL_CHOICES = {"method": "oal", "data": "digits", "backbone": "small_cnn"}
+
+
+def test_oal_runs_keep_their_hash_across_the_scheduler_respelling(tmp_path: Path) -> None:
+    """OAL's per-step cosine moved from its own keys (cosine_per_step, lr_min) to method/scheduler=openood, the same
+    schedule, and `method.knn_features: null` (the teacher's features, as before) was added: every OAL hash changed,
+    so ood-report split a configuration's earlier seeds from its later ones. Now the new spelling is hashed as the
+    old one; another schedule (an offset, a per-epoch cosine, CE's openood) keeps its own keys."""
+    def ident(name: str, overrides: list[str]) -> dict[str, str]:
+        return run_identity(compose_config(tmp_path / name, overrides), OAL_CHOICES, tmp_path / name, None).config
+
+    default = ident("a", ["method=oal"])
+    assert default == _oal_spelled_before(default)
+    assert ident("b", ["method=oal", "method.scheduler.eta_min=1e-6"]) == _oal_spelled_before(default, "1e-06")
+    offset = ident("c", ["method=oal", "method.scheduler.offset=1"])
+    assert (offset["method.scheduler.offset"], "method.lr_min" in offset) == ("1", False)
+    cosine = ident("d", ["method=oal", "method/scheduler=cosine"])
+    assert cosine["method.scheduler._target_"] == "torch.optim.lr_scheduler.CosineAnnealingLR"
+    ce = ident("e", ["method=ce", "method/scheduler=openood"])
+    assert (ce["method.scheduler.eta_min"], "method.lr_min" in ce) == ("1e-06", False)
+    with_file = ident("f", ["method=oal", "method.knn_features=id_feat.npy"])
+    assert with_file == {**default, "method.knn_features": "id_feat.npy"}
+
+
+@pytest.mark.parametrize("trained", ["before_the_respelling", "with_a_per_epoch_cosine"])
+def test_an_evaluation_of_an_oal_run_takes_its_schedule_in_either_spelling(tmp_path: Path, trained: str) -> None:
+    """An OAL checkpoint trained before the respelling (its identity.json holds lr_min, cosine_per_step, scheduler:
+    null) was evaluated without its schedule keys (only `method.scheduler.*` were training keys): another hash than
+    its training run's, so ood-report counted the re-evaluation as another configuration. The schedule keys, in
+    either spelling, are training keys taken from that run; so are those of a run trained with another schedule
+    than the evaluation composes."""
+    train = tmp_path / "train"
+    overrides = ["method=oal", *(["method/scheduler=cosine"] if trained == "with_a_per_epoch_cosine" else [])]
+    made = run_identity(compose_config(train, overrides), OAL_CHOICES, train, None)
+    if trained == "before_the_respelling":
+        made = RunIdentity(_oal_spelled_before(made.config), made.model, made.seeded, made.names)
+    write_identity(train, made)
+    ckpt = train / "checkpoints" / "last.ckpt"
+    cfg = compose_config(tmp_path / "eval", ["method=oal", f"ckpt_path={ckpt}"], config_name="eval")
+    evaluated = run_identity(cfg, OAL_CHOICES, tmp_path / "eval", str(ckpt))
+    assert evaluated.config == made.config and evaluated.group == made.group
+
+
+def test_resuming_an_oal_checkpoint_compares_and_names_todays_keys(tmp_path: Path) -> None:
+    """check_resume compares a checkpoint's stored config with today's spelling: a checkpoint stored before the
+    respelling resumes with the same schedule (no spurious "predates" keys), another lr_min is refused naming
+    `method.scheduler.eta_min`, and a checkpoint trained with another schedule than the default is refused."""
+    from ood.errors import ConfigError
+    from ood.runs.checks import check_resume
+
+    cfg = compose_config(tmp_path, ["method=oal"])
+    today = flat_config(cfg)
+    before = {**{k: v for k, v in today.items() if not k.startswith("method.scheduler") and k != "method.knn_features"},
+              "method.cosine_per_step": True, "method.lr_min": 1e-8, "method.scheduler": None}
+    check_resume(cfg, before, "old.ckpt")
+    with pytest.raises(ConfigError, match=r"trained with method.scheduler.eta_min=1e-07 \(now 1e-08\).*"
+                                          r"Resume with the checkpoint's settings \(method.scheduler.eta_min=1e-07\)"):
+        check_resume(cfg, {**before, "method.lr_min": 1e-7}, "old.ckpt")
+    cosine = flat_config(compose_config(tmp_path, ["method=oal", "method/scheduler=cosine"]))
+    with pytest.raises(ConfigError, match=r"trained with method.scheduler._target_=torch.optim.lr_scheduler."
+                                          r"CosineAnnealingLR \(now ood.methods.schedules.OpenOODCosine\)"):
+        check_resume(cfg, cosine, "cosine.ckpt")

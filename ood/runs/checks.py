@@ -43,6 +43,7 @@ from ood.runs.identity import (
     identity,
     read_identity,
     seed_keys,
+    spelled_now,
 )
 from ood.runs.trained import ADOPTED_ENV, checkpoint_config
 from ood.utils import get_logger
@@ -204,7 +205,7 @@ def _evaluated_changes(cfg: DictConfig, stored: Mapping[str, Any], compared: Cal
     """`key -> "key=stored (now current)"` for the `compared` configuration keys, training-only keys aside, that
     differ between `cfg` and a checkpoint's `stored` config (keys only one side has are not compared)."""
     seeded = seed_keys(cfg)
-    now, then = identity(flat_config(cfg), seeded), identity(stored, seeded)
+    now, then = identity(flat_config(cfg), seeded), identity(spelled_now(stored), seeded)
     return {k: f"{k}={then[k]} (now {now[k]})" for k in sorted(now.keys() & then.keys())
             if compared(k) and not k.startswith(TRAINING_KEYS) and now[k] != then[k]}
 
@@ -226,6 +227,7 @@ def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> 
     not; a checkpoint without a stored config (another framework's) is not checked."""
     if not stored:
         return
+    stored = spelled_now(stored)  # a checkpoint's keys respelled since (`RENAMED_KEYS`) compared and named as today's
     seeded = seed_keys(cfg)
     now, then = identity(flat_config(cfg), seeded), identity(stored, seeded)
     differing = [k for k in sorted(now.keys() & then.keys()) if now[k] != then[k] and k not in RESUME_MAY_CHANGE]

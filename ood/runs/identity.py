@@ -5,8 +5,10 @@ A run computes its identity once, as it starts, and writes it to `identity.json`
   parameters, backbone, data, epochs), without the seed, loader plumbing and starting weights (`NOT_IDENTITY`),
   folders, and the keys whose unresolved value interpolates `${seed}` (OAL's `method.sampling_seed`: they vary with
   the seed); and the evaluation keys that change the numbers when not at their default (`EVALUATION_KEYS`:
-  `evaluation.feature_dtype=float16`, `evaluation.weights=best_val_acc`), but not the keys added later at the value that applied before (`ADDED_KEYS`:
-  `data.outlier_batch_size=null`, `augment_outliers=true`, so earlier runs keep their hash). An evaluation run (`train=false`) of a checkpoint takes the training keys
+  `evaluation.feature_dtype=float16`, `evaluation.weights=best_val_acc`), but not the keys added later at the value
+  that applied before (`ADDED_KEYS`: `data.outlier_batch_size=null`, `augment_outliers=true`, so earlier runs keep
+  their hash), and keys respelled hashed as spelled before (`RENAMED_KEYS`: OAL's per-step cosine, now
+  `method/scheduler=openood`). An evaluation run (`train=false`) of a checkpoint takes the training keys
   (`TRAINING_KEYS`: epochs, optimiser, training batches, augmentation, outliers, starting weights) of the run that wrote it, so
   re-evaluating a checkpoint is recognised as the same model; a checkpoint from elsewhere adds `ckpt` = its path
   instead.
@@ -51,10 +53,13 @@ EVALUATION_KEYS = {"evaluation.feature_dtype": "float32", "evaluation.weights": 
 WEIGHTS_FILES = {"last": "last.ckpt", "best_val_acc": "best.ckpt"}
 #: keys added to the configs at the value that applied before they were keys -> that value: part of the identity only
 #: when set otherwise, so a run made before keeps its hash (its seeds and a rerun are the same configuration)
-ADDED_KEYS = {"data.outlier_batch_size": None, "data.benchmark.augment_outliers": True, "data.augment_outliers": True}
+ADDED_KEYS = {"data.outlier_batch_size": None, "data.benchmark.augment_outliers": True, "data.augment_outliers": True,
+              "method.knn_features": None}
 #: config keys that only matter for training (epochs, optimiser, the training batches, their augmentation and outlier
 #: set, the starting weights): an evaluation run takes them from the run that trained its checkpoint
-TRAINING_KEYS = ("trainer.max_epochs", "method.optimizer.", "method.scheduler.", "data.batch_size", "data.outlier_batch_size",
+#: (`method.scheduler` with its null value, and OAL's schedule keys as spelled before `RENAMED_KEYS`)
+TRAINING_KEYS = ("trainer.max_epochs", "method.optimizer.", "method.scheduler", "method.cosine_per_step", "method.lr_min",
+                 "data.batch_size", "data.outlier_batch_size",
                  "data.augment", "data.benchmark.augment", "data.benchmark.crop_padding", "data.benchmark.hflip",
                  "data.benchmark.outliers", "backbone.weights")
 #: the config groups whose chosen option names a wandb group
@@ -92,9 +97,57 @@ def seed_keys(raw: DictConfig | Mapping[str, Any]) -> set[str]:
     return {k for k, v in flat.items() if isinstance(v, str) and "${seed}" in v}
 
 
+@dataclass(frozen=True)
+class Renamed:
+    """A config node respelled: where `where`'s keys have these values and `node` holds exactly `fixed` (values) and
+    `moved` (keys), the config was spelled `before` (keys and values) with each `moved` value under its old key."""
+
+    where: dict[str, Any]
+    node: str
+    fixed: dict[str, Any]
+    moved: dict[str, str]
+    before: dict[str, Any]
+
+
+#: nodes respelled with their meaning kept: a config holding the new spelling is hashed as spelled before, so a run
+#: made before keeps its hash (its seeds and a rerun are the same configuration)
+RENAMED_KEYS = (
+    # OAL's own per-step cosine (`cosine_per_step: true`, `lr_min`, `scheduler: null`) became method/scheduler=openood
+    # (`OpenOODCosine`, per step, offset 0): the same LambdaLR on every parameter group
+    Renamed({"method._target_": "ood.methods.oal.OAL"}, "method.scheduler",
+            {"_target_": "ood.methods.schedules.OpenOODCosine", "interval": "step", "offset": 0},
+            {"eta_min": "method.lr_min"}, {"method.cosine_per_step": True, "method.scheduler": None}),
+)
+
+
+def spelled_before(flat: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`flat` with a `RENAMED_KEYS` node it holds spelled as before; unchanged otherwise (another key or value under
+    the node, a `T_max`, another offset, is another configuration and keeps its spelling)."""
+    for r in RENAMED_KEYS:
+        under = {k.removeprefix(f"{r.node}."): v for k, v in flat.items() if k.startswith(f"{r.node}.")}
+        if (all(k in flat and flat[k] == v for k, v in r.where.items()) and under.keys() == {*r.fixed, *r.moved}
+                and all(under[k] == v for k, v in r.fixed.items())):
+            kept = {k: v for k, v in flat.items() if not k.startswith(f"{r.node}.")}
+            flat = {**kept, **{old: under[k] for k, old in r.moved.items()}, **r.before}
+    return flat
+
+
+def spelled_now(flat: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`flat` with a `RENAMED_KEYS` node spelled as before written as now (`spelled_before` undone): a checkpoint's
+    stored config compared with today's, its values named with today's keys."""
+    for r in RENAMED_KEYS:
+        if all(k in flat and flat[k] == v for k, v in {**r.where, **r.before}.items()) and all(
+                old in flat for old in r.moved.values()):
+            kept = {k: v for k, v in flat.items() if k not in r.before and k not in r.moved.values()}
+            flat = {**kept, **{f"{r.node}.{k}": v for k, v in r.fixed.items()},
+                    **{f"{r.node}.{k}": flat[old] for k, old in r.moved.items()}}
+    return flat
+
+
 def identity(flat: Mapping[str, Any], seeded: Collection[str] = ()) -> dict[str, str]:
     """The flattened keys that name a configuration, seed and the `seeded` keys (`seed_keys`) excluded, and the
-    `EVALUATION_KEYS` not at their default (values as canonical JSON strings); `ADDED_KEYS` at theirs are left out."""
+    `EVALUATION_KEYS` not at their default (values as canonical JSON strings); `ADDED_KEYS` at theirs are left out.
+    A run's hashed identity spells `RENAMED_KEYS` as before (`derive_identity`); checks compare today's spelling."""
     return {
         k: v if isinstance(v, str) else json.dumps(v, sort_keys=True)
         for k, v in sorted(flat.items())
@@ -131,7 +184,7 @@ def derive_identity(
 ) -> RunIdentity:
     """The identity of the run in `run_dir` with resolved config `flat`; `evaluated` is the checkpoint an evaluation
     run (`train=false`) scores, None for a training run (whose model is its own `checkpoints/last.ckpt`)."""
-    config = identity(flat, seeded)
+    config = identity(spelled_before(flat), seeded)
     if not evaluated:
         own = WEIGHTS_FILES.get(str(flat.get("evaluation.weights", "last")), "last.ckpt")
         return RunIdentity(config, str((Path(run_dir) / "checkpoints" / own).resolve()), sorted(seeded), list(names))
@@ -183,7 +236,7 @@ def _settings(config: str) -> Any:
     data = OmegaConf.to_container(OmegaConf.create(config))
     if not isinstance(data, dict):
         return data
-    flat = flatten({k: v for k, v in data.items() if k not in NOT_SETTINGS})
+    flat = spelled_before(flatten({k: v for k, v in data.items() if k not in NOT_SETTINGS}))
     return {k: v for k, v in flat.items()
             if k not in PLUMBING and not _watching(k) and not k.endswith(("_dir", "dirpath"))}
 
