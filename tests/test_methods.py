@@ -83,21 +83,27 @@ class RecordLR(Callback):
         self.lrs[trainer.global_step] = optimizer.param_groups[0]["lr"]
 
 
-def fit_preset_schedule(tmp_path: Path, preset: str, resume: bool = False) -> tuple[dict[int, float], float]:
+def fit_preset_schedule(tmp_path: Path, preset: str, resume: bool = False, resumed_batches: int = 3
+                        ) -> tuple[dict[int, float], float]:
     """Fit a small CE model for 2 epochs of 3 batches with `experiment=<preset>`'s optimiser and scheduler: the lr of
     each update by step, and the optimiser's lr. `resume`: then fit again from the checkpoint of step 4 (mid-epoch 2),
-    and give the lrs of that resumed fit instead."""
+    on `resumed_batches` batches an epoch, and give the lrs of that resumed fit instead."""
     cfg = compose_config(tmp_path, [f"experiment={preset}"])
     generator = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(12, 1, 16, 16, generator=generator), torch.arange(12) % 3, torch.arange(12))
-    loader = DataLoader(data, batch_size=4, collate_fn=collate_batch)
+
+    def loader(batches: int) -> DataLoader:
+        n = 4 * batches
+        data = TensorDataset(torch.randn(n, 1, 16, 16, generator=generator), torch.arange(n) % 3, torch.arange(n))
+        return DataLoader(data, batch_size=4, collate_fn=collate_batch)
+
     callbacks = [ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)] if resume else []
     for ckpt_path in [None, *([tmp_path / "ckpt" / "epoch=1-step=4.ckpt"] if resume else [])]:
         method = CrossEntropy(SmallCNN(3), instantiate(cfg.method.optimizer), instantiate(cfg.method.scheduler))
         record = RecordLR()
         L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                   limit_val_batches=0, default_root_dir=tmp_path, enable_checkpointing=resume,
-                  callbacks=[record, *callbacks]).fit(method, loader, ckpt_path=ckpt_path)
+                  callbacks=[record, *callbacks]).fit(method, loader(resumed_batches if ckpt_path else 3),
+                                                      ckpt_path=ckpt_path)
     return record.lrs, cfg.method.optimizer.lr
 
 
@@ -120,6 +126,15 @@ def test_a_run_resumed_mid_epoch_keeps_the_per_iteration_schedule(tmp_path: Path
     resumed, lr = fit_preset_schedule(tmp_path, "cifar10_ce", resume=True)
     assert resumed.keys() == {4, 5}
     assert [resumed[4], resumed[5]] == pytest.approx([lr * released_cosine(k, 6, 1, 1e-6 / lr) for k in (4, 5)], rel=1e-12)
+
+
+def test_a_run_resumed_with_another_step_count_is_refused_not_jumped(tmp_path: Path) -> None:
+    """The per-iteration cosine's length is the fit's optimiser-step count (devices, batch size, accumulation,
+    max_steps): resumed with another one (here 4 batches an epoch, 8 steps, where the checkpoint's run had 6), the
+    LambdaLR went on from step 4 along the 8-step cosine, its lr jumping from the checkpoint's; now one line."""
+    with pytest.raises(ConfigError, match=r"^method.scheduler: the checkpoint's cosine anneals over 6 scheduler steps "
+                                          r"and this fit's over 8 \(trainer.estimated_stepping_batches"):
+        fit_preset_schedule(tmp_path, "cifar10_ce", resume=True, resumed_batches=4)
 
 
 def test_the_digits_default_still_anneals_per_epoch(tmp_path: Path) -> None:

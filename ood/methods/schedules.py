@@ -11,7 +11,8 @@ to Lightning with that `interval`. Any other `method.scheduler` stays a `_partia
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 
@@ -47,11 +48,33 @@ class OpenOODCosine:
             raise ConfigError(f"method.scheduler.interval={interval!r}; choices: {list(INTERVALS)}")
         self.eta_min, self.interval, self.offset = eta_min, interval, offset
 
-    def __call__(self, optimizer: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def __call__(self, optimizer: torch.optim.Optimizer, total: int) -> CosineLambdaLR:
         """The `LambdaLR` of `optimizer` over `total` scheduler steps."""
         lr = optimizer.param_groups[0]["lr"]
         if lr <= 0:
             raise ConfigError(f"method.scheduler: the cosine anneals to eta_min={self.eta_min} as a fraction of "
                               f"method.optimizer.lr, which is {lr}; set a positive lr")
         ratio, offset = self.eta_min / lr, self.offset
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_annealing(step + offset, total, ratio))
+        return CosineLambdaLR(optimizer, lambda step: cosine_annealing(step + offset, total, ratio), total)
+
+
+class CosineLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """The `LambdaLR` of an `OpenOODCosine`, whose state (in a checkpoint) holds its length `total`: a fit resumed
+    with another length (the step count follows the number of devices, `data.batch_size`,
+    `trainer.accumulate_grad_batches`, `trainer.max_steps`) would go on along another cosine from the step reached,
+    its lr jumping; it is refused in one line instead."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_lambda: Callable[[int], float], total: int) -> None:
+        self.total = total
+        super().__init__(optimizer, lr_lambda)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("total", self.total)  # a checkpoint written before `total` was stored: not checked
+        if saved != self.total:
+            raise ConfigError(
+                f"method.scheduler: the checkpoint's cosine anneals over {saved} scheduler steps and this fit's over "
+                f"{self.total} (trainer.estimated_stepping_batches: the number of devices, data.batch_size, "
+                "trainer.accumulate_grad_batches or trainer.max_steps differ); resume with the checkpoint's settings, "
+                "or start a new run from its weights (method.init.ckpt=<checkpoint> without ckpt_path)"
+            )
+        super().load_state_dict(state_dict)
