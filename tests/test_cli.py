@@ -52,12 +52,31 @@ def test_a_sweep_plugin_not_installed_says_to_install_the_sweep_extra(tmp_path: 
     assert not (tmp_path / "sweep").exists()
 
 
-def _run_with_detectors(tmp_path: Path, names: str) -> Path:
-    """A run folder of `ood-train 'detectors.names=<names>'` (its command line only: all `ood-eval` reads first)."""
+def _run_with_detectors(tmp_path: Path, names: str, override: str = "detectors.names") -> Path:
+    """A run folder of `ood-train '<override>=<names>'` (its command line only: all `ood-eval` reads first)."""
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "overrides.yaml").write_text(f"- detectors.names={names}\n")
+    (run / ".hydra" / "overrides.yaml").write_text(f"- {override}={names}\n")
     return run
+
+
+@pytest.mark.parametrize(("argv", "expected"), [([], "cached"), (["detectors.names=[energy]"], ["energy"]),
+                                                (["detectors=all"], "all")])
+def test_ood_eval_of_a_run_takes_its_detectors_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str],
+    expected: list[str] | str,
+) -> None:
+    """A run trained with `detectors=fast` was re-evaluated by `ood-eval ckpt_path=<run>` with the default selection
+    (`all`): the group is taken from the run now (said on stderr), its names replaced by a command line's
+    `detectors.names=`, the whole group by its `detectors=`."""
+    from ood.eval import main
+
+    run = _run_with_detectors(tmp_path, "fast", override="detectors")
+    monkeypatch.setattr("sys.argv", ["ood-eval", "--cfg", "job", f"ckpt_path={run}", *argv])
+    main()
+    out = capsys.readouterr()
+    assert OmegaConf.to_container(OmegaConf.create(out.out))["detectors"]["names"] == expected
+    assert out.err == ("" if argv == ["detectors=all"] else f"ood-eval: as trained in {run}: detectors=fast\n")
 
 
 @pytest.mark.parametrize(("argv", "expected"), [([], ["msp", "my_detectors.FeatureNorm"]),

@@ -18,8 +18,9 @@ from ood.errors import CheckpointError
 from ood.runs.identity import TRAINING_KEYS
 
 #: the training run's overrides `ood-eval` adopts (and every key under the groups), unless its command line names them;
-#: `detectors.names`: a detector named at training by its import path (`my_detectors.FeatureNorm`) had to be named again
-ADOPTED = ("experiment", "method", "data", "backbone", "paths.data_dir", "detectors.names")
+#: `detectors` / `detectors.names`: the selection the run evaluated (a detector named at training by its import path,
+#: `my_detectors.FeatureNorm`, had to be named again; a `detectors=fast` run was re-evaluated with `all`)
+ADOPTED = ("experiment", "method", "data", "backbone", "paths.data_dir", "detectors", "detectors.names")
 #: the environment variable through which `ood-eval` tells its run which overrides it added (`check_evaluated`)
 ADOPTED_ENV = "OOD_EVAL_ADOPTED"
 
@@ -28,7 +29,7 @@ def training_overrides(argv: Sequence[str]) -> tuple[list[Path], list[str]]:
     """The run folders `ckpt_path=` names in `argv` (run folders, or checkpoints in their `checkpoints/`) and the
     overrides of their training command line that say what they trained, for `ood-eval` to use as its own: `method=`,
     `data=`, `backbone=` (and their sub-groups, `method/teacher=`), their keys, `paths.data_dir` and the detectors it
-    evaluated (`detectors.names`, unless the command line names `detectors.names=` or `detectors=`); not
+    evaluated (`detectors=`, `detectors.names=`, unless the command line names `detectors.names=` or `detectors=`); not
     training-only keys (`TRAINING_KEYS`: batches, augmentation, outliers, starting weights) nor `method.init` (weights
     the checkpoint replaces). An override whose key the command line names (`key=`, `~key`), or one under a group it
     names, is left out. A training `experiment=` is taken whole when the command line names none of method, data,
