@@ -98,6 +98,24 @@ def test_a_resumed_run_keeps_the_best_so_far(tmp_path: Path) -> None:
     assert saved(tmp_path / "c" / "checkpoints" / "best.ckpt") == (1, pytest.approx(elsewhere.weights[1]))
 
 
+def test_a_copied_run_folder_resumes_with_the_best_beside_its_checkpoint(tmp_path: Path) -> None:
+    """A run folder copied elsewhere (off a cluster) and resumed from there: its checkpoint names the old folder's
+    best.ckpt, which had since been replaced by a longer training there (its epoch 2 was copied into the new run) or
+    was gone (the resume in the copy's own folder was refused, "resume it in its own folder"); now the best.ckpt
+    beside the resumed last.ckpt is the one kept."""
+    accs = [0.5, 0.9, 0.7, 0.6]
+    first = Scripted(accs)
+    fit(tmp_path / "a", first, 2)
+    for copy in ("b", "c"):
+        shutil.copytree(tmp_path / "a", tmp_path / copy)
+    fit(tmp_path / "a", Scripted([0.5, 0.9, 1.0, 0.6]), 4, ckpt_path=str(tmp_path / "a" / "checkpoints" / "last.ckpt"))
+    fit(tmp_path / "d", Scripted(accs), 4, ckpt_path=str(tmp_path / "b" / "checkpoints" / "last.ckpt"))
+    assert saved(tmp_path / "d" / "checkpoints" / "best.ckpt") == (1, pytest.approx(first.weights[1]))
+    shutil.rmtree(tmp_path / "a")
+    fit(tmp_path / "c", Scripted(accs), 4, ckpt_path=str(tmp_path / "c" / "checkpoints" / "last.ckpt"))
+    assert saved(tmp_path / "c" / "checkpoints" / "best.ckpt") == (1, pytest.approx(first.weights[1]))
+
+
 def test_what_cannot_choose_an_epoch_is_refused_in_one_line(tmp_path: Path) -> None:
     """No `val/acc` logged, no ID-val batches, `trainer.limit_val_batches=0`, a checkpoint trained without the
     switch resumed with it, an unknown value: each a one-line ConfigError naming the way out."""

@@ -95,7 +95,8 @@ class BestValAccuracy(AtomicCheckpoint):
     `BaseRecorder`). A tie replaces the file, as OpenOOD's `val_metrics['acc'] >= self.best_acc` does (Lightning's
     own comparison is strict). Listed before the `last.ckpt` callback (Lightning keeps the order of checkpoint
     callbacks), so `last.ckpt` holds this epoch's best score and a resume from it keeps the best so far; a resume
-    from another run folder copies that run's `best.ckpt` into this one's. A validation without `val/acc` (a method
+    from another run folder copies that run's `best.ckpt` (the one beside the resumed file, so also of a run folder
+    copied elsewhere) into this one's. A validation without `val/acc` (a method
     whose `validation_step` logs none, no ID-val batches) is refused in one line."""
 
     def __init__(self, dirpath: str | Path) -> None:
@@ -125,12 +126,16 @@ class BestValAccuracy(AtomicCheckpoint):
         if self._carried is None:
             return
         target = os.path.join(str(self.dirpath), f"{self.filename}.ckpt")
-        if not Path(self._carried).is_file():  # on every rank: one rank alone raising would leave the others waiting
-            raise CheckpointError(f"{trainer.ckpt_path} continues a run whose best-epoch weights {self._carried} "
-                                  "are gone: resume it in its own folder, or train anew")
-        if trainer.is_global_zero:
+        # the best.ckpt beside the resumed file, written with it: a run folder copied elsewhere (off a cluster) names
+        # its old path, gone or since replaced by a longer training there
+        beside = Path(str(trainer.ckpt_path)).with_name(f"{self.filename}.ckpt")
+        carried = beside if beside.is_file() else Path(self._carried)
+        if not carried.is_file():  # on every rank: one rank alone raising would leave the others waiting
+            raise CheckpointError(f"{trainer.ckpt_path} continues a run whose best-epoch weights ({beside.name} beside "
+                                  f"it, or {self._carried}) are gone: resume it in its own folder, or train anew")
+        if trainer.is_global_zero and carried.resolve() != Path(target).resolve():
             Path(target).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self._carried, f"{target}.tmp")
+            shutil.copyfile(carried, f"{target}.tmp")
             durable_replace(f"{target}.tmp", target)
         trainer.strategy.barrier("BestValAccuracy")
         self.best_model_path = self.kth_best_model_path = target
