@@ -55,14 +55,15 @@ class Scripted(L.LightningModule):
         return DataLoader(TensorDataset(torch.ones(self.val_size, 1)), batch_size=2)
 
 
-def fit(folder: Path, module: Scripted, epochs: int, ckpt_path: str | None = None, best: bool = True) -> BestValAccuracy:
+def fit(folder: Path, module: Scripted, epochs: int, ckpt_path: str | None = None, best: bool = True,
+        check_val_every_n_epoch: int = 1) -> BestValAccuracy:
     """Fit as `ood-train` does: the best-epoch callback before `last.ckpt`'s (`ood.train.build`)."""
     keep = BestValAccuracy(folder / "checkpoints")
     last = AtomicCheckpoint(dirpath=folder / "checkpoints", filename="last", monitor=None, save_top_k=1,
                             every_n_epochs=1, enable_version_counter=False)
     trainer = L.Trainer(max_epochs=epochs, callbacks=[keep, last] if best else [last], logger=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        accelerator="cpu")
+                        accelerator="cpu", check_val_every_n_epoch=check_val_every_n_epoch)
     trainer.fit(module, ckpt_path=ckpt_path)
     return keep
 
@@ -80,6 +81,19 @@ def test_the_best_epoch_is_kept_and_a_later_tie_replaces_it(tmp_path: Path) -> N
     assert saved(tmp_path / "checkpoints" / "best.ckpt") == (2, pytest.approx(module.weights[2]))
     assert saved(tmp_path / "checkpoints" / "last.ckpt")[0] == 3
     assert module.weights[2] != module.weights[3]
+
+
+def test_validating_every_other_epoch_keeps_last_ckpt_at_the_last_epoch(tmp_path: Path) -> None:
+    """`trainer.check_val_every_n_epoch=2`, 3 epochs: best.ckpt is the one validated epoch (1); last.ckpt was epoch 1
+    too (Lightning saved it after validations only), not the epoch-2 weights the run evaluated and a resume or
+    `ood-eval ckpt_path=<run>` should continue from; now epoch 2, with the best score in its state."""
+    module = Scripted([0.5, 0.7, 0.6])
+    fit(tmp_path, module, 3, check_val_every_n_epoch=2)
+    assert saved(tmp_path / "checkpoints" / "best.ckpt") == (1, pytest.approx(module.weights[1]))
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 2 and last["state_dict"]["layer.weight"].item() == pytest.approx(module.layer.weight.item())
+    assert [s["best_model_score"].item() for k, s in last["callbacks"].items() if k.startswith("BestValAccuracy")] == [
+        pytest.approx(0.7)]
 
 
 def test_a_resumed_run_keeps_the_best_so_far(tmp_path: Path) -> None:

@@ -76,8 +76,15 @@ class AtomicCheckpoint(ModelCheckpoint):
     an fsspec transaction whose temporary file lives in /tmp, so the final move may be a copy).
 
     Configured with `save_top_k=1, monitor=None, filename="last", every_n_epochs=N`: `checkpoints/last.ckpt` is
-    replaced every N epochs (Lightning's `save_last` only follows top-k saves, so never with `save_top_k=0`).
+    replaced every N epochs (Lightning's `save_last` only follows top-k saves, so never with `save_top_k=0`), at the
+    epoch's end also when the epoch does not validate (`trainer.check_val_every_n_epoch` > 1, where Lightning saves
+    after validations only, so `last.ckpt` lagged the weights the run evaluated).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("monitor") is None:
+            kwargs.setdefault("save_on_train_epoch_end", True)
+        super().__init__(*args, **kwargs)
 
     def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
         for logger in trainer.loggers:  # what was logged up to the checkpoint is on disk when it lands (CSVLogger)
