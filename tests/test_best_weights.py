@@ -148,6 +148,21 @@ def test_what_cannot_choose_an_epoch_is_refused_in_one_line(tmp_path: Path) -> N
         check_run(compose_config(tmp_path, ["evaluation.weights=best"]), None)
 
 
+def test_validating_every_other_epoch_refuses_before_training_what_cannot_choose(tmp_path: Path) -> None:
+    """With `trainer.check_val_every_n_epoch=2`, one epoch (no validation at all) and an empty ID-val split were
+    refused only after the whole training ("no epoch's weights were kept"), the latter not by the epoch-end check
+    (it looked at every-epoch validation only); now before the first epoch, and at the first validating epoch."""
+    with pytest.raises(ConfigError, match=r"^evaluation.weights=best_val_acc keeps the epoch of best ID-val accuracy, "
+                       r"but trainer.check_val_every_n_epoch=2 validates none of trainer.max_epochs=1: lower it, or "
+                       r"use evaluation.weights=last$"):
+        fit(tmp_path / "a", Scripted([0.5]), 1, check_val_every_n_epoch=2)
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    module = Scripted([0.5, 0.5, 0.5, 0.5], val_size=0)
+    with pytest.raises(ConfigError, match=r"the ID-val split gave no batches"):
+        fit(tmp_path / "b", module, 4, check_val_every_n_epoch=2)
+    assert module.current_epoch == 1
+
+
 def test_a_run_folder_gives_the_checkpoint_its_training_evaluated(tmp_path: Path) -> None:
     """`ood-eval ckpt_path=<run>` (evaluation.weights=null): `best.ckpt` of a run trained with best_val_acc (its
     config.yaml), `last.ckpt` otherwise or when asked; a resume always `last.ckpt`; best_val_acc of a run without

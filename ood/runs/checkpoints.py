@@ -130,6 +130,11 @@ class BestValAccuracy(AtomicCheckpoint):
         if trainer.ckpt_path is not None and not self._restored:
             raise ConfigError(f"checkpoint {trainer.ckpt_path} was trained with evaluation.weights=last, so its epochs' "
                               "ID-val accuracy is not known: resume it with evaluation.weights=last, or train anew")
+        every, epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
+        if every and epochs is not None and 0 <= epochs < every:  # else refused only once the training is over
+            raise ConfigError(f"evaluation.weights=best_val_acc keeps the epoch of best ID-val accuracy, but "
+                              f"trainer.check_val_every_n_epoch={every} validates none of trainer.max_epochs={epochs}: "
+                              "lower it, or use evaluation.weights=last")
         if self._carried is None:
             return
         target = os.path.join(str(self.dirpath), f"{self.filename}.ckpt")
@@ -157,7 +162,9 @@ class BestValAccuracy(AtomicCheckpoint):
         super().on_validation_end(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.best_model_score is None and trainer.check_val_every_n_epoch == 1 and not sum(trainer.num_val_batches):
+        every = trainer.check_val_every_n_epoch
+        validated = bool(every) and (trainer.current_epoch + 1) % every == 0  # this epoch's validation ran, if any
+        if self.best_model_score is None and validated and not sum(trainer.num_val_batches):
             raise ConfigError("evaluation.weights=best_val_acc keeps the epoch of best ID-val accuracy, but the ID-val "
                               "split gave no batches: give the benchmark a val split, or use evaluation.weights=last")
         super().on_train_epoch_end(trainer, pl_module)
