@@ -228,3 +228,13 @@ def test_the_best_epoch_callback_comes_before_the_last_checkpoint(tmp_path: Path
     assert [type(c).__name__ for c in trainer.checkpoint_callbacks] == ["BestValAccuracy", "AtomicCheckpoint"]
     _, _, trainer, _ = build(compose_config(tmp_path, []))
     assert [type(c).__name__ for c in trainer.checkpoint_callbacks] == ["AtomicCheckpoint"]
+
+
+def test_no_epoch_before_the_methods_first_complete_epoch_is_kept(tmp_path: Path) -> None:
+    """heatmap with a CE phase (`method.classifier_epochs`): its classifier's accuracy peaks in that phase and stays
+    frozen after, so best.ckpt was a CE-phase epoch with an untrained decoder; epochs before the method's
+    `first_complete_epoch` are never kept."""
+    module = Scripted([0.5, 0.9, 0.8, 0.8])
+    module.first_complete_epoch = 2
+    fit(tmp_path, module, 4)
+    assert saved(tmp_path / "checkpoints" / "best.ckpt") == (3, module.weights[3])

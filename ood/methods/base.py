@@ -100,6 +100,9 @@ class OODMethod(LightningModule):
     #: the parts besides the backbone that the method's own score reads and only its training gives (a decoder,
     #: class centres): `ood.evaluate(model, method=<name>)`, which trains nothing, refuses such a method
     trained_parts: ClassVar[tuple[str, ...]] = ()
+    #: the first epoch whose weights are the whole trained method (heatmap's decoder trains after a CE phase):
+    #: `evaluation.weights=best_val_acc` keeps none before it
+    first_complete_epoch: int = 0
 
     def __init__(
         self,

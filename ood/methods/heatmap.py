@@ -177,6 +177,8 @@ class HeatmapOOD(OODMethod):
         check_range("method.alpha", alpha, 0)
         # the classifier is always frozen for the decoder: from the start, or after the CE phase
         self.classifier_epochs = classifier_epochs
+        #: `evaluation.weights=best_val_acc` keeps no epoch of the CE phase (its decoder untrained)
+        self.first_complete_epoch = classifier_epochs
         self.classifier_optimizer, self.classifier_scheduler = classifier_optimizer, classifier_scheduler
         if classifier_epochs > 0:
             if classifier_optimizer is None:

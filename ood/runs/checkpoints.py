@@ -103,7 +103,8 @@ class BestValAccuracy(AtomicCheckpoint):
     own comparison is strict). Listed before the `last.ckpt` callback (Lightning keeps the order of checkpoint
     callbacks), so `last.ckpt` holds this epoch's best score and a resume from it keeps the best so far; a resume
     from another run folder copies that run's `best.ckpt` (the one beside the resumed file, so also of a run folder
-    copied elsewhere) into this one's. A validation without `val/acc` (a method
+    copied elsewhere) into this one's. No epoch before the method's `first_complete_epoch` is kept (heatmap's CE
+    phase). A validation without `val/acc` (a method
     whose `validation_step` logs none, no ID-val batches) is refused in one line."""
 
     def __init__(self, dirpath: str | Path) -> None:
@@ -113,7 +114,9 @@ class BestValAccuracy(AtomicCheckpoint):
         self._carried: str | None = None  # the best.ckpt of the run folder a resume from another folder continues
 
     def check_monitor_top_k(self, trainer: Trainer, current: torch.Tensor | None = None) -> bool:
-        if current is None:
+        # a method whose first epochs train only a part of it offers none of them (`OODMethod.first_complete_epoch`:
+        # heatmap's CE phase, its decoder untrained, would win as the frozen classifier's accuracy stops changing)
+        if current is None or trainer.current_epoch < getattr(trainer.lightning_module, "first_complete_epoch", 0):
             return False
         if self.best_model_score is None:
             return True
