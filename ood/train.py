@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import gc
 import importlib
 import json
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from ood import CONFIG_DIR
 from ood.cli import check_argv, friendly_errors, in_multirun, load_weights, require_config_dir
@@ -106,11 +105,8 @@ def build(
     # evaluation only serves no training stream: an outlier method's checkpoint evaluates without an outlier set
     datamodule.use_streams(method.streams if cfg.get("train", True) else ("id",), method.name)
     choices = _choices()
-    settings = copy.deepcopy(cfg.evaluation)  # `weights` says which weights the run evaluates, not how (`_run`)
-    with open_dict(settings):
-        weights = settings.pop("weights", "last")
     evaluation = instantiate(
-        settings,
+        cfg.evaluation,
         info={
             "backbone": choices.get("backbone", cfg.backbone._target_.rsplit(".", 1)[-1]),
             "seed": cfg.seed if trained_seed is None else trained_seed,
@@ -122,7 +118,7 @@ def build(
     if cfg.get("evaluate", True):
         check_objective(cfg.get("objective"), method.name, [d.name for d in evaluation.evaluator.detectors])
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
-    if cfg.get("train", True) and weights == "best_val_acc":  # before last.ckpt's callback: `BestValAccuracy`
+    if cfg.get("train", True) and evaluation.weights == "best_val_acc":  # before last.ckpt's callback: `BestValAccuracy`
         callbacks.insert(0, BestValAccuracy(Path(cfg.paths.output_dir) / "checkpoints"))
     # before the evaluation callback: the pass's bar closes before the evaluation prints
     progress = [ProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
@@ -255,10 +251,10 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
                 if ckpt_path:
                     load_weights(method, ckpt_path, cfg)
             # the rows of the best-ID-val-accuracy epoch's weights say which epoch that was (0-based, as the CSV log)
-            if evaluated and Path(evaluated).name == WEIGHTS_FILES["best_val_acc"]:
-                evaluation.info["evaluated_epoch"] = checkpoint_epoch(evaluated)
-                log.info("evaluating %s: the weights of epoch %d, the best ID-val accuracy", evaluated,
-                         evaluation.info["evaluated_epoch"])
+            epoch = checkpoint_epoch(evaluated) if evaluated and Path(evaluated).name == WEIGHTS_FILES["best_val_acc"] else None
+            if epoch is not None:  # not OpenOOD's own best.ckpt (a state dict without its epoch)
+                evaluation.info["evaluated_epoch"] = epoch
+                log.info("evaluating %s: the weights of epoch %d, the best ID-val accuracy", evaluated, epoch)
             between_stages()
             if cfg.evaluate:
                 trainer.test(method, datamodule=datamodule, verbose=False)

@@ -79,6 +79,9 @@ class OODEvaluation(Callback):
         fsood: add full-spectrum rows (OpenOOD's `fsood`: ID = ID test + every covariate-shifted ID set), computed
             from the same pass; the datamodule must serve the csid sets (`data.csid`, set from this key).
         standard: the standard rows (ID = ID test); `standard=false fsood=true` is OpenOOD's fsood-only table.
+        weights: which weights of a training run its evaluation reads, for the entry point that loads them
+            (`ood.train`): `last` (the last epoch's), `best_val_acc` (`checkpoints/best.ckpt`, the epoch of highest
+            ID-val accuracy, as OpenOOD) or None (`ood-eval`: those the run was trained to evaluate).
 
     Under DDP each rank's shard goes to global rank 0 only, which builds the banks and evaluates; the other ranks
     receive the result (rows, scores, diagnostics) and run the same sinks (those that write act on rank 0).
@@ -93,7 +96,9 @@ class OODEvaluation(Callback):
         bank_dir: str | Path | None = None,
         fsood: bool = False,
         standard: bool = True,
+        weights: str | None = "last",
     ) -> None:
+        self.weights = weights
         self.modes = tuple(m for m, on in (("standard", standard), ("fsood", fsood)) if on)
         if not self.modes:
             raise ConfigError("evaluation.standard=false and evaluation.fsood=false leave nothing to evaluate; turn one on")

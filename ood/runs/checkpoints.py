@@ -173,9 +173,11 @@ class BestValAccuracy(AtomicCheckpoint):
         super().on_train_epoch_end(trainer, pl_module)
 
 
-def checkpoint_epoch(path: str | Path) -> int:
-    """The epoch (0-based, as the CSV log's) whose end saved the Lightning checkpoint `path`."""
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])
+def checkpoint_epoch(path: str | Path) -> int | None:
+    """The epoch (0-based, as the CSV log's) whose end saved the Lightning checkpoint `path`; None for a file without
+    one (OpenOOD's `best.ckpt`, a bare state dict)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return int(ckpt["epoch"]) if isinstance(ckpt, Mapping) and "epoch" in ckpt else None
 
 
 class RunState(Callback):
