@@ -1,7 +1,8 @@
 """`ood-heatmap ckpt_path=RUN/checkpoints/last.ckpt image=PATH [out=DIR]`: heatmaps of your own images.
 
 Rebuilds the `method=heatmap` run from its `config.yaml` (next to `checkpoints/`), loads the checkpoint (frozen
-classifier + decoder + the saved input normalisation and feature range), and for every image (`image=` a file or a
+classifier + decoder + the saved input normalisation and feature range; of a run folder `ckpt_path=RUN`, the one its
+evaluation read: `best.ckpt` when trained with `evaluation.weights=best_val_acc`), and for every image (`image=` a file or a
 folder of .png/.jpg/.jpeg/.bmp) writes `<out>/<stem>_heatmap.png` (input | heatmap max_c |M| | overlay, the layout of
 the run's `heatmaps/<split>.png`; `<name>_heatmap.png` when images share a stem, `a.png` and `a.jpg`) and prints its ID score (-mean max_c |M|, in [-1, 0]; near 0 = in-distribution)
 and predicted class. Images are converted to the classifier's channels and resized to its input size. `out`
@@ -24,6 +25,8 @@ from ood.errors import CheckpointError, ConfigError, DataNotFoundError, OODError
 from ood.files import atomic_write
 from ood.methods.heatmap import HeatmapOOD, heatmap_grid, heatmap_score
 from ood.models.checkpoint import read_state_dict
+from ood.runs.identity import WEIGHTS_FILES
+from ood.runs.trained import trained_weights
 from ood.utils import instantiate, progress
 
 KEYS = ("ckpt_path", "image", "out")
@@ -48,11 +51,17 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     return args
 
 
+def run_checkpoint(ckpt_path: str | Path) -> Path:
+    """The checkpoint file `ckpt_path` names: itself, or of a run folder the one its evaluation read
+    (`checkpoints/best.ckpt` when trained with `evaluation.weights=best_val_acc`, else `last.ckpt`), so the heatmaps
+    are of the network its results are."""
+    path = Path(ckpt_path)
+    return path / "checkpoints" / WEIGHTS_FILES[trained_weights(path)] if path.is_dir() else path
+
+
 def load_method(ckpt_path: str | Path) -> HeatmapOOD:
     """The trained heatmap method of a run (checkpoint file or run folder), in eval mode on the CPU."""
-    ckpt = Path(ckpt_path)
-    if ckpt.is_dir():
-        ckpt = ckpt / "checkpoints" / "last.ckpt"
+    ckpt = run_checkpoint(ckpt_path)
     if not ckpt.is_file():
         raise CheckpointError(
             f"checkpoint {ckpt} not found; pass ckpt_path=<run>/checkpoints/last.ckpt or the run folder"

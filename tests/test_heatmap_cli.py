@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from ood import heatmap_cli
+from ood.errors import ConfigError
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
@@ -24,3 +28,21 @@ def test_an_unknown_argument_is_still_refused_naming_the_keys(capsys: pytest.Cap
     assert capsys.readouterr().err == (
         "error: ood-heatmap: unexpected argument '--verbose'; use key=value with keys ['ckpt_path', 'image', 'out']\n"
     )
+
+
+def test_a_run_folder_opens_the_checkpoint_its_evaluation_read(tmp_path: Path) -> None:
+    """A run folder always opened `checkpoints/last.ckpt`: the heatmaps of a run trained with
+    `evaluation.weights=best_val_acc` were of its last epoch, not of the `best.ckpt` its results are of; now the file
+    its evaluation read (a plain run's `last.ckpt`, a file passed as itself)."""
+    for name, weights in (("best", "best_val_acc"), ("plain", "last")):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / name / "config.yaml").write_text(f"method:\n  _target_: ood.methods.ce.CE\nevaluation:\n  weights: {weights}\n")
+        for file in ("last.ckpt", "best.ckpt"):
+            (tmp_path / name / "checkpoints" / file).write_bytes(b"")
+    best, plain = tmp_path / "best", tmp_path / "plain"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(best / 'checkpoints' / 'best.ckpt'))} is a "
+                       r"ood.methods.ce.CE run; ood-heatmap needs a method=heatmap checkpoint$"):
+        heatmap_cli.load_method(best)
+    assert heatmap_cli.run_checkpoint(best) == best / "checkpoints" / "best.ckpt"
+    assert heatmap_cli.run_checkpoint(plain) == plain / "checkpoints" / "last.ckpt"
+    assert heatmap_cli.run_checkpoint(best / "checkpoints" / "last.ckpt") == best / "checkpoints" / "last.ckpt"
