@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing
 import sys
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -186,6 +187,16 @@ def _stopped_line(cfg: DictConfig, output_dir: Path) -> str:
             f"command plus ckpt_path=last {where}")
 
 
+def evaluated_weights(cfg: DictConfig, given: Sequence[str]) -> str | None:
+    """`evaluation.weights` as the run reads it (the command line's overrides `given`): train.yaml's `last` is a
+    training's default, so an evaluation (`train=false`) that does not name the key reads a run folder's checkpoint
+    as `ood-eval` does, the one its training evaluated (None: `best.ckpt` of a `best_val_acc` run); `ood-train
+    train=false ckpt_path=<run>` evaluated its `last.ckpt` where `ood-eval ckpt_path=<run>` evaluated `best.ckpt`."""
+    weights = cfg.evaluation.get("weights", "last")
+    named = any(o.partition("=")[0].lstrip("+~") == "evaluation.weights" for o in given)
+    return None if not cfg.train and weights == "last" and not named else weights
+
+
 def _best_weights(trainer: L.Trainer) -> str:
     """The `checkpoints/best.ckpt` a fit with `evaluation.weights=best_val_acc` kept (`BestValAccuracy`)."""
     from ood.errors import CheckpointError
@@ -210,10 +221,13 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
 
     # a sweep's job or a rerun into a folder of ours (its config.yaml) resumes only its own checkpoint
     own_only = bool(cfg.train) and (in_multirun() or (output_dir / "config.yaml").is_file())
-    weights = cfg.evaluation.get("weights", "last")
+    given = HydraConfig.get().overrides.task if HydraConfig.initialized() else ()
+    weights = evaluated_weights(cfg, given)
+    if not cfg.train:  # its config.yaml says which: null, the file the training evaluated (as ood-eval's)
+        cfg.evaluation.weights = weights
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir) / "train" / "runs", own_only,
                                   _sweep_dir() if cfg.train else None, "last" if cfg.train else weights)
-    check_run(cfg, ckpt_path, HydraConfig.get().overrides.task if HydraConfig.initialized() else ())
+    check_run(cfg, ckpt_path, given)
     stop_if_terminated()  # also one that came while Hydra started: the run folder is there for FAILED.txt
     if cfg.train and ckpt_path:
         log.info("resuming %s", ckpt_path)

@@ -180,6 +180,29 @@ def test_a_run_folder_gives_the_checkpoint_its_training_evaluated(tmp_path: Path
         resolve_ckpt_path(str(plain), tmp_path, tmp_path, weights="best_val_acc")
 
 
+def test_an_evaluation_without_training_reads_the_file_its_training_evaluated(tmp_path: Path) -> None:
+    """`ood-train train=false ckpt_path=<run>` (train.yaml's `evaluation.weights=last`, a training's default) evaluated
+    `last.ckpt` of a run trained with best_val_acc, where `ood-eval ckpt_path=<run>` evaluated its `best.ckpt`; now
+    both `best.ckpt`, and `last.ckpt` where the command line names `evaluation.weights=last`. The files are unreadable
+    stand-ins: the one-line error names the file the run chose."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("evaluation:\n  weights: best_val_acc\n")
+    for file in ("last.ckpt", "best.ckpt"):
+        (run / "checkpoints" / file).write_bytes(b"")
+
+    def evaluated(overrides: list[str], config_name: str = "train") -> str:
+        with pytest.raises(CheckpointError, match=r"^could not read checkpoint ") as err:
+            run_config(tmp_path / "eval", [f"ckpt_path={run}", *overrides], config_name)
+        return str(err.value).split()[4].rstrip(":")
+
+    best, last = str(run / "checkpoints" / "best.ckpt"), str(run / "checkpoints" / "last.ckpt")
+    assert evaluated(["train=false"]) == best
+    assert evaluated([], config_name="eval") == best
+    assert evaluated(["train=false", "evaluation.weights=last"]) == last
+    assert evaluated(["evaluation.weights=last"], config_name="eval") == last
+
+
 class FlipHead(L.Callback):
     """Negates the classifier's last layer as epoch `epoch` validates: its accuracy falls to about nothing, so the
     last epoch is not the best."""

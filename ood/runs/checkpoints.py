@@ -249,8 +249,9 @@ def resolve_ckpt_path(
     """The checkpoint file `ckpt_path` means.
 
     `weights` (`evaluation.weights`): the file a run folder gives (`last.ckpt`, or `best.ckpt` for `best_val_acc`);
-    None (`ood-eval`'s default): the one its training evaluated (`ood.runs.trained.trained_weights`). A training
-    run resumes from `last.ckpt` (`weights=last`, the default).
+    None (an evaluation's default, `ood-eval` or `ood-train train=false`: `ood.train.evaluated_weights`): the one its
+    training evaluated (`ood.runs.trained.trained_weights`). A training run resumes from `last.ckpt` (`weights=last`,
+    the default).
 
     `last`: `<output_dir>/checkpoints/last.ckpt` when it exists (a rerun into the same folder, e.g. a multirun
     with a fixed `hydra.sweep.dir`); else None (start from scratch) when `own_only` (a job of a sweep, or a folder
