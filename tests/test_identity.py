@@ -12,6 +12,7 @@ import torch
 from helpers import NO_FIGURES, compose_config, run_config
 from omegaconf import OmegaConf, open_dict
 
+from ood.errors import ConfigError
 from ood.runs.identity import (
     IDENTITY_FILE,
     RunIdentity,
@@ -193,3 +194,18 @@ def test_resuming_an_oal_checkpoint_compares_and_names_todays_keys(tmp_path: Pat
     with pytest.raises(ConfigError, match=r"trained with method.scheduler._target_=torch.optim.lr_scheduler."
                                           r"CosineAnnealingLR \(now ood.methods.schedules.OpenOODCosine\)"):
         check_resume(cfg, cosine, "cosine.ckpt")
+
+
+def test_best_val_acc_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    """`ood-eval backbone.weights=FILE evaluation.weights=best_val_acc` (no training, no checkpoint) recorded
+    `evaluation.weights=best_val_acc` and a `checkpoints/best.ckpt` that does not exist as its model: one line now;
+    at `ood-eval`'s null the identity is as before (its own `last.ckpt`, no such key)."""
+    weights = ["backbone=resnet50", f"backbone.weights={tmp_path / 'net.pth'}"]
+    cfg = compose_config(tmp_path, [*weights, "evaluation.weights=best_val_acc"], config_name="eval")
+    with pytest.raises(ConfigError, match=r"^evaluation.weights=best_val_acc evaluates a training run's "
+                       r"checkpoints/best.ckpt, but this evaluation has no checkpoint \(ckpt_path\): set "
+                       r"evaluation.weights=null, or pass ckpt_path=<run folder>$"):
+        run_identity(cfg, CHOICES, tmp_path, None)
+    plain = run_identity(compose_config(tmp_path, weights, config_name="eval"), CHOICES, tmp_path, None)
+    assert plain.model == str((tmp_path / "checkpoints" / "last.ckpt").resolve())
+    assert "evaluation.weights" not in plain.config

@@ -35,6 +35,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ood.errors import ConfigError
 from ood.files import atomic_write_text
 from ood.runs.failures import IDENTITY_FILE as IDENTITY_FILE
 from ood.runs.failures import remove_earlier_results
@@ -203,7 +204,13 @@ def derive_identity(
 
 def run_identity(cfg: DictConfig, choices: Mapping[str, Any], run_dir: str | Path, ckpt_path: str | None) -> RunIdentity:
     """The identity of the run `cfg` describes (Hydra's chosen group options name its wandb group); `ckpt_path` is
-    the resolved checkpoint (the evaluated model when `cfg.train` is false)."""
+    the resolved checkpoint (the evaluated model when `cfg.train` is false). An evaluation without a checkpoint
+    (`backbone.weights=`, `ood.evaluate`'s model) with `evaluation.weights=best_val_acc` is refused: no training chose
+    an epoch, and its identity would name that setting and a `checkpoints/best.ckpt` that does not exist as its model."""
+    if not cfg.train and not ckpt_path and (cfg.get("evaluation") or {}).get("weights") == "best_val_acc":
+        raise ConfigError("evaluation.weights=best_val_acc evaluates a training run's checkpoints/best.ckpt, but this "
+                          "evaluation has no checkpoint (ckpt_path): set evaluation.weights=null, or pass "
+                          "ckpt_path=<run folder>")
     names = [str(choices.get(g, "")) for g in NAME_GROUPS]
     return derive_identity(flat_config(cfg), seed_keys(cfg), names, run_dir, None if cfg.train else ckpt_path)
 
