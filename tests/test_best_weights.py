@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ood.errors import CheckpointError, ConfigError
+from ood.models.checkpoint import read_weights_file
 from ood.runs.checkpoints import AtomicCheckpoint, BestValAccuracy, resolve_ckpt_path
 from ood.runs.checks import check_run
 from ood.runs.identity import read_identity
@@ -201,6 +202,24 @@ def test_an_evaluation_without_training_reads_the_file_its_training_evaluated(tm
     assert evaluated([], config_name="eval") == best
     assert evaluated(["train=false", "evaluation.weights=last"]) == last
     assert evaluated(["evaluation.weights=last"], config_name="eval") == last
+
+
+def test_a_run_folder_given_as_weights_names_its_best_ckpt(tmp_path: Path) -> None:
+    """A run folder where a checkpoint file belongs (`method.init.ckpt=<run>`) was answered "did you mean
+    <run>/checkpoints/last.ckpt?" also for a run trained with best_val_acc, whose evaluation read its best.ckpt; now
+    both files are named, best.ckpt first (a plain run's last.ckpt alone, as before)."""
+    for name, files in (("best", ("last.ckpt", "best.ckpt")), ("plain", ("last.ckpt",))):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        for file in files:
+            (tmp_path / name / "checkpoints" / file).write_bytes(b"")
+    best, plain = tmp_path / "best", tmp_path / "plain"
+    with pytest.raises(CheckpointError) as err:
+        read_weights_file(best)
+    assert str(err.value) == (f"{best} is a folder, not a checkpoint file; did you mean {best}/checkpoints/best.ckpt "
+                              f"(the epoch its evaluation read) or {best}/checkpoints/last.ckpt?")
+    with pytest.raises(CheckpointError) as err:
+        read_weights_file(plain)
+    assert str(err.value) == f"{plain} is a folder, not a checkpoint file; did you mean {plain}/checkpoints/last.ckpt?"
 
 
 class FlipHead(L.Callback):

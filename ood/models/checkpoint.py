@@ -115,7 +115,9 @@ def _load_file(path: Path) -> object:
     """The object stored in a checkpoint file (`torch.load` on CPU; safetensors for `.safetensors`)."""
     if path.is_dir():  # a run folder, or a Hugging Face model folder
         inside = [path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
-        hint = inside[0] if inside else path / "checkpoints" / "last.ckpt"
+        # a run trained with evaluation.weights=best_val_acc evaluated its best.ckpt, the epoch of best ID-val accuracy
+        best, last = path / "checkpoints" / "best.ckpt", path / "checkpoints" / "last.ckpt"
+        hint = inside[0] if inside else f"{best} (the epoch its evaluation read) or {last}" if best.is_file() else last
         raise CheckpointError(f"{path} is a folder, not a checkpoint file; did you mean {hint}?")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
