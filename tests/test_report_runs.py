@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from ood import plots
 from ood.report import main
-from ood.report.aggregation import _order, aggregate
+from ood.report.aggregation import _order, aggregate, trained_here
 from ood.report.reading import load_rows
 from ood.report.rendering import to_latex, to_markdown
 
@@ -341,3 +341,34 @@ def test_histograms_of_constant_scores_at_a_huge_magnitude_are_drawn(value: floa
     (edges, heights), _ = histogram_bars(fig_axes["axes"][0]).values()
     assert len(edges) == plots.BINS + 1 and np.all(np.diff(edges) > 0)
     assert edges[0] < value < edges[-1] and np.count_nonzero(heights) == 1
+
+
+def test_a_best_val_acc_run_and_an_evaluation_of_its_last_ckpt_are_two_models(tmp_path: Path) -> None:
+    """A run trained with `evaluation.weights=best_val_acc` (its rows are best.ckpt's), `ood-eval` of its best.ckpt
+    (as trained: the same model) and of its last.ckpt (`evaluation.weights=last`, another model): two entries apart by
+    an `evaluation.weights` column, each one seed; the training run's rows are of its own model (`trained_here`). The
+    epoch its best.ckpt is of was in no report (a column cannot hold it: the seeds of an entry differ): listed under
+    the table, once per model."""
+
+    def weights(run: Path, value: str | None, epoch: int | None = None) -> None:
+        config = OmegaConf.load(run / "config.yaml")
+        config.evaluation = {"weights": value}
+        OmegaConf.save(config, run / "config.yaml")
+        if epoch is not None:
+            rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+            (run / "results.jsonl").write_text("".join(json.dumps({**r, "evaluated_epoch": epoch}) + "\n" for r in rows))
+
+    trained = _run(tmp_path / "trained", 0, 3, 0.90)
+    weights(trained, "best_val_acc", epoch=1)
+    weights(_run(tmp_path / "eval_best", 0, 15, 0.85, ckpt=trained / "checkpoints" / "best.ckpt"), None, epoch=1)
+    weights(_run(tmp_path / "eval_last", 0, 15, 0.70, ckpt=trained / "checkpoints" / "last.ckpt"), "last")
+    rows = load_rows([tmp_path])
+    assert {r["_run"]: trained_here(r) for r in rows} == {str(trained): True, str(tmp_path / "eval_last"): False}
+    config_cols, _, table = aggregate(rows)
+    assert config_cols[-1] == "evaluation.weights"
+    assert sorted((e["detector"], e["evaluation.weights"], e["seeds"], e["near/auroc"][0]) for e in table) == [
+        ("energy", "", 1, pytest.approx(0.6)), ("energy", "best_val_acc", 1, pytest.approx(0.8)),
+        ("msp", "", 1, pytest.approx(0.7)), ("msp", "best_val_acc", 1, pytest.approx(0.9))]
+    main([str(tmp_path), "--no-figures", "--no-reference", "--out", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "report.md").read_text().endswith(
+        f"\nEpochs evaluated (evaluation.weights=best_val_acc: the epoch of best ID-val accuracy, 0-based):\n- `{trained}`: 1\n")

@@ -23,10 +23,19 @@ ACCURACIES = ("id_acc", "csid_acc")
 
 
 def trained_here(row: Mapping[str, Any]) -> bool:
-    """Whether the row's run trained the model it scores (its own `checkpoints/last.ckpt`), not evaluated a
-    checkpoint; rows not read from a run folder (no `_model`) count as trained."""
+    """Whether the row's run trained the model it scores (its own `checkpoints/last.ckpt`, or `best.ckpt` when it
+    evaluated its epoch of best ID-val accuracy: any file of its own `checkpoints/`), not evaluated a checkpoint; rows
+    not read from a run folder (no `_model`) count as trained."""
     model = row.get("_model")
     return model is None or Path(model).parent.parent == Path(row["_run"]).resolve()
+
+
+def evaluated_epochs(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Run folder -> the epoch (0-based) whose weights its rows score, for runs that say (`evaluated_epoch`:
+    `evaluation.weights=best_val_acc`, the epoch of best ID-val accuracy), sorted by folder: it differs between the
+    seeds an entry averages, so it is listed under the table, not a column of it."""
+    return dict(sorted({str(r["_run"]): int(r["evaluated_epoch"]) for r in rows
+                        if r.get("evaluated_epoch") is not None}.items()))
 
 
 def _tuned_keys(row: Mapping[str, Any]) -> set[str]:

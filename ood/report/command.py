@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ood.errors import OODError
 from ood.files import atomic_write, atomic_write_text
-from ood.report.aggregation import aggregate, config_keys, varying_params
+from ood.report.aggregation import aggregate, config_keys, evaluated_epochs, varying_params
 from ood.report.figures import clear_figures, write_figures
 from ood.report.reading import RESUMED_IN, failed_runs, load_rows
 from ood.report.references import (
@@ -98,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         f"{named}")
     note = " ".join([NOTE, *std_notes(references, metric_cols, table)])
     markdown = to_markdown(config_cols, metric_cols, table) + f"\n{note}\n"
+    epochs = evaluated_epochs(rows)
+    if epochs:
+        markdown += ("\nEpochs evaluated (evaluation.weights=best_val_acc: the epoch of best ID-val accuracy, "
+                     "0-based):\n" + "".join(f"- `{run}`: {epoch}\n" for run, epoch in epochs.items()))
     if left_out:
         markdown += "\nReference numbers left out of the table:\n" + "".join(f"- {line}\n" for line in left_out)
     if failed:
