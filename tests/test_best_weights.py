@@ -251,6 +251,7 @@ def test_the_run_evaluates_the_best_epoch_and_ood_eval_the_same_file(tmp_path: P
     scores = dict(np.load(run / "scores.npz"))
     again = run_config(tmp_path / "eval", [*common, f"ckpt_path={run}"], config_name="eval")
     assert again == rows
+    assert run_config(tmp_path / "train_false", [*common, f"ckpt_path={run}", "train=false"]) == rows  # ood-train's
     assert all(np.array_equal(v, np.load(tmp_path / "eval" / "scores.npz")[k]) for k, v in scores.items())
     last = run_config(tmp_path / "last", [*common, f"ckpt_path={run}", "evaluation.weights=last"], config_name="eval")
     assert "evaluated_epoch" not in last[0] and last[0]["id_acc"] < rows[0]["id_acc"] - 0.1
