@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ood.data import DigitsBenchmark, OODDataModule
+from ood.data.benchmark import EpochShuffle
 from ood.errors import ConfigError
 
 
@@ -101,3 +102,88 @@ def test_a_fractional_or_negative_loader_count_is_refused_by_name(option: dict, 
     positive integer value`) once the run folder was made."""
     with pytest.raises(ConfigError, match=rf"^{message}"):
         OODDataModule(DigitsBenchmark(), **option)
+
+
+def _indices(loader: torch.utils.data.DataLoader) -> list[list[int]]:
+    return [batch.index.tolist() for batch in loader]
+
+
+def test_drop_last_false_keeps_the_last_partial_batch_of_the_same_permutation() -> None:
+    """`data.drop_last=false` (OpenOOD's and energy_ood's loaders): 650 training images at batch 64 give
+    ceil(650 / 64) = 11 steps, the last holding the 650 mod 64 = 10 images the default (10 steps) leaves out, in the
+    order of the same (seed, epoch) permutation; the default keeps its 10 full batches."""
+    dropped = _indices(OODDataModule(DigitsBenchmark(), batch_size=64, seed=3).train_dataloader())
+    kept_loader = OODDataModule(DigitsBenchmark(), batch_size=64, seed=3, drop_last=False).train_dataloader()
+    kept = _indices(kept_loader)
+    assert len(kept_loader) == len(kept) == 11 and len(dropped) == 10
+    assert [len(b) for b in kept] == [64] * 10 + [10] and kept[:10] == dropped
+    permutation = list(EpochShuffle(range(650), seed=3))
+    assert sum(kept, []) == permutation and sorted(permutation) == list(range(650))
+
+
+def test_a_resumed_epoch_has_the_kept_partial_batch_of_an_uninterrupted_run() -> None:
+    """The batches of epoch 2, the partial last one included, depend on (seed, epoch) only: a run resumed there
+    (Lightning calls `set_epoch(2)` on a fresh loader) draws those of the run that went through epochs 0 and 1."""
+    run = OODDataModule(DigitsBenchmark(), batch_size=64, seed=1, drop_last=False).train_dataloader()
+    for epoch in range(3):
+        run.sampler.set_epoch(epoch)
+        uninterrupted = _indices(run)
+    resumed = OODDataModule(DigitsBenchmark(), batch_size=64, seed=1, drop_last=False).train_dataloader()
+    resumed.sampler.set_epoch(2)
+    assert _indices(resumed) == uninterrupted and len(uninterrupted[-1]) == 10
+    run.sampler.set_epoch(0)
+    assert _indices(run) != uninterrupted, "epochs 0 and 2 drew the same order: nothing was compared"
+
+
+def test_the_outlier_stream_pairs_the_kept_partial_batch_with_a_full_outlier_batch() -> None:
+    """OE with the last ID batch kept: 11 ID batches an epoch, each with an outlier batch of 128 (OpenOOD's OETrainer
+    and energy_ood's zip pair the partial ID batch with a full one); the outlier stream holds 11 + 1 batches (it had
+    10 + 1, so the 11th ID batch ended the epoch without outliers)."""
+    dm = OODDataModule(DigitsBenchmark(), batch_size=64, seed=0, drop_last=False)
+    dm.use_streams(("id", "outliers"), "oe")
+    combined = dm.train_dataloader()
+    ident, out = combined.iterables["id"], combined.iterables["outliers"]
+    assert len(out.sampler) == 12 * 128 and len(out) == 12 and len(ident) == 11
+    sizes = [(len(batch["id"].index), len(batch["outliers"].index)) for batch, _, _ in combined]
+    assert sizes == [(64, 128)] * 10 + [(10, 128)]
+
+
+def test_drop_last_false_under_two_ranks_counts_the_padded_shard(monkeypatch: pytest.MonkeyPatch) -> None:
+    """World 2, global batch 64: each rank's shard is padded to ceil(650 / 2) = 325 images (Lightning's
+    `DistributedSampler`), 32 a batch: ceil(325 / 32) = 11 batches, the last of 325 mod 32 = 5, on both ranks; the
+    outlier stream has (11 + 1) x 64 indices a rank. With the default: 10 batches and (10 + 1) x 64."""
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+
+    from ood.data import benchmark as bm
+
+    monkeypatch.setattr(bm.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(bm.dist, "get_world_size", lambda *a, **k: 2)
+    for drop_last, batches, last in ((False, 11, 5), (True, 10, 32)):
+        for rank in (0, 1):
+            monkeypatch.setattr(bm.dist, "get_rank", lambda *a, r=rank, **k: r)
+            dm = OODDataModule(DigitsBenchmark(), batch_size=64, seed=0, drop_last=drop_last)
+            dm.use_streams(("id", "outliers"), "oe")
+            loaders = dm.train_dataloader().iterables
+            sharded = _update_dataloader(loaders["id"], DistributedSampler(loaders["id"].dataset, 2, rank, seed=0))
+            sizes = [len(b) for b in _indices(sharded)]
+            assert (len(sharded), len(sizes), sizes[-1], sum(sizes)) == (batches, batches, last, 325 - 5 * drop_last)
+            assert len(loaders["outliers"].sampler) == (batches + 1) * 64
+
+
+def test_a_kept_last_batch_of_one_image_is_refused_and_a_batch_above_the_set_trains() -> None:
+    """650 = 11 x 59 + 1: the kept last batch of one image would stop training in BatchNorm's "Expected more than 1
+    value per channel when training" at the end of the first epoch; now one line before training. With the default
+    it is dropped (11 steps). A batch larger than the set is one partial batch of 650 with drop_last=false (the
+    default refuses it: no step would run)."""
+    with pytest.raises(ConfigError, match=r"^data.drop_last=false keeps a last training batch of 1 image \(650 ID "
+                                          r"training images, 1 rank\(s\), data.batch_size=59\), on which BatchNorm "
+                                          r"cannot train: change data.batch_size or set data.drop_last=true$"):
+        OODDataModule(DigitsBenchmark(), batch_size=59, drop_last=False).train_dataloader()
+    assert len(OODDataModule(DigitsBenchmark(), batch_size=59).train_dataloader()) == 11
+    whole = OODDataModule(DigitsBenchmark(), batch_size=1000, drop_last=False).train_dataloader()
+    assert [len(b) for b in _indices(whole)] == [650]
+    with pytest.raises(ConfigError, match=r"^data.batch_size=1000 is larger than the 650 ID training images"):
+        OODDataModule(DigitsBenchmark(), batch_size=1000).train_dataloader()
+    with pytest.raises(ConfigError, match=r"^data.drop_last='no'; choices: \[true, false\]$"):
+        OODDataModule(DigitsBenchmark(), drop_last="no")

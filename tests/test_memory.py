@@ -210,3 +210,21 @@ def test_decoding_the_in_memory_cache_draws_nothing_from_the_global_generator() 
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(4))
     assert images[:, 0, 0, 0].tolist() == labels.tolist() == [0, 1, 2]
+
+
+def test_the_kept_partial_batch_is_the_same_in_memory_and_streaming(tree: Path) -> None:
+    """`drop_last=False` on the in-memory pipeline: 20 training images at batch 8 give 3 batches, the last of 4, the
+    same images (bit for bit, augmentation off) and order as the per-item PIL path; the outlier stream (6 TIN-597
+    images, batch 6) has 3 + 1 full batches."""
+    batches = {}
+    for in_memory in (True, False):
+        datamodule = OODDataModule(CIFAR10Benchmark(tree, augment=False, in_memory=in_memory), batch_size=8,
+                                   outlier_batch_size=6, drop_last=False)
+        datamodule.use_streams(("id", "outliers"), "oe")
+        loaders = datamodule.train_dataloader().iterables
+        assert isinstance(loaders["id"].dataset.dataset, MemoryImages) is in_memory
+        assert len(loaders["outliers"]) == 4 and len(loaders["outliers"].sampler) == 24
+        batches[in_memory] = list(loaders["id"])
+    assert [len(b.index) for b in batches[True]] == [8, 8, 4]
+    for memory, streamed in zip(batches[True], batches[False]):
+        assert torch.equal(memory.index, streamed.index) and torch.equal(memory.x, streamed.x)

@@ -15,6 +15,11 @@ together, so each rank loads `batch_size / world_size` (a warning when it does n
 means the same on one GPU or eight. Every rank has the same number of training batches (Lightning's
 `DistributedSampler` pads the ID shard to ceil(N / world_size), the outlier stream is sized per rank), so no rank
 waits on a collective another rank never reaches.
+
+`drop_last` (`data.drop_last`): training leaves out the last partial ID batch of an epoch (floor(N / B) steps, the
+default), or keeps it (ceil(N / B) steps, its N mod B images the tail of the same permutation: OpenOOD's and
+energy_ood's loaders); the outlier stream has one full outlier batch per ID batch either way, as theirs pair a full
+outlier batch with the partial ID batch. Under DDP the counts are per rank, of the padded shard ceil(N / world_size).
 """
 
 from __future__ import annotations
@@ -269,7 +274,8 @@ class OODDataModule(LightningDataModule):
     covariate-shifted ID sets to the evaluation pass (after the OOD sets, role `csid`); full-spectrum evaluation
     (`evaluation.fsood=true`) needs them, and the data configs set it from that key. `ood_subset`: `all`, or
     `first_fifth` (every test OOD set cut to its first len(ID test) // 5 samples before the evaluation pass, for every
-    scorer alike: the heatmap paper's protocol).
+    scorer alike: the heatmap paper's protocol). `drop_last`: the training loader leaves out the last partial ID
+    batch of an epoch (false: keeps it; see the module docstring).
     """
 
     def __init__(
@@ -286,6 +292,7 @@ class OODDataModule(LightningDataModule):
         fit_seed: int = 0,
         csid: bool = False,
         ood_subset: str = "all",
+        drop_last: bool = True,
     ) -> None:
         super().__init__()
         check_loader_options({"fit_fraction": fit_fraction, "batch_size": batch_size, "eval_batch_size": eval_batch_size,
@@ -299,6 +306,10 @@ class OODDataModule(LightningDataModule):
         if ood_subset not in OOD_SUBSETS:
             raise ConfigError(f"data.ood_subset={ood_subset!r}; choices: {list(OOD_SUBSETS)}")
         self.ood_subset = ood_subset
+        if not isinstance(drop_last, bool):
+            raise ConfigError(f"data.drop_last={drop_last!r}; choices: [true, false]")
+        #: training leaves out the last partial ID batch of an epoch (false: keeps it, as OpenOOD and energy_ood)
+        self.drop_last = drop_last
         self.benchmark = benchmark
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -343,14 +354,14 @@ class OODDataModule(LightningDataModule):
         if self.csid:
             self.benchmark.csid_test()  # names every missing csid set now, before training
 
-    def _loader(self, dataset: Dataset, batch_size: int, sampler: Any = None, train: bool = False) -> DataLoader:
-        """Training loaders drop the last partial batch; every loader keeps its workers (validation runs every epoch,
-        ODIN re-reads the evaluation splits). Every loader yields `Batch`es."""
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: Any = None, drop_last: bool = False) -> DataLoader:
+        """A loader of `Batch`es that leaves out the last partial batch when `drop_last`; every loader keeps its
+        workers (validation runs every epoch, ODIN re-reads the evaluation splits)."""
         return DataLoader(
             Indexed(dataset),
             batch_size=batch_size,
             sampler=sampler,
-            drop_last=train,
+            drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -365,12 +376,9 @@ class OODDataModule(LightningDataModule):
         world = world_size()
         batch = per_rank_batch(self.batch_size, "data.batch_size", world)
         train = self._dataset(self.benchmark.train(augment=True))
-        if math.ceil(len(train) / world) < batch:  # type: ignore[arg-type]
-            raise ConfigError(f"data.batch_size={self.batch_size} is larger than the {len(train)} ID training images "  # type: ignore[arg-type]
-                              f"({world} rank(s)): the partial last batch is dropped, so no training step would run; "
-                              "lower data.batch_size")
+        id_batches = self.id_batches(len(train), batch, world)  # type: ignore[arg-type]
         self._augment = {"id": batch_augmentation(train)}
-        loader = self._loader(train, batch, EpochShuffle(train, self.seed), train=True)
+        loader = self._loader(train, batch, EpochShuffle(train, self.seed), drop_last=self.drop_last)
         if "outliers" not in self.streams:
             self.benchmark.outliers_unused(self.method)
             return loader
@@ -379,14 +387,29 @@ class OODDataModule(LightningDataModule):
         outliers = self._dataset(outliers)
         self._augment["outliers"] = batch_augmentation(outliers)
         out_batch = per_rank_batch(self.outlier_batch_size, "data.outlier_batch_size", world)
-        # one outlier batch per ID batch of a rank (its shard is padded to ceil(N / world)), plus one spare, so the
-        # ID stream sets the epoch length on every rank
-        id_batches = math.ceil(len(train) / world) // batch  # type: ignore[arg-type]
+        # one full outlier batch per ID batch of a rank (the partial last one too), plus one spare, so the ID stream
+        # sets the epoch length on every rank
         sampler = OutlierSampler(outliers, (id_batches + 1) * out_batch * world, self.seed)
         return CombinedLoader(
-            {"id": loader, "outliers": self._loader(outliers, out_batch, sampler, train=True)},
+            {"id": loader, "outliers": self._loader(outliers, out_batch, sampler, drop_last=True)},
             mode="min_size",
         )
+
+    def id_batches(self, n: int, batch: int, world: int) -> int:
+        """The ID training batches of one rank in an epoch: its shard (`DistributedSampler` pads it to
+        ceil(n / world)) in batches of `batch`, the partial last one left out when `drop_last`. Refuses an epoch without
+        a step (a batch larger than the shard, dropped) and a kept last batch of one image (BatchNorm cannot train on
+        one: torch's "Expected more than 1 value per channel")."""
+        shard = math.ceil(n / world)
+        if self.drop_last and shard < batch:
+            raise ConfigError(f"data.batch_size={self.batch_size} is larger than the {n} ID training images "
+                              f"({world} rank(s)): the partial last batch is dropped, so no training step would run; "
+                              "lower data.batch_size")
+        if not self.drop_last and shard % batch == 1:
+            raise ConfigError(f"data.drop_last=false keeps a last training batch of 1 image ({n} ID training images, "
+                              f"{world} rank(s), data.batch_size={self.batch_size}), on which BatchNorm cannot train: "
+                              "change data.batch_size or set data.drop_last=true")
+        return shard // batch if self.drop_last else math.ceil(shard / batch)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Batch:
         """The combined `{"id": Batch, "outliers": Batch}` of an outlier method becomes one `Batch` with `x_out`;

@@ -1178,6 +1178,7 @@ def folder_datamodule(
     fit_fraction: float = 1.0,
     fit_seed: int = 0,
     csid: bool = False,
+    drop_last: bool = True,
     **benchmark: Any,
 ) -> OODDataModule:
     """`conf/data/folder.yaml`: a `FolderBenchmark(root, ood, **benchmark)` in the benchmark DataModule; `csid`
@@ -1198,4 +1199,5 @@ def folder_datamodule(
         fit_fraction=fit_fraction,
         fit_seed=fit_seed,
         csid=csid,
+        drop_last=drop_last,
     )
