@@ -179,3 +179,23 @@ def test_methods_that_step_their_scheduler_per_epoch_refuse_the_per_iteration_co
                          classifier_scheduler=OpenOODCosine(1e-6))
     with pytest.raises(ConfigError, match=r"^method.classifier_scheduler: HeatmapOOD steps this scheduler itself"):
         heatmap.configure_optimizers()
+
+
+def test_the_per_iteration_cosine_counts_the_kept_partial_batch(tmp_path: Path) -> None:
+    """With `data.drop_last=false` an epoch of 650 digits at batch 64 is 11 steps (the last of 10 images), and
+    `trainer.estimated_stepping_batches` counts them: cifar10_ce's cosine anneals over 11 updates, OpenOOD's
+    `epochs * len(train_loader)`, not the 10 of the dropped-batch loader."""
+    from ood.data import DigitsBenchmark, OODDataModule
+
+    cfg = compose_config(tmp_path, ["experiment=cifar10_ce"])
+    loader = OODDataModule(DigitsBenchmark(), batch_size=64, seed=0, drop_last=cfg.data.drop_last).train_dataloader()
+    torch.manual_seed(0)
+    method = CrossEntropy(SmallCNN(6), instantiate(cfg.method.optimizer), instantiate(cfg.method.scheduler))
+    record = RecordLR()
+    L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              limit_val_batches=0, default_root_dir=tmp_path, enable_checkpointing=False,
+              callbacks=[record]).fit(method, loader)
+    lr = cfg.method.optimizer.lr
+    assert sorted(record.lrs) == list(range(11))
+    assert [record.lrs[k] for k in range(11)] == pytest.approx([lr * released_cosine(k, 11, 1, 1e-6 / lr) for k in range(11)],
+                                                               rel=1e-12)

@@ -359,3 +359,29 @@ def test_openood_presets_are_openoods_training_recipe(tmp_path: Path, data: str,
     assert {k: cfg.method[k] for k in OPENOOD_METHOD[method]} == OPENOOD_METHOD[method] and not cfg.method.init.ckpt
     if method == "oe":
         assert (cfg.data.outlier_batch_size, bench.outliers) == (256, "tin597")
+
+
+#: the presets of recipes whose training loader keeps the last partial batch (OpenOOD v1.5's `get_dataloader`,
+#: energy_ood's CIFAR/train.py: no drop_last), inherited ones included
+KEEP_LAST_BATCH = {"cifar10_ce", "cifar100_ce", "cifar10_oe", "cifar100_oe", "cifar10_logitnorm", "cifar100_logitnorm",
+                   "openood_ce", "grood_openood", "energy_ft", "cifar10_energy_oe", "cifar100_energy_oe",
+                   "cifar10_energy_cfl"}
+
+
+def test_openood_and_energy_ood_presets_keep_the_last_partial_batch(tmp_path: Path) -> None:
+    """Those presets set `data.drop_last: false` (an epoch of 50000 CIFAR images at 128 is 391 steps, as released,
+    not 390); the presets of other recipes and every data config keep the default, true; a command line sets it
+    back; the composed DataModule takes it."""
+    from omegaconf import OmegaConf
+
+    from ood import CONFIG_DIR
+
+    assert {p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")} > KEEP_LAST_BATCH
+    others = ["energy_ce", "cifar10_oal", "oal_openood", "cifar10_heatmap"]
+    drop = {name: compose_config(tmp_path, [f"experiment={name}"]).data.drop_last for name in [*KEEP_LAST_BATCH, *others]}
+    assert drop == {**dict.fromkeys(KEEP_LAST_BATCH, False), **dict.fromkeys(others, True)}
+    assert {p.stem: OmegaConf.load(p).drop_last for p in (CONFIG_DIR / "data").glob("*.yaml")} == dict.fromkeys(
+        ["cifar10", "cifar100", "digits", "folder", "imagenet1k", "imagenet200", "tinyimagenet"], True)
+    assert compose_config(tmp_path, ["experiment=cifar10_energy_cfl", "data.drop_last=true"]).data.drop_last is True
+    datamodule = instantiate(compose_config(tmp_path, ["experiment=openood_ce", "data=digits", "data.batch_size=64"]).data)
+    assert datamodule.drop_last is False and len(datamodule.train_dataloader()) == 11  # ceil(650 / 64)
