@@ -68,6 +68,25 @@ def test_augment_outliers_at_its_default_leaves_the_identity_as_before_it_was_a_
     assert off.config == {**default.config, key: "false"}
 
 
+def test_drop_last_at_its_default_leaves_the_identity_as_before_it_was_a_key(tmp_path: Path) -> None:
+    """`data.drop_last: true` (the dropped last partial batch, as before it was a key) is in every data config: at
+    true a run's identity is that of the same config without the key (earlier runs keep their hash); false (OpenOOD's
+    and energy_ood's loaders, their presets) names the configuration, and an evaluation takes it from the run that
+    trained its checkpoint (a training key)."""
+    cfg = compose_config(tmp_path / "a", [])
+    default = run_identity(cfg, CHOICES, tmp_path / "a", None)
+    with open_dict(cfg):
+        del cfg.data["drop_last"]
+    before = run_identity(cfg, CHOICES, tmp_path / "a", None)
+    kept = run_identity(compose_config(tmp_path / "b", ["data.drop_last=false"]), CHOICES, tmp_path / "b", None)
+    assert default.hash == before.hash and "data.drop_last" not in default.config
+    assert kept.config == {**default.config, "data.drop_last": "false"}
+    write_identity(tmp_path / "b", kept)
+    ckpt = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    evaluation = compose_config(tmp_path / "eval", [f"ckpt_path={ckpt}"], config_name="eval")
+    assert run_identity(evaluation, CHOICES, tmp_path / "eval", str(ckpt)).config == kept.config
+
+
 def test_written_once_read_back(tmp_path: Path) -> None:
     ident = run_identity(compose_config(tmp_path, []), CHOICES, tmp_path, None)
     write_identity(tmp_path, ident)

@@ -6,7 +6,7 @@ A run computes its identity once, as it starts, and writes it to `identity.json`
   folders, and the keys whose unresolved value interpolates `${seed}` (OAL's `method.sampling_seed`: they vary with
   the seed); and the evaluation keys that change the numbers when not at their default (`EVALUATION_KEYS`:
   `evaluation.feature_dtype=float16`, `evaluation.weights=best_val_acc`), but not the keys added later at the value
-  that applied before (`ADDED_KEYS`: `data.outlier_batch_size=null`, `augment_outliers=true`, so earlier runs keep
+  that applied before (`ADDED_KEYS`: `data.outlier_batch_size=null`, `augment_outliers=true`, `data.drop_last=true`, so earlier runs keep
   their hash), and keys respelled hashed as spelled before (`RENAMED_KEYS`: OAL's per-step cosine, now
   `method/scheduler=openood`). An evaluation run (`train=false`) of a checkpoint takes the training keys
   (`TRAINING_KEYS`: epochs, optimiser, training batches, augmentation, outliers, starting weights) of the run that wrote it, so
@@ -55,12 +55,12 @@ WEIGHTS_FILES = {"last": "last.ckpt", "best_val_acc": "best.ckpt"}
 #: keys added to the configs at the value that applied before they were keys -> that value: part of the identity only
 #: when set otherwise, so a run made before keeps its hash (its seeds and a rerun are the same configuration)
 ADDED_KEYS = {"data.outlier_batch_size": None, "data.benchmark.augment_outliers": True, "data.augment_outliers": True,
-              "method.knn_features": None}
+              "method.knn_features": None, "data.drop_last": True}
 #: config keys that only matter for training (epochs, optimiser, the training batches, their augmentation and outlier
 #: set, the starting weights): an evaluation run takes them from the run that trained its checkpoint
 #: (`method.scheduler` with its null value, and OAL's schedule keys as spelled before `RENAMED_KEYS`)
 TRAINING_KEYS = ("trainer.max_epochs", "method.optimizer.", "method.scheduler", "method.cosine_per_step", "method.lr_min",
-                 "data.batch_size", "data.outlier_batch_size",
+                 "data.batch_size", "data.outlier_batch_size", "data.drop_last",
                  "data.augment", "data.benchmark.augment", "data.benchmark.crop_padding", "data.benchmark.hflip",
                  "data.benchmark.outliers", "backbone.weights")
 #: the config groups whose chosen option names a wandb group
