@@ -228,3 +228,27 @@ def test_best_val_acc_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
     plain = run_identity(compose_config(tmp_path, weights, config_name="eval"), CHOICES, tmp_path, None)
     assert plain.model == str((tmp_path / "checkpoints" / "last.ckpt").resolve())
     assert "evaluation.weights" not in plain.config
+
+
+@pytest.mark.parametrize("stored", ["at_the_default", "before_the_key"])
+def test_resuming_with_an_added_key_changed_from_its_old_value_is_refused(tmp_path: Path, stored: str) -> None:
+    """An `ADDED_KEYS` key at its old value is left out of an identity, so check_resume took a change of it for a
+    key the checkpoint predates (a warning) and the way back for no change at all: a run trained dropping the last
+    partial batch (`data.drop_last=true`, or before the key) resumed with false (today's cifar10_ce preset), and one
+    trained with false resumed with the default, each switching its loader mid-run. Both are refused now, naming the
+    checkpoint's value; the same config resumes."""
+    from ood.runs.checks import check_resume
+
+    default = flat_config(compose_config(tmp_path, []))
+    trained = default if stored == "at_the_default" else {k: v for k, v in default.items() if k != "data.drop_last"}
+    check_resume(compose_config(tmp_path, []), trained, "a.ckpt")
+    with pytest.raises(ConfigError, match=r"^checkpoint a.ckpt was trained with data.drop_last=true \(now false\): .*"
+                                          r"Resume with the checkpoint's settings \(data.drop_last=true\)"):
+        check_resume(compose_config(tmp_path, ["data.drop_last=false"]), trained, "a.ckpt")
+    with pytest.raises(ConfigError, match=r"trained with data.outlier_batch_size=null \(now 256\): .*"
+                                          r"\(data.outlier_batch_size=null\)"):
+        check_resume(compose_config(tmp_path, ["data.outlier_batch_size=256"]), trained, "a.ckpt")
+    kept = flat_config(compose_config(tmp_path, ["data.drop_last=false"]))
+    with pytest.raises(ConfigError, match=r"trained with data.drop_last=false \(now true\): .*"
+                                          r"\(data.drop_last=false\)"):
+        check_resume(compose_config(tmp_path, []), kept, "a.ckpt")

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ood.errors import ConfigError, check_range
 from ood.runs.identity import (
+    ADDED_KEYS,
     IDENTITY_FILE,
     NAME_GROUPS,
     TRAINING_KEYS,
@@ -230,9 +231,11 @@ def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> 
     stored = spelled_now(stored)  # a checkpoint's keys respelled since (`RENAMED_KEYS`) compared and named as today's
     seeded = seed_keys(cfg)
     now, then = identity(flat_config(cfg), seeded), identity(stored, seeded)
+    now, then = _added_spelled_out(now, then), _added_spelled_out(then, now)
     differing = [k for k in sorted(now.keys() & then.keys()) if now[k] != then[k] and k not in RESUME_MAY_CHANGE]
     changed = [f"{k}={then[k]} (now {now[k]})" for k in differing]
-    settings = [_override(k, stored[k]) for k in differing if k not in {f"{g}._target_" for g in NAME_GROUPS}]
+    settings = [_override(k, stored[k] if k in stored else ADDED_KEYS[k]) for k in differing
+                if k not in {f"{g}._target_" for g in NAME_GROUPS}]
     if "seed" in stored and str(stored["seed"]) != str(cfg.get("seed")):
         changed.insert(0, f"seed={stored['seed']} (now {cfg.get('seed')})")
         settings.insert(0, _override("seed", stored["seed"]))
@@ -250,6 +253,13 @@ def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> 
         shown = ", ".join(f"{k}={now[k]}" for k in new[:4]) + (f" and {len(new) - 4} more" if len(new) > 4 else "")
         log.warning("checkpoint %s predates %s: the resumed epochs run with these values, the earlier ones did without "
                     "them", ckpt_path, shown)
+
+
+def _added_spelled_out(ident: Mapping[str, str], other: Mapping[str, str]) -> dict[str, str]:
+    """`ident` (an `identity`) with each `ADDED_KEYS` key that `other` names and it leaves out set to the value that
+    applied before the key (its configuration had the key there, or predates it): an identity leaves such a key out,
+    so a resume that changed it (`data.drop_last` true -> false) was taken for a new key (a warning) or not seen."""
+    return {**{k: json.dumps(ADDED_KEYS[k]) for k in other.keys() - ident.keys() if k in ADDED_KEYS}, **ident}
 
 
 def _group_options(ckpt_path: str, differing: Sequence[str], settings: Sequence[str]) -> str:
