@@ -199,3 +199,16 @@ def test_the_per_iteration_cosine_counts_the_kept_partial_batch(tmp_path: Path) 
     assert sorted(record.lrs) == list(range(11))
     assert [record.lrs[k] for k in range(11)] == pytest.approx([lr * released_cosine(k, 11, 1, 1e-6 / lr) for k in range(11)],
                                                                rel=1e-12)
+
+
+def test_a_cosine_resumed_with_the_last_batch_kept_names_data_drop_last() -> None:
+    """A checkpoint of 10 steps an epoch (the partial batch dropped) resumed with `data.drop_last=false` (11) is
+    refused by the cosine's length; its line listed what sets that length but not data.drop_last."""
+    from ood.methods.schedules import OpenOODCosine
+
+    saved = OpenOODCosine(1e-6)(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), 10).state_dict()
+    resumed = OpenOODCosine(1e-6)(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), 11)
+    with pytest.raises(ConfigError, match=r"^method.scheduler: the checkpoint's cosine anneals over 10 scheduler steps "
+                                          r"and this fit's over 11 \(trainer.estimated_stepping_batches: the number of "
+                                          r"devices, data.batch_size, data.drop_last, "):
+        resumed.load_state_dict(saved)

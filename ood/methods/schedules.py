@@ -60,7 +60,7 @@ class OpenOODCosine:
 
 class CosineLambdaLR(torch.optim.lr_scheduler.LambdaLR):
     """The `LambdaLR` of an `OpenOODCosine`, whose state (in a checkpoint) holds its length `total`: a fit resumed
-    with another length (the step count follows the number of devices, `data.batch_size`,
+    with another length (the step count follows the number of devices, `data.batch_size`, `data.drop_last`,
     `trainer.accumulate_grad_batches`, `trainer.max_steps`) would go on along another cosine from the step reached,
     its lr jumping; it is refused in one line instead."""
 
@@ -74,7 +74,7 @@ class CosineLambdaLR(torch.optim.lr_scheduler.LambdaLR):
             raise ConfigError(
                 f"method.scheduler: the checkpoint's cosine anneals over {saved} scheduler steps and this fit's over "
                 f"{self.total} (trainer.estimated_stepping_batches: the number of devices, data.batch_size, "
-                "trainer.accumulate_grad_batches or trainer.max_steps differ); resume with the checkpoint's settings, "
+                "data.drop_last, trainer.accumulate_grad_batches or trainer.max_steps differ); resume with the checkpoint's settings, "
                 "or start a new run from its weights (method.init.ckpt=<checkpoint> without ckpt_path)"
             )
         super().load_state_dict(state_dict)
