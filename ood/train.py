@@ -120,7 +120,7 @@ def build(
         check_objective(cfg.get("objective"), method.name, [d.name for d in evaluation.evaluator.detectors])
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()]
     if cfg.get("train", True) and evaluation.weights == "best_val_acc":  # before last.ckpt's callback: `BestValAccuracy`
-        callbacks.insert(0, BestValAccuracy(Path(cfg.paths.output_dir) / "checkpoints"))
+        callbacks.insert(0, BestValAccuracy(Path(cfg.paths.output_dir) / "checkpoints", method.first_complete_epoch))
     # before the evaluation callback: the pass's bar closes before the evaluation prints
     progress = [ProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
     ident = ident or run_identity(cfg, choices, cfg.paths.output_dir, cfg.get("ckpt_path"))

@@ -59,7 +59,7 @@ class Scripted(L.LightningModule):
 def fit(folder: Path, module: Scripted, epochs: int, ckpt_path: str | None = None, best: bool = True,
         check_val_every_n_epoch: int = 1) -> BestValAccuracy:
     """Fit as `ood-train` does: the best-epoch callback before `last.ckpt`'s (`ood.train.build`)."""
-    keep = BestValAccuracy(folder / "checkpoints")
+    keep = BestValAccuracy(folder / "checkpoints", getattr(module, "first_complete_epoch", 0))
     last = AtomicCheckpoint(dirpath=folder / "checkpoints", filename="last", monitor=None, save_top_k=1,
                             every_n_epochs=1, enable_version_counter=False)
     trainer = L.Trainer(max_epochs=epochs, callbacks=[keep, last] if best else [last], logger=False,
@@ -281,3 +281,31 @@ def test_no_epoch_before_the_methods_first_complete_epoch_is_kept(tmp_path: Path
     module.first_complete_epoch = 2
     fit(tmp_path, module, 4)
     assert saved(tmp_path / "checkpoints" / "best.ckpt") == (3, module.weights[3])
+
+
+def test_a_fit_that_ends_before_the_methods_first_complete_epoch_validates_is_refused_before_training(
+        tmp_path: Path) -> None:
+    """heatmap with `method.classifier_epochs` >= `trainer.max_epochs` (its decoder never trains a validated epoch)
+    trained to the end and then failed ("no epoch's weights were kept (none): no validation ran", though every
+    epoch validated); now refused before the first epoch in one line. `ood.train.build` gives the callback the
+    method's first complete epoch (it read it through the trainer); a fit with a validated epoch from there runs."""
+    module = Scripted([0.5, 0.9])
+    module.first_complete_epoch = 2
+    with pytest.raises(ConfigError, match=r"^evaluation.weights=best_val_acc keeps the epoch of best ID-val accuracy "
+                       r"from epoch 2 on \(0-based; the method trains only a part of itself before it, heatmap's "
+                       r"method.classifier_epochs\), but trainer.max_epochs=2 with trainer.check_val_every_n_epoch=1 "
+                       r"validates none of those: raise trainer.max_epochs, or use evaluation.weights=last$"):
+        fit(tmp_path / "a", module, 2)
+    assert module.weights == {} and not (tmp_path / "a" / "checkpoints").exists()
+    module = Scripted([0.5, 0.9, 0.8])
+    module.first_complete_epoch = 2
+    with pytest.raises(ConfigError, match=r"from epoch 2 on .* trainer.max_epochs=3 with "
+                                          r"trainer.check_val_every_n_epoch=2 validates none of those"):
+        fit(tmp_path / "b", module, 3, check_val_every_n_epoch=2)
+    module = Scripted([0.5, 0.9, 0.8, 0.7])
+    module.first_complete_epoch = 2
+    fit(tmp_path / "c", module, 4, check_val_every_n_epoch=2)
+    assert saved(tmp_path / "c" / "checkpoints" / "best.ckpt") == (3, module.weights[3])
+    heatmap = ["method=heatmap", "method.classifier_epochs=3", "evaluation.weights=best_val_acc"]
+    _, _, trainer, _ = build(compose_config(tmp_path / "d", heatmap))
+    assert trainer.checkpoint_callbacks[0].first_complete_epoch == 3

@@ -103,20 +103,22 @@ class BestValAccuracy(AtomicCheckpoint):
     own comparison is strict). Listed before the `last.ckpt` callback (Lightning keeps the order of checkpoint
     callbacks), so `last.ckpt` holds this epoch's best score and a resume from it keeps the best so far; a resume
     from another run folder copies that run's `best.ckpt` (the one beside the resumed file, so also of a run folder
-    copied elsewhere) into this one's. No epoch before the method's `first_complete_epoch` is kept (heatmap's CE
-    phase). A validation without `val/acc` (a method
-    whose `validation_step` logs none, no ID-val batches) is refused in one line."""
+    copied elsewhere) into this one's. No epoch before `first_complete_epoch` is kept (the method's: heatmap's CE
+    phase), and a fit none of whose epochs from there validates is refused before it starts. A validation without
+    `val/acc` (a method whose `validation_step` logs none, no ID-val batches) is refused in one line."""
 
-    def __init__(self, dirpath: str | Path) -> None:
+    def __init__(self, dirpath: str | Path, first_complete_epoch: int = 0) -> None:
         super().__init__(dirpath=dirpath, filename="best", monitor="val/acc", mode="max", save_top_k=1,
                          every_n_epochs=1, save_last=False, enable_version_counter=False, auto_insert_metric_name=False)
         self._restored = False
         self._carried: str | None = None  # the best.ckpt of the run folder a resume from another folder continues
+        #: the first epoch (0-based) whose weights are the whole trained method (`OODMethod.first_complete_epoch`)
+        self.first_complete_epoch = first_complete_epoch
 
     def check_monitor_top_k(self, trainer: Trainer, current: torch.Tensor | None = None) -> bool:
-        # a method whose first epochs train only a part of it offers none of them (`OODMethod.first_complete_epoch`:
-        # heatmap's CE phase, its decoder untrained, would win as the frozen classifier's accuracy stops changing)
-        if current is None or trainer.current_epoch < getattr(trainer.lightning_module, "first_complete_epoch", 0):
+        # a method whose first epochs train only a part of it offers none of them (heatmap's CE phase, its decoder
+        # untrained, would win as the frozen classifier's accuracy stops changing)
+        if current is None or trainer.current_epoch < self.first_complete_epoch:
             return False
         if self.best_model_score is None:
             return True
@@ -133,11 +135,19 @@ class BestValAccuracy(AtomicCheckpoint):
         if trainer.ckpt_path is not None and not self._restored:
             raise ConfigError(f"checkpoint {trainer.ckpt_path} was trained with evaluation.weights=last, so its epochs' "
                               "ID-val accuracy is not known: resume it with evaluation.weights=last, or train anew")
-        every, epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
-        if every and epochs is not None and 0 <= epochs < every:  # else refused only once the training is over
-            raise ConfigError(f"evaluation.weights=best_val_acc keeps the epoch of best ID-val accuracy, but "
-                              f"trainer.check_val_every_n_epoch={every} validates none of trainer.max_epochs={epochs}: "
-                              "lower it, or use evaluation.weights=last")
+        every, epochs, first = trainer.check_val_every_n_epoch, trainer.max_epochs, self.first_complete_epoch
+        # the first epoch that validates and may be kept ends at the first multiple of `every` above `first`; a fit
+        # that ends before it was refused only once the training was over ("no epoch's weights were kept")
+        if every and epochs is not None and epochs >= 0 and -(-(first + 1) // every) * every > epochs:
+            if not first:
+                raise ConfigError(f"evaluation.weights=best_val_acc keeps the epoch of best ID-val accuracy, but "
+                                  f"trainer.check_val_every_n_epoch={every} validates none of "
+                                  f"trainer.max_epochs={epochs}: lower it, or use evaluation.weights=last")
+            raise ConfigError(f"evaluation.weights=best_val_acc keeps the epoch of best ID-val accuracy from epoch "
+                              f"{first} on (0-based; the method trains only a part of itself before it, heatmap's "
+                              f"method.classifier_epochs), but trainer.max_epochs={epochs} with "
+                              f"trainer.check_val_every_n_epoch={every} validates none of those: raise "
+                              "trainer.max_epochs, or use evaluation.weights=last")
         if self._carried is None:
             return
         target = os.path.join(str(self.dirpath), f"{self.filename}.ckpt")
