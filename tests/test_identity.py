@@ -252,3 +252,29 @@ def test_resuming_with_an_added_key_changed_from_its_old_value_is_refused(tmp_pa
     with pytest.raises(ConfigError, match=r"trained with data.drop_last=false \(now true\): .*"
                                           r"\(data.drop_last=false\)"):
         check_resume(compose_config(tmp_path, []), kept, "a.ckpt")
+
+
+def test_ood_eval_of_a_presets_run_by_its_groups_takes_the_detectors_it_evaluated(tmp_path: Path) -> None:
+    """`ood-eval ckpt_path=<run of experiment=energy_ce> method=logitnorm` (or `-m` over a seed sweep's runs) takes
+    the preset's groups, not the preset: since the `detectors` group is taken, that was `detectors=none` without the
+    preset's `detectors.names: [msp, odin, mahalanobis, energy]`, so only the method's score was evaluated (before
+    the group was taken: all detectors). The names the run evaluated (its config.yaml) go with the group now; a
+    command line's `detectors.names=` or `detectors=` wins."""
+    from ood.runs.trained import training_overrides
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- experiment=energy_ce\n- seed=0\n")
+    choices = {"experiment": "energy_ce", "method": "ce", "data": "cifar10", "backbone": "wrn40_2", "detectors": "none"}
+    OmegaConf.save({"hydra": {"runtime": {"choices": choices}}}, run / ".hydra" / "hydra.yaml")
+    OmegaConf.save({"detectors": {"names": ["msp", "odin", "mahalanobis", "energy"]}}, run / "config.yaml")
+    names = "detectors.names=[msp,odin,mahalanobis,energy]"
+    assert training_overrides([f"ckpt_path={run}", "method=logitnorm"]) == (
+        [run], ["data=cifar10", "backbone=wrn40_2", "detectors=none", names])
+    assert training_overrides(["-m", f"ckpt_path={run}"])[1] == [
+        "method=ce", "data=cifar10", "backbone=wrn40_2", "detectors=none", names]
+    assert training_overrides([f"ckpt_path={run}", "method=logitnorm", "detectors.names=[energy]"])[1] == [
+        "data=cifar10", "backbone=wrn40_2", "detectors=none"]
+    assert training_overrides([f"ckpt_path={run}", "method=logitnorm", "detectors=fast"])[1] == [
+        "data=cifar10", "backbone=wrn40_2"]
+    assert training_overrides([f"ckpt_path={run}"])[1] == ["experiment=energy_ce"]  # the preset whole

@@ -92,7 +92,22 @@ def _trained_overrides(run: Path, named: Sequence[str], multirun: bool) -> list[
         for group, option in choices.items():
             if group not in adopted and option is not None and wanted(group) and group != "experiment":
                 adopted[group] = f"{group}={option}"
+        # the preset's own selection (`detectors.names` in its body, over its `override /detectors: none`) goes with
+        # it: without it `detectors=none` left the method's score alone where the run evaluated msp, energy, ...
+        names = _evaluated_detectors(run)
+        if "detectors.names" not in adopted and wanted("detectors.names") and names is not None:
+            adopted["detectors.names"] = f"detectors.names={names}"
     return list(adopted.values())
+
+
+def _evaluated_detectors(run: Path) -> str | None:
+    """The run's `detectors.names` (its `config.yaml`) as an override value (`[msp,energy]`, `all`); None without
+    one."""
+    config = run / "config.yaml"
+    names = OmegaConf.select(OmegaConf.load(config), "detectors.names") if config.is_file() else None
+    if names is None:
+        return None
+    return f"[{','.join(str(n) for n in names)}]" if OmegaConf.is_list(names) else str(names)
 
 
 def run_folder(ckpt_path: str | Path) -> Path | None:
