@@ -35,7 +35,8 @@ def training_overrides(argv: Sequence[str]) -> tuple[list[Path], list[str]]:
     names, is left out. A training `experiment=` is taken whole when the command line names none of method, data,
     backbone and is a single run; otherwise (a post-hoc `method=grood` on a preset's run: the preset's method keys would
     not fit it; a multirun: a preset's `hydra.sweep.dir` would put the evaluation into the training runs' folders) the
-    groups it chose are taken instead (`.hydra/hydra.yaml`). So `ood-eval ckpt_path=<run of ood-train method=oe
+    groups it chose are taken instead (`.hydra/hydra.yaml`), with the detectors the run evaluated (its `config.yaml`'s
+    `detectors.names`: a preset's own selection). So `ood-eval ckpt_path=<run of ood-train method=oe
     data=cifar10>` evaluates OE on CIFAR-10, not the default CE on digits. A multirun over checkpoints
     (`-m ckpt_path=<run0>,<run1>`: a training sweep's seeds) takes them only when every run trained alike (the same
     overrides to take), as the overrides apply to every job. Nothing is taken for an interpolated `ckpt_path`,
