@@ -22,6 +22,7 @@ import pytest
 
 from ood import files
 from ood.data import memory as mem
+from ood.errors import ConfigError
 from ood.runs.identity import RunIdentity, write_identity
 
 FORK = multiprocessing.get_context("fork")
@@ -440,6 +441,24 @@ def test_results_stay_beside_a_config_that_differs_only_in_the_machines_workers_
     assert (tmp_path / "config.yaml").read_text() == requeued
     write_identity(tmp_path, ident, requeued.replace("msp]", "energy]"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "identity.json"]
+
+
+def test_an_attempt_refused_before_it_started_keeps_a_finished_runs_results(tmp_path: Path) -> None:
+    """A rerun into a finished run's folder refused by its checks (`ckpt_path=last` with another
+    `trainer.max_epochs`: one line) removed the finished run's results.jsonl, scores.npz, samples.csv and
+    validation.json. They stay beside the config.yaml they were made with until an attempt writes its own; a failure
+    after that removes them as before."""
+    from ood.runs.failures import clear_failure, record_failure
+
+    ident = _finished(tmp_path, "method: msp\n")
+    (tmp_path / "scores.npz").write_bytes(b"scores")
+    record_failure(tmp_path, ConfigError("refused"), clear_failure(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FAILED.txt", "config.yaml", "identity.json", "results.jsonl",
+                                                          "scores.npz"]
+    started = clear_failure(tmp_path)
+    write_identity(tmp_path, ident, "method: msp\n")  # this attempt passed its checks and wrote its settings
+    record_failure(tmp_path, RuntimeError("boom"), started)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FAILED.txt", "config.yaml", "identity.json"]
 
 
 def _finished(folder: Path, config: str) -> RunIdentity:

@@ -31,6 +31,10 @@ RESUMED_FILE = "resumed.json"
 EARLIER_RESULTS = ("results.jsonl", "scores.npz", "samples.csv", "validation.json")
 
 
+#: the settings an attempt writes beside its results (`ood.runs.identity.write_identity`) once it passed its checks:
+#: an attempt refused before that leaves the folder's earlier results beside the settings they were made with
+SETTINGS_FILE = "config.yaml"
+
 #: a results file as found when an attempt started: (inode, mtime in ns, size); a write of this attempt replaces the
 #: file (a new inode), so a file still matching it is the earlier attempt's
 FileStamp = tuple[int, int, int]
@@ -65,22 +69,24 @@ def clear_failure(output_dir: str | Path) -> dict[str, FileStamp]:
     so another model), or the attempt fails: a rerun of a finished job (`ckpt_path=last`) killed while it
     re-evaluates keeps the complete results it had, up to its results writer, which removes `results.jsonl` first
     and writes the new one last (`ood.evaluation.sinks.ResultsWriter`: a kill there leaves no complete set).
-    Returns the stamps of the results kept, for `record_failure`."""
+    Returns the stamps of the results kept and of their `config.yaml`, for `record_failure`."""
     (Path(output_dir) / FAILED_FILE).unlink(missing_ok=True)
     if not (Path(output_dir) / IDENTITY_FILE).is_file():
         remove_earlier_results(output_dir)
-    stamps = {name: _stamp(Path(output_dir) / name) for name in EARLIER_RESULTS}
+    stamps = {name: _stamp(Path(output_dir) / name) for name in (*EARLIER_RESULTS, SETTINGS_FILE)}
     return {name: found for name, found in stamps.items() if found is not None}
 
 
 def record_failure(output_dir: str | Path, err: BaseException, earlier: Mapping[str, FileStamp] | None = None) -> None:
     """Leave `FAILED.txt` (the error) in a failed run's folder, so `ood-report` can name the job, and remove the
     results an earlier attempt left there (`earlier`, as `clear_failure` stamped them; the report would read their
-    rows as this attempt's). Results this attempt wrote stay: a SIGTERM after the evaluation wrote them leaves them
-    complete."""
+    rows as this attempt's) once this attempt wrote its own `config.yaml`: one refused before (a resume with other
+    settings, a misspelt key) leaves a finished run's results beside the settings they were made with (it removed
+    them). Results this attempt wrote stay: a SIGTERM after the evaluation wrote them leaves them complete."""
     path = Path(output_dir)
     if path.is_dir():
-        if earlier:
+        settings = (earlier or {}).get(SETTINGS_FILE)
+        if earlier and (settings is None or _stamp(path / SETTINGS_FILE) != settings):
             remove_earlier_results(path, only=earlier)
         atomic_write_text(path / FAILED_FILE, f"{type(err).__name__}: {err}\n")
 
