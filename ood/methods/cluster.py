@@ -353,7 +353,7 @@ class ClusterMethod(OODMethod):
         augment = TensorAugment.preset(self._augment_preset, x.shape[1])
         views = torch.cat([augment(x), augment(x)])
         p = F.normalize(self.head(self.backbone.features(views)[0]), dim=1)
-        ids = y if self.hparams.objective == "supcon" else batch.index  # dataset indices: unique across ranks
+        ids = y if self.hparams.objective == "supcon" else batch.index  # dataset indices (a padded DDP shard repeats a few: views of one image)
         (p, ids), anchors = gather_global(self, p, ids.repeat(2))
         loss = supcon(p, ids, self.temperature, anchors=anchors, base_temperature=self.base_temperature)
         self.log_metrics({"train/contrastive_loss": loss}, len(batch))
