@@ -212,3 +212,14 @@ def test_a_cosine_resumed_with_the_last_batch_kept_names_data_drop_last() -> Non
                                           r"and this fit's over 11 \(trainer.estimated_stepping_batches: the number of "
                                           r"devices, data.batch_size, data.drop_last, "):
         resumed.load_state_dict(saved)
+
+
+def test_the_energy_ood_schedule_is_an_option_of_the_group(tmp_path: Path) -> None:
+    """`method/scheduler=energy_ood` gives energy_ood's per-iteration cosine (offset 1) to any method, the same node
+    the energy presets build by overriding `openood`'s offset (`method=energy_oe method/scheduler=openood` alone has
+    OpenOOD's offset 0)."""
+    chosen = compose_config(tmp_path, ["method=energy_oe", "method/scheduler=energy_ood"]).method.scheduler
+    preset = compose_config(tmp_path, ["experiment=cifar10_energy_oe"]).method.scheduler
+    assert OmegaConf.to_container(chosen) == OmegaConf.to_container(preset) == {
+        "_target_": "ood.methods.schedules.OpenOODCosine", "eta_min": 1e-6, "interval": "step", "offset": 1}
+    assert compose_config(tmp_path, ["method=energy_oe", "method/scheduler=openood"]).method.scheduler.offset == 0
