@@ -12,6 +12,7 @@ and sorting by it, so the result equals the single-process one exactly:
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -28,6 +29,15 @@ SEND_BYTES = 64 * 2**20
 #: how long the other ranks may wait for rank 0 (its evaluation of an ImageNet-sized bank can take hours on CPU;
 #: the default process group's 30 min would time out)
 RANK_ZERO_TIMEOUT = timedelta(hours=24)
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's `malloc_trim`; nothing elsewhere). A process that has
+    freed a large block raises glibc's mmap threshold (up to 32 MB), so later batch-sized tensors live on the heap and
+    their pages stay resident once freed: a rank that sent its shard, then received the result, peaked at both."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def _sorted_firsts(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,6 +199,7 @@ class RankZeroRows:
                 for name in self.fields:
                     for message in self._stream(name):
                         dist.send(message, dst=0, group=group)
+                return_freed_memory()  # before the result arrives (`broadcast_rows`)
                 return None
             self.fields = self.fields or next((f for f, _ in gathered if f), {})
         if not self.fields:
