@@ -423,6 +423,41 @@ def test_oal_on_digits(tmp_path: Path, ce_checkpoint: Path, caplog: pytest.LogCa
     assert torch.equal(again.outliers_knn, method.outliers_knn), "the same seed gives the same outlier bank"
 
 
+def test_oal_trains_on_a_kept_partial_last_batch(tmp_path: Path, ce_checkpoint: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`data.drop_last=false` (the OAL presets, as the released OpenOOD loader): 650 digits at batch 64 are
+    ceil(650 / 64) = 11 steps an epoch, the last of 10 images against 10 outlier rows (released: `ood_sample_num = 80`
+    on CIFAR's last batch of 80), with a finite loss."""
+    import ood.methods.oal as oal_module
+    from ood.train import build
+
+    overrides = ["method=oal", f"method.init.ckpt={ce_checkpoint}", f"method.cache_dir={tmp_path / 'cache'}",
+                 "method/teacher=small_cnn", f"method.teacher.ckpt={ce_checkpoint}", "method.n_candidates=200",
+                 "data.drop_last=false", "data.batch_size=64", "trainer.max_epochs=1",
+                 "trainer.enable_progress_bar=false", "logger=none", "callbacks=none", "evaluate=false"]
+    method, datamodule, trainer, _ = build(compose_config(tmp_path / "run", overrides))
+    method.apply_init()
+    steps: list[tuple[int, int, float]] = []  # (ID images, outlier rows, loss) of each step
+    rows: list[int] = []
+    club_fn, loss_fn = oal_module.club, method.training_loss
+
+    def recording_club(mu, *args):  # type: ignore[no-untyped-def]
+        rows.append(len(mu))
+        return club_fn(mu, *args)
+
+    def recording_loss(batch):  # type: ignore[no-untyped-def]
+        loss = loss_fn(batch)
+        steps.append((len(batch), rows.pop(), loss.item()))
+        return loss
+
+    monkeypatch.setattr(oal_module, "club", recording_club)
+    method.training_loss = recording_loss  # type: ignore[method-assign]
+    trainer.fit(method, datamodule=datamodule)
+    assert trainer.global_step == len(steps) == math.ceil(650 / 64) == 11
+    assert [n for n, _, _ in steps] == [64] * 10 + [10] and [r for _, r, _ in steps] == [64] * 10 + [10]
+    assert math.isfinite(steps[-1][2])
+
+
 def test_ranks_wait_for_the_teacher_file_not_a_collective(tmp_path: Path) -> None:
     """The other ranks wait for rank 0's teacher on the file system (no process-group timeout): they return once
     the file is there and stop, with rank 0's error, once it has failed."""

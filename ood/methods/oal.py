@@ -29,7 +29,9 @@ Released-code quirks, and where this differs:
   called `learning_loss`) on detached h, while the student minimises CLUB through a detached q.
 - The outlier rows of a step are drawn with `torch.randperm` from a generator seeded by (`sampling_seed`, step)
   (released: the global RNG), so every DDP rank draws the same global-batch rows; CLUB is estimated over the global
-  batch (each rank's rows against every rank's h, `ood.losses.club(..., anchors=)`), as on one device.
+  batch (each rank's rows against every rank's h, `ood.losses.club(..., anchors=)`), as on one device. There are as
+  many rows as images in the batch (released: `ood_sample_num` 128, and 80 on the last step: the partial last batch
+  of 50,000 CIFAR images that OpenOOD's loader keeps, as the OAL presets do with `data.drop_last=false`).
 - Token-norm rescaling of the outliers (the norm of a CLIP token embedding, about 27) needs the CLIP text encoder:
   `outlier_norm: clip_token` reads per-class token embeddings from `token_embeddings=<file.npy>`; `teacher_mean`
   (the digits default) rescales to the class's mean teacher-feature norm; a float is used as given.
@@ -45,8 +47,7 @@ Released-code quirks, and where this differs:
   a shuffled loader, saved as `id_feat_<data>_199epoch.npy`, [C, 500, 768]). `knn_features=<that file>` samples in
   those features instead (`load_knn_features`); their width must be the teacher's (the q-network's input).
 - Not reproduced: the `energy_rl` ablation (off in the released runs); an unused ViT data loader (the teacher sees
-  the student batch here as there); the released trainer's `ood_sample_num = 80` on the last CIFAR batch (our
-  training loaders drop the last partial batch).
+  the student batch here as there).
 """
 
 from __future__ import annotations
