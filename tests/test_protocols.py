@@ -362,9 +362,10 @@ def test_openood_presets_are_openoods_training_recipe(tmp_path: Path, data: str,
 
 
 #: the presets of recipes whose training loader keeps the last partial batch (OpenOOD v1.5's `get_dataloader`, which
-#: OAL's oal_pipeline.py trains on too; energy_ood's CIFAR/train.py: no drop_last), inherited ones included
+#: OAL's oal_pipeline.py trains on too; energy_ood's CIFAR/train.py and outlier-exposure's CIFAR/baseline.py: no
+#: drop_last), inherited ones included
 KEEP_LAST_BATCH = {"cifar10_ce", "cifar100_ce", "cifar10_oe", "cifar100_oe", "cifar10_logitnorm", "cifar100_logitnorm",
-                   "openood_ce", "grood_openood", "energy_ft", "cifar10_energy_oe", "cifar100_energy_oe",
+                   "openood_ce", "grood_openood", "energy_ce", "energy_ft", "cifar10_energy_oe", "cifar100_energy_oe",
                    "cifar10_energy_cfl", "cifar10_oal", "cifar100_oal", "oal_openood"}
 
 
@@ -377,7 +378,7 @@ def test_openood_and_energy_ood_presets_keep_the_last_partial_batch(tmp_path: Pa
     from ood import CONFIG_DIR
 
     assert {p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")} > KEEP_LAST_BATCH
-    others = ["energy_ce", "cifar10_heatmap"]
+    others = ["cifar10_heatmap", "heatmap", "digits_energy"]
     drop = {name: compose_config(tmp_path, [f"experiment={name}"]).data.drop_last for name in [*KEEP_LAST_BATCH, *others]}
     assert drop == {**dict.fromkeys(KEEP_LAST_BATCH, False), **dict.fromkeys(others, True)}
     assert {p.stem: OmegaConf.load(p).drop_last for p in (CONFIG_DIR / "data").glob("*.yaml")} == dict.fromkeys(
