@@ -1,8 +1,9 @@
 """Outlier exposure: cross-entropy from the outlier logits to the uniform distribution.
 
 Hendrycks, Mazeika, Dietterich, "Deep Anomaly Detection with Outlier Exposure", ICLR 2019 (arXiv 1812.04606);
-released code hendrycks/outlier-exposure (`CIFAR/train.py`: `-(x[len(in_set[0]):].mean(1) -
-torch.logsumexp(x[len(in_set[0]):], dim=1)).mean()`), also OpenOOD's `OETrainer`.
+released code hendrycks/outlier-exposure (`CIFAR/oe_tune.py:174`, `CIFAR/oe_scratch.py:175`: `loss += 0.5 *
+-(x[len(in_set[0]):].mean(1) - torch.logsumexp(x[len(in_set[0]):], dim=1)).mean()`, lambda 0.5 applied by the
+method), also OpenOOD's `OETrainer`.
 """
 
 from __future__ import annotations
