@@ -446,19 +446,49 @@ def test_results_stay_beside_a_config_that_differs_only_in_the_machines_workers_
 def test_an_attempt_refused_before_it_started_keeps_a_finished_runs_results(tmp_path: Path) -> None:
     """A rerun into a finished run's folder refused by its checks (`ckpt_path=last` with another
     `trainer.max_epochs`: one line) removed the finished run's results.jsonl, scores.npz, samples.csv and
-    validation.json. They stay beside the config.yaml they were made with until an attempt writes its own; a failure
-    after that removes them as before."""
+    validation.json, and then left FAILED.txt beside them. The folder stays as it was until an attempt writes its
+    own config.yaml (an earlier attempt's FAILED.txt too); a failure after that removes them as before, and a new
+    folder gets FAILED.txt (ood-report names a sweep's refused job)."""
     from ood.runs.failures import clear_failure, record_failure
 
     ident = _finished(tmp_path, "method: msp\n")
     (tmp_path / "scores.npz").write_bytes(b"scores")
     record_failure(tmp_path, ConfigError("refused"), clear_failure(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["FAILED.txt", "config.yaml", "identity.json", "results.jsonl",
-                                                          "scores.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "identity.json", "results.jsonl", "scores.npz"]
+    (tmp_path / "FAILED.txt").write_text("SIGTERMException: terminated by SIGTERM\n")  # an earlier attempt's
+    record_failure(tmp_path, ConfigError("refused"), clear_failure(tmp_path))
+    assert (tmp_path / "FAILED.txt").read_text() == "SIGTERMException: terminated by SIGTERM\n"
     started = clear_failure(tmp_path)
     write_identity(tmp_path, ident, "method: msp\n")  # this attempt passed its checks and wrote its settings
     record_failure(tmp_path, RuntimeError("boom"), started)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FAILED.txt", "config.yaml", "identity.json"]
+    assert (tmp_path / "FAILED.txt").read_text() == "RuntimeError: boom\n"
+    (tmp_path / "new").mkdir()
+    record_failure(tmp_path / "new", ConfigError("refused"), clear_failure(tmp_path / "new"))
+    assert (tmp_path / "new" / "FAILED.txt").read_text() == "ConfigError: refused\n"
+
+
+def test_a_refused_rerun_of_a_finished_run_is_not_reported_failed(tmp_path: Path) -> None:
+    """`ood-train ckpt_path=last trainer.max_epochs=5` into a finished run of `evaluate=false` (trained for 3) is
+    refused in one line; it left FAILED.txt there, and ood-report named the finished run a failed job with that
+    refusal in place of how to evaluate it. The folder is now as it was."""
+    import torch
+    from helpers import FAST, compose_config
+
+    from ood.report.reading import failed_runs
+    from ood.train import run
+
+    _finished(tmp_path, "evaluate: false\n")
+    (tmp_path / "results.jsonl").unlink()  # evaluate=false writes none
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"hyper_parameters": {"config": {"trainer.max_epochs": 3}}}, tmp_path / "checkpoints" / "last.ckpt")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ConfigError, match="trained for trainer.max_epochs=3; resuming with trainer.max_epochs=5"):
+        run(compose_config(tmp_path, [*FAST, "trainer.max_epochs=5", "ckpt_path=last"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert failed_runs([tmp_path]) == {str(tmp_path): "no results: trained with evaluate=false (evaluate it: ood-eval "
+                                                      f"ckpt_path={tmp_path}), or still running"}
 
 
 def _finished(folder: Path, config: str) -> RunIdentity:

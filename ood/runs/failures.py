@@ -11,6 +11,7 @@ import os
 import signal
 import stat
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,17 @@ def remove_earlier_results(output_dir: str | Path, only: Mapping[str, FileStamp]
             log.info("removed %s of an earlier attempt in %s", name, output_dir)
 
 
-def clear_failure(output_dir: str | Path) -> dict[str, FileStamp]:
+@dataclass(frozen=True)
+class Started:
+    """What a run folder held as an attempt started (`clear_failure`), for `record_failure`: the stamps of the
+    results kept and of their `config.yaml`, and the earlier attempt's `FAILED.txt` (its text), which an attempt that
+    fails before it writes its own `config.yaml` puts back."""
+
+    stamps: dict[str, FileStamp] = field(default_factory=dict)
+    failed: str | None = None
+
+
+def clear_failure(output_dir: str | Path) -> Started:
     """Forget an earlier attempt in this folder as a new one starts: its `FAILED.txt` (a resumed run starts clean),
     and its results, which `ood-report` would otherwise read beside this attempt's `config.yaml` should this one fail
     (a rerun of a sweep into its fixed `hydra.sweep.dir` with other data reported the earlier data's rows under the
@@ -69,26 +80,38 @@ def clear_failure(output_dir: str | Path) -> dict[str, FileStamp]:
     so another model), or the attempt fails: a rerun of a finished job (`ckpt_path=last`) killed while it
     re-evaluates keeps the complete results it had, up to its results writer, which removes `results.jsonl` first
     and writes the new one last (`ood.evaluation.sinks.ResultsWriter`: a kill there leaves no complete set).
-    Returns the stamps of the results kept and of their `config.yaml`, for `record_failure`."""
-    (Path(output_dir) / FAILED_FILE).unlink(missing_ok=True)
-    if not (Path(output_dir) / IDENTITY_FILE).is_file():
-        remove_earlier_results(output_dir)
-    stamps = {name: _stamp(Path(output_dir) / name) for name in (*EARLIER_RESULTS, SETTINGS_FILE)}
-    return {name: found for name, found in stamps.items() if found is not None}
-
-
-def record_failure(output_dir: str | Path, err: BaseException, earlier: Mapping[str, FileStamp] | None = None) -> None:
-    """Leave `FAILED.txt` (the error) in a failed run's folder, so `ood-report` can name the job, and remove the
-    results an earlier attempt left there (`earlier`, as `clear_failure` stamped them; the report would read their
-    rows as this attempt's) once this attempt wrote its own `config.yaml`: one refused before (a resume with other
-    settings, a misspelt key) leaves a finished run's results beside the settings they were made with (it removed
-    them). Results this attempt wrote stay: a SIGTERM after the evaluation wrote them leaves them complete."""
+    Returns what the folder held, for `record_failure`."""
     path = Path(output_dir)
-    if path.is_dir():
-        settings = (earlier or {}).get(SETTINGS_FILE)
-        if earlier and (settings is None or _stamp(path / SETTINGS_FILE) != settings):
-            remove_earlier_results(path, only=earlier)
-        atomic_write_text(path / FAILED_FILE, f"{type(err).__name__}: {err}\n")
+    failed = None
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError):  # none, or another rank removed it first
+        failed = (path / FAILED_FILE).read_text()
+    (path / FAILED_FILE).unlink(missing_ok=True)
+    if not (path / IDENTITY_FILE).is_file():
+        remove_earlier_results(path)
+    stamps = {name: _stamp(path / name) for name in (*EARLIER_RESULTS, SETTINGS_FILE)}
+    return Started({name: found for name, found in stamps.items() if found is not None}, failed)
+
+
+def record_failure(output_dir: str | Path, err: BaseException, earlier: Started | None = None) -> None:
+    """Leave `FAILED.txt` (the error) in a failed run's folder, so `ood-report` can name the job, and remove the
+    results an earlier attempt left there (`earlier`, as `clear_failure` found them; the report would read their
+    rows as this attempt's) once this attempt wrote its own `config.yaml`. One that failed before (a resume with
+    other settings, a misspelt key: refused in one line on the console) leaves a folder that held a run's
+    `config.yaml` as it was: a finished run's results beside the settings they were made with (it removed them), and
+    no `FAILED.txt` but the earlier attempt's (`ood-report` named a finished run of `evaluate=false` failed, with the
+    refusal); a new folder gets one, so that the report names a sweep's refused job. Results this attempt wrote
+    stay: a SIGTERM after the evaluation wrote them leaves them complete."""
+    path = Path(output_dir)
+    if not path.is_dir():
+        return
+    settings = earlier.stamps.get(SETTINGS_FILE) if earlier else None
+    if earlier and settings is not None and _stamp(path / SETTINGS_FILE) == settings:
+        if earlier.failed is not None:
+            atomic_write_text(path / FAILED_FILE, earlier.failed)
+        return
+    if earlier and earlier.stamps:
+        remove_earlier_results(path, only=earlier.stamps)
+    atomic_write_text(path / FAILED_FILE, f"{type(err).__name__}: {err}\n")
 
 
 def failure(run_dir: str | Path) -> str | None:
