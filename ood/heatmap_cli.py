@@ -1,7 +1,7 @@
-"""`ood-heatmap ckpt_path=RUN/checkpoints/last.ckpt image=PATH [out=DIR]`: heatmaps of your own images.
+"""`ood-heatmap ckpt_path=<run folder or checkpoint> image=PATH [out=DIR]`: heatmaps of your own images.
 
 Rebuilds the `method=heatmap` run from its `config.yaml` (next to `checkpoints/`), loads the checkpoint (frozen
-classifier + decoder + the saved input normalisation and feature range; of a run folder `ckpt_path=RUN`, the one its
+classifier + decoder + the saved input normalisation and feature range; of a run folder, the one its
 evaluation read: `best.ckpt` when trained with `evaluation.weights=best_val_acc`), and for every image (`image=` a file or a
 folder of .png/.jpg/.jpeg/.bmp) writes `<out>/<stem>_heatmap.png` (input | heatmap max_c |M| | overlay, the layout of
 the run's `heatmaps/<split>.png`; `<name>_heatmap.png` when images share a stem, `a.png` and `a.jpg`) and prints its ID score (-mean max_c |M|, in [-1, 0]; near 0 = in-distribution)
@@ -30,6 +30,8 @@ from ood.runs.trained import trained_weights
 from ood.utils import instantiate, progress
 
 KEYS = ("ckpt_path", "image", "out")
+#: what `ckpt_path=` takes: a run folder opens the checkpoint its evaluation read (`run_checkpoint`)
+CKPT_PATH = "ckpt_path=<run folder or checkpoint>"
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
@@ -46,7 +48,7 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     missing = [k for k in ("ckpt_path", "image") if k not in args]
     if missing:
         raise ConfigError(
-            f"ood-heatmap: missing {missing}; usage: ood-heatmap ckpt_path=RUN/checkpoints/last.ckpt image=PATH [out=DIR]"
+            f"ood-heatmap: missing {missing}; usage: ood-heatmap {CKPT_PATH} image=PATH [out=DIR]"
         )
     return args
 
@@ -64,7 +66,7 @@ def load_method(ckpt_path: str | Path) -> HeatmapOOD:
     ckpt = run_checkpoint(ckpt_path)
     if not ckpt.is_file():
         raise CheckpointError(
-            f"checkpoint {ckpt} not found; pass ckpt_path=<run>/checkpoints/last.ckpt or the run folder"
+            f"checkpoint {ckpt} not found; pass {CKPT_PATH}"
         )
     config = ckpt.parent.parent / "config.yaml"
     if not config.is_file():

@@ -17,7 +17,7 @@ def test_help_prints_the_usage_and_exits_cleanly(flag: str, capsys: pytest.Captu
     their help with what to type: it prints the usage, the keys and the default `out`."""
     heatmap_cli.main([flag])
     printed = capsys.readouterr().out
-    assert printed.startswith("`ood-heatmap ckpt_path=RUN/checkpoints/last.ckpt image=PATH [out=DIR]`")
+    assert printed.startswith("`ood-heatmap ckpt_path=<run folder or checkpoint> image=PATH [out=DIR]`")
     assert "`out`\ndefaults to `heatmaps/` in the current folder" in printed
 
 
@@ -28,6 +28,20 @@ def test_an_unknown_argument_is_still_refused_naming_the_keys(capsys: pytest.Cap
     assert capsys.readouterr().err == (
         "error: ood-heatmap: unexpected argument '--verbose'; use key=value with keys ['ckpt_path', 'image', 'out']\n"
     )
+
+
+def test_the_usage_names_a_run_folder_or_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The usage of a call without `image=`, and the answer to a missing checkpoint, named
+    `ckpt_path=RUN/checkpoints/last.ckpt`, though a run folder opens the checkpoint its evaluation read (`best.ckpt`
+    of a `best_val_acc` run)."""
+    with pytest.raises(SystemExit):
+        heatmap_cli.main([f"ckpt_path={tmp_path}"])
+    assert capsys.readouterr().err == ("error: ood-heatmap: missing ['image']; usage: ood-heatmap "
+                                       "ckpt_path=<run folder or checkpoint> image=PATH [out=DIR]\n")
+    with pytest.raises(SystemExit):
+        heatmap_cli.main([f"ckpt_path={tmp_path / 'x.ckpt'}", "image=a.png"])
+    assert capsys.readouterr().err == (f"error: checkpoint {tmp_path / 'x.ckpt'} not found; pass "
+                                       "ckpt_path=<run folder or checkpoint>\n")
 
 
 def test_a_run_folder_opens_the_checkpoint_its_evaluation_read(tmp_path: Path) -> None:
