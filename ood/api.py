@@ -45,6 +45,16 @@ LOADER_KEYWORDS = {"eval_batch_size": "batch_size", "num_workers": "num_workers"
 #: group, and each `data` keyword (`image_size=`, `classes=`, ...) sets `data.<name>`
 KEYWORD_KEYS = {"seed": "seed", "batch_size": "data.eval_batch_size", "num_workers": "data.num_workers",
                 "fsood": "evaluation.fsood", "method": "method", "detectors": "detectors.names"}
+_OUTLIERS = "it reads no outlier-exposure set; the OOD sets it scores are ood_data"
+#: the folder-data options only a training reads (conf/data/folder.yaml) -> what `evaluate` does instead, refused
+#: (`data.batch_size`, the training batch, cannot come as a data keyword: `batch_size=` sets the evaluation's)
+TRAINING_OPTIONS = {
+    "augment": "every split gets the evaluation preprocessing (transform=, or image_size / resize / mean / std)",
+    "augment_outliers": _OUTLIERS,
+    "drop_last": "its pass scores every image, the last partial batch too",
+    "outlier_batch_size": _OUTLIERS,
+    "outliers": _OUTLIERS,
+}
 
 
 @dataclass
@@ -402,7 +412,8 @@ def _check_data_options(given: Mapping[str, Any], node: Any) -> None:
     instantiation error deep in Hydra)."""
     import difflib
 
-    choices = sorted(k for k in node if k not in ("_target_", "root", "ood", "model", "report_dir", "csid"))
+    choices = sorted(k for k in node if k not in ("_target_", "root", "ood", "model", "report_dir", "csid",
+                                                  *TRAINING_OPTIONS))
     for key in given:
         if key == "csid":
             raise ConfigError("ood.evaluate got csid=: give the covariate-shifted ID sets as ood_data={..., 'csid': "
@@ -475,7 +486,8 @@ def evaluate(
         overrides: further Hydra overrides, e.g. `["trainer=ddp_cpu"]` or `["+detectors.params.knn.k=5"]`.
         data: further `data=folder` options: `image_size`, `resize`, `mean`, `std`, `bad_images`,
             `overlap_threshold`, `drop_overlap`, `exact_duplicates`, `val_fraction`, `fit_fraction`, `classes` (the
-            class names in label order, for a model trained with another class order), ... (conf/data/folder.yaml).
+            class names in label order, for a model trained with another class order), ... (conf/data/folder.yaml);
+            its training options (`augment`, `outliers`, `drop_last`, ...: `TRAINING_OPTIONS`) are refused.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -495,6 +507,11 @@ def evaluate(
     if "eval_batch_size" in data:  # the config key of `batch_size=`, taken as a folder option: it overrode it silently
         raise ConfigError(f"ood.evaluate got eval_batch_size={data['eval_batch_size']!r}: the evaluation's batch size is "
                           "batch_size=")
+    training = sorted(data.keys() & TRAINING_OPTIONS.keys())
+    if training:  # accepted, they changed nothing but the recorded config.yaml
+        key = training[0]
+        raise ConfigError(f"ood.evaluate got {key}={data[key]!r}: {key} is a training option; ood.evaluate never "
+                          f"trains: {TRAINING_OPTIONS[key]}")
     # the datamodule's own checks name the config keys (`data.eval_batch_size`), which this call does not have
     given = {"fit_fraction": data["fit_fraction"]} if "fit_fraction" in data else {}
     check_loader_options({"eval_batch_size": batch_size, "num_workers": num_workers, **given}, LOADER_KEYWORDS)

@@ -284,7 +284,7 @@ def test_a_half_precision_model_is_one_line(trained, tmp_path: Path) -> None:
 def test_a_misspelt_data_option_is_one_line(trained, tmp_path: Path) -> None:
     paths, _, _ = trained
     with pytest.raises(ConfigError, match=r"^ood.evaluate got an unknown keyword 'image_sze' \(did you mean 'image_size'\?\); "
-                                          r"data options: \['augment', .*'val_fraction'\]$"):
+                                          r"data options: \['bad_images', .*'val_fraction'\]$"):
         ood.evaluate(nn.Linear(2, 3), paths["id"], [paths["far"]], image_sze=32, device="cpu", output_dir=tmp_path)
 
 
@@ -614,6 +614,28 @@ def test_the_config_key_of_batch_size_is_refused_naming_the_keyword(tmp_path: Pa
     with pytest.raises(ConfigError, match=r"^ood.evaluate got eval_batch_size=8: the evaluation's batch size is batch_size=$"):
         ood.evaluate(net, tmp_path / "id", [tmp_path / "far"], batch_size=64, eval_batch_size=8,
                      output_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+OUTLIERS = "it reads no outlier-exposure set; the OOD sets it scores are ood_data"
+
+
+@pytest.mark.parametrize(("keyword", "instead"), [
+    ({"drop_last": False}, "its pass scores every image, the last partial batch too"),
+    ({"augment": False}, "every split gets the evaluation preprocessing (transform=, or image_size / resize / mean / std)"),
+    ({"outliers": "data/outliers"}, OUTLIERS),
+    ({"augment_outliers": False}, OUTLIERS),
+    ({"outlier_batch_size": 16}, OUTLIERS),
+])
+def test_a_training_option_is_refused_naming_what_the_evaluation_does(tmp_path: Path, keyword: dict, instead: str) -> None:
+    """`ood.evaluate(..., drop_last=False)` (and the other training options of the folder data: augmentation,
+    outlier exposure) ran without a word and changed nothing but the recorded config.yaml: an evaluation never
+    trains. Each is one line, before anything runs."""
+    [(name, value)] = keyword.items()
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    message = f"ood.evaluate got {name}={value!r}: {name} is a training option; ood.evaluate never trains: {instead}"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(message)}$"):
+        ood.evaluate(net, tmp_path / "id", [tmp_path / "far"], output_dir=tmp_path / "run", **keyword)
     assert not (tmp_path / "run").exists()
 
 
