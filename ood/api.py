@@ -45,6 +45,14 @@ LOADER_KEYWORDS = {"eval_batch_size": "batch_size", "num_workers": "num_workers"
 #: group, and each `data` keyword (`image_size=`, `classes=`, ...) sets `data.<name>`
 KEYWORD_KEYS = {"seed": "seed", "batch_size": "data.eval_batch_size", "num_workers": "data.num_workers",
                 "fsood": "evaluation.fsood", "method": "method", "detectors": "detectors.names"}
+#: the folder-data keys (conf/data/folder.yaml) that `evaluate` sets from its own arguments -> those arguments: as
+#: `data` keywords they replaced them in silence (`root=` evaluated another folder than `id_data`)
+ARGUMENT_KEYS = {
+    "eval_batch_size": "batch_size= (the evaluation's batch size)",
+    "root": "id_data=<folder>", "train": "id_data={'train': ...}", "test": "id_data={'test': ...}",
+    "val": "id_data={'val': ...}", "ood": "ood_data=", "csid": "ood_data={..., 'csid': {name: folder}}",
+    "report_dir": "output_dir=",
+}
 _OUTLIERS = "it reads no outlier-exposure set; the OOD sets it scores are ood_data"
 #: the folder-data options only a training reads (conf/data/folder.yaml) -> what `evaluate` does instead, refused
 #: (`data.batch_size`, the training batch, cannot come as a data keyword: `batch_size=` sets the evaluation's)
@@ -412,12 +420,8 @@ def _check_data_options(given: Mapping[str, Any], node: Any) -> None:
     instantiation error deep in Hydra)."""
     import difflib
 
-    choices = sorted(k for k in node if k not in ("_target_", "root", "ood", "model", "report_dir", "csid",
-                                                  *TRAINING_OPTIONS))
+    choices = sorted(k for k in node if k not in ("_target_", "model", *ARGUMENT_KEYS, *TRAINING_OPTIONS))
     for key in given:
-        if key == "csid":
-            raise ConfigError("ood.evaluate got csid=: give the covariate-shifted ID sets as ood_data={..., 'csid': "
-                              "{name: folder}} (full-spectrum rows follow; fsood=False turns them off)")
         if key not in node:
             close = difflib.get_close_matches(key, choices, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -504,9 +508,11 @@ def evaluate(
 
     arguments = locals()  # the parameters (and the imports above), before anything else is bound
     keywords = {k: arguments[k] for k in KEYWORD_KEYS}
-    if "eval_batch_size" in data:  # the config key of `batch_size=`, taken as a folder option: it overrode it silently
-        raise ConfigError(f"ood.evaluate got eval_batch_size={data['eval_batch_size']!r}: the evaluation's batch size is "
-                          "batch_size=")
+    own = sorted(data.keys() & ARGUMENT_KEYS.keys())
+    if own:  # the config key of one of the call's own arguments, taken as a folder option: it overrode it silently
+        key = own[0]
+        raise ConfigError(f"ood.evaluate got {key}={data[key]!r}, a folder-data key this call sets from "
+                          f"{ARGUMENT_KEYS[key]}: give it there")
     training = sorted(data.keys() & TRAINING_OPTIONS.keys())
     if training:  # accepted, they changed nothing but the recorded config.yaml
         key = training[0]

@@ -607,13 +607,27 @@ def test_a_loader_keyword_out_of_range_is_named_as_the_call_gives_it(tmp_path: P
             ood.extract(net, paths["far"], image_size=32, resize=32, device="cpu", **keyword)
 
 
-def test_the_config_key_of_batch_size_is_refused_naming_the_keyword(tmp_path: Path) -> None:
-    """`ood.evaluate(..., eval_batch_size=8)` was taken as a folder-data option and overrode `batch_size=` without a
-    word."""
+@pytest.mark.parametrize(("keyword", "argument"), [
+    ({"eval_batch_size": 8}, "batch_size= (the evaluation's batch size)"),
+    ({"root": "elsewhere"}, "id_data=<folder>"),
+    ({"train": "elsewhere/train"}, "id_data={'train': ...}"),
+    ({"test": "elsewhere/test"}, "id_data={'test': ...}"),
+    ({"val": "elsewhere/val"}, "id_data={'val': ...}"),
+    ({"ood": {"far": {"x": "elsewhere"}}}, "ood_data="),
+    ({"csid": {"shifted": "elsewhere"}}, "ood_data={..., 'csid': {name: folder}}"),
+    ({"report_dir": "elsewhere"}, "output_dir="),
+], ids=lambda v: next(iter(v)) if isinstance(v, dict) else None)
+def test_a_key_the_call_sets_from_its_own_arguments_is_refused_naming_them(tmp_path: Path, keyword: dict,
+                                                                         argument: str) -> None:
+    """A folder-data key that `ood.evaluate` fills from its own arguments was taken as a `**data` option and replaced
+    them without a word: `eval_batch_size=8` overrode `batch_size=`, `root=` evaluated another folder than `id_data`
+    (its `train` / `test` / `val` keys its splits, `ood=` the OOD sets). One line naming the argument, before
+    anything runs."""
+    [(name, value)] = keyword.items()
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
-    with pytest.raises(ConfigError, match=r"^ood.evaluate got eval_batch_size=8: the evaluation's batch size is batch_size=$"):
-        ood.evaluate(net, tmp_path / "id", [tmp_path / "far"], batch_size=64, eval_batch_size=8,
-                     output_dir=tmp_path / "run")
+    message = f"ood.evaluate got {name}={value!r}, a folder-data key this call sets from {argument}: give it there"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(message)}$"):
+        ood.evaluate(net, tmp_path / "id", [tmp_path / "far"], batch_size=64, output_dir=tmp_path / "run", **keyword)
     assert not (tmp_path / "run").exists()
 
 
