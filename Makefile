@@ -70,10 +70,10 @@ reproduce-heatmap: install ## heatmap paper: CE classifiers, then heatmap decode
 
 reproduce-energy: DATA = cifar10,cifar100
 reproduce-energy: METHODS = energy_oe,energy_cfl,oe
-reproduce-energy: install ## energy / SDE papers: WRN-40-2 CE, then Energy-OE, SDE-CFL (reconstruction) and OE fine-tunes, report beside energy_ood's FPR95 table
+reproduce-energy: install ## energy / SDE papers: WRN-40-2 CE, then Energy-OE, SDE-CFL (reconstruction) and OE fine-tunes, report beside energy_ood's FPR95 table and outlier-exposure's released results
 	$(VENV)/bin/ood-train -m experiment=energy_ce data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/energy/ce hydra.sweep.subdir='$(JOB)' $(ARGS)
 	$(VENV)/bin/ood-train -m experiment=energy_ft method=$(METHODS) data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/energy/ft hydra.sweep.subdir='$${hydra:runtime.choices.method}-$(JOB)' '++method.init.ckpt=$(R)/energy/ce/$(JOB)/$(LAST)' $(ARGS)
-	$(VENV)/bin/ood-report $(R)/energy --reference conf/reference/energy $(REPORT_ARGS)
+	$(VENV)/bin/ood-report $(R)/energy --reference conf/reference/energy --reference conf/reference/oe $(REPORT_ARGS)
 
 reproduce-cluster: DATA = cifar10,cifar100
 reproduce-cluster: CONTRASTIVE = supcon,simclr

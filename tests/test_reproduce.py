@@ -183,6 +183,60 @@ def test_fpr95_reference_columns_follow_the_convention() -> None:
     assert add_reference(metric_cols, table, [ood_pos])[-1] == "ref:far/fpr95_oodpos"
 
 
+#: hendrycks/outlier-exposure e6ede98 CIFAR/snapshots/<id>_wrn_<run>_test.txt, per-set means of 10 OOD draws
+#: (Texture, SVHN, Places365: lines 38/45/52 AUROC, 37/44/51 FPR95), transcribed apart from conf/reference/oe
+OE_RELEASED = {
+    ("cifar10", "baseline"): {"auroc": (88.37, 91.83, 87.80), "fpr95": (42.82, 28.82, 47.54)},
+    ("cifar10", "oe_tune"): {"auroc": (97.72, 98.43, 96.23), "fpr95": (12.16, 4.76, 17.28)},
+    ("cifar100", "baseline"): {"auroc": (73.81, 71.40, 74.23), "fpr95": (71.46, 69.28, 70.39)},
+    ("cifar100", "oe_tune"): {"auroc": (84.79, 86.86, 86.50), "fpr95": (54.39, 42.90, 49.76)},
+}
+
+
+def test_oe_reference_is_the_mean_of_the_released_per_set_numbers() -> None:
+    """conf/reference/oe: the released baseline (our ce) and oe_tune (our oe, scored as oe and msp) numbers, each the
+    mean over the three OOD sets that are ours, with their OOD-positive FPR95."""
+    from ood.report.references import REFERENCE_DIR, load_reference, reference_files
+
+    refs = {r["id_dataset"]: r for r in (load_reference(f) for f in reference_files([REFERENCE_DIR / "oe"]))}
+    assert sorted(refs) == ["cifar10", "cifar100"]
+    rows = {"baseline": [("ce", "msp")], "oe_tune": [("oe", "oe"), ("oe", "msp")]}
+    for ref in refs.values():
+        assert (ref["backbone"], ref["fpr95_convention"]) == ("wrn40_2", "ood_positive")
+        assert ref["ood_sets"] == {"far": ["texture", "svhn", "places365"]}
+        assert all({m: set(d) for m, d in ref[metric].items()} == {"ce": {"msp"}, "oe": {"oe", "msp"}} for metric in ("auroc", "fpr95"))
+    for (id_dataset, run), metrics in OE_RELEASED.items():
+        for metric, per_set in metrics.items():
+            for method, detector in rows[run]:
+                assert refs[id_dataset][metric][method][detector] == {"far": [pytest.approx(sum(per_set) / 3, abs=0.005)]}
+
+
+def test_energy_report_has_the_oe_reference_beside_the_energy_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """reproduce-energy's report line names both references: ce / oe rows over OE's three shared sets get its AUROC and
+    OOD-positive FPR95 (beside our fpr95_oodpos); over the six classic sets the energy FPR95 stands and the OE
+    numbers are left out with a line saying their sets differ (a group mean over other sets is not compared)."""
+    from ood.report import main
+
+    report = shlex.split(make_dry("energy", {"VENV": ".venv", "R": str(tmp_path)})[-1])
+    assert report[2:] == ["--reference", "conf/reference/energy", "--reference", "conf/reference/oe"]
+    classic = ["texture", "svhn", "places365", "lsun_crop", "lsun_resize", "isun"]
+    for name, sets in (("three", classic[:3]), ("six", classic)):
+        rows = [{"method": m, "detector": d, "backbone": "wrn40_2", "id_dataset": "cifar10", "seed": 0, "ood_dataset": s,
+                 "ood_group": "far", "auroc": 0.9, "fpr95": 0.2, "fpr95_oodpos": 0.3} for m, d in (("ce", "msp"), ("oe", "oe")) for s in sets]
+        (tmp_path / name / "run").mkdir(parents=True)
+        (tmp_path / name / "run" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        main([str(tmp_path / name), *report[2:], "--no-figures"])
+    three, six = (tmp_path / "three" / "report.md").read_text(), (tmp_path / "six" / "report.md").read_text()
+    assert "| far/auroc | far/fpr95 | far/fpr95_oodpos | ref:far/auroc | ref:far/fpr95_oodpos |" in three
+    def tails(report: str) -> dict[str, str]:  # method -> the row's cells after far/auroc and far/fpr95 (90, 20 %)
+        return {line.split(" | ")[0][2:]: line.rsplit("| 90.00 | 20.00 |", 1)[1] for line in report.splitlines() if "| wrn40_2 |" in line}
+
+    assert tails(three) == {"ce": " 30.00 | 89.33 | 39.73 |", "oe": " 30.00 | 97.46 | 11.40 |"}
+    assert "| far/auroc | far/fpr95 | ref:far/fpr95 |" in six and tails(six) == {"ce": " 51.04 |", "oe": " 8.53 |"}
+    assert "are not the reference's ['places365', 'svhn', 'texture'] (https://github.com/hendrycks/outlier-exposure" in six
+    assert "hendrycks/outlier-exposure at e6ede98a5474a0620d9befa50b38eaf584df4401" in capsys.readouterr().err
+
+
 def test_oal_reference_says_its_numbers_are_of_224_pixel_students(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """reproduce-oal trains at 32 px, the leaderboard's OAL row at 224 px: the report printed the numbers as if of the
     same runs; the reference line under it says the input sizes now."""
