@@ -121,7 +121,8 @@ def aggregate(
 ) -> tuple[list[str], list[str], list[dict[str, Any]]]:
     """(config columns, metric columns, table rows); metric cells are (mean, std, n) over the runs (seeds), also of
     `fpr95_oodpos`, which is not a column unless a reference gives it (`references.add_reference`); `_runs` lists an
-    entry's run folders, `_sets` its OOD sets per group (what its near/far means are over).
+    entry's run folders, `_sets` its OOD sets per group (what its near/far means are over), `_per_run` each run's
+    metrics per OOD set.
 
     Runs are grouped by their whole configuration without the seed, so different configurations are never
     averaged; the columns are the keys that differ. `by` names the grouping keys instead (besides method,
@@ -182,6 +183,7 @@ def aggregate(
         entry["seeds"] = len(runs)
         entry["_runs"] = sorted(runs)
         entry["_sets"] = {g: sorted(s for s, of in sets_of.items() if of == g) for g in groups}
+        entry["_per_run"] = runs  # run -> OOD set -> metrics: a reference's mean over some of the sets is made from it
         entry.update({col: (*_mean_std(values), len(values)) for col, values in cells.items()})
         table.append(entry)
     table.sort(key=lambda e: tuple(_order(str(e[c])) for c in config_cols))

@@ -7,9 +7,12 @@ and detector; a detector that `reproduces` another, e.g. `gram_stream`, matches 
 `ref:near/auroc` and `ref:far/auroc` columns. A file may also give FPR95 (`fpr95:`, same shape)
 with its `fpr95_convention`: `id_positive` (ODIN / Energy / the seed papers; our `fpr95`) gives `ref:<group>/fpr95`
 columns, `ood_positive` (OpenOOD v1.5, pytorch-ood; our `fpr95_oodpos`) `ref:<group>/fpr95_oodpos`.
-`ood_sets: {near|far: [set, ...]}` names the OOD sets a published group mean is over: a row whose group is over other
-sets (TIN missing from a torchvision-only CIFAR tree, another protocol's far sets) gets no `ref:` column for it, and a
-warning (on stderr and under report.md's table) says why; `mode` (default `standard`) is the evaluation mode the
+`ood_sets: {near|far: [set, ...]}` names the OOD sets a published group mean is over: a row whose group holds them
+and more (outlier-exposure's released far mean over 3 of the 6 sets of `protocol=classic`) gets our mean over exactly
+those sets beside it (`<group>[<set>,...]/<metric>`, per run, then mean ± std over the runs, and
+`ref:<group>[<set>,...]/<metric>`); a row whose group lacks some of them (TIN missing from a torchvision-only CIFAR
+tree, another protocol's far sets) gets no `ref:` column for it, and a warning (on stderr and under report.md's
+table) says why; `mode` (default `standard`) is the evaluation mode the
 numbers are of (full-spectrum rows measure another ID set). `same_network: {method: trained_as}` lets rows of a post-hoc method that trains exactly as another
 (`grood: ce`) read that method's numbers for the detectors the file does not list under their own method. `std`
 (`population` | `sample`) says how the std of its [mean, std] entries was taken: a line under the table says so.
@@ -41,6 +44,10 @@ STD_CONVENTIONS = {
                   "(n - 1): of the same 3 values the population std is 0.82 x the sample std.",
     "sample": "ref: ± is the sample std over the published runs (n - 1), as ours.",
 }
+
+
+SUBSET_NOTE = ("near[<sets>] / far[<sets>]: the mean over those OOD sets alone per run, then over seeds, beside a "
+               "reference whose group mean is over them.")
 
 
 def load_reference(path: str | Path) -> dict[str, Any]:
@@ -118,13 +125,14 @@ def default_references(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
 def std_notes(
     references: Sequence[Mapping[str, Any]], metric_cols: Sequence[str], table: Sequence[Mapping[str, Any]]
 ) -> list[str]:
-    """How the references of the table's (ID dataset, backbone) pairs took their std (`STD_CONVENTIONS`), when a ref:
-    column is shown."""
+    """How the references of the table's (ID dataset, backbone) pairs took their std (`STD_CONVENTIONS`), and what a
+    column over a reference's sets is (`SUBSET_NOTE`), when a ref: column is shown."""
     if not any(c.startswith("ref:") for c in metric_cols):
         return []
     ran = {(str(e["id_dataset"]), str(e["backbone"])) for e in table}
+    subsets = [SUBSET_NOTE] if any("[" in c for c in metric_cols) else []
     return [STD_CONVENTIONS[s] for s in sorted({str(r["std"]) for r in references
-                                                 if "std" in r and (str(r["id_dataset"]), str(r["backbone"])) in ran})]
+                                                 if "std" in r and (str(r["id_dataset"]), str(r["backbone"])) in ran})] + subsets
 
 
 def add_reference(
@@ -144,6 +152,7 @@ def add_reference(
     from ood.detectors import reference_name  # the registry, only when there are references to match
 
     matched: set[str] = set()
+    subsets: set[str] = set()  # our means over a reference's sets, where our group holds more
     unmatched: dict[str, None] = {}  # warnings, in order, once each
     for entry in table:
         for ref in references:
@@ -164,13 +173,19 @@ def add_reference(
                     continue
                 for group in (g for g in ("near", "far") if g in groups):
                     ours, theirs = entry.get("_sets", {}).get(group), (ref.get("ood_sets") or {}).get(group)
+                    column = group
                     if theirs is not None and sorted(ours or ()) != sorted(theirs):
-                        if ours:  # no group of ours (a protocol without near-OOD): nothing to stand beside
-                            unmatched[f"no ref:{group} columns for {where}: their {group}-OOD sets {ours} "
-                                      f"are not the reference's {sorted(theirs)} ({ref['source'].strip()})"] = None
-                        continue
+                        if ours and set(theirs) < set(ours):  # our mean over exactly their sets stands beside theirs
+                            column = f"{group}[{','.join(sorted(theirs))}]"
+                            entry[f"{column}/{metric}"] = _subset_cell(entry["_per_run"], sorted(theirs), metric)
+                            subsets.add(f"{column}/{metric}")
+                        else:
+                            if ours:  # no group of ours (a protocol without near-OOD): nothing to stand beside
+                                unmatched[f"no ref:{group} columns for {where}: their {group}-OOD sets {ours} "
+                                          f"are not the reference's {sorted(theirs)} ({ref['source'].strip()})"] = None
+                            continue
                     values = [float(v) / 100 for v in groups[group]]
-                    col = f"ref:{group}/{metric}"
+                    col = f"ref:{column}/{metric}"
                     entry[col] = _cell(values)
                     matched.add(col)
             trained = {m for metric in ("auroc", "fpr95") for m in (ref.get(metric) or {})}
@@ -181,7 +196,20 @@ def add_reference(
         print(f"warning: {line}", file=sys.stderr)
     if left_out is not None:
         left_out += unmatched
-    order = [*REFERENCE_COLS, *(f"ref:{g}/{m}" for m in FPR95_CONVENTIONS.values() for g in ("near", "far")), ID_ACC_COL]
-    # our numbers in a reference's convention that the table does not show (fpr95_oodpos) go beside it
+    order = [*REFERENCE_COLS, *(f"ref:{g}/{m}" for m in FPR95_CONVENTIONS.values() for g in ("near", "far")),
+             *(f"ref:{c}" for c in sorted(subsets)), ID_ACC_COL]
+    # our numbers in a reference's convention that the table does not show (fpr95_oodpos) go beside it, as our means
+    # over a reference's sets
     ours = [c[len("ref:"):] for c in order if c in matched and c[len("ref:"):] not in metric_cols]
     return [*metric_cols, *(c for c in ours if any(c in e for e in table)), *(c for c in order if c in matched)]
+
+
+def _subset_cell(per_run: Mapping[str, Mapping[str, Mapping[str, float]]], sets: Sequence[str],
+                 metric: str) -> tuple[float, float, int]:
+    """Our (mean, std, runs) of `metric` averaged over `sets` in each run that scored them all, then over runs."""
+    import statistics
+
+    values = [statistics.fmean(scored[s][metric] for s in sets) for scored in per_run.values()
+              if all(metric in scored.get(s, {}) for s in sets)]
+    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)) if values \
+        else (float("nan"), 0.0, 0)
