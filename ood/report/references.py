@@ -175,9 +175,11 @@ def add_reference(
                     ours, theirs = entry.get("_sets", {}).get(group), (ref.get("ood_sets") or {}).get(group)
                     column = group
                     if theirs is not None and sorted(ours or ()) != sorted(theirs):
-                        if ours and set(theirs) < set(ours):  # our mean over exactly their sets stands beside theirs
+                        cell = _subset_cell(entry["_per_run"], sorted(theirs), metric) if ours and set(theirs) < set(ours) \
+                            else None
+                        if cell is not None:  # our mean over exactly their sets stands beside theirs
                             column = f"{group}[{','.join(sorted(theirs))}]"
-                            entry[f"{column}/{metric}"] = _subset_cell(entry["_per_run"], sorted(theirs), metric)
+                            entry[f"{column}/{metric}"] = cell
                             subsets.add(f"{column}/{metric}")
                         else:
                             if ours:  # no group of ours (a protocol without near-OOD): nothing to stand beside
@@ -205,11 +207,12 @@ def add_reference(
 
 
 def _subset_cell(per_run: Mapping[str, Mapping[str, Mapping[str, float]]], sets: Sequence[str],
-                 metric: str) -> tuple[float, float, int]:
-    """Our (mean, std, runs) of `metric` averaged over `sets` in each run that scored them all, then over runs."""
+                 metric: str) -> tuple[float, float, int] | None:
+    """Our (mean, std, runs) of `metric` averaged over `sets` in each run that scored them all, then over those
+    runs; None when no run scored them all."""
     import statistics
 
     values = [statistics.fmean(scored[s][metric] for s in sets) for scored in per_run.values()
               if all(metric in scored.get(s, {}) for s in sets)]
     return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)) if values \
-        else (float("nan"), 0.0, 0)
+        else None
