@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from ood.cli import load_weights
@@ -40,3 +41,82 @@ def test_openood_names_map_to_ours(tmp_path: Path) -> None:
     load_weights(method, path)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(method.backbone.eval()(x), source.eval()(x))
+
+
+class _ReleasedBlock(torch.nn.Module):
+    """hendrycks/outlier-exposure `CIFAR/models/wrn.py` BasicBlock (= energy_ood's, OpenOOD's networks/wrn.py), written
+    out here from the released code: its module names and its forward (the raw input as the residual when the
+    widths are equal, else `convShortcut` of the activated input)."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.bn1, self.relu1 = nn.BatchNorm2d(in_planes), nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2, self.relu2 = nn.BatchNorm2d(out_planes), nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
+        self.equalInOut = in_planes == out_planes
+        self.convShortcut = None if self.equalInOut else nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.equalInOut:
+            x = self.relu1(self.bn1(x))
+            out = self.relu2(self.bn2(self.conv1(x)))
+        else:
+            out = self.relu2(self.bn2(self.conv1(self.relu1(self.bn1(x)))))
+        out = self.conv2(out)
+        return torch.add(self.convShortcut(x), out) if not self.equalInOut else torch.add(x, out)
+
+
+class _ReleasedNetworkBlock(torch.nn.Module):
+    def __init__(self, n: int, in_planes: int, out_planes: int, stride: int) -> None:
+        super().__init__()
+        self.layer = torch.nn.Sequential(*[_ReleasedBlock(in_planes if i == 0 else out_planes, out_planes,
+                                                          stride if i == 0 else 1) for i in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class _ReleasedWideResNet(torch.nn.Module):
+    """The released `WideResNet(depth, num_classes, widen_factor)` in eval mode (dropout off): conv1, block1-3, bn1,
+    relu, avg_pool2d(8), fc."""
+
+    def __init__(self, depth: int, num_classes: int, widen_factor: int) -> None:
+        super().__init__()
+        widths, n = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor], (depth - 4) // 6
+        self.conv1 = torch.nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
+        self.block1 = _ReleasedNetworkBlock(n, widths[0], widths[1], 1)
+        self.block2 = _ReleasedNetworkBlock(n, widths[1], widths[2], 2)
+        self.block3 = _ReleasedNetworkBlock(n, widths[2], widths[3], 2)
+        self.bn1, self.relu = torch.nn.BatchNorm2d(widths[3]), torch.nn.ReLU(inplace=True)
+        self.fc = torch.nn.Linear(widths[3], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.block3(self.block2(self.block1(self.conv1(x))))))
+        return self.fc(torch.nn.functional.avg_pool2d(out, 8).flatten(1))
+
+
+@pytest.mark.parametrize(("depth", "widen"), [(40, 2), (16, 1)])
+def test_a_released_wide_resnet_file_loads_and_gives_its_logits(tmp_path: Path, depth: int, widen: int) -> None:
+    """The Wide ResNet files of outlier-exposure / energy_ood / OpenOOD (e.g. energy_ood's
+    `cifar10_wrn_pretrained_epoch_99.pt`, a bare state dict) read as OpenOOD's ResNet-18 (their `conv1`, `bn1`,
+    `fc`) and failed on the first key. They load into `backbone=wrn40_2` (any depth / width) and give the released
+    network's logits: random weights and BatchNorm statistics, eval mode, saved as the released scripts save them
+    (`torch.save(net.state_dict())`, DataParallel's `module.` too)."""
+    from ood.models.wrn import WideResNet
+
+    torch.manual_seed(depth)
+    released = _ReleasedWideResNet(depth, 10, widen)
+    for name, value in released.state_dict().items():
+        if value.is_floating_point():
+            value.copy_(torch.rand_like(value) + 0.5 if "running_var" in name else torch.randn_like(value) * 0.1)
+    released.eval()
+    x = torch.randn(3, 3, 32, 32)
+    for state, name in ((released.state_dict(), "plain.pt"), ({f"module.{k}": v for k, v in released.state_dict().items()},
+                                                                "parallel.pt")):
+        torch.save(state, tmp_path / name)
+        assert checkpoint_format(state) == "wide_resnet"
+        method = CrossEntropy(WideResNet(10, depth=depth, widen_factor=widen, dropout=0.3), optimizer=torch.optim.SGD)
+        load_weights(method, tmp_path / name)
+        torch.testing.assert_close(method.backbone.eval()(x), released(x), rtol=1e-5, atol=1e-5)

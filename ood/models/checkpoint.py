@@ -5,6 +5,10 @@ Supported files (detected from their keys, no flag needed):
 - a bare state dict of a method (`backbone.stages...`) or of a backbone alone (`stages...`, `fc...`);
 - OpenOOD v1.5's released CIFAR `ResNet18_32x32` files (`conv1`, `bn1`, `layerN.i.shortcut`, optional
   DataParallel `module.` prefix; openood/networks/resnet18_32x32.py);
+- the Wide ResNet files of hendrycks/outlier-exposure, wetliu/energy_ood and OpenOOD (one `WideResNet` in
+  `CIFAR/models/wrn.py` / openood/networks/wrn.py: `conv1`, `blockN.layer.i` with `convShortcut`, the final `bn1`,
+  `fc`; e.g. energy_ood's `cifar10_wrn_pretrained_epoch_99.pt`), mapped onto `backbone=wrn40_2` (the final BN closes
+  our `block3`, after its blocks);
 - torchvision's ResNet state dicts (`conv1`, `bn1`, `layerN.i.downsample`, `fc`; e.g. `IMAGENET1K_V1` from the torch
   hub cache), mapped onto our staged ResNet-50 (`layer1` opens with the max-pool, so it is `stages.layer1.1`);
 - any of these saved from a `torch.compile`d or DataParallel / DDP-wrapped network (`_orig_mod.`, `module.` in the
@@ -40,6 +44,12 @@ _TORCHVISION_RESNET = (
     (re.compile(r"^bn1\."), "stages.stem.1."),
     (re.compile(r"^layer1\."), "stages.layer1.1."),
     (re.compile(r"^(layer[234])\."), r"stages.\1."),
+)
+
+_WIDE_RESNET = (
+    (re.compile(r"^conv1\."), "stages.stem."),
+    (re.compile(r"^(block\d)\.layer\.(\d+)\.convShortcut\."), r"stages.\1.\2.shortcut."),
+    (re.compile(r"^(block\d)\.layer\.(\d+)\."), r"stages.\1.\2."),
 )
 
 
@@ -88,12 +98,15 @@ def unwrap(checkpoint: object, path: Path) -> object:
 
 
 def checkpoint_format(checkpoint: object) -> str:
-    """`lightning`, `openood`, `torchvision`, `backbone` (a bare backbone state dict) or `method` (bare, prefixed)."""
+    """`lightning`, `wide_resnet`, `openood`, `torchvision`, `backbone` (a bare backbone state dict) or `method` (bare,
+    prefixed)."""
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"expected a dict, got {type(checkpoint).__name__}")
     if "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
         return "lightning"
     keys = {plain_key(k) for k in checkpoint}
+    if "conv1.weight" in keys and any(k.startswith("block1.layer.") for k in keys):
+        return "wide_resnet"
     if {"conv1.weight", "bn1.weight", "fc.weight"} <= keys:
         return "openood" if any(".shortcut." in k for k in keys) or not any(".downsample." in k for k in keys) else "torchvision"
     if any(k.startswith(("stages.", "fc.")) for k in keys):
@@ -104,6 +117,13 @@ def checkpoint_format(checkpoint: object) -> str:
 def from_openood(state: Mapping[str, torch.Tensor], prefix: str = "backbone.") -> dict[str, torch.Tensor]:
     """OpenOOD ResNet18_32x32 parameter names -> ours (with `prefix`, the method's attribute for its backbone)."""
     return _rename(state, _OPENOOD_RESNET18, prefix)
+
+
+def from_wide_resnet(state: Mapping[str, torch.Tensor], prefix: str = "backbone.") -> dict[str, torch.Tensor]:
+    """The OE / energy_ood / OpenOOD `WideResNet` parameter names -> our `WideResNet` (with `prefix`): their final
+    `bn1` is our `block3`'s entry after its blocks."""
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"block3\.layer\.(\d+)\.", plain_key(k)))}
+    return _rename(state, (*_WIDE_RESNET, (re.compile(r"^bn1\."), f"stages.block3.{len(blocks)}.")), prefix)
 
 
 def from_torchvision(state: Mapping[str, torch.Tensor], prefix: str = "backbone.") -> dict[str, torch.Tensor]:
@@ -154,6 +174,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
     if kind == "lightning":
         return {plain_key(k): v for k, v in checkpoint["state_dict"].items()}
+    if kind == "wide_resnet":
+        return from_wide_resnet(checkpoint)
     if kind == "openood":
         return from_openood(checkpoint)
     if kind == "torchvision":
