@@ -222,14 +222,18 @@ def in_multirun() -> bool:
 def load_weights(method: Any, path: str | Path, cfg: DictConfig | None = None) -> None:
     """Load a whole method from any checkpoint `ood.models.checkpoint` reads (Lightning, bare, OpenOOD, torchvision),
     strictly; every failure names the file and the first mismatched key, and the `method.*` values it was trained
-    with where the run's `cfg` differs (`method=cluster` without the run's `method.objective=supcon` lacks its head)."""
+    with where the run's `cfg` differs (`method=cluster` without the run's `method.objective=supcon` lacks its head).
+    A network's own file (`NETWORK_FORMATS`: energy_ood's released WRN under `method=energy_oe`) fills the backbone
+    alone, unless the method's score reads parts only its training gives (`trained_parts`: refused as a mismatch)."""
     from ood.errors import CheckpointError
-    from ood.models.checkpoint import load_modules, read_state_dict
+    from ood.models.checkpoint import NETWORK_FORMATS, load_modules, read_checkpoint
     from ood.runs.checks import method_changes
     from ood.runs.trained import checkpoint_config
 
     try:
-        load_modules(method, read_state_dict(path), None, path)
+        state, kind = read_checkpoint(path)
+        network_only = kind in NETWORK_FORMATS and not getattr(method, "trained_parts", ())
+        load_modules(method, state, {"backbone": "backbone"} if network_only else None, path)
     except CheckpointError as err:
         changes = method_changes(cfg, checkpoint_config(path)) if cfg is not None else ""
         if not changes:

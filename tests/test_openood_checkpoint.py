@@ -120,3 +120,26 @@ def test_a_released_wide_resnet_file_loads_and_gives_its_logits(tmp_path: Path, 
         method = CrossEntropy(WideResNet(10, depth=depth, widen_factor=widen, dropout=0.3), optimizer=torch.optim.SGD)
         load_weights(method, tmp_path / name)
         torch.testing.assert_close(method.backbone.eval()(x), released(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_released_network_file_fills_the_backbone_of_a_method_with_buffers_of_its_own(tmp_path: Path) -> None:
+    """`ood-eval ckpt_path=cifar10_wrn_s1_energy_ft_epoch_9.pt method=energy_oe` (energy_ood's released fine-tune,
+    scored by its own method) failed: 'missing energy_stats', a buffer of the method's training that no network
+    file holds. A network's own file fills the backbone alone (the buffers stay unfitted: the score reads none); a
+    method whose score reads parts only its training gives (energy_cfl's centres) is still refused."""
+    from ood.errors import CheckpointError
+    from ood.methods.energy import EnergyCFL, EnergyOE
+    from ood.models.wrn import WideResNet
+
+    torch.manual_seed(0)
+    released = _ReleasedWideResNet(16, 10, 1).eval()
+    torch.save(released.state_dict(), tmp_path / "cifar10_wrn_s1_energy_ft_epoch_9.pt")
+    method = EnergyOE(WideResNet(10, depth=16, widen_factor=1), optimizer=torch.optim.SGD)
+    load_weights(method, tmp_path / "cifar10_wrn_s1_energy_ft_epoch_9.pt")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(method.backbone.eval()(x), released(x), rtol=1e-5, atol=1e-5)
+    assert bool(torch.isnan(method.energy_stats).all())
+    cfl = EnergyCFL(WideResNet(10, depth=16, widen_factor=1), optimizer=torch.optim.SGD)
+    with pytest.raises(CheckpointError, match=r"does not fit the configured model \(pass the method= it was trained "
+                                              r"with: the checkpoint's modules differ outside the backbone\): missing"):
+        load_weights(cfl, tmp_path / "cifar10_wrn_s1_energy_ft_epoch_9.pt")

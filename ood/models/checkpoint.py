@@ -162,8 +162,17 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     return {plain_key(k): v for k, v in state.items()}
 
 
+#: the formats of one network's own weights (another framework's file, or a bare backbone): no method's other parts
+NETWORK_FORMATS = ("wide_resnet", "openood", "torchvision", "backbone")
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Method-level state dict of any supported file (see the module docstring); errors name the file."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(method-level state dict, `checkpoint_format`) of any supported file; errors name the file."""
     path = Path(path)
     try:
         checkpoint = unwrap(_load_file(path), path)
@@ -173,16 +182,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
         raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
     if kind == "lightning":
-        return {plain_key(k): v for k, v in checkpoint["state_dict"].items()}
+        return {plain_key(k): v for k, v in checkpoint["state_dict"].items()}, kind
     if kind == "wide_resnet":
-        return from_wide_resnet(checkpoint)
+        return from_wide_resnet(checkpoint), kind
     if kind == "openood":
-        return from_openood(checkpoint)
+        return from_openood(checkpoint), kind
     if kind == "torchvision":
-        return from_torchvision(checkpoint)
+        return from_torchvision(checkpoint), kind
     if kind == "backbone":
-        return {f"backbone.{plain_key(k)}": v for k, v in checkpoint.items()}
-    return {plain_key(k): v for k, v in checkpoint.items()}
+        return {f"backbone.{plain_key(k)}": v for k, v in checkpoint.items()}, kind
+    return {plain_key(k): v for k, v in checkpoint.items()}, kind
 
 
 def load_modules(
