@@ -53,12 +53,13 @@ from torch.utils.data import Dataset
 from ood.data.batch import Batch
 from ood.data.benchmark import EvalSplit
 from ood.data.fit import FitData
-from ood.errors import ConfigError, check_range
+from ood.errors import CheckpointError, ConfigError, check_range
 from ood.features.bank import FeatureBank
 from ood.losses import heatmap_loss
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
 from ood.methods.distributed import zero_touch
 from ood.models.base import Backbone, input_channels
+from ood.models.checkpoint import load_modules, read_checkpoint
 from ood.models.decoder import HeatmapDecoder, decoder_plan
 from ood.neighbors import KNNIndex
 from ood.plots import heatmap_grid
@@ -143,6 +144,10 @@ class HeatmapOOD(OODMethod):
         feature_batch_size: batch size of the once-per-run feature pass that builds the prototypes.
         classifier_epochs: without `init.ckpt`, train the classifier with CE for this many epochs first (the
             `classifier_optimizer` / `classifier_scheduler` recipe), then freeze it for the remaining epochs.
+        decoder_ckpt: a decoder file of the authors' code (`checkpoints/<run>/model.pt`, `ood.models.checkpoint.
+            from_heatmap_ood_decoder`): its decoder and feature range, with the released input normalisation
+            (mean = std = 0.5); the classifier then comes from `ckpt_path=<Models/... .pt>` alone
+            (`experiment=heatmap_released`, docs/methods/heatmap.md).
     """
 
     name = "heatmap"
@@ -166,6 +171,7 @@ class HeatmapOOD(OODMethod):
         classifier_epochs: int = 0,
         classifier_optimizer: OptimizerFactory | None = None,
         classifier_scheduler: SchedulerFactory | None = None,
+        decoder_ckpt: str | None = None,
     ) -> None:
         super().__init__(backbone, optimizer, scheduler, init)
         for key, value in (("pairing", pairing), ("feature_norm", feature_norm)):
@@ -215,6 +221,23 @@ class HeatmapOOD(OODMethod):
         self._data: FitData | None = None
         #: which outlier set stood in for the paper's, and how many of it (`fitted()`, in every result row)
         self._outliers = ""
+        if decoder_ckpt is not None:
+            self._load_released_decoder(decoder_ckpt)
+
+    def _load_released_decoder(self, path: str) -> None:
+        """The authors' decoder and feature range from `path`; the released classifiers read x in [-1, 1]
+        (mean = std = 0.5, `selection.select_transform`). The decoder is then no part only training gives:
+        `ood.cli.load_weights` fills the backbone alone from the classifier file."""
+        state, kind = read_checkpoint(path)
+        if kind != "heatmap_ood_decoder":
+            raise CheckpointError(f"method.decoder_ckpt={path} is a {kind} file, not a decoder of jhornauer/heatmap_ood "
+                                  "(checkpoints/<run>/model.pt, a dict of 'min', 'max' and the epochs' generators)")
+        load_modules(self, state, {"decoder": "decoder"}, path,
+                     hint="pass the data= and backbone= of the released decoder")
+        self.feature_range.copy_(state["feature_range"])
+        self.pixel_mean.fill_(0.5)
+        self.pixel_std.fill_(0.5)
+        self.trained_parts = ()
 
     # ----- spaces ---------------------------------------------------------------------------------------------
     def to_unit(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,10 @@ Supported files (detected from their keys, no flag needed):
   `CIFAR/models/wrn.py` / openood/networks/wrn.py: `conv1`, `blockN.layer.i` with `convShortcut`, the final `bn1`,
   `fc`; e.g. energy_ood's `cifar10_wrn_pretrained_epoch_99.pt`), mapped onto `backbone=wrn40_2` (the final BN closes
   our `block3`, after its blocks);
+- jhornauer/heatmap_ood's released files (`from_heatmap_ood`): a classifier `Models/<data>_resnet18.pt`
+  (`{"net_state_dict": ..., "cls_state_dict": {"linear.*"}}`, kuangliu's = OpenOOD's ResNet-18 names) and a heatmap
+  decoder `checkpoints/<run>/model.pt` (`{"min", "max", 9: {"generator": ...}, ..., 149: ...}`, read by the
+  `method.decoder_ckpt` of `method=heatmap`);
 - torchvision's ResNet state dicts (`conv1`, `bn1`, `layerN.i.downsample`, `fc`; e.g. `IMAGENET1K_V1` from the torch
   hub cache), mapped onto our staged ResNet-50 (`layer1` opens with the max-pool, so it is `stages.layer1.1`);
 - any of these saved from a `torch.compile`d or DataParallel / DDP-wrapped network (`_orig_mod.`, `module.` in the
@@ -90,6 +94,8 @@ def unwrap(checkpoint: object, path: Path) -> object:
         return checkpoint.state_dict()
     if not isinstance(checkpoint, Mapping) or "state_dict" in checkpoint or any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return checkpoint
+    if _heatmap_ood_format(checkpoint):
+        return checkpoint
     for key in WRAPPER_KEYS:
         if _is_state(checkpoint.get(key)):
             return checkpoint[key]
@@ -98,12 +104,14 @@ def unwrap(checkpoint: object, path: Path) -> object:
 
 
 def checkpoint_format(checkpoint: object) -> str:
-    """`lightning`, `wide_resnet`, `openood`, `torchvision`, `backbone` (a bare backbone state dict) or `method` (bare,
-    prefixed)."""
+    """`lightning`, `heatmap_ood` / `heatmap_ood_decoder`, `wide_resnet`, `openood`, `torchvision`, `backbone` (a bare
+    backbone state dict) or `method` (bare, prefixed)."""
     if not isinstance(checkpoint, Mapping):
         raise TypeError(f"expected a dict, got {type(checkpoint).__name__}")
     if "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
         return "lightning"
+    if released := _heatmap_ood_format(checkpoint):
+        return released
     keys = {plain_key(k) for k in checkpoint}
     if "conv1.weight" in keys and any(k.startswith("block1.layer.") for k in keys):
         return "wide_resnet"
@@ -124,6 +132,50 @@ def from_wide_resnet(state: Mapping[str, torch.Tensor], prefix: str = "backbone.
     `bn1` is our `block3`'s entry after its blocks."""
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"block3\.layer\.(\d+)\.", plain_key(k)))}
     return _rename(state, (*_WIDE_RESNET, (re.compile(r"^bn1\."), f"stages.block3.{len(blocks)}.")), prefix)
+
+
+def _heatmap_ood_format(checkpoint: Mapping) -> str | None:
+    """`heatmap_ood` for jhornauer/heatmap_ood's classifier file (`optimization.train_classifier`), `heatmap_ood_decoder`
+    for its decoder file (`optimization.learn_prototype`: the range and every 10th epoch's generator), else None."""
+    if {"net_state_dict", "cls_state_dict"} <= set(checkpoint):
+        return "heatmap_ood"
+    if {"min", "max"} <= set(checkpoint) and any(isinstance(k, int) for k in checkpoint):
+        return "heatmap_ood_decoder"
+    return None
+
+
+def from_heatmap_ood(checkpoint: Mapping, path: str | Path, prefix: str = "backbone.") -> dict[str, torch.Tensor]:
+    """jhornauer/heatmap_ood's classifier file -> ours: its ResNet-18 encoder has OpenOOD's names (`from_openood`), its
+    `ResNet_Linear` head `linear.*` is our `fc`. Its Wide_ResNet (meliketoy/wide-resnet.pytorch: biased convs, the
+    stride in each block's second conv, the shortcut on the block's input) and its 64-px ResNet-50 (3x3 stem + 2x2
+    max-pool) are other networks than `backbone=wrn40_2` / `resnet50`: refused in one line."""
+    net = {plain_key(k): v for k, v in checkpoint["net_state_dict"].items()}
+    if "conv1.bias" in net:
+        raise CheckpointError(f"{path} holds jhornauer/heatmap_ood's Wide_ResNet (key conv1.bias): meliketoy's layout (biased "
+                              "convs, stride in each block's second conv, shortcut on the block's input), which ood's "
+                              "backbone=wrn40_2 is not; of the released classifiers only the ResNet-18 ones load")
+    if any(".conv3." in k for k in net):
+        raise CheckpointError(f"{path} holds jhornauer/heatmap_ood's 64-px ResNet-50 (key {next(k for k in net if '.conv3.' in k)}): "
+                              "a 3x3 stem with a 2x2 max-pool, which ood's backbone=resnet50 (torchvision's) is not; of the "
+                              "released classifiers only the ResNet-18 ones load")
+    head = {"fc." + plain_key(k).removeprefix("linear."): v for k, v in checkpoint["cls_state_dict"].items()}
+    return from_openood({**net, **head}, prefix)
+
+
+def from_heatmap_ood_decoder(checkpoint: Mapping, prefix: str = "decoder.") -> dict[str, torch.Tensor]:
+    """jhornauer/heatmap_ood's decoder file -> `ood.models.decoder.HeatmapDecoder` names (with `prefix`) and the
+    method's `feature_range` [min, max]: the generator of the last epoch saved (149 of 150, the one `eval_ood.py`
+    reads); `fc1` is our `fc`, `conv_block1..n-1` our `blocks`, the last (a 1x1 ConvT + tanh) our `out`."""
+    generator = checkpoint[max(k for k in checkpoint if isinstance(k, int))]["generator"]
+    last = max(int(m.group(1)) for k in generator if (m := re.match(r"conv_block(\d+)\.", plain_key(k))))
+    table = (
+        (re.compile(r"^fc1\."), "fc."),
+        (re.compile(rf"^conv_block{last}\.0\."), "out."),
+        (re.compile(r"^conv_block(\d+)\."), lambda m: f"blocks.{int(m.group(1)) - 1}."),
+    )
+    state = _rename(generator, table, prefix)
+    state["feature_range"] = torch.tensor([float(checkpoint["min"]), float(checkpoint["max"])])
+    return state
 
 
 def from_torchvision(state: Mapping[str, torch.Tensor], prefix: str = "backbone.") -> dict[str, torch.Tensor]:
@@ -163,7 +215,7 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 #: the formats of one network's own weights (another framework's file, or a bare backbone): no method's other parts
-NETWORK_FORMATS = ("wide_resnet", "openood", "torchvision", "backbone")
+NETWORK_FORMATS = ("wide_resnet", "openood", "torchvision", "backbone", "heatmap_ood")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -183,6 +235,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
     if kind == "lightning":
         return {plain_key(k): v for k, v in checkpoint["state_dict"].items()}, kind
+    if kind == "heatmap_ood":
+        return from_heatmap_ood(checkpoint, path), kind
+    if kind == "heatmap_ood_decoder":
+        return from_heatmap_ood_decoder(checkpoint), kind
     if kind == "wide_resnet":
         return from_wide_resnet(checkpoint), kind
     if kind == "openood":

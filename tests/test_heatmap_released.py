@@ -1,0 +1,221 @@
+"""The heatmap paper's released models (jhornauer/heatmap_ood) evaluate as they are: `experiment=heatmap_released`
+with `ckpt_path=<their classifier file>` and `method.decoder_ckpt=<their decoder file>` gives their logits and their
+`evaluation.test_generator` score. The released modules are transcribed here independently (names and forward of
+`Networks/resnet.py` and `Networks/generator.py`), filled with random weights and saved as `optimization.py` saves
+them; no download."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import compose_config
+from omegaconf import OmegaConf
+from torch import nn
+
+from ood.cli import load_weights
+from ood.errors import CheckpointError
+from ood.methods.heatmap import heatmap_score
+from ood.utils import instantiate
+
+
+# ----- transcription of jhornauer/heatmap_ood Networks/resnet.py (ResNet18, ResNet_Linear) -----------------------
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ReleasedResNet18(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = self._make_layer(64, 1)
+        self.layer2 = self._make_layer(128, 2)
+        self.layer3 = self._make_layer(256, 2)
+        self.layer4 = self._make_layer(512, 2)
+        self.avgpool = nn.AvgPool2d(kernel_size=4)
+
+    def _make_layer(self, planes: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in (stride, 1):
+            layers.append(BasicBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # fw_layers = 1: the pooled feature only
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.avgpool(x).view(x.size(0), -1)
+
+
+class ResNetLinear(nn.Module):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+# ----- transcription of Networks/generator.py ResNet18_CIFAR10_Deconv_GAN (fw_layers = 1) -------------------------
+class ReleasedGenerator(nn.Module):
+    def __init__(self, latent_dim: int, num_classes: int, d0: int) -> None:
+        super().__init__()
+        self.num_classes, self.d0 = num_classes, d0
+        f = [512, 256, 128, 64]
+        self.fc1 = nn.Linear(latent_dim, d0)
+
+        def block(cin: int, cout: int, k: int, s: int, p: int) -> nn.Sequential:
+            return nn.Sequential(nn.ConvTranspose2d(cin, cout, k, s, p, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
+
+        self.conv_block1 = block(d0, f[0], 4, 1, 0)
+        self.conv_block2 = block(f[0], f[1], 4, 2, 1)
+        self.conv_block3 = block(f[1], f[2], 4, 2, 1)
+        self.conv_block4 = block(f[2], f[3], 4, 2, 1)
+        self.conv_block5 = nn.Sequential(nn.ConvTranspose2d(f[3], 3, 1, 1, 0, bias=False), nn.Tanh())
+
+    def forward(self, z: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(torch.cat((z, F.one_hot(y_hat, num_classes=self.num_classes)), dim=1)).view(-1, self.d0, 1, 1)
+        x = self.conv_block4(self.conv_block3(self.conv_block2(self.conv_block1(x))))
+        return self.conv_block5(x)
+
+
+def released_scores(enc: nn.Module, cls: nn.Module, gen: nn.Module, x: torch.Tensor, low: float, high: float,
+                    batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, `evaluation.test_generator` scores) over `x` in loader batches of `batch_size`: with fw_layers = 1,
+    `zs[l_idx]` for l_idx in range(1) rescales row 0 of each batch only; score mean_ij max_c |x_hat| (higher = OOD)."""
+    logits, scores = [], []
+    for images in x.split(batch_size):
+        zs = enc(images)
+        out = cls(zs)
+        ys = torch.argmax(out, dim=1)
+        for l_idx in range(1):
+            zs[l_idx] = (zs[l_idx] - low) / (high - low)
+        max_ch = torch.max(torch.abs(gen(zs, ys)), dim=1)[0]
+        logits.append(out)
+        scores.append(torch.mean(max_ch, dim=tuple(range(1, max_ch.dim()))))
+    return torch.cat(logits), torch.cat(scores)
+
+
+def _randomise(module: nn.Module, gen: torch.Generator, *inputs: torch.Tensor) -> nn.Module:
+    """Random BN affines, and BN statistics of `inputs` (as training leaves them: activations at unit scale, so
+    images are scored apart; the defaults would hide a swapped mean / variance or a missed BN)."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=gen)
+                m.bias.normal_(0, 0.1, generator=gen)
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average: the statistics of `inputs`
+        module.train()(*inputs)
+    return module.eval()
+
+
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The released CIFAR-10 ResNet-18 pair, saved as `train_classifier` and `learn_prototype` save them."""
+    root = tmp_path_factory.mktemp("heatmap_released")
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    enc = _randomise(ReleasedResNet18(), gen, torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1)
+    cls = ResNetLinear(10).eval()
+    # features of the released scale (scaled row 0 in [0, 1], the other rows as they come)
+    generator = _randomise(ReleasedGenerator(512 + 10, 10, 100), gen, torch.rand(4, 512, generator=gen), torch.arange(4))
+    (root / "Models").mkdir()
+    classifier = root / "Models" / "cifar10_resnet18.pt"
+    torch.save({"net_state_dict": enc.state_dict(), "cls_state_dict": cls.state_dict()}, classifier)
+    decoder = root / "checkpoints" / "cifar10_resnet18_ood_fw1_2022_07_05_07_27_20" / "model.pt"
+    decoder.parent.mkdir(parents=True)
+    low, high = np.float64(-0.25), np.float64(1.75)  # `get_norm_values`: min(0, ...), max(0, ...)
+    stale = {"fc1.weight": torch.zeros(1)}  # an earlier epoch's generator: not the one read
+    torch.save({"min": low, "max": high, 9: {"generator": stale}, 149: {"generator": generator.state_dict()}}, decoder)
+    return {"enc": enc, "cls": cls, "gen": generator, "range": (float(low), float(high)),
+            "classifier": classifier, "decoder": decoder, "root": root}
+
+
+def _evaluated_method(tmp_path: Path, released: dict, overrides: tuple[str, ...] = ()):
+    """The method `ood-eval experiment=heatmap_released ckpt_path=<classifier> method.decoder_ckpt=<decoder>` builds
+    and loads (`ood.train.build`, then `ood.cli.load_weights`)."""
+    cfg = compose_config(tmp_path, ["experiment=heatmap_released", "data=cifar10", "trainer=cpu",
+                                    f"method.decoder_ckpt={released['decoder']}", *overrides], config_name="eval")
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=10))
+    load_weights(method, released["classifier"], cfg)
+    return cfg, method.eval()
+
+
+def test_released_pair_gives_the_released_logits_and_score(tmp_path: Path, released: dict) -> None:
+    cfg, method = _evaluated_method(tmp_path, released)
+    # the released test transform: ToTensor + Normalize((0.5,) * 3, (0.5,) * 3), x in [-1, 1]
+    assert list(cfg.data.benchmark.mean) == [0.5] * 3 and list(cfg.data.benchmark.std) == [0.5] * 3
+    assert cfg.method.feature_norm == "as_released" and cfg.data.eval_batch_size == 200
+    assert cfg.data.ood_subset == "first_fifth"
+    # noise on a per-image brightness (noise alone gives a random network near-equal features)
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 0.2
+    pixels += torch.linspace(0.0, 0.8, 3).view(-1, 1, 1, 1)
+    x = (pixels - 0.5) / 0.5
+    with torch.no_grad():  # one batch: its row 0 is scaled, rows 1, 2 enter as they are (feature_norm=as_released)
+        want_logits, want_scores = released_scores(released["enc"], released["cls"], released["gen"], x,
+                                                   *released["range"], len(x))
+        heat, logits, _ = method.heatmap(x)
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-5)
+    # ood's ID score is the released OOD score negated (eval_ood.py ranks with invert_score=True)
+    torch.testing.assert_close(heatmap_score(heat), -want_scores, rtol=0, atol=1e-5)
+    assert float(want_scores.std()) > 1e-3  # the scores differ between images: a real comparison
+    assert method.feature_range.tolist() == list(released["range"])
+    # the method's [-1, 1] space is the released input itself (heatmap grids)
+    torch.testing.assert_close(method.to_unit(x), x)
+
+
+def test_a_classifier_file_alone_loads_under_any_method(tmp_path: Path, released: dict) -> None:
+    """The classifier file is a network's own file: `experiment=heatmap_ce` (method=ce) scores MSP and energy on it."""
+    cfg = compose_config(tmp_path, ["experiment=heatmap_ce", "data=cifar10", "trainer=cpu"], config_name="eval")
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=10)).eval()
+    load_weights(method, released["classifier"], cfg)
+    # the same mapping as under method=heatmap, whose logits the test above compares
+    torch.testing.assert_close(method.backbone.fc.weight, released["cls"].linear.weight, rtol=0, atol=0)
+    block = method.backbone.stages.layer2[0]
+    torch.testing.assert_close(block.downsample[1].running_var, released["enc"].layer2[0].shortcut[1].running_var,
+                               rtol=0, atol=0)
+
+
+def test_released_mismatches_are_one_line_naming_the_file_and_key(tmp_path: Path, released: dict) -> None:
+    # the released Wide_ResNet (meliketoy's layout) is another network than backbone=wrn40_2
+    wrn = tmp_path / "cifar10_wideresnet_40_2.pt"
+    torch.save({"net_state_dict": {"conv1.weight": torch.zeros(16, 3, 3, 3), "conv1.bias": torch.zeros(16)},
+                "cls_state_dict": {"linear.weight": torch.zeros(10, 128), "linear.bias": torch.zeros(10)}}, wrn)
+    cfg = compose_config(tmp_path, ["experiment=heatmap_ce", "backbone=wrn40_2", "trainer=cpu"], config_name="eval")
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=10))
+    with pytest.raises(CheckpointError, match=rf"^{wrn}.*key conv1\.bias.*backbone=wrn40_2") as err:
+        load_weights(method, wrn, cfg)
+    assert "\n" not in str(err.value)
+    # a CIFAR-10 decoder under data=cifar100: the shapes differ, named with the file and the key
+    with pytest.raises(CheckpointError, match=rf"{released['decoder']}.*decoder\.\S+ has shape") as err:
+        _evaluated_method(tmp_path, released, ("data=cifar100",))
+    assert "\n" not in str(err.value)
+    # the two files swapped
+    cfg = compose_config(tmp_path, ["experiment=heatmap_released", "trainer=cpu",
+                                    f"method.decoder_ckpt={released['classifier']}"], config_name="eval")
+    with pytest.raises(CheckpointError, match=rf"decoder_ckpt={released['classifier']} is a heatmap_ood file"):
+        instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=10))
+    # the preset needs the decoder file
+    cfg = compose_config(tmp_path, ["experiment=heatmap_released"], config_name="eval")
+    assert OmegaConf.is_missing(cfg.method, "decoder_ckpt")
