@@ -491,6 +491,23 @@ def test_a_refused_rerun_of_a_finished_run_is_not_reported_failed(tmp_path: Path
                                                       f"ckpt_path={tmp_path}), or still running"}
 
 
+def test_a_failed_rank_started_after_rank_zero_wrote_the_config_leaves_failed_txt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """trainer=ddp's ranks 1.. start (popen) once rank 0 wrote this attempt's config.yaml, so their `clear_failure`
+    stamps it: one failing in training found it unchanged and, taken for an attempt refused before its settings,
+    left no FAILED.txt (rank 0, killed by Lightning's child observer, none either): ood-report called the job still
+    running. A rank other than 0 never writes config.yaml, so it cannot tell: it records its failure, and leaves the
+    results beside their config.yaml, as before (under torchrun a refused rank would remove a finished run's)."""
+    from ood.runs.failures import clear_failure, record_failure
+
+    monkeypatch.setattr("lightning_utilities.core.rank_zero.rank_zero_only.rank", 1, raising=False)  # ood.utils.global_rank
+    _finished(tmp_path, "method: msp\n")  # rank 0's config.yaml of this attempt (and an earlier results.jsonl)
+    record_failure(tmp_path, RuntimeError("CUDA out of memory"), clear_failure(tmp_path))
+    assert (tmp_path / "FAILED.txt").read_text() == "RuntimeError: CUDA out of memory\n"
+    assert (tmp_path / "results.jsonl").read_text() == "row\n"
+
+
 def _finished(folder: Path, config: str) -> RunIdentity:
     """A finished run in `folder`: its identity (one msp model), `config` as its config.yaml, a results.jsonl."""
     ident = RunIdentity({"method.name": "msp"}, str(folder / "checkpoints" / "last.ckpt"), [], ["msp", "d", "b"])

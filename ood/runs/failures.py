@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ood.files import atomic_write_text
-from ood.utils import get_logger
+from ood.utils import get_logger, global_rank
 
 log = get_logger(__name__)
 
@@ -99,17 +99,19 @@ def record_failure(output_dir: str | Path, err: BaseException, earlier: Started 
     other settings, a misspelt key: refused in one line on the console) leaves a folder that held a run's
     `config.yaml` as it was: a finished run's results beside the settings they were made with (it removed them), and
     no `FAILED.txt` but the earlier attempt's (`ood-report` named a finished run of `evaluate=false` failed, with the
-    refusal); a new folder gets one, so that the report names a sweep's refused job. Results this attempt wrote
-    stay: a SIGTERM after the evaluation wrote them leaves them complete."""
+    refusal); a new folder gets one, so that the report names a sweep's refused job. Only rank 0 can tell: the
+    other ranks write no `config.yaml`, and trainer=ddp starts them once rank 0 wrote it, so they record every failure.
+    Results this attempt wrote stay: a SIGTERM after the evaluation wrote them leaves them complete."""
     path = Path(output_dir)
     if not path.is_dir():
         return
     settings = earlier.stamps.get(SETTINGS_FILE) if earlier else None
-    if earlier and settings is not None and _stamp(path / SETTINGS_FILE) == settings:
+    unchanged = earlier is not None and settings is not None and _stamp(path / SETTINGS_FILE) == settings
+    if unchanged and global_rank() == 0:
         if earlier.failed is not None:
             atomic_write_text(path / FAILED_FILE, earlier.failed)
         return
-    if earlier and earlier.stamps:
+    if earlier and earlier.stamps and not unchanged:
         remove_earlier_results(path, only=earlier.stamps)
     atomic_write_text(path / FAILED_FILE, f"{type(err).__name__}: {err}\n")
 
