@@ -50,7 +50,8 @@ KEYWORD_KEYS = {"seed": "seed", "batch_size": "data.eval_batch_size", "num_worke
 ARGUMENT_KEYS = {
     "eval_batch_size": "batch_size= (the evaluation's batch size)",
     "root": "id_data=<folder>", "train": "id_data={'train': ...}", "test": "id_data={'test': ...}",
-    "val": "id_data={'val': ...}", "ood": "ood_data=", "csid": "ood_data={..., 'csid': {name: folder}}",
+    "val": "id_data={'val': ...}", "ood": "ood_data=",
+    "csid": "fsood= (the full-spectrum rows; the sets: ood_data={..., 'csid': {name: folder}})",
     "report_dir": "output_dir=",
 }
 _OUTLIERS = "it reads no outlier-exposure set; the OOD sets it scores are ood_data"

@@ -614,7 +614,8 @@ def test_a_loader_keyword_out_of_range_is_named_as_the_call_gives_it(tmp_path: P
     ({"test": "elsewhere/test"}, "id_data={'test': ...}"),
     ({"val": "elsewhere/val"}, "id_data={'val': ...}"),
     ({"ood": {"far": {"x": "elsewhere"}}}, "ood_data="),
-    ({"csid": {"shifted": "elsewhere"}}, "ood_data={..., 'csid': {name: folder}}"),
+    ({"csid": {"shifted": "elsewhere"}}, "fsood= (the full-spectrum rows; the sets: ood_data={..., 'csid': {name: folder}})"),
+    ({"csid": False}, "fsood= (the full-spectrum rows; the sets: ood_data={..., 'csid': {name: folder}})"),
     ({"report_dir": "elsewhere"}, "output_dir="),
 ], ids=lambda v: next(iter(v)) if isinstance(v, dict) else None)
 def test_a_key_the_call_sets_from_its_own_arguments_is_refused_naming_them(tmp_path: Path, keyword: dict,
