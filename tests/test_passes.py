@@ -162,6 +162,19 @@ def test_a_distributed_pass_is_never_held_twice(tmp_path: Path) -> None:
         assert 0.9 * result_mb < peak < 1.3 * result_mb, (rank, peak, result_mb)
 
 
+def test_a_rank_frees_its_sent_rows_where_the_process_cannot_be_opened_as_a_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`return_freed_memory` opened the process with `ctypes.CDLL(None)`, which Windows' LoadLibrary refuses with a
+    TypeError: a rank that sent its rows (gloo) failed there; it does nothing, as on a C library without
+    `malloc_trim` (musl, macOS)."""
+    import ood.features.collector as collector_module
+
+    def windows_cdll(name: object) -> object:
+        raise TypeError(f"LoadLibrary() argument 1 must be str, not {type(name).__name__}")
+
+    monkeypatch.setattr(collector_module.ctypes, "CDLL", windows_cdll)
+    assert collector_module.return_freed_memory() is None
+
+
 def test_an_empty_dataset_is_one_line() -> None:
     """A pass over no items (an empty folder handed to `ood.extract`) stopped on an assertion about DDP ranks."""
     from ood.errors import DataNotFoundError

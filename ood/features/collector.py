@@ -32,10 +32,14 @@ RANK_ZERO_TIMEOUT = timedelta(hours=24)
 
 
 def return_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc's `malloc_trim`; nothing elsewhere). A process that has
-    freed a large block raises glibc's mmap threshold (up to 32 MB), so later batch-sized tensors live on the heap and
-    their pages stay resident once freed: a rank that sent its shard, then received the result, peaked at both."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    """Hand the heap's free pages back to the OS (glibc's `malloc_trim`; nothing elsewhere: musl, macOS, and Windows,
+    whose LoadLibrary cannot open the process itself). A process that has freed a large block raises glibc's mmap
+    threshold (up to 32 MB), so later batch-sized tensors live on the heap and their pages stay resident once freed:
+    a rank that sent its shard, then received the result, peaked at both."""
+    try:
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):  # Windows: CDLL(None) is a TypeError
+        return
     if trim is not None:
         trim(0)
 
