@@ -130,15 +130,6 @@ def test_oal_presets_build_with_the_released_schedule(tmp_path: Path, preset: st
                                                                                             "step", 0)
 
 
-def test_the_cifar_presets_sample_the_released_bank_size(tmp_path: Path) -> None:
-    """outlier_generation/scripts/get_embed_cifar10.py and get_embed_cifar100.py both loop `range(100)` over 50
-    boundary points, 2 kept each: 10,000 outliers a class for either dataset (the CIFAR-10 preset had 10
-    repetitions, from a comment in oal_trainer.py, "(10, 1000, 768)")."""
-    for preset in ("cifar10_oal", "cifar100_oal"):
-        m = compose_config(tmp_path, [f"experiment={preset}"]).method
-        assert (m.knn_repeats, m.knn_select, m.knn_keep, m.knn_k, m.n_candidates) == (100, 50, 2, 300, 1500), preset
-
-
 def test_oal_anneals_every_group_per_step_to_1e_8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """oal_trainer.py: one LambdaLR(cosine_annealing(step, epochs * len(loader), 1, 1e-8 / lr)) over the student,
     projector and q-network groups, stepped after each update; now the shared `OpenOODCosine` of conf/method/oal.yaml."""
