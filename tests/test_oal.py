@@ -130,6 +130,17 @@ def test_oal_presets_build_with_the_released_schedule(tmp_path: Path, preset: st
                                                                                             "step", 0)
 
 
+def test_the_cifar_presets_sample_the_readme_samplers_bank_size(tmp_path: Path) -> None:
+    """The sampler the released README runs, scripts/get_embed_cifar10.py / get_embed_cifar100.py, loops `range(10)` /
+    `range(100)` over 50 boundary points, 2 kept each: 1,000 / 10,000 outliers a class, the CIFAR-10 bank the trainer
+    notes as "(10, 1000, 768)" (DreamOOD's copy under outlier_generation/scripts/ loops 100 for both: a review caught
+    the CIFAR-10 preset moved to it)."""
+    repeats = {"cifar10_oal": 10, "cifar100_oal": 100}
+    for preset, n in repeats.items():
+        m = compose_config(tmp_path, [f"experiment={preset}"]).method
+        assert (m.knn_repeats, m.knn_select, m.knn_keep, m.knn_k, m.n_candidates) == (n, 50, 2, 300, 1500), preset
+
+
 def test_oal_anneals_every_group_per_step_to_1e_8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """oal_trainer.py: one LambdaLR(cosine_annealing(step, epochs * len(loader), 1, 1e-8 / lr)) over the student,
     projector and q-network groups, stepped after each update; now the shared `OpenOODCosine` of conf/method/oal.yaml."""

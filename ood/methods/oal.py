@@ -41,11 +41,15 @@ Released-code quirks, and where this differs:
   averages its 4 channels, then its 64 rows: one 64-d vector per image, 300 per dataset. This project runs no SD
   model: the file is read from disk ([n, 64], [n, 64, 64] or the released [n_iter, batch, 64, 64]); without a file
   the branch is off and the run says so.
-- `knn_features` (default null: the teacher's features of ID train): the released banks were not sampled in the
-  ViT teacher's space but in DreamOOD's text-anchored one (`outlier_generation/pretrain_cifar100.py`: a ResNet-34
-  whose 768-d output is trained toward the CLIP class-token embeddings; the first 500 training images per class of
-  a shuffled loader, saved as `id_feat_<data>_199epoch.npy`, [C, 500, 768]). `knn_features=<that file>` samples in
-  those features instead (`load_knn_features`); their width must be the teacher's (the q-network's input).
+- `knn_features` (default null: the teacher's features of ID train). The released repository holds two samplers.
+  The one its README runs (`scripts/get_id_features_cifar{10,100}.py`, then `scripts/get_embed_cifar{10,100}.py`)
+  samples in ViT-B/16 features (CIFAR-100: the fine-tuned teacher's; CIFAR-10: the ImageNet ViT file
+  `pytorch_model.bin`), 10 repetitions for CIFAR-10 and 100 for CIFAR-100 (the trainer's note on the CIFAR-10 bank it
+  loads, "(10, 1000, 768)", is this one's shape). DreamOOD's copy (`outlier_generation/scripts/`) samples in a
+  text-anchored ResNet-34's features (`outlier_generation/pretrain_cifar100.py`: 768-d outputs trained toward the CLIP
+  class-token embeddings, the first 500 training images per class, `id_feat_<data>_199epoch.npy`, [C, 500, 768]),
+  100 repetitions for both. `knn_features=<file>` samples in a file's rows instead (`load_knn_features`); their width
+  must be the teacher's (the q-network's input).
 - Not reproduced: the `energy_rl` ablation (off in the released runs); an unused ViT data loader (the teacher sees
   the student batch here as there).
 """
