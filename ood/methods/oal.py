@@ -300,16 +300,7 @@ class OAL(OODMethod):
         path, seconds = teacher_file(self.teacher_cfg, data, self.cache_dir)
         if seconds is not None:
             self.stats["teacher_train_seconds"] = seconds
-        state = read_state_dict(path)
-        convert = getattr(self.teacher, "convert_state_dict", None)
-        load_modules(
-            self,
-            convert(state) if convert else state,
-            {"teacher": self.teacher_cfg.get("source", "backbone")},
-            path,
-            hint="set method/teacher= to the architecture the file was trained with",
-        )
-        self.teacher.requires_grad_(False).eval()
+        self.load_teacher(path)
         if self.knn_features:
             feats, labels = load_knn_features(self.knn_features, self.backbone.num_classes, self.teacher.feature_dim)
             log.info("oal: boundary outliers sampled in the features of %s", self.knn_features)
@@ -329,6 +320,20 @@ class OAL(OODMethod):
         if self.w_mi_sd:
             self.outliers_sd = load_sd_latents(self.sd_path).to(data.device)
         self.stats["n_outliers_knn"] = float(len(self.outliers_knn))
+
+    def load_teacher(self, path: str | Path) -> None:
+        """The frozen teacher's weights from `path`, strictly: an `ood-train` checkpoint (`method.teacher.source`: the
+        prefix of its weights) or a timm file (the released ViT-B/16 teachers: `pytorch_model.bin`, `best.ckpt`)."""
+        state = read_state_dict(path)
+        convert = getattr(self.teacher, "convert_state_dict", None)
+        load_modules(
+            self,
+            convert(state) if convert else state,
+            {"teacher": self.teacher_cfg.get("source", "backbone")},
+            path,
+            hint="set method/teacher= to the architecture the file was trained with",
+        )
+        self.teacher.requires_grad_(False).eval()
 
     def _class_norms(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The norm each class's unit-norm outliers are rescaled to (`outlier_norm`)."""
