@@ -509,15 +509,13 @@ def evaluate(
 
     arguments = locals()  # the parameters (and the imports above), before anything else is bound
     keywords = {k: arguments[k] for k in KEYWORD_KEYS}
-    own = sorted(data.keys() & ARGUMENT_KEYS.keys())
-    if own:  # the config key of one of the call's own arguments, taken as a folder option: it overrode it silently
-        key = own[0]
+    # a key of the call's own arguments overrode them in silence; a training option changed nothing but config.yaml
+    refused = sorted(data.keys() & (ARGUMENT_KEYS.keys() | TRAINING_OPTIONS.keys()))
+    if refused:
+        key = refused[0]
         raise ConfigError(f"ood.evaluate got {key}={data[key]!r}, a folder-data key this call sets from "
-                          f"{ARGUMENT_KEYS[key]}: give it there")
-    training = sorted(data.keys() & TRAINING_OPTIONS.keys())
-    if training:  # accepted, they changed nothing but the recorded config.yaml
-        key = training[0]
-        raise ConfigError(f"ood.evaluate got {key}={data[key]!r}: {key} is a training option; ood.evaluate never "
+                          f"{ARGUMENT_KEYS[key]}: give it there" if key in ARGUMENT_KEYS else
+                          f"ood.evaluate got {key}={data[key]!r}: {key} is a training option; ood.evaluate never "
                           f"trains: {TRAINING_OPTIONS[key]}")
     # the datamodule's own checks name the config keys (`data.eval_batch_size`), which this call does not have
     given = {"fit_fraction": data["fit_fraction"]} if "fit_fraction" in data else {}

@@ -254,6 +254,32 @@ def test_energy_report_has_the_oe_reference_beside_the_energy_one(tmp_path: Path
     assert "hendrycks/outlier-exposure at e6ede98a5474a0620d9befa50b38eaf584df4401" in capsys.readouterr().err
 
 
+def test_a_reference_over_some_sets_of_rows_without_its_metric_says_why_it_is_left_out() -> None:
+    """Rows over OE's three sets and more, but without `fpr95_oodpos` (results written before it was a metric): the
+    AUROC subset column stands, the FPR95 one is left out saying no run scored it there (it said the sets differed).
+    A hand-built entry without `_per_run` is left out the same way, not a KeyError."""
+    from ood.report.aggregation import aggregate
+    from ood.report.references import REFERENCE_DIR, add_reference, load_reference
+
+    refs = [load_reference(REFERENCE_DIR / "oe" / "cifar10_wrn40_2.yaml")]
+    rows = [{"method": "ce", "detector": "msp", "backbone": "wrn40_2", "id_dataset": "cifar10", "seed": 0, "_run": "r",
+             "ood_dataset": s, "ood_group": "far", "auroc": 0.9, "fpr95": 0.2}
+            for s in ("texture", "svhn", "places365", "isun")]
+    _, metric_cols, table = aggregate(rows)
+    left_out: list[str] = []
+    cols = add_reference(metric_cols, table, refs, left_out)
+    subset = "far[places365,svhn,texture]"
+    assert [c for c in cols if "[" in c] == [f"{subset}/auroc", f"ref:{subset}/auroc"]
+    assert left_out == ["no ref:far columns for the cifar10 wrn40_2 rows: no run scored fpr95_oodpos on every one of "
+                        f"them ({refs[0]['source'].strip()})"]
+    hand = [{"method": "ce", "detector": "msp", "backbone": "wrn40_2", "id_dataset": "cifar10",
+             "_sets": {"far": ["isun", "places365", "svhn", "texture"]}}]
+    left_out = []
+    assert add_reference(["far/auroc"], hand, refs, left_out) == ["far/auroc"]
+    assert [line.split(": ")[1].split(" (")[0] for line in left_out] == [
+        "no run scored auroc on every one of them", "no run scored fpr95_oodpos on every one of them"]
+
+
 def test_oal_reference_says_its_numbers_are_of_224_pixel_students(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """reproduce-oal trains at 32 px, the leaderboard's OAL row at 224 px: the report printed the numbers as if of the
     same runs; the reference line under it says the input sizes now."""

@@ -175,16 +175,17 @@ def add_reference(
                     ours, theirs = entry.get("_sets", {}).get(group), (ref.get("ood_sets") or {}).get(group)
                     column = group
                     if theirs is not None and sorted(ours or ()) != sorted(theirs):
-                        cell = _subset_cell(entry["_per_run"], sorted(theirs), metric) if ours and set(theirs) < set(ours) \
-                            else None
+                        held = bool(ours) and set(theirs) < set(ours)
+                        cell = _subset_cell(entry.get("_per_run", {}), sorted(theirs), metric) if held else None
                         if cell is not None:  # our mean over exactly their sets stands beside theirs
                             column = f"{group}[{','.join(sorted(theirs))}]"
                             entry[f"{column}/{metric}"] = cell
                             subsets.add(f"{column}/{metric}")
                         else:
+                            why = (f"no run scored {metric} on every one of them" if held else
+                                   f"their {group}-OOD sets {ours} are not the reference's {sorted(theirs)}")
                             if ours:  # no group of ours (a protocol without near-OOD): nothing to stand beside
-                                unmatched[f"no ref:{group} columns for {where}: their {group}-OOD sets {ours} "
-                                          f"are not the reference's {sorted(theirs)} ({ref['source'].strip()})"] = None
+                                unmatched[f"no ref:{group} columns for {where}: {why} ({ref['source'].strip()})"] = None
                             continue
                     values = [float(v) / 100 for v in groups[group]]
                     col = f"ref:{column}/{metric}"
