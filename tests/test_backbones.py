@@ -12,7 +12,9 @@ from helpers import compose_config
 from torch import nn
 from torchvision.models import resnet18, resnet50
 
+from ood.data.batch import Batch
 from ood.models import Backbone, DenseNet, ResNet18, ResNet18_32x32, ResNet50, WideResNet
+from ood.models.wrn import MeliketoyWideResNet
 from ood.utils import instantiate
 
 # Small members of each family keep the forward passes cheap on CPU (the full configs are built in
@@ -22,6 +24,8 @@ SHAPES = {
                        "layer2": (128, 16, 16), "layer3": (256, 8, 8), "layer4": (512, 4, 4)}, 512),
     "wrn16_2": (lambda: WideResNet(10, depth=16, widen_factor=2), 32,
                 {"stem": (16, 32, 32), "block1": (32, 32, 32), "block2": (64, 16, 16), "block3": (128, 8, 8)}, 128),
+    "wrn16_2_heatmap": (lambda: MeliketoyWideResNet(10, depth=16, widen_factor=2), 32,
+                        {"stem": (16, 32, 32), "block1": (32, 32, 32), "block2": (64, 16, 16), "block3": (128, 8, 8)}, 128),
     "densenet22": (lambda: DenseNet(10, depth=22, growth=12), 32,
                    {"stem": (24, 32, 32), "block1": (30, 16, 16), "block2": (33, 8, 8), "block3": (69, 8, 8)}, 69),
     "resnet50": (lambda: ResNet50(10), 32, {"stem": (64, 16, 16), "layer1": (256, 8, 8), "layer2": (512, 4, 4),
@@ -46,6 +50,8 @@ def built(request: pytest.FixtureRequest) -> tuple[str, Backbone]:
         (lambda: ResNet18_32x32(100), 11_220_132),
         (lambda: WideResNet(10, depth=40, widen_factor=2), 2_243_546),  # WRN-40-2 (OE / Energy)
         (lambda: WideResNet(100, depth=40, widen_factor=2), 2_255_156),
+        (lambda: MeliketoyWideResNet(10), 2_246_474),  # the heatmap paper's WRN-40-2 (biased convs)
+        (lambda: MeliketoyWideResNet(100), 2_258_084),
         (lambda: DenseNet(10, depth=100, growth=12), 769_162),  # DenseNet-BC-100, k=12 ("0.8M")
         (lambda: ResNet50(1000), 25_557_032),  # torchvision resnet50
     ],
@@ -161,3 +167,25 @@ def test_wrn_final_relu_is_in_place_as_openoods() -> None:
     taps.remove()
     torch.testing.assert_close(tapped["combood_after:stages.block3.2"],
                                torch.stack([block3.amax((1, 2, 3)), -block3.amin((1, 2, 3))], 1), rtol=0, atol=0)
+
+
+def test_heatmap_wrn_has_the_released_init_and_trains_under_ce(tmp_path: Path) -> None:
+    """`backbone=wrn40_2_heatmap` (meliketoy's layout, the heatmap paper's): PyTorch's default init as heatmap_ood
+    trained it (its `conv_init` is never applied: conv biases uniform in +-1/sqrt(fan_in), not zero), the final BN's
+    momentum 0.9, and one `method=ce` step on 32-px RGB images gives a finite loss and moves the conv biases."""
+    cfg = compose_config(tmp_path, ["method=ce", "backbone=wrn40_2_heatmap"])
+    assert (cfg.backbone.depth, cfg.backbone.widen_factor, cfg.backbone.dropout) == (40, 2, 0.3)
+    torch.manual_seed(0)
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=6, in_channels=3, depth=10))
+    net = method.backbone
+    bound = 1 / (3 * 9) ** 0.5
+    stem_bias = net.stages["stem"].bias.detach().clone()
+    assert 0 < float(stem_bias.abs().max()) <= bound and float(stem_bias.abs().min()) > 0
+    assert net.stages["block3"][-2].momentum == 0.9 and net.stages["block1"][0].dropout.p == 0.3
+    batch = Batch(torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([0, 1, 2, 5]), torch.arange(4))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = method.training_loss(batch)
+    loss.backward()
+    optimizer.step()
+    assert 0 < loss.item() < float("inf")
+    assert not torch.equal(net.stages["stem"].bias, stem_bias)

@@ -1,8 +1,8 @@
 """The heatmap paper's released models (jhornauer/heatmap_ood) evaluate as they are: `experiment=heatmap_released`
 with `ckpt_path=<their classifier file>` and `method.decoder_ckpt=<their decoder file>` gives their logits and their
 `evaluation.test_generator` score. The released modules are transcribed here independently (names and forward of
-`Networks/resnet.py` and `Networks/generator.py`), filled with random weights and saved as `optimization.py` saves
-them; no download."""
+`Networks/resnet.py`, `Networks/wideresnet.py` and `Networks/generator.py`), filled with random weights and saved as
+`optimization.py` saves them; no download."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from torch import nn
 from ood.cli import load_weights
 from ood.errors import CheckpointError
 from ood.methods.heatmap import heatmap_score
+from ood.models.decoder import DecoderPlan
 from ood.utils import instantiate
 
 
@@ -65,21 +66,66 @@ class ReleasedResNet18(nn.Module):
         return self.avgpool(x).view(x.size(0), -1)
 
 
-class ResNetLinear(nn.Module):
-    def __init__(self, num_classes: int) -> None:
+class ResNetLinear(nn.Module):  # = WideResNet_Linear with 64 * widen_factor features
+    def __init__(self, num_classes: int, features: int = 512) -> None:
         super().__init__()
-        self.linear = nn.Linear(512, num_classes)
+        self.linear = nn.Linear(features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
 
 
-# ----- transcription of Networks/generator.py ResNet18_CIFAR10_Deconv_GAN (fw_layers = 1) -------------------------
+# ----- transcription of Networks/wideresnet.py (Wide_ResNet(40, 2, 0.3), WideResNet_Linear; meliketoy's) -----------
+class WideBasic(nn.Module):
+    def __init__(self, in_planes: int, planes: int, dropout_rate: float, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, padding=1, bias=True)
+        self.dropout = nn.Dropout(p=dropout_rate)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.dropout(self.conv1(F.relu(self.bn1(x))))
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + self.shortcut(x)
+
+
+class ReleasedWideResNet(nn.Module):
+    def __init__(self, depth: int = 40, k: int = 2, dropout_rate: float = 0.3) -> None:
+        super().__init__()
+        self.in_planes = 16
+        n = (depth - 4) // 6
+        stages = [16, 16 * k, 32 * k, 64 * k]
+        self.conv1 = nn.Conv2d(3, stages[0], kernel_size=3, stride=1, padding=1, bias=True)
+        self.layer1 = self._wide_layer(stages[1], n, dropout_rate, 1)
+        self.layer2 = self._wide_layer(stages[2], n, dropout_rate, 2)
+        self.layer3 = self._wide_layer(stages[3], n, dropout_rate, 2)
+        self.bn1 = nn.BatchNorm2d(stages[3], momentum=0.9)
+        self.avgpool = nn.AvgPool2d(kernel_size=8)
+
+    def _wide_layer(self, planes: int, num_blocks: int, dropout_rate: float, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            layers.append(WideBasic(self.in_planes, planes, dropout_rate, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # fw_layers = 1: the pooled feature only
+        x4 = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        xr = self.avgpool(F.relu(self.bn1(x4)))
+        return xr.view(xr.size(0), -1)
+
+
+# ----- transcription of Networks/generator.py ResNet18_CIFAR10_Deconv_GAN / WideResNet_40x2_Deconv_GAN (fw_layers = 1):
+# the same modules, d0 = 100 / 128, filters 512..64 / 256..32 -------------------------------------------------------
 class ReleasedGenerator(nn.Module):
-    def __init__(self, latent_dim: int, num_classes: int, d0: int) -> None:
+    def __init__(self, latent_dim: int, num_classes: int, d0: int, f: tuple[int, ...] = (512, 256, 128, 64)) -> None:
         super().__init__()
         self.num_classes, self.d0 = num_classes, d0
-        f = [512, 256, 128, 64]
         self.fc1 = nn.Linear(latent_dim, d0)
 
         def block(cin: int, cout: int, k: int, s: int, p: int) -> nn.Sequential:
@@ -130,40 +176,70 @@ def _randomise(module: nn.Module, gen: torch.Generator, *inputs: torch.Tensor) -
 
 
 
+def _save_released(root: Path, classifier_name: str, decoder_run: str, enc: nn.Module, cls: nn.Module,
+                   generator: nn.Module, backbone: str) -> dict:
+    """A released classifier / decoder pair, saved as `train_classifier` and `learn_prototype` save them."""
+    classifier = root / "Models" / classifier_name
+    classifier.parent.mkdir(exist_ok=True)
+    torch.save({"net_state_dict": enc.state_dict(), "cls_state_dict": cls.state_dict()}, classifier)
+    decoder = root / "checkpoints" / decoder_run / "model.pt"
+    decoder.parent.mkdir(parents=True)
+    low, high = np.float64(-0.25), np.float64(1.75)  # `get_norm_values`: min(0, ...), max(0, ...)
+    stale = {"fc1.weight": torch.zeros(1)}  # an earlier epoch's generator: not the one read
+    torch.save({"min": low, "max": high, 9: {"generator": stale}, 149: {"generator": generator.state_dict()}}, decoder)
+    return {"enc": enc, "cls": cls, "gen": generator, "range": (float(low), float(high)),
+            "classifier": classifier, "decoder": decoder, "root": root, "backbone": backbone}
+
+
 @pytest.fixture(scope="module")
 def released(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The released CIFAR-10 ResNet-18 pair, saved as `train_classifier` and `learn_prototype` save them."""
-    root = tmp_path_factory.mktemp("heatmap_released")
+    """The released CIFAR-10 ResNet-18 pair."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     enc = _randomise(ReleasedResNet18(), gen, torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1)
     cls = ResNetLinear(10).eval()
     # features of the released scale (scaled row 0 in [0, 1], the other rows as they come)
     generator = _randomise(ReleasedGenerator(512 + 10, 10, 100), gen, torch.rand(4, 512, generator=gen), torch.arange(4))
-    (root / "Models").mkdir()
-    classifier = root / "Models" / "cifar10_resnet18.pt"
-    torch.save({"net_state_dict": enc.state_dict(), "cls_state_dict": cls.state_dict()}, classifier)
-    decoder = root / "checkpoints" / "cifar10_resnet18_ood_fw1_2022_07_05_07_27_20" / "model.pt"
-    decoder.parent.mkdir(parents=True)
-    low, high = np.float64(-0.25), np.float64(1.75)  # `get_norm_values`: min(0, ...), max(0, ...)
-    stale = {"fc1.weight": torch.zeros(1)}  # an earlier epoch's generator: not the one read
-    torch.save({"min": low, "max": high, 9: {"generator": stale}, 149: {"generator": generator.state_dict()}}, decoder)
-    return {"enc": enc, "cls": cls, "gen": generator, "range": (float(low), float(high)),
-            "classifier": classifier, "decoder": decoder, "root": root}
+    return _save_released(tmp_path_factory.mktemp("heatmap_released"), "cifar10_resnet18.pt",
+                          "cifar10_resnet18_ood_fw1_2022_07_05_07_27_20", enc, cls, generator, "resnet18_32x32")
+
+
+@pytest.fixture(scope="module")
+def released_wrn(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The released CIFAR-10 WRN-40-2 pair (`classifier_pretraining.py -arch wideresnet`: `<data>_wideresnet_40_2`)."""
+    gen = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)  # PyTorch's default init, as released (conv biases nonzero)
+    enc = _randomise(ReleasedWideResNet(), gen, torch.rand(4, 3, 32, 32, generator=gen) * 2 - 1)
+    cls = ResNetLinear(10, 128).eval()
+    generator = _randomise(ReleasedGenerator(128 + 10, 10, 128, (256, 128, 64, 32)), gen,
+                           torch.rand(4, 128, generator=gen), torch.arange(4))
+    return _save_released(tmp_path_factory.mktemp("heatmap_released_wrn"), "cifar10_wideresnet_40_2.pt",
+                          "cifar10_wideresnet_ood_fw1_2022_07_06_10_11_12", enc, cls, generator, "wrn40_2_heatmap")
 
 
 def _evaluated_method(tmp_path: Path, released: dict, overrides: tuple[str, ...] = ()):
     """The method `ood-eval experiment=heatmap_released ckpt_path=<classifier> method.decoder_ckpt=<decoder>` builds
     and loads (`ood.train.build`, then `ood.cli.load_weights`)."""
     cfg = compose_config(tmp_path, ["experiment=heatmap_released", "data=cifar10", "trainer=cpu",
-                                    f"method.decoder_ckpt={released['decoder']}", *overrides], config_name="eval")
+                                    f"backbone={released['backbone']}", f"method.decoder_ckpt={released['decoder']}",
+                                    *overrides], config_name="eval")
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=10))
     load_weights(method, released["classifier"], cfg)
     return cfg, method.eval()
 
 
-def test_released_pair_gives_the_released_logits_and_score(tmp_path: Path, released: dict) -> None:
+# the released decoders' plans (Networks/generator.py): d0, up-block widths
+RELEASED_PLANS = {"released": DecoderPlan(100, 4, (512, 256, 128, 64), 3),
+                  "released_wrn": DecoderPlan(128, 4, (256, 128, 64, 32), 3)}
+
+
+@pytest.mark.parametrize("pair", sorted(RELEASED_PLANS))
+def test_released_pair_gives_the_released_logits_and_score(tmp_path: Path, pair: str,
+                                                          request: pytest.FixtureRequest) -> None:
+    """ResNet-18 under backbone=resnet18_32x32, WRN-40-2 (meliketoy's) under backbone=wrn40_2_heatmap."""
+    released = request.getfixturevalue(pair)
     cfg, method = _evaluated_method(tmp_path, released)
+    assert method.plan == RELEASED_PLANS[pair]
     # the released test transform: ToTensor + Normalize((0.5,) * 3, (0.5,) * 3), x in [-1, 1]
     assert list(cfg.data.benchmark.mean) == [0.5] * 3 and list(cfg.data.benchmark.std) == [0.5] * 3
     assert cfg.method.feature_norm == "as_released" and cfg.data.eval_batch_size == 200
@@ -197,14 +273,13 @@ def test_a_classifier_file_alone_loads_under_any_method(tmp_path: Path, released
                                rtol=0, atol=0)
 
 
-def test_released_mismatches_are_one_line_naming_the_file_and_key(tmp_path: Path, released: dict) -> None:
-    # the released Wide_ResNet (meliketoy's layout) is another network than backbone=wrn40_2
-    wrn = tmp_path / "cifar10_wideresnet_40_2.pt"
-    torch.save({"net_state_dict": {"conv1.weight": torch.zeros(16, 3, 3, 3), "conv1.bias": torch.zeros(16)},
-                "cls_state_dict": {"linear.weight": torch.zeros(10, 128), "linear.bias": torch.zeros(10)}}, wrn)
+def test_released_mismatches_are_one_line_naming_the_file_and_key(tmp_path: Path, released: dict,
+                                                                  released_wrn: dict) -> None:
+    # the released Wide_ResNet (meliketoy's layout) under backbone=wrn40_2 (the OE / OpenOOD layout, bias-free)
+    wrn = released_wrn["classifier"]
     cfg = compose_config(tmp_path, ["experiment=heatmap_ce", "backbone=wrn40_2", "trainer=cpu"], config_name="eval")
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=10))
-    with pytest.raises(CheckpointError, match=rf"^{wrn}.*key conv1\.bias.*backbone=wrn40_2") as err:
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {wrn} .*backbone=.*'backbone\.stages\.") as err:
         load_weights(method, wrn, cfg)
     assert "\n" not in str(err.value)
     # a CIFAR-10 decoder under data=cifar100: the shapes differ, named with the file and the key

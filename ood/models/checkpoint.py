@@ -10,7 +10,8 @@ Supported files (detected from their keys, no flag needed):
   `fc`; e.g. energy_ood's `cifar10_wrn_pretrained_epoch_99.pt`), mapped onto `backbone=wrn40_2` (the final BN closes
   our `block3`, after its blocks);
 - jhornauer/heatmap_ood's released files (`from_heatmap_ood`): a classifier `Models/<data>_resnet18.pt`
-  (`{"net_state_dict": ..., "cls_state_dict": {"linear.*"}}`, kuangliu's = OpenOOD's ResNet-18 names) and a heatmap
+  (`{"net_state_dict": ..., "cls_state_dict": {"linear.*"}}`, kuangliu's = OpenOOD's ResNet-18 names) or
+  `Models/<data>_wideresnet_40_2.pt` (meliketoy's Wide_ResNet: `from_meliketoy_wrn`, onto `backbone=wrn40_2_heatmap`) and a heatmap
   decoder `checkpoints/<run>/model.pt` (`{"min", "max", 9: {"generator": ...}, ..., 149: ...}`, read by the
   `method.decoder_ckpt` of `method=heatmap`);
 - torchvision's ResNet state dicts (`conv1`, `bn1`, `layerN.i.downsample`, `fc`; e.g. `IMAGENET1K_V1` from the torch
@@ -127,6 +128,18 @@ def from_openood(state: Mapping[str, torch.Tensor], prefix: str = "backbone.") -
     return _rename(state, _OPENOOD_RESNET18, prefix)
 
 
+def from_meliketoy_wrn(state: Mapping[str, torch.Tensor], prefix: str = "backbone.") -> dict[str, torch.Tensor]:
+    """meliketoy/wide-resnet.pytorch's `Wide_ResNet` names (heatmap_ood's WRN: `conv1`, `layerN.i`, the final `bn1`)
+    -> our `MeliketoyWideResNet` (with `prefix`): `stem`, `blockN.i`, the final BN after `block3`'s blocks."""
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"layer3\.(\d+)\.", plain_key(k)))}
+    table = (
+        (re.compile(r"^conv1\."), "stages.stem."),
+        (re.compile(r"^layer(\d)\."), r"stages.block\1."),
+        (re.compile(r"^bn1\."), f"stages.block3.{len(blocks)}."),
+    )
+    return _rename(state, table, prefix)
+
+
 def from_wide_resnet(state: Mapping[str, torch.Tensor], prefix: str = "backbone.") -> dict[str, torch.Tensor]:
     """The OE / energy_ood / OpenOOD `WideResNet` parameter names -> our `WideResNet` (with `prefix`): their final
     `bn1` is our `block3`'s entry after its blocks."""
@@ -146,20 +159,17 @@ def _heatmap_ood_format(checkpoint: Mapping) -> str | None:
 
 def from_heatmap_ood(checkpoint: Mapping, path: str | Path, prefix: str = "backbone.") -> dict[str, torch.Tensor]:
     """jhornauer/heatmap_ood's classifier file -> ours: its ResNet-18 encoder has OpenOOD's names (`from_openood`), its
-    `ResNet_Linear` head `linear.*` is our `fc`. Its Wide_ResNet (meliketoy/wide-resnet.pytorch: biased convs, the
-    stride in each block's second conv, the shortcut on the block's input) and its 64-px ResNet-50 (3x3 stem + 2x2
-    max-pool) are other networks than `backbone=wrn40_2` / `resnet50`: refused in one line."""
+    Wide_ResNet (key `conv1.bias`: meliketoy's biased convs) `backbone=wrn40_2_heatmap`'s (`from_meliketoy_wrn`); the
+    `ResNet_Linear` / `WideResNet_Linear` head `linear.*` is our `fc`. Its 64-px ResNet-50 (3x3 stem + 2x2 max-pool)
+    is another network than `backbone=resnet50`: refused in one line."""
     net = {plain_key(k): v for k, v in checkpoint["net_state_dict"].items()}
-    if "conv1.bias" in net:
-        raise CheckpointError(f"{path} holds jhornauer/heatmap_ood's Wide_ResNet (key conv1.bias): meliketoy's layout (biased "
-                              "convs, stride in each block's second conv, shortcut on the block's input), which ood's "
-                              "backbone=wrn40_2 is not; of the released classifiers only the ResNet-18 ones load")
     if any(".conv3." in k for k in net):
         raise CheckpointError(f"{path} holds jhornauer/heatmap_ood's 64-px ResNet-50 (key {next(k for k in net if '.conv3.' in k)}): "
                               "a 3x3 stem with a 2x2 max-pool, which ood's backbone=resnet50 (torchvision's) is not; of the "
-                              "released classifiers only the ResNet-18 ones load")
+                              "released classifiers only the ResNet-18 and WRN-40-2 ones load")
     head = {"fc." + plain_key(k).removeprefix("linear."): v for k, v in checkpoint["cls_state_dict"].items()}
-    return from_openood({**net, **head}, prefix)
+    rename = from_meliketoy_wrn if "conv1.bias" in net else from_openood
+    return rename({**net, **head}, prefix)
 
 
 def from_heatmap_ood_decoder(checkpoint: Mapping, prefix: str = "decoder.") -> dict[str, torch.Tensor]:
