@@ -62,7 +62,7 @@ reproduce-cifar100: install ## the same on CIFAR-100 (`make -n reproduce-cifar10
 # (DATA=, BACKBONES=, SEEDS=); ARGS= is appended to every training / evaluation command (e.g. ARGS="paths.data_dir=/data"),
 # REPORT_ARGS= to every ood-report (e.g. REPORT_ARGS="--detectors msp,knn", or --no-figures).
 reproduce-heatmap: DATA = cifar10,cifar100
-reproduce-heatmap: BACKBONES = resnet18_32x32,wrn40_2
+reproduce-heatmap: BACKBONES = resnet18_32x32,wrn40_2_heatmap
 reproduce-heatmap: install ## heatmap paper: CE classifiers, then heatmap decoders on them (classic CIFAR sets), report beside FlowCon's table
 	$(VENV)/bin/ood-train -m experiment=heatmap_ce data=$(DATA) backbone=$(BACKBONES) seed=$(SEEDS) hydra.sweep.dir=$(R)/heatmap/ce hydra.sweep.subdir='$(JOB)' $(ARGS)
 	$(VENV)/bin/ood-train -m experiment=heatmap data=$(DATA) backbone=$(BACKBONES) seed=$(SEEDS) hydra.sweep.dir=$(R)/heatmap/heatmap hydra.sweep.subdir='$(JOB)' '++method.init.ckpt=$(R)/heatmap/ce/$(JOB)/$(LAST)' $(ARGS)

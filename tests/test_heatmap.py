@@ -83,12 +83,13 @@ def test_builder_reproduces_the_released_decoder_table() -> None:
     assert all(m.bias is None for m in decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d))
 
 
-# (data, backbone) -> the released decoder's d0 and up-block widths (docs/methods/heatmap.md table)
+# (data, backbone) -> the released decoder's d0 and up-block widths (docs/methods/heatmap.md table); the WRN-40-2
+# `make reproduce-heatmap` sweeps is the paper's (wrn40_2_heatmap, meliketoy's layout)
 RELEASED_PLANS = {
     ("cifar10", "resnet18_32x32"): (100, (512, 256, 128, 64)),
     ("cifar100", "resnet18_32x32"): (512, (512, 256, 128, 64)),
-    ("cifar10", "wrn40_2"): (128, (256, 128, 64, 32)),
-    ("cifar100", "wrn40_2"): (128, (256, 128, 64, 32)),
+    ("cifar10", "wrn40_2_heatmap"): (128, (256, 128, 64, 32)),
+    ("cifar100", "wrn40_2_heatmap"): (128, (256, 128, 64, 32)),
 }
 
 

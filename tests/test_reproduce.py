@@ -21,6 +21,7 @@ import pytest
 import torch
 import torchvision
 from fabricate import IMAGENET_OOD, make_openood_imagenet_tree, make_paper_tree
+from helpers import compose_config
 
 from ood import CONFIG_DIR, PROJECT_ROOT
 
@@ -151,6 +152,22 @@ def test_tiny_version_runs(target: str, tiny_tree: Path, tmp_path: Path, monkeyp
         assert {r["ood_dataset"]: (r["ood_group"], r["n_ood"]) for r in rows if r["detector"] == "grood"} == IMAGENET_OOD
     if target == "cluster":
         assert "| cluster |" in report and "imagenet_resize" in report
+
+
+def test_heatmap_target_sweeps_the_papers_networks_and_each_has_its_references(tmp_path: Path) -> None:
+    """`make reproduce-heatmap` trains the heatmap paper's own classifiers (jhornauer/heatmap_ood `Networks/`): the
+    ResNet-18 (kuangliu's = OpenOOD's) and meliketoy's WRN-40-2 (`wrn40_2_heatmap`), not the OE / OpenOOD WRN
+    (`wrn40_2`, another network); and every (ID dataset, backbone) it runs has a reference file under that backbone
+    name, the name its rows report (`ood-report` matches a reference on it)."""
+    from ood.report.references import REFERENCE_DIR, load_reference, reference_files
+
+    first = shlex.split(make_dry("heatmap", {"VENV": ".venv"})[0])
+    sweep = dict(w.split("=", 1) for w in first if w.startswith(("data=", "backbone=")))
+    backbones = sweep["backbone"].split(",")
+    targets = {b: compose_config(tmp_path, ["experiment=heatmap_ce", f"backbone={b}"]).backbone._target_ for b in backbones}
+    assert targets == {"resnet18_32x32": "ood.models.ResNet18_32x32", "wrn40_2_heatmap": "ood.models.wrn.MeliketoyWideResNet"}
+    refs = {(r["id_dataset"], r["backbone"]) for r in map(load_reference, reference_files([REFERENCE_DIR / "heatmap"]))}
+    assert refs == {(d, b) for d in sweep["data"].split(",") for b in backbones}
 
 
 @pytest.mark.parametrize("paper", ["heatmap", "energy", "cluster", "grood", "oal"])
