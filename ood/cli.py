@@ -226,14 +226,15 @@ def load_weights(method: Any, path: str | Path, cfg: DictConfig | None = None) -
     A network's own file (`NETWORK_FORMATS`: energy_ood's released WRN under `method=energy_oe`) fills the backbone
     alone, unless the method's score reads parts only its training gives (`trained_parts`: refused as a mismatch)."""
     from ood.errors import CheckpointError
-    from ood.models.checkpoint import NETWORK_FORMATS, load_modules, read_checkpoint
+    from ood.models.checkpoint import NETWORK_FORMATS, load_modules, network_hint, read_checkpoint
     from ood.runs.checks import method_changes
     from ood.runs.trained import checkpoint_config
 
     try:
         state, kind = read_checkpoint(path)
         network_only = kind in NETWORK_FORMATS and not getattr(method, "trained_parts", ())
-        load_modules(method, state, {"backbone": "backbone"} if network_only else None, path)
+        load_modules(method, state, {"backbone": "backbone"} if network_only else None, path,
+                     network_hint(kind, state))
     except CheckpointError as err:
         changes = method_changes(cfg, checkpoint_config(path)) if cfg is not None else ""
         if not changes:

@@ -143,3 +143,19 @@ def test_a_released_network_file_fills_the_backbone_of_a_method_with_buffers_of_
     with pytest.raises(CheckpointError, match=r"does not fit the configured model \(pass the method= it was trained "
                                               r"with: the checkpoint's modules differ outside the backbone\): missing"):
         load_weights(cfl, tmp_path / "cifar10_wrn_s1_energy_ft_epoch_9.pt")
+
+
+def test_a_network_file_under_another_backbone_names_the_backbone_it_fits(tmp_path: Path) -> None:
+    """A released WRN file under backbone=resnet18_32x32 (and OpenOOD's ResNet-18 under wrn40_2) said "pass the
+    data=/backbone= it was trained with": a file of another framework has no training config to look up. The
+    mismatch names the backbone the file's layout is."""
+    from ood.errors import CheckpointError
+    from ood.models.wrn import WideResNet
+
+    torch.save(_ReleasedWideResNet(16, 10, 1).state_dict(), tmp_path / "wrn.pt")
+    torch.save(_as_openood(ResNet18_32x32(10).state_dict()), tmp_path / "resnet.pt")
+    for file, net, hint in (("wrn.pt", ResNet18_32x32(10), r"pass backbone=wrn40_2 \(with the file's depth / "
+                                                             r"widen_factor\)"),
+                            ("resnet.pt", WideResNet(10, depth=16, widen_factor=1), "pass backbone=resnet18_32x32")):
+        with pytest.raises(CheckpointError, match=rf"does not fit the configured model \({hint}\): missing"):
+            load_weights(CrossEntropy(net, optimizer=torch.optim.SGD), tmp_path / file)

@@ -228,6 +228,21 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
 NETWORK_FORMATS = ("wide_resnet", "openood", "torchvision", "backbone", "heatmap_ood")
 
 
+#: a mismatch's hint when nothing more is known of the file
+TRAINED_WITH = "pass the data=/backbone= it was trained with"
+
+
+def network_hint(kind: str, state: Mapping[str, torch.Tensor]) -> str:
+    """What a mismatch of a network's own file (`NETWORK_FORMATS`, read as `kind`) tells the user to pass: the
+    backbone its layout is (the generic data=/backbone= hint for a bare backbone state dict)."""
+    if kind == "heatmap_ood":
+        return "pass backbone=wrn40_2_heatmap" if "backbone.stages.stem.bias" in state else "pass backbone=resnet18_32x32"
+    return {"wide_resnet": "pass backbone=wrn40_2 (with the file's depth / widen_factor)",
+            "openood": "pass backbone=resnet18_32x32",
+            "torchvision": "pass backbone=resnet18 | resnet50, or backbone=torchvision backbone.name=<its model>"}.get(
+        kind, TRAINED_WITH)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Method-level state dict of any supported file (see the module docstring); errors name the file."""
     return read_checkpoint(path)[0]
@@ -265,7 +280,7 @@ def load_modules(
     state: Mapping[str, torch.Tensor],
     modules: Mapping[str, str] | None,
     path: str | Path,
-    hint: str = "pass the data=/backbone= it was trained with",
+    hint: str = TRAINED_WITH,
 ) -> list[str]:
     """Copy `state` into `model`, strictly, for the sub-modules `modules` (target name -> source prefix in `state`;
     None = the whole model). Returns the loaded target names. Every mismatch names `path` and the first bad key."""
