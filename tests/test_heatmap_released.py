@@ -280,7 +280,8 @@ def test_released_mismatches_are_one_line_naming_the_file_and_key(tmp_path: Path
     cfg = compose_config(tmp_path, ["experiment=heatmap_ce", "backbone=wrn40_2", "trainer=cpu"], config_name="eval")
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=10))
     with pytest.raises(CheckpointError, match=rf"^checkpoint {wrn} does not fit the configured model \(pass "
-                                              rf"backbone=wrn40_2_heatmap\): .*'backbone\.stages\.") as err:
+                                              r"backbone=wrn40_2_heatmap and the data= it was trained with\): "
+                                              r".*'backbone\.stages\.") as err:
         load_weights(method, wrn, cfg)
     assert "\n" not in str(err.value)
     # a CIFAR-10 decoder under data=cifar100: the shapes differ, named with the file and the key

@@ -155,7 +155,19 @@ def test_a_network_file_under_another_backbone_names_the_backbone_it_fits(tmp_pa
     torch.save(_ReleasedWideResNet(16, 10, 1).state_dict(), tmp_path / "wrn.pt")
     torch.save(_as_openood(ResNet18_32x32(10).state_dict()), tmp_path / "resnet.pt")
     for file, net, hint in (("wrn.pt", ResNet18_32x32(10), r"pass backbone=wrn40_2 \(with the file's depth / "
-                                                             r"widen_factor\)"),
-                            ("resnet.pt", WideResNet(10, depth=16, widen_factor=1), "pass backbone=resnet18_32x32")):
+                                                             r"widen_factor\) and the data= it was trained with"),
+                            ("resnet.pt", WideResNet(10, depth=16, widen_factor=1),
+                             "pass backbone=resnet18_32x32 and the data= it was trained with")):
         with pytest.raises(CheckpointError, match=rf"does not fit the configured model \({hint}\): missing"):
             load_weights(CrossEntropy(net, optimizer=torch.optim.SGD), tmp_path / file)
+
+
+def test_a_network_file_of_other_classes_under_its_backbone_names_the_data(tmp_path: Path) -> None:
+    """OpenOOD's CIFAR-100 ResNet-18 under backbone=resnet18_32x32 and 10 classes: the head's shape differs, and the
+    hint said "pass backbone=resnet18_32x32", the backbone given; the data= (its classes) is what to change."""
+    from ood.errors import CheckpointError
+
+    torch.save(_as_openood(ResNet18_32x32(100).state_dict()), tmp_path / "cifar100.pt")
+    with pytest.raises(CheckpointError, match=r"\(pass backbone=resnet18_32x32 and the data= it was trained with\): "
+                                              r"backbone\.fc\.bias has shape \(100,\) in the file and \(10,\) in the model"):
+        load_weights(CrossEntropy(ResNet18_32x32(10), optimizer=torch.optim.SGD), tmp_path / "cifar100.pt")

@@ -234,13 +234,14 @@ TRAINED_WITH = "pass the data=/backbone= it was trained with"
 
 def network_hint(kind: str, state: Mapping[str, torch.Tensor]) -> str:
     """What a mismatch of a network's own file (`NETWORK_FORMATS`, read as `kind`) tells the user to pass: the
-    backbone its layout is (the generic data=/backbone= hint for a bare backbone state dict)."""
+    backbone its layout is, and the data it was trained with (a head of other classes is a mismatch under the right
+    backbone); the generic data=/backbone= hint for a bare backbone state dict."""
     if kind == "heatmap_ood":
-        return "pass backbone=wrn40_2_heatmap" if "backbone.stages.stem.bias" in state else "pass backbone=resnet18_32x32"
-    return {"wide_resnet": "pass backbone=wrn40_2 (with the file's depth / widen_factor)",
-            "openood": "pass backbone=resnet18_32x32",
-            "torchvision": "pass backbone=resnet18 | resnet50, or backbone=torchvision backbone.name=<its model>"}.get(
-        kind, TRAINED_WITH)
+        backbone = "wrn40_2_heatmap" if "backbone.stages.stem.bias" in state else "resnet18_32x32"
+    else:
+        backbone = {"wide_resnet": "wrn40_2 (with the file's depth / widen_factor)", "openood": "resnet18_32x32",
+                    "torchvision": "resnet18 | resnet50, or backbone=torchvision backbone.name=<its model>,"}.get(kind)
+    return f"pass backbone={backbone} and the data= it was trained with" if backbone else TRAINED_WITH
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
