@@ -19,7 +19,9 @@ from torch import nn
 from ood.cli import load_weights
 from ood.errors import CheckpointError
 from ood.methods.heatmap import heatmap_score
+from ood.models.checkpoint import from_meliketoy_wrn
 from ood.models.decoder import DecoderPlan
+from ood.models.wrn import MeliketoyWideResNet
 from ood.utils import instantiate
 
 
@@ -259,6 +261,31 @@ def test_released_pair_gives_the_released_logits_and_score(tmp_path: Path, pair:
     assert method.feature_range.tolist() == list(released["range"])
     # the method's [-1, 1] space is the released input itself (heatmap grids)
     torch.testing.assert_close(method.to_unit(x), x)
+
+
+def test_the_heatmap_wrn_trains_as_the_released_one() -> None:
+    """`backbone=wrn40_2_heatmap` in training mode, where the logits compared above (eval mode) see neither dropout
+    nor BN momentum: the same dropout masks drawn at the same place (between a block's conv1 and bn2) give the same
+    logits, and one batch moves the final BN's running statistics with momentum 0.9, the blocks' with 0.1, as the
+    released Wide_ResNet's."""
+    torch.manual_seed(3)
+    released, head = ReleasedWideResNet(depth=16), ResNetLinear(10, 128)
+    ours = MeliketoyWideResNet(10, depth=16, widen_factor=2)
+    linear = {"fc." + k.removeprefix("linear."): v for k, v in head.state_dict().items()}
+    ours.load_state_dict(from_meliketoy_wrn({**released.state_dict(), **linear}, prefix=""))
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    torch.manual_seed(5)
+    want = head(released.train()(x))
+    torch.manual_seed(5)
+    got = ours.train()(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.manual_seed(5)
+    assert not torch.allclose(ours.eval()(x), got, atol=1e-3)  # the dropout draws mattered
+    for mine, theirs in ((ours.stages.block3[-2], released.bn1), (ours.stages.block2[0].bn2, released.layer2[0].bn2)):
+        assert mine.momentum == theirs.momentum
+        torch.testing.assert_close(mine.running_mean, theirs.running_mean, rtol=0, atol=1e-6)
+        torch.testing.assert_close(mine.running_var, theirs.running_var, rtol=0, atol=1e-5)
+    assert float(released.bn1.running_mean.abs().max()) > 0.05  # moved far from the init's 0 in one batch
 
 
 def test_a_classifier_file_alone_loads_under_any_method(tmp_path: Path, released: dict) -> None:
