@@ -171,8 +171,9 @@ def test_wrn_final_relu_is_in_place_as_openoods() -> None:
 
 def test_heatmap_wrn_has_the_released_init_and_trains_under_ce(tmp_path: Path) -> None:
     """`backbone=wrn40_2_heatmap` (meliketoy's layout, the heatmap paper's): PyTorch's default init as heatmap_ood
-    trained it (its `conv_init` is never applied: conv biases uniform in +-1/sqrt(fan_in), not zero), the final BN's
-    momentum 0.9, and one `method=ce` step on 32-px RGB images gives a finite loss and moves the conv biases."""
+    trained it (its `conv_init` is never applied: conv biases uniform in +-1/sqrt(fan_in), not zero; nor is OE's
+    `he_init`, whose normal conv weights pass that bound and whose head bias is zero), the final BN's momentum 0.9,
+    and one `method=ce` step on 32-px RGB images gives a finite loss and moves the conv biases."""
     cfg = compose_config(tmp_path, ["method=ce", "backbone=wrn40_2_heatmap"])
     assert (cfg.backbone.depth, cfg.backbone.widen_factor, cfg.backbone.dropout) == (40, 2, 0.3)
     torch.manual_seed(0)
@@ -181,6 +182,9 @@ def test_heatmap_wrn_has_the_released_init_and_trains_under_ce(tmp_path: Path) -
     bound = 1 / (3 * 9) ** 0.5
     stem_bias = net.stages["stem"].bias.detach().clone()
     assert 0 < float(stem_bias.abs().max()) <= bound and float(stem_bias.abs().min()) > 0
+    for conv in (m for m in net.modules() if isinstance(m, nn.Conv2d)):  # kaiming_uniform(a=sqrt 5): 1/sqrt(fan_in)
+        assert float(conv.weight.abs().max()) <= conv.weight[0].numel() ** -0.5, conv
+    assert float(net.fc.bias.abs().min()) > 0
     assert net.stages["block3"][-2].momentum == 0.9 and net.stages["block1"][0].dropout.p == 0.3
     batch = Batch(torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([0, 1, 2, 5]), torch.arange(4))
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
