@@ -22,6 +22,7 @@ from ood.cli import check_argv, friendly_errors, in_multirun, load_weights, requ
 from ood.errors import ConfigError
 from ood.runs.checks import as_trained_paths, check_launch, check_run
 from ood.runs.failures import (
+    Started,
     clear_failure,
     ctrl_c_raised,
     record_failure,
@@ -149,7 +150,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
                     "checkpoints/last.ckpt), or backbone.weights=FILE for a backbone that loads pretrained weights "
                     "(e.g. backbone=resnet50)"
                 )
-            rows = _run(cfg, output_dir)
+            rows = _run(cfg, output_dir, earlier)
             stop_if_terminated()  # came after the evaluation, as it wrote its results
             return rows
         except SIGTERMException:
@@ -209,7 +210,7 @@ def _best_weights(trainer: L.Trainer) -> str:
     return str(best)
 
 
-def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
+def _run(cfg: DictConfig, output_dir: Path, attempt: Started) -> list[dict[str, Any]]:
     from ood.runs.checkpoints import (
         checkpoint_epoch,
         own_checkpoint_epoch,
@@ -248,6 +249,7 @@ def _run(cfg: DictConfig, output_dir: Path) -> list[dict[str, Any]]:
         write_identity(output_dir, ident, OmegaConf.to_yaml(cfg, resolve=True))
         if cfg.train:
             record_resumed(output_dir, ckpt_path)
+    attempt.begin()
     try:
         # between the stages too (Lightning's handler and checks are there only during one), in one process; ranks
         # launched apart (trainer=ddp, torchrun) stop together at a step instead (ood.strategies.DDPStrategy)

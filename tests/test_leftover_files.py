@@ -460,6 +460,7 @@ def test_an_attempt_refused_before_it_started_keeps_a_finished_runs_results(tmp_
     assert (tmp_path / "FAILED.txt").read_text() == "SIGTERMException: terminated by SIGTERM\n"
     started = clear_failure(tmp_path)
     write_identity(tmp_path, ident, "method: msp\n")  # this attempt passed its checks and wrote its settings
+    started.begin()
     record_failure(tmp_path, RuntimeError("boom"), started)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FAILED.txt", "config.yaml", "identity.json"]
     assert (tmp_path / "FAILED.txt").read_text() == "RuntimeError: boom\n"
@@ -497,15 +498,21 @@ def test_a_failed_rank_started_after_rank_zero_wrote_the_config_leaves_failed_tx
     """trainer=ddp's ranks 1.. start (popen) once rank 0 wrote this attempt's config.yaml, so their `clear_failure`
     stamps it: one failing in training found it unchanged and, taken for an attempt refused before its settings,
     left no FAILED.txt (rank 0, killed by Lightning's child observer, none either): ood-report called the job still
-    running. A rank other than 0 never writes config.yaml, so it cannot tell: it records its failure, and leaves the
-    results beside their config.yaml, as before (under torchrun a refused rank would remove a finished run's)."""
+    running. The attempt's own mark (`Started.begin`, set on each rank once its run is built) tells: it records its
+    failure. Under torchrun every rank runs the checks: a rank refused there leaves a finished run's folder as it
+    was (it wrote FAILED.txt beside the complete results, the report naming the finished run failed)."""
     from ood.runs.failures import clear_failure, record_failure
 
-    monkeypatch.setattr("lightning_utilities.core.rank_zero.rank_zero_only.rank", 1, raising=False)  # ood.utils.global_rank
     _finished(tmp_path, "method: msp\n")  # rank 0's config.yaml of this attempt (and an earlier results.jsonl)
-    record_failure(tmp_path, RuntimeError("CUDA out of memory"), clear_failure(tmp_path))
+    started = clear_failure(tmp_path)
+    started.begin()  # this rank built its run and trained
+    record_failure(tmp_path, RuntimeError("CUDA out of memory"), started)
     assert (tmp_path / "FAILED.txt").read_text() == "RuntimeError: CUDA out of memory\n"
-    assert (tmp_path / "results.jsonl").read_text() == "row\n"
+    (tmp_path / "FAILED.txt").unlink()
+    _finished(tmp_path, "method: msp\n")  # a finished run; a rerun refused on a rank by its checks (torchrun)
+    monkeypatch.setattr("lightning_utilities.core.rank_zero.rank_zero_only.rank", 1, raising=False)
+    record_failure(tmp_path, RuntimeError("refused"), clear_failure(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "identity.json", "results.jsonl"]
 
 
 def _finished(folder: Path, config: str) -> RunIdentity:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ood.files import atomic_write_text
-from ood.utils import get_logger, global_rank
+from ood.utils import get_logger
 
 log = get_logger(__name__)
 
@@ -61,14 +61,22 @@ def remove_earlier_results(output_dir: str | Path, only: Mapping[str, FileStamp]
             log.info("removed %s of an earlier attempt in %s", name, output_dir)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Started:
     """What a run folder held as an attempt started (`clear_failure`), for `record_failure`: the stamps of the
-    results kept and of their `config.yaml`, and the earlier attempt's `FAILED.txt` (its text), which an attempt that
-    fails before it writes its own `config.yaml` puts back."""
+    results kept and of their `config.yaml`, the earlier attempt's `FAILED.txt` (its text), which an attempt that
+    fails before it began puts back, and whether it began (`begin`)."""
 
     stamps: dict[str, FileStamp] = field(default_factory=dict)
     failed: str | None = None
+    begun: bool = False
+
+    def begin(self) -> None:
+        """This attempt passed its checks and built its run (rank 0 wrote its `config.yaml`), on this rank: a failure
+        from now on is the run's, recorded whatever the folder held. Every rank marks it where it gets there, so
+        ranks started after rank 0 wrote the settings (trainer=ddp) and ranks refused on their own (torchrun) are
+        told apart, which the folder's files cannot do."""
+        self.begun = True
 
 
 def clear_failure(output_dir: str | Path) -> Started:
@@ -99,19 +107,17 @@ def record_failure(output_dir: str | Path, err: BaseException, earlier: Started 
     other settings, a misspelt key: refused in one line on the console) leaves a folder that held a run's
     `config.yaml` as it was: a finished run's results beside the settings they were made with (it removed them), and
     no `FAILED.txt` but the earlier attempt's (`ood-report` named a finished run of `evaluate=false` failed, with the
-    refusal); a new folder gets one, so that the report names a sweep's refused job. Only rank 0 can tell: the
-    other ranks write no `config.yaml`, and trainer=ddp starts them once rank 0 wrote it, so they record every failure.
-    Results this attempt wrote stay: a SIGTERM after the evaluation wrote them leaves them complete."""
+    refusal); a new folder gets one, so that the report names a sweep's refused job. Before or not is the attempt's
+    own mark (`Started.begin`), on every rank. Results this attempt wrote stay: a SIGTERM after the evaluation wrote
+    them leaves them complete."""
     path = Path(output_dir)
     if not path.is_dir():
         return
-    settings = earlier.stamps.get(SETTINGS_FILE) if earlier else None
-    unchanged = earlier is not None and settings is not None and _stamp(path / SETTINGS_FILE) == settings
-    if unchanged and global_rank() == 0:
+    if earlier is not None and SETTINGS_FILE in earlier.stamps and not earlier.begun:
         if earlier.failed is not None:
             atomic_write_text(path / FAILED_FILE, earlier.failed)
         return
-    if earlier and earlier.stamps and not unchanged:
+    if earlier and earlier.stamps:
         remove_earlier_results(path, only=earlier.stamps)
     atomic_write_text(path / FAILED_FILE, f"{type(err).__name__}: {err}\n")
 
