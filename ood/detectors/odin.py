@@ -12,6 +12,10 @@ forward per grid point (9 forwards + 4 backwards per batch for OpenOOD's 8 point
 batch together with i-ODIN, the forward pass and the gradient at a shared temperature are run once for both.
 Deviations: max log-softmax in float64 instead of max softmax (monotone, no ties); the input gradient is
 taken with `torch.autograd.grad`, so parameter gradients are never touched.
+
+`odin_energy_ood` is the same score over wetliu/energy_ood's `CIFAR/run.sh Odin` grid (T in {1000, 100, 10, 1} x
+noise in {0, 0.0004, ..., 0.0048}), the energy paper's ODIN row (`experiment=energy_ce`); reported under `odin` in
+reference tables (`reproduces`). Its scores equal energy_ood's `utils/score_calculation.py` `ODIN` (tested).
 """
 
 from __future__ import annotations
@@ -92,3 +96,12 @@ class ODIN(Detector):
     def input_step(self, grad: torch.Tensor) -> torch.Tensor:
         """The direction the input moves against (before the noise scale and the std): sign(grad), sign(0) = +1."""
         return torch.where(grad >= 0, 1.0, -1.0).to(grad.dtype)
+
+
+class EnergyOODODIN(ODIN):
+    """ODIN tuned over energy_ood's run.sh grid (40 points) instead of OpenOOD's (8)."""
+
+    name = "odin_energy_ood"
+    reproduces = "odin"
+    grid = {"temperature": [1, 10, 100, 1000],
+            "noise": [0, 0.0004, 0.0008, 0.0014, 0.002, 0.0024, 0.0028, 0.0032, 0.0038, 0.0048]}
