@@ -249,6 +249,31 @@ def test_energy_paper_presets_are_the_released_recipe(tmp_path: Path, experiment
         assert (cfg.method.margins, cfg.method.m_in, cfg.method.m_out, cfg.method.lam) == ("absolute", m_in, -5.0, 0.1)
 
 
+#: wetliu/energy_ood CIFAR/run.sh: `Odin` loops T over 1000 100 10 1 and noise over these ten; `M` noise over these seven
+RUN_SH_ODIN = {"temperature": [1000, 100, 10, 1], "noise": [0, 0.0004, 0.0008, 0.0014, 0.002, 0.0024, 0.0028, 0.0032, 0.0038, 0.0048]}
+RUN_SH_M = [0.0, 0.01, 0.005, 0.002, 0.0014, 0.001, 0.0005]
+
+
+@pytest.mark.parametrize("data", ["cifar10", "cifar100"])
+def test_energy_ce_scores_the_paper_rows_over_run_sh_grids(tmp_path: Path, data: str) -> None:
+    """energy_ce's detectors are the four post-hoc rows of energy_ood's table as its test.py scores them: ODIN over
+    run.sh's 40 points, Mahalanobis with input pre-processing over run.sh's noise list, both tuned on validation OOD
+    (the `none` group tuned nothing: ODIN kept T 1000 / noise 0.0014 and Mahalanobis had no pre-processing); each
+    row's detector lists, by `reference_name`, under a key of the reference's ce rows."""
+    from ood.detectors import reference_name, resolve_detectors
+    from ood.report.references import REFERENCE_DIR, load_reference
+
+    cfg = compose_config(tmp_path, ["experiment=energy_ce", f"data={data}"])
+    assert list(cfg.detectors.names) == ["msp", "odin_energy_ood", "mahalanobis_odin", "energy"]
+    assert cfg.detectors.tune is True and not cfg.detectors.params and cfg.data.benchmark.protocol == "classic"
+    msp, odin, maha, energy = resolve_detectors(list(cfg.detectors.names))
+    assert {k: sorted(v) for k, v in odin.grid.items()} == {k: sorted(v) for k, v in RUN_SH_ODIN.items()}
+    assert maha.grid == {"noise": sorted(RUN_SH_M)}
+    assert msp.grid == {} and energy.grid == {"temperature": [1.0]}  # test.py's MSP and `--score energy` at --T 1
+    reference = load_reference(REFERENCE_DIR / f"energy/{data}_wrn40_2.yaml")
+    assert [reference_name(cls.name) for cls in (msp, odin, maha, energy)] == list(reference["fpr95"]["ce"])
+
+
 def test_energy_oe_training_loss_is_energy_oods_line_by_line(tmp_path: Path) -> None:
     """The summed loss terms at run.sh's absolute margins equal energy_ood train.py's `loss` (transcribed)."""
     method = build(tmp_path, "energy_oe", "method.margins=absolute", "method.m_in=-23", "method.m_out=-5")

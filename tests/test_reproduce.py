@@ -200,6 +200,24 @@ def test_fpr95_reference_columns_follow_the_convention() -> None:
     assert add_reference(metric_cols, table, [ood_pos])[-1] == "ref:far/fpr95_oodpos"
 
 
+@pytest.mark.parametrize(("id_dataset", "published"), [("cifar10", (51.04, 35.71, 37.08, 33.01)), ("cifar100", (80.41, 74.64, 54.64, 73.6))])
+def test_energy_ce_detector_rows_get_the_papers_post_hoc_fpr95(tmp_path: Path, id_dataset: str, published: tuple[float, ...]) -> None:
+    """The rows experiment=energy_ce writes (its detectors.names) stand beside energy_ood's MSP, ODIN, Mahalanobis and
+    energy rows: odin_energy_ood by the `odin` it reproduces, mahalanobis_odin (energy_ood's `--score M`, input
+    pre-processing) under its own name; the plain `mahalanobis` (no pre-processing) gets none."""
+    from ood.report.aggregation import aggregate
+    from ood.report.references import REFERENCE_DIR, add_reference, load_reference
+
+    ref = load_reference(REFERENCE_DIR / f"energy/{id_dataset}_wrn40_2.yaml")
+    detectors = [*compose_config(tmp_path, ["experiment=energy_ce"])["detectors"]["names"], "mahalanobis"]
+    rows = [{"method": "ce", "detector": d, "backbone": "wrn40_2", "id_dataset": id_dataset, "seed": 0, "_run": "r",
+             "ood_dataset": s, "ood_group": "far", "auroc": 0.9, "fpr95": 0.3} for d in detectors for s in ref["ood_sets"]["far"]]
+    _, metric_cols, table = aggregate(rows)
+    assert add_reference(metric_cols, table, [ref]) == [*metric_cols, "ref:far/fpr95"]
+    got = {e["detector"]: e.get("ref:far/fpr95", (None,))[0] for e in table}
+    assert got == {**dict(zip(detectors, [pytest.approx(v / 100) for v in published])), "mahalanobis": None}
+
+
 #: hendrycks/outlier-exposure e6ede98 CIFAR/snapshots/<id>_wrn_<run>_test.txt, per-set means of 10 OOD draws
 #: (Texture, SVHN, Places365: lines 38/45/52 AUROC, 37/44/51 FPR95), transcribed apart from conf/reference/oe
 OE_RELEASED = {
