@@ -45,12 +45,12 @@ class Released(nn.Module):
 @pytest.fixture(scope="module")
 def wrn() -> dict[str, Any]:
     """WRN-10-1 (64-d features) in float64, its batch-norm statistics taken from its train images; 96 train images
-    of 4 classes (a full-rank shared covariance), 8 test images; 16 pixels a side (the global pool is energy_ood's
+    of 4 classes (a full-rank shared covariance), 8 test images; 8 pixels a side (the global pool is energy_ood's
     8x8 average pool at 32)."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     net = WideResNet(num_classes=CLASSES, depth=10, widen_factor=1).double()
-    train, test = (torch.randn(n, 3, 16, 16, generator=gen, dtype=torch.float64) for n in (96, 8))
+    train, test = (torch.randn(n, 3, 8, 8, generator=gen, dtype=torch.float64) for n in (96, 8))
     with torch.no_grad():
         net.train()(train)
     net.eval()
