@@ -362,6 +362,28 @@ def test_a_folder_trained_anew_forgets_the_checkpoint_it_once_resumed(tmp_path: 
     record_resumed(second, None)  # none to remove: no error
 
 
+def test_ckpt_path_last_in_a_folder_whose_run_resumed_another_resumes_that_checkpoint(tmp_path: Path) -> None:
+    """trainer=ddp's ranks 1.. rerun the command once rank 0 wrote this attempt's config.yaml and resumed.json: with
+    `ckpt_path=last` into a new folder rank 0 resumed the newest run's checkpoint, rank 1 found a folder of ours
+    (`own_only`) without one and trained from scratch beside it (its own epochs, optimizer and schedule; it failed in
+    a collective once rank 0 was done: FAILED.txt beside the finished run). The checkpoint the folder's run resumed is
+    its to resume (also for a rerun in place of an attempt that died before its first checkpoint)."""
+    from ood.runs.failures import record_resumed
+
+    runs = tmp_path / "runs"
+    old, new = runs / "a" / "checkpoints" / "last.ckpt", runs / "b" / "checkpoints" / "last.ckpt"
+    for i, path in enumerate((old, new)):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))
+    here = runs / "here"
+    here.mkdir()
+    record_resumed(here, old)  # not the newest: the one this folder's run resumed
+    assert resolve_ckpt_path("last", here, runs, own_only=True) == str(old.resolve())
+    old.unlink()  # gone since: nothing of this run's to resume
+    assert resolve_ckpt_path("last", here, runs, own_only=True) is None
+
+
 def test_ckpt_path_last_in_a_new_sweep_folder_says_how_to_resume_the_stopped_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -264,9 +264,9 @@ def resolve_ckpt_path(
     the default).
 
     `last`: `<output_dir>/checkpoints/last.ckpt` when it exists (a rerun into the same folder, e.g. a multirun
-    with a fixed `hydra.sweep.dir`); else None (start from scratch) when `own_only` (a job of a sweep, or a folder
-    whose earlier attempt died before its first checkpoint: another run's checkpoint is not this one's), else the
-    newest `*/checkpoints/last.ckpt` under `runs_dir`. A folder: its `checkpoints/last.ckpt`. A file: itself.
+    with a fixed `hydra.sweep.dir`); else, when `own_only` (a job of a sweep, or a folder whose earlier attempt died
+    before its first checkpoint: another run's checkpoint is not this one's), the checkpoint this folder's run resumed
+    (`resumed.json`), or None (start from scratch); else the newest `*/checkpoints/last.ckpt` under `runs_dir`. A folder: its `checkpoints/last.ckpt`. A file: itself.
     A job of a sweep (`sweep_dir`: its `hydra.sweep.dir`) whose sweep folder holds no job's checkpoint, in a folder without an earlier
     attempt (`config.yaml`), is a new sweep, every job from scratch: a warning says how to resume the stopped one (its
     folder, `hydra.sweep.dir=`), the usual mistake; a job requeued by `hydra/launcher=slurm` before any checkpoint
@@ -286,6 +286,12 @@ def resolve_ckpt_path(
                         sweep_dir)
             return None
         if own_only:
+            # this folder's run resumed another folder's checkpoint and saved none of its own yet: that one (trainer=ddp's
+            # ranks 1.. start once rank 0 wrote config.yaml and resumed.json, and trained from scratch beside it)
+            resumed = resumed_checkpoint(output_dir)
+            if resumed is not None and resumed.is_file():
+                log.info("ckpt_path=last resumes %s, which %s resumed", resumed, output_dir)
+                return str(resumed)
             log.info("ckpt_path=last: no checkpoint in %s yet, training starts from scratch", output_dir)
             return None
         found = sorted(Path(runs_dir).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
