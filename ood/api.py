@@ -504,7 +504,7 @@ def evaluate(
     from ood.models.adapters import as_backbone, check_classes
     from ood.runs.checks import check_overrides
     from ood.runs.console import quiet_warnings
-    from ood.runs.failures import clear_failure, ctrl_c_raised, record_failure
+    from ood.runs.failures import clear_failure, ctrl_c_raised, folder_state, record_failure
     from ood.train import build
 
     arguments = locals()  # the parameters (and the imports above), before anything else is bound
@@ -538,7 +538,7 @@ def evaluate(
         raise ConfigError(f"output_dir={out} holds an ood run ({', '.join(owned)}): ood.evaluate would replace its "
                           "config.yaml, results.jsonl and scores.npz; give a folder of its own")
     out.mkdir(parents=True, exist_ok=True)
-    clear_failure(out)  # as `ood-eval`: an earlier run's results would read as this one's should it fail
+    earlier = folder_state(out)  # a call refused by its checks below leaves an earlier evaluation's folder as it was
     values |= {k: v for k, v in data.items() if not _is_object(v)}
     objects |= {k: v for k, v in data.items() if k not in values}
     args = [
@@ -578,11 +578,13 @@ def evaluate(
             named = f": {classes[:8]}{' ...' if len(classes) > 8 else ''}" if classes else ""
             check_classes(backbone, datamodule.num_classes, f"the ID data ({datamodule.name}{named})")
             method_.apply_init(load=False)
+            earlier = clear_failure(out)  # as `ood-eval`: an earlier run's results would read as this one's should it fail
+            earlier.begin()
             atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
             with one_line_errors(), ctrl_c_raised(trainer):  # the caller's program gets its Ctrl-C back
                 trainer.test(method_, datamodule=datamodule, verbose=False)
         except (Exception, KeyboardInterrupt) as err:  # `FAILED.txt`, as `ood-eval` leaves it: ood-report names it
-            record_failure(out, err)
+            record_failure(out, err, earlier)
             raise
         finally:
             GlobalHydra.instance().clear()

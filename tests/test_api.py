@@ -654,6 +654,21 @@ def test_a_training_option_is_refused_naming_what_the_evaluation_does(tmp_path: 
     assert not (tmp_path / "run").exists()
 
 
+def test_a_call_refused_by_its_checks_leaves_an_earlier_evaluations_folder_as_it_was(tmp_path: Path) -> None:
+    """`ood.evaluate(..., output_dir=<an earlier evaluation's folder>)` refused by a check after the folder was taken
+    (a misspelt override) deleted that evaluation's results.jsonl and scores.npz, then left FAILED.txt beside its
+    config.yaml (ood-train keeps a finished folder as it was in the same case). Now nothing there changes."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    run = tmp_path / "run"
+    run.mkdir()
+    files = {"config.yaml": "data: {}\n", "results.jsonl": "{}\n", "scores.npz": "npz"}
+    for name, text in files.items():
+        (run / name).write_text(text)
+    with pytest.raises(ConfigError, match="detectors.parms"):
+        ood.evaluate(net, tmp_path / "id", [tmp_path / "far"], output_dir=run, overrides=["detectors.parms.knn.k=3"])
+    assert {p.name: p.read_text() for p in run.iterdir()} == files
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["detectors.names"], r"override 'detectors.names' is not key=value: give its value, 'detectors.names=<value>' "
                           r"\(or '~detectors.names' to delete the key\)"),

@@ -90,12 +90,21 @@ def clear_failure(output_dir: str | Path) -> Started:
     and writes the new one last (`ood.evaluation.sinks.ResultsWriter`: a kill there leaves no complete set).
     Returns what the folder held, for `record_failure`."""
     path = Path(output_dir)
-    failed = None
-    with contextlib.suppress(FileNotFoundError, IsADirectoryError):  # none, or another rank removed it first
-        failed = (path / FAILED_FILE).read_text()
+    found = folder_state(path)
     (path / FAILED_FILE).unlink(missing_ok=True)
     if not (path / IDENTITY_FILE).is_file():
         remove_earlier_results(path)
+    found.stamps = {name: stamp for name in found.stamps if (stamp := _stamp(path / name)) is not None}
+    return found
+
+
+def folder_state(output_dir: str | Path) -> Started:
+    """What `output_dir` holds (its results' and `config.yaml`'s stamps, its `FAILED.txt`), changing nothing: an
+    attempt that may still be refused by its checks takes this, and clears the folder (`clear_failure`) once past them."""
+    path = Path(output_dir)
+    failed = None
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError):  # none, or another rank removed it first
+        failed = (path / FAILED_FILE).read_text()
     stamps = {name: _stamp(path / name) for name in (*EARLIER_RESULTS, SETTINGS_FILE)}
     return Started({name: found for name, found in stamps.items() if found is not None}, failed)
 
