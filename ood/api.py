@@ -483,7 +483,8 @@ def evaluate(
         batch_size, num_workers: evaluation loading (per device).
         device: `cpu`, `cuda`, `cuda:<i>`; None: cuda when available.
         output_dir: the run folder; None: a new temporary folder, deleted when the process ends (`Results.save`
-            copies it). An earlier run's results.jsonl / scores.npz there go first; a failed run leaves FAILED.txt.
+            copies it). An earlier run's results.jsonl / scores.npz there go once the call passes its checks (one
+            refused by them leaves the folder as it was); a failed run leaves FAILED.txt.
         seed: the run seed, recorded as the rows' `seed`: pass the seed that trained the model, so ood-report takes
             models of several seeds as seeds of one configuration (all at 0 it warns that they are one seed).
         fsood: full-spectrum rows too (`mode: fsood`, ID = ID test + every csid set; `evaluation.fsood`); None: when
