@@ -54,6 +54,8 @@ ARGUMENT_KEYS = {
     "csid": "fsood= (the full-spectrum rows; the sets: ood_data={..., 'csid': {name: folder}})",
     "report_dir": "output_dir=",
 }
+#: those set after the compose from `id_data` / `ood_data` (an override of them was dropped without a word)
+DATA_ARGUMENTS = ("root", "train", "test", "val", "ood")
 _OUTLIERS = "it reads no outlier-exposure set; the OOD sets it scores are ood_data"
 #: the folder-data options only a training reads (conf/data/folder.yaml) -> what `evaluate` does instead, refused
 #: (`data.batch_size`, the training batch, cannot come as a data keyword: `batch_size=` sets the evaluation's)
@@ -599,7 +601,9 @@ def _check_keywords_against(overrides: Sequence[str], given: Mapping[str, Any]) 
     """Parse the caller's overrides (`ood.runs.checks.parse_overrides`) and refuse, in one line naming both, one that sets a config
     key which a keyword the caller gave (`given`: keyword -> value, `KEYWORD_KEYS`) sets to another value: one of
     the two was dropped without a word (`image_size=64` won over `data.image_size=32`, set after the compose; an
-    override won over `seed=`, `method=`, ... applied before it). The same value twice is fine."""
+    override won over `seed=`, `method=`, ... applied before it). The same value twice is fine. An override of a
+    training option (`data.drop_last`: it changed nothing) or of the data the call's arguments set (`data.root`,
+    `data.ood`: set after the compose, the override was dropped) is refused as the keyword would be."""
     from ood import CONFIG_DIR
     from ood.runs.checks import parse_overrides
 
@@ -608,6 +612,14 @@ def _check_keywords_against(overrides: Sequence[str], given: Mapping[str, Any]) 
         group = name == "detectors" and isinstance(value, str) and (CONFIG_DIR / "detectors" / f"{value}.yaml").is_file()
         keys["detectors" if group else KEYWORD_KEYS.get(name, f"data.{name}")] = (name, value)
     for item, override in zip(overrides, parse_overrides(overrides), strict=True):
+        data_key = override.key_or_group.removeprefix("data.").split(".")[0] if override.key_or_group.startswith(
+            "data.") else None
+        if data_key in TRAINING_OPTIONS:
+            raise ConfigError(f"ood.evaluate got overrides {item}: data.{data_key} is a training option; ood.evaluate "
+                              f"never trains: {TRAINING_OPTIONS[data_key]}")
+        if data_key in DATA_ARGUMENTS:
+            raise ConfigError(f"ood.evaluate got overrides {item}, a folder-data key this call sets from "
+                              f"{ARGUMENT_KEYS[data_key]}: give it there")
         if override.key_or_group not in keys or override.is_delete() or override.is_sweep_override():
             continue
         name, value = keys[override.key_or_group]

@@ -654,6 +654,23 @@ def test_a_training_option_is_refused_naming_what_the_evaluation_does(tmp_path: 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("data.drop_last=false", "data.drop_last is a training option; ood.evaluate never trains: its pass scores every "
+                             "image, the last partial batch too"),
+    ("+data.outliers=elsewhere", "data.outliers is a training option; ood.evaluate never trains: " + OUTLIERS),
+    ("data.root=elsewhere", "a folder-data key this call sets from id_data=<folder>: give it there"),
+    ("data.ood.far.x=elsewhere", "a folder-data key this call sets from ood_data=: give it there"),
+])
+def test_an_override_of_a_training_option_or_of_the_calls_data_is_refused(tmp_path: Path, override: str,
+                                                                          message: str) -> None:
+    """The same keys as keywords are refused (`drop_last=`, `root=`); through `overrides=` a training option changed
+    nothing and `data.root` / `data.ood` were dropped in silence (set after the compose from id_data / ood_data)."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    with pytest.raises(ConfigError, match=rf"^ood.evaluate got overrides {re.escape(override)}[:,] {re.escape(message)}$"):
+        ood.evaluate(net, tmp_path / "id", [tmp_path / "far"], output_dir=tmp_path / "run", overrides=[override])
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_call_refused_by_its_checks_leaves_an_earlier_evaluations_folder_as_it_was(tmp_path: Path) -> None:
     """`ood.evaluate(..., output_dir=<an earlier evaluation's folder>)` refused by a check after the folder was taken
     (a misspelt override) deleted that evaluation's results.jsonl and scores.npz, then left FAILED.txt beside its
