@@ -247,9 +247,9 @@ def _run(cfg: DictConfig, output_dir: Path, attempt: Started) -> list[dict[str, 
             remove_earlier_results(output_dir)
         # config.yaml too: the earlier attempt's results go before it lands when they were made with other settings
         write_identity(output_dir, ident, OmegaConf.to_yaml(cfg, resolve=True))
-        if cfg.train:
-            record_resumed(output_dir, ckpt_path)
-    attempt.begin()
+    attempt.begin()  # from here a failure is this attempt's (its config.yaml has landed)
+    if trainer.is_global_zero and cfg.train:
+        record_resumed(output_dir, ckpt_path)
     try:
         # between the stages too (Lightning's handler and checks are there only during one), in one process; ranks
         # launched apart (trainer=ddp, torchrun) stop together at a step instead (ood.strategies.DDPStrategy)
