@@ -297,13 +297,19 @@ def test_max_epochs_below_one_is_refused(tmp_path: Path, epochs: int) -> None:
     assert "ConfigError: trainer.max_epochs" in (tmp_path / "FAILED.txt").read_text()
 
 
-def test_ckpt_path_forms(tmp_path: Path) -> None:
-    runs = tmp_path / "logs" / "train" / "runs"
+def _two_runs(runs: Path) -> tuple[Path, Path]:
+    """The last.ckpt of an older run `a` and a newer run `b` under `runs`."""
     old, new = runs / "a" / "checkpoints" / "last.ckpt", runs / "b" / "checkpoints" / "last.ckpt"
     for i, path in enumerate((old, new)):
         path.parent.mkdir(parents=True)
         path.write_bytes(b"x")
         os.utime(path, (1000 + i, 1000 + i))
+    return old, new
+
+
+def test_ckpt_path_forms(tmp_path: Path) -> None:
+    runs = tmp_path / "logs" / "train" / "runs"
+    old, new = _two_runs(runs)
     here = tmp_path / "here"
     assert resolve_ckpt_path("last", here, runs) == str(new), "the newest run when this folder has none"
     assert resolve_ckpt_path(str(runs / "a"), here, runs) == str(old), "a run folder means its last.ckpt"
@@ -371,11 +377,7 @@ def test_ckpt_path_last_in_a_folder_whose_run_resumed_another_resumes_that_check
     from ood.runs.failures import record_resumed
 
     runs = tmp_path / "runs"
-    old, new = runs / "a" / "checkpoints" / "last.ckpt", runs / "b" / "checkpoints" / "last.ckpt"
-    for i, path in enumerate((old, new)):
-        path.parent.mkdir(parents=True)
-        path.write_bytes(b"x")
-        os.utime(path, (1000 + i, 1000 + i))
+    old, new = _two_runs(runs)
     here = runs / "here"
     here.mkdir()
     record_resumed(here, old)  # not the newest: the one this folder's run resumed
