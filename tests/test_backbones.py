@@ -14,6 +14,7 @@ from torchvision.models import resnet18, resnet50
 
 from ood.data.batch import Batch
 from ood.models import Backbone, DenseNet, ResNet18, ResNet18_32x32, ResNet50, WideResNet
+from ood.models.resnet import ResNet50_64x64
 from ood.models.wrn import MeliketoyWideResNet
 from ood.utils import instantiate
 
@@ -30,6 +31,8 @@ SHAPES = {
                    {"stem": (24, 32, 32), "block1": (30, 16, 16), "block2": (33, 8, 8), "block3": (69, 8, 8)}, 69),
     "resnet50": (lambda: ResNet50(10), 32, {"stem": (64, 16, 16), "layer1": (256, 8, 8), "layer2": (512, 4, 4),
                  "layer3": (1024, 2, 2), "layer4": (2048, 1, 1)}, 2048),
+    "resnet50_64x64": (lambda: ResNet50_64x64(10), 64, {"stem": (64, 32, 32), "layer1": (256, 32, 32),
+                       "layer2": (512, 16, 16), "layer3": (1024, 8, 8), "layer4": (2048, 4, 4)}, 2048),
 }
 
 
@@ -54,6 +57,7 @@ def built(request: pytest.FixtureRequest) -> tuple[str, Backbone]:
         (lambda: MeliketoyWideResNet(100), 2_258_084),
         (lambda: DenseNet(10, depth=100, growth=12), 769_162),  # DenseNet-BC-100, k=12 ("0.8M")
         (lambda: ResNet50(1000), 25_557_032),  # torchvision resnet50
+        (lambda: ResNet50_64x64(200), 23_910_152),  # the heatmap paper's Tiny ImageNet ResNet-50 (3x3 stem)
     ],
 )
 def test_parameter_counts(make: type, expected: int) -> None:

@@ -28,7 +28,7 @@ def test_backbone_builds_and_runs(tmp_path: Path, name: str) -> None:
     cfg = compose_config(tmp_path, [f"backbone={name}", *extra])
     backbone = instantiate(cfg.backbone, num_classes=7, in_channels=3)
     assert isinstance(backbone, Backbone)
-    size = 64 if name == "resnet50" else 32
+    size = 64 if name in ("resnet50", "resnet50_64x64") else 32
     out = backbone.eval().run(torch.randn(2, 3, size, size), backbone.layer_names[:1])
     assert out.logits.shape == (2, 7) and out.features.shape == (2, backbone.feature_dim)
     assert torch.allclose(backbone.fc(out.features), out.logits)

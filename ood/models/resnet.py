@@ -1,10 +1,13 @@
-"""ResNets: OpenOOD's CIFAR ResNet-18 (`resnet18_32x32`) and torchvision's ResNet-50 (`resnet50`, 224 px).
+"""ResNets: OpenOOD's CIFAR ResNet-18 (`resnet18_32x32`), the heatmap paper's 64-px ResNet-50 (`resnet50_64x64`) and
+torchvision's ResNet-50 (`resnet50`, 224 px).
 
 `ResNet18_32x32` is OpenOOD v1.5's `openood/networks/resnet18_32x32.py`: a 3x3 stride-1 stem conv + BN + ReLU
 (no max-pool), four stages of two basic blocks (64, 128, 256, 512 channels; stride 1, 2, 2, 2), global average
 pooling, a linear head: 11,173,962 parameters for 10 classes. Its basic block (conv-BN-ReLU-conv-BN + shortcut,
 1x1 conv + BN when the shape changes, ReLU) is exactly torchvision's `BasicBlock`, which is reused here. Weights
-keep PyTorch's default initialisation, as OpenOOD's do.
+keep PyTorch's default initialisation, as OpenOOD's do. `ResNet50_64x64` is the same body (kuangliu/pytorch-cifar's)
+with torchvision's `Bottleneck` (kuangliu's: 1x1, 3x3 carrying the stride, 1x1, expansion 4, a 1x1 conv + BN
+shortcut) and a 2x2 max-pool after the stem, as jhornauer/heatmap_ood's Tiny ImageNet classifier.
 
 `ResNet18` / `ResNet50` are torchvision's `resnet18/50(weights=None)` (never download), regrouped into stages;
 parameter-for-parameter the same networks (ResNet-50: 25,557,032 parameters for 1000 classes; ResNet-18 at 224 px is
@@ -42,21 +45,41 @@ def resnet_stage(block: type[BasicBlock | Bottleneck], in_planes: int, planes: i
     return nn.Sequential(*layers)
 
 
+def kuangliu_stages(block: type[BasicBlock | Bottleneck], blocks: tuple[int, ...], in_channels: int,
+                    stem_pool: bool = False) -> nn.ModuleDict:
+    """kuangliu/pytorch-cifar's ResNet body (OpenOOD's, heatmap_ood's): `stem` (3x3 stride-1 conv + BN + ReLU, then a
+    2x2 max-pool when `stem_pool`: no parameters, so the keys stay those of the pool-less stem), `layer1`..`layer4` of
+    `blocks` blocks (64, 128, 256, 512 planes; stride 1, 2, 2, 2)."""
+    stem = [nn.Conv2d(in_channels, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    stages: dict[str, nn.Module] = {"stem": nn.Sequential(*stem, *([nn.MaxPool2d(2)] if stem_pool else []))}
+    in_planes = 64
+    for i, (planes, stride, n) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2), blocks, strict=True), start=1):
+        stages[f"layer{i}"] = resnet_stage(block, in_planes, planes, n, stride)
+        in_planes = planes * block.expansion
+    return nn.ModuleDict(stages)
+
+
 class ResNet18_32x32(Backbone):  # noqa: N801 - OpenOOD's name
     """OpenOOD's CIFAR ResNet-18. Layer names: `stem` (conv+BN+ReLU), `layer1`..`layer4`; 512-d features."""
 
     def __init__(self, num_classes: int, in_channels: int = 3) -> None:
         super().__init__()
-        stages: dict[str, nn.Module] = {
-            "stem": nn.Sequential(nn.Conv2d(in_channels, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU()),
-        }
-        in_planes = 64
-        for i, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
-            stages[f"layer{i}"] = resnet_stage(BasicBlock, in_planes, planes, 2, stride)
-            in_planes = planes
-        self.stages = nn.ModuleDict(stages)
+        self.stages = kuangliu_stages(BasicBlock, (2, 2, 2, 2), in_channels)
         self.pool = GlobalPool()
         self.fc = nn.Linear(512, num_classes)
+
+
+class ResNet50_64x64(Backbone):  # noqa: N801 - named as ResNet18_32x32
+    """The heatmap paper's Tiny ImageNet ResNet-50 (jhornauer/heatmap_ood `ResNet50(img_size=64)` +
+    `ResNet_Linear(expansion=4)`): kuangliu's body with Bottleneck blocks (3, 4, 6, 3) and a 2x2 max-pool closing the
+    `stem` (64 px -> 32); `layer1`..`layer4`; 2048-d features (their `AvgPool2d(4)` over layer4's 4x4 at 64 px is our
+    global pool). 23,910,152 parameters for 200 classes."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3) -> None:
+        super().__init__()
+        self.stages = kuangliu_stages(Bottleneck, (3, 4, 6, 3), in_channels, stem_pool=True)
+        self.pool = GlobalPool()
+        self.fc = nn.Linear(512 * Bottleneck.expansion, num_classes)
 
 
 def require_weights_file(path: str | Path) -> Path:
