@@ -20,7 +20,7 @@ from ood.cli import load_weights
 from ood.errors import CheckpointError
 from ood.methods.heatmap import heatmap_score
 from ood.models.checkpoint import from_meliketoy_wrn
-from ood.models.decoder import DecoderPlan
+from ood.models.decoder import DecoderPlan, decoder_plan
 from ood.models.wrn import MeliketoyWideResNet
 from ood.utils import instantiate
 
@@ -75,6 +75,57 @@ class ResNetLinear(nn.Module):  # = WideResNet_Linear with 64 * widen_factor fea
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x)
+
+
+# ----- transcription of Networks/resnet.py ResNet50(img_size=64) (Bottleneck, [3, 4, 6, 3]) -------------------------
+class ReleasedBottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, 4 * planes, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4 * planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != 4 * planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, 4 * planes, kernel_size=1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(4 * planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ReleasedResNet50At64(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = self._make_layer(64, 3, 1)
+        self.layer2 = self._make_layer(128, 4, 2)
+        self.layer3 = self._make_layer(256, 6, 2)
+        self.layer4 = self._make_layer(512, 3, 2)
+        self.avgpool = nn.AvgPool2d(kernel_size=4)
+        self.maxpool = nn.MaxPool2d(kernel_size=2)  # img_size == 64
+
+    def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            layers.append(ReleasedBottleneck(self.in_planes, planes, s))
+            self.in_planes = planes * 4
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # fw_layers = 1: the pooled feature only
+        x1 = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x5 = self.layer4(self.layer3(self.layer2(self.layer1(x1))))
+        xr = self.avgpool(x5)
+        return xr.view(xr.size(0), -1)
 
 
 # ----- transcription of Networks/wideresnet.py (Wide_ResNet(40, 2, 0.3), WideResNet_Linear; meliketoy's) -----------
@@ -323,3 +374,30 @@ def test_released_mismatches_are_one_line_naming_the_file_and_key(tmp_path: Path
     # the preset needs the decoder file
     cfg = compose_config(tmp_path, ["experiment=heatmap_released"], config_name="eval")
     assert OmegaConf.is_missing(cfg.method, "decoder_ckpt")
+
+
+def test_the_released_tiny_imagenet_resnet50_loads_under_resnet50_64x64(tmp_path: Path) -> None:
+    """The released 64-px ResNet-50 classifier (`tinyimagenet_resnet50.pt`, was refused in one line) loads under
+    `backbone=resnet50_64x64` with the released logits; the decoder plan for its 2048-d features on 64-px images is
+    the released `TImageNet_Deconv_GAN`'s; under `backbone=resnet50` (torchvision's) the mismatch names the right one."""
+    gen = torch.Generator().manual_seed(6)
+    torch.manual_seed(6)
+    x = torch.rand(2, 3, 64, 64, generator=gen) * 2 - 1
+    enc = _randomise(ReleasedResNet50At64(), gen, x.flip(0) * 0.8)
+    cls = ResNetLinear(200, 2048).eval()
+    path = tmp_path / "Models" / "tinyimagenet_resnet50.pt"
+    path.parent.mkdir()
+    torch.save({"net_state_dict": enc.state_dict(), "cls_state_dict": cls.state_dict()}, path)
+    cfg = compose_config(tmp_path, ["experiment=heatmap_ce", "data=tinyimagenet", "backbone=resnet50_64x64",
+                                    "trainer=cpu"], config_name="eval")
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=200))
+    load_weights(method, path, cfg)
+    with torch.no_grad():
+        want, got = cls(enc(x)), method.backbone.eval()(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert float((want[0] - want[1]).abs().max()) > 1e-2  # the two images' logits differ: a real comparison
+    assert decoder_plan(2048, 64, 3) == DecoderPlan(512, 4, (2048, 1024, 512, 256, 128), 3)
+    cfg = compose_config(tmp_path, ["experiment=heatmap_ce", "backbone=resnet50", "trainer=cpu"], config_name="eval")
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=200))
+    with pytest.raises(CheckpointError, match=r"pass backbone=resnet50_64x64 and the data= it was trained with"):
+        load_weights(method, path, cfg)

@@ -157,16 +157,12 @@ def _heatmap_ood_format(checkpoint: Mapping) -> str | None:
     return None
 
 
-def from_heatmap_ood(checkpoint: Mapping, path: str | Path, prefix: str = "backbone.") -> dict[str, torch.Tensor]:
-    """jhornauer/heatmap_ood's classifier file -> ours: its ResNet-18 encoder has OpenOOD's names (`from_openood`), its
+def from_heatmap_ood(checkpoint: Mapping, prefix: str = "backbone.") -> dict[str, torch.Tensor]:
+    """jhornauer/heatmap_ood's classifier file -> ours: its ResNet-18 and 64-px ResNet-50 encoders have OpenOOD's names
+    (`from_openood`: `backbone=resnet18_32x32` / `resnet50_64x64`, whose stem's max-pool holds no parameters), its
     Wide_ResNet (key `conv1.bias`: meliketoy's biased convs) `backbone=wrn40_2_heatmap`'s (`from_meliketoy_wrn`); the
-    `ResNet_Linear` / `WideResNet_Linear` head `linear.*` is our `fc`. Its 64-px ResNet-50 (3x3 stem + 2x2 max-pool)
-    is another network than `backbone=resnet50`: refused in one line."""
+    `ResNet_Linear` / `WideResNet_Linear` head `linear.*` is our `fc`."""
     net = {plain_key(k): v for k, v in checkpoint["net_state_dict"].items()}
-    if any(".conv3." in k for k in net):
-        raise CheckpointError(f"{path} holds jhornauer/heatmap_ood's 64-px ResNet-50 (key {next(k for k in net if '.conv3.' in k)}): "
-                              "a 3x3 stem with a 2x2 max-pool, which ood's backbone=resnet50 (torchvision's) is not; of the "
-                              "released classifiers only the ResNet-18 and WRN-40-2 ones load")
     head = {"fc." + plain_key(k).removeprefix("linear."): v for k, v in checkpoint["cls_state_dict"].items()}
     rename = from_meliketoy_wrn if "conv1.bias" in net else from_openood
     return rename({**net, **head}, prefix)
@@ -237,7 +233,8 @@ def network_hint(kind: str, state: Mapping[str, torch.Tensor]) -> str:
     backbone its layout is, and the data it was trained with (a head of other classes is a mismatch under the right
     backbone); the generic data=/backbone= hint for a bare backbone state dict."""
     if kind == "heatmap_ood":
-        backbone = "wrn40_2_heatmap" if "backbone.stages.stem.bias" in state else "resnet18_32x32"
+        backbone = ("wrn40_2_heatmap" if "backbone.stages.stem.bias" in state
+                    else "resnet50_64x64" if "backbone.stages.layer1.0.conv3.weight" in state else "resnet18_32x32")
     else:
         backbone = {"wide_resnet": "wrn40_2 (with the file's depth / widen_factor)", "openood": "resnet18_32x32",
                     "torchvision": "resnet18 | resnet50, or backbone=torchvision backbone.name=<its model>,"}.get(kind)
@@ -262,7 +259,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     if kind == "lightning":
         return {plain_key(k): v for k, v in checkpoint["state_dict"].items()}, kind
     if kind == "heatmap_ood":
-        return from_heatmap_ood(checkpoint, path), kind
+        return from_heatmap_ood(checkpoint), kind
     if kind == "heatmap_ood_decoder":
         return from_heatmap_ood_decoder(checkpoint), kind
     if kind == "wide_resnet":
