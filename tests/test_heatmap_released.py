@@ -173,8 +173,9 @@ class ReleasedWideResNet(nn.Module):
         return xr.view(xr.size(0), -1)
 
 
-# ----- transcription of Networks/generator.py ResNet18_CIFAR10_Deconv_GAN / WideResNet_40x2_Deconv_GAN (fw_layers = 1):
-# the same modules, d0 = 100 / 128, filters 512..64 / 256..32 -------------------------------------------------------
+# ----- transcription of Networks/generator.py ResNet18_CIFAR10_Deconv_GAN / WideResNet_40x2_Deconv_GAN /
+# TImageNet_Deconv_GAN (fw_layers = 1): the same modules, d0 = 100 / 128 / 512, filters 512..64 / 256..32 /
+# 2048..128 (five up-blocks, the 1x1 output conv_block6) ---------------------------------------------------------------
 class ReleasedGenerator(nn.Module):
     def __init__(self, latent_dim: int, num_classes: int, d0: int, f: tuple[int, ...] = (512, 256, 128, 64)) -> None:
         super().__init__()
@@ -185,15 +186,16 @@ class ReleasedGenerator(nn.Module):
             return nn.Sequential(nn.ConvTranspose2d(cin, cout, k, s, p, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True))
 
         self.conv_block1 = block(d0, f[0], 4, 1, 0)
-        self.conv_block2 = block(f[0], f[1], 4, 2, 1)
-        self.conv_block3 = block(f[1], f[2], 4, 2, 1)
-        self.conv_block4 = block(f[2], f[3], 4, 2, 1)
-        self.conv_block5 = nn.Sequential(nn.ConvTranspose2d(f[3], 3, 1, 1, 0, bias=False), nn.Tanh())
+        for i, (cin, cout) in enumerate(zip(f, f[1:]), start=2):
+            setattr(self, f"conv_block{i}", block(cin, cout, 4, 2, 1))
+        setattr(self, f"conv_block{len(f) + 1}", nn.Sequential(nn.ConvTranspose2d(f[-1], 3, 1, 1, 0, bias=False),
+                                                                nn.Tanh()))
 
     def forward(self, z: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
         x = self.fc1(torch.cat((z, F.one_hot(y_hat, num_classes=self.num_classes)), dim=1)).view(-1, self.d0, 1, 1)
-        x = self.conv_block4(self.conv_block3(self.conv_block2(self.conv_block1(x))))
-        return self.conv_block5(x)
+        for i in range(1, len(self._modules)):  # conv_block1 .. conv_block<n + 1>, in order
+            x = getattr(self, f"conv_block{i}")(x)
+        return x
 
 
 def released_scores(enc: nn.Module, cls: nn.Module, gen: nn.Module, x: torch.Tensor, low: float, high: float,
@@ -401,3 +403,20 @@ def test_the_released_tiny_imagenet_resnet50_loads_under_resnet50_64x64(tmp_path
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=200))
     with pytest.raises(CheckpointError, match=r"pass backbone=resnet50_64x64 and the data= it was trained with"):
         load_weights(method, path, cfg)
+
+
+def test_the_released_tiny_imagenet_decoder_file_maps_onto_the_plans_decoder() -> None:
+    """The Tiny ImageNet decoder (`TImageNet_Deconv_GAN`: five up-blocks, the 1x1 output in `conv_block6`, 61 M
+    parameters: built on the meta device, no memory) maps key for key, shape for shape, onto ood's decoder for the
+    released ResNet-50's plan; `conv_block6` is the output, not a sixth up-block."""
+    from ood.models.checkpoint import from_heatmap_ood_decoder
+    from ood.models.decoder import HeatmapDecoder
+
+    plan = decoder_plan(2048, 64, 3)
+    with torch.device("meta"):
+        released = ReleasedGenerator(2048 + 200, 200, 512, (2048, 1024, 512, 256, 128)).state_dict()
+        ours = HeatmapDecoder(2048, 200, plan).state_dict()
+    mapped = from_heatmap_ood_decoder({"min": -0.5, "max": 2.0, 149: {"generator": released}}, prefix="")
+    assert mapped.pop("feature_range").tolist() == [-0.5, 2.0]
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in ours.items()}
+    assert "conv_block6.0.weight" in released and "out.weight" in ours
