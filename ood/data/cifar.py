@@ -63,6 +63,7 @@ from ood.data.sets import (
     missing_csid_error,
     warn_skipped_csid,
 )
+from ood.data.synthetic import decoding, synthetic_set
 from ood.errors import ConfigError, DataNotFoundError
 from ood.utils import get_logger
 
@@ -302,20 +303,28 @@ class CIFARBenchmark(Benchmark):
             for key in (f"{self.name}:train", f"{self.name}:test"):
                 self._tv_build(key, self.torchvision_dir / self.name, download=download)
         for name, spec in self.protocol.all_specs():
-            kind = spec.kind(self.prefer)  # type: ignore[arg-type]
-            if kind == "torchvision":
-                self._tv_build(str(spec.torchvision), spec.torchvision_root(self.data_dir), download=download, how=spec.how)
-            elif absent := spec.missing(self.data_dir, kind):
-                if self._optional(spec, kind):
-                    self._warn_skipped(name, spec, absent)
-                else:
-                    missing.append(describe_missing(name, spec, absent))
+            missing += self._check(name, spec, download)
         if missing:
             raise DataNotFoundError(
                 f"{self.name} ({self.protocol.name} protocol): data incomplete under {self.data_dir}; missing: "
                 f"{', '.join(missing)}. " + self._how_to_get()
             )
         log.info("%s: reading %s data from %s (%s protocol)", self.name, source, self.data_dir, self.protocol.name)
+
+    def _check(self, name: str, spec: SetSpec, download: bool) -> list[str]:
+        """`describe_missing` of set `name` when it is absent and not optional (a torchvision set is built, downloaded
+        when `download`; a synthetic set is checked by its source)."""
+        kind = spec.kind(self.prefer)  # type: ignore[arg-type]
+        if kind == "synthetic":
+            assert spec.source is not None
+            return self._check(f"{name} (source of its synthetic sets)", spec.source, download)
+        if kind == "torchvision":
+            self._tv_build(str(spec.torchvision), spec.torchvision_root(self.data_dir), download=download, how=spec.how)
+        elif absent := spec.missing(self.data_dir, kind):
+            if not self._optional(spec, kind):
+                return [describe_missing(name, spec, absent)]
+            self._warn_skipped(name, spec, absent)
+        return []
 
     def _optional(self, spec: SetSpec, kind: str) -> bool:
         """A missing `optional` set is skipped, except OpenOOD's lists when reading OpenOOD's tree (incomplete)."""
@@ -329,7 +338,7 @@ class CIFARBenchmark(Benchmark):
             self.protocol.name,
             name,
             ", ".join(absent),
-            " (no validation OOD: detector grids are not tuned)" if name == "val_ood" else "",
+            " (no validation OOD: detector grids are not tuned)" if name.startswith("val_ood") else "",
             spec.how or self._how_to_get(),
         )
 
@@ -438,19 +447,27 @@ class CIFARBenchmark(Benchmark):
         return self._official_test() if split is None else Subset(self._official_test(), split[1])
 
     # ----- OOD ----------------------------------------------------------------------------------------------------
-    def _open(self, name: str, spec: SetSpec, label: int | None = -1) -> Dataset | None:
-        """Set `name` as its spec says, every label `label` (-1: OOD; None: the file's, for csid sets); None for a
-        missing optional set."""
+    def _open(self, name: str, spec: SetSpec, label: int | None = -1,
+              transform: Callable[[Image.Image], Any] | None = None) -> Dataset | None:
+        """Set `name` as its spec says, through `transform` (default: the evaluation transform), every label `label`
+        (-1: OOD; None: the file's, for csid sets); None for a missing optional set. A synthetic set reads its source
+        at the evaluation size (`ood.data.synthetic.decoding`) and builds its images from it, seeded."""
         kind = spec.kind(self.prefer)  # type: ignore[arg-type]
+        transform = self.eval_transform() if transform is None else transform
+        if kind == "synthetic":
+            assert spec.source is not None and spec.synthetic is not None
+            source = self._open(f"{name} (source of its synthetic sets)", spec.source, transform=decoding(transform))
+            return None if source is None else synthetic_set(spec.synthetic, source, transform, spec.per_set, spec.seed,
+                                                             -1 if label is None else label)
         if kind == "torchvision":
             dataset = self._tv_build(str(spec.torchvision), spec.torchvision_root(self.data_dir), how=spec.how)
-            return Transformed(dataset, self.eval_transform(), label=label)
+            return Transformed(dataset, transform, label=label)
         absent = spec.missing(self.data_dir, kind)
         if absent and self._optional(spec, kind):
             return None
         if absent:
             raise DataNotFoundError(f"{self.name}: set {describe_missing(name, spec, absent)} not found. " + self._how_to_get())
-        return spec.open(self.data_dir, kind, self.eval_transform(), label=label, num_classes=self.num_classes)
+        return spec.open(self.data_dir, kind, transform, label=label, num_classes=self.num_classes)
 
     def ood_test(self) -> list[OODSet]:
         sets = [(name, group, self._open(name, spec)) for name, group, spec in self.protocol.sets]

@@ -10,7 +10,11 @@ A *set spec* (one YAML mapping) says where one dataset lives, relative to `data_
 - `{annotations: <file>, images: <dir>, classes: <dir>}`: Tiny ImageNet's `val/val_annotations.txt` (tab-separated
   `<file> <wnid> ...`) over `val/images/`, class indices from the sorted sub-folders of `classes` (its `train/`);
 - `{torchvision: <key>, root: <dir>}`: one of the benchmark's torchvision constructors (CIFAR's `svhn`, `cifar100`,
-  ...) reading torchvision's own files under `root` (default `torchvision/<key>`).
+  ...) reading torchvision's own files under `root` (default `torchvision/<key>`);
+- `{synthetic: hendrycks, source: <spec>, per_set: 2000, seed: 0}`: Outlier Exposure's and the energy paper's
+  validation sets (uniform noise, means of image pairs, jigsaw, speckle, pixelate, RGB shift, inversion;
+  `ood.data.synthetic`), `per_set` images each, made with `seed` from the images of the `source` spec (for CIFAR ID:
+  the other CIFAR's test set), one set: their union.
 
 A spec may give both `imglist` and `torchvision` (OpenOOD v1.5's sets: OpenOOD's lists when present, torchvision
 otherwise); `how` says how to get the data (printed when it is missing); `optional: true` skips a missing set with a
@@ -29,7 +33,7 @@ import functools
 import os
 import unicodedata
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +41,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ood.data.imglist import ImageFiles, ImageList, subset_entries
+from ood.data.synthetic import RECIPES, decoding, synthetic_set
 from ood.errors import ConfigError, DataNotFoundError
 from ood.utils import get_logger
 
@@ -45,10 +50,10 @@ log = get_logger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 #: image files that `IMAGE_EXTENSIONS` (torchvision `ImageFolder`'s) leaves out: named when a set holds them
 OTHER_IMAGE_EXTENSIONS = (".gif", ".jfif", ".jpe", ".heic", ".heif", ".avif", ".jp2", ".jxl", ".tga", ".ico", ".pnm")
-KINDS = ("imglist", "folder", "annotations", "torchvision")
+KINDS = ("imglist", "folder", "annotations", "torchvision", "synthetic")
 #: `(root, download) -> dataset of (PIL image, label)`
 TorchvisionBuilder = Callable[[Path, bool], Dataset]
-Kind = Literal["imglist", "folder", "annotations", "torchvision"]
+Kind = Literal["imglist", "folder", "annotations", "torchvision", "synthetic"]
 
 
 def _hidden(name: str) -> bool:
@@ -138,6 +143,11 @@ class SetSpec:
     #: `eval` (the benchmark's evaluation transform) or `tensor` (to tensor and normalise only: images stored at the
     #: input size, OpenOOD's `ImageNetCPreProcessor` for ImageNet-C); file benchmarks only
     preprocess: Literal["eval", "tensor"] = "eval"
+    #: a recipe of `ood.data.synthetic.RECIPES`, made from the images of `source` (a spec), `per_set` per set, `seed`
+    synthetic: str | None = None
+    source: SetSpec | None = None
+    per_set: int = 2000
+    seed: int = 0
 
     @classmethod
     def parse(cls, name: str, raw: SetSpec | Mapping[str, Any] | str) -> SetSpec:
@@ -150,7 +160,19 @@ class SetSpec:
         unknown = set(raw) - known
         if unknown:
             raise ConfigError(f"set {name!r}: unknown keys {sorted(unknown)}; valid keys: {sorted(known)}")
-        spec = cls(**dict(raw))
+        raw = dict(raw)
+        if raw.get("source") is not None:
+            raw["source"] = cls.parse(f"{name}:source", raw["source"])
+        spec = cls(**raw)
+        if (spec.synthetic is None) != (spec.source is None):
+            raise ConfigError(f"set {name!r}: `synthetic` and `source` go together (a recipe and the set it is made from)")
+        if spec.synthetic is not None and spec.synthetic not in RECIPES:
+            raise ConfigError(f"set {name!r}: unknown synthetic recipe {spec.synthetic!r}; choices: {sorted(RECIPES)}")
+        if spec.source is not None and spec.source.synthetic is not None:
+            raise ConfigError(f"set {name!r}: the source of synthetic sets cannot be synthetic itself")
+        if spec.source is not None:  # the source's own `how` and `optional`, else the set's
+            source = replace(spec.source, how=spec.source.how or spec.how, optional=spec.source.optional or spec.optional)
+            spec = replace(spec, source=source)
         if spec.preprocess not in ("eval", "tensor"):
             raise ConfigError(f"set {name!r}: preprocess={spec.preprocess!r}; choices: ['eval', 'tensor']")
         if not spec.kinds:
@@ -176,10 +198,15 @@ class SetSpec:
             "folder": ([], [self.folder]),
             "annotations": ([self.annotations], [self.images, self.classes]),
             "torchvision": ([], []),
+            "synthetic": ([], []),
         }[kind]
         files = [*files, *([self.keep_classes] if self.keep_classes else [])]
         needed = [(resolve(data_dir, f), False) for f in files] + [(resolve(data_dir, f), True) for f in folders]
-        return [f"{p}/" if is_dir else str(p) for p, is_dir in needed if not (p.is_dir() if is_dir else p.is_file())]
+        absent = [f"{p}/" if is_dir else str(p) for p, is_dir in needed if not (p.is_dir() if is_dir else p.is_file())]
+        if kind == "synthetic":
+            assert self.source is not None
+            absent += self.source.missing(data_dir, self.source.kinds[0])
+        return absent
 
     def open(
         self,
@@ -194,7 +221,12 @@ class SetSpec:
         """The dataset, read as `kind`; `label` overrides every label (-1 for OOD sets). A torchvision dataset is
         built from `torchvision[key]` and passed through `wrap` (which applies `transform`). A labelled folder
         (`label` None) must hold `num_classes` class folders, when given (csid sets), in an order that is theirs
-        (`labelled_folder`)."""
+        (`labelled_folder`). A synthetic set reads its source (as its first kind, not torchvision: a benchmark builds
+        those) through the head of `transform`."""
+        if kind == "synthetic":
+            assert self.source is not None and self.synthetic is not None
+            source = self.source.open(data_dir, self.source.kinds[0], decoding(transform))
+            return synthetic_set(self.synthetic, source, transform, self.per_set, self.seed, -1 if label is None else label)
         keep = resolve(data_dir, self.keep_classes) if self.keep_classes else None
         if kind == "imglist":
             return ImageList(resolve(data_dir, self.imglist), resolve(data_dir, self.images), transform, label, keep)
