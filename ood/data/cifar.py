@@ -5,7 +5,8 @@
 - `openood_v1.5` (default), the table below;
 - `classic`: far-OOD Textures, SVHN, Places365, LSUN-Crop, LSUN-Resize, iSUN (ODIN, Energy, heatmap papers), no
   near-OOD, read from energy_ood's folder layout (`dtd/images`, `svhn/test_32x32.mat`, `places365/`, `LSUN_C/`,
-  `LSUN_resize/`, `iSUN/` under `data_dir`); validation OOD = OpenOOD's TIN list when present;
+  `LSUN_resize/`, `iSUN/` under `data_dir`); validation OOD = OpenOOD's TIN list when present (`experiment=energy_ce`:
+  the OE / energy papers' sets made from the other CIFAR's test set, `ood.data.synthetic`);
 - `oodformer`: CIFAR-10 ID vs CIFAR-100, ImageNet-resize, LSUN-resize, SVHN (CIFAR-100 ID: CIFAR-10 + the same),
   read from OODformer's layout (`cifar100-data/`, `Imagenet_resize/`, `LSUN_resize/`, `svhn-data/`).
 
