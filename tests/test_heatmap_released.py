@@ -17,11 +17,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ood.cli import load_weights
-from ood.errors import CheckpointError
+from ood.errors import CheckpointError, ConfigError
 from ood.methods.heatmap import heatmap_score
 from ood.models.checkpoint import from_meliketoy_wrn
 from ood.models.decoder import DecoderPlan, decoder_plan
 from ood.models.wrn import MeliketoyWideResNet
+from ood.runs.checks import check_run
 from ood.utils import instantiate
 
 
@@ -420,3 +421,17 @@ def test_the_released_tiny_imagenet_decoder_file_maps_onto_the_plans_decoder() -
     assert mapped.pop("feature_range").tolist() == [-0.5, 2.0]
     assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in ours.items()}
     assert "conv_block6.0.weight" in released and "out.weight" in ours
+
+
+def test_a_decoder_file_completes_a_backbone_weights_evaluation(tmp_path: Path, released: dict) -> None:
+    """`ood-eval experiment=heatmap_released backbone.weights=<classifier> method.decoder_ckpt=<decoder>` was refused
+    ("parts trained with the network (decoder), which backbone.weights does not hold"): the check read `trained_parts`
+    from the method class, though the decoder file fills the decoder. Refused only without the decoder file."""
+    weights = ["experiment=heatmap_released", "backbone=torchvision", "backbone.name=resnet18",
+               f"backbone.weights={released['classifier']}", "trainer=cpu"]
+    check_run(compose_config(tmp_path, [*weights, f"method.decoder_ckpt={released['decoder']}"], config_name="eval"),
+              None)
+    with pytest.raises(ConfigError, match=r"^method 'heatmap' scores with parts trained with the network \(decoder\)"):
+        check_run(compose_config(tmp_path, weights, config_name="eval"), None)  # the preset's decoder_ckpt: ???
+    with pytest.raises(ConfigError, match=r"\(decoder\), which backbone.weights does not hold"):
+        check_run(compose_config(tmp_path, ["method=heatmap", "+method.decoder_ckpt=null"], config_name="eval"), None)

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +152,9 @@ class HeatmapOOD(OODMethod):
 
     name = "heatmap"
     trained_parts = ("decoder",)
+    #: the `method.*` key of a file that fills a trained part: with the authors' decoder file an evaluation from
+    #: `backbone.weights` or a released classifier file is complete (`ood.runs.checks.untrained_parts`)
+    part_files: ClassVar[dict[str, str]] = {"decoder": "decoder_ckpt"}
 
     def __init__(
         self,

@@ -88,11 +88,24 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
     if not cfg.train and ckpt_path is None:  # evaluated from backbone.weights: the method's own parts untrained
         from hydra.utils import get_class
 
-        method = get_class(cfg.method._target_)
-        if getattr(method, "trained_parts", ()):
-            raise ConfigError(f"method {method.name!r} scores with parts trained with the network "
-                              f"({', '.join(method.trained_parts)}), which backbone.weights does not hold: evaluate a "
+        parts = untrained_parts(cfg.method)
+        if parts:
+            raise ConfigError(f"method {get_class(cfg.method._target_).name!r} scores with parts trained with the "
+                              f"network ({', '.join(parts)}), which backbone.weights does not hold: evaluate a "
                               "checkpoint of its training run (ckpt_path=<run folder>)")
+
+
+def untrained_parts(method: DictConfig) -> list[str]:
+    """The parts the configured method's score reads that only its training gives (`OODMethod.trained_parts`) and no
+    file of its configuration fills (`part_files`: heatmap's `method.decoder_ckpt`, the authors' decoder file): what a
+    checkpoint must hold beyond the network. The method class's own list is not it: with its decoder file,
+    `method=heatmap` is complete from `backbone.weights` or a released classifier file."""
+    from hydra.utils import get_class
+
+    cls = get_class(method._target_)
+    files = getattr(cls, "part_files", {})
+    return [part for part in getattr(cls, "trained_parts", ())
+            if part not in files or OmegaConf.select(method, files[part], throw_on_missing=False) is None]
 
 
 def check_weights(cfg: DictConfig) -> None:
