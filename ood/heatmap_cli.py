@@ -1,12 +1,18 @@
-"""`ood-heatmap ckpt_path=<run folder or checkpoint> image=PATH [out=DIR]`: heatmaps of your own images.
+"""`ood-heatmap ckpt_path=<run folder or checkpoint> image=PATH [out=DIR] [ood-eval overrides]`: heatmaps of your
+own images.
 
 Rebuilds the `method=heatmap` run from its `config.yaml` (next to `checkpoints/`), loads the checkpoint (frozen
 classifier + decoder + the saved input normalisation and feature range; of a run folder, the one its
-evaluation read: `best.ckpt` when trained with `evaluation.weights=best_val_acc`), and for every image (`image=` a file or a
+evaluation read: `best.ckpt` when trained with `evaluation.weights=best_val_acc`). With `ood-eval`'s overrides
+instead, the method is built and loaded as that evaluation builds it, a checkpoint file without its run's config:
+the heatmap paper's released pair is `ckpt_path=<Models/cifar10_resnet18.pt> experiment=heatmap_released
+data=cifar10 method.decoder_ckpt=<checkpoints/<run>/model.pt>` (docs/methods/heatmap.md). For every image (`image=` a file or a
 folder of .png/.jpg/.jpeg/.bmp) writes `<out>/<stem>_heatmap.png` (input | heatmap max_c |M| | overlay, the layout of
 the run's `heatmaps/<split>.png`; `<name>_heatmap.png` when images share a stem, `a.png` and `a.jpg`) and prints its ID score (-mean max_c |M|, in [-1, 0]; near 0 = in-distribution)
-and predicted class. Images are converted to the classifier's channels and resized to its input size. `out`
-defaults to `heatmaps/` in the current folder; `-h` / `--help` prints this text.
+and predicted class. Images are converted to the classifier's channels and resized to its input size, and go
+through in batches of 64, or of the evaluation's `data.eval_batch_size` under `method.feature_norm=as_released`
+(which scales only row 0 of a batch: 200, the released test batch, under `experiment=heatmap_released`), so the
+scores are the evaluation's. `out` defaults to `heatmaps/` in the current folder; `-h` / `--help` prints this text.
 """
 
 from __future__ import annotations
@@ -17,14 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from ood.cli import load_weights
+from ood import CONFIG_DIR
+from ood.cli import expand_home, load_weights
 from ood.data.hygiene import load_image as load_rgb
 from ood.errors import CheckpointError, ConfigError, DataNotFoundError, OODError
 from ood.files import atomic_write
 from ood.methods.heatmap import HeatmapOOD, heatmap_grid, heatmap_score
-from ood.models.checkpoint import read_state_dict
+from ood.models.checkpoint import NETWORK_FORMATS, read_checkpoint, read_state_dict
+from ood.runs.checks import check_overrides, untrained_parts
 from ood.runs.identity import WEIGHTS_FILES
 from ood.runs.trained import trained_weights
 from ood.utils import instantiate, progress
@@ -35,22 +43,25 @@ CKPT_PATH = "ckpt_path=<run folder or checkpoint>"
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
-def parse_args(argv: list[str]) -> dict[str, str]:
-    """`key=value` arguments (Hydra style); unknown or missing keys fail naming the choices."""
-    args = {}
+def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """(`KEYS` arguments, the other `key=value` ones: `ood-eval` overrides); an argument without `=` or a missing
+    key fails naming the choices."""
+    args, overrides = {}, []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep or key not in KEYS:
-            raise ConfigError(
-                f"ood-heatmap: unexpected argument {arg!r}; use key=value with keys {list(KEYS)}"
-            )
-        args[key] = value
+        if not sep:
+            raise ConfigError(f"ood-heatmap: unexpected argument {arg!r}; use key=value with keys {list(KEYS)} "
+                              "(or ood-eval's overrides)")
+        if key in KEYS:
+            args[key] = value
+        else:
+            overrides.append(arg)
     missing = [k for k in ("ckpt_path", "image") if k not in args]
     if missing:
         raise ConfigError(
             f"ood-heatmap: missing {missing}; usage: ood-heatmap {CKPT_PATH} image=PATH [out=DIR]"
         )
-    return args
+    return args, overrides
 
 
 def run_checkpoint(ckpt_path: str | Path) -> Path:
@@ -61,8 +72,17 @@ def run_checkpoint(ckpt_path: str | Path) -> Path:
     return path / "checkpoints" / WEIGHTS_FILES[trained_weights(path)] if path.is_dir() else path
 
 
-def load_method(ckpt_path: str | Path) -> HeatmapOOD:
-    """The trained heatmap method of a run (checkpoint file or run folder), in eval mode on the CPU."""
+def load_method(ckpt_path: str | Path, overrides: list[str] | None = None) -> tuple[HeatmapOOD, int]:
+    """The trained heatmap method of a run (checkpoint file or run folder), or with `overrides` the one `ood-eval
+    ckpt_path=<file> <overrides>` builds (`load_configured`), in eval mode on the CPU; and the images per forward
+    pass: `BATCH`, or with `method.feature_norm=as_released` (row 0 of a batch scaled) the configuration's
+    `data.eval_batch_size`, the batches the evaluation scored."""
+    method, cfg = load_configured(ckpt_path, overrides) if overrides else load_run(ckpt_path)
+    return method, int(cfg.data.eval_batch_size) if method.feature_norm == "as_released" else BATCH
+
+
+def load_run(ckpt_path: str | Path) -> tuple[HeatmapOOD, DictConfig]:
+    """The heatmap method of a run (checkpoint file or run folder) and the run's config."""
     ckpt = run_checkpoint(ckpt_path)
     if not ckpt.is_file():
         raise CheckpointError(
@@ -87,7 +107,44 @@ def load_method(ckpt_path: str | Path) -> HeatmapOOD:
     num_classes = int(state["decoder.fc.weight"].shape[1]) - feature_dim
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=num_classes, in_channels=channels))
     load_weights(method, ckpt)
-    return method.eval()
+    return method.eval(), cfg
+
+
+def load_configured(ckpt_path: str | Path, overrides: list[str]) -> tuple[HeatmapOOD, DictConfig]:
+    """The heatmap method `ood-eval ckpt_path=<file> <overrides>` builds (eval.yaml composed with `overrides`, the
+    data's class count and channels) and loads: the released pair's classifier file with `method.decoder_ckpt`, or a
+    checkpoint without its run's config. A run folder rebuilds from its own config (`load_run`), so it is refused."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    path = Path(ckpt_path)
+    if path.is_dir():
+        raise ConfigError(f"ood-heatmap: {path} is a run folder, rebuilt from its config.yaml: drop {overrides}, or "
+                          "pass a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; pass {CKPT_PATH}")
+    overrides = check_overrides(CONFIG_DIR, "eval", expand_home(overrides))  # a misspelt key names the closest
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=overrides, return_hydra_config=True)
+    if not str(cfg.method._target_).endswith("HeatmapOOD"):
+        raise ConfigError(f"ood-heatmap draws method=heatmap's heatmaps, not {cfg.method._target_}'s: add "
+                          "experiment=heatmap_released (the released pair) or the run's method=heatmap preset")
+    if untrained_parts(cfg.method) and read_checkpoint(path)[1] in NETWORK_FORMATS:
+        raise ConfigError(f"{path} holds the classifier alone: add its decoder file, "
+                          "method.decoder_ckpt=<checkpoints/<run>/model.pt> (experiment=heatmap_released)")
+    previous = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(cfg)  # the decoder plan's `method.latent` reads Hydra's data and backbone choices
+    try:
+        benchmark = instantiate(cfg.data, seed=cfg.seed).benchmark  # no images read: the class count and channels
+        backbone = instantiate(cfg.backbone, num_classes=benchmark.num_classes, in_channels=benchmark.in_channels)
+        benchmark.check_model_input(backbone)
+        method = instantiate(cfg.method, backbone=backbone)
+    finally:
+        HydraConfig.instance().cfg = previous  # type: ignore[assignment]
+    load_weights(method, path)
+    return method.eval(), cfg
 
 
 def image_files(path: str | Path) -> list[Path]:
@@ -118,18 +175,19 @@ BATCH = 64
 
 
 @torch.no_grad()
-def write_heatmaps(method: HeatmapOOD, files: list[Path], out: Path) -> list[tuple[Path, float, int]]:
-    """Writes one grid PNG per image into `out`, `BATCH` images a forward pass; returns (png, ID score, predicted
-    class) per image."""
+def write_heatmaps(method: HeatmapOOD, files: list[Path], out: Path,
+                   batch: int | None = None) -> list[tuple[Path, float, int]]:
+    """Writes one grid PNG per image into `out`, `batch` (default `BATCH`) images a forward pass; returns (png, ID
+    score, predicted class) per image."""
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
     channels, size = method.plan.out_channels, method.hparams.input_size
     stems = [f.stem for f in files]
-    results = []
+    results, batch = [], batch or BATCH
     with progress(total=len(files), desc="heatmaps", unit="img") as bar:
-        for start in range(0, len(files), BATCH):
-            chunk = files[start : start + BATCH]
+        for start in range(0, len(files), batch):
+            chunk = files[start : start + batch]
             pixels = torch.stack([load_image(f, channels, size) for f in chunk])
             heat, logits, _ = method.heatmap((pixels - method.pixel_mean) / method.pixel_std)
             scores, preds = heatmap_score(heat), logits.argmax(1)
@@ -151,9 +209,9 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__.strip())
         return
     try:
-        args = parse_args(argv)
-        method = load_method(args["ckpt_path"])
-        results = write_heatmaps(method, image_files(args["image"]), Path(args.get("out", "heatmaps")))
+        args, overrides = parse_args(argv)
+        method, batch = load_method(args["ckpt_path"], overrides)
+        results = write_heatmaps(method, image_files(args["image"]), Path(args.get("out", "heatmaps")), batch)
     except OODError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -14,11 +14,12 @@ from ood.errors import ConfigError
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_prints_the_usage_and_exits_cleanly(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     """`ood-heatmap --help` was refused as an unexpected argument (exit 1), where ood-train and ood-eval open
-    their help with what to type: it prints the usage, the keys and the default `out`."""
+    their help with what to type: it prints the usage, the keys, the overrides and the default `out`."""
     heatmap_cli.main([flag])
     printed = capsys.readouterr().out
-    assert printed.startswith("`ood-heatmap ckpt_path=<run folder or checkpoint> image=PATH [out=DIR]`")
-    assert "`out`\ndefaults to `heatmaps/` in the current folder" in printed
+    assert printed.startswith("`ood-heatmap ckpt_path=<run folder or checkpoint> image=PATH [out=DIR] [ood-eval "
+                              "overrides]`")
+    assert "`out` defaults to `heatmaps/` in the current folder" in " ".join(printed.split())
 
 
 def test_an_unknown_argument_is_still_refused_naming_the_keys(capsys: pytest.CaptureFixture[str]) -> None:
@@ -26,7 +27,8 @@ def test_an_unknown_argument_is_still_refused_naming_the_keys(capsys: pytest.Cap
         heatmap_cli.main(["--verbose"])
     assert exit_.value.code == 1
     assert capsys.readouterr().err == (
-        "error: ood-heatmap: unexpected argument '--verbose'; use key=value with keys ['ckpt_path', 'image', 'out']\n"
+        "error: ood-heatmap: unexpected argument '--verbose'; use key=value with keys ['ckpt_path', 'image', 'out'] "
+        "(or ood-eval's overrides)\n"
     )
 
 

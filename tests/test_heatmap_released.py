@@ -435,3 +435,47 @@ def test_a_decoder_file_completes_a_backbone_weights_evaluation(tmp_path: Path, 
         check_run(compose_config(tmp_path, weights, config_name="eval"), None)  # the preset's decoder_ckpt: ???
     with pytest.raises(ConfigError, match=r"\(decoder\), which backbone.weights does not hold"):
         check_run(compose_config(tmp_path, ["method=heatmap", "+method.decoder_ckpt=null"], config_name="eval"), None)
+
+
+def test_ood_heatmap_draws_a_released_pairs_heatmaps(tmp_path: Path, released: dict,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ood-heatmap` rebuilt only a run from its folder's config.yaml (`experiment=` was an unexpected argument): it
+    takes `ood-eval`'s arguments for a released pair and prints the released scores and classes, drawn in the
+    evaluation's batches (200: `feature_norm=as_released` scales row 0 of each), not its own `BATCH`."""
+    from PIL import Image
+
+    from ood import heatmap_cli
+
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 0.2
+    pixels += torch.linspace(0.0, 0.8, 3).view(-1, 1, 1, 1)
+    quantised = (pixels * 255).round().to(torch.uint8)  # as a PNG holds them
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i, image in enumerate(quantised):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    monkeypatch.setattr(heatmap_cli, "BATCH", 2)
+    pair = [f"ckpt_path={released['classifier']}", "experiment=heatmap_released", "data=cifar10",
+            f"method.decoder_ckpt={released['decoder']}"]
+    heatmap_cli.main([*pair, f"image={folder}", f"out={tmp_path / 'maps'}"])
+    printed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    with torch.no_grad():
+        want_logits, want_scores = released_scores(released["enc"], released["cls"], released["gen"],
+                                                   (quantised / 255.0 - 0.5) / 0.5, *released["range"], 200)
+    assert [p[0] for p in printed] == [str(tmp_path / "maps" / f"{i}_heatmap.png") for i in range(3)]
+    assert [float(p[2]) for p in printed] == pytest.approx((-want_scores).tolist(), abs=6e-5)
+    assert [int(p[4]) for p in printed] == want_logits.argmax(1).tolist()
+    assert float(want_scores.std()) > 1e-3
+    assert Image.open(tmp_path / "maps" / "0_heatmap.png").size == (420, 185)
+    # the classifier file without its decoder file, and a run folder with overrides: one line each
+    for args, message in (
+        ([f"ckpt_path={released['classifier']}", "experiment=heatmap_released"],
+         f"error: {released['classifier']} holds the classifier alone: add its decoder file, "
+         "method.decoder_ckpt=<checkpoints/<run>/model.pt> (experiment=heatmap_released)\n"),
+        ([f"ckpt_path={tmp_path}", "data=cifar10"],
+         f"error: ood-heatmap: {tmp_path} is a run folder, rebuilt from its config.yaml: drop ['data=cifar10'], or "
+         "pass a checkpoint file\n"),
+    ):
+        with pytest.raises(SystemExit):
+            heatmap_cli.main([*args, f"image={folder}", f"out={tmp_path / 'refused'}"])
+        assert capsys.readouterr().err == message
