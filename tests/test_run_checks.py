@@ -93,11 +93,12 @@ def test_a_fractional_epoch_count_is_refused_by_name(tmp_path: Path) -> None:
 def test_evaluating_a_trained_method_without_its_checkpoint_is_refused(tmp_path: Path) -> None:
     """`ood-eval method=heatmap backbone.weights=<classifier>` (no ckpt_path) scored with a random decoder, and
     `method=energy_cfl` with zero class centres: refused, as `ood.evaluate` refuses them; ce from weights passes."""
-    for method, name, parts in (("heatmap", "heatmap", "decoder"), ("energy_cfl", "energy_cfl_recon", "centres, head")):
+    for method, name, parts, files in (("heatmap", "heatmap", "decoder", " or give method.decoder_ckpt=<file>"),
+                                       ("energy_cfl", "energy_cfl_recon", "centres, head", "")):
         cfg = compose_config(tmp_path, [f"method={method}"], config_name="eval")
         with pytest.raises(ConfigError, match=rf"^method '{name}' scores with parts trained with the network \({parts}\), "
                                               r"which backbone.weights does not hold: evaluate a checkpoint of its "
-                                              r"training run \(ckpt_path=<run folder>\)$"):
+                                              rf"training run \(ckpt_path=<run folder>\){files}$"):
             check_run(cfg, None)
     check_run(compose_config(tmp_path, [], config_name="eval"), None)
 

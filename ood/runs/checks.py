@@ -90,9 +90,11 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
 
         parts = untrained_parts(cfg.method)
         if parts:
-            raise ConfigError(f"method {get_class(cfg.method._target_).name!r} scores with parts trained with the "
-                              f"network ({', '.join(parts)}), which backbone.weights does not hold: evaluate a "
-                              "checkpoint of its training run (ckpt_path=<run folder>)")
+            cls = get_class(cfg.method._target_)
+            files = [f" or give method.{cls.part_files[p]}=<file>" for p in parts if p in getattr(cls, "part_files", {})]
+            raise ConfigError(f"method {cls.name!r} scores with parts trained with the network ({', '.join(parts)}), "
+                              "which backbone.weights does not hold: evaluate a checkpoint of its training run "
+                              f"(ckpt_path=<run folder>){''.join(files)}")
 
 
 def untrained_parts(method: DictConfig) -> list[str]:
