@@ -168,6 +168,9 @@ class SetSpec:
             raise ConfigError(f"set {name!r}: `synthetic` and `source` go together (a recipe and the set it is made from)")
         if spec.synthetic is not None and spec.synthetic not in RECIPES:
             raise ConfigError(f"set {name!r}: unknown synthetic recipe {spec.synthetic!r}; choices: {sorted(RECIPES)}")
+        if spec.synthetic is not None and len(spec.kinds) > 1:  # e.g. `++` merged into an imglist spec
+            raise ConfigError(f"set {name!r}: a synthetic set is made from its `source` alone; it also gives "
+                              f"{[k for k in spec.kinds if k != 'synthetic']} (replace the spec: '~<key>' '+<key>={{...}}')")
         if spec.source is not None and spec.source.synthetic is not None:
             raise ConfigError(f"set {name!r}: the source of synthetic sets cannot be synthetic itself")
         if spec.source is not None:  # the source's own `how` and `optional`, else the set's
