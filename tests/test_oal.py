@@ -546,3 +546,46 @@ def test_knn_features_file_is_the_space_the_boundary_outliers_are_sampled_in(
     np.save(tmp_path / "bad.npy", id_feat[:5].numpy())
     with pytest.raises(ConfigError, match=r"must be \[classes=6, n, teacher feature dim=\d+\] .* got \(5, 20, \d+\)$"):
         oal_module.load_knn_features(tmp_path / "bad.npy", 6, d_t)
+
+
+def test_evaluation_builds_no_teacher_and_reads_checkpoints_that_hold_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ood-eval` of an OAL run scores the student alone: the teacher (before: a random ViT-B built at every evaluation,
+    0.7 s and 330 MB, and stored in every checkpoint) is not built (only its width is read, on the meta device) and is
+    no part of the method's weights; a checkpoint saved when it was (its `teacher.*`) still evaluates and resumes."""
+    pytest.importorskip("timm")
+    import ood.cli
+    import ood.train
+
+    tiny = ["method/teacher=vit_b16", "+method.teacher.backbone.depth=1", "+method.teacher.backbone.embed_dim=32",
+            "+method.teacher.backbone.num_heads=2", "+method.teacher.backbone.img_size=16"]
+    cfg = compose_config(tmp_path, ["method=oal", f"method.cache_dir={tmp_path}", *tiny])
+    trained = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=6, in_channels=1))
+    teacher = {f"teacher.{k}": v for k, v in trained.teacher.state_dict().items()}
+    old = {**trained.state_dict(), **teacher}  # as saved before: the teacher with the method's weights
+    torch.save({"state_dict": old}, tmp_path / "last.ckpt")
+    built: list[str] = []
+    init = TimmBackbone.__init__
+
+    def spy(self: TimmBackbone, *args: object, **kwargs: object) -> None:
+        built.append(torch.empty(()).device.type)  # "meta" inside `with torch.device("meta")`
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(TimmBackbone, "__init__", spy)
+    loaded = {}
+
+    def load_weights(method: OAL, path: Path, cfg: object = None) -> None:
+        ood.cli.load_weights(method, path, cfg)
+        loaded["method"] = method
+
+    monkeypatch.setattr(ood.train, "load_weights", load_weights)
+    ood.train.run(compose_config(tmp_path / "eval", ["method=oal", *tiny, f"ckpt_path={tmp_path / 'last.ckpt'}",
+                                                     "evaluate=false", "logger=none"], "eval"))
+    method = loaded["method"]
+    assert built == ["meta"], "the evaluation built a teacher"
+    assert not any(k.startswith("teacher.") for k in method.state_dict())
+    assert all(torch.equal(v, old[k]) for k, v in method.state_dict().items())
+    checkpoint = {"state_dict": dict(old)}  # resuming (Lightning loads strictly after this hook)
+    method.on_load_checkpoint(checkpoint)
+    method.load_state_dict(checkpoint["state_dict"])

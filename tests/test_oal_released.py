@@ -18,10 +18,12 @@ The ViTs have 2 blocks instead of 12 and skip timm's random init (`+method.teach
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import compose_config
 
 from ood.features.bank import FeatureBank
@@ -132,3 +134,93 @@ def test_a_released_oal_teacher_loads_under_the_presets_teacher(tmp_path: Path) 
         torch.testing.assert_close(out.logits, released(x), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.features, features, rtol=1e-4, atol=1e-4)
     assert out.features.shape[1] == 768 and not method.teacher.training
+
+
+def _hf_vit_state(classes: int, depth: int, dim: int, mlp: int, patches: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """transformers' `ViTForImageClassification` names and shapes (openood/networks/ViT2.py: `vit.embeddings`,
+    `vit.encoder.layer.N.{attention.attention.query|key|value, attention.output.dense, intermediate.dense,
+    output.dense, layernorm_before, layernorm_after}`, `vit.layernorm`, `classifier`; no pooler), random values. The
+    embeddings are tiny (std ~1e-4 into the first LayerNorm), so that its eps (HF 1e-12, timm 1e-6) shows."""
+    shapes = {"vit.embeddings.cls_token": (1, 1, dim), "vit.embeddings.position_embeddings": (1, patches + 1, dim),
+              "vit.embeddings.patch_embeddings.projection.weight": (dim, 3, 16, 16),
+              "vit.embeddings.patch_embeddings.projection.bias": (dim,)}
+    for i in range(depth):
+        layer = f"vit.encoder.layer.{i}"
+        for name in ("query", "key", "value"):
+            shapes |= {f"{layer}.attention.attention.{name}.weight": (dim, dim),
+                       f"{layer}.attention.attention.{name}.bias": (dim,)}
+        shapes |= {f"{layer}.attention.output.dense.weight": (dim, dim), f"{layer}.attention.output.dense.bias": (dim,),
+                   f"{layer}.intermediate.dense.weight": (mlp, dim), f"{layer}.intermediate.dense.bias": (mlp,),
+                   f"{layer}.output.dense.weight": (dim, mlp), f"{layer}.output.dense.bias": (dim,)}
+        for norm in ("layernorm_before", "layernorm_after"):
+            shapes |= {f"{layer}.{norm}.weight": (dim,), f"{layer}.{norm}.bias": (dim,)}
+    shapes |= {"vit.layernorm.weight": (dim,), "vit.layernorm.bias": (dim,), "classifier.weight": (classes, dim),
+               "classifier.bias": (classes,)}
+    state = {k: (1.0 if "norm" in k and k.endswith("weight") else 0.0) + 0.1 * torch.randn(s, generator=gen)
+             for k, s in shapes.items()}
+    for key in ("vit.embeddings.cls_token", "vit.embeddings.position_embeddings",
+                "vit.embeddings.patch_embeddings.projection.bias"):
+        state[key] *= 1e-3
+    state["vit.embeddings.patch_embeddings.projection.weight"] *= 4e-5
+    return state
+
+
+def _hf_vit_forward(state: dict[str, torch.Tensor], x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ViTForImageClassification(ViTConfig(...))(x)` in eval mode, transcribed from ViT2.py (ViTEmbeddings,
+    ViTSelfAttention, ViTLayer: pre-norm residual blocks with exact GELU, `ViTModel.layernorm`, the classifier on
+    token 0; LayerNorm eps `ViTConfig().layer_norm_eps` = 1e-12): (the CLS token after the final norm, logits)."""
+    def lin(t: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(t, state[f"{name}.weight"], state[f"{name}.bias"])
+
+    def norm(t: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(t, t.shape[-1:], state[f"{name}.weight"], state[f"{name}.bias"], eps=1e-12)
+
+    patches = F.conv2d(x, state["vit.embeddings.patch_embeddings.projection.weight"],
+                       state["vit.embeddings.patch_embeddings.projection.bias"], stride=16).flatten(2).transpose(1, 2)
+    cls = state["vit.embeddings.cls_token"].expand(len(x), -1, -1)
+    h = torch.cat([cls, patches], dim=1) + state["vit.embeddings.position_embeddings"]
+    n, t, d = h.shape
+    layers = sorted({int(k.split(".")[3]) for k in state if k.startswith("vit.encoder.layer.")})
+    for i in layers:
+        layer = f"vit.encoder.layer.{i}"
+        a = norm(h, f"{layer}.layernorm_before")
+        q, k, v = (lin(a, f"{layer}.attention.attention.{name}").view(n, t, heads, d // heads).permute(0, 2, 1, 3)
+                   for name in ("query", "key", "value"))
+        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), dim=-1)
+        context = (probs @ v).permute(0, 2, 1, 3).reshape(n, t, d)
+        h = lin(context, f"{layer}.attention.output.dense") + h
+        h = lin(F.gelu(lin(norm(h, f"{layer}.layernorm_after"), f"{layer}.intermediate.dense")),
+                f"{layer}.output.dense") + h
+    token = norm(h, "vit.layernorm")[:, 0]
+    return token, lin(token, "classifier")
+
+
+def test_a_hugging_face_vit_teacher_file_loads_under_the_presets_teacher(tmp_path: Path) -> None:
+    """`configs/networks/vit_cifar100.yml`'s teacher is a Hugging Face `ViTForImageClassification` file
+    (`pytorch_model_cifar100.bin`, `torch.save(model.state_dict())`): read as it is under `method/teacher=vit_b16`
+    (its sizes from the teacher config, here 2 layers of 64-d, 4 heads, 32 px), its features and logits are HF's
+    (query / key / value stacked into timm's qkv, LayerNorm eps 1e-12); a head of other classes is one line."""
+    pytest.importorskip("timm")
+    from ood.errors import CheckpointError
+    from ood.models import SmallCNN
+    from ood.utils import instantiate
+
+    classes, depth, dim, heads = 100, 2, 64, 4
+    state = _hf_vit_state(classes, depth, dim, 4 * dim, 4, torch.Generator().manual_seed(0))
+    torch.save(state, tmp_path / "pytorch_model_cifar100.bin")
+    tiny = [f"+method.teacher.backbone.{k}={v}" for k, v in
+            (("depth", depth), ("embed_dim", dim), ("num_heads", heads), ("img_size", 32), ("weight_init", "skip"))]
+    cfg = compose_config(tmp_path, ["method=oal", "method/teacher=vit_b16", *tiny,
+                                    f"method.teacher.ckpt={tmp_path / 'pytorch_model_cifar100.bin'}"])
+    method = instantiate(cfg.method, backbone=SmallCNN(classes, in_channels=3))
+    method.load_teacher(cfg.method.teacher.ckpt)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = method.teacher.run(x)
+        features, logits = _hf_vit_forward(state, x, heads)
+    torch.testing.assert_close(out.features, features, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.logits, logits, rtol=0, atol=1e-5)
+    assert float(logits.std()) > 0.1 and not method.teacher.training
+    other = instantiate(cfg.method, backbone=SmallCNN(10, in_channels=3))
+    with pytest.raises(CheckpointError, match=r"fc.bias has shape \(100,\) in the file and \(10,\) in the model"):
+        other.load_teacher(cfg.method.teacher.ckpt)

@@ -60,7 +60,7 @@ import time
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -171,6 +171,9 @@ class OAL(OODMethod):
     """
 
     name = "oal"
+    #: parts a checkpoint of this method does not hold (older ones did: `ood.models.checkpoint.load_modules` and
+    #: `on_load_checkpoint` skip them there)
+    unstored_parts: ClassVar[tuple[str, ...]] = ("teacher",)
 
     def __init__(
         self,
@@ -224,10 +227,10 @@ class OAL(OODMethod):
         if channels is not None:  # the teacher reads the images the student reads (grey digits, RGB folders)
             teacher["backbone"] = partial(teacher["backbone"], in_channels=channels)
         self.teacher_cfg = teacher
-        self.teacher: Backbone = teacher["backbone"](num_classes=backbone.num_classes)
-        self.teacher.requires_grad_(False).eval()
-        self.frozen = (*self.frozen, "teacher")
-        d_t, d_s, half = self.teacher.feature_dim, backbone.feature_dim, club_hidden // 2
+        self._teacher: Backbone | None = None
+        with torch.device("meta"):  # its feature width only: no weights, no draw from the run's random stream
+            d_t = teacher["backbone"](num_classes=backbone.num_classes).feature_dim
+        d_s, half = backbone.feature_dim, club_hidden // 2
         self.projector = Projector(d_t, d_s)
         self.club_knn = CLUBNet(d_t, d_s, (half,), (half,))
         self.w_mi_sd = self._sd_branch(w_mi_sd, sd_latents)
@@ -289,6 +292,24 @@ class OAL(OODMethod):
         self.sd_dim = int(shape[-1])
         return float(weight)
 
+    # ----- the teacher: built for training only, no part of the method's weights ----------------------------------
+    @property
+    def teacher(self) -> Backbone:
+        """The frozen teacher, built on first use (`prepare`: training) and never by evaluation, which reads the
+        student alone. Not a registered sub-module: it is in no checkpoint (its weights are its file's, read again at
+        every fit start, a resumed one too), in no optimiser group, and stays in eval mode through `train()`."""
+        if self._teacher is None:
+            with torch.random.fork_rng(devices=[]):  # random weights, overwritten from its file: the run's stream is kept
+                teacher = self.teacher_cfg["backbone"](num_classes=self.backbone.num_classes)
+            object.__setattr__(self, "_teacher", teacher.requires_grad_(False).eval())  # not registered
+        return self._teacher
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming a run saved when the teacher was part of the method's weights: its `teacher.*` entries dropped."""
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(tuple(f"{part}." for part in self.unstored_parts))]:
+            del state[key]
+
     # ----- before training: teacher, its features, the outlier banks (once, identically on every rank) ---------
     def prepare(self, data: FitData) -> None:
         """Teacher (`ood.methods.oal_teacher`), its ID-train features, the outlier banks (skipped when present)."""
@@ -301,6 +322,7 @@ class OAL(OODMethod):
         if seconds is not None:
             self.stats["teacher_train_seconds"] = seconds
         self.load_teacher(path)
+        self.teacher.to(data.device, data.dtype)  # where and as the student is (not moved with the method)
         if self.knn_features:
             feats, labels = load_knn_features(self.knn_features, self.backbone.num_classes, self.teacher.feature_dim)
             log.info("oal: boundary outliers sampled in the features of %s", self.knn_features)
@@ -323,13 +345,14 @@ class OAL(OODMethod):
 
     def load_teacher(self, path: str | Path) -> None:
         """The frozen teacher's weights from `path`, strictly: an `ood-train` checkpoint (`method.teacher.source`: the
-        prefix of its weights) or a timm file (the released ViT-B/16 teachers: `pytorch_model.bin`, `best.ckpt`)."""
+        prefix of its weights), a timm file (the released ViT-B/16 teachers: `pytorch_model.bin`, `best.ckpt`) or a
+        Hugging Face ViT file (`vit_cifar100.yml`'s `pytorch_model_cifar100.bin`; `ood.models.timm_backbone`)."""
         state = read_state_dict(path)
-        convert = getattr(self.teacher, "convert_state_dict", None)
+        adopt = getattr(self.teacher, "adopt_state_dict", None)
         load_modules(
-            self,
-            convert(state) if convert else state,
-            {"teacher": self.teacher_cfg.get("source", "backbone")},
+            self.teacher,
+            adopt(state) if adopt else state,
+            {"": self.teacher_cfg.get("source", "backbone")},
             path,
             hint="set method/teacher= to the architecture the file was trained with",
         )

@@ -284,6 +284,11 @@ def load_modules(
     None = the whole model). Returns the loaded target names. Every mismatch names `path` and the first bad key."""
     targets = {"": ""} if modules is None else dict(modules)
     own = model.state_dict()
+    # parts the model does not store (`unstored_parts`: OAL's teacher, read from its own file): an older file's copy
+    # of them is skipped
+    skipped = tuple(f"{part}." for part in getattr(model, "unstored_parts", ()))
+    if skipped:
+        state = {k: v for k, v in state.items() if not k.startswith(skipped)}
     for target, source in targets.items():
         t_prefix, s_prefix = (f"{target}." if target else ""), (f"{source}." if source else "")
         wanted = {k for k in own if k.startswith(t_prefix)}
