@@ -9,6 +9,8 @@ weights, no downloads.
 - A teacher is timm's ViT-B/16 state dict (openood/trainers/oal_trainer.py: `timm.create_model(
   "vit_base_patch16_224.orig_in21k_ft_in1k")` with a 10-class head loading `pytorch_model.bin`, and
   `VisionTransformer(num_classes=100)` loading the fine-tune's `best.ckpt`, both strictly): `method.teacher.ckpt=`.
+  Or a Hugging Face `ViTForImageClassification` state dict (configs/networks/vit_cifar100.yml's
+  `pytorch_model_cifar100.bin`), checked against a transcription of its forward (openood/networks/ViT2.py).
 
 The layouts are written out here (names and shapes), not taken from ood; the references are the released classes'
 own forward (torchvision's ResNet, timm's VisionTransformer) after a strict load, as the released code loads them.
