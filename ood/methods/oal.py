@@ -299,16 +299,18 @@ class OAL(OODMethod):
         """The frozen teacher, built on first use (`prepare`: training) and never by evaluation, which reads the
         student alone. Not a registered sub-module: it is in no checkpoint (its weights are its file's, read again at
         every fit start, a resumed one too), in no optimiser group, and stays in eval mode through `train()`."""
-        if self._teacher is None:
+        teacher = self._teacher
+        if teacher is None:
             with torch.random.fork_rng(devices=[]):  # random weights, overwritten from its file: the run's stream is kept
                 teacher = self.teacher_cfg["backbone"](num_classes=self.backbone.num_classes)
-            object.__setattr__(self, "_teacher", teacher.requires_grad_(False).eval())  # not registered
-        return self._teacher
+            teacher.requires_grad_(False).eval()
+            object.__setattr__(self, "_teacher", teacher)  # not registered (nn.Module.__setattr__ would)
+        return teacher
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming a run saved when the teacher was part of the method's weights: its `teacher.*` entries dropped."""
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.startswith(tuple(f"{part}." for part in self.unstored_parts))]:
+        state, skipped = checkpoint.get("state_dict", {}), tuple(f"{part}." for part in self.unstored_parts)
+        for key in [k for k in state if k.startswith(skipped)]:
             del state[key]
 
     # ----- before training: teacher, its features, the outlier banks (once, identically on every rank) ---------
