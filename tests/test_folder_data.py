@@ -110,6 +110,27 @@ def test_hidden_files_and_folders_are_neither_classes_nor_images(folders: dict[s
     assert folder_entries(root / "train") == folder_entries(folders["id"] / "train")
 
 
+def test_the_preprocessing_line_shows_on_the_entry_points_console(folders: dict[str, Path], tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The entry points keep Lightning's INFO chatter off the console (`quiet_lightning`), and the preprocessing line
+    went out through Lightning's `rank_zero_info`: `ood-eval` never printed it (the README: "printed once"). It is
+    ood's own log line now, shown by the entry points' logging and recorded in the run's log file."""
+    from ood.runs.console import LIGHTNING_LOGGERS, quiet_lightning
+
+    bench = FolderBenchmark(folders["id"], ood=[folders["far"]], image_size=32, resize=32, report_dir=tmp_path)
+    levels = {name: logging.getLogger(name).level for name in LIGHTNING_LOGGERS}
+    quiet_lightning()  # as ood-eval does
+    try:
+        with caplog.at_level(logging.INFO, logger="ood.data.folder"):
+            bench.prepare()
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+    assert [r.getMessage() for r in caplog.records if "preprocessing" in r.getMessage()] == [
+        f"id: preprocessing {json.dumps(bench.preprocessing)}"]
+    assert json.loads((tmp_path / "preprocessing.json").read_text()) == bench.preprocessing
+
+
 def test_image_files_of_kinds_not_read_are_named(folders: dict[str, Path], tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     """A web-scraped OOD set's `.jfif` / `.gif` files (ImageFolder does not read them) left the set silently."""

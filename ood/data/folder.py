@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
@@ -738,7 +737,8 @@ class FolderBenchmark(Benchmark):
 
     def prepare(self, download: bool = False) -> None:
         """Print the preprocessing once; record it (and skipped files) in the run folder."""
-        rank_zero_info(f"{self.name}: preprocessing {json.dumps(self.preprocessing)}")
+        # ood's own logger: the entry points keep Lightning's INFO lines (`rank_zero_info`) off their console
+        log.info("%s: preprocessing %s", self.name, json.dumps(self.preprocessing))
         if self.report_dir is None:
             return
         self.report_dir.mkdir(parents=True, exist_ok=True)
