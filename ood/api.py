@@ -17,6 +17,7 @@ import atexit
 import inspect
 import itertools
 import json
+import logging
 import os
 import pickle
 import re
@@ -208,9 +209,20 @@ def _network(model: nn.Module) -> nn.Module:
     eagerly as it does ood's own compiled modules (`ood.precision.eager`)."""
     from ood.methods.base import OODMethod
 
+    if not isinstance(model, nn.Module):  # the file a user has: "'str' object has no attribute 'parameters'"
+        raise ConfigError(
+            f"model={str(model)!r} is a path, not a network (nn.Module): build it and load the file "
+            "(model = torchvision.models.resnet18(num_classes=K); model.load_state_dict(torch.load(path))), or "
+            f"evaluate the file with ood-eval backbone.weights={model} backbone=torchvision|timm|module "
+            "backbone.name=<architecture> data=folder ..." if isinstance(model, str | os.PathLike) else
+            f"model= takes a network (nn.Module), got a {type(model).__name__}")
     model = getattr(model, "_orig_mod", model)  # first: a compiled ood method is a method
     net = model.backbone if isinstance(model, OODMethod) else model
-    return getattr(net, "_orig_mod", net)
+    net = getattr(net, "_orig_mod", net)
+    if any(t.is_meta for t in itertools.chain(net.parameters(), net.buffers())):  # "Cannot copy out of meta tensor"
+        raise ConfigError("the model's parameters are on the meta device (shapes without values): load its weights "
+                          "first (model.to_empty(device='cpu'), then model.load_state_dict(...))")
+    return net
 
 
 @contextmanager
@@ -250,6 +262,33 @@ def one_line_errors() -> Iterator[None]:
         if user is None or user is err:
             raise
         raise user from None
+
+
+@contextmanager
+def _console_logs() -> Iterator[None]:
+    """The entry points' console inside the call: Lightning's start-up chatter ("Seed set to 0", "GPU available",
+    its "Tip" advert: INFO of `LIGHTNING_LOGGERS`) off, and ood's own INFO lines (the preprocessing) shown on stderr
+    when the caller's program set up no logging that takes them; the caller's levels and handlers as they were."""
+    from ood.runs.console import LIGHTNING_LOGGERS
+
+    quiet = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
+    levels = [logger.level for logger in quiet]
+    ours = logging.getLogger("ood")
+    handler = None if ours.hasHandlers() else logging.StreamHandler()
+    level = ours.level
+    for logger in quiet:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    if handler is not None:
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger, previous in zip(quiet, levels, strict=True):
+            logger.setLevel(previous)
+        if handler is not None:
+            ours.removeHandler(handler)
+            ours.setLevel(level)
 
 
 @contextmanager
@@ -554,7 +593,7 @@ def evaluate(
     GlobalHydra.instance().clear()
     # a caller's `torch.inference_mode()` made the banks inference tensors, and detectors that fit by gradient
     # (tempscale) failed in it: the run is the trainer's, which chooses its own grad mode
-    with warnings.catch_warnings(), _caller_state(), _caller_model(net), torch.inference_mode(False):
+    with warnings.catch_warnings(), _console_logs(), _caller_state(), _caller_model(net), torch.inference_mode(False):
         quiet_warnings()
         try:
             # the caller's, as `ood-eval`'s: a misspelt key is one line, and a new key under an empty mapping

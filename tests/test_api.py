@@ -242,21 +242,56 @@ def test_a_detector_class_of_ones_own_is_named_by_its_name(trained, tmp_path: Pa
     torch.testing.assert_close(ours, bank.features.double().norm(dim=1))
 
 
-def test_evaluate_prints_no_lightning_deprecation_and_leaves_the_callers_warning_filters(trained, tmp_path: Path) -> None:
+def test_evaluate_prints_no_lightning_deprecation_and_leaves_the_callers_warning_filters(trained, tmp_path: Path,
+                                                                                         caplog) -> None:
     """Lightning's pytree helper warns "`isinstance(treespec, LeafSpec)` is deprecated" on this torch at every
     evaluation: the entry points ignore it, and `ood.evaluate` printed it into the caller's program (nothing they can
-    act on). It is ignored inside the call; the caller's own filters are as they were afterwards."""
+    act on). It is ignored inside the call; the caller's own filters are as they were afterwards. Lightning's
+    start-up chatter ("Seed set to 0", "GPU available: ...", its litlogger "Tip" advert), which the entry points keep
+    off the console, was printed at every call too; it is off inside the call, the caller's logger levels kept."""
+    import logging
     import warnings
 
     paths, model, _ = trained
     kwargs = dict(detectors=["msp"], image_size=32, resize=32, device="cpu")
     ood.evaluate(model, paths["id"], [paths["far"]], output_dir=tmp_path / "first", **kwargs)  # imports add filters
+    lightning = logging.getLogger("lightning.pytorch")
+    lightning.setLevel(logging.INFO)  # the caller's own choice, restored after the call
+    caplog.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         before = list(warnings.filters)
         ood.evaluate(model, paths["id"], [paths["far"]], output_dir=tmp_path / "second", **kwargs)
         assert warnings.filters == before
     assert not [w for w in caught if "LeafSpec" in str(w.message)]
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("lightning") and r.levelno < logging.WARNING] == []
+    assert lightning.level == logging.INFO
+    lightning.setLevel(logging.NOTSET)
+
+
+def test_a_model_file_or_another_non_module_is_one_line_saying_what_to_pass(tmp_path: Path) -> None:
+    """`ood.evaluate("resnet18.pth", ...)`, the file a user has, failed with "'str' object has no attribute
+    'parameters'"; now one line saying to build the network and load the file, or to give it to ood-eval."""
+    message = (r"^model='resnet18.pth' is a path, not a network \(nn.Module\): build it and load the file "
+               r"\(model = torchvision.models.resnet18\(num_classes=K\); model.load_state_dict\(torch.load\(path\)\)\), "
+               r"or evaluate the file with ood-eval backbone.weights=resnet18.pth backbone=torchvision\|timm\|module .*$")
+    with pytest.raises(ConfigError, match=message):
+        ood.evaluate("resnet18.pth", tmp_path / "id", [tmp_path / "far"], output_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=message):
+        ood.extract(Path("resnet18.pth"), tmp_path / "id")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_on_the_meta_device_is_one_line(tmp_path: Path) -> None:
+    """A network built on the meta device (no values: `torch.device("meta")`, `init_empty_weights`) stopped with
+    PyTorch's "Cannot copy out of meta tensor; no data!" after the data was read; now one line before the run."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3, device="meta"))
+    message = (r"^the model's parameters are on the meta device \(shapes without values\): load its weights first "
+               r"\(model.to_empty\(device='cpu'\), then model.load_state_dict\(...\)\)$")
+    with pytest.raises(ConfigError, match=message):
+        ood.evaluate(net, tmp_path / "id", [tmp_path / "far"], output_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=message):
+        ood.extract(net, tmp_path / "id")
 
 
 def test_an_unusable_device_is_one_line(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
