@@ -258,6 +258,21 @@ def test_folder_mistakes_are_one_line(folders: dict[str, Path], tmp_path: Path) 
     assert sorted(bench.val().dataset.targets[i] for i in bench.val().indices) == [0, 1, 2]  # stratified hold-out
 
 
+def test_a_root_of_class_folders_is_named_as_one_split(folders: dict[str, Path]) -> None:
+    """A first try passes the folder of class folders (one split, `my_id/train`, or a set never split): "no train/
+    folder (it holds ['c0/', ...])" left the user to work out that these are classes; the line says how to give them
+    as a split, as the caller gives it."""
+    train = folders["id"] / "train"
+    with pytest.raises(DataNotFoundError, match=r"train: no train/ folder \(it holds \['c0/', 'c1/', 'c2/'\]\); these "
+                                                r"look like class folders of one split: give the splits, "
+                                                r"id_data=\{'train': <this folder>, 'test': <a folder of the same "
+                                                r"classes>\}$"):
+        FolderBenchmark(train, ood=[folders["far"]], python_api=True)
+    with pytest.raises(DataNotFoundError, match=r"these look like class folders of one split: give the splits, "
+                                                r"data.train=<this folder> data.test=<a folder of the same classes>$"):
+        FolderBenchmark(train, ood=[folders["far"]])
+
+
 def test_every_class_keeps_training_images(folders: dict[str, Path], tmp_path: Path) -> None:
     """A class folder without images, or one whose only image the held-out validation split takes, would leave the
     train-fitted detectors a class they never saw (Mahalanobis' mean of it: the zero vector): one line each."""

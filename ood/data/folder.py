@@ -355,10 +355,15 @@ class FolderBenchmark(Benchmark):
             if sources[split] is None and root is not None and (self.root / split).is_dir():
                 sources[split] = self.root / split
         if sources["train"] is None:
-            held = sorted(p.name + "/" for p in self.root.iterdir() if p.is_dir())
+            held = sorted(p for p in self.root.iterdir() if p.is_dir())
+            # a split's folder (`my_id/train`) or a set never split: its class folders hold the images
+            classes = any(f.suffix.lower() in IMAGE_EXTENSIONS for d in held for f in d.iterdir())
+            splits = "id_data={'train': <this folder>, 'test': <a folder of the same classes>}" if python_api else \
+                "data.train=<this folder> data.test=<a folder of the same classes>"
             raise DataNotFoundError(
-                f"{self.root}: no train/ folder (it holds {held}); {self.caller} needs <root>/train/<class>/<image> "
-                "and <root>/test/<class>/<image>"
+                f"{self.root}: no train/ folder (it holds {[p.name + '/' for p in held]}); " +
+                (f"these look like class folders of one split: give the splits, {splits}" if classes else
+                 f"{self.caller} needs <root>/train/<class>/<image> and <root>/test/<class>/<image>")
             )
         if sources["test"] is None:
             raise DataNotFoundError(f"{self.root}: no test/ folder; {self.caller} needs <root>/test/<class>/<image>")
