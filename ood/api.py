@@ -403,14 +403,18 @@ def _detector_overrides(detectors: str | Sequence[str | type]) -> list[str]:
     """A config of the `detectors` group by name (`all`, `fast`, `none`), else `detectors.names=` a registry
     selection (`cached`) or a list of names, selections and `Detector` classes (by their registered names)."""
     from ood import CONFIG_DIR
+    from ood.detectors.base import SELECTIONS
 
     if isinstance(detectors, str) and (CONFIG_DIR / "detectors" / f"{detectors}.yaml").is_file():
         return [f"detectors={detectors}"]
     if isinstance(detectors, str) and "," in detectors:  # Hydra's sweep refusal named `-m` and the CLI's list syntax
         raise ConfigError(f"detectors={detectors!r} is one string, not a list of names: give "
                           f"detectors={[name.strip() for name in detectors.split(',')]!r}")
-    names = detectors if isinstance(detectors, str) else f"[{','.join(map(_detector_name, detectors))}]"
-    return ["detectors=all", f"detectors.names={names}"]
+    if isinstance(detectors, str) and detectors in SELECTIONS:
+        return ["detectors=all", f"detectors.names={detectors}"]
+    # one name as a one-name list: a misspelt one is named with the detectors, not with the selections alone
+    listed = [detectors] if isinstance(detectors, str) else detectors
+    return ["detectors=all", f"detectors.names=[{','.join(map(_detector_name, listed))}]"]
 
 
 def _detector_name(detector: Any) -> str:

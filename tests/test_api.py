@@ -269,6 +269,15 @@ def test_evaluate_prints_no_lightning_deprecation_and_leaves_the_callers_warning
     lightning.setLevel(logging.NOTSET)
 
 
+def test_one_unknown_detector_name_is_named_with_the_detectors(trained, tmp_path: Path) -> None:
+    """`detectors="msp"` evaluates msp alone, and a misspelt `detectors="mps"` was "unknown detector selection 'mps'
+    (did you mean 'msp'?); choices: ['full', 'all', 'cached'] or a list of names": the choices left out the name it
+    suggested (and `fast`, `none`). One name is a one-name list: the line lists the detectors."""
+    paths, model, _ = trained
+    with pytest.raises(ConfigError, match=r"^unknown detector 'mps' \(did you mean 'msp'\?\); available: .*\bmsp\b"):
+        ood.evaluate(model, paths["id"], [paths["far"]], detectors="mps", device="cpu", output_dir=tmp_path)
+
+
 def test_a_model_file_or_another_non_module_is_one_line_saying_what_to_pass(tmp_path: Path) -> None:
     """`ood.evaluate("resnet18.pth", ...)`, the file a user has, failed with "'str' object has no attribute
     'parameters'"; now one line saying to build the network and load the file, or to give it to ood-eval."""
