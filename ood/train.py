@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ood import CONFIG_DIR
-from ood.cli import check_argv, friendly_errors, in_multirun, load_weights, require_config_dir
+from ood.cli import check_argv, friendly_errors, in_multirun, load_weights, require_config_dir, user_error
 from ood.errors import ConfigError
 from ood.runs.checks import as_trained_paths, check_launch, check_run
 from ood.runs.failures import (
@@ -168,7 +168,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             raise
         except Exception as err:
             forget_sigterm()  # a SIGTERM noted before this failure must not stop the process's next run
-            record_failure(output_dir, err, earlier)
+            # the user's mistake as the console shows it (a DataLoader worker's or a DDP rank's error arrives as its
+            # whole traceback text, which ood-report would print as one long line)
+            record_failure(output_dir, user_error(err) or err, earlier)
             raise
 
 

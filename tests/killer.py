@@ -92,3 +92,14 @@ class LogFromRanks(Callback):
         if trainer.global_rank == self.rank:
             logging.getLogger("killer.rank").warning("a warning of rank %d only", self.rank)
             warnings.warn(f"a Python warning of rank {self.rank}", UserWarning, stacklevel=1)
+
+
+class RaiseAsWorker(Callback):
+    """Raise, at the start of training, the `BadImageError` a DataLoader worker's failure arrives as: the worker's
+    whole traceback as its text (torch's `ExceptionWrapper.reraise`)."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from ood.data.hygiene import BadImageError
+
+        raise BadImageError("Caught BadImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                            "last):\n  File \"x.py\", line 1, in f\nood.data.hygiene.BadImageError: a.png: cannot read")

@@ -297,6 +297,16 @@ def test_max_epochs_below_one_is_refused(tmp_path: Path, epochs: int) -> None:
     assert "ConfigError: trainer.max_epochs" in (tmp_path / "FAILED.txt").read_text()
 
 
+def test_failed_txt_holds_the_one_line_error_of_a_worker_not_its_traceback(tmp_path: Path) -> None:
+    """A DataLoader worker's unreadable image arrives as a `BadImageError` whose text is the worker's traceback: the
+    console showed its last line, `FAILED.txt` held all of it (ood-report printed it flattened into one long line)."""
+    from ood.data.hygiene import BadImageError
+
+    with pytest.raises(BadImageError):
+        run(compose_config(tmp_path, [*FAST, "+callbacks.boom._target_=killer.RaiseAsWorker"]))
+    assert (tmp_path / "FAILED.txt").read_text() == "BadImageError: a.png: cannot read\n"
+
+
 def _two_runs(runs: Path) -> tuple[Path, Path]:
     """The last.ckpt of an older run `a` and a newer run `b` under `runs`."""
     old, new = runs / "a" / "checkpoints" / "last.ckpt", runs / "b" / "checkpoints" / "last.ckpt"
