@@ -45,7 +45,9 @@ def test_word_in_place_of_a_config_node_is_refused() -> None:
     [("method=cel", r"unknown method 'cel': did you mean method=ce\? choices: ce, cluster, energy_cfl, .*, oe"),
      ("-m method=ce,oee", r"unknown method 'oee': did you mean method=oe\? choices: ce, "),
      ("+experiment=cifar10_c", r"unknown experiment 'cifar10_c': did you mean experiment=cifar10_ce\? choices: "),
-     ("trainer=xyz", r"unknown trainer 'xyz': choices: cpu, ddp, ddp_cpu, gpu, gpu_fast")],
+     ("trainer=xyz", r"unknown trainer 'xyz': choices: cpu, ddp, ddp_cpu, gpu, gpu_fast"),
+     # ood.evaluate takes detectors="msp"; the command line's group holds configs: the names key is said
+     ("detectors=msp", r"^unknown detectors 'msp': choices: all, fast, full, none; detectors by name: detectors.names=\[msp\]$")],
 )
 def test_unknown_group_option_is_one_line_with_the_choices(override: str, expected: str) -> None:
     """Hydra's own error for `method=cel` is 20 lines ending in its config search path."""

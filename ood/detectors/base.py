@@ -470,9 +470,8 @@ def resolve_detectors(names: str | Sequence[DetectorRef]) -> list[type[Detector]
     if isinstance(names, str):
         if names in _REGISTRY or "." in names:  # one detector named alone, by its name or import path
             return [detector_class(names)]
-        if names not in SELECTIONS:
-            raise ConfigError(f"unknown detector selection {names!r}{_known_as(names)}; choices: {list(SELECTIONS)} or a "
-                              "list of names")
+        if names not in SELECTIONS:  # as a one-name list: named with the detectors, not with the selections alone
+            return resolve_detectors([names])
         keep = {"full": lambda c: True, "all": lambda c: not c.full_only, "cached": lambda c: not (c.needs_model or c.full_only)}[names]
         return [_REGISTRY[n] for n in available_detectors() if keep(_REGISTRY[n]) and _REGISTRY[n].reproduces is None]
     unknown = [n for n in names if isinstance(n, str) and n not in _REGISTRY and n not in SELECTIONS and "." not in n]

@@ -476,7 +476,9 @@ def _check_choice(override: Any, config_dir: Path) -> None:
             if isinstance(choice, str) and choice not in options and not choice.startswith("${"):
                 close = difflib.get_close_matches(choice, options, n=1, cutoff=0.6)
                 hint = f"did you mean {override.key_or_group}={close[0]}? " if close else ""
-                raise ConfigError(f"unknown {override.key_or_group} {choice!r}: {hint}choices: {', '.join(options)}")
+                # `detectors=msp` (ood.evaluate takes detectors="msp"): the group's configs, or the names key
+                names = f"; detectors by name: detectors.names=[{choice}]" if override.key_or_group == "detectors" else ""
+                raise ConfigError(f"unknown {override.key_or_group} {choice!r}: {hint}choices: {', '.join(options)}{names}")
 
 
 #: keys whose values Lightning accepts in several types (`trainer.devices=auto`, `trainer.deterministic=warn`), and
