@@ -384,3 +384,31 @@ def test_report_md_says_why_reference_numbers_are_left_out(tmp_path: Path) -> No
     assert report.endswith("\nReference numbers left out of the table:\n- no --reference file matches a run's (ID "
                            "dataset, backbone); the runs are [('cifar10', 'resnet18_32x32')], the files' [('cifar10', "
                            "'resnet18')]\n") and "ref:" not in report.partition("\n\n")[0]
+
+
+def test_a_cell_over_fewer_seeds_than_its_row_says_how_many(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Seed 1 lacks far set c: the row says 2 seeds, but c and the far mean are seed 0's alone. They were printed as
+    bare values ("one seed: the value alone"), read as 2 seeds' mean, and the reason went to stderr only."""
+    _write(tmp_path / "0", [_row(0, "a", "near", 0.9), _row(0, "b", "far", 0.8), _row(0, "c", "far", 0.6)])
+    _write(tmp_path / "1", [_row(1, "a", "near", 0.7), _row(1, "b", "far", 0.8)])
+    main([str(tmp_path), "--no-figures"])
+    md = (tmp_path / "report.md").read_text()
+    header, _, line = md.splitlines()[:3]
+    cells = dict(zip(header.split(" | "), line.split(" | ")))
+    assert (cells["seeds"], cells["a/auroc"], cells["b/auroc"]) == ("2", "80.00 ± 14.14", "80.00 ± 0.00")
+    assert (cells["c/auroc"], cells["far/auroc"], cells["near/auroc"]) == ("60.00 (n=1)", "70.00 (n=1)", "80.00 ± 14.14")
+    assert "(n=k): over k of the row's seeds" in md
+    assert f"- {tmp_path}/1 lacks OOD sets ['c'] of its configuration: left out of its far mean\n" in md
+    tex = (tmp_path / "report.tex").read_text()
+    assert " & 60.00 (n=1) & " in tex and "(n=k): over k of the row's seeds" in tex.splitlines()[0]
+    assert md in capsys.readouterr().out  # the console shows what report.md holds
+
+
+def test_a_seed_run_twice_is_named_under_the_table(tmp_path: Path) -> None:
+    """The table's `seeds` counts a seed trained twice twice: report.md, which is what gets pasted, says so (it was
+    on stderr only)."""
+    for name, seed in (("sweep/0", 0), ("sweep/1", 1), ("rerun", 0)):
+        _write(tmp_path / name, [_row(seed, "s", "near", 0.8)])
+    main([str(tmp_path), "--no-figures"])
+    assert (f"- {tmp_path}/rerun, {tmp_path}/sweep/0 are seed 0 of one configuration: each counts as a seed in its "
+            "mean ± std; report one of them\n") in (tmp_path / "report.md").read_text()

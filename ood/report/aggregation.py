@@ -117,7 +117,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def aggregate(
-    rows: Sequence[Mapping[str, Any]], by: Sequence[str] | None = None
+    rows: Sequence[Mapping[str, Any]], by: Sequence[str] | None = None, notes: list[str] | None = None
 ) -> tuple[list[str], list[str], list[dict[str, Any]]]:
     """(config columns, metric columns, table rows); metric cells are (mean, std, n) over the runs (seeds), also of
     `fpr95_oodpos`, which is not a column unless a reference gives it (`references.add_reference`); `_runs` lists an
@@ -127,7 +127,9 @@ def aggregate(
     Runs are grouped by their whole configuration without the seed, so different configurations are never
     averaged; the columns are the keys that differ. `by` names the grouping keys instead (besides method,
     detector, backbone, ID dataset and, with full-spectrum rows, the mode); keys that then still differ inside a
-    group are warned about.
+    group are warned about. Warnings (those, runs lacking some of their configuration's OOD sets, a seed run twice)
+    go to stderr and are appended to `notes`: they change what a number in the table is over, so the report says them
+    under it.
     """
     fixed = [*BASE_KEYS, *(["mode"] if any(r.get("mode", "standard") != "standard" for r in rows) else [])]
     params = list(by) if by is not None else _drop_aliases(rows, varying_params(rows))
@@ -151,10 +153,9 @@ def aggregate(
         }
         group_of.setdefault(key, {})[row["ood_dataset"]] = row["ood_group"]
         members.setdefault(key, []).append(flat)
-    if by is not None:
-        _warn_mixed(members)
-    else:  # an evaluation of a checkpoint without a stored config records its own seed: only runs that trained their model are compared
-        _warn_repeated_seeds(configs, {row["_run"]: row.get("seed") for row in rows if trained_here(row)})
+    warnings = _mixed(members) if by is not None else _repeated_seeds(
+        # an evaluation of a checkpoint without a stored config records its own seed: only runs that trained their model
+        configs, {row["_run"]: row.get("seed") for row in rows if trained_here(row)})
 
     table = []
     for key, runs in configs.items():
@@ -168,8 +169,7 @@ def aggregate(
             missing = sorted(set(sets_of) - set(per_set))
             if missing:  # its near/far means would be over other sets than its seeds': not averaged with theirs
                 short = " and ".join(g for g in groups if any(sets_of[s] == g for s in missing))
-                print(f"warning: {run} lacks OOD sets {missing} of its configuration: left out of its {short} mean",
-                      file=sys.stderr)
+                warnings.append(f"{run} lacks OOD sets {missing} of its configuration: left out of its {short} mean")
             for g in groups:
                 in_group = [per_set[s] for s in ordered if sets_of.get(s) == g and s in per_set]
                 for m in AGGREGATED:
@@ -187,6 +187,10 @@ def aggregate(
         entry.update({col: (*_mean_std(values), len(values)) for col, values in cells.items()})
         table.append(entry)
     table.sort(key=lambda e: tuple(_order(str(e[c])) for c in config_cols))
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if notes is not None:
+        notes += warnings
     return config_cols, metric_cols, table
 
 
@@ -200,13 +204,13 @@ def _order(value: str) -> tuple[int, float, str]:
     return (0, number, "") if math.isfinite(number) else (1, 0.0, value)
 
 
-def _warn_mixed(members: Mapping[tuple[str, ...], Sequence[Mapping[str, str]]]) -> None:
+def _mixed(members: Mapping[tuple[str, ...], Sequence[Mapping[str, str]]]) -> list[str]:
+    """The line naming the keys that `--by` averages over, if any."""
     mixed = sorted({k for flats in members.values() for k in {k for f in flats for k in f} if len({f.get(k, "") for f in flats}) > 1})
-    if mixed:
-        print(f"warning: --by averages runs that differ in {', '.join(mixed)}", file=sys.stderr)
+    return [f"--by averages runs that differ in {', '.join(mixed)}"] if mixed else []
 
 
-def _warn_repeated_seeds(configs: Mapping[tuple[str, ...], Mapping[str, Any]], seed_of: Mapping[str, Any]) -> None:
+def _repeated_seeds(configs: Mapping[tuple[str, ...], Mapping[str, Any]], seed_of: Mapping[str, Any]) -> list[str]:
     """One line per set of runs that are the same seed of one configuration (a seed trained twice, e.g. a rerun
     beside its sweep): each counts in the mean ± std and in `seeds`, as if it were another seed."""
     repeated: set[tuple[str, ...]] = set()
@@ -216,6 +220,5 @@ def _warn_repeated_seeds(configs: Mapping[tuple[str, ...], Mapping[str, Any]], s
             if run in seed_of:
                 by_seed.setdefault(str(seed_of[run]), []).append(run)
         repeated |= {tuple(sorted(same)) for same in by_seed.values() if len(same) > 1}
-    for same in sorted(repeated):
-        print(f"warning: {', '.join(same)} are seed {seed_of[same[0]]} of one configuration: each counts as a seed in "
-              "its mean ± std; report one of them", file=sys.stderr)
+    return [f"{', '.join(same)} are seed {seed_of[same[0]]} of one configuration: each counts as a seed in its mean ± "
+            "std; report one of them" for same in sorted(repeated)]

@@ -20,7 +20,7 @@ from ood.report.references import (
     reference_files,
     std_notes,
 )
-from ood.report.rendering import NOTE, to_latex, to_markdown, write_csv
+from ood.report.rendering import FEWER_SEEDS_NOTE, NOTE, fewer_seeds, to_latex, to_markdown, write_csv
 
 
 def parser() -> argparse.ArgumentParser:
@@ -87,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: --by {unknown}: no run has these keys{hint}; the keys that differ between these runs: {differ}",
               file=sys.stderr)
         sys.exit(1)
-    config_cols, metric_cols, table = aggregate(rows, by=by)
+    averaged: list[str] = []  # runs a mean leaves out, counts twice or averages over other keys: under the table too
+    config_cols, metric_cols, table = aggregate(rows, by=by, notes=averaged)
     left_out: list[str] = []  # why a reference's numbers are not beside rows of theirs: said under the table too
     metric_cols = add_reference(metric_cols, table, references, left_out)
     ran = sorted({(str(e["id_dataset"]), str(e["backbone"])) for e in table})
@@ -96,12 +97,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unmatched_files:  # the --reference the user named added no ref: column: say why rather than leave it out silently
         left_out.append(f"no --reference file matches a run's (ID dataset, backbone); the runs are {ran}, the files' "
                         f"{named}")
-    note = " ".join([NOTE, *std_notes(references, metric_cols, table)])
+    note = " ".join([NOTE, *std_notes(references, metric_cols, table),
+                     *([FEWER_SEEDS_NOTE] if fewer_seeds(metric_cols, table) else [])])
     markdown = to_markdown(config_cols, metric_cols, table) + f"\n{note}\n"
     epochs = evaluated_epochs(rows)
     if epochs:
         markdown += ("\nEpochs evaluated (evaluation.weights=best_val_acc: the epoch of best ID-val accuracy, "
                      "0-based):\n" + "".join(f"- `{run}`: {epoch}\n" for run, epoch in epochs.items()))
+    if averaged:
+        markdown += "\nWhat the means are over (warned of on stderr too):\n" + "".join(f"- {line}\n" for line in averaged)
     if left_out:
         markdown += "\nReference numbers left out of the table:\n" + "".join(f"- {line}\n" for line in left_out)
     if failed:

@@ -19,11 +19,29 @@ NOTE = ("Metrics in %: mean ± std over seeds (sample std, n - 1; one seed: the 
         "(ID positive, as ODIN / Energy); fpr95_oodpos: ID rejected at 95 % of OOD caught (OpenOOD v1.5's).")
 
 
-def _cell(value: Any) -> str:
+#: what a cell's `(n=k)` says, under the table whenever a cell has one
+FEWER_SEEDS_NOTE = ("(n=k): over k of the row's seeds, those that scored every OOD set the cell averages (the others "
+                    "are named below).")
+
+
+def _cell(value: Any, seeds: int | None = None) -> str:
+    """A metric cell in %: mean ± std, the value alone for one value; `(n=k)` when it is over fewer runs than the
+    row's `seeds` (a run lacking an OOD set), which a reader would otherwise take it to average."""
     if isinstance(value, tuple):
         mean, std, n = value
-        return f"{100 * mean:.2f}" if n == 1 else f"{100 * mean:.2f} ± {100 * std:.2f}"
+        text = f"{100 * mean:.2f}" if n == 1 else f"{100 * mean:.2f} ± {100 * std:.2f}"
+        return f"{text} (n={n})" if seeds is not None and n < seeds else text
     return str(value)
+
+
+def _cells(cols: Sequence[str], entry: Mapping[str, Any]) -> list[str]:
+    """A row's cells; a `ref:` cell's n is the published runs, not ours, so only our cells are held to `seeds`."""
+    return [_cell(entry.get(c, ""), None if c.startswith("ref:") else entry.get("seeds")) for c in cols]
+
+
+def fewer_seeds(metric_cols: Sequence[str], table: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether a cell of the table is over fewer runs than its row's `seeds` (it then reads `(n=k)`)."""
+    return any("(n=" in cell for entry in table for cell in _cells(metric_cols, entry))
 
 
 def to_markdown(config_cols: Sequence[str], metric_cols: Sequence[str], table: Sequence[Mapping[str, Any]]) -> str:
@@ -34,7 +52,7 @@ def to_markdown(config_cols: Sequence[str], metric_cols: Sequence[str], table: S
 
     cols = [*config_cols, "seeds", *metric_cols]
     lines = ["| " + " | ".join(md(c) for c in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(md(_cell(entry.get(c, ""))) for c in cols) + " |" for entry in table]
+    lines += ["| " + " | ".join(md(c) for c in _cells(cols, entry)) + " |" for entry in table]
     return "\n".join(lines) + "\n"
 
 
@@ -67,7 +85,7 @@ def to_latex(config_cols: Sequence[str], metric_cols: Sequence[str], table: Sequ
         "\\toprule",
         " & ".join(tex(c) for c in cols) + " \\\\",
         "\\midrule",
-        *(" & ".join(tex(_cell(entry.get(c, ""))) for c in cols) + " \\\\" for entry in table),
+        *(" & ".join(tex(c) for c in _cells(cols, entry)) + " \\\\" for entry in table),
         "\\bottomrule",
         "\\end{tabular}",
     ]
