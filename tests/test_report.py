@@ -412,3 +412,16 @@ def test_a_seed_run_twice_is_named_under_the_table(tmp_path: Path) -> None:
     main([str(tmp_path), "--no-figures"])
     assert (f"- {tmp_path}/rerun, {tmp_path}/sweep/0 are seed 0 of one configuration: each counts as a seed in its "
             "mean ± std; report one of them\n") in (tmp_path / "report.md").read_text()
+
+
+def test_a_tuned_detector_value_reads_tuned_beside_a_fixed_one(tmp_path: Path) -> None:
+    """knn with k tuned (50 on one seed, 100 on the other) beside knn with k fixed at 50: two entries, the tuned one's
+    cell was blank, which did not say k was tuned."""
+    for seed, k in enumerate([50, 100]):
+        for tuned in (True, False):
+            row = {**_row(seed, "s", "near", 0.8), "detector": "knn", "detector_params": {"k": k if tuned else 50},
+                   "tuned": tuned, "tuned_params": ["k"] if tuned else []}
+            _write(tmp_path / f"{tuned}{seed}", [row])
+    config_cols, _, table = aggregate(load_rows([tmp_path]))
+    assert "detector.k" in config_cols
+    assert {e["detector.k"]: e["seeds"] for e in table} == {"50": 2, "tuned": 2}

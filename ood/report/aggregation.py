@@ -38,6 +38,10 @@ def evaluated_epochs(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
                         if r.get("evaluated_epoch") is not None}.items()))
 
 
+#: the configuration value of a detector hyper-parameter chosen by tuning (its value is a result of the run)
+TUNED = "tuned"
+
+
 def _tuned_keys(row: Mapping[str, Any]) -> set[str]:
     """Detector hyper-parameters chosen by tuning in this row: results of the run, not part of its configuration
     (seeds that tuned k differently are still the same configuration)."""
@@ -55,20 +59,25 @@ def _tuned_keys(row: Mapping[str, Any]) -> set[str]:
 
 
 def config_params(row: Mapping[str, Any]) -> dict[str, str]:
-    """Configuration columns of a row from its `method_params` and `detector_params`. Left out, like tuned detector
-    values: `method_params.fitted` (statistics a method fits from data, e.g. Energy-OE's margins), `init.ckpt` (the
-    starting weights, one per seed when each seed fine-tunes its own CE run) and parameters that interpolate
-    `${seed}` (the row's `_seeded` keys)."""
+    """Configuration columns of a row from its `method_params` and `detector_params`. A tuned detector value reads
+    `tuned` (seeds that tuned k differently are one configuration; a blank cell beside a fixed `50` did not say k
+    was tuned). Left out: `method_params.fitted` (statistics a method fits from data, e.g. Energy-OE's margins),
+    `init.ckpt` (the starting weights, one per seed when each seed fine-tunes its own CE run) and parameters that
+    interpolate `${seed}` (the row's `_seeded` keys)."""
     out = {}
     seeded = set(row.get("_seeded") or ())
-    skip = {"detector_params": _tuned_keys(row), "method_params": {"fitted"} | {k[len("method."):] for k in seeded}}
+    skip = {"fitted"} | {k[len("method."):] for k in seeded}
+    tuned = _tuned_keys(row)
     for prefix, key in (("method", "method_params"), ("detector", "detector_params")):
         for name, value in (row.get(key) or {}).items():
+            if key == "method_params" and name in skip:
+                continue
             if key == "method_params" and isinstance(value, Mapping):  # init.ckpt, and ${seed} keys such as teacher.seed
                 value = {k: v for k, v in value.items()
                          if f"method.{name}.{k}" not in seeded and not (name == "init" and k == "ckpt")}
-            if name not in skip[key]:
-                out[f"{prefix}.{name}"] = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+            if key == "detector_params" and name in tuned:
+                value = TUNED
+            out[f"{prefix}.{name}"] = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
     return out
 
 
