@@ -179,7 +179,8 @@ def auroc_bars(entries: Sequence[tuple[str, Mapping[str, tuple[float, float]]]],
         ax.barh(y + (i - (len(groups) - 1) / 2) * height, means, height, xerr=stds, label=f"{group}-OOD", capsize=2)
     ax.set_yticks(y, [label for label, _ in entries], fontsize=9)
     ax.invert_yaxis()
-    finite = [100 * m for _, v in entries for m, _ in v.values() if np.isfinite(m)]
+    # the lower whiskers too: a bar of 81.8 ± 13.3 beside one of 75 had its whisker cut at the axis edge
+    finite = [100 * (m - (s if np.isfinite(s) else 0)) for _, v in entries for m, s in v.values() if np.isfinite(m)]
     ax.set_xlim(max(0.0, min(finite, default=0) - 5), 100.5)
     ax.set(xlabel="AUROC (%), mean ± std over seeds", title=title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)

@@ -372,3 +372,13 @@ def test_a_best_val_acc_run_and_an_evaluation_of_its_last_ckpt_are_two_models(tm
     main([str(tmp_path), "--no-figures", "--no-reference", "--out", str(tmp_path / "report")])
     assert (tmp_path / "report" / "report.md").read_text().endswith(
         f"\nEpochs evaluated (evaluation.weights=best_val_acc: the epoch of best ID-val accuracy, 0-based):\n- `{trained}`: 1\n")
+
+
+def test_auroc_bars_show_the_lower_whiskers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The axis began 5 points below the lowest mean: knn's near bar of 81.76 ± 13.33 had its whisker (68.43) cut at
+    the 70.40 edge beside msp's 75.40."""
+    limits = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: limits.append(fig.axes[0].get_xlim()))
+    plots.auroc_bars([("msp", {"near": (0.754, 0.01)}), ("knn", {"near": (0.8176, 0.1333), "far": (0.9, float("nan"))})],
+                     tmp_path / "bars.png", "t")
+    assert limits[0][0] == pytest.approx(81.76 - 13.33 - 5)
