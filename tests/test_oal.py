@@ -316,6 +316,32 @@ def test_timm_teacher_loads_a_timm_weights_file(tmp_path: Path) -> None:
         assert torch.allclose(out.logits, net(x), atol=1e-5) and out.features.shape == (2, 192)
 
 
+
+def test_a_teacher_file_of_other_parts_names_the_teacher_setting(tmp_path: Path) -> None:
+    """The teacher's file is loaded into the teacher alone: a file whose parts differ (here no classifier) is one line
+    saying to set `method/teacher=`, not to pass another `method=` (keys outside a method's backbone)."""
+    from ood.errors import CheckpointError
+
+    method = _method(tmp_path, ["method/teacher=small_cnn"])
+    state = {f"backbone.{k}": v for k, v in method.teacher.state_dict().items() if not k.startswith("fc.")}
+    torch.save({"state_dict": state}, tmp_path / "teacher.ckpt")
+    with pytest.raises(CheckpointError, match=r"\(set method/teacher= to the architecture the file was trained with\): "
+                                              r"missing 'fc.bias' \(2 missing, 0 unexpected keys\)$"):
+        method.load_teacher(tmp_path / "teacher.ckpt")
+
+
+def test_an_older_checkpoints_teacher_is_still_a_source_of_weights(tmp_path: Path) -> None:
+    """`unstored_parts` skips the teacher's entries the method would receive (a whole older checkpoint), not a file's
+    entries a mapping reads from: `{backbone: teacher}` starts the student from an older run's stored teacher."""
+    from ood.models.checkpoint import load_modules
+
+    method = _method(tmp_path, ["method/teacher=small_cnn"])
+    weights = {k: v + 1 if v.is_floating_point() else v for k, v in method.backbone.state_dict().items()}
+    loaded = load_modules(method, {f"teacher.{k}": v for k, v in weights.items()}, {"backbone": "teacher"}, "old.ckpt")
+    assert loaded == ["backbone"]
+    assert all(torch.equal(v, weights[k]) for k, v in method.backbone.state_dict().items())
+
+
 # ----- end to end on digits -----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_prepare_without_a_trainer(tmp_path: Path, ce_checkpoint: Path) -> None:

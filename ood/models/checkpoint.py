@@ -285,10 +285,10 @@ def load_modules(
     targets = {"": ""} if modules is None else dict(modules)
     own = model.state_dict()
     # parts the model does not store (`unstored_parts`: OAL's teacher, read from its own file): an older file's copy
-    # of them is skipped
+    # of them is skipped where the model would receive it (a file's entries a mapping reads from are kept)
     skipped = tuple(f"{part}." for part in getattr(model, "unstored_parts", ()))
-    if skipped:
-        state = {k: v for k, v in state.items() if not k.startswith(skipped)}
+    # a model with a backbone (a method): keys differing outside it name the method, not the backbone's architecture
+    has_backbone = isinstance(getattr(model, "backbone", None), nn.Module)
     for target, source in targets.items():
         t_prefix, s_prefix = (f"{target}." if target else ""), (f"{source}." if source else "")
         wanted = {k for k in own if k.startswith(t_prefix)}
@@ -296,13 +296,14 @@ def load_modules(
             names = sorted({k.split(".")[0] for k in own})
             raise CheckpointError(f"{path}: the model has no sub-module {target!r}; choices: {names}")
         given = {t_prefix + k[len(s_prefix):]: v for k, v in state.items() if k.startswith(s_prefix)}
+        given = {k: v for k, v in given.items() if not (skipped and k.startswith(skipped))}
         if not given:
             prefixes = sorted({k.split(".")[0] for k in state})
             raise CheckpointError(f"checkpoint {path} has no weights under {source!r}; it holds {prefixes}")
         missing, unexpected = sorted(wanted - set(given)), sorted(set(given) - wanted)
         if missing or unexpected:
             first = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-            if any(not k.startswith("backbone.") for k in (*missing, *unexpected)):
+            if has_backbone and any(not k.startswith("backbone.") for k in (*missing, *unexpected)):
                 hint = "pass the method= it was trained with: the checkpoint's modules differ outside the backbone"
             raise CheckpointError(
                 f"checkpoint {path} does not fit the configured model ({hint}): {first} "
