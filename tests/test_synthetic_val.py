@@ -212,6 +212,17 @@ def test_cifar_validation_ood_from_the_other_cifar_and_the_missing_source(tmp_pa
         benchmark(tmp_path, {"folder": "mine"}).ood_val()
 
 
+
+def test_a_missing_torchvision_source_names_the_set_it_is_read_for(tmp_path: Path, fake_cifar: type[FakeCIFAR]) -> None:
+    """`experiment=energy_ce` on OpenOOD's tree (no torchvision files): the missing CIFAR-100 is named as the source
+    of the validation OOD, at preparation and when the set is opened (it named the dataset alone)."""
+    fake_cifar.missing = {"CIFAR100"}
+    bench = benchmark(tmp_path, {"torchvision": "cifar100"})
+    for call in (bench.prepare, bench.ood_val):
+        with pytest.raises(DataNotFoundError, match=r"^cifar10: set 'val_ood \(source of its synthetic sets\)': "
+                                                    r"torchvision dataset 'cifar100' not found in "):
+            call()
+
 @pytest.mark.parametrize(("data", "other"), [("cifar10", "cifar100"), ("cifar100", "cifar10")])
 def test_energy_ce_tunes_on_the_synthetic_sets_of_the_other_cifar(tmp_path: Path, data: str, other: str) -> None:
     cfg = compose_config(tmp_path, ["experiment=energy_ce", f"data={data}"])

@@ -320,7 +320,8 @@ class CIFARBenchmark(Benchmark):
             assert spec.source is not None
             return self._check(f"{name} (source of its synthetic sets)", spec.source, download)
         if kind == "torchvision":
-            self._tv_build(str(spec.torchvision), spec.torchvision_root(self.data_dir), download=download, how=spec.how)
+            self._tv_build(str(spec.torchvision), spec.torchvision_root(self.data_dir), download=download, how=spec.how,
+                           name=name)
         elif absent := spec.missing(self.data_dir, kind):
             if not self._optional(spec, kind):
                 return [describe_missing(name, spec, absent)]
@@ -376,10 +377,12 @@ class CIFARBenchmark(Benchmark):
             "places365": lambda root, download: tvd.Places365(str(root), split="val", small=True, download=download),
         }
 
-    def _tv_build(self, key: str, root: Path, download: bool = False, how: str | None = None) -> Dataset:
-        """torchvision set `key` under `root` (built once per root); a missing one names the folder and how to get it:
-        `how`, a protocol set's own hint (the classic protocol's SVHN lives in data_dir/svhn, which OpenOOD's
-        download does not fill), else OpenOOD's download or data.download."""
+    def _tv_build(self, key: str, root: Path, download: bool = False, how: str | None = None,
+                  name: str | None = None) -> Dataset:
+        """torchvision set `key` under `root` (built once per root); a missing one names the folder, the protocol set
+        `name` it is read for (e.g. the source of synthetic sets) and how to get it: `how`, a protocol set's own hint
+        (the classic protocol's SVHN lives in data_dir/svhn, which OpenOOD's download does not fill), else OpenOOD's
+        download or data.download."""
         if (key, root) in self._tv_cache:
             return self._tv_cache[key, root]
         builders = self._tv_builders()
@@ -393,7 +396,7 @@ class CIFARBenchmark(Benchmark):
             detail = (f"missing {absent} in {files[0].parent}" if absent else
                       "its files are there but fail torchvision's checksum: re-download them" if files else str(err))
             raise DataNotFoundError(
-                f"{self.name}: torchvision dataset {key.split(':')[0]!r} not found in {root} ({detail}). "
+                f"{self.name}: {f'set {name!r}: ' if name else ''}torchvision dataset {key.split(':')[0]!r} not found in {root} ({detail}). "
                 + (how or self._how_to_get())
             ) from err
         self._tv_cache[key, root] = dataset
@@ -461,7 +464,7 @@ class CIFARBenchmark(Benchmark):
             return None if source is None else synthetic_set(spec.synthetic, source, transform, spec.per_set, spec.seed,
                                                              -1 if label is None else label)
         if kind == "torchvision":
-            dataset = self._tv_build(str(spec.torchvision), spec.torchvision_root(self.data_dir), how=spec.how)
+            dataset = self._tv_build(str(spec.torchvision), spec.torchvision_root(self.data_dir), how=spec.how, name=name)
             return Transformed(dataset, transform, label=label)
         absent = spec.missing(self.data_dir, kind)
         if absent and self._optional(spec, kind):
