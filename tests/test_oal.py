@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,12 @@ import torch.nn.functional as F
 from helpers import NO_FIGURES, compose_config, rows_by
 from torch import nn
 
+from ood.data.fit import FitData
 from ood.errors import ConfigError
 from ood.losses import club, club_nll, distill_kl
 from ood.methods.oal import OAL, CLUBNet, Projector, load_sd_latents
 from ood.methods.oal_sampling import boundary_samples
-from ood.methods.oal_teacher import file_sha256
+from ood.methods.oal_teacher import features_cache
 from ood.methods.schedules import cosine_annealing
 from ood.models import SmallCNN, TimmBackbone
 from ood.models.base import input_channels
@@ -365,7 +367,7 @@ def test_prepare_without_a_trainer(tmp_path: Path, ce_checkpoint: Path) -> None:
     labels = torch.tensor([train[i][1] for i in range(len(train))])
     with torch.no_grad():
         feats = method.teacher.eval().run(x).features
-    cached = torch.load(tmp_path / "oal" / f"features-digits-{file_sha256(ce_checkpoint)[:16]}.pt")
+    cached = torch.load(features_cache(ce_checkpoint, data, tmp_path))
     torch.testing.assert_close(cached["features"], feats, rtol=0, atol=1e-5)
     assert torch.equal(cached["labels"], labels) and method.stats["teacher_features_cache_hit"] == 0.0
     assert torch.equal(method.outliers_knn, method._sample(cached["features"], labels))
@@ -435,7 +437,7 @@ def test_oal_on_digits(tmp_path: Path, ce_checkpoint: Path, caplog: pytest.LogCa
     bad = [tuple(x.shape) for x in student_inputs if x.data_ptr() not in seen_x or x.dim() != 4]
     assert not bad, f"the student received tensors other than the ID batch images: {bad[:3]}"
     assert method.stats["teacher_features_cache_hit"] == 0.0
-    assert (tmp_path / "cache" / "oal" / f"features-digits-{file_sha256(teacher_file)[:16]}.pt").is_file()
+    assert features_cache(teacher_file, datamodule.fit_data(), tmp_path / "cache").is_file()
     method.backbone.run = run  # type: ignore[method-assign]
     trainer.test(method, datamodule=datamodule, verbose=False)
     oal = rows_by(evaluation.rows, "oal")
@@ -615,3 +617,16 @@ def test_evaluation_builds_no_teacher_and_reads_checkpoints_that_hold_one(
     checkpoint = {"state_dict": dict(old)}  # resuming (Lightning loads strictly after this hook)
     method.on_load_checkpoint(checkpoint)
     method.load_state_dict(checkpoint["state_dict"])
+
+
+def test_the_teacher_features_cache_is_keyed_by_the_preprocessing(tmp_path: Path, ce_checkpoint: Path) -> None:
+    """The features were cached under the teacher file's SHA-256 alone: a run at another image size or normalisation
+    read the features of other inputs. Now another size or mean / std is another file; the same data the same."""
+    def data(*overrides: str) -> FitData:
+        return instantiate(compose_config(tmp_path, ["method=oal", *overrides]).data, seed=0).fit_data()
+
+    base = features_cache(ce_checkpoint, data(), tmp_path)
+    assert features_cache(ce_checkpoint, data(), tmp_path) == base and base.name.startswith("features-digits-")
+    others = {features_cache(ce_checkpoint, data("data.benchmark.image_size=12"), tmp_path),
+              features_cache(ce_checkpoint, replace(data(), input_mean=(0.4,), input_std=(0.3,)), tmp_path)}
+    assert base not in others and len(others) == 2

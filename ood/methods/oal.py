@@ -9,7 +9,7 @@ groups, the schedule), `openood/trainers/ood_distill_trainer.py` (the kNN-only v
 A fine-tuning stage. Before training (`prepare`, once, identically on every rank): the frozen teacher is built and
 loaded from `method.teacher.ckpt` (or, when none is given, trained on the ID train set and cached: `ood.methods.oal_teacher`;
 built for training only and in no checkpoint: evaluation reads the student alone);
-its features of the ID train set (no augmentation) are cached on disk keyed by the teacher file's SHA-256; per class, boundary outliers
+its features of the ID train set (no augmentation) are cached on disk keyed by the teacher file's SHA-256 and the train images' preprocessing; per class, boundary outliers
 o^knn are sampled in that feature space (`ood.methods.oal_sampling`) and rescaled (`outlier_norm`). Per ID batch of
 N, with N random rows of the outlier bank (no pairing with the batch; outliers never enter the student):
 

@@ -121,10 +121,23 @@ def teacher_file(cfg: Mapping[str, Any], data: FitData, cache_dir: Path) -> tupl
     return path, seconds
 
 
+def features_cache(path: Path, data: FitData, cache_dir: Path) -> Path:
+    """The cache file of the teacher's ID-train features: keyed by the teacher file's SHA-256 and by what the pass
+    reads (the train set's length, its first and last images as preprocessed: size, normalisation, the list it came
+    from), so that another `data.benchmark.image_size` or `mean` / `std` does not read features of other inputs."""
+    train = data.datasets["train"]
+    # the normalisation too: an in-memory benchmark's items are its stored pixels, normalised on the device
+    digest = hashlib.sha256(f"{file_sha256(path)} {len(train)} {data.input_mean} {data.input_std}".encode())
+    for i in {0, len(train) - 1}:
+        image = torch.as_tensor(train[i][0]).contiguous()
+        digest.update(f"{tuple(image.shape)} {image.dtype}".encode() + image.numpy().tobytes())
+    return cache_dir / "oal" / f"features-{data.benchmark}-{digest.hexdigest()[:16]}.pt"
+
+
 def teacher_features(teacher: Backbone, path: Path, data: FitData, cache_dir: Path) -> tuple[dict[str, torch.Tensor], bool]:
-    """`{"features", "labels"}` of the teacher over ID train (no augmentation, CPU), cached by the teacher file's
-    SHA-256; and whether they came from the cache."""
-    cache = cache_dir / "oal" / f"features-{data.benchmark}-{file_sha256(path)[:16]}.pt"
+    """`{"features", "labels"}` of the teacher over ID train (no augmentation, CPU), cached (`features_cache`); and
+    whether they came from the cache."""
+    cache = features_cache(path, data, cache_dir)
     if cache.is_file():
         return torch.load(cache, map_location="cpu"), True
     out = data.forward(lambda x: teacher.run(x).features.float().cpu(), data.datasets["train"], teacher,
