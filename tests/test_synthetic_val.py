@@ -142,6 +142,8 @@ def test_spec_parse_refusals() -> None:
         SetSpec.parse("val_ood", {"synthetic": "oe", "source": {"torchvision": "cifar100"}})
     with pytest.raises(ConfigError, match="`synthetic` and `source` go together"):
         SetSpec.parse("val_ood", {"synthetic": "hendrycks"})
+    with pytest.raises(ConfigError, match=r"`per_set` and `seed` belong to a synthetic set"):
+        SetSpec.parse("val_ood", {"folder": "imgs", "seed": 3})
     with pytest.raises(ConfigError, match=r"made from its `source` alone; it also gives \['imglist'\] \(replace the spec"):
         SetSpec.parse("val_ood", {"imglist": "l.txt", "synthetic": "hendrycks", "source": {"torchvision": "cifar100"}})
     spec = SetSpec.parse("val_ood", {"synthetic": "hendrycks", "source": "imgs", "how": "get imgs", "optional": True})

@@ -166,6 +166,8 @@ class SetSpec:
         spec = cls(**raw)
         if (spec.synthetic is None) != (spec.source is None):
             raise ConfigError(f"set {name!r}: `synthetic` and `source` go together (a recipe and the set it is made from)")
+        if spec.synthetic is None and {"per_set", "seed"} & set(raw):  # else silently ignored
+            raise ConfigError(f"set {name!r}: `per_set` and `seed` belong to a synthetic set ({{synthetic: ..., source: ...}})")
         if spec.synthetic is not None and spec.synthetic not in RECIPES:
             raise ConfigError(f"set {name!r}: unknown synthetic recipe {spec.synthetic!r}; choices: {sorted(RECIPES)}")
         if spec.synthetic is not None and len(spec.kinds) > 1:  # e.g. `++` merged into an imglist spec
