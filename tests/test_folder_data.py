@@ -131,6 +131,21 @@ def test_the_preprocessing_line_shows_on_the_entry_points_console(folders: dict[
     assert json.loads((tmp_path / "preprocessing.json").read_text()) == bench.preprocessing
 
 
+def test_the_preprocessing_line_is_printed_once_though_fit_and_test_prepare(folders: dict[str, Path], tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Lightning prepares the data at every `trainer.fit` / `trainer.test`, and `ood-train` calls both: once the line
+    went through ood's logger, a training run printed (and logged) the preprocessing twice. It is printed once;
+    each call still records it in the run folder."""
+    bench = FolderBenchmark(folders["id"], ood=[folders["far"]], image_size=32, resize=32, report_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="ood.data.folder"):
+        bench.prepare()
+        (tmp_path / "preprocessing.json").unlink()
+        bench.prepare()
+    assert [r.getMessage() for r in caplog.records if "preprocessing" in r.getMessage()] == [
+        f"id: preprocessing {json.dumps(bench.preprocessing)}"]
+    assert json.loads((tmp_path / "preprocessing.json").read_text()) == bench.preprocessing
+
+
 def test_image_files_of_kinds_not_read_are_named(folders: dict[str, Path], tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     """A web-scraped OOD set's `.jfif` / `.gif` files (ImageFolder does not read them) left the set silently."""

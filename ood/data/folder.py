@@ -319,6 +319,8 @@ class FolderBenchmark(Benchmark):
         python_api: bool = False,
     ) -> None:
         self.python_api = python_api
+        #: the preprocessing line was printed: Lightning prepares the data at fit and again at test (`prepare`)
+        self._told = False
         #: who reads the options, as messages name it
         self.caller = "ood.evaluate" if python_api else "data=folder"
         if bad_images not in BAD_IMAGES:
@@ -741,9 +743,12 @@ class FolderBenchmark(Benchmark):
         ])
 
     def prepare(self, download: bool = False) -> None:
-        """Print the preprocessing once; record it (and skipped files) in the run folder."""
+        """Print the preprocessing once (`ood-train` prepares at fit and at test); record it (and skipped files) in the
+        run folder."""
         # ood's own logger: the entry points keep Lightning's INFO lines (`rank_zero_info`) off their console
-        log.info("%s: preprocessing %s", self.name, json.dumps(self.preprocessing))
+        if not self._told:
+            log.info("%s: preprocessing %s", self.name, json.dumps(self.preprocessing))
+            self._told = True
         if self.report_dir is None:
             return
         self.report_dir.mkdir(parents=True, exist_ok=True)
