@@ -268,19 +268,23 @@ def one_line_errors() -> Iterator[None]:
 def _console_logs() -> Iterator[None]:
     """The entry points' console inside the call: Lightning's start-up chatter ("Seed set to 0", "GPU available",
     its "Tip" advert: INFO of `LIGHTNING_LOGGERS`) off, and ood's own INFO lines (the preprocessing) shown on stderr
-    when the caller's program set up no logging that takes them; the caller's levels and handlers as they were."""
+    when the caller's program set up no logging that takes them: no handler on `ood`, above it or on an ood logger
+    below it (that one's lines came twice), and from the level the caller gave `ood`, if any (`WARNING`: quieted);
+    the caller's levels and handlers as they were."""
     from ood.runs.console import LIGHTNING_LOGGERS
 
     quiet = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
     levels = [logger.level for logger in quiet]
     ours = logging.getLogger("ood")
-    handler = None if ours.hasHandlers() else logging.StreamHandler()
+    below = [logger for name, logger in list(logging.root.manager.loggerDict.items())
+             if name.startswith("ood.") and isinstance(logger, logging.Logger)]
+    handler = None if ours.hasHandlers() or any(logger.handlers for logger in below) else logging.StreamHandler()
     level = ours.level
     for logger in quiet:
         logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
     if handler is not None:
         ours.addHandler(handler)
-        ours.setLevel(logging.INFO)
+        ours.setLevel(level or logging.INFO)
     try:
         yield
     finally:

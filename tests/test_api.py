@@ -269,6 +269,44 @@ def test_evaluate_prints_no_lightning_deprecation_and_leaves_the_callers_warning
     lightning.setLevel(logging.NOTSET)
 
 
+def test_the_calls_console_keeps_the_callers_own_ood_logging(capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside `ood.evaluate` ood's INFO lines show on stderr when the caller set up no logging for them. A caller who
+    quieted ood (`getLogger("ood").setLevel(WARNING)`, no handler) got its INFO lines all the same, and one whose
+    handler sits on an ood logger below `ood` (`getLogger("ood.data")`) got every line twice: the caller's level and
+    handler are their logging; the call adds none beside them, and leaves them as they were."""
+    import logging
+
+    from ood.api import _console_logs
+
+    monkeypatch.setattr(logging.root, "handlers", [])  # a program without logging (pytest's capture handlers off)
+    ours, line = logging.getLogger("ood"), logging.getLogger("ood.data.folder")
+    try:
+        with _console_logs():
+            line.info("shown")
+        ours.setLevel(logging.WARNING)
+        with _console_logs():
+            line.info("quieted")
+            line.warning("warned")
+        assert ours.level == logging.WARNING and ours.handlers == []
+        ours.setLevel(logging.NOTSET)
+        theirs = logging.getLogger("ood.data")
+        records: list[str] = []
+        handler = logging.Handler(logging.INFO)
+        handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+        theirs.addHandler(handler)
+        theirs.setLevel(logging.INFO)
+        with _console_logs():
+            line.info("theirs")
+        assert records == ["theirs"]
+    finally:
+        ours.setLevel(logging.NOTSET)
+        logging.getLogger("ood.data").handlers.clear()
+        logging.getLogger("ood.data").setLevel(logging.NOTSET)
+    assert capsys.readouterr().err == "shown\nwarned\n"
+    assert ours.handlers == [] and ours.level == logging.NOTSET
+
+
 def test_one_unknown_detector_name_is_named_with_the_detectors(trained, tmp_path: Path) -> None:
     """`detectors="msp"` evaluates msp alone, and a misspelt `detectors="mps"` was "unknown detector selection 'mps'
     (did you mean 'msp'?); choices: ['full', 'all', 'cached'] or a list of names": the choices left out the name it
