@@ -44,14 +44,18 @@ SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """(`KEYS` arguments, the other `key=value` ones: `ood-eval` overrides); an argument without `=` or a missing
-    key fails naming the choices."""
+    """(`KEYS` arguments, the other `key=value` ones: `ood-eval` overrides), a path's `~` the home folder as in
+    `ood-eval`; an argument without `=`, a key close to one of `KEYS` (`imgae=`: no config key is) or a missing key
+    fails naming the choices."""
+    import difflib
+
     args, overrides = {}, []
-    for arg in argv:
+    for arg in expand_home(argv):
         key, sep, value = arg.partition("=")
-        if not sep:
-            raise ConfigError(f"ood-heatmap: unexpected argument {arg!r}; use key=value with keys {list(KEYS)} "
-                              "(or ood-eval's overrides)")
+        close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.6) if sep and key not in KEYS else []
+        if not sep or close:
+            what = f"unknown key {key!r} (did you mean {close[0]!r}?)" if close else f"unexpected argument {arg!r}"
+            raise ConfigError(f"ood-heatmap: {what}; use key=value with keys {list(KEYS)} (or ood-eval's overrides)")
         if key in KEYS:
             args[key] = value
         else:
@@ -124,7 +128,7 @@ def load_configured(ckpt_path: str | Path, overrides: list[str]) -> tuple[Heatma
                           "pass a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; pass {CKPT_PATH}")
-    overrides = check_overrides(CONFIG_DIR, "eval", expand_home(overrides))  # a misspelt key names the closest
+    overrides = check_overrides(CONFIG_DIR, "eval", overrides)  # a misspelt key names the closest
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="eval", overrides=overrides, return_hydra_config=True)

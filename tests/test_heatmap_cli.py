@@ -32,6 +32,31 @@ def test_an_unknown_argument_is_still_refused_naming_the_keys(capsys: pytest.Cap
     )
 
 
+@pytest.mark.parametrize(("arg", "key"), [("imgae=a.png", "image"), ("outdir=maps", "out"), ("ckpt=x.ckpt", "ckpt_path")])
+def test_a_misspelt_key_of_its_own_is_named_not_taken_for_an_override(arg: str, key: str, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Since `ood-heatmap` takes ood-eval's overrides, a misspelt key of its own was one of them: `imgae=` answered
+    "missing ['image']", `outdir=` "unknown config key 'outdir': see `ood-train --cfg job` for the keys" (or drew
+    into `heatmaps/` beside a run folder's refusal). It names the key it is close to, before any checkpoint is read."""
+    given = {"ckpt_path": f"ckpt_path={tmp_path / 'x.ckpt'}", "image": "image=a.png", "out": "out=maps"}
+    with pytest.raises(SystemExit):
+        heatmap_cli.main([*(v for k, v in given.items() if k != key), arg])
+    assert capsys.readouterr().err == (
+        f"error: ood-heatmap: unknown key {arg.partition('=')[0]!r} (did you mean {key!r}?); use key=value with keys "
+        "['ckpt_path', 'image', 'out'] (or ood-eval's overrides)\n")
+
+
+def test_its_own_paths_start_at_home_as_the_overrides_do(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shell that leaves `key=~/path` alone (zsh) gave ood-eval's overrides the home folder (`method.decoder_ckpt=
+    ~/...`) but `ckpt_path=~/...` went in as a folder named `~`."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(SystemExit):
+        heatmap_cli.main(["ckpt_path=~/x.ckpt", "image=a.png"])
+    assert capsys.readouterr().err == (f"error: checkpoint {tmp_path / 'x.ckpt'} not found; pass "
+                                       "ckpt_path=<run folder or checkpoint>\n")
+
+
 def test_the_usage_names_a_run_folder_or_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The usage of a call without `image=`, and the answer to a missing checkpoint, named
     `ckpt_path=RUN/checkpoints/last.ckpt`, though a run folder opens the checkpoint its evaluation read (`best.ckpt`
