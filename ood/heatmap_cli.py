@@ -26,9 +26,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ood import CONFIG_DIR
-from ood.cli import expand_home, load_weights
+from ood.cli import expand_home, load_weights, user_error
 from ood.data.hygiene import load_image as load_rgb
-from ood.errors import CheckpointError, ConfigError, DataNotFoundError, OODError
+from ood.errors import CheckpointError, ConfigError, DataNotFoundError
 from ood.files import atomic_write
 from ood.methods.heatmap import HeatmapOOD, heatmap_grid, heatmap_score
 from ood.models.checkpoint import NETWORK_FORMATS, read_checkpoint, read_state_dict
@@ -216,8 +216,11 @@ def main(argv: list[str] | None = None) -> None:
         args, overrides = parse_args(argv)
         method, batch = load_method(args["ckpt_path"], overrides)
         results = write_heatmaps(method, image_files(args["image"]), Path(args.get("out", "heatmaps")), batch)
-    except OODError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # a user's mistake (a config error of the overrides too) is one line, as ood-eval's
+        user = user_error(err)
+        if user is None:
+            raise
+        print(f"error: {user}", file=sys.stderr)
         sys.exit(1)
     for png, score, pred in results:
         print(f"{png}  score {score:.4f}  class {pred}")

@@ -71,6 +71,20 @@ def test_the_usage_names_a_run_folder_or_a_checkpoint(tmp_path: Path, capsys: py
                                        "ckpt_path=<run folder or checkpoint>\n")
 
 
+def test_a_config_mistake_in_the_overrides_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The overrides' config errors stopped `ood-heatmap` with OmegaConf's traceback where `ood-eval` answers one line:
+    `experiment=heatmap_released` (its `method.decoder_ckpt: ???`) with a checkpoint that holds the decoder."""
+    import torch
+
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.6"}, ckpt)
+    with pytest.raises(SystemExit) as exit_:
+        heatmap_cli.main([f"ckpt_path={ckpt}", "experiment=heatmap_released", "data=cifar10", "image=a.png"])
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err == ("error: config method.decoder_ckpt: Missing mandatory value: "
+                                       "method.decoder_ckpt\n")
+
+
 def test_a_run_folder_opens_the_checkpoint_its_evaluation_read(tmp_path: Path) -> None:
     """A run folder always opened `checkpoints/last.ckpt`: the heatmaps of a run trained with
     `evaluation.weights=best_val_acc` were of its last epoch, not of the `best.ckpt` its results are of; now the file
