@@ -210,12 +210,7 @@ def _network(model: nn.Module) -> nn.Module:
     from ood.methods.base import OODMethod
 
     if not isinstance(model, nn.Module):  # the file a user has: "'str' object has no attribute 'parameters'"
-        raise ConfigError(
-            f"model={str(model)!r} is a path, not a network (nn.Module): build it and load the file "
-            "(model = torchvision.models.resnet18(num_classes=K); model.load_state_dict(torch.load(path))), or "
-            f"evaluate the file with ood-eval backbone.weights={model} backbone=torchvision|timm|module "
-            "backbone.name=<architecture> data=folder ..." if isinstance(model, str | os.PathLike) else
-            f"model= takes a network (nn.Module), got a {type(model).__name__}")
+        raise ConfigError(_not_a_network(model))
     model = getattr(model, "_orig_mod", model)  # first: a compiled ood method is a method
     net = model.backbone if isinstance(model, OODMethod) else model
     net = getattr(net, "_orig_mod", net)
@@ -262,6 +257,21 @@ def one_line_errors() -> Iterator[None]:
         if user is None or user is err:
             raise
         raise user from None
+
+
+def _not_a_network(model: Any) -> str:
+    """What to pass instead of `model`, no `nn.Module`: the file a user has (a path), or its weights alone (a state
+    dict, `torch.load` of the file), which go into the network built first."""
+    build = "model = torchvision.models.resnet18(num_classes=K); model.load_state_dict"
+    if isinstance(model, str | os.PathLike):
+        return (f"model={str(model)!r} is a path, not a network (nn.Module): build it and load the file ({build}"
+                f"(torch.load(path))), or evaluate the file with ood-eval backbone.weights={model} "
+                "backbone=torchvision|timm|module backbone.name=<architecture> data=folder ...")
+    if isinstance(model, Mapping):
+        return (f"model= is a mapping of {len(model)} entries (a state dict or checkpoint: weights without their "
+                f"network): build the network and load them ({build}(state))")
+    name = type(model).__name__
+    return f"model= takes a network (nn.Module), got {'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
 
 
 @contextmanager

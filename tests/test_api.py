@@ -329,6 +329,19 @@ def test_a_model_file_or_another_non_module_is_one_line_saying_what_to_pass(tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_a_state_dict_as_the_model_says_to_load_it_into_the_network(tmp_path: Path) -> None:
+    """`model=torch.load("resnet18.pth")`, the weights without their network, was "model= takes a network
+    (nn.Module), got a OrderedDict": one line saying to build the network and load them into it."""
+    state = nn.Linear(2, 3).state_dict()
+    with pytest.raises(ConfigError, match=r"^model= is a mapping of 2 entries \(a state dict or checkpoint: weights "
+                                          r"without their network\): build the network and load them "
+                                          r"\(model = torchvision.models.resnet18\(num_classes=K\); "
+                                          r"model.load_state_dict\(state\)\)$"):
+        ood.evaluate(state, tmp_path / "id", [tmp_path / "far"], output_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"^model= takes a network \(nn.Module\), got an int$"):
+        ood.extract(3, tmp_path / "id")
+
+
 def test_a_model_on_the_meta_device_is_one_line(tmp_path: Path) -> None:
     """A network built on the meta device (no values: `torch.device("meta")`, `init_empty_weights`) stopped with
     PyTorch's "Cannot copy out of meta tensor; no data!" after the data was read; now one line before the run."""
