@@ -413,9 +413,10 @@ def _method_override(method: str | None) -> str:
     return f"method={method}"
 
 
-def _detector_overrides(detectors: str | Sequence[str | type]) -> list[str]:
+def _detector_overrides(detectors: str | type | Sequence[str | type]) -> list[str]:
     """A config of the `detectors` group by name (`all`, `fast`, `none`), else `detectors.names=` a registry
-    selection (`cached`) or a list of names, selections and `Detector` classes (by their registered names)."""
+    selection (`cached`) or a list of names, selections and `Detector` classes (by their registered names), one of
+    them the list of it."""
     from ood import CONFIG_DIR
     from ood.detectors.base import SELECTIONS
 
@@ -426,8 +427,8 @@ def _detector_overrides(detectors: str | Sequence[str | type]) -> list[str]:
                           f"detectors={[name.strip() for name in detectors.split(',')]!r}")
     if isinstance(detectors, str) and detectors in SELECTIONS:
         return ["detectors=all", f"detectors.names={detectors}"]
-    # one name as a one-name list: a misspelt one is named with the detectors, not with the selections alone
-    listed = [detectors] if isinstance(detectors, str) else detectors
+    # one name (or class) as a one-name list: a misspelt one is named with the detectors, not with the selections
+    listed = [detectors] if isinstance(detectors, str | type) else detectors
     return ["detectors=all", f"detectors.names=[{','.join(map(_detector_name, listed))}]"]
 
 
@@ -509,7 +510,7 @@ def evaluate(
     id_data: str | os.PathLike | Mapping[str, Any],
     ood_data: Any,
     *,
-    detectors: str | Sequence[str | type] = "all",
+    detectors: str | type | Sequence[str | type] = "all",
     method: str | None = None,
     transform: Any = None,
     feature_layer: str | None = None,
@@ -534,7 +535,7 @@ def evaluate(
             or a list; `csid`: covariate-shifted ID sets (class folders or labelled lists, as the ID test split).
         detectors: `all`, `full` (adds the slow network-pass ones), `cached` (those of `all` that score from the cache alone: no network pass),
             `fast`, `none`, or a list of names, selections and detector classes of your own (`["full", "gram_stream"]`,
-            `["msp", FeatureNorm]`: a `Detector` subclass with its own `name`).
+            `["msp", FeatureNorm]`: a `Detector` subclass with its own `name`), or one of them.
         method: a post-hoc method config (`grood`, `cluster`, ...) scored beside the detectors; None: `ce`.
         transform: a torchvision transform for every split (its `Normalize`, or `mean` / `std` in `data`, is the
             input normalisation); None: the model's timm data config, else `data`'s `image_size` / `resize` /

@@ -316,6 +316,16 @@ def test_one_unknown_detector_name_is_named_with_the_detectors(trained, tmp_path
         ood.evaluate(model, paths["id"], [paths["far"]], detectors="mps", device="cpu", output_dir=tmp_path)
 
 
+def test_one_detector_class_is_a_one_class_list() -> None:
+    """One name went in as a one-name list, but one class of one's own (`detectors=FeatureNorm`, not in a list)
+    stopped with "'ABCMeta' object is not iterable": it is the list of it, as a name is."""
+    from ood.api import _detector_overrides
+    from ood.detectors import detector_class
+
+    assert _detector_overrides(detector_class("msp")) == _detector_overrides(["msp"]) == [
+        "detectors=all", "detectors.names=[msp]"]
+
+
 def test_a_model_file_or_another_non_module_is_one_line_saying_what_to_pass(tmp_path: Path) -> None:
     """`ood.evaluate("resnet18.pth", ...)`, the file a user has, failed with "'str' object has no attribute
     'parameters'"; now one line saying to build the network and load the file, or to give it to ood-eval."""
