@@ -8,7 +8,8 @@ hold no dataset-specific code: `conf/data/imagenet1k.yaml` names OpenOOD v1.5's 
 the heatmap paper's OOD folders.
 
 Preprocessing follows OpenOOD's: evaluation = RGB, resize the shorter side to `resize` (bilinear), centre crop
-`image_size`, normalise; training (`augment`) = RGB, `RandomResizedCrop(image_size)` (bilinear), horizontal flip,
+`image_size`, normalise (a `resize` pair `[h, w]` resizes to that size, aspect not kept: the heatmap code's Tiny
+ImageNet `Resize((64, 64))`); training (`augment`) = RGB, `RandomResizedCrop(image_size)` (bilinear), horizontal flip,
 normalise (OpenOOD's ImageNet `BasePreprocessor`; the heatmap code trains Tiny ImageNet the same way). Without a
 `val` spec the ID validation split is `val_size` images held out of the training set, stratified, with
 `split_seed` (the heatmap paper holds out 1 % of Tiny ImageNet's training set). Before the run (`prepare`) the ID
@@ -64,7 +65,8 @@ class FileBenchmark(Benchmark):
         train, test: set specs of the ID training and test splits (labelled).
         val: set spec of the ID validation split; None = `val_size` images held out of `train`.
         protocol, protocols: the OOD protocol and the mapping it is taken from (`ood.data.sets.Protocol`).
-        image_size, resize: centre-crop size and the shorter-side resize before it (evaluation).
+        image_size, resize: centre-crop size and the resize before it (evaluation): the shorter side, or a `[h, w]`
+            pair resized to exactly (torchvision `Resize`'s two forms).
         mean, std: input normalisation.
         augment: random resized crop + flip for training.
         val_size, split_seed: the held-out validation split when `val` is None.
@@ -88,7 +90,7 @@ class FileBenchmark(Benchmark):
         protocol: str,
         val: Mapping[str, Any] | None = None,
         image_size: int = 224,
-        resize: int = 256,
+        resize: int | Sequence[int] = 256,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
         augment: bool = True,
@@ -108,9 +110,11 @@ class FileBenchmark(Benchmark):
             for split in ("train", "val", "test")
             if ident[split] is not None
         }
-        check_crop(resize, image_size, "data.benchmark.")
+        self.resize = resize if isinstance(resize, int) else tuple(int(side) for side in resize)
+        if not isinstance(self.resize, int) and len(self.resize) != 2:
+            raise ConfigError(f"data.benchmark.resize={list(self.resize)}: give one side (the shorter one) or [height, width]")
+        check_crop(self.resize if isinstance(self.resize, int) else min(self.resize), image_size, "data.benchmark.")
         self.image_size = image_size
-        self.resize = resize
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.augment = augment
@@ -128,7 +132,8 @@ class FileBenchmark(Benchmark):
 
     # ----- transforms ---------------------------------------------------------------------------------------------
     def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """RGB, resize (bilinear), centre crop, tensor, normalise (OpenOOD's `TestStandardPreProcessor`)."""
+        """RGB, resize (bilinear; the shorter side, or to `[h, w]`), centre crop, tensor, normalise (OpenOOD's
+        `TestStandardPreProcessor`; the heatmap code's Tiny ImageNet `select_ood_transform` with a pair)."""
         return T.Compose(
             [
                 RGB(),
