@@ -20,6 +20,7 @@ from helpers import compose_config
 from PIL import Image
 from torchvision import datasets, transforms
 
+from ood.data.files import FileBenchmark
 from ood.errors import ConfigError
 from ood.utils import instantiate
 
@@ -69,7 +70,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _bench(tmp_path: Path, tree: Path, *overrides: str):  # noqa: ANN202 - a FileBenchmark
+def _bench(tmp_path: Path, tree: Path, *overrides: str) -> FileBenchmark:
     cfg = compose_config(tmp_path, ["data=tinyimagenet", f"paths.data_dir={tree}", "data.benchmark.val_size=3", *overrides])
     bench = instantiate(cfg.data).benchmark
     bench.prepare()
