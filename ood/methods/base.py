@@ -17,10 +17,14 @@ Evaluation (`trainer.test`): the callback names the splits first (`begin_evaluat
 pass per split; `eval_outputs(x, split)` returns the per-sample tensors
 that go into the feature cache (`logits`, `features`, plus any `cache_layers`), then the callback hands the cached
 `FeatureBank`s to `setup_ood` (post-hoc fitting, e.g. GROOD's prototypes) and asks `ood_score` for the method's
-own score, reported as `detector = <method name>`. `linear_head()` gives the linear head (W, b) the post-hoc detectors
+own score, reported as `detector = <method name>` (the keys `eval_outputs` adds reach it as `bank.extras`). `linear_head()` gives the linear head (W, b) the post-hoc detectors
 use; `fitted()` returns the values a method fitted (margins, statistics), which the evaluator writes into every
 result row as `method_params.fitted`; `diagnostics()` returns extra statistics for the callback's sinks to log and
 write.
+
+Parts beyond the backbone: `trained_parts` (what the score reads that only training gives: an evaluation that trains
+nothing refuses the method), `part_files` (the `method.*` file key that fills such a part instead) and
+`unstored_parts` (parts no checkpoint holds); docs/adding_a_method.md, "Parts beyond the network".
 """
 
 from __future__ import annotations
@@ -98,8 +102,15 @@ class OODMethod(LightningModule):
     #: backbone stages whose outputs are cached during evaluation (as `FeatureBank.extras`)
     cache_layers: tuple[str, ...] = ()
     #: the parts besides the backbone that the method's own score reads and only its training gives (a decoder,
-    #: class centres): `ood.evaluate(model, method=<name>)`, which trains nothing, refuses such a method
+    #: class centres): `ood.evaluate(model, method=<name>)` and `ood-eval backbone.weights=`, which train nothing,
+    #: refuse such a method; an instance whose part came from a file (`part_files`) sets it to () in `__init__`
     trained_parts: ClassVar[tuple[str, ...]] = ()
+    #: trained part -> the `method.*` key of a file that fills it (heatmap: {"decoder": "decoder_ckpt"}): with that key
+    #: set, an evaluation without the training's checkpoint is accepted (`ood.runs.checks.untrained_parts`)
+    part_files: ClassVar[dict[str, str]] = {}
+    #: parts no checkpoint of the method holds (OAL's teacher, read from its own file at every fit start; kept out of
+    #: the module tree): `ood.models.checkpoint.load_modules` skips an older checkpoint's entries for them
+    unstored_parts: ClassVar[tuple[str, ...]] = ()
     #: the first epoch whose weights are the whole trained method (heatmap's decoder trains after a CE phase):
     #: `evaluation.weights=best_val_acc` keeps none before it
     first_complete_epoch: int = 0
