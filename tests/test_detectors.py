@@ -441,7 +441,7 @@ def test_a_declared_key_of_a_detector_without_a_constructor_is_refused_when_the_
 def user_detector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """docs/adding_a_detector.md's example module as `my_detectors` on the import path, unimported: imported (and its
     detector registered) by whatever names it; both undone after the test."""
-    (code,) = re.findall(r"```python\n(.*?)```", (PROJECT_ROOT / "docs" / "adding_a_detector.md").read_text(), re.S)
+    code = re.findall(r"```python\n(.*?)```", (PROJECT_ROOT / "docs" / "adding_a_detector.md").read_text(), re.S)[0]
     (tmp_path / "my_detectors.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
     yield

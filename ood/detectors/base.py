@@ -96,7 +96,10 @@ NON_NEGATIVE = Range(0)
 
 class Detector:
     """Base class. Subclasses set `name` and implement `score` (and `fit` when they need ID statistics); a row's score
-    depends on that row and the fitted statistics only, never on the other rows scored with it."""
+    depends on that row and the fitted statistics only, never on the other rows scored with it. The class attributes
+    below declare what it reads (`per_class`, `reads_head`, `reads_features`, `min_classes`), so that the guards
+    refuse a bank it cannot score in one line; `needs_model` detectors score through `score_inputs`, and a classmethod
+    `taps(backbone)` caches layer reductions in `bank.extras` (`ood.detectors.network`; docs/adding_a_detector.md)."""
 
     name: ClassVar[str]
     fit_split: ClassVar[Literal["train", "val"]] = "train"
@@ -196,8 +199,11 @@ class Detector:
         return [self.set_params(**point).score(bank) for point in points]
 
     def score_inputs(self, model: nn.Module, x: torch.Tensor, shared: SharedPasses | None = None) -> torch.Tensor:
-        """ID score from the model and a batch of inputs; only for `needs_model` detectors. `shared`: the batch's
-        passes other detectors scoring the same batch may already have run (`SharedPasses`)."""
+        """ID score from the model and a batch of inputs; only for `needs_model` detectors, whose `score` the
+        evaluation never calls (their `fit`, if any, still runs first on the cached `fit_split` bank). `model`: the
+        evaluated method, in eval mode (`model(x)` gives the logits; `ood.detectors.network.backbone_of(model)` the
+        staged backbone); `x` on its device. `shared`: the batch's passes other detectors scoring the same batch may
+        already have run (`SharedPasses`)."""
         raise NotImplementedError(f"{self.name} scores from cached features, not from inputs")
 
     def score_inputs_grid(
