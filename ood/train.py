@@ -165,6 +165,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             forget_sigterm()
             again = "resume with ckpt_path=last" if cfg.train else "rerun the evaluation"
             record_failure(output_dir, KeyboardInterrupt(f"interrupted (Ctrl-C); {again}"), earlier)
+            if global_rank() == 0:
+                print(_stopped_line(cfg, output_dir, "Ctrl-C"), file=sys.stderr)
             raise
         except Exception as err:
             forget_sigterm()  # a SIGTERM noted before this failure must not stop the process's next run
@@ -180,13 +182,14 @@ def _sweep_dir() -> Path | None:
     return Path(HydraConfig.get().sweep.dir) if in_multirun() else None
 
 
-def _stopped_line(cfg: DictConfig, output_dir: Path) -> str:
-    """The console's line for a run stopped by SIGTERM (it ended with status 143 and nothing on the console, a
-    cluster job's log showing no reason): the folder, and what to add to the command to go on in that folder."""
+def _stopped_line(cfg: DictConfig, output_dir: Path, by: str = "SIGTERM") -> str:
+    """The console's line for a run stopped `by` SIGTERM (it ended with status 143 and nothing on the console, a
+    cluster job's log showing no reason) or Ctrl-C (a traceback alone): the folder, and what to add to the command to
+    go on in that folder."""
     if not cfg.train:
-        return f"stopped by SIGTERM: {output_dir}: rerun the evaluation"
+        return f"stopped by {by}: {output_dir}: rerun the evaluation"
     where = f"hydra.sweep.dir={_sweep_dir()}" if in_multirun() else f"hydra.run.dir={output_dir}"
-    return (f"stopped by SIGTERM: {output_dir} keeps its last completed epoch's checkpoint; resume it with the same "
+    return (f"stopped by {by}: {output_dir} keeps its last completed epoch's checkpoint; resume it with the same "
             f"command plus ckpt_path=last {where}")
 
 

@@ -1,5 +1,5 @@
 """What `ood-train` prints: one-line errors for config mistakes, Lightning's chatter off, one bar for the evaluation
-pass, the tuned hyper-parameters as one block."""
+pass, the tuned hyper-parameters as one block, the way on after Ctrl-C."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import compose_config
 from omegaconf import OmegaConf
 
 from ood import CONFIG_DIR
@@ -455,3 +456,24 @@ def test_run_table_reads_at_60_to_200_columns(
     assert [line.split("│")[2].strip() for line in lines if line.startswith("│ energy")][0] == "90.00 / 20.00"
     caption = " ".join(line.strip() for line in lines[lines.index(next(x for x in lines if x.startswith("FPR95"))):])
     assert caption.endswith("accuracy cifar10c 80.00%; ID test and csid pooled 85.00%")
+
+
+@pytest.mark.parametrize(("train", "line"), [
+    (True, "stopped by Ctrl-C: {out} keeps its last completed epoch's checkpoint; resume it with the same command plus "
+           "ckpt_path=last hydra.run.dir={out}"),
+    (False, "stopped by Ctrl-C: {out}: rerun the evaluation"),
+])
+def test_ctrl_c_says_how_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                   train: bool, line: str) -> None:
+    """Ctrl-C ended `ood-train` with a traceback and nothing else on the console (the resume hint was in FAILED.txt
+    only, unlike SIGTERM's line); it now prints the line SIGTERM prints, naming the folder and the overrides that
+    resume it there, before Python's KeyboardInterrupt."""
+    import ood.train
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ood.train, "_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ood.train.run(compose_config(tmp_path, [f"train={train}", "ckpt_path=some.ckpt"]))
+    assert capsys.readouterr().err.splitlines()[-1] == line.format(out=tmp_path)
