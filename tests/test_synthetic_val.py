@@ -5,6 +5,8 @@ missing-source errors; `experiment=energy_ce`'s validation OOD."""
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +126,19 @@ def test_the_union_holds_each_set_in_equal_parts_made_from_distinct_source_image
     again, other = build(), build(seed=1)
     assert np.array_equal(again.images, ds.images) and repr(again) == repr(ds)
     assert not np.array_equal(other.images[:8], ds.images[:8]) and repr(other) != repr(ds)
-    with pytest.raises(ConfigError, match="per_set=13 must be between 2 and the 12 images"):
-        build(per_set=13)
+    with pytest.raises(ConfigError, match="per_set=1 and the source's 12 images must be at least 2"):
+        build(per_set=1)
+
+
+def test_a_source_smaller_than_per_set_gives_all_its_images_to_each_set(caplog: pytest.LogCaptureFixture) -> None:
+    """energy_ce's 2,000 a set from a fabricated (or cut) source of 12 images: each set takes the 12, warned of."""
+    with caplog.at_level(logging.WARNING, logger="ood.data.synthetic"):
+        ds = build(per_set=13)
+    assert ds.parts == tuple((name, 12) for name in HENDRYCKS_SETS)
+    assert "per_set=13 but the source holds 12 images: 12 per set" in caplog.text
+    flat = jigsaw(SOURCE).reshape(len(SOURCE), -1)
+    found = sorted(int(np.flatnonzero((flat == image.reshape(-1)).all(1))[0]) for image in ds.images[3 * 12:4 * 12])
+    assert found == list(range(12))
 
 
 def test_in_memory_and_pil_paths_give_the_same_images(tmp_path: Path) -> None:
@@ -230,6 +243,8 @@ def test_energy_ce_tunes_on_the_synthetic_sets_of_the_other_cifar(tmp_path: Path
     cfg = compose_config(tmp_path, ["experiment=energy_ce", f"data={data}"])
     spec = SetSpec.parse("val_ood", dict(cfg.data.benchmark.protocols.classic.val_ood))
     assert (spec.synthetic, spec.source.torchvision, spec.per_set, spec.seed) == ("hendrycks", other, 2000, 0)
+    # OpenOOD's list of the other CIFAR's test images where its tree is (the CIFAR presets' source), else torchvision's
+    assert spec.source.imglist == f"benchmark_imglist/{data}/test_{other}.txt"
     assert cfg.data.benchmark.protocol == "classic"
 
 

@@ -44,6 +44,9 @@ from torch.utils.data import Dataset
 
 from ood.data.memory import split_transform
 from ood.errors import ConfigError
+from ood.utils import get_logger
+
+log = get_logger(__name__)
 
 #: the sets of recipe `hendrycks`, in the references' order
 HENDRYCKS_SETS = ("uniform", "arithmetic_mean", "geometric_mean", "jigsaw", "speckle", "pixelate", "rgb_shift", "invert")
@@ -126,8 +129,11 @@ def hendrycks_sets(source: np.ndarray, per_set: int, seed: int, mean: Sequence[f
     """The eight sets (`HENDRYCKS_SETS`, `per_set` uint8 images each) from the source images [N, H, W, 3], every draw
     from `np.random.default_rng(seed)`: distinct source images per set, as the references' shuffled loaders."""
     n, side = len(source), source.shape[1]
-    if not 2 <= per_set <= n:
-        raise ConfigError(f"synthetic sets: per_set={per_set} must be between 2 and the {n} images of the source set")
+    if per_set < 2 or n < 2:
+        raise ConfigError(f"synthetic sets: per_set={per_set} and the source's {n} images must be at least 2")
+    if per_set > n:  # a small source (a subset, fabricated data): each set takes all of it, in another order
+        log.warning("synthetic sets: per_set=%d but the source holds %d images: %d per set", per_set, n, n)
+        per_set = n
     rng = np.random.default_rng(seed)
 
     def draw() -> np.ndarray:
