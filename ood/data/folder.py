@@ -20,8 +20,9 @@ statistics), labelled and checked as the ID test split is, and scored as ID in f
 Preprocessing (evaluation): RGB (`ood.data.hygiene.to_rgb`), resize the shorter side to `resize`, centre crop
 `image_size`, normalise with `mean`/`std`. Unset values come from the model's timm data config when it has one
 (`timm.data.resolve_data_config`: resize = floor(image_size / crop_pct), its interpolation), else from ImageNet's
-defaults (224 px, resize = image_size / 0.875, bilinear); a `transform` object (Python) replaces all of it. What
-was used is printed once and written to `preprocessing.json` in the run folder. Training (`augment`): random
+defaults (224 px, resize = image_size / 0.875, bilinear; train images under half of that, the first few's
+shorter side, with neither size given are warned of, naming the options to give); a `transform` object (Python)
+replaces all of it. What was used is printed once and written to `preprocessing.json` in the run folder. Training (`augment`): random
 resized crop and horizontal flip at `image_size`.
 
 Hygiene (`ood.data.hygiene`): an unreadable image stops the run naming it, or with `bad_images=skip` every file is
@@ -97,6 +98,10 @@ Source = str | Path | Mapping[str, Any] | Dataset
 PYTHON_NAMES = {"root": "id_data", "train": "id_data['train']", "test": "id_data['test']", "ood": "ood_data",
                 "ood.val": "ood_data['val']", "ood.csid": "ood_data['csid']"}
 _NAME_ONLY = object()
+#: the preprocessing source of ImageNet's defaults (`resolve_preprocessing`), and how many train images are looked
+#: at for a size far under their 224 px (`FolderBenchmark._warn_small_images`)
+DEFAULT_SOURCE = "defaults (ImageNet)"
+SIZE_PROBE = 4
 
 
 def option(key: str, python_api: bool, value: Any = _NAME_ONLY) -> str:
@@ -411,6 +416,8 @@ class FolderBenchmark(Benchmark):
         if at_hand or "val" not in self.id_sets:
             self._check_train_classes(train_set)
         self._warn_partial_splits()
+        if image_size is None and resize is None:
+            self._warn_small_images()
 
     # ----- sources ----------------------------------------------------------------------------------------------
     _classes: list[str] | None = None
@@ -720,6 +727,23 @@ class FolderBenchmark(Benchmark):
         log.warning("%s: Datasets of float tensors are used as given; odin and the other input-perturbing detectors "
                     "scale their step by std=%s (%s): pass mean= / std= of their normalisation", names, p["std"], p["source"])
 
+    def _warn_small_images(self) -> None:
+        """One warning when ImageNet's default size (no size given, none from the network) reads train images of
+        under half of it (the shorter side of the first `SIZE_PROBE`): `data=folder` with ood's own small_cnn read 32
+        px images at 224 px, 49 times the pixels, without a word."""
+        p = self.preprocessing
+        if not p["source"].startswith(DEFAULT_SOURCE):
+            return
+        sides = first_sides(self.id_sets["train"], SIZE_PROBE)
+        if not sides or 2 * max(sides) >= p["image_size"]:
+            return
+        side, size = max(sides), p["image_size"]
+        seen = f"{side} px" if min(sides) == side else f"{min(sides)} to {side} px"
+        log.warning("%s: train images of %s (the first %d's shorter side) are read at %d px, ImageNet's default for a "
+                    "network without its own preprocessing (%dx the pixels); for a network of %d px inputs give %s",
+                    self.name, seen, len(sides), size, round((size / side) ** 2), side,
+                    (", " if self.python_api else " ").join(self._option(k, side) for k in ("image_size", "resize")))
+
     @property
     def input_mean(self) -> tuple[float, ...]:
         return tuple(self.preprocessing.get("mean", (0.0,) * 3))
@@ -923,6 +947,24 @@ class FolderBenchmark(Benchmark):
         return out, notes
 
 
+def first_sides(image_set: ImageSet, count: int) -> list[int]:
+    """The shorter sides of the first `count` images of `image_set`: files (their header only), a Dataset's PIL
+    images (its float tensors are used as they are, unresized: none)."""
+    if image_set.entries is None:
+        dataset = image_set.dataset
+        items = (dataset[i] for i in range(min(count, len(dataset))))  # type: ignore[arg-type,index]
+        images = (x[0] if isinstance(x, tuple | list) else x for x in items)
+        return [min(x.size) for x in images if isinstance(x, Image.Image)]
+    sides = []
+    for path, _ in image_set.entries[:count]:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except OSError:  # unreadable: its own error comes when the image is read
+            continue
+    return sides
+
+
 def first_few(items: Sequence[Any], first: int = 8) -> str:
     """`items` for a one-line message: all of them, or the first `first` and how many there are (a 1000-class
     folder gave a 13 kB line)."""
@@ -1089,7 +1131,7 @@ def resolve_preprocessing(
             raise ConfigError(f"{option(key, python_api)}={value!r}: must be a whole number of pixels >= 1 (or "
                               f"{'None' if python_api else 'null'} for the default)")
     model = dict(model or {})
-    source = "defaults (ImageNet)"
+    source = DEFAULT_SOURCE
     pretrained = None
     if data_config is None and model.get("library") == "timm" and model.get("name"):
         import timm.data
