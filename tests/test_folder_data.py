@@ -678,6 +678,34 @@ def test_validation_ood_alone_is_refused(folders: dict[str, Path]) -> None:
         FolderBenchmark(folders["id"], ood={"near": {"ssb/hard": folders["near"]}, "far": [folders["far"]]})
 
 
+def test_training_without_ood_sets_with_evaluate_false_then_evaluating_with_them(
+    folders: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ood-train data=folder ... evaluate=false` refused to start without OOD sets ("needs OOD sets"): a network could
+    not be trained now and evaluated later. It builds without them; `ood-eval ckpt_path=<run>
+    '+data.ood.far={x: <folder>}'` (the run's data overrides taken, as ood-eval takes them) is not refused as other
+    data than the training's (`data.evaluate` names no configuration) and scores the added set."""
+    from ood.runs.checks import check_evaluated
+    from ood.runs.identity import flat_config
+    from ood.runs.trained import ADOPTED_ENV
+    from ood.utils import instantiate
+
+    trained = ["data=folder", f"data.root={folders['id']}", "data.image_size=32", "data.resize=32"]
+    training = compose_config(tmp_path / "run", [*trained, "evaluate=false"])
+    bench = instantiate(training.data, seed=0).benchmark
+    assert (bench.ood_sets, bench.val_ood_set, len(bench.train(augment=False))) == ([], None, 9)
+    with pytest.raises(ConfigError, match=r"^data=folder needs OOD sets: .*, or ood-train evaluate=false to train "
+                                          r"without them$"):  # a run that evaluates
+        instantiate(compose_config(tmp_path / "run", trained).data, seed=0)
+    ckpt = str(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    given = [*trained, f"+data.ood.far={{x: {folders['far']}}}", f"ckpt_path={ckpt}"]
+    monkeypatch.setenv(ADOPTED_ENV, json.dumps(trained))  # ood-eval's: the run's own overrides ask for no difference
+    evaluation = compose_config(tmp_path / "eval", given, "eval")
+    check_evaluated(evaluation, flat_config(training), ckpt, given)
+    bench = instantiate(evaluation.data, seed=0).benchmark
+    assert [(n, g, len(s.entries)) for n, g, s in bench.ood_sets] == [("x", "far", 4)]
+
+
 def test_network_detector_that_cannot_read_the_model_is_skipped(folders: dict[str, Path], tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """rankfeat needs a staged backbone; on a plain `nn.Sequential` it is skipped and the run finishes (it used to

@@ -287,6 +287,8 @@ class FolderBenchmark(Benchmark):
             near duplicates only, from the cached features).
         report_dir: where `preprocessing.json`, `bad_images.json` and `overlap.json` go (the run folder).
         scan_workers: threads decoding files for `bad_images=skip` and the exact-duplicate check.
+        evaluate: the run evaluates (`ood-train`'s `evaluate`): OOD test sets are needed; False (train now,
+            `ood-eval ckpt_path=<run>` with OOD sets later) takes none.
         python_api: the options are keywords of `ood.evaluate`: messages name them so (`bad_images='skip'`, not
             `data.bad_images=skip`).
     """
@@ -321,6 +323,7 @@ class FolderBenchmark(Benchmark):
         exact_duplicates: bool = True,
         report_dir: str | Path | None = None,
         scan_workers: int = 8,
+        evaluate: bool = True,
         python_api: bool = False,
     ) -> None:
         self.python_api = python_api
@@ -393,8 +396,8 @@ class FolderBenchmark(Benchmark):
         for split in ("test", "val"):
             if sources[split] is not None:
                 self.id_sets[split] = self._id_set(split, sources[split], self.classes)
-        groups = ood_mapping(ood, python_api)
-        self.ood_sets, self.val_ood_set = self._ood_sets(groups)
+        groups = ood_mapping(ood, python_api, required=evaluate)
+        self.ood_sets, self.val_ood_set = self._ood_sets(groups, required=evaluate)
         self.csid_sets = {n: self._set(n, src, None, self.classes) for n, src in groups["csid"].items()}
         self.outlier_set_ = None if outliers is None else self._set("outliers", outliers, label=-1)
         self._check_outliers_apart()
@@ -634,8 +637,9 @@ class FolderBenchmark(Benchmark):
                                     f"each with images; no image has {first_few(missing)}")
         return count
 
-    def _ood_sets(self, groups: Mapping[str, Any]) -> tuple[list[tuple[str, str, ImageSet]], ImageSet | None]:
-        """(name, group, set) of every test OOD set and the validation-OOD set, from `ood_mapping`'s groups."""
+    def _ood_sets(self, groups: Mapping[str, Any], required: bool = True) -> tuple[list[tuple[str, str, ImageSet]], ImageSet | None]:
+        """(name, group, set) of every test OOD set and the validation-OOD set, from `ood_mapping`'s groups;
+        `required`: refuse groups without a test set (a run that evaluates)."""
         names = [n for g in ("near", "far", "csid") for n in groups[g]]
         taken = sorted(RESERVED_NAMES & set(names)) or sorted({n for n in names if names.count(n) > 1})
         if taken:
@@ -648,7 +652,7 @@ class FolderBenchmark(Benchmark):
             raise ConfigError(f"OOD and csid set names cannot hold '/' (the results key scores and metrics by "
                               f"<detector>/<set>); got {slashed}")
         names = [n for g in ("near", "far") for n in groups[g]]
-        if not names:
+        if required and not names:
             given = " and ".join(repr(g) for g in ("val", "csid") if groups.get(g)) or "no set"
             raise ConfigError(f"data=folder needs at least one OOD test set (near or far); the OOD sets given hold only "
                               f"{given} ('val': validation OOD, for tuning; 'csid': covariate-shifted ID): "
@@ -1028,12 +1032,16 @@ def folder_name(folder: str | os.PathLike) -> str:
     return Path(os.path.abspath(Path(folder).expanduser())).name
 
 
-def ood_mapping(ood: Any, python_api: bool = False) -> dict[str, Any]:
+def ood_mapping(ood: Any, python_api: bool = False, required: bool = True) -> dict[str, Any]:
     """`{near: {name: source}, far: {name: source}, val: source | None, csid: {name: source}}` from any accepted form
     of the OOD sets: that mapping (each group a source, a list or a mapping), a `{name: source}` mapping (all far), a
-    list of sources (all far, named by folder) or one source. `python_api`: messages name `ood_data`."""
+    list of sources (all far, named by folder) or one source. `python_api`: messages name `ood_data`; `required`:
+    none is refused (a run that evaluates; `ood-train evaluate=false` trains without them)."""
     if ood is None or (isinstance(ood, Mapping) and not ood):
-        raise ConfigError("data=folder needs OOD sets: '+data.ood.far={name: folder}' (Python: ood_data=...)")
+        if not required:
+            return {"near": {}, "far": {}, "val": None, "csid": {}}
+        raise ConfigError("data=folder needs OOD sets: '+data.ood.far={name: folder}' (Python: ood_data=...), or "
+                          "ood-train evaluate=false to train without them")
 
     def single(source: Any) -> bool:
         return isinstance(source, str | Path | Dataset) or (isinstance(source, Mapping) and "imglist" in source)

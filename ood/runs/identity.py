@@ -42,10 +42,12 @@ from ood.runs.failures import remove_earlier_results
 
 #: flattened-config prefixes that name a configuration (method and its parameters, backbone, data, epochs)
 IDENTITY_PREFIXES = ("method.", "backbone.", "data.", "trainer.max_epochs")
-#: flattened keys under those prefixes that do not name a configuration: loader plumbing, and the starting weights
-#: of a fine-tune (one CE run per seed: `method.init.ckpt=.../ce_s${seed}/...` must not split the seeds)
+#: flattened keys under those prefixes that do not name a configuration: loader plumbing, the starting weights
+#: of a fine-tune (one CE run per seed: `method.init.ckpt=.../ce_s${seed}/...` must not split the seeds), and the
+#: data configs' copies of run switches (`data.evaluate`: a data=folder run trained with evaluate=false is the model
+#: `ood-eval ckpt_path=<run>` evaluates)
 NOT_IDENTITY = ("data.num_workers", "data.pin_memory", "data.download", "data.eval_batch_size", "method.init.ckpt",
-                "data.csid")
+                "data.csid", "data.evaluate")
 #: evaluation keys that change the numbers -> their default: part of the identity only when set otherwise, so a
 #: float16 evaluation of a checkpoint is not merged with its float32 one, and runs at the default keep their hash
 EVALUATION_KEYS = {"evaluation.feature_dtype": "float32", "evaluation.weights": "last"}
