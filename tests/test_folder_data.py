@@ -684,9 +684,10 @@ def test_training_without_ood_sets_with_evaluate_false_then_evaluating_with_them
     """`ood-train data=folder ... evaluate=false` refused to start without OOD sets ("needs OOD sets"): a network could
     not be trained now and evaluated later. It builds without them; `ood-eval ckpt_path=<run>
     '+data.ood.far={x: <folder>}'` (the run's data overrides taken, as ood-eval takes them) is not refused as other
-    data than the training's (`data.evaluate` names no configuration) and scores the added set."""
+    data than the training's (`data.evaluate` names no configuration) and scores the added set. As `evaluate` itself,
+    `data.evaluate` is no setting: a rerun that differs in it alone keeps the results of the run folder."""
     from ood.runs.checks import check_evaluated
-    from ood.runs.identity import flat_config
+    from ood.runs.identity import RunIdentity, flat_config, identity, write_identity
     from ood.runs.trained import ADOPTED_ENV
     from ood.utils import instantiate
 
@@ -704,6 +705,15 @@ def test_training_without_ood_sets_with_evaluate_false_then_evaluating_with_them
     check_evaluated(evaluation, flat_config(training), ckpt, given)
     bench = instantiate(evaluation.data, seed=0).benchmark
     assert [(n, g, len(s.entries)) for n, g, s in bench.ood_sets] == [("x", "far", 4)]
+    evaluating = compose_config(tmp_path / "run", [*trained, f"+data.ood.far={{x: {folders['far']}}}"])
+    assert (training.data.evaluate, evaluating.data.evaluate) == (False, True)
+    same = [{k: v for k, v in identity(flat_config(c)).items() if not k.startswith("data.ood")} for c in (training, evaluating)]
+    assert same[0] == same[1] and same[0]["data.image_size"] == "32"
+    run, ident = tmp_path / "rerun", RunIdentity({}, "last.ckpt")
+    write_identity(run.mkdir() or run, ident, "data:\n  evaluate: true\n")
+    (run / "results.jsonl").write_text("row\n")
+    write_identity(run, ident, "data:\n  evaluate: false\n")  # a sweep resumed to finish training: it writes none
+    assert (run / "results.jsonl").read_text() == "row\n"
 
 
 def test_network_detector_that_cannot_read_the_model_is_skipped(folders: dict[str, Path], tmp_path: Path,

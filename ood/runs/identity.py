@@ -42,12 +42,14 @@ from ood.runs.failures import remove_earlier_results
 
 #: flattened-config prefixes that name a configuration (method and its parameters, backbone, data, epochs)
 IDENTITY_PREFIXES = ("method.", "backbone.", "data.", "trainer.max_epochs")
+#: the data configs' copies of the run's `evaluate` switch (data=folder's `data.evaluate`: OOD sets needed): no
+#: configuration (a run trained with evaluate=false is the model `ood-eval ckpt_path=<run>` evaluates) and, as
+#: `evaluate` itself (`NOT_SETTINGS`), no setting
+SWITCHES = ("data.evaluate",)
 #: flattened keys under those prefixes that do not name a configuration: loader plumbing, the starting weights
-#: of a fine-tune (one CE run per seed: `method.init.ckpt=.../ce_s${seed}/...` must not split the seeds), and the
-#: data configs' copies of run switches (`data.evaluate`: a data=folder run trained with evaluate=false is the model
-#: `ood-eval ckpt_path=<run>` evaluates)
+#: of a fine-tune (one CE run per seed: `method.init.ckpt=.../ce_s${seed}/...` must not split the seeds), `SWITCHES`
 NOT_IDENTITY = ("data.num_workers", "data.pin_memory", "data.download", "data.eval_batch_size", "method.init.ckpt",
-                "data.csid", "data.evaluate")
+                "data.csid", *SWITCHES)
 #: evaluation keys that change the numbers -> their default: part of the identity only when set otherwise, so a
 #: float16 evaluation of a checkpoint is not merged with its float32 one, and runs at the default keep their hash
 EVALUATION_KEYS = {"evaluation.feature_dtype": "float32", "evaluation.weights": "last"}
@@ -240,14 +242,14 @@ def _watching(key: str) -> bool:
 
 
 def _settings(config: str) -> Any:
-    """A resolved `config.yaml`'s text as flattened data, without `NOT_SETTINGS`, `PLUMBING`, `WATCHING` and
-    folders."""
+    """A resolved `config.yaml`'s text as flattened data, without `NOT_SETTINGS`, `PLUMBING`, `SWITCHES`, `WATCHING`
+    and folders."""
     data = OmegaConf.to_container(OmegaConf.create(config))
     if not isinstance(data, dict):
         return data
     flat = spelled_before(flatten({k: v for k, v in data.items() if k not in NOT_SETTINGS}))
     return {k: v for k, v in flat.items()
-            if k not in PLUMBING and not _watching(k) and not k.endswith(("_dir", "dirpath"))}
+            if k not in PLUMBING and k not in SWITCHES and not _watching(k) and not k.endswith(("_dir", "dirpath"))}
 
 
 def write_identity(run_dir: str | Path, ident: RunIdentity, config: str | None = None) -> None:
