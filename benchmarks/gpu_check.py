@@ -630,9 +630,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: no CUDA device visible to torch; run `python -m benchmarks.gpu_check --dry-run` for the CPU "
               "smoke test", file=sys.stderr)
         return 1
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "ood"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    with quiet():
+        return run_checks(args, sizes)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Warnings and Lightning's and ood's log lines below ERROR off for the checks' own output; the levels and the
+    warning filters put back after (`main` in a test's process left ood's warnings off for every later test)."""
+    names = ("lightning", "lightning.pytorch", "lightning.fabric", "ood")
+    levels = {name: logging.getLogger(name).level for name in names}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        for name in names:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+
+
+def run_checks(args: argparse.Namespace, sizes: Sizes) -> int:
+    """Every section of the check at `sizes` (`DRY` or `GPU`), its report written to `args.out` after each; 0 when
+    every check passed."""
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     checks: list[dict[str, Any]] = []

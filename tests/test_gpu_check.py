@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,7 +122,11 @@ def test_gpu_check_keeps_the_finished_checks_when_a_later_section_fails(tmp_path
     monkeypatch.setattr(gpu_check, "check_ddp", lambda *a: {"check": "ddp", "ok": True})
     monkeypatch.setattr(gpu_check, "check_api", api)
     monkeypatch.setattr(gpu_check, "throughput", throughput)
+    filters, level = list(warnings.filters), logging.getLogger("ood").level
     assert gpu_check.main(["--dry-run", "--out", str(out), "--workdir", str(tmp_path)]) == 1
+    # the caller's warning filters and ood's log level as they were: it left ood's warnings off for every later test
+    # in the process (a caplog test of an ood warning then failed by test order)
+    assert (warnings.filters, logging.getLogger("ood").level) == (filters, level)
     before_api, before_crash = seen
     assert [c["check"] for c in before_api["checks"]] == ["method ce", "fp16 + compile ce", "faiss knn (k=50)", "augment", "ddp"]
     assert not before_api["complete"] and not before_api["ok"]

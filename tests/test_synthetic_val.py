@@ -6,7 +6,6 @@ missing-source errors; `experiment=energy_ce`'s validation OOD."""
 from __future__ import annotations
 
 import logging
-
 from pathlib import Path
 from typing import Any
 
