@@ -166,6 +166,18 @@ def test_image_side_follows_the_data_or_is_one_line(tmp_path: Path, ce_checkpoin
         method.prepare(instantiate(cfg.data, seed=0).fit_data())
 
 
+def test_missing_classifier_source_and_outliers_are_named_in_one_line(tmp_path: Path) -> None:
+    """Both requirements fail at once (no classifier source, no outlier set): one line names both, so a folder
+    user learns them in one failed run, not two."""
+    from ood.errors import ConfigError
+
+    cfg = compose_config(tmp_path, ["method=heatmap", "data.benchmark.outliers=none"])
+    method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=6, in_channels=1))
+    with pytest.raises(ConfigError, match=r"^method=heatmap needs exactly one classifier source: .*; and method heatmap "
+                       r"trains on outliers, but benchmark digits has none \(data.benchmark.outliers=none\)"):
+        method.prepare(instantiate(cfg.data, seed=0).fit_data())
+
+
 def test_prepare_without_a_trainer_builds_the_pool(tmp_path: Path, ce_checkpoint: Path) -> None:
     """`prepare(FitData)` alone: the pool is `num_ood` outliers drawn by the seed, each paired with the ID training
     image of its predicted class nearest in feature space (checked by brute force), the feature range is that of

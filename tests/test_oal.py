@@ -571,6 +571,11 @@ def test_knn_features_file_is_the_space_the_boundary_outliers_are_sampled_in(
     # per class: select (0.1 x 20) x keep (2) rows, rescaled to the mean norm of that class's file rows
     rows = expected.view(6, 4, d_t)
     torch.testing.assert_close(rows.norm(dim=2), id_feat.norm(dim=2).mean(1, keepdim=True).expand(6, 4))
+    # fewer boundary outliers than a batch: both fixes are named (the batch one was not)
+    method.outliers_knn = method.outliers_knn[:0]  # prepare skips a method whose banks are present
+    with pytest.raises(ConfigError, match=r"^oal: 24 boundary outliers < batch size 32; raise method.knn_repeats or "
+                       r"lower data.batch_size to 24 or less$"):
+        method.prepare(SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32, batch_size=32))
     np.save(tmp_path / "bad.npy", id_feat[:5].numpy())
     with pytest.raises(ConfigError, match=r"must be \[classes=6, n, teacher feature dim=\d+\] .* got \(5, 20, \d+\)$"):
         oal_module.load_knn_features(tmp_path / "bad.npy", 6, d_t)

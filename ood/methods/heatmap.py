@@ -273,14 +273,21 @@ class HeatmapOOD(OODMethod):
         return out["features"], out["preds"]
 
     def prepare(self, data: FitData) -> None:
-        """Checks the classifier source and the outliers; builds the pool now unless the classifier trains first."""
+        """Checks the classifier source and the outliers (both in one line when both fail, so one failed run names
+        every fix); builds the pool now unless the classifier trains first."""
+        problems: list[str] = []
         if (self.init_ckpt is None) == (self.classifier_epochs == 0):
-            raise ConfigError(
+            problems.append(
                 "method=heatmap needs exactly one classifier source: method.init.ckpt=<CE checkpoint> (frozen), or "
                 f"method.classifier_epochs=N (CE first, then frozen); got init.ckpt={self.init_ckpt}, "
                 f"classifier_epochs={self.classifier_epochs}"
             )
-        outliers = data.require("outliers", self.name)
+        try:
+            outliers = data.require("outliers", self.name)
+        except ConfigError as e:
+            problems.append(str(e))
+        if problems:
+            raise ConfigError("; and ".join(problems))
         n = len(outliers)  # type: ignore[arg-type]
         # known before the pool: a run resumed from its last epoch's checkpoint builds none yet reports it
         self._outliers = f"{data.outlier_set}: {min(self.num_ood or n, n)} of {n}"

@@ -338,9 +338,11 @@ class OAL(OODMethod):
                      seconds)
             feats, labels = features["features"], features["labels"]
         self.outliers_knn = self._sample(feats, labels).to(data.device, data.dtype)
-        if len(self.outliers_knn) < data.batch_size:
+        n_knn = len(self.outliers_knn)
+        if n_knn < data.batch_size:  # a training batch draws batch_size of them without replacement
             raise ConfigError(
-                f"oal: {len(self.outliers_knn)} boundary outliers < batch size {data.batch_size}; raise method.knn_repeats"
+                f"oal: {n_knn} boundary outliers < batch size {data.batch_size}; raise method.knn_repeats or lower "
+                f"data.batch_size to {n_knn} or less"
             )
         if self.w_mi_sd:
             self.outliers_sd = load_sd_latents(self.sd_path).to(data.device)
