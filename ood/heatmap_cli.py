@@ -9,7 +9,8 @@ the heatmap paper's released pair is `ckpt_path=<Models/cifar10_resnet18.pt> exp
 data=cifar10 method.decoder_ckpt=<checkpoints/<run>/model.pt>` (docs/methods/heatmap.md). For every image (`image=` a file or a
 folder of .png/.jpg/.jpeg/.bmp) writes `<out>/<stem>_heatmap.png` (input | heatmap max_c |M| | overlay, the layout of
 the run's `heatmaps/<split>.png`; `<name>_heatmap.png` when images share a stem, `a.png` and `a.jpg`) and prints its ID score (-mean max_c |M|, in [-1, 0]; near 0 = in-distribution)
-and predicted class. Images are converted to the classifier's channels and resized to its input size, and go
+and predicted class (its name where the run's data config gives it: data=folder's `data.classes` or train class
+folders, CIFAR-10; else its index). Images are converted to the classifier's channels and resized to its input size, and go
 through in batches of 64, or of the evaluation's `data.eval_batch_size` under `method.feature_norm=as_released`
 (which scales only row 0 of a batch: 200, the released test batch, under `experiment=heatmap_released`), so the
 scores are the evaluation's. `out` defaults to `heatmaps/` in the current folder; `-h` / `--help` prints this text.
@@ -28,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from ood import CONFIG_DIR
 from ood.cli import expand_home, load_weights, user_error
 from ood.data.hygiene import load_image as load_rgb
+from ood.data.sets import class_folders
 from ood.errors import CheckpointError, ConfigError, DataNotFoundError
 from ood.files import atomic_write
 from ood.methods.heatmap import HeatmapOOD, heatmap_grid, heatmap_score
@@ -41,6 +43,8 @@ KEYS = ("ckpt_path", "image", "out")
 #: what `ckpt_path=` takes: a run folder opens the checkpoint its evaluation read (`run_checkpoint`)
 CKPT_PATH = "ckpt_path=<run folder or checkpoint>"
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+#: CIFAR-10's class names by label (torchvision's and OpenOOD's order)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -76,13 +80,34 @@ def run_checkpoint(ckpt_path: str | Path) -> Path:
     return path / "checkpoints" / WEIGHTS_FILES[trained_weights(path)] if path.is_dir() else path
 
 
-def load_method(ckpt_path: str | Path, overrides: list[str] | None = None) -> tuple[HeatmapOOD, int]:
+def load_method(ckpt_path: str | Path,
+                overrides: list[str] | None = None) -> tuple[HeatmapOOD, int, list[str] | None]:
     """The trained heatmap method of a run (checkpoint file or run folder), or with `overrides` the one `ood-eval
-    ckpt_path=<file> <overrides>` builds (`load_configured`), in eval mode on the CPU; and the images per forward
+    ckpt_path=<file> <overrides>` builds (`load_configured`), in eval mode on the CPU; the images per forward
     pass: `BATCH`, or with `method.feature_norm=as_released` (row 0 of a batch scaled) the configuration's
-    `data.eval_batch_size`, the batches the evaluation scored."""
+    `data.eval_batch_size`, the batches the evaluation scored; and the class names (`class_names`)."""
     method, cfg = load_configured(ckpt_path, overrides) if overrides else load_run(ckpt_path)
-    return method, int(cfg.data.eval_batch_size) if method.feature_norm == "as_released" else BATCH
+    batch = int(cfg.data.eval_batch_size) if method.feature_norm == "as_released" else BATCH
+    return method, batch, class_names(cfg.data)
+
+
+def class_names(data: DictConfig) -> list[str] | None:
+    """The class names by label that the data config `data` gives without reading its images: data=folder's
+    `data.classes`, else its train class folders when still there; CIFAR-10's; else None (classes print as indices)."""
+    if str(data.get("_target_", "")).endswith("folder_datamodule"):
+        if data.get("classes"):
+            return [str(c) for c in data.classes]
+        train = data.get("train")
+        train = train.get("folder") if isinstance(train, DictConfig) else train
+        if train is None and data.get("root"):
+            train = Path(data.root) / "train"
+        return (class_folders(Path(train)) or None) if train is not None and Path(train).is_dir() else None
+    return list(CIFAR10_CLASSES) if str(OmegaConf.select(data, "benchmark._target_")).endswith(".CIFAR10Benchmark") else None
+
+
+def class_label(pred: int, classes: list[str] | None) -> str:
+    """Class `pred` by its name in `classes`, or its index without one."""
+    return classes[pred] if classes and pred < len(classes) else str(pred)
 
 
 def load_run(ckpt_path: str | Path) -> tuple[HeatmapOOD, DictConfig]:
@@ -179,10 +204,10 @@ BATCH = 64
 
 
 @torch.no_grad()
-def write_heatmaps(method: HeatmapOOD, files: list[Path], out: Path,
-                   batch: int | None = None) -> list[tuple[Path, float, int]]:
-    """Writes one grid PNG per image into `out`, `batch` (default `BATCH`) images a forward pass; returns (png, ID
-    score, predicted class) per image."""
+def write_heatmaps(method: HeatmapOOD, files: list[Path], out: Path, batch: int | None = None,
+                   classes: list[str] | None = None) -> list[tuple[Path, float, int]]:
+    """Writes one grid PNG per image into `out` (titled with the predicted class's name in `classes`, else its index),
+    `batch` (default `BATCH`) images a forward pass; returns (png, ID score, predicted class index) per image."""
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +221,7 @@ def write_heatmaps(method: HeatmapOOD, files: list[Path], out: Path,
             heat, logits, _ = method.heatmap((pixels - method.pixel_mean) / method.pixel_std)
             scores, preds = heatmap_score(heat), logits.argmax(1)
             for i, f in enumerate(chunk):
-                title = f"{f.name}: score {scores[i]:.3f}, class {int(preds[i])}"
+                title = f"{f.name}: score {scores[i]:.3f}, class {class_label(int(preds[i]), classes)}"
                 grid = heatmap_grid(pixels[i : i + 1], heat[i : i + 1].abs().amax(1), title)
                 png = out / f"{f.stem if stems.count(f.stem) == 1 else f.name}_heatmap.png"  # a.png and a.jpg: one each
                 # atomically: a run killed mid-file leaves no half PNG under its name, a rerun replaces the whole
@@ -214,8 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         args, overrides = parse_args(argv)
-        method, batch = load_method(args["ckpt_path"], overrides)
-        results = write_heatmaps(method, image_files(args["image"]), Path(args.get("out", "heatmaps")), batch)
+        method, batch, classes = load_method(args["ckpt_path"], overrides)
+        results = write_heatmaps(method, image_files(args["image"]), Path(args.get("out", "heatmaps")), batch, classes)
     except Exception as err:  # a user's mistake (a config error of the overrides too) is one line, as ood-eval's
         user = user_error(err)
         if user is None:
@@ -223,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {user}", file=sys.stderr)
         sys.exit(1)
     for png, score, pred in results:
-        print(f"{png}  score {score:.4f}  class {pred}")
+        print(f"{png}  score {score:.4f}  class {class_label(pred, classes)}")
 
 
 if __name__ == "__main__":

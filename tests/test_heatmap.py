@@ -345,7 +345,7 @@ def test_heatmap_grids_and_cli(
     ]
     from ood import heatmap_cli  # a folder goes through in batches: the same scores and classes as one pass
 
-    files, (loaded, _) = heatmap_cli.image_files(folder), load_method(out)
+    files, (loaded, _, _) = heatmap_cli.image_files(folder), load_method(out)
     whole = [(score, pred) for _, score, pred in heatmap_cli.write_heatmaps(loaded, files, tmp_path / "whole")]
     monkeypatch.setattr(heatmap_cli, "BATCH", 2)
     batched = [(score, pred) for _, score, pred in heatmap_cli.write_heatmaps(loaded, files, tmp_path / "batched")]
@@ -357,7 +357,7 @@ def test_heatmap_grids_and_cli(
     cfg = OmegaConf.load(out / "config.yaml")
     cfg.data = {"_target_": "ood.data.folder.folder_datamodule", "root": "/nowhere", "image_size": 16}
     OmegaConf.save(cfg, copy / "config.yaml")
-    rebuilt, _ = load_method(copy)
+    rebuilt, _, _ = load_method(copy)
     assert all(torch.equal(v, method.state_dict()[k]) for k, v in rebuilt.state_dict().items())
     # a heatmap written in place was left half written under its name when the writer died in it: now atomically
     save = Image.Image.save

@@ -101,3 +101,27 @@ def test_a_run_folder_opens_the_checkpoint_its_evaluation_read(tmp_path: Path) -
     assert heatmap_cli.run_checkpoint(best) == best / "checkpoints" / "best.ckpt"
     assert heatmap_cli.run_checkpoint(plain) == plain / "checkpoints" / "last.ckpt"
     assert heatmap_cli.run_checkpoint(best / "checkpoints" / "last.ckpt") == best / "checkpoints" / "last.ckpt"
+
+
+def test_the_class_is_printed_by_name_where_the_data_config_gives_it(tmp_path: Path) -> None:
+    """It printed `class 2` (an index): now the name by label of data=folder's `data.classes`, else of its train
+    class folders (sorted, hidden ones left out), and of CIFAR-10; the index where none is known (digits, a folder
+    gone since training, an index past the names)."""
+    from omegaconf import OmegaConf
+
+    for name in ("dog", "cat", ".ipynb_checkpoints"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    folder = {"_target_": "ood.data.folder.folder_datamodule", "root": str(tmp_path), "train": None, "classes": None}
+    cases = [
+        (folder, ["cat", "dog"]),
+        ({**folder, "classes": ["dog", "cat"]}, ["dog", "cat"]),
+        ({**folder, "root": None, "train": {"folder": str(tmp_path / "train")}}, ["cat", "dog"]),
+        ({**folder, "root": str(tmp_path / "gone")}, None),
+        ({"benchmark": {"_target_": "ood.data.CIFAR10Benchmark"}}, list(heatmap_cli.CIFAR10_CLASSES)),
+        ({"benchmark": {"_target_": "ood.data.DigitsBenchmark"}}, None),
+    ]
+    for data, names in cases:
+        assert heatmap_cli.class_names(OmegaConf.create(data)) == names, data
+    assert heatmap_cli.CIFAR10_CLASSES[3] == "cat"
+    assert [heatmap_cli.class_label(k, ["cat", "dog"]) for k in (1, 2)] == ["dog", "2"]
+    assert heatmap_cli.class_label(2, None) == "2"
