@@ -445,7 +445,11 @@ def test_run_table_reads_at_60_to_200_columns(
             for mode in ("standard", "fsood") for d in ("msp", "energy") for i, (s, g) in enumerate(sets.items())]
     RunTable().write(EvaluationResult(rows, {}, 0.95, "ce"), SimpleNamespace(is_global_zero=True))
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "ce on cifar10 (ID acc 95.00%): AUROC / FPR95 in %"
+    assert lines[0] == "ce on cifar10 (ID acc 95.00%): AUROC / FPR95 in %"  # rows without the run's info
+    # a run's rows name its backbone (the title did not: a small_cnn and a resnet18 run read the same)
+    RunTable().write(EvaluationResult([{**r, "backbone": "resnet18"} for r in rows], {}, 0.95, "ce"),
+                     SimpleNamespace(is_global_zero=True))
+    assert capsys.readouterr().out.splitlines()[0].startswith("ce with resnet18 on cifar10 (ID acc 95.00%): AUROC")
     assert max(map(len, lines)) <= columns and not [line for line in lines if "…" in line]
     headers = [line.strip("┃").split("┃")[1:] for line in lines if line.startswith("┃ detector")]
     names = [[h.strip() for h in part] for part in headers]

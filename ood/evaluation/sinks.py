@@ -258,9 +258,13 @@ class RunTable:
         by = {(r.get("mode", "standard"), r["detector"], r["ood_dataset"]): r for r in result.rows}
         cell = lambda m: f"{100 * m['auroc']:.2f} / {100 * m['fpr95']:.2f}"  # noqa: E731
         fs = "fsood" in modes
-        title = f"{result.method} on {rows[0]['id_dataset']} (ID acc {100 * result.id_acc:.2f}%): AUROC / FPR95 in %"
+        # the backbone named (rows carry it from the run's info): a small_cnn and a resnet18 run read the same otherwise
+        backbone = rows[0].get("backbone")
+        run = f"{result.method} with {backbone} on {rows[0]['id_dataset']}" if backbone else \
+            f"{result.method} on {rows[0]['id_dataset']}"
+        title = f"{run} (ID acc {100 * result.id_acc:.2f}%): AUROC / FPR95 in %"
         if fs and "standard" not in modes:
-            title = f"{result.method} on {rows[0]['id_dataset']}, full-spectrum: AUROC / FPR95 in %"
+            title = f"{run}, full-spectrum: AUROC / FPR95 in %"
         caption = ("FPR95: fraction of OOD accepted at the threshold keeping 95% of ID (ID positive; `fpr95_oodpos` "
                    "in results.jsonl is OpenOOD's OOD-positive one)")
         if fs:
