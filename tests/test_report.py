@@ -174,6 +174,15 @@ def test_a_broken_results_line_is_one_line_naming_it(tmp_path: Path, capsys: pyt
         main([str(tmp_path / "lacking")])
     lacking = tmp_path / "lacking" / "results.jsonl"
     assert capsys.readouterr().err.splitlines()[-1] == f"error: {lacking}:1: not a result row, it lacks ['auroc']"
+    # a sweep's multirun.yaml given for its folder: what ood-report takes is said (it said "not a JSON line" alone)
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "sweep" / "multirun.yaml")])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {tmp_path / 'sweep' / 'multirun.yaml'}:1: not a JSON line (Expecting value): ood-report takes run or "
+        "sweep folders or a results.jsonl"
+    )
 
 
 def test_a_run_lacking_an_ood_set_is_left_out_of_that_groups_mean(

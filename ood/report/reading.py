@@ -40,7 +40,8 @@ def found_below(paths: Iterable[str | Path]) -> dict[str, list[Path]]:
 
 def _parse_rows(file: Path) -> list[dict[str, Any]]:
     """The rows of one `results.jsonl`; a line that is not a result row (cut short, edited by hand) is a one-line
-    error naming the file and line, rather than a traceback or a KeyError deep in the aggregation."""
+    error naming the file and line, rather than a traceback or a KeyError deep in the aggregation; of a file given by
+    name that is no `.jsonl` (a sweep's `multirun.yaml`), it also says what `ood-report` takes."""
     rows = []
     for number, line in enumerate(file.read_text().splitlines(), 1):
         if not line.strip():
@@ -48,7 +49,8 @@ def _parse_rows(file: Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise OODError(f"{file}:{number}: not a JSON line ({err.msg})") from None
+            takes = "" if file.suffix == ".jsonl" else ": ood-report takes run or sweep folders or a results.jsonl"
+            raise OODError(f"{file}:{number}: not a JSON line ({err.msg}){takes}") from None
         missing = [k for k in ROW_KEYS if k not in row] if isinstance(row, dict) else list(ROW_KEYS)
         if missing:
             raise OODError(f"{file}:{number}: not a result row, it lacks {missing}")
