@@ -235,14 +235,16 @@ def _run(cfg: DictConfig, output_dir: Path, attempt: Started) -> list[dict[str, 
                                   _sweep_dir() if cfg.train else None, "last" if cfg.train else weights)
     check_run(cfg, ckpt_path, given)
     stop_if_terminated()  # also one that came while Hydra started: the run folder is there for FAILED.txt
-    if cfg.train and ckpt_path:
-        log.info("resuming %s", ckpt_path)
     # an evaluated checkpoint's rows name the seed that trained it (its stored config), not the evaluation's, and its
     # paths made absolute by `ood-eval` started elsewhere are the same files as the training's relative ones
     stored = checkpoint_config(ckpt_path) if ckpt_path and not cfg.train else {}
     ident = run_identity(as_trained_paths(cfg, stored), _choices(), output_dir, ckpt_path)
     trained_seed = stored.get("seed")
     resume_epoch = own_checkpoint_epoch(ckpt_path, output_dir) if cfg.train else None
+    if cfg.train and ckpt_path:  # the epoch read once: of the folder's own checkpoint just above, else of the file
+        saved = resume_epoch if resume_epoch is not None else checkpoint_epoch(ckpt_path)
+        log.info("resuming %s%s", ckpt_path, "" if saved is None else
+                 f" from the end of epoch {saved} (counted from 0, as the progress bar and the CSV log count)")
     method, datamodule, trainer, evaluation = build(cfg, ident, trained_seed=trained_seed, resume_epoch=resume_epoch)
     # `method.init` starts a new run from weights; a resumed run or an evaluated checkpoint brings its own
     method.apply_init(load=not ckpt_path)

@@ -215,6 +215,27 @@ def test_sigterm_outside_lightnings_handler_ends_the_run_as_failed(tmp_path: Pat
         signal.signal(signal.SIGTERM, previous)
 
 
+def test_resuming_says_from_which_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    """"resuming <ckpt>" did not say from which epoch: it now names the epoch whose end saved the checkpoint (read
+    from the file before the run is built; the build stopped here)."""
+    import ood.train
+
+    cfg = compose_config(tmp_path / "new", [*RUN, f"ckpt_path={tmp_path / 'old'}"])
+    ckpt = tmp_path / "old" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"epoch": 1, "hyper_parameters": {"config": flat_config(cfg)}}, ckpt)
+
+    def built(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # no training: the line is written before the build
+
+    monkeypatch.setattr(ood.train, "build", built)
+    with caplog.at_level(logging.INFO, logger="ood.train"), pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    assert f"resuming {ckpt} from the end of epoch 1 (counted from 0, as the progress bar and the CSV log count)" in \
+        caplog.messages
+
+
 def test_resume_with_other_max_epochs_is_refused(tmp_path: Path) -> None:
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
