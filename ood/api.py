@@ -558,12 +558,13 @@ def evaluate(
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_class
     from omegaconf import OmegaConf, open_dict
 
     from ood import CONFIG_DIR
     from ood.data.benchmark import check_loader_options
     from ood.models.adapters import as_backbone, check_classes
-    from ood.runs.checks import check_overrides
+    from ood.runs.checks import check_overrides, untrained_parts
     from ood.runs.console import quiet_warnings
     from ood.runs.failures import clear_failure, ctrl_c_raised, folder_state, record_failure
     from ood.train import build
@@ -623,6 +624,15 @@ def evaluate(
             with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
                 cfg = compose(config_name="eval", overrides=args, return_hydra_config=True)
             _check_data_options(data, cfg.data)
+            # the command line's rule (`ood-eval` without a checkpoint): the configured parts no file fills, before
+            # any image is read; scored untrained, they gave numbers that say nothing (a random decoder)
+            parts = untrained_parts(cfg.method)
+            if parts:
+                files = getattr(get_class(cfg.method._target_), "part_files", {})
+                keys = "".join(f", or give its file: overrides=['method.{files[p]}=<file>']" for p in parts if p in files)
+                raise ConfigError(f"method={method!r} scores with parts trained with the network ({', '.join(parts)}), "
+                                  f"which ood.evaluate neither trains nor loads: train it (ood-train method={method}) "
+                                  f"and evaluate its run (ood-eval ckpt_path=<run>){keys}")
             with open_dict(cfg):
                 cfg.hydra.runtime.output_dir = str(out)
                 cfg.hydra.job.num = 0
@@ -631,10 +641,6 @@ def evaluate(
                 _describe_backbone(cfg.backbone, net)
             HydraConfig.instance().set_config(cfg)
             method_, datamodule, trainer, _ = build(cfg, backbone=backbone, data=objects)
-            if method_.trained_parts:  # scored untrained, they gave numbers that say nothing (random decoder)
-                raise ConfigError(f"method={method!r} scores with parts trained with the network "
-                                  f"({', '.join(method_.trained_parts)}), which ood.evaluate neither trains nor loads: "
-                                  f"train it (ood-train method={method}) and evaluate its run (ood-eval ckpt_path=<run>)")
             classes = getattr(datamodule.benchmark, "classes", None)  # class folders, when the data has them
             named = f": {classes[:8]}{' ...' if len(classes) > 8 else ''}" if classes else ""
             check_classes(backbone, datamodule.num_classes, f"the ID data ({datamodule.name}{named})")

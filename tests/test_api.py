@@ -413,10 +413,12 @@ def test_a_method_whose_score_needs_its_training_is_refused(trained, tmp_path: P
     paths, _, _ = trained
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     run = dict(detectors="none", image_size=32, resize=32, device="cpu", output_dir=tmp_path / "run")
-    for method, parts in (("heatmap", "decoder"), ("energy_cfl", "centres, head")):
+    # the command line's rule (the configured parts no file fills), whose file key is named (it was not)
+    file = r", or give its file: overrides=\['method.decoder_ckpt=<file>'\]"
+    for method, parts, files in (("heatmap", "decoder", file), ("energy_cfl", "centres, head", "")):
         with pytest.raises(ConfigError, match=rf"^method='{method}' scores with parts trained with the network \({parts}\), "
                                               rf"which ood.evaluate neither trains nor loads: train it \(ood-train "
-                                              rf"method={method}\) and evaluate its run \(ood-eval ckpt_path=<run>\)$"):
+                                              rf"method={method}\) and evaluate its run \(ood-eval ckpt_path=<run>\){files}$"):
             ood.evaluate(net, paths["id"], [paths["far"]], method=method, **run)
         assert not (tmp_path / "run" / "results.jsonl").exists()
     rows = ood.evaluate(net, paths["id"], [paths["far"]], method="cluster", **run).rows
