@@ -21,6 +21,7 @@ import ood.detectors.base as base_module
 from ood import PROJECT_ROOT
 from ood.detectors import build_detector
 from ood.detectors.network import LayerTaps
+from ood.errors import CheckpointError
 from ood.evaluation.scoring import detector_scorers
 from ood.features.bank import FeatureBank
 from ood.methods.base import OODMethod
@@ -118,3 +119,22 @@ def test_an_unstored_part_kept_out_of_the_module_tree_skips_an_older_files_entri
     assert load_modules(student, state, None, "old.ckpt") == [""]
     torch.testing.assert_close(student.backbone.weight, old.backbone.weight)
     torch.testing.assert_close(student._teacher.weight, teacher)
+
+
+def test_an_unstored_part_left_in_the_module_tree_is_one_line_naming_it() -> None:
+    """`unstored_parts` naming a registered sub-module: its checkpoints store the part, and the load skipped it and
+    failed its own file with "missing 'teacher.bias' ... pass the method= it was trained with"; now one line naming
+    the part and the fix."""
+
+    class Student(nn.Module):
+        unstored_parts = ("teacher",)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone, self.teacher = nn.Linear(2, 2), nn.Linear(2, 2)
+
+    student = Student()
+    with pytest.raises(CheckpointError, match=r"^Student declares unstored_parts \['teacher'\], but 'teacher' is a "
+                       r"registered sub-module, so its checkpoints store it: keep it out of the module tree "
+                       r"\(object.__setattr__, as OAL's teacher\) or drop it from unstored_parts$"):
+        load_modules(student, student.state_dict(), None, "own.ckpt")

@@ -287,6 +287,15 @@ def load_modules(
     # parts the model does not store (`unstored_parts`: OAL's teacher, read from its own file): an older file's copy
     # of them is skipped where the model would receive it (a file's entries a mapping reads from are kept)
     skipped = tuple(f"{part}." for part in getattr(model, "unstored_parts", ()))
+    # one still in the module tree is in every checkpoint the model saves, and skipping it failed its own file's load
+    # with "missing 'teacher.bias' ... pass the method= it was trained with"
+    registered = [part[:-1] for part in skipped if any(k.startswith(part) for k in own)]
+    if registered:
+        raise CheckpointError(
+            f"{type(model).__name__} declares unstored_parts {registered}, but {registered[0]!r} is a registered "
+            "sub-module, so its checkpoints store it: keep it out of the module tree (object.__setattr__, as OAL's "
+            "teacher) or drop it from unstored_parts"
+        )
     # a model with a backbone (a method): keys differing outside it name the method, not the backbone's architecture
     has_backbone = isinstance(getattr(model, "backbone", None), nn.Module)
     for target, source in targets.items():
