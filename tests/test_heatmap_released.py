@@ -464,7 +464,8 @@ def test_ood_heatmap_draws_a_released_pairs_heatmaps(tmp_path: Path, released: d
                                                    (quantised / 255.0 - 0.5) / 0.5, *released["range"], 200)
     assert [p[0] for p in printed] == [str(tmp_path / "maps" / f"{i}_heatmap.png") for i in range(3)]
     assert [float(p[2]) for p in printed] == pytest.approx((-want_scores).tolist(), abs=6e-5)
-    assert [int(p[4]) for p in printed] == want_logits.argmax(1).tolist()
+    # CIFAR-10's classes by name (it printed their indices)
+    assert [p[4] for p in printed] == [heatmap_cli.CIFAR10_CLASSES[k] for k in want_logits.argmax(1).tolist()]
     assert float(want_scores.std()) > 1e-3
     assert Image.open(tmp_path / "maps" / "0_heatmap.png").size == (420, 185)
     # the classifier file without its decoder file, and a run folder with overrides: one line each
