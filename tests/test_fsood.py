@@ -321,6 +321,19 @@ def test_folder_fsood_without_csid_sets_is_refused_before_training(tmp_path: Pat
     assert datamodule.csid and [(s.name, s.role) for s in datamodule.eval_splits][-1] == ("blurred", "csid")
 
 
+def test_training_without_evaluation_needs_no_csid_sets(tmp_path: Path) -> None:
+    """`ood-train evaluate=false evaluation.fsood=true` (a sweep's shared flags) trains: nothing is evaluated, so no
+    csid set is asked for, listed or read."""
+    from ood.utils import instantiate
+
+    overrides = ["data=folder", *folder_overrides(tmp_path), "evaluation.fsood=true", "evaluate=false"]
+    datamodule = instantiate(compose_config(tmp_path / "run", overrides).data, seed=0)
+    datamodule.prepare_data()
+    assert not datamodule.csid
+    digits = OODDataModule(DigitsBenchmark(csid={}), csid=True, evaluate=False)
+    assert not digits.csid and all(s.role != "csid" for s in digits.eval_splits)
+
+
 def test_folder_csid_copy_of_id_test_gives_the_standard_numbers(tmp_path: Path) -> None:
     import ood
 

@@ -272,7 +272,8 @@ class OODDataModule(LightningDataModule):
     likewise); evaluation results do not depend on it, the training augmentation does (each worker draws its random
     crops from a stream of its own). `csid`: add the benchmark's
     covariate-shifted ID sets to the evaluation pass (after the OOD sets, role `csid`); full-spectrum evaluation
-    (`evaluation.fsood=true`) needs them, and the data configs set it from that key. `ood_subset`: `all`, or
+    (`evaluation.fsood=true`) needs them, and the data configs set it from that key. `evaluate`: the run evaluates
+    (`ood-train evaluate=false`: no, so `csid` asks for no set and reads none). `ood_subset`: `all`, or
     `first_fifth` (every test OOD set cut to its first len(ID test) // 5 samples before the evaluation pass, for every
     scorer alike: the heatmap paper's protocol). `drop_last`: the training loader leaves out the last partial ID
     batch of an epoch (false: keeps it; see the module docstring).
@@ -293,10 +294,12 @@ class OODDataModule(LightningDataModule):
         csid: bool = False,
         ood_subset: str = "all",
         drop_last: bool = True,
+        evaluate: bool = True,
     ) -> None:
         super().__init__()
         check_loader_options({"fit_fraction": fit_fraction, "batch_size": batch_size, "eval_batch_size": eval_batch_size,
                               "outlier_batch_size": outlier_batch_size, "num_workers": num_workers})
+        csid = csid and evaluate
         if csid and not benchmark.csid_names:
             raise ConfigError(
                 f"full-spectrum evaluation (evaluation.fsood=true) needs covariate-shifted ID sets, and benchmark "

@@ -1260,4 +1260,5 @@ def folder_datamodule(
         fit_seed=fit_seed,
         csid=csid,
         drop_last=drop_last,
+        evaluate=benchmark.get("evaluate", True),
     )
