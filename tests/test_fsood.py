@@ -7,7 +7,8 @@
   scores with ID = test + the three corrupted copies, and the csid accuracies equal the model's own predictions;
 - on the user's own folders (`data=folder`, `data.ood.csid`): a csid set that is a copy of the ID test folder gives
   the standard AUROC and FPR95, ID accuracy and twice the ID count; full-spectrum evaluation without csid sets is
-  refused before training; csid folders and lists get the ID test split's class checks;
+  refused before training, and training that does not evaluate (`evaluate=false`) asks for none; csid folders and
+  lists get the ID test split's class checks;
 - OpenOOD's ImageNet-1K csid lists: an optional one not on disk (ImageNet-ES) is skipped with one warning, and
   ImageNet-C, fed as stored, must be at the input size;
 - the configuration mistakes say what to do.
