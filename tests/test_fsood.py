@@ -28,6 +28,7 @@ from helpers import compose_config, folder_overrides, histogram_bars, make_image
 from PIL import Image
 from sklearn import metrics as skm
 
+from ood import CONFIG_DIR
 from ood.data import DigitsBenchmark, EvalSplit, OODDataModule
 from ood.errors import ConfigError, DataNotFoundError
 from ood.evaluation.scoring import Scorer, evaluate, group_means, rows_by_mode
@@ -333,6 +334,10 @@ def test_training_without_evaluation_needs_no_csid_sets(tmp_path: Path) -> None:
     assert not datamodule.csid
     digits = OODDataModule(DigitsBenchmark(csid={}), csid=True, evaluate=False)
     assert not digits.csid and all(s.role != "csid" for s in digits.eval_splits)
+    # every data config passes the switch (CIFAR-10-C was read by a CIFAR run that evaluates nothing)
+    for data in sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")):
+        cfg = compose_config(tmp_path / data, [f"data={data}", "evaluation.fsood=true", "evaluate=false"])
+        assert (cfg.data.csid, cfg.data.evaluate) == (True, False), data
 
 
 def test_folder_csid_copy_of_id_test_gives_the_standard_numbers(tmp_path: Path) -> None:
