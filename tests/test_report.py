@@ -11,7 +11,7 @@ import pytest
 from ood.report import main
 from ood.report.aggregation import aggregate
 from ood.report.reading import load_rows
-from ood.report.rendering import to_markdown
+from ood.report.rendering import FSOOD_NOTE, to_markdown
 
 
 def _row(seed: int, ood: str, group: str, auroc: float, **method_params: object) -> dict:
@@ -157,6 +157,12 @@ def test_modes_are_never_averaged_also_with_by(tmp_path: Path, capsys: pytest.Ca
     _write(tmp_path / "fsood_only", [{**_row(0, "s", "near", 0.5), "mode": "fsood"}])
     config_cols, _, table = aggregate(load_rows([tmp_path / "fsood_only"]))
     assert config_cols[-1] == "mode" and [e["mode"] for e in table] == ["fsood"]
+    # report.md says what the full-spectrum rows are (it did not: mode fsood and csid_acc were read from the README)
+    main([str(tmp_path / "0"), "--no-figures"])
+    assert FSOOD_NOTE in (tmp_path / "0" / "report.md").read_text()
+    _write(tmp_path / "standard_only", [_row(0, "s", "near", 0.5)])
+    main([str(tmp_path / "standard_only"), "--no-figures"])
+    assert FSOOD_NOTE not in (tmp_path / "standard_only" / "report.md").read_text()
 
 
 def test_a_broken_results_line_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

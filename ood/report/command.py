@@ -20,7 +20,15 @@ from ood.report.references import (
     reference_files,
     std_notes,
 )
-from ood.report.rendering import FEWER_SEEDS_NOTE, NOTE, fewer_seeds, to_latex, to_markdown, write_csv
+from ood.report.rendering import (
+    FEWER_SEEDS_NOTE,
+    FSOOD_NOTE,
+    NOTE,
+    fewer_seeds,
+    to_latex,
+    to_markdown,
+    write_csv,
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -98,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         left_out.append(f"no --reference file matches a run's (ID dataset, backbone); the runs are {ran}, the files' "
                         f"{named}")
     note = " ".join([NOTE, *std_notes(references, metric_cols, table),
-                     *([FEWER_SEEDS_NOTE] if fewer_seeds(metric_cols, table) else [])])
+                     *([FEWER_SEEDS_NOTE] if fewer_seeds(metric_cols, table) else []),
+                     *([FSOOD_NOTE] if any(e.get("mode") == "fsood" for e in table) else [])])
     markdown = to_markdown(config_cols, metric_cols, table) + f"\n{note}\n"
     epochs = evaluated_epochs(rows)
     if epochs:

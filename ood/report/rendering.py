@@ -19,6 +19,11 @@ NOTE = ("Metrics in %: mean ± std over seeds (sample std, n - 1; one seed: the 
         "(ID positive, as ODIN / Energy); fpr95_oodpos: ID rejected at 95 % of OOD caught (OpenOOD v1.5's).")
 
 
+#: what full-spectrum rows are, under the table whenever it has some
+FSOOD_NOTE = ("mode fsood: full-spectrum (OpenOOD v1.5's FSOOD), ID = ID test + the run's covariate-shifted ID (csid) "
+              "sets; csid_acc: the accuracy over ID test and the csid sets pooled.")
+
+
 #: what a cell's `(n=k)` says, under the table whenever a cell has one
 FEWER_SEEDS_NOTE = ("(n=k): over k of the row's seeds, those that scored every OOD set the cell averages (the others "
                     "are named below).")
