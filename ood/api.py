@@ -628,10 +628,14 @@ def evaluate(
             # any image is read; scored untrained, they gave numbers that say nothing (a random decoder)
             parts = untrained_parts(cfg.method)
             if parts:
+                # the configured method (`method=` in `overrides` leaves the keyword None); a file key its config
+                # lacks (method=heatmap's decoder_ckpt; a `???` one is there) is added with '+', else Hydra refuses it
+                name, held = cfg.hydra.runtime.choices.method, list(cfg.method)
                 files = getattr(get_class(cfg.method._target_), "part_files", {})
-                keys = "".join(f", or give its file: overrides=['method.{files[p]}=<file>']" for p in parts if p in files)
-                raise ConfigError(f"method={method!r} scores with parts trained with the network ({', '.join(parts)}), "
-                                  f"which ood.evaluate neither trains nor loads: train it (ood-train method={method}) "
+                keys = "".join(f", or give its file: overrides=['{'' if files[p] in held else '+'}method.{files[p]}="
+                               "<file>']" for p in parts if p in files)
+                raise ConfigError(f"method={name!r} scores with parts trained with the network ({', '.join(parts)}), "
+                                  f"which ood.evaluate neither trains nor loads: train it (ood-train method={name}) "
                                   f"and evaluate its run (ood-eval ckpt_path=<run>){keys}")
             with open_dict(cfg):
                 cfg.hydra.runtime.output_dir = str(out)

@@ -26,7 +26,7 @@ import ood
 from ood.api import torchvision_name
 from ood.data.hygiene import BadImageError
 from ood.detectors import build_detector
-from ood.errors import ConfigError, NonFiniteError
+from ood.errors import CheckpointError, ConfigError, NonFiniteError
 
 NORMALIZE = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -414,7 +414,7 @@ def test_a_method_whose_score_needs_its_training_is_refused(trained, tmp_path: P
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     run = dict(detectors="none", image_size=32, resize=32, device="cpu", output_dir=tmp_path / "run")
     # the command line's rule (the configured parts no file fills), whose file key is named (it was not)
-    file = r", or give its file: overrides=\['method.decoder_ckpt=<file>'\]"
+    file = r", or give its file: overrides=\['\+method.decoder_ckpt=<file>'\]"
     for method, parts, files in (("heatmap", "decoder", file), ("energy_cfl", "centres, head", "")):
         with pytest.raises(ConfigError, match=rf"^method='{method}' scores with parts trained with the network \({parts}\), "
                                               rf"which ood.evaluate neither trains nor loads: train it \(ood-train "
@@ -423,6 +423,26 @@ def test_a_method_whose_score_needs_its_training_is_refused(trained, tmp_path: P
         assert not (tmp_path / "run" / "results.jsonl").exists()
     rows = ood.evaluate(net, paths["id"], [paths["far"]], method="cluster", **run).rows
     assert [(r["detector"], r["ood_dataset"]) for r in rows] == [("cluster", "checkers")]
+
+
+def test_the_refusal_of_untrained_parts_names_the_configured_method_and_an_override_that_is_taken(
+        tmp_path: Path) -> None:
+    """A method given in `overrides` (the `method` keyword left None) was refused as `method=None` ('ood-train
+    method=None'), and the file key it offered, `overrides=['method.decoder_ckpt=<file>']`, was refused in turn as an
+    unknown config key: method=heatmap's config has no decoder_ckpt. The refusal names the configured method and the
+    override as it is taken (the next call, given it, reads the file)."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    run = dict(detectors="none", image_size=32, resize=32, device="cpu", output_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"^method='heatmap' scores with parts trained with the network \(decoder\), "
+                                          r"which ood.evaluate neither trains nor loads: train it \(ood-train "
+                                          r"method=heatmap\) and evaluate its run \(ood-eval ckpt_path=<run>\), or give "
+                                          r"its file: overrides=\['\+method.decoder_ckpt=<file>'\]$"):
+        ood.evaluate(net, paths["id"], [paths["far"]], overrides=["method=heatmap"], **run)
+    decoder = tmp_path / "decoder.pt"
+    with pytest.raises(CheckpointError, match=rf"^checkpoint not found: {re.escape(str(decoder))}$"):
+        ood.evaluate(net, paths["id"], [paths["far"]], method="heatmap", overrides=[f"+method.decoder_ckpt={decoder}"],
+                     **run)
 
 
 def test_a_corrupt_image_read_by_a_worker_is_one_line(tmp_path: Path) -> None:
