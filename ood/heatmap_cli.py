@@ -98,7 +98,10 @@ def class_names(data: DictConfig) -> list[str] | None:
         if data.get("classes"):
             return [str(c) for c in data.classes]
         train = data.get("train")
-        train = train.get("folder") if isinstance(train, DictConfig) else train
+        if isinstance(train, DictConfig):  # `{folder: ...}`, or an image list: its labels are indices, unnamed
+            train = train.get("folder")
+            if train is None:
+                return None
         if train is None and data.get("root"):
             train = Path(data.root) / "train"
         return (class_folders(Path(train)) or None) if train is not None and Path(train).is_dir() else None

@@ -106,7 +106,7 @@ def test_a_run_folder_opens_the_checkpoint_its_evaluation_read(tmp_path: Path) -
 def test_the_class_is_printed_by_name_where_the_data_config_gives_it(tmp_path: Path) -> None:
     """It printed `class 2` (an index): now the name by label of data=folder's `data.classes`, else of its train
     class folders (sorted, hidden ones left out), and of CIFAR-10; the index where none is known (digits, a folder
-    gone since training, an index past the names)."""
+    gone since training, a train image list beside a root's train/ folder, an index past the names)."""
     from omegaconf import OmegaConf
 
     for name in ("dog", "cat", ".ipynb_checkpoints"):
@@ -117,6 +117,8 @@ def test_the_class_is_printed_by_name_where_the_data_config_gives_it(tmp_path: P
         ({**folder, "classes": ["dog", "cat"]}, ["dog", "cat"]),
         ({**folder, "root": None, "train": {"folder": str(tmp_path / "train")}}, ["cat", "dog"]),
         ({**folder, "root": str(tmp_path / "gone")}, None),
+        # an image list's labels are class indices, whatever class folders its root beside it holds
+        ({**folder, "train": {"imglist": str(tmp_path / "train.txt")}}, None),
         ({"benchmark": {"_target_": "ood.data.CIFAR10Benchmark"}}, list(heatmap_cli.CIFAR10_CLASSES)),
         ({"benchmark": {"_target_": "ood.data.DigitsBenchmark"}}, None),
     ]
