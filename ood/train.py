@@ -234,6 +234,9 @@ def _run(cfg: DictConfig, output_dir: Path, attempt: Started) -> list[dict[str, 
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir) / "train" / "runs", own_only,
                                   _sweep_dir() if cfg.train else None, "last" if cfg.train else weights)
     check_run(cfg, ckpt_path, given)
+    if cfg.evaluate and cfg.data.get("evaluate") is False:  # set in evaluate's place: it evaluated without OOD sets
+        raise ConfigError("data.evaluate=false is the data config's copy of evaluate, which is true: this run would "
+                          "evaluate without OOD sets; give evaluate=false (data.evaluate follows it), or data.evaluate=true")
     stop_if_terminated()  # also one that came while Hydra started: the run folder is there for FAILED.txt
     # an evaluated checkpoint's rows name the seed that trained it (its stored config), not the evaluation's, and its
     # paths made absolute by `ood-eval` started elsewhere are the same files as the training's relative ones

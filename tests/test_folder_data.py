@@ -716,6 +716,19 @@ def test_training_without_ood_sets_with_evaluate_false_then_evaluating_with_them
     assert (run / "results.jsonl").read_text() == "row\n"
 
 
+def test_data_evaluate_false_in_a_run_that_evaluates_is_refused_naming_evaluate(folders: dict[str, Path],
+                                                                                 tmp_path: Path) -> None:
+    """`data.evaluate=false` (the data config's copy of `evaluate`, set in its place) trained, then evaluated without
+    OOD sets: an empty results.jsonl and 'no detector is configured'. Refused before the run, naming `evaluate=false`."""
+    given = ["data=folder", f"data.root={folders['id']}", "data.image_size=32", "data.resize=32", "data.evaluate=false",
+             "data.batch_size=4", "trainer.max_epochs=1"]
+    with pytest.raises(ConfigError, match=r"^data.evaluate=false is the data config's copy of evaluate, which is "
+                                          r"true: this run would evaluate without OOD sets; give evaluate=false "
+                                          r"\(data.evaluate follows it\), or data.evaluate=true$"):
+        run_config(tmp_path / "run", given)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_network_detector_that_cannot_read_the_model_is_skipped(folders: dict[str, Path], tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """rankfeat needs a staged backbone; on a plain `nn.Sequential` it is skipped and the run finishes (it used to
