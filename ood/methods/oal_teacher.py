@@ -123,8 +123,9 @@ def teacher_file(cfg: Mapping[str, Any], data: FitData, cache_dir: Path) -> tupl
 
 def features_cache(path: Path, data: FitData, cache_dir: Path) -> Path:
     """The cache file of the teacher's ID-train features: keyed by the teacher file's SHA-256 and by what the pass
-    reads (the train set's length, its first and last images as preprocessed: size, normalisation, the list it came
-    from), so that another `data.benchmark.image_size` or `mean` / `std` does not read features of other inputs."""
+    reads (the train set's length and normalisation, its first and last images as preprocessed: their size and
+    pixels; not the other images), so that another `data.benchmark.image_size` or `mean` / `std` does not read
+    features of other inputs."""
     train = data.datasets["train"]
     # the normalisation too: an in-memory benchmark's items are its stored pixels, normalised on the device
     digest = hashlib.sha256(f"{file_sha256(path)} {len(train)} {data.input_mean} {data.input_std}".encode())
