@@ -66,6 +66,8 @@ TRAINING_OPTIONS = {
     "drop_last": "its pass scores every image, the last partial batch too",
     "outlier_batch_size": _OUTLIERS,
     "outliers": _OUTLIERS,
+    # data=folder's copy of ood-train's `evaluate` (OOD sets needed): an evaluation has them
+    "evaluate": "it evaluates the OOD sets of ood_data, always (ood-train evaluate=false trains without them)",
 }
 
 

@@ -768,6 +768,8 @@ OUTLIERS = "it reads no outlier-exposure set; the OOD sets it scores are ood_dat
     ({"outliers": "data/outliers"}, OUTLIERS),
     ({"augment_outliers": False}, OUTLIERS),
     ({"outlier_batch_size": 16}, OUTLIERS),
+    # data=folder's copy of ood-train's switch: taken since it is a key of folder.yaml, and ignored (it was unknown)
+    ({"evaluate": False}, "it evaluates the OOD sets of ood_data, always (ood-train evaluate=false trains without them)"),
 ])
 def test_a_training_option_is_refused_naming_what_the_evaluation_does(tmp_path: Path, keyword: dict, instead: str) -> None:
     """`ood.evaluate(..., drop_last=False)` (and the other training options of the folder data: augmentation,
@@ -785,6 +787,8 @@ def test_a_training_option_is_refused_naming_what_the_evaluation_does(tmp_path: 
     ("data.drop_last=false", "data.drop_last is a training option; ood.evaluate never trains: its pass scores every "
                              "image, the last partial batch too"),
     ("+data.outliers=elsewhere", "data.outliers is a training option; ood.evaluate never trains: " + OUTLIERS),
+    ("data.evaluate=false", "data.evaluate is a training option; ood.evaluate never trains: it evaluates the OOD sets "
+                            "of ood_data, always (ood-train evaluate=false trains without them)"),
     ("data.root=elsewhere", "a folder-data key this call sets from id_data=<folder>: give it there"),
     ("data.ood.far.x=elsewhere", "a folder-data key this call sets from ood_data=: give it there"),
 ])
