@@ -716,6 +716,14 @@ def test_training_without_ood_sets_with_evaluate_false_then_evaluating_with_them
     assert (run / "results.jsonl").read_text() == "row\n"
 
 
+def test_no_ood_sets_in_python_names_ood_data_alone() -> None:
+    """`ood.evaluate(model, id_data, {})` was told of the command line ('+data.ood.far=...', 'or ood-train
+    evaluate=false to train without them'): an evaluation needs the sets, named by its keyword."""
+    with pytest.raises(ConfigError, match=r"^ood.evaluate needs OOD sets: ood_data=\{name: folder\} \(or a folder, a "
+                                          r"list of them, \{near: \.\.\., far: \.\.\.\}\)$"):
+        ood_mapping({}, python_api=True)
+
+
 def test_data_evaluate_false_in_a_run_that_evaluates_is_refused_naming_evaluate(folders: dict[str, Path],
                                                                                  tmp_path: Path) -> None:
     """`data.evaluate=false` (the data config's copy of `evaluate`, set in its place) trained, then evaluated without

@@ -1040,6 +1040,9 @@ def ood_mapping(ood: Any, python_api: bool = False, required: bool = True) -> di
     if ood is None or (isinstance(ood, Mapping) and not ood):
         if not required:
             return {"near": {}, "far": {}, "val": None, "csid": {}}
+        if python_api:  # an evaluation: the sets are needed, the command line's options are not its
+            raise ConfigError("ood.evaluate needs OOD sets: ood_data={name: folder} (or a folder, a list of them, "
+                              "{near: ..., far: ...})")
         raise ConfigError("data=folder needs OOD sets: '+data.ood.far={name: folder}' (Python: ood_data=...), or "
                           "ood-train evaluate=false to train without them")
 
