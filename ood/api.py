@@ -560,13 +560,12 @@ def evaluate(
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import get_class
     from omegaconf import OmegaConf, open_dict
 
     from ood import CONFIG_DIR
     from ood.data.benchmark import check_loader_options
     from ood.models.adapters import as_backbone, check_classes
-    from ood.runs.checks import check_overrides, untrained_parts
+    from ood.runs.checks import check_overrides, part_file_overrides, untrained_parts
     from ood.runs.console import quiet_warnings
     from ood.runs.failures import clear_failure, ctrl_c_raised, folder_state, record_failure
     from ood.train import build
@@ -632,10 +631,8 @@ def evaluate(
             if parts:
                 # the configured method (`method=` in `overrides` leaves the keyword None); a file key its config
                 # lacks (method=heatmap's decoder_ckpt; a `???` one is there) is added with '+', else Hydra refuses it
-                name, held = cfg.hydra.runtime.choices.method, list(cfg.method)
-                files = getattr(get_class(cfg.method._target_), "part_files", {})
-                keys = "".join(f", or give its file: overrides=['{'' if files[p] in held else '+'}method.{files[p]}="
-                               "<file>']" for p in parts if p in files)
+                name = cfg.hydra.runtime.choices.method
+                keys = "".join(f", or give its file: overrides=['{o}']" for o in part_file_overrides(cfg.method, parts))
                 raise ConfigError(f"method={name!r} scores with parts trained with the network ({', '.join(parts)}), "
                                   f"which ood.evaluate neither trains nor loads: train it (ood-train method={name}) "
                                   f"and evaluate its run (ood-eval ckpt_path=<run>){keys}")

@@ -90,11 +90,21 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
 
         parts = untrained_parts(cfg.method)
         if parts:
-            cls = get_class(cfg.method._target_)
-            files = [f" or give method.{cls.part_files[p]}=<file>" for p in parts if p in getattr(cls, "part_files", {})]
-            raise ConfigError(f"method {cls.name!r} scores with parts trained with the network ({', '.join(parts)}), "
-                              "which backbone.weights does not hold: evaluate a checkpoint of its training run "
-                              f"(ckpt_path=<run folder>){''.join(files)}")
+            files = "".join(f" or give {o}" for o in part_file_overrides(cfg.method, parts))
+            raise ConfigError(f"method {get_class(cfg.method._target_).name!r} scores with parts trained with the "
+                              f"network ({', '.join(parts)}), which backbone.weights does not hold: evaluate a "
+                              f"checkpoint of its training run (ckpt_path=<run folder>){files}")
+
+
+def part_file_overrides(method: DictConfig, parts: Sequence[str]) -> list[str]:
+    """The overrides that give the files of `parts` (`part_files`), as Hydra takes them: `+method.<key>=<file>` where
+    the method's config lacks the key (method=heatmap's decoder_ckpt), `method.<key>=<file>` where it holds it (a
+    `???`, as experiment=heatmap_released's)."""
+    from hydra.utils import get_class
+
+    files = getattr(get_class(method._target_), "part_files", {})
+    held = list(method)  # its keys, a `???` one too (`in` leaves those out)
+    return [f"{'' if files[p] in held else '+'}method.{files[p]}=<file>" for p in parts if p in files]
 
 
 def untrained_parts(method: DictConfig) -> list[str]:
