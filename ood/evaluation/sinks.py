@@ -245,7 +245,8 @@ class RunTable:
         if not context.is_global_zero:
             return
         if not result.rows:
-            log.warning("no scores to report: the method has no score of its own and no detector is configured")
+            log.warning("no scores to report: no OOD set was scored, or the method has no score of its own and no "
+                        "detector is configured")
             return
         from rich.console import Console
         from rich.table import Table
