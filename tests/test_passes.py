@@ -154,12 +154,13 @@ def test_a_distributed_pass_is_never_held_twice(tmp_path: Path) -> None:
     """Peak memory of a 2-rank pass over 40 000 rows x 1024 floats, from its first batch to the result on both ranks:
     about the result (rank 0 writes its rows into place and the other rank's as they come, then sends them in
     messages; rank 1 sends its shard, then fills its result message by message). Before, every rank received every
-    shard, concatenated them and copied the deduplicated rows (torchmetrics' sync): about 3x."""
+    shard, concatenated them and copied the deduplicated rows (torchmetrics' sync): about 3x; and while each message
+    came into a buffer of its own, rank 1 peaked at 1.12x-1.33x by the load on the machine (now 1.03x)."""
     start_ranks(_memory_rank, (_free_port(), str(tmp_path)))
     result_mb = ROWS * WIDTH * 4 / 2**20
     for rank in range(2):
         peak = float((tmp_path / f"{rank}.json").read_text())
-        assert 0.9 * result_mb < peak < 1.3 * result_mb, (rank, peak, result_mb)
+        assert 0.9 * result_mb < peak < 1.15 * result_mb, (rank, peak, result_mb)
 
 
 def test_a_rank_frees_its_sent_rows_where_the_process_cannot_be_opened_as_a_library(monkeypatch: pytest.MonkeyPatch) -> None:
