@@ -10,7 +10,7 @@ data=cifar10 method.decoder_ckpt=<checkpoints/<run>/model.pt>` (docs/methods/hea
 folder of .png/.jpg/.jpeg/.bmp) writes `<out>/<stem>_heatmap.png` (input | heatmap max_c |M| | overlay, the layout of
 the run's `heatmaps/<split>.png`; `<name>_heatmap.png` when images share a stem, `a.png` and `a.jpg`) and prints its ID score (-mean max_c |M|, in [-1, 0]; near 0 = in-distribution)
 and predicted class (its name where the run's data config gives it: data=folder's `data.classes` or train class
-folders, CIFAR-10; else its index). Images are converted to the classifier's channels and resized to its input size, and go
+folders, CIFAR-10 and CIFAR-100; else its index, with a note saying so). Images are converted to the classifier's channels and resized to its input size, and go
 through in batches of 64, or of the evaluation's `data.eval_batch_size` under `method.feature_norm=as_released`
 (which scales only row 0 of a batch: 200, the released test batch, under `experiment=heatmap_released`), so the
 scores are the evaluation's. `out` defaults to `heatmaps/` in the current folder; `-h` / `--help` prints this text.
@@ -45,6 +45,25 @@ CKPT_PATH = "ckpt_path=<run folder or checkpoint>"
 SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 #: CIFAR-10's class names by label (torchvision's and OpenOOD's order)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+#: CIFAR-100's fine class names by label (the dataset's `meta` file, torchvision's `CIFAR100.classes`: sorted)
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl", "boy",
+    "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee", "clock",
+    "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest",
+    "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion", "lizard",
+    "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange", "orchid",
+    "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy", "porcupine", "possum",
+    "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper",
+    "snail", "snake", "spider", "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone",
+    "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf",
+    "woman", "worm",
+)
+#: the built-in benchmarks whose class names are known: benchmark class -> (names, torchvision's dataset class,
+#: whose `meta` file under `<data_dir>/torchvision/<set>/` names them when the data is there)
+BENCHMARK_CLASSES = {"CIFAR10Benchmark": (CIFAR10_CLASSES, "CIFAR10"), "CIFAR100Benchmark": (CIFAR100_CLASSES, "CIFAR100")}
+#: what `main` adds when it prints classes as label indices
+INDEX_NOTE = ("classes are printed as label indices: the run's data config names none (a train image list, "
+              "class folders gone since training, or digits)")
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -93,7 +112,8 @@ def load_method(ckpt_path: str | Path,
 
 def class_names(data: DictConfig) -> list[str] | None:
     """The class names by label that the data config `data` gives without reading its images: data=folder's
-    `data.classes`, else its train class folders when still there; CIFAR-10's; else None (classes print as indices)."""
+    `data.classes`, else its train class folders when still there; CIFAR-10's and CIFAR-100's (`benchmark_classes`);
+    else None (classes print as indices: `INDEX_NOTE`)."""
     if str(data.get("_target_", "")).endswith("folder_datamodule"):
         if data.get("classes"):
             return [str(c) for c in data.classes]
@@ -105,7 +125,30 @@ def class_names(data: DictConfig) -> list[str] | None:
         if train is None and data.get("root"):
             train = Path(data.root) / "train"
         return (class_folders(Path(train)) or None) if train is not None and Path(train).is_dir() else None
-    return list(CIFAR10_CLASSES) if str(OmegaConf.select(data, "benchmark._target_")).endswith(".CIFAR10Benchmark") else None
+    benchmark = data.get("benchmark")
+    return benchmark_classes(benchmark) if isinstance(benchmark, DictConfig) else None
+
+
+def benchmark_classes(benchmark: DictConfig) -> list[str] | None:
+    """The class names by label of a built-in benchmark (`BENCHMARK_CLASSES`, CIFAR-10's and CIFAR-100's): those of
+    the torchvision copy's `meta` file under its `data_dir` when there, else the built-in ones; None for the others."""
+    import pickle
+
+    from torchvision import datasets
+
+    known = BENCHMARK_CLASSES.get(str(benchmark.get("_target_", "")).rpartition(".")[2])
+    if known is None:
+        return None
+    names, dataset = known
+    data_dir = OmegaConf.select(benchmark, "data_dir", default=None, throw_on_resolution_failure=False)
+    tv = getattr(datasets, dataset)
+    if data_dir is not None and (meta := Path(str(data_dir)) / "torchvision" / dataset.lower() / tv.base_folder
+                                 / tv.meta["filename"]).is_file():
+        with meta.open("rb") as file:  # as torchvision reads it
+            found = pickle.load(file, encoding="latin1").get(tv.meta["key"])
+        if isinstance(found, list) and len(found) == len(names):
+            return [str(n) for n in found]
+    return list(names)
 
 
 def class_label(pred: int, classes: list[str] | None) -> str:
@@ -252,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     for png, score, pred in results:
         print(f"{png}  score {score:.4f}  class {class_label(pred, classes)}")
+    if classes is None:
+        print(f"note: {INDEX_NOTE}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -127,3 +127,44 @@ def test_the_class_is_printed_by_name_where_the_data_config_gives_it(tmp_path: P
     assert heatmap_cli.CIFAR10_CLASSES[3] == "cat"
     assert [heatmap_cli.class_label(k, ["cat", "dog"]) for k in (1, 2)] == ["dog", "2"]
     assert heatmap_cli.class_label(2, None) == "2"
+
+
+def test_cifar100_classes_are_printed_by_name_the_data_s_meta_file_first(tmp_path: Path) -> None:
+    """CIFAR-100's predictions printed as indices (only CIFAR-10's names were built in): now by its fine label names
+    (torchvision's `CIFAR100.classes`, sorted), or those of the torchvision copy's `meta` file when it is there."""
+    import pickle
+
+    from omegaconf import OmegaConf
+
+    names = heatmap_cli.CIFAR100_CLASSES
+    assert len(set(names)) == 100 and list(names) == sorted(names)
+    assert (names[0], names[1], names[4], names[30], names[55], names[99]) == (
+        "apple", "aquarium_fish", "beaver", "dolphin", "otter", "worm")
+    cifar100 = {"benchmark": {"_target_": "ood.data.CIFAR100Benchmark", "data_dir": str(tmp_path)}}
+    assert heatmap_cli.class_names(OmegaConf.create(cifar100)) == list(names)
+    meta = tmp_path / "torchvision" / "cifar100" / "cifar-100-python" / "meta"
+    meta.parent.mkdir(parents=True)
+    meta.write_bytes(pickle.dumps({"fine_label_names": [f"mine{k}" for k in range(100)], "coarse_label_names": []}))
+    assert heatmap_cli.class_names(OmegaConf.create(cifar100))[:2] == ["mine0", "mine1"]
+    # the whole run config: `data_dir` an interpolation of `paths.data_dir`
+    run = OmegaConf.create({"paths": {"data_dir": str(tmp_path)},
+                            "data": {"benchmark": {**cifar100["benchmark"], "data_dir": "${paths.data_dir}"}}})
+    assert heatmap_cli.class_names(run.data)[99] == "mine99"
+    meta.write_bytes(pickle.dumps({"fine_label_names": ["a", "b"]}))  # not CIFAR-100's count: the built-in names
+    assert heatmap_cli.class_names(OmegaConf.create(cifar100)) == list(names)
+
+
+def test_classes_printed_as_indices_are_said_to_be(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A train image list names no classes: its predictions printed `class 3` with nothing saying 3 is a label index,
+    not a class called "3"; one note on stderr says so, and none is added where the classes have names."""
+    results = [(Path("maps/a_heatmap.png"), -0.25, 3)]
+    monkeypatch.setattr(heatmap_cli, "write_heatmaps", lambda *args: results)
+    monkeypatch.setattr(heatmap_cli, "image_files", lambda path: [Path(path)])
+    for classes, line, err in ((None, "class 3", f"note: {heatmap_cli.INDEX_NOTE}\n"),
+                               (["a", "b", "c", "d"], "class d", "")):
+        monkeypatch.setattr(heatmap_cli, "load_method", lambda *args, names=classes: (None, 64, names))
+        heatmap_cli.main(["ckpt_path=run", "image=a.png"])
+        out = capsys.readouterr()
+        assert (out.out, out.err) == (f"{Path('maps/a_heatmap.png')}  score -0.2500  {line}\n", err)
+    assert heatmap_cli.INDEX_NOTE.startswith("classes are printed as label indices: the run's data config names none")
