@@ -48,7 +48,8 @@ ranks may have exited), so those threads have ended before the interpreter's exi
 Logs: a spawned rank is a fresh interpreter without the handlers Hydra gave the main process's root logger, so its
 warnings and errors reached the console (Python's last-resort handler) but not the run's `train.log`. Each spawned
 rank now recreates the main process's root handlers that write to a file or to stdout / stderr, same level and
-format; the records of a rank other than 0 start with `[rank N]`. (`ood.utils.get_logger` loggers stay quiet off
+format, and the `ood` logger's (the console `ood.evaluate` adds: without it a rank's INFO lines were lost and its
+warnings printed by Python's last-resort handler); the records of a rank other than 0 start with `[rank N]`. (`ood.utils.get_logger` loggers stay quiet off
 rank 0, so rank 0's lines are not repeated.) It also takes the main process's logger levels and warning filters, in
 their order (`_Quiet`): without them each rank printed Lightning's start-up chatter and its `LeafSpec` warning, which the
 main process keeps off the console. A rank that runs the command line itself (Lightning's subprocess
@@ -141,24 +142,32 @@ def _sigint_once() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class _LogTarget:
-    """Where one of the main process's root log handlers writes (a file `path`, or the `stream` "stdout" / "stderr"),
-    from which level and in which format: what a spawned rank needs to recreate it."""
+    """Where one of the main process's log handlers writes (a file `path`, or the `stream` "stdout" / "stderr"), on
+    which logger (`logger`: "" the root), from which level and in which format: what a spawned rank needs to
+    recreate it."""
 
+    logger: str
     path: str | None
     stream: str | None
     level: int
     formatter: logging.Formatter | None
 
 
-def _root_log_targets() -> list[_LogTarget]:
-    """The root logger's handlers that write to a file or to stdout / stderr (Hydra's `train.log` and console)."""
+#: the loggers whose handlers a spawned rank recreates: the root's (Hydra's `train.log` and console) and `ood`'s
+#: (the console `ood.evaluate` adds when its caller set up no logging: `ood.api._console_logs`)
+LOG_TARGET_LOGGERS = ("", "ood")
+
+
+def _log_targets() -> list[_LogTarget]:
+    """The handlers of `LOG_TARGET_LOGGERS` that write to a file or to stdout / stderr."""
     targets = []
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            targets.append(_LogTarget(handler.baseFilename, None, handler.level, handler.formatter))
-        elif isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr):
-            stream = "stdout" if handler.stream is sys.stdout else "stderr"
-            targets.append(_LogTarget(None, stream, handler.level, handler.formatter))
+    for name in LOG_TARGET_LOGGERS:
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.FileHandler):
+                targets.append(_LogTarget(name, handler.baseFilename, None, handler.level, handler.formatter))
+            elif isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stdout, sys.stderr):
+                stream = "stdout" if handler.stream is sys.stdout else "stderr"
+                targets.append(_LogTarget(name, None, stream, handler.level, handler.formatter))
     return targets
 
 
@@ -174,9 +183,9 @@ class _RankFormatter(logging.Formatter):
 
 
 def _log_to(targets: list[_LogTarget], level: int, rank: int) -> None:
-    """Give this process's root logger `level` and a handler per target (files appended to), prefixed off rank 0."""
-    root = logging.getLogger()
-    root.setLevel(level)
+    """Give this process's root logger `level` and a handler per target on its logger (files appended to), prefixed
+    off rank 0."""
+    logging.getLogger().setLevel(level)
     for target in targets:
         if target.path:
             handler: logging.Handler = logging.FileHandler(target.path)
@@ -184,7 +193,7 @@ def _log_to(targets: list[_LogTarget], level: int, rank: int) -> None:
             handler = logging.StreamHandler(sys.stdout if target.stream == "stdout" else sys.stderr)
         handler.setLevel(target.level)
         handler.setFormatter(target.formatter if rank == 0 else _RankFormatter(target.formatter, rank))
-        root.addHandler(handler)
+        logging.getLogger(target.logger).addHandler(handler)
 
 
 #: a warning filter as `warnings.filters` holds it: action, message and module patterns, category, line
@@ -332,7 +341,8 @@ class _SpawnLauncher(_MultiProcessingLauncher):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # the main process's root handlers and level as the last launch began (pickled with the launcher to the ranks)
+        # the main process's root and `ood` handlers and the root level as the last launch began (pickled with the
+        # launcher to the ranks)
         self.log_targets: list[_LogTarget] = []
         self.log_level = logging.WARNING
         self.quiet = _Quiet({}, [])
@@ -342,7 +352,7 @@ class _SpawnLauncher(_MultiProcessingLauncher):
     def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
         if sigterm_received():  # SIGTERM came during an earlier stage that still finished: start no other
             raise SIGTERMException
-        self.log_targets, self.log_level = _root_log_targets(), logging.getLogger().level
+        self.log_targets, self.log_level = _log_targets(), logging.getLogger().level
         self.quiet = _quiet_settings()
         if self._start_method == "forkserver":  # the first launch starts the server with these imports done
             _check_missing_main_guard()  # a rank re-running a script without `if __name__ == "__main__":` says so

@@ -307,6 +307,37 @@ def test_the_calls_console_keeps_the_callers_own_ood_logging(capsys: pytest.Capt
     assert ours.handlers == [] and ours.level == logging.NOTSET
 
 
+def test_spawned_ranks_log_the_ood_lines_the_calls_console_shows(capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `trainer=ddp_cpu` a spawned rank recreated the main process's root handlers alone, not the console
+    `ood.evaluate` puts on the `ood` logger: rank 0's INFO lines (`id: preprocessing {...}`, which `trainer=cpu`
+    shows) were lost and its warnings printed by Python's last-resort handler. A rank now gets that handler too: each
+    line once, as on one process; another rank's marked `[rank N]` (`ood.utils.get_logger` keeps those quiet)."""
+    import logging
+
+    from ood import strategies
+    from ood.api import _console_logs
+
+    monkeypatch.setattr(logging.root, "handlers", [])  # a program without logging (pytest's capture handlers off)
+    monkeypatch.setattr(logging.root, "level", logging.WARNING)
+    ours, line = logging.getLogger("ood"), logging.getLogger("ood.data.folder")
+    with _console_logs():
+        targets, level = strategies._log_targets(), ours.level
+    assert [(t.logger, t.stream) for t in targets] == [("ood", "stderr")] and ours.handlers == []
+    try:
+        for rank in (0, 1):  # what `_SpawnLauncher._wrapping_function` gives a rank, then its lines
+            strategies._log_to(targets, logging.WARNING, rank)
+            ours.setLevel(level)  # `_quiet_like`: the main process's logger levels
+            line.info("id: preprocessing")
+            line.warning("a warning")
+            ours.handlers.clear()
+    finally:
+        ours.handlers.clear()
+        ours.setLevel(logging.NOTSET)
+    assert capsys.readouterr().err == ("id: preprocessing\na warning\n"
+                                       "[rank 1] id: preprocessing\n[rank 1] a warning\n")
+
+
 def test_one_unknown_detector_name_is_named_with_the_detectors(trained, tmp_path: Path) -> None:
     """`detectors="msp"` evaluates msp alone, and a misspelt `detectors="mps"` was "unknown detector selection 'mps'
     (did you mean 'msp'?); choices: ['full', 'all', 'cached'] or a list of names": the choices left out the name it
