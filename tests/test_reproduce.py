@@ -366,3 +366,18 @@ def test_cluster_contrastive_stage_has_the_recipe_epochs(tmp_path: Path, objecti
     contrastive = cfg.trainer.max_epochs - cfg.method.probe_epochs
     assert contrastive == 700
     assert cfg.method.scheduler.T_max == contrastive
+
+
+#: zjysteven/OpenOOD leaderboard 28d3a40 results/cifar10.csv, cifar100.csv, row "OAL,EBO,...,ResNet18,100 epochs; 224x224":
+#: its ID_Accuracy (the 224 px student the OAL numbers are of), transcribed apart from conf/reference
+OAL_ID_ACC = {"cifar10": [94.71, 0.18], "cifar100": [76.89, 0.20]}
+
+
+@pytest.mark.parametrize("file", ["oal/{}_resnet18_32x32.yaml", "{}_resnet18.yaml"])
+@pytest.mark.parametrize("id_dataset", list(OAL_ID_ACC))
+def test_oal_references_give_the_leaderboard_students_id_accuracy(file: str, id_dataset: str) -> None:
+    """reproduce-oal's report had no `ref:id_acc` beside the oal rows (the oal files gave none) and the 224 px files
+    gave the mean without the leaderboard's ± : the 32 px student's accuracy gap is the first thing to read."""
+    from ood.report.references import REFERENCE_DIR, load_reference
+
+    assert load_reference(REFERENCE_DIR / file.format(id_dataset))["id_acc"] == OAL_ID_ACC[id_dataset]
