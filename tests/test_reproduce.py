@@ -87,6 +87,19 @@ def test_dry_run_prints_every_stage(target: str) -> None:
         assert f"conf/reference/{target}" in lines[-1]
 
 
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_resume_continues_every_training_job_and_leaves_the_evaluations_alone(target: str) -> None:
+    """A target re-run into the same R= trained every job anew, silently over the old ones; `ARGS=ckpt_path=last`
+    would also replace the `ckpt_path=` of reproduce-cluster's and reproduce-grood's ood-eval stages. RESUME=1 adds
+    `ckpt_path=last` to the ood-train commands alone (each job resumes its own last.ckpt, a finished one is only
+    evaluated again)."""
+    for resume in ("", "1"):
+        for words in map(shlex.split, make_dry(target, {"VENV": ".venv", "RESUME": resume, "ARGS": "x=1"})):
+            train = words[0].endswith("/ood-train")
+            assert ("ckpt_path=last" in words) == (train and resume == "1"), (resume, words[:3])
+            assert not train or words[-1] == "x=1"  # before ARGS: a ckpt_path= of the user's still wins
+
+
 def _run(words: list[str]) -> None:
     """One printed command, in this process."""
     program = Path(words[0]).name
