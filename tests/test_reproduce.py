@@ -58,8 +58,9 @@ SMALL = {
 }
 
 
-def make_dry(target: str, variables: dict[str, str]) -> list[str]:
-    """The command lines `make -n reproduce-<target>` prints (no install step: `-o install`)."""
+def make_dry(target: str, variables: dict[str, str], labels: bool = False) -> list[str]:
+    """The command lines `make -n reproduce-<target>` prints (no install step: `-o install`); with `labels`, also the
+    `# <stage>/<stages> ...` line it prints before each."""
     # under `make test` the parent make's variables would turn this into a sub-make with directory banners
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
     venv = variables.get("VENV", ".venv")
@@ -68,7 +69,7 @@ def make_dry(target: str, variables: dict[str, str]) -> list[str]:
          *(f"{k}={v}" for k, v in variables.items())],
         cwd=PROJECT_ROOT, capture_output=True, text=True, check=True, env=env,
     ).stdout
-    return [line for line in out.splitlines() if line.strip()]
+    return [line for line in out.splitlines() if line.strip() and (labels or not line.startswith("#"))]
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
@@ -85,6 +86,23 @@ def test_dry_run_prints_every_stage(target: str) -> None:
     assert shlex.split(lines[-1])[1].startswith("logs/reproduce/")
     if target not in ("cifar10", "cifar100"):
         assert f"conf/reference/{target}" in lines[-1]
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_dry_run_says_what_each_stage_is_and_where_it_writes(target: str) -> None:
+    """`make -n reproduce-<paper>` printed bare command lines: which is training, which evaluation only, which the
+    report, and where each writes, was for the reader to work out from Hydra overrides. A `# i/N` line before each
+    says so, naming the folder its command writes (`hydra.sweep.dir=` or the report's run folder)."""
+    lines = make_dry(target, {"VENV": ".venv", "R": "out"}, labels=True)
+    labels, commands = lines[0::2], [shlex.split(line) for line in lines[1::2]]
+    assert len(labels) == len(commands) == len(TARGETS[target][1])
+    for i, (label, words) in enumerate(zip(labels, commands), 1):
+        assert label.startswith(f"# {i}/{len(commands)} ")
+        program = words[0].rsplit("/", 1)[1]
+        kind = {"ood-train": "train", "ood-eval": "evaluate only: ", "ood-report": "report "}[program]
+        assert label.split(" ", 2)[2].startswith(kind), label
+        folder = words[1] if program == "ood-report" else next(w.split("=", 1)[1] for w in words if w.startswith("hydra.sweep.dir="))
+        assert f"-> {folder}/" in label, (label, folder)
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
