@@ -191,7 +191,8 @@ def test_make_reproduce_runs_the_seed_sweep_then_the_report(name: str) -> None:
         ["make", "--no-print-directory", "-n", f"reproduce-{name}", "VENV=.venv", "ARGS=paths.data_dir=/data"],
         cwd=PROJECT_ROOT, capture_output=True, text=True, check=True, env=env,
     ).stdout.splitlines()
-    out = [line.rstrip() for line in out]  # an empty REPORT_ARGS= leaves a trailing space
+    # an empty REPORT_ARGS= leaves a trailing space; `# i/N` lines say what each stage is (tests/test_reproduce.py)
+    out = [line.rstrip() for line in out if not line.startswith("#")]
     sweep = f"logs/reproduce/{name}"
     train = f".venv/bin/ood-train -m experiment={name}_ce seed=0,1,2 hydra.sweep.dir={sweep} paths.data_dir=/data"
     assert out[-2:] == [train, f".venv/bin/ood-report {sweep}"]
