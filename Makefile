@@ -11,6 +11,10 @@ REPORT_ARGS ?=
 # only evaluated again); without it every job trains anew over the old one
 RESUME ?=
 TRAIN_RESUME = $(if $(RESUME), ckpt_path=last)
+# reproduce-*: DATA_DIR=<folder> given on the command line or in the environment sets paths.data_dir of every
+# ood-train / ood-eval (else ood's own default: $OOD_DATA_DIR, or ./data); parity-openood reads its files there too
+DATA_DIR ?= $(or $(OOD_DATA_DIR),data)
+DATA_ARG = $(if $(filter command line environment,$(origin DATA_DIR)), paths.data_dir=$(DATA_DIR))
 # one job folder per (data, backbone, seed): a second stage finds the first stage's checkpoint under the same name
 JOB = $${hydra:runtime.choices.data}-$${hydra:runtime.choices.backbone}-s$${seed}
 LAST = checkpoints/last.ckpt
@@ -56,13 +60,13 @@ bench: install ## speed benchmarks (benchmarks/): metrics, detectors, one pass v
 
 reproduce-cifar10: install ## OpenOOD v1.5 CE baseline on CIFAR-10: ResNet-18, 100 epochs, seeds 0,1,2 (SEEDS=...), one GPU, then the table beside the leaderboard (extra overrides: ARGS="paths.data_dir=...")
 	# 1/2 train + evaluate: OpenOOD v1.5 CE, ResNet-18 32x32, 100 epochs, one job per seed -> $(R)/cifar10/<job number>
-	$(VENV)/bin/ood-train -m experiment=cifar10_ce seed=$(SEEDS) hydra.sweep.dir=$(R)/cifar10$(TRAIN_RESUME) $(ARGS)
+	$(VENV)/bin/ood-train -m experiment=cifar10_ce seed=$(SEEDS) hydra.sweep.dir=$(R)/cifar10$(TRAIN_RESUME)$(DATA_ARG) $(ARGS)
 	# 2/2 report beside the OpenOOD v1.5 leaderboard (conf/reference/cifar10.yaml, read by ID dataset) -> $(R)/cifar10/report.md
 	$(VENV)/bin/ood-report $(R)/cifar10 $(REPORT_ARGS)
 
 reproduce-cifar100: install ## the same on CIFAR-100 (`make -n reproduce-cifar100` shows the commands)
 	# 1/2 train + evaluate: OpenOOD v1.5 CE, ResNet-18 32x32, 100 epochs, one job per seed -> $(R)/cifar100/<job number>
-	$(VENV)/bin/ood-train -m experiment=cifar100_ce seed=$(SEEDS) hydra.sweep.dir=$(R)/cifar100$(TRAIN_RESUME) $(ARGS)
+	$(VENV)/bin/ood-train -m experiment=cifar100_ce seed=$(SEEDS) hydra.sweep.dir=$(R)/cifar100$(TRAIN_RESUME)$(DATA_ARG) $(ARGS)
 	# 2/2 report beside the OpenOOD v1.5 leaderboard (conf/reference/cifar100.yaml, read by ID dataset) -> $(R)/cifar100/report.md
 	$(VENV)/bin/ood-report $(R)/cifar100 $(REPORT_ARGS)
 
@@ -73,9 +77,9 @@ reproduce-heatmap: DATA = cifar10,cifar100
 reproduce-heatmap: BACKBONES = resnet18_32x32,wrn40_2_heatmap
 reproduce-heatmap: install ## heatmap paper: CE classifiers, then heatmap decoders on them (classic CIFAR sets), report beside FlowCon's table
 	# 1/3 train + evaluate: CE classifiers, classic OOD sets -> $(R)/heatmap/ce/<data>-<backbone>-s<seed>
-	$(VENV)/bin/ood-train -m experiment=heatmap_ce data=$(DATA) backbone=$(BACKBONES) seed=$(SEEDS) hydra.sweep.dir=$(R)/heatmap/ce hydra.sweep.subdir='$(JOB)'$(TRAIN_RESUME) $(ARGS)
+	$(VENV)/bin/ood-train -m experiment=heatmap_ce data=$(DATA) backbone=$(BACKBONES) seed=$(SEEDS) hydra.sweep.dir=$(R)/heatmap/ce hydra.sweep.subdir='$(JOB)'$(TRAIN_RESUME)$(DATA_ARG) $(ARGS)
 	# 2/3 train + evaluate: heatmap decoders on stage 1's last.ckpt of the same job name -> $(R)/heatmap/heatmap/<data>-<backbone>-s<seed>
-	$(VENV)/bin/ood-train -m experiment=heatmap data=$(DATA) backbone=$(BACKBONES) seed=$(SEEDS) hydra.sweep.dir=$(R)/heatmap/heatmap hydra.sweep.subdir='$(JOB)' '++method.init.ckpt=$(R)/heatmap/ce/$(JOB)/$(LAST)'$(TRAIN_RESUME) $(ARGS)
+	$(VENV)/bin/ood-train -m experiment=heatmap data=$(DATA) backbone=$(BACKBONES) seed=$(SEEDS) hydra.sweep.dir=$(R)/heatmap/heatmap hydra.sweep.subdir='$(JOB)' '++method.init.ckpt=$(R)/heatmap/ce/$(JOB)/$(LAST)'$(TRAIN_RESUME)$(DATA_ARG) $(ARGS)
 	# 3/3 report beside FlowCon's table (conf/reference/heatmap) -> $(R)/heatmap/report.md
 	$(VENV)/bin/ood-report $(R)/heatmap --reference conf/reference/heatmap $(REPORT_ARGS)
 
@@ -83,9 +87,9 @@ reproduce-energy: DATA = cifar10,cifar100
 reproduce-energy: METHODS = energy_oe,energy_cfl,oe
 reproduce-energy: install ## energy / SDE papers: WRN-40-2 CE, then Energy-OE, SDE-CFL (reconstruction) and OE fine-tunes, report beside energy_ood's FPR95 table and outlier-exposure's released results
 	# 1/3 train + evaluate: WRN-40-2 CE -> $(R)/energy/ce/<data>-<backbone>-s<seed>
-	$(VENV)/bin/ood-train -m experiment=energy_ce data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/energy/ce hydra.sweep.subdir='$(JOB)'$(TRAIN_RESUME) $(ARGS)
+	$(VENV)/bin/ood-train -m experiment=energy_ce data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/energy/ce hydra.sweep.subdir='$(JOB)'$(TRAIN_RESUME)$(DATA_ARG) $(ARGS)
 	# 2/3 train + evaluate: fine-tunes $(METHODS) from stage 1's last.ckpt, 300K random images as outliers -> $(R)/energy/ft/<method>-<data>-<backbone>-s<seed>
-	$(VENV)/bin/ood-train -m experiment=energy_ft method=$(METHODS) data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/energy/ft hydra.sweep.subdir='$${hydra:runtime.choices.method}-$(JOB)' '++method.init.ckpt=$(R)/energy/ce/$(JOB)/$(LAST)'$(TRAIN_RESUME) $(ARGS)
+	$(VENV)/bin/ood-train -m experiment=energy_ft method=$(METHODS) data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/energy/ft hydra.sweep.subdir='$${hydra:runtime.choices.method}-$(JOB)' '++method.init.ckpt=$(R)/energy/ce/$(JOB)/$(LAST)'$(TRAIN_RESUME)$(DATA_ARG) $(ARGS)
 	# 3/3 report beside energy_ood's FPR95 table and outlier-exposure's released results (conf/reference/energy, oe) -> $(R)/energy/report.md
 	$(VENV)/bin/ood-report $(R)/energy --reference conf/reference/energy --reference conf/reference/oe $(REPORT_ARGS)
 
@@ -95,11 +99,11 @@ reproduce-cluster: DISTANCES = euclidean,cosine,mahalanobis
 reproduce-cluster: THRESHOLDS = global,per_cluster
 reproduce-cluster: install ## cluster-game paper with OODformer's choices: CE, SupCon, SimCLR encoders, then the distance x threshold grid (no public numbers)
 	# 1/4 train: CE encoders -> $(R)/cluster/train/ce-<data>-<backbone>-s<seed>
-	$(VENV)/bin/ood-train -m experiment=cluster_oodformer data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/cluster/train hydra.sweep.subdir='ce-$(JOB)'$(TRAIN_RESUME) $(ARGS)
+	$(VENV)/bin/ood-train -m experiment=cluster_oodformer data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/cluster/train hydra.sweep.subdir='ce-$(JOB)'$(TRAIN_RESUME)$(DATA_ARG) $(ARGS)
 	# 2/4 train: $(CONTRASTIVE) encoders, 700 contrastive epochs + linear probe -> $(R)/cluster/train/<objective>-<data>-<backbone>-s<seed>
-	$(VENV)/bin/ood-train -m experiment=cluster_oodformer method.objective=$(CONTRASTIVE) data=$(DATA) seed=$(SEEDS) data.batch_size=2048 method.optimizer.lr=0.5 trainer.max_epochs=800 method.scheduler.T_max=700 hydra.sweep.dir=$(R)/cluster/train hydra.sweep.subdir='$${method.objective}-$(JOB)'$(TRAIN_RESUME) $(ARGS)
+	$(VENV)/bin/ood-train -m experiment=cluster_oodformer method.objective=$(CONTRASTIVE) data=$(DATA) seed=$(SEEDS) data.batch_size=2048 method.optimizer.lr=0.5 trainer.max_epochs=800 method.scheduler.T_max=700 hydra.sweep.dir=$(R)/cluster/train hydra.sweep.subdir='$${method.objective}-$(JOB)'$(TRAIN_RESUME)$(DATA_ARG) $(ARGS)
 	# 3/4 evaluate only: every encoder x distance ($(DISTANCES)) x threshold ($(THRESHOLDS)) -> $(R)/cluster/eval/<job number>
-	$(VENV)/bin/ood-eval -m experiment=cluster_oodformer method.objective=ce,$(CONTRASTIVE) method.distance=$(DISTANCES) method.threshold=$(THRESHOLDS) data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/cluster/eval 'ckpt_path=$(R)/cluster/train/$${method.objective}-$(JOB)/$(LAST)' $(ARGS)
+	$(VENV)/bin/ood-eval -m experiment=cluster_oodformer method.objective=ce,$(CONTRASTIVE) method.distance=$(DISTANCES) method.threshold=$(THRESHOLDS) data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/cluster/eval 'ckpt_path=$(R)/cluster/train/$${method.objective}-$(JOB)/$(LAST)'$(DATA_ARG) $(ARGS)
 	# 4/4 report (no published numbers: conf/reference/cluster says why) -> $(R)/cluster/eval/report.md
 	$(VENV)/bin/ood-report $(R)/cluster/eval --reference conf/reference/cluster $(REPORT_ARGS)
 
@@ -107,20 +111,20 @@ reproduce-grood: DATA = cifar10,cifar100
 reproduce-grood: IMAGENET_SOURCES = synthetic_mixup,val_ood
 reproduce-grood: install ## GROOD: OpenOOD CE + GROOD on CIFAR (mix-up and val-OOD prototypes), post-hoc on ImageNet-1K (WEIGHTS=resnet50 file), report beside GROOD's README (its OpenOOD v1.5 numbers)
 	# 1/4 train + evaluate: OpenOOD CE recipe + GROOD, mix-up OOD prototype -> $(R)/grood/train/<data>-<backbone>-s<seed>
-	$(VENV)/bin/ood-train -m experiment=grood_openood data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/grood/train hydra.sweep.subdir='$(JOB)'$(TRAIN_RESUME) $(ARGS)
+	$(VENV)/bin/ood-train -m experiment=grood_openood data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/grood/train hydra.sweep.subdir='$(JOB)'$(TRAIN_RESUME)$(DATA_ARG) $(ARGS)
 	# 2/4 evaluate only: stage 1's networks with the val-OOD prototype -> $(R)/grood/val_ood/<job number>
-	$(VENV)/bin/ood-eval -m experiment=grood_openood method.ood_proto_source=val_ood data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/grood/val_ood 'ckpt_path=$(R)/grood/train/$(JOB)' $(ARGS)
+	$(VENV)/bin/ood-eval -m experiment=grood_openood method.ood_proto_source=val_ood data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/grood/val_ood 'ckpt_path=$(R)/grood/train/$(JOB)'$(DATA_ARG) $(ARGS)
 	# 3/4 evaluate only: ImageNet-1K on torchvision's ResNet-50 (WEIGHTS=), prototypes $(IMAGENET_SOURCES) -> $(R)/grood/imagenet1k/<job number>
-	$(VENV)/bin/ood-eval -m experiment=grood_imagenet1k method.ood_proto_source=$(IMAGENET_SOURCES) backbone.weights=$(WEIGHTS) hydra.sweep.dir=$(R)/grood/imagenet1k $(IMAGENET_ARGS)
+	$(VENV)/bin/ood-eval -m experiment=grood_imagenet1k method.ood_proto_source=$(IMAGENET_SOURCES) backbone.weights=$(WEIGHTS) hydra.sweep.dir=$(R)/grood/imagenet1k$(DATA_ARG) $(IMAGENET_ARGS)
 	# 4/4 report beside GROOD's README numbers and the leaderboard's CE detectors (conf/reference/grood, cifar10, cifar100) -> $(R)/grood/report.md
 	$(VENV)/bin/ood-report $(R)/grood --reference conf/reference/grood --reference conf/reference/cifar10.yaml --reference conf/reference/cifar100.yaml $(REPORT_ARGS)
 
 reproduce-oal: DATA = cifar10,cifar100
 reproduce-oal: install ## OAL: OpenOOD CE students, then OAL fine-tuning, report beside the OpenOOD leaderboard
 	# 1/3 train + evaluate: OpenOOD CE students -> $(R)/oal/ce/<data>-<backbone>-s<seed>
-	$(VENV)/bin/ood-train -m experiment=openood_ce data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/oal/ce hydra.sweep.subdir='$(JOB)'$(TRAIN_RESUME) $(ARGS)
+	$(VENV)/bin/ood-train -m experiment=openood_ce data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/oal/ce hydra.sweep.subdir='$(JOB)'$(TRAIN_RESUME)$(DATA_ARG) $(ARGS)
 	# 2/3 train + evaluate: OAL fine-tuning from stage 1's best.ckpt (32 px, the method's small-CNN teacher) -> $(R)/oal/oal/<data>-<backbone>-s<seed>
-	$(VENV)/bin/ood-train -m experiment=oal_openood data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/oal/oal hydra.sweep.subdir='$(JOB)' '++method.init.ckpt=$(R)/oal/ce/$(JOB)/$(BEST)'$(TRAIN_RESUME) $(ARGS)
+	$(VENV)/bin/ood-train -m experiment=oal_openood data=$(DATA) seed=$(SEEDS) hydra.sweep.dir=$(R)/oal/oal hydra.sweep.subdir='$(JOB)' '++method.init.ckpt=$(R)/oal/ce/$(JOB)/$(BEST)'$(TRAIN_RESUME)$(DATA_ARG) $(ARGS)
 	# 3/3 report beside the OpenOOD leaderboard (conf/reference/oal, cifar10, cifar100) -> $(R)/oal/report.md
 	$(VENV)/bin/ood-report $(R)/oal --reference conf/reference/oal --reference conf/reference/cifar10.yaml --reference conf/reference/cifar100.yaml $(REPORT_ARGS)
 
@@ -147,7 +151,6 @@ gpu-wheels: install ## wheels of hydra-core, omegaconf, antlr4 and faiss-cpu (PY
 # OpenOOD v1.5's released checkpoints and benchmark lists (local files, never downloaded): DATA_DIR holds
 # benchmark_imglist/ + images_classic/ + images_largescale/, CKPT_DIR the unzipped checkpoint folders, WEIGHTS the
 # torchvision ResNet-50 file. BENCHMARKS= picks a subset (cifar10,cifar100,imagenet200,imagenet1k).
-DATA_DIR ?= data
 CKPT_DIR ?= results
 BENCHMARKS ?= cifar10,cifar100,imagenet200,imagenet1k
 parity-openood: install ## evaluate OpenOOD v1.5's checkpoints with every post-hoc detector, table beside the leaderboard's near/far AUROC (one GPU)

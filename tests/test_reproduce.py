@@ -412,3 +412,18 @@ def test_oal_references_give_the_leaderboard_students_id_accuracy(file: str, id_
     from ood.report.references import REFERENCE_DIR, load_reference
 
     assert load_reference(REFERENCE_DIR / file.format(id_dataset))["id_acc"] == OAL_ID_ACC[id_dataset]
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_data_dir_reaches_every_training_and_evaluation(target: str) -> None:
+    """`DATA_DIR=` (as parity-openood takes it) was ignored by the reproduce targets: a user's data folder was looked
+    for in ./data. Given, every ood-train / ood-eval gets `paths.data_dir=` before ARGS (ARGS still wins); not given,
+    none does (ood's own default: $OOD_DATA_DIR, else ./data)."""
+    for data_dir in ("", "/data/ood"):
+        variables = {"VENV": ".venv", "ARGS": "x=1", **({"DATA_DIR": data_dir} if data_dir else {})}
+        for words in map(shlex.split, make_dry(target, variables)):
+            if Path(words[0]).name == "ood-report":
+                continue
+            given = [w for w in words if w.startswith("paths.data_dir=")]
+            assert given == ([f"paths.data_dir={data_dir}"] if data_dir else []), words[:3]
+            assert not given or "x=1" not in words or words.index(given[0]) < words.index("x=1")  # ImageNet-1K: no ARGS
