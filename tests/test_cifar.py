@@ -184,6 +184,23 @@ def test_missing_data_stops_the_run_before_training(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize(("data", "protocol", "fetched", "by_file"), [
+    ("cifar10", "openood_v1.5", "CIFAR-10 (and the openood_v1.5 protocol's CIFAR-100, DTD, MNIST, Places365, SVHN)", "tin, val_ood"),
+    ("cifar100", "classic", "CIFAR-100 (and the classic protocol's SVHN)", "isun, lsun_crop, lsun_resize, places365, texture, val_ood"),
+])
+def test_missing_data_says_which_of_the_protocols_sets_torchvision_fetches(
+        data: str, protocol: str, fetched: str, by_file: str, tmp_path: Path) -> None:
+    """The hint named OpenOOD v1.5's MNIST, SVHN, DTD, Places365 whatever the protocol (the classic one's texture and
+    Places365 are OpenOOD's files, not torchvision's)."""
+    from ood.utils import instantiate
+
+    cfg = compose_config(tmp_path, [f"data={data}", f"data.benchmark.protocol={protocol}", f"paths.data_dir={tmp_path / 'none'}"])
+    with pytest.raises(DataNotFoundError) as err:
+        instantiate(cfg.data.benchmark).prepare()
+    assert f"or set data.download=true to fetch {fetched} with torchvision into {tmp_path / 'none' / 'torchvision'} " \
+           f"({by_file} only from their own files)" in str(err.value)
+
+
 # ----- torchvision source (fakes, no network) ---------------------------------------------------------------------
 class FakeVision:
     """Stands in for a torchvision dataset class: records the constructor call, serves random PIL images."""

@@ -72,6 +72,9 @@ log = get_logger(__name__)
 
 SOURCES = ("auto", "openood", "torchvision")
 OUTLIERS = ("tin597", "random300k", "none")
+#: torchvision's sets by their usual names, for messages
+TORCHVISION_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "mnist": "MNIST", "svhn": "SVHN", "texture": "DTD",
+                     "places365": "Places365"}
 OPENOOD_DOWNLOAD = (
     "git clone https://github.com/Jingkang50/OpenOOD && cd OpenOOD && pip install gdown && python scripts/download/download.py "
     "--contents datasets --datasets cifar-10 cifar-100 --dataset_mode benchmark --save_dir {data_dir}"
@@ -258,11 +261,18 @@ class CIFARBenchmark(Benchmark):
         return "imglist" if self.resolved_source == "openood" else "torchvision"
 
     def _how_to_get(self) -> str:
+        """What to download: OpenOOD's benchmark, or torchvision's files of the ID set and of the protocol's sets it
+        can fetch (named by protocol: the classic one's differ from OpenOOD v1.5's)."""
+        specs = [(n, s.source or s) for n, s in self.protocol.all_specs()]  # a synthetic set: its source's files
+        fetched = sorted({TORCHVISION_NAMES.get(s.torchvision, s.torchvision) for _, s in specs if s.torchvision})
+        by_file = sorted({n for n, s in specs if not s.torchvision})
         return (
             f"Get OpenOOD's benchmark with its download script "
             f"({OPENOOD_DOWNLOAD.format(data_dir=self.data_dir.resolve())}), "
-            f"or set data.download=true to fetch CIFAR-10/100 (and the protocol's MNIST, SVHN, DTD, Places365) with "
-            f"torchvision into {self.torchvision_dir} (TinyImageNet and TIN-597 come only from OpenOOD's files)"
+            f"or set data.download=true to fetch {TORCHVISION_NAMES[self.name]}"
+            + (f" (and the {self.protocol.name} protocol's {', '.join(fetched)})" if fetched else "")
+            + f" with torchvision into {self.torchvision_dir}"
+            + (f" ({', '.join(by_file)} only from their own files)" if by_file else "")
         )
 
     # ----- transforms ---------------------------------------------------------------------------------------------
