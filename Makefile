@@ -42,7 +42,7 @@ demo: install ## train + evaluate the CE baseline on the embedded digits benchma
 
 test: install ## the layer contract (import-linter), then the whole test suite on 2 processes (what CI runs)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: install ## the suite without the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow"

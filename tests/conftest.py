@@ -115,7 +115,9 @@ def ce_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Files with the most `slow` tests first (stable otherwise): `make test`'s xdist workers take whole files in this
-    order, so the long end-to-end files start early instead of leaving one worker alone at the end."""
+    order (`--no-loadscope-reorder`: xdist otherwise reorders files by their number of tests, which put the 25 s of
+    test_train_digits.py's two tests among the last files), so the long end-to-end files start early instead of
+    leaving one worker alone at the end."""
     slow: dict[str, int] = {}
     for item in items:
         slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + bool(item.get_closest_marker("slow"))
