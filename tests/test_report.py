@@ -234,7 +234,7 @@ def test_failed_jobs_are_listed_one_line_each(tmp_path: Path, capsys: pytest.Cap
     (tmp_path / "3").mkdir()  # an `ood.evaluate` run folder (no .hydra/) that failed: it was left out of the list
     (tmp_path / "3" / "FAILED.txt").write_text("ConfigError: detector 'knn': k=0 is outside its range\n")
     main([str(tmp_path), "--no-figures"])
-    assert (tmp_path / "report.md").read_text().split("Jobs not in the table (failed, not evaluated, or still running):\n")[1] == (
+    assert (tmp_path / "report.md").read_text().split("Jobs not in the table (failed, not evaluated, not started, or still running):\n")[1] == (
         f"- `{tmp_path}/1`: RuntimeError: CUDA error: out of memory CUDA kernel errors might be\n"
         f"- `{tmp_path}/2`: no results: still running or killed\n"
         f"- `{tmp_path}/3`: ConfigError: detector 'knn': k=0 is outside its range\n"
@@ -440,3 +440,22 @@ def test_a_tuned_detector_value_reads_tuned_beside_a_fixed_one(tmp_path: Path) -
     config_cols, _, table = aggregate(load_rows([tmp_path]))
     assert "detector.k" in config_cols
     assert {e["detector.k"]: e["seeds"] for e in table} == {"50": 2, "tuned": 2}
+
+
+def test_jobs_of_a_stopped_sweep_that_never_started_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A sweep of 2 seeds x 2 learning rates stopped (SIGTERM) in job 2 left folders 0-2: the report named job 2 but
+    said nothing of job 3, so the table's 2 seeds of one rate read as complete. The jobs `multirun.yaml` lists
+    that have no folder are named, with their overrides and the command that runs them."""
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  sweep:\n    dir: logs/x\n    subdir: ${hydra.job.num}\n"
+        "  sweeper:\n    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper\n    params: null\n"
+        "  overrides:\n    task:\n    - seed=0,1\n    - method.optimizer.lr=0.05,0.1\n    - trainer.max_epochs=1\n")
+    _write(tmp_path / "0", [_row(0, "s", "near", 0.75)])
+    _write(tmp_path / "1", [_row(0, "s", "near", 0.85)])
+    (tmp_path / "2" / ".hydra").mkdir(parents=True)
+    (tmp_path / "2" / "FAILED.txt").write_text("SIGTERMException: terminated by SIGTERM; resume with ckpt_path=last\n")
+    main([str(tmp_path), "--no-figures"])
+    why = (f"not started (seed=1 method.optimizer.lr=0.1 trainer.max_epochs=1): the sweep stopped before it, or is "
+           f"still running; to run it: the sweep's command plus ckpt_path=last hydra.sweep.dir={tmp_path}")
+    assert (tmp_path / "report.md").read_text().endswith(f"- `{tmp_path}/3`: {why}\n")
+    assert f"job not started {tmp_path}/3: {why}" in capsys.readouterr().err.splitlines()

@@ -12,7 +12,7 @@ from ood.errors import OODError
 from ood.files import atomic_write, atomic_write_text
 from ood.report.aggregation import aggregate, config_keys, evaluated_epochs, varying_params
 from ood.report.figures import clear_figures, write_figures
-from ood.report.reading import RESUMED_IN, failed_runs, load_rows
+from ood.report.reading import NOT_STARTED, RESUMED_IN, failed_runs, load_rows
 from ood.report.references import (
     add_reference,
     default_references,
@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if left_out:
         markdown += "\nReference numbers left out of the table:\n" + "".join(f"- {line}\n" for line in left_out)
     if failed:
-        markdown += "\nJobs not in the table (failed, not evaluated, or still running):\n" + "".join(f"- `{run}`: {why}\n" for run, why in failed.items())
+        markdown += "\nJobs not in the table (failed, not evaluated, not started, or still running):\n" + "".join(f"- `{run}`: {why}\n" for run, why in failed.items())
     print(markdown)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "report.md", markdown)
@@ -145,9 +145,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def print_missing(missing: dict[str, str]) -> None:
     """The jobs without results on stderr: "failed job" for those that left an error, "resumed job" for those a later
-    run resumed in another folder, else "job without results" (trained with evaluate=false, still running, or
-    killed)."""
+    run resumed in another folder, "job not started" for those of a sweep that have no folder, else "job without
+    results" (trained with evaluate=false, still running, or killed)."""
     for run, why in missing.items():
         label = ("job without results" if why.startswith("no results") else
+                 "job not started" if why.startswith(NOT_STARTED) else
                  "resumed job" if why.startswith(RESUMED_IN) else "failed job")
         print(f"{label} {run}: {why}", file=sys.stderr)

@@ -19,8 +19,13 @@ from ood.runs.identity import read_identity
 ROW_KEYS = ("method", "detector", "backbone", "id_dataset", "ood_dataset", "ood_group", "auroc", "fpr95")
 #: why a job folder without results is listed when a later run resumed its checkpoint in another folder
 RESUMED_IN = "stopped; resumed in"
-#: what the report looks for below its paths: result files, job folders (`.hydra/`, `FAILED.txt`), resume records
-LOOKED_FOR = ("results.jsonl", ".hydra", FAILED_FILE, RESUMED_FILE)
+#: why a job a sweep's `multirun.yaml` lists is named when it has no folder
+NOT_STARTED = "not started"
+#: the file Hydra's basic sweeper writes into its sweep folder: the sweep's settings and command-line overrides
+MULTIRUN_FILE = "multirun.yaml"
+#: what the report looks for below its paths: result files, job folders (`.hydra/`, `FAILED.txt`), resume records,
+#: sweep records
+LOOKED_FOR = ("results.jsonl", ".hydra", FAILED_FILE, RESUMED_FILE, MULTIRUN_FILE)
 
 
 def found_below(paths: Iterable[str | Path]) -> dict[str, list[Path]]:
@@ -122,9 +127,10 @@ def failed_runs(paths: Iterable[str | Path]) -> dict[str, str]:
     """Job folders (holding `.hydra/`, or `FAILED.txt`: an `ood.evaluate` run folder has no `.hydra/`) under `paths`
     without `results.jsonl`: folder -> why (the error a failed run left in `FAILED.txt`; for a run of
     `evaluate=false`, which writes none, how to evaluate it; for a run whose checkpoint a later run resumed in another
-    folder (its `resumed.json`, under `paths` too), that folder; else "no results: still running or killed"); and the
+    folder (its `resumed.json`, under `paths` too), that folder; else "no results: still running or killed"); the
     run folders whose `results.jsonl` is empty or cut short (`unreadable`: which file, and why; after the error of
-    the failed attempt that left it, if any)."""
+    the failed attempt that left it, if any); and the jobs of a sweep (`multirun.yaml`) that have no folder
+    (`unstarted_jobs`)."""
     out = {}
     found = found_below(paths)
     resumed = resumed_in(found[RESUMED_FILE])
@@ -140,7 +146,44 @@ def failed_runs(paths: Iterable[str | Path]) -> dict[str, str]:
         if why:  # a failed attempt's error too, when it left one
             failed = failure(file.parent)
             out[str(file.parent)] = f"{failed}; no results: {why}" if failed else f"no results: {why}"
+    for record in found[MULTIRUN_FILE]:
+        out.update(unstarted_jobs(record))
     return dict(sorted(out.items()))
+
+
+def sweep_jobs(hydra: dict[str, Any]) -> list[str]:
+    """The overrides of each job, in Hydra's job order, of a basic sweeper's sweep (`hydra`: the `hydra` node of its
+    `multirun.yaml`, with the sweep's `hydra.sweeper.params` and command-line overrides); empty for another sweeper
+    (Optuna's jobs are drawn as it runs) or a sweep Hydra cannot expand without its config (`glob(...)`)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    sweeper = hydra.get("sweeper") or {}
+    if not str(sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+        return []
+    params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+    try:
+        overrides = OverridesParser.create().parse_overrides([*params, *hydra["overrides"]["task"]])
+        batches = BasicSweeper.split_arguments(overrides, None)
+    except (HydraException, KeyError, TypeError):
+        return []
+    return [" ".join(job) for batch in batches for job in batch]
+
+
+def unstarted_jobs(record: Path) -> dict[str, str]:
+    """The jobs of the sweep whose `multirun.yaml` is `record` that have no folder (`<sweep>/<job number>`, Hydra's
+    default `hydra.sweep.subdir`) -> why: a sweep stopped in one of its jobs (SIGTERM, Ctrl-C) never started the jobs
+    after it, and a report that named only the stopped one read as complete for them."""
+    import yaml
+
+    hydra = (yaml.safe_load(record.read_text()) or {}).get("hydra") or {}
+    if (hydra.get("sweep") or {}).get("subdir") != "${hydra.job.num}":
+        return {}
+    sweep = record.parent
+    resume = f"the sweep's command plus ckpt_path=last hydra.sweep.dir={sweep}"
+    return {str(sweep / str(num)): f"{NOT_STARTED} ({job}): the sweep stopped before it, or is still running; to run "
+            f"it: {resume}" for num, job in enumerate(sweep_jobs(hydra)) if not (sweep / str(num)).exists()}
 
 
 def _unevaluated(run: Path) -> bool:
