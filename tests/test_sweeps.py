@@ -181,3 +181,27 @@ def test_a_requeued_job_started_from_scratch_resumes(given: list[str]) -> None:
     assert requeue_overrides(["seed=1", *given, "data=digits"]) == ["seed=1", "data=digits", "ckpt_path=last"]
     assert requeue_overrides(["seed=1", "ckpt_path=last"]) == ["seed=1", "ckpt_path=last"]
     assert requeue_overrides(["++ckpt_path=/runs/a"]) == ["++ckpt_path=/runs/a"]
+
+
+def test_the_end_of_an_optuna_sweep_names_its_best_job_and_what_its_value_is(tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Optuna's last lines were `Best parameters: {...}` and `Best value: 0.3075925925925926`: a fraction where every
+    table is in %, of no named score, and no job folder to read. The sweep's end now says which job, which AUROC, in
+    %, and where the numbers are."""
+    from omegaconf import OmegaConf
+
+    from ood.runs.sweeps import BestTrial
+
+    for job, auroc in (("0", 0.3075925925925926), ("1", 0.25)):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "validation.json").write_text(json.dumps({"method": "ce", "auroc": {"msp": auroc, "ce": 0.2}}))
+    (tmp_path / "optimization_results.yaml").write_text(
+        "name: optuna\nbest_params:\n  method.optimizer.lr: 0.1142745657461917\nbest_value: 0.3075925925925926\n")
+    BestTrial().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, "objective": "msp"}))
+    assert capsys.readouterr().out == (
+        f"best trial: {tmp_path / '0'} (method.optimizer.lr=0.1142745657461917): validation AUROC of msp (ID val vs "
+        f"validation OOD) 30.76 %, Optuna's best_value 0.3075925925925926 in {tmp_path / 'optimization_results.yaml'}; "
+        f"test numbers of every trial: ood-report {tmp_path}\n")
+    (tmp_path / "optimization_results.yaml").unlink()  # a sweep of the basic sweeper: nothing to say
+    BestTrial().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, "objective": None}))
+    assert capsys.readouterr().out == ""

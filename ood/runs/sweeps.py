@@ -1,11 +1,15 @@
 """The number a Hydra sweeper maximises: a run's validation-OOD AUROC (ID val vs validation OOD; never test OOD),
-read back from the `validation.json` its evaluation wrote."""
+read back from the `validation.json` its evaluation wrote; and the line that ends an Optuna sweep, naming its best
+job (`BestTrial`)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback as HydraCallback
 
 from ood.errors import ConfigError
 from ood.evaluation.sinks import VALIDATION_FILE
@@ -21,10 +25,44 @@ def sweep_objective(output_dir: str | Path, detector: str | None) -> float | Non
     aurocs: dict[str, float] = data["auroc"]
     if not aurocs:
         return None
-    name = detector or (data["method"] if data["method"] in aurocs else next(iter(aurocs)))
+    name = objective_name(data, detector)
     if name not in aurocs:
         raise ConfigError(f"objective={name}: not scored in this run; choose one of {sorted(aurocs)}")
     return float(aurocs[name])
+
+
+def objective_name(validation: dict[str, Any], detector: str | None) -> str:
+    """The scorer whose AUROC is the objective, of a run's `validation.json` (`validation`): `detector`, else the
+    method's own score when it has one, else the first detector."""
+    aurocs = validation["auroc"]
+    return detector or (validation["method"] if validation["method"] in aurocs else next(iter(aurocs)))
+
+
+#: the file the Optuna sweeper writes into its sweep folder: `best_params` and `best_value`
+OPTIMIZATION_FILE = "optimization_results.yaml"
+
+
+class BestTrial(HydraCallback):
+    """`hydra.callbacks` of every run: an Optuna sweep (`hydra/sweeper=optuna_val`) ends with the job folder of its
+    best trial, which AUROC its value is, in %, and where the test numbers are. Optuna's own last line,
+    `Best value: 0.3075925925925926`, named no score and no folder, and was a fraction beside tables in %."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        file = sweep / OPTIMIZATION_FILE
+        if not file.is_file():
+            return
+        import yaml
+
+        best = yaml.safe_load(file.read_text())
+        value, objective = best["best_value"], config.get("objective")
+        jobs = [p.parent for p in sorted(sweep.glob(f"*/{VALIDATION_FILE}")) if sweep_objective(p.parent, objective) == value]
+        params = " ".join(f"{key}={val}" for key, val in best["best_params"].items())
+        name = objective_name(json.loads((jobs[0] / VALIDATION_FILE).read_text()), objective) if jobs else (
+            objective or "the objective")
+        print(f"best trial: {jobs[0] if jobs else 'a job of ' + str(sweep)} ({params}): validation AUROC of {name} "
+              f"(ID val vs validation OOD) {100 * value:.2f} %, Optuna's best_value {value} in {file}; test numbers of "
+              f"every trial: ood-report {sweep}")
 
 
 def check_objective(objective: str | None, method: str, detectors: Iterable[str]) -> None:
