@@ -82,7 +82,7 @@ def test_cli_writes_markdown_and_csv(tmp_path: Path, capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--out", str(tmp_path / "taken")])
     assert capsys.readouterr().err.splitlines()[-1] == f"error: --out {tmp_path / 'taken'} is a file, not a folder"
-    note = "mean ± std over seeds (sample std, n - 1; one seed: the value alone)"
+    note = "mean ± std over the row's `seeds` runs (sample std, n - 1; one seed: the value alone)"
     assert note in (tmp_path / "report.md").read_text().splitlines()[-1]  # the std's formula goes with the table
     assert note in (tmp_path / "report.tex").read_text().splitlines()[0]
     # which FPR95 the fpr95 column is (OpenOOD's is the other one): it was not said anywhere in the report
@@ -459,3 +459,17 @@ def test_jobs_of_a_stopped_sweep_that_never_started_are_named(tmp_path: Path, ca
            f"still running; to run it: the sweep's command plus ckpt_path=last hydra.sweep.dir={tmp_path}")
     assert (tmp_path / "report.md").read_text().endswith(f"- `{tmp_path}/3`: {why}\n")
     assert f"job not started {tmp_path}/3: {why}" in capsys.readouterr().err.splitlines()
+
+
+def test_the_note_says_report_csv_holds_fractions_and_what_seeds_counts(tmp_path: Path) -> None:
+    """report.md and report.tex read "Metrics in %" while report.csv held the same numbers as fractions (0.75, not
+    75.00), said nowhere; nor was the `seeds` column explained. The note says both."""
+    for seed, auroc in ((0, 0.7), (1, 0.8)):
+        _write(tmp_path / str(seed), [_row(seed, "s", "near", auroc)])
+    main([str(tmp_path), "--no-figures"])
+    note = (tmp_path / "report.md").read_text().split("\n\n")[1]
+    assert note.startswith("Metrics in % (report.csv: the same as fractions, 0-1, in `_mean` / `_std` columns): mean ± "
+                           "std over the row's `seeds` runs (sample std")
+    csv_row = (tmp_path / "report.csv").read_text().splitlines()[1].split(",")
+    header = (tmp_path / "report.csv").read_text().splitlines()[0].split(",")
+    assert float(csv_row[header.index("s/auroc_mean")]) == pytest.approx(0.75)

@@ -14,7 +14,8 @@ LATEX_ESCAPES = {"\\": "\\textbackslash{}", "~": "\\textasciitilde{}", "^": "\\t
                  "|": "\\textbar{}", **{c: "\\" + c for c in "&%$#_{}"}}
 #: how the numbers were made, under the Markdown table and atop the LaTeX one: a reader of the table alone cannot tell
 #: the std's formula, how near/far are averaged, nor which of the two FPR95 conventions a column is
-NOTE = ("Metrics in %: mean ± std over seeds (sample std, n - 1; one seed: the value alone); near/far: the mean over "
+NOTE = ("Metrics in % (report.csv: the same as fractions, 0-1, in `_mean` / `_std` columns): mean ± std over the row's "
+        "`seeds` runs (sample std, n - 1; one seed: the value alone); near/far: the mean over "
         "the group's OOD sets per run, then over seeds. fpr95: OOD accepted as ID at the threshold keeping 95 % of ID "
         "(ID positive, as ODIN / Energy); fpr95_oodpos: ID rejected at 95 % of OOD caught (OpenOOD v1.5's).")
 
