@@ -110,7 +110,10 @@ def test_a_seed_run_twice_is_named(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_no_results_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
-    assert "no results.jsonl found under" in capsys.readouterr().err
+    # an empty folder, or one that holds no run (a typo'd path, the project's root): what ood-report takes
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: no results.jsonl found under {tmp_path}: ood-report takes the folders ood-train and ood-eval write, a "
+        "run's (logs/train/runs/<run>) or a sweep's (logs/train/multiruns/<sweep>), or folders holding them")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "results.jsonl").write_text("")  # a run that scored nothing (detectors=none, ce)
     with pytest.raises(SystemExit):

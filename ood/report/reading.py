@@ -110,8 +110,11 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         tags = {"_run": str(file.parent), "_config": ident.config, "_model": model, "_seeded": ident.seeded}
         rows += [{**row, **tags} for row in _parse_rows(file)]
     if not rows:  # an empty file: a run that scored nothing (detectors=none and a method without a score)
-        found = f"only {len(files)} results.jsonl without rows" if files else "no results.jsonl"
-        raise OODError(f"{found} found under {', '.join(map(str, paths))}")
+        runs = files or found[".hydra"] or found[FAILED_FILE]  # none: a typo'd path, an empty folder; say what it takes
+        takes = "" if runs else (": ood-report takes the folders ood-train and ood-eval write, a run's "
+                                 "(logs/train/runs/<run>) or a sweep's (logs/train/multiruns/<sweep>), or folders holding them")
+        what = f"only {len(files)} results.jsonl without rows" if files else "no results.jsonl"
+        raise OODError(f"{what} found under {', '.join(map(str, paths))}{takes}")
     seen: dict[tuple[str, ...], str] = {}
     kept = []
     for row in sorted(rows, key=lambda r: ("ckpt" in r["_config"], not trained_here(r), r["_run"])):
