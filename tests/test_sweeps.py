@@ -205,3 +205,11 @@ def test_the_end_of_an_optuna_sweep_names_its_best_job_and_what_its_value_is(tmp
     (tmp_path / "optimization_results.yaml").unlink()  # a sweep of the basic sweeper: nothing to say
     BestTrial().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, "objective": None}))
     assert capsys.readouterr().out == ""
+
+
+def test_the_best_trial_callback_imports_no_torch() -> None:
+    """`BestTrial` is a callback of every run (`hydra.callbacks`): Hydra imports its module as it starts, also in the
+    sweep's own process of the parallel and SLURM launchers, which runs no job; at 7 s for torch there, it must not."""
+    code = "import sys, ood.runs.sweeps; print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out == "[]\n"

@@ -12,12 +12,13 @@ from typing import Any
 from hydra.experimental.callback import Callback as HydraCallback
 
 from ood.errors import ConfigError
-from ood.evaluation.sinks import VALIDATION_FILE
 
 
 def sweep_objective(output_dir: str | Path, detector: str | None) -> float | None:
     """The validation-OOD AUROC a sweeper maximises: of `detector`, or the method's own score when it has one,
     else the first detector. None when the run wrote no validation numbers."""
+    from ood.evaluation.sinks import VALIDATION_FILE  # here: `BestTrial`'s module is imported as Hydra starts
+
     path = Path(output_dir) / VALIDATION_FILE
     if not path.is_file():
         return None
@@ -53,6 +54,8 @@ class BestTrial(HydraCallback):
         if not file.is_file():
             return
         import yaml
+
+        from ood.evaluation.sinks import VALIDATION_FILE  # imports torch: not as Hydra starts
 
         best = yaml.safe_load(file.read_text())
         value, objective = best["best_value"], config.get("objective")
