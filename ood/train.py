@@ -22,6 +22,7 @@ from ood.cli import check_argv, friendly_errors, in_multirun, load_weights, requ
 from ood.errors import ConfigError
 from ood.runs.checks import as_trained_paths, check_launch, check_run
 from ood.runs.failures import (
+    RESUMED_FILE,
     Started,
     clear_failure,
     ctrl_c_raised,
@@ -189,8 +190,13 @@ def _stopped_line(cfg: DictConfig, output_dir: Path, by: str = "SIGTERM") -> str
     if not cfg.train:
         return f"stopped by {by}: {output_dir}: rerun the evaluation"
     where = f"hydra.sweep.dir={_sweep_dir()}" if in_multirun() else f"hydra.run.dir={output_dir}"
-    return (f"stopped by {by}: {output_dir} keeps its last completed epoch's checkpoint; resume it with the same "
-            f"command plus ckpt_path=last {where}")
+    if (output_dir / "checkpoints" / "last.ckpt").is_file():
+        state = "keeps its last completed epoch's checkpoint; resume it"
+    elif (output_dir / RESUMED_FILE).is_file():  # `ckpt_path=last` goes on from the checkpoint this attempt resumed
+        state = "saved no checkpoint of its own yet (stopped in the first epoch it ran); resume the one it started from"
+    else:
+        state = "has no checkpoint yet (stopped in its first epoch); start it again there"
+    return f"stopped by {by}: {output_dir} {state} with the same command plus ckpt_path=last {where}"
 
 
 def evaluated_weights(cfg: DictConfig, given: Sequence[str]) -> str | None:

@@ -463,8 +463,8 @@ def test_run_table_reads_at_60_to_200_columns(
 
 
 @pytest.mark.parametrize(("train", "line"), [
-    (True, "stopped by Ctrl-C: {out} keeps its last completed epoch's checkpoint; resume it with the same command plus "
-           "ckpt_path=last hydra.run.dir={out}"),
+    (True, "stopped by Ctrl-C: {out} has no checkpoint yet (stopped in its first epoch); start it again there with the "
+           "same command plus ckpt_path=last hydra.run.dir={out}"),
     (False, "stopped by Ctrl-C: {out}: rerun the evaluation"),
 ])
 def test_ctrl_c_says_how_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

@@ -462,8 +462,17 @@ def test_the_sigterm_line_of_a_sweeps_job_names_the_sweep_folder(tmp_path: Path)
         cfg.hydra.mode = RunMode.MULTIRUN
     HydraConfig().set_config(cfg)
     try:
-        assert _stopped_line(cfg, job) == (f"stopped by SIGTERM: {job} keeps its last completed epoch's checkpoint; "
-                                           f"resume it with the same command plus ckpt_path=last hydra.sweep.dir={sweep}")
+        # stopped in its first epoch: it has no checkpoint to keep (the line claimed one); `ckpt_path=last` starts it
+        # again, or goes on from the checkpoint it resumed (`resumed.json`)
+        resume = f"with the same command plus ckpt_path=last hydra.sweep.dir={sweep}"
+        assert _stopped_line(cfg, job) == f"stopped by SIGTERM: {job} has no checkpoint yet (stopped in its first epoch); start it again there {resume}"
+        job.mkdir(parents=True, exist_ok=True)
+        (job / "resumed.json").write_text("{}")
+        assert _stopped_line(cfg, job) == (f"stopped by SIGTERM: {job} saved no checkpoint of its own yet (stopped in the "
+                                           f"first epoch it ran); resume the one it started from {resume}")
+        (job / "checkpoints").mkdir()
+        (job / "checkpoints" / "last.ckpt").write_bytes(b"")
+        assert _stopped_line(cfg, job) == f"stopped by SIGTERM: {job} keeps its last completed epoch's checkpoint; resume it {resume}"
     finally:
         HydraConfig.instance().cfg = None  # no later test of this process takes itself for a multirun's job
 
