@@ -169,6 +169,10 @@ def test_report_cli_prints_the_reference(tmp_path: Path, capsys: pytest.CaptureF
     assert "| ref:near/auroc | ref:far/auroc |" in out.out and "| 80.91 ± 0.08 | 79.77 ± 0.61 |" in out.out
     assert "results/cifar100.csv" in out.err
     assert "reference numbers (cifar100, resnet18)" not in out.err  # the 224 px file, loaded by default: no row of it
+    # where the ref: columns come from is in report.md too, beside them (it was on stderr only, lost with the console)
+    source = next(line[len("reference numbers "):] for line in out.err.splitlines() if line.startswith("reference numbers"))
+    assert source.startswith("(cifar100, resnet18_32x32") and "results/cifar100.csv" in source
+    assert f"\nReference numbers from:\n- {source}\n" in (tmp_path / "sweep" / "report.md").read_text()
     # the leaderboard's ± is np.std (n), ours n - 1: the note under the table (and atop report.tex) says so
     assert f"{NOTE} {STD_CONVENTIONS['population']}\n" in out.out
     assert (tmp_path / "sweep" / "report.tex").read_text().startswith(f"% {NOTE} {STD_CONVENTIONS['population']}\n")

@@ -392,7 +392,9 @@ def test_report_md_says_why_reference_numbers_are_left_out(tmp_path: Path) -> No
     main([str(tmp_path), "--no-figures"])
     report = (tmp_path / "report.md").read_text()
     head, _, left_out = report.partition("\nReference numbers left out of the table:\n")
+    head, _, sources = head.partition("\nReference numbers from:\n")
     assert head.splitlines()[-1].startswith("Metrics in %") and "| ref:far/auroc |" in head
+    assert sources.startswith("- (cifar10, resnet18_32x32): https://github.com/zjysteven/OpenOOD results/cifar10.csv")
     assert [line.split(" (")[0] for line in left_out.splitlines()] == [
         "- no ref: columns for the cifar10 resnet18_32x32 rows of mode=fsood: the reference's numbers are standard",
         "- no ref:near columns for the cifar10 resnet18_32x32 rows: their near-OOD sets ['cifar100'] are not the "

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ood.errors import OODError
 from ood.files import atomic_write, atomic_write_text
@@ -115,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                      "0-based):\n" + "".join(f"- `{run}`: {epoch}\n" for run, epoch in epochs.items()))
     if averaged:
         markdown += "\nWhat the means are over (warned of on stderr too):\n" + "".join(f"- {line}\n" for line in averaged)
+    sources = reference_sources(references, ran)
+    if sources and any(c.startswith("ref:") for c in metric_cols):  # where the ref: columns come from, kept with them
+        markdown += "\nReference numbers from:\n" + "".join(f"- {line}\n" for line in sources)
     if left_out:
         markdown += "\nReference numbers left out of the table:\n" + "".join(f"- {line}\n" for line in left_out)
     if failed:
@@ -133,14 +137,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         write_figures(figures_in, config_cols, table, rows, chosen)
     print_missing(failed)
-    for ref in references:  # those of another network (conf/reference/cifar10_resnet18.yaml beside 32 px runs) are not named
-        if (str(ref["id_dataset"]), str(ref["backbone"])) in ran:
-            protocol = f", protocol: {ref['protocol']}" if ref.get("protocol") else ""
-            print(f"reference numbers ({ref['id_dataset']}, {ref['backbone']}{protocol}): {ref['source']}", file=sys.stderr)
+    for line in sources:
+        print(f"reference numbers {line}", file=sys.stderr)
     if unmatched_files:
         print(f"warning: {left_out[-1]}", file=sys.stderr)
     figures = "" if args.no_figures else f", {'report/' if figures_in != out else ''}figures/"
     print(f"wrote {out}/report.md, report.csv, report.tex{figures}", file=sys.stderr)
+
+
+def reference_sources(references: Sequence[Mapping[str, Any]], ran: Sequence[tuple[str, str]]) -> list[str]:
+    """`(<ID dataset>, <backbone>[, protocol: ...]): <source>` of each reference of a (ID dataset, backbone) the table
+    ran; those of another network (conf/reference/cifar10_resnet18.yaml beside 32 px runs) are not named."""
+    lines = []
+    for ref in references:
+        if (str(ref["id_dataset"]), str(ref["backbone"])) in ran:
+            protocol = f", protocol: {ref['protocol']}" if ref.get("protocol") else ""
+            lines.append(f"({ref['id_dataset']}, {ref['backbone']}{protocol}): {ref['source']}")
+    return lines
 
 
 def print_missing(missing: dict[str, str]) -> None:
