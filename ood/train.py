@@ -31,6 +31,7 @@ from ood.runs.failures import (
     remove_earlier_results,
 )
 from ood.runs.identity import RunIdentity, flat_config, run_identity, write_identity
+from ood.runs.sweeps import check_objective, failed_jobs_listed, sweep_objective
 from ood.runs.trained import checkpoint_config
 from ood.termination import (
     exit_terminated,
@@ -53,7 +54,7 @@ log = get_logger(__name__)
 
 #: what a run imports (torch, Lightning, ood's evaluation and run plumbing): `run_modules` imports them at a job's start
 RUN_MODULES = ("lightning", "ood.evaluation.callback", "ood.evaluation.prepare", "ood.runs.checkpoints",
-               "ood.runs.console", "ood.runs.loggers", "ood.runs.sweeps")
+               "ood.runs.console", "ood.runs.loggers")
 
 
 def run_modules() -> None:
@@ -96,7 +97,6 @@ def build(
     from ood.runs.checkpoints import BestValAccuracy, RunState, StopAtSigterm
     from ood.runs.console import ProgressBar
     from ood.runs.loggers import build_loggers
-    from ood.runs.sweeps import check_objective
 
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, seed=cfg.seed, **(data or {}))
@@ -303,8 +303,6 @@ def _run(cfg: DictConfig, output_dir: Path, attempt: Started) -> list[dict[str, 
 @friendly_errors
 def _main(cfg: DictConfig) -> float | None:
     run_modules()
-    from ood.runs.sweeps import sweep_objective
-
     run(cfg)
     return sweep_objective(cfg.paths.output_dir, cfg.get("objective"))
 
@@ -313,7 +311,7 @@ def main() -> None:
     """`ood-train` entry point."""
     require_config_dir()
     check_argv("train")
-    with sigterm_noted():  # from here on, before Hydra makes the run folder: SIGTERM leaves FAILED.txt there
+    with sigterm_noted(), failed_jobs_listed():  # sigterm: from here on, before Hydra makes the run folder
         _main()
 
 

@@ -38,6 +38,11 @@ def test_failed_job_leaves_the_others_and_report_names_it(tmp_path: Path, capsys
     done = {p.parent.name for p in sweep.glob("*/results.jsonl")}
     failed = {p.parent.name for p in sweep.glob("*/FAILED.txt")}
     assert (done, failed) == ({"0"}, {"1"})
+    # Hydra's last lines name the first failed job alone: the sweep ends listing every one and the report command
+    assert proc.stderr.splitlines()[-3:] == [
+        "1 job of the sweep failed:",
+        f"  {sweep / '1'}: ConfigError: trainer.max_epochs=0: must be >= 1 (Lightning's -1 would train forever)",
+        f"the sweep's report (its failed jobs listed under the table): ood-report {sweep}"]
     report([str(sweep), "--no-figures"])
     out, err = capsys.readouterr()
     for job in failed:

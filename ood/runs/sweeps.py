@@ -1,17 +1,21 @@
 """The number a Hydra sweeper maximises: a run's validation-OOD AUROC (ID val vs validation OOD; never test OOD),
-read back from the `validation.json` its evaluation wrote; and the line that ends an Optuna sweep, naming its best
-job (`BestTrial`)."""
+read back from the `validation.json` its evaluation wrote; the line that ends an Optuna sweep, naming its best job
+(`BestTrial`); and the lines that end a failed sweep, naming every failed job (`SweepStart`, `failed_jobs_listed`)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback as HydraCallback
 
 from ood.errors import ConfigError
+from ood.runs.failures import FAILED_FILE, failure
 
 
 def sweep_objective(output_dir: str | Path, detector: str | None) -> float | None:
@@ -66,6 +70,38 @@ class BestTrial(HydraCallback):
         print(f"best trial: {jobs[0] if jobs else 'a job of ' + str(sweep)} ({params}): validation AUROC of {name} "
               f"(ID val vs validation OOD) {100 * value:.2f} %, Optuna's best_value {value} in {file}; test numbers of "
               f"every trial: ood-report {sweep}")
+
+
+#: the sweep this process launched, (its folder, when), noted by `SweepStart` for `failed_jobs_listed`
+_launched: tuple[Path, float] | None = None
+
+
+class SweepStart(HydraCallback):
+    """`hydra.callbacks` of every run: notes the folder and start of the sweep a multirun launches, so that a failed
+    sweep can end listing every job that failed (`failed_jobs_listed`); Hydra's own last lines name the first alone,
+    and it calls `on_multirun_end` only after a sweep whose jobs all succeeded."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        global _launched
+        _launched = (Path(config.hydra.sweep.dir), time.time())
+
+
+@contextmanager
+def failed_jobs_listed() -> Iterator[None]:
+    """An entry point's failed sweep ends with a line per job that failed in it (each job folder's `FAILED.txt`
+    written since the sweep started: not an earlier attempt's) and the `ood-report` command that shows the others."""
+    try:
+        yield
+    except SystemExit as exit_:
+        if exit_.code not in (0, None) and _launched is not None:
+            sweep, since = _launched
+            jobs = sorted(p.parent for p in sweep.rglob(FAILED_FILE) if p.stat().st_mtime >= since - 1)
+            if jobs:
+                print(f"{len(jobs)} job{'s' if len(jobs) > 1 else ''} of the sweep failed:", file=sys.stderr)
+                for job in jobs:
+                    print(f"  {job}: {failure(job)}", file=sys.stderr)
+                print(f"the sweep's report (its failed jobs listed under the table): ood-report {sweep}", file=sys.stderr)
+        raise
 
 
 def check_objective(objective: str | None, method: str, detectors: Iterable[str]) -> None:
