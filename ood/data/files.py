@@ -287,6 +287,12 @@ class FileBenchmark(Benchmark):
         if "val" in self.splits:
             return None
         targets = self._split("train", self.eval_transform()).targets  # type: ignore[attr-defined]
+        if not 0 < self.val_size < len(targets):
+            raise ConfigError(
+                f"{self.name}: data.benchmark.val_size={self.val_size}: the train images held out as the ID "
+                f"validation split (there is no data.benchmark.val spec) must be 1 to {len(targets) - 1} of its "
+                f"{len(targets)}; give a val spec, or a val_size in that range"
+            )
         return stratified_split(targets, self.val_size, self.split_seed)
 
     # ----- splits -------------------------------------------------------------------------------------------------
