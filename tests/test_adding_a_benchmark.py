@@ -137,3 +137,13 @@ def test_val_size_above_the_train_split_names_the_key(page: Path, tmp_path: Path
     cfg = compose_config(tmp_path, _overrides(page, "~data.benchmark.val", "data.benchmark.val_size=3"))
     bench = instantiate(cfg.data, seed=0).benchmark
     assert (len(bench.train()), len(bench.val())) == (9, 3)
+
+
+def test_the_preprocessing_is_printed(page: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file benchmark names its preprocessing as it starts, as `data=folder` does: it said only where it read
+    from, and the ImageNet defaults of a config without `image_size` (224 px, resize 256) went unsaid."""
+    cfg = compose_config(tmp_path, _overrides(page, "data.benchmark.augment=false"))
+    with caplog.at_level("INFO", logger="ood.data.files"):
+        instantiate(cfg.data, seed=0).benchmark.prepare()
+    assert f"skin: reading files from {page}/data (main protocol); preprocessing: resize 32 (bilinear), centre crop " \
+           "32, mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]; training: the same (augment=false)" in caplog.messages

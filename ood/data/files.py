@@ -179,7 +179,17 @@ class FileBenchmark(Benchmark):
                 f"{', '.join(missing)}." + (f" {self.how}" if self.how else "")
             )
         self.check_id_classes()
-        log.info("%s: reading files from %s (%s protocol)", self.name, self.data_dir, self.protocol.name)
+        log.info("%s: reading files from %s (%s protocol); preprocessing: %s", self.name, self.data_dir,
+                 self.protocol.name, self.describe_preprocessing())
+
+    def describe_preprocessing(self) -> str:
+        """The evaluation and training transforms in words, printed as the run starts (`data=folder` prints its own):
+        a config that leaves out `image_size`, `resize`, `mean` or `std` gets ImageNet's, which went unsaid."""
+        resize = self.resize if isinstance(self.resize, int) else f"to {self.resize[0]}x{self.resize[1]}"
+        training = (f"random resized crop {self.image_size} + horizontal flip" if self.augment else
+                    "the same (augment=false)")
+        return (f"resize {resize} (bilinear), centre crop {self.image_size}, mean {list(self.mean)}, std "
+                f"{list(self.std)}; training: {training}")
 
     def _class_names(self, split: str) -> list[str] | None:
         """The class of each label of ID split `split` when its labels index class folders (a folder's sorted
