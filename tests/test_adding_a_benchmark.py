@@ -147,3 +147,22 @@ def test_the_preprocessing_is_printed(page: Path, tmp_path: Path, caplog: pytest
         instantiate(cfg.data, seed=0).benchmark.prepare()
     assert f"skin: reading files from {page}/data (main protocol); preprocessing: resize 32 (bilinear), centre crop " \
            "32, mean [0.5, 0.5, 0.5], std [0.5, 0.5, 0.5]; training: the same (augment=false)" in caplog.messages
+
+
+@pytest.mark.parametrize(("pool", "message"), [
+    ("skin/ood", "holds the test OOD set 'other_lesions' ({data}/skin/ood/other_lesions): outlier exposure would "
+                 "train on images it is then scored on as test OOD"),
+    ("skin/train/nevus", "is inside the ID split 'skin:train' ({data}/skin/train): outlier exposure would train ID "
+                         "images as OOD"),
+])
+def test_outliers_apart_from_the_id_and_test_sets(page: Path, tmp_path: Path, pool: str, message: str) -> None:
+    """An outlier pool that is, holds or lies inside an ID split, a csid set or a test OOD set is refused before
+    training (`data=folder` refuses one among the ID splits); a file benchmark trained on it without a word."""
+    cfg = compose_config(tmp_path, _overrides(page, f"data.benchmark.outliers={{folder: {pool}}}"))
+    with pytest.raises(ConfigError) as error:
+        instantiate(cfg.data, seed=0).benchmark.prepare()
+    data = page / "data"
+    assert str(error.value) == f"skin: data.benchmark.outliers {data}/{pool} " + message.format(data=data) + \
+        "; give a pool of images of none of them"
+    cfg = compose_config(tmp_path, _overrides(page, "data.benchmark.outliers={folder: skin/ood/val}"))
+    instantiate(cfg.data, seed=0).benchmark.prepare()  # the validation OOD set may be the pool: tuning only

@@ -179,6 +179,7 @@ class FileBenchmark(Benchmark):
                 f"{', '.join(missing)}." + (f" {self.how}" if self.how else "")
             )
         self.check_id_classes()
+        self._check_outliers_apart()
         log.info("%s: reading files from %s (%s protocol); preprocessing: %s", self.name, self.data_dir,
                  self.protocol.name, self.describe_preprocessing())
 
@@ -190,6 +191,28 @@ class FileBenchmark(Benchmark):
                     "the same (augment=false)")
         return (f"resize {resize} (bilinear), centre crop {self.image_size}, mean {list(self.mean)}, std "
                 f"{list(self.std)}; training: {training}")
+
+    def _check_outliers_apart(self) -> None:
+        """Refuse an outlier folder that is, holds or lies inside the folder of an ID split or csid set (outlier
+        exposure would train ID images as OOD) or of a test OOD set (it would train on the images it is then scored
+        on); the validation OOD set may be the pool (it tunes only). Image lists are not compared."""
+        pool = self.outlier_spec
+        if pool is None or pool.folder is None:
+            return
+        outside = resolve(self.data_dir, pool.folder).resolve()
+        sets = [*((f"{self.name}:{split}", spec, "ID split") for split, spec in self.splits.items()),
+                *((name, spec, "csid set") for name, spec in self.protocol.csid.items()),
+                *((name, spec, "test OOD set") for name, _, spec in self.protocol.sets)]
+        for name, spec, what in sets:
+            if spec.folder is None:
+                continue
+            inside = resolve(self.data_dir, spec.folder).resolve()
+            if outside == inside or outside.is_relative_to(inside) or inside.is_relative_to(outside):
+                relation = "is" if outside == inside else "is inside" if outside.is_relative_to(inside) else "holds"
+                harm = ("train on images it is then scored on as test OOD" if what == "test OOD set" else
+                        "train ID images as OOD")
+                raise ConfigError(f"{self.name}: data.benchmark.outliers {outside} {relation} the {what} {name!r} "
+                                  f"({inside}): outlier exposure would {harm}; give a pool of images of none of them")
 
     def _class_names(self, split: str) -> list[str] | None:
         """The class of each label of ID split `split` when its labels index class folders (a folder's sorted
