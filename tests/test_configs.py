@@ -130,3 +130,5 @@ def test_help_says_reference_is_not_a_run_choice(tmp_path: Path) -> None:
     for config_name in ("train", "eval"):
         footer = compose_config(tmp_path, [], config_name=config_name).hydra.help.footer
         assert footer.startswith("reference/*: published AUROC / FPR95 that ood-report prints"), footer
+        # data/base/files (listed as a group too) is the base of a data config of one's own, not a choice either
+        assert "data/base/files: what a data config of your own starts from (docs/adding_a_benchmark.md" in footer
