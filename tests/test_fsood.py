@@ -519,3 +519,18 @@ def test_an_ood_image_copying_a_csid_image_is_listed_as_a_duplicate(tmp_path: Pa
     assert [(Path(e["ood"]).name, e["kind"]) for e in listed] == [("from_csid.png", "exact")]
     assert Path(listed[0]["id"]).parent.parent == shifted
     assert {r["overlap_dropped"] for r in results.rows} == {1}
+
+
+def test_full_spectrum_without_the_datas_csid_switch_is_refused_before_training(tmp_path: Path) -> None:
+    """A data config without `csid: ${oc.select:evaluation.fsood,false}` (one's own, written by hand) trained the whole
+    run under evaluation.fsood=true, then stopped finding no csid set to score: refused at the start now."""
+    from ood.runs.checks import check_run
+
+    for csid, refused in ((None, False), ("false", True), ("true", False)):
+        cfg = compose_config(tmp_path, ["evaluation.fsood=true", *([f"data.csid={csid}"] if csid else [])])
+        if refused:
+            with pytest.raises(ConfigError, match=r"evaluation.fsood=true but the data config loads no covariate-shifted"):
+                check_run(cfg, None)
+        else:
+            check_run(cfg, None)
+    check_run(compose_config(tmp_path, ["evaluation.fsood=true", "data.csid=false", "evaluate=false"]), None)

@@ -71,6 +71,13 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
             f"trainer.accelerator={accelerator} but no GPU is available: this preset needs a GPU; "
             "add trainer=cpu to try it on CPU"
         )
+    if cfg.get("evaluate", True) and OmegaConf.select(cfg, "evaluation.fsood") and not OmegaConf.select(cfg, "data.csid"):
+        # a data config without the switch trained the whole run, then found no csid set to score
+        raise ConfigError(
+            "evaluation.fsood=true but the data config loads no covariate-shifted ID sets (data.csid is not true): "
+            "give it `csid: ${oc.select:evaluation.fsood,false}` as ood's data configs and conf/data/base/files.yaml "
+            "do, or add data.csid=true"
+        )
     check_weights(cfg)
     if cfg.train and ckpt_path is not None:
         stored = checkpoint_config(ckpt_path)
