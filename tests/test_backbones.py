@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +15,8 @@ from torch import nn
 from torchvision.models import resnet18, resnet50
 
 from ood.data.batch import Batch
-from ood.models import Backbone, DenseNet, ResNet18, ResNet18_32x32, ResNet50, WideResNet
+from ood.errors import ConfigError
+from ood.models import Backbone, DenseNet, GlobalPool, ResNet18, ResNet18_32x32, ResNet50, WideResNet
 from ood.models.resnet import ResNet50_64x64
 from ood.models.wrn import MeliketoyWideResNet
 from ood.utils import instantiate
@@ -197,3 +200,53 @@ def test_heatmap_wrn_has_the_released_init_and_trains_under_ce(tmp_path: Path) -
     optimizer.step()
     assert 0 < loss.item() < float("inf")
     assert not torch.equal(net.stages["stem"].bias, stem_bias)
+
+
+def _own(stages: Any = None, pool: Any = None, fc: Any = None) -> Backbone:
+    """A user's `Backbone` subclass on 1-channel images that sets only the given parts (None: left unset)."""
+
+    class Mine(Backbone):
+        def __init__(self) -> None:
+            super().__init__()
+            for name, part in (("stages", stages), ("pool", pool), ("fc", fc)):
+                if part is not None:
+                    setattr(self, name, part)
+
+    return Mine()
+
+
+def _stem() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+
+
+@pytest.mark.parametrize(("parts", "read", "message"), [
+    ({"pool": GlobalPool(), "fc": nn.Linear(8, 3)}, "layer_names", "Mine sets no `stages` in __init__"),
+    ({"stages": nn.Sequential(_stem()), "pool": GlobalPool(), "fc": nn.Linear(8, 3)}, "layer_names",
+     "Mine's `stages` is a Sequential, not an nn.ModuleDict"),
+    ({"stages": nn.ModuleDict({"a": _stem()}), "fc": nn.Linear(8, 3)}, "pool", "Mine sets no `pool` in __init__"),
+    ({"stages": nn.ModuleDict({"a": _stem()}), "pool": GlobalPool(), "fc": nn.Sequential(nn.Dropout(), nn.Linear(8, 3))},
+     "num_classes", "Mine's `fc` is a Sequential, not an nn.Linear"),
+])
+def test_a_broken_backbone_contract_is_one_line_naming_the_part(parts: dict[str, Any], read: str, message: str) -> None:
+    """A user's subclass missing `stages` / `pool` / `fc`, or with one of the wrong type, failed with
+    "'Mine' object has no attribute 'layer_names'" (a property failing inside reads as the property missing) or
+    "'Sequential' object has no attribute 'in_features'"; now reading the part, a property on it or the forward pass
+    names the part."""
+    mine = _own(**parts)
+    for attempt in (lambda: getattr(mine, read), lambda: mine(torch.zeros(2, 1, 8, 8))):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            attempt()
+    assert not hasattr(mine, "no_such_attribute")  # other missing attributes stay AttributeErrors
+
+
+@pytest.mark.parametrize(("pool", "fc", "message"), [
+    (nn.AdaptiveAvgPool2d(1), nn.Linear(8, 3), "Mine's pool gives features of shape (2, 8, 1, 1), not [N, 8]"),
+    (GlobalPool(), nn.Linear(16, 3), "Mine's pool gives features of shape (2, 8), not [N, 16]"),
+])
+def test_features_the_head_cannot_read_are_one_line(pool: nn.Module, fc: nn.Linear, message: str) -> None:
+    """A pool without the flatten, or a head of another width than the last stage: "mat1 and mat2 shapes cannot be
+    multiplied (16x1 and 8x3)" from inside the first training step."""
+    mine = _own(nn.ModuleDict({"a": _stem()}), pool, fc)
+    for read in (lambda: mine(torch.zeros(2, 1, 8, 8)), lambda: mine.run(torch.zeros(2, 1, 8, 8))):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            read()

@@ -9,7 +9,7 @@ logits, penultimate features, the output of any named stage, and "run the networ
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -23,6 +23,11 @@ class BackboneOutput(NamedTuple):
     logits: torch.Tensor
     features: torch.Tensor
     layers: dict[str, torch.Tensor]
+
+
+class ContractError(ConfigError, AttributeError):
+    """A `Backbone` subclass lacks `stages`, `pool` or `fc`, or has one of another type (an `AttributeError` too, so
+    `hasattr` and `getattr(..., default)` answer as before)."""
 
 
 class Backbone(nn.Module):
@@ -40,6 +45,37 @@ class Backbone(nn.Module):
     staged: ClassVar[bool] = True
     #: its 4-d stage outputs are [B, H, W, C] (timm models with `output_fmt="NHWC"`, e.g. Swin), not [B, C, H, W]
     nhwc_stages: bool = False
+
+    def __getattr__(self, name: str) -> Any:
+        """`nn.Module`'s look-up; where a subclass broke the contract (no `stages` / `pool` / `fc`, or one of another
+        type), reading them or a property built on them (`layer_names`, `num_classes`, `feature_dim`) is one line
+        naming the part, not "object has no attribute 'layer_names'"."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError as err:
+            if name in CONTRACT or isinstance(getattr(type(self), name, None), property):
+                self.check_contract(err)
+            raise
+
+    def check_contract(self, err: AttributeError) -> None:
+        """Raise `ContractError` naming what breaks the contract, from `err` (the AttributeError it caused); nothing
+        where the contract holds."""
+        problem = self.contract_problem()
+        if problem is not None:
+            raise ContractError(f"{problem}: a Backbone subclass sets `stages` (an nn.ModuleDict of named stages, run "
+                                "in order), `pool` (last stage output -> [N, D] features) and `fc` (nn.Linear(D, "
+                                "classes)) in __init__ (docs/adding_a_backbone.md)") from err
+
+    def contract_problem(self) -> str | None:
+        """What breaks the `Backbone` contract (a missing part, or one of another type), None where nothing does."""
+        name = type(self).__name__
+        for part, kind in CONTRACT.items():
+            value = self._modules.get(part, self.__dict__.get(part))
+            if value is None and not isinstance(getattr(type(self), part, None), property):
+                return f"{name} sets no `{part}` in __init__"
+            if value is not None and kind is not None and not isinstance(value, kind):
+                return f"{name}'s `{part}` is a {type(value).__name__}, not an nn.{kind.__name__}"
+        return None
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -77,11 +113,20 @@ class Backbone(nn.Module):
             self.check_layer(name)
         wanted = set(layers)
         kept: dict[str, torch.Tensor] = {}
-        for name, stage in self.stages.items():
-            x = stage(x)
-            if name in wanted:
-                kept[name] = x
-        return self.pool(x), kept
+        try:
+            for name, stage in self.stages.items():
+                x = stage(x)
+                if name in wanted:
+                    kept[name] = x
+            h, width = self.pool(x), self.fc.in_features
+        except AttributeError as err:  # a part of another type: "'Sequential' object has no attribute 'items'"
+            self.check_contract(err)
+            raise
+        if h.dim() != 2 or h.shape[1] != width:  # else "mat1 and mat2 shapes cannot be multiplied"
+            raise ConfigError(f"{type(self).__name__}'s pool gives features of shape {tuple(h.shape)}, not [N, {width}] "
+                              "as its fc reads: end `pool` with a flatten (GlobalPool) and give fc the last stage's "
+                              "channels")
+        return h, kept
 
     def forward_from(self, layer: str, z: torch.Tensor) -> torch.Tensor:
         """Penultimate features computed from `z`, the output of stage `layer` (the stages after it run)."""
@@ -115,6 +160,10 @@ def input_channels(module: nn.Module) -> int | None:
     None without one."""
     first = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
     return None if first is None else first.in_channels
+
+
+#: the parts every `Backbone` sets, and the module type each must be (None: any module)
+CONTRACT: dict[str, type[nn.Module] | None] = {"stages": nn.ModuleDict, "pool": None, "fc": nn.Linear}
 
 
 class GlobalPool(nn.Sequential):
