@@ -251,6 +251,29 @@ def test_a_module_target_in_the_working_directory_names_pythonpath(tmp_path: Pat
         module_backbone("elsewhere.Net", num_classes=3)
 
 
+class ThreeChannelNet(nn.Module):
+    """A user's net whose constructor takes no `in_channels`: its stem reads RGB."""
+
+    def __init__(self, num_classes: int, width: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, width, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+def test_a_module_target_built_for_other_channels_than_the_data_is_one_line() -> None:
+    """`backbone=module` passes `in_channels` only to a constructor that names it; one that does not built a 3-channel
+    stem for 1-channel digits and failed at the first batch ("expected input[64, 1, 16, 16] to have 3 channels")."""
+    with pytest.raises(ConfigError, match=r"^test_adapters.ThreeChannelNet reads 3-channel images \(its first "
+                                          r"convolution\) but the data has 1: give its constructor an `in_channels` "
+                                          r"argument \(ood passes the data's\), or build it for 1 channels with "
+                                          r"\+backbone.<its argument>=1$"):
+        module_backbone("test_adapters.ThreeChannelNet", num_classes=3, in_channels=1)
+    assert module_backbone("test_adapters.ThreeChannelNet", num_classes=3, in_channels=3).feature_dim == 4
+
+
 def test_every_cached_detector_on_a_timm_vit(folders: dict[str, Path], tmp_path: Path) -> None:
     torch.manual_seed(0)
     results = ood.evaluate(_timm_vit(), folders["id"], {"near": [folders["near"]], "far": [folders["far"]]},

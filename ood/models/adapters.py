@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ood.errors import CheckpointError, ConfigError, working_directory_hint
-from ood.models.base import Backbone, BackboneOutput
+from ood.models.base import Backbone, BackboneOutput, input_channels
 from ood.models.checkpoint import read_weights_file
 
 #: module paths tried, in order, for the final linear layer of a model without a library split
@@ -512,4 +512,9 @@ def module_backbone(
     given = {"num_classes": num_classes} if "num_classes" in params or open_kwargs else {}
     given |= {"in_channels": in_channels} if "in_channels" in params else {}
     net = factory(**given, **kwargs)
+    reads = input_channels(net)
+    if reads is not None and reads != in_channels:  # else a conv's "expected input ... to have 3 channels" mid-run
+        raise ConfigError(f"{target} reads {reads}-channel images (its first convolution) but the data has {in_channels}: "
+                          "give its constructor an `in_channels` argument (ood passes the data's), or build it for "
+                          f"{in_channels} channels with +backbone.<its argument>={in_channels}")
     return _wrap(net, num_classes, weights, feature_layer, "the ID data", shapes)
