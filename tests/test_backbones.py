@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -250,3 +251,21 @@ def test_features_the_head_cannot_read_are_one_line(pool: nn.Module, fc: nn.Line
     for read in (lambda: mine(torch.zeros(2, 1, 8, 8)), lambda: mine.run(torch.zeros(2, 1, 8, 8))):
         with pytest.raises(ConfigError, match=re.escape(message)):
             read()
+
+
+def test_a_subclass_with_its_own_forward_is_warned_of_when_defined() -> None:
+    """Training calls `forward`, the evaluation and every detector `run` / `features` (stages, pool, fc): a subclass
+    whose own `forward` computes something else (here a skip over the second stage) trained one function and was
+    scored as another, silently."""
+    with pytest.warns(UserWarning, match=r"^Skipping overrides forward: training calls forward, but the evaluation and "
+                                         r"the detectors read run\(\) / features\(\) \(stages, pool, fc\)"):
+        class Skipping(Backbone):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                a = self.stages["a"](x)
+                return self.fc(self.pool(a + self.stages["b"](a)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+
+        class Plain(Backbone):  # no forward of its own: nothing to say
+            pass

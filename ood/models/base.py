@@ -8,6 +8,7 @@ logits, penultimate features, the output of any named stage, and "run the networ
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
@@ -45,6 +46,19 @@ class Backbone(nn.Module):
     staged: ClassVar[bool] = True
     #: its 4-d stage outputs are [B, H, W, C] (timm models with `output_fmt="NHWC"`, e.g. Swin), not [B, C, H, W]
     nhwc_stages: bool = False
+    #: its `forward` is a wrapped network's own pass, whose logits and features `run` gives (the adapters); any other
+    #: subclass that defines `forward` is warned of as it is defined
+    forward_is_run: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Warn of a subclass with a `forward` of its own: training calls `forward`, the evaluation and every detector
+        `run` / `features`, so a `forward` that computes anything but `fc(pool(stages(x)))` trains one function and
+        is scored as another, silently."""
+        super().__init_subclass__(**kwargs)
+        if "forward" in vars(cls) and not cls.forward_is_run:
+            warnings.warn(f"{cls.__name__} overrides forward: training calls forward, but the evaluation and the detectors "
+                          "read run() / features() (stages, pool, fc); put the computation into `stages` and drop forward "
+                          "(docs/adding_a_backbone.md)", stacklevel=2)
 
     def __getattr__(self, name: str) -> Any:
         """`nn.Module`'s look-up; where a subclass broke the contract (no `stages` / `pool` / `fc`, or one of another
