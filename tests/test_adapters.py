@@ -268,7 +268,7 @@ def test_a_module_target_built_for_other_channels_than_the_data_is_one_line() ->
     stem for 1-channel digits and failed at the first batch ("expected input[64, 1, 16, 16] to have 3 channels")."""
     with pytest.raises(ConfigError, match=r"^test_adapters.ThreeChannelNet reads 3-channel images \(its first "
                                           r"convolution\) but the data has 1: give its constructor an `in_channels` "
-                                          r"argument \(ood passes the data's\), or build it for 1 channels with "
+                                          r"argument \(ood passes the data's\), or set its own channel argument: "
                                           r"\+backbone.<its argument>=1$"):
         module_backbone("test_adapters.ThreeChannelNet", num_classes=3, in_channels=1)
     assert module_backbone("test_adapters.ThreeChannelNet", num_classes=3, in_channels=3).feature_dim == 4

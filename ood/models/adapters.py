@@ -517,6 +517,6 @@ def module_backbone(
     reads = input_channels(net)
     if reads is not None and reads != in_channels:  # else a conv's "expected input ... to have 3 channels" mid-run
         raise ConfigError(f"{target} reads {reads}-channel images (its first convolution) but the data has {in_channels}: "
-                          "give its constructor an `in_channels` argument (ood passes the data's), or build it for "
-                          f"{in_channels} channels with +backbone.<its argument>={in_channels}")
+                          "give its constructor an `in_channels` argument (ood passes the data's), or set its own channel "
+                          f"argument: +backbone.<its argument>={in_channels}")
     return _wrap(net, num_classes, weights, feature_layer, "the ID data", shapes)
