@@ -269,3 +269,15 @@ def test_a_subclass_with_its_own_forward_is_warned_of_when_defined() -> None:
 
         class Plain(Backbone):  # no forward of its own: nothing to say
             pass
+
+
+def test_a_wrapped_network_has_no_parts_of_its_own_to_complain_of() -> None:
+    """The adapters wrap a whole network (no `stages` / `pool` ModuleDict): a missing attribute there stays Python's
+    AttributeError, not the contract's line about a user's subclass."""
+    from ood.models.adapters import as_backbone
+
+    wrapped = as_backbone(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)))
+    with pytest.raises(AttributeError) as caught:
+        wrapped.pool  # noqa: B018 - the read is the test
+    assert not isinstance(caught.value, ConfigError)
+    assert wrapped.num_classes == 3 and wrapped.feature_dim == 4

@@ -88,7 +88,7 @@ def find_head(net: nn.Module, feature_layer: str | None = None) -> str:
 class AdaptedBackbone(Backbone):
     """A whole network `net` with its final linear layer at module path `head` (`fc`)."""
 
-    forward_is_run = True
+    wraps_network = True
 
     def __init__(self, net: nn.Module, head: str) -> None:
         super().__init__()

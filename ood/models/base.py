@@ -46,16 +46,17 @@ class Backbone(nn.Module):
     staged: ClassVar[bool] = True
     #: its 4-d stage outputs are [B, H, W, C] (timm models with `output_fmt="NHWC"`, e.g. Swin), not [B, C, H, W]
     nhwc_stages: bool = False
-    #: its `forward` is a wrapped network's own pass, whose logits and features `run` gives (the adapters); any other
-    #: subclass that defines `forward` is warned of as it is defined
-    forward_is_run: ClassVar[bool] = False
+    #: it wraps a whole network (the adapters): `forward` is the network's own pass, whose logits and features `run`
+    #: gives, and it has no `stages` / `pool` of its own; any other subclass that defines `forward` is warned of as it
+    #: is defined, and one that lacks a part is told so
+    wraps_network: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Warn of a subclass with a `forward` of its own: training calls `forward`, the evaluation and every detector
         `run` / `features`, so a `forward` that computes anything but `fc(pool(stages(x)))` trains one function and
         is scored as another, silently."""
         super().__init_subclass__(**kwargs)
-        if "forward" in vars(cls) and not cls.forward_is_run:
+        if "forward" in vars(cls) and not cls.wraps_network:
             warnings.warn(f"{cls.__name__} overrides forward: training calls forward, but the evaluation and the detectors "
                           "read run() / features() (stages, pool, fc); put the computation into `stages` and drop forward "
                           "(docs/adding_a_backbone.md)", stacklevel=2)
@@ -67,7 +68,7 @@ class Backbone(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError as err:
-            if name in CONTRACT or isinstance(getattr(type(self), name, None), property):
+            if not self.wraps_network and (name in CONTRACT or isinstance(getattr(type(self), name, None), property)):
                 self.check_contract(err)
             raise
 
