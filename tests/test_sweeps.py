@@ -218,3 +218,21 @@ def test_the_best_trial_callback_imports_no_torch() -> None:
     code = "import sys, ood.runs.sweeps; print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
     assert out == "[]\n"
+
+
+def test_the_best_trial_of_tied_trials_is_optunas_the_first_to_reach_the_value(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Optuna's best trial is the first to reach the best value (a later tie does not replace it), and its
+    `best_params` are that trial's; the line took the first tied job folder by name, `10` before `2`, naming trial
+    10's folder beside trial 2's parameters (AUROC ties are common: 1.0 on an easy validation set)."""
+    from omegaconf import OmegaConf
+
+    from ood.runs.sweeps import BestTrial
+
+    for job, auroc in (("0", 0.9), ("1", 0.95), ("2", 1.0), *((str(j), 0.97) for j in range(3, 10)), ("10", 1.0)):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "validation.json").write_text(json.dumps({"method": "ce", "auroc": {"msp": auroc}}))
+    (tmp_path / "optimization_results.yaml").write_text(
+        "name: optuna\nbest_params:\n  method.optimizer.lr: 0.1\nbest_value: 1.0\n")
+    BestTrial().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, "objective": "msp"}))
+    assert capsys.readouterr().out.startswith(f"best trial: {tmp_path / '2'} (method.optimizer.lr=0.1): ")

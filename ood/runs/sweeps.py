@@ -63,13 +63,21 @@ class BestTrial(HydraCallback):
 
         best = yaml.safe_load(file.read_text())
         value, objective = best["best_value"], config.get("objective")
-        jobs = [p.parent for p in sorted(sweep.glob(f"*/{VALIDATION_FILE}")) if sweep_objective(p.parent, objective) == value]
+        # in job order: Optuna's best is the first trial to reach the best value (a later tie does not replace it)
+        found = sorted(sweep.glob(f"*/{VALIDATION_FILE}"), key=lambda p: _job_order(p.parent.name))
+        jobs = [p.parent for p in found if sweep_objective(p.parent, objective) == value]
         params = " ".join(f"{key}={val}" for key, val in best["best_params"].items())
         name = objective_name(json.loads((jobs[0] / VALIDATION_FILE).read_text()), objective) if jobs else (
             objective or "the objective")
         print(f"best trial: {jobs[0] if jobs else 'a job of ' + str(sweep)} ({params}): validation AUROC of {name} "
               f"(ID val vs validation OOD) {100 * value:.2f} %, Optuna's best_value {value} in {file}; test numbers of "
               f"every trial: ood-report {sweep}")
+
+
+def _job_order(name: str) -> tuple[int, int, str]:
+    """A job folder's place in its sweep: by job number (`10` after `2`), as Hydra's default `hydra.sweep.subdir`
+    names them; other names after, by name."""
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
 #: the sweep this process launched, (its folder, when), noted by `SweepStart` for `failed_jobs_listed`
