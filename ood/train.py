@@ -231,8 +231,9 @@ def _run(cfg: DictConfig, output_dir: Path, attempt: Started) -> list[dict[str, 
     from ood.runs.identity import WEIGHTS_FILES
     from ood.runs.loggers import finish_wandb
 
-    # a sweep's job or a rerun into a folder of ours (its config.yaml) resumes only its own checkpoint
-    own_only = bool(cfg.train) and (in_multirun() or (output_dir / "config.yaml").is_file())
+    # a sweep's job or a rerun into a folder of ours (its config.yaml, or the FAILED.txt of an attempt stopped before
+    # that landed: `_stopped_line` tells it to add ckpt_path=last) resumes only its own checkpoint
+    own_only = bool(cfg.train) and (in_multirun() or (output_dir / "config.yaml").is_file() or attempt.failed is not None)
     given = HydraConfig.get().overrides.task if HydraConfig.initialized() else ()
     weights = evaluated_weights(cfg, given)
     if not cfg.train:  # its config.yaml says which: null, the file the training evaluated (as ood-eval's)

@@ -493,7 +493,13 @@ def test_a_requeued_job_of_a_sweep_without_checkpoints_is_not_told_to_add_hydra_
         (logging.INFO, f"ckpt_path=last: no checkpoint in {job} yet, training starts from scratch")]
 
 
-def test_rerun_into_a_folder_without_a_checkpoint_starts_from_scratch(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("left", "text"), [
+    ("config.yaml", "seed: 0\n"),
+    # stopped (SIGTERM, Ctrl-C) before its config.yaml landed, e.g. as it started: its stopped line says to rerun it
+    # with ckpt_path=last, which took the newest other run's checkpoint
+    ("FAILED.txt", "SIGTERMException: terminated by SIGTERM; resume with ckpt_path=last\n"),
+], ids=["config", "failed-before-config"])
+def test_rerun_into_a_folder_without_a_checkpoint_starts_from_scratch(tmp_path: Path, left: str, text: str) -> None:
     """A run (or a sweep's job) killed before its first checkpoint, rerun into its folder with `ckpt_path=last`,
     trains from scratch: it used to resume the newest run under logs/train/runs (another run's training, or a
     refusal naming that run's settings). Here that newest run's checkpoint is unreadable, so taking it would fail."""
@@ -502,7 +508,7 @@ def test_rerun_into_a_folder_without_a_checkpoint_starts_from_scratch(tmp_path: 
     other.write_bytes(b"not a checkpoint")
     here = tmp_path / "here"
     here.mkdir()
-    (here / "config.yaml").write_text("seed: 0\n")  # what the killed attempt left
+    (here / left).write_text(text)  # what the killed attempt left
     quick = [*RUN, "trainer.max_epochs=1", "detectors.names=[msp]", f"paths.log_dir={tmp_path / 'logs'}"]
     assert {r["detector"] for r in run_config(here, [*quick, "ckpt_path=last"])} == {"msp"}
     assert torch.load(here / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 0
