@@ -466,6 +466,22 @@ def test_jobs_of_a_stopped_sweep_that_never_started_are_named(tmp_path: Path, ca
     assert f"job not started {tmp_path}/3: {why}" in capsys.readouterr().err.splitlines()
 
 
+
+def test_the_unstarted_jobs_of_an_evaluation_sweep_are_not_told_to_add_ckpt_path_last(tmp_path: Path) -> None:
+    """An `ood-eval` sweep's jobs evaluate the checkpoint its command names (`ckpt_path=<run>/...`): the hint's
+    `ckpt_path=last` replaced it (the later override wins), and an evaluation's `last` is the newest training run
+    under logs/train/runs, so every job evaluated that one network. It is told to run the sweep's command again."""
+    from ood.report.reading import unstarted_jobs
+
+    (tmp_path / "multirun.yaml").write_text(
+        "train: false\nhydra:\n  sweep:\n    dir: logs/x\n    subdir: ${hydra.job.num}\n"
+        "  sweeper:\n    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper\n    params: null\n"
+        "  overrides:\n    task:\n    - seed=0,1\n    - ckpt_path=runs/a\n")
+    (tmp_path / "0").mkdir()
+    assert unstarted_jobs(tmp_path / "multirun.yaml") == {str(tmp_path / "1"): (
+        f"not started (seed=1 ckpt_path=runs/a): the sweep stopped before it, or is still running; to run "
+        f"it: the sweep's command plus hydra.sweep.dir={tmp_path}")}
+
 def test_the_note_says_report_csv_holds_fractions_and_what_seeds_counts(tmp_path: Path) -> None:
     """report.md and report.tex read "Metrics in %" while report.csv held the same numbers as fractions (0.75, not
     75.00), said nowhere; nor was the `seeds` column explained. The note says both."""

@@ -177,14 +177,17 @@ def sweep_jobs(hydra: dict[str, Any]) -> list[str]:
 def unstarted_jobs(record: Path) -> dict[str, str]:
     """The jobs of the sweep whose `multirun.yaml` is `record` that have no folder (`<sweep>/<job number>`, Hydra's
     default `hydra.sweep.subdir`) -> why: a sweep stopped in one of its jobs (SIGTERM, Ctrl-C) never started the jobs
-    after it, and a report that named only the stopped one read as complete for them."""
+    after it, and a report that named only the stopped one read as complete for them. A training sweep is told to
+    add `ckpt_path=last` (its stopped job goes on); an evaluation's (`train: false`: `ood-eval`) is not: it would
+    replace the checkpoint the command names by the newest training run."""
     import yaml
 
-    hydra = (yaml.safe_load(record.read_text()) or {}).get("hydra") or {}
+    config = yaml.safe_load(record.read_text()) or {}
+    hydra = config.get("hydra") or {}
     if (hydra.get("sweep") or {}).get("subdir") != "${hydra.job.num}":
         return {}
     sweep = record.parent
-    resume = f"the sweep's command plus ckpt_path=last hydra.sweep.dir={sweep}"
+    resume = f"the sweep's command plus {'ckpt_path=last ' if config.get('train', True) else ''}hydra.sweep.dir={sweep}"
     return {str(sweep / str(num)): f"{NOT_STARTED} ({job}): the sweep stopped before it, or is still running; to run "
             f"it: {resume}" for num, job in enumerate(sweep_jobs(hydra)) if not (sweep / str(num)).exists()}
 
