@@ -236,3 +236,24 @@ def test_the_best_trial_of_tied_trials_is_optunas_the_first_to_reach_the_value(t
         "name: optuna\nbest_params:\n  method.optimizer.lr: 0.1\nbest_value: 1.0\n")
     BestTrial().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}, "objective": "msp"}))
     assert capsys.readouterr().out.startswith(f"best trial: {tmp_path / '2'} (method.optimizer.lr=0.1): ")
+
+
+def test_a_sweeps_failed_jobs_are_listed_once_and_not_for_a_later_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`failed_jobs_listed` names the jobs whose FAILED.txt the sweep wrote (not an earlier attempt's), then forgets
+    the sweep: a later failed command of the same process (a script calling main() twice) listed them again."""
+    from omegaconf import OmegaConf
+
+    import ood.runs.sweeps as sweeps
+
+    old, new = tmp_path / "0", tmp_path / "1"
+    for job in (old, new):
+        job.mkdir()
+        (job / "FAILED.txt").write_text(f"ConfigError: job {job.name}\n")
+    os.utime(old / "FAILED.txt", (0, 0))  # an earlier attempt's
+    sweeps.SweepStart().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    for _ in range(2):
+        with pytest.raises(SystemExit), sweeps.failed_jobs_listed():
+            sys.exit(1)
+    assert capsys.readouterr().err.splitlines() == [
+        "1 job of the sweep failed:", f"  {new}: ConfigError: job 1",
+        f"the sweep's report (its failed jobs listed under the table): ood-report {tmp_path}"]

@@ -98,6 +98,7 @@ class SweepStart(HydraCallback):
 def failed_jobs_listed() -> Iterator[None]:
     """An entry point's failed sweep ends with a line per job that failed in it (each job folder's `FAILED.txt`
     written since the sweep started: not an earlier attempt's) and the `ood-report` command that shows the others."""
+    global _launched
     try:
         yield
     except SystemExit as exit_:
@@ -110,6 +111,8 @@ def failed_jobs_listed() -> Iterator[None]:
                     print(f"  {job}: {failure(job)}", file=sys.stderr)
                 print(f"the sweep's report (its failed jobs listed under the table): ood-report {sweep}", file=sys.stderr)
         raise
+    finally:
+        _launched = None  # a later command of this process (a script calling main() again) is not this sweep
 
 
 def check_objective(objective: str | None, method: str, detectors: Iterable[str]) -> None:
