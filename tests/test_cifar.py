@@ -185,8 +185,8 @@ def test_missing_data_stops_the_run_before_training(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("data", "protocol", "fetched", "by_file"), [
-    ("cifar10", "openood_v1.5", "CIFAR-10 (and the openood_v1.5 protocol's CIFAR-100, DTD, MNIST, Places365, SVHN)", "tin, val_ood"),
-    ("cifar100", "classic", "CIFAR-100 (and the classic protocol's SVHN)", "isun, lsun_crop, lsun_resize, places365, texture, val_ood"),
+    ("cifar10", "openood_v1.5", "CIFAR-10 (and the openood_v1.5 protocol's CIFAR-100, DTD, MNIST, Places365, SVHN)", "tin, validation OOD, TIN-597 outliers"),
+    ("cifar100", "classic", "CIFAR-100 (and the classic protocol's SVHN)", "isun, lsun_crop, lsun_resize, places365, texture, validation OOD, TIN-597 outliers"),
 ])
 def test_missing_data_says_which_of_the_protocols_sets_torchvision_fetches(
         data: str, protocol: str, fetched: str, by_file: str, tmp_path: Path) -> None:

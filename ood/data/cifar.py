@@ -265,7 +265,8 @@ class CIFARBenchmark(Benchmark):
         can fetch (named by protocol: the classic one's differ from OpenOOD v1.5's)."""
         specs = [(n, s.source or s) for n, s in self.protocol.all_specs()]  # a synthetic set: its source's files
         fetched = sorted({TORCHVISION_NAMES.get(s.torchvision, s.torchvision) for _, s in specs if s.torchvision})
-        by_file = sorted({n for n, s in specs if not s.torchvision})
+        by_file = sorted({"validation OOD" if n == "val_ood" else n for n, s in specs if not s.torchvision})
+        by_file += ["TIN-597 outliers"] if self.outlier_set == "tin597" else []  # OpenOOD's train_tin597 list
         return (
             f"Get OpenOOD's benchmark with its download script "
             f"({OPENOOD_DOWNLOAD.format(data_dir=self.data_dir.resolve())}), "
