@@ -114,6 +114,12 @@ def test_no_results_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"error: no results.jsonl found under {tmp_path}: ood-report takes the folders ood-train and ood-eval write, a "
         "run's (logs/train/runs/<run>) or a sweep's (logs/train/multiruns/<sweep>), or folders holding them")
+    (tmp_path / "multirun.yaml").write_text("hydra: {}\n")  # a sweep stopped before its first job is a sweep
+    with pytest.raises(SystemExit):
+        main([str(tmp_path)])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: no results.jsonl found under {tmp_path}: a sweep that has started no job yet (its multirun.yaml alone)")
+    (tmp_path / "multirun.yaml").unlink()
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "results.jsonl").write_text("")  # a run that scored nothing (detectors=none, ce)
     with pytest.raises(SystemExit):

@@ -111,7 +111,8 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         rows += [{**row, **tags} for row in _parse_rows(file)]
     if not rows:  # an empty file: a run that scored nothing (detectors=none and a method without a score)
         runs = files or found[".hydra"] or found[FAILED_FILE]  # none: a typo'd path, an empty folder; say what it takes
-        takes = "" if runs else (": ood-report takes the folders ood-train and ood-eval write, a run's "
+        takes = "" if runs else (": a sweep that has started no job yet (its multirun.yaml alone)" if found[MULTIRUN_FILE]
+                                 else ": ood-report takes the folders ood-train and ood-eval write, a run's "
                                  "(logs/train/runs/<run>) or a sweep's (logs/train/multiruns/<sweep>), or folders holding them")
         what = f"only {len(files)} results.jsonl without rows" if files else "no results.jsonl"
         raise OODError(f"{what} found under {', '.join(map(str, paths))}{takes}")
