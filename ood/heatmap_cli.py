@@ -62,8 +62,8 @@ CIFAR100_CLASSES = (
 #: whose `meta` file under `<data_dir>/torchvision/<set>/` names them when the data is there)
 BENCHMARK_CLASSES = {"CIFAR10Benchmark": (CIFAR10_CLASSES, "CIFAR10"), "CIFAR100Benchmark": (CIFAR100_CLASSES, "CIFAR100")}
 #: what `main` adds when it prints classes as label indices
-INDEX_NOTE = ("classes are printed as label indices: the run's data config names none (a train image list, "
-              "class folders gone since training, or digits)")
+INDEX_NOTE = ("classes are printed as label indices: the run's data config names none (digits, Tiny ImageNet and "
+              "ImageNet's label lists, a train image list, class folders gone since training)")
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
