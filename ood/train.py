@@ -183,6 +183,15 @@ def _sweep_dir() -> Path | None:
     return Path(HydraConfig.get().sweep.dir) if in_multirun() else None
 
 
+def _unnamed_sweep_dir() -> Path | None:
+    """`_sweep_dir` when the command line did not name it (Hydra's dated default): there a `ckpt_path=last` that finds
+    no checkpoint is the usual mistake, a stopped sweep resumed into a new folder; where it names the folder
+    (`make reproduce-* RESUME=1` before a stage's first checkpoint), its jobs just start."""
+    named = in_multirun() and any(o.lstrip("+").split("=", 1)[0] == "hydra.sweep.dir"
+                                  for o in HydraConfig.get().overrides.hydra)
+    return None if named else _sweep_dir()
+
+
 def _stopped_line(cfg: DictConfig, output_dir: Path, by: str = "SIGTERM") -> str:
     """The console's line for a run stopped `by` SIGTERM (it ended with status 143 and nothing on the console, a
     cluster job's log showing no reason) or Ctrl-C (a traceback alone): the folder, and what to add to the command to
@@ -239,7 +248,7 @@ def _run(cfg: DictConfig, output_dir: Path, attempt: Started) -> list[dict[str, 
     if not cfg.train:  # its config.yaml says which: null, the file the training evaluated (as ood-eval's)
         cfg.evaluation.weights = weights
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(cfg.paths.log_dir) / "train" / "runs", own_only,
-                                  _sweep_dir() if cfg.train else None, "last" if cfg.train else weights)
+                                  _unnamed_sweep_dir() if cfg.train else None, "last" if cfg.train else weights)
     check_run(cfg, ckpt_path, given)
     if cfg.evaluate and cfg.data.get("evaluate") is False:  # set in evaluate's place: it evaluated without OOD sets
         raise ConfigError("data.evaluate=false is the data config's copy of evaluate, which is true: this run would "

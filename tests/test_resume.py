@@ -477,6 +477,30 @@ def test_the_sigterm_line_of_a_sweeps_job_names_the_sweep_folder(tmp_path: Path)
         HydraConfig.instance().cfg = None  # no later test of this process takes itself for a multirun's job
 
 
+def test_a_job_of_a_sweep_whose_folder_the_command_names_is_not_told_to_name_it(tmp_path: Path) -> None:
+    """`make reproduce-<paper> RESUME=1` names every stage's `hydra.sweep.dir` and adds ckpt_path=last: a stage with no
+    checkpoint yet (a fresh R=, a stage not run before) warned every job "add hydra.sweep.dir=<its folder>", which the
+    command names already. The warning is for a sweep into Hydra's dated default folder alone."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    from ood.train import _unnamed_sweep_dir
+
+    sweep = tmp_path / "sweep"
+    for named in (True, False):
+        cfg = compose_config(tmp_path / "job", [f"hydra.sweep.dir={sweep}"] if named else [])
+        OmegaConf.set_readonly(cfg.hydra, False)
+        with open_dict(cfg):
+            cfg.hydra.mode = RunMode.MULTIRUN
+            cfg.hydra.sweep.dir = str(sweep)
+        HydraConfig().set_config(cfg)
+        try:
+            assert _unnamed_sweep_dir() == (None if named else sweep)
+        finally:
+            HydraConfig.instance().cfg = None  # no later test of this process takes itself for a multirun's job
+
+
 def test_a_requeued_job_of_a_sweep_without_checkpoints_is_not_told_to_add_hydra_sweep_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
