@@ -182,3 +182,26 @@ def test_an_empty_dataset_is_one_line() -> None:
 
     with pytest.raises(DataNotFoundError, match=r"^extract: the dataset has no items$"):
         forward_dataset(lambda b: b, TensorDataset(torch.zeros(0, 2)), batch_size=2, desc="extract")
+
+
+def test_a_cpu_receiver_takes_each_message_into_its_own_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`broadcast_rows` on a rank other than 0, result on the CPU: every message goes straight into the result's rows
+    (a view of them is what gloo fills), no buffer per message (those split the heap's free space: rank 1 peaked at
+    up to 1.33x the result, `test_a_distributed_pass_is_never_held_twice`); the rows arrive in order, whole."""
+    import ood.features.collector as collector_module
+
+    rows = torch.arange(10 * 3, dtype=torch.float32).view(10, 3)
+    monkeypatch.setattr(collector_module, "SEND_BYTES", 4 * 3 * 4)  # 4 rows a message: 3 messages
+    monkeypatch.setattr(collector_module, "_distributed", lambda: True)
+    monkeypatch.setattr(collector_module, "broadcast_from_rank_zero", lambda obj, group=None: {"f": ((10, 3), torch.float32)})
+    sent: list[torch.Tensor] = []
+
+    def broadcast(message: torch.Tensor, src: int, group: object = None) -> None:
+        start = sum(len(m) for m in sent)
+        message.copy_(rows[start : start + len(message)])
+        sent.append(message)
+
+    monkeypatch.setattr(collector_module.dist, "broadcast", broadcast)
+    out = collector_module.broadcast_rows(None, "cpu")["f"]
+    assert torch.equal(out, rows) and [len(m) for m in sent] == [4, 4, 2]
+    assert [m.data_ptr() for m in sent] == [out[i].data_ptr() for i in (0, 4, 8)]  # the result's own rows
