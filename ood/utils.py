@@ -10,7 +10,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -72,17 +72,18 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
-        refusal = _keyword_refusal(err, node, key)
+        refusal = _keyword_refusal(err, node, key, set(kwargs))
         if refusal is not None:
             raise refusal from None
         raise
 
 
-def _keyword_refusal(err: Exception, node: Any, key: str) -> ConfigError | None:
+def _keyword_refusal(err: Exception, node: Any, key: str, given: Collection[str] = ()) -> ConfigError | None:
     """The one line for `node` (at `key`), or the nested `_target_` node Hydra's error names, having a key its
-    `_target_` does not take, naming that node and its `_target_` as written; None when the TypeError is not the
-    target's own refusal of its keywords (one raised inside its constructor is a bug of the class, not of the
-    config)."""
+    `_target_` does not take, naming that node and its `_target_` as written (or, for a keyword ood passes at run
+    time, `given`: a backbone's `num_classes` / `in_channels`, that the class must take it); None when the TypeError
+    is not the target's own refusal of its keywords (one raised inside its constructor is a bug of the class, not of
+    the config)."""
     from hydra.utils import get_object
 
     text, cause = str(err), err.__cause__
@@ -101,6 +102,10 @@ def _keyword_refusal(err: Exception, node: Any, key: str) -> ConfigError | None:
     if where is not None:  # the node Hydra refused, by its key in the whole config
         key, node = where[1], OmegaConf.select(node._get_root(), where[1]) if isinstance(node, DictConfig) else None
     written = node.get("_target_", target[1]) if isinstance(node, DictConfig | dict) else target[1]
+    passed = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+    if passed is not None and passed[1] in given and passed[1] not in (node or {}):
+        return ConfigError(f"{key}: {cause} (_target_: {written}); ood passes {passed[1]}= to it at run time (from the "
+                           f"data): give the class an `{passed[1]}` argument")
     return ConfigError(f"{key}: {cause} (_target_: {written}); every key of {key} but _target_ is a keyword of that "
                        f"class: fix the key, or set {key}._target_ to the class that takes it")
 

@@ -281,3 +281,28 @@ def test_a_wrapped_network_has_no_parts_of_its_own_to_complain_of() -> None:
         wrapped.pool  # noqa: B018 - the read is the test
     assert not isinstance(caught.value, ConfigError)
     assert wrapped.num_classes == 3 and wrapped.feature_dim == 4
+
+
+class _NoChannels(torch.nn.Module):
+    """A user's network whose constructor takes the class count but not the input channels."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, num_classes)
+
+
+def test_a_backbone_without_a_keyword_ood_passes_is_told_to_take_it() -> None:
+    """ood passes `num_classes` and `in_channels` (from the data) to every backbone's target at run time; a class
+    without `in_channels` was told "every key of backbone but _target_ is a keyword of that class: fix the key", but
+    the backbone config holds no such key to fix."""
+    from omegaconf import OmegaConf
+
+    from ood.errors import ConfigError
+    from ood.utils import instantiate
+
+    node = OmegaConf.create({"backbone": {"_target_": f"{__name__}._NoChannels"}}).backbone
+    with pytest.raises(ConfigError, match=r"^backbone: .*unexpected keyword argument 'in_channels' \(_target_: "
+                                          r"test_backbones\._NoChannels\); ood passes in_channels= to it at run time "
+                                          r"\(from the data\): give the class an `in_channels` argument$"):
+        instantiate(node, num_classes=3, in_channels=1)
+    assert instantiate(node, num_classes=3).fc.out_features == 3
