@@ -177,6 +177,26 @@ def test_incomplete_openood_tree_names_the_missing_lists(tree: Path, tmp_path: P
     assert str(partial / "images_classic") in str(err.value)
 
 
+def test_a_run_that_does_not_evaluate_trains_before_the_ood_sets_are_there(tree: Path, tmp_path: Path) -> None:
+    """`ood-train evaluate=false` (train now, `ood-eval` later) stopped on the protocol's missing OOD sets on CIFAR
+    and on a data config of one's own (`FileBenchmark`): only the ID splits are asked for then; an evaluating run
+    still names every missing set."""
+    from ood.data import FileBenchmark
+
+    partial = tmp_path / "partial"
+    shutil.copytree(tree / "benchmark_imglist", partial / "benchmark_imglist")
+    shutil.copytree(tree / "images_classic", partial / "images_classic")
+    (partial / "benchmark_imglist/cifar10/test_svhn.txt").unlink()
+    files = FileBenchmark(partial, "mine", 10, {"imglist": "benchmark_imglist/cifar10/train_cifar10.txt"},
+                          {"imglist": "benchmark_imglist/cifar10/test_cifar10.txt"},
+                          {"main": {"far": {"svhn": {"imglist": "benchmark_imglist/cifar10/test_svhn.txt"}}}}, "main",
+                          val_size=2)
+    for bench in (CIFAR10Benchmark(partial), files):
+        OODDataModule(bench, evaluate=False).prepare_data()
+        with pytest.raises(DataNotFoundError, match="test_svhn.txt"):
+            OODDataModule(bench).prepare_data()
+
+
 def test_missing_data_stops_the_run_before_training(tmp_path: Path) -> None:
     with pytest.raises(DataNotFoundError, match="no data found"):
         run_config(tmp_path / "run", ["data=cifar10", f"paths.data_dir={tmp_path / 'nothing'}", "backbone=resnet18_32x32",

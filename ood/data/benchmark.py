@@ -136,8 +136,9 @@ class Benchmark(ABC):
         perturbations given in pixel units (ODIN) are divided by it."""
         return (1.0,) * self.in_channels
 
-    def prepare(self, download: bool = False) -> None:  # noqa: B027 - optional hook
-        """Check files, downloading what is missing when `download` (called once, on global rank zero)."""
+    def prepare(self, download: bool = False, evaluate: bool = True) -> None:  # noqa: B027 - optional hook
+        """Check files, downloading what is missing when `download` (called once, on global rank zero); the
+        protocol's OOD sets only when the run `evaluate`s (`ood-train evaluate=false` trains before they are there)."""
 
     @abstractmethod
     def train(self, augment: bool = True) -> Dataset:
@@ -300,6 +301,8 @@ class OODDataModule(LightningDataModule):
         check_loader_options({"fit_fraction": fit_fraction, "batch_size": batch_size, "eval_batch_size": eval_batch_size,
                               "outlier_batch_size": outlier_batch_size, "num_workers": num_workers})
         csid = csid and evaluate
+        #: the run evaluates: without it (`ood-train evaluate=false`) the protocol's OOD sets are not asked for
+        self.evaluate = bool(evaluate)
         if csid and not benchmark.csid_names:
             raise ConfigError(
                 f"full-spectrum evaluation (evaluation.fsood=true) needs covariate-shifted ID sets, and benchmark "
@@ -353,7 +356,7 @@ class OODDataModule(LightningDataModule):
         self.method = method
 
     def prepare_data(self) -> None:
-        self.benchmark.prepare(download=self.download)
+        self.benchmark.prepare(download=self.download, evaluate=self.evaluate)
         if self.csid:
             self.benchmark.csid_test()  # names every missing csid set now, before training
 

@@ -297,9 +297,10 @@ class CIFARBenchmark(Benchmark):
         return [T.Resize(size, interpolation=T.InterpolationMode.BILINEAR), T.CenterCrop(size)]
 
     # ----- preparation --------------------------------------------------------------------------------------------
-    def prepare(self, download: bool = False) -> None:
+    def prepare(self, download: bool = False, evaluate: bool = True) -> None:
         """Check that every file the ID set and the protocol need is there (downloading with torchvision when
-        `download`); every missing set is named with what was looked for and how to get it."""
+        `download`; the protocol's OOD sets only when the run `evaluate`s); every missing set is named with what was
+        looked for and how to get it."""
         source = self.resolved_source
         missing = []
         if source == "openood":
@@ -314,7 +315,7 @@ class CIFARBenchmark(Benchmark):
                 )
             for key in (f"{self.name}:train", f"{self.name}:test"):
                 self._tv_build(key, self.torchvision_dir / self.name, download=download)
-        for name, spec in self.protocol.all_specs():
+        for name, spec in self.protocol.all_specs() if evaluate else []:
             missing += self._check(name, spec, download)
         if missing:
             raise DataNotFoundError(

@@ -159,15 +159,17 @@ class FileBenchmark(Benchmark):
         )
 
     # ----- files --------------------------------------------------------------------------------------------------
-    def _specs(self) -> list[tuple[str, SetSpec]]:
+    def _specs(self, evaluate: bool = True) -> list[tuple[str, SetSpec]]:
         outliers = [] if self.outlier_spec is None else [(f"{self.name}:outliers", self.outlier_spec)]
-        return [(f"{self.name}:{split}", spec) for split, spec in self.splits.items()] + self.protocol.all_specs() + outliers
+        protocol = self.protocol.all_specs() if evaluate else []
+        return [(f"{self.name}:{split}", spec) for split, spec in self.splits.items()] + protocol + outliers
 
-    def prepare(self, download: bool = False) -> None:
-        """Check every split and set (nothing here is downloadable): all missing ones are named in one error; then the
-        classes of the ID splits (`check_id_classes`)."""
+    def prepare(self, download: bool = False, evaluate: bool = True) -> None:
+        """Check every split and set (nothing here is downloadable; the protocol's OOD sets only when the run
+        `evaluate`s): all missing ones are named in one error; then the classes of the ID splits
+        (`check_id_classes`)."""
         missing = []
-        for name, spec in self._specs():
+        for name, spec in self._specs(evaluate):
             absent = spec.missing(self.data_dir, spec.kinds[0])
             if absent and spec.optional:
                 log.warning("%s: optional set %r not found (looked for %s): skipped", self.name, name, ", ".join(absent))

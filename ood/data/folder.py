@@ -770,7 +770,7 @@ class FolderBenchmark(Benchmark):
             T.Normalize(p["mean"], p["std"]),
         ])
 
-    def prepare(self, download: bool = False) -> None:
+    def prepare(self, download: bool = False, evaluate: bool = True) -> None:
         """Print the preprocessing once (`ood-train` prepares at fit and at test); record it (and skipped files) in the
         run folder."""
         # ood's own logger: the entry points keep Lightning's INFO lines (`rank_zero_info`) off their console
