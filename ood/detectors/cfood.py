@@ -9,8 +9,13 @@ to its (floor(kappa n - 1) + 1)-th nearest neighbour in R (itself excluded).
 Score: for a normalised query v, c_kappa(v) = |{r in R : delta_kappa(r) >= ||v - r||^2}| / n (the fraction of
 reference points that would count v among their kappa n nearest neighbours); CFOOD(v) is the smallest kappa in
 K with c_kappa(v) >= k (1 when none), and the ID score is -CFOOD(v).
-Grid: OpenOOD's sweep, alpha in {0.1, 0.5, 1} x k in {0.001, 0.005, 0.01, 0.05} (k is score-only: one pass over
-R per query chunk gives every k). Defaults alpha = 0.1, k = 0.01.
+Grid: the sweep cfood.yml lists, alpha in {0.1, 0.5, 1} x k in {0.001, 0.005, 0.01, 0.05} (k is score-only: one
+pass over R per query chunk gives every k), searched in the yml's order (alpha outer, k fastest: `grid` names k
+first). Defaults alpha = 0.1, k = 0.01 (the yml's `postprocessor_args`).
+Deviation: OpenOOD v1.5 never searches that sweep: cfood.yml sets `APS_mode: false` (and the postprocessor has no
+`args_dict` for its evaluator's search), so its results are at the defaults; here it is tuned on validation OOD like
+every detector with a grid (`+detectors.params.cfood.alpha=0.1 +detectors.params.cfood.k=0.01` runs OpenOOD's
+setting).
 Deviations: the subset is drawn with a seeded generator (`seed`; OpenOOD: the global torch RNG); squared
 distances as 2 - 2 <u, v> - (1 - ||u||^2) - (1 - ||v||^2) blocks in float32 (OpenOOD: sum of squared differences,
 float32; differences ~1e-7); c_kappa by a per-reference binary search of ||v - r||^2 in the sorted
@@ -53,7 +58,8 @@ class CFOOD(Detector):
     """-(smallest neighbourhood fraction kappa at which at least a fraction k of the ID references reach the input)."""
 
     name = "cfood"
-    grid = {"alpha": [0.1, 0.5, 1.0], "k": [0.001, 0.005, 0.01, 0.05]}
+    #: k first: the evaluation's search order (first key fastest) is then cfood.yml's list order
+    grid = {"k": [0.001, 0.005, 0.01, 0.05], "alpha": [0.1, 0.5, 1.0]}
     #: fractions: of the train bank kept as references, of the references that must reach an input (k > 1 is never
     #: reached and k <= 0 always is: every input would score alike)
     ranges = {"alpha": Range(0, 1, open_low=True), "k": Range(0, 1, open_low=True)}
