@@ -8,8 +8,8 @@ x_tilde = x - noise * sign(grad_x [-M_c*(h(x))]) / sigma_ch (sigma_ch: the input
 
 - `mahalanobis_odin` (pytorch-ood `detector/mahalanobis.py`, `MahalanobisODIN`; OpenOOD has no counterpart):
   h = penultimate features, score(x) = max_c M_c(h(x_tilde)); sign(0) = 0 (torch.sign, as pytorch-ood). Grid: the
-  paper code's noise list (0 .. 0.01), scored from one forward pass and one input gradient per batch plus one
-  perturbed forward per noise value.
+  paper code's noise list (0 .. 0.01; sorted here: ties keep the smaller noise), scored from one forward pass and
+  one input gradient per batch plus one perturbed forward per noise value; default noise 0.002 (pytorch-ood's `eps`).
 - `mds_ensemble` (OpenOOD `openood/postprocessors/mds_ensemble_postprocessor.py`, `configs/postprocessors/
   mds_ensemble.yml`; pytorch-ood `MultiMahalanobis`): h_l = channel means of every stage output l (OpenOOD's feature
   type `mean`, no dimension reduction), one Gaussian fit, gradient and perturbed pass per layer (sign(0) = +1, as

@@ -2,6 +2,9 @@
 `dropout` postprocessor (`openood/postprocessors/dropout_postprocessor.py`, `configs/postprocessors/dropout.yml`).
 
 score(x) = max_c softmax(mean_t f_t(x))_c, t = 1..`samples` forward passes with dropout active (`dropout_times`: 5).
+The dropout rate is the network's own: dropout.yml's `dropout_p: 0.5` is read by no postprocessor code, OpenOOD's
+rate being its `DropoutNet`'s (configs/networks/dropout_net.yml, p = 0.5 on the penultimate features of a network
+trained with it).
 Only the dropout of the network is switched on (batch-norm stays in eval mode). Each image's dropout masks are a
 function of that image alone (`ImageDropout`): a counter-based hash of the image's bits, the pass t and the dropout
 call, so an image scores the same whatever batch it is in, at any `data.eval_batch_size`, on one rank or several,

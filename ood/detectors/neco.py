@@ -11,7 +11,9 @@ ID features lie in the low-dimensional span of the collapsed class means, so the
 count d, or a fraction of D in (0, 1) (d = round(dim * D), at least 1), so one grid fits every backbone: the grid
 is fractions 1/64 ... 1/2 (D = 2048: 32 ... 1024, bracketing pytorch-ood's absolute {16 ... 768} for D = 768;
 digits' D = 64: 1 ... 32), crossed with `use_max_logit` (the reference picks it by architecture; here validation
-picks it). d >= D keeps the whole space (ratio 1 up to centring): `DetectorNotApplicable`.
+picks it). d >= D keeps the whole space (ratio 1 up to centring): `DetectorNotApplicable`. Defaults (used untuned):
+dim = D/8 for the reference's d = 100 (0.13 D at its D = 768) and use_max_logit False, the reference's CNN form
+(pytorch-ood's default is True, its ViT form).
 Deviations: the covariance is accumulated in float64 chunks and eigendecomposed with `eigh` (sklearn's full SVD of
 the centred data: same subspace); no `standardize=False` variant (the reference always standardises CNN features).
 State: m, s, mu_z (D) and the D x D eigenvectors (float64, 32 MB at D = 2048); fit and score read the bank in row

@@ -15,7 +15,9 @@ taken with `torch.autograd.grad`, so parameter gradients are never touched.
 
 `odin_energy_ood` is the same score over wetliu/energy_ood's `CIFAR/run.sh Odin` grid (T in {1000, 100, 10, 1} x
 noise in {0, 0.0004, ..., 0.0048}), the energy paper's ODIN row (`experiment=energy_ce`); reported under `odin` in
-reference tables (`reproduces`). Its scores equal energy_ood's `utils/score_calculation.py` `ODIN` (tested).
+reference tables (`reproduces`). Its scores equal energy_ood's `utils/score_calculation.py` `ODIN` (tested). Its
+defaults (used untuned) are ODIN's, OpenOOD's T = 1000, noise = 0.0014, not energy_ood's `test.py` argument defaults
+(T = 1, noise = 0: the plain MSP), which run.sh never runs for ODIN.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@
 `dim` is a count, or a fraction of the feature dimension D (`ood.detectors.base.relative_count`). ViM's grid is
 OpenOOD's {256, 1000} written relative to ImageNet's ResNet-50, D = 2048: {D/8, D/2} (256 and 1024 there; on
 CIFAR's D = 512 the points are 64 and 256, OpenOOD's one applicable point 256 = D/2 included; on the digits
-SmallCNN, D = 64, 8 and 32), so every backbone is tuned and none is skipped. The default is the paper's D/2.
+SmallCNN, D = 64, 8 and 32), so every backbone is tuned and none is skipped. Deviations from vim.yml: its point
+1000 is 1024 at D = 2048 (an ImageNet ResNet-50 run searches {256, 1024}); the default (`detectors.tune=false`) is
+the paper's D/2, not the yml's `dim: 256` (D/8 there), both of them grid points, so a tuned run is unaffected.
 Residual's default is OpenOOD's dim = 512 at D = 2048, i.e. D/4.
 Applicability: the principal space must be smaller than the feature space (dim < D). With dim >= D the residual
 is empty (OpenOOD then divides by zero), so the detector raises `DetectorNotApplicable` and the run skips it
