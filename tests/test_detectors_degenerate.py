@@ -207,3 +207,13 @@ def test_react_scores_a_float16_bank_as_the_float32_bank_of_its_values(dtype: to
     low = fit("react", cast(train, dtype)).score(cast(test, dtype))
     torch.testing.assert_close(low, fit("react", cast(train, torch.float32)).score(cast(test, torch.float32)),
                                rtol=1e-12, atol=0)
+
+
+def test_adascales_ratio_keeps_one_entry_where_the_percentile_leaves_none() -> None:
+    """AdaSCALE's step 4 sums the top D - round(D p / 100) activations: 0 of them at p = 99 below D = 50 (a 32-wide
+    network), so its score was 0 / 0 and `detectors=full` stopped on NaN; at least 1 is kept, as ASH / SCALE's k."""
+    from ood.detectors.adascale import scale_ratio
+
+    h = torch.tensor([[3.0, -1.0, 1.0] + [0.5] * 29, [1.0] * 32])
+    got = scale_ratio(h, torch.tensor([99.0, 50.0]))
+    assert torch.equal(got, torch.tensor([(3 + 1 + 0.5 * 29) / 3, 32 / 16], dtype=torch.float64))

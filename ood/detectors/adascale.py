@@ -16,7 +16,8 @@ for both variants when they score a batch together (`SharedPasses`).
 Grid: OpenOOD's 36 (p_min, p_max) pairs, all scored from the same passes (p only enters steps 3-4); k1 = 5 %,
 k2 = 1 %, lambda = 10, o = 5 % (OpenOOD's single sweep values, relative to D and the input size already).
 Deviations: k = max(1, ...) (OpenOOD's floor gives k2 = 0 below D = 100, e.g. the 64-d digits network, dropping
-the shift term); features and head are the backbone's (`backbone.run`); scores in float64; OpenOOD's ECDF sample
+the shift term), and so is step 4's count of top entries (OpenOOD's is 0 once D p / 100 rounds to D, at p = 99 for
+D < 50: a 0 / 0 score; ASH / SCALE's k has the same floor); features and head are the backbone's (`backbone.run`); scores in float64; OpenOOD's ECDF sample
 of at most `num_samples` = 5000 val samples is drawn with a fixed seed (`seed`).
 """
 
@@ -43,10 +44,10 @@ def top_count(dim: int, percent: float) -> int:
 
 
 def scale_ratio(h: torch.Tensor, percentile: torch.Tensor) -> torch.Tensor:
-    """[N] sum(relu(h)) / sum of the top D - round(D p / 100) entries of relu(h), p per row."""
+    """[N] sum(relu(h)) / sum of the top max(1, D - round(D p / 100)) entries of relu(h), p per row."""
     a = h.double().clamp_min(0)
     dim = a.shape[1]
-    ks = dim - torch.round(dim * percentile.double() / 100).long()
+    ks = (dim - torch.round(dim * percentile.double() / 100).long()).clamp_min(1)  # as ASH / SCALE's k (activation.py)
     top = a.topk(int(ks.max()), 1).values
     keep = torch.arange(top.shape[1], device=a.device)[None, :] < ks[:, None]
     return a.sum(1) / (top * keep).sum(1)
