@@ -1,11 +1,12 @@
-"""The Python API: `ood.evaluate(model, id_data, ood_data)` and `ood.extract(model, data)`.
+"""The Python API: `ood.evaluate(model, id_data, ood_data)` (or `benchmark=<name>`) and `ood.extract(model, data)`.
 
-`evaluate` is `ood-eval` called from Python: it composes the same Hydra config (`data=folder`, `backbone=timm |
-torchvision | module`, the method, the detectors, the trainer), builds the same objects with `ood.train.build` (the
-user's model wrapped by `ood.models.adapters.as_backbone`, Python objects such as Datasets or a transform handed to
-the data node), and runs the same `trainer.test` pass: the one cached pass, the same evaluator and sinks, DDP-exact
-under a multi-device trainer (`overrides=["trainer=ddp_cpu"]`). Its `Results` are read back from the run folder the
-sinks wrote (`results.jsonl`, `scores.npz`, `samples.csv`, `overlap.json`), as a CLI run leaves them.
+`evaluate` is `ood-eval` called from Python: it composes the same Hydra config (`data=folder`, or `data=<benchmark>`
+for a benchmark of the data group; `backbone=timm | torchvision | module`, the method, the detectors, the trainer),
+builds the same objects with `ood.train.build` (the user's model wrapped by `ood.models.adapters.as_backbone`, Python
+objects such as Datasets or a transform handed to the folder data node), and runs the same `trainer.test` pass: the
+one cached pass, the same evaluator and sinks, DDP-exact under a multi-device trainer (`overrides=["trainer=ddp_cpu"]`).
+Its `Results` are read back from the run folder the sinks wrote (`results.jsonl`, `scores.npz`, `samples.csv`,
+`overlap.json`), as a CLI run leaves them.
 
 `extract` runs one pass over a folder or Dataset (`ood.features.passes.forward_dataset`) and returns the
 `FeatureBank` every detector takes (`build_detector(name).fit(bank).score(bank)`).
@@ -45,7 +46,8 @@ LOADER_KEYWORDS = {"eval_batch_size": "batch_size", "num_workers": "num_workers"
 #: value (`_check_keywords_against`); `detectors` a config of its group by name (`all`, `fast`) sets the `detectors`
 #: group, and each `data` keyword (`image_size=`, `classes=`, ...) sets `data.<name>`
 KEYWORD_KEYS = {"seed": "seed", "batch_size": "data.eval_batch_size", "num_workers": "data.num_workers",
-                "fsood": "evaluation.fsood", "method": "method", "detectors": "detectors.names"}
+                "fsood": "evaluation.fsood", "method": "method", "detectors": "detectors.names", "benchmark": "data",
+                "data_dir": "paths.data_dir"}
 #: the folder-data keys (conf/data/folder.yaml) that `evaluate` sets from its own arguments -> those arguments: as
 #: `data` keywords they replaced them in silence (`root=` evaluated another folder than `id_data`)
 ARGUMENT_KEYS = {
@@ -491,6 +493,103 @@ def _check_data_options(given: Mapping[str, Any], node: Any) -> None:
             raise ConfigError(f"ood.evaluate got an unknown keyword {key!r}{hint}; data options: {choices}")
 
 
+def _check_refused_options(data: Mapping[str, Any]) -> None:
+    """One line for a data keyword that is a key the call sets from its own arguments (it overrode them in silence)
+    or a training option (it changed nothing but config.yaml)."""
+    refused = sorted(data.keys() & (ARGUMENT_KEYS.keys() | TRAINING_OPTIONS.keys()))
+    if refused:
+        key = refused[0]
+        raise ConfigError(f"ood.evaluate got {key}={data[key]!r}, a folder-data key this call sets from "
+                          f"{ARGUMENT_KEYS[key]}: give it there" if key in ARGUMENT_KEYS else
+                          f"ood.evaluate got {key}={data[key]!r}: {key} is a training option; ood.evaluate never "
+                          f"trains: {TRAINING_OPTIONS[key]}")
+
+
+def _data_choices() -> list[str]:
+    """The benchmarks of ood's data group: its configs but `folder` (the caller's own folders: id_data, ood_data)."""
+    from ood import CONFIG_DIR
+
+    return sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml") if p.stem != "folder")
+
+
+def _check_data_source(benchmark: str | None, id_data: Any, ood_data: Any, transform: Any, data_dir: Any) -> None:
+    """One line unless the data is either the caller's (`id_data` and `ood_data`) or a benchmark's; with a
+    benchmark, no `transform` (its preprocessing is part of its protocol) and no `data_dir` without one."""
+    if benchmark is None:
+        if id_data is None or ood_data is None:
+            raise ConfigError(f"ood.evaluate needs id_data= and ood_data= (your folders, image lists or Datasets), or "
+                              f"benchmark=<name> for a benchmark of ood's ({', '.join(_data_choices())})")
+        if data_dir is not None:
+            raise ConfigError(f"data_dir={str(data_dir)!r} is where a benchmark's files are: give it with benchmark=; "
+                              "your own sets are named by id_data= and ood_data=")
+        return
+    if not isinstance(benchmark, str) or benchmark == "folder":
+        raise ConfigError(f"benchmark={benchmark!r}: give the name of a data config "
+                          f"({', '.join(_data_choices())}); your own folders go in id_data= and ood_data=")
+    given = [name for name, value in (("id_data", id_data), ("ood_data", ood_data)) if value is not None]
+    if given:
+        raise ConfigError(f"ood.evaluate got benchmark={benchmark!r} and {' and '.join(given)}: give one (the "
+                          "benchmark brings its ID and OOD sets)")
+    if transform is not None:
+        raise ConfigError(f"transform= with benchmark={benchmark!r}: the benchmark's preprocessing (its image size and "
+                          "normalisation) is part of its protocol, as ood-eval applies it; change it in the benchmark's "
+                          "config if you must, e.g. overrides=['data.benchmark.image_size=224']")
+
+
+def _check_benchmark(benchmark: str, overrides: Sequence[str]) -> None:
+    """One line naming the choices for a benchmark the data group lacks: ood's configs, and with a
+    `hydra.searchpath` override those of the caller's folders too (Hydra's own error was 15 lines)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
+
+    from ood import CONFIG_DIR
+    from ood.runs.checks import parse_overrides
+
+    if benchmark in _data_choices():
+        return
+    searchpath = [item for item, o in zip(overrides, parse_overrides(overrides), strict=True)
+                  if o.key_or_group == "hydra.searchpath"]
+    choices = _data_choices()
+    if searchpath:
+        try:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                compose(config_name="eval", overrides=[f"data={benchmark}", *searchpath])
+            return
+        except MissingConfigException as err:
+            choices = sorted(set(err.options or ()) - {"folder"})
+        finally:
+            GlobalHydra.instance().clear()
+    own = "" if searchpath else (" (a config of your own: overrides=['hydra.searchpath=[file://<folder holding "
+                                 "data/<name>.yaml>]'])")
+    raise ConfigError(f"benchmark={benchmark!r} is no data config; choices: {', '.join(choices)}{own}")
+
+
+def _check_benchmark_options(given: Mapping[str, Any], node: Any, benchmark: str) -> None:
+    """One line naming the data keywords that are no option of the benchmark's data node (`image_size`, `classes`,
+    ...: the folder data's), with the `data.benchmark.<key>` override of those its benchmark has; then the keys the
+    call sets and the training options, refused as with the folder data."""
+    foreign = [key for key in given if key not in node or key in ("_target_", "benchmark")]
+    if foreign:
+        own = [key for key in foreign if key in node.get("benchmark", {}) and key not in TRAINING_OPTIONS]
+        hint = f"; the benchmark's own: overrides=[{', '.join(repr(f'data.benchmark.{k}=...') for k in own)}]" if own else ""
+        raise ConfigError(f"ood.evaluate got {', '.join(foreign)} with benchmark={benchmark!r}: folder-data "
+                          f"option(s), which data={benchmark} has not (its sets and preprocessing are its protocol's)"
+                          f"{hint}")
+    _check_refused_options(given)
+
+
+def _check_channels(net: nn.Module, data: Any, benchmark: str) -> None:
+    """One line when the model's first convolution reads another channel count than the benchmark's images have
+    (PyTorch's error said to pass transform=, which a benchmark takes not)."""
+    from ood.models.base import input_channels
+
+    reads = input_channels(net)
+    if reads is not None and reads != data.in_channels:
+        raise ConfigError(f"the model's first convolution reads {reads} channel(s) and benchmark={benchmark!r} has "
+                          f"{data.in_channels}-channel images: give a model made for them")
+
+
 #: the preprocessing keywords of `extract` (`resolve_preprocessing`'s, less the objects it is handed)
 PREPROCESSING = ("image_size", "resize", "mean", "std", "interpolation")
 
@@ -509,9 +608,11 @@ def _check_preprocessing(given: Mapping[str, Any]) -> None:
 
 def evaluate(
     model: nn.Module,
-    id_data: str | os.PathLike | Mapping[str, Any],
-    ood_data: Any,
+    id_data: str | os.PathLike | Mapping[str, Any] | None = None,
+    ood_data: Any = None,
     *,
+    benchmark: str | None = None,
+    data_dir: str | os.PathLike | None = None,
     detectors: str | type | Sequence[str | type] = "all",
     method: str | None = None,
     transform: Any = None,
@@ -525,16 +626,27 @@ def evaluate(
     overrides: Sequence[str] = (),
     **data: Any,
 ) -> Results:
-    """Evaluate `model` on `id_data` vs `ood_data` with every detector (and a post-hoc `method`), as `ood-eval`.
+    """Evaluate `model` on `id_data` vs `ood_data`, or on a `benchmark`, with every detector (and a post-hoc
+    `method`), as `ood-eval`.
 
     Args:
         model: images -> logits: a timm / torchvision model, any `nn.Module` (features: the input of its final
             linear layer, or `feature_layer`), an ood `Backbone`, or a loaded ood method (its backbone is used); of a
             `torch.compile`d model, the module inside, run eagerly.
         id_data: an ImageFolder-style root (`train/`, `test/`, optional `val/`), or `{train, test, val}` sources
-            (folders, `{imglist, images}` lists, Datasets).
+            (folders, `{imglist, images}` lists, Datasets). Required unless `benchmark` is given.
         ood_data: `{near: {name: source}, far: {name: source}, val: source, csid: {name: source}}`, `{name: source}`
             or a list; `csid`: covariate-shifted ID sets (class folders or labelled lists, as the ID test split).
+            Required unless `benchmark` is given.
+        benchmark: a config of the data group instead of `id_data` / `ood_data` (`cifar10`, `cifar100`,
+            `imagenet200`, `imagenet1k`, `tinyimagenet`, `digits`, or one of yours through
+            `overrides=["hydra.searchpath=[file://my_conf]"]`): `ood-eval data=<benchmark>`, its ID splits, the OOD
+            sets of its protocol (`overrides=["data.benchmark.protocol=classic"]`), its validation OOD for tuning,
+            its csid sets (`fsood=True`), and its preprocessing, which is part of the protocol: `transform=`, the
+            model's timm data config and the folder-data keywords are not used with it (refused in one line; its
+            own options as `overrides=["data.benchmark.image_size=224"]`). The model's head must have its classes.
+        data_dir: where the benchmark's files are (`paths.data_dir`); None: `$OOD_DATA_DIR`, else `./data`, as
+            `ood-eval`.
         detectors: `all`, `full` (adds the slow network-pass ones), `cached` (those of `all` that score from the cache alone: no network pass),
             `fast`, `none`, or a list of names, selections and detector classes of your own (`["full", "gram_stream"]`,
             `["msp", FeatureNorm]`: a `Detector` subclass with its own `name`), or one of them.
@@ -550,12 +662,14 @@ def evaluate(
         seed: the run seed, recorded as the rows' `seed`: pass the seed that trained the model, so ood-report takes
             models of several seeds as seeds of one configuration (all at 0 it warns that they are one seed).
         fsood: full-spectrum rows too (`mode: fsood`, ID = ID test + every csid set; `evaluation.fsood`); None: when
-            `ood_data` has csid sets. True without them is refused before the pass.
+            `ood_data` has csid sets (with a benchmark: off, as `ood-eval`). True without them is refused before
+            the pass.
         overrides: further Hydra overrides, e.g. `["trainer=ddp_cpu"]` or `["+detectors.params.knn.k=5"]`.
         data: further `data=folder` options: `image_size`, `resize`, `mean`, `std`, `bad_images`,
             `overlap_threshold`, `drop_overlap`, `exact_duplicates`, `val_fraction`, `fit_fraction`, `classes` (the
             class names in label order, for a model trained with another class order), ... (conf/data/folder.yaml);
-            its training options (`augment`, `outliers`, `drop_last`, ...: `TRAINING_OPTIONS`) are refused.
+            its training options (`augment`, `outliers`, `drop_last`, ...: `TRAINING_OPTIONS`) are refused. With a
+            `benchmark`: only the options of its data node (`fit_fraction`, `fit_seed`, `ood_subset`, ...).
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -572,19 +686,15 @@ def evaluate(
 
     arguments = locals()  # the parameters (and the imports above), before anything else is bound
     keywords = {k: arguments[k] for k in KEYWORD_KEYS}
-    # a key of the call's own arguments overrode them in silence; a training option changed nothing but config.yaml
-    refused = sorted(data.keys() & (ARGUMENT_KEYS.keys() | TRAINING_OPTIONS.keys()))
-    if refused:
-        key = refused[0]
-        raise ConfigError(f"ood.evaluate got {key}={data[key]!r}, a folder-data key this call sets from "
-                          f"{ARGUMENT_KEYS[key]}: give it there" if key in ARGUMENT_KEYS else
-                          f"ood.evaluate got {key}={data[key]!r}: {key} is a training option; ood.evaluate never "
-                          f"trains: {TRAINING_OPTIONS[key]}")
+    _check_data_source(benchmark, id_data, ood_data, transform, data_dir)
+    if benchmark is None:  # a benchmark's data keywords are checked against its data node, once composed
+        _check_refused_options(data)
     # the datamodule's own checks name the config keys (`data.eval_batch_size`), which this call does not have
     given = {"fit_fraction": data["fit_fraction"]} if "fit_fraction" in data else {}
     check_loader_options({"eval_batch_size": batch_size, "num_workers": num_workers, **given}, LOADER_KEYWORDS)
     defaults = inspect.signature(evaluate).parameters
-    _check_keywords_against(overrides, {**{k: v for k, v in keywords.items() if v != defaults[k].default}, **data})
+    _check_keywords_against(overrides, {**{k: v for k, v in keywords.items() if v != defaults[k].default}, **data},
+                            folder=benchmark is None)
     net = _network(model)
     dtypes = sorted({str(p.dtype) for p in net.parameters() if p.is_floating_point()} - {"torch.float32"})
     if dtypes:  # the pass feeds float32 images: a half model failed in its first layer with PyTorch's dtype error
@@ -592,9 +702,13 @@ def evaluate(
                           "pass model.float() (bf16 mixed precision on a GPU: overrides=['trainer=gpu_fast'])")
     method_arg = _method_override(method)
     backbone = as_backbone(net, feature_layer)
-    values, objects = _data_kwargs(id_data, ood_data, net, transform)
-    objects["python_api"] = True  # messages name the keywords (bad_images='skip'), not the config keys
-    fsood = bool({**values, **objects}["ood"]["csid"]) if fsood is None else fsood
+    if benchmark is None:
+        values, objects = _data_kwargs(id_data, ood_data, net, transform)
+        objects["python_api"] = True  # messages name the keywords (bad_images='skip'), not the config keys
+        fsood = bool({**values, **objects}["ood"]["csid"]) if fsood is None else fsood
+    else:  # the benchmark's sets and preprocessing, as `ood-eval data=<benchmark>` reads them
+        values, objects = {}, {}
+        fsood = bool(fsood)
     out = Path(output_dir) if output_dir is not None else _temporary_run_dir()
     owned = [name for name in ("checkpoints", "identity.json") if (out / name).exists()]
     if owned:  # an ood-train / ood-eval run: its checkpoint would be left beside another run's config and results
@@ -605,7 +719,7 @@ def evaluate(
     values |= {k: v for k, v in data.items() if not _is_object(v)}
     objects |= {k: v for k, v in data.items() if k not in values}
     args = [
-        "data=folder", f"backbone={_library(net)}", method_arg, "logger=none", "callbacks=none",
+        f"data={benchmark or 'folder'}", f"backbone={_library(net)}", method_arg, "logger=none", "callbacks=none",
         "train=false", f"seed={seed}", f"data.eval_batch_size={batch_size}", f"data.num_workers={num_workers}",
         "trainer.enable_progress_bar=false", f"evaluation.fsood={str(fsood).lower()}", *_device_overrides(device),
         *_detector_overrides(detectors), *overrides,
@@ -620,11 +734,16 @@ def evaluate(
             # the caller's, as `ood-eval`'s: a misspelt key is one line, and a new key under an empty mapping
             # (`detectors.params.knn.k=5`, as the detectors' warnings write it) needs no `+` (the check composes the
             # config once more: only when there are any; the call's own overrides are well-formed)
+            if benchmark is not None:
+                _check_benchmark(benchmark, overrides)
             if overrides:
                 args = check_overrides(CONFIG_DIR, "eval", args)
             with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
                 cfg = compose(config_name="eval", overrides=args, return_hydra_config=True)
-            _check_data_options(data, cfg.data)
+            if benchmark is None:
+                _check_data_options(data, cfg.data)
+            else:
+                _check_benchmark_options(data, cfg.data, benchmark)
             # the command line's rule (`ood-eval` without a checkpoint): the configured parts no file fills, before
             # any image is read; scored untrained, they gave numbers that say nothing (a random decoder)
             parts = untrained_parts(cfg.method)
@@ -639,6 +758,8 @@ def evaluate(
             with open_dict(cfg):
                 cfg.hydra.runtime.output_dir = str(out)
                 cfg.hydra.job.num = 0
+                if data_dir is not None:  # here, not as an override: any path, commas and spaces too
+                    cfg.paths.data_dir = str(data_dir)
                 for key, value in values.items():
                     cfg.data[key] = value
                 _describe_backbone(cfg.backbone, net)
@@ -647,6 +768,8 @@ def evaluate(
             classes = getattr(datamodule.benchmark, "classes", None)  # class folders, when the data has them
             named = f": {classes[:8]}{' ...' if len(classes) > 8 else ''}" if classes else ""
             check_classes(backbone, datamodule.num_classes, f"the ID data ({datamodule.name}{named})")
+            if benchmark is not None:
+                _check_channels(net, datamodule.benchmark, benchmark)
             method_.apply_init(load=False)
             earlier = clear_failure(out)  # as `ood-eval`: an earlier run's results would read as this one's should it fail
             earlier.begin()
@@ -664,13 +787,14 @@ def evaluate(
     return Results.from_dir(out)
 
 
-def _check_keywords_against(overrides: Sequence[str], given: Mapping[str, Any]) -> None:
+def _check_keywords_against(overrides: Sequence[str], given: Mapping[str, Any], folder: bool = True) -> None:
     """Parse the caller's overrides (`ood.runs.checks.parse_overrides`) and refuse, in one line naming both, one that sets a config
     key which a keyword the caller gave (`given`: keyword -> value, `KEYWORD_KEYS`) sets to another value: one of
     the two was dropped without a word (`image_size=64` won over `data.image_size=32`, set after the compose; an
     override won over `seed=`, `method=`, ... applied before it). The same value twice is fine. An override of a
-    training option (`data.drop_last`: it changed nothing) or of the data the call's arguments set (`data.root`,
-    `data.ood`: set after the compose, the override was dropped) is refused as the keyword would be."""
+    training option (`data.drop_last`: it changed nothing) or, with the folder data (`folder`), of the data the
+    call's arguments set (`data.root`, `data.ood`: set after the compose, the override was dropped) is refused as the
+    keyword would be."""
     from ood import CONFIG_DIR
     from ood.runs.checks import parse_overrides
 
@@ -684,7 +808,7 @@ def _check_keywords_against(overrides: Sequence[str], given: Mapping[str, Any]) 
         if data_key in TRAINING_OPTIONS:
             raise ConfigError(f"ood.evaluate got overrides {item}: data.{data_key} is a training option; ood.evaluate "
                               f"never trains: {TRAINING_OPTIONS[data_key]}")
-        if data_key in DATA_ARGUMENTS:
+        if folder and data_key in DATA_ARGUMENTS:
             raise ConfigError(f"ood.evaluate got overrides {item}, a folder-data key this call sets from "
                               f"{ARGUMENT_KEYS[data_key]}: give it there")
         if override.key_or_group not in keys or override.is_delete() or override.is_sweep_override():

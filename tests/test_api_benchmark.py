@@ -1,0 +1,136 @@
+"""`ood.evaluate(model, benchmark=<name>)`: the caller's network on a benchmark of the data group gives the rows of
+`ood-eval data=<name>` of the same weights (digits, with its csid sets; fabricated OpenOOD CIFAR-10 files, with its
+validation OOD); what does not fit a benchmark is one line."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torchvision
+from fabricate import make_openood_tree
+from helpers import run_config
+from torch import nn
+
+import ood
+from ood.data.files import DataNotFoundError
+from ood.errors import ConfigError
+
+#: the run figures (matplotlib) cost seconds and are not what these tests check
+pytestmark = pytest.mark.usefixtures("no_figures")
+
+#: one detector that tunes on the validation OOD (knn's k), two that do not
+DETECTORS = ["msp", "energy", "knn"]
+#: what `ood.evaluate` sets beside the benchmark (`batch_size=1024`: few steps), given to the command line alike
+EVAL = ["logger=none", "callbacks=none", "trainer.enable_progress_bar=false", "data.eval_batch_size=1024",
+        "data.num_workers=0", f"detectors.names=[{','.join(DETECTORS)}]"]
+
+
+class TinyNet(nn.Module):
+    """A network of the caller's own: one convolution, pooled, a linear head; imported by the command line's
+    `backbone=module backbone.target=test_api_benchmark.TinyNet`."""
+
+    def __init__(self, num_classes: int = 6, in_channels: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.pool = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.conv(x)))
+
+
+def _saved(model: nn.Module, path: Path) -> nn.Module:
+    torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+def _assert_rows_equal(api: list[dict[str, Any]], cli: list[dict[str, Any]]) -> None:
+    """The same rows, in order, key for key; numbers to 1e-9."""
+    assert [sorted(r) for r in api] == [sorted(r) for r in cli]
+    for a, c in zip(api, cli, strict=True):
+        for key, value in c.items():
+            if isinstance(value, float) and not isinstance(a[key], bool):
+                assert math.isclose(a[key], value, rel_tol=0, abs_tol=1e-9) or (math.isnan(a[key]) and math.isnan(value)), key
+            else:
+                assert a[key] == value, key
+
+
+def test_digits_benchmark_rows_equal_ood_eval_with_its_csid_sets(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _saved(TinyNet(), tmp_path / "tiny.pth")
+    # fit_fraction: an option of the benchmark's data node, taken as a keyword (and a shorter pass)
+    results = ood.evaluate(model, benchmark="digits", detectors=DETECTORS, fsood=True, fit_fraction=0.25,
+                           batch_size=1024, device="cpu", output_dir=tmp_path / "api")
+    cli = run_config(tmp_path / "cli", [
+        "data=digits", "backbone=module", f"backbone.target={__name__}.TinyNet",
+        f"backbone.weights={tmp_path / 'tiny.pth'}", "evaluation.fsood=true", "data.fit_fraction=0.25", *EVAL],
+        config_name="eval")
+    _assert_rows_equal(results.rows, cli)
+    # the protocol's near and far sets, and the full-spectrum rows over its three csid sets
+    assert {(r["mode"], r["ood_group"]) for r in cli} == {(m, g) for m in ("standard", "fsood") for g in ("near", "far")}
+    assert {r["detector"] for r in cli} == set(DETECTORS)
+
+
+@pytest.fixture(scope="module")
+def openood_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_openood_tree(tmp_path_factory.mktemp("openood"))
+
+
+def test_cifar10_benchmark_rows_equal_ood_eval_on_openood_files(openood_tree: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _saved(TinyNet(num_classes=10, in_channels=3), tmp_path / "tiny.pth")
+    results = ood.evaluate(model, benchmark="cifar10", data_dir=openood_tree, detectors=DETECTORS, batch_size=1024,
+                           device="cpu", output_dir=tmp_path / "api")
+    cli = run_config(tmp_path / "cli", [
+        "data=cifar10", f"paths.data_dir={openood_tree}", "backbone=module", f"backbone.target={__name__}.TinyNet",
+        f"backbone.weights={tmp_path / 'tiny.pth'}", *EVAL], config_name="eval")
+    _assert_rows_equal(results.rows, cli)
+    # OpenOOD v1.5's sets, knn's k tuned on the validation OOD (val_tin)
+    assert {r["ood_dataset"] for r in cli} == {"cifar100", "tin", "mnist", "svhn", "texture", "places365"}
+    assert {r["detector"]: r["tuned"] for r in cli}["knn"] is True
+
+
+def test_a_protocol_override_reaches_the_benchmark(openood_tree: Path, tmp_path: Path) -> None:
+    """`data.benchmark.protocol=classic` asks for the classic sets, which the OpenOOD tree has not: one is named."""
+    with pytest.raises(DataNotFoundError, match=r"^cifar10: set '(texture|svhn|places365|lsun_crop|lsun_resize|isun)'"):
+        ood.evaluate(TinyNet(10, 3), benchmark="cifar10", data_dir=openood_tree, detectors="msp", device="cpu",
+                     overrides=["data.benchmark.protocol=classic"], output_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    ({"id_data": "data/id"}, r"needs id_data= and ood_data= .*benchmark=<name> .*cifar10, cifar100, digits"),
+    ({"benchmark": "digits", "id_data": "data/id", "ood_data": ["data/dtd"]},
+     r"^ood.evaluate got benchmark='digits' and id_data and ood_data: give one"),
+    ({"benchmark": "digits", "transform": torchvision.transforms.ToTensor()},
+     r"^transform= with benchmark='digits': the benchmark's preprocessing .* part of its protocol"),
+    ({"benchmark": "folder"}, r"^benchmark='folder': give the name of a data config \(cifar10, "),
+    ({"id_data": "data/id", "ood_data": ["data/dtd"], "data_dir": "data"}, r"^data_dir='data' is where a benchmark"),
+    ({"benchmark": "cifar11"}, r"^benchmark='cifar11' is no data config; choices: cifar10, cifar100, digits, "
+                               r"imagenet1k, imagenet200, tinyimagenet \("),
+    ({"benchmark": "digits", "image_size": 32, "classes": ["a"]},
+     r"^ood.evaluate got image_size, classes with benchmark='digits': folder-data option\(s\), .*; the benchmark's "
+     r"own: overrides=\['data.benchmark.image_size=...'\]$"),
+    ({"benchmark": "digits", "drop_last": False}, r"drop_last is a training option"),
+    ({"benchmark": "cifar10", "overrides": ["data=cifar100"]}, r"^benchmark='cifar10' and overrides data=cifar100 disagree"),
+    ({"benchmark": "digits", "model": TinyNet(num_classes=10)},
+     r"^the model's head \(fc\) has 10 outputs but the ID data \(digits\) has 6 classes"),
+    ({"benchmark": "digits", "model": TinyNet(in_channels=3)},
+     r"^the model's first convolution reads 3 channel\(s\) and benchmark='digits' has 1-channel images"),
+])
+def test_what_does_not_fit_a_benchmark_is_one_line(tmp_path: Path, call: dict[str, Any], message: str) -> None:
+    call = {"model": TinyNet(), **call}
+    with pytest.raises(ConfigError, match=message) as err:
+        ood.evaluate(call.pop("model"), detectors="msp", device="cpu", output_dir=tmp_path, **call)
+    assert "\n" not in str(err.value)
+
+
+def test_an_unknown_benchmark_lists_the_configs_of_the_callers_search_path_too(tmp_path: Path) -> None:
+    (tmp_path / "my_conf" / "data").mkdir(parents=True)
+    (tmp_path / "my_conf" / "data" / "skin.yaml").write_text("defaults: [base/files@_here_, _self_]\n")
+    with pytest.raises(ConfigError, match=r"^benchmark='skn' is no data config; choices: cifar10, .*, skin, tinyimagenet"):
+        ood.evaluate(TinyNet(), benchmark="skn", device="cpu", output_dir=tmp_path / "run",
+                     overrides=[f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"])
