@@ -187,3 +187,20 @@ def test_a_kept_last_batch_of_one_image_is_refused_and_a_batch_above_the_set_tra
         OODDataModule(DigitsBenchmark(), batch_size=1000).train_dataloader()
     with pytest.raises(ConfigError, match=r"^data.drop_last='no'; choices: \[true, false\]$"):
         OODDataModule(DigitsBenchmark(), drop_last="no")
+
+
+def test_batches_are_pinned_only_where_a_gpu_takes_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CIFAR / ImageNet configs set `pin_memory: true` (for the GPU); on a CPU-only machine torch warned "no
+    accelerator is found" at every loader. Pinned only where CUDA is there."""
+    import warnings
+
+    from ood.data import DigitsBenchmark, OODDataModule
+
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert OODDataModule(DigitsBenchmark(), pin_memory=True).pin_memory is cuda
+    monkeypatch.undo()
+    if not torch.cuda.is_available():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            next(iter(OODDataModule(DigitsBenchmark(), pin_memory=True, batch_size=8).test_dataloader()[0]))

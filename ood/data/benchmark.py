@@ -321,7 +321,8 @@ class OODDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.outlier_batch_size = outlier_batch_size or 2 * batch_size
         self.num_workers = loader_workers(num_workers)
-        self.pin_memory = pin_memory
+        # page-locked batches only for a GPU to copy them to: on a CPU-only machine torch warns at every loader
+        self.pin_memory = pin_memory and torch.cuda.is_available()
         self.download = download
         self.seed = seed
         #: detectors fit on this fraction of the ID training split, drawn with `fit_seed` (ImageNet scale)
