@@ -3,6 +3,7 @@ stand-in for a DDP rank process."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 from collections.abc import Callable, Sequence
@@ -144,3 +145,9 @@ def capture_warnings_of(logger: str, monkeypatch: pytest.MonkeyPatch, caplog: py
     for name in (logger, *[logger.rsplit(".", i)[0] for i in range(1, logger.count(".") + 1)]):
         monkeypatch.setattr(logging.getLogger(name), "disabled", False)
     caplog.set_level(logging.WARNING, logger=logger)
+
+
+def doc_blocks(page: Path, language: str) -> list[str]:
+    """The fenced ```<language> blocks of a docs page, in order: the tests that run a page's example take its code
+    from the page itself, so the page cannot rot."""
+    return re.findall(rf"```{language}\n(.*?)```", page.read_text(), re.S)

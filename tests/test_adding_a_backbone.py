@@ -5,7 +5,6 @@ hash follow the config."""
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import compose_config
+from helpers import compose_config, doc_blocks
 from hydra.core.hydra_config import HydraConfig
 
 from ood import PROJECT_ROOT
@@ -26,8 +25,7 @@ DOC = PROJECT_ROOT / "docs" / "adding_a_backbone.md"
 
 def _blocks() -> tuple[str, str]:
     """The page's python and yaml blocks (one each)."""
-    text = DOC.read_text()
-    (code,), (yaml,) = re.findall(r"```python\n(.*?)```", text, re.S), re.findall(r"```yaml\n(.*?)```", text, re.S)
+    (code,), (yaml,) = doc_blocks(DOC, "python"), doc_blocks(DOC, "yaml")
     return code, yaml
 
 

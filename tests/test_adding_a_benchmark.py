@@ -5,12 +5,11 @@ name; and the pitfalls the page lists are one-line errors naming the key."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import compose_config
+from helpers import compose_config, doc_blocks
 from omegaconf import OmegaConf
 from PIL import Image
 from sklearn.metrics import roc_auc_score
@@ -30,7 +29,7 @@ RNG = np.random.default_rng(0)
 
 def page_yaml() -> str:
     """The page's one yaml block: the data config."""
-    (block,) = re.findall(r"```yaml\n(.*?)```", DOC.read_text(), re.S)
+    (block,) = doc_blocks(DOC, "yaml")
     return block
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-import re
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import compose_config
+from helpers import compose_config, doc_blocks
 from omegaconf import OmegaConf, open_dict
 
 from ood import PROJECT_ROOT
@@ -22,8 +21,7 @@ DOC = PROJECT_ROOT / "docs" / "adding_a_method.md"
 
 def _blocks() -> tuple[str, str]:
     """The page's python and yaml blocks (one each)."""
-    text = DOC.read_text()
-    (code,), (yaml,) = re.findall(r"```python\n(.*?)```", text, re.S), re.findall(r"```yaml\n(.*?)```", text, re.S)
+    (code,), (yaml,) = doc_blocks(DOC, "python"), doc_blocks(DOC, "yaml")
     return code, yaml
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import yaml
 from fabricate import feature_bank as _bank
 from fabricate import synthetic_banks
+from helpers import doc_blocks
 from torch import nn
 
 import ood.detectors.base as base_module
@@ -441,7 +442,7 @@ def test_a_declared_key_of_a_detector_without_a_constructor_is_refused_when_the_
 def user_detector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """docs/adding_a_detector.md's example module as `my_detectors` on the import path, unimported: imported (and its
     detector registered) by whatever names it; both undone after the test."""
-    code = re.findall(r"```python\n(.*?)```", (PROJECT_ROOT / "docs" / "adding_a_detector.md").read_text(), re.S)[0]
+    code = doc_blocks(PROJECT_ROOT / "docs" / "adding_a_detector.md", "python")[0]
     (tmp_path / "my_detectors.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
     yield

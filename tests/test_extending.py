@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import doc_blocks
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -36,7 +37,7 @@ DOCS = PROJECT_ROOT / "docs"
 def net_detectors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """adding_a_detector.md's second example, written out as `net_detectors` and imported (its detectors
     registered); both undone after the test."""
-    blocks = re.findall(r"```python\n(.*?)```", (DOCS / "adding_a_detector.md").read_text(), re.S)
+    blocks = doc_blocks(DOCS / "adding_a_detector.md", "python")
     (tmp_path / "net_detectors.py").write_text(blocks[1])
     monkeypatch.syspath_prepend(str(tmp_path))
     import net_detectors
