@@ -811,6 +811,9 @@ def _check_keywords_against(overrides: Sequence[str], given: Mapping[str, Any], 
         if folder and data_key in DATA_ARGUMENTS:
             raise ConfigError(f"ood.evaluate got overrides {item}, a folder-data key this call sets from "
                               f"{ARGUMENT_KEYS[data_key]}: give it there")
+        if folder and override.key_or_group == "data" and not override.is_delete():  # the folders' data=folder
+            raise ConfigError(f"ood.evaluate got overrides {item} beside id_data / ood_data (folders): for a "
+                              f"benchmark's own data give benchmark={_plain(override.value())!r} instead of the folders")
         if override.key_or_group not in keys or override.is_delete() or override.is_sweep_override():
             continue
         name, value = keys[override.key_or_group]

@@ -116,6 +116,10 @@ def test_a_protocol_override_reaches_the_benchmark(openood_tree: Path, tmp_path:
      r"own: overrides=\['data.benchmark.image_size=...'\]$"),
     ({"benchmark": "digits", "drop_last": False}, r"drop_last is a training option"),
     ({"benchmark": "cifar10", "overrides": ["data=cifar100"]}, r"^benchmark='cifar10' and overrides data=cifar100 disagree"),
+    # beside folders, a data= override was taken without a word (the folders set into another data config)
+    ({"id_data": "data/id", "ood_data": ["data/dtd"], "overrides": ["data=cifar10"]},
+     r"^ood.evaluate got overrides data=cifar10 beside id_data / ood_data \(folders\): for a benchmark's own data give "
+     r"benchmark='cifar10' instead of the folders$"),
     ({"benchmark": "digits", "model": TinyNet(num_classes=10)},
      r"^the model's head \(fc\) has 10 outputs but the ID data \(digits\) has 6 classes"),
     ({"benchmark": "digits", "model": TinyNet(in_channels=3)},
