@@ -534,3 +534,17 @@ def test_full_spectrum_without_the_datas_csid_switch_is_refused_before_training(
         else:
             check_run(cfg, None)
     check_run(compose_config(tmp_path, ["evaluation.fsood=true", "data.csid=false", "evaluate=false"]), None)
+
+
+def test_digits_corrupts_its_test_images_once_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The datamodule asks for the csid sets as it prepares (naming missing ones) and as it evaluates: digits built
+    its corrupted sets twice (0.4 s a run)."""
+    import ood.data.digits as digits_module
+
+    calls = []
+    corrupt = digits_module.corrupt
+    monkeypatch.setattr(digits_module, "corrupt", lambda *a, **k: calls.append(a[1]) or corrupt(*a, **k))
+    dm = OODDataModule(DigitsBenchmark(csid={"blur": 1.0, "shift": 1}), eval_batch_size=1000, csid=True)
+    dm.prepare_data()
+    assert [s.name for s in dm.eval_splits][-2:] == ["digits_blur", "digits_shift"] and len(dm.test_dataloader()) > 2
+    assert calls == ["blur", "shift"]

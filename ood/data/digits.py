@@ -212,6 +212,11 @@ class DigitsBenchmark(Benchmark):
         return tuple(f"digits_{c}" for c in self.csid)
 
     def csid_test(self) -> list[CSIDSet]:
+        return list(self._csid_sets)
+
+    @cached_property
+    def _csid_sets(self) -> list[CSIDSet]:
+        """The corrupted test digits, made once: the datamodule asks for them as it prepares and as it evaluates."""
         images, labels = self._id_splits["test"]
         return [
             CSIDSet(f"digits_{c}", self._dataset(corrupt(images, c, severity, seed=self.seed + 5 + k), labels))
