@@ -8,7 +8,7 @@ import torch
 
 import ood.detectors.mahalanobis as mahalanobis_module
 import ood.neighbors as knn_module
-from ood.detectors import build_detector
+from ood.detectors import build_detector, float16_detectors
 from ood.features.bank import FeatureBank
 from ood.neighbors import KNNIndex
 
@@ -67,3 +67,24 @@ def test_float16_feature_banks_end_to_end(tmp_path) -> None:
     assert full.keys() == half.keys() and max(abs(full[k] - half[k]) for k in full) < 1e-3
     with pytest.raises(ConfigError, match="float16 supports the detectors .* not \\['ash'\\]"):
         instantiate(compose_config(tmp_path, ["detectors.names=[knn,ash]", "evaluation.feature_dtype=float16"]).evaluation)
+
+
+def test_float16_refusal_names_the_override_that_runs_the_rest(tmp_path) -> None:
+    """`detectors=fast` with float16 features is refused with the `detectors.exclude=[...]` to type, and that override
+    alone makes the same command start (before, the refusal listed names and left the user to write it)."""
+    import re
+
+    from helpers import compose_config
+
+    from ood.errors import ConfigError
+    from ood.utils import instantiate
+
+    fast = {d.name for d in instantiate(compose_config(tmp_path, ["detectors=fast"]).evaluation).evaluator.detectors}
+    common = ["detectors=fast", "evaluation.feature_dtype=float16"]
+    with pytest.raises(ConfigError) as refused:
+        instantiate(compose_config(tmp_path, common).evaluation)
+    override = re.search(r"detectors\.exclude=\[[a-z_0-9,]+\]", str(refused.value))
+    assert override is not None, str(refused.value)
+    evaluation = instantiate(compose_config(tmp_path, [*common, override.group()]).evaluation)
+    assert evaluation.feature_dtype == torch.float16
+    assert {d.name for d in evaluation.evaluator.detectors} == fast & set(float16_detectors())

@@ -106,7 +106,9 @@ class OODEvaluation(Callback):
             raise ConfigError(f"evaluation.feature_dtype={feature_dtype!r} is unknown; choices: ['float32', 'float16']")
         unsafe = sorted(c.name for c in evaluator.detectors if not c.float16_features) if feature_dtype == "float16" else []
         if unsafe:
-            raise ConfigError(f"evaluation.feature_dtype=float16 supports the detectors {float16_detectors()}; not {unsafe}")
+            raise ConfigError(f"evaluation.feature_dtype=float16 supports the detectors {float16_detectors()}; not {unsafe}: "
+                              f"add detectors.exclude=[{','.join(unsafe)}] to score the others in float16, or keep "
+                              f"evaluation.feature_dtype=float32")
         self.feature_dtype = getattr(torch, feature_dtype)
         self.bank_dir = Path(bank_dir) if bank_dir is not None else None
         self.evaluator = evaluator
