@@ -294,3 +294,13 @@ def test_three_gloo_ranks_give_the_rows_the_first_rank_had(tmp_path: Path) -> No
         for key, value in data.items():
             bump = torch.tensor([first[i] for i in rows]).to(value.dtype)[:, None] if key != "labels" else 0
             assert result[key] == (value[rows] + bump).tolist(), (n, key)
+
+
+def test_bank_dir_expands_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`bank_dir="~/banks"` (Python, or a quoted override) is the home folder's `banks/`: it made a folder named `~`
+    in the working directory and wrote the banks there."""
+    from ood.evaluation.callback import OODEvaluation
+    from ood.evaluation.evaluator import Evaluator
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert OODEvaluation(Evaluator(["msp"]), bank_dir="~/banks").bank_dir == tmp_path / "banks"

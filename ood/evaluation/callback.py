@@ -110,7 +110,7 @@ class OODEvaluation(Callback):
                               f"add detectors.exclude=[{','.join(unsafe)}] to score the others in float16, or keep "
                               f"evaluation.feature_dtype=float32")
         self.feature_dtype = getattr(torch, feature_dtype)
-        self.bank_dir = Path(bank_dir) if bank_dir is not None else None
+        self.bank_dir = Path(bank_dir).expanduser() if bank_dir is not None else None  # `~/x`: a folder named ~ else
         self.evaluator = evaluator
         named = list(sinks.items()) if isinstance(sinks, Mapping) else [(str(i), sink) for i, sink in enumerate(sinks)]
         for name, sink in named:
