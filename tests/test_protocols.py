@@ -386,3 +386,20 @@ def test_openood_and_energy_ood_presets_keep_the_last_partial_batch(tmp_path: Pa
     assert compose_config(tmp_path, ["experiment=cifar10_energy_cfl", "data.drop_last=true"]).data.drop_last is True
     datamodule = instantiate(compose_config(tmp_path, ["experiment=openood_ce", "data=digits", "data.batch_size=64"]).data)
     assert datamodule.drop_last is False and len(datamodule.train_dataloader()) == 11  # ceil(650 / 64)
+
+
+def test_a_listed_image_that_is_missing_says_how_many_of_its_list_are(tmp_path: Path) -> None:
+    """A file an OpenOOD list names but the download lacks stops the pass naming it, its list and how many of the
+    list's files are missing (one: a file to fetch again; all: the images root is wrong). It said `image not found:
+    <path>` alone, after the passes before it (hours at ImageNet size), with no word of the list or of the others."""
+    from ood.data.imglist import ImageList
+
+    save_image(tmp_path / "images" / "a.jpg")
+    save_image(tmp_path / "images" / "b.jpg")
+    listed = tmp_path / "test_set.txt"
+    listed.write_text("a.jpg -1\nb.jpg -1\nc.jpg -1\nd.jpg -1\n")
+    images = ImageList(listed, tmp_path / "images", torchvision.transforms.ToTensor())
+    assert images[1][0].shape == (3, 32, 32)
+    with pytest.raises(DataNotFoundError, match=f"image not found: {tmp_path}/images/c.jpg \\(missing: 2 of the 4 "
+                                                f"images listed in {listed}\\)$"):
+        images[2]

@@ -70,6 +70,9 @@ class ImageFiles(Dataset):
     """`(transform(RGB image), label)` for `(relative path, label)` entries under `root`; `label` overrides all
     labels (-1 for OOD sets, whatever the source says)."""
 
+    #: where the entries come from, for messages (`ImageList`: its list file)
+    source = ""
+
     def __init__(
         self,
         entries: list[tuple[str, int]],
@@ -92,10 +95,19 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
         name, label = self.entries[i]
-        return self.transform(load_rgb(self.root / name)), (label if self.label is None else self.label)
+        path = self.root / name
+        if not path.is_file():
+            raise DataNotFoundError(f"image not found: {path} (missing: {self.missing()} of the {len(self)} images"
+                                    f"{self.source})")
+        return self.transform(load_rgb(path)), (label if self.label is None else self.label)
 
     def describe(self, i: int) -> str:
         return str(self.root / self.entries[i][0])
+
+    def missing(self) -> int:
+        """How many entries name no file (a stat each: asked only once one is missing, to tell a file to fetch again
+        from a wrong images root, where all are)."""
+        return sum(not (self.root / name).is_file() for name, _ in self.entries)
 
 
 class ImageList(ImageFiles):
@@ -119,5 +131,6 @@ class ImageList(ImageFiles):
         keep_classes: str | Path | None = None,
     ) -> None:
         self.list_file = Path(list_file)
+        self.source = f" listed in {self.list_file}"
         self.keep_classes = None if keep_classes is None else Path(keep_classes)
         super().__init__(subset_entries(read_imglist(self.list_file), self.keep_classes), root, transform, label)
