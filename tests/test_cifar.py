@@ -24,7 +24,7 @@ from PIL import Image
 from ood.data import CIFAR10Benchmark, CIFAR100Benchmark, NpyImages, OODDataModule
 from ood.data.batch import Batch
 from ood.data.cifar import stratified_split
-from ood.errors import DataNotFoundError, OODError
+from ood.errors import ConfigError, DataNotFoundError, OODError
 
 NEAR_FAR = {
     "cifar10": {"cifar100": "near", "tin": "near", "mnist": "far", "svhn": "far", "texture": "far", "places365": "far"},
@@ -380,3 +380,24 @@ def test_one_epoch_reports_exactly_the_openood_sets(tree: Path, tmp_path: Path, 
     assert {(r["id_dataset"], r["backbone"], r["n_id"]) for r in rows} == {(name, "resnet18_32x32", SETS[f"{name}_test"][0] - N_VAL)}
     assert {r["ood_dataset"]: r["n_ood"] for r in rows}["mnist"] == SETS["mnist"][0]
     assert (tmp_path / "results.jsonl").is_file()
+
+
+def test_a_model_of_one_input_size_beside_another_image_size_is_one_line(tmp_path: Path) -> None:
+    """A ViT built for 224 px on data=imagenet200 with data.benchmark.image_size=64 (a data config's FileBenchmark)
+    failed at the first batch with timm's AssertionError traceback; data=folder already refused it in one line."""
+    from torch import nn
+
+    from ood.data import FileBenchmark
+
+    class PatchEmbed(nn.Module):  # what `fixed_input_size` reads of timm's strict patch embedding
+        strict_img_size, img_size = True, (224, 224)
+
+    bench = FileBenchmark(tmp_path, "mine", 10, {"folder": "train"}, {"folder": "test"}, {"main": {}}, "main",
+                          image_size=64, resize=72)
+    model = nn.Sequential(PatchEmbed())
+    with pytest.raises(ConfigError, match=r"^the model takes 224x224 images only, but data.benchmark.image_size=64: set "
+                                          r"data.benchmark.image_size=224 .*\+backbone.img_size=64 for timm\)$"):
+        bench.check_model_input(model)
+    FileBenchmark(tmp_path, "mine", 10, {"folder": "train"}, {"folder": "test"}, {"main": {}}, "main",
+                  image_size=224).check_model_input(model)
+    bench.check_model_input(nn.Sequential(nn.Conv2d(3, 4, 3)))  # any size

@@ -37,7 +37,7 @@ from torchvision import transforms as T
 
 from ood.data.benchmark import Benchmark, CSIDSet, OODSet
 from ood.data.cifar import RGB, check_crop, stratified_split
-from ood.data.folder import first_few
+from ood.data.folder import first_few, fixed_input_size
 from ood.data.imglist import ImageFiles
 from ood.data.sets import (
     Protocol,
@@ -184,6 +184,19 @@ class FileBenchmark(Benchmark):
         self._check_outliers_apart()
         log.info("%s: reading files from %s (%s protocol); preprocessing: %s", self.name, self.data_dir,
                  self.protocol.name, self.describe_preprocessing())
+
+    def check_model_input(self, model: torch.nn.Module) -> None:
+        """Refuse a model built for one input size (a timm ViT or Swin, torchvision's ViT) beside another
+        `image_size`, before any image is read: it failed at the first batch with an AssertionError traceback."""
+        fixed = fixed_input_size(model)
+        if fixed is None or fixed == (self.image_size, self.image_size):
+            return
+        height, width = fixed
+        raise ConfigError(
+            f"the model takes {height}x{width} images only, but data.benchmark.image_size={self.image_size}: set "
+            f"data.benchmark.image_size={height} data.benchmark.resize=<its resize>, or build the model for "
+            f"{self.image_size} px (+backbone.img_size={self.image_size} for timm)"
+        )
 
     def describe_preprocessing(self) -> str:
         """The evaluation and training transforms in words, printed as the run starts (`data=folder` prints its own):
