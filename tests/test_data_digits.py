@@ -204,3 +204,22 @@ def test_batches_are_pinned_only_where_a_gpu_takes_them(monkeypatch: pytest.Monk
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             next(iter(OODDataModule(DigitsBenchmark(), pin_memory=True, batch_size=8).test_dataloader()[0]))
+
+
+def test_the_fit_count_is_said(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows record `data.fit_fraction`, not how many images the detectors fit on (0.1 of 32 images: 3): the
+    evaluation says it once."""
+    import logging
+
+    from helpers import capture_warnings_of
+
+    from ood.data import DigitsBenchmark, OODDataModule
+
+    capture_warnings_of("ood.data.benchmark", monkeypatch, caplog)
+    dm = OODDataModule(DigitsBenchmark(), fit_fraction=0.1, fit_seed=3)
+    with caplog.at_level(logging.INFO, logger="ood.data.benchmark"):
+        fit = dm._eval_sets()[0][1]
+    n = len(DigitsBenchmark().train(augment=False))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"detectors fit on {len(fit)} of the {n} ID train images (data.fit_fraction=0.1, data.fit_seed=3)"]
+    assert len(fit) == round(0.1 * n)
