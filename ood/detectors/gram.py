@@ -197,6 +197,9 @@ class GramStream(StreamFitted):
     full_only = True
     #: the leaderboard's `gram` row is the one it reproduces (the parity presets run it on ImageNet)
     reproduces = "gram"
+    #: it reads the bank's labels and logits, never its features (its rows come from passes of its own): the
+    #: ImageNet-scale form runs beside float16 feature banks (`evaluation.feature_dtype=float16`)
+    float16_features = True
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
