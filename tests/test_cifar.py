@@ -401,3 +401,29 @@ def test_a_model_of_one_input_size_beside_another_image_size_is_one_line(tmp_pat
     FileBenchmark(tmp_path, "mine", 10, {"folder": "train"}, {"folder": "test"}, {"main": {}}, "main",
                   image_size=224).check_model_input(model)
     bench.check_model_input(nn.Sequential(nn.Conv2d(3, 4, 3)))  # any size
+
+
+def test_images_missing_from_the_sets_read_after_training_are_named_before_it(tree: Path, tmp_path: Path) -> None:
+    """An image an OOD (or the ID test) list names but the disk lacks stopped the run when the evaluation reached it,
+    after the whole training and train pass: named before training now, with how many of its list are missing."""
+    from ood.data import FileBenchmark
+    from ood.data.imglist import read_imglist
+
+    partial = tmp_path / "partial"
+    shutil.copytree(tree, partial)
+    lists = partial / "benchmark_imglist" / "cifar10"
+    svhn, test = read_imglist(lists / "test_svhn.txt"), read_imglist(lists / "test_cifar10.txt")
+    for name, _ in (svhn[1], test[0]):
+        (partial / "images_classic" / name).unlink()
+    with pytest.raises(DataNotFoundError) as err:
+        CIFAR10Benchmark(partial).prepare()
+    for listed, first in ((svhn, svhn[1][0]), (test, test[0][0])):
+        which = lists / ("test_svhn.txt" if listed is svhn else "test_cifar10.txt")
+        assert (f"1 of the {len(listed)} images {which} lists under {partial / 'images_classic'}/ (the first: {first})"
+                in str(err.value))
+    CIFAR10Benchmark(partial).prepare(evaluate=False)  # training reads neither set
+    files = FileBenchmark(partial, "mine", 10, {"imglist": "benchmark_imglist/cifar10/train_cifar10.txt"},
+                          {"imglist": "benchmark_imglist/cifar10/test_cifar10.txt"},
+                          {"main": {"far": {"svhn": {"imglist": "benchmark_imglist/cifar10/test_svhn.txt"}}}}, "main")
+    with pytest.raises(DataNotFoundError, match=r"'svhn' \(looked for 1 of the \d+ images .*test_svhn.txt lists under"):
+        files.prepare()

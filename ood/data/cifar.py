@@ -307,6 +307,9 @@ class CIFARBenchmark(Benchmark):
             missing += [str(self.list_file(n)) for n in (f"train_{self.name}", f"test_{self.name}") if not self.list_file(n).is_file()]
             if not self.images_dir.is_dir():
                 missing.append(f"{self.images_dir}/ (the images)")
+            elif evaluate and self.list_file(f"test_{self.name}").is_file():  # the ID test images, read after training
+                missing += SetSpec(imglist=str(self.list_file(f"test_{self.name}")),
+                                   images=str(self.images_dir)).missing_images(self.data_dir)
         else:
             if self.source == "auto" and not download and not self._tv_present():
                 raise DataNotFoundError(
@@ -334,7 +337,7 @@ class CIFARBenchmark(Benchmark):
         if kind == "torchvision":
             self._tv_build(str(spec.torchvision), spec.torchvision_root(self.data_dir), download=download, how=spec.how,
                            name=name)
-        elif absent := spec.missing(self.data_dir, kind):
+        elif absent := spec.missing(self.data_dir, kind, images=True):  # its listed images too: read after training
             if not self._optional(spec, kind):
                 return [describe_missing(name, spec, absent)]
             self._warn_skipped(name, spec, absent)

@@ -40,7 +40,7 @@ from typing import Any, Literal
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ood.data.imglist import ImageFiles, ImageList, subset_entries
+from ood.data.imglist import ImageFiles, ImageList, read_imglist, subset_entries
 from ood.data.synthetic import RECIPES, decoding, synthetic_set
 from ood.errors import ConfigError, DataNotFoundError
 from ood.utils import get_logger
@@ -196,8 +196,9 @@ class SetSpec:
         assert self.torchvision is not None
         return resolve(data_dir, self.root or f"torchvision/{self.torchvision}")
 
-    def missing(self, data_dir: Path, kind: Kind) -> list[str]:
-        """The files or folders this spec (read as `kind`) needs that are absent (torchvision checks its own)."""
+    def missing(self, data_dir: Path, kind: Kind, images: bool = False) -> list[str]:
+        """The files or folders this spec (read as `kind`) needs that are absent (torchvision checks its own); with
+        `images`, of an image list that is there, also the images it lists that are not (`missing_images`)."""
         files, folders = {
             "imglist": ([self.imglist], [self.images]),
             "folder": ([], [self.folder]),
@@ -210,8 +211,20 @@ class SetSpec:
         absent = [f"{p}/" if is_dir else str(p) for p, is_dir in needed if not (p.is_dir() if is_dir else p.is_file())]
         if kind == "synthetic":
             assert self.source is not None
-            absent += self.source.missing(data_dir, self.source.kinds[0])
+            absent += self.source.missing(data_dir, self.source.kinds[0], images)
+        if images and kind == "imglist" and not absent:
+            absent += self.missing_images(data_dir)
         return absent
+
+    def missing_images(self, data_dir: Path) -> list[str]:
+        """How many of the images this image list names are not on disk, and the first: asked before a run for the
+        sets read after training (a missing OOD image stopped the evaluation after the whole train pass), a stat each."""
+        root = resolve(data_dir, self.images)
+        entries = subset_entries(read_imglist(resolve(data_dir, self.imglist)),
+                                 resolve(data_dir, self.keep_classes) if self.keep_classes else None)
+        gone = [name for name, _ in entries if not (root / name).is_file()]
+        return [f"{len(gone)} of the {len(entries)} images {resolve(data_dir, self.imglist)} lists under {root}/ "
+                f"(the first: {gone[0]})"] if gone else []
 
     def open(
         self,
