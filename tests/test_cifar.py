@@ -427,3 +427,15 @@ def test_images_missing_from_the_sets_read_after_training_are_named_before_it(tr
                           {"main": {"far": {"svhn": {"imglist": "benchmark_imglist/cifar10/test_svhn.txt"}}}}, "main")
     with pytest.raises(DataNotFoundError, match=r"'svhn' \(looked for 1 of the \d+ images .*test_svhn.txt lists under"):
         files.prepare()
+
+
+def test_a_complete_list_is_stat_ed_once_a_process(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ood-train` prepares its data for training and again for the evaluation: the listed images of a complete list
+    are checked the first time only (about 150 k stats on CIFAR's OpenOOD lists)."""
+    import ood.data.sets as sets_module
+
+    read, original = [], sets_module.read_imglist
+    monkeypatch.setattr(sets_module, "_COMPLETE_LISTS", set())
+    monkeypatch.setattr(sets_module, "read_imglist", lambda path: read.append(path) or original(path))
+    spec = sets_module.SetSpec(imglist="benchmark_imglist/cifar10/test_svhn.txt")
+    assert spec.missing_images(tree) == [] and spec.missing_images(tree) == [] and len(read) == 1

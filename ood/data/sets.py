@@ -219,12 +219,15 @@ class SetSpec:
     def missing_images(self, data_dir: Path) -> list[str]:
         """How many of the images this image list names are not on disk, and the first: asked before a run for the
         sets read after training (a missing OOD image stopped the evaluation after the whole train pass), a stat each."""
-        root = resolve(data_dir, self.images)
-        entries = subset_entries(read_imglist(resolve(data_dir, self.imglist)),
-                                 resolve(data_dir, self.keep_classes) if self.keep_classes else None)
+        root, listed = resolve(data_dir, self.images), resolve(data_dir, self.imglist)
+        key = (str(listed), listed.stat().st_mtime_ns, str(root), self.keep_classes)
+        if key in _COMPLETE_LISTS:  # `ood-train` prepares its data for training and again for the evaluation
+            return []
+        entries = subset_entries(read_imglist(listed), resolve(data_dir, self.keep_classes) if self.keep_classes else None)
         gone = [name for name, _ in entries if not (root / name).is_file()]
-        return [f"{len(gone)} of the {len(entries)} images {resolve(data_dir, self.imglist)} lists under {root}/ "
-                f"(the first: {gone[0]})"] if gone else []
+        if not gone:
+            _COMPLETE_LISTS.add(key)
+        return [f"{len(gone)} of the {len(entries)} images {listed} lists under {root}/ (the first: {gone[0]})"] if gone else []
 
     def open(
         self,
@@ -275,6 +278,10 @@ def labelled_folder(root: Path, num_classes: int) -> None:
                "class folders named by numbers, whose text order (0, 1, 10, ...) is not theirs")
         raise ConfigError(f"{root}: {why}: its labels (the index of each sorted class folder) would not be the ID "
                           "classes; give it as an image list {imglist: <file>} of '<path> <ID class index>' lines")
+
+
+#: image lists found complete in this process (list file, its mtime, images root, class subset): not stat'ed again
+_COMPLETE_LISTS: set[tuple[str, int, str, str | None]] = set()
 
 
 def resolve(data_dir: Path, path: str | None) -> Path:
