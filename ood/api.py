@@ -677,6 +677,7 @@ def evaluate(
     from omegaconf import OmegaConf, open_dict
 
     from ood import CONFIG_DIR
+    from ood.cli import expand_home
     from ood.data.benchmark import check_loader_options
     from ood.models.adapters import as_backbone, check_classes
     from ood.runs.checks import check_overrides, part_file_overrides, untrained_parts
@@ -686,6 +687,9 @@ def evaluate(
 
     arguments = locals()  # the parameters (and the imports above), before anything else is bound
     keywords = {k: arguments[k] for k in KEYWORD_KEYS}
+    if not isinstance(overrides, str):  # one string is refused below, naming the list to give
+        # `~` at the start of a path, as the entry points expand it (Hydra's grammar refuses it in a value)
+        overrides = expand_home(list(overrides))
     _check_data_source(benchmark, id_data, ood_data, transform, data_dir)
     if benchmark is None:  # a benchmark's data keywords are checked against its data node, once composed
         _check_refused_options(data)

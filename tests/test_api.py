@@ -1068,3 +1068,13 @@ def test_two_widths_of_one_module_class_are_two_configurations(tmp_path: Path) -
     with pytest.raises(ConfigError, match=rf"^backbone.shapes=000000000000 is the digest of the network the run "
                                           rf"evaluated; this one has {architecture_digest(nn.Identity())} \(other"):
         module_backbone("torch.nn.Identity", num_classes=3, shapes="000000000000")
+
+
+def test_a_home_folder_in_an_override_is_expanded_as_on_the_command_line(tmp_path: Path) -> None:
+    """`overrides=["evaluation.bank_dir=~/banks"]` stopped on Hydra's grammar ("quote a value with spaces or
+    brackets"): `~` is expanded as the entry points expand it. Shown by the call reaching its next check."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    with pytest.raises(ConfigError, match=r"^ood.evaluate got overrides data.drop_last=false: data.drop_last is a "
+                                          r"training option"):
+        ood.evaluate(net, tmp_path / "id", [tmp_path / "far"], output_dir=tmp_path / "run",
+                     overrides=["evaluation.bank_dir=~/banks", "data.drop_last=false"])
