@@ -439,3 +439,18 @@ def test_a_complete_list_is_stat_ed_once_a_process(tree: Path, monkeypatch: pyte
     monkeypatch.setattr(sets_module, "read_imglist", lambda path: read.append(path) or original(path))
     spec = sets_module.SetSpec(imglist="benchmark_imglist/cifar10/test_svhn.txt")
     assert spec.missing_images(tree) == [] and spec.missing_images(tree) == [] and len(read) == 1
+
+
+def test_a_data_dir_under_home_is_expanded(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`paths.data_dir=~/data` (unexpanded by the shell after `paths.data_dir=`) or `ood.evaluate(data_dir="~/data")`
+    looked for a folder named ~ in the working directory."""
+    from ood.data import FileBenchmark
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tree, tmp_path / "data", symlinks=True)
+    bench = CIFAR10Benchmark("~/data")
+    bench.prepare()
+    assert bench.data_dir == tmp_path / "data"
+    files = FileBenchmark("~/data", "mine", 10, {"imglist": "benchmark_imglist/cifar10/train_cifar10.txt"},
+                          {"imglist": "benchmark_imglist/cifar10/test_cifar10.txt"}, {"main": {}}, "main")
+    assert files.data_dir == tmp_path / "data"

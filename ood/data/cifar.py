@@ -195,7 +195,7 @@ class CIFARBenchmark(Benchmark):
             raise ConfigError(f"unknown data source {source!r}; choices: {list(SOURCES)}")
         if outliers not in OUTLIERS:
             raise ConfigError(f"unknown outlier set {outliers!r}; choices: {list(OUTLIERS)}")
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).expanduser()  # `~/data`: the shell leaves it after `paths.data_dir=`
         self.source = source
         self.augment = augment
         self.crop_padding = crop_padding

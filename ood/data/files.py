@@ -100,7 +100,7 @@ class FileBenchmark(Benchmark):
         outliers: Mapping[str, Any] | None = None,
         augment_outliers: bool = True,
     ) -> None:
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).expanduser()  # `~/data`: the shell leaves it after `paths.data_dir=`
         self.name = name
         self.protocol = Protocol.select(protocols, protocol)
         ident = {"num_classes": num_classes, "train": train, "val": val, "test": test, **(self.protocol.id or {})}
