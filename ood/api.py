@@ -557,6 +557,8 @@ def _check_benchmark(benchmark: str, overrides: Sequence[str]) -> None:
                 compose(config_name="eval", overrides=[f"data={benchmark}", *searchpath])
             return
         except MissingConfigException as err:
+            if err.missing_cfg_file != f"data/{benchmark}":  # the config is there; a default it names is not
+                raise ConfigError(f"benchmark={benchmark!r}: {str(err).splitlines()[0]}") from None
             choices = sorted(set(err.options or ()) - {"folder"})
         finally:
             GlobalHydra.instance().clear()

@@ -138,3 +138,13 @@ def test_an_unknown_benchmark_lists_the_configs_of_the_callers_search_path_too(t
     with pytest.raises(ConfigError, match=r"^benchmark='skn' is no data config; choices: cifar10, .*, skin, tinyimagenet"):
         ood.evaluate(TinyNet(), benchmark="skn", device="cpu", output_dir=tmp_path / "run",
                      overrides=[f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"])
+
+
+def test_a_config_of_ones_own_that_fails_to_compose_is_named_as_such(tmp_path: Path) -> None:
+    """A data config of the caller's whose defaults name a missing config (`base/filez`) was called no data config,
+    with no choices: the compose's own reason is the line."""
+    (tmp_path / "my_conf" / "data").mkdir(parents=True)
+    (tmp_path / "my_conf" / "data" / "skin.yaml").write_text("defaults: [base/filez@_here_, _self_]\n")
+    with pytest.raises(ConfigError, match=r"^benchmark='skin': In 'data/skin': Could not load 'data/base/filez'\.$"):
+        ood.evaluate(TinyNet(), benchmark="skin", device="cpu", output_dir=tmp_path / "run",
+                     overrides=[f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"])
