@@ -10,7 +10,7 @@ REPORT_ARGS ?=
 # reproduce-*: RESUME=1 (not 0, no, false) re-runs a target into the same R= resuming each training job's last.ckpt (a finished job is
 # only evaluated again); without it every job trains anew over the old one
 RESUME ?=
-TRAIN_RESUME = $(if $(filter-out 0 no false,$(RESUME)), ckpt_path=last)
+TRAIN_RESUME = $(if $(filter-out 0 no No NO false False FALSE,$(RESUME)), ckpt_path=last)
 # reproduce-*: DATA_DIR=<folder> given on the command line or in the environment sets paths.data_dir of every
 # ood-train / ood-eval (else ood's own default: $OOD_DATA_DIR, or ./data); parity-openood reads its files there too
 DATA_DIR ?= $(or $(OOD_DATA_DIR),data)

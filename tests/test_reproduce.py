@@ -111,7 +111,7 @@ def test_resume_continues_every_training_job_and_leaves_the_evaluations_alone(ta
     would also replace the `ckpt_path=` of reproduce-cluster's and reproduce-grood's ood-eval stages. RESUME=1 adds
     `ckpt_path=last` to the ood-train commands alone (each job resumes its own last.ckpt, a finished one is only
     evaluated again). RESUME=0 (or no, false) does not resume (any other value did)."""
-    for resume in ("", "0", "1"):
+    for resume in ("", "0", "False", "1"):
         for words in map(shlex.split, make_dry(target, {"VENV": ".venv", "RESUME": resume, "ARGS": "x=1"})):
             train = words[0].endswith("/ood-train")
             assert ("ckpt_path=last" in words) == (train and resume == "1"), (resume, words[:3])
