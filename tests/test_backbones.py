@@ -306,3 +306,14 @@ def test_a_backbone_without_a_keyword_ood_passes_is_told_to_take_it() -> None:
                                           r"\(from the data\): give the class an `in_channels` argument$"):
         instantiate(node, num_classes=3, in_channels=1)
     assert instantiate(node, num_classes=3).fc.out_features == 3
+
+
+@pytest.mark.parametrize("model_name", ["dla34", "levit_128s"])  # a Conv2d classifier, a pair of heads
+def test_a_timm_model_without_one_linear_head_is_named(model_name: str) -> None:
+    """`backbone=timm` of a model whose classifier is no linear layer failed in the first forward with the contract
+    error meant for a Backbone subclass of one's own (which the user never wrote)."""
+    from ood.errors import ConfigError
+    from ood.models.timm_backbone import TimmBackbone
+
+    with pytest.raises(ConfigError, match=rf"^timm model '{model_name}' classifies with a \w+, not one linear layer"):
+        TimmBackbone(model_name, num_classes=3)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ood.errors import CheckpointError
+from ood.errors import CheckpointError, ConfigError
 from ood.models.base import Backbone
 
 #: transformers' `ViTConfig().layer_norm_eps` (timm's ViT LayerNorms: 1e-6)
@@ -107,6 +107,10 @@ class TimmBackbone(Backbone):
             model_name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs
         )
         head = net.get_classifier()
+        if not isinstance(head, nn.Linear):  # else a contract error about a Backbone subclass the user never wrote
+            raise ConfigError(f"timm model {model_name!r} classifies with a {type(head).__name__}, not one linear layer: "
+                              "ood's evaluation and detectors read the head as W h + b; choose a timm model with a linear "
+                              "head (resnet*, convnext*, vit_*, efficientnet*, ...)")
         net.reset_classifier(0)
         self.stages = nn.ModuleDict({"body": _PreLogits(net)})
         self.pool = nn.Identity()
