@@ -9,6 +9,7 @@ torchvision's dataset classes are replaced by in-memory fakes with the same cons
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -454,3 +455,28 @@ def test_a_data_dir_under_home_is_expanded(tree: Path, tmp_path: Path, monkeypat
     files = FileBenchmark("~/data", "mine", 10, {"imglist": "benchmark_imglist/cifar10/train_cifar10.txt"},
                           {"imglist": "benchmark_imglist/cifar10/test_cifar10.txt"}, {"main": {}}, "main")
     assert files.data_dir == tmp_path / "data"
+
+
+@pytest.mark.parametrize("optional", [False, True])
+def test_a_csid_lists_missing_images_are_named_before_training(tree: Path, tmp_path: Path, optional: bool) -> None:
+    """The covariate-shifted ID lists (ImageNet-V2 / -R / -C under evaluation.fsood=true) are read after training too:
+    an image one names but the disk lacks is named when the sets are asked for (as the datamodule prepares), and an
+    optional set missing any is left out with the skip warning instead of failing mid-evaluation."""
+    from ood.data import FileBenchmark
+    from ood.data.imglist import read_imglist
+
+    partial = tmp_path / "partial"
+    shutil.copytree(tree, partial)
+    listed = "benchmark_imglist/cifar10/test_cifar10.txt"
+    gone = read_imglist(partial / listed)[2][0]
+    (partial / "images_classic" / gone).unlink()
+    csid = {"shifted": {"imglist": "benchmark_imglist/cifar10/val_cifar10.txt"},
+            "broken": {"imglist": listed, "optional": optional}}
+    bench = FileBenchmark(partial, "mine", 10, {"imglist": "benchmark_imglist/cifar10/train_cifar10.txt"},
+                          {"imglist": "benchmark_imglist/cifar10/val_cifar10.txt"}, {"main": {"csid": csid}}, "main")
+    if optional:
+        assert [s.name for s in bench.csid_test()] == ["shifted"]
+    else:
+        with pytest.raises(DataNotFoundError, match=rf"'broken' \(looked for 1 of the \d+ images .*test_cifar10.txt lists "
+                                                    rf"under .*images_classic/ \(the first: {re.escape(gone)}\)"):
+            bench.csid_test()

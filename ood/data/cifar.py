@@ -501,16 +501,20 @@ class CIFARBenchmark(Benchmark):
         return tuple(self.protocol.csid)
 
     def csid_test(self) -> list[CSIDSet]:
-        missing, skipped = [], []
+        missing, skipped, left_out = [], [], set()
         for name, spec in self.protocol.csid.items():
             kind = spec.kind(self.prefer)  # type: ignore[arg-type]
-            if kind != "torchvision" and (absent := spec.missing(self.data_dir, kind)):
-                (skipped if self._optional(spec, kind) else missing).append(describe_missing(name, spec, absent))
+            # the listed images too (read after training); an optional set missing any is left out, not opened
+            if kind != "torchvision" and (absent := spec.missing(self.data_dir, kind, images=True)):
+                optional = self._optional(spec, kind)
+                (skipped if optional else missing).append(describe_missing(name, spec, absent))
+                left_out |= {name} if optional else set()
         if missing:
             raise missing_csid_error(self.name, self.protocol.name, self.data_dir, missing)
         if skipped:
             warn_skipped_csid(self.name, self.protocol.name, tuple(skipped))
-        sets = [(name, self._open(name, spec, label=None)) for name, spec in self.protocol.csid.items()]
+        sets = [(name, self._open(name, spec, label=None)) for name, spec in self.protocol.csid.items()
+                if name not in left_out]
         return [CSIDSet(name, dataset) for name, dataset in sets if dataset is not None]
 
     def outliers(self) -> Dataset | None:

@@ -371,14 +371,16 @@ class FileBenchmark(Benchmark):
         return tuple(self.protocol.csid)
 
     def csid_test(self) -> list[CSIDSet]:
-        absent = {n: s.missing(self.data_dir, s.kinds[0]) for n, s in self.protocol.csid.items()}
+        # the listed images too (read after training); an optional set missing any is left out, not opened
+        absent = {n: s.missing(self.data_dir, s.kinds[0], images=True) for n, s in self.protocol.csid.items()}
         missing = [describe_missing(n, s, absent[n]) for n, s in self.protocol.csid.items() if absent[n] and not s.optional]
         if missing:
             raise missing_csid_error(self.name, self.protocol.name, self.data_dir, missing)
         skipped = tuple(describe_missing(n, s, absent[n]) for n, s in self.protocol.csid.items() if absent[n])
         if skipped:
             warn_skipped_csid(self.name, self.protocol.name, skipped)
-        sets = [(n, self._open(n, s, self.eval_transform(), None, self.num_classes)) for n, s in self.protocol.csid.items()]
+        sets = [(n, self._open(n, s, self.eval_transform(), None, self.num_classes))
+                for n, s in self.protocol.csid.items() if not absent[n]]
         return [CSIDSet(n, d) for n, d in sets if d is not None]
 
     def outliers(self) -> Dataset | None:
