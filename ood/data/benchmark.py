@@ -139,7 +139,8 @@ class Benchmark(ABC):
         return (1.0,) * self.in_channels
 
     def prepare(self, download: bool = False, evaluate: bool = True) -> None:  # noqa: B027 - optional hook
-        """Check files, downloading what is missing when `download` (called once, on global rank zero); the
+        """Check files, downloading what is missing when `download` (on local rank 0 of each node, at each `fit` and
+        `test`: Lightning's `prepare_data`); the
         protocol's OOD sets only when the run `evaluate`s (`ood-train evaluate=false` trains before they are there)."""
 
     @abstractmethod
