@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,18 @@ class EvaluationResult:
     samples: dict[str, Samples] = field(default_factory=dict)
 
 
+@contextmanager
+def without_autocast() -> Iterator[None]:
+    """CPU and CUDA autocast off within: `ood.evaluate` called inside a caller's `torch.autocast` (a training script's
+    validation block) ran the detectors' float32 products in bf16 / fp16 (cfood's distances, relation's similarities,
+    ViM's projections), which reordered near scores; the float64 work is never cast, and Lightning's own autocast
+    covers the test steps only."""
+    with ExitStack() as stack:
+        for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            stack.enter_context(torch.autocast(device, enabled=False))
+        yield
+
+
 class Evaluator:
     """Fits the method's score and every configured detector on the cache, then scores and measures.
 
@@ -96,6 +109,7 @@ class Evaluator:
                               f"(detectors.exclude={clash})")
 
     @float32_matmuls()  # a user's TF32 setting would round the detectors' float32 distances (`float32_matmuls`)
+    @without_autocast()  # nor may a caller's autocast
     def evaluate(
         self,
         method: OODMethod,
