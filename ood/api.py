@@ -681,6 +681,7 @@ def evaluate(
     from ood import CONFIG_DIR
     from ood.cli import expand_home
     from ood.data.benchmark import check_loader_options
+    from ood.evaluation.evaluator import without_autocast
     from ood.models.adapters import as_backbone, check_classes
     from ood.runs.checks import check_overrides, part_file_overrides, untrained_parts
     from ood.runs.console import quiet_warnings
@@ -780,7 +781,9 @@ def evaluate(
             earlier = clear_failure(out)  # as `ood-eval`: an earlier run's results would read as this one's should it fail
             earlier.begin()
             atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-            with one_line_errors(), ctrl_c_raised(trainer):  # the caller's program gets its Ctrl-C back
+            # the caller's Ctrl-C back; its autocast (a training script's validation block) off, as in `ood-eval`:
+            # the run's own precision (`trainer=gpu_fast`) still applies inside the test steps
+            with one_line_errors(), ctrl_c_raised(trainer), without_autocast():
                 trainer.test(method_, datamodule=datamodule, verbose=False)
         except (Exception, KeyboardInterrupt) as err:  # `FAILED.txt`, as `ood-eval` leaves it: ood-report names it
             record_failure(out, err, earlier)

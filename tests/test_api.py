@@ -617,6 +617,22 @@ def test_evaluate_and_extract_inside_the_callers_inference_mode(tmp_path: Path) 
     np.testing.assert_allclose(scores.numpy(), plain.scores["msp"]["checkers"], rtol=1e-6)
 
 
+def test_evaluate_inside_a_callers_autocast_scores_as_outside(tmp_path: Path) -> None:
+    """A training script's validation block often runs under `torch.autocast`: the pass that collects the banks ran
+    the caller's network in bf16 there, so the rows moved with the caller's precision (the CPU's autocast stands in
+    for CUDA's)."""
+    paths = make_image_folders(tmp_path / "data", train=3, test=2, ood=3)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    run = dict(detectors=["msp", "vim"], image_size=32, resize=32, device="cpu")
+    plain = ood.evaluate(net, paths["id"], [paths["far"]], output_dir=tmp_path / "plain", **run)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = ood.evaluate(net, paths["id"], [paths["far"]], output_dir=tmp_path / "inside", **run)
+    assert inside.rows == plain.rows
+    for name in ("msp", "vim"):
+        np.testing.assert_array_equal(inside.scores[name]["checkers"], plain.scores[name]["checkers"])
+
+
 class _CtrlC(torch.utils.data.Dataset):
     """Images until the third, where the user presses Ctrl-C."""
 
