@@ -583,10 +583,11 @@ def _check_benchmark_options(given: Mapping[str, Any], node: Any, benchmark: str
 
 def _check_channels(net: nn.Module, data: Any, benchmark: str) -> None:
     """One line when the model's first convolution reads another channel count than the benchmark's images have
-    (PyTorch's error said to pass transform=, which a benchmark takes not)."""
+    (PyTorch's error said to pass transform=, which a benchmark takes not); a model whose first registered
+    convolution is not the one its forward runs first is tried on one image of the benchmark's (`input_channels`)."""
     from ood.models.base import input_channels
 
-    reads = input_channels(net)
+    reads = input_channels(net, data.in_channels, getattr(data, "image_size", 224))
     if reads is not None and reads != data.in_channels:
         raise ConfigError(f"the model's first convolution reads {reads} channel(s) and benchmark={benchmark!r} has "
                           f"{data.in_channels}-channel images: give a model made for them")

@@ -263,6 +263,66 @@ class ThreeChannelNet(nn.Module):
         return self.fc(self.body(x))
 
 
+class AuxHeadFirstNet(nn.Module):
+    """A grey-image net whose auxiliary head (a 1x1 convolution on the stem's output, for a training loss) is
+    defined before its stem: its first registered convolution reads 4 channels, the first one run `in_channels`."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1) -> None:
+        super().__init__()
+        self.aux = nn.Conv2d(4, num_classes, 1)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU())
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.stem(x)))
+
+
+class GreyToRGBNet(nn.Module):
+    """An RGB net that reads grey images: its forward repeats the one channel before the 3-channel stem."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x.expand(-1, 3, -1, -1)))
+
+
+@pytest.mark.parametrize(("target", "features"), [
+    ("AuxHeadFirstNet", lambda net, x: net.pool(net.stem(x))),
+    ("GreyToRGBNet", lambda net, x: net.body(x.expand(-1, 3, -1, -1))),
+])
+def test_a_module_whose_first_registered_convolution_is_not_its_stem_takes_the_data_it_runs_on(
+    target: str, features: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+) -> None:
+    """The channel check read the first registered convolution and refused, with 1-channel data, a net whose
+    auxiliary head is defined before the stem ("reads 4-channel images") or that makes grey input RGB itself
+    ("reads 3-channel images"), though both run on it; one forward of one image decides, in eval mode, and each
+    module's mode is as it was."""
+    torch.manual_seed(0)
+    wrapped = module_backbone(f"test_adapters.{target}", num_classes=3, in_channels=1)
+    assert wrapped.net.training and all(m.training for m in wrapped.net.modules())
+    x = torch.rand(2, 1, 8, 8)
+    out = wrapped.eval().run(x)
+    torch.testing.assert_close(out.features, features(wrapped.net, x), rtol=0, atol=0)
+    torch.testing.assert_close(out.logits, wrapped.net(x), rtol=0, atol=0)
+
+
+def rgb_aux_head_first_net(num_classes: int) -> nn.Module:
+    """`AuxHeadFirstNet` with an RGB stem, whatever the data (a factory that takes no `in_channels`)."""
+    return AuxHeadFirstNet(num_classes, in_channels=3)
+
+
+def test_a_real_mismatch_behind_an_auxiliary_head_names_the_channels_of_the_stem() -> None:
+    """A net whose forward fails on the data's channels is refused as before, in one line naming the channels of the
+    convolution that refused them (the stem's 3), not those of the auxiliary head registered first (4)."""
+    with pytest.raises(ConfigError, match=r"^test_adapters.rgb_aux_head_first_net reads 3-channel images \(its first "
+                                          r"convolution\) but the data has 1: .*\+backbone.<its argument>=1$"):
+        module_backbone("test_adapters.rgb_aux_head_first_net", num_classes=3, in_channels=1)
+
+
 def test_a_module_target_built_for_other_channels_than_the_data_is_one_line() -> None:
     """`backbone=module` passes `in_channels` only to a constructor that names it; one that does not built a 3-channel
     stem for 1-channel digits and failed at the first batch ("expected input[64, 1, 16, 16] to have 3 channels")."""

@@ -132,6 +132,44 @@ def test_what_does_not_fit_a_benchmark_is_one_line(tmp_path: Path, call: dict[st
     assert "\n" not in str(err.value)
 
 
+class AuxHeadFirstNet(TinyNet):
+    """`TinyNet` with an auxiliary head (a 1x1 convolution on the stem's output) defined before its stem."""
+
+    def __init__(self, num_classes: int = 6, in_channels: int = 1) -> None:
+        nn.Module.__init__(self)
+        self.aux = nn.Conv2d(8, num_classes, 1)
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.pool = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, num_classes)
+
+
+class GreyToRGBNet(TinyNet):
+    """An RGB `TinyNet` that reads grey images: its forward repeats the one channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.expand(-1, 3, -1, -1))
+
+
+@pytest.mark.parametrize(("model", "refused"), [
+    (AuxHeadFirstNet(), None), (GreyToRGBNet(in_channels=3), None), (AuxHeadFirstNet(in_channels=3), 3),
+])
+def test_the_benchmark_channel_check_follows_the_convolution_run_first(model: nn.Module, refused: int | None) -> None:
+    """`ood.evaluate(model, benchmark=...)` read the first registered convolution: a model whose auxiliary head is
+    defined before its stem, or that makes grey images RGB itself, was refused for 1-channel digits though it runs on
+    them; one image of the benchmark's size decides, and a real mismatch names the stem's channels (not the head's)."""
+    from types import SimpleNamespace
+
+    from ood.api import _check_channels
+
+    digits = SimpleNamespace(in_channels=1, image_size=16)
+    if refused is None:
+        _check_channels(model, digits, "digits")
+    else:
+        with pytest.raises(ConfigError, match=rf"^the model's first convolution reads {refused} channel\(s\) and "
+                                              r"benchmark='digits' has 1-channel images: give a model made for them$"):
+            _check_channels(model, digits, "digits")
+
+
 def test_an_unknown_benchmark_lists_the_configs_of_the_callers_search_path_too(tmp_path: Path) -> None:
     (tmp_path / "my_conf" / "data").mkdir(parents=True)
     (tmp_path / "my_conf" / "data" / "skin.yaml").write_text("defaults: [base/files@_here_, _self_]\n")

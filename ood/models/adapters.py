@@ -514,7 +514,7 @@ def module_backbone(
     given = {"num_classes": num_classes} if "num_classes" in params or open_kwargs else {}
     given |= {"in_channels": in_channels} if "in_channels" in params else {}
     net = factory(**given, **kwargs)
-    reads = input_channels(net)
+    reads = input_channels(net, in_channels)
     if reads is not None and reads != in_channels:  # else a conv's "expected input ... to have 3 channels" mid-run
         raise ConfigError(f"{target} reads {reads}-channel images (its first convolution) but the data has {in_channels}: "
                           "give its constructor an `in_channels` argument (ood passes the data's), or set its own channel "

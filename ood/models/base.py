@@ -170,11 +170,38 @@ class Backbone(nn.Module):
         return self.fc(self.features(x)[0])
 
 
-def input_channels(module: nn.Module) -> int | None:
-    """The image channels a network reads: those of its first convolution (a CNN's stem, a ViT's patch embedding);
-    None without one."""
+def input_channels(module: nn.Module, channels: int | None = None, image_size: int = 224) -> int | None:
+    """The image channels a network reads: those of its first registered convolution (a CNN's stem, a ViT's patch
+    embedding); None without one.
+
+    Given the data's `channels`, a first registered convolution that reads others is checked by running the network
+    once, as registration order need not be run order (an auxiliary head defined before the stem, a 1->3 convolution
+    or `x.expand(-1, 3, -1, -1)` turning grey input into RGB): the forward of one `channels`-channel `image_size`
+    image (no_grad, eval mode, each module's mode restored) gives `channels` when it runs, else the channels of the first convolution that ran
+    (the one that refused the image), else of the first registered one (it stopped before any)."""
     first = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
-    return None if first is None else first.in_channels
+    if first is None or channels is None or first.in_channels == channels:
+        return None if first is None else first.in_channels
+    ran: list[nn.Conv2d] = []
+
+    def record(conv: nn.Module, args: tuple[Any, ...]) -> None:
+        if not ran:
+            ran.append(conv)  # type: ignore[arg-type]
+
+    hooks = [m.register_forward_pre_hook(record) for m in module.modules() if isinstance(m, nn.Conv2d)]
+    modes = [(m, m.training) for m in module.modules()]  # each its own: a frozen part may stay in eval mode
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(first.weight.new_zeros(1, channels, image_size, image_size))
+        return channels
+    except Exception:  # any failure: the convolution that ran first tells whether the channels were the cause
+        return (ran[0] if ran else first).in_channels
+    finally:
+        for part, training in modes:
+            part.training = training
+        for hook in hooks:
+            hook.remove()
 
 
 #: the parts every `Backbone` sets, and the module type each must be (None: any module)
