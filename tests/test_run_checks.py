@@ -3,11 +3,15 @@ folder as `ckpt_path`, a checkpoint of another method; and the sweep objective r
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from helpers import FAST, compose_config, run_config
+from omegaconf import DictConfig, OmegaConf
 
 from ood import CONFIG_DIR
 from ood.errors import CheckpointError, ConfigError
@@ -329,3 +333,51 @@ def test_overrides_taken_from_the_training_run_ask_for_no_difference(tmp_path: P
     check_evaluated(now, stored, ckpt, given=["data=digits", "data.benchmark.seed=0"])
     monkeypatch.delenv("OOD_EVAL_ADOPTED")
     check_evaluated(now, stored, ckpt, given=["data=digits"])  # typed: asked for
+
+
+
+@functools.cache
+def _eval_config(data: str) -> DictConfig:
+    """`ood-eval data=<data> backbone=timm`, composed once per data config (the cases vary keys of it)."""
+    return compose_config(Path("unused"), [f"data={data}", "backbone=timm"], "eval")
+
+
+@pytest.mark.parametrize(("data", "keys", "said"), [
+    ("imagenet200", {"backbone.name": "vit_base_patch16_224"},
+     "timm's pretrained config of that model preprocesses with mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], "
+     "interpolation=bicubic, the data config with mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], "
+     "interpolation=bilinear: if the weights were trained with timm's preprocessing (timm's own pretrained ones; "
+     "weights you fine-tuned may not be), use timm's: 'data.benchmark.mean=[0.5, 0.5, 0.5]' "
+     "'data.benchmark.std=[0.5, 0.5, 0.5]' (its bilinear resize has no key: data=folder takes "
+     "data.interpolation=bicubic)"),
+    # CIFAR's null mean / std: the dataset's own; a ViT-Tiny built for 32 px keeps its name's config
+    ("cifar10", {"backbone.name": "vit_tiny_patch16_224", "backbone.img_size": 32},
+     "with mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], interpolation=bicubic, the data config with "
+     "mean=[0.4914, 0.4822, 0.4465], std=[0.247, 0.2435, 0.2616], interpolation=bilinear"),
+    # the folder data's nulls are timm's own; values given are compared, each with its key
+    ("folder", {"backbone.name": "vit_tiny_patch16_224", "data.mean": [0.4], "data.interpolation": "bilinear"},
+     "the data config with mean=[0.4], interpolation=bilinear: if the weights were trained with timm's preprocessing "
+     "(timm's own pretrained ones; weights you fine-tuned may not be), use timm's: 'data.mean=[0.5, 0.5, 0.5]' "
+     "data.interpolation=bicubic"),
+    ("imagenet200", {"backbone.name": "vit_base_patch16_224", "backbone.weights": None}, None),  # trained here
+    ("imagenet200", {"backbone.name": "resnet18.tv_in1k"}, None),  # the same preprocessing
+    ("imagenet200", {"backbone.name": "my_vit"}, None),  # no timm config of that name
+    ("folder", {"backbone.name": "vit_tiny_patch16_224"}, None),  # timm's own
+    ("tinyimagenet", {"backbone.name": "vit_tiny_patch16_224"}, None),  # the resize alone, which has no key
+])
+def test_timm_weights_on_data_preprocessed_otherwise_than_timms_config_warn_before_the_run(
+    caplog: pytest.LogCaptureFixture, data: str, keys: dict[str, Any], said: str | None
+) -> None:
+    """`ood-eval data=imagenet200 backbone=timm backbone.name=vit_base_patch16_224 backbone.weights=<file>`
+    normalised with ImageNet's mean / std while timm's config of the model says 0.5 (as data=folder and the Python
+    API's folders take it), without a word; checked before any image is read."""
+    cfg = copy.deepcopy(_eval_config(data))
+    for key, value in {"backbone.weights": "weights.pth", **keys}.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    with caplog.at_level("WARNING", logger="ood.runs.checks"):
+        check_run(cfg, None)
+    warned = [r.getMessage() for r in caplog.records if "timm's pretrained config" in r.getMessage()]
+    assert len(warned) == (said is not None)
+    if said is not None:
+        assert warned[0].startswith(f"backbone=timm backbone.name={keys['backbone.name']} loads backbone.weights; ")
+        assert said in warned[0]

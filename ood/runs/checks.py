@@ -13,6 +13,8 @@
   checkpoint on the wrong data whenever the class counts agree).
 - `check_launch`: refuses a Hydra multirun with the subprocess DDP launcher.
 - `check_eval_dir`: refuses `ood-eval hydra.run.dir=<a training run's folder>` before Hydra writes there.
+- `check_timm_preprocessing` (from `check_run`): warns when `backbone=timm` loads `backbone.weights` and the data
+  config's mean / std (or interpolation) differ from timm's pretrained config of that model.
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
         check_resume(cfg, stored, ckpt_path)
     if not cfg.train and ckpt_path is not None:
         check_evaluated(cfg, checkpoint_config(ckpt_path), ckpt_path, given)
+    if ckpt_path is None:  # a checkpoint's network was trained on the data config's preprocessing
+        check_timm_preprocessing(cfg)
     if not cfg.train and ckpt_path is None:  # evaluated from backbone.weights: the method's own parts untrained
         from hydra.utils import get_class
 
@@ -101,6 +105,77 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
             raise ConfigError(f"method {get_class(cfg.method._target_).name!r} scores with parts trained with the "
                               f"network ({', '.join(parts)}), which backbone.weights does not hold: evaluate a "
                               f"checkpoint of its training run (ckpt_path=<run folder>){files}")
+
+
+def _data_preprocessing(cfg: DictConfig) -> tuple[str, dict[str, Any], bool]:
+    """(key prefix, {mean, std, interpolation}, whether the node has an `interpolation` key): what the data config
+    normalises and resizes with, known before any image is read. A benchmark node's (`data.benchmark.*`; a null mean
+    / std is its class's own, CIFAR's dataset statistics; ood's benchmarks resize bilinearly), else the folder
+    data's (`data.*`, whose nulls are the timm model's own: `ood.data.folder.resolve_preprocessing`). A value left
+    out is unknown (data=digits: its pixel statistics) or the model's own."""
+    from hydra.utils import get_class
+
+    node, prefix = (cfg.data.benchmark, "data.benchmark.") if "benchmark" in cfg.data else (cfg.data, "data.")
+    target = str(node.get("_target_", ""))
+    values = {key: node.get(key) for key in ("mean", "std", "interpolation") if node.get(key) is not None}
+    if prefix == "data.benchmark.":
+        try:
+            cls = get_class(target)
+        except (ImportError, ValueError):  # the build says so, in its own words
+            cls = None
+        for key in ("mean", "std"):
+            own = getattr(cls, key, None) if key in node and key not in values else None
+            if isinstance(own, tuple):
+                values[key] = own
+        if "interpolation" not in node and target.startswith("ood.data."):
+            values["interpolation"] = "bilinear"
+    return prefix, values, "interpolation" in node
+
+
+def check_timm_preprocessing(cfg: DictConfig) -> None:
+    """Warn, before any image is read, when `backbone=timm` loads `backbone.weights` and the data config normalises
+    (or resizes) otherwise than timm's pretrained config of that model: ViT-B/16's is mean = std = 0.5, bicubic, while
+    data=imagenet200 gives ImageNet's mean / std, bilinear, which silently degrades timm-pretrained weights (data=folder
+    and `ood.evaluate(model, id_data=<folders>)` take timm's config). Not for a name timm has no config of, nor for
+    weights trained here (`backbone.weights=null`), nor for a resize alone that the data config has no key for."""
+    backbone = cfg.get("backbone") or {}
+    if backbone.get("library") != "timm" or backbone.get("weights") is None or not backbone.get("name"):
+        return
+    try:
+        import timm
+    except ImportError:  # the backbone's build says what to install
+        return
+    pretrained = timm.get_pretrained_cfg(backbone.name)
+    if pretrained is None:
+        return
+    prefix, data, has_interpolation = _data_preprocessing(cfg)
+    theirs = {"mean": list(pretrained.mean), "std": list(pretrained.std), "interpolation": pretrained.interpolation}
+
+    def differs(key: str) -> bool:
+        ours, want = data.get(key), theirs[key]
+        if ours is None or not want:
+            return False
+        if key == "interpolation":
+            return ours != want
+        ours = list(ours) * len(want) if len(ours) == 1 else list(ours)  # one value: every channel's
+        return len(ours) != len(want) or any(abs(a - b) > 1e-3 for a, b in zip(ours, want, strict=True))
+
+    keys = [key for key in ("mean", "std", "interpolation") if differs(key)]
+    settable = [key for key in keys if key != "interpolation" or has_interpolation]
+    if not settable:  # the resize alone, which the data config cannot change: a warning at every run, no remedy
+        return
+    fixes = " ".join(_override(f"{prefix}{key}", theirs[key]) for key in settable)
+    if len(settable) < len(keys):
+        fixes += (f" (its {data['interpolation']} resize has no key: data=folder takes "
+                  f"data.interpolation={theirs['interpolation']})")
+
+    def said(values: Mapping[str, Any]) -> str:
+        return ", ".join(f"{key}={values[key] if key == 'interpolation' else list(values[key])}" for key in keys)
+
+    log.warning("backbone=timm backbone.name=%s loads backbone.weights; timm's pretrained config of that model "
+                "preprocesses with %s, the data config with %s: if the weights were trained with timm's preprocessing "
+                "(timm's own pretrained ones; weights you fine-tuned may not be), use timm's: %s", backbone.name,
+                said(theirs), said(data), fixes)
 
 
 def part_file_overrides(method: DictConfig, parts: Sequence[str]) -> list[str]:
