@@ -182,11 +182,11 @@ def input_channels(module: nn.Module, channels: int | None = None, image_size: i
     first = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
     if first is None or channels is None or first.in_channels == channels:
         return None if first is None else first.in_channels
-    ran: list[nn.Conv2d] = []
+    ran: list[nn.Module] = []
 
     def record(conv: nn.Module, args: tuple[Any, ...]) -> None:
         if not ran:
-            ran.append(conv)  # type: ignore[arg-type]
+            ran.append(conv)
 
     hooks = [m.register_forward_pre_hook(record) for m in module.modules() if isinstance(m, nn.Conv2d)]
     modes = [(m, m.training) for m in module.modules()]  # each its own: a frozen part may stay in eval mode
