@@ -97,6 +97,18 @@ def test_an_image_list_saved_on_windows_with_spaces_in_its_paths(tmp_path: Path)
         read_imglist(tmp_path / "bad.txt")
 
 
+def test_an_unlabelled_listed_path_may_hold_spaces(tmp_path: Path) -> None:
+    """An OOD list's path-only line (unlabelled, -1) whose path holds a space was refused as a line without an
+    integer label; a last word that is no file name is still refused."""
+    from ood.data.imglist import read_imglist
+
+    (tmp_path / "ood.txt").write_text("My Photos/cat 1.png\nplain.jpg\nMy Photos/dog 2.JPEG 3\n")
+    assert read_imglist(tmp_path / "ood.txt") == [("My Photos/cat 1.png", -1), ("plain.jpg", -1), ("My Photos/dog 2.JPEG", 3)]
+    (tmp_path / "bad.txt").write_text("My Photos/cat 1.png dog\n")
+    with pytest.raises(ood.errors.OODError, match=r"bad.txt:1: expected '<path> <integer label>', got 'My Photos/cat 1.png dog'"):
+        read_imglist(tmp_path / "bad.txt")
+
+
 def test_hidden_files_and_folders_are_neither_classes_nor_images(folders: dict[str, Path], tmp_path: Path) -> None:
     root = shutil.copytree(folders["id"], tmp_path / "id")
     before = FolderBenchmark(root, ood=[folders["far"]])

@@ -21,12 +21,15 @@ from ood.errors import DataNotFoundError, OODError
 
 #: a class index in a list line
 LABEL = re.compile(r"-?\d+")
+#: the last word of a path-only line whose path holds spaces: a file name with an extension (`cat 1.png`)
+FILE_NAME = re.compile(r"\S*\.[A-Za-z]\w*")
 
 
 def read_imglist(path: str | Path) -> list[tuple[str, int]]:
     """`(relative path, label)` per non-empty line of an OpenOOD list file; path and label are split at the first
     run of spaces or tabs (the lines of a tab-separated list were read as paths without a label), or at the last one
-    when the path holds spaces (`My Photos/cat 1.jpg 3`). A UTF-8 byte-order mark (Windows Notepad's) is not part of
+    when the path holds spaces (`My Photos/cat 1.jpg 3`); a line whose last word is a file name is a path alone
+    (`My Photos/cat 1.jpg`: unlabelled, -1). A UTF-8 byte-order mark (Windows Notepad's) is not part of
     the first path, and Windows' backslashes separate folders (`train\\cat\\1.jpg` was one file name)."""
     path = Path(path)
     if not path.is_file():
@@ -38,7 +41,9 @@ def read_imglist(path: str | Path) -> list[tuple[str, int]]:
         name, *label = line.split(maxsplit=1)
         if label and not LABEL.fullmatch(label[0].strip()):
             name, label = line.strip().rsplit(maxsplit=1)[0], line.split()[-1:]
-            if not LABEL.fullmatch(label[0]):
+            if FILE_NAME.fullmatch(label[0]):
+                name, label = line.strip(), []
+            elif not LABEL.fullmatch(label[0]):
                 raise OODError(f"{path}:{number}: expected '<path> <integer label>', got {line!r}")
         entries.append((name.replace("\\", "/"), int(label[0]) if label else -1))
     return entries
