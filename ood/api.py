@@ -648,7 +648,7 @@ def evaluate(
             its csid sets (`fsood=True`), and its preprocessing, which is part of the protocol: `transform=`, the
             model's timm data config and the folder-data keywords are not used with it (refused in one line; its
             own options as `overrides=["data.benchmark.image_size=224"]`). The model's head must have its classes.
-        data_dir: where the benchmark's files are (`paths.data_dir`); None: `$OOD_DATA_DIR`, else `./data`, as
+        data_dir: where the benchmark's files are (`paths.data_dir`); None: `$OOD_DATA_DIR`, else `data/` under `$OOD_ROOT` or `.`, as
             `ood-eval`.
         detectors: `all`, `full` (adds the slow network-pass ones), `cached` (those of `all` that score from the cache alone: no network pass),
             `fast`, `none`, or a list of names, selections and detector classes of your own (`["full", "gram_stream"]`,
