@@ -398,7 +398,7 @@ def test_folder_csid_sets_get_the_test_split_checks(tmp_path: Path) -> None:
     with pytest.raises(DataNotFoundError, match=r"shifted has 1 class absent from the ID train split \(3 classes\): \['zebra'\]"):
         FolderBenchmark(paths["id"], {"far": [paths["far"]], "csid": [shifted]})
     (tmp_path / "bad.txt").write_text("c0/0.png 0\nc0/1.png 7\n")
-    with pytest.raises(DataNotFoundError, match=r"bad.txt has 1 labels absent from the ID train split \(classes 0..2\): \[7\]"):
+    with pytest.raises(DataNotFoundError, match=r"bad.txt has 1 label absent from the ID train split \(classes 0..2\): \[7\]"):
         FolderBenchmark(paths["id"], {"far": [paths["far"]], "csid": {"bad": {"imglist": str(tmp_path / "bad.txt")}}})
     with pytest.raises(ConfigError, match=r"OOD and csid set names must be unique .* got \['checkers'\]"):
         FolderBenchmark(paths["id"], {"far": [paths["far"]], "csid": {"checkers": shifted}})

@@ -466,7 +466,8 @@ class FolderBenchmark(Benchmark):
             if classes is not None or self._unnamed_train is not None:  # not the train split: its labels are known
                 unknown = sorted({y for _, y in entries} - set(range(self.num_classes)))
                 if unknown:
-                    raise DataNotFoundError(f"{listed} has {len(unknown)} labels absent from the ID train split "
+                    noun = "label" if len(unknown) == 1 else "labels"
+                    raise DataNotFoundError(f"{listed} has {len(unknown)} {noun} absent from the ID train split "
                                             f"(classes 0..{self.num_classes - 1}): {first_few(unknown)}")
             return ImageSet(name, str(listed), entries)
         if not isinstance(source, str | os.PathLike | Mapping):
