@@ -13,10 +13,12 @@ the argparse defaults -25 / -7 are not what the paper ran); `margins: id_energy`
 mean ID-train energy of the starting model, computed once at fit start over the un-augmented fit split (ID train,
 or its `data.fit_fraction`), identical on every rank (the digits rule: mean - 5 and mean - 5 + 18, 18 being the
 CIFAR-10 gap; see docs/methods/energy_cfl.md). The margins used are written into the results' `method_params.fitted`.
+The CIFAR presets keep the last partial ID batch, as released (`data.drop_last: false`: 391 iterations an epoch,
+all counted by the cosine); the data configs' default drops it.
 Deviations: the `id_energy` margins stay at that rule, not tuned on validation OOD afterwards (only the CFL score's
-beta is tuned); the last partial ID batch is dropped (released: kept; its schedule counts one iteration more per
-epoch); the digits default (`conf/method/energy_oe.yaml`) steps its cosine per epoch; outliers come from the shared outlier stream (a reshuffled permutation per epoch; the
-code starts 80M Tiny Images at a random offset each epoch).
+beta is tuned); the digits default (`conf/method/energy_oe.yaml`) steps its cosine per epoch; outliers come from the
+shared outlier stream (a reshuffled permutation per epoch; the code starts 80M Tiny Images at a random offset each
+epoch).
 
 **Semantic-driven energy (SDE) with Cluster Focal Loss: RECONSTRUCTION.** A. Joshi, S. Chalasani,
 K. Nanjunda Iyer, "Semantic Driven Energy based Out-of-Distribution Detection", arXiv 2208.10787; no public code.
