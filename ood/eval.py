@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ood import CONFIG_DIR
 from ood.cli import check_argv, expand_home, friendly_errors, require_config_dir
-from ood.runs.sweeps import failed_jobs_listed
+from ood.runs.sweeps import failed_jobs_listed, sweep_jobs_checked
 from ood.runs.trained import ADOPTED_ENV, training_overrides
 from ood.termination import sigterm_noted
 from ood.train import run, run_modules
@@ -165,6 +165,7 @@ def main() -> None:
     os.environ[ADOPTED_ENV] = json.dumps(taken)  # not the user's asking for a difference (`check_evaluated`)
     try:
         check_argv("eval")
+        sweep_jobs_checked("eval")
         with sigterm_noted(), failed_jobs_listed():  # sigterm: from here on, before Hydra makes the run folder
             _main()
     finally:

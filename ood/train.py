@@ -31,7 +31,7 @@ from ood.runs.failures import (
     remove_earlier_results,
 )
 from ood.runs.identity import RunIdentity, flat_config, run_identity, write_identity
-from ood.runs.sweeps import check_objective, failed_jobs_listed, sweep_objective
+from ood.runs.sweeps import check_objective, failed_jobs_listed, sweep_jobs_checked, sweep_objective
 from ood.runs.trained import checkpoint_config
 from ood.termination import (
     exit_terminated,
@@ -321,6 +321,7 @@ def main() -> None:
     """`ood-train` entry point."""
     require_config_dir()
     check_argv("train")
+    sweep_jobs_checked("train")
     with sigterm_noted(), failed_jobs_listed():  # sigterm: from here on, before Hydra makes the run folder
         _main()
 

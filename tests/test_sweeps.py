@@ -33,21 +33,22 @@ def _sweep(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess
 
 @pytest.mark.slow
 def test_failed_job_leaves_the_others_and_report_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    proc, sweep = _sweep(tmp_path, "hydra/launcher=parallel", "trainer.max_epochs=1,0")
+    # a file only the job reads (a value out of range stops the sweep before any job: `check_sweep_jobs`)
+    proc, sweep = _sweep(tmp_path, "hydra/launcher=parallel", "method.init.ckpt=null,missing.ckpt")
     assert proc.returncode != 0, "a failed job fails the sweep"
     done = {p.parent.name for p in sweep.glob("*/results.jsonl")}
     failed = {p.parent.name for p in sweep.glob("*/FAILED.txt")}
     assert (done, failed) == ({"0"}, {"1"})
     # Hydra's last lines name the first failed job alone: the sweep ends listing every one and the report command
-    assert proc.stderr.splitlines()[-3:] == [
-        "1 job of the sweep failed:",
-        f"  {sweep / '1'}: ConfigError: trainer.max_epochs=0: must be >= 1 (Lightning's -1 would train forever)",
-        f"the sweep's report (its failed jobs listed under the table): ood-report {sweep}"]
+    last = proc.stderr.splitlines()[-3:]
+    assert last[0] == "1 job of the sweep failed:"
+    assert last[1].startswith(f"  {sweep / '1'}: CheckpointError: could not read checkpoint missing.ckpt")
+    assert last[2] == f"the sweep's report (its failed jobs listed under the table): ood-report {sweep}"
     report([str(sweep), "--no-figures"])
     out, err = capsys.readouterr()
     for job in failed:
-        assert f"failed job {sweep / job}: ConfigError: trainer.max_epochs=0: must be >= 1" in err
-        assert f"`{sweep / job}`: ConfigError" in out
+        assert f"failed job {sweep / job}: CheckpointError: could not read checkpoint missing.ckpt" in err
+        assert f"`{sweep / job}`: CheckpointError" in out
     assert "| ce | msp | small_cnn | digits | 1 |" in out
 
 
@@ -257,3 +258,49 @@ def test_a_sweeps_failed_jobs_are_listed_once_and_not_for_a_later_command(tmp_pa
     assert capsys.readouterr().err.splitlines() == [
         "1 job of the sweep failed:", f"  {new}: ConfigError: job 1",
         f"the sweep's report (its failed jobs listed under the table): ood-report {tmp_path}"]
+
+
+def test_a_sweeps_bad_value_stops_it_before_any_job_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Each job checked its ranges only as it started: `method.optimizer.lr=0.1,-1` trained job 0, then failed job 1.
+    Every job's composed config is now checked before the first starts: one line names the bad job, nothing trains."""
+    from ood.train import main
+
+    sweep = tmp_path / "sweep"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["ood-train", "-m", *JOB, "method.optimizer.lr=0.1,-1", f"hydra.sweep.dir={sweep}"])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 1
+    assert not sweep.exists(), "no job started"
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith("error: job 1 of the sweep (trainer.max_epochs=1 ")
+    assert line.endswith(" method.optimizer.lr=-1): method.optimizer.lr=-1 is outside its range [0, inf]; no job was "
+                         "started")
+
+
+@pytest.mark.parametrize(("swept", "error"), [
+    ("trainer.max_epochs=1,0", "trainer.max_epochs=0: must be >= 1 (Lightning's -1 would train forever)"),
+    ("data.fit_fraction=1.0,1.5", "data.fit_fraction must be in (0, 1], got 1.5"),
+    ("detectors.names=[msp],[msp,nope]", "unknown detector"),
+])
+def test_every_job_of_a_sweep_is_checked_before_it_starts(swept: str, error: str) -> None:
+    """The range checks of epochs, data fractions and detector names run on the second job's config; the message is
+    the one the job would have failed with."""
+    from ood import CONFIG_DIR
+    from ood.errors import ConfigError
+    from ood.runs.sweeps import check_sweep_jobs
+
+    with pytest.raises(ConfigError) as refused:
+        check_sweep_jobs(CONFIG_DIR, "train", ["-m", "seed=0", swept])
+    assert str(refused.value).startswith(f"job 1 of the sweep (seed=0 {swept.split('=')[0]}=")
+    assert error in str(refused.value)
+
+
+def test_a_sweep_whose_values_are_drawn_later_or_a_single_run_is_not_checked_before() -> None:
+    """Optuna draws its values as the sweep goes: nothing to check before; a run without -m checks itself."""
+    from ood import CONFIG_DIR
+    from ood.runs.sweeps import check_sweep_jobs
+
+    check_sweep_jobs(CONFIG_DIR, "train", ["-m", "hydra/sweeper=optuna_val", "method.optimizer.lr=interval(-1,0.1)"])
+    check_sweep_jobs(CONFIG_DIR, "train", ["method.optimizer.lr=-1"])

@@ -58,13 +58,7 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
     """Refuse configurations that would waste a run: no epochs, a seed NumPy cannot take, a GPU preset without a GPU,
     a changed schedule, a checkpoint evaluated on other data than it was trained on unless `given` (the command
     line's overrides) asks."""
-    max_epochs = cfg.trainer.get("max_epochs")
-    if cfg.train and (max_epochs is None or int(max_epochs) < 1):
-        raise ConfigError(f"trainer.max_epochs={max_epochs}: must be >= 1 (Lightning's -1 would train forever)")
-    if cfg.train:  # a fraction failed Lightning's assertion (no message) after the run folder was made
-        check_range("trainer.max_epochs", max_epochs, 1, integer=True)
-    # NumPy's bounds, whole numbers: Lightning's seed_everything raises past them, torch.manual_seed on a fraction
-    check_range("seed", cfg.get("seed"), 0, 2**32 - 1, integer=True)
+    check_values(cfg)
     import torch  # at call: `check_overrides` runs at the entry points' start-up, before they import torch
 
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
@@ -73,14 +67,7 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
             f"trainer.accelerator={accelerator} but no GPU is available: this preset needs a GPU; "
             "add trainer=cpu to try it on CPU"
         )
-    if cfg.get("evaluate", True) and OmegaConf.select(cfg, "evaluation.fsood") and not OmegaConf.select(cfg, "data.csid"):
-        # a data config without the switch trained the whole run, then found no csid set to score
-        raise ConfigError(
-            "evaluation.fsood=true but the data config loads no covariate-shifted ID sets (data.csid is not true): "
-            "give it `csid: ${oc.select:evaluation.fsood,false}` as ood's data configs and conf/data/base/files.yaml "
-            "do, or add data.csid=true"
-        )
-    check_weights(cfg)
+    max_epochs = cfg.trainer.get("max_epochs")
     if cfg.train and ckpt_path is not None:
         stored = checkpoint_config(ckpt_path)
         before = stored.get("trainer.max_epochs")
@@ -176,6 +163,27 @@ def check_timm_preprocessing(cfg: DictConfig) -> None:
                 "preprocesses with %s, the data config with %s: if the weights were trained with timm's preprocessing "
                 "(timm's own pretrained ones; weights you fine-tuned may not be), use timm's: %s", backbone.name,
                 said(theirs), said(data), fixes)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """The part of `check_run` that reads the configuration alone (no checkpoint, GPU or file): epochs, seed,
+    full-spectrum switch, `evaluation.weights`. A sweep runs it on every job's config before the first job starts
+    (`ood.runs.sweeps.check_sweep_jobs`), where a SLURM job's GPU is not there to be seen."""
+    max_epochs = cfg.trainer.get("max_epochs")
+    if cfg.train and (max_epochs is None or int(max_epochs) < 1):
+        raise ConfigError(f"trainer.max_epochs={max_epochs}: must be >= 1 (Lightning's -1 would train forever)")
+    if cfg.train:  # a fraction failed Lightning's assertion (no message) after the run folder was made
+        check_range("trainer.max_epochs", max_epochs, 1, integer=True)
+    # NumPy's bounds, whole numbers: Lightning's seed_everything raises past them, torch.manual_seed on a fraction
+    check_range("seed", cfg.get("seed"), 0, 2**32 - 1, integer=True)
+    if cfg.get("evaluate", True) and OmegaConf.select(cfg, "evaluation.fsood") and not OmegaConf.select(cfg, "data.csid"):
+        # a data config without the switch trained the whole run, then found no csid set to score
+        raise ConfigError(
+            "evaluation.fsood=true but the data config loads no covariate-shifted ID sets (data.csid is not true): "
+            "give it `csid: ${oc.select:evaluation.fsood,false}` as ood's data configs and conf/data/base/files.yaml "
+            "do, or add data.csid=true"
+        )
+    check_weights(cfg)
 
 
 def part_file_overrides(method: DictConfig, parts: Sequence[str]) -> list[str]:
@@ -473,11 +481,7 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
         return list(argv)  # another primary config: Hydra checks its keys
     if any(a in HYDRA_COMMANDS or a.startswith("--experimental-rerun=") for a in argv):
         return list(argv)  # no overrides to check: the shell completion's words, or a rerun that ignores them
-    args, skip = [], False
-    for arg in argv:  # overrides only: no flags, nor the value of a flag that takes one (`--cfg job`)
-        if not skip and not arg.startswith("-"):
-            args.append(arg)
-        skip = arg in ("-c", "--cfg", "-p", "--package", "--info", "-i") and not skip
+    args = override_words(argv)
     overrides = parse_overrides(args)
     if not any(a in ("-m", "--multirun") for a in argv):
         _check_no_sweep(args, overrides, config_dir)
@@ -535,6 +539,17 @@ def check_overrides(config_dir: str | Path, config_name: str, argv: Sequence[str
                         f"{key}={value}: expected {expected} (the default is {known[key]!r}); ++{key}={value} forces it"
                     )
     return [f"+{arg}" if arg in added else arg for arg in argv]
+
+
+def override_words(argv: Sequence[str]) -> list[str]:
+    """The overrides of an entry point's command line `argv`: no flags, nor the value of a flag that takes one
+    (`--cfg job`)."""
+    args, skip = [], False
+    for arg in argv:
+        if not skip and not arg.startswith("-"):
+            args.append(arg)
+        skip = arg in ("-c", "--cfg", "-p", "--package", "--info", "-i") and not skip
+    return args
 
 
 def _check_no_sweep(args: Sequence[str], overrides: Sequence[Any], config_dir: str | Path) -> None:
