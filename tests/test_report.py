@@ -466,8 +466,9 @@ def test_jobs_of_a_stopped_sweep_that_never_started_are_named(tmp_path: Path, ca
     (tmp_path / "2" / ".hydra").mkdir(parents=True)
     (tmp_path / "2" / "FAILED.txt").write_text("SIGTERMException: terminated by SIGTERM; resume with ckpt_path=last\n")
     main([str(tmp_path), "--no-figures"])
-    why = (f"not started (seed=1 method.optimizer.lr=0.1 trainer.max_epochs=1): the sweep stopped before it, or is "
-           f"still running; to run it: the sweep's command plus ckpt_path=last hydra.sweep.dir={tmp_path}")
+    why = (f"not started: the sweep stopped before it, or is still running (the sweep's command plus ckpt_path=last "
+           f"hydra.sweep.dir={tmp_path} runs it and the others); to run it alone: ood-train seed=1 "
+           f"method.optimizer.lr=0.1 trainer.max_epochs=1 hydra.run.dir={tmp_path}/3")
     assert (tmp_path / "report.md").read_text().endswith(f"- `{tmp_path}/3`: {why}\n")
     assert f"job not started {tmp_path}/3: {why}" in capsys.readouterr().err.splitlines()
 
@@ -480,13 +481,45 @@ def test_the_unstarted_jobs_of_an_evaluation_sweep_are_not_told_to_add_ckpt_path
     from ood.report.reading import unstarted_jobs
 
     (tmp_path / "multirun.yaml").write_text(
-        "train: false\nhydra:\n  sweep:\n    dir: logs/x\n    subdir: ${hydra.job.num}\n"
+        "train: false\nhydra:\n  sweep:\n    dir: logs/x\n    subdir: ${hydra.job.num}\n  job:\n    config_name: eval\n"
         "  sweeper:\n    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper\n    params: null\n"
         "  overrides:\n    task:\n    - seed=0,1\n    - ckpt_path=runs/a\n")
     (tmp_path / "0").mkdir()
     assert unstarted_jobs(tmp_path / "multirun.yaml") == {str(tmp_path / "1"): (
-        f"not started (seed=1 ckpt_path=runs/a): the sweep stopped before it, or is still running; to run "
-        f"it: the sweep's command plus hydra.sweep.dir={tmp_path}")}
+        f"not started: the sweep stopped before it, or is still running (the sweep's command plus "
+        f"hydra.sweep.dir={tmp_path} runs it and the others); to run it alone: ood-eval seed=1 ckpt_path=runs/a "
+        f"hydra.run.dir={tmp_path}/1")}
+
+
+@pytest.mark.parametrize("folder", ["sweep", "my sweep"])
+def test_the_command_of_an_unstarted_job_runs_that_job_when_pasted(tmp_path: Path, folder: str) -> None:
+    """The overrides of a job that never started were printed as Hydra hands them to the job, joined by spaces:
+    pasted into bash, `key='a,b'` lost its quotes (Hydra then read a sweep), `key="a b"` became two words and
+    `$\\{seed\\}` lost its backslashes. The line now ends with the command that runs the job alone, in its folder:
+    the shell's words, read by Hydra's parser, are the job's overrides, values and all."""
+    import shlex
+
+    import yaml
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ood.report.reading import unstarted_jobs
+
+    sweep = tmp_path / folder
+    task = ["seed=0,1", "+a='x,y'", "+b=${seed}", r"+c=\${seed}", '+d="a b"', "+e=[p,'q r']", "+f='$HOME'", "+g={k: v}",
+            "+h='it\\'s'", "trainer.enable_progress_bar=false"]
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
+        "sweep": {"dir": "x", "subdir": "${hydra.job.num}"}, "job": {"config_name": "train"},
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None},
+        "overrides": {"task": task}}}))
+    (sweep / "0").mkdir()
+    why = unstarted_jobs(sweep / "multirun.yaml")[str(sweep / "1")]
+    words = shlex.split(why.partition("; to run it alone: ")[2])
+    assert words[:1] == ["ood-train"]
+    parsed = OverridesParser.create().parse_overrides(words[1:])
+    assert {o.key_or_group: o.value() for o in parsed} == {
+        "seed": 1, "a": "x,y", "b": "${seed}", "c": "\\${seed}", "d": "a b", "e": ["p", "q r"], "f": "$HOME",
+        "g": {"k": "v"}, "h": "it's", "trainer.enable_progress_bar": False, "hydra.run.dir": str(sweep / "1")}
 
 def test_the_note_says_report_csv_holds_fractions_and_what_seeds_counts(tmp_path: Path) -> None:
     """report.md and report.tex read "Metrics in %" while report.csv held the same numbers as fractions (0.75, not

@@ -155,10 +155,11 @@ def failed_runs(paths: Iterable[str | Path]) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
-def sweep_jobs(hydra: dict[str, Any]) -> list[str]:
+def sweep_jobs(hydra: dict[str, Any]) -> list[list[str]]:
     """The overrides of each job, in Hydra's job order, of a basic sweeper's sweep (`hydra`: the `hydra` node of its
-    `multirun.yaml`, with the sweep's `hydra.sweeper.params` and command-line overrides); empty for another sweeper
-    (Optuna's jobs are drawn as it runs) or a sweep Hydra cannot expand without its config (`glob(...)`)."""
+    `multirun.yaml`, with the sweep's `hydra.sweeper.params` and command-line overrides), as Hydra hands them to the
+    job (`seed=0`, `key='a,b'`, `key=$\\{seed\\}`); empty for another sweeper (Optuna's jobs are drawn as it runs) or a
+    sweep Hydra cannot expand without its config (`glob(...)`)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -172,25 +173,34 @@ def sweep_jobs(hydra: dict[str, Any]) -> list[str]:
         batches = BasicSweeper.split_arguments(overrides, None)
     except (HydraException, KeyError, TypeError):
         return []
-    return [" ".join(job) for batch in batches for job in batch]
+    return [job for batch in batches for job in batch]
 
 
 def unstarted_jobs(record: Path) -> dict[str, str]:
     """The jobs of the sweep whose `multirun.yaml` is `record` that have no folder (`<sweep>/<job number>`, Hydra's
-    default `hydra.sweep.subdir`) -> why: a sweep stopped in one of its jobs (SIGTERM, Ctrl-C) never started the jobs
-    after it, and a report that named only the stopped one read as complete for them. A training sweep is told to
-    add `ckpt_path=last` (its stopped job goes on); an evaluation's (`train: false`: `ood-eval`) is not: it would
-    replace the checkpoint the command names by the newest training run."""
+    default `hydra.sweep.subdir`) -> why, ending with the command that runs the job alone in its folder, each
+    override one shell word that Hydra reads back as the job's own (`'key='"'"'a,b'"'"''`; printed bare, the shell
+    took the quotes of `key='a,b'` and Hydra read a sweep). A sweep stopped in one of its jobs (SIGTERM, Ctrl-C)
+    never started the jobs after it, and a report that named only the stopped one read as complete for them. The
+    whole sweep goes on with its command plus `ckpt_path=last` (its stopped job resumes); an evaluation's
+    (`train: false`: `ood-eval`) without it: it would replace the checkpoint the command names by the newest
+    training run."""
+    import shlex
+
     import yaml
+
+    from ood.runs.checks import _override  # `key=value` as one shell word Hydra reads back
 
     config = yaml.safe_load(record.read_text()) or {}
     hydra = config.get("hydra") or {}
     if (hydra.get("sweep") or {}).get("subdir") != "${hydra.job.num}":
         return {}
     sweep = record.parent
+    entry = "ood-eval" if (hydra.get("job") or {}).get("config_name") == "eval" else "ood-train"
     resume = f"the sweep's command plus {'ckpt_path=last ' if config.get('train', True) else ''}hydra.sweep.dir={sweep}"
-    return {str(sweep / str(num)): f"{NOT_STARTED} ({job}): the sweep stopped before it, or is still running; to run "
-            f"it: {resume}" for num, job in enumerate(sweep_jobs(hydra)) if not (sweep / str(num)).exists()}
+    return {str(sweep / str(num)): f"{NOT_STARTED}: the sweep stopped before it, or is still running ({resume} runs "
+            f"it and the others); to run it alone: {shlex.join([entry, *job])} {_override('hydra.run.dir', str(sweep / str(num)))}"
+            for num, job in enumerate(sweep_jobs(hydra)) if not (sweep / str(num)).exists()}
 
 
 def _unevaluated(run: Path) -> bool:

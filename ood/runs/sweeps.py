@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shlex
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -151,8 +152,8 @@ def check_sweep_jobs(config_dir: str | Path, config_name: str, argv: Sequence[st
     """Refuse a multirun (`-m`) of Hydra's basic sweeper before its first job starts when one job's composed config
     fails a check that needs no data, network or GPU (`check_job`): each job checked its ranges only as it started,
     so `method.optimizer.lr=0.1,-1` failed its second job after the first had trained. Raises `ConfigError` naming
-    the job's number (its folder under the sweep's) and overrides. A sweeper that draws its values as it goes
-    (`hydra/sweeper=optuna_val`) is not checked: they are not known before.
+    the job's number (its folder under the sweep's) and overrides (as shell words: `'key='"'"'a,b'"'"''`). A sweeper
+    that draws its values as it goes (`hydra/sweeper=optuna_val`) is not checked: they are not known before.
 
     Each job's config is the composition of its config-group options (once per combination, ~50 ms) with its other
     overrides applied, as Hydra's `compose` applies them (a millisecond)."""
@@ -204,7 +205,7 @@ def check_sweep_jobs(config_dir: str | Path, config_name: str, argv: Sequence[st
                 try:
                     check_job(cfg)
                 except OODError as err:
-                    shown = " ".join(o for o in job if not o.lstrip("+~").startswith(("hydra.", "hydra/")))
+                    shown = shlex.join(o for o in job if not o.lstrip("+~").startswith(("hydra.", "hydra/")))
                     raise ConfigError(f"job {number} of the sweep ({shown}): {err}; no job was started") from None
     finally:
         HydraConfig.instance().cfg = None  # type: ignore[assignment]
