@@ -42,12 +42,12 @@ def test_failed_job_leaves_the_others_and_report_names_it(tmp_path: Path, capsys
     # Hydra's last lines name the first failed job alone: the sweep ends listing every one and the report command
     last = proc.stderr.splitlines()[-3:]
     assert last[0] == "1 job of the sweep failed:"
-    assert last[1].startswith(f"  {sweep / '1'}: CheckpointError: could not read checkpoint missing.ckpt")
+    assert last[1].startswith(f"  {sweep / '1'}: CheckpointError: checkpoint not found: missing.ckpt")
     assert last[2] == f"the sweep's report (its failed jobs listed under the table): ood-report {sweep}"
     report([str(sweep), "--no-figures"])
     out, err = capsys.readouterr()
     for job in failed:
-        assert f"failed job {sweep / job}: CheckpointError: could not read checkpoint missing.ckpt" in err
+        assert f"failed job {sweep / job}: CheckpointError: checkpoint not found: missing.ckpt" in err
         assert f"`{sweep / job}`: CheckpointError" in out
     assert "| ce | msp | small_cnn | digits | 1 |" in out
 
@@ -279,22 +279,22 @@ def test_a_sweeps_bad_value_stops_it_before_any_job_trains(tmp_path: Path, monke
                          "started")
 
 
-@pytest.mark.parametrize(("swept", "error"), [
-    ("trainer.max_epochs=1,0", "trainer.max_epochs=0: must be >= 1 (Lightning's -1 would train forever)"),
-    ("data.fit_fraction=1.0,1.5", "data.fit_fraction must be in (0, 1], got 1.5"),
-    ("detectors.names=[msp],[msp,nope]", "unknown detector"),
+@pytest.mark.parametrize(("swept", "bad", "error"), [
+    ("trainer.max_epochs=1,0", "trainer.max_epochs=0",
+     "trainer.max_epochs=0: must be >= 1 (Lightning's -1 would train forever)"),
+    ("data.fit_fraction=1.0,1.5", "data.fit_fraction=1.5", "data.fit_fraction must be in (0, 1], got 1.5"),
+    ("detectors.names=[msp],[msp,nope]", "'detectors.names=[msp,nope]'", "unknown detector 'nope'; available: "),
 ])
-def test_every_job_of_a_sweep_is_checked_before_it_starts(swept: str, error: str) -> None:
+def test_every_job_of_a_sweep_is_checked_before_it_starts(swept: str, bad: str, error: str) -> None:
     """The range checks of epochs, data fractions and detector names run on the second job's config; the message is
-    the one the job would have failed with."""
+    the one the job would have failed with, after the job's overrides as shell words."""
     from ood import CONFIG_DIR
     from ood.errors import ConfigError
     from ood.runs.sweeps import check_sweep_jobs
 
     with pytest.raises(ConfigError) as refused:
         check_sweep_jobs(CONFIG_DIR, "train", ["-m", "seed=0", swept])
-    assert str(refused.value).startswith(f"job 1 of the sweep (seed=0 {swept.split('=')[0]}=")
-    assert error in str(refused.value)
+    assert str(refused.value).startswith(f"job 1 of the sweep (seed=0 {bad}): {error}")
 
 
 def test_a_sweep_whose_values_are_drawn_later_or_a_single_run_is_not_checked_before() -> None:
