@@ -1,6 +1,7 @@
 """The number a Hydra sweeper maximises: a run's validation-OOD AUROC (ID val vs validation OOD; never test OOD),
 read back from the `validation.json` its evaluation wrote; the line that ends an Optuna sweep, naming its best job
-(`BestTrial`); and the lines that end a failed sweep, naming every failed job (`SweepStart`, `failed_jobs_listed`)."""
+(`BestTrial`); the lines that end a failed sweep, naming every failed job (`SweepStart`, `failed_jobs_listed`); and
+the check of every job's config before a sweep's first job starts (`check_sweep_jobs`)."""
 
 from __future__ import annotations
 
