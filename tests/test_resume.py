@@ -259,6 +259,24 @@ def test_resume_of_a_checkpoint_predating_a_key_names_it(tmp_path: Path, caplog:
                                "these values, the earlier ones did without them"]
 
 
+def test_resume_with_best_val_acc_of_a_run_trained_with_last_is_refused_at_once(tmp_path: Path,
+                                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A run trained with `evaluation.weights=last` (the default, which identities leave out) resumed with
+    `best_val_acc`: warned that the checkpoint "predates" the key, then refused at the fit's start; now refused before
+    anything is built, with no warning. Evaluation-only keys at their default (`evaluation.feature_dtype`) are not
+    called new keys either: the resumed training does not read them."""
+    ckpt = tmp_path / "old" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"hyper_parameters": {"config": flat_config(compose_config(tmp_path / "old", FAST))}}, ckpt)
+    with caplog.at_level(logging.WARNING, logger="ood.runs.checks"), pytest.raises(
+            ConfigError, match=r"was trained with evaluation.weights=last, so its epochs' ID-val accuracy is not known"):
+        check_run(compose_config(tmp_path / "new", [*FAST, "evaluation.weights=best_val_acc", f"ckpt_path={ckpt}"]), str(ckpt))
+    assert caplog.messages == []
+    with caplog.at_level(logging.WARNING, logger="ood.runs.checks"):
+        check_run(compose_config(tmp_path / "new2", [*FAST, "evaluation.feature_dtype=float16", f"ckpt_path={ckpt}"]), str(ckpt))
+    assert caplog.messages == []
+
+
 def test_resume_with_another_configuration_is_refused(tmp_path: Path) -> None:
     """Lightning restores the checkpoint's weights, optimizer and schedule: a changed seed, learning rate, method or
     preprocessing would leave a run that follows neither configuration, so resuming with them is refused before

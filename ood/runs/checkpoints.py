@@ -40,7 +40,7 @@ from ood.errors import CheckpointError, ConfigError
 from ood.evaluation.evaluator import plain
 from ood.files import durable_replace
 from ood.runs.failures import resumed_checkpoint
-from ood.runs.identity import WEIGHTS_FILES
+from ood.runs.identity import WEIGHTS_FILES, untracked_best
 from ood.runs.trained import trained_weights
 from ood.termination import stop_if_terminated
 from ood.utils import get_logger
@@ -133,8 +133,7 @@ class BestValAccuracy(AtomicCheckpoint):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.ckpt_path is not None and not self._restored:
-            raise ConfigError(f"checkpoint {trainer.ckpt_path} was trained with evaluation.weights=last, so its epochs' "
-                              "ID-val accuracy is not known: resume it with evaluation.weights=last, or train anew")
+            raise untracked_best(trainer.ckpt_path)
         every, epochs, first = trainer.check_val_every_n_epoch, trainer.max_epochs, self.first_complete_epoch
         # the first epoch that validates and may be kept ends at the first multiple of `every` above `first`; a fit
         # that ends before it was refused only once the training was over ("no epoch's weights were kept")

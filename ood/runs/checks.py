@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from ood.errors import ConfigError, check_range
 from ood.runs.identity import (
     ADDED_KEYS,
+    EVALUATION_KEYS,
     IDENTITY_FILE,
     NAME_GROUPS,
     TRAINING_KEYS,
@@ -47,6 +48,7 @@ from ood.runs.identity import (
     read_identity,
     seed_keys,
     spelled_now,
+    untracked_best,
 )
 from ood.runs.trained import ADOPTED_ENV, checkpoint_config
 from ood.utils import get_logger
@@ -340,7 +342,9 @@ def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> 
     data or preprocessing key would apply from the resumed epoch on, and either way the run would record only the new
     values. Keys only one side has are not compared; those only this configuration has (added by a newer version, e.g.
     `method.base_temperature`) are named in a warning, since the resumed epochs run with them and the earlier ones did
-    not; a checkpoint without a stored config (another framework's) is not checked."""
+    not (but the evaluation-only keys, absent at their default; `evaluation.weights=best_val_acc` of a run trained with
+    `last` is refused: its epochs' accuracies are unknown); a checkpoint without a stored config (another framework's)
+    is not checked."""
     if not stored:
         return
     stored = spelled_now(stored)  # a checkpoint's keys respelled since (`RENAMED_KEYS`) compared and named as today's
@@ -363,7 +367,10 @@ def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> 
             f"or start a new run from its weights: {_override('method.init.ckpt', ckpt_path)} without ckpt_path (another "
             "hydra.run.dir)"
         )
-    new = sorted(now.keys() - then.keys())
+    # an `EVALUATION_KEYS` key only this run names: the checkpoint's run had it at its default (identities leave it out)
+    if now.get("evaluation.weights") == "best_val_acc" and "evaluation.weights" not in then:
+        raise untracked_best(ckpt_path)  # (else a "predates" warning, then this at the fit's start)
+    new = sorted(k for k in now.keys() - then.keys() if k not in EVALUATION_KEYS)
     if new:
         shown = ", ".join(f"{k}={now[k]}" for k in new[:4]) + (f" and {len(new) - 4} more" if len(new) > 4 else "")
         log.warning("checkpoint %s predates %s: the resumed epochs run with these values, the earlier ones did without "

@@ -56,6 +56,12 @@ EVALUATION_KEYS = {"evaluation.feature_dtype": "float32", "evaluation.weights": 
 #: `evaluation.weights` -> the file of a run folder's `checkpoints/` that holds those weights: the last epoch's, or
 #: the epoch of best ID-val accuracy (`ood.runs.checkpoints.BestValAccuracy`, what OpenOOD evaluates)
 WEIGHTS_FILES = {"last": "last.ckpt", "best_val_acc": "best.ckpt"}
+
+
+def untracked_best(ckpt_path: str | Path) -> ConfigError:
+    """The refusal of resuming with `evaluation.weights=best_val_acc` a checkpoint trained with `last`."""
+    return ConfigError(f"checkpoint {ckpt_path} was trained with evaluation.weights=last, so its epochs' ID-val accuracy "
+                       "is not known: resume it with evaluation.weights=last, or train anew")
 #: keys added to the configs at the value that applied before they were keys -> that value: part of the identity only
 #: when set otherwise, so a run made before keeps its hash (its seeds and a rerun are the same configuration)
 ADDED_KEYS = {"data.outlier_batch_size": None, "data.benchmark.augment_outliers": True, "data.augment_outliers": True,
