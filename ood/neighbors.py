@@ -1,4 +1,5 @@
-"""The one nearest-neighbour and k-means wrapper, on faiss: a GPU index when CUDA is present, exact CPU otherwise.
+"""The one nearest-neighbour and k-means wrapper, on faiss: an exact or IVF-Flat index, on the GPU when CUDA and
+faiss-gpu are present, else on the CPU.
 
 Every nearest-neighbour user (KNN detector, GROOD's gradient bank, cluster k-means, OAL's boundary sampling,
 heatmap prototypes) goes through here, so device handling and index choice live in one place.
