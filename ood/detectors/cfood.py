@@ -23,7 +23,7 @@ delta(r) row (`searchsorted`) instead of comparing with every kappa (same counts
 comparisons); normalisation h / (||h|| + 1e-10) as OpenOOD.
 Cost and memory: the fit is quadratic in n (n^2 distances, OpenOOD's cost: 1.6 * 10^12 at alpha = 1 on ImageNet,
 for a GPU), the score N_query x n. State: the subset's row indices and inverse norms (n int64 + n float64) and the
-n x |K| float32 delta table (1.2 GB at n = 1.28 M, |K| <= 230); the train features are read from the bank in
+n x |K| float32 delta table on the bank's device (1.2 GB at n = 1.28 M, |K| <= 230); the train features are read from the bank in
 chunks, never copied; peak temporaries ~BLOCK_BYTES per block.
 """
 
@@ -99,8 +99,8 @@ class CFOOD(Detector):
         for rows in _slices(n, rows_per_step):
             a = self._reference(rows)
             dist = torch.cat([self._sq_dist(a, self._reference(cols)) for cols in _slices(n, cols_per_step)], dim=1)
-            table.append(dist.sort(dim=1).values[:, positions.to(dist.device)].cpu())
-        self.table_ = torch.cat(table).contiguous()
+            table.append(dist.sort(dim=1).values[:, positions.to(dist.device)])
+        self.table_ = torch.cat(table).contiguous()  # where the bank is: scoring reads a block of it every step
         return self
 
     def _reach_counts(self, bank: FeatureBank) -> torch.Tensor:
