@@ -38,7 +38,8 @@ def test_csv_logger_gets_slash_named_metrics(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_wandb_offline_one_run_per_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_offline_one_run_per_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capfd: pytest.CaptureFixture[str]) -> None:
     import wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -52,6 +53,8 @@ def test_wandb_offline_one_run_per_job(tmp_path: Path, monkeypatch: pytest.Monke
         assert list(run_dir.rglob("test/msp/roc_table*.table.json")), "ROC curves are logged as tables"
         assert "test/msp/digits_6_9/auroc" in _logged_keys(tmp_path / job), "logger=wandb keeps the CSV log"
         runs[job] = read_run(run_dir)
+    # Lightning's WandbLogger handed wandb.init `anonymous=None`: "The anonymous setting has no effect ..." every run
+    assert "anonymous" not in capfd.readouterr().err
     a, b, c = runs["a"], runs["b"], runs["c"]
     assert a["group"] == b["group"] != c["group"], "seeds share a group, other configurations do not"
     assert a["group"].startswith("ce-digits-small_cnn-") and a["job_type"] == "train"

@@ -8,6 +8,8 @@ survives spawned DDP stages, and the one wandb run per job.
   identity group (`ood.runs.identity`: configuration without the seed), tags from method, data and backbone, and
   unless `run_name` is given, the name `<group>-s<seed>` (the group's hash tells apart what the group options do
   not: `backbone.name`, a swept learning rate).
+- `WandbLogger`: Lightning's, without the `anonymous=None` it hands `wandb.init` (wandb warned at every run that the
+  setting has no effect).
 - `finish_wandb`: closes the job's wandb run, even in a multirun or after an error.
 """
 
@@ -20,6 +22,7 @@ from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import csv_logs
+from lightning.pytorch.loggers import wandb as wandb_logs
 from omegaconf import DictConfig
 
 from ood.runs.identity import NAME_GROUPS, flat_config
@@ -80,6 +83,16 @@ class CSVLogger(csv_logs.CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _KeepColumnsWriter(log_dir=self.log_dir, resume_epoch=self.resume_epoch)
         return self._experiment
+
+
+class WandbLogger(wandb_logs.WandbLogger):
+    """Lightning's wandb logger, less the `anonymous` key it passes `wandb.init` when not asked for: wandb warns of any
+    value given ("The anonymous setting has no effect and will be removed"), None included."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
 
 
 def build_loggers(cfg: DictConfig, choices: Mapping[str, Any], group: str, resume_epoch: int | None = None) -> list[Any]:
