@@ -323,6 +323,28 @@ def test_a_real_mismatch_behind_an_auxiliary_head_names_the_channels_of_the_stem
         module_backbone("test_adapters.rgb_aux_head_first_net", num_classes=3, in_channels=1)
 
 
+class GreyToRGBLeNet(nn.Module):
+    """`GreyToRGBNet` with a head sized for 16-pixel images (flattened maps, no global pool): it runs on 1-channel
+    16x16 digits but not on the channel probe's default 224-pixel image, which fails in the head."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten())
+        self.fc = nn.Linear(4 * 8 * 8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x.expand(-1, 3, -1, -1)))
+
+
+def test_a_probe_that_fails_past_the_convolutions_is_no_channel_mismatch() -> None:
+    """The channel probe's forward failed in the head (a 224-pixel image for a 16-pixel net) after the 3-channel stem
+    had run on the expanded grey image, and that stem's channels were taken as the cause: "reads 3-channel images"
+    for a net that runs on the data. Only a convolution given other channels than it reads refuses them."""
+    wrapped = module_backbone("test_adapters.GreyToRGBLeNet", num_classes=3, in_channels=1)
+    x = torch.rand(2, 1, 16, 16)
+    torch.testing.assert_close(wrapped.eval().run(x).logits, wrapped.net(x), rtol=0, atol=0)
+
+
 def test_a_module_target_built_for_other_channels_than_the_data_is_one_line() -> None:
     """`backbone=module` passes `in_channels` only to a constructor that names it; one that does not built a 3-channel
     stem for 1-channel digits and failed at the first batch ("expected input[64, 1, 16, 16] to have 3 channels")."""

@@ -177,16 +177,18 @@ def input_channels(module: nn.Module, channels: int | None = None, image_size: i
     Given the data's `channels`, a first registered convolution that reads others is checked by running the network
     once, as registration order need not be run order (an auxiliary head defined before the stem, a 1->3 convolution
     or `x.expand(-1, 3, -1, -1)` turning grey input into RGB): the forward of one `channels`-channel `image_size`
-    image (no_grad, eval mode, each module's mode restored) gives `channels` when it runs, else the channels of the first convolution that ran
-    (the one that refused the image), else of the first registered one (it stopped before any)."""
+    image (no_grad, eval mode, each module's mode restored) gives `channels` when it runs, else the channels of the
+    convolution handed other channels than it reads (the one that refused the image), else `channels` when some
+    convolution ran (the forward failed for another reason: a 224-pixel probe of a net sized for 16-pixel images, which
+    its own run reports), else those of the first registered one (it stopped before any)."""
     first = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
     if first is None or channels is None or first.in_channels == channels:
         return None if first is None else first.in_channels
-    ran: list[nn.Module] = []
+    given: list[tuple[int, int]] = []  # (channels read, channels given) of each convolution run, in run order
 
     def record(conv: nn.Module, args: tuple[Any, ...]) -> None:
-        if not ran:
-            ran.append(conv)
+        x = args[0] if args else None
+        given.append((conv.in_channels, x.shape[-3] if isinstance(x, torch.Tensor) and x.dim() >= 3 else conv.in_channels))
 
     hooks = [m.register_forward_pre_hook(record) for m in module.modules() if isinstance(m, nn.Conv2d)]
     modes = [(m, m.training) for m in module.modules()]  # each its own: a frozen part may stay in eval mode
@@ -195,8 +197,9 @@ def input_channels(module: nn.Module, channels: int | None = None, image_size: i
         with torch.no_grad():
             module(first.weight.new_zeros(1, channels, image_size, image_size))
         return channels
-    except Exception:  # any failure: the convolution that ran first tells whether the channels were the cause
-        return (ran[0] if ran else first).in_channels
+    except Exception:  # any failure: the convolutions that ran tell whether the channels were the cause
+        refused = next((reads for reads, got in given if reads != got), None)
+        return refused if refused is not None else channels if given else first.in_channels
     finally:
         for part, training in modes:
             part.training = training
