@@ -945,6 +945,7 @@ def extract(
     from ood.data.folder import folder_dataset, preprocessing_transform, resolve_preprocessing
     from ood.detectors import available_detectors, detector_class
     from ood.detectors.network import LayerTaps
+    from ood.evaluation.evaluator import without_autocast
     from ood.features.bank import FeatureBank
     from ood.features.passes import forward_dataset
     from ood.models.adapters import as_backbone
@@ -981,7 +982,8 @@ def extract(
                 **{f"tap/{k}": v for k, v in hooks.pop().items()}}
 
     try:
-        with one_line_errors(), _caller_model(net):  # the model handed back on its device
+        # the model handed back on its device; the caller's autocast off, as `evaluate`'s pass (a float32 bank)
+        with one_line_errors(), _caller_model(net), without_autocast():
             if device is not None:
                 backbone.to(device)
             result = forward_dataset(outputs, dataset, module=backbone, batch_size=batch_size, device=device,
