@@ -235,6 +235,10 @@ def test_weights_from_local_files(tmp_path: Path) -> None:
         timm_backbone("resnet_nope", num_classes=3)
     with pytest.raises(ConfigError, match=r"^unknown timm model 'convnext_atoo'; closest: \['convnext_atto', "):
         timm_backbone("convnext_atoo", num_classes=3)
+    # timm said "Invalid pretrained tag (bad) for resnet18." (a RuntimeError traceback, no choices)
+    with pytest.raises(ConfigError, match=r"^timm has no pretrained tag 'bad' of resnet18; its tags: \['a1_in1k', .*'tv_in1k'\] "
+                                          r"\(or 'resnet18' alone\)$"):
+        timm_backbone("resnet18.bad", num_classes=3)
 
 
 def test_a_module_target_in_the_working_directory_names_pythonpath(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -490,3 +494,25 @@ def test_grood_mixup_on_a_model_without_split_is_refused_before_training() -> No
     with pytest.raises(ConfigError, match=r"Custom is wrapped as a whole.*ood_proto_source= one of \[val_ood"):
         GROOD(ModuleBackbone(Custom()), optimizer=torch.optim.SGD)
     assert GROOD(ModuleBackbone(Custom()), optimizer=torch.optim.SGD, ood_proto_source="val_ood").mix_layer
+
+
+class LazyStemNet(nn.Module):
+    """A net whose stem is a `LazyConv2d`: it reads whatever channels its first batch has."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+def test_a_lazy_first_convolution_reads_the_datas_channels() -> None:
+    """A `LazyConv2d` stem has `in_channels == 0` until its first forward: the channel check refused it ("reads
+    0-channel images"); it takes the data's channels."""
+    torch.manual_seed(0)
+    wrapped = module_backbone("test_adapters.LazyStemNet", num_classes=3, in_channels=1)
+    x = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(wrapped.eval().run(x).logits, wrapped.net(x), rtol=0, atol=0)
+    assert wrapped.net.body[0].in_channels == 1  # materialised by that forward, for the data's channels

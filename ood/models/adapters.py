@@ -460,10 +460,14 @@ def timm_backbone(
     """`timm.create_model(name, pretrained=False, num_classes, in_chans, **kwargs)`, weights from `weights`."""
     import timm
 
-    if not timm.is_model(name.split(".")[0]):
-        close = difflib.get_close_matches(name.split(".")[0], timm.list_models(), n=5)
+    base, _, tag = name.partition(".")
+    if not timm.is_model(base):
+        close = difflib.get_close_matches(base, timm.list_models(), n=5)
         some = f"closest: {close}" if close else f"e.g. {timm.list_models('resnet1*')}"
         raise ConfigError(f"unknown timm model {name!r}; {some} (all: timm.list_models())")
+    if tag and name not in timm.list_pretrained(f"{base}.*"):  # timm: "Invalid pretrained tag (...)", no choices
+        raise ConfigError(f"timm has no pretrained tag {tag!r} of {base}; its tags: "
+                          f"{[t.partition('.')[2] for t in timm.list_pretrained(f'{base}.*')]} (or {base!r} alone)")
     net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
     return _wrap(net, num_classes, weights, feature_layer, "the ID data", shapes)
 

@@ -172,7 +172,7 @@ class Backbone(nn.Module):
 
 def input_channels(module: nn.Module, channels: int | None = None, image_size: int = 224) -> int | None:
     """The image channels a network reads: those of its first registered convolution (a CNN's stem, a ViT's patch
-    embedding); None without one.
+    embedding); None without one, or for a lazy one not yet run without `channels`.
 
     Given the data's `channels`, a first registered convolution that reads others is checked by running the network
     once, as registration order need not be run order (an auxiliary head defined before the stem, a 1->3 convolution
@@ -182,6 +182,8 @@ def input_channels(module: nn.Module, channels: int | None = None, image_size: i
     convolution ran (the forward failed for another reason: a 224-pixel probe of a net sized for 16-pixel images, which
     its own run reports), else those of the first registered one (it stopped before any)."""
     first = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+    if isinstance(first, nn.modules.lazy.LazyModuleMixin) and first.has_uninitialized_params():
+        return channels  # a `LazyConv2d` (in_channels 0 until its first forward) reads what it is given
     if first is None or channels is None or first.in_channels == channels:
         return None if first is None else first.in_channels
     given: list[tuple[int, int]] = []  # (channels read, channels given) of each convolution run, in run order

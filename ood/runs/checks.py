@@ -134,7 +134,10 @@ def check_timm_preprocessing(cfg: DictConfig) -> None:
         import timm
     except ImportError:  # the backbone's build says what to install
         return
-    pretrained = timm.get_pretrained_cfg(backbone.name)
+    try:
+        pretrained = timm.get_pretrained_cfg(backbone.name)
+    except RuntimeError:  # an unknown pretrained tag: the backbone's build names the model's tags
+        return
     if pretrained is None:
         return
     prefix, data, has_interpolation = _data_preprocessing(cfg)
