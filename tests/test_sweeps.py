@@ -304,3 +304,19 @@ def test_a_sweep_whose_values_are_drawn_later_or_a_single_run_is_not_checked_bef
 
     check_sweep_jobs(CONFIG_DIR, "train", ["-m", "hydra/sweeper=optuna_val", "method.optimizer.lr=interval(-1,0.1)"])
     check_sweep_jobs(CONFIG_DIR, "train", ["method.optimizer.lr=-1"])
+
+
+def test_a_sweep_of_a_preset_on_hydra_searchpath_is_checked(tmp_path: Path) -> None:
+    """Each job's config-group options were composed without the command line's `hydra.searchpath`: a preset of the
+    user's own (`method=mine` from `my_conf/method/`; `ood-eval` adds a run's searchpath) was not found, and the whole
+    sweep went unchecked (its jobs failed one by one as they started)."""
+    from ood import CONFIG_DIR
+    from ood.errors import ConfigError
+    from ood.runs.sweeps import check_sweep_jobs
+
+    (tmp_path / "method").mkdir()
+    (tmp_path / "method" / "mine.yaml").write_text("defaults:\n  - ce\n  - _self_\noptimizer:\n  lr: -1\n")
+    with pytest.raises(ConfigError) as refused:
+        check_sweep_jobs(CONFIG_DIR, "train", ["-m", f"hydra.searchpath=[file://{tmp_path}]", "method=ce,mine"])
+    assert str(refused.value) == ("job 1 of the sweep (method=mine): method.optimizer.lr=-1 is outside its range "
+                                  "[0, inf]; no job was started")

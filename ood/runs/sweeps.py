@@ -188,7 +188,9 @@ def check_sweep_jobs(config_dir: str | Path, config_name: str, argv: Sequence[st
             composed: dict[tuple[str, ...], tuple[DictConfig, DictConfig]] = {}  # options -> (config, its hydra node)
             for number, job in enumerate(jobs):
                 overrides = parser.parse_overrides(job)
-                grouped = [o.key_or_group in groups or "/" in o.key_or_group for o in overrides]
+                # composed with the options: Hydra's own keys too (`hydra.searchpath` finds a preset of the user's)
+                grouped = [o.key_or_group in groups or "/" in o.key_or_group or o.key_or_group.startswith("hydra.")
+                           for o in overrides]
                 chosen = tuple(o.input_line for o, g in zip(overrides, grouped, strict=True) if g)
                 try:
                     if chosen not in composed:
@@ -200,7 +202,7 @@ def check_sweep_jobs(config_dir: str | Path, config_name: str, argv: Sequence[st
                     rest, HydraConfig.instance().cfg = composed[chosen]
                     cfg = copy.deepcopy(rest)
                     ConfigLoaderImpl._apply_overrides_to_config([o for o, g in zip(overrides, grouped, strict=True)
-                                                                 if not g and not o.key_or_group.startswith("hydra.")], cfg)
+                                                                 if not g], cfg)
                 except HydraException:
                     return  # a job Hydra cannot compose: it says so as it launches the sweep
                 try:
