@@ -521,6 +521,35 @@ def test_the_command_of_an_unstarted_job_runs_that_job_when_pasted(tmp_path: Pat
         "seed": 1, "a": "x,y", "b": "${seed}", "c": "\\${seed}", "d": "a b", "e": ["p", "q r"], "f": "$HOME",
         "g": {"k": "v"}, "h": "it's", "trainer.enable_progress_bar": False, "hydra.run.dir": str(sweep / "1")}
 
+@pytest.mark.parametrize(("task_name", "entry"), [("train", "ood-train"), ("eval", "ood-eval")])
+def test_the_command_of_an_unstarted_job_composes_the_sweeps_own_config(tmp_path: Path, task_name: str,
+                                                                        entry: str) -> None:
+    """The command of a job that never started, of a sweep run with a primary config of the user's own
+    (`--config-dir my_conf -cn mine`) or a preset found on `hydra.searchpath`, had neither: pasted, it composed ood's
+    train.yaml (another job, silently) or stopped at "unknown method 'mine'". It now names the config folder, the
+    config (its entry point by its `task_name`) and the searchpath, each one shell word."""
+    import shlex
+
+    import yaml
+
+    from ood.report.reading import unstarted_jobs
+
+    conf, sweep = tmp_path / "my conf", tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"task_name": task_name, "hydra": {
+        "sweep": {"dir": "x", "subdir": "${hydra.job.num}"}, "job": {"config_name": "mine"},
+        "searchpath": [f"file://{conf}"],
+        "runtime": {"config_sources": [{"path": "hydra.conf", "schema": "pkg", "provider": "hydra"},
+                                       {"path": str(conf), "schema": "file", "provider": "command-line"}]},
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None},
+        "overrides": {"task": ["seed=0,1", "method=mine"]}}}))
+    (sweep / "0").mkdir()
+    why = unstarted_jobs(sweep / "multirun.yaml")[str(sweep / "1")]
+    assert shlex.split(why.partition("; to run it alone: ")[2]) == [
+        entry, f"--config-dir={conf}", "--config-name=mine", f'hydra.searchpath=["file://{conf}"]', "seed=1",
+        "method=mine", f"hydra.run.dir={sweep / '1'}"]
+
+
 def test_the_note_says_report_csv_holds_fractions_and_what_seeds_counts(tmp_path: Path) -> None:
     """report.md and report.tex read "Metrics in %" while report.csv held the same numbers as fractions (0.75, not
     75.00), said nowhere; nor was the `seeds` column explained. The note says both."""

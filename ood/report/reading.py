@@ -196,11 +196,30 @@ def unstarted_jobs(record: Path) -> dict[str, str]:
     if (hydra.get("sweep") or {}).get("subdir") != "${hydra.job.num}":
         return {}
     sweep = record.parent
-    entry = "ood-eval" if (hydra.get("job") or {}).get("config_name") == "eval" else "ood-train"
+    command = _composing_words(config, hydra)
     resume = f"the sweep's command plus {'ckpt_path=last ' if config.get('train', True) else ''}hydra.sweep.dir={sweep}"
     return {str(sweep / str(num)): f"{NOT_STARTED}: the sweep stopped before it, or is still running ({resume} runs "
-            f"it and the others); to run it alone: {shlex.join([entry, *job])} {_override('hydra.run.dir', str(sweep / str(num)))}"
+            f"it and the others); to run it alone: {command} {shlex.join(job)} {_override('hydra.run.dir', str(sweep / str(num)))}"
             for num, job in enumerate(sweep_jobs(hydra)) if not (sweep / str(num)).exists()}
+
+
+def _composing_words(config: dict[str, Any], hydra: dict[str, Any]) -> str:
+    """The entry point of a sweep's `multirun.yaml` (`config`, its `hydra` node) and what composed its jobs beside
+    their overrides, as shell words: the config folder (`--config-dir`), a primary config of the user's own
+    (`--config-name`; `ood-eval` when its `task_name` is eval's) and `hydra.searchpath` (the user's presets). Without
+    them a job's overrides composed ood's train.yaml: another job, or "unknown method" for a preset of one's own."""
+    import shlex
+
+    from ood.runs.checks import _override
+
+    name = (hydra.get("job") or {}).get("config_name")
+    own = name not in ("train", "eval")
+    words = ["ood-eval" if (config.get("task_name") if own else name) == "eval" else "ood-train"]
+    sources = (hydra.get("runtime") or {}).get("config_sources") or []
+    words += [f"--config-dir={s['path']}" for s in sources if s.get("provider") == "command-line"]
+    words += [f"--config-name={name}"] if own and name else []
+    searchpath = [_override("hydra.searchpath", hydra["searchpath"])] if hydra.get("searchpath") else []
+    return " ".join([shlex.join(words), *searchpath])
 
 
 def _unevaluated(run: Path) -> bool:
