@@ -550,6 +550,29 @@ def test_the_command_of_an_unstarted_job_composes_the_sweeps_own_config(tmp_path
         "method=mine", f"hydra.run.dir={sweep / '1'}"]
 
 
+@pytest.mark.parametrize(("train", "entry", "kept"), [(True, "ood-train", []), (False, "ood-eval", ["ckpt_path=last"])])
+def test_the_command_of_an_unstarted_job_of_a_resumed_sweep_does_not_resume_another_run(
+        tmp_path: Path, train: bool, entry: str, kept: list[str]) -> None:
+    """A sweep resumed with `ckpt_path=last` and stopped again: its never-started job's command kept `ckpt_path=last`,
+    which outside a sweep, in a folder without a checkpoint, resumes the newest run under logs/train/runs (another
+    run, its rows then filed as this job's) or fails. The job trains from scratch in its sweep: so alone, without it.
+    An evaluation's `ckpt_path` names what it evaluates: kept."""
+    import shlex
+
+    import yaml
+
+    from ood.report.reading import unstarted_jobs
+
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump({"train": train, "hydra": {
+        "sweep": {"dir": "x", "subdir": "${hydra.job.num}"}, "job": {"config_name": entry[4:]},
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None},
+        "overrides": {"task": ["seed=0,1", "ckpt_path=last"]}}}))
+    (tmp_path / "0").mkdir()
+    why = unstarted_jobs(tmp_path / "multirun.yaml")[str(tmp_path / "1")]
+    assert shlex.split(why.partition("; to run it alone: ")[2]) == [entry, "seed=1", *kept,
+                                                                   f"hydra.run.dir={tmp_path / '1'}"]
+
+
 def test_the_note_says_report_csv_holds_fractions_and_what_seeds_counts(tmp_path: Path) -> None:
     """report.md and report.tex read "Metrics in %" while report.csv held the same numbers as fractions (0.75, not
     75.00), said nowhere; nor was the `seeds` column explained. The note says both."""

@@ -196,10 +196,17 @@ def unstarted_jobs(record: Path) -> dict[str, str]:
     if (hydra.get("sweep") or {}).get("subdir") != "${hydra.job.num}":
         return {}
     sweep = record.parent
-    command = _composing_words(config, hydra)
-    resume = f"the sweep's command plus {'ckpt_path=last ' if config.get('train', True) else ''}hydra.sweep.dir={sweep}"
+    command, train = _composing_words(config, hydra), config.get("train", True)
+    resume = f"the sweep's command plus {'ckpt_path=last ' if train else ''}hydra.sweep.dir={sweep}"
+
+    def alone(job: list[str]) -> list[str]:
+        """A training job's overrides but `ckpt_path=last`: the job starts from scratch in its sweep (its folder holds
+        no checkpoint), where alone it resumed the newest run under logs/train/runs, another run."""
+        return [word for word in job if not (train and word.lstrip("+") == "ckpt_path=last")]
+
     return {str(sweep / str(num)): f"{NOT_STARTED}: the sweep stopped before it, or is still running ({resume} runs "
-            f"it and the others); to run it alone: {command} {shlex.join(job)} {_override('hydra.run.dir', str(sweep / str(num)))}"
+            f"it and the others); to run it alone: {command} {shlex.join(alone(job))} "
+            f"{_override('hydra.run.dir', str(sweep / str(num)))}"
             for num, job in enumerate(sweep_jobs(hydra)) if not (sweep / str(num)).exists()}
 
 
