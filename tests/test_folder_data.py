@@ -913,7 +913,7 @@ def test_id_image_lists_get_the_class_checks_of_folders(folders: dict[str, Path]
                              test=write(root / "test.txt", test), ood=[folders["far"]])  # pandas' to_csv(sep="\t")
     assert tabbed.id_sets["train"].entries == by_folder.id_sets["train"].entries
 
-    with pytest.raises(DataNotFoundError, match=r"bad_test.txt has 1 labels absent from the ID train split "
+    with pytest.raises(DataNotFoundError, match=r"bad_test.txt has 1 label absent from the ID train split "
                                                 r"\(classes 0..2\): \[3\]$"):
         FolderBenchmark(train=write(root / "train.txt", train), test=write(root / "bad_test.txt", [*test, "x.png 3"]),
                         ood=[folders["far"]])
