@@ -111,3 +111,29 @@ def test_wandb_names_one_configuration_and_seed(tmp_path: Path) -> None:
     assert r18["group"] == r18_s1["group"] != r50["group"] and r18["group"].startswith("ce-digits-timm-")
     assert (r18["name"], r18_s1["name"], r50["name"]) == (f"{r18['group']}-s0", f"{r18['group']}-s1", f"{r50['group']}-s0")
     assert wandb_args("run_name=mine")["name"] == "mine"
+
+
+@pytest.mark.parametrize(("error", "code"), [(None, 0), (KeyboardInterrupt, 130), ("sigterm", 143), (ValueError, 1)])
+def test_wandb_run_of_a_stopped_or_failed_job_is_not_finished(monkeypatch: pytest.MonkeyPatch, error: object,
+                                                               code: int) -> None:
+    """`finish_wandb` ran in `ood.train`'s `finally` and closed every run with exit code 0: a run stopped by SIGTERM
+    or Ctrl-C, or failed, showed in wandb as finished, like the complete run its resumed run's name repeats. It now
+    hands wandb the process's status, so wandb marks the run failed."""
+    import wandb
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from ood.runs.loggers import finish_wandb
+
+    codes: list[int] = []
+    monkeypatch.setattr(wandb, "run", object())
+    monkeypatch.setattr(wandb, "finish", lambda exit_code=None, **_: codes.append(exit_code))
+    raised = SIGTERMException if error == "sigterm" else error
+    try:
+        try:
+            if raised is not None:
+                raise raised()
+        finally:
+            finish_wandb()
+    except BaseException as err:  # noqa: BLE001  # the job's error, gone on past finish_wandb
+        assert isinstance(err, raised)
+    assert [c or 0 for c in codes] == [code]

@@ -10,7 +10,8 @@ survives spawned DDP stages, and the one wandb run per job.
   not: `backbone.name`, a swept learning rate).
 - `WandbLogger`: Lightning's, without the `anonymous=None` it hands `wandb.init` (wandb warned at every run that the
   setting has no effect).
-- `finish_wandb`: closes the job's wandb run, even in a multirun or after an error.
+- `finish_wandb`: closes the job's wandb run, even in a multirun or after an error, with the job's exit status
+  (a run stopped by SIGTERM or Ctrl-C, or failed, is marked failed in wandb, not finished).
 """
 
 from __future__ import annotations
@@ -118,9 +119,20 @@ def build_loggers(cfg: DictConfig, choices: Mapping[str, Any], group: str, resum
 
 
 def finish_wandb() -> None:
-    """One wandb run per job, even in multirun or after an error."""
+    """One wandb run per job, even in multirun or after an error. Called in a `finally` while the job's error
+    propagates, it closes the run with the status the process ends with (143 for SIGTERM, 130 for Ctrl-C, else 1):
+    wandb then shows the run failed; with exit code 0 a stopped run read as finished beside the run resuming it."""
     if "wandb" in sys.modules:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=_exit_status(sys.exc_info()[1]))
+
+
+def _exit_status(error: BaseException | None) -> int:
+    """The process status of a job ending with `error` (None: a success)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if error is None:
+        return 0
+    return 143 if isinstance(error, SIGTERMException) else 130 if isinstance(error, KeyboardInterrupt) else 1
