@@ -45,6 +45,11 @@ without an active exception": SIGABRT, which the main process takes for a crash,
 spawned rank (stopped, failed, done) now unwraps the model and destroys the group, without a collective (the other
 ranks may have exited), so those threads have ended before the interpreter's exit begins.
 
+Failure hooks: Lightning runs the callbacks' `on_exception` (and finalizes the loggers as failed) in the process that
+called the stage: under a spawning launcher the main process, whose callbacks hold nothing of the ranks' stage. A rank
+stopped by SIGTERM or an error in its evaluation left its `evaluation.bank_dir` folder behind (`OODEvaluation` removes
+it in `on_exception`) until the next evaluation with that `bank_dir`. Each spawned rank now runs them on its way out.
+
 Logs: a spawned rank is a fresh interpreter without the handlers Hydra gave the main process's root logger, so its
 warnings and errors reached the console (Python's last-resort handler) but not the run's `train.log`. Each spawned
 rank now recreates the main process's root handlers that write to a file or to stdout / stderr, same level and
@@ -92,6 +97,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import (
     _MultiProcessingLauncher,
     _WorkerOutput,
 )
+from lightning.pytorch.trainer.call import _interrupt
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.multiprocessing import ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel
@@ -252,6 +258,19 @@ class _SpilledOutput:
             self.output = torch.load(self.path, weights_only=False)
             shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
         return getattr(self.output, name)
+
+
+def _interrupt_rank(trainer: Any, err: BaseException) -> None:
+    """What Lightning runs when a stage fails or is stopped (`_interrupt`: the callbacks' and the datamodule's
+    `on_exception`, the loggers finalized as failed), run in the rank: Lightning runs it in the process that called the
+    stage, under a spawning launcher the main process, whose callbacks hold none of the rank's state (module doc). A
+    failure here is logged, not raised: it would replace the exception the rank is leaving with."""
+    if trainer is None:
+        return
+    try:
+        _interrupt(trainer, err)
+    except Exception as hook_err:
+        logging.getLogger(__name__).warning("a failure hook raised as the rank stopped: %r", hook_err)
 
 
 def _end_process_group(strategy: Any) -> None:
@@ -439,8 +458,12 @@ class _SpawnLauncher(_MultiProcessingLauncher):
             _log_to(self.log_targets, self.log_level, self._strategy.node_rank * self._strategy.num_processes + process_idx)
             _quiet_like(self.quiet)
             try:
-                with warnings_in_log_files():
-                    super()._wrapping_function(process_idx, *args, **kwargs)
+                try:
+                    with warnings_in_log_files():
+                        super()._wrapping_function(process_idx, *args, **kwargs)
+                except BaseException as err:
+                    _interrupt_rank(args[0] if args else kwargs.get("trainer"), err)
+                    raise
             except SIGTERMException:  # a SystemExit of status 0, which the main process would take for a success
                 sys.exit(SIGTERM_EXIT)
             finally:  # every way out: stopped, failed or done (module doc)

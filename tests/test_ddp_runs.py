@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import StandInRank, capture_warnings_of, run_config
-from lightning import Trainer
+from lightning import Callback, Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -280,6 +281,38 @@ def test_a_spawned_rank_ends_its_process_group_and_gloo_threads_on_every_way_out
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("way_out", ["sigterm", "error", "done"])
+def test_a_spawned_rank_runs_the_failure_hooks_a_single_process_runs(way_out: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning runs the callbacks' `on_exception` (and finalizes the loggers as failed) around a stage in the process
+    that called it, which under `trainer=ddp_cpu` is the main process, whose callbacks hold nothing of the ranks'
+    stage: a rank stopped by SIGTERM in its evaluation left its `evaluation.bank_dir` folder (`banks-*`, removed by
+    `OODEvaluation.on_exception`) on disk, and its network its layer taps. The rank now runs them on its way out."""
+    seen: list[tuple[str, object]] = []
+
+    class Hooks(Callback):
+        def on_exception(self, trainer: Trainer, pl_module: object, exception: BaseException) -> None:
+            seen.append(("on_exception", type(exception)))
+
+    class Logger(CSVLogger):
+        def finalize(self, status: str) -> None:
+            seen.append(("finalize", status))
+
+    def stage(self: _MultiProcessingLauncher, *args: object) -> None:
+        if way_out != "done":
+            raise SIGTERMException if way_out == "sigterm" else RuntimeError("a stage that failed")
+
+    trainer = Trainer(callbacks=[Hooks()], logger=Logger(os.devnull), enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    monkeypatch.setattr(strategies, "_log_to", lambda *args: None)
+    monkeypatch.setattr(_MultiProcessingLauncher, "_wrapping_function", stage)
+    leaves: AbstractContextManager = {"sigterm": pytest.raises(SystemExit), "error": pytest.raises(RuntimeError),
+                                      "done": nullcontext()}[way_out]
+    with leaves:
+        _SpawnLauncher(_two_cpu_ranks(), start_method="spawn")._wrapping_function(0, trainer)
+    raised = {"sigterm": SIGTERMException, "error": RuntimeError}.get(way_out)
+    assert seen == ([] if raised is None else [("on_exception", raised), ("finalize", "failed")])
 
 
 def test_sigterm_while_the_ranks_start_is_passed_on_once_they_are_there() -> None:
