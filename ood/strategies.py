@@ -45,6 +45,11 @@ without an active exception": SIGABRT, which the main process takes for a crash,
 spawned rank (stopped, failed, done) now unwraps the model and destroys the group, without a collective (the other
 ranks may have exited), so those threads have ended before the interpreter's exit begins.
 
+Counters: Lightning's spawn launcher hands rank 0's weights, trainer state and metrics back to the main process, not
+its loops' epoch and step counters: after a fit the main process's trainer was at epoch 0, step 0, and so was the
+evaluation's rank started from it, which logged the `test/*` metrics there (CSV log, wandb's `trainer/global_step`)
+where one process logs them at the fit's end. Rank 0's fit loop state now comes back with the results.
+
 Failure hooks: Lightning runs the callbacks' `on_exception` (and finalizes the loggers as failed) in the process that
 called the stage: under a spawning launcher the main process, whose callbacks hold nothing of the ranks' stage. A rank
 stopped by SIGTERM or an error in its evaluation left its `evaluation.bank_dir` folder behind (`OODEvaluation` removes
@@ -98,6 +103,7 @@ from lightning.pytorch.strategies.launchers.multiprocessing import (
     _WorkerOutput,
 )
 from lightning.pytorch.trainer.call import _interrupt
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.multiprocessing import ProcessExitedException
 from torch.nn.parallel import DistributedDataParallel
@@ -354,6 +360,10 @@ def _tensors_by_value() -> Iterator[None]:
         reducers.update(taken)
 
 
+#: `get_extra_results`' key for rank 0's fit loop state (its epoch and step counters)
+_FIT_LOOP = "ood_fit_loop"
+
+
 class _SpawnLauncher(_MultiProcessingLauncher):
     """The spawn launcher with SIGTERM and SIGINT passed on to the ranks, the main process's log handlers in every rank and
     results through a file (module doc)."""
@@ -468,6 +478,19 @@ class _SpawnLauncher(_MultiProcessingLauncher):
                 sys.exit(SIGTERM_EXIT)
             finally:  # every way out: stopped, failed or done (module doc)
                 _end_process_group(self._strategy)
+
+    def get_extra_results(self, trainer: Any) -> dict[str, Any]:
+        extra = super().get_extra_results(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:  # the fit's epoch and step counters (module doc)
+            extra[_FIT_LOOP] = trainer.fit_loop.state_dict()
+        return extra
+
+    def update_main_process_results(self, trainer: Any, extra: dict[str, Any]) -> None:
+        fit_loop = extra.pop(_FIT_LOOP, None)
+        super().update_main_process_results(trainer, extra)
+        if fit_loop is not None:
+            trainer.fit_loop.load_state_dict(fit_loop)
+            trainer.fit_loop.restarting = False  # the fit ended, as in one process: not a fit to resume mid-epoch
 
     def _collect_rank_zero_results(self, trainer: Any, results: Any) -> _WorkerOutput | None:
         output = super()._collect_rank_zero_results(trainer, results)
