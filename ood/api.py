@@ -369,10 +369,12 @@ def _cuda_rng_restorer() -> Callable[[], None]:
 @contextmanager
 def _caller_model(net: nn.Module) -> Iterator[None]:
     """The caller's model as it was: on its device (Lightning's teardown moves the module it tested to the CPU, so a
-    CUDA model came back on the CPU) and in its train/eval modes, module by module. A model spread over several
-    devices is left where the run put it."""
+    CUDA model came back on the CPU), in its train/eval modes, module by module, and with its gradients (Lightning's
+    `trainer.test` sets them to None: a loop accumulating gradients over batches lost those before the call). A model
+    spread over several devices is left where the run put it."""
     devices = {t.device for t in itertools.chain(net.parameters(), net.buffers())}
     modes = [(module, module.training) for module in net.modules()]
+    grads = [(p, p.grad) for p in net.parameters()]
     try:
         yield
     finally:
@@ -380,6 +382,8 @@ def _caller_model(net: nn.Module) -> Iterator[None]:
             net.to(next(iter(devices)))
         for module, training in modes:
             module.train(training)
+        for p, grad in grads:
+            p.grad = None if grad is None else grad.to(p.device)
 
 
 def _checked_device(device: str | torch.device | None) -> str:

@@ -688,6 +688,19 @@ def test_evaluate_gives_the_model_back_as_it_was(tmp_path: Path) -> None:
     assert {p.device.type for p in net.parameters()} == {"cpu"}
 
 
+def test_evaluate_keeps_the_gradients_a_training_loop_accumulated(tmp_path: Path) -> None:
+    """Lightning's `trainer.test` sets every parameter's `.grad` to None (`zero_grad` before its stage): a loop that
+    accumulates gradients over several batches and evaluates between two of them stepped with the batches after the
+    call alone (and its `clip_grad_norm_` / gradient logging read None)."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    net(torch.ones(2, 3, 32, 32)).sum().backward()
+    accumulated = [p.grad.clone() for p in net.parameters()]
+    ood.evaluate(net, paths["id"], [paths["far"]], detectors="msp", image_size=32, resize=32, device="cpu",
+                 output_dir=tmp_path / "run")
+    assert [p.grad is not None and torch.equal(p.grad, g) for p, g in zip(net.parameters(), accumulated, strict=True)] == [True, True]
+
+
 def test_size_and_channel_mismatches_say_what_to_pass(tmp_path: Path) -> None:
     """PyTorch's errors halfway through the pass become one line naming the `transform` to pass: a transform that
     keeps each image's size (`T.ToTensor()` on images of two sizes), and a grey-level network on RGB images."""
