@@ -77,7 +77,7 @@ TRAINING_OPTIONS = {
 class Results:
     """What one evaluation wrote: `rows` (results.jsonl), `scores` ({detector: {split: array}}), `overlap`
     (overlap.json), `samples` (samples.csv: the image of each score), in `run_dir`; `table` is the pandas view,
-    `per_image()` the scores image by image."""
+    `metrics()` the scalars as one flat dict for a logger, `per_image()` the scores image by image."""
 
     run_dir: Path
     rows: list[dict[str, Any]]
@@ -164,6 +164,20 @@ class Results:
                     records.append({**{m: values[m] for m in METRIC_COLUMNS}, **accuracy})
         names = ["mode", "detector", "set"] if full else ["detector", "set"]
         return pd.DataFrame(records, index=pd.MultiIndex.from_tuples(index, names=names))
+
+    def metrics(self, prefix: str = "test") -> dict[str, float]:
+        """Every scalar of the rows in one flat dict, for a logger, under the keys ood's own runs log them
+        (`ood.evaluation.sinks.scalar_metrics`) with `prefix` for their `test`: `<prefix>/<detector>/<set>/<metric>`
+        for each OOD set and the `near` / `far` means, `<prefix>/id/acc`, and the full-spectrum ones under
+        `<prefix>_fsood/`. E.g. `self.log_dict(results.metrics("ood"))` in a LightningModule, or
+        `wandb.log(results.metrics())`."""
+        from ood.evaluation.evaluator import EvaluationResult
+        from ood.evaluation.sinks import scalar_metrics
+
+        if not self.rows:  # detectors="none": nothing was scored
+            return {}
+        result = EvaluationResult(self.rows, {}, id_acc=self.rows[0]["id_acc"], method=self.rows[0]["method"])
+        return {prefix + key.removeprefix("test"): value for key, value in scalar_metrics(result).items()}
 
     def save(self, directory: str | Path) -> Path:
         """Copy the run folder (results.jsonl, scores.npz, figures/, overlap.json, ...) to `directory`, a new or empty

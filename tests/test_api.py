@@ -124,6 +124,28 @@ def test_python_api_equals_cli_and_sklearn(trained, tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["scores.npz"]
 
 
+def test_metrics_are_one_flat_dict_for_a_logger_under_the_keys_runs_log(tmp_path: Path) -> None:
+    """A training loop logs an evaluation in one line (`self.log_dict(results.metrics("ood"))`): the scalars of
+    every OOD set, the near / far means, the ID accuracy and the full-spectrum ones, keyed as ood's runs log them."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    results = ood.evaluate(net, paths["id"], {"near": {"noise": paths["near"]}, "far": {"checkers": paths["far"]},
+                                              "csid": {"shifted": paths["id"] / "test"}},
+                           detectors="msp", image_size=32, resize=32, device="cpu", output_dir=tmp_path / "run")
+    metrics = results.metrics("ood")
+    columns = ["auroc", "aupr_in", "aupr_out", "fpr95", "fpr95_oodpos"]
+    expected = {f"{stage}/msp/{name}/{m}": results.table.loc[(mode, "msp", name), m]
+                for mode, stage in (("standard", "ood"), ("fsood", "ood_fsood"))
+                for name in ("noise", "checkers", "near", "far") for m in columns}
+    row = next(r for r in results.rows if r["mode"] == "fsood")
+    expected |= {"ood/id/acc": row["id_acc"], "ood_fsood/id/acc": row["csid_acc"],
+                 "ood_fsood/csid/shifted/acc": row["csid_set_acc"]["shifted"]}
+    assert metrics == pytest.approx(expected, abs=1e-12) and len(metrics) == 2 * 4 * 5 + 3
+    assert all(type(v) is float for v in metrics.values())
+    assert set(results.metrics()) == {"test" + key.removeprefix("ood") for key in expected}  # ood-eval's own keys
+
+
 def test_torchvision_models_are_recorded_by_builder_name() -> None:
     """resnet18 and resnet34 objects were both recorded as `resnet`, so ood-report averaged their runs as seeds of one
     configuration; a changed head, which no builder makes, keeps the class name."""
