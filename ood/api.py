@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -701,6 +701,7 @@ def evaluate(
     from ood.cli import expand_home
     from ood.data.benchmark import check_loader_options
     from ood.evaluation.evaluator import without_autocast
+    from ood.features.collector import alone
     from ood.models.adapters import as_backbone, check_classes
     from ood.runs.checks import check_overrides, part_file_overrides, untrained_parts
     from ood.runs.console import quiet_warnings
@@ -800,9 +801,18 @@ def evaluate(
             earlier = clear_failure(out)  # as `ood-eval`: an earlier run's results would read as this one's should it fail
             earlier.begin()
             atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            # a one-process run inside a rank of the caller's DDP training (its process group) evaluates alone, on
+            # whichever ranks call it: rank 0 alone waited for the other ranks' rows, and in Lightning's barrier
+            # around `prepare_data` (a group over all ranks), forever; that one runs here, without the barrier
+            caller_group = trainer.world_size == 1 and torch.distributed.is_available() and \
+                torch.distributed.is_initialized()
             # the caller's Ctrl-C back; its autocast (a training script's validation block) off, as in `ood-eval`:
             # the run's own precision (`trainer=gpu_fast`) still applies inside the test steps
-            with one_line_errors(), ctrl_c_raised(trainer), without_autocast():
+            with one_line_errors(), ctrl_c_raised(trainer), without_autocast(), \
+                    alone() if caller_group else nullcontext():
+                if caller_group:
+                    datamodule.prepare_data()
+                    datamodule.prepare_data = None  # Lightning's `is_overridden` then skips it
                 trainer.test(method_, datamodule=datamodule, verbose=False)
         except (Exception, KeyboardInterrupt) as err:  # `FAILED.txt`, as `ood-eval` leaves it: ood-report names it
             record_failure(out, err, earlier)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -65,7 +67,7 @@ class SplitCollector(Metric):
     full_state_update = False
 
     def __init__(self, fields: list[str]) -> None:
-        super().__init__(dist_sync_on_step=False)
+        super().__init__(dist_sync_on_step=False, distributed_available_fn=_distributed)
         self.fields = list(fields)
         self.add_state("index", default=[], dist_reduce_fx="cat")
         for field in self.fields:
@@ -89,8 +91,24 @@ class SplitCollector(Metric):
         return out
 
 
+#: True inside `alone()`: this process evaluates by itself, whatever process group its caller runs in
+_ALONE: ContextVar[bool] = ContextVar("ood_evaluates_alone", default=False)
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """A single-process evaluation inside a caller's process group (`ood.evaluate` in one rank of the caller's DDP
+    training): its rows are this process's own, exchanged with no other rank. Taken as the evaluation of a DDP run, it
+    waited for the caller's other ranks, forever when it ran on rank 0 alone."""
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
+
+
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _ALONE.get() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, path: Path | None, device: torch.device) -> torch.Tensor:
