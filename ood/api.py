@@ -813,6 +813,9 @@ def evaluate(
                 if caller_group:
                     datamodule.prepare_data()
                     datamodule.prepare_data = None  # Lightning's `is_overridden` then skips it
+                    # its advice to sync each logged metric over the caller's ranks (a dozen lines), which this
+                    # run's are not
+                    warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\(.*sync_dist=True")
                 trainer.test(method_, datamodule=datamodule, verbose=False)
         except (Exception, KeyboardInterrupt) as err:  # `FAILED.txt`, as `ood-eval` leaves it: ood-report names it
             record_failure(out, err, earlier)
