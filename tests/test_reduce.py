@@ -3,6 +3,7 @@ when Lightning's distributed sampler pads ranks with duplicates."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
@@ -39,3 +40,27 @@ def test_class_sums_and_first_n_with_ddp_padding_equal_single_process() -> None:
     kept = first.compute()
     assert torch.equal(kept["index"], torch.arange(6))
     assert torch.equal(kept["maps"], maps[:6]) and torch.equal(kept["logits"], logits[:6])
+
+
+def test_class_sums_of_an_evaluation_alone_exchange_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ood.evaluate` in one rank of a caller's DDP training runs inside `collector.alone()`; GROOD's prototype sums
+    (`ClassSums`) still synced over the caller's process group, so a call on rank 0 alone waited for the other
+    ranks. Inside `alone()` they are this process's own."""
+    import torch.distributed as dist
+
+    from ood.features.collector import alone
+
+    def exchange(*args: object, **kwargs: object) -> None:
+        raise AssertionError("exchanged with the caller's ranks")
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *args, **kwargs: 2)
+    for name in ("all_gather", "all_gather_object", "all_reduce", "broadcast", "barrier"):
+        monkeypatch.setattr(dist, name, exchange)
+    sums = ClassSums(2, dtypes={"features": torch.float64})
+    sums.update(torch.arange(4), torch.tensor([0, 1, 1, 0]), features=torch.arange(8.0).reshape(4, 2))
+    with alone():
+        got, counts = sums.compute()
+    torch.testing.assert_close(got["features"], torch.tensor([[6.0, 8.0], [6.0, 8.0]], dtype=torch.float64))
+    assert counts.tolist() == [2, 2]

@@ -67,7 +67,7 @@ class SplitCollector(Metric):
     full_state_update = False
 
     def __init__(self, fields: list[str]) -> None:
-        super().__init__(dist_sync_on_step=False, distributed_available_fn=_distributed)
+        super().__init__(dist_sync_on_step=False, distributed_available_fn=in_distributed_run)
         self.fields = list(fields)
         self.add_state("index", default=[], dist_reduce_fx="cat")
         for field in self.fields:
@@ -107,7 +107,8 @@ def alone() -> Iterator[None]:
         _ALONE.reset(token)
 
 
-def _distributed() -> bool:
+def in_distributed_run() -> bool:
+    """Whether this process exchanges rows with other ranks: a DDP run's, and not inside `alone()`."""
     return not _ALONE.get() and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
@@ -150,7 +151,7 @@ class RankZeroRows:
     ) -> None:
         self.size = size
         #: False: this process's rows alone, whatever the process group (a pass each rank runs in full)
-        self.distributed = distributed and _distributed()
+        self.distributed = distributed and in_distributed_run()
         self.rank_zero = not self.distributed or dist.get_rank() == 0
         self.device = torch.device("cpu") if out_dir is not None else torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # as batches name it: rows written in place
@@ -275,7 +276,7 @@ def _take(tensor: torch.Tensor, rows: torch.Tensor, path: Path | None) -> torch.
 def rank_zero_group() -> Any:
     """A gloo group over all ranks with `RANK_ZERO_TIMEOUT` for `RankZeroRows.gather` and the result broadcast
     (CPU tensors whatever the default backend); None outside DDP. Every rank must call it."""
-    return dist.new_group(backend="gloo", timeout=RANK_ZERO_TIMEOUT) if _distributed() else None
+    return dist.new_group(backend="gloo", timeout=RANK_ZERO_TIMEOUT) if in_distributed_run() else None
 
 
 def release_group(group: Any) -> None:
@@ -288,7 +289,7 @@ def broadcast_rows(rows: dict[str, torch.Tensor] | None, device: torch.device | 
     rank gets them on `device`, each field allocated once at its full size and filled one message (`SEND_BYTES`) at a
     time, so no rank holds them twice. `group` must be a gloo group (rows travel as CPU tensors); every rank calls it;
     outside DDP `rows` themselves."""
-    if not _distributed():
+    if not in_distributed_run():
         assert rows is not None
         return rows
     meta = broadcast_from_rank_zero(None if rows is None else {k: (tuple(v.shape), v.dtype) for k, v in rows.items()},
@@ -312,7 +313,7 @@ def broadcast_rows(rows: dict[str, torch.Tensor] | None, device: torch.device | 
 
 def broadcast_from_rank_zero(obj: Any, group: Any = None) -> Any:
     """Rank 0's `obj` (pickled) on every rank; `obj` itself outside DDP."""
-    if not _distributed():
+    if not in_distributed_run():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=group)

@@ -21,7 +21,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from ood.features.collector import SplitCollector
+from ood.features.collector import SplitCollector, in_distributed_run
 
 #: reducers updated since their last `compute`, keyed by first-update order (weak: a dropped reducer leaves it)
 _PENDING: weakref.WeakValueDictionary[int, _Pending] = weakref.WeakValueDictionary()
@@ -59,7 +59,8 @@ class _Sums(Metric):
     full_state_update = False
 
     def __init__(self, num_classes: int, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype]) -> None:
-        super().__init__(dist_sync_on_step=False)
+        # not over a caller's process group inside `alone()` (`ood.evaluate` in one rank of the caller's training)
+        super().__init__(dist_sync_on_step=False, distributed_available_fn=in_distributed_run)
         self.fields = list(shapes)
         for name, shape in shapes.items():
             self.add_state(f"sum_{name}", torch.zeros(num_classes, *shape, dtype=dtypes[name]), dist_reduce_fx="sum")
