@@ -192,7 +192,7 @@ def test_a_cpu_receiver_takes_each_message_into_its_own_rows(monkeypatch: pytest
 
     rows = torch.arange(10 * 3, dtype=torch.float32).view(10, 3)
     monkeypatch.setattr(collector_module, "SEND_BYTES", 4 * 3 * 4)  # 4 rows a message: 3 messages
-    monkeypatch.setattr(collector_module, "_distributed", lambda: True)
+    monkeypatch.setattr(collector_module, "in_distributed_run", lambda: True)
     monkeypatch.setattr(collector_module, "broadcast_from_rank_zero", lambda obj, group=None: {"f": ((10, 3), torch.float32)})
     sent: list[torch.Tensor] = []
 
