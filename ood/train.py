@@ -8,7 +8,7 @@ import json
 import logging
 import multiprocessing
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,13 +84,14 @@ def _choices() -> dict[str, Any]:
 
 def build(
     cfg: DictConfig, ident: RunIdentity | None = None, backbone: Any = None, data: dict[str, Any] | None = None,
-    trained_seed: int | None = None, resume_epoch: int | None = None,
+    trained_seed: int | None = None, resume_epoch: int | None = None, trained: Mapping[str, Any] | None = None,
 ) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer, OODEvaluation]:
     """Instantiate datamodule, backbone, method, callbacks, loggers and trainer from the composed config; `ident`
     (default: derived from `cfg`) names the wandb group; the Python API (`ood.evaluate`) passes its model as
     `backbone` and Python objects for the data node (`data`); `trained_seed` (default `cfg.seed`) is the seed the
     result rows record: an evaluated checkpoint's training seed; `resume_epoch`: the run resumes its own checkpoint
-    of that epoch (its CSV log continues)."""
+    of that epoch (its CSV log continues); `trained`: an evaluated checkpoint's stored config (the loggers record its
+    training values)."""
     import lightning as L
 
     from ood.evaluation.prepare import PrepareMethod
@@ -126,7 +127,7 @@ def build(
     # before the evaluation callback: the pass's bar closes before the evaluation prints
     progress = [ProgressBar()] if cfg.trainer.get("enable_progress_bar", True) else []
     ident = ident or run_identity(cfg, choices, cfg.paths.output_dir, cfg.get("ckpt_path"))
-    loggers = build_loggers(cfg, choices, ident.group, resume_epoch)
+    loggers = build_loggers(cfg, choices, ident.group, resume_epoch, trained)
     trainer = instantiate(
         cfg.trainer, callbacks=[*callbacks, *progress, RunState(flat_config(cfg)), PrepareMethod(), StopAtSigterm(), evaluation], logger=loggers or False
     )
@@ -264,7 +265,8 @@ def _run(cfg: DictConfig, output_dir: Path, attempt: Started) -> list[dict[str, 
         saved = resume_epoch if resume_epoch is not None else checkpoint_epoch(ckpt_path)
         log.info("resuming %s%s", ckpt_path, "" if saved is None else
                  f" from the end of epoch {saved} (counted from 0, as the progress bar and the CSV log count)")
-    method, datamodule, trainer, evaluation = build(cfg, ident, trained_seed=trained_seed, resume_epoch=resume_epoch)
+    method, datamodule, trainer, evaluation = build(cfg, ident, trained_seed=trained_seed, resume_epoch=resume_epoch,
+                                                    trained=stored)
     # `method.init` starts a new run from weights; a resumed run or an evaluated checkpoint brings its own
     method.apply_init(load=not ckpt_path)
     if trainer.is_global_zero:

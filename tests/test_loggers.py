@@ -85,7 +85,24 @@ class RecordingWandbLogger:
         self.kwargs = kwargs
 
     def log_hyperparams(self, params: object) -> None:
-        pass
+        self.params = params
+
+
+def test_an_evaluations_logged_config_has_the_training_values_of_its_checkpoint(tmp_path: Path) -> None:
+    """`ood-eval ckpt_path=<run>` logged its own config's training keys as the run's hyper-parameters (wandb config,
+    hparams.yaml): `trainer.max_epochs: 15`, the default, for a network trained 3 epochs. The training keys come
+    from the checkpoint's stored config; the evaluation's own keys stay."""
+    from helpers import compose_config
+
+    from ood.runs.loggers import build_loggers
+
+    cfg = compose_config(tmp_path, ["logger=wandb", f"logger.wandb._target_={__name__}.RecordingWandbLogger",
+                                    "detectors.names=[msp]"], config_name="eval")
+    trained = {"trainer.max_epochs": 3, "method.optimizer.lr": 0.01, "detectors.names": ["knn"], "seed": 4}
+    (logger,) = [x for x in build_loggers(cfg, cfg.hydra.runtime.choices, "g", trained=trained)
+                 if isinstance(x, RecordingWandbLogger)]
+    assert (logger.params["trainer.max_epochs"], logger.params["method.optimizer.lr"]) == (3, 0.01)
+    assert (logger.params["detectors.names"], logger.params["seed"]) == (["msp"], cfg.seed)
 
 
 def test_wandb_names_one_configuration_and_seed(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import csv_logs
 from lightning.pytorch.loggers import wandb as wandb_logs
 from omegaconf import DictConfig
 
-from ood.runs.identity import NAME_GROUPS, flat_config
+from ood.runs.identity import NAME_GROUPS, TRAINING_KEYS, flat_config
 from ood.utils import instantiate
 
 
@@ -96,12 +96,14 @@ class WandbLogger(wandb_logs.WandbLogger):
             self._wandb_init.pop("anonymous", None)
 
 
-def build_loggers(cfg: DictConfig, choices: Mapping[str, Any], group: str, resume_epoch: int | None = None) -> list[Any]:
-    """Instantiate `cfg.logger`, each with the flattened resolved config as hyper-parameters; a wandb logger joins
-    `group` (the run's identity group), is named `<group>-s<seed>` unless its `name` (`run_name`) is set, and is
-    tagged with the chosen method, data and backbone; our CSV logger gets `resume_epoch` (a run resuming its own
-    checkpoint)."""
-    flat = flat_config(cfg)
+def build_loggers(cfg: DictConfig, choices: Mapping[str, Any], group: str, resume_epoch: int | None = None,
+                  trained: Mapping[str, Any] | None = None) -> list[Any]:
+    """Instantiate `cfg.logger`, each with the flattened resolved config as hyper-parameters (an evaluated
+    checkpoint's training keys, `TRAINING_KEYS`, from `trained`, its stored config: the evaluation's own config holds
+    its defaults there); a wandb logger joins `group` (the run's identity group), is named `<group>-s<seed>` unless its
+    `name` (`run_name`) is set, and is tagged with the chosen method, data and backbone; our CSV logger gets
+    `resume_epoch` (a run resuming its own checkpoint)."""
+    flat = flat_config(cfg) | {k: v for k, v in (trained or {}).items() if k.startswith(TRAINING_KEYS)}
     loggers = []
     for node in (cfg.get("logger") or {}).values():
         target = str(node.get("_target_", ""))
