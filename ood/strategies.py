@@ -95,6 +95,7 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import torch
+from lightning.pytorch.loops.loop import _Loop
 from lightning.pytorch.strategies import DDPStrategy as _DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import (
     _check_missing_main_guard,
@@ -360,6 +361,16 @@ def _tensors_by_value() -> Iterator[None]:
         reducers.update(taken)
 
 
+def _finished(loop: _Loop) -> None:
+    """`loop` and the loops inside it as a finished fit leaves them in one process: loading their state marked them
+    restarting and resuming from a checkpoint (a later fit of the trainer would resume mid-epoch), and the fit loop
+    keeps `restarting` True when it is set False under `max_steps`. Each loop ends an iteration so."""
+    loop.on_iteration_done()
+    for child in vars(loop).values():
+        if isinstance(child, _Loop):
+            _finished(child)
+
+
 #: `get_extra_results`' key for rank 0's fit loop state (its epoch and step counters)
 _FIT_LOOP = "ood_fit_loop"
 
@@ -490,7 +501,7 @@ class _SpawnLauncher(_MultiProcessingLauncher):
         super().update_main_process_results(trainer, extra)
         if fit_loop is not None:
             trainer.fit_loop.load_state_dict(fit_loop)
-            trainer.fit_loop.restarting = False  # the fit ended, as in one process: not a fit to resume mid-epoch
+            _finished(trainer.fit_loop)
 
     def _collect_rank_zero_results(self, trainer: Any, results: Any) -> _WorkerOutput | None:
         output = super()._collect_rank_zero_results(trainer, results)

@@ -315,21 +315,30 @@ def test_a_spawned_rank_runs_the_failure_hooks_a_single_process_runs(way_out: st
     assert seen == ([] if raised is None else [("on_exception", raised), ("finalize", "failed")])
 
 
-def test_the_main_process_takes_the_fits_epoch_and_step_from_rank_0() -> None:
+@pytest.mark.parametrize(("stop", "counters"), [({"max_epochs": 2}, (2, 4, 4)), ({"max_steps": 3}, (2, 3, 3))])
+def test_the_main_process_takes_the_fits_epoch_and_step_from_rank_0(stop: dict[str, int],
+                                                                     counters: tuple[int, int, int]) -> None:
     """Lightning's spawn launcher hands back rank 0's weights, state and metrics but not its loop counters: after a
     `trainer=ddp_cpu` fit the main process's trainer was at epoch 0, step 0, and the evaluation's rank started from it,
     so the `test/*` metrics were logged at epoch 0, step 0 (CSV log, wandb's `trainer/global_step`), where one process
-    logs them at the fit's end (here 2 epochs of 2 steps: epoch 2, step 4). The counters now come back with the
-    results (here a fit in this process stands for rank 0's)."""
-    fitted = Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False)
+    logs them at the fit's end (here 2 epochs of 2 steps: epoch 2, step 4; or 3 steps: epoch 2, step 3). The counters
+    now come back with the results (here a fit in this process stands for rank 0's), and the loops are left as a
+    finished fit leaves them: loading the counters marked them restarting and resuming (a step-based fit's
+    `restarting = False` did not hold: Lightning's fit loop keeps it True when `max_steps` is set)."""
+    kwargs = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+              "enable_model_summary": False, **stop}
+    fitted = Trainer(limit_train_batches=2, limit_val_batches=0, **kwargs)
     fitted.fit(BoringModel())
     launcher = _SpawnLauncher(_two_cpu_ranks(), start_method="spawn")
-    main = Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False)
+    main = Trainer(**kwargs)
     launcher.update_main_process_results(main, launcher.get_extra_results(fitted))
-    assert (main.current_epoch, main.global_step, main.fit_loop.epoch_loop._batches_that_stepped) == (2, 4, 4)
-    assert not main.fit_loop.restarting, "the fit ended: a later fit of this trainer does not resume mid-epoch"
+    assert (main.current_epoch, main.global_step, main.fit_loop.epoch_loop._batches_that_stepped) == counters
+
+    def flags(trainer: Trainer) -> list[tuple[bool, bool]]:
+        loops = [trainer.fit_loop, trainer.fit_loop.epoch_loop, trainer.fit_loop.epoch_loop.val_loop]
+        return [(loop.restarting, loop.is_resuming) for loop in loops]
+
+    assert flags(main) == flags(fitted) == [(False, False)] * 3, "a later fit of this trainer does not resume"
 
 
 def test_sigterm_while_the_ranks_start_is_passed_on_once_they_are_there() -> None:
