@@ -383,12 +383,13 @@ def _cuda_rng_restorer() -> Callable[[], None]:
 @contextmanager
 def _caller_model(net: nn.Module) -> Iterator[None]:
     """The caller's model as it was: on its device (Lightning's teardown moves the module it tested to the CPU, so a
-    CUDA model came back on the CPU), in its train/eval modes, module by module, and with its gradients (Lightning's
-    `trainer.test` sets them to None: a loop accumulating gradients over batches lost those before the call). A model
+    CUDA model came back on the CPU), in its train/eval modes, module by module, with its gradients (Lightning's
+    `trainer.test` sets them to None: a loop accumulating gradients over batches lost those before the call) and its
+    `requires_grad` flags (a method freezing its backbone, `method=heatmap`, left the caller's network frozen). A model
     spread over several devices is left where the run put it."""
     devices = {t.device for t in itertools.chain(net.parameters(), net.buffers())}
     modes = [(module, module.training) for module in net.modules()]
-    grads = [(p, p.grad) for p in net.parameters()]
+    trainable = [(p, p.grad, p.requires_grad) for p in net.parameters()]
     try:
         yield
     finally:
@@ -396,7 +397,8 @@ def _caller_model(net: nn.Module) -> Iterator[None]:
             net.to(next(iter(devices)))
         for module, training in modes:
             module.train(training)
-        for p, grad in grads:
+        for p, grad, requires_grad in trainable:
+            p.requires_grad_(requires_grad)
             p.grad = None if grad is None else grad.to(p.device)
 
 

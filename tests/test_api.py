@@ -723,6 +723,18 @@ def test_evaluate_keeps_the_gradients_a_training_loop_accumulated(tmp_path: Path
     assert [p.grad is not None and torch.equal(p.grad, g) for p, g in zip(net.parameters(), accumulated, strict=True)] == [True, True]
 
 
+def test_evaluate_leaves_the_callers_network_trainable(tmp_path: Path) -> None:
+    """A method that freezes its backbone (`method=heatmap`'s `init.freeze: [backbone]`, or the override here) set
+    `requires_grad=False` on the caller's own parameters, which stayed so after the call: the training loop that
+    evaluated went on with a network that no longer learned (its optimizer skipped the parameters without `.grad`)."""
+    paths = make_image_folders(tmp_path / "data", train=2, test=1, ood=2)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
+    net[1].bias.requires_grad_(False)  # the caller's own frozen part stays frozen
+    ood.evaluate(net, paths["id"], [paths["far"]], detectors="msp", image_size=32, resize=32, device="cpu",
+                 output_dir=tmp_path / "run", overrides=["method.init.freeze=[backbone]"])
+    assert [p.requires_grad for p in net.parameters()] == [True, False]
+
+
 def test_size_and_channel_mismatches_say_what_to_pass(tmp_path: Path) -> None:
     """PyTorch's errors halfway through the pass become one line naming the `transform` to pass: a transform that
     keeps each image's size (`T.ToTensor()` on images of two sizes), and a grey-level network on RGB images."""
