@@ -50,6 +50,9 @@ its loops' epoch and step counters: after a fit the main process's trainer was a
 evaluation's rank started from it, which logged the `test/*` metrics there (CSV log, wandb's `trainer/global_step`)
 where one process logs them at the fit's end. Rank 0's fit loop state now comes back with the results.
 
+Stop line: a run stopped by SIGTERM printed torch's "Terminating process N via signal SIGTERM" besides its own line
+(the first rank to exit 143 makes torch terminate the others, which had the SIGTERM already): left out then.
+
 Failure hooks: Lightning runs the callbacks' `on_exception` (and finalizes the loggers as failed) in the process that
 called the stage: under a spawning launcher the main process, whose callbacks hold nothing of the ranks' stage. A rank
 stopped by SIGTERM or an error in its evaluation left its `evaluation.bank_dir` folder behind (`OODEvaluation` removes
@@ -121,6 +124,25 @@ def _on_sigterm(handler: Callable[[int, FrameType | None], None]) -> Any:
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signal.SIGTERM, handler)
+
+
+class _StoppedBySigterm(logging.Filter):
+    """Drops torch's "Terminating process N via signal SIGTERM" while a SIGTERM stops the run: the first rank to exit
+    143 makes `ProcessContext.join` terminate the others, which had the SIGTERM too (the run prints its one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (sigterm_received() and str(record.msg).startswith("Terminating process"))
+
+
+@contextmanager
+def _quiet_torch_terminations() -> Iterator[None]:
+    """`_StoppedBySigterm` on torch's spawn logger for the launch."""
+    spawn_log, only = logging.getLogger("torch.multiprocessing.spawn"), _StoppedBySigterm()
+    spawn_log.addFilter(only)
+    try:
+        yield
+    finally:
+        spawn_log.removeFilter(only)
 
 
 def _interrupt_once(signum: int, frame: FrameType | None) -> NoReturn:
@@ -405,7 +427,7 @@ class _SpawnLauncher(_MultiProcessingLauncher):
             signal.signal(signal.SIGINT, self._held)
         previous = _on_sigterm(self._pass_on)
         try:
-            with _tensors_by_value() if self.parent is not None else nullcontext():
+            with _tensors_by_value() if self.parent is not None else nullcontext(), _quiet_torch_terminations():
                 return super().launch(function, *args, trainer=trainer, **kwargs)
         except ProcessExitedException as err:  # a rank stopped by SIGTERM (or killed by it before handling it)
             if err.exit_code in (SIGTERM_EXIT, -signal.SIGTERM):

@@ -99,3 +99,25 @@ def test_a_rank_forked_from_the_main_process_is_interrupted_by_sigint(monkeypatc
             _SpawnLauncher(strategy, start_method="fork")._wrapping_function(0)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_torchs_terminating_line_is_left_out_of_a_sigterm_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped by SIGTERM printed, besides its one line, torch's "Terminating process N via signal SIGTERM":
+    the first rank to exit 143 makes torch's `ProcessContext.join` terminate the other, which had the SIGTERM too.
+    Left out while a SIGTERM stops the run; kept when a rank failed otherwise (torch then stops the others itself)."""
+    import logging
+
+    records = []
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    monkeypatch.setattr(spawn_log, "callHandlers", records.append)  # what passes the logger's filters
+
+    def join_after(stopped: bool) -> None:
+        monkeypatch.setattr(strategies, "sigterm_received", lambda: stopped)
+        with strategies._quiet_torch_terminations():
+            spawn_log.warning("Terminating process %s via signal SIGTERM", 12345)
+
+    join_after(True)
+    assert records == []
+    join_after(False)
+    assert [r.getMessage() for r in records] == ["Terminating process 12345 via signal SIGTERM"]
+    assert spawn_log.filters == []
