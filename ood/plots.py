@@ -178,7 +178,9 @@ def auroc_bars(entries: Sequence[tuple[str, Mapping[str, tuple[float, float]]]],
         stds = [100 * v.get(group, (np.nan, 0))[1] for _, v in entries]
         ax.barh(y + (i - (len(groups) - 1) / 2) * height, means, height, xerr=stds, label=f"{group}-OOD", capsize=2)
     ax.set_yticks(y, [label for label, _ in entries], fontsize=9)
-    ax.invert_yaxis()
+    # the first entry on top; an entry's bars span its tick +-0.4, and 0.2 more is left at each end: matplotlib's 5 %
+    # margins left the height of 4 entries empty above and below an 81-entry report's bars
+    ax.set_ylim(len(entries) - 0.4, -0.6)
     # the lower whiskers too: a bar of 81.8 ± 13.3 beside one of 75 had its whisker cut at the axis edge
     finite = [100 * (m - (s if np.isfinite(s) else 0)) for _, v in entries for m, s in v.values() if np.isfinite(m)]
     ax.set_xlim(max(0.0, min(finite, default=0) - 5), 100.5)
@@ -198,14 +200,16 @@ def _save(fig: Figure, path: str | Path) -> Path:
 
 
 def choose_scorers(rows: Sequence[Mapping[str, Any]], k: int = 4) -> list[str]:
-    """The scorers worth drawing: the method's own score, msp, energy, then the best by mean AUROC, up to `k`."""
+    """The scorers worth drawing: the methods' own scores, msp, energy, then the best by mean AUROC, up to `k`; the own
+    scores of several methods (a report over an oe and a cluster sweep) take one of the `k` places between them, so
+    that each method's entries have their own curve whichever folder the rows came from first."""
     mean: dict[str, list[float]] = {}
     for row in rows:
         mean.setdefault(str(row["detector"]), []).append(float(row["auroc"]))
     best = sorted(mean, key=lambda d: -float(np.mean(mean[d])))
-    own = [str(r["method"]) for r in rows if r["detector"] == r["method"]][:1]
+    own = sorted({str(r["method"]) for r in rows if r["detector"] == r["method"]})
     picked = [*own, *(d for d in ("msp", "energy") if d in mean), *best]
-    return list(dict.fromkeys(picked))[:k]
+    return list(dict.fromkeys(picked))[: k + max(len(own) - 1, 0)]
 
 
 def clear_curves(figures: Path) -> Path:

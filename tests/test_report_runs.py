@@ -382,3 +382,22 @@ def test_auroc_bars_show_the_lower_whiskers(tmp_path: Path, monkeypatch: pytest.
     plots.auroc_bars([("msp", {"near": (0.754, 0.01)}), ("knn", {"near": (0.8176, 0.1333), "far": (0.9, float("nan"))})],
                      tmp_path / "bars.png", "t")
     assert limits[0][0] == pytest.approx(81.76 - 13.33 - 5)
+
+
+def test_every_methods_own_score_is_drawn() -> None:
+    """A report over an oe sweep and a cluster sweep drew oe's own score only (the first row's method), whichever
+    folder came first: cluster's entries had no curve of their own score in roc.png."""
+    rows = [{"method": m, "detector": d, "auroc": a} for m, d, a in (
+        ("oe", "oe", 0.6), ("oe", "msp", 0.6), ("oe", "knn", 0.9), ("cluster", "cluster", 0.7), ("cluster", "energy", 0.5))]
+    assert plots.choose_scorers(rows) == ["cluster", "oe", "msp", "energy", "knn"]
+    assert plots.choose_scorers(rows[3:] + rows[:3]) == ["cluster", "oe", "msp", "energy", "knn"]
+    assert plots.choose_scorers(rows[:3]) == ["oe", "msp", "knn"]
+
+
+def test_auroc_bars_leave_no_empty_band(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """matplotlib's 5 % margins left 4 empty rows' height above the first bar and below the last of an 81-entry
+    report (a band of 260 px each end)."""
+    limits = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: limits.append(fig.axes[0].get_ylim()))
+    plots.auroc_bars([(f"d{i}", {"near": (0.7, 0.01), "far": (0.9, 0.01)}) for i in range(81)], tmp_path / "b.png", "t")
+    assert limits == [(80.6, -0.6)]
