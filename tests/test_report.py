@@ -573,6 +573,19 @@ def test_the_command_of_an_unstarted_job_of_a_resumed_sweep_does_not_resume_anot
                                                                    f"hydra.run.dir={tmp_path / '1'}"]
 
 
+def test_report_tex_says_its_package_and_the_note_which_way_is_better(tmp_path: Path) -> None:
+    """report.tex used booktabs' rules without saying so (an undefined \\toprule to whoever pasted the file alone),
+    and no note said which way a metric is better, which a reader of the table alone cannot tell for id_acc beside
+    fpr95."""
+    _write(tmp_path / "run", [_row(0, "s", "near", 0.75)])
+    main([str(tmp_path), "--no-figures"])
+    tex = (tmp_path / "report.tex").read_text().splitlines()
+    assert tex[1] == "% needs \\usepackage{booktabs} (\\toprule, \\midrule, \\bottomrule)"
+    assert tex[2].startswith("\\begin{tabular}")
+    better = "Higher is better for auroc and the accuracies, lower for fpr95 and fpr95_oodpos."
+    assert better in tex[0] and better in (tmp_path / "report.md").read_text()
+
+
 def test_the_note_says_report_csv_holds_fractions_and_what_seeds_counts(tmp_path: Path) -> None:
     """report.md and report.tex read "Metrics in %" while report.csv held the same numbers as fractions (0.75, not
     75.00), said nowhere; nor was the `seeds` column explained. The note says both."""

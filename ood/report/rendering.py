@@ -17,7 +17,10 @@ LATEX_ESCAPES = {"\\": "\\textbackslash{}", "~": "\\textasciitilde{}", "^": "\\t
 NOTE = ("Metrics in % (report.csv: the same as fractions, 0-1, in `_mean` / `_std` columns): mean ± std over the row's "
         "`seeds` runs (sample std, n - 1; one seed: the value alone); near/far: the mean over "
         "the group's OOD sets per run, then over seeds. fpr95: OOD accepted as ID at the threshold keeping 95 % of ID "
-        "(ID positive, as ODIN / Energy); fpr95_oodpos: ID rejected at 95 % of OOD caught (OpenOOD v1.5's).")
+        "(ID positive, as ODIN / Energy); fpr95_oodpos: ID rejected at 95 % of OOD caught (OpenOOD v1.5's). Higher is "
+        "better for auroc and the accuracies, lower for fpr95 and fpr95_oodpos.")
+#: the package the LaTeX table's rules come from, a comment atop report.tex (the tabular alone does not say it)
+LATEX_PACKAGE = "% needs \\usepackage{booktabs} (\\toprule, \\midrule, \\bottomrule)"
 
 
 #: what full-spectrum rows are, under the table whenever it has some
