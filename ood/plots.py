@@ -110,15 +110,29 @@ def _legend_below(fig: Figure, *axes: Axes) -> None:
                         bottom=(BOTTOM + legend_inches) / height, wspace=WSPACE / panel_w, hspace=HSPACE / panel_h)
 
 
-def roc_figure(curves: Mapping[str, Mapping[str, SplitScores]], ood_sets: Sequence[str], path: str | Path, title: str) -> Path:
-    """ROC curves: a panel per OOD set, a line per label (`curves[label][split]` = ID scores of that split)."""
+def curve_looks(keys: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(colour, line style) of curves keyed (scorer, configuration): a scorer's colour and a configuration's style,
+    the same in each of its curves, when there are at most ten scorers and four configurations; else a curve's own
+    place (tab10 repeats after 10 curves: the line style tells those sharing a colour apart)."""
+    scorers, configs = list(dict.fromkeys(k[0] for k in keys)), list(dict.fromkeys(k[1] for k in keys))
+    if len(scorers) <= 10 and len(configs) <= len(LINE_STYLES):
+        return [(f"C{scorers.index(s)}", LINE_STYLES[configs.index(c)]) for s, c in keys]
+    return [(f"C{i % 10}", LINE_STYLES[i // 10 % len(LINE_STYLES)]) for i in range(len(keys))]
+
+
+def roc_figure(
+    curves: Mapping[str, Mapping[str, SplitScores]], ood_sets: Sequence[str], path: str | Path, title: str,
+    keys: Sequence[tuple[str, str]] | None = None,
+) -> Path:
+    """ROC curves: a panel per OOD set, a line per label (`curves[label][split]` = ID scores of that split); `keys`,
+    (scorer, configuration) per label, colours a scorer's curves alike (`curve_looks`; default: each label a scorer)."""
+    looks = curve_looks(keys or [(label, "") for label in curves])
     fig, axes = _grid(len(ood_sets))
     for ax, ood in zip(axes, ood_sets):
-        for i, (label, per_split) in enumerate(curves.items()):
+        for (label, per_split), (color, style) in zip(curves.items(), looks):
             if ood in per_split and ID_SPLIT in per_split:
                 fpr, tpr = roc_points(per_split[ID_SPLIT], per_split[ood])
-                # tab10 repeats after 10 curves: the line style tells those sharing a colour apart
-                ax.plot(fpr, tpr, label=label, linewidth=1.4, color=f"C{i % 10}", linestyle=LINE_STYLES[i // 10 % 4])
+                ax.plot(fpr, tpr, label=label, linewidth=1.4, color=color, linestyle=style)
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=0.8, label="chance")
         ax.axhline(0.95, color="grey", linestyle="--", linewidth=0.6)
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel=FPR_LABEL, ylabel=TPR_LABEL, title=ood)

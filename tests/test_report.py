@@ -227,7 +227,7 @@ def test_figures_draw_the_lowest_seed(tmp_path: Path, monkeypatch: pytest.Monkey
         np.savez(tmp_path / folder / "scores.npz", **{"cluster/test": np.full(2, float(seed)), "cluster/s": np.zeros(1)})
     drawn = {}
     monkeypatch.setattr(plots, "histogram_figure", lambda scores, *a: drawn.update({a[2]: scores["test"][0]}))
-    monkeypatch.setattr(plots, "roc_figure", lambda curves, sets, path, title: drawn.update({title: None}))
+    monkeypatch.setattr(plots, "roc_figure", lambda curves, sets, path, title, keys: drawn.update({title: None}))
     rows = load_rows([tmp_path])
     config_cols, _, table = aggregate(rows)
     write_figures(tmp_path, config_cols, table, rows, ["cluster"])

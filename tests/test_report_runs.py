@@ -401,3 +401,30 @@ def test_auroc_bars_leave_no_empty_band(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(plots, "_save", lambda fig, path: limits.append(fig.axes[0].get_ylim()))
     plots.auroc_bars([(f"d{i}", {"near": (0.7, 0.01), "far": (0.9, 0.01)}) for i in range(81)], tmp_path / "b.png", "t")
     assert limits == [(80.6, -0.6)]
+
+
+def test_a_detectors_roc_curves_share_its_colour_and_a_configuration_its_style(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Curves were coloured by their order: in a ce + oe report energy was blue for ce and red for oe, and oe's own
+    score (the eleventh curve) dashed blue, beside ce's blue energy. A detector keeps one colour, a configuration one
+    line style."""
+    from ood.report.figures import write_figures
+
+    rows = []
+    for method in ("ce", "oe"):
+        folder = tmp_path / method
+        folder.mkdir()
+        dets = ("msp", "energy", *(["oe"] if method == "oe" else []))
+        rows += [{"method": method, "detector": d, "backbone": "small_cnn", "id_dataset": "digits", "ood_dataset": "s",
+                  "ood_group": "near", "seed": 0, "auroc": 0.7, "fpr95": 0.5, "id_acc": 0.9, "method_params": {},
+                  "detector_params": {}} for d in dets]
+        (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["method"] == method))
+        np.savez(folder / "scores.npz", **{f"{d}/{split}": np.arange(5.0) - (split == "s") for d in dets for split in ("test", "s")})
+    lines = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: Path(path).name == "roc.png" and lines.extend(
+        (ln.get_label(), ln.get_color(), ln.get_linestyle()) for ln in fig.axes[0].lines if ln.get_label()[0] != "_" and ln.get_label() != "chance"))
+    monkeypatch.setattr(plots, "histogram_figure", lambda *a, **k: None)
+    rows = load_rows([tmp_path])
+    write_figures(tmp_path, *aggregate(rows)[::2], rows, ["energy", "msp", "oe"])
+    assert lines == [("energy method=ce", "C0", "-"), ("msp method=ce", "C1", "-"), ("energy method=oe", "C0", "--"),
+                         ("msp method=oe", "C1", "--"), ("oe method=oe", "C2", "--")]

@@ -68,6 +68,7 @@ def write_figures(
     ood_sets = list(dict.fromkeys(str(r["ood_dataset"]) for r in rows))
     curves: dict[str, plots.SplitScores] = {}  # label -> scores, ID as the entry's mode measures it
     scored: dict[str, tuple[str, list[str], dict[str, np.ndarray], Any]] = {}  # label -> mode, csid sets, scores, seed
+    keys: dict[str, tuple[str, str]] = {}  # label -> (detector, the rest): a detector's curves share a colour
     seed_of = {str(r["_run"]): r.get("seed") for r in rows}
     for entry in table:
         if entry["detector"] not in chosen:
@@ -85,9 +86,11 @@ def write_figures(
         if viewed is not None:
             label = _label(entry, varying, single, width)
             curves[label], scored[label] = viewed, (mode, csid_sets, per_split, seed_of[str(run)])
+            keys[label] = (str(entry["detector"]), label[len(str(entry["detector"])):])
     if curves:
         full = " (fsood: ID = ID test + csid sets)" if any(mode == "fsood" for mode, *_ in scored.values()) else ""
-        paths.append(plots.roc_figure(curves, ood_sets, figures / "roc.png", f"ROC (lowest seed of each configuration){full}"))
+        paths.append(plots.roc_figure(curves, ood_sets, figures / "roc.png", f"ROC (lowest seed of each configuration){full}",
+                                      list(keys.values())))
         for i, (label, (mode, csid_sets, per_split, seed)) in enumerate(scored.items()):
             # a full-spectrum entry's file says so, as a run's `hist_fsood_<scorer>.png` does
             fs = "fsood_" if mode == "fsood" else ""
