@@ -300,10 +300,6 @@ class ClusterMethod(OODMethod):
         self.cluster_stats: dict[str, Any] = {}
 
     # ----- embedding and training -----------------------------------------------------------------------------
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The embedding z: penultimate features, L2-normalised for the contrastive objectives."""
-        return self._embedding(self.backbone.features(x)[0])
-
     def _embedding(self, h: torch.Tensor) -> torch.Tensor:
         """Penultimate (or cached probe-input) features as the embedding: L2-normalised for the contrastive
         objectives (idempotent), raw for CE."""
