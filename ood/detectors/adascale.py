@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ood.detectors.base import COUNT, NON_NEGATIVE, PERCENTILE, Range, SharedPasses
+from ood.detectors.logits import energy_score
 from ood.detectors.network import ModelFitted, backbone_of, staged_forward
 from ood.features.bank import FeatureBank
 from ood.utils import linear_params
@@ -134,7 +135,7 @@ class AdaScaleA(ModelFitted):
                 scaled = logits * r[:, None] ** 2
             else:
                 scaled = (h * r.exp()[:, None]) @ weight.T + bias
-            scores.append(torch.logsumexp(scaled, 1))
+            scores.append(energy_score(scaled))
         return scores
 
 

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from ood.detectors.base import Detector
+from ood.detectors.logits import energy_score
 from ood.detectors.mahalanobis import class_means, row_chunks
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
@@ -42,7 +43,7 @@ def _gen_inverse(logits: torch.Tensor, gamma: float = 0.1) -> torch.Tensor:
 
 #: logit score S(f) of a float64 logit chunk, larger = more confident
 LOGIT_SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "energy": lambda f: torch.logsumexp(f, dim=1),
+    "energy": energy_score,
     "maxlogit": lambda f: f.max(1).values,
     "msp": lambda f: torch.softmax(f, dim=1).max(1).values,
     "gen": _gen_inverse,

@@ -24,11 +24,12 @@ import torch
 
 from ood.detectors.base import COUNT, POSITIVE, Detector
 from ood.features.bank import FeatureBank
+from ood.losses.energy import free_energy
 
 
 def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """T * logsumexp(f / T) in float64: the negative free energy, an ID score."""
-    return temperature * torch.logsumexp(logits.double() / temperature, dim=1)
+    """T * logsumexp(f / T) in float64: the negative free energy (`free_energy`, the loss's E), an ID score."""
+    return -free_energy(logits.double(), temperature)
 
 
 def max_log_softmax(logits: torch.Tensor) -> torch.Tensor:

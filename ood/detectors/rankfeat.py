@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ood.detectors.base import POSITIVE, Detector, DetectorNotApplicable, SharedPasses
+from ood.detectors.logits import energy_score
 from ood.detectors.network import backbone_of, channels_first
 from ood.features.bank import FeatureBank
 
@@ -58,4 +59,4 @@ class RankFeat(Detector):
             logits_last = backbone.fc(backbone.forward_from(names[-1], remove_stage_rank1(backbone, maps[names[-1]])))  # the pool
             logits_before = backbone.fc(backbone.forward_from(names[-2], remove_stage_rank1(backbone, maps[names[-2]])))
         logits = (logits_last.double() + logits_before.double()) / 2
-        return self.temperature * torch.logsumexp(logits / self.temperature, 1)
+        return energy_score(logits, self.temperature)
