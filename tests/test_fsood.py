@@ -548,3 +548,21 @@ def test_digits_corrupts_its_test_images_once_a_run(monkeypatch: pytest.MonkeyPa
     dm.prepare_data()
     assert [s.name for s in dm.eval_splits][-2:] == ["digits_blur", "digits_shift"] and len(dm.test_dataloader()) > 2
     assert calls == ["blur", "shift"]
+
+
+def test_folder_datamodule_says_its_csid_sets_are_not_scored_without_fsood(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A folder benchmark listing csid sets with full-spectrum evaluation off warns once, naming the option as its
+    caller gives it: the config key, or the keyword of `ood.evaluate`."""
+    from ood.data.folder import folder_datamodule
+
+    paths = make_image_folders(tmp_path / "data", train=2, test=2, ood=2)
+    shifted = shutil.copytree(paths["id"] / "test", tmp_path / "shifted")
+    for python_api, expected in ((False, "data.ood.csid lists ['a'], which are not scored: full-spectrum evaluation is "
+                                         "off (evaluation.fsood=false)"),
+                                 (True, "ood_data['csid'] lists ['a'], which are not scored: full-spectrum evaluation is "
+                                        "off (fsood=False)")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            folder_datamodule(paths["id"], {"far": [paths["far"]], "csid": {"a": shifted}}, python_api=python_api)
+        assert [r.getMessage() for r in caplog.records if "not scored" in r.getMessage()] == [expected]

@@ -1250,7 +1250,7 @@ def folder_datamodule(
     folders = FolderBenchmark(root, ood, **benchmark)
     if folders.csid_names and not csid:
         log.warning("%s lists %s, which are not scored: full-spectrum evaluation is off (%s)",
-                    folders._option("ood.csid"), list(folders.csid_names),
+                    option("ood.csid", folders.python_api), list(folders.csid_names),
                     "fsood=False" if folders.python_api else "evaluation.fsood=false")
     return OODDataModule(
         folders,
