@@ -280,6 +280,8 @@ def rank_zero_group() -> Any:
 
 
 def release_group(group: Any) -> None:
+    """Destroy a group made by `rank_zero_group` (None outside DDP: nothing to do), so its gloo sockets do not
+    outlive the pass that used it."""
     if group is not None:
         dist.destroy_process_group(group)
 
