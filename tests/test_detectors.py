@@ -39,7 +39,7 @@ from ood.detectors.tempscale import fit_temperature
 from ood.errors import ConfigError, NonFiniteError
 from ood.evaluation.evaluator import Evaluator
 from ood.evaluation.scoring import detector_scorers, grid_points
-from ood.features.bank import FeatureBank
+from ood.features.bank import FeatureBank, row_slices
 from ood.metrics import ood_metrics
 
 #: AUROC floors below 0.9 on the synthetic banks, with the reason: the residual-only score sees nothing of an OOD
@@ -760,3 +760,11 @@ def test_defaults_and_grids_are_in_range_and_set_params_checks_too() -> None:
     with pytest.raises(ConfigError, match=r"^detector 'knn': k=0 is outside"):
         det.set_params(k=0)
     assert det.k == 5
+
+
+def test_row_slices_cover_the_rows_in_order_in_blocks_of_at_most_size() -> None:
+    """The one block splitter of the bank, relation and CF-OOD (each had its own copy)."""
+    assert row_slices(7, 3) == [slice(0, 3), slice(3, 6), slice(6, 7)]
+    assert row_slices(6, 3) == [slice(0, 3), slice(3, 6)]
+    assert row_slices(2, 5) == [slice(0, 2)]
+    assert row_slices(0, 4) == []

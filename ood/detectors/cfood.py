@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ood.detectors.base import Detector, DetectorNotApplicable, Range
-from ood.features.bank import FeatureBank
+from ood.features.bank import FeatureBank, row_slices
 
 #: bytes of the largest float32 distance block (rows x columns) a step holds
 BLOCK_BYTES = 1 << 27
@@ -48,10 +48,6 @@ def kappa_grid(n: int) -> tuple[np.ndarray, np.ndarray]:
     kpos = np.array(kval * n - 1, dtype=int)
     keep = np.concatenate(([True], kpos[:-1] < kpos[1:]))
     return kval[keep], kpos[keep]
-
-
-def _slices(n: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 class CFOOD(Detector):
@@ -96,9 +92,9 @@ class CFOOD(Detector):
         rows_per_step = max(1, BLOCK_BYTES // (4 * n))
         cols_per_step = max(1, BLOCK_BYTES // (4 * rows_per_step))
         table = []
-        for rows in _slices(n, rows_per_step):
+        for rows in row_slices(n, rows_per_step):
             a = self._reference(rows)
-            dist = torch.cat([self._sq_dist(a, self._reference(cols)) for cols in _slices(n, cols_per_step)], dim=1)
+            dist = torch.cat([self._sq_dist(a, self._reference(cols)) for cols in row_slices(n, cols_per_step)], dim=1)
             table.append(dist.sort(dim=1).values[:, positions.to(dist.device)])
         self.table_ = torch.cat(table).contiguous()  # where the bank is: scoring reads a block of it every step
         return self
@@ -108,10 +104,10 @@ class CFOOD(Detector):
         n, klen = self.table_.shape
         out = []
         rows_per_step = max(1, BLOCK_BYTES // (12 * min(n, 8192)))
-        for qrows in _slices(len(bank), rows_per_step):
+        for qrows in row_slices(len(bank), rows_per_step):
             v = self._unit(bank.features[qrows])
             hist = torch.zeros(len(v), klen + 1, dtype=torch.long, device=v.device)
-            for cols in _slices(n, 8192):
+            for cols in row_slices(n, 8192):
                 dist = self._sq_dist(v, self._reference(cols).to(v.device))
                 # first kappa index with delta_kappa(r) >= dist, per reference r: from there on r counts v
                 first = torch.searchsorted(self.table_[cols].to(v.device), dist.T.contiguous())

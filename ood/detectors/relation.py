@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ood.detectors.base import POSITIVE, Detector
-from ood.features.bank import FeatureBank
+from ood.features.bank import FeatureBank, row_slices
 
 #: rows of the query bank per block, and rows of the train bank per chunk inside a block
 QUERY_BLOCK, TRAIN_BLOCK = 8192, 4096
@@ -34,10 +34,6 @@ def _normalised_and_probs(bank: FeatureBank, rows: slice) -> tuple[torch.Tensor,
     """h / sqrt(||h||^2 + 1e-10) and softmax(f) of `rows`, float32 (OpenOOD's `normalize`)."""
     h = bank.features[rows].float()
     return h / (h.square().sum(1, keepdim=True) + 1e-10).sqrt(), torch.softmax(bank.logits[rows].float(), dim=1)
-
-
-def _blocks(n: int, size: int) -> list[slice]:
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 class Relation(Detector):
@@ -67,9 +63,9 @@ class Relation(Detector):
             powers.append(self.pow)
         out = torch.zeros(len(bank), len(powers), dtype=torch.float64)
         train = self.train_
-        for qrows in _blocks(len(bank), QUERY_BLOCK):
+        for qrows in row_slices(len(bank), QUERY_BLOCK):
             q_feat, q_prob = _normalised_and_probs(bank, qrows)
-            for trows in _blocks(len(train), TRAIN_BLOCK):
+            for trows in row_slices(len(train), TRAIN_BLOCK):
                 t_feat, t_prob = _normalised_and_probs(train, trows)
                 t_feat, t_prob = t_feat.to(q_feat.device), t_prob.to(q_feat.device)
                 rel = (q_feat @ t_feat.T).clamp_min(0) * (q_prob @ t_prob.T)

@@ -10,6 +10,12 @@ import torch
 ROW_CHUNK = 65536
 
 
+def row_slices(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most `size` rows covering `n` rows (none for `n` = 0): the blocks a bank is read in
+    when a whole-bank float64 or pairwise tensor would not fit."""
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
 @dataclass
 class FeatureBank:
     """Per-sample outputs of one split plus the final linear layer.
@@ -59,7 +65,7 @@ class FeatureBank:
         state = None if None in versions else tuple(x for t, v in zip(tensors, versions) for x in (id(t), v))
         if state is not None and self._finite_as_of == state:
             return torch.zeros(n, dtype=torch.bool, device=self.logits.device)
-        chunks = [slice(start, min(start + ROW_CHUNK, n)) for start in range(0, n, ROW_CHUNK)]
+        chunks = row_slices(n, ROW_CHUNK)
         finite = lambda rows: torch.stack([torch.isfinite(t[rows]).flatten(1).all(1) for t in tensors]).all(0)  # noqa: E731
         bad = torch.cat([~finite(rows) for rows in chunks]) if n else torch.zeros(0, dtype=torch.bool, device=self.logits.device)
         self._finite_as_of = None if bool(bad.any()) else state
