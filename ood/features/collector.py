@@ -26,6 +26,8 @@ import torch.distributed as dist
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from ood.features.bank import row_slices
+
 #: bytes per point-to-point message of `RankZeroRows.gather` (bounds the receive buffer)
 SEND_BYTES = 64 * 2**20
 #: how long the other ranks may wait for rank 0 (its evaluation of an ImageNet-sized bank can take hours on CPU;
@@ -130,7 +132,7 @@ def _row_chunks(n: int, row: tuple[int, ...], dtype: torch.dtype) -> list[slice]
     """Row slices of at most `SEND_BYTES` each (at least one row) covering `n` rows of shape `row`."""
     row_bytes = max(1, int(np.prod(row, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size())
     step = max(1, SEND_BYTES // row_bytes)
-    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
+    return row_slices(n, step)
 
 
 class RankZeroRows:
