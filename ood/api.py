@@ -211,6 +211,16 @@ def _temporary_run_dir() -> Path:
     return out
 
 
+def _other_rank() -> bool:
+    """Whether this process is a global rank but 0 of the caller's process group (`ood.evaluate` on every rank of
+    their DDP training, for a `ModelCheckpoint` monitoring its numbers): its run goes to a temporary folder, and rank
+    0 alone writes `output_dir`. Ranks sharing one folder each cleared it as they started and rewrote its files, so a
+    rank read the other's half-written run or found its results removed; each evaluates every image alike, so every
+    rank's `Results` hold the same rows."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and dist.get_rank() != 0
+
+
 def _library(model: nn.Module) -> str:
     """The backbone config group that describes `model`: timm, torchvision or module."""
     module = type(model).__module__
@@ -680,7 +690,8 @@ def evaluate(
         batch_size, num_workers: evaluation loading (per device).
         device: `cpu`, `cuda`, `cuda:<i>`; None: cuda when available.
         output_dir: the run folder; None: a new temporary folder, deleted when the process ends (`Results.save`
-            copies it). An earlier run's results.jsonl / scores.npz there go once the call passes its checks (one
+            copies it). Called on every rank of the caller's DDP training, global rank 0 alone writes it, the
+            others a temporary folder each (the same rows). An earlier run's results.jsonl / scores.npz there go once the call passes its checks (one
             refused by them leaves the folder as it was); a failed run leaves FAILED.txt.
         seed: the run seed, recorded as the rows' `seed`: pass the seed that trained the model, so ood-report takes
             models of several seeds as seeds of one configuration (all at 0 it warns that they are one seed).
@@ -738,11 +749,12 @@ def evaluate(
     else:  # the benchmark's sets and preprocessing, as `ood-eval data=<benchmark>` reads them
         values, objects = {}, {}
         fsood = bool(fsood)
-    out = Path(output_dir) if output_dir is not None else _temporary_run_dir()
-    owned = [name for name in ("checkpoints", "identity.json") if (out / name).exists()]
+    folder = Path(output_dir) if output_dir is not None else None
+    owned = [name for name in ("checkpoints", "identity.json") if folder is not None and (folder / name).exists()]
     if owned:  # an ood-train / ood-eval run: its checkpoint would be left beside another run's config and results
-        raise ConfigError(f"output_dir={out} holds an ood run ({', '.join(owned)}): ood.evaluate would replace its "
+        raise ConfigError(f"output_dir={folder} holds an ood run ({', '.join(owned)}): ood.evaluate would replace its "
                           "config.yaml, results.jsonl and scores.npz; give a folder of its own")
+    out = folder if folder is not None and not _other_rank() else _temporary_run_dir()
     out.mkdir(parents=True, exist_ok=True)
     earlier = folder_state(out)  # a call refused by its checks below leaves an earlier evaluation's folder as it was
     values |= {k: v for k, v in data.items() if not _is_object(v)}
