@@ -1154,3 +1154,41 @@ def test_a_home_folder_in_an_override_is_expanded_as_on_the_command_line(tmp_pat
                                           r"training option"):
         ood.evaluate(net, tmp_path / "id", [tmp_path / "far"], output_dir=tmp_path / "run",
                      overrides=["evaluation.bank_dir=~/banks", "data.drop_last=false"])
+
+
+class _GreyToRGB(nn.Module):
+    """An RGB net that reads grey images (its forward repeats the one channel): the channel probe runs it once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x.expand(-1, 3, -1, -1)))
+
+
+@pytest.mark.parametrize(("channels", "reads"), [(1, 1), (2, 3)])
+def test_the_channel_probe_fires_none_of_the_callers_hooks(channels: int, reads: int) -> None:
+    """`input_channels` runs the network on one zero image when its first convolution reads other channels than the
+    data has: the caller's forward hooks and forward-pre hooks (a feature log, module or global) saw that image. They
+    are off for the probe, and there, unchanged, after it, also when its forward fails (2 channels: the stem's
+    refusal), and the probe's own hooks are gone."""
+    from ood.models.base import input_channels
+
+    net, seen = _GreyToRGB(), []
+    handles = [net.body.register_forward_hook(lambda m, args, out: seen.append("body")),
+               net.body[0].register_forward_pre_hook(lambda m, args: seen.append("conv")),
+               net.fc.register_forward_hook(lambda m, args, kwargs, out: seen.append("fc"), with_kwargs=True),
+               nn.modules.module.register_module_forward_pre_hook(lambda m, args: seen.append("pre")),
+               nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append("post"))]
+    try:
+        assert input_channels(net, channels, 8) == reads
+        assert seen == []
+        net(torch.zeros(1, 1, 8, 8))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen.count("body") == seen.count("conv") == seen.count("fc") == 1
+    assert seen.count("pre") == seen.count("post") == len(list(net.modules()))
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in net.modules()) == 0

@@ -9,7 +9,8 @@ logits, penultimate features, the output of any named stage, and "run the networ
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -177,7 +178,7 @@ def input_channels(module: nn.Module, channels: int | None = None, image_size: i
     Given the data's `channels`, a first registered convolution that reads others is checked by running the network
     once, as registration order need not be run order (an auxiliary head defined before the stem, a 1->3 convolution
     or `x.expand(-1, 3, -1, -1)` turning grey input into RGB): the forward of one `channels`-channel `image_size`
-    image (no_grad, eval mode, each module's mode restored) gives `channels` when it runs, else the channels of the
+    image (no_grad, eval mode, each module's mode restored, none of the caller's forward hooks run) gives `channels` when it runs, else the channels of the
     convolution handed other channels than it reads (the one that refused the image), else `channels` when some
     convolution ran (the forward failed for another reason: a 224-pixel probe of a net sized for 16-pixel images, which
     its own run reports), else those of the first registered one (it stopped before any)."""
@@ -192,21 +193,48 @@ def input_channels(module: nn.Module, channels: int | None = None, image_size: i
         x = args[0] if args else None
         given.append((conv.in_channels, x.shape[-3] if isinstance(x, torch.Tensor) and x.dim() >= 3 else conv.in_channels))
 
-    hooks = [m.register_forward_pre_hook(record) for m in module.modules() if isinstance(m, nn.Conv2d)]
     modes = [(m, m.training) for m in module.modules()]  # each its own: a frozen part may stay in eval mode
-    module.eval()
+    with _without_forward_hooks(module):  # the probe's own hooks go with the stand-in hook tables
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                m.register_forward_pre_hook(record)
+        module.eval()
+        try:
+            with torch.no_grad():
+                module(first.weight.new_zeros(1, channels, image_size, image_size))
+            return channels
+        except Exception:  # any failure: the convolutions that ran tell whether the channels were the cause
+            refused = next((reads for reads, got in given if reads != got), None)
+            return refused if refused is not None else channels if given else first.in_channels
+        finally:
+            for part, training in modes:
+                part.training = training
+
+
+#: torch's tables of the forward hooks of every module (`register_module_forward_hook` and its pre-hook)
+_GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_forward_hooks_with_kwargs",
+                 "_global_forward_hooks_always_called")
+#: those of each module (`register_forward_hook`, `register_forward_pre_hook`)
+_MODULE_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+                 "_forward_hooks_always_called")
+
+
+@contextmanager
+def _without_forward_hooks(module: nn.Module) -> Iterator[None]:
+    """Empty forward hook tables on `module`'s submodules and torch's global ones, the caller's put back afterwards
+    (also on an exception): the channel probe's forward of a zero image is no pass of the caller's, whose hooks (a
+    feature log) would have seen it."""
+    import torch.nn.modules.module as torch_module
+
+    saved = [(m, name, getattr(m, name)) for m in module.modules() for name in _MODULE_HOOKS if hasattr(m, name)]
+    saved += [(torch_module, name, getattr(torch_module, name)) for name in _GLOBAL_HOOKS if hasattr(torch_module, name)]
     try:
-        with torch.no_grad():
-            module(first.weight.new_zeros(1, channels, image_size, image_size))
-        return channels
-    except Exception:  # any failure: the convolutions that ran tell whether the channels were the cause
-        refused = next((reads for reads, got in given if reads != got), None)
-        return refused if refused is not None else channels if given else first.in_channels
+        for owner, name, table in saved:
+            setattr(owner, name, type(table)())
+        yield
     finally:
-        for part, training in modes:
-            part.training = training
-        for hook in hooks:
-            hook.remove()
+        for owner, name, table in saved:
+            setattr(owner, name, table)
 
 
 #: the parts every `Backbone` sets, and the module type each must be (None: any module)
