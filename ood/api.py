@@ -716,7 +716,12 @@ def evaluate(
     from ood.evaluation.evaluator import without_autocast
     from ood.features.collector import alone
     from ood.models.adapters import as_backbone, check_classes
-    from ood.runs.checks import check_overrides, part_file_overrides, untrained_parts
+    from ood.runs.checks import (
+        check_overrides,
+        check_timm_preprocessing,
+        part_file_overrides,
+        untrained_parts,
+    )
     from ood.runs.console import quiet_warnings
     from ood.runs.failures import clear_failure, ctrl_c_raised, folder_state, record_failure
     from ood.train import build
@@ -785,6 +790,8 @@ def evaluate(
                 _check_data_options(data, cfg.data)
             else:
                 _check_benchmark_options(data, cfg.data, benchmark)
+                if getattr(net, "pretrained_cfg", None):  # a timm model: normalised as its pretrained config says?
+                    check_timm_preprocessing(cfg, net.pretrained_cfg)
             # the command line's rule (`ood-eval` without a checkpoint): the configured parts no file fills, before
             # any image is read; scored untrained, they gave numbers that say nothing (a random decoder)
             parts = untrained_parts(cfg.method)

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import timm
 import torch
 import torchvision
 from fabricate import make_openood_tree
-from helpers import run_config
+from helpers import capture_warnings_of, run_config
 from torch import nn
 
 import ood
@@ -186,3 +187,29 @@ def test_a_config_of_ones_own_that_fails_to_compose_is_named_as_such(tmp_path: P
     with pytest.raises(ConfigError, match=r"^benchmark='skin': In 'data/skin': Could not load 'data/base/filez'\.$"):
         ood.evaluate(TinyNet(), benchmark="skin", device="cpu", output_dir=tmp_path / "run",
                      overrides=[f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"])
+
+
+def test_a_timm_model_on_a_benchmark_normalised_otherwise_is_warned_of_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`ood.evaluate(timm_model, benchmark="cifar10")` normalised with CIFAR's mean / std while the model's
+    `pretrained_cfg` says ImageNet's, without a word (`ood-eval backbone=timm` warns): one warning now, before any
+    image is read (here: none are there), whose `overrides=` silence it; none for a model without `pretrained_cfg`
+    or with the benchmark's own values."""
+    capture_warnings_of("ood.runs.checks", monkeypatch, caplog)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    own = TinyNet(10, 3)
+    own.pretrained_cfg = {"mean": (0.4914, 0.4822, 0.4465), "std": (0.247, 0.2435, 0.2616)}  # CIFAR's: no warning
+    said = ("the model's timm pretrained_cfg (resnet18) preprocesses with mean=[0.485, 0.456, 0.406], std=[0.229, "
+            "0.224, 0.225], interpolation=bicubic, the data config with mean=[0.4914, 0.4822, 0.4465], std=[0.247, "
+            "0.2435, 0.2616], interpolation=bilinear: if the weights were trained with timm's preprocessing (timm's own "
+            "pretrained ones; weights you fine-tuned may not be), use timm's: overrides=['data.benchmark.mean=[0.485, "
+            "0.456, 0.406]', 'data.benchmark.std=[0.229, 0.224, 0.225]'] (its bilinear resize has no key: "
+            "id_data=<folders> take timm's bicubic)")
+    fix = ["data.benchmark.mean=[0.485, 0.456, 0.406]", "data.benchmark.std=[0.229, 0.224, 0.225]"]
+    for net, overrides, warned in [(model, [], [said]), (model, fix, []), (TinyNet(10, 3), [], []), (own, [], [])]:
+        caplog.clear()
+        with pytest.raises(DataNotFoundError, match=r"^cifar10: "):
+            ood.evaluate(net, benchmark="cifar10", data_dir=tmp_path, detectors="msp", device="cpu",
+                         output_dir=tmp_path / "run", overrides=overrides)
+        assert [r.getMessage() for r in caplog.records if r.name == "ood.runs.checks"] == warned

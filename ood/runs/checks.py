@@ -121,27 +121,32 @@ def _data_preprocessing(cfg: DictConfig) -> tuple[str, dict[str, Any], bool]:
     return prefix, values, "interpolation" in node
 
 
-def check_timm_preprocessing(cfg: DictConfig) -> None:
+def check_timm_preprocessing(cfg: DictConfig, pretrained: Mapping[str, Any] | None = None) -> None:
     """Warn, before any image is read, when `backbone=timm` loads `backbone.weights` and the data config normalises
     (or resizes) otherwise than timm's pretrained config of that model: ViT-B/16's is mean = std = 0.5, bicubic, while
     data=imagenet200 gives ImageNet's mean / std, bilinear, which silently degrades timm-pretrained weights (data=folder
     and `ood.evaluate(model, id_data=<folders>)` take timm's config). Not for a name timm has no config of, nor for
-    weights trained here (`backbone.weights=null`), nor for a resize alone that the data config has no key for."""
+    weights trained here (`backbone.weights=null`), nor for a resize alone that the data config has no key for.
+    `pretrained`: the `pretrained_cfg` of the timm model object `ood.evaluate(model, benchmark=...)` was given,
+    compared alike, its remedy written as that call's `overrides=[...]`."""
     backbone = cfg.get("backbone") or {}
-    if backbone.get("library") != "timm" or backbone.get("weights") is None or not backbone.get("name"):
-        return
-    try:
-        import timm
-    except ImportError:  # the backbone's build says what to install
-        return
-    try:
-        pretrained = timm.get_pretrained_cfg(backbone.name)
-    except RuntimeError:  # an unknown pretrained tag: the backbone's build names the model's tags
-        return
-    if pretrained is None:
-        return
+    python_api = pretrained is not None
+    if not python_api:
+        if backbone.get("library") != "timm" or backbone.get("weights") is None or not backbone.get("name"):
+            return
+        try:
+            import timm
+        except ImportError:  # the backbone's build says what to install
+            return
+        try:
+            found = timm.get_pretrained_cfg(backbone.name)
+        except RuntimeError:  # an unknown pretrained tag: the backbone's build names the model's tags
+            return
+        if found is None:
+            return
+        pretrained = {key: getattr(found, key) for key in ("mean", "std", "interpolation")}
     prefix, data, has_interpolation = _data_preprocessing(cfg)
-    theirs = {"mean": list(pretrained.mean), "std": list(pretrained.std), "interpolation": pretrained.interpolation}
+    theirs = {key: pretrained.get(key) for key in ("mean", "std", "interpolation")}
 
     def differs(key: str) -> bool:
         ours, want = data.get(key), theirs[key]
@@ -156,18 +161,20 @@ def check_timm_preprocessing(cfg: DictConfig) -> None:
     settable = [key for key in keys if key != "interpolation" or has_interpolation]
     if not settable:  # the resize alone, which the data config cannot change: a warning at every run, no remedy
         return
-    fixes = " ".join(_override(f"{prefix}{key}", theirs[key]) for key in settable)
+    overrides = [f"{prefix}{key}={_hydra_value(theirs[key])}" for key in settable]
+    fixes = f"overrides={overrides}" if python_api else " ".join(map(shlex.quote, overrides))
     if len(settable) < len(keys):
-        fixes += (f" (its {data['interpolation']} resize has no key: data=folder takes "
-                  f"data.interpolation={theirs['interpolation']})")
+        folder = "id_data=<folders> take timm's " if python_api else "data=folder takes data.interpolation="
+        fixes += f" (its {data['interpolation']} resize has no key: {folder}{theirs['interpolation']})"
 
     def said(values: Mapping[str, Any]) -> str:
         return ", ".join(f"{key}={values[key] if key == 'interpolation' else list(values[key])}" for key in keys)
 
-    log.warning("backbone=timm backbone.name=%s loads backbone.weights; timm's pretrained config of that model "
-                "preprocesses with %s, the data config with %s: if the weights were trained with timm's preprocessing "
-                "(timm's own pretrained ones; weights you fine-tuned may not be), use timm's: %s", backbone.name,
-                said(theirs), said(data), fixes)
+    who = (f"the model's timm pretrained_cfg ({pretrained.get('architecture') or 'no architecture'})" if python_api else
+           f"backbone=timm backbone.name={backbone.name} loads backbone.weights; timm's pretrained config of that model")
+    log.warning("%s preprocesses with %s, the data config with %s: if the weights were trained with timm's "
+                "preprocessing (timm's own pretrained ones; weights you fine-tuned may not be), use timm's: %s",
+                who, said(theirs), said(data), fixes)
 
 
 def check_values(cfg: DictConfig) -> None:
