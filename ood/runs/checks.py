@@ -14,7 +14,8 @@
 - `check_launch`: refuses a Hydra multirun with the subprocess DDP launcher.
 - `check_eval_dir`: refuses `ood-eval hydra.run.dir=<a training run's folder>` before Hydra writes there.
 - `check_timm_preprocessing` (from `check_run`): warns when `backbone=timm` loads `backbone.weights` and the data
-  config's mean / std (or interpolation) differ from timm's pretrained config of that model.
+  config's mean / std (or interpolation) differ from timm's pretrained config of that model; `ood.evaluate` of a
+  timm model object on a benchmark compares the model's own `pretrained_cfg` alike.
 """
 
 from __future__ import annotations
