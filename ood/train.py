@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ood import CONFIG_DIR
 from ood.cli import check_argv, friendly_errors, in_multirun, load_weights, require_config_dir, user_error
 from ood.errors import ConfigError
+from ood.report.reading import backbone_label
 from ood.runs.checks import as_trained_paths, check_launch, check_run
 from ood.runs.failures import (
     RESUMED_FILE,
@@ -112,7 +113,7 @@ def build(
     evaluation = instantiate(
         cfg.evaluation,
         info={
-            "backbone": choices.get("backbone", cfg.backbone._target_.rsplit(".", 1)[-1]),
+            "backbone": backbone_label(choices.get("backbone"), cfg.backbone),
             "seed": cfg.seed if trained_seed is None else trained_seed,
             "fit_fraction": datamodule.fit_fraction,
             "fit_seed": datamodule.fit_seed,

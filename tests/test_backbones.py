@@ -317,3 +317,33 @@ def test_a_timm_model_without_one_linear_head_is_named(model_name: str) -> None:
 
     with pytest.raises(ConfigError, match=rf"^timm model '{model_name}' classifies with a \w+, not one linear layer"):
         TimmBackbone(model_name, num_classes=3)
+
+
+@pytest.mark.parametrize(("overrides", "label"), [
+    (["backbone=timm", "backbone.name=resnet10t"], "timm/resnet10t"),
+    (["backbone=torchvision", "backbone.name=resnet18"], "torchvision/resnet18"),
+    (["backbone=module", "backbone.target=torchvision.models.mobilenet_v3_small"],
+     "module/torchvision.models.mobilenet_v3_small"),
+    (["backbone=resnet18_32x32"], "resnet18_32x32"),
+])
+def test_result_rows_name_the_network_of_a_generic_backbone_group(tmp_path: Path, overrides: list[str], label: str) -> None:
+    """Rows said `backbone: timm` for every `backbone.name` (also `torchvision`, `module`): `ood-report` took two
+    networks for one backbone. A named group keeps its name (references match on it)."""
+    from ood.train import build
+
+    pytest.importorskip("timm")
+    *_, evaluation = build(compose_config(tmp_path, ["data=cifar10", f"paths.data_dir={tmp_path}", *overrides]))
+    assert evaluation.info["backbone"] == label
+
+
+def test_backbone_label_outside_hydra_and_of_a_named_group_extending_a_library() -> None:
+    """No Hydra choice (a build outside a Hydra run): the generic node still names its network, a named node its
+    class; a user's config extending `timm` (its own choice) names itself; `ood.evaluate`'s shapes digest tells two
+    widths of one class apart."""
+    from ood.report.reading import backbone_label
+
+    assert backbone_label(None, {"_target_": "x.timm_backbone", "library": "timm", "name": "vit_tiny"}) == "timm/vit_tiny"
+    assert backbone_label(None, {"_target_": "ood.models.ResNet50"}) == "ResNet50"
+    assert backbone_label("my_vit", {"library": "timm", "name": "vit_tiny"}) == "my_vit"
+    assert backbone_label("module", {"library": "module", "target": "pkg.Net", "shapes": "0123456789ab"}) == \
+        "module/pkg.Net[0123456789ab]"

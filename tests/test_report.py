@@ -612,3 +612,19 @@ def test_a_report_without_references_imports_no_torch(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.splitlines()[-1] == "[]"
     assert "| cluster | cluster | small_cnn | digits |" in (tmp_path / "report.md").read_text()
+
+
+def test_two_networks_of_a_generic_backbone_group_are_never_averaged(tmp_path: Path) -> None:
+    """A sweep `backbone=timm backbone.name=resnet18,resnet50` wrote `backbone: timm` in both runs' rows: `--by`
+    (the named keys only) averaged the two networks as two seeds of one entry. Such rows are read with the network
+    named, as later runs write them (`timm/resnet18`); a named group (`resnet18_32x32`, a user's `my_vit` extending
+    timm) keeps its label."""
+    runs = [("timm", "timm", "resnet18"), ("timm", "timm", "resnet50"), ("timm/resnet50", "timm", "resnet50"),
+            ("my_vit", "timm", "vit_tiny"), ("resnet18_32x32", None, None)]
+    for i, (label, library, name) in enumerate(runs):
+        _write(tmp_path / str(i), [{**_row(i, "s", "near", 0.5 + i / 10), "backbone": label}])
+        node = f"\n  library: {library}\n  name: {name}" if library else ""
+        (tmp_path / str(i) / "config.yaml").write_text(f"seed: {i}\nbackbone:\n  _target_: x.Net{node}\n")
+    _, _, table = aggregate(load_rows([tmp_path]), by=[])
+    assert {e["backbone"]: (e["seeds"], round(e["s/auroc"][0], 6)) for e in table} == {
+        "timm/resnet18": (1, 0.5), "timm/resnet50": (2, 0.65), "my_vit": (1, 0.8), "resnet18_32x32": (1, 0.9)}

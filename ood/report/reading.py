@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,33 @@ from ood.runs.identity import read_identity
 
 #: the keys every result row needs for the table: its grouping, OOD set and shown metrics
 ROW_KEYS = ("method", "detector", "backbone", "id_dataset", "ood_dataset", "ood_group", "auroc", "fpr95")
+#: the backbone config groups that build any network of a library (their `library` key): `backbone.name` (`module`:
+#: `backbone.target`) says which
+GENERIC_BACKBONES = ("timm", "torchvision", "module")
+
+
+def backbone_label(choice: str | None, node: Mapping[str, Any]) -> str:
+    """The `backbone` result rows name (`ood-report` groups and matches references by it): the Hydra choice, and for
+    a generic group (`choice` is the node's `library`, or None outside Hydra) the network too, `timm/resnet50`,
+    `module/my_pkg.Net`, with `ood.evaluate`'s `backbone.shapes` digest where it records one (two widths of one
+    class): `timm` alone made two networks of a sweep over `backbone.name` one backbone, averaged as seeds under
+    `--by`. A named group (`resnet18_32x32`, a user's config extending `timm`) names itself."""
+    library = node.get("library")
+    if library not in GENERIC_BACKBONES or choice not in (None, library):
+        return str(choice if choice is not None else node["_target_"].rsplit(".", 1)[-1])
+    shapes = node.get("shapes")
+    return f"{library}/{node.get('target' if library == 'module' else 'name')}" + (f"[{shapes}]" if shapes else "")
+
+
+def _labelled(row: dict[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """`row` with a generic backbone group's label of a run written before rows named the network (`timm`), so its
+    seeds group with later runs' `timm/resnet50`."""
+    node = {k[len("backbone."):]: v for k, v in config.items() if k.startswith("backbone.")}
+    if row.get("backbone") in GENERIC_BACKBONES and row["backbone"] == node.get("library"):
+        return {**row, "backbone": backbone_label(row["backbone"], node)}
+    return row
+
+
 #: why a job folder without results is listed when a later run resumed its checkpoint in another folder
 RESUMED_IN = "stopped; resumed in"
 #: why a job a sweep's `multirun.yaml` lists is named when it has no folder
@@ -108,7 +135,7 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
         stopped = origin.get(file.parent.resolve())
         model = read_identity(stopped).model if stopped is not None else ident.model
         tags = {"_run": str(file.parent), "_config": ident.config, "_model": model, "_seeded": ident.seeded}
-        rows += [{**row, **tags} for row in _parse_rows(file)]
+        rows += [{**_labelled(row, ident.config), **tags} for row in _parse_rows(file)]
     if not rows:  # an empty file: a run that scored nothing (detectors=none and a method without a score)
         runs = files or found[".hydra"] or found[FAILED_FILE]  # none: a typo'd path, an empty folder; say what it takes
         takes = "" if runs else (": a sweep that has started no job yet (its multirun.yaml alone)" if found[MULTIRUN_FILE]
