@@ -217,3 +217,36 @@ def test_adascales_ratio_keeps_one_entry_where_the_percentile_leaves_none() -> N
     h = torch.tensor([[3.0, -1.0, 1.0] + [0.5] * 29, [1.0] * 32])
     got = scale_ratio(h, torch.tensor([99.0, 50.0]))
     assert torch.equal(got, torch.tensor([(3 + 1 + 0.5 * 29) / 3, 32 / 16], dtype=torch.float64))
+
+
+def test_knn_tuning_leaves_out_grid_values_beyond_its_fit_rows_saying_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    """On a fit bank of 120 rows (a small train split, `data.fit_fraction`) knn's grid values 200, 500 and 1000 have
+    no k-th neighbour: tuning dropped them without a word. Now one line says so (not one per scored split), and the
+    choice is among the others, scored as fresh detectors score them."""
+    from ood.evaluation.scoring import tune_detector
+
+    banks = {"train": bank(120, 8), "val": bank(40, 8, seed=1), "val_ood": bank(40, 8, seed=2, scale=0.1)}
+    with caplog.at_level("WARNING", logger="ood.detectors.knn"):
+        det, tuned, scores = tune_detector("knn", {}, banks, tune=True)
+    assert [r.getMessage() for r in caplog.records] == [
+        "knn: tuning leaves out k=[200, 500, 1000] of its grid, beyond the 120 train features it searches (a fit on "
+        "fewer rows: data.fit_fraction); it chooses among k=[50, 100]"]
+    assert tuned and det.k in (50, 100)
+    torch.testing.assert_close(scores["val"], build_detector("knn", k=det.k).fit(banks["train"]).score(banks["val"]))
+
+
+def test_knn_grid_beyond_every_fit_row_scores_one_point_not_five_copies(caplog: pytest.LogCaptureFixture) -> None:
+    """Where every grid k exceeds the fit rows, each point read the same farthest row: five equal scores tuned as if
+    they differed. Now the first point alone is scored (its fit's warning names detectors.params.knn.k and
+    data.fit_fraction); the others are left out."""
+    train, val = bank(30, 8), bank(10, 8, seed=1)
+    with caplog.at_level("WARNING", logger="ood.detectors.knn"):
+        det = build_detector("knn").fit(train)
+    assert [r.getMessage() for r in caplog.records] == [
+        "knn: k=50 exceeds the 30 train features it searches: it reads the farthest of them, which ranks OOD above "
+        "ID; set detectors.params.knn.k below 30, or fit on more rows (data.fit_fraction)"]
+    first, *rest = det.score_grid(val, [{"k": k} for k in detector_class("knn").grid["k"]])
+    unit = lambda h: torch.nn.functional.normalize(h.double(), dim=1)  # noqa: E731
+    farthest = torch.cdist(unit(val.features), unit(train.features)).max(1).values ** 2
+    torch.testing.assert_close(first, -farthest, rtol=1e-5, atol=1e-6)
+    assert rest == [None] * 4

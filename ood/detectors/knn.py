@@ -60,8 +60,10 @@ class KNN(Detector):
         normalise = lambda h: F.normalize(h, dim=1)  # noqa: E731
         if self.k > len(bank):
             log.warning("knn: k=%d exceeds the %d train features it searches: it reads the farthest of them, which "
-                        "ranks OOD above ID; set detectors.params.knn.k below %d", self.k, len(bank), len(bank))
+                        "ranks OOD above ID; set detectors.params.knn.k below %d, or fit on more rows "
+                        "(data.fit_fraction)", self.k, len(bank), len(bank))
         self.index_ = KNNIndex("l2", kind=self.index, device=bank.features.device).add(bank.features, normalise)
+        self.grid_said_ = False
         return self
 
     def _distances(self, bank: FeatureBank, k: int) -> torch.Tensor:
@@ -73,15 +75,22 @@ class KNN(Detector):
 
     def score_grid(self, bank: FeatureBank, points: Sequence[dict[str, Any]]) -> list[torch.Tensor | None]:
         """One search at the largest k within the bank; column k-1 is the score at k. A k beyond the bank has no k-th
-        neighbour: None (tuning drops it), unless no k fits, where every point reads the farthest, as `score` does."""
+        neighbour: None (tuning drops it; said once per fit). Where no k fits, the first point alone is scored,
+        reading the farthest row as `score` does (its fit said so): every other point would read that same row, tuned
+        as if they differed, and the run recorded the grid's first k as chosen over them."""
         n = self.index_.ntotal
         ks = [p.get("k", self.k) for p in points]
         fits = [k for k in ks if k <= n]
-        dist = self._distances(bank, max(fits or ks))
+        beyond = sorted({k for k in ks if k > n})
+        if fits and beyond and not self.grid_said_:
+            log.warning("knn: tuning leaves out k=%s of its grid, beyond the %d train features it searches (a fit on "
+                        "fewer rows: data.fit_fraction); it chooses among k=%s", beyond, n, sorted(set(fits)))
+        self.grid_said_ = True
+        dist = self._distances(bank, max(fits or ks[:1]))
         scores: list[torch.Tensor | None] = []
-        for point in points:
+        for i, point in enumerate(points):
             self.set_params(**point)
-            scores.append(None if fits and self.k > n else -dist[:, min(self.k, n) - 1])
+            scores.append(-dist[:, min(self.k, n) - 1] if self.k <= n or not fits and i == 0 else None)
         return scores
 
 
