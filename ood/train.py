@@ -20,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 from ood import CONFIG_DIR
 from ood.cli import check_argv, friendly_errors, in_multirun, load_weights, require_config_dir, user_error
 from ood.errors import ConfigError
-from ood.report.reading import backbone_label
 from ood.runs.checks import as_trained_paths, check_launch, check_run
 from ood.runs.failures import (
     RESUMED_FILE,
@@ -74,6 +73,24 @@ def run_modules() -> None:
     finally:
         logging.disable(previous)
     gc.freeze()
+
+
+#: the backbone config groups that build any network of a library (their `library` key): `backbone.name` (`module`:
+#: `backbone.target`) says which
+GENERIC_BACKBONES = ("timm", "torchvision", "module")
+
+
+def backbone_label(choice: str | None, node: Mapping[str, Any]) -> str:
+    """The `backbone` result rows name (`ood-report` groups and matches references by it): the Hydra choice, and for
+    a generic group (`choice` is the node's `library`, or None outside Hydra) the network too, `timm/resnet50`,
+    `module/my_pkg.Net`, with `ood.evaluate`'s `backbone.shapes` digest where it records one (two widths of one
+    class): `timm` alone made two networks of a sweep over `backbone.name` one backbone, averaged as seeds under
+    `--by`. A named group (`resnet18_32x32`, a user's config extending `timm`) names itself."""
+    library = node.get("library")
+    if library not in GENERIC_BACKBONES or choice not in (None, library):
+        return str(choice if choice is not None else node["_target_"].rsplit(".", 1)[-1])
+    shapes = node.get("shapes")
+    return f"{library}/{node.get('target' if library == 'module' else 'name')}" + (f"[{shapes}]" if shapes else "")
 
 
 def _choices() -> dict[str, Any]:

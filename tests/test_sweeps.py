@@ -320,3 +320,31 @@ def test_a_sweep_of_a_preset_on_hydra_searchpath_is_checked(tmp_path: Path) -> N
         check_sweep_jobs(CONFIG_DIR, "train", ["-m", f"hydra.searchpath=[file://{tmp_path}]", "method=ce,mine"])
     assert str(refused.value) == ("job 1 of the sweep (method=mine): method.optimizer.lr=-1 is outside its range "
                                   "[0, inf]; no job was started")
+
+
+def test_a_sweep_naming_a_module_only_its_cluster_nodes_import_is_left_to_its_jobs(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A detector import path or a method `_target_` in a module on the PYTHONPATH a SLURM launcher's `setup` sets on
+    the node was refused on the submitting machine ("cannot be imported"), stopping a sweep that would have run. Now
+    one warning per module names it and says the jobs check it; a wrong class in a module that imports (ood's own
+    module path misspelt too) and a bad value still stop the sweep."""
+    from ood import CONFIG_DIR
+    from ood.errors import ConfigError
+    from ood.runs.sweeps import check_sweep_jobs
+
+    with caplog.at_level("WARNING", logger="ood.runs.sweeps"):
+        check_sweep_jobs(CONFIG_DIR, "train", ["-m", "seed=0,1,2", "method._target_=cluster_only.methods.Mine",
+                                               "detectors.names=[msp,cluster_only.detectors.MyDet]"])
+    why = "cannot be imported here (No module named 'cluster_only'): each job checks it as it starts (a module on " \
+          "the PYTHONPATH of the node that runs it)"
+    assert [r.getMessage() for r in caplog.records] == [f"the sweep's jobs name cluster_only.detectors, which {why}",
+                                                       f"the sweep's jobs name cluster_only.methods, which {why}"]
+    for names, error in (("[msp,ood.detectors.knn.KNNN]", "detector 'ood.detectors.knn.KNNN': ood.detectors.knn holds "
+                          "nothing named 'KNNN'"),
+                         ("[msp,ood.detectors.knnn.KNN]", "detector 'ood.detectors.knnn.KNN' cannot be imported")):
+        with pytest.raises(ConfigError) as refused:
+            check_sweep_jobs(CONFIG_DIR, "train", ["-m", "seed=0,1", f"detectors.names={names}"])
+        assert str(refused.value).startswith(f"job 0 of the sweep (seed=0 'detectors.names={names}'): {error}")
+    with pytest.raises(ConfigError) as refused:
+        check_sweep_jobs(CONFIG_DIR, "train", ["-m", "seed=0,-1", "detectors.names=[msp,cluster_only.detectors.MyDet]"])
+    assert str(refused.value).startswith("job 1 of the sweep (seed=-1 'detectors.names=[msp,cluster_only.detectors.MyDet]'): seed=-1 is outside")

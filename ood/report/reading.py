@@ -14,27 +14,10 @@ from ood.errors import OODError
 from ood.report.aggregation import config_params, trained_here
 from ood.runs.failures import FAILED_FILE, RESUMED_FILE, failure, resumed_from, resumed_in
 from ood.runs.identity import read_identity
+from ood.train import GENERIC_BACKBONES, backbone_label
 
 #: the keys every result row needs for the table: its grouping, OOD set and shown metrics
 ROW_KEYS = ("method", "detector", "backbone", "id_dataset", "ood_dataset", "ood_group", "auroc", "fpr95")
-#: the backbone config groups that build any network of a library (their `library` key): `backbone.name` (`module`:
-#: `backbone.target`) says which
-GENERIC_BACKBONES = ("timm", "torchvision", "module")
-
-
-def backbone_label(choice: str | None, node: Mapping[str, Any]) -> str:
-    """The `backbone` result rows name (`ood-report` groups and matches references by it): the Hydra choice, and for
-    a generic group (`choice` is the node's `library`, or None outside Hydra) the network too, `timm/resnet50`,
-    `module/my_pkg.Net`, with `ood.evaluate`'s `backbone.shapes` digest where it records one (two widths of one
-    class): `timm` alone made two networks of a sweep over `backbone.name` one backbone, averaged as seeds under
-    `--by`. A named group (`resnet18_32x32`, a user's config extending `timm`) names itself."""
-    library = node.get("library")
-    if library not in GENERIC_BACKBONES or choice not in (None, library):
-        return str(choice if choice is not None else node["_target_"].rsplit(".", 1)[-1])
-    shapes = node.get("shapes")
-    return f"{library}/{node.get('target' if library == 'module' else 'name')}" + (f"[{shapes}]" if shapes else "")
-
-
 def _labelled(row: dict[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
     """`row` with a generic backbone group's label of a run written before rows named the network (`timm`), so its
     seeds group with later runs' `timm/resnet50`."""

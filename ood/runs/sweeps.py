@@ -6,6 +6,7 @@ the check of every job's config before a sweep's first job starts (`check_sweep_
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import shlex
 import sys
@@ -20,6 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ood.errors import ConfigError, OODError
 from ood.runs.failures import FAILED_FILE, failure
+from ood.utils import get_logger
+
+log = get_logger(__name__)
 
 
 def sweep_objective(output_dir: str | Path, detector: str | None) -> float | None:
@@ -185,6 +189,7 @@ def check_sweep_jobs(config_dir: str | Path, config_name: str, argv: Sequence[st
             except HydraException:
                 return  # Hydra reports what it cannot compose or expand
             groups = set(base.hydra.runtime.choices)
+            elsewhere: dict[str, str] = {}  # modules the jobs name that do not import here -> why
             composed: dict[tuple[str, ...], tuple[DictConfig, DictConfig]] = {}  # options -> (config, its hydra node)
             for number, job in enumerate(jobs):
                 overrides = parser.parse_overrides(job)
@@ -206,21 +211,26 @@ def check_sweep_jobs(config_dir: str | Path, config_name: str, argv: Sequence[st
                 except HydraException:
                     return  # a job Hydra cannot compose: it says so as it launches the sweep
                 try:
-                    check_job(cfg)
+                    elsewhere |= check_job(cfg)
                 except OODError as err:
                     shown = shlex.join(o for o in job if not o.lstrip("+~").startswith(("hydra.", "hydra/")))
                     raise ConfigError(f"job {number} of the sweep ({shown}): {err}; no job was started") from None
+            for module, why in elsewhere.items():
+                log.warning("the sweep's jobs name %s, which cannot be imported here (%s): each job checks it as it "
+                            "starts (a module on the PYTHONPATH of the node that runs it)", module, why)
     finally:
         HydraConfig.instance().cfg = None  # type: ignore[assignment]
         GlobalHydra.instance().clear()
 
 
-def check_job(cfg: DictConfig) -> None:
+def check_job(cfg: DictConfig) -> dict[str, str]:
     """The checks of one run's composed config that read no data, build no network and look for no GPU: epochs,
     seed, weights (`check_values`), loader counts and `data.fit_fraction`, detector names and parameters, the
     objective, and the method's own values (its constructor, given an `_Unbuilt` network). A check that fails
     otherwise (an interpolation only the job resolves, a constructor reaching the network) leaves the rest to the
-    job."""
+    job, as does a module of the user's that the method `_target_` or a detector's import path names and that does
+    not import here (a module on the PYTHONPATH a cluster launcher's `setup` sets on the node): returned, module ->
+    why, for the sweep's one warning (refused, it stopped a sweep that would have run)."""
     from hydra.utils import get_class
 
     from ood.data.benchmark import LOADER_COUNTS, check_loader_options
@@ -231,7 +241,14 @@ def check_job(cfg: DictConfig) -> None:
         check_values(cfg)
         data = cfg.get("data") or {}
         check_loader_options({k: data[k] for k in [*LOADER_COUNTS, "fit_fraction"] if k in data})
-        evaluator = instantiate(_detached(cfg, "evaluation.evaluator"))
+        node = _detached(cfg, "evaluation.evaluator")
+        names = node.get("detectors")
+        paths = [n for n in [*([names] if isinstance(names, str) else names or []), *(node.get("exclude") or []),
+                             *(node.get("params") or {})] if isinstance(n, str) and "." in n]
+        elsewhere = _unimportable([*paths, str(cfg.method.get("_target_", ""))])
+        if elsewhere:
+            return elsewhere
+        evaluator = instantiate(node)
         method = getattr(get_class(cfg.method._target_), "name", None)
         if isinstance(method, str):
             evaluator.check_own_names(method, [method])
@@ -241,7 +258,25 @@ def check_job(cfg: DictConfig) -> None:
     except OODError:
         raise
     except Exception:  # noqa: BLE001 - `_NotBuilt`, or what only the job can resolve: the job checks the rest
-        return
+        pass
+    return {}
+
+
+def _unimportable(paths: Iterable[str]) -> dict[str, str]:
+    """Of import paths `module.Class`, the modules that do not import here -> the import error: a module missing
+    here, or one importing what is missing here. A module of ood's own is left out: its misspelt path is refused by
+    the check it fails, as a wrong class name in a module that imports is."""
+    out: dict[str, str] = {}
+    for path in paths:
+        module = path.rpartition(".")[0]
+        if not module or module in out:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            if (err.name or module).split(".")[0] != "ood":
+                out[module] = str(err)
+    return out
 
 
 def _detached(cfg: DictConfig, key: str) -> DictConfig:
