@@ -21,7 +21,7 @@ from ood.report.references import (
     load_reference,
     reference_files,
 )
-from ood.report.rendering import NOTE, to_markdown
+from ood.report.rendering import NOTE, latex_text, to_markdown
 
 #: OpenOOD v1.5's CIFAR-10 OOD sets (the leaderboard files' `ood_sets`; CIFAR-100's near has cifar10 instead)
 OPENOOD_SETS = {"near": ["cifar100", "tin"], "far": ["mnist", "svhn", "texture", "places365"]}
@@ -173,9 +173,10 @@ def test_report_cli_prints_the_reference(tmp_path: Path, capsys: pytest.CaptureF
     source = next(line[len("reference numbers "):] for line in out.err.splitlines() if line.startswith("reference numbers"))
     assert source.startswith("(cifar100, resnet18_32x32") and "results/cifar100.csv" in source
     assert f"\nReference numbers from:\n- {source}\n" in (tmp_path / "sweep" / "report.md").read_text()
-    # the leaderboard's ± is np.std (n), ours n - 1: the note under the table (and atop report.tex) says so
+    # the leaderboard's ± is np.std (n), ours n - 1: the note under the table (and report.tex's caption) says so
     assert f"{NOTE} {STD_CONVENTIONS['population']}\n" in out.out
-    assert (tmp_path / "sweep" / "report.tex").read_text().startswith(f"% {NOTE} {STD_CONVENTIONS['population']}\n")
+    caption = (tmp_path / "sweep" / "report.tex").read_text().splitlines()[3]
+    assert caption.endswith(f"{latex_text(STD_CONVENTIONS['population'])}}}")
     assert "warning" not in out.err
     main([str(tmp_path / "sweep"), "--no-reference", "--out", str(tmp_path / "plain")])
     assert "ref:" not in (tmp_path / "plain" / "report.md").read_text()  # nor the std line

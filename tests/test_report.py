@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def test_cli_writes_markdown_and_csv(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert capsys.readouterr().err.splitlines()[-1] == f"error: --out {tmp_path / 'taken'} is a file, not a folder"
     note = "mean ± std over the row's `seeds` runs (sample std, n - 1; one seed: the value alone)"
     assert note in (tmp_path / "report.md").read_text().splitlines()[-1]  # the std's formula goes with the table
-    assert note in (tmp_path / "report.tex").read_text().splitlines()[0]
+    caption = (tmp_path / "report.tex").read_text().splitlines()[3]  # the compiled table's caption, not a % comment
+    assert "mean $\\pm$ std over the row's \\texttt{seeds} runs (sample std, n - 1; one seed: the value alone)" in caption
     # which FPR95 the fpr95 column is (OpenOOD's is the other one): it was not said anywhere in the report
     fpr95 = "fpr95: OOD accepted as ID at the threshold keeping 95 % of ID (ID positive, as ODIN / Energy)"
     assert fpr95 in (tmp_path / "report.md").read_text().splitlines()[-1]
@@ -426,7 +428,7 @@ def test_a_cell_over_fewer_seeds_than_its_row_says_how_many(tmp_path: Path, caps
     assert "(n=k): over k of the row's seeds" in md
     assert f"- {tmp_path}/1 lacks OOD sets ['c'] of its configuration: left out of its far mean\n" in md
     tex = (tmp_path / "report.tex").read_text()
-    assert " & 60.00 (n=1) & " in tex and "(n=k): over k of the row's seeds" in tex.splitlines()[0]
+    assert " & 60.00 (n=1) & " in tex and "(n=k): over k of the row's seeds" in tex.splitlines()[3]
     assert md in capsys.readouterr().out  # the console shows what report.md holds
 
 
@@ -573,17 +575,83 @@ def test_the_command_of_an_unstarted_job_of_a_resumed_sweep_does_not_resume_anot
                                                                    f"hydra.run.dir={tmp_path / '1'}"]
 
 
-def test_report_tex_says_its_package_and_the_note_which_way_is_better(tmp_path: Path) -> None:
-    """report.tex used booktabs' rules without saying so (an undefined \\toprule to whoever pasted the file alone),
-    and no note said which way a metric is better, which a reader of the table alone cannot tell for id_acc beside
-    fpr95."""
-    _write(tmp_path / "run", [_row(0, "s", "near", 0.75)])
+def _latex_problems(tex: str) -> list[str]:
+    """What would stop a LaTeX run on report.tex or misprint it (no LaTeX here): braces, `$` or environments left open or
+    closed twice, a raw `_ ^ # ~ < >` or non-ASCII character in text, a `%` (a comment) inside a line, a tabular row
+    without the tabular's columns."""
+    problems, envs, depth, math, columns = [], [], 0, False, 0
+    for n, line in enumerate(tex.splitlines(), 1):
+        if line.startswith("%"):
+            continue
+        cells = 1
+        for token in re.findall(r"\\begin\{\w+\}(?:\{[lcr]+\})?|\\end\{\w+\}|\\ifdim\\\w+[<>=]|\\(?:[A-Za-z]+|.)|.", line):
+            if token.startswith("\\begin"):
+                envs.append(token[7:].split("}")[0])
+                columns = len(token.split("{")[2][:-1]) if envs[-1] == "tabular" else columns
+            elif token.startswith("\\end") and (not envs or envs.pop() != token[5:-1]):
+                problems.append(f"line {n}: {token} closes nothing open")
+            elif token in "{}":
+                depth += 1 if token == "{" else -1
+                problems += [f"line {n}: a }} closes no {{"] if depth < 0 else []
+            elif token == "$":
+                math = not math
+            elif token == "&":
+                cells += 1
+            elif token == "%" and not line.endswith("{%") and not line.endswith("}%"):
+                problems.append(f"line {n}: % comments out the rest of the line")
+            elif not math and (token in "_^#~<>" or not token.isascii()):
+                problems.append(f"line {n}: {token} in text")
+        if math:
+            problems.append(f"line {n}: $ left open")
+        if envs[-1:] == ["tabular"] and line.endswith("\\\\") and cells != columns:
+            problems.append(f"line {n}: {cells} cells in a tabular of {columns} columns")
+    return problems + ([f"{depth} braces left open"] if depth > 0 else []) + [f"\\begin{{{e}}} not ended" for e in envs]
+
+
+def test_the_latex_checker_finds_what_latex_would_stop_at() -> None:
+    assert _latex_problems("\\begin{tabular}{lr}\na_b & {c} & 2 % x \\\\\n\\end{table}\n$x") == [
+        "line 2: _ in text", "line 2: % comments out the rest of the line", "line 2: 3 cells in a tabular of 2 columns",
+        "line 3: \\end{table} closes nothing open", "line 4: $ left open"]
+    assert _latex_problems("{±} } <\n\\begin{table}") == [
+        "line 1: ± in text", "line 1: a } closes no {", "line 1: < in text", "\\begin{table} not ended"]
+
+
+def test_report_tex_is_a_captioned_table_a_paper_can_input(tmp_path: Path) -> None:
+    """report.tex was a bare tabular: what ± is over, the std's formula and which way a metric is better were a `%`
+    comment, absent from the compiled table. It is a `table` float whose caption is the note, with a label, and the
+    tabular shrunk to the line width when wider (a digits report has 18 columns); it parses, special characters
+    (a config value's, the note's `%`, `_`, `±`, backticks, `<sets>`) escaped."""
+    from ood.report.references import STD_CONVENTIONS, SUBSET_NOTE
+    from ood.report.rendering import FEWER_SEEDS_NOTE, LATEX_PACKAGE, NOTE, to_latex
+
+    value = "C:\\a_b~^{x}<y>|&%$#±"  # a config value with every character LaTeX treats specially
+    _write(tmp_path / "0", [_row(0, "s", "near", 0.75, path=value), _row(0, "t", "far", 0.6, path=value)])
+    _write(tmp_path / "1", [_row(1, "s", "near", 0.7, path=value)])  # t in seed 0 only: the caption says (n=k)
+    _write(tmp_path / "2", [_row(0, "s", "near", 0.8, path="plain")])  # the path a column
     main([str(tmp_path), "--no-figures"])
-    tex = (tmp_path / "report.tex").read_text().splitlines()
-    assert tex[1] == "% needs \\usepackage{booktabs} (\\toprule, \\midrule, \\bottomrule)"
-    assert tex[2].startswith("\\begin{tabular}")
-    better = "Higher is better for auroc and the accuracies, lower for fpr95 and fpr95_oodpos."
-    assert better in tex[0] and better in (tmp_path / "report.md").read_text()
+    tex = (tmp_path / "report.tex").read_text()
+    assert _latex_problems(tex) == []
+    lines = tex.splitlines()
+    assert lines[0] == LATEX_PACKAGE and "\\usepackage{graphicx} (\\resizebox" in lines[0]
+    assert lines[1:3] + lines[4:7] == ["\\begin{table}", "\\centering", "\\label{tab:ood-report}",
+                                       "\\resizebox{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}{!}{%",
+                                       "\\begin{tabular}{lllll" + "r" * 10 + "}"]
+    assert lines[-4:] == ["\\bottomrule", "\\end{tabular}%", "}", "\\end{table}"]
+    assert lines[3] == (
+        "\\caption[OOD detection: metrics in \\%, mean $\\pm$ std over seeds]{Metrics in \\% (report.csv: the same as "
+        "fractions, 0-1, in \\texttt{\\_mean} / \\texttt{\\_std} columns): mean $\\pm$ std over the row's \\texttt{seeds} "
+        "runs (sample std, n - 1; one seed: the value alone); near/far: the mean over the group's OOD sets per run, then "
+        "over seeds. fpr95: OOD accepted as ID at the threshold keeping 95 \\% of ID (ID positive, as ODIN / Energy); "
+        "fpr95\\_oodpos: ID rejected at 95 \\% of OOD caught (OpenOOD v1.5's). Higher is better for auroc and the "
+        "accuracies, lower for fpr95 and fpr95\\_oodpos. (n=k): over k of the row's seeds, those that scored every OOD "
+        "set the cell averages (the others are named below).}")
+    assert "Higher is better for auroc and the accuracies" in (tmp_path / "report.md").read_text()  # and under report.md's
+    assert lines[10].startswith("cluster & cluster & small\\_cnn & digits & C:\\textbackslash{}a\\_b\\textasciitilde{}"
+                               "\\textasciicircum{}\\{x\\}$<$y$>$\\textbar{}\\&\\%\\$\\#$\\pm$ & 2 & 72.50 $\\pm$ 3.54 & ")
+    # every note the caption may hold: a reference's std convention (±) and a subset column's `<sets>`
+    note = " ".join([NOTE, *STD_CONVENTIONS.values(), SUBSET_NOTE, FSOOD_NOTE, FEWER_SEEDS_NOTE])
+    caption = to_latex(["method"], [], [{"method": "ce", "seeds": 1}], note).splitlines()[3]
+    assert _latex_problems(caption) == [] and "near[$<$sets$>$] / far[$<$sets$>$]" in caption
 
 
 def test_the_note_says_report_csv_holds_fractions_and_what_seeds_counts(tmp_path: Path) -> None:

@@ -153,9 +153,9 @@ def test_a_by_key_no_run_has_is_refused(runs: Path, capsys: pytest.CaptureFixtur
 def test_latex_is_booktabs(runs: Path) -> None:
     tex = to_latex(*aggregate(load_rows([runs / "sweep"])))
     lines = tex.splitlines()
-    assert lines[0] == "\\begin{tabular}{lllll" + "r" * 10 + "}" and lines[1] == "\\toprule" and lines[3] == "\\midrule"
-    assert lines[-2:] == ["\\bottomrule", "\\end{tabular}"]
-    assert "id\\_dataset & trainer.max\\_epochs & seeds" in lines[2]
+    assert lines[6] == "\\begin{tabular}{lllll" + "r" * 10 + "}" and lines[7] == "\\toprule" and lines[9] == "\\midrule"
+    assert lines[-4:-2] == ["\\bottomrule", "\\end{tabular}%"]
+    assert "id\\_dataset & trainer.max\\_epochs & seeds" in lines[8]
     assert "ce & msp & small\\_cnn & digits & 1 & 2 & 75.00 $\\pm$ 7.07" in tex
 
 
@@ -163,7 +163,7 @@ def test_latex_escapes_each_special_character_once() -> None:
     """A config value with LaTeX's special characters (a checkpoint path from elsewhere, a `ckpt` column) compiles and
     reads as written: a backslash's own braces are not escaped again, `~` and `^` are text."""
     entry = {"method": "ce", "ckpt": "C:\\runs\\~me\\a_b^2 {x}.ckpt", "seeds": 1, "near/auroc": (0.5, 0.0, 1)}
-    line = to_latex(["method", "ckpt"], ["near/auroc"], [entry]).splitlines()[4]
+    line = to_latex(["method", "ckpt"], ["near/auroc"], [entry]).splitlines()[10]
     assert line == ("ce & C:\\textbackslash{}runs\\textbackslash{}\\textasciitilde{}me\\textbackslash{}a\\_b"
                     "\\textasciicircum{}2 \\{x\\}.ckpt & 1 & 50.00 \\\\")
 
@@ -175,7 +175,7 @@ def test_a_bar_in_a_config_value_stays_in_its_cell() -> None:
     row = to_markdown(["method", "data.ood.far"], ["near/auroc"], [entry]).splitlines()[2]
     assert row == "| ce | svhn\\|mnist | 1 | 50.00 |"
     assert re.split(r"(?<!\\)\|", row)[1:-1] == [" ce ", " svhn\\|mnist ", " 1 ", " 50.00 "]
-    line = to_latex(["method", "data.ood.far"], ["near/auroc"], [entry]).splitlines()[4]
+    line = to_latex(["method", "data.ood.far"], ["near/auroc"], [entry]).splitlines()[10]
     assert line == "ce & svhn\\textbar{}mnist & 1 & 50.00 \\\\"
 
 

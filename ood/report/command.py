@@ -24,7 +24,6 @@ from ood.report.references import (
 from ood.report.rendering import (
     FEWER_SEEDS_NOTE,
     FSOOD_NOTE,
-    LATEX_PACKAGE,
     NOTE,
     fewer_seeds,
     to_latex,
@@ -128,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "report.md", markdown)
     atomic_write(out / "report.csv", lambda tmp: write_csv(tmp, config_cols, metric_cols, table))
-    atomic_write_text(out / "report.tex", f"% {note}\n{LATEX_PACKAGE}\n" + to_latex(config_cols, metric_cols, table))
+    atomic_write_text(out / "report.tex", to_latex(config_cols, metric_cols, table, note))
     # a run folder's own figures/ are that run's ROC and histograms: the report's go beside them, in report/figures/
     figures_in = out / "report" if (out / "results.jsonl").is_file() else out
     if args.no_figures:

@@ -1,5 +1,5 @@
-"""The comparison table as text: Markdown and LaTeX (metrics in %, mean ± std over seeds) and CSV (values in
-[0, 1], `<col>_mean` / `<col>_std`)."""
+"""The comparison table as text: Markdown and LaTeX (a captioned `table` float; metrics in %, mean ± std over seeds)
+and CSV (values in [0, 1], `<col>_mean` / `<col>_std`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-#: LaTeX's special characters in text, replaced in one pass (the braces of `\textbackslash{}` stay as they are)
+#: LaTeX's special characters in text, replaced in one pass (the braces of `\textbackslash{}` stay as they are); `<`
+#: and `>` print as ¡ and ¿ in LaTeX's default OT1 font encoding, `±` needs a text-mode glyph: both in math
 LATEX_ESCAPES = {"\\": "\\textbackslash{}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}",
-                 "|": "\\textbar{}", **{c: "\\" + c for c in "&%$#_{}"}}
+                 "|": "\\textbar{}", "<": "$<$", ">": "$>$", "±": "$\\pm$", **{c: "\\" + c for c in "&%$#_{}"}}
 #: how the numbers were made, under the Markdown table and atop the LaTeX one: a reader of the table alone cannot tell
 #: the std's formula, how near/far are averaged, nor which of the two FPR95 conventions a column is
 NOTE = ("Metrics in % (report.csv: the same as fractions, 0-1, in `_mean` / `_std` columns): mean ± std over the row's "
@@ -19,8 +20,13 @@ NOTE = ("Metrics in % (report.csv: the same as fractions, 0-1, in `_mean` / `_st
         "the group's OOD sets per run, then over seeds. fpr95: OOD accepted as ID at the threshold keeping 95 % of ID "
         "(ID positive, as ODIN / Energy); fpr95_oodpos: ID rejected at 95 % of OOD caught (OpenOOD v1.5's). Higher is "
         "better for auroc and the accuracies, lower for fpr95 and fpr95_oodpos.")
-#: the package the LaTeX table's rules come from, a comment atop report.tex (the tabular alone does not say it)
-LATEX_PACKAGE = "% needs \\usepackage{booktabs} (\\toprule, \\midrule, \\bottomrule)"
+#: the packages report.tex's table needs, a comment atop it (the table alone does not say them)
+LATEX_PACKAGE = ("% needs \\usepackage{booktabs} (\\toprule, \\midrule, \\bottomrule) and \\usepackage{graphicx} "
+                 "(\\resizebox: the table shrinks to the line width when wider, else keeps its size)")
+#: report.tex's table's `\label`, for `\ref` in the paper
+LATEX_LABEL = "tab:ood-report"
+#: its short caption, in a list of tables (the full one is the note)
+LATEX_SHORT_CAPTION = "OOD detection: metrics in \\%, mean $\\pm$ std over seeds"
 
 
 #: what full-spectrum rows are, under the table whenever it has some
@@ -82,20 +88,34 @@ def _mean_and_std(cell: tuple[float, float, int]) -> tuple[float, float | str]:
     return mean, std if n > 1 else ""
 
 
-def to_latex(config_cols: Sequence[str], metric_cols: Sequence[str], table: Sequence[Mapping[str, Any]]) -> str:
-    """A LaTeX `booktabs` tabular (metrics in %, mean $\\pm$ std over seeds); needs `\\usepackage{booktabs}`."""
+def latex_text(text: str) -> str:
+    """`text` as LaTeX text: special characters escaped (`LATEX_ESCAPES`), each once."""
+    return re.sub(r"[\\&%$#_{}~^|<>±]", lambda m: LATEX_ESCAPES[m.group()], text)
 
-    def tex(text: str) -> str:
-        return re.sub(r"[\\&%$#_{}~^|]", lambda m: LATEX_ESCAPES[m.group()], text).replace(" ± ", " $\\pm$ ")
 
+def to_latex(config_cols: Sequence[str], metric_cols: Sequence[str], table: Sequence[Mapping[str, Any]],
+             note: str = NOTE) -> str:
+    """report.tex: a `table` float captioned by `note` (what ± is over, which way each metric is better: a reader of
+    the compiled table sees no `%` comment) around a booktabs tabular (metrics in %, mean ± std over seeds),
+    shrunk to the line width when wider (a report's many metric columns overran the page), never enlarged."""
     cols = [*config_cols, "seeds", *metric_cols]
+    # the note is Markdown: its `code` spans become \texttt
+    caption = re.sub(r"`([^`]*)`", r"\\texttt{\1}", latex_text(note))
     lines = [
+        LATEX_PACKAGE,
+        "\\begin{table}",
+        "\\centering",
+        f"\\caption[{LATEX_SHORT_CAPTION}]{{{caption}}}",
+        f"\\label{{{LATEX_LABEL}}}",
+        "\\resizebox{\\ifdim\\width>\\linewidth\\linewidth\\else\\width\\fi}{!}{%",
         "\\begin{tabular}{" + "l" * (len(config_cols)) + "r" * (len(cols) - len(config_cols)) + "}",
         "\\toprule",
-        " & ".join(tex(c) for c in cols) + " \\\\",
+        " & ".join(latex_text(c) for c in cols) + " \\\\",
         "\\midrule",
-        *(" & ".join(tex(c) for c in _cells(cols, entry)) + " \\\\" for entry in table),
+        *(" & ".join(latex_text(c) for c in _cells(cols, entry)) + " \\\\" for entry in table),
         "\\bottomrule",
-        "\\end{tabular}",
+        "\\end{tabular}%",
+        "}",
+        "\\end{table}",
     ]
     return "\n".join(lines) + "\n"
