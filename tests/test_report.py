@@ -310,7 +310,7 @@ def test_long_legend_values_are_cut_unless_labels_would_clash(tmp_path: Path, mo
             _write(tmp_path / str(len(bars)) / str(i), [_row(0, "s", "near", 0.75, path=value)])
         rows = load_rows([tmp_path / str(len(bars))])
         config_cols, _, table = aggregate(rows)
-        write_figures(tmp_path, config_cols, table, rows, ["none"])
+        write_figures(tmp_path, config_cols, table, rows, ["cluster"])
     assert bars == [
         [f"cluster path={'a' * 13}…{'x' * 13}", "cluster path=short"],
         [f"cluster path={middle[0]}", f"cluster path={middle[1]}"],

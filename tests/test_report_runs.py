@@ -428,3 +428,36 @@ def test_a_detectors_roc_curves_share_its_colour_and_a_configuration_its_style(
     write_figures(tmp_path, *aggregate(rows)[::2], rows, ["energy", "msp", "oe"])
     assert lines == [("energy method=ce", "C0", "-"), ("msp method=ce", "C1", "-"), ("energy method=oe", "C0", "--"),
                          ("msp method=oe", "C1", "--"), ("oe method=oe", "C2", "--")]
+
+
+def test_auroc_bars_draw_the_detectors_roc_draws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """auroc_bars.png drew every detector x configuration beside a roc.png of four detectors (81 entries, 5,800 px tall
+    for a 27-detector sweep of 3 methods): it draws the entries of roc.png's detectors, the automatic choice or
+    `--detectors`, in the same order, and names them in its title; its height is 0.16 in a bar."""
+    from ood.report.figures import write_figures
+
+    detectors = ("msp", "energy", "knn", "vim", "gen", "mls")
+    for lr in (0.1, 0.01):
+        folder = tmp_path / str(lr)
+        folder.mkdir()
+        rows = [{"method": "ce", "detector": d, "backbone": "small_cnn", "id_dataset": "digits", "ood_dataset": s,
+                 "ood_group": g, "seed": 0, "auroc": 0.5 + i / 20, "fpr95": 0.5, "id_acc": 0.9,
+                 "method_params": {"optimizer.lr": lr}, "detector_params": {}}
+                for i, d in enumerate(detectors) for s, g in (("a", "near"), ("b", "far"))]
+        (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        np.savez(folder / "scores.npz", **{f"{d}/{s}": np.arange(5.0) - (s != "test") for d in detectors for s in ("test", "a", "b")})
+    drawn = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.__setitem__(Path(path).name, fig))
+    monkeypatch.setattr(plots, "histogram_figure", lambda *a, **k: None)
+    rows = load_rows([tmp_path])
+    for chosen in (None, ["vim", "msp"]):
+        write_figures(tmp_path, *aggregate(rows)[::2], rows, chosen)
+        ax = drawn["auroc_bars.png"].axes[0]
+        curves = [ln.get_label() for ln in drawn["roc.png"].axes[0].lines if ln.get_label()[0] != "_"][:-1]  # no chance
+        assert [t.get_text() for t in ax.get_yticklabels()] == curves
+        drawn[str(chosen)] = (ax.get_title(), curves, drawn["auroc_bars.png"].get_figheight())
+    assert drawn["None"] == ("near / far AUROC per configuration: energy, gen, mls, msp",
+                             ["energy lr=0.01", "energy lr=0.1", "gen lr=0.01", "gen lr=0.1", "mls lr=0.01", "mls lr=0.1",
+                              "msp lr=0.01", "msp lr=0.1"], pytest.approx(1.2 + 8 * 2 * 0.16 / 0.8))
+    assert drawn["['vim', 'msp']"][:2] == ("near / far AUROC per configuration: msp, vim",
+                                           ["msp lr=0.01", "msp lr=0.1", "vim lr=0.01", "vim lr=0.1"])

@@ -1,5 +1,5 @@
-"""The report's figures (`figures/` next to the tables): near/far AUROC bars of every table entry, and for the chosen
-detectors ROC curves per OOD set and score histograms, drawn by `ood.plots` from the lowest seed of each group; a
+"""The report's figures (`figures/` next to the tables), of the chosen detectors: near/far AUROC bars of their table
+entries, ROC curves per OOD set and score histograms, drawn by `ood.plots` from the lowest seed of each group; a
 full-spectrum entry (`mode=fsood`) draws its curves with ID = the ID test followed by its run's csid sets
 (`ood.plots.mode_scores`)."""
 
@@ -45,8 +45,8 @@ def write_figures(
     out: Path, config_cols: Sequence[str], table: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
     detectors: Sequence[str] | None = None,
 ) -> list[Path]:
-    """`figures/auroc_bars.png` (every table entry), and for the chosen detectors (default
-    `ood.plots.choose_scorers`) `figures/roc.png` and `figures/hist_<n>.png` (`hist_<nn>_fsood_<detector>.png` for a
+    """For the chosen detectors (default `ood.plots.choose_scorers`): `figures/auroc_bars.png` (their table
+    entries, the detectors named in its title), `figures/roc.png` and `figures/hist_<n>.png` (`hist_<nn>_fsood_<detector>.png` for a
     full-spectrum entry), each drawn from the scores of the lowest seed of its group (not its first folder: a sweep's job `0` may be
     any seed, and `10` sorts before `2`)."""
     import numpy as np
@@ -58,13 +58,16 @@ def write_figures(
     # cut long values unless that makes two entries' labels equal (one curve would hide the other)
     width = LABEL_VALUE if len({_label(e, varying, single, LABEL_VALUE) for e in table}) == len(table) else None
     figures = plots.clear_curves(out / "figures")
+    chosen = list(detectors) if detectors else plots.choose_scorers(rows)
+    # the bars of roc.png's detectors only: every detector x configuration (81 bars of a 27-detector, 3-method
+    # report) made a figure 5,800 px tall
     bars = [
         (_label(e, varying, single, width) if not single else str(e["detector"]),
          {g: e[f"{g}/auroc"][:2] for g in ("near", "far") if f"{g}/auroc" in e})
-        for e in table
+        for e in table if e["detector"] in chosen
     ]
-    paths = [plots.auroc_bars(bars, figures / "auroc_bars.png", "near / far AUROC per configuration")]
-    chosen = list(detectors) if detectors else plots.choose_scorers(rows)
+    drawn = ", ".join(dict.fromkeys(str(e["detector"]) for e in table if e["detector"] in chosen))  # the bars' order
+    paths = [plots.auroc_bars(bars, figures / "auroc_bars.png", f"near / far AUROC per configuration: {drawn}")]
     ood_sets = list(dict.fromkeys(str(r["ood_dataset"]) for r in rows))
     curves: dict[str, plots.SplitScores] = {}  # label -> scores, ID as the entry's mode measures it
     scored: dict[str, tuple[str, list[str], dict[str, np.ndarray], Any]] = {}  # label -> mode, csid sets, scores, seed
