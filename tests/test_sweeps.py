@@ -348,3 +348,21 @@ def test_a_sweep_naming_a_module_only_its_cluster_nodes_import_is_left_to_its_jo
     with pytest.raises(ConfigError) as refused:
         check_sweep_jobs(CONFIG_DIR, "train", ["-m", "seed=0,-1", "detectors.names=[msp,cluster_only.detectors.MyDet]"])
     assert str(refused.value).startswith("job 1 of the sweep (seed=-1 'detectors.names=[msp,cluster_only.detectors.MyDet]'): seed=-1 is outside")
+
+
+@pytest.mark.parametrize(("target", "error"), [
+    ("ood.methods.ce.CEE", "method._target_='ood.methods.ce.CEE': ood.methods.ce holds nothing named 'CEE'; its "
+                           "methods, closest first: CrossEntropy"),
+    ("ood.methods.cee.CE", "method._target_='ood.methods.cee.CE' cannot be imported: No module named 'ood.methods.cee'"),
+])
+def test_a_sweeps_method_target_naming_no_class_stops_it_before_any_job(target: str, error: str) -> None:
+    """A method `_target_` naming a class its module (which imports) does not hold, or a misspelt module of ood's own,
+    passed the pre-sweep check silently (Hydra's `get_class` failed inside it): job 0 failed at its start. One line
+    names the job, the path and the module's methods, closest first."""
+    from ood import CONFIG_DIR
+    from ood.errors import ConfigError
+    from ood.runs.sweeps import check_sweep_jobs
+
+    with pytest.raises(ConfigError) as refused:
+        check_sweep_jobs(CONFIG_DIR, "train", ["-m", f"method._target_={target}", "seed=0,1"])
+    assert str(refused.value) == f"job 0 of the sweep (method._target_={target} seed=0): {error}; no job was started"

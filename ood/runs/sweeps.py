@@ -6,6 +6,7 @@ the check of every job's config before a sweep's first job starts (`check_sweep_
 from __future__ import annotations
 
 import copy
+import difflib
 import importlib
 import json
 import shlex
@@ -226,13 +227,12 @@ def check_sweep_jobs(config_dir: str | Path, config_name: str, argv: Sequence[st
 def check_job(cfg: DictConfig) -> dict[str, str]:
     """The checks of one run's composed config that read no data, build no network and look for no GPU: epochs,
     seed, weights (`check_values`), loader counts and `data.fit_fraction`, detector names and parameters, the
-    objective, and the method's own values (its constructor, given an `_Unbuilt` network). A check that fails
-    otherwise (an interpolation only the job resolves, a constructor reaching the network) leaves the rest to the
-    job, as does a module of the user's that the method `_target_` or a detector's import path names and that does
-    not import here (a module on the PYTHONPATH a cluster launcher's `setup` sets on the node): returned, module ->
-    why, for the sweep's one warning (refused, it stopped a sweep that would have run)."""
-    from hydra.utils import get_class
-
+    objective, the method's class (`_method_class`) and its own values (its constructor, given an `_Unbuilt`
+    network). A check that fails otherwise (an interpolation only the job resolves, a constructor reaching the
+    network) leaves the rest to the job, as does a module of the user's that the method `_target_` or a detector's
+    import path names and that does not import here (a module on the PYTHONPATH a cluster launcher's `setup` sets on
+    the node): returned, module -> why, for the sweep's one warning (refused, it stopped a sweep that would have
+    run)."""
     from ood.data.benchmark import LOADER_COUNTS, check_loader_options
     from ood.runs.checks import check_values
     from ood.utils import instantiate
@@ -249,7 +249,7 @@ def check_job(cfg: DictConfig) -> dict[str, str]:
         if elsewhere:
             return elsewhere
         evaluator = instantiate(node)
-        method = getattr(get_class(cfg.method._target_), "name", None)
+        method = getattr(_method_class(str(cfg.method._target_)), "name", None)
         if isinstance(method, str):
             evaluator.check_own_names(method, [method])
             if cfg.get("evaluate", True):
@@ -277,6 +277,27 @@ def _unimportable(paths: Iterable[str]) -> dict[str, str]:
             if (err.name or module).split(".")[0] != "ood":
                 out[module] = str(err)
     return out
+
+
+def _method_class(target: str) -> Any:
+    """The class the method `_target_` names, imported: one line for a module that imports but holds no such name
+    (its methods, closest first), and for a module of ood's own that does not exist (`_unimportable` left a user's
+    module that does not import here to the jobs). Hydra's `get_class` failed both silently here: each job failed
+    at its start."""
+    from ood.methods import OODMethod
+
+    module_name, _, name = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"method._target_={target!r} cannot be imported: {err}") from None
+    if not hasattr(module, name):
+        methods = [k for k, v in vars(module).items()
+                   if isinstance(v, type) and issubclass(v, OODMethod) and v is not OODMethod and not k.startswith("_")]
+        close = difflib.get_close_matches(name, methods, n=5, cutoff=0)
+        hint = f"its methods, closest first: {', '.join(close)}" if close else "it holds no OODMethod subclass"
+        raise ConfigError(f"method._target_={target!r}: {module_name} holds nothing named {name!r}; {hint}")
+    return getattr(module, name)
 
 
 def _detached(cfg: DictConfig, key: str) -> DictConfig:
