@@ -30,7 +30,7 @@ from ood.runs.failures import (
     record_resumed,
     remove_earlier_results,
 )
-from ood.runs.identity import RunIdentity, flat_config, run_identity, write_identity
+from ood.runs.identity import RunIdentity, backbone_label, flat_config, run_identity, write_identity
 from ood.runs.sweeps import check_objective, failed_jobs_listed, sweep_jobs_checked, sweep_objective
 from ood.runs.trained import checkpoint_config
 from ood.termination import (
@@ -73,24 +73,6 @@ def run_modules() -> None:
     finally:
         logging.disable(previous)
     gc.freeze()
-
-
-#: the backbone config groups that build any network of a library (their `library` key): `backbone.name` (`module`:
-#: `backbone.target`) says which
-GENERIC_BACKBONES = ("timm", "torchvision", "module")
-
-
-def backbone_label(choice: str | None, node: Mapping[str, Any]) -> str:
-    """The `backbone` result rows name (`ood-report` groups and matches references by it): the Hydra choice, and for
-    a generic group (`choice` is the node's `library`, or None outside Hydra) the network too, `timm/resnet50`,
-    `module/my_pkg.Net`, with `ood.evaluate`'s `backbone.shapes` digest where it records one (two widths of one
-    class): `timm` alone made two networks of a sweep over `backbone.name` one backbone, averaged as seeds under
-    `--by`. A named group (`resnet18_32x32`, a user's config extending `timm`) names itself."""
-    library = node.get("library")
-    if library not in GENERIC_BACKBONES or choice not in (None, library):
-        return str(choice if choice is not None else node["_target_"].rsplit(".", 1)[-1])
-    shapes = node.get("shapes")
-    return f"{library}/{node.get('target' if library == 'module' else 'name')}" + (f"[{shapes}]" if shapes else "")
 
 
 def _choices() -> dict[str, Any]:

@@ -340,7 +340,7 @@ def test_backbone_label_outside_hydra_and_of_a_named_group_extending_a_library()
     """No Hydra choice (a build outside a Hydra run): the generic node still names its network, a named node its
     class; a user's config extending `timm` (its own choice) names itself; `ood.evaluate`'s shapes digest tells two
     widths of one class apart."""
-    from ood.train import backbone_label
+    from ood.runs.identity import backbone_label
 
     assert backbone_label(None, {"_target_": "x.timm_backbone", "library": "timm", "name": "vit_tiny"}) == "timm/vit_tiny"
     assert backbone_label(None, {"_target_": "ood.models.ResNet50"}) == "ResNet50"

@@ -105,29 +105,43 @@ def test_an_evaluations_logged_config_has_the_training_values_of_its_checkpoint(
     assert (logger.params["detectors.names"], logger.params["seed"]) == (["msp"], cfg.seed)
 
 
-def test_wandb_names_one_configuration_and_seed(tmp_path: Path) -> None:
-    """`run_name` was `<method>-<data>-<backbone choice>-s<seed>`: `backbone=timm backbone.name=resnet18,resnet50`
-    (or a swept lr) gave two configurations' runs one name. The name is the identity group (which has the config's
-    hash) and the seed: the seeds of one configuration share the group, each run has its own name; a given
-    run_name is kept."""
+def _wandb_args(tmp_path: Path, *overrides: str) -> dict:
+    """The arguments `build_loggers` gives the wandb logger of the run `overrides` compose (its identity group)."""
     from helpers import compose_config
 
     from ood.runs.identity import run_identity
     from ood.runs.loggers import build_loggers
 
+    cfg = compose_config(tmp_path, ["logger=wandb", f"logger.wandb._target_={__name__}.RecordingWandbLogger", *overrides])
+    choices = cfg.hydra.runtime.choices
+    group = run_identity(cfg, choices, tmp_path, None).group
+    (logger,) = [x for x in build_loggers(cfg, choices, group) if isinstance(x, RecordingWandbLogger)]
+    return logger.kwargs
+
+
+def test_wandb_names_one_configuration_and_seed(tmp_path: Path) -> None:
+    """`run_name` was `<method>-<data>-<backbone choice>-s<seed>`: `backbone=timm backbone.name=resnet18,resnet50`
+    (or a swept lr) gave two configurations' runs one name. The name is the identity group (which has the config's
+    hash) and the seed: the seeds of one configuration share the group, each run has its own name; a given
+    run_name is kept."""
     def wandb_args(*overrides: str) -> dict:
-        cfg = compose_config(tmp_path, ["backbone=timm", "logger=wandb", f"logger.wandb._target_={__name__}.RecordingWandbLogger",
-                                        *overrides])
-        choices = cfg.hydra.runtime.choices
-        group = run_identity(cfg, choices, tmp_path, None).group
-        (logger,) = [x for x in build_loggers(cfg, choices, group) if isinstance(x, RecordingWandbLogger)]
-        return logger.kwargs
+        return _wandb_args(tmp_path, "backbone=timm", *overrides)
 
     r18, r50 = wandb_args("backbone.name=resnet18"), wandb_args("backbone.name=resnet50")
     r18_s1 = wandb_args("backbone.name=resnet18", "seed=1")
     assert r18["group"] == r18_s1["group"] != r50["group"] and r18["group"].startswith("ce-digits-timm-")
     assert (r18["name"], r18_s1["name"], r50["name"]) == (f"{r18['group']}-s0", f"{r18['group']}-s1", f"{r50['group']}-s0")
     assert wandb_args("run_name=mine")["name"] == "mine"
+
+
+def test_wandb_tags_name_the_network_of_a_generic_backbone_as_the_rows_do(tmp_path: Path) -> None:
+    """The wandb tag of `backbone=timm` was `timm`, whatever `backbone.name`, where the result rows say
+    `timm/resnet50` (`backbone_label`): the tag is the rows' label; a named group tags itself."""
+    tags = {over: _wandb_args(tmp_path, *over.split())["tags"] for over in (
+        "backbone=timm backbone.name=resnet50", "backbone=torchvision backbone.name=resnet18",
+        "backbone=module backbone.target=torch.nn.Linear", "tags=[paper] backbone=small_cnn")}
+    assert list(tags.values()) == [["ce", "digits", "timm/resnet50"], ["ce", "digits", "torchvision/resnet18"],
+                                   ["ce", "digits", "module/torch.nn.Linear"], ["paper", "ce", "digits", "small_cnn"]]
 
 
 @pytest.mark.parametrize(("error", "code"), [(None, 0), (KeyboardInterrupt, 130), ("sigterm", 143), (ValueError, 1)])

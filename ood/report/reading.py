@@ -13,8 +13,7 @@ from typing import Any
 from ood.errors import OODError
 from ood.report.aggregation import config_params, trained_here
 from ood.runs.failures import FAILED_FILE, RESUMED_FILE, failure, resumed_from, resumed_in
-from ood.runs.identity import read_identity
-from ood.train import GENERIC_BACKBONES, backbone_label
+from ood.runs.identity import GENERIC_BACKBONES, backbone_label, read_identity
 
 #: the keys every result row needs for the table: its grouping, OOD set and shown metrics
 ROW_KEYS = ("method", "detector", "backbone", "id_dataset", "ood_dataset", "ood_group", "auroc", "fpr95")

@@ -76,6 +76,23 @@ TRAINING_KEYS = ("trainer.max_epochs", "method.optimizer.", "method.scheduler", 
 #: the config groups whose chosen option names a wandb group
 NAME_GROUPS = ("method", "data", "backbone")
 
+#: the backbone config groups that build any network of a library (their `library` key): `backbone.name` (`module`:
+#: `backbone.target`) says which
+GENERIC_BACKBONES = ("timm", "torchvision", "module")
+
+
+def backbone_label(choice: str | None, node: Mapping[str, Any]) -> str:
+    """The `backbone` result rows name (`ood-report` groups and matches references by it) and the wandb tag: the
+    Hydra choice, and for a generic group (`choice` is the node's `library`, or None outside Hydra) the network too,
+    `timm/resnet50`, `module/my_pkg.Net`, with `ood.evaluate`'s `backbone.shapes` digest where it records one (two
+    widths of one class): `timm` alone made two networks of a sweep over `backbone.name` one backbone, averaged as
+    seeds under `--by`. A named group (`resnet18_32x32`, a user's config extending `timm`) names itself."""
+    library = node.get("library")
+    if library not in GENERIC_BACKBONES or choice not in (None, library):
+        return str(choice if choice is not None else node["_target_"].rsplit(".", 1)[-1])
+    shapes = node.get("shapes")
+    return f"{library}/{node.get('target' if library == 'module' else 'name')}" + (f"[{shapes}]" if shapes else "")
+
 
 def flatten(container: Mapping[str, Any]) -> dict[str, Any]:
     """`{"a": {"b": 1}, "c": {}}` -> `{"a.b": 1, "c": {}}` (an empty mapping inside stays a value)."""

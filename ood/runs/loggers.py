@@ -5,9 +5,10 @@ survives spawned DDP stages, and the one wandb run per job.
   a run resumed from its own checkpoint continues its `version_N` folder, without the rows logged after that
   checkpoint (the resumed run logs them again), instead of starting `version_N+1`.
 - `build_loggers`: `cfg.logger`, each with the flattened resolved config; wandb also gets `group` = the run's
-  identity group (`ood.runs.identity`: configuration without the seed), tags from method, data and backbone, and
-  unless `run_name` is given, the name `<group>-s<seed>` (the group's hash tells apart what the group options do
-  not: `backbone.name`, a swept learning rate).
+  identity group (`ood.runs.identity`: configuration without the seed), tags from method, data and backbone (the
+  result rows' label, `backbone_label`: `timm/resnet50` of a generic group), and unless `run_name` is given, the
+  name `<group>-s<seed>` (the group's hash tells apart what the group options do not: `backbone.name`, a swept
+  learning rate).
 - `WandbLogger`: Lightning's, without the `anonymous=None` it hands `wandb.init` (wandb warned at every run that the
   setting has no effect).
 - `finish_wandb`: closes the job's wandb run, even in a multirun or after an error, with the job's exit status
@@ -26,7 +27,7 @@ from lightning.pytorch.loggers import csv_logs
 from lightning.pytorch.loggers import wandb as wandb_logs
 from omegaconf import DictConfig
 
-from ood.runs.identity import NAME_GROUPS, TRAINING_KEYS, flat_config
+from ood.runs.identity import NAME_GROUPS, TRAINING_KEYS, backbone_label, flat_config
 from ood.utils import instantiate
 
 
@@ -101,15 +102,17 @@ def build_loggers(cfg: DictConfig, choices: Mapping[str, Any], group: str, resum
     """Instantiate `cfg.logger`, each with the flattened resolved config as hyper-parameters (an evaluated
     checkpoint's training keys, `TRAINING_KEYS`, from `trained`, its stored config: the evaluation's own config holds
     its defaults there); a wandb logger joins `group` (the run's identity group), is named `<group>-s<seed>` unless its
-    `name` (`run_name`) is set, and is tagged with the chosen method, data and backbone; our CSV logger gets
-    `resume_epoch` (a run resuming its own checkpoint)."""
+    `name` (`run_name`) is set, and is tagged with the chosen method, data and backbone (as the result rows name
+    it: `timm/resnet50`); our CSV logger gets `resume_epoch` (a run resuming its own checkpoint)."""
     flat = flat_config(cfg) | {k: v for k, v in (trained or {}).items() if k.startswith(TRAINING_KEYS)}
     loggers = []
     for node in (cfg.get("logger") or {}).values():
         target = str(node.get("_target_", ""))
         extra: dict[str, Any] = {}
         if target.endswith("WandbLogger"):
-            tags = [*(node.get("tags") or []), *(str(choices[g]) for g in NAME_GROUPS if g in choices)]
+            chosen = [backbone_label(str(choices[g]), cfg.backbone) if g == "backbone" else str(choices[g])
+                      for g in NAME_GROUPS if g in choices]
+            tags = [*(node.get("tags") or []), *chosen]
             name = node.get("name") or f"{group}-s{cfg.seed}"
             extra = {"group": group, "tags": list(dict.fromkeys(tags)), "name": name}
         elif target == f"{CSVLogger.__module__}.{CSVLogger.__qualname__}":
