@@ -696,3 +696,12 @@ def test_two_networks_of_a_generic_backbone_group_are_never_averaged(tmp_path: P
     _, _, table = aggregate(load_rows([tmp_path]), by=[])
     assert {e["backbone"]: (e["seeds"], round(e["s/auroc"][0], 6)) for e in table} == {
         "timm/resnet18": (1, 0.5), "timm/resnet50": (2, 0.65), "my_vit": (1, 0.8), "resnet18_32x32": (1, 0.9)}
+
+
+def test_the_detectors_option_says_it_chooses_the_auroc_bars_too() -> None:
+    """`--detectors` chooses the detectors of auroc_bars.png as well as roc.png and hist_*.png (auroc_bars draws
+    roc.png's detectors); its help named the curves and histograms alone."""
+    from ood.report.command import parser
+
+    said = next(a.help for a in parser()._actions if "--detectors" in a.option_strings)
+    assert said == "comma-separated detectors to draw ROC curves, histograms and AUROC bars of"

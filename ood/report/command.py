@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
         "evaluation mode, which are never averaged over), e.g. "
         "method.optimizer.lr,trainer.max_epochs (default: every key that differs)",
     )
-    out.add_argument("--detectors", default=None, help="comma-separated detectors to draw ROC curves and histograms of")
+    out.add_argument("--detectors", default=None, help="comma-separated detectors to draw ROC curves, histograms and AUROC bars of")
     out.add_argument("--no-figures", action="store_true", help="tables only")
     out.add_argument(
         "--reference",

@@ -17,6 +17,8 @@ from ood.runs.identity import GENERIC_BACKBONES, backbone_label, read_identity
 
 #: the keys every result row needs for the table: its grouping, OOD set and shown metrics
 ROW_KEYS = ("method", "detector", "backbone", "id_dataset", "ood_dataset", "ood_group", "auroc", "fpr95")
+
+
 def _labelled(row: dict[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
     """`row` with a generic backbone group's label of a run written before rows named the network (`timm`), so its
     seeds group with later runs' `timm/resnet50`."""
