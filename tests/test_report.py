@@ -620,7 +620,8 @@ def test_report_tex_is_a_captioned_table_a_paper_can_input(tmp_path: Path) -> No
     """report.tex was a bare tabular: what ± is over, the std's formula and which way a metric is better were a `%`
     comment, absent from the compiled table. It is a `table` float whose caption is the note, with a label, and the
     tabular shrunk to the line width when wider (a digits report has 18 columns); it parses, special characters
-    (a config value's, the note's `%`, `_`, `±`, backticks, `<sets>`) escaped."""
+    (a config value's, the note's `%`, `_`, `±`, backticks, `<sets>`) escaped. The (n=k) note points to report.md
+    for the runs left out ("named below" was true under report.md's table, not in a paper's caption)."""
     from ood.report.references import STD_CONVENTIONS, SUBSET_NOTE
     from ood.report.rendering import FEWER_SEEDS_NOTE, LATEX_PACKAGE, NOTE, to_latex
 
@@ -644,7 +645,7 @@ def test_report_tex_is_a_captioned_table_a_paper_can_input(tmp_path: Path) -> No
         "over seeds. fpr95: OOD accepted as ID at the threshold keeping 95 \\% of ID (ID positive, as ODIN / Energy); "
         "fpr95\\_oodpos: ID rejected at 95 \\% of OOD caught (OpenOOD v1.5's). Higher is better for auroc and the "
         "accuracies, lower for fpr95 and fpr95\\_oodpos. (n=k): over k of the row's seeds, those that scored every OOD "
-        "set the cell averages (the others are named below).}")
+        "set the cell averages (report.md names the others).}")
     assert "Higher is better for auroc and the accuracies" in (tmp_path / "report.md").read_text()  # and under report.md's
     assert lines[10].startswith("cluster & cluster & small\\_cnn & digits & C:\\textbackslash{}a\\_b\\textasciitilde{}"
                                "\\textasciicircum{}\\{x\\}$<$y$>$\\textbar{}\\&\\%\\$\\#$\\pm$ & 2 & 72.50 $\\pm$ 3.54 & ")

@@ -34,9 +34,10 @@ FSOOD_NOTE = ("mode fsood: full-spectrum (OpenOOD v1.5's FSOOD), ID = ID test + 
               "sets; csid_acc: the accuracy over ID test and the csid sets pooled.")
 
 
-#: what a cell's `(n=k)` says, under the table whenever a cell has one
-FEWER_SEEDS_NOTE = ("(n=k): over k of the row's seeds, those that scored every OOD set the cell averages (the others "
-                    "are named below).")
+#: what a cell's `(n=k)` says, under the table whenever a cell has one (report.tex's caption too, where nothing is
+#: below: report.md names the runs left out)
+FEWER_SEEDS_NOTE = ("(n=k): over k of the row's seeds, those that scored every OOD set the cell averages (report.md "
+                    "names the others).")
 
 
 def _cell(value: Any, seeds: int | None = None) -> str:
