@@ -481,8 +481,9 @@ def resolve_detectors(names: str | Sequence[DetectorRef]) -> list[type[Detector]
         keep = {"full": lambda c: True, "all": lambda c: not c.full_only, "cached": lambda c: not (c.needs_model or c.full_only)}[names]
         return [_REGISTRY[n] for n in available_detectors() if keep(_REGISTRY[n]) and _REGISTRY[n].reproduces is None]
     unknown = [n for n in names if isinstance(n, str) and n not in _REGISTRY and n not in SELECTIONS and "." not in n]
-    if unknown:  # a list holds names and selections: the message lists both
-        raise ConfigError(f"unknown detector {unknown[0]!r}{_known_as(unknown[0])}; available: "
+    if unknown:  # a list holds names and selections: the message lists both, and every unknown name at once
+        named = ", ".join(f"{n!r}{_known_as(n)}" for n in dict.fromkeys(unknown))
+        raise ConfigError(f"unknown detector{'s' if len(set(unknown)) > 1 else ''} {named}; available: "
                           f"{', '.join(available_detectors())}; selections: {', '.join(SELECTIONS)}{_OWN}")
     picked = (resolve_detectors(name) if isinstance(name, str) and name in SELECTIONS else [detector_class(name)]
               for name in names)
@@ -532,7 +533,18 @@ OTHER_NAMES = {
     "base": "msp", "mls": "maxlogit", "ebo": "energy", "temp_scaling": "tempscale", "mds": "mahalanobis",
     "dropout": "mcdropout", "maxsoftmax": "msp", "energybased": "energy", "temperaturescaling": "tempscale",
     "klmatching": "klm", "rmd": "rmds", "multimahalanobis": "mds_ensemble", "mahalanobisodin": "mahalanobis_odin",
-    "nacue": "nac", "gradnormkl": "gradnorm",
+    "nacue": "nac", "gradnormkl": "gradnorm", "temperature_scaling": "tempscale",
+}
+#: OpenOOD v1.5 postprocessor keys and pytorch-ood classes (lower case) with no post-hoc detector here: what to use
+#: instead, so that `godin` is not answered with "did you mean 'odin'?"
+NOT_POST_HOC = {
+    "grood": "a method here: method=grood", "mcm": "not in ood: it needs CLIP's text embeddings",
+    "weightedebo": "not in ood: it needs VOS training",
+    "mcd": "OpenOOD's mcd trains two heads: not in ood; pytorch-ood's MCD (MC dropout) is 'mcdropout'",
+    **dict.fromkeys(("cider", "conf_branch", "godin", "npos", "mos", "t2fnorm", "reweightood", "rotpred", "rts",
+                     "ensemble", "opengan", "patchcore", "cutpaste", "draem", "dsvdd", "rd4ad", "ssd"),
+                    "not in ood: it trains a network of its own, needs several networks or is an anomaly-detection "
+                    "pipeline, not a post-hoc detector of a trained classifier"),
 }
 #: options of the `detectors` config group that are no selection, answered with the selection they hold
 #: (`detectors.names=fast` for `detectors=fast`, which `ood.evaluate(detectors="fast")` also takes)
@@ -546,6 +558,8 @@ def _known_as(name: object) -> str:
     ours = OTHER_NAMES.get(key) or GROUP_OPTIONS.get(key) or (key if key in _REGISTRY else None)
     if ours is not None:
         return f" (here: {ours!r})"
+    if key in NOT_POST_HOC:
+        return f" ({NOT_POST_HOC[key]})"
     close = difflib.get_close_matches(key, [*SELECTIONS, *available_detectors()], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -553,12 +567,22 @@ def _known_as(name: object) -> str:
 def build_detector(name: DetectorRef, **hparams: Any) -> Detector:
     """Construct the detector `name` (or class); unknown names or hyper-parameters raise `ConfigError` listing the choices."""
     cls = detector_class(name)
+    check_hparams(cls, hparams)
+    return cls(**hparams)
+
+
+def check_hparams(cls: type[Detector], hparams: dict[str, Any]) -> None:
+    """Raise `ConfigError` for a hyper-parameter `cls` does not take, naming ours where only the case differs
+    (OpenOOD's `K` of knn and nnguide is `k` here), or a value outside its declared range. The evaluation calls it
+    as it starts, before the network pass, so that a misnamed parameter does not fail after it."""
     accepted = hparam_names(cls)
+    lower = {name.lower(): name for name in accepted}
     unknown = sorted(set(hparams) - set(accepted))
     if unknown:
-        raise ConfigError(f"detector {cls.name!r} has no hyper-parameter {unknown}; accepted: {accepted or 'none'}")
+        ours = {lower[u.lower()] for u in unknown if u.lower() in lower}
+        hint = f" (here: {', '.join(sorted(ours))})" if ours else ""
+        raise ConfigError(f"detector {cls.name!r} has no hyper-parameter {unknown}{hint}; accepted: {accepted or 'none'}")
     check_ranges(cls, hparams)
-    return cls(**hparams)
 
 
 def check_ranges(cls: type[Detector], hparams: dict[str, Any]) -> None:
