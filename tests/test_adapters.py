@@ -39,6 +39,41 @@ def _tv_efficientnet() -> nn.Module:
     return torchvision.models.EfficientNet(setting, dropout=0.2, num_classes=3, last_channel=32)
 
 
+class OpenOODResNet(nn.Module):
+    """OpenOOD's ResNet18_32x32 (openood/networks/resnet18_32x32.py) as a user copies it in, with one block per stage
+    (its `num_blocks`) and torchvision's BasicBlock in place of OpenOOD's, which computes the same (the split calls
+    each `layerN` whole): the forward is OpenOOD's, line for line."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        block = torchvision.models.resnet.BasicBlock
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        widths = (8, 16, 32, 64)
+        for i, (cin, cout) in enumerate(zip((8, *widths), widths), start=1):
+            stride = 1 if i == 1 else 2
+            down = None if stride == 1 else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            setattr(self, f"layer{i}", nn.Sequential(block(cin, cout, stride, down)))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor, return_feature: bool = False, return_feature_list: bool = False) -> Any:
+        feature1 = nn.functional.relu(self.bn1(self.conv1(x)))
+        feature2 = self.layer1(feature1)
+        feature3 = self.layer2(feature2)
+        feature4 = self.layer3(feature3)
+        feature5 = self.layer4(feature4)
+        feature5 = self.avgpool(feature5)
+        feature = feature5.view(feature5.size(0), -1)
+        logits_cls = self.fc(feature)
+        feature_list = [feature1, feature2, feature3, feature4, feature5]
+        if return_feature:
+            return logits_cls, feature
+        if return_feature_list:
+            return logits_cls, feature_list
+        return logits_cls
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "timm_resnet": lambda: timm.create_model("resnet10t", pretrained=False, num_classes=3),
     "timm_convnext": lambda: timm.create_model("convnext_atto", pretrained=False, num_classes=3, dims=(8, 16, 24, 32)),
@@ -49,6 +84,7 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "tv_efficientnet": _tv_efficientnet,
     "tv_convnext": lambda: torchvision.models.ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=3),
     "tv_vit": _tv_vit,
+    "openood_resnet": OpenOODResNet,
 }
 STAGES = {
     "timm_resnet": ("stem", "layer1", "layer2", "layer3", "layer4"),
@@ -60,6 +96,7 @@ STAGES = {
     "tv_efficientnet": ("stem", "stage1", "stage2", "top"),
     "tv_convnext": ("stem", "stage1", "stage2"),
     "tv_vit": ("stem", "block0", "block1"),
+    "openood_resnet": ("stem", "layer1", "layer2", "layer3", "layer4"),
 }
 
 
@@ -90,6 +127,23 @@ def test_stage_split_reproduces_the_network(kind: str) -> None:
             assert torch.equal(backbone.forward_to(layer, x), out.layers[layer]), layer  # and up to it, its output
     with pytest.raises(ConfigError, match=r"unknown layer 'nope'.*choices: \['" + STAGES[kind][0]):
         backbone.features(x, ["nope"])
+
+
+def test_openoods_resnet_splits_as_its_feature_list() -> None:
+    """OpenOOD's ResNet18_32x32 copied into a user's code was wrapped as a whole: rankfeat, gram, mds_ensemble, nac
+    and the AdaSCALEs were skipped on it. It splits into OpenOOD's own feature list now (`return_feature_list`:
+    feature1 the stem, then layer1..layer3), its penultimate feature `return_feature`'s."""
+    torch.manual_seed(0)
+    net = OpenOODResNet().eval()
+    backbone = as_backbone(net)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = backbone.run(x, backbone.layer_names)
+        logits, feature = net(x, return_feature=True)
+        _, feature_list = net(x, return_feature_list=True)
+    assert torch.equal(out.logits, logits) and torch.equal(out.features, feature)
+    for name, theirs in zip(("stem", "layer1", "layer2", "layer3"), feature_list):
+        assert torch.equal(out.layers[name], theirs), name
 
 
 class Custom(nn.Module):

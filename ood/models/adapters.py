@@ -8,7 +8,9 @@ names under `net.`; nothing is copied or rebuilt.
   own sub-modules, so `features`, stage outputs and `forward_from(stage, z)` reproduce `net(x)` exactly
   (tests compare them). timm's split follows `forward_features` then `forward_head(pre_logits=True)`; stage names
   follow timm's `feature_info` / torchvision's children (`stem`, `layer1`.., `stage1`.., `block0`..). Any other
-  timm model has one stage, `features` (`forward_features`), before `forward_head(pre_logits=True)`.
+  timm model has one stage, `features` (`forward_features`), before `forward_head(pre_logits=True)`. OpenOOD's own
+  `ResNet18_32x32` / `ResNet18_64x64` (openood/networks, copied into a user's code) split as OpenOOD's
+  `return_feature_list` does: `stem` (conv1, bn1, ReLU: its feature1), `layer1`..`layer4`, pooled `fc` input.
 - `ModuleBackbone` (anything else): the penultimate feature is the input of the final linear layer, caught by a
   forward pre-hook on it: the layer named `feature_layer`, else the first of `fc`, `head`, `heads.head`,
   `classifier`, `last_linear` that is (or ends with) an `nn.Linear`, else the last `nn.Linear` registered.
@@ -43,7 +45,7 @@ HEAD_NAMES = ("fc", "head", "heads.head", "classifier", "last_linear")
 #: one-line summary of the models with an exact stage split (error messages)
 SPLIT_MODELS = (
     "timm ResNet / ConvNeXt / VisionTransformer (any other timm model: one stage, `features`), torchvision "
-    "ResNet / WideResNet / DenseNet / EfficientNet / ConvNeXt / VisionTransformer"
+    "ResNet / WideResNet / DenseNet / EfficientNet / ConvNeXt / VisionTransformer, OpenOOD's ResNet18_32x32 / _64x64"
 )
 LIBRARIES = ("timm", "torchvision", "module")
 
@@ -283,6 +285,10 @@ class StagedModel(AdaptedBackbone):
     def _step_flatten(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(x, 1)
 
+    def _step_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """OpenOOD's ResNet18_32x32 stem ends in a functional ReLU (`F.relu`), not a module."""
+        return nn.functional.relu(x)
+
     def _step_relu_pool(self, x: torch.Tensor) -> torch.Tensor:
         """torchvision DenseNet's tail: ReLU, global average pool, flatten."""
         return torch.flatten(nn.functional.adaptive_avg_pool2d(nn.functional.relu(x), 1), 1)
@@ -341,6 +347,8 @@ def staged_split(net: nn.Module) -> tuple[dict[str, Steps], Steps, str] | None:
         blocks = _numbered("block", [f"encoder.layers.{name}" for name, _ in net.encoder.layers.named_children()])
         pool = ("encoder.ln", "@class_token", *(("heads.pre_logits", "heads.act") if hasattr(net.heads, "pre_logits") else ()))
         return {"stem": ("@tv_vit_stem",), **blocks}, pool, "heads.head"
+    if is_openood_resnet(net):
+        return {"stem": ("conv1", "bn1", "@relu"), **{f"layer{i}": (f"layer{i}",) for i in (1, 2, 3, 4)}}, ("avgpool", "@flatten"), "fc"
     if not hasattr(net, "forward_head") or not hasattr(net, "get_classifier"):
         return None
     from timm.models import convnext, resnet, vision_transformer
@@ -356,6 +364,15 @@ def staged_split(net: nn.Module) -> tuple[dict[str, Steps], Steps, str] | None:
         blocks = _numbered("block", [f"blocks.{i}" for i in range(len(net.blocks))])
         return {"stem": ("@timm_vit_stem",), **blocks}, ("norm", "@pre_logits"), head
     return {"features": ("@timm_features",)}, ("@pre_logits",), head
+
+
+def is_openood_resnet(net: nn.Module) -> bool:
+    """OpenOOD's ResNet18_32x32 / ResNet18_64x64 (openood/networks): `forward(x, return_feature=False,
+    return_feature_list=False)` over conv1, bn1, a functional ReLU, layer1..layer4, avgpool and fc, with no max-pool
+    (its 224 px ResNets subclass torchvision's and split as those)."""
+    parts = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc")
+    return (all(isinstance(getattr(net, part, None), nn.Module) for part in parts) and not hasattr(net, "maxpool")
+            and "return_feature_list" in inspect.signature(net.forward).parameters)
 
 
 def _module_path(net: nn.Module, module: nn.Module) -> str:
