@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 
 from ood import CONFIG_DIR
 from ood.detectors import reference_name
+from ood.detectors.base import OTHER_NAMES
 
 REFERENCE_DIR = CONFIG_DIR / "reference" / "openood_v1.5"
 BENCHMARKS = ("cifar10", "cifar100", "imagenet200", "imagenet1k")
@@ -55,6 +56,8 @@ LIST_HOW = ("OpenOOD's benchmark lists and images: python scripts/download/downl
             "--datasets {dataset} --dataset_mode benchmark --save_dir {data} (github.com/Jingkang50/OpenOOD; "
             "ImageNet's own images from image-net.org)")
 DOWNLOAD_NAMES = {"cifar10": "cifar-10", "cifar100": "cifar-100", "imagenet200": "imagenet-200", "imagenet1k": "imagenet-1k"}
+#: OpenOOD's postprocessor key beside our name where they differ (`energy (ebo)`), for readers of OpenOOD's configs
+OPENOOD_KEYS = {OTHER_NAMES[key]: key for key in ("mls", "ebo", "temp_scaling", "mds", "dropout")}
 #: a difference (points of AUROC, or of ID accuracy) beyond this is marked
 MARK = 1.0
 #: the two ± columns are not the same statistic: OpenOOD's scripts/eval_ood.py takes np.std over its runs
@@ -181,7 +184,9 @@ def parity_table(benchmark: str, rows: Sequence[dict[str, str]]) -> tuple[str, i
                 cells.append(f"{diff:+.2f}{' !' if abs(diff) > MARK else ''}")
             else:
                 cells.append("-")
-        lines.append(f"| {row['detector']} | " + " | ".join(cells) + " |")
+        name = row["detector"]
+        label = f"{name} ({OPENOOD_KEYS[name]})" if name in OPENOOD_KEYS else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append(id_accuracy(rows, reference))
     lines.append(f"\nnot in ood (leaderboard only): {', '.join(reference.get('not_in_ood', [])) or '-'}")
     lines.append(f"\n{STDS}")

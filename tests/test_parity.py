@@ -79,7 +79,7 @@ def test_parity_runs_end_to_end_on_fabricated_files(tmp_path: Path, capsys: pyte
     ours_near = float(knn[1].split(" ± ")[0])
     assert knn[3] == f"{ours_near - 90.64:+.2f} !"
     assert {line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")} >= {
-        "| msp", "| energy", "| knn", "| mahalanobis"}
+        "| msp", "| energy (ebo)", "| knn", "| mahalanobis (mds)"}
     # the networks' ID accuracy (the runs' results, mean ± std over the two seeds) beside the leaderboard's
     accs = [100 * json.loads(line)["id_acc"] for s in ("s0", "s1")
             for line in (tmp_path / "parity" / "cifar10" / s / "results.jsonl").read_text().splitlines()[:1]]
@@ -98,6 +98,9 @@ def test_leaderboard_detector_that_did_not_run_keeps_its_row() -> None:
     assert lines["| knn"] == "| knn | 90.00 ± 1.00 | 90.64 ± 0.20 | -0.64 | 93.00 ± 0.00 | 92.96 ± 0.14 | +0.04 |"
     assert lines["| gram"] == "| gram | - | 58.66 ± 4.83 | - | - | 71.73 ± 3.20 | - |"
     assert lines["| fdbd"] == "| fdbd | - | 90.42 | - | - | 93.16 | - |"  # one run: [mean] only, no ± 0.00
+    # OpenOOD's key beside ours where they differ (a reader of OpenOOD's configs looks for ebo, mls, mds)
+    assert lines["| energy (ebo)"] == "| energy (ebo) | - | 87.58 ± 0.46 | - | - | 91.21 ± 0.92 | - |"
+    assert {"| maxlogit (mls)", "| mahalanobis (mds)", "| tempscale (temp_scaling)", "| knn"} <= set(lines)
     assert table.endswith(parity_openood.STDS)
     assert "\nID accuracy (%): ours - | OpenOOD 95.06 ± 0.30 | diff -\n" in table  # no row carries an accuracy
     ref = load_reference(parity_openood.REFERENCE_DIR / "cifar10.yaml")
