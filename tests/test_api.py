@@ -1029,18 +1029,31 @@ def test_a_reused_output_dir_keeps_no_earlier_run_files(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "copy").exists()
 
 
-def test_a_failed_run_into_a_used_output_dir_leaves_failed_txt_not_the_earlier_results(tmp_path: Path) -> None:
+def test_a_failed_run_into_a_used_output_dir_leaves_failed_txt_not_the_earlier_results(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A second evaluation into an `output_dir` that fails after writing its config.yaml left the first run's
     results.jsonl and scores.npz beside it: `Results.from_dir` and ood-report read the first run's msp rows under a
-    config naming knn. As `ood-eval` does, the earlier results go first and the error is left in FAILED.txt."""
+    config naming knn. As `ood-eval` does, the earlier results go first and the error is left in FAILED.txt. A call
+    its checks refuse (a hyper-parameter out of range, checked as the evaluator is made) leaves the folder as it was."""
+    from ood.evaluation.evaluator import Evaluator
+
     paths = make_image_folders(tmp_path / "data", train=2, test=2, ood=2)
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3))
     run = dict(image_size=32, resize=32, device="cpu", output_dir=tmp_path / "run")
     ood.evaluate(net, paths["id"], [paths["far"]], detectors=["msp"], **run)
     with pytest.raises(ConfigError, match=r"^detector 'knn': k=0 is outside its range"):
         ood.evaluate(net, paths["id"], [paths["far"]], detectors=["knn"], overrides=["+detectors.params.knn.k=0"], **run)
+    assert (tmp_path / "run" / "results.jsonl").exists() and not (tmp_path / "run" / "FAILED.txt").exists()
+
+    def fails(*args: object, **kwargs: object) -> None:
+        raise ConfigError("detector 'knn': failed in the run")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Evaluator, "evaluate", fails)
+        with pytest.raises(ConfigError, match=r"^detector 'knn': failed in the run$"):
+            ood.evaluate(net, paths["id"], [paths["far"]], detectors=["knn"], **run)
     assert not (tmp_path / "run" / "results.jsonl").exists() and not (tmp_path / "run" / "scores.npz").exists()
-    assert (tmp_path / "run" / "FAILED.txt").read_text().startswith("ConfigError: detector 'knn': k=0 is outside")
+    assert (tmp_path / "run" / "FAILED.txt").read_text().startswith("ConfigError: detector 'knn': failed in the run")
     with pytest.raises(ConfigError, match=r"holds no results.jsonl: the evaluation did not finish$"):
         ood.Results.from_dir(tmp_path / "run")
     assert ood.evaluate(net, paths["id"], [paths["far"]], detectors=["msp"], **run).rows[0]["detector"] == "msp"
