@@ -366,3 +366,34 @@ def test_a_sweeps_method_target_naming_no_class_stops_it_before_any_job(target: 
     with pytest.raises(ConfigError) as refused:
         check_sweep_jobs(CONFIG_DIR, "train", ["-m", f"method._target_={target}", "seed=0,1"])
     assert str(refused.value) == f"job 0 of the sweep (method._target_={target} seed=0): {error}; no job was started"
+
+
+def test_a_sweeps_nested_method_target_is_found_as_hydra_finds_it(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Hydra takes a `_target_` `pkg.mod.Class.factory` (its longest importable module, then attributes); the
+    pre-sweep check took all but the last part for the module: a user's nested target was warned of as a module that
+    "cannot be imported here" (its jobs' checks skipped), and a nested ood path was refused as one that "cannot be
+    imported" (`ood.methods.ce.CrossEntropy` is no package). Now the nested target's jobs are checked, and a missing
+    attribute names the class that lacks it."""
+    import types
+
+    from ood import CONFIG_DIR
+    from ood.errors import ConfigError
+    from ood.methods.ce import CrossEntropy
+    from ood.runs.sweeps import check_sweep_jobs
+
+    presets = types.ModuleType("nested_presets")
+    presets.Presets = type("Presets", (), {"ce": CrossEntropy})  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "nested_presets", presets)
+    with caplog.at_level("WARNING", logger="ood.runs.sweeps"), pytest.raises(ConfigError) as refused:
+        check_sweep_jobs(CONFIG_DIR, "train", ["-m", "method._target_=nested_presets.Presets.ce",
+                                               "method.optimizer.lr=0.1,-1"])
+    assert str(refused.value) == ("job 1 of the sweep (method._target_=nested_presets.Presets.ce "
+                                  "method.optimizer.lr=-1): method.optimizer.lr=-1 is outside its range [0, inf]; no "
+                                  "job was started")
+    assert caplog.records == []
+    with pytest.raises(ConfigError) as refused:
+        check_sweep_jobs(CONFIG_DIR, "train", ["-m", "method._target_=ood.methods.ce.CrossEntropy.x", "seed=0,1"])
+    assert str(refused.value) == ("job 0 of the sweep (method._target_=ood.methods.ce.CrossEntropy.x seed=0): "
+                                  "method._target_='ood.methods.ce.CrossEntropy.x': ood.methods.ce.CrossEntropy holds "
+                                  "nothing named 'x'; no job was started")

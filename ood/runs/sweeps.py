@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from hydra.experimental.callback import Callback as HydraCallback
@@ -263,41 +264,82 @@ def check_job(cfg: DictConfig) -> dict[str, str]:
 
 
 def _unimportable(paths: Iterable[str]) -> dict[str, str]:
-    """Of import paths `module.Class`, the modules that do not import here -> the import error: a module missing
-    here, or one importing what is missing here. A module of ood's own is left out: its misspelt path is refused by
-    the check it fails, as a wrong class name in a module that imports is."""
+    """Of import paths (`module.Class`, or Hydra's nested `pkg.mod.Class.factory`), the modules that do not import
+    here -> the import error: a module missing here, or one importing what is missing here. A module of ood's own is
+    left out: its misspelt path is refused by the check it fails, as a wrong name in a module that imports is."""
     out: dict[str, str] = {}
     for path in paths:
-        module = path.rpartition(".")[0]
-        if not module or module in out:
+        if "." not in path:
             continue
         try:
-            importlib.import_module(module)
-        except ImportError as err:
-            if (err.name or module).split(".")[0] != "ood":
-                out[module] = str(err)
+            _located(path)
+        except _NotImported as err:
+            if (err.cause.name or err.module).split(".")[0] != "ood":
+                out.setdefault(err.module, str(err.cause))
+        except _NotFound:
+            pass
     return out
 
 
+class _NotImported(Exception):
+    """`module` of an import path does not import: `cause`, its ImportError."""
+
+    def __init__(self, module: str, cause: ImportError) -> None:
+        super().__init__(module, cause)
+        self.module, self.cause = module, cause
+
+
+class _NotFound(Exception):
+    """`owner` (an imported module or an attribute of one, at path `where`) holds nothing named `name`."""
+
+    def __init__(self, owner: Any, where: str, name: str) -> None:
+        super().__init__(where, name)
+        self.owner, self.where, self.name = owner, where, name
+
+
+def _located(path: str) -> Any:
+    """The object at import path `path`, found as Hydra's `_target_` is (`hydra._internal.utils._locate`, private):
+    its first part imported, then each next part an attribute, else a submodule of a package. Raises `_NotImported`
+    for a module that does not import: named as the path less its last part where the path's first part is missing
+    (a `module.Class` the node imports), else the module whose import failed; `_NotFound` for a part the (imported)
+    owner lacks, which is its last part or an owner that is no package."""
+    parts = path.split(".")
+    obj: Any = None
+    for i, part in enumerate(parts):
+        name = ".".join(parts[:i + 1])
+        if i and hasattr(obj, part):
+            obj = getattr(obj, part)
+            continue
+        if i and not hasattr(obj, "__path__"):  # a class, or a module that is no package: no submodule either
+            raise _NotFound(obj, ".".join(parts[:i]), part)
+        try:
+            obj = importlib.import_module(name)
+        except ImportError as err:
+            if i and err.name == name and i == len(parts) - 1:  # the last part, in a package that imports
+                raise _NotFound(obj, ".".join(parts[:i]), part) from None
+            raise _NotImported(path.rpartition(".")[0] if err.name == parts[0] else name, err) from None
+    return obj
+
+
 def _method_class(target: str) -> Any:
-    """The class the method `_target_` names, imported: one line for a module that imports but holds no such name
-    (its methods, closest first), and for a module of ood's own that does not exist (`_unimportable` left a user's
-    module that does not import here to the jobs). Hydra's `get_class` failed both silently here: each job failed
-    at its start."""
+    """The class (or factory) the method `_target_` names, imported as Hydra does (`_located`): one line for a module
+    that imports but holds no such name (its methods, closest first), and for a module of ood's own that does not
+    exist (`_unimportable` left a user's module that does not import here to the jobs). Hydra's `get_class` failed
+    both silently here: each job failed at its start."""
     from ood.methods import OODMethod
 
-    module_name, _, name = target.rpartition(".")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ConfigError(f"method._target_={target!r} cannot be imported: {err}") from None
-    if not hasattr(module, name):
-        methods = [k for k, v in vars(module).items()
-                   if isinstance(v, type) and issubclass(v, OODMethod) and v is not OODMethod and not k.startswith("_")]
-        close = difflib.get_close_matches(name, methods, n=5, cutoff=0)
-        hint = f"its methods, closest first: {', '.join(close)}" if close else "it holds no OODMethod subclass"
-        raise ConfigError(f"method._target_={target!r}: {module_name} holds nothing named {name!r}; {hint}")
-    return getattr(module, name)
+        return _located(target)
+    except _NotImported as err:
+        raise ConfigError(f"method._target_={target!r} cannot be imported: {err.cause}") from None
+    except _NotFound as err:
+        hint = ""
+        if isinstance(err.owner, ModuleType):
+            methods = [k for k, v in vars(err.owner).items() if isinstance(v, type) and issubclass(v, OODMethod)
+                       and v is not OODMethod and not k.startswith("_")]
+            close = difflib.get_close_matches(err.name, methods, n=5, cutoff=0)
+            hint = f"; its methods, closest first: {', '.join(close)}" if close else "; it holds no OODMethod subclass"
+        raise ConfigError(f"method._target_={target!r}: {err.where} holds nothing named {err.name!r}{hint}") from None
 
 
 def _detached(cfg: DictConfig, key: str) -> DictConfig:
