@@ -250,3 +250,16 @@ def test_knn_grid_beyond_every_fit_row_scores_one_point_not_five_copies(caplog: 
     farthest = torch.cdist(unit(val.features), unit(train.features)).max(1).values ** 2
     torch.testing.assert_close(first, -farthest, rtol=1e-5, atol=1e-6)
     assert rest == [None] * 4
+
+
+def test_knn_with_no_grid_k_within_its_fit_rows_is_recorded_untuned_as_a_one_point_grid() -> None:
+    """Where no k of knn's grid fits the 30 fit rows, its first point alone is scored, yet the rows said tuned=True,
+    tuned_params=['k']: a choice among one. Now they say what a one-point grid says (tuned=False, no tuned_params),
+    with the k used (the grid's first) among its parameters; a grid with two k within the rows is still tuned."""
+    from ood.evaluation.scoring import detector_scorers
+
+    banks = {"train": bank(30, 8), "val": bank(10, 8, seed=1), "val_ood": bank(10, 8, seed=2, scale=0.1)}
+    (scorer,) = detector_scorers(["knn"], {}, banks, tune=True)
+    assert (scorer.hparams, scorer.tuned) == ({"k": 50, "index": "exact"}, [])
+    (scorer,) = detector_scorers(["knn"], {}, {**banks, "train": bank(120, 8)}, tune=True)
+    assert scorer.tuned == ["k"]

@@ -137,10 +137,11 @@ def test_knn_tuning_searches_once_per_split(banks: dict[str, FeatureBank], monke
 def test_vim_drops_inapplicable_grid_points(
     banks: dict[str, FeatureBank], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """D=16: grid points with dim >= D are dropped; with none left, the run skips vim and says why."""
+    """D=16: grid points with dim >= D are dropped (one left: nothing was chosen, untuned as a one-point grid); with
+    none left, the run skips vim and says why."""
     monkeypatch.setattr(detector_class("vim"), "grid", {"dim": [8, 16, 256]})
     det, tuned = fit_detector("vim", {}, banks, tune=True)
-    assert tuned and det.dim == 8
+    assert not tuned and det.dim == 8
     with pytest.raises(DetectorNotApplicable, match="dim < feature dim D=16"):
         fit_detector("vim", {"dim": 16}, banks, tune=True)
     with caplog.at_level(logging.WARNING):

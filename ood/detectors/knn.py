@@ -77,7 +77,7 @@ class KNN(Detector):
         """One search at the largest k within the bank; column k-1 is the score at k. A k beyond the bank has no k-th
         neighbour: None (tuning drops it; said once per fit). Where no k fits, the first point alone is scored,
         reading the farthest row as `score` does (its fit said so): every other point would read that same row, tuned
-        as if they differed, and the run recorded the grid's first k as chosen over them."""
+        as if they differed; the run records that one point as untuned (`tune_detector`), its k as the k used."""
         n = self.index_.ntotal
         ks = [p.get("k", self.k) for p in points]
         fits = [k for k in ks if k <= n]

@@ -217,9 +217,11 @@ def tune_detector(
     The chosen point has the highest val AUROC, the first in OpenOOD's order (`sweep_order`) among exact ties, as
     OpenOOD's search chooses. Fixed `params` are never tuned. Grid points that differ only in `score_params` share
     one fit. Detectors that need the model are tuned through `model_scores(detector, split)` on `val` and `val_ood`
-    (the extra passes ODIN needs). Returns the fitted detector (set to the chosen point), whether a search happened, and the
-    chosen point's scores on `val` and `val_ood` from the search (empty without one). Raises
-    `DetectorNotApplicable` when no configuration applies (or the model is needed but not given).
+    (the extra passes ODIN needs). Returns the fitted detector (set to the chosen point), whether a search happened
+    (one that scored a single applicable point, as knn's grid beyond every fit row does, chose nothing: it is
+    recorded as a one-point grid is, untuned, the point's values among the detector's parameters), and the chosen
+    point's scores on `val` and `val_ood` from the search (empty without one). Raises `DetectorNotApplicable` when no
+    configuration applies (or the model is needed but not given).
     """
     cls = detector_class(name)
     name = cls.name
@@ -236,6 +238,7 @@ def tune_detector(
     order = sweep_order(free)
     best: tuple[tuple[float, int], dict[str, Any], Detector, dict[str, torch.Tensor]] | None = None
     reason: DetectorNotApplicable | None = None
+    scored = 0
     for group in groups.values():
         det = None
         while group and det is None:
@@ -246,6 +249,7 @@ def tune_detector(
         if det is None:
             continue
         for point, val, val_ood in _val_scores(det, group, banks, model_scores):
+            scored += 1
             auroc = ood_metrics(val, val_ood, name=f"{name}{point} on val")["auroc"]
             key = (auroc, -order.index(point))  # equal AUROCs: the first in OpenOOD's order, whatever fits came first
             if best is None or key > best[0]:
@@ -254,8 +258,8 @@ def tune_detector(
         raise DetectorNotApplicable(f"none of its {len(points)} grid points ({', '.join(free)}) applies: {reason}")
     (auroc, _), point, det, val_scores = best
     det.set_params(**{k: v for k, v in point.items() if k in cls.score_params})
-    log.debug("%s: chose %s (val AUROC %.4f over %d grid points)", name, point, auroc, len(points))
-    return det, True, val_scores
+    log.debug("%s: chose %s (val AUROC %.4f over %d of %d grid points)", name, point, auroc, scored, len(points))
+    return det, scored > 1, val_scores
 
 
 def with_data_facts(
