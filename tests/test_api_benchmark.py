@@ -195,19 +195,26 @@ def test_a_timm_model_on_a_benchmark_normalised_otherwise_is_warned_of_once(
     """`ood.evaluate(timm_model, benchmark="cifar10")` normalised with CIFAR's mean / std while the model's
     `pretrained_cfg` says ImageNet's, without a word (`ood-eval backbone=timm` warns): one warning now, before any
     image is read (here: none are there), whose `overrides=` silence it; none for a model without `pretrained_cfg`
-    or with the benchmark's own values."""
+    or with the benchmark's own values. It warned at every call (a training loop evaluating each epoch: each epoch),
+    with advice that did not say a model trained with the benchmark's normalisation (timm's `pretrained=False`, as
+    here) can ignore it: once per process now for one architecture and normalisation, saying so."""
+    from ood.runs import checks
+
     capture_warnings_of("ood.runs.checks", monkeypatch, caplog)
+    monkeypatch.setattr(checks, "_TIMM_SAID", set())
     model = timm.create_model("resnet18", pretrained=False, num_classes=10)
     own = TinyNet(10, 3)
     own.pretrained_cfg = {"mean": (0.4914, 0.4822, 0.4465), "std": (0.247, 0.2435, 0.2616)}  # CIFAR's: no warning
     said = ("the model's timm pretrained_cfg (resnet18) preprocesses with mean=[0.485, 0.456, 0.406], std=[0.229, "
             "0.224, 0.225], interpolation=bicubic, the data config with mean=[0.4914, 0.4822, 0.4465], std=[0.247, "
-            "0.2435, 0.2616], interpolation=bilinear: if the weights were trained with timm's preprocessing (timm's own "
-            "pretrained ones; weights you fine-tuned may not be), use timm's: overrides=['data.benchmark.mean=[0.485, "
-            "0.456, 0.406]', 'data.benchmark.std=[0.229, 0.224, 0.225]'] (its bilinear resize has no key: "
-            "id_data=<folders> take timm's bicubic)")
+            "0.2435, 0.2616], interpolation=bilinear: it matters only for timm's pretrained weights (a model trained "
+            "with the benchmark's own normalisation, from scratch as timm's pretrained=False or fine-tuned, can ignore "
+            "it); for those, use timm's: overrides=['data.benchmark.mean=[0.485, 0.456, 0.406]', "
+            "'data.benchmark.std=[0.229, 0.224, 0.225]'] (its bilinear resize has no key: id_data=<folders> take "
+            "timm's bicubic); said once per process for this architecture and normalisation")
     fix = ["data.benchmark.mean=[0.485, 0.456, 0.406]", "data.benchmark.std=[0.229, 0.224, 0.225]"]
-    for net, overrides, warned in [(model, [], [said]), (model, fix, []), (TinyNet(10, 3), [], []), (own, [], [])]:
+    for net, overrides, warned in [(model, [], [said]), (model, fix, []), (TinyNet(10, 3), [], []), (own, [], []),
+                                   (model, [], [])]:
         caplog.clear()
         with pytest.raises(DataNotFoundError, match=r"^cifar10: "):
             ood.evaluate(net, benchmark="cifar10", data_dir=tmp_path, detectors="msp", device="cpu",

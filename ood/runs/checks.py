@@ -122,6 +122,11 @@ def _data_preprocessing(cfg: DictConfig) -> tuple[str, dict[str, Any], bool]:
     return prefix, values, "interpolation" in node
 
 
+#: (architecture, timm's preprocessing, the data config's) that `check_timm_preprocessing` warned of for a model object:
+#: said once per process (a training loop calling `ood.evaluate` each epoch was warned each epoch)
+_TIMM_SAID: set[tuple[str, str, str]] = set()
+
+
 def check_timm_preprocessing(cfg: DictConfig, pretrained: Mapping[str, Any] | None = None) -> None:
     """Warn, before any image is read, when `backbone=timm` loads `backbone.weights` and the data config normalises
     (or resizes) otherwise than timm's pretrained config of that model: ViT-B/16's is mean = std = 0.5, bicubic, while
@@ -129,7 +134,9 @@ def check_timm_preprocessing(cfg: DictConfig, pretrained: Mapping[str, Any] | No
     and `ood.evaluate(model, id_data=<folders>)` take timm's config). Not for a name timm has no config of, nor for
     weights trained here (`backbone.weights=null`), nor for a resize alone that the data config has no key for.
     `pretrained`: the `pretrained_cfg` of the timm model object `ood.evaluate(model, benchmark=...)` was given,
-    compared alike, its remedy written as that call's `overrides=[...]`."""
+    compared alike, its remedy written as that call's `overrides=[...]`; said once per process for one architecture
+    and the two preprocessings, and said to matter only for timm's pretrained weights (a timm model built with
+    `pretrained=False` keeps its `pretrained_cfg`, though trained with the benchmark's normalisation)."""
     backbone = cfg.get("backbone") or {}
     python_api = pretrained is not None
     if not python_api:
@@ -171,11 +178,21 @@ def check_timm_preprocessing(cfg: DictConfig, pretrained: Mapping[str, Any] | No
     def said(values: Mapping[str, Any]) -> str:
         return ", ".join(f"{key}={values[key] if key == 'interpolation' else list(values[key])}" for key in keys)
 
-    who = (f"the model's timm pretrained_cfg ({pretrained.get('architecture') or 'no architecture'})" if python_api else
-           f"backbone=timm backbone.name={backbone.name} loads backbone.weights; timm's pretrained config of that model")
-    log.warning("%s preprocesses with %s, the data config with %s: if the weights were trained with timm's "
-                "preprocessing (timm's own pretrained ones; weights you fine-tuned may not be), use timm's: %s",
-                who, said(theirs), said(data), fixes)
+    if python_api:
+        architecture = pretrained.get("architecture") or "no architecture"
+        if (architecture, said(theirs), said(data)) in _TIMM_SAID:
+            return
+        _TIMM_SAID.add((architecture, said(theirs), said(data)))
+        who = f"the model's timm pretrained_cfg ({architecture})"
+        advice = ("it matters only for timm's pretrained weights (a model trained with the benchmark's own "
+                  "normalisation, from scratch as timm's pretrained=False or fine-tuned, can ignore it); for those")
+        fixes += "; said once per process for this architecture and normalisation"
+    else:
+        who = f"backbone=timm backbone.name={backbone.name} loads backbone.weights; timm's pretrained config of that model"
+        advice = ("if the weights were trained with timm's preprocessing (timm's own pretrained ones; weights you "
+                  "fine-tuned may not be)")
+    log.warning("%s preprocesses with %s, the data config with %s: %s, use timm's: %s", who, said(theirs), said(data),
+                advice, fixes)
 
 
 def check_values(cfg: DictConfig) -> None:
