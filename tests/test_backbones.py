@@ -338,12 +338,12 @@ def test_result_rows_name_the_network_of_a_generic_backbone_group(tmp_path: Path
 
 def test_backbone_label_outside_hydra_and_of_a_named_group_extending_a_library() -> None:
     """No Hydra choice (a build outside a Hydra run): the generic node still names its network, a named node its
-    class; a user's config extending `timm` (its own choice) names itself; `ood.evaluate`'s shapes digest tells two
-    widths of one class apart."""
+    class; a user's config extending `timm` (its own choice) names itself; `ood.evaluate`'s shapes digest stays out of
+    the label (its rows equal `ood-eval`'s of the same network, which records none)."""
     from ood.runs.identity import backbone_label
 
     assert backbone_label(None, {"_target_": "x.timm_backbone", "library": "timm", "name": "vit_tiny"}) == "timm/vit_tiny"
     assert backbone_label(None, {"_target_": "ood.models.ResNet50"}) == "ResNet50"
     assert backbone_label("my_vit", {"library": "timm", "name": "vit_tiny"}) == "my_vit"
     assert backbone_label("module", {"library": "module", "target": "pkg.Net", "shapes": "0123456789ab"}) == \
-        "module/pkg.Net[0123456789ab]"
+        "module/pkg.Net"

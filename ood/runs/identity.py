@@ -84,14 +84,14 @@ GENERIC_BACKBONES = ("timm", "torchvision", "module")
 def backbone_label(choice: str | None, node: Mapping[str, Any]) -> str:
     """The `backbone` result rows name (`ood-report` groups and matches references by it) and the wandb tag: the
     Hydra choice, and for a generic group (`choice` is the node's `library`, or None outside Hydra) the network too,
-    `timm/resnet50`, `module/my_pkg.Net`, with `ood.evaluate`'s `backbone.shapes` digest where it records one (two
-    widths of one class): `timm` alone made two networks of a sweep over `backbone.name` one backbone, averaged as
-    seeds under `--by`. A named group (`resnet18_32x32`, a user's config extending `timm`) names itself."""
+    `timm/resnet50`, `module/my_pkg.Net`: `timm` alone made two networks of a sweep over `backbone.name` one backbone,
+    averaged as seeds under `--by`. Not `ood.evaluate`'s `backbone.shapes` digest: its rows equal `ood-eval`'s of the
+    same network, which records none (the digest is in the run's configuration, whose columns keep two widths of one
+    class apart). A named group (`resnet18_32x32`, a user's config extending `timm`) names itself."""
     library = node.get("library")
     if library not in GENERIC_BACKBONES or choice not in (None, library):
         return str(choice if choice is not None else node["_target_"].rsplit(".", 1)[-1])
-    shapes = node.get("shapes")
-    return f"{library}/{node.get('target' if library == 'module' else 'name')}" + (f"[{shapes}]" if shapes else "")
+    return f"{library}/{node.get('target' if library == 'module' else 'name')}"
 
 
 def flatten(container: Mapping[str, Any]) -> dict[str, Any]:
