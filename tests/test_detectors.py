@@ -34,7 +34,7 @@ from ood.detectors import (
     relative_count,
     resolve_detectors,
 )
-from ood.detectors.base import POSITIVE, Detector
+from ood.detectors.base import POSITIVE, Detector, hparam_names, split_hparams
 from ood.detectors.tempscale import fit_temperature
 from ood.errors import ConfigError, NonFiniteError
 from ood.evaluation.evaluator import Evaluator
@@ -768,3 +768,52 @@ def test_row_slices_cover_the_rows_in_order_in_blocks_of_at_most_size() -> None:
     assert row_slices(6, 3) == [slice(0, 3), slice(3, 6)]
     assert row_slices(2, 5) == [slice(0, 2)]
     assert row_slices(0, 4) == []
+
+
+def test_a_list_is_a_grid_only_for_a_hyperparameter_that_takes_one_value() -> None:
+    """Every registered detector: each default and grid value is one value (AdaSCALE's percentile pair, mds_ensemble's
+    stages, a string), a list of a one-value key's values is its grid, a one-value list that value; for a key that
+    takes a sequence, a list of sequences is the grid."""
+    for name in available_detectors():
+        cls = detector_class(name)
+        for key, default in inspect_defaults(cls).items():
+            assert split_hparams(cls, {key: default}) == ({key: default}, {}), (name, key)
+        for key, values in cls.grid.items():
+            for value in values:
+                assert split_hparams(cls, {key: value}) == ({key: value}, {}), (name, key)
+            assert split_hparams(cls, {key: [values[0]]}) == ({key: values[0]}, {}), (name, key)
+    knn, adascale, combood = (detector_class(n) for n in ("knn", "adascale_a", "combood"))
+    assert split_hparams(knn, {"k": [10, 50], "index": "exact"}) == ({"index": "exact"}, {"k": [10, 50]})
+    assert split_hparams(adascale, {"percentile": [60, 65]}) == ({"percentile": [60, 65]}, {})
+    assert split_hparams(adascale, {"percentile": [[60, 65], (70, 80)]}) == ({}, {"percentile": [[60, 65], (70, 80)]})
+    assert split_hparams(detector_class("mds_ensemble"), {"stages": ["layer3", "layer4"]})[1] == {}
+    assert split_hparams(combood, {"features": ["extreme", "penultimate"]}) == ({}, {"features": ["extreme", "penultimate"]})
+
+
+def inspect_defaults(cls: type[Detector]) -> dict[str, Any]:
+    """The constructor defaults of a detector's hyper-parameters (those with one)."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    return {k: params[k].default for k in hparam_names(cls) if params[k].default is not inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize(
+    ("name", "hparams", "message"),
+    [("knn", {"k": [10, 0]}, "k=0 is outside its range whole numbers in [1, inf]"),
+     ("knn", {"k": []}, "k=[] lists no value: give one, or several to tune"),
+     ("adascale_a", {"percentile": [[60, 65], [70, 185]]}, "percentile=[70, 185] is outside its range [0, 100]")],
+)
+def test_each_value_of_a_grid_is_range_checked(name: str, hparams: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^detector '{name}': {re.escape(message)}$"):
+        Evaluator([name], params={name: hparams})
+
+
+def test_build_detector_builds_one_setting() -> None:
+    """A list of values to tune given to `build_detector` reached the constructor (knn's k a list, failing at score);
+    a one-value list is the value."""
+    with pytest.raises(ConfigError, match=r"^detector 'knn': k=\[10, 50\] lists values to tune, and build_detector "
+                                          r"builds one detector: give one value, e.g\. k=10 \(ood's evaluation tunes a "
+                                          r"list given in detectors\.params\)$"):
+        build_detector("knn", k=[10, 50])
+    assert build_detector("knn", k=[10]).k == 10

@@ -15,7 +15,7 @@ from ood.data.benchmark import EvalSplit
 from ood.detectors import DetectorNotApplicable, build_detector, detector_class
 from ood.detectors.base import Detector
 from ood.errors import ConfigError, NonFiniteError
-from ood.evaluation.evaluator import check_banks_finite, check_id_labels
+from ood.evaluation.evaluator import Evaluator, check_banks_finite, check_id_labels
 from ood.evaluation.scoring import detector_scorers, sweep_order, tune_detector
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
@@ -352,3 +352,77 @@ def test_the_same_score_warning_covers_the_csid_sets_full_spectrum_rows_rank(
     with caplog.at_level(logging.WARNING):
         evaluate([flat], splits, id_acc=1.0, info={}, modes=modes, csid_acc={"blur": 1.0})
     assert [r.getMessage() for r in caplog.records] == ([message] if message else [])
+
+
+def _best_point(name: str, grid: dict[str, list], banks: dict[str, FeatureBank]) -> dict:
+    """The point of `grid` with the highest val AUROC, the first in OpenOOD's order among ties, by brute force."""
+    fit_bank = banks[detector_class(name).fit_split]
+    aurocs = [(_val_auroc(build_detector(name, **p).fit(fit_bank), banks), p) for p in sweep_order(grid)]
+    return next(p for a, p in aurocs if a == max(a for a, _ in aurocs))
+
+
+def test_a_list_for_a_one_value_hyperparameter_is_its_tuning_grid(
+    banks: dict[str, FeatureBank], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`detectors.params.knn.k=[100,10,50]` (OpenOOD's `K_list`) passed the range check and failed after the network
+    pass ('>' not supported between 'list' and 'int'): it is knn's grid in place of its own, searched as the built-in
+    one is (one index, one search per split at the largest k: the points share one fit); gen's gamma list replaces
+    gamma's grid, M keeps its own; residual's dim, which has none, gets one."""
+    searches: list[int] = []
+    adds: list[int] = []
+    search, add = KNNIndex.search, KNNIndex.add
+    monkeypatch.setattr(KNNIndex, "search", lambda self, q, k: searches.append(k) or search(self, q, k))
+    monkeypatch.setattr(KNNIndex, "add", lambda self, x, *rest: adds.append(len(x)) or add(self, x, *rest))
+    det, tuned = fit_detector("knn", {"k": [100, 10, 50]}, banks, tune=True)
+    assert searches == [100, 100] and adds == [400]
+    assert tuned and det.k == _best_point("knn", {"k": [100, 10, 50]}, banks)["k"]
+    gen_grid = {"gamma": [1.0, 0.1], "M": list(detector_class("gen").grid["M"])}
+    det, tuned = fit_detector("gen", {"gamma": [1.0, 0.1]}, banks, tune=True)
+    assert tuned and (det.gamma, det.M) == tuple(_best_point("gen", gen_grid, banks).values())
+    det, tuned = fit_detector("residual", {"dim": [2, 8]}, banks, tune=True)
+    assert tuned and det.dim == _best_point("residual", {"dim": [2, 8]}, banks)["dim"]
+
+
+def test_a_users_grid_is_recorded_as_tuned_and_a_one_value_list_as_fixed(banks: dict[str, FeatureBank]) -> None:
+    params = {"knn": {"k": [10, 50]}, "gen": {"gamma": [1.0, 0.1]}, "residual": {"dim": [2, 8]}, "react": {"percentile": [95]}}
+    scorers = {s.name: s for s in detector_scorers(["knn", "gen", "residual", "react"], params, banks, tune=True)}
+    assert {n: s.tuned for n, s in scorers.items()} == {"knn": ["k"], "gen": ["M", "gamma"], "residual": ["dim"], "react": []}
+    assert scorers["knn"].hparams == {"k": _best_point("knn", {"k": [10, 50]}, banks)["k"], "index": "exact"}
+    assert scorers["react"].hparams == {"percentile": 95}
+
+
+def test_a_grid_with_tuning_off_is_refused_in_one_line(banks: dict[str, FeatureBank]) -> None:
+    """A list asks for a search: with detectors.tune=false it is refused before the network pass (the evaluator is
+    made as the run starts), and by tuning's own entry alike; a one-value list is that value."""
+    message = (r"^detector 'knn': k=\[10, 50\] lists values to tune on validation OOD, and tuning is off "
+               r"\(detectors\.tune=false\); give one value, e.g\. k=10$")
+    with pytest.raises(ConfigError, match=message):
+        Evaluator(["knn"], params={"knn": {"k": [10, 50]}}, tune=False)
+    with pytest.raises(ConfigError, match=message):
+        fit_detector("knn", {"k": [10, 50]}, banks, tune=False)
+    det, tuned = fit_detector("knn", {"k": [10]}, banks, tune=False)
+    assert (det.k, tuned) == (10, False)
+    assert Evaluator(["knn"], params={"knn": {"k": [10]}}, tune=False).params == {"knn": {"k": [10]}}
+
+
+def test_a_grid_given_on_the_command_line_reaches_the_rows(tmp_path: Path) -> None:
+    """End to end from the overrides `ood-eval` and `ood.evaluate(overrides=[...])` take (no `+` needed) to the
+    result rows: knn's k searched over the user's list, recorded tuned; cached banks, no network."""
+    from helpers import compose_config
+
+    from ood import CONFIG_DIR
+    from ood.methods import CrossEntropy
+    from ood.models import SmallCNN
+    from ood.runs.checks import check_overrides
+    from ood.utils import instantiate
+
+    args = check_overrides(CONFIG_DIR, "eval", ["detectors.names=[knn]", "detectors.params.knn.k=[100,10,50]"])
+    evaluator = instantiate(compose_config(tmp_path, args, "eval").evaluation.evaluator)
+    banks = synthetic_banks()
+    splits = [EvalSplit("test", "id_test"), EvalSplit("ood", "ood", "far")]
+    rows = evaluator.evaluate(CrossEntropy(SmallCNN(6), optimizer=torch.optim.SGD), banks, splits, "synthetic").rows
+    (row,) = [r for r in rows if r["detector"] == "knn"]
+    k = _best_point("knn", {"k": [100, 10, 50]}, banks)["k"]
+    assert (row["detector_params"], row["tuned"], row["tuned_params"]) == ({"k": k, "index": "exact"}, True, ["k"])
+    fitted = build_detector("knn", k=k).fit(banks["train"])
+    assert row["auroc"] == ood_metrics(fitted.score(banks["test"]), fitted.score(banks["ood"]))["auroc"]

@@ -26,7 +26,8 @@ import importlib
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Hashable, Sequence
+import re
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -565,16 +566,24 @@ def _known_as(name: object) -> str:
 
 
 def build_detector(name: DetectorRef, **hparams: Any) -> Detector:
-    """Construct the detector `name` (or class); unknown names or hyper-parameters raise `ConfigError` listing the choices."""
+    """Construct the detector `name` (or class); unknown names or hyper-parameters raise `ConfigError` listing the
+    choices. One setting: a list of values to tune is refused in one line, a one-value list is that value."""
     cls = detector_class(name)
     check_hparams(cls, hparams)
-    return cls(**hparams)
+    fixed, grids = split_hparams(cls, hparams)
+    if grids:
+        key, values = next(iter(grids.items()))
+        raise ConfigError(f"detector {cls.name!r}: {key}={values!r} lists values to tune, and build_detector builds one "
+                          f"detector: give one value, e.g. {key}={values[0]!r} (ood's evaluation tunes a list given in "
+                          "detectors.params)")
+    return cls(**fixed)
 
 
-def check_hparams(cls: type[Detector], hparams: dict[str, Any]) -> None:
+def check_hparams(cls: type[Detector], hparams: dict[str, Any], tune: bool = True) -> None:
     """Raise `ConfigError` for a hyper-parameter `cls` does not take, naming ours where only the case differs
-    (OpenOOD's `K` of knn and nnguide is `k` here), or a value outside its declared range. The evaluation calls it
-    as it starts, before the network pass, so that a misnamed parameter does not fail after it."""
+    (OpenOOD's `K` of knn and nnguide is `k` here), a value outside its declared range (each value of a grid:
+    `split_hparams`), an empty grid, or with `tune` False a grid, which asks for tuning. The evaluation calls it as
+    it starts, before the network pass, so that a misnamed parameter does not fail after it."""
     accepted = hparam_names(cls)
     lower = {name.lower(): name for name in accepted}
     unknown = sorted(set(hparams) - set(accepted))
@@ -582,13 +591,61 @@ def check_hparams(cls: type[Detector], hparams: dict[str, Any]) -> None:
         ours = {lower[u.lower()] for u in unknown if u.lower() in lower}
         hint = f" (here: {', '.join(sorted(ours))})" if ours else ""
         raise ConfigError(f"detector {cls.name!r} has no hyper-parameter {unknown}{hint}; accepted: {accepted or 'none'}")
-    check_ranges(cls, hparams)
+    fixed, grids = split_hparams(cls, hparams)
+    check_ranges(cls, fixed)
+    for key, values in grids.items():
+        if not values:
+            raise ConfigError(f"detector {cls.name!r}: {key}=[] lists no value: give one, or several to tune")
+        if not tune:
+            raise ConfigError(f"detector {cls.name!r}: {key}={values!r} lists values to tune on validation OOD, and "
+                              f"tuning is off (detectors.tune=false); give one value, e.g. {key}={values[0]!r}")
+        for value in values:
+            check_ranges(cls, {key: value})
 
 
 def check_ranges(cls: type[Detector], hparams: dict[str, Any]) -> None:
-    """Raise `ConfigError` for a hyper-parameter value outside the detector's declared `ranges`."""
+    """Raise `ConfigError` for a hyper-parameter value outside the detector's declared `ranges` (a sequence value,
+    e.g. AdaSCALE's percentile pair, element by element)."""
     for key, value in hparams.items():
         allowed = cls.ranges.get(key)
-        values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+        values = value if _is_list(value) else [value]
         if allowed is not None and not all(allowed.admits(v) for v in values):
             raise ConfigError(f"detector {cls.name!r}: {key}={value!r} is outside its range {allowed}")
+
+
+def split_hparams(cls: type[Detector], hparams: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """A user's hyper-parameters as (fixed values, tuning grids). A list given for a key that takes one value (knn's
+    `k=[10, 50, 100]`, OpenOOD's `K_list`), or a list of sequences for a key that takes a sequence (`takes_sequence`:
+    AdaSCALE's `percentile=[[60, 65], [70, 80]]`), is that key's grid, searched in place of the detector's own for
+    that key; a one-value list is that value, fixed."""
+    fixed: dict[str, Any] = {}
+    grids: dict[str, list[Any]] = {}
+    for key, value in hparams.items():
+        listed = _is_list(value) and (not takes_sequence(cls, key) or (len(value) > 0 and all(map(_is_list, value))))
+        if listed and len(value) == 1:
+            fixed[key] = value[0]
+        elif listed:
+            grids[key] = list(value)
+        else:
+            fixed[key] = value
+    return fixed, grids
+
+
+#: an annotation naming a sequence type (`Sequence[str] | None`: mds_ensemble's stages, default None)
+_SEQUENCE_ANNOTATION = re.compile(r"\b(Sequence|Collection|Iterable|list|tuple|List|Tuple)\b")
+
+
+def takes_sequence(cls: type[Detector], key: str) -> bool:
+    """Whether hyper-parameter `key` of `cls` takes a sequence as its one value (AdaSCALE's percentile pair,
+    mds_ensemble's stages): its constructor default or a value of its grid is a list or tuple, or its annotation
+    names a sequence type. A string is one value (combood's features, cadref's logit_score)."""
+    param = inspect.signature(cls.__init__).parameters.get(key)
+    default = param.default if param is not None else None
+    annotation = param.annotation if param is not None else inspect.Parameter.empty
+    return (_is_list(default) or any(map(_is_list, cls.grid.get(key, ())))
+            or (annotation is not inspect.Parameter.empty and bool(_SEQUENCE_ANNOTATION.search(str(annotation)))))
+
+
+def _is_list(value: Any) -> bool:
+    """A list, tuple or other sequence (an OmegaConf ListConfig), not a string."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))

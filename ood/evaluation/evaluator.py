@@ -79,8 +79,11 @@ class Evaluator:
     Args:
         detectors: detector names, or a registry selection (`all`, `cached`).
         exclude: detector names left out of `detectors` (`detectors=full detectors.exclude=[gram]`).
-        params: fixed hyper-parameters per detector name (never tuned).
-        tune: choose the remaining hyper-parameters on ID-val vs validation OOD from each detector's grid.
+        params: hyper-parameters per detector name: a value is fixed (never tuned); a list of values for a
+            hyper-parameter that takes one (`{"knn": {"k": [10, 50, 100]}}`) is its grid, tuned in place of the
+            detector's own (`ood.evaluation.scoring.search_grid`).
+        tune: choose the remaining hyper-parameters on ID-val vs validation OOD from each detector's grid; False
+            refuses a list of values to tune.
     """
 
     def __init__(
@@ -97,8 +100,9 @@ class Evaluator:
         unused = sorted({cls.name for cls in resolve_detectors(list(self.params))} - {cls.name for cls in self.detectors})
         if unused:  # a typo in a name fails above, listing the choices; a detector left out is only a warning
             log.warning("detectors.params sets %s, which this run does not score (detectors.names / exclude)", unused)
-        for name, values in self.params.items():  # a misnamed hyper-parameter fails now, not after the network pass
-            check_hparams(detector_class(name), values)
+        # a misnamed hyper-parameter, or a list of values to tune with tuning off, fails now, not after the network pass
+        for name, values in self.params.items():
+            check_hparams(detector_class(name), values, tune)
         self.tune = tune
 
     def check_own_names(self, method: str, names: Iterable[str]) -> None:

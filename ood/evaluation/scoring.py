@@ -27,8 +27,10 @@ from ood.detectors.base import (
     DetectorRef,
     SharedPasses,
     build_detector,
+    check_hparams,
     detector_class,
     hparam_names,
+    split_hparams,
 )
 from ood.detectors.network import FitInputs, Fold, FoldInputs, ModelFitted, StreamFitted
 from ood.errors import ConfigError
@@ -68,6 +70,14 @@ def sweep_order(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     first of equal validation AUROCs in this order (`auroc > max_auroc`), and so does tuning here."""
     keys = list(grid)
     return [dict(zip(keys, values[::-1])) for values in itertools.product(*(grid[k] for k in reversed(keys)))]
+
+
+def search_grid(cls: type[Detector], params: Mapping[str, Any]) -> dict[str, Sequence[Any]]:
+    """The grid tuning searches for detector `cls` given the user's `params`: its own `grid` less the keys given one
+    value, with a key's list of values to tune (`split_hparams`: `detectors.params.knn.k=[10,50,100]`) in place of
+    its own values for that key, or after its keys for a key it has no grid for."""
+    fixed, grids = split_hparams(cls, params)
+    return {**{k: v for k, v in cls.grid.items() if k not in fixed}, **grids}
 
 
 class ModelScoreFn(Protocol):
@@ -215,7 +225,8 @@ def tune_detector(
     """Build detector `name` (a name or an already resolved class), choose its grid point on val vs val_ood (when `tune`), fit it on its split.
 
     The chosen point has the highest val AUROC, the first in OpenOOD's order (`sweep_order`) among exact ties, as
-    OpenOOD's search chooses. Fixed `params` are never tuned. Grid points that differ only in `score_params` share
+    OpenOOD's search chooses. Fixed `params` are never tuned; a list given for a one-value key is its grid
+    (`search_grid`), refused without `tune`. Grid points that differ only in `score_params` share
     one fit. Detectors that need the model are tuned through `model_scores(detector, split)` on `val` and `val_ood`
     (the extra passes ODIN needs). Returns the fitted detector (set to the chosen point), whether a search happened
     (one that scored a single applicable point, as knn's grid beyond every fit row does, chose nothing: it is
@@ -227,7 +238,9 @@ def tune_detector(
     name = cls.name
     if cls.needs_model and model_scores is None:
         raise DetectorNotApplicable("it needs the model and the inputs, and none were given")
-    free = {k: v for k, v in cls.grid.items() if k not in params}
+    check_hparams(cls, dict(params), tune)  # a list of values to tune, with tuning off: refused in one line
+    free = search_grid(cls, params)
+    params = split_hparams(cls, params)[0]  # the fixed values; a user's grids are in `free`
     points = grid_points(free)
     can_tune = tune and len(points) > 1 and "val" in banks and "val_ood" in banks
     if not can_tune:
@@ -292,8 +305,7 @@ def detector_scorers(
     network pass).
     """
     if tune and not {"val", "val_ood"} <= set(banks):
-        untuned = [c.name for c in map(detector_class, names)
-                   if len(grid_points({k: v for k, v in c.grid.items() if k not in params.get(c.name, {})})) > 1]
+        untuned = [c.name for c in map(detector_class, names) if len(grid_points(search_grid(c, params.get(c.name, {})))) > 1]
         if untuned:
             log.warning("no validation-OOD set to tune on, so these detectors keep their default hyper-parameters: %s "
                         "(give one: data=folder's '+data.ood.val=<folder>', ood.evaluate's ood_data={'val': ...})",
@@ -305,7 +317,7 @@ def detector_scorers(
         except DetectorNotApplicable as err:
             log.warning("skipping detector %s: %s", cls.name, err)
             continue
-        fitted.append((det, sorted(set(cls.grid) - set(params.get(cls.name, {}))) if tuned else [], val_scores))
+        fitted.append((det, sorted(search_grid(cls, params.get(cls.name, {}))) if tuned else [], val_scores))
     network = [det for det, _, _ in fitted if det.needs_model]
     known: dict[int, dict[str, torch.Tensor]] = {}
     if network:
