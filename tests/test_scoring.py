@@ -426,3 +426,15 @@ def test_a_grid_given_on_the_command_line_reaches_the_rows(tmp_path: Path) -> No
     assert (row["detector_params"], row["tuned"], row["tuned_params"]) == ({"k": k, "index": "exact"}, True, ["k"])
     fitted = build_detector("knn", k=k).fit(banks["train"])
     assert row["auroc"] == ood_metrics(fitted.score(banks["test"]), fitted.score(banks["ood"]))["auroc"]
+
+
+def test_a_grid_point_the_detector_refuses_is_named_before_the_network_pass() -> None:
+    """vra's percentile_low must stay below percentile_high: a list (or a fixed value) reaching above its
+    percentile_high grid stopped the search after the network pass; the evaluator, made as the run starts, names
+    the point."""
+    with pytest.raises(ConfigError, match=r"^detector 'vra': percentile_low=90 must be below percentile_high=85, at the "
+                                          r"point \{'percentile_high': 85, 'percentile_low': 90\} of its tuning grid$"):
+        Evaluator(["vra"], params={"vra": {"percentile_low": [10, 90]}})
+    with pytest.raises(ConfigError, match=r"^detector 'vra': percentile_low=95 must be below percentile_high=90$"):
+        Evaluator(["vra"], params={"vra": {"percentile_low": 95}}, tune=False)
+    Evaluator(["vra"], params={"vra": {"percentile_low": [10, 50]}})

@@ -20,10 +20,9 @@ import torch
 
 from ood.data.benchmark import EvalSplit
 from ood.detectors import detector_class, resolve_detectors
-from ood.detectors.base import check_hparams
 from ood.detectors.mahalanobis import row_chunks
 from ood.errors import ConfigError, NonFiniteError
-from ood.evaluation.scoring import ModelScoreFn, Scorer, detector_scorers, evaluate, with_data_facts
+from ood.evaluation.scoring import ModelScoreFn, Scorer, check_search, detector_scorers, evaluate, with_data_facts
 from ood.features.bank import FeatureBank
 from ood.methods.base import OODMethod
 from ood.metrics import validation_aurocs
@@ -100,9 +99,8 @@ class Evaluator:
         unused = sorted({cls.name for cls in resolve_detectors(list(self.params))} - {cls.name for cls in self.detectors})
         if unused:  # a typo in a name fails above, listing the choices; a detector left out is only a warning
             log.warning("detectors.params sets %s, which this run does not score (detectors.names / exclude)", unused)
-        # a misnamed hyper-parameter, or a list of values to tune with tuning off, fails now, not after the network pass
-        for name, values in self.params.items():
-            check_hparams(detector_class(name), values, tune)
+        for name, values in self.params.items():  # a misnamed hyper-parameter fails now, not after the network pass
+            check_search(detector_class(name), values, tune)
         self.tune = tune
 
     def check_own_names(self, method: str, names: Iterable[str]) -> None:

@@ -80,6 +80,19 @@ def search_grid(cls: type[Detector], params: Mapping[str, Any]) -> dict[str, Seq
     return {**{k: v for k, v in cls.grid.items() if k not in fixed}, **grids}
 
 
+def check_search(cls: type[Detector], params: Mapping[str, Any], tune: bool) -> None:
+    """Refuse in one line, before the network pass, the user's `params` for `cls` that would fail after it: a name or
+    value `check_hparams` refuses, or a point of the grid tuning searches that the constructor refuses (vra's
+    `percentile_low=[10,90]` against its `percentile_high` grid of 85..99), which stopped the search."""
+    check_hparams(cls, dict(params), tune)
+    fixed = split_hparams(cls, params)[0]
+    for point in grid_points(search_grid(cls, params)) if tune else [{}]:
+        try:
+            build_detector(cls, **fixed, **point)
+        except ConfigError as err:
+            raise ConfigError(f"{err}, at the point {point} of its tuning grid" if point else str(err)) from None
+
+
 class ModelScoreFn(Protocol):
     """Scores of a `needs_model` detector on one split, computed from the network and that split's inputs: every row
     of the split's bank, or with `rows` only those bank rows, in that order (a `StreamFitted` detector's fit passes
