@@ -22,7 +22,14 @@ from ood.data.benchmark import EvalSplit
 from ood.detectors import detector_class, resolve_detectors
 from ood.detectors.mahalanobis import row_chunks
 from ood.errors import ConfigError, NonFiniteError
-from ood.evaluation.scoring import ModelScoreFn, Scorer, check_search, detector_scorers, evaluate, with_data_facts
+from ood.evaluation.scoring import (
+    ModelScoreFn,
+    Scorer,
+    check_search,
+    detector_scorers,
+    evaluate,
+    with_data_facts,
+)
 from ood.features.bank import FeatureBank
 from ood.methods.base import OODMethod
 from ood.metrics import validation_aurocs
