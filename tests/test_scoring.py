@@ -116,6 +116,14 @@ def test_no_validation_ood_set_says_which_detectors_stay_untuned(
         scorers = detector_scorers(["msp", "react", "knn"], {"knn": {"k": 7}}, no_val_ood, tune=True)
     assert not any(s.tuned for s in scorers)
     assert "keep their default hyper-parameters: react (give one" in caplog.text and "+data.ood.val=" in caplog.text
+    assert "are not searched" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a user's grid cannot be searched either, and the line says so
+        (scorer,) = detector_scorers(["knn"], {"knn": {"k": [10, 100]}}, no_val_ood, tune=True)
+    assert scorer.hparams["k"] == 50 and not scorer.tuned
+    assert caplog.text.rstrip().endswith("keep their default hyper-parameters: knn (give one: data=folder's "
+                                         "'+data.ood.val=<folder>', ood.evaluate's ood_data={'val': ...}); the lists "
+                                         "given for knn.k are not searched")
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         detector_scorers(["react"], {}, banks, tune=True)

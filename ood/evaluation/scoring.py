@@ -319,10 +319,11 @@ def detector_scorers(
     """
     if tune and not {"val", "val_ood"} <= set(banks):
         untuned = [c.name for c in map(detector_class, names) if len(grid_points(search_grid(c, params.get(c.name, {})))) > 1]
+        listed = [f"{c.name}.{key}" for c in map(detector_class, names) for key in split_hparams(c, params.get(c.name, {}))[1]]
         if untuned:
             log.warning("no validation-OOD set to tune on, so these detectors keep their default hyper-parameters: %s "
-                        "(give one: data=folder's '+data.ood.val=<folder>', ood.evaluate's ood_data={'val': ...})",
-                        ", ".join(untuned))
+                        "(give one: data=folder's '+data.ood.val=<folder>', ood.evaluate's ood_data={'val': ...})%s",
+                        ", ".join(untuned), f"; the lists given for {', '.join(listed)} are not searched" if listed else "")
     fitted: list[tuple[Detector, list[str], dict[str, torch.Tensor]]] = []
     for cls in progress(list(map(detector_class, names)), desc="fitting detectors"):
         try:
