@@ -579,7 +579,7 @@ def build_detector(name: DetectorRef, **hparams: Any) -> Detector:
     return cls(**fixed)
 
 
-def check_hparams(cls: type[Detector], hparams: dict[str, Any], tune: bool = True) -> None:
+def check_hparams(cls: type[Detector], hparams: Mapping[str, Any], tune: bool = True) -> None:
     """Raise `ConfigError` for a hyper-parameter `cls` does not take, naming ours where only the case differs
     (OpenOOD's `K` of knn and nnguide is `k` here), a value outside its declared range (each value of a grid:
     `split_hparams`), an empty grid, or with `tune` False a grid, which asks for tuning. The evaluation calls it as
@@ -603,7 +603,7 @@ def check_hparams(cls: type[Detector], hparams: dict[str, Any], tune: bool = Tru
             check_ranges(cls, {key: value})
 
 
-def check_ranges(cls: type[Detector], hparams: dict[str, Any]) -> None:
+def check_ranges(cls: type[Detector], hparams: Mapping[str, Any]) -> None:
     """Raise `ConfigError` for a hyper-parameter value outside the detector's declared `ranges` (a sequence value,
     e.g. AdaSCALE's percentile pair, element by element)."""
     for key, value in hparams.items():

@@ -84,7 +84,7 @@ def check_search(cls: type[Detector], params: Mapping[str, Any], tune: bool) -> 
     """Refuse in one line, before the network pass, the user's `params` for `cls` that would fail after it: a name or
     value `check_hparams` refuses, or a point of the grid tuning searches that the constructor refuses (vra's
     `percentile_low=[10,90]` against its `percentile_high` grid of 85..99), which stopped the search."""
-    check_hparams(cls, dict(params), tune)
+    check_hparams(cls, params, tune)
     fixed = split_hparams(cls, params)[0]
     for point in grid_points(search_grid(cls, params)) if tune else [{}]:
         try:
@@ -251,7 +251,7 @@ def tune_detector(
     name = cls.name
     if cls.needs_model and model_scores is None:
         raise DetectorNotApplicable("it needs the model and the inputs, and none were given")
-    check_hparams(cls, dict(params), tune)  # a list of values to tune, with tuning off: refused in one line
+    check_hparams(cls, params, tune)  # a list of values to tune, with tuning off: refused in one line
     free = search_grid(cls, params)
     params = split_hparams(cls, params)[0]  # the fixed values; a user's grids are in `free`
     points = grid_points(free)
