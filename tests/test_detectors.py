@@ -787,6 +787,8 @@ def test_a_list_is_a_grid_only_for_a_hyperparameter_that_takes_one_value() -> No
     assert split_hparams(adascale, {"percentile": [60, 65]}) == ({"percentile": [60, 65]}, {})
     assert split_hparams(adascale, {"percentile": [[60, 65], (70, 80)]}) == ({}, {"percentile": [[60, 65], (70, 80)]})
     assert split_hparams(detector_class("mds_ensemble"), {"stages": ["layer3", "layer4"]})[1] == {}
+    # a per-channel normalisation std (the data fact the evaluation passes in) is one value, by its annotation
+    assert split_hparams(detector_class("odin"), {"input_std": (0.2, 0.3, 0.4)}) == ({"input_std": (0.2, 0.3, 0.4)}, {})
     assert split_hparams(combood, {"features": ["extreme", "penultimate"]}) == ({}, {"features": ["extreme", "penultimate"]})
 
 
