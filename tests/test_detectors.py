@@ -819,3 +819,12 @@ def test_build_detector_builds_one_setting() -> None:
                                           r"list given in detectors\.params\)$"):
         build_detector("knn", k=[10, 50])
     assert build_detector("knn", k=[10]).k == 10
+
+
+def test_set_params_takes_one_value_per_hyperparameter() -> None:
+    """`set_params(k=[10, 50])` passed the range check element by element and set a list on the fitted detector."""
+    det = build_detector("knn", k=2).fit(FeatureBank(features=torch.eye(4), logits=torch.eye(4), labels=torch.arange(4)))
+    with pytest.raises(ValueError, match=r"^knn: set_params takes one value per hyper-parameter, got the lists "
+                                         r"\{'k': \[1, 3\]\}$"):
+        det.set_params(k=[1, 3])
+    assert det.k == 2 and det.set_params(k=3).k == 3

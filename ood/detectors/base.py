@@ -186,6 +186,8 @@ class Detector:
         refit = sorted(set(params) - self.score_params)
         if refit:
             raise ValueError(f"{self.name}: {refit} change the fit; build a new detector instead")
+        if grids := split_hparams(type(self), params)[1]:
+            raise ValueError(f"{self.name}: set_params takes one value per hyper-parameter, got the lists {grids}")
         check_ranges(type(self), params)
         for key, value in params.items():
             setattr(self, key, value)
