@@ -52,8 +52,8 @@ SEPARATION_FLOORS = {"residual": 0.7}
 NO_SYNTHETIC_SEPARATION = {"otod"}
 #: detectors that need a staged network, maps cached by its layer taps or a fit pass through it: enrolled on a tiny
 #: CNN in tests/test_detectors_model.py instead of the synthetic banks here
-NETWORK = {"adascale_a", "adascale_l", "combood", "gram", "gram_stream", "mahalanobis_odin", "mcdropout", "mds_ensemble", "nac",
-           "rankfeat"}
+NETWORK = {"adascale_a", "adascale_l", "combood", "gram", "gram_stream", "gram_v15", "mahalanobis_odin", "mcdropout",
+           "mds_ensemble", "nac", "rankfeat"}
 SYNTHETIC = [n for n in available_detectors() if n not in NETWORK]
 
 

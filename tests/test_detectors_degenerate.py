@@ -19,10 +19,10 @@ from ood.detectors.base import Detector
 from ood.errors import ConfigError, NonFiniteError
 from ood.features.bank import FeatureBank
 
-#: the detectors scored from a cached bank alone (those needing network passes or combood's / gram's layer taps are
+#: the detectors scored from a cached bank alone (those needing network passes or combood's / the grams' layer taps are
 #: enrolled on a tiny CNN in tests/test_detectors_model.py)
 CACHED = [n for n in available_detectors() if not detector_class(n).needs_model and detector_class(n).reproduces is None
-          and n not in {"combood", "gram"}]
+          and n not in {"combood", "gram", "gram_v15"}]
 #: those that fit statistics (the others' `fit` is the base class's checks alone)
 FITTED = [n for n in CACHED if detector_class(n).fit is not Detector.fit]
 #: those that fit statistics per label: labels outside the network's classes are refused

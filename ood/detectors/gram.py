@@ -1,6 +1,8 @@
 """Gram-matrix deviations, Sastry & Oore, "Detecting Out-of-Distribution Examples with Gram Matrices", ICML 2020
 (arXiv 1912.12510), as OpenOOD's `gram` postprocessor (`openood/postprocessors/gram_postprocessor.py`,
-`configs/postprocessors/gram.yml`: powers 1..5, no sweep).
+`configs/postprocessors/gram.yml`: powers 1..5, no sweep), as rewritten by its commit bdf6a55 ("fix gram-matrix
+detector", 2024-02-19). The OpenOOD v1.5 leaderboard's Gram rows predate it: they are `gram_v15`'s
+(ood.detectors.gram_v15, the code as released), and this detector has no leaderboard value.
 
 For every output z_l [C_l, HW] of a Conv2d or ReLU module of the backbone (OpenOOD hooks exactly those) and power
 p in 1..5: G_lp = row sums of (z_l^p)(z_l^p)^T, signed p-th root ([C_l]). On the train split, per true class c,
@@ -16,8 +18,8 @@ modules), 174 KB for the CIFAR ResNet-18 (8,704 channels: 8.7 GB for its 50 k tr
 ImageNet ResNet-50. That is why `gram` is in `detectors=full` only, not `all`. pytorch-ood's `Gram` differs (per-layer min/max over all train samples without the held-out normaliser,
 and no division by the softmax confidence); we follow OpenOOD.
 
-`gram_stream` is the same detector without the cache, for ImageNet (the parity presets run it; `reproduces` names the
-leaderboard's `gram` row): a `StreamFitted` detector (`ood.detectors.network`) that hooks `Gram.taps` for its own
+`gram_stream` is the same detector without the cache, for ImageNet (the parity presets run it; `reproduces` names
+`gram`, whose row reference tables give it): a `StreamFitted` detector (`ood.detectors.network`) that hooks `Gram.taps` for its own
 forward passes only. Its fit folds the Gram rows of the fit rows, batch by batch, into the running per-class min/max
 (a pass over those 90 % of the train split), then the deviations of the held-out rows into the normalisers (a pass
 over that tenth only: one train pass in all), with the same held-out draw; each split is scored from its own pass
@@ -195,7 +197,7 @@ class GramStream(StreamFitted):
     per_class = True
     #: a train pass and a pass per evaluation split of its own: `detectors=full` only, as `gram`
     full_only = True
-    #: the leaderboard's `gram` row is the one it reproduces (the parity presets run it on ImageNet)
+    #: another form of `gram`: a reference table's `gram` row is its row (the parity presets run it on ImageNet)
     reproduces = "gram"
     #: it reads the bank's labels and logits, never its features (its rows come from passes of its own): the
     #: ImageNet-scale form runs beside float16 feature banks (`evaluation.feature_dtype=float16`)
