@@ -5,8 +5,10 @@
 
 Evaluation only, through the ordinary entry points: per benchmark one `ood-eval -m experiment=parity_<benchmark>
 seed=...` sweep (conf/experiment/parity_*.yaml: the released CE network, `detectors=full` tuned on validation OOD
-with OpenOOD's grids, fp32; gram cached on CIFAR and streamed on ImageNet, `gram_stream` on the leaderboard's gram
-row), then `ood-report --reference conf/reference/openood_v1.5/<benchmark>.yaml` (the leaderboard's near / far AUROC, from results/*.csv of github.com/zjysteven/OpenOOD, branch leaderboard). This script
+with OpenOOD's grids, fp32; `gram_v15`, OpenOOD's gram as released, on the leaderboard's Gram row; `gram`, OpenOOD's
+gram since its fix (commit bdf6a55), cached on CIFAR and streamed (`gram_stream`) on ImageNet, without one), then
+`ood-report --reference conf/reference/openood_v1.5/<benchmark>.yaml` (the leaderboard's near / far AUROC, from
+results/*.csv of github.com/zjysteven/OpenOOD, branch leaderboard). This script
 only checks the files first and prints the parity table from the report: per detector ours (mean ± std over the
 seeds), the leaderboard's, the difference in points and `!` where |difference| > 1.0.
 
@@ -56,13 +58,18 @@ LIST_HOW = ("OpenOOD's benchmark lists and images: python scripts/download/downl
             "--datasets {dataset} --dataset_mode benchmark --save_dir {data} (github.com/Jingkang50/OpenOOD; "
             "ImageNet's own images from image-net.org)")
 DOWNLOAD_NAMES = {"cifar10": "cifar-10", "cifar100": "cifar-100", "imagenet200": "imagenet-200", "imagenet1k": "imagenet-1k"}
-#: OpenOOD's postprocessor key beside our name where they differ (`energy (ebo)`), for readers of OpenOOD's configs
-OPENOOD_KEYS = {OTHER_NAMES[key]: key for key in ("mls", "ebo", "temp_scaling", "mds", "dropout")}
+#: OpenOOD's postprocessor key beside our name where they differ (`energy (ebo)`), for readers of OpenOOD's configs;
+#: `gram_v15` is their `gram` as the leaderboard ran it (GRAM below)
+OPENOOD_KEYS = {**{OTHER_NAMES[key]: key for key in ("mls", "ebo", "temp_scaling", "mds", "dropout")},
+                "gram_v15": "gram, v1.5 release"}
 #: a difference (points of AUROC, or of ID accuracy) beyond this is marked
 MARK = 1.0
 #: the two ± columns are not the same statistic: OpenOOD's scripts/eval_ood.py takes np.std over its runs
 STDS = ("±: ours the sample std over the seeds (n - 1), OpenOOD's the population std (n, np.std in its "
         "scripts/eval_ood.py; of the same 3 values 0.82 x the sample std); a value alone is one run.")
+#: which of our two Gram detectors the leaderboard's Gram row is
+GRAM = ("gram_v15 is OpenOOD's gram as released, which made the leaderboard's Gram row; gram (gram_stream: its streamed "
+        "form) is OpenOOD's gram since its fix (commit bdf6a55, 2024-02-19), which the leaderboard never ran: no value.")
 
 
 def required_lists(benchmark: str) -> list[str]:
@@ -168,7 +175,7 @@ def parity_table(benchmark: str, rows: Sequence[dict[str, str]]) -> tuple[str, i
              "| detector | near ours | near OpenOOD | near diff | far ours | far OpenOOD | far diff |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     # a leaderboard detector that did not run here (excluded, skipped, failed) keeps its row, ours `-`; one that ran
-    # under another name (gram_stream reproduces gram: `reference_name`) has its row there
+    # under another name (another form of a detector: `reference_name`) has its row there
     ran = {reference_name(row["detector"]) for row in rows}
     rows = [*rows, *(reference_row(name, groups) for name, groups in reference["auroc"]["ce"].items() if name not in ran)]
     marked = 0
@@ -190,6 +197,7 @@ def parity_table(benchmark: str, rows: Sequence[dict[str, str]]) -> tuple[str, i
     lines.append(id_accuracy(rows, reference))
     lines.append(f"\nnot in ood (leaderboard only): {', '.join(reference.get('not_in_ood', [])) or '-'}")
     lines.append(f"\n{STDS}")
+    lines.append(f"\n{GRAM}")
     return "\n".join(lines), marked
 
 

@@ -51,10 +51,14 @@ def test_reference_files_cover_every_benchmark() -> None:
     imagenet = load_reference(parity_openood.REFERENCE_DIR / "imagenet1k.yaml")
     assert imagenet["backbone"] == "resnet50" and imagenet["auroc"]["ce"]["ash"] == {"near": [78.17], "far": [95.74]}
     assert imagenet["auroc"]["ce"]["rmds_pp"] == {"near": [78.54], "far": [90.82]} and imagenet["not_in_ood"] == []
-    # every leaderboard row is one of ours: the registry's names, not a hand-kept list
+    # every leaderboard row is one of ours: the registry's names, not a hand-kept list; its Gram row is gram_v15's
+    # (OpenOOD's gram as released), none is gram's (OpenOOD's gram since commit bdf6a55, which it never ran)
+    assert cifar10["auroc"]["ce"]["gram_v15"] == {"near": [58.66, 4.83], "far": [71.73, 3.20]}
+    assert imagenet["auroc"]["ce"]["gram_v15"] == {"near": [61.70], "far": [79.71]}
     for benchmark in parity_openood.BENCHMARKS:
         ref = load_reference(parity_openood.REFERENCE_DIR / f"{benchmark}.yaml")
         assert set(ref["auroc"]["ce"]) <= set(available_detectors()), benchmark
+        assert "gram_v15" in ref["auroc"]["ce"] and "gram" not in ref["auroc"]["ce"], benchmark
 
 
 @pytest.mark.slow
@@ -96,12 +100,14 @@ def test_leaderboard_detector_that_did_not_run_keeps_its_row() -> None:
     table, marked = parity_openood.parity_table("cifar10", rows)
     lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
     assert lines["| knn"] == "| knn | 90.00 ± 1.00 | 90.64 ± 0.20 | -0.64 | 93.00 ± 0.00 | 92.96 ± 0.14 | +0.04 |"
-    assert lines["| gram"] == "| gram | - | 58.66 ± 4.83 | - | - | 71.73 ± 3.20 | - |"
+    # the leaderboard's Gram row is gram_v15's, labelled with OpenOOD's key
+    assert lines["| gram_v15 (gram, v1.5 release)"] == "| gram_v15 (gram, v1.5 release) | - | 58.66 ± 4.83 | - | - | 71.73 ± 3.20 | - |"
+    assert "| gram" not in lines
     assert lines["| fdbd"] == "| fdbd | - | 90.42 | - | - | 93.16 | - |"  # one run: [mean] only, no ± 0.00
     # OpenOOD's key beside ours where they differ (a reader of OpenOOD's configs looks for ebo, mls, mds)
     assert lines["| energy (ebo)"] == "| energy (ebo) | - | 87.58 ± 0.46 | - | - | 91.21 ± 0.92 | - |"
     assert {"| maxlogit (mls)", "| mahalanobis (mds)", "| tempscale (temp_scaling)", "| knn"} <= set(lines)
-    assert table.endswith(parity_openood.STDS)
+    assert table.endswith(f"{parity_openood.STDS}\n\n{parity_openood.GRAM}")
     assert "\nID accuracy (%): ours - | OpenOOD 95.06 ± 0.30 | diff -\n" in table  # no row carries an accuracy
     ref = load_reference(parity_openood.REFERENCE_DIR / "cifar10.yaml")
     assert len(lines) == 1 + len(ref["auroc"]["ce"]) and marked == 0
@@ -172,29 +178,36 @@ def test_the_seeds_that_finished_still_make_the_table(tmp_path: Path, monkeypatc
 
 @pytest.mark.parametrize("benchmark", parity_openood.BENCHMARKS)
 def test_gram_is_cached_on_cifar_and_streamed_on_imagenet(benchmark: str, tmp_path: Path) -> None:
-    """The presets run one form of gram each: the cached one on CIFAR, gram_stream (bounds only) on ImageNet."""
+    """The presets run one form of gram each: the cached one on CIFAR, gram_stream (bounds only) on ImageNet; and
+    gram_v15 (the leaderboard's Gram row) everywhere."""
     cfg = compose_config(tmp_path, [f"experiment=parity_{benchmark}"], config_name="eval")
     names = [cls.name for cls in Evaluator(cfg.detectors.names, exclude=list(cfg.detectors.exclude)).detectors]
     streamed = benchmark.startswith("imagenet")
     assert ("gram_stream" in names, "gram" in names) == (streamed, not streamed)
-    assert "knn" in names and "mds_ensemble" in names
+    assert "knn" in names and "mds_ensemble" in names and "gram_v15" in names
 
 
-def test_streamed_gram_fills_the_leaderboard_gram_row() -> None:
-    """ood-report gives gram_stream's rows the leaderboard's gram numbers (it `reproduces` gram), and the parity table
-    prints them on gram_stream's row, with no second, empty gram row."""
+def test_gram_v15_fills_the_leaderboard_gram_row() -> None:
+    """ood-report gives gram_v15's rows the leaderboard's Gram numbers (OpenOOD's gram as released made them), gram's
+    and gram_stream's none (OpenOOD's gram since its fix); the parity table prints them on gram_v15's row, labelled
+    with OpenOOD's key, and says which is which under the table."""
     ref = load_reference(parity_openood.REFERENCE_DIR / "imagenet200.yaml")
-    entry = {"id_dataset": "imagenet200", "backbone": "resnet18", "method": "ce", "detector": "gram_stream",
-             "_sets": ref["ood_sets"]}
-    assert add_reference([], [entry], [ref]) == ["ref:near/auroc", "ref:far/auroc"]
-    assert entry["ref:near/auroc"] == pytest.approx((0.6767, 0.0107, 3)) and entry["ref:far/auroc"][0] == pytest.approx(0.7119)
-    row = {"detector": "gram_stream", "seeds": "3", "near/auroc_mean": "0.68", "near/auroc_std": "0.01",
-           "far/auroc_mean": "0.7", "far/auroc_std": "0.02", "ref:near/auroc_mean": "0.6767", "ref:near/auroc_std": "0.0107",
-           "ref:far/auroc_mean": "0.7119", "ref:far/auroc_std": "0.0024"}
-    table, marked = parity_openood.parity_table("imagenet200", [row])
+    entries = [{"id_dataset": "imagenet200", "backbone": "resnet18", "method": "ce", "detector": name,
+                "_sets": ref["ood_sets"]} for name in ("gram_v15", "gram_stream", "gram")]
+    assert add_reference([], entries, [ref]) == ["ref:near/auroc", "ref:far/auroc"]
+    assert entries[0]["ref:near/auroc"] == pytest.approx((0.6767, 0.0107, 3)) and entries[0]["ref:far/auroc"][0] == pytest.approx(0.7119)
+    assert not any(key.startswith("ref:") for entry in entries[1:] for key in entry)
+    ours = {"seeds": "3", "near/auroc_mean": "0.68", "near/auroc_std": "0.01", "far/auroc_mean": "0.7", "far/auroc_std": "0.02"}
+    rows = [{"detector": "gram_v15", **ours, "ref:near/auroc_mean": "0.6767", "ref:near/auroc_std": "0.0107",
+             "ref:far/auroc_mean": "0.7119", "ref:far/auroc_std": "0.0024"}, {"detector": "gram_stream", **ours}]
+    table, marked = parity_openood.parity_table("imagenet200", rows)
     lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
-    assert lines["| gram_stream"] == "| gram_stream | 68.00 ± 1.00 | 67.67 ± 1.07 | +0.33 | 70.00 ± 2.00 | 71.19 ± 0.24 | -1.19 ! |"
-    assert "| gram" not in lines and len(lines) == 1 + len(ref["auroc"]["ce"]) and marked == 1
+    assert lines["| gram_v15 (gram, v1.5 release)"] == ("| gram_v15 (gram, v1.5 release) | 68.00 ± 1.00 | 67.67 ± 1.07 | +0.33 | "
+                                                         "70.00 ± 2.00 | 71.19 ± 0.24 | -1.19 ! |")
+    assert lines["| gram_stream"] == "| gram_stream | 68.00 ± 1.00 | - | - | 70.00 ± 2.00 | - | - |"
+    # the header, the leaderboard's rows (gram_v15 among them) and gram_stream's own
+    assert "| gram" not in lines and len(lines) == 2 + len(ref["auroc"]["ce"]) and marked == 1
+    assert "gram (gram_stream: its streamed form) is OpenOOD's gram since its fix (commit bdf6a55" in table
 
 
 def test_one_seed_is_its_value_alone() -> None:
