@@ -41,6 +41,7 @@ FLOORS: dict[str, tuple[str, float]] = {
     "cadref": (NEAR, 0.9), "caref": (NEAR, 0.9), "graduncertainty": (NEAR, 0.9), "rmds_pp": (NEAR, 0.9),
     "weiper": (NEAR, 0.8), "mahalanobis_pp": (FLOWER, 0.93), "neco": (FLOWER, 0.93),
     "adascale_a": (FLOWER, 0.9), "adascale_l": (FLOWER, 0.9), "iodin": (NEAR, 0.9), "gram": (FLOWER, 0.95), "gram_stream": (FLOWER, 0.95),
+    "gram_v15": (FLOWER, 0.95),
     "mahalanobis_odin": (FLOWER, 0.95), "mds_ensemble": (FLOWER, 0.95), "nac": (GAUSS, 0.8), "rankfeat": (GAUSS, 0.7),
     "combood": (NEAR, 0.93), "otod": (NEAR, 0.85),
 }
