@@ -2,7 +2,8 @@
 Examples with Gram Matrices", ICML 2020 (arXiv 1912.12510), transcribing OpenOOD's
 `openood/postprocessors/gram_postprocessor.py` before commit bdf6a55 ("fix gram-matrix detector", 2024-02-19; the
 code of the v1.5 release, `configs/postprocessors/gram.yml`: powers 1..5, no sweep), which produced the leaderboard's
-Gram rows (results/*.csv, last changed 2023-06-17). `gram` (ood.detectors.gram) is OpenOOD's code since that commit.
+Gram rows (results/*.csv: their Gram numbers unchanged since 2023-06-17). `gram` (ood.detectors.gram) is OpenOOD's
+code since that commit.
 
 Taps: the network's `return_feature_list` maps, feature1..feature5 of OpenOOD's ResNets: the stem's output (ResNet-50 /
 224 px: after the max-pool), layer1..layer3's outputs and the average-pooled layer4 ([B, C, 1, 1]). On ood's staged
