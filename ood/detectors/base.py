@@ -464,7 +464,7 @@ def relative_count(value: float, total: int) -> int:
 #: `[full, gram_stream]`); none selects another form of a detector (`reproduces`), which only its name does
 SELECTIONS = {
     "full": "every registered detector (but another form of one)",
-    "all": "every registered detector but the `full_only` ones (slow network passes, or gram's large cache)",
+    "all": "every registered detector but the `full_only` ones (slow network passes, gram's large cache, the leaderboard's pre-fix gram_v15)",
     "cached": "the detectors of `all` that score from the cache alone (no odin, no network pass)",
 }
 
