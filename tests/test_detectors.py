@@ -286,7 +286,8 @@ def test_conf_groups_resolve_from_the_registry() -> None:
     with pytest.raises(ConfigError, match=r"^unknown detector 'fast' \(here: 'cached'\); available: "):
         resolve_detectors("fast")  # detectors.names=fast, for the group's config detectors=fast
     for group in ("full", "all", "fast", "none"):
-        assert set(load(group)) == {"names", "exclude", "params", "tune"} and load(group)["exclude"] == []
+        assert set(load(group)) == {"names", "exclude", "params", "tune", "sensitivity"} and load(group)["exclude"] == []
+        assert load(group)["sensitivity"] is False
     kept = [cls.name for cls in Evaluator("full", exclude=["gram", "iodin"]).detectors]
     assert kept == [n for n in registered if n not in ("gram", "iodin")]
     with pytest.raises(ConfigError, match=r"unknown detector 'grma' \(did you mean 'gram'\?\); available: adascale_a"):

@@ -28,6 +28,7 @@ from ood.evaluation.scoring import (
     check_search,
     detector_scorers,
     evaluate,
+    sensitivity_rows,
     with_data_facts,
 )
 from ood.features.bank import FeatureBank
@@ -65,6 +66,9 @@ class EvaluationResult:
     csid_acc: dict[str, float] = field(default_factory=dict)
     #: per split of `scores`, the image of each score (filled in by the evaluation callback, which has the data)
     samples: dict[str, Samples] = field(default_factory=dict)
+    #: every grid point of the swept detectors on every test set (`Evaluator(sensitivity=True)`:
+    #: `ood.evaluation.scoring.sensitivity_rows`); empty without the option
+    sensitivity: list[dict[str, Any]] = field(default_factory=list)
 
 
 @contextmanager
@@ -90,6 +94,9 @@ class Evaluator:
             detector's own (`ood.evaluation.scoring.search_grid`).
         tune: choose the remaining hyper-parameters on ID-val vs validation OOD from each detector's grid; False
             refuses a list of values to tune.
+        sensitivity: also score every grid point of each cached detector's search on every test set, from the fits
+            tuning makes (the result's `sensitivity` rows: `sensitivity.jsonl`); the choice and the result rows stay
+            as without it. Needs `tune`.
     """
 
     def __init__(
@@ -98,6 +105,7 @@ class Evaluator:
         params: Mapping[str, Mapping[str, Any]] | None = None,
         tune: bool = True,
         exclude: Sequence[str] = (),
+        sensitivity: bool = False,
     ) -> None:
         left_out = set(resolve_detectors(list(exclude)))  # unknown names fail listing the choices
         # classes, resolved once; unknown names fail now, not after training
@@ -108,7 +116,10 @@ class Evaluator:
             log.warning("detectors.params sets %s, which this run does not score (detectors.names / exclude)", unused)
         for name, values in self.params.items():  # a misnamed hyper-parameter fails now, not after the network pass
             check_search(detector_class(name), values, tune)
+        if sensitivity and not tune:
+            raise ConfigError("detectors.sensitivity=true scores the points of the tuning grids: it needs detectors.tune=true")
         self.tune = tune
+        self.sensitivity = sensitivity
 
     def check_own_names(self, method: str, names: Iterable[str]) -> None:
         """Raise `ConfigError` when a score of the method (`names`) has the name of a detector this run scores: two
@@ -151,7 +162,8 @@ class Evaluator:
             for name in own
         ]
         params = with_data_facts(self.detectors, self.params, data_facts or {})
-        scorers += detector_scorers(self.detectors, params, banks, self.tune, model_scores)
+        tests = [s.name for s in splits if s.role in ("id_test", "ood", "csid")] if self.sensitivity else []
+        scorers += detector_scorers(self.detectors, params, banks, self.tune, model_scores, tests)
         method_params = dict(method.hparams)
         fitted = method.fitted()
         if fitted:
@@ -159,7 +171,9 @@ class Evaluator:
         common = {"method": method.name, "id_dataset": id_dataset, **(info or {}), "method_params": plain(method_params)}
         rows, scores = evaluate(scorers, splits, id_acc, common, modes=modes, csid_acc=accuracy)
         validation = validation_aurocs(scorers, [s.name for s in splits])
-        return EvaluationResult(rows, scores, id_acc, method.name, method.diagnostics(), validation, accuracy)
+        swept = sensitivity_rows(scorers, splits, common, modes)
+        return EvaluationResult(rows, scores, id_acc, method.name, method.diagnostics(), validation, accuracy,
+                                sensitivity=swept)
 
 
 class NonFiniteBankError(NonFiniteError):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -56,6 +56,29 @@ class Scorer:
     score: ScoreFn
     hparams: dict[str, Any] = field(default_factory=dict)
     tuned: list[str] = field(default_factory=list)
+    #: every grid point of its search scored on the test splits too (`Sweep`; empty unless asked for)
+    sweep: list[SweptPoint] = field(default_factory=list)
+
+
+@dataclass
+class SweptPoint:
+    """One grid point of a detector's search (`params`), its ID-val vs validation-OOD AUROC (what tuning compared),
+    whether tuning chose it, and its scores per test split: one point of a sensitivity curve."""
+
+    params: dict[str, Any]
+    val_auroc: float
+    chosen: bool
+    scores: dict[str, torch.Tensor]
+
+
+@dataclass
+class Sweep:
+    """A sensitivity sweep of one detector's search (`detectors.sensitivity`): `tune_detector` scores every grid
+    point it scores on val / val_ood on the test `splits` too, from the same fits, and fills in `points`. Test scores
+    never reach the choice."""
+
+    splits: Sequence[str]
+    points: list[SweptPoint] = field(default_factory=list)
 
 
 def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -204,6 +227,16 @@ def _val_scores(
     return out
 
 
+def _split_scores(
+    det: Detector, points: Sequence[dict[str, Any]], banks: Mapping[str, FeatureBank], splits: Sequence[str]
+) -> list[dict[str, torch.Tensor]]:
+    """The scores of fitted cached detector `det` on each of `splits` at each of `points` (which share its fit and
+    applied on val, so apply here), shared across the points as tuning shares them (`score_grid`)."""
+    settings = [{k: v for k, v in point.items() if k in det.score_params} for point in points]
+    per_split = {split: det.score_grid(banks[split], settings) for split in splits}
+    return [{split: scores[i] for split, scores in per_split.items()} for i in range(len(points))]  # type: ignore[misc]
+
+
 def _fit(det: Detector, split: str, banks: Mapping[str, FeatureBank], model_scores: ModelScoreFn | None) -> Detector:
     """Fit `det` on the bank of `split`; detectors fitted from network passes also get, through `model_scores`, their
     per-sample statistics over that split (`ModelFitted`) or the passes over chosen rows of it they fold
@@ -234,6 +267,7 @@ def tune_detector(
     banks: Mapping[str, FeatureBank],
     tune: bool,
     model_scores: ModelScoreFn | None = None,
+    sweep: Sweep | None = None,
 ) -> tuple[Detector, bool, dict[str, torch.Tensor]]:
     """Build detector `name` (a name or an already resolved class), choose its grid point on val vs val_ood (when `tune`), fit it on its split.
 
@@ -244,8 +278,10 @@ def tune_detector(
     (the extra passes ODIN needs). Returns the fitted detector (set to the chosen point), whether a search happened
     (one that scored a single applicable point, as knn's grid beyond every fit row does, chose nothing: it is
     recorded as a one-point grid is, untuned, the point's values among the detector's parameters), and the chosen
-    point's scores on `val` and `val_ood` from the search (empty without one). Raises `DetectorNotApplicable` when no
-    configuration applies (or the model is needed but not given).
+    point's scores on `val` and `val_ood` from the search (empty without one). With a `sweep` (a cached detector's),
+    each fit also scores its grid points on the sweep's test splits, as it scores val (`score_grid`: knn's one search
+    at the largest k), and the sweep gets every point scored (none without a search). Raises `DetectorNotApplicable`
+    when no configuration applies (or the model is needed but not given).
     """
     cls = detector_class(name)
     name = cls.name
@@ -265,6 +301,7 @@ def tune_detector(
     best: tuple[tuple[float, int], dict[str, Any], Detector, dict[str, torch.Tensor]] | None = None
     reason: DetectorNotApplicable | None = None
     scored = 0
+    swept: list[tuple[dict[str, Any], float, dict[str, torch.Tensor]]] = []
     for group in groups.values():
         det = None
         while group and det is None:
@@ -274,15 +311,23 @@ def tune_detector(
                 reason, group = err, group[1:]
         if det is None:
             continue
+        aurocs = []
         for point, val, val_ood in _val_scores(det, group, banks, model_scores):
             scored += 1
             auroc = ood_metrics(val, val_ood, name=f"{name}{point} on val")["auroc"]
+            aurocs.append((point, auroc))
             key = (auroc, -order.index(point))  # equal AUROCs: the first in OpenOOD's order, whatever fits came first
             if best is None or key > best[0]:
                 best = (key, point, det, {"val": val, "val_ood": val_ood})
+        if sweep is not None and aurocs:
+            tests = _split_scores(det, [p for p, _ in aurocs], banks, sweep.splits)
+            swept += [(p, a, t) for (p, a), t in zip(aurocs, tests)]
     if best is None:
         raise DetectorNotApplicable(f"none of its {len(points)} grid points ({', '.join(free)}) applies: {reason}")
     (auroc, _), point, det, val_scores = best
+    if sweep is not None and scored > 1:
+        swept.sort(key=lambda s: points.index(s[0]))  # the grid's order (`grid_points`), whatever fits came first
+        sweep.points += [SweptPoint(p, a, p == point, scores) for p, a, scores in swept]
     det.set_params(**{k: v for k, v in point.items() if k in cls.score_params})
     log.debug("%s: chose %s (val AUROC %.4f over %d of %d grid points)", name, point, auroc, scored, len(points))
     return det, scored > 1, val_scores
@@ -308,6 +353,7 @@ def detector_scorers(
     banks: Mapping[str, FeatureBank],
     tune: bool,
     model_scores: ModelScoreFn | None = None,
+    sweep_splits: Sequence[str] = (),
 ) -> list[Scorer]:
     """Fit every named detector; detectors that need the model score (and tune) through `model_scores`.
 
@@ -315,7 +361,9 @@ def detector_scorers(
     right after fitting, all of them together in one run per split (`network_scores`); the val / val_ood scores at
     the chosen point come from their search, so their validation AUROC costs no second pass over those splits.
     Structurally inapplicable detectors are skipped with a warning that says why (in fitting, or in their first
-    network pass).
+    network pass). With `sweep_splits` (the test splits: `detectors.sensitivity`), every cached detector with a grid
+    to search also scores each grid point on them (`Sweep`, the scorer's `sweep`); one line names the detectors left
+    out and why.
     """
     if tune and not {"val", "val_ood"} <= set(banks):
         untuned = [c.name for c in map(detector_class, names) if len(grid_points(search_grid(c, params.get(c.name, {})))) > 1]
@@ -324,10 +372,12 @@ def detector_scorers(
             log.warning("no validation-OOD set to tune on, so these detectors keep their default hyper-parameters: %s "
                         "(give one: data=folder's '+data.ood.val=<folder>', ood.evaluate's ood_data={'val': ...})%s",
                         ", ".join(untuned), f"; the lists given for {', '.join(listed)} are not searched" if listed else "")
+    sweeps = _sweeps(list(map(detector_class, names)), params, banks, tune, sweep_splits) if sweep_splits else {}
     fitted: list[tuple[Detector, list[str], dict[str, torch.Tensor]]] = []
     for cls in progress(list(map(detector_class, names)), desc="fitting detectors"):
         try:
-            det, tuned, val_scores = tune_detector(cls, params.get(cls.name, {}), banks, tune, model_scores)
+            det, tuned, val_scores = tune_detector(cls, params.get(cls.name, {}), banks, tune, model_scores,
+                                                   sweeps.get(cls.name))
         except DetectorNotApplicable as err:
             log.warning("skipping detector %s: %s", cls.name, err)
             continue
@@ -347,11 +397,35 @@ def detector_scorers(
     scorers = []
     for det, chosen, _ in fitted:
         if not det.needs_model:
-            scorers.append(Scorer(det.name, lambda split, det=det: det.score(banks[split]), det.hparams, chosen))
+            sweep = sweeps[det.name].points if det.name in sweeps else []
+            scorers.append(Scorer(det.name, lambda split, det=det: det.score(banks[split]), det.hparams, chosen, sweep))
         elif id(det) in known:
             score = partial(_known_or_run, known[id(det)], det, model_scores)
             scorers.append(Scorer(det.name, score, det.hparams, chosen))
     return scorers
+
+
+def _sweeps(
+    classes: Sequence[type[Detector]],
+    params: Mapping[str, Mapping[str, Any]],
+    banks: Mapping[str, FeatureBank],
+    tune: bool,
+    splits: Sequence[str],
+) -> dict[str, Sweep]:
+    """A `Sweep` over `splits` per detector of `classes` whose grid tuning searches in this run: cached ones only (a
+    network-pass detector would pay a pass over every test set per grid point); one line names those left out."""
+    if not (tune and {"val", "val_ood"} <= set(banks)):
+        log.warning("detectors.sensitivity: no grid is searched (tuning is off, or no validation-OOD set), so no "
+                    "detector is swept")
+        return {}
+    grids = {cls.name: len(grid_points(search_grid(cls, params.get(cls.name, {})))) > 1 for cls in classes}
+    network = [cls.name for cls in classes if cls.needs_model and grids[cls.name]]
+    flat = [cls.name for cls in classes if not grids[cls.name]]
+    why = [f"{', '.join(network)} (network-pass detectors: each grid point would take passes over every test set)"
+           if network else "", f"{', '.join(flat)} (no grid to search in this run)" if flat else ""]
+    if network or flat:
+        log.info("detectors.sensitivity leaves out %s", "; ".join(w for w in why if w))
+    return {cls.name: Sweep(splits) for cls in classes if grids[cls.name] and not cls.needs_model}
 
 
 def _known_or_run(known: Mapping[str, torch.Tensor], det: Detector, model_scores: ModelScoreFn, split: str) -> torch.Tensor:
@@ -402,31 +476,60 @@ def evaluate(
                         "ID test, csid and OOD" if "fsood" in flat else "ID test and OOD", float(ranked[flat[0]][0]) + 0.0,
                         "" if len(flat) == len(modes) else f" in the {flat[0]} rows")
         common = {"detector_params": scorer.hparams, "tuned": bool(scorer.tuned), "tuned_params": scorer.tuned}
-        for mode in modes:
-            if mode == "standard":
-                id_scores, extra = scores[id_split.name], {"id_acc": id_acc}
-            else:
-                id_scores = torch.cat([scores[s.name] for s in (id_split, *csid_splits)])
-                extra = fsood_accuracy(id_acc, len(scores[id_split.name]), csid_acc or {},
-                                       {s.name: len(scores[s.name]) for s in csid_splits})
-            for split in ood_splits:
-                name = f"{scorer.name} on {split.name}" + (" (full-spectrum)" if mode == "fsood" else "")
-                m = ood_metrics(id_scores, scores[split.name], name=name)
-                rows.append(
-                    {
-                        **info,
-                        "detector": scorer.name,
-                        "ood_dataset": split.name,
-                        "ood_group": split.group,
-                        "mode": mode,
-                        **m,
-                        **extra,
-                        "n_id": len(id_scores),
-                        "n_ood": len(scores[split.name]),
-                        **common,
-                    }
-                )
+        extra = {mode: {"id_acc": id_acc} if mode == "standard" else fsood_accuracy(
+            id_acc, len(scores[id_split.name]), csid_acc or {}, {s.name: len(scores[s.name]) for s in csid_splits})
+            for mode in modes}
+        for mode, split, m, n_id in mode_metrics(scorer.name, scores, splits, modes):
+            rows.append(
+                {
+                    **info,
+                    "detector": scorer.name,
+                    "ood_dataset": split.name,
+                    "ood_group": split.group,
+                    "mode": mode,
+                    **m,
+                    **extra[mode],
+                    "n_id": n_id,
+                    "n_ood": len(scores[split.name]),
+                    **common,
+                }
+            )
     return rows, all_scores
+
+
+def mode_metrics(
+    name: str, scores: Mapping[str, torch.Tensor], splits: Sequence[EvalSplit], modes: Sequence[str]
+) -> Iterator[tuple[str, EvalSplit, dict[str, float], int]]:
+    """(mode, OOD split, metrics, ID count) of one scorer `name`'s `scores` per split, for each evaluation mode and OOD
+    set: ID = the ID test set (`standard`), or it followed by every csid set in split order (`fsood`)."""
+    id_split = next(s for s in splits if s.role == "id_test")
+    csid_splits = [s for s in splits if s.role == "csid"]
+    for mode in modes:
+        id_scores = scores[id_split.name] if mode == "standard" else torch.cat([scores[s.name] for s in (id_split, *csid_splits)])
+        for split in (s for s in splits if s.role == "ood"):
+            label = f"{name} on {split.name}" + (" (full-spectrum)" if mode == "fsood" else "")
+            yield mode, split, ood_metrics(id_scores, scores[split.name], name=label), len(id_scores)
+
+
+#: the keys of a result row that say whose run, which detector and which mode and OOD set it is (a sensitivity row's)
+IDENTITY = ("method", "detector", "backbone", "id_dataset", "seed", "mode", "ood_dataset", "ood_group")
+
+
+def sensitivity_rows(
+    scorers: Sequence[Scorer], splits: Sequence[EvalSplit], info: Mapping[str, Any], modes: Sequence[str] = ("standard",)
+) -> list[dict[str, Any]]:
+    """One row per swept scorer x grid point x (mode, OOD set) (`Scorer.sweep`): the result rows' `IDENTITY` keys of
+    `info` and the scorer, the point (`params`), whether tuning chose it (`chosen`), its validation AUROC (`val_auroc`)
+    and its test metrics, measured as `evaluate` measures the result rows."""
+    rows = []
+    for scorer in scorers:
+        for point in scorer.sweep:
+            scores = {split: s.detach().double().cpu() for split, s in point.scores.items()}
+            for mode, split, m, _ in mode_metrics(f"{scorer.name}{point.params}", scores, splits, modes):
+                row = {**info, "detector": scorer.name, "mode": mode, "ood_dataset": split.name, "ood_group": split.group}
+                rows.append({**{k: row[k] for k in IDENTITY if k in row}, "params": point.params,
+                             "chosen": point.chosen, "val_auroc": point.val_auroc, **m})
+    return rows
 
 
 def _all_equal(scores: torch.Tensor) -> bool:

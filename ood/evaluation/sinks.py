@@ -8,7 +8,7 @@ trainer); sinks that write or print act on global rank zero only.
   get them): `test/<detector>/<ood_set>/<metric>`, `test/<detector>/near|far/<metric>`, `test/id/acc`, and the
   method's float diagnostics as `test/<method>/<key>`.
 - `ResultsWriter`: `results.jsonl`, `scores.npz` with `samples.csv` (the image of each score), `validation.json`,
-  `figures/` (`ood.plots`) and the method's diagnostics (`<key>.png` images, `<method>_stats.json` for the rest) in
+  `sensitivity.jsonl` (with `detectors.sensitivity=true`), `figures/` (`ood.plots`) and the method's diagnostics (`<key>.png` images, `<method>_stats.json` for the rest) in
   the run folder, each written atomically (`ood.files`: a kill leaves the earlier file or none, never half of one).
 - `WandbReporter`: the results table, per-split score histograms with shared bins, ROC tables and line plots,
   diagnostic images.
@@ -49,6 +49,8 @@ log = get_logger(__name__)
 
 #: per-scorer AUROC of ID val vs validation OOD, written next to `results.jsonl` (the sweep objective)
 VALIDATION_FILE = "validation.json"
+#: every grid point of the swept detectors on every test set (`detectors.sensitivity=true`), next to `results.jsonl`
+SENSITIVITY_FILE = "sensitivity.jsonl"
 
 
 #: the image behind each row of the `scores.npz` arrays (`samples_csv`), written beside them
@@ -150,8 +152,13 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _json_lines(rows: Sequence[Mapping[str, Any]]) -> str:
+    return "".join(json.dumps(row, default=_jsonable) + "\n" for row in rows)
+
+
 class ResultsWriter:
-    """`results.jsonl` (one row per detector and OOD set), `scores.npz` (`<detector>/<split>` arrays), the ROC and
+    """`results.jsonl` (one row per detector and OOD set), `sensitivity.jsonl` (one row per swept detector, grid
+    point and OOD set, when the result has them: `detectors.sensitivity`), `scores.npz` (`<detector>/<split>` arrays), the ROC and
     histogram figures (`figures=False`: none; drawing them takes 1-2 s of a CPU evaluation, which a sweep of many
     small runs may rather leave to `ood-report`) and the method's diagnostics, in `output_dir`."""
 
@@ -169,6 +176,10 @@ class ResultsWriter:
         # below are replaced, a kill there left an earlier evaluation's rows beside this one's scores
         (out / "results.jsonl").unlink(missing_ok=True)
         atomic_write_text(out / VALIDATION_FILE, json.dumps({"method": result.method, "auroc": result.validation}))
+        if result.sensitivity:
+            atomic_write_text(out / SENSITIVITY_FILE, _json_lines(result.sensitivity))
+        else:  # an earlier run's in this folder would be reported as this run's (`ood-report`)
+            (out / SENSITIVITY_FILE).unlink(missing_ok=True)
         if self.save_scores:
             flat = {f"{d}/{split}": s.numpy() for d, per_split in result.scores.items() for split, s in per_split.items()}
             atomic_savez(out / "scores.npz", flat)
@@ -197,7 +208,7 @@ class ResultsWriter:
         # figures or diagnostics is reported as killed rather than taken as complete without them (or with an
         # earlier evaluation's)
         path = out / "results.jsonl"
-        atomic_write_text(path, "".join(json.dumps(row, default=_jsonable) + "\n" for row in result.rows))
+        atomic_write_text(path, _json_lines(result.rows))
         log.debug("wrote %d result rows to %s", len(result.rows), path)  # the run table names the folder
 
 
