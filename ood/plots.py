@@ -10,6 +10,9 @@ inline one, stays as it was), shared by every `ood-train` run folder, `ood.evalu
   order, as `ood.evaluation.scoring` pools them (`mode_scores`); `roc_fsood.png` and `hist_fsood_<scorer>.png` in a
   run folder, whose OOD panels show that pooled ID (the csid panels stay ID test vs each set).
 - `auroc_bars`: near and far mean AUROC per scorer, with the std over seeds as error bars.
+- `sensitivity_figure`: near and far test AUROC against a detector's hyper-parameter (`ood-report` from the runs'
+  `sensitivity.jsonl`), mean line and ± std band over seeds, the validation AUROC tuning compared dashed, the points
+  tuning chose starred.
 - `save_run_figures`: the ROC and histogram figures of one run into `<run>/figures/`.
 - `roc_points` / `wandb_roc`: the same ROC vertices, thinned, as a wandb table and line plot (per mode).
 - `heatmap_grid`: input | heatmap | overlay rows of the heatmap method's diagnostics (an RGB array the run
@@ -21,6 +24,7 @@ Curves come from `ood.metrics.roc_curve`, the code that computes the reported AU
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -208,6 +212,62 @@ def auroc_bars(entries: Sequence[tuple[str, Mapping[str, tuple[float, float]]]],
     return _save(fig, path)
 
 
+@dataclass(frozen=True)
+class SensitivityLine:
+    """One line of a `sensitivity_figure`: its `label`, the hyper-parameter's values `x`, per metric column
+    (`val/auroc`, `near/auroc`, `far/auroc`, ...) the (mean, std) at each value, and per value (runs that chose it,
+    runs)."""
+
+    label: str
+    x: Sequence[Any]
+    cells: Mapping[str, Sequence[tuple[float, float]]]
+    chosen: Sequence[tuple[int, int]]
+
+
+#: a hyper-parameter's values spanning more than this factor are drawn on a log axis
+LOG_SPAN = 20
+
+
+def sensitivity_figure(lines: Sequence[SensitivityLine], key: str, path: str | Path, title: str) -> Path:
+    """A panel per OOD group (near, far): per line its test AUROC (%) against `key` (mean, ± std band), its
+    validation AUROC dashed in the same colour, and a star where tuning chose the value (with `k/n` runs when not
+    every run of several did). Numbers on a log axis when they span more than `LOG_SPAN`x, other values (names,
+    booleans) evenly spaced."""
+    groups = [g for g in ("near", "far") if any(f"{g}/auroc" in line.cells for line in lines)]
+    values = [v for line in lines for v in line.x]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    ticks = list(dict.fromkeys(values)) if not numeric else []
+    fig, axes = _grid(len(groups), width=4.2)
+    for ax, group in zip(axes, groups):
+        for i, line in enumerate(lines):
+            x = np.array(line.x, dtype=float) if numeric else np.array([ticks.index(v) for v in line.x], dtype=float)
+            colour = f"C{i % 10}"
+            mean, std = (100 * np.array(line.cells[f"{group}/auroc"]).T)
+            ax.plot(x, mean, "o-", color=colour, markersize=3, label=line.label)
+            ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
+            val = 100 * np.array(line.cells["val/auroc"]).T[0]
+            ax.plot(x, val, "--", color=colour, linewidth=1)
+            for xi, yi, (chosen, runs) in zip(x, mean, line.chosen):
+                if chosen:
+                    ax.plot(xi, yi, "*", color=colour, markersize=13, markeredgecolor="black", markeredgewidth=0.6)
+                    if runs > 1 and chosen < runs:
+                        ax.annotate(f"{chosen}/{runs}", (xi, yi), textcoords="offset points", xytext=(4, 6), fontsize=7)
+        if numeric and min(values) > 0 and max(values) / min(values) > LOG_SPAN:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(range(len(ticks)), [str(t) for t in ticks], fontsize=8)
+        ax.set_ylim(top=min(ax.get_ylim()[1], 100.5))  # no room above 100 % (the bands' std may reach past it)
+        ax.set(xlabel=key, ylabel="AUROC (%)", title=f"{group}-OOD")
+        ax.grid(linewidth=0.4)
+    # the line styles' meaning, once, in black below the lines' own labels
+    axes[0].plot([], [], "k-", label="test AUROC, mean ± std over seeds")
+    axes[0].plot([], [], "k--", linewidth=1, label="validation AUROC (ID val vs val OOD)")
+    axes[0].plot([], [], "k*", markersize=10, linestyle="none", label="chosen by tuning")
+    fig.suptitle(title, fontsize=11)
+    _legend_below(fig, *axes[: len(groups)])
+    return _save(fig, path)
+
+
 def _save(fig: Figure, path: str | Path) -> Path:
     from ood.files import atomic_write
 
@@ -230,9 +290,9 @@ def choose_scorers(rows: Sequence[Mapping[str, Any]], k: int = 4) -> list[str]:
 
 
 def clear_curves(figures: Path) -> Path:
-    """`figures` without the ROC and histogram PNGs an earlier run into the same folder left there (another
+    """`figures` without the ROC, histogram and sensitivity PNGs an earlier run into the same folder left there (another
     detector selection would leave them beside the new ones as if they were this run's)."""
-    for stale in [*figures.glob("roc*.png"), *figures.glob("hist_*.png")]:
+    for stale in [*figures.glob("roc*.png"), *figures.glob("hist_*.png"), *figures.glob("sensitivity_*.png")]:
         stale.unlink(missing_ok=True)
     return figures
 

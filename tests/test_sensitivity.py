@@ -149,3 +149,111 @@ def test_val_auroc_is_the_validation_metric(banks: dict[str, FeatureBank], swept
     det = build_detector("knn", k=5).fit(banks["train"])
     want = ood_metrics(det.score(banks["val"]), det.score(banks["val_ood"]))["auroc"]
     assert _points(swept[1], "knn")['far {"k": 5}']["val_auroc"] == want
+
+
+# ----- ood-report: sensitivity.csv and figures/sensitivity_<detector>.png -----------------------------------------
+SETS = {"near_a": "near", "far_a": "far", "far_b": "far"}
+#: knn over k (one swept key, a 100x span: log x), cfood over k x alpha (one line per alpha)
+GRIDS = {"knn": [{"k": k} for k in (1, 10, 100)],
+         "cfood": [{"k": k, "alpha": a} for k in (0.001, 0.01) for a in (0.1, 1.0)]}
+
+
+def _report_runs(root: Path) -> list[dict]:
+    """Two seeds of a run with sensitivity.jsonl (seed 1 tunes knn to another k), and a run without one; returns
+    the sensitivity rows written."""
+    import random
+
+    written = []
+    for seed in (0, 1):
+        gen = random.Random(seed)
+        results, swept = [], []
+        for detector, points in GRIDS.items():
+            chosen = points[seed]
+            for ood, group in SETS.items():
+                base = {"method": "ce", "detector": detector, "backbone": "small_cnn", "id_dataset": "digits",
+                        "seed": seed, "mode": "standard", "ood_dataset": ood, "ood_group": group}
+                for point in points:
+                    auroc = round(gen.uniform(0.5, 1.0), 4)
+                    swept.append({**base, "params": point, "chosen": point == chosen,
+                                  "val_auroc": round(0.5 + sum(map(float, point.values())) / 300 + seed / 100, 4),
+                                  "auroc": auroc, "fpr95": round(1 - auroc / 2, 4)})
+                pick = next(r for r in swept[-len(points):] if r["chosen"])
+                results.append({**base, "auroc": pick["auroc"], "fpr95": pick["fpr95"], "fpr95_oodpos": 0.5,
+                                "id_acc": 0.9, "method_params": {}, "detector_params": {**chosen, "index": "exact"},
+                                "tuned": True, "tuned_params": sorted(chosen)})
+        run = root / str(seed)
+        run.mkdir(parents=True)
+        (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+        (run / "sensitivity.jsonl").write_text("".join(json.dumps(r) + "\n" for r in swept))
+        written += [{**r, "_run": str(run)} for r in swept]
+    return written
+
+
+def test_the_report_averages_each_point_over_seeds_as_pandas_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sensitivity.csv: per detector and grid point, the near / far means per run first, then mean ± sample std over
+    the seeds, and the validation AUROC; `chosen` counts the seeds that chose the point. Checked against pandas."""
+    import pandas as pd
+
+    from ood.report import main
+
+    written = pd.DataFrame(_report_runs(tmp_path / "runs"))
+    main([str(tmp_path / "runs"), "--no-figures", "--no-reference"])
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f"wrote {tmp_path / 'runs'}/report.md, report.csv, report.tex, sensitivity.csv"
+    got = pd.read_csv(tmp_path / "runs" / "sensitivity.csv")
+    point = lambda p: json.dumps({k: float(v) for k, v in p.items()}, sort_keys=True)  # noqa: E731 (read_csv: floats)
+    written["point"] = written["params"].map(point)
+    per_run = written.groupby(["detector", "point", "_run", "ood_group"])[["auroc", "fpr95"]].mean().unstack("ood_group")
+    per_run.columns = [f"{g}/{m}" for m, g in per_run.columns]
+    per_run["val/auroc"] = written.groupby(["detector", "point", "_run"])["val_auroc"].first()
+    per_run["chosen"] = written.groupby(["detector", "point", "_run"])["chosen"].first()
+    want = per_run.groupby(["detector", "point"]).agg(["mean", "std"])
+    assert len(got) == len(want) == 3 + 4
+    for _, row in got.iterrows():
+        params = {k[len("point."):]: row[k] for k in got.columns if k.startswith("point.") and pd.notna(row[k])}
+        expected = want.loc[(row["detector"], point(params))]
+        for col in ("val/auroc", "near/auroc", "near/fpr95", "far/auroc", "far/fpr95"):
+            assert row[f"{col}_mean"] == pytest.approx(expected[(col, "mean")], abs=1e-12)
+            assert row[f"{col}_std"] == pytest.approx(expected[(col, "std")], abs=1e-12)
+        assert row["chosen"] == expected[("chosen", "mean")] * 2 and row["seeds"] == 2
+    assert list(got.columns[:8]) == ["method", "detector", "backbone", "id_dataset", "point.k", "point.alpha", "chosen",
+                                     "seeds"]
+
+
+def test_the_report_draws_one_sensitivity_figure_per_detector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """knn: one line over k on a log axis (1..100), two starred points (each chosen by one seed of two); cfood: one
+    line per alpha; a later report of runs without sensitivity rows leaves neither the csv nor the figures."""
+    from ood import plots
+    from ood.report import main
+
+    _report_runs(tmp_path / "runs")
+    drawn: dict[str, Any] = {}
+    draw = plots.sensitivity_figure
+
+    def spy(lines: Any, key: str, path: Path, title: str) -> Path:
+        drawn[Path(path).name] = (key, lines)
+        return draw(lines, key, path, title)
+
+    monkeypatch.setattr(plots, "sensitivity_figure", spy)
+    main([str(tmp_path / "runs"), "--no-reference", "--out", str(tmp_path / "report")])
+    assert sorted(drawn) == ["sensitivity_cfood.png", "sensitivity_knn.png"]
+    key, (knn,) = drawn["sensitivity_knn.png"]
+    assert (key, knn.label, list(knn.x), list(knn.chosen)) == ("k", "knn", [1, 10, 100], [(1, 2), (1, 2), (0, 2)])
+    key, lines = drawn["sensitivity_cfood.png"]
+    assert (key, [line.label for line in lines]) == ("k", ["alpha=0.1", "alpha=1.0"])
+    assert [list(line.x) for line in lines] == [[0.001, 0.01], [0.001, 0.01]]
+    for name in drawn:
+        assert (tmp_path / "report" / "figures" / name).stat().st_size > 10_000
+    for run in (tmp_path / "runs").iterdir():
+        (run / "sensitivity.jsonl").unlink()
+    main([str(tmp_path / "runs"), "--no-reference", "--out", str(tmp_path / "report")])
+    assert not (tmp_path / "report" / "sensitivity.csv").exists()
+    assert not list((tmp_path / "report" / "figures").glob("sensitivity_*.png"))
+
+
+def test_the_reports_file_name_is_the_writers() -> None:
+    from ood.report.sensitivity import SENSITIVITY_FILE
+
+    assert SENSITIVITY_FILE == sinks.SENSITIVITY_FILE

@@ -30,6 +30,7 @@ from ood.report.rendering import (
     to_markdown,
     write_csv,
 )
+from ood.report.sensitivity import CSV_FILE, load_sensitivity, sensitivity_table, write_sensitivity_figures
 
 
 def parser() -> argparse.ArgumentParser:
@@ -68,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     failed = failed_runs(args.paths)
     try:
         rows = load_rows(args.paths)
+        swept = load_sensitivity(rows)
         if args.no_reference:
             references = []
         elif args.reference:
@@ -128,6 +130,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     atomic_write_text(out / "report.md", markdown)
     atomic_write(out / "report.csv", lambda tmp: write_csv(tmp, config_cols, metric_cols, table))
     atomic_write_text(out / "report.tex", to_latex(config_cols, metric_cols, table, note))
+    if swept:  # the runs' detectors.sensitivity rows: AUROC per grid point
+        point_cols, swept_cols, swept_table = sensitivity_table(swept, config_cols)
+        atomic_write(out / CSV_FILE, lambda tmp: write_csv(tmp, [*config_cols, *point_cols, "chosen"], swept_cols, swept_table))
+    else:  # an earlier report's would be read as this one's
+        (out / CSV_FILE).unlink(missing_ok=True)
     # a run folder's own figures/ are that run's ROC and histograms: the report's go beside them, in report/figures/
     figures_in = out / "report" if (out / "results.jsonl").is_file() else out
     if args.no_figures:
@@ -136,13 +143,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             figures_in.rmdir()  # report/ held only the figures just cleared: an empty folder would read as a report
     else:
         write_figures(figures_in, config_cols, table, rows, chosen)
+        if swept:
+            write_sensitivity_figures(figures_in / "figures", config_cols, swept_table)
     print_missing(failed)
     for line in sources:
         print(f"reference numbers {line}", file=sys.stderr)
     if unmatched_files:
         print(f"warning: {left_out[-1]}", file=sys.stderr)
     figures = "" if args.no_figures else f", {'report/' if figures_in != out else ''}figures/"
-    print(f"wrote {out}/report.md, report.csv, report.tex{figures}", file=sys.stderr)
+    print(f"wrote {out}/report.md, report.csv, report.tex{f', {CSV_FILE}' if swept else ''}{figures}", file=sys.stderr)
 
 
 def reference_sources(references: Sequence[Mapping[str, Any]], ran: Sequence[tuple[str, str]]) -> list[str]:

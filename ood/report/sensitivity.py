@@ -1,0 +1,116 @@
+"""`ood-report`'s hyper-parameter sensitivity: the `sensitivity.jsonl` rows of the reported runs
+(`detectors.sensitivity=true`: every grid point of a detector's search on every test set) as `sensitivity.csv`,
+mean ± std over seeds per configuration x detector x grid point of the near / far means (per run first, as the
+table's) and of the validation AUROC tuning compared, and one figure per detector, `figures/sensitivity_<detector>.png`
+(`ood.plots.sensitivity_figure`)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ood.errors import OODError
+from ood.report.aggregation import _config_of, _mean_std, _order
+
+#: the file `ood.evaluation.sinks.ResultsWriter` writes beside `results.jsonl` (its `SENSITIVITY_FILE`; not imported:
+#: the report starts without torch)
+SENSITIVITY_FILE = "sensitivity.jsonl"
+#: the metrics averaged per OOD group
+METRICS = ("auroc", "fpr95")
+#: what the report writes beside report.csv when its runs have sensitivity rows
+CSV_FILE = "sensitivity.csv"
+
+
+def _match_key(row: Mapping[str, Any], run: str) -> tuple[str, ...]:
+    return run, str(row["method"]), str(row["detector"]), str(row.get("mode", "standard")), str(row["ood_dataset"])
+
+
+def load_sensitivity(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The `sensitivity.jsonl` rows of the runs of the result `rows` (`ood.report.reading.load_rows`), each with the
+    result row of its run, detector, mode and OOD set as `_result`: its configuration is that row's (the table
+    entry it belongs to). A run's rows that `load_rows` dropped (a re-evaluation counted once) are dropped here too."""
+    results = {_match_key(r, str(r["_run"])): r for r in rows}
+    out = []
+    for run in sorted({str(r["_run"]) for r in rows}):
+        file = Path(run) / SENSITIVITY_FILE
+        if not file.is_file():
+            continue
+        for number, line in enumerate(file.read_text().splitlines(), 1):
+            try:
+                row = json.loads(line)
+                result = results.get(_match_key(row, run))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise OODError(f"{file}:{number}: not a sensitivity row (a JSON object naming its method, detector "
+                               "and OOD set)") from None
+            if result is not None:
+                out.append({**row, "_run": run, "_result": result})
+    return out
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def sensitivity_table(
+    swept: Sequence[Mapping[str, Any]], config_cols: Sequence[str]
+) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """(point columns `point.<key>`, metric columns, entries): one entry per configuration (the report table's
+    `config_cols`) and grid point, its metric cells (mean, std, n) over the runs (seeds): `val/auroc` (ID val vs
+    validation OOD, what tuning compared) and `<near|far>/<metric>`, each run's unweighted mean over the group's OOD
+    sets first; `chosen` counts the runs whose tuning chose the point, `seeds` the runs, `_params` is the point."""
+    keys = list(dict.fromkeys(k for s in swept for k in s["params"]))
+    point_cols = [f"point.{k}" for k in keys]
+    groups = [g for g in ("near", "far") if any(s["ood_group"] == g for s in swept)]
+    runs: dict[tuple[str, ...], dict[str, list[Mapping[str, Any]]]] = {}
+    params: dict[tuple[str, ...], dict[str, Any]] = {}
+    for s in swept:
+        config = _config_of(s["_result"])
+        key = (*(config.get(c, "") for c in config_cols), *(_text(s["params"][k]) if k in s["params"] else "" for k in keys))
+        runs.setdefault(key, {}).setdefault(s["_run"], []).append(s)
+        params[key] = s["params"]
+    table = []
+    for key, per_run in runs.items():
+        cells: dict[str, list[float]] = {"val/auroc": [sets[0]["val_auroc"] for sets in per_run.values()]}
+        for sets in per_run.values():
+            for g in groups:
+                in_group = [s for s in sets if s["ood_group"] == g]
+                for m in METRICS:
+                    if in_group:
+                        cells.setdefault(f"{g}/{m}", []).append(statistics.fmean(s[m] for s in in_group))
+        entry: dict[str, Any] = dict(zip([*config_cols, *point_cols], key))
+        entry.update(seeds=len(per_run), chosen=sum(bool(sets[0]["chosen"]) for sets in per_run.values()),
+                     _params=params[key])
+        entry.update({col: (*_mean_std(values), len(values)) for col, values in cells.items()})
+        table.append(entry)
+    table.sort(key=lambda e: tuple(_order(str(e[c])) for c in (*config_cols, *point_cols)))
+    metric_cols = ["val/auroc", *(f"{g}/{m}" for g in groups for m in METRICS)]
+    return point_cols, metric_cols, table
+
+
+def write_sensitivity_figures(
+    figures: Path, config_cols: Sequence[str], table: Sequence[Mapping[str, Any]]
+) -> list[Path]:
+    """`figures/sensitivity_<detector>.png` per detector of the `sensitivity_table` entries: its first swept key on
+    x, one line per configuration that differs between its entries and value of its other swept keys."""
+    from ood import plots
+
+    paths = []
+    for detector in dict.fromkeys(str(e["detector"]) for e in table):
+        entries = [e for e in table if e["detector"] == detector]
+        keys = list(dict.fromkeys(k for e in entries for k in e["_params"]))
+        varying = [c for c in config_cols if c != "detector" and len({str(e.get(c)) for e in entries}) > 1]
+        lines: dict[str, list[Mapping[str, Any]]] = {}
+        for e in entries:
+            parts = [f"{c.rsplit('.', 1)[-1]}={e.get(c)}" for c in varying]
+            parts += [f"{k}={_text(e['_params'][k])}" for k in keys[1:] if k in e["_params"]]
+            lines.setdefault(" ".join(parts) or detector, []).append(e)
+        curves = [plots.SensitivityLine(label, [e["_params"][keys[0]] for e in members],
+                                        {col: [e[col][:2] for e in members] for col in members[0] if "/" in col},
+                                        [(e["chosen"], e["seeds"]) for e in members])
+                  for label, members in lines.items()]
+        title = f"{detector}: test AUROC against {keys[0]} (mean ± std over seeds)"
+        paths.append(plots.sensitivity_figure(curves, keys[0], figures / f"sensitivity_{detector}.png", title))
+    return paths
