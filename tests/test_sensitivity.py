@@ -112,11 +112,19 @@ def test_the_result_rows_and_the_choice_stay_byte_for_byte(
 
 
 def test_network_pass_and_gridless_detectors_are_named_as_left_out(
-    banks: dict[str, FeatureBank], caplog: pytest.LogCaptureFixture
+    banks: dict[str, FeatureBank], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """One line names the detectors not swept and why; knn's points share one search per split at the largest k, on
+    the test splits as on val and val_ood."""
+    from ood.neighbors import KNNIndex
+
+    searches: list[int] = []
+    search = KNNIndex.search
+    monkeypatch.setattr(KNNIndex, "search", lambda self, q, k: searches.append(k) or search(self, q, k))
     with caplog.at_level(logging.INFO, logger="ood.evaluation.scoring"):
         scorers = detector_scorers(["odin", "msp", "knn"], {"knn": {"k": [1, 5]}}, banks, tune=True,
                                    sweep_splits=["test", "far"])
+    assert searches == [5, 5, 5, 5]  # val, val_ood, test, far
     assert "detectors.sensitivity leaves out odin (network-pass detectors: each grid point would take passes over " \
            "every test set); msp (no grid to search in this run)" in caplog.text
     assert [(s.name, [p.params for p in s.sweep]) for s in scorers] == [("msp", []), ("knn", [{"k": 1}, {"k": 5}])]
