@@ -29,7 +29,7 @@ FAILED_FILE = "FAILED.txt"
 RESUMED_FILE = "resumed.json"
 #: what an earlier attempt in the same folder wrote that `ood-report` (and a sweeper, `validation.json`) would take
 #: for this attempt's; `results.jsonl`, which marks a set complete, first: a removal cut short leaves no complete set
-EARLIER_RESULTS = ("results.jsonl", "scores.npz", "samples.csv", "validation.json")
+EARLIER_RESULTS = ("results.jsonl", "scores.npz", "samples.csv", "validation.json", "sensitivity.jsonl")
 
 
 #: the settings an attempt writes beside its results (`ood.runs.identity.write_identity`) once it passed its checks:
