@@ -3,6 +3,7 @@ and every detector / GROOD through `ood.evaluate` on each adapter."""
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -144,6 +145,40 @@ def test_openoods_resnet_splits_as_its_feature_list() -> None:
     assert torch.equal(out.logits, logits) and torch.equal(out.features, feature)
     for name, theirs in zip(("stem", "layer1", "layer2", "layer3"), feature_list):
         assert torch.equal(out.layers[name], theirs), name
+
+
+class PooledStemResNet(OpenOODResNet):
+    """A user's modification of OpenOOD's class: a functional max-pool in the stem, which its layout does not show."""
+
+    def forward(self, x: torch.Tensor, return_feature: bool = False, return_feature_list: bool = False) -> Any:
+        x = nn.functional.max_pool2d(nn.functional.relu(self.bn1(self.conv1(x))), 2)
+        return self.fc(torch.flatten(self.avgpool(self.layer4(self.layer3(self.layer2(self.layer1(x))))), 1))
+
+
+def test_a_modified_copy_of_openoods_resnet_is_wrapped_whole_with_one_warning() -> None:
+    """OpenOOD's layout was matched by structure alone: a copy whose forward adds a max-pool in the stem was split as
+    OpenOOD's, and the split's logits differed from `net(x)` without a word. The split is now checked on one random
+    image (the caller's hooks and modes untouched); where it differs, the network is wrapped whole, with one warning."""
+    torch.manual_seed(0)
+    net = PooledStemResNet().eval()
+    net.layer1.train()  # modes of the caller's, put back after the check
+    seen: list[int] = []
+    net.fc.register_forward_hook(lambda module, args, output: seen.append(len(output)))
+    with pytest.warns(UserWarning) as caught:
+        backbone = as_backbone(net)
+    assert isinstance(backbone, ModuleBackbone) and backbone.head == "fc"
+    assert len(caught) == 1 and re.fullmatch(
+        r"PooledStemResNet has the layout of OpenOOD's ResNet18_32x32 but its forward computes other logits than that "
+        r"split \(largest difference (0\.[0-9]+) on a random image\): wrapped as a whole, so the detectors that read "
+        r"or re-run its stages \(rankfeat, mds_ensemble, nac, the AdaSCALEs\) are skipped on it", str(caught[0].message))
+    assert seen == [] and not net.training and net.layer1.training  # the check's forward was no pass of the caller's
+    x, net = torch.randn(2, 3, 32, 32), net.eval()
+    with torch.no_grad():
+        assert torch.equal(backbone.run(x).logits, net(x))  # the network's own logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for own in (OpenOODResNet(), OpenOODResNet().double()):  # OpenOOD's own: still split, checked in its dtype
+            assert isinstance(as_backbone(own), StagedModel)
 
 
 class Custom(nn.Module):

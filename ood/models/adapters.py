@@ -11,6 +11,8 @@ names under `net.`; nothing is copied or rebuilt.
   timm model has one stage, `features` (`forward_features`), before `forward_head(pre_logits=True)`. OpenOOD's own
   `ResNet18_32x32` / `ResNet18_64x64` (openood/networks, copied into a user's code) split as OpenOOD's
   `return_feature_list` does: `stem` (conv1, bn1, ReLU: its feature1), `layer1`..`layer4`, pooled `fc` input.
+  Matched by their layout alone, that split is checked on one random image as it is built: a copy whose forward
+  computes other logits (a functional max-pool added in the stem) is wrapped whole (`ModuleBackbone`), with a warning.
 - `ModuleBackbone` (anything else): the penultimate feature is the input of the final linear layer, caught by a
   forward pre-hook on it: the layer named `feature_layer`, else the first of `fc`, `head`, `heads.head`,
   `classifier`, `last_linear` that is (or ends with) an `nn.Linear`, else the last `nn.Linear` registered.
@@ -37,7 +39,7 @@ import torch
 from torch import nn
 
 from ood.errors import CheckpointError, ConfigError, working_directory_hint
-from ood.models.base import Backbone, BackboneOutput, input_channels
+from ood.models.base import Backbone, BackboneOutput, input_channels, probing
 from ood.models.checkpoint import read_weights_file
 
 #: module paths tried, in order, for the final linear layer of a model without a library split
@@ -389,8 +391,35 @@ def as_backbone(model: nn.Module, feature_layer: str | None = None) -> Backbone:
         return model
     split = staged_split(model)
     if split is not None and feature_layer in (None, split[2]) and isinstance(model.get_submodule(split[2]), nn.Linear):
-        return StagedModel(model, *split)
+        staged = StagedModel(model, *split)
+        differs = split_difference(staged) if is_openood_resnet(model) else None  # matched by its layout alone
+        if differs is None:
+            return staged
+        warnings.warn(f"{type(model).__name__} has the layout of OpenOOD's ResNet18_32x32 but its forward computes "
+                      f"other logits than that split ({differs}): wrapped as a whole, so the detectors that read or "
+                      "re-run its stages (rankfeat, mds_ensemble, nac, the AdaSCALEs) are skipped on it", stacklevel=2)
     return ModuleBackbone(model, feature_layer)
+
+
+def split_difference(staged: StagedModel, image_size: int = 32) -> str | None:
+    """None when the split's logits of two seeded random images equal `net(x)`'s within float tolerance (the square
+    root of the dtype's eps, relative and absolute), else what differs: a copy of OpenOOD's class whose forward adds
+    a step its modules do not show (a functional max-pool). Run on the stem's device and dtype, as a `probing` pass
+    (the caller's hooks and modes untouched)."""
+    net, stem = staged.net, staged.net.get_submodule(staged.stage_steps["stem"][0])
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, stem.in_channels, image_size, image_size, generator=generator).to(stem.weight.device, stem.weight.dtype)
+    with probing(net):
+        try:
+            whole, split = net(x), staged(x)
+        except Exception as err:  # a forward for other images than the probe's: its split cannot be checked
+            return f"its forward of a random {image_size}-pixel image failed: {err}"
+    if not isinstance(whole, torch.Tensor) or whole.shape != split.shape:
+        return f"it returns {type(whole).__name__} {tuple(getattr(whole, 'shape', ()))}, the split {tuple(split.shape)}"
+    tolerance = torch.finfo(whole.dtype).eps ** 0.5
+    if torch.allclose(split, whole, rtol=tolerance, atol=tolerance):
+        return None
+    return f"largest difference {(split - whole).abs().max().item():.3g} on a random image"
 
 
 def check_classes(backbone: Backbone, num_classes: int, where: str) -> None:

@@ -193,19 +193,28 @@ def input_channels(module: nn.Module, channels: int | None = None, image_size: i
         x = args[0] if args else None
         given.append((conv.in_channels, x.shape[-3] if isinstance(x, torch.Tensor) and x.dim() >= 3 else conv.in_channels))
 
-    modes = [(m, m.training) for m in module.modules()]  # each its own: a frozen part may stay in eval mode
-    with _without_forward_hooks(module):  # the probe's own hooks go with the stand-in hook tables
+    with probing(module):  # the probe's own hooks go with the stand-in hook tables
         for m in module.modules():
             if isinstance(m, nn.Conv2d):
                 m.register_forward_pre_hook(record)
-        module.eval()
         try:
-            with torch.no_grad():
-                module(first.weight.new_zeros(1, channels, image_size, image_size))
+            module(first.weight.new_zeros(1, channels, image_size, image_size))
             return channels
         except Exception:  # any failure: the convolutions that ran tell whether the channels were the cause
             refused = next((reads for reads, got in given if reads != got), None)
             return refused if refused is not None else channels if given else first.in_channels
+
+
+@contextmanager
+def probing(module: nn.Module) -> Iterator[None]:
+    """Run `module` for a probe that is no pass of the caller's: no_grad, eval mode with each module's own mode put
+    back afterwards (a frozen part may stay in eval mode), and none of the caller's forward hooks run (a feature log
+    would have seen the probe's image); hooks registered inside go with the stand-in hook tables."""
+    modes = [(m, m.training) for m in module.modules()]
+    with _without_forward_hooks(module), torch.no_grad():
+        module.eval()
+        try:
+            yield
         finally:
             for part, training in modes:
                 part.training = training
@@ -222,7 +231,7 @@ _MODULE_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forwa
 @contextmanager
 def _without_forward_hooks(module: nn.Module) -> Iterator[None]:
     """Empty forward hook tables on `module`'s submodules and torch's global ones, the caller's put back afterwards
-    (also on an exception): the channel probe's forward of a zero image is no pass of the caller's, whose hooks (a
+    (also on an exception): a probe's forward (`probing`) is no pass of the caller's, whose hooks (a
     feature log) would have seen it."""
     import torch.nn.modules.module as torch_module
 
