@@ -793,6 +793,33 @@ def test_a_list_is_a_grid_only_for_a_hyperparameter_that_takes_one_value() -> No
     assert split_hparams(combood, {"features": ["extreme", "penultimate"]}) == ({}, {"features": ["extreme", "penultimate"]})
 
 
+@pytest.mark.parametrize(
+    ("annotation", "sequence"),
+    [("Sequence[str] | None", True), ("tuple[float, float]", True), ("set[str]", True), ("frozenset[str]", True),
+     ("AbstractSet[str]", True), ("Literal['tuple', 'x']", False), ('Literal["a]", "list"] | float', False),
+     ("Literal['mean', 'max'] | list[str]", True), ("str | None", False), ("float", False)],
+)
+def test_an_annotation_names_a_sequence_by_its_types_not_its_literal_values(annotation: str, sequence: bool) -> None:
+    """`takes_sequence` read a word inside `Literal[...]` as a type (`Literal['tuple', 'x']` took a sequence, so a
+    list of its values was no grid) and missed `set[str]` / `frozenset[str]` (a list of sets read as a grid). Each
+    annotation is checked as `from __future__ import annotations` leaves it (a string) and as a typing object."""
+    import typing
+    from collections.abc import Sequence
+
+    from ood.detectors.base import takes_sequence
+
+    names = {"Sequence": Sequence, "AbstractSet": typing.AbstractSet, "Literal": typing.Literal}
+    for given in (annotation, eval(annotation, names)):
+        class Throwaway(Detector):  # no name: not registered
+            def __init__(self, value: Any = None) -> None:
+                self.value = value
+
+        Throwaway.__init__.__annotations__["value"] = given
+        assert takes_sequence(Throwaway, "value") is sequence, given
+        assert split_hparams(Throwaway, {"value": ["a", "b"]}) == (({"value": ["a", "b"]}, {}) if sequence else
+                                                                   ({}, {"value": ["a", "b"]})), given
+
+
 def inspect_defaults(cls: type[Detector]) -> dict[str, Any]:
     """The constructor defaults of a detector's hyper-parameters (those with one)."""
     import inspect

@@ -633,19 +633,24 @@ def split_hparams(cls: type[Detector], hparams: Mapping[str, Any]) -> tuple[dict
     return fixed, grids
 
 
-#: an annotation naming a sequence type (`Sequence[str] | None`: mds_ensemble's stages, default None)
-_SEQUENCE_ANNOTATION = re.compile(r"\b(Sequence|Collection|Iterable|list|tuple|List|Tuple)\b")
+#: an annotation naming a sequence or set type (`Sequence[str] | None`: mds_ensemble's stages, default None)
+_SEQUENCE_ANNOTATION = re.compile(
+    r"\b(Sequence|Collection|Iterable|list|tuple|List|Tuple|set|frozenset|Set|FrozenSet|AbstractSet)\b")
+#: a `Literal[...]`'s values (quoted strings may hold a bracket): words there are values, not types (`Literal['tuple']`)
+_LITERAL_VALUES = re.compile(r"""\bLiteral\[(?:'[^']*'|"[^"]*"|[^]'"])*\]""")
 
 
 def takes_sequence(cls: type[Detector], key: str) -> bool:
     """Whether hyper-parameter `key` of `cls` takes a sequence as its one value (AdaSCALE's percentile pair,
     mds_ensemble's stages): its constructor default or a value of its grid is a list or tuple, or its annotation
-    names a sequence type. A string is one value (combood's features, cadref's logit_score)."""
+    names a sequence or set type outside a `Literal[...]`'s values. A string is one value (combood's features,
+    cadref's logit_score)."""
     param = inspect.signature(cls.__init__).parameters.get(key)
     default = param.default if param is not None else None
     annotation = param.annotation if param is not None else inspect.Parameter.empty
     return (_is_list(default) or any(map(_is_list, cls.grid.get(key, ())))
-            or (annotation is not inspect.Parameter.empty and bool(_SEQUENCE_ANNOTATION.search(str(annotation)))))
+            or (annotation is not inspect.Parameter.empty
+                and bool(_SEQUENCE_ANNOTATION.search(_LITERAL_VALUES.sub("Literal", str(annotation))))))
 
 
 def _is_list(value: Any) -> bool:
