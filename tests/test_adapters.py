@@ -168,8 +168,8 @@ def test_a_modified_copy_of_openoods_resnet_is_wrapped_whole_with_one_warning() 
         backbone = as_backbone(net)
     assert isinstance(backbone, ModuleBackbone) and backbone.head == "fc"
     assert len(caught) == 1 and re.fullmatch(
-        r"PooledStemResNet has the layout of OpenOOD's ResNet18_32x32 but its forward computes other logits than that "
-        r"split \(largest difference (0\.[0-9]+) on a random image\): wrapped as a whole, so the detectors that read "
+        r"PooledStemResNet has the layout of OpenOOD's ResNet18_32x32 / _64x64 but its forward computes other logits "
+        r"than that split \(largest difference (0\.[0-9]+) on a random image\): wrapped as a whole, so the detectors that read "
         r"or re-run its stages \(rankfeat, mds_ensemble, nac, the AdaSCALEs\) are skipped on it", str(caught[0].message))
     assert seen == [] and not net.training and net.layer1.training  # the check's forward was no pass of the caller's
     x, net = torch.randn(2, 3, 32, 32), net.eval()

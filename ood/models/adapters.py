@@ -395,8 +395,8 @@ def as_backbone(model: nn.Module, feature_layer: str | None = None) -> Backbone:
         differs = split_difference(staged) if is_openood_resnet(model) else None  # matched by its layout alone
         if differs is None:
             return staged
-        warnings.warn(f"{type(model).__name__} has the layout of OpenOOD's ResNet18_32x32 but its forward computes "
-                      f"other logits than that split ({differs}): wrapped as a whole, so the detectors that read or "
+        warnings.warn(f"{type(model).__name__} has the layout of OpenOOD's ResNet18_32x32 / _64x64 but its forward "
+                      f"computes other logits than that split ({differs}): wrapped as a whole, so the detectors that read or "
                       "re-run its stages (rankfeat, mds_ensemble, nac, the AdaSCALEs) are skipped on it", stacklevel=2)
     return ModuleBackbone(model, feature_layer)
 
