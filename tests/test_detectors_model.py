@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from helpers import fit_detector
 from scipy.stats import spearmanr
 from torch import nn
@@ -29,8 +30,9 @@ from ood.errors import ConfigError
 from ood.evaluation.scoring import JointInputs, detector_scorers
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics, validation_aurocs
-from ood.models.adapters import ModuleBackbone
+from ood.models.adapters import ModuleBackbone, as_backbone
 from ood.models.base import Backbone, GlobalPool
+from ood.models.resnet import ResNet18_32x32, _TorchvisionResNet
 
 #: detectors that run the network or read maps cached by layer taps (the synthetic-bank tests cannot run them)
 NETWORK = [n for n in available_detectors() if detector_class(n).needs_model or hasattr(detector_class(n), "taps")]
@@ -565,8 +567,93 @@ def test_mds_ensemble_equals_openood(tiny: dict[str, Any], stages: list[str] | N
 
 
 def test_mds_ensemble_names_the_stages_it_can_use(tiny: dict[str, Any]) -> None:
-    with pytest.raises(ConfigError, match=r"mds_ensemble: stages \['stem'\] have no cached means; choices: \['block1', 'block2'\]"):
+    with pytest.raises(ConfigError, match=r"mds_ensemble: stages \['stem'\] have no cached means; choices: "
+                                          r"\['block1', 'feature1', 'block2'\]"):
         _fitted("mds_ensemble", tiny, stages=["stem"])
+
+
+class OpenOODResNet(torchvision.models.ResNet):
+    """OpenOOD's 224 px ResNet forward (openood/networks/resnet50.py: feature1 after the max-pool), transcribed on a
+    torchvision ResNet of one BasicBlock per stage."""
+
+    def __init__(self) -> None:
+        super().__init__(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=3)
+
+    def forward(self, x: torch.Tensor, return_feature: bool = False, return_feature_list: bool = False) -> Any:
+        feature1 = self.relu(self.bn1(self.conv1(x)))
+        feature1 = self.maxpool(feature1)
+        feature2 = self.layer1(feature1)
+        feature3 = self.layer2(feature2)
+        feature4 = self.layer3(feature3)
+        feature5 = self.layer4(feature4)
+        feature5 = self.avgpool(feature5)
+        logits_cls = self.fc(feature5.view(feature5.size(0), -1))
+        if return_feature_list:
+            return logits_cls, [feature1, feature2, feature3, feature4, feature5]
+        return logits_cls
+
+
+def _tapped(backbone: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> FeatureBank:
+    """The bank of one pass over `x` with mds_ensemble's taps."""
+    taps = LayerTaps(backbone, ["mds_ensemble"])
+    try:
+        with torch.no_grad():
+            out = backbone.run(x)
+        return FeatureBank(out.logits, out.features, y, extras=taps.pop())
+    finally:
+        taps.remove()
+
+
+def _openood_mds_ensemble(net: nn.Module, train: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """OpenOOD's mds_ensemble_postprocessor.py (get_MDS_stat, compute_Mahalanobis_score) with its config
+    (feature_type_list [mean], reduce_dim none, alpha [1], noise 0.0014, the step over 0.5), in float64 from the
+    float32 features and without .cuda()."""
+    from sklearn.covariance import EmpiricalCovariance
+
+    with torch.no_grad():
+        feats = net(train[0], return_feature_list=True)[1][0].flatten(2).mean(-1).double()
+    mu = torch.stack([feats[train[1] == c].mean(0) for c in range(3)])
+    precision = torch.from_numpy(EmpiricalCovariance(assume_centered=False).fit((feats - mu[train[1]]).numpy()).precision_)
+    data = x.clone().requires_grad_(True)
+    out = net(data, return_feature_list=True)[1][0].flatten(2).mean(-1).double()
+    gau = torch.stack([-0.5 * torch.mm(torch.mm(out.data - m, precision), (out.data - m).t()).diag() for m in mu], 1)
+    zero_f = out - mu.index_select(0, gau.max(1)[1])
+    torch.mean(0.5 * torch.mm(torch.mm(zero_f, precision), zero_f.t()).diag()).backward()
+    gradient = (torch.ge(data.grad.data, 0).float() - 0.5) * 2 / 0.5
+    with torch.no_grad():
+        noisy = net(torch.add(data.data, gradient, alpha=-0.0014), return_feature_list=True)[1][0].flatten(2).mean(-1).double()
+    return torch.stack([-0.5 * torch.mm(torch.mm(noisy - m, precision), (noisy - m).t()).diag() for m in mu], 1).max(1)[0]
+
+
+@pytest.mark.parametrize("regrouped", [True, False])
+def test_mds_ensemble_feature1_is_openoods_after_the_max_pool(regrouped: bool) -> None:
+    """On a torchvision ResNet (ood's regrouping, max-pool in `layer1`, or the adapted net, max-pool a step of it)
+    `feature1` is OpenOOD's first feature map, after the max-pool (`stem` ends before it), and mds_ensemble at it
+    (OpenOOD's leaderboard setting) scores as OpenOOD's postprocessor."""
+    torch.manual_seed(0)
+    net = OpenOODResNet().eval()
+    backbone = _TorchvisionResNet(net, 3, None, "resnet") if regrouped else as_backbone(net)
+    train = (torch.randn(96, 3, 16, 16), torch.arange(96) % 3)
+    x = torch.randn(16, 3, 16, 16)
+    bank = _tapped(backbone, *train)
+    with torch.no_grad():
+        theirs = net(train[0], return_feature_list=True)[1][0].mean((2, 3))
+    torch.testing.assert_close(bank.extras["stage_mean.feature1"], theirs, rtol=1e-6, atol=1e-7)
+    assert bank.extras["stage_mean.stem"].shape == theirs.shape and not torch.allclose(bank.extras["stage_mean.stem"], theirs)
+    det = build_detector("mds_ensemble", stages=["feature1"], input_std=0.5).fit(bank)
+    torch.testing.assert_close(det.score_inputs(backbone, x), _openood_mds_ensemble(net, train, x), rtol=1e-4, atol=1e-4)
+
+
+def test_mds_ensemble_feature1_is_the_stem_without_a_max_pool() -> None:
+    """On OpenOOD's ResNet18_32x32 (the CIFAR parity presets' network) feature1 is the stem's output: the cached means
+    and the scores are bitwise those of `stages=[stem]`, so the CIFAR rows stay as they were."""
+    torch.manual_seed(0)
+    backbone = ResNet18_32x32(num_classes=3).eval()
+    bank = _tapped(backbone, torch.randn(48, 3, 8, 8), torch.arange(48) % 3)
+    assert torch.equal(bank.extras["stage_mean.feature1"], bank.extras["stage_mean.stem"])
+    x = torch.randn(8, 3, 8, 8)
+    stem, feature1 = (build_detector("mds_ensemble", stages=[s], input_std=0.5).fit(bank) for s in ("stem", "feature1"))
+    assert torch.equal(stem.score_inputs(backbone, x), feature1.score_inputs(backbone, x))
 
 
 def test_gram_equals_openood(tiny: dict[str, Any]) -> None:

@@ -36,7 +36,7 @@ from torch import nn
 
 from ood.detectors.base import Detector
 from ood.detectors.gram import POWERS, deviation, gram_rows
-from ood.detectors.network import InputTap, Tap, channel_mean, channels_first, tapped_keys
+from ood.detectors.network import InputTap, Tap, channel_mean, channels_first, first_map, tapped_keys
 from ood.features.bank import FeatureBank
 
 PREFIX = "gram_v15."
@@ -50,16 +50,6 @@ def row_stats(backbone: nn.Module, z: torch.Tensor, pooled: bool = False) -> tor
     z = channel_mean(backbone, z)[:, :, None] if pooled else channels_first(backbone, z)
     g = gram_rows(z)
     return torch.stack([g.amin(2), g.amax(2), g.sum(2)], 2)
-
-
-def first_map(backbone: nn.Module, stage: str) -> Tap | InputTap:
-    """OpenOOD's feature1 tap: the input of stage `stage` (the one after the stem), or the output of the max-pool a
-    torchvision ResNet regroups into its `layer1` stage (OpenOOD's 224 px ResNets take feature1 after the max-pool)."""
-    module = backbone.stage_module(stage)
-    reduce = partial(row_stats, backbone)
-    if isinstance(module, nn.Sequential) and len(module) and isinstance(module[0], nn.MaxPool2d):
-        return module[0], reduce
-    return InputTap(module, reduce)
 
 
 class GramV15(Detector):
@@ -78,8 +68,9 @@ class GramV15(Detector):
         pooled; a stage that ends in no module call (a functional step) gives no tap."""
         names = backbone.layer_names
         taps: dict[str, Tap | InputTap] = {}
-        if len(names) > 1:
-            taps[f"{PREFIX}feature1"] = first_map(backbone, names[1])
+        first = first_map(backbone)
+        if first is not None:
+            taps[f"{PREFIX}feature1"] = first.tap(partial(row_stats, backbone))
         for k, name in enumerate(names[1:-1], start=2):
             module = backbone.stage_module(name)
             if module is not None:

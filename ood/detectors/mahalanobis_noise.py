@@ -14,16 +14,21 @@ x_tilde = x - noise * sign(grad_x [-M_c*(h(x))]) / sigma_ch (sigma_ch: the input
   mds_ensemble.yml`; pytorch-ood `MultiMahalanobis`): h_l = channel means of every stage output l (OpenOOD's feature
   type `mean`, no dimension reduction), one Gaussian fit, gradient and perturbed pass per layer (sign(0) = +1, as
   OpenOOD's `ge`), score(x) = sum_l alpha_l max_c M_lc(h_l(x_tilde_l)), alpha_l = 1 (OpenOOD's predefined
-  `alpha_list`), noise 0.0014 (OpenOOD's single sweep value); `stages` picks the layers (None: every stage). The
-  train stage means are cached in the single evaluation pass (layer taps: `extras['stage_mean.<stage>']`, sum_l C_l
-  floats per sample: 640 B on the digits small CNN); the perturbed passes need the network.
+  `alpha_list`), noise 0.0014 (OpenOOD's single sweep value); `stages` picks the layers (None: every stage), and
+  `feature1` names OpenOOD's first feature map (its networks' `return_feature_list[0]`, `network.first_map`): the
+  first stage's output, after the max-pool where the next stage starts with one (OpenOOD's 224 px ResNets take it
+  after the max-pool, which ood's torchvision ResNets regroup into `layer1`), perturbed through that stage and the
+  max-pool. The train means of every stage and of feature1 are cached in the single evaluation pass (layer taps:
+  `extras['stage_mean.<layer>']`, sum_l C_l floats per sample: 640 B on the digits small CNN); the perturbed passes
+  need the network.
 Deviations: the shared covariance is OpenOOD's (class-centred, divided by N, pseudo-inverse in float64);
 pytorch-ood's MahalanobisODIN inverts the unnormalised scatter plus 1e-6 I (a positive scale of the same precision:
 same gradient signs and ranking up to that ridge). OpenOOD's mds_ensemble divides the step by a fixed 0.5 and its
-config (`feature_type_list: [mean]`) uses the first entry of its network's feature list only: for ResNet18_32x32
-the stem's output; for its 224 px ResNets the stem after the max-pool (our `stem` ends before it). By default we
-divide by the data's normalisation std (as ODIN) and use every stage, as the paper; `stages=[stem],
-input_std=0.5` is OpenOOD's leaderboard setting (the parity experiments use it). The logistic-regression weights
+config (`feature_type_list: [mean]`) uses the first entry of its network's feature list only: `feature1` (for
+ResNet18_32x32 the stem's output, the same map as our `stem`; for its 224 px ResNets the stem after the max-pool). By
+default we divide by the data's normalisation std (as ODIN) and use every stage, as the paper; `stages=[feature1],
+input_std=0.5` is OpenOOD's leaderboard setting (the ImageNet parity experiments use it; the CIFAR ones `stem`, the
+same map there). The logistic-regression weights
 fitted on validation OOD (OpenOOD's empty `alpha_list` path, Lee et al.'s "feature ensemble") are not fitted: every
 layer weighs 1.
 """
@@ -39,7 +44,15 @@ from torch import nn
 
 from ood.detectors.base import NON_NEGATIVE, POSITIVE, Detector, SharedPasses
 from ood.detectors.mahalanobis import class_means, mahalanobis_sq, shared_precision
-from ood.detectors.network import Tap, channel_mean, staged_forward, tapped_keys
+from ood.detectors.network import (
+    FEATURE1,
+    InputTap,
+    Tap,
+    channel_mean,
+    first_map,
+    staged_forward,
+    tapped_keys,
+)
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 
@@ -127,16 +140,24 @@ class MDSEnsemble(Detector):
         self.stages = None if stages is None else list(stages)
 
     @classmethod
-    def taps(cls, backbone: nn.Module) -> dict[str, Tap]:
-        """Every stage output, reduced to its channel means (the stages that end in a module call)."""
+    def taps(cls, backbone: nn.Module) -> dict[str, Tap | InputTap]:
+        """Every stage output (the stages that end in a module call) and OpenOOD's feature1 (`FEATURE1`), reduced to
+        their channel means."""
         modules = {name: backbone.stage_module(name) for name in backbone.layer_names}
         reduce = partial(channel_mean, backbone)
-        return {f"{STAGE_PREFIX}{name}": (module, reduce) for name, module in modules.items() if module is not None}
+        taps: dict[str, Tap | InputTap] = {
+            f"{STAGE_PREFIX}{name}": (module, reduce) for name, module in modules.items() if module is not None}
+        first = first_map(backbone)
+        if first is not None:
+            taps[f"{STAGE_PREFIX}{FEATURE1}"] = first.tap(reduce)
+        return taps
 
     def fit(self, bank: FeatureBank) -> MDSEnsemble:
         assert bank.labels is not None, "mds_ensemble needs labelled ID features"
         keys = tapped_keys(bank, STAGE_PREFIX, self.name)
-        if self.stages is not None:
+        if self.stages is None:  # every stage: feature1 is the stem's output or a max-pool of it, not a stage
+            keys = [k for k in keys if k != f"{STAGE_PREFIX}{FEATURE1}"]
+        else:
             cached = [k[len(STAGE_PREFIX) :] for k in keys]
             unknown = [name for name in self.stages if name not in cached]
             if unknown:
@@ -157,13 +178,18 @@ class MDSEnsemble(Detector):
         backbone, clean = staged_forward(model, x, shared)
         std = input_std_like(self.input_std, x)
         maps = clean.out.layers
+        first = first_map(backbone)
         total = torch.zeros(len(x), dtype=torch.float64, device=x.device)
         for layer, (means, precision) in zip(self.layers_, self.gaussians_):
             means, precision = means.to(x.device), precision.to(x.device)
             with torch.enable_grad():
-                grad = clean.input_grad(closest_class_loss(channel_mean(backbone, maps[layer]), means, precision))
+                if layer == FEATURE1 and first is not None:  # fit found it cached, so the backbone has it
+                    clean_map, forward_to = first.of(maps[first.stem]), partial(first.forward_to, backbone)
+                else:
+                    clean_map, forward_to = maps[layer], partial(backbone.forward_to, layer)
+                grad = clean.input_grad(closest_class_loss(channel_mean(backbone, clean_map), means, precision))
             step = torch.where(grad >= 0, 1.0, -1.0).to(x.dtype) / std
             with torch.no_grad():
-                nudged = backbone.forward_to(layer, clean.x.detach() - self.noise * step)  # later stages not read
+                nudged = forward_to(clean.x.detach() - self.noise * step)  # later stages not read
                 total += gaussian_scores(channel_mean(backbone, nudged), means, precision).max(1).values
         return total

@@ -53,6 +53,53 @@ class InputTap(NamedTuple):
     after_call: bool = False
 
 
+#: the layer name of OpenOOD's first feature map (`return_feature_list[0]` of its networks), for detectors that read it
+FEATURE1 = "feature1"
+
+
+class FirstMap(NamedTuple):
+    """OpenOOD's feature1 on a staged backbone: the output of the first stage `stem`, then `pool`, the max-pool the next
+    stage starts with (a torchvision ResNet's, which ood regroups into `layer1`: OpenOOD's 224 px ResNets take feature1
+    after it), where there is one; cached by hooking `module` (its output with a pool, else its input: the first module
+    call of the next stage)."""
+
+    stem: str
+    pool: nn.Module | None
+    module: nn.Module
+
+    def tap(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> Tap | InputTap:
+        """The layer tap caching `reduce(feature1)`."""
+        return (self.module, reduce) if self.pool is not None else InputTap(self.module, reduce)
+
+    def of(self, stem_output: torch.Tensor) -> torch.Tensor:
+        """feature1 from the stem's output (differentiable: the clean staged pass keeps the stage outputs)."""
+        return stem_output if self.pool is None else self.pool(stem_output)
+
+    def forward_to(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """feature1 of input `x`: the stem, then the pool; no later stage runs."""
+        return self.of(backbone.forward_to(self.stem, x))
+
+
+def first_map(backbone: nn.Module) -> FirstMap | None:
+    """OpenOOD's feature1 on a staged backbone (`FirstMap`); None with a single stage, or where the second stage starts
+    with a step that is not a module call (nothing to hook)."""
+    names = backbone.layer_names
+    if len(names) < 2:
+        return None
+    steps = getattr(backbone, "stage_steps", None)  # an adapted library model: stages are step lists of its modules
+    if steps is not None:
+        first = steps[names[1]][0]
+        entry = None if first.startswith("@") else backbone.net.get_submodule(first)
+    else:
+        entry = backbone.stage_module(names[1])
+        if isinstance(entry, nn.Sequential) and len(entry):
+            entry = entry[0]
+    if entry is None:
+        return None
+    pool = entry if isinstance(entry, nn.MaxPool2d) else None
+    return FirstMap(names[0], pool, entry)
+
+
 def backbone_of(model: nn.Module) -> nn.Module:
     """The staged backbone (`Backbone.staged`: `layer_names`, `run`, `fc`, `forward_from`, `forward_to`,
     `stage_module`) of a method, or the backbone itself: ood's own backbones and the library models adapted stage
