@@ -10,15 +10,18 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import hydra
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 from helpers import fit_detector
+from omegaconf import OmegaConf
 from scipy.stats import spearmanr
 from torch import nn
 
+from ood import CONFIG_DIR
 from ood.detectors import DetectorNotApplicable, available_detectors, build_detector, detector_class
 from ood.detectors import odin as odin_module
 from ood.detectors.adascale import AdaScaleA
@@ -642,6 +645,24 @@ def test_mds_ensemble_feature1_is_openoods_after_the_max_pool(regrouped: bool) -
     assert bank.extras["stage_mean.stem"].shape == theirs.shape and not torch.allclose(bank.extras["stage_mean.stem"], theirs)
     det = build_detector("mds_ensemble", stages=["feature1"], input_std=0.5).fit(bank)
     torch.testing.assert_close(det.score_inputs(backbone, x), _openood_mds_ensemble(net, train, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("benchmark", ["cifar10", "cifar100", "imagenet200", "imagenet1k"])
+def test_parity_presets_run_mds_ensemble_on_openoods_first_feature(benchmark: str) -> None:
+    """Each parity preset's mds_ensemble stage caches the channel means of OpenOOD's feature1 on the preset's backbone
+    (ImageNet: the torchvision ResNet's stem after the max-pool; `stem` alone ended before it)."""
+    preset = OmegaConf.load(CONFIG_DIR / "experiment" / f"parity_{benchmark}.yaml")
+    (stage,) = preset.detectors.params.mds_ensemble.stages
+    defaults = {k: v for d in preset.defaults for k, v in d.items()}
+    target = OmegaConf.load(CONFIG_DIR / "backbone" / f"{defaults['override /backbone']}.yaml")._target_
+    torch.manual_seed(0)
+    backbone = hydra.utils.get_class(target)(num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        stem = backbone.stages["stem"](x)
+        first = backbone.stages["layer1"][0]  # OpenOOD's feature1: after the max-pool where layer1 starts with one
+        theirs = (first(stem) if isinstance(first, nn.MaxPool2d) else stem).mean((2, 3))
+    torch.testing.assert_close(_tapped(backbone, x, None).extras[f"stage_mean.{stage}"], theirs, rtol=1e-6, atol=1e-7)
 
 
 def test_mds_ensemble_feature1_is_the_stem_without_a_max_pool() -> None:
