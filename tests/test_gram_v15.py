@@ -19,7 +19,7 @@ from ood.detectors.gram_v15 import row_stats
 from ood.detectors.network import LayerTaps
 from ood.features.bank import FeatureBank
 from ood.models import ResNet18
-from ood.models.adapters import as_backbone
+from ood.models.adapters import StagedModel, as_backbone
 
 POWERS = [1, 2, 3, 4, 5]
 
@@ -167,6 +167,26 @@ def test_taps_read_openoods_feature_list_of_a_torchvision_resnet(regrouped: bool
     assert list(got) == [f"gram_v15.feature{k}" for k in range(1, 6)]
     for k, theirs in enumerate((f1, f2, f3, f4, f5), start=1):
         torch.testing.assert_close(got[f"gram_v15.feature{k}"], row_stats(backbone, theirs).float(), rtol=1e-5, atol=0)
+
+
+def test_feature1_is_the_input_of_a_second_stage_of_several_steps() -> None:
+    """An adapted model whose second stage is two module steps (torchvision DenseNet's denseblock + transition):
+    feature1 is the stage's input, the stem's output; the tap read the input of its last step (the first step's
+    output)."""
+    torch.manual_seed(0)
+    net = nn.Sequential()
+    net.stem, net.a, net.b, net.c = (nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1),
+                                     nn.Conv2d(4, 5, 3, padding=1), nn.Conv2d(5, 6, 3, padding=1))
+    net.avgpool, net.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(6, 3)
+    backbone = StagedModel(net, {"stem": ("stem",), "block1": ("a", "b"), "block2": ("c",)}, ("avgpool", "@flatten"), "fc")
+    x = torch.randn(2, 1, 8, 8)
+    taps = LayerTaps(backbone, ["gram_v15"])
+    with torch.no_grad():
+        backbone.run(x)
+        got = taps.pop()["gram_v15.feature1"]
+        theirs = net.stem(x)
+    taps.remove()
+    torch.testing.assert_close(got, row_stats(backbone, theirs).float(), rtol=1e-5, atol=0)
 
 
 def test_more_deviation_scores_higher() -> None:

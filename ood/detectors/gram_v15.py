@@ -7,9 +7,10 @@ code since that commit.
 
 Taps: the network's `return_feature_list` maps, feature1..feature5 of OpenOOD's ResNets: the stem's output (ResNet-50 /
 224 px: after the max-pool), layer1..layer3's outputs and the average-pooled layer4 ([B, C, 1, 1]). On ood's staged
-backbones: the input of the second stage (after the max-pool a torchvision ResNet regroups into `layer1`: its output),
-the outputs of the stages between, the last stage's channel means (any staged backbone: a network of n stages has n
-taps). For each tap l and power p in 1..5, G_lp = row sums of (z_l^p)(z_l^p)^T, signed p-th root ([C_l], `gram_rows`).
+backbones (`network.first_map`): the input of the second stage (after the max-pool a torchvision ResNet regroups into
+`layer1`: its output), the outputs of the stages between, the last stage's channel means (any staged backbone: a
+network of n stages has n taps). For each tap l and power p in 1..5, G_lp = row sums of (z_l^p)(z_l^p)^T, signed
+p-th root ([C_l], `gram_rows`).
 Fit (every train sample, no held-out split): OpenOOD extends one flat list per (class, layer, power) with every channel
 value of every sample, so the bounds are scalars, m_lpc = min and M_lpc = max over the class's samples and channels.
 score(x) = sum_l sum_p [relu(m_lpc - s_lp) / |m_lpc + 1e-6| + relu(s_lp - M_lpc) / |M_lpc + 1e-6|] / 50, with

@@ -17,6 +17,10 @@ evaluation pass (layer taps), and a fit that runs the network over the fit split
   has overwritten it with its output), as the CombOOD authors' hook did.
   Taps are declared on the staged backbone; a detector whose taps name any module, not stages
   (`taps_need_stages = False`: CombOOD's activation modules), also taps a network wrapped as a whole.
+- `first_map(backbone)`: where OpenOOD's first feature map (`FEATURE1`, its networks' `return_feature_list[0]`) is
+  on a staged backbone: the first stage's output, after the max-pool the next stage starts with (torchvision's
+  ResNets: OpenOOD's 224 px ResNets take it after the max-pool, which ood regroups into `layer1`); its tap and its
+  forward from an input, so that gram_v15 caches and mds_ensemble caches and perturbs the same map.
 - `ModelFitted`: a `needs_model` detector whose statistics need network passes with gradients over its fit split
   (AdaSCALE's perturbed-feature shifts, NAC's gradient histograms): `fit_statistics(model, x) -> [B, ...]` per
   batch, concatenated over the split by the evaluation's model-score function through `FitInputs`, then
