@@ -504,9 +504,11 @@ def test_stage_caches_and_rankfeat_on_an_adapted_torchvision_resnet() -> None:
     backbone = as_backbone(net)
     x = torch.randn(4, 3, 32, 32)
     out, cached = _pass_with_stage_means(backbone, x)
-    assert sorted(cached) == sorted(f"stage_mean.{n}" for n in STAGES["tv_resnet"])
+    assert sorted(cached) == sorted(f"stage_mean.{n}" for n in (*STAGES["tv_resnet"], "feature1"))
     for name in STAGES["tv_resnet"]:
         assert torch.equal(cached[f"stage_mean.{name}"], out.layers[name].mean((2, 3))), name
+    # OpenOOD's feature1: after the max-pool
+    assert torch.equal(cached["stage_mean.feature1"], net.maxpool(out.layers["stem"]).mean((2, 3)))
 
     def rank1_removed(z: torch.Tensor) -> torch.Tensor:
         u, s, vh = torch.linalg.svd(z.flatten(2).double(), full_matrices=False)
@@ -529,9 +531,11 @@ def test_stage_reductions_on_vit_tokens_average_over_the_tokens(kind: str) -> No
     backbone = as_backbone(MODELS[kind]().eval())
     x = torch.randn(3, 3, 32, 32)
     out, cached = _pass_with_stage_means(backbone, x)
-    assert sorted(cached) == sorted(f"stage_mean.{n}" for n in STAGES[kind] if n != "stem")  # the stem ends in a step
+    # the stem ends in a step: its output is cached as feature1, the first block's input
+    assert sorted(cached) == sorted(f"stage_mean.{n}" for n in (*STAGES[kind][1:], "feature1"))
     for name in STAGES[kind][1:]:
         torch.testing.assert_close(cached[f"stage_mean.{name}"], out.layers[name].mean(1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cached["stage_mean.feature1"], out.layers["stem"].mean(1), rtol=1e-6, atol=1e-6)
     states = build_detector("nac").states(backbone, x)
     assert [s.shape[1] for s in states] == [backbone.feature_dim] * len(STAGES[kind])
 
