@@ -19,8 +19,8 @@ x_tilde = x - noise * sign(grad_x [-M_c*(h(x))]) / sigma_ch (sigma_ch: the input
   first stage's output, after the max-pool where the next stage starts with one (OpenOOD's 224 px ResNets take it
   after the max-pool, which ood's torchvision ResNets regroup into `layer1`), perturbed through that stage and the
   max-pool. The train means of every stage and of feature1 are cached in the single evaluation pass (layer taps:
-  `extras['stage_mean.<layer>']`, sum_l C_l floats per sample: 640 B on the digits small CNN); the perturbed passes
-  need the network.
+  `extras['stage_mean.<layer>']`, their channels in floats per sample: 768 B on the digits small CNN); the perturbed
+  passes need the network.
 Deviations: the shared covariance is OpenOOD's (class-centred, divided by N, pseudo-inverse in float64);
 pytorch-ood's MahalanobisODIN inverts the unnormalised scatter plus 1e-6 I (a positive scale of the same precision:
 same gradient signs and ranking up to that ridge). OpenOOD's mds_ensemble divides the step by a fixed 0.5 and its
