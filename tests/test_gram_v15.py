@@ -55,6 +55,15 @@ def tensor2list(x: torch.Tensor) -> list:
     return x.data.tolist()
 
 
+def gram_rows_as_released(feature: torch.Tensor, p: int) -> torch.Tensor:
+    """The G_p rows both released functions compute inline (the same lines twice there)."""
+    temp = feature.detach()
+    temp = temp**p
+    temp = temp.reshape(temp.shape[0], temp.shape[1], -1)
+    temp = (torch.matmul(temp, temp.transpose(dim0=2, dim1=1))).sum(dim=2)
+    return (temp.sign() * torch.abs(temp) ** (1 / p)).reshape(temp.shape[0], -1)
+
+
 def sample_estimator(model: nn.Module, train_loader: list, num_classes: int, powers: list[int]) -> tuple[list, list]:
     num_layer = 5
     num_poles = len(powers)
@@ -66,12 +75,7 @@ def sample_estimator(model: nn.Module, train_loader: list, num_classes: int, pow
         label_list = tensor2list(label)
         for layer_idx in range(num_layer):
             for pole_idx, p in enumerate(powers):
-                temp = feature_list[layer_idx].detach()
-                temp = temp**p
-                temp = temp.reshape(temp.shape[0], temp.shape[1], -1)
-                temp = (torch.matmul(temp, temp.transpose(dim0=2, dim1=1))).sum(dim=2)
-                temp = (temp.sign() * torch.abs(temp) ** (1 / p)).reshape(temp.shape[0], -1)
-                temp = tensor2list(temp)
+                temp = tensor2list(gram_rows_as_released(feature_list[layer_idx], p))
                 for feature, lab in zip(temp, label_list):
                     if isinstance(feature_class[lab][layer_idx][pole_idx], type(None)):
                         feature_class[lab][layer_idx][pole_idx] = feature
@@ -94,12 +98,7 @@ def get_deviations(model: nn.Module, data: torch.Tensor, mins: list, maxs: list,
     preds = torch.tensor(np.argmax(confs, axis=1))
     for layer_idx in range(num_layer):
         for pole_idx, p in enumerate(powers):
-            temp = feature_list[layer_idx].detach()
-            temp = temp**p
-            temp = temp.reshape(temp.shape[0], temp.shape[1], -1)
-            temp = (torch.matmul(temp, temp.transpose(dim0=2, dim1=1))).sum(dim=2)
-            temp = (temp.sign() * torch.abs(temp) ** (1 / p)).reshape(temp.shape[0], -1)
-            temp = tensor2list(temp)
+            temp = tensor2list(gram_rows_as_released(feature_list[layer_idx], p))
             for idx in range(len(temp)):
                 lo, hi = mins[preds[idx]][layer_idx][pole_idx], maxs[preds[idx]][layer_idx][pole_idx]
                 dev[idx] += (F.relu(lo - sum(temp[idx])) / torch.abs(lo + 10**-6)).sum()
