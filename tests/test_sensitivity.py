@@ -112,6 +112,41 @@ def test_the_result_rows_and_the_choice_stay_byte_for_byte(
     assert not (tmp_path / "on" / "sensitivity.jsonl").exists()
 
 
+#: weiper's fit parameters and two of its score parameters fixed, 4 perturbed heads: its grid is 144 points of seconds
+WEIPER = {"n_repeats": 4, "n_bins": 80, "perturbation_distance": 1.8, "lambda_2": 0.1, "smoothing_perturbed": 15}
+
+
+def test_every_registered_cached_detector_sweeps_the_scores_of_a_run_fixed_at_each_point(
+    banks: dict[str, FeatureBank],
+) -> None:
+    """For every registered cached detector with a grid (`score_grid` overrides share work across the points: knn's
+    one search, neco's projection, relation's, cfood's, weiper's, gen's, the activation shapers'...), each swept
+    point's test scores are bit for bit those of a detector built, fitted and scored at that point alone: neco's
+    projection onto the grid's largest subspace rounded the smaller subspaces' norms ~1e-16 off. Each key's first two
+    and last values (neco's smallest and largest subspace, knn's k beyond the fit rows), on 100 fit rows."""
+    from ood.detectors import build_detector, detector_class
+    from ood.detectors.base import available_detectors
+    from ood.evaluation.scoring import Sweep, grid_points, search_grid, tune_detector
+
+    small = {**banks, "train": banks["train"].subset(torch.arange(100))}
+    tests = ["test", "near", "far"]
+    checked = []
+    for cls in map(detector_class, available_detectors()):
+        grid = search_grid(cls, {})
+        if cls.needs_model or len(grid_points(grid)) < 2:
+            continue
+        fixed = WEIPER if cls.name == "weiper" else {}
+        cut = {k: list(dict.fromkeys([*v[:2], v[-1]])) for k, v in grid.items() if k not in fixed}
+        sweep = Sweep(tests)
+        tune_detector(cls, {**fixed, **cut}, small, True, sweep=sweep)
+        for point in sweep.points:
+            det = build_detector(cls, **fixed, **point.params).fit(small[cls.fit_split])
+            unequal = [s for s in tests if not torch.equal(point.scores[s], det.score(small[s]))]
+            assert not unequal, f"{cls.name} at {point.params}: {unequal}"
+        checked.append(cls.name)
+    assert {"knn", "neco", "relation", "cfood", "weiper", "gen", "react", "ash", "scale", "vim"} <= set(checked)
+
+
 def test_network_pass_and_gridless_detectors_are_named_as_left_out(
     banks: dict[str, FeatureBank], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

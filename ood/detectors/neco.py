@@ -80,19 +80,23 @@ class NECO(Detector):
         return self.score_grid(bank, [{}])[0]
 
     def score_grid(self, bank: FeatureBank, points: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
-        """One projection onto the largest subspace of the grid; every d reads a prefix of its cumulative norms."""
+        """One standardisation per row chunk; each subspace size d of the grid its own projection, so that a point's
+        scores are bit for bit those `score` gives at it alone (the first d columns of a projection onto more
+        directions round differently, ~1e-16: tuning and `detectors.sensitivity` compare a fixed run's numbers)."""
         feature_dim = bank.features.shape[1]
         dims = [self.set_params(**p)._dim(feature_dim) for p in points]
-        top = self.components_[:, : max(dims)].to(bank.features.device)
-        columns = torch.tensor(dims, device=top.device) - 1
-        cum, norms, max_logit = [], [], []
+        tops = {d: self.components_[:, :d].to(bank.features.device) for d in dict.fromkeys(dims)}
+        sq: dict[int, list[torch.Tensor]] = {d: [] for d in tops}
+        norms, max_logit = [], []
         for rows in row_chunks(len(bank)):
             z = self._standardised(bank.features[rows])
-            # squared norm of the projection on the first d directions, kept only at the d of the grid
-            cum.append(((z - self.z_mean_.to(z.device)) @ top).square().cumsum(1)[:, columns])
+            centred = z - self.z_mean_.to(z.device)
+            for d, top in tops.items():  # squared norm of the projection on the first d directions
+                sq[d].append((centred @ top).square().cumsum(1)[:, -1])
             norms.append(torch.linalg.vector_norm(z, dim=1).clamp_min(1e-300))
             max_logit.append(bank.logits[rows].double().max(1).values)
-        cum_sq, norm, logit = torch.cat(cum), torch.cat(norms), torch.cat(max_logit)
+        norm, logit = torch.cat(norms), torch.cat(max_logit)
+        cum_sq = torch.stack([torch.cat(sq[d]) for d in dims], 1)
         scores = []
         for i, point in enumerate(points):
             self.set_params(**point)
