@@ -76,8 +76,10 @@ TRAINING_OPTIONS = {
 @dataclass
 class Results:
     """What one evaluation wrote: `rows` (results.jsonl), `scores` ({detector: {split: array}}), `overlap`
-    (overlap.json), `samples` (samples.csv: the image of each score), in `run_dir`; `table` is the pandas view,
-    `metrics()` the scalars as one flat dict for a logger, `per_image()` the scores image by image."""
+    (overlap.json), `samples` (samples.csv: the image of each score), `sensitivity` (sensitivity.jsonl: every grid
+    point of the swept detectors on every test set, with `overrides=["detectors.sensitivity=true"]`; empty without),
+    in `run_dir`; `table` is the pandas view, `metrics()` the scalars as one flat dict for a logger, `per_image()` the
+    scores image by image."""
 
     run_dir: Path
     rows: list[dict[str, Any]]
@@ -85,6 +87,9 @@ class Results:
     overlap: dict[str, Any] = field(default_factory=dict)
     #: `pandas.DataFrame` of samples.csv (split, row, index, label, file); None when the run saved no scores
     samples: Any = None
+    #: the sensitivity.jsonl rows, one per swept detector x grid point x (mode, OOD set): `params`, `chosen`,
+    #: `val_auroc` and the test metrics (`ood.evaluation.scoring.sensitivity_rows`); empty when the option was off
+    sensitivity: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_dir(cls, run_dir: str | Path) -> Results:
@@ -110,7 +115,7 @@ class Results:
                     scores.setdefault(detector, {})[split] = npz[key]
         overlap_file = run_dir / "overlap.json"
         overlap = json.loads(overlap_file.read_text()) if overlap_file.is_file() else {}
-        from ood.evaluation.sinks import SAMPLES_FILE  # here: `import ood.api` stays light
+        from ood.evaluation.sinks import SAMPLES_FILE, SENSITIVITY_FILE  # here: `import ood.api` stays light
 
         samples = None
         if (run_dir / SAMPLES_FILE).is_file():
@@ -118,7 +123,8 @@ class Results:
 
             # file names as written: "NA" or "null.png" would otherwise become NaN
             samples = pd.read_csv(run_dir / SAMPLES_FILE, dtype={"split": str, "file": str}, keep_default_na=False)
-        return cls(run_dir, rows, scores, overlap, samples)
+        swept = run_dir / SENSITIVITY_FILE
+        return cls(run_dir, rows, scores, overlap, samples, _read_rows(swept) if swept.is_file() else [])
 
     def per_image(self, detectors: str | Sequence[str] | None = None) -> Any:
         """`pandas.DataFrame`, one row per scored image (ID test, every OOD set, csid sets): `split`, `dataset_index`

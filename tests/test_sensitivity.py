@@ -147,6 +147,21 @@ def test_every_registered_cached_detector_sweeps_the_scores_of_a_run_fixed_at_ea
     assert {"knn", "neco", "relation", "cfood", "weiper", "gen", "react", "ash", "scale", "vim"} <= set(checked)
 
 
+def test_results_read_back_the_sensitivity_rows(
+    tmp_path: Path, swept: tuple[EvaluationResult, EvaluationResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ood.evaluate(..., overrides=["detectors.sensitivity=true"])` wrote sensitivity.jsonl that its `Results`
+    did not expose: `Results.sensitivity` holds its rows as written, empty for a run without the option."""
+    from ood.api import Results
+
+    monkeypatch.setattr(sinks, "save_run_figures", lambda *args: [])
+    rank0 = SimpleNamespace(is_global_zero=True)
+    for name, result in zip(("off", "on"), swept):
+        sinks.ResultsWriter(str(tmp_path / name), save_scores=False).write(result, rank0)
+    assert Results.from_dir(tmp_path / "on").sensitivity == swept[1].sensitivity != []
+    assert Results.from_dir(tmp_path / "off").sensitivity == []
+
+
 def test_network_pass_and_gridless_detectors_are_named_as_left_out(
     banks: dict[str, FeatureBank], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
