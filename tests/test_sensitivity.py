@@ -278,6 +278,25 @@ def test_the_report_averages_each_point_over_seeds_as_pandas_does(
                                      "seeds"]
 
 
+def test_the_report_warns_of_a_configuration_whose_sensitivity_is_over_fewer_of_its_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A third seed evaluated without the option (no sensitivity.jsonl) is in report.csv's means, not in
+    sensitivity.csv's: one warning per configuration says its sensitivity is over 2 of its 3 runs."""
+    from ood.report import main
+
+    _report_runs(tmp_path / "runs")
+    third = tmp_path / "runs" / "2"
+    third.mkdir()
+    rows = [{**json.loads(line), "seed": 2} for line in (tmp_path / "runs" / "1" / "results.jsonl").read_text().splitlines()]
+    (third / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main([str(tmp_path / "runs"), "--no-figures", "--no-reference"])
+    warned = [line for line in capsys.readouterr().err.splitlines() if "sensitivity.csv:" in line]
+    assert warned == [f"warning: sensitivity.csv: method=ce detector={d} backbone=small_cnn id_dataset=digits is over 2 "
+                      "of its 3 runs (the others have no sensitivity.jsonl rows for it: evaluated without "
+                      "detectors.sensitivity=true)" for d in ("cfood", "knn")]
+
+
 def test_the_report_draws_one_sensitivity_figure_per_detector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """knn: one line over k on a log axis (1..100), two starred points (each chosen by one seed of two); cfood: one
     line per alpha; a later report of runs without sensitivity rows leaves neither the csv nor the figures."""

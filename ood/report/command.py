@@ -30,7 +30,13 @@ from ood.report.rendering import (
     to_markdown,
     write_csv,
 )
-from ood.report.sensitivity import CSV_FILE, load_sensitivity, sensitivity_table, write_sensitivity_figures
+from ood.report.sensitivity import (
+    CSV_FILE,
+    fewer_runs,
+    load_sensitivity,
+    sensitivity_table,
+    write_sensitivity_figures,
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -133,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if swept:  # the runs' detectors.sensitivity rows: AUROC per grid point
         point_cols, swept_cols, swept_table = sensitivity_table(swept, config_cols)
         atomic_write(out / CSV_FILE, lambda tmp: write_csv(tmp, [*config_cols, *point_cols, "chosen"], swept_cols, swept_table))
+        for line in fewer_runs(swept_table, table, config_cols):
+            print(f"warning: {line}", file=sys.stderr)
     else:  # an earlier report's would be read as this one's
         (out / CSV_FILE).unlink(missing_ok=True)
     # a run folder's own figures/ are that run's ROC and histograms: the report's go beside them, in report/figures/

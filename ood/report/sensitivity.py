@@ -90,6 +90,22 @@ def sensitivity_table(
     return point_cols, metric_cols, table
 
 
+def fewer_runs(
+    swept_table: Sequence[Mapping[str, Any]], table: Sequence[Mapping[str, Any]], config_cols: Sequence[str]
+) -> list[str]:
+    """One line per configuration of the report `table` whose `sensitivity_table` entries come from fewer of its runs
+    (a seed evaluated without `detectors.sensitivity=true` has no sensitivity.jsonl): their means are over those runs
+    alone, which the csv's `seeds` column says but nothing warned of."""
+    runs = {tuple(str(e[c]) for c in config_cols): e["seeds"] for e in table}
+    swept: dict[tuple[str, ...], int] = {}
+    for e in swept_table:
+        key = tuple(str(e[c]) for c in config_cols)
+        swept[key] = max(swept.get(key, 0), e["seeds"])
+    return [f"{CSV_FILE}: {' '.join(f'{c}={v}' for c, v in zip(config_cols, key))} is over {n} of its {runs[key]} "
+            f"runs (the others have no {SENSITIVITY_FILE} rows for it: evaluated without detectors.sensitivity=true)"
+            for key, n in swept.items() if n < runs.get(key, 0)]
+
+
 def write_sensitivity_figures(
     figures: Path, config_cols: Sequence[str], table: Sequence[Mapping[str, Any]]
 ) -> list[Path]:
