@@ -15,6 +15,7 @@ import torch
 from fabricate import synthetic_banks
 
 from ood.data.benchmark import EvalSplit
+from ood.detectors import Detector
 from ood.errors import ConfigError
 from ood.evaluation import sinks
 from ood.evaluation.evaluator import EvaluationResult, Evaluator
@@ -160,6 +161,38 @@ def test_results_read_back_the_sensitivity_rows(
         sinks.ResultsWriter(str(tmp_path / name), save_scores=False).write(result, rank0)
     assert Results.from_dir(tmp_path / "on").sensitivity == swept[1].sensitivity != []
     assert Results.from_dir(tmp_path / "off").sensitivity == []
+
+
+class _InfiniteOnTest(Detector):
+    """Feature 0 at p=1; at p=2 the same doubled (tied on val: p=1 is chosen, first in order), but infinite on a bank
+    of 100 rows, the near / far test sets here: a point that overflows on test data alone."""
+
+    grid = {"p": [1, 2]}
+    score_params = frozenset({"p"})
+
+    def __init__(self, p: int = 1) -> None:
+        self.p = p
+
+    def score(self, bank: FeatureBank) -> torch.Tensor:
+        features = bank.features[:, 0].double()
+        return features if self.p == 1 else 2 * features / (len(bank) != 100)
+
+
+_InfiniteOnTest.name = "infinite_on_test"  # after the class: out of the registry
+
+
+def test_a_point_infinite_on_a_test_set_is_left_out_not_the_evaluation(
+    banks: dict[str, FeatureBank], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unchosen point whose test scores are not finite raised NonFiniteError after every pass, so the option lost
+    the whole evaluation (results.jsonl) that runs without it; now that point is left out of sensitivity.jsonl, said
+    in one warning, and the rows are those of a run without the option."""
+    off = _evaluate(banks, [_InfiniteOnTest], {})
+    with caplog.at_level(logging.WARNING, logger="ood.evaluation.scoring"):
+        on = _evaluate(banks, [_InfiniteOnTest], {}, sensitivity=True)
+    assert on.rows == off.rows and on.rows[0]["detector_params"] == {"p": 1}
+    assert [(r["params"], r["chosen"]) for r in on.sensitivity] == [({"p": 1}, True)] * 2
+    assert "detectors.sensitivity: infinite_on_test at {'p': 2} left out of sensitivity.jsonl:" in caplog.text
 
 
 def test_network_pass_and_gridless_detectors_are_named_as_left_out(

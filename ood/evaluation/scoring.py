@@ -33,7 +33,7 @@ from ood.detectors.base import (
     split_hparams,
 )
 from ood.detectors.network import FitInputs, Fold, FoldInputs, ModelFitted, StreamFitted
-from ood.errors import ConfigError
+from ood.errors import ConfigError, NonFiniteError
 from ood.features.bank import FeatureBank
 from ood.metrics import ood_metrics
 from ood.utils import check_finite, get_logger, progress
@@ -520,12 +520,20 @@ def sensitivity_rows(
 ) -> list[dict[str, Any]]:
     """One row per swept scorer x grid point x (mode, OOD set) (`Scorer.sweep`): the result rows' `IDENTITY` keys of
     `info` and the scorer, the point (`params`), whether tuning chose it (`chosen`), its validation AUROC (`val_auroc`)
-    and its test metrics, measured as `evaluate` measures the result rows."""
+    and its test metrics, measured as `evaluate` measures the result rows. A point with NaN or infinite test scores
+    (an unchosen point that overflows on an OOD set) is left out, with a warning: the chosen point's would have
+    stopped `evaluate` already, and an option that only watches must not lose the run's results."""
     rows = []
     for scorer in scorers:
         for point in scorer.sweep:
             scores = {split: s.detach().double().cpu() for split, s in point.scores.items()}
-            for mode, split, m, _ in mode_metrics(f"{scorer.name}{point.params}", scores, splits, modes):
+            try:
+                measured = list(mode_metrics(f"{scorer.name}{point.params}", scores, splits, modes))
+            except NonFiniteError as err:
+                log.warning("detectors.sensitivity: %s at %s left out of sensitivity.jsonl: %s", scorer.name,
+                            point.params, err)
+                continue
+            for mode, split, m, _ in measured:
                 row = {**info, "detector": scorer.name, "mode": mode, "ood_dataset": split.name, "ood_group": split.group}
                 rows.append({**{k: row[k] for k in IDENTITY if k in row}, "params": point.params,
                              "chosen": point.chosen, "val_auroc": point.val_auroc, **m})
