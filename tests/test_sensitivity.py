@@ -361,6 +361,28 @@ def test_the_report_draws_one_sensitivity_figure_per_detector(tmp_path: Path, mo
     assert not list((tmp_path / "report" / "figures").glob("sensitivity_*.png"))
 
 
+def test_the_reports_sensitivity_figures_follow_its_detectors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--detectors knn` chose roc.png's and the bars' detectors, but every detector still got a sensitivity figure:
+    now knn's alone, an earlier report's cfood figure is removed, and sensitivity.csv keeps every detector (a table,
+    as report.csv)."""
+    import csv
+
+    from ood import plots
+    from ood.report import main
+
+    _report_runs(tmp_path / "runs")
+    (tmp_path / "report" / "figures").mkdir(parents=True)
+    (tmp_path / "report" / "figures" / "sensitivity_cfood.png").write_bytes(b"an earlier report's")
+    drawn: list[str] = []
+    monkeypatch.setattr(plots, "sensitivity_figure", lambda lines, key, path, title: drawn.append(Path(path).name) or path)
+    monkeypatch.setattr(plots, "auroc_bars", lambda bars, path, title: path)
+    main([str(tmp_path / "runs"), "--no-reference", "--detectors", "knn", "--out", str(tmp_path / "report")])
+    assert drawn == ["sensitivity_knn.png"]
+    assert not list((tmp_path / "report" / "figures").glob("sensitivity_*.png"))  # cfood's gone; knn's not drawn here
+    with open(tmp_path / "report" / "sensitivity.csv") as f:
+        assert sorted({row["detector"] for row in csv.DictReader(f)}) == ["cfood", "knn"]
+
+
 def test_the_reports_file_name_is_the_writers() -> None:
     from ood.report.sensitivity import SENSITIVITY_FILE
 

@@ -50,7 +50,9 @@ def parser() -> argparse.ArgumentParser:
         "evaluation mode, which are never averaged over), e.g. "
         "method.optimizer.lr,trainer.max_epochs (default: every key that differs)",
     )
-    out.add_argument("--detectors", default=None, help="comma-separated detectors to draw ROC curves, histograms and AUROC bars of")
+    out.add_argument("--detectors", default=None,
+                     help="comma-separated detectors to draw ROC curves, histograms, AUROC bars and sensitivity figures "
+                     "of (the tables and sensitivity.csv keep every detector)")
     out.add_argument("--no-figures", action="store_true", help="tables only")
     out.add_argument(
         "--reference",
@@ -152,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         write_figures(figures_in, config_cols, table, rows, chosen)
         if swept:
-            write_sensitivity_figures(figures_in / "figures", config_cols, swept_table)
+            write_sensitivity_figures(figures_in / "figures", config_cols, swept_table, chosen)
     print_missing(failed)
     for line in sources:
         print(f"reference numbers {line}", file=sys.stderr)

@@ -107,14 +107,16 @@ def fewer_runs(
 
 
 def write_sensitivity_figures(
-    figures: Path, config_cols: Sequence[str], table: Sequence[Mapping[str, Any]]
+    figures: Path, config_cols: Sequence[str], table: Sequence[Mapping[str, Any]],
+    detectors: Sequence[str] | None = None,
 ) -> list[Path]:
-    """`figures/sensitivity_<detector>.png` per detector of the `sensitivity_table` entries: its first swept key on
-    x, one line per configuration that differs between its entries and value of its other swept keys."""
+    """`figures/sensitivity_<detector>.png` per detector of the `sensitivity_table` entries (of `detectors` alone
+    when given: `ood-report --detectors`, as the ROC curves, histograms and bars): its first swept key on x, one line
+    per configuration that differs between its entries and value of its other swept keys."""
     from ood import plots
 
     paths = []
-    for detector in dict.fromkeys(str(e["detector"]) for e in table):
+    for detector in dict.fromkeys(str(e["detector"]) for e in table if detectors is None or e["detector"] in detectors):
         entries = [e for e in table if e["detector"] == detector]
         keys = list(dict.fromkeys(k for e in entries for k in e["_params"]))
         varying = [c for c in config_cols if c != "detector" and len({str(e.get(c)) for e in entries}) > 1]
