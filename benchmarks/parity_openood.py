@@ -90,7 +90,8 @@ def missing_files(benchmark: str, data_dir: Path, ckpt_dir: Path, weights: Path 
     lines = [f"missing {data_dir / f}: {how}" for f in required_lists(benchmark) if not (data_dir / f).is_file()]
     if benchmark == "imagenet1k":
         if weights is None or not weights.is_file():
-            lines.append(f"missing ResNet-50 weights {weights} (--weights / WEIGHTS=): {WEIGHTS_HOW}")
+            what = "no ResNet-50 weights given" if weights is None else f"missing ResNet-50 weights {weights}"
+            lines.append(f"{what} (--weights / WEIGHTS=): {WEIGHTS_HOW}")
     else:
         how = CKPT_HOW.format(data=data_dir, ckpt=ckpt_dir, zip=RELEASES[benchmark])
         lines += [f"missing {p}: {how}" for p in checkpoints(benchmark, ckpt_dir, seeds) if not p.is_file()]
@@ -210,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2", help="released training runs (s0, s1, s2)")
     parser.add_argument("--out", type=Path, default=Path("logs/reproduce/parity"))
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every ood-eval (e.g. data.num_workers=16)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after an option (ARGS in the Makefile)
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     unknown = [b for b in chosen if b not in BENCHMARKS]

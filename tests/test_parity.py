@@ -91,6 +91,27 @@ def test_parity_runs_end_to_end_on_fabricated_files(tmp_path: Path, capsys: pyte
     assert f"\nID accuracy (%): ours {mean:.2f} ± {std:.2f} | OpenOOD 95.06 ± 0.30 | diff {mean - 95.06:+.2f} !\n" in table
 
 
+def test_a_missing_weights_file_is_named_and_none_given_said(tmp_path: Path) -> None:
+    """ImageNet-1K's line when `--weights` is missing: the file's path, or that none was given (it read 'missing
+    ResNet-50 weights None')."""
+    def line(weights: Path | None) -> str:
+        return parity_openood.missing_files("imagenet1k", tmp_path, tmp_path, weights, [0])[-1]
+
+    assert line(None).startswith("no ResNet-50 weights given (--weights / WEIGHTS=): torchvision's ResNet-50 IMAGENET1K_V1")
+    assert line(tmp_path / "r50.pth").startswith(f"missing ResNet-50 weights {tmp_path / 'r50.pth'} (--weights / WEIGHTS=): ")
+
+
+def test_overrides_may_come_between_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make parity-openood ARGS="trainer=cpu --seeds 0 data.num_workers=0"` puts Hydra overrides before and after an
+    option (the Makefile's ARGS come after --out): argparse refused the second group ('unrecognized arguments')."""
+    seen = []
+    monkeypatch.setattr(parity_openood, "missing_files", lambda *args: [])
+    monkeypatch.setattr(parity_openood, "evaluate", lambda benchmark, args, seeds, out: seen.append((args.overrides, seeds)))
+    code = parity_openood.main(["--data-dir", str(tmp_path), "--ckpt-dir", str(tmp_path), "--benchmarks", "cifar10",
+                                "--out", str(tmp_path), "trainer=cpu", "--seeds", "0", "data.num_workers=0"])
+    assert seen == [(["trainer=cpu", "data.num_workers=0"], [0])] and code == 1  # no results.jsonl written
+
+
 def test_leaderboard_detector_that_did_not_run_keeps_its_row() -> None:
     """A detector excluded, skipped or failed has no rows: the table still lists the leaderboard's numbers for it,
     ours `-`, instead of dropping the row."""
