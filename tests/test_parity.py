@@ -1,7 +1,8 @@
-"""`make parity-openood` end to end on fabricated files: OpenOOD's CIFAR-10 tree and random networks saved in
-OpenOOD's checkpoint format (`<results>/<run>/s<seed>/best.ckpt`, `module.`-prefixed ResNet18_32x32 names), through
-`ood-eval -m` and `ood-report`, to the parity table beside the leaderboard; a missing checkpoint names the file and
-OpenOOD's release."""
+"""`make parity-openood` end to end on fabricated files: OpenOOD's CIFAR-10 and ImageNet-200 trees and random networks
+saved in OpenOOD's checkpoint format (`<results>/<run>/s<seed>/best.ckpt`: `module.`-prefixed ResNet18_32x32 names;
+torchvision's ResNet-18 names for ResNet18_224x224, with the preset's gram_v15 and mds_ensemble at feature1), through
+`ood-eval -m` and `ood-report`, to the parity table beside the leaderboard; a missing checkpoint or weights file is
+named with where it is published."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import os
 import re
 import statistics
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import NO_FIGURES, compose_config
+from torchvision.models import resnet18
 
 from benchmarks import parity_openood
-from benchmarks.fabricate import cifar_tree
+from benchmarks.fabricate import cifar_tree, imagenet_tree
 from ood.detectors import available_detectors
 from ood.evaluation.evaluator import Evaluator
 from ood.models import ResNet18_32x32
@@ -61,34 +64,74 @@ def test_reference_files_cover_every_benchmark() -> None:
         assert "gram_v15" in ref["auroc"]["ce"] and "gram" not in ref["auroc"]["ce"], benchmark
 
 
-@pytest.mark.slow
-def test_parity_runs_end_to_end_on_fabricated_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def torchvision_checkpoint(path: Path, num_classes: int) -> None:
+    """A random ResNet18_224x224 as OpenOOD's recorder saves it (`best.ckpt`: torchvision's ResNet-18 names, bare:
+    `net.module.state_dict()`), written without the project's loader."""
+    torch.manual_seed(0)
+    path.parent.mkdir(parents=True)
+    torch.save(resnet18(num_classes=num_classes).state_dict(), path)
+
+
+def fabricated_cifar10(tmp_path: Path) -> tuple[Path, list[str], list[str]]:
+    """CIFAR-10's tree and two released networks (s0, s1); CIFAR-100's checkpoints are missing. Returns the data
+    folder, the script's benchmark / seed / detector arguments and parts of the line naming the missing file."""
     data = cifar_tree(tmp_path / "data", n_train=20, n_val=8, n_test=8, n_ood=4)
-    results = tmp_path / "results"
     for seed in (0, 1):
-        openood_checkpoint(results / parity_openood.RUNS["cifar10"] / f"s{seed}" / "best.ckpt", seed)
+        openood_checkpoint(tmp_path / "results" / parity_openood.RUNS["cifar10"] / f"s{seed}" / "best.ckpt", seed)
+    missing = tmp_path / "results" / parity_openood.RUNS["cifar100"] / "s0" / "best.ckpt"
+    return data, ["--benchmarks", "cifar10,cifar100", "--seeds", "0,1", "detectors.names=[msp,energy,knn,mahalanobis]"], [
+        f"cifar100: missing {missing}: ", "cifar100_res18_v1.5.zip"]
+
+
+def fabricated_imagenet200(tmp_path: Path) -> tuple[Path, list[str], list[str]]:
+    """ImageNet-200's tree (4 classes: every class has train images, as the class-conditional detectors need) and one
+    released network (s0) at 224 px; ImageNet-1K's ResNet-50 file is not given. The preset's gram_v15 and
+    mds_ensemble (at OpenOOD's feature1, after the max-pool) run on it."""
+    data = imagenet_tree(tmp_path / "data", n_train=8, n_val=4, n_test=4, n_ood=2, classes=4)
+    torchvision_checkpoint(tmp_path / "results" / parity_openood.RUNS["imagenet200"] / "s0" / "best.ckpt", 4)
+    return data, ["--benchmarks", "imagenet200,imagenet1k", "--seeds", "0", "data.benchmark.num_classes=4",
+                  "detectors.names=[msp,energy,knn,gram_v15,mds_ensemble]"], [
+        "imagenet1k: no ResNet-50 weights given (--weights / WEIGHTS=): ", "resnet50-0676ba61.pth"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("benchmark, fabricate", [("cifar10", fabricated_cifar10), ("imagenet200", fabricated_imagenet200)])
+def test_parity_runs_end_to_end_on_fabricated_files(benchmark: str, fabricate: Callable[[Path], tuple[Path, list[str], list[str]]],
+                                                    tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data, args, missing = fabricate(tmp_path)
     code = parity_openood.main([
-        "--data-dir", str(data), "--ckpt-dir", str(results), "--benchmarks", "cifar10,cifar100", "--seeds", "0,1",
-        "--out", str(tmp_path / "parity"), "trainer=cpu", "data.num_workers=0", "data.pin_memory=false",
-        "trainer.enable_progress_bar=false", "logger=none", "detectors.names=[msp,energy,knn,mahalanobis]", NO_FIGURES])
+        "--data-dir", str(data), "--ckpt-dir", str(tmp_path / "results"), *args, "--out", str(tmp_path / "parity"),
+        "trainer=cpu", "data.num_workers=0", "data.pin_memory=false", "trainer.enable_progress_bar=false", "logger=none",
+        NO_FIGURES])
     out, err = capsys.readouterr()
-    assert code == 1  # cifar100's checkpoints are missing
-    missing = results / parity_openood.RUNS["cifar100"] / "s0" / "best.ckpt"
-    assert f"missing {missing}" in err and "cifar100_res18_v1.5.zip" in err
+    assert code == 1  # the second benchmark's network is missing, named with where it is published
+    assert all(part in err for part in missing) and f"{benchmark}: ood-eval" not in err
+    seeds = sorted((tmp_path / "parity" / benchmark).glob("s*/results.jsonl"))
     table = (tmp_path / "parity" / "parity.md").read_text()
-    assert "### cifar10 (seeds: 2;" in table
-    knn = next(line for line in table.splitlines() if line.startswith("| knn |")).split(" | ")
+    assert f"### {benchmark} (seeds: {len(seeds)};" in table
+    lines = {line.split(" | ")[0]: line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
+    ref = load_reference(parity_openood.REFERENCE_DIR / f"{benchmark}.yaml")
     # ours (a random network: about chance), the leaderboard's numbers, the difference, marked beyond 1 point
-    assert knn[2] == "90.64 ± 0.20" and knn[5] == "92.96 ± 0.14"
+    (near, near_std), (far, far_std) = ref["auroc"]["ce"]["knn"]["near"], ref["auroc"]["ce"]["knn"]["far"]
+    knn = lines["| knn"]
+    assert knn[2] == f"{near:.2f} ± {near_std:.2f}" and knn[5] == f"{far:.2f} ± {far_std:.2f}"
     ours_near = float(knn[1].split(" ± ")[0])
-    assert knn[3] == f"{ours_near - 90.64:+.2f} !"
-    assert {line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")} >= {
-        "| msp", "| energy (ebo)", "| knn", "| mahalanobis (mds)"}
-    # the networks' ID accuracy (the runs' results, mean ± std over the two seeds) beside the leaderboard's
-    accs = [100 * json.loads(line)["id_acc"] for s in ("s0", "s1")
-            for line in (tmp_path / "parity" / "cifar10" / s / "results.jsonl").read_text().splitlines()[:1]]
-    mean, std = statistics.fmean(accs), statistics.stdev(accs)
-    assert f"\nID accuracy (%): ours {mean:.2f} ± {std:.2f} | OpenOOD 95.06 ± 0.30 | diff {mean - 95.06:+.2f} !\n" in table
+    assert knn[3] == f"{ours_near - near:+.2f}" + (" !" if abs(ours_near - near) > parity_openood.MARK else "")
+    # every detector asked for has a value of ours, under OpenOOD's key where it differs
+    ran = {"msp", "energy (ebo)", "knn", "mahalanobis (mds)"} if benchmark == "cifar10" else {
+        "msp", "energy (ebo)", "knn", "gram_v15 (gram, v1.5 release)", "mds_ensemble"}
+    assert all(lines[f"| {name}"][1] != "-" and lines[f"| {name}"][4] != "-" for name in ran), table
+    # the networks' ID accuracy (the runs' results, mean ± std over the seeds; one run: its value alone) beside the
+    # leaderboard's
+    accs = [100 * json.loads(path.read_text().splitlines()[0])["id_acc"] for path in seeds]
+    ours = f"{statistics.fmean(accs):.2f}" + (f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else "")
+    acc, acc_std = ref["id_acc"]
+    diff = statistics.fmean(accs) - acc
+    assert (f"\nID accuracy (%): ours {ours} | OpenOOD {acc:.2f} ± {acc_std:.2f} | diff {diff:+.2f}"
+            f"{' !' if abs(diff) > parity_openood.MARK else ''}\n") in table
+    params = {row["detector"]: row["detector_params"] for row in map(json.loads, seeds[0].read_text().splitlines())}
+    if benchmark == "imagenet200":  # the preset's OpenOOD settings reach the detector
+        assert params["mds_ensemble"] == {"noise": 0.0014, "input_std": 0.5, "stages": ["feature1"]}
 
 
 def test_a_missing_weights_file_is_named_and_none_given_said(tmp_path: Path) -> None:
