@@ -700,9 +700,10 @@ def test_two_networks_of_a_generic_backbone_group_are_never_averaged(tmp_path: P
 
 
 def test_the_detectors_option_says_it_chooses_the_auroc_bars_too() -> None:
-    """`--detectors` chooses the detectors of auroc_bars.png as well as roc.png and hist_*.png (auroc_bars draws
-    roc.png's detectors); its help named the curves and histograms alone."""
+    """`--detectors` chooses the detectors of auroc_bars.png and the sensitivity figures as well as roc.png and
+    hist_*.png (auroc_bars draws roc.png's detectors); its help named the curves and histograms alone."""
     from ood.report.command import parser
 
     said = next(a.help for a in parser()._actions if "--detectors" in a.option_strings)
-    assert said == "comma-separated detectors to draw ROC curves, histograms and AUROC bars of"
+    assert said == ("comma-separated detectors to draw ROC curves, histograms, AUROC bars and sensitivity figures of "
+                    "(the tables and sensitivity.csv keep every detector)")
