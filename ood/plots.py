@@ -226,13 +226,18 @@ class SensitivityLine:
 
 #: a hyper-parameter's values spanning more than this factor are drawn on a log axis
 LOG_SPAN = 20
+#: up to this many grid values are the x ticks themselves (k = 1, 5, 10, 50, 100, not 10^0, 10^1, 10^2)
+GRID_TICKS = 12
+#: the least y range of a sensitivity panel, in AUROC points: a flat line (99.998 ± 0.001) is drawn flat
+MIN_Y_SPAN = 1.0
 
 
 def sensitivity_figure(lines: Sequence[SensitivityLine], key: str, path: str | Path, title: str) -> Path:
     """A panel per OOD group (near, far): per line its test AUROC (%) against `key` (mean, ± std band), its
     validation AUROC dashed in the same colour, and a star where tuning chose the value (with `k/n` runs when not
-    every run of several did). Numbers on a log axis when they span more than `LOG_SPAN`x, other values (names,
-    booleans) evenly spaced."""
+    every run of several did). Numbers on a log axis when they span more than `LOG_SPAN`x, ticked at the grid's own
+    values (up to `GRID_TICKS`), other values (names, booleans) evenly spaced; y in plain AUROC points, at least
+    `MIN_Y_SPAN` of them, so that a flat line reads flat."""
     groups = [g for g in ("near", "far") if any(f"{g}/auroc" in line.cells for line in lines)]
     values = [v for line in lines for v in line.x]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
@@ -254,9 +259,20 @@ def sensitivity_figure(lines: Sequence[SensitivityLine], key: str, path: str | P
                         ax.annotate(f"{chosen}/{runs}", (xi, yi), textcoords="offset points", xytext=(4, 6), fontsize=7)
         if numeric and min(values) > 0 and max(values) / min(values) > LOG_SPAN:
             ax.set_xscale("log")
+        if numeric and len(set(values)) <= GRID_TICKS:
+            grid = sorted(set(values))
+            ax.set_xticks(grid, [f"{v:g}" for v in grid])
+            ax.minorticks_off()
         if not numeric:
             ax.set_xticks(range(len(ticks)), [str(t) for t in ticks], fontsize=8)
-        ax.set_ylim(top=min(ax.get_ylim()[1], 100.5))  # no room above 100 % (the bands' std may reach past it)
+        low, high = ax.get_ylim()
+        if high - low < MIN_Y_SPAN:
+            low, high = (low + high - MIN_Y_SPAN) / 2, (low + high + MIN_Y_SPAN) / 2
+        top = 100 + min(0.5, (high - low) / 20)  # no room (nor a tick) above 100 %: the bands' std may reach past it
+        if high > top:
+            low, high = min(low, top - MIN_Y_SPAN), top
+        ax.set_ylim(low, high)
+        ax.ticklabel_format(axis="y", useOffset=False)  # 99.99, not 0.009 under a '+9.999e1'
         ax.set(xlabel=key, ylabel="AUROC (%)", title=f"{group}-OOD")
         ax.grid(linewidth=0.4)
     # the line styles' meaning, once, in black below the lines' own labels

@@ -387,3 +387,30 @@ def test_the_reports_file_name_is_the_writers() -> None:
     from ood.report.sensitivity import SENSITIVITY_FILE
 
     assert SENSITIVITY_FILE == sinks.SENSITIVITY_FILE
+
+
+def test_the_sensitivity_figure_reads_as_an_ablation_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """x ticks at the grid's own values (k = 1, 5, 10, 50, 100 on the log axis, not 10^0, 10^1, 10^2; percentile
+    85, 90, 95, 99, not 87.5); a flat line (ViM's far AUROC 99.998 ± 0.001) is drawn flat on a plain axis: no
+    '+9.999e1' offset, at least one AUROC point of y range, no tick above 100."""
+    from ood import plots
+
+    saved = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: saved.append(fig) or Path(path))
+
+    def line(x: list[float], mean: list[float]) -> plots.SensitivityLine:
+        cells = {"val/auroc": [(1.0, 0.0)] * len(x), "near/auroc": [(m, 0.01) for m in mean],
+                 "far/auroc": [(0.99998 + i * 1e-6, 1e-5) for i in range(len(x))]}
+        return plots.SensitivityLine("a", x, cells, [(i == 0, 2) for i in range(len(x))])
+
+    plots.sensitivity_figure([line([1, 5, 10, 50, 100], [0.9, 0.8, 0.7, 0.6, 0.5])], "k", tmp_path / "k.png", "t")
+    plots.sensitivity_figure([line([85, 90, 95, 99], [0.6, 0.6, 0.5, 0.5])], "percentile", tmp_path / "p.png", "t")
+    (knn_near, knn_far), (react_near, _) = (fig.axes[:2] for fig in saved)
+    for fig in saved:
+        fig.canvas.draw()
+    assert knn_near.get_xscale() == "log"
+    assert [t.get_text() for t in knn_near.get_xticklabels()] == ["1", "5", "10", "50", "100"]
+    assert [t.get_text() for t in react_near.get_xticklabels()] == ["85", "90", "95", "99"]
+    assert knn_far.yaxis.get_major_formatter().get_offset() == ""
+    low, high = knn_far.get_ylim()
+    assert high - low >= 1 and max(t for t in knn_far.get_yticks() if low <= t <= high) == 100
