@@ -414,3 +414,32 @@ def test_the_sensitivity_figure_reads_as_an_ablation_figure(tmp_path: Path, monk
     assert knn_far.yaxis.get_major_formatter().get_offset() == ""
     low, high = knn_far.get_ylim()
     assert high - low >= 1 and max(t for t in knn_far.get_yticks() if low <= t <= high) == 100
+
+
+def test_the_report_says_when_a_re_evaluations_sensitivity_is_left_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ood-report <train sweep> <eval sweep>`, the eval sweep `ood-eval`'s of the training runs' checkpoints with
+    detectors.sensitivity=true and the user's k grid: the report counts each model once, its training run's rows
+    (tuned k reads `tuned`, whatever its grid), so every sensitivity row was dropped and no sensitivity.csv written,
+    silently. Now one warning per evaluation run names its file, the run counted instead and what to report."""
+    from ood.report import main
+    from ood.runs.identity import IDENTITY_FILE
+
+    _report_runs(tmp_path / "eval")
+    for seed in ("0", "1"):
+        train, run = tmp_path / "train" / seed, tmp_path / "eval" / seed
+        (train / "checkpoints").mkdir(parents=True)
+        (train / "checkpoints" / "last.ckpt").write_bytes(b"")
+        (train / "results.jsonl").write_text((run / "results.jsonl").read_text())
+        model = str((train / "checkpoints" / "last.ckpt").resolve())
+        for folder in (train, run):
+            (folder / IDENTITY_FILE).write_text(json.dumps({"config": {}, "model": model}))
+    main([str(tmp_path / "train"), str(tmp_path / "eval"), "--no-figures", "--no-reference", "--out", str(tmp_path)])
+    warned = [line for line in capsys.readouterr().err.splitlines() if "sensitivity.jsonl" in line]
+    assert warned == [f"warning: {tmp_path / 'eval' / s / 'sensitivity.jsonl'} left out (cfood, knn): its run re-evaluates "
+                      f"the model of {tmp_path / 'train' / s} in the same configuration (a tuned value counts as `tuned`, "
+                      f"whatever its grid), whose rows the report keeps; report {tmp_path / 'eval' / s} without "
+                      f"{tmp_path / 'train' / s} for its sensitivity.csv and figures" for s in ("0", "1")]
+    assert not (tmp_path / "sensitivity.csv").exists()
+    assert warned[0][len("warning: "):] in (tmp_path / "report.md").read_text()

@@ -33,6 +33,7 @@ from ood.report.rendering import (
 from ood.report.sensitivity import (
     CSV_FILE,
     fewer_runs,
+    left_out_sensitivity,
     load_sensitivity,
     sensitivity_table,
     write_sensitivity_figures,
@@ -75,8 +76,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: --out {out} is a file, not a folder", file=sys.stderr)
         sys.exit(1)
     failed = failed_runs(args.paths)
+    dropped: dict[tuple[str, str], set[str]] = {}  # re-evaluations counted once: their sensitivity rows go too
     try:
-        rows = load_rows(args.paths)
+        rows = load_rows(args.paths, dropped)
         swept = load_sensitivity(rows)
         if args.no_reference:
             references = []
@@ -108,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(1)
     averaged: list[str] = []  # runs a mean leaves out, counts twice or averages over other keys: under the table too
     config_cols, metric_cols, table = aggregate(rows, by=by, notes=averaged)
+    for line in left_out_sensitivity(dropped):
+        print(f"warning: {line}", file=sys.stderr)
+        averaged.append(line)
     left_out: list[str] = []  # why a reference's numbers are not beside rows of theirs: said under the table too
     metric_cols = add_reference(metric_cols, table, references, left_out)
     ran = sorted({(str(e["id_dataset"]), str(e["backbone"])) for e in table})

@@ -95,7 +95,9 @@ def unreadable(file: Path) -> str | None:
     return None
 
 
-def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+def load_rows(
+    paths: Iterable[str | Path], dropped: dict[tuple[str, str], set[str]] | None = None
+) -> list[dict[str, Any]]:
     """All result rows under `paths` (files or folders searched recursively), each tagged with its run folder
     (`_run`), its configuration without the seed (`_config`), its model (`_model`) and the config keys that follow
     the seed (`_seeded`). Rows of a model already seen with the same method, detector settings and OOD set (a
@@ -103,7 +105,8 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     once per configuration; a re-evaluation in another configuration (e.g. `data.fit_fraction`) is its own entry. A
     run that resumed (`resumed.json`) a run whose results are read too scores that run's model: a run has results
     only once its training is done, so the resumed one trained nothing more and evaluated the same network again
-    (a run stopped by SIGTERM after writing its results, then resumed with `ckpt_path=last` into a new folder)."""
+    (a run stopped by SIGTERM after writing its results, then resumed with `ckpt_path=last` into a new folder).
+    `dropped`, when given, gets (run, run kept instead) -> the detectors whose rows were dropped."""
     paths = list(paths)
     for path in map(Path, paths):
         if not path.exists():
@@ -135,6 +138,8 @@ def load_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
                params, str(row["ood_dataset"]), str(row.get("mode", "standard")))
         if seen.setdefault(key, row["_run"]) == row["_run"]:
             kept.append(row)
+        elif dropped is not None:
+            dropped.setdefault((row["_run"], seen[key]), set()).add(str(row["detector"]))
     return kept
 
 

@@ -35,19 +35,42 @@ def load_sensitivity(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     results = {_match_key(r, str(r["_run"])): r for r in rows}
     out = []
     for run in sorted({str(r["_run"]) for r in rows}):
-        file = Path(run) / SENSITIVITY_FILE
-        if not file.is_file():
-            continue
-        for number, line in enumerate(file.read_text().splitlines(), 1):
-            try:
-                row = json.loads(line)
-                result = results.get(_match_key(row, run))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise OODError(f"{file}:{number}: not a sensitivity row (a JSON object naming its method, detector "
-                               "and OOD set)") from None
+        for row in _read(Path(run) / SENSITIVITY_FILE):
+            result = results.get(_match_key(row, run))
             if result is not None:
                 out.append({**row, "_run": run, "_result": result})
     return out
+
+
+def _read(file: Path) -> list[dict[str, Any]]:
+    """The rows of one `sensitivity.jsonl` (none when there is no file), each checked to name its match key."""
+    if not file.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+            _match_key(rows[-1], "")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise OODError(f"{file}:{number}: not a sensitivity row (a JSON object naming its method, detector "
+                           "and OOD set)") from None
+    return rows
+
+
+def left_out_sensitivity(dropped: Mapping[tuple[str, str], set[str]]) -> list[str]:
+    """One line per run whose sensitivity rows `load_sensitivity` drops with its results (`load_rows`' `dropped`: a
+    re-evaluation of another run's model in the same configuration, counted once): `ood-report <train sweep> <eval
+    sweep>` of an `ood-eval` with detectors.sensitivity=true and the user's grid kept the training runs' rows and
+    wrote no sensitivity.csv, saying nothing."""
+    lines = []
+    for (run, kept), detectors in sorted(dropped.items()):
+        file = Path(run) / SENSITIVITY_FILE
+        swept = sorted(detectors & {str(row["detector"]) for row in _read(file)})
+        if swept:
+            lines.append(f"{file} left out ({', '.join(swept)}): its run re-evaluates the model of {kept} in the same "
+                         "configuration (a tuned value counts as `tuned`, whatever its grid), whose rows the report "
+                         f"keeps; report {run} without {kept} for its sensitivity.csv and figures")
+    return lines
 
 
 def _text(value: Any) -> str:
