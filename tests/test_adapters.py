@@ -22,7 +22,14 @@ import ood
 from ood.detectors import DetectorNotApplicable, build_detector, resolve_detectors
 from ood.detectors.network import LayerTaps, backbone_of, channel_mean
 from ood.errors import CheckpointError, ConfigError
-from ood.models.adapters import ModuleBackbone, StagedModel, as_backbone, module_backbone, timm_backbone
+from ood.models.adapters import (
+    ModuleBackbone,
+    StagedModel,
+    as_backbone,
+    exact_float32,
+    module_backbone,
+    timm_backbone,
+)
 
 
 def _timm_vit() -> nn.Module:
@@ -179,6 +186,81 @@ def test_a_modified_copy_of_openoods_resnet_is_wrapped_whole_with_one_warning() 
         warnings.simplefilter("error")
         for own in (OpenOODResNet(), OpenOODResNet().double()):  # OpenOOD's own: still split, checked in its dtype
             assert isinstance(as_backbone(own), StagedModel)
+
+
+class ShiftedResNet(OpenOODResNet):
+    """A copy of OpenOOD's class whose forward adds a learnt logit shift, zero at initialisation: its split differs
+    from its forward once trained weights are loaded, not before."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__(num_classes)
+        self.shift = nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, x: torch.Tensor, return_feature: bool = False, return_feature_list: bool = False) -> Any:
+        return super().forward(x) + self.shift
+
+
+def test_the_split_is_checked_on_the_loaded_weights(tmp_path: Path) -> None:
+    """`backbone=module` with `backbone.weights`: the split was checked on the random initial weights, before the
+    file was loaded, so a step that is a no-op at initialisation (a zero shift) passed and the trained network was
+    split without a word. The check runs on the loaded weights now."""
+    trained = ShiftedResNet()
+    with torch.no_grad():
+        trained.shift.fill_(1.0)
+    torch.save(trained.state_dict(), tmp_path / "trained.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(module_backbone("test_adapters.ShiftedResNet", num_classes=3), StagedModel)  # zero shift
+    with pytest.warns(UserWarning, match=r"^ShiftedResNet has the layout of OpenOOD's ResNet18_32x32 .* \(largest "
+                      r"difference 1 on a random image\)"):
+        backbone = module_backbone("test_adapters.ShiftedResNet", num_classes=3, weights=str(tmp_path / "trained.pth"))
+    assert isinstance(backbone, ModuleBackbone) and torch.equal(backbone.net.shift, trained.shift)
+
+
+class FlagsResNet(OpenOODResNet):
+    """OpenOOD's class recording, at each forward, the float32 precision settings and autocast it runs under."""
+
+    seen: list[tuple[Any, ...]] = []
+
+    def forward(self, x: torch.Tensor, return_feature: bool = False, return_feature_list: bool = False) -> Any:
+        FlagsResNet.seen.append(_float32_settings())
+        return super().forward(x)
+
+
+def _float32_settings() -> tuple[Any, ...]:
+    cudnn = torch.backends.cudnn
+    return (cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.conv.fp32_precision,
+            torch.backends.mkldnn.matmul.fp32_precision, cudnn.deterministic, cudnn.benchmark,
+            torch.is_autocast_enabled("cpu"))
+
+
+def test_the_split_check_runs_in_exact_float32_outside_autocast() -> None:
+    """The split check compares two passes at sqrt(float32 eps): on a GPU, cuDNN's default TF32 convolutions (or a
+    benchmark choice of algorithm) differ by ~1e-3, and OpenOOD's own class was wrapped whole there. Its passes run
+    in full float32 precision by deterministic algorithms and outside any autocast (under a caller's bf16 autocast its
+    tolerance was bf16's, 0.09, and a copy with a max-pool in the stem, off by ~0.02, was split); the caller's
+    settings are put back, also on an exception. (Flags read on the CPU: no GPU runs here.)"""
+    cudnn = torch.backends.cudnn
+    caller = [(cudnn.conv, "fp32_precision", "tf32"), (torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+              (torch.backends.mkldnn.matmul, "fp32_precision", "bf16"), (cudnn, "benchmark", True),
+              (cudnn, "deterministic", False)]
+    before = [(owner, name, getattr(owner, name)) for owner, name, _ in caller]
+    FlagsResNet.seen.clear()
+    try:  # (monkeypatch cannot put back these properties)
+        for owner, name, value in caller:
+            setattr(owner, name, value)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert isinstance(as_backbone(FlagsResNet()), StagedModel)
+            assert _float32_settings() == ("tf32", "tf32", "none", "bf16", False, True, True)
+            with pytest.warns(UserWarning, match="PooledStemResNet has the layout of OpenOOD's ResNet18_32x32"):
+                assert isinstance(as_backbone(PooledStemResNet()), ModuleBackbone)
+        with pytest.raises(RuntimeError, match="inside"), exact_float32():
+            raise RuntimeError("inside")
+        assert _float32_settings() == ("tf32", "tf32", "none", "bf16", False, True, False)
+    finally:
+        for owner, name, value in before:
+            setattr(owner, name, value)
+    assert FlagsResNet.seen == [("ieee", "ieee", "ieee", "ieee", True, False, False)]  # its forward (the split runs modules)
 
 
 class Custom(nn.Module):

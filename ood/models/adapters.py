@@ -31,7 +31,8 @@ import hashlib
 import importlib
 import inspect
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -387,29 +388,44 @@ def _module_path(net: nn.Module, module: nn.Module) -> str:
 def as_backbone(model: nn.Module, feature_layer: str | None = None) -> Backbone:
     """`model` as a `Backbone`: itself when it is one, an exact stage split for the library models that have one
     (unless `feature_layer` names another head than the split's), else `ModuleBackbone`."""
+    return _checked(_adapted(model, feature_layer), feature_layer)
+
+
+def _adapted(model: nn.Module, feature_layer: str | None) -> Backbone:
+    """`as_backbone` before `_checked`: a network with OpenOOD's ResNet layout is split unchecked."""
     if isinstance(model, Backbone):
         return model
     split = staged_split(model)
     if split is not None and feature_layer in (None, split[2]) and isinstance(model.get_submodule(split[2]), nn.Linear):
-        staged = StagedModel(model, *split)
-        differs = split_difference(staged) if is_openood_resnet(model) else None  # matched by its layout alone
-        if differs is None:
-            return staged
-        warnings.warn(f"{type(model).__name__} has the layout of OpenOOD's ResNet18_32x32 / _64x64 but its forward "
-                      f"computes other logits than that split ({differs}): wrapped as a whole, so the detectors that read or "
-                      "re-run its stages (rankfeat, mds_ensemble, nac, the AdaSCALEs) are skipped on it", stacklevel=2)
+        return StagedModel(model, *split)
     return ModuleBackbone(model, feature_layer)
+
+
+def _checked(backbone: Backbone, feature_layer: str | None) -> Backbone:
+    """`backbone`, or its network wrapped whole (one warning) where it was split as OpenOOD's ResNet by its layout
+    alone and the split computes other logits than its forward (`split_difference`): run on the weights it has, so
+    `_wrap` checks after loading a weights file (a step that is a no-op at initialisation shows only then)."""
+    if not isinstance(backbone, StagedModel) or not is_openood_resnet(backbone.net):
+        return backbone
+    differs = split_difference(backbone)
+    if differs is None:
+        return backbone
+    warnings.warn(f"{type(backbone.net).__name__} has the layout of OpenOOD's ResNet18_32x32 / _64x64 but its forward "
+                  f"computes other logits than that split ({differs}): wrapped as a whole, so the detectors that read or "
+                  "re-run its stages (rankfeat, mds_ensemble, nac, the AdaSCALEs) are skipped on it", stacklevel=3)
+    return ModuleBackbone(backbone.net, feature_layer)
 
 
 def split_difference(staged: StagedModel, image_size: int = 32) -> str | None:
     """None when the split's logits of two seeded random images equal `net(x)`'s within float tolerance (the square
     root of the dtype's eps, relative and absolute), else what differs: a copy of OpenOOD's class whose forward adds
     a step its modules do not show (a functional max-pool). Run on the stem's device and dtype, as a `probing` pass
-    (the caller's hooks and modes untouched)."""
+    (the caller's hooks and modes untouched), outside any autocast and in `exact_float32`: two passes of one network
+    agree to float32 rounding on a GPU too, where TF32 convolutions (cuDNN's default) differ by ~1e-3."""
     net, stem = staged.net, staged.net.get_submodule(staged.stage_steps["stem"][0])
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, stem.in_channels, image_size, image_size, generator=generator).to(stem.weight.device, stem.weight.dtype)
-    with probing(net):
+    with probing(net), exact_float32(), torch.autocast(x.device.type, enabled=False):
         try:
             whole, split = net(x), staged(x)
         except Exception as err:  # a forward for other images than the probe's: its split cannot be checked
@@ -420,6 +436,36 @@ def split_difference(staged: StagedModel, image_size: int = 32) -> str | None:
     if torch.allclose(split, whole, rtol=tolerance, atol=tolerance):
         return None
     return f"largest difference {(split - whole).abs().max().item():.3g} on a random image"
+
+
+@contextmanager
+def exact_float32() -> Iterator[None]:
+    """float32 convolutions and matrix products in full float32 precision (no TF32 or bf16 shortcuts: cuDNN runs
+    convolutions in TF32 by default on Ampere and later GPUs) by deterministic algorithms (no cuDNN benchmark
+    choice); the caller's settings put back after, also on an exception. Through the per-operator `fp32_precision`
+    on torch >= 2.9 (its legacy `allow_tf32` getters refuse a state set through those, cuDNN conv and RNN differing),
+    else `allow_tf32` and the float32 matmul precision (whose string `allow_tf32` would not put back)."""
+    cudnn = torch.backends.cudnn
+    per_operator = hasattr(cudnn, "conv")
+    if per_operator:
+        settings = [(op, "fp32_precision", "ieee") for op in (cudnn.conv, torch.backends.cuda.matmul,
+                                                            torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul)]
+    else:
+        settings = [(cudnn, "allow_tf32", False)]
+    settings += [(cudnn, "deterministic", True), (cudnn, "benchmark", False)]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in settings]
+    precision = None if per_operator else torch.get_float32_matmul_precision()  # torch >= 2.9 refuses a mixed state
+    try:
+        for owner, name, value in settings:
+            setattr(owner, name, value)
+        if precision is not None:
+            torch.set_float32_matmul_precision("highest")
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+        if precision is not None:
+            torch.set_float32_matmul_precision(precision)
 
 
 def check_classes(backbone: Backbone, num_classes: int, where: str) -> None:
@@ -486,9 +532,10 @@ def _wrap(
     if shapes is not None and architecture_digest(net) != shapes:
         raise ConfigError(f"backbone.shapes={shapes} is the digest of the network the run evaluated; this one has "
                           f"{architecture_digest(net)} (other layer widths or layers): drop backbone.shapes or build that network")
-    backbone = as_backbone(net, feature_layer)
+    backbone = _adapted(net, feature_layer)
     if weights is not None:
         load_weights_into(backbone, weights)
+    backbone = _checked(backbone, feature_layer)  # on the weights the network will run with
     check_classes(backbone, num_classes, where)
     return backbone
 
