@@ -401,3 +401,27 @@ def test_evaluate_scores_a_model_on_the_gpu(method: str | None, tmp_path: Path, 
     for detector, splits in want.items():
         for split, values in splits.items():
             np.testing.assert_allclose(got[detector][split], values, rtol=1e-5, atol=1e-7, err_msg=f"{detector} {split}")
+
+
+def test_sensitivity_sweeps_device_banks_and_keeps_their_scores_on_the_cpu(
+        synthetic: dict[str, FeatureBank], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`detectors.sensitivity=true` on the banks of a CUDA run: every grid point's test scores are kept to the run's
+    end (~1 MB a point at ImageNet-1K's 130k test rows, 273 points for the default detectors' grids: ~0.3 GB); they
+    were kept on the GPU and now go to the CPU as computed. No device mix-up in the sweep or its rows, which equal
+    the CPU run's."""
+    from ood.data.benchmark import EvalSplit
+    from ood.evaluation.evaluator import Evaluator
+    from ood.evaluation.scoring import Sweep, tune_detector
+    from ood.methods import CrossEntropy
+
+    splits = [EvalSplit("test", "id_test"), EvalSplit("ood", "ood", "far")]
+    method = CrossEntropy(SmallCNN(6), optimizer=torch.optim.SGD)
+    evaluator = Evaluator(detectors=["knn", "react"], tune=True, sensitivity=True)
+    want = evaluator.evaluate(method, synthetic, splits, "synthetic").sensitivity
+    with fake_cuda(monkeypatch):
+        banks = {k: _bank_on_gpu(b) for k, b in synthetic.items()}
+        sweep = Sweep(["test", "ood"])
+        tune_detector("knn", {}, banks, True, sweep=sweep)
+        got = evaluator.evaluate(method, banks, splits, "synthetic").sensitivity
+    assert len(sweep.points) > 1 and {s.device.type for p in sweep.points for s in p.scores.values()} == {"cpu"}
+    assert len(want) > 2 and got == want
