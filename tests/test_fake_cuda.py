@@ -19,7 +19,7 @@ from helpers import compose_config, fit_detector
 
 from ood import CONFIG_DIR
 from ood.detectors import Detector, available_detectors, build_detector, detector_class
-from ood.detectors.network import LayerTaps
+from ood.detectors.network import LayerTaps, first_map
 from ood.features.bank import FeatureBank
 from ood.features.collector import RankZeroRows
 from ood.models.small_cnn import SmallCNN
@@ -232,12 +232,18 @@ def network() -> dict[str, Any]:
     torch.manual_seed(0)
     net = SmallCNN(3, width=4, feature_dim=100)
     net.stages["block3"].append(torch.nn.Dropout(0.2))  # for mcdropout
-    x = {split: torch.randn(n, 1, 8, 8) + (split in ("val_ood", "ood")) for split, n in
+    return _network_data(net, (1, 8, 8), available_detectors())
+
+
+def _network_data(net: torch.nn.Module, shape: tuple[int, ...], detectors: list[str]) -> dict[str, Any]:
+    """`net` with batch-norm statistics of its train split, in eval mode, each split's inputs of `shape` and banks
+    with the taps of `detectors`."""
+    x = {split: torch.randn(n, *shape) + (split in ("val_ood", "ood")) for split, n in
          (("train", 30), ("val", 15), ("val_ood", 15), ("test", 15), ("ood", 15))}
     with torch.no_grad():
         net(x["train"])  # batch-norm statistics
     net.eval()
-    taps, banks = LayerTaps(net, available_detectors()), {}
+    taps, banks = LayerTaps(net, detectors), {}
     with torch.no_grad():
         for split, inputs in x.items():
             out = net.run(inputs)
@@ -248,13 +254,13 @@ def network() -> dict[str, Any]:
     return {"net": net, "x": x, "banks": banks}
 
 
-def _run_network_detector(name: str, data: dict[str, Any]) -> torch.Tensor:
+def _run_network_detector(name: str, data: dict[str, Any], params: dict[str, Any] | None = None) -> torch.Tensor:
     """`name` fitted as the evaluation fits it (its network passes over whole splits in batches of 16), its test scores."""
     def model_scores(det: Detector, split: str, rows: torch.Tensor | None = None) -> torch.Tensor:
         x = data["x"][split] if rows is None else data["x"][split][rows]
         return torch.cat([det.score_inputs(data["net"], chunk) for chunk in x.split(16)])
 
-    params = {"input_std": 1.0} if "input_std" in build_detector(name).hparams else {}
+    params = {**({"input_std": 1.0} if "input_std" in build_detector(name).hparams else {}), **(params or {})}
     torch.manual_seed(0)
     det, _ = fit_detector(name, params, data["banks"], tune=False, model_scores=model_scores)
     return model_scores(det, "test") if det.needs_model else det.score(data["banks"]["test"])
@@ -271,6 +277,31 @@ def test_every_network_detector_fits_and_scores_on_the_device(name: str, network
         buffers_on_gpu(net)  # parameters count as on the device; buffers (batch-norm statistics) moved
         got = _run_network_detector(name, {"net": net, "x": wrap(network["x"]),
                                            "banks": {k: _bank_on_gpu(b) for k, b in network["banks"].items()}})
+    assert isinstance(got, FakeCuda)
+    torch.testing.assert_close(got.as_subclass(torch.Tensor), want, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(("name", "params"), [("gram_v15", {}), ("mds_ensemble", {"stages": ["feature1"]})])
+def test_feature1_after_a_max_pool_on_the_device(name: str, params: dict[str, Any],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenOOD's feature1 on a torchvision ResNet (`network.first_map`: after the max-pool ood regroups into
+    `layer1`; the small CNN above has none): gram_v15's cached row statistics and mds_ensemble's pass perturbed
+    through the stem and that max-pool, on the (faked) GPU: no device mix-up, scores equal the CPU run's."""
+    import torchvision
+
+    from ood.models.adapters import as_backbone
+
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet
+    net = as_backbone(resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=3))
+    data = _network_data(net, (3, 16, 16), [name])
+    assert first_map(net).pool is net.net.maxpool
+    want = _run_network_detector(name, data, params)
+    with fake_cuda(monkeypatch):
+        gpu = copy.deepcopy(net)
+        buffers_on_gpu(gpu)
+        got = _run_network_detector(name, {"net": gpu, "x": wrap(data["x"]),
+                                           "banks": {k: _bank_on_gpu(b) for k, b in data["banks"].items()}}, params)
     assert isinstance(got, FakeCuda)
     torch.testing.assert_close(got.as_subclass(torch.Tensor), want, rtol=1e-6, atol=1e-9)
 
