@@ -388,7 +388,7 @@ def _module_path(net: nn.Module, module: nn.Module) -> str:
 def as_backbone(model: nn.Module, feature_layer: str | None = None) -> Backbone:
     """`model` as a `Backbone`: itself when it is one, an exact stage split for the library models that have one
     (unless `feature_layer` names another head than the split's), else `ModuleBackbone`."""
-    return _checked(_adapted(model, feature_layer), feature_layer)
+    return model if isinstance(model, Backbone) else _checked(_adapted(model, feature_layer), feature_layer)
 
 
 def _adapted(model: nn.Module, feature_layer: str | None) -> Backbone:
@@ -420,8 +420,9 @@ def split_difference(staged: StagedModel, image_size: int = 32) -> str | None:
     """None when the split's logits of two seeded random images equal `net(x)`'s within float tolerance (the square
     root of the dtype's eps, relative and absolute), else what differs: a copy of OpenOOD's class whose forward adds
     a step its modules do not show (a functional max-pool). Run on the stem's device and dtype, as a `probing` pass
-    (the caller's hooks and modes untouched), outside any autocast and in `exact_float32`: two passes of one network
-    agree to float32 rounding on a GPU too, where TF32 convolutions (cuDNN's default) differ by ~1e-3."""
+    (the caller's hooks and modes untouched), outside any autocast and in `exact_float32`, so that the two passes agree
+    to float32 rounding on a GPU too (TF32 convolutions, cuDNN's default there, are ~1e-3 off float32, and a cuDNN
+    benchmark may choose another algorithm for each pass)."""
     net, stem = staged.net, staged.net.get_submodule(staged.stage_steps["stem"][0])
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, stem.in_channels, image_size, image_size, generator=generator).to(stem.weight.device, stem.weight.dtype)
