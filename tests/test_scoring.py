@@ -446,3 +446,26 @@ def test_a_grid_point_the_detector_refuses_is_named_before_the_network_pass() ->
     with pytest.raises(ConfigError, match=r"^detector 'vra': percentile_low=95 must be below percentile_high=90$"):
         Evaluator(["vra"], params={"vra": {"percentile_low": 95}}, tune=False)
     Evaluator(["vra"], params={"vra": {"percentile_low": [10, 50]}})
+
+
+def test_the_rows_of_a_detector_tuned_over_a_users_list_record_that_grid() -> None:
+    """`tuned_grid` names, per key, the user's list tuning searched (knn's k; gen's gamma, not M: its own grid), so
+    `ood-report` tells an evaluation over `k=[10, 50]` from one over knn's own grid; a one-value list is fixed, a
+    list with no validation OOD is not searched: no `tuned_grid`. Rows of a run without lists gain no key."""
+    from ood.evaluation.scoring import evaluate
+
+    banks = synthetic_banks()
+    splits = [EvalSplit("test", "id_test"), EvalSplit("ood", "ood", "far")]
+    names = ["msp", "knn", "gen", "react"]
+    params = {"knn": {"k": [10, 50]}, "gen": {"gamma": [1.0, 0.1]}, "react": {"percentile": [95]}}
+    rows, _ = evaluate(detector_scorers(names, params, banks, tune=True), splits, id_acc=1.0, info={})
+    assert {r["detector"]: r.get("tuned_grid", "absent") for r in rows} == {
+        "msp": "absent", "knn": {"k": [10, 50]}, "gen": {"gamma": [1.0, 0.1]}, "react": "absent"}
+    assert {r["detector"]: r["tuned_params"] for r in rows} == {"msp": [], "knn": ["k"], "gen": ["M", "gamma"], "react": []}
+    untuned = {k: v for k, v in banks.items() if k != "val_ood"}
+    rows, _ = evaluate(detector_scorers(["knn"], params, untuned, tune=True), splits, id_acc=1.0, info={})
+    assert [("tuned_grid" in r, r["tuned"]) for r in rows] == [(False, False)]
+    rows, _ = evaluate(detector_scorers(names, {}, banks, tune=True), splits, id_acc=1.0, info={})
+    assert {tuple(r) for r in rows} == {("detector", "ood_dataset", "ood_group", "mode", "auroc", "aupr_in", "aupr_out",
+                                        "fpr95", "fpr95_oodpos", "id_acc", "n_id", "n_ood", "detector_params", "tuned",
+                                        "tuned_params")}

@@ -49,8 +49,8 @@ ScoreFn = Callable[[str], torch.Tensor]
 
 @dataclass
 class Scorer:
-    """One named score over the evaluation splits, with the hyper-parameters it used and those of them chosen by
-    tuning on validation OOD (`tuned`)."""
+    """One named score over the evaluation splits, with the hyper-parameters it used, those of them chosen by
+    tuning on validation OOD (`tuned`) and, of those, the ones searched over the user's list (`grid`)."""
 
     name: str
     score: ScoreFn
@@ -58,6 +58,9 @@ class Scorer:
     tuned: list[str] = field(default_factory=list)
     #: every grid point of its search scored on the test splits too (`Sweep`; empty unless asked for)
     sweep: list[SweptPoint] = field(default_factory=list)
+    #: tuned key -> the user's list its search went over (`detectors.params.knn.k=[1,5,10]`); a key tuned over the
+    #: detector's own grid is not in it: a run over another list is another configuration (the rows' `tuned_grid`)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -376,6 +379,7 @@ def detector_scorers(
                         ", ".join(untuned), f"; the lists given for {', '.join(listed)} are not searched" if listed else "")
     sweeps = _sweeps(list(map(detector_class, names)), params, banks, tune, sweep_splits) if sweep_splits else {}
     fitted: list[tuple[Detector, list[str], dict[str, torch.Tensor]]] = []
+    grids: dict[str, dict[str, list[Any]]] = {}  # detector name -> the user's lists its search went over
     for cls in progress(list(map(detector_class, names)), desc="fitting detectors"):
         try:
             det, tuned, val_scores = tune_detector(cls, params.get(cls.name, {}), banks, tune, model_scores,
@@ -384,6 +388,7 @@ def detector_scorers(
             log.warning("skipping detector %s: %s", cls.name, err)
             continue
         fitted.append((det, sorted(search_grid(cls, params.get(cls.name, {}))) if tuned else [], val_scores))
+        grids[cls.name] = split_hparams(cls, params.get(cls.name, {}))[1] if tuned else {}
     network = [det for det, _, _ in fitted if det.needs_model]
     known: dict[int, dict[str, torch.Tensor]] = {}
     if network:
@@ -400,10 +405,11 @@ def detector_scorers(
     for det, chosen, _ in fitted:
         if not det.needs_model:
             sweep = sweeps[det.name].points if det.name in sweeps else []
-            scorers.append(Scorer(det.name, lambda split, det=det: det.score(banks[split]), det.hparams, chosen, sweep))
+            scorers.append(Scorer(det.name, lambda split, det=det: det.score(banks[split]), det.hparams, chosen, sweep,
+                                  grids[det.name]))
         elif id(det) in known:
             score = partial(_known_or_run, known[id(det)], det, model_scores)
-            scorers.append(Scorer(det.name, score, det.hparams, chosen))
+            scorers.append(Scorer(det.name, score, det.hparams, chosen, grid=grids[det.name]))
     return scorers
 
 
@@ -444,7 +450,9 @@ def evaluate(
     csid_acc: Mapping[str, float] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, torch.Tensor]]]:
     """Score ID test, every test OOD split and every csid split with each scorer; one result row per (mode, scorer,
-    OOD set), each row naming its `mode`.
+    OOD set), each row naming its `mode`, the scorer's hyper-parameters (`detector_params`), whether any was tuned
+    and which (`tuned`, `tuned_params`) and, only where a tuned key's grid was the user's list, those lists
+    (`tuned_grid`: rows of runs without such lists are as before it).
 
     `fsood` rows measure the ID test scores followed by every csid split's (in split order) against each OOD set;
     they carry `csid_acc` (OpenOOD's: correct predictions over ID test + all csid sets, from `id_acc` and the
@@ -477,7 +485,8 @@ def evaluate(
                         "nothing about the data", scorer.name,
                         "ID test, csid and OOD" if "fsood" in flat else "ID test and OOD", float(ranked[flat[0]][0]) + 0.0,
                         "" if len(flat) == len(modes) else f" in the {flat[0]} rows")
-        common = {"detector_params": scorer.hparams, "tuned": bool(scorer.tuned), "tuned_params": scorer.tuned}
+        common = {"detector_params": scorer.hparams, "tuned": bool(scorer.tuned), "tuned_params": scorer.tuned,
+                  **({"tuned_grid": scorer.grid} if scorer.grid else {})}
         extra = {mode: {"id_acc": id_acc} if mode == "standard" else fsood_accuracy(
             id_acc, len(scores[id_split.name]), csid_acc or {}, {s.name: len(scores[s.name]) for s in csid_splits})
             for mode in modes}

@@ -228,7 +228,7 @@ class WandbReporter:
 
             rows = result.rows
             # every row's scalar fields (full-spectrum rows add csid_acc), the dicts left out
-            nested = ("detector_params", "method_params", "tuned_params", "csid_set_acc")
+            nested = ("detector_params", "method_params", "tuned_params", "tuned_grid", "csid_set_acc")
             columns = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in nested]
             payload: dict[str, Any] = {"test/results": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])}
             for detector, per_split in result.scores.items():
