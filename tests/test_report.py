@@ -707,3 +707,32 @@ def test_the_detectors_option_says_it_chooses_the_auroc_bars_too() -> None:
     said = next(a.help for a in parser()._actions if "--detectors" in a.option_strings)
     assert said == ("comma-separated detectors to draw ROC curves, histograms, AUROC bars and sensitivity figures of "
                     "(the tables and sensitivity.csv keep every detector)")
+
+
+def test_an_evaluation_over_a_users_grid_is_its_own_entry_beside_the_training_runs(tmp_path: Path) -> None:
+    """`ood-eval` of a training run's checkpoint with `detectors.params.knn.k=[1,5,10,50,100]` (k=1 chosen, 92.3)
+    read as the training run's configuration (k over knn's own grid: 50, 63.0), so the report kept only the training
+    run's rows. The user's grid (`tuned_grid`) is its own configuration value: two entries, a `detector.k` column
+    telling them apart, nothing dropped; seeds tuned over one grid stay one entry."""
+    from ood.runs.identity import RunIdentity, write_identity
+
+    grid = [1, 5, 10, 50, 100]
+    for seed in (0, 1):
+        train, evaluated = tmp_path / "train" / str(seed), tmp_path / "eval" / str(seed)
+        tuned = {**_row(seed, "s", "near", 0.63), "detector": "knn", "tuned": True, "tuned_params": ["k"]}
+        _write(train, [{**tuned, "detector_params": {"k": 50, "index": "exact"}}])
+        _write(evaluated, [{**tuned, "auroc": 0.923, "detector_params": {"k": 1 + seed, "index": "exact"},
+                            "tuned_grid": {"k": grid}}])
+        (train / "checkpoints").mkdir()
+        (train / "checkpoints" / "last.ckpt").touch()
+        for run in (train, evaluated):
+            write_identity(run, RunIdentity({}, str((train / "checkpoints" / "last.ckpt").resolve())))
+    dropped: dict[tuple[str, str], set[str]] = {}
+    rows = load_rows([tmp_path / "train", tmp_path / "eval"], dropped)
+    assert (len(rows), dropped) == (4, {})
+    config_cols, _, table = aggregate(rows)
+    assert "detector.k" in config_cols
+    assert {e["detector.k"]: (e["seeds"], e["s/auroc"][0]) for e in table} == {
+        "tuned": (2, 0.63), "tuned [1, 5, 10, 50, 100]": (2, 0.923)}
+    main([str(tmp_path / "train"), str(tmp_path / "eval"), "--no-figures", "--no-reference", "--out", str(tmp_path)])
+    assert "| tuned [1, 5, 10, 50, 100] |" in (tmp_path / "report.md").read_text()

@@ -420,9 +420,11 @@ def test_the_report_says_when_a_re_evaluations_sensitivity_is_left_out(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`ood-report <train sweep> <eval sweep>`, the eval sweep `ood-eval`'s of the training runs' checkpoints with
-    detectors.sensitivity=true and the user's k grid: the report counts each model once, its training run's rows
-    (tuned k reads `tuned`, whatever its grid), so every sensitivity row was dropped and no sensitivity.csv written,
-    silently. Now one warning per evaluation run names its file, the run counted instead and what to report."""
+    detectors.sensitivity=true over the detectors' own grids (no `tuned_grid`): the same configuration (the option
+    is none), so the report counts each model once, its training run's rows, and every sensitivity row was dropped
+    and no sensitivity.csv written, silently. Now one warning per evaluation run names its file, the run counted
+    instead and what to report. An evaluation over the user's lists (`tuned_grid`) is another configuration: its
+    rows and sensitivity rows are kept, no warning."""
     from ood.report import main
     from ood.runs.identity import IDENTITY_FILE
 
@@ -438,8 +440,16 @@ def test_the_report_says_when_a_re_evaluations_sensitivity_is_left_out(
     main([str(tmp_path / "train"), str(tmp_path / "eval"), "--no-figures", "--no-reference", "--out", str(tmp_path)])
     warned = [line for line in capsys.readouterr().err.splitlines() if "sensitivity.jsonl" in line]
     assert warned == [f"warning: {tmp_path / 'eval' / s / 'sensitivity.jsonl'} left out (cfood, knn): its run re-evaluates "
-                      f"the model of {tmp_path / 'train' / s} in the same configuration (a tuned value counts as `tuned`, "
-                      f"whatever its grid), whose rows the report keeps; report {tmp_path / 'eval' / s} without "
+                      f"the model of {tmp_path / 'train' / s} in the same configuration (the same detector settings "
+                      f"and grids), whose rows the report keeps; report {tmp_path / 'eval' / s} without "
                       f"{tmp_path / 'train' / s} for its sensitivity.csv and figures" for s in ("0", "1")]
     assert not (tmp_path / "sensitivity.csv").exists()
     assert warned[0][len("warning: "):] in (tmp_path / "report.md").read_text()
+    lists = {"knn": {"k": [1, 10, 100]}, "cfood": {"k": [0.001, 0.01]}}
+    for seed in ("0", "1"):
+        results = tmp_path / "eval" / seed / "results.jsonl"
+        rows = [json.loads(line) for line in results.read_text().splitlines()]
+        results.write_text("".join(json.dumps({**r, "tuned_grid": lists[r["detector"]]}) + "\n" for r in rows))
+    main([str(tmp_path / "train"), str(tmp_path / "eval"), "--no-figures", "--no-reference", "--out", str(tmp_path)])
+    assert [line for line in capsys.readouterr().err.splitlines() if "sensitivity.jsonl" in line] == []
+    assert (tmp_path / "sensitivity.csv").read_text().count("tuned [1, 10, 100]") == 3

@@ -38,7 +38,8 @@ def evaluated_epochs(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
                         if r.get("evaluated_epoch") is not None}.items()))
 
 
-#: the configuration value of a detector hyper-parameter chosen by tuning (its value is a result of the run)
+#: the configuration value of a detector hyper-parameter chosen by tuning (its value is a result of the run); one
+#: tuned over the user's list reads `tuned [1, 5, 10]` (`config_params`)
 TUNED = "tuned"
 
 
@@ -61,13 +62,16 @@ def _tuned_keys(row: Mapping[str, Any]) -> set[str]:
 def config_params(row: Mapping[str, Any]) -> dict[str, str]:
     """Configuration columns of a row from its `method_params` and `detector_params`. A tuned detector value reads
     `tuned` (seeds that tuned k differently are one configuration; a blank cell beside a fixed `50` did not say k
-    was tuned). Left out: `method_params.fitted` (statistics a method fits from data, e.g. Energy-OE's margins),
+    was tuned), followed by its grid where that was the user's list (`tuned_grid`): `tuned [1, 5, 10, 50, 100]`,
+    another configuration than the detector's own grid (an `ood-eval` of a checkpoint over the user's list was read
+    as its training run's evaluation, and dropped as a re-evaluation). Left out: `method_params.fitted` (statistics a method fits from data, e.g. Energy-OE's margins),
     `init.ckpt` (the starting weights, one per seed when each seed fine-tunes its own CE run) and parameters that
     interpolate `${seed}` (the row's `_seeded` keys)."""
     out = {}
     seeded = set(row.get("_seeded") or ())
     skip = {"fitted"} | {k[len("method."):] for k in seeded}
     tuned = _tuned_keys(row)
+    grids = row.get("tuned_grid") or {}
     for prefix, key in (("method", "method_params"), ("detector", "detector_params")):
         for name, value in (row.get(key) or {}).items():
             if key == "method_params" and name in skip:
@@ -76,7 +80,7 @@ def config_params(row: Mapping[str, Any]) -> dict[str, str]:
                 value = {k: v for k, v in value.items()
                          if f"method.{name}.{k}" not in seeded and not (name == "init" and k == "ckpt")}
             if key == "detector_params" and name in tuned:
-                value = TUNED
+                value = f"{TUNED} {json.dumps(grids[name])}" if name in grids else TUNED
             out[f"{prefix}.{name}"] = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
     return out
 

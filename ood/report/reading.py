@@ -102,9 +102,10 @@ def load_rows(
     (`_run`), its configuration without the seed (`_config`), its model (`_model`) and the config keys that follow
     the seed (`_seeded`). Rows of a model already seen with the same method, detector settings and OOD set (a
     re-evaluation of one checkpoint in the same configuration) are dropped, training runs first, so each model counts
-    once per configuration; a re-evaluation in another configuration (e.g. `data.fit_fraction`) is its own entry. A
-    run that resumed (`resumed.json`) a run whose results are read too scores that run's model: a run has results
-    only once its training is done, so the resumed one trained nothing more and evaluated the same network again
+    once per configuration; a re-evaluation in another configuration (e.g. `data.fit_fraction`, or a detector tuned
+    over the user's list: `config_params`) is its own entry. A run that resumed (`resumed.json`) a run whose results
+    are read too scores that run's model: a run has results only once its training is done, so the resumed one
+    trained nothing more and evaluated the same network again
     (a run stopped by SIGTERM after writing its results, then resumed with `ckpt_path=last` into a new folder).
     `dropped`, when given, gets (run, run kept instead) -> the detectors whose rows were dropped."""
     paths = list(paths)

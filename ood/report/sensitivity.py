@@ -60,15 +60,16 @@ def _read(file: Path) -> list[dict[str, Any]]:
 def left_out_sensitivity(dropped: Mapping[tuple[str, str], set[str]]) -> list[str]:
     """One line per run whose sensitivity rows `load_sensitivity` drops with its results (`load_rows`' `dropped`: a
     re-evaluation of another run's model in the same configuration, counted once): `ood-report <train sweep> <eval
-    sweep>` of an `ood-eval` with detectors.sensitivity=true and the user's grid kept the training runs' rows and
-    wrote no sensitivity.csv, saying nothing."""
+    sweep>` of an `ood-eval` with detectors.sensitivity=true over the detectors' own grids (the option is no
+    configuration) kept the training runs' rows and wrote no sensitivity.csv, saying nothing. One over the user's
+    lists is another configuration (`config_params`), kept."""
     lines = []
     for (run, kept), detectors in sorted(dropped.items()):
         file = Path(run) / SENSITIVITY_FILE
         swept = sorted(detectors & {str(row["detector"]) for row in _read(file)})
         if swept:
             lines.append(f"{file} left out ({', '.join(swept)}): its run re-evaluates the model of {kept} in the same "
-                         "configuration (a tuned value counts as `tuned`, whatever its grid), whose rows the report "
+                         "configuration (the same detector settings and grids), whose rows the report "
                          f"keeps; report {run} without {kept} for its sensitivity.csv and figures")
     return lines
 
