@@ -737,6 +737,7 @@ def evaluate(
     if not isinstance(overrides, str):  # one string is refused below, naming the list to give
         # `~` at the start of a path, as the entry points expand it (Hydra's grammar refuses it in a value)
         overrides = expand_home(list(overrides))
+    net = _network(model)  # first: a path given as the model (a run folder) is that, not missing data keywords
     _check_data_source(benchmark, id_data, ood_data, transform, data_dir)
     if benchmark is None:  # a benchmark's data keywords are checked against its data node, once composed
         _check_refused_options(data)
@@ -746,7 +747,6 @@ def evaluate(
     defaults = inspect.signature(evaluate).parameters
     _check_keywords_against(overrides, {**{k: v for k, v in keywords.items() if v != defaults[k].default}, **data},
                             folder=benchmark is None)
-    net = _network(model)
     dtypes = sorted({str(p.dtype) for p in net.parameters() if p.is_floating_point()} - {"torch.float32"})
     if dtypes:  # the pass feeds float32 images: a half model failed in its first layer with PyTorch's dtype error
         raise ConfigError(f"the model's parameters are {', '.join(dtypes)} and the evaluation feeds float32 images: "

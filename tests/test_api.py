@@ -392,6 +392,14 @@ def test_a_model_file_or_another_non_module_is_one_line_saying_what_to_pass(tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_a_path_as_the_model_is_named_before_the_missing_data(tmp_path: Path) -> None:
+    """`ood.evaluate("<run folder>", overrides=[...])`, a run folder given as the model without data keywords, said
+    "needs id_data= and ood_data=": the data check came first; the model is checked first, so the line says the path
+    is no network."""
+    with pytest.raises(ConfigError, match=rf"^model='{re.escape(str(tmp_path))}' is a path, not a network \(nn.Module\)"):
+        ood.evaluate(str(tmp_path), overrides=["detectors.sensitivity=true"])
+
+
 def test_a_state_dict_as_the_model_says_to_load_it_into_the_network(tmp_path: Path) -> None:
     """`model=torch.load("resnet18.pth")`, the weights without their network, was "model= takes a network
     (nn.Module), got a OrderedDict": one line saying to build the network and load them into it."""
