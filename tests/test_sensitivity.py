@@ -291,6 +291,8 @@ def test_the_report_averages_each_point_over_seeds_as_pandas_does(
     main([str(tmp_path / "runs"), "--no-figures", "--no-reference"])
     assert capsys.readouterr().err.splitlines()[-1] == \
         f"wrote {tmp_path / 'runs'}/report.md, report.csv, report.tex, sensitivity.csv"
+    assert "\nHyper-parameter sensitivity (test AUROC per grid point of the tuning): `sensitivity.csv`\n" in \
+        (tmp_path / "runs" / "report.md").read_text()  # the stderr line alone named it
     got = pd.read_csv(tmp_path / "runs" / "sensitivity.csv")
     point = lambda p: json.dumps({k: float(v) for k, v in p.items()}, sort_keys=True)  # noqa: E731 (read_csv: floats)
     written["point"] = written["params"].map(point)
@@ -359,6 +361,7 @@ def test_the_report_draws_one_sensitivity_figure_per_detector(tmp_path: Path, mo
     main([str(tmp_path / "runs"), "--no-reference", "--out", str(tmp_path / "report")])
     assert not (tmp_path / "report" / "sensitivity.csv").exists()
     assert not list((tmp_path / "report" / "figures").glob("sensitivity_*.png"))
+    assert "sensitivity" not in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_the_reports_sensitivity_figures_follow_its_detectors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -379,8 +382,31 @@ def test_the_reports_sensitivity_figures_follow_its_detectors(tmp_path: Path, mo
     main([str(tmp_path / "runs"), "--no-reference", "--detectors", "knn", "--out", str(tmp_path / "report")])
     assert drawn == ["sensitivity_knn.png"]
     assert not list((tmp_path / "report" / "figures").glob("sensitivity_*.png"))  # cfood's gone; knn's not drawn here
+    assert ("\nHyper-parameter sensitivity (test AUROC per grid point of the tuning): `sensitivity.csv`; figures: "
+            "`figures/sensitivity_knn.png`\n") in (tmp_path / "report" / "report.md").read_text()
     with open(tmp_path / "report" / "sensitivity.csv") as f:
         assert sorted({row["detector"] for row in csv.DictReader(f)}) == ["cfood", "knn"]
+
+
+def test_a_fraction_of_d_axis_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ViM's and neco's `dim` grids are fractions of the feature dimension D (0.125, 0.5), which the axis showed as a
+    bare "dim": labelled "dim (fraction of D)"; counts (256) and another detector's fractions (cfood's k) keep the
+    key alone."""
+    from ood import plots
+    from ood.report.sensitivity import write_sensitivity_figures
+
+    axes: dict[str, str] = {}
+    monkeypatch.setattr(plots, "sensitivity_figure", lambda lines, key, path, title: axes.update({path.name: key}) or path)
+
+    def entry(detector: str, **params: Any) -> dict[str, Any]:
+        return {"detector": detector, "_params": params, "val/auroc": (0.9, 0.0, 1), "near/auroc": (0.8, 0.01, 1),
+                "chosen": 0, "seeds": 1}
+
+    table = [entry("vim", dim=0.125), entry("vim", dim=0.5), entry("neco", dim=1 / 64, use_max_logit=False),
+             entry("residual", dim=256), entry("residual", dim=1024), entry("cfood", k=0.01)]
+    write_sensitivity_figures(tmp_path, ["detector"], table)
+    assert axes == {"sensitivity_vim.png": "dim (fraction of D)", "sensitivity_neco.png": "dim (fraction of D)",
+                    "sensitivity_residual.png": "dim", "sensitivity_cfood.png": "k"}
 
 
 def test_the_reports_file_name_is_the_writers() -> None:

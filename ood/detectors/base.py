@@ -138,6 +138,9 @@ class Detector:
     #: True for detectors that read the bank's final-layer weight and bias (`bank.head()`: activation shaping, ViM's
     #: origin, decision boundaries): a bank built without them is refused in one line naming the detector
     reads_head: ClassVar[bool] = False
+    #: hyper-parameters that count feature dimensions and take a fraction of D in (0, 1) too (`relative_count`):
+    #: ood-report labels a sensitivity axis of such fractions "(fraction of D)"
+    relative_counts: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -44,6 +44,7 @@ class NECO(Detector):
     ranges = {"dim": POSITIVE}
     grid = {"dim": [1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2], "use_max_logit": [False, True]}
     score_params = frozenset({"dim", "use_max_logit"})
+    relative_counts = frozenset({"dim"})
 
     def __init__(self, dim: float = 1 / 8, use_max_logit: bool = False) -> None:
         self.dim = dim

@@ -41,6 +41,7 @@ class _PrincipalSpace(Detector):
     float16_features = True
     reads_head = True
     score_params = frozenset({"dim"})
+    relative_counts = frozenset({"dim"})
 
     def __init__(self, dim: float = 0.5) -> None:
         self.dim = dim

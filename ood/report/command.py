@@ -35,6 +35,7 @@ from ood.report.sensitivity import (
     fewer_runs,
     left_out_sensitivity,
     load_sensitivity,
+    report_note,
     sensitivity_table,
     write_sensitivity_figures,
 )
@@ -125,6 +126,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                      *([FEWER_SEEDS_NOTE] if fewer_seeds(metric_cols, table) else []),
                      *([FSOOD_NOTE] if any(e.get("mode") == "fsood" for e in table) else [])])
     markdown = to_markdown(config_cols, metric_cols, table) + f"\n{note}\n"
+    # a run folder's own figures/ are that run's ROC and histograms: the report's go beside them, in report/figures/
+    figures_in = out / "report" if (out / "results.jsonl").is_file() else out
+    figures_dir = None if args.no_figures else f"{'report/' if figures_in != out else ''}figures"
+    if swept:  # the runs' detectors.sensitivity rows: AUROC per grid point
+        point_cols, swept_cols, swept_table = sensitivity_table(swept, config_cols)
+        markdown += f"\n{report_note(swept_table, figures_dir, chosen)}\n"
     epochs = evaluated_epochs(rows)
     if epochs:
         markdown += ("\nEpochs evaluated (evaluation.weights=best_val_acc: the epoch of best ID-val accuracy, "
@@ -143,15 +150,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     atomic_write_text(out / "report.md", markdown)
     atomic_write(out / "report.csv", lambda tmp: write_csv(tmp, config_cols, metric_cols, table))
     atomic_write_text(out / "report.tex", to_latex(config_cols, metric_cols, table, note))
-    if swept:  # the runs' detectors.sensitivity rows: AUROC per grid point
-        point_cols, swept_cols, swept_table = sensitivity_table(swept, config_cols)
+    if swept:
         atomic_write(out / CSV_FILE, lambda tmp: write_csv(tmp, [*config_cols, *point_cols, "chosen"], swept_cols, swept_table))
         for line in fewer_runs(swept_table, table, config_cols):
             print(f"warning: {line}", file=sys.stderr)
     else:  # an earlier report's would be read as this one's
         (out / CSV_FILE).unlink(missing_ok=True)
-    # a run folder's own figures/ are that run's ROC and histograms: the report's go beside them, in report/figures/
-    figures_in = out / "report" if (out / "results.jsonl").is_file() else out
     if args.no_figures:
         clear_figures(figures_in)
         if figures_in != out and figures_in.is_dir() and not any(figures_in.iterdir()):
@@ -165,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"reference numbers {line}", file=sys.stderr)
     if unmatched_files:
         print(f"warning: {left_out[-1]}", file=sys.stderr)
-    figures = "" if args.no_figures else f", {'report/' if figures_in != out else ''}figures/"
+    figures = "" if figures_dir is None else f", {figures_dir}/"
     print(f"wrote {out}/report.md, report.csv, report.tex{f', {CSV_FILE}' if swept else ''}{figures}", file=sys.stderr)
 
 

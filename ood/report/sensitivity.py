@@ -140,7 +140,7 @@ def write_sensitivity_figures(
     from ood import plots
 
     paths = []
-    for detector in dict.fromkeys(str(e["detector"]) for e in table if detectors is None or e["detector"] in detectors):
+    for detector in figure_detectors(table, detectors):
         entries = [e for e in table if e["detector"] == detector]
         keys = list(dict.fromkeys(k for e in entries for k in e["_params"]))
         varying = [c for c in config_cols if c != "detector" and len({str(e.get(c)) for e in entries}) > 1]
@@ -154,5 +154,31 @@ def write_sensitivity_figures(
                                         [(e["chosen"], e["seeds"]) for e in members])
                   for label, members in lines.items()]
         title = f"{detector}: test AUROC against {keys[0]} (mean ± std over seeds)"
-        paths.append(plots.sensitivity_figure(curves, keys[0], figures / f"sensitivity_{detector}.png", title))
+        axis = axis_label(detector, keys[0], [x for curve in curves for x in curve.x])
+        paths.append(plots.sensitivity_figure(curves, axis, figures / f"sensitivity_{detector}.png", title))
     return paths
+
+
+def figure_detectors(table: Sequence[Mapping[str, Any]], detectors: Sequence[str] | None = None) -> list[str]:
+    """The detectors `write_sensitivity_figures` draws a figure of: those of the `sensitivity_table` entries (of
+    `detectors` alone when given), in the table's order."""
+    return list(dict.fromkeys(str(e["detector"]) for e in table if detectors is None or e["detector"] in detectors))
+
+
+def axis_label(detector: str, key: str, values: Sequence[Any]) -> str:
+    """`key`, or "`key` (fraction of D)" where the registered `detector` counts it relatively (`relative_counts`:
+    ViM's `dim`) and every value is a fraction in (0, 1): 0.125 on the axis reads as D/8, not 0.125 dimensions."""
+    from ood.detectors import available_detectors, detector_class
+
+    relative = detector in available_detectors() and key in detector_class(detector).relative_counts
+    fractions = all(isinstance(v, float) and 0 < v < 1 for v in values)
+    return f"{key} (fraction of D)" if relative and values and fractions else key
+
+
+def report_note(table: Sequence[Mapping[str, Any]], figures: str | None, detectors: Sequence[str] | None = None) -> str:
+    """report.md's line naming what the report wrote of the runs' sensitivity rows: `CSV_FILE` and, unless `figures`
+    is None (no figures), the `figures/sensitivity_<detector>.png` of `write_sensitivity_figures` in folder
+    `figures`; the stderr "wrote" line alone named them."""
+    drawn = [f"`{figures}/sensitivity_{d}.png`" for d in figure_detectors(table, detectors)] if figures else []
+    pictured = f"; figures: {', '.join(drawn)}" if drawn else ""
+    return f"Hyper-parameter sensitivity (test AUROC per grid point of the tuning): `{CSV_FILE}`{pictured}"
