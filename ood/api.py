@@ -297,6 +297,10 @@ def _not_a_network(model: Any) -> str:
     """What to pass instead of `model`, no `nn.Module`: the file a user has (a path), or its weights alone (a state
     dict, `torch.load` of the file), which go into the network built first."""
     build = "model = torchvision.models.resnet18(num_classes=K); model.load_state_dict"
+    if isinstance(model, str | os.PathLike) and (Path(model) / "checkpoints").is_dir():
+        last = Path(model) / "checkpoints" / "last.ckpt"
+        return (f"model={str(model)!r} is an ood run folder, not a network (nn.Module): evaluate its checkpoint with "
+                f"ood-eval ckpt_path={last} (its data and method as trained; the other ood-eval keys as overrides)")
     if isinstance(model, str | os.PathLike):
         return (f"model={str(model)!r} is a path, not a network (nn.Module): build it and load the file ({build}"
                 f"(torch.load(path))), or evaluate the file with ood-eval backbone.weights={model} "

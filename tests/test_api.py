@@ -398,6 +398,13 @@ def test_a_path_as_the_model_is_named_before_the_missing_data(tmp_path: Path) ->
     is no network."""
     with pytest.raises(ConfigError, match=rf"^model='{re.escape(str(tmp_path))}' is a path, not a network \(nn.Module\)"):
         ood.evaluate(str(tmp_path), overrides=["detectors.sensitivity=true"])
+    (tmp_path / "checkpoints").mkdir()  # an ood run folder: the line names the ood-eval command of its checkpoint
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=rf"^model='{re.escape(str(tmp_path))}' is an ood run folder, not a network "
+                                          rf"\(nn.Module\): evaluate its checkpoint with ood-eval "
+                                          rf"ckpt_path={re.escape(str(last))} \(its data and method as trained; "
+                                          r"the other ood-eval keys as overrides\)$"):
+        ood.evaluate(str(tmp_path))
 
 
 def test_a_state_dict_as_the_model_says_to_load_it_into_the_network(tmp_path: Path) -> None:

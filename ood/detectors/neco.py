@@ -27,14 +27,9 @@ from typing import Any
 
 import torch
 
-from ood.detectors.base import POSITIVE, Detector, DetectorNotApplicable
+from ood.detectors.base import POSITIVE, Detector, DetectorNotApplicable, relative_count
 from ood.detectors.mahalanobis import centred_gram, class_means, row_chunks
 from ood.features.bank import FeatureBank
-
-
-def subspace_dim(dim: float, feature_dim: int) -> int:
-    """`dim` as a count: a fraction in (0, 1) of `feature_dim` (rounded, at least 1) or a count as given."""
-    return max(1, round(dim * feature_dim)) if 0 < dim < 1 else int(dim)
 
 
 class NECO(Detector):
@@ -71,7 +66,7 @@ class NECO(Detector):
         return (h.double() - self.mean_.to(h.device)) / self.std_.to(h.device)
 
     def _dim(self, feature_dim: int) -> int:
-        d = subspace_dim(self.dim, feature_dim)
+        d = relative_count(self.dim, feature_dim)
         if d >= feature_dim:
             raise DetectorNotApplicable(f"neco needs dim < feature dim D={feature_dim}, got {self.dim} (d={d}); "
                                         f"pass a fraction of D, e.g. detectors.params.neco.dim=0.125")
