@@ -23,6 +23,7 @@ from ood.errors import ConfigError, NonFiniteError, OODError, check_range
 
 if TYPE_CHECKING:
     import torch
+    from torch.utils.data import DataLoader
 
 
 def usable_cpus() -> int:
@@ -214,6 +215,21 @@ def progress(iterable: Iterable[Any] | None = None, **kwargs: Any) -> tqdm:
         return tqdm(iterable, leave=False, file=file, **kwargs)
     return std_tqdm(iterable, leave=False, file=_LogLines(), mininterval=LOG_EVERY_S, delay=LOG_EVERY_S,
                     bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]", **kwargs)
+
+
+@contextlib.contextmanager
+def loader_batches(loader: DataLoader) -> Iterator[Iterator[Any]]:
+    """The batches of `loader`, its worker processes ended when the block ends, by an exception too. Left to the
+    garbage collector (an exception's traceback holds the iterator in a reference cycle), torch's shutdown of a
+    loader's workers finds the queue that tells them to stop already closed, and waits 5 s for each before killing
+    it. A persistent loader's workers are its own to keep."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multiprocessing iterator (what `del` calls)
+        if shutdown is not None and not loader.persistent_workers:
+            shutdown()
 
 
 def check_finite(values: torch.Tensor, what: str) -> None:

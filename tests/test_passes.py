@@ -205,3 +205,27 @@ def test_a_cpu_receiver_takes_each_message_into_its_own_rows(monkeypatch: pytest
     out = collector_module.broadcast_rows(None, "cpu")["f"]
     assert torch.equal(out, rows) and [len(m) for m in sent] == [4, 4, 2]
     assert [m.data_ptr() for m in sent] == [out[i].data_ptr() for i in (0, 4, 8)]  # the result's own rows
+
+
+class _BadAt2(torch.utils.data.Dataset):
+    """Items `(x, y)`, the third one unreadable (as a corrupt image file)."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if i == 2:
+            raise ValueError("unreadable item 2")
+        return torch.full((3,), float(i)), i % 2
+
+
+def test_a_workers_error_ends_the_workers_before_it_reaches_the_caller() -> None:
+    """An error raised in a DataLoader worker leaves the pass with the workers already ended. Left to the garbage
+    collector (the error's traceback holds the loader's iterator in a reference cycle), torch's shutdown found the
+    queue to the workers closed and waited 5 s for each before killing it: a pause wherever the collector next ran
+    (after an `ood.extract` of a folder with a corrupt image)."""
+    import multiprocessing
+
+    with pytest.raises(ValueError, match="unreadable item 2"):
+        forward_dataset(lambda x: x.sum(1), _BadAt2(), module=_net(), batch_size=1, num_workers=1)
+    assert multiprocessing.active_children() == []

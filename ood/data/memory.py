@@ -35,7 +35,7 @@ from torchvision import transforms as T
 
 from ood.errors import ConfigError
 from ood.files import atomic_write
-from ood.utils import get_logger, progress
+from ood.utils import get_logger, loader_batches, progress
 
 log = get_logger(__name__)
 
@@ -215,8 +215,8 @@ def decode_all(dataset: Dataset, desc: str) -> tuple[np.ndarray, np.ndarray]:
     images: np.ndarray | None = None
     labels = np.empty(n, dtype=np.int64)
     start = 0
-    with progress(total=n, desc=desc, unit="img") as bar:
-        for chunk in loader:
+    with progress(total=n, desc=desc, unit="img") as bar, loader_batches(loader) as chunks:
+        for chunk in chunks:
             for offset, (array, label) in enumerate(chunk):
                 array = array[..., None] if array.ndim == 2 else array
                 if images is None:

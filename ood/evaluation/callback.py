@@ -41,7 +41,7 @@ from ood.features.reduce import sync_reducers
 from ood.files import disk_usage
 from ood.methods.base import OODMethod
 from ood.precision import eager
-from ood.utils import get_logger, progress
+from ood.utils import get_logger, loader_batches, progress
 
 log = get_logger(__name__)
 
@@ -326,8 +326,8 @@ class OODEvaluation(Callback):
         if rows is not None:
             loader = rows_loader(loader, rows.cpu() if index is None else index.cpu()[rows.cpu()])
         chunks = []
-        with torch.inference_mode(False), torch.enable_grad(), eager():
-            for batch in progress(loader, desc=desc):
+        with torch.inference_mode(False), torch.enable_grad(), eager(), loader_batches(loader) as batches:
+            for batch in progress(batches, desc=desc):
                 stop()
                 chunks.append(det.score_inputs(pl_module, batch.x.to(pl_module.device)).detach())
         scores = torch.cat(chunks)

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ood.errors import DataNotFoundError
 from ood.features.collector import RankZeroRows, broadcast_rows, rank_zero_group, release_group
-from ood.utils import progress
+from ood.utils import loader_batches, progress
 
 PassFn = Callable[[torch.Tensor], "torch.Tensor | Mapping[str, torch.Tensor]"]
 
@@ -126,16 +126,17 @@ def forward_dataset(
     collector: RankZeroRows | None = None
     with isolated_rng(device), eval_mode(module), torch.no_grad():
         loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        for items, pos in progress(loader, desc=desc or "forward pass"):
-            x, y = _split_item(items)
-            x = x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
-            out = fn(x)
-            fields = dict(out) if isinstance(out, Mapping) else {"outputs": out}
-            if collector is None:  # the rows stay where `fn` returns them (a pass may keep them on the CPU)
-                collector = RankZeroRows(len(positions), next(iter(fields.values())).device, distributed=world > 1)
-            if y is not None:
-                fields["labels"] = y.to(collector.device)
-            collector.update(pos.to(collector.device), **fields)
+        with loader_batches(loader) as batches:
+            for items, pos in progress(batches, desc=desc or "forward pass"):
+                x, y = _split_item(items)
+                x = x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
+                out = fn(x)
+                fields = dict(out) if isinstance(out, Mapping) else {"outputs": out}
+                if collector is None:  # the rows stay where `fn` returns them (a pass may keep them on the CPU)
+                    collector = RankZeroRows(len(positions), next(iter(fields.values())).device, distributed=world > 1)
+                if y is not None:
+                    fields["labels"] = y.to(collector.device)
+                collector.update(pos.to(collector.device), **fields)
     assert collector is not None, "every rank has at least one sample (len(dataset) >= world_size)"
     group = rank_zero_group() if world > 1 else None
     try:
