@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -23,6 +25,28 @@ from ood.train import run
 
 RUN = [*FAST, "trainer.max_epochs=3", "detectors.names=[msp,energy]", "logger=none", NO_FIGURES]
 TESTS = Path(__file__).parent
+#: a quick msp run of `epochs` epochs, and the callback that stops it by SIGTERM at the start of epoch 1
+QUICK = [*FAST, "detectors.names=[msp]", "logger=none", NO_FIGURES]
+SIGTERM_IN_EPOCH_1 = ["+callbacks.kill._target_=killer.KillAt", "+callbacks.kill.epoch=1", "+callbacks.kill.batch=0",
+                      f"+callbacks.kill.signum={int(signal.SIGTERM)}"]
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A 2-epoch `QUICK` run stopped by SIGTERM in epoch 1, and what it printed on stderr: run once for the tests
+    that read it (those that change it take a copy)."""
+    folder = tmp_path_factory.mktemp("stopped") / "run"
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()) as err:
+        run_config(folder, [*QUICK, "trainer.max_epochs=2", *SIGTERM_IN_EPOCH_1])
+    return folder, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    """A finished 1-epoch `QUICK` run and its result rows: trained once for the tests that resume it (each resumes
+    a copy)."""
+    folder = tmp_path_factory.mktemp("finished") / "run"
+    return folder, run_config(folder, [*QUICK, "trainer.max_epochs=1"])
 
 
 @pytest.mark.slow
@@ -79,21 +103,19 @@ def test_sigterm_ends_the_run_as_failed_and_it_resumes(tmp_path: Path) -> None:
         assert not (tmp_path / folder / "results.jsonl").exists()
 
 
-def test_a_run_stopped_by_sigterm_says_so_on_the_console(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_stopped_by_sigterm_says_so_on_the_console(stopped: tuple[Path, str]) -> None:
     """A run stopped by SIGTERM (a cluster's time limit, `scancel`) ended with status 143 and nothing on the console:
     the job's log gave no reason and no way on (only `FAILED.txt` did). It now prints one line naming the folder and
     the overrides that resume it there."""
-    with pytest.raises(SystemExit):
-        run_config(tmp_path, [*FAST, "trainer.max_epochs=2", "detectors.names=[msp]", "logger=none", NO_FIGURES,
-                              "+callbacks.kill._target_=killer.KillAt", "+callbacks.kill.epoch=1",
-                              "+callbacks.kill.batch=0", f"+callbacks.kill.signum={int(signal.SIGTERM)}"])
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        f"stopped by SIGTERM: {tmp_path} keeps its last completed epoch's checkpoint; resume it with the same command "
-        f"plus ckpt_path=last hydra.run.dir={tmp_path}")
+    folder, err = stopped
+    assert err.splitlines()[-1] == (
+        f"stopped by SIGTERM: {folder} keeps its last completed epoch's checkpoint; resume it with the same command "
+        f"plus ckpt_path=last hydra.run.dir={folder}")
 
 
 @pytest.mark.slow
-def test_a_run_resumed_in_another_folder_is_not_reported_as_failed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_resumed_in_another_folder_is_not_reported_as_failed(tmp_path: Path, stopped: tuple[Path, str],
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     """A run stopped by SIGTERM and resumed with `ckpt_path=<it>` (or `last`) into a new folder, as the README
     resumes without `hydra.run.dir`: ood-report listed the stopped folder as a failed job for good ("resume with
     ckpt_path=last", which was done); it names the folder that resumed it now (that run's `resumed.json`). A run
@@ -103,10 +125,8 @@ def test_a_run_resumed_in_another_folder_is_not_reported_as_failed(tmp_path: Pat
     from ood.runs.failures import RESUMED_FILE
 
     first, second = tmp_path / "runs" / "first", tmp_path / "runs" / "second"
-    quick = [*FAST, "trainer.max_epochs=2", "detectors.names=[msp]", "logger=none", NO_FIGURES]
-    with pytest.raises(SystemExit):
-        run_config(first, [*quick, "+callbacks.kill._target_=killer.KillAt", "+callbacks.kill.epoch=1",
-                           "+callbacks.kill.batch=0", f"+callbacks.kill.signum={int(signal.SIGTERM)}"])
+    quick = [*QUICK, "trainer.max_epochs=2"]
+    shutil.copytree(stopped[0], first)
     assert list(failed_runs([tmp_path])) == [str(first)]
     rows = run_config(second, [*quick, f"ckpt_path={first}"])
     assert {r["detector"] for r in rows} == {"msp"}
@@ -127,7 +147,9 @@ def test_a_run_resumed_in_another_folder_is_not_reported_as_failed(tmp_path: Pat
     assert not (second / RESUMED_FILE).exists()
 
 
-def test_a_finished_run_resumed_in_another_folder_counts_once_in_the_report(tmp_path: Path) -> None:
+def test_a_finished_run_resumed_in_another_folder_counts_once_in_the_report(
+    tmp_path: Path, finished: tuple[Path, list[dict]]
+) -> None:
     """A run stopped by SIGTERM after its evaluation wrote its results (`FAILED.txt` beside a complete
     `results.jsonl`), then resumed with `ckpt_path=last` into a new folder, as the README resumes: the new run finds
     training done and evaluates the same network again. ood-report counted both folders as two seeds of one
@@ -136,8 +158,9 @@ def test_a_finished_run_resumed_in_another_folder_counts_once_in_the_report(tmp_
     from ood.report.reading import load_rows
 
     first, second = tmp_path / "runs" / "first", tmp_path / "runs" / "second"
-    quick = [*FAST, "trainer.max_epochs=1", "detectors.names=[msp]", "logger=none", NO_FIGURES]
-    trained = run_config(first, quick)
+    quick = [*QUICK, "trainer.max_epochs=1"]
+    shutil.copytree(finished[0], first)
+    trained = finished[1]
     (first / "FAILED.txt").write_text("SIGTERMException: terminated by SIGTERM; resume with ckpt_path=last\n")
     assert run_config(second, [*quick, f"ckpt_path={first}"]) == trained  # the same network, evaluated again
     rows = load_rows([tmp_path / "runs"])
@@ -146,7 +169,7 @@ def test_a_finished_run_resumed_in_another_folder_counts_once_in_the_report(tmp_
 
 
 def test_resuming_prints_none_of_lightnings_warnings_about_the_checkpoint_folder(
-    tmp_path: Path, recwarn: pytest.WarningsRecorder
+    tmp_path: Path, finished: tuple[Path, list[dict]], recwarn: pytest.WarningsRecorder
 ) -> None:
     """A resume as the README does it printed a Lightning warning that reads like a fault: into the run's own folder
     (a sweep rerun into its fixed `hydra.sweep.dir`, `hydra.run.dir=<run>`) "Checkpoint directory ... exists and is
@@ -154,8 +177,8 @@ def test_resuming_prints_none_of_lightnings_warnings_about_the_checkpoint_folder
     `best_model_score` ... won't be reloaded" (state that ood's monitor-less `last.ckpt` does not have). A resumed
     fit now leaves both out; a run trained anew over a folder's checkpoint still gets the first."""
     first, second = tmp_path / "first", tmp_path / "second"
-    quick = [*FAST, "trainer.max_epochs=1", "detectors.names=[msp]", "logger=none", NO_FIGURES]
-    run_config(first, quick)
+    quick = [*QUICK, "trainer.max_epochs=1"]
+    shutil.copytree(finished[0], first)
     recwarn.clear()
     run_config(first, [*quick, "ckpt_path=last"])
     run_config(second, [*quick, f"ckpt_path={first}"])
