@@ -242,6 +242,7 @@ def test_digits_csid_accuracy_is_the_models(digits_fsood: tuple[Path, list[dict]
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("no_figures")  # reads no figure (matplotlib: seconds a run)
 def test_digits_fsood_only_table(ce_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = run_config(tmp_path, [*EVAL[:-1], "detectors.names=[msp]", f"ckpt_path={ce_checkpoint}",
                                  "evaluation.fsood=true", "evaluation.standard=false"])
@@ -340,6 +341,7 @@ def test_training_without_evaluation_needs_no_csid_sets(tmp_path: Path) -> None:
         assert (cfg.data.csid, cfg.data.evaluate) == (True, False), data
 
 
+@pytest.mark.usefixtures("no_figures")  # reads no figure (matplotlib: seconds a run)
 def test_folder_csid_copy_of_id_test_gives_the_standard_numbers(tmp_path: Path) -> None:
     import ood
 
@@ -502,6 +504,7 @@ def test_report_figures_draw_fsood_entries_with_their_own_id(fabricated: dict, d
     assert sorted(n for n in drawn if n.startswith("hist_")) == ["hist_00_fsood_msp.png", "hist_01_msp.png"]
 
 
+@pytest.mark.usefixtures("no_figures")  # reads no figure (matplotlib: seconds a run)
 def test_an_ood_image_copying_a_csid_image_is_listed_as_a_duplicate(tmp_path: Path) -> None:
     """`data=folder` screened OOD sets against the ID splits only: an OOD image copied from a covariate-shifted ID set
     counted as ID and as OOD in the full-spectrum rows, unlisted. It is listed (and dropped with drop_overlap)."""
