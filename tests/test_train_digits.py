@@ -19,7 +19,7 @@ REQUIRED = {
 @pytest.mark.slow
 def test_default_run_meets_floors(tmp_path: Path) -> None:
     """Default config (15 epochs): ID acc >= 0.9, >= 5 detectors x 4 OOD sets, MSP above its floors. No figures
-    (1-2 s; none is read here: test_fsood and test_plots check them)."""
+    (1-2 s; none is read here: test_fsood and test_scoring check them)."""
     rows = run_config(tmp_path, ["trainer.enable_progress_bar=false", NO_FIGURES])
     written = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert written == json.loads(json.dumps(rows))
