@@ -3,6 +3,7 @@ stand-in for a DDP rank process."""
 
 from __future__ import annotations
 
+import logging
 import re
 import signal
 import subprocess
@@ -104,6 +105,24 @@ def folder_overrides(root: Path) -> list[str]:
     paths = make_image_folders(root / "folders", train=4, test=2, ood=2)
     return [f"data.root={paths['id']}", f"+data.ood.near={{noise: {paths['near']}}}",
             f"+data.ood.far={{checkers: {paths['far']}}}", "data.image_size=32", "data.resize=32", "data.num_workers=0"]
+
+
+def multirun_here(folder: Path, monkeypatch: pytest.MonkeyPatch, argv: Sequence[str]) -> None:
+    """`ood-train -m <argv>` as `ood.train.main()` in this process, from `folder`: for a sweep whose jobs run in the
+    sweep's own process (Hydra's basic launcher, Optuna's sweeper), where a subprocess only imported torch again. The
+    root logger's handlers and level, which the jobs' logging config (Hydra's job_logging) replaces, are put back; a
+    failed job ends in SystemExit(1)."""
+    from ood.train import main
+
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr("sys.argv", ["ood-train", "-m", *argv])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        main()
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def start_ranks(fn: Callable[..., None], args: tuple = (), nprocs: int = 2) -> None:

@@ -4,34 +4,23 @@ subprocess); `ood-eval ckpt_path=<run>` taking the detectors its training evalua
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import NO_FIGURES
+from helpers import NO_FIGURES, multirun_here
 from omegaconf import OmegaConf
 
 
 @pytest.mark.slow
 def test_multirun_then_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from ood.report import main as report
-    from ood.train import main as train
 
     sweep = tmp_path / "sweep"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("sys.argv", ["ood-train", "-m", "seed=0,1", "trainer.max_epochs=1",
-                                     "trainer.enable_progress_bar=false", "detectors.names=[msp,energy]", NO_FIGURES,
-                                     f"hydra.sweep.dir={sweep}"])
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        train()  # a failed job: SystemExit(1), failing the test
-    finally:  # the jobs' logging config (Hydra's job_logging) replaced the root logger's handlers and level
-        root.handlers[:] = handlers
-        root.setLevel(level)
+    multirun_here(tmp_path, monkeypatch, ["seed=0,1", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                                          "detectors.names=[msp,energy]", NO_FIGURES, f"hydra.sweep.dir={sweep}"])
     assert sorted(p.parent.name for p in sweep.glob("*/results.jsonl")) == ["0", "1"]
     report([str(sweep), "--no-figures"])
     table = (sweep / "report.md").read_text()

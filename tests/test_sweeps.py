@@ -5,7 +5,6 @@ validation-OOD AUROC (its jobs run in the sweep's own process: a subprocess only
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import NO_FIGURES
+from helpers import NO_FIGURES, multirun_here
 
 from ood import termination
 from ood.files import atomic_write_text
@@ -33,21 +32,9 @@ def _sweep(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess
 
 
 def _sweep_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> Path:
-    """`_sweep`'s command as `ood.train.main()` in this process, for a sweep whose jobs run in the sweep's process
-    (Hydra's basic launcher); the root logger's handlers and level, which the jobs' logging config replaces, are put
-    back. Returns the sweep folder."""
-    from ood.train import main
-
+    """`_sweep`'s command in this process (`multirun_here`); returns the sweep folder."""
     sweep = tmp_path / "sweep"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("sys.argv", ["ood-train", "-m", *JOB, *overrides, f"hydra.sweep.dir={sweep}"])
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        main()
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
+    multirun_here(tmp_path, monkeypatch, [*JOB, *overrides, f"hydra.sweep.dir={sweep}"])
     return sweep
 
 
