@@ -74,7 +74,7 @@ def test_ddp_cpu_grood_equals_single_process(tmp_path: Path, trained: tuple[list
     """GROOD's prototypes are sums synced across ranks (padding duplicates held back): same numbers under DDP,
     up to float summation order."""
     common = [f"ckpt_path={trained[1]}", "method=grood", "detectors=none",
-              "data.eval_batch_size=64", "trainer.enable_progress_bar=false"]
+              "data.eval_batch_size=64", "trainer.enable_progress_bar=false", NO_FIGURES]  # no figure is read
     single = {r["ood_dataset"]: r for r in run_config(tmp_path / "single", common, config_name="eval")}
     ddp = {r["ood_dataset"]: r for r in run_config(tmp_path / "ddp", [*common, "trainer=ddp_cpu"], config_name="eval")}
     assert set(single) == set(ddp) == {"digits_6_9", "flower_patches", "gaussian_noise", "uniform_noise"}
