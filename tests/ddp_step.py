@@ -124,13 +124,20 @@ def fit(method: OODMethod, datamodule: Any, batches: Sequence[Batch], epochs: in
 
 
 def prepare(ckpt: Path, out: Path) -> None:
-    """Write every case's initial weights and global batch, and its single-process result, under `out`."""
-    for name, case in CASES:
-        method, datamodule = build(case, ckpt, out / name)
-        batch = fixed_batch(datamodule, GLOBAL_BATCH)
-        torch.save({"state": method.state_dict(), "batch": batch}, out / f"{name}.init.pt")
-        fit(method, datamodule, [batch], devices=1)
-        torch.save({"state": method.state_dict()}, out / f"{name}.single.pt")
+    """Write every case's initial weights and global batch, and its single-process result, under `out`: on one
+    intra-op thread, as each rank runs (two threads a process on the 2 cores `make test`'s two workers share waited
+    on each other: the float64 heatmap decoder's 2 steps took 2-6 s of CPU, 0.6 s on one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, case in CASES:
+            method, datamodule = build(case, ckpt, out / name)
+            batch = fixed_batch(datamodule, GLOBAL_BATCH)
+            torch.save({"state": method.state_dict(), "batch": batch}, out / f"{name}.init.pt")
+            fit(method, datamodule, [batch], devices=1)
+            torch.save({"state": method.state_dict()}, out / f"{name}.single.pt")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def ddp_strategy() -> DDPStrategy:
