@@ -6,13 +6,17 @@ named with where it is published."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
 import statistics
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,8 +26,10 @@ from torchvision.models import resnet18
 from benchmarks import parity_openood
 from benchmarks.fabricate import cifar_tree, imagenet_tree
 from ood.detectors import available_detectors
+from ood.eval import main as eval_main
 from ood.evaluation.evaluator import Evaluator
 from ood.models import ResNet18_32x32
+from ood.report.command import main as report_main
 from ood.report.references import add_reference, load_reference
 
 
@@ -94,10 +100,34 @@ def fabricated_imagenet200(tmp_path: Path) -> tuple[Path, list[str], list[str]]:
         "imagenet1k: no ResNet-50 weights given (--weights / WEIGHTS=): ", "resnet50-0676ba61.pth"]
 
 
+def in_process(cmd: list[str], check: bool = False, stdout: int | None = None) -> subprocess.CompletedProcess:
+    """`subprocess.run` of the script's `python -m ood.eval ...` / `python -m ood.report ...` commands, run in this
+    process (the same argv, the entry point's `main`): each subprocess started torch and Lightning again, seconds a
+    command, and what is tested is the script's commands and what they write, not a process start. A non-zero exit
+    is the `CalledProcessError` that `check=True` raises; `stdout=DEVNULL` is honoured."""
+    assert cmd[:2] == [sys.executable, "-m"], cmd
+    main = {"ood.eval": eval_main, "ood.report": lambda: report_main(cmd[3:])}[cmd[2]]
+    argv, code = sys.argv, 0
+    sys.argv = [cmd[2], *cmd[3:]]  # ood-eval reads its command line from sys.argv
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) if stdout == subprocess.DEVNULL else contextlib.nullcontext():
+            main()
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        sys.argv = argv
+    if check and code:
+        raise subprocess.CalledProcessError(code, cmd)
+    return subprocess.CompletedProcess(cmd, code)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("benchmark, fabricate", [("cifar10", fabricated_cifar10), ("imagenet200", fabricated_imagenet200)])
 def test_parity_runs_end_to_end_on_fabricated_files(benchmark: str, fabricate: Callable[[Path], tuple[Path, list[str], list[str]]],
-                                                    tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+                                                    tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parity_openood, "subprocess", SimpleNamespace(
+        run=in_process, CalledProcessError=subprocess.CalledProcessError, DEVNULL=subprocess.DEVNULL))
     data, args, missing = fabricate(tmp_path)
     code = parity_openood.main([
         "--data-dir", str(data), "--ckpt-dir", str(tmp_path / "results"), *args, "--out", str(tmp_path / "parity"),
