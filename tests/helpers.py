@@ -7,8 +7,8 @@ import logging
 import re
 import signal
 import subprocess
-from collections.abc import Callable, Sequence
-from contextlib import suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -107,22 +107,29 @@ def folder_overrides(root: Path) -> list[str]:
             f"+data.ood.far={{checkers: {paths['far']}}}", "data.image_size=32", "data.resize=32", "data.num_workers=0"]
 
 
+@contextmanager
+def root_logger_kept() -> Iterator[None]:
+    """The root logger's handlers and level put back after the block: an entry point run in this process (a
+    multirun's jobs: Hydra's job_logging) replaces them."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
 def multirun_here(folder: Path, monkeypatch: pytest.MonkeyPatch, argv: Sequence[str]) -> None:
     """`ood-train -m <argv>` as `ood.train.main()` in this process, from `folder`: for a sweep whose jobs run in the
-    sweep's own process (Hydra's basic launcher, Optuna's sweeper), where a subprocess only imported torch again. The
-    root logger's handlers and level, which the jobs' logging config (Hydra's job_logging) replaces, are put back; a
+    sweep's own process (Hydra's basic launcher, Optuna's sweeper), where a subprocess only imported torch again; a
     failed job ends in SystemExit(1)."""
     from ood.train import main
 
     monkeypatch.chdir(folder)
     monkeypatch.setattr("sys.argv", ["ood-train", "-m", *argv])
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
+    with root_logger_kept():
         main()
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
 
 
 def start_ranks(fn: Callable[..., None], args: tuple = (), nprocs: int = 2) -> None:

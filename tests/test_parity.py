@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import NO_FIGURES, compose_config
+from helpers import NO_FIGURES, compose_config, root_logger_kept
 from torchvision.models import resnet18
 
 from benchmarks import parity_openood
@@ -110,7 +110,8 @@ def in_process(cmd: list[str], check: bool = False, stdout: int | None = None) -
     argv, code = sys.argv, 0
     sys.argv = [cmd[2], *cmd[3:]]  # ood-eval reads its command line from sys.argv
     try:
-        with contextlib.redirect_stdout(io.StringIO()) if stdout == subprocess.DEVNULL else contextlib.nullcontext():
+        with root_logger_kept(), \
+                contextlib.redirect_stdout(io.StringIO()) if stdout == subprocess.DEVNULL else contextlib.nullcontext():
             main()
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else 1
