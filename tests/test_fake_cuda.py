@@ -28,8 +28,6 @@ from ood.neighbors import KNNIndex, kmeans
 
 QUIET = ["trainer.enable_progress_bar=false", "logger=none", "callbacks=none", "~evaluation.sinks.results",
          "~evaluation.sinks.table", "~evaluation.sinks.wandb"]
-#: no run figures: no test reads one (`ood.evaluate` draws them into the run folder it reads its scores from)
-pytestmark = pytest.mark.usefixtures("no_figures")
 
 
 def test_fake_cuda_raises_where_cuda_would(monkeypatch: pytest.MonkeyPatch) -> None:
