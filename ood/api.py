@@ -211,7 +211,8 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 def _temporary_run_dir() -> Path:
     """A fresh `ood-eval-*` temporary folder for a run without `output_dir`, deleted when the Python process ends
-    (one per call: a session of evaluations left them all behind); `Results.save` keeps a copy."""
+    (one per call: a session of evaluations left them all behind), or as the call fails; `Results.save` keeps a
+    copy."""
     out = Path(tempfile.mkdtemp(prefix="ood-eval-"))
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     return out
@@ -347,15 +348,17 @@ def _console_logs() -> Iterator[None]:
 def _caller_state() -> Iterator[None]:
     """The process-wide state a run sets, put back afterwards: `seed_everything`'s global RNG states (torch, its
     CUDA generators: `_cuda_rng_restorer`, NumPy, Python) and `PL_GLOBAL_SEED` / `PL_SEED_WORKERS`, and the trainer's
-    `torch.use_deterministic_algorithms` and cuDNN benchmark flags. `evaluate` is a call inside the user's program:
-    their training loop goes on with its own random stream and settings (a CPU evaluation left deterministic
-    algorithms on, which CUDA ops without a deterministic kernel then refuse)."""
+    `torch.use_deterministic_algorithms` and cuDNN benchmark flags, with the `CUBLAS_WORKSPACE_CONFIG` that
+    Lightning's deterministic mode sets (left behind, every later cuBLAS handle of the caller's took its workspace).
+    `evaluate` is a call inside the user's program: their training loop goes on with its own random stream and
+    settings (a CPU evaluation left deterministic algorithms on, which CUDA ops without a deterministic kernel then
+    refuse)."""
     import random
 
     rng = (torch.get_rng_state(), np.random.get_state(), random.getstate(), _cuda_rng_restorer())
     flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.benchmark)
-    env = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    env = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")}
     try:
         yield
     finally:
@@ -702,7 +705,8 @@ def evaluate(
         output_dir: the run folder; None: a new temporary folder, deleted when the process ends (`Results.save`
             copies it). Called on every rank of the caller's DDP training, global rank 0 alone writes it, the
             others a temporary folder each (the same rows). An earlier run's results.jsonl / scores.npz there go once the call passes its checks (one
-            refused by them leaves the folder as it was); a failed run leaves FAILED.txt.
+            refused by them leaves the folder as it was); a failed run leaves FAILED.txt there (its temporary
+            folder, without `output_dir`, goes at once).
         seed: the run seed, recorded as the rows' `seed`: pass the seed that trained the model, so ood-report takes
             models of several seeds as seeds of one configuration (all at 0 it warns that they are one seed).
         fsood: full-spectrum rows too (`mode: fsood`, ID = ID test + every csid set; `evaluation.fsood`); None: when
@@ -849,7 +853,10 @@ def evaluate(
                     warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\(.*sync_dist=True")
                 trainer.test(method_, datamodule=datamodule, verbose=False)
         except (Exception, KeyboardInterrupt) as err:  # `FAILED.txt`, as `ood-eval` leaves it: ood-report names it
-            record_failure(out, err, earlier)
+            if out == folder:
+                record_failure(out, err, earlier)
+            else:  # a temporary folder no `Results` names: a session's failed calls each left one until it ended
+                shutil.rmtree(out, ignore_errors=True)
             raise
         finally:
             GlobalHydra.instance().clear()
