@@ -28,6 +28,19 @@ def test_multirun_then_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert " ± " in msp
 
 
+@pytest.mark.parametrize(("module", "argv", "code", "last_line"), [
+    ("ood.eval", ["detectors.parms=3"], 1, "error: unknown config key 'detectors.parms': did you mean detectors.params=...? "
+                                           "(+detectors.parms=... would add it as a new key)"),
+    ("ood.report", [], 2, "ood-report: error: the following arguments are required: paths"),
+], ids=["ood.eval", "ood.report"])
+def test_python_m_runs_the_entry_point(module: str, argv: list[str], code: int, last_line: str) -> None:
+    """`python -m ood.eval` / `python -m ood.report`, the commands benchmarks/parity_openood.py runs, are `ood-eval` /
+    `ood-report` (each refuses a command line as the entry point does): test_parity runs those commands in-process
+    through `main`, so their `__main__` code runs here only (well under a second each: refused before torch loads)."""
+    proc = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr.splitlines()[-1:]) == (code, [last_line]), proc.stderr
+
+
 @pytest.mark.parametrize(("override", "plugin"), [("hydra/launcher=slurm", "hydra_submitit_launcher"),
                                                   ("hydra/launcher=parallel", "hydra_joblib_launcher"),
                                                   ("hydra/sweeper=optuna_val", "hydra_optuna_sweeper")])
