@@ -104,7 +104,8 @@ def in_process(cmd: list[str], check: bool = False, stdout: int | None = None) -
     """`subprocess.run` of the script's `python -m ood.eval ...` / `python -m ood.report ...` commands, run in this
     process (the same argv, the entry point's `main`): each subprocess started torch and Lightning again, seconds a
     command, and what is tested is the script's commands and what they write, not a process start. A non-zero exit
-    is the `CalledProcessError` that `check=True` raises; `stdout=DEVNULL` is honoured."""
+    is the `CalledProcessError` that `check=True` raises; `stdout=DEVNULL` is honoured; an exit's code is the status a
+    process gets (`sys.exit()`: 0; a message: printed on stderr, 1)."""
     assert cmd[:2] == [sys.executable, "-m"], cmd
     main = {"ood.eval": eval_main, "ood.report": lambda: report_main(cmd[3:])}[cmd[2]]
     argv, code = sys.argv, 0
@@ -114,7 +115,11 @@ def in_process(cmd: list[str], check: bool = False, stdout: int | None = None) -
                 contextlib.redirect_stdout(io.StringIO()) if stdout == subprocess.DEVNULL else contextlib.nullcontext():
             main()
     except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:  # a message: printed, status 1
+            print(stop.code, file=sys.stderr)
+            code = 1
     finally:
         sys.argv = argv
     if check and code:
@@ -163,6 +168,17 @@ def test_parity_runs_end_to_end_on_fabricated_files(benchmark: str, fabricate: C
     params = {row["detector"]: row["detector_params"] for row in map(json.loads, seeds[0].read_text().splitlines())}
     if benchmark == "imagenet200":  # the preset's OpenOOD settings reach the detector
         assert params["mds_ensemble"] == {"noise": 0.0014, "input_std": 0.5, "stages": ["feature1"]}
+
+
+@pytest.mark.parametrize(("exit_code", "status", "err"), [(None, 0, ""), (0, 0, ""), (3, 3, ""), ("error: x", 1, "error: x\n")])
+def test_in_process_gives_an_exit_the_status_a_process_has(exit_code: int | str | None, status: int, err: str,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The end-to-end test's stand-in for the script's `subprocess.run` (`in_process`): `sys.exit()` is status 0, as
+    in a process (it was 1: a command's success taken for its failure), a message is 1 and printed."""
+    monkeypatch.setitem(globals(), "report_main", lambda argv: sys.exit(exit_code))
+    assert in_process([sys.executable, "-m", "ood.report", "x"]).returncode == status
+    assert capsys.readouterr().err == err
 
 
 def test_a_missing_weights_file_is_named_and_none_given_said(tmp_path: Path) -> None:
