@@ -229,3 +229,25 @@ def test_a_workers_error_ends_the_workers_before_it_reaches_the_caller() -> None
     with pytest.raises(ValueError, match="unreadable item 2"):
         forward_dataset(lambda x: x.sum(1), _BadAt2(), module=_net(), batch_size=1, num_workers=1)
     assert multiprocessing.active_children() == []
+
+
+def test_a_persistent_loaders_workers_outlive_an_interrupted_pass() -> None:
+    """`loader_batches` ends a loader's workers with the pass, except a persistent loader's (the evaluation's split
+    loaders, which ODIN's extra passes read again): ended there, its next pass failed on a closed queue. They end
+    with the loader."""
+    import multiprocessing
+
+    from torch.utils.data import DataLoader
+
+    from ood.utils import loader_batches
+
+    loader = DataLoader(TensorDataset(torch.arange(12.0)), batch_size=2, num_workers=1, persistent_workers=True)
+    with pytest.raises(KeyError), loader_batches(loader) as batches:
+        next(batches)
+        raise KeyError("stopped in the pass")
+    workers = multiprocessing.active_children()
+    with loader_batches(loader) as batches:
+        assert torch.cat([x for (x,) in batches]).tolist() == list(range(12))
+    assert len(workers) == 1 and multiprocessing.active_children() == workers
+    del loader, batches  # the loader's end ends them (no other test here sees them)
+    assert multiprocessing.active_children() == []
