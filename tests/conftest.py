@@ -18,8 +18,9 @@ import copy
 import io
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -73,6 +74,16 @@ OmegaConf.load = staticmethod(load_parsed_once)  # type: ignore[method-assign]
 @pytest.fixture(autouse=True)
 def _no_wandb_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "disabled"))
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_kept() -> Iterator[None]:
+    """SIGINT's handler put back after each test: a trainer that catches a KeyboardInterrupt outside ood's
+    `ctrl_c_raised` (a test driving Lightning directly) leaves SIGINT ignored, and a later test's Ctrl-C of the
+    same worker then did nothing."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
 
 
 @pytest.fixture

@@ -104,17 +104,18 @@ def test_repeated_calls_with_workers_leave_the_process_as_it_was(folders: dict[s
     assert _process_state(net) == before
 
 
-class _CtrlCInWorker(torch.utils.data.Dataset):
-    """Images whose third one, loaded in a DataLoader worker, interrupts the main process (a Ctrl-C reaching it)."""
+def _ctrl_c_at_second_batch(net: nn.Module) -> None:
+    """A Ctrl-C reaching the caller's process in the pass, its DataLoader workers running: KeyboardInterrupt raised
+    from the network's second forward call (a hook of the caller's, removed as it fires)."""
+    calls = []
 
-    def __len__(self) -> int:
-        return 6
+    def hook(module: nn.Module, args: Any) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            handle.remove()
+            raise KeyboardInterrupt
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        if i == 2 and multiprocessing.parent_process() is not None:
-            os.kill(os.getppid(), signal.SIGINT)
-            time.sleep(0.5)
-        return torch.zeros(3, SIZE, SIZE)
+    handle = net.register_forward_pre_hook(hook)
 
 
 @pytest.mark.parametrize("failure", ["corrupt image", "ctrl-c"])
@@ -125,8 +126,10 @@ def test_a_call_failing_in_the_pass_leaves_no_worker_and_no_temporary_folder(
     before any garbage collection, no worker is alive and no `ood-eval-*` temporary folder is left (each failed call
     of a session left one, with its FAILED.txt, until the process ended); the next call works."""
     net = _net()
-    ood_data, error = ([folders["corrupt"]], BadImageError) if failure == "corrupt image" else \
-        ({"far": {"x": _CtrlCInWorker()}}, KeyboardInterrupt)
+    ood_data, error = [folders["corrupt" if failure == "corrupt image" else "far"]], BadImageError
+    if failure == "ctrl-c":
+        _ctrl_c_at_second_batch(net)
+        error = KeyboardInterrupt
     gc.disable()
     try:
         with pytest.raises(error):
