@@ -156,6 +156,25 @@ def test_torchvision_models_are_recorded_by_builder_name() -> None:
     assert [torchvision_name(net) for net in nets] == ["resnet34", "mobilenet_v3_small", "resnet"]
 
 
+def test_torchvision_name_builds_each_family_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding the builder built every resnet builder on the meta device at each `ood.evaluate` call (about 0.3 s); a
+    second network of the same class and shapes is now named without a build, one of other shapes builds again."""
+    import ood.api
+
+    ood.api._torchvision_name.cache_clear()
+    builds = []
+    get_model = torchvision.models.get_model
+    monkeypatch.setattr(torchvision.models, "get_model", lambda name, **kw: builds.append(name) or get_model(name, **kw))
+    with torch.device("meta"):
+        nets = [torchvision.models.resnet18(num_classes=3), torchvision.models.resnet18(num_classes=3),
+                torchvision.models.resnet18(num_classes=5)]
+    assert torchvision_name(nets[0]) == "resnet18"
+    first = len(builds)
+    assert first >= 1 and builds[-1] == "resnet18"
+    assert torchvision_name(nets[1]) == "resnet18" and len(builds) == first
+    assert torchvision_name(nets[2]) == "resnet18" and len(builds) == 2 * first
+
+
 def test_extract_gives_the_bank_detectors_take(trained) -> None:
     paths, model, _ = trained
     bank = ood.extract(model, paths["id"] / "test", image_size=32, resize=32, batch_size=5)
