@@ -134,7 +134,7 @@ digits-energy: install ## the energy family on digits: ce(+energy), logitnorm, e
 	  hydra.sweep.dir=$(R)/digits_energy 'method.init.ckpt=$(R)/digits_energy/ce_s$${seed}/$(LAST)' $(ARGS)
 	$(VENV)/bin/ood-report $(R)/digits_energy $(REPORT_ARGS)
 
-gpu-check: install ## on a CUDA machine (pip uninstall faiss-cpu, pip install faiss-gpu-cu12 first): every CUDA path, synthetic data, sized for 8 min (never timed on a GPU yet; a first, shorter try: ARGS="--methods ce,cluster"), JSON in gpu_check.json; exits 1 on a failure
+gpu-check: install ## on a CUDA machine (optionally pip uninstall faiss-cpu, pip install faiss-gpu-cu12 first): every CUDA path, synthetic data, sized for 8 min (never timed on a GPU yet; a first, shorter try: ARGS="--methods ce,cluster"), JSON in gpu_check.json; exits 1 on a failure
 	$(PY) -m benchmarks.gpu_check --out gpu_check.json $(ARGS)
 
 # A CUDA machine without internet whose image has PyTorch, Lightning, torchmetrics, scikit-learn, pandas and matplotlib

@@ -1,5 +1,7 @@
-"""The one nearest-neighbour and k-means wrapper, on faiss: an exact or IVF-Flat index, on the GPU when CUDA and
-faiss-gpu are present, else on the CPU.
+"""The one nearest-neighbour and k-means wrapper: an exact or IVF-Flat faiss index, on the GPU when CUDA and faiss-gpu
+are present, else on the CPU; on CUDA without faiss-gpu (the `faiss-cpu` wheel ood installs) the exact search runs in
+torch on the GPU instead (blocked float32 matrix products and top-k, as faiss' GPU flat index computes it), so a
+GPU evaluation does not search a 1.28 M-row bank on the CPU.
 
 Every nearest-neighbour user (KNN detector, GROOD's gradient bank, cluster k-means, OAL's boundary sampling,
 heatmap prototypes) goes through here, so device handling and index choice live in one place.
@@ -17,9 +19,12 @@ import numpy as np
 import torch
 
 from ood.errors import NonFiniteError
+from ood.utils import exact_float32
 
 Metric = Literal["l2", "ip"]
 IndexKind = Literal["exact", "ivf", "auto"]
+#: who searches: "auto" is faiss, but torch for an exact index on CUDA without a faiss GPU build
+Backend = Literal["auto", "faiss", "torch"]
 #: the most neighbours (k) and cells (nprobe) a faiss GPU index selects per query (faiss' `validateKSelect`,
 #: `validateNProbe`); a search past them runs on a CPU copy of the index
 GPU_MAX_SELECTION = 2048
@@ -27,6 +32,9 @@ GPU_MAX_SELECTION = 2048
 AUTO_IVF_ROWS = 200_000
 #: rows converted and added to faiss at a time (the bank is never copied whole)
 ADD_CHUNK = 65536
+#: the torch search's distance block: bank rows per block, and float32 distances held at a time (256 MB)
+TORCH_ROWS = 262_144
+TORCH_BLOCK = 1 << 26
 
 
 def _np32(x: torch.Tensor) -> np.ndarray:
@@ -38,14 +46,29 @@ def gpu_available() -> bool:
     return torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def _device(device: str | torch.device | None) -> torch.device:
+    """`device`, None meaning the current CUDA device when there is one, else the CPU; `cuda` with its index."""
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _gpu_id(device: str | torch.device | None) -> int | None:
     """The CUDA device faiss should use for `device` (None: CPU). Each DDP rank keeps its index on its own GPU."""
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if device.type != "cuda" or not gpu_available():
-        return None
-    return device.index if device.index is not None else torch.cuda.current_device()
+    device = _device(device)
+    return device.index if device.type == "cuda" and gpu_available() else None
+
+
+def _torch_device(device: str | torch.device | None, backend: Backend, gpu_id: int | None) -> torch.device | None:
+    """Where the torch search runs: `device` for `backend="torch"`, and for "auto" a CUDA device that faiss cannot
+    search on (`gpu_id` None: no faiss GPU build); None: faiss searches."""
+    where = _device(device)
+    if backend == "torch" or (backend == "auto" and where.type == "cuda" and gpu_id is None):
+        return where
+    return None
 
 
 @functools.cache
@@ -75,8 +98,10 @@ class KNNIndex:
     searched again with twice the cells (up to all of them) until it has k neighbours.
     `device="cuda"` (or None with CUDA present) moves the index to the GPU when faiss supports it; a search with
     k or nprobe past what the GPU index selects (`GPU_MAX_SELECTION`) runs on a CPU copy of the index, made at the
-    first such search. It pickles (`torch.save`, `copy.deepcopy`) as the serialised CPU index, put back on the same
-    GPU where that GPU is present, else on the CPU.
+    first such search. Where faiss has no GPU support, an exact index on CUDA keeps its rows on the GPU and searches
+    them in torch (`backend="torch"` does so on any device; IVF stays faiss' on the CPU). It pickles (`torch.save`,
+    `copy.deepcopy`) as the serialised CPU index (or the rows on the CPU), put back on the same GPU where that GPU
+    is present, else on the CPU.
     """
 
     def __init__(
@@ -86,15 +111,24 @@ class KNNIndex:
         nlist: int | None = None,
         nprobe: int = 8,
         device: str | torch.device | None = None,
+        backend: Backend = "auto",
     ) -> None:
         if metric not in ("l2", "ip"):
             raise ValueError(f"metric must be 'l2' or 'ip', got {metric!r}")
         if kind not in ("exact", "ivf", "auto"):
             raise ValueError(f"kind must be 'exact', 'ivf' or 'auto', got {kind!r}")
+        if backend not in ("auto", "faiss", "torch"):
+            raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
+        if backend == "torch" and kind != "exact":
+            raise ValueError(f"backend='torch' searches exactly; kind={kind!r} needs faiss")
         self.metric, self.kind, self.nlist, self.nprobe = metric, kind, nlist, nprobe
-        self.gpu_id = _gpu_id(device)
+        self.gpu_id = None if backend == "torch" else _gpu_id(device)
+        #: where the torch search keeps the rows (an exact index only, decided in `add`); None: faiss searches
+        self.torch_device = _torch_device(device, backend, self.gpu_id)
         self._index: faiss.Index | None = None
         self._host: faiss.Index | None = None
+        self._rows: torch.Tensor | None = None
+        self._sq: torch.Tensor | None = None
         self.ntotal = 0
 
     def add(self, x: torch.Tensor, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> KNNIndex:
@@ -103,6 +137,15 @@ class KNNIndex:
         prepare = (lambda t: _np32(transform(t.float()))) if transform is not None else _np32  # noqa: E731
         n, d = x.shape
         ivf = self.kind == "ivf" or (self.kind == "auto" and n >= AUTO_IVF_ROWS)
+        self._index = self._host = self._rows = self._sq = None
+        if self.torch_device is not None and not ivf:
+            rows = torch.empty(n, d, dtype=torch.float32, device=self.torch_device)
+            for start in range(0, n, ADD_CHUNK):
+                chunk = x[start : start + ADD_CHUNK].detach().to(self.torch_device, torch.float32)
+                rows[start : start + len(chunk)] = transform(chunk) if transform is not None else chunk
+            self._rows, self.ntotal = rows, n
+            self._sq = rows.square().sum(1) if self.metric == "l2" else None
+            return self
         flat = faiss.IndexFlatL2(d) if self.metric == "l2" else faiss.IndexFlatIP(d)
         if ivf:
             nlist = self.nlist or max(1, int(4 * math.sqrt(n)))
@@ -123,37 +166,81 @@ class KNNIndex:
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(distances [M, k], indices [M, k]) of the `k` nearest bank rows, nearest first, on the queries' device."""
-        if self._index is None:
+        if self._index is None and self._rows is None:
             raise RuntimeError("KNNIndex.search called before add()")
         if not 1 <= k <= self.ntotal:
             raise ValueError(f"k={k} must be between 1 and the bank size {self.ntotal}")
-        q = _np32(queries)
-        on_gpu = self.gpu_id is not None and max(k, getattr(self._index, "nprobe", 1)) <= GPU_MAX_SELECTION
-        index = self._index if on_gpu else self._host_index()
-        dist, idx = index.search(q, k)
-        short = self._complete(index, q, dist, idx)
+        if self._rows is not None:
+            dist_t, idx_t = self._torch_search(queries, k)
+            short = int((~torch.isfinite(dist_t)).any(1).sum())
+        else:
+            q = _np32(queries)
+            on_gpu = self.gpu_id is not None and max(k, getattr(self._index, "nprobe", 1)) <= GPU_MAX_SELECTION
+            index = self._index if on_gpu else self._host_index()
+            dist, idx = index.search(q, k)
+            short = self._complete(index, q, dist, idx)
+            dist_t, idx_t = torch.from_numpy(dist), torch.from_numpy(idx)
         # k <= ntotal and every cell probed (on a GPU, k or more cells: each holds a row of the bank that trained it):
         # only NaN distances leave a neighbour out
         if short:
-            raise NonFiniteError(f"{short} of {len(idx)} queries have fewer than k={k} neighbours: their features "
+            raise NonFiniteError(f"{short} of {len(idx_t)} queries have fewer than k={k} neighbours: their features "
                                  "(or the bank's) hold NaN or infinite values")
-        return torch.from_numpy(dist).to(queries.device), torch.from_numpy(idx).to(queries.device)
+        return dist_t.to(queries.device), idx_t.to(queries.device)
+
+    def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact search in torch on the rows' device: per block of bank rows, float32 distances as faiss' flat
+        index computes them (l2: |q|^2 + |x|^2 - 2 q.x clamped at 0; ip: q.x) in full float32 precision (no TF32,
+        no autocast), their top k merged with the best so far; at most `TORCH_BLOCK` distances at a time."""
+        rows, largest = self._rows, self.metric == "ip"
+        step = min(self.ntotal, TORCH_ROWS)
+        per = max(1, TORCH_BLOCK // step)
+        dists, idxs = [], []
+        with torch.no_grad(), torch.autocast(rows.device.type, enabled=False), exact_float32():
+            for first in range(0, len(queries), per):
+                q = queries[first : first + per].detach().to(rows.device, torch.float32)
+                q_sq = q.square().sum(1, keepdim=True)
+                best: tuple[torch.Tensor, torch.Tensor] | None = None
+                for start in range(0, self.ntotal, step):
+                    block = rows[start : start + step]
+                    if largest:
+                        d = q @ block.T
+                    else:
+                        d = torch.addmm(self._sq[start : start + step].unsqueeze(0), q, block.T, alpha=-2)
+                        d.add_(q_sq).clamp_(min=0)
+                    top_d, top_i = d.topk(min(k, len(block)), dim=1, largest=largest)
+                    top_i += start
+                    if best is not None:
+                        top_d, order = torch.cat([best[0], top_d], 1).topk(k, dim=1, largest=largest)
+                        top_i = torch.cat([best[1], top_i], 1).gather(1, order)
+                    best = (top_d, top_i)
+                dists.append(best[0])
+                idxs.append(best[1])
+        return torch.cat(dists), torch.cat(idxs)
 
     def __getstate__(self) -> dict[str, Any]:
         """The attributes with the index as the bytes of its CPU form: faiss serialises no GPU index, nor pickles the
         GPU resources one references (a fitted knn or nnguide failed in `torch.save` / `copy.deepcopy` on a GPU)."""
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_index", "_host", "_quantizer")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_index", "_host", "_quantizer", "_rows", "_sq")}
         index = None if self._index is None else self._host if self._host is not None else self._cpu_copy()
         state["_index"] = None if index is None else faiss.serialize_index(index).tobytes()
+        state["_rows"] = None if self._rows is None else self._rows.cpu()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """The index deserialised (an IVF index owning its quantizer) and moved to its GPU when this process has it."""
-        blob, gpu_id = state.pop("_index"), state.pop("gpu_id")
+        """The index deserialised (an IVF index owning its quantizer) and moved to its GPU when this process has it;
+        the torch search's rows back on their device, or, where this process lacks it, in a faiss index on the CPU."""
+        blob, gpu_id, rows = state.pop("_index"), state.pop("gpu_id"), state.pop("_rows", None)
         self.__dict__.update(state)
+        self.torch_device = state.get("torch_device")  # absent from an index pickled before the torch search
         self.gpu_id = gpu_id if gpu_id is not None and gpu_available() and gpu_id < faiss.get_num_gpus() else None
         index = None if blob is None else faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
-        self._index, self._host = (None if index is None else _on_device(index, self.gpu_id)), None
+        self._index = None if index is None else _on_device(index, self.gpu_id)
+        self._host = self._rows = self._sq = None
+        if rows is not None:
+            device = self.torch_device
+            if device.type == "cuda" and not (torch.cuda.is_available() and device.index < torch.cuda.device_count()):
+                self.torch_device = None  # no such GPU here: faiss' exact index on the CPU
+            self.add(rows)
 
     def _cpu_copy(self) -> faiss.Index:
         """The index on the CPU: the index itself, or a CPU copy of a GPU index at the same nprobe."""

@@ -232,6 +232,38 @@ def loader_batches(loader: DataLoader) -> Iterator[Iterator[Any]]:
             shutdown()
 
 
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """float32 convolutions and matrix products in full float32 precision (no TF32 or bf16 shortcuts: cuDNN runs
+    convolutions in TF32 by default on Ampere and later GPUs) by deterministic algorithms (no cuDNN benchmark
+    choice); the caller's settings put back after, also on an exception. Through the per-operator `fp32_precision`
+    on torch >= 2.9 (its legacy `allow_tf32` getters refuse a state set through those, cuDNN conv and RNN differing),
+    else `allow_tf32` and the float32 matmul precision (whose string `allow_tf32` would not put back)."""
+    import torch
+
+    cudnn = torch.backends.cudnn
+    per_operator = hasattr(cudnn, "conv")
+    if per_operator:
+        settings = [(op, "fp32_precision", "ieee") for op in (cudnn.conv, torch.backends.cuda.matmul,
+                                                            torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul)]
+    else:
+        settings = [(cudnn, "allow_tf32", False)]
+    settings += [(cudnn, "deterministic", True), (cudnn, "benchmark", False)]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in settings]
+    precision = None if per_operator else torch.get_float32_matmul_precision()  # torch >= 2.9 refuses a mixed state
+    try:
+        for owner, name, value in settings:
+            setattr(owner, name, value)
+        if precision is not None:
+            torch.set_float32_matmul_precision("highest")
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+        if precision is not None:
+            torch.set_float32_matmul_precision(precision)
+
+
 def check_finite(values: torch.Tensor, what: str) -> None:
     """Raise `NonFiniteError` naming `what` when `values` holds NaN or +-inf."""
     bad = ~values.isfinite()

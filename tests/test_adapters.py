@@ -26,10 +26,10 @@ from ood.models.adapters import (
     ModuleBackbone,
     StagedModel,
     as_backbone,
-    exact_float32,
     module_backbone,
     timm_backbone,
 )
+from ood.utils import exact_float32
 
 
 def _timm_vit() -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import pickle
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from fake_cuda import DeviceMix, FakeCuda, buffers_on_gpu, fake_cuda, fake_gpu_r
 from helpers import compose_config, fit_detector
 from torch.overrides import TorchFunctionMode
 
-from ood import CONFIG_DIR
+from ood import CONFIG_DIR, neighbors
 from ood.detectors import Detector, available_detectors, build_detector, detector_class
 from ood.detectors.network import LayerTaps, first_map
 from ood.features.bank import FeatureBank
@@ -67,6 +68,32 @@ def test_neighbours_and_kmeans_on_a_faked_gpu_index(monkeypatch: pytest.MonkeyPa
         got = kmeans(wrap(x), 3, n_init=2)
         assert isinstance(got[0], FakeCuda) and isinstance(got[1], FakeCuda)
         assert torch.equal(got[0].cpu(), centres) and torch.equal(got[1].cpu(), assign) and got[2] == inertia
+
+
+def test_the_torch_search_on_a_faked_gpu_without_faiss_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA with the faiss-cpu wheel (ood's default install): an exact index keeps its rows on the GPU and searches
+    them there in torch (the knn detector's and GROOD's bank included), no device mix-up, faiss' CPU neighbours back
+    on the device; pickled, it comes back on the GPU, and where no GPU is, as faiss' CPU index with the same answer.
+    An IVF index stays faiss', on the CPU."""
+    gen = torch.Generator().manual_seed(0)
+    x, q = torch.randn(300, 8, generator=gen), torch.randn(20, 8, generator=gen)
+    unit = torch.nn.functional.normalize
+    dist, idx = KNNIndex(device="cpu").add(x, unit).search(unit(q), 5)
+    with fake_cuda(monkeypatch):
+        index = KNNIndex(device=wrap(x).device).add(wrap(x), unit)
+        got = index.search(unit(wrap(q)), 5)
+        assert index.gpu_id is None and index._index is None and isinstance(index._rows, FakeCuda)
+        assert all(isinstance(t, FakeCuda) for t in got) and torch.equal(got[1].cpu(), idx)
+        assert float((got[0].cpu() - dist).abs().max()) <= 1e-6
+        blob = pickle.dumps(index)
+        again = pickle.loads(blob)
+        assert isinstance(again._rows, FakeCuda) and torch.equal(again.search(unit(wrap(q)), 5)[1].cpu(), idx)
+        ivf = KNNIndex(kind="ivf", nlist=4, device=wrap(x).device).add(wrap(x))
+        assert ivf._rows is None and ivf.gpu_id is None and isinstance(ivf.search(wrap(q), 5)[0], FakeCuda)
+    monkeypatch.undo()  # no GPU where it is unpickled
+    restored = pickle.loads(blob)
+    assert restored._rows is None and restored.torch_device is None and restored.ntotal == 300
+    assert torch.equal(restored.search(unit(q), 5)[1], idx)
 
 
 #: digits with 60 far-OOD and validation-OOD images and 200 outliers; `TINY`: two training batches an epoch
@@ -275,8 +302,11 @@ def _run_network_detector(name: str, data: dict[str, Any], params: dict[str, Any
 def test_every_network_detector_fits_and_scores_on_the_device(name: str, network: dict[str, Any],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Every detector that runs the network or reads layer taps, fitted (network passes included) and scored with
-    the network, its inputs and banks on the (faked) GPU: no device mix-up, scores on the device equal the CPU run's."""
-    want = _run_network_detector(name, network)
+    the network, its inputs and banks on the (faked) GPU: no device mix-up, scores on the device equal the CPU run's.
+    The CPU run searches neighbours (combood) in torch, as CUDA without faiss-gpu does, so both run the same kernels."""
+    with monkeypatch.context() as patch:
+        patch.setattr(neighbors, "_torch_device", lambda device, backend, gpu_id: neighbors._device(device))
+        want = _run_network_detector(name, network)
     with fake_cuda(monkeypatch):
         net = copy.deepcopy(network["net"])
         buffers_on_gpu(net)  # parameters count as on the device; buffers (batch-norm statistics) moved

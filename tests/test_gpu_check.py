@@ -11,6 +11,7 @@ import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,8 +41,11 @@ def test_gpu_check_dry_run_passes(tmp_path: Path) -> None:
         row = checks[f"fp16 + compile {name}"]
         assert row["compiled"] == modules and int(row["steps_taken"].split("/")[0]) > 0
         assert set(row["mean_auroc"]) >= {"msp", "odin", "gram_stream"} and all(0 <= a <= 1 for a in row["mean_auroc"].values())
-    assert checks["faiss knn (k=50)"]["same_neighbours"] == 1.0
-    assert checks["faiss GROOD bank (1-NN)"]["same_neighbours"] == 1.0
+    for search in ("faiss index", "torch search"):  # on a GPU: faiss' GPU index (where installed) and torch's
+        assert checks[f"{search}: knn (k=50)"]["same_neighbours"] == 1.0
+        assert checks[f"{search}: GROOD bank (1-NN)"]["same_neighbours"] == 1.0
+    assert checks["faiss index: knn (k=50)"]["max_score_diff"] == 0.0  # the detector picks faiss on the CPU
+    assert "max_score_diff" not in checks["torch search: knn (k=50)"]
     assert checks["1-device DDP evaluation == plain evaluation"]["rows"] > 0
     assert checks["ood.evaluate / ood.extract on the caller's model: finite rows, the model back on its device and in its modes"]["rows"] == 3
     assert [(t["model"].split()[1], t["precision"]) for t in report["throughput"]] == [
@@ -94,6 +98,39 @@ def test_faiss_check_counts_a_tie_at_the_kth_distance_as_the_same_neighbours() -
     assert row["ok"] and row["same_neighbours"] == 1.0
 
 
+def _stub_sections(monkeypatch: pytest.MonkeyPatch, **sections: Callable[..., Any]) -> None:
+    """Every section of the check replaced by one passing row (no data made, no run), but those given."""
+    for name in ("cifar_tree", "imagenet_tree"):
+        monkeypatch.setattr(gpu_check, name, lambda root, **sizes: root)
+    stubs = {"check_methods": lambda *a: [{"check": "method ce", "ok": True}],
+             "check_fast_paths": lambda *a: [{"check": "fp16 + compile ce", "ok": True}],
+             "check_faiss": lambda sizes: [{"check": "faiss knn (k=50)", "ok": True}],
+             "check_augment": lambda sizes: {"check": "augment", "ok": True},
+             "check_ddp": lambda *a: {"check": "ddp", "ok": True}, "check_api": lambda *a: {"check": "api", "ok": True},
+             "throughput": lambda *a: None}
+    for name, stub in {**stubs, **sections}.items():
+        monkeypatch.setattr(gpu_check, name, stub)
+
+
+def test_a_skipped_check_is_reported_and_does_not_fail_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """CUDA with the faiss-cpu wheel: faiss' GPU index cannot be checked, and ood does not need it there (its exact
+    searches run in torch on the GPU, checked): the row says so as skipped (`ok` null) and the run passes."""
+    skipped = {"check": "faiss GPU index", "ok": None, "skipped": "faiss 1.0 has no GPU support"}
+    searched = {"check": "torch search: knn (k=50)", "ok": True, "same_neighbours": 1.0}
+    _stub_sections(monkeypatch, check_faiss=lambda sizes: [skipped, searched])
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--dry-run", "--out", str(out), "--workdir", str(tmp_path)]) == 0
+    report = json.loads(out.read_text())
+    assert report["ok"] and report["checks"][2:4] == [skipped, searched]
+    printed = capsys.readouterr().out
+    assert "  faiss GPU index: skipped: faiss 1.0 has no GPU support\n" in printed
+    assert '| faiss GPU index | skipped | {"skipped": "faiss 1.0 has no GPU support"} |' in printed
+    assert '| torch search: knn (k=50) | yes | {"same_neighbours": 1.0} |' in printed
+    _stub_sections(monkeypatch, check_faiss=lambda sizes: [skipped, {**searched, "ok": False, "error": "2 of 9"}])
+    assert gpu_check.main(["--dry-run", "--out", str(out), "--workdir", str(tmp_path)]) == 1
+
+
 def test_gpu_check_keeps_the_finished_checks_when_a_later_section_fails(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The report is written after every section and every throughput row: a run stopped later (the device's time
@@ -113,15 +150,7 @@ def test_gpu_check_keeps_the_finished_checks_when_a_later_section_fails(tmp_path
         seen.append(json.loads(out.read_text()))
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    for name in ("cifar_tree", "imagenet_tree"):
-        monkeypatch.setattr(gpu_check, name, lambda root, **sizes: root)
-    monkeypatch.setattr(gpu_check, "check_methods", lambda *a: [{"check": "method ce", "ok": True}])
-    monkeypatch.setattr(gpu_check, "check_fast_paths", lambda *a: [{"check": "fp16 + compile ce", "ok": True}])
-    monkeypatch.setattr(gpu_check, "check_faiss", lambda sizes: [{"check": "faiss knn (k=50)", "ok": True}])
-    monkeypatch.setattr(gpu_check, "check_augment", lambda sizes: {"check": "augment", "ok": True})
-    monkeypatch.setattr(gpu_check, "check_ddp", lambda *a: {"check": "ddp", "ok": True})
-    monkeypatch.setattr(gpu_check, "check_api", api)
-    monkeypatch.setattr(gpu_check, "throughput", throughput)
+    _stub_sections(monkeypatch, check_api=api, throughput=throughput)
     filters, level = list(warnings.filters), logging.getLogger("ood").level
     assert gpu_check.main(["--dry-run", "--out", str(out), "--workdir", str(tmp_path)]) == 1
     # the caller's warning filters and ood's log level as they were: it left ood's warnings off for every later test

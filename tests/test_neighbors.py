@@ -1,4 +1,5 @@
-"""`ood.neighbors`: the faiss wrapper equals brute force; k-means uses every point and k-means++ seeding."""
+"""`ood.neighbors`: the faiss wrapper and the torch search equal brute force; k-means uses every point and k-means++
+seeding."""
 
 from __future__ import annotations
 
@@ -52,17 +53,80 @@ def test_ivf_search_with_fewer_than_k_rows_in_the_probed_cells_probes_more(metri
     assert torch.equal(idx.sort(1).values, exact_idx.sort(1).values)
 
 
-@pytest.mark.parametrize("kind", ["exact", "ivf"])
-def test_a_nan_query_is_an_error_not_a_distance_of_3e38(kind: str) -> None:
+@pytest.mark.parametrize(("kind", "backend"), [("exact", "faiss"), ("ivf", "faiss"), ("exact", "torch")])
+def test_a_nan_query_is_an_error_not_a_distance_of_3e38(kind: str, backend: str) -> None:
     """faiss leaves a NaN query without neighbours (index -1, distance 3.4e38): the knn detector scored it -3.4e38,
-    a finite value that ranks it as the most OOD. The search now says so in one line."""
+    a finite value that ranks it as the most OOD. The search now says so in one line (the torch search too, whose
+    NaN distances would otherwise be the answer)."""
     gen = torch.Generator().manual_seed(2)
-    index = KNNIndex("l2", kind=kind, nlist=4, nprobe=1).add(torch.randn(200, 8, generator=gen))
+    index = KNNIndex("l2", kind=kind, nlist=4, nprobe=1, backend=backend).add(torch.randn(200, 8, generator=gen))
     queries = torch.randn(3, 8, generator=gen)
     queries[1, 0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"^1 of 3 queries have fewer than k=2 neighbours: their features \(or the "
                                              r"bank's\) hold NaN or infinite values$"):
         index.search(queries, 2)
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_the_torch_search_equals_brute_force_across_its_blocks(metric: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exact search of CUDA machines without faiss-gpu, run here on the CPU (`backend="torch"`): blocks of 64 bank
+    rows and 3 queries (so 11 row blocks, the last partial, and 30 query blocks, their top k merged), the rows
+    normalised at `add` as knn's are: the float64 brute-force neighbours, and faiss' distances to float32 rounding."""
+    from ood import neighbors
+
+    monkeypatch.setattr(neighbors, "TORCH_ROWS", 64)
+    monkeypatch.setattr(neighbors, "TORCH_BLOCK", 3 * 64)
+    gen = torch.Generator().manual_seed(4)
+    unit = torch.nn.functional.normalize
+    bank, queries = torch.randn(700, 16, generator=gen), unit(torch.randn(90, 16, generator=gen))
+    index = KNNIndex(metric, backend="torch").add(bank.half(), unit)
+    dist, idx = index.search(queries, 7)
+    rows = unit(bank.half().float()).double()
+    ref = (torch.cdist(queries.double(), rows).pow(2).topk(7, largest=False) if metric == "l2"
+           else (queries.double() @ rows.T).topk(7))
+    assert index._index is None and index._rows.shape == (700, 16) and dist.dtype == torch.float32
+    assert torch.equal(idx, ref.indices)
+    torch.testing.assert_close(dist.double(), ref.values, rtol=0, atol=1e-6)
+    faiss_dist, faiss_idx = KNNIndex(metric).add(bank.half(), unit).search(queries, 7)
+    assert torch.equal(idx, faiss_idx)
+    torch.testing.assert_close(dist, faiss_dist, rtol=0, atol=1e-6)
+
+
+def test_the_torch_search_ignores_autocast() -> None:
+    """Called inside a bf16 autocast region (a scorer run inside a mixed-precision step), the distances are still
+    float32 products: bf16 ones changed the neighbours of 14 of these 90 queries."""
+    gen = torch.Generator().manual_seed(5)
+    bank, queries = torch.randn(500, 32, generator=gen), torch.randn(90, 32, generator=gen)
+    index = KNNIndex("l2", backend="torch").add(bank)
+    want = index.search(queries, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = index.search(queries, 5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_backends_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """faiss on the CPU; on CUDA faiss' GPU index where faiss has GPU support, else the torch search on the GPU for
+    an exact index (an IVF index stays faiss', on the CPU); `backend=` forces one; a torch IVF is refused."""
+    import faiss
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    cuda = torch.device("cuda", 1)
+    choices = {(kind, dev, backend): (KNNIndex(kind=kind, device=dev, backend=backend).gpu_id,
+                                      KNNIndex(kind=kind, device=dev, backend=backend).torch_device)
+               for kind in ("exact", "auto") for dev in ("cpu", "cuda", None) for backend in ("auto", "faiss")}
+    assert choices == {(kind, dev, backend): (None, cuda if dev != "cpu" and backend == "auto" else None)
+                       for kind, dev, backend in choices}
+    assert KNNIndex(device="cpu", backend="torch").torch_device == torch.device("cpu")
+    assert KNNIndex(device="cuda:0", backend="torch").torch_device == torch.device("cuda", 0)
+    monkeypatch.setattr(faiss, "StandardGpuResources", object, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2, raising=False)
+    index = KNNIndex(device="cuda")
+    assert (index.gpu_id, index.torch_device) == (1, None)
+    with pytest.raises(ValueError, match=r"^backend='torch' searches exactly; kind='ivf' needs faiss$"):
+        KNNIndex(kind="ivf", backend="torch")
+    with pytest.raises(ValueError, match=r"^backend must be 'auto', 'faiss' or 'torch', got 'cupy'$"):
+        KNNIndex(backend="cupy")
+
 
 def test_bad_k_is_a_clear_error() -> None:
     index = KNNIndex().add(torch.zeros(3, 2))

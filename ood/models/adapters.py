@@ -31,8 +31,7 @@ import hashlib
 import importlib
 import inspect
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from torch import nn
 from ood.errors import CheckpointError, ConfigError, working_directory_hint
 from ood.models.base import Backbone, BackboneOutput, input_channels, probing
 from ood.models.checkpoint import read_weights_file
+from ood.utils import exact_float32
 
 #: module paths tried, in order, for the final linear layer of a model without a library split
 HEAD_NAMES = ("fc", "head", "heads.head", "classifier", "last_linear")
@@ -437,36 +437,6 @@ def split_difference(staged: StagedModel, image_size: int = 32) -> str | None:
     if torch.allclose(split, whole, rtol=tolerance, atol=tolerance):
         return None
     return f"largest difference {(split - whole).abs().max().item():.3g} on a random image"
-
-
-@contextmanager
-def exact_float32() -> Iterator[None]:
-    """float32 convolutions and matrix products in full float32 precision (no TF32 or bf16 shortcuts: cuDNN runs
-    convolutions in TF32 by default on Ampere and later GPUs) by deterministic algorithms (no cuDNN benchmark
-    choice); the caller's settings put back after, also on an exception. Through the per-operator `fp32_precision`
-    on torch >= 2.9 (its legacy `allow_tf32` getters refuse a state set through those, cuDNN conv and RNN differing),
-    else `allow_tf32` and the float32 matmul precision (whose string `allow_tf32` would not put back)."""
-    cudnn = torch.backends.cudnn
-    per_operator = hasattr(cudnn, "conv")
-    if per_operator:
-        settings = [(op, "fp32_precision", "ieee") for op in (cudnn.conv, torch.backends.cuda.matmul,
-                                                            torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul)]
-    else:
-        settings = [(cudnn, "allow_tf32", False)]
-    settings += [(cudnn, "deterministic", True), (cudnn, "benchmark", False)]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in settings]
-    precision = None if per_operator else torch.get_float32_matmul_precision()  # torch >= 2.9 refuses a mixed state
-    try:
-        for owner, name, value in settings:
-            setattr(owner, name, value)
-        if precision is not None:
-            torch.set_float32_matmul_precision("highest")
-        yield
-    finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
-        if precision is not None:
-            torch.set_float32_matmul_precision(precision)
 
 
 def check_classes(backbone: Backbone, num_classes: int, where: str) -> None:
