@@ -4,11 +4,13 @@ subprocess); `ood-eval ckpt_path=<run>` taking the detectors its training evalua
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import NO_FIGURES, multirun_here
 from omegaconf import OmegaConf
@@ -24,8 +26,18 @@ def test_multirun_then_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert sorted(p.parent.name for p in sweep.glob("*/results.jsonl")) == ["0", "1"]
     report([str(sweep), "--no-figures"])
     table = (sweep / "report.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| method |"))
     (msp,) = [line for line in table.splitlines() if line.startswith("| ce | msp | small_cnn | digits | 2 |")]
-    assert " ± " in msp
+    # every cell the mean ± sample std over the two jobs of their results.jsonl rows (near / far: each job's mean first)
+    jobs = [[json.loads(line) for line in (sweep / job / "results.jsonl").read_text().splitlines()] for job in "01"]
+    rows = [[r for r in job if r["detector"] == "msp"] for job in jobs]
+    per_job: dict[str, list[float]] = {"id_acc": [job[0]["id_acc"] for job in rows]}
+    for metric in ("auroc", "fpr95"):
+        for key, pick in [*((r["ood_dataset"], "ood_dataset") for r in rows[0]), ("near", "ood_group"), ("far", "ood_group")]:
+            per_job[f"{key}/{metric}"] = [float(np.mean([r[metric] for r in job if r[pick] == key])) for job in rows]
+    expected = {col: f"{100 * np.mean(v):.2f} ± {100 * np.std(v, ddof=1):.2f}" for col, v in per_job.items()}
+    cells = dict(zip(header.strip("| ").split(" | "), msp.strip("| ").split(" | "), strict=True))
+    assert {col: cells[col] for col in expected} == expected and len(expected) == 13
 
 
 @pytest.mark.parametrize(("module", "argv", "code", "last_line"), [

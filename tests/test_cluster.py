@@ -226,14 +226,28 @@ def test_mahalanobis_with_identity_is_squared_euclidean() -> None:
 
 @pytest.mark.parametrize("covariance", ["shared", "per_cluster"])
 def test_pinv_of_rank_deficient_covariance_gives_finite_scores(covariance: str) -> None:
-    """Train features span 2 of 5 dims: the pseudo-inverse keeps every score finite, also off the span."""
+    """Train features span 2 of 5 dims: the pseudo-inverse keeps every score finite, also off the span. Known answer:
+    NumPy's pinv of the (class-centred or per-class) covariance with denominator N, and s = -min_c squared
+    Mahalanobis distance under it, which ignores the three dims the train rows never leave."""
     z2, y = _blobs(dim=2)
     z = torch.cat([z2, torch.zeros(len(z2), 3, dtype=torch.float64)], 1)
     method = _method(distance="mahalanobis", covariance=covariance)
     method.setup_ood({"train": _bank(z, y)})
-    assert method._fit["precision"].shape[-1] == 5
-    scores = method.ood_score(_bank(torch.randn(50, 5, dtype=torch.float64)))
+    zn, yn = z.numpy(), y.numpy()
+    means = np.stack([zn[yn == c].mean(0) for c in range(3)])
+    centred = zn - means[yn]
+    precision = ([np.linalg.pinv(centred.T @ centred / len(zn))] * 3 if covariance == "shared"
+                 else [np.linalg.pinv(np.cov(zn[yn == c].T, ddof=0)) for c in range(3)])
+    fitted = np.broadcast_to(method._fit["precision"].numpy(), (3, 5, 5))  # shared: one matrix for the three
+    np.testing.assert_allclose(fitted, np.stack(precision), rtol=0, atol=1e-12)
+    queries = torch.randn(50, 5, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    d = np.stack([np.einsum("ni,ij,nj->n", queries.numpy() - means[c], precision[c], queries.numpy() - means[c])
+                  for c in range(3)], 1)
+    scores = method.ood_score(_bank(queries))
     assert bool(torch.isfinite(scores).all())
+    np.testing.assert_allclose(scores.numpy(), -d.min(1), rtol=1e-12, atol=1e-10)
+    on_span = torch.cat([queries[:, :2], torch.zeros(50, 3, dtype=torch.float64)], 1)
+    torch.testing.assert_close(method.ood_score(_bank(on_span)), scores, rtol=1e-12, atol=1e-10)
 
 
 def test_oodformer_covariance_is_inv_of_numpy_cov() -> None:

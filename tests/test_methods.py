@@ -143,8 +143,15 @@ def test_the_digits_default_still_anneals_per_epoch(tmp_path: Path) -> None:
     cfg = compose_config(tmp_path, ["method=ce", "trainer.max_epochs=2"])
     method = CrossEntropy(SmallCNN(3), instantiate(cfg.method.optimizer), instantiate(cfg.method.scheduler))
     optimizer = torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.05)
-    assert method.lr_scheduler_config(optimizer).keys() == {"scheduler"}  # Lightning's default interval: epoch
-    assert type(method.lr_scheduler_config(optimizer)["scheduler"]) is torch.optim.lr_scheduler.CosineAnnealingLR
+    config = method.lr_scheduler_config(optimizer)
+    assert config.keys() == {"scheduler"}  # Lightning's default interval: epoch
+    assert type(config["scheduler"]) is torch.optim.lr_scheduler.CosineAnnealingLR
+    lrs = []
+    for _ in range(3):  # epochs 0, 1 and the end of the run: 0.05 * (1 + cos(pi * epoch / 2)) / 2
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        config["scheduler"].step()
+    assert lrs == pytest.approx([0.05, 0.025, 0.0], abs=1e-15)
 
 
 def test_openood_cosine_refuses_what_it_cannot_anneal() -> None:

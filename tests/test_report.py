@@ -141,11 +141,14 @@ def test_tuned_values_do_not_split_seeds(tmp_path: Path) -> None:
 
 
 def test_fixed_detector_values_stay_columns(tmp_path: Path) -> None:
+    """Two runs at fixed k = 10 and k = 20: one entry each, under its own k, with its own AUROC (never averaged)."""
     for i, k in enumerate([10, 20]):
-        row = {**_row(0, "s", "near", 0.8), "detector": "knn", "detector_params": {"k": k}, "tuned": False}
+        row = {**_row(0, "s", "near", 0.8 + k / 100), "detector": "knn", "detector_params": {"k": k}, "tuned": False}
         _write(tmp_path / str(i), [row])
     config_cols, _, table = aggregate(load_rows([tmp_path]))
-    assert "detector.k" in config_cols and len(table) == 2
+    assert "detector.k" in config_cols
+    assert {e["detector.k"]: (e["seeds"], e["s/auroc"][0]) for e in table} == {"10": (1, pytest.approx(0.9)),
+                                                                                "20": (1, pytest.approx(1.0))}
 
 
 def test_modes_are_never_averaged_also_with_by(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
