@@ -174,6 +174,7 @@ def test_energy_cfl_ablated_is_energy_oe_exactly(tmp_path: Path, ce_checkpoint: 
     assert _losses(tmp_path) == _losses(oe_dir) and len(_losses(tmp_path)) > 5
     assert {r["method"] for r in rows} == {"energy_cfl_recon"} and rows[0]["method_params"]["reconstruction"] is True
     oe = rows_by(oe_rows, "energy_oe")
+    assert oe.keys() == {"digits_6_9", "flower_patches", "gaussian_noise", "uniform_noise"}  # never a loop over nothing
     for detector in ("energy_cfl_recon", "energy_cfl_recon_energy", "energy"):
         mine = rows_by(rows, detector)
         assert mine.keys() == oe.keys()

@@ -146,7 +146,7 @@ def test_feature_scaling(tmp_path: Path) -> None:
 def test_bad_flag_names_the_choices(tmp_path: Path) -> None:
     from ood.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="as_released"):
+    with pytest.raises(ConfigError, match=r"^method.pairing='released'; choices: \['intended', 'as_released'\]$"):
         _method(tmp_path, ["method.pairing=released"])
 
 

@@ -282,9 +282,10 @@ def test_sd_branch_off_without_a_file_and_latents_read_from_disk(
 
 
 def test_bad_settings_fail_with_one_line(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="club_fit"):
+    with pytest.raises(ConfigError, match=r"^method.club_fit='em'; choices: \['as_released', 'mle'\]$"):
         _method(tmp_path, ["method.club_fit=em"])
-    with pytest.raises(ConfigError, match="token_embeddings"):
+    with pytest.raises(ConfigError, match=r"^method.outlier_norm=clip_token needs method.token_embeddings=<file.npy> "
+                                          r"\(one CLIP token row per class\)$"):
         _method(tmp_path, ["method.outlier_norm=clip_token"])
 
 

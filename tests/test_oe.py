@@ -96,6 +96,7 @@ def test_oe_finetune_lifts_far_ood_above_the_ce_floor(oe_finetune: list[dict]) -
 @pytest.mark.slow
 def test_oe_score_is_the_msp_of_the_trained_model(oe_finetune: list[dict]) -> None:
     oe, msp = rows_by(oe_finetune, "oe"), rows_by(oe_finetune, "msp")
+    assert oe.keys() == msp.keys() == {"digits_6_9", "flower_patches", "gaussian_noise", "uniform_noise"}
     for name, row in oe.items():
         assert (row["auroc"], row["fpr95"], row["aupr_in"]) == (msp[name]["auroc"], msp[name]["fpr95"], msp[name]["aupr_in"])
 
