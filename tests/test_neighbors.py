@@ -70,9 +70,11 @@ def test_a_nan_query_is_an_error_not_a_distance_of_3e38(kind: str, backend: str)
 def test_the_torch_search_equals_brute_force_across_its_blocks(metric: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The exact search of CUDA machines without faiss-gpu, run here on the CPU (`backend="torch"`): blocks of 64 bank
     rows and 3 queries (so 11 row blocks, the last partial, and 30 query blocks, their top k merged), the rows
-    normalised at `add` as knn's are: the float64 brute-force neighbours, and faiss' distances to float32 rounding."""
+    added 128 at a time and normalised as knn's are: the float64 brute-force neighbours, and faiss' distances to
+    float32 rounding."""
     from ood import neighbors
 
+    monkeypatch.setattr(neighbors, "ADD_CHUNK", 128)
     monkeypatch.setattr(neighbors, "TORCH_ROWS", 64)
     monkeypatch.setattr(neighbors, "TORCH_BLOCK", 3 * 64)
     gen = torch.Generator().manual_seed(4)
