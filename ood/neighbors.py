@@ -193,7 +193,8 @@ class KNNIndex:
     def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The exact search in torch on the rows' device: per block of bank rows, float32 distances as faiss' flat
         index computes them (l2: |q|^2 + |x|^2 - 2 q.x clamped at 0; ip: q.x) in full float32 precision (no TF32,
-        no autocast), their top k merged with the best so far; at most `TORCH_BLOCK` distances at a time."""
+        no autocast), their top k merged with the best so far; at most `TORCH_BLOCK` distances at a time. NaN
+        distances rank last under either metric, so only a query that needs them comes back short."""
         rows, largest = self._rows, self.metric == "ip"
         step = min(self.ntotal, TORCH_ROWS)
         per = max(1, TORCH_BLOCK // step)
@@ -205,15 +206,16 @@ class KNNIndex:
                 best: tuple[torch.Tensor, torch.Tensor] | None = None
                 for start in range(0, self.ntotal, step):
                     block = rows[start : start + step]
-                    if largest:
-                        d = q @ block.T
+                    if largest:  # NaN ranks last as in l2 (topk takes it for the largest value; faiss skips it)
+                        d = (q @ block.T).nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
                     else:
                         d = torch.addmm(self._sq[start : start + step].unsqueeze(0), q, block.T, alpha=-2)
                         d.add_(q_sq).clamp_(min=0)
                     top_d, top_i = d.topk(min(k, len(block)), dim=1, largest=largest)
                     top_i += start
                     if best is not None:
-                        top_d, order = torch.cat([best[0], top_d], 1).topk(k, dim=1, largest=largest)
+                        merged = torch.cat([best[0], top_d], 1)  # fewer than k columns while k > TORCH_ROWS
+                        top_d, order = merged.topk(min(k, merged.shape[1]), dim=1, largest=largest)
                         top_i = torch.cat([best[1], top_i], 1).gather(1, order)
                     best = (top_d, top_i)
                 dists.append(best[0])

@@ -93,6 +93,44 @@ def test_the_torch_search_equals_brute_force_across_its_blocks(metric: str, monk
     torch.testing.assert_close(dist, faiss_dist, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_the_torch_search_takes_k_past_its_row_blocks(metric: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """k above `TORCH_ROWS` (here blocks of 64 rows; on a GPU k > 262 144 of a larger bank, as k = bank size): the
+    first blocks' merged top-k have fewer than k columns, which `topk(k)` refused ("selected index k out of range").
+    Every k from one block past a block to the bank size: the float64 brute-force neighbours."""
+    from ood import neighbors
+
+    monkeypatch.setattr(neighbors, "TORCH_ROWS", 64)
+    monkeypatch.setattr(neighbors, "TORCH_BLOCK", 5 * 64)
+    gen = torch.Generator().manual_seed(6)
+    bank, queries = torch.randn(300, 8, generator=gen), torch.randn(12, 8, generator=gen)
+    index = KNNIndex(metric, backend="torch").add(bank)
+    exact = (-torch.cdist(queries.double(), bank.double()).pow(2) if metric == "l2" else queries.double() @ bank.double().T)
+    for k in (100, 300):
+        dist, idx = index.search(queries, k)
+        ref = exact.topk(k)
+        assert torch.equal(idx, ref.indices)
+        torch.testing.assert_close(dist.double(), ref.values.abs() if metric == "l2" else ref.values, rtol=0, atol=1e-5)
+
+
+def test_the_torch_inner_product_search_ranks_a_nan_row_last() -> None:
+    """A bank row holding NaN: faiss never takes it for a neighbour, nor did the torch l2 search, but the torch ip
+    search (nnguide's) put its NaN products first (topk ranks NaN above every number), so every query came back
+    short and raised. Now the finite rows are the neighbours, as faiss' are; a k that needs the NaN row still raises."""
+    gen = torch.Generator().manual_seed(7)
+    bank, queries = torch.randn(50, 8, generator=gen), torch.randn(6, 8, generator=gen)
+    bank[3, 2] = float("nan")
+    index = KNNIndex("ip", backend="torch").add(bank)
+    dist, idx = index.search(queries, 49)
+    ref = (queries.double() @ bank.double().T).nan_to_num(nan=-torch.inf).topk(49)
+    assert torch.equal(idx, ref.indices) and not bool((idx == 3).any())
+    torch.testing.assert_close(dist.double(), ref.values, rtol=0, atol=1e-5)
+    faiss_dist, faiss_idx = KNNIndex("ip", device="cpu").add(bank).search(queries, 49)
+    assert torch.equal(idx, faiss_idx)
+    with pytest.raises(NonFiniteError, match=r"^6 of 6 queries have fewer than k=50 neighbours"):
+        index.search(queries, 50)
+
+
 def test_the_torch_search_ignores_autocast() -> None:
     """Called inside a bf16 autocast region (a scorer run inside a mixed-precision step), the distances are still
     float32 products: bf16 ones changed the neighbours of 14 of these 90 queries."""
