@@ -194,11 +194,13 @@ class KNNIndex:
         """The exact search in torch on the rows' device: per block of bank rows, float32 distances as faiss' flat
         index computes them (l2: |q|^2 + |x|^2 - 2 q.x clamped at 0; ip: q.x) in full float32 precision (no TF32,
         no autocast), their top k merged with the best so far; at most `TORCH_BLOCK` distances at a time. NaN
-        distances rank last under either metric, so only a query that needs them comes back short."""
+        distances rank last under either metric, so only a query that needs them comes back short. The results are
+        filled in place (no concatenation holding them twice: 1.8 GB each for 150 k queries at k = 1000)."""
         rows, largest = self._rows, self.metric == "ip"
         step = min(self.ntotal, TORCH_ROWS)
         per = max(1, TORCH_BLOCK // step)
-        dists, idxs = [], []
+        dists = torch.empty(len(queries), k, dtype=torch.float32, device=rows.device)
+        idxs = torch.empty(len(queries), k, dtype=torch.long, device=rows.device)
         with torch.no_grad(), torch.autocast(rows.device.type, enabled=False), exact_float32():
             for first in range(0, len(queries), per):
                 q = queries[first : first + per].detach().to(rows.device, torch.float32)
@@ -218,9 +220,8 @@ class KNNIndex:
                         top_d, order = merged.topk(min(k, merged.shape[1]), dim=1, largest=largest)
                         top_i = torch.cat([best[1], top_i], 1).gather(1, order)
                     best = (top_d, top_i)
-                dists.append(best[0])
-                idxs.append(best[1])
-        return torch.cat(dists), torch.cat(idxs)
+                dists[first : first + per], idxs[first : first + per] = best
+        return dists, idxs
 
     def __getstate__(self) -> dict[str, Any]:
         """The attributes with the index as the bytes of its CPU form: faiss serialises no GPU index, nor pickles the

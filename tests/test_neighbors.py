@@ -131,6 +131,17 @@ def test_the_torch_inner_product_search_ranks_a_nan_row_last() -> None:
         index.search(queries, 50)
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_the_torch_search_of_no_queries_is_empty(metric: str) -> None:
+    """An empty test bank scores empty (tests/test_detectors_degenerate.py, on faiss): the torch search, what knn,
+    nnguide and combood run on CUDA without faiss-gpu, concatenated no query blocks and raised there."""
+    bank = torch.randn(50, 8, generator=torch.Generator().manual_seed(8))
+    got = KNNIndex(metric, backend="torch").add(bank).search(torch.zeros(0, 8), 3)
+    want = KNNIndex(metric, backend="faiss").add(bank).search(torch.zeros(0, 8), 3)
+    assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in want] == [
+        ((0, 3), torch.float32), ((0, 3), torch.int64)]
+
+
 def test_the_torch_search_ignores_autocast() -> None:
     """Called inside a bf16 autocast region (a scorer run inside a mixed-precision step), the distances are still
     float32 products: bf16 ones changed the neighbours of 14 of these 90 queries."""
