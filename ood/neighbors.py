@@ -141,12 +141,13 @@ class KNNIndex:
         if self.torch_device is not None and not ivf:
             rows = torch.empty(n, d, dtype=torch.float32, device=self.torch_device)
             sq = torch.empty(n, dtype=torch.float32, device=self.torch_device) if self.metric == "l2" else None
-            for start in range(0, n, ADD_CHUNK):
-                chunk = x[start : start + ADD_CHUNK].detach().to(self.torch_device, torch.float32)
-                chunk = transform(chunk) if transform is not None else chunk
-                rows[start : start + len(chunk)] = chunk
-                if sq is not None:  # per chunk: no second copy of the bank
-                    sq[start : start + len(chunk)] = chunk.square().sum(1)
+            with torch.no_grad():  # a transform with trainable parameters would chain every chunk into one graph
+                for start in range(0, n, ADD_CHUNK):
+                    chunk = x[start : start + ADD_CHUNK].detach().to(self.torch_device, torch.float32)
+                    chunk = transform(chunk) if transform is not None else chunk
+                    rows[start : start + len(chunk)] = chunk
+                    if sq is not None:  # per chunk: no second copy of the bank
+                        sq[start : start + len(chunk)] = chunk.square().sum(1)
             self._rows, self._sq, self.ntotal = rows, sq, n
             return self
         flat = faiss.IndexFlatL2(d) if self.metric == "l2" else faiss.IndexFlatIP(d)

@@ -142,6 +142,16 @@ def test_the_torch_search_of_no_queries_is_empty(metric: str) -> None:
         ((0, 3), torch.float32), ((0, 3), torch.int64)]
 
 
+def test_the_torch_search_keeps_no_autograd_graph_of_its_rows() -> None:
+    """A transform with a trainable parameter (faiss' path detaches it to NumPy): the torch search's rows were
+    written in place from each transformed chunk, so they required grad and the graph kept every chunk alive."""
+    scale = torch.tensor(2.0, requires_grad=True)
+    bank = torch.randn(40, 4, generator=torch.Generator().manual_seed(9))
+    index = KNNIndex("l2", backend="torch").add(bank, lambda h: h * scale)
+    assert not index._rows.requires_grad and not index._sq.requires_grad
+    torch.testing.assert_close(index._rows, 2 * bank, rtol=0, atol=0)
+
+
 def test_the_torch_search_ignores_autocast() -> None:
     """Called inside a bf16 autocast region (a scorer run inside a mixed-precision step), the distances are still
     float32 products: bf16 ones changed the neighbours of 14 of these 90 queries."""
