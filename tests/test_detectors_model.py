@@ -366,9 +366,9 @@ def test_a_module_run_on_maps_of_different_widths_is_tapped_per_run() -> None:
 
 def test_mcdropout_without_dropout_is_not_applicable(tiny: dict[str, Any]) -> None:
     net = TinyNet(dropout=0.0).eval()
-    with pytest.raises(DetectorNotApplicable, match="no dropout"):
+    with pytest.raises(DetectorNotApplicable, match=r"^no dropout in the network \(TinyNet\): MC-Dropout needs dropout layers$"):
         fit_detector("mcdropout", {}, tiny["banks"], tune=False, model_scores=lambda d, s: d.score_inputs(net, tiny["x"][s]))
-    with pytest.raises(DetectorNotApplicable, match="intermediate maps"):
+    with pytest.raises(DetectorNotApplicable, match="^it needs the intermediate maps of a staged backbone; Linear is wrapped as a whole$"):
         build_detector("rankfeat").score_inputs(nn.Linear(4, 2), torch.zeros(3, 4))
     # inside a method, the user's network is named (it said "(CrossEntropy)")
     method = nn.Module()
@@ -508,23 +508,27 @@ def test_mcdropout_finds_timm_drop_rate() -> None:
     assert (ours - msp).abs().max() > 1e-3
 
 
-def _class_gaussian(z: torch.Tensor, y: torch.Tensor, scatter: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class means and the shared precision: pinv(sum of scatter + 1e-6 I) (pytorch-ood) or inv(cov) (sklearn)."""
+def _class_gaussian(z: torch.Tensor, y: torch.Tensor, scatter: bool, ridge: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class means and the shared precision: pinv(sum of scatter + ridge I) (pytorch-ood: ridge 1e-6) or inv(cov)
+    (sklearn)."""
     mu = torch.stack([z[y == c].mean(0) for c in range(3)])
     centred = z - mu[y]
     if scatter:
-        return mu, torch.linalg.pinv(centred.T @ centred + 1e-6 * torch.eye(z.shape[1], dtype=z.dtype))
+        return mu, torch.linalg.pinv(centred.T @ centred + ridge * torch.eye(z.shape[1], dtype=z.dtype))
     from sklearn.covariance import EmpiricalCovariance
 
     return mu, torch.from_numpy(EmpiricalCovariance(assume_centered=False).fit(centred.numpy()).precision_)
 
 
 def test_mahalanobis_odin_equals_pytorch_ood(tiny: dict[str, Any]) -> None:
-    net = tiny["net"]
+    """pytorch-ood's scores are ours / N (it inverts the unnormalised scatter): to float64 rounding without its
+    1e-6 I ridge, and within what that ridge can move them with it."""
+    net, labels = tiny["net"], tiny["banks"]["train"].labels
     with torch.no_grad():
-        mu, precision = _class_gaussian(net.run(tiny["x"]["train"]).features.double(), tiny["banks"]["train"].labels, True)
+        train = net.run(tiny["x"]["train"]).features.double()
 
-    def reference(x: torch.Tensor) -> torch.Tensor:
+    def reference(x: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+        mu, precision = _class_gaussian(train, labels, True, ridge)
         x = x.clone().requires_grad_(True)
         z = net.run(x).features.double()
         gau = torch.stack([-0.5 * (((z.detach() - m) @ precision) * (z.detach() - m)).sum(1) for m in mu], 1)
@@ -535,9 +539,15 @@ def test_mahalanobis_odin_equals_pytorch_ood(tiny: dict[str, Any]) -> None:
         return torch.stack([-0.5 * (((z - m) @ precision) * (z - m)).sum(1) for m in mu], 1).max(1).values
 
     det = _fitted("mahalanobis_odin", tiny, noise=0.005)
-    ours, ref = _scores(det, tiny, "test"), reference(tiny["x"]["test"])
-    # values, not only ranks: pytorch-ood inverts the unnormalised scatter (+ 1e-6 I), so its scores are ours / N
-    torch.testing.assert_close(ours.double(), len(tiny["banks"]["train"].labels) * ref, rtol=1e-3, atol=0)
+    ours, ref = _scores(det, tiny, "test").double(), reference(tiny["x"]["test"])
+    # the ridge taken out, the same arithmetic in float64 (measured 2e-12 relative): a change of ours, e.g. its
+    # precision in float32, shows
+    torch.testing.assert_close(ours, len(labels) * reference(tiny["x"]["test"], ridge=0.0), rtol=1e-9, atol=0)
+    # with it, each class's quadratic form at an input shrinks by a factor within [1 - 1e-6 / lambda_min, 1],
+    # lambda_min the scatter's smallest eigenvalue (1 / the ridge-free precision's largest): 6.7e-4 here, 4.0e-4
+    # measured
+    bound = 1e-6 * float(torch.linalg.eigvalsh(_class_gaussian(train, labels, True, 0.0)[1]).max())
+    torch.testing.assert_close(ours, len(labels) * ref, rtol=bound, atol=0)
     _agrees(ours, ref, tiny, _scores(det, tiny, "ood"), reference(tiny["x"]["ood"]))
 
 
@@ -962,10 +972,27 @@ def test_mcdropout_masks_timm_attention_dropout_per_image(fused: bool) -> None:
     assert (ours - msp).abs().max() > 1e-3
 
 
+class _TranscribedAttention(nn.Module):
+    """`nn.MultiheadAttention`'s forward for one batch-first input, transcribed: softmax(q k^T / sqrt(d)) v per head,
+    the attention weights [B, heads, L, L] dropped by `F.dropout` in training mode (inside `ImageDropout.active`,
+    the image's masks)."""
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, None]:
+        a, (b, n, d) = self.attention, x.shape
+        q, k, v = (t.reshape(b, n, a.num_heads, -1).transpose(1, 2) for t in F.linear(x, a.in_proj_weight, a.in_proj_bias).chunk(3, -1))
+        weights = torch.softmax(q @ k.transpose(-2, -1) / (d // a.num_heads) ** 0.5, -1)
+        return a.out_proj((F.dropout(weights, a.dropout, training=True) @ v).transpose(1, 2).reshape(b, n, d)), None
+
+
 def test_mcdropout_masks_multihead_attention_without_weights_per_image() -> None:
     """torchvision's ViT calls `nn.MultiheadAttention` with `need_weights=False`, whose dropout goes to
     `F.scaled_dot_product_attention`'s `dropout_p`, drawn from the global RNG: an image's score depended on the seed
-    and its batch. Now it is masked per image."""
+    and its batch. Now it is masked per image: the scores are those of the attention transcribed by hand with the
+    per-image masks on its weights."""
     from torchvision.models import VisionTransformer
 
     torch.manual_seed(0)
@@ -974,8 +1001,16 @@ def test_mcdropout_masks_multihead_attention_without_weights_per_image() -> None
     nn.init.normal_(net.heads.head.weight)  # torchvision starts the head at zero: constant scores
     x = torch.randn(6, 3, 16, 16)
     ours = _mcdropout_is_a_function_of_the_image(net, x)
+    reference = copy.deepcopy(net)
+    block = reference.encoder.layers[0]
+    block.self_attention = _TranscribedAttention(block.self_attention)
+    masks, keys, passes = ImageDropout(), image_keys(x), []
     with torch.no_grad():
+        for t in range(5):
+            with masks.active(keys, t):
+                passes.append(reference(x).double())
         msp = torch.log_softmax(net(x).double(), 1).max(1).values
+    torch.testing.assert_close(ours, torch.log_softmax(sum(passes) / 5, 1).max(1).values, rtol=1e-5, atol=1e-7)
     assert (ours - msp).abs().max() > 1e-3
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -132,9 +133,13 @@ def test_score_standardises_on_id_val_and_tunes_beta_on_validation_ood(tmp_path:
     fixed = build(tmp_path, "energy_cfl", "method.score.tune=false", "method.score.beta=0", "method.score.combine=product")
     fixed.setup_ood({"val": val, "val_ood": val_ood})
     assert fixed.beta == 0 and torch.allclose(fixed.ood_score(val), F.logsigmoid(e)) and fixed.tuned() == {}
-    with pytest.raises(ConfigError, match="combine"):
+    with pytest.raises(ConfigError, match="^" + re.escape(
+            "method.score: unknown keys [], combine='max' or an empty grid with tune=true; keys: ['combine', 'beta', "
+            "'tune', 'grid'], combine: ['sum', 'product']") + "$"):
         build(tmp_path, "energy_cfl", "method.score.combine=max")
-    with pytest.raises(ConfigError, match="reconstruction"):
+    with pytest.raises(ConfigError, match="^" + re.escape(
+            "method=energy_cfl exists only as a reconstruction (reconstruction: true): the paper's CFL and score are "
+            "not public") + "$"):
         build(tmp_path, "energy_cfl", "method.reconstruction=false")
 
 

@@ -3,7 +3,6 @@ itself here the day its config exists (the config group is the registry)."""
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from hydra.utils import get_class, instantiate
 from lightning import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
+from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -47,9 +47,15 @@ def test_method_fits_and_reports_its_own_score(name: str, ce_checkpoint: Path, t
     assert {r["ood_dataset"] for r in rows if r["detector"] == "msp"} == ood_sets
     assert all(r["method"] == reported for r in rows)
     own = {r["ood_dataset"]: r for r in rows if r["detector"] == reported}
-    if has_own_score(name):  # its score under its name, finite, for every OOD set; a lost score fails here
+    if has_own_score(name):  # its score under its name for every OOD set; a lost score fails here
         assert set(own) == ood_sets, f"{name} reported its own score for {sorted(own)}, not every OOD set"
-        assert all(math.isfinite(r["auroc"]) and 0 <= r["auroc"] <= 1 for r in own.values())
+        scores = np.load(tmp_path / "scores.npz")  # its rows are the ranking of the scores it wrote: ID test positive
+        for ood_set, row in own.items():
+            ident, ood = scores[f"{reported}/test"], scores[f"{reported}/{ood_set}"]
+            assert np.isfinite(ident).all() and np.isfinite(ood).all()
+            truth = np.r_[np.ones(len(ident)), np.zeros(len(ood))]
+            assert row["auroc"] == pytest.approx(roc_auc_score(truth, np.r_[ident, ood]), abs=1e-12), ood_set
+            assert (row["n_id"], row["n_ood"]) == (len(ident), len(ood))
     else:
         assert {r["detector"] for r in rows} == {"msp"}, f"{name} has no score of its own but reported one"
     assert rows[0]["method_params"]["init"]["ckpt"] == str(ce_checkpoint)
