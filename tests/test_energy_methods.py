@@ -133,10 +133,14 @@ def test_score_standardises_on_id_val_and_tunes_beta_on_validation_ood(tmp_path:
     fixed = build(tmp_path, "energy_cfl", "method.score.tune=false", "method.score.beta=0", "method.score.combine=product")
     fixed.setup_ood({"val": val, "val_ood": val_ood})
     assert fixed.beta == 0 and torch.allclose(fixed.ood_score(val), F.logsigmoid(e)) and fixed.tuned() == {}
-    with pytest.raises(ConfigError, match="^" + re.escape(
-            "method.score: unknown keys [], combine='max' or an empty grid with tune=true; keys: ['combine', 'beta', "
-            "'tune', 'grid'], combine: ['sum', 'product']") + "$"):
-        build(tmp_path, "energy_cfl", "method.score.combine=max")
+    # each refusal names its own cause (one line listed three possible ones, `unknown keys []` among them)
+    for override, line in [
+            ("method.score.combine=max", "method.score.combine='max'; choices: ['sum', 'product']"),
+            ("+method.score.betas=[1]", "method.score: unknown key(s) ['betas']; keys: ['combine', 'beta', 'tune', 'grid']"),
+            ("method.score.grid=[]", "method.score.grid is empty with method.score.tune=true: give the beta values to "
+                                     "tune over, or tune=false with a fixed method.score.beta")]:
+        with pytest.raises(ConfigError, match="^" + re.escape(line) + "$"):
+            build(tmp_path, "energy_cfl", override)
     with pytest.raises(ConfigError, match="^" + re.escape(
             "method=energy_cfl exists only as a reconstruction (reconstruction: true): the paper's CFL and score are "
             "not public") + "$"):

@@ -232,12 +232,14 @@ class EnergyCFL(EnergyOE):
             check_range(f"method.{key}", value, 0)
         check_range("method.tau", tau, 0, open_low=True)
         self.score_cfg = {"combine": "sum", "beta": 1.0, "tune": True, "grid": [0.0, 0.25, 0.5, 1.0, 2.0, 4.0], **(score or {})}
-        unknown = set(self.score_cfg) - {"combine", "beta", "tune", "grid"}
-        if unknown or self.score_cfg["combine"] not in COMBINE or (self.score_cfg["tune"] and not self.score_cfg["grid"]):
-            raise ConfigError(
-                f"method.score: unknown keys {sorted(unknown)}, combine={self.score_cfg['combine']!r} or an empty grid "
-                f"with tune=true; keys: ['combine', 'beta', 'tune', 'grid'], combine: {list(COMBINE)}"
-            )
+        unknown = sorted(set(self.score_cfg) - {"combine", "beta", "tune", "grid"})
+        if unknown:
+            raise ConfigError(f"method.score: unknown key(s) {unknown}; keys: ['combine', 'beta', 'tune', 'grid']")
+        if self.score_cfg["combine"] not in COMBINE:
+            raise ConfigError(f"method.score.combine={self.score_cfg['combine']!r}; choices: {list(COMBINE)}")
+        if self.score_cfg["tune"] and not self.score_cfg["grid"]:
+            raise ConfigError("method.score.grid is empty with method.score.tune=true: give the beta values to tune "
+                              "over, or tune=false with a fixed method.score.beta")
         check_range("method.score.beta", self.score_cfg["beta"], 0)
         for beta in self.score_cfg["grid"]:
             check_range("method.score.grid entry", beta, 0)
