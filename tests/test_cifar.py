@@ -199,7 +199,12 @@ def test_a_run_that_does_not_evaluate_trains_before_the_ood_sets_are_there(tree:
 
 
 def test_missing_data_stops_the_run_before_training(tmp_path: Path) -> None:
-    with pytest.raises(DataNotFoundError, match="no data found"):
+    """One line naming both places looked in, OpenOOD's download command for that folder and `data.download=true`."""
+    root = re.escape(str(tmp_path / "nothing"))
+    with pytest.raises(DataNotFoundError, match=(
+            rf"^cifar10: no data found: looked for OpenOOD's lists in {root}/benchmark_imglist/cifar10 and for "
+            rf"torchvision's CIFAR10 in {root}/torchvision/cifar10\. Get OpenOOD's benchmark with its download script "
+            rf"\(.* --save_dir {root}\), or set data\.download=true .* into {root}/torchvision \(.*\)$")):
         run_config(tmp_path / "run", ["data=cifar10", f"paths.data_dir={tmp_path / 'nothing'}", "backbone=resnet18_32x32",
                                       "trainer.enable_progress_bar=false"])
     assert not (tmp_path / "run" / "checkpoints").exists()
