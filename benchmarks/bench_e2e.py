@@ -136,6 +136,20 @@ def input_pass(det: Detector, method: Any, loader: torch.utils.data.DataLoader, 
         return torch.cat([det.score_inputs(method, batch.x).detach() for batch in loader])
 
 
+def dropped_points(make: Any, points: Sequence[Mapping[str, Any]], fit_bank: FeatureBank) -> set[int]:
+    """The grid points ours' tuning drops (its detector's `score_grid` gives None: knn's k beyond the fit rows),
+    probed on an empty bank. OpenOOD keeps them, but its faiss search pads such a k with distance 3.4e38, one score
+    for every image (AUROC 0.5), which is chosen only where every point that applies does worse; ours never chooses
+    them, and both sides must choose alike for their AUROCs to be compared."""
+    probe = make(points[0])
+    if type(probe).score_grid is Detector.score_grid:  # the base form scores every point
+        return set()
+    score_params = type(probe).score_params
+    settings = [{k: v for k, v in p.items() if k in score_params} for p in points]
+    empty = fit_bank.subset(torch.arange(0, device=fit_bank.logits.device))
+    return {i for i, s in enumerate(probe.score_grid(empty, settings)) if s is None}
+
+
 def openood_way(method: Any, loaders: Mapping[str, torch.utils.data.DataLoader], names: Sequence[str],
                 params: Mapping[str, Mapping[str, Any]], tests: Sequence[str], counter: Counter,
                 cost: dict[str, tuple[float, int]], chosen_detectors: dict[str, Detector]) -> dict[str, dict[str, torch.Tensor]]:
@@ -174,13 +188,17 @@ def openood_way(method: Any, loaders: Mapping[str, torch.utils.data.DataLoader],
         points = grid_points({k: v for k, v in cls.grid.items() if k not in fixed})
         chosen: Mapping[str, Any] = points[0] if points else {}
         if len(points) > 1:  # APS mode: Evaluator.hyperparam_search
+            dropped = dropped_points(make, points, fit_bank) if fit_bank is not None else set()
             best = None
-            for point in points:
+            for i, point in enumerate(points):
                 try:
                     det = make(point)
                 except DetectorNotApplicable:
                     continue
-                auroc = ood_metrics(scores(det, "val"), scores(det, "val_ood"))["auroc"]
+                val, val_ood = scores(det, "val"), scores(det, "val_ood")  # passes OpenOOD runs for every point
+                if i in dropped:
+                    continue
+                auroc = ood_metrics(val, val_ood)["auroc"]
                 if best is None or auroc > best:
                     best, chosen = auroc, point
         try:
