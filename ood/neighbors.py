@@ -192,9 +192,10 @@ class KNNIndex:
         return dist_t.to(queries.device), idx_t.to(queries.device)
 
     def _torch_search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The exact search in torch on the rows' device: per block of bank rows, float32 distances as faiss' flat
-        index computes them (l2: |q|^2 + |x|^2 - 2 q.x clamped at 0; ip: q.x) in full float32 precision (no TF32,
-        no autocast), their top k merged with the best so far; at most `TORCH_BLOCK` distances at a time. NaN
+        """The exact search in torch on the rows' device: per block of bank rows, float32 distances as faiss' GPU flat
+        index computes them (l2: |x|^2 - 2 q.x selected, then |q|^2 added and 0 clamped; ip: q.x) in full float32
+        precision (no TF32, no autocast), their top k merged with the best so far; at most `TORCH_BLOCK` distances at
+        a time. NaN
         distances rank last under either metric, so only a query that needs them comes back short. The results are
         filled in place (no concatenation holding them twice: 1.8 GB each for 150 k queries at k = 1000)."""
         rows, largest = self._rows, self.metric == "ip"
@@ -211,10 +212,11 @@ class KNNIndex:
                     block = rows[start : start + step]
                     if largest:  # NaN ranks last as in l2 (topk takes it for the largest value; faiss skips it)
                         d = (q @ block.T).nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-                    else:
+                    else:  # |x|^2 - 2 q.x orders the rows as the distance does; |q|^2 and the clamp go to the k kept
                         d = torch.addmm(self._sq[start : start + step].unsqueeze(0), q, block.T, alpha=-2)
-                        d.add_(q_sq).clamp_(min=0)
                     top_d, top_i = d.topk(min(k, len(block)), dim=1, largest=largest)
+                    if not largest:  # as faiss' GPU flat index does: no pass over the whole block for them
+                        top_d.add_(q_sq).clamp_(min=0)
                     top_i += start
                     if best is not None:
                         merged = torch.cat([best[0], top_d], 1)  # fewer than k columns while k > TORCH_ROWS
