@@ -46,6 +46,11 @@ def gpu_available() -> bool:
     return torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def _has_gpu(index: int) -> bool:
+    """Whether torch sees CUDA device `index` in this process."""
+    return torch.cuda.is_available() and index < torch.cuda.device_count()
+
+
 def _device(device: str | torch.device | None) -> torch.device:
     """`device`, None meaning the current CUDA device when there is one, else the CPU; `cuda` with its index."""
     if device is None:
@@ -121,7 +126,7 @@ class KNNIndex:
             raise ValueError(f"backend must be 'auto', 'faiss' or 'torch', got {backend!r}")
         if backend == "torch" and kind != "exact":
             raise ValueError(f"backend='torch' searches exactly; kind={kind!r} needs faiss")
-        self.metric, self.kind, self.nlist, self.nprobe = metric, kind, nlist, nprobe
+        self.metric, self.kind, self.nlist, self.nprobe, self.backend = metric, kind, nlist, nprobe, backend
         self.gpu_id = None if backend == "torch" else _gpu_id(device)
         #: where the torch search keeps the rows (an exact index only, decided in `add`); None: faiss searches
         self.torch_device = _torch_device(device, backend, self.gpu_id)
@@ -237,17 +242,23 @@ class KNNIndex:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """The index deserialised (an IVF index owning its quantizer) and moved to its GPU when this process has it;
-        the torch search's rows back on their device, or, where this process lacks it, in a faiss index on the CPU."""
+        the torch search's rows back on their device, or, where this process lacks it, in a faiss index on the CPU.
+        An exact index of faiss' GPU build loaded where faiss has no GPU build but that GPU is present searches there
+        in torch, as one built in this process would (`backend="auto"`)."""
         blob, gpu_id, rows = state.pop("_index"), state.pop("gpu_id"), state.pop("_rows", None)
+        state.setdefault("backend", "auto")  # absent from an index pickled before the backends
         self.__dict__.update(state)
         self.torch_device = state.get("torch_device")  # absent from an index pickled before the torch search
         self.gpu_id = gpu_id if gpu_id is not None and gpu_available() and gpu_id < faiss.get_num_gpus() else None
         index = None if blob is None else faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+        if (index is not None and gpu_id is not None and self.gpu_id is None and self.backend == "auto"
+                and isinstance(index, faiss.IndexFlat) and _has_gpu(gpu_id)):
+            self.torch_device = torch.device("cuda", gpu_id)
+            rows, index = torch.from_numpy(index.reconstruct_n(0, index.ntotal)), None
         self._index = None if index is None else _on_device(index, self.gpu_id)
         self._host = self._rows = self._sq = None
         if rows is not None:
-            device = self.torch_device
-            if device.type == "cuda" and not (torch.cuda.is_available() and device.index < torch.cuda.device_count()):
+            if self.torch_device.type == "cuda" and not _has_gpu(self.torch_device.index):
                 self.torch_device = None  # no such GPU here: faiss' exact index on the CPU
             self.add(rows)
 

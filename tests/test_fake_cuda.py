@@ -70,6 +70,37 @@ def test_neighbours_and_kmeans_on_a_faked_gpu_index(monkeypatch: pytest.MonkeyPa
         assert torch.equal(got[0].cpu(), centres) and torch.equal(got[1].cpu(), assign) and got[2] == inertia
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_a_faiss_gpu_index_loaded_without_faiss_gpu_searches_on_its_gpu_in_torch(metric: str,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exact index fitted with faiss-gpu and loaded on a CUDA machine with the faiss-cpu wheel searched on the
+    CPU; it now keeps its rows on that GPU and searches them in torch, as an index built there does (same neighbours
+    and distances). `backend="faiss"` and IVF indexes stay faiss' (on the CPU there), as do those loaded without CUDA."""
+    gen = torch.Generator().manual_seed(4)
+    x, q = torch.randn(300, 8, generator=gen), torch.randn(20, 8, generator=gen)
+    torch_built = KNNIndex(metric, backend="torch", device="cpu").add(x).search(q, 5)
+    with monkeypatch.context() as patch:  # faiss' GPU build, faked: its GPU index is the CPU one
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        patch.setattr(faiss, "StandardGpuResources", object, raising=False)
+        patch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+        patch.setattr(faiss, "index_cpu_to_gpu", lambda resources, gpu, index, options=None: index, raising=False)
+        patch.setattr(faiss, "index_gpu_to_cpu", lambda index: index, raising=False)
+        fitted = {(kind, backend): KNNIndex(metric, kind=kind, nlist=4, device="cuda:0", backend=backend).add(x)
+                  for kind, backend in (("exact", "auto"), ("exact", "faiss"), ("ivf", "auto"))}
+        assert {key: index.gpu_id for key, index in fitted.items()} == dict.fromkeys(fitted, 0)
+        blobs = {key: pickle.dumps(index) for key, index in fitted.items()}
+    assert pickle.loads(blobs["exact", "auto"])._rows is None  # no CUDA where loaded: faiss on the CPU
+    with fake_cuda(monkeypatch):
+        loaded = {key: pickle.loads(blob) for key, blob in blobs.items()}
+        index = loaded["exact", "auto"]
+        got = index.search(wrap(q), 5)
+        assert index.gpu_id is None and index._index is None and isinstance(index._rows, FakeCuda)
+        assert index.torch_device == torch.device("cuda", 0) and all(isinstance(t, FakeCuda) for t in got)
+        assert torch.equal(got[0].cpu(), torch_built[0]) and torch.equal(got[1].cpu(), torch_built[1])
+        assert all(loaded[key]._rows is None and loaded[key]._index is not None for key in (("exact", "faiss"),
+                                                                                          ("ivf", "auto")))
+
+
 def test_the_torch_search_on_a_faked_gpu_without_faiss_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """CUDA with the faiss-cpu wheel (ood's default install): an exact index keeps its rows on the GPU and searches
     them there in torch (the knn detector's and GROOD's bank included), no device mix-up, faiss' CPU neighbours back
