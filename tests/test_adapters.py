@@ -691,3 +691,19 @@ def test_a_lazy_first_convolution_reads_the_datas_channels() -> None:
     x = torch.rand(2, 1, 8, 8)
     torch.testing.assert_close(wrapped.eval().run(x).logits, wrapped.net(x), rtol=0, atol=0)
     assert wrapped.net.body[0].in_channels == 1  # materialised by that forward, for the data's channels
+
+
+def test_exact_float32_before_torch_2_9_sets_and_puts_back_the_legacy_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch 2.2-2.8 (pyproject allows them) have no per-operator `fp32_precision`: `exact_float32` turns cuDNN's
+    `allow_tf32` off and the float32 matmul precision to "highest", makes cuDNN deterministic without benchmark, and
+    puts the caller's values back after, also on an exception. (cuDNN stood in for by the legacy flags alone.)"""
+    legacy = type("LegacyCudnn", (), {"allow_tf32": True, "deterministic": False, "benchmark": True})()
+    precision = ["high"]
+    monkeypatch.setattr(torch.backends, "cudnn", legacy)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision[0])
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda value: precision.__setitem__(0, value))
+    flags = lambda: (legacy.allow_tf32, legacy.deterministic, legacy.benchmark, precision[0])  # noqa: E731
+    with pytest.raises(RuntimeError, match="^inside$"), exact_float32():
+        assert flags() == (False, True, False, "highest")
+        raise RuntimeError("inside")
+    assert flags() == (True, False, True, "high")
