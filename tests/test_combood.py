@@ -149,7 +149,9 @@ def test_known_answers() -> None:
     g = np.random.default_rng(1)
     bank = _bank(np.abs(g.normal(size=(300, 6))) + 0.1)
     det = build_detector("combood", reg=0.0, features="penultimate").fit(bank)
-    assert det.mahalanobis_sq(bank).mean().item() == pytest.approx(6 * 299 / 300, rel=1e-9)
+    # float64 throughout (6 columns, 300 rows): rounding of ~1e-15 (measured 4e-16) amplified by the covariance's
+    # condition number; a 1e-10 ridge on its diagonal moves the mean by 2e-10
+    assert det.mahalanobis_sq(bank).mean().item() == pytest.approx(6 * 299 / 300, rel=1e-12)
 
 
 def test_zero_distance_is_the_most_in_distribution_finite_score() -> None:
@@ -183,8 +185,9 @@ def test_a_bank_is_scored_on_the_taps_it_was_fitted_on_by_name() -> None:
     torch.testing.assert_close(det.score(reordered), det.score(test), rtol=0, atol=0)
     # the same as a fit and score whose columns are in the reordered bank's order throughout
     swapped = FeatureBank(logits=train.logits, features=train.features, extras=dict(reversed(train.extras.items())))
+    # float64: the covariance's inverse in another column order rounds otherwise (measured 2e-15)
     torch.testing.assert_close(build_detector("combood", k=5).fit(swapped).score(reordered), det.score(test),
-                               rtol=1e-9, atol=1e-9)
+                               rtol=1e-12, atol=1e-12)
     partial = FeatureBank(logits=test.logits, features=test.features, extras={"combood:a": test.extras["combood:a"]})
     with pytest.raises(DetectorNotApplicable, match=r"^this bank lacks 1 of the 2 activation taps it was fitted on "
                                                     r"\('combood:b' first\)"):
