@@ -50,7 +50,8 @@ def test_image_modes_are_converted_alike(tmp_path: Path) -> None:
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # 16-bit: 32896
     Image.fromarray(np.dstack([grey] * 3 + [np.zeros_like(grey)])).save(tmp_path / "rgba.png")
     Image.fromarray(grey).convert("P").save(tmp_path / "palette.png")
-    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    with Image.open(tmp_path / "grey16.png") as saved:
+        assert saved.mode.startswith("I")
     for name in ("grey", "grey16", "rgba", "palette"):
         image = load_image(tmp_path / f"{name}.png")
         assert image.mode == "RGB" and np.asarray(image).tolist() == [[[128] * 3] * 4] * 4, name
