@@ -22,6 +22,7 @@ from ood.losses import supcon
 from ood.methods.augment import TensorAugment
 from ood.methods.cluster import (
     ClusterMethod,
+    check_percentiles,
     cluster_distances,
     cluster_precisions,
     cluster_statistics,
@@ -370,6 +371,22 @@ def test_per_cluster_threshold_on_a_class_of_two_is_refused_at_fit_with_the_clus
                                           r"train distances \(first: \[1\], with \[2\] members\); use method.threshold=global"):
         method.setup_ood({"train": _bank(z[keep], y[keep])})
     _method(distance="euclidean").setup_ood({"train": _bank(z[keep], y[keep])})  # the global threshold fits
+
+
+def test_distances_equal_up_to_rounding_count_as_one() -> None:
+    """Two members of a class are equidistant from its mean; float64 distances may miss that by an ulp (torch.cdist's
+    matrix-product form with MKL's AVX2 kernels did, and the class of two above was not refused there: its
+    percentile slope was 1 / 2e-16). Distances within 1e-9 of each other, relative, count as one value."""
+    one_ulp = torch.tensor([1.0, 1.0 + 2.3e-16], dtype=torch.float64)
+    assert bool(one_ulp[1] > one_ulp[0])
+    with pytest.raises(ConfigError, match=r"^per_cluster threshold: 1 of the 2 clusters have fewer than two distinct "
+                                          r"train distances \(first: \[1\], with \[2\] members\); lower method.k$"):
+        check_percentiles([torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64), one_ulp], "kmeans")
+    with pytest.raises(ConfigError, match="at least two distinct train distances"):
+        percentile_cdf(one_ulp, torch.tensor([1.0], dtype=torch.float64))
+    apart = torch.tensor([1.0, 1.0 + 1e-6], dtype=torch.float64)
+    check_percentiles([apart], "kmeans")
+    assert percentile_cdf(apart, torch.tensor([1.0 + 5e-7], dtype=torch.float64)).tolist() == pytest.approx([0.5], abs=1e-9)
 
 
 # ----- diagnostics ----------------------------------------------------------------------------------------------

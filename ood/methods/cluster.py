@@ -161,11 +161,22 @@ def cluster_distances(
     raise ConfigError(f"unknown distance {distance!r}; choices: {list(CHOICES['distance'])}")
 
 
+#: train distances of a cluster closer than this, relative to their largest, count as one: two members of a class are
+#: equidistant from its mean, which float64 distances may miss by rounding (torch.cdist's matrix-product form;
+#: MKL's AVX2 kernels did), and `percentile_cdf`'s slope 1 / (d_max - d_min) would then be ~1e16
+DISTINCT_RTOL = 1e-9
+
+
+def distinct(sorted_d: torch.Tensor) -> bool:
+    """Whether the ascending distances `sorted_d` hold two values apart by more than rounding (`DISTINCT_RTOL`)."""
+    return len(sorted_d) >= 2 and bool(sorted_d[-1] - sorted_d[0] > DISTINCT_RTOL * sorted_d.abs().max())
+
+
 def check_percentiles(sorted_own: Sequence[torch.Tensor], clusters: str) -> None:
     """Refuse per-cluster thresholds (`percentile_cdf`) for clusters with fewer than two distinct train distances,
     at fit time and naming them: the fix depends on the clusters (k-means: fewer centres; a class: the global
     threshold), and the score would fail only once the first test batch reaches it."""
-    flat = [c for c, d in enumerate(sorted_own) if len(d) < 2 or not bool(d[-1] > d[0])]
+    flat = [c for c, d in enumerate(sorted_own) if not distinct(d)]
     if flat:
         fix = "lower method.k" if clusters == "kmeans" else "use method.threshold=global"
         raise ConfigError(
@@ -190,7 +201,7 @@ def percentile_cdf(sorted_d: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """
     n = sorted_d.shape[0]
     lo, hi = sorted_d[0], sorted_d[-1]
-    if n < 2 or not bool(hi > lo):
+    if not distinct(sorted_d):
         raise ConfigError("per_cluster threshold: a cluster needs at least two distinct train distances; lower method.k")
     i = (torch.searchsorted(sorted_d, t, right=True) - 1).clamp(0, n - 2)
     left, right = sorted_d[i], sorted_d[i + 1]
