@@ -125,7 +125,9 @@ def test_a_row_scores_alike_in_any_batch(name: str, synthetic: dict[str, Feature
     """A row's score is a function of the row and the fitted state: the ID test bank scored whole and in pieces (of 7
     rows, a prime that cuts classes and chunks unevenly, as `data.eval_batch_size=7` would) gives the same scores,
     at two points of the score grid too, to float32 summation order (WeiPer's and relation's float32 products: 1e-8
-    relative)."""
+    relative), relative to the scores' scale: a score that is a difference of terms (ViM's energy minus its scaled
+    residual) keeps their absolute rounding, which MKL's AVX2 kernels make depend on the batch (8e-6 relative to a
+    score near 0)."""
     cls = detector_class(name)
     det = _fitted(name, synthetic)
     points = grid_points({k: v for k, v in cls.grid.items() if k in cls.score_params})[:2] or [{}]
@@ -135,7 +137,8 @@ def test_a_row_scores_alike_in_any_batch(name: str, synthetic: dict[str, Feature
     pieces = [det.score_grid(bank.subset(torch.arange(a, b)), points) for a, b in zip(cuts, cuts[1:])]
     for k, want in enumerate(whole):
         if want is not None:
-            torch.testing.assert_close(torch.cat([p[k] for p in pieces]), want, rtol=1e-6, atol=1e-9)
+            scale = float(want.abs().max())
+            torch.testing.assert_close(torch.cat([p[k] for p in pieces]), want, rtol=1e-6, atol=1e-6 * scale)
 
 
 @pytest.mark.parametrize("name", [n for n in SYNTHETIC if not detector_class(n).needs_model])
