@@ -61,6 +61,16 @@ def _trapezoid(x: np.ndarray, y: np.ndarray) -> float:
     return 0.5 * float(np.dot(np.diff(x), y[1:] + y[:-1]))
 
 
+def auroc_pairs(id_scores: torch.Tensor | np.ndarray, ood_scores: torch.Tensor | np.ndarray) -> int:
+    """AUROC x 2 n_id n_ood as an exact integer: twice the (ID, OOD) pairs the scores order right, a tie counting once.
+    Model selection compares this, not the AUROC: the trapezoid's float sum rounds with the vertex sequence, so two
+    rankings with the same AUROC can differ by an ulp (25/42 as 0.5952380952380952 or ...53), and "the first of equal
+    validation AUROCs" would then go to the ulp instead."""
+    roc = roc_curve(id_scores, ood_scores)
+    tp, fp = roc.tp.astype(np.int64), roc.fp.astype(np.int64)
+    return int(np.dot(np.diff(fp), tp[1:] + tp[:-1]))
+
+
 def _aupr(tp: np.ndarray, fp: np.ndarray) -> float:
     """Trapezoidal area under precision-recall, as scikit-learn's `auc(recall, precision)` (OpenOOD).
 

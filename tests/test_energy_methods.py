@@ -12,11 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import NO_FIGURES, compose_config, rows_by, run_config
+from test_metrics import EQUAL_AUROC_HIGH, EQUAL_AUROC_LOW
 
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 from ood.losses import energy_margin
 from ood.methods.energy import EnergyCFL, EnergyOE
+from ood.metrics import ood_metrics
 from ood.utils import instantiate
 
 QUIET = ["trainer.enable_progress_bar=false", NO_FIGURES]  # no test here reads a figure
@@ -162,6 +164,21 @@ def energy_oe_run(tmp_path_factory: pytest.TempPathFactory, ce_checkpoint: Path)
 
 
 @pytest.mark.slow
+
+def test_beta_on_equal_validation_aurocs_rounded_apart_is_the_first(tmp_path: Path) -> None:
+    """beta=0 ranks by energy, beta=1e6 by the centre distance: two rankings with the same val AUROC (25/42), the
+    first's float an ulp below the second's; the exact count (`auroc_pairs`) keeps the grid's first, max() on the
+    floats took 1e6."""
+    method = build(tmp_path, "energy_cfl", "method.score.grid=[0,1e6]")
+    (low_id, low_ood), (high_id, high_ood) = EQUAL_AUROC_LOW, EQUAL_AUROC_HIGH
+    val = _bank(torch.tensor(low_id, dtype=torch.float32), -torch.tensor(high_id, dtype=torch.float64))
+    val_ood = _bank(torch.tensor(low_ood, dtype=torch.float32), -torch.tensor(high_ood, dtype=torch.float64))
+    method.setup_ood({"val": val, "val_ood": val_ood})
+    assert method.beta == 0.0
+    method.beta = 1e6  # the second point ranks as the high one: the tie this test plants
+    assert ood_metrics(method.ood_score(val), method.ood_score(val_ood))["auroc"] == 0.5952380952380953
+
+
 def test_energy_oe_far_auroc_floor_and_fitted_margins(energy_oe_run: tuple[Path, list[dict]]) -> None:
     _, rows = energy_oe_run
     own, energy = rows_by(rows, "energy_oe"), rows_by(rows, "energy")

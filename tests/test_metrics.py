@@ -8,7 +8,7 @@ import torch
 from sklearn import metrics as skm
 
 from ood.errors import NonFiniteError
-from ood.metrics import ood_metrics
+from ood.metrics import auroc_pairs, ood_metrics
 
 
 def sklearn_reference(id_s: np.ndarray, ood_s: np.ndarray) -> dict[str, float]:
@@ -94,3 +94,16 @@ def test_large_input_no_loss_of_precision() -> None:
 def test_non_finite_scores_are_named(bad: float) -> None:
     with pytest.raises(NonFiniteError, match=r"^energy on svhn: 1 of 2 values are NaN or infinite$"):
         ood_metrics(torch.tensor([1.0, bad]), torch.tensor([0.0]), name="energy on svhn")
+
+
+#: two tie-free rankings of 6 ID and 7 OOD scores with the same AUROC, 25/42, whose trapezoid sums round apart
+EQUAL_AUROC_LOW = ([0, 3, 7, 9, 10, 11], [1, 2, 4, 5, 6, 8, 12])  # 0.5952380952380952
+EQUAL_AUROC_HIGH = ([1, 5, 6, 8, 9, 11], [0, 2, 3, 4, 7, 10, 12])  # 0.5952380952380953
+
+
+def test_auroc_pairs_is_exact_where_the_auroc_rounds_apart() -> None:
+    """Twice the correctly ordered (ID, OOD) pairs, a tie once: equal for the two rankings whose floats differ."""
+    low, high = (ood_metrics(*map(np.array, r))["auroc"] for r in (EQUAL_AUROC_LOW, EQUAL_AUROC_HIGH))
+    assert low < high  # the fault auroc_pairs avoids
+    assert auroc_pairs(*map(np.array, EQUAL_AUROC_LOW)) == auroc_pairs(*map(np.array, EQUAL_AUROC_HIGH)) == 50
+    assert auroc_pairs(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 0.0])) == 2 * 2 + 1  # (2, 0), (1, 0), tie (2, 2)

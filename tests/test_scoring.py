@@ -9,6 +9,7 @@ import pytest
 import torch
 from fabricate import synthetic_banks
 from helpers import fit_detector
+from test_metrics import EQUAL_AUROC_HIGH, EQUAL_AUROC_LOW
 from torch import nn
 
 from ood.data.benchmark import EvalSplit
@@ -94,6 +95,35 @@ def test_exact_validation_ties_go_to_the_first_point_in_openoods_order(score_par
     det, tuned, scores = tune_detector(cls, {}, banks, tune=True)
     assert tuned and det.hparams == {"a": 1, "b": 0}
     assert ood_metrics(scores["val"], scores["val_ood"])["auroc"] == 1.0
+
+
+class _RoundedApart(Detector):
+    """Feature a of the banks: two rankings with the same val AUROC, whose float AUROCs differ by an ulp."""
+
+    name = "rounded_apart"
+    grid = {"a": [0, 1]}
+    score_params = frozenset({"a"})
+
+    def __init__(self, a: int = 0) -> None:
+        self.a = a
+
+    def score(self, bank: FeatureBank) -> torch.Tensor:
+        return bank.features[:, self.a].double()
+
+
+def test_validation_aurocs_equal_but_rounded_apart_go_to_the_first_point() -> None:
+    """The first point's AUROC, 25/42, sums to an ulp below the second's (tests/test_metrics.py): the key's exact
+    count (`auroc_pairs`) keeps OpenOOD's first point; the float key chose a=1."""
+    def bank(pair: tuple[list[int], list[int]]) -> FeatureBank:
+        features = torch.tensor(pair, dtype=torch.float32).T
+        return FeatureBank(logits=torch.zeros(len(features), 2), features=features)
+
+    (low_id, low_ood), (high_id, high_ood) = EQUAL_AUROC_LOW, EQUAL_AUROC_HIGH
+    val = bank((low_id, high_id))
+    banks = {"train": val, "val": val, "val_ood": bank((low_ood, high_ood))}
+    det, tuned, scores = tune_detector(_RoundedApart, {}, banks, tune=True)
+    assert tuned and det.hparams == {"a": 0}
+    assert torch.equal(scores["val"], torch.tensor(low_id, dtype=torch.float64))
 
 
 def test_fixed_params_and_tune_false_are_not_searched(banks: dict[str, FeatureBank]) -> None:

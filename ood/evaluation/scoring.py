@@ -35,7 +35,7 @@ from ood.detectors.base import (
 from ood.detectors.network import FitInputs, Fold, FoldInputs, ModelFitted, StreamFitted
 from ood.errors import ConfigError, NonFiniteError
 from ood.features.bank import FeatureBank
-from ood.metrics import ood_metrics
+from ood.metrics import auroc_pairs, ood_metrics
 from ood.utils import check_finite, get_logger, progress
 
 log = get_logger(__name__)
@@ -303,7 +303,7 @@ def tune_detector(
     for point in points:
         groups.setdefault(tuple((k, v) for k, v in point.items() if k not in cls.score_params), []).append(point)
     order = sweep_order(free)
-    best: tuple[tuple[float, int], dict[str, Any], Detector, dict[str, torch.Tensor]] | None = None
+    best: tuple[tuple[int, int], float, dict[str, Any], Detector, dict[str, torch.Tensor]] | None = None
     reason: DetectorNotApplicable | None = None
     scored = 0
     swept: list[tuple[dict[str, Any], float, dict[str, torch.Tensor]]] = []
@@ -321,15 +321,16 @@ def tune_detector(
             scored += 1
             auroc = ood_metrics(val, val_ood, name=f"{name}{point} on val")["auroc"]
             aurocs.append((point, auroc))
-            key = (auroc, -order.index(point))  # equal AUROCs: the first in OpenOOD's order, whatever fits came first
+            # equal AUROCs (exact counts: `auroc_pairs`): the first in OpenOOD's order, whatever fits came first
+            key = (auroc_pairs(val, val_ood), -order.index(point))
             if best is None or key > best[0]:
-                best = (key, point, det, {"val": val, "val_ood": val_ood})
+                best = (key, auroc, point, det, {"val": val, "val_ood": val_ood})
         if sweep is not None and aurocs:
             tests = _split_scores(det, [p for p, _ in aurocs], banks, sweep.splits)
             swept += [(p, a, t) for (p, a), t in zip(aurocs, tests)]
     if best is None:
         raise DetectorNotApplicable(f"none of its {len(points)} grid points ({', '.join(free)}) applies: {reason}")
-    (auroc, _), point, det, val_scores = best
+    _, auroc, point, det, val_scores = best
     if sweep is not None and scored > 1:
         swept.sort(key=lambda s: points.index(s[0]))  # the grid's order (`grid_points`), whatever fits came first
         sweep.points += [SweptPoint(p, a, p == point, scores) for p, a, scores in swept]

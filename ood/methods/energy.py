@@ -63,7 +63,7 @@ from ood.features.bank import FeatureBank
 from ood.losses import cluster_focal, energy_margin, free_energy, push_away
 from ood.losses.cluster_focal import squared_distances
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
-from ood.metrics import ood_metrics
+from ood.metrics import auroc_pairs, ood_metrics
 from ood.models.base import Backbone
 from ood.utils import get_logger
 
@@ -313,8 +313,9 @@ class EnergyCFL(EnergyOE):
         self._beta_tuned = self.score_cfg["tune"] and "val_ood" in banks
         if self._beta_tuned:
             val, val_ood = self._standardised(banks["val"]), self._standardised(banks["val_ood"])
-            aurocs = {b: ood_metrics(self._combine(val, b), self._combine(val_ood, b))["auroc"] for b in self.score_cfg["grid"]}
-            self.beta = float(max(aurocs, key=aurocs.get))
+            scored = {b: (self._combine(val, b), self._combine(val_ood, b)) for b in self.score_cfg["grid"]}
+            aurocs = {b: ood_metrics(*pair)["auroc"] for b, pair in scored.items()}
+            self.beta = float(max(scored, key=lambda b: auroc_pairs(*scored[b])))  # equal AUROCs (exact): the first
             log.info("%s: beta %s (val AUROC %s)", self.name, self.beta, {b: round(a, 4) for b, a in aurocs.items()})
 
     def ood_score(self, bank: FeatureBank) -> torch.Tensor:
