@@ -51,7 +51,7 @@ from ood.detectors.base import Detector, DetectorNotApplicable
 from ood.detectors.network import FitInputs, LayerTaps, ModelFitted
 from ood.evaluation.scoring import JointInputs, grid_points, with_data_facts
 from ood.features.bank import FeatureBank
-from ood.metrics import ood_metrics
+from ood.metrics import auroc_pairs, ood_metrics
 from ood.train import build
 
 #: ood's detectors that OpenOOD v1.5 also has (the README's mapping of `evaluation_api/postprocessor.py` keys: base =
@@ -198,7 +198,7 @@ def openood_way(method: Any, loaders: Mapping[str, torch.utils.data.DataLoader],
                 val, val_ood = scores(det, "val"), scores(det, "val_ood")  # passes OpenOOD runs for every point
                 if i in dropped:
                     continue
-                auroc = ood_metrics(val, val_ood)["auroc"]
+                auroc = auroc_pairs(val, val_ood)  # OpenOOD's `auroc > max_auroc`, equal AUROCs compared exactly as ours
                 if best is None or auroc > best:
                     best, chosen = auroc, point
         try:
