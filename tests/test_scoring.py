@@ -98,9 +98,9 @@ def test_exact_validation_ties_go_to_the_first_point_in_openoods_order(score_par
 
 
 class _RoundedApart(Detector):
-    """Feature a of the banks: two rankings with the same val AUROC, whose float AUROCs differ by an ulp."""
+    """Feature a of the banks: two rankings with the same val AUROC, whose float AUROCs differ by an ulp (named below,
+    out of the registry)."""
 
-    name = "rounded_apart"
     grid = {"a": [0, 1]}
     score_params = frozenset({"a"})
 
@@ -109,6 +109,9 @@ class _RoundedApart(Detector):
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
         return bank.features[:, self.a].double()
+
+
+_RoundedApart.name = "rounded_apart"
 
 
 def test_validation_aurocs_equal_but_rounded_apart_go_to_the_first_point() -> None:
