@@ -43,8 +43,9 @@ demo: install ## train + evaluate the CE baseline on the embedded digits benchma
 
 test: install ## the layer contract (import-linter), then the whole test suite on 2 processes (what CI runs)
 	$(VENV)/bin/lint-imports
-	# every process of the suite keeps the bytecode it compiles for the next: with PYTHONDONTWRITEBYTECODE set, each of
-	# its subprocesses compiled torch, lightning and hydra again from source (9 s a process; a fresh clone's `make test` on a 2-core host: 8:10 and 9:33 before, 7:10 after)
+	# every process of the suite keeps the bytecode it compiles for the next: with PYTHONDONTWRITEBYTECODE set, each
+	# of its subprocesses compiled torch, lightning and hydra again from source (9 s a process; a fresh clone's
+	# `make test` on a 2-core host: 8:10 and 9:33 before, 7:10 after)
 	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: install ## the suite without the slow end-to-end tests
