@@ -1102,6 +1102,45 @@ def test_messages_name_the_options_as_the_caller_gives_them(folders: dict[str, P
         FolderBenchmark(root, ood=[far], python_api=True)
 
 
+@pytest.mark.parametrize("python_api", [False, True])
+def test_split_and_screening_options_of_the_wrong_type_or_range_are_one_line(folders: dict[str, Path],
+                                                                            python_api: bool) -> None:
+    """Each was taken as given: `exact_duplicates='no'` is a true string and ran the exact check, `val_fraction=0`
+    still held out one image per class, `overlap_threshold=1.0` let rounding decide which identical images count
+    (their cosine reaches 1 only up to it), a word as the threshold failed in a comparison after the evaluation
+    pass. Now one line before any file is read, the option named as the caller gives it."""
+    root, far = folders["id"], folders["far"]
+    name = (lambda key: key) if python_api else (lambda key: f"data.{key}")
+    flag = "True or False" if python_api else "true or false"
+    cases = [
+        ("exact_duplicates", "no", rf"{name('exact_duplicates')}=(no|'no'): must be {flag}$"),
+        ("drop_overlap", 1, rf"{name('drop_overlap')}=1: must be {flag}$"),
+        ("augment", None, rf"{name('augment')}=(null|None): must be {flag}$"),
+        ("val_fraction", 0, rf"{name('val_fraction')}=0: must be in \(0, 1\), the share of the train images held out"),
+        ("val_fraction", -0.1, rf"{name('val_fraction')}=-0.1: must be in \(0, 1\)"),
+        ("val_fraction", 1.5, rf"{name('val_fraction')}=1.5: must be in \(0, 1\)"),
+        ("val_fraction", True, rf"{name('val_fraction')}=(true|True): must be in \(0, 1\)"),
+        ("split_seed", 1.5, rf"{name('split_seed')}=1.5: must be a whole number >= 0$"),
+        ("split_seed", -1, rf"{name('split_seed')}=-1: must be a whole number >= 0$"),
+        ("scan_workers", 0, rf"{name('scan_workers')}=0: must be a whole number >= 1$"),
+        ("overlap_threshold", 1.0, rf"{name('overlap_threshold')}=1.0: must be a cosine in \(-1, 1\), above which "
+                                   rf"an OOD image is a near duplicate of an ID one, or {'None' if python_api else 'null'} "
+                                   rf"for none \(identical features reach 1 only up to rounding; same-pixel copies "
+                                   rf"are what {name('exact_duplicates')} finds\)$"),
+        ("overlap_threshold", -1, rf"{name('overlap_threshold')}=-1: must be a cosine in \(-1, 1\)"),
+        ("overlap_threshold", "x", rf"{name('overlap_threshold')}=(x|'x'): must be a cosine in \(-1, 1\)"),
+    ]
+    for key, value, message in cases:
+        with pytest.raises(ConfigError, match=rf"^{message}") as err:
+            FolderBenchmark(root, ood=[far], python_api=python_api, **{key: value})
+        assert "\n" not in str(err.value), key
+    # the edges inside the ranges, and numpy's scalars, are taken
+    bench = FolderBenchmark(root, ood=[far], python_api=python_api, val_fraction=np.float64(0.5), split_seed=np.int64(3),
+                            overlap_threshold=-0.999, scan_workers=1, exact_duplicates=False)
+    assert (bench.overlap_threshold, bench.split_seed, bench.exact_duplicates) == (-0.999, 3, False)
+    assert FolderBenchmark(root, ood=[far], python_api=python_api, overlap_threshold=None).overlap_threshold is None
+
+
 def test_near_duplicates_are_sought_among_the_fit_split_and_overlap_json_says_so(folders: dict[str, Path],
                                                                                 tmp_path: Path) -> None:
     """With data.fit_fraction < 1 the pass has features of the fit split's train images alone: a near copy of another

@@ -333,6 +333,9 @@ class FolderBenchmark(Benchmark):
         self.caller = "ood.evaluate" if python_api else "data=folder"
         if bad_images not in BAD_IMAGES:
             raise ConfigError(f"{self._option('bad_images')}={bad_images!r} is unknown; choices: {list(BAD_IMAGES)}")
+        self._check_options(val_fraction, split_seed, overlap_threshold, scan_workers,
+                            {"augment": augment, "augment_outliers": augment_outliers, "drop_overlap": drop_overlap,
+                             "exact_duplicates": exact_duplicates, "evaluate": evaluate})
         if root is None and (train is None or test is None):
             raise ConfigError(
                 "ood.evaluate needs id_data=<folder with train/ and test/> (or id_data={'train': ..., 'test': ...}: "
@@ -353,7 +356,7 @@ class FolderBenchmark(Benchmark):
         self.scan_workers = scan_workers
         self.augment = augment
         self.augment_outliers = augment_outliers
-        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.val_fraction, self.split_seed = val_fraction, int(split_seed)  # NumPy's ints: torch's seed refused them
         self.preprocessing = resolve_preprocessing(image_size, resize, mean, std, interpolation, data_config, model,
                                                    transform, python_api)
         self.transform = transform
@@ -546,6 +549,29 @@ class FolderBenchmark(Benchmark):
     def _option(self, key: str, value: Any = _NAME_ONLY) -> str:
         """`option(key, ...)` as this benchmark's caller gives it."""
         return option(key, self.python_api, value)
+
+    def _check_options(self, val_fraction: Any, split_seed: Any, overlap_threshold: Any, scan_workers: Any,
+                       flags: Mapping[str, Any]) -> None:
+        """Refuse a split or screening option of the wrong type or range, naming it as the caller gives it, before any
+        file is read: they were taken as given (`exact_duplicates='no'` is true and ran the check; `val_fraction=0`
+        still held out an image per class; `overlap_threshold=1.0` let rounding decide, as identical features reach a
+        cosine of 1 only up to it; a word as the threshold failed in a comparison after the evaluation pass)."""
+        none = "None" if self.python_api else "null"
+        for key, value in flags.items():
+            if not isinstance(value, bool):
+                raise ConfigError(f"{self._option(key, value)}: must be {'True or False' if self.python_api else 'true or false'}")
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, Real) or not 0 < val_fraction < 1:
+            raise ConfigError(f"{self._option('val_fraction', val_fraction)}: must be in (0, 1), the share of the train "
+                              "images held out as the ID validation split where there is no val/ split")
+        for key, value, low in (("split_seed", split_seed, 0), ("scan_workers", scan_workers, 1)):
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < low:
+                raise ConfigError(f"{self._option(key, value)}: must be a whole number >= {low}")
+        if overlap_threshold is not None and (isinstance(overlap_threshold, bool) or not isinstance(overlap_threshold, Real)
+                                              or not -1 < overlap_threshold < 1):
+            raise ConfigError(
+                f"{self._option('overlap_threshold', overlap_threshold)}: must be a cosine in (-1, 1), above which an "
+                f"OOD image is a near duplicate of an ID one, or {none} for none (identical features reach 1 only up "
+                f"to rounding; same-pixel copies are what {self._option('exact_duplicates')} finds)")
 
     def _given_classes(self, classes: Sequence[str] | None, train: Source) -> list[str] | None:
         """`classes` checked: unique names, and, for train class folders, one name per folder."""
