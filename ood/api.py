@@ -20,6 +20,7 @@ import inspect
 import itertools
 import json
 import logging
+import numbers
 import os
 import pickle
 import re
@@ -477,6 +478,10 @@ def _detector_overrides(detectors: str | type | Sequence[str | type]) -> list[st
         return ["detectors=all", f"detectors.names={detectors}"]
     # one name (or class) as a one-name list: a misspelt one is named with the detectors, not with the selections
     listed = [detectors] if isinstance(detectors, str | type) else detectors
+    if not isinstance(listed, Sequence):  # an int or a set: Python's TypeError on iterating or joining it
+        choices = sorted({p.stem for p in (CONFIG_DIR / "detectors").glob("*.yaml")} | set(SELECTIONS))
+        raise ConfigError(f"detectors={detectors!r}: give a detector selection ({', '.join(choices)}), a detector name "
+                          "or class, or a list of them")
     return ["detectors=all", f"detectors.names=[{','.join(map(_detector_name, listed))}]"]
 
 
@@ -578,6 +583,28 @@ def _check_data_source(benchmark: str | None, id_data: Any, ood_data: Any, trans
         raise ConfigError(f"transform= with benchmark={benchmark!r}: the benchmark's preprocessing (its image size and "
                           "normalisation) is part of its protocol, as ood-eval applies it; change it in the benchmark's "
                           "config if you must, e.g. overrides=['data.benchmark.image_size=224']")
+
+
+def _check_call_values(seed: Any, fsood: Any, output_dir: Any, transform: Any) -> None:
+    """One line for a keyword of the wrong type or range, before a folder is made or an image read: `seed=1.5` ran
+    and was written into the rows as the seed, `fsood='yes'` read as True, and the others ended in Python's TypeErrors
+    (`'str' object is not callable`)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed!r}: must be a whole number in [0, 2**32 - 1] (the seeds NumPy takes)")
+    if fsood is not None and not isinstance(fsood, bool | np.bool_):
+        raise ConfigError(f"fsood={fsood!r}: must be True, False or None (None: full-spectrum rows when ood_data has "
+                          "csid sets)")
+    if output_dir is not None and not isinstance(output_dir, str | os.PathLike):
+        raise ConfigError(f"output_dir={output_dir!r}: must be a folder path (str or os.PathLike) or None (a temporary "
+                          "folder)")
+    _check_transform(transform)
+
+
+def _check_transform(transform: Any) -> None:
+    """One line for a `transform` that cannot be applied to an image (`'str' object is not callable` in the pass)."""
+    if transform is not None and not callable(transform):
+        raise ConfigError(f"transform={transform!r}: must be a callable from a PIL image to a tensor (a torchvision "
+                          "transform) or None")
 
 
 def _check_benchmark(benchmark: str, overrides: Sequence[str]) -> None:
@@ -748,6 +775,9 @@ def evaluate(
         overrides = expand_home(list(overrides))
     net = _network(model)  # first: a path given as the model (a run folder) is that, not missing data keywords
     _check_data_source(benchmark, id_data, ood_data, transform, data_dir)
+    _check_call_values(seed, fsood, output_dir, transform)
+    seed, fsood = int(seed), None if fsood is None else bool(fsood)  # NumPy's: the rows' seed a plain int
+    detector_args = _detector_overrides(detectors)
     if benchmark is None:  # a benchmark's data keywords are checked against its data node, once composed
         _check_refused_options(data)
     # the datamodule's own checks name the config keys (`data.eval_batch_size`), which this call does not have
@@ -783,7 +813,7 @@ def evaluate(
         f"data={benchmark or 'folder'}", f"backbone={_library(net)}", method_arg, "logger=none", "callbacks=none",
         "train=false", f"seed={seed}", f"data.eval_batch_size={batch_size}", f"data.num_workers={num_workers}",
         "trainer.enable_progress_bar=false", f"evaluation.fsood={str(fsood).lower()}", *_device_overrides(device),
-        *_detector_overrides(detectors), *overrides,
+        *detector_args, *overrides,
     ]
     previous, caller_hydra = HydraConfig.instance().cfg, GlobalHydra.instance().hydra  # a caller's @hydra.main app
     GlobalHydra.instance().clear()
@@ -1028,6 +1058,7 @@ def extract(
     from ood.utils import linear_params
 
     _check_preprocessing(preprocessing)
+    _check_transform(transform)
     check_loader_options({"eval_batch_size": batch_size, "num_workers": num_workers}, LOADER_KEYWORDS)  # not torch's ValueError
     net = _network(model)
     backbone = as_backbone(net, feature_layer)

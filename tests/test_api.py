@@ -493,6 +493,40 @@ def test_a_misspelt_method_or_extract_keyword_is_one_line(trained, tmp_path: Pat
         ood.extract(nn.Linear(2, 3), paths["far"], imagesize=32)
 
 
+def test_keywords_of_the_wrong_type_or_range_are_one_line(trained, tmp_path: Path) -> None:
+    """`seed=1.5` and `seed=True` were run and written into the rows as the seed (`ood-report` groups by it),
+    `seed=-1` failed in NumPy naming its bounds, `fsood='yes'` was read as True (and `fsood=1` too: a data without
+    csid sets was then told it needs them), `detectors=123` and `transform='x'` ended in Python's TypeErrors on an int
+    and a str, `output_dir=5` in one from `os.fspath`. Each is now one line naming the keyword, before a folder is
+    made or an image read."""
+    paths, _, _ = trained
+    call = {"id_data": paths["id"], "ood_data": [paths["far"]], "device": "cpu", "output_dir": tmp_path / "run"}
+    for kwargs, message in [
+        ({"seed": 1.5}, r"seed=1.5: must be a whole number in \[0, 2\*\*32 - 1\]"),
+        ({"seed": True}, r"seed=True: must be a whole number"),
+        ({"seed": -1}, r"seed=-1: must be a whole number"),
+        ({"seed": 2**32}, r"seed=4294967296: must be a whole number"),
+        ({"fsood": "yes"}, r"fsood='yes': must be True, False or None \(None: full-spectrum rows when ood_data has "
+                           r"csid sets\)$"),
+        ({"fsood": 1}, r"fsood=1: must be True, False or None"),
+        ({"detectors": 123}, r"detectors=123: give a detector selection \(all, cached, fast, full, none\), a "
+                             r"detector name or class, or a list of them$"),
+        ({"transform": "x"}, r"transform='x': must be a callable from a PIL image to a tensor \(a torchvision "
+                             r"transform\) or None$"),
+        ({"output_dir": 5}, r"output_dir=5: must be a folder path \(str or os.PathLike\) or None \(a temporary "
+                            r"folder\)$"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"^{message}"):
+            ood.evaluate(nn.Linear(2, 3), **{**call, **kwargs})
+        assert not (tmp_path / "run").exists(), kwargs
+    with pytest.raises(ConfigError, match=r"^transform=3: must be a callable"):
+        ood.extract(nn.Linear(2, 3), paths["far"], transform=3)
+    # NumPy's integers and bools are taken: the rows' seed is a plain int
+    results = ood.evaluate(trained[1], paths["id"], [paths["far"]], detectors=["msp"], seed=np.int64(3),
+                           fsood=np.bool_(False), image_size=32, resize=32, device="cpu", output_dir=tmp_path / "np")
+    assert [r["seed"] for r in results.rows] == [3] and type(results.rows[0]["seed"]) is int
+
+
 def test_a_method_whose_score_needs_its_training_is_refused(trained, tmp_path: Path) -> None:
     """`method="heatmap"` scored the model with a randomly initialised decoder, and `energy_cfl` its distance to
     untrained (zero) class centres: rows of AUROCs that say nothing about the model. Refused in one line; a post-hoc
