@@ -27,7 +27,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,8 +99,8 @@ class Results:
         run_dir = Path(run_dir)
         path = run_dir / "results.jsonl"
         if not run_dir.is_dir():  # "the evaluation did not finish" sent a mistyped path looking for a failure
-            raise ConfigError(f"{run_dir}: no such folder; give the run folder an evaluation wrote (its output_dir, "
-                              "or the `run folder:` ood-eval printed)")
+            raise ConfigError(f"{run_dir}: {'a file, not a folder' if run_dir.exists() else 'no such folder'}; give the "
+                              "run folder an evaluation wrote (its output_dir, or the `run folder:` ood-eval printed)")
         if not path.is_file():
             runs = sorted(p.parent.name for p in run_dir.glob("*/results.jsonl"))
             if runs:  # a folder of runs (logs/eval/runs, a sweep): not one that failed
@@ -137,7 +137,7 @@ class Results:
         if self.samples is None:
             raise ConfigError(f"{self.run_dir} holds no samples.csv: the run saved no per-image scores "
                               "(evaluation.save_scores=false, or a run made before ood wrote it)")
-        names = list(self.scores) if detectors is None else [detectors] if isinstance(detectors, str) else list(detectors)
+        names = list(self.scores) if detectors is None else list(_names("detectors", detectors))
         unknown = [d for d in names if d not in self.scores]
         if unknown:
             raise ConfigError(f"no scores of {unknown} in {self.run_dir}; choices: {sorted(self.scores)}")
@@ -204,6 +204,17 @@ class Results:
                 raise ConfigError(f"{directory} is not empty: save the results into a new or empty folder")
             shutil.copytree(self.run_dir, directory, dirs_exist_ok=True)
         return directory
+
+
+def _names(key: str, value: str | Sequence[str]) -> tuple[str, ...]:
+    """A keyword that takes a name or a list of names, as a tuple; one line for anything else (an int ended in
+    Python's "'int' object is not iterable")."""
+    if isinstance(value, str):
+        return (value,)
+    names = tuple(value) if isinstance(value, Iterable) else None
+    if names is None or not all(isinstance(v, str) for v in names):
+        raise ConfigError(f"{key}={value!r}: give a name or a list of names")
+    return names
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -1075,8 +1086,7 @@ def extract(
         resolve_preprocessing(transform=transform, python_api=True, **preprocessing)
     dataset = folder_dataset(data, transform)
     order = None if classes is None else _label_order(data, classes)
-    layers = (layers,) if isinstance(layers, str) else tuple(layers)
-    taps = (taps,) if isinstance(taps, str) else tuple(taps)
+    layers, taps = _names("layers", layers), _names("taps", taps)
     tapping = [n for n in available_detectors() if hasattr(detector_class(n), "taps")]
     if set(taps) - set(tapping):
         raise ConfigError(f"taps={list(taps)}: {sorted(set(taps) - set(tapping))} read no layer taps; detectors that "

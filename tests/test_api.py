@@ -521,10 +521,20 @@ def test_keywords_of_the_wrong_type_or_range_are_one_line(trained, tmp_path: Pat
         assert not (tmp_path / "run").exists(), kwargs
     with pytest.raises(ConfigError, match=r"^transform=3: must be a callable"):
         ood.extract(nn.Linear(2, 3), paths["far"], transform=3)
+    for key in ("layers", "taps"):  # Python's "'int' object is not iterable"
+        with pytest.raises(ConfigError, match=rf"^{key}=5: give a name or a list of names$"):
+            ood.extract(nn.Linear(2, 3), paths["far"], **{key: 5})
+    with pytest.raises(ConfigError, match=r"^data=5: give a folder of images \(str or os.PathLike\) or a torch Dataset$"):
+        ood.extract(nn.Linear(2, 3), 5)
     # NumPy's integers and bools are taken: the rows' seed is a plain int
     results = ood.evaluate(trained[1], paths["id"], [paths["far"]], detectors=["msp"], seed=np.int64(3),
                            fsood=np.bool_(False), image_size=32, resize=32, device="cpu", output_dir=tmp_path / "np")
     assert [r["seed"] for r in results.rows] == [3] and type(results.rows[0]["seed"]) is int
+    assert list(results.per_image({"msp"}).columns)[-1] == "msp"  # any iterable of names, as before
+    with pytest.raises(ConfigError, match=r"^detectors=5: give a name or a list of names$"):
+        results.per_image(5)
+    with pytest.raises(ConfigError, match=r"/results.jsonl: a file, not a folder; give the run folder an evaluation"):
+        ood.Results.from_dir(tmp_path / "np" / "results.jsonl")  # it said "no such folder" of a file that is there
 
 
 def test_a_method_whose_score_needs_its_training_is_refused(trained, tmp_path: Path) -> None:

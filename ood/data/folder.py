@@ -1243,6 +1243,8 @@ def folder_dataset(data: str | Path | Dataset, transform: Callable[[Image.Image]
     if isinstance(data, Dataset):
         check_source(type(data).__name__, data, labelled=False)
         return SourceImages(data, type(data).__name__, transform)
+    if not isinstance(data, str | os.PathLike):  # Python's TypeError from Path() named neither the keyword nor a choice
+        raise ConfigError(f"data={data!r}: give a folder of images (str or os.PathLike) or a torch Dataset")
     root = Path(data)
     if not root.is_dir():
         raise no_folder("data", root, "a folder of images")
