@@ -1,5 +1,6 @@
 """Errors that are the user's to fix: the entry points print their message, never a traceback."""
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,15 +40,18 @@ def check_range(
     """Refuse `key=value` outside [low, high] ((low, high] with `open_low`), naming the range: a negative weight
     trains the opposite objective silently, a zero temperature or count NaNs at step 0 or reads as its default.
     `integer` (counts, sizes) also refuses a fraction, which would otherwise fail deep inside faiss or torch after
-    the training it waited for."""
+    the training it waited for. NaN and an infinite value are refused too: an infinite weight or temperature gives an
+    infinite or constant loss, blamed on the learning rate at step 0."""
     if value is None:
         return
     if integer and isinstance(value, float) and value.is_integer() and low <= value <= high:
         raise ConfigError(f"{key}={value!r} is a count: write {int(value)} (Hydra reads 2.0 and 1e4 as floats)")
     fraction = integer and (isinstance(value, bool) or not isinstance(value, int))
+    lower = f"({low}" if open_low else f"[{low}"
+    whole = "whole numbers in " if integer else ""
+    if not fraction and math.isinf(value) and low <= value <= high:
+        raise ConfigError(f"{key}={value!r} is not a finite number; its range is {lower}, {high})")
     if fraction or not (low < value if open_low else low <= value) or value > high:
-        lower = f"({low}" if open_low else f"[{low}"
-        whole = "whole numbers in " if integer else ""
         raise ConfigError(f"{key}={value!r} is outside its range {whole}{lower}, {high}]")
 
 

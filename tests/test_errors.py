@@ -173,6 +173,72 @@ def test_method_key_out_of_range_names_its_range(tmp_path: Path, override: str, 
     assert re.fullmatch(message, str(err.value.__cause__))
 
 
+def _method_refusal(tmp_path: Path, override: str) -> str:
+    """The one-line `ConfigError` that building the method of `override` raises."""
+    cfg = compose_config(tmp_path, override.split())
+    with pytest.raises(InstantiationException) as err:
+        instantiate(cfg.method, backbone=SmallCNN(6))
+    assert isinstance(err.value.__cause__, ConfigError)
+    return str(err.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method.optimizer.momentum=-0.5", r"method.optimizer: torch refuses SGD\(lr=0.05, momentum=-0.5, "
+         r"weight_decay=0.0005, nesterov=True\): Invalid momentum value: -0.5"),
+        ("method.optimizer.momentum=0", r"method.optimizer: torch refuses SGD\(.*\): Nesterov momentum requires a "
+         r"momentum and zero dampening"),
+        ("method.optimizer.momentum=nan", r"method.optimizer.momentum=nan is not a finite number"),
+        ("method=heatmap method.optimizer.betas=[1.5,0.999]",
+         r"method.optimizer: torch refuses Adam\(lr=0.0002, betas=\[1.5, 0.999\]\): Invalid beta parameter at index 0: 1.5"),
+        ("method=heatmap method.classifier_epochs=2 method.classifier_optimizer.weight_decay=-1",
+         r"method.classifier_optimizer: torch refuses SGD\(.*\): Invalid weight_decay value: -1"),
+        ("method.scheduler.T_max=0", r"method.scheduler.T_max=0 is outside its range whole numbers in \[1, inf\]"),
+        ("method=energy_oe method.scheduler.eta_min=-1", r"method.scheduler.eta_min=-1 is outside its range \[0, inf\]"),
+        ("method=heatmap method.classifier_epochs=2 method.classifier_scheduler.T_max=0",
+         r"method.classifier_scheduler.T_max=0 is outside its range whole numbers in \[1, inf\]"),
+    ],
+)
+def test_optimizer_and_scheduler_values_torch_takes_or_refuses_late_are_one_line(
+    tmp_path: Path, override: str, message: str
+) -> None:
+    """Optimiser values torch refuses only as the fit starts (a traceback after the data's set-up: a negative momentum
+    or weight decay, Adam's betas outside [0, 1), Nesterov without momentum) or takes (momentum=nan: NaN weights), a
+    cosine's T_max=0 (ZeroDivisionError at the first epoch's end, after training it) and a negative eta_min (a
+    negative learning rate: gradient ascent) are refused as the method is built."""
+    assert re.fullmatch(message, _method_refusal(tmp_path, override))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("method=heatmap method.latent=0", r"method.latent=0 is outside its range whole numbers in \[1, inf\]"),
+        ("method=heatmap method.width=2.5", r"method.width=2.5 is outside its range whole numbers in \[1, inf\]"),
+        ("method=heatmap method.input_size=0", r"method.input_size=0 is outside its range whole numbers in \[1, inf\]"),
+        ("method=cluster method.head_hidden=0", r"method.head_hidden=0 is outside its range whole numbers in \[1, inf\]"),
+        ("method=cluster method.probe_epochs=2.5",
+         r"method.probe_epochs=2.5 is outside its range whole numbers in \[0, inf\]"),
+        ("method=oal method.lr_proj=-1", r"method.lr_proj=-1 is outside its range \[0, inf\]"),
+        ("method=oal method.knn_select=1.5", r"method.knn_select=1.5 is outside its range whole numbers in \[1, inf\]"),
+        ("method=oal method.outlier_norm=0", r"method.outlier_norm=0 is outside its range \(0, inf\]"),
+        ("method=oal method.teacher.epochs=-1",
+         r"method.teacher.epochs=-1 is outside its range whole numbers in \[1, inf\]"),
+        ("method=oal method.teacher.batch_size=2.5",
+         r"method.teacher.batch_size=2.5 is outside its range whole numbers in \[1, inf\]"),
+        ("method=energy_oe method.margins=absolute method.m_in=nan", r"method.m_in=nan is outside its range \[-inf, inf\]"),
+        ("method=oe method.lam=inf", r"method.lam=inf is not a finite number; its range is \[0, inf\)"),
+        ("method=logitnorm method.tau=inf", r"method.tau=inf is not a finite number; its range is \(0, inf\)"),
+    ],
+)
+def test_method_key_taken_silently_is_refused_by_name(tmp_path: Path, override: str, message: str) -> None:
+    """Method keys that were taken: latent=0, width=0, head_hidden=0 read as their defaults; a fraction for a count
+    was cut (knn_select=1.5 -> 1, teacher.batch_size=2.5 -> 2) or a traceback (width=2.5); teacher.epochs=-1 trained
+    no epoch (an untrained teacher); outlier_norm=0 put every outlier at the origin; a negative lr_proj ascended;
+    m_in=nan and an infinite weight or temperature gave a NaN or infinite loss at step 0, blamed on the lr."""
+    assert re.fullmatch(message, _method_refusal(tmp_path, override))
+
+
 def test_another_optimizer_without_the_keys_it_does_not_take_builds(tmp_path: Path) -> None:
     """Adam in place of SGD, with the SGD-only keys dropped as the refusal says, builds and keeps the lr."""
     cfg = compose_config(tmp_path, ["method.optimizer._target_=torch.optim.Adam", "~method.optimizer.momentum",

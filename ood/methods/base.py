@@ -67,21 +67,42 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any] | OpenOODCosine
 InitModules = Sequence[str] | Mapping[str, str] | None
 
 
-def check_optimizer(optimizer: Any) -> None:
+def check_optimizer(optimizer: Any, key: str = "method.optimizer") -> None:
     """Refuse, as the method is built, what torch refuses only as the fit starts (in a traceback): a negative
-    `method.optimizer.lr`, or a key its optimizer class does not take (SGD's `momentum` left over after
-    `method.optimizer._target_=torch.optim.Adam`)."""
+    `<key>.lr`, a key its optimizer class does not take (SGD's `momentum` left over after
+    `method.optimizer._target_=torch.optim.Adam`), a NaN or infinite number (torch takes `momentum=nan`: NaN weights
+    after the first step), and any value torch's optimizer itself refuses (a negative momentum or weight decay, Adam's
+    betas outside [0, 1), Nesterov without momentum), tried on a stand-in parameter."""
     keywords = getattr(optimizer, "keywords", {})
-    check_range("method.optimizer.lr", keywords.get("lr"), 0)
+    check_range(f"{key}.lr", keywords.get("lr"), 0)
+    for name, value in keywords.items():
+        numbers = value if isinstance(value, list | tuple) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ConfigError(f"{key}.{name}={value} is not a finite number")
     func = getattr(optimizer, "func", None)
     if not isinstance(func, type):
         return
     params = inspect.signature(func).parameters
     unknown = sorted(set(keywords) - set(params))
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        drop = " ".join(f"~method.optimizer.{k}" for k in unknown)
-        raise ConfigError(f"method.optimizer: {func.__name__} takes no {unknown} (it takes "
+        drop = " ".join(f"~{key}.{k}" for k in unknown)
+        raise ConfigError(f"{key}: {func.__name__} takes no {unknown} (it takes "
                           f"{[k for k in params if k != 'params']}); add {drop}")
+    if issubclass(func, torch.optim.Optimizer):
+        try:
+            optimizer([nn.Parameter(torch.zeros(1))])
+        except (ValueError, TypeError, IndexError) as err:
+            given = ", ".join(f"{k}={v}" for k, v in keywords.items())
+            raise ConfigError(f"{key}: torch refuses {func.__name__}({given}): {err}") from None
+
+
+def check_scheduler(scheduler: Any, key: str = "method.scheduler") -> None:
+    """Refuse a scheduler factory's `T_max` below 1 or fractional (torch's cosine divides by zero at the first
+    epoch's end, after training it; a negative one runs the cosine backwards) and a negative `eta_min` (the cosine
+    then ends at a negative learning rate: gradient ascent, silently), naming `<key>.<keyword>`."""
+    keywords = getattr(scheduler, "keywords", {})
+    check_range(f"{key}.T_max", keywords.get("T_max"), 1, integer=True)
+    check_range(f"{key}.eta_min", keywords.get("eta_min"), 0)
 
 
 class OODMethod(LightningModule):
@@ -127,6 +148,7 @@ class OODMethod(LightningModule):
             raise ConfigError(f"{type(self).__name__} sets no `name`, the class attribute its results are reported "
                               "under (the name of its conf/method/<name>.yaml)")
         check_optimizer(optimizer)
+        check_scheduler(scheduler)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "scheduler"])
         self.backbone = backbone
         self.optimizer_factory = optimizer

@@ -292,9 +292,11 @@ class ClusterMethod(OODMethod):
                 raise ConfigError(f"method.{key}={value!r} is unknown; choices: {list(CHOICES[key])}")
         if id_assignment == "gt" and clusters != "class_mean":
             raise ConfigError("method.id_assignment=gt needs method.clusters=class_mean (k-means centres have no label)")
-        for key, value in (("k", k), ("head_dim", head_dim), ("n_init", n_init), ("stats_samples", stats_samples)):
+        for key, value in (("k", k), ("head_dim", head_dim), ("n_init", n_init), ("stats_samples", stats_samples),
+                           ("head_hidden", head_hidden)):  # head_hidden=0 read as its default, the feature dim
             check_range(f"method.{key}", value, 1, integer=True)
-        check_range("method.cov_ddof", cov_ddof, 0, integer=True)
+        for key, value in (("cov_ddof", cov_ddof), ("probe_epochs", probe_epochs)):  # probe_epochs=2.5: 2.5 epochs
+            check_range(f"method.{key}", value, 0, integer=True)
         check_range("method.probe_lr", probe_lr, 0, open_low=True)
         check_range("method.temperature", temperature, 0, open_low=True)
         check_range("method.base_temperature", base_temperature, 0, open_low=True)

@@ -47,6 +47,7 @@ The parts are reported as their own rows: `energy_cfl_recon_energy` (Z(-E) alone
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -105,6 +106,8 @@ class EnergyOE(OODMethod):
             raise ConfigError(f"method.margins={margins!r}; choices: {list(MARGIN_MODES)}")
         check_range("method.lam", lam, 0)
         check_range("method.temperature", temperature, 0, open_low=True)
+        for key, value in (("m_in", m_in), ("m_out", m_out)):  # any sign (the papers' -23 / -5); NaN trained on NaN
+            check_range(f"method.{key}", value, -math.inf)
         self.lam, self.temperature = lam, temperature
         # statistics fitted at fit start (buffers, so a resumed or evaluated checkpoint keeps them):
         # [mean ID-train energy of the starting model, m_in used, m_out used]; NaN = not fitted yet

@@ -56,7 +56,7 @@ from ood.data.fit import FitData
 from ood.errors import CheckpointError, ConfigError, check_range
 from ood.features.bank import FeatureBank
 from ood.losses import heatmap_loss
-from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
+from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory, check_optimizer, check_scheduler
 from ood.methods.distributed import zero_touch
 from ood.models.base import Backbone, input_channels
 from ood.models.checkpoint import load_modules, read_checkpoint
@@ -181,7 +181,8 @@ class HeatmapOOD(OODMethod):
             if value not in CHOICES[key]:
                 raise ConfigError(f"method.{key}={value!r}; choices: {list(CHOICES[key])}")
         for key, value, low in (("classifier_epochs", classifier_epochs, 0), ("num_ood", num_ood, 1),
-                                ("feature_batch_size", feature_batch_size, 1), ("n_images", n_images, 0)):
+                                ("feature_batch_size", feature_batch_size, 1), ("n_images", n_images, 0),
+                                ("input_size", input_size, 1), ("latent", latent, 1), ("width", width, 1)):
             check_range(f"method.{key}", value, low, integer=True)
         check_range("method.alpha", alpha, 0)
         # the classifier is always frozen for the decoder: from the start, or after the CE phase
@@ -194,6 +195,8 @@ class HeatmapOOD(OODMethod):
                 raise ConfigError(
                     "method.classifier_epochs > 0 needs method.classifier_optimizer (the CE recipe)"
                 )
+            check_optimizer(classifier_optimizer, "method.classifier_optimizer")
+            check_scheduler(classifier_scheduler, "method.classifier_scheduler")
             if scheduler is not None:  # the two phases step their optimisers by hand; only the classifier's is scheduled
                 raise ConfigError(
                     f"method.scheduler: heatmap with a CE phase (method.classifier_epochs={classifier_epochs}) schedules "

@@ -212,9 +212,12 @@ class OAL(OODMethod):
         for key, value, low, open_low in (
             ("w_kd_logit", w_kd_logit, 0, False), ("w_kd_feat", w_kd_feat, 0, False), ("w_mi_knn", w_mi_knn, 0, False),
             ("w_mi_sd", w_mi_sd, 0, False), ("knn_k", knn_k, 0, True), ("knn_select", knn_select, 0, True),
-            ("knn_sigma", knn_sigma, 0, True),
+            ("knn_sigma", knn_sigma, 0, True), ("lr_proj", lr_proj, 0, False), ("lr_club", lr_club, 0, False),
         ):
             check_range(f"method.{key}", value, low, open_low=open_low)
+        for key, value in (("knn_k", knn_k), ("knn_select", knn_select)):  # >= 1 a count: 1.5 was cut to 1
+            if value >= 1:
+                check_range(f"method.{key}", value, 1, integer=True)
         for key, value, low in (("n_candidates", n_candidates, 1), ("knn_keep", knn_keep, 1),
                                 ("knn_repeats", knn_repeats, 1), ("knn_per_class", knn_per_class, 1),
                                 ("club_hidden", club_hidden, 2)):
@@ -224,6 +227,10 @@ class OAL(OODMethod):
             raise ConfigError(
                 f"method.teacher needs a backbone; keys {sorted(TEACHER_KEYS)}, got {sorted(teacher)}"
             )
+        if not teacher.get("ckpt"):  # trained here: epochs=-1 gave an untrained teacher, batch_size=2.5 batches of 2
+            for key, low, open_low, integer in (("epochs", 1, False, True), ("lr", 0, True, False),
+                                                ("batch_size", 1, False, True)):
+                check_range(f"method.teacher.{key}", teacher.get(key), low, open_low=open_low, integer=integer)
         channels = input_channels(backbone)
         if channels is not None:  # the teacher reads the images the student reads (grey digits, RGB folders)
             teacher["backbone"] = partial(teacher["backbone"], in_channels=channels)
@@ -244,6 +251,8 @@ class OAL(OODMethod):
             raise ConfigError(
                 f"method.outlier_norm={outlier_norm!r}; choices: teacher_mean, clip_token, or a number"
             )
+        if not isinstance(outlier_norm, str):  # 0 put every outlier at the origin, a negative one flipped them
+            check_range("method.outlier_norm", outlier_norm, 0, open_low=True)
         if outlier_norm == "clip_token" and not token_embeddings:
             raise ConfigError(
                 "method.outlier_norm=clip_token needs method.token_embeddings=<file.npy> (one CLIP token row per class)"
