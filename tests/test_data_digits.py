@@ -96,12 +96,26 @@ def test_batches_are_pinned_by_the_loader(monkeypatch) -> None:
     ({"eval_batch_size": 0}, r"data.eval_batch_size=0 is outside its range whole numbers in \[1, inf\]"),
     ({"outlier_batch_size": 64.0}, r"data.outlier_batch_size=64.0 is a count: write 64"),
     ({"num_workers": -1}, r"data.num_workers=-1 is outside its range whole numbers in \[0, inf\]"),
+    ({"fit_seed": 0.5}, r"data.fit_seed=0.5 is outside its range whole numbers in \[0, inf\]"),
 ])
 def test_a_fractional_or_negative_loader_count_is_refused_by_name(option: dict, message: str) -> None:
     """`data.batch_size=32.5` and `data.num_workers=-1` ended in the DataLoader's traceback (`batch_size should be a
-    positive integer value`) once the run folder was made."""
+    positive integer value`) once the run folder was made; `data.fit_seed=0.5` in torch.manual_seed's, after the
+    training, as the fit split was drawn."""
     with pytest.raises(ConfigError, match=rf"^{message}"):
         OODDataModule(DigitsBenchmark(), **option)
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ({"image_size": 0}, r"data.benchmark.image_size=0 is outside its range whole numbers in \[1, inf\]"),
+    ({"image_size": 3.5}, r"data.benchmark.image_size=3.5 is outside its range whole numbers in \[1, inf\]"),
+    ({"seed": 0.5}, r"data.benchmark.seed=0.5 is outside its range whole numbers in \[0, inf\]"),
+])
+def test_a_fractional_or_nonpositive_digits_size_or_seed_is_refused_by_name(option: dict, message: str) -> None:
+    """`data.benchmark.image_size=0` (or 3.5) and `seed=0.5` failed in torch's resize or manual_seed, a traceback as
+    the sets were built."""
+    with pytest.raises(ConfigError, match=rf"^{message}$"):
+        DigitsBenchmark(**option)
 
 
 def _indices(loader: torch.utils.data.DataLoader) -> list[list[int]]:

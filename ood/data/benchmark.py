@@ -54,8 +54,9 @@ STREAMS = ("id", "outliers")
 OOD_SUBSETS = ("all", "first_fifth")
 #: DataLoader workers of `num_workers=None`, on a machine with at least this many CPUs
 DEFAULT_WORKERS = 4
-#: the loader options of `OODDataModule` that are counts -> their lowest value
-LOADER_COUNTS = {"batch_size": 1, "eval_batch_size": 1, "outlier_batch_size": 1, "num_workers": 0}
+#: the loader options of `OODDataModule` that are whole numbers (counts, and the fit split's seed: a fraction failed
+#: in torch.manual_seed after the training, as the fit split was drawn) -> their lowest value
+LOADER_COUNTS = {"batch_size": 1, "eval_batch_size": 1, "outlier_batch_size": 1, "num_workers": 0, "fit_seed": 0}
 
 
 @dataclass(frozen=True)
@@ -302,7 +303,7 @@ class OODDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         check_loader_options({"fit_fraction": fit_fraction, "batch_size": batch_size, "eval_batch_size": eval_batch_size,
-                              "outlier_batch_size": outlier_batch_size, "num_workers": num_workers})
+                              "outlier_batch_size": outlier_batch_size, "num_workers": num_workers, "fit_seed": fit_seed})
         csid = csid and evaluate
         #: the run evaluates: without it (`ood-train evaluate=false`) the protocol's OOD sets are not asked for
         self.evaluate = bool(evaluate)

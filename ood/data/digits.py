@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from ood.data.benchmark import Benchmark, CSIDSet, OODSet
 from ood.data.datasets import RandomShift, TensorImages
-from ood.errors import ConfigError
+from ood.errors import ConfigError, check_range
 
 NATIVE = 8  # side of scikit-learn's digits
 #: the corruptions and what each one's severity must be (`check_severity`)
@@ -120,6 +120,9 @@ class DigitsBenchmark(Benchmark):
             raise ConfigError(f"unknown digits csid corruptions {unknown}; choices: {list(CORRUPTIONS)}")
         for corruption, severity in csid.items():
             check_severity(corruption, severity)
+        # image_size=0 or 3.5 failed in torch's resize as the sets were built; seed=0.5 in torch.manual_seed
+        check_range("data.benchmark.image_size", image_size, 1, integer=True)
+        check_range("data.benchmark.seed", seed, 0, integer=True)
         if outliers not in self.outlier_choices:
             raise ConfigError(f"unknown outlier set {outliers!r}; choices: {list(self.outlier_choices)}")
         if abs(sum(split) - 1.0) > 1e-6 or len(split) != 3:
