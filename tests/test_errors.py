@@ -227,13 +227,18 @@ def test_optimizer_and_scheduler_values_torch_takes_or_refuses_late_are_one_line
         ("method=oal method.teacher.batch_size=2.5",
          r"method.teacher.batch_size=2.5 is outside its range whole numbers in \[1, inf\]"),
         ("method=energy_oe method.margins=absolute method.m_in=nan", r"method.m_in=nan is outside its range \[-inf, inf\]"),
+        ("method=cluster method.kmeans_seed=0.5",
+         r"method.kmeans_seed=0.5 is outside its range whole numbers in \[0, inf\]"),
+        ("method=oal method.sampling_seed=0.5",
+         r"method.sampling_seed=0.5 is outside its range whole numbers in \[0, inf\]"),
         ("method=oe method.lam=inf", r"method.lam=inf is not a finite number; its range is \[0, inf\)"),
         ("method=logitnorm method.tau=inf", r"method.tau=inf is not a finite number; its range is \(0, inf\)"),
     ],
 )
 def test_method_key_taken_silently_is_refused_by_name(tmp_path: Path, override: str, message: str) -> None:
     """Method keys that were taken: latent=0, width=0, head_hidden=0 read as their defaults; a fraction for a count
-    was cut (knn_select=1.5 -> 1, teacher.batch_size=2.5 -> 2) or a traceback (width=2.5); teacher.epochs=-1 trained
+    was cut (knn_select=1.5 -> 1, teacher.batch_size=2.5 -> 2) or a traceback (width=2.5; kmeans_seed=0.5 after the
+    training, sampling_seed=0.5 after the teacher's, in torch.manual_seed); teacher.epochs=-1 trained
     no epoch (an untrained teacher); outlier_norm=0 put every outlier at the origin; a negative lr_proj ascended;
     m_in=nan and an infinite weight or temperature gave a NaN or infinite loss at step 0, blamed on the lr."""
     assert re.fullmatch(message, _method_refusal(tmp_path, override))

@@ -143,6 +143,25 @@ def test_feature_scaling(tmp_path: Path) -> None:
     assert method.frozen == ("backbone",)
 
 
+@pytest.mark.parametrize(("max_epochs", "refused"), [(2, True), (3, False)])
+def test_a_ce_phase_as_long_as_the_run_is_refused_at_fit_start(tmp_path: Path, max_epochs: int, refused: bool) -> None:
+    """`method.classifier_epochs=2 trainer.max_epochs=2` trained the classifier for the whole run and scored the
+    untrained decoder's heatmaps as the method's results, silently; one epoch more leaves the decoder one."""
+    from lightning import Trainer
+
+    from ood.errors import ConfigError
+
+    method = _method(tmp_path, ["method.classifier_epochs=2", "method.scheduler=null"])
+    method.trainer = Trainer(max_epochs=max_epochs, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+    if refused:
+        with pytest.raises(ConfigError, match=r"^method.classifier_epochs=2 leaves the decoder no epoch of "
+                                              r"trainer.max_epochs=2 \(both phases count\): raise trainer.max_epochs above it$"):
+            method.on_fit_start()
+    else:
+        method.on_fit_start()
+
+
 def test_bad_flag_names_the_choices(tmp_path: Path) -> None:
     from ood.errors import ConfigError
 

@@ -295,7 +295,8 @@ class ClusterMethod(OODMethod):
         for key, value in (("k", k), ("head_dim", head_dim), ("n_init", n_init), ("stats_samples", stats_samples),
                            ("head_hidden", head_hidden)):  # head_hidden=0 read as its default, the feature dim
             check_range(f"method.{key}", value, 1, integer=True)
-        for key, value in (("cov_ddof", cov_ddof), ("probe_epochs", probe_epochs)):  # probe_epochs=2.5: 2.5 epochs
+        # probe_epochs=2.5 probed 2.5 epochs; kmeans_seed=0.5 failed in torch.manual_seed after the training
+        for key, value in (("cov_ddof", cov_ddof), ("probe_epochs", probe_epochs), ("kmeans_seed", kmeans_seed)):
             check_range(f"method.{key}", value, 0, integer=True)
         check_range("method.probe_lr", probe_lr, 0, open_low=True)
         check_range("method.temperature", temperature, 0, open_low=True)

@@ -218,18 +218,20 @@ class OAL(OODMethod):
         for key, value in (("knn_k", knn_k), ("knn_select", knn_select)):  # >= 1 a count: 1.5 was cut to 1
             if value >= 1:
                 check_range(f"method.{key}", value, 1, integer=True)
+        # sampling_seed=0.5 failed in torch.manual_seed at fit start, after the teacher had trained
         for key, value, low in (("n_candidates", n_candidates, 1), ("knn_keep", knn_keep, 1),
                                 ("knn_repeats", knn_repeats, 1), ("knn_per_class", knn_per_class, 1),
-                                ("club_hidden", club_hidden, 2)):
+                                ("club_hidden", club_hidden, 2), ("sampling_seed", sampling_seed, 0)):
             check_range(f"method.{key}", value, low, integer=True)
         teacher = dict(teacher or {})
         if "backbone" not in teacher or set(teacher) - TEACHER_KEYS:
             raise ConfigError(
                 f"method.teacher needs a backbone; keys {sorted(TEACHER_KEYS)}, got {sorted(teacher)}"
             )
-        if not teacher.get("ckpt"):  # trained here: epochs=-1 gave an untrained teacher, batch_size=2.5 batches of 2
+        # a teacher trained here: epochs=-1 gave an untrained one, batch_size=2.5 batches of 2, seed=0.5 seed 0
+        if not teacher.get("ckpt"):
             for key, low, open_low, integer in (("epochs", 1, False, True), ("lr", 0, True, False),
-                                                ("batch_size", 1, False, True)):
+                                                ("batch_size", 1, False, True), ("seed", 0, False, True)):
                 check_range(f"method.teacher.{key}", teacher.get(key), low, open_low=open_low, integer=integer)
         channels = input_channels(backbone)
         if channels is not None:  # the teacher reads the images the student reads (grey digits, RGB folders)
