@@ -485,3 +485,33 @@ def test_a_csid_lists_missing_images_are_named_before_training(tree: Path, tmp_p
         with pytest.raises(DataNotFoundError, match=rf"'broken' \(looked for 1 of the \d+ images .*test_cifar10.txt lists "
                                                     rf"under .*images_classic/ \(the first: {re.escape(gone)}\)"):
             bench.csid_test()
+
+
+@pytest.mark.parametrize(("data", "override", "message"), [
+    ("cifar10", "data.benchmark.image_size=0", r"data.benchmark.image_size=0 is outside its range whole numbers in \[1, inf\]"),
+    ("cifar10", "data.benchmark.crop_padding=-1",
+     r"data.benchmark.crop_padding=-1 is outside its range whole numbers in \[0, inf\]"),
+    ("cifar100", "data.benchmark.split_seed=0.5",
+     r"data.benchmark.split_seed=0.5 is outside its range whole numbers in \[0, inf\]"),
+    ("tinyimagenet", "data.benchmark.val_size=0", r"data.benchmark.val_size=0 is outside its range whole numbers in \[1, inf\]"),
+    ("imagenet200", "data.benchmark.image_size=0",
+     r"data.benchmark.image_size=0 is outside its range whole numbers in \[1, inf\]"),
+    # was refused advising data.benchmark.image_size=0
+    ("imagenet200", "data.benchmark.resize=0", r"data.benchmark.resize=0 is outside its range whole numbers in \[1, inf\]"),
+])
+def test_a_fractional_or_nonpositive_benchmark_size_or_seed_is_refused_as_built(
+    tmp_path: Path, data: str, override: str, message: str
+) -> None:
+    """A size or seed of the file benchmarks (CIFAR's, and the `FileBenchmark` of ImageNet-200 and the other folder
+    benchmarks) failed in torchvision's transforms at the first batch (image_size=0, crop_padding=-1, resize=0) or in
+    torch.manual_seed as the validation split was drawn (split_seed=0.5): one line as the benchmark is built, before
+    any file is read."""
+    from hydra.errors import InstantiationException
+
+    from ood.utils import instantiate
+
+    cfg = compose_config(tmp_path, [f"data={data}", f"paths.data_dir={tmp_path}", override])
+    with pytest.raises((ConfigError, InstantiationException)) as err:
+        instantiate(cfg.data.benchmark)
+    refusal = err.value if isinstance(err.value, ConfigError) else err.value.__cause__
+    assert isinstance(refusal, ConfigError) and re.fullmatch(message, str(refusal))

@@ -65,7 +65,7 @@ from ood.data.sets import (
     warn_skipped_csid,
 )
 from ood.data.synthetic import decoding, synthetic_set
-from ood.errors import ConfigError, DataNotFoundError
+from ood.errors import ConfigError, DataNotFoundError, check_range
 from ood.utils import get_logger
 
 log = get_logger(__name__)
@@ -86,6 +86,18 @@ class RGB:
 
     def __call__(self, image: Image.Image) -> Image.Image:
         return image.convert("RGB")
+
+
+#: the whole-number options of the file benchmarks (`data.benchmark.<key>`) -> their lowest value
+BENCHMARK_COUNTS = {"image_size": 1, "resize": 1, "val_size": 1, "crop_padding": 0, "split_seed": 0}
+
+
+def check_sizes(values: Mapping[str, Any]) -> None:
+    """Refuse a `data.benchmark.<key>` size or seed (`BENCHMARK_COUNTS`) that is a fraction or below its lowest value
+    as the benchmark is built: image_size=0 or crop_padding=-1 failed in torchvision's transforms at the first
+    batch, split_seed=0.5 in torch.manual_seed as the validation split was drawn, each in a traceback."""
+    for key, value in values.items():
+        check_range(f"data.benchmark.{key}", value, BENCHMARK_COUNTS[key], integer=True)
 
 
 def check_crop(resize: int, image_size: int, prefix: str, source: str = "") -> None:
@@ -195,6 +207,8 @@ class CIFARBenchmark(Benchmark):
             raise ConfigError(f"unknown data source {source!r}; choices: {list(SOURCES)}")
         if outliers not in OUTLIERS:
             raise ConfigError(f"unknown outlier set {outliers!r}; choices: {list(OUTLIERS)}")
+        check_sizes({"image_size": image_size, "val_size": val_size, "crop_padding": crop_padding,
+                     "split_seed": split_seed})
         self.data_dir = Path(data_dir).expanduser()  # `~/data`: the shell leaves it after `paths.data_dir=`
         self.source = source
         self.augment = augment

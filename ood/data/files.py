@@ -36,7 +36,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 
 from ood.data.benchmark import Benchmark, CSIDSet, OODSet
-from ood.data.cifar import RGB, check_crop, stratified_split
+from ood.data.cifar import RGB, check_crop, check_sizes, stratified_split
 from ood.data.folder import first_few, fixed_input_size
 from ood.data.imglist import ImageFiles
 from ood.data.sets import (
@@ -110,6 +110,8 @@ class FileBenchmark(Benchmark):
             for split in ("train", "val", "test")
             if ident[split] is not None
         }
+        check_sizes({"image_size": image_size, "val_size": val_size, "split_seed": split_seed,
+                     **({"resize": resize} if isinstance(resize, int) else {})})
         self.resize = resize if isinstance(resize, int) else tuple(int(side) for side in resize)
         if not isinstance(self.resize, int) and len(self.resize) != 2:
             raise ConfigError(f"data.benchmark.resize={list(self.resize)}: give one side (the shorter one) or [height, width]")
