@@ -97,6 +97,7 @@ def test_batches_are_pinned_by_the_loader(monkeypatch) -> None:
     ({"outlier_batch_size": 64.0}, r"data.outlier_batch_size=64.0 is a count: write 64"),
     ({"num_workers": -1}, r"data.num_workers=-1 is outside its range whole numbers in \[0, inf\]"),
     ({"fit_seed": 0.5}, r"data.fit_seed=0.5 is outside its range whole numbers in \[0, inf\]"),
+    ({"fit_fraction": True}, r"data.fit_fraction must be in \(0, 1\], got True"),  # was taken as 1
 ])
 def test_a_fractional_or_negative_loader_count_is_refused_by_name(option: dict, message: str) -> None:
     """`data.batch_size=32.5` and `data.num_workers=-1` ended in the DataLoader's traceback (`batch_size should be a

@@ -243,7 +243,7 @@ def check_loader_options(values: Mapping[str, Any], names: Mapping[str, str] | N
     for key, value in values.items():
         name = (names or {}).get(key, f"data.{key}")
         if key == "fit_fraction":
-            if not (isinstance(value, numbers.Real) and 0 < value <= 1):
+            if isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0 < value <= 1):  # True: 1
                 raise ConfigError(f"{name} must be in (0, 1], got {value}")
         else:
             check_range(name, value, LOADER_COUNTS[key], integer=True)
