@@ -8,6 +8,7 @@ import math
 import pickle
 import re
 import sys
+import typing
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -753,6 +754,40 @@ def test_a_hyper_parameter_out_of_range_is_refused_in_one_line(name: str, hparam
     to one value), relation with a negative power (NaN), pnml with eps >= 0.5 (an empty clamp)."""
     with pytest.raises(ConfigError, match=rf"^detector '{name}': {re.escape(message)}$"):
         build_detector(name, **hparams)
+
+
+def test_flags_choices_stage_lists_and_seeds_are_checked_by_the_constructors_annotations() -> None:
+    """Every registered detector, by its constructor's annotations: a `bool` given 'no' (neco's `use_max_logit`, a
+    true string, was taken), a `Literal` given another word (knn's `index='exat'` failed after the pass, as the index
+    was built), a list of names given a number (mds_ensemble's `stages=7`: a TypeError; 'layer1' read as letters), a
+    seed of 0.5 or -1 (gmm's failed in scikit-learn after the pass) are one line naming the detector; its own
+    defaults are taken."""
+    checked = set()
+    for name in available_detectors():
+        cls = detector_class(name)
+        hints = typing.get_type_hints(cls.__init__)
+        defaults = inspect_defaults(cls)
+        for key in hparam_names(cls):
+            hint = hints.get(key)
+            if key == "seed" and key not in cls.ranges:
+                bad = [(0.5, "is outside its range whole numbers in [0, inf]"), (-1, "is outside its range whole")]
+            elif hint is bool:
+                bad = [("no", "must be true or false"), (1, "must be true or false")]
+            elif typing.get_origin(hint) is typing.Literal:
+                bad = [("exat", f"; choices: {list(typing.get_args(hint))}")]
+            elif "Sequence[str]" in str(hint):
+                bad = [(7, "must be a list of names"), ("layer1", "must be a list of names"), ([1], "must be a list")]
+            else:
+                continue
+            for value, message in bad:
+                with pytest.raises(ConfigError, match=rf"^detector '{name}': {key}={re.escape(repr(value))}"
+                                                      rf"{'' if message.startswith(';') else ' '}{re.escape(message)}"):
+                    build_detector(name, **{key: value})
+            build_detector(name, **{key: defaults[key]})
+            checked.add((name, key))
+    assert {("neco", "use_max_logit"), ("fdbd", "distance_as_normalizer"), ("knn", "index"), ("combood", "features"),
+            ("mds_ensemble", "stages"), ("gmm", "seed"), ("gram", "seed"), ("weiper", "seed")} <= checked
+    assert build_detector("mds_ensemble", stages=["layer1"]).stages == ["layer1"]
 
 
 def test_defaults_and_grids_are_in_range_and_set_params_checks_too() -> None:
