@@ -29,7 +29,8 @@ from ood.utils import warnings_in_log_files
 @pytest.mark.parametrize(
     ("override", "expected"),
     [("seed=abc", "an integer"), ("train=maybe", "true or false"), ("method.optimizer.lr=fast", "a number"),
-     ("-m seed=0,1,x", "an integer")],
+     ("-m seed=0,1,x", "an integer"), ("evaluation.fsood=2", "true or false"),
+     ("-m detectors.tune=true,0", "true or false")],
 )
 def test_word_where_a_number_belongs_is_refused(override: str, expected: str) -> None:
     with pytest.raises(ConfigError, match=rf"=\w+: expected {expected} \(the default is"):

@@ -634,6 +634,8 @@ def _expected_type(default: Any, value: Any) -> str | None:
     numbers, booleans for booleans, null and interpolations anywhere)."""
     if isinstance(value, str) and value.startswith("${"):
         return None
+    if isinstance(default, bool) and value is not None and not isinstance(value, bool):
+        return "true or false"  # a number too: `evaluation.fsood=2` was taken, as true
     if isinstance(default, list):
         return f"a list, e.g. [{value}]" if isinstance(value, str) else None
     if not isinstance(value, str | list | dict):
