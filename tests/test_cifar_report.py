@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -131,6 +132,21 @@ def test_a_reference_number_may_be_bare_and_is_checked(tmp_path: Path) -> None:
         load_reference(path)
     path.write_text("source: s\nid_dataset: digits\nbackbone: small_cnn\nauroc: {}\nsame_network: [grood]\n")
     with pytest.raises(OODError, match=r"ref.yaml: same_network is \['grood'\]: give \{method: the method it trains as\}$"):
+        load_reference(path)
+    # each level of the auroc nesting given a list or a number: an AttributeError in the report
+    for auroc, where, shape in [("[ce]", "auroc", "method: {detector: ...}"), ("{ce: 5}", "auroc.ce", "detector: {near|far: ...}"),
+                                ("{ce: {msp: [50, 1]}}", "auroc.ce.msp", "near|far: [mean, std]")]:
+        path.write_text(f"source: s\nid_dataset: digits\nbackbone: small_cnn\nauroc: {auroc}\n")
+        with pytest.raises(OODError, match=rf"^reference file .*ref.yaml: {re.escape(where)} is .*: give "
+                                           rf"\{{{re.escape(shape)}\}}$"):
+            load_reference(path)
+    # a malformed file, or one that is no text: YAML's or the decoder's traceback from `ood-report --reference`
+    path.write_text("source: s\nauroc: {ce: [1, 2}\n")
+    with pytest.raises(OODError, match=r"^reference file .*ref.yaml is not valid YAML: expected ',' or ']', but got '}' "
+                                       r"\(line 2, column 18\)$"):
+        load_reference(path)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(OODError, match=r"^reference file .*ref.yaml cannot be read as YAML: .*codec can't decode"):
         load_reference(path)
 
 

@@ -54,12 +54,21 @@ def load_reference(path: str | Path) -> dict[str, Any]:
     """A reference file: `source`, `id_dataset`, `backbone`, `auroc: {method: {detector: {near|far: [mean(, std)]}}}` (%),
     optionally `fpr95` of the same shape with `fpr95_convention` (`id_positive` | `ood_positive`), `ood_sets`,
     `mode`, `same_network`, `std` (`STD_CONVENTIONS`) and `id_acc` ([mean(, std)], %)."""
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     path = Path(path)
     if not path.is_file():
         raise OODError(f"no such reference file: {path}")
-    reference = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    try:  # a malformed file ended `ood-report` in YAML's multi-line traceback
+        reference = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise OODError(f"reference file {path} is not valid YAML: {err.problem}{where}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as err:
+        raise OODError(f"reference file {path} cannot be read as YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(reference, dict):
         raise OODError(f"reference file {path} holds a {type(reference).__name__}, not a mapping of source, id_dataset, "
                        "backbone, auroc ...")
@@ -82,11 +91,22 @@ def load_reference(path: str | Path) -> dict[str, Any]:
     if "id_acc" in reference:
         reference["id_acc"] = _numbers(reference["id_acc"], f"reference file {path}: id_acc")
     for metric in ("auroc", "fpr95"):
-        for method, detectors in (reference.get(metric) or {}).items():
-            for detector, groups in (detectors or {}).items():
-                for group, value in (groups or {}).items():
-                    groups[group] = _numbers(value, f"reference file {path}: {metric}.{method}.{detector}.{group}")
+        where = f"reference file {path}: {metric}"
+        for method, detectors in _mapping(reference.get(metric), where, "method: {detector: ...}").items():
+            for detector, groups in _mapping(detectors, f"{where}.{method}", "detector: {near|far: ...}").items():
+                for group, value in _mapping(groups, f"{where}.{method}.{detector}", "near|far: [mean, std]").items():
+                    groups[group] = _numbers(value, f"{where}.{method}.{detector}.{group}")
     return reference
+
+
+def _mapping(value: Any, where: str, shape: str) -> dict[str, Any]:
+    """A level of a reference's `auroc` / `fpr95` nesting (None: empty); anything but a mapping is one line naming
+    where it is and the shape to give (a list or a number ended in an AttributeError in the report)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise OODError(f"{where} is {value!r}: give {{{shape}}}")
+    return value
 
 
 def _cell(values: Sequence[float]) -> tuple[float, float, int]:
