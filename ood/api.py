@@ -111,7 +111,7 @@ class Results:
         rows = _read_rows(path)
         scores: dict[str, dict[str, np.ndarray]] = {}
         if (run_dir / "scores.npz").is_file():
-            with np.load(run_dir / "scores.npz") as npz:
+            with _readable(run_dir / "scores.npz", "a NumPy .npz archive", detail=False), np.load(run_dir / "scores.npz") as npz:
                 for key in npz.files:
                     detector, _, split = key.rpartition("/")
                     scores.setdefault(detector, {})[split] = npz[key]
@@ -124,7 +124,8 @@ class Results:
             import pandas as pd
 
             # file names as written: "NA" or "null.png" would otherwise become NaN
-            samples = pd.read_csv(run_dir / SAMPLES_FILE, dtype={"split": str, "file": str}, keep_default_na=False)
+            with _readable(run_dir / SAMPLES_FILE, "a CSV table"):
+                samples = pd.read_csv(run_dir / SAMPLES_FILE, dtype={"split": str, "file": str}, keep_default_na=False)
         swept = run_dir / SENSITIVITY_FILE
         return cls(run_dir, rows, scores, overlap, samples, _read_rows(swept) if swept.is_file() else [])
 
@@ -218,8 +219,29 @@ def _names(key: str, value: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a `results.jsonl`."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of a `results.jsonl` (or `sensitivity.jsonl`); a line that is no JSON is one line naming the file and
+    line (it was json's error alone, naming neither)."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}:{number}: not a JSON line ({err.msg}): cut short or edited? rerun the "
+                                  "evaluation") from None
+    return rows
+
+
+@contextmanager
+def _readable(path: Path, what: str, detail: bool = True) -> Iterator[None]:
+    """One line for a run file that cannot be read as `what`, with the reader's message (`detail`; NumPy's for a
+    `scores.npz` cut short is advice to unpickle it, which is not shown)."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - NumPy's, zipfile's and pandas' errors: the file is what to name
+        said = f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})" if detail else ""
+        raise ConfigError(f"{path} cannot be read as {what}{said}: cut short by a crash while it was written? rerun "
+                          "the evaluation") from None
 
 
 def _temporary_run_dir() -> Path:

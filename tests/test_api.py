@@ -537,6 +537,30 @@ def test_keywords_of_the_wrong_type_or_range_are_one_line(trained, tmp_path: Pat
         ood.Results.from_dir(tmp_path / "np" / "results.jsonl")  # it said "no such folder" of a file that is there
 
 
+def test_a_run_file_cut_short_is_one_line_naming_it(trained, tmp_path: Path) -> None:
+    """`Results.from_dir` of a run whose results.jsonl, scores.npz or samples.csv was cut short (a crash while it was
+    written, a copy cut off) ended in json's error naming no file, NumPy's advice to unpickle the scores, or pandas'
+    traceback."""
+    paths, model, _ = trained
+    run = tmp_path / "run"
+    ood.evaluate(model, paths["id"], [paths["far"]], detectors=["msp"], image_size=32, resize=32, device="cpu",
+                 output_dir=run)
+    lines = (run / "results.jsonl").read_text()
+    (run / "results.jsonl").write_text(lines + '{"detector": "ms')
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(run))}/results.jsonl:2: not a JSON line \(Unterminated "
+                                          r"string starting at\): cut short or edited\? rerun the evaluation$"):
+        ood.Results.from_dir(run)
+    (run / "results.jsonl").write_text(lines)
+    (run / "scores.npz").write_bytes((run / "scores.npz").read_bytes()[:100])
+    with pytest.raises(ConfigError, match=r"/scores.npz cannot be read as a NumPy .npz archive: cut short by a crash "
+                                          r"while it was written\? rerun the evaluation$"):
+        ood.Results.from_dir(run)
+    (run / "scores.npz").unlink()
+    (run / "samples.csv").write_text('split,row\n"id_test,1\n')
+    with pytest.raises(ConfigError, match=r"/samples.csv cannot be read as a CSV table \(ParserError: .*\): cut short"):
+        ood.Results.from_dir(run)
+
+
 def test_a_method_whose_score_needs_its_training_is_refused(trained, tmp_path: Path) -> None:
     """`method="heatmap"` scored the model with a randomly initialised decoder, and `energy_cfl` its distance to
     untrained (zero) class centres: rows of AUROCs that say nothing about the model. Refused in one line; a post-hoc
