@@ -210,6 +210,27 @@ def test_optimizer_and_scheduler_values_torch_takes_or_refuses_late_are_one_line
     assert re.fullmatch(message, _method_refusal(tmp_path, override))
 
 
+def test_device_bound_optimizer_options_are_left_to_the_fit() -> None:
+    """torch before 2.4 refused `fused=True` for CPU parameters as the optimiser was built: the check's CPU stand-in
+    would then refuse a GPU run's `+method.optimizer.fused=true`, whose parameters are on the GPU. Such options are
+    left to the fit; the others are still tried on the stand-in."""
+    from functools import partial
+
+    from ood.methods.base import check_optimizer
+
+    class OldFusedSGD(torch.optim.SGD):  # torch 2.3's check, at construction
+        def __init__(self, params, fused: bool | None = None, **kwargs) -> None:
+            params = list(params)
+            if fused and any(p.device.type != "cuda" for p in params):
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+            super().__init__(params, **kwargs)
+
+    check_optimizer(partial(OldFusedSGD, lr=0.1, fused=True))
+    with pytest.raises(ConfigError, match=r"^method.optimizer: torch refuses OldFusedSGD\(lr=0.1, momentum=-1\): "
+                                          r"Invalid momentum value: -1$"):
+        check_optimizer(partial(OldFusedSGD, lr=0.1, momentum=-1))
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

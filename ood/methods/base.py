@@ -67,6 +67,10 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any] | OpenOODCosine
 InitModules = Sequence[str] | Mapping[str, str] | None
 
 
+#: optimizer keywords whose check depends on the parameters' device (`check_optimizer` leaves them to the fit)
+DEVICE_BOUND = frozenset({"fused", "capturable"})
+
+
 def check_optimizer(optimizer: Any, key: str = "method.optimizer") -> None:
     """Refuse, as the method is built, what torch refuses only as the fit starts (in a traceback): a negative
     `<key>.lr`, a key its optimizer class does not take (SGD's `momentum` left over after
@@ -88,7 +92,9 @@ def check_optimizer(optimizer: Any, key: str = "method.optimizer") -> None:
         drop = " ".join(f"~{key}.{k}" for k in unknown)
         raise ConfigError(f"{key}: {func.__name__} takes no {unknown} (it takes "
                           f"{[k for k in params if k != 'params']}); add {drop}")
-    if issubclass(func, torch.optim.Optimizer):
+    # not with device-bound options: torch before 2.4 refused `fused=True` for a CPU parameter such as the stand-in,
+    # which the run's parameters on the GPU are not
+    if issubclass(func, torch.optim.Optimizer) and not keywords.keys() & DEVICE_BOUND:
         try:
             optimizer([nn.Parameter(torch.zeros(1))])
         except (ValueError, TypeError, IndexError) as err:
