@@ -210,25 +210,38 @@ def test_optimizer_and_scheduler_values_torch_takes_or_refuses_late_are_one_line
     assert re.fullmatch(message, _method_refusal(tmp_path, override))
 
 
-def test_device_bound_optimizer_options_are_left_to_the_fit() -> None:
-    """torch before 2.4 refused `fused=True` for CPU parameters as the optimiser was built: the check's CPU stand-in
-    would then refuse a GPU run's `+method.optimizer.fused=true`, whose parameters are on the GPU. Such options are
-    left to the fit; the others are still tried on the stand-in."""
+def test_device_bound_optimizer_options_and_other_libraries_optimizers_are_left_to_the_fit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch before 2.4 refused `fused=True` for CPU parameters as the optimiser was built (a RuntimeError, which
+    escaped the check): the check's CPU stand-in would refuse a GPU run's `+method.optimizer.fused=true`, whose
+    parameters are on the GPU. Such options are left to the fit, as are optimisers of other libraries (they may need
+    parameters like the model's); torch's own are still tried on the stand-in."""
     from functools import partial
 
     from ood.methods.base import check_optimizer
 
-    class OldFusedSGD(torch.optim.SGD):  # torch 2.3's check, at construction
-        def __init__(self, params, fused: bool | None = None, **kwargs) -> None:
+    built = torch.optim.SGD.__init__
+
+    def torch_2_3(self, params, *args, fused: bool | None = None, **kwargs) -> None:  # its check, at construction
+        params = list(params)
+        if fused and any(p.device.type != "cuda" for p in params):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        built(self, params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "__init__", torch_2_3)
+    check_optimizer(partial(torch.optim.SGD, lr=0.1, fused=True))
+    with pytest.raises(ConfigError, match=r"^method.optimizer: torch refuses SGD\(lr=0.1, momentum=-1\): "
+                                          r"Invalid momentum value: -1$"):
+        check_optimizer(partial(torch.optim.SGD, lr=0.1, momentum=-1))
+
+    class Grouped(torch.optim.SGD):  # another library's: it reads the model's parameter shapes as it is built
+        def __init__(self, params, **kwargs) -> None:
             params = list(params)
-            if fused and any(p.device.type != "cuda" for p in params):
-                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+            if not any(p.dim() > 1 for p in params):
+                raise RuntimeError("Grouped needs weight matrices")
             super().__init__(params, **kwargs)
 
-    check_optimizer(partial(OldFusedSGD, lr=0.1, fused=True))
-    with pytest.raises(ConfigError, match=r"^method.optimizer: torch refuses OldFusedSGD\(lr=0.1, momentum=-1\): "
-                                          r"Invalid momentum value: -1$"):
-        check_optimizer(partial(OldFusedSGD, lr=0.1, momentum=-1))
+    check_optimizer(partial(Grouped, lr=0.1))
 
 
 @pytest.mark.parametrize(

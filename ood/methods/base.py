@@ -92,9 +92,11 @@ def check_optimizer(optimizer: Any, key: str = "method.optimizer") -> None:
         drop = " ".join(f"~{key}.{k}" for k in unknown)
         raise ConfigError(f"{key}: {func.__name__} takes no {unknown} (it takes "
                           f"{[k for k in params if k != 'params']}); add {drop}")
-    # not with device-bound options: torch before 2.4 refused `fused=True` for a CPU parameter such as the stand-in,
-    # which the run's parameters on the GPU are not
-    if issubclass(func, torch.optim.Optimizer) and not keywords.keys() & DEVICE_BOUND:
+    # torch's own optimisers only (another library's may need parameters like the model's: its own refusal is its
+    # message), and not with device-bound options: torch before 2.4 refused `fused=True` for a CPU parameter such as
+    # the stand-in, which the run's parameters on the GPU are not
+    ours = issubclass(func, torch.optim.Optimizer) and func.__module__.startswith("torch.optim")
+    if ours and not keywords.keys() & DEVICE_BOUND:
         try:
             optimizer([nn.Parameter(torch.zeros(1))])
         except (ValueError, TypeError, IndexError) as err:
