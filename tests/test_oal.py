@@ -552,11 +552,11 @@ def test_knn_features_file_is_the_space_the_boundary_outliers_are_sampled_in(
 
     path = tmp_path / "id_feat.npy"
     overrides = ["method.n_candidates=50", "method.knn_repeats=1", f"method.knn_features={path}"]
+    d_t = _method(tmp_path).teacher.feature_dim
+    id_feat = torch.randn(6, 20, d_t, generator=torch.Generator().manual_seed(0))
+    np.save(path, id_feat.numpy())  # read at construction: its layout is checked there
     cfg = compose_config(tmp_path, ["method=oal", f"method.cache_dir={tmp_path}", *overrides])
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=6, in_channels=1))
-    d_t = method.teacher.feature_dim
-    id_feat = torch.randn(6, 20, d_t, generator=torch.Generator().manual_seed(0))
-    np.save(path, id_feat.numpy())
     teacher = tmp_path / "teacher.pt"
     torch.save({f"backbone.{k}": v for k, v in method.teacher.state_dict().items()}, teacher)
     monkeypatch.setattr(oal_module, "teacher_file", lambda cfg, data, cache: (teacher, None))
@@ -636,3 +636,35 @@ def test_the_teacher_features_cache_is_keyed_by_the_preprocessing(tmp_path: Path
     others = {features_cache(ce_checkpoint, data("data.benchmark.image_size=12"), tmp_path),
               features_cache(ce_checkpoint, replace(data(), input_mean=(0.4,), input_std=(0.3,)), tmp_path)}
     assert base not in others and len(others) == 2
+
+
+def test_token_embeddings_and_knn_features_files_are_checked_at_construction(tmp_path: Path) -> None:
+    """`method.token_embeddings` was read after the teacher's training and features: a missing or non-.npy file was
+    NumPy's traceback then, a 1-D one an IndexError, a NaN row made its class's outliers NaN silently.
+    `method.knn_features` of another layout failed after the teacher was trained too. Now: one line at construction."""
+    from ood.errors import DataNotFoundError, OODError
+
+    clip = ["method.outlier_norm=clip_token"]
+    tokens = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
+    np.save(tmp_path / "tokens.npy", tokens)
+    method = _method(tmp_path, [*clip, f"method.token_embeddings={tmp_path / 'tokens.npy'}"])
+    torch.testing.assert_close(method._class_norms(torch.zeros(1), torch.zeros(1)), torch.from_numpy(tokens).norm(dim=1))
+    nan = tokens.copy()
+    nan[4, 2] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    np.save(tmp_path / "rows.npy", tokens[:5])
+    np.save(tmp_path / "flat.npy", tokens[:, 0])
+    (tmp_path / "text.npy").write_text("0.1 0.2\n")
+    for name, error, message in (
+        ("nan.npy", ConfigError, r"nan.npy holds NaN or infinite values in 1 rows \(the first: row 4\)$"),
+        ("rows.npy", ConfigError, r"rows.npy must be \[classes=6, d\] \(one CLIP token row per class\); got \(5, 8\)$"),
+        ("flat.npy", ConfigError, r"flat.npy must be \[classes=6, d\] .* got \(6,\)$"),
+        ("text.npy", OODError, r"text.npy is not a .npy file"),
+        ("absent.npy", DataNotFoundError, r"absent.npy not found$"),
+    ):
+        with pytest.raises(error, match=rf"^method.token_embeddings: .*{message}"):
+            _method(tmp_path, [*clip, f"method.token_embeddings={tmp_path / name}"])
+    with pytest.raises(ConfigError, match=r"rows.npy: method.knn_features must be \[classes=6, n, teacher feature dim"):
+        _method(tmp_path, [f"method.knn_features={tmp_path / 'rows.npy'}"])
+    with pytest.raises(OODError, match=r"^method.knn_features: .*text.npy is not a .npy file"):
+        _method(tmp_path, [f"method.knn_features={tmp_path / 'text.npy'}"])

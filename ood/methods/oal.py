@@ -70,8 +70,9 @@ from torch import nn
 
 from ood.data.batch import Batch
 from ood.data.fit import FitData
+from ood.data.npy import load_npy
 from ood.detectors.logits import energy_score
-from ood.errors import ConfigError, DataNotFoundError, check_every_class, check_range
+from ood.errors import ConfigError, check_every_class, check_range
 from ood.features.bank import FeatureBank
 from ood.losses import club, club_nll, distill_kl
 from ood.methods.base import OODMethod, OptimizerFactory, SchedulerFactory
@@ -125,7 +126,7 @@ class CLUBNet(nn.Module):
 def load_sd_latents(path: str | Path) -> torch.Tensor:
     """SD latent outliers as [n, d]: rows of an [n, d] file; [n, H, W] (channel-averaged latents) averaged over rows;
     the released `[n_iter, batch, H, W]` flattened first, then averaged over rows."""
-    array = torch.from_numpy(np.load(path)).float()
+    array = torch.from_numpy(load_npy(path, "method.sd_latents")).float()
     if array.ndim == 4:
         array = array.reshape(-1, *array.shape[2:])
     if array.ndim == 3:
@@ -137,16 +138,43 @@ def load_sd_latents(path: str | Path) -> torch.Tensor:
     return array
 
 
-def load_knn_features(path: str | Path, classes: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [C * n, D], labels) of a released `id_feat_*.npy` ([C, n, D]: n feature rows per class, class by
-    class), the space the released boundary outliers were sampled in; D must be `dim`, the q-network's input."""
-    array = torch.from_numpy(np.load(path)).float()
+def knn_features_file(path: str | Path, classes: int, dim: int) -> np.ndarray:
+    """The released `id_feat_*.npy` ([C, n, D]: n feature rows per class, class by class), memory-mapped, its shape
+    checked: read at construction too, as a file of another layout failed after the teacher was trained."""
+    array = load_npy(path, "method.knn_features", mmap=True)
     if array.ndim != 3 or len(array) != classes or array.shape[-1] != dim:
         raise ConfigError(
             f"{path}: method.knn_features must be [classes={classes}, n, teacher feature dim={dim}] (the released "
             f"id_feat_*.npy layout); got {tuple(array.shape)}"
         )
+    return array
+
+
+def load_knn_features(path: str | Path, classes: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [C * n, D], labels) of a released `id_feat_*.npy` (`knn_features_file`), the space the released
+    boundary outliers were sampled in; D must be `dim`, the q-network's input."""
+    array = torch.from_numpy(np.array(knn_features_file(path, classes, dim))).float()
+    check_finite("method.knn_features", path, array)
     return array.reshape(-1, dim), torch.arange(classes).repeat_interleave(array.shape[1])
+
+
+def load_token_embeddings(path: str | Path, classes: int) -> torch.Tensor:
+    """The per-class CLIP token rows [classes, d] of `method.token_embeddings` (`outlier_norm: clip_token` rescales
+    each class's outliers to its row's norm), read at construction: they were read after the teacher's training and
+    features, where a file of other rows failed (or a NaN row made every outlier NaN) long after the run started."""
+    array = torch.from_numpy(load_npy(path, "method.token_embeddings")).float()
+    if array.ndim != 2 or len(array) != classes:
+        raise ConfigError(f"method.token_embeddings: {path} must be [classes={classes}, d] (one CLIP token row per "
+                          f"class); got {tuple(array.shape)}")
+    check_finite("method.token_embeddings", path, array)
+    return array
+
+
+def check_finite(what: str, path: str | Path, array: torch.Tensor) -> None:
+    """Refuse a file of NaN or infinite values, naming its first bad row: they spread to every outlier silently."""
+    bad = (~torch.isfinite(array)).flatten(1).any(1).nonzero().flatten().tolist() if array.ndim > 1 else []
+    if bad:
+        raise ConfigError(f"{what}: {path} holds NaN or infinite values in {len(bad)} rows (the first: row {bad[0]})")
 
 
 class OAL(OODMethod):
@@ -279,6 +307,10 @@ class OAL(OODMethod):
         )
         self.sampling_seed, self.cache_dir = sampling_seed, Path(cache_dir)
         self.knn_features = knn_features
+        if outlier_norm == "clip_token":  # read at construction, not after the teacher's training and features
+            load_token_embeddings(token_embeddings, backbone.num_classes)
+        if knn_features:
+            knn_features_file(knn_features, backbone.num_classes, d_t)
         self.register_buffer("outliers_knn", torch.empty(0, d_t), persistent=False)
         self.register_buffer("outliers_sd", torch.empty(0, self.sd_dim), persistent=False)
         self.stats: dict[str, Any] = {}
@@ -296,11 +328,7 @@ class OAL(OODMethod):
                 weight,
             )
             return 0.0
-        if not Path(path).is_file():
-            raise DataNotFoundError(
-                f"method.sd_latents: {path} not found (a .npy of SD latents; see the oal docstring)"
-            )
-        shape = np.load(path, mmap_mode="r").shape
+        shape = load_npy(path, "method.sd_latents (a .npy of SD latents; see the oal docstring)", mmap=True).shape
         self.sd_dim = int(shape[-1])
         return float(weight)
 
@@ -380,10 +408,7 @@ class OAL(OODMethod):
         if self.outlier_norm == "teacher_mean":
             return torch.stack([feats[labels == c].norm(dim=1).mean() for c in range(classes)])
         if self.outlier_norm == "clip_token":
-            tokens = torch.from_numpy(np.load(self.token_embeddings)).float()
-            if len(tokens) != classes:
-                raise ConfigError(f"{self.token_embeddings}: {len(tokens)} token rows for {classes} classes")
-            return tokens.norm(dim=1)
+            return load_token_embeddings(self.token_embeddings, classes).norm(dim=1)
         return torch.full((classes,), float(self.outlier_norm))
 
     def _sample(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
