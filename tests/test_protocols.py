@@ -408,3 +408,35 @@ def test_a_listed_image_that_is_missing_says_how_many_of_its_list_are(tmp_path: 
     with pytest.raises(DataNotFoundError, match=f"image not found: {tmp_path}/images/c.jpg \\(missing: 2 of the 4 "
                                                 f"images listed in {listed}\\)$"):
         images[2]
+
+
+def test_a_list_or_annotation_file_that_is_not_utf8_empty_or_malformed_is_one_line(tmp_path: Path) -> None:
+    """An image list, class list or annotation file in Latin-1, a binary file in its place, an empty one, a class
+    list of words, annotations split by spaces: one line naming the file (was Python's UnicodeDecodeError or
+    ValueError naming none; an empty list or class list was an empty set, silently)."""
+    from ood.data.imglist import read_imglist, subset_entries
+    from ood.data.sets import annotation_entries
+    from ood.errors import OODError
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9/1.png 0\n".encode("latin-1"))
+    (tmp_path / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "words.txt").write_text("3\ncat\n")
+    (tmp_path / "spaces.txt").write_text("0.jpg n01 0 0 8 8\n")
+    (tmp_path / "train" / "n01").mkdir(parents=True)
+    cases = [
+        (lambda: read_imglist(tmp_path / "latin1.txt"), r"latin1.txt: the image list is not UTF-8 text \(byte 3 is b'\\xe9'\)"),
+        (lambda: read_imglist(tmp_path / "binary.txt"), r"binary.txt: the image list is not UTF-8 text \(byte 0 is b'\\x89'\)"),
+        (lambda: read_imglist(tmp_path / "empty.txt"), r"empty.txt: the image list is empty"),
+        (lambda: read_imglist(tmp_path), r"image list not found: .* \(it is a folder\)$"),
+        (lambda: subset_entries([("a.png", 3)], tmp_path / "words.txt"),
+         r"words.txt: expected one class index \(an integer\) a line, got 'cat'$"),
+        (lambda: subset_entries([("a.png", 3)], tmp_path / "empty.txt"), r"empty.txt: the class list is empty"),
+        (lambda: annotation_entries(tmp_path / "spaces.txt", tmp_path / "train"),
+         r"spaces.txt:1: expected tab-separated .* got '0.jpg n01 0 0 8 8'$"),
+        (lambda: annotation_entries(tmp_path / "latin1.txt", tmp_path / "train"),
+         r"latin1.txt: the annotation file is not UTF-8 text"),
+    ]
+    for read, message in cases:
+        with pytest.raises(OODError, match=message):
+            read()

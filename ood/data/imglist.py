@@ -25,6 +25,16 @@ LABEL = re.compile(r"-?\d+")
 FILE_NAME = re.compile(r"\S*\.[A-Za-z]\w*")
 
 
+def read_text(path: Path, what: str) -> str:
+    """The text of `path`, UTF-8 (a byte-order mark dropped); a file of another encoding, or no text at all (an image
+    or archive named in its place), is one line naming it and the first bad byte, not Python's UnicodeDecodeError."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise OODError(f"{path}: {what} is not UTF-8 text (byte {err.start} is {err.object[err.start:err.start + 1]!r}); "
+                       "save it as UTF-8, or check that it is the text file meant") from None
+
+
 def read_imglist(path: str | Path) -> list[tuple[str, int]]:
     """`(relative path, label)` per non-empty line of an OpenOOD list file; path and label are split at the first
     run of spaces or tabs (the lines of a tab-separated list were read as paths without a label), or at the last one
@@ -33,9 +43,9 @@ def read_imglist(path: str | Path) -> list[tuple[str, int]]:
     the first path, and Windows' backslashes separate folders (`train\\cat\\1.jpg` was one file name)."""
     path = Path(path)
     if not path.is_file():
-        raise DataNotFoundError(f"image list not found: {path}")
+        raise DataNotFoundError(f"image list not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
     entries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "the image list").splitlines(), start=1):
         if not line.strip():
             continue
         name, *label = line.split(maxsplit=1)
@@ -46,7 +56,20 @@ def read_imglist(path: str | Path) -> list[tuple[str, int]]:
             elif not LABEL.fullmatch(label[0]):
                 raise OODError(f"{path}:{number}: expected '<path> <integer label>', got {line!r}")
         entries.append((name.replace("\\", "/"), int(label[0]) if label else -1))
+    if not entries:  # an empty set scored nothing, or failed later without naming the file
+        raise OODError(f"{path}: the image list is empty; it needs one '<path> <label>' line per image")
     return entries
+
+
+def check_id_labels(path: Path, num_classes: int) -> None:
+    """Refuse an ID list with a label outside 0..num_classes-1 (an OOD line's -1, another dataset's list), naming the
+    file and its first such line: read as-is it failed training with an IndexError (a device assert on a GPU), or
+    scored the test accuracy against classes the model has not."""
+    entries = read_imglist(path)
+    if bad := [(name, label) for name, label in entries if not 0 <= label < num_classes]:
+        raise DataNotFoundError(f"{path}: {len(bad)} of its {len(entries)} lines have a label outside the "
+                                f"{num_classes} ID classes 0..{num_classes - 1} (the first: {bad[0][0]!r} {bad[0][1]}); "
+                                "is it the ID list of this dataset?")
 
 
 def subset_entries(entries: list[tuple[str, int]], classes_file: Path | None) -> list[tuple[str, int]]:
@@ -56,7 +79,12 @@ def subset_entries(entries: list[tuple[str, int]], classes_file: Path | None) ->
         return entries
     if not classes_file.is_file():
         raise DataNotFoundError(f"class list not found: {classes_file}")
-    listed = [int(token) for token in classes_file.read_text().split()]
+    tokens = read_text(classes_file, "the class list").split()
+    if bad := [t for t in tokens if not LABEL.fullmatch(t)]:
+        raise OODError(f"{classes_file}: expected one class index (an integer) a line, got {bad[0]!r}")
+    if not tokens:
+        raise OODError(f"{classes_file}: the class list is empty; it needs one class index a line")
+    listed = [int(token) for token in tokens]
     index = {c: i for i, c in enumerate(listed)}
     if len(index) != len(listed):
         raise OODError(f"{classes_file}: a class index is listed twice")

@@ -40,9 +40,9 @@ from typing import Any, Literal
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ood.data.imglist import ImageFiles, ImageList, read_imglist, subset_entries
+from ood.data.imglist import ImageFiles, ImageList, read_imglist, read_text, subset_entries
 from ood.data.synthetic import RECIPES, decoding, synthetic_set
-from ood.errors import ConfigError, DataNotFoundError
+from ood.errors import ConfigError, DataNotFoundError, OODError
 from ood.utils import get_logger
 
 log = get_logger(__name__)
@@ -117,8 +117,11 @@ def annotation_entries(annotations: Path, classes: Path) -> list[tuple[str, int]
     """Tiny ImageNet's `val_annotations.txt`: `(file, class index)` per line, classes = sorted folders of `classes`."""
     index = {class_key(name): i for i, name in enumerate(class_folders(classes))}
     entries = []
-    for number, line in enumerate(annotations.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(annotations, "the annotation file").splitlines(), start=1):
         if line.strip():
+            if "\t" not in line:
+                raise OODError(f"{annotations}:{number}: expected tab-separated '<file>\\t<wnid>\\t...' (Tiny ImageNet's "
+                               f"val_annotations.txt), got {line!r}")
             name, wnid = line.split("\t")[:2]
             if class_key(wnid) not in index:
                 raise DataNotFoundError(f"{annotations}:{number}: class {wnid!r} has no folder in {classes}")
@@ -337,6 +340,18 @@ class Protocol:
     def all_specs(self) -> list[tuple[str, SetSpec]]:
         """Every (name, spec) the protocol reads, validation OOD included."""
         return [(n, s) for n, _, s in self.sets] + ([("val_ood", self.val_ood)] if self.val_ood else [])
+
+
+def check_csid_labels(benchmark: str, name: str, dataset: Dataset, num_classes: int) -> None:
+    """Refuse a covariate-shifted ID set with a label outside the `num_classes` ID classes (an OOD list's -1, a list of
+    the 1000 ImageNet classes for a 200-class subset), naming it: its accuracy counted those images as wrong, silently.
+    Sets without `targets` (torchvision's) are their classes' own."""
+    targets = getattr(dataset, "targets", None)
+    if outside := sorted({int(y) for y in targets or () if not 0 <= y < num_classes}):
+        where = f" (listed in {dataset.list_file})" if isinstance(dataset, ImageList) else ""
+        raise DataNotFoundError(f"{benchmark}: covariate-shifted ID set {name!r}{where}: label(s) {outside[:8]} are no "
+                                f"ID class (the {num_classes} classes are 0..{num_classes - 1}); give it the ID class "
+                                "index of each image")
 
 
 def missing_csid_error(benchmark: str, protocol: str, data_dir: Path, missing: list[str]) -> DataNotFoundError:
