@@ -515,3 +515,73 @@ def test_a_fractional_or_nonpositive_benchmark_size_or_seed_is_refused_as_built(
         instantiate(cfg.data.benchmark)
     refusal = err.value if isinstance(err.value, ConfigError) else err.value.__cause__
     assert isinstance(refusal, ConfigError) and re.fullmatch(message, str(refusal))
+
+
+def test_an_id_list_with_a_label_outside_the_classes_is_named_before_training(tree: Path, tmp_path: Path) -> None:
+    """A train / val / test list with a label outside 0..9 (an OOD line's -1, CIFAR-100's list) was read as-is:
+    training failed with an IndexError (a device assert on a GPU), a test list scored against absent classes."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tree / "benchmark_imglist", copy / "benchmark_imglist")
+    (copy / "images_classic").symlink_to(tree / "images_classic")
+    for split, label in (("train", 10), ("val", -1), ("test", -3)):
+        listed = copy / f"benchmark_imglist/cifar10/{split}_cifar10.txt"
+        good = listed.read_text()
+        first, rest = good.split("\n", 1)
+        listed.write_text(f"{first.split()[0]} {label}\n{rest}")
+        with pytest.raises(DataNotFoundError, match=rf"{split}_cifar10.txt: 1 of its \d+ lines have a label outside the "
+                           rf"10 ID classes 0..9 \(the first: '{first.split()[0]}' {label}\); is it the ID list"):
+            OODDataModule(CIFAR10Benchmark(copy)).prepare_data()
+        listed.write_text(good)
+    OODDataModule(CIFAR10Benchmark(copy)).prepare_data()
+
+
+def test_an_outlier_array_that_is_no_npy_array_is_one_line(tmp_path: Path) -> None:
+    """A text file, an array cut short, an object array or an `.npz` in the place of the 300K `.npy`: one line
+    naming the file (NumPy's ValueError advised unpickling a text file; an `.npz` was an AttributeError)."""
+    transform = CIFAR10Benchmark(tmp_path).eval_transform()
+    np.save(tmp_path / "good.npy", np.zeros((4, 8, 8, 3), np.uint8))
+    (tmp_path / "text.npy").write_text("not an array")
+    (tmp_path / "short.npy").write_bytes((tmp_path / "good.npy").read_bytes()[:200])
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
+    np.savez(tmp_path / "many.npz", images=np.zeros(3))
+    for name, message in (("text.npy", r"is not a .npy file \(no NumPy header: b'not an'...\); write it with np.save$"),
+                          ("short.npy", r"is not a readable .npy array \(cut short, or not numbers\?\)"),
+                          ("objects.npy", r"is not a readable .npy array \(cut short, or not numbers\?\)"),
+                          ("many.npz", r"is an .npz archive of \['images'\]; give one array saved with np.save$")):
+        with pytest.raises(OODError, match=rf"^image array: {re.escape(str(tmp_path / name))} {message}"):
+            NpyImages(tmp_path / name, transform)
+    assert len(NpyImages(tmp_path / "good.npy", transform)) == 4
+
+
+def test_an_svhn_mat_file_that_is_there_but_wrong_is_named(tmp_path: Path) -> None:
+    """torchvision's SVHN with a `test_32x32.mat` of the wrong kind (cut short, another file): torchvision said 'not
+    found or corrupted', naming no file; absent, the file to fetch is named."""
+    root = tmp_path / "svhn"
+    root.mkdir()
+    bench = CIFAR10Benchmark(tmp_path, source="torchvision")
+    with pytest.raises(DataNotFoundError, match=rf"'svhn' not found in {root} \(missing \['test_32x32.mat'\] in {root}\)"):
+        bench._tv_build("svhn", root, name="svhn")
+    (root / "test_32x32.mat").write_bytes(b"MATLAB 5.0 cut short")
+    with pytest.raises(DataNotFoundError, match=r"its files are there but fail torchvision's checksum \(cut short, or not "
+                       rf"the official download\): re-download \['test_32x32.mat'\] into {root}\)"):
+        bench._tv_build("svhn", root, name="svhn")
+
+
+def test_a_covariate_shifted_id_set_with_a_label_outside_the_classes_is_named(tree: Path, tmp_path: Path) -> None:
+    """A csid list (full-spectrum evaluation) with a label no ID class has: its accuracy counted those images as
+    wrong, silently; now one line naming the set and its list, when the sets are opened before training."""
+    from ood.data import FileBenchmark
+
+    lists = tree / "benchmark_imglist/cifar10"
+    lines = (lists / "test_cifar10.txt").read_text().splitlines()
+    (tmp_path / "csid.txt").write_text("".join(f"{line.split()[0]} {15 if i == 1 else line.split()[1]}\n"
+                                               for i, line in enumerate(lines)))
+    protocol = {"main": {"far": {"svhn": {"imglist": str(lists / "test_svhn.txt")}},
+                         "csid": {"shifted": {"imglist": str(tmp_path / "csid.txt")}}}}
+    files = FileBenchmark(tree, "mine", 10, {"imglist": str(lists / "train_cifar10.txt")},
+                          {"imglist": str(lists / "test_cifar10.txt")}, protocol, "main", val_size=2)
+    with pytest.raises(DataNotFoundError, match=rf"^mine: covariate-shifted ID set 'shifted' \(listed in "
+                       rf"{tmp_path / 'csid.txt'}\): label\(s\) \[15\] are no ID class \(the 10 classes are 0..9\)"):
+        files.csid_test()
+    (tmp_path / "csid.txt").write_text("\n".join(lines))
+    assert files.csid_test()[0].dataset.targets == [int(line.split()[1]) for line in lines]

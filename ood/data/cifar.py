@@ -53,13 +53,14 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision import transforms as T
 
 from ood.data.benchmark import Benchmark, CSIDSet, OODSet
-from ood.data.imglist import ImageList
+from ood.data.imglist import ImageList, check_id_labels
 from ood.data.npy import NpyImages
 from ood.data.samples import item_name
 from ood.data.sets import (
     Protocol,
     SetSpec,
     TorchvisionBuilder,
+    check_csid_labels,
     describe_missing,
     missing_csid_error,
     warn_skipped_csid,
@@ -319,6 +320,9 @@ class CIFARBenchmark(Benchmark):
         missing = []
         if source == "openood":
             missing += [str(self.list_file(n)) for n in (f"train_{self.name}", f"test_{self.name}") if not self.list_file(n).is_file()]
+            for split in ("train", "val", "test"):  # their labels, before any training
+                if self.list_file(f"{split}_{self.name}").is_file():
+                    check_id_labels(self.list_file(f"{split}_{self.name}"), self.num_classes)
             if not self.images_dir.is_dir():
                 missing.append(f"{self.images_dir}/ (the images)")
             elif evaluate and self.list_file(f"test_{self.name}").is_file():  # the ID test images, read after training
@@ -423,7 +427,9 @@ class CIFARBenchmark(Benchmark):
             files = self._cifar_files(key, root)
             absent = [p.name for p in files if not p.is_file()]
             detail = (f"missing {absent} in {files[0].parent}" if absent else
-                      "its files are there but fail torchvision's checksum: re-download them" if files else str(err))
+                      "its files are there but fail torchvision's checksum (cut short, or not the official download): "
+                      f"re-download {[p.name for p in files] if len(files) < 3 else 'them'} into {files[0].parent}"
+                      if files else str(err))
             raise DataNotFoundError(
                 f"{self.name}: {f'set {name!r}: ' if name else ''}torchvision dataset {key.split(':')[0]!r} not found in {root} ({detail}). "
                 + (how or self._how_to_get())
@@ -432,10 +438,13 @@ class CIFARBenchmark(Benchmark):
         return dataset
 
     def _cifar_files(self, key: str, root: Path) -> list[Path]:
-        """The batch files torchvision's CIFAR class for set `key` reads under `root` (`cifar-10-batches-py/...`;
-        none for the other sets): torchvision's error named no file."""
+        """The files torchvision's class for set `key` reads under `root` and checks (`cifar-10-batches-py/...`,
+        SVHN's `test_32x32.mat`; none for the other sets): torchvision's error named no file, and called a file that
+        is there but fails its checksum (cut short, another dataset's) "not found"."""
         from torchvision import datasets as tvd
 
+        if key == "svhn":  # the tests' fakes have no split_list
+            return [root / tvd.SVHN.split_list["test"][1]] if hasattr(tvd.SVHN, "split_list") else []
         cls_name = {f"{self.name}:train": self.torchvision_class, f"{self.name}:test": self.torchvision_class,
                     "cifar10": "CIFAR10", "cifar100": "CIFAR100"}.get(key)
         cls = getattr(tvd, cls_name) if cls_name else None
@@ -529,6 +538,8 @@ class CIFARBenchmark(Benchmark):
             warn_skipped_csid(self.name, self.protocol.name, tuple(skipped))
         sets = [(name, self._open(name, spec, label=None)) for name, spec in self.protocol.csid.items()
                 if name not in left_out]
+        for name, dataset in sets:
+            check_csid_labels(self.name, name, dataset, self.num_classes)
         return [CSIDSet(name, dataset) for name, dataset in sets if dataset is not None]
 
     def outliers(self) -> Dataset | None:

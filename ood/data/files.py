@@ -42,6 +42,7 @@ from ood.data.imglist import ImageFiles
 from ood.data.sets import (
     Protocol,
     SetSpec,
+    check_csid_labels,
     class_folders,
     class_key,
     describe_missing,
@@ -383,6 +384,8 @@ class FileBenchmark(Benchmark):
             warn_skipped_csid(self.name, self.protocol.name, skipped)
         sets = [(n, self._open(n, s, self.eval_transform(), None, self.num_classes))
                 for n, s in self.protocol.csid.items() if not absent[n]]
+        for n, d in sets:
+            check_csid_labels(self.name, n, d, self.num_classes)
         return [CSIDSet(n, d) for n, d in sets if d is not None]
 
     def outliers(self) -> Dataset | None:
