@@ -544,12 +544,15 @@ def test_an_outlier_array_that_is_no_npy_array_is_one_line(tmp_path: Path) -> No
     (tmp_path / "short.npy").write_bytes((tmp_path / "good.npy").read_bytes()[:200])
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
     np.savez(tmp_path / "many.npz", images=np.zeros(3))
+    np.save(tmp_path / "none.npy", np.zeros((0, 8, 8, 3), np.uint8))
     for name, message in (("text.npy", r"is not a .npy file \(no NumPy header: b'not an'...\); write it with np.save$"),
                           ("short.npy", r"is not a readable .npy array \(cut short, or not numbers\?\)"),
                           ("objects.npy", r"is not a readable .npy array \(cut short, or not numbers\?\)"),
                           ("many.npz", r"is an .npz archive of \['images'\]; give one array saved with np.save$")):
         with pytest.raises(OODError, match=rf"^image array: {re.escape(str(tmp_path / name))} {message}"):
             NpyImages(tmp_path / name, transform)
+    with pytest.raises(OODError, match=r"none.npy: the image array holds no image \(shape \(0, 8, 8, 3\)\)$"):
+        NpyImages(tmp_path / "none.npy", transform)
     assert len(NpyImages(tmp_path / "good.npy", transform)) == 4
 
 

@@ -55,6 +55,8 @@ class NpyImages(Dataset):
             ) if wrong]
             raise OODError(f"{self.path}: expected uint8 images [N, H, W] or [N, H, W, 1|3], got {self.images.dtype} "
                            f"{shape}" + (f"; convert it ({'; '.join(fixes)})" if fixes else ""))
+        if not shape[0]:  # no outlier batch can be drawn from it
+            raise OODError(f"{self.path}: the image array holds no image (shape {shape})")
         self.transform = transform
         self.label = label
 
