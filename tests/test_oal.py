@@ -554,7 +554,7 @@ def test_knn_features_file_is_the_space_the_boundary_outliers_are_sampled_in(
     overrides = ["method.n_candidates=50", "method.knn_repeats=1", f"method.knn_features={path}"]
     d_t = _method(tmp_path).teacher.feature_dim
     id_feat = torch.randn(6, 20, d_t, generator=torch.Generator().manual_seed(0))
-    np.save(path, id_feat.numpy())  # read at construction: its layout is checked there
+    np.save(path, id_feat.numpy())  # its layout is checked as prepare starts
     cfg = compose_config(tmp_path, ["method=oal", f"method.cache_dir={tmp_path}", *overrides])
     method = instantiate(cfg.method, backbone=instantiate(cfg.backbone, num_classes=6, in_channels=1))
     teacher = tmp_path / "teacher.pt"
@@ -638,10 +638,13 @@ def test_the_teacher_features_cache_is_keyed_by_the_preprocessing(tmp_path: Path
     assert base not in others and len(others) == 2
 
 
-def test_token_embeddings_and_knn_features_files_are_checked_at_construction(tmp_path: Path) -> None:
+def test_token_embeddings_and_knn_features_files_are_checked_before_the_teacher_trains(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`method.token_embeddings` was read after the teacher's training and features: a missing or non-.npy file was
     NumPy's traceback then, a 1-D one an IndexError, a NaN row made its class's outliers NaN silently.
-    `method.knn_features` of another layout failed after the teacher was trained too. Now: one line at construction."""
+    `method.knn_features` of another layout failed after the teacher was trained too. Now: one line first thing in
+    `prepare`, before the teacher's file is made; the method is still built without them (an evaluation reads
+    neither)."""
     from ood.errors import DataNotFoundError, OODError
 
     clip = ["method.outlier_norm=clip_token"]
@@ -663,8 +666,17 @@ def test_token_embeddings_and_knn_features_files_are_checked_at_construction(tmp
         ("absent.npy", DataNotFoundError, r"absent.npy not found$"),
     ):
         with pytest.raises(error, match=rf"^method.token_embeddings: .*{message}"):
-            _method(tmp_path, [*clip, f"method.token_embeddings={tmp_path / name}"])
+            _method(tmp_path, [*clip, f"method.token_embeddings={tmp_path / name}"]).prepare(None)
     with pytest.raises(ConfigError, match=r"rows.npy: method.knn_features must be \[classes=6, n, teacher feature dim"):
-        _method(tmp_path, [f"method.knn_features={tmp_path / 'rows.npy'}"])
+        _method(tmp_path, [f"method.knn_features={tmp_path / 'rows.npy'}"]).prepare(None)
     with pytest.raises(OODError, match=r"^method.knn_features: .*text.npy is not a .npy file"):
-        _method(tmp_path, [f"method.knn_features={tmp_path / 'text.npy'}"])
+        _method(tmp_path, [f"method.knn_features={tmp_path / 'text.npy'}"]).prepare(None)
+    # checked before the teacher's file is made (trained, when no teacher.ckpt is given), not after
+    import ood.methods.oal as oal_module
+
+    def teacher_file(*args: object) -> None:
+        raise AssertionError("the teacher's file was made before the files were checked")
+
+    monkeypatch.setattr(oal_module, "teacher_file", teacher_file)
+    with pytest.raises(ConfigError, match=r"^method.token_embeddings: .*rows.npy must be"):
+        _method(tmp_path, [*clip, f"method.token_embeddings={tmp_path / 'rows.npy'}"]).prepare(None)

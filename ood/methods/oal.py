@@ -140,7 +140,8 @@ def load_sd_latents(path: str | Path) -> torch.Tensor:
 
 def knn_features_file(path: str | Path, classes: int, dim: int) -> np.ndarray:
     """The released `id_feat_*.npy` ([C, n, D]: n feature rows per class, class by class), memory-mapped, its shape
-    checked: read at construction too, as a file of another layout failed after the teacher was trained."""
+    checked: read before the teacher trains too (`OAL.check_training_files`), as a file of another layout failed
+    after the teacher was trained."""
     array = load_npy(path, "method.knn_features", mmap=True)
     if array.ndim != 3 or len(array) != classes or array.shape[-1] != dim:
         raise ConfigError(
@@ -160,8 +161,8 @@ def load_knn_features(path: str | Path, classes: int, dim: int) -> tuple[torch.T
 
 def load_token_embeddings(path: str | Path, classes: int) -> torch.Tensor:
     """The per-class CLIP token rows [classes, d] of `method.token_embeddings` (`outlier_norm: clip_token` rescales
-    each class's outliers to its row's norm), read at construction: they were read after the teacher's training and
-    features, where a file of other rows failed (or a NaN row made every outlier NaN) long after the run started."""
+    each class's outliers to its row's norm), checked: read before the teacher trains too
+    (`OAL.check_training_files`)."""
     array = torch.from_numpy(load_npy(path, "method.token_embeddings")).float()
     if array.ndim != 2 or len(array) != classes:
         raise ConfigError(f"method.token_embeddings: {path} must be [classes={classes}, d] (one CLIP token row per "
@@ -307,10 +308,6 @@ class OAL(OODMethod):
         )
         self.sampling_seed, self.cache_dir = sampling_seed, Path(cache_dir)
         self.knn_features = knn_features
-        if outlier_norm == "clip_token":  # read at construction, not after the teacher's training and features
-            load_token_embeddings(token_embeddings, backbone.num_classes)
-        if knn_features:
-            knn_features_file(knn_features, backbone.num_classes, d_t)
         self.register_buffer("outliers_knn", torch.empty(0, d_t), persistent=False)
         self.register_buffer("outliers_sd", torch.empty(0, self.sd_dim), persistent=False)
         self.stats: dict[str, Any] = {}
@@ -331,6 +328,16 @@ class OAL(OODMethod):
         shape = load_npy(path, "method.sd_latents (a .npy of SD latents; see the oal docstring)", mmap=True).shape
         self.sd_dim = int(shape[-1])
         return float(weight)
+
+    def check_training_files(self) -> None:
+        """`method.token_embeddings` (with `outlier_norm: clip_token`) and `method.knn_features`' layout, first thing
+        in `prepare`: they were read after the teacher's training and features, where a file of another layout failed
+        (or a NaN row made a class's outliers NaN silently) long after the run started. Not at construction: an
+        evaluation, which builds the method too, reads neither file."""
+        if self.outlier_norm == "clip_token":
+            load_token_embeddings(self.token_embeddings, self.backbone.num_classes)
+        if self.knn_features:
+            knn_features_file(self.knn_features, self.backbone.num_classes, self.teacher.feature_dim)
 
     # ----- the teacher: built for training only, no part of the method's weights ----------------------------------
     @property
@@ -360,6 +367,7 @@ class OAL(OODMethod):
         if not self.init_ckpt:  # as the energy fine-tunes say: the student is the CE classifier it distils into
             log.warning("%s fine-tunes a trained CE student, but no method.init.ckpt is set: starting from random weights",
                         self.name)
+        self.check_training_files()
         path, seconds = teacher_file(self.teacher_cfg, data, self.cache_dir)
         if seconds is not None:
             self.stats["teacher_train_seconds"] = seconds
