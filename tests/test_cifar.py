@@ -588,3 +588,10 @@ def test_a_covariate_shifted_id_set_with_a_label_outside_the_classes_is_named(tr
         files.csid_test()
     (tmp_path / "csid.txt").write_text("\n".join(lines))
     assert files.csid_test()[0].dataset.targets == [int(line.split()[1]) for line in lines]
+    # a set whose targets are a tensor (a Dataset of the caller's): `targets or ()` raised torch's ambiguity error
+    from ood.data.sets import check_csid_labels
+
+    tensors = torch.utils.data.TensorDataset(torch.zeros(2))
+    tensors.targets = torch.tensor([3, 10])
+    with pytest.raises(DataNotFoundError, match=r"^mine: covariate-shifted ID set 'own': label\(s\) \[10\] are no ID"):
+        check_csid_labels("mine", "own", tensors, 10)

@@ -347,7 +347,8 @@ def check_csid_labels(benchmark: str, name: str, dataset: Dataset, num_classes: 
     the 1000 ImageNet classes for a 200-class subset), naming it: its accuracy counted those images as wrong, silently.
     Sets without `targets` (torchvision's) are their classes' own."""
     targets = getattr(dataset, "targets", None)
-    if outside := sorted({int(y) for y in targets or () if not 0 <= y < num_classes}):
+    labels = {int(y) for y in targets} if targets is not None else set()  # a list, or a tensor (`or ()` raised)
+    if outside := sorted(y for y in labels if not 0 <= y < num_classes):
         where = f" (listed in {dataset.list_file})" if isinstance(dataset, ImageList) else ""
         raise DataNotFoundError(f"{benchmark}: covariate-shifted ID set {name!r}{where}: label(s) {outside[:8]} are no "
                                 f"ID class (the {num_classes} classes are 0..{num_classes - 1}); give it the ID class "
