@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# no byte-compiling of everything installed (pip's serial step: 89 s -> 48 s; compileall on 2 cores took 24 s more):
 	# Python compiles the modules a program imports on first import and keeps them (`make test`'s first imports: 4 s),
-	# unless PYTHONDONTWRITEBYTECODE is set (as on our CI hosts): `make test` unsets it for its own run, see there
+	# unless PYTHONDONTWRITEBYTECODE is set (as on our CI hosts): `make test` and `make test-fast` unset it for their run
 	$(PY) -m pip install --no-compile -e '.[dev]'
 	touch $@
 
@@ -49,7 +49,7 @@ test: install ## the layer contract (import-linter), then the whole test suite o
 	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: install ## the suite without the slow end-to-end tests
-	$(PY) -m pytest -q -m "not slow"
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -q -m "not slow"
 
 lint: install ## ruff, and the layer contract (import-linter, [tool.importlinter] in pyproject.toml)
 	$(PY) -m ruff check ood hydra_plugins tests benchmarks
