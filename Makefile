@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# no byte-compiling of everything installed (pip's serial step: 89 s -> 48 s; compileall on 2 cores took 24 s more):
 	# Python compiles the modules a program imports on first import and keeps them (`make test`'s first imports: 4 s),
-	# unless PYTHONDONTWRITEBYTECODE is set (as on our CI hosts): `make test` and `make test-fast` unset it for their run
+	# unless PYTHONDONTWRITEBYTECODE is set (as on our build machines): `make test` and `make test-fast` unset it for their run
 	$(PY) -m pip install --no-compile -e '.[dev]'
 	touch $@
 
