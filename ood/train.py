@@ -106,6 +106,13 @@ def build(
         backbone = instantiate(cfg.backbone, num_classes=benchmark.num_classes, in_channels=benchmark.in_channels)
     benchmark.check_model_input(backbone)
     method = instantiate(cfg.method, backbone=backbone)
+    if cfg.get("train", True) and method.first_complete_epoch >= int(cfg.trainer.max_epochs):
+        # heatmap with its CE phase as long as the run: the decoder never trained, its heatmaps scored silently
+        raise ConfigError(
+            f"{method.name} trains only a part of itself before epoch {method.first_complete_epoch} (0-based; heatmap's "
+            f"method.classifier_epochs), and trainer.max_epochs={cfg.trainer.max_epochs} ends the run there, the rest "
+            f"untrained: raise trainer.max_epochs above {method.first_complete_epoch}"
+        )
     # evaluation only serves no training stream: an outlier method's checkpoint evaluates without an outlier set
     datamodule.use_streams(method.streams if cfg.get("train", True) else ("id",), method.name)
     choices = _choices()

@@ -144,22 +144,23 @@ def test_feature_scaling(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("max_epochs", "refused"), [(2, True), (3, False)])
-def test_a_ce_phase_as_long_as_the_run_is_refused_at_fit_start(tmp_path: Path, max_epochs: int, refused: bool) -> None:
+def test_a_ce_phase_as_long_as_the_run_is_refused_as_the_run_is_built(tmp_path: Path, max_epochs: int,
+                                                                      refused: bool) -> None:
     """`method.classifier_epochs=2 trainer.max_epochs=2` trained the classifier for the whole run and scored the
-    untrained decoder's heatmaps as the method's results, silently; one epoch more leaves the decoder one."""
-    from lightning import Trainer
-
+    untrained decoder's heatmaps as the method's results, silently; one epoch more leaves the decoder one. Refused by
+    `ood.train.build` from the method's `first_complete_epoch`, before the trainer exists."""
     from ood.errors import ConfigError
+    from ood.train import build
 
-    method = _method(tmp_path, ["method.classifier_epochs=2", "method.scheduler=null"])
-    method.trainer = Trainer(max_epochs=max_epochs, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False)
+    cfg = compose_config(tmp_path, ["method=heatmap", "method.classifier_epochs=2", "method.init.ckpt=null",
+                                    f"trainer.max_epochs={max_epochs}", "logger=none"])
     if refused:
-        with pytest.raises(ConfigError, match=r"^method.classifier_epochs=2 leaves the decoder no epoch of "
-                                              r"trainer.max_epochs=2 \(both phases count\): raise trainer.max_epochs above it$"):
-            method.on_fit_start()
+        with pytest.raises(ConfigError, match=r"^heatmap trains only a part of itself before epoch 2 \(0-based; "
+                                              r"heatmap's method.classifier_epochs\), and trainer.max_epochs=2 ends the "
+                                              r"run there, the rest untrained: raise trainer.max_epochs above 2$"):
+            build(cfg)
     else:
-        method.on_fit_start()
+        assert build(cfg)[0].first_complete_epoch == 2
 
 
 def test_bad_flag_names_the_choices(tmp_path: Path) -> None:

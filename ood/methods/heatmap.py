@@ -275,17 +275,6 @@ class HeatmapOOD(OODMethod):
         out = self._data.forward(classify, data, self.backbone, "heatmap: classify", batch_size=self.feature_batch_size)
         return out["features"], out["preds"]
 
-    def on_fit_start(self) -> None:
-        """Refuse a CE phase as long as the run (`method.classifier_epochs >= trainer.max_epochs`) before its first
-        epoch: the decoder never trained, and its zero heatmaps were scored as the method's results, silently."""
-        super().on_fit_start()
-        epochs = self.trainer.max_epochs or 0
-        if self.classifier_epochs and epochs <= self.classifier_epochs:
-            raise ConfigError(
-                f"method.classifier_epochs={self.classifier_epochs} leaves the decoder no epoch of trainer.max_epochs="
-                f"{epochs} (both phases count): raise trainer.max_epochs above it"
-            )
-
     def prepare(self, data: FitData) -> None:
         """Checks the classifier source and the outliers (both in one line when both fail, so one failed run names
         every fix); builds the pool now unless the classifier trains first."""
