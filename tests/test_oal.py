@@ -671,6 +671,9 @@ def test_token_embeddings_and_knn_features_files_are_checked_before_the_teacher_
         _method(tmp_path, [f"method.knn_features={tmp_path / 'rows.npy'}"]).prepare(None)
     with pytest.raises(OODError, match=r"^method.knn_features: .*text.npy is not a .npy file"):
         _method(tmp_path, [f"method.knn_features={tmp_path / 'text.npy'}"]).prepare(None)
+    # built without them, as an evaluation of such a run builds the method (and reads neither file)
+    _method(tmp_path, [*clip, f"method.token_embeddings={tmp_path / 'absent.npy'}",
+                       f"method.knn_features={tmp_path / 'absent.npy'}"])
     # checked before the teacher's file is made (trained, when no teacher.ckpt is given), not after
     import ood.methods.oal as oal_module
 
