@@ -219,17 +219,11 @@ def _names(key: str, value: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a `results.jsonl` (or `sensitivity.jsonl`); a line that is no JSON is one line naming the file and
-    line (it was json's error alone, naming neither)."""
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path}:{number}: not a JSON line ({err.msg}): cut short or edited? rerun the "
-                                  "evaluation") from None
-    return rows
+    """The rows of a run's `results.jsonl` or `sensitivity.jsonl`, as `ood-report` reads them: a line that is no JSON
+    (cut short, edited) is one line naming the file and line (it was json's error alone, naming neither)."""
+    from ood.report.reading import parse_rows  # here: `import ood.api` stays light
+
+    return parse_rows(path, keys=())
 
 
 @contextmanager

@@ -26,7 +26,7 @@ import ood
 from ood.api import torchvision_name
 from ood.data.hygiene import BadImageError
 from ood.detectors import build_detector
-from ood.errors import CheckpointError, ConfigError, NonFiniteError
+from ood.errors import CheckpointError, ConfigError, NonFiniteError, OODError
 
 NORMALIZE = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -547,8 +547,8 @@ def test_a_run_file_cut_short_is_one_line_naming_it(trained, tmp_path: Path) -> 
                  output_dir=run)
     lines = (run / "results.jsonl").read_text()
     (run / "results.jsonl").write_text(lines + '{"detector": "ms')
-    with pytest.raises(ConfigError, match=rf"^{re.escape(str(run))}/results.jsonl:2: not a JSON line \(Unterminated "
-                                          r"string starting at\): cut short or edited\? rerun the evaluation$"):
+    with pytest.raises(OODError, match=rf"^{re.escape(str(run))}/results.jsonl:2: not a JSON line \(Unterminated "
+                                       r"string starting at\)$"):
         ood.Results.from_dir(run)
     (run / "results.jsonl").write_text(lines)
     (run / "scores.npz").write_bytes((run / "scores.npz").read_bytes()[:100])

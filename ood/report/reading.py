@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,11 @@ def found_below(paths: Iterable[str | Path]) -> dict[str, list[Path]]:
     return {name: sorted(found) for name, found in out.items()}
 
 
-def _parse_rows(file: Path) -> list[dict[str, Any]]:
-    """The rows of one `results.jsonl`; a line that is not a result row (cut short, edited by hand) is a one-line
-    error naming the file and line, rather than a traceback or a KeyError deep in the aggregation; of a file given by
-    name that is no `.jsonl` (a sweep's `multirun.yaml`), it also says what `ood-report` takes."""
+def parse_rows(file: Path, keys: Sequence[str] = ROW_KEYS) -> list[dict[str, Any]]:
+    """The rows of one `results.jsonl` (or, with the `keys` its rows need, another JSON-lines file of a run:
+    `Results.from_dir` reads `sensitivity.jsonl` too); a line that is not such a row (cut short, edited by hand) is a
+    one-line error naming the file and line, rather than a traceback or a KeyError deep in the aggregation; of a file
+    given by name that is no `.jsonl` (a sweep's `multirun.yaml`), it also says what `ood-report` takes."""
     rows = []
     for number, line in enumerate(file.read_text().splitlines(), 1):
         if not line.strip():
@@ -67,7 +68,7 @@ def _parse_rows(file: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             takes = "" if file.suffix == ".jsonl" else ": ood-report takes run or sweep folders or a results.jsonl"
             raise OODError(f"{file}:{number}: not a JSON line ({err.msg}){takes}") from None
-        missing = [k for k in ROW_KEYS if k not in row] if isinstance(row, dict) else list(ROW_KEYS)
+        missing = [k for k in keys if k not in row] if isinstance(row, dict) else list(keys)
         if missing:
             raise OODError(f"{file}:{number}: not a result row, it lacks {missing}")
         rows.append(row)
@@ -123,7 +124,7 @@ def load_rows(
         stopped = origin.get(file.parent.resolve())
         model = read_identity(stopped).model if stopped is not None else ident.model
         tags = {"_run": str(file.parent), "_config": ident.config, "_model": model, "_seeded": ident.seeded}
-        rows += [{**_labelled(row, ident.config), **tags} for row in _parse_rows(file)]
+        rows += [{**_labelled(row, ident.config), **tags} for row in parse_rows(file)]
     if not rows:  # an empty file: a run that scored nothing (detectors=none and a method without a score)
         runs = files or found[".hydra"] or found[FAILED_FILE]  # none: a typo'd path, an empty folder; say what it takes
         takes = "" if runs else (": a sweep that has started no job yet (its multirun.yaml alone)" if found[MULTIRUN_FILE]
