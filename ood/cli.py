@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -183,7 +183,73 @@ def user_error(err: BaseException) -> OODError | None:
         return raised_elsewhere(str(err))
     if isinstance(err, InstantiationException) and (target := re.match(r"Error locating target '([\w.]+)'", str(err))):
         return not_importable(target[1], err)
-    return None
+    return number_as_path(err, _job_overrides())
+
+
+#: Python's refusal of a number where a path belongs (`Path(2024)`, `open(2024)`): 3.11's words, then 3.12's pathlib's
+NOT_A_PATH = re.compile(r"expected str, bytes or os\.PathLike object, not (int|float)"
+                        r"|argument should be a str or an os\.PathLike object where __fspath__ returns a str, not '(int|float)'")
+
+
+def number_as_path(err: BaseException, overrides: Sequence[str]) -> ConfigError | None:
+    """A file or folder named by digits on the command line (`data.root=2024`, `ckpt_path=2024`): Hydra reads a bare
+    number as a number, and the run ended in Python's `TypeError` (in Hydra's five-line instantiation error). One line
+    naming the override and its quoted form; the overrides of that type whose value the failing frame held (every one
+    of that type when the frame holds none); None when `err` is not that refusal or no override gave such a number."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    refusal = next((e for e in _chain(err) if isinstance(e, TypeError) and NOT_A_PATH.search(str(e))), None)
+    if refusal is None:
+        return None
+    kind = next(g for g in NOT_A_PATH.search(str(refusal)).groups() if g)
+    held = _numbers_in_failing_frame(refusal)
+    given: list[list[str]] = []
+    for text in overrides:
+        try:
+            (override,) = OverridesParser.create().parse_overrides([text])
+        except Exception:  # noqa: BLE001 - Hydra took it already; a form it parses differently is not claimed here
+            continue
+        value = None if override.is_sweep_override() or override.is_delete() else override.value()
+        if type(value).__name__ == kind and (not held or value in held):
+            given.append(text.split("=", 1))  # as typed: `+key` keeps its `+`
+    if not given:
+        return None
+    quoted = " or ".join(f"\"{key}='{raw}'\"" for key, raw in given)
+    if len(given) == 1:
+        key, raw = given[0]
+        return ConfigError(f"{key}={raw}: Hydra reads a bare number as a number, and a file or folder name is expected "
+                           f"here; quote it: {quoted}")
+    return ConfigError(f"{' or '.join(f'{k}={r}' for k, r in given)}: Hydra reads a bare number as a number, and a file "
+                       f"or folder name is expected in one of them; quote that one: {quoted}")
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """`err` and the exceptions it was raised from or during (`__cause__`, `__context__`), nearest first."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def _numbers_in_failing_frame(err: BaseException) -> list[int | float]:
+    """The numbers (not booleans) of the innermost Python frame where `err` was raised, and in its tuples and lists
+    (pathlib's `args`): the value a path call refused."""
+    tb = err.__traceback__
+    if tb is None:
+        return []
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    values = list(tb.tb_frame.f_locals.values())
+    values += [v for seq in values if isinstance(seq, tuple | list) for v in seq]
+    return [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+
+
+def _job_overrides() -> list[str]:
+    """This Hydra job's command-line overrides (a sweep job's own values), or none outside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def not_importable(target: str, err: InstantiationException) -> ConfigError:

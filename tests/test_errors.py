@@ -69,6 +69,42 @@ def test_mismatched_checkpoint_names_file(tmp_path: Path) -> None:
         run_config(tmp_path / "run", [f"ckpt_path={path}"], config_name="eval")
 
 
+@pytest.mark.parametrize(("config", "overrides", "said"), [
+    ("eval", ["ckpt_path=2024"], "ckpt_path=2024"),
+    ("train", ["data=folder", "data.root=2024"], "data.root=2024"),
+    ("train", [*FAST, "++method.init.ckpt=2024.5"], "++method.init.ckpt=2024.5"),  # a float too, typed as given
+    ("train", ["seed=5", "evaluation.bank_dir=5"], "seed=5 or evaluation.bank_dir=5"),  # both gave the number refused
+    ("train", ["seed=3", "evaluation.bank_dir=5"], "evaluation.bank_dir=5"),
+], ids=["ckpt_path", "data.root", "init.ckpt", "two", "bank_dir"])
+def test_a_file_or_folder_named_by_digits_says_to_quote_it(
+    tmp_path: Path, config: str, overrides: list[str], said: str
+) -> None:
+    """Hydra reads `data.root=2024` as the number 2024, and the run ended in Python's TypeError (in Hydra's
+    five-line instantiation error for the data, the method and the evaluation)."""
+    from ood.cli import user_error
+
+    with pytest.raises((TypeError, InstantiationException)) as err:
+        run_config(tmp_path, overrides, config_name=config)
+    quoted = " or ".join(f"\"{o}'\"".replace("=", "='", 1) for o in said.split(" or "))
+    message = str(user_error(err.value))
+    assert message.startswith(f"{said}: Hydra reads a bare number as a number, and a file or folder name is expected")
+    assert message.endswith(quoted) and "\n" not in message
+
+
+def test_a_type_error_not_about_a_path_or_with_no_number_given_is_left_alone(tmp_path: Path) -> None:
+    """Another TypeError is a bug (its traceback is shown), and a path refused with a number the command line did not
+    give (a user's YAML) is not claimed."""
+    from ood.cli import number_as_path, user_error
+
+    compose_config(tmp_path, ["seed=3"])
+    assert user_error(TypeError("unsupported operand type(s) for +: 'int' and 'str'")) is None
+    try:
+        Path(7)
+    except TypeError as err:
+        assert number_as_path(err, ["seed=3", "data.root='7'"]) is None
+        assert str(number_as_path(err, ["seed=7"])).startswith("seed=7: Hydra reads a bare number")
+
+
 @pytest.mark.parametrize(("bad_step", "batches", "checked_after"), [(3, 8, 5), (7, 8, 8)])
 def test_nan_loss_stops_with_step(bad_step: int, batches: int, checked_after: int) -> None:
     """The check runs every log_every_n_steps (5) batches and at the epoch's last batch, and names the bad step."""
