@@ -13,11 +13,14 @@ import logging
 import os
 import socket
 import stat
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ood.errors import CheckpointError
 
 log = logging.getLogger(__name__)  # not ood.utils' rank-zero logger: a layer of its own
 
@@ -154,3 +157,41 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     import torch  # here: `ood-report` and the entry points' start-up import this module, not torch
 
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+#: the first bytes of files a user may give in a checkpoint's place -> what the file is
+NOT_TORCH_FILES = {b"\x93NUMPY": "a NumPy .npy file", b"\x1f\x8b": "a gzip file: unpack it first",
+                   b"\x89HDF": "an HDF5 file (Keras / TensorFlow weights)", b"PK": "a zip archive"}
+
+
+def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = False) -> Any:
+    """`torch.load(path)` on the CPU (any object: `weights_only=False`), memory-mapped with `mmap` where the file
+    allows it: torch.save's zip format. A file in torch's format before PyTorch 1.6 (the released checkpoints of
+    2018-2020 papers) is read whole: memory-mapped, torch refused it, saying to save it again. A file that is no
+    torch file says what it is (torch said "invalid load key" or that): text, a NumPy file, an archive to unpack.
+    Raises `CheckpointError` naming the file (`what`: checkpoint, weights)."""
+    import torch  # here: `ood-report` and the entry points' start-up import this module, not torch
+
+    path = Path(path)
+    try:
+        zipped = zipfile.is_zipfile(path)
+        with path.open("rb") as f:
+            head = f.read(16)
+        if zipped:
+            names = zipfile.ZipFile(path).namelist()
+            if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+                inside = [n for n in names if n.endswith((".ckpt", ".pth", ".pt", ".bin", ".safetensors"))]
+                raise CheckpointError(f"could not read {what} {path}: it is a zip archive, not a file of torch.save: "
+                                      f"unpack it and give the file inside{f' (e.g. {inside[0]})' if inside else ''}")
+        elif not head.startswith(b"\x80"):  # torch.save's format before 1.6 is a pickle (protocol 2: 0x80 0x02)
+            kind = next((k for magic, k in NOT_TORCH_FILES.items() if head.startswith(magic)), None)
+            raise CheckpointError(f"could not read {what} {path}: not a file of torch.save (neither its zip format nor "
+                                  f"a pickle): {kind or f'it starts with {head!r}'}")
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap and zipped)
+    except CheckpointError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        pickled = "Invalid magic number" in str(err)  # a pickle of another program (`pickle.dump`)
+        reason = "a pickle, not one of torch.save: save its tensors with torch.save" if pickled else f"{type(err).__name__}: {err}"
+        raise CheckpointError(f"could not read {what} {path}: {reason}") from err
+

@@ -61,6 +61,46 @@ def test_corrupt_checkpoint_names_file(tmp_path: Path) -> None:
         run_config(tmp_path / "run", [f"ckpt_path={corrupt}"], config_name="eval")
 
 
+@pytest.mark.parametrize(("content", "said"), [
+    (b"hello\n", r": not a file of torch.save \(neither its zip format nor a pickle\): it starts with b'hello\\n'$"),
+    (b"\x93NUMPY\x01\x00", r": not a file of torch.save \(neither its zip format nor a pickle\): a NumPy .npy file$"),
+    (b"\x1f\x8b\x08\x00", r": not a file of torch.save \(neither its zip format nor a pickle\): a gzip file: unpack it first$"),
+    ("pickle", r": a pickle, not one of torch.save: save its tensors with torch.save$"),
+    ("zip", r": it is a zip archive, not a file of torch.save: unpack it and give the file inside \(e.g. run/s0/best.ckpt\)$"),
+], ids=["text", "npy", "gzip", "pickle", "zip"])
+def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path: Path, content: bytes | str, said: str) -> None:
+    """torch said "invalid load key, 'h'" for text, and, as `ood-eval` first reads a checkpoint memory-mapped, that the
+    file must be saved again with the zip format: of a text file, a NumPy array, or OpenOOD's zip of checkpoints."""
+    import pickle
+    import zipfile
+
+    path = tmp_path / "given.ckpt"
+    if content == "pickle":
+        path.write_bytes(pickle.dumps({"fc.weight": [1.0]}, protocol=4))
+    elif content == "zip":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("run/s0/best.ckpt", b"...")
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=rf"^could not read checkpoint {re.escape(str(path))}{said}"):
+        run_config(tmp_path / "run", [f"ckpt_path={path}"], config_name="eval")
+
+
+def test_a_checkpoint_saved_in_torchs_format_before_1_6_evaluates_as_the_same_one_in_its_zip_format(
+    tmp_path: Path, ce_checkpoint: Path
+) -> None:
+    """Released checkpoints of 2018-2020 papers predate torch.save's zip format; `ood-eval` read every file memory-mapped
+    first (its stored config), which torch refuses for them ("mmap can only be used with files saved with
+    `_use_new_zipfile_serialization=True`")."""
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(torch.load(ce_checkpoint, weights_only=False), legacy, _use_new_zipfile_serialization=False)
+    rows = {name: run_config(tmp_path / name, [f"ckpt_path={path}", "detectors.names=[msp,knn]", "logger=none",
+                                               "trainer.enable_progress_bar=false"], config_name="eval")
+            for name, path in (("zip", ce_checkpoint), ("legacy", legacy))}
+    metrics = {name: [(r["detector"], r["ood_dataset"], r["auroc"], r["fpr95"]) for r in rs] for name, rs in rows.items()}
+    assert metrics["legacy"] == metrics["zip"] and len(metrics["zip"]) == 2 * 4 and rows["zip"][0]["seed"] == 0
+
+
 def test_mismatched_checkpoint_names_file(tmp_path: Path) -> None:
     other = CrossEntropy(SmallCNN(6, width=8), optimizer=torch.optim.SGD)
     path = tmp_path / "small.ckpt"

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ood.errors import CheckpointError
+from ood.files import read_torch_file
 
 _OPENOOD_RESNET18 = (
     (re.compile(r"^conv1\."), "stages.stem.0."),
@@ -189,8 +190,8 @@ def from_torchvision(state: Mapping[str, torch.Tensor], prefix: str = "backbone.
     return _rename(state, _TORCHVISION_RESNET, prefix)
 
 
-def _load_file(path: Path) -> object:
-    """The object stored in a checkpoint file (`torch.load` on CPU; safetensors for `.safetensors`)."""
+def _load_file(path: Path, what: str = "checkpoint") -> object:
+    """The object stored in a checkpoint file (`read_torch_file`; safetensors for `.safetensors`)."""
     if path.is_dir():  # a run folder, or a Hugging Face model folder
         inside = [path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
         # a run trained with evaluation.weights=best_val_acc evaluated its best.ckpt, the epoch of best ID-val accuracy
@@ -203,7 +204,7 @@ def _load_file(path: Path) -> object:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return read_torch_file(path, what)
 
 
 def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -211,7 +212,7 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     `_orig_mod.` dropped; a Lightning checkpoint's `state_dict`); errors name the file."""
     path = Path(path)
     try:
-        checkpoint = unwrap(_load_file(path), path)
+        checkpoint = unwrap(_load_file(path, "weights"), path)
         state = checkpoint["state_dict"] if checkpoint_format(checkpoint) == "lightning" else checkpoint  # type: ignore[index]
     except CheckpointError:
         raise

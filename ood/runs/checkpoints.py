@@ -38,7 +38,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from ood.errors import CheckpointError, ConfigError
 from ood.evaluation.evaluator import plain
-from ood.files import durable_replace
+from ood.files import durable_replace, read_torch_file
 from ood.runs.failures import resumed_checkpoint
 from ood.runs.identity import WEIGHTS_FILES, untracked_best
 from ood.runs.trained import trained_weights
@@ -185,7 +185,7 @@ class BestValAccuracy(AtomicCheckpoint):
 def checkpoint_epoch(path: str | Path) -> int | None:
     """The epoch (0-based, as the CSV log's) whose end saved the Lightning checkpoint `path`; None for a file without
     one (OpenOOD's `best.ckpt`, a bare state dict)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = read_torch_file(path, mmap=True)
     return int(ckpt["epoch"]) if isinstance(ckpt, Mapping) and "epoch" in ckpt else None
 
 
@@ -336,5 +336,5 @@ def own_checkpoint_epoch(ckpt_path: str | None, output_dir: str | Path) -> int |
     this run: its CSV log continues), else None."""
     if ckpt_path is None or Path(ckpt_path).resolve() != (Path(output_dir) / "checkpoints" / "last.ckpt").resolve():
         return None
-    epoch = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("epoch")
+    epoch = read_torch_file(ckpt_path, mmap=True).get("epoch")
     return int(epoch) if epoch is not None else None

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ood.errors import CheckpointError
+from ood.files import read_torch_file
 from ood.runs.identity import TRAINING_KEYS
 
 #: the training run's overrides `ood-eval` adopts (and every key under the groups), unless its command line names them;
@@ -126,12 +126,7 @@ def run_command_line(run: Path) -> list[str]:
 
 def checkpoint_config(path: str | Path) -> dict[str, Any]:
     """The flattened config stored in a checkpoint by `RunState` (empty for other checkpoints)."""
-    import torch  # at call: the entry points import this module at start-up (module doc)
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # only its stored config is read
-    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise CheckpointError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
+    ckpt = read_torch_file(path, mmap=True)  # only its stored config is read
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     return dict((hparams or {}).get("config") or {})
 
