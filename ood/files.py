@@ -169,7 +169,8 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
     allows it: torch.save's zip format. A file in torch's format before PyTorch 1.6 (the released checkpoints of
     2018-2020 papers) is read whole: memory-mapped, torch refused it, saying to save it again. A file that is no
     torch file says what it is (torch said "invalid load key" or that): text, a NumPy file, an archive to unpack.
-    Raises `CheckpointError` naming the file (`what`: checkpoint, weights)."""
+    A safetensors file is read as its tensors (`ood-eval ckpt_path=model.safetensors` read it for its stored config
+    and called it no torch file). Raises `CheckpointError` naming the file (`what`: checkpoint, weights)."""
     import torch  # here: `ood-report` and the entry points' start-up import this module, not torch
 
     path = Path(path)
@@ -183,6 +184,10 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
                 inside = [n for n in names if n.endswith((".ckpt", ".pth", ".pt", ".bin", ".safetensors"))]
                 raise CheckpointError(f"could not read {what} {path}: it is a zip archive, not a file of torch.save: "
                                       f"unpack it and give the file inside{f' (e.g. {inside[0]})' if inside else ''}")
+        elif head[8:9] == b"{":  # safetensors (Hugging Face's model.safetensors): a header's length, then its JSON
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
         elif not head.startswith(b"\x80"):  # torch.save's format before 1.6 is a pickle (protocol 2: 0x80 0x02)
             kind = next((k for magic, k in NOT_TORCH_FILES.items() if head.startswith(magic)), None)
             raise CheckpointError(f"could not read {what} {path}: not a file of torch.save (neither its zip format nor "

@@ -18,7 +18,8 @@ Supported files (detected from their keys, no flag needed):
   hub cache), mapped onto our staged ResNet-50 (`layer1` opens with the max-pool, so it is `stages.layer1.1`);
 - any of these saved from a `torch.compile`d or DataParallel / DDP-wrapped network (`_orig_mod.`, `module.` in the
   names are dropped: `plain_key`), or by a training script beside its own state (`{"model": state, "epoch": ...}`,
-  `model_state_dict`, `net`, ...: `unwrap`).
+  `model_state_dict`, `net`, a `state_dict` without Lightning's version key, a pickled network under one of them,
+  an optimizer's state or a tensor beside the weights: `unwrap`).
 
 `read_weights_file(path)` returns a file's parameters under their own names (any network's bare state dict as
 `.pth` / `.pt` / `.bin` / `.safetensors`, e.g. timm's or Hugging Face's `pytorch_model.bin` / `model.safetensors`,
@@ -79,8 +80,12 @@ def _rename(state: Mapping[str, torch.Tensor], table: tuple, prefix: str) -> dic
 
 #: keys under which training scripts save the network's state dict beside their own state, in the order taken:
 #: torchvision's reference scripts and DeiT / ConvNeXt (`model`, `model_ema`), tutorials (`model_state_dict`),
-#: kuangliu/pytorch-cifar (`net`), timm's train script (`state_dict_ema`, beside a `state_dict` read as Lightning's)
-WRAPPER_KEYS = ("model", "model_state_dict", "net", "state_dict_ema", "model_ema")
+#: kuangliu/pytorch-cifar (`net`, its first versions the pickled network itself), timm's train script and
+#: pytorch-classification (`state_dict` without Lightning's version key; timm's `state_dict_ema` beside it)
+WRAPPER_KEYS = ("model", "model_state_dict", "net", "state_dict", "state_dict_ema", "model_ema")
+
+#: the key Lightning writes into every checkpoint it saves: a `state_dict` beside it is a LightningModule's
+LIGHTNING_VERSION = "pytorch-lightning_version"
 
 
 def _is_state(value: object) -> bool:
@@ -88,19 +93,25 @@ def _is_state(value: object) -> bool:
 
 
 def unwrap(checkpoint: object, path: Path) -> object:
-    """The state dict inside a training script's file (`{"model": state, "epoch": ...}`: `WRAPPER_KEYS`) or of a pickled
-    module (`torch.save(model)`), or the
-    file's object itself when its top level holds tensors (or a Lightning `state_dict`); a file of neither is one line
-    naming its keys (it read as a state dict of its keys: 'missing ... 128 keys' named no cause)."""
+    """The state dict inside a file: of a pickled module (`torch.save(model)`), of a training script's file
+    (`{"model": state or module, "optimizer": ..., "best_acc": tensor(...)}`: `WRAPPER_KEYS`, looked at before the
+    top level's tensors: a tensor of the script's bookkeeping read the file as a state dict of its keys), the tensors
+    of a state dict saved beside bookkeeping (`{**state, "epoch": 3}`), or the file's object itself (a state dict, a
+    Lightning checkpoint, heatmap_ood's files). A `state_dict` without Lightning's version key is a script's wrapper:
+    read as Lightning's, an OpenOOD / torchvision state inside kept its own names and missed every key. A file of
+    none of these is one line naming its keys."""
     if isinstance(checkpoint, nn.Module):  # `torch.save(model)`: the module itself was pickled
         return checkpoint.state_dict()
-    if not isinstance(checkpoint, Mapping) or "state_dict" in checkpoint or any(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+    if not isinstance(checkpoint, Mapping) or _is_state(checkpoint) or _heatmap_ood_format(checkpoint):
         return checkpoint
-    if _heatmap_ood_format(checkpoint):
+    if LIGHTNING_VERSION in checkpoint and isinstance(checkpoint.get("state_dict"), Mapping):
         return checkpoint
     for key in WRAPPER_KEYS:
-        if _is_state(checkpoint.get(key)):
-            return checkpoint[key]
+        value = checkpoint.get(key)
+        if _is_state(value) or isinstance(value, nn.Module) or isinstance(value, Mapping) and _heatmap_ood_format(value):
+            return unwrap(value, path)
+    if any(isinstance(v, torch.Tensor) for v in checkpoint.values()):  # parameters' names are dotted paths
+        return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor) or "." in str(k)}
     raise CheckpointError(f"weights {path} hold no parameters at the top level (keys: {sorted(map(str, checkpoint))[:10]}) "
                           f"nor under {list(WRAPPER_KEYS)}: save model.state_dict() itself")
 
@@ -191,7 +202,7 @@ def from_torchvision(state: Mapping[str, torch.Tensor], prefix: str = "backbone.
 
 
 def _load_file(path: Path, what: str = "checkpoint") -> object:
-    """The object stored in a checkpoint file (`read_torch_file`; safetensors for `.safetensors`)."""
+    """The object stored in a checkpoint file (`read_torch_file`: torch.save's formats, safetensors)."""
     if path.is_dir():  # a run folder, or a Hugging Face model folder
         inside = [path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
         # a run trained with evaluation.weights=best_val_acc evaluated its best.ckpt, the epoch of best ID-val accuracy
@@ -200,10 +211,6 @@ def _load_file(path: Path, what: str = "checkpoint") -> object:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file; did you mean {hint}?")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
     return read_torch_file(path, what)
 
 
@@ -315,6 +322,11 @@ def load_modules(
             first = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
             if has_backbone and any(not k.startswith("backbone.") for k in (*missing, *unexpected)):
                 hint = "pass the method= it was trained with: the checkpoint's modules differ outside the backbone"
+            elif any(k.startswith("backbone.net.") for k in wanted) and not any(k.startswith("backbone.net.") for k in given):
+                # a wrapper's file keeps `net.`: this one is the wrapped network's own (read as a staged ResNet's, its
+                # hint was backbone=torchvision, the backbone this model has)
+                hint = (f"backbone=torchvision|timm|module wraps its network: give a file of that network as "
+                        f"backbone.weights={path}")
             raise CheckpointError(
                 f"checkpoint {path} does not fit the configured model ({hint}): {first} "
                 f"({len(missing)} missing, {len(unexpected)} unexpected keys)"

@@ -35,7 +35,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from ood.errors import ConfigError, check_range
+from ood.errors import CheckpointError, ConfigError, check_range
 from ood.runs.identity import (
     ADDED_KEYS,
     EVALUATION_KEYS,
@@ -73,6 +73,12 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
     max_epochs = cfg.trainer.get("max_epochs")
     if cfg.train and ckpt_path is not None:
         stored = checkpoint_config(ckpt_path)
+        if not stored:  # no run's config: another program's file (Lightning failed on it with a KeyError traceback)
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} is not one of an ood run (its last.ckpt, with the run's config, optimizer and "
+                f"epoch), so there is no run to resume: start a new run from its weights with "
+                f"{_override('method.init.ckpt', ckpt_path)} instead of ckpt_path="
+            )
         before = stored.get("trainer.max_epochs")
         if before is not None and int(before) != int(max_epochs):
             raise ConfigError(
@@ -372,9 +378,7 @@ def check_resume(cfg: DictConfig, stored: Mapping[str, Any], ckpt_path: str) -> 
     `method.base_temperature`) are named in a warning, since the resumed epochs run with them and the earlier ones did
     not (but the evaluation-only keys, absent at their default; `evaluation.weights=best_val_acc` of a run trained with
     `last` is refused: its epochs' accuracies are unknown); a checkpoint without a stored config (another framework's)
-    is not checked."""
-    if not stored:
-        return
+    is refused before (`check_run`)."""
     stored = spelled_now(stored)  # a checkpoint's keys respelled since (`RENAMED_KEYS`) compared and named as today's
     seeded = seed_keys(cfg)
     now, then = identity(flat_config(cfg), seeded), identity(stored, seeded)

@@ -1,0 +1,125 @@
+"""Weights files as users bring them (a training script's own wrapping, safetensors, another program's file given to
+resume), through every entry that reads one: `ood-eval ckpt_path=` (`load_weights`), `method.init.ckpt=`,
+`backbone.weights=`, `ood-train ckpt_path=` (resume)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import compose_config
+from safetensors.torch import save_file
+
+from ood.cli import load_weights
+from ood.errors import CheckpointError
+from ood.files import read_torch_file
+from ood.methods import CrossEntropy
+from ood.models.adapters import module_backbone
+from ood.models.small_cnn import SmallCNN
+from ood.runs.checks import check_run
+from ood.runs.trained import checkpoint_config
+
+SMALL_CNN = "ood.models.small_cnn.SmallCNN"
+
+
+def _network() -> SmallCNN:
+    torch.manual_seed(0)
+    return SmallCNN(6, width=8)
+
+
+def _optimizer_state() -> dict[str, Any]:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, momentum=0.9).state_dict()
+
+
+#: how training scripts save a network's weights beside their own state
+SAVED = {
+    # timm's train script, pytorch-classification: no Lightning version key beside it
+    "state_dict wrapper": lambda net: {"state_dict": net.state_dict(), "epoch": 3, "arch": "small_cnn"},
+    # a tensor of the script's bookkeeping at the top level
+    "model + optimizer + tensor accuracy": lambda net: {"model": net.state_dict(), "optimizer": _optimizer_state(),
+                                                        "best_acc": torch.tensor(0.9)},
+    "state dict + optimizer at the top level": lambda net: {**net.state_dict(), "optimizer": _optimizer_state(), "epoch": 3},
+    # kuangliu/pytorch-cifar's first versions: the network object itself
+    "pickled network under net": lambda net: {"net": net, "acc": 91.2, "epoch": 3},
+}
+
+#: entry -> the network it loads the file into
+ENTRIES: dict[str, Callable[[Path], torch.nn.Module]] = {
+    "ood-eval ckpt_path": lambda path: _evaluated(path),
+    "method.init.ckpt": lambda path: _initialised(path),
+    "backbone.weights": lambda path: module_backbone(SMALL_CNN, 6, 1, weights=str(path), width=8),
+}
+
+
+def _evaluated(path: Path) -> torch.nn.Module:
+    method = CrossEntropy(SmallCNN(6, width=8), optimizer=torch.optim.SGD)
+    load_weights(method, path)
+    return method.backbone
+
+
+def _initialised(path: Path) -> torch.nn.Module:
+    method = CrossEntropy(SmallCNN(6, width=8), optimizer=torch.optim.SGD, init={"ckpt": str(path)})
+    method.apply_init()
+    return method.backbone
+
+
+@pytest.mark.parametrize("saved", SAVED)
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_a_training_scripts_file_loads_the_weights_of_the_plain_state_dict(tmp_path: Path, saved: str, entry: str) -> None:
+    """A `{"state_dict": ...}` without Lightning's version key was read as a Lightning checkpoint (names unconverted:
+    'modules differ outside the backbone'), a tensor beside `model` or an optimizer beside the parameters made the
+    file's keys the parameters' ('set method.init.modules'), a pickled network under `net` was 'no parameters'. Each
+    now loads exactly the weights of the plain `torch.save(net.state_dict())`."""
+    net = _network()
+    torch.save(net.state_dict(), tmp_path / "plain.pth")
+    torch.save(SAVED[saved](net), tmp_path / "saved.pth")
+    loaded, reference = ENTRIES[entry](tmp_path / "saved.pth").state_dict(), ENTRIES[entry](tmp_path / "plain.pth").state_dict()
+    assert loaded.keys() == reference.keys() == net.state_dict().keys()
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded[key], value) and torch.equal(reference[key], value), key
+
+
+def test_a_safetensors_file_is_read_by_every_reader_of_torch_files(tmp_path: Path) -> None:
+    """`ood-eval ckpt_path=model.safetensors` reads the file for its stored config first (`checkpoint_config`), which
+    refused it as 'not a file of torch.save ... it starts with b'...'': it is read as its tensors, with no config."""
+    net = _network()
+    save_file(net.state_dict(), str(tmp_path / "model.safetensors"))
+    state = read_torch_file(tmp_path / "model.safetensors")
+    assert state.keys() == net.state_dict().keys() and all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    assert checkpoint_config(tmp_path / "model.safetensors") == {}
+
+
+def test_a_wrapped_networks_own_file_given_as_a_checkpoint_says_backbone_weights(tmp_path: Path) -> None:
+    """timm's `pytorch_model.bin` given to `ckpt_path=` / `method.init.ckpt=` of a `backbone=timm` run was refused
+    with 'pass backbone=resnet18 | resnet50, or backbone=torchvision ...' or 'the data=/backbone= it was trained
+    with': the backbone it had. The wrapper keeps the network under `net.`; the refusal says `backbone.weights=`."""
+    import timm
+
+    from ood.models.adapters import timm_backbone
+
+    torch.save(timm.create_model("test_resnet", num_classes=6, in_chans=1).state_dict(), tmp_path / "pytorch_model.bin")
+    for init in (None, {"ckpt": str(tmp_path / "pytorch_model.bin")}):
+        method = CrossEntropy(timm_backbone("test_resnet", 6, 1), optimizer=torch.optim.SGD, init=init)
+        with pytest.raises(CheckpointError, match=r"\(backbone=torchvision\|timm\|module wraps its network: give a file of "
+                                                  rf"that network as backbone.weights={tmp_path / 'pytorch_model.bin'}\)"):
+            method.apply_init() if init else load_weights(method, tmp_path / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("saved", ["state dict", "pickled network", "safetensors", "another Lightning file"])
+def test_resuming_a_file_of_no_ood_run_is_one_line(tmp_path: Path, saved: str) -> None:
+    """`ood-train ckpt_path=<file>` resumes a run: Lightning failed on any other file with a traceback ending in
+    KeyError 'pytorch-lightning_version' (safetensors: 'not a file of torch.save'). Refused naming the file and
+    `method.init.ckpt`, which starts a new run from its weights."""
+    net, path = _network(), tmp_path / "weights.ckpt"
+    if saved == "safetensors":
+        save_file(net.state_dict(), str(path))
+    else:
+        torch.save({"state dict": net.state_dict(), "pickled network": net,
+                    "another Lightning file": {"state_dict": net.state_dict(), "pytorch-lightning_version": "2.6.6"}}[saved],
+                   path)
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {path} is not one of an ood run .* start a new run from its "
+                                              rf"weights with method.init.ckpt={path} instead of ckpt_path=$"):
+        check_run(compose_config(tmp_path / "run", [f"ckpt_path={path}"]), str(path))
