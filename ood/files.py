@@ -198,5 +198,10 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
     except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
         pickled = "Invalid magic number" in str(err)  # a pickle of another program (`pickle.dump`)
         reason = "a pickle, not one of torch.save: save its tensors with torch.save" if pickled else f"{type(err).__name__}: {err}"
+        if isinstance(err, ModuleNotFoundError | AttributeError) and ("No module named" in str(err) or "Can't get attribute" in str(err)):
+            # `torch.save(model)`: the network object, pickled with its class's name, not its code
+            reason = (f"it holds a pickled object whose class cannot be imported here ({err}): the network itself was "
+                      "saved (torch.save(model)); load it where its code is and save model.state_dict() instead, or put "
+                      "that code on PYTHONPATH")
         raise CheckpointError(f"could not read {what} {path}: {reason}") from err
 

@@ -123,3 +123,22 @@ def test_resuming_a_file_of_no_ood_run_is_one_line(tmp_path: Path, saved: str) -
     with pytest.raises(CheckpointError, match=rf"^checkpoint {path} is not one of an ood run .* start a new run from its "
                                               rf"weights with method.init.ckpt={path} instead of ckpt_path=$"):
         check_run(compose_config(tmp_path / "run", [f"ckpt_path={path}"]), str(path))
+
+
+def test_a_pickled_network_whose_class_is_not_importable_says_to_save_its_state_dict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A released `torch.save(model)` of the authors' own class (`models.wrn.WideResNet`) read where their code is
+    not: 'AttributeError: Can't get attribute ...' / 'No module named ...' said nothing of what to do."""
+    import importlib
+    import sys
+
+    (tmp_path / "released_net.py").write_text("import torch\n\n\nclass Net(torch.nn.Linear):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.save(importlib.import_module("released_net").Net(2, 6), tmp_path / "net.pt")
+    monkeypatch.delitem(sys.modules, "released_net")
+    (tmp_path / "released_net.py").unlink()
+    with pytest.raises(CheckpointError, match=rf"^could not read checkpoint {tmp_path / 'net.pt'}: it holds a pickled object "
+                                              r"whose class cannot be imported here \(No module named 'released_net'\): .*"
+                                              r"save model.state_dict\(\) instead, or put that code on PYTHONPATH$"):
+        load_weights(CrossEntropy(_network(), optimizer=torch.optim.SGD), tmp_path / "net.pt")
