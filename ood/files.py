@@ -179,7 +179,8 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
         with path.open("rb") as f:
             head = f.read(16)
         if zipped:
-            names = zipfile.ZipFile(path).namelist()
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
             if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
                 inside = [n for n in names if n.endswith((".ckpt", ".pth", ".pt", ".bin", ".safetensors"))]
                 raise CheckpointError(f"could not read {what} {path}: it is a zip archive, not a file of torch.save: "
