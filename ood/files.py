@@ -164,6 +164,14 @@ NOT_TORCH_FILES = {b"\x93NUMPY": "a NumPy .npy file", b"\x1f\x8b": "a gzip file:
                    b"\x89HDF": "an HDF5 file (Keras / TensorFlow weights)", b"PK": "a zip archive"}
 
 
+#: how torch.save's zip format starts: a zip's first local header, as torch tells it (`zipfile.is_zipfile` also finds
+#: zip's end signature in a file's last 64 KiB: in a tensor's bytes of the format before 1.6)
+ZIP_START = b"PK\x03\x04"
+
+#: how torch.save's format before 1.6 starts: its magic number pickled, protocol 2 and above (0x80), then 1 (text)
+LEGACY_STARTS = (b"\x80", b"L119547037146038801333356L")
+
+
 def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = False) -> Any:
     """`torch.load(path)` on the CPU (any object: `weights_only=False`), memory-mapped with `mmap` where the file
     allows it: torch.save's zip format. A file in torch's format before PyTorch 1.6 (the released checkpoints of
@@ -175,9 +183,9 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
 
     path = Path(path)
     try:
-        zipped = zipfile.is_zipfile(path)
         with path.open("rb") as f:
-            head = f.read(16)
+            head = f.read(len(LEGACY_STARTS[-1]))
+        zipped = head.startswith(ZIP_START)
         if zipped:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
@@ -189,10 +197,10 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
-        elif not head.startswith(b"\x80"):  # torch.save's format before 1.6 is a pickle (protocol 2: 0x80 0x02)
+        elif not head.startswith(LEGACY_STARTS):
             kind = next((k for magic, k in NOT_TORCH_FILES.items() if head.startswith(magic)), None)
             raise CheckpointError(f"could not read {what} {path}: not a file of torch.save (neither its zip format nor "
-                                  f"a pickle): {kind or f'it starts with {head!r}'}")
+                                  f"a pickle): {kind or f'it starts with {head[:16]!r}'}")
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap and zipped)
     except CheckpointError:
         raise

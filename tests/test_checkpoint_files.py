@@ -142,3 +142,17 @@ def test_a_pickled_network_whose_class_is_not_importable_says_to_save_its_state_
                                               r"whose class cannot be imported here \(No module named 'released_net'\): .*"
                                               r"save model.state_dict\(\) instead, or put that code on PYTHONPATH$"):
         load_weights(CrossEntropy(_network(), optimizer=torch.optim.SGD), tmp_path / "net.pt")
+
+
+@pytest.mark.parametrize("saved", ["pickle protocol 1", "zip's end signature in its data"])
+def test_a_file_in_torchs_format_before_1_6_is_read_whatever_its_bytes(tmp_path: Path, saved: str) -> None:
+    """torch.load reads these; `read_torch_file` guessed the format itself and refused them: a pickle protocol below 2
+    does not start with 0x80 ('not a file of torch.save'), and `zipfile.is_zipfile` finds zip's end-of-archive
+    signature anywhere in a file's last 64 KiB (here the bytes of a tensor: 'it is a zip archive'). Both reads, the
+    whole file and the memory-mapped one of a stored config, give the saved tensor."""
+    weight = torch.frombuffer(bytearray(b"PK\x05\x06" + bytes(18)), dtype=torch.uint8)
+    torch.save({"weight": weight}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False,
+               pickle_protocol=1 if saved == "pickle protocol 1" else 2)
+    for mmap in (False, True):
+        assert torch.equal(read_torch_file(tmp_path / "legacy.pth", mmap=mmap)["weight"], weight)
+
