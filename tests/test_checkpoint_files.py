@@ -156,3 +156,15 @@ def test_a_file_in_torchs_format_before_1_6_is_read_whatever_its_bytes(tmp_path:
     for mmap in (False, True):
         assert torch.equal(read_torch_file(tmp_path / "legacy.pth", mmap=mmap)["weight"], weight)
 
+
+def test_a_state_dict_wrapper_whose_network_keeps_extra_state_reads_as_that_state(tmp_path: Path) -> None:
+    """A module's `get_extra_state` is saved as any object under `<module>._extra_state`; a `{"state_dict": ...}` of
+    such a network without Lightning's version key (timm's train script) was 'no parameters at the top level': only a
+    mapping of tensors alone was taken for a state dict."""
+    from ood.models.checkpoint import read_weights_file
+
+    state = {**_network().state_dict(), "head._extra_state": {"scale": 2.0}}
+    torch.save({"state_dict": state, "epoch": 3, "arch": "small_cnn"}, tmp_path / "saved.pth")
+    read = read_weights_file(tmp_path / "saved.pth")
+    assert read.keys() == state.keys() and read["head._extra_state"] == {"scale": 2.0}
+    assert all(torch.equal(read[k], v) for k, v in state.items() if isinstance(v, torch.Tensor))

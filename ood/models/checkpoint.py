@@ -89,7 +89,9 @@ LIGHTNING_VERSION = "pytorch-lightning_version"
 
 
 def _is_state(value: object) -> bool:
-    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+    """A state dict: tensors by name, and any object a module's `get_extra_state` saved (`<module>._extra_state`)."""
+    return isinstance(value, Mapping) and bool(value) and all(
+        isinstance(v, torch.Tensor) or str(k).endswith("_extra_state") for k, v in value.items())
 
 
 def unwrap(checkpoint: object, path: Path) -> object:
