@@ -200,7 +200,7 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
         elif not head.startswith(LEGACY_STARTS):
             kind = next((k for magic, k in NOT_TORCH_FILES.items() if head.startswith(magic)), None)
             raise CheckpointError(f"could not read {what} {path}: not a file of torch.save (neither its zip format nor "
-                                  f"a pickle): {kind or f'it starts with {head[:16]!r}'}")
+                                  f"a pickle): {kind or (f'it starts with {head[:16]!r}' if head else 'it is empty')}")
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap and zipped)
     except CheckpointError:
         raise

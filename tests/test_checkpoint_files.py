@@ -168,3 +168,11 @@ def test_a_state_dict_wrapper_whose_network_keeps_extra_state_reads_as_that_stat
     read = read_weights_file(tmp_path / "saved.pth")
     assert read.keys() == state.keys() and read["head._extra_state"] == {"scale": 2.0}
     assert all(torch.equal(read[k], v) for k, v in state.items() if isinstance(v, torch.Tensor))
+
+
+def test_an_empty_file_says_it_is_empty(tmp_path: Path) -> None:
+    """A checkpoint left empty (a copy that failed, a full disk) said it 'starts with b'''."""
+    (tmp_path / "last.ckpt").touch()
+    with pytest.raises(CheckpointError, match=rf"^could not read checkpoint {tmp_path / 'last.ckpt'}: not a file of "
+                                              r"torch.save \(neither its zip format nor a pickle\): it is empty$"):
+        read_torch_file(tmp_path / "last.ckpt")
