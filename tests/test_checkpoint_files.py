@@ -150,9 +150,11 @@ def test_a_file_in_torchs_format_before_1_6_is_read_whatever_its_bytes(tmp_path:
     does not start with 0x80 ('not a file of torch.save'), and `zipfile.is_zipfile` finds zip's end-of-archive
     signature anywhere in a file's last 64 KiB (here the bytes of a tensor: 'it is a zip archive'). Both reads, the
     whole file and the memory-mapped one of a stored config, give the saved tensor."""
-    weight = torch.frombuffer(bytearray(b"PK\x05\x06" + bytes(18)), dtype=torch.uint8)
+    protocol_1 = saved == "pickle protocol 1"
+    weight = torch.arange(22, dtype=torch.uint8) if protocol_1 else torch.frombuffer(bytearray(b"PK\x05\x06" + bytes(18)),
+                                                                                      dtype=torch.uint8)
     torch.save({"weight": weight}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False,
-               pickle_protocol=1 if saved == "pickle protocol 1" else 2)
+               pickle_protocol=1 if protocol_1 else 2)
     for mmap in (False, True):
         assert torch.equal(read_torch_file(tmp_path / "legacy.pth", mmap=mmap)["weight"], weight)
 
