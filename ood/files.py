@@ -187,8 +187,12 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
             head = f.read(len(LEGACY_STARTS[-1]))
         zipped = head.startswith(ZIP_START)
         if zipped:
-            with zipfile.ZipFile(path) as archive:
-                names = archive.namelist()
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    names = archive.namelist()
+            except zipfile.BadZipFile:  # its start without its end (central directory): a copy stopped half-way
+                raise CheckpointError(f"could not read {what} {path}: it is cut short or damaged (torch.save's zip "
+                                      "format without its end): copy or save it again") from None
             if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
                 inside = [n for n in names if n.endswith((".ckpt", ".pth", ".pt", ".bin", ".safetensors"))]
                 raise CheckpointError(f"could not read {what} {path}: it is a zip archive, not a file of torch.save: "

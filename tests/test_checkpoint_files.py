@@ -178,3 +178,15 @@ def test_an_empty_file_says_it_is_empty(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=rf"^could not read checkpoint {tmp_path / 'last.ckpt'}: not a file of "
                                               r"torch.save \(neither its zip format nor a pickle\): it is empty$"):
         read_torch_file(tmp_path / "last.ckpt")
+
+
+def test_a_checkpoint_cut_short_says_to_copy_it_again(tmp_path: Path) -> None:
+    """A copy or download that stopped half-way keeps the zip format's start, not its end: it was called 'not a file
+    of torch.save ... a zip archive' (torch: 'failed finding central directory ... likely ... corrupted')."""
+    torch.save(_network().state_dict(), tmp_path / "full.ckpt")
+    whole = (tmp_path / "full.ckpt").read_bytes()
+    (tmp_path / "last.ckpt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CheckpointError, match=rf"^could not read checkpoint {tmp_path / 'last.ckpt'}: it is cut short or "
+                                              r"damaged \(torch.save's zip format without its end\): copy or save it "
+                                              r"again$"):
+        read_torch_file(tmp_path / "last.ckpt")
