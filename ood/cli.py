@@ -194,8 +194,9 @@ NOT_A_PATH = re.compile(r"expected str, bytes or os\.PathLike object, not (int|f
 def number_as_path(err: BaseException, overrides: Sequence[str]) -> ConfigError | None:
     """A file or folder named by digits on the command line (`data.root=2024`, `ckpt_path=2024`): Hydra reads a bare
     number as a number, and the run ended in Python's `TypeError` (in Hydra's five-line instantiation error). One line
-    naming the override and its quoted form; the overrides of that type whose value the failing frame held (every one
-    of that type when the frame holds none); None when `err` is not that refusal or no override gave such a number."""
+    naming the override and its quoted form; the overrides of that type whose value the failing frame held; None when
+    `err` is not that refusal or no override gave the number refused (a frame holding none, a DataLoader worker's
+    error re-raised as text: any number of the command line was claimed, and a dataset's bug lost its traceback)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     refusal = next((e for e in _chain(err) if isinstance(e, TypeError) and NOT_A_PATH.search(str(e))), None)
@@ -210,7 +211,7 @@ def number_as_path(err: BaseException, overrides: Sequence[str]) -> ConfigError 
         except Exception:  # noqa: BLE001 - Hydra took it already; a form it parses differently is not claimed here
             continue
         value = None if override.is_sweep_override() or override.is_delete() else override.value()
-        if type(value).__name__ == kind and (not held or value in held):
+        if type(value).__name__ == kind and value in held:
             given.append(text.split("=", 1))  # as typed: `+key` keeps its `+`
     if not given:
         return None

@@ -145,6 +145,23 @@ def test_a_type_error_not_about_a_path_or_with_no_number_given_is_left_alone(tmp
         assert str(number_as_path(err, ["seed=7"])).startswith("seed=7: Hydra reads a bare number")
 
 
+
+def test_a_path_refused_in_a_dataloader_worker_is_not_claimed_for_a_number_given() -> None:
+    """A DataLoader worker's TypeError comes back as text, re-raised where no number is held: every number of the
+    command line's type was claimed (`trainer.max_epochs=3` "quote it"), and the dataset's own bug (a path made of an
+    index) lost its traceback."""
+    from torch._utils import ExceptionWrapper
+
+    from ood.cli import number_as_path
+
+    try:
+        Path(7)  # a dataset's `__getitem__` making a path of its index, in a worker
+    except TypeError:
+        wrapper = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(TypeError, match="expected str, bytes or os.PathLike object, not int") as err:
+        wrapper.reraise()
+    assert number_as_path(err.value, ["trainer.max_epochs=3"]) is None
+
 @pytest.mark.parametrize(("bad_step", "batches", "checked_after"), [(3, 8, 5), (7, 8, 8)])
 def test_nan_loss_stops_with_step(bad_step: int, batches: int, checked_after: int) -> None:
     """The check runs every log_every_n_steps (5) batches and at the epoch's last batch, and names the bad step."""
