@@ -120,7 +120,7 @@ def test_resuming_a_file_of_no_ood_run_is_one_line(tmp_path: Path, saved: str) -
         torch.save({"state dict": net.state_dict(), "pickled network": net,
                     "another Lightning file": {"state_dict": net.state_dict(), "pytorch-lightning_version": "2.6.6"}}[saved],
                    path)
-    with pytest.raises(CheckpointError, match=rf"^checkpoint {path} is not one of an ood run .* start a new run from its "
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {path} holds no ood run.s config .* start a new run from its "
                                               rf"weights with method.init.ckpt={path} instead of ckpt_path=$"):
         check_run(compose_config(tmp_path / "run", [f"ckpt_path={path}"]), str(path))
 

@@ -75,8 +75,8 @@ def check_run(cfg: DictConfig, ckpt_path: str | None, given: Sequence[str] = ())
         stored = checkpoint_config(ckpt_path)
         if not stored:  # no run's config: another program's file (Lightning failed on it with a KeyError traceback)
             raise CheckpointError(
-                f"checkpoint {ckpt_path} is not one of an ood run (its last.ckpt, with the run's config, optimizer and "
-                f"epoch), so there is no run to resume: start a new run from its weights with "
+                f"checkpoint {ckpt_path} holds no ood run's config (another program's file, or a run of ood before it "
+                f"could resume), so there is no run to resume: start a new run from its weights with "
                 f"{_override('method.init.ckpt', ckpt_path)} instead of ckpt_path="
             )
         before = stored.get("trainer.max_epochs")
