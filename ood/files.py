@@ -205,7 +205,8 @@ def read_torch_file(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
             kind = next((k for magic, k in NOT_TORCH_FILES.items() if head.startswith(magic)), None)
             raise CheckpointError(f"could not read {what} {path}: not a file of torch.save (neither its zip format nor "
                                   f"a pickle): {kind or (f'it starts with {head[:16]!r}' if head else 'it is empty')}")
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap and zipped)
+        # the name as a string: torch 2.2 took only a str with mmap ("f must be a string filename ...")
+        return torch.load(str(path), map_location="cpu", weights_only=False, mmap=mmap and zipped)
     except CheckpointError:
         raise
     except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way

@@ -190,3 +190,19 @@ def test_a_checkpoint_cut_short_says_to_copy_it_again(tmp_path: Path) -> None:
                                               r"damaged \(torch.save's zip format without its end\): copy or save it "
                                               r"again$"):
         read_torch_file(tmp_path / "last.ckpt")
+
+
+def test_a_memory_mapped_read_names_the_file_as_torch_2_2_takes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch 2.2's `torch.load(mmap=True)` took only a string ("f must be a string filename in order to use mmap
+    argument"): every `ood-eval` of a `Path` failed there (found running the suite on torch 2.2)."""
+    path = tmp_path / "w.ckpt"
+    torch.save({"w": torch.ones(2)}, path)
+    load = torch.load
+
+    def torch_2_2(f: Any, *args: Any, mmap: bool | None = None, **kwargs: Any) -> Any:
+        if mmap and not isinstance(f, str):
+            raise ValueError("f must be a string filename in order to use mmap argument")
+        return load(f, *args, mmap=mmap, **kwargs)
+
+    monkeypatch.setattr(torch, "load", torch_2_2)
+    assert torch.equal(read_torch_file(path, mmap=True)["w"], torch.ones(2))
