@@ -195,7 +195,10 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     autocast = torch.autocast.__init__
     monkeypatch.setattr(torch.autocast, "__init__", lambda self, device_type, *args, **kwargs: autocast(
         self, "cpu" if device_type == "cuda" else device_type, *args, **kwargs))
-    monkeypatch.setattr(torch.optim.Optimizer, "_accelerator_graph_capture_health_check", lambda self: None)
+    # an optimiser's step asks CUDA whether it captures a graph (the second name: the check in older torch, e.g. 2.6)
+    for check in ("_accelerator_graph_capture_health_check", "_cuda_graph_capture_health_check"):
+        if hasattr(torch.optim.Optimizer, check):
+            monkeypatch.setattr(torch.optim.Optimizer, check, lambda self: None)
     with _Mode():
         yield
 
