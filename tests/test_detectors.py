@@ -148,7 +148,7 @@ def test_a_fit_bank_missing_a_class_is_refused_by_per_class_detectors(name: str,
     (the Mahalanobis family scored AUROC 0.5 on a `data.fit_fraction` that drew none of a class): it is not
     applicable, saying why in a line that starts with its name, as a detector's other one-line errors do (it started
     "its fit bank has no rows", naming no detector); the other detectors fit as before."""
-    per_class = {"gram", "mahalanobis", "mahalanobis_odin", "mahalanobis_pp", "mds_ensemble", "openmax", "rmds",
+    per_class = {"gem", "gram", "mahalanobis", "mahalanobis_odin", "mahalanobis_pp", "mds_ensemble", "openmax", "rmds",
                  "rmds_pp", "she"}
     cls = detector_class(name)
     bank = synthetic[cls.fit_split]
@@ -522,6 +522,13 @@ def test_msp_maxlogit_entropy_known_logits() -> None:
     torch.testing.assert_close(build_detector("entropy").score(bank), torch.tensor(expected, dtype=torch.float64))
 
 
+def test_oe_xent_is_the_cross_entropy_from_uniform_known_logits() -> None:
+    """Softmax (1/4, 3/4): -(log 1/4 + log 3/4) / 2 = log 4 - log(3) / 2; equal logits: log C."""
+    bank = _logit_bank([[0.0, math.log(3.0)], [1.0, 1.0]])
+    expected = [math.log(4.0) - math.log(3.0) / 2, math.log(2.0)]
+    torch.testing.assert_close(build_detector("oe_xent").score(bank), torch.tensor(expected, dtype=torch.float64))
+
+
 
 def test_msp_does_not_tie_saturated_softmax_up_to_hundreds_of_nats() -> None:
     """Margins of 40, 45 and 300 nats: float64's log_softmax rounds every one to 0 (a tie); the score stays
@@ -587,6 +594,16 @@ def test_mahalanobis_with_identity_covariance_is_squared_euclidean() -> None:
     det = build_detector("mahalanobis").fit(train)
     query = _bank(torch.tensor([[1.0, 2.0], [7.0, -1.0]], dtype=torch.float64), None, train.weight, train.bias)
     torch.testing.assert_close(det.score(query), torch.tensor([-5.0, -10.0], dtype=torch.float64))
+
+
+def test_gem_is_the_log_sum_of_the_class_gaussians() -> None:
+    """Identity covariance, centres (0, 0) and (10, 0): (1, 2) is at squared distances 5 and 85, (7, -1) at 50 and
+    10, and (5, 0) at 25 from both, where MDS scores -25 and GEM's soft minimum adds log 2."""
+    train = _identity_cov_train()
+    det = build_detector("gem").fit(train)
+    query = _bank(torch.tensor([[1.0, 2.0], [7.0, -1.0], [5.0, 0.0]], dtype=torch.float64), None, train.weight, train.bias)
+    expected = [math.log(math.exp(-2.5) + math.exp(-42.5)), math.log(math.exp(-25.0) + math.exp(-5.0)), -12.5 + math.log(2.0)]
+    torch.testing.assert_close(det.score(query), torch.tensor(expected, dtype=torch.float64))
 
 
 def test_rmds_subtracts_the_background_distance() -> None:

@@ -238,3 +238,44 @@ def test_pnml_equals_pytorch_ood(ref: dict[str, FeatureBank]) -> None:
         # float64 throughout (the unit rows, pinv, softmax): rounding only, measured 3e-15
         np.testing.assert_allclose(_np(o), t, rtol=1e-10, atol=1e-12)
     _agree(ours, theirs)
+
+
+# ----- GEM's code (PeymanMorteza/GEM utils/score_calculation.py): `sample_estimator`'s class means and scikit-learn
+# precision of the class-centred train features, then `get_GEM_Mahalanobis_score(..., GEM=1)` at run.sh's noise 0.0
+# (the perturbed pass is the clean one): logsumexp over classes of -0.5 (h - mu_c)^T P (h - mu_c), returned negated
+# (OOD-high); negated back here to an ID score -----------------------------------------------------------------------
+def test_gem_equals_the_authors_code(ref: dict[str, FeatureBank]) -> None:
+    import sklearn.covariance
+
+    train = ref["train"]
+    feats, labels = train.features.double(), train.labels
+    sample_mean = torch.stack([feats[labels == c].mean(0) for c in range(C)])
+    x = torch.cat([feats[labels == c] - sample_mean[c] for c in range(C)])
+    precision = torch.from_numpy(sklearn.covariance.EmpiricalCovariance(assume_centered=False).fit(x.numpy()).precision_)
+
+    def gem(bank: FeatureBank) -> np.ndarray:
+        out = bank.features.double()
+        gaussian_score = torch.stack(
+            [-0.5 * torch.mm(torch.mm(out - sample_mean[i], precision), (out - sample_mean[i]).t()).diag() for i in range(C)], 1)
+        mahalanobis = -torch.logsumexp(gaussian_score, dim=1)  # the released code's OOD-high score
+        return -_np(mahalanobis)
+
+    theirs = [gem(ref[s]) for s in ("test", "ood")]
+    ours = _ours("gem", ref, "train")
+    for o, t in zip(ours, theirs):
+        # float64 on both sides; scikit-learn's pinvh against our pinv of the same covariance: rounding only
+        np.testing.assert_allclose(_np(o), t, rtol=1e-9, atol=1e-9)
+    _agree(ours, theirs)
+
+
+# ----- OE's test.py with --use_xent: output.mean(1) - logsumexp(output, 1), OOD-high; negated back to an ID score -----
+def test_oe_xent_equals_outlier_exposures_code(ref: dict[str, FeatureBank]) -> None:
+    def xent(bank: FeatureBank) -> np.ndarray:
+        output = bank.logits.double()
+        return -_np(output.mean(1) - torch.logsumexp(output, dim=1))
+
+    theirs = [xent(ref[s]) for s in ("test", "ood")]
+    ours = _ours("oe_xent", ref, "train")
+    for o, t in zip(ours, theirs):
+        np.testing.assert_allclose(_np(o), t, rtol=1e-12, atol=1e-12)
+    _agree(ours, theirs)

@@ -9,6 +9,11 @@
 - Entropy: -H(p) = sum_c p_c log p_c, the negative predictive entropy; a classic uncertainty baseline (used as
   an OOD score e.g. by Hendrycks et al., Deep Anomaly Detection with Outlier Exposure, ICLR 2019,
   arXiv 1812.04606; pytorch-ood's `Entropy`). Not in OpenOOD; no hyper-parameters.
+- OE's cross-entropy score, Hendrycks, Mazeika & Dietterich, "Deep Anomaly Detection with Outlier Exposure",
+  ICLR 2019 (arXiv 1812.04606; code github.com/hendrycks/outlier-exposure, `test.py --use_xent`):
+  logsumexp_c f_c - mean_c f_c = -(1/C) sum_c log p_c, the cross-entropy from the uniform distribution to the softmax
+  (what OE's loss pushes up on outliers), with the sign flipped to an ID score (the code scores OOD-high
+  `mean - logsumexp`). Not in OpenOOD; no hyper-parameters.
 - GEN, Liu, Lochman & Zach, "GEN: Pushing the Limits of Softmax-Based Out-of-Distribution Detection",
   CVPR 2023 (no arXiv version; code github.com/XixiLiu95/GEN): -sum over the top-M probabilities of
   p^gamma (1 - p)^gamma. As OpenOOD's `gen` postprocessor; M larger than C uses all C classes. Tuning sorts
@@ -98,6 +103,19 @@ class Entropy(Detector):
     def score(self, bank: FeatureBank) -> torch.Tensor:
         logp = torch.log_softmax(bank.logits.double(), dim=1)
         return (logp.exp() * logp).sum(1)
+
+
+class OEXent(Detector):
+    """logsumexp_c f_c - mean_c f_c (cross-entropy from the uniform distribution to the softmax)."""
+
+    name = "oe_xent"
+    reads_features = False
+    min_classes = 2
+    float16_features = True
+
+    def score(self, bank: FeatureBank) -> torch.Tensor:
+        z = bank.logits.double()
+        return torch.logsumexp(z, dim=1) - z.mean(1)
 
 
 class GEN(Detector):

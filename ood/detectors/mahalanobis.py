@@ -6,6 +6,13 @@
 - Relative Mahalanobis (RMDS), Ren et al., "A Simple Fix to Mahalanobis Distance for Improving Near-OOD
   Detection", ICML 2021 UDL workshop (arXiv 2106.09022), OpenOOD's `rmds`:
   score(h) = max_c [-MD_c(h) + MD_0(h)], MD_0 the distance to the train mean under the whole-train covariance.
+- GEM, Morteza & Li, "Provable Guarantees for Understanding Out-of-distribution Detection", AAAI 2022
+  (arXiv 2112.00787; code github.com/PeymanMorteza/GEM, `get_GEM_Mahalanobis_score` with `GEM=1`):
+  score(h) = log sum_c exp(-MD_c(h) / 2), the free energy of the class-conditional Gaussians with the same means
+  and shared covariance as MDS (a soft minimum of the distances where MDS takes the hard one). The released code
+  also perturbs the input (Mahalanobis' noise), but its `run.sh` runs GEM at noise 0.0, where the perturbed pass is
+  the clean one; ours has no noise. Its precision is scikit-learn's float32 `EmpiricalCovariance.precision_`;
+  ours the float64 pseudo-inverse of the same covariance (as for MDS).
 Deviation: distances are computed as one batched quadratic form instead of OpenOOD's per-class N x N product
 (same values, O(N) memory, C times fewer flops than a per-class loop); covariances through `gram` (syrk).
 Means, covariances and distances go through the bank in row chunks of `CHUNK` in float64, so the peak memory is
@@ -92,6 +99,17 @@ class Mahalanobis(Detector):
     def score(self, bank: FeatureBank) -> torch.Tensor:
         device = bank.features.device
         return -min_mahalanobis(bank.features, self.means_.to(device), self.precision_.to(device))
+
+
+class GEM(Mahalanobis):
+    """log sum_c exp(-(h - mu_c)^T Sigma^+ (h - mu_c) / 2), shared covariance (MDS's fit)."""
+
+    name = "gem"
+
+    def score(self, bank: FeatureBank) -> torch.Tensor:
+        device = bank.features.device
+        distances = mahalanobis_sq(bank.features, self.means_.to(device), self.precision_.to(device))
+        return torch.logsumexp(-0.5 * distances, dim=1)
 
 
 class RMDS(Mahalanobis):
