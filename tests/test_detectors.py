@@ -750,6 +750,32 @@ def test_odin_step_is_noise_over_input_std_against_the_gradient_sign() -> None:
     torch.testing.assert_close(got, expected)
 
 
+def test_optfs_known_intervals_and_theta() -> None:
+    """Values {0, 0, 0.84375, 2.40625, 3.3125, 3.3125} (float32): the 1e-3 / 0.999 quantiles are 0 and 3.3125 (each
+    between two equal order statistics), width = float32(0.033125); np.arange's length ceil(3.3125 / width), in float32
+    as the quantiles, is ceil(100.00001) = 101: 101 left edges, the last one just below 3.3125. Dim 1, holding the
+    3.3125s, has zero weights. Predicted classes (0, 1), not the labels (1, 0): contributions w_y h are 0.84375 in
+    interval 25 and 2.40625 in interval 72, I = (0.84375 / 2) e_25 + (2.40625 / 2) e_72 and theta = 1000 I / ||I||.
+    A test value below 0 or at or above 3.3125 + width is outside every interval (shaped to 0)."""
+    w, b = torch.tensor([[1.0, 0.0, 0.5], [0.5, 0.0, 1.0]]), torch.tensor([0.25, -0.5])
+    train = replace(_bank(torch.tensor([[0.84375, 3.3125, 0.0], [0.0, 3.3125, 2.40625]]), None, w, b), labels=torch.tensor([1, 0]))
+    det = build_detector("optfs").fit(train)
+    assert len(det.lefts_) == 101 and 3.3125 - 1e-6 < float(det.lefts_[100]) < 3.3125
+    i25, i72 = 0.84375 / 2, 2.40625 / 2
+    t25, t72 = 1000 * i25 / math.hypot(i25, i72), 1000 * i72 / math.hypot(i25, i72)
+    expected = torch.zeros(101, dtype=torch.float64)
+    expected[25], expected[72] = t25, t72
+    torch.testing.assert_close(det.theta_, expected, rtol=1e-12, atol=1e-12)
+    # row 1: predicted class 1 (logits 2.296875, 2.328125), h' = (0.84375 t25, 0, 2.40625 t72); row 2: predicted
+    # class 0 (logits -0.75, -1), -1 and 4 dropped, 0 in interval 0 (theta 0)
+    test = _bank(torch.tensor([[0.84375, 1.0, 2.40625], [-1.0, 4.0, 0.0]]), None, w, b)
+    s0, s2 = 0.84375 * t25, 2.40625 * t72
+    vanilla = torch.tensor([0.5 * s0 + s2, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(det.score(test), vanilla, rtol=1e-12, atol=1e-12)
+    energy = torch.tensor([_lse([s0 + 0.5 * s2 + 0.25, 0.5 * s0 + s2 - 0.5]), _lse([0.25, -0.5])], dtype=torch.float64)
+    torch.testing.assert_close(det.set_params(ood_score="energy").score(test), energy, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("name", "hparams", "message"),
     [("ash", {"percentile": 120}, "percentile=120 is outside its range [0, 100]"),

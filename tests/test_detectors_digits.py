@@ -43,7 +43,7 @@ FLOORS: dict[str, tuple[str, float]] = {
     "adascale_a": (FLOWER, 0.9), "adascale_l": (FLOWER, 0.9), "iodin": (NEAR, 0.9), "gram": (FLOWER, 0.95), "gram_stream": (FLOWER, 0.95),
     "gram_v15": (FLOWER, 0.95),
     "mahalanobis_odin": (FLOWER, 0.95), "mds_ensemble": (FLOWER, 0.95), "nac": (GAUSS, 0.8), "rankfeat": (GAUSS, 0.7),
-    "combood": (NEAR, 0.93), "otod": (NEAR, 0.85),
+    "combood": (NEAR, 0.93), "otod": (NEAR, 0.85), "optfs": (NEAR, 0.86),
 }
 #: the small CNN has no dropout: mcdropout is skipped there (its documented `DetectorNotApplicable`)
 REPORTED = [n for n in available_detectors() if n != "mcdropout"]

@@ -279,3 +279,43 @@ def test_oe_xent_equals_outlier_exposures_code(ref: dict[str, FeatureBank]) -> N
     for o, t in zip(ours, theirs):
         np.testing.assert_allclose(_np(o), t, rtol=1e-12, atol=1e-12)
     _agree(ours, theirs)
+
+
+# ----- OptFS's code (Qinyu-Allen-Zhao/OptFSOOD detector/ours.py `Ours`, run by eval_ood.py -d ours): `setup` on the
+# float32 train features and predicted classes (`get_feature_train`), `get_lc_fv_list`'s masks, `postprocess` ---------
+def _optfs(train: FeatureBank, banks: list[FeatureBank], use_ood_score: str) -> list[np.ndarray]:
+    def net(bank: FeatureBank) -> tuple[np.ndarray, np.ndarray]:
+        output, feature = bank.logits.float(), bank.features.float().numpy()
+        return torch.max(torch.softmax(output, dim=1), dim=1).indices.numpy(), feature
+
+    w_np, b_np = train.weight.float().numpy(), train.bias.float().numpy()[None, :]
+    pred, feature = net(train)
+    left_b, right_b = np.quantile(feature, 1e-3), np.quantile(feature, 1 - 1e-3)
+    width = (right_b - left_b) / 100.0
+    left_boundary = np.arange(left_b, right_b, width)
+    lc = w_np[pred] * feature
+    lc_fv_list = np.array([np.mean(np.sum(((feature >= x) & (feature < x + width)) * lc, axis=1)) for x in left_boundary])
+    theta = lc_fv_list / np.linalg.norm(lc_fv_list, 2) * 1000
+
+    def postprocess(bank: FeatureBank) -> np.ndarray:
+        pred, feature = net(bank)
+        feat_p = np.zeros_like(feature)
+        for i, x in enumerate(left_boundary):
+            mask = (feature >= x) & (feature < x + width)
+            feat_p += mask * feature * theta[i]
+        if use_ood_score == "energy":
+            return logsumexp(feat_p @ w_np.T + b_np, axis=1)
+        return np.sum(w_np[pred] * feat_p, axis=1)
+
+    return [postprocess(bank) for bank in banks]
+
+
+@pytest.mark.parametrize("ood_score", ["vanilla", "energy"])
+def test_optfs_equals_the_authors_code(ref: dict[str, FeatureBank], ood_score: str) -> None:
+    theirs = _optfs(ref["train"], [ref["test"], ref["ood"]], ood_score)
+    ours = _ours("optfs", ref, "train", ood_score=ood_score)
+    for o, t in zip(ours, theirs):
+        # the same intervals; the code's float32 (theta's sums, h theta, the head) against our float64: rounding only,
+        # measured 2.4e-7 relative
+        np.testing.assert_allclose(_np(o), t, rtol=2e-6)
+    _agree(ours, theirs)
