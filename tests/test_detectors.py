@@ -776,6 +776,21 @@ def test_optfs_known_intervals_and_theta() -> None:
     torch.testing.assert_close(det.set_params(ood_score="energy").score(test), energy, rtol=1e-12, atol=1e-12)
 
 
+def test_optfs_intervals_are_the_codes_masks_where_two_overlap_and_in_a_gap() -> None:
+    """`intervals_of` against the code's masks e_i <= v < e_i + width on edges with an overlap ([1, 1.5) in intervals
+    0 and 1, counted in both) and a gap ([2.9, 3): in none), at the edges themselves and between them."""
+    from ood.detectors.optfs import intervals_of
+
+    lefts = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+    rights = torch.tensor([1.5, 2.0, 2.9, 4.0], dtype=torch.float64)
+    values = torch.cat([torch.linspace(-0.5, 4.5, 201, dtype=torch.float64), lefts, rights])
+    masks = (values[:, None] >= lefts) & (values[:, None] < rights)
+    ours = torch.zeros_like(masks)
+    for index, mask in intervals_of(values, lefts, rights):
+        ours[mask.nonzero().flatten(), index[mask]] = True
+    assert torch.equal(ours, masks) and int(masks.sum(1).max()) == 2 and bool((masks.sum(1) == 0).any())
+
+
 @pytest.mark.parametrize(
     ("name", "hparams", "message"),
     [("ash", {"percentile": 120}, "percentile=120 is outside its range [0, 100]"),
