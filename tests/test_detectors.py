@@ -685,6 +685,23 @@ def test_scale_known_vector() -> None:
     assert float(build_detector("scale", percentile=50).score(_shaping_bank())[0]) == pytest.approx(_lse([4 * s, 6 * s + 1]))
 
 
+def test_ash_p_known_vector() -> None:
+    """ASH-P keeps the top k entries as they are: p=50 on D=4 keeps (4, 3, 0, 0), p=75 keeps (4, 0, 0, 0)."""
+    assert float(build_detector("ash_p", percentile=50).score(_shaping_bank())[0]) == pytest.approx(_lse([4.0, 4.0]))
+    assert float(build_detector("ash_p", percentile=75).score(_shaping_bank())[0]) == pytest.approx(_lse([4.0, 1.0]))
+
+
+def test_ash_s_known_vector() -> None:
+    """ASH-S keeps the top k entries scaled by e^(s1/s2), s1 = sum(h) = 10, s2 = the kept sum: p=50 keeps
+    (4, 3, 0, 0) e^(10/7), p=75 (4, 0, 0, 0) e^(10/4) (SCALE keeps the pruned 2 and 1, scaled). An all-zero row
+    keeps zeros (the authors' 0/0 scale would make it NaN): LSE(b)."""
+    bank = _shaping_bank()
+    bank = _bank(torch.cat([bank.features, torch.zeros(1, 4)]), torch.tensor([0, 0]), bank.weight, bank.bias)
+    s, t = math.exp(10 / 7), math.exp(10 / 4)
+    assert build_detector("ash_s", percentile=50).score(bank).tolist() == pytest.approx([_lse([4 * s, 3 * s + 1]), _lse([0.0, 1.0])])
+    assert float(build_detector("ash_s", percentile=75).score(bank)[0]) == pytest.approx(_lse([4 * t, 1.0]))
+
+
 def test_dice_masks_small_contributions() -> None:
     """Contributions mean(h) * w = [[4,0,0,0],[0,3,2,1]]; their 60th percentile is 1.2, keeping 4, 3, 2."""
     bank = _shaping_bank()

@@ -135,6 +135,10 @@ OTHERS = [
     # pytorch-ood detector/cadref.py CADRef logit_score default EnergyBased.score; hyperparameter_space
     # {energy, gen, maxlogit, msp} (another order here)
     ("cadref", {"logit_score": "energy"}, {"logit_score": ["energy", "maxlogit", "msp", "gen"]}),
+    # andrijazz/ash config/imagenet_config.yml:15 method: "ash_s@90" (no config runs ash_p: ash's 90, stated); grid
+    # OpenOOD's ash.yml:7 percentile_list, as `ash` (stated)
+    ("ash_s", {"percentile": 90}, {"percentile": [65, 70, 75, 80, 85, 90, 95]}),
+    ("ash_p", {"percentile": 90}, {"percentile": [65, 70, 75, 80, 85, 90, 95]}),
     # andrijazz/lts lts.py: def lts(x, percentile=65); no published grid (SCALE's OpenOOD list, stated)
     ("lts", {"percentile": 65}, {"percentile": [65, 70, 75, 80, 85, 90, 95]}),
     # HengGao12/OTOD otdp_postprocessor.py: self.T = 3; otdp.yml APS_mode: False

@@ -34,7 +34,7 @@ FLOORS: dict[str, tuple[str, float]] = {
     "msp": (NEAR, 0.9), "maxlogit": (NEAR, 0.9), "energy": (NEAR, 0.9), "entropy": (NEAR, 0.9),
     "tempscale": (NEAR, 0.9), "gen": (NEAR, 0.9), "klm": (NEAR, 0.88), "odin": (NEAR, 0.9), "odin_energy_ood": (NEAR, 0.9),
     "oe_xent": (NEAR, 0.87), "mahalanobis": (FLOWER, 0.95), "gem": (FLOWER, 0.95), "rmds": (NEAR, 0.93), "vim": (FLOWER, 0.95), "knn": (NEAR, 0.9),
-    "nnguide": (NEAR, 0.7), "react": (FLOWER, 0.9), "ash": (NEAR, 0.85), "dice": (NEAR, 0.7),
+    "nnguide": (NEAR, 0.7), "react": (FLOWER, 0.9), "ash": (NEAR, 0.85), "ash_s": (FLOWER, 0.85), "ash_p": (NEAR, 0.85), "dice": (NEAR, 0.7),
     "scale": (FLOWER, 0.93), "she": (NEAR, 0.85), "gradnorm": (NEAR, 0.9), "fdbd": (GAUSS, 0.9), "nci": (NEAR, 0.9),
     "residual": (FLOWER, 0.95), "relation": (NEAR, 0.88), "vra": (FLOWER, 0.9), "cfood": (NEAR, 0.9),
     "openmax": (NEAR, 0.85), "gmm": (NEAR, 0.9), "lts": (FLOWER, 0.9), "pnml": (NEAR, 0.9),

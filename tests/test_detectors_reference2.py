@@ -138,6 +138,29 @@ def test_ash_equals_openood(ref: dict[str, FeatureBank], percentile: int) -> Non
     _close("ash", ref, {s: _shaped_energy(ref[s], _openood_ash_b, percentile) for s in SPLITS}, percentile=percentile)
 
 
+# ----- the authors' ash.py (andrijazz/ash; OpenOOD's ash_net.py holds the same two, unused by its postprocessor) ------
+def _authors_ash_p(x: torch.Tensor, percentile: float, at_least_one: bool = False) -> torch.Tensor:
+    _, _, t, v, i = _top_entries(x, percentile, at_least_one)
+    t.zero_().scatter_(dim=1, index=i, src=v)
+    return x
+
+
+def _authors_ash_s(x: torch.Tensor, percentile: float, at_least_one: bool = False) -> torch.Tensor:
+    s1 = x.sum(dim=[1, 2, 3])  # the sum before pruning, s2 after
+    x = _authors_ash_p(x, percentile, at_least_one)
+    s2 = x.sum(dim=[1, 2, 3])
+    return x * torch.exp((s1 / s2)[:, None, None, None])
+
+
+@pytest.mark.parametrize("percentile", [65, 90, 95])
+@pytest.mark.parametrize("name", ["ash_p", "ash_s"])
+def test_ash_p_and_ash_s_equal_the_authors(ref: dict[str, FeatureBank], name: str, percentile: int) -> None:
+    """The authors' code on the pooled feature viewed as [B, D, 1, 1] (their models apply it after the average pool),
+    float32, against ours in float64: rtol 1e-5 (ASH-S's e^(s1/s2) reaches ~e^4 here at p=95, k=2)."""
+    shape = {"ash_p": _authors_ash_p, "ash_s": _authors_ash_s}[name]
+    _close(name, ref, {s: _shaped_energy(ref[s], shape, percentile) for s in SPLITS}, percentile=percentile)
+
+
 # ----- scale_postprocessor.py + networks/scale_net.py ----------------------------------------------------------------
 @pytest.mark.parametrize("percentile", [65, 85, 95])
 def test_scale_equals_openood(ref: dict[str, FeatureBank], percentile: int) -> None:
@@ -145,13 +168,15 @@ def test_scale_equals_openood(ref: dict[str, FeatureBank], percentile: int) -> N
 
 
 def test_ash_and_scale_keep_one_entry_where_openood_keeps_none(ref: dict[str, FeatureBank]) -> None:
-    """D = 32 at p = 99: OpenOOD's k = 32 - round(31.68) = 0 zeroes every feature (ASH: the constant LSE(b); SCALE:
-    a division by the zeroed sum, NaN); ours keep k = 1 (the module's documented deviation) and equal the
-    transcription with k = 1."""
-    openood_ash = _shaped_energy(ref["test"], _openood_ash_b, 99)
-    np.testing.assert_allclose(openood_ash, float(torch.logsumexp(ref["test"].bias.double(), 0)), rtol=1e-6)
-    assert np.isnan(_shaped_energy(ref["test"], _openood_scale, 99)).all()
-    for name, shape in (("ash", _openood_ash_b), ("scale", _openood_scale)):
+    """D = 32 at p = 99: OpenOOD's and the authors' k = 32 - round(31.68) = 0 zeroes every feature (ASH-B, ASH-P: the
+    constant LSE(b); SCALE, ASH-S: a division by the zeroed sum, NaN); ours keep k = 1 (the module's documented
+    deviation) and equal the transcription with k = 1."""
+    bias_only = float(torch.logsumexp(ref["test"].bias.double(), 0))
+    for shape in (_openood_ash_b, _authors_ash_p):
+        np.testing.assert_allclose(_shaped_energy(ref["test"], shape, 99), bias_only, rtol=1e-6)
+    for shape in (_openood_scale, _authors_ash_s):
+        assert np.isnan(_shaped_energy(ref["test"], shape, 99)).all()
+    for name, shape in (("ash", _openood_ash_b), ("scale", _openood_scale), ("ash_p", _authors_ash_p), ("ash_s", _authors_ash_s)):
         _close(name, ref, {s: _shaped_energy(ref[s], shape, 99, at_least_one=True) for s in SPLITS}, percentile=99)
 
 

@@ -3,9 +3,24 @@ LSE(W h' + b). All act on the pooled vector, as OpenOOD v1.5 does, so they run f
 
 - ReAct, Sun, Guo & Li, NeurIPS 2021 (arXiv 2111.12797): h' = min(h, t), t the `percentile`-th percentile
   (0-100, linear interpolation as `np.percentile`) of all ID-val activations (OpenOOD fits t on ID-val).
-- ASH-B, Djurisic et al., "Extremely Simple Activation Shaping for Out-of-Distribution Detection", ICLR 2023
-  (arXiv 2209.09858): keep the top k = D - round(D p / 100) entries of h, set them to sum(h) / k, zero the rest.
-  Deviation from the paper (as OpenOOD): applied to the pooled vector, not to the feature maps.
+- ASH, Djurisic et al., "Extremely Simple Activation Shaping for Out-of-Distribution Detection", ICLR 2023
+  (arXiv 2209.09858), its three variants as the authors' code (andrijazz/ash, ash.py `ash_b`, `ash_p`, `ash_s`):
+  keep the top k = D - round(D p / 100) entries of h, zero the rest, and
+  `ash` (ASH-B): set the kept entries to sum(h) / k (what OpenOOD v1.5's `ash` postprocessor applies, ash_net.py);
+  `ash_p` (ASH-P): leave them as they are;
+  `ash_s` (ASH-S, the variant the authors' configs run): scale them by exp(s1 / s2), s1 = sum(h) before pruning,
+  s2 = sum(top-k h) after. ASH-S on the pooled vector is SCALE's h * exp(s1 / s2) (the same factor) with the
+  D - k pruned entries zeroed, where SCALE keeps every entry, scaled.
+  Where: on the pooled vector, as the authors' code applies it for its results (`apply_ash` right after the
+  average pool in models/resnet_imagenet.py, densenet.py, mobilenetv2.py, on [B, D, 1, 1]) and OpenOOD (ash_net.py,
+  the pooled feature); shaping an earlier layer's maps (the code's block-level `use_ash`, off in every model) is
+  not offered. Grid: OpenOOD's `ash` percentile_list {65, ..., 95} for all three, default 90 (OpenOOD's `ash`; the
+  authors' configs run ash_s@90 on ImageNet ResNet-50 and MobileNet, @95 on CIFAR and ViT, @99 on DenseNet, ash_b@99
+  on VGG-16, none ash_p; 99 is a fixed value away: `detectors.params.ash_s.percentile=99`). pytorch-ood's
+  `ASH` defaults to variant "ash-s" with the percentile as a fraction (0.65), shaping what its `backbone` gives
+  (feature maps in its example): its ASH-S on pooled features is `ash_s` here, not `ash`.
+  Deviation (ASH-S, as SCALE): a row whose top-k sum is 0 (its kept entries all 0) gets the factor 1: its shaped
+  vector is 0 (score LSE(b)) where the authors' 0 * exp(0 / 0) is NaN.
 - DICE, Sun & Li, "DICE: Leveraging Sparsification for Out-of-Distribution Detection", ECCV 2022
   (arXiv 2111.09805): keep the weights w_cd whose contribution mean_train(h_d) * w_cd exceeds the p-th
   percentile of all C x D contributions; score LSE((W * M) h + b).
@@ -24,9 +39,9 @@ LSE(W h' + b). All act on the pooled vector, as OpenOOD v1.5 does, so they run f
   pytorch-ood's `LTS` (detector/lts.py) differs: it divides the logits by s (T = s, LSE(f / T)) and takes the top
   fraction p = 0.05 without the ReLU; on the digits benchmark that form ranks far OOD above ID (AUROC 0.19 on
   Gaussian noise), so the authors' form is followed. Deviation: a row whose top-k sum is 0 (h+ = 0) gets s = 1.
-Deviation (ASH, SCALE, LTS): k is at least 1. The references' k = D - round(D p / 100) is 0 once D p / 100
-rounds to D (e.g. p = 99 on D <= 50 features), where they zero every feature: ASH scores the constant LSE(b),
-SCALE and LTS divide by the zero top-k sum (non-finite scores).
+Deviation (the three ASH, SCALE, LTS): k is at least 1. The references' k = D - round(D p / 100) is 0 once D p / 100
+rounds to D (e.g. p = 99 on D <= 50 features), where they zero every feature: ASH-B and ASH-P score the constant
+LSE(b), ASH-S, SCALE and LTS divide by the zero top-k sum (non-finite scores).
 ASH, SCALE and LTS need nothing fitted; ReAct and VRA fit thresholds on ID-val, DICE its mask on train (OpenOOD's
 choices). State: two floats (ReAct, VRA), the C x D mask (DICE). ReAct, VRA and LTS score chunk by chunk in float64
 (float16 banks too); the percentiles go through one float64 copy of the ID-val activations.
@@ -62,6 +77,36 @@ def kept_count(dim: int, p: float) -> int:
     return max(1, dim - int(np.round(dim * p / 100.0)))
 
 
+def top_entries(h: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's top k = `kept_count(D, p)` values and their indices ([N, k] each)."""
+    return h.topk(kept_count(h.shape[1], p), dim=1)
+
+
+def sharpening(h: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """ASH-S's and SCALE's per-row factor exp(sum(h) / sum(top)) ([N]); 1 where the top-k sum is 0 (h is then
+    unchanged by SCALE's scaling, its kept entries all 0 for ASH-S) instead of 0/0."""
+    total = top.sum(1)
+    return torch.where(total != 0, h.sum(1) / torch.where(total != 0, total, 1.0), 0.0).exp()
+
+
+def ash_b(h: torch.Tensor, p: float) -> torch.Tensor:
+    """ASH-B: the top-k entries set to sum(h) / k, the rest zeroed."""
+    top, idx = top_entries(h, p)
+    return torch.zeros_like(h).scatter_(1, idx, (h.sum(1, keepdim=True) / top.shape[1]).expand_as(top))
+
+
+def ash_p(h: torch.Tensor, p: float) -> torch.Tensor:
+    """ASH-P: the top-k entries kept, the rest zeroed."""
+    top, idx = top_entries(h, p)
+    return torch.zeros_like(h).scatter_(1, idx, top)
+
+
+def ash_s(h: torch.Tensor, p: float) -> torch.Tensor:
+    """ASH-S: the top-k entries scaled by exp(sum(h) / sum(top-k h)), the rest zeroed."""
+    top, idx = top_entries(h, p)
+    return torch.zeros_like(h).scatter_(1, idx, top * sharpening(h, top)[:, None])
+
+
 class ReAct(Detector):
     """LSE(W min(h, t) + b), t a percentile of the ID-val activations."""
 
@@ -91,16 +136,27 @@ class ASH(Detector):
     ranges = {"percentile": PERCENTILE}
     grid = {"percentile": [65, 70, 75, 80, 85, 90, 95]}
     score_params = frozenset({"percentile"})
+    shaping = staticmethod(ash_b)
 
     def __init__(self, percentile: float = 90) -> None:
         self.percentile = percentile
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
-        h = bank.features.double()
-        k = kept_count(h.shape[1], self.percentile)
-        _, idx = h.topk(k, dim=1)
-        shaped = torch.zeros_like(h).scatter_(1, idx, (h.sum(1, keepdim=True) / k).expand(-1, k))
-        return energy_score(head_logits(shaped, bank))
+        return energy_score(head_logits(self.shaping(bank.features.double(), self.percentile), bank))
+
+
+class ASHP(ASH):
+    """LSE(W a + b), a = ASH-P of h: top-k entries kept, the rest zeroed."""
+
+    name = "ash_p"
+    shaping = staticmethod(ash_p)
+
+
+class ASHS(ASH):
+    """LSE(W a + b), a = ASH-S of h: top-k entries scaled by exp(sum(h) / sum(top-k h)), the rest zeroed."""
+
+    name = "ash_s"
+    shaping = staticmethod(ash_s)
 
 
 class DICE(Detector):
@@ -139,11 +195,7 @@ class Scale(Detector):
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
         h = bank.features.double()
-        top = h.topk(kept_count(h.shape[1], self.percentile), dim=1).values
-        total = top.sum(1)
-        # an all-zero h is unchanged by any scale: r = 0 there instead of 0/0
-        r = torch.where(total != 0, h.sum(1) / torch.where(total != 0, total, 1.0), 0.0)
-        return energy_score(head_logits(h * r.exp()[:, None], bank))
+        return energy_score(head_logits(h * sharpening(h, top_entries(h, self.percentile).values)[:, None], bank))
 
 
 class VRA(Detector):
@@ -188,6 +240,6 @@ class LTS(Detector):
 
     def _score(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         h = h.clamp_min(0)
-        top = h.topk(kept_count(h.shape[1], self.percentile), dim=1).values.sum(1)
+        top = top_entries(h, self.percentile).values.sum(1)
         factor = torch.where(top > 0, h.sum(1) / torch.where(top > 0, top, 1.0), 1.0).square()
         return energy_score(logits.double() * factor[:, None])
