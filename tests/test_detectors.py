@@ -148,8 +148,8 @@ def test_a_fit_bank_missing_a_class_is_refused_by_per_class_detectors(name: str,
     (the Mahalanobis family scored AUROC 0.5 on a `data.fit_fraction` that drew none of a class): it is not
     applicable, saying why in a line that starts with its name, as a detector's other one-line errors do (it started
     "its fit bank has no rows", naming no detector); the other detectors fit as before."""
-    per_class = {"gem", "gram", "mahalanobis", "mahalanobis_odin", "mahalanobis_pp", "mds_ensemble", "openmax", "rmds",
-                 "rmds_pp", "she"}
+    per_class = {"gem", "gram", "line", "mahalanobis", "mahalanobis_odin", "mahalanobis_pp", "mds_ensemble", "openmax",
+                 "rmds", "rmds_pp", "she"}
     cls = detector_class(name)
     bank = synthetic[cls.fit_split]
     assert bank.labels is not None

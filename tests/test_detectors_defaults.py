@@ -141,6 +141,9 @@ OTHERS = [
     ("ash_p", {"percentile": 90}, {"percentile": [65, 70, 75, 80, 85, 90, 95]}),
     # andrijazz/lts lts.py: def lts(x, percentile=65); no published grid (SCALE's OpenOOD list, stated)
     ("lts", {"percentile": 65}, {"percentile": [65, 70, 75, 80, 85, 90, 95]}),
+    # YongHyun-Ahn/LINe demo-imagenet.sh: --p-w 10 --p-a 10 (defaults); demo-cifar.sh 90/90, 90/10 (grid {10, 90}^2);
+    # the clip a percentile here (the code's absolute --clip_threshold 0.8 / 1.0; deviation stated in line.py)
+    ("line", {"p_w": 10, "p_a": 10, "percentile": 90}, {"p_w": [10, 90], "p_a": [10, 90], "percentile": [80, 85, 90, 95]}),
     # HengGao12/OTOD otdp_postprocessor.py: self.T = 3; otdp.yml APS_mode: False
     ("otod", {"temperature": 3.0}, {}),
     # wetliu/energy_ood CIFAR/run.sh Odin: T in 1000 100 10 1, noise in 0 .. 0.0048 (defaults ODIN's, stated)

@@ -98,3 +98,20 @@ def test_line_known_answer() -> None:
     assert det.threshold_ == 2.0
     expected = [math.log(math.exp(2.5) + math.exp(-0.5)), 0.5 + math.log(2)]
     torch.testing.assert_close(det.score(test), torch.tensor(expected, dtype=torch.float64), rtol=1e-15, atol=1e-15)
+
+
+def test_tuning_scores_each_grid_point_as_a_detector_fitted_at_it(banks: dict[str, FeatureBank]) -> None:
+    """No shared work across points (every key changes the fit): each point the tuning sweeps scores the test rows
+    bit for bit as a detector built, fitted and scored at that point alone; the points' scores differ."""
+    from ood.detectors import detector_class
+    from ood.evaluation.scoring import Sweep, search_grid, tune_detector
+
+    cls = detector_class("line")
+    tuning = {"train": banks["train"], "val": banks["test"], "val_ood": banks["ood"], "test": banks["test"], "far": banks["ood"]}
+    sweep = Sweep(["test", "far"])
+    tune_detector(cls, search_grid(cls, {}), tuning, True, sweep=sweep)
+    assert len(sweep.points) == 16
+    for point in sweep.points:
+        det = build_detector(cls, **point.params).fit(banks["train"])
+        assert all(torch.equal(point.scores[s], det.score(tuning[s])) for s in ("test", "far")), point.params
+    assert len({tuple(p.scores["test"].tolist()) for p in sweep.points}) == 16
