@@ -833,6 +833,22 @@ def test_optfs_known_intervals_and_theta() -> None:
     torch.testing.assert_close(det.set_params(ood_score="energy").score(test), energy, rtol=1e-12, atol=1e-12)
 
 
+def test_optfs_theta_and_scores_do_not_depend_on_the_chunk_sizes(synthetic: dict[str, FeatureBank], monkeypatch: pytest.MonkeyPatch) -> None:
+    """theta's sums and the scores bit for bit the same in chunks of 3 (interval search) and 7 (scores) rows as in one
+    chunk: index_add_ adds in row order, the scores are row by row (the interval search runs in small chunks to keep
+    its int64 temporaries at 64 MiB, not a few GiB, at ImageNet scale)."""
+    import ood.detectors.optfs as optfs_module
+
+    whole = _fitted("optfs", synthetic)
+    expected = [whole.score(synthetic["test"]), whole.set_params(ood_score="energy").score(synthetic["test"])]
+    monkeypatch.setattr(optfs_module, "SEARCH_CHUNK", 3)
+    monkeypatch.setattr(mahalanobis_module, "CHUNK", 7)
+    chunked = _fitted("optfs", synthetic)
+    assert torch.equal(chunked.theta_, whole.theta_) and int((chunked.theta_ != 0).sum()) > 10
+    assert torch.equal(chunked.score(synthetic["test"]), expected[0])
+    assert torch.equal(chunked.set_params(ood_score="energy").score(synthetic["test"]), expected[1])
+
+
 def test_optfs_intervals_are_the_codes_masks_where_two_overlap_and_in_a_gap() -> None:
     """`intervals_of` against the code's masks e_i <= v < e_i + width on edges with an overlap ([1, 1.5) in intervals
     0 and 1, counted in both) and a gap ([2.9, 3): in none), at the edges themselves and between them."""

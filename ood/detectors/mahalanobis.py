@@ -30,10 +30,12 @@ from ood.features.bank import FeatureBank
 CHUNK = 65536
 
 
-def row_chunks(n: int) -> list[slice]:
-    """Consecutive row slices of at most `CHUNK` rows covering `n` rows; one empty slice for `n` = 0, so that a score
-    concatenated chunk by chunk is an empty tensor for an empty bank (`torch.cat` of no chunks raised)."""
-    return [slice(start, min(start + CHUNK, n)) for start in range(0, max(n, 1), CHUNK)]
+def row_chunks(n: int, size: int | None = None) -> list[slice]:
+    """Consecutive row slices of at most `size` (default `CHUNK`, read at the call) rows covering `n` rows; one empty
+    slice for `n` = 0, so that a score concatenated chunk by chunk is an empty tensor for an empty bank (`torch.cat`
+    of no chunks raised)."""
+    size = size or CHUNK
+    return [slice(start, min(start + size, n)) for start in range(0, max(n, 1), size)]
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

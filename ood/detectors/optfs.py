@@ -33,9 +33,11 @@ Deviations from the released code:
   weights" diagnostic (printed only, on 10000 sampled train rows; theta does not depend on it) and the stored-npz
   cache. The code's `scripts/example_imagenet_rn50.sh` runs `-d optact`, which its `get_ood_detector` does not know
   (it raises); `-d ours` is this method.
-Memory: the quantiles go through one float32 copy of the train features (`np.quantile`'s partition; a float16 or
-bfloat16 bank is widened to float32 first, one more copy, as NumPy has no bfloat16), never a float64 one; theta and the scores go
-through the bank in row chunks of `CHUNK` rows in float64, never an [N, D, 100] mask.
+Memory: the quantiles go through one float32 copy of the train features at a time (each `np.quantile` call
+partitions its own; a float16 or bfloat16 bank is widened to float32 first, one more copy, as NumPy has no bfloat16),
+never a float64 one; never an [N, D, 100] mask: theta's sums go through the bank `SEARCH_CHUNK` rows at a time
+(index_add_ adds in row order on CPU, so the chunk size does not change them), the scores `CHUNK` rows at a time in
+float64 with their interval search `SEARCH_CHUNK` rows at a time (a few 64 MiB temporaries, not a few GiB).
 """
 
 from __future__ import annotations
@@ -55,21 +57,30 @@ from ood.features.bank import FeatureBank
 QUANTILE = 1e-3
 #: the code's number of intervals between the quantiles
 INTERVALS = 100
+#: rows per interval search (theta's fit and the scores' factors): 4096 x 2048 int64 = 64 MiB per temporary
+SEARCH_CHUNK = 4096
 
 
 def intervals_of(values: torch.Tensor, lefts: torch.Tensor, rights: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(interval index, mask) pairs, one per overlap depth: entry v of `values` lies in every interval i with
     lefts_i <= v < rights_i, i.e. lo <= i < hi (hi = #lefts <= v, lo = #rights <= v; both edge lists increase), one
-    interval but where two overlap; a value in none is in no pair's mask."""
+    interval but where two overlap; a value in none is in no pair's mask. hi - lo counts v's intervals, so the
+    deepest overlap is known after the two searches (one pass each, not one per depth tried)."""
     values = values.contiguous()  # searchsorted copies a strided input (a user's transposed bank) with a warning
     hi = torch.searchsorted(lefts, values, right=True)
-    lo = torch.searchsorted(rights, values, right=True)
-    depth = 1
-    while bool(((hi - depth) >= lo).any()):
-        index = hi - depth
-        mask = index >= lo
-        yield index.clamp_min(0), mask
-        depth += 1
+    count = hi - torch.searchsorted(rights, values, right=True)
+    for depth in range(1, int(count.max()) + 1 if count.numel() else 1):
+        yield (hi - depth).clamp_min(0), count >= depth
+
+
+def shaping_factors(h: torch.Tensor, lefts: torch.Tensor, rights: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """theta of each entry's interval (summed over the intervals holding it, 0 in none), [N, D] as `h`; the interval
+    search runs `SEARCH_CHUNK` rows at a time, its int64 temporaries a few of that size, not of `h`'s."""
+    factor = torch.zeros_like(h)
+    for rows in row_chunks(len(h), SEARCH_CHUNK):
+        for index, mask in intervals_of(h[rows], lefts, rights):
+            factor[rows] += torch.where(mask, theta[index], 0.0)
+    return factor
 
 
 class OptFS(Detector):
@@ -99,7 +110,7 @@ class OptFS(Detector):
         self.rights_ = torch.from_numpy(edges + np.float64(width)).to(device)
         w = bank.head()[0].double()
         sums = torch.zeros(len(edges), dtype=torch.float64, device=device)
-        for rows in row_chunks(len(bank)):
+        for rows in row_chunks(len(bank), SEARCH_CHUNK):  # index_add_ sums in row order: the same sums for any chunk
             h = bank.features[rows].double()
             contribution = w[bank.logits[rows].argmax(1)] * h
             for index, mask in intervals_of(h, self.lefts_, self.rights_):
@@ -118,10 +129,7 @@ class OptFS(Detector):
         out = []
         for rows in row_chunks(len(bank)):
             h = bank.features[rows].double()
-            factor = torch.zeros_like(h)
-            for index, mask in intervals_of(h, lefts, rights):
-                factor += torch.where(mask, theta[index], 0.0)
-            shaped = h * factor
+            shaped = h * shaping_factors(h, lefts, rights, theta)
             if self.ood_score == "energy":
                 out.append(energy_score(head_logits(shaped, bank)))
             else:
