@@ -101,8 +101,9 @@ def test_line_known_answer() -> None:
 
 
 def test_tuning_scores_each_grid_point_as_a_detector_fitted_at_it(banks: dict[str, FeatureBank]) -> None:
-    """No shared work across points (every key changes the fit): each point the tuning sweeps scores the test rows
-    bit for bit as a detector built, fitted and scored at that point alone; the points' scores differ."""
+    """p_w and p_a are score-only (their masks are cut from the fitted I and W): each point the tuning sweeps, four
+    per fit, scores the test rows bit for bit as a detector built, fitted and scored at that point alone; the points'
+    scores differ."""
     from ood.detectors import detector_class
     from ood.evaluation.scoring import Sweep, search_grid, tune_detector
 
@@ -115,3 +116,29 @@ def test_tuning_scores_each_grid_point_as_a_detector_fitted_at_it(banks: dict[st
         det = build_detector(cls, **point.params).fit(banks["train"])
         assert all(torch.equal(point.scores[s], det.score(tuning[s])) for s in ("test", "far")), point.params
     assert len({tuple(p.scores["test"].tolist()) for p in sweep.points}) == 16
+
+
+def test_tuning_fits_once_per_clip_percentile(banks: dict[str, FeatureBank], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 16 grid points need 4 fits (one per clip percentile; p_w and p_a only cut masks from the fitted I), not 16:
+    at ImageNet-1k scale a fit is a pass over the train bank, a partition of its 2.6e9 activations and 1000
+    percentiles of C x D weight importances. Each weight-mask and feature-mask cut is computed once per fit and value."""
+    import ood.detectors.line as line_module
+    from ood.detectors import detector_class
+    from ood.evaluation.scoring import search_grid, tune_detector
+
+    calls = {"fit": 0, "cut": 0}
+
+    def counted(name: str, f):  # noqa: ANN001, ANN202
+        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls[name] += 1
+            return f(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(line_module, "class_means", counted("fit", line_module.class_means))
+    monkeypatch.setattr(line_module, "percentile", counted("cut", line_module.percentile))
+    cls = detector_class("line")
+    tuning = {"train": banks["train"], "val": banks["test"], "val_ood": banks["ood"]}
+    tune_detector(cls, search_grid(cls, {}), tuning, True)
+    classes = banks["train"].logits.shape[1]
+    # per fit: the clip's percentile, then p_a in {10, 90} x C rows and p_w in {10, 90} x C classes
+    assert calls == {"fit": 4, "cut": 4 * (1 + 4 * classes)}

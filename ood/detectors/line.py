@@ -56,6 +56,7 @@ class LINe(Detector):
     per_class = True
     ranges = {"p_w": PERCENTILE, "p_a": PERCENTILE, "percentile": PERCENTILE}
     grid = {"p_w": [10, 90], "p_a": [10, 90], "percentile": [80, 85, 90, 95]}
+    score_params = frozenset({"p_w", "p_a"})
 
     def __init__(self, p_w: float = 10, p_a: float = 10, percentile: float = 90) -> None:
         self.p_w = p_w
@@ -63,22 +64,31 @@ class LINe(Detector):
         self.percentile = percentile
 
     def fit(self, bank: FeatureBank) -> LINe:
-        w = bank.head()[0].double()
-        contrib = class_means(bank.features, bank.labels, w.shape[0]) * w  # I_k: class k's mean h_d w_{k,d}
+        self.weight_ = bank.head()[0].double()
+        self.contrib_ = class_means(bank.features, bank.labels, self.weight_.shape[0]) * self.weight_  # I_k: class k's mean h_d w_{k,d}
         self.threshold_ = percentile(bank.features, self.percentile)
-        cuts = torch.tensor([percentile(row, self.p_a) for row in contrib], dtype=torch.float64, device=w.device)
-        self.feature_mask_ = contrib > cuts[:, None]
-        self.importance_ = contrib.abs()
-        self.weight_cut_ = [percentile(self._weight_importance(k, w), self.p_w) for k in range(w.shape[0])]
+        self.cuts_: dict[tuple[str, float], torch.Tensor | list[float]] = {}
         return self
+
+    def _cuts(self) -> tuple[torch.Tensor, list[float]]:
+        """The feature masks m_k [C, D] at p_a and the weight-mask thresholds at p_w, one per class, from the fit's
+        I and W; each computed once per value (`cuts_`): tuning scores every (p_w, p_a) from one fit per clip."""
+        key_a, key_w = ("p_a", self.p_a), ("p_w", self.p_w)
+        if key_a not in self.cuts_:
+            cuts = torch.tensor([percentile(row, self.p_a) for row in self.contrib_], dtype=torch.float64)
+            self.cuts_[key_a] = self.contrib_ > cuts.to(self.contrib_.device)[:, None]
+        if key_w not in self.cuts_:
+            self.cuts_[key_w] = [percentile(self._weight_importance(k, self.weight_), self.p_w) for k in range(len(self.contrib_))]
+        return self.cuts_[key_a], self.cuts_[key_w]
 
     def _weight_importance(self, k: int, w: torch.Tensor) -> torch.Tensor:
         """[C, D] |I_k| * W, the importance of each weight for predicted class k (masked against its percentile)."""
-        return self.importance_[k].to(w.device)[None, :] * w
+        return self.contrib_[k].abs().to(w.device)[None, :] * w
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
         w = bank.head()[0].double()
-        feature_mask = self.feature_mask_.to(w.device)
+        feature_mask, weight_cut = self._cuts()
+        feature_mask = feature_mask.to(w.device)
         out = []
         for rows in row_chunks(len(bank)):
             h = bank.features[rows].double().clamp(max=self.threshold_)
@@ -86,7 +96,7 @@ class LINe(Detector):
             scores = torch.empty(len(h), dtype=torch.float64, device=h.device)
             for k in predicted.unique().tolist():
                 sel = predicted == k
-                masked = torch.where(self._weight_importance(k, w) > self.weight_cut_[k], w, 0.0)
+                masked = torch.where(self._weight_importance(k, w) > weight_cut[k], w, 0.0)
                 scores[sel] = energy_score(head_logits(h[sel] * feature_mask[k], bank, weight=masked))
             out.append(scores)
         return torch.cat(out)
