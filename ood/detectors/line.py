@@ -18,7 +18,9 @@ Score of a row h: h' = min(h, t); k = argmax_c (W h' + b)_c (the full head; the 
   score = LSE((W * M_k)(h' * m_k) + b)  (energy of the masked head's logits plus the unmasked bias).
 Grid: the published (p_w, p_a) pairs (`demo-*.sh`: ImageNet 10/10, CIFAR-10 90/90, CIFAR-100 90/10) span {10, 90}
 x {10, 90}: the two are separate arguments of the code, tuned as two keys (the cross product adds 10/90); the
-default is ImageNet's 10/10. The clip percentile over {80, 85, 90, 95}, default 90.
+default is ImageNet's 10/10. The clip percentile over {80, 85, 90, 95}, default 90. p_w and p_a are score-only
+(`score_params`): the fit keeps I and W, and the masks at each (p_w, p_a) are cut from them at the first score and
+kept (`cuts_`), so tuning fits 4 times (one per clip percentile), not 16.
 
 Deviations from the released code:
 - the clip is a percentile of the ID-train activations, not the code's absolute `clip_threshold` (0.8 on ImageNet
@@ -31,9 +33,10 @@ Deviations from the released code:
 - float64 throughout: the code's Taylor scores are float32 products averaged in float64 and its logits float32; the
   masks' percentiles are float64 in both. Equal to rounding.
 - memory: the code materialises a [C, C, D] masked weight (8 GB at ImageNet's 1000 x 1000 x 2048) and a [N, C, D]
-  product per batch; here the fitted state is I's magnitude [C, D], the feature masks [C, D] and one weight-mask
-  threshold per class, and each predicted class's [C, D] weight mask is rebuilt from them (the same float64
-  product as at fit) once per row chunk (`row_chunks`) for the rows predicting it. The clip's percentile goes
+  product per batch; here the fitted state is I and the fit's W [C, D] each, and per (p_w, p_a) scored the feature
+  masks [C, D] and one weight-mask threshold per class, and each predicted class's [C, D] weight mask is rebuilt
+  from them (the same float64 product as for its threshold) once per row chunk (`row_chunks`) for the rows
+  predicting it. The clip's percentile goes
   through one float32 partition copy of the ID-train activations (`activation.percentile`: 10 GB for ImageNet-1k train, not a 21 GB float64 copy).
 """
 
