@@ -139,6 +139,8 @@ OTHERS = [
     # OpenOOD's ash.yml:7 percentile_list, as `ash` (stated)
     ("ash_s", {"percentile": 90}, {"percentile": [65, 70, 75, 80, 85, 90, 95]}),
     ("ash_p", {"percentile": 90}, {"percentile": [65, 70, 75, 80, 85, 90, 95]}),
+    # Qinyu-Allen-Zhao/OptFSOOD eval_ood.py:96 -o/--use_ood_score default "vanilla" (detector/ours.py Ours too); no grid
+    ("optfs", {"ood_score": "vanilla"}, {}),
     # andrijazz/lts lts.py: def lts(x, percentile=65); no published grid (SCALE's OpenOOD list, stated)
     ("lts", {"percentile": 65}, {"percentile": [65, 70, 75, 80, 85, 90, 95]}),
     # YongHyun-Ahn/LINe demo-imagenet.sh: --p-w 10 --p-a 10 (defaults); demo-cifar.sh 90/90, 90/10 (grid {10, 90}^2);
