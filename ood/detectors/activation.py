@@ -62,12 +62,13 @@ from ood.features.bank import FeatureBank
 def percentile(values: torch.Tensor, q: float) -> float:
     """The q-th percentile (0-100) of all entries, linear interpolation: bit for bit `np.percentile` of their float64
     copy, without that copy. The two order statistics around NumPy's virtual index (q / 100) (n - 1) are found by one
-    partition of the values in their own float32 or float64 (a float16 / bfloat16 bank widened to float32: exact, and
-    the order is the same), then interpolated in float64 by NumPy's own steps (`_lerp`). So a bank of 1.28 M x 2048
-    float32 ImageNet-train features costs one 10 GB float32 partition copy, not a 21 GB float64 copy; NaN anywhere
-    gives NaN, as NumPy's."""
+    partition of the values in their own float16, float32 or float64 (a bfloat16 bank, which NumPy lacks, widened to
+    float32: exact, and the order is the same), then interpolated in float64 by NumPy's own steps (`_lerp`). So a bank
+    of 1.28 M x 2048 float32 ImageNet-train features costs one 10 GB float32 partition copy, not a 21 GB float64 copy,
+    and a float16 one a 5 GB float16 copy, not a float32 copy and its partition (20 GB); NaN anywhere gives NaN, as
+    NumPy's."""
     t = values.detach().cpu()
-    flat = (t if t.dtype in (torch.float32, torch.float64) else t.float()).numpy().reshape(-1)
+    flat = (t if t.dtype in (torch.float16, torch.float32, torch.float64) else t.float()).numpy().reshape(-1)
     n = flat.size
     if n == 0:
         raise ValueError("percentile of no values")
