@@ -357,7 +357,7 @@ def test_float16_detectors_score_float16_banks_in_chunks(
 
 def test_float16_capability_is_declared_by_each_detector() -> None:
     """`float16_features` is a class attribute (inherited by subclasses such as rmds), listed by the registry."""
-    assert {"msp", "knn", "mahalanobis", "rmds", "vim", "residual", "openmax", "react"} <= set(float16_detectors())
+    assert {"msp", "knn", "mahalanobis", "rmds", "vim", "residual", "openmax", "react", "line", "gem", "optfs"} <= set(float16_detectors())
     assert "ash" not in float16_detectors() and "odin" not in float16_detectors()
     assert "gram_stream" in float16_detectors() and "gram" not in float16_detectors()  # it reads no bank features
 

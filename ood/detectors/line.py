@@ -38,6 +38,8 @@ Deviations from the released code:
   from them (the same float64 product as for its threshold) once per row chunk (`row_chunks`) for the rows
   predicting it. The clip's percentile goes
   through one float32 partition copy of the ID-train activations (`activation.percentile`: 10 GB for ImageNet-1k train, not a 21 GB float64 copy).
+  A float16 bank (`float16_features`) is read chunk by chunk in float64 (class means, scores) and partitioned in
+  float16 for the clip (5 GB).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class LINe(Detector):
     name = "line"
     reads_head = True
     per_class = True
+    float16_features = True
     ranges = {"p_w": PERCENTILE, "p_a": PERCENTILE, "percentile": PERCENTILE}
     grid = {"p_w": [10, 90], "p_a": [10, 90], "percentile": [80, 85, 90, 95]}
     score_params = frozenset({"p_w", "p_a"})
