@@ -44,7 +44,8 @@ rounds to D (e.g. p = 99 on D <= 50 features), where they zero every feature: AS
 LSE(b), ASH-S, SCALE and LTS divide by the zero top-k sum (non-finite scores).
 ASH, SCALE and LTS need nothing fitted; ReAct and VRA fit thresholds on ID-val, DICE its mask on train (OpenOOD's
 choices). State: two floats (ReAct, VRA), the C x D mask (DICE). ReAct, VRA and LTS score chunk by chunk in float64
-(float16 banks too); the percentiles go through one partition copy of the ID-val activations in their own float32 (`percentile`).
+(float16 banks too); the percentiles go through one partition copy of the ID-val activations in their own dtype
+(float16, float32 or float64; bfloat16 widened to float32: `percentile`).
 """
 
 from __future__ import annotations
