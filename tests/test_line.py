@@ -142,3 +142,23 @@ def test_tuning_fits_once_per_clip_percentile(banks: dict[str, FeatureBank], mon
     classes = banks["train"].logits.shape[1]
     # per fit: the clip's percentile, then p_a in {10, 90} x C rows and p_w in {10, 90} x C classes
     assert calls == {"fit": 4, "cut": 4 * (1 + 4 * classes)}
+
+
+def test_score_grid_shares_the_predictions_and_each_class_weight_importance(banks: dict[str, FeatureBank],
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tuning's four (p_w, p_a) points of one fit: one [C, D] weight importance per predicted class for all four
+    (a thousand per row chunk at ImageNet scale, each a C x D product), not one per point; the scores bit for bit
+    each point's `score`."""
+    from ood.detectors.line import LINe
+
+    det = build_detector("line").fit(banks["train"])
+    points = [{"p_w": p_w, "p_a": p_a} for p_w in (10, 90) for p_a in (10, 90)]
+    alone = [det.set_params(**point).score(banks["ood"]) for point in points]  # the cuts are cut and kept here
+    built = []
+    importance = LINe._weight_importance
+    monkeypatch.setattr(LINe, "_weight_importance", lambda self, k, w: built.append(k) or importance(self, k, w))
+    shared = det.score_grid(banks["ood"], points)
+    assert all(torch.equal(a, s) for a, s in zip(alone, shared))
+    clip = banks["ood"].features.double().clamp(max=det.threshold_)
+    predicted = (clip @ banks["ood"].weight.double().T + banks["ood"].bias.double()).argmax(1)
+    assert sorted(built) == predicted.unique().tolist() and len(built) > 1

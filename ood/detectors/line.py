@@ -44,6 +44,9 @@ Deviations from the released code:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 from ood.detectors.activation import percentile
@@ -92,17 +95,34 @@ class LINe(Detector):
         return self.contrib_[k].abs().to(w.device)[None, :] * w
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
+        return self._scores(bank, [{}])[0]
+
+    def score_grid(self, bank: FeatureBank, points: Sequence[dict[str, Any]]) -> list[torch.Tensor | None]:
+        """Every point in one pass over the rows: the clip and the predicted classes are shared, and each predicted
+        class's weight importance once, its weight mask once per p_w (serving each p_a with it), where scoring point
+        by point rebuilt both per point (C x D each, a thousand per row chunk at ImageNet scale)."""
+        return list(self._scores(bank, points))
+
+    def _scores(self, bank: FeatureBank, points: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
+        """Scores at each point (score-only settings, the last one left set)."""
         w = bank.head()[0].double()
-        feature_mask, weight_cut = self._cuts()
-        feature_mask = feature_mask.to(w.device)
-        out = []
+        settings = []
+        for point in points:
+            feature_mask, weight_cut = self.set_params(**point)._cuts()
+            settings.append((self.p_w, feature_mask.to(w.device), weight_cut))
+        out: list[list[torch.Tensor]] = [[] for _ in points]
         for rows in row_chunks(len(bank)):
             h = bank.features[rows].double().clamp(max=self.threshold_)
             predicted = head_logits(h, bank).argmax(1)
-            scores = torch.empty(len(h), dtype=torch.float64, device=h.device)
+            scores = torch.empty(len(points), len(h), dtype=torch.float64, device=h.device)
             for k in predicted.unique().tolist():
                 sel = predicted == k
-                masked = torch.where(self._weight_importance(k, w) > weight_cut[k], w, 0.0)
-                scores[sel] = energy_score(head_logits(h[sel] * feature_mask[k], bank, weight=masked))
-            out.append(scores)
-        return torch.cat(out)
+                importance = self._weight_importance(k, w)
+                masked: dict[float, torch.Tensor] = {}
+                for i, (p_w, feature_mask, weight_cut) in enumerate(settings):
+                    if p_w not in masked:
+                        masked[p_w] = torch.where(importance > weight_cut[k], w, 0.0)
+                    scores[i, sel] = energy_score(head_logits(h[sel] * feature_mask[k], bank, weight=masked[p_w]))
+            for i in range(len(points)):
+                out[i].append(scores[i])
+        return [torch.cat(chunks) for chunks in out]
