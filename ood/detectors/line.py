@@ -20,7 +20,8 @@ Grid: the published (p_w, p_a) pairs (`demo-*.sh`: ImageNet 10/10, CIFAR-10 90/9
 x {10, 90}: the two are separate arguments of the code, tuned as two keys (the cross product adds 10/90); the
 default is ImageNet's 10/10. The clip percentile over {80, 85, 90, 95}, default 90. p_w and p_a are score-only
 (`score_params`): the fit keeps I and W, and the masks at each (p_w, p_a) are cut from them at the first score and
-kept (`cuts_`), so tuning fits 4 times (one per clip percentile), not 16.
+kept (`cuts_`), so tuning fits 4 times (one per clip percentile), not 16, and scores a fit's four points in one pass
+over the rows (`score_grid`: one weight importance per predicted class, one weight mask per p_w).
 
 Deviations from the released code:
 - the clip is a percentile of the ID-train activations, not the code's absolute `clip_threshold` (0.8 on ImageNet
