@@ -146,6 +146,9 @@ OTHERS = [
     # YongHyun-Ahn/LINe demo-imagenet.sh: --p-w 10 --p-a 10 (defaults); demo-cifar.sh 90/90, 90/10 (grid {10, 90}^2);
     # the clip a percentile here (the code's absolute --clip_threshold 0.8 / 1.0; deviation stated in line.py)
     ("line", {"p_w": 10, "p_a": 10, "percentile": 90}, {"p_w": [10, 90], "p_a": [10, 90], "percentile": [80, 85, 90, 95]}),
+    # alibaba/easyrobust examples/ood_detection/BATS/test_ood.py run_eval: lam = 3.25 (CIFAR), 1.05 (ImageNet ViT);
+    # no published grid: both values and around them (stated in bats.py)
+    ("bats", {"lam": 3.25}, {"lam": [0.5, 1, 1.05, 2, 3.25, 5]}),
     # HengGao12/OTOD otdp_postprocessor.py: self.T = 3; otdp.yml APS_mode: False
     ("otod", {"temperature": 3.0}, {}),
     # wetliu/energy_ood CIFAR/run.sh Odin: T in 1000 100 10 1, noise in 0 .. 0.0048 (defaults ODIN's, stated)

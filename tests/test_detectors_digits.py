@@ -45,6 +45,7 @@ FLOORS: dict[str, tuple[str, float]] = {
     "mahalanobis_odin": (FLOWER, 0.95), "mds_ensemble": (FLOWER, 0.95), "nac": (GAUSS, 0.8), "rankfeat": (GAUSS, 0.7),
     "combood": (NEAR, 0.93), "otod": (NEAR, 0.85), "optfs": (NEAR, 0.86),
     "line": (FLOWER, 0.93),
+    "bats": (FLOWER, 0.85),
 }
 #: the small CNN has no dropout: mcdropout is skipped there (its documented `DetectorNotApplicable`)
 REPORTED = [n for n in available_detectors() if n != "mcdropout"]
