@@ -21,6 +21,8 @@ from fabricate import feature_bank as _bank
 from fabricate import synthetic_banks
 from helpers import doc_blocks
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import ood.detectors.base as base_module
 import ood.detectors.mahalanobis as mahalanobis_module
@@ -355,10 +357,46 @@ def test_float16_detectors_score_float16_banks_in_chunks(
     torch.testing.assert_close(_fitted(name, f16).score(f16["test"]), expected, rtol=1e-5, atol=1e-5)
 
 
+#: detectors whose fit and score read every [N, D] feature bank in row chunks: no float32 / float64 copy of a whole bank
+CHUNKED = ["ash", "ash_p", "ash_s", "bats", "dice", "gem", "line", "lts", "mahalanobis", "openmax", "pnml", "react", "residual", "rmds",
+           "scale", "vim", "vra"]
+
+
+class _WidestFeatureRows(TorchDispatchMode):
+    """Records the most rows of any float32 / float64 [rows, D] tensor an operation makes."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim, self.rows = dim, 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float64) and t.dim() == 2 and t.shape[1] == self.dim:
+                self.rows = max(self.rows, t.shape[0])
+        return out
+
+
+@pytest.mark.parametrize("name", CHUNKED)
+def test_chunked_detectors_never_widen_a_whole_float16_bank(name: str, synthetic: dict[str, FeatureBank], monkeypatch: pytest.MonkeyPatch) -> None:
+    """At ImageNet scale a float32 or float64 copy of a float16 train bank (1.28 M x 2048) is 10 or 21 GB: with CHUNK = 50
+    rows, no [rows, D] float tensor made while fitting (400 or 120 rows) and scoring (200 rows) has more than 50 rows:
+    ash and scale scored, and dice fitted, through one float64 copy of the whole bank before."""
+    monkeypatch.setattr(mahalanobis_module, "CHUNK", 50)
+    half = {k: replace(b, features=b.features.half()) for k, b in synthetic.items()}
+    dim = half["train"].features.shape[1]
+    with _WidestFeatureRows(dim) as fitting:
+        det = _fitted(name, half)
+    with _WidestFeatureRows(dim) as scoring:
+        det.score(half["test"])
+    assert max(fitting.rows, scoring.rows) <= 50, (fitting.rows, scoring.rows)
+
+
 def test_float16_capability_is_declared_by_each_detector() -> None:
     """`float16_features` is a class attribute (inherited by subclasses such as rmds), listed by the registry."""
-    assert {"msp", "knn", "mahalanobis", "rmds", "vim", "residual", "openmax", "react", "line", "gem", "optfs"} <= set(float16_detectors())
-    assert "ash" not in float16_detectors() and "odin" not in float16_detectors()
+    assert {"msp", "knn", "mahalanobis", "rmds", "vim", "residual", "openmax", "react", "line", "gem", "optfs", "ash", "ash_p", "ash_s", "scale",
+            "dice"} <= set(float16_detectors())
+    assert "odin" not in float16_detectors()
     assert "gram_stream" in float16_detectors() and "gram" not in float16_detectors()  # it reads no bank features
 
 

@@ -65,8 +65,8 @@ def test_float16_feature_banks_end_to_end(tmp_path) -> None:
     full = {(r["detector"], r["ood_dataset"]): r["auroc"] for r in run_config(tmp_path / "a", common)}
     half = {(r["detector"], r["ood_dataset"]): r["auroc"] for r in run_config(tmp_path / "b", [*common, "evaluation.feature_dtype=float16"])}
     assert full.keys() == half.keys() and max(abs(full[k] - half[k]) for k in full) < 1e-3
-    with pytest.raises(ConfigError, match="float16 supports the detectors .* not \\['ash'\\]"):
-        instantiate(compose_config(tmp_path, ["detectors.names=[knn,ash]", "evaluation.feature_dtype=float16"]).evaluation)
+    with pytest.raises(ConfigError, match="float16 supports the detectors .* not \\['odin'\\]"):
+        instantiate(compose_config(tmp_path, ["detectors.names=[knn,odin]", "evaluation.feature_dtype=float16"]).evaluation)
 
 
 def test_float16_refusal_names_the_override_that_runs_the_rest(tmp_path) -> None:

@@ -43,8 +43,8 @@ Deviation (the three ASH, SCALE, LTS): k is at least 1. The references' k = D - 
 rounds to D (e.g. p = 99 on D <= 50 features), where they zero every feature: ASH-B and ASH-P score the constant
 LSE(b), ASH-S, SCALE and LTS divide by the zero top-k sum (non-finite scores).
 ASH, SCALE and LTS need nothing fitted; ReAct and VRA fit thresholds on ID-val, DICE its mask on train (OpenOOD's
-choices). State: two floats (ReAct, VRA), the C x D mask (DICE). ReAct, VRA and LTS score chunk by chunk in float64
-(float16 banks too); the percentiles go through one partition copy of the ID-val activations in their own dtype
+choices). State: two floats (ReAct, VRA), the C x D mask (DICE). Every detector here scores chunk by chunk in float64
+and takes float16 banks (`evaluation.feature_dtype=float16`), DICE's train mean summed chunk by chunk too; the percentiles go through one partition copy of the ID-val activations in their own dtype
 (float16, float32 or float64; bfloat16 widened to float32: `percentile`).
 """
 
@@ -55,7 +55,7 @@ import torch
 
 from ood.detectors.base import PERCENTILE, Detector
 from ood.detectors.logits import energy_score, head_logits
-from ood.detectors.mahalanobis import row_chunks
+from ood.detectors.mahalanobis import feature_mean, row_chunks
 from ood.errors import ConfigError
 from ood.features.bank import FeatureBank
 
@@ -154,6 +154,7 @@ class ASH(Detector):
 
     name = "ash"
     reads_head = True
+    float16_features = True
     ranges = {"percentile": PERCENTILE}
     grid = {"percentile": [65, 70, 75, 80, 85, 90, 95]}
     score_params = frozenset({"percentile"})
@@ -163,7 +164,8 @@ class ASH(Detector):
         self.percentile = percentile
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
-        return energy_score(head_logits(self.shaping(bank.features.double(), self.percentile), bank))
+        shaped = (self.shaping(bank.features[rows].double(), self.percentile) for rows in row_chunks(len(bank)))
+        return torch.cat([energy_score(head_logits(h, bank)) for h in shaped])
 
 
 class ASHP(ASH):
@@ -185,6 +187,7 @@ class DICE(Detector):
 
     name = "dice"
     reads_head = True
+    float16_features = True
     ranges = {"p": PERCENTILE}
     grid = {"p": [90]}
 
@@ -193,13 +196,14 @@ class DICE(Detector):
 
     def fit(self, bank: FeatureBank) -> DICE:
         w, _ = bank.head()
-        contrib = bank.features.double().mean(0)[None, :] * w.double()
+        contrib = feature_mean(bank.features)[None, :] * w.double()
         self.mask_ = contrib > percentile(contrib, self.p)
         return self
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
         w, _ = bank.head()
-        return energy_score(head_logits(bank.features, bank, weight=w * self.mask_.to(w.device)))
+        masked = w * self.mask_.to(w.device)
+        return torch.cat([energy_score(head_logits(bank.features[rows], bank, weight=masked)) for rows in row_chunks(len(bank))])
 
 
 class Scale(Detector):
@@ -207,6 +211,7 @@ class Scale(Detector):
 
     name = "scale"
     reads_head = True
+    float16_features = True
     ranges = {"percentile": PERCENTILE}
     grid = {"percentile": [65, 70, 75, 80, 85, 90, 95]}
     score_params = frozenset({"percentile"})
@@ -215,7 +220,9 @@ class Scale(Detector):
         self.percentile = percentile
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
-        h = bank.features.double()
+        return torch.cat([self._score(bank.features[rows].double(), bank) for rows in row_chunks(len(bank))])
+
+    def _score(self, h: torch.Tensor, bank: FeatureBank) -> torch.Tensor:
         return energy_score(head_logits(h * sharpening(h, top_entries(h, self.percentile).values)[:, None], bank))
 
 

@@ -42,17 +42,15 @@ import torch
 
 from ood.detectors.base import POSITIVE, Detector, DetectorNotApplicable
 from ood.detectors.logits import energy_score, head_logits
-from ood.detectors.mahalanobis import row_chunks
+from ood.detectors.mahalanobis import feature_mean, row_chunks
 from ood.features.bank import FeatureBank
 
 
 def feature_mean_std(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and sample standard deviation (n - 1) of `features` [N, D], float64, two passes of
     `CHUNK`-row float64 chunks (no float64 copy of the whole bank)."""
-    n = len(features)
-    chunks = row_chunks(n)
-    mean = sum(features[rows].double().sum(0) for rows in chunks) / n
-    var = sum((features[rows].double() - mean).square().sum(0) for rows in chunks) / (n - 1)
+    mean = feature_mean(features)
+    var = sum((features[rows].double() - mean).square().sum(0) for rows in row_chunks(len(features))) / (len(features) - 1)
     return mean, var.sqrt()
 
 

@@ -47,6 +47,11 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     return sums / counts[:, None]
 
 
+def feature_mean(features: torch.Tensor) -> torch.Tensor:
+    """[D] mean of `features` [N, D] in float64, summed `CHUNK` rows at a time (no float64 copy of the bank)."""
+    return sum(features[rows].double().sum(0) for rows in row_chunks(len(features))) / len(features)
+
+
 def gram(x: torch.Tensor) -> torch.Tensor:
     """x^T x in float64. On CPU through NumPy, whose `a.T @ a` runs BLAS `syrk` (half the flops of a product)."""
     x = x.detach().double()
