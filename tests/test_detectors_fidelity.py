@@ -23,7 +23,7 @@ from ood.detectors import (
     detector_class,
     resolve_detectors,
 )
-from ood.detectors.base import OTHER_NAMES, Detector
+from ood.detectors.base import CASED_NAMES, OTHER_NAMES, Detector
 from ood.errors import ConfigError
 from ood.evaluation.evaluator import Evaluator
 from ood.features.bank import FeatureBank
@@ -169,14 +169,15 @@ def test_knn_searches_exactly_by_default_at_any_bank_size(monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize(("name", "ours"), [("mls", "maxlogit"), ("temp_scaling", "tempscale"), ("MaxSoftmax", "msp"),
-                                            ("KNN", "knn"), ("ViM", "vim")])
+                                            ("KNN", "knn"), ("ViM", "vim"), ("ASH", "ash_s"), ("Ash", "ash")])
 def test_a_name_from_openood_or_pytorch_ood_is_answered_with_ours(name: str, ours: str) -> None:
     """OpenOOD's keys and pytorch-ood's class names were refused with the bare list of ours (a single name, e.g.
-    `detectors.names=KNN`, as an 'unknown detector selection'); the message now names our detector."""
+    `detectors.names=KNN`, as an 'unknown detector selection'); the message now names our detector. pytorch-ood's
+    `ASH` runs ASH-S by default: it is `ash_s` here, where the name in other case is ours, `ash` (ASH-B)."""
     for call in (lambda: build_detector(name), lambda: resolve_detectors(name), lambda: resolve_detectors([name])):
         with pytest.raises(ConfigError, match=rf"^unknown detector (selection )?'{name}' \(here: '{ours}'\); "):
             call()
-    assert set(OTHER_NAMES.values()) <= set(available_detectors())
+    assert {*OTHER_NAMES.values(), *CASED_NAMES.values()} <= set(available_detectors())
 
 
 def test_openood_names_in_a_list_are_all_answered_in_one_line() -> None:

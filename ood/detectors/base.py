@@ -544,6 +544,9 @@ OTHER_NAMES = {
     "klmatching": "klm", "rmd": "rmds", "multimahalanobis": "mds_ensemble", "mahalanobisodin": "mahalanobis_odin",
     "nacue": "nac", "gradnormkl": "gradnorm", "temperature_scaling": "tempscale",
 }
+#: pytorch-ood classes whose lower-case name is another detector here, matched as written: its `ASH` defaults to the
+#: variant ASH-S, our `ash` is ASH-B (OpenOOD's ash)
+CASED_NAMES = {"ASH": "ash_s"}
 #: OpenOOD v1.5 postprocessor keys and pytorch-ood classes (lower case) with no post-hoc detector here: what to use
 #: instead, so that `godin` is not answered with "did you mean 'odin'?"
 NOT_POST_HOC = {
@@ -564,7 +567,7 @@ def _known_as(name: object) -> str:
     """For an unknown detector name another library uses (`mls`, `MaxSoftmax`, `KNN`) or a config group option
     (`fast`): ' (here: <ours>)'; for a misspelt one (`knnn`, `al`): ' (did you mean <closest>?)'; else ''."""
     key = str(name).lower()
-    ours = OTHER_NAMES.get(key) or GROUP_OPTIONS.get(key) or (key if key in _REGISTRY else None)
+    ours = CASED_NAMES.get(str(name)) or OTHER_NAMES.get(key) or GROUP_OPTIONS.get(key) or (key if key in _REGISTRY else None)
     if ours is not None:
         return f" (here: {ours!r})"
     if key in NOT_POST_HOC:
