@@ -149,6 +149,9 @@ OTHERS = [
     # alibaba/easyrobust examples/ood_detection/BATS/test_ood.py run_eval: lam = 3.25 (CIFAR), 1.05 (ImageNet ViT);
     # no published grid: both values and around them (stated in bats.py)
     ("bats", {"lam": 3.25}, {"lam": [0.5, 1, 1.05, 2, 3.25, 5]}),
+    # omegafragger/DDU utils/gmm_utils.py gmm_fit(embeddings, labels, num_classes): no hyper-parameter (its jitter is
+    # searched over the code's JITTERS list at every fit); no grid
+    ("ddu", {}, {}),
     # HengGao12/OTOD otdp_postprocessor.py: self.T = 3; otdp.yml APS_mode: False
     ("otod", {"temperature": 3.0}, {}),
     # wetliu/energy_ood CIFAR/run.sh Odin: T in 1000 100 10 1, noise in 0 .. 0.0048 (defaults ODIN's, stated)

@@ -46,6 +46,7 @@ FLOORS: dict[str, tuple[str, float]] = {
     "combood": (NEAR, 0.93), "otod": (NEAR, 0.85), "optfs": (NEAR, 0.86),
     "line": (FLOWER, 0.93),
     "bats": (FLOWER, 0.85),
+    "ddu": (NEAR, 0.92),
 }
 #: the small CNN has no dropout: mcdropout is skipped there (its documented `DetectorNotApplicable`)
 REPORTED = [n for n in available_detectors() if n != "mcdropout"]
