@@ -150,7 +150,7 @@ def test_a_fit_bank_missing_a_class_is_refused_by_per_class_detectors(name: str,
     (the Mahalanobis family scored AUROC 0.5 on a `data.fit_fraction` that drew none of a class): it is not
     applicable, saying why in a line that starts with its name, as a detector's other one-line errors do (it started
     "its fit bank has no rows", naming no detector); the other detectors fit as before."""
-    per_class = {"gem", "gram", "line", "mahalanobis", "mahalanobis_odin", "mahalanobis_pp", "mds_ensemble", "openmax",
+    per_class = {"ddu", "gem", "gram", "line", "mahalanobis", "mahalanobis_odin", "mahalanobis_pp", "mds_ensemble", "openmax",
                  "rmds", "rmds_pp", "she"}
     cls = detector_class(name)
     bank = synthetic[cls.fit_split]
@@ -358,7 +358,7 @@ def test_float16_detectors_score_float16_banks_in_chunks(
 
 
 #: detectors whose fit and score read every [N, D] feature bank in row chunks: no float32 / float64 copy of a whole bank
-CHUNKED = ["ash", "ash_p", "ash_s", "bats", "dice", "gem", "line", "lts", "mahalanobis", "openmax", "pnml", "react", "residual", "rmds",
+CHUNKED = ["ash", "ash_p", "ash_s", "bats", "ddu", "dice", "gem", "line", "lts", "mahalanobis", "openmax", "pnml", "react", "residual", "rmds",
            "scale", "vim", "vra"]
 
 
@@ -383,6 +383,7 @@ def test_chunked_detectors_never_widen_a_whole_float16_bank(name: str, synthetic
     rows, no [rows, D] float tensor made while fitting (400 or 120 rows) and scoring (200 rows) has more than 50 rows:
     ash and scale scored, and dice fitted, through one float64 copy of the whole bank before."""
     monkeypatch.setattr(mahalanobis_module, "CHUNK", 50)
+    monkeypatch.setattr("ood.detectors.ddu.SCORE_CHUNK", 50)  # its scores' own chunk (8192 rows)
     half = {k: replace(b, features=b.features.half()) for k, b in synthetic.items()}
     dim = half["train"].features.shape[1]
     with _WidestFeatureRows(dim) as fitting:
