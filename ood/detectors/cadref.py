@@ -16,7 +16,8 @@ sign of w * h instead; pytorch-ood's docstring explains why the code's reading i
 Deviations: a class never predicted on the train split gets the mean of all train features as its centre (the
 reference leaves an empty mean, NaN scores; pytorch-ood does the same fallback); ||h||_1 is clamped at 1e-12 (an
 all-zero h would divide by zero); float64. Fit and score go through the bank in row chunks (`row_chunks`):
-state is C x D centres (float64, 16 MB at 1000 x 2048) and four scalars; working memory one float64 chunk.
+state is C x D centres (float64, 16 MB at 1000 x 2048) and four scalars; working memory one float64 chunk, to
+which a float16 bank is widened chunk by chunk.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class CARef(Detector):
     """-|| h - mu_yhat ||_1 / || h ||_1, mu_c the mean train feature of the samples predicted as c."""
 
     name = "caref"
+    float16_features = True
 
     def fit(self, bank: FeatureBank) -> CARef:
         predicted = bank.predictions

@@ -14,7 +14,7 @@ saturate (p_c < 1e-12 or p_max rounding to 1) its gradient departs from the exac
 trains a small classifier on per-layer gradient norms with labelled OOD data; like pytorch-ood we use the summed
 norm directly (no OOD data). pytorch-ood 0.4.0 ships this method as `GradNorm` and uses the summed norm as an
 outlier score (higher = more OOD); its later `GradUncertainty` negates it (confident ID inputs have the larger
-gradient), which is the orientation used here. Not in OpenOOD. Memory: one float64 row chunk of the logits at a time.
+gradient), which is the orientation used here. Not in OpenOOD. Memory: one float64 row chunk of the logits and features at a time (float16 features too).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class GradUncertainty(Detector):
     """Squared norm of the last layer's gradient of the all-ones BCE, in closed form."""
 
     name = "graduncertainty"
+    float16_features = True
     min_classes = 2
 
     def score(self, bank: FeatureBank) -> torch.Tensor:

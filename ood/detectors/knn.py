@@ -19,7 +19,9 @@ normalised and added chunk by chunk (float16 banks too).
   Deviations: K is clipped to the guide-bank size (on small benchmarks alpha * N_train < K); the guide bank is
   exactly round(alpha * N_train) rows, where OpenOOD keeps whole loader batches until it has more than
   int(alpha * N_train) (CIFAR-10 with its train batch of 200: 600 rows, here 500); the draw is seeded (`seed`,
-  as cfood's subset), so a run's guide bank does not depend on the global random state.
+  as cfood's subset), so a run's guide bank does not depend on the global random state. Memory: scored `CHUNK`
+  rows at a time (`row_chunks`: normalised in float32 and searched chunk by chunk), so a float16 bank is never
+  copied whole; the fit widens only the guide rows.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 
 from ood.detectors.base import COUNT, Detector, Range
 from ood.detectors.logits import energy_score
+from ood.detectors.mahalanobis import row_chunks
 from ood.features.bank import FeatureBank
 from ood.neighbors import IndexKind, KNNIndex
 from ood.utils import get_logger
@@ -99,6 +102,7 @@ class NNGuide(Detector):
 
     name = "nnguide"
     ranges = {"k": COUNT, "alpha": Range(0, 1, open_low=True)}
+    float16_features = True
     grid = {"k": [100], "alpha": [0.01]}
 
     def __init__(self, k: int = 100, alpha: float = 0.01, index: IndexKind = "exact", seed: int = 0) -> None:
@@ -116,5 +120,8 @@ class NNGuide(Detector):
         return self
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
-        sims, _ = self.index_.search(_normalised(bank), min(self.k, self.index_.ntotal))
-        return energy_score(bank.logits) * sims.double().mean(1)
+        k, out = min(self.k, self.index_.ntotal), []
+        for rows in row_chunks(len(bank)):
+            sims, _ = self.index_.search(F.normalize(bank.features[rows].float(), dim=1), k)
+            out.append(energy_score(bank.logits[rows]) * sims.double().mean(1))
+        return torch.cat(out)

@@ -17,7 +17,8 @@ dim = D/8 for the reference's d = 100 (0.13 D at its D = 768) and use_max_logit 
 Deviations: the covariance is accumulated in float64 chunks and eigendecomposed with `eigh` (sklearn's full SVD of
 the centred data: same subspace); no `standardize=False` variant (the reference always standardises CNN features).
 State: m, s, mu_z (D) and the D x D eigenvectors (float64, 32 MB at D = 2048); fit and score read the bank in row
-chunks (`row_chunks`), working memory one float64 chunk (scores: N x grid points).
+chunks (`row_chunks`), working memory one float64 chunk (scores: N x grid points); a float16 bank is widened one
+chunk at a time, never copied whole.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class NECO(Detector):
     """Share of the standardised feature's norm inside the top principal subspace of the train features."""
 
     name = "neco"
+    float16_features = True
     ranges = {"dim": POSITIVE}
     grid = {"dim": [1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2], "use_max_logit": [False, True]}
     score_params = frozenset({"dim", "use_max_logit"})

@@ -12,7 +12,8 @@ nearer of the two references c = 1/D ("the mean vector") and c = 0 ("the zero ve
 
 Nothing is fitted: a row's score is a function of that row alone (post-hoc, per sample; not transductive, despite
 the name). Deviations: float64 throughout (the authors normalise in float32); a zero vector, NaN there (0 / 0),
-is normalised to 0 (then 1e-10 added) instead.
+is normalised to 0 (then 1e-10 added) instead. Memory: scored in row chunks of `CHUNK` rows (`row_chunks`), so a
+float16 bank is widened to float64 one chunk at a time, never copied whole.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ood.detectors.base import POSITIVE, Detector
+from ood.detectors.mahalanobis import row_chunks
 from ood.features.bank import FeatureBank
 
 
@@ -36,6 +38,7 @@ class OTOD(Detector):
     reference."""
 
     name = "otod"
+    float16_features = True
     ranges = {"temperature": POSITIVE}
     score_params = frozenset({"temperature"})
 
@@ -43,7 +46,10 @@ class OTOD(Detector):
         self.temperature = temperature
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
-        logits = bank.logits.double()
+        return torch.cat([self._score_rows(bank.features[rows], bank.logits[rows]) for rows in row_chunks(len(bank))])
+
+    def _score_rows(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.double()
         probs = torch.softmax(logits / self.temperature, dim=1)
-        parts = [w1_to_references(v) for v in (bank.features, logits, probs)]
+        parts = [w1_to_references(v) for v in (features, logits, probs)]
         return -(parts[0] + parts[1] + parts[2]) / 3

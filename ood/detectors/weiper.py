@@ -33,7 +33,8 @@ float64 after the float32 perturbed-logit product (the reference stays float32 t
 test banks; the perturbed max softmax stays float32, as the reference's).
 Memory and cost: state is the perturbed head (R C x D float32: 819 MB for R = 100, C = 1000, D = 2048) and two
 n_bins vectors; fit reads the train bank twice (global min/max, then densities) and score once, in row chunks of
-at most 2^24 / (R C) rows (64 MB of perturbed logits), never materialising the N x R C perturbed logits. The cost is
+at most 2^24 / (R C) rows (64 MB of perturbed logits) and at most `CHUNK` rows (`ood.detectors.mahalanobis`), never
+materialising the N x R C perturbed logits nor a float32 copy of a float16 bank (widened chunk by chunk). The cost is
 the reference's: 2 N D R C flops per pass (4e17 for ImageNet-1K's 1.28 M train rows: a GPU job).
 """
 
@@ -45,6 +46,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ood.detectors import mahalanobis
 from ood.detectors.base import COUNT, NON_NEGATIVE, Detector
 from ood.features.bank import FeatureBank
 
@@ -99,6 +101,7 @@ class WeiPer(Detector):
 
     name = "weiper"
     reads_head = True
+    float16_features = True
     ranges = {"n_bins": COUNT, "n_repeats": COUNT, "perturbation_distance": NON_NEGATIVE, "smoothing": COUNT, "smoothing_perturbed": COUNT}
     grid = {
         "lambda_1": [0.1, 2.5],
@@ -142,8 +145,9 @@ class WeiPer(Detector):
         return weight.to(device), b.repeat(self.n_repeats).to(device)
 
     def _chunks(self, bank: FeatureBank):  # noqa: ANN202 - a generator of (features, perturbed logits) chunks
-        """(float32 features, float32 perturbed logits) per row chunk of at most CHUNK_VALUES perturbed logits."""
-        rows = max(1, CHUNK_VALUES // self.weight_.shape[0])
+        """(float32 features, float32 perturbed logits) per row chunk of at most CHUNK_VALUES perturbed logits and at
+        most `CHUNK` rows (read at the call)."""
+        rows = max(1, min(mahalanobis.CHUNK, CHUNK_VALUES // self.weight_.shape[0]))
         for start in range(0, len(bank), rows):
             h = bank.features[start : start + rows].float()
             yield h, torch.addmm(self.bias_, h, self.weight_.T)
