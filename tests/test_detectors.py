@@ -358,8 +358,10 @@ def test_float16_detectors_score_float16_banks_in_chunks(
 
 
 #: detectors whose fit and score read every [N, D] feature bank in row chunks: no float32 / float64 copy of a whole bank
-CHUNKED = ["ash", "ash_p", "ash_s", "bats", "ddu", "dice", "gem", "line", "lts", "mahalanobis", "openmax", "pnml", "react", "residual", "rmds",
-           "scale", "vim", "vra"]
+#: (hyper-parameters keeping weiper's perturbed heads and nnguide's guide bank small beside the banks)
+CHUNKED = {name: {} for name in ["ash", "ash_p", "ash_s", "bats", "cadref", "caref", "ddu", "dice", "fdbd", "gem", "gradnorm", "graduncertainty",
+                                 "line", "lts", "mahalanobis", "nci", "neco", "openmax", "otod", "pnml", "react", "residual", "rmds", "scale",
+                                 "she", "vim", "vra"]} | {"nnguide": {"k": 5}, "weiper": {"n_repeats": 2, "n_bins": 20}}
 
 
 class _WidestFeatureRows(TorchDispatchMode):
@@ -377,7 +379,7 @@ class _WidestFeatureRows(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("name", CHUNKED)
+@pytest.mark.parametrize("name", list(CHUNKED))
 def test_chunked_detectors_never_widen_a_whole_float16_bank(name: str, synthetic: dict[str, FeatureBank], monkeypatch: pytest.MonkeyPatch) -> None:
     """At ImageNet scale a float32 or float64 copy of a float16 train bank (1.28 M x 2048) is 10 or 21 GB: with CHUNK = 50
     rows, no [rows, D] float tensor made while fitting (400 or 120 rows) and scoring (200 rows) has more than 50 rows:
@@ -387,16 +389,30 @@ def test_chunked_detectors_never_widen_a_whole_float16_bank(name: str, synthetic
     half = {k: replace(b, features=b.features.half()) for k, b in synthetic.items()}
     dim = half["train"].features.shape[1]
     with _WidestFeatureRows(dim) as fitting:
-        det = _fitted(name, half)
+        det = _fitted(name, half, **CHUNKED[name])
     with _WidestFeatureRows(dim) as scoring:
         det.score(half["test"])
     assert max(fitting.rows, scoring.rows) <= 50, (fitting.rows, scoring.rows)
 
 
+def test_she_known_answer_on_a_float16_bank_in_chunks_of_one_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Patterns are the means of the correctly classified rows only: class 0 from rows (2, 0) and (4, 2) -> (3, 1);
+    the row (6, 6) labelled 0 but predicted 1 is left out; class 1 from (0, 2) alone. Score = <h, m_yhat>."""
+    monkeypatch.setattr(mahalanobis_module, "CHUNK", 1)
+    h = torch.tensor([[2.0, 0.0], [4.0, 2.0], [6.0, 6.0], [0.0, 2.0]])
+    logits = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    w = torch.eye(2)
+    fit = FeatureBank(logits=logits, features=h.half(), labels=torch.tensor([0, 0, 0, 1]), weight=w, bias=torch.zeros(2))
+    det = build_detector("she").fit(fit)
+    assert torch.equal(det.patterns_, torch.tensor([[3.0, 1.0], [0.0, 2.0]], dtype=torch.float64))
+    test = FeatureBank(logits=torch.tensor([[2.0, 1.0], [0.0, 3.0]]), features=torch.tensor([[1.0, 1.0], [1.0, 5.0]]).half(),
+                       weight=w, bias=torch.zeros(2))
+    assert det.score(test).tolist() == [4.0, 10.0]  # <(1, 1), (3, 1)> and <(1, 5), (0, 2)>
+
+
 def test_float16_capability_is_declared_by_each_detector() -> None:
     """`float16_features` is a class attribute (inherited by subclasses such as rmds), listed by the registry."""
-    assert {"msp", "knn", "mahalanobis", "rmds", "vim", "residual", "openmax", "react", "line", "gem", "optfs", "ash", "ash_p", "ash_s", "scale",
-            "dice"} <= set(float16_detectors())
+    assert {"msp", "knn", "mahalanobis", "rmds", "vim", "residual", "openmax", "react", "line", "gem", "optfs", *CHUNKED} <= set(float16_detectors())
     assert "odin" not in float16_detectors()
     assert "gram_stream" in float16_detectors() and "gram" not in float16_detectors()  # it reads no bank features
 

@@ -70,8 +70,9 @@ def test_float16_feature_banks_end_to_end(tmp_path) -> None:
 
 
 def test_float16_refusal_names_the_override_that_runs_the_rest(tmp_path) -> None:
-    """`detectors=fast` with float16 features is refused with the `detectors.exclude=[...]` to type, and that override
-    alone makes the same command start (before, the refusal listed names and left the user to write it)."""
+    """`detectors=all` with float16 features is refused with the `detectors.exclude=[...]` to type (its network-pass
+    detectors), and that override alone makes the same command start (before, the refusal listed names and left the
+    user to write it); `detectors=fast`, every cached detector, starts as it is."""
     import re
 
     from helpers import compose_config
@@ -79,12 +80,15 @@ def test_float16_refusal_names_the_override_that_runs_the_rest(tmp_path) -> None
     from ood.errors import ConfigError
     from ood.utils import instantiate
 
-    fast = {d.name for d in instantiate(compose_config(tmp_path, ["detectors=fast"]).evaluation).evaluator.detectors}
-    common = ["detectors=fast", "evaluation.feature_dtype=float16"]
+    names = lambda overrides: {d.name for d in instantiate(compose_config(tmp_path, overrides).evaluation).evaluator.detectors}  # noqa: E731
+    every = names(["detectors=all"])
+    common = ["detectors=all", "evaluation.feature_dtype=float16"]
     with pytest.raises(ConfigError) as refused:
         instantiate(compose_config(tmp_path, common).evaluation)
     override = re.search(r"detectors\.exclude=\[[a-z_0-9,]+\]", str(refused.value))
     assert override is not None, str(refused.value)
     evaluation = instantiate(compose_config(tmp_path, [*common, override.group()]).evaluation)
     assert evaluation.feature_dtype == torch.float16
-    assert {d.name for d in evaluation.evaluator.detectors} == fast & set(float16_detectors())
+    assert {d.name for d in evaluation.evaluator.detectors} == every & set(float16_detectors())
+    assert every - set(float16_detectors()) == {"mcdropout", "nac", "odin", "rankfeat"}
+    assert names(["detectors=fast", "evaluation.feature_dtype=float16"]) == names(["detectors=fast"])

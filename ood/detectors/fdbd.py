@@ -7,9 +7,8 @@
   uses the distance; we keep OpenOOD's grid). Pair norms are computed once per row chunk (C x C).
 - NCI, Liu & Qin, "Detecting Out-of-Distribution through the Lens of Neural Collapse", CVPR 2025
   (arXiv 2311.01479), OpenOOD's `nci`: score(h) = <w_yhat, h - mu_bar> / ||h - mu_bar|| + alpha ||h||_1.
-Memory: the train mean and the scores go through the bank in row chunks of `CHUNK` rows in float64 (a bank of one
-chunk: the mean of that chunk, as before; more: the sum of the chunk sums over N), never a float64 copy of a whole
-bank, so they read float16 banks chunk by chunk.
+Memory: the train mean (the sum of the chunk sums over N) and the scores go through the bank in row chunks of `CHUNK`
+rows in float64, never a float64 copy of a whole bank, so they read float16 banks chunk by chunk.
 """
 
 from __future__ import annotations
@@ -17,17 +16,8 @@ from __future__ import annotations
 import torch
 
 from ood.detectors.base import NON_NEGATIVE, Detector
-from ood.detectors.mahalanobis import row_chunks
+from ood.detectors.mahalanobis import feature_mean, row_chunks
 from ood.features.bank import FeatureBank
-
-
-def feature_mean(features: torch.Tensor) -> torch.Tensor:
-    """[D] float64 mean of the rows of `features`, one `CHUNK`-row float64 chunk at a time (no float64 copy of the
-    bank): a single chunk's `mean(0)`, or the sum of the chunk sums over N."""
-    chunks = row_chunks(len(features))
-    if len(chunks) == 1:
-        return features[chunks[0]].double().mean(0)
-    return sum(features[rows].double().sum(0) for rows in chunks) / len(features)
 
 
 class _TrainMean(Detector):
