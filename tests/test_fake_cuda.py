@@ -153,10 +153,17 @@ def _cpu_and_gpu_rows(tmp_path: Path, overrides: list[str], monkeypatch: pytest.
     return rows
 
 
+#: knn's AUROC tolerance between the runs: on a CUDA device without faiss-gpu its exact search runs in torch (a float32
+#: GEMM), on the CPU in faiss, so its distances agree to float32 rounding and a near-tie of an ID and an OOD score may
+#: swap (one swap moved an AUROC by 6e-5 on one build host, its FPR95 not at all): a few swaps, far below any real fault
+KNN_AUROC_ABS = 1e-3
+
+
 def _assert_same_rows(rows: dict[str, dict[tuple[str, str], tuple[float, float]]], at_least: int) -> None:
     assert rows["gpu"].keys() == rows["cpu"].keys() and len(rows["cpu"]) >= at_least
     for key, (auroc, fpr) in rows["cpu"].items():
-        assert rows["gpu"][key] == pytest.approx((auroc, fpr), abs=1e-6), key
+        assert rows["gpu"][key][1] == pytest.approx(fpr, abs=1e-6), key
+        assert rows["gpu"][key][0] == pytest.approx(auroc, abs=KNN_AUROC_ABS if key[0] == "knn" else 1e-6), key
 
 
 @pytest.mark.slow
