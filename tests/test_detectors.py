@@ -382,8 +382,9 @@ class _WidestFeatureRows(TorchDispatchMode):
 @pytest.mark.parametrize("name", list(CHUNKED))
 def test_chunked_detectors_never_widen_a_whole_float16_bank(name: str, synthetic: dict[str, FeatureBank], monkeypatch: pytest.MonkeyPatch) -> None:
     """At ImageNet scale a float32 or float64 copy of a float16 train bank (1.28 M x 2048) is 10 or 21 GB: with CHUNK = 50
-    rows, no [rows, D] float tensor made while fitting (400 or 120 rows) and scoring (200 rows) has more than 50 rows:
-    ash and scale scored, and dice fitted, through one float64 copy of the whole bank before."""
+    rows, no [rows, D] float tensor made while fitting (400 or 120 rows) and scoring (200 rows) has more than 50 rows.
+    Twelve of them (ash, ash_p, ash_s, scale, dice, she, fdbd, nci, nnguide, gradnorm, otod, weiper) made a float32 or
+    float64 copy of a whole bank in their fit or score before."""
     monkeypatch.setattr(mahalanobis_module, "CHUNK", 50)
     monkeypatch.setattr("ood.detectors.ddu.SCORE_CHUNK", 50)  # its scores' own chunk (8192 rows)
     half = {k: replace(b, features=b.features.half()) for k, b in synthetic.items()}
