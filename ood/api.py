@@ -87,7 +87,7 @@ class Results:
     rows: list[dict[str, Any]]
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     overlap: dict[str, Any] = field(default_factory=dict)
-    #: `pandas.DataFrame` of samples.csv (split, row, index, label, file); None when the run saved no scores
+    #: `pandas.DataFrame` of samples.csv (split, row, dataset_index, label, file); None when the run saved no scores
     samples: Any = None
     #: the sensitivity.jsonl rows, one per swept detector x grid point x (mode, OOD set): `params`, `chosen`,
     #: `val_auroc` and the test metrics (`ood.evaluation.scoring.sensitivity_rows`); empty when the option was off

@@ -54,6 +54,14 @@ def test_gpu_check_dry_run_passes(tmp_path: Path) -> None:
                for t in report["throughput"])
 
 
+def test_the_dry_run_logs_no_methods_metrics_and_excludes_no_detector() -> None:
+    """The dry run's Lightning-logged scalars are left out of every methods-section run (`methods_quiet`), and it
+    repeats every detector for each method (`repeat_exclude` is the GPU run's gmm only): the sink removal once sat in
+    `repeat_exclude`'s place, so the first method's runs still logged every scalar."""
+    assert gpu_check.DRY.methods_quiet == ["~evaluation.sinks.metrics"] and gpu_check.DRY.repeat_exclude == []
+    assert gpu_check.GPU.methods_quiet == [] and gpu_check.GPU.repeat_exclude == ["detectors.exclude=[gmm]"]
+
+
 def test_gpu_check_refuses_without_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
     assert gpu_check.main(["--out", str(tmp_path / "x.json")]) == 1

@@ -29,8 +29,8 @@ Hygiene (`ood.data.hygiene`): an unreadable image stops the run naming it, or wi
 decoded once up front and unreadable ones are left out, counted and listed in `bad_images.json`; a missing
 `train/`, an empty set, test classes (or list labels) absent from train are one line each. After the cached pass,
 `screen` lists exact duplicates (same decoded pixels) and near duplicates (cosine of penultimate features >
-`overlap_threshold`) between every ID split and every OOD set (csid sets are ID: not screened) in `overlap.json`
-(one warning line per set); with `drop_overlap` they are removed from the OOD sets before the metrics, and every
+`overlap_threshold`) between every ID split (the csid sets included: an OOD image copying one is an ID-class image)
+and every OOD set in `overlap.json` (one warning line per set); with `drop_overlap` they are removed from the OOD sets before the metrics, and every
 row records `overlap` and `overlap_dropped`. The exact check decodes the files of the ID splits and OOD sets once
 more on rank 0 after the pass (once in total with `bad_images=skip`, which decodes them up front);
 `exact_duplicates=false` skips it (minutes at ImageNet size), and same-pixel copies are then found by the feature
