@@ -361,7 +361,7 @@ def test_float16_detectors_score_float16_banks_in_chunks(
 #: (hyper-parameters keeping weiper's perturbed heads and nnguide's guide bank small beside the banks)
 CHUNKED = {name: {} for name in ["ash", "ash_p", "ash_s", "bats", "cadref", "caref", "ddu", "dice", "fdbd", "gem", "gradnorm", "graduncertainty",
                                  "line", "lts", "mahalanobis", "nci", "neco", "openmax", "otod", "pnml", "react", "residual", "rmds", "scale",
-                                 "she", "vim", "vra"]} | {"nnguide": {"k": 5}, "weiper": {"n_repeats": 2, "n_bins": 20}}
+                                 "she", "vim", "vra"]} | {"knn": {"k": 5}, "nnguide": {"k": 5}, "weiper": {"n_repeats": 2, "n_bins": 20}}
 
 
 class _WidestFeatureRows(TorchDispatchMode):
@@ -382,10 +382,12 @@ class _WidestFeatureRows(TorchDispatchMode):
 @pytest.mark.parametrize("name", list(CHUNKED))
 def test_chunked_detectors_never_widen_a_whole_float16_bank(name: str, synthetic: dict[str, FeatureBank], monkeypatch: pytest.MonkeyPatch) -> None:
     """At ImageNet scale a float32 or float64 copy of a float16 train bank (1.28 M x 2048) is 10 or 21 GB: with CHUNK = 50
-    rows, no [rows, D] float tensor made while fitting (400 or 120 rows) and scoring (200 rows) has more than 50 rows.
-    Twelve of them (ash, ash_p, ash_s, scale, dice, she, fdbd, nci, nnguide, gradnorm, otod, weiper) made a float32 or
-    float64 copy of a whole bank in their fit or score before."""
+    rows (and the kNN index built 50 rows at a time), no [rows, D] float tensor made while fitting (400 or 120 rows) and
+    scoring (200 rows) has more than 50 rows. Thirteen of them (ash, ash_p, ash_s, scale, dice, she, fdbd, nci, nnguide,
+    gradnorm, otod, weiper, and knn's score) made a float32 or float64 copy of a whole bank in their fit or score
+    before."""
     monkeypatch.setattr(mahalanobis_module, "CHUNK", 50)
+    monkeypatch.setattr("ood.neighbors.ADD_CHUNK", 50)
     monkeypatch.setattr("ood.detectors.ddu.SCORE_CHUNK", 50)  # its scores' own chunk (8192 rows)
     half = {k: replace(b, features=b.features.half()) for k, b in synthetic.items()}
     dim = half["train"].features.shape[1]

@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ood.detectors.base import COUNT, NON_NEGATIVE, Detector, DetectorNotApplicable
+from ood.detectors.knn import normalised_distances
 from ood.detectors.mahalanobis import row_chunks
 from ood.detectors.network import InputTap, tapped_keys
 from ood.errors import ConfigError
@@ -215,8 +216,7 @@ class CombOOD(Detector):
 
     def knn_sq_distance(self, bank: FeatureBank) -> torch.Tensor:
         """[N] squared distance to the K-th nearest normalised train feature (K clipped to the bank), float64."""
-        dist, _ = self.index_.search(F.normalize(bank.features.float(), dim=1), min(self.k, self.index_.ntotal))
-        return dist[:, -1].double()
+        return normalised_distances(self.index_, bank.features, min(self.k, self.index_.ntotal))[:, -1].double()
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
         d2 = self.knn_sq_distance(bank).clamp_min(torch.finfo(torch.float64).tiny)

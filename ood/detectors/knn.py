@@ -3,7 +3,7 @@ is exact by default, as OpenOOD's `IndexFlatL2` at every size; `index="ivf"` (IV
 below 200 k bank rows, IVF-Flat above, e.g. on ImageNet-1K's 1.28 M) trade accuracy for search time on a CPU: on
 200 k x 64 clustered unit vectors, IVF's K-th distance was 3 % off at K = 50 and 7 % (up to 58 %) at K = 1000, where
 AUROC fell from 97.7 to 96.6 % and FPR95 rose from 10 to 19 % (knn's grid reaches K = 1000). The bank is
-normalised and added chunk by chunk (float16 banks too).
+normalised and added chunk by chunk (float16 banks too), and a scored bank is normalised and searched chunk by chunk.
 
 - Deep nearest neighbours (KNN), Sun et al., ICML 2022 (arXiv 2204.06507):
   score(h) = -|| h_hat - h_hat_(K) ||^2, h_hat = h / ||h||, h_hat_(K) the K-th nearest normalised ID-train
@@ -46,6 +46,16 @@ def _normalised(bank: FeatureBank) -> torch.Tensor:
     return F.normalize(bank.features.float(), dim=1)
 
 
+def normalised_distances(index: KNNIndex, features: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, k] float32 distances of the L2-normalised rows of `features` to their `k` nearest rows of `index`, nearest
+    first: normalised in float32 and searched `CHUNK` rows at a time (`row_chunks`), so that a scored bank (float16
+    too) is never copied whole, only its distances are kept."""
+    out = torch.empty(len(features), k, dtype=torch.float32, device=features.device)
+    for rows in row_chunks(len(features)):
+        out[rows] = index.search(F.normalize(features[rows].float(), dim=1), k)[0]
+    return out
+
+
 class KNN(Detector):
     """-(squared distance to the K-th nearest normalised train feature)."""
 
@@ -70,8 +80,7 @@ class KNN(Detector):
         return self
 
     def _distances(self, bank: FeatureBank, k: int) -> torch.Tensor:
-        dist, _ = self.index_.search(_normalised(bank), min(k, self.index_.ntotal))
-        return dist.double()
+        return normalised_distances(self.index_, bank.features, min(k, self.index_.ntotal)).double()
 
     def score(self, bank: FeatureBank) -> torch.Tensor:
         return -self._distances(bank, self.k)[:, -1]
