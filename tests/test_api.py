@@ -245,7 +245,7 @@ def test_extract_keeps_a_layer_called_features_apart() -> None:
 
 def test_head_class_count_mismatch_is_one_line(trained, tmp_path: Path) -> None:
     paths, _, _ = trained
-    with pytest.raises(ConfigError, match=r"head \(fc\) has 5 outputs but the ID data \(id: \['c0', 'c1', 'c2'\]\) has 3 classes"):
+    with pytest.raises(ConfigError, match=r"head, layer 'fc', has 5 outputs but the ID data \(id: \['c0', 'c1', 'c2'\]\) has 3 classes"):
         ood.evaluate(torchvision.models.resnet18(num_classes=5), paths["id"], [paths["far"]], detectors=["msp"],
                      image_size=32, resize=32, device="cpu", output_dir=tmp_path)
 

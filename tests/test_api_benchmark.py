@@ -123,7 +123,7 @@ def test_a_protocol_override_reaches_the_benchmark(openood_tree: Path, tmp_path:
      r"^ood.evaluate got overrides data=cifar10 beside id_data / ood_data \(folders\): for a benchmark's own data give "
      r"benchmark='cifar10' instead of the folders$"),
     ({"benchmark": "digits", "model": TinyNet(num_classes=10)},
-     r"^the model's head \(fc\) has 10 outputs but the ID data \(digits\) has 6 classes"),
+     r"^the model's head, layer 'fc', has 10 outputs but the ID data \(digits\) has 6 classes"),
     ({"benchmark": "digits", "model": TinyNet(in_channels=3)},
      r"^the model's first convolution reads 3 channel\(s\) and benchmark='digits' has 1-channel images"),
 ])

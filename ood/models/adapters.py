@@ -444,7 +444,7 @@ def check_classes(backbone: Backbone, num_classes: int, where: str) -> None:
     if backbone.num_classes != num_classes:
         head = getattr(backbone, "head", "fc")
         raise ConfigError(
-            f"the model's head ({head}) has {backbone.num_classes} outputs but {where} has {num_classes} classes; "
+            f"the model's head, layer {head!r}, has {backbone.num_classes} outputs but {where} has {num_classes} classes; "
             "give a model trained on these classes (or data with the classes it was trained on)"
         )
 
