@@ -731,9 +731,10 @@ def evaluate(
     `method`), as `ood-eval`.
 
     Args:
-        model: images -> logits: a timm / torchvision model, any `nn.Module` (features: the input of its final
-            linear layer, or `feature_layer`), an ood `Backbone`, or a loaded ood method (its backbone is used); of a
-            `torch.compile`d model, the module inside, run eagerly.
+        model: images -> logits (a tensor, or an output with `logits`: a dict, Hugging Face's `ImageClassifierOutput`):
+            a timm / torchvision model, any `nn.Module` (features: the input of its final linear layer, or
+            `feature_layer`), an ood `Backbone`, or a loaded ood method (its backbone is used); of a `torch.compile`d
+            model, the module inside, run eagerly.
         id_data: an ImageFolder-style root (`train/`, `test/`, optional `val/`), or `{train, test, val}` sources
             (folders, `{imglist, images}` lists, Datasets). Required unless `benchmark` is given.
         ood_data: `{near: {name: source}, far: {name: source}, val: source, csid: {name: source}}`, `{name: source}`

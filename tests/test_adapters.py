@@ -325,8 +325,53 @@ class TupleOut(Custom):
 
 
 def test_a_model_returning_a_tuple_is_one_line() -> None:
-    with pytest.raises(ConfigError, match=r"TupleOut returns a tuple, not a logits tensor: wrap it"):
+    """A tuple does not say which of its tensors are the logits (OpenOOD's networks return (logits, features), others
+    (features, logits)): refused, naming the way out."""
+    with pytest.raises(ConfigError, match=r"TupleOut returns a tuple, not a logits tensor or an output with `logits`: wrap it"):
         as_backbone(TupleOut()).run(torch.randn(2, 3, 8, 8))
+
+
+class ModelOutput(dict):
+    """Hugging Face's `ModelOutput` in short: a dict whose keys are also attributes (`ImageClassifierOutput`)."""
+
+    __getattr__ = dict.__getitem__
+
+
+class Outputs:
+    """An output object with a `logits` attribute, no mapping."""
+
+    def __init__(self, logits: torch.Tensor, hidden: torch.Tensor) -> None:
+        self.logits, self.hidden = logits, hidden
+
+
+@pytest.mark.parametrize("wrap", [dict, ModelOutput, Outputs], ids=["dict", "hf_model_output", "attribute"])
+def test_a_model_returning_its_logits_by_name_is_read_as_they_are(wrap: Any) -> None:
+    """A forward returning `{"logits": ...}` (a dict, Hugging Face's `ImageClassifierOutput`) or an object with a
+    `logits` tensor: its logits are that tensor, exactly, in the one pass (`run`) and in the forward the network-pass
+    detectors call; the features are its head's input as for any model."""
+
+    class Named(Custom):
+        def forward(self, x: torch.Tensor) -> Any:  # type: ignore[override]
+            h = torch.relu(self.hidden(self.body(x)))
+            return wrap(logits=self.logits_layer(h), hidden=h) if wrap is not Outputs else Outputs(self.logits_layer(h), h)
+
+    torch.manual_seed(0)
+    net, x = Named().eval(), torch.randn(4, 3, 8, 8)
+    backbone = as_backbone(net)
+    out = backbone.run(x)
+    with torch.no_grad():
+        expected = net.logits_layer(torch.relu(net.hidden(net.body(x))))
+        assert torch.equal(out.logits, expected) and torch.equal(backbone(x), expected)
+        assert torch.equal(out.features, torch.relu(net.hidden(net.body(x))))
+
+
+def test_an_output_whose_logits_are_no_tensor_is_one_line() -> None:
+    class NoTensor(Custom):
+        def forward(self, x: torch.Tensor) -> Any:  # type: ignore[override]
+            return {"logits": super().forward(x).tolist()}
+
+    with pytest.raises(ConfigError, match=r"^NoTensor returns a dict, not a logits tensor or an output with `logits`: wrap"):
+        as_backbone(NoTensor()).run(torch.randn(2, 3, 8, 8))
 
 
 class Softmaxed(Custom):

@@ -15,8 +15,8 @@ names under `net.`; nothing is copied or rebuilt.
   computes other logits (a functional max-pool added in the stem) is wrapped whole (`ModuleBackbone`), with a warning.
 - `ModuleBackbone` (anything else): the penultimate feature is the input of the final linear layer, caught by a
   forward pre-hook on it: the layer named `feature_layer`, else the first of `fc`, `head`, `heads.head`,
-  `classifier`, `last_linear` that is (or ends with) an `nn.Linear`, else the last `nn.Linear` registered.
-  Intermediate outputs are named by module path (forward hooks). Such a model cannot be run from a layer onward:
+  `classifier`, `last_linear` that is (or ends with) an `nn.Linear`, else the last `nn.Linear` registered. The logits
+  are its output, or the output's `logits` (a dict, Hugging Face's `ImageClassifierOutput`). Intermediate outputs are named by module path (forward hooks). Such a model cannot be run from a layer onward:
   `forward_from` fails naming the models that can.
 
 `timm_backbone` / `torchvision_backbone` / `module_backbone` build a network with random weights (`pretrained=False`,
@@ -105,7 +105,20 @@ class AdaptedBackbone(Backbone):
         return self.net.get_submodule(self.head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return network_logits(type(self.net).__name__, self.net(x))
+
+
+def network_logits(name: str, output: Any) -> torch.Tensor:
+    """The logits in a network's output: the tensor itself, or its `logits` entry or attribute (a dict, Hugging Face's
+    `ImageClassifierOutput`); anything else (a tuple, which does not say which of its tensors are the logits) is
+    refused in one line."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise ConfigError(f"{name} returns a {type(output).__name__}, not a logits tensor or an output with `logits`: wrap "
+                      "it in a module whose forward returns the logits alone")
 
 
 class ModuleBackbone(AdaptedBackbone):
@@ -148,15 +161,10 @@ class ModuleBackbone(AdaptedBackbone):
         handles = [self.fc.register_forward_pre_hook(keep_input), self.fc.register_forward_hook(keep_output("__head__"))]
         handles += [self.net.get_submodule(name).register_forward_hook(keep_output(name)) for name in layers]
         try:
-            logits = self.net(x)
+            logits = network_logits(type(self.net).__name__, self.net(x))
         finally:
             for handle in handles:
                 handle.remove()
-        if not isinstance(logits, torch.Tensor):
-            raise ConfigError(
-                f"{type(self.net).__name__} returns a {type(logits).__name__}, not a logits tensor: wrap it in a module "
-                "whose forward returns the logits alone"
-            )
         check_not_probabilities(type(self.net).__name__, logits)
         if "__features__" not in caught:
             raise ConfigError(f"{type(self.net).__name__} never called its head {self.head!r}; set feature_layer")
