@@ -268,20 +268,31 @@ def _library(model: nn.Module) -> str:
 
 
 def _network(model: nn.Module) -> nn.Module:
-    """The network to evaluate: a loaded ood method's backbone; the module inside a `torch.compile` wrapper, which the
-    adapters would otherwise take as one opaque module (the stage-by-stage detectors skipped); the evaluation runs it
-    eagerly as it does ood's own compiled modules (`ood.precision.eager`)."""
+    """The network to evaluate: a loaded ood method's backbone; the module inside a `torch.compile`, `nn.DataParallel`
+    or `DistributedDataParallel` wrapper (`_unwrapped`), which the adapters would otherwise take as one opaque module
+    (the stage-by-stage detectors skipped; DDP's forward a collective). The evaluation runs a compiled module
+    eagerly, as it does ood's own (`ood.precision.eager`), and a parallel one as its own strategy places it."""
     from ood.methods.base import OODMethod
 
     if not isinstance(model, nn.Module):  # the file a user has: "'str' object has no attribute 'parameters'"
         raise ConfigError(_not_a_network(model))
-    model = getattr(model, "_orig_mod", model)  # first: a compiled ood method is a method
-    net = model.backbone if isinstance(model, OODMethod) else model
-    net = getattr(net, "_orig_mod", net)
+    model = _unwrapped(model)  # first: a compiled ood method is a method
+    net = _unwrapped(model.backbone) if isinstance(model, OODMethod) else model
     if any(t.is_meta for t in itertools.chain(net.parameters(), net.buffers())):  # "Cannot copy out of meta tensor"
         raise ConfigError("the model's parameters are on the meta device (shapes without values): load its weights "
                           "first (model.to_empty(device='cpu'), then model.load_state_dict(...))")
     return net
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """`model` without its `torch.compile` (`_orig_mod`) and data-parallel (`.module`) wrappers, in any nesting."""
+    while True:
+        if getattr(model, "_orig_mod", None) is not None:
+            model = model._orig_mod
+        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
 
 
 @contextmanager
@@ -733,8 +744,8 @@ def evaluate(
     Args:
         model: images -> logits (a tensor, or an output with `logits`: a dict, Hugging Face's `ImageClassifierOutput`):
             a timm / torchvision model, any `nn.Module` (features: the input of its final linear layer, or
-            `feature_layer`), an ood `Backbone`, or a loaded ood method (its backbone is used); of a `torch.compile`d
-            model, the module inside, run eagerly.
+            `feature_layer`), an ood `Backbone`, or a loaded ood method (its backbone is used); of a `torch.compile`d,
+            `nn.DataParallel` or `DistributedDataParallel` model, the module inside (a compiled one run eagerly).
         id_data: an ImageFolder-style root (`train/`, `test/`, optional `val/`), or `{train, test, val}` sources
             (folders, `{imglist, images}` lists, Datasets). Required unless `benchmark` is given.
         ood_data: `{near: {name: source}, far: {name: source}, val: source, csid: {name: source}}`, `{name: source}`

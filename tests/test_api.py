@@ -1307,3 +1307,33 @@ def test_the_channel_probe_fires_none_of_the_callers_hooks(channels: int, reads:
     assert seen.count("body") == seen.count("conv") == seen.count("fc") == 1
     assert seen.count("pre") == seen.count("post") == len(list(net.modules()))
     assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in net.modules()) == 0
+
+
+def test_a_model_wrapped_for_data_or_distributed_parallel_is_the_module_inside(tmp_path: Path) -> None:
+    """A model handed over from a training loop is often `nn.DataParallel(net)` or `DistributedDataParallel(net)`:
+    both were taken as one opaque module (the torchvision split lost, so rankfeat and the other stage readers were
+    skipped; under DDP every forward broadcast the buffers, a collective the evaluation's ranks do not call alike).
+    The module inside is evaluated: the plain network's scores and layers, its stages found."""
+    from torch.utils.data import TensorDataset
+
+    from ood.api import _network
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=3).eval()
+    test = TensorDataset(torch.rand(6, 3, 32, 32, generator=gen), torch.arange(6) % 3)
+    result = ood.evaluate(nn.DataParallel(net), {"train": TensorDataset(torch.rand(12, 3, 32, 32, generator=gen),
+                                                                        torch.arange(12) % 3), "test": test},
+                          {"shifted": TensorDataset(torch.rand(6, 3, 32, 32, generator=gen) + 0.5, torch.arange(6) % 3)},
+                          detectors=["msp", "rankfeat"], batch_size=6, device="cpu", output_dir=tmp_path,
+                          overrides=["detectors.tune=false"])
+    assert result.scores.keys() == {"msp", "rankfeat"}
+    with torch.no_grad():
+        msp = net(test.tensors[0]).double().log_softmax(1).amax(1).numpy()
+    np.testing.assert_allclose(result.scores["msp"]["test"], msp, rtol=1e-6)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(net)
+        assert _network(ddp) is net and _network(torch.compile(ddp)) is net and _network(nn.DataParallel(ddp)) is net
+    finally:
+        torch.distributed.destroy_process_group()
