@@ -16,8 +16,9 @@ names under `net.`; nothing is copied or rebuilt.
 - `ModuleBackbone` (anything else): the penultimate feature is the input of the final linear layer, caught by a
   forward pre-hook on it: the layer named `feature_layer`, else the first of `fc`, `head`, `heads.head`,
   `classifier`, `last_linear` that is (or ends with) an `nn.Linear`, else the last `nn.Linear` registered. The logits
-  are its output, or the output's `logits` (a dict, Hugging Face's `ImageClassifierOutput`). Intermediate outputs are named by module path (forward hooks). Such a model cannot be run from a layer onward:
-  `forward_from` fails naming the models that can.
+  are its output, or the output's `logits` (a dict, Hugging Face's `ImageClassifierOutput`). Intermediate outputs are
+  named by module path (forward hooks). Such a model cannot be run from a layer onward: `forward_from` fails naming
+  the models that can.
 
 `timm_backbone` / `torchvision_backbone` / `module_backbone` build a network with random weights (`pretrained=False`,
 `weights=None`: nothing is downloaded, ever), load `weights` from a local file through `ood.models.checkpoint`, and
