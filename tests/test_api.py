@@ -1309,28 +1309,39 @@ def test_the_channel_probe_fires_none_of_the_callers_hooks(channels: int, reads:
     assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in net.modules()) == 0
 
 
-def test_a_model_wrapped_for_data_or_distributed_parallel_is_the_module_inside(tmp_path: Path) -> None:
-    """A model handed over from a training loop is often `nn.DataParallel(net)` or `DistributedDataParallel(net)`:
-    both were taken as one opaque module (the torchvision split lost, so rankfeat and the other stage readers were
-    skipped; under DDP every forward broadcast the buffers, a collective the evaluation's ranks do not call alike).
-    The module inside is evaluated: the plain network's scores and layers, its stages found."""
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel"])
+def test_evaluate_takes_a_wrapped_model_as_the_module_inside(wrap: str, tmp_path: Path) -> None:
+    """`ood.evaluate` / `ood.extract` on `torch.compile(net)` or `nn.DataParallel(net)` (as a training loop hands a model
+    over): the adapters took the wrapper as one opaque module, so the stage-by-stage detectors (rankfeat) were
+    skipped. The module inside is evaluated: the plain network's scores and layers."""
     from torch.utils.data import TensorDataset
 
-    from ood.api import _network
-
     gen = torch.Generator().manual_seed(0)
+
+    def images(n: int, shift: float = 0.0) -> TensorDataset:
+        return TensorDataset(torch.rand(n, 3, 32, 32, generator=gen) + shift, torch.arange(n) % 3)
+
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=3).eval()
-    test = TensorDataset(torch.rand(6, 3, 32, 32, generator=gen), torch.arange(6) % 3)
-    result = ood.evaluate(nn.DataParallel(net), {"train": TensorDataset(torch.rand(12, 3, 32, 32, generator=gen),
-                                                                        torch.arange(12) % 3), "test": test},
-                          {"shifted": TensorDataset(torch.rand(6, 3, 32, 32, generator=gen) + 0.5, torch.arange(6) % 3)},
+    wrapped = torch.compile(net, backend="aot_eager") if wrap == "compile" else nn.DataParallel(net)
+    test = images(6)
+    result = ood.evaluate(wrapped, {"train": images(12), "test": test}, {"shifted": images(6, 0.5)},
                           detectors=["msp", "rankfeat"], batch_size=6, device="cpu", output_dir=tmp_path,
                           overrides=["detectors.tune=false"])
     assert result.scores.keys() == {"msp", "rankfeat"}
     with torch.no_grad():
         msp = net(test.tensors[0]).double().log_softmax(1).amax(1).numpy()
     np.testing.assert_allclose(result.scores["msp"]["test"], msp, rtol=1e-6)
+    layer = ood.extract(wrapped, test, layers=["layer4"]).extras["layer4"]
+    assert torch.equal(layer, ood.extract(net, test, layers=["layer4"]).extras["layer4"])
+
+
+def test_a_distributed_data_parallel_model_is_the_module_inside(tmp_path: Path) -> None:
+    """Under DDP the wrapper's every forward also broadcast the buffers, a collective the evaluation's ranks do not
+    call alike: `DistributedDataParallel(net)`, also nested with `torch.compile` and `nn.DataParallel`, is `net`."""
+    from ood.api import _network
+
+    net = torchvision.models.resnet18(num_classes=3)
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         ddp = nn.parallel.DistributedDataParallel(net)

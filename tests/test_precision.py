@@ -1,5 +1,5 @@
-"""`trainer=gpu_fast` (`ood.precision.FastMixedPrecision`): bf16 autocast, channels_last, optional compile; a compiled
-model given to `ood.evaluate`, weights saved from compiled networks."""
+"""`trainer=gpu_fast` (`ood.precision.FastMixedPrecision`): bf16 autocast, channels_last, optional compile; weights
+saved from compiled networks (a compiled model given to `ood.evaluate`: `test_api.py`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import copy
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 import torchvision
@@ -144,30 +143,6 @@ def test_compile_needs_set_stance(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"^trainer.plugins.0.compile=true needs torch >= 2.6 "):
         FastMixedPrecision(device="cpu", compile=True)
     assert not FastMixedPrecision(device="cpu").compile
-
-
-def test_evaluate_takes_a_compiled_model_as_the_module_inside(tmp_path: Path) -> None:
-    """`ood.evaluate` / `ood.extract` on `torch.compile(net)`: the adapters took the wrapper as one opaque module, so
-    the stage-by-stage detectors (rankfeat) were skipped; the module inside is evaluated: the plain network's
-    scores and layers."""
-    gen = torch.Generator().manual_seed(0)
-
-    def images(n: int, shift: float = 0.0) -> TensorDataset:
-        return TensorDataset(torch.rand(n, 3, 32, 32, generator=gen) + shift, torch.arange(n) % 3)
-
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(num_classes=3).eval()
-    compiled = torch.compile(net, backend="aot_eager")
-    test = images(6)
-    result = ood.evaluate(compiled, {"train": images(12), "test": test}, {"shifted": images(6, 0.5)},
-                          detectors=["msp", "rankfeat"], batch_size=6, device="cpu", output_dir=tmp_path,
-                          overrides=["detectors.tune=false"])
-    assert result.scores.keys() == {"msp", "rankfeat"}
-    with torch.no_grad():
-        msp = net(test.tensors[0]).double().log_softmax(1).amax(1).numpy()
-    np.testing.assert_allclose(result.scores["msp"]["test"], msp, rtol=1e-6)
-    layer = ood.extract(compiled, test, layers=["layer4"]).extras["layer4"]
-    assert torch.equal(layer, ood.extract(net, test, layers=["layer4"]).extras["layer4"])
 
 
 def test_weights_saved_from_compiled_networks_load(tmp_path: Path) -> None:
