@@ -353,7 +353,7 @@ def test_a_model_returning_its_logits_by_name_is_read_as_they_are(wrap: Any) -> 
     class Named(Custom):
         def forward(self, x: torch.Tensor) -> Any:  # type: ignore[override]
             h = torch.relu(self.hidden(self.body(x)))
-            return wrap(logits=self.logits_layer(h), hidden=h) if wrap is not Outputs else Outputs(self.logits_layer(h), h)
+            return wrap(logits=self.logits_layer(h), hidden=h)
 
     torch.manual_seed(0)
     net, x = Named().eval(), torch.randn(4, 3, 8, 8)
